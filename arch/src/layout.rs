@@ -1,0 +1,157 @@
+//! Guest physical memory layout of the x86-64 platform. `docs/platform.md` describes it for
+//! guest authors; the two must change together.
+
+use vm_memory::GuestAddress;
+
+/// Boot GDT used for the 64-bit entry.
+pub const BOOT_GDT_START: GuestAddress = GuestAddress(0x500);
+/// PVH `hvm_start_info`.
+pub const PVH_INFO_START: GuestAddress = GuestAddress(0x6000);
+/// PVH module list (one entry: the initramfs).
+pub const MODLIST_START: GuestAddress = GuestAddress(0x6040);
+/// PVH memory map entries.
+pub const MEMMAP_START: GuestAddress = GuestAddress(0x6100);
+/// Linux `boot_params` ("zero page").
+pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
+/// Initial stack pointer of the boot vCPU.
+pub const BOOT_STACK_POINTER: GuestAddress = GuestAddress(0x8ff0);
+/// Boot page tables: PML4, PDPT, PD.
+pub const PML4_START: GuestAddress = GuestAddress(0x9000);
+pub const PDPTE_START: GuestAddress = GuestAddress(0xa000);
+pub const PDE_START: GuestAddress = GuestAddress(0xb000);
+/// Kernel command line.
+pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
+pub const CMDLINE_MAX_SIZE: usize = 4096;
+/// Start of the EBDA / legacy reserved range.
+pub const EBDA_START: GuestAddress = GuestAddress(0x9fc00);
+/// ACPI RSDP; the other tables follow it.
+pub const RSDP_POINTER: GuestAddress = GuestAddress(0xe0000);
+/// End of the legacy reserved range where the ACPI tables live.
+pub const ACPI_END: GuestAddress = GuestAddress(0x10_0000);
+/// First byte of RAM above the legacy area; kernels load here.
+pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
+
+/// The 32-bit device hole: no RAM between these addresses.
+pub const MEM_32BIT_RESERVED_START: GuestAddress = GuestAddress(0xc000_0000);
+pub const MEM_32BIT_RESERVED_SIZE: u64 = 0x4000_0000;
+/// 32-bit PCI MMIO window.
+pub const MEM_32BIT_DEVICES_START: GuestAddress = MEM_32BIT_RESERVED_START;
+pub const MEM_32BIT_DEVICES_SIZE: u64 = 0x2800_0000;
+/// PCI ECAM (MMCONFIG) for segment 0.
+pub const PCI_MMCONFIG_START: GuestAddress = GuestAddress(0xe800_0000);
+pub const PCI_MMCONFIG_SIZE: u64 = 0x1000_0000;
+/// IOAPIC and local APIC MMIO.
+pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
+pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);
+/// RAM beyond what fits below the hole continues here.
+pub const RAM_64BIT_START: GuestAddress = GuestAddress(0x1_0000_0000);
+
+/// I/O ports of the platform devices.
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+pub const I8042_PORT: u64 = 0x60;
+pub const CMOS_PORT: u64 = 0x70;
+/// ACPI hardware-reduced sleep control/status and reset register.
+pub const ACPI_SLEEP_PORT: u64 = 0x600;
+/// Value the guest writes to `ACPI_SLEEP_PORT` (the FADT reset value) to reset.
+pub const ACPI_RESET_VALUE: u8 = 1;
+/// SLP_TYP of the S5 (soft-off) state, as named by `\_S5_` in the DSDT.
+pub const ACPI_S5_SLP_TYP: u8 = 5;
+/// Number of IOAPIC pins.
+pub const IOAPIC_PINS: u32 = 24;
+
+/// Where the guest RAM of `size` bytes lives: below the hole, then above 4 GiB.
+pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MEM_32BIT_RESERVED_START.0);
+    let mut regions = vec![(GuestAddress(0), low)];
+    if size > low {
+        regions.push((RAM_64BIT_START, size - low));
+    }
+    regions
+}
+
+/// One entry of the guest's memory map (e820 or PVH).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryMapEntry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: MemoryKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryKind {
+    Ram,
+    Reserved,
+}
+
+impl MemoryKind {
+    /// The e820 / PVH type code.
+    pub fn code(self) -> u32 {
+        match self {
+            MemoryKind::Ram => 1,
+            MemoryKind::Reserved => 2,
+        }
+    }
+}
+
+/// The memory map a guest with `size` bytes of RAM is told about.
+pub fn memory_map(size: u64) -> Vec<MemoryMapEntry> {
+    let mut map = vec![
+        MemoryMapEntry {
+            addr: 0,
+            size: EBDA_START.0,
+            kind: MemoryKind::Ram,
+        },
+        MemoryMapEntry {
+            addr: EBDA_START.0,
+            size: HIGH_RAM_START.0 - EBDA_START.0,
+            kind: MemoryKind::Reserved,
+        },
+    ];
+    for (start, len) in ram_regions(size) {
+        let start = start.0.max(HIGH_RAM_START.0);
+        let end = if start == HIGH_RAM_START.0 {
+            len
+        } else {
+            start + len
+        };
+        if end > start {
+            map.push(MemoryMapEntry {
+                addr: start,
+                size: end - start,
+                kind: MemoryKind::Ram,
+            });
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_one_region() {
+        assert_eq!(ram_regions(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_hole() {
+        assert_eq!(
+            ram_regions(5 << 30),
+            vec![(GuestAddress(0), 3 << 30), (RAM_64BIT_START, 2 << 30)]
+        );
+    }
+
+    #[test]
+    fn memory_map_covers_ram_minus_legacy_hole() {
+        let map = memory_map(5 << 30);
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == MemoryKind::Ram)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(ram, (5 << 30) - (HIGH_RAM_START.0 - EBDA_START.0));
+        assert_eq!(map.last().unwrap().addr, RAM_64BIT_START.0);
+    }
+}

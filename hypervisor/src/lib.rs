@@ -1,0 +1,159 @@
+//! A thin layer over the host hypervisor. The VMM talks to these traits only, so a second
+//! backend (MSHV) can be added beside `kvm` without touching the device or VM code.
+//!
+//! The x86 register and table types are KVM's own layout (`kvm-bindings`), re-exported under
+//! neutral names: they are plain C structs that every x86 hypervisor API mirrors.
+
+mod kvm;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use kvm::KvmHypervisor;
+pub use kvm_bindings::{
+    kvm_cpuid_entry2 as CpuIdEntry, kvm_dtable as DescriptorTable, kvm_fpu as FpuState,
+    kvm_lapic_state as LapicState, kvm_msr_entry as MsrEntry, kvm_regs as StandardRegisters,
+    kvm_segment as SegmentRegister, kvm_sregs as SpecialRegisters,
+};
+
+#[derive(Debug, Error)]
+pub enum HypervisorError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (want 12)")]
+    ApiVersion(i32),
+    #[error("KVM lacks a capability we need: {0}")]
+    MissingCapability(&'static str),
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// Why a vCPU left guest mode, with what the VMM must service.
+#[derive(Debug)]
+pub enum VmExit<'a> {
+    IoIn(u16, &'a mut [u8]),
+    IoOut(u16, &'a [u8]),
+    MmioRead(u64, &'a mut [u8]),
+    MmioWrite(u64, &'a [u8]),
+    /// The guest halted with interrupts the in-kernel irqchip does not handle.
+    Hlt,
+    /// Triple fault or similar: a real machine resets.
+    Shutdown,
+    /// The guest asked the hypervisor to reset (KVM_SYSTEM_EVENT_RESET).
+    Reset,
+    /// The guest asked the hypervisor to power off (KVM_SYSTEM_EVENT_SHUTDOWN).
+    PowerOff,
+    /// KVM_RUN was interrupted by a signal or `immediate_exit`.
+    Interrupted,
+    /// The hypervisor could not run the guest.
+    Error(String),
+    /// Nothing to do; run again.
+    Ignore,
+}
+
+/// Where an ioeventfd listens.
+#[derive(Clone, Copy, Debug)]
+pub enum IoEventAddress {
+    Pio(u64),
+    Mmio(u64),
+}
+
+/// One entry of the GSI routing table.
+#[derive(Clone, Copy, Debug)]
+pub enum IrqRoute {
+    /// GSI to a pin of the in-kernel IOAPIC.
+    Ioapic { gsi: u32, pin: u32 },
+    /// GSI to a pin of the in-kernel PIC (`chip` 0 = master, 1 = slave).
+    Pic { gsi: u32, chip: u32, pin: u32 },
+    /// GSI to a message-signalled interrupt.
+    Msi {
+        gsi: u32,
+        address: u64,
+        data: u32,
+        devid: Option<u32>,
+    },
+}
+
+/// Snapshot of the VM's clock, as KVM_GET_CLOCK reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockData {
+    pub clock: u64,
+    pub flags: u32,
+}
+
+/// Multiprocessing state of a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MpState {
+    Runnable,
+    Uninitialized,
+    InitReceived,
+    Halted,
+    SipiReceived,
+    Other(u32),
+}
+
+pub trait Hypervisor: Send + Sync {
+    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+    /// The CPUID leaves the hypervisor can present to a guest.
+    fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>>;
+    /// The MSRs whose state a vCPU carries (for save/restore).
+    fn msr_index_list(&self) -> Result<Vec<u32>>;
+}
+
+pub trait Vm: Send + Sync {
+    /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr`.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr+size` must stay mapped and valid for as long as the slot exists.
+    unsafe fn set_user_memory_region(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+        log_dirty: bool,
+    ) -> Result<()>;
+    /// Creates the in-kernel interrupt controllers (PIC, IOAPIC, local APICs).
+    fn create_irqchip(&self) -> Result<()>;
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u64>,
+    ) -> Result<()>;
+    fn unregister_ioevent(&self, fd: &EventFd, addr: IoEventAddress) -> Result<()>;
+    /// Replaces the whole GSI routing table.
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()>;
+    fn set_irq_line(&self, irq: u32, active: bool) -> Result<()>;
+    fn get_clock(&self) -> Result<ClockData>;
+    fn set_clock(&self, data: ClockData) -> Result<()>;
+}
+
+pub trait Vcpu: Send {
+    fn run(&mut self) -> Result<VmExit<'_>>;
+    /// Makes the next (or current, once signalled) `run` return at once.
+    fn set_immediate_exit(&mut self, exit: bool);
+    fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<()>;
+    fn get_regs(&self) -> Result<StandardRegisters>;
+    fn set_regs(&self, regs: &StandardRegisters) -> Result<()>;
+    fn get_sregs(&self) -> Result<SpecialRegisters>;
+    fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<()>;
+    fn set_fpu(&self, fpu: &FpuState) -> Result<()>;
+    /// Returns how many of `msrs` were written.
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<usize>;
+    fn get_lapic(&self) -> Result<LapicState>;
+    fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
+    fn get_mp_state(&self) -> Result<MpState>;
+    fn set_mp_state(&self, state: MpState) -> Result<()>;
+}
