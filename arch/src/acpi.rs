@@ -1,0 +1,509 @@
+//! ACPI tables that describe the x86-64 platform (`docs/platform.md`, `docs/acpi.md`) to the guest.
+//!
+//! Layout in guest memory, from `layout::RSDP_POINTER` upwards (each table 16-byte aligned):
+//! RSDP, DSDT, FACP (FADT), APIC (MADT), MCFG (only with PCI), XSDT. Everything must end below
+//! `layout::ACPI_END`.
+//!
+//! The platform is ACPI "hardware reduced": there is no SCI, no PM1 blocks, no GPEs and no FACS.
+//! Power off and reset go through the sleep control / reset register at I/O port
+//! `layout::ACPI_SLEEP_PORT`.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags as FadtFlags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::layout;
+
+/// OEM ID written in every table header.
+pub const OEM_ID: [u8; 6] = *b"CLOUDH";
+/// OEM table ID written in every table header.
+pub const OEM_TABLE_ID: [u8; 8] = *b"CHVMTBL ";
+/// OEM revision written in every table header.
+pub const OEM_REVISION: u32 = 1;
+/// FADT "hypervisor vendor identity" (ASCII, little endian in the table).
+pub const HYPERVISOR_VENDOR_ID: [u8; 8] = *b"CLOUDHYP";
+
+/// Most vCPUs the tables can describe. APIC IDs are the vCPU indices, so they stay below 0xff (the
+/// xAPIC broadcast ID) and every CPU gets a plain Local APIC MADT entry, which Linux and the
+/// IOAPIC (8-bit destinations) handle without interrupt remapping. This is also Cloud
+/// Hypervisor's default x86 limit.
+pub const MAX_VCPUS: u32 = 254;
+
+/// Alignment of every table in guest memory.
+const TABLE_ALIGN: u64 = 16;
+
+/// Size of an ACPI table header (the `Sdt` header).
+const HEADER_LEN: usize = 36;
+
+/// What the tables must describe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcpiConfig {
+    pub boot_vcpus: u32,
+    pub max_vcpus: u32,
+    /// threads_per_core, cores_per_die, dies_per_package, packages
+    pub topology: Option<(u8, u8, u8, u8)>,
+    /// Describe COM1 (0x3f8, IRQ 4) in the DSDT.
+    pub serial: bool,
+    /// The PCI host bridge, if any.
+    pub pci: Option<PciHost>,
+}
+
+/// A PCI host bridge (one segment). Windows are `(start, size)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciHost {
+    pub segment: u16,
+    /// Address of the configuration space of `bus_start` (ECAM: 1 MiB per bus).
+    pub ecam_base: u64,
+    pub ecam_size: u64,
+    pub bus_start: u8,
+    pub bus_end: u8,
+    pub io: (u16, u16),
+    pub mmio32: (u64, u64),
+    pub mmio64: (u64, u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid vCPU counts: boot {boot} max {max} (need 1 <= boot <= max <= {MAX_VCPUS})")]
+    InvalidVcpuCount { boot: u32, max: u32 },
+    #[error("CPU topology {0:?} does not multiply to max_vcpus {1}")]
+    InvalidTopology((u8, u8, u8, u8), u32),
+    #[error("invalid PCI host bridge: {0}")]
+    InvalidPci(&'static str),
+    #[error("ACPI tables end at {end:#x}, beyond the limit {limit:#x}")]
+    TooLarge { end: u64, limit: u64 },
+    #[error("cannot write the ACPI tables to guest memory: {0}")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+}
+
+/// Writes the tables at `layout::RSDP_POINTER` onwards (they must all fit below
+/// `layout::ACPI_END`) and returns the RSDP address.
+pub fn create_acpi_tables<M: GuestMemory>(
+    mem: &M,
+    cfg: &AcpiConfig,
+) -> Result<GuestAddress, Error> {
+    for table in place_tables(cfg)? {
+        mem.write_slice(&table.bytes, table.addr)
+            .map_err(Error::GuestMemory)?;
+    }
+    Ok(layout::RSDP_POINTER)
+}
+
+/// The same tables as `(signature, bytes)`, in the order they are laid out in guest memory. The
+/// RSDP comes first, under the signature `RSDP` (its real signature is `"RSD PTR "`).
+pub fn build_tables(cfg: &AcpiConfig) -> Result<Vec<([u8; 4], Vec<u8>)>, Error> {
+    Ok(place_tables(cfg)?
+        .into_iter()
+        .map(|t| (t.signature, t.bytes))
+        .collect())
+}
+
+/// One table at its guest address.
+struct PlacedTable {
+    addr: GuestAddress,
+    signature: [u8; 4],
+    bytes: Vec<u8>,
+}
+
+/// Hands out aligned addresses from `RSDP_POINTER` upwards.
+struct Placer {
+    next: u64,
+    tables: Vec<PlacedTable>,
+}
+
+impl Placer {
+    fn place(&mut self, signature: [u8; 4], bytes: Vec<u8>) -> GuestAddress {
+        let addr = GuestAddress(self.next);
+        self.next = (self.next + bytes.len() as u64).next_multiple_of(TABLE_ALIGN);
+        self.tables.push(PlacedTable {
+            addr,
+            signature,
+            bytes,
+        });
+        addr
+    }
+}
+
+fn place_tables(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, Error> {
+    validate(cfg)?;
+
+    let rsdp_len = Rsdp::len() as u64;
+    let mut placer = Placer {
+        next: (layout::RSDP_POINTER.0 + rsdp_len).next_multiple_of(TABLE_ALIGN),
+        tables: Vec::new(),
+    };
+
+    let dsdt = placer.place(*b"DSDT", build_dsdt(cfg));
+    let fadt = placer.place(*b"FACP", build_fadt(dsdt));
+    let madt = placer.place(*b"APIC", build_madt(cfg.boot_vcpus, cfg.max_vcpus));
+    let mut entries = vec![fadt, madt];
+    if let Some(pci) = &cfg.pci {
+        entries.push(placer.place(*b"MCFG", build_mcfg(pci)));
+    }
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for entry in entries {
+        xsdt.add_entry(entry.0);
+    }
+    let xsdt = placer.place(*b"XSDT", to_bytes(&xsdt));
+
+    let end = placer
+        .tables
+        .last()
+        .map(|t| t.addr.0 + t.bytes.len() as u64)
+        .unwrap_or(placer.next);
+    if end > layout::ACPI_END.0 {
+        return Err(Error::TooLarge {
+            end,
+            limit: layout::ACPI_END.0,
+        });
+    }
+
+    let rsdp = PlacedTable {
+        addr: layout::RSDP_POINTER,
+        signature: *b"RSDP",
+        bytes: to_bytes(&Rsdp::new(OEM_ID, xsdt.0)),
+    };
+    let mut tables = vec![rsdp];
+    tables.append(&mut placer.tables);
+    Ok(tables)
+}
+
+fn validate(cfg: &AcpiConfig) -> Result<(), Error> {
+    let (boot, max) = (cfg.boot_vcpus, cfg.max_vcpus);
+    if boot == 0 || boot > max || max > MAX_VCPUS {
+        return Err(Error::InvalidVcpuCount { boot, max });
+    }
+    if let Some(topo @ (threads, cores, dies, packages)) = cfg.topology {
+        let product = u32::from(threads) * u32::from(cores) * u32::from(dies) * u32::from(packages);
+        if product != max {
+            return Err(Error::InvalidTopology(topo, max));
+        }
+    }
+    if let Some(pci) = &cfg.pci {
+        validate_pci(pci)?;
+    }
+    Ok(())
+}
+
+fn validate_pci(pci: &PciHost) -> Result<(), Error> {
+    if pci.bus_start > pci.bus_end {
+        return Err(Error::InvalidPci("bus_start > bus_end"));
+    }
+    let buses = u64::from(pci.bus_end - pci.bus_start) + 1;
+    if pci.ecam_size < buses << 20 {
+        return Err(Error::InvalidPci("ECAM smaller than 1 MiB per bus"));
+    }
+    if pci.ecam_base.checked_add(pci.ecam_size).is_none()
+        || pci.ecam_base < u64::from(pci.bus_start) << 20
+    {
+        return Err(Error::InvalidPci("ECAM range out of bounds"));
+    }
+    let (io_start, io_size) = pci.io;
+    if io_size == 0 || u32::from(io_start) + u32::from(io_size) > 0x1_0000 {
+        return Err(Error::InvalidPci("bad I/O window"));
+    }
+    let (start, size) = pci.mmio32;
+    if size == 0 || start + size > 1 << 32 {
+        return Err(Error::InvalidPci("bad 32-bit MMIO window"));
+    }
+    let (start, size) = pci.mmio64;
+    if size == 0 || start.checked_add(size - 1).is_none() {
+        return Err(Error::InvalidPci("bad 64-bit MMIO window"));
+    }
+    Ok(())
+}
+
+fn to_bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    aml.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Already-encoded AML, so that objects built in loops can be nested.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// A table: the standard header followed by `body`, with length and checksum filled in.
+fn sdt(signature: [u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
+    let mut table = Sdt::new(
+        signature,
+        HEADER_LEN as u32,
+        revision,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    table.append_slice(body);
+    table.as_slice().to_vec()
+}
+
+fn gas_io8(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+/// IA-PC boot architecture flags (FADT offset 109).
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS: u16 = 1 << 4;
+
+fn build_fadt(dsdt: GuestAddress) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt.0)
+        .flag(FadtFlags::HwReducedAcpi)
+        .flag(FadtFlags::ResetRegSup)
+        // No fixed-hardware power or sleep button (a control-method button may exist).
+        .flag(FadtFlags::PwrButton)
+        .flag(FadtFlags::SlpButton);
+    // No legacy devices flag (no ISA PnP BIOS), no 8042 flag (the i8042 only implements the
+    // reset line, the guest should not probe a keyboard), no VGA, MSI supported, the OS must not
+    // touch PCIe ASPM; the CMOS RTC is present.
+    fadt.iapc_boot_arch =
+        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_PCIE_ASPM_CONTROLS).into();
+    let sleep = gas_io8(layout::ACPI_SLEEP_PORT);
+    fadt.sleep_control_reg = sleep;
+    fadt.sleep_status_reg = sleep;
+    fadt.reset_reg = sleep;
+    fadt.reset_value = layout::ACPI_RESET_VALUE;
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR_ID).into();
+    to_bytes(&fadt.finalize())
+}
+
+/// MADT structure types and flags.
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+const MADT_LOCAL_X2APIC: u8 = 9;
+const MADT_LOCAL_X2APIC_NMI: u8 = 0xa;
+const MADT_CPU_ENABLED: u32 = 1 << 0;
+const MADT_CPU_ONLINE_CAPABLE: u32 = 1 << 1;
+/// MADT revision 5 (ACPI 6.3) defines the "online capable" flag.
+const MADT_REVISION: u8 = 5;
+/// Largest APIC ID a Local APIC (xAPIC) entry can carry; 0xff means "all processors".
+const MAX_XAPIC_ID: u32 = 0xfe;
+
+/// The MADT processor structure of `cpu` (APIC ID = UID = `cpu`).
+fn madt_cpu_entry(cpu: u32, flags: u32) -> Vec<u8> {
+    if cpu <= MAX_XAPIC_ID {
+        let mut e = vec![MADT_LOCAL_APIC, 8, cpu as u8, cpu as u8];
+        e.extend_from_slice(&flags.to_le_bytes());
+        e
+    } else {
+        let mut e = vec![MADT_LOCAL_X2APIC, 16, 0, 0];
+        e.extend_from_slice(&cpu.to_le_bytes()); // x2APIC ID
+        e.extend_from_slice(&flags.to_le_bytes());
+        e.extend_from_slice(&cpu.to_le_bytes()); // ACPI processor UID
+        e
+    }
+}
+
+/// Builds the MADT for `max` processors of which the first `boot` are enabled. Works for any
+/// count; `validate` caps it at `MAX_VCPUS`.
+fn build_madt(boot: u32, max: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(layout::APIC_START.0 as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // flags: no PCAT_COMPAT (no 8259s)
+
+    for cpu in 0..max {
+        let flags = if cpu < boot {
+            MADT_CPU_ENABLED
+        } else {
+            MADT_CPU_ONLINE_CAPABLE
+        };
+        body.extend_from_slice(&madt_cpu_entry(cpu, flags));
+    }
+
+    // IOAPIC 0, GSIs 0..IOAPIC_PINS.
+    body.extend_from_slice(&[MADT_IO_APIC, 12, 0, 0]);
+    body.extend_from_slice(&(layout::IOAPIC_START.0 as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+
+    // ISA IRQ 0 (the PIT) is wired to IOAPIC pin 2, as on a PC (and in KVM's default GSI
+    // routing). Flags 0: conforms to the bus (edge, active high). No SCI override: a
+    // hardware-reduced platform has no SCI.
+    body.extend_from_slice(&[MADT_INTERRUPT_SOURCE_OVERRIDE, 10, 0, 0]);
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes());
+
+    // LINT1 of every processor is the NMI input (flags 0: conforming).
+    body.extend_from_slice(&[MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1]);
+    if max > MAX_XAPIC_ID + 1 {
+        body.extend_from_slice(&[MADT_LOCAL_X2APIC_NMI, 12, 0, 0]);
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        body.extend_from_slice(&[1, 0, 0, 0]);
+    }
+
+    sdt(*b"APIC", MADT_REVISION, &body)
+}
+
+fn build_mcfg(pci: &PciHost) -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // The MCFG base address is that of bus 0 of the segment.
+    let base = pci.ecam_base - (u64::from(pci.bus_start) << 20);
+    mcfg.add_ecam(base, pci.segment, pci.bus_start, pci.bus_end);
+    to_bytes(&mcfg)
+}
+
+/// DSDT revision 2+ means 64-bit AML integers.
+const DSDT_REVISION: u8 = 6;
+
+fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut aml = Vec::new();
+
+    // \_S5_: SLP_TYPa, SLP_TYPb, reserved, reserved.
+    let s5_typ = layout::ACPI_S5_SLP_TYP;
+    aml::Name::new(
+        "\\_S5_".into(),
+        &aml::Package::new(vec![&s5_typ, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+    )
+    .to_aml_bytes(&mut aml);
+
+    let mut sb = Vec::new();
+    for cpu in 0..cfg.max_vcpus {
+        cpu_device(cpu, cpu < cfg.boot_vcpus).to_aml_bytes(&mut sb);
+    }
+    if cfg.serial {
+        com1_device().to_aml_bytes(&mut sb);
+    }
+    power_button_device().to_aml_bytes(&mut sb);
+    if let Some(pci) = &cfg.pci {
+        pci_host_device(pci).to_aml_bytes(&mut sb);
+        ecam_reservation_device(pci).to_aml_bytes(&mut sb);
+    }
+    aml::Scope::new("\\_SB_".into(), vec![&Raw(sb)]).to_aml_bytes(&mut aml);
+
+    sdt(*b"DSDT", DSDT_REVISION, &aml)
+}
+
+/// The DSDT name of the CPU device of `cpu`: `C000`, `C001`, ... (hexadecimal).
+pub fn cpu_device_name(cpu: u32) -> String {
+    format!("C{cpu:03X}")
+}
+
+fn cpu_device(cpu: u32, present: bool) -> Raw {
+    let sta: u8 = if present { 0xf } else { 0 };
+    // _MAT describes the processor as it is once present (hot-plugged): enabled.
+    let mat = aml::BufferData::new(madt_cpu_entry(cpu, MADT_CPU_ENABLED));
+    let name = cpu_device_name(cpu);
+    Raw(to_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0007"),
+            &aml::Name::new("_UID".into(), &cpu),
+            &aml::Method::new("_STA".into(), 0, false, vec![&aml::Return::new(&sta)]),
+            &aml::Name::new("_MAT".into(), &mat),
+        ],
+    )))
+}
+
+fn com1_device() -> Raw {
+    let port = layout::COM1_PORT as u16;
+    let io = aml::IO::new(port, port, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    Raw(to_bytes(&aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )))
+}
+
+/// A control-method power button. Nothing signals it yet (that needs a Generic Event Device with
+/// an interrupt in the VMM); the guest still gets a power button input device.
+fn power_button_device() -> Raw {
+    Raw(to_bytes(&aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )))
+}
+
+fn pci_host_device(pci: &PciHost) -> Raw {
+    let buses = aml::AddressSpace::new_bus_number(u16::from(pci.bus_start), u16::from(pci.bus_end));
+    let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let (io_start, io_size) = pci.io;
+    let io = aml::AddressSpace::new_io(io_start, io_start + (io_size - 1), None);
+    let (m32_start, m32_size) = pci.mmio32;
+    let mmio32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        m32_start as u32,
+        (m32_start + m32_size - 1) as u32,
+        None,
+    );
+    let (m64_start, m64_size) = pci.mmio64;
+    let mmio64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        m64_start,
+        m64_start + (m64_size - 1),
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io, &mmio32, &mmio64]);
+    let segment = pci.segment;
+    let bbn = pci.bus_start;
+    let name = format!("PC{:02X}", pci.segment & 0xff);
+    Raw(to_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &segment),
+            &aml::Name::new("_UID".into(), &segment),
+            &aml::Name::new("_BBN".into(), &bbn),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )))
+}
+
+/// Motherboard resources: reserves the ECAM range, which Linux requires before it uses MMCONFIG
+/// (the range is a hole in the e820 map, not a reserved entry).
+fn ecam_reservation_device(pci: &PciHost) -> Raw {
+    let (start, end) = (pci.ecam_base, pci.ecam_base + (pci.ecam_size - 1));
+    let mem32;
+    let mem64;
+    let resource: &dyn Aml = if end <= u64::from(u32::MAX) {
+        mem32 = aml::Memory32Fixed::new(false, start as u32, pci.ecam_size as u32);
+        &mem32
+    } else {
+        mem64 = aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            false,
+            start,
+            end,
+            None,
+        );
+        &mem64
+    };
+    let crs = aml::ResourceTemplate::new(vec![resource]);
+    let name = format!("MB{:02X}", pci.segment & 0xff);
+    let uid = u32::from(pci.segment);
+    Raw(to_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,455 @@
+use super::*;
+use vm_memory::GuestMemoryMmap;
+
+fn cfg(boot: u32, max: u32) -> AcpiConfig {
+    AcpiConfig {
+        boot_vcpus: boot,
+        max_vcpus: max,
+        topology: None,
+        serial: true,
+        pci: None,
+    }
+}
+
+fn pci_host() -> PciHost {
+    PciHost {
+        segment: 0,
+        ecam_base: layout::PCI_MMCONFIG_START.0,
+        ecam_size: layout::PCI_MMCONFIG_SIZE,
+        bus_start: 0,
+        bus_end: 255,
+        io: (0x1000, 0xf000),
+        mmio32: (
+            layout::MEM_32BIT_DEVICES_START.0,
+            layout::MEM_32BIT_DEVICES_SIZE,
+        ),
+        mmio64: (1 << 40, 1 << 38),
+    }
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+fn sum(b: &[u8]) -> u8 {
+    b.iter().fold(0u8, |acc, x| acc.wrapping_add(*x))
+}
+
+fn table<'a>(tables: &'a [PlacedTable], sig: &[u8; 4]) -> &'a PlacedTable {
+    tables
+        .iter()
+        .find(|t| &t.signature == sig)
+        .unwrap_or_else(|| panic!("no {} table", String::from_utf8_lossy(sig)))
+}
+
+/// (type, bytes) of each MADT interrupt controller structure.
+fn madt_structures(madt: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut off = 44;
+    while off < madt.len() {
+        let len = madt[off + 1] as usize;
+        assert!(
+            len >= 2 && off + len <= madt.len(),
+            "bad MADT structure at {off}"
+        );
+        out.push((madt[off], madt[off..off + len].to_vec()));
+        off += len;
+    }
+    out
+}
+
+/// (uid, apic id, flags) of every processor structure.
+fn madt_cpus(madt: &[u8]) -> Vec<(u32, u32, u32)> {
+    madt_structures(madt)
+        .into_iter()
+        .filter_map(|(ty, s)| match ty {
+            MADT_LOCAL_APIC => Some((u32::from(s[2]), u32::from(s[3]), u32_at(&s, 4))),
+            MADT_LOCAL_X2APIC => Some((u32_at(&s, 12), u32_at(&s, 4), u32_at(&s, 8))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_table_has_a_valid_checksum_and_length() {
+    for c in [
+        cfg(1, 1),
+        cfg(4, 8),
+        AcpiConfig {
+            pci: Some(pci_host()),
+            ..cfg(2, 2)
+        },
+    ] {
+        let tables = build_tables(&c).unwrap();
+        for (sig, bytes) in &tables {
+            if sig == b"RSDP" {
+                assert_eq!(&bytes[..8], b"RSD PTR ");
+                assert_eq!(bytes.len(), 36);
+                assert_eq!(sum(&bytes[..20]), 0, "RSDP v1 checksum");
+                assert_eq!(sum(bytes), 0, "RSDP extended checksum");
+                assert_eq!(bytes[15], 2, "RSDP revision");
+                assert_eq!(u32_at(bytes, 20), 36);
+            } else {
+                assert_eq!(&bytes[..4], sig);
+                assert_eq!(u32_at(bytes, 4) as usize, bytes.len(), "{sig:?} length");
+                assert_eq!(sum(bytes), 0, "{sig:?} checksum");
+                assert_eq!(&bytes[10..16], &OEM_ID);
+                assert_eq!(&bytes[16..24], &OEM_TABLE_ID);
+            }
+        }
+    }
+}
+
+#[test]
+fn rsdp_points_to_xsdt_which_lists_every_other_table() {
+    for (c, expected) in [
+        (cfg(1, 1), vec![*b"FACP", *b"APIC"]),
+        (
+            AcpiConfig {
+                pci: Some(pci_host()),
+                ..cfg(1, 1)
+            },
+            vec![*b"FACP", *b"APIC", *b"MCFG"],
+        ),
+    ] {
+        let tables = place_tables(&c).unwrap();
+        assert_eq!(tables[0].addr, layout::RSDP_POINTER);
+        let xsdt = table(&tables, b"XSDT");
+        assert_eq!(u64_at(&tables[0].bytes, 24), xsdt.addr.0);
+        let n = (xsdt.bytes.len() - HEADER_LEN) / 8;
+        let listed: Vec<[u8; 4]> = (0..n)
+            .map(|i| {
+                let addr = u64_at(&xsdt.bytes, HEADER_LEN + 8 * i);
+                let t = tables
+                    .iter()
+                    .find(|t| t.addr.0 == addr)
+                    .unwrap_or_else(|| panic!("XSDT entry {addr:#x} points at no table"));
+                t.signature
+            })
+            .collect();
+        assert_eq!(listed, expected);
+        // The DSDT is reached through the FADT instead.
+        let fadt = table(&tables, b"FACP");
+        assert_eq!(u64_at(&fadt.bytes, 140), table(&tables, b"DSDT").addr.0);
+        assert_eq!(u32_at(&fadt.bytes, 40), 0, "no 32-bit DSDT pointer");
+    }
+}
+
+#[test]
+fn tables_do_not_overlap_and_fit_below_acpi_end() {
+    let largest = AcpiConfig {
+        pci: Some(pci_host()),
+        ..cfg(MAX_VCPUS, MAX_VCPUS)
+    };
+    let tables = place_tables(&largest).unwrap();
+    let mut end = layout::RSDP_POINTER.0;
+    for t in &tables {
+        assert!(
+            t.addr.0 >= end,
+            "{:?} overlaps the previous table",
+            t.signature
+        );
+        end = t.addr.0 + t.bytes.len() as u64;
+    }
+    assert!(end <= layout::ACPI_END.0, "tables end at {end:#x}");
+}
+
+#[test]
+fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+    let tables = build_tables(&cfg(1, 1)).unwrap();
+    let fadt = &tables.iter().find(|t| &t.0 == b"FACP").unwrap().1;
+    assert_eq!(fadt.len(), 276);
+    assert_eq!(fadt[8], 6, "FADT major version");
+    assert_eq!(fadt[131], 5, "FADT minor version");
+    let flags = u32_at(fadt, 112);
+    assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+    assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+    assert_ne!(flags & (1 << 4), 0, "PWR_BUTTON (no fixed power button)");
+    let boot_arch = u16_at(fadt, 109);
+    assert_eq!(
+        boot_arch,
+        (1 << 2) | (1 << 4),
+        "no VGA, no ASPM, MSI ok, CMOS present"
+    );
+    let io8 = |off: usize| {
+        (
+            fadt[off],
+            fadt[off + 1],
+            fadt[off + 2],
+            fadt[off + 3],
+            u64_at(fadt, off + 4),
+        )
+    };
+    let port = (1, 8, 0, 1, layout::ACPI_SLEEP_PORT);
+    assert_eq!(io8(116), port, "RESET_REG");
+    assert_eq!(fadt[128], layout::ACPI_RESET_VALUE, "RESET_VALUE");
+    assert_eq!(io8(244), port, "SLEEP_CONTROL_REG");
+    assert_eq!(io8(256), port, "SLEEP_STATUS_REG");
+    assert_eq!(&fadt[268..276], &HYPERVISOR_VENDOR_ID);
+    // No FACS, no SCI, no PM1 blocks.
+    assert_eq!(u32_at(fadt, 36), 0);
+    assert_eq!(u64_at(fadt, 132), 0);
+    assert_eq!(u16_at(fadt, 46), 0);
+    assert_eq!(u32_at(fadt, 56), 0);
+}
+
+#[test]
+fn madt_lists_every_possible_cpu_with_the_right_flags() {
+    for (boot, max) in [(1, 1), (4, 8), (2, 254), (254, 254)] {
+        let tables = build_tables(&cfg(boot, max)).unwrap();
+        let madt = &tables.iter().find(|t| &t.0 == b"APIC").unwrap().1;
+        assert_eq!(madt[8], MADT_REVISION);
+        assert_eq!(u32_at(madt, 36), 0xfee0_0000, "local APIC address");
+        assert_eq!(u32_at(madt, 40) & 1, 0, "PCAT_COMPAT off");
+        let cpus = madt_cpus(madt);
+        assert_eq!(cpus.len(), max as usize);
+        for (i, &(uid, apic_id, flags)) in cpus.iter().enumerate() {
+            let i = i as u32;
+            assert_eq!((uid, apic_id), (i, i));
+            let want = if i < boot { 1 } else { 2 };
+            assert_eq!(flags, want, "cpu {i} flags");
+        }
+        let structures = madt_structures(madt);
+        let ioapics: Vec<_> = structures.iter().filter(|s| s.0 == MADT_IO_APIC).collect();
+        assert_eq!(ioapics.len(), 1);
+        let io = &ioapics[0].1;
+        assert_eq!((io[2], u32_at(io, 4), u32_at(io, 8)), (0, 0xfec0_0000, 0));
+        let isos: Vec<_> = structures
+            .iter()
+            .filter(|s| s.0 == MADT_INTERRUPT_SOURCE_OVERRIDE)
+            .map(|s| (s.1[2], s.1[3], u32_at(&s.1, 4)))
+            .collect();
+        assert_eq!(isos, vec![(0, 0, 2)], "ISA IRQ 0 -> GSI 2");
+        let nmis: Vec<_> = structures
+            .iter()
+            .filter(|s| s.0 == MADT_LOCAL_APIC_NMI)
+            .map(|s| s.1.clone())
+            .collect();
+        assert_eq!(
+            nmis,
+            vec![vec![4, 6, 0xff, 0, 0, 1]],
+            "LINT1 NMI on all CPUs"
+        );
+    }
+}
+
+#[test]
+fn madt_builder_switches_to_x2apic_entries_above_apic_id_254() {
+    let madt = build_madt(3, 300);
+    assert_eq!(sum(&madt), 0);
+    let structures = madt_structures(&madt);
+    let xapic = structures.iter().filter(|s| s.0 == MADT_LOCAL_APIC).count();
+    let x2apic = structures
+        .iter()
+        .filter(|s| s.0 == MADT_LOCAL_X2APIC)
+        .count();
+    assert_eq!((xapic, x2apic), (255, 45));
+    assert!(structures.iter().any(|s| s.0 == MADT_LOCAL_X2APIC_NMI));
+    let cpus = madt_cpus(&madt);
+    assert_eq!(cpus[299], (299, 299, MADT_CPU_ONLINE_CAPABLE));
+    assert_eq!(cpus[2], (2, 2, MADT_CPU_ENABLED));
+}
+
+fn dsdt_of(c: &AcpiConfig) -> Vec<u8> {
+    build_tables(c)
+        .unwrap()
+        .into_iter()
+        .find(|t| &t.0 == b"DSDT")
+        .unwrap()
+        .1
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn dsdt_has_s5_cpus_and_com1() {
+    let dsdt = dsdt_of(&cfg(2, 4));
+    assert_eq!(dsdt[8], DSDT_REVISION);
+    // NameOp \_S5_ PackageOp PkgLength(1 byte) NumElements=4, BytePrefix 5, Zero, Zero, Zero
+    let s5 = [
+        0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 4, 0x0a, 5, 0, 0, 0,
+    ];
+    assert!(contains(&dsdt, &s5), "\\_S5_ package");
+    for cpu in 0..4 {
+        assert!(contains(&dsdt, cpu_device_name(cpu).as_bytes()));
+    }
+    assert!(!contains(&dsdt, cpu_device_name(4).as_bytes()));
+    // _STA: MethodOp ... "_STA" flags 0, ReturnOp BytePrefix 0x0f / ZeroOp.
+    let sta_present = [b'_', b'S', b'T', b'A', 0, 0xa4, 0x0a, 0x0f];
+    let sta_absent = [b'_', b'S', b'T', b'A', 0, 0xa4, 0x00];
+    let count = |n: &[u8]| dsdt.windows(n.len()).filter(|w| *w == n).count();
+    assert_eq!(count(&sta_present), 2);
+    assert_eq!(count(&sta_absent), 2);
+    assert!(contains(&dsdt, b"ACPI0007"));
+    // EISAID("PNP0501") = 0x0105d041 and the COM1 I/O descriptor.
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+    assert!(contains(
+        &dsdt,
+        &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]
+    ));
+    // Extended IRQ descriptor: consumer, edge, active high, exclusive, IRQ 4.
+    assert!(contains(&dsdt, &[0x89, 0x06, 0x00, 0x03, 0x01, 4, 0, 0, 0]));
+    // The power button (PNP0C0C = 0x0c0cd041).
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x0c]));
+    // No PCI host without PCI.
+    assert!(!contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+
+    let no_serial = dsdt_of(&AcpiConfig {
+        serial: false,
+        ..cfg(2, 4)
+    });
+    assert!(!contains(&no_serial, &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+}
+
+#[test]
+fn pci_host_bridge_and_mcfg() {
+    let pci = pci_host();
+    let c = AcpiConfig {
+        pci: Some(pci.clone()),
+        ..cfg(1, 1)
+    };
+    let dsdt = dsdt_of(&c);
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]), "PNP0A08");
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]), "PNP0A03");
+    assert!(contains(&dsdt, b"_SEG") && contains(&dsdt, b"_BBN"));
+    // WordBusNumber 0..255
+    assert!(contains(
+        &dsdt,
+        &[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0, 0, 0, 0, 0xff, 0]
+    ));
+    // Config I/O ports and the I/O window.
+    assert!(contains(
+        &dsdt,
+        &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]
+    ));
+    assert!(contains(
+        &dsdt,
+        &[0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03, 0, 0, 0x00, 0x10, 0xff, 0xff]
+    ));
+    // DWordMemory 0xc0000000..0xe7ffffff
+    let mut m32 = vec![0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0];
+    m32.extend_from_slice(&0xc000_0000u32.to_le_bytes());
+    m32.extend_from_slice(&0xe7ff_ffffu32.to_le_bytes());
+    assert!(contains(&dsdt, &m32));
+    // QWordMemory for the 64-bit window.
+    let mut m64 = vec![0x8a, 0x2b, 0x00, 0x00, 0x0c, 0x01];
+    m64.extend_from_slice(&0u64.to_le_bytes());
+    m64.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    m64.extend_from_slice(&((1u64 << 40) + (1 << 38) - 1).to_le_bytes());
+    assert!(contains(&dsdt, &m64));
+    // ECAM reserved as a motherboard resource (PNP0C02) with Memory32Fixed.
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+    let mut ecam = vec![0x86, 0x09, 0x00, 0x00];
+    ecam.extend_from_slice(&0xe800_0000u32.to_le_bytes());
+    ecam.extend_from_slice(&0x1000_0000u32.to_le_bytes());
+    assert!(contains(&dsdt, &ecam));
+
+    let tables = build_tables(&c).unwrap();
+    let mcfg = &tables.iter().find(|t| &t.0 == b"MCFG").unwrap().1;
+    assert_eq!(mcfg.len(), 44 + 16);
+    assert_eq!(u64_at(mcfg, 44), pci.ecam_base);
+    assert_eq!(u16_at(mcfg, 52), 0);
+    assert_eq!((mcfg[54], mcfg[55]), (0, 255));
+}
+
+#[test]
+fn bad_configs_are_rejected() {
+    for (boot, max) in [(0, 1), (2, 1), (1, MAX_VCPUS + 1), (300, 300)] {
+        assert!(
+            matches!(
+                build_tables(&cfg(boot, max)),
+                Err(Error::InvalidVcpuCount { .. })
+            ),
+            "boot {boot} max {max}"
+        );
+    }
+    let topo = AcpiConfig {
+        topology: Some((2, 2, 1, 1)),
+        ..cfg(4, 8)
+    };
+    assert!(matches!(
+        build_tables(&topo),
+        Err(Error::InvalidTopology(..))
+    ));
+    let topo = AcpiConfig {
+        topology: Some((2, 2, 1, 2)),
+        ..cfg(4, 8)
+    };
+    assert!(build_tables(&topo).is_ok());
+
+    let bad_pci = [
+        PciHost {
+            bus_start: 3,
+            bus_end: 2,
+            ..pci_host()
+        },
+        PciHost {
+            ecam_size: 1 << 20,
+            ..pci_host()
+        },
+        PciHost {
+            io: (0xf000, 0x2000),
+            ..pci_host()
+        },
+        PciHost {
+            io: (0x1000, 0),
+            ..pci_host()
+        },
+        PciHost {
+            mmio32: (0xf000_0000, 0x2000_0000),
+            ..pci_host()
+        },
+        PciHost {
+            mmio64: (u64::MAX, 2),
+            ..pci_host()
+        },
+    ];
+    for pci in bad_pci {
+        let c = AcpiConfig {
+            pci: Some(pci.clone()),
+            ..cfg(1, 1)
+        };
+        assert!(
+            matches!(build_tables(&c), Err(Error::InvalidPci(_))),
+            "{pci:?}"
+        );
+    }
+}
+
+#[test]
+fn create_writes_the_tables_into_guest_memory() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+    let c = AcpiConfig {
+        pci: Some(pci_host()),
+        ..cfg(2, 4)
+    };
+    let rsdp = create_acpi_tables(&mem, &c).unwrap();
+    assert_eq!(rsdp, layout::RSDP_POINTER);
+    for t in place_tables(&c).unwrap() {
+        let mut buf = vec![0u8; t.bytes.len()];
+        mem.read_slice(&mut buf, t.addr).unwrap();
+        assert_eq!(buf, t.bytes, "{:?}", t.signature);
+    }
+    let mut sig = [0u8; 8];
+    mem.read_slice(&mut sig, rsdp).unwrap();
+    assert_eq!(&sig, b"RSD PTR ");
+}
+
+#[test]
+fn create_fails_without_memory_for_the_tables() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x9_0000)]).unwrap();
+    assert!(matches!(
+        create_acpi_tables(&mem, &cfg(1, 1)),
+        Err(Error::GuestMemory(_))
+    ));
+}
