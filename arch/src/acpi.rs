@@ -82,6 +82,9 @@ pub enum Error {
     GuestMemory(#[source] vm_memory::GuestMemoryError),
 }
 
+/// One table: `(signature, bytes)`.
+pub type Table = ([u8; 4], Vec<u8>);
+
 /// Writes the tables at `layout::RSDP_POINTER` onwards (they must all fit below
 /// `layout::ACPI_END`) and returns the RSDP address.
 pub fn create_acpi_tables<M: GuestMemory>(
@@ -97,7 +100,7 @@ pub fn create_acpi_tables<M: GuestMemory>(
 
 /// The same tables as `(signature, bytes)`, in the order they are laid out in guest memory. The
 /// RSDP comes first, under the signature `RSDP` (its real signature is `"RSD PTR "`).
-pub fn build_tables(cfg: &AcpiConfig) -> Result<Vec<([u8; 4], Vec<u8>)>, Error> {
+pub fn build_tables(cfg: &AcpiConfig) -> Result<Vec<Table>, Error> {
     Ok(place_tables(cfg)?
         .into_iter()
         .map(|t| (t.signature, t.bytes))
@@ -480,12 +483,12 @@ fn ecam_reservation_device(pci: &PciHost) -> Raw {
     let mem32;
     let mem64;
     let resource: &dyn Aml = if end <= u64::from(u32::MAX) {
-        mem32 = aml::Memory32Fixed::new(false, start as u32, pci.ecam_size as u32);
+        mem32 = aml::Memory32Fixed::new(true, start as u32, pci.ecam_size as u32);
         &mem32
     } else {
         mem64 = aml::AddressSpace::new_memory(
             aml::AddressSpaceCacheable::NotCacheable,
-            false,
+            true,
             start,
             end,
             None,

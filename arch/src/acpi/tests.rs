@@ -349,7 +349,7 @@ fn pci_host_bridge_and_mcfg() {
     assert!(contains(&dsdt, &m64));
     // ECAM reserved as a motherboard resource (PNP0C02) with Memory32Fixed.
     assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
-    let mut ecam = vec![0x86, 0x09, 0x00, 0x00];
+    let mut ecam = vec![0x86, 0x09, 0x00, 0x01];
     ecam.extend_from_slice(&0xe800_0000u32.to_le_bytes());
     ecam.extend_from_slice(&0x1000_0000u32.to_le_bytes());
     assert!(contains(&dsdt, &ecam));
