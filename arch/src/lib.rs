@@ -2,4 +2,7 @@
 //! tables that describe the machine to the guest.
 
 pub mod acpi;
+pub mod boot;
+pub mod cpuid;
 pub mod layout;
+pub mod regs;
