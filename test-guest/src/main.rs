@@ -1,0 +1,480 @@
+//! test-guest: a tiny freestanding guest for the VMM's integration tests.
+//!
+//! `monitor.S` is a minimal CPL0 monitor (boot entries, page tables, GDT/TSS/IDT,
+//! AP start-up, `ud2` services). Everything in Rust runs at CPL3 and reaches the
+//! hardware through the monitor's services (port I/O) or directly (MMIO, RAM).
+//! See docs/test-guest.md for the scenarios and the lines printed.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod acpi_sys;
+mod bootinfo;
+mod cmos;
+mod mem;
+mod smp;
+mod svc;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::alloc::{GlobalAlloc, Layout};
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use acpi_sys::AcpiInfo;
+use bootinfo::BootInfo;
+
+core::arch::global_asm!(include_str!("monitor.S"), options(att_syntax));
+
+// ---------------------------------------------------------------------------
+// Runtime support: allocator, panic, personality.
+
+const HEAP_SIZE: usize = 1 << 20;
+
+#[repr(C, align(4096))]
+struct Heap([u8; HEAP_SIZE]);
+
+/// Bump allocator over a static arena (the guest is short-lived; nothing is freed).
+struct Bump {
+    next: AtomicUsize,
+}
+
+static mut HEAP: Heap = Heap([0; HEAP_SIZE]);
+
+// SAFETY: `alloc` hands out disjoint, suitably aligned ranges of the arena (the
+// offset only grows, atomically); `dealloc` never reuses memory.
+unsafe impl GlobalAlloc for Bump {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let base = core::ptr::addr_of_mut!(HEAP) as usize;
+        let mut cur = self.next.load(Ordering::Relaxed);
+        loop {
+            let start = (base + cur).next_multiple_of(layout.align()) - base;
+            let end = match start.checked_add(layout.size()) {
+                Some(e) if e <= HEAP_SIZE => e,
+                _ => return core::ptr::null_mut(),
+            };
+            match self
+                .next
+                .compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return (base + start) as *mut u8,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+}
+
+#[global_allocator]
+static ALLOCATOR: Bump = Bump {
+    next: AtomicUsize::new(0),
+};
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("FAIL panic: {}", info);
+    println!(
+        "SUMMARY passed={} failed={}",
+        PASSED.load(Ordering::Relaxed),
+        FAILED.load(Ordering::Relaxed) + 1
+    );
+    svc::outb(0x600, 0x34);
+    loop {
+        svc::hlt();
+    }
+}
+
+/// The precompiled `core` refers to it even with `panic = "abort"`.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
+// ---------------------------------------------------------------------------
+// Check bookkeeping.
+
+static PASSED: AtomicUsize = AtomicUsize::new(0);
+static FAILED: AtomicUsize = AtomicUsize::new(0);
+
+fn pass(name: &str) {
+    PASSED.fetch_add(1, Ordering::Relaxed);
+    println!("PASS {name}");
+}
+
+fn fail(name: &str, why: core::fmt::Arguments) {
+    FAILED.fetch_add(1, Ordering::Relaxed);
+    println!("FAIL {name}: {why}");
+}
+
+macro_rules! check {
+    ($name:expr, $cond:expr, $($why:tt)*) => {
+        if $cond { pass($name) } else { fail($name, format_args!($($why)*)) }
+    };
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()
+    } else {
+        s.parse().ok()
+    }
+}
+
+fn parse_hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.trim_start_matches("0x").trim_start_matches("0X"), 16).ok()
+}
+
+/// Prints the summary and powers off (through ACPI if possible).
+fn finish(acpi: Option<&AcpiInfo>) -> ! {
+    let why = acpi_sys::power_off(acpi);
+    // Still running: the ACPI way failed or was ignored.
+    fail(
+        "acpi-poweroff",
+        format_args!("{why}; falling back to port 0x600"),
+    );
+    summary();
+    svc::outb(0x600, 0x34);
+    loop {
+        svc::hlt();
+    }
+}
+
+fn summary() {
+    println!(
+        "SUMMARY passed={} failed={}",
+        PASSED.load(Ordering::Relaxed),
+        FAILED.load(Ordering::Relaxed)
+    );
+}
+
+// ---------------------------------------------------------------------------
+
+/// Entered at CPL3 from the monitor (`user_start`), .bss already zeroed.
+#[no_mangle]
+extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
+    // SAFETY: `protocol`/`info` are what the monitor recorded at the boot entry.
+    let boot = match unsafe { bootinfo::parse(protocol, info) } {
+        Ok(b) => b,
+        Err(e) => {
+            fail("boot-info", format_args!("{e}"));
+            summary();
+            svc::outb(0x600, 0x34);
+            loop {
+                svc::hlt();
+            }
+        }
+    };
+    println!(
+        "test-guest: protocol={} cmdline=\"{}\"",
+        boot.protocol_name(),
+        boot.cmdline
+    );
+    let acpi = match acpi_sys::discover(boot.rsdp) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            fail("acpi-tables", format_args!("{e}"));
+            None
+        }
+    };
+    let scenario = boot.arg("test").unwrap_or("boot");
+    match scenario {
+        "boot" => scenario_boot(&boot, acpi.as_ref()),
+        "reboot" => scenario_reboot(acpi.as_ref(), 0x50, false),
+        "i8042-reset" => scenario_reboot(acpi.as_ref(), 0x51, true),
+        "rtc" => scenario_rtc(&boot),
+        "echo" => scenario_echo(),
+        "wait" => scenario_wait(),
+        other => fail("scenario", format_args!("unknown test={other}")),
+    }
+    finish(acpi.as_ref())
+}
+
+fn scenario_boot(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
+    // Protocol.
+    let proto = boot.protocol_name();
+    let name = alloc::format!("boot-protocol {proto}");
+    match boot.arg("expect_protocol") {
+        Some(want) if want != proto => fail(&name, format_args!("expected {want}")),
+        _ => pass(&name),
+    }
+
+    // Memory map.
+    let total = boot.total_ram();
+    let mut line = String::new();
+    for r in &boot.memmap {
+        use core::fmt::Write;
+        let _ = write!(line, " [{:#x}+{:#x} t{}]", r.addr, r.size, r.kind);
+    }
+    println!(
+        "INFO memmap entries={} ram={:#x}{}",
+        boot.memmap.len(),
+        total,
+        line
+    );
+    let low_ok =
+        boot.ram_between(0, 0x9_fc00) > 0 && boot.ram_between(0x10_0000, 0x20_0000) == 0x10_0000;
+    check!("memory-map", low_ok, "no RAM below 640 KiB or at 1 MiB");
+    if let Some(want) = boot.arg("expect_mem").and_then(parse_u64) {
+        check!(
+            "memory-size",
+            total <= want && total + (1 << 20) >= want,
+            "RAM in the map {total:#x}, expected {want:#x} (within 1 MiB below)"
+        );
+    }
+
+    // Command line.
+    if let Some(tok) = boot.arg("expect_cmdline_token") {
+        check!(
+            "cmdline",
+            boot.has_token(tok),
+            "token {tok:?} not in {:?}",
+            boot.cmdline
+        );
+    }
+
+    // Initramfs.
+    if let Some(want) = boot.arg("expect_initrd_size").and_then(parse_u64) {
+        match boot.initrd {
+            Some((addr, size)) => {
+                println!("INFO initrd addr={addr:#x} size={size:#x}");
+                check!("initrd-size", size == want, "size {size}, expected {want}");
+                if let Some(want_sum) = boot.arg("expect_initrd_sum").and_then(parse_hex) {
+                    // SAFETY: the VMM placed the initramfs in RAM at [addr, addr + size).
+                    let sum = unsafe { bootinfo::fnv1a(addr, size) };
+                    check!(
+                        "initrd-checksum",
+                        u64::from(sum) == want_sum,
+                        "fnv1a {sum:08x}, expected {want_sum:08x}"
+                    );
+                }
+            }
+            None => fail("initrd-size", format_args!("no initramfs handed over")),
+        }
+    }
+
+    // ACPI.
+    let Some(a) = acpi else {
+        fail(
+            "acpi",
+            format_args!("no ACPI tables, skipping ACPI and SMP checks"),
+        );
+        return;
+    };
+    let sigs: Vec<&str> = a
+        .signatures
+        .iter()
+        .map(|s| core::str::from_utf8(s).unwrap_or("????"))
+        .collect();
+    println!(
+        "INFO acpi rsdp={:#x} revision={} tables={:?}",
+        a.rsdp_addr, a.revision, sigs
+    );
+    check!(
+        "acpi-rsdp",
+        a.rsdp_addr != 0,
+        "RSDP found only by searching the BIOS area"
+    );
+    check!(
+        "acpi-xsdt",
+        a.revision >= 2,
+        "RSDP revision {} (no XSDT)",
+        a.revision
+    );
+    check!("acpi-fadt", a.has_fadt, "no FACP table");
+    check!(
+        "acpi-hw-reduced",
+        a.hw_reduced,
+        "FADT HW_REDUCED_ACPI flag not set"
+    );
+    check!(
+        "acpi-sleep-control",
+        a.sleep_control.is_some(),
+        "FADT SLEEP_CONTROL_REG missing"
+    );
+    check!(
+        "acpi-reset-reg",
+        a.reset_reg.is_some() && a.reset_supported,
+        "FADT RESET_REG missing or not supported"
+    );
+    check!("acpi-dsdt", a.dsdt.is_some(), "no DSDT");
+    match a.slp_typ_s5 {
+        Some(t) => {
+            println!("INFO acpi s5 slp_typ={t}");
+            pass("acpi-s5");
+        }
+        None => fail("acpi-s5", format_args!("no \\_S5_ package in the DSDT")),
+    }
+    check!(
+        "acpi-madt",
+        a.has_madt && !a.cpus.is_empty(),
+        "no MADT or no CPUs in it"
+    );
+
+    // SMP.
+    let enabled: Vec<u32> = a
+        .cpus
+        .iter()
+        .filter(|c| c.enabled)
+        .map(|c| c.apic_id)
+        .collect();
+    let bsp = svc::lapic_enable();
+    println!(
+        "INFO cpus madt={} enabled={} bsp_apic_id={} ids={:?}",
+        a.cpus.len(),
+        enabled.len(),
+        bsp,
+        enabled
+    );
+    if let Some(want) = boot.arg("expect_cpus").and_then(parse_u64) {
+        check!(
+            "madt-cpus",
+            enabled.len() as u64 == want,
+            "{} enabled CPUs in the MADT, expected {want}",
+            enabled.len()
+        );
+    }
+    check!(
+        "smp-bsp-in-madt",
+        enabled.contains(&bsp),
+        "BSP APIC ID {bsp} not in the MADT"
+    );
+    let targets: Vec<u32> = enabled
+        .iter()
+        .copied()
+        .filter(|&id| id != bsp && id < 255)
+        .collect();
+    let t0 = svc::rdtsc();
+    let up = if targets.is_empty() {
+        Vec::new()
+    } else {
+        smp::start_aps(&targets, 5000)
+    };
+    let us = (svc::rdtsc() - t0) / smp::TSC_PER_US;
+    let missing: Vec<u32> = targets
+        .iter()
+        .copied()
+        .filter(|id| !up.contains(id))
+        .collect();
+    println!(
+        "INFO smp started={} reported={:?} approx_us={}",
+        targets.len(),
+        up,
+        us
+    );
+    check!(
+        "smp",
+        missing.is_empty(),
+        "APs {missing:?} did not report in"
+    );
+    if let Some(want) = boot.arg("expect_cpus").and_then(parse_u64) {
+        let online = 1 + up.len() as u64;
+        check!(
+            "smp-cpus",
+            online == want,
+            "{online} CPUs online, expected {want}"
+        );
+    }
+}
+
+/// `reboot` (FADT reset, NVRAM byte 0x50) and `i8042-reset` (port 0x64, byte 0x51).
+fn scenario_reboot(acpi: Option<&AcpiInfo>, nvram: u8, i8042: bool) {
+    match cmos::read(nvram) {
+        0 => {
+            println!("REBOOT 1");
+            cmos::write(nvram, 0xa5);
+            if i8042 {
+                svc::outb(0x64, 0xfe);
+                smp::delay_us(1_000_000);
+                fail(
+                    "reset",
+                    format_args!("i8042 reset (0xfe to port 0x64) did not reset"),
+                );
+            } else {
+                let why = acpi_sys::reset(acpi);
+                smp::delay_us(1_000_000);
+                fail("reset", format_args!("{why}"));
+            }
+            cmos::write(nvram, 0);
+        }
+        0xa5 => {
+            cmos::write(nvram, 0);
+            check!(
+                "reboot-survived-nvram",
+                cmos::read(nvram) == 0,
+                "NVRAM byte {nvram:#x} not writable"
+            );
+        }
+        v => fail(
+            "reboot-survived-nvram",
+            format_args!("NVRAM byte {nvram:#x} = {v:#x}, expected 0 or 0xa5"),
+        ),
+    }
+}
+
+fn scenario_rtc(boot: &BootInfo) {
+    match cmos::read_time() {
+        Some(t) => {
+            println!(
+                "INFO rtc {:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                t.year, t.month, t.day, t.hour, t.minute, t.second
+            );
+            let valid = (1..=12).contains(&t.month)
+                && (1..=31).contains(&t.day)
+                && t.hour < 24
+                && t.minute < 60
+                && t.second < 60;
+            check!("rtc-fields", valid, "invalid time fields {t:?}");
+            check!("rtc-year", t.year >= 2024, "year {}", t.year);
+        }
+        None => fail(
+            "rtc-fields",
+            format_args!("RTC registers are not valid BCD"),
+        ),
+    }
+    let below = boot.ram_between(16 << 20, 4 << 30) >> 16;
+    let above = boot.ram_between(4 << 30, u64::MAX) >> 16;
+    let c_below = u64::from(cmos::read(0x34)) | u64::from(cmos::read(0x35)) << 8;
+    let c_above = u64::from(cmos::read(0x5b))
+        | u64::from(cmos::read(0x5c)) << 8
+        | u64::from(cmos::read(0x5d)) << 16;
+    println!(
+        "INFO cmos mem 0x34/0x35={c_below:#x} 0x5b-0x5d={c_above:#x} map: {below:#x} {above:#x}"
+    );
+    check!(
+        "cmos-mem-below-4g",
+        c_below == below.min(0xffff),
+        "CMOS {c_below:#x}, memory map {below:#x} (64 KiB units)"
+    );
+    check!(
+        "cmos-mem-above-4g",
+        c_above == above.min(0xff_ffff),
+        "CMOS {c_above:#x}, memory map {above:#x} (64 KiB units)"
+    );
+}
+
+fn scenario_echo() {
+    println!("READY");
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        if svc::inb(0x3fd) & 1 == 0 {
+            continue;
+        }
+        match svc::inb(0x3f8) {
+            b'\n' => break,
+            b'\r' => {}
+            b => line.push(b),
+        }
+        if line.len() >= 256 {
+            break;
+        }
+    }
+    println!("ECHO {}", String::from_utf8_lossy(&line));
+    pass("echo");
+}
+
+fn scenario_wait() -> ! {
+    println!("READY");
+    loop {
+        svc::hlt();
+    }
+}
