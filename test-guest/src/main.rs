@@ -126,8 +126,10 @@ fn parse_hex(s: &str) -> Option<u64> {
 
 /// Prints the summary and powers off (through ACPI if possible).
 fn finish(acpi: Option<&AcpiInfo>) -> ! {
+    summary();
     let why = acpi_sys::power_off(acpi);
-    // Still running: the ACPI way failed or was ignored.
+    // Still running: the ACPI way failed or was ignored. Report it (with a second,
+    // final summary line) and fall back to the platform's port directly.
     fail(
         "acpi-poweroff",
         format_args!("{why}; falling back to port 0x600"),
@@ -184,6 +186,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "rtc" => scenario_rtc(&boot),
         "echo" => scenario_echo(),
         "wait" => scenario_wait(),
+        "fault" => scenario_fault(),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())
@@ -477,4 +480,14 @@ fn scenario_wait() -> ! {
     loop {
         svc::hlt();
     }
+}
+
+/// Deliberately faults (a privileged instruction at CPL3 gives #GP), to check that the
+/// monitor reports unexpected exceptions and powers off.
+fn scenario_fault() {
+    println!("READY");
+    // SAFETY: `hlt` at CPL3 raises #GP, which the monitor turns into a FAIL line and a
+    // power off; nothing after it runs.
+    unsafe { core::arch::asm!("hlt", options(nomem, nostack)) };
+    fail("fault", format_args!("hlt at CPL3 did not fault"));
 }
