@@ -1,0 +1,519 @@
+//! The VM configuration: one set of typed structs, filled from the command line (here) or,
+//! later, from the API's JSON (serde, with the original's field names).
+
+mod parser;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use parser::{parse_size, OptionParser};
+
+/// A bad option value: names the option and the value the user gave.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{option} {value}: {msg}")]
+pub struct ConfigError {
+    pub option: &'static str,
+    pub value: String,
+    pub msg: String,
+}
+
+impl ConfigError {
+    pub fn new(option: &'static str, value: &str, msg: String) -> Self {
+        ConfigError {
+            option,
+            value: value.to_string(),
+            msg,
+        }
+    }
+}
+
+/// Most vCPUs a VM may have: APIC IDs must fit the xAPIC's 8 bits (0xff is broadcast).
+pub const MAX_VCPUS: u32 = 254;
+const DEFAULT_MAX_PHYS_BITS: u8 = 46;
+const PAGE_SIZE: u64 = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTopology {
+    pub threads_per_core: u8,
+    pub cores_per_die: u8,
+    pub dies_per_package: u8,
+    pub packages: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpusConfig {
+    pub boot_vcpus: u32,
+    pub max_vcpus: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
+    #[serde(default)]
+    pub kvm_hyperv: bool,
+    #[serde(default = "default_max_phys_bits")]
+    pub max_phys_bits: u8,
+}
+
+fn default_max_phys_bits() -> u8 {
+    DEFAULT_MAX_PHYS_BITS
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot_vcpus: 1,
+            max_vcpus: 1,
+            topology: None,
+            kvm_hyperv: false,
+            max_phys_bits: DEFAULT_MAX_PHYS_BITS,
+        }
+    }
+}
+
+impl CpusConfig {
+    pub const OPTION: &'static str = "--cpus";
+    pub const KEYS: &'static [&'static str] = &[
+        "boot",
+        "max",
+        "topology",
+        "kvm_hyperv",
+        "max_phys_bits",
+        "affinity",
+        "features",
+        "nested",
+        "core_scheduling",
+    ];
+
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
+        for unsupported in ["affinity", "features", "core_scheduling"] {
+            if p.has(unsupported) {
+                return Err(p.error(format!("'{unsupported}' is not supported yet")));
+            }
+        }
+        let boot_vcpus: u32 = p.number("boot")?.unwrap_or(1);
+        let max_vcpus: u32 = p.number("max")?.unwrap_or(boot_vcpus);
+        let topology = p
+            .get("topology")
+            .map(|t| {
+                let parts: Vec<Option<u8>> = t.split(':').map(|n| n.parse().ok()).collect();
+                match parts[..] {
+                    [Some(a), Some(b), Some(c), Some(d)] if a > 0 && b > 0 && c > 0 && d > 0 => {
+                        Ok(CpuTopology {
+                            threads_per_core: a,
+                            cores_per_die: b,
+                            dies_per_package: c,
+                            packages: d,
+                        })
+                    }
+                    _ => Err(p.error(format!(
+                        "topology '{t}' must be threads:cores:dies:packages, each at least 1"
+                    ))),
+                }
+            })
+            .transpose()?;
+        let cfg = CpusConfig {
+            boot_vcpus,
+            max_vcpus,
+            topology,
+            kvm_hyperv: p.toggle("kvm_hyperv", false)?,
+            max_phys_bits: p.number("max_phys_bits")?.unwrap_or(DEFAULT_MAX_PHYS_BITS),
+        };
+        cfg.validate().map_err(|m| p.error(m))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.boot_vcpus == 0 {
+            return Err("boot must be at least 1".into());
+        }
+        if self.boot_vcpus > self.max_vcpus {
+            return Err(format!(
+                "boot ({}) must not exceed max ({})",
+                self.boot_vcpus, self.max_vcpus
+            ));
+        }
+        if self.max_vcpus > MAX_VCPUS {
+            return Err(format!("max must be at most {MAX_VCPUS}"));
+        }
+        if let Some(t) = self.topology {
+            let total = u32::from(t.threads_per_core)
+                * u32::from(t.cores_per_die)
+                * u32::from(t.dies_per_package)
+                * u32::from(t.packages);
+            if total != self.max_vcpus {
+                return Err(format!(
+                    "topology describes {total} vCPUs but max is {}",
+                    self.max_vcpus
+                ));
+            }
+        }
+        if !(32..=64).contains(&self.max_phys_bits) {
+            return Err("max_phys_bits must be between 32 and 64".into());
+        }
+        if self.kvm_hyperv {
+            return Err("kvm_hyperv=on is not supported yet".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    pub size: u64,
+    #[serde(default)]
+    pub mergeable: bool,
+    #[serde(default)]
+    pub shared: bool,
+    #[serde(default)]
+    pub hugepages: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepage_size: Option<u64>,
+    #[serde(default)]
+    pub prefault: bool,
+    #[serde(default = "default_true")]
+    pub thp: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: 512 << 20,
+            mergeable: false,
+            shared: false,
+            hugepages: false,
+            hugepage_size: None,
+            prefault: false,
+            thp: true,
+        }
+    }
+}
+
+impl MemoryConfig {
+    pub const OPTION: &'static str = "--memory";
+    pub const KEYS: &'static [&'static str] = &[
+        "size",
+        "mergeable",
+        "shared",
+        "hugepages",
+        "hugepage_size",
+        "hotplug_method",
+        "hotplug_size",
+        "hotplugged_size",
+        "prefault",
+        "reserve",
+        "thp",
+    ];
+
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
+        for unsupported in [
+            "hotplug_method",
+            "hotplug_size",
+            "hotplugged_size",
+            "reserve",
+        ] {
+            if p.has(unsupported) {
+                return Err(p.error(format!("'{unsupported}' is not supported yet")));
+            }
+        }
+        let cfg = MemoryConfig {
+            size: p.size("size")?.unwrap_or(512 << 20),
+            mergeable: p.toggle("mergeable", false)?,
+            shared: p.toggle("shared", false)?,
+            hugepages: p.toggle("hugepages", false)?,
+            hugepage_size: p.size("hugepage_size")?,
+            prefault: p.toggle("prefault", false)?,
+            thp: p.toggle("thp", true)?,
+        };
+        cfg.validate().map_err(|m| p.error(m))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.size == 0 {
+            return Err("size must not be zero".into());
+        }
+        if self.size % PAGE_SIZE != 0 {
+            return Err(format!("size {} is not a multiple of 4 KiB", self.size));
+        }
+        if let Some(hp) = self.hugepage_size {
+            if !self.hugepages {
+                return Err("hugepage_size needs hugepages=on".into());
+            }
+            if !hp.is_power_of_two() || hp < PAGE_SIZE {
+                return Err(format!("hugepage_size {hp} is not a power of two"));
+            }
+            if self.size % hp != 0 {
+                return Err("size is not a multiple of hugepage_size".into());
+            }
+        }
+        // The guest address space above the 32-bit hole reaches at most 2^46 here.
+        if self.size > (1u64 << 46) {
+            return Err("size is larger than the guest address space".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleOutputMode {
+    Off,
+    Pty,
+    Tty,
+    File,
+    Socket,
+    Null,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    pub mode: ConsoleOutputMode,
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+impl ConsoleConfig {
+    pub fn new(mode: ConsoleOutputMode) -> Self {
+        ConsoleConfig {
+            file: None,
+            socket: None,
+            mode,
+            iommu: false,
+        }
+    }
+
+    /// `off|null|pty|tty|file=<path>|socket=<path>`, for `--serial` and `--console`.
+    pub fn parse(option: &'static str, raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(
+            option,
+            raw,
+            &[
+                "file",
+                "socket",
+                "iommu",
+                "id",
+                "pci_segment",
+                "pci_device_id",
+            ],
+            &["off", "null", "pty", "tty"],
+        )?;
+        let mut cfg = ConsoleConfig::new(ConsoleOutputMode::Null);
+        let chosen = [p.bare().is_some(), p.has("file"), p.has("socket")]
+            .iter()
+            .filter(|&&b| b)
+            .count();
+        if chosen != 1 {
+            return Err(
+                p.error("give exactly one of off, null, pty, tty, file=<path>, socket=<path>")
+            );
+        }
+        if let Some(word) = p.bare() {
+            cfg.mode = match word {
+                "off" => ConsoleOutputMode::Off,
+                "null" => ConsoleOutputMode::Null,
+                "pty" => ConsoleOutputMode::Pty,
+                _ => ConsoleOutputMode::Tty,
+            };
+        }
+        if let Some(f) = p.get("file") {
+            if f.is_empty() {
+                return Err(p.error("file= needs a path"));
+            }
+            cfg.mode = ConsoleOutputMode::File;
+            cfg.file = Some(PathBuf::from(f));
+        }
+        if let Some(s) = p.get("socket") {
+            if s.is_empty() {
+                return Err(p.error("socket= needs a path"));
+            }
+            cfg.mode = ConsoleOutputMode::Socket;
+            cfg.socket = Some(PathBuf::from(s));
+        }
+        cfg.iommu = p.toggle("iommu", false)?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    pub payload: PayloadConfig,
+    #[serde(default = "default_serial")]
+    pub serial: ConsoleConfig,
+    #[serde(default = "default_console")]
+    pub console: ConsoleConfig,
+}
+
+fn default_serial() -> ConsoleConfig {
+    ConsoleConfig::new(ConsoleOutputMode::Null)
+}
+
+fn default_console() -> ConsoleConfig {
+    ConsoleConfig::new(ConsoleOutputMode::Tty)
+}
+
+impl VmConfig {
+    /// Checks what a single option cannot: the combination, and that the files exist.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let Some(kernel) = self.payload.kernel.as_ref() else {
+            if let Some(fw) = &self.payload.firmware {
+                return Err(ConfigError::new(
+                    "--firmware",
+                    &fw.display().to_string(),
+                    "firmware boot is not supported yet; use --kernel".into(),
+                ));
+            }
+            return Err(ConfigError::new(
+                "--kernel",
+                "",
+                "a kernel is required (--kernel <path>)".into(),
+            ));
+        };
+        let check_file = |option: &'static str, path: &PathBuf| {
+            std::fs::File::open(path).map(|_| ()).map_err(|e| {
+                ConfigError::new(
+                    option,
+                    &path.display().to_string(),
+                    format!("cannot open: {e}"),
+                )
+            })
+        };
+        check_file("--kernel", kernel)?;
+        if let Some(initramfs) = &self.payload.initramfs {
+            check_file("--initramfs", initramfs)?;
+        }
+        if self.serial.mode == ConsoleOutputMode::Tty && self.console.mode == ConsoleOutputMode::Tty
+        {
+            return Err(ConfigError::new(
+                "--serial",
+                "tty",
+                "only one of --serial and --console can use the terminal (add --console off)"
+                    .into(),
+            ));
+        }
+        self.cpus
+            .validate()
+            .map_err(|m| ConfigError::new("--cpus", "", m))?;
+        self.memory
+            .validate()
+            .map_err(|m| ConfigError::new("--memory", "", m))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus() {
+        let c = CpusConfig::parse("boot=2,max=4,topology=1:2:1:2").unwrap();
+        assert_eq!((c.boot_vcpus, c.max_vcpus), (2, 4));
+        assert_eq!(c.topology.unwrap().cores_per_die, 2);
+        assert_eq!(CpusConfig::parse("boot=3").unwrap().max_vcpus, 3);
+        for (bad, why) in [
+            ("boot=0", "boot must be at least 1"),
+            ("boot=4,max=2", "boot (4) must not exceed max (2)"),
+            ("boot=x", "'boot' must be a number, not 'x'"),
+            (
+                "boot=2,topology=1:1:1:1",
+                "topology describes 1 vCPUs but max is 2",
+            ),
+            ("boot=1,topology=1:1", "must be threads:cores:dies:packages"),
+            ("boot=300", "max must be at most 254"),
+            ("boot=1,colour=red", "unknown key 'colour'"),
+        ] {
+            let e = CpusConfig::parse(bad).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+            assert!(e.to_string().starts_with(&format!("--cpus {bad}: ")));
+        }
+    }
+
+    #[test]
+    fn memory() {
+        let m = MemoryConfig::parse("size=1G,shared=on,mergeable=on").unwrap();
+        assert_eq!(m.size, 1 << 30);
+        assert!(m.shared && m.mergeable && !m.hugepages && m.thp);
+        for bad in [
+            "size=0",
+            "size=12X",
+            "size=1000",
+            "size=1G,hugepage_size=2M",
+            "size=1G,shared=maybe",
+        ] {
+            assert!(MemoryConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn consoles() {
+        assert_eq!(
+            ConsoleConfig::parse("--serial", "tty").unwrap().mode,
+            ConsoleOutputMode::Tty
+        );
+        assert_eq!(
+            ConsoleConfig::parse("--serial", "off").unwrap().mode,
+            ConsoleOutputMode::Off
+        );
+        let f = ConsoleConfig::parse("--serial", "file=/tmp/x").unwrap();
+        assert_eq!(
+            (f.mode, f.file),
+            (ConsoleOutputMode::File, Some(PathBuf::from("/tmp/x")))
+        );
+        let s = ConsoleConfig::parse("--serial", "socket=/tmp/s").unwrap();
+        assert_eq!(s.mode, ConsoleOutputMode::Socket);
+        for bad in ["", "tty,file=/x", "file=", "loud", "file=/x,socket=/y"] {
+            assert!(ConsoleConfig::parse("--serial", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_field_names_follow_the_api() {
+        let cfg = VmConfig {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload: PayloadConfig {
+                kernel: Some("/k".into()),
+                ..Default::default()
+            },
+            serial: default_serial(),
+            console: default_console(),
+        };
+        let json = serde_json::to_string(&cfg).unwrap();
+        for field in [
+            "\"boot_vcpus\":1",
+            "\"max_phys_bits\":46",
+            "\"size\":536870912",
+            "\"kernel\":\"/k\"",
+            "\"mode\":\"Tty\"",
+        ] {
+            assert!(json.contains(field), "{field} in {json}");
+        }
+        let back: VmConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+    }
+}

@@ -1,0 +1,93 @@
+//! Creates the platform devices and puts them on the buses.
+
+use std::sync::{Arc, Mutex};
+
+use arch::layout;
+use devices::{
+    AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, Serial, SerialOutput, CMOS_NVRAM_SIZE, I8042,
+};
+use hypervisor::Vm;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::cpu::VmEvents;
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("cannot create an event fd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot wire the serial interrupt: {0}")]
+    Irq(#[source] hypervisor::HypervisorError),
+    #[error("device address conflict: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Accepts and ignores accesses: the POST port Linux uses as an I/O delay.
+struct Sink;
+
+impl BusDevice for Sink {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+const POST_PORT: u64 = 0x80;
+
+pub struct DeviceManager {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub serial: Option<Arc<Mutex<Serial>>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+}
+
+impl DeviceManager {
+    /// `serial`: `None` for no serial port; `Some(sink)` for a port whose output goes to `sink`.
+    pub fn new(
+        vm: &Arc<dyn Vm>,
+        ram: (u64, u64),
+        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
+        nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
+        events: &VmEvents,
+    ) -> Result<Self, DeviceError> {
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let clone = |e: &EventFd| e.try_clone().map_err(DeviceError::EventFd);
+
+        let serial = match serial {
+            Some(sink) => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+                vm.register_irqfd(&irq, layout::COM1_IRQ)
+                    .map_err(DeviceError::Irq)?;
+                let dev = Arc::new(Mutex::new(Serial::new(irq, SerialOutput::new(sink))));
+                pio.insert(dev.clone(), layout::COM1_PORT, 8)?;
+                Some(dev)
+            }
+            None => None,
+        };
+        let cmos = Arc::new(Mutex::new(Cmos::new(ram.0, ram.1, nvram)));
+        pio.insert(cmos.clone(), layout::CMOS_PORT, 2)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(clone(&events.reset)?))),
+            layout::I8042_PORT,
+            5,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiSleepDevice::new(
+                layout::ACPI_S5_SLP_TYP,
+                layout::ACPI_RESET_VALUE,
+                clone(&events.exit)?,
+                clone(&events.reset)?,
+            ))),
+            layout::ACPI_SLEEP_PORT,
+            1,
+        )?;
+        pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
+        Ok(DeviceManager {
+            pio,
+            mmio,
+            serial,
+            cmos,
+        })
+    }
+}

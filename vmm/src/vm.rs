@@ -1,0 +1,217 @@
+//! One VM, built step by step in boot order: hypervisor VM, interrupt controllers, RAM,
+//! devices, ACPI tables, kernel and boot data, vCPUs.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use arch::boot::{self, BootError, BootProtocol};
+use arch::cpuid::{self, Topology};
+use arch::{acpi, regs};
+use devices::CMOS_NVRAM_SIZE;
+use hypervisor::{Hypervisor, Vcpu};
+use log::info;
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::VmConfig;
+use crate::cpu::{VcpuThreads, VmEvents};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::memory::{self, MemoryError};
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::HypervisorError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error("cannot build the ACPI tables: {0}")]
+    Acpi(String),
+    #[error("{option} {path}: {source}")]
+    Boot {
+        option: &'static str,
+        path: String,
+        #[source]
+        source: BootError,
+    },
+    #[error("--cmdline: {0}")]
+    Cmdline(#[source] BootError),
+    #[error("cannot set up vCPU {id}: {source}")]
+    Vcpu {
+        id: u32,
+        #[source]
+        source: regs::RegsError,
+    },
+    #[error("cannot start the vCPU threads: {0}")]
+    Threads(#[source] std::io::Error),
+}
+
+pub struct Vm {
+    // Field order is drop order: the vCPUs and the hypervisor VM go before the memory they map.
+    threads: Option<VcpuThreads>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    _vm: Arc<dyn hypervisor::Vm>,
+    devices: DeviceManager,
+    _memory: GuestMemoryMmap,
+}
+
+fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmError> {
+    File::open(path).map_err(|e| VmError::Boot {
+        option,
+        path: path.display().to_string(),
+        source: BootError::Read(e),
+    })
+}
+
+impl Vm {
+    pub fn new(
+        hv: &dyn Hypervisor,
+        cfg: &VmConfig,
+        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
+        nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
+        events: &VmEvents,
+    ) -> Result<Self, VmError> {
+        let vm = hv.create_vm()?;
+        vm.create_irqchip()?;
+        let mem = memory::create_guest_memory(&cfg.memory)?;
+        memory::register_memory(&vm, &mem)?;
+        let ram = memory::ram_split(cfg.memory.size);
+        let serial_enabled = serial.is_some();
+        let devices = DeviceManager::new(&vm, ram, serial, nvram, events)?;
+
+        let topology = cfg.cpus.topology.map(|t| Topology {
+            threads_per_core: t.threads_per_core,
+            cores_per_die: t.cores_per_die,
+            dies_per_package: t.dies_per_package,
+            packages: t.packages,
+        });
+        let rsdp = acpi::create_acpi_tables(
+            &mem,
+            &acpi::AcpiConfig {
+                boot_vcpus: cfg.cpus.boot_vcpus,
+                max_vcpus: cfg.cpus.max_vcpus,
+                topology: topology.map(|t| {
+                    (
+                        t.threads_per_core,
+                        t.cores_per_die,
+                        t.dies_per_package,
+                        t.packages,
+                    )
+                }),
+                serial: serial_enabled,
+                pci: None,
+            },
+        )
+        .map_err(|e| VmError::Acpi(e.to_string()))?;
+
+        // validate() made sure there is a kernel.
+        let kernel_path = cfg
+            .payload
+            .kernel
+            .as_deref()
+            .unwrap_or_else(|| std::path::Path::new(""));
+        let boot_err = |option, path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| VmError::Boot {
+                option,
+                path,
+                source,
+            }
+        };
+        let mut kernel_file = open("--kernel", kernel_path)?;
+        let kernel =
+            boot::load_kernel(&mem, &mut kernel_file).map_err(boot_err("--kernel", kernel_path))?;
+        let mut initramfs = cfg
+            .payload
+            .initramfs
+            .as_deref()
+            .map(|p| open("--initramfs", p))
+            .transpose()?;
+        boot::configure_boot(
+            &mem,
+            &kernel,
+            cfg.memory.size,
+            cfg.payload.cmdline.as_deref().unwrap_or(""),
+            initramfs.as_mut(),
+            Some(rsdp),
+        )
+        .map_err(|e| match e {
+            BootError::CmdlineTooLong(_) | BootError::CmdlineNul => VmError::Cmdline(e),
+            e => {
+                let path = cfg.payload.initramfs.as_deref().unwrap_or(kernel_path);
+                let option = if cfg.payload.initramfs.is_some() {
+                    "--initramfs"
+                } else {
+                    "--kernel"
+                };
+                boot_err(option, path)(e)
+            }
+        })?;
+        info!(
+            "kernel entry {:#x} via {}",
+            kernel.entry.addr.0,
+            match kernel.entry.protocol {
+                BootProtocol::Pvh => "PVH",
+                BootProtocol::Linux64 => "the Linux 64-bit boot protocol",
+            }
+        );
+
+        let supported = hv.supported_cpuid()?;
+        let topology = topology.unwrap_or_else(|| Topology::flat(cfg.cpus.max_vcpus as u8));
+        let mut vcpus = Vec::with_capacity(cfg.cpus.boot_vcpus as usize);
+        for id in 0..cfg.cpus.boot_vcpus {
+            let vcpu = vm.create_vcpu(id)?;
+            let err = |source| VmError::Vcpu { id, source };
+            vcpu.set_cpuid(&cpuid::vcpu_cpuid(
+                &supported,
+                id as u8,
+                topology,
+                cfg.cpus.max_phys_bits,
+            ))?;
+            regs::setup_vcpu_common(vcpu.as_ref()).map_err(err)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(vcpu.as_ref(), &mem, kernel.entry).map_err(err)?;
+            }
+            // The others wait in the in-kernel LAPIC for the guest's INIT/SIPI.
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            threads: None,
+            vcpus,
+            _vm: vm,
+            devices,
+            _memory: mem,
+        })
+    }
+
+    pub fn start(&mut self, events: &VmEvents) -> Result<(), VmError> {
+        let vcpus = std::mem::take(&mut self.vcpus);
+        self.threads = Some(
+            VcpuThreads::start(
+                vcpus,
+                self.devices.pio.clone(),
+                self.devices.mmio.clone(),
+                events,
+            )
+            .map_err(VmError::Threads)?,
+        );
+        Ok(())
+    }
+
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Stops the vCPUs; returns the CMOS contents to carry into a rebuilt VM.
+    pub fn stop(&mut self) -> [u8; CMOS_NVRAM_SIZE] {
+        if let Some(t) = self.threads.take() {
+            t.stop();
+        }
+        self.devices
+            .cmos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nvram()
+    }
+}
