@@ -379,6 +379,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     if cfg.serial {
         com1_device().to_aml_bytes(&mut sb);
     }
+    rtc_device().to_aml_bytes(&mut sb);
     power_button_device().to_aml_bytes(&mut sb);
     if let Some(pci) = &cfg.pci {
         pci_host_device(pci).to_aml_bytes(&mut sb);
@@ -420,6 +421,21 @@ fn com1_device() -> Raw {
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )))
+}
+
+/// The CMOS RTC (`layout::CMOS_PORT`). Without it Linux's rtc_cmos driver fails to probe on a
+/// hardware-reduced platform (no legacy IRQs). No IRQ 8: the RTC raises no alarm interrupts.
+fn rtc_device() -> Raw {
+    let port = layout::CMOS_PORT as u16;
+    let io = aml::IO::new(port, port, 1, 2);
+    let crs = aml::ResourceTemplate::new(vec![&io]);
+    Raw(to_bytes(&aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
             &aml::Name::new("_CRS".into(), &crs),
         ],
     )))

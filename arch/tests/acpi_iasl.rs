@@ -138,6 +138,7 @@ fn iasl_disassembles_every_table_without_errors() {
             dsdt.contains("PNP0C0C"),
             "{name}: no power button in\n{dsdt}"
         );
+        assert!(dsdt.contains("PNP0B00"), "{name}: no RTC in\n{dsdt}");
         assert_eq!(
             dsdt.contains("PNP0501"),
             cfg.serial,

@@ -299,6 +299,12 @@ fn dsdt_has_s5_cpus_and_com1() {
     ));
     // Extended IRQ descriptor: consumer, edge, active high, exclusive, IRQ 4.
     assert!(contains(&dsdt, &[0x89, 0x06, 0x00, 0x03, 0x01, 4, 0, 0, 0]));
+    // The CMOS RTC (PNP0B00) at 0x70-0x71.
+    assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+    assert!(contains(
+        &dsdt,
+        &[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]
+    ));
     // The power button (PNP0C0C = 0x0c0cd041).
     assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x0c]));
     // No PCI host without PCI.
