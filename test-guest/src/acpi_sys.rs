@@ -139,6 +139,13 @@ pub fn discover(rsdp: u64) -> Result<AcpiInfo, AcpiSysError> {
             }
         }
     }
+    // A CPU may be listed both as a local APIC and as a local x2APIC: count it once.
+    let mut seen: Vec<u32> = Vec::new();
+    info.cpus.retain(|c| {
+        let dup = seen.contains(&c.apic_id);
+        seen.push(c.apic_id);
+        !dup
+    });
     Ok(info)
 }
 
