@@ -1,0 +1,241 @@
+// Copyright 2025 The cloud-hypervisor authors.
+// SPDX-License-Identifier: Apache-2.0
+
+//! Disk image back-ends for the VMM: raw, qcow2 (v2/v3), vhdx and fixed vhd.
+//!
+//! Every back-end implements [`DiskFile`]. [`open_disk`] detects the format
+//! (or takes an explicit [`ImageType`]), takes an advisory lock and returns a
+//! boxed disk. [`AsyncDisk`] wraps any disk with an io_uring batched path,
+//! falling back to synchronous completion where a request cannot be sent to
+//! the host file directly.
+
+#![deny(missing_docs)]
+
+pub mod async_io;
+pub mod detect;
+mod error;
+pub mod lock;
+pub mod qcow2;
+pub mod raw;
+pub mod storage;
+pub mod vhd;
+pub mod vhdx;
+
+use std::fs::{File, OpenOptions as StdOpenOptions};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::RawFd;
+use std::path::{Path, PathBuf};
+
+pub use async_io::AsyncDisk;
+pub use error::{Error, Result};
+
+/// Image formats understood by [`open_disk`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageType {
+    /// A plain file or block device.
+    Raw,
+    /// QEMU copy-on-write v2 or v3.
+    Qcow2,
+    /// Virtual PC fixed image.
+    Vhd,
+    /// Hyper-V VHDX, fixed or dynamic.
+    Vhdx,
+}
+
+impl std::str::FromStr for ImageType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "raw" => Ok(ImageType::Raw),
+            "qcow2" => Ok(ImageType::Qcow2),
+            "vhd" | "vpc" => Ok(ImageType::Vhd),
+            "vhdx" => Ok(ImageType::Vhdx),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown image type {s:?} (expected raw, qcow2, vhd or vhdx)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ImageType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageType::Raw => "raw",
+            ImageType::Qcow2 => "qcow2",
+            ImageType::Vhd => "vhd",
+            ImageType::Vhdx => "vhdx",
+        })
+    }
+}
+
+/// Options for [`open_disk`].
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Open read-only; writes fail with [`Error::ReadOnly`].
+    pub readonly: bool,
+    /// Use O_DIRECT (bypass the host page cache).
+    pub direct: bool,
+    /// Force a format instead of probing the header.
+    pub image_type: Option<ImageType>,
+    /// Allow qcow2 backing files (off by default).
+    pub backing_files: bool,
+    /// Deallocate host space on discard / write-zeroes where possible.
+    pub sparse: bool,
+}
+
+/// Where a guest range lives in a host file, for direct asynchronous I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostMapping {
+    /// Host file descriptor.
+    pub fd: RawFd,
+    /// Offset in the host file.
+    pub offset: u64,
+    /// Whether the fd was opened with O_DIRECT (buffers must be aligned).
+    pub direct: bool,
+}
+
+/// A virtual disk back-end.
+///
+/// Offsets and lengths are in bytes of the virtual disk. A request must lie
+/// inside `[0, size())`.
+pub trait DiskFile: Send {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Read `bufs.len()` consecutive buffers starting at `offset`.
+    fn read_at(&mut self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()>;
+    /// Write consecutive buffers starting at `offset`.
+    fn write_at(&mut self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()>;
+    /// Make every acknowledged write durable.
+    fn flush(&mut self) -> Result<()>;
+    /// Hint that a range is unused; its content becomes unspecified
+    /// (zeroes or backing-file data).
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Make a range read as zeroes.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Whether the disk was opened read-only.
+    fn readonly(&self) -> bool;
+    /// The image format.
+    fn image_type(&self) -> ImageType;
+    /// If `[offset, offset+len)` maps to one contiguous, already allocated
+    /// host range that can be read (or overwritten in place when `write`)
+    /// without metadata changes, return it. Used by [`AsyncDisk`].
+    fn map_host(&mut self, _offset: u64, _len: u64, _write: bool) -> Result<Option<HostMapping>> {
+        Ok(None)
+    }
+}
+
+/// Convenience helpers on top of [`DiskFile`].
+pub trait DiskFileExt: DiskFile {
+    /// Read into one buffer.
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_at(offset, &mut [IoSliceMut::new(buf)])
+    }
+    /// Write one buffer.
+    fn write_all_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_at(offset, &[IoSlice::new(buf)])
+    }
+}
+
+impl<T: DiskFile + ?Sized> DiskFileExt for T {}
+
+/// Check that `[offset, offset+len)` lies inside a disk of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Run `f(offset, buf)` over each slice of an iovec-like list.
+pub(crate) fn for_each_read(
+    offset: u64,
+    size: u64,
+    bufs: &mut [IoSliceMut<'_>],
+    mut f: impl FnMut(u64, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    check_range(offset, total, size)?;
+    let mut off = offset;
+    for b in bufs.iter_mut() {
+        f(off, b)?;
+        off += b.len() as u64;
+    }
+    Ok(())
+}
+
+/// Run `f(offset, buf)` over each slice of an iovec-like list.
+pub(crate) fn for_each_write(
+    offset: u64,
+    size: u64,
+    bufs: &[IoSlice<'_>],
+    mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    check_range(offset, total, size)?;
+    let mut off = offset;
+    for b in bufs.iter() {
+        f(off, b)?;
+        off += b.len() as u64;
+    }
+    Ok(())
+}
+
+/// Maximum length of a backing-file chain.
+pub const MAX_BACKING_DEPTH: usize = 32;
+
+/// Open a disk image, detecting its format unless `opts.image_type` is set.
+pub fn open_disk(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn DiskFile>> {
+    let mut chain = Vec::new();
+    open_disk_inner(path.as_ref(), opts, &mut chain)
+}
+
+/// Open the host file of an image with the access mode of `opts` and lock it.
+pub(crate) fn open_file(path: &Path, opts: &OpenOptions) -> Result<File> {
+    let mut o = StdOpenOptions::new();
+    o.read(true).write(!opts.readonly);
+    if opts.direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let file = o.open(path).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    lock::lock_file(&file, path, !opts.readonly)?;
+    Ok(file)
+}
+
+pub(crate) fn open_disk_inner(
+    path: &Path,
+    opts: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Box<dyn DiskFile>> {
+    let canon = std::fs::canonicalize(path).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if chain.contains(&canon) {
+        return Err(Error::BackingChain(format!(
+            "{path:?} appears twice in the backing chain (loop)"
+        )));
+    }
+    if chain.len() >= MAX_BACKING_DEPTH {
+        return Err(Error::BackingChain(format!(
+            "backing chain deeper than {MAX_BACKING_DEPTH}"
+        )));
+    }
+    chain.push(canon);
+    let file = open_file(path, opts)?;
+    let image_type = match opts.image_type {
+        Some(t) => t,
+        None => detect::detect_image_type(&file)?,
+    };
+    log::debug!("opening {path:?} as {image_type}");
+    let disk: Box<dyn DiskFile> = match image_type {
+        ImageType::Raw => Box::new(raw::RawDisk::new(file, opts)?),
+        ImageType::Qcow2 => Box::new(qcow2::Qcow2Disk::open(file, path, opts, chain)?),
+        ImageType::Vhd => Box::new(vhd::VhdDisk::new(file, opts)?),
+        ImageType::Vhdx => Box::new(vhdx::VhdxDisk::open(file, opts)?),
+    };
+    Ok(disk)
+}

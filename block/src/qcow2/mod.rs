@@ -1,0 +1,590 @@
+// Copyright 2025 The cloud-hypervisor authors.
+// SPDX-License-Identifier: Apache-2.0
+
+//! qcow2 (versions 2 and 3): read, write, backing chains, compressed and
+//! zero clusters, discard, creation.
+//!
+//! Crash safety: new data is written before the refcount that accounts for
+//! it, refcounts are written through, and L2/L1 updates are kept in memory
+//! until [`DiskFile::flush`] (or cache eviction), which first makes data and
+//! refcounts durable, then writes L2 tables, syncs, writes L1 entries and
+//! syncs again. Clusters are only freed (refcount decremented) after the
+//! table update that dropped them is durable. A crash therefore leaks
+//! clusters at worst.
+
+pub mod cache;
+pub mod create;
+pub mod header;
+pub mod refcount;
+pub mod table;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+
+use cache::Cache;
+use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use refcount::Refcounts;
+use table::{decode_l2, table_from_bytes, table_to_bytes, L2Entry, COPIED, OFFSET_MASK, ZERO};
+
+pub use create::{create, CreateOptions};
+
+use crate::error::invalid;
+use crate::storage::{FileStorage, Storage};
+use crate::{
+    for_each_read, for_each_write, DiskFile, Error, HostMapping, ImageType, OpenOptions, Result,
+};
+
+const FORMAT: &str = "qcow2";
+
+/// An open qcow2 image.
+pub struct Qcow2Disk {
+    st: Box<dyn Storage>,
+    header: Header,
+    cluster_bits: u32,
+    l1: Vec<u64>,
+    l1_dirty: BTreeSet<usize>,
+    l2_cache: Cache<Vec<u64>>,
+    l2_set: BTreeSet<u64>,
+    rc: Refcounts,
+    backing: Option<Box<dyn DiskFile>>,
+    readonly: bool,
+    sparse: bool,
+    free_queue: Vec<u64>,
+    decompressed: Option<(u64, Vec<u8>)>,
+}
+
+/// Resolve a backing file name like QEMU: relative names are relative to
+/// the directory of the image naming them.
+pub fn resolve_backing_path(image: &Path, backing: &str) -> PathBuf {
+    let b = Path::new(backing);
+    if b.is_absolute() {
+        return b.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
+        _ => b.to_path_buf(),
+    }
+}
+
+impl Qcow2Disk {
+    /// Open from an opened (and locked) file; `chain` tracks the backing chain.
+    pub(crate) fn open(
+        file: File,
+        path: &Path,
+        opts: &OpenOptions,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Self> {
+        let st = Box::new(FileStorage::new(file, opts.direct));
+        Self::open_storage(st, opts, |h| {
+            let Some(name) = &h.backing_file else {
+                return Ok(None);
+            };
+            if !opts.backing_files {
+                return Err(Error::BackingDisabled {
+                    path: path.to_path_buf(),
+                    backing: name.clone(),
+                });
+            }
+            let bpath = resolve_backing_path(path, name);
+            let image_type = match h.backing_format.as_deref() {
+                None | Some("") => None,
+                Some(f) => Some(f.parse::<ImageType>()?),
+            };
+            let bopts = OpenOptions {
+                readonly: true,
+                direct: opts.direct,
+                image_type,
+                backing_files: true,
+                sparse: false,
+            };
+            Ok(Some(crate::open_disk_inner(&bpath, &bopts, chain)?))
+        })
+    }
+
+    /// Open an image through any [`Storage`] (used by tests to interpose).
+    pub fn open_storage(
+        mut st: Box<dyn Storage>,
+        opts: &OpenOptions,
+        open_backing: impl FnOnce(&Header) -> Result<Option<Box<dyn DiskFile>>>,
+    ) -> Result<Self> {
+        let file_len = st.len()?;
+        let mut head = vec![0u8; file_len.min(4096) as usize];
+        st.read_exact_at(&mut head, 0)?;
+        let cluster_bits = Header::peek_cluster_bits(&head)?;
+        let cs = 1u64 << cluster_bits;
+        let mut first = vec![0u8; file_len.min(cs) as usize];
+        st.read_exact_at(&mut first, 0)?;
+        let mut header = Header::parse(&first)?;
+        let readonly = opts.readonly;
+        if !readonly {
+            if header.incompatible_features & INCOMPAT_CORRUPT != 0 {
+                return Err(invalid(FORMAT, "image is marked corrupt; run 'qemu-img check -r all'"));
+            }
+            if header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                return Err(invalid(
+                    FORMAT,
+                    "image is dirty (lazy refcounts); run 'qemu-img check -r all'",
+                ));
+            }
+        }
+        let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
+        st.read_exact_at(&mut l1_bytes, header.l1_table_offset)?;
+        let l1 = table_from_bytes(&l1_bytes);
+        let mut l2_set = BTreeSet::new();
+        for &e in &l1 {
+            let off = e & OFFSET_MASK;
+            if off % cs != 0 {
+                return Err(invalid(FORMAT, format!("L1 entry {e:#x} unaligned")));
+            }
+            if off != 0 {
+                l2_set.insert(off);
+            }
+        }
+        let rc = Refcounts::load(
+            st.as_mut(),
+            cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            file_len,
+        )?;
+        let backing = open_backing(&header)?;
+        if !readonly && header.version >= 3 && header.autoclear_features != 0 {
+            // Unknown auto-clear features must be cleared by a writer.
+            st.write_all_at(&0u64.to_be_bytes(), 88)?;
+            st.sync()?;
+            header.autoclear_features = 0;
+        }
+        let l2_cap = ((32u64 << 20) >> cluster_bits).max(4) as usize;
+        Ok(Qcow2Disk {
+            st,
+            header,
+            cluster_bits,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2_cache: Cache::new(l2_cap),
+            l2_set,
+            rc,
+            backing,
+            readonly,
+            sparse: opts.sparse,
+            free_queue: Vec::new(),
+            decompressed: None,
+        })
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn l2_bits(&self) -> u32 {
+        self.cluster_bits - 3
+    }
+
+    fn indices(&self, g: u64) -> (usize, usize) {
+        let l1i = g >> (self.cluster_bits + self.l2_bits());
+        let l2i = (g >> self.cluster_bits) & ((1 << self.l2_bits()) - 1);
+        (l1i as usize, l2i as usize)
+    }
+
+    /// Whether host cluster at `host` holds metadata.
+    fn is_metadata(&self, host: u64) -> bool {
+        let cs = self.cs();
+        let c = host & !(cs - 1);
+        let l1_start = self.header.l1_table_offset & !(cs - 1);
+        let l1_end = self.header.l1_table_offset + self.l1.len() as u64 * 8;
+        c == 0
+            || (c >= l1_start && c < l1_end)
+            || self.rc.overlaps(c)
+            || self.l2_set.contains(&c)
+    }
+
+    fn evict_l2_if_full(&mut self) -> Result<()> {
+        if let Some((victim, dirty)) = self.l2_cache.victim() {
+            if dirty {
+                // Data and refcounts must be durable before the L2 update.
+                self.st.sync()?;
+                let t = self.l2_cache.take_dirty(victim).expect("victim cached");
+                let bytes = table_to_bytes(t);
+                self.st.write_all_at(&bytes, victim)?;
+            }
+            self.l2_cache.remove(victim);
+        }
+        Ok(())
+    }
+
+    fn load_l2(&mut self, l2_off: u64) -> Result<()> {
+        if self.l2_cache.contains(l2_off) {
+            return Ok(());
+        }
+        if l2_off % self.cs() != 0 {
+            return Err(invalid(FORMAT, "L2 table offset unaligned"));
+        }
+        let mut buf = vec![0u8; self.cs() as usize];
+        self.st.read_exact_at(&mut buf, l2_off)?;
+        self.evict_l2_if_full()?;
+        self.l2_cache.insert(l2_off, table_from_bytes(&buf), false);
+        Ok(())
+    }
+
+    fn lookup_raw(&mut self, g: u64) -> Result<u64> {
+        let (l1i, l2i) = self.indices(g);
+        let l1e = *self
+            .l1
+            .get(l1i)
+            .ok_or_else(|| invalid(FORMAT, "L1 index out of range"))?;
+        let l2_off = l1e & OFFSET_MASK;
+        if l2_off == 0 {
+            return Ok(0);
+        }
+        self.load_l2(l2_off)?;
+        Ok(self.l2_cache.get(l2_off).expect("loaded")[l2i])
+    }
+
+    fn lookup(&mut self, g: u64) -> Result<L2Entry> {
+        let raw = self.lookup_raw(g)?;
+        decode_l2(raw, self.cluster_bits, self.header.version)
+    }
+
+    fn read_backing(&mut self, g: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(b) = self.backing.as_mut() else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size();
+        let avail = bsize.saturating_sub(g).min(buf.len() as u64) as usize;
+        if avail > 0 {
+            b.read_at(g, &mut [IoSliceMut::new(&mut buf[..avail])])?;
+        }
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    fn read_compressed(&mut self, host: u64, len: u64) -> Result<&[u8]> {
+        if self.decompressed.as_ref().map(|d| d.0) != Some(host) {
+            let file_len = self.st.len()?;
+            if host >= file_len {
+                return Err(invalid(FORMAT, "compressed cluster beyond end of file"));
+            }
+            let len = len.min(file_len - host);
+            let mut input = vec![0u8; len as usize];
+            self.st.read_exact_at(&mut input, host)?;
+            let mut out = vec![0u8; self.cs() as usize];
+            table::decompress(self.header.compression_type, &input, &mut out)?;
+            self.decompressed = Some((host, out));
+        }
+        Ok(&self.decompressed.as_ref().expect("set above").1)
+    }
+
+    /// Read within one guest cluster.
+    fn read_chunk(&mut self, g: u64, buf: &mut [u8]) -> Result<()> {
+        let in_off = (g & (self.cs() - 1)) as usize;
+        match self.lookup(g)? {
+            L2Entry::Unallocated => self.read_backing(g, buf),
+            L2Entry::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            L2Entry::Normal { host, .. } => Ok(self.st.read_exact_at(buf, host + in_off as u64)?),
+            L2Entry::Compressed { host, len } => {
+                let data = self.read_compressed(host, len)?;
+                buf.copy_from_slice(&data[in_off..in_off + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Current content of the guest cluster containing `g` into `buf`.
+    fn cluster_content(&mut self, g: u64, entry: L2Entry, buf: &mut [u8]) -> Result<()> {
+        let base = g & !(self.cs() - 1);
+        match entry {
+            L2Entry::Unallocated => self.read_backing(base, buf),
+            L2Entry::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            L2Entry::Normal { host, .. } => Ok(self.st.read_exact_at(buf, host)?),
+            L2Entry::Compressed { host, len } => {
+                let data = self.read_compressed(host, len)?;
+                buf.copy_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Queue the host clusters an entry referenced for release at flush.
+    fn queue_free(&mut self, entry: L2Entry) {
+        match entry {
+            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host) } => {
+                self.free_queue.push(host >> self.cluster_bits)
+            }
+            L2Entry::Compressed { host, len } => {
+                let r = table::compressed_clusters(host, len, self.cluster_bits);
+                self.free_queue.extend(r);
+            }
+            _ => {}
+        }
+    }
+
+    /// Set the L2 entry of guest offset `g`, allocating or copying the L2 table.
+    fn set_l2_entry(&mut self, g: u64, value: u64) -> Result<()> {
+        let (l1i, l2i) = self.indices(g);
+        let l1e = self.l1[l1i];
+        let old_off = l1e & OFFSET_MASK;
+        let l2_off = if old_off != 0 && l1e & COPIED != 0 {
+            self.load_l2(old_off)?;
+            old_off
+        } else {
+            let table = if old_off != 0 {
+                self.load_l2(old_off)?;
+                self.l2_cache.get(old_off).expect("loaded").clone()
+            } else {
+                vec![0u64; 1 << self.l2_bits()]
+            };
+            let new = self.rc.reserve(1)?;
+            self.st.write_all_at(&table_to_bytes(&table), new)?;
+            self.rc.set(self.st.as_mut(), new >> self.cluster_bits, 1)?;
+            self.evict_l2_if_full()?;
+            self.l2_cache.insert(new, table, false);
+            self.l2_set.insert(new);
+            self.l1[l1i] = new | COPIED;
+            self.l1_dirty.insert(l1i);
+            if old_off != 0 {
+                self.free_queue.push(old_off >> self.cluster_bits);
+            }
+            new
+        };
+        let t = self.l2_cache.get_mut(l2_off, true).expect("loaded");
+        t[l2i] = value;
+        Ok(())
+    }
+
+    /// Write within one guest cluster.
+    fn write_chunk(&mut self, g: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cs();
+        let in_off = g & (cs - 1);
+        let entry = self.lookup(g)?;
+        if let L2Entry::Normal { host, copied: true } = entry {
+            if self.is_metadata(host) || host >= self.rc.next_free {
+                return Err(invalid(FORMAT, format!("data cluster {host:#x} overlaps metadata or lies beyond the image")));
+            }
+            self.st.write_all_at(data, host + in_off)?;
+            return Ok(());
+        }
+        let new = self.rc.reserve(1)?;
+        if data.len() as u64 == cs {
+            self.st.write_all_at(data, new)?;
+        } else {
+            let mut buf = vec![0u8; cs as usize];
+            self.cluster_content(g, entry, &mut buf)?;
+            buf[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
+            self.st.write_all_at(&buf, new)?;
+        }
+        self.rc.set(self.st.as_mut(), new >> self.cluster_bits, 1)?;
+        self.set_l2_entry(g, new | COPIED)?;
+        self.queue_free(entry);
+        Ok(())
+    }
+
+    /// Zero (or discard) `[off, off+len)`.
+    fn zero_range(&mut self, off: u64, len: u64, discard: bool) -> Result<()> {
+        if self.readonly {
+            return Err(Error::ReadOnly);
+        }
+        crate::check_range(off, len, self.size())?;
+        let cs = self.cs();
+        let mut g = off;
+        let end = off + len;
+        while g < end {
+            let n = (cs - (g & (cs - 1))).min(end - g);
+            if n < cs {
+                if !discard {
+                    let zeros = vec![0u8; n as usize];
+                    self.write_chunk(g, &zeros)?;
+                }
+            } else {
+                let entry = self.lookup(g)?;
+                let has_backing = self.backing.is_some();
+                let already_zero = matches!(entry, L2Entry::Zero { host: None })
+                    || (entry == L2Entry::Unallocated && !has_backing);
+                if !already_zero {
+                    if self.header.version >= 3 {
+                        self.set_l2_entry(g, ZERO)?;
+                        self.queue_free(entry);
+                    } else if !has_backing {
+                        self.set_l2_entry(g, 0)?;
+                        self.queue_free(entry);
+                    } else if !discard {
+                        let zeros = vec![0u8; cs as usize];
+                        self.write_chunk(g, &zeros)?;
+                    }
+                }
+            }
+            g += n;
+        }
+        Ok(())
+    }
+
+    fn flush_metadata(&mut self) -> Result<()> {
+        let dirty = self.l2_cache.dirty_keys();
+        if dirty.is_empty() && self.l1_dirty.is_empty() && self.free_queue.is_empty() {
+            return Ok(self.st.sync()?);
+        }
+        // 1. data and refcounts durable.
+        self.st.sync()?;
+        // 2. L2 tables.
+        for off in dirty {
+            if self.rc.overlaps(off) || off == 0 {
+                return Err(invalid(FORMAT, "L2 table overlaps other metadata"));
+            }
+            let bytes = table_to_bytes(self.l2_cache.take_dirty(off).expect("dirty key"));
+            self.st.write_all_at(&bytes, off)?;
+        }
+        // 3. L1 entries, once the L2 tables they point to are durable.
+        if !self.l1_dirty.is_empty() {
+            self.st.sync()?;
+            let dirty: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+            let mut i = 0;
+            while i < dirty.len() {
+                let mut j = i;
+                while j + 1 < dirty.len() && dirty[j + 1] == dirty[j] + 1 {
+                    j += 1;
+                }
+                let bytes = table_to_bytes(&self.l1[dirty[i]..=dirty[j]]);
+                self.st
+                    .write_all_at(&bytes, self.header.l1_table_offset + dirty[i] as u64 * 8)?;
+                i = j + 1;
+            }
+        }
+        self.st.sync()?;
+        // 4. Release clusters no longer referenced by durable tables.
+        let queue = std::mem::take(&mut self.free_queue);
+        let mut freed = false;
+        for c in queue {
+            let r = self.rc.get(self.st.as_mut(), c)?;
+            if r == 0 {
+                log::warn!("qcow2: freeing cluster {c} with refcount 0");
+                continue;
+            }
+            self.rc.set(self.st.as_mut(), c, r - 1)?;
+            if r == 1 {
+                freed = true;
+                if self.decompressed.is_some() {
+                    self.decompressed = None;
+                }
+                if let Err(e) = self.st.punch_hole(c << self.cluster_bits, self.cs()) {
+                    log::debug!("qcow2: punch hole failed: {e}");
+                }
+            }
+        }
+        if freed {
+            self.st.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl DiskFile for Qcow2Disk {
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn read_at(&mut self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let size = self.size();
+        let cs = self.cs();
+        for_each_read(offset, size, bufs, |mut off, buf| {
+            let mut done = 0;
+            while done < buf.len() {
+                let n = ((cs - (off & (cs - 1))) as usize).min(buf.len() - done);
+                self.read_chunk(off, &mut buf[done..done + n])?;
+                done += n;
+                off += n as u64;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_at(&mut self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
+        if self.readonly {
+            return Err(Error::ReadOnly);
+        }
+        let size = self.size();
+        let cs = self.cs();
+        for_each_write(offset, size, bufs, |mut off, buf| {
+            let mut done = 0;
+            while done < buf.len() {
+                let n = ((cs - (off & (cs - 1))) as usize).min(buf.len() - done);
+                self.write_chunk(off, &buf[done..done + n])?;
+                done += n;
+                off += n as u64;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.readonly {
+            return Ok(());
+        }
+        self.flush_metadata()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, true)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.zero_range(offset, len, false)
+    }
+
+    fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    fn image_type(&self) -> ImageType {
+        ImageType::Qcow2
+    }
+
+    fn map_host(&mut self, offset: u64, len: u64, write: bool) -> Result<Option<HostMapping>> {
+        crate::check_range(offset, len, self.size())?;
+        let cs = self.cs();
+        let in_off = offset & (cs - 1);
+        if in_off + len > cs {
+            return Ok(None);
+        }
+        let Some(fd) = self.st.raw_fd() else {
+            return Ok(None);
+        };
+        match self.lookup(offset)? {
+            L2Entry::Normal { host, copied }
+                if (copied || !write)
+                    && host < self.rc.next_free
+                    && !(write && self.is_metadata(host)) =>
+            {
+                Ok(Some(HostMapping {
+                    fd,
+                    offset: host + in_off,
+                    direct: self.st.is_direct(),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Drop for Qcow2Disk {
+    fn drop(&mut self) {
+        if !self.readonly {
+            if let Err(e) = self.flush_metadata() {
+                log::error!("qcow2: flushing metadata on close failed: {e}");
+            }
+        }
+    }
+}
