@@ -1,21 +1,20 @@
 //! Just enough of the i8042 keyboard controller for the guest to reset the machine
 //! (command 0xfe on port 0x64), as Linux does with `reboot=k`.
 
-use log::warn;
-use vmm_sys_util::eventfd::EventFd;
+use std::sync::Arc;
 
-use crate::BusDevice;
+use crate::{BusDevice, VmRequests};
 
 const CMD_RESET_CPU: u8 = 0xfe;
 const STATUS_PORT_OFFSET: u64 = 4;
 
 pub struct I8042 {
-    reset_evt: EventFd,
+    vm: Arc<dyn VmRequests>,
 }
 
 impl I8042 {
-    pub fn new(reset_evt: EventFd) -> Self {
-        I8042 { reset_evt }
+    pub fn new(vm: Arc<dyn VmRequests>) -> Self {
+        I8042 { vm }
     }
 }
 
@@ -27,9 +26,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == STATUS_PORT_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
-            if let Err(e) = self.reset_evt.write(1) {
-                warn!("i8042: cannot signal reset: {e}");
-            }
+            self.vm.reset();
         }
     }
 }
@@ -37,15 +34,16 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::Requests;
 
     #[test]
     fn only_the_reset_command_resets() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = I8042::new(evt.try_clone().unwrap());
+        let req = Arc::new(Requests::default());
+        let mut dev = I8042::new(req.clone());
         dev.write(0, &[CMD_RESET_CPU]);
         dev.write(4, &[0xad]);
-        assert!(evt.read().is_err(), "no reset yet");
+        assert_eq!(req.take(), (0, 0), "no reset yet");
         dev.write(4, &[CMD_RESET_CPU]);
-        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(req.take(), (0, 1));
     }
 }

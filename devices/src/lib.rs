@@ -7,9 +7,18 @@ mod bus;
 mod cmos;
 mod i8042;
 mod serial;
+#[cfg(test)]
+mod test_util;
 
 pub use acpi_sleep::AcpiSleepDevice;
 pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CMOS_NVRAM_SIZE};
 pub use i8042::I8042;
 pub use serial::{Serial, SerialOutput};
+
+/// What a device may ask of the machine as a whole. The VMM decides what it means; the vCPU
+/// that made the request should not run on past it.
+pub trait VmRequests: Send + Sync {
+    fn power_off(&self);
+    fn reset(&self);
+}

@@ -6,14 +6,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::Bus;
+use devices::{Bus, VmRequests};
 use hypervisor::{Vcpu, VmExit};
 use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
-/// Events a vCPU raises for the VMM's control loop.
+/// Events the vCPUs and devices raise for the VMM's control loop. Raising one also sets
+/// `halting`, which every vCPU checks before re-entering the guest, so no vCPU runs on past a
+/// power-off or reset request.
 pub struct VmEvents {
+    halting: Arc<AtomicBool>,
     /// The guest powered off.
     pub exit: EventFd,
     /// The guest asked for a reset.
@@ -25,6 +28,7 @@ pub struct VmEvents {
 impl VmEvents {
     pub fn new() -> std::io::Result<Self> {
         Ok(VmEvents {
+            halting: Arc::new(AtomicBool::new(false)),
             exit: EventFd::new(libc::EFD_NONBLOCK)?,
             reset: EventFd::new(libc::EFD_NONBLOCK)?,
             error: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -33,10 +37,37 @@ impl VmEvents {
 
     pub fn try_clone(&self) -> std::io::Result<Self> {
         Ok(VmEvents {
+            halting: self.halting.clone(),
             exit: self.exit.try_clone()?,
             reset: self.reset.try_clone()?,
             error: self.error.try_clone()?,
         })
+    }
+
+    fn raise(&self, evt: &EventFd, what: &str) {
+        self.halting.store(true, Ordering::Release);
+        if let Err(e) = evt.write(1) {
+            error!("cannot signal {what}: {e}");
+        }
+    }
+
+    pub fn vcpu_failed(&self) {
+        self.raise(&self.error, "vCPU error");
+    }
+
+    /// Lets a rebuilt VM's vCPUs run.
+    pub fn clear_halting(&self) {
+        self.halting.store(false, Ordering::Release);
+    }
+}
+
+impl VmRequests for VmEvents {
+    fn power_off(&self) {
+        self.raise(&self.exit, "power-off");
+    }
+
+    fn reset(&self) {
+        self.raise(&self.reset, "reset");
     }
 }
 
@@ -65,23 +96,16 @@ struct VcpuLoop {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: VmEvents,
-    stop: Arc<AtomicBool>,
-}
-
-fn signal(evt: &EventFd, what: &str) {
-    if let Err(e) = evt.write(1) {
-        error!("cannot signal {what}: {e}");
-    }
 }
 
 impl VcpuLoop {
     fn run(mut self) {
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.events.halting.load(Ordering::Acquire) {
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) => {
                     error!("vcpu{}: {e}", self.id);
-                    signal(&self.events.error, "vCPU error");
+                    self.events.vcpu_failed();
                     return;
                 }
             };
@@ -113,16 +137,16 @@ impl VcpuLoop {
                 VmExit::Reset | VmExit::Shutdown => {
                     // A triple fault resets a real machine, so it resets ours.
                     info!("vcpu{}: guest reset", self.id);
-                    signal(&self.events.reset, "reset");
+                    self.events.reset();
                     return;
                 }
                 VmExit::PowerOff => {
-                    signal(&self.events.exit, "power-off");
+                    self.events.power_off();
                     return;
                 }
                 VmExit::Error(msg) => {
                     error!("vcpu{}: {msg}", self.id);
-                    signal(&self.events.error, "vCPU error");
+                    self.events.vcpu_failed();
                     return;
                 }
             }
@@ -137,7 +161,7 @@ impl VcpuThreads {
         mmio: Arc<Bus>,
         events: &VmEvents,
     ) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = events.halting.clone();
         let mut threads = Vec::with_capacity(vcpus.len());
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let l = VcpuLoop {
@@ -146,7 +170,6 @@ impl VcpuThreads {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 events: events.try_clone()?,
-                stop: stop.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))

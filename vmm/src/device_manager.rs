@@ -52,7 +52,8 @@ impl DeviceManager {
     ) -> Result<Self, DeviceError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let clone = |e: &EventFd| e.try_clone().map_err(DeviceError::EventFd);
+        let requests: Arc<dyn devices::VmRequests> =
+            Arc::new(events.try_clone().map_err(DeviceError::EventFd)?);
 
         let serial = match serial {
             Some(sink) => {
@@ -68,7 +69,7 @@ impl DeviceManager {
         let cmos = Arc::new(Mutex::new(Cmos::new(ram.0, ram.1, nvram)));
         pio.insert(cmos.clone(), layout::CMOS_PORT, 2)?;
         pio.insert(
-            Arc::new(Mutex::new(I8042::new(clone(&events.reset)?))),
+            Arc::new(Mutex::new(I8042::new(requests.clone()))),
             layout::I8042_PORT,
             5,
         )?;
@@ -76,8 +77,7 @@ impl DeviceManager {
             Arc::new(Mutex::new(AcpiSleepDevice::new(
                 layout::ACPI_S5_SLP_TYP,
                 layout::ACPI_RESET_VALUE,
-                clone(&events.exit)?,
-                clone(&events.reset)?,
+                requests,
             ))),
             layout::ACPI_SLEEP_PORT,
             1,

@@ -179,6 +179,7 @@ fn control_loop(
                     // Drop the old VM (and its memory) before the new one maps its own.
                     *vm = Vm::new(hv, config, serial_sink(serial), Some(nvram), events)?;
                     let _ = events.reset.read();
+                    events.clear_halting();
                     vm.start(events)?;
                 }
                 EV_SERIAL_LISTEN => {

@@ -1,0 +1,119 @@
+//! Boots the test guest through every boot path and a range of vCPU counts and memory sizes.
+
+mod common;
+
+use common::{boot, guest};
+
+#[test]
+fn pvh_elf_boots_and_powers_off() {
+    let r = boot(
+        &guest().elf_pvh,
+        "test=boot expect_protocol=pvh expect_cpus=1",
+        &[],
+    );
+    r.assert_guest_passed();
+    r.assert_passed("boot-protocol pvh");
+    r.assert_passed("acpi-s5");
+}
+
+#[test]
+fn bzimage_boots_through_the_linux_protocol() {
+    let r = boot(
+        &guest().bzimage,
+        "test=boot expect_protocol=linux expect_cpus=2",
+        &["--cpus", "boot=2"],
+    );
+    r.assert_guest_passed();
+    r.assert_passed("boot-protocol linux");
+    r.assert_passed("smp");
+}
+
+#[test]
+fn elf_without_pvh_note_boots_through_the_linux_protocol() {
+    let r = boot(&guest().elf_linux, "test=boot expect_protocol=linux", &[]);
+    r.assert_guest_passed();
+    r.assert_passed("boot-protocol linux");
+}
+
+#[test]
+fn four_vcpus_start_and_report() {
+    let r = boot(
+        &guest().elf_pvh,
+        "test=boot expect_cpus=4",
+        &["--cpus", "boot=4,max=8,topology=2:2:1:2"],
+    );
+    r.assert_guest_passed();
+    r.assert_passed("smp-cpus");
+}
+
+#[test]
+fn memory_sizes_across_the_32bit_hole() {
+    for (size, bytes) in [("256M", 256u64 << 20), ("3G", 3 << 30), ("5G", 5 << 30)] {
+        let cmdline = format!("test=boot expect_mem={bytes}");
+        let r = boot(
+            &guest().bzimage,
+            &cmdline,
+            &["--memory", &format!("size={size}")],
+        );
+        r.assert_guest_passed();
+        r.assert_passed("memory-map");
+    }
+}
+
+#[test]
+fn shared_and_mergeable_memory_boot() {
+    let r = boot(
+        &guest().elf_pvh,
+        &format!("test=boot expect_mem={}", 512u64 << 20),
+        &["--memory", "size=512M,shared=on,mergeable=on,thp=off"],
+    );
+    r.assert_guest_passed();
+}
+
+#[test]
+fn cmdline_and_initramfs_reach_the_guest() {
+    let dir = common::scratch("initramfs");
+    let initrd = dir.join("initrd.img");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&initrd, &data).unwrap();
+    // FNV-1a, 32 bits: the guest computes the same over what it finds.
+    let sum = data.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    for kernel in [&guest().elf_pvh, &guest().bzimage] {
+        let cmdline = format!(
+            "test=boot hello-from-host expect_cmdline_token=hello-from-host expect_initrd_size={} expect_initrd_sum={sum:08x}",
+            data.len()
+        );
+        let r = boot(kernel, &cmdline, &["--initramfs", initrd.to_str().unwrap()]);
+        r.assert_guest_passed();
+        r.assert_passed("initrd-size");
+        r.assert_passed("initrd-checksum");
+        r.assert_passed("cmdline");
+    }
+}
+
+#[test]
+fn reboot_keeps_cmos_nvram_then_powers_off() {
+    for scenario in ["reboot", "i8042-reset"] {
+        let r = boot(
+            &guest().elf_pvh,
+            &format!("test={scenario}"),
+            &["--cpus", "boot=2"],
+        );
+        r.assert_guest_passed();
+        assert_eq!(
+            r.stdout.matches("test-guest: entry").count(),
+            2,
+            "{scenario}: expected two boots:\n{}",
+            r.stdout
+        );
+        r.assert_passed("reboot-survived-nvram");
+    }
+}
+
+#[test]
+fn rtc_reports_time_and_memory_size() {
+    let r = boot(&guest().elf_pvh, "test=rtc", &["--memory", "size=5G"]);
+    r.assert_guest_passed();
+}

@@ -1,0 +1,152 @@
+//! Helpers for tests that run the real `cloud-hypervisor` binary on the test guest.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const VMM: &str = env!("CARGO_BIN_EXE_cloud-hypervisor");
+
+/// Every machine we test on has KVM; a test that finds none must fail, not skip.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: these tests need KVM"
+    );
+}
+
+pub fn guest() -> &'static guest_image::Artifacts {
+    static ARTIFACTS: OnceLock<guest_image::Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(|| {
+        require_kvm();
+        guest_image::build().expect("building the test guest")
+    })
+}
+
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// The guest's checks all passed and it powered off cleanly.
+    pub fn assert_guest_passed(&self) {
+        assert_eq!(
+            self.code(),
+            Some(0),
+            "VMM exit status {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        assert!(
+            !self.stdout.lines().any(|l| l.starts_with("FAIL")),
+            "guest reported failures:\n{}",
+            self.stdout
+        );
+        let summary = self
+            .stdout
+            .lines()
+            .rfind(|l| l.starts_with("SUMMARY "))
+            .unwrap_or_else(|| panic!("no SUMMARY line:\n{}\n{}", self.stdout, self.stderr));
+        assert!(summary.ends_with(" failed=0"), "{summary}");
+        assert!(!summary.contains("passed=0 "), "{summary}");
+    }
+
+    pub fn assert_passed(&self, check: &str) {
+        assert!(
+            self.stdout
+                .lines()
+                .any(|l| l == format!("PASS {check}") || l.starts_with(&format!("PASS {check} "))),
+            "no 'PASS {check}' in:\n{}",
+            self.stdout
+        );
+    }
+}
+
+/// Waits for `child` up to `timeout`; kills it and panics if it takes longer.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Run {
+    let deadline = Instant::now() + timeout;
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut s);
+        }
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut s);
+        }
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the VMM") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = out_thread.join().unwrap_or_default();
+            let stderr = err_thread.join().unwrap_or_default();
+            panic!(
+                "the VMM did not finish within {timeout:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        status,
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+    }
+}
+
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cloud-hypervisor")
+}
+
+pub fn run(args: &[&str]) -> Run {
+    wait_with_timeout(spawn(args), Duration::from_secs(60))
+}
+
+/// Boots `kernel` with the serial port on stdout and no virtio console.
+pub fn boot(kernel: &Path, cmdline: &str, extra: &[&str]) -> Run {
+    let kernel = kernel.to_str().unwrap();
+    let mut args = vec![
+        "--kernel",
+        kernel,
+        "--cmdline",
+        cmdline,
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// A scratch directory unique to this test process and `name`.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ch-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
