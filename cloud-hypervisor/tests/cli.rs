@@ -1,0 +1,175 @@
+//! Bad user input: one line naming the option and the value, exit code 1, no panic.
+
+mod common;
+
+use common::{guest, run};
+
+fn assert_rejected(args: &[&str], expect: &[&str]) {
+    let r = run(args);
+    assert_eq!(r.code(), Some(1), "{args:?}: {}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: want one line, got:\n{}",
+        r.stderr
+    );
+    for e in expect {
+        assert!(
+            lines[0].contains(e),
+            "{args:?}: '{e}' not in '{}'",
+            lines[0]
+        );
+    }
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{args:?}: {}", r.stdout);
+}
+
+#[test]
+fn missing_and_unreadable_kernels() {
+    assert_rejected(
+        &["--kernel", "/nonexistent/vmlinux"],
+        &["--kernel", "/nonexistent/vmlinux"],
+    );
+    let dir = common::scratch("unreadable");
+    let k = dir.join("dir-not-file");
+    std::fs::create_dir(&k).unwrap();
+    assert_rejected(
+        &["--kernel", k.to_str().unwrap()],
+        &["--kernel", "dir-not-file"],
+    );
+    assert_rejected(&[], &["--kernel"]);
+}
+
+#[test]
+fn kernel_that_is_neither_elf_nor_bzimage() {
+    let dir = common::scratch("notkernel");
+    let k = dir.join("garbage");
+    std::fs::write(&k, vec![0x42u8; 8192]).unwrap();
+    assert_rejected(
+        &["--kernel", k.to_str().unwrap()],
+        &["--kernel", "neither an ELF nor a bzImage"],
+    );
+    let empty = dir.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    assert_rejected(
+        &["--kernel", empty.to_str().unwrap()],
+        &["--kernel", "neither"],
+    );
+}
+
+#[test]
+fn bad_cpu_counts() {
+    let k = guest().elf_pvh.to_str().unwrap();
+    assert_rejected(
+        &["--kernel", k, "--cpus", "boot=0"],
+        &["--cpus boot=0", "at least 1"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--cpus", "boot=4,max=2"],
+        &["--cpus boot=4,max=2", "must not exceed"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--cpus", "boot=2,topology=1:1:1:1"],
+        &["--cpus", "topology"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--cpus", "boot=many"],
+        &["--cpus boot=many", "number"],
+    );
+}
+
+#[test]
+fn memory_too_small_and_malformed_sizes() {
+    let k = guest().elf_pvh.to_str().unwrap();
+    assert_rejected(
+        &["--kernel", k, "--memory", "size=1M"],
+        &["--kernel", "does not fit"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--memory", "size=12Q"],
+        &["--memory size=12Q", "invalid size '12Q'"],
+    );
+    assert_rejected(&["--kernel", k, "--memory", "size=0"], &["--memory size=0"]);
+    assert_rejected(
+        &["--kernel", k, "--memory", "size=1000"],
+        &["--memory size=1000", "4 KiB"],
+    );
+}
+
+#[test]
+fn unknown_keys_and_options() {
+    let k = guest().elf_pvh.to_str().unwrap();
+    assert_rejected(
+        &["--kernel", k, "--memory", "size=1G,colour=blue"],
+        &["--memory", "unknown key 'colour'"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--cpus", "boot=1,turbo=on"],
+        &["--cpus", "unknown key 'turbo'"],
+    );
+    assert_rejected(&["--kernel", k, "--frobnicate"], &["--frobnicate"]);
+    assert_rejected(&["--kernel", k, "--serial", "loud"], &["--serial loud"]);
+    assert_rejected(
+        &["--kernel", k, "--memory", "size=1G,shared=perhaps"],
+        &["--memory", "shared"],
+    );
+}
+
+#[test]
+fn conflicting_and_unsupported_options() {
+    let k = guest().elf_pvh.to_str().unwrap();
+    assert_rejected(
+        &["--kernel", k, "--serial", "tty", "--console", "tty"],
+        &["--serial", "tty"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--disk", "path=/tmp/x.img"],
+        &["--disk path=/tmp/x.img", "not supported yet"],
+    );
+    assert_rejected(
+        &[
+            "--kernel",
+            k,
+            "--memory",
+            "size=1G,hugepages=on,hugepage_size=1G",
+        ],
+        &["--memory hugepages=on"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--initramfs", "/nonexistent.img"],
+        &["--initramfs", "/nonexistent.img"],
+    );
+    let long = "x".repeat(5000);
+    assert_rejected(
+        &["--kernel", k, "--cmdline", &long],
+        &["--cmdline", "at most"],
+    );
+}
+
+#[test]
+fn help_and_version_have_the_original_shape() {
+    let r = run(&["--version"]);
+    assert_eq!(r.code(), Some(0));
+    assert!(r.stdout.starts_with("cloud-hypervisor v"), "{}", r.stdout);
+    let r = run(&["--help"]);
+    assert_eq!(r.code(), Some(0));
+    assert!(
+        r.stdout
+            .starts_with("Launch a cloud-hypervisor VMM.\n\nUsage: cloud-hypervisor [OPTIONS]"),
+        "{}",
+        r.stdout
+    );
+    for opt in [
+        "--cpus <cpus>",
+        "--memory <memory>",
+        "--kernel <kernel>",
+        "--serial <serial>",
+        "--log-file <log-file>",
+        "-v...",
+        "[default: boot=1,max_phys_bits=46]",
+        "[default: size=512M]",
+    ] {
+        assert!(r.stdout.contains(opt), "'{opt}' missing from --help");
+    }
+}

@@ -1,0 +1,274 @@
+//! Serial port modes (`--serial off|null|tty|file|pty|socket`), terminal handling and signals.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{guest, run, spawn, wait_with_timeout, VMM};
+
+/// Reads from `f` (non-blocking) until `needle` shows up; returns everything read.
+fn read_until(f: &mut dyn Read, fd: i32, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "'{needle}' did not arrive; got:\n{}",
+            String::from_utf8_lossy(&got)
+        );
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+        let mut buf = [0u8; 4096];
+        match f.read(&mut buf) {
+            Ok(0) => std::thread::sleep(Duration::from_millis(5)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn pvh() -> &'static str {
+    guest().elf_pvh.to_str().unwrap()
+}
+
+#[test]
+fn off_and_null_produce_no_output_but_the_guest_still_powers_off() {
+    for mode in ["off", "null"] {
+        let r = run(&[
+            "--kernel",
+            pvh(),
+            "--cmdline",
+            "test=boot",
+            "--serial",
+            mode,
+            "--console",
+            "off",
+        ]);
+        assert_eq!(r.code(), Some(0), "{mode}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{mode}: {}", r.stdout);
+    }
+}
+
+#[test]
+fn file_receives_the_guest_output() {
+    let dir = common::scratch("serial-file");
+    let out = dir.join("serial.log");
+    let arg = format!("file={}", out.display());
+    let r = run(&[
+        "--kernel",
+        pvh(),
+        "--cmdline",
+        "test=boot",
+        "--serial",
+        &arg,
+        "--console",
+        "off",
+    ]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("SUMMARY passed="), "{text}");
+    assert!(text.contains(" failed=0"), "{text}");
+    assert!(r.stdout.is_empty());
+}
+
+#[test]
+fn socket_carries_output_and_input_both_ways() {
+    let dir = common::scratch("serial-socket");
+    let sock = dir.join("serial.sock");
+    let arg = format!("socket={}", sock.display());
+    let child = spawn(&[
+        "--kernel",
+        pvh(),
+        "--cmdline",
+        "test=echo",
+        "--serial",
+        &arg,
+        "--console",
+        "off",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("cannot connect to the serial socket: {e}"),
+        }
+    };
+    stream.set_nonblocking(true).unwrap();
+    stream.write_all(b"over the socket\n").unwrap();
+    let fd = stream.as_raw_fd();
+    let text = read_until(
+        &mut stream,
+        fd,
+        "ECHO over the socket",
+        Duration::from_secs(10),
+    );
+    assert!(text.contains("ECHO over the socket"), "{text}");
+    let r = wait_with_timeout(child, Duration::from_secs(10));
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    assert!(!sock.exists(), "the socket file is left behind");
+}
+
+#[test]
+fn pty_carries_output_and_input_both_ways() {
+    let mut child = Command::new(VMM)
+        .args([
+            "--kernel",
+            pvh(),
+            "--cmdline",
+            "test=echo",
+            "--serial",
+            "pty",
+            "--console",
+            "off",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let fd = stderr.as_raw_fd();
+    let line = read_until(&mut stderr, fd, "\n", Duration::from_secs(10));
+    let path = line
+        .split("serial PTY: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no pty path in '{line}'"))
+        .trim()
+        .to_string();
+    let mut pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let pfd = pty.as_raw_fd();
+    read_until(&mut pty, pfd, "READY", Duration::from_secs(10));
+    pty.write_all(b"through the pty\n").unwrap();
+    let text = read_until(
+        &mut pty,
+        pfd,
+        "ECHO through the pty",
+        Duration::from_secs(10),
+    );
+    assert!(text.contains("ECHO through the pty"));
+    child.stderr = None;
+    let r = wait_with_timeout(child, Duration::from_secs(10));
+    assert_eq!(r.code(), Some(0));
+}
+
+/// A pty pair whose slave becomes the VMM's terminal.
+fn openpty() -> (File, File) {
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty fills the two ints; the other arguments may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // SAFETY: both fds were just opened and are owned here alone.
+    unsafe { (File::from_raw_fd(m), File::from_raw_fd(s)) }
+}
+
+fn termios(f: &File) -> libc::termios {
+    // SAFETY: termios is plain data filled by tcgetattr on an open tty fd.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) }, 0);
+    t
+}
+
+fn spawn_on_tty(slave: &File, cmdline: &str) -> std::process::Child {
+    Command::new(VMM)
+        .args([
+            "--kernel",
+            pvh(),
+            "--cmdline",
+            cmdline,
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn tty_stdin_reaches_the_guest_in_raw_mode_and_is_restored() {
+    let (mut master, slave) = openpty();
+    let before = termios(&slave);
+    assert_ne!(before.c_lflag & libc::ICANON, 0);
+    let child = spawn_on_tty(&slave, "test=echo");
+    let fd = master.as_raw_fd();
+    read_until(&mut master, fd, "READY", Duration::from_secs(10));
+    let raw = termios(&slave);
+    assert_eq!(
+        raw.c_lflag & (libc::ICANON | libc::ECHO),
+        0,
+        "terminal not in raw mode"
+    );
+    // Raw mode sends a carriage return for Enter; the guest reads up to '\n'.
+    master.write_all(b"typed on a tty\n").unwrap();
+    read_until(
+        &mut master,
+        fd,
+        "ECHO typed on a tty",
+        Duration::from_secs(10),
+    );
+    let r = wait_with_timeout(child, Duration::from_secs(10));
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let after = termios(&slave);
+    assert_eq!(after.c_lflag, before.c_lflag, "terminal flags not restored");
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vmm_cleanly_and_restore_the_terminal() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let (mut master, slave) = openpty();
+        let before = termios(&slave);
+        let child = spawn_on_tty(&slave, "test=wait");
+        let fd = master.as_raw_fd();
+        read_until(&mut master, fd, "READY", Duration::from_secs(10));
+        // SAFETY: sending a signal to our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let start = Instant::now();
+        let r = wait_with_timeout(child, Duration::from_secs(10));
+        assert_eq!(
+            r.code(),
+            Some(0),
+            "signal {sig}: {:?} {}",
+            r.status,
+            r.stderr
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            termios(&slave).c_lflag,
+            before.c_lflag,
+            "signal {sig}: terminal not restored"
+        );
+    }
+}
