@@ -50,7 +50,6 @@ pub struct Qcow2Disk {
     rc: Refcounts,
     backing: Option<Box<dyn DiskFile>>,
     readonly: bool,
-    sparse: bool,
     free_queue: Vec<u64>,
     decompressed: Option<(u64, Vec<u8>)>,
 }
@@ -169,7 +168,6 @@ impl Qcow2Disk {
             rc,
             backing,
             readonly,
-            sparse: opts.sparse,
             free_queue: Vec::new(),
             decompressed: None,
         })

@@ -1,0 +1,253 @@
+// Copyright 2025 The cloud-hypervisor authors.
+// SPDX-License-Identifier: Apache-2.0
+
+//! qcow2 interoperability with qemu-img / qemu-io, both ways.
+
+mod common;
+
+use block::qcow2::{create, CreateOptions};
+use block::{open_disk, DiskFileExt, Error, ImageType, OpenOptions};
+use common::*;
+
+const SIZE: usize = 8 << 20;
+
+fn qemu_made(opts: &str, extra: &[&str]) {
+    let d = tmpdir();
+    let raw = p(d.path(), "ref.raw");
+    let img = p(d.path(), "img.qcow2");
+    let data = pattern(SIZE, 7);
+    write_raw(&raw, &data);
+    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", opts];
+    args.extend_from_slice(extra);
+    args.push(raw.to_str().unwrap());
+    args.push(img.to_str().unwrap());
+    qemu_img(&args);
+    let mut disk = open(&img, true);
+    assert_eq!(disk.image_type(), ImageType::Qcow2);
+    assert_eq!(disk.size(), SIZE as u64);
+    assert!(read_all(disk.as_mut()) == data, "content differs for {opts} {extra:?}");
+    drop(disk);
+    // Write through our code on top of qemu's layout (COW of compressed
+    // clusters included), then let qemu judge.
+    let mut model = data.clone();
+    let mut disk = open(&img, false);
+    random_ops(disk.as_mut(), &mut model, 11, 60, true);
+    disk.flush().unwrap();
+    assert!(read_all(disk.as_mut()) == model);
+    drop(disk);
+    write_raw(&raw, &model);
+    qemu_check("qcow2", &img);
+    qemu_compare("qcow2", &img, &raw);
+}
+
+#[test]
+fn reads_qemu_v3() {
+    qemu_made("compat=1.1", &[]);
+}
+
+#[test]
+fn reads_qemu_v2() {
+    qemu_made("compat=0.10", &[]);
+}
+
+#[test]
+fn reads_qemu_small_clusters() {
+    qemu_made("compat=1.1,cluster_size=4096", &[]);
+}
+
+#[test]
+fn reads_qemu_compressed_zlib() {
+    qemu_made("compat=1.1", &["-c"]);
+}
+
+#[test]
+fn reads_qemu_compressed_zstd() {
+    qemu_made("compat=1.1,compression_type=zstd", &["-c"]);
+}
+
+#[test]
+fn reads_qemu_compressed_v2() {
+    qemu_made("compat=0.10,cluster_size=65536", &["-c"]);
+}
+
+#[test]
+fn reads_qemu_io_writes_and_zero_clusters() {
+    let d = tmpdir();
+    let img = p(d.path(), "img.qcow2");
+    let raw = p(d.path(), "ref.raw");
+    qemu_img(&["create", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 0xab 0 1M".into(),
+            "write -P 0x11 300000 5000".into(),
+            "write -z 65536 131072".into(),
+            "write -P 0x22 3M 64k".into(),
+            "discard 3M 64k".into(),
+        ],
+    );
+    qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+    let expect = std::fs::read(&raw).unwrap();
+    let mut disk = open(&img, true);
+    assert!(read_all(disk.as_mut()) == expect);
+    assert_eq!(expect[0], 0xab);
+    assert_eq!(expect[65536], 0);
+    assert_eq!(expect[300000 + 4999], 0x11);
+}
+
+fn ours(version: u32, cluster_bits: u32, size: usize, ops: usize) {
+    let d = tmpdir();
+    let img = p(d.path(), "ours.qcow2");
+    let raw = p(d.path(), "ref.raw");
+    let mut o = CreateOptions::new(size as u64);
+    o.version = version;
+    o.cluster_bits = cluster_bits;
+    create(&img, &o).unwrap();
+    qemu_check("qcow2", &img);
+    let mut model = vec![0u8; size];
+    let mut disk = open(&img, false);
+    random_ops(disk.as_mut(), &mut model, version as u64 * 100 + cluster_bits as u64, ops, true);
+    drop(disk);
+    // Reopen: metadata written at close must read back.
+    let mut disk = open(&img, true);
+    assert!(read_all(disk.as_mut()) == model);
+    drop(disk);
+    write_raw(&raw, &model);
+    qemu_check("qcow2", &img);
+    qemu_compare("qcow2", &img, &raw);
+    let info = qemu_img(&["info", img.to_str().unwrap()]);
+    assert!(info.contains(if version == 3 { "compat: 1.1" } else { "compat: 0.10" }), "{info}");
+}
+
+#[test]
+fn ours_v3_pass_qemu_check() {
+    ours(3, 16, SIZE, 150);
+}
+
+#[test]
+fn ours_v2_pass_qemu_check() {
+    ours(2, 16, SIZE, 150);
+}
+
+#[test]
+fn ours_small_clusters_grow_refcount_table() {
+    // 512-byte clusters: one refcount block covers 128 KiB and one refcount
+    // table cluster 8 MiB, so writing 16 MiB forces table growth.
+    let size = 16 << 20;
+    let d = tmpdir();
+    let img = p(d.path(), "small.qcow2");
+    let raw = p(d.path(), "ref.raw");
+    let mut o = CreateOptions::new(size as u64);
+    o.cluster_bits = 9;
+    create(&img, &o).unwrap();
+    let data = pattern(size, 3);
+    let mut disk = open(&img, false);
+    for (i, c) in data.chunks(1 << 20).enumerate() {
+        disk.write_all_at((i as u64) << 20, c).unwrap();
+    }
+    disk.flush().unwrap();
+    assert!(read_all(disk.as_mut()) == data);
+    drop(disk);
+    write_raw(&raw, &data);
+    qemu_check("qcow2", &img);
+    qemu_compare("qcow2", &img, &raw);
+}
+
+#[test]
+fn backing_chain_relative_paths() {
+    let d = tmpdir();
+    std::fs::create_dir(d.path().join("sub")).unwrap();
+    let base = p(d.path(), "base.raw");
+    let mid = p(d.path(), "sub/mid.qcow2");
+    let top = p(d.path(), "sub/top.qcow2");
+    let flat = p(d.path(), "flat.raw");
+    let data = pattern(SIZE, 5);
+    write_raw(&base, &data);
+    // mid names "../base.raw", relative to sub/ (its own directory).
+    qemu_img(&["create", "-f", "qcow2", "-b", "../base.raw", "-F", "raw", mid.to_str().unwrap()]);
+    qemu_io("qcow2", &mid, &["write -P 0x33 1M 100k".into()]);
+    qemu_img(&["create", "-f", "qcow2", "-o", "compat=0.10", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
+    qemu_io("qcow2", &top, &["write -P 0x44 1500k 3k".into(), "write -z 4M 128k".into()]);
+    qemu_img(&["convert", "-O", "raw", top.to_str().unwrap(), flat.to_str().unwrap()]);
+    let expect = std::fs::read(&flat).unwrap();
+    let mut disk = open(&top, true);
+    assert!(read_all(disk.as_mut()) == expect);
+    drop(disk);
+
+    // Partial-cluster writes copy the rest of the cluster up from the chain.
+    let mut model = expect.clone();
+    let mut disk = open(&top, false);
+    random_ops(disk.as_mut(), &mut model, 99, 60, true);
+    drop(disk);
+    write_raw(&flat, &model);
+    qemu_check("qcow2", &top);
+    qemu_compare("qcow2", &top, &flat);
+    // The base must be untouched.
+    assert!(std::fs::read(&base).unwrap() == data);
+
+    // Our own image on top of a qcow2 backing file.
+    let ours = p(d.path(), "ours.qcow2");
+    let mut o = CreateOptions::new(SIZE as u64);
+    o.backing_file = Some("sub/top.qcow2".into());
+    o.backing_format = Some(ImageType::Qcow2);
+    create(&ours, &o).unwrap();
+    let mut disk = open(&ours, false);
+    assert!(read_all(disk.as_mut()) == model);
+    disk.write_all_at(12345, b"hello").unwrap();
+    drop(disk);
+    model[12345..12350].copy_from_slice(b"hello");
+    write_raw(&flat, &model);
+    qemu_check("qcow2", &ours);
+    qemu_compare("qcow2", &ours, &flat);
+}
+
+#[test]
+fn backing_files_disabled_by_default_and_loops_rejected() {
+    let d = tmpdir();
+    let a = p(d.path(), "a.qcow2");
+    let b = p(d.path(), "b.qcow2");
+    let mut o = CreateOptions::new(1 << 20);
+    o.backing_file = Some("b.qcow2".into());
+    create(&a, &o).unwrap();
+    o.backing_file = Some("a.qcow2".into());
+    create(&b, &o).unwrap();
+    let err = open_disk(&a, &OpenOptions::default()).err().expect("must fail");
+    assert!(matches!(err, Error::BackingDisabled { .. }), "{err}");
+    let err = open_disk(
+        &a,
+        &OpenOptions {
+            readonly: true,
+            backing_files: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("must fail");
+    assert!(matches!(err, Error::BackingChain(_)), "{err}");
+}
+
+#[test]
+fn second_writer_is_locked_out() {
+    let d = tmpdir();
+    let img = p(d.path(), "l.qcow2");
+    create(&img, &CreateOptions::new(1 << 20)).unwrap();
+    let _first = open(&img, false);
+    let err = open_disk(&img, &OpenOptions::default()).err().expect("must fail");
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+    let err = open_disk(&img, &OpenOptions { readonly: true, ..Default::default() })
+        .err()
+        .expect("reader must fail while a writer holds it");
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+}
+
+#[test]
+fn readers_share() {
+    let d = tmpdir();
+    let img = p(d.path(), "r.qcow2");
+    create(&img, &CreateOptions::new(1 << 20)).unwrap();
+    let _a = open(&img, true);
+    let _b = open(&img, true);
+    let err = open_disk(&img, &OpenOptions::default()).err().expect("writer must fail");
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+}
