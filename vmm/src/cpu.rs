@@ -182,19 +182,29 @@ impl VcpuThreads {
     /// Stops every vCPU and waits for its thread.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        for t in self.threads {
-            // A kick can land just before the thread enters KVM_RUN and be lost, so repeat it
-            // until the thread is gone.
-            while !t.is_finished() {
+        let kick = |t: &JoinHandle<()>| {
+            if !t.is_finished() {
                 if let Err(e) = t.kill(kick_signal()) {
                     debug!("kick failed: {e}");
                 }
-                if Instant::now() > deadline {
+            }
+        };
+        self.threads.iter().for_each(kick);
+        let start = Instant::now();
+        let mut last_kick = start;
+        for t in self.threads {
+            // A kick can land just before its thread enters KVM_RUN and be lost, so repeat it
+            // now and then until the thread is gone.
+            while !t.is_finished() {
+                if start.elapsed() > Duration::from_secs(2) {
                     warn!("a vCPU thread did not stop; leaving it");
                     break;
                 }
-                std::thread::sleep(Duration::from_micros(200));
+                if last_kick.elapsed() > Duration::from_millis(1) {
+                    kick(&t);
+                    last_kick = Instant::now();
+                }
+                std::thread::sleep(Duration::from_micros(20));
             }
             if t.is_finished() {
                 let _ = t.join();

@@ -134,6 +134,14 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
         &signal_rx,
     );
     vm.stop();
+    if log::log_enabled!(log::Level::Info) {
+        // For scripts/bench: what the VMM itself costs, guest RAM aside.
+        info!(
+            "memory: peak RSS {} KiB, guest RAM resident {} KiB",
+            memory::peak_rss().unwrap_or(0) >> 10,
+            vm.resident_guest_bytes() >> 10
+        );
+    }
     for id in signal_ids {
         signal_hook::low_level::unregister(id);
     }

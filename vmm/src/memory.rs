@@ -131,6 +131,36 @@ pub fn register_memory(vm: &Arc<dyn Vm>, mem: &GuestMemoryMmap) -> Result<(), Me
     Ok(())
 }
 
+/// How much of the guest RAM is resident in host memory (`mincore`).
+pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    let page = 4096u64;
+    let mut resident = 0;
+    for region in mem.iter() {
+        let pages = region.len().div_ceil(page) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the region is a live mapping of `len` bytes; `vec` has one byte per page.
+        let ret = unsafe {
+            libc::mincore(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if ret == 0 {
+            resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page;
+        }
+    }
+    resident
+}
+
+/// Peak resident set size of this process, from /proc (bytes).
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
 /// RAM below and above 4 GiB, in bytes.
 pub fn ram_split(size: u64) -> (u64, u64) {
     let low = size.min(layout::MEM_32BIT_RESERVED_START.0);

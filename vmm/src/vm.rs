@@ -73,9 +73,11 @@ impl Vm {
         events: &VmEvents,
     ) -> Result<Self, VmError> {
         let vm = hv.create_vm()?;
-        vm.create_irqchip()?;
         let mem = memory::create_guest_memory(&cfg.memory)?;
         memory::register_memory(&vm, &mem)?;
+        // After the memory: with the irqchip in place, KVM's first memory-slot update waits for
+        // an SRCU grace period of several milliseconds.
+        vm.create_irqchip()?;
         let ram = memory::ram_split(cfg.memory.size);
         let serial_enabled = serial.is_some();
         let devices = DeviceManager::new(&vm, ram, serial, nvram, events)?;
@@ -197,6 +199,11 @@ impl Vm {
             .map_err(VmError::Threads)?,
         );
         Ok(())
+    }
+
+    /// Bytes of guest RAM the host currently backs with pages.
+    pub fn resident_guest_bytes(&self) -> u64 {
+        memory::resident_bytes(&self._memory)
     }
 
     pub fn devices(&self) -> &DeviceManager {
