@@ -238,7 +238,7 @@ impl MemoryConfig {
         if self.size == 0 {
             return Err("size must not be zero".into());
         }
-        if self.size % PAGE_SIZE != 0 {
+        if !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(format!("size {} is not a multiple of 4 KiB", self.size));
         }
         if let Some(hp) = self.hugepage_size {
@@ -248,7 +248,7 @@ impl MemoryConfig {
             if !hp.is_power_of_two() || hp < PAGE_SIZE {
                 return Err(format!("hugepage_size {hp} is not a power of two"));
             }
-            if self.size % hp != 0 {
+            if !self.size.is_multiple_of(hp) {
                 return Err("size is not a multiple of hugepage_size".into());
             }
         }
