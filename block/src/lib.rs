@@ -13,6 +13,7 @@
 
 pub mod async_io;
 pub mod detect;
+pub mod fuzz;
 mod error;
 pub mod lock;
 pub mod qcow2;

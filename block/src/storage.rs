@@ -232,3 +232,72 @@ fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// An in-memory [`Storage`], for fuzzing and tests. Growth is capped.
+pub struct MemStorage {
+    /// The file content.
+    pub data: Vec<u8>,
+    /// Largest length the file may grow to.
+    pub max_len: u64,
+}
+
+impl MemStorage {
+    /// Wrap `data`; the file may grow to `max_len` bytes.
+    pub fn new(data: Vec<u8>, max_len: u64) -> Self {
+        MemStorage { data, max_len }
+    }
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "beyond end of file")
+}
+
+impl Storage for MemStorage {
+    fn read_exact_at(&mut self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let end = off.checked_add(buf.len() as u64).ok_or_else(eof)?;
+        if end > self.data.len() as u64 {
+            return Err(eof());
+        }
+        buf.copy_from_slice(&self.data[off as usize..end as usize]);
+        Ok(())
+    }
+
+    fn write_all_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
+        let end = off.checked_add(buf.len() as u64).ok_or_else(eof)?;
+        if end > self.max_len {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        if end > self.data.len() as u64 {
+            self.data.resize(end as usize, 0);
+        }
+        self.data[off as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        if len > self.max_len {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        self.data.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn punch_hole(&mut self, off: u64, len: u64) -> io::Result<()> {
+        let start = (off as usize).min(self.data.len());
+        let end = (off.saturating_add(len) as usize).min(self.data.len());
+        self.data[start..end].fill(0);
+        Ok(())
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+}

@@ -128,6 +128,12 @@ impl Qcow2Disk {
                 ));
             }
         }
+        let tables_fit = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= file_len);
+        if !tables_fit(header.l1_table_offset, header.l1_size as u64 * 8)
+            || !tables_fit(header.refcount_table_offset, header.refcount_table_clusters as u64 * cs)
+        {
+            return Err(invalid(FORMAT, "L1 or refcount table lies beyond the end of the file"));
+        }
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         st.read_exact_at(&mut l1_bytes, header.l1_table_offset)?;
         let l1 = table_from_bytes(&l1_bytes);

@@ -143,6 +143,10 @@ pub fn replay(st: &mut dyn Storage, log_offset: u64, log_length: u32, guid: &Gui
     if log_length > MAX_LOG_LENGTH {
         return Err(unsupported(FORMAT, "log larger than 64 MiB"));
     }
+    let file_len = st.len()?;
+    if log_offset.saturating_add(log_length as u64) > file_len {
+        return Err(invalid(FORMAT, "log lies beyond the end of the file"));
+    }
     let mut log = vec![0u8; log_length as usize];
     st.read_exact_at(&mut log, log_offset)?;
     let mut entries = Vec::new();
@@ -186,7 +190,13 @@ pub fn replay(st: &mut dyn Storage, log_offset: u64, log_length: u32, guid: &Gui
     if chain.last().map(|e| e.sequence) != Some(head.sequence) {
         return Err(invalid(FORMAT, "log sequence does not end at its head"));
     }
-    let limit = head.last_file_offset.max(head.flushed_file_offset).max(st.len()?);
+    // The log may only target the file, possibly extended to the size it
+    // had when the log was written (bounded, against hostile headers).
+    let limit = head
+        .flushed_file_offset
+        .max(head.last_file_offset)
+        .min(file_len.saturating_add(1 << 30))
+        .max(file_len);
     for e in &chain {
         for d in descriptors(&log, e)? {
             match d {
@@ -211,8 +221,8 @@ pub fn replay(st: &mut dyn Storage, log_offset: u64, log_length: u32, guid: &Gui
             }
         }
     }
-    if st.len()? < head.flushed_file_offset {
-        st.set_len(head.flushed_file_offset)?;
+    if st.len()? < head.flushed_file_offset.min(limit) {
+        st.set_len(head.flushed_file_offset.min(limit))?;
     }
     st.sync()?;
     Ok(chain.len())

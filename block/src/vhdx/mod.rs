@@ -122,7 +122,9 @@ impl VhdxDisk {
                 parse_regions(&rbuf).map_err(|_| e)?
             }
         };
-        let meta_len = (regions.metadata_length as u64).min(16 * MIB);
+        let meta_len = (regions.metadata_length as u64)
+            .min(16 * MIB)
+            .min(st.len()?.saturating_sub(regions.metadata_offset));
         let mut mbuf = vec![0u8; meta_len as usize];
         st.read_exact_at(&mut mbuf, regions.metadata_offset)?;
         let meta = parse_metadata(&mbuf)?;
@@ -138,6 +140,9 @@ impl VhdxDisk {
         }
         if bat_bytes > MAX_BAT_BYTES {
             return Err(unsupported(FORMAT, "BAT larger than 256 MiB"));
+        }
+        if regions.bat_offset.saturating_add(bat_bytes) > st.len()? {
+            return Err(invalid(FORMAT, "BAT lies beyond the end of the file"));
         }
         let mut bb = vec![0u8; bat_bytes as usize];
         st.read_exact_at(&mut bb, regions.bat_offset)?;

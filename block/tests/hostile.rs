@@ -1,0 +1,205 @@
+// Copyright 2025 The cloud-hypervisor authors.
+// SPDX-License-Identifier: Apache-2.0
+
+//! Hostile images: targeted corruptions must give clear errors, and a
+//! bounded mutation run over valid images (the fuzz targets, run as a
+//! normal test) must never panic.
+
+mod common;
+
+use block::fuzz::{fuzz_qcow2, fuzz_vhd, fuzz_vhdx};
+use block::qcow2::{create, CreateOptions};
+use block::{open_disk, DiskFileExt, Error, OpenOptions};
+use common::*;
+
+fn seeds(dir: &std::path::Path) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let raw = p(dir, "r.raw");
+    write_raw(&raw, &pattern(256 << 10, 1));
+    let mut q = Vec::new();
+    for (i, o) in ["compat=1.1,cluster_size=512", "compat=0.10,cluster_size=512", "compat=1.1,cluster_size=4096,compression_type=zstd"]
+        .iter()
+        .enumerate()
+    {
+        let img = p(dir, &format!("s{i}.qcow2"));
+        let mut args = vec!["convert", "-O", "qcow2", "-o", o];
+        if i == 2 {
+            args.push("-c");
+        }
+        args.push(raw.to_str().unwrap());
+        args.push(img.to_str().unwrap());
+        qemu_img(&args);
+        q.push(std::fs::read(&img).unwrap());
+    }
+    // Committed corpus too (block/fuzz/corpus/qcow2).
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/qcow2");
+    if let Ok(rd) = std::fs::read_dir(corpus) {
+        for e in rd.flatten() {
+            q.push(std::fs::read(e.path()).unwrap());
+        }
+    }
+    let mut x = Vec::new();
+    for o in ["subformat=dynamic,block_size=1M,log_size=1M", "subformat=fixed,block_size=1M,log_size=1M"] {
+        let img = p(dir, "s.vhdx");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["convert", "-O", "vhdx", "-o", o, raw.to_str().unwrap(), img.to_str().unwrap()]);
+        x.push(std::fs::read(&img).unwrap());
+    }
+    let img = p(dir, "s.vhd");
+    qemu_img(&["convert", "-O", "vpc", "-o", "subformat=fixed", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    let v = vec![std::fs::read(&img).unwrap()];
+    (q, x, v)
+}
+
+const HOT: [usize; 8] = [0, 64 << 10, 128 << 10, 192 << 10, 256 << 10, 1 << 20, 2 << 20, 3 << 20];
+
+fn mutate(r: &mut Rng, src: &[u8]) -> Vec<u8> {
+    let mut d = src.to_vec();
+    for _ in 0..1 + r.below(6) {
+        if d.is_empty() {
+            break;
+        }
+        let pos = match r.below(4) {
+            0 | 1 => r.below(512.min(d.len() as u64)) as usize,
+            2 => (HOT[r.below(8) as usize] + r.below(4096) as usize).min(d.len() - 1),
+            _ => r.below(d.len() as u64) as usize,
+        };
+        match r.below(5) {
+            0 => d[pos] = r.next() as u8,
+            1 => d[pos] ^= 1 << r.below(8),
+            2 => {
+                let vals = [0u64, 1, u64::MAX, u32::MAX as u64, 1 << 63, d.len() as u64, r.next(), 0x200, 0x10000];
+                let v = vals[r.below(vals.len() as u64) as usize];
+                let bytes = if r.below(2) == 0 { v.to_be_bytes() } else { v.to_le_bytes() };
+                let end = (pos + 8).min(d.len());
+                d[pos..end].copy_from_slice(&bytes[..end - pos]);
+            }
+            3 => d.truncate(pos),
+            _ => {
+                // Copy 8 bytes from elsewhere (tables pointing at each other).
+                let from = r.below(d.len() as u64) as usize;
+                for k in 0..8 {
+                    if pos + k < d.len() && from + k < d.len() {
+                        d[pos + k] = d[from + k];
+                    }
+                }
+            }
+        }
+    }
+    d
+}
+
+#[test]
+fn mutated_images_never_panic() {
+    let d = tmpdir();
+    let (q, x, v) = seeds(d.path());
+    let mut r = Rng::new(2024);
+    for s in &q {
+        fuzz_qcow2(s);
+    }
+    for s in &x {
+        fuzz_vhdx(s);
+    }
+    for i in 0..3000 {
+        let s = &q[i % q.len()];
+        fuzz_qcow2(&mutate(&mut r, s));
+    }
+    for i in 0..400 {
+        let s = &x[i % x.len()];
+        fuzz_vhdx(&mutate(&mut r, s));
+    }
+    for _ in 0..1000 {
+        fuzz_vhd(&mutate(&mut r, &v[0]));
+    }
+}
+
+fn patch(path: &std::path::Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+fn open_err(path: &std::path::Path) -> Error {
+    open_disk(path, &OpenOptions { readonly: true, ..Default::default() })
+        .err()
+        .expect("hostile image must be rejected")
+}
+
+#[test]
+fn targeted_qcow2_corruptions() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.qcow2");
+    create(&base, &CreateOptions::new(16 << 20)).unwrap();
+    {
+        let mut disk = open(&base, false);
+        disk.write_all_at(0, &[1u8; 70000]).unwrap();
+    }
+    let case = |name: &str, off: u64, bytes: &[u8]| {
+        let img = p(d.path(), name);
+        std::fs::copy(&base, &img).unwrap();
+        patch(&img, off, bytes);
+        img
+    };
+    // Huge L1 (l1_size at 36).
+    let e = open_err(&case("l1.qcow2", 36, &u32::MAX.to_be_bytes()));
+    assert!(e.to_string().contains("L1"), "{e}");
+    // Absurd virtual size (size at 24).
+    let e = open_err(&case("size.qcow2", 24, &(1u64 << 62).to_be_bytes()));
+    assert!(e.to_string().contains("size"), "{e}");
+    // Refcount table beyond the end of the file.
+    let e = open_err(&case("rt.qcow2", 48, &(1u64 << 40).to_be_bytes()));
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    // Bad cluster bits.
+    let e = open_err(&case("cb.qcow2", 20, &40u32.to_be_bytes()));
+    assert!(e.to_string().contains("cluster_bits"), "{e}");
+    // Truncated file.
+    let img = p(d.path(), "trunc.qcow2");
+    std::fs::copy(&base, &img).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(100).unwrap();
+    assert!(matches!(open_err(&img), Error::Invalid { .. } | Error::Io(_)));
+
+    // L1 entry pointing beyond the file: open works, the request fails.
+    let l1_off = u64::from_be_bytes(std::fs::read(&base).unwrap()[40..48].try_into().unwrap());
+    let img = case("l1far.qcow2", l1_off, &((1u64 << 63) | (1 << 40)).to_be_bytes());
+    let mut disk = open(&img, true);
+    let mut buf = [0u8; 512];
+    assert!(disk.read_exact_at(0, &mut buf).is_err());
+    drop(disk);
+    // L1 entry pointing at the header cluster (table pointing at metadata):
+    // a write through it must fail rather than corrupt the header.
+    let img = case("l1hdr.qcow2", l1_off, &((1u64 << 63) | l1_off).to_be_bytes());
+    let mut disk = open(&img, false);
+    let e = disk.write_all_at(0, &[9u8; 512]);
+    assert!(e.is_err(), "write through an L2 table that is the L1 table must fail");
+    drop(disk);
+    let hdr = std::fs::read(&img).unwrap();
+    assert_eq!(&hdr[..4], b"QFI\xfb");
+}
+
+#[test]
+fn targeted_vhd_and_vhdx_corruptions() {
+    let d = tmpdir();
+    let vhd = p(d.path(), "f.vhd");
+    qemu_img(&["create", "-f", "vpc", "-o", "subformat=fixed", vhd.to_str().unwrap(), "1M"]);
+    let len = std::fs::metadata(&vhd).unwrap().len();
+    // Size larger than the data area (checksum recomputed so it is "valid").
+    let mut f = std::fs::read(&vhd).unwrap();
+    let foot = (len - 512) as usize;
+    f[foot + 48..foot + 56].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    let mut arr = [0u8; 512];
+    arr.copy_from_slice(&f[foot..]);
+    let c = block::vhd::checksum(&arr);
+    f[foot + 64..foot + 68].copy_from_slice(&c.to_be_bytes());
+    std::fs::write(&vhd, &f).unwrap();
+    let e = open_disk(&vhd, &OpenOptions { readonly: true, image_type: Some(block::ImageType::Vhd), ..Default::default() })
+        .err()
+        .expect("must fail");
+    assert!(e.to_string().contains("exceeds"), "{e}");
+
+    let vhdx = p(d.path(), "d.vhdx");
+    qemu_img(&["create", "-f", "vhdx", vhdx.to_str().unwrap(), "8M"]);
+    // Both headers broken.
+    patch(&vhdx, 64 << 10, b"XXXX");
+    patch(&vhdx, 128 << 10, b"XXXX");
+    let e = open_err(&vhdx);
+    assert!(e.to_string().contains("header"), "{e}");
+}
