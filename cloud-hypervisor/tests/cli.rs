@@ -173,3 +173,53 @@ fn help_and_version_have_the_original_shape() {
         assert!(r.stdout.contains(opt), "'{opt}' missing from --help");
     }
 }
+
+#[test]
+fn verbose_logging_goes_to_the_log_file() {
+    let dir = common::scratch("logfile");
+    let log = dir.join("vmm.log");
+    let k = guest().elf_pvh.to_str().unwrap();
+    let r = run(&[
+        "-v",
+        "--log-file",
+        log.to_str().unwrap(),
+        "--kernel",
+        k,
+        "--cmdline",
+        "test=boot",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("INFO:") && text.contains("guest powered off"),
+        "{text}"
+    );
+    assert!(
+        text.lines().all(|l| l.starts_with("cloud-hypervisor: ")),
+        "{text}"
+    );
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    // Without -v only warnings and errors are logged.
+    let quiet = dir.join("quiet.log");
+    let r = run(&[
+        "--log-file",
+        quiet.to_str().unwrap(),
+        "--kernel",
+        k,
+        "--cmdline",
+        "test=boot",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(r.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&quiet).unwrap(), "");
+    let r = run(&["--log-file", "/nonexistent-dir/x.log", "--kernel", k]);
+    assert_eq!(r.code(), Some(1));
+    assert!(
+        r.stderr.contains("--log-file /nonexistent-dir/x.log"),
+        "{}",
+        r.stderr
+    );
+}
