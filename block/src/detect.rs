@@ -29,7 +29,10 @@ pub fn detect_image_type(file: &File) -> Result<ImageType> {
         footer.copy_from_slice(&t.as_slice()[skip..skip + 512]);
         tail = Some(footer);
     }
-    Ok(detect_from_bytes(&head.as_slice()[..head_len], tail.as_ref()))
+    Ok(detect_from_bytes(
+        &head.as_slice()[..head_len],
+        tail.as_ref(),
+    ))
 }
 
 fn read_prefix(mut f: &File, buf: &mut [u8], want: usize) -> Result<()> {

@@ -40,7 +40,9 @@ pub enum Error {
         reason: String,
     },
     /// A request falls outside the virtual disk.
-    #[error("request at offset {offset} of {len} bytes is beyond the end of the disk ({size} bytes)")]
+    #[error(
+        "request at offset {offset} of {len} bytes is beyond the end of the disk ({size} bytes)"
+    )]
     OutOfRange {
         /// Request offset.
         offset: u64,

@@ -19,7 +19,10 @@ fn exercise(disk: &mut dyn DiskFile, seed: &[u8]) {
         return;
     }
     let mut buf = vec![0u8; 8192];
-    let mut x = seed.iter().fold(0x1234_5678u64, |a, &b| a.rotate_left(5) ^ b as u64) | 1;
+    let mut x = seed
+        .iter()
+        .fold(0x1234_5678u64, |a, &b| a.rotate_left(5) ^ b as u64)
+        | 1;
     for i in 0..24 {
         x ^= x << 13;
         x ^= x >> 7;
@@ -27,7 +30,7 @@ fn exercise(disk: &mut dyn DiskFile, seed: &[u8]) {
         let off = x % size;
         let len = (1 + (x >> 40) % 8192).min(size - off) as usize;
         let _ = match i % 6 {
-            0 | 1 | 2 => disk.read_at(off, &mut [IoSliceMut::new(&mut buf[..len])]),
+            0..=2 => disk.read_at(off, &mut [IoSliceMut::new(&mut buf[..len])]),
             3 => disk.write_at(off, &[IoSlice::new(&buf[..len])]),
             4 => disk.write_zeroes(off, len as u64),
             _ => disk.discard(off, len as u64),

@@ -13,8 +13,8 @@
 
 pub mod async_io;
 pub mod detect;
-pub mod fuzz;
 mod error;
+pub mod fuzz;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;

@@ -96,16 +96,17 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, DIRECT_ALIGN).expect("valid layout");
+        let layout =
+            std::alloc::Layout::from_size_align(self.len, DIRECT_ALIGN).expect("valid layout");
         // SAFETY: ptr was allocated with this layout in new().
         unsafe { std::alloc::dealloc(self.ptr, layout) }
     }
 }
 
 fn is_aligned(buf: &[u8], off: u64) -> bool {
-    (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
-        && buf.len() % DIRECT_ALIGN == 0
-        && off % DIRECT_ALIGN as u64 == 0
+    (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+        && buf.len().is_multiple_of(DIRECT_ALIGN)
+        && off.is_multiple_of(DIRECT_ALIGN as u64)
 }
 
 fn aligned_span(off: u64, len: usize) -> (u64, usize) {

@@ -93,7 +93,10 @@ impl VhdDisk {
         if footer.disk_type != DISK_TYPE_FIXED {
             return Err(unsupported(
                 FORMAT,
-                format!("disk type {} (only fixed VHD is supported)", footer.disk_type),
+                format!(
+                    "disk type {} (only fixed VHD is supported)",
+                    footer.disk_type
+                ),
             ));
         }
         if footer.current_size > len - 512 {

@@ -82,9 +82,19 @@ fn workload(disk: &mut dyn DiskFile, size: u64) -> block::Result<()> {
     disk.flush()
 }
 
-fn run(limit: usize, base: &std::path::Path, work: &std::path::Path, cluster_bits: u32, size: u64) -> usize {
+fn run(
+    limit: usize,
+    base: &std::path::Path,
+    work: &std::path::Path,
+    cluster_bits: u32,
+    size: u64,
+) -> usize {
     std::fs::copy(base, work).unwrap();
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(work).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(work)
+        .unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     let st = CrashStorage {
         inner: FileStorage::new(file, false),

@@ -20,7 +20,17 @@ fn round_trip(fmt: &str, opts: &str, t: ImageType) {
     let img = p(d.path(), "img");
     let data = pattern(SIZE, 21);
     write_raw(&raw, &data);
-    qemu_img(&["convert", "-f", "raw", "-O", fmt, "-o", opts, raw.to_str().unwrap(), img.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        fmt,
+        "-o",
+        opts,
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let mut disk = open(&img, true);
     assert_eq!(disk.image_type(), t, "detection of {fmt} {opts}");
     assert!(disk.size() >= SIZE as u64);
@@ -75,8 +85,21 @@ fn vhdx_qemu_io_writes() {
     let img = p(d.path(), "w.vhdx");
     let flat = p(d.path(), "flat.raw");
     qemu_img(&["create", "-f", "vhdx", img.to_str().unwrap(), "6M"]);
-    qemu_io("vhdx", &img, &["write -P 0x5a 1000k 300k".into(), "write -P 0x7 5M 4k".into()]);
-    qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), flat.to_str().unwrap()]);
+    qemu_io(
+        "vhdx",
+        &img,
+        &[
+            "write -P 0x5a 1000k 300k".into(),
+            "write -P 0x7 5M 4k".into(),
+        ],
+    );
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
     let expect = std::fs::read(&flat).unwrap();
     assert_eq!(expect[1000 * 1024], 0x5a);
     let mut disk = open(&img, true);
@@ -87,9 +110,21 @@ fn vhdx_qemu_io_writes() {
 fn vhdx_dirty_log_is_replayed() {
     let d = tmpdir();
     let img = p(d.path(), "log.vhdx");
-    qemu_img(&["create", "-f", "vhdx", "-o", "subformat=fixed,log_size=1M", img.to_str().unwrap(), "4M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "subformat=fixed,log_size=1M",
+        img.to_str().unwrap(),
+        "4M",
+    ]);
     qemu_io("vhdx", &img, &["write -P 0xEE 0 4k".into()]);
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
     let mut hb = vec![0u8; 4096];
     f.read_exact_at(&mut hb, HEADER1_OFFSET).unwrap();
     let h1 = VhdxHeader::parse(&hb);
@@ -100,7 +135,11 @@ fn vhdx_dirty_log_is_replayed() {
     let all = std::fs::read(&img).unwrap();
     let host = (0..all.len() / (1 << 20))
         .map(|i| (i as u64) << 20)
-        .find(|&o| all[o as usize..o as usize + 4096].iter().all(|&b| b == 0xEE))
+        .find(|&o| {
+            all[o as usize..o as usize + 4096]
+                .iter()
+                .all(|&b| b == 0xEE)
+        })
         .expect("marker block");
     // Log: sector 4096 of guest data gets 0xC3, guest sector 2 zeroed.
     let guid = [0x42u8; 16];
@@ -113,19 +152,36 @@ fn vhdx_dirty_log_is_replayed() {
         0,
         f.metadata().unwrap().len(),
         &[
-            Descriptor::Data { file_offset: host + 4096, data: sector.clone() },
-            Descriptor::Zero { file_offset: host + 8192, length: 4096 },
+            Descriptor::Data {
+                file_offset: host + 4096,
+                data: sector.clone(),
+            },
+            Descriptor::Zero {
+                file_offset: host + 8192,
+                length: 4096,
+            },
         ],
     );
     f.write_all_at(&entry, h.log_offset).unwrap();
     f.write_all_at(&[0x99u8; 4096], host + 8192).unwrap();
     h.log_guid = guid;
     h.sequence += 1;
-    let off = if slot == 0 { HEADER2_OFFSET } else { HEADER1_OFFSET };
+    let off = if slot == 0 {
+        HEADER2_OFFSET
+    } else {
+        HEADER1_OFFSET
+    };
     f.write_all_at(&h.serialize(), off).unwrap();
     drop(f);
     // Read-only open refuses (replay needs write access).
-    assert!(open_disk(&img, &OpenOptions { readonly: true, ..Default::default() }).is_err());
+    assert!(open_disk(
+        &img,
+        &OpenOptions {
+            readonly: true,
+            ..Default::default()
+        }
+    )
+    .is_err());
     let mut disk = open(&img, false);
     let mut buf = vec![0u8; 12288];
     disk.read_exact_at(0, &mut buf).unwrap();
@@ -136,7 +192,13 @@ fn vhdx_dirty_log_is_replayed() {
     qemu_check("vhdx", &img);
     // qemu sees the replayed data too.
     let flat = p(d.path(), "flat.raw");
-    qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), flat.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
     assert_eq!(&std::fs::read(&flat).unwrap()[4096..8192], &sector[..]);
 }
 
@@ -158,13 +220,30 @@ fn async_case(fmt: &str, direct: bool) {
     let img = p(d.path(), "a.img");
     let data = pattern(SIZE, 77);
     write_raw(&raw, &data);
-    qemu_img(&["convert", "-f", "raw", "-O", fmt, raw.to_str().unwrap(), img.to_str().unwrap()]);
-    let disk = open_disk(&img, &OpenOptions { direct, ..Default::default() }).unwrap();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        fmt,
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let disk = open_disk(
+        &img,
+        &OpenOptions {
+            direct,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut a = AsyncDisk::new(disk, 16, true).unwrap();
     assert!(a.uses_io_uring(), "io_uring is expected on the test kernel");
     let mut model = data.clone();
     let mut r = Rng::new(3);
-    let mut bufs: Vec<block::storage::AlignedBuf> = (0..16).map(|_| block::storage::AlignedBuf::new(8192)).collect();
+    let mut bufs: Vec<block::storage::AlignedBuf> = (0..16)
+        .map(|_| block::storage::AlignedBuf::new(8192))
+        .collect();
     for round in 0..40 {
         let mut reqs = Vec::new();
         for (i, b) in bufs.iter_mut().enumerate() {
@@ -173,7 +252,10 @@ fn async_case(fmt: &str, direct: bool) {
             if write {
                 r.fill(b.as_mut_slice());
             }
-            let iov = [libc::iovec { iov_base: b.as_mut_slice().as_mut_ptr() as *mut _, iov_len: 8192 }];
+            let iov = [libc::iovec {
+                iov_base: b.as_mut_slice().as_mut_ptr() as *mut _,
+                iov_len: 8192,
+            }];
             // SAFETY: buffers outlive the round; each is used by one request.
             unsafe {
                 if write {
@@ -199,13 +281,18 @@ fn async_case(fmt: &str, direct: bool) {
         // for non-overlapping requests, and verify reads against the model.
         let mut touched: Vec<(u64, bool)> = Vec::new();
         for (i, &(off, write)) in reqs.iter().enumerate() {
-            let overlaps = touched.iter().any(|&(o, w)| (w || write) && o < off + 8192 && off < o + 8192);
+            let overlaps = touched
+                .iter()
+                .any(|&(o, w)| (w || write) && o < off + 8192 && off < o + 8192);
             let range = off as usize..off as usize + 8192;
             if !overlaps {
                 if write {
                     model[range].copy_from_slice(bufs[i].as_slice());
                 } else {
-                    assert!(bufs[i].as_slice() == &model[range], "read mismatch round {round}");
+                    assert!(
+                        bufs[i].as_slice() == &model[range],
+                        "read mismatch round {round}"
+                    );
                 }
             } else if write {
                 // Unknown order: learn the final content from the disk.

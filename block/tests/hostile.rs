@@ -12,13 +12,19 @@ use block::qcow2::{create, CreateOptions};
 use block::{open_disk, DiskFileExt, Error, OpenOptions};
 use common::*;
 
-fn seeds(dir: &std::path::Path) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
+type Seeds = Vec<Vec<u8>>;
+
+fn seeds(dir: &std::path::Path) -> (Seeds, Seeds, Seeds) {
     let raw = p(dir, "r.raw");
     write_raw(&raw, &pattern(256 << 10, 1));
     let mut q = Vec::new();
-    for (i, o) in ["compat=1.1,cluster_size=512", "compat=0.10,cluster_size=512", "compat=1.1,cluster_size=4096,compression_type=zstd"]
-        .iter()
-        .enumerate()
+    for (i, o) in [
+        "compat=1.1,cluster_size=512",
+        "compat=0.10,cluster_size=512",
+        "compat=1.1,cluster_size=4096,compression_type=zstd",
+    ]
+    .iter()
+    .enumerate()
     {
         let img = p(dir, &format!("s{i}.qcow2"));
         let mut args = vec!["convert", "-O", "qcow2", "-o", o];
@@ -38,19 +44,47 @@ fn seeds(dir: &std::path::Path) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
         }
     }
     let mut x = Vec::new();
-    for o in ["subformat=dynamic,block_size=1M,log_size=1M", "subformat=fixed,block_size=1M,log_size=1M"] {
+    for o in [
+        "subformat=dynamic,block_size=1M,log_size=1M",
+        "subformat=fixed,block_size=1M,log_size=1M",
+    ] {
         let img = p(dir, "s.vhdx");
         let _ = std::fs::remove_file(&img);
-        qemu_img(&["convert", "-O", "vhdx", "-o", o, raw.to_str().unwrap(), img.to_str().unwrap()]);
+        qemu_img(&[
+            "convert",
+            "-O",
+            "vhdx",
+            "-o",
+            o,
+            raw.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
         x.push(std::fs::read(&img).unwrap());
     }
     let img = p(dir, "s.vhd");
-    qemu_img(&["convert", "-O", "vpc", "-o", "subformat=fixed", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let v = vec![std::fs::read(&img).unwrap()];
     (q, x, v)
 }
 
-const HOT: [usize; 8] = [0, 64 << 10, 128 << 10, 192 << 10, 256 << 10, 1 << 20, 2 << 20, 3 << 20];
+const HOT: [usize; 8] = [
+    0,
+    64 << 10,
+    128 << 10,
+    192 << 10,
+    256 << 10,
+    1 << 20,
+    2 << 20,
+    3 << 20,
+];
 
 fn mutate(r: &mut Rng, src: &[u8]) -> Vec<u8> {
     let mut d = src.to_vec();
@@ -67,9 +101,23 @@ fn mutate(r: &mut Rng, src: &[u8]) -> Vec<u8> {
             0 => d[pos] = r.next() as u8,
             1 => d[pos] ^= 1 << r.below(8),
             2 => {
-                let vals = [0u64, 1, u64::MAX, u32::MAX as u64, 1 << 63, d.len() as u64, r.next(), 0x200, 0x10000];
+                let vals = [
+                    0u64,
+                    1,
+                    u64::MAX,
+                    u32::MAX as u64,
+                    1 << 63,
+                    d.len() as u64,
+                    r.next(),
+                    0x200,
+                    0x10000,
+                ];
                 let v = vals[r.below(vals.len() as u64) as usize];
-                let bytes = if r.below(2) == 0 { v.to_be_bytes() } else { v.to_le_bytes() };
+                let bytes = if r.below(2) == 0 {
+                    v.to_be_bytes()
+                } else {
+                    v.to_le_bytes()
+                };
                 let end = (pos + 8).min(d.len());
                 d[pos..end].copy_from_slice(&bytes[..end - pos]);
             }
@@ -119,9 +167,15 @@ fn patch(path: &std::path::Path, off: u64, bytes: &[u8]) {
 }
 
 fn open_err(path: &std::path::Path) -> Error {
-    open_disk(path, &OpenOptions { readonly: true, ..Default::default() })
-        .err()
-        .expect("hostile image must be rejected")
+    open_disk(
+        path,
+        &OpenOptions {
+            readonly: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("hostile image must be rejected")
 }
 
 #[test]
@@ -154,22 +208,41 @@ fn targeted_qcow2_corruptions() {
     // Truncated file.
     let img = p(d.path(), "trunc.qcow2");
     std::fs::copy(&base, &img).unwrap();
-    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(100).unwrap();
-    assert!(matches!(open_err(&img), Error::Invalid { .. } | Error::Io(_)));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    assert!(matches!(
+        open_err(&img),
+        Error::Invalid { .. } | Error::Io(_)
+    ));
 
     // L1 entry pointing beyond the file: open works, the request fails.
     let l1_off = u64::from_be_bytes(std::fs::read(&base).unwrap()[40..48].try_into().unwrap());
-    let img = case("l1far.qcow2", l1_off, &((1u64 << 63) | (1 << 40)).to_be_bytes());
+    let img = case(
+        "l1far.qcow2",
+        l1_off,
+        &((1u64 << 63) | (1 << 40)).to_be_bytes(),
+    );
     let mut disk = open(&img, true);
     let mut buf = [0u8; 512];
     assert!(disk.read_exact_at(0, &mut buf).is_err());
     drop(disk);
     // L1 entry pointing at the header cluster (table pointing at metadata):
     // a write through it must fail rather than corrupt the header.
-    let img = case("l1hdr.qcow2", l1_off, &((1u64 << 63) | l1_off).to_be_bytes());
+    let img = case(
+        "l1hdr.qcow2",
+        l1_off,
+        &((1u64 << 63) | l1_off).to_be_bytes(),
+    );
     let mut disk = open(&img, false);
     let e = disk.write_all_at(0, &[9u8; 512]);
-    assert!(e.is_err(), "write through an L2 table that is the L1 table must fail");
+    assert!(
+        e.is_err(),
+        "write through an L2 table that is the L1 table must fail"
+    );
     drop(disk);
     let hdr = std::fs::read(&img).unwrap();
     assert_eq!(&hdr[..4], b"QFI\xfb");
@@ -179,7 +252,15 @@ fn targeted_qcow2_corruptions() {
 fn targeted_vhd_and_vhdx_corruptions() {
     let d = tmpdir();
     let vhd = p(d.path(), "f.vhd");
-    qemu_img(&["create", "-f", "vpc", "-o", "subformat=fixed", vhd.to_str().unwrap(), "1M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        vhd.to_str().unwrap(),
+        "1M",
+    ]);
     let len = std::fs::metadata(&vhd).unwrap().len();
     // Size larger than the data area (checksum recomputed so it is "valid").
     let mut f = std::fs::read(&vhd).unwrap();
@@ -190,9 +271,16 @@ fn targeted_vhd_and_vhdx_corruptions() {
     let c = block::vhd::checksum(&arr);
     f[foot + 64..foot + 68].copy_from_slice(&c.to_be_bytes());
     std::fs::write(&vhd, &f).unwrap();
-    let e = open_disk(&vhd, &OpenOptions { readonly: true, image_type: Some(block::ImageType::Vhd), ..Default::default() })
-        .err()
-        .expect("must fail");
+    let e = open_disk(
+        &vhd,
+        &OpenOptions {
+            readonly: true,
+            image_type: Some(block::ImageType::Vhd),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("must fail");
     assert!(e.to_string().contains("exceeds"), "{e}");
 
     let vhdx = p(d.path(), "d.vhdx");

@@ -25,7 +25,10 @@ fn qemu_made(opts: &str, extra: &[&str]) {
     let mut disk = open(&img, true);
     assert_eq!(disk.image_type(), ImageType::Qcow2);
     assert_eq!(disk.size(), SIZE as u64);
-    assert!(read_all(disk.as_mut()) == data, "content differs for {opts} {extra:?}");
+    assert!(
+        read_all(disk.as_mut()) == data,
+        "content differs for {opts} {extra:?}"
+    );
     drop(disk);
     // Write through our code on top of qemu's layout (COW of compressed
     // clusters included), then let qemu judge.
@@ -87,7 +90,13 @@ fn reads_qemu_io_writes_and_zero_clusters() {
             "discard 3M 64k".into(),
         ],
     );
-    qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
     let expect = std::fs::read(&raw).unwrap();
     let mut disk = open(&img, true);
     assert!(read_all(disk.as_mut()) == expect);
@@ -107,7 +116,13 @@ fn ours(version: u32, cluster_bits: u32, size: usize, ops: usize) {
     qemu_check("qcow2", &img);
     let mut model = vec![0u8; size];
     let mut disk = open(&img, false);
-    random_ops(disk.as_mut(), &mut model, version as u64 * 100 + cluster_bits as u64, ops, true);
+    random_ops(
+        disk.as_mut(),
+        &mut model,
+        version as u64 * 100 + cluster_bits as u64,
+        ops,
+        true,
+    );
     drop(disk);
     // Reopen: metadata written at close must read back.
     let mut disk = open(&img, true);
@@ -117,7 +132,14 @@ fn ours(version: u32, cluster_bits: u32, size: usize, ops: usize) {
     qemu_check("qcow2", &img);
     qemu_compare("qcow2", &img, &raw);
     let info = qemu_img(&["info", img.to_str().unwrap()]);
-    assert!(info.contains(if version == 3 { "compat: 1.1" } else { "compat: 0.10" }), "{info}");
+    assert!(
+        info.contains(if version == 3 {
+            "compat: 1.1"
+        } else {
+            "compat: 0.10"
+        }),
+        "{info}"
+    );
 }
 
 #[test]
@@ -165,11 +187,41 @@ fn backing_chain_relative_paths() {
     let data = pattern(SIZE, 5);
     write_raw(&base, &data);
     // mid names "../base.raw", relative to sub/ (its own directory).
-    qemu_img(&["create", "-f", "qcow2", "-b", "../base.raw", "-F", "raw", mid.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "../base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+    ]);
     qemu_io("qcow2", &mid, &["write -P 0x33 1M 100k".into()]);
-    qemu_img(&["create", "-f", "qcow2", "-o", "compat=0.10", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
-    qemu_io("qcow2", &top, &["write -P 0x44 1500k 3k".into(), "write -z 4M 128k".into()]);
-    qemu_img(&["convert", "-O", "raw", top.to_str().unwrap(), flat.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &["write -P 0x44 1500k 3k".into(), "write -z 4M 128k".into()],
+    );
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        top.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
     let expect = std::fs::read(&flat).unwrap();
     let mut disk = open(&top, true);
     assert!(read_all(disk.as_mut()) == expect);
@@ -212,7 +264,9 @@ fn backing_files_disabled_by_default_and_loops_rejected() {
     create(&a, &o).unwrap();
     o.backing_file = Some("a.qcow2".into());
     create(&b, &o).unwrap();
-    let err = open_disk(&a, &OpenOptions::default()).err().expect("must fail");
+    let err = open_disk(&a, &OpenOptions::default())
+        .err()
+        .expect("must fail");
     assert!(matches!(err, Error::BackingDisabled { .. }), "{err}");
     let err = open_disk(
         &a,
@@ -233,11 +287,19 @@ fn second_writer_is_locked_out() {
     let img = p(d.path(), "l.qcow2");
     create(&img, &CreateOptions::new(1 << 20)).unwrap();
     let _first = open(&img, false);
-    let err = open_disk(&img, &OpenOptions::default()).err().expect("must fail");
-    assert!(matches!(err, Error::Locked(_)), "{err}");
-    let err = open_disk(&img, &OpenOptions { readonly: true, ..Default::default() })
+    let err = open_disk(&img, &OpenOptions::default())
         .err()
-        .expect("reader must fail while a writer holds it");
+        .expect("must fail");
+    assert!(matches!(err, Error::Locked(_)), "{err}");
+    let err = open_disk(
+        &img,
+        &OpenOptions {
+            readonly: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("reader must fail while a writer holds it");
     assert!(matches!(err, Error::Locked(_)), "{err}");
 }
 
@@ -248,6 +310,8 @@ fn readers_share() {
     create(&img, &CreateOptions::new(1 << 20)).unwrap();
     let _a = open(&img, true);
     let _b = open(&img, true);
-    let err = open_disk(&img, &OpenOptions::default()).err().expect("writer must fail");
+    let err = open_disk(&img, &OpenOptions::default())
+        .err()
+        .expect("writer must fail");
     assert!(matches!(err, Error::Locked(_)), "{err}");
 }

@@ -7,8 +7,8 @@ use std::fs::OpenOptions as StdOpenOptions;
 use std::path::Path;
 
 use super::header::{
-    CompressionType, Header, EXT_BACKING_FORMAT, MAX_CLUSTER_BITS, MAX_L1_BYTES,
-    MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, V2_HEADER_LEN, V3_HEADER_LEN,
+    CompressionType, Header, EXT_BACKING_FORMAT, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_VIRTUAL_SIZE,
+    MIN_CLUSTER_BITS, V2_HEADER_LEN, V3_HEADER_LEN,
 };
 use crate::storage::{FileStorage, Storage};
 use crate::{Error, ImageType, Result};
@@ -51,7 +51,10 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         )));
     }
     if opts.version != 2 && opts.version != 3 {
-        return Err(Error::InvalidArgument(format!("qcow2 version {}", opts.version)));
+        return Err(Error::InvalidArgument(format!(
+            "qcow2 version {}",
+            opts.version
+        )));
     }
     if opts.size > MAX_VIRTUAL_SIZE {
         return Err(Error::InvalidArgument("size too large".into()));
@@ -60,7 +63,9 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
     let l2_entries = cs / 8;
     let l1_size = opts.size.div_ceil(cs * l2_entries).max(1);
     if l1_size * 8 > MAX_L1_BYTES {
-        return Err(Error::InvalidArgument("size too large for the cluster size".into()));
+        return Err(Error::InvalidArgument(
+            "size too large for the cluster size".into(),
+        ));
     }
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let epb = cs * 8 / 16;

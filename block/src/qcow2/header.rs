@@ -214,7 +214,10 @@ impl Header {
             return Err(unsupported(FORMAT, "encryption"));
         }
         if h.size > MAX_VIRTUAL_SIZE {
-            return Err(invalid(FORMAT, format!("virtual size {} too large", h.size)));
+            return Err(invalid(
+                FORMAT,
+                format!("virtual size {} too large", h.size),
+            ));
         }
         let l2_entries = cluster_size / 8;
         let need_l1 = h.size.div_ceil(cluster_size * l2_entries);
@@ -230,10 +233,12 @@ impl Header {
                 format!("L1 table of {} entries too large", h.l1_size),
             ));
         }
-        if h.l1_table_offset % cluster_size != 0 || (h.l1_size > 0 && h.l1_table_offset == 0) {
+        if !h.l1_table_offset.is_multiple_of(cluster_size)
+            || (h.l1_size > 0 && h.l1_table_offset == 0)
+        {
             return Err(invalid(FORMAT, "L1 table offset not cluster aligned"));
         }
-        if h.refcount_table_offset % cluster_size != 0 || h.refcount_table_offset == 0 {
+        if !h.refcount_table_offset.is_multiple_of(cluster_size) || h.refcount_table_offset == 0 {
             return Err(invalid(FORMAT, "refcount table offset invalid"));
         }
         if h.refcount_table_clusters == 0
@@ -247,7 +252,9 @@ impl Header {
                 ),
             ));
         }
-        if h.l1_table_offset.checked_add(h.l1_size as u64 * 8).is_none()
+        if h.l1_table_offset
+            .checked_add(h.l1_size as u64 * 8)
+            .is_none()
             || h.refcount_table_offset
                 .checked_add(h.refcount_table_clusters as u64 * cluster_size)
                 .is_none()
@@ -339,4 +346,3 @@ impl Header {
         b
     }
 }
-

@@ -119,7 +119,10 @@ impl Qcow2Disk {
         let readonly = opts.readonly;
         if !readonly {
             if header.incompatible_features & INCOMPAT_CORRUPT != 0 {
-                return Err(invalid(FORMAT, "image is marked corrupt; run 'qemu-img check -r all'"));
+                return Err(invalid(
+                    FORMAT,
+                    "image is marked corrupt; run 'qemu-img check -r all'",
+                ));
             }
             if header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 return Err(invalid(
@@ -130,9 +133,15 @@ impl Qcow2Disk {
         }
         let tables_fit = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= file_len);
         if !tables_fit(header.l1_table_offset, header.l1_size as u64 * 8)
-            || !tables_fit(header.refcount_table_offset, header.refcount_table_clusters as u64 * cs)
+            || !tables_fit(
+                header.refcount_table_offset,
+                header.refcount_table_clusters as u64 * cs,
+            )
         {
-            return Err(invalid(FORMAT, "L1 or refcount table lies beyond the end of the file"));
+            return Err(invalid(
+                FORMAT,
+                "L1 or refcount table lies beyond the end of the file",
+            ));
         }
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         st.read_exact_at(&mut l1_bytes, header.l1_table_offset)?;
@@ -140,7 +149,7 @@ impl Qcow2Disk {
         let mut l2_set = BTreeSet::new();
         for &e in &l1 {
             let off = e & OFFSET_MASK;
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(invalid(FORMAT, format!("L1 entry {e:#x} unaligned")));
             }
             if off != 0 {
@@ -204,10 +213,7 @@ impl Qcow2Disk {
         let c = host & !(cs - 1);
         let l1_start = self.header.l1_table_offset & !(cs - 1);
         let l1_end = self.header.l1_table_offset + self.l1.len() as u64 * 8;
-        c == 0
-            || (c >= l1_start && c < l1_end)
-            || self.rc.overlaps(c)
-            || self.l2_set.contains(&c)
+        c == 0 || (c >= l1_start && c < l1_end) || self.rc.overlaps(c) || self.l2_set.contains(&c)
     }
 
     fn evict_l2_if_full(&mut self) -> Result<()> {
@@ -228,7 +234,7 @@ impl Qcow2Disk {
         if self.l2_cache.contains(l2_off) {
             return Ok(());
         }
-        if l2_off % self.cs() != 0 {
+        if !l2_off.is_multiple_of(self.cs()) {
             return Err(invalid(FORMAT, "L2 table offset unaligned"));
         }
         let mut buf = vec![0u8; self.cs() as usize];
@@ -377,7 +383,10 @@ impl Qcow2Disk {
         let entry = self.lookup(g)?;
         if let L2Entry::Normal { host, copied: true } = entry {
             if self.is_metadata(host) || host >= self.rc.next_free {
-                return Err(invalid(FORMAT, format!("data cluster {host:#x} overlaps metadata or lies beyond the image")));
+                return Err(invalid(
+                    FORMAT,
+                    format!("data cluster {host:#x} overlaps metadata or lies beyond the image"),
+                ));
             }
             self.st.write_all_at(data, host + in_off)?;
             return Ok(());

@@ -58,7 +58,10 @@ impl Refcounts {
         for &e in &table {
             let off = e & !(cs - 1);
             if e & (cs - 1) != 0 {
-                return Err(invalid(FORMAT, format!("refcount table entry {e:#x} unaligned")));
+                return Err(invalid(
+                    FORMAT,
+                    format!("refcount table entry {e:#x} unaligned"),
+                ));
             }
             if off != 0 {
                 block_set.insert(off);
@@ -178,9 +181,18 @@ impl Refcounts {
         self.set_depth(st, cluster, value, 0)
     }
 
-    fn set_depth(&mut self, st: &mut dyn Storage, cluster: u64, value: u64, depth: u32) -> Result<()> {
+    fn set_depth(
+        &mut self,
+        st: &mut dyn Storage,
+        cluster: u64,
+        value: u64,
+        depth: u32,
+    ) -> Result<()> {
         if depth > 8 {
-            return Err(invalid(FORMAT, "refcount block allocation does not converge"));
+            return Err(invalid(
+                FORMAT,
+                "refcount block allocation does not converge",
+            ));
         }
         if value > self.max_refcount() {
             return Err(invalid(FORMAT, "refcount overflow"));
@@ -247,7 +259,10 @@ impl Refcounts {
         }
         let last = start + t + b - 1;
         if t * cs > MAX_REFTABLE_BYTES || missing.len() as u64 != b {
-            return Err(invalid(FORMAT, "refcount table would exceed its maximum size"));
+            return Err(invalid(
+                FORMAT,
+                "refcount table would exceed its maximum size",
+            ));
         }
         let table_off = self.reserve(t + b)?;
         let mut new_table = self.table.clone();

@@ -80,7 +80,11 @@ pub fn decode_l2(raw: u64, cluster_bits: u32, version: u32) -> Result<L2Entry> {
 }
 
 /// Host clusters touched by a compressed stream at `[host, host+len)`.
-pub fn compressed_clusters(host: u64, len: u64, cluster_bits: u32) -> std::ops::RangeInclusive<u64> {
+pub fn compressed_clusters(
+    host: u64,
+    len: u64,
+    cluster_bits: u32,
+) -> std::ops::RangeInclusive<u64> {
     let first = host >> cluster_bits;
     let last = (host + len.max(1) - 1) >> cluster_bits;
     first..=last
@@ -121,7 +125,10 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
             if done != out.len() {
                 return Err(invalid(
                     FORMAT,
-                    format!("zstd cluster decompressed to {done} bytes, expected {}", out.len()),
+                    format!(
+                        "zstd cluster decompressed to {done} bytes, expected {}",
+                        out.len()
+                    ),
                 ));
             }
             Ok(())

@@ -80,7 +80,11 @@ static CRC32C_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82F6_3B78
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[i] = c;
@@ -196,7 +200,10 @@ impl VhdxHeader {
             return Err(unsupported(FORMAT, format!("version {}", h.version)));
         }
         if h.log_version != 0 {
-            return Err(unsupported(FORMAT, format!("log version {}", h.log_version)));
+            return Err(unsupported(
+                FORMAT,
+                format!("log version {}", h.log_version),
+            ));
         }
         Ok((slot, h))
     }
@@ -235,7 +242,7 @@ pub fn parse_regions(b: &[u8]) -> Result<Regions> {
         let off = le64(b, o + 16);
         let len = le32(b, o + 24);
         let required = le32(b, o + 28) & 1 != 0;
-        if off % MIB != 0 || off < MIB || len as u64 % MIB != 0 || len == 0 {
+        if !off.is_multiple_of(MIB) || off < MIB || !(len as u64).is_multiple_of(MIB) || len == 0 {
             return Err(invalid(FORMAT, "region not 1 MiB aligned"));
         }
         if id == GUID_BAT {
@@ -322,10 +329,16 @@ pub fn parse_metadata(b: &[u8]) -> Result<Metadata> {
         return Err(invalid(FORMAT, format!("block size {block_size} invalid")));
     }
     if logical_sector_size != 512 && logical_sector_size != 4096 {
-        return Err(invalid(FORMAT, format!("logical sector size {logical_sector_size}")));
+        return Err(invalid(
+            FORMAT,
+            format!("logical sector size {logical_sector_size}"),
+        ));
     }
     if disk_size == 0 || disk_size > MAX_DISK_SIZE || disk_size % logical_sector_size as u64 != 0 {
-        return Err(invalid(FORMAT, format!("virtual disk size {disk_size} invalid")));
+        return Err(invalid(
+            FORMAT,
+            format!("virtual disk size {disk_size} invalid"),
+        ));
     }
     Ok(Metadata {
         block_size,

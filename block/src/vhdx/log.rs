@@ -62,7 +62,12 @@ fn parse_entry(log: &[u8], off: usize, guid: &Guid) -> Option<Entry> {
     }
     let length = le32(&h, 8) as usize;
     let tail = le32(&h, 12) as usize;
-    if length == 0 || length % SECTOR != 0 || length > log.len() || tail % SECTOR != 0 || tail >= log.len() {
+    if length == 0
+        || !length.is_multiple_of(SECTOR)
+        || length > log.len()
+        || !tail.is_multiple_of(SECTOR)
+        || tail >= log.len()
+    {
         return None;
     }
     if guid_at(&h, 32) != *guid {
@@ -99,7 +104,7 @@ fn descriptors(log: &[u8], e: &Entry) -> Result<Vec<Descriptor>> {
             return Err(invalid(FORMAT, "log descriptor sequence mismatch"));
         }
         let file_offset = le64(d, 16);
-        if file_offset % SECTOR as u64 != 0 {
+        if !file_offset.is_multiple_of(SECTOR as u64) {
             return Err(invalid(FORMAT, "log descriptor offset unaligned"));
         }
         match &d[0..4] {
@@ -123,10 +128,13 @@ fn descriptors(log: &[u8], e: &Entry) -> Result<Vec<Descriptor>> {
             }
             b"zero" => {
                 let length = le64(d, 8);
-                if length % SECTOR as u64 != 0 {
+                if !length.is_multiple_of(SECTOR as u64) {
                     return Err(invalid(FORMAT, "log zero descriptor length unaligned"));
                 }
-                out.push(Descriptor::Zero { file_offset, length });
+                out.push(Descriptor::Zero {
+                    file_offset,
+                    length,
+                });
             }
             _ => return Err(invalid(FORMAT, "bad log descriptor signature")),
         }
@@ -136,8 +144,16 @@ fn descriptors(log: &[u8], e: &Entry) -> Result<Vec<Descriptor>> {
 
 /// Replay the log at `[log_offset, +log_length)` whose entries carry `guid`.
 /// Returns the number of entries replayed.
-pub fn replay(st: &mut dyn Storage, log_offset: u64, log_length: u32, guid: &Guid) -> Result<usize> {
-    if log_length == 0 || log_length as u64 % MIB != 0 || log_offset % MIB != 0 {
+pub fn replay(
+    st: &mut dyn Storage,
+    log_offset: u64,
+    log_length: u32,
+    guid: &Guid,
+) -> Result<usize> {
+    if log_length == 0
+        || !(log_length as u64).is_multiple_of(MIB)
+        || !log_offset.is_multiple_of(MIB)
+    {
         return Err(invalid(FORMAT, "log region misaligned"));
     }
     if log_length > MAX_LOG_LENGTH {
@@ -206,8 +222,14 @@ pub fn replay(st: &mut dyn Storage, log_offset: u64, log_length: u32, guid: &Gui
                     }
                     st.write_all_at(&data[..], file_offset)?;
                 }
-                Descriptor::Zero { file_offset, length } => {
-                    if file_offset.checked_add(length).is_none_or(|end| end > limit) {
+                Descriptor::Zero {
+                    file_offset,
+                    length,
+                } => {
+                    if file_offset
+                        .checked_add(length)
+                        .is_none_or(|end| end > limit)
+                    {
                         return Err(invalid(FORMAT, "log zeroes beyond the file"));
                     }
                     let zeros = vec![0u8; (length.min(MIB)) as usize];
@@ -267,7 +289,10 @@ pub fn build_entry(
                 s[4092..].copy_from_slice(&(sequence as u32).to_le_bytes());
                 sector += SECTOR;
             }
-            Descriptor::Zero { file_offset, length } => {
+            Descriptor::Zero {
+                file_offset,
+                length,
+            } => {
                 b[o..o + 4].copy_from_slice(b"zero");
                 b[o + 8..o + 16].copy_from_slice(&length.to_le_bytes());
                 b[o + 16..o + 24].copy_from_slice(&file_offset.to_le_bytes());

@@ -23,7 +23,9 @@ use header::{
 
 use crate::error::{invalid, unsupported};
 use crate::storage::{FileStorage, Storage};
-use crate::{for_each_read, for_each_write, DiskFile, Error, HostMapping, ImageType, OpenOptions, Result};
+use crate::{
+    for_each_read, for_each_write, DiskFile, Error, HostMapping, ImageType, OpenOptions, Result,
+};
 
 const FORMAT: &str = "vhdx";
 
@@ -89,8 +91,14 @@ impl VhdxDisk {
             return Err(invalid(FORMAT, "bad file identifier"));
         }
         let mut buf = vec![0u8; HEADER_SIZE];
-        let h1 = st.read_exact_at(&mut buf, HEADER1_OFFSET).ok().and_then(|_| VhdxHeader::parse(&buf));
-        let h2 = st.read_exact_at(&mut buf, HEADER2_OFFSET).ok().and_then(|_| VhdxHeader::parse(&buf));
+        let h1 = st
+            .read_exact_at(&mut buf, HEADER1_OFFSET)
+            .ok()
+            .and_then(|_| VhdxHeader::parse(&buf));
+        let h2 = st
+            .read_exact_at(&mut buf, HEADER2_OFFSET)
+            .ok()
+            .and_then(|_| VhdxHeader::parse(&buf));
         let (mut header_slot, mut header) = VhdxHeader::current(h1, h2)?;
 
         if header.log_guid != [0u8; 16] {
@@ -100,14 +108,23 @@ impl VhdxDisk {
                     "the log must be replayed, which needs the image opened read-write",
                 ));
             }
-            let n = log::replay(st.as_mut(), header.log_offset, header.log_length, &header.log_guid)?;
+            let n = log::replay(
+                st.as_mut(),
+                header.log_offset,
+                header.log_length,
+                &header.log_guid,
+            )?;
             ::log::info!("vhdx: replayed {n} log entries");
             header.log_guid = [0u8; 16];
             // Write the cleared header to both slots, older first.
             for _ in 0..2 {
                 header.sequence += 1;
                 header_slot ^= 1;
-                let off = if header_slot == 0 { HEADER1_OFFSET } else { HEADER2_OFFSET };
+                let off = if header_slot == 0 {
+                    HEADER1_OFFSET
+                } else {
+                    HEADER2_OFFSET
+                };
                 st.write_all_at(&header.serialize(), off)?;
                 st.sync()?;
             }
@@ -199,7 +216,10 @@ impl VhdxDisk {
             || overlaps(r.metadata_offset, r.metadata_length as u64)
             || overlaps(self.header.log_offset, self.header.log_length as u64)
         {
-            return Err(invalid(FORMAT, format!("payload block at {off:#x} overlaps metadata")));
+            return Err(invalid(
+                FORMAT,
+                format!("payload block at {off:#x} overlaps metadata"),
+            ));
         }
         Ok(())
     }
@@ -213,7 +233,11 @@ impl VhdxDisk {
         for _ in 0..2 {
             self.header.sequence += 1;
             self.header_slot ^= 1;
-            let off = if self.header_slot == 0 { HEADER1_OFFSET } else { HEADER2_OFFSET };
+            let off = if self.header_slot == 0 {
+                HEADER1_OFFSET
+            } else {
+                HEADER2_OFFSET
+            };
             self.st.write_all_at(&self.header.serialize(), off)?;
             self.st.sync()?;
         }

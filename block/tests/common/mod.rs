@@ -152,7 +152,13 @@ pub fn p(dir: &Path, name: &str) -> PathBuf {
 
 /// Apply random writes / zeroes / discards to `disk` and mirror them in `model`.
 /// Discards are only mirrored as zero when `discard_zeroes`.
-pub fn random_ops(disk: &mut dyn DiskFile, model: &mut [u8], seed: u64, n: usize, discard_zeroes: bool) {
+pub fn random_ops(
+    disk: &mut dyn DiskFile,
+    model: &mut [u8],
+    seed: u64,
+    n: usize,
+    discard_zeroes: bool,
+) {
     let mut r = Rng::new(seed);
     let size = model.len() as u64;
     for _ in 0..n {
@@ -174,7 +180,10 @@ pub fn random_ops(disk: &mut dyn DiskFile, model: &mut [u8], seed: u64, n: usize
                 disk.read_exact_at(off, &mut got).unwrap();
                 let old = &mut model[off as usize..(off + len) as usize];
                 for (o, g) in old.iter_mut().zip(got) {
-                    assert!(g == *o || g == 0, "discard produced data that was never written");
+                    assert!(
+                        g == *o || g == 0,
+                        "discard produced data that was never written"
+                    );
                     *o = g;
                 }
             }
