@@ -63,7 +63,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// The `test-guest/` source directory.
 pub fn test_guest_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../test-guest")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../test-guest");
+    fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// Where the packaged images are written.

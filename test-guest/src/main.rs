@@ -128,6 +128,8 @@ fn parse_hex(s: &str) -> Option<u64> {
 fn finish(acpi: Option<&AcpiInfo>) -> ! {
     summary();
     let why = acpi_sys::power_off(acpi);
+    // The VMM may take a moment to stop the vCPUs: only then is it a failure.
+    smp::delay_us(1_000_000);
     // Still running: the ACPI way failed or was ignored. Report it (with a second,
     // final summary line) and fall back to the platform's port directly.
     fail(
@@ -463,8 +465,10 @@ fn scenario_echo() {
             continue;
         }
         match svc::inb(0x3f8) {
-            b'\n' => break,
-            b'\r' => {}
+            // A line ends at `\n` (or `\r`, as a terminal in raw mode sends);
+            // line-end bytes before any text are skipped.
+            b'\n' | b'\r' if line.is_empty() => {}
+            b'\n' | b'\r' => break,
             b => line.push(b),
         }
         if line.len() >= 256 {
