@@ -1,0 +1,316 @@
+//! PCI segment 0, bus 0: the host bridge and the devices, reached through the legacy
+//! configuration ports (0xcf8 address, 0xcfc data) or ECAM, and the VMM's BAR allocator.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use devices::BusDevice;
+use log::{debug, warn};
+use thiserror::Error;
+
+use crate::configuration::{extract, PciIds};
+use crate::{
+    BarRegion, PciConfiguration, PciDevice, VmInterface, BAR_COUNT, HOST_BRIDGE_DEVICE,
+    HOST_BRIDGE_VENDOR,
+};
+
+/// Device numbers on a bus.
+pub const DEVICES_PER_BUS: u8 = 32;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PciRootError {
+    #[error("PCI device id {0} is out of range (1-31)")]
+    BadDeviceId(u8),
+    #[error("PCI device id {0} is already in use")]
+    DeviceIdInUse(u8),
+    #[error("no free PCI device id left on the bus")]
+    BusFull,
+    #[error("no room left in the PCI MMIO window for a {0:#x}-byte BAR")]
+    NoBarSpace(u64),
+}
+
+/// Hands out naturally aligned ranges from a window, lowest first.
+pub struct BarAllocator {
+    next: u64,
+    end: u64,
+}
+
+impl BarAllocator {
+    pub fn new(start: u64, size: u64) -> Self {
+        BarAllocator {
+            next: start,
+            end: start.saturating_add(size),
+        }
+    }
+
+    /// `size` must be a power of two.
+    pub fn allocate(&mut self, size: u64) -> Result<u64, PciRootError> {
+        let addr = self
+            .next
+            .checked_add(size - 1)
+            .map(|a| a & !(size - 1))
+            .filter(|a| a.checked_add(size).is_some_and(|end| end <= self.end))
+            .ok_or(PciRootError::NoBarSpace(size))?;
+        self.next = addr + size;
+        Ok(addr)
+    }
+}
+
+struct HostBridge(PciConfiguration);
+
+impl PciDevice for HostBridge {
+    fn config(&self) -> &PciConfiguration {
+        &self.0
+    }
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.0
+    }
+    fn read_bar(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write_bar(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+struct Slot {
+    dev: Arc<Mutex<dyn PciDevice>>,
+    /// Where each BAR decodes on the MMIO bus now.
+    mapped: [Option<u64>; BAR_COUNT],
+}
+
+/// Bus 0 of segment 0: slot 0 is the host bridge.
+pub struct PciRoot {
+    slots: BTreeMap<u8, Slot>,
+    vm: Arc<dyn VmInterface>,
+}
+
+impl PciRoot {
+    pub fn new(vm: Arc<dyn VmInterface>) -> Self {
+        let bridge = PciConfiguration::new(PciIds {
+            vendor: HOST_BRIDGE_VENDOR,
+            device: HOST_BRIDGE_DEVICE,
+            class: 0x06,
+            subclass: 0x00,
+            prog_if: 0,
+            revision: 0,
+            subsystem_vendor: 0,
+            subsystem: 0,
+        });
+        let mut slots = BTreeMap::new();
+        slots.insert(
+            0,
+            Slot {
+                dev: Arc::new(Mutex::new(HostBridge(bridge))),
+                mapped: [None; BAR_COUNT],
+            },
+        );
+        PciRoot { slots, vm }
+    }
+
+    /// The device number a new device gets: `wanted`, or the lowest free one.
+    pub fn next_device_id(&self, wanted: Option<u8>) -> Result<u8, PciRootError> {
+        match wanted {
+            Some(id) if id == 0 || id >= DEVICES_PER_BUS => Err(PciRootError::BadDeviceId(id)),
+            Some(id) if self.slots.contains_key(&id) => Err(PciRootError::DeviceIdInUse(id)),
+            Some(id) => Ok(id),
+            None => (1..DEVICES_PER_BUS)
+                .find(|id| !self.slots.contains_key(id))
+                .ok_or(PciRootError::BusFull),
+        }
+    }
+
+    /// Plugs `dev` in at device number `id` (function 0) and maps its BARs.
+    pub fn add_device(
+        &mut self,
+        id: u8,
+        dev: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<(), PciRootError> {
+        let id = self.next_device_id(Some(id))?;
+        self.slots.insert(
+            id,
+            Slot {
+                dev,
+                mapped: [None; BAR_COUNT],
+            },
+        );
+        self.update_mappings(id);
+        Ok(())
+    }
+
+    pub fn device_ids(&self) -> Vec<u8> {
+        self.slots.keys().copied().collect()
+    }
+
+    fn slot(&self, bus: u8, device: u8, function: u8) -> Option<&Slot> {
+        if bus != 0 || function != 0 {
+            return None;
+        }
+        self.slots.get(&device)
+    }
+
+    /// Reads `data.len()` bytes at byte `offset` of a function's configuration space; a
+    /// missing function reads all ones.
+    pub fn config_read(&self, bus: u8, device: u8, function: u8, offset: usize, data: &mut [u8]) {
+        match self.slot(bus, device, function) {
+            Some(slot) => {
+                let value = slot
+                    .dev
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_config_register(offset / 4);
+                extract(value, offset, data);
+            }
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn config_write(&mut self, bus: u8, device: u8, function: u8, offset: usize, data: &[u8]) {
+        let Some(slot) = self.slot(bus, device, function) else {
+            return;
+        };
+        slot.dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_config(offset, data);
+        if PciConfiguration::affects_decoding(offset / 4) {
+            self.update_mappings(device);
+        }
+    }
+
+    /// Makes the MMIO bus match the BARs and the memory-enable bit of device `id`.
+    fn update_mappings(&mut self, id: u8) {
+        let vm = self.vm.clone();
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let mut dev = slot.dev.lock().unwrap_or_else(|e| e.into_inner());
+        let enabled = dev.config().memory_enabled();
+        for bar in 0..BAR_COUNT {
+            let Some((addr, size)) = dev.config().bar(bar) else {
+                continue;
+            };
+            // An address with the sizing pattern, zero or wrapping decodes nowhere.
+            let valid = addr != 0 && addr.checked_add(size).is_some();
+            let wanted = (enabled && valid).then_some(addr);
+            let old = slot.mapped[bar];
+            if wanted == old {
+                continue;
+            }
+            if let Some(old) = old {
+                vm.unmap_mmio(old);
+            }
+            let mut new = None;
+            if let Some(addr) = wanted {
+                let region = Arc::new(Mutex::new(BarRegion {
+                    dev: slot.dev.clone(),
+                    bar,
+                }));
+                match vm.map_mmio(region, addr, size) {
+                    Ok(()) => new = Some(addr),
+                    Err(e) => warn!("PCI 00:{id:02x}.0 BAR{bar} at {addr:#x}: {e}; not mapped"),
+                }
+            }
+            debug!("PCI 00:{id:02x}.0 BAR{bar}: {old:x?} -> {new:x?}");
+            slot.mapped[bar] = new;
+            dev.bar_moved(bar, old, new);
+        }
+    }
+}
+
+/// Splits a configuration address (ECAM offset layout) into bus, device, function, register.
+fn ecam_decode(offset: u64) -> (u8, u8, u8, usize) {
+    (
+        (offset >> 20) as u8,
+        ((offset >> 15) & 0x1f) as u8,
+        ((offset >> 12) & 0x7) as u8,
+        (offset & 0xfff) as usize,
+    )
+}
+
+fn access_ok(offset: usize, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4) && offset % len == 0
+}
+
+/// ECAM: 4 KiB of configuration space per function, 1 MiB per bus, on the MMIO bus.
+pub struct PciConfigMmio(pub Arc<Mutex<PciRoot>>);
+
+impl BusDevice for PciConfigMmio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (bus, dev, func, reg) = ecam_decode(offset);
+        if !access_ok(reg, data.len()) {
+            data.fill(0xff);
+            return;
+        }
+        let root = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        root.config_read(bus, dev, func, reg, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (bus, dev, func, reg) = ecam_decode(offset);
+        if !access_ok(reg, data.len()) {
+            debug!("ECAM: ignoring a {}-byte write at {offset:#x}", data.len());
+            return;
+        }
+        let mut root = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        root.config_write(bus, dev, func, reg, data);
+    }
+}
+
+/// Configuration mechanism #1: ports 0xcf8-0xcff (address register, then data window).
+pub struct PciConfigIo {
+    root: Arc<Mutex<PciRoot>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        PciConfigIo { root, address: 0 }
+    }
+
+    /// Bus, device, function and byte offset the address register selects, if enabled.
+    fn target(&self, data_offset: u64) -> Option<(u8, u8, u8, usize)> {
+        if self.address & 0x8000_0000 == 0 {
+            return None;
+        }
+        let a = u64::from(self.address);
+        let (bus, dev, func) = ((a >> 16) as u8, ((a >> 11) & 0x1f) as u8, ((a >> 8) & 7) as u8);
+        Some((bus, dev, func, (a & 0xfc) as usize + data_offset as usize))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if offset < 4 {
+            if offset == 0 && data.len() == 4 {
+                data.copy_from_slice(&self.address.to_le_bytes());
+            }
+            return;
+        }
+        let Some((bus, dev, func, reg)) = self.target(offset - 4) else {
+            return;
+        };
+        if access_ok(reg, data.len()) {
+            let root = self.root.lock().unwrap_or_else(|e| e.into_inner());
+            root.config_read(bus, dev, func, reg, data);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset < 4 {
+            if offset == 0 && data.len() == 4 {
+                self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            }
+            return;
+        }
+        let Some((bus, dev, func, reg)) = self.target(offset - 4) else {
+            return;
+        };
+        if access_ok(reg, data.len()) {
+            let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
+            root.config_write(bus, dev, func, reg, data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

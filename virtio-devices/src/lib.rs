@@ -1,0 +1,120 @@
+//! Virtio 1.x devices and their PCI transport. Each activated device runs one worker thread
+//! with an epoll loop over its queue eventfds (signalled by KVM ioeventfds on the notify
+//! addresses), so vCPUs never process queues themselves. The guest is not trusted: a malformed
+//! request fails, a broken queue marks the device NEEDS_RESET, and the VMM goes on.
+
+mod block;
+mod console;
+mod rng;
+mod transport;
+mod worker;
+
+#[cfg(test)]
+mod tests;
+
+pub use block::{Block, BlockConfig};
+pub use console::Console;
+pub use rng::Rng;
+pub use transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
+pub use worker::{QueueHandler, WorkerHandle};
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Virtio device types (virtio 1.2, section 5).
+pub const TYPE_NET: u16 = 1;
+pub const TYPE_BLOCK: u16 = 2;
+pub const TYPE_CONSOLE: u16 = 3;
+pub const TYPE_RNG: u16 = 4;
+
+/// Feature bits common to all devices.
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// How a device raises interrupts; the transport decides what that means (MSI-X vectors and
+/// the ISR status byte for PCI).
+pub trait VirtioInterrupt: Send + Sync {
+    /// Used buffers were added to queue `index`.
+    fn signal_queue(&self, index: usize);
+    /// The device configuration (or status) changed.
+    fn signal_config(&self);
+}
+
+/// Shared device status: the worker sets NEEDS_RESET, the transport reads it.
+#[derive(Default)]
+pub struct DeviceStatus(AtomicU8);
+
+impl DeviceStatus {
+    pub fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+    pub fn set(&self, v: u8) {
+        self.0.store(v, Ordering::Release)
+    }
+    pub fn needs_reset(&self) -> bool {
+        self.get() & STATUS_NEEDS_RESET != 0
+    }
+    pub fn mark_needs_reset(&self) {
+        self.0.fetch_or(STATUS_NEEDS_RESET, Ordering::AcqRel);
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// One entry per queue the device has; `None` for a queue the driver did not enable.
+    pub queues: Vec<Option<(Queue, EventFd)>>,
+    pub acked_features: u64,
+    pub status: Arc<DeviceStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver enabled no usable queue")]
+    NoQueues,
+    #[error("cannot start the device thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A virtio device, independent of the transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u16;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits offered (including `F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts processing: typically spawns the worker thread.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops the worker (if any) and returns to the pre-activation state.
+    fn reset(&mut self);
+}
+
+/// Copies `src` (a device's configuration bytes) at `offset` into `data`, zero past the end.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < src.len() {
+        let n = data.len().min(src.len() - start);
+        data[..n].copy_from_slice(&src[start..start + n]);
+    }
+}

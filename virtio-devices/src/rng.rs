@@ -1,0 +1,103 @@
+//! virtio-rng: fills the driver's write-only buffers from a host entropy source.
+
+use std::fs::File;
+use std::io::Read;
+
+use log::{debug, warn};
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use crate::worker::{process_chains, QueueHandler, WorkerHandle};
+use crate::{ActivateContext, ActivateError, VirtioDevice, F_VERSION_1, TYPE_RNG};
+
+const QUEUE_SIZE: u16 = 256;
+/// At most this many bytes per request.
+const MAX_REQUEST: usize = 64 * 1024;
+
+struct RngHandler {
+    source: File,
+    buf: Vec<u8>,
+}
+
+impl QueueHandler for RngHandler {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Option<Queue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String> {
+        let Some(Some(q)) = queues.get_mut(index) else {
+            return Ok(false);
+        };
+        let (source, buf) = (&mut self.source, &mut self.buf);
+        process_chains(q, mem, |chain| {
+            let mut total = 0usize;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    debug!("virtio-rng: read-only descriptor; request failed");
+                    return 0;
+                }
+                let want = (desc.len() as usize).min(MAX_REQUEST - total);
+                if want == 0 {
+                    continue;
+                }
+                buf.resize(want, 0);
+                if let Err(e) = source.read_exact(&mut buf[..want]) {
+                    warn!("virtio-rng: entropy source: {e}");
+                    return total as u32;
+                }
+                if mem.write_slice(&buf[..want], desc.addr()).is_err() {
+                    debug!("virtio-rng: buffer outside guest memory; request failed");
+                    return total as u32;
+                }
+                total += want;
+            }
+            total as u32
+        })
+    }
+}
+
+pub struct Rng {
+    handler: Option<RngHandler>,
+    worker: Option<WorkerHandle<RngHandler>>,
+}
+
+impl Rng {
+    pub fn new(source: File) -> Self {
+        Rng {
+            handler: Some(RngHandler {
+                source,
+                buf: Vec::new(),
+            }),
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u16 {
+        TYPE_RNG
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let h = self
+            .handler
+            .take()
+            .ok_or_else(|| ActivateError::Other("virtio-rng: worker lost".into()))?;
+        self.worker = Some(WorkerHandle::spawn("virtio-rng", h, ctx)?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.handler = w.stop();
+        }
+    }
+}

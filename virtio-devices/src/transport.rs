@@ -1,0 +1,557 @@
+//! The virtio-pci (modern, virtio 1.x) transport: one 64 KiB memory BAR holding the common,
+//! ISR, device and notify structures and the MSI-X table and PBA, described by vendor
+//! capabilities (plus the pci-cfg access window). Queue notifications arrive on ioeventfds.
+
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, info, warn};
+use pci::{BarKind, MsixCap, MsixConfig, PciConfiguration, PciDevice, PciIds, VmInterface};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    ActivateContext, DeviceStatus, VirtioDevice, VirtioInterrupt, F_VERSION_1, STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET,
+};
+
+pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x1_0000;
+const COMMON_OFF: u64 = 0x0;
+const COMMON_LEN: u64 = 0x38;
+const ISR_OFF: u64 = 0x1000;
+const ISR_LEN: u64 = 4;
+const DEVICE_OFF: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+const NOTIFY_OFF: u64 = 0x3000;
+const NOTIFY_LEN: u64 = 0x1000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFF: u64 = 0x8000;
+const MSIX_PBA_OFF: u64 = 0xc000;
+/// Queues one device may have (the notify region and the MSI-X table hold this many).
+pub const MAX_QUEUES: usize = 64;
+const NO_VECTOR: u16 = 0xffff;
+const VIRTIO_VENDOR: u16 = 0x1af4;
+
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+
+#[derive(Clone, Copy)]
+struct QueueState {
+    max_size: u16,
+    size: u16,
+    ready: bool,
+    vector: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueState {
+    fn new(max_size: u16) -> Self {
+        QueueState {
+            max_size,
+            size: max_size,
+            ready: false,
+            vector: NO_VECTOR,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+}
+
+struct PciInterrupt {
+    msix: Arc<Mutex<MsixConfig>>,
+    isr: Arc<AtomicU8>,
+    queue_vectors: Vec<u16>,
+    config_vector: Arc<AtomicU16>,
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn signal_queue(&self, index: usize) {
+        self.isr.fetch_or(1, Ordering::AcqRel);
+        if let Some(&v) = self.queue_vectors.get(index) {
+            self.msix.lock().unwrap_or_else(|e| e.into_inner()).trigger(v);
+        }
+    }
+    fn signal_config(&self) {
+        self.isr.fetch_or(2, Ordering::AcqRel);
+        let v = self.config_vector.load(Ordering::Acquire);
+        self.msix.lock().unwrap_or_else(|e| e.into_inner()).trigger(v);
+    }
+}
+
+pub struct VirtioPciDevice {
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    vm: Arc<dyn VmInterface>,
+    msix: Arc<Mutex<MsixConfig>>,
+    msix_cap: usize,
+    pci_cfg_cap: usize,
+    isr: Arc<AtomicU8>,
+    status: Arc<DeviceStatus>,
+    config_vector: Arc<AtomicU16>,
+    offered: u64,
+    acked: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    queue_select: u16,
+    queues: Vec<QueueState>,
+    notify: Vec<EventFd>,
+    /// Where BAR 0 decodes now (ioeventfds are registered there).
+    bar_addr: Option<u64>,
+    activated: bool,
+    name: String,
+}
+
+fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    let len = if extra.is_some() { 20 } else { 16 };
+    let mut c = vec![0x09, 0, len, cfg_type, 0, 0, 0, 0];
+    c.extend_from_slice(&(offset as u32).to_le_bytes());
+    c.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(x) = extra {
+        c.extend_from_slice(&x.to_le_bytes());
+    }
+    c
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device`; its BAR 0 (VIRTIO_PCI_BAR_SIZE bytes) is at `bar_addr`. `name` is the
+    /// `id=` of the device, for logs.
+    pub fn new(
+        name: String,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        vm: Arc<dyn VmInterface>,
+        bar_addr: u64,
+    ) -> Result<Self, String> {
+        let sizes = device.queue_max_sizes();
+        if sizes.is_empty() || sizes.len() > MAX_QUEUES {
+            return Err(format!("{name}: {} queues (1-{MAX_QUEUES})", sizes.len()));
+        }
+        let dtype = device.device_type();
+        let (class, subclass) = match dtype {
+            TYPE_NET => (0x02, 0x00),
+            TYPE_BLOCK => (0x01, 0x80),
+            TYPE_CONSOLE => (0x07, 0x80),
+            _ => (0xff, 0x00),
+        };
+        let mut config = PciConfiguration::new(PciIds {
+            vendor: VIRTIO_VENDOR,
+            device: 0x1040 + dtype,
+            class,
+            subclass,
+            prog_if: 0,
+            revision: 1,
+            subsystem_vendor: VIRTIO_VENDOR,
+            subsystem: 0x1100,
+        });
+        config.add_bar(0, VIRTIO_PCI_BAR_SIZE, BarKind::Mem64, bar_addr);
+        let caps = [
+            vendor_cap(CAP_COMMON, COMMON_OFF, COMMON_LEN, None),
+            vendor_cap(CAP_ISR, ISR_OFF, ISR_LEN, None),
+            vendor_cap(CAP_DEVICE, DEVICE_OFF, DEVICE_LEN, None),
+            vendor_cap(CAP_NOTIFY, NOTIFY_OFF, NOTIFY_LEN, Some(NOTIFY_MULTIPLIER)),
+        ];
+        for c in caps {
+            config.add_capability(&c).ok_or("no room for capabilities")?;
+        }
+        let vectors = sizes.len() as u16 + 1;
+        let msix_cap = config
+            .add_capability(&MsixCap::bytes(
+                vectors,
+                0,
+                MSIX_TABLE_OFF as u32,
+                MSIX_PBA_OFF as u32,
+            ))
+            .ok_or("no room for MSI-X")?;
+        // Enable and function-mask bits of message control.
+        config.set_write_mask(msix_cap / 4, 0xc000_0000);
+        let pci_cfg_cap = config
+            .add_capability(&vendor_cap(CAP_PCI_CFG, 0, 0, Some(0)))
+            .ok_or("no room for the pci-cfg capability")?;
+        config.set_write_mask(pci_cfg_cap / 4 + 1, 0xff);
+        config.set_write_mask(pci_cfg_cap / 4 + 2, u32::MAX);
+        config.set_write_mask(pci_cfg_cap / 4 + 3, u32::MAX);
+        let msix = Arc::new(Mutex::new(MsixConfig::new(vectors, vm.clone())));
+        let mut notify = Vec::with_capacity(sizes.len());
+        for _ in &sizes {
+            notify.push(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
+        }
+        let offered = device.features() | F_VERSION_1;
+        Ok(VirtioPciDevice {
+            config,
+            queues: sizes.iter().map(|&s| QueueState::new(s)).collect(),
+            device,
+            mem,
+            vm,
+            msix,
+            msix_cap,
+            pci_cfg_cap,
+            isr: Arc::new(AtomicU8::new(0)),
+            status: Arc::new(DeviceStatus::default()),
+            config_vector: Arc::new(AtomicU16::new(NO_VECTOR)),
+            offered,
+            acked: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            queue_select: 0,
+            notify,
+            bar_addr: None,
+            activated: false,
+            name,
+        })
+    }
+
+    /// The device status as the driver reads it.
+    pub fn device_status(&self) -> u8 {
+        self.status.get()
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            *q = QueueState::new(q.max_size);
+        }
+        self.acked = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.isr.store(0, Ordering::Release);
+        self.config_vector.store(NO_VECTOR, Ordering::Release);
+        self.status.set(0);
+        self.activated = false;
+    }
+
+    fn set_status(&mut self, value: u8) {
+        if value == 0 {
+            debug!("{}: reset", self.name);
+            self.reset();
+            return;
+        }
+        let cur = self.status.get();
+        let mut new = value & !STATUS_NEEDS_RESET | (cur & STATUS_NEEDS_RESET);
+        if new & STATUS_FEATURES_OK != 0 && cur & STATUS_FEATURES_OK == 0 {
+            if self.acked & !self.offered != 0 || self.acked & F_VERSION_1 == 0 {
+                warn!("{}: driver features {:#x} refused", self.name, self.acked);
+                new &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.status.set(new);
+        if new & STATUS_DRIVER_OK != 0 && new & STATUS_FEATURES_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        self.activated = true;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, s) in self.queues.iter().enumerate() {
+            if !s.ready {
+                queues.push(None);
+                continue;
+            }
+            let q = (|| -> Result<Queue, String> {
+                let mut q = Queue::new(s.max_size).map_err(|e| e.to_string())?;
+                q.set_size(s.size);
+                q.set_desc_table_address(Some(s.desc as u32), Some((s.desc >> 32) as u32));
+                q.set_avail_ring_address(Some(s.avail as u32), Some((s.avail >> 32) as u32));
+                q.set_used_ring_address(Some(s.used as u32), Some((s.used >> 32) as u32));
+                q.set_ready(true);
+                if !q.is_valid(&self.mem) {
+                    return Err(format!(
+                        "queue {i} invalid (size {}, desc {:#x}, avail {:#x}, used {:#x})",
+                        s.size, s.desc, s.avail, s.used
+                    ));
+                }
+                Ok(q)
+            })();
+            let evt = self.notify[i].try_clone();
+            match (q, evt) {
+                (Ok(q), Ok(evt)) => queues.push(Some((q, evt))),
+                (Err(e), _) => {
+                    warn!("{}: {e}; device needs reset", self.name);
+                    self.status.mark_needs_reset();
+                    return;
+                }
+                (_, Err(e)) => {
+                    warn!("{}: {e}; device needs reset", self.name);
+                    self.status.mark_needs_reset();
+                    return;
+                }
+            }
+        }
+        let interrupt = Arc::new(PciInterrupt {
+            msix: self.msix.clone(),
+            isr: self.isr.clone(),
+            queue_vectors: self.queues.iter().map(|q| q.vector).collect(),
+            config_vector: self.config_vector.clone(),
+        });
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            interrupt,
+            queues,
+            acked_features: self.acked,
+            status: self.status.clone(),
+        };
+        match self.device.activate(ctx) {
+            Ok(()) => info!("{}: activated", self.name),
+            Err(e) => {
+                warn!("{}: cannot activate: {e}; device needs reset", self.name);
+                self.status.mark_needs_reset();
+            }
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut QueueState> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    fn read_common(&mut self, offset: u64, data: &mut [u8]) {
+        let q = self.queues.get(self.queue_select as usize).copied();
+        let v: u64 = match offset {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => self.offered & 0xffff_ffff,
+                1 => self.offered >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.acked & 0xffff_ffff,
+                1 => self.acked >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.config_vector.load(Ordering::Acquire)),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status.get()),
+            0x15 => 0,
+            0x16 => u64::from(self.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.size)),
+            0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            0x1c => q.map_or(0, |q| u64::from(q.ready)),
+            0x1e => u64::from(self.queue_select),
+            0x20 => q.map_or(0, |q| q.desc),
+            0x24 => q.map_or(0, |q| q.desc >> 32),
+            0x28 => q.map_or(0, |q| q.avail),
+            0x2c => q.map_or(0, |q| q.avail >> 32),
+            0x30 => q.map_or(0, |q| q.used),
+            0x34 => q.map_or(0, |q| q.used >> 32),
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&bytes[..n]);
+        data[n..].fill(0);
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(b);
+        let live = self.activated;
+        let vectors = self.msix.lock().unwrap_or_else(|e| e.into_inner()).count();
+        let vector = |v: u64| {
+            if (v as usize) < vectors {
+                v as u16
+            } else {
+                NO_VECTOR
+            }
+        };
+        match offset {
+            0x00 => self.device_feature_select = v as u32,
+            0x08 => self.driver_feature_select = v as u32,
+            0x0c if !live => {
+                let v = v & 0xffff_ffff;
+                match self.driver_feature_select {
+                    0 => self.acked = (self.acked & !0xffff_ffff) | (v & self.offered),
+                    1 => self.acked = (self.acked & 0xffff_ffff) | ((v << 32) & self.offered),
+                    _ => {}
+                }
+            }
+            0x10 => self.config_vector.store(vector(v), Ordering::Release),
+            0x14 => self.set_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            0x18 if !live => {
+                if let Some(q) = self.selected() {
+                    // Validity (power of two, <= max) is checked when the device starts.
+                    q.size = v as u16;
+                }
+            }
+            0x1a => {
+                let vec = vector(v);
+                if let Some(q) = self.selected() {
+                    q.vector = vec;
+                }
+            }
+            0x1c if !live => {
+                if let Some(q) = self.selected() {
+                    q.ready = v & 1 == 1;
+                }
+            }
+            0x20..=0x37 if !live => {
+                let lo = offset % 8 == 0;
+                let v32 = v & 0xffff_ffff;
+                if let Some(q) = self.selected() {
+                    let field = match offset & !7 {
+                        0x20 => &mut q.desc,
+                        0x28 => &mut q.avail,
+                        _ => &mut q.used,
+                    };
+                    if data.len() == 8 {
+                        *field = v;
+                    } else if lo {
+                        *field = (*field & !0xffff_ffff) | v32;
+                    } else {
+                        *field = (*field & 0xffff_ffff) | (v32 << 32);
+                    }
+                }
+            }
+            _ => debug!("{}: ignored common-config write at {offset:#x}", self.name),
+        }
+    }
+
+    /// Reads or writes `len` (1, 2 or 4) bytes of BAR 0 through the pci-cfg window.
+    fn pci_cfg_window(&self) -> Option<(u64, usize)> {
+        let reg = self.pci_cfg_cap / 4;
+        let bar = self.config.read_reg(reg + 1) & 0xff;
+        let off = u64::from(self.config.read_reg(reg + 2));
+        let len = self.config.read_reg(reg + 3) as usize;
+        (bar == 0 && matches!(len, 1 | 2 | 4) && off + len as u64 <= VIRTIO_PCI_BAR_SIZE)
+            .then_some((off, len))
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == self.pci_cfg_cap / 4 + 4 {
+            let mut b = [0u8; 4];
+            if let Some((off, len)) = self.pci_cfg_window() {
+                self.read_bar(0, off, &mut b[..len]);
+            }
+            return u32::from_le_bytes(b);
+        }
+        if reg == self.msix_cap / 4 {
+            let ctl = self.msix.lock().unwrap_or_else(|e| e.into_inner()).control_bits();
+            return (self.config.read_reg(reg) & 0x3fff_ffff) | u32::from(ctl) << 16;
+        }
+        self.config.read_reg(reg)
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        let reg = offset / 4;
+        if reg == self.pci_cfg_cap / 4 + 4 {
+            if let Some((off, len)) = self.pci_cfg_window() {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                self.write_bar(0, off, &b[..len]);
+            }
+            return;
+        }
+        if self.config.write(offset, data) == Some(self.msix_cap / 4) {
+            let ctl = (self.config.read_reg(reg) >> 16) as u16;
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_control(ctl);
+        }
+    }
+
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar != 0 || data.len() > 8 {
+            data.fill(0xff);
+            return;
+        }
+        match offset {
+            o if o < COMMON_OFF + COMMON_LEN => self.read_common(o, data),
+            o if (ISR_OFF..ISR_OFF + ISR_LEN).contains(&o) => {
+                data.fill(0);
+                // Reading the ISR acknowledges it.
+                data[0] = self.isr.swap(0, Ordering::AcqRel);
+            }
+            o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_OFF, data)
+            }
+            o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_table(o - MSIX_TABLE_OFF, data),
+            o if o >= MSIX_PBA_OFF => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_pba(o - MSIX_PBA_OFF, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 || data.len() > 8 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_OFF + COMMON_LEN => self.write_common(o, data),
+            o if (DEVICE_OFF..DEVICE_OFF + DEVICE_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_OFF, data)
+            }
+            o if (NOTIFY_OFF..NOTIFY_OFF + NOTIFY_LEN).contains(&o) => {
+                // Only reached when the ioeventfd is not in place.
+                let q = ((o - NOTIFY_OFF) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(e) = self.notify.get(q) {
+                    let _ = e.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_table(o - MSIX_TABLE_OFF, data),
+            _ => {}
+        }
+    }
+
+    fn bar_moved(&mut self, bar: usize, old: Option<u64>, new: Option<u64>) {
+        if bar != 0 {
+            return;
+        }
+        for (i, e) in self.notify.iter().enumerate() {
+            let off = NOTIFY_OFF + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+            if let Some(old) = old {
+                self.vm.unregister_ioevent(e, old + off);
+            }
+            if let Some(new) = new {
+                if let Err(err) = self.vm.register_ioevent(e, new + off) {
+                    warn!("{}: queue {i} ioeventfd: {err}; notifications exit to the VMM", self.name);
+                }
+            }
+        }
+        self.bar_addr = new;
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        self.device.reset();
+        if let Some(addr) = self.bar_addr {
+            for (i, e) in self.notify.iter().enumerate() {
+                let off = NOTIFY_OFF + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+                self.vm.unregister_ioevent(e, addr + off);
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The device thread: an epoll loop over the queue eventfds, one extra fd a device may want
+//! (console input, an I/O completion fd) and a kill eventfd. Idle, it sleeps in epoll_wait.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{error, warn};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{ActivateContext, ActivateError, DeviceStatus, VirtioInterrupt};
+
+const KILL_TOKEN: u64 = u64::MAX;
+const EXTRA_TOKEN: u64 = u64::MAX - 1;
+
+/// What a device does with its queues, run on the worker thread.
+pub trait QueueHandler: Send + 'static {
+    /// Serve the available buffers of queue `index`. Returns whether any buffer was used.
+    /// An `Err` means the queue is broken: the device is marked NEEDS_RESET.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Option<Queue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, String>;
+    /// One more fd to wait on (readable).
+    fn extra_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The extra fd is readable. Returns the queues that got used buffers.
+    fn process_extra(
+        &mut self,
+        _queues: &mut [Option<Queue>],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<Vec<usize>, String> {
+        Ok(vec![])
+    }
+}
+
+/// A running worker; `stop` gives the handler back.
+pub struct WorkerHandle<H> {
+    kill: EventFd,
+    thread: Option<JoinHandle<H>>,
+}
+
+impl<H: QueueHandler> WorkerHandle<H> {
+    /// Spawns the worker thread `name` for `handler` with the activated queues of `ctx`.
+    pub fn spawn(name: &str, handler: H, ctx: ActivateContext) -> Result<Self, ActivateError> {
+        if ctx.queues.iter().all(Option::is_none) {
+            return Err(ActivateError::NoQueues);
+        }
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Thread)?;
+        let kill2 = kill.try_clone().map_err(ActivateError::Thread)?;
+        let mut queues = Vec::new();
+        let mut evts = Vec::new();
+        for q in ctx.queues {
+            match q {
+                Some((q, e)) => {
+                    queues.push(Some(q));
+                    evts.push(Some(e));
+                }
+                None => {
+                    queues.push(None);
+                    evts.push(None);
+                }
+            }
+        }
+        let mut w = Worker {
+            handler,
+            queues,
+            evts,
+            kill: kill2,
+            mem: ctx.mem,
+            interrupt: ctx.interrupt,
+            status: ctx.status,
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                if let Err(e) = w.run() {
+                    error!("virtio worker failed: {e}");
+                }
+                w.handler
+            })
+            .map_err(ActivateError::Thread)?;
+        Ok(WorkerHandle {
+            kill,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and returns the handler (None if the thread panicked).
+    pub fn stop(mut self) -> Option<H> {
+        let _ = self.kill.write(1);
+        self.thread.take()?.join().ok()
+    }
+}
+
+struct Worker<H> {
+    handler: H,
+    queues: Vec<Option<Queue>>,
+    evts: Vec<Option<EventFd>>,
+    kill: EventFd,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    status: Arc<DeviceStatus>,
+}
+
+impl<H: QueueHandler> Worker<H> {
+    fn notify(&mut self, index: usize) {
+        let Some(Some(q)) = self.queues.get_mut(index) else {
+            return;
+        };
+        // Without EVENT_IDX this checks VRING_AVAIL_F_NO_INTERRUPT.
+        if q.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal_queue(index);
+        }
+    }
+
+    fn broken(&mut self, what: &str) {
+        if !self.status.needs_reset() {
+            warn!("virtio device broken ({what}); it needs a reset");
+            self.status.mark_needs_reset();
+            self.interrupt.signal_config();
+        }
+    }
+
+    fn run(&mut self) -> std::io::Result<()> {
+        let epoll = Epoll::new()?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(self.kill.as_raw_fd(), KILL_TOKEN)?;
+        for (i, e) in self.evts.iter().enumerate() {
+            if let Some(e) = e {
+                add(e.as_raw_fd(), i as u64)?;
+            }
+        }
+        if let Some(fd) = self.handler.extra_fd() {
+            add(fd, EXTRA_TOKEN)?;
+        }
+        let mut events = vec![EpollEvent::default(); self.evts.len() + 2];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    KILL_TOKEN => return Ok(()),
+                    EXTRA_TOKEN => {
+                        if self.status.needs_reset() {
+                            // Stop listening: a broken device must not spin on a ready fd.
+                            if let Some(fd) = self.handler.extra_fd() {
+                                let _ = epoll.ctl(
+                                    ControlOperation::Delete,
+                                    fd,
+                                    EpollEvent::default(),
+                                );
+                            }
+                            continue;
+                        }
+                        match self.handler.process_extra(&mut self.queues, &self.mem) {
+                            Ok(used) => used.into_iter().for_each(|i| self.notify(i)),
+                            Err(e) => self.broken(&e),
+                        }
+                    }
+                    i => {
+                        let i = i as usize;
+                        if let Some(Some(e)) = self.evts.get(i) {
+                            let _ = e.read();
+                        }
+                        if self.status.needs_reset() {
+                            continue;
+                        }
+                        match self.handler.process_queue(i, &mut self.queues, &self.mem) {
+                            Ok(true) => self.notify(i),
+                            Ok(false) => {}
+                            Err(e) => self.broken(&e),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pops every available chain of `q`, lets `f` serve it and returns the used length, and
+/// publishes it. `Err` when the rings themselves are broken (avail index out of range, used
+/// ring outside memory): the caller marks the device NEEDS_RESET.
+pub fn process_chains<F>(q: &mut Queue, mem: &GuestMemoryMmap, mut f: F) -> Result<bool, String>
+where
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut used = false;
+    loop {
+        let chain = match q.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => return Err(format!("avail ring: {e}")),
+        };
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        let len = f(chain);
+        q.add_used(mem, head, len)
+            .map_err(|e| format!("used ring: {e}"))?;
+        used = true;
+    }
+    Ok(used)
+}
