@@ -40,6 +40,26 @@ pub const MEM_32BIT_DEVICES_SIZE: u64 = 0x2800_0000;
 /// PCI ECAM (MMCONFIG) for segment 0.
 pub const PCI_MMCONFIG_START: GuestAddress = GuestAddress(0xe800_0000);
 pub const PCI_MMCONFIG_SIZE: u64 = 0x1000_0000;
+/// PCI configuration mechanism #1: address port 0xcf8, data ports 0xcfc-0xcff.
+pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
+pub const PCI_CONFIG_IO_SIZE: u64 = 8;
+/// I/O port window described to the guest for PCI (no I/O BARs are allocated yet).
+pub const PCI_IO_WINDOW: (u16, u16) = (0x1000, 0xf000);
+/// Most bytes of the 64-bit PCI MMIO window (it starts at the first GiB boundary above RAM).
+pub const MEM_64BIT_DEVICES_MAX_SIZE: u64 = 64 << 30;
+
+/// The 64-bit PCI MMIO window `(start, size)` for a guest with `ram_size` bytes of RAM and
+/// `phys_bits` of guest physical address space; `None` if nothing fits.
+pub fn mmio64_window(ram_size: u64, phys_bits: u8) -> Option<(u64, u64)> {
+    let ram_end = ram_regions(ram_size)
+        .get(1)
+        .map_or(RAM_64BIT_START.0, |&(start, size)| start.0 + size);
+    let start = ram_end.checked_add((1 << 30) - 1)? & !((1 << 30) - 1);
+    let limit = 1u64.checked_shl(u32::from(phys_bits))?;
+    let size = limit.checked_sub(start)?.min(MEM_64BIT_DEVICES_MAX_SIZE);
+    (size > 0).then_some((start, size))
+}
+
 /// IOAPIC and local APIC MMIO.
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
 pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);

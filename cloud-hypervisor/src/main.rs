@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ArgMatches;
-use vmm::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig};
+use vmm::config::{
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig,
+};
 use vmm::{ConfigError, VmConfig};
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -45,6 +47,13 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     let memory = MemoryConfig::parse(&s("memory").unwrap_or_default())?;
     let serial = ConsoleConfig::parse("--serial", &s("serial").unwrap_or_default())?;
     let console = ConsoleConfig::parse("--console", &s("console").unwrap_or_default())?;
+    let disks = m
+        .get_many::<String>("disk")
+        .into_iter()
+        .flatten()
+        .map(|d| DiskConfig::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     Ok(VmConfig {
         cpus,
         memory,
@@ -56,6 +65,8 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         },
         serial,
         console,
+        disks,
+        rng,
     })
 }
 

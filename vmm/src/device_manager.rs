@@ -10,7 +10,9 @@ use hypervisor::Vm;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::VmConfig;
 use crate::cpu::VmEvents;
+use crate::pci_setup::{self, PciDevices, PciSetupError};
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -20,6 +22,8 @@ pub enum DeviceError {
     Irq(#[source] hypervisor::HypervisorError),
     #[error("device address conflict: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Pci(#[from] PciSetupError),
 }
 
 /// Accepts and ignores accesses: the POST port Linux uses as an I/O delay.
@@ -39,17 +43,33 @@ pub struct DeviceManager {
     pub mmio: Arc<Bus>,
     pub serial: Option<Arc<Mutex<Serial>>>,
     pub cmos: Arc<Mutex<Cmos>>,
+    pub pci: Option<PciDevices>,
+}
+
+/// Everything the device manager builds from.
+pub struct DeviceSetup<'a> {
+    pub vm: &'a Arc<dyn Vm>,
+    pub mem: &'a vm_memory::GuestMemoryMmap,
+    pub cfg: &'a VmConfig,
+    pub ram: (u64, u64),
+    /// `None` for no serial port; `Some(sink)` for a port whose output goes to `sink`.
+    pub serial: Option<Option<Box<dyn std::io::Write + Send>>>,
+    /// The same for the virtio console.
+    pub console: Option<Option<Box<dyn std::io::Write + Send>>>,
+    pub nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
 }
 
 impl DeviceManager {
-    /// `serial`: `None` for no serial port; `Some(sink)` for a port whose output goes to `sink`.
-    pub fn new(
-        vm: &Arc<dyn Vm>,
-        ram: (u64, u64),
-        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
-        nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
-        events: &VmEvents,
-    ) -> Result<Self, DeviceError> {
+    pub fn new(setup: DeviceSetup, events: &VmEvents) -> Result<Self, DeviceError> {
+        let DeviceSetup {
+            vm,
+            mem,
+            cfg,
+            ram,
+            serial,
+            console,
+            nvram,
+        } = setup;
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let requests: Arc<dyn devices::VmRequests> =
@@ -83,11 +103,13 @@ impl DeviceManager {
             1,
         )?;
         pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
+        let pci = Some(pci_setup::create(vm, mem, &pio, &mmio, cfg, console)?);
         Ok(DeviceManager {
             pio,
             mmio,
             serial,
             cmos,
+            pci,
         })
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 mod cpu;
 mod device_manager;
 mod memory;
+mod pci_setup;
 mod serial_io;
 mod vm;
 
@@ -97,10 +98,12 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
     }
 
     let mut serial = SerialEndpoint::open(&config.serial)?;
+    let console = SerialEndpoint::open(&config.console)?;
     let mut vm = Vm::new(
         &hv as &dyn Hypervisor,
         &config,
         serial_sink(&serial),
+        serial_sink(&console),
         None,
         &events,
     )?;
@@ -130,6 +133,7 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
         &config,
         &mut vm,
         &mut serial,
+        &console,
         &events,
         &signal_rx,
     );
@@ -154,6 +158,7 @@ fn control_loop(
     config: &VmConfig,
     vm: &mut Vm,
     serial: &mut SerialEndpoint,
+    console: &SerialEndpoint,
     events: &VmEvents,
     mut signal_rx: &UnixStream,
 ) -> Result<Outcome, Error> {
@@ -185,7 +190,14 @@ fn control_loop(
                     info!("guest reset: rebuilding the VM");
                     let nvram = vm.stop();
                     // Drop the old VM (and its memory) before the new one maps its own.
-                    *vm = Vm::new(hv, config, serial_sink(serial), Some(nvram), events)?;
+                    *vm = Vm::new(
+                        hv,
+                        config,
+                        serial_sink(serial),
+                        serial_sink(console),
+                        Some(nvram),
+                        events,
+                    )?;
                     let _ = events.reset.read();
                     events.clear_halting();
                     vm.start(events)?;

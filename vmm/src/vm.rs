@@ -15,7 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
 use crate::cpu::{VcpuThreads, VmEvents};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup};
 use crate::memory::{self, MemoryError};
 
 #[derive(Debug, Error)]
@@ -69,6 +69,7 @@ impl Vm {
         hv: &dyn Hypervisor,
         cfg: &VmConfig,
         serial: Option<Option<Box<dyn std::io::Write + Send>>>,
+        console: Option<Option<Box<dyn std::io::Write + Send>>>,
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
     ) -> Result<Self, VmError> {
@@ -80,7 +81,18 @@ impl Vm {
         vm.create_irqchip()?;
         let ram = memory::ram_split(cfg.memory.size);
         let serial_enabled = serial.is_some();
-        let devices = DeviceManager::new(&vm, ram, serial, nvram, events)?;
+        let devices = DeviceManager::new(
+            DeviceSetup {
+                vm: &vm,
+                mem: &mem,
+                cfg,
+                ram,
+                serial,
+                console,
+                nvram,
+            },
+            events,
+        )?;
 
         let topology = cfg.cpus.topology.map(|t| Topology {
             threads_per_core: t.threads_per_core,
@@ -102,7 +114,7 @@ impl Vm {
                     )
                 }),
                 serial: serial_enabled,
-                pci: None,
+                pci: Some(crate::pci_setup::pci_host(cfg)),
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;

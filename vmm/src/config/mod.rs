@@ -1,6 +1,7 @@
 //! The VM configuration: one set of typed structs, filled from the command line (here) or,
 //! later, from the API's JSON (serde, with the original's field names).
 
+mod devices;
 mod parser;
 
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use devices::{DiskConfig, PciPlacement, RngConfig, MAX_DISK_QUEUES};
 pub use parser::{parse_size, OptionParser};
 
 /// A bad option value: names the option and the value the user gave.
@@ -291,6 +293,12 @@ pub struct ConsoleConfig {
     pub mode: ConsoleOutputMode,
     #[serde(default)]
     pub iommu: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
 }
 
 impl ConsoleConfig {
@@ -300,6 +308,9 @@ impl ConsoleConfig {
             socket: None,
             mode,
             iommu: false,
+            id: None,
+            pci_segment: 0,
+            pci_device_id: None,
         }
     }
 
@@ -351,6 +362,8 @@ impl ConsoleConfig {
             cfg.socket = Some(PathBuf::from(s));
         }
         cfg.iommu = p.toggle("iommu", false)?;
+        let pl = devices::placement(&p)?;
+        (cfg.id, cfg.pci_segment, cfg.pci_device_id) = (pl.id, pl.pci_segment, pl.pci_device_id);
         Ok(cfg)
     }
 }
@@ -366,6 +379,10 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub rng: RngConfig,
 }
 
 fn default_serial() -> ConsoleConfig {
@@ -415,12 +432,46 @@ impl VmConfig {
                     .into(),
             ));
         }
+        self.validate_devices()?;
         self.cpus
             .validate()
             .map_err(|m| ConfigError::new("--cpus", "", m))?;
         self.memory
             .validate()
             .map_err(|m| ConfigError::new("--memory", "", m))?;
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Device ids and PCI slots must be unique; disk images must exist.
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let mut ids = std::collections::BTreeSet::new();
+        let mut slots = std::collections::BTreeSet::new();
+        let mut check = |option: &'static str, id: &Option<String>, slot: Option<u8>| {
+            if let Some(id) = id {
+                if !ids.insert(id.clone()) {
+                    return Err(ConfigError::new(option, id, "this id is used twice".into()));
+                }
+            }
+            if let Some(slot) = slot {
+                if !slots.insert(slot) {
+                    return Err(ConfigError::new(
+                        option,
+                        &format!("pci_device_id={slot}"),
+                        "this PCI device id is used twice".into(),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        for d in &self.disks {
+            check("--disk", &d.id, d.pci_device_id)?;
+        }
+        check("--rng", &self.rng.id, self.rng.pci_device_id)?;
+        if self.console.mode != ConsoleOutputMode::Off {
+            check("--console", &self.console.id, self.console.pci_device_id)?;
+        }
         Ok(())
     }
 }
@@ -502,6 +553,8 @@ mod tests {
             },
             serial: default_serial(),
             console: default_console(),
+            disks: vec![DiskConfig::parse("path=/d.img,num_queues=2").unwrap()],
+            rng: RngConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();
         for field in [
@@ -510,6 +563,9 @@ mod tests {
             "\"size\":536870912",
             "\"kernel\":\"/k\"",
             "\"mode\":\"Tty\"",
+            "\"disks\":[{\"path\":\"/d.img\"",
+            "\"num_queues\":2",
+            "\"rng\":{\"src\":\"/dev/urandom\"",
         ] {
             assert!(json.contains(field), "{field} in {json}");
         }

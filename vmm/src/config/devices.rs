@@ -1,0 +1,267 @@
+//! Configurations of the virtio PCI devices: `--disk`, `--rng` and the PCI placement keys
+//! (`id=`, `pci_segment=`, `pci_device_id=`) they share with `--console`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::parser::OptionParser;
+use super::ConfigError;
+
+/// Where a device sits on PCI and what it is called. Only segment 0 exists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PciPlacement {
+    pub id: Option<String>,
+    pub pci_segment: u16,
+    pub pci_device_id: Option<u8>,
+}
+
+pub(crate) fn placement(p: &OptionParser) -> Result<PciPlacement, ConfigError> {
+    let pci_segment = p.number::<u16>("pci_segment")?.unwrap_or(0);
+    if pci_segment != 0 {
+        return Err(p.error(format!(
+            "pci_segment={pci_segment}: only PCI segment 0 exists (no --pci-segment support yet)"
+        )));
+    }
+    let pci_device_id = p.number::<u8>("pci_device_id")?;
+    if let Some(d) = pci_device_id {
+        if d == 0 || d > 31 {
+            return Err(p.error(format!(
+                "pci_device_id={d}: must be 1-31 (0 is the host bridge)"
+            )));
+        }
+    }
+    let id = p.get("id").map(str::to_string);
+    if id.as_deref() == Some("") {
+        return Err(p.error("id= must not be empty"));
+    }
+    Ok(PciPlacement {
+        id,
+        pci_segment,
+        pci_device_id,
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default)]
+    pub direct: bool,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default = "default_num_queues")]
+    pub num_queues: u16,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+    #[serde(default)]
+    pub backing_files: bool,
+    #[serde(default = "default_true")]
+    pub sparse: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_type: Option<String>,
+}
+
+fn default_num_queues() -> u16 {
+    1
+}
+fn default_queue_size() -> u16 {
+    128
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Most queues one disk may have.
+pub const MAX_DISK_QUEUES: u16 = 16;
+
+impl DiskConfig {
+    const KEYS: &'static [&'static str] = &[
+        "path",
+        "readonly",
+        "direct",
+        "iommu",
+        "num_queues",
+        "queue_size",
+        "vhost_user",
+        "socket",
+        "bw_size",
+        "bw_one_time_burst",
+        "bw_refill_time",
+        "ops_size",
+        "ops_one_time_burst",
+        "ops_refill_time",
+        "id",
+        "pci_segment",
+        "pci_device_id",
+        "rate_limit_group",
+        "queue_affinity",
+        "serial",
+        "backing_files",
+        "sparse",
+        "image_type",
+        "lock_granularity",
+    ];
+
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--disk", raw, Self::KEYS, &[])?;
+        for unsupported in [
+            "vhost_user",
+            "socket",
+            "bw_size",
+            "bw_one_time_burst",
+            "bw_refill_time",
+            "ops_size",
+            "ops_one_time_burst",
+            "ops_refill_time",
+            "rate_limit_group",
+            "queue_affinity",
+            "lock_granularity",
+        ] {
+            if p.has(unsupported) {
+                return Err(p.error(format!("'{unsupported}' is not supported yet")));
+            }
+        }
+        let path = match p.get("path") {
+            Some(s) if !s.is_empty() => PathBuf::from(s),
+            _ => return Err(p.error("path=<disk image> is required")),
+        };
+        if p.toggle("iommu", false)? {
+            return Err(p.error("iommu=on is not supported yet"));
+        }
+        let num_queues = p.number::<u16>("num_queues")?.unwrap_or(1);
+        if num_queues == 0 || num_queues > MAX_DISK_QUEUES {
+            return Err(p.error(format!("num_queues must be 1-{MAX_DISK_QUEUES}")));
+        }
+        let queue_size = p.number::<u16>("queue_size")?.unwrap_or(128);
+        if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
+            return Err(p.error("queue_size must be a power of two between 2 and 32768"));
+        }
+        let image_type = p.get("image_type").map(str::to_string);
+        if let Some(t) = &image_type {
+            if t.parse::<block::ImageType>().is_err() {
+                return Err(p.error(format!(
+                    "image_type={t}: must be raw, qcow2, vhd or vhdx"
+                )));
+            }
+        }
+        let serial = p.get("serial").map(str::to_string);
+        let pl = placement(&p)?;
+        Ok(DiskConfig {
+            path,
+            readonly: p.toggle("readonly", false)?,
+            direct: p.toggle("direct", false)?,
+            iommu: false,
+            num_queues,
+            queue_size,
+            id: pl.id,
+            serial,
+            pci_segment: pl.pci_segment,
+            pci_device_id: pl.pci_device_id,
+            backing_files: p.toggle("backing_files", false)?,
+            sparse: p.toggle("sparse", true)?,
+            image_type,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngConfig {
+    pub src: PathBuf,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        RngConfig {
+            src: PathBuf::from("/dev/urandom"),
+            iommu: false,
+            id: None,
+            pci_segment: 0,
+            pci_device_id: None,
+        }
+    }
+}
+
+impl RngConfig {
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(
+            "--rng",
+            raw,
+            &["src", "iommu", "id", "pci_segment", "pci_device_id"],
+            &[],
+        )?;
+        if p.toggle("iommu", false)? {
+            return Err(p.error("iommu=on is not supported yet"));
+        }
+        let pl = placement(&p)?;
+        let src = match p.get("src") {
+            Some("") => return Err(p.error("src= needs a path")),
+            Some(s) => PathBuf::from(s),
+            None => PathBuf::from("/dev/urandom"),
+        };
+        Ok(RngConfig {
+            src,
+            iommu: false,
+            id: pl.id,
+            pci_segment: pl.pci_segment,
+            pci_device_id: pl.pci_device_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk() {
+        let d = DiskConfig::parse(
+            "path=/x.img,readonly=on,num_queues=2,queue_size=64,serial=abc,id=d0,pci_device_id=5",
+        )
+        .unwrap();
+        assert!(d.readonly && !d.direct);
+        assert_eq!((d.num_queues, d.queue_size), (2, 64));
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert_eq!(d.id.as_deref(), Some("d0"));
+        assert_eq!(d.pci_device_id, Some(5));
+        for (bad, why) in [
+            ("readonly=on", "path="),
+            ("path=/x,num_queues=0", "num_queues"),
+            ("path=/x,queue_size=100", "power of two"),
+            ("path=/x,pci_segment=1", "only PCI segment 0"),
+            ("path=/x,pci_device_id=0", "1-31"),
+            ("path=/x,pci_device_id=32", "1-31"),
+            ("path=/x,image_type=iso", "image_type"),
+            ("path=/x,vhost_user=on", "not supported"),
+        ] {
+            let e = DiskConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(e.starts_with("--disk "), "{e}");
+        }
+    }
+
+    #[test]
+    fn rng() {
+        assert_eq!(RngConfig::parse("src=/dev/urandom").unwrap(), RngConfig::default());
+        assert_eq!(RngConfig::parse("src=/r,id=rng0").unwrap().id.as_deref(), Some("rng0"));
+        assert!(RngConfig::parse("src=").is_err());
+        assert!(RngConfig::parse("src=/r,pci_segment=2").is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! PCI segment 0 and the virtio devices on it: the host bridge, configuration access through
+//! ports 0xcf8/0xcfc and ECAM, BARs allocated from the 32-bit window, MSI-X routed through the
+//! hypervisor's GSI table, and one virtio-pci function per configured device.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex, Weak};
+
+use arch::layout;
+use devices::{Bus, BusDevice};
+use hypervisor::{IoEventAddress, IrqRoute};
+use log::info;
+use pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
+use thiserror::Error;
+use virtio_devices::{Block, BlockConfig, Console, Rng, VirtioDevice, VirtioPciDevice};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{DiskConfig, VmConfig};
+
+/// GSIs below this belong to the IOAPIC/PIC routes KVM sets up by default.
+const FIRST_MSI_GSI: u32 = 24;
+/// KVM_MAX_IRQ_ROUTES on x86.
+const MAX_GSI: u32 = 4096;
+
+#[derive(Debug, Error)]
+pub enum PciSetupError {
+    #[error("{option} {value}: {msg}")]
+    Device {
+        option: &'static str,
+        value: String,
+        msg: String,
+    },
+    #[error("PCI: {0}")]
+    Bus(String),
+}
+
+/// What the PCI code needs from the VM, backed by the hypervisor and the MMIO bus.
+pub struct VmPci {
+    vm: Arc<dyn hypervisor::Vm>,
+    /// Weak: the bus holds the devices, which hold this.
+    mmio: Weak<Bus>,
+    state: Mutex<GsiState>,
+}
+
+struct GsiState {
+    next: u32,
+    msi: BTreeMap<u32, (u64, u32)>,
+}
+
+impl VmPci {
+    pub fn new(vm: Arc<dyn hypervisor::Vm>, mmio: &Arc<Bus>) -> Self {
+        VmPci {
+            vm,
+            mmio: Arc::downgrade(mmio),
+            state: Mutex::new(GsiState {
+                next: FIRST_MSI_GSI,
+                msi: BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// The whole routing table: KVM's default IOAPIC and PIC routes for GSIs 0-23 (the table
+    /// is replaced as a whole, so they must stay), then every MSI route.
+    fn routes(msi: &BTreeMap<u32, (u64, u32)>) -> Vec<IrqRoute> {
+        let mut r = Vec::with_capacity(40 + msi.len());
+        for gsi in 0..layout::IOAPIC_PINS {
+            r.push(IrqRoute::Ioapic { gsi, pin: gsi });
+            if gsi < 16 {
+                r.push(IrqRoute::Pic {
+                    gsi,
+                    chip: gsi / 8,
+                    pin: gsi % 8,
+                });
+            }
+        }
+        for (&gsi, &(address, data)) in msi {
+            r.push(IrqRoute::Msi {
+                gsi,
+                address,
+                data,
+                devid: None,
+            });
+        }
+        r
+    }
+}
+
+impl VmInterface for VmPci {
+    fn map_mmio(&self, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), String> {
+        let bus = self.mmio.upgrade().ok_or("the VM is gone")?;
+        bus.insert(dev, base, len).map_err(|e| e.to_string())
+    }
+    fn unmap_mmio(&self, base: u64) {
+        if let Some(bus) = self.mmio.upgrade() {
+            bus.remove(base);
+        }
+    }
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> Result<(), String> {
+        self.vm
+            .register_ioevent(fd, IoEventAddress::Mmio(addr), None)
+            .map_err(|e| e.to_string())
+    }
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) {
+        let _ = self.vm.unregister_ioevent(fd, IoEventAddress::Mmio(addr));
+    }
+    fn allocate_gsi(&self) -> Result<u32, String> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.next >= MAX_GSI {
+            return Err("out of GSIs".into());
+        }
+        s.next += 1;
+        Ok(s.next - 1)
+    }
+    fn set_msi_route(&self, gsi: u32, msi: Option<(u64, u32)>) -> Result<(), String> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match msi {
+            Some(m) => s.msi.insert(gsi, m),
+            None => s.msi.remove(&gsi),
+        };
+        self.vm
+            .set_gsi_routing(&Self::routes(&s.msi))
+            .map_err(|e| e.to_string())
+    }
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), String> {
+        self.vm.register_irqfd(fd, gsi).map_err(|e| e.to_string())
+    }
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) {
+        let _ = self.vm.unregister_irqfd(fd, gsi);
+    }
+}
+
+/// The PCI host bridge as ACPI describes it.
+pub fn pci_host(cfg: &VmConfig) -> arch::acpi::PciHost {
+    let mmio64 = layout::mmio64_window(cfg.memory.size, cfg.cpus.max_phys_bits)
+        .unwrap_or((layout::RAM_64BIT_START.0, 1 << 30));
+    arch::acpi::PciHost {
+        segment: 0,
+        ecam_base: layout::PCI_MMCONFIG_START.0,
+        ecam_size: layout::PCI_MMCONFIG_SIZE,
+        bus_start: 0,
+        bus_end: ((layout::PCI_MMCONFIG_SIZE >> 20) - 1) as u8,
+        io: layout::PCI_IO_WINDOW,
+        mmio32: (
+            layout::MEM_32BIT_DEVICES_START.0,
+            layout::MEM_32BIT_DEVICES_SIZE,
+        ),
+        mmio64,
+    }
+}
+
+/// Keeps the PCI devices of one VM.
+pub struct PciDevices {
+    pub root: Arc<Mutex<PciRoot>>,
+}
+
+fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
+    PciSetupError::Device {
+        option: "--disk",
+        value: d.path.display().to_string(),
+        msg,
+    }
+}
+
+fn open_disk(d: &DiskConfig) -> Result<Box<dyn block::DiskFile>, PciSetupError> {
+    let image_type = match &d.image_type {
+        Some(t) => Some(t.parse().map_err(|e: block::Error| disk_error(d, e.to_string()))?),
+        None => None,
+    };
+    let opts = block::OpenOptions {
+        readonly: d.readonly,
+        direct: d.direct,
+        image_type,
+        backing_files: d.backing_files,
+        sparse: d.sparse,
+    };
+    block::open_disk(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
+}
+
+/// Builds segment 0 with the configured devices. `console`: `None` for no virtio console,
+/// `Some(sink)` for one whose output goes to `sink`.
+pub fn create(
+    vm: &Arc<dyn hypervisor::Vm>,
+    mem: &GuestMemoryMmap,
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+    cfg: &VmConfig,
+    console: Option<Option<Box<dyn Write + Send>>>,
+) -> Result<PciDevices, PciSetupError> {
+    let vmi: Arc<dyn VmInterface> = Arc::new(VmPci::new(vm.clone(), mmio));
+    let root = Arc::new(Mutex::new(PciRoot::new(vmi.clone())));
+    let bus_err = |e: devices::BusError| PciSetupError::Bus(e.to_string());
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        layout::PCI_CONFIG_IO_PORT,
+        layout::PCI_CONFIG_IO_SIZE,
+    )
+    .map_err(bus_err)?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciConfigMmio(root.clone()))),
+        layout::PCI_MMCONFIG_START.0,
+        layout::PCI_MMCONFIG_SIZE,
+    )
+    .map_err(bus_err)?;
+    let mut bars = BarAllocator::new(
+        layout::MEM_32BIT_DEVICES_START.0,
+        layout::MEM_32BIT_DEVICES_SIZE,
+    );
+
+    // (option, id, wanted slot, device)
+    let mut list: Vec<(&'static str, String, Option<u8>, Box<dyn VirtioDevice>)> = Vec::new();
+    if let Some(out) = console {
+        let id = cfg.console.id.clone().unwrap_or_else(|| "_console".into());
+        list.push((
+            "--console",
+            id,
+            cfg.console.pci_device_id,
+            Box::new(Console::new(out)),
+        ));
+    }
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let disk = open_disk(d)?;
+        let id = d.id.clone().unwrap_or_else(|| format!("_disk{i}"));
+        let serial = d.serial.clone().unwrap_or_else(|| id.clone());
+        let dev = Block::new(
+            disk,
+            BlockConfig {
+                num_queues: d.num_queues,
+                queue_size: d.queue_size,
+                serial,
+            },
+        );
+        list.push(("--disk", id, d.pci_device_id, Box::new(dev)));
+    }
+    let src = File::open(&cfg.rng.src).map_err(|e| PciSetupError::Device {
+        option: "--rng",
+        value: cfg.rng.src.display().to_string(),
+        msg: format!("cannot open: {e}"),
+    })?;
+    let rng_id = cfg.rng.id.clone().unwrap_or_else(|| "_rng".into());
+    list.push(("--rng", rng_id, cfg.rng.pci_device_id, Box::new(Rng::new(src))));
+
+    // Devices with an explicit slot first, so automatic ones do not take their slot.
+    list.sort_by_key(|(_, _, slot, _)| slot.is_none());
+    let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
+    for (option, id, slot, dev) in list {
+        let err = |msg: String| PciSetupError::Device {
+            option,
+            value: id.clone(),
+            msg,
+        };
+        let slot = r.next_device_id(slot).map_err(|e| err(e.to_string()))?;
+        let addr = bars
+            .allocate(virtio_devices::VIRTIO_PCI_BAR_SIZE)
+            .map_err(|e| err(e.to_string()))?;
+        let pdev = VirtioPciDevice::new(id.clone(), dev, mem.clone(), vmi.clone(), addr)
+            .map_err(err)?;
+        r.add_device(slot, Arc::new(Mutex::new(pdev)))
+            .map_err(|e| err(e.to_string()))?;
+        info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {addr:#x}");
+    }
+    drop(r);
+    Ok(PciDevices { root })
+}
