@@ -124,8 +124,20 @@ fn conflicting_and_unsupported_options() {
         &["--serial", "tty"],
     );
     assert_rejected(
-        &["--kernel", k, "--disk", "path=/tmp/x.img"],
-        &["--disk path=/tmp/x.img", "not supported yet"],
+        &["--kernel", k, "--net", "tap=tap0"],
+        &["--net tap=tap0", "not supported yet"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--disk", "path=/nonexistent/x.img"],
+        &["--disk /nonexistent/x.img", "No such file"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--disk", "path=/tmp/x.img,pci_segment=1"],
+        &["--disk", "only PCI segment 0"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--rng", "src=/nonexistent/rng"],
+        &["--rng /nonexistent/rng", "cannot open"],
     );
     assert_rejected(
         &[

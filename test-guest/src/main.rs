@@ -13,9 +13,11 @@ extern crate alloc;
 mod acpi_sys;
 mod bootinfo;
 mod cmos;
+mod hostile;
 mod mem;
 mod smp;
 mod svc;
+mod virtio;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -106,6 +108,7 @@ fn fail(name: &str, why: core::fmt::Arguments) {
     println!("FAIL {name}: {why}");
 }
 
+#[macro_export]
 macro_rules! check {
     ($name:expr, $cond:expr, $($why:tt)*) => {
         if $cond { pass($name) } else { fail($name, format_args!($($why)*)) }
@@ -189,6 +192,11 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "echo" => scenario_echo(),
         "wait" => scenario_wait(),
         "fault" => scenario_fault(),
+        "pci" => virtio::scenario_pci(&boot),
+        "rng" => virtio::scenario_rng(),
+        "blk" => virtio::scenario_blk(&boot),
+        "console" => virtio::scenario_console(),
+        "hostile" => hostile::scenario_hostile(),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

@@ -1,0 +1,195 @@
+//! PCI and virtio devices, driven from inside the test guest by the `virtio-drivers` crate (an
+//! independent driver stack) and by hand with malformed requests.
+
+mod common;
+
+use std::path::Path;
+
+use common::{boot, guest, run, scratch};
+
+const SECTORS: u64 = 16;
+
+/// Sector `s` of disk `k` as the host writes it / as the guest rewrites it
+/// (the same formulas as test-guest/src/virtio.rs).
+fn host_pattern(k: usize, s: u64) -> u8 {
+    (s as u8).wrapping_mul(3).wrapping_add(k as u8 + 1)
+}
+fn guest_pattern(k: usize, s: u64) -> u8 {
+    (s as u8).wrapping_mul(5).wrapping_add(k as u8 + 0x80)
+}
+
+fn make_disk(path: &Path, k: usize, size: u64) {
+    let mut img = vec![0u8; size as usize];
+    for s in 0..SECTORS {
+        img[s as usize * 512..][..512].fill(host_pattern(k, s));
+    }
+    std::fs::write(path, img).unwrap();
+}
+
+fn check_disk(path: &Path, k: usize, size: u64, written: bool) {
+    let img = std::fs::read(path).unwrap();
+    assert_eq!(img.len() as u64, size, "{}: size changed", path.display());
+    for s in 0..SECTORS {
+        let want = if written {
+            guest_pattern(k, s)
+        } else {
+            host_pattern(k, s)
+        };
+        let sector = &img[s as usize * 512..][..512];
+        assert!(
+            sector.iter().all(|&b| b == want),
+            "{} sector {s}: expected {want:#x}, found {:x?}",
+            path.display(),
+            &sector[..8]
+        );
+    }
+    assert!(img[(SECTORS * 512) as usize..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn pci_enumeration_ports_and_ecam() {
+    let dir = scratch("pci");
+    let disk = dir.join("d.img");
+    make_disk(&disk, 0, 1 << 20);
+    let d = format!("path={},id=disk0,pci_device_id=7", disk.display());
+    let r = boot(
+        &guest().elf_pvh,
+        "test=pci expect_virtio=2",
+        &["--memory", "size=256M", "--disk", &d],
+    );
+    r.assert_guest_passed();
+    for c in [
+        "pci-host-bridge",
+        "pci-ports-match-ecam",
+        "pci-virtio-count",
+        "pci-bars",
+        "pci-capabilities",
+    ] {
+        r.assert_passed(c);
+    }
+    assert!(r.stdout.contains("INFO pci 00:07.0 id=10421af4"), "{}", r.stdout);
+}
+
+#[test]
+fn rng_gives_entropy() {
+    let r = boot(
+        &guest().elf_linux,
+        "test=rng",
+        &["--memory", "size=256M", "--rng", "src=/dev/urandom,id=rng0"],
+    );
+    r.assert_guest_passed();
+    r.assert_passed("rng-read");
+}
+
+#[test]
+fn blk_two_disks_one_and_two_queues() {
+    let dir = scratch("blk2");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    make_disk(&a, 0, 1 << 20);
+    make_disk(&b, 1, 2 << 20);
+    let da = format!("path={},serial=serial0,num_queues=1", a.display());
+    let db = format!(
+        "path={},serial=serial1,num_queues=2,queue_size=64,id=second",
+        b.display()
+    );
+    let cmdline = format!("test=blk blk_disks=2 blk_sectors={SECTORS}");
+    let r = boot(
+        &guest().elf_pvh,
+        &cmdline,
+        &["--memory", "size=256M", "--disk", &da, &db],
+    );
+    r.assert_guest_passed();
+    for k in 0..2 {
+        for c in ["read", "write", "flush", "read-back", "get-id", "read-beyond-end"] {
+            r.assert_passed(&format!("blk{k}-{c}"));
+        }
+    }
+    check_disk(&a, 0, 1 << 20, true);
+    check_disk(&b, 1, 2 << 20, true);
+}
+
+#[test]
+fn blk_readonly_rejects_writes() {
+    let dir = scratch("blkro");
+    let a = dir.join("ro.img");
+    make_disk(&a, 0, 1 << 20);
+    let da = format!("path={},readonly=on,serial=serial0", a.display());
+    let cmdline = format!("test=blk blk_disks=1 blk_ro=1 blk_sectors={SECTORS}");
+    let r = boot(&guest().elf_pvh, &cmdline, &["--memory", "size=256M", "--disk", &da]);
+    r.assert_guest_passed();
+    r.assert_passed("blk0-write-rejected");
+    check_disk(&a, 0, 1 << 20, false);
+}
+
+#[test]
+fn blk_image_locked_by_another_vmm() {
+    let dir = scratch("blklock");
+    let a = dir.join("l.img");
+    make_disk(&a, 0, 1 << 20);
+    let da = format!("path={}", a.display());
+    let k = guest().elf_pvh.to_str().unwrap().to_string();
+    let first = common::spawn(&[
+        "--kernel", &k, "--cmdline", "test=wait", "--serial", "null", "--console", "off",
+        "--disk", &da,
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let second = run(&[
+        "--kernel", &k, "--cmdline", "test=wait", "--serial", "null", "--console", "off",
+        "--disk", &da,
+    ]);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let _ = common::wait_with_timeout(first, std::time::Duration::from_secs(20));
+    assert_eq!(second.code(), Some(1), "{}", second.stderr);
+    let line = second.stderr.trim();
+    assert!(
+        line.starts_with("cloud-hypervisor: --disk ") && line.contains("lock"),
+        "{line}"
+    );
+    assert_eq!(line.lines().count(), 1, "{line}");
+}
+
+#[test]
+fn console_output_reaches_the_file() {
+    let dir = scratch("console");
+    let out = dir.join("console.txt");
+    let k = guest().elf_pvh.to_str().unwrap().to_string();
+    let c = format!("file={}", out.display());
+    let r = run(&[
+        "--kernel", &k, "--cmdline", "test=console", "--memory", "size=256M", "--serial", "tty",
+        "--console", &c,
+    ]);
+    r.assert_guest_passed();
+    r.assert_passed("console-write");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text, "hello from virtio-console\n");
+}
+
+#[test]
+fn hostile_requests_do_not_take_the_vmm_down() {
+    let dir = scratch("hostile");
+    let a = dir.join("h.img");
+    make_disk(&a, 0, 1 << 20);
+    let da = format!("path={}", a.display());
+    let r = boot(&guest().elf_pvh, "test=hostile", &["--memory", "size=256M", "--disk", &da]);
+    r.assert_guest_passed();
+    for c in [
+        "hostile-addr-outside-ram",
+        "hostile-readonly-data-for-in",
+        "hostile-writable-header",
+        "hostile-oversized",
+        "hostile-sector-beyond-end",
+        "hostile-addr-wraps",
+        "hostile-chain-over-4g",
+        "hostile-zero-length-status",
+        "hostile-descriptor-loop",
+        "hostile-valid-after-bad",
+        "hostile-needs-reset",
+        "rng-read",
+        "hostile-recovered",
+        "hostile-vmm-alive",
+    ] {
+        r.assert_passed(c);
+    }
+    check_disk(&a, 0, 1 << 20, false);
+}

@@ -1,0 +1,271 @@
+//! PCI and virtio scenarios: enumeration through ECAM and ports 0xcf8/0xcfc, and the
+//! `virtio-drivers` crate (an independent driver stack) on the VMM's virtio-pci devices.
+
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::device::console::VirtIOConsole;
+use virtio_drivers::device::rng::VirtIORng;
+use virtio_drivers::transport::pci::bus::{
+    BarInfo, Cam, ConfigurationAccess, DeviceFunction, MmioCam, PciRoot,
+};
+use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
+use virtio_drivers::transport::DeviceType;
+use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+
+use crate::bootinfo::BootInfo;
+use crate::{fail, pass, parse_u64, println, smp, svc};
+
+pub const ECAM_BASE: u64 = 0xe800_0000;
+const MMIO32: (u64, u64) = (0xc000_0000, 0xe800_0000);
+/// DMA arena: guest RAM at 16-32 MiB, identity mapped (guest physical = virtual).
+const DMA_START: u64 = 0x100_0000;
+const DMA_END: u64 = 0x200_0000;
+static DMA_NEXT: AtomicU64 = AtomicU64::new(DMA_START);
+
+pub struct GuestHal;
+
+// SAFETY: dma_alloc hands out disjoint, zeroed, page-aligned ranges of RAM that nothing else
+// in the guest uses; all memory is identity mapped, so physical = virtual everywhere.
+unsafe impl Hal for GuestHal {
+    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let len = (pages * PAGE_SIZE) as u64;
+        let addr = DMA_NEXT.fetch_add(len, Ordering::Relaxed);
+        assert!(addr + len <= DMA_END, "DMA arena exhausted");
+        // SAFETY: [addr, addr+len) is RAM reserved for DMA (above).
+        unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len as usize) };
+        (addr, NonNull::new(addr as *mut u8).expect("non-null"))
+    }
+    unsafe fn dma_dealloc(_paddr: PhysAddr, _vaddr: NonNull<u8>, _pages: usize) -> i32 {
+        0
+    }
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        NonNull::new(paddr as *mut u8).expect("non-null MMIO")
+    }
+    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> PhysAddr {
+        buffer.as_ptr() as *mut u8 as u64
+    }
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
+}
+
+pub fn dma_pages(pages: usize) -> u64 {
+    GuestHal::dma_alloc(pages, BufferDirection::Both).0
+}
+
+fn ecam() -> MmioCam<'static> {
+    // SAFETY: the ECAM range is identity mapped (uncached) and only used for config accesses.
+    unsafe { MmioCam::new(ECAM_BASE as *mut u8, Cam::Ecam) }
+}
+
+pub fn root() -> PciRoot<MmioCam<'static>> {
+    PciRoot::new(ecam())
+}
+
+/// Config dword through ports 0xcf8/0xcfc (monitor port-I/O services).
+fn port_read(dev: u8, reg: u8) -> u32 {
+    svc::outl(0xcf8, 0x8000_0000 | u32::from(dev) << 11 | u32::from(reg));
+    svc::inl(0xcfc)
+}
+
+/// Every function on bus 0 with its device type (None for non-virtio).
+pub fn devices(root: &PciRoot<MmioCam<'static>>) -> Vec<(DeviceFunction, Option<DeviceType>)> {
+    root.enumerate_bus(0)
+        .map(|(df, info)| (df, virtio_device_type(&info)))
+        .collect()
+}
+
+pub fn find(kind: DeviceType) -> Vec<DeviceFunction> {
+    devices(&root())
+        .into_iter()
+        .filter(|(_, t)| *t == Some(kind))
+        .map(|(df, _)| df)
+        .collect()
+}
+
+pub fn transport(df: DeviceFunction) -> Option<PciTransport> {
+    let mut r = root();
+    match PciTransport::new::<GuestHal, _>(&mut r, df) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            fail("virtio-transport", format_args!("{df}: {e}"));
+            None
+        }
+    }
+}
+
+pub fn scenario_pci(boot: &BootInfo) {
+    let mut root = root();
+    let cam = ecam();
+    let devs = devices(&root);
+    for (df, t) in &devs {
+        let id = cam.read_word(*df, 0);
+        println!("INFO pci {df} id={id:08x} type={t:?}");
+    }
+    let bridge = cam.read_word(DeviceFunction { bus: 0, device: 0, function: 0 }, 0);
+    let class = cam.read_word(DeviceFunction { bus: 0, device: 0, function: 0 }, 8) >> 16;
+    crate::check!("pci-host-bridge", bridge == 0x0d57_8086 && class == 0x0600,
+        "00:00.0 id {bridge:#x} class {class:#x}");
+    // The same functions through the legacy ports.
+    let mut mismatches = 0;
+    for dev in 0..32u8 {
+        let via_port = port_read(dev, 0);
+        let via_ecam = cam.read_word(DeviceFunction { bus: 0, device: dev, function: 0 }, 0);
+        if via_port != via_ecam {
+            println!("INFO pci dev {dev}: ports {via_port:#x} ecam {via_ecam:#x}");
+            mismatches += 1;
+        }
+    }
+    crate::check!("pci-ports-match-ecam", mismatches == 0, "{mismatches} differences");
+    let virtio: Vec<_> = devs.iter().filter(|(_, t)| t.is_some()).collect();
+    if let Some(want) = boot.arg("expect_virtio").and_then(parse_u64) {
+        crate::check!("pci-virtio-count", virtio.len() as u64 == want,
+            "{} virtio functions, expected {want}", virtio.len());
+    }
+    let mut bad_bars = 0;
+    let mut bad_caps = 0;
+    let mut ends: Vec<(u64, u64)> = Vec::new();
+    for (df, _) in &virtio {
+        match root.bar_info(*df, 0) {
+            Ok(Some(BarInfo::Memory { address, size, .. })) => {
+                let ok = size == 0x1_0000 && address >= MMIO32.0 && address + size <= MMIO32.1
+                    && address % size == 0
+                    && ends.iter().all(|&(a, s)| address + size <= a || a + s <= address);
+                if !ok {
+                    println!("INFO {df}: BAR0 {address:#x} size {size:#x}");
+                    bad_bars += 1;
+                }
+                ends.push((address, size));
+            }
+            other => {
+                println!("INFO {df}: BAR0 {other:?}");
+                bad_bars += 1;
+            }
+        }
+        for bar in 2..6 {
+            if !matches!(root.bar_info(*df, bar), Ok(None)) {
+                bad_bars += 1;
+            }
+        }
+        let mut types = 0u32;
+        let mut msix = false;
+        for cap in root.capabilities(*df) {
+            if cap.id == 0x09 {
+                types |= 1 << ((cap.private_header >> 8) & 0xff);
+            }
+            if cap.id == 0x11 {
+                msix = true;
+            }
+        }
+        if types != 0b11_1110 || !msix {
+            println!("INFO {df}: cap types {types:#b} msix {msix}");
+            bad_caps += 1;
+        }
+    }
+    crate::check!("pci-bars", bad_bars == 0 && !virtio.is_empty(), "{bad_bars} bad BARs");
+    crate::check!("pci-capabilities", bad_caps == 0 && !virtio.is_empty(), "{bad_caps} devices with missing capabilities");
+}
+
+pub fn scenario_rng() {
+    let Some(df) = find(DeviceType::EntropySource).into_iter().next() else {
+        fail("rng-present", format_args!("no virtio-rng function"));
+        return;
+    };
+    pass("rng-present");
+    let Some(t) = transport(df) else { return };
+    match VirtIORng::<GuestHal, _>::new(t) {
+        Ok(mut rng) => {
+            let mut buf = [0u8; 256];
+            match rng.request_entropy(&mut buf) {
+                Ok(n) => {
+                    let distinct = buf[..n].iter().any(|&b| b != buf[0]);
+                    crate::check!("rng-read", n > 0 && distinct, "{n} bytes, all {:#x}", buf[0]);
+                }
+                Err(e) => fail("rng-read", format_args!("{e}")),
+            }
+        }
+        Err(e) => fail("rng-init", format_args!("{e}")),
+    }
+}
+
+/// Byte of sector `s` of disk `k` as the host wrote it, and as the guest rewrites it.
+pub fn host_pattern(k: usize, s: u64) -> u8 {
+    (s as u8).wrapping_mul(3).wrapping_add(k as u8 + 1)
+}
+pub fn guest_pattern(k: usize, s: u64) -> u8 {
+    (s as u8).wrapping_mul(5).wrapping_add(k as u8 + 0x80)
+}
+
+pub fn scenario_blk(boot: &BootInfo) {
+    let disks = find(DeviceType::Block);
+    let want = boot.arg("blk_disks").and_then(parse_u64).unwrap_or(1) as usize;
+    crate::check!("blk-count", disks.len() == want, "{} disks, expected {want}", disks.len());
+    let sectors = boot.arg("blk_sectors").and_then(parse_u64).unwrap_or(8);
+    let ro_mask = boot.arg("blk_ro").and_then(parse_u64).unwrap_or(0);
+    for (k, df) in disks.into_iter().enumerate() {
+        let Some(t) = transport(df) else { continue };
+        let mut blk = match VirtIOBlk::<GuestHal, _>::new(t) {
+            Ok(b) => b,
+            Err(e) => {
+                fail("blk-init", format_args!("disk {k}: {e}"));
+                continue;
+            }
+        };
+        let name = |n: &str| alloc::format!("blk{k}-{n}");
+        crate::check!(&name("capacity"), blk.capacity() >= sectors, "{} sectors", blk.capacity());
+        let mut id = [0u8; 20];
+        match blk.device_id(&mut id) {
+            Ok(n) => {
+                let s = core::str::from_utf8(&id[..n]).unwrap_or("?");
+                let want = alloc::format!("serial{k}");
+                crate::check!(&name("get-id"), s == want, "id {s:?}, expected {want:?}");
+            }
+            Err(e) => fail(&name("get-id"), format_args!("{e}")),
+        }
+        let mut buf = alloc::vec![0u8; 512 * sectors as usize];
+        match blk.read_blocks(0, &mut buf) {
+            Ok(()) => {
+                let bad = (0..sectors).find(|&s| {
+                    buf[s as usize * 512..][..512].iter().any(|&b| b != host_pattern(k, s))
+                });
+                crate::check!(&name("read"), bad.is_none(), "sector {bad:?} differs");
+            }
+            Err(e) => fail(&name("read"), format_args!("{e}")),
+        }
+        // Read past the end fails.
+        let mut one = [0u8; 512];
+        crate::check!(&name("read-beyond-end"), blk.read_blocks(blk.capacity() as usize, &mut one).is_err(), "succeeded");
+        for s in 0..sectors {
+            buf[s as usize * 512..][..512].fill(guest_pattern(k, s));
+        }
+        let readonly = ro_mask & (1 << k) != 0;
+        crate::check!(&name("ro-flag"), blk.readonly() == readonly, "readonly={}", blk.readonly());
+        let w = blk.write_blocks(0, &buf);
+        if readonly {
+            crate::check!(&name("write-rejected"), w.is_err(), "write to a read-only disk succeeded");
+        } else {
+            crate::check!(&name("write"), w.is_ok(), "{w:?}");
+            crate::check!(&name("flush"), blk.flush().is_ok(), "flush failed");
+            let mut back = alloc::vec![0u8; buf.len()];
+            let ok = blk.read_blocks(0, &mut back).is_ok() && back == buf;
+            crate::check!(&name("read-back"), ok, "data read back differs");
+        }
+    }
+}
+
+pub fn scenario_console() {
+    let Some(df) = find(DeviceType::Console).into_iter().next() else {
+        fail("console-present", format_args!("no virtio-console function"));
+        return;
+    };
+    let Some(t) = transport(df) else { return };
+    match VirtIOConsole::<GuestHal, _>::new(t) {
+        Ok(mut c) => {
+            let r = c.send_bytes(b"hello from virtio-console\n");
+            crate::check!("console-write", r.is_ok(), "{r:?}");
+        }
+        Err(e) => fail("console-init", format_args!("{e}")),
+    }
+    smp::delay_us(1000);
+}
