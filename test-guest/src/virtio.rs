@@ -176,6 +176,7 @@ pub fn scenario_rng() {
     let Some(t) = transport(df) else { return };
     match VirtIORng::<GuestHal, _>::new(t) {
         Ok(mut rng) => {
+            let msix = msix_mask_and_route(df);
             let mut buf = [0u8; 256];
             match rng.request_entropy(&mut buf) {
                 Ok(n) => {
@@ -184,9 +185,64 @@ pub fn scenario_rng() {
                 }
                 Err(e) => fail("rng-read", format_args!("{e}")),
             }
+            if let Some((bar, cap, pba)) = msix {
+                // The completion raised vector 0 while the function was masked: pending.
+                // SAFETY: PBA in our device's BAR (identity-mapped MMIO).
+                let bits = unsafe { core::ptr::read_volatile((bar + pba) as *const u64) };
+                crate::check!("msix-pending-bit", bits & 1 == 1, "PBA {bits:#x}");
+                let mut cam = ecam();
+                cam.write_word(df, cap, 0);
+            }
         }
         Err(e) => fail("rng-init", format_args!("{e}")),
     }
+}
+
+/// Enables MSI-X with the function masked, programs entry 0 and routes queue 0 to it.
+/// Returns (BAR address, MSI-X capability offset, PBA offset).
+fn msix_mask_and_route(df: DeviceFunction) -> Option<(u64, u8, u64)> {
+    let mut r = root();
+    let bar = match r.bar_info(df, 0) {
+        Ok(Some(BarInfo::Memory { address, .. })) => address,
+        _ => return None,
+    };
+    let mut cam = ecam();
+    let mut msix = None;
+    let mut common = None;
+    for c in r.capabilities(df) {
+        if c.id == 0x11 {
+            msix = Some(c.offset);
+        }
+        if c.id == 0x09 && (c.private_header >> 8) & 0xff == 1 {
+            common = Some(u64::from(cam.read_word(df, c.offset + 8)));
+        }
+    }
+    let (Some(cap), Some(common)) = (msix, common) else {
+        fail("msix-cap", format_args!("no MSI-X or common capability"));
+        return None;
+    };
+    let table = u64::from(cam.read_word(df, cap + 4) & !7);
+    let pba = u64::from(cam.read_word(df, cap + 8) & !7);
+    cam.write_word(df, cap, 0xc000 << 16);
+    let ctl = cam.read_word(df, cap) >> 16;
+    crate::check!("msix-enable", ctl & 0xc000 == 0xc000, "message control {ctl:#x}");
+    let w32 = |a: u64, v: u32| {
+        // SAFETY: our device's BAR (identity-mapped MMIO).
+        unsafe { core::ptr::write_volatile((bar + a) as *mut u32, v) }
+    };
+    w32(table, 0xfee0_0000);
+    w32(table + 4, 0);
+    w32(table + 8, 0x30);
+    w32(table + 12, 0);
+    // SAFETY: as above.
+    unsafe {
+        core::ptr::write_volatile((bar + common + 0x16) as *mut u16, 0);
+        core::ptr::write_volatile((bar + common + 0x1a) as *mut u16, 0);
+    }
+    // SAFETY: as above.
+    let v = unsafe { core::ptr::read_volatile((bar + common + 0x1a) as *const u16) };
+    crate::check!("msix-queue-vector", v == 0, "queue 0 vector reads {v:#x}");
+    Some((bar, cap, pba))
 }
 
 /// Byte of sector `s` of disk `k` as the host wrote it, and as the guest rewrites it.

@@ -44,7 +44,6 @@ struct QueueState {
     max_size: u16,
     size: u16,
     ready: bool,
-    vector: u16,
     desc: u64,
     avail: u64,
     used: u64,
@@ -56,7 +55,6 @@ impl QueueState {
             max_size,
             size: max_size,
             ready: false,
-            vector: NO_VECTOR,
             desc: 0,
             avail: 0,
             used: 0,
@@ -67,14 +65,16 @@ impl QueueState {
 struct PciInterrupt {
     msix: Arc<Mutex<MsixConfig>>,
     isr: Arc<AtomicU8>,
-    queue_vectors: Vec<u16>,
+    /// The driver may change vectors while the device runs.
+    queue_vectors: Arc<[AtomicU16]>,
     config_vector: Arc<AtomicU16>,
 }
 
 impl VirtioInterrupt for PciInterrupt {
     fn signal_queue(&self, index: usize) {
         self.isr.fetch_or(1, Ordering::AcqRel);
-        if let Some(&v) = self.queue_vectors.get(index) {
+        if let Some(v) = self.queue_vectors.get(index) {
+            let v = v.load(Ordering::Acquire);
             self.msix.lock().unwrap_or_else(|e| e.into_inner()).trigger(v);
         }
     }
@@ -96,6 +96,7 @@ pub struct VirtioPciDevice {
     isr: Arc<AtomicU8>,
     status: Arc<DeviceStatus>,
     config_vector: Arc<AtomicU16>,
+    queue_vectors: Arc<[AtomicU16]>,
     offered: u64,
     acked: u64,
     device_feature_select: u32,
@@ -196,6 +197,7 @@ impl VirtioPciDevice {
             isr: Arc::new(AtomicU8::new(0)),
             status: Arc::new(DeviceStatus::default()),
             config_vector: Arc::new(AtomicU16::new(NO_VECTOR)),
+            queue_vectors: sizes.iter().map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             offered,
             acked: 0,
             device_feature_select: 0,
@@ -224,6 +226,9 @@ impl VirtioPciDevice {
         self.queue_select = 0;
         self.isr.store(0, Ordering::Release);
         self.config_vector.store(NO_VECTOR, Ordering::Release);
+        for v in self.queue_vectors.iter() {
+            v.store(NO_VECTOR, Ordering::Release);
+        }
         self.status.set(0);
         self.activated = false;
     }
@@ -289,7 +294,7 @@ impl VirtioPciDevice {
         let interrupt = Arc::new(PciInterrupt {
             msix: self.msix.clone(),
             isr: self.isr.clone(),
-            queue_vectors: self.queues.iter().map(|q| q.vector).collect(),
+            queue_vectors: self.queue_vectors.clone(),
             config_vector: self.config_vector.clone(),
         });
         let ctx = ActivateContext {
@@ -333,7 +338,10 @@ impl VirtioPciDevice {
             0x15 => 0,
             0x16 => u64::from(self.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size)),
-            0x1a => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            0x1a => self
+                .queue_vectors
+                .get(self.queue_select as usize)
+                .map_or(u64::from(NO_VECTOR), |v| u64::from(v.load(Ordering::Acquire))),
             0x1c => q.map_or(0, |q| u64::from(q.ready)),
             0x1e => u64::from(self.queue_select),
             0x20 => q.map_or(0, |q| q.desc),
@@ -385,9 +393,8 @@ impl VirtioPciDevice {
                 }
             }
             0x1a => {
-                let vec = vector(v);
-                if let Some(q) = self.selected() {
-                    q.vector = vec;
+                if let Some(q) = self.queue_vectors.get(self.queue_select as usize) {
+                    q.store(vector(v), Ordering::Release);
                 }
             }
             0x1c if !live => {
