@@ -8,9 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ArgMatches;
-use vmm::config::{
-    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig,
-};
+use vmm::config::{ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig};
 use vmm::{ConfigError, VmConfig};
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {

@@ -67,7 +67,11 @@ fn pci_enumeration_ports_and_ecam() {
     ] {
         r.assert_passed(c);
     }
-    assert!(r.stdout.contains("INFO pci 00:07.0 id=10421af4"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("INFO pci 00:07.0 id=10421af4"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -78,7 +82,12 @@ fn rng_gives_entropy() {
         &["--memory", "size=256M", "--rng", "src=/dev/urandom,id=rng0"],
     );
     r.assert_guest_passed();
-    for c in ["rng-read", "msix-enable", "msix-queue-vector", "msix-pending-bit"] {
+    for c in [
+        "rng-read",
+        "msix-enable",
+        "msix-queue-vector",
+        "msix-pending-bit",
+    ] {
         r.assert_passed(c);
     }
 }
@@ -102,7 +111,14 @@ fn blk_two_disks_one_and_two_queues() {
     );
     r.assert_guest_passed();
     for k in 0..2 {
-        for c in ["read", "write", "flush", "read-back", "get-id", "read-beyond-end"] {
+        for c in [
+            "read",
+            "write",
+            "flush",
+            "read-back",
+            "get-id",
+            "read-beyond-end",
+        ] {
             r.assert_passed(&format!("blk{k}-{c}"));
         }
     }
@@ -117,7 +133,11 @@ fn blk_readonly_rejects_writes() {
     make_disk(&a, 0, 1 << 20);
     let da = format!("path={},readonly=on,serial=serial0", a.display());
     let cmdline = format!("test=blk blk_disks=1 blk_ro=1 blk_sectors={SECTORS}");
-    let r = boot(&guest().elf_pvh, &cmdline, &["--memory", "size=256M", "--disk", &da]);
+    let r = boot(
+        &guest().elf_pvh,
+        &cmdline,
+        &["--memory", "size=256M", "--disk", &da],
+    );
     r.assert_guest_passed();
     r.assert_passed("blk0-write-rejected");
     check_disk(&a, 0, 1 << 20, false);
@@ -131,13 +151,29 @@ fn blk_image_locked_by_another_vmm() {
     let da = format!("path={}", a.display());
     let k = guest().elf_pvh.to_str().unwrap().to_string();
     let first = common::spawn(&[
-        "--kernel", &k, "--cmdline", "test=wait", "--serial", "null", "--console", "off",
-        "--disk", &da,
+        "--kernel",
+        &k,
+        "--cmdline",
+        "test=wait",
+        "--serial",
+        "null",
+        "--console",
+        "off",
+        "--disk",
+        &da,
     ]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let second = run(&[
-        "--kernel", &k, "--cmdline", "test=wait", "--serial", "null", "--console", "off",
-        "--disk", &da,
+        "--kernel",
+        &k,
+        "--cmdline",
+        "test=wait",
+        "--serial",
+        "null",
+        "--console",
+        "off",
+        "--disk",
+        &da,
     ]);
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
@@ -158,8 +194,16 @@ fn console_output_reaches_the_file() {
     let k = guest().elf_pvh.to_str().unwrap().to_string();
     let c = format!("file={}", out.display());
     let r = run(&[
-        "--kernel", &k, "--cmdline", "test=console", "--memory", "size=256M", "--serial", "tty",
-        "--console", &c,
+        "--kernel",
+        &k,
+        "--cmdline",
+        "test=console",
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+        "--console",
+        &c,
     ]);
     r.assert_guest_passed();
     r.assert_passed("console-write");
@@ -173,7 +217,11 @@ fn hostile_requests_do_not_take_the_vmm_down() {
     let a = dir.join("h.img");
     make_disk(&a, 0, 1 << 20);
     let da = format!("path={}", a.display());
-    let r = boot(&guest().elf_pvh, "test=hostile", &["--memory", "size=256M", "--disk", &da]);
+    let r = boot(
+        &guest().elf_pvh,
+        "test=hostile",
+        &["--memory", "size=256M", "--disk", &da],
+    );
     r.assert_guest_passed();
     for c in [
         "hostile-addr-outside-ram",

@@ -131,7 +131,10 @@ impl PciConfiguration {
     pub fn add_capability(&mut self, bytes: &[u8]) -> Option<usize> {
         let len = bytes.len().div_ceil(4) * 4;
         if bytes.len() < 2 || self.next_cap == 0 || self.next_cap + len > 256 {
-            warn!("no room for PCI capability {:#x}", bytes.first().unwrap_or(&0));
+            warn!(
+                "no room for PCI capability {:#x}",
+                bytes.first().unwrap_or(&0)
+            );
             return None;
         }
         let offset = self.next_cap;

@@ -173,7 +173,10 @@ impl MsixConfig {
     /// A guest read of the table at `offset` (4 or 8 bytes, aligned); anything else reads ones.
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
-        let (i, field) = ((offset / MSIX_ENTRY_SIZE) as usize, offset % MSIX_ENTRY_SIZE);
+        let (i, field) = (
+            (offset / MSIX_ENTRY_SIZE) as usize,
+            offset % MSIX_ENTRY_SIZE,
+        );
         let Some(e) = self.entries.get(i) else { return };
         let words = [e.addr_lo, e.addr_hi, e.data, e.control];
         match (data.len(), field % 4) {
@@ -189,7 +192,10 @@ impl MsixConfig {
 
     /// A guest write of the table at `offset` (4 or 8 bytes, aligned); others are dropped.
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
-        let (i, field) = ((offset / MSIX_ENTRY_SIZE) as usize, offset % MSIX_ENTRY_SIZE);
+        let (i, field) = (
+            (offset / MSIX_ENTRY_SIZE) as usize,
+            offset % MSIX_ENTRY_SIZE,
+        );
         if i >= self.entries.len() {
             return;
         }
@@ -263,4 +269,3 @@ impl Drop for MsixConfig {
 fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
-

@@ -135,7 +135,9 @@ impl BlockHandler {
                         .into_iter()
                         // SAFETY: see `guest_slice`: the range lies inside one mapped region of
                         // `mem`, which outlives this request.
-                        .map(|(p, l)| IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, l) }))
+                        .map(|(p, l)| {
+                            IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, l) })
+                        })
                         .collect();
                     self.disk.read_at(offset, &mut bufs)
                 } else {
@@ -201,14 +203,21 @@ impl BlockHandler {
 }
 
 /// The host address of `[addr, addr + len)` when it lies inside one region of `mem`.
-fn guest_slice(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<(*mut u8, usize), Fail> {
+fn guest_slice(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+) -> Result<(*mut u8, usize), Fail> {
     let len = len as usize;
     if len == 0 {
         return Ok((std::ptr::NonNull::<u8>::dangling().as_ptr(), 0));
     }
-    let slice = mem
-        .get_slice(addr, len)
-        .map_err(|_| Fail::IoErr(format!("buffer {:#x}+{len:#x} outside guest memory", addr.0)))?;
+    let slice = mem.get_slice(addr, len).map_err(|_| {
+        Fail::IoErr(format!(
+            "buffer {:#x}+{len:#x} outside guest memory",
+            addr.0
+        ))
+    })?;
     Ok((slice.ptr_guard_mut().as_ptr(), len))
 }
 

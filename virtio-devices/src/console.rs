@@ -8,7 +8,9 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::worker::{process_chains, QueueHandler, WorkerHandle};
-use crate::{read_config_bytes, ActivateContext, ActivateError, VirtioDevice, F_VERSION_1, TYPE_CONSOLE};
+use crate::{
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, F_VERSION_1, TYPE_CONSOLE,
+};
 
 const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;

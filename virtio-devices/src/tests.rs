@@ -1,1 +1,515 @@
+//! Devices driven through real split rings in a test guest memory, with the worker threads
+//! running: well-formed requests, and malformed ones a hostile driver could write.
 
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::block::{
+    S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+};
+use crate::{
+    ActivateContext, Block, BlockConfig, Console, DeviceStatus, Rng, VirtioDevice, VirtioInterrupt,
+};
+
+const MEM_SIZE: usize = 1 << 20;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const QSIZE: u16 = 16;
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+const INDIRECT: u16 = 4;
+
+#[derive(Default)]
+struct Irq {
+    queue: AtomicUsize,
+    config: AtomicUsize,
+}
+
+impl VirtioInterrupt for Irq {
+    fn signal_queue(&self, _index: usize) {
+        self.queue.fetch_add(1, Ordering::SeqCst);
+    }
+    fn signal_config(&self) {
+        self.config.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+struct Ring {
+    mem: GuestMemoryMmap,
+    kick: EventFd,
+    next_avail: u16,
+    irq: Arc<Irq>,
+    status: Arc<DeviceStatus>,
+}
+
+impl Ring {
+    /// Activates `dev` with one ready queue (index `q` of `nqueues`) on fresh memory.
+    fn start(dev: &mut dyn VirtioDevice, q: usize, nqueues: usize) -> Ring {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mut queue = Queue::new(QSIZE).unwrap();
+        queue.set_desc_table_address(Some(DESC as u32), Some(0));
+        queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        queue.set_used_ring_address(Some(USED as u32), Some(0));
+        queue.set_ready(true);
+        assert!(queue.is_valid(&mem));
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut queues: Vec<Option<(Queue, EventFd)>> = (0..nqueues).map(|_| None).collect();
+        queues[q] = Some((queue, kick.try_clone().unwrap()));
+        let irq = Arc::new(Irq::default());
+        let status = Arc::new(DeviceStatus::default());
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            interrupt: irq.clone(),
+            queues,
+            acked_features: crate::F_VERSION_1,
+            status: status.clone(),
+        })
+        .unwrap();
+        Ring {
+            mem,
+            kick,
+            next_avail: 0,
+            irq,
+            status,
+        }
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = GuestAddress(DESC + 16 * u64::from(i));
+        self.mem.write_obj(addr, d).unwrap();
+        self.mem.write_obj(len, d.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, d.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, d.unchecked_add(14)).unwrap();
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// Publishes `head`, kicks, and waits for the used entry: returns its length.
+    fn submit(&mut self, head: u16) -> Option<u32> {
+        let slot = self.next_avail % QSIZE;
+        self.mem
+            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
+            .unwrap();
+        self.next_avail = self.next_avail.wrapping_add(1);
+        self.mem
+            .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
+            .unwrap();
+        self.kick.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.used_idx() == self.next_avail {
+                let e = USED + 4 + 8 * u64::from(slot);
+                let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+                assert_eq!(id, u32::from(head));
+                return self.mem.read_obj(GuestAddress(e + 4)).ok();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+}
+
+fn disk(size: u64, readonly: bool) -> (tempfile::NamedTempFile, Block) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let mut data = vec![0u8; size as usize];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i / 512) as u8;
+    }
+    f.as_file().write_all(&data).unwrap();
+    let opts = block::OpenOptions {
+        readonly,
+        ..Default::default()
+    };
+    let d = block::open_disk(f.path(), &opts).unwrap();
+    let blk = Block::new(
+        d,
+        BlockConfig {
+            num_queues: 1,
+            queue_size: QSIZE,
+            serial: "test-serial".into(),
+        },
+    );
+    (f, blk)
+}
+
+const HDR: u64 = 0x10000;
+const DATA: u64 = 0x20000;
+const STATUS: u64 = 0x30000;
+
+/// A three-descriptor request: header, one data buffer, status.
+fn request(r: &mut Ring, t: u32, sector: u64, data: (u64, u32, u16)) -> (Option<u32>, u8) {
+    r.mem.write_obj(t, GuestAddress(HDR)).unwrap();
+    r.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+    r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+    r.desc(0, HDR, 16, NEXT, 1);
+    r.desc(1, data.0, data.1, data.2 | NEXT, 2);
+    r.desc(2, STATUS, 1, WRITE, 0);
+    let used = r.submit(0);
+    (used, r.mem.read_obj(GuestAddress(STATUS)).unwrap())
+}
+
+#[test]
+fn blk_read_write_flush_get_id() {
+    let (f, mut blk) = disk(64 * 1024, false);
+    let mut r = Ring::start(&mut blk, 0, 1);
+    assert_eq!(
+        request(&mut r, T_IN, 3, (DATA, 1024, WRITE)),
+        (Some(1025), S_OK)
+    );
+    let mut buf = [0u8; 1024];
+    r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 3) && buf[512..].iter().all(|&b| b == 4));
+    r.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&mut r, T_OUT, 7, (DATA, 512, 0)), (Some(1), S_OK));
+    assert_eq!(request(&mut r, T_FLUSH, 0, (DATA, 0, 0)).1, S_OK);
+    assert_eq!(
+        request(&mut r, T_GET_ID, 0, (DATA, 20, WRITE)),
+        (Some(21), S_OK)
+    );
+    let mut id = [0u8; 11];
+    r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id, b"test-serial");
+    // Write zeroes over sector 8, discard sector 9.
+    let seg = |r: &Ring, start: u64| {
+        r.mem.write_obj(start, GuestAddress(DATA)).unwrap();
+        r.mem.write_obj(1u32, GuestAddress(DATA + 8)).unwrap();
+        r.mem.write_obj(0u32, GuestAddress(DATA + 12)).unwrap();
+    };
+    seg(&r, 8);
+    assert_eq!(request(&mut r, T_WRITE_ZEROES, 0, (DATA, 16, 0)).1, S_OK);
+    seg(&r, 9);
+    assert_eq!(request(&mut r, T_DISCARD, 0, (DATA, 16, 0)).1, S_OK);
+    assert!(r.irq.queue.load(Ordering::SeqCst) > 0);
+    blk.reset();
+    let img = std::fs::read(f.path()).unwrap();
+    assert!(img[7 * 512..8 * 512].iter().all(|&b| b == 0xab));
+    assert!(img[8 * 512..9 * 512].iter().all(|&b| b == 0));
+    assert!(img[6 * 512..7 * 512].iter().all(|&b| b == 6));
+}
+
+#[test]
+fn blk_malformed_requests_fail_cleanly() {
+    let (f, mut blk) = disk(64 * 1024, false);
+    let mut r = Ring::start(&mut blk, 0, 1);
+    let cases: [(&str, u32, u64, (u64, u32, u16), u8); 8] = [
+        (
+            "address outside memory",
+            T_IN,
+            0,
+            (1 << 40, 512, WRITE),
+            S_IOERR,
+        ),
+        (
+            "address wraps",
+            T_IN,
+            0,
+            (u64::MAX - 10, 512, WRITE),
+            S_IOERR,
+        ),
+        ("read-only buffer for IN", T_IN, 0, (DATA, 512, 0), S_IOERR),
+        (
+            "writable buffer for OUT",
+            T_OUT,
+            0,
+            (DATA, 512, WRITE),
+            S_IOERR,
+        ),
+        (
+            "not a sector multiple",
+            T_IN,
+            0,
+            (DATA, 100, WRITE),
+            S_IOERR,
+        ),
+        ("beyond the end", T_IN, 127, (DATA, 1024, WRITE), S_IOERR),
+        ("sector overflow", T_OUT, u64::MAX, (DATA, 512, 0), S_IOERR),
+        ("unknown type", 99, 0, (DATA, 512, 0), S_UNSUPP),
+    ];
+    for (what, t, sector, d, want) in cases {
+        let (used, status) = request(&mut r, t, sector, d);
+        assert_eq!(status, want, "{what}");
+        assert_eq!(used, Some(1), "{what}");
+    }
+    // Oversized (over the per-request cap) and over 4 GiB in total.
+    assert_eq!(
+        request(&mut r, T_IN, 0, (DATA, 0x8000_0000, WRITE)).1,
+        S_IOERR
+    );
+    let (used, status) = request(&mut r, T_IN, 0, (DATA, u32::MAX, WRITE));
+    assert_eq!((used, status), (Some(0), 0xee));
+    // Header too short, header writable, no status descriptor, zero-length status.
+    r.desc(0, HDR, 8, NEXT, 2);
+    r.desc(2, STATUS, 1, WRITE, 0);
+    r.submit(0);
+    assert_eq!(r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_IOERR);
+    r.desc(0, HDR, 16, WRITE | NEXT, 2);
+    r.submit(0);
+    assert_eq!(r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_IOERR);
+    r.desc(0, HDR, 16, 0, 0);
+    assert_eq!(r.submit(0), Some(0));
+    r.desc(0, HDR, 16, NEXT, 1);
+    r.desc(1, STATUS, 0, WRITE, 0);
+    assert_eq!(r.submit(0), Some(0));
+    // A loop is cut at the queue size; a head beyond the table and a bad next index too.
+    r.desc(0, HDR, 16, NEXT, 1);
+    r.desc(1, DATA, 512, WRITE | NEXT, 0);
+    assert_eq!(r.submit(0), Some(1));
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(DATA + 511)).unwrap(),
+        S_IOERR
+    );
+    r.desc(0, HDR, 16, NEXT, 200);
+    assert_eq!(r.submit(0), Some(0));
+    // An indirect table outside memory.
+    r.desc(0, 1 << 40, 32, INDIRECT, 0);
+    assert_eq!(r.submit(0), Some(0));
+    // Discard with bad flags, too many segments, beyond the end.
+    r.mem.write_obj(0u64, GuestAddress(DATA)).unwrap();
+    r.mem.write_obj(1u32, GuestAddress(DATA + 8)).unwrap();
+    r.mem.write_obj(0xffu32, GuestAddress(DATA + 12)).unwrap();
+    assert_eq!(request(&mut r, T_DISCARD, 0, (DATA, 16, 0)).1, S_UNSUPP);
+    assert_eq!(request(&mut r, T_DISCARD, 0, (DATA, 32, 0)).1, S_UNSUPP);
+    r.mem.write_obj(1000u64, GuestAddress(DATA)).unwrap();
+    r.mem.write_obj(0u32, GuestAddress(DATA + 12)).unwrap();
+    assert_eq!(request(&mut r, T_DISCARD, 0, (DATA, 16, 0)).1, S_IOERR);
+    // The device still works, and nothing was written to the image.
+    assert_eq!(
+        request(&mut r, T_IN, 1, (DATA, 512, WRITE)),
+        (Some(513), S_OK)
+    );
+    assert!(!r.status.needs_reset());
+    blk.reset();
+    let img = std::fs::read(f.path()).unwrap();
+    assert!(img
+        .chunks(512)
+        .enumerate()
+        .all(|(i, s)| s.iter().all(|&b| b == i as u8)));
+}
+
+#[test]
+fn blk_readonly_refuses_writes() {
+    let (_f, mut blk) = disk(8192, true);
+    assert_ne!(blk.features() & (1 << 5), 0);
+    let mut r = Ring::start(&mut blk, 0, 1);
+    assert_eq!(request(&mut r, T_OUT, 0, (DATA, 512, 0)).1, S_IOERR);
+    r.mem.write_obj(0u64, GuestAddress(DATA)).unwrap();
+    r.mem.write_obj(1u32, GuestAddress(DATA + 8)).unwrap();
+    assert_eq!(request(&mut r, T_WRITE_ZEROES, 0, (DATA, 16, 0)).1, S_IOERR);
+    assert_eq!(request(&mut r, T_IN, 0, (DATA, 512, WRITE)).1, S_OK);
+}
+
+#[test]
+fn broken_avail_index_needs_reset_and_reset_recovers() {
+    let (_f, mut blk) = disk(8192, false);
+    let r = Ring::start(&mut blk, 0, 1);
+    r.mem.write_obj(500u16, GuestAddress(AVAIL + 2)).unwrap();
+    r.kick.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !r.status.needs_reset() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(r.status.needs_reset());
+    assert_eq!(r.irq.config.load(Ordering::SeqCst), 1);
+    // Further kicks are ignored, not spun on.
+    r.kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(r.irq.config.load(Ordering::SeqCst), 1);
+    blk.reset();
+    let mut r = Ring::start(&mut blk, 0, 1);
+    assert_eq!(request(&mut r, T_IN, 0, (DATA, 512, WRITE)).1, S_OK);
+}
+
+#[test]
+fn rng_fills_writable_buffers_only() {
+    let mut rng = Rng::new(std::fs::File::open("/dev/urandom").unwrap());
+    let mut r = Ring::start(&mut rng, 0, 1);
+    r.desc(0, DATA, 4096, WRITE, 0);
+    assert_eq!(r.submit(0), Some(4096));
+    let mut buf = vec![0u8; 4096];
+    r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert!(buf.iter().any(|&b| b != buf[0]));
+    r.desc(0, DATA, 4096, 0, 0);
+    assert_eq!(r.submit(0), Some(0));
+    r.desc(0, 1 << 40, 4096, WRITE, 0);
+    assert_eq!(r.submit(0), Some(0));
+    r.desc(0, DATA, u32::MAX, WRITE, 0);
+    assert_eq!(r.submit(0), Some(64 * 1024));
+    rng.reset();
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn console_transmits_to_the_sink() {
+    let sink = Sink::default();
+    let mut c = Console::new(Some(Box::new(sink.clone())));
+    let mut r = Ring::start(&mut c, 1, 2);
+    r.mem.write_slice(b"hello", GuestAddress(DATA)).unwrap();
+    r.mem
+        .write_slice(b" world", GuestAddress(DATA + 0x100))
+        .unwrap();
+    r.desc(0, DATA, 5, NEXT, 1);
+    r.desc(1, DATA + 0x100, 6, NEXT, 2);
+    r.desc(2, 1 << 40, 6, 0, 0);
+    assert_eq!(r.submit(0), Some(0));
+    assert_eq!(&*sink.0.lock().unwrap(), b"hello world");
+    c.reset();
+}
+
+/// A VM that records what the transport asks for.
+#[derive(Default)]
+struct FakeVm {
+    ioevents: Mutex<Vec<u64>>,
+    gsi: AtomicUsize,
+}
+
+impl pci::VmInterface for FakeVm {
+    fn map_mmio(
+        &self,
+        _d: Arc<Mutex<dyn devices_bus::BusDevice>>,
+        _base: u64,
+        _len: u64,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    fn unmap_mmio(&self, _base: u64) {}
+    fn register_ioevent(&self, _fd: &EventFd, addr: u64) -> Result<(), String> {
+        self.ioevents.lock().unwrap().push(addr);
+        Ok(())
+    }
+    fn unregister_ioevent(&self, _fd: &EventFd, addr: u64) {
+        self.ioevents.lock().unwrap().retain(|&a| a != addr);
+    }
+    fn allocate_gsi(&self) -> Result<u32, String> {
+        Ok(24 + self.gsi.fetch_add(1, Ordering::SeqCst) as u32)
+    }
+    fn set_msi_route(&self, _gsi: u32, _msi: Option<(u64, u32)>) -> Result<(), String> {
+        Ok(())
+    }
+    fn register_irqfd(&self, _fd: &EventFd, _gsi: u32) -> Result<(), String> {
+        Ok(())
+    }
+    fn unregister_irqfd(&self, _fd: &EventFd, _gsi: u32) {}
+}
+
+use devices as devices_bus;
+use pci::PciDevice;
+
+#[test]
+fn transport_negotiation_queue_setup_and_hostile_writes() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let vm = Arc::new(FakeVm::default());
+    let rng = Rng::new(std::fs::File::open("/dev/urandom").unwrap());
+    let mut d = crate::VirtioPciDevice::new(
+        "rng".into(),
+        Box::new(rng),
+        mem.clone(),
+        vm.clone(),
+        0xc000_0000,
+    )
+    .unwrap();
+    d.bar_moved(0, None, Some(0xc000_0000));
+    assert_eq!(*vm.ioevents.lock().unwrap(), vec![0xc000_3000]);
+    let w = |d: &mut crate::VirtioPciDevice, off: u64, v: &[u8]| d.write_bar(0, off, v);
+    let r32 = |d: &mut crate::VirtioPciDevice, off: u64| {
+        let mut b = [0u8; 4];
+        d.read_bar(0, off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    // Hostile: odd sizes, huge offsets, other BARs, unknown fields.
+    w(&mut d, 0xffff_ffff_ffff, &[1; 4]);
+    w(&mut d, 0x14, &[1; 16]);
+    d.write_bar(3, 0, &[1; 4]);
+    w(&mut d, 0x36, &[0xff; 2]);
+    assert_eq!(r32(&mut d, 0x12) & 0xffff, 1);
+    w(&mut d, 0x14, &[1 | 2]);
+    // Features: VERSION_1 is offered; an unoffered bit is masked, and without VERSION_1
+    // FEATURES_OK is refused.
+    w(&mut d, 0x00, &1u32.to_le_bytes());
+    assert_eq!(r32(&mut d, 0x04), 1);
+    w(&mut d, 0x14, &[1 | 2 | 8]);
+    assert_eq!(d.device_status() & 8, 0);
+    w(&mut d, 0x08, &1u32.to_le_bytes());
+    w(&mut d, 0x0c, &0xffff_ffffu32.to_le_bytes());
+    assert_eq!(r32(&mut d, 0x0c), 1);
+    w(&mut d, 0x14, &[1 | 2 | 8]);
+    assert_eq!(d.device_status() & 8, 8);
+    // A queue outside guest memory: DRIVER_OK leads to NEEDS_RESET, not a crash.
+    w(&mut d, 0x16, &0u16.to_le_bytes());
+    w(&mut d, 0x18, &16u16.to_le_bytes());
+    w(&mut d, 0x20, &(1u64 << 40).to_le_bytes());
+    w(&mut d, 0x1c, &1u16.to_le_bytes());
+    // Queue select past the end reads zeros and ignores writes.
+    w(&mut d, 0x16, &9u16.to_le_bytes());
+    w(&mut d, 0x18, &0x8000u16.to_le_bytes());
+    assert_eq!(r32(&mut d, 0x18) & 0xffff, 0);
+    w(&mut d, 0x14, &[1 | 2 | 8 | 4]);
+    assert_ne!(d.device_status() & crate::STATUS_NEEDS_RESET, 0);
+    // Reset, then a valid queue works end to end through the notify ioeventfd's fallback.
+    w(&mut d, 0x14, &[0]);
+    assert_eq!(d.device_status(), 0);
+    w(&mut d, 0x08, &1u32.to_le_bytes());
+    w(&mut d, 0x0c, &1u32.to_le_bytes());
+    w(&mut d, 0x14, &[1 | 2 | 8]);
+    w(&mut d, 0x16, &0u16.to_le_bytes());
+    w(&mut d, 0x18, &QSIZE.to_le_bytes());
+    w(&mut d, 0x20, &(DESC as u32).to_le_bytes());
+    w(&mut d, 0x24, &0u32.to_le_bytes());
+    w(&mut d, 0x28, &AVAIL.to_le_bytes());
+    w(&mut d, 0x30, &USED.to_le_bytes());
+    w(&mut d, 0x1c, &1u16.to_le_bytes());
+    w(&mut d, 0x14, &[1 | 2 | 8 | 4]);
+    assert_eq!(d.device_status(), 1 | 2 | 8 | 4);
+    mem.write_obj(DATA, GuestAddress(DESC)).unwrap();
+    mem.write_obj(64u32, GuestAddress(DESC + 8)).unwrap();
+    mem.write_obj(WRITE, GuestAddress(DESC + 12)).unwrap();
+    mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+    w(&mut d, 0x3000, &0u16.to_le_bytes());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != 1 {
+        assert!(Instant::now() < deadline, "no used entry");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // ISR: queue interrupt bit, cleared by reading.
+    assert_eq!(r32(&mut d, 0x1000) & 1, 1);
+    assert_eq!(r32(&mut d, 0x1000), 0);
+    // The BAR moves: the ioeventfd follows.
+    d.bar_moved(0, Some(0xc000_0000), Some(0xd000_0000));
+    assert_eq!(*vm.ioevents.lock().unwrap(), vec![0xd000_3000]);
+    // pci-cfg window: read the device-type-independent num_queues through config space.
+    let cap = (0x40..0x100)
+        .step_by(4)
+        .find(|&o| {
+            let v = d.read_config_register(o / 4);
+            v & 0xff == 0x09 && (v >> 24) & 0xff == 5
+        })
+        .unwrap();
+    d.write_config(cap + 4, &[0]);
+    d.write_config(cap + 8, &0x12u32.to_le_bytes());
+    d.write_config(cap + 12, &2u32.to_le_bytes());
+    assert_eq!(d.read_config_register(cap / 4 + 4), 1);
+    d.write_config(cap + 8, &0xffff_fff0u32.to_le_bytes());
+    assert_eq!(d.read_config_register(cap / 4 + 4), 0);
+    drop(d);
+    assert!(vm.ioevents.lock().unwrap().is_empty());
+}

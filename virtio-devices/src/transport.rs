@@ -75,13 +75,19 @@ impl VirtioInterrupt for PciInterrupt {
         self.isr.fetch_or(1, Ordering::AcqRel);
         if let Some(v) = self.queue_vectors.get(index) {
             let v = v.load(Ordering::Acquire);
-            self.msix.lock().unwrap_or_else(|e| e.into_inner()).trigger(v);
+            self.msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trigger(v);
         }
     }
     fn signal_config(&self) {
         self.isr.fetch_or(2, Ordering::AcqRel);
         let v = self.config_vector.load(Ordering::Acquire);
-        self.msix.lock().unwrap_or_else(|e| e.into_inner()).trigger(v);
+        self.msix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .trigger(v);
     }
 }
 
@@ -160,7 +166,9 @@ impl VirtioPciDevice {
             vendor_cap(CAP_NOTIFY, NOTIFY_OFF, NOTIFY_LEN, Some(NOTIFY_MULTIPLIER)),
         ];
         for c in caps {
-            config.add_capability(&c).ok_or("no room for capabilities")?;
+            config
+                .add_capability(&c)
+                .ok_or("no room for capabilities")?;
         }
         let vectors = sizes.len() as u16 + 1;
         let msix_cap = config
@@ -341,7 +349,9 @@ impl VirtioPciDevice {
             0x1a => self
                 .queue_vectors
                 .get(self.queue_select as usize)
-                .map_or(u64::from(NO_VECTOR), |v| u64::from(v.load(Ordering::Acquire))),
+                .map_or(u64::from(NO_VECTOR), |v| {
+                    u64::from(v.load(Ordering::Acquire))
+                }),
             0x1c => q.map_or(0, |q| u64::from(q.ready)),
             0x1e => u64::from(self.queue_select),
             0x20 => q.map_or(0, |q| q.desc),
@@ -452,7 +462,11 @@ impl PciDevice for VirtioPciDevice {
             return u32::from_le_bytes(b);
         }
         if reg == self.msix_cap / 4 {
-            let ctl = self.msix.lock().unwrap_or_else(|e| e.into_inner()).control_bits();
+            let ctl = self
+                .msix
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .control_bits();
             return (self.config.read_reg(reg) & 0x3fff_ffff) | u32::from(ctl) << 16;
         }
         self.config.read_reg(reg)
@@ -543,7 +557,10 @@ impl PciDevice for VirtioPciDevice {
             }
             if let Some(new) = new {
                 if let Err(err) = self.vm.register_ioevent(e, new + off) {
-                    warn!("{}: queue {i} ioeventfd: {err}; notifications exit to the VMM", self.name);
+                    warn!(
+                        "{}: queue {i} ioeventfd: {err}; notifications exit to the VMM",
+                        self.name
+                    );
                 }
             }
         }

@@ -160,11 +160,8 @@ impl<H: QueueHandler> Worker<H> {
                         if self.status.needs_reset() {
                             // Stop listening: a broken device must not spin on a ready fd.
                             if let Some(fd) = self.handler.extra_fd() {
-                                let _ = epoll.ctl(
-                                    ControlOperation::Delete,
-                                    fd,
-                                    EpollEvent::default(),
-                                );
+                                let _ =
+                                    epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                             }
                             continue;
                         }

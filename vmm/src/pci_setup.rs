@@ -165,7 +165,10 @@ fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
 
 fn open_disk(d: &DiskConfig) -> Result<Box<dyn block::DiskFile>, PciSetupError> {
     let image_type = match &d.image_type {
-        Some(t) => Some(t.parse().map_err(|e: block::Error| disk_error(d, e.to_string()))?),
+        Some(t) => Some(
+            t.parse()
+                .map_err(|e: block::Error| disk_error(d, e.to_string()))?,
+        ),
         None => None,
     };
     let opts = block::OpenOptions {
@@ -239,7 +242,12 @@ pub fn create(
         msg: format!("cannot open: {e}"),
     })?;
     let rng_id = cfg.rng.id.clone().unwrap_or_else(|| "_rng".into());
-    list.push(("--rng", rng_id, cfg.rng.pci_device_id, Box::new(Rng::new(src))));
+    list.push((
+        "--rng",
+        rng_id,
+        cfg.rng.pci_device_id,
+        Box::new(Rng::new(src)),
+    ));
 
     // Devices with an explicit slot first, so automatic ones do not take their slot.
     list.sort_by_key(|(_, _, slot, _)| slot.is_none());
@@ -254,8 +262,8 @@ pub fn create(
         let addr = bars
             .allocate(virtio_devices::VIRTIO_PCI_BAR_SIZE)
             .map_err(|e| err(e.to_string()))?;
-        let pdev = VirtioPciDevice::new(id.clone(), dev, mem.clone(), vmi.clone(), addr)
-            .map_err(err)?;
+        let pdev =
+            VirtioPciDevice::new(id.clone(), dev, mem.clone(), vmi.clone(), addr).map_err(err)?;
         r.add_device(slot, Arc::new(Mutex::new(pdev)))
             .map_err(|e| err(e.to_string()))?;
         info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {addr:#x}");

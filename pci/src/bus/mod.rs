@@ -272,7 +272,11 @@ impl PciConfigIo {
             return None;
         }
         let a = u64::from(self.address);
-        let (bus, dev, func) = ((a >> 16) as u8, ((a >> 11) & 0x1f) as u8, ((a >> 8) & 7) as u8);
+        let (bus, dev, func) = (
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+        );
         Some((bus, dev, func, (a & 0xfc) as usize + data_offset as usize))
     }
 }

@@ -123,7 +123,10 @@ fn device_ids_and_bar_moves() {
     let mut r = root.lock().unwrap();
     assert_eq!(r.next_device_id(None), Ok(1));
     assert_eq!(r.next_device_id(Some(0)), Err(PciRootError::BadDeviceId(0)));
-    assert_eq!(r.next_device_id(Some(32)), Err(PciRootError::BadDeviceId(32)));
+    assert_eq!(
+        r.next_device_id(Some(32)),
+        Err(PciRootError::BadDeviceId(32))
+    );
     r.add_device(1, dummy(0xc000_0000)).unwrap();
     assert_eq!(
         r.add_device(1, dummy(0xc000_1000)),

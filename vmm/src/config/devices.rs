@@ -149,9 +149,7 @@ impl DiskConfig {
         let image_type = p.get("image_type").map(str::to_string);
         if let Some(t) = &image_type {
             if t.parse::<block::ImageType>().is_err() {
-                return Err(p.error(format!(
-                    "image_type={t}: must be raw, qcow2, vhd or vhdx"
-                )));
+                return Err(p.error(format!("image_type={t}: must be raw, qcow2, vhd or vhdx")));
             }
         }
         let serial = p.get("serial").map(str::to_string);
@@ -259,8 +257,14 @@ mod tests {
 
     #[test]
     fn rng() {
-        assert_eq!(RngConfig::parse("src=/dev/urandom").unwrap(), RngConfig::default());
-        assert_eq!(RngConfig::parse("src=/r,id=rng0").unwrap().id.as_deref(), Some("rng0"));
+        assert_eq!(
+            RngConfig::parse("src=/dev/urandom").unwrap(),
+            RngConfig::default()
+        );
+        assert_eq!(
+            RngConfig::parse("src=/r,id=rng0").unwrap().id.as_deref(),
+            Some("rng0")
+        );
         assert!(RngConfig::parse("src=").is_err());
         assert!(RngConfig::parse("src=/r,pci_segment=2").is_err());
     }
