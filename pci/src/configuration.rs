@@ -177,7 +177,7 @@ impl PciConfiguration {
     /// Returns the dword index that was written.
     pub fn write(&mut self, offset: usize, data: &[u8]) -> Option<usize> {
         let len = data.len();
-        if !matches!(len, 1 | 2 | 4) || offset % len != 0 || offset >= CONFIG_SPACE_SIZE {
+        if !matches!(len, 1 | 2 | 4) || !offset.is_multiple_of(len) || offset >= CONFIG_SPACE_SIZE {
             return None;
         }
         let reg = offset / 4;

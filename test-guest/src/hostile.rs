@@ -40,6 +40,9 @@ fn r16(a: u64) -> u16 {
     unsafe { read_volatile(a as *const u16) }
 }
 
+/// A data descriptor: address, length, flags.
+type Buf = (u64, u32, u16);
+
 struct RawQueue {
     bar: u64,
     desc: u64,
@@ -61,7 +64,10 @@ impl RawQueue {
 
     /// Publishes `head`, notifies, waits for a used entry. Returns whether one came.
     fn submit(&mut self, head: u16) -> bool {
-        w16(self.avail + 4 + 2 * u64::from(self.next_avail % QSIZE), head);
+        w16(
+            self.avail + 4 + 2 * u64::from(self.next_avail % QSIZE),
+            head,
+        );
         self.next_avail = self.next_avail.wrapping_add(1);
         core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         w16(self.avail + 2, self.next_avail);
@@ -134,13 +140,33 @@ pub fn scenario_hostile() {
         w8(status, 0xee);
     };
     // (name, data descriptor (addr, len, flags) or None, header flags, sector)
-    let cases: [(&str, Option<(u64, u32, u16)>, u16, u64); 6] = [
-        ("hostile-addr-outside-ram", Some((0x7fff_ffff_0000, 512, F_WRITE)), 0, 0),
+    let cases: [(&str, Option<Buf>, u16, u64); 6] = [
+        (
+            "hostile-addr-outside-ram",
+            Some((0x7fff_ffff_0000, 512, F_WRITE)),
+            0,
+            0,
+        ),
         ("hostile-readonly-data-for-in", Some((data, 512, 0)), 0, 0),
         ("hostile-writable-header", None, F_WRITE, 0),
-        ("hostile-oversized", Some((data, 0x8000_0000, F_WRITE)), 0, 0),
-        ("hostile-sector-beyond-end", Some((data, 512, F_WRITE)), 0, u64::MAX / 512),
-        ("hostile-addr-wraps", Some((u64::MAX - 100, 512, F_WRITE)), 0, 0),
+        (
+            "hostile-oversized",
+            Some((data, 0x8000_0000, F_WRITE)),
+            0,
+            0,
+        ),
+        (
+            "hostile-sector-beyond-end",
+            Some((data, 512, F_WRITE)),
+            0,
+            u64::MAX / 512,
+        ),
+        (
+            "hostile-addr-wraps",
+            Some((u64::MAX - 100, 512, F_WRITE)),
+            0,
+            0,
+        ),
     ];
     for (name, d, hflags, sector) in cases {
         header(sector);
@@ -157,7 +183,11 @@ pub fn scenario_hostile() {
         }
         let answered = q.submit(0);
         let s = r8(status);
-        check!(name, answered && s == 1, "answered={answered} status={s:#x}");
+        check!(
+            name,
+            answered && s == 1,
+            "answered={answered} status={s:#x}"
+        );
     }
     // A chain longer than 4 GiB in total is cut before the status descriptor: the request is
     // dropped (completed without data), never served.
@@ -166,7 +196,12 @@ pub fn scenario_hostile() {
     q.set_desc(1, data, u32::MAX, F_WRITE | F_NEXT, 2);
     q.set_desc(2, status, 1, F_WRITE, 0);
     let answered = q.submit(0);
-    check!("hostile-chain-over-4g", answered && r8(status) != 0, "answered={answered} status={:#x}", r8(status));
+    check!(
+        "hostile-chain-over-4g",
+        answered && r8(status) != 0,
+        "answered={answered} status={:#x}",
+        r8(status)
+    );
     // Zero-length status descriptor: nothing to write the status into, still completed.
     header(0);
     q.set_desc(0, hdr, 16, F_NEXT, 1);
@@ -203,7 +238,11 @@ pub fn scenario_hostile() {
         match VirtIOBlk::<GuestHal, _>::new(t) {
             Ok(mut blk) => {
                 let mut b = [0u8; 512];
-                check!("hostile-recovered", blk.read_blocks(0, &mut b).is_ok(), "read failed");
+                check!(
+                    "hostile-recovered",
+                    blk.read_blocks(0, &mut b).is_ok(),
+                    "read failed"
+                );
             }
             Err(e) => fail("hostile-recovered", format_args!("{e}")),
         }

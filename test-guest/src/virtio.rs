@@ -16,7 +16,7 @@ use virtio_drivers::transport::DeviceType;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
 use crate::bootinfo::BootInfo;
-use crate::{fail, pass, parse_u64, println, smp, svc};
+use crate::{fail, parse_u64, pass, println, smp, svc};
 
 pub const ECAM_BASE: u64 = 0xe800_0000;
 const MMIO32: (u64, u64) = (0xc000_0000, 0xe800_0000);
@@ -103,25 +103,57 @@ pub fn scenario_pci(boot: &BootInfo) {
         let id = cam.read_word(*df, 0);
         println!("INFO pci {df} id={id:08x} type={t:?}");
     }
-    let bridge = cam.read_word(DeviceFunction { bus: 0, device: 0, function: 0 }, 0);
-    let class = cam.read_word(DeviceFunction { bus: 0, device: 0, function: 0 }, 8) >> 16;
-    crate::check!("pci-host-bridge", bridge == 0x0d57_8086 && class == 0x0600,
-        "00:00.0 id {bridge:#x} class {class:#x}");
+    let bridge = cam.read_word(
+        DeviceFunction {
+            bus: 0,
+            device: 0,
+            function: 0,
+        },
+        0,
+    );
+    let class = cam.read_word(
+        DeviceFunction {
+            bus: 0,
+            device: 0,
+            function: 0,
+        },
+        8,
+    ) >> 16;
+    crate::check!(
+        "pci-host-bridge",
+        bridge == 0x0d57_8086 && class == 0x0600,
+        "00:00.0 id {bridge:#x} class {class:#x}"
+    );
     // The same functions through the legacy ports.
     let mut mismatches = 0;
     for dev in 0..32u8 {
         let via_port = port_read(dev, 0);
-        let via_ecam = cam.read_word(DeviceFunction { bus: 0, device: dev, function: 0 }, 0);
+        let via_ecam = cam.read_word(
+            DeviceFunction {
+                bus: 0,
+                device: dev,
+                function: 0,
+            },
+            0,
+        );
         if via_port != via_ecam {
             println!("INFO pci dev {dev}: ports {via_port:#x} ecam {via_ecam:#x}");
             mismatches += 1;
         }
     }
-    crate::check!("pci-ports-match-ecam", mismatches == 0, "{mismatches} differences");
+    crate::check!(
+        "pci-ports-match-ecam",
+        mismatches == 0,
+        "{mismatches} differences"
+    );
     let virtio: Vec<_> = devs.iter().filter(|(_, t)| t.is_some()).collect();
     if let Some(want) = boot.arg("expect_virtio").and_then(parse_u64) {
-        crate::check!("pci-virtio-count", virtio.len() as u64 == want,
-            "{} virtio functions, expected {want}", virtio.len());
+        crate::check!(
+            "pci-virtio-count",
+            virtio.len() as u64 == want,
+            "{} virtio functions, expected {want}",
+            virtio.len()
+        );
     }
     let mut bad_bars = 0;
     let mut bad_caps = 0;
@@ -129,9 +161,13 @@ pub fn scenario_pci(boot: &BootInfo) {
     for (df, _) in &virtio {
         match root.bar_info(*df, 0) {
             Ok(Some(BarInfo::Memory { address, size, .. })) => {
-                let ok = size == 0x1_0000 && address >= MMIO32.0 && address + size <= MMIO32.1
+                let ok = size == 0x1_0000
+                    && address >= MMIO32.0
+                    && address + size <= MMIO32.1
                     && address % size == 0
-                    && ends.iter().all(|&(a, s)| address + size <= a || a + s <= address);
+                    && ends
+                        .iter()
+                        .all(|&(a, s)| address + size <= a || a + s <= address);
                 if !ok {
                     println!("INFO {df}: BAR0 {address:#x} size {size:#x}");
                     bad_bars += 1;
@@ -163,8 +199,16 @@ pub fn scenario_pci(boot: &BootInfo) {
             bad_caps += 1;
         }
     }
-    crate::check!("pci-bars", bad_bars == 0 && !virtio.is_empty(), "{bad_bars} bad BARs");
-    crate::check!("pci-capabilities", bad_caps == 0 && !virtio.is_empty(), "{bad_caps} devices with missing capabilities");
+    crate::check!(
+        "pci-bars",
+        bad_bars == 0 && !virtio.is_empty(),
+        "{bad_bars} bad BARs"
+    );
+    crate::check!(
+        "pci-capabilities",
+        bad_caps == 0 && !virtio.is_empty(),
+        "{bad_caps} devices with missing capabilities"
+    );
 }
 
 pub fn scenario_rng() {
@@ -181,7 +225,12 @@ pub fn scenario_rng() {
             match rng.request_entropy(&mut buf) {
                 Ok(n) => {
                     let distinct = buf[..n].iter().any(|&b| b != buf[0]);
-                    crate::check!("rng-read", n > 0 && distinct, "{n} bytes, all {:#x}", buf[0]);
+                    crate::check!(
+                        "rng-read",
+                        n > 0 && distinct,
+                        "{n} bytes, all {:#x}",
+                        buf[0]
+                    );
                 }
                 Err(e) => fail("rng-read", format_args!("{e}")),
             }
@@ -225,7 +274,11 @@ fn msix_mask_and_route(df: DeviceFunction) -> Option<(u64, u8, u64)> {
     let pba = u64::from(cam.read_word(df, cap + 8) & !7);
     cam.write_word(df, cap, 0xc000 << 16);
     let ctl = cam.read_word(df, cap) >> 16;
-    crate::check!("msix-enable", ctl & 0xc000 == 0xc000, "message control {ctl:#x}");
+    crate::check!(
+        "msix-enable",
+        ctl & 0xc000 == 0xc000,
+        "message control {ctl:#x}"
+    );
     let w32 = |a: u64, v: u32| {
         // SAFETY: our device's BAR (identity-mapped MMIO).
         unsafe { core::ptr::write_volatile((bar + a) as *mut u32, v) }
@@ -256,7 +309,12 @@ pub fn guest_pattern(k: usize, s: u64) -> u8 {
 pub fn scenario_blk(boot: &BootInfo) {
     let disks = find(DeviceType::Block);
     let want = boot.arg("blk_disks").and_then(parse_u64).unwrap_or(1) as usize;
-    crate::check!("blk-count", disks.len() == want, "{} disks, expected {want}", disks.len());
+    crate::check!(
+        "blk-count",
+        disks.len() == want,
+        "{} disks, expected {want}",
+        disks.len()
+    );
     let sectors = boot.arg("blk_sectors").and_then(parse_u64).unwrap_or(8);
     let ro_mask = boot.arg("blk_ro").and_then(parse_u64).unwrap_or(0);
     for (k, df) in disks.into_iter().enumerate() {
@@ -269,7 +327,12 @@ pub fn scenario_blk(boot: &BootInfo) {
             }
         };
         let name = |n: &str| alloc::format!("blk{k}-{n}");
-        crate::check!(&name("capacity"), blk.capacity() >= sectors, "{} sectors", blk.capacity());
+        crate::check!(
+            &name("capacity"),
+            blk.capacity() >= sectors,
+            "{} sectors",
+            blk.capacity()
+        );
         let mut id = [0u8; 20];
         match blk.device_id(&mut id) {
             Ok(n) => {
@@ -283,7 +346,9 @@ pub fn scenario_blk(boot: &BootInfo) {
         match blk.read_blocks(0, &mut buf) {
             Ok(()) => {
                 let bad = (0..sectors).find(|&s| {
-                    buf[s as usize * 512..][..512].iter().any(|&b| b != host_pattern(k, s))
+                    buf[s as usize * 512..][..512]
+                        .iter()
+                        .any(|&b| b != host_pattern(k, s))
                 });
                 crate::check!(&name("read"), bad.is_none(), "sector {bad:?} differs");
             }
@@ -291,15 +356,28 @@ pub fn scenario_blk(boot: &BootInfo) {
         }
         // Read past the end fails.
         let mut one = [0u8; 512];
-        crate::check!(&name("read-beyond-end"), blk.read_blocks(blk.capacity() as usize, &mut one).is_err(), "succeeded");
+        crate::check!(
+            &name("read-beyond-end"),
+            blk.read_blocks(blk.capacity() as usize, &mut one).is_err(),
+            "succeeded"
+        );
         for s in 0..sectors {
             buf[s as usize * 512..][..512].fill(guest_pattern(k, s));
         }
         let readonly = ro_mask & (1 << k) != 0;
-        crate::check!(&name("ro-flag"), blk.readonly() == readonly, "readonly={}", blk.readonly());
+        crate::check!(
+            &name("ro-flag"),
+            blk.readonly() == readonly,
+            "readonly={}",
+            blk.readonly()
+        );
         let w = blk.write_blocks(0, &buf);
         if readonly {
-            crate::check!(&name("write-rejected"), w.is_err(), "write to a read-only disk succeeded");
+            crate::check!(
+                &name("write-rejected"),
+                w.is_err(),
+                "write to a read-only disk succeeded"
+            );
         } else {
             crate::check!(&name("write"), w.is_ok(), "{w:?}");
             crate::check!(&name("flush"), blk.flush().is_ok(), "flush failed");
@@ -312,7 +390,10 @@ pub fn scenario_blk(boot: &BootInfo) {
 
 pub fn scenario_console() {
     let Some(df) = find(DeviceType::Console).into_iter().next() else {
-        fail("console-present", format_args!("no virtio-console function"));
+        fail(
+            "console-present",
+            format_args!("no virtio-console function"),
+        );
         return;
     };
     let Some(t) = transport(df) else { return };

@@ -141,6 +141,9 @@ fn disk(size: u64, readonly: bool) -> (tempfile::NamedTempFile, Block) {
     (f, blk)
 }
 
+/// A data buffer: address, length, flags.
+type Buf = (u64, u32, u16);
+
 const HDR: u64 = 0x10000;
 const DATA: u64 = 0x20000;
 const STATUS: u64 = 0x30000;
@@ -200,7 +203,7 @@ fn blk_read_write_flush_get_id() {
 fn blk_malformed_requests_fail_cleanly() {
     let (f, mut blk) = disk(64 * 1024, false);
     let mut r = Ring::start(&mut blk, 0, 1);
-    let cases: [(&str, u32, u64, (u64, u32, u16), u8); 8] = [
+    let cases: [(&str, u32, u64, Buf, u8); 8] = [
         (
             "address outside memory",
             T_IN,

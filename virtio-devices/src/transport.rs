@@ -249,11 +249,12 @@ impl VirtioPciDevice {
         }
         let cur = self.status.get();
         let mut new = value & !STATUS_NEEDS_RESET | (cur & STATUS_NEEDS_RESET);
-        if new & STATUS_FEATURES_OK != 0 && cur & STATUS_FEATURES_OK == 0 {
-            if self.acked & !self.offered != 0 || self.acked & F_VERSION_1 == 0 {
-                warn!("{}: driver features {:#x} refused", self.name, self.acked);
-                new &= !STATUS_FEATURES_OK;
-            }
+        if new & STATUS_FEATURES_OK != 0
+            && cur & STATUS_FEATURES_OK == 0
+            && (self.acked & !self.offered != 0 || self.acked & F_VERSION_1 == 0)
+        {
+            warn!("{}: driver features {:#x} refused", self.name, self.acked);
+            new &= !STATUS_FEATURES_OK;
         }
         self.status.set(new);
         if new & STATUS_DRIVER_OK != 0 && new & STATUS_FEATURES_OK != 0 && !self.activated {
@@ -413,7 +414,7 @@ impl VirtioPciDevice {
                 }
             }
             0x20..=0x37 if !live => {
-                let lo = offset % 8 == 0;
+                let lo = offset.is_multiple_of(8);
                 let v32 = v & 0xffff_ffff;
                 if let Some(q) = self.selected() {
                     let field = match offset & !7 {

@@ -43,7 +43,7 @@ pub struct DeviceManager {
     pub mmio: Arc<Bus>,
     pub serial: Option<Arc<Mutex<Serial>>>,
     pub cmos: Arc<Mutex<Cmos>>,
-    pub pci: Option<PciDevices>,
+    pub pci: PciDevices,
 }
 
 /// Everything the device manager builds from.
@@ -103,7 +103,7 @@ impl DeviceManager {
             1,
         )?;
         pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
-        let pci = Some(pci_setup::create(vm, mem, &pio, &mmio, cfg, console)?);
+        let pci = pci_setup::create(vm, mem, &pio, &mmio, cfg, console)?;
         Ok(DeviceManager {
             pio,
             mmio,

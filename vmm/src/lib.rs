@@ -97,13 +97,16 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
         signal_ids.push(signal_hook::low_level::pipe::register(sig, tx).map_err(Error::Setup)?);
     }
 
-    let mut serial = SerialEndpoint::open(&config.serial)?;
-    let console = SerialEndpoint::open(&config.console)?;
+    let mut endpoints = HostEndpoints {
+        serial: SerialEndpoint::open(&config.serial)?,
+        console: SerialEndpoint::open(&config.console)?,
+    };
+    let serial = &endpoints.serial;
     let mut vm = Vm::new(
         &hv as &dyn Hypervisor,
         &config,
-        serial_sink(&serial),
-        serial_sink(&console),
+        serial_sink(serial),
+        serial_sink(&endpoints.console),
         None,
         &events,
     )?;
@@ -132,8 +135,7 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
         &hv,
         &config,
         &mut vm,
-        &mut serial,
-        &console,
+        &mut endpoints,
         &events,
         &signal_rx,
     );
@@ -152,16 +154,22 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
     result
 }
 
+/// The host side of the serial port and of the virtio console.
+struct HostEndpoints {
+    serial: SerialEndpoint,
+    console: SerialEndpoint,
+}
+
 fn control_loop(
     control: &Control,
     hv: &KvmHypervisor,
     config: &VmConfig,
     vm: &mut Vm,
-    serial: &mut SerialEndpoint,
-    console: &SerialEndpoint,
+    io: &mut HostEndpoints,
     events: &VmEvents,
     mut signal_rx: &UnixStream,
 ) -> Result<Outcome, Error> {
+    let HostEndpoints { serial, console } = io;
     let mut ready = vec![EpollEvent::default(); 8];
     let mut pending_input: Vec<u8> = Vec::new();
     loop {

@@ -150,9 +150,27 @@ pub fn pci_host(cfg: &VmConfig) -> arch::acpi::PciHost {
     }
 }
 
-/// Keeps the PCI devices of one VM.
+/// The PCI segment of one VM (the buses hold it too; this names it).
 pub struct PciDevices {
-    pub root: Arc<Mutex<PciRoot>>,
+    root: Arc<Mutex<PciRoot>>,
+}
+
+impl PciDevices {
+    /// Occupied device numbers on bus 0 (0 is the host bridge).
+    pub fn device_ids(&self) -> Vec<u8> {
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_ids()
+    }
+}
+
+/// A device waiting for its slot: option it came from, id, wanted slot.
+struct Pending {
+    option: &'static str,
+    id: String,
+    slot: Option<u8>,
+    dev: Box<dyn VirtioDevice>,
 }
 
 fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
@@ -211,16 +229,14 @@ pub fn create(
         layout::MEM_32BIT_DEVICES_SIZE,
     );
 
-    // (option, id, wanted slot, device)
-    let mut list: Vec<(&'static str, String, Option<u8>, Box<dyn VirtioDevice>)> = Vec::new();
+    let mut list: Vec<Pending> = Vec::new();
     if let Some(out) = console {
-        let id = cfg.console.id.clone().unwrap_or_else(|| "_console".into());
-        list.push((
-            "--console",
-            id,
-            cfg.console.pci_device_id,
-            Box::new(Console::new(out)),
-        ));
+        list.push(Pending {
+            option: "--console",
+            id: cfg.console.id.clone().unwrap_or_else(|| "_console".into()),
+            slot: cfg.console.pci_device_id,
+            dev: Box::new(Console::new(out)),
+        });
     }
     for (i, d) in cfg.disks.iter().enumerate() {
         let disk = open_disk(d)?;
@@ -234,7 +250,12 @@ pub fn create(
                 serial,
             },
         );
-        list.push(("--disk", id, d.pci_device_id, Box::new(dev)));
+        list.push(Pending {
+            option: "--disk",
+            id,
+            slot: d.pci_device_id,
+            dev: Box::new(dev),
+        });
     }
     let src = File::open(&cfg.rng.src).map_err(|e| PciSetupError::Device {
         option: "--rng",
@@ -242,17 +263,23 @@ pub fn create(
         msg: format!("cannot open: {e}"),
     })?;
     let rng_id = cfg.rng.id.clone().unwrap_or_else(|| "_rng".into());
-    list.push((
-        "--rng",
-        rng_id,
-        cfg.rng.pci_device_id,
-        Box::new(Rng::new(src)),
-    ));
+    list.push(Pending {
+        option: "--rng",
+        id: rng_id,
+        slot: cfg.rng.pci_device_id,
+        dev: Box::new(Rng::new(src)),
+    });
 
     // Devices with an explicit slot first, so automatic ones do not take their slot.
-    list.sort_by_key(|(_, _, slot, _)| slot.is_none());
+    list.sort_by_key(|p| p.slot.is_none());
     let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
-    for (option, id, slot, dev) in list {
+    for Pending {
+        option,
+        id,
+        slot,
+        dev,
+    } in list
+    {
         let err = |msg: String| PciSetupError::Device {
             option,
             value: id.clone(),

@@ -93,6 +93,7 @@ impl Vm {
             },
             events,
         )?;
+        info!("PCI bus 0 devices: {:?}", devices.pci.device_ids());
 
         let topology = cfg.cpus.topology.map(|t| Topology {
             threads_per_core: t.threads_per_core,

@@ -227,7 +227,7 @@ fn ecam_decode(offset: u64) -> (u8, u8, u8, usize) {
 }
 
 fn access_ok(offset: usize, len: usize) -> bool {
-    matches!(len, 1 | 2 | 4) && offset % len == 0
+    matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len)
 }
 
 /// ECAM: 4 KiB of configuration space per function, 1 MiB per bus, on the MMIO bus.
