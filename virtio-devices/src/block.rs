@@ -54,7 +54,14 @@ struct BlockHandler {
     disk: Box<dyn DiskFile>,
     readonly: bool,
     id: [u8; ID_BYTES],
+    /// Reused for every request, so serving one allocates nothing.
+    descs: Vec<Descriptor>,
+    slices: Vec<(*mut u8, usize)>,
 }
+
+// SAFETY: the raw pointers in `slices` only live during one request on the worker thread; they
+// are cleared before the handler could move.
+unsafe impl Send for BlockHandler {}
 
 /// Why a request failed, as the status byte says it.
 enum Fail {
@@ -64,14 +71,14 @@ enum Fail {
 
 impl BlockHandler {
     /// Serves one chain; returns the bytes written into the driver's buffers.
-    fn serve(&mut self, mem: &GuestMemoryMmap, chain: Vec<Descriptor>) -> u32 {
+    fn serve(&mut self, mem: &GuestMemoryMmap, chain: &[Descriptor]) -> u32 {
         // The status byte: the last byte of the last descriptor, which must be writable.
         let Some(last) = chain.last().filter(|d| d.is_write_only() && d.len() > 0) else {
             debug!("virtio-blk: request without a writable status byte");
             return 0;
         };
         let status_addr = last.addr().checked_add(u64::from(last.len()) - 1);
-        let (status, written) = match self.execute(mem, &chain) {
+        let (status, written) = match self.execute(mem, chain) {
             Ok(n) => (S_OK, n),
             Err(Fail::Unsupp) => (S_UNSUPP, 0),
             Err(Fail::IoErr(why)) => {
@@ -126,13 +133,32 @@ impl BlockHandler {
                     return Err(io("write to a read-only disk"));
                 }
                 let offset = range(data_len)?;
-                let mut slices = Vec::with_capacity(data.len());
+                let mut slices = std::mem::take(&mut self.slices);
+                slices.clear();
                 for d in data {
-                    slices.push(guest_slice(mem, d.addr(), d.len())?);
+                    match guest_slice(mem, d.addr(), d.len()) {
+                        Ok(s) => slices.push(s),
+                        Err(e) => {
+                            self.slices = slices;
+                            return Err(e);
+                        }
+                    }
                 }
-                let r = if req_type == T_IN {
+                let r = if req_type == T_IN && slices.len() == 1 {
+                    let (p, l) = slices[0];
+                    // SAFETY: see `guest_slice`: the range lies inside one mapped region of
+                    // `mem`, which outlives this request.
+                    let buf = unsafe { std::slice::from_raw_parts_mut(p, l) };
+                    self.disk.read_at(offset, &mut [IoSliceMut::new(buf)])
+                } else if slices.len() == 1 {
+                    let (p, l) = slices[0];
+                    // SAFETY: as above.
+                    let buf = unsafe { std::slice::from_raw_parts(p, l) };
+                    self.disk.write_at(offset, &[IoSlice::new(buf)])
+                } else if req_type == T_IN {
                     let mut bufs: Vec<IoSliceMut> = slices
-                        .into_iter()
+                        .iter()
+                        .copied()
                         // SAFETY: see `guest_slice`: the range lies inside one mapped region of
                         // `mem`, which outlives this request.
                         .map(|(p, l)| {
@@ -142,12 +168,15 @@ impl BlockHandler {
                     self.disk.read_at(offset, &mut bufs)
                 } else {
                     let bufs: Vec<IoSlice> = slices
-                        .into_iter()
+                        .iter()
+                        .copied()
                         // SAFETY: as above.
                         .map(|(p, l)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, l) }))
                         .collect();
                     self.disk.write_at(offset, &bufs)
                 };
+                slices.clear();
+                self.slices = slices;
                 r.map_err(|e| Fail::IoErr(e.to_string()))?;
                 Ok(if req_type == T_IN { data_len as u32 } else { 0 })
             }
@@ -231,11 +260,15 @@ impl QueueHandler for BlockHandler {
         let Some(Some(q)) = queues.get_mut(index) else {
             return Ok(false);
         };
-        process_chains(q, mem, |chain| {
+        let mut descs = std::mem::take(&mut self.descs);
+        let r = process_chains(q, mem, |chain| {
             // The iterator stops at the queue size (no loops) and on a bad descriptor.
-            let descs: Vec<Descriptor> = chain.collect();
-            self.serve(mem, descs)
-        })
+            descs.clear();
+            descs.extend(chain);
+            self.serve(mem, &descs)
+        });
+        self.descs = descs;
+        r
     }
 }
 
@@ -257,7 +290,13 @@ impl Block {
             capacity: disk.size() / SECTOR_SIZE,
             readonly,
             cfg,
-            handler: Some(BlockHandler { disk, readonly, id }),
+            handler: Some(BlockHandler {
+                disk,
+                readonly,
+                id,
+                descs: Vec::new(),
+                slices: Vec::new(),
+            }),
             worker: None,
         }
     }
