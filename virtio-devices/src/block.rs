@@ -3,14 +3,15 @@
 //! lengths, sector range, addresses) before any I/O; a bad one completes with IOERR or UNSUPP.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
 
-use block::DiskFile;
+use block::{AsyncDisk, DiskFile};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::worker::{process_chains, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_BLOCK,
@@ -48,20 +49,37 @@ pub struct BlockConfig {
     pub queue_size: u16,
     /// GET_ID answer (at most 20 bytes are used).
     pub serial: String,
+    /// Submit reads and writes through io_uring (where the kernel has it) instead of doing
+    /// them on the device thread. Pays off with O_DIRECT; with the page cache the
+    /// synchronous path is faster.
+    pub io_uring: bool,
 }
 
 struct BlockHandler {
-    disk: Box<dyn DiskFile>,
+    disk: AsyncDisk,
     readonly: bool,
     id: [u8; ID_BYTES],
+    /// Requests handed to the disk, by id (the disk's user data); `free` lists unused ids.
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
     /// Reused for every request, so serving one allocates nothing.
     descs: Vec<Descriptor>,
-    slices: Vec<(*mut u8, usize)>,
+    iovecs: Vec<libc::iovec>,
 }
 
-// SAFETY: the raw pointers in `slices` only live during one request on the worker thread; they
-// are cleared before the handler could move.
+// SAFETY: the iovecs point into guest memory, which every thread may access; they are only
+// used on the worker thread while it owns the handler.
 unsafe impl Send for BlockHandler {}
+
+/// A read or write in flight.
+struct Pending {
+    queue: usize,
+    head: u16,
+    status: Option<GuestAddress>,
+    /// Bytes the request moves; the used length on success (reads) and the expected result.
+    len: u32,
+    read: bool,
+}
 
 /// Why a request failed, as the status byte says it.
 enum Fail {
@@ -69,33 +87,49 @@ enum Fail {
     Unsupp,
 }
 
+/// What became of a request.
+enum Outcome {
+    /// Finished: status and bytes written into the driver's data buffers.
+    Done(u8, u32),
+    /// Handed to the disk; it completes through `complete`.
+    Queued,
+}
+
 impl BlockHandler {
-    /// Serves one chain; returns the bytes written into the driver's buffers.
-    fn serve(&mut self, mem: &GuestMemoryMmap, chain: &[Descriptor]) -> u32 {
+    /// Serves one chain; returns the used length, or None when it completes later.
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: usize,
+        head: u16,
+        chain: &[Descriptor],
+    ) -> Option<u32> {
         // The status byte: the last byte of the last descriptor, which must be writable.
         let Some(last) = chain.last().filter(|d| d.is_write_only() && d.len() > 0) else {
             debug!("virtio-blk: request without a writable status byte");
-            return 0;
+            return Some(0);
         };
         let status_addr = last.addr().checked_add(u64::from(last.len()) - 1);
-        let (status, written) = match self.execute(mem, chain) {
-            Ok(n) => (S_OK, n),
+        let (status, written) = match self.execute(mem, chain, queue, head, status_addr) {
+            Ok(Outcome::Queued) => return None,
+            Ok(Outcome::Done(s, n)) => (s, n),
             Err(Fail::Unsupp) => (S_UNSUPP, 0),
             Err(Fail::IoErr(why)) => {
                 debug!("virtio-blk: request failed: {why}");
                 (S_IOERR, 0)
             }
         };
-        match status_addr {
-            Some(a) if mem.write_obj(status, a).is_ok() => written.saturating_add(1),
-            _ => {
-                debug!("virtio-blk: status byte outside guest memory");
-                0
-            }
-        }
+        Some(write_status(mem, status_addr, status, written))
     }
 
-    fn execute(&mut self, mem: &GuestMemoryMmap, chain: &[Descriptor]) -> Result<u32, Fail> {
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: &[Descriptor],
+        queue: usize,
+        head: u16,
+        status: Option<GuestAddress>,
+    ) -> Result<Outcome, Fail> {
         let io = |s: &str| Fail::IoErr(s.to_string());
         let hdr = chain.first().ok_or_else(|| io("empty chain"))?;
         if hdr.is_write_only() || hdr.len() < 16 || chain.len() < 2 {
@@ -116,14 +150,7 @@ impl BlockHandler {
         if data.iter().any(|d| d.is_write_only() != want_write_only) {
             return Err(io("data descriptor with the wrong direction"));
         }
-        let size = self.disk.size();
-        let range = |len: u64| -> Result<u64, Fail> {
-            let off = sector
-                .checked_mul(SECTOR_SIZE)
-                .filter(|o| o.checked_add(len).is_some_and(|end| end <= size))
-                .ok_or_else(|| io("sector range beyond the disk"))?;
-            Ok(off)
-        };
+        let size = self.disk.disk().size();
         match req_type {
             T_IN | T_OUT => {
                 if data_len % SECTOR_SIZE != 0 {
@@ -132,57 +159,57 @@ impl BlockHandler {
                 if req_type == T_OUT && self.readonly {
                     return Err(io("write to a read-only disk"));
                 }
-                let offset = range(data_len)?;
-                let mut slices = std::mem::take(&mut self.slices);
-                slices.clear();
+                let offset = sector
+                    .checked_mul(SECTOR_SIZE)
+                    .filter(|o| o.checked_add(data_len).is_some_and(|end| end <= size))
+                    .ok_or_else(|| io("sector range beyond the disk"))?;
+                self.iovecs.clear();
                 for d in data {
-                    match guest_slice(mem, d.addr(), d.len()) {
-                        Ok(s) => slices.push(s),
-                        Err(e) => {
-                            self.slices = slices;
-                            return Err(e);
-                        }
-                    }
+                    let (base, len) = guest_slice(mem, d.addr(), d.len())?;
+                    self.iovecs.push(libc::iovec {
+                        iov_base: base.cast(),
+                        iov_len: len,
+                    });
                 }
-                let r = if req_type == T_IN && slices.len() == 1 {
-                    let (p, l) = slices[0];
-                    // SAFETY: see `guest_slice`: the range lies inside one mapped region of
-                    // `mem`, which outlives this request.
-                    let buf = unsafe { std::slice::from_raw_parts_mut(p, l) };
-                    self.disk.read_at(offset, &mut [IoSliceMut::new(buf)])
-                } else if slices.len() == 1 {
-                    let (p, l) = slices[0];
-                    // SAFETY: as above.
-                    let buf = unsafe { std::slice::from_raw_parts(p, l) };
-                    self.disk.write_at(offset, &[IoSlice::new(buf)])
-                } else if req_type == T_IN {
-                    let mut bufs: Vec<IoSliceMut> = slices
-                        .iter()
-                        .copied()
-                        // SAFETY: see `guest_slice`: the range lies inside one mapped region of
-                        // `mem`, which outlives this request.
-                        .map(|(p, l)| {
-                            IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, l) })
-                        })
-                        .collect();
-                    self.disk.read_at(offset, &mut bufs)
-                } else {
-                    let bufs: Vec<IoSlice> = slices
-                        .iter()
-                        .copied()
-                        // SAFETY: as above.
-                        .map(|(p, l)| IoSlice::new(unsafe { std::slice::from_raw_parts(p, l) }))
-                        .collect();
-                    self.disk.write_at(offset, &bufs)
+                let read = req_type == T_IN;
+                if !self.disk.uses_io_uring() {
+                    return self.sync_io(offset, read, data_len as u32);
+                }
+                let id = self.free.pop().unwrap_or_else(|| {
+                    self.pending.push(None);
+                    self.pending.len() - 1
+                });
+                self.pending[id] = Some(Pending {
+                    queue,
+                    head,
+                    status,
+                    len: data_len as u32,
+                    read,
+                });
+                // SAFETY: the iovecs lie inside guest memory regions (checked by
+                // `guest_slice`), which stay mapped while this handler lives: the transport
+                // holds the memory, and `Block::reset` waits for in-flight requests.
+                let r = unsafe {
+                    if read {
+                        self.disk.read_vectored(offset, &self.iovecs, id as u64)
+                    } else {
+                        self.disk.write_vectored(offset, &self.iovecs, id as u64)
+                    }
                 };
-                slices.clear();
-                self.slices = slices;
-                r.map_err(|e| Fail::IoErr(e.to_string()))?;
-                Ok(if req_type == T_IN { data_len as u32 } else { 0 })
+                if let Err(e) = r {
+                    self.pending[id] = None;
+                    self.free.push(id);
+                    return Err(Fail::IoErr(e.to_string()));
+                }
+                Ok(Outcome::Queued)
             }
             T_FLUSH => {
-                self.disk.flush().map_err(|e| Fail::IoErr(e.to_string()))?;
-                Ok(0)
+                // Covers every write completed so far, as the spec asks.
+                self.disk
+                    .disk()
+                    .flush()
+                    .map_err(|e| Fail::IoErr(e.to_string()))?;
+                Ok(Outcome::Done(S_OK, 0))
             }
             T_GET_ID => {
                 let mut left = &self.id[..];
@@ -194,14 +221,14 @@ impl BlockHandler {
                     left = &left[k..];
                     n += k as u32;
                 }
-                Ok(n)
+                Ok(Outcome::Done(S_OK, n))
             }
             T_DISCARD | T_WRITE_ZEROES => {
                 if self.readonly {
                     return Err(io("discard/write-zeroes on a read-only disk"));
                 }
-                // Segments of 16 bytes: sector u64, num_sectors u32, flags u32.
-                if data_len == 0 || data_len % 16 != 0 || data.len() != 1 || data_len > 16 {
+                // One segment of 16 bytes: sector u64, num_sectors u32, flags u32.
+                if data.len() != 1 || data_len != 16 {
                     return Err(Fail::Unsupp);
                 }
                 let mut seg = [0u8; 16];
@@ -218,15 +245,101 @@ impl BlockHandler {
                     .checked_mul(SECTOR_SIZE)
                     .filter(|o| o.checked_add(len).is_some_and(|e| e <= size))
                     .ok_or_else(|| io("discard range beyond the disk"))?;
+                let disk = self.disk.disk();
                 let r = if req_type == T_DISCARD {
-                    self.disk.discard(off, len)
+                    disk.discard(off, len)
                 } else {
-                    self.disk.write_zeroes(off, len)
+                    disk.write_zeroes(off, len)
                 };
                 r.map_err(|e| Fail::IoErr(e.to_string()))?;
-                Ok(0)
+                Ok(Outcome::Done(S_OK, 0))
             }
             _ => Err(Fail::Unsupp),
+        }
+    }
+
+    /// Reads or writes `self.iovecs` at `offset` on this thread.
+    fn sync_io(&mut self, offset: u64, read: bool, len: u32) -> Result<Outcome, Fail> {
+        let disk = self.disk.disk();
+        let r = if read {
+            let mut bufs: Vec<IoSliceMut> = self
+                .iovecs
+                .iter()
+                // SAFETY: each iovec lies inside a mapped guest memory region (checked by
+                // `guest_slice`) that outlives this call.
+                .map(|v| {
+                    IoSliceMut::new(unsafe {
+                        std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
+                    })
+                })
+                .collect();
+            disk.read_at(offset, &mut bufs)
+        } else {
+            let bufs: Vec<IoSlice> = self
+                .iovecs
+                .iter()
+                // SAFETY: as above.
+                .map(|v| {
+                    IoSlice::new(unsafe {
+                        std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                    })
+                })
+                .collect();
+            disk.write_at(offset, &bufs)
+        };
+        r.map_err(|e| Fail::IoErr(e.to_string()))?;
+        Ok(Outcome::Done(S_OK, if read { len } else { 0 }))
+    }
+
+    /// Publishes every finished disk request; returns the mask of queues used.
+    fn complete(
+        &mut self,
+        queues: &mut [Option<Queue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        let mut used = 0;
+        while let Some((id, res)) = self.disk.next_completed() {
+            let Some(p) = self.pending.get_mut(id as usize).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(id as usize);
+            let ok = res >= 0 && res as u32 == p.len;
+            if !ok {
+                debug!("virtio-blk: disk request failed: {res}");
+            }
+            let n = if ok && p.read { p.len } else { 0 };
+            let len = write_status(mem, p.status, if ok { S_OK } else { S_IOERR }, n);
+            if let Some(Some(q)) = queues.get_mut(p.queue) {
+                q.add_used(mem, p.head, len)
+                    .map_err(|e| format!("used ring: {e}"))?;
+                used |= queue_bit(p.queue);
+            }
+        }
+        Ok(used)
+    }
+
+    /// Waits for every request in flight and forgets them (device reset).
+    fn quiesce(&mut self) {
+        while self.disk.in_flight() > 0 {
+            if let Err(e) = self.disk.reap(1) {
+                warn!("virtio-blk: waiting for disk requests: {e}");
+                break;
+            }
+        }
+        while self.disk.next_completed().is_some() {}
+        self.pending.clear();
+        self.free.clear();
+    }
+}
+
+/// Writes the status byte; returns the used length (`written` plus the status byte), or 0 if
+/// the status byte lies outside guest memory.
+fn write_status(mem: &GuestMemoryMmap, at: Option<GuestAddress>, status: u8, written: u32) -> u32 {
+    match at {
+        Some(a) if mem.write_obj(status, a).is_ok() => written.saturating_add(1),
+        _ => {
+            debug!("virtio-blk: status byte outside guest memory");
+            0
         }
     }
 }
@@ -256,19 +369,39 @@ impl QueueHandler for BlockHandler {
         index: usize,
         queues: &mut [Option<Queue>],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(index) else {
-            return Ok(false);
+            return Ok(0);
         };
         let mut descs = std::mem::take(&mut self.descs);
-        let r = process_chains(q, mem, |chain| {
+        let r = process_chains(index, q, mem, |chain| {
+            let head = chain.head_index();
             // The iterator stops at the queue size (no loops) and on a bad descriptor.
             descs.clear();
             descs.extend(chain);
-            self.serve(mem, &descs)
+            self.serve(mem, index, head, &descs)
         });
         self.descs = descs;
-        r
+        let used = r?;
+        if let Err(e) = self.disk.submit() {
+            warn!("virtio-blk: cannot submit disk requests: {e}");
+        }
+        Ok(used | self.complete(queues, mem)?)
+    }
+
+    fn extra_fd(&self) -> Option<RawFd> {
+        self.disk
+            .uses_io_uring()
+            .then(|| self.disk.notifier().as_raw_fd())
+    }
+
+    fn process_extra(
+        &mut self,
+        queues: &mut [Option<Queue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        let _ = self.disk.notifier().read();
+        self.complete(queues, mem)
     }
 }
 
@@ -281,24 +414,41 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(disk: Box<dyn DiskFile>, cfg: BlockConfig) -> Self {
+    /// Serves `disk`; reads and writes go through io_uring where the kernel has it and the
+    /// image maps the range directly (raw images, allocated qcow2 clusters).
+    pub fn new(disk: Box<dyn DiskFile>, cfg: BlockConfig) -> block::Result<Self> {
         let mut id = [0u8; ID_BYTES];
         let n = cfg.serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let readonly = disk.readonly();
-        Block {
-            capacity: disk.size() / SECTOR_SIZE,
+        let capacity = disk.size() / SECTOR_SIZE;
+        let depth = (u32::from(cfg.queue_size) * u32::from(cfg.num_queues))
+            .clamp(1, block::async_io::MAX_DEPTH);
+        let disk = AsyncDisk::new(
+            disk,
+            depth,
+            cfg.io_uring && block::async_io::io_uring_supported(),
+        )?;
+        Ok(Block {
+            capacity,
             readonly,
             cfg,
             handler: Some(BlockHandler {
                 disk,
                 readonly,
                 id,
+                pending: Vec::new(),
+                free: Vec::new(),
                 descs: Vec::new(),
-                slices: Vec::new(),
+                iovecs: Vec::new(),
             }),
             worker: None,
-        }
+        })
+    }
+
+    /// Whether reads and writes go through io_uring (false once activated: the worker has it).
+    pub fn uses_io_uring(&self) -> bool {
+        self.handler.as_ref().is_some_and(|h| h.disk.uses_io_uring())
     }
 
     fn config_bytes(&self) -> [u8; 60] {
@@ -350,6 +500,9 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
             self.handler = w.stop();
+            if let Some(h) = &mut self.handler {
+                h.quiesce();
+            }
             if self.handler.is_none() {
                 warn!("virtio-blk: the worker died; the disk is gone until the VMM restarts");
             }

@@ -29,16 +29,16 @@ impl QueueHandler for ConsoleHandler {
         index: usize,
         queues: &mut [Option<Queue>],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<u64, String> {
         if index != TX_QUEUE {
             // Receive buffers stay queued until there is input.
-            return Ok(false);
+            return Ok(0);
         }
         let Some(Some(q)) = queues.get_mut(index) else {
-            return Ok(false);
+            return Ok(0);
         };
         let (out, buf) = (&mut self.out, &mut self.buf);
-        process_chains(q, mem, |chain| {
+        process_chains(index, q, mem, |chain| {
             for desc in chain {
                 if desc.is_write_only() {
                     debug!("virtio-console: write-only descriptor on the transmit queue");
@@ -57,7 +57,7 @@ impl QueueHandler for ConsoleHandler {
                     }
                 }
             }
-            0
+            Some(0)
         })
     }
 }

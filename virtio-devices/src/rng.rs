@@ -25,17 +25,17 @@ impl QueueHandler for RngHandler {
         index: usize,
         queues: &mut [Option<Queue>],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String> {
+    ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(index) else {
-            return Ok(false);
+            return Ok(0);
         };
         let (source, buf) = (&mut self.source, &mut self.buf);
-        process_chains(q, mem, |chain| {
+        process_chains(index, q, mem, |chain| {
             let mut total = 0usize;
             for desc in chain {
                 if !desc.is_write_only() {
                     debug!("virtio-rng: read-only descriptor; request failed");
-                    return 0;
+                    return Some(0);
                 }
                 let want = (desc.len() as usize).min(MAX_REQUEST - total);
                 if want == 0 {
@@ -44,15 +44,15 @@ impl QueueHandler for RngHandler {
                 buf.resize(want, 0);
                 if let Err(e) = source.read_exact(&mut buf[..want]) {
                     warn!("virtio-rng: entropy source: {e}");
-                    return total as u32;
+                    return Some(total as u32);
                 }
                 if mem.write_slice(&buf[..want], desc.addr()).is_err() {
                     debug!("virtio-rng: buffer outside guest memory; request failed");
-                    return total as u32;
+                    return Some(total as u32);
                 }
                 total += want;
             }
-            total as u32
+            Some(total as u32)
         })
     }
 }

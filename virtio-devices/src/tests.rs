@@ -118,7 +118,7 @@ impl Ring {
     }
 }
 
-fn disk(size: u64, readonly: bool) -> (tempfile::NamedTempFile, Block) {
+fn disk_with(size: u64, readonly: bool, io_uring: bool) -> (tempfile::NamedTempFile, Block) {
     let f = tempfile::NamedTempFile::new().unwrap();
     let mut data = vec![0u8; size as usize];
     for (i, b) in data.iter_mut().enumerate() {
@@ -136,13 +136,19 @@ fn disk(size: u64, readonly: bool) -> (tempfile::NamedTempFile, Block) {
             num_queues: 1,
             queue_size: QSIZE,
             serial: "test-serial".into(),
+            io_uring,
         },
-    );
+    )
+    .unwrap();
     (f, blk)
 }
 
 /// A data buffer: address, length, flags.
 type Buf = (u64, u32, u16);
+
+fn disk(size: u64, readonly: bool) -> (tempfile::NamedTempFile, Block) {
+    disk_with(size, readonly, false)
+}
 
 const HDR: u64 = 0x10000;
 const DATA: u64 = 0x20000;
@@ -162,7 +168,20 @@ fn request(r: &mut Ring, t: u32, sector: u64, data: (u64, u32, u16)) -> (Option<
 
 #[test]
 fn blk_read_write_flush_get_id() {
-    let (f, mut blk) = disk(64 * 1024, false);
+    read_write(false);
+}
+
+#[test]
+fn blk_read_write_flush_get_id_io_uring() {
+    read_write(true);
+}
+
+fn read_write(io_uring: bool) {
+    let (f, mut blk) = disk_with(64 * 1024, false, io_uring);
+    assert_eq!(
+        blk.uses_io_uring(),
+        io_uring && block::async_io::io_uring_supported()
+    );
     let mut r = Ring::start(&mut blk, 0, 1);
     assert_eq!(
         request(&mut r, T_IN, 3, (DATA, 1024, WRITE)),
@@ -201,7 +220,16 @@ fn blk_read_write_flush_get_id() {
 
 #[test]
 fn blk_malformed_requests_fail_cleanly() {
-    let (f, mut blk) = disk(64 * 1024, false);
+    malformed(false);
+}
+
+#[test]
+fn blk_malformed_requests_fail_cleanly_io_uring() {
+    malformed(true);
+}
+
+fn malformed(io_uring: bool) {
+    let (f, mut blk) = disk_with(64 * 1024, false, io_uring);
     let mut r = Ring::start(&mut blk, 0, 1);
     let cases: [(&str, u32, u64, Buf, u8); 8] = [
         (

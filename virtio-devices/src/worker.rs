@@ -18,25 +18,25 @@ const EXTRA_TOKEN: u64 = u64::MAX - 1;
 
 /// What a device does with its queues, run on the worker thread.
 pub trait QueueHandler: Send + 'static {
-    /// Serve the available buffers of queue `index`. Returns whether any buffer was used.
-    /// An `Err` means the queue is broken: the device is marked NEEDS_RESET.
+    /// Serve the available buffers of queue `index`. Returns a bit mask of the queues that got
+    /// used buffers. An `Err` means the queue is broken: the device is marked NEEDS_RESET.
     fn process_queue(
         &mut self,
         index: usize,
         queues: &mut [Option<Queue>],
         mem: &GuestMemoryMmap,
-    ) -> Result<bool, String>;
+    ) -> Result<u64, String>;
     /// One more fd to wait on (readable).
     fn extra_fd(&self) -> Option<RawFd> {
         None
     }
-    /// The extra fd is readable. Returns the queues that got used buffers.
+    /// The extra fd is readable. Returns a bit mask of the queues that got used buffers.
     fn process_extra(
         &mut self,
         _queues: &mut [Option<Queue>],
         _mem: &GuestMemoryMmap,
-    ) -> Result<Vec<usize>, String> {
-        Ok(vec![])
+    ) -> Result<u64, String> {
+        Ok(0)
     }
 }
 
@@ -120,6 +120,14 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
+    fn notify_mask(&mut self, mask: u64) {
+        for i in 0..self.queues.len().min(64) {
+            if mask & (1 << i) != 0 {
+                self.notify(i);
+            }
+        }
+    }
+
     fn broken(&mut self, what: &str) {
         if !self.status.needs_reset() {
             warn!("virtio device broken ({what}); it needs a reset");
@@ -166,7 +174,7 @@ impl<H: QueueHandler> Worker<H> {
                             continue;
                         }
                         match self.handler.process_extra(&mut self.queues, &self.mem) {
-                            Ok(used) => used.into_iter().for_each(|i| self.notify(i)),
+                            Ok(used) => self.notify_mask(used),
                             Err(e) => self.broken(&e),
                         }
                     }
@@ -179,8 +187,7 @@ impl<H: QueueHandler> Worker<H> {
                             continue;
                         }
                         match self.handler.process_queue(i, &mut self.queues, &self.mem) {
-                            Ok(true) => self.notify(i),
-                            Ok(false) => {}
+                            Ok(used) => self.notify_mask(used),
                             Err(e) => self.broken(&e),
                         }
                     }
@@ -190,12 +197,18 @@ impl<H: QueueHandler> Worker<H> {
     }
 }
 
-/// Pops every available chain of `q`, lets `f` serve it and returns the used length, and
-/// publishes it. `Err` when the rings themselves are broken (avail index out of range, used
-/// ring outside memory): the caller marks the device NEEDS_RESET.
-pub fn process_chains<F>(q: &mut Queue, mem: &GuestMemoryMmap, mut f: F) -> Result<bool, String>
+/// Pops every available chain of `q` and lets `f` serve it: `Some(len)` publishes it as used
+/// now with `len` bytes written, `None` means it completes later. Returns the bit for queue
+/// `index` if anything was used. `Err` when the rings themselves are broken (avail index out
+/// of range, used ring outside memory): the caller marks the device NEEDS_RESET.
+pub fn process_chains<F>(
+    index: usize,
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut f: F,
+) -> Result<u64, String>
 where
-    F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32,
+    F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
 {
     let mut used = false;
     loop {
@@ -205,10 +218,16 @@ where
         };
         let Some(chain) = chain else { break };
         let head = chain.head_index();
-        let len = f(chain);
-        q.add_used(mem, head, len)
-            .map_err(|e| format!("used ring: {e}"))?;
-        used = true;
+        if let Some(len) = f(chain) {
+            q.add_used(mem, head, len)
+                .map_err(|e| format!("used ring: {e}"))?;
+            used = true;
+        }
     }
-    Ok(used)
+    Ok(if used { queue_bit(index) } else { 0 })
+}
+
+/// The bit of queue `index` in a used-queues mask.
+pub fn queue_bit(index: usize) -> u64 {
+    1u64.checked_shl(index as u32).unwrap_or(0)
 }

@@ -248,8 +248,10 @@ pub fn create(
                 num_queues: d.num_queues,
                 queue_size: d.queue_size,
                 serial,
+                io_uring: d.direct,
             },
-        );
+        )
+        .map_err(|e| disk_error(d, e.to_string()))?;
         list.push(Pending {
             option: "--disk",
             id,
