@@ -448,7 +448,9 @@ impl Block {
 
     /// Whether reads and writes go through io_uring (false once activated: the worker has it).
     pub fn uses_io_uring(&self) -> bool {
-        self.handler.as_ref().is_some_and(|h| h.disk.uses_io_uring())
+        self.handler
+            .as_ref()
+            .is_some_and(|h| h.disk.uses_io_uring())
     }
 
     fn config_bytes(&self) -> [u8; 60] {
