@@ -544,3 +544,50 @@ fn transport_negotiation_queue_setup_and_hostile_writes() {
     drop(d);
     assert!(vm.ioevents.lock().unwrap().is_empty());
 }
+
+/// Random configuration-space and BAR traffic, as a hostile driver could send: nothing panics,
+/// the device keeps answering with its identity.
+#[test]
+fn random_config_and_bar_writes_do_not_break_the_device() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let vm = Arc::new(FakeVm::default());
+    let (_f, blk) = disk(64 * 1024, false);
+    let dev = crate::VirtioPciDevice::new("d".into(), Box::new(blk), mem, vm.clone(), 0xc000_0000)
+        .unwrap();
+    let root = Arc::new(Mutex::new(pci::PciRoot::new(vm)));
+    root.lock()
+        .unwrap()
+        .add_device(1, Arc::new(Mutex::new(dev)))
+        .unwrap();
+    let mut ecam = pci::PciConfigMmio(root.clone());
+    let mut io = pci::PciConfigIo::new(root.clone());
+    use devices::BusDevice;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..20_000 {
+        let r = next();
+        let len = [1usize, 2, 4, 8, 3][(r % 5) as usize];
+        let data = next().to_le_bytes();
+        let off = (1 << 15) + (next() % 0x1000);
+        match r % 4 {
+            0 => ecam.write(off, &data[..len]),
+            1 => {
+                let mut b = [0u8; 8];
+                ecam.read(off, &mut b[..len]);
+            }
+            2 => io.write(next() % 8, &data[..len]),
+            _ => {
+                let mut b = [0u8; 8];
+                io.read(next() % 8, &mut b[..len]);
+            }
+        }
+    }
+    let mut id = [0u8; 4];
+    ecam.read(1 << 15, &mut id);
+    assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
+}
