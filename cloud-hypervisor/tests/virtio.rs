@@ -5,7 +5,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{boot, guest, run, scratch};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{boot, guest, read_until, run, scratch, wait_with_timeout, VMM};
 
 const SECTORS: u64 = 16;
 
@@ -242,4 +247,61 @@ fn hostile_requests_do_not_take_the_vmm_down() {
         r.assert_passed(c);
     }
     check_disk(&a, 0, 1 << 20, false);
+}
+
+#[test]
+fn console_input_and_output_through_a_pty() {
+    let mut child = Command::new(VMM)
+        .args([
+            "--kernel",
+            guest().elf_pvh.to_str().unwrap(),
+            "--cmdline",
+            "test=console-echo",
+            "--memory",
+            "size=256M",
+            "--serial",
+            "tty",
+            "--console",
+            "pty,id=con0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let fd = stderr.as_raw_fd();
+    let line = read_until(&mut stderr, fd, "\n", Duration::from_secs(10));
+    let path = line
+        .split("console PTY: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no pty path in '{line}'"))
+        .trim()
+        .to_string();
+    let mut pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // Raw mode: no echo of the guest's output back into its input.
+    // SAFETY: termios is plain data filled by tcgetattr on an open tty fd.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(pty.as_raw_fd(), &mut t), 0);
+        libc::cfmakeraw(&mut t);
+        assert_eq!(libc::tcsetattr(pty.as_raw_fd(), libc::TCSANOW, &t), 0);
+    }
+    pty.write_all(b"ping over virtio\n").unwrap();
+    let pfd = pty.as_raw_fd();
+    let text = read_until(
+        &mut pty,
+        pfd,
+        "ECHO ping over virtio",
+        Duration::from_secs(20),
+    );
+    assert!(text.contains("ECHO ping over virtio\n"), "{text}");
+    child.stderr = None;
+    let r = wait_with_timeout(child, Duration::from_secs(20));
+    r.assert_guest_passed();
+    r.assert_passed("console-echo");
 }

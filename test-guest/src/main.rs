@@ -196,6 +196,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "rng" => virtio::scenario_rng(),
         "blk" => virtio::scenario_blk(&boot),
         "console" => virtio::scenario_console(),
+        "console-echo" => virtio::scenario_console_echo(),
         "hostile" => hostile::scenario_hostile(),
         other => fail("scenario", format_args!("unknown test={other}")),
     }

@@ -406,3 +406,56 @@ pub fn scenario_console() {
     }
     smp::delay_us(1000);
 }
+
+/// Reads a line from the virtio console (up to 5 s) and writes it back as `ECHO <line>`.
+pub fn scenario_console_echo() {
+    let Some(df) = find(DeviceType::Console).into_iter().next() else {
+        fail(
+            "console-present",
+            format_args!("no virtio-console function"),
+        );
+        return;
+    };
+    let Some(t) = transport(df) else { return };
+    let mut c = match VirtIOConsole::<GuestHal, _>::new(t) {
+        Ok(c) => c,
+        Err(e) => {
+            fail("console-init", format_args!("{e}"));
+            return;
+        }
+    };
+    println!("READY");
+    let mut line = Vec::new();
+    let mut waited_us = 0u64;
+    loop {
+        match c.recv(true) {
+            Ok(Some(b'\n' | b'\r')) if line.is_empty() => {}
+            Ok(Some(b'\n' | b'\r')) => break,
+            Ok(Some(b)) if line.len() < 256 => line.push(b),
+            Ok(Some(_)) => break,
+            Ok(None) => {
+                smp::delay_us(1000);
+                waited_us += 1000;
+                if waited_us > 5_000_000 {
+                    break;
+                }
+            }
+            Err(e) => {
+                fail("console-echo", format_args!("{e}"));
+                return;
+            }
+        }
+    }
+    let text = core::str::from_utf8(&line).unwrap_or("?");
+    let mut out = Vec::new();
+    out.extend_from_slice(b"ECHO ");
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'\n');
+    let r = c.send_bytes(&out);
+    crate::check!(
+        "console-echo",
+        r.is_ok() && !line.is_empty(),
+        "read {text:?}, send {r:?}"
+    );
+    smp::delay_us(1000);
+}

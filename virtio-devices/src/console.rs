@@ -1,13 +1,15 @@
-//! virtio-console (single port, no multiport): the transmit queue goes to a host sink (the
-//! `--console` endpoint). The receive queue is accepted but no host input is fed to it yet.
+//! virtio-console (single port, no multiport): the transmit queue goes to a host sink and
+//! host input (the `--console` endpoint's terminal, pty or socket) fills the receive queue.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 
 use log::{debug, warn};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::worker::{process_chains, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, F_VERSION_1, TYPE_CONSOLE,
 };
@@ -20,7 +22,77 @@ const MAX_CHUNK: u32 = 64 * 1024;
 
 struct ConsoleHandler {
     out: Option<Box<dyn Write + Send>>,
+    input: Option<File>,
+    /// No receive buffer was available: wait for the driver to add some before reading more.
+    paused: bool,
     buf: Vec<u8>,
+}
+
+impl ConsoleHandler {
+    /// Moves what the input has into one receive chain. Returns whether a buffer was used.
+    fn receive(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
+        let chain = match q.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => return Err(format!("avail ring: {e}")),
+        };
+        let Some(chain) = chain else {
+            self.paused = true;
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let descs: Vec<_> = chain.filter(|d| d.is_write_only()).collect();
+        let room: usize = descs
+            .iter()
+            .map(|d| d.len() as usize)
+            .sum::<usize>()
+            .min(MAX_CHUNK as usize);
+        let Some(input) = self.input.as_mut() else {
+            q.go_to_previous_position();
+            return Ok(false);
+        };
+        self.buf.resize(room.max(1), 0);
+        let n = if room == 0 {
+            0
+        } else {
+            match input.read(&mut self.buf[..room]) {
+                Ok(0) => {
+                    debug!("virtio-console: end of input");
+                    self.input = None;
+                    q.go_to_previous_position();
+                    return Ok(false);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    q.go_to_previous_position();
+                    return Ok(false);
+                }
+                Err(e) => {
+                    warn!("virtio-console: input failed ({e}); closing it");
+                    self.input = None;
+                    q.go_to_previous_position();
+                    return Ok(false);
+                }
+            }
+        };
+        let mut done = 0;
+        for d in descs {
+            if done == n {
+                break;
+            }
+            let k = (d.len() as usize).min(n - done);
+            if mem
+                .write_slice(&self.buf[done..done + k], d.addr())
+                .is_err()
+            {
+                debug!("virtio-console: receive buffer outside guest memory");
+                break;
+            }
+            done += k;
+        }
+        q.add_used(mem, head, done as u32)
+            .map_err(|e| format!("used ring: {e}"))?;
+        Ok(true)
+    }
 }
 
 impl QueueHandler for ConsoleHandler {
@@ -30,8 +102,12 @@ impl QueueHandler for ConsoleHandler {
         queues: &mut [Option<Queue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
+        if index == RX_QUEUE {
+            // New receive buffers: read input again (they stay queued until there is some).
+            self.paused = false;
+            return Ok(0);
+        }
         if index != TX_QUEUE {
-            // Receive buffers stay queued until there is input.
             return Ok(0);
         }
         let Some(Some(q)) = queues.get_mut(index) else {
@@ -60,6 +136,31 @@ impl QueueHandler for ConsoleHandler {
             Some(0)
         })
     }
+
+    fn extra_fd(&self) -> Option<RawFd> {
+        self.input.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    fn extra_wanted(&self) -> bool {
+        !self.paused
+    }
+
+    fn process_extra(
+        &mut self,
+        queues: &mut [Option<Queue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        let Some(Some(q)) = queues.get_mut(RX_QUEUE) else {
+            // The driver has no receive queue: input is never read.
+            self.paused = true;
+            return Ok(0);
+        };
+        Ok(if self.receive(q, mem)? {
+            queue_bit(RX_QUEUE)
+        } else {
+            0
+        })
+    }
 }
 
 pub struct Console {
@@ -68,11 +169,13 @@ pub struct Console {
 }
 
 impl Console {
-    /// `out`: where the guest's output goes (`None` discards it).
-    pub fn new(out: Option<Box<dyn Write + Send>>) -> Self {
+    /// `out`: where the guest's output goes (`None` discards it); `input`: what it reads.
+    pub fn new(out: Option<Box<dyn Write + Send>>, input: Option<File>) -> Self {
         Console {
             handler: Some(ConsoleHandler {
                 out,
+                input,
+                paused: false,
                 buf: Vec::new(),
             }),
             worker: None,
@@ -85,7 +188,6 @@ impl VirtioDevice for Console {
         TYPE_CONSOLE
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        let _ = RX_QUEUE;
         vec![QUEUE_SIZE, QUEUE_SIZE]
     }
     fn features(&self) -> u64 {
@@ -110,6 +212,9 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
             self.handler = w.stop();
+            if let Some(h) = &mut self.handler {
+                h.paused = false;
+            }
         }
     }
 }

@@ -393,7 +393,7 @@ impl Write for Sink {
 #[test]
 fn console_transmits_to_the_sink() {
     let sink = Sink::default();
-    let mut c = Console::new(Some(Box::new(sink.clone())));
+    let mut c = Console::new(Some(Box::new(sink.clone())), None);
     let mut r = Ring::start(&mut c, 1, 2);
     r.mem.write_slice(b"hello", GuestAddress(DATA)).unwrap();
     r.mem
@@ -590,4 +590,43 @@ fn random_config_and_bar_writes_do_not_break_the_device() {
     let mut id = [0u8; 4];
     ecam.read(1 << 15, &mut id);
     assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
+}
+
+#[test]
+fn console_receives_host_input() {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    use std::os::fd::FromRawFd;
+    // SAFETY: fresh fds we own.
+    let (rd, mut wr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let mut c = Console::new(None, Some(rd));
+    let mut r = Ring::start(&mut c, 0, 2);
+    // Input before any buffer: kept until the driver adds one.
+    wr.write_all(b"abc").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(r.used_idx(), 0);
+    r.desc(0, DATA, 2, WRITE | NEXT, 1);
+    r.desc(1, DATA + 0x100, 64, WRITE, 0);
+    assert_eq!(r.submit(0), Some(3));
+    let mut b = [0u8; 2];
+    r.mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+    assert_eq!(&b, b"ab");
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(DATA + 0x100)).unwrap(),
+        b'c'
+    );
+    // A read-only receive buffer takes nothing; end of input closes it without spinning.
+    wr.write_all(b"xyz").unwrap();
+    r.desc(0, DATA, 64, 0, 0);
+    assert_eq!(r.submit(0), Some(0));
+    drop(wr);
+    r.desc(0, DATA, 64, WRITE, 0);
+    assert_eq!(r.submit(0), Some(3));
+    c.reset();
 }

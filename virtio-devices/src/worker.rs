@@ -30,6 +30,11 @@ pub trait QueueHandler: Send + 'static {
     fn extra_fd(&self) -> Option<RawFd> {
         None
     }
+    /// Whether the extra fd should be watched now (e.g. not while there is no buffer to put
+    /// its data in: epoll is level-triggered and would spin).
+    fn extra_wanted(&self) -> bool {
+        true
+    }
     /// The extra fd is readable. Returns a bit mask of the queues that got used buffers.
     fn process_extra(
         &mut self,
@@ -151,11 +156,31 @@ impl<H: QueueHandler> Worker<H> {
                 add(e.as_raw_fd(), i as u64)?;
             }
         }
-        if let Some(fd) = self.handler.extra_fd() {
-            add(fd, EXTRA_TOKEN)?;
-        }
+        // The extra fd as registered now, and whether registering it failed for good.
+        let mut extra: Option<RawFd> = None;
+        let mut extra_failed = false;
         let mut events = vec![EpollEvent::default(); self.evts.len() + 2];
         loop {
+            let want = if self.status.needs_reset() || extra_failed || !self.handler.extra_wanted()
+            {
+                None
+            } else {
+                self.handler.extra_fd()
+            };
+            if want != extra {
+                if let Some(fd) = extra.take() {
+                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
+                if let Some(fd) = want {
+                    match add(fd, EXTRA_TOKEN) {
+                        Ok(()) => extra = Some(fd),
+                        Err(e) => {
+                            warn!("virtio worker: cannot watch fd {fd}: {e}");
+                            extra_failed = true;
+                        }
+                    }
+                }
+            }
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -165,12 +190,8 @@ impl<H: QueueHandler> Worker<H> {
                 match ev.data() {
                     KILL_TOKEN => return Ok(()),
                     EXTRA_TOKEN => {
+                        // A broken device stops listening (next loop), never spins on it.
                         if self.status.needs_reset() {
-                            // Stop listening: a broken device must not spin on a ready fd.
-                            if let Some(fd) = self.handler.extra_fd() {
-                                let _ =
-                                    epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                            }
                             continue;
                         }
                         match self.handler.process_extra(&mut self.queues, &self.mem) {

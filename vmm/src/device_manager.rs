@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::cpu::VmEvents;
-use crate::pci_setup::{self, PciDevices, PciSetupError};
+use crate::pci_setup::{self, ConsoleIo, PciDevices, PciSetupError};
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -54,8 +54,8 @@ pub struct DeviceSetup<'a> {
     pub ram: (u64, u64),
     /// `None` for no serial port; `Some(sink)` for a port whose output goes to `sink`.
     pub serial: Option<Option<Box<dyn std::io::Write + Send>>>,
-    /// The same for the virtio console.
-    pub console: Option<Option<Box<dyn std::io::Write + Send>>>,
+    /// The virtio console's host side; `None` for no virtio console.
+    pub console: Option<ConsoleIo>,
     pub nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
 }
 

@@ -9,9 +9,11 @@ mod pci_setup;
 mod serial_io;
 mod vm;
 
+use std::fs::File;
 use std::io;
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use hypervisor::{Hypervisor, KvmHypervisor};
@@ -81,6 +83,19 @@ fn serial_sink(endpoint: &SerialEndpoint) -> Option<Option<Box<dyn io::Write + S
     endpoint.enabled().then(|| endpoint.writer())
 }
 
+/// The virtio console's output and input (a duplicate of the endpoint's input fd).
+fn console_io(endpoint: &SerialEndpoint) -> Option<pci_setup::ConsoleIo> {
+    endpoint.enabled().then(|| pci_setup::ConsoleIo {
+        out: endpoint.writer(),
+        input: endpoint.input_fd().and_then(|fd| {
+            // SAFETY: `fd` is open for as long as the endpoint; dup gives us our own copy.
+            let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            // SAFETY: `new` is a fresh fd nobody else owns.
+            (new >= 0).then(|| File::from(unsafe { OwnedFd::from_raw_fd(new) }))
+        }),
+    })
+}
+
 /// Boots the VM described by `config` and runs it until it powers off, fails, or the VMM is
 /// told to stop by a signal.
 pub fn run(config: VmConfig) -> Result<Outcome, Error> {
@@ -98,15 +113,15 @@ pub fn run(config: VmConfig) -> Result<Outcome, Error> {
     }
 
     let mut endpoints = HostEndpoints {
-        serial: SerialEndpoint::open(&config.serial)?,
-        console: SerialEndpoint::open(&config.console)?,
+        serial: SerialEndpoint::open("--serial", &config.serial)?,
+        console: SerialEndpoint::open("--console", &config.console)?,
     };
     let serial = &endpoints.serial;
     let mut vm = Vm::new(
         &hv as &dyn Hypervisor,
         &config,
         serial_sink(serial),
-        serial_sink(&endpoints.console),
+        console_io(&endpoints.console),
         None,
         &events,
     )?;
@@ -202,7 +217,7 @@ fn control_loop(
                         hv,
                         config,
                         serial_sink(serial),
-                        serial_sink(console),
+                        console_io(console),
                         Some(nvram),
                         events,
                     )?;

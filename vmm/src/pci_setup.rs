@@ -199,15 +199,22 @@ fn open_disk(d: &DiskConfig) -> Result<Box<dyn block::DiskFile>, PciSetupError> 
     block::open_disk(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
 }
 
-/// Builds segment 0 with the configured devices. `console`: `None` for no virtio console,
-/// `Some(sink)` for one whose output goes to `sink`.
+/// The host side of the virtio console.
+pub struct ConsoleIo {
+    /// Where its output goes (`None`: discarded).
+    pub out: Option<Box<dyn Write + Send>>,
+    /// What it reads (`None`: no input).
+    pub input: Option<File>,
+}
+
+/// Builds segment 0 with the configured devices. `console`: `None` for no virtio console.
 pub fn create(
     vm: &Arc<dyn hypervisor::Vm>,
     mem: &GuestMemoryMmap,
     pio: &Arc<Bus>,
     mmio: &Arc<Bus>,
     cfg: &VmConfig,
-    console: Option<Option<Box<dyn Write + Send>>>,
+    console: Option<ConsoleIo>,
 ) -> Result<PciDevices, PciSetupError> {
     let vmi: Arc<dyn VmInterface> = Arc::new(VmPci::new(vm.clone(), mmio));
     let root = Arc::new(Mutex::new(PciRoot::new(vmi.clone())));
@@ -230,12 +237,12 @@ pub fn create(
     );
 
     let mut list: Vec<Pending> = Vec::new();
-    if let Some(out) = console {
+    if let Some(io) = console {
         list.push(Pending {
             option: "--console",
             id: cfg.console.id.clone().unwrap_or_else(|| "_console".into()),
             slot: cfg.console.pci_device_id,
-            dev: Box::new(Console::new(out)),
+            dev: Box::new(Console::new(io.out, io.input)),
         });
     }
     for (i, d) in cfg.disks.iter().enumerate() {

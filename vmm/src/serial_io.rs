@@ -16,20 +16,22 @@ use crate::config::{ConsoleConfig, ConsoleOutputMode};
 
 #[derive(Debug, Error)]
 pub enum SerialIoError {
-    #[error("--serial file={path}: cannot create: {source}")]
+    #[error("{option} file={path}: cannot create: {source}")]
     File {
+        option: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("--serial socket={path}: cannot listen: {source}")]
+    #[error("{option} socket={path}: cannot listen: {source}")]
     Socket {
+        option: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("--serial pty: cannot open a pseudo-terminal: {0}")]
-    Pty(#[source] io::Error),
+    #[error("{0} pty: cannot open a pseudo-terminal: {1}")]
+    Pty(&'static str, #[source] io::Error),
 }
 
 /// The terminal is in raw mode while this lives; the saved settings come back on drop (and
@@ -157,7 +159,9 @@ fn dup_writer(fd: RawFd) -> Option<Box<dyn Write + Send>> {
 }
 
 impl SerialEndpoint {
-    pub fn open(cfg: &ConsoleConfig) -> Result<Self, SerialIoError> {
+    /// Opens the endpoint of `option` (`--serial` or `--console`).
+    pub fn open(option: &'static str, cfg: &ConsoleConfig) -> Result<Self, SerialIoError> {
+        let what = option.trim_start_matches('-');
         Ok(match cfg.mode {
             ConsoleOutputMode::Off => SerialEndpoint::Off,
             ConsoleOutputMode::Null => SerialEndpoint::Null,
@@ -179,15 +183,17 @@ impl SerialEndpoint {
             ConsoleOutputMode::File => {
                 let path = cfg.file.clone().unwrap_or_default();
                 let file = File::create(&path).map_err(|source| SerialIoError::File {
+                    option,
                     path: path.clone(),
                     source,
                 })?;
                 SerialEndpoint::File(file)
             }
             ConsoleOutputMode::Pty => {
-                let (master, slave, path) = open_pty().map_err(SerialIoError::Pty)?;
-                info!("serial PTY: {}", path.display());
-                eprintln!("cloud-hypervisor: serial PTY: {}", path.display());
+                let (master, slave, path) =
+                    open_pty().map_err(|e| SerialIoError::Pty(option, e))?;
+                info!("{what} PTY: {}", path.display());
+                eprintln!("cloud-hypervisor: {what} PTY: {}", path.display());
                 SerialEndpoint::Pty {
                     master,
                     _slave: slave,
@@ -196,6 +202,7 @@ impl SerialEndpoint {
             ConsoleOutputMode::Socket => {
                 let path = cfg.socket.clone().unwrap_or_default();
                 let err = |source| SerialIoError::Socket {
+                    option,
                     path: path.clone(),
                     source,
                 };

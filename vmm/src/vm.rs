@@ -69,7 +69,7 @@ impl Vm {
         hv: &dyn Hypervisor,
         cfg: &VmConfig,
         serial: Option<Option<Box<dyn std::io::Write + Send>>>,
-        console: Option<Option<Box<dyn std::io::Write + Send>>>,
+        console: Option<crate::pci_setup::ConsoleIo>,
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
     ) -> Result<Self, VmError> {
