@@ -3,15 +3,13 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{guest, read_until, run, spawn, wait_with_timeout, VMM};
-
-/// Reads from `f` (non-blocking) until `needle` shows up; returns everything read.
 
 fn pvh() -> &'static str {
     guest().elf_pvh.to_str().unwrap()
