@@ -14,7 +14,6 @@ pub const NOT_YET: &[&str] = &[
     "generic-vhost-user",
     "landlock-rules",
     "memory-zone",
-    "net",
     "numa",
     "pci-segment",
     "platform",

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ArgMatches;
-use vmm::config::{ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig};
+use vmm::config::{
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig,
+};
 use vmm::{ConfigError, VmConfig};
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -51,6 +53,12 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         .flatten()
         .map(|d| DiskConfig::parse(d))
         .collect::<Result<Vec<_>, _>>()?;
+    let net = m
+        .get_many::<String>("net")
+        .into_iter()
+        .flatten()
+        .map(|n| NetConfig::parse(n))
+        .collect::<Result<Vec<_>, _>>()?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     Ok(VmConfig {
         cpus,
@@ -64,6 +72,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         serial,
         console,
         disks,
+        net,
         rng,
     })
 }

@@ -5,6 +5,7 @@
 
 mod block;
 mod console;
+mod net;
 mod rng;
 mod transport;
 mod worker;
@@ -14,6 +15,7 @@ mod tests;
 
 pub use block::{Block, BlockConfig};
 pub use console::Console;
+pub use net::Net;
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
 pub use worker::{QueueHandler, WorkerHandle};
@@ -117,4 +119,25 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
         let n = data.len().min(src.len() - start);
         data[..n].copy_from_slice(&src[start..start + n]);
     }
+}
+
+/// `[addr, addr + len)` as an iovec when it lies inside one region of `mem`. A zero length
+/// gives an empty iovec.
+pub(crate) fn guest_iovec(
+    mem: &GuestMemoryMmap,
+    addr: vm_memory::GuestAddress,
+    len: u32,
+) -> Option<libc::iovec> {
+    use vm_memory::GuestMemoryBackend;
+    if len == 0 {
+        return Some(libc::iovec {
+            iov_base: std::ptr::NonNull::<u8>::dangling().as_ptr().cast(),
+            iov_len: 0,
+        });
+    }
+    let slice = mem.get_slice(addr, len as usize).ok()?;
+    Some(libc::iovec {
+        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+        iov_len: len as usize,
+    })
 }

@@ -13,7 +13,7 @@ use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
 use pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
 use thiserror::Error;
-use virtio_devices::{Block, BlockConfig, Console, Rng, VirtioDevice, VirtioPciDevice};
+use virtio_devices::{Block, BlockConfig, Console, Net, Rng, VirtioDevice, VirtioPciDevice};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -264,6 +264,40 @@ pub fn create(
             id,
             slot: d.pci_device_id,
             dev: Box::new(dev),
+        });
+    }
+    for (i, n) in cfg.net.iter().enumerate() {
+        let err = |msg: String| PciSetupError::Device {
+            option: "--net",
+            value: n.tap.clone().unwrap_or_default(),
+            msg,
+        };
+        let tap = net_util::Tap::open(n.tap.as_deref()).map_err(|e| err(e.to_string()))?;
+        tap.set_ip(n.ip, n.mask).map_err(|e| err(e.to_string()))?;
+        if let Some(m) = &n.host_mac {
+            let m = m.parse().map_err(err)?;
+            tap.set_mac(m).map_err(|e| err(e.to_string()))?;
+        }
+        if let Some(mtu) = n.mtu {
+            tap.set_mtu(mtu).map_err(|e| err(e.to_string()))?;
+        }
+        tap.up().map_err(|e| err(e.to_string()))?;
+        let mac = match &n.mac {
+            Some(m) => m.parse().map_err(err)?,
+            None => net_util::MacAddr::random(),
+        };
+        info!(
+            "--net: TAP {} ({}/{}), guest MAC {mac}",
+            tap.name(),
+            n.ip,
+            n.mask
+        );
+        let id = n.id.clone().unwrap_or_else(|| format!("_net{i}"));
+        list.push(Pending {
+            option: "--net",
+            id,
+            slot: n.pci_device_id,
+            dev: Box::new(Net::new(tap, mac, n.mtu.unwrap_or(1500), n.queue_size)),
         });
     }
     let src = File::open(&cfg.rng.src).map_err(|e| PciSetupError::Device {

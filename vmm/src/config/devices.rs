@@ -1,6 +1,7 @@
 //! Configurations of the virtio PCI devices: `--disk`, `--rng` and the PCI placement keys
 //! (`id=`, `pci_segment=`, `pci_device_id=`) they share with `--console`.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -224,6 +225,168 @@ impl RngConfig {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(default = "default_ip")]
+    pub ip: Ipv4Addr,
+    #[serde(default = "default_mask")]
+    pub mask: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    #[serde(default)]
+    pub iommu: bool,
+    #[serde(default = "default_net_queues")]
+    pub num_queues: u16,
+    #[serde(default = "default_net_queue_size")]
+    pub queue_size: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+    #[serde(default = "default_true")]
+    pub offload_tso: bool,
+    #[serde(default = "default_true")]
+    pub offload_ufo: bool,
+    #[serde(default = "default_true")]
+    pub offload_csum: bool,
+}
+
+fn default_ip() -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 249, 1)
+}
+fn default_mask() -> Ipv4Addr {
+    Ipv4Addr::new(255, 255, 255, 0)
+}
+fn default_net_queues() -> u16 {
+    2
+}
+fn default_net_queue_size() -> u16 {
+    256
+}
+
+impl NetConfig {
+    const KEYS: &'static [&'static str] = &[
+        "tap",
+        "ip",
+        "mask",
+        "mac",
+        "host_mac",
+        "mtu",
+        "fd",
+        "iommu",
+        "num_queues",
+        "queue_size",
+        "id",
+        "vhost_user",
+        "socket",
+        "vhost_mode",
+        "bw_size",
+        "bw_one_time_burst",
+        "bw_refill_time",
+        "ops_size",
+        "ops_one_time_burst",
+        "ops_refill_time",
+        "pci_segment",
+        "pci_device_id",
+        "offload_tso",
+        "offload_ufo",
+        "offload_csum",
+    ];
+
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--net", raw, Self::KEYS, &[])?;
+        for unsupported in [
+            "fd",
+            "vhost_user",
+            "socket",
+            "vhost_mode",
+            "bw_size",
+            "bw_one_time_burst",
+            "bw_refill_time",
+            "ops_size",
+            "ops_one_time_burst",
+            "ops_refill_time",
+        ] {
+            if p.has(unsupported) {
+                return Err(p.error(format!("'{unsupported}' is not supported yet")));
+            }
+        }
+        if p.toggle("iommu", false)? {
+            return Err(p.error("iommu=on is not supported yet"));
+        }
+        let ip_of = |key: &str, default: Ipv4Addr| -> Result<Ipv4Addr, ConfigError> {
+            match p.get(key) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|_| {
+                    p.error(format!(
+                        "{key}={v}: not an IPv4 address (IPv6 is not supported yet)"
+                    ))
+                }),
+            }
+        };
+        let ip = ip_of("ip", default_ip())?;
+        let mask = ip_of("mask", default_mask())?;
+        if (!u32::from(mask)).wrapping_add(1) & !u32::from(mask) != 0 {
+            return Err(p.error(format!("mask={mask}: not a contiguous netmask")));
+        }
+        let mac_of = |key: &str| -> Result<Option<String>, ConfigError> {
+            match p.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .parse::<net_util::MacAddr>()
+                    .map(|m| Some(m.to_string()))
+                    .map_err(|e| p.error(format!("{key}: {e}"))),
+            }
+        };
+        let tap = p.get("tap").map(str::to_string);
+        if let Some(t) = &tap {
+            if t.is_empty() || t.len() > 15 {
+                return Err(p.error("tap= must name an interface of 1-15 bytes"));
+            }
+        }
+        let num_queues = p.number::<u16>("num_queues")?.unwrap_or(2);
+        if num_queues != 2 {
+            return Err(p.error("num_queues: only one queue pair (num_queues=2) is supported yet"));
+        }
+        let queue_size = p.number::<u16>("queue_size")?.unwrap_or(256);
+        if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
+            return Err(p.error("queue_size must be a power of two between 2 and 32768"));
+        }
+        let mtu = p.number::<u16>("mtu")?;
+        if let Some(m) = mtu {
+            if m < 68 {
+                return Err(p.error("mtu must be at least 68"));
+            }
+        }
+        let pl = placement(&p)?;
+        Ok(NetConfig {
+            tap,
+            ip,
+            mask,
+            mac: mac_of("mac")?,
+            host_mac: mac_of("host_mac")?,
+            mtu,
+            iommu: false,
+            num_queues,
+            queue_size,
+            id: pl.id,
+            pci_segment: pl.pci_segment,
+            pci_device_id: pl.pci_device_id,
+            offload_tso: p.toggle("offload_tso", true)?,
+            offload_ufo: p.toggle("offload_ufo", true)?,
+            offload_csum: p.toggle("offload_csum", true)?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +415,31 @@ mod tests {
             let e = DiskConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
             assert!(e.starts_with("--disk "), "{e}");
+        }
+    }
+
+    #[test]
+    fn net() {
+        let n =
+            NetConfig::parse("tap=tap7,ip=10.1.2.1,mask=255.255.0.0,mac=52:54:00:00:00:01,id=n0")
+                .unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap7"));
+        assert_eq!(n.ip, Ipv4Addr::new(10, 1, 2, 1));
+        assert_eq!(n.mac.as_deref(), Some("52:54:00:00:00:01"));
+        assert_eq!((n.num_queues, n.queue_size), (2, 256));
+        let d = NetConfig::parse("").unwrap();
+        assert_eq!((d.ip, d.mask), (default_ip(), default_mask()));
+        for (bad, why) in [
+            ("ip=fe80::1", "IPv6"),
+            ("mask=255.0.255.0", "contiguous"),
+            ("mac=01:00:5e:00:00:01", "multicast"),
+            ("num_queues=4", "one queue pair"),
+            ("tap=averyveryverylongname", "1-15"),
+            ("vhost_user=on", "not supported"),
+            ("fd=3", "not supported"),
+        ] {
+            let e = NetConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use devices::{DiskConfig, PciPlacement, RngConfig, MAX_DISK_QUEUES};
+pub use devices::{DiskConfig, NetConfig, PciPlacement, RngConfig, MAX_DISK_QUEUES};
 pub use parser::{parse_size, OptionParser};
 
 /// A bad option value: names the option and the value the user gave.
@@ -381,6 +381,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
     #[serde(default)]
     pub rng: RngConfig,
 }
@@ -468,6 +470,9 @@ impl VmConfig {
         for d in &self.disks {
             check("--disk", &d.id, d.pci_device_id)?;
         }
+        for n in &self.net {
+            check("--net", &n.id, n.pci_device_id)?;
+        }
         check("--rng", &self.rng.id, self.rng.pci_device_id)?;
         if self.console.mode != ConsoleOutputMode::Off {
             check("--console", &self.console.id, self.console.pci_device_id)?;
@@ -554,6 +559,7 @@ mod tests {
             serial: default_serial(),
             console: default_console(),
             disks: vec![DiskConfig::parse("path=/d.img,num_queues=2").unwrap()],
+            net: vec![NetConfig::parse("tap=t0").unwrap()],
             rng: RngConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();
@@ -565,6 +571,7 @@ mod tests {
             "\"mode\":\"Tty\"",
             "\"disks\":[{\"path\":\"/d.img\"",
             "\"num_queues\":2",
+            "\"net\":[{\"tap\":\"t0\",\"ip\":\"192.168.249.1\"",
             "\"rng\":{\"src\":\"/dev/urandom\"",
         ] {
             assert!(json.contains(field), "{field} in {json}");
