@@ -305,3 +305,80 @@ fn console_input_and_output_through_a_pty() {
     r.assert_guest_passed();
     r.assert_passed("console-echo");
 }
+
+#[test]
+fn net_udp_both_ways_through_a_tap() {
+    let pid = std::process::id();
+    let (a, b) = ((pid >> 8) % 200 + 20, pid % 250 + 1);
+    let host_ip = format!("10.{a}.{b}.1");
+    let guest_ip = format!("10.{a}.{b}.2");
+    let tap = format!("chv{}", pid % 100_000);
+    let (guest_mac, host_mac) = ("52:54:00:12:34:56", "52:54:00:65:43:21");
+    let net = format!(
+        "tap={tap},ip={host_ip},mask=255.255.255.0,mac={guest_mac},host_mac={host_mac},id=net0"
+    );
+    let cmdline = format!(
+        "test=net net_ip={guest_ip} net_host_ip={host_ip} net_host_mac={host_mac} net_mac={guest_mac}"
+    );
+    let k = guest().elf_pvh.to_str().unwrap().to_string();
+    let mut child = common::spawn(&[
+        "--kernel",
+        &k,
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--net",
+        &net,
+    ]);
+    // The VMM configures the TAP's address; bind once it exists.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let sock = loop {
+        match std::net::UdpSocket::bind(format!("{host_ip}:5001")) {
+            Ok(s) => break s,
+            Err(e) => {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let r = wait_with_timeout(child, Duration::from_secs(5));
+                    if r.stderr.contains("Operation not permitted") {
+                        eprintln!(
+                            "SKIPPED virtio-net test: no permission to create a TAP: {}",
+                            r.stderr
+                        );
+                        return;
+                    }
+                    panic!("the VMM exited: {:?}\n{}\n{}", r.status, r.stdout, r.stderr);
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cannot bind {host_ip}:5001: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .expect("no datagram from the guest");
+    assert_eq!(&buf[..n], b"hello from guest");
+    assert_eq!(from.to_string(), format!("{guest_ip}:5000"));
+    for _ in 0..5 {
+        sock.send_to(b"hello from host", format!("{guest_ip}:5000"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+    }
+    let r = wait_with_timeout(child, Duration::from_secs(30));
+    r.assert_guest_passed();
+    for c in ["net-mac", "net-tx", "net-arp-reply", "net-rx"] {
+        r.assert_passed(c);
+    }
+}

@@ -15,6 +15,7 @@ mod bootinfo;
 mod cmos;
 mod hostile;
 mod mem;
+mod net;
 mod smp;
 mod svc;
 mod virtio;
@@ -198,6 +199,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "console" => virtio::scenario_console(),
         "console-echo" => virtio::scenario_console_echo(),
         "hostile" => hostile::scenario_hostile(),
+        "net" => net::scenario_net(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

@@ -1,0 +1,198 @@
+//! `test=net`: virtio-net through `virtio-drivers`. The guest sends a UDP datagram to the host
+//! side of the TAP, answers the host's ARP request for its own address, and waits for the
+//! host's UDP answer.
+
+use alloc::vec::Vec;
+
+use virtio_drivers::device::net::VirtIONet;
+use virtio_drivers::transport::DeviceType;
+
+use crate::bootinfo::BootInfo;
+use crate::virtio::{find, transport, GuestHal};
+use crate::{check, fail, pass, println, smp};
+
+const GUEST_PORT: u16 = 5000;
+const HOST_PORT: u16 = 5001;
+
+fn parse_ip(s: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = s.split('.');
+    for b in ip.iter_mut() {
+        *b = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&GUEST_PORT.to_be_bytes());
+    f.extend_from_slice(&HOST_PORT.to_be_bytes());
+    f.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum (allowed for IPv4)
+    f.extend_from_slice(payload);
+    f
+}
+
+fn arp_reply(mac: [u8; 6], ip: [u8; 4], req: &[u8]) -> Option<Vec<u8>> {
+    // Ethernet (14) + ARP request for `ip`.
+    if req.len() < 42 || req[12..14] != [0x08, 0x06] || req[20..22] != [0, 1] || req[38..42] != ip {
+        return None;
+    }
+    let (their_mac, their_ip) = (&req[22..28], &req[28..32]);
+    let mut f = Vec::new();
+    f.extend_from_slice(their_mac);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(their_mac);
+    f.extend_from_slice(their_ip);
+    Some(f)
+}
+
+/// The payload of a UDP datagram to `ip`:`GUEST_PORT`, if `f` is one.
+fn udp_payload(ip: [u8; 4], f: &[u8]) -> Option<&[u8]> {
+    if f.len() < 42 || f[12..14] != [0x08, 0x00] || f[23] != 17 || f[30..34] != ip {
+        return None;
+    }
+    let ihl = usize::from(f[14] & 0xf) * 4;
+    let udp = f.get(14 + ihl..)?;
+    if udp.len() < 8 || udp[2..4] != GUEST_PORT.to_be_bytes() {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    udp.get(8..len)
+}
+
+pub fn scenario_net(boot: &BootInfo) {
+    let (Some(ip), Some(host_ip), Some(host_mac)) = (
+        boot.arg("net_ip").and_then(parse_ip),
+        boot.arg("net_host_ip").and_then(parse_ip),
+        boot.arg("net_host_mac").and_then(parse_mac),
+    ) else {
+        fail(
+            "net-args",
+            format_args!("need net_ip=, net_host_ip=, net_host_mac="),
+        );
+        return;
+    };
+    let Some(df) = find(DeviceType::Network).into_iter().next() else {
+        fail("net-present", format_args!("no virtio-net function"));
+        return;
+    };
+    let Some(t) = transport(df) else { return };
+    let mut net = match VirtIONet::<GuestHal, _, 16>::new(t, 2048) {
+        Ok(n) => n,
+        Err(e) => {
+            fail("net-init", format_args!("{e}"));
+            return;
+        }
+    };
+    let mac = net.mac_address();
+    if let Some(want) = boot.arg("net_mac").and_then(parse_mac) {
+        check!(
+            "net-mac",
+            mac == want,
+            "MAC {mac:02x?}, expected {want:02x?}"
+        );
+    }
+    let frame = udp_frame(mac, host_mac, ip, host_ip, b"hello from guest");
+    let mut tx = net.new_tx_buffer(frame.len());
+    tx.packet_mut().copy_from_slice(&frame);
+    let r = net.send(tx);
+    check!("net-tx", r.is_ok(), "{r:?}");
+    println!("READY");
+    let mut waited_ms = 0;
+    let mut arp_answered = false;
+    loop {
+        if !net.can_recv() {
+            // The host may not listen yet: say hello again every 500 ms.
+            if waited_ms % 500 == 499 {
+                let mut tx = net.new_tx_buffer(frame.len());
+                tx.packet_mut().copy_from_slice(&frame);
+                let _ = net.send(tx);
+            }
+            if waited_ms > 20_000 {
+                fail(
+                    "net-rx",
+                    format_args!(
+                        "no datagram from the host in 20 s (ARP answered: {arp_answered})"
+                    ),
+                );
+                return;
+            }
+            smp::delay_us(1000);
+            waited_ms += 1;
+            continue;
+        }
+        let rx = match net.receive() {
+            Ok(rx) => rx,
+            Err(e) => {
+                fail("net-rx", format_args!("{e}"));
+                return;
+            }
+        };
+        let pkt = rx.packet();
+        let reply = arp_reply(mac, ip, pkt);
+        let payload = udp_payload(ip, pkt).map(|p| p.to_vec());
+        let _ = net.recycle_rx_buffer(rx);
+        if let Some(reply) = reply {
+            let mut tx = net.new_tx_buffer(reply.len());
+            tx.packet_mut().copy_from_slice(&reply);
+            if net.send(tx).is_ok() && !arp_answered {
+                arp_answered = true;
+                pass("net-arp-reply");
+            }
+        }
+        if let Some(p) = payload {
+            check!(
+                "net-rx",
+                p == b"hello from host",
+                "payload {:?}",
+                core::str::from_utf8(&p)
+            );
+            return;
+        }
+    }
+}
