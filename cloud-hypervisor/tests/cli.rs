@@ -124,8 +124,16 @@ fn conflicting_and_unsupported_options() {
         &["--serial", "tty"],
     );
     assert_rejected(
-        &["--kernel", k, "--net", "tap=tap0"],
-        &["--net tap=tap0", "not supported yet"],
+        &["--kernel", k, "--fs", "tag=t,socket=/tmp/s"],
+        &["--fs tag=t,socket=/tmp/s", "not supported yet"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--net", "tap=t0,num_queues=4"],
+        &["--net", "one queue pair"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--net", "ip=1.2.3"],
+        &["--net ip=1.2.3", "not an IPv4 address"],
     );
     assert_rejected(
         &["--kernel", k, "--disk", "path=/nonexistent/x.img"],
