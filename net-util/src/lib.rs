@@ -251,8 +251,11 @@ impl Tap {
     }
 
     /// Reads one frame (header included) into `iov`; `WouldBlock` when there is none.
-    pub fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: the caller's iovecs describe writable memory (see the trait users).
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for writes for the whole call.
+    pub unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller guarantees the iovecs describe writable memory.
         let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             Err(io::Error::last_os_error())
@@ -262,8 +265,11 @@ impl Tap {
     }
 
     /// Writes one frame (header included) from `iov`.
-    pub fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: the caller's iovecs describe readable memory.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that is valid for reads for the whole call.
+    pub unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller guarantees the iovecs describe readable memory.
         let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             Err(io::Error::last_os_error())

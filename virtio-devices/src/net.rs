@@ -62,7 +62,9 @@ impl NetHandler {
                 *dropped += 1;
                 return Some(0);
             }
-            if let Err(e) = tap.writev(iovecs) {
+            // SAFETY: each iovec lies inside one mapped region of guest memory (`guest_iovec`),
+            // which stays mapped while the worker holds `mem`.
+            if let Err(e) = unsafe { tap.writev(iovecs) } {
                 // A full TAP queue drops the frame, as a busy wire would.
                 debug!("virtio-net: TAP write: {e}");
                 *dropped += 1;
@@ -104,7 +106,8 @@ impl NetHandler {
                 used = queue_bit(RX_QUEUE);
                 continue;
             }
-            match self.tap.readv(&self.iovecs) {
+            // SAFETY: as in `transmit`: the iovecs lie inside mapped guest memory.
+            match unsafe { self.tap.readv(&self.iovecs) } {
                 Ok(n) => {
                     // Without MRG_RXBUF every frame uses one buffer: num_buffers = 1 (when
                     // the header lies in the first buffer, as every driver puts it).
