@@ -261,31 +261,45 @@ impl BlockHandler {
     /// Reads or writes `self.iovecs` at `offset` on this thread.
     fn sync_io(&mut self, offset: u64, read: bool, len: u32) -> Result<Outcome, Fail> {
         let disk = self.disk.disk();
-        let r = if read {
-            let mut bufs: Vec<IoSliceMut> = self
-                .iovecs
-                .iter()
-                // SAFETY: each iovec lies inside a mapped guest memory region (checked by
-                // `guest_slice`) that outlives this call.
-                .map(|v| {
-                    IoSliceMut::new(unsafe {
-                        std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
+        let iov = &self.iovecs;
+        // SAFETY (all slices below): each iovec lies inside a mapped guest memory region
+        // (checked by `guest_slice`) that outlives this call.
+        let r = match (read, iov.as_slice()) {
+            // The common single-buffer request allocates nothing.
+            (true, [v]) => disk.read_at(
+                offset,
+                &mut [IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
+                })],
+            ),
+            (false, [v]) => disk.write_at(
+                offset,
+                &[IoSlice::new(unsafe {
+                    std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                })],
+            ),
+            (true, _) => {
+                let mut bufs: Vec<IoSliceMut> = iov
+                    .iter()
+                    .map(|v| {
+                        IoSliceMut::new(unsafe {
+                            std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
+                        })
                     })
-                })
-                .collect();
-            disk.read_at(offset, &mut bufs)
-        } else {
-            let bufs: Vec<IoSlice> = self
-                .iovecs
-                .iter()
-                // SAFETY: as above.
-                .map(|v| {
-                    IoSlice::new(unsafe {
-                        std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                    .collect();
+                disk.read_at(offset, &mut bufs)
+            }
+            (false, _) => {
+                let bufs: Vec<IoSlice> = iov
+                    .iter()
+                    .map(|v| {
+                        IoSlice::new(unsafe {
+                            std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+                        })
                     })
-                })
-                .collect();
-            disk.write_at(offset, &bufs)
+                    .collect();
+                disk.write_at(offset, &bufs)
+            }
         };
         r.map_err(|e| Fail::IoErr(e.to_string()))?;
         Ok(Outcome::Done(S_OK, if read { len } else { 0 }))

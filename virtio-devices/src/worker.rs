@@ -232,12 +232,26 @@ where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
 {
     let mut used = false;
+    // While the queue is being drained the driver need not notify (VRING_USED_F_NO_NOTIFY);
+    // notifications are re-enabled before sleeping, and the ring checked once more.
+    q.disable_notification(mem)
+        .map_err(|e| format!("used ring: {e}"))?;
     loop {
         let chain = match q.iter(mem) {
             Ok(mut it) => it.next(),
             Err(e) => return Err(format!("avail ring: {e}")),
         };
-        let Some(chain) = chain else { break };
+        let Some(chain) = chain else {
+            match q.enable_notification(mem) {
+                Ok(true) => {
+                    q.disable_notification(mem)
+                        .map_err(|e| format!("used ring: {e}"))?;
+                    continue;
+                }
+                Ok(false) => break,
+                Err(e) => return Err(format!("avail ring: {e}")),
+            }
+        };
         let head = chain.head_index();
         if let Some(len) = f(chain) {
             q.add_used(mem, head, len)
