@@ -382,3 +382,20 @@ fn net_udp_both_ways_through_a_tap() {
         r.assert_passed(c);
     }
 }
+
+#[test]
+fn reboot_with_devices_releases_and_reopens_them() {
+    let dir = scratch("reboot");
+    let a = dir.join("r.img");
+    make_disk(&a, 0, 1 << 20);
+    let da = format!("path={},serial=serial0", a.display());
+    // The rebuilt VM must get the image lock again: the old devices are gone first.
+    let r = boot(
+        &guest().elf_pvh,
+        "test=reboot",
+        &["--memory", "size=256M", "--disk", &da],
+    );
+    r.assert_guest_passed();
+    r.assert_passed("reboot-survived-nvram");
+    assert!(r.stdout.contains("REBOOT 1"), "{}", r.stdout);
+}

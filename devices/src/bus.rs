@@ -65,6 +65,12 @@ impl Bus {
         devices.remove(&base).is_some()
     }
 
+    /// Takes every device off the bus (they are dropped once nothing else holds them).
+    pub fn clear(&self) {
+        let old = std::mem::take(&mut *self.devices.write().unwrap_or_else(|e| e.into_inner()));
+        drop(old);
+    }
+
     fn find(&self, addr: u64) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
         let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
         let (&base, entry) = devices.range(..=addr).next_back()?;
@@ -145,5 +151,8 @@ mod tests {
         );
         assert!(bus.remove(0x20));
         assert!(!bus.remove(0x20));
+        bus.clear();
+        let mut b = [0u8; 1];
+        assert!(!bus.read(0x10, &mut b));
     }
 }

@@ -112,4 +112,13 @@ impl DeviceManager {
             pci,
         })
     }
+
+    /// Drops every device once the vCPUs are stopped, so the host resources they hold (disk
+    /// image locks, TAP interfaces, worker threads) are released before a rebuilt VM asks for
+    /// them again.
+    pub fn release(&self) {
+        self.pci.remove_all();
+        self.pio.clear();
+        self.mmio.clear();
+    }
 }

@@ -156,6 +156,14 @@ pub struct PciDevices {
 }
 
 impl PciDevices {
+    /// Unplugs the devices (see `DeviceManager::release`).
+    pub fn remove_all(&self) {
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_all();
+    }
+
     /// Occupied device numbers on bus 0 (0 is the host bridge).
     pub fn device_ids(&self) -> Vec<u8> {
         self.root

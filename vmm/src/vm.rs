@@ -224,10 +224,12 @@ impl Vm {
     }
 
     /// Stops the vCPUs; returns the CMOS contents to carry into a rebuilt VM.
+    /// The devices are released too: the VM cannot run again.
     pub fn stop(&mut self) -> [u8; CMOS_NVRAM_SIZE] {
         if let Some(t) = self.threads.take() {
             t.stop();
         }
+        self.devices.release();
         self.devices
             .cmos
             .lock()

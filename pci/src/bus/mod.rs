@@ -136,6 +136,12 @@ impl PciRoot {
         Ok(())
     }
 
+    /// Unplugs every device but the host bridge (their BARs stay on the MMIO bus until it is
+    /// cleared too). Used when the VM is torn down, so devices release their host resources.
+    pub fn remove_all(&mut self) {
+        self.slots.retain(|&id, _| id == 0);
+    }
+
     pub fn device_ids(&self) -> Vec<u8> {
         self.slots.keys().copied().collect()
     }
