@@ -36,6 +36,7 @@ pub const TYPE_RNG: u16 = 4;
 /// Feature bits common to all devices.
 pub const F_VERSION_1: u64 = 1 << 32;
 pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_RING_EVENT_IDX: u64 = 1 << 29;
 
 /// Device status bits.
 pub const STATUS_ACKNOWLEDGE: u8 = 1;

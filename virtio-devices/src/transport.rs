@@ -12,8 +12,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    ActivateContext, DeviceStatus, VirtioDevice, VirtioInterrupt, F_VERSION_1, STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET,
+    ActivateContext, DeviceStatus, VirtioDevice, VirtioInterrupt, F_RING_EVENT_IDX, F_VERSION_1,
+    STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET,
 };
 
 pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x1_0000;
@@ -192,7 +192,8 @@ impl VirtioPciDevice {
         for _ in &sizes {
             notify.push(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?);
         }
-        let offered = device.features() | F_VERSION_1;
+        // Every device's queues go through virtio-queue, which handles used/avail events.
+        let offered = device.features() | F_VERSION_1 | F_RING_EVENT_IDX;
         Ok(VirtioPciDevice {
             config,
             queues: sizes.iter().map(|&s| QueueState::new(s)).collect(),
@@ -277,6 +278,7 @@ impl VirtioPciDevice {
                 q.set_avail_ring_address(Some(s.avail as u32), Some((s.avail >> 32) as u32));
                 q.set_used_ring_address(Some(s.used as u32), Some((s.used >> 32) as u32));
                 q.set_ready(true);
+                q.set_event_idx(self.acked & F_RING_EVENT_IDX != 0);
                 if !q.is_valid(&self.mem) {
                     return Err(format!(
                         "queue {i} invalid (size {}, desc {:#x}, avail {:#x}, used {:#x})",
@@ -314,7 +316,7 @@ impl VirtioPciDevice {
             status: self.status.clone(),
         };
         match self.device.activate(ctx) {
-            Ok(()) => info!("{}: activated", self.name),
+            Ok(()) => info!("{}: activated, features {:#x}", self.name, self.acked),
             Err(e) => {
                 warn!("{}: cannot activate: {e}; device needs reset", self.name);
                 self.status.mark_needs_reset();
