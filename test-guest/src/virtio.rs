@@ -315,7 +315,7 @@ pub fn scenario_blk(boot: &BootInfo) {
         "{} disks, expected {want}",
         disks.len()
     );
-    let sectors = boot.arg("blk_sectors").and_then(parse_u64).unwrap_or(8).clamp(1, 2048);
+    let sectors = boot.arg("blk_sectors").and_then(parse_u64).unwrap_or(8).clamp(1, 256);
     let ro_mask = boot.arg("blk_ro").and_then(parse_u64).unwrap_or(0);
     for (k, df) in disks.into_iter().enumerate() {
         let Some(t) = transport(df) else { continue };
