@@ -68,6 +68,7 @@ fn pci_enumeration_ports_and_ecam() {
         "pci-ports-match-ecam",
         "pci-virtio-count",
         "pci-bars",
+        "pci-bar-move",
         "pci-capabilities",
     ] {
         r.assert_passed(c);

@@ -9,7 +9,7 @@ use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::console::VirtIOConsole;
 use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Cam, ConfigurationAccess, DeviceFunction, MmioCam, PciRoot,
+    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, MmioCam, PciRoot,
 };
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::DeviceType;
@@ -209,6 +209,30 @@ pub fn scenario_pci(boot: &BootInfo) {
         bad_caps == 0 && !virtio.is_empty(),
         "{bad_caps} devices with missing capabilities"
     );
+    // Move the rng's BAR (decoding off while it changes, as an OS does) and use the device at
+    // its new address: the VMM must move the MMIO range and the notify ioeventfd with it.
+    if let Some((df, _)) = devs
+        .iter()
+        .find(|(_, t)| *t == Some(DeviceType::EntropySource))
+    {
+        let new = 0xd000_0000u64;
+        let (_, cmd) = root.get_status_command(*df);
+        root.set_command(*df, cmd - Command::MEMORY_SPACE);
+        root.set_bar_64(*df, 0, new);
+        root.set_command(*df, cmd);
+        let moved = matches!(
+            root.bar_info(*df, 0),
+            Ok(Some(BarInfo::Memory { address, .. })) if address == new
+        );
+        let works = moved
+            && transport(*df)
+                .and_then(|t| VirtIORng::<GuestHal, _>::new(t).ok())
+                .is_some_and(|mut rng| {
+                    let mut b = [0u8; 64];
+                    rng.request_entropy(&mut b).is_ok_and(|n| n == 64)
+                });
+        crate::check!("pci-bar-move", works, "moved={moved}");
+    }
 }
 
 pub fn scenario_rng() {
@@ -315,7 +339,11 @@ pub fn scenario_blk(boot: &BootInfo) {
         "{} disks, expected {want}",
         disks.len()
     );
-    let sectors = boot.arg("blk_sectors").and_then(parse_u64).unwrap_or(8).clamp(1, 256);
+    let sectors = boot
+        .arg("blk_sectors")
+        .and_then(parse_u64)
+        .unwrap_or(8)
+        .clamp(1, 256);
     let ro_mask = boot.arg("blk_ro").and_then(parse_u64).unwrap_or(0);
     for (k, df) in disks.into_iter().enumerate() {
         let Some(t) = transport(df) else { continue };
