@@ -159,6 +159,12 @@ impl Storage for FileStorage {
         if !self.direct || is_aligned(buf, off) {
             return self.file.write_all_at(buf, off);
         }
+        if off.is_multiple_of(DIRECT_ALIGN as u64) && buf.len().is_multiple_of(DIRECT_ALIGN) {
+            // Only the memory is misaligned: copy, no read-modify-write.
+            let mut bounce = AlignedBuf::new(buf.len());
+            bounce.as_mut_slice()[..buf.len()].copy_from_slice(buf);
+            return self.file.write_all_at(&bounce.as_slice()[..buf.len()], off);
+        }
         // Read-modify-write through an aligned bounce buffer.
         let (start, len) = aligned_span(off, buf.len());
         let mut bounce = AlignedBuf::new(len);

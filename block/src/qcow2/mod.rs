@@ -18,7 +18,7 @@ pub mod header;
 pub mod refcount;
 pub mod table;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,9 @@ pub struct Qcow2Disk {
     readonly: bool,
     free_queue: Vec<u64>,
     decompressed: Option<(u64, Vec<u8>)>,
+    // Host ranges handed out by alloc_host and not yet committed or
+    // aborted: host offset -> (guest offset, length).
+    pending_allocs: HashMap<u64, (u64, u64)>,
 }
 
 /// Resolve a backing file name like QEMU: relative names are relative to
@@ -185,6 +188,7 @@ impl Qcow2Disk {
             readonly,
             free_queue: Vec::new(),
             decompressed: None,
+            pending_allocs: HashMap::new(),
         })
     }
 
@@ -220,6 +224,7 @@ impl Qcow2Disk {
         if let Some((victim, dirty)) = self.l2_cache.victim() {
             if dirty {
                 // Data and refcounts must be durable before the L2 update.
+                self.rc.write_dirty(self.st.as_mut())?;
                 self.st.sync()?;
                 let t = self.l2_cache.take_dirty(victim).expect("victim cached");
                 let bytes = table_to_bytes(t);
@@ -446,11 +451,12 @@ impl Qcow2Disk {
     }
 
     fn flush_metadata(&mut self) -> Result<()> {
+        // 1. data and refcounts durable.
+        self.rc.write_dirty(self.st.as_mut())?;
         let dirty = self.l2_cache.dirty_keys();
         if dirty.is_empty() && self.l1_dirty.is_empty() && self.free_queue.is_empty() {
             return Ok(self.st.sync()?);
         }
-        // 1. data and refcounts durable.
         self.st.sync()?;
         // 2. L2 tables.
         for off in dirty {
@@ -497,6 +503,7 @@ impl Qcow2Disk {
                 }
             }
         }
+        self.rc.write_dirty(self.st.as_mut())?;
         if freed {
             self.st.sync()?;
         }
@@ -569,26 +576,115 @@ impl DiskFile for Qcow2Disk {
         crate::check_range(offset, len, self.size())?;
         let cs = self.cs();
         let in_off = offset & (cs - 1);
-        if in_off + len > cs {
+        let Some(fd) = self.st.raw_fd() else {
+            return Ok(None);
+        };
+        // Every cluster of the range allocated, usable for this access, and
+        // host-contiguous with the previous one.
+        let mut first = None;
+        let mut g = offset - in_off;
+        while g < offset + len {
+            let host = match self.lookup(g)? {
+                L2Entry::Normal { host, copied }
+                    if (copied || !write)
+                        && host < self.rc.next_free
+                        && !(write && self.is_metadata(host)) =>
+                {
+                    host
+                }
+                _ => return Ok(None),
+            };
+            match first {
+                None => first = Some(host),
+                Some(h) if host == h + (g - (offset - in_off)) => {}
+                Some(_) => return Ok(None),
+            }
+            g += cs;
+        }
+        let host = first.expect("len > 0 covers a cluster");
+        Ok(Some(HostMapping {
+            fd,
+            offset: host + in_off,
+            direct: self.st.is_direct(),
+        }))
+    }
+
+    fn alloc_host(&mut self, offset: u64, len: u64) -> Result<Option<HostMapping>> {
+        self.alloc_host_inner(offset, len)
+    }
+
+    fn commit_alloc(&mut self, offset: u64, len: u64, host: u64) -> Result<()> {
+        self.commit_alloc_inner(offset, len, host)
+    }
+
+    fn abort_alloc(&mut self, offset: u64, len: u64, host: u64) {
+        // The reserved clusters are simply never referenced (a crash or a
+        // failed write leaves unaccounted space at most).
+        if self.pending_allocs.get(&host) == Some(&(offset, len)) {
+            self.pending_allocs.remove(&host);
+        }
+    }
+}
+
+/// Largest range [`DiskFile::alloc_host`] reserves in one piece.
+const MAX_ALLOC_BYTES: u64 = 4 << 20;
+
+impl Qcow2Disk {
+    /// Reserve host clusters for a write covering whole, not in-place
+    /// writable guest clusters (see [`DiskFile::alloc_host`]).
+    fn alloc_host_inner(&mut self, offset: u64, len: u64) -> Result<Option<HostMapping>> {
+        crate::check_range(offset, len, self.size())?;
+        let cs = self.cs();
+        if self.readonly
+            || len == 0
+            || len > MAX_ALLOC_BYTES
+            || !offset.is_multiple_of(cs)
+            || !len.is_multiple_of(cs)
+        {
             return Ok(None);
         }
         let Some(fd) = self.st.raw_fd() else {
             return Ok(None);
         };
-        match self.lookup(offset)? {
-            L2Entry::Normal { host, copied }
-                if (copied || !write)
-                    && host < self.rc.next_free
-                    && !(write && self.is_metadata(host)) =>
-            {
-                Ok(Some(HostMapping {
-                    fd,
-                    offset: host + in_off,
-                    direct: self.st.is_direct(),
-                }))
+        let mut g = offset;
+        while g < offset + len {
+            // In-place writable clusters stay where they are (map_host).
+            if let L2Entry::Normal { copied: true, .. } = self.lookup(g)? {
+                return Ok(None);
             }
-            _ => Ok(None),
+            g += cs;
         }
+        let host = self.rc.reserve(len / cs)?;
+        self.pending_allocs.insert(host, (offset, len));
+        Ok(Some(HostMapping {
+            fd,
+            offset: host,
+            direct: self.st.is_direct(),
+        }))
+    }
+
+    fn commit_alloc_inner(&mut self, offset: u64, len: u64, host: u64) -> Result<()> {
+        if self.pending_allocs.get(&host) != Some(&(offset, len)) {
+            return Err(Error::InvalidArgument(format!(
+                "qcow2: no pending allocation of {len} bytes at {offset:#x} (host {host:#x})"
+            )));
+        }
+        self.pending_allocs.remove(&host);
+        let cs = self.cs();
+        let mut i = 0;
+        while i < len {
+            let (g, h) = (offset + i, host + i);
+            // The entry as it is now: an overlapping write may have changed
+            // it since alloc_host; the last one to complete wins.
+            let old = self.lookup(g)?;
+            // Data first (done), then its refcount, then the table entry:
+            // flush makes the refcount durable before the L2 table.
+            self.rc.set(self.st.as_mut(), h >> self.cluster_bits, 1)?;
+            self.set_l2_entry(g, h | COPIED)?;
+            self.queue_free(old);
+            i += cs;
+        }
+        Ok(())
     }
 }
 
