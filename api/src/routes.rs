@@ -99,7 +99,10 @@ pub fn route(method: &Method, path: &str) -> Result<(&'static str, Endpoint), Ht
         return Err(error(StatusCode::NOT_FOUND, format!("no such path {path}")));
     };
     let Some((name, allowed, ep)) = ENDPOINTS.iter().find(|(n, _, _)| *n == name) else {
-        return Err(error(StatusCode::NOT_FOUND, format!("no such endpoint {name}")));
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint {name}"),
+        ));
     };
     if method != allowed {
         let mut r = error(
@@ -205,7 +208,11 @@ mod tests {
         let r = request("vm.add-disk", Endpoint::NotYet, b"{}").unwrap_err();
         assert_eq!(r.status(), StatusCode::NOT_IMPLEMENTED);
         assert!(matches!(
-            request("vm.create", Endpoint::VmCreate, br#"{"payload": {"kernel": "/k"}}"#),
+            request(
+                "vm.create",
+                Endpoint::VmCreate,
+                br#"{"payload": {"kernel": "/k"}}"#
+            ),
             Ok(ApiRequest::VmCreate(_))
         ));
         let r = reply(

@@ -149,7 +149,9 @@ impl ApiServer {
         path: Option<PathBuf>,
         api: ApiSender,
     ) -> Result<Self, ServerError> {
-        listener.set_nonblocking(true).map_err(ServerError::Socket)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(ServerError::Socket)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

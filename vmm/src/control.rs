@@ -170,7 +170,10 @@ impl Vmm {
             log_memory(&vm);
         }
         if let Some(serial) = self.serial.take() {
-            for fd in [serial.input_fd(), serial.listener_fd()].into_iter().flatten() {
+            for fd in [serial.input_fd(), serial.listener_fd()]
+                .into_iter()
+                .flatten()
+            {
                 self.control.remove(fd);
             }
         }
