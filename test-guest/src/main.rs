@@ -188,6 +188,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "rtc" => scenario_rtc(&boot),
         "echo" => scenario_echo(),
         "wait" => scenario_wait(),
+        "tick" => scenario_tick(),
         "fault" => scenario_fault(),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
@@ -483,6 +484,18 @@ fn scenario_wait() -> ! {
     println!("READY");
     loop {
         svc::hlt();
+    }
+}
+
+/// Prints `TICK <n>` every 20 ms, for ever: a guest whose progress shows on the serial port
+/// (the VMM's pause/resume tests watch it stop and go on).
+fn scenario_tick() -> ! {
+    println!("READY");
+    let mut n: u64 = 0;
+    loop {
+        println!("TICK {n}");
+        n += 1;
+        smp::delay_us(20_000);
     }
 }
 
