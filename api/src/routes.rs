@@ -94,15 +94,18 @@ pub fn error(status: StatusCode, msg: impl std::fmt::Display) -> HttpResponse {
 }
 
 /// Finds the endpoint for `path` and `method`; `Err` is the response to send instead.
-pub fn route(method: &Method, path: &str) -> Result<(&'static str, Endpoint), HttpResponse> {
+pub fn route(method: &Method, path: &str) -> Result<(&'static str, Endpoint), Box<HttpResponse>> {
     let Some(name) = path.strip_prefix(PREFIX) else {
-        return Err(error(StatusCode::NOT_FOUND, format!("no such path {path}")));
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("no such path {path}"),
+        )));
     };
     let Some((name, allowed, ep)) = ENDPOINTS.iter().find(|(n, _, _)| *n == name) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             format!("no such endpoint {name}"),
-        ));
+        )));
     };
     if method != allowed {
         let mut r = error(
@@ -111,22 +114,22 @@ pub fn route(method: &Method, path: &str) -> Result<(&'static str, Endpoint), Ht
         );
         r.headers_mut()
             .insert(ALLOW, allowed.as_str().parse().expect("method name"));
-        return Err(r);
+        return Err(Box::new(r));
     }
     Ok((name, *ep))
 }
 
 /// The `ApiRequest` for `ep` with `body`; `Err` is the response to send instead.
-pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, HttpResponse> {
+pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, Box<HttpResponse>> {
     Ok(match ep {
         Endpoint::VmmPing => ApiRequest::VmmPing,
         Endpoint::VmmShutdown => ApiRequest::VmmShutdown,
         Endpoint::VmCreate => {
             let config: VmConfig = serde_json::from_slice(body).map_err(|e| {
-                error(
+                Box::new(error(
                     StatusCode::BAD_REQUEST,
                     format!("vm.create: invalid VmConfig: {e}"),
-                )
+                ))
             })?;
             ApiRequest::VmCreate(Box::new(config))
         }
@@ -140,10 +143,10 @@ pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, Http
         Endpoint::VmPowerButton => ApiRequest::VmPowerButton,
         Endpoint::VmDelete => ApiRequest::VmDelete,
         Endpoint::NotYet => {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::NOT_IMPLEMENTED,
                 format!("{name} is not supported yet"),
-            ))
+            )))
         }
     })
 }

@@ -46,7 +46,7 @@ pub struct ApiServer {
 async fn handle(req: Request<Incoming>, api: Arc<ApiSender>) -> Result<HttpResponse, Infallible> {
     let (name, ep) = match routes::route(req.method(), req.uri().path()) {
         Ok(r) => r,
-        Err(resp) => return Ok(resp),
+        Err(resp) => return Ok(*resp),
     };
     let too_big = req
         .headers()
@@ -88,7 +88,7 @@ async fn handle(req: Request<Incoming>, api: Arc<ApiSender>) -> Result<HttpRespo
     };
     let request = match routes::request(name, ep, &body) {
         Ok(r) => r,
-        Err(resp) => return Ok(resp),
+        Err(resp) => return Ok(*resp),
     };
     let (tx, rx) = oneshot::channel();
     api.send(
