@@ -277,3 +277,34 @@ fn sigterm_removes_the_socket() {
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
     assert!(!vmm.sock.exists(), "the API socket was left behind");
 }
+
+/// `vm.power-button` reaches the guest: the GED raises its interrupt, the guest reads the
+/// power-button bit from the GED's register, passes and powers off; the VMM then exits.
+#[test]
+fn power_button_reaches_the_guest() {
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let dir = common::scratch("api-power-button-serial");
+    let serial = dir.join("serial.out");
+    let serial_arg = format!("file={}", serial.display());
+    let mut vmm = Vmm::start(
+        "api-power-button",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=power-button",
+            "--serial",
+            &serial_arg,
+            "--console",
+            "off",
+        ],
+    );
+    // READY: the guest has routed the GED's IOAPIC pin and waits for the interrupt.
+    wait_for(&serial, "READY", 1);
+    assert_eq!(vmm.put("vm.power-button").0, 204);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let out = std::fs::read_to_string(&serial).unwrap();
+    assert!(out.lines().any(|l| l == "PASS power-button"), "{out}");
+    assert!(out.contains("SUMMARY passed=1 failed=0"), "{out}");
+}
