@@ -308,3 +308,38 @@ fn power_button_reaches_the_guest() {
     assert!(out.lines().any(|l| l == "PASS power-button"), "{out}");
     assert!(out.contains("SUMMARY passed=1 failed=0"), "{out}");
 }
+
+/// `--api-socket fd=N`: a listening socket handed over by the parent, as orchestrators do.
+#[test]
+fn api_socket_from_an_inherited_fd() {
+    use std::os::fd::AsRawFd;
+    let dir = common::scratch("api-fd");
+    let path = dir.join("handed.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: clears FD_CLOEXEC on a listener this test owns, so the VMM inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let arg = format!("fd={fd}");
+    let child = common::spawn(&["--api-socket", &arg]);
+    let mut vmm = Vmm {
+        child: Some(child),
+        dir,
+        sock: path.clone(),
+    };
+    assert_eq!(vmm.ok_json("vmm.ping")["pid"], vmm.pid());
+    assert_eq!(vmm.put("vmm.shutdown").0, 204);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    drop(listener);
+
+    // A bad fd is one line naming the option.
+    let run = common::run(&["--api-socket", "fd=987"]);
+    assert_eq!(run.code(), Some(1));
+    assert!(
+        run.stderr
+            .starts_with("cloud-hypervisor: --api-socket fd=987: "),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1);
+}
