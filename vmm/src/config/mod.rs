@@ -2,6 +2,7 @@
 //! later, from the API's JSON (serde, with the original's field names).
 
 mod parser;
+mod unsupported;
 
 use std::path::PathBuf;
 
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use parser::{parse_size, OptionParser};
+pub use unsupported::UnsupportedConfig;
 
 /// A bad option value: names the option and the value the user gave.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -355,7 +357,7 @@ impl ConsoleConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmConfig {
     #[serde(default)]
     pub cpus: CpusConfig,
@@ -366,6 +368,9 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    /// The original's fields for what we do not implement yet: accepted only when empty.
+    #[serde(flatten)]
+    pub unsupported: UnsupportedConfig,
 }
 
 fn default_serial() -> ConsoleConfig {
@@ -421,7 +426,7 @@ impl VmConfig {
         self.memory
             .validate()
             .map_err(|m| ConfigError::new("--memory", "", m))?;
-        Ok(())
+        self.unsupported.validate()
     }
 }
 
@@ -502,6 +507,7 @@ mod tests {
             },
             serial: default_serial(),
             console: default_console(),
+            unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();
         for field in [
