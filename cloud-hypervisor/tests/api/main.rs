@@ -5,5 +5,6 @@
 mod common;
 
 mod bad_requests;
+mod contract;
 mod helpers;
 mod lifecycle;
