@@ -485,7 +485,7 @@ impl Qcow2Disk {
         self.st.sync()?;
         // 4. Release clusters no longer referenced by durable tables.
         let queue = std::mem::take(&mut self.free_queue);
-        let mut freed = false;
+        let mut freed = Vec::new();
         for c in queue {
             let r = self.rc.get(self.st.as_mut(), c)?;
             if r == 0 {
@@ -494,7 +494,7 @@ impl Qcow2Disk {
             }
             self.rc.set(self.st.as_mut(), c, r - 1)?;
             if r == 1 {
-                freed = true;
+                freed.push(c);
                 if self.decompressed.is_some() {
                     self.decompressed = None;
                 }
@@ -504,8 +504,32 @@ impl Qcow2Disk {
             }
         }
         self.rc.write_dirty(self.st.as_mut())?;
-        if freed {
-            self.st.sync()?;
+        if freed.is_empty() {
+            return Ok(());
+        }
+        self.st.sync()?;
+        // 5. The releases are durable: the clusters may be reused, unless a
+        // (hostile) entry pointed into the header, L1, refcount structures
+        // or an L2 table the L1 still uses.
+        let cs = self.cs();
+        let l1_targets: std::collections::HashSet<u64> =
+            self.l1.iter().map(|e| e & OFFSET_MASK).collect();
+        let l1_start = self.header.l1_table_offset & !(cs - 1);
+        let l1_end = self.header.l1_table_offset + self.l1.len() as u64 * 8;
+        for c in freed {
+            let off = c << self.cluster_bits;
+            if off == 0
+                || (off >= l1_start && off < l1_end)
+                || self.rc.overlaps(off)
+                || l1_targets.contains(&off)
+            {
+                continue;
+            }
+            // An old copy of an L2 table is no longer metadata.
+            if self.l2_set.remove(&off) {
+                self.l2_cache.remove(off);
+            }
+            self.rc.release(c);
         }
         Ok(())
     }
@@ -618,10 +642,14 @@ impl DiskFile for Qcow2Disk {
     }
 
     fn abort_alloc(&mut self, offset: u64, len: u64, host: u64) {
-        // The reserved clusters are simply never referenced (a crash or a
-        // failed write leaves unaccounted space at most).
+        // The reserved clusters were never referenced nor counted: they can
+        // be handed out again.
         if self.pending_allocs.get(&host) == Some(&(offset, len)) {
             self.pending_allocs.remove(&host);
+            let cs = self.cs();
+            for i in 0..len / cs {
+                self.rc.release((host >> self.cluster_bits) + i);
+            }
         }
     }
 }

@@ -10,8 +10,9 @@
 //! when a dirty block is evicted. Writing a raised refcount early only ever
 //! leaks a cluster; decrements are only made once the table updates that
 //! dropped the references are durable. New clusters are always taken from
-//! the end of the file, so a freed cluster is never reused while the image
-//! is open: a crash can leak clusters but never make two references share
+//! the end of the file, or reuse a cluster freed earlier in the session
+//! once its release (refcount zero, after the tables that dropped it) is
+//! durable: a crash can leak clusters but never make two references share
 //! one.
 
 use std::collections::BTreeSet;
@@ -40,6 +41,9 @@ pub struct Refcounts {
     pub next_free: u64,
     /// Host offsets of refcount blocks, for overlap checks.
     pub block_set: BTreeSet<u64>,
+    /// Clusters (indices) freed during this session, durably unreferenced
+    /// with a durable refcount of zero: reused before the file grows.
+    free_clusters: BTreeSet<u64>,
 }
 
 impl Refcounts {
@@ -83,6 +87,7 @@ impl Refcounts {
             blocks: Cache::new(cache_cap),
             next_free: file_len.div_ceil(cs) * cs,
             block_set,
+            free_clusters: BTreeSet::new(),
         })
     }
 
@@ -200,9 +205,16 @@ impl Refcounts {
         Ok(Self::get_entry(order, block, cluster % epb))
     }
 
-    /// Reserve `n` clusters at the end of the file; their refcounts must be
-    /// set with [`Refcounts::set`] once their content is written.
+    /// Reserve `n` clusters: a single one is taken from the clusters freed
+    /// during this session when there are any, otherwise (and for larger
+    /// runs) they come from the end of the file. Their refcounts must be set
+    /// with [`Refcounts::set`] once their content is written.
     pub fn reserve(&mut self, n: u64) -> Result<u64> {
+        if n == 1 {
+            if let Some(c) = self.free_clusters.pop_first() {
+                return Ok(c << self.cluster_bits);
+            }
+        }
         let off = self.next_free;
         let end = n
             .checked_mul(self.cs())
@@ -213,7 +225,21 @@ impl Refcounts {
         Ok(off)
     }
 
-    /// Set the refcount of host cluster `cluster` to `value` (write-through),
+    /// Offer host cluster `cluster` (index) for reuse. The caller must have
+    /// made durable both its refcount of zero and the table updates that
+    /// dropped every reference to it.
+    pub fn release(&mut self, cluster: u64) {
+        if (cluster << self.cluster_bits) < self.next_free {
+            self.free_clusters.insert(cluster);
+        }
+    }
+
+    /// Clusters available for reuse.
+    pub fn free_count(&self) -> usize {
+        self.free_clusters.len()
+    }
+
+    /// Set the refcount of host cluster `cluster` to `value`,
     /// creating refcount blocks and growing the table as needed.
     pub fn set(&mut self, st: &mut dyn Storage, cluster: u64, value: u64) -> Result<()> {
         self.set_depth(st, cluster, value, 0)
