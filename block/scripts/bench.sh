@@ -27,6 +27,8 @@ if [ ! -f "$DIR/ref.raw" ] || [ ! -f "$DIR/ref.qcow2" ]; then
     dd if=/dev/urandom of="$DIR/ref.raw" bs=1M count=$(( $(stat -c %s "$DIR/ref.raw") >> 20 )) conv=notrunc status=none
     qemu-img convert -f raw -O qcow2 "$DIR/ref.raw" "$DIR/ref.qcow2"
 fi
+# Writes carry the same data in both tools (byte 0, qemu-img bench's
+# default --pattern).
 # qemu-img bench has no random mode: the 4 KiB cases use a large prime
 # stride (1021 x 4 KiB), offset = i * step mod size, in both tools.
 RAND_STEP=$((4096 * 1021))
