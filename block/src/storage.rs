@@ -33,6 +33,13 @@ pub trait Storage: Send {
     fn sync(&mut self) -> io::Result<()>;
     /// Deallocate a range (keeps the size); reads of it return zeroes.
     fn punch_hole(&mut self, off: u64, len: u64) -> io::Result<()>;
+    /// Allocate `[off, off+len)` (extending the file if needed) so later
+    /// direct writes there are overwrites, not extending or allocating
+    /// writes (which io_uring would have to hand to a worker thread, one at
+    /// a time per file). Unsupported: `Ok(false)`, nothing changed.
+    fn preallocate(&mut self, _off: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// The file descriptor, for the asynchronous path.
     fn raw_fd(&self) -> Option<RawFd>;
     /// Whether the file was opened with O_DIRECT.
@@ -195,6 +202,14 @@ impl Storage for FileStorage {
 
     fn punch_hole(&mut self, off: u64, len: u64) -> io::Result<()> {
         punch_hole(&self.file, off, len)
+    }
+
+    fn preallocate(&mut self, off: u64, len: u64) -> io::Result<bool> {
+        match fallocate(&self.file, 0, off, len) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn raw_fd(&self) -> Option<RawFd> {

@@ -84,11 +84,18 @@ fn alloc_case(direct: bool) {
     assert_eq!(a.request_counts(), (6 * 16, 0));
     a.flush(77).unwrap();
     assert_eq!(a.next_completed(), Some((77, 0)));
+    // A copy taken now is what a crash would leave: consistent, with the
+    // preallocated tail beyond the last cluster in use.
+    let snap = p(d.path(), "snap.qcow2");
+    std::fs::copy(&img, &snap).unwrap();
     drop(a);
+    assert!(std::fs::metadata(&snap).unwrap().len() > std::fs::metadata(&img).unwrap().len());
+    qemu_check("qcow2", &snap);
     assert!(std::fs::metadata(&img).unwrap().len() > end_before);
     write_raw(&raw, &model);
     qemu_check("qcow2", &img);
     qemu_compare("qcow2", &img, &raw);
+    qemu_compare("qcow2", &snap, &raw);
 }
 
 /// Drain one completion per request; request `i` must report `lens[i]` bytes.

@@ -55,6 +55,10 @@ pub struct Qcow2Disk {
     // Host ranges handed out by alloc_host and not yet committed or
     // aborted: host offset -> (guest offset, length).
     pending_allocs: HashMap<u64, (u64, u64)>,
+    // File length at open, and how far it has been preallocated since.
+    file_len_at_open: u64,
+    prealloc_end: u64,
+    prealloc_failed: bool,
 }
 
 /// Resolve a backing file name like QEMU: relative names are relative to
@@ -189,6 +193,9 @@ impl Qcow2Disk {
             free_queue: Vec::new(),
             decompressed: None,
             pending_allocs: HashMap::new(),
+            file_len_at_open: file_len,
+            prealloc_end: file_len,
+            prealloc_failed: false,
         })
     }
 
@@ -654,6 +661,9 @@ impl DiskFile for Qcow2Disk {
     }
 }
 
+/// How far ahead of the allocation point the file is preallocated.
+const PREALLOC_CHUNK: u64 = 16 << 20;
+
 /// Largest range [`DiskFile::alloc_host`] reserves in one piece.
 const MAX_ALLOC_BYTES: u64 = 4 << 20;
 
@@ -683,12 +693,36 @@ impl Qcow2Disk {
             g += cs;
         }
         let host = self.rc.reserve(len / cs)?;
+        self.ensure_preallocated(host + len);
         self.pending_allocs.insert(host, (offset, len));
         Ok(Some(HostMapping {
             fd,
             offset: host,
             direct: self.st.is_direct(),
         }))
+    }
+
+    /// Make sure the file is allocated up to `end`, growing it in chunks
+    /// ahead of need: writes into it through io_uring then stay inline
+    /// instead of being serialised in a kernel worker. Best effort. The
+    /// unused tail is cut off again on close (a crash leaves at most one
+    /// chunk of unreferenced, unaccounted space at the end).
+    fn ensure_preallocated(&mut self, end: u64) {
+        if end <= self.prealloc_end || self.prealloc_failed {
+            return;
+        }
+        // Below prealloc_end is the original file or space allocated
+        // before; fallocate leaves data already there untouched.
+        let from = self.prealloc_end;
+        let target = end + PREALLOC_CHUNK;
+        match self.st.preallocate(from, target - from) {
+            Ok(true) => self.prealloc_end = target,
+            Ok(false) => self.prealloc_failed = true,
+            Err(e) => {
+                log::debug!("qcow2: preallocation failed: {e}");
+                self.prealloc_failed = true;
+            }
+        }
     }
 
     fn commit_alloc_inner(&mut self, offset: u64, len: u64, host: u64) -> Result<()> {
@@ -721,6 +755,14 @@ impl Drop for Qcow2Disk {
         if !self.readonly {
             if let Err(e) = self.flush_metadata() {
                 log::error!("qcow2: flushing metadata on close failed: {e}");
+                return;
+            }
+            // Cut off the preallocated tail nothing was allocated in.
+            let used = self.rc.next_free.max(self.file_len_at_open);
+            if self.prealloc_end > used {
+                if let Err(e) = self.st.set_len(used).and_then(|_| self.st.sync()) {
+                    log::warn!("qcow2: trimming preallocated space failed: {e}");
+                }
             }
         }
     }
