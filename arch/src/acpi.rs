@@ -381,6 +381,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     }
     rtc_device().to_aml_bytes(&mut sb);
     power_button_device().to_aml_bytes(&mut sb);
+    ged_device().to_aml_bytes(&mut sb);
     if let Some(pci) = &cfg.pci {
         pci_host_device(pci).to_aml_bytes(&mut sb);
         ecam_reservation_device(pci).to_aml_bytes(&mut sb);
@@ -441,14 +442,53 @@ fn rtc_device() -> Raw {
     )))
 }
 
-/// A control-method power button. Nothing signals it yet (that needs a Generic Event Device with
-/// an interrupt in the VMM); the guest still gets a power button input device.
+/// A control-method power button, notified by the Generic Event Device.
 fn power_button_device() -> Raw {
     Raw(to_bytes(&aml::Device::new(
         "PWRB".into(),
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )))
+}
+
+/// The Generic Event Device: its interrupt makes the guest run `_EVT`, which reads (and so
+/// clears) the event register and notifies the power button on bit 0.
+fn ged_device() -> Raw {
+    let irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let port = layout::GED_PORT as u16;
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &port,
+        &aml::ONE,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let bit = aml::And::new(&aml::Local(1), &aml::Local(0), &aml::ONE);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &0x80u8);
+    let pressed = aml::Equal::new(&aml::Local(1), &aml::ONE);
+    let on_button = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &bit, &on_button]);
+    Raw(to_bytes(&aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &evt,
         ],
     )))
 }

@@ -76,6 +76,10 @@ pub const ACPI_SLEEP_PORT: u64 = 0x600;
 /// Value the guest writes to `ACPI_SLEEP_PORT` (the FADT reset value) to reset.
 pub const ACPI_RESET_VALUE: u8 = 1;
 /// SLP_TYP of the S5 (soft-off) state, as named by `\_S5_` in the DSDT.
+/// The Generic Event Device's event register (1 byte) and its IOAPIC pin.
+pub const GED_PORT: u64 = 0x608;
+pub const GED_IRQ: u32 = 5;
+
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// Number of IOAPIC pins.
 pub const IOAPIC_PINS: u32 = 24;

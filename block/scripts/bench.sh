@@ -1,38 +1,102 @@
 #!/bin/bash
 # Compare bench-block (io_uring path) with `qemu-img bench` on the same files,
-# same access pattern, same queue depth, O_DIRECT (-t none; qemu with -n).
-# Usage: block/scripts/bench.sh [DIR] [SIZE]   (default DIR=/tmp/bench-block, SIZE=1G)
+# same access pattern, same queue depth, O_DIRECT (-t none; qemu with -n,
+# Linux native AIO). Each case runs REPS times, the two tools alternating
+# (and swapping which goes first), after one untimed warm-up run of each;
+# the medians are printed.
+# Usage: block/scripts/bench.sh [DIR] [SIZE] [REPS] [CASE-FILTER]
+#   (default DIR=/tmp/bench-block, SIZE=1G, REPS=5, filter = all cases)
+# BENCH_BIN=path uses that bench-block instead of building one; BASE_BIN=path
+# adds a third column for another bench-block build (A/B of a change), run
+# in the same alternation.
 set -euo pipefail
 DIR=${1:-/tmp/bench-block}
 SIZE=${2:-1G}
+REPS=${3:-5}
+FILTER=${4:-}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 command -v qemu-img >/dev/null || { echo "qemu-img missing (apt-get install qemu-utils)"; exit 1; }
-cargo build --release -q -p block --bin bench-block --manifest-path "$ROOT/Cargo.toml"
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-block
+if [ -z "${BENCH_BIN:-}" ]; then
+    cargo build --release -q -p block --bin bench-block --manifest-path "$ROOT/Cargo.toml"
+fi
+BIN=${BENCH_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-block}
 mkdir -p "$DIR"
-if [ ! -f "$DIR/ref.raw" ]; then
+if [ ! -f "$DIR/ref.raw" ] || [ ! -f "$DIR/ref.qcow2" ]; then
     qemu-img create -q -f raw "$DIR/ref.raw" "$SIZE"
     # Fully allocate so both tools measure the same I/O, not allocation.
     dd if=/dev/urandom of="$DIR/ref.raw" bs=1M count=$(( $(stat -c %s "$DIR/ref.raw") >> 20 )) conv=notrunc status=none
     qemu-img convert -f raw -O qcow2 "$DIR/ref.raw" "$DIR/ref.qcow2"
 fi
-# A large prime stride makes the 4 KiB pattern scattered (qemu-img bench
-# has no random mode; both tools use offset = i * step mod size).
+# Writes carry the same data in both tools (byte 0, qemu-img bench's
+# default --pattern).
+# qemu-img bench has no random mode: the 4 KiB cases use a large prime
+# stride (1021 x 4 KiB), offset = i * step mod size, in both tools.
 RAND_STEP=$((4096 * 1021))
-printf "%-8s %-22s %14s %14s\n" format case "ours req/s" "qemu req/s"
+
+ours() { { "$BIN" -f "$1" -d 64 -t none $2 "$3" || echo "?"; } | awk '{print $1}'; }
+base() { { "$BASE_BIN" -f "$1" -d 64 -t none $2 "$3" || echo "?"; } | awk '{print $1}'; }
+BASE_BIN=${BASE_BIN:-}
+qemu() {
+    local count t out
+    count=$(echo "$2" | awk '{print $2}')
+    out=$(qemu-img bench -f "$1" -d 64 -t none -n $2 "$3" 2>&1) || { echo "qemu-img bench: $out" >&2; }
+    t=$(echo "$out" | awk '/Run completed/ {for(i=1;i<=NF;i++) if($i=="in") t=$(i+1)} END {print t}')
+    # qemu prints the elapsed time; turn it into requests/s.
+    awk -v n="$count" -v t="$t" 'BEGIN { if (t > 0) printf "%.0f", n / t; else print "?" }'
+}
+median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.0f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+
+run_one() { # tool fmt args img fresh
+    if [ "$5" = 1 ]; then
+        rm -f "$4"
+        qemu-img create -q -f "$2" "$4" "$SIZE"
+    fi
+    "$1" "$2" "$3" "$4"
+}
+
+if [ -n "$BASE_BIN" ]; then
+    printf "%-6s %-20s %11s %11s %11s %7s   %s\n" format case "base req/s" "ours req/s" "qemu req/s" ratio "runs (base/ours/qemu)"
+else
+    printf "%-6s %-20s %11s %11s %7s   %s\n" format case "ours req/s" "qemu req/s" ratio "runs (ours/qemu)"
+fi
+# name:formats:fresh:args. "fresh" cases start every run on a new, empty
+# image (allocating writes); COUNT x 64 KiB = 1 GiB fills it exactly once.
+CASES=(
+    "4k-scattered-read:raw qcow2:0:-c 100000 -s 4k -S $RAND_STEP"
+    "4k-scattered-write:raw qcow2:0:-c 100000 -s 4k -S $RAND_STEP -w"
+    "64k-seq-read:raw qcow2:0:-c 20000 -s 64k"
+    "64k-seq-write:raw qcow2:0:-c 20000 -s 64k -w"
+    "64k-alloc-write:qcow2:1:-c $(( $(stat -c %s "$DIR/ref.raw") >> 16 )) -s 64k -w"
+)
 for fmt in raw qcow2; do
-    img="$DIR/ref.$fmt"
-    for c in "4k-scattered-read:-c 100000 -s 4k -S $RAND_STEP" \
-             "4k-scattered-write:-c 100000 -s 4k -S $RAND_STEP -w" \
-             "64k-seq-read:-c 20000 -s 64k" \
-             "64k-seq-write:-c 20000 -s 64k -w"; do
-        name=${c%%:*}; args=${c#*:}
-        ours=$("$BIN" -f "$fmt" -d 64 -t none $args "$img" | awk '{print $1}')
-        qemu=$(qemu-img bench -f "$fmt" -d 64 -t none -n $args "$img" 2>&1 | \
-               awk '/Run completed/ {for(i=1;i<=NF;i++) if($i=="in") t=$(i+1)} END {print t}')
-        # qemu prints the elapsed time; turn it into requests/s.
-        count=$(echo "$args" | awk '{print $2}')
-        qrps=$(awk -v n="$count" -v t="$qemu" 'BEGIN { if (t > 0) printf "%.0f", n / t; else print "?" }')
-        printf "%-8s %-22s %14s %14s\n" "$fmt" "$name" "$ours" "$qrps"
+    for c in "${CASES[@]}"; do
+        IFS=: read -r name fmts fresh args <<< "$c"
+        [[ " $fmts " == *" $fmt "* ]] || continue
+        [[ -n "$FILTER" && "$fmt-$name" != *$FILTER* ]] && continue
+        img="$DIR/ref.$fmt"
+        [ "$fresh" = 1 ] && img="$DIR/fresh.$fmt"
+        run_one ours "$fmt" "$args" "$img" "$fresh" >/dev/null
+        run_one qemu "$fmt" "$args" "$img" "$fresh" >/dev/null
+        o=(); q=(); b=()
+        for ((r = 0; r < REPS; r++)); do
+            [ -n "$BASE_BIN" ] && b+=("$(run_one base "$fmt" "$args" "$img" "$fresh")")
+            if (( r % 2 == 0 )); then
+                o+=("$(run_one ours "$fmt" "$args" "$img" "$fresh")")
+                q+=("$(run_one qemu "$fmt" "$args" "$img" "$fresh")")
+            else
+                q+=("$(run_one qemu "$fmt" "$args" "$img" "$fresh")")
+                o+=("$(run_one ours "$fmt" "$args" "$img" "$fresh")")
+            fi
+        done
+        om=$(printf "%s\n" "${o[@]}" | median)
+        qm=$(printf "%s\n" "${q[@]}" | median)
+        ratio=$(awk -v a="$om" -v b="$qm" 'BEGIN { printf "%.3f", a / b }')
+        if [ -n "$BASE_BIN" ]; then
+            bm=$(printf "%s\n" "${b[@]}" | median)
+            printf "%-6s %-20s %11s %11s %11s %7s   %s / %s / %s\n" "$fmt" "$name" "$bm" "$om" "$qm" "$ratio" "${b[*]}" "${o[*]}" "${q[*]}"
+        else
+            printf "%-6s %-20s %11s %11s %7s   %s / %s\n" "$fmt" "$name" "$om" "$qm" "$ratio" "${o[*]}" "${q[*]}"
+        fi
     done
 done
+rm -f "$DIR"/fresh.*

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use io_uring::{opcode, register::Probe, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -22,10 +22,16 @@ use crate::{DiskFile, Error, Result};
 /// Largest ring accepted.
 pub const MAX_DEPTH: u32 = 4096;
 
+#[derive(Default)]
 struct Slot {
     user_data: u64,
-    // Kept alive until the kernel completes the request.
-    _iovecs: Box<[libc::iovec]>,
+    busy: bool,
+    // Multi-buffer requests: the iovec array the kernel reads, kept until
+    // completion; its capacity is reused.
+    iovecs: Vec<libc::iovec>,
+    // Allocating write: (guest offset, length, host offset) to commit (or
+    // abort) when the data write completes.
+    commit: Option<(u64, u64, u64)>,
 }
 
 /// An asynchronous, batched front for a [`DiskFile`].
@@ -33,9 +39,19 @@ pub struct AsyncDisk {
     disk: Box<dyn DiskFile>,
     ring: Option<IoUring>,
     eventfd: EventFd,
-    slots: Vec<Option<Slot>>,
+    slots: Vec<Slot>,
     free: Vec<usize>,
     unsubmitted: usize,
+    // Eager submission: after the caller's submit() or a reap, the next
+    // requests go to the kernel in growing batches (1, 1, 2, 4, ...) so the
+    // device starts on the first one while later ones are still prepared.
+    eager: bool,
+    round: usize,
+    // The host file registered with the ring (index 0), if any.
+    registered_fd: Option<RawFd>,
+    register_tried: bool,
+    // Requests sent to the ring / completed synchronously.
+    counts: (u64, u64),
     done: VecDeque<(u64, i32)>,
     // The eventfd is registered with the ring on the first notifier() call,
     // so callers that poll (benchmarks) skip a signal per completion.
@@ -100,9 +116,14 @@ impl AsyncDisk {
             disk,
             ring,
             eventfd,
-            slots: (0..depth).map(|_| None).collect(),
+            slots: (0..depth).map(|_| Slot::default()).collect(),
             free: (0..depth as usize).rev().collect(),
             unsubmitted: 0,
+            eager: true,
+            round: 0,
+            registered_fd: None,
+            register_tried: false,
+            counts: (0, 0),
             done: VecDeque::new(),
             eventfd_registered: std::cell::Cell::new(false),
             fixed: Vec::new(),
@@ -112,6 +133,20 @@ impl AsyncDisk {
     /// Whether requests may go through io_uring.
     pub fn uses_io_uring(&self) -> bool {
         self.ring.is_some()
+    }
+
+    /// Eager submission (on by default): after [`AsyncDisk::submit`] or a
+    /// reap, queued requests go to the kernel in growing batches (1, 1, 2, 4,
+    /// ...) instead of all at the next `submit`, so the device starts on the
+    /// first request while later ones are still being prepared. Off: one
+    /// `io_uring_enter` per `submit` call.
+    pub fn set_eager_submit(&mut self, eager: bool) {
+        self.eager = eager;
+    }
+
+    /// Read and write requests so far: (sent to io_uring, done synchronously).
+    pub fn request_counts(&self) -> (u64, u64) {
+        self.counts
     }
 
     /// The wrapped disk, for synchronous operations.
@@ -179,7 +214,11 @@ impl AsyncDisk {
             }
         };
         self.done.push_back((user_data, r));
-        let _ = self.eventfd.write(1);
+        // Nobody waits on the eventfd before notifier() is first called (which
+        // signals it once itself).
+        if self.eventfd_registered.get() {
+            let _ = self.eventfd.write(1);
+        }
     }
 
     fn aligned(iovecs: &[libc::iovec], offset: u64) -> bool {
@@ -240,6 +279,29 @@ impl AsyncDisk {
         } else {
             None
         };
+        // Allocating writes of whole clusters: data to fresh host space
+        // through the ring, metadata updated when it completes.
+        let mut commit = None;
+        let mapping = match mapping {
+            None if write && self.ring.is_some() && len > 0 && len <= i32::MAX as usize => {
+                match self.disk.alloc_host(offset, len as u64) {
+                    Ok(Some(m)) if !m.direct || Self::aligned(iovecs, m.offset) => {
+                        commit = Some((offset, len as u64, m.offset));
+                        Some(m)
+                    }
+                    Ok(Some(m)) => {
+                        self.disk.abort_alloc(offset, len as u64, m.offset);
+                        None
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        self.complete_sync(user_data, Err(e), 0);
+                        return Ok(());
+                    }
+                }
+            }
+            m => m,
+        };
         let Some(m) = mapping else {
             let res = if write {
                 let slices: Vec<IoSlice> = iovecs
@@ -266,53 +328,66 @@ impl AsyncDisk {
                     .collect();
                 self.disk.read_at(offset, &mut slices)
             };
+            self.counts.1 += 1;
             self.complete_sync(user_data, res, len);
             return Ok(());
         };
+        self.counts.0 += 1;
         if self.free.is_empty() {
             self.reap(1)?;
         }
         let idx = self.free.pop().expect("reap frees a slot");
-        let iov: Box<[libc::iovec]> = iovecs.into();
-        let entry = if iov.len() == 1 {
-            let (base, len) = (iov[0].iov_base as *mut u8, iov[0].iov_len as u32);
-            let fixed = self.fixed_index(base as usize, len as usize);
-            if let Some(bi) = fixed {
-                if write {
-                    opcode::WriteFixed::new(types::Fd(m.fd), base, len, bi)
+        let fixed_file = self.fixed_file(m.fd);
+        let fixed_buf = if iovecs.len() == 1 {
+            self.fixed_index(iovecs[0].iov_base as usize, iovecs[0].iov_len)
+        } else {
+            None
+        };
+        let slot = &mut self.slots[idx];
+        slot.user_data = user_data;
+        slot.busy = true;
+        slot.commit = commit;
+        if iovecs.len() > 1 {
+            // The kernel reads the iovec array at submission or later: keep a
+            // copy in the slot (its capacity is reused, no allocation once warm).
+            slot.iovecs.clear();
+            slot.iovecs.extend_from_slice(iovecs);
+        }
+        let (iov_ptr, iov_cnt) = (slot.iovecs.as_ptr(), slot.iovecs.len() as u32);
+        // One macro body for both kinds of file reference (plain or registered).
+        macro_rules! sqe {
+            ($fd:expr) => {
+                if iovecs.len() == 1 {
+                    let (base, len) = (iovecs[0].iov_base as *mut u8, iovecs[0].iov_len as u32);
+                    match (fixed_buf, write) {
+                        (Some(bi), true) => opcode::WriteFixed::new($fd, base, len, bi)
+                            .offset(m.offset)
+                            .build(),
+                        (Some(bi), false) => opcode::ReadFixed::new($fd, base, len, bi)
+                            .offset(m.offset)
+                            .build(),
+                        (None, true) => opcode::Write::new($fd, base, len).offset(m.offset).build(),
+                        (None, false) => opcode::Read::new($fd, base, len).offset(m.offset).build(),
+                    }
+                } else if write {
+                    opcode::Writev::new($fd, iov_ptr, iov_cnt)
                         .offset(m.offset)
                         .build()
                 } else {
-                    opcode::ReadFixed::new(types::Fd(m.fd), base, len, bi)
+                    opcode::Readv::new($fd, iov_ptr, iov_cnt)
                         .offset(m.offset)
                         .build()
                 }
-            } else if write {
-                opcode::Write::new(types::Fd(m.fd), base, len)
-                    .offset(m.offset)
-                    .build()
-            } else {
-                opcode::Read::new(types::Fd(m.fd), base, len)
-                    .offset(m.offset)
-                    .build()
-            }
-        } else if write {
-            opcode::Writev::new(types::Fd(m.fd), iov.as_ptr(), iov.len() as u32)
-                .offset(m.offset)
-                .build()
-        } else {
-            opcode::Readv::new(types::Fd(m.fd), iov.as_ptr(), iov.len() as u32)
-                .offset(m.offset)
-                .build()
+            };
+        }
+        let entry = match fixed_file {
+            Some(i) => sqe!(types::Fixed(i)),
+            None => sqe!(types::Fd(m.fd)),
         }
         .user_data(idx as u64);
-        self.slots[idx] = Some(Slot {
-            user_data,
-            _iovecs: iov,
-        });
         let ring = self.ring.as_mut().expect("mapping implies a ring");
-        // SAFETY: the iovec array is owned by slots[idx] until completion and
-        // the buffers are valid per the caller's contract.
+        // SAFETY: the iovec array (if any) is owned by slots[idx] until
+        // completion and the buffers are valid per the caller's contract.
         if unsafe { ring.submission().push(&entry) }.is_err() {
             ring.submit()?;
             self.unsubmitted = 0;
@@ -321,7 +396,35 @@ impl AsyncDisk {
                 .map_err(|_| Error::Io(io::Error::other("io_uring submission queue full")))?;
         }
         self.unsubmitted += 1;
+        if self.eager && self.unsubmitted >= self.round.max(1) {
+            ring.submit()?;
+            self.round += self.unsubmitted;
+            self.unsubmitted = 0;
+        }
         Ok(())
+    }
+
+    /// Index of `fd` in the ring's registered file table, registering it on
+    /// first use (saves a file reference count round trip per request).
+    fn fixed_file(&mut self, fd: RawFd) -> Option<u32> {
+        if self.registered_fd == Some(fd) {
+            return Some(0);
+        }
+        if self.registered_fd.is_some() || self.register_tried {
+            return None;
+        }
+        self.register_tried = true;
+        let ring = self.ring.as_ref()?;
+        match ring.submitter().register_files(&[fd]) {
+            Ok(()) => {
+                self.registered_fd = Some(fd);
+                Some(0)
+            }
+            Err(e) => {
+                log::debug!("io_uring file registration failed: {e}");
+                None
+            }
+        }
     }
 
     /// Make every write completed so far durable; completes synchronously.
@@ -338,6 +441,7 @@ impl AsyncDisk {
                 ring.submit()?;
                 self.unsubmitted = 0;
             }
+            self.round = 0;
         }
         Ok(())
     }
@@ -350,6 +454,7 @@ impl AsyncDisk {
             let want = want.min(in_flight);
             ring.submit_and_wait(want)?;
             self.unsubmitted = 0;
+            self.round = 0;
         }
         self.drain_cq();
         Ok(())
@@ -361,8 +466,24 @@ impl AsyncDisk {
         };
         for cqe in ring.completion() {
             let idx = cqe.user_data() as usize;
-            if let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) {
-                self.done.push_back((slot.user_data, cqe.result()));
+            if let Some(slot) = self.slots.get_mut(idx).filter(|s| s.busy) {
+                slot.busy = false;
+                let mut res = cqe.result();
+                if let Some((off, len, host)) = slot.commit.take() {
+                    if res >= 0 && res as u64 == len {
+                        if let Err(e) = self.disk.commit_alloc(off, len, host) {
+                            log::debug!("committing an allocating write failed: {e}");
+                            res = -e.errno();
+                        }
+                    } else {
+                        self.disk.abort_alloc(off, len, host);
+                        if res >= 0 {
+                            // A short write into fresh space is not retried.
+                            res = -libc::EIO;
+                        }
+                    }
+                }
+                self.done.push_back((slot.user_data, res));
                 self.free.push(idx);
             }
         }
@@ -388,6 +509,14 @@ impl Drop for AsyncDisk {
         while self.in_flight() > 0 {
             if self.reap(1).is_err() {
                 break;
+            }
+        }
+        // A registered file would otherwise stay open (and keep its OFD
+        // lock) until the kernel tears the ring down asynchronously, so an
+        // immediate reopen of the image could fail with `Locked`.
+        if let (Some(ring), Some(_)) = (self.ring.as_ref(), self.registered_fd) {
+            if let Err(e) = ring.submitter().unregister_files() {
+                log::warn!("io_uring: unregistering the image file failed: {e}");
             }
         }
     }

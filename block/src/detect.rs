@@ -19,11 +19,12 @@ pub fn detect_image_type(file: &File) -> Result<ImageType> {
     read_prefix(f, &mut head.as_mut_slice()[..4096], head_len)?;
     let mut tail = None;
     if len >= 512 {
+        // The footer may straddle two aligned blocks: read both.
         let start = (len - 512) / 4096 * 4096;
-        let mut t = crate::storage::AlignedBuf::new(4096);
+        let mut t = crate::storage::AlignedBuf::new(8192);
         f.seek(SeekFrom::Start(start))?;
         let want = (len - start) as usize;
-        read_prefix(f, &mut t.as_mut_slice()[..4096], want)?;
+        read_prefix(f, &mut t.as_mut_slice()[..8192], want)?;
         let skip = (len - 512 - start) as usize;
         let mut footer = [0u8; 512];
         footer.copy_from_slice(&t.as_slice()[skip..skip + 512]);
@@ -65,4 +66,20 @@ pub fn detect_from_bytes(head: &[u8], footer: Option<&[u8; 512]>) -> ImageType {
         }
     }
     ImageType::Raw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn footer_straddling_two_blocks() {
+        // Lengths whose last 512 bytes cross a 4 KiB boundary.
+        for len in [4096 + 8, 8192 + 300, 12288 + 511, 600, 4096 + 512] {
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(&vec![0u8; len]).unwrap();
+            assert_eq!(detect_image_type(&f).unwrap(), ImageType::Raw, "len {len}");
+        }
+    }
 }

@@ -124,6 +124,25 @@ pub trait DiskFile: Send {
     fn map_host(&mut self, _offset: u64, _len: u64, _write: bool) -> Result<Option<HostMapping>> {
         Ok(None)
     }
+    /// For a write of `[offset, offset+len)` that [`DiskFile::map_host`]
+    /// cannot place: reserve fresh, contiguous host space the data can be
+    /// written to directly, changing no metadata yet. Once that write has
+    /// succeeded, [`DiskFile::commit_alloc`] (same `offset`, `len`, and the
+    /// returned host offset) makes the range point to it; if it failed,
+    /// [`DiskFile::abort_alloc`] drops the reservation. Used by
+    /// [`AsyncDisk`] so allocating writes go through io_uring too.
+    fn alloc_host(&mut self, _offset: u64, _len: u64) -> Result<Option<HostMapping>> {
+        Ok(None)
+    }
+    /// Make a range reserved by [`DiskFile::alloc_host`], whose data is now
+    /// written at `host`, part of the disk.
+    fn commit_alloc(&mut self, offset: u64, len: u64, host: u64) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "no pending allocation of {len} bytes at {offset:#x} (host {host:#x})"
+        )))
+    }
+    /// Give up a reservation made by [`DiskFile::alloc_host`].
+    fn abort_alloc(&mut self, _offset: u64, _len: u64, _host: u64) {}
 }
 
 /// Convenience helpers on top of [`DiskFile`].

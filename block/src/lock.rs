@@ -13,8 +13,26 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
-/// Lock `file` exclusively (`write`) or shared; fail at once on conflict.
+/// How long a conflicting lock may take to go away before open fails: a
+/// lock can outlive its owner briefly (a descriptor inherited by a child
+/// between fork and exec, a ring being torn down by the kernel).
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Lock `file` exclusively (`write`) or shared; fail with [`Error::Locked`]
+/// if a conflicting lock is still held after a short grace period.
 pub fn lock_file(file: &File, path: &Path, write: bool) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match try_lock(file, path, write) {
+            Err(Error::Locked(_)) if start.elapsed() < LOCK_GRACE => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn try_lock(file: &File, path: &Path, write: bool) -> Result<()> {
     // SAFETY: flock is a plain C struct; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if write { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;

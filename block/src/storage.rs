@@ -33,6 +33,13 @@ pub trait Storage: Send {
     fn sync(&mut self) -> io::Result<()>;
     /// Deallocate a range (keeps the size); reads of it return zeroes.
     fn punch_hole(&mut self, off: u64, len: u64) -> io::Result<()>;
+    /// Allocate `[off, off+len)` (extending the file if needed) so later
+    /// direct writes there are overwrites, not extending or allocating
+    /// writes (which io_uring would have to hand to a worker thread, one at
+    /// a time per file). Unsupported: `Ok(false)`, nothing changed.
+    fn preallocate(&mut self, _off: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// The file descriptor, for the asynchronous path.
     fn raw_fd(&self) -> Option<RawFd>;
     /// Whether the file was opened with O_DIRECT.
@@ -159,6 +166,12 @@ impl Storage for FileStorage {
         if !self.direct || is_aligned(buf, off) {
             return self.file.write_all_at(buf, off);
         }
+        if off.is_multiple_of(DIRECT_ALIGN as u64) && buf.len().is_multiple_of(DIRECT_ALIGN) {
+            // Only the memory is misaligned: copy, no read-modify-write.
+            let mut bounce = AlignedBuf::new(buf.len());
+            bounce.as_mut_slice()[..buf.len()].copy_from_slice(buf);
+            return self.file.write_all_at(&bounce.as_slice()[..buf.len()], off);
+        }
         // Read-modify-write through an aligned bounce buffer.
         let (start, len) = aligned_span(off, buf.len());
         let mut bounce = AlignedBuf::new(len);
@@ -189,6 +202,14 @@ impl Storage for FileStorage {
 
     fn punch_hole(&mut self, off: u64, len: u64) -> io::Result<()> {
         punch_hole(&self.file, off, len)
+    }
+
+    fn preallocate(&mut self, off: u64, len: u64) -> io::Result<bool> {
+        match fallocate(&self.file, 0, off, len) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn raw_fd(&self) -> Option<RawFd> {

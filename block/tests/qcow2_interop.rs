@@ -315,3 +315,38 @@ fn readers_share() {
         .expect("writer must fail");
     assert!(matches!(err, Error::Locked(_)), "{err}");
 }
+
+#[test]
+fn freed_clusters_are_reused() {
+    let d = tmpdir();
+    let img = p(d.path(), "reuse.qcow2");
+    let raw = p(d.path(), "reuse.raw");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    let mut model = vec![0u8; SIZE];
+    let mut disk = open(&img, false);
+    let mut r = Rng::new(11);
+    // 1 MiB of data at 0, made durable, then discarded and released.
+    let mut buf = vec![0u8; 1 << 20];
+    r.fill(&mut buf);
+    disk.write_all_at(0, &buf).unwrap();
+    disk.flush().unwrap();
+    let grown = std::fs::metadata(&img).unwrap().len();
+    disk.discard(0, 1 << 20).unwrap();
+    disk.flush().unwrap();
+    // New data elsewhere (whole and partial clusters) fits in the freed
+    // space: the file does not grow.
+    r.fill(&mut buf);
+    disk.write_all_at(4 << 20, &buf[..512 << 10]).unwrap();
+    // 448 KiB at an unaligned offset touches 8 clusters: 16 in all.
+    let part = &buf[512 << 10..(960 << 10)];
+    disk.write_all_at((6 << 20) + 1000, part).unwrap();
+    model[4 << 20..(4 << 20) + (512 << 10)].copy_from_slice(&buf[..512 << 10]);
+    model[(6 << 20) + 1000..(6 << 20) + 1000 + part.len()].copy_from_slice(part);
+    disk.flush().unwrap();
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), grown);
+    assert!(read_all(disk.as_mut()) == model);
+    drop(disk);
+    qemu_check("qcow2", &img);
+    write_raw(&raw, &model);
+    qemu_compare("qcow2", &img, &raw);
+}

@@ -5,11 +5,9 @@ use clap::{Arg, ArgAction, Command};
 /// Options of the original that this VMM does not implement yet: accepted by the parser so
 /// `--help` matches, refused with a clear message when used.
 pub const NOT_YET: &[&str] = &[
-    "api-socket",
     "balloon",
     "debug-console",
     "device",
-    "event-monitor",
     "fs",
     "generic-vhost-user",
     "landlock-rules",
@@ -27,7 +25,7 @@ pub const NOT_YET: &[&str] = &[
 ];
 
 /// Flags of the original we do not implement yet.
-pub const NOT_YET_FLAGS: &[&str] = &["landlock", "pvpanic", "watchdog", "no-shutdown"];
+pub const NOT_YET_FLAGS: &[&str] = &["landlock", "pvpanic", "watchdog"];
 
 fn opt(name: &'static str, help: &'static str) -> Arg {
     Arg::new(name)

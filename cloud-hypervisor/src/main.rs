@@ -2,6 +2,7 @@
 //! outcome. Errors are one line naming the option and value, with exit code 1.
 
 mod cli;
+mod endpoints;
 mod logger;
 
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use clap::ArgMatches;
 use vmm::config::{
     ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig,
 };
-use vmm::{ConfigError, VmConfig};
+use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     vmm::restore_terminal();
@@ -74,6 +75,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         disks,
         net,
         rng,
+        unsupported: Default::default(),
     })
 }
 
@@ -120,12 +122,64 @@ fn main() -> ExitCode {
         eprintln!("cloud-hypervisor: internal error: {info}");
     }));
 
+    let start = std::time::Instant::now();
     let config = match config_from(&matches) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    match vmm::run(config) {
-        Ok(_) => ExitCode::SUCCESS,
+    let s = |name: &str| matches.get_one::<String>(name).cloned();
+    let api_socket = match s("api-socket")
+        .map(|raw| endpoints::parse("--api-socket", &raw))
+        .transpose()
+    {
+        Ok(ep) => ep,
+        Err(e) => return fail(e),
+    };
+    // With an API socket, the VM may come later through vm.create.
+    let config = (api_socket.is_none()
+        || config.payload.kernel.is_some()
+        || config.payload.firmware.is_some())
+    .then_some(config);
+    let monitor = match s("event-monitor") {
+        Some(raw) => match endpoints::parse("--event-monitor", &raw)
+            .map_err(|e| e.to_string())
+            .and_then(|ep| {
+                endpoints::event_monitor(&ep).map_err(|e| format!("--event-monitor {raw}: {e}"))
+            }) {
+            Ok(f) => Some(Box::new(f) as Box<dyn std::io::Write + Send>),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let mut api_server = None;
+    let mut api_rx = None;
+    if let (Some(ep), Some(raw)) = (&api_socket, s("api-socket")) {
+        let (listener, path) = match endpoints::api_listener(ep) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("--api-socket {raw}: {e}")),
+        };
+        let (tx, rx) = match vmm::api::channel() {
+            Ok(c) => c,
+            Err(e) => return fail(format!("cannot set up the API channel: {e}")),
+        };
+        match api::ApiServer::start(listener, path, tx) {
+            Ok(server) => api_server = Some(server),
+            Err(e) => return fail(e),
+        }
+        api_rx = Some(rx);
+    }
+    let result = vmm::run(VmmOptions {
+        config,
+        api: api_rx,
+        event_monitor: EventMonitor::new(monitor, start),
+        no_shutdown: matches.get_flag("no-shutdown"),
+    });
+    // Lets the answer to vmm.shutdown reach its client, and removes the socket file.
+    if let Some(server) = api_server {
+        server.shutdown();
+    }
+    match result {
+        Ok(Outcome::PowerOff | Outcome::Signal(_) | Outcome::ApiShutdown) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }

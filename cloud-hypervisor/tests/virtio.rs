@@ -88,12 +88,7 @@ fn rng_gives_entropy() {
         &["--memory", "size=256M", "--rng", "src=/dev/urandom,id=rng0"],
     );
     r.assert_guest_passed();
-    for c in [
-        "rng-read",
-        "msix-enable",
-        "msix-queue-vector",
-        "msix-pending-bit",
-    ] {
+    for c in ["rng-read", "msix-enable", "msix-queue-vector"] {
         r.assert_passed(c);
     }
 }
@@ -240,6 +235,7 @@ fn hostile_requests_do_not_take_the_vmm_down() {
         "hostile-zero-length-status",
         "hostile-descriptor-loop",
         "hostile-valid-after-bad",
+        "msix-pending-bit",
         "hostile-needs-reset",
         "rng-read",
         "hostile-recovered",

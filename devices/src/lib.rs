@@ -5,6 +5,7 @@
 mod acpi_sleep;
 mod bus;
 mod cmos;
+mod ged;
 mod i8042;
 mod serial;
 #[cfg(test)]
@@ -13,8 +14,16 @@ mod test_util;
 pub use acpi_sleep::AcpiSleepDevice;
 pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CMOS_NVRAM_SIZE};
+pub use ged::{Ged, GED_POWER_BUTTON};
 pub use i8042::I8042;
 pub use serial::{Serial, SerialOutput};
+
+/// What a device may ask of the machine as a whole. The VMM decides what it means; the vCPU
+/// that made the request should not run on past it.
+/// A device's statistics for `vm.counters`: counter name → value.
+pub trait DeviceCounters: Send + Sync {
+    fn counters(&self) -> std::collections::BTreeMap<String, u64>;
+}
 
 /// What a device may ask of the machine as a whole. The VMM decides what it means; the vCPU
 /// that made the request should not run on past it.

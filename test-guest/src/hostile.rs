@@ -211,6 +211,9 @@ pub fn scenario_hostile() {
     q.set_desc(0, hdr, 16, F_NEXT, 1);
     q.set_desc(1, data, 16, F_NEXT, 0);
     check!("hostile-descriptor-loop", q.submit(0), "no used entry");
+    // MSI-X: function masked, entry 0 programmed, queue 0 routed to it. This driver did not
+    // negotiate EVENT_IDX, so the next completion must raise vector 0: pending while masked.
+    let msix = crate::virtio::msix_mask_and_route(df);
     // A well-formed read still works on the same queue.
     header(0);
     q.set_desc(0, hdr, 16, F_NEXT, 1);
@@ -218,6 +221,11 @@ pub fn scenario_hostile() {
     q.set_desc(2, status, 1, F_WRITE, 0);
     let ok = q.submit(0) && r8(status) == 0;
     check!("hostile-valid-after-bad", ok, "status {:#x}", r8(status));
+    if let Some((bar, cap, pba)) = msix {
+        let bits = crate::virtio::wait_pending_bit(bar, pba);
+        check!("msix-pending-bit", bits & 1 == 1, "PBA {bits:#x}");
+        crate::virtio::msix_disable(df, cap);
+    }
     // An available index far beyond the queue size breaks the queue: NEEDS_RESET.
     q.next_avail = q.next_avail.wrapping_add(100);
     w16(q.avail + 2, q.next_avail);

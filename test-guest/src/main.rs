@@ -192,6 +192,8 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "rtc" => scenario_rtc(&boot),
         "echo" => scenario_echo(),
         "wait" => scenario_wait(),
+        "tick" => scenario_tick(),
+        "power-button" => scenario_power_button(),
         "fault" => scenario_fault(),
         "pci" => virtio::scenario_pci(&boot),
         "rng" => virtio::scenario_rng(),
@@ -495,6 +497,52 @@ fn scenario_wait() -> ! {
     loop {
         svc::hlt();
     }
+}
+
+/// Prints `TICK <n>` every 20 ms, for ever: a guest whose progress shows on the serial port
+/// (the VMM's pause/resume tests watch it stop and go on).
+fn scenario_tick() -> ! {
+    println!("READY");
+    let mut n: u64 = 0;
+    loop {
+        println!("TICK {n}");
+        n += 1;
+        smp::delay_us(20_000);
+    }
+}
+
+const IOAPIC: usize = 0xfec0_0000;
+const GED_PORT: u16 = 0x608;
+const GED_IRQ: u32 = 5;
+
+fn ioapic_write(reg: u32, value: u32) {
+    // SAFETY: the IOAPIC's index and data registers, identity-mapped and user-accessible.
+    unsafe {
+        core::ptr::write_volatile(IOAPIC as *mut u32, reg);
+        core::ptr::write_volatile((IOAPIC + 0x10) as *mut u32, value);
+    }
+}
+
+/// Routes the Generic Event Device's IOAPIC pin to the monitor's vector, waits for the VMM's
+/// power-button event, reads the GED's event register and checks the power-button bit.
+fn scenario_power_button() {
+    let apic_id = svc::lapic_enable();
+    // Mask the 8259s: the GED's GSI reaches them too, and an unprogrammed PIC would deliver it
+    // as a stray exception vector.
+    svc::outb(0x21, 0xff);
+    svc::outb(0xa1, 0xff);
+    // Redirection entry: fixed delivery, physical destination, edge, active high, unmasked.
+    ioapic_write(0x11 + 2 * GED_IRQ, apic_id << 24);
+    ioapic_write(0x10 + 2 * GED_IRQ, svc::IRQ_VECTOR);
+    println!("READY");
+    let taken = svc::wait_irq();
+    let events = svc::inb(GED_PORT);
+    let again = svc::inb(GED_PORT);
+    check!(
+        "power-button",
+        taken >= 1 && events & 1 == 1 && again == 0,
+        "interrupts {taken}, GED events {events:#x} then {again:#x}"
+    );
 }
 
 /// Deliberately faults (a privileged instruction at CPL3 gives #GP), to check that the

@@ -43,7 +43,10 @@
 .set SVC_CPUID, 10
 .set SVC_RDMSR, 11
 .set SVC_WRMSR, 12
-.set SVC_COUNT, 13
+.set SVC_WAIT_IRQ, 13
+.set SVC_COUNT, 14
+/* The one external interrupt vector the monitor handles (the test programs the IOAPIC). */
+.set IRQ_VECTOR, 0x30
 
 /* ------------------------------------------------------------------------- */
 /* PVH ELF note: XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen", 32-bit entry.     */
@@ -180,7 +183,28 @@ idt_fill:
     addq $16, %rdi
     decl %ecx
     jnz 1b
+    /* and the gate of IRQ_VECTOR: counts the interrupt, EOIs the LAPIC */
+    leaq irq_entry(%rip), %rax
+    movq %rax, %rcx
+    andl $0xffff, %eax
+    shrq $16, %rcx
+    shlq $48, %rcx
+    orq %rcx, %rax
+    movq $0x00008e0000080000, %rcx
+    orq %rcx, %rax
+    leaq idt(%rip), %rdi
+    movq %rax, IRQ_VECTOR * 16(%rdi)
+    movq $0, IRQ_VECTOR * 16 + 8(%rdi)
     ret
+
+/* IRQ_VECTOR: only ever taken at CPL0 inside svc_wait_irq (CPL3 runs with IF=0). */
+irq_entry:
+    pushq %rbx
+    lock incl irq_count(%rip)
+    movl $LAPIC, %ebx
+    movl $0, 0xb0(%rbx)             /* EOI */
+    popq %rbx
+    iretq
 
 /* cpu_setup(edi = cpu index): TSS (rsp0 = top of the cpu's kernel stack), its GDT
  * descriptor, ltr, lidt. Clobbers rax, rbx, rcx, rdx. */
@@ -317,6 +341,12 @@ svc_write:                          /* rdi = bytes, rsi = length */
 svc_hlt:
     hlt
     jmp svc_done
+svc_wait_irq:                       /* waits for an interrupt; returns how many were taken */
+    sti
+    hlt                             /* sti's shadow: an interrupt pending now wakes this hlt */
+    cli
+    movl irq_count(%rip), %eax
+    jmp svc_ret_rax
 svc_lapic_enable:                   /* software-enable the xAPIC; returns its APIC ID */
     movl $LAPIC, %ebx
     movl $0x1ff, 0xf0(%rbx)
@@ -552,7 +582,7 @@ msg_nl:          .asciz "\n"
 .balign 8
 svc_table:
     .quad svc_outb, svc_outw, svc_outl, svc_inb, svc_inw, svc_inl, svc_write, svc_hlt
-    .quad svc_lapic_enable, svc_ipi, svc_cpuid, svc_rdmsr, svc_wrmsr
+    .quad svc_lapic_enable, svc_ipi, svc_cpuid, svc_rdmsr, svc_wrmsr, svc_wait_irq
 
 /* ------------------------------------------------------------------------- */
 .section .data.monitor, "aw", @progbits
@@ -566,6 +596,7 @@ boot_info:      .quad 0
 boot_protocol:  .long 0
 ap_next_index:  .long 1              /* index 0 is the BSP */
 ap_reported:    .long 0
+irq_count:      .long 0
 .balign 8
 ap_apic_ids:    .fill MAX_CPUS, 4, 0xffffffff
 
@@ -587,11 +618,11 @@ gdt_ptr:
     .quad gdt
 .balign 8
 idt_ptr:
-    .word 32 * 16 - 1
+    .word (IRQ_VECTOR + 1) * 16 - 1
     .quad idt
 .balign 16
 idt:
-    .fill 64, 8, 0
+    .fill 2 * (IRQ_VECTOR + 1), 8, 0
 
 /* Static identity map of the first 8 GiB with 2 MiB pages, all U/S=1 so CPL3 can
  * reach RAM, the LAPIC/IOAPIC and the PCI hole; 3-4 GiB (device hole) is PCD|PWT. */

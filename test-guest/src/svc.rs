@@ -23,6 +23,9 @@ pub const SVC_IPI: u64 = 9;
 pub const SVC_CPUID: u64 = 10;
 pub const SVC_RDMSR: u64 = 11;
 pub const SVC_WRMSR: u64 = 12;
+pub const SVC_WAIT_IRQ: u64 = 13;
+/// The vector the monitor handles external interrupts on (`IRQ_VECTOR` in monitor.S).
+pub const IRQ_VECTOR: u32 = 0x30;
 
 /// Calls monitor service `n`.
 #[inline(always)]
@@ -57,6 +60,12 @@ pub fn inl(port: u16) -> u32 {
     svc(SVC_INL, port.into(), 0, 0) as u32
 }
 /// Halts the CPU (at CPL0, interrupts off): does not return unless an NMI/INIT arrives.
+/// Enables interrupts at CPL0 and halts until one arrives; returns how many `IRQ_VECTOR`
+/// interrupts have been taken so far.
+pub fn wait_irq() -> u64 {
+    svc(SVC_WAIT_IRQ, 0, 0, 0)
+}
+
 pub fn hlt() {
     svc(SVC_HLT, 0, 0, 0);
 }

@@ -219,7 +219,7 @@ impl VirtioDevice for Net {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // mac, status (LINK_UP), max_virtqueue_pairs, mtu
         let mut c = [0u8; 12];
-        c[..6].copy_from_slice(&self.mac.0);
+        c[..6].copy_from_slice(&self.mac.bytes());
         c[6..8].copy_from_slice(&1u16.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c[10..12].copy_from_slice(&self.mtu.to_le_bytes());

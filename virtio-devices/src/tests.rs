@@ -635,19 +635,19 @@ fn console_receives_host_input() {
 #[test]
 fn net_malformed_chains_are_dropped() {
     let name = format!("vdt{}", std::process::id() % 100_000);
-    let tap = match net_util::Tap::open(Some(&name)) {
-        Ok(t) => t,
+    let tap = match net_util::Tap::open(&name, 1) {
+        Ok(mut t) => t.remove(0),
         Err(e) => {
             eprintln!("SKIPPED net_malformed_chains_are_dropped: {e}");
             return;
         }
     };
-    tap.up().unwrap();
-    let mac = net_util::MacAddr::random();
+    tap.enable().unwrap();
+    let mac = net_util::MacAddr::random_local();
     let mut net = crate::Net::new(tap, mac, 1500, QSIZE);
     let mut cfg = [0u8; 12];
     net.read_config(0, &mut cfg);
-    assert_eq!(&cfg[..6], &mac.0);
+    assert_eq!(cfg[..6], mac.bytes());
     assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1);
     // Transmit queue (1): a writable descriptor, a buffer outside memory, a header-only frame,
     // an oversized frame: all dropped, all completed.

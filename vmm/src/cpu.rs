@@ -2,7 +2,7 @@
 //! when asked (a flag plus a signal that kicks it out of KVM_RUN).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -85,8 +85,38 @@ pub fn init_kick_signal() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// Parks vCPU threads between two KVM_RUNs while the VM is paused: the vCPUs keep their
+/// state, their threads just wait.
+#[derive(Default)]
+struct PauseGate {
+    paused: AtomicBool,
+    /// How many vCPU threads are parked.
+    parked: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl PauseGate {
+    fn park(&self, halting: &AtomicBool) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked += 1;
+        self.cv.notify_all();
+        while self.paused.load(Ordering::Acquire) && !halting.load(Ordering::Acquire) {
+            parked = self.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+        self.cv.notify_all();
+    }
+
+    fn release(&self) {
+        self.paused.store(false, Ordering::Release);
+        let _guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+}
+
 pub struct VcpuThreads {
     stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -96,11 +126,16 @@ struct VcpuLoop {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: VmEvents,
+    gate: Arc<PauseGate>,
 }
 
 impl VcpuLoop {
     fn run(mut self) {
         while !self.events.halting.load(Ordering::Acquire) {
+            if self.gate.paused.load(Ordering::Acquire) {
+                self.gate.park(&self.events.halting);
+                continue;
+            }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) => {
@@ -162,6 +197,7 @@ impl VcpuThreads {
         events: &VmEvents,
     ) -> std::io::Result<Self> {
         let stop = events.halting.clone();
+        let gate = Arc::new(PauseGate::default());
         let mut threads = Vec::with_capacity(vcpus.len());
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let l = VcpuLoop {
@@ -170,25 +206,65 @@ impl VcpuThreads {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 events: events.try_clone()?,
+                gate: gate.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || l.run())?;
             threads.push(t);
         }
-        Ok(VcpuThreads { stop, threads })
+        Ok(VcpuThreads {
+            stop,
+            gate,
+            threads,
+        })
+    }
+
+    fn kick(t: &JoinHandle<()>) {
+        if !t.is_finished() {
+            if let Err(e) = t.kill(kick_signal()) {
+                debug!("kick failed: {e}");
+            }
+        }
+    }
+
+    /// Takes every vCPU out of the guest and parks its thread; returns once all are parked (or
+    /// gone). The vCPUs keep their state for `resume`.
+    pub fn pause(&self) -> Result<(), &'static str> {
+        self.gate.paused.store(true, Ordering::Release);
+        let start = Instant::now();
+        let mut parked = self.gate.parked.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+            if *parked >= live {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(2) {
+                drop(parked);
+                self.gate.release();
+                return Err("a vCPU did not stop within 2 s");
+            }
+            // A kick can land just before KVM_RUN and be lost: repeat it until all are parked.
+            self.threads.iter().for_each(Self::kick);
+            parked = self
+                .gate
+                .cv
+                .wait_timeout(parked, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.gate.release();
     }
 
     /// Stops every vCPU and waits for its thread.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
-        let kick = |t: &JoinHandle<()>| {
-            if !t.is_finished() {
-                if let Err(e) = t.kill(kick_signal()) {
-                    debug!("kick failed: {e}");
-                }
-            }
-        };
+        self.gate.release();
+        let kick = Self::kick;
         self.threads.iter().for_each(kick);
         let start = Instant::now();
         let mut last_kick = start;

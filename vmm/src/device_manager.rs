@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use devices::{
-    AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, Serial, SerialOutput, CMOS_NVRAM_SIZE, I8042,
+    AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, DeviceCounters, Ged, Serial, SerialOutput,
+    CMOS_NVRAM_SIZE, I8042,
 };
 use hypervisor::Vm;
 use thiserror::Error;
@@ -18,7 +19,7 @@ use crate::pci_setup::{self, ConsoleIo, PciDevices, PciSetupError};
 pub enum DeviceError {
     #[error("cannot create an event fd: {0}")]
     EventFd(#[source] std::io::Error),
-    #[error("cannot wire the serial interrupt: {0}")]
+    #[error("cannot wire a device interrupt: {0}")]
     Irq(#[source] hypervisor::HypervisorError),
     #[error("device address conflict: {0}")]
     Bus(#[from] BusError),
@@ -44,6 +45,9 @@ pub struct DeviceManager {
     pub serial: Option<Arc<Mutex<Serial>>>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub pci: PciDevices,
+    pub ged: Arc<Mutex<Ged>>,
+    /// Devices with statistics for `vm.counters`, by device id.
+    pub counters: Vec<(String, Arc<dyn DeviceCounters>)>,
 }
 
 /// Everything the device manager builds from.
@@ -104,12 +108,19 @@ impl DeviceManager {
         )?;
         pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
         let pci = pci_setup::create(vm, mem, &pio, &mmio, cfg, console)?;
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.register_irqfd(&ged_irq, layout::GED_IRQ)
+            .map_err(DeviceError::Irq)?;
+        let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+        pio.insert(ged.clone(), layout::GED_PORT, 1)?;
         Ok(DeviceManager {
             pio,
             mmio,
             serial,
             cmos,
             pci,
+            ged,
+            counters: Vec::new(),
         })
     }
 

@@ -280,19 +280,25 @@ pub fn create(
             value: n.tap.clone().unwrap_or_default(),
             msg,
         };
-        let tap = net_util::Tap::open(n.tap.as_deref()).map_err(|e| err(e.to_string()))?;
+        let tap = net_util::Tap::open(n.tap.as_deref().unwrap_or("vmtap%d"), 1)
+            .map_err(|e| err(e.to_string()))?
+            .remove(0);
         tap.set_ip(n.ip, n.mask).map_err(|e| err(e.to_string()))?;
         if let Some(m) = &n.host_mac {
-            let m = m.parse().map_err(err)?;
+            let m: net_util::MacAddr = m
+                .parse()
+                .map_err(|e: net_util::MacParseError| err(e.to_string()))?;
             tap.set_mac(m).map_err(|e| err(e.to_string()))?;
         }
         if let Some(mtu) = n.mtu {
             tap.set_mtu(mtu).map_err(|e| err(e.to_string()))?;
         }
-        tap.up().map_err(|e| err(e.to_string()))?;
+        tap.enable().map_err(|e| err(e.to_string()))?;
         let mac = match &n.mac {
-            Some(m) => m.parse().map_err(err)?,
-            None => net_util::MacAddr::random(),
+            Some(m) => m
+                .parse()
+                .map_err(|e: net_util::MacParseError| err(e.to_string()))?,
+            None => net_util::MacAddr::random_local(),
         };
         info!(
             "--net: TAP {} ({}/{}), guest MAC {mac}",

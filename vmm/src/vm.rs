@@ -45,13 +45,19 @@ pub enum VmError {
     },
     #[error("cannot start the vCPU threads: {0}")]
     Threads(#[source] std::io::Error),
+    #[error("cannot pause the vCPUs: {0}")]
+    Pause(&'static str),
+    #[error("cannot signal the guest: {0}")]
+    Event(#[source] std::io::Error),
 }
 
 pub struct Vm {
     // Field order is drop order: the vCPUs and the hypervisor VM go before the memory they map.
     threads: Option<VcpuThreads>,
     vcpus: Vec<Box<dyn Vcpu>>,
-    _vm: Arc<dyn hypervisor::Vm>,
+    hv_vm: Arc<dyn hypervisor::Vm>,
+    /// The guest clock saved by `pause`, restored by `resume`.
+    clock: Option<hypervisor::ClockData>,
     devices: DeviceManager,
     _memory: GuestMemoryMmap,
 }
@@ -194,7 +200,8 @@ impl Vm {
         Ok(Vm {
             threads: None,
             vcpus,
-            _vm: vm,
+            hv_vm: vm,
+            clock: None,
             devices,
             _memory: mem,
         })
@@ -214,6 +221,45 @@ impl Vm {
         Ok(())
     }
 
+    /// Takes the vCPUs out of the guest and parks them; saves the guest clock so the time the
+    /// VM spends paused does not show in the guest.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if let Some(t) = &self.threads {
+            t.pause().map_err(VmError::Pause)?;
+        }
+        self.clock = Some(self.hv_vm.get_clock()?);
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if let Some(clock) = self.clock.take() {
+            self.hv_vm.set_clock(clock)?;
+        }
+        if let Some(t) = &self.threads {
+            t.resume();
+        }
+        Ok(())
+    }
+
+    /// Presses the ACPI power button.
+    pub fn power_button(&self) -> Result<(), VmError> {
+        self.devices
+            .ged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .notify(devices::GED_POWER_BUTTON)
+            .map_err(VmError::Event)
+    }
+
+    /// Counters of every device that keeps some, by device id.
+    pub fn counters(&self) -> crate::api::VmCounters {
+        self.devices
+            .counters
+            .iter()
+            .map(|(id, dev)| (id.clone(), dev.counters()))
+            .collect()
+    }
+
     /// Bytes of guest RAM the host currently backs with pages.
     pub fn resident_guest_bytes(&self) -> u64 {
         memory::resident_bytes(&self._memory)
@@ -230,6 +276,7 @@ impl Vm {
             t.stop();
         }
         self.devices.release();
+        self.clock = None;
         self.devices
             .cmos
             .lock()

@@ -459,3 +459,30 @@ fn create_fails_without_memory_for_the_tables() {
         Err(Error::GuestMemory(_))
     ));
 }
+
+#[test]
+fn dsdt_has_a_generic_event_device_for_the_power_button() {
+    let dsdt = dsdt_of(&cfg(1, 1));
+    for needle in [
+        &b"GED_"[..],
+        b"ACPI0013",
+        b"_EVT",
+        b"GDST",
+        b"GDAT",
+        b"PWRB",
+        // Notify(\_SB_.PWRB, 0x80): NotifyOp, root, dual name, the value as a byte.
+        b"\x86\\\x2e_SB_PWRB\x0a\x80",
+    ] {
+        assert!(
+            contains(&dsdt, needle),
+            "{:?}",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    // OperationRegion(GDST, SystemIO, GED_PORT, 1)
+    let port = (layout::GED_PORT as u16).to_le_bytes();
+    assert!(contains(
+        &dsdt,
+        &[b'G', b'D', b'S', b'T', 0x01, 0x0b, port[0], port[1], 0x01]
+    ));
+}

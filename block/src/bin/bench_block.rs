@@ -3,9 +3,11 @@
 
 //! Disk benchmark with the same access pattern as `qemu-img bench`:
 //! `count` requests of `size` bytes at offsets `i * step % disk_size`,
-//! `depth` requests in flight through the io_uring path.
+//! `depth` requests in flight through the io_uring path. `-E` turns eager
+//! submission off (one `io_uring_enter` per refill of the queue). Writes
+//! carry `--pattern` bytes (default 0), like `qemu-img bench`.
 //!
-//! Usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-t none] [-f FMT] IMAGE
+//! Usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-E] [--pattern BYTE] [-t none] [-f FMT] IMAGE
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -20,6 +22,8 @@ struct Args {
     step: u64,
     write: bool,
     direct: bool,
+    eager: bool,
+    pattern: u8,
     format: Option<ImageType>,
     image: String,
 }
@@ -32,6 +36,8 @@ fn parse() -> Result<Args, String> {
         step: 0,
         write: false,
         direct: false,
+        eager: true,
+        pattern: 0,
         format: None,
         image: String::new(),
     };
@@ -44,6 +50,12 @@ fn parse() -> Result<Args, String> {
             "-s" => a.size = parse_size(&val("-s")?)? as usize,
             "-S" => a.step = parse_size(&val("-S")?)?,
             "-w" => a.write = true,
+            "-E" => a.eager = false,
+            "--pattern" => {
+                a.pattern = val("--pattern")?
+                    .parse()
+                    .map_err(|e| format!("--pattern: {e}"))?
+            }
             "-t" => a.direct = val("-t")? == "none",
             "-f" => a.format = Some(val("-f")?.parse().map_err(|e| format!("{e}"))?),
             s if !s.starts_with('-') => a.image = s.to_string(),
@@ -51,7 +63,7 @@ fn parse() -> Result<Args, String> {
         }
     }
     if a.image.is_empty() {
-        return Err("usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-t none] [-f FMT] IMAGE".into());
+        return Err("usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-E] [--pattern BYTE] [-t none] [-f FMT] IMAGE".into());
     }
     if a.step == 0 {
         a.step = a.size as u64;
@@ -89,8 +101,9 @@ fn run(a: &Args) -> Result<f64, String> {
         eprintln!("warning: io_uring not available, using synchronous I/O");
     }
     let mut bufs: Vec<AlignedBuf> = (0..a.depth).map(|_| AlignedBuf::new(a.size)).collect();
-    for (i, b) in bufs.iter_mut().enumerate() {
-        b.as_mut_slice().fill(i as u8 | 1);
+    // Written data: one byte value everywhere, as `qemu-img bench --pattern`.
+    for b in bufs.iter_mut() {
+        b.as_mut_slice().fill(a.pattern);
     }
     let regions: Vec<libc::iovec> = bufs
         .iter_mut()
@@ -108,6 +121,7 @@ fn run(a: &Args) -> Result<f64, String> {
     let mut done = 0u64;
     let mut offset = 0u64;
     let mut free: Vec<usize> = (0..a.depth as usize).collect();
+    q.set_eager_submit(a.eager);
     let start = Instant::now();
     while done < a.count {
         while next < a.count {

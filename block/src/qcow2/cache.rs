@@ -83,6 +83,11 @@ impl<T> Cache<T> {
         self.map.remove(&key).map(|e| (e.value, e.dirty))
     }
 
+    /// Whether any entry is dirty.
+    pub fn has_dirty(&self) -> bool {
+        self.map.values().any(|e| e.dirty)
+    }
+
     /// Keys of dirty entries, sorted.
     pub fn dirty_keys(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self

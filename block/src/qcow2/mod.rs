@@ -18,7 +18,7 @@ pub mod header;
 pub mod refcount;
 pub mod table;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,13 @@ pub struct Qcow2Disk {
     readonly: bool,
     free_queue: Vec<u64>,
     decompressed: Option<(u64, Vec<u8>)>,
+    // Host ranges handed out by alloc_host and not yet committed or
+    // aborted: host offset -> (guest offset, length).
+    pending_allocs: HashMap<u64, (u64, u64)>,
+    // File length at open, and how far it has been preallocated since.
+    file_len_at_open: u64,
+    prealloc_end: u64,
+    prealloc_failed: bool,
 }
 
 /// Resolve a backing file name like QEMU: relative names are relative to
@@ -185,6 +192,10 @@ impl Qcow2Disk {
             readonly,
             free_queue: Vec::new(),
             decompressed: None,
+            pending_allocs: HashMap::new(),
+            file_len_at_open: file_len,
+            prealloc_end: file_len,
+            prealloc_failed: false,
         })
     }
 
@@ -220,6 +231,7 @@ impl Qcow2Disk {
         if let Some((victim, dirty)) = self.l2_cache.victim() {
             if dirty {
                 // Data and refcounts must be durable before the L2 update.
+                self.rc.write_dirty(self.st.as_mut())?;
                 self.st.sync()?;
                 let t = self.l2_cache.take_dirty(victim).expect("victim cached");
                 let bytes = table_to_bytes(t);
@@ -446,11 +458,12 @@ impl Qcow2Disk {
     }
 
     fn flush_metadata(&mut self) -> Result<()> {
+        // 1. data and refcounts durable.
+        self.rc.write_dirty(self.st.as_mut())?;
         let dirty = self.l2_cache.dirty_keys();
         if dirty.is_empty() && self.l1_dirty.is_empty() && self.free_queue.is_empty() {
             return Ok(self.st.sync()?);
         }
-        // 1. data and refcounts durable.
         self.st.sync()?;
         // 2. L2 tables.
         for off in dirty {
@@ -479,7 +492,7 @@ impl Qcow2Disk {
         self.st.sync()?;
         // 4. Release clusters no longer referenced by durable tables.
         let queue = std::mem::take(&mut self.free_queue);
-        let mut freed = false;
+        let mut freed = Vec::new();
         for c in queue {
             let r = self.rc.get(self.st.as_mut(), c)?;
             if r == 0 {
@@ -488,7 +501,7 @@ impl Qcow2Disk {
             }
             self.rc.set(self.st.as_mut(), c, r - 1)?;
             if r == 1 {
-                freed = true;
+                freed.push(c);
                 if self.decompressed.is_some() {
                     self.decompressed = None;
                 }
@@ -497,8 +510,33 @@ impl Qcow2Disk {
                 }
             }
         }
-        if freed {
-            self.st.sync()?;
+        self.rc.write_dirty(self.st.as_mut())?;
+        if freed.is_empty() {
+            return Ok(());
+        }
+        self.st.sync()?;
+        // 5. The releases are durable: the clusters may be reused, unless a
+        // (hostile) entry pointed into the header, L1, refcount structures
+        // or an L2 table the L1 still uses.
+        let cs = self.cs();
+        let l1_targets: std::collections::HashSet<u64> =
+            self.l1.iter().map(|e| e & OFFSET_MASK).collect();
+        let l1_start = self.header.l1_table_offset & !(cs - 1);
+        let l1_end = self.header.l1_table_offset + self.l1.len() as u64 * 8;
+        for c in freed {
+            let off = c << self.cluster_bits;
+            if off == 0
+                || (off >= l1_start && off < l1_end)
+                || self.rc.overlaps(off)
+                || l1_targets.contains(&off)
+            {
+                continue;
+            }
+            // An old copy of an L2 table is no longer metadata.
+            if self.l2_set.remove(&off) {
+                self.l2_cache.remove(off);
+            }
+            self.rc.release(c);
         }
         Ok(())
     }
@@ -569,26 +607,146 @@ impl DiskFile for Qcow2Disk {
         crate::check_range(offset, len, self.size())?;
         let cs = self.cs();
         let in_off = offset & (cs - 1);
-        if in_off + len > cs {
+        let Some(fd) = self.st.raw_fd() else {
+            return Ok(None);
+        };
+        // Every cluster of the range allocated, usable for this access, and
+        // host-contiguous with the previous one.
+        let mut first = None;
+        let mut g = offset - in_off;
+        while g < offset + len {
+            let host = match self.lookup(g)? {
+                L2Entry::Normal { host, copied }
+                    if (copied || !write)
+                        && host < self.rc.next_free
+                        && !(write && self.is_metadata(host)) =>
+                {
+                    host
+                }
+                _ => return Ok(None),
+            };
+            match first {
+                None => first = Some(host),
+                Some(h) if host == h + (g - (offset - in_off)) => {}
+                Some(_) => return Ok(None),
+            }
+            g += cs;
+        }
+        let host = first.expect("len > 0 covers a cluster");
+        Ok(Some(HostMapping {
+            fd,
+            offset: host + in_off,
+            direct: self.st.is_direct(),
+        }))
+    }
+
+    fn alloc_host(&mut self, offset: u64, len: u64) -> Result<Option<HostMapping>> {
+        self.alloc_host_inner(offset, len)
+    }
+
+    fn commit_alloc(&mut self, offset: u64, len: u64, host: u64) -> Result<()> {
+        self.commit_alloc_inner(offset, len, host)
+    }
+
+    fn abort_alloc(&mut self, offset: u64, len: u64, host: u64) {
+        // The reserved clusters were never referenced nor counted: they can
+        // be handed out again.
+        if self.pending_allocs.get(&host) == Some(&(offset, len)) {
+            self.pending_allocs.remove(&host);
+            let cs = self.cs();
+            for i in 0..len / cs {
+                self.rc.release((host >> self.cluster_bits) + i);
+            }
+        }
+    }
+}
+
+/// How far ahead of the allocation point the file is preallocated.
+const PREALLOC_CHUNK: u64 = 16 << 20;
+
+/// Largest range [`DiskFile::alloc_host`] reserves in one piece.
+const MAX_ALLOC_BYTES: u64 = 4 << 20;
+
+impl Qcow2Disk {
+    /// Reserve host clusters for a write covering whole, not in-place
+    /// writable guest clusters (see [`DiskFile::alloc_host`]).
+    fn alloc_host_inner(&mut self, offset: u64, len: u64) -> Result<Option<HostMapping>> {
+        crate::check_range(offset, len, self.size())?;
+        let cs = self.cs();
+        if self.readonly
+            || len == 0
+            || len > MAX_ALLOC_BYTES
+            || !offset.is_multiple_of(cs)
+            || !len.is_multiple_of(cs)
+        {
             return Ok(None);
         }
         let Some(fd) = self.st.raw_fd() else {
             return Ok(None);
         };
-        match self.lookup(offset)? {
-            L2Entry::Normal { host, copied }
-                if (copied || !write)
-                    && host < self.rc.next_free
-                    && !(write && self.is_metadata(host)) =>
-            {
-                Ok(Some(HostMapping {
-                    fd,
-                    offset: host + in_off,
-                    direct: self.st.is_direct(),
-                }))
+        let mut g = offset;
+        while g < offset + len {
+            // In-place writable clusters stay where they are (map_host).
+            if let L2Entry::Normal { copied: true, .. } = self.lookup(g)? {
+                return Ok(None);
             }
-            _ => Ok(None),
+            g += cs;
         }
+        let host = self.rc.reserve(len / cs)?;
+        self.ensure_preallocated(host + len);
+        self.pending_allocs.insert(host, (offset, len));
+        Ok(Some(HostMapping {
+            fd,
+            offset: host,
+            direct: self.st.is_direct(),
+        }))
+    }
+
+    /// Make sure the file is allocated up to `end`, growing it in chunks
+    /// ahead of need: writes into it through io_uring then stay inline
+    /// instead of being serialised in a kernel worker. Best effort. The
+    /// unused tail is cut off again on close (a crash leaves at most one
+    /// chunk of unreferenced, unaccounted space at the end).
+    fn ensure_preallocated(&mut self, end: u64) {
+        if end <= self.prealloc_end || self.prealloc_failed {
+            return;
+        }
+        // Below prealloc_end is the original file or space allocated
+        // before; fallocate leaves data already there untouched.
+        let from = self.prealloc_end;
+        let target = end + PREALLOC_CHUNK;
+        match self.st.preallocate(from, target - from) {
+            Ok(true) => self.prealloc_end = target,
+            Ok(false) => self.prealloc_failed = true,
+            Err(e) => {
+                log::debug!("qcow2: preallocation failed: {e}");
+                self.prealloc_failed = true;
+            }
+        }
+    }
+
+    fn commit_alloc_inner(&mut self, offset: u64, len: u64, host: u64) -> Result<()> {
+        if self.pending_allocs.get(&host) != Some(&(offset, len)) {
+            return Err(Error::InvalidArgument(format!(
+                "qcow2: no pending allocation of {len} bytes at {offset:#x} (host {host:#x})"
+            )));
+        }
+        self.pending_allocs.remove(&host);
+        let cs = self.cs();
+        let mut i = 0;
+        while i < len {
+            let (g, h) = (offset + i, host + i);
+            // The entry as it is now: an overlapping write may have changed
+            // it since alloc_host; the last one to complete wins.
+            let old = self.lookup(g)?;
+            // Data first (done), then its refcount, then the table entry:
+            // flush makes the refcount durable before the L2 table.
+            self.rc.set(self.st.as_mut(), h >> self.cluster_bits, 1)?;
+            self.set_l2_entry(g, h | COPIED)?;
+            self.queue_free(old);
+            i += cs;
+        }
+        Ok(())
     }
 }
 
@@ -597,6 +755,14 @@ impl Drop for Qcow2Disk {
         if !self.readonly {
             if let Err(e) = self.flush_metadata() {
                 log::error!("qcow2: flushing metadata on close failed: {e}");
+                return;
+            }
+            // Cut off the preallocated tail nothing was allocated in.
+            let used = self.rc.next_free.max(self.file_len_at_open);
+            if self.prealloc_end > used {
+                if let Err(e) = self.st.set_len(used).and_then(|_| self.st.sync()) {
+                    log::warn!("qcow2: trimming preallocated space failed: {e}");
+                }
             }
         }
     }

@@ -3,10 +3,17 @@
 
 //! Refcount table and blocks, and the append-only cluster allocator.
 //!
-//! Refcount updates are written through immediately. New clusters are
-//! always taken from the end of the file, so a freed cluster is never reused
-//! while the image is open: a crash can leak clusters but never make two
-//! references share one.
+//! Refcount updates stay in the block cache (dirty) until
+//! [`Refcounts::write_dirty`], which the image calls before the `fdatasync`
+//! that precedes any table write pointing at the clusters concerned (and
+//! which runs before a new refcount block or table becomes reachable), or
+//! when a dirty block is evicted. Writing a raised refcount early only ever
+//! leaks a cluster; decrements are only made once the table updates that
+//! dropped the references are durable. New clusters are always taken from
+//! the end of the file, or reuse a cluster freed earlier in the session
+//! once its release (refcount zero, after the tables that dropped it) is
+//! durable: a crash can leak clusters but never make two references share
+//! one.
 
 use std::collections::BTreeSet;
 
@@ -34,6 +41,9 @@ pub struct Refcounts {
     pub next_free: u64,
     /// Host offsets of refcount blocks, for overlap checks.
     pub block_set: BTreeSet<u64>,
+    /// Clusters (indices) freed during this session, durably unreferenced
+    /// with a durable refcount of zero: reused before the file grows.
+    free_clusters: BTreeSet<u64>,
 }
 
 impl Refcounts {
@@ -77,6 +87,7 @@ impl Refcounts {
             blocks: Cache::new(cache_cap),
             next_free: file_len.div_ceil(cs) * cs,
             block_set,
+            free_clusters: BTreeSet::new(),
         })
     }
 
@@ -116,7 +127,11 @@ impl Refcounts {
 
     /// Set entry `i` in `block`; returns the byte range changed.
     fn set_entry(&self, block: &mut [u8], i: u64, v: u64) -> (usize, usize) {
-        let bits = 1u64 << self.order;
+        Self::set_entry_in(self.order, block, i, v)
+    }
+
+    fn set_entry_in(order: u32, block: &mut [u8], i: u64, v: u64) -> (usize, usize) {
+        let bits = 1u64 << order;
         if bits < 8 {
             let o = (i * bits / 8) as usize;
             let shift = (i * bits) % 8;
@@ -138,11 +153,39 @@ impl Refcounts {
         }
         let mut buf = vec![0u8; self.cs() as usize];
         st.read_exact_at(&mut buf, off)?;
-        if let Some((k, _)) = self.blocks.victim() {
-            // Blocks are written through, so eviction never loses data.
+        self.make_room(st)?;
+        self.blocks.insert(off, buf, false);
+        Ok(())
+    }
+
+    /// Evict the least recently used block if the cache is full, writing it
+    /// first when dirty (an early refcount write can only leak clusters).
+    fn make_room(&mut self, st: &mut dyn Storage) -> Result<()> {
+        if let Some((k, dirty)) = self.blocks.victim() {
+            if dirty {
+                let b = self.blocks.take_dirty(k).expect("victim cached");
+                st.write_all_at(b, k)?;
+            }
             self.blocks.remove(k);
         }
-        self.blocks.insert(off, buf, false);
+        Ok(())
+    }
+
+    /// Whether some refcount update has not been written yet.
+    pub fn has_dirty(&self) -> bool {
+        self.blocks.has_dirty()
+    }
+
+    /// Write every modified refcount block (no sync).
+    pub fn write_dirty(&mut self, st: &mut dyn Storage) -> Result<()> {
+        for off in self.blocks.dirty_keys() {
+            let b = self.blocks.take_dirty(off).expect("dirty key");
+            if let Err(e) = st.write_all_at(b, off) {
+                // Still not on disk: keep it dirty for the next attempt.
+                self.blocks.get_mut(off, true);
+                return Err(e.into());
+            }
+        }
         Ok(())
     }
 
@@ -162,9 +205,16 @@ impl Refcounts {
         Ok(Self::get_entry(order, block, cluster % epb))
     }
 
-    /// Reserve `n` clusters at the end of the file; their refcounts must be
-    /// set with [`Refcounts::set`] once their content is written.
+    /// Reserve `n` clusters: a single one is taken from the clusters freed
+    /// during this session when there are any, otherwise (and for larger
+    /// runs) they come from the end of the file. Their refcounts must be set
+    /// with [`Refcounts::set`] once their content is written.
     pub fn reserve(&mut self, n: u64) -> Result<u64> {
+        if n == 1 {
+            if let Some(c) = self.free_clusters.pop_first() {
+                return Ok(c << self.cluster_bits);
+            }
+        }
         let off = self.next_free;
         let end = n
             .checked_mul(self.cs())
@@ -175,7 +225,21 @@ impl Refcounts {
         Ok(off)
     }
 
-    /// Set the refcount of host cluster `cluster` to `value` (write-through),
+    /// Offer host cluster `cluster` (index) for reuse. The caller must have
+    /// made durable both its refcount of zero and the table updates that
+    /// dropped every reference to it.
+    pub fn release(&mut self, cluster: u64) {
+        if (cluster << self.cluster_bits) < self.next_free {
+            self.free_clusters.insert(cluster);
+        }
+    }
+
+    /// Clusters available for reuse.
+    pub fn free_count(&self) -> usize {
+        self.free_clusters.len()
+    }
+
+    /// Set the refcount of host cluster `cluster` to `value`,
     /// creating refcount blocks and growing the table as needed.
     pub fn set(&mut self, st: &mut dyn Storage, cluster: u64, value: u64) -> Result<()> {
         self.set_depth(st, cluster, value, 0)
@@ -215,23 +279,21 @@ impl Refcounts {
             if !self_covered {
                 self.set_depth(st, bidx, 1, depth + 1)?;
             }
-            // The block must be durable before the table points to it.
+            // The block (and its own refcount) must be durable before the
+            // table points to it.
+            self.write_dirty(st)?;
             st.sync()?;
             st.write_all_at(&b.to_be_bytes(), self.table_offset + idx * 8)?;
             self.table[idx as usize] = b;
             self.block_set.insert(b);
-            if let Some((k, _)) = self.blocks.victim() {
-                self.blocks.remove(k);
-            }
+            self.make_room(st)?;
             self.blocks.insert(b, block, false);
         }
         let block_off = self.table[idx as usize];
         self.load_block(st, block_off)?;
-        let mut block = self.blocks.remove(block_off).expect("just loaded").0;
-        let (o, n) = self.set_entry(&mut block, cluster % epb, value);
-        let res = st.write_all_at(&block[o..o + n], block_off + o as u64);
-        self.blocks.insert(block_off, block, false);
-        res?;
+        let order = self.order;
+        let block = self.blocks.get_mut(block_off, true).expect("just loaded");
+        Self::set_entry_in(order, block, cluster % epb, value);
         Ok(())
     }
 
@@ -288,6 +350,8 @@ impl Refcounts {
             st.write_all_at(blk, table_off + (t + k as u64) * cs)?;
         }
         st.write_all_at(&table_to_bytes(&new_table), table_off)?;
+        // Refcounts of the new clusters kept in existing blocks too.
+        self.write_dirty(st)?;
         st.sync()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
@@ -303,9 +367,7 @@ impl Refcounts {
             let off = table_off + (t + k as u64) * cs;
             debug_assert_eq!(self.table[i as usize], off);
             self.block_set.insert(off);
-            if let Some((v, _)) = self.blocks.victim() {
-                self.blocks.remove(v);
-            }
+            self.make_room(st)?;
             self.blocks.insert(off, blk, false);
         }
         for c in 0..old_clusters {

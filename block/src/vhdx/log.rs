@@ -9,7 +9,7 @@ use crate::storage::Storage;
 use crate::Result;
 
 const FORMAT: &str = "vhdx";
-const SECTOR: usize = 4096;
+pub(crate) const SECTOR: usize = 4096;
 /// Largest log we load into memory.
 pub const MAX_LOG_LENGTH: u32 = 64 << 20;
 

@@ -28,6 +28,7 @@ use crate::{
 };
 
 const FORMAT: &str = "vhdx";
+use log::SECTOR;
 
 /// BAT payload state: block not present.
 pub const PAYLOAD_NOT_PRESENT: u64 = 0;
@@ -57,6 +58,8 @@ pub struct VhdxDisk {
     readonly: bool,
     headers_updated: bool,
     file_end: u64,
+    // Sequence number of the next log entry of this session.
+    log_sequence: u64,
 }
 
 fn new_guid() -> [u8; 16] {
@@ -180,7 +183,13 @@ impl VhdxDisk {
             readonly: opts.readonly,
             headers_updated: false,
             file_end,
+            log_sequence: 1,
         })
+    }
+
+    /// Offset and length of the BAT region in the file.
+    pub fn bat_region(&self) -> (u64, u64) {
+        (self.regions.bat_offset, self.regions.bat_length as u64)
     }
 
     /// Disk parameters.
@@ -224,12 +233,8 @@ impl VhdxDisk {
         Ok(())
     }
 
-    fn update_headers(&mut self) -> Result<()> {
-        if self.headers_updated {
-            return Ok(());
-        }
-        self.header.file_write_guid = new_guid();
-        self.header.data_write_guid = new_guid();
+    /// Write the in-memory header to both slots, older first, syncing each.
+    fn write_headers(&mut self) -> Result<()> {
         for _ in 0..2 {
             self.header.sequence += 1;
             self.header_slot ^= 1;
@@ -241,6 +246,102 @@ impl VhdxDisk {
             self.st.write_all_at(&self.header.serialize(), off)?;
             self.st.sync()?;
         }
+        Ok(())
+    }
+
+    /// Whether the header's log region can hold entries: aligned, bounded,
+    /// inside the file and clear of the headers, BAT and metadata.
+    fn log_usable(&self) -> bool {
+        let (off, len) = (self.header.log_offset, self.header.log_length as u64);
+        let r = &self.regions;
+        let overlaps = |a: u64, l: u64| off < a.saturating_add(l) && a < off + len;
+        len >= 2 * SECTOR as u64
+            && len <= log::MAX_LOG_LENGTH as u64
+            && len.is_multiple_of(MIB)
+            && off.is_multiple_of(MIB)
+            && off >= MIB
+            && self.st.len().is_ok_and(|l| off.saturating_add(len) <= l)
+            && !overlaps(r.bat_offset, r.bat_length as u64)
+            && !overlaps(r.metadata_offset, r.metadata_length as u64)
+    }
+
+    fn write_bat_in_place(&mut self, dirty: &BTreeSet<usize>) -> Result<()> {
+        for &idx in dirty {
+            let off = self.regions.bat_offset + idx as u64 * 8;
+            self.st.write_all_at(&self.bat[idx].to_le_bytes(), off)?;
+        }
+        Ok(self.st.sync()?)
+    }
+
+    /// Update the BAT sectors holding `dirty` entries through the log: the
+    /// new sectors go into a log entry (made durable, with the log GUID in
+    /// the headers), then into place, then are synced. A crash in between is
+    /// repaired by replaying the log at the next read-write open (ours or
+    /// QEMU's), so a BAT sector is never left half written.
+    fn write_bat_logged(&mut self, dirty: &BTreeSet<usize>) -> Result<()> {
+        let sector = SECTOR as u64;
+        let bat_off = self.regions.bat_offset;
+        let sectors: Vec<u64> = dirty
+            .iter()
+            .map(|&i| (bat_off + i as u64 * 8) / sector * sector)
+            .collect::<BTreeSet<u64>>()
+            .into_iter()
+            .collect();
+        let file_len = self.st.len()?;
+        if sectors.iter().any(|&s| s + sector > file_len) {
+            return self.write_bat_in_place(dirty);
+        }
+        if self.header.log_guid == [0u8; 16] {
+            // A fresh GUID: entries of earlier sessions no longer count.
+            self.header.log_guid = new_guid();
+            self.write_headers()?;
+            self.log_sequence = 1;
+        }
+        // One descriptor sector holds 126 descriptors; stay inside the log.
+        let per_entry = 126.min((self.header.log_length as usize / SECTOR).saturating_sub(1));
+        for chunk in sectors.chunks(per_entry.max(1)) {
+            let mut descs = Vec::with_capacity(chunk.len());
+            for &s in chunk {
+                let mut data = Box::new([0u8; SECTOR]);
+                self.st.read_exact_at(&mut data[..], s)?;
+                let first = ((s.max(bat_off) - bat_off) / 8) as usize;
+                let last = (((s + sector - bat_off) / 8) as usize).min(self.bat.len());
+                for i in first..last {
+                    let o = (bat_off + i as u64 * 8 - s) as usize;
+                    data[o..o + 8].copy_from_slice(&self.bat[i].to_le_bytes());
+                }
+                descs.push(log::Descriptor::Data {
+                    file_offset: s,
+                    data,
+                });
+            }
+            let entry = log::build_entry(
+                &self.header.log_guid,
+                self.log_sequence,
+                0,
+                self.st.len()?,
+                &descs,
+            );
+            self.st.write_all_at(&entry, self.header.log_offset)?;
+            self.st.sync()?;
+            self.log_sequence += 1;
+            for d in &descs {
+                if let log::Descriptor::Data { file_offset, data } = d {
+                    self.st.write_all_at(&data[..], *file_offset)?;
+                }
+            }
+            self.st.sync()?;
+        }
+        Ok(())
+    }
+
+    fn update_headers(&mut self) -> Result<()> {
+        if self.headers_updated {
+            return Ok(());
+        }
+        self.header.file_write_guid = new_guid();
+        self.header.data_write_guid = new_guid();
+        self.write_headers()?;
         self.headers_updated = true;
         Ok(())
     }
@@ -366,11 +467,18 @@ impl DiskFile for VhdxDisk {
         }
         self.st.sync()?;
         if !self.bat_dirty.is_empty() {
-            for idx in std::mem::take(&mut self.bat_dirty) {
-                let off = self.regions.bat_offset + idx as u64 * 8;
-                self.st.write_all_at(&self.bat[idx].to_le_bytes(), off)?;
+            let dirty = std::mem::take(&mut self.bat_dirty);
+            let res = if self.log_usable() {
+                self.write_bat_logged(&dirty)
+            } else {
+                ::log::warn!("vhdx: log region unusable; updating the BAT in place");
+                self.write_bat_in_place(&dirty)
+            };
+            if res.is_err() {
+                // Not known to be on disk: try again at the next flush.
+                self.bat_dirty.extend(dirty);
             }
-            self.st.sync()?;
+            res?;
         }
         Ok(())
     }
@@ -418,9 +526,21 @@ impl DiskFile for VhdxDisk {
 
 impl Drop for VhdxDisk {
     fn drop(&mut self) {
-        if !self.readonly && !self.bat_dirty.is_empty() {
+        if self.readonly {
+            return;
+        }
+        if !self.bat_dirty.is_empty() {
             if let Err(e) = self.flush() {
                 ::log::error!("vhdx: flushing BAT on close failed: {e}");
+                return;
+            }
+        }
+        if self.header.log_guid != [0u8; 16] {
+            // Everything logged is in place: a clean close leaves an empty
+            // log, so read-only opens (which cannot replay) work.
+            self.header.log_guid = [0u8; 16];
+            if let Err(e) = self.write_headers() {
+                ::log::error!("vhdx: clearing the log GUID on close failed: {e}");
             }
         }
     }

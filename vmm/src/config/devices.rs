@@ -72,6 +72,26 @@ pub struct DiskConfig {
     pub image_type: Option<String>,
 }
 
+/// `null` reads as the default, as the original's API clients send it.
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A guest MAC address: parsed, and unicast.
+fn unicast_mac(s: &str) -> Result<net_util::MacAddr, String> {
+    let m: net_util::MacAddr = s
+        .parse()
+        .map_err(|e: net_util::MacParseError| e.to_string())?;
+    if m.bytes()[0] & 1 != 0 {
+        return Err(format!("{s} is a multicast address"));
+    }
+    Ok(m)
+}
+
 fn default_num_queues() -> u16 {
     1
 }
@@ -340,8 +360,7 @@ impl NetConfig {
         let mac_of = |key: &str| -> Result<Option<String>, ConfigError> {
             match p.get(key) {
                 None => Ok(None),
-                Some(v) => v
-                    .parse::<net_util::MacAddr>()
+                Some(v) => unicast_mac(v)
                     .map(|m| Some(m.to_string()))
                     .map_err(|e| p.error(format!("{key}: {e}"))),
             }
@@ -384,6 +403,98 @@ impl NetConfig {
             offload_ufo: p.toggle("offload_ufo", true)?,
             offload_csum: p.toggle("offload_csum", true)?,
         })
+    }
+}
+
+/// The placement keys' rules, for configurations that did not come through `parse` (API).
+fn check_placement(segment: u16, slot: Option<u8>) -> Result<(), String> {
+    if segment != 0 {
+        return Err(format!(
+            "pci_segment={segment}: only PCI segment 0 exists (no --pci-segment support yet)"
+        ));
+    }
+    match slot {
+        Some(d) if d == 0 || d > 31 => Err(format!(
+            "pci_device_id={d}: must be 1-31 (0 is the host bridge)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_queue_size(q: u16) -> Result<(), String> {
+    if q.is_power_of_two() && (2..=32768).contains(&q) {
+        Ok(())
+    } else {
+        Err(format!(
+            "queue_size={q}: must be a power of two between 2 and 32768"
+        ))
+    }
+}
+
+impl DiskConfig {
+    /// What `parse` checks, for a configuration from anywhere (the API), plus that the image
+    /// exists. Errors name `--disk` and the path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| ConfigError::new("--disk", &self.path.display().to_string(), m);
+        std::fs::metadata(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
+        if self.num_queues == 0 || self.num_queues > MAX_DISK_QUEUES {
+            return Err(err(format!("num_queues must be 1-{MAX_DISK_QUEUES}")));
+        }
+        check_queue_size(self.queue_size).map_err(err)?;
+        check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
+        if let Some(t) = &self.image_type {
+            if t.parse::<block::ImageType>().is_err() {
+                return Err(err(format!(
+                    "image_type={t}: must be raw, qcow2, vhd or vhdx"
+                )));
+            }
+        }
+        if self.iommu {
+            return Err(err("iommu=on is not supported yet".into()));
+        }
+        Ok(())
+    }
+}
+
+impl NetConfig {
+    /// What `parse` checks, for a configuration from anywhere (the API).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| ConfigError::new("--net", self.tap.as_deref().unwrap_or(""), m);
+        if self.num_queues != 2 {
+            return Err(err(
+                "num_queues: only one queue pair (num_queues=2) is supported yet".into(),
+            ));
+        }
+        check_queue_size(self.queue_size).map_err(err)?;
+        check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
+        if self.mtu.is_some_and(|m| m < 68) {
+            return Err(err("mtu must be at least 68".into()));
+        }
+        for m in [&self.mac, &self.host_mac].into_iter().flatten() {
+            unicast_mac(m).map_err(|e| err(format!("{m}: {e}")))?;
+        }
+        if let Some(t) = &self.tap {
+            if t.is_empty() || t.len() > 15 {
+                return Err(err("tap= must name an interface of 1-15 bytes".into()));
+            }
+        }
+        if self.iommu {
+            return Err(err("iommu=on is not supported yet".into()));
+        }
+        Ok(())
+    }
+}
+
+impl RngConfig {
+    /// What `parse` checks, plus that the source exists.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| ConfigError::new("--rng", &self.src.display().to_string(), m);
+        std::fs::metadata(&self.src).map_err(|e| err(format!("cannot open: {e}")))?;
+        check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
+        if self.iommu {
+            return Err(err("iommu=on is not supported yet".into()));
+        }
+        Ok(())
     }
 }
 
@@ -441,6 +552,69 @@ mod tests {
             let e = NetConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn validate_catches_what_the_api_can_send() {
+        let mut d = DiskConfig::parse("path=/dev/null").unwrap();
+        d.validate().unwrap();
+        for bad in [
+            DiskConfig {
+                num_queues: 0,
+                ..d.clone()
+            },
+            DiskConfig {
+                queue_size: 0,
+                ..d.clone()
+            },
+            DiskConfig {
+                queue_size: 100,
+                ..d.clone()
+            },
+            DiskConfig {
+                pci_segment: 1,
+                ..d.clone()
+            },
+            DiskConfig {
+                pci_device_id: Some(0),
+                ..d.clone()
+            },
+            DiskConfig {
+                path: "/nonexistent".into(),
+                ..d.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        d.image_type = Some("iso".into());
+        assert!(d.validate().is_err());
+        let n = NetConfig::parse("").unwrap();
+        n.validate().unwrap();
+        for bad in [
+            NetConfig {
+                num_queues: 4,
+                ..n.clone()
+            },
+            NetConfig {
+                queue_size: 3,
+                ..n.clone()
+            },
+            NetConfig {
+                mtu: Some(10),
+                ..n.clone()
+            },
+            NetConfig {
+                mac: Some("zz".into()),
+                ..n.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let r = RngConfig {
+            src: "/nonexistent".into(),
+            ..RngConfig::default()
+        };
+        assert!(r.validate().is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod devices;
 mod parser;
+mod unsupported;
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use thiserror::Error;
 
 pub use devices::{DiskConfig, NetConfig, PciPlacement, RngConfig, MAX_DISK_QUEUES};
 pub use parser::{parse_size, OptionParser};
+pub use unsupported::UnsupportedConfig;
 
 /// A bad option value: names the option and the value the user gave.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -368,7 +370,7 @@ impl ConsoleConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmConfig {
     #[serde(default)]
     pub cpus: CpusConfig,
@@ -379,12 +381,23 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "devices::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub disks: Vec<DiskConfig>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "devices::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub net: Vec<NetConfig>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "devices::null_as_default")]
     pub rng: RngConfig,
+    /// The original's fields for what we do not implement yet: accepted only when empty.
+    #[serde(flatten)]
+    pub unsupported: UnsupportedConfig,
 }
 
 fn default_serial() -> ConsoleConfig {
@@ -441,7 +454,7 @@ impl VmConfig {
         self.memory
             .validate()
             .map_err(|m| ConfigError::new("--memory", "", m))?;
-        Ok(())
+        self.unsupported.validate()
     }
 }
 
@@ -468,11 +481,14 @@ impl VmConfig {
             Ok(())
         };
         for d in &self.disks {
+            d.validate()?;
             check("--disk", &d.id, d.pci_device_id)?;
         }
         for n in &self.net {
+            n.validate()?;
             check("--net", &n.id, n.pci_device_id)?;
         }
+        self.rng.validate()?;
         check("--rng", &self.rng.id, self.rng.pci_device_id)?;
         if self.console.mode != ConsoleOutputMode::Off {
             check("--console", &self.console.id, self.console.pci_device_id)?;
@@ -561,6 +577,7 @@ mod tests {
             disks: vec![DiskConfig::parse("path=/d.img,num_queues=2").unwrap()],
             net: vec![NetConfig::parse("tap=t0").unwrap()],
             rng: RngConfig::default(),
+            unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();
         for field in [

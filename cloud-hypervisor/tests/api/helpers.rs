@@ -1,0 +1,175 @@
+//! Starting a VMM with an API socket and talking to it with curl and ch-remote.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common;
+
+pub const CH_REMOTE: &str = env!("CARGO_BIN_EXE_ch-remote");
+
+/// A VMM started with `--api-socket`; killed on drop if still running.
+pub struct Vmm {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+}
+
+impl Vmm {
+    /// Starts the VMM with an API socket in a fresh scratch dir, plus `extra` arguments, and
+    /// waits for the socket.
+    pub fn start(name: &str, extra: &[&str]) -> Vmm {
+        common::require_kvm();
+        let dir = common::scratch(name);
+        let sock = dir.join("api.sock");
+        let api = format!("path={}", sock.display());
+        let mut args = vec!["--api-socket", api.as_str()];
+        args.extend_from_slice(extra);
+        let child = common::spawn(&args);
+        let vmm = Vmm {
+            child: Some(child),
+            dir,
+            sock,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !vmm.sock.exists() {
+            assert!(Instant::now() < deadline, "the API socket did not appear");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        vmm
+    }
+
+    pub fn curl(&self, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
+        curl(&self.sock, method, endpoint, body)
+    }
+
+    pub fn ok_json(&self, endpoint: &str) -> Value {
+        let (status, body) = self.curl("GET", endpoint, None);
+        assert_eq!(status, 200, "{endpoint}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{endpoint}: {e}: {body}"))
+    }
+
+    pub fn put(&self, endpoint: &str) -> (u16, String) {
+        self.curl("PUT", endpoint, None)
+    }
+
+    pub fn state(&self) -> String {
+        self.ok_json("vm.info")["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    pub fn ch_remote(&self, args: &[&str]) -> Output {
+        Command::new(CH_REMOTE)
+            .arg("--api-socket")
+            .arg(&self.sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ch-remote")
+    }
+
+    /// Waits for the VMM to exit on its own.
+    pub fn wait(&mut self) -> common::Run {
+        let child = self.child.take().expect("VMM already waited for");
+        common::wait_with_timeout(child, Duration::from_secs(20))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn require_curl() {
+    let ok = Command::new("curl")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "these tests need curl (Debian package curl)");
+}
+
+/// One request with curl; returns the status code and the body.
+pub fn curl(sock: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-m", "20", "-w", "\n%{http_code}", "-X", method])
+        .arg("--unix-socket")
+        .arg(sock)
+        .arg(format!("http://localhost/api/v1/{endpoint}"));
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+    }
+    let out = cmd.output().expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A VmConfig for the test guest in scenario `test`, its serial port into `serial`.
+pub fn guest_config(test: &str, serial: &Path) -> String {
+    let kernel = common::guest().elf_pvh.display().to_string();
+    serde_json::json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 256u64 << 20},
+        "payload": {"kernel": kernel, "cmdline": format!("test={test}")},
+        "serial": {"mode": "File", "file": serial},
+        "console": {"mode": "Off"},
+    })
+    .to_string()
+}
+
+/// Waits until `file` holds `needle` `count` times.
+pub fn wait_for(file: &Path, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.matches(needle).count() >= count {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {count}x '{needle}' in {}:\n{text}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The TICK lines printed so far.
+pub fn ticks(file: &Path) -> usize {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("TICK "))
+        .count()
+}
+
+/// Events in an `--event-monitor` file, as `source:event`.
+pub fn events(file: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .map(|v| {
+            let v = v.expect("event monitor output is JSON");
+            assert!(v["timestamp"]["secs"].is_u64() && v["timestamp"]["nanos"].is_u64());
+            assert!(v.get("properties").is_some());
+            format!(
+                "{}:{}",
+                v["source"].as_str().unwrap_or("?"),
+                v["event"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}

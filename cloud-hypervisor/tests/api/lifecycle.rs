@@ -1,0 +1,345 @@
+//! The whole VM lifecycle over the API, with curl and with ch-remote.
+
+use std::time::Duration;
+
+use crate::common;
+use crate::helpers::*;
+
+/// Checks that the guest stops printing while paused and goes on after resume.
+fn check_pause_stops_the_guest(pause: impl Fn(), resume: impl Fn(), serial: &std::path::Path) {
+    wait_for(serial, "TICK 3", 1);
+    pause();
+    // A tick being printed at the moment of the pause may still land.
+    std::thread::sleep(Duration::from_millis(100));
+    let paused_at = ticks(serial);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(ticks(serial), paused_at, "the guest ran on while paused");
+    resume();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ticks(serial) < paused_at + 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not resume"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn lifecycle_over_curl() {
+    require_curl();
+    let dir = common::scratch("api-curl-events");
+    let monitor = dir.join("events.json");
+    let monitor_arg = format!("path={}", monitor.display());
+    let mut vmm = Vmm::start("api-curl", &["--event-monitor", &monitor_arg]);
+    let serial = vmm.dir.join("serial.out");
+
+    let ping = vmm.ok_json("vmm.ping");
+    assert_eq!(ping["version"], concat!("v", env!("CARGO_PKG_VERSION")));
+    assert_eq!(ping["pid"], vmm.pid());
+    assert!(ping["features"].is_array() && ping["build_version"].is_string());
+
+    assert_eq!(vmm.curl("GET", "vm.info", None).0, 404);
+    assert_eq!(vmm.put("vm.boot").0, 404);
+    let config = guest_config("tick", &serial);
+    assert_eq!(vmm.curl("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.curl("PUT", "vm.create", Some(&config)).0, 409);
+    assert_eq!(vmm.state(), "Created");
+    assert_eq!(vmm.put("vm.pause").0, 405, "pause before boot");
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "READY", 1);
+    assert_eq!(vmm.state(), "Running");
+    assert_eq!(vmm.put("vm.boot").0, 405, "boot while running");
+    assert_eq!(vmm.put("vm.resume").0, 405, "resume while running");
+
+    let info = vmm.ok_json("vm.info");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2);
+    assert_eq!(info["config"]["memory"]["size"], 256u64 << 20);
+    assert_eq!(info["memory_actual_size"], 256u64 << 20);
+    assert_eq!(info["config"]["payload"]["cmdline"], "test=tick");
+
+    check_pause_stops_the_guest(
+        || {
+            assert_eq!(vmm.put("vm.pause").0, 204);
+            assert_eq!(vmm.state(), "Paused");
+            assert_eq!(vmm.put("vm.pause").0, 405, "pause while paused");
+            assert_eq!(vmm.put("vm.power-button").0, 405, "button while paused");
+        },
+        || assert_eq!(vmm.put("vm.resume").0, 204),
+        &serial,
+    );
+    assert_eq!(vmm.state(), "Running");
+    assert_eq!(vmm.ok_json("vm.counters"), serde_json::json!({}));
+
+    assert_eq!(vmm.put("vm.reboot").0, 204);
+    wait_for(&serial, "test-guest: entry pvh", 2);
+    wait_for(&serial, "READY", 2);
+    assert_eq!(vmm.state(), "Running");
+    assert_eq!(vmm.put("vm.power-button").0, 204);
+
+    assert_eq!(vmm.put("vm.shutdown").0, 204);
+    assert_eq!(vmm.state(), "Shutdown");
+    assert_eq!(vmm.put("vm.shutdown").0, 405, "shutdown twice");
+    // A shut-down VM boots again from its configuration.
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "READY", 1);
+    assert_eq!(vmm.state(), "Running");
+    assert_eq!(vmm.put("vm.delete").0, 204);
+    assert_eq!(vmm.curl("GET", "vm.info", None).0, 404);
+    assert_eq!(vmm.put("vmm.shutdown").0, 204);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert!(!vmm.sock.exists(), "the API socket was left behind");
+
+    let events = events(&monitor);
+    let expected = [
+        "vmm:starting",
+        "vm:created",
+        "vm:booting",
+        "vm:booted",
+        "vm:pausing",
+        "vm:paused",
+        "vm:resuming",
+        "vm:resumed",
+        "vm:rebooting",
+        "vm:rebooted",
+        "vm:power-button",
+        "vm:shutdown",
+        "vm:booting",
+        "vm:booted",
+        "vm:shutdown",
+        "vm:deleted",
+        "vmm:shutdown",
+    ];
+    assert_eq!(events, expected);
+}
+
+#[test]
+fn lifecycle_over_ch_remote() {
+    let mut vmm = Vmm::start("api-ch-remote", &[]);
+    let serial = vmm.dir.join("serial.out");
+    let config_file = vmm.dir.join("vm.json");
+    std::fs::write(&config_file, guest_config("tick", &serial)).unwrap();
+    let ok = |args: &[&str]| {
+        let out = vmm.ch_remote(args);
+        assert!(
+            out.status.success(),
+            "ch-remote {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fails = |args: &[&str], why: &str| {
+        let out = vmm.ch_remote(args);
+        assert_eq!(out.status.code(), Some(1), "ch-remote {args:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains(why), "ch-remote {args:?}: {err}");
+    };
+
+    let ping = ok(&["ping"]);
+    assert!(ping.starts_with("{\n"), "pretty JSON: {ping}");
+    let ping: serde_json::Value = serde_json::from_str(&ping).unwrap();
+    assert_eq!(ping["pid"], vmm.pid());
+    fails(&["info"], "404");
+    fails(&["boot"], "404");
+    ok(&["create", config_file.to_str().unwrap()]);
+    fails(&["create", config_file.to_str().unwrap()], "409");
+    fails(&["create", "/nonexistent.json"], "cannot read");
+    ok(&["boot"]);
+    wait_for(&serial, "READY", 1);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info"])).unwrap();
+    assert_eq!(info["state"], "Running");
+    check_pause_stops_the_guest(
+        || {
+            ok(&["pause"]);
+            fails(&["pause"], "405");
+        },
+        || {
+            ok(&["resume"]);
+        },
+        &serial,
+    );
+    assert_eq!(ok(&["counters"]).trim(), "{}");
+    ok(&["reboot"]);
+    wait_for(&serial, "READY", 2);
+    ok(&["power-button"]);
+    ok(&["shutdown"]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info"])).unwrap();
+    assert_eq!(info["state"], "Shutdown");
+    ok(&["delete"]);
+    fails(&["info"], "404");
+    fails(&["add-disk", "path=/x"], "not supported yet");
+    fails(&["frobnicate"], "frobnicate");
+    ok(&["shutdown-vmm"]);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert!(!vmm.sock.exists());
+
+    // Nobody listening: one line, exit 1.
+    let out = vmm.ch_remote(&["ping"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+/// `vm.info`'s config is the same for a VM from the command line and one from `vm.create`.
+#[test]
+fn cli_and_api_configs_match() {
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let cli = Vmm::start(
+        "api-cli-config",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=wait",
+            "--cpus",
+            "boot=2,max=3",
+            "--memory",
+            "size=128M,mergeable=on",
+            "--serial",
+            "null",
+            "--console",
+            "off",
+        ],
+    );
+    let from_cli = cli.ok_json("vm.info");
+    assert_eq!(from_cli["state"], "Running");
+    let api = Vmm::start("api-api-config", &[]);
+    let body = serde_json::json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 3},
+        "memory": {"size": 128u64 << 20, "mergeable": true},
+        "payload": {"kernel": kernel, "cmdline": "test=wait"},
+        "serial": {"mode": "Null"},
+        "console": {"mode": "Off"},
+    });
+    assert_eq!(api.curl("PUT", "vm.create", Some(&body.to_string())).0, 204);
+    assert_eq!(api.put("vm.boot").0, 204);
+    let from_api = api.ok_json("vm.info");
+    assert_eq!(from_cli["config"], from_api["config"]);
+    // And the CLI's config, sent back whole, creates the same VM.
+    let again = Vmm::start("api-roundtrip-config", &[]);
+    let config = from_cli["config"].to_string();
+    assert_eq!(again.curl("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(again.ok_json("vm.info")["config"], from_cli["config"]);
+}
+
+/// Without --no-shutdown the VMM exits when the guest powers off, API socket or not; with it,
+/// the VM goes to Shutdown and the VMM stays.
+#[test]
+fn guest_power_off_with_an_api_socket() {
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let mut vmm = Vmm::start(
+        "api-poweroff",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=boot",
+            "--console",
+            "off",
+        ],
+    );
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert!(!vmm.sock.exists(), "the API socket was left behind");
+
+    let vmm = Vmm::start(
+        "api-no-shutdown",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=boot",
+            "--console",
+            "off",
+            "--no-shutdown",
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while vmm.state() != "Shutdown" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM did not shut down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(vmm.ok_json("vmm.ping")["pid"], vmm.pid());
+}
+
+#[test]
+fn sigterm_removes_the_socket() {
+    let mut vmm = Vmm::start("api-sigterm", &[]);
+    assert_eq!(vmm.ok_json("vmm.ping")["pid"], vmm.pid());
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(vmm.pid(), libc::SIGTERM) }, 0);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    assert!(!vmm.sock.exists(), "the API socket was left behind");
+}
+
+/// `vm.power-button` reaches the guest: the GED raises its interrupt, the guest reads the
+/// power-button bit from the GED's register, passes and powers off; the VMM then exits.
+#[test]
+fn power_button_reaches_the_guest() {
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let dir = common::scratch("api-power-button-serial");
+    let serial = dir.join("serial.out");
+    let serial_arg = format!("file={}", serial.display());
+    let mut vmm = Vmm::start(
+        "api-power-button",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=power-button",
+            "--serial",
+            &serial_arg,
+            "--console",
+            "off",
+        ],
+    );
+    // READY: the guest has routed the GED's IOAPIC pin and waits for the interrupt.
+    wait_for(&serial, "READY", 1);
+    assert_eq!(vmm.put("vm.power-button").0, 204);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let out = std::fs::read_to_string(&serial).unwrap();
+    assert!(out.lines().any(|l| l == "PASS power-button"), "{out}");
+    assert!(out.contains("SUMMARY passed=1 failed=0"), "{out}");
+}
+
+/// `--api-socket fd=N`: a listening socket handed over by the parent, as orchestrators do.
+#[test]
+fn api_socket_from_an_inherited_fd() {
+    use std::os::fd::AsRawFd;
+    let dir = common::scratch("api-fd");
+    let path = dir.join("handed.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    // SAFETY: clears FD_CLOEXEC on a listener this test owns, so the VMM inherits it.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let arg = format!("fd={fd}");
+    let child = common::spawn(&["--api-socket", &arg]);
+    let mut vmm = Vmm {
+        child: Some(child),
+        dir,
+        sock: path.clone(),
+    };
+    assert_eq!(vmm.ok_json("vmm.ping")["pid"], vmm.pid());
+    assert_eq!(vmm.put("vmm.shutdown").0, 204);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    drop(listener);
+
+    // A bad fd is one line naming the option.
+    let run = common::run(&["--api-socket", "fd=987"]);
+    assert_eq!(run.code(), Some(1));
+    assert!(
+        run.stderr
+            .starts_with("cloud-hypervisor: --api-socket fd=987: "),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1);
+}

@@ -1,0 +1,10 @@
+//! The REST API and `ch-remote`, driving the real binary over its socket with independent
+//! clients: `curl --unix-socket` and raw sockets.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bad_requests;
+mod contract;
+mod helpers;
+mod lifecycle;

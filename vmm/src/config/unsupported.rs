@@ -1,0 +1,137 @@
+//! The parts of the original's `VmConfig` that this VMM does not implement yet (disks, net and
+//! rng are real fields of `VmConfig` now). The API accepts
+//! them only absent, `null`, empty or at their default, and refuses anything else naming the
+//! field, so a client never believes it got a device it did not.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::ConfigError;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UnsupportedConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_groups: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generic_vhost_user: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_console: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_devices: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vdpa: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segments: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_rules: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sgx_epc: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvpanic: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_enable: Option<Value>,
+}
+
+/// Whether `v` asks for nothing: null, false, an empty list or object.
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+impl UnsupportedConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fields: [(&'static str, &Option<Value>); 20] = [
+            ("rate_limit_groups", &self.rate_limit_groups),
+            ("balloon", &self.balloon),
+            ("fs", &self.fs),
+            ("generic_vhost_user", &self.generic_vhost_user),
+            ("pmem", &self.pmem),
+            ("debug_console", &self.debug_console),
+            ("devices", &self.devices),
+            ("user_devices", &self.user_devices),
+            ("vdpa", &self.vdpa),
+            ("vsock", &self.vsock),
+            ("numa", &self.numa),
+            ("pci_segments", &self.pci_segments),
+            ("platform", &self.platform),
+            ("tpm", &self.tpm),
+            ("landlock_rules", &self.landlock_rules),
+            ("sgx_epc", &self.sgx_epc),
+            ("iommu", &self.iommu),
+            ("watchdog", &self.watchdog),
+            ("pvpanic", &self.pvpanic),
+            ("landlock_enable", &self.landlock_enable),
+        ];
+        for (name, value) in fields {
+            let Some(v) = value else { continue };
+            if is_empty(v) {
+                continue;
+            }
+            if name == "debug_console" && v.get("mode").and_then(Value::as_str) == Some("Off") {
+                continue;
+            }
+            let mut shown = v.to_string();
+            if shown.len() > 80 {
+                let mut cut = 77;
+                while !shown.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                shown.truncate(cut);
+                shown.push_str("...");
+            }
+            return Err(ConfigError::new(
+                name,
+                &shown,
+                "this field is not supported yet".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_what_is_not_there_and_names_it() {
+        let ok: UnsupportedConfig = serde_json::from_str(
+            r#"{"iommu": false, "vsock": null, "debug_console": {"mode": "Off"}}"#,
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        for (json, field) in [
+            (r#"{"watchdog": true}"#, "watchdog"),
+            (r#"{"vsock": {"cid": 3, "socket": "/s"}}"#, "vsock"),
+        ] {
+            let c: UnsupportedConfig = serde_json::from_str(json).unwrap();
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.option, field, "{json}");
+            assert!(e.to_string().contains("not supported yet"), "{e}");
+        }
+    }
+}

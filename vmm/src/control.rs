@@ -1,0 +1,501 @@
+//! The control loop and the VM state machine. One thread owns the VM: it reacts to the guest
+//! (power-off, reset, vCPU failure), to signals, to serial input, and to API requests, which
+//! arrive through a channel with an event fd that wakes the loop.
+
+use std::fs::File;
+use std::io;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use hypervisor::KvmHypervisor;
+use log::{error, info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::api::{
+    self, ApiError, ApiReceiver, ApiRequest, ApiResponse, ApiResult, VmInfoResponse, VmState,
+};
+use crate::config::VmConfig;
+use crate::cpu::VmEvents;
+use crate::event_monitor::EventMonitor;
+use crate::serial_io::SerialEndpoint;
+use crate::vm::Vm;
+use crate::{memory, pci_setup, Error, Outcome};
+
+const EV_EXIT: u64 = 1;
+const EV_RESET: u64 = 2;
+const EV_ERROR: u64 = 3;
+const EV_SIGNAL: u64 = 4;
+const EV_SERIAL_IN: u64 = 5;
+const EV_SERIAL_LISTEN: u64 = 6;
+const EV_API: u64 = 7;
+
+struct Control {
+    epoll: Epoll,
+}
+
+impl Control {
+    fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    }
+
+    fn remove(&self, fd: RawFd) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+}
+
+fn serial_sink(endpoint: &SerialEndpoint) -> Option<Option<Box<dyn io::Write + Send>>> {
+    endpoint.enabled().then(|| endpoint.writer())
+}
+
+/// The virtio console's output and input (a duplicate of the endpoint's input fd).
+fn console_io(endpoint: &SerialEndpoint) -> Option<pci_setup::ConsoleIo> {
+    endpoint.enabled().then(|| pci_setup::ConsoleIo {
+        out: endpoint.writer(),
+        input: endpoint.input_fd().and_then(|fd| {
+            // SAFETY: `fd` is open for as long as the endpoint; dup gives us our own copy.
+            let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            // SAFETY: `new` is a fresh fd nobody else owns.
+            (new >= 0).then(|| File::from(unsafe { OwnedFd::from_raw_fd(new) }))
+        }),
+    })
+}
+
+/// What loop iteration should do next.
+enum Next {
+    Continue,
+    Exit(Outcome),
+}
+
+pub(crate) struct Vmm {
+    hv: KvmHypervisor,
+    events: VmEvents,
+    control: Control,
+    signal_rx: UnixStream,
+    api: Option<ApiReceiver>,
+    monitor: EventMonitor,
+    no_shutdown: bool,
+    /// The created VM's configuration; `None` until `vm.create` (or the command line).
+    config: Option<VmConfig>,
+    /// The state of the created VM; meaningless while `config` is `None`.
+    state: VmState,
+    /// The built VM, while Running or Paused.
+    vm: Option<Vm>,
+    serial: Option<SerialEndpoint>,
+    /// The virtio console's host side (kept across guest reboots, like the serial port's).
+    console: Option<SerialEndpoint>,
+    pending_input: Vec<u8>,
+}
+
+impl Vmm {
+    pub(crate) fn new(
+        events: VmEvents,
+        signal_rx: UnixStream,
+        api: Option<ApiReceiver>,
+        monitor: EventMonitor,
+        no_shutdown: bool,
+    ) -> Result<Self, Error> {
+        let hv = KvmHypervisor::new()?;
+        let control = Control {
+            epoll: Epoll::new().map_err(Error::Setup)?,
+        };
+        let add = |c: &Control| -> io::Result<()> {
+            c.add(events.exit.as_raw_fd(), EV_EXIT)?;
+            c.add(events.reset.as_raw_fd(), EV_RESET)?;
+            c.add(events.error.as_raw_fd(), EV_ERROR)?;
+            c.add(signal_rx.as_raw_fd(), EV_SIGNAL)?;
+            if let Some(api) = &api {
+                c.add(api.wake.as_raw_fd(), EV_API)?;
+            }
+            Ok(())
+        };
+        add(&control).map_err(Error::Setup)?;
+        Ok(Vmm {
+            hv,
+            events,
+            control,
+            signal_rx,
+            api,
+            monitor,
+            no_shutdown,
+            config: None,
+            state: VmState::Created,
+            vm: None,
+            serial: None,
+            console: None,
+            pending_input: Vec::new(),
+        })
+    }
+
+    pub(crate) fn monitor(&mut self) -> &mut EventMonitor {
+        &mut self.monitor
+    }
+
+    /// Creates the VM from `config` (checked first); it is not booted.
+    pub(crate) fn create(&mut self, config: VmConfig) -> Result<(), ApiError> {
+        if self.config.is_some() {
+            return Err(ApiError::VmAlreadyCreated);
+        }
+        config.validate()?;
+        self.config = Some(config);
+        self.state = VmState::Created;
+        self.monitor.emit("vm", "created");
+        Ok(())
+    }
+
+    /// Builds and starts the created VM.
+    pub(crate) fn boot(&mut self) -> Result<(), Error> {
+        let Some(config) = self.config.as_ref() else {
+            return Err(Error::Api(ApiError::VmNotCreated));
+        };
+        if !matches!(self.state, VmState::Created | VmState::Shutdown) {
+            return Err(Error::Api(ApiError::InvalidState {
+                action: "boot",
+                state: self.state,
+            }));
+        }
+        self.monitor.emit("vm", "booting");
+        let serial = SerialEndpoint::open("--serial", &config.serial)?;
+        let console = SerialEndpoint::open("--console", &config.console)?;
+        let mut vm = Vm::new(
+            &self.hv,
+            config,
+            serial_sink(&serial),
+            console_io(&console),
+            None,
+            &self.events,
+        )?;
+        self.events.clear_halting();
+        vm.start(&self.events)?;
+        if let Some(fd) = serial.input_fd() {
+            self.control.add(fd, EV_SERIAL_IN).map_err(Error::Setup)?;
+        }
+        if let Some(fd) = serial.listener_fd() {
+            self.control
+                .add(fd, EV_SERIAL_LISTEN)
+                .map_err(Error::Setup)?;
+        }
+        self.serial = Some(serial);
+        self.console = Some(console);
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        self.monitor.emit("vm", "booted");
+        Ok(())
+    }
+
+    /// Stops and drops the running VM; its configuration stays, so it can boot again.
+    fn shutdown_vm(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+            log_memory(&vm);
+        }
+        if let Some(serial) = self.serial.take() {
+            for fd in [serial.input_fd(), serial.listener_fd()]
+                .into_iter()
+                .flatten()
+            {
+                self.control.remove(fd);
+            }
+        }
+        self.console = None;
+        self.pending_input.clear();
+        // Clear what the stopped vCPUs may have raised on their way out.
+        let _ = self.events.exit.read();
+        let _ = self.events.reset.read();
+        self.state = VmState::Shutdown;
+        self.monitor.emit("vm", "shutdown");
+    }
+
+    fn reboot(&mut self) -> Result<(), Error> {
+        let (Some(vm), Some(config)) = (self.vm.as_mut(), self.config.as_ref()) else {
+            return Err(Error::Api(ApiError::VmNotCreated));
+        };
+        self.monitor.emit("vm", "rebooting");
+        let nvram = vm.stop();
+        // Drop the old VM (and its memory) before the new one maps its own.
+        self.vm = None;
+        let sink = self.serial.as_ref().and_then(serial_sink);
+        let console = self.console.as_ref().and_then(console_io);
+        let mut vm = Vm::new(&self.hv, config, sink, console, Some(nvram), &self.events)?;
+        let _ = self.events.reset.read();
+        self.events.clear_halting();
+        vm.start(&self.events)?;
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        self.monitor.emit("vm", "rebooted");
+        Ok(())
+    }
+
+    fn require(&self, action: &'static str, ok: &[VmState]) -> Result<(), ApiError> {
+        if self.config.is_none() {
+            return Err(ApiError::VmNotCreated);
+        }
+        if !ok.contains(&self.state) {
+            return Err(ApiError::InvalidState {
+                action,
+                state: self.state,
+            });
+        }
+        Ok(())
+    }
+
+    fn vm_failed(e: impl std::fmt::Display) -> ApiError {
+        ApiError::Failed(e.to_string())
+    }
+
+    /// Runs one API request; says whether the VMM should exit afterwards.
+    fn handle_api(&mut self, req: ApiRequest) -> (ApiResult, Next) {
+        use ApiRequest::*;
+        let done = |r: Result<(), ApiError>| (r.map(|()| ApiResponse::Empty), Next::Continue);
+        match req {
+            VmmPing => (Ok(ApiResponse::Ping(api::ping_response())), Next::Continue),
+            VmmShutdown => {
+                if self.vm.is_some() {
+                    self.shutdown_vm();
+                }
+                self.monitor.emit("vmm", "shutdown");
+                (Ok(ApiResponse::Empty), Next::Exit(Outcome::ApiShutdown))
+            }
+            VmCreate(config) => done(self.create(*config)),
+            VmBoot => done(self.boot().map_err(|e| match e {
+                Error::Api(e) => e,
+                Error::Config(e) => ApiError::Config(e),
+                e => Self::vm_failed(e),
+            })),
+            VmInfo => match &self.config {
+                None => (Err(ApiError::VmNotCreated), Next::Continue),
+                Some(config) => (
+                    Ok(ApiResponse::Info(Box::new(VmInfoResponse {
+                        config: config.clone(),
+                        state: self.state,
+                        memory_actual_size: Some(config.memory.size),
+                    }))),
+                    Next::Continue,
+                ),
+            },
+            VmCounters => match (&self.config, &self.vm) {
+                (None, _) => (Err(ApiError::VmNotCreated), Next::Continue),
+                (Some(_), vm) => (
+                    Ok(ApiResponse::Counters(
+                        vm.as_ref().map(Vm::counters).unwrap_or_default(),
+                    )),
+                    Next::Continue,
+                ),
+            },
+            VmPause => done(self.require("pause", &[VmState::Running]).and_then(|()| {
+                self.monitor.emit("vm", "pausing");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause().map_err(Self::vm_failed)?;
+                }
+                self.state = VmState::Paused;
+                self.monitor.emit("vm", "paused");
+                Ok(())
+            })),
+            VmResume => done(self.require("resume", &[VmState::Paused]).and_then(|()| {
+                self.monitor.emit("vm", "resuming");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.resume().map_err(Self::vm_failed)?;
+                }
+                self.state = VmState::Running;
+                self.monitor.emit("vm", "resumed");
+                Ok(())
+            })),
+            VmShutdown => done(
+                self.require("shut down", &[VmState::Running, VmState::Paused])
+                    .map(|()| self.shutdown_vm()),
+            ),
+            VmReboot => done(
+                self.require("reboot", &[VmState::Running, VmState::Paused])
+                    .and_then(|()| self.reboot().map_err(Self::vm_failed)),
+            ),
+            VmPowerButton => done(
+                self.require("press the power button of", &[VmState::Running])
+                    .and_then(|()| {
+                        if let Some(vm) = &self.vm {
+                            vm.power_button().map_err(Self::vm_failed)?;
+                        }
+                        self.monitor.emit("vm", "power-button");
+                        Ok(())
+                    }),
+            ),
+            VmDelete => {
+                if self.vm.is_some() {
+                    self.shutdown_vm();
+                }
+                if self.config.take().is_some() {
+                    self.state = VmState::Created;
+                    self.monitor.emit("vm", "deleted");
+                }
+                done(Ok(()))
+            }
+        }
+    }
+
+    /// Runs until the VMM should exit.
+    pub(crate) fn run(&mut self) -> Result<Outcome, Error> {
+        let mut ready = vec![EpollEvent::default(); 8];
+        loop {
+            // With input waiting for room in the UART's FIFO, poll instead of sleeping.
+            let timeout = if self.pending_input.is_empty() { -1 } else { 5 };
+            let n = match self.control.epoll.wait(timeout, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Setup(e)),
+            };
+            for ev in &ready[..n] {
+                if let Next::Exit(outcome) = self.dispatch(ev.data())? {
+                    return Ok(outcome);
+                }
+            }
+            self.feed_serial_input();
+        }
+    }
+
+    fn dispatch(&mut self, token: u64) -> Result<Next, Error> {
+        match token {
+            EV_EXIT => {
+                if self.events.exit.read().is_err() || self.vm.is_none() {
+                    return Ok(Next::Continue);
+                }
+                info!("guest powered off");
+                if self.no_shutdown {
+                    self.shutdown_vm();
+                    return Ok(Next::Continue);
+                }
+                self.shutdown_vm();
+                return Ok(Next::Exit(Outcome::PowerOff));
+            }
+            EV_ERROR => {
+                let _ = self.events.error.read();
+                return Err(Error::GuestFailed);
+            }
+            EV_SIGNAL => {
+                let mut b = [0u8; 16];
+                let _ = self.signal_rx.read(&mut b);
+                info!("received a signal, shutting down");
+                if self.vm.is_some() {
+                    self.shutdown_vm();
+                }
+                return Ok(Next::Exit(Outcome::Signal(libc::SIGTERM)));
+            }
+            EV_RESET => {
+                if self.events.reset.read().is_ok() && self.vm.is_some() {
+                    info!("guest reset: rebuilding the VM");
+                    self.reboot()?;
+                }
+            }
+            EV_API => return Ok(self.drain_api()),
+            EV_SERIAL_LISTEN => self.accept_serial()?,
+            EV_SERIAL_IN => self.read_serial(),
+            other => error!("unexpected epoll token {other}"),
+        }
+        Ok(Next::Continue)
+    }
+
+    fn drain_api(&mut self) -> Next {
+        let Some(api) = self.api.take() else {
+            return Next::Continue;
+        };
+        let _ = api.wake.read();
+        let mut next = Next::Continue;
+        while let Ok((req, respond)) = api.rx.try_recv() {
+            if matches!(next, Next::Exit(_)) {
+                respond(Err(ApiError::Gone));
+                continue;
+            }
+            let (result, n) = self.handle_api(req);
+            if let Err(e) = &result {
+                info!("API request refused: {e}");
+            }
+            respond(result);
+            next = n;
+        }
+        self.api = Some(api);
+        next
+    }
+
+    fn accept_serial(&mut self) -> Result<(), Error> {
+        let Some(serial) = self.serial.as_mut() else {
+            return Ok(());
+        };
+        if let Some(old) = serial.input_fd() {
+            self.control.remove(old);
+        }
+        if let Some(fd) = serial.accept() {
+            self.control.add(fd, EV_SERIAL_IN).map_err(Error::Setup)?;
+            if let Some(dev) = self.vm.as_ref().and_then(|vm| vm.devices().serial.as_ref()) {
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .output_mut()
+                    .set(serial.writer());
+            }
+        }
+        Ok(())
+    }
+
+    fn read_serial(&mut self) {
+        let Some(serial) = self.serial.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        match serial.read_input(&mut buf) {
+            Ok(0) => {
+                // The source hung up (socket client gone, stdin closed).
+                if let Some(fd) = serial.input_fd() {
+                    self.control.remove(fd);
+                }
+                serial.disconnect();
+            }
+            Ok(n) => self.pending_input.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                warn!("serial input failed: {e}");
+                if let Some(fd) = serial.input_fd() {
+                    self.control.remove(fd);
+                }
+            }
+        }
+    }
+
+    fn feed_serial_input(&mut self) {
+        if self.pending_input.is_empty() {
+            return;
+        }
+        match self.vm.as_ref().and_then(|vm| vm.devices().serial.as_ref()) {
+            Some(dev) => {
+                let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+                let room = dev.input_capacity().min(self.pending_input.len());
+                if room > 0 {
+                    let taken = dev.enqueue_input(&self.pending_input[..room]);
+                    self.pending_input.drain(..taken);
+                }
+            }
+            None => self.pending_input.clear(),
+        }
+    }
+
+    /// Stops whatever still runs.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+            log_memory(&vm);
+        }
+    }
+}
+
+fn log_memory(vm: &Vm) {
+    if log::log_enabled!(log::Level::Info) {
+        // For scripts/bench: what the VMM itself costs, guest RAM aside.
+        info!(
+            "memory: peak RSS {} KiB, guest RAM resident {} KiB",
+            memory::peak_rss().unwrap_or(0) >> 10,
+            vm.resident_guest_bytes() >> 10
+        );
+    }
+}
