@@ -397,9 +397,16 @@ impl AsyncDisk {
         }
         self.unsubmitted += 1;
         if self.eager && self.unsubmitted >= self.round.max(1) {
-            ring.submit()?;
-            self.round += self.unsubmitted;
-            self.unsubmitted = 0;
+            // The request is queued either way: a failed early submission
+            // must not be reported as a failed request (its buffers are in
+            // the ring); it goes with the next submit() or reap().
+            match ring.submit() {
+                Ok(_) => {
+                    self.round += self.unsubmitted;
+                    self.unsubmitted = 0;
+                }
+                Err(e) => log::debug!("io_uring: early submission failed: {e}"),
+            }
         }
         Ok(())
     }
@@ -437,7 +444,8 @@ impl AsyncDisk {
     /// Hand queued requests to the kernel.
     pub fn submit(&mut self) -> Result<()> {
         if let Some(ring) = self.ring.as_mut() {
-            if self.unsubmitted > 0 {
+            // Entries may remain queued after a partial submission.
+            if self.unsubmitted > 0 || !ring.submission().is_empty() {
                 ring.submit()?;
                 self.unsubmitted = 0;
             }

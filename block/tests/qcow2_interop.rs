@@ -350,3 +350,39 @@ fn freed_clusters_are_reused() {
     write_raw(&raw, &model);
     qemu_compare("qcow2", &img, &raw);
 }
+
+#[test]
+fn clusters_free_at_open_are_reused() {
+    let d = tmpdir();
+    let img = p(d.path(), "holes.qcow2");
+    let raw = p(d.path(), "holes.raw");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    // qemu writes 2 MiB, then discards the first one: 16 clusters with a
+    // refcount of zero in the middle of the file.
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0x21 0 2M".into(), "discard 0 1M".into()],
+    );
+    let len = std::fs::metadata(&img).unwrap().len();
+    let mut model = vec![0u8; SIZE];
+    model[1 << 20..2 << 20].fill(0x21);
+    let mut disk = open(&img, false);
+    // Whole and partial clusters, plus a range that needs a new L2 entry
+    // only: all fit in the freed space.
+    let mut buf = vec![0u8; 1 << 20];
+    Rng::new(3).fill(&mut buf);
+    disk.write_all_at(5 << 20, &buf[..640 << 10]).unwrap();
+    disk.write_all_at((7 << 20) + 512, &buf[640 << 10..(1000 << 10)])
+        .unwrap();
+    model[5 << 20..(5 << 20) + (640 << 10)].copy_from_slice(&buf[..640 << 10]);
+    model[(7 << 20) + 512..(7 << 20) + 512 + (360 << 10)]
+        .copy_from_slice(&buf[640 << 10..(1000 << 10)]);
+    disk.flush().unwrap();
+    assert!(read_all(disk.as_mut()) == model);
+    drop(disk);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), len);
+    qemu_check("qcow2", &img);
+    write_raw(&raw, &model);
+    qemu_compare("qcow2", &img, &raw);
+}

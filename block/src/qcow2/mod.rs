@@ -59,6 +59,10 @@ pub struct Qcow2Disk {
     file_len_at_open: u64,
     prealloc_end: u64,
     prealloc_failed: bool,
+    // Search for free clusters in the file as it was at open: next cluster
+    // to look at, and the end (cluster indices).
+    scan_cursor: u64,
+    scan_end: u64,
 }
 
 /// Resolve a backing file name like QEMU: relative names are relative to
@@ -196,6 +200,8 @@ impl Qcow2Disk {
             file_len_at_open: file_len,
             prealloc_end: file_len,
             prealloc_failed: false,
+            scan_cursor: 0,
+            scan_end: file_len >> cluster_bits,
         })
     }
 
@@ -370,7 +376,7 @@ impl Qcow2Disk {
             } else {
                 vec![0u64; 1 << self.l2_bits()]
             };
-            let new = self.rc.reserve(1)?;
+            let new = self.alloc_cluster()?;
             self.st.write_all_at(&table_to_bytes(&table), new)?;
             self.rc.set(self.st.as_mut(), new >> self.cluster_bits, 1)?;
             self.evict_l2_if_full()?;
@@ -403,7 +409,7 @@ impl Qcow2Disk {
             self.st.write_all_at(data, host + in_off)?;
             return Ok(());
         }
-        let new = self.rc.reserve(1)?;
+        let new = self.alloc_cluster()?;
         if data.len() as u64 == cs {
             self.st.write_all_at(data, new)?;
         } else {
@@ -661,6 +667,9 @@ impl DiskFile for Qcow2Disk {
     }
 }
 
+/// Clusters examined per allocation when searching for free ones.
+const SCAN_BUDGET: u64 = 1 << 16;
+
 /// How far ahead of the allocation point the file is preallocated.
 const PREALLOC_CHUNK: u64 = 16 << 20;
 
@@ -692,7 +701,11 @@ impl Qcow2Disk {
             }
             g += cs;
         }
-        let host = self.rc.reserve(len / cs)?;
+        let host = if len == cs {
+            self.alloc_cluster()?
+        } else {
+            self.rc.reserve(len / cs)?
+        };
         self.ensure_preallocated(host + len);
         self.pending_allocs.insert(host, (offset, len));
         Ok(Some(HostMapping {
@@ -700,6 +713,46 @@ impl Qcow2Disk {
             offset: host,
             direct: self.st.is_direct(),
         }))
+    }
+
+    /// One cluster for new data or an L2 table: a freed one if any, else a
+    /// free one found in the part of the file that existed at open, else
+    /// appended.
+    fn alloc_cluster(&mut self) -> Result<u64> {
+        if self.rc.free_count() == 0 && self.scan_cursor < self.scan_end {
+            self.scan_free()?;
+        }
+        self.rc.reserve(1)
+    }
+
+    /// Look at up to [`SCAN_BUDGET`] more clusters of the file as it was at
+    /// open for a refcount of zero. A zero on disk means no durable table
+    /// references the cluster (refcounts are written before the tables that
+    /// use them, decremented only after); in memory it is also zero for
+    /// reservations not committed yet, which are skipped. The cursor only
+    /// moves forward, so a cluster handed out is never found again.
+    fn scan_free(&mut self) -> Result<()> {
+        let mut budget = SCAN_BUDGET;
+        let mut found = 0;
+        while self.scan_cursor < self.scan_end && budget > 0 && found < 64 {
+            let c = self.scan_cursor;
+            self.scan_cursor += 1;
+            budget -= 1;
+            if self.rc.get(self.st.as_mut(), c)? != 0 {
+                continue;
+            }
+            let off = c << self.cluster_bits;
+            let pending = self
+                .pending_allocs
+                .iter()
+                .any(|(&h, &(_, len))| off >= h && off < h + len);
+            if pending || self.is_metadata(off) {
+                continue;
+            }
+            self.rc.release(c);
+            found += 1;
+        }
+        Ok(())
     }
 
     /// Make sure the file is allocated up to `end`, growing it in chunks
