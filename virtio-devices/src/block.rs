@@ -12,9 +12,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use std::sync::Arc;
+
 use crate::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, F_RING_INDIRECT_DESC,
-    F_VERSION_1, TYPE_BLOCK,
+    read_config_bytes, ActivateContext, ActivateError, Counters, VirtioDevice,
+    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -55,7 +57,15 @@ pub struct BlockConfig {
     pub io_uring: bool,
 }
 
+/// Counter indexes, as named in `COUNTER_NAMES`.
+const READ_BYTES: usize = 0;
+const WRITE_BYTES: usize = 1;
+const READ_OPS: usize = 2;
+const WRITE_OPS: usize = 3;
+const COUNTER_NAMES: &[&str] = &["read_bytes", "write_bytes", "read_ops", "write_ops"];
+
 struct BlockHandler {
+    counters: Arc<Counters>,
     disk: AsyncDisk,
     readonly: bool,
     id: [u8; ID_BYTES],
@@ -258,6 +268,16 @@ impl BlockHandler {
         }
     }
 
+    fn count(&self, read: bool, len: u32) {
+        let (bytes, ops) = if read {
+            (READ_BYTES, READ_OPS)
+        } else {
+            (WRITE_BYTES, WRITE_OPS)
+        };
+        self.counters.add(bytes, u64::from(len));
+        self.counters.add(ops, 1);
+    }
+
     /// Reads or writes `self.iovecs` at `offset` on this thread.
     fn sync_io(&mut self, offset: u64, read: bool, len: u32) -> Result<Outcome, Fail> {
         let disk = self.disk.disk();
@@ -302,6 +322,7 @@ impl BlockHandler {
             }
         };
         r.map_err(|e| Fail::IoErr(e.to_string()))?;
+        self.count(read, len);
         Ok(Outcome::Done(S_OK, if read { len } else { 0 }))
     }
 
@@ -318,7 +339,9 @@ impl BlockHandler {
             };
             self.free.push(id as usize);
             let ok = res >= 0 && res as u32 == p.len;
-            if !ok {
+            if ok {
+                self.count(p.read, p.len);
+            } else {
                 debug!("virtio-blk: disk request failed: {res}");
             }
             let n = if ok && p.read { p.len } else { 0 };
@@ -420,6 +443,7 @@ impl QueueHandler for BlockHandler {
 }
 
 pub struct Block {
+    counters: Arc<Counters>,
     cfg: BlockConfig,
     capacity: u64,
     readonly: bool,
@@ -438,6 +462,7 @@ impl Block {
         let capacity = disk.size() / SECTOR_SIZE;
         let depth = (u32::from(cfg.queue_size) * u32::from(cfg.num_queues))
             .clamp(1, block::async_io::MAX_DEPTH);
+        let counters = Counters::new(COUNTER_NAMES);
         let disk = AsyncDisk::new(
             disk,
             depth,
@@ -447,7 +472,9 @@ impl Block {
             capacity,
             readonly,
             cfg,
+            counters: counters.clone(),
             handler: Some(BlockHandler {
+                counters,
                 disk,
                 readonly,
                 id,
@@ -512,6 +539,9 @@ impl VirtioDevice for Block {
             .ok_or_else(|| ActivateError::Other("virtio-blk: disk lost".into()))?;
         self.worker = Some(WorkerHandle::spawn("virtio-blk", h, ctx)?);
         Ok(())
+    }
+    fn counters(&self) -> Option<Arc<Counters>> {
+        Some(self.counters.clone())
     }
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {

@@ -108,6 +108,42 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the worker (if any) and returns to the pre-activation state.
     fn reset(&mut self);
+    /// The device's statistics, if it keeps any.
+    fn counters(&self) -> Option<Arc<Counters>> {
+        None
+    }
+}
+
+/// Named statistics of one device, for the API's `vm.counters` (the original's names).
+pub struct Counters {
+    names: &'static [&'static str],
+    values: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Counters {
+    pub fn new(names: &'static [&'static str]) -> Arc<Self> {
+        Arc::new(Counters {
+            names,
+            values: names.iter().map(|_| Default::default()).collect(),
+        })
+    }
+
+    /// Adds `v` to counter `i` (an index into the names).
+    pub fn add(&self, i: usize, v: u64) {
+        if let Some(c) = self.values.get(i) {
+            c.fetch_add(v, Ordering::Relaxed);
+        }
+    }
+}
+
+impl devices::DeviceCounters for Counters {
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        self.names
+            .iter()
+            .zip(&self.values)
+            .map(|(n, v)| (n.to_string(), v.load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 /// Copies `src` (a device's configuration bytes) at `offset` into `data`, zero past the end.

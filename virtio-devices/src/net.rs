@@ -3,6 +3,7 @@
 //! Frames go straight between guest buffers and the TAP with readv/writev.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use log::{debug, warn};
 use net_util::{MacAddr, Tap, VNET_HDR_LEN};
@@ -11,7 +12,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
-    guest_iovec, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
+    guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, VirtioDevice,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
 
@@ -25,7 +26,14 @@ const MAX_FRAME: usize = VNET_HDR_LEN + 65535;
 /// Frames moved per wake-up of one direction before the other gets a turn.
 const BATCH: usize = 64;
 
+const RX_BYTES: usize = 0;
+const RX_FRAMES: usize = 1;
+const TX_BYTES: usize = 2;
+const TX_FRAMES: usize = 3;
+const COUNTER_NAMES: &[&str] = &["rx_bytes", "rx_frames", "tx_bytes", "tx_frames"];
+
 struct NetHandler {
+    counters: Arc<Counters>,
     tap: Tap,
     /// No receive buffer: stop watching the TAP until the driver adds some.
     paused: bool,
@@ -39,6 +47,7 @@ unsafe impl Send for NetHandler {}
 impl NetHandler {
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
         let (tap, iovecs, dropped) = (&self.tap, &mut self.iovecs, &mut self.tx_dropped);
+        let counters = &self.counters;
         process_chains(TX_QUEUE, q, mem, |chain| {
             iovecs.clear();
             let mut total = 0usize;
@@ -64,10 +73,16 @@ impl NetHandler {
             }
             // SAFETY: each iovec lies inside one mapped region of guest memory (`guest_iovec`),
             // which stays mapped while the worker holds `mem`.
-            if let Err(e) = unsafe { tap.writev(iovecs) } {
-                // A full TAP queue drops the frame, as a busy wire would.
-                debug!("virtio-net: TAP write: {e}");
-                *dropped += 1;
+            match unsafe { tap.writev(iovecs) } {
+                Ok(_) => {
+                    counters.add(TX_BYTES, (total - VNET_HDR_LEN) as u64);
+                    counters.add(TX_FRAMES, 1);
+                }
+                Err(e) => {
+                    // A full TAP queue drops the frame, as a busy wire would.
+                    debug!("virtio-net: TAP write: {e}");
+                    *dropped += 1;
+                }
             }
             Some(0)
         })
@@ -109,6 +124,9 @@ impl NetHandler {
             // SAFETY: as in `transmit`: the iovecs lie inside mapped guest memory.
             match unsafe { self.tap.readv(&self.iovecs) } {
                 Ok(n) => {
+                    self.counters
+                        .add(RX_BYTES, n.saturating_sub(VNET_HDR_LEN) as u64);
+                    self.counters.add(RX_FRAMES, 1);
                     // Without MRG_RXBUF every frame uses one buffer: num_buffers = 1 (when
                     // the header lies in the first buffer, as every driver puts it).
                     if let Some((a, len)) = first.filter(|&(_, len)| len >= VNET_HDR_LEN) {
@@ -181,6 +199,7 @@ impl QueueHandler for NetHandler {
 }
 
 pub struct Net {
+    counters: Arc<Counters>,
     mac: MacAddr,
     mtu: u16,
     queue_size: u16,
@@ -191,11 +210,14 @@ pub struct Net {
 impl Net {
     /// A device with guest MAC `mac` on `tap` (already configured on the host side).
     pub fn new(tap: Tap, mac: MacAddr, mtu: u16, queue_size: u16) -> Self {
+        let counters = Counters::new(COUNTER_NAMES);
         Net {
+            counters: counters.clone(),
             mac,
             mtu,
             queue_size,
             handler: Some(NetHandler {
+                counters,
                 tap,
                 paused: false,
                 iovecs: Vec::new(),
@@ -232,6 +254,9 @@ impl VirtioDevice for Net {
             .ok_or_else(|| ActivateError::Other("virtio-net: TAP lost".into()))?;
         self.worker = Some(WorkerHandle::spawn("virtio-net", h, ctx)?);
         Ok(())
+    }
+    fn counters(&self) -> Option<Arc<Counters>> {
+        Some(self.counters.clone())
     }
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {

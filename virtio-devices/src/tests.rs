@@ -211,6 +211,10 @@ fn read_write(io_uring: bool) {
     seg(&r, 9);
     assert_eq!(request(&mut r, T_DISCARD, 0, (DATA, 16, 0)).1, S_OK);
     assert!(r.irq.queue.load(Ordering::SeqCst) > 0);
+    use devices::DeviceCounters;
+    let c = blk.counters().unwrap().counters();
+    assert_eq!((c["read_bytes"], c["read_ops"]), (1024, 1));
+    assert_eq!((c["write_bytes"], c["write_ops"]), (512, 1));
     blk.reset();
     let img = std::fs::read(f.path()).unwrap();
     assert!(img[7 * 512..8 * 512].iter().all(|&b| b == 0xab));
@@ -665,5 +669,8 @@ fn net_malformed_chains_are_dropped() {
     // A good frame goes out (to a TAP nobody reads).
     r.desc(0, DATA, 12 + 60, 0, 0);
     assert_eq!(r.submit(0), Some(0));
+    use devices::DeviceCounters;
+    let c = net.counters().unwrap().counters();
+    assert_eq!((c["tx_frames"], c["tx_bytes"], c["rx_frames"]), (1, 60, 0));
     net.reset();
 }

@@ -118,9 +118,9 @@ impl DeviceManager {
             mmio,
             serial,
             cmos,
+            counters: pci.counters.clone(),
             pci,
             ged,
-            counters: Vec::new(),
         })
     }
 

@@ -153,6 +153,8 @@ pub fn pci_host(cfg: &VmConfig) -> arch::acpi::PciHost {
 /// The PCI segment of one VM (the buses hold it too; this names it).
 pub struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
+    /// Statistics of the devices that keep them, by device id (for `vm.counters`).
+    pub counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
 }
 
 impl PciDevices {
@@ -330,6 +332,7 @@ pub fn create(
     // Devices with an explicit slot first, so automatic ones do not take their slot.
     list.sort_by_key(|p| p.slot.is_none());
     let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
+    let mut counters: Vec<(String, Arc<dyn devices::DeviceCounters>)> = Vec::new();
     for Pending {
         option,
         id,
@@ -346,6 +349,9 @@ pub fn create(
         let addr = bars
             .allocate(virtio_devices::VIRTIO_PCI_BAR_SIZE)
             .map_err(|e| err(e.to_string()))?;
+        if let Some(c) = dev.counters() {
+            counters.push((id.clone(), c));
+        }
         let pdev =
             VirtioPciDevice::new(id.clone(), dev, mem.clone(), vmi.clone(), addr).map_err(err)?;
         r.add_device(slot, Arc::new(Mutex::new(pdev)))
@@ -353,5 +359,5 @@ pub fn create(
         info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {addr:#x}");
     }
     drop(r);
-    Ok(PciDevices { root })
+    Ok(PciDevices { root, counters })
 }
