@@ -19,24 +19,26 @@ use crate::{
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
 };
 
-pub const SECTOR_SIZE: u64 = 512;
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_MQ: u64 = 1 << 12;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
+use virtio_bindings::virtio_blk as vb;
 
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+pub const SECTOR_SIZE: u64 = 512;
+const F_SEG_MAX: u64 = 1 << vb::VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u64 = 1 << vb::VIRTIO_BLK_F_RO;
+const F_BLK_SIZE: u64 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
+const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
+const F_MQ: u64 = 1 << vb::VIRTIO_BLK_F_MQ;
+const F_DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
+const F_WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
+
+pub const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
+pub const T_DISCARD: u32 = vb::VIRTIO_BLK_T_DISCARD;
+pub const T_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_T_WRITE_ZEROES;
+pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 /// Bytes of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
 /// Largest data transfer of one request.

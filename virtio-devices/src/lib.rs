@@ -27,24 +27,26 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use virtio_bindings::{virtio_config as cfg, virtio_ids as ids, virtio_ring as ring};
+
 /// Virtio device types (virtio 1.2, section 5).
-pub const TYPE_NET: u16 = 1;
-pub const TYPE_BLOCK: u16 = 2;
-pub const TYPE_CONSOLE: u16 = 3;
-pub const TYPE_RNG: u16 = 4;
+pub const TYPE_NET: u16 = ids::VIRTIO_ID_NET as u16;
+pub const TYPE_BLOCK: u16 = ids::VIRTIO_ID_BLOCK as u16;
+pub const TYPE_CONSOLE: u16 = ids::VIRTIO_ID_CONSOLE as u16;
+pub const TYPE_RNG: u16 = ids::VIRTIO_ID_RNG as u16;
 
 /// Feature bits common to all devices.
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
-pub const F_RING_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << cfg::VIRTIO_F_VERSION_1;
+pub const F_RING_INDIRECT_DESC: u64 = 1 << ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const F_RING_EVENT_IDX: u64 = 1 << ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Device status bits.
-pub const STATUS_ACKNOWLEDGE: u8 = 1;
-pub const STATUS_DRIVER: u8 = 2;
-pub const STATUS_DRIVER_OK: u8 = 4;
-pub const STATUS_FEATURES_OK: u8 = 8;
-pub const STATUS_NEEDS_RESET: u8 = 0x40;
-pub const STATUS_FAILED: u8 = 0x80;
+pub const STATUS_ACKNOWLEDGE: u8 = cfg::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+pub const STATUS_DRIVER: u8 = cfg::VIRTIO_CONFIG_S_DRIVER as u8;
+pub const STATUS_DRIVER_OK: u8 = cfg::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+pub const STATUS_FEATURES_OK: u8 = cfg::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+pub const STATUS_NEEDS_RESET: u8 = cfg::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+pub const STATUS_FAILED: u8 = cfg::VIRTIO_CONFIG_S_FAILED as u8;
 
 /// How a device raises interrupts; the transport decides what that means (MSI-X vectors and
 /// the ISR status byte for PCI).

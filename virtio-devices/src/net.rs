@@ -16,9 +16,11 @@ use crate::{
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
 
-const F_MTU: u64 = 1 << 3;
-const F_MAC: u64 = 1 << 5;
-const F_STATUS: u64 = 1 << 16;
+use virtio_bindings::virtio_net as vn;
+
+const F_MTU: u64 = 1 << vn::VIRTIO_NET_F_MTU;
+const F_MAC: u64 = 1 << vn::VIRTIO_NET_F_MAC;
+const F_STATUS: u64 = 1 << vn::VIRTIO_NET_F_STATUS;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 /// Largest frame with its header the device accepts from the guest.
