@@ -254,7 +254,7 @@ pub(crate) fn open_disk_inner(
     let disk: Box<dyn DiskFile> = match image_type {
         ImageType::Raw => Box::new(raw::RawDisk::new(file, opts)?),
         ImageType::Qcow2 => Box::new(qcow2::Qcow2Disk::open(file, path, opts, chain)?),
-        ImageType::Vhd => Box::new(vhd::VhdDisk::new(file, opts)?),
+        ImageType::Vhd => Box::new(vhd::open_fixed(file, opts)?),
         ImageType::Vhdx => Box::new(vhdx::VhdxDisk::open(file, opts)?),
     };
     Ok(disk)

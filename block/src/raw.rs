@@ -10,10 +10,12 @@ use std::os::unix::io::AsRawFd;
 use crate::storage::{self, FileStorage, Storage};
 use crate::{for_each_read, for_each_write, DiskFile, HostMapping, ImageType, OpenOptions, Result};
 
-/// A raw disk image.
+/// A raw disk image: the guest's bytes at the same offsets in the file. A fixed VHD is one
+/// too (its footer lies past `size`).
 pub struct RawDisk {
     storage: FileStorage,
     size: u64,
+    image_type: ImageType,
     readonly: bool,
     sparse: bool,
 }
@@ -23,12 +25,30 @@ impl RawDisk {
     pub fn new(mut file: File, opts: &OpenOptions) -> Result<Self> {
         // Seek works for block devices too, where metadata().len() is 0.
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(RawDisk {
-            storage: FileStorage::new(file, opts.direct),
+        Ok(Self::with_size(
+            FileStorage::new(file, opts.direct),
             size,
-            readonly: opts.readonly,
-            sparse: opts.sparse,
-        })
+            ImageType::Raw,
+            opts.readonly,
+            opts.sparse,
+        ))
+    }
+
+    /// The first `size` bytes of `storage` as a disk reported as `image_type`.
+    pub(crate) fn with_size(
+        storage: FileStorage,
+        size: u64,
+        image_type: ImageType,
+        readonly: bool,
+        sparse: bool,
+    ) -> Self {
+        RawDisk {
+            storage,
+            size,
+            image_type,
+            readonly,
+            sparse,
+        }
     }
 
     fn write_zero_bytes(&mut self, offset: u64, len: u64) -> Result<()> {
@@ -111,7 +131,7 @@ impl DiskFile for RawDisk {
     }
 
     fn image_type(&self) -> ImageType {
-        ImageType::Raw
+        self.image_type
     }
 
     fn map_host(&mut self, offset: u64, len: u64, _write: bool) -> Result<Option<HostMapping>> {

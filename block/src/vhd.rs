@@ -4,12 +4,11 @@
 //! Fixed VHD (Virtual PC) images: raw data followed by a 512-byte footer.
 
 use std::fs::File;
-use std::io::{IoSlice, IoSliceMut};
-use std::os::unix::io::AsRawFd;
 
 use crate::error::{invalid, unsupported};
+use crate::raw::RawDisk;
 use crate::storage::{FileStorage, Storage};
-use crate::{for_each_read, for_each_write, DiskFile, HostMapping, ImageType, OpenOptions, Result};
+use crate::{ImageType, OpenOptions, Result};
 
 const FORMAT: &str = "vhd";
 /// Disk type value of a fixed VHD.
@@ -63,125 +62,52 @@ impl Footer {
 }
 
 /// A fixed VHD image.
-pub struct VhdDisk {
-    storage: FileStorage,
-    size: u64,
-    readonly: bool,
-}
-
-impl VhdDisk {
-    /// Open a fixed VHD from an opened (and locked) file.
-    pub fn new(file: File, opts: &OpenOptions) -> Result<Self> {
-        let mut storage = FileStorage::new(file, opts.direct);
-        let len = storage.len()?;
-        if len < 512 {
-            return Err(invalid(FORMAT, "file too small for a footer"));
-        }
-        let mut b = [0u8; 512];
-        storage.read_exact_at(&mut b, len - 512)?;
-        let footer = match Footer::parse(&b) {
-            Ok(f) => f,
-            Err(e) => {
-                // A dynamic disk keeps a footer copy at offset 0 too.
-                storage.read_exact_at(&mut b, 0)?;
-                match Footer::parse(&b) {
-                    Ok(f) => f,
-                    Err(_) => return Err(e),
-                }
+/// Opens a fixed VHD from an opened (and locked) file: its data is a raw image in front of
+/// the footer.
+pub fn open_fixed(file: File, opts: &OpenOptions) -> Result<RawDisk> {
+    let mut storage = FileStorage::new(file, opts.direct);
+    let len = storage.len()?;
+    if len < 512 {
+        return Err(invalid(FORMAT, "file too small for a footer"));
+    }
+    let mut b = [0u8; 512];
+    storage.read_exact_at(&mut b, len - 512)?;
+    let footer = match Footer::parse(&b) {
+        Ok(f) => f,
+        Err(e) => {
+            // A dynamic disk keeps a footer copy at offset 0 too.
+            storage.read_exact_at(&mut b, 0)?;
+            match Footer::parse(&b) {
+                Ok(f) => f,
+                Err(_) => return Err(e),
             }
-        };
-        if footer.disk_type != DISK_TYPE_FIXED {
-            return Err(unsupported(
-                FORMAT,
-                format!(
-                    "disk type {} (only fixed VHD is supported)",
-                    footer.disk_type
-                ),
-            ));
         }
-        if footer.current_size > len - 512 {
-            return Err(invalid(
-                FORMAT,
-                format!(
-                    "footer size {} exceeds data area of {} bytes",
-                    footer.current_size,
-                    len - 512
-                ),
-            ));
-        }
-        Ok(VhdDisk {
-            storage,
-            size: footer.current_size,
-            readonly: opts.readonly,
-        })
+    };
+    if footer.disk_type != DISK_TYPE_FIXED {
+        return Err(unsupported(
+            FORMAT,
+            format!(
+                "disk type {} (only fixed VHD is supported)",
+                footer.disk_type
+            ),
+        ));
     }
-}
-
-impl DiskFile for VhdDisk {
-    fn size(&self) -> u64 {
-        self.size
+    if footer.current_size > len - 512 {
+        return Err(invalid(
+            FORMAT,
+            format!(
+                "footer size {} exceeds data area of {} bytes",
+                footer.current_size,
+                len - 512
+            ),
+        ));
     }
-
-    fn read_at(&mut self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        let st = &mut self.storage;
-        for_each_read(offset, self.size, bufs, |off, buf| {
-            Ok(st.read_exact_at(buf, off)?)
-        })
-    }
-
-    fn write_at(&mut self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        if self.readonly {
-            return Err(crate::Error::ReadOnly);
-        }
-        let st = &mut self.storage;
-        for_each_write(offset, self.size, bufs, |off, buf| {
-            Ok(st.write_all_at(buf, off)?)
-        })
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if self.readonly {
-            return Ok(());
-        }
-        Ok(self.storage.sync()?)
-    }
-
-    fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
-        if self.readonly {
-            return Err(crate::Error::ReadOnly);
-        }
-        crate::check_range(offset, len, self.size)
-    }
-
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
-        if self.readonly {
-            return Err(crate::Error::ReadOnly);
-        }
-        crate::check_range(offset, len, self.size)?;
-        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.storage.write_all_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-
-    fn readonly(&self) -> bool {
-        self.readonly
-    }
-
-    fn image_type(&self) -> ImageType {
-        ImageType::Vhd
-    }
-
-    fn map_host(&mut self, offset: u64, len: u64, _write: bool) -> Result<Option<HostMapping>> {
-        crate::check_range(offset, len, self.size)?;
-        Ok(Some(HostMapping {
-            fd: self.storage.file().as_raw_fd(),
-            offset,
-            direct: self.storage.is_direct(),
-        }))
-    }
+    // Fixed VHD data is raw; discard is only a hint and never punches holes into it.
+    Ok(RawDisk::with_size(
+        storage,
+        footer.current_size,
+        ImageType::Vhd,
+        opts.readonly,
+        false,
+    ))
 }
