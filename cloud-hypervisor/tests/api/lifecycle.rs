@@ -343,3 +343,55 @@ fn api_socket_from_an_inherited_fd() {
     );
     assert_eq!(run.stderr.lines().count(), 1);
 }
+
+/// The `KVMCLOCK <ns>` samples printed so far (whole lines only).
+fn kvmclock_samples(file: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("KVMCLOCK "))
+        .map(|n| n.parse().expect("KVMCLOCK <ns>"))
+        .collect()
+}
+
+/// The guest's kvmclock across a pause: as the original does, the VMM saves the KVM clock at
+/// pause and restores it at resume, so the guest does not see the paused second as a jump
+/// of its clock. The guest samples kvmclock (CPUID 0x40000001 + MSR_KVM_SYSTEM_TIME_NEW)
+/// about every 23 ms.
+#[test]
+fn kvmclock_does_not_jump_across_a_pause() {
+    let vmm = Vmm::start("api-kvmclock", &[]);
+    let serial = vmm.dir.join("serial.out");
+    let config = guest_config("kvmclock", &serial);
+    assert_eq!(vmm.curl("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "KVMCLOCK", 5);
+    let out = std::fs::read_to_string(&serial).unwrap();
+    assert!(out.contains("PASS kvmclock-cpuid"), "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+
+    assert_eq!(vmm.put("vm.pause").0, 204);
+    // A sample being printed at the moment of the pause may still land.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = kvmclock_samples(&serial).len();
+    let paused = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(kvmclock_samples(&serial).len(), before, "ran while paused");
+    assert_eq!(vmm.put("vm.resume").0, 204);
+    let paused = paused.elapsed();
+    wait_for(&serial, "KVMCLOCK", before + 5);
+
+    let samples = kvmclock_samples(&serial);
+    for w in samples.windows(2) {
+        assert!(w[1] > w[0], "kvmclock went backwards: {samples:?}");
+    }
+    let steps: Vec<u64> = samples.windows(2).map(|w| w[1] - w[0]).collect();
+    let normal = *steps[..before - 1].iter().max().unwrap();
+    // The sample just before the pause and the first one after it.
+    let across = samples[before] - samples[before - 1];
+    assert!(
+        across < normal + 200_000_000,
+        "kvmclock jumped {across} ns across a pause of {paused:?} (normal step at most {normal} ns)"
+    );
+}
