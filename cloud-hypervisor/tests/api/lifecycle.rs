@@ -169,7 +169,16 @@ fn lifecycle_over_ch_remote() {
     assert_eq!(info["state"], "Shutdown");
     ok(&["delete"]);
     fails(&["info"], "404");
-    fails(&["add-disk", "path=/x"], "not supported yet");
+    // What this VMM lacks is still sent; the server answers 501 with its reason.
+    fails(&["add-disk", "path=/x"], "501");
+    fails(&["add-disk", "path=/x"], "vm.add-disk is not supported yet");
+    fails(&["nmi"], "501");
+    fails(&["resize", "--cpus", "2"], "501");
+    fails(&["snapshot", "file:///tmp/snap"], "501");
+    // A file that is not a VmConfig is the server's to refuse, as with the original.
+    let bad = vmm.dir.join("bad.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    fails(&["create", bad.to_str().unwrap()], "400");
     fails(&["frobnicate"], "frobnicate");
     ok(&["shutdown-vmm"]);
     let run = vmm.wait();
