@@ -51,6 +51,19 @@ pub struct VmInfoResponse {
     pub state: VmState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_actual_size: Option<u64>,
+    /// The devices of the built VM (absent when no VM is built: Created), by node id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_tree: Option<BTreeMap<String, DeviceNode>>,
+}
+
+/// One node of `vm.info`'s device tree, in the original's shape. `resources` stays empty:
+/// BARs can move while the guest runs, and the original's resource enum is not reproduced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    pub id: String,
+    pub resources: Vec<serde_json::Value>,
+    pub children: Vec<String>,
+    pub pci_bdf: Option<String>,
 }
 
 /// Device id → counter name → value.
