@@ -138,13 +138,17 @@ pub fn channel() -> std::io::Result<(ApiSender, ApiReceiver)> {
     ))
 }
 
-/// What the VMM itself answers to `vmm.ping`.
+/// What the VMM itself answers to `vmm.ping` (built once: the pid does not change).
 pub fn ping_response() -> VmmPingResponse {
-    let version = concat!("v", env!("CARGO_PKG_VERSION")).to_string();
-    VmmPingResponse {
-        build_version: version.clone(),
-        version,
-        pid: i64::from(std::process::id()),
-        features: vec!["kvm".into()],
-    }
+    static PING: std::sync::OnceLock<VmmPingResponse> = std::sync::OnceLock::new();
+    PING.get_or_init(|| {
+        let version = concat!("v", env!("CARGO_PKG_VERSION")).to_string();
+        VmmPingResponse {
+            build_version: version.clone(),
+            version,
+            pid: i64::from(std::process::id()),
+            features: vec!["kvm".into()],
+        }
+    })
+    .clone()
 }
