@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Response, StatusCode};
 use vmm::api::{ApiError, ApiRequest, ApiResponse, ApiResult};
 use vmm::VmConfig;
@@ -68,12 +68,12 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
-fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> HttpResponse {
+fn response(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> HttpResponse {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     if !r.body().is_empty_hint() {
         r.headers_mut()
-            .insert(CONTENT_TYPE, content_type.parse().expect("static header"));
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     }
     r
 }

@@ -14,6 +14,7 @@ mod acpi_sys;
 mod bootinfo;
 mod cmos;
 mod hostile;
+mod kvmclock;
 mod mem;
 mod net;
 mod smp;
@@ -193,6 +194,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "echo" => scenario_echo(),
         "wait" => scenario_wait(),
         "tick" => scenario_tick(),
+        "kvmclock" => kvmclock::scenario_kvmclock(),
         "power-button" => scenario_power_button(),
         "fault" => scenario_fault(),
         "pci" => virtio::scenario_pci(&boot),

@@ -51,6 +51,19 @@ pub struct VmInfoResponse {
     pub state: VmState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_actual_size: Option<u64>,
+    /// The devices of the built VM (absent when no VM is built: Created), by node id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_tree: Option<BTreeMap<String, DeviceNode>>,
+}
+
+/// One node of `vm.info`'s device tree, in the original's shape. `resources` stays empty:
+/// BARs can move while the guest runs, and the original's resource enum is not reproduced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    pub id: String,
+    pub resources: Vec<serde_json::Value>,
+    pub children: Vec<String>,
+    pub pci_bdf: Option<String>,
 }
 
 /// Device id → counter name → value.
@@ -125,13 +138,17 @@ pub fn channel() -> std::io::Result<(ApiSender, ApiReceiver)> {
     ))
 }
 
-/// What the VMM itself answers to `vmm.ping`.
+/// What the VMM itself answers to `vmm.ping` (built once: the pid does not change).
 pub fn ping_response() -> VmmPingResponse {
-    let version = concat!("v", env!("CARGO_PKG_VERSION")).to_string();
-    VmmPingResponse {
-        build_version: version.clone(),
-        version,
-        pid: i64::from(std::process::id()),
-        features: vec!["kvm".into()],
-    }
+    static PING: std::sync::OnceLock<VmmPingResponse> = std::sync::OnceLock::new();
+    PING.get_or_init(|| {
+        let version = concat!("v", env!("CARGO_PKG_VERSION")).to_string();
+        VmmPingResponse {
+            build_version: version.clone(),
+            version,
+            pid: i64::from(std::process::id()),
+            features: vec!["kvm".into()],
+        }
+    })
+    .clone()
 }

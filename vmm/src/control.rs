@@ -154,7 +154,7 @@ impl Vmm {
         let Some(config) = self.config.as_ref() else {
             return Err(Error::Api(ApiError::VmNotCreated));
         };
-        if !matches!(self.state, VmState::Created | VmState::Shutdown) {
+        if self.state != VmState::Created {
             return Err(Error::Api(ApiError::InvalidState {
                 action: "boot",
                 state: self.state,
@@ -189,7 +189,8 @@ impl Vmm {
         Ok(())
     }
 
-    /// Stops and drops the running VM; its configuration stays, so it can boot again.
+    /// Stops and drops the running VM; its configuration stays, so it can boot again. As in the
+    /// original, whose `vm.shutdown` drops its VM object, the state then reads Created.
     fn shutdown_vm(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
@@ -208,7 +209,7 @@ impl Vmm {
         // Clear what the stopped vCPUs may have raised on their way out.
         let _ = self.events.exit.read();
         let _ = self.events.reset.read();
-        self.state = VmState::Shutdown;
+        self.state = VmState::Created;
         self.monitor.emit("vm", "shutdown");
     }
 
@@ -275,6 +276,7 @@ impl Vmm {
                         config: config.clone(),
                         state: self.state,
                         memory_actual_size: Some(config.memory.size),
+                        device_tree: self.vm.as_ref().map(Vm::device_tree),
                     }))),
                     Next::Continue,
                 ),

@@ -155,6 +155,8 @@ pub struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
     /// Statistics of the devices that keep them, by device id (for `vm.counters`).
     pub counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
+    /// Each virtio device's id and its device number on bus 0 (for `vm.info`'s device tree).
+    pub placed: Vec<(String, u8)>,
 }
 
 impl PciDevices {
@@ -333,6 +335,7 @@ pub fn create(
     list.sort_by_key(|p| p.slot.is_none());
     let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
     let mut counters: Vec<(String, Arc<dyn devices::DeviceCounters>)> = Vec::new();
+    let mut placed = Vec::new();
     for Pending {
         option,
         id,
@@ -357,7 +360,12 @@ pub fn create(
         r.add_device(slot, Arc::new(Mutex::new(pdev)))
             .map_err(|e| err(e.to_string()))?;
         info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {addr:#x}");
+        placed.push((id, slot));
     }
     drop(r);
-    Ok(PciDevices { root, counters })
+    Ok(PciDevices {
+        root,
+        counters,
+        placed,
+    })
 }

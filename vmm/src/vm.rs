@@ -260,6 +260,34 @@ impl Vm {
             .collect()
     }
 
+    /// `vm.info`'s device tree: for each virtio device, its virtio-pci transport node (with
+    /// the PCI address) and the device node under it, named as the original names them.
+    pub fn device_tree(&self) -> std::collections::BTreeMap<String, crate::api::DeviceNode> {
+        let mut tree = std::collections::BTreeMap::new();
+        for (id, slot) in &self.devices.pci.placed {
+            let transport = format!("_virtio-pci-{id}");
+            tree.insert(
+                transport.clone(),
+                crate::api::DeviceNode {
+                    id: transport,
+                    resources: Vec::new(),
+                    children: vec![id.clone()],
+                    pci_bdf: Some(format!("0000:00:{slot:02x}.0")),
+                },
+            );
+            tree.insert(
+                id.clone(),
+                crate::api::DeviceNode {
+                    id: id.clone(),
+                    resources: Vec::new(),
+                    children: Vec::new(),
+                    pci_bdf: None,
+                },
+            );
+        }
+        tree
+    }
+
     /// Bytes of guest RAM the host currently backs with pages.
     pub fn resident_guest_bytes(&self) -> u64 {
         memory::resident_bytes(&self._memory)

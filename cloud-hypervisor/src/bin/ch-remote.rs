@@ -1,5 +1,7 @@
 //! `ch-remote`: drives a running cloud-hypervisor through its API socket, with the original's
-//! subcommands and arguments. Errors are one line on standard error, with exit code 1.
+//! subcommands, arguments and help. Every subcommand sends its request, as the original's does:
+//! for what this VMM lacks the server answers 501 with its reason. Errors are one line on
+//! standard error, with exit code 1.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -8,75 +10,300 @@ use std::process::ExitCode;
 use api::client::Client;
 use clap::{Arg, ArgMatches, Command};
 use hyper::Method;
+use serde_json::{Map, Value};
+use vmm::config::{parse_size, DiskConfig, NetConfig};
 
-/// Subcommands that map to one endpoint: name, help, method, endpoint.
-const SIMPLE: &[(&str, &str, Method, &str)] = &[
-    ("boot", "Boot a created VM", Method::PUT, "vm.boot"),
-    (
-        "counters",
-        "Counters from the VM",
-        Method::GET,
-        "vm.counters",
-    ),
-    ("delete", "Delete a VM", Method::PUT, "vm.delete"),
-    ("info", "Info on the VM", Method::GET, "vm.info"),
-    ("pause", "Pause the VM", Method::PUT, "vm.pause"),
-    (
-        "ping",
-        "Ping the VMM to check for API server availability",
-        Method::GET,
-        "vmm.ping",
-    ),
-    (
-        "power-button",
-        "Trigger a power button in the VM",
-        Method::PUT,
-        "vm.power-button",
-    ),
-    ("reboot", "Reboot the VM", Method::PUT, "vm.reboot"),
-    ("resume", "Resume the VM", Method::PUT, "vm.resume"),
-    ("shutdown", "Shutdown the VM", Method::PUT, "vm.shutdown"),
-    (
-        "shutdown-vmm",
-        "Shutdown the VMM",
-        Method::PUT,
-        "vmm.shutdown",
-    ),
-];
+/// What a subcommand takes on its command line.
+enum Args {
+    None,
+    /// `create [path]`, `-` (the default) for standard input.
+    Path,
+    /// One positional argument, with its help text.
+    Positional {
+        name: &'static str,
+        required: bool,
+        help: &'static str,
+    },
+    /// `--<name> <name>` options, with their help texts.
+    Options(&'static [(&'static str, &'static str)]),
+}
 
-/// The original's subcommands for what this VMM does not have yet: name, help, argument.
-const NOT_YET: &[(&str, &str, &str)] = &[
-    ("add-device", "Add VFIO device", "device_config"),
-    ("add-disk", "Add block device", "disk_config"),
-    ("add-fs", "Add virtio-fs backed fs device", "fs_config"),
-    (
-        "add-generic-vhost-user",
-        "Add generic vhost-user device",
-        "generic_vhost_user_config",
-    ),
-    ("add-net", "Add network device", "net_config"),
-    ("add-pmem", "Add persistent memory device", "pmem_config"),
-    ("add-user-device", "Add userspace device", "device_config"),
-    ("add-vdpa", "Add vDPA device", "vdpa_config"),
-    ("add-vsock", "Add vsock device", "vsock_config"),
-    ("coredump", "Create a coredump from VM", "coredump_config"),
-    ("nmi", "Trigger NMI", ""),
-    (
-        "receive-migration",
-        "Receive a VM migration",
-        "receive_migration_config",
-    ),
-    ("remove-device", "Remove VFIO and PCI device", "id"),
-    ("resize", "Resize the VM", ""),
-    ("resize-disk", "Resize an attached disk", ""),
-    ("resize-zone", "Resize a memory zone", ""),
-    ("restore", "Restore VM from a snapshot", "restore_config"),
-    (
-        "send-migration",
-        "Initiate a VM migration",
-        "send_migration_config",
-    ),
-    ("snapshot", "Create a snapshot from VM", "snapshot_config"),
+/// How a subcommand's arguments become the request body.
+#[derive(Clone, Copy)]
+enum Body {
+    None,
+    /// The JSON file named by the argument, sent as it is.
+    File,
+    /// `--disk` syntax, turned into a DiskConfig.
+    Disk,
+    /// `--net` syntax, turned into a NetConfig.
+    Net,
+    /// `key=value,...` as a JSON object; a bare value is the given key's.
+    Kv(&'static str),
+    Resize,
+    ResizeDisk,
+    ResizeZone,
+}
+
+struct Sub {
+    name: &'static str,
+    about: &'static str,
+    args: Args,
+    method: Method,
+    endpoint: &'static str,
+    body: Body,
+}
+
+/// The original's subcommands, in its order, with its help texts.
+const SUBCOMMANDS: &[Sub] = &[
+    Sub {
+        name: "add-device",
+        about: "Add VFIO device",
+        args: Args::Positional { name: "device_config", required: false, help: "Direct device assignment parameters \"path=<device_path>,fd=<vfio_cdev_fd>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>,x_nv_gpudirect_clique=<clique_id>,x_exclude_mmap_bars=[<bar>...]\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-device",
+        body: Body::Kv("path"),
+    },
+    Sub {
+        name: "add-disk",
+        about: "Add block device",
+        args: Args::Positional { name: "disk_config", required: false, help: "Disk parameters \"path=<disk_image_path>,readonly=on|off,direct=on|off,iommu=on|off,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,vhost_user=on|off,socket=<vhost_user_socket_path>,bw_size=<bytes>,bw_one_time_burst=<bytes>,bw_refill_time=<ms>,ops_size=<io_ops>,ops_one_time_burst=<io_ops>,ops_refill_time=<ms>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>,rate_limit_group=<group_id>,queue_affinity=<list_of_queue_indices_with_their_associated_cpuset>,serial=<serial_number>,backing_files=on|off,sparse=on|off,image_type=<raw,qcow2,vhd,vhdx>,lock_granularity=byte-range|full" },
+        method: Method::PUT,
+        endpoint: "vm.add-disk",
+        body: Body::Disk,
+    },
+    Sub {
+        name: "add-fs",
+        about: "Add virtio-fs backed fs device",
+        args: Args::Positional { name: "fs_config", required: false, help: "virtio-fs parameters \"tag=<tag_name>,socket=<socket_path>,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-fs",
+        body: Body::Kv(""),
+    },
+    Sub {
+        name: "add-generic-vhost-user",
+        about: "Add generic vhost-user device",
+        args: Args::Positional { name: "generic_vhost_user_config", required: false, help: "generic vhost-user parameters \"device_type=<ID number for virtio device type (FS, block, net, etc) or symbolic name>,socket=<socket_path>,queue_sizes=<list of queue sizes>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-generic-vhost-user",
+        body: Body::Kv(""),
+    },
+    Sub {
+        name: "add-net",
+        about: "Add network device",
+        args: Args::Positional { name: "net_config", required: false, help: "Network parameters \"tap=<if_name>,ip=<ip_addr>,mask=<net_mask>,mac=<mac_addr>,fd=<[fd1,fd2,...]>,iommu=on|off,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>,vhost_user=<vhost_user_enable>,socket=<vhost_user_socket_path>,vhost_mode=client|server,bw_size=<bytes>,bw_one_time_burst=<bytes>,bw_refill_time=<ms>,ops_size=<io_ops>,ops_one_time_burst=<io_ops>,ops_refill_time=<ms>,pci_segment=<segment_id>,pci_device_id=<pci_slot>,offload_tso=on|off,offload_ufo=on|off,offload_csum=on|off\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-net",
+        body: Body::Net,
+    },
+    Sub {
+        name: "add-pmem",
+        about: "Add persistent memory device",
+        args: Args::Positional { name: "pmem_config", required: false, help: "Persistent memory parameters \"file=<backing_file_path>,size=<persistent_memory_size>,iommu=on|off,discard_writes=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-pmem",
+        body: Body::Kv("file"),
+    },
+    Sub {
+        name: "add-user-device",
+        about: "Add userspace device",
+        args: Args::Positional { name: "device_config", required: false, help: "Userspace device socket=<socket_path>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-user-device",
+        body: Body::Kv("socket"),
+    },
+    Sub {
+        name: "add-vdpa",
+        about: "Add vDPA device",
+        args: Args::Positional { name: "vdpa_config", required: false, help: "vDPA device \"path=<device_path>,num_queues=<number_of_queues>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-vdpa",
+        body: Body::Kv("path"),
+    },
+    Sub {
+        name: "add-vsock",
+        about: "Add vsock device",
+        args: Args::Positional { name: "vsock_config", required: false, help: "Virtio VSOCK parameters \"cid=<context_id>,socket=<socket_path>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
+        method: Method::PUT,
+        endpoint: "vm.add-vsock",
+        body: Body::Kv(""),
+    },
+    Sub {
+        name: "boot",
+        about: "Boot a created VM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.boot",
+        body: Body::None,
+    },
+    Sub {
+        name: "coredump",
+        about: "Create a coredump from VM",
+        args: Args::Positional { name: "coredump_config", required: false, help: "<file_path>" },
+        method: Method::PUT,
+        endpoint: "vm.coredump",
+        body: Body::Kv("destination_url"),
+    },
+    Sub {
+        name: "counters",
+        about: "Counters from the VM",
+        args: Args::None,
+        method: Method::GET,
+        endpoint: "vm.counters",
+        body: Body::None,
+    },
+    Sub {
+        name: "create",
+        about: "Create VM from a JSON configuration",
+        args: Args::Path,
+        method: Method::PUT,
+        endpoint: "vm.create",
+        body: Body::File,
+    },
+    Sub {
+        name: "delete",
+        about: "Delete a VM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.delete",
+        body: Body::None,
+    },
+    Sub {
+        name: "info",
+        about: "Info on the VM",
+        args: Args::None,
+        method: Method::GET,
+        endpoint: "vm.info",
+        body: Body::None,
+    },
+    Sub {
+        name: "nmi",
+        about: "Trigger NMI",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.nmi",
+        body: Body::None,
+    },
+    Sub {
+        name: "pause",
+        about: "Pause the VM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.pause",
+        body: Body::None,
+    },
+    Sub {
+        name: "ping",
+        about: "Ping the VMM to check for API server availability",
+        args: Args::None,
+        method: Method::GET,
+        endpoint: "vmm.ping",
+        body: Body::None,
+    },
+    Sub {
+        name: "power-button",
+        about: "Trigger a power button in the VM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.power-button",
+        body: Body::None,
+    },
+    Sub {
+        name: "reboot",
+        about: "Reboot the VM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.reboot",
+        body: Body::None,
+    },
+    Sub {
+        name: "receive-migration",
+        about: "Receive a VM migration",
+        args: Args::Positional { name: "receive_migration_config", required: false, help: "VM receive migration parameters \"<receiver_url>\" or \"receiver_url=<url>[,tls_dir=<path>][,memory_mode=precopy|postcopy][,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>][,iommufd_fd=<fd>][,zone_updates=[<id@host_numa_node>]]\"" },
+        method: Method::PUT,
+        endpoint: "vm.receive-migration",
+        body: Body::Kv("receiver_url"),
+    },
+    Sub {
+        name: "remove-device",
+        about: "Remove VFIO and PCI device",
+        args: Args::Positional { name: "id", required: false, help: "<device_id>" },
+        method: Method::PUT,
+        endpoint: "vm.remove-device",
+        body: Body::Kv("id"),
+    },
+    Sub {
+        name: "resize",
+        about: "Resize the VM",
+        args: Args::Options(&[("balloon", "New balloon size in bytes (supports K/M/G suffix)"), ("cpus", "New vCPUs count"), ("memory", "New memory size in bytes (supports K/M/G suffix)")]),
+        method: Method::PUT,
+        endpoint: "vm.resize",
+        body: Body::Resize,
+    },
+    Sub {
+        name: "resize-disk",
+        about: "Resize an attached disk",
+        args: Args::Options(&[("disk", "Disk identifier"), ("size", "New disk size")]),
+        method: Method::PUT,
+        endpoint: "vm.resize-disk",
+        body: Body::ResizeDisk,
+    },
+    Sub {
+        name: "resize-zone",
+        about: "Resize a memory zone",
+        args: Args::Options(&[("id", "Memory zone identifier"), ("size", "New memory zone size in bytes (supports K/M/G suffix)")]),
+        method: Method::PUT,
+        endpoint: "vm.resize-zone",
+        body: Body::ResizeZone,
+    },
+    Sub {
+        name: "restore",
+        about: "Restore VM from a snapshot",
+        args: Args::Positional { name: "restore_config", required: true, help: "Restore from a VM snapshot. \nRestore parameters \"source_url=<source_url>,prefault=on|off,memory_restore_mode=copy|ondemand,net_fds=<list_of_net_ids_with_their_associated_fds>,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>,iommufd_fd=<fd>,resume=true|false,zone_updates=<list_of_updates>\"\n        \n`source_url` should be a valid URL (e.g file:///foo/bar or tcp://192.168.1.10/foo) \n`prefault` controls eager prefaulting for the copy-based restore path (disabled by default) \n`memory_restore_mode=copy` preserves the existing eager read-copy restore behavior, while `memory_restore_mode=ondemand` enables lazy demand paging and fails restore if userfaultfd support is unavailable \n`net_fds` is a list of net ids with new file descriptors. Only net devices backed by FDs directly are needed as input.\n`vfio_fds` is a list of VFIO device ids each paired with a new cdev file descriptor, e.g. vfio_fds=[vfio0@5,vfio1@6]. Use this to restore a VFIO device onto a different sysfs path or host. Requires `iommufd_fd`.\n`iommufd_fd` is a new iommufd file descriptor for the restored VM. The one saved in the snapshot does not survive serialization.\n `resume` controls whether the VM will be directly resumed after restore \n `zone_updates` can be used to update NUMA memory zones. Expects a list of elements in the form `id@host_numa_node`" },
+        method: Method::PUT,
+        endpoint: "vm.restore",
+        body: Body::Kv("source_url"),
+    },
+    Sub {
+        name: "resume",
+        about: "Resume the VM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.resume",
+        body: Body::None,
+    },
+    Sub {
+        name: "send-migration",
+        about: "Initiate a VM migration",
+        args: Args::Positional { name: "send_migration_config", required: false, help: "VM send migration parameters \"destination_url=<url>[,local=on|off,preserve_source=on|off,downtime_ms=<milliseconds>,timeout_s=<seconds>,timeout_strategy=cancel|ignore,connections=<amount>,tls_dir=<path>,memory_mode=precopy|postcopy]\"" },
+        method: Method::PUT,
+        endpoint: "vm.send-migration",
+        body: Body::Kv("destination_url"),
+    },
+    Sub {
+        name: "shutdown",
+        about: "Shutdown the VM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vm.shutdown",
+        body: Body::None,
+    },
+    Sub {
+        name: "shutdown-vmm",
+        about: "Shutdown the VMM",
+        args: Args::None,
+        method: Method::PUT,
+        endpoint: "vmm.shutdown",
+        body: Body::None,
+    },
+    Sub {
+        name: "snapshot",
+        about: "Create a snapshot from VM",
+        args: Args::Positional { name: "snapshot_config", required: true, help: "<destination_url>" },
+        method: Method::PUT,
+        endpoint: "vm.snapshot",
+        body: Body::Kv("destination_url"),
+    },
 ];
 
 fn command() -> Command {
@@ -90,41 +317,29 @@ fn command() -> Command {
                 .help("HTTP API socket path (UNIX domain socket).")
                 .num_args(1)
                 .value_name("api-socket"),
-        )
-        .subcommand(
-            Command::new("create")
-                .about("Create VM from a JSON configuration")
-                .arg(Arg::new("path").default_value("-")),
         );
-    for (name, about, _, _) in SIMPLE {
-        cmd = cmd.subcommand(Command::new(*name).about(*about));
-    }
-    for (name, about, arg) in NOT_YET {
-        let mut sub = Command::new(*name).about(*about);
-        sub = match *name {
-            "resize" => sub
-                .arg(Arg::new("balloon").long("balloon").num_args(1))
-                .arg(Arg::new("cpus").long("cpus").num_args(1))
-                .arg(Arg::new("memory").long("memory").num_args(1)),
-            "resize-disk" => sub
-                .arg(Arg::new("disk").long("disk").num_args(1))
-                .arg(Arg::new("size").long("size").num_args(1)),
-            "resize-zone" => sub
-                .arg(Arg::new("id").long("id").num_args(1))
-                .arg(Arg::new("size").long("size").num_args(1)),
-            _ if arg.is_empty() => sub,
-            _ => sub.arg(Arg::new(*arg)),
-        };
+    for s in SUBCOMMANDS {
+        let mut sub = Command::new(s.name).about(s.about);
+        match &s.args {
+            Args::None => {}
+            Args::Path => sub = sub.arg(Arg::new("path").default_value("-")),
+            Args::Positional {
+                name,
+                required,
+                help,
+            } => sub = sub.arg(Arg::new(*name).help(*help).required(*required).num_args(1)),
+            Args::Options(opts) => {
+                for (name, help) in opts.iter() {
+                    sub = sub.arg(Arg::new(*name).long(*name).help(*help).num_args(1));
+                }
+            }
+        }
         cmd = cmd.subcommand(sub);
     }
     cmd
 }
 
-fn read_config(m: &ArgMatches) -> Result<Vec<u8>, String> {
-    let path = m
-        .get_one::<String>("path")
-        .map(String::as_str)
-        .unwrap_or("-");
+fn read_file(path: &str) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     let read = if path == "-" {
         std::io::stdin().read_to_end(&mut body).map(|_| ())
@@ -132,46 +347,144 @@ fn read_config(m: &ArgMatches) -> Result<Vec<u8>, String> {
         std::fs::read(path).map(|b| body = b)
     };
     read.map_err(|e| format!("create {path}: cannot read: {e}"))?;
-    // Check locally so a typo gets a precise message before anything is sent.
-    serde_json::from_slice::<serde_json::Value>(&body)
-        .map_err(|e| format!("create {path}: not valid JSON: {e}"))?;
     Ok(body)
 }
 
+/// `on`/`true`, `off`/`false`, numbers and strings.
+fn kv_value(v: &str) -> Value {
+    match v {
+        "on" | "true" => Value::Bool(true),
+        "off" | "false" => Value::Bool(false),
+        _ => v
+            .parse::<u64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::String(v.to_string())),
+    }
+}
+
+/// Splits `a=1,b=[x,y],c=2` at the commas outside brackets and quotes.
+fn split_options(raw: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut quoted, mut start) = (Vec::new(), 0i32, false, 0);
+    for (i, c) in raw.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '[' if !quoted => depth += 1,
+            ']' if !quoted => depth -= 1,
+            ',' if !quoted && depth <= 0 => {
+                parts.push(&raw[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&raw[start..]);
+    parts.into_iter().filter(|p| !p.is_empty()).collect()
+}
+
+fn kv_body(sub: &str, primary: &str, raw: Option<&str>) -> Result<Value, String> {
+    let mut map = Map::new();
+    for part in split_options(raw.unwrap_or("")) {
+        match part.split_once('=') {
+            Some((k, v)) => {
+                map.insert(k.to_string(), kv_value(v.trim_matches('"')));
+            }
+            None if !primary.is_empty() => {
+                map.insert(primary.to_string(), Value::String(part.to_string()));
+            }
+            None => return Err(format!("{sub}: '{part}' is not key=value")),
+        }
+    }
+    Ok(Value::Object(map))
+}
+
+fn size_arg(m: &ArgMatches, name: &str) -> Result<Option<u64>, String> {
+    m.get_one::<String>(name)
+        .map(|v| parse_size(v).ok_or_else(|| format!("--{name} {v}: not a size")))
+        .transpose()
+}
+
+/// The request body for subcommand `s` with its arguments `m`.
+fn body(s: &Sub, m: &ArgMatches) -> Result<Option<Vec<u8>>, String> {
+    let positional = match &s.args {
+        Args::Positional { name, .. } => m.get_one::<String>(name).map(String::as_str),
+        Args::Path => m.get_one::<String>("path").map(String::as_str),
+        _ => None,
+    };
+    let to_vec = |v: &Value| serde_json::to_vec(v).map_err(|e| e.to_string());
+    let value = match s.body {
+        Body::None => return Ok(None),
+        Body::File => return read_file(positional.unwrap_or("-")).map(Some),
+        Body::Disk => {
+            let c = DiskConfig::parse(positional.unwrap_or("")).map_err(|e| e.to_string())?;
+            serde_json::to_value(c).map_err(|e| e.to_string())?
+        }
+        Body::Net => {
+            let c = NetConfig::parse(positional.unwrap_or("")).map_err(|e| e.to_string())?;
+            serde_json::to_value(c).map_err(|e| e.to_string())?
+        }
+        Body::Kv(primary) => kv_body(s.name, primary, positional)?,
+        Body::Resize => {
+            let mut map = Map::new();
+            if let Some(v) = m.get_one::<String>("cpus") {
+                let n: u32 = v
+                    .parse()
+                    .map_err(|_| format!("--cpus {v}: not a number of vCPUs"))?;
+                map.insert("desired_vcpus".into(), n.into());
+            }
+            if let Some(v) = size_arg(m, "memory")? {
+                map.insert("desired_ram".into(), v.into());
+            }
+            if let Some(v) = size_arg(m, "balloon")? {
+                map.insert("desired_balloon".into(), v.into());
+            }
+            Value::Object(map)
+        }
+        Body::ResizeDisk | Body::ResizeZone => {
+            let (id_arg, size_key) = match s.body {
+                Body::ResizeDisk => ("disk", "desired_size"),
+                _ => ("id", "desired_ram"),
+            };
+            let mut map = Map::new();
+            if let Some(id) = m.get_one::<String>(id_arg) {
+                map.insert("id".into(), id.as_str().into());
+            }
+            if let Some(v) = size_arg(m, "size")? {
+                map.insert(size_key.into(), v.into());
+            }
+            Value::Object(map)
+        }
+    };
+    to_vec(&value).map(Some)
+}
+
 fn run(m: &ArgMatches) -> Result<(), String> {
-    let Some((sub, sub_m)) = m.subcommand() else {
+    let Some((name, sub_m)) = m.subcommand() else {
         return Err("no command given (see --help)".into());
     };
-    if NOT_YET.iter().any(|(n, _, _)| *n == sub) {
-        return Err(format!("{sub}: not supported yet by this VMM"));
-    }
+    let s = SUBCOMMANDS
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| format!("unknown command {name}"))?;
     let socket = m
         .get_one::<String>("api-socket")
         .map(PathBuf::from)
         .ok_or("--api-socket <path> is required")?;
-    let (method, endpoint, body) = if sub == "create" {
-        (Method::PUT, "vm.create", Some(read_config(sub_m)?))
-    } else {
-        let (_, _, method, endpoint) = SIMPLE
-            .iter()
-            .find(|(n, _, _, _)| *n == sub)
-            .ok_or_else(|| format!("unknown command {sub}"))?;
-        (method.clone(), *endpoint, None)
-    };
+    let body = body(s, sub_m)?;
     let mut client = Client::connect(&socket).map_err(|e| e.to_string())?;
     let reply = client
-        .call(method, endpoint, body)
-        .map_err(|e| format!("{endpoint}: {e}"))?;
+        .call(s.method.clone(), s.endpoint, body)
+        .map_err(|e| format!("{}: {e}", s.endpoint))?;
     let text = String::from_utf8_lossy(&reply.body);
     if !(200..300).contains(&reply.status) {
         return Err(format!(
-            "{endpoint}: the VMM answered {}: {}",
+            "{}: the VMM answered {}: {}",
+            s.endpoint,
             reply.status,
             text.trim()
         ));
     }
     if !reply.body.is_empty() {
-        match serde_json::from_slice::<serde_json::Value>(&reply.body) {
+        match serde_json::from_slice::<Value>(&reply.body) {
             Ok(v) => println!(
                 "{}",
                 serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.to_string())
@@ -206,5 +519,61 @@ fn main() -> ExitCode {
             eprintln!("ch-remote: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(args: &[&str]) -> Result<Value, String> {
+        let m = command()
+            .try_get_matches_from(["ch-remote"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
+        let (name, sub_m) = m.subcommand().unwrap();
+        let s = SUBCOMMANDS.iter().find(|s| s.name == name).unwrap();
+        let b = body(s, sub_m)?.unwrap_or_default();
+        Ok(serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn bodies_follow_the_original_schemas() {
+        assert_eq!(
+            body_of(&["resize", "--cpus", "4", "--memory", "1G"]).unwrap(),
+            serde_json::json!({"desired_vcpus": 4, "desired_ram": 1u64 << 30})
+        );
+        assert_eq!(
+            body_of(&["resize-zone", "--id", "z0", "--size", "2M"]).unwrap(),
+            serde_json::json!({"id": "z0", "desired_ram": 2u64 << 20})
+        );
+        assert_eq!(
+            body_of(&["resize-disk", "--disk", "d0", "--size", "4096"]).unwrap(),
+            serde_json::json!({"id": "d0", "desired_size": 4096})
+        );
+        assert_eq!(
+            body_of(&["remove-device", "_disk0"]).unwrap(),
+            serde_json::json!({"id": "_disk0"})
+        );
+        assert_eq!(
+            body_of(&["snapshot", "file:///tmp/s"]).unwrap(),
+            serde_json::json!({"destination_url": "file:///tmp/s"})
+        );
+        assert_eq!(
+            body_of(&["restore", "source_url=file:///s,prefault=on"]).unwrap(),
+            serde_json::json!({"source_url": "file:///s", "prefault": true})
+        );
+        assert_eq!(
+            body_of(&["add-vsock", "cid=3,socket=/tmp/v,id=[a,b]"]).unwrap(),
+            serde_json::json!({"cid": 3, "socket": "/tmp/v", "id": "[a,b]"})
+        );
+        assert_eq!(
+            body_of(&["add-disk", "path=/img,readonly=on"]).unwrap()["readonly"],
+            true
+        );
+        assert!(body_of(&["add-fs", "novalue"]).is_err());
+        assert!(body_of(&["resize", "--memory", "lots"]).is_err());
+        assert!(body_of(&["add-disk", "path=/img,bogus=1"]).is_err());
+        assert!(body_of(&["snapshot"]).is_err(), "snapshot needs its URL");
+        assert_eq!(body_of(&["nmi"]).unwrap(), Value::Null);
     }
 }

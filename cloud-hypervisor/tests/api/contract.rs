@@ -38,3 +38,20 @@ fn responses_match_the_openapi_document() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The contract checker itself: it must reject deliberately wrong answers (a bad state, a
+/// missing or extra field, a wrong type, an undocumented status, a body on 204, the wrong
+/// Content-Type) and accept right ones, or a passing contract run would prove nothing.
+#[test]
+fn the_contract_checker_rejects_wrong_answers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(python())
+        .arg(root.join("scripts/api-contract"))
+        .arg("--self-test")
+        .current_dir(&root)
+        .output()
+        .expect("running scripts/api-contract --self-test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("0 misjudged"), "{text}");
+}

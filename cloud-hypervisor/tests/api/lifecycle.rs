@@ -45,6 +45,7 @@ fn lifecycle_over_curl() {
     assert_eq!(vmm.curl("PUT", "vm.create", Some(&config)).0, 204);
     assert_eq!(vmm.curl("PUT", "vm.create", Some(&config)).0, 409);
     assert_eq!(vmm.state(), "Created");
+    assert!(vmm.ok_json("vm.info").get("device_tree").is_none());
     assert_eq!(vmm.put("vm.pause").0, 405, "pause before boot");
     assert_eq!(vmm.put("vm.boot").0, 204);
     wait_for(&serial, "READY", 1);
@@ -57,6 +58,13 @@ fn lifecycle_over_curl() {
     assert_eq!(info["config"]["memory"]["size"], 256u64 << 20);
     assert_eq!(info["memory_actual_size"], 256u64 << 20);
     assert_eq!(info["config"]["payload"]["cmdline"], "test=tick");
+    // The built VM's devices: the virtio-rng (always there) on bus 0, under its transport.
+    let tree = info["device_tree"].as_object().expect("a device tree");
+    let transport = &tree["_virtio-pci-_rng"];
+    assert_eq!(transport["children"], serde_json::json!(["_rng"]));
+    let bdf = transport["pci_bdf"].as_str().unwrap();
+    assert!(bdf.starts_with("0000:00:") && bdf.ends_with(".0"), "{bdf}");
+    assert_eq!(tree["_rng"]["id"], "_rng");
 
     check_pause_stops_the_guest(
         || {
@@ -78,8 +86,12 @@ fn lifecycle_over_curl() {
     assert_eq!(vmm.put("vm.power-button").0, 204);
 
     assert_eq!(vmm.put("vm.shutdown").0, 204);
-    assert_eq!(vmm.state(), "Shutdown");
+    // As in the original, whose vm.shutdown drops the VM and keeps its configuration: the
+    // state reads Created again, and there is no device tree until the next boot.
+    assert_eq!(vmm.state(), "Created");
+    assert!(vmm.ok_json("vm.info").get("device_tree").is_none());
     assert_eq!(vmm.put("vm.shutdown").0, 405, "shutdown twice");
+    assert_eq!(vmm.put("vm.pause").0, 405, "pause after shutdown");
     // A shut-down VM boots again from its configuration.
     assert_eq!(vmm.put("vm.boot").0, 204);
     wait_for(&serial, "READY", 1);
@@ -166,10 +178,19 @@ fn lifecycle_over_ch_remote() {
     ok(&["power-button"]);
     ok(&["shutdown"]);
     let info: serde_json::Value = serde_json::from_str(&ok(&["info"])).unwrap();
-    assert_eq!(info["state"], "Shutdown");
+    assert_eq!(info["state"], "Created");
     ok(&["delete"]);
     fails(&["info"], "404");
-    fails(&["add-disk", "path=/x"], "not supported yet");
+    // What this VMM lacks is still sent; the server answers 501 with its reason.
+    fails(&["add-disk", "path=/x"], "501");
+    fails(&["add-disk", "path=/x"], "vm.add-disk is not supported yet");
+    fails(&["nmi"], "501");
+    fails(&["resize", "--cpus", "2"], "501");
+    fails(&["snapshot", "file:///tmp/snap"], "501");
+    // A file that is not a VmConfig is the server's to refuse, as with the original.
+    let bad = vmm.dir.join("bad.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    fails(&["create", bad.to_str().unwrap()], "400");
     fails(&["frobnicate"], "frobnicate");
     ok(&["shutdown-vmm"]);
     let run = vmm.wait();
@@ -225,7 +246,7 @@ fn cli_and_api_configs_match() {
 }
 
 /// Without --no-shutdown the VMM exits when the guest powers off, API socket or not; with it,
-/// the VM goes to Shutdown and the VMM stays.
+/// the VM is shut down (its state reads Created, as the original's does) and the VMM stays.
 #[test]
 fn guest_power_off_with_an_api_socket() {
     let kernel = common::guest().elf_pvh.display().to_string();
@@ -257,7 +278,8 @@ fn guest_power_off_with_an_api_socket() {
         ],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while vmm.state() != "Shutdown" {
+    // The VM from the command line was booted before the API answered: Created means shut down.
+    while vmm.state() != "Created" {
         assert!(
             std::time::Instant::now() < deadline,
             "the VM did not shut down"
@@ -342,4 +364,56 @@ fn api_socket_from_an_inherited_fd() {
         run.stderr
     );
     assert_eq!(run.stderr.lines().count(), 1);
+}
+
+/// The `KVMCLOCK <ns>` samples printed so far (whole lines only).
+fn kvmclock_samples(file: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("KVMCLOCK "))
+        .map(|n| n.parse().expect("KVMCLOCK <ns>"))
+        .collect()
+}
+
+/// The guest's kvmclock across a pause: as the original does, the VMM saves the KVM clock at
+/// pause and restores it at resume, so the guest does not see the paused second as a jump
+/// of its clock. The guest samples kvmclock (CPUID 0x40000001 + MSR_KVM_SYSTEM_TIME_NEW)
+/// about every 23 ms.
+#[test]
+fn kvmclock_does_not_jump_across_a_pause() {
+    let vmm = Vmm::start("api-kvmclock", &[]);
+    let serial = vmm.dir.join("serial.out");
+    let config = guest_config("kvmclock", &serial);
+    assert_eq!(vmm.curl("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "KVMCLOCK", 5);
+    let out = std::fs::read_to_string(&serial).unwrap();
+    assert!(out.contains("PASS kvmclock-cpuid"), "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+
+    assert_eq!(vmm.put("vm.pause").0, 204);
+    // A sample being printed at the moment of the pause may still land.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = kvmclock_samples(&serial).len();
+    let paused = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(kvmclock_samples(&serial).len(), before, "ran while paused");
+    assert_eq!(vmm.put("vm.resume").0, 204);
+    let paused = paused.elapsed();
+    wait_for(&serial, "KVMCLOCK", before + 5);
+
+    let samples = kvmclock_samples(&serial);
+    for w in samples.windows(2) {
+        assert!(w[1] > w[0], "kvmclock went backwards: {samples:?}");
+    }
+    let steps: Vec<u64> = samples.windows(2).map(|w| w[1] - w[0]).collect();
+    let normal = *steps[..before - 1].iter().max().unwrap();
+    // The sample just before the pause and the first one after it.
+    let across = samples[before] - samples[before - 1];
+    assert!(
+        across < normal + 200_000_000,
+        "kvmclock jumped {across} ns across a pause of {paused:?} (normal step at most {normal} ns)"
+    );
 }
