@@ -142,6 +142,13 @@ pub fn scenario_net(boot: &BootInfo) {
     tx.packet_mut().copy_from_slice(&frame);
     let r = net.send(tx);
     check!("net-tx", r.is_ok(), "{r:?}");
+    // Frames and bytes (Ethernet frames, no virtio header) each way, for the host to compare
+    // with the device's counters.
+    let mut counts = [0usize; 4];
+    if r.is_ok() {
+        counts[0] += 1;
+        counts[1] += frame.len();
+    }
     println!("READY");
     let mut waited_ms = 0;
     let mut arp_answered = false;
@@ -151,7 +158,10 @@ pub fn scenario_net(boot: &BootInfo) {
             if waited_ms % 500 == 499 {
                 let mut tx = net.new_tx_buffer(frame.len());
                 tx.packet_mut().copy_from_slice(&frame);
-                let _ = net.send(tx);
+                if net.send(tx).is_ok() {
+                    counts[0] += 1;
+                    counts[1] += frame.len();
+                }
             }
             if waited_ms > 20_000 {
                 fail(
@@ -174,15 +184,21 @@ pub fn scenario_net(boot: &BootInfo) {
             }
         };
         let pkt = rx.packet();
+        counts[2] += 1;
+        counts[3] += pkt.len();
         let reply = arp_reply(mac, ip, pkt);
         let payload = udp_payload(ip, pkt).map(|p| p.to_vec());
         let _ = net.recycle_rx_buffer(rx);
         if let Some(reply) = reply {
             let mut tx = net.new_tx_buffer(reply.len());
             tx.packet_mut().copy_from_slice(&reply);
-            if net.send(tx).is_ok() && !arp_answered {
-                arp_answered = true;
-                pass("net-arp-reply");
+            if net.send(tx).is_ok() {
+                counts[0] += 1;
+                counts[1] += reply.len();
+                if !arp_answered {
+                    arp_answered = true;
+                    pass("net-arp-reply");
+                }
             }
         }
         if let Some(p) = payload {
@@ -191,6 +207,10 @@ pub fn scenario_net(boot: &BootInfo) {
                 p == b"hello from host",
                 "payload {:?}",
                 core::str::from_utf8(&p)
+            );
+            println!(
+                "NET-COUNTS tx_frames={} tx_bytes={} rx_frames={} rx_bytes={}",
+                counts[0], counts[1], counts[2], counts[3]
             );
             return;
         }

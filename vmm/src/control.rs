@@ -497,5 +497,10 @@ fn log_memory(vm: &Vm) {
             memory::peak_rss().unwrap_or(0) >> 10,
             vm.resident_guest_bytes() >> 10
         );
+        // The devices' final statistics (vm.counters while it ran), for scripts and tests.
+        for (id, counters) in vm.counters() {
+            let list: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            info!("counters {id}: {}", list.join(" "));
+        }
     }
 }
