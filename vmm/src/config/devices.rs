@@ -603,7 +603,7 @@ mod tests {
         n.validate().unwrap();
         for bad in [
             NetConfig {
-                num_queues: 4,
+                num_queues: 5,
                 ..n.clone()
             },
             NetConfig {
