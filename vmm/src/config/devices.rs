@@ -546,7 +546,10 @@ mod tests {
         assert_eq!(n.mac.as_deref(), Some("52:54:00:00:00:01"));
         assert_eq!((n.num_queues, n.queue_size), (2, 256));
         let q = NetConfig::parse("tap=t0,num_queues=8,offload_tso=off").unwrap();
-        assert_eq!((q.num_queues, q.offload_tso, q.offload_csum), (8, false, true));
+        assert_eq!(
+            (q.num_queues, q.offload_tso, q.offload_csum),
+            (8, false, true)
+        );
         let d = NetConfig::parse("").unwrap();
         assert_eq!((d.ip, d.mask), (default_ip(), default_mask()));
         for (bad, why) in [
