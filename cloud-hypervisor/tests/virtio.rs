@@ -304,6 +304,49 @@ fn console_input_and_output_through_a_pty() {
 }
 
 #[test]
+fn console_input_and_output_through_a_socket() {
+    let dir = scratch("console-socket");
+    let sock = dir.join("console.sock");
+    let arg = format!("socket={},id=con0", sock.display());
+    let child = common::spawn(&[
+        "--kernel",
+        guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        "test=console-echo",
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+        "--console",
+        &arg,
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("cannot connect to the console socket: {e}"),
+        }
+    };
+    stream.set_nonblocking(true).unwrap();
+    stream.write_all(b"ping over the socket\n").unwrap();
+    let fd = stream.as_raw_fd();
+    let text = read_until(
+        &mut stream,
+        fd,
+        "ECHO ping over the socket",
+        Duration::from_secs(20),
+    );
+    assert!(text.contains("ECHO ping over the socket\n"), "{text}");
+    let r = wait_with_timeout(child, Duration::from_secs(20));
+    r.assert_guest_passed();
+    r.assert_passed("console-echo");
+    assert!(!sock.exists(), "the socket file is left behind");
+}
+
+#[test]
 fn net_udp_both_ways_through_a_tap() {
     // The VMM, its TAP and the host end of the traffic live in a network namespace of their
     // own: this thread moves into a fresh one and the VMM it starts inherits it, so nothing

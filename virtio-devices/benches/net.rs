@@ -342,8 +342,10 @@ fn main() {
             rx.desc(&mem, i, rx.data + BUF * u64::from(i), BUF as u32, 2);
         }
         // Fresh rings: the device's queues start at index 0 again.
-        mem.write_slice(&[0u8; 0x3000], GuestAddress(rx_base)).unwrap();
-        mem.write_slice(&[0u8; 0x3000], GuestAddress(tx_base)).unwrap();
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(rx_base))
+            .unwrap();
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(tx_base))
+            .unwrap();
         for i in 0..DEPTH {
             let a = tx.data + BUF * u64::from(i);
             tx.desc(&mem, i, a, f.len() as u32, 0);
