@@ -73,10 +73,16 @@ impl Ring {
         .unwrap();
         self.avail = self.avail.wrapping_add(1);
     }
+    /// Makes the new entries visible and notifies, unless the device said it is draining the
+    /// ring (VRING_USED_F_NO_NOTIFY), as Linux does without EVENT_IDX.
     fn publish(&self, mem: &GuestMemoryMmap) {
         mem.write_obj(self.avail, GuestAddress(self.avail_at() + 2))
             .unwrap();
-        self.kick.write(1).unwrap();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let flags: u16 = mem.read_obj(GuestAddress(self.used_at())).unwrap();
+        if flags & 1 == 0 {
+            self.kick.write(1).unwrap();
+        }
     }
 
     /// Keeps DEPTH chains in flight for `dur`, giving each back as it is used. Returns frames

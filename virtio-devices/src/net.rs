@@ -18,7 +18,7 @@ use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, VirtioDevice,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
@@ -62,7 +62,10 @@ pub const MAX_QUEUE_PAIRS: usize = 31;
 /// Largest frame with its header (a 64 KiB GSO frame plus its Ethernet header).
 const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 /// Frames moved per wake-up of one direction before the other gets a turn.
-const BATCH: usize = 64;
+const BATCH: u32 = 64;
+/// Frames after which a batch is signalled to the driver part-way, so it can refill (receive)
+/// or reuse (transmit) buffers while the device goes on.
+const EARLY_SIGNAL: u32 = 16;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFF: usize = 10;
 
@@ -189,6 +192,8 @@ struct NetHandler {
     segs: Vec<(GuestAddress, usize)>,
     chains: Vec<RxChain>,
     tx_dropped: u64,
+    /// For signalling part of a long batch early.
+    interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
 }
 
 // SAFETY: the iovecs point into guest memory and only live during one call on the worker.
@@ -207,6 +212,7 @@ impl NetHandler {
             segs: Vec::new(),
             chains: Vec::new(),
             tx_dropped: 0,
+            interrupt: None,
         }
     }
 
@@ -231,7 +237,8 @@ impl NetHandler {
         let shared = &self.shared;
         let tap = &shared.taps[self.pair];
         let (iovecs, dropped) = (&mut self.iovecs, &mut self.tx_dropped);
-        process_chains(index, q, mem, |chain| {
+        let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
+        process_chains_notify(index, q, mem, early, |chain| {
             iovecs.clear();
             let mut total = 0usize;
             for d in chain {
@@ -341,7 +348,7 @@ impl NetHandler {
         let mergeable = self.acked & F_MRG_RXBUF != 0;
         let need = if mergeable { self.rx_need() } else { 0 };
         let mut used = 0;
-        let mut frames = 0;
+        let mut frames = 0u32;
         while frames < BATCH {
             self.iovecs.clear();
             self.segs.clear();
@@ -409,6 +416,13 @@ impl NetHandler {
                     self.return_chains(q, mem, n)?;
                     used = queue_bit(index);
                     frames += 1;
+                    if frames % EARLY_SIGNAL == 0 {
+                        if let Some(irq) = &self.interrupt {
+                            if q.needs_notification(mem).unwrap_or(true) {
+                                irq.signal_queue(index);
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     for _ in 0..self.chains.len() {
@@ -543,6 +557,10 @@ fn execute_ctrl(
 }
 
 impl QueueHandler for NetHandler {
+    fn attach_interrupt(&mut self, interrupt: Arc<dyn crate::VirtioInterrupt>) {
+        self.interrupt = Some(interrupt);
+    }
+
     fn process_queue(
         &mut self,
         index: usize,
