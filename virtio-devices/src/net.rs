@@ -416,7 +416,7 @@ impl NetHandler {
                     self.return_chains(q, mem, n)?;
                     used = queue_bit(index);
                     frames += 1;
-                    if frames % EARLY_SIGNAL == 0 {
+                    if frames.is_multiple_of(EARLY_SIGNAL) {
                         if let Some(irq) = &self.interrupt {
                             if q.needs_notification(mem).unwrap_or(true) {
                                 irq.signal_queue(index);
