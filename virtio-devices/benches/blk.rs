@@ -252,12 +252,16 @@ fn main() {
                 .as_ptr()
         })
         .collect();
-    for (write, size) in [
-        (false, 4096u32),
-        (true, 4096),
-        (false, 65536),
-        (true, 65536),
-    ] {
+    // BLK_BENCH_CASES=0,2 runs only those cases (0: read 4 KiB, 1: write 4 KiB, 2: read
+    // 64 KiB, 3: write 64 KiB).
+    let cases: Option<Vec<usize>> = std::env::var("BLK_BENCH_CASES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect());
+    let all = [(false, 4096u32), (true, 4096), (false, 65536), (true, 65536)];
+    for (i, &(write, size)) in all.iter().enumerate() {
+        if cases.as_ref().is_some_and(|c| !c.contains(&i)) {
+            continue;
+        }
         let kind = if write { "write" } else { "read" };
         b.prepare(write, size);
         let (start, cpu0) = (Instant::now(), thread_cpu("virtio-blk"));
