@@ -257,7 +257,12 @@ fn main() {
     let cases: Option<Vec<usize>> = std::env::var("BLK_BENCH_CASES")
         .ok()
         .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect());
-    let all = [(false, 4096u32), (true, 4096), (false, 65536), (true, 65536)];
+    let all = [
+        (false, 4096u32),
+        (true, 4096),
+        (false, 65536),
+        (true, 65536),
+    ];
     for (i, &(write, size)) in all.iter().enumerate() {
         if cases.as_ref().is_some_and(|c| !c.contains(&i)) {
             continue;

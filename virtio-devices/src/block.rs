@@ -59,9 +59,8 @@ pub struct BlockConfig {
     pub io_uring: bool,
 }
 
-/// Completions after which a long batch is signalled to the driver part-way (synchronous I/O):
-/// the driver refills the ring while the device goes on, instead of both taking turns.
-const EARLY_SIGNAL: u32 = 32;
+/// Fewest completions between the signals of a long batch (see `process_chains_notify`).
+const EARLY_SIGNAL: u32 = 16;
 
 /// Counter indexes, as named in `COUNTER_NAMES`.
 const READ_BYTES: usize = 0;

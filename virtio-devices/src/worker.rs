@@ -240,9 +240,10 @@ where
 }
 
 /// `process_chains`, and with `early = Some((interrupt, n))` the used buffers are also
-/// signalled every `n` completions while the batch goes on (when the driver wants an interrupt
-/// then: EVENT_IDX or NO_INTERRUPT), so a driver can refill the ring while the device is still
-/// busy instead of waiting for the whole batch. The caller signals the rest as usual.
+/// signalled part-way through a long batch (when the driver wants an interrupt then: EVENT_IDX
+/// or NO_INTERRUPT): every three quarters of what was available when the batch started, and at
+/// least `n` completions apart. The driver can then refill the ring while the device is still
+/// busy with the last quarter, instead of both taking turns. The caller signals the rest.
 pub fn process_chains_notify<F>(
     index: usize,
     q: &mut Queue,
@@ -255,6 +256,16 @@ where
 {
     let mut used = false;
     let mut since_signal = 0u32;
+    let every = match early {
+        Some((_, n)) => {
+            let avail = q
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .map_err(|e| format!("avail ring: {e}"))?;
+            let pending = u32::from(avail.0.wrapping_sub(q.next_avail()));
+            (pending * 3 / 4).max(n)
+        }
+        None => u32::MAX,
+    };
     // While the queue is being drained the driver need not notify (VRING_USED_F_NO_NOTIFY);
     // notifications are re-enabled before sleeping, and the ring checked once more.
     q.disable_notification(mem)
@@ -280,7 +291,7 @@ where
             q.add_used(mem, head, len)
                 .map_err(|e| format!("used ring: {e}"))?;
             used = true;
-            if let Some((irq, every)) = early {
+            if let Some((irq, _)) = early {
                 since_signal += 1;
                 if since_signal >= every {
                     since_signal = 0;
