@@ -269,15 +269,17 @@ fn main() {
         }
         let kind = if write { "write" } else { "read" };
         b.prepare(write, size);
-        let (start, cpu0) = (Instant::now(), thread_cpu("virtio-blk"));
+        let (start, cpu0, guest0) = (Instant::now(), thread_cpu("virtio-blk"), own_cpu());
         (b.irqs, b.kicks) = (0, 0);
         let n = b.run(size, dur);
+        let guest_cpu = (own_cpu() - guest0) / n as f64;
         let per = |k: u64| n as f64 / k.max(1) as f64;
         println!(
-            "{:<34} {:>9.1} requests per interrupt, {:.1} per notification",
+            "{:<34} {:>9.1} requests per interrupt, {:.1} per notification; guest side {:.2} us CPU per request",
             "  batching",
             per(b.irqs),
-            per(b.kicks)
+            per(b.kicks),
+            guest_cpu * 1e6
         );
         let dev_cpu = (thread_cpu("virtio-blk") - cpu0) / n as f64;
         let dev = report(
