@@ -529,7 +529,12 @@ pub fn scenario_blk_bench() {
     };
     let sectors = blk.capacity() as usize;
     let mut buf = alloc::vec![0x5au8; 64 << 10];
-    for (write, size) in [(false, 4096usize), (true, 4096), (false, 65536), (true, 65536)] {
+    for (write, size) in [
+        (false, 4096usize),
+        (true, 4096),
+        (false, 65536),
+        (true, 65536),
+    ] {
         let op = if write { "write" } else { "read" };
         let per = size / 512;
         if sectors < per {
