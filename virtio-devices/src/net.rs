@@ -306,10 +306,14 @@ impl NetHandler {
         let mut ok = true;
         for d in chain {
             match guest_iovec(mem, d.addr(), d.len()) {
-                Some(v) if d.is_write_only() && room + v.iov_len <= MAX_FRAME => {
-                    room += v.iov_len;
-                    self.segs.push((d.addr(), v.iov_len));
-                    self.iovecs.push(v);
+                Some(mut v) if d.is_write_only() => {
+                    // Room past the largest frame is never written: leave it out.
+                    v.iov_len = v.iov_len.min(MAX_FRAME - room);
+                    if v.iov_len > 0 {
+                        room += v.iov_len;
+                        self.segs.push((d.addr(), v.iov_len));
+                        self.iovecs.push(v);
+                    }
                 }
                 _ => ok = false,
             }
@@ -349,6 +353,7 @@ impl NetHandler {
         let need = if mergeable { self.rx_need() } else { 0 };
         let mut used = 0;
         let mut frames = 0u32;
+        let mut rechecks = 0;
         while frames < BATCH {
             self.iovecs.clear();
             self.segs.clear();
@@ -388,10 +393,13 @@ impl NetHandler {
             if self.chains.is_empty() {
                 if empty {
                     // Sleep on the TAP no more until the driver adds buffers (and asks to be
-                    // told about them: with EVENT_IDX this moves avail_event).
-                    if q.enable_notification(mem)
-                        .map_err(|e| format!("avail ring: {e}"))?
+                    // told about them: with EVENT_IDX this moves avail_event). A ring that
+                    // claims more buffers but yields none is not re-read forever.
+                    if rechecks < 2
+                        && q.enable_notification(mem)
+                            .map_err(|e| format!("avail ring: {e}"))?
                     {
+                        rechecks += 1;
                         continue;
                     }
                     self.paused = true;
