@@ -128,8 +128,8 @@ fn conflicting_and_unsupported_options() {
         &["--fs tag=t,socket=/tmp/s", "not supported yet"],
     );
     assert_rejected(
-        &["--kernel", k, "--net", "tap=t0,num_queues=4"],
-        &["--net", "one queue pair"],
+        &["--kernel", k, "--net", "tap=t0,num_queues=3"],
+        &["--net", "even number"],
     );
     assert_rejected(
         &["--kernel", k, "--net", "ip=1.2.3"],

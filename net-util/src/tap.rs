@@ -181,6 +181,23 @@ impl Tap {
         )
     }
 
+    /// Attaches (`true`) or detaches this queue of a multi-queue tap: the kernel only steers
+    /// frames to attached queues.
+    pub fn set_queue_attached(&self, attached: bool) -> Result<(), TapError> {
+        let mut ifr = ifreq_for(&self.name)?;
+        let flag = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifr.ifr_ifru.ifru_flags = flag as libc::c_short;
+        self.tun_ioctl(
+            "TUNSETQUEUE",
+            libc::TUNSETQUEUE,
+            &mut ifr as *mut libc::ifreq as libc::c_ulong,
+        )
+    }
+
     /// Runs a SIOC* request on the interface through a throwaway AF_INET socket.
     fn if_ioctl(
         &self,

@@ -200,10 +200,12 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "pci" => virtio::scenario_pci(&boot),
         "rng" => virtio::scenario_rng(),
         "blk" => virtio::scenario_blk(&boot),
+        "blk-bench" => virtio::scenario_blk_bench(),
         "console" => virtio::scenario_console(),
         "console-echo" => virtio::scenario_console_echo(),
         "hostile" => hostile::scenario_hostile(),
         "net" => net::scenario_net(&boot),
+        "net-bench" => net::scenario_net_bench(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

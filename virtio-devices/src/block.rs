@@ -11,7 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use std::sync::Arc;
 
 use crate::{
@@ -59,6 +59,9 @@ pub struct BlockConfig {
     pub io_uring: bool,
 }
 
+/// Fewest completions between the signals of a long batch (see `process_chains_notify`).
+const EARLY_SIGNAL: u32 = 16;
+
 /// Counter indexes, as named in `COUNTER_NAMES`.
 const READ_BYTES: usize = 0;
 const WRITE_BYTES: usize = 1;
@@ -77,6 +80,8 @@ struct BlockHandler {
     /// Reused for every request, so serving one allocates nothing.
     descs: Vec<Descriptor>,
     iovecs: Vec<libc::iovec>,
+    /// For signalling completions part-way through a long batch.
+    interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
 }
 
 // SAFETY: the iovecs point into guest memory, which every thread may access; they are only
@@ -413,7 +418,9 @@ impl QueueHandler for BlockHandler {
             return Ok(0);
         };
         let mut descs = std::mem::take(&mut self.descs);
-        let r = process_chains(index, q, mem, |chain| {
+        let irq = self.interrupt.clone();
+        let early = irq.as_deref().map(|i| (i, EARLY_SIGNAL));
+        let r = process_chains_notify(index, q, mem, early, |chain| {
             let head = chain.head_index();
             // The iterator stops at the queue size (no loops) and on a bad descriptor.
             descs.clear();
@@ -426,6 +433,10 @@ impl QueueHandler for BlockHandler {
             warn!("virtio-blk: cannot submit disk requests: {e}");
         }
         Ok(used | self.complete(queues, mem)?)
+    }
+
+    fn attach_interrupt(&mut self, interrupt: Arc<dyn crate::VirtioInterrupt>) {
+        self.interrupt = Some(interrupt);
     }
 
     fn extra_fd(&self) -> Option<RawFd> {
@@ -484,6 +495,7 @@ impl Block {
                 free: Vec::new(),
                 descs: Vec::new(),
                 iovecs: Vec::new(),
+                interrupt: None,
             }),
             worker: None,
         })

@@ -15,7 +15,7 @@ mod tests;
 
 pub use block::{Block, BlockConfig};
 pub use console::Console;
-pub use net::Net;
+pub use net::{Net, NetConfig, NetOffloads, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
 pub use worker::{QueueHandler, WorkerHandle};

@@ -1,16 +1,24 @@
-//! virtio-net over a TAP device: one receive/transmit queue pair, the 12-byte
-//! `virtio_net_hdr_v1` passed through unchanged (the TAP speaks the same header), no offloads.
-//! Frames go straight between guest buffers and the TAP with readv/writev.
+//! virtio-net over a TAP device: `pairs` receive/transmit queue pairs (VIRTIO_NET_F_MQ), one
+//! TAP queue fd and one worker thread per pair, and a control queue (VIRTIO_NET_F_CTRL_VQ) for
+//! VQ_PAIRS_SET and GUEST_OFFLOADS_SET. The 12-byte `virtio_net_hdr_v1` passes through
+//! unchanged (the TAP speaks the same header), so checksum and segmentation offloads only need
+//! negotiating: what the guest accepts to receive is mirrored on the TAP (TUNSETOFFLOAD).
+//! Frames go straight between guest buffers and the TAP with readv/writev; with
+//! VIRTIO_NET_F_MRG_RXBUF a received frame may span several receive buffers.
+//!
+//! Queue layout (virtio 1.2, 5.1.2): receiveq `2p`, transmitq `2p + 1` for pair `p`, then the
+//! control queue at `2 * pairs`.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
-use net_util::{MacAddr, Tap, VNET_HDR_LEN};
+use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, VirtioDevice,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
@@ -18,15 +26,48 @@ use crate::{
 
 use virtio_bindings::virtio_net as vn;
 
-const F_MTU: u64 = 1 << vn::VIRTIO_NET_F_MTU;
-const F_MAC: u64 = 1 << vn::VIRTIO_NET_F_MAC;
-const F_STATUS: u64 = 1 << vn::VIRTIO_NET_F_STATUS;
-const RX_QUEUE: usize = 0;
-const TX_QUEUE: usize = 1;
-/// Largest frame with its header the device accepts from the guest.
-const MAX_FRAME: usize = VNET_HDR_LEN + 65535;
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+const F_CSUM: u64 = bit(vn::VIRTIO_NET_F_CSUM);
+const F_GUEST_CSUM: u64 = bit(vn::VIRTIO_NET_F_GUEST_CSUM);
+const F_CTRL_GUEST_OFFLOADS: u64 = bit(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS);
+const F_MTU: u64 = bit(vn::VIRTIO_NET_F_MTU);
+const F_MAC: u64 = bit(vn::VIRTIO_NET_F_MAC);
+const F_GUEST_TSO4: u64 = bit(vn::VIRTIO_NET_F_GUEST_TSO4);
+const F_GUEST_TSO6: u64 = bit(vn::VIRTIO_NET_F_GUEST_TSO6);
+const F_GUEST_ECN: u64 = bit(vn::VIRTIO_NET_F_GUEST_ECN);
+const F_GUEST_UFO: u64 = bit(vn::VIRTIO_NET_F_GUEST_UFO);
+const F_HOST_TSO4: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO4);
+const F_HOST_TSO6: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO6);
+const F_HOST_UFO: u64 = bit(vn::VIRTIO_NET_F_HOST_UFO);
+const F_MRG_RXBUF: u64 = bit(vn::VIRTIO_NET_F_MRG_RXBUF);
+const F_STATUS: u64 = bit(vn::VIRTIO_NET_F_STATUS);
+const F_CTRL_VQ: u64 = bit(vn::VIRTIO_NET_F_CTRL_VQ);
+const F_MQ: u64 = bit(vn::VIRTIO_NET_F_MQ);
+/// The receive offloads the driver may switch with GUEST_OFFLOADS_SET.
+const GUEST_OFFLOADS: u64 = F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN | F_GUEST_UFO;
+
+const CTRL_MQ: u8 = vn::VIRTIO_NET_CTRL_MQ as u8;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
+const CTRL_GUEST_OFFLOADS: u8 = vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS as u8;
+const CTRL_GUEST_OFFLOADS_SET: u8 = vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET as u8;
+const CTRL_OK: u8 = vn::VIRTIO_NET_OK as u8;
+const CTRL_ERR: u8 = vn::VIRTIO_NET_ERR as u8;
+/// Longest control command we read (class, command and data); ours are at most 10 bytes.
+const CTRL_MAX: usize = 64;
+
+/// Most queue pairs one device may have (the transport has 64 queues, one is control).
+pub const MAX_QUEUE_PAIRS: usize = 31;
+/// Largest frame with its header (a 64 KiB GSO frame plus its Ethernet header).
+const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 /// Frames moved per wake-up of one direction before the other gets a turn.
-const BATCH: usize = 64;
+const BATCH: u32 = 64;
+/// Frames after which a batch is signalled to the driver part-way, so it can refill (receive)
+/// or reuse (transmit) buffers while the device goes on.
+const EARLY_SIGNAL: u32 = 16;
+/// Offset of `num_buffers` in `virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFF: usize = 10;
 
 const RX_BYTES: usize = 0;
 const RX_FRAMES: usize = 1;
@@ -34,28 +75,175 @@ const TX_BYTES: usize = 2;
 const TX_FRAMES: usize = 3;
 const COUNTER_NAMES: &[&str] = &["rx_bytes", "rx_frames", "tx_bytes", "tx_frames"];
 
-struct NetHandler {
+/// Which offloads `--net offload_*=` allows the device to offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetOffloads {
+    pub csum: bool,
+    pub tso: bool,
+    pub ufo: bool,
+}
+
+impl Default for NetOffloads {
+    fn default() -> Self {
+        NetOffloads {
+            csum: true,
+            tso: true,
+            ufo: true,
+        }
+    }
+}
+
+/// The device's settings besides its TAP queues.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub mac: MacAddr,
+    pub mtu: u16,
+    pub queue_size: u16,
+    pub offloads: NetOffloads,
+}
+
+/// The TAP's receive offloads for the driver's accepted GUEST_* bits.
+fn tap_offloads(guest: u64) -> Offloads {
+    Offloads {
+        csum: guest & F_GUEST_CSUM != 0,
+        tso4: guest & F_GUEST_TSO4 != 0,
+        tso6: guest & F_GUEST_TSO6 != 0,
+        tso_ecn: guest & F_GUEST_ECN != 0,
+        ufo: guest & F_GUEST_UFO != 0,
+    }
+}
+
+/// State every pair's worker shares.
+struct Shared {
+    taps: Vec<Tap>,
     counters: Arc<Counters>,
-    tap: Tap,
+    /// Receive offloads in force (GUEST_* bits), for the receive buffer size.
+    guest_offloads: AtomicU64,
+    /// Whether each TAP queue is attached (the kernel refuses to attach an attached queue or
+    /// detach a detached one); held while a control command runs.
+    attached: Mutex<Vec<bool>>,
+}
+
+impl Shared {
+    /// Attaches the TAP queues of the first `pairs` pairs and detaches the rest, so the kernel
+    /// steers frames only to queues the driver uses.
+    fn set_active_pairs(&self, pairs: usize) -> bool {
+        if self.taps.len() < 2 {
+            return true;
+        }
+        let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ok = true;
+        // Attach first, then detach: the TAP always has a queue attached.
+        for want in [true, false] {
+            for (i, (t, a)) in self.taps.iter().zip(attached.iter_mut()).enumerate() {
+                if (i < pairs) == want && *a != want {
+                    match t.set_queue_attached(want) {
+                        Ok(()) => *a = want,
+                        Err(e) => {
+                            warn!("virtio-net: {e}");
+                            ok = false;
+                        }
+                    }
+                }
+            }
+        }
+        ok
+    }
+
+    fn set_guest_offloads(&self, guest: u64) -> bool {
+        self.guest_offloads.store(guest, Ordering::Relaxed);
+        match self
+            .taps
+            .first()
+            .map(|t| t.set_offloads(tap_offloads(guest)))
+        {
+            Some(Err(e)) => {
+                warn!("virtio-net: {e}");
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
+/// One receive buffer chain taken for the frame being received.
+struct RxChain {
+    head: u16,
+    room: usize,
+}
+
+enum Taken {
+    Empty,
+    /// An unusable chain (readable or unmapped buffers), with its head.
+    Bad(u16),
+    Good(RxChain),
+}
+
+struct NetHandler {
+    shared: Arc<Shared>,
+    pair: usize,
+    pairs: usize,
+    acked: u64,
+    mtu: u16,
     /// No receive buffer: stop watching the TAP until the driver adds some.
     paused: bool,
     iovecs: Vec<libc::iovec>,
+    /// Guest address and length of each iovec (for writing `num_buffers`).
+    segs: Vec<(GuestAddress, usize)>,
+    chains: Vec<RxChain>,
     tx_dropped: u64,
+    /// For signalling part of a long batch early.
+    interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
 }
 
 // SAFETY: the iovecs point into guest memory and only live during one call on the worker.
 unsafe impl Send for NetHandler {}
 
 impl NetHandler {
+    fn new(shared: Arc<Shared>, pair: usize, pairs: usize, acked: u64, mtu: u16) -> Self {
+        NetHandler {
+            shared,
+            pair,
+            pairs,
+            acked,
+            mtu,
+            paused: false,
+            iovecs: Vec::new(),
+            segs: Vec::new(),
+            chains: Vec::new(),
+            tx_dropped: 0,
+            interrupt: None,
+        }
+    }
+
+    fn rx_index(&self) -> usize {
+        2 * self.pair
+    }
+
+    fn tx_index(&self) -> usize {
+        2 * self.pair + 1
+    }
+
+    fn ctrl_index(&self) -> usize {
+        2 * self.pairs
+    }
+
+    fn tap(&self) -> &Tap {
+        &self.shared.taps[self.pair]
+    }
+
     fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
-        let (tap, iovecs, dropped) = (&self.tap, &mut self.iovecs, &mut self.tx_dropped);
-        let counters = &self.counters;
-        process_chains(TX_QUEUE, q, mem, |chain| {
+        let index = self.tx_index();
+        let shared = &self.shared;
+        let tap = &shared.taps[self.pair];
+        let (iovecs, dropped) = (&mut self.iovecs, &mut self.tx_dropped);
+        let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
+        process_chains_notify(index, q, mem, early, |chain| {
             iovecs.clear();
             let mut total = 0usize;
             for d in chain {
                 if d.is_write_only() {
-                    debug!("virtio-net: writable descriptor on the transmit queue; dropped");
+                    debug!("virtio-net: writable descriptor on a transmit queue; dropped");
                     *dropped += 1;
                     return Some(0);
                 }
@@ -77,11 +265,12 @@ impl NetHandler {
             // which stays mapped while the worker holds `mem`.
             match unsafe { tap.writev(iovecs) } {
                 Ok(_) => {
-                    counters.add(TX_BYTES, (total - VNET_HDR_LEN) as u64);
-                    counters.add(TX_FRAMES, 1);
+                    shared.counters.add(TX_BYTES, (total - VNET_HDR_LEN) as u64);
+                    shared.counters.add(TX_FRAMES, 1);
                 }
                 Err(e) => {
-                    // A full TAP queue drops the frame, as a busy wire would.
+                    // A full TAP queue (or a header the TAP refuses) drops the frame, as a
+                    // busy wire would.
                     debug!("virtio-net: TAP write: {e}");
                     *dropped += 1;
                 }
@@ -90,59 +279,163 @@ impl NetHandler {
         })
     }
 
-    /// Moves frames from the TAP into receive buffers. Returns the used mask.
-    fn receive(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
-        let mut used = 0;
-        for _ in 0..BATCH {
-            let chain = match q.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(format!("avail ring: {e}")),
-            };
-            let Some(chain) = chain else {
-                self.paused = true;
-                break;
-            };
-            let head = chain.head_index();
-            self.iovecs.clear();
-            let mut first = None;
-            let mut ok = true;
-            for d in chain {
-                match guest_iovec(mem, d.addr(), d.len()) {
-                    Some(v) if d.is_write_only() => {
-                        first.get_or_insert((d.addr(), d.len() as usize));
+    /// Room a receive needs before it reads the TAP with merged buffers: a whole frame of the
+    /// largest size the TAP may hand over with the offloads in force.
+    fn rx_need(&self) -> usize {
+        let gso = F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_UFO;
+        if self.shared.guest_offloads.load(Ordering::Relaxed) & gso != 0 {
+            MAX_FRAME
+        } else {
+            // MTU-sized payload, Ethernet and VLAN headers; the config MTU is at most 65535.
+            VNET_HDR_LEN + usize::from(self.mtu) + 18
+        }
+    }
+
+    /// Takes the next receive chain's writable buffers into `iovecs`/`segs`.
+    fn take_rx_chain(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<Taken, String> {
+        let chain = match q.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => return Err(format!("avail ring: {e}")),
+        };
+        let Some(chain) = chain else {
+            return Ok(Taken::Empty);
+        };
+        let head = chain.head_index();
+        let mark = self.iovecs.len();
+        let mut room = 0usize;
+        let mut ok = true;
+        for d in chain {
+            match guest_iovec(mem, d.addr(), d.len()) {
+                Some(mut v) if d.is_write_only() => {
+                    // Room past the largest frame is never written: leave it out.
+                    v.iov_len = v.iov_len.min(MAX_FRAME - room);
+                    if v.iov_len > 0 {
+                        room += v.iov_len;
+                        self.segs.push((d.addr(), v.iov_len));
                         self.iovecs.push(v);
                     }
-                    _ => ok = false,
                 }
+                _ => ok = false,
             }
-            let room: usize = self.iovecs.iter().map(|v| v.iov_len).sum();
-            if !ok || room < VNET_HDR_LEN {
-                debug!("virtio-net: unusable receive buffer");
-                q.add_used(mem, head, 0)
-                    .map_err(|e| format!("used ring: {e}"))?;
-                used = queue_bit(RX_QUEUE);
+        }
+        if !ok || room == 0 {
+            self.iovecs.truncate(mark);
+            self.segs.truncate(mark);
+            return Ok(Taken::Bad(head));
+        }
+        Ok(Taken::Good(RxChain { head, room }))
+    }
+
+    /// Writes `bytes` at byte `offset` of the frame being received (across segments).
+    fn write_frame_bytes(&self, mem: &GuestMemoryMmap, mut offset: usize, bytes: &[u8]) {
+        let mut rest = bytes;
+        for &(addr, len) in &self.segs {
+            if rest.is_empty() {
+                break;
+            }
+            if offset >= len {
+                offset -= len;
                 continue;
             }
-            // SAFETY: as in `transmit`: the iovecs lie inside mapped guest memory.
-            match unsafe { self.tap.readv(&self.iovecs) } {
-                Ok(n) => {
-                    self.counters
-                        .add(RX_BYTES, n.saturating_sub(VNET_HDR_LEN) as u64);
-                    self.counters.add(RX_FRAMES, 1);
-                    // Without MRG_RXBUF every frame uses one buffer: num_buffers = 1 (when
-                    // the header lies in the first buffer, as every driver puts it).
-                    if let Some((a, len)) = first.filter(|&(_, len)| len >= VNET_HDR_LEN) {
-                        debug_assert!(len >= VNET_HDR_LEN);
-                        if let Some(a) = a.checked_add(10) {
-                            let _ = mem.write_obj(1u16, a);
+            let n = rest.len().min(len - offset);
+            if let Some(a) = addr.checked_add(offset as u64) {
+                let _ = mem.write_slice(&rest[..n], a);
+            }
+            rest = &rest[n..];
+            offset = 0;
+        }
+    }
+
+    /// Moves frames from the TAP into receive buffers. Returns the used mask.
+    fn receive(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+        let index = self.rx_index();
+        let mergeable = self.acked & F_MRG_RXBUF != 0;
+        let need = if mergeable { self.rx_need() } else { 0 };
+        let mut used = 0;
+        let mut frames = 0u32;
+        let mut rechecks = 0;
+        while frames < BATCH {
+            self.iovecs.clear();
+            self.segs.clear();
+            self.chains.clear();
+            let mut room = 0;
+            let mut empty = false;
+            // Without MRG_RXBUF one chain takes a frame; with it, chains until a frame fits.
+            loop {
+                match self.take_rx_chain(q, mem)? {
+                    Taken::Empty => {
+                        empty = true;
+                        break;
+                    }
+                    Taken::Good(c) => {
+                        room += c.room;
+                        self.chains.push(c);
+                        if !mergeable || room >= need {
+                            break;
                         }
                     }
-                    q.add_used(mem, head, n as u32)
-                        .map_err(|e| format!("used ring: {e}"))?;
-                    used = queue_bit(RX_QUEUE);
+                    Taken::Bad(head) if self.chains.is_empty() => {
+                        // Unusable on its own: hand it back empty.
+                        debug!("virtio-net: unusable receive buffer");
+                        q.add_used(mem, head, 0)
+                            .map_err(|e| format!("used ring: {e}"))?;
+                        used = queue_bit(index);
+                        frames += 1;
+                        break;
+                    }
+                    Taken::Bad(_) => {
+                        // Ends this frame's chains; it is first in line next time.
+                        q.go_to_previous_position();
+                        break;
+                    }
+                }
+            }
+            if self.chains.is_empty() {
+                if empty {
+                    // Sleep on the TAP no more until the driver adds buffers (and asks to be
+                    // told about them: with EVENT_IDX this moves avail_event). A ring that
+                    // claims more buffers but yields none is not re-read forever.
+                    if rechecks < 2
+                        && q.enable_notification(mem)
+                            .map_err(|e| format!("avail ring: {e}"))?
+                    {
+                        rechecks += 1;
+                        continue;
+                    }
+                    self.paused = true;
+                    break;
+                }
+                continue;
+            }
+            if room < VNET_HDR_LEN {
+                debug!("virtio-net: receive buffer shorter than the header");
+                self.return_chains(q, mem, 0)?;
+                used = queue_bit(index);
+                frames += 1;
+                continue;
+            }
+            // SAFETY: the iovecs lie inside mapped guest memory (`guest_iovec`), which stays
+            // mapped while the worker holds `mem`.
+            match unsafe { self.tap().readv(&self.iovecs) } {
+                Ok(n) => {
+                    let c = &self.shared.counters;
+                    c.add(RX_BYTES, n.saturating_sub(VNET_HDR_LEN) as u64);
+                    c.add(RX_FRAMES, 1);
+                    self.return_chains(q, mem, n)?;
+                    used = queue_bit(index);
+                    frames += 1;
+                    if frames.is_multiple_of(EARLY_SIGNAL) {
+                        if let Some(irq) = &self.interrupt {
+                            if q.needs_notification(mem).unwrap_or(true) {
+                                irq.signal_queue(index);
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
-                    q.go_to_previous_position();
+                    for _ in 0..self.chains.len() {
+                        q.go_to_previous_position();
+                    }
                     if e.kind() != std::io::ErrorKind::WouldBlock {
                         warn!("virtio-net: TAP read: {e}");
                     }
@@ -152,33 +445,153 @@ impl NetHandler {
         }
         Ok(used)
     }
+
+    /// Publishes the chains of a frame of `n` bytes: as many as it filled, `num_buffers` set
+    /// in its header; the unfilled tail goes back to the ring.
+    fn return_chains(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        n: usize,
+    ) -> Result<(), String> {
+        let mut left = n;
+        let mut count = 0usize;
+        for (i, c) in self.chains.iter().enumerate() {
+            if i > 0 && left == 0 {
+                break;
+            }
+            let len = left.min(c.room);
+            q.add_used(mem, c.head, len as u32)
+                .map_err(|e| format!("used ring: {e}"))?;
+            left -= len;
+            count += 1;
+        }
+        for _ in count..self.chains.len() {
+            q.go_to_previous_position();
+        }
+        if n >= VNET_HDR_LEN {
+            let num = u16::try_from(count).unwrap_or(u16::MAX);
+            self.write_frame_bytes(mem, NUM_BUFFERS_OFF, &num.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Serves the control queue: VQ_PAIRS_SET and GUEST_OFFLOADS_SET, ERR for the rest.
+    fn control(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+        let index = self.ctrl_index();
+        let shared = self.shared.clone();
+        let (pairs, acked) = (self.pairs, self.acked);
+        process_chains(index, q, mem, |chain| {
+            let mut cmd = [0u8; CTRL_MAX];
+            let mut cmd_len = 0usize;
+            let mut ack = None;
+            let mut bad = false;
+            for d in chain {
+                if d.is_write_only() {
+                    ack.get_or_insert(d.addr());
+                    if d.len() == 0 {
+                        bad = true;
+                    }
+                    continue;
+                }
+                // Readable after writable, or too long: malformed.
+                if ack.is_some() || cmd_len + d.len() as usize > CTRL_MAX {
+                    bad = true;
+                    continue;
+                }
+                let end = cmd_len + d.len() as usize;
+                if mem.read_slice(&mut cmd[cmd_len..end], d.addr()).is_err() {
+                    bad = true;
+                }
+                cmd_len = end;
+            }
+            let Some(ack) = ack else {
+                debug!("virtio-net: control command without a status byte");
+                return Some(0);
+            };
+            let status = if bad || cmd_len < 2 {
+                CTRL_ERR
+            } else {
+                match execute_ctrl(&shared, pairs, acked, cmd[0], cmd[1], &cmd[2..cmd_len]) {
+                    true => CTRL_OK,
+                    false => CTRL_ERR,
+                }
+            };
+            match mem.write_obj(status, ack) {
+                Ok(()) => Some(1),
+                Err(_) => Some(0),
+            }
+        })
+    }
+}
+
+/// Runs one control command; `true` for VIRTIO_NET_OK.
+fn execute_ctrl(
+    shared: &Shared,
+    pairs: usize,
+    acked: u64,
+    class: u8,
+    cmd: u8,
+    data: &[u8],
+) -> bool {
+    match (class, cmd) {
+        (CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) if acked & F_MQ != 0 => {
+            let Ok(raw) = <[u8; 2]>::try_from(data) else {
+                return false;
+            };
+            let n = usize::from(u16::from_le_bytes(raw));
+            if n == 0 || n > pairs {
+                return false;
+            }
+            debug!("virtio-net: {n} queue pairs in use");
+            shared.set_active_pairs(n)
+        }
+        (CTRL_GUEST_OFFLOADS, CTRL_GUEST_OFFLOADS_SET) if acked & F_CTRL_GUEST_OFFLOADS != 0 => {
+            let Ok(raw) = <[u8; 8]>::try_from(data) else {
+                return false;
+            };
+            let want = u64::from_le_bytes(raw);
+            // Only receive offloads the driver accepted at negotiation can be switched on.
+            if want & !(acked & GUEST_OFFLOADS) != 0 {
+                return false;
+            }
+            shared.set_guest_offloads(want)
+        }
+        _ => {
+            debug!("virtio-net: unsupported control command {class}/{cmd}");
+            false
+        }
+    }
 }
 
 impl QueueHandler for NetHandler {
+    fn attach_interrupt(&mut self, interrupt: Arc<dyn crate::VirtioInterrupt>) {
+        self.interrupt = Some(interrupt);
+    }
+
     fn process_queue(
         &mut self,
         index: usize,
         queues: &mut [Option<Queue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
-        match index {
-            RX_QUEUE => {
-                self.paused = false;
-                match queues.get_mut(RX_QUEUE) {
-                    Some(Some(q)) => self.receive(q, mem),
-                    _ => Ok(0),
-                }
-            }
-            TX_QUEUE => match queues.get_mut(TX_QUEUE) {
-                Some(Some(q)) => self.transmit(q, mem),
-                _ => Ok(0),
-            },
-            _ => Ok(0),
+        let Some(Some(q)) = queues.get_mut(index) else {
+            return Ok(0);
+        };
+        if index == self.rx_index() {
+            self.paused = false;
+            self.receive(q, mem)
+        } else if index == self.tx_index() {
+            self.transmit(q, mem)
+        } else if index == self.ctrl_index() {
+            self.control(q, mem)
+        } else {
+            Ok(0)
         }
     }
 
     fn extra_fd(&self) -> Option<RawFd> {
-        Some(self.tap.as_raw_fd())
+        Some(self.tap().as_raw_fd())
     }
 
     fn extra_wanted(&self) -> bool {
@@ -190,7 +603,7 @@ impl QueueHandler for NetHandler {
         queues: &mut [Option<Queue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
-        match queues.get_mut(RX_QUEUE) {
+        match queues.get_mut(self.rx_index()) {
             Some(Some(q)) => self.receive(q, mem),
             _ => {
                 self.paused = true;
@@ -201,32 +614,33 @@ impl QueueHandler for NetHandler {
 }
 
 pub struct Net {
-    counters: Arc<Counters>,
-    mac: MacAddr,
-    mtu: u16,
-    queue_size: u16,
-    handler: Option<NetHandler>,
-    worker: Option<WorkerHandle<NetHandler>>,
+    shared: Arc<Shared>,
+    config: NetConfig,
+    workers: Vec<WorkerHandle<NetHandler>>,
 }
 
 impl Net {
-    /// A device with guest MAC `mac` on `tap` (already configured on the host side).
-    pub fn new(tap: Tap, mac: MacAddr, mtu: u16, queue_size: u16) -> Self {
-        let counters = Counters::new(COUNTER_NAMES);
-        Net {
-            counters: counters.clone(),
-            mac,
-            mtu,
-            queue_size,
-            handler: Some(NetHandler {
-                counters,
-                tap,
-                paused: false,
-                iovecs: Vec::new(),
-                tx_dropped: 0,
-            }),
-            worker: None,
+    /// A device on the TAP queues `taps` (one per queue pair, already configured on the host
+    /// side: `Tap::open(name, pairs)`).
+    pub fn new(taps: Vec<Tap>, config: NetConfig) -> Result<Self, String> {
+        if taps.is_empty() || taps.len() > MAX_QUEUE_PAIRS {
+            return Err(format!("{} queue pairs (1-{MAX_QUEUE_PAIRS})", taps.len()));
         }
+        let taps_len = taps.len();
+        Ok(Net {
+            shared: Arc::new(Shared {
+                taps,
+                counters: Counters::new(COUNTER_NAMES),
+                guest_offloads: AtomicU64::new(0),
+                attached: Mutex::new(vec![true; taps_len]),
+            }),
+            config,
+            workers: Vec::new(),
+        })
+    }
+
+    fn pairs(&self) -> usize {
+        self.shared.taps.len()
     }
 }
 
@@ -235,40 +649,94 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.queue_size; 2]
+        vec![self.config.queue_size; 2 * self.pairs() + 1]
     }
     fn features(&self) -> u64 {
-        F_VERSION_1 | F_RING_INDIRECT_DESC | F_MAC | F_STATUS | F_MTU
+        let mut f =
+            F_VERSION_1 | F_RING_INDIRECT_DESC | F_MAC | F_STATUS | F_MTU | F_MRG_RXBUF | F_CTRL_VQ;
+        if self.pairs() > 1 {
+            f |= F_MQ;
+        }
+        let o = self.config.offloads;
+        if o.csum {
+            f |= F_CSUM | F_GUEST_CSUM | F_CTRL_GUEST_OFFLOADS;
+            if o.tso {
+                f |= F_HOST_TSO4 | F_HOST_TSO6 | F_GUEST_TSO4 | F_GUEST_TSO6;
+            }
+            if o.ufo {
+                f |= F_HOST_UFO | F_GUEST_UFO;
+            }
+        }
+        f
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // mac, status (LINK_UP), max_virtqueue_pairs, mtu
         let mut c = [0u8; 12];
-        c[..6].copy_from_slice(&self.mac.bytes());
+        c[..6].copy_from_slice(&self.config.mac.bytes());
         c[6..8].copy_from_slice(&1u16.to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
-        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
+        c[10..12].copy_from_slice(&self.config.mtu.to_le_bytes());
         read_config_bytes(&c, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let h = self
-            .handler
-            .take()
-            .ok_or_else(|| ActivateError::Other("virtio-net: TAP lost".into()))?;
-        self.worker = Some(WorkerHandle::spawn("virtio-net", h, ctx)?);
+        self.reset();
+        let pairs = self.pairs();
+        let acked = ctx.acked_features & self.features();
+        // Receive offloads as accepted; one pair in use until the driver sets more (5.1.6.5.5).
+        self.shared.set_guest_offloads(acked & GUEST_OFFLOADS);
+        self.shared.set_active_pairs(1);
+        let mut queues = ctx.queues;
+        let n = queues.len();
+        for p in 0..pairs {
+            let mut mine: Vec<Option<_>> = (0..n).map(|_| None).collect();
+            for i in [2 * p, 2 * p + 1] {
+                if let (Some(slot), Some(q)) = (mine.get_mut(i), queues.get_mut(i)) {
+                    *slot = q.take();
+                }
+            }
+            if p == 0 {
+                if let (Some(slot), Some(q)) = (mine.get_mut(2 * pairs), queues.get_mut(2 * pairs))
+                {
+                    *slot = q.take();
+                }
+            }
+            if mine.iter().all(Option::is_none) {
+                continue;
+            }
+            let handler = NetHandler::new(self.shared.clone(), p, pairs, acked, self.config.mtu);
+            let sub = ActivateContext {
+                mem: ctx.mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+                queues: mine,
+                acked_features: ctx.acked_features,
+                status: ctx.status.clone(),
+            };
+            match WorkerHandle::spawn(&format!("virtio-net{p}"), handler, sub) {
+                Ok(w) => self.workers.push(w),
+                Err(e) => {
+                    self.reset();
+                    return Err(e);
+                }
+            }
+        }
+        if self.workers.is_empty() {
+            return Err(ActivateError::NoQueues);
+        }
         Ok(())
     }
     fn counters(&self) -> Option<Arc<Counters>> {
-        Some(self.counters.clone())
+        Some(self.shared.counters.clone())
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            self.handler = w.stop();
-            if let Some(h) = &mut self.handler {
+        for w in self.workers.drain(..) {
+            if let Some(h) = w.stop() {
                 if h.tx_dropped > 0 {
                     debug!("virtio-net: {} transmit frames dropped", h.tx_dropped);
                 }
-                h.paused = false;
             }
         }
+        // Back to the state before negotiation: every queue attached, no receive offloads.
+        self.shared.set_active_pairs(self.pairs());
+        self.shared.set_guest_offloads(0);
     }
 }

@@ -657,14 +657,23 @@ fn net_malformed_chains_in_private_netns() {
         .remove(0);
     tap.enable().unwrap();
     let mac = net_util::MacAddr::random_local();
-    let mut net = crate::Net::new(tap, mac, 1500, QSIZE);
+    let mut net = crate::Net::new(
+        vec![tap],
+        crate::NetConfig {
+            mac,
+            mtu: 1500,
+            queue_size: QSIZE,
+            offloads: Default::default(),
+        },
+    )
+    .unwrap();
     let mut cfg = [0u8; 12];
     net.read_config(0, &mut cfg);
     assert_eq!(cfg[..6], mac.bytes());
     assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1);
     // Transmit queue (1): a writable descriptor, a buffer outside memory, a header-only frame,
     // an oversized frame: all dropped, all completed.
-    let mut r = Ring::start(&mut net, 1, 2);
+    let mut r = Ring::start(&mut net, 1, 3);
     for (addr, len, flags) in [
         (DATA, 64, WRITE),
         (1 << 40, 64, 0),
@@ -681,5 +690,352 @@ fn net_malformed_chains_in_private_netns() {
     use devices::DeviceCounters;
     let c = net.counters().unwrap().counters();
     assert_eq!((c["tx_frames"], c["tx_bytes"], c["rx_frames"]), (1, 60, 0));
+    net.reset();
+}
+
+/// One split ring of a multi-queue device at its own place in guest memory.
+struct QRing {
+    base: u64,
+    kick: EventFd,
+    next_avail: u16,
+    seen_used: u16,
+}
+
+impl QRing {
+    fn desc_at(&self) -> u64 {
+        self.base
+    }
+    fn avail(&self) -> u64 {
+        self.base + 0x1000
+    }
+    fn used(&self) -> u64 {
+        self.base + 0x2000
+    }
+    fn desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = GuestAddress(self.desc_at() + 16 * u64::from(i));
+        mem.write_obj(addr, d).unwrap();
+        mem.write_obj(len, d.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, d.unchecked_add(12)).unwrap();
+        mem.write_obj(next, d.unchecked_add(14)).unwrap();
+    }
+    /// Publishes `head` and kicks, without waiting.
+    fn post(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = self.next_avail % QSIZE;
+        mem.write_obj(head, GuestAddress(self.avail() + 4 + 2 * u64::from(slot)))
+            .unwrap();
+        self.next_avail = self.next_avail.wrapping_add(1);
+        mem.write_obj(self.next_avail, GuestAddress(self.avail() + 2))
+            .unwrap();
+        self.kick.write(1).unwrap();
+    }
+    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used() + 2)).unwrap()
+    }
+    /// Waits for the next used entry: (id, len).
+    fn next_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.used_idx(mem) != self.seen_used {
+                let e = self.used() + 4 + 8 * u64::from(self.seen_used % QSIZE);
+                self.seen_used = self.seen_used.wrapping_add(1);
+                let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
+                return Some((id, len));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+}
+
+/// Activates `dev` with all its `n` queues ready (queue `i` at 0x10000 * (i + 1)) and the
+/// feature bits `acked`.
+fn start_all(
+    dev: &mut dyn VirtioDevice,
+    n: usize,
+    acked: u64,
+) -> (GuestMemoryMmap, Vec<QRing>, Arc<DeviceStatus>) {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+    let mut rings = Vec::new();
+    let mut queues = Vec::new();
+    for i in 0..n {
+        let base = 0x10000 * (i as u64 + 1);
+        let mut queue = Queue::new(QSIZE).unwrap();
+        queue.set_desc_table_address(Some(base as u32), Some(0));
+        queue.set_avail_ring_address(Some(base as u32 + 0x1000), Some(0));
+        queue.set_used_ring_address(Some(base as u32 + 0x2000), Some(0));
+        queue.set_ready(true);
+        queue.set_event_idx(acked & crate::F_RING_EVENT_IDX != 0);
+        assert!(queue.is_valid(&mem));
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        queues.push(Some((queue, kick.try_clone().unwrap())));
+        rings.push(QRing {
+            base,
+            kick,
+            next_avail: 0,
+            seen_used: 0,
+        });
+    }
+    let status = Arc::new(DeviceStatus::default());
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        interrupt: Arc::new(Irq::default()),
+        queues,
+        acked_features: acked,
+        status: status.clone(),
+    })
+    .unwrap();
+    (mem, rings, status)
+}
+
+fn ipv4_checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A `virtio_net_hdr_v1` and an Ethernet/IPv4/UDP frame (UDP checksum 0: none).
+fn udp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Adds a permanent ARP entry `ip` -> `mac` on `dev`, so host traffic needs no reply.
+fn static_arp(dev: &str, ip: [u8; 4], mac: [u8; 6]) {
+    // SAFETY: arpreq is plain old data; all-zero is a valid value.
+    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in fits in sockaddr (both 16 bytes); we copy its bytes.
+    req.arp_pa = unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) };
+    req.arp_ha.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in req.arp_ha.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    req.arp_flags = libc::ATF_COM | libc::ATF_PERM;
+    for (d, s) in req.arp_dev.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: plain socket creation and an ioctl on a request we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0);
+        let r = libc::ioctl(fd, libc::SIOCSARP, &req);
+        let e = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(r, 0, "SIOCSARP: {e}");
+    }
+}
+
+/// Two queue pairs and the control queue: pair 1 transmits to the host, only pair 0 receives
+/// until VQ_PAIRS_SET, control commands are checked, and a frame spans merged buffers.
+#[test]
+fn net_multiqueue_control_queue_and_merged_buffers() {
+    std::thread::spawn(net_multiqueue_in_private_netns)
+        .join()
+        .unwrap();
+}
+
+fn net_multiqueue_in_private_netns() {
+    use devices::DeviceCounters;
+    use virtio_bindings::virtio_net as vn;
+    // SAFETY: unshare only moves the calling thread into a new network namespace.
+    let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
+    let taps = net_util::Tap::open("vmq0", 2).expect("creating a multi-queue TAP");
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/vmq0/disable_ipv6", "1");
+    let host_mac = net_util::MacAddr::random_local();
+    taps[0]
+        .set_ip(
+            "10.9.0.1".parse().unwrap(),
+            "255.255.255.0".parse().unwrap(),
+        )
+        .unwrap();
+    taps[0].set_mac(host_mac).unwrap();
+    taps[0].enable().unwrap();
+    let mac = net_util::MacAddr::random_local();
+    let mut net = crate::Net::new(
+        taps,
+        crate::NetConfig {
+            mac,
+            mtu: 1500,
+            queue_size: QSIZE,
+            offloads: Default::default(),
+        },
+    )
+    .unwrap();
+    assert_eq!(net.queue_max_sizes().len(), 5);
+    let offered = net.features();
+    for b in [
+        vn::VIRTIO_NET_F_MQ,
+        vn::VIRTIO_NET_F_CTRL_VQ,
+        vn::VIRTIO_NET_F_MRG_RXBUF,
+        vn::VIRTIO_NET_F_CSUM,
+        vn::VIRTIO_NET_F_GUEST_CSUM,
+        vn::VIRTIO_NET_F_HOST_TSO4,
+        vn::VIRTIO_NET_F_GUEST_TSO6,
+        vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    ] {
+        assert!(offered & (1 << b) != 0, "feature {b} not offered");
+    }
+    let mut cfg = [0u8; 12];
+    net.read_config(0, &mut cfg);
+    assert_eq!(
+        u16::from_le_bytes([cfg[8], cfg[9]]),
+        2,
+        "max_virtqueue_pairs"
+    );
+    let f = |b: u32| 1u64 << b;
+    let acked = crate::F_VERSION_1
+        | crate::F_RING_EVENT_IDX
+        | f(vn::VIRTIO_NET_F_MQ)
+        | f(vn::VIRTIO_NET_F_CTRL_VQ)
+        | f(vn::VIRTIO_NET_F_MRG_RXBUF)
+        | f(vn::VIRTIO_NET_F_GUEST_CSUM)
+        | f(vn::VIRTIO_NET_F_CTRL_GUEST_OFFLOADS);
+    let (mem, mut rings, status) = start_all(&mut net, 5, acked);
+
+    // Control queue (4): readable command, writable status byte.
+    let ctrl = |rings: &mut Vec<QRing>, cmd: &[u8]| -> (u32, u8) {
+        let r = &mut rings[4];
+        mem.write_slice(cmd, GuestAddress(0x80000)).unwrap();
+        mem.write_obj(0xaau8, GuestAddress(0x80100)).unwrap();
+        r.desc(&mem, 0, 0x80000, cmd.len() as u32, NEXT, 1);
+        r.desc(&mem, 1, 0x80100, 1, WRITE, 0);
+        r.post(&mem, 0);
+        let (id, len) = r.next_used(&mem).expect("control command not completed");
+        assert_eq!(id, 0);
+        (len, mem.read_obj(GuestAddress(0x80100)).unwrap())
+    };
+    let (ok, err) = (vn::VIRTIO_NET_OK as u8, vn::VIRTIO_NET_ERR as u8);
+    let mq = vn::VIRTIO_NET_CTRL_MQ as u8;
+    let set = vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
+    assert_eq!(ctrl(&mut rings, &[mq, set, 3, 0]), (1, err), "3 pairs of 2");
+    assert_eq!(ctrl(&mut rings, &[mq, set, 0, 0]), (1, err), "0 pairs");
+    assert_eq!(ctrl(&mut rings, &[mq, set, 1]), (1, err), "short command");
+    assert_eq!(ctrl(&mut rings, &[9, 9]), (1, err), "unknown class");
+    let off = vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS as u8;
+    let mut cmd = vec![off, vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET as u8];
+    cmd.extend_from_slice(&f(vn::VIRTIO_NET_F_GUEST_TSO4).to_le_bytes());
+    assert_eq!(ctrl(&mut rings, &cmd), (1, err), "offload not negotiated");
+    cmd.truncate(2);
+    cmd.extend_from_slice(&f(vn::VIRTIO_NET_F_GUEST_CSUM).to_le_bytes());
+    assert_eq!(ctrl(&mut rings, &cmd), (1, ok), "negotiated offload");
+    // A command with no status byte is completed with nothing written.
+    rings[4].desc(&mem, 0, 0x80000, 4, 0, 0);
+    rings[4].post(&mem, 0);
+    assert_eq!(rings[4].next_used(&mem), Some((0, 0)));
+
+    // Only pair 0 is in use so far: host traffic arrives on receive queue 0, never 2.
+    static_arp("vmq0", [10, 9, 0, 2], mac.bytes());
+    for (q, base) in [(0usize, 0x100000u64), (2, 0x140000)] {
+        for i in 0..4u16 {
+            // Small buffers, so a 300-byte datagram needs three of them (MRG_RXBUF).
+            let a = base + 0x1000 * u64::from(i);
+            rings[q].desc(&mem, i, a, 128, WRITE, 0);
+            rings[q].post(&mem, i);
+        }
+    }
+    let host = std::net::UdpSocket::bind("10.9.0.1:7000").unwrap();
+    let payload = [0x5au8; 300];
+    host.send_to(&payload, "10.9.0.2:7000").unwrap();
+    let mut lens = Vec::new();
+    for _ in 0..3 {
+        let (id, len) = rings[0]
+            .next_used(&mem)
+            .expect("frame not received on queue 0");
+        lens.push((id, len));
+    }
+    let frame_len = 12 + 14 + 20 + 8 + 300;
+    assert_eq!(lens, vec![(0, 128), (1, 128), (2, frame_len - 256)]);
+    let num_buffers: u16 = mem.read_obj(GuestAddress(0x100000 + 10)).unwrap();
+    assert_eq!(num_buffers, 3);
+    let mut got = vec![0u8; frame_len as usize];
+    for (k, chunk) in got.chunks_mut(128).enumerate() {
+        mem.read_slice(chunk, GuestAddress(0x100000 + 0x1000 * k as u64))
+            .unwrap();
+    }
+    assert_eq!(&got[12 + 14 + 28..], &payload[..]);
+    assert_eq!(
+        rings[2].used_idx(&mem),
+        0,
+        "a frame reached the unused pair"
+    );
+
+    // Pair 1 transmits: the host gets the datagram.
+    let frame = udp_frame(
+        host_mac.bytes(),
+        mac.bytes(),
+        [10, 9, 0, 2],
+        [10, 9, 0, 1],
+        7000,
+        b"from pair 1",
+    );
+    mem.write_slice(&frame, GuestAddress(0x90000)).unwrap();
+    rings[3].desc(&mem, 0, 0x90000, frame.len() as u32, 0, 0);
+    rings[3].post(&mem, 0);
+    assert_eq!(rings[3].next_used(&mem), Some((0, 0)));
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = host.recv_from(&mut buf).expect("pair 1's datagram");
+    assert_eq!(&buf[..n], b"from pair 1");
+    assert_eq!(from.to_string(), "10.9.0.2:7000");
+
+    // Both pairs in use: the TAP steers flows to either; all of them arrive.
+    assert_eq!(ctrl(&mut rings, &[mq, set, 2, 0]), (1, ok));
+    for q in [0usize, 2] {
+        for i in 4..12u16 {
+            let a = 0x100000 + 0x40000 * (q as u64 / 2) + 0x1000 * u64::from(i);
+            rings[q].desc(&mem, i, a, 2048, WRITE, 0);
+            rings[q].post(&mem, i);
+        }
+    }
+    for port in 7001..7005 {
+        let s = std::net::UdpSocket::bind(format!("10.9.0.1:{port}")).unwrap();
+        s.send_to(b"x", "10.9.0.2:7000").unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while net.counters().unwrap().counters()["rx_frames"] < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = net.counters().unwrap().counters();
+    assert_eq!((c["rx_frames"], c["tx_frames"]), (5, 1), "{c:?}");
+    assert_eq!(c["tx_bytes"], frame.len() as u64 - 12);
+    assert_eq!(c["rx_bytes"], 342 + 4 * (14 + 28 + 1));
+    assert!(!status.needs_reset());
     net.reset();
 }

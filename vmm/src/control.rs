@@ -18,7 +18,7 @@ use crate::api::{
 use crate::config::VmConfig;
 use crate::cpu::VmEvents;
 use crate::event_monitor::EventMonitor;
-use crate::serial_io::SerialEndpoint;
+use crate::serial_io::{ConsoleRelay, SerialEndpoint};
 use crate::vm::Vm;
 use crate::{memory, pci_setup, Error, Outcome};
 
@@ -29,6 +29,9 @@ const EV_SIGNAL: u64 = 4;
 const EV_SERIAL_IN: u64 = 5;
 const EV_SERIAL_LISTEN: u64 = 6;
 const EV_API: u64 = 7;
+const EV_CONSOLE_LISTEN: u64 = 8;
+const EV_CONSOLE_IN: u64 = 9;
+const EV_CONSOLE_OUT: u64 = 10;
 
 struct Control {
     epoll: Epoll,
@@ -67,6 +70,23 @@ fn console_io(endpoint: &SerialEndpoint) -> Option<pci_setup::ConsoleIo> {
     })
 }
 
+/// The virtio console's host side: through the relay for a socket, else the endpoint itself.
+fn console_host(
+    endpoint: &SerialEndpoint,
+    relay: Option<&ConsoleRelay>,
+) -> Option<pci_setup::ConsoleIo> {
+    match relay {
+        Some(r) => {
+            let (out, input) = r.device_io()?;
+            Some(pci_setup::ConsoleIo {
+                out: Some(out),
+                input: Some(input),
+            })
+        }
+        None => console_io(endpoint),
+    }
+}
+
 /// What loop iteration should do next.
 enum Next {
     Continue,
@@ -88,6 +108,8 @@ pub(crate) struct Vmm {
     /// The built VM, while Running or Paused.
     vm: Option<Vm>,
     serial: Option<SerialEndpoint>,
+    /// For `--console socket=`: the device's side of the console, relayed to the client.
+    console_relay: Option<ConsoleRelay>,
     /// The virtio console's host side (kept across guest reboots, like the serial port's).
     console: Option<SerialEndpoint>,
     pending_input: Vec<u8>,
@@ -128,6 +150,7 @@ impl Vmm {
             state: VmState::Created,
             vm: None,
             serial: None,
+            console_relay: None,
             console: None,
             pending_input: Vec::new(),
         })
@@ -163,11 +186,17 @@ impl Vmm {
         self.monitor.emit("vm", "booting");
         let serial = SerialEndpoint::open("--serial", &config.serial)?;
         let console = SerialEndpoint::open("--console", &config.console)?;
+        let relay = if console.is_socket() {
+            Some(ConsoleRelay::new().map_err(Error::Setup)?)
+        } else {
+            None
+        };
+        let console_host = console_host(&console, relay.as_ref());
         let mut vm = Vm::new(
             &self.hv,
             config,
             serial_sink(&serial),
-            console_io(&console),
+            console_host,
             None,
             &self.events,
         )?;
@@ -181,8 +210,19 @@ impl Vmm {
                 .add(fd, EV_SERIAL_LISTEN)
                 .map_err(Error::Setup)?;
         }
+        if let Some(fd) = console.listener_fd() {
+            self.control
+                .add(fd, EV_CONSOLE_LISTEN)
+                .map_err(Error::Setup)?;
+        }
+        if let Some(r) = &relay {
+            self.control
+                .add(r.output_fd(), EV_CONSOLE_OUT)
+                .map_err(Error::Setup)?;
+        }
         self.serial = Some(serial);
         self.console = Some(console);
+        self.console_relay = relay;
         self.vm = Some(vm);
         self.state = VmState::Running;
         self.monitor.emit("vm", "booted");
@@ -204,7 +244,17 @@ impl Vmm {
                 self.control.remove(fd);
             }
         }
-        self.console = None;
+        if let Some(console) = self.console.take() {
+            for fd in [console.input_fd(), console.listener_fd()]
+                .into_iter()
+                .flatten()
+            {
+                self.control.remove(fd);
+            }
+        }
+        if let Some(r) = self.console_relay.take() {
+            self.control.remove(r.output_fd());
+        }
         self.pending_input.clear();
         // Clear what the stopped vCPUs may have raised on their way out.
         let _ = self.events.exit.read();
@@ -222,7 +272,10 @@ impl Vmm {
         // Drop the old VM (and its memory) before the new one maps its own.
         self.vm = None;
         let sink = self.serial.as_ref().and_then(serial_sink);
-        let console = self.console.as_ref().and_then(console_io);
+        let console = self
+            .console
+            .as_ref()
+            .and_then(|c| console_host(c, self.console_relay.as_ref()));
         let mut vm = Vm::new(&self.hv, config, sink, console, Some(nvram), &self.events)?;
         let _ = self.events.reset.read();
         self.events.clear_halting();
@@ -395,6 +448,13 @@ impl Vmm {
             EV_API => return Ok(self.drain_api()),
             EV_SERIAL_LISTEN => self.accept_serial()?,
             EV_SERIAL_IN => self.read_serial(),
+            EV_CONSOLE_LISTEN => self.accept_console()?,
+            EV_CONSOLE_IN => self.read_console(),
+            EV_CONSOLE_OUT => {
+                if let Some(r) = self.console_relay.as_mut() {
+                    r.pump_output(self.console.as_ref().and_then(|c| c.client()));
+                }
+            }
             other => error!("unexpected epoll token {other}"),
         }
         Ok(Next::Continue)
@@ -439,6 +499,45 @@ impl Vmm {
             }
         }
         Ok(())
+    }
+
+    fn accept_console(&mut self) -> Result<(), Error> {
+        let Some(console) = self.console.as_mut() else {
+            return Ok(());
+        };
+        if let Some(old) = console.input_fd() {
+            self.control.remove(old);
+        }
+        if let Some(fd) = console.accept() {
+            self.control.add(fd, EV_CONSOLE_IN).map_err(Error::Setup)?;
+        }
+        Ok(())
+    }
+
+    /// Client input for the virtio console, through the relay.
+    fn read_console(&mut self) {
+        let (Some(console), Some(relay)) = (self.console.as_mut(), self.console_relay.as_mut())
+        else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        match console.read_input(&mut buf) {
+            Ok(0) => {
+                if let Some(fd) = console.input_fd() {
+                    self.control.remove(fd);
+                }
+                console.disconnect();
+            }
+            Ok(n) => relay.push_input(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                warn!("console socket input failed: {e}");
+                if let Some(fd) = console.input_fd() {
+                    self.control.remove(fd);
+                }
+                console.disconnect();
+            }
+        }
     }
 
     fn read_serial(&mut self) {
@@ -499,5 +598,10 @@ fn log_memory(vm: &Vm) {
             memory::peak_rss().unwrap_or(0) >> 10,
             vm.resident_guest_bytes() >> 10
         );
+        // The devices' final statistics (vm.counters while it ran), for scripts and tests.
+        for (id, counters) in vm.counters() {
+            let list: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            info!("counters {id}: {}", list.join(" "));
+        }
     }
 }

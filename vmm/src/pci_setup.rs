@@ -284,9 +284,10 @@ pub fn create(
             value: n.tap.clone().unwrap_or_default(),
             msg,
         };
-        let tap = net_util::Tap::open(n.tap.as_deref().unwrap_or("vmtap%d"), 1)
-            .map_err(|e| err(e.to_string()))?
-            .remove(0);
+        let pairs = usize::from(n.num_queues / 2).max(1);
+        let taps = net_util::Tap::open(n.tap.as_deref().unwrap_or("vmtap%d"), pairs)
+            .map_err(|e| err(e.to_string()))?;
+        let tap = &taps[0];
         tap.set_ip(n.ip, n.mask).map_err(|e| err(e.to_string()))?;
         if let Some(m) = &n.host_mac {
             let m: net_util::MacAddr = m
@@ -305,17 +306,28 @@ pub fn create(
             None => net_util::MacAddr::random_local(),
         };
         info!(
-            "--net: TAP {} ({}/{}), guest MAC {mac}",
+            "--net: TAP {} ({}/{}), {pairs} queue pair(s), guest MAC {mac}",
             tap.name(),
             n.ip,
             n.mask
         );
+        let config = virtio_devices::NetConfig {
+            mac,
+            mtu: n.mtu.unwrap_or(1500),
+            queue_size: n.queue_size,
+            offloads: virtio_devices::NetOffloads {
+                csum: n.offload_csum,
+                tso: n.offload_tso,
+                ufo: n.offload_ufo,
+            },
+        };
+        let dev = Net::new(taps, config).map_err(err)?;
         let id = n.id.clone().unwrap_or_else(|| format!("_net{i}"));
         list.push(Pending {
             option: "--net",
             id,
             slot: n.pci_device_id,
-            dev: Box::new(Net::new(tap, mac, n.mtu.unwrap_or(1500), n.queue_size)),
+            dev: Box::new(dev),
         });
     }
     let src = File::open(&cfg.rng.src).map_err(|e| PciSetupError::Device {

@@ -313,3 +313,106 @@ impl Drop for SerialEndpoint {
         }
     }
 }
+
+/// The virtio console on a Unix socket, whose clients come and go while the device's host side
+/// is fixed when the VM is built: the device talks to one end of a socket pair and the control
+/// loop relays between the other end and whichever client is connected (output with no client
+/// is discarded, as the original does).
+pub struct ConsoleRelay {
+    /// The device's end (blocking, for the device's reads; its writes never wait).
+    device_end: UnixStream,
+    /// The relay's end (non-blocking).
+    vmm_end: UnixStream,
+}
+
+impl ConsoleRelay {
+    pub fn new() -> io::Result<Self> {
+        let (device_end, vmm_end) = UnixStream::pair()?;
+        vmm_end.set_nonblocking(true)?;
+        Ok(ConsoleRelay {
+            device_end,
+            vmm_end,
+        })
+    }
+
+    /// The device's output writer and input, both on the device's end.
+    pub fn device_io(&self) -> Option<(Box<dyn Write + Send>, std::fs::File)> {
+        let out = self.device_end.try_clone().ok()?;
+        let input = self.device_end.try_clone().ok()?;
+        Some((
+            Box::new(NoWaitWriter(out)),
+            std::fs::File::from(OwnedFd::from(input)),
+        ))
+    }
+
+    /// Readable when the device wrote output.
+    pub fn output_fd(&self) -> RawFd {
+        self.vmm_end.as_raw_fd()
+    }
+
+    /// Moves the device's pending output to `client` (dropped when there is none, or when the
+    /// client does not keep up).
+    pub fn pump_output(&mut self, client: Option<&UnixStream>) {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.vmm_end.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if let Some(mut c) = client {
+                        let _ = c.write_all(&buf[..n]);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Passes client input to the device (dropped if the device does not keep up).
+    pub fn push_input(&mut self, data: &[u8]) {
+        let _ = self.vmm_end.write_all(data);
+    }
+}
+
+/// Writes without ever blocking: what does not fit now is dropped (a guest flooding its console
+/// must not be able to stall the device thread, or the VMM waiting for it).
+struct NoWaitWriter(UnixStream);
+
+impl Write for NoWaitWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: send reads `buf.len()` bytes from a valid slice on a socket we own.
+        let n = unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(buf.len()),
+            _ => Err(e),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SerialEndpoint {
+    /// The connected socket client, if any.
+    pub fn client(&self) -> Option<&UnixStream> {
+        match self {
+            SerialEndpoint::Socket { client, .. } => client.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn is_socket(&self) -> bool {
+        matches!(self, SerialEndpoint::Socket { .. })
+    }
+}

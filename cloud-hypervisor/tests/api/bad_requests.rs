@@ -125,7 +125,7 @@ fn every_endpoint_refuses_bad_requests() {
             r#""disks": [{"path": "/dev/null", "queue_size": 0}]"#,
             "queue_size",
         ),
-        (r#""net": [{"tap": "tap0", "num_queues": 4}]"#, "num_queues"),
+        (r#""net": [{"tap": "tap0", "num_queues": 3}]"#, "num_queues"),
         (r#""rng": {"src": "/nonexistent/rng"}"#, "/nonexistent/rng"),
         (r#""vsock": {"cid": 3, "socket": "/v"}"#, "vsock"),
         (r#""watchdog": true"#, "watchdog"),

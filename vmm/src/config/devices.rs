@@ -372,9 +372,7 @@ impl NetConfig {
             }
         }
         let num_queues = p.number::<u16>("num_queues")?.unwrap_or(2);
-        if num_queues != 2 {
-            return Err(p.error("num_queues: only one queue pair (num_queues=2) is supported yet"));
-        }
+        check_net_queues(num_queues).map_err(|e| p.error(e))?;
         let queue_size = p.number::<u16>("queue_size")?.unwrap_or(256);
         if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
             return Err(p.error("queue_size must be a power of two between 2 and 32768"));
@@ -404,6 +402,19 @@ impl NetConfig {
             offload_csum: p.toggle("offload_csum", true)?,
         })
     }
+}
+
+/// Most virtio-net queues (receive and transmit, two per pair; the control queue is extra).
+pub const MAX_NET_QUEUES: u16 = 62;
+
+/// `num_queues` of `--net` counts queues, two per pair, as the original's.
+fn check_net_queues(n: u16) -> Result<(), String> {
+    if n < 2 || !n.is_multiple_of(2) || n > MAX_NET_QUEUES {
+        return Err(format!(
+            "num_queues must be an even number between 2 and {MAX_NET_QUEUES} (two per queue pair)"
+        ));
+    }
+    Ok(())
 }
 
 /// The placement keys' rules, for configurations that did not come through `parse` (API).
@@ -460,11 +471,7 @@ impl NetConfig {
     /// What `parse` checks, for a configuration from anywhere (the API).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new("--net", self.tap.as_deref().unwrap_or(""), m);
-        if self.num_queues != 2 {
-            return Err(err(
-                "num_queues: only one queue pair (num_queues=2) is supported yet".into(),
-            ));
-        }
+        check_net_queues(self.num_queues).map_err(err)?;
         check_queue_size(self.queue_size).map_err(err)?;
         check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
         if self.mtu.is_some_and(|m| m < 68) {
@@ -538,13 +545,20 @@ mod tests {
         assert_eq!(n.ip, Ipv4Addr::new(10, 1, 2, 1));
         assert_eq!(n.mac.as_deref(), Some("52:54:00:00:00:01"));
         assert_eq!((n.num_queues, n.queue_size), (2, 256));
+        let q = NetConfig::parse("tap=t0,num_queues=8,offload_tso=off").unwrap();
+        assert_eq!(
+            (q.num_queues, q.offload_tso, q.offload_csum),
+            (8, false, true)
+        );
         let d = NetConfig::parse("").unwrap();
         assert_eq!((d.ip, d.mask), (default_ip(), default_mask()));
         for (bad, why) in [
             ("ip=fe80::1", "IPv6"),
             ("mask=255.0.255.0", "contiguous"),
             ("mac=01:00:5e:00:00:01", "multicast"),
-            ("num_queues=4", "one queue pair"),
+            ("num_queues=3", "even number"),
+            ("num_queues=0", "even number"),
+            ("num_queues=64", "even number"),
             ("tap=averyveryverylongname", "1-15"),
             ("vhost_user=on", "not supported"),
             ("fd=3", "not supported"),
@@ -592,7 +606,7 @@ mod tests {
         n.validate().unwrap();
         for bad in [
             NetConfig {
-                num_queues: 4,
+                num_queues: 5,
                 ..n.clone()
             },
             NetConfig {

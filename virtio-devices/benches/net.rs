@@ -1,0 +1,437 @@
+//! Host-side packet rate of the virtio-net device path: frames travel through real split rings
+//! in guest memory (virtio-queue), the device's worker thread and a TAP, and are compared with
+//! a plain read/write loop on the same TAP in the same run. Everything runs in a private
+//! network namespace (the process unshares one first; it must run as root).
+//!
+//! `cargo bench -p virtio-devices --bench net` (NET_BENCH_SECS sets the duration of each
+//! measurement, default 2).
+//!
+//! Transmit: the "guest" keeps DEPTH frames in flight on the transmit queue; the device writes
+//! them to the TAP, where the kernel drops them (they are for another host) - the plain loop
+//! writes the same frames. Receive: a host thread sends UDP datagrams out through the TAP as
+//! fast as it can; the device reads them into the guest's receive buffers, which the "guest"
+//! recycles as they are used - the plain loop reads them (sleeping in poll when none is
+//! queued, as the device sleeps in epoll). The generator costs the same in both.
+
+use std::io::{Read, Write};
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use net_util::{MacAddr, Tap};
+use virtio_devices::{
+    ActivateContext, DeviceStatus, Net, NetConfig, VirtioDevice, VirtioInterrupt,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const QSIZE: u16 = 256;
+const DEPTH: u16 = 128;
+const HDR: usize = 12;
+const BUF: u64 = 2048;
+
+struct Irq(EventFd);
+impl VirtioInterrupt for Irq {
+    fn signal_queue(&self, _i: usize) {
+        let _ = self.0.write(1);
+    }
+    fn signal_config(&self) {}
+}
+
+/// One queue as the "guest" sees it.
+struct Ring {
+    base: u64,
+    data: u64,
+    kick: EventFd,
+    avail: u16,
+    used: u16,
+}
+
+impl Ring {
+    fn desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16) {
+        let d = GuestAddress(self.base + 16 * u64::from(i));
+        mem.write_obj(addr, d).unwrap();
+        mem.write_obj(len, d.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, d.unchecked_add(12)).unwrap();
+        mem.write_obj(0u16, d.unchecked_add(14)).unwrap();
+    }
+    fn avail_at(&self) -> u64 {
+        self.base + 0x1000
+    }
+    fn used_at(&self) -> u64 {
+        self.base + 0x2000
+    }
+    fn push(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = self.avail % QSIZE;
+        mem.write_obj(
+            head,
+            GuestAddress(self.avail_at() + 4 + 2 * u64::from(slot)),
+        )
+        .unwrap();
+        self.avail = self.avail.wrapping_add(1);
+    }
+    /// Makes the new entries visible and notifies, unless the device said it is draining the
+    /// ring (VRING_USED_F_NO_NOTIFY), as Linux does without EVENT_IDX.
+    fn publish(&self, mem: &GuestMemoryMmap) {
+        mem.write_obj(self.avail, GuestAddress(self.avail_at() + 2))
+            .unwrap();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let flags: u16 = mem.read_obj(GuestAddress(self.used_at())).unwrap();
+        if flags & 1 == 0 {
+            self.kick.write(1).unwrap();
+        }
+    }
+
+    /// Keeps DEPTH chains in flight for `dur`, giving each back as it is used. Returns frames
+    /// and bytes (without headers) completed.
+    fn run(&mut self, mem: &GuestMemoryMmap, irq: &EventFd, dur: Duration) -> (u64, u64) {
+        for h in 0..DEPTH {
+            self.push(mem, h);
+        }
+        self.publish(mem);
+        let (mut n, mut bytes, start) = (0u64, 0u64, Instant::now());
+        while start.elapsed() < dur {
+            let now: u16 = mem.read_obj(GuestAddress(self.used_at() + 2)).unwrap();
+            if now == self.used {
+                // Sleep until the device signals, as a guest waits for its interrupt (with a
+                // timeout: an idle receive queue must not hang the bench).
+                let mut p = libc::pollfd {
+                    fd: irq.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 100) };
+                let _ = irq.read();
+                continue;
+            }
+            while self.used != now {
+                let e = self.used_at() + 4 + 8 * u64::from(self.used % QSIZE);
+                let head: u32 = mem.read_obj(GuestAddress(e)).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
+                self.used = self.used.wrapping_add(1);
+                n += 1;
+                bytes += u64::from(len).saturating_sub(HDR as u64);
+                self.push(mem, head as u16);
+            }
+            self.publish(mem);
+        }
+        (n, bytes)
+    }
+}
+
+fn queue(base: u64) -> Queue {
+    let mut q = Queue::new(QSIZE).unwrap();
+    q.set_desc_table_address(Some(base as u32), Some(0));
+    q.set_avail_ring_address(Some(base as u32 + 0x1000), Some(0));
+    q.set_used_ring_address(Some(base as u32 + 0x2000), Some(0));
+    q.set_ready(true);
+    q
+}
+
+fn checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A header and an Ethernet/IPv4/UDP frame with `payload` bytes, for another host's MAC.
+fn frame(src_mac: [u8; 6], payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; HDR];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![
+        0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 7, 0, 2, 10, 7, 0, 1,
+    ];
+    ip[2..4].copy_from_slice(&((28 + payload) as u16).to_be_bytes());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0, 9, 0, 9]);
+    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(f.len() + payload, 0x5a);
+    f
+}
+
+/// A permanent ARP entry so the host sends to the "guest" without asking.
+fn static_arp(dev: &str, ip: [u8; 4], mac: [u8; 6]) {
+    // SAFETY: arpreq is plain old data; all-zero is a valid value.
+    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data.
+    req.arp_pa = unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) };
+    req.arp_ha.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in req.arp_ha.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    req.arp_flags = libc::ATF_COM | libc::ATF_PERM;
+    for (d, s) in req.arp_dev.iter_mut().zip(dev.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: a socket we close again and an ioctl on a request we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0);
+        assert_eq!(libc::ioctl(fd, libc::SIOCSARP, &req), 0, "SIOCSARP");
+        libc::close(fd);
+    }
+}
+
+/// Sends `payload`-byte datagrams to the "guest" until `stop`.
+fn generator(payload: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("generator".into())
+        .spawn(move || {
+            let s = UdpSocket::bind("10.7.0.1:0").unwrap();
+            let buf = vec![0x5au8; payload];
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..64 {
+                    let _ = s.send_to(&buf, "10.7.0.2:9");
+                }
+            }
+        })
+        .unwrap()
+}
+
+fn thread_cpu(name: &str) -> f64 {
+    let mut total = 0.0;
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        total += fields
+            .get(11..13)
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.parse::<f64>().ok())
+            .sum::<f64>()
+            / 100.0;
+    }
+    total
+}
+
+fn own_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn report(what: &str, n: u64, bytes: u64, t: Duration) -> f64 {
+    let rate = n as f64 / t.as_secs_f64();
+    println!(
+        "{what:<34} {:>10.0} pkt/s {:>9.1} MiB/s",
+        rate,
+        bytes as f64 / t.as_secs_f64() / (1 << 20) as f64
+    );
+    rate
+}
+
+fn compare(dev: f64, base: f64, dev_cpu: f64, base_cpu: f64) {
+    println!(
+        "{:<34} {:>9.0} %",
+        "  device / plain (wall clock)",
+        100.0 * dev / base
+    );
+    println!(
+        "{:<34} {:>9.0} %   ({:.2} vs {:.2} us CPU per frame)",
+        "  device / plain (CPU per frame)",
+        100.0 * base_cpu / dev_cpu,
+        dev_cpu * 1e6,
+        base_cpu * 1e6
+    );
+}
+
+fn main() {
+    // SAFETY: moves this (still single) thread into a new network namespace; every thread
+    // started later inherits it.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        r,
+        0,
+        "unshare(CLONE_NEWNET) (run as root): {}",
+        std::io::Error::last_os_error()
+    );
+    let secs: u64 = std::env::var("NET_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let dur = Duration::from_secs(secs);
+    let mut taps = Tap::open("bnet0", 1).expect("creating a TAP");
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/bnet0/disable_ipv6", "1");
+    taps[0]
+        .set_ip(
+            "10.7.0.1".parse().unwrap(),
+            "255.255.255.0".parse().unwrap(),
+        )
+        .unwrap();
+    taps[0].enable().unwrap();
+    let mac = MacAddr::random_local();
+    static_arp("bnet0", [10, 7, 0, 2], mac.bytes());
+    // A second handle on the same TAP queue for the plain loops (the device is idle then).
+    // SAFETY: dup of an fd we own; the result is owned by the File right away.
+    let fd = unsafe { libc::dup(taps[0].as_raw_fd()) };
+    assert!(fd >= 0, "dup: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let mut plain = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut net = Net::new(
+        std::mem::take(&mut taps),
+        NetConfig {
+            mac,
+            mtu: 1500,
+            queue_size: QSIZE,
+            offloads: Default::default(),
+        },
+    )
+    .unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let (rx_base, tx_base) = (0x10000u64, 0x20000u64);
+    let rx_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let tx_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    println!(
+        "virtio-net device path ({DEPTH} frames in flight) vs plain TAP read/write, {secs} s each"
+    );
+    for payload in [18usize, 1472] {
+        let len = 14 + 28 + payload;
+        // Transmit.
+        let f = frame(mac.bytes(), payload);
+        let mut tx = Ring {
+            base: tx_base,
+            data: 0x100000,
+            kick: tx_kick.try_clone().unwrap(),
+            avail: 0,
+            used: 0,
+        };
+        let mut rx = Ring {
+            base: rx_base,
+            data: 0x400000,
+            kick: rx_kick.try_clone().unwrap(),
+            avail: 0,
+            used: 0,
+        };
+        for i in 0..DEPTH {
+            let a = tx.data + BUF * u64::from(i);
+            mem.write_slice(&f, GuestAddress(a)).unwrap();
+            tx.desc(&mem, i, a, f.len() as u32, 0);
+            rx.desc(&mem, i, rx.data + BUF * u64::from(i), BUF as u32, 2);
+        }
+        // Fresh rings: the device's queues start at index 0 again.
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(rx_base))
+            .unwrap();
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(tx_base))
+            .unwrap();
+        for i in 0..DEPTH {
+            let a = tx.data + BUF * u64::from(i);
+            tx.desc(&mem, i, a, f.len() as u32, 0);
+            rx.desc(&mem, i, rx.data + BUF * u64::from(i), BUF as u32, 2);
+        }
+        net.activate(ActivateContext {
+            mem: mem.clone(),
+            interrupt: Arc::new(Irq(irq.try_clone().unwrap())),
+            queues: vec![
+                Some((queue(rx_base), rx_kick.try_clone().unwrap())),
+                Some((queue(tx_base), tx_kick.try_clone().unwrap())),
+                None,
+            ],
+            acked_features: 1 << 32,
+            status: Arc::new(DeviceStatus::default()),
+        })
+        .unwrap();
+        let (start, cpu0) = (Instant::now(), thread_cpu("virtio-net0"));
+        let (n, _) = tx.run(&mem, &irq, dur);
+        let dev_cpu = (thread_cpu("virtio-net0") - cpu0) / n as f64;
+        let dev = report(
+            &format!("virtio-net transmit {len} B"),
+            n,
+            n * len as u64,
+            start.elapsed(),
+        );
+        let (start, cpu0) = (Instant::now(), own_cpu());
+        let mut n = 0u64;
+        while start.elapsed() < dur {
+            for _ in 0..DEPTH {
+                let _ = plain.write(&f);
+            }
+            n += u64::from(DEPTH);
+        }
+        let base_cpu = (own_cpu() - cpu0) / n.max(1) as f64;
+        let base = report(
+            &format!("TAP write {len} B"),
+            n,
+            n * len as u64,
+            start.elapsed(),
+        );
+        compare(dev, base, dev_cpu, base_cpu);
+
+        // Receive.
+        let stop = Arc::new(AtomicBool::new(false));
+        let g = generator(payload, stop.clone());
+        let (start, cpu0) = (Instant::now(), thread_cpu("virtio-net0"));
+        let (n, bytes) = rx.run(&mem, &irq, dur);
+        let dev_cpu = (thread_cpu("virtio-net0") - cpu0) / n.max(1) as f64;
+        let dev = report(
+            &format!("virtio-net receive {len} B"),
+            n,
+            bytes,
+            start.elapsed(),
+        );
+        net.reset();
+        let (start, cpu0) = (Instant::now(), own_cpu());
+        let (mut n, mut bytes) = (0u64, 0u64);
+        let mut buf = vec![0u8; BUF as usize];
+        while start.elapsed() < dur {
+            match plain.read(&mut buf) {
+                Ok(k) => {
+                    n += 1;
+                    bytes += k.saturating_sub(HDR) as u64;
+                }
+                Err(_) => {
+                    let mut pf = libc::pollfd {
+                        fd: plain.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pf, 1, 100) };
+                }
+            }
+        }
+        let base_cpu = (own_cpu() - cpu0) / n.max(1) as f64;
+        stop.store(true, Ordering::Relaxed);
+        g.join().unwrap();
+        let base = report(&format!("TAP read {len} B"), n, bytes, start.elapsed());
+        compare(dev, base, dev_cpu, base_cpu);
+    }
+}
