@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -190,6 +191,8 @@ struct NetHandler {
     iovecs: Vec<libc::iovec>,
     /// Guest address and length of each iovec (for writing `num_buffers`).
     segs: Vec<(GuestAddress, usize)>,
+    /// A transmit chain's descriptors (reused: no allocation per frame).
+    descs: Vec<Descriptor>,
     chains: Vec<RxChain>,
     tx_dropped: u64,
     /// For signalling part of a long batch early.
@@ -210,6 +213,7 @@ impl NetHandler {
             paused: false,
             iovecs: Vec::new(),
             segs: Vec::new(),
+            descs: Vec::new(),
             chains: Vec::new(),
             tx_dropped: 0,
             interrupt: None,
@@ -236,12 +240,15 @@ impl NetHandler {
         let index = self.tx_index();
         let shared = &self.shared;
         let tap = &shared.taps[self.pair];
-        let (iovecs, dropped) = (&mut self.iovecs, &mut self.tx_dropped);
+        let (iovecs, dropped, descs) = (&mut self.iovecs, &mut self.tx_dropped, &mut self.descs);
         let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
-        process_chains_notify(index, q, mem, early, |chain| {
+        // Counted here and published once per batch: no atomic per frame.
+        let (mut bytes, mut frames) = (0u64, 0u64);
+        let r = process_chains_notify(index, q, mem, early, |chain, table| {
             iovecs.clear();
             let mut total = 0usize;
-            for d in chain {
+            table.collect(chain, descs);
+            for d in descs.iter() {
                 if d.is_write_only() {
                     debug!("virtio-net: writable descriptor on a transmit queue; dropped");
                     *dropped += 1;
@@ -265,8 +272,8 @@ impl NetHandler {
             // which stays mapped while the worker holds `mem`.
             match unsafe { tap.writev(iovecs) } {
                 Ok(_) => {
-                    shared.counters.add(TX_BYTES, (total - VNET_HDR_LEN) as u64);
-                    shared.counters.add(TX_FRAMES, 1);
+                    bytes += (total - VNET_HDR_LEN) as u64;
+                    frames += 1;
                 }
                 Err(e) => {
                     // A full TAP queue (or a header the TAP refuses) drops the frame, as a
@@ -276,7 +283,12 @@ impl NetHandler {
                 }
             }
             Some(0)
-        })
+        });
+        if frames > 0 {
+            shared.counters.add(TX_BYTES, bytes);
+            shared.counters.add(TX_FRAMES, frames);
+        }
+        r
     }
 
     /// Room a receive needs before it reads the TAP with merged buffers: a whole frame of the
@@ -348,6 +360,25 @@ impl NetHandler {
 
     /// Moves frames from the TAP into receive buffers. Returns the used mask.
     fn receive(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+        // Counted per frame, published once per call (also after an error): no atomic per
+        // frame.
+        let mut count = (0u64, 0u64);
+        let r = self.receive_batch(q, mem, &mut count);
+        if count.1 > 0 {
+            let c = &self.shared.counters;
+            c.add(RX_BYTES, count.0);
+            c.add(RX_FRAMES, count.1);
+        }
+        r
+    }
+
+    /// `receive`, adding the bytes (without headers) and frames received to `count`.
+    fn receive_batch(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        count: &mut (u64, u64),
+    ) -> Result<u64, String> {
         let index = self.rx_index();
         let mergeable = self.acked & F_MRG_RXBUF != 0;
         let need = if mergeable { self.rx_need() } else { 0 };
@@ -418,9 +449,8 @@ impl NetHandler {
             // mapped while the worker holds `mem`.
             match unsafe { self.tap().readv(&self.iovecs) } {
                 Ok(n) => {
-                    let c = &self.shared.counters;
-                    c.add(RX_BYTES, n.saturating_sub(VNET_HDR_LEN) as u64);
-                    c.add(RX_FRAMES, 1);
+                    count.0 += n.saturating_sub(VNET_HDR_LEN) as u64;
+                    count.1 += 1;
                     self.return_chains(q, mem, n)?;
                     used = queue_bit(index);
                     frames += 1;

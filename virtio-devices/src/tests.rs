@@ -211,11 +211,12 @@ fn read_write(io_uring: bool) {
     seg(&r, 9);
     assert_eq!(request(&mut r, T_DISCARD, 0, (DATA, 16, 0)).1, S_OK);
     assert!(r.irq.queue.load(Ordering::SeqCst) > 0);
+    // The worker publishes its counters once per batch: read them once it has stopped.
+    blk.reset();
     use devices::DeviceCounters;
     let c = blk.counters().unwrap().counters();
     assert_eq!((c["read_bytes"], c["read_ops"]), (1024, 1));
     assert_eq!((c["write_bytes"], c["write_ops"]), (512, 1));
-    blk.reset();
     let img = std::fs::read(f.path()).unwrap();
     assert!(img[7 * 512..8 * 512].iter().all(|&b| b == 0xab));
     assert!(img[8 * 512..9 * 512].iter().all(|&b| b == 0));
@@ -687,10 +688,11 @@ fn net_malformed_chains_in_private_netns() {
     // A good frame goes out (to a TAP nobody reads).
     r.desc(0, DATA, 12 + 60, 0, 0);
     assert_eq!(r.submit(0), Some(0));
+    // The worker publishes its counters once per batch: read them once it has stopped.
+    net.reset();
     use devices::DeviceCounters;
     let c = net.counters().unwrap().counters();
     assert_eq!((c["tx_frames"], c["tx_bytes"], c["rx_frames"]), (1, 60, 0));
-    net.reset();
 }
 
 /// One split ring of a multi-queue device at its own place in guest memory.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{error, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -223,6 +224,65 @@ impl<H: QueueHandler> Worker<H> {
     }
 }
 
+/// The descriptor table of a queue, translated to host memory once per batch, so walking a
+/// chain reads each descriptor with one volatile load instead of a guest memory region lookup
+/// and copy per descriptor.
+pub struct DescTable<'a> {
+    /// None when the table does not lie inside one region (then chains are walked by
+    /// virtio-queue's iterator, which looks every descriptor up).
+    table: Option<vm_memory::VolatileSlice<'a, ()>>,
+    size: u16,
+}
+
+impl<'a> DescTable<'a> {
+    pub fn new(q: &Queue, mem: &'a GuestMemoryMmap) -> Self {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        let size = q.size();
+        let table = mem
+            .get_slice(GuestAddress(q.desc_table()), 16 * usize::from(size))
+            .ok();
+        DescTable { table, size }
+    }
+
+    /// Reads the descriptors of `chain` into `out` (cleared first), exactly as virtio-queue's
+    /// iterator yields them: at most the queue size of them (a loop ends there), none past an
+    /// index out of range, none that would take the total length past 4 GiB. A chain with an
+    /// indirect descriptor is left to virtio-queue's iterator, which checks the indirect table.
+    pub fn collect(&self, chain: DescriptorChain<&GuestMemoryMmap>, out: &mut Vec<Descriptor>) {
+        use vm_memory::VolatileMemory;
+        out.clear();
+        if let Some(t) = &self.table {
+            let (mut index, mut ttl, mut bytes) = (chain.head_index(), self.size, 0u32);
+            loop {
+                if ttl == 0 || index >= self.size {
+                    return;
+                }
+                // In bounds (index < size, the slice holds `size` descriptors); an error only
+                // if the host mapping were misaligned, then the iterator does it.
+                let Ok(r) = t.get_ref::<Descriptor>(16 * usize::from(index)) else {
+                    break;
+                };
+                let d = r.load();
+                if d.refers_to_indirect_table() {
+                    break;
+                }
+                let Some(b) = bytes.checked_add(d.len()) else {
+                    return;
+                };
+                bytes = b;
+                out.push(d);
+                if !d.has_next() {
+                    return;
+                }
+                index = d.next();
+                ttl -= 1;
+            }
+            out.clear();
+        }
+        out.extend(chain);
+    }
+}
+
 /// Pops every available chain of `q` and lets `f` serve it: `Some(len)` publishes it as used
 /// now with `len` bytes written, `None` means it completes later. Returns the bit for queue
 /// `index` if anything was used. `Err` when the rings themselves are broken (avail index out
@@ -231,15 +291,16 @@ pub fn process_chains<F>(
     index: usize,
     q: &mut Queue,
     mem: &GuestMemoryMmap,
-    f: F,
+    mut f: F,
 ) -> Result<u64, String>
 where
-    F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
 {
-    process_chains_notify(index, q, mem, None, f)
+    process_chains_notify(index, q, mem, None, |chain, _| f(chain))
 }
 
-/// `process_chains`, and with `early = Some((interrupt, n))` the used buffers are also
+/// `process_chains`, with the queue's descriptor table translated once for the batch
+/// (`DescTable::collect` reads a chain through it), and with `early = Some((interrupt, n))` the used buffers are also
 /// signalled part-way through a long batch (when the driver wants an interrupt then: EVENT_IDX
 /// or NO_INTERRUPT): every three quarters of what was available when the batch started, and at
 /// least `n` completions apart. The driver can then refill the ring while the device is still
@@ -252,8 +313,9 @@ pub fn process_chains_notify<F>(
     mut f: F,
 ) -> Result<u64, String>
 where
-    F: FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>, &DescTable) -> Option<u32>,
 {
+    let table = DescTable::new(q, mem);
     let mut used = false;
     let mut since_signal = 0u32;
     let every = match early {
@@ -287,7 +349,7 @@ where
             }
         };
         let head = chain.head_index();
-        if let Some(len) = f(chain) {
+        if let Some(len) = f(chain, &table) {
             q.add_used(mem, head, len)
                 .map_err(|e| format!("used ring: {e}"))?;
             used = true;
