@@ -9,13 +9,13 @@ use block::{AsyncDisk, DiskFile};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, VolatileMemory};
 
 use crate::worker::{process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use std::sync::Arc;
 
 use crate::{
-    read_config_bytes, ActivateContext, ActivateError, Counters, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, Counters, GuestView, VirtioDevice,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
 };
 
@@ -118,7 +118,7 @@ impl BlockHandler {
     /// Serves one chain; returns the used length, or None when it completes later.
     fn serve(
         &mut self,
-        mem: &GuestMemoryMmap,
+        view: &mut GuestView,
         queue: usize,
         head: u16,
         chain: &[Descriptor],
@@ -129,7 +129,7 @@ impl BlockHandler {
             return Some(0);
         };
         let status_addr = last.addr().checked_add(u64::from(last.len()) - 1);
-        let (status, written) = match self.execute(mem, chain, queue, head, status_addr) {
+        let (status, written) = match self.execute(view, chain, queue, head, status_addr) {
             Ok(Outcome::Queued) => return None,
             Ok(Outcome::Done(s, n)) => (s, n),
             Err(Fail::Unsupp) => (S_UNSUPP, 0),
@@ -138,12 +138,12 @@ impl BlockHandler {
                 (S_IOERR, 0)
             }
         };
-        Some(write_status(mem, status_addr, status, written))
+        Some(write_status(view, status_addr, status, written))
     }
 
     fn execute(
         &mut self,
-        mem: &GuestMemoryMmap,
+        view: &mut GuestView,
         chain: &[Descriptor],
         queue: usize,
         head: u16,
@@ -154,9 +154,11 @@ impl BlockHandler {
         if hdr.is_write_only() || hdr.len() < 16 || chain.len() < 2 {
             return Err(io("bad request header descriptor"));
         }
-        let mut h = [0u8; 16];
-        mem.read_slice(&mut h, hdr.addr())
-            .map_err(|_| io("header outside guest memory"))?;
+        let mem = view.mem();
+        let h: [u8; 16] = view
+            .slice(hdr.addr(), 16)
+            .and_then(|s| s.get_ref::<[u8; 16]>(0).ok().map(|r| r.load()))
+            .ok_or_else(|| io("header outside guest memory"))?;
         let req_type = u32::from_le_bytes(h[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
         let data = &chain[1..chain.len() - 1];
@@ -184,7 +186,7 @@ impl BlockHandler {
                     .ok_or_else(|| io("sector range beyond the disk"))?;
                 self.iovecs.clear();
                 for d in data {
-                    let (base, len) = guest_slice(mem, d.addr(), d.len())?;
+                    let (base, len) = guest_slice(view, d.addr(), d.len())?;
                     self.iovecs.push(libc::iovec {
                         iov_base: base.cast(),
                         iov_len: len,
@@ -365,7 +367,12 @@ impl BlockHandler {
                 debug!("virtio-blk: disk request failed: {res}");
             }
             let n = if ok && p.read { p.len } else { 0 };
-            let len = write_status(mem, p.status, if ok { S_OK } else { S_IOERR }, n);
+            let len = write_status(
+                &mut GuestView::new(mem),
+                p.status,
+                if ok { S_OK } else { S_IOERR },
+                n,
+            );
             if let Some(Some(q)) = queues.get_mut(p.queue) {
                 q.add_used(mem, p.head, len)
                     .map_err(|e| format!("used ring: {e}"))?;
@@ -391,9 +398,9 @@ impl BlockHandler {
 
 /// Writes the status byte; returns the used length (`written` plus the status byte), or 0 if
 /// the status byte lies outside guest memory.
-fn write_status(mem: &GuestMemoryMmap, at: Option<GuestAddress>, status: u8, written: u32) -> u32 {
-    match at {
-        Some(a) if mem.write_obj(status, a).is_ok() => written.saturating_add(1),
+fn write_status(view: &mut GuestView, at: Option<GuestAddress>, status: u8, written: u32) -> u32 {
+    match at.and_then(|a| view.slice(a, 1)) {
+        Some(s) if s.get_ref::<u8>(0).map(|r| r.store(status)).is_ok() => written.saturating_add(1),
         _ => {
             debug!("virtio-blk: status byte outside guest memory");
             0
@@ -403,7 +410,7 @@ fn write_status(mem: &GuestMemoryMmap, at: Option<GuestAddress>, status: u8, wri
 
 /// The host address of `[addr, addr + len)` when it lies inside one region of `mem`.
 fn guest_slice(
-    mem: &GuestMemoryMmap,
+    view: &mut GuestView,
     addr: GuestAddress,
     len: u32,
 ) -> Result<(*mut u8, usize), Fail> {
@@ -411,7 +418,7 @@ fn guest_slice(
     if len == 0 {
         return Ok((std::ptr::NonNull::<u8>::dangling().as_ptr(), 0));
     }
-    let slice = mem.get_slice(addr, len).map_err(|_| {
+    let slice = view.slice(addr, len).ok_or_else(|| {
         Fail::IoErr(format!(
             "buffer {:#x}+{len:#x} outside guest memory",
             addr.0
@@ -433,11 +440,12 @@ impl QueueHandler for BlockHandler {
         let mut descs = std::mem::take(&mut self.descs);
         let irq = self.interrupt.clone();
         let early = irq.as_deref().map(|i| (i, EARLY_SIGNAL));
+        let mut view = GuestView::new(mem);
         let r = process_chains_notify(index, q, mem, early, |chain, table| {
             let head = chain.head_index();
             // The walk stops at the queue size (no loops) and on a bad descriptor.
             table.collect(chain, &mut descs);
-            self.serve(mem, index, head, &descs)
+            self.serve(&mut view, index, head, &descs)
         });
         self.descs = descs;
         self.publish_counts();

@@ -180,3 +180,59 @@ pub(crate) fn guest_iovec(
         iov_len: len as usize,
     })
 }
+
+/// Guest memory as a device walks a batch of requests: remembers the region of the last
+/// buffer, so a buffer in the same region (nearly always) is found with a bounds check instead
+/// of a region search. Every access stays checked against its region: a buffer that does not
+/// lie inside one region is refused, as `GuestMemory::get_slice` refuses it.
+pub struct GuestView<'a> {
+    mem: &'a vm_memory::GuestMemoryMmap,
+    /// Guest start address and host view of the last region used.
+    last: Option<(u64, vm_memory::VolatileSlice<'a, ()>)>,
+}
+
+impl<'a> GuestView<'a> {
+    pub fn new(mem: &'a vm_memory::GuestMemoryMmap) -> Self {
+        GuestView { mem, last: None }
+    }
+
+    pub fn mem(&self) -> &'a vm_memory::GuestMemoryMmap {
+        self.mem
+    }
+
+    /// `[addr, addr + len)` when it lies inside one region.
+    pub fn slice(
+        &mut self,
+        addr: vm_memory::GuestAddress,
+        len: usize,
+    ) -> Option<vm_memory::VolatileSlice<'a, ()>> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let within = |start: u64, s: &vm_memory::VolatileSlice<'a, ()>| {
+            let off = usize::try_from(addr.0.checked_sub(start)?).ok()?;
+            s.subslice(off, len).ok()
+        };
+        if let Some((start, s)) = &self.last {
+            if let Some(v) = within(*start, s) {
+                return Some(v);
+            }
+        }
+        let r = self.mem.find_region(addr)?;
+        let s = r.as_volatile_slice().ok()?;
+        let start = r.start_addr().0;
+        let v = within(start, &s);
+        self.last = Some((start, s));
+        v
+    }
+
+    /// `[addr, addr + len)` as an iovec when it lies inside one region (`guest_iovec`).
+    pub fn iovec(&mut self, addr: vm_memory::GuestAddress, len: u32) -> Option<libc::iovec> {
+        if len == 0 {
+            return guest_iovec(self.mem, addr, 0);
+        }
+        let s = self.slice(addr, len as usize)?;
+        Some(libc::iovec {
+            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+            iov_len: len as usize,
+        })
+    }
+}

@@ -21,8 +21,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
-    guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, VirtioDevice,
-    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
+    guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, GuestView,
+    VirtioDevice, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
 
 use virtio_bindings::virtio_net as vn;
@@ -244,6 +244,7 @@ impl NetHandler {
         let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
         // Counted here and published once per batch: no atomic per frame.
         let (mut bytes, mut frames) = (0u64, 0u64);
+        let mut view = GuestView::new(mem);
         let r = process_chains_notify(index, q, mem, early, |chain, table| {
             iovecs.clear();
             let mut total = 0usize;
@@ -255,7 +256,7 @@ impl NetHandler {
                     return Some(0);
                 }
                 total += d.len() as usize;
-                match guest_iovec(mem, d.addr(), d.len()) {
+                match view.iovec(d.addr(), d.len()) {
                     Some(v) if total <= MAX_FRAME => iovecs.push(v),
                     _ => {
                         debug!("virtio-net: bad transmit buffer; dropped");
