@@ -228,10 +228,11 @@ impl<H: QueueHandler> Worker<H> {
 /// chain reads each descriptor with one volatile load instead of a guest memory region lookup
 /// and copy per descriptor.
 pub struct DescTable<'a> {
-    /// None when the table does not lie inside one region (then chains are walked by
-    /// virtio-queue's iterator, which looks every descriptor up).
-    table: Option<vm_memory::VolatileSlice<'a, ()>>,
+    /// Host address of the table, None when it does not lie inside one region (then chains
+    /// are walked by virtio-queue's iterator, which looks every descriptor up).
+    table: Option<*const u8>,
     size: u16,
+    _mem: std::marker::PhantomData<&'a GuestMemoryMmap>,
 }
 
 impl<'a> DescTable<'a> {
@@ -240,8 +241,34 @@ impl<'a> DescTable<'a> {
         let size = q.size();
         let table = mem
             .get_slice(GuestAddress(q.desc_table()), 16 * usize::from(size))
-            .ok();
-        DescTable { table, size }
+            .ok()
+            .map(|s| s.ptr_guard().as_ptr());
+        DescTable {
+            table,
+            size,
+            _mem: std::marker::PhantomData,
+        }
+    }
+
+    /// Descriptor `index` of the table at `base`, or None if out of range.
+    fn load(&self, base: *const u8, index: u16) -> Option<Descriptor> {
+        if index >= self.size {
+            return None;
+        }
+        // SAFETY: `base` is the host address of `size` descriptors (16 bytes each) inside one
+        // guest memory region (`get_slice` checked it), which stays mapped while `mem` is
+        // borrowed ('a); index < size. A volatile read: the guest may write the table at any
+        // time (then it gets what it wrote, checked as any descriptor). [u8; 16] needs no
+        // alignment.
+        let b: [u8; 16] =
+            unsafe { std::ptr::read_volatile(base.add(16 * usize::from(index)).cast()) };
+        let (addr, rest) = b.split_at(8);
+        Some(Descriptor::new(
+            u64::from_le_bytes(addr.try_into().ok()?),
+            u32::from_le_bytes(rest[0..4].try_into().ok()?),
+            u16::from_le_bytes([rest[4], rest[5]]),
+            u16::from_le_bytes([rest[6], rest[7]]),
+        ))
     }
 
     /// Reads the descriptors of `chain` into `out` (cleared first), exactly as virtio-queue's
@@ -249,20 +276,16 @@ impl<'a> DescTable<'a> {
     /// index out of range, none that would take the total length past 4 GiB. A chain with an
     /// indirect descriptor is left to virtio-queue's iterator, which checks the indirect table.
     pub fn collect(&self, chain: DescriptorChain<&GuestMemoryMmap>, out: &mut Vec<Descriptor>) {
-        use vm_memory::VolatileMemory;
         out.clear();
-        if let Some(t) = &self.table {
+        if let Some(base) = self.table {
             let (mut index, mut ttl, mut bytes) = (chain.head_index(), self.size, 0u32);
             loop {
-                if ttl == 0 || index >= self.size {
+                if ttl == 0 {
                     return;
                 }
-                // In bounds (index < size, the slice holds `size` descriptors); an error only
-                // if the host mapping were misaligned, then the iterator does it.
-                let Ok(r) = t.get_ref::<Descriptor>(16 * usize::from(index)) else {
-                    break;
+                let Some(d) = self.load(base, index) else {
+                    return;
                 };
-                let d = r.load();
                 if d.refers_to_indirect_table() {
                     break;
                 }
