@@ -242,7 +242,10 @@ impl<'a> DescTable<'a> {
         let table = mem
             .get_slice(GuestAddress(q.desc_table()), 16 * usize::from(size))
             .ok()
-            .map(|s| s.ptr_guard().as_ptr());
+            .map(|s| s.ptr_guard().as_ptr())
+            // Read as two u64 (aligned: the table is 16-aligned in the guest, and regions are
+            // mapped at page boundaries); anything else is left to the iterator.
+            .filter(|p| p.align_offset(8) == 0);
         DescTable {
             table,
             size,
@@ -255,19 +258,23 @@ impl<'a> DescTable<'a> {
         if index >= self.size {
             return None;
         }
-        // SAFETY: `base` is the host address of `size` descriptors (16 bytes each) inside one
-        // guest memory region (`get_slice` checked it), which stays mapped while `mem` is
-        // borrowed ('a); index < size. A volatile read: the guest may write the table at any
-        // time (then it gets what it wrote, checked as any descriptor). [u8; 16] needs no
-        // alignment.
-        let b: [u8; 16] =
-            unsafe { std::ptr::read_volatile(base.add(16 * usize::from(index)).cast()) };
-        let (addr, rest) = b.split_at(8);
+        // SAFETY: `base` is the 8-aligned host address of `size` descriptors (16 bytes each)
+        // inside one guest memory region (`get_slice` checked it), which stays mapped while
+        // `mem` is borrowed ('a); index < size. Volatile reads: the guest may write the table
+        // at any time (then it gets what it wrote, checked as any descriptor).
+        let (a, b) = unsafe {
+            let p = base.add(16 * usize::from(index)).cast::<u64>();
+            (
+                std::ptr::read_volatile(p),
+                std::ptr::read_volatile(p.add(1)),
+            )
+        };
+        let (a, b) = (u64::from_le(a), u64::from_le(b));
         Some(Descriptor::new(
-            u64::from_le_bytes(addr.try_into().ok()?),
-            u32::from_le_bytes(rest[0..4].try_into().ok()?),
-            u16::from_le_bytes([rest[4], rest[5]]),
-            u16::from_le_bytes([rest[6], rest[7]]),
+            a,
+            b as u32,
+            (b >> 32) as u16,
+            (b >> 48) as u16,
         ))
     }
 
