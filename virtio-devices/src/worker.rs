@@ -16,6 +16,8 @@ use crate::{ActivateContext, ActivateError, DeviceStatus, VirtioInterrupt};
 
 const KILL_TOKEN: u64 = u64::MAX;
 const EXTRA_TOKEN: u64 = u64::MAX - 1;
+/// How long a drained queue is polled before the worker sleeps (`QueueHandler::poll_queues`).
+pub const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// What a device does with its queues, run on the worker thread.
 pub trait QueueHandler: Send + 'static {
@@ -30,6 +32,13 @@ pub trait QueueHandler: Send + 'static {
     /// The device's interrupt, given once before the worker starts (for handlers that signal
     /// part of a long batch early: `process_chains_notify`).
     fn attach_interrupt(&mut self, _interrupt: Arc<dyn VirtioInterrupt>) {}
+    /// Queues (bit mask) the worker polls for new buffers, for up to `POLL` after it has
+    /// drained them, before it sleeps: waking from epoll costs more than the polling when the
+    /// driver is about to add buffers. Queues served only together with an fd (net receive)
+    /// are not polled.
+    fn poll_queues(&self) -> u64 {
+        0
+    }
     /// One more fd to wait on (readable).
     fn extra_fd(&self) -> Option<RawFd> {
         None
@@ -139,6 +148,42 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
+    /// Spins up to `POLL` until one of the handler's polled queues has available buffers;
+    /// returns that queue.
+    fn poll(&self) -> Option<usize> {
+        let mask = self.handler.poll_queues();
+        if mask == 0 || self.status.needs_reset() {
+            return None;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            for (i, q) in self.queues.iter().enumerate() {
+                let Some(q) = q.as_ref().filter(|_| mask & queue_bit(i) != 0) else {
+                    continue;
+                };
+                if q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|a| a.0 != q.next_avail())
+                {
+                    return Some(i);
+                }
+            }
+            if start.elapsed() >= POLL {
+                return None;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn serve_queue(&mut self, i: usize) {
+        if self.status.needs_reset() {
+            return;
+        }
+        match self.handler.process_queue(i, &mut self.queues, &self.mem) {
+            Ok(used) => self.notify_mask(used),
+            Err(e) => self.broken(&e),
+        }
+    }
+
     fn broken(&mut self, what: &str) {
         if !self.status.needs_reset() {
             warn!("virtio device broken ({what}); it needs a reset");
@@ -187,11 +232,20 @@ impl<H: QueueHandler> Worker<H> {
                     }
                 }
             }
-            let n = match epoll.wait(-1, &mut events) {
+            // A queue with new buffers found by polling is served after a look at the other
+            // fds (without sleeping), so a busy queue starves neither them nor the kill fd.
+            let polled = self.poll();
+            let n = match epoll.wait(if polled.is_some() { 0 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            if let Some(i) = polled {
+                // Its notification, if any, is in `events`: served there.
+                if !events[..n].iter().any(|e| e.data() == i as u64) {
+                    self.serve_queue(i);
+                }
+            }
             for ev in &events[..n] {
                 match ev.data() {
                     KILL_TOKEN => return Ok(()),
@@ -210,13 +264,7 @@ impl<H: QueueHandler> Worker<H> {
                         if let Some(Some(e)) = self.evts.get(i) {
                             let _ = e.read();
                         }
-                        if self.status.needs_reset() {
-                            continue;
-                        }
-                        match self.handler.process_queue(i, &mut self.queues, &self.mem) {
-                            Ok(used) => self.notify_mask(used),
-                            Err(e) => self.broken(&e),
-                        }
+                        self.serve_queue(i);
                     }
                 }
             }
