@@ -96,6 +96,7 @@ impl<H: QueueHandler> WorkerHandle<H> {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
             status: ctx.status,
+            poll_armed: 0,
         };
         let thread = std::thread::Builder::new()
             .name(name.to_string())
@@ -127,6 +128,8 @@ struct Worker<H> {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     status: Arc<DeviceStatus>,
+    /// Queues that just had used buffers: `poll` looks at them before the worker sleeps.
+    poll_armed: u64,
 }
 
 impl<H: QueueHandler> Worker<H> {
@@ -150,8 +153,10 @@ impl<H: QueueHandler> Worker<H> {
 
     /// Spins up to `POLL` until one of the handler's polled queues has available buffers;
     /// returns that queue.
-    fn poll(&self) -> Option<usize> {
-        let mask = self.handler.poll_queues();
+    fn poll(&mut self) -> Option<usize> {
+        // Only right after a polled queue had work: an idle queue (or one direction of a
+        // device busy in the other) costs no polling.
+        let mask = std::mem::take(&mut self.poll_armed) & self.handler.poll_queues();
         if mask == 0 || self.status.needs_reset() {
             return None;
         }
@@ -179,7 +184,10 @@ impl<H: QueueHandler> Worker<H> {
             return;
         }
         match self.handler.process_queue(i, &mut self.queues, &self.mem) {
-            Ok(used) => self.notify_mask(used),
+            Ok(used) => {
+                self.poll_armed |= used;
+                self.notify_mask(used);
+            }
             Err(e) => self.broken(&e),
         }
     }
