@@ -464,6 +464,8 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     const DESC: u64 = 0x1000;
+    /// Index, address, length, flags, next.
+    type RawDesc = (u16, u64, u32, u16, u16);
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
 
@@ -489,7 +491,7 @@ mod tests {
         q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
         q.set_used_ring_address(Some(USED as u32), Some(0));
         q.set_ready(true);
-        let chains: Vec<Vec<(u16, u64, u32, u16, u16)>> = vec![
+        let chains: Vec<Vec<RawDesc>> = vec![
             // Plain three-descriptor chain.
             vec![
                 (0, 0x8000, 16, NEXT, 1),
