@@ -16,6 +16,8 @@ use crate::{ActivateContext, ActivateError, DeviceStatus, VirtioInterrupt};
 
 const KILL_TOKEN: u64 = u64::MAX;
 const EXTRA_TOKEN: u64 = u64::MAX - 1;
+/// Most chains `process_chains_notify` pops per read of the avail index.
+const POP_BATCH: usize = 16;
 /// How long a drained queue is polled before the worker sleeps (`QueueHandler::poll_queues`).
 pub const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
@@ -402,6 +404,7 @@ where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>, &DescTable) -> Option<u32>,
 {
     let table = DescTable::new(q, mem);
+    let mut batch = Vec::with_capacity(POP_BATCH);
     let mut used = false;
     let mut since_signal = 0u32;
     let every = match early {
@@ -419,11 +422,13 @@ where
     q.disable_notification(mem)
         .map_err(|e| format!("used ring: {e}"))?;
     loop {
-        let chain = match q.iter(mem) {
-            Ok(mut it) => it.next(),
+        // Up to POP_BATCH chains per look at the avail index (one read of it, not one per
+        // chain); they are served, and used, in order.
+        match q.iter(mem) {
+            Ok(it) => batch.extend(it.take(POP_BATCH)),
             Err(e) => return Err(format!("avail ring: {e}")),
-        };
-        let Some(chain) = chain else {
+        }
+        if batch.is_empty() {
             match q.enable_notification(mem) {
                 Ok(true) => {
                     q.disable_notification(mem)
@@ -433,18 +438,20 @@ where
                 Ok(false) => break,
                 Err(e) => return Err(format!("avail ring: {e}")),
             }
-        };
-        let head = chain.head_index();
-        if let Some(len) = f(chain, &table) {
-            q.add_used(mem, head, len)
-                .map_err(|e| format!("used ring: {e}"))?;
-            used = true;
-            if let Some((irq, _)) = early {
-                since_signal += 1;
-                if since_signal >= every {
-                    since_signal = 0;
-                    if q.needs_notification(mem).unwrap_or(true) {
-                        irq.signal_queue(index);
+        }
+        for chain in batch.drain(..) {
+            let head = chain.head_index();
+            if let Some(len) = f(chain, &table) {
+                q.add_used(mem, head, len)
+                    .map_err(|e| format!("used ring: {e}"))?;
+                used = true;
+                if let Some((irq, _)) = early {
+                    since_signal += 1;
+                    if since_signal >= every {
+                        since_signal = 0;
+                        if q.needs_notification(mem).unwrap_or(true) {
+                            irq.signal_queue(index);
+                        }
                     }
                 }
             }
