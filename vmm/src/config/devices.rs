@@ -135,7 +135,7 @@ impl DiskConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse("--disk", raw, Self::KEYS, &[])?;
-        for unsupported in [
+        p.refuse(&[
             "vhost_user",
             "socket",
             "bw_size",
@@ -147,11 +147,7 @@ impl DiskConfig {
             "rate_limit_group",
             "queue_affinity",
             "lock_granularity",
-        ] {
-            if p.has(unsupported) {
-                return Err(p.error(format!("'{unsupported}' is not supported yet")));
-            }
-        }
+        ])?;
         let path = match p.get("path") {
             Some(s) if !s.is_empty() => PathBuf::from(s),
             _ => return Err(p.error("path=<disk image> is required")),
@@ -323,7 +319,7 @@ impl NetConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse("--net", raw, Self::KEYS, &[])?;
-        for unsupported in [
+        p.refuse(&[
             "fd",
             "vhost_user",
             "socket",
@@ -334,11 +330,7 @@ impl NetConfig {
             "ops_size",
             "ops_one_time_burst",
             "ops_refill_time",
-        ] {
-            if p.has(unsupported) {
-                return Err(p.error(format!("'{unsupported}' is not supported yet")));
-            }
-        }
+        ])?;
         if p.toggle("iommu", false)? {
             return Err(p.error("iommu=on is not supported yet"));
         }

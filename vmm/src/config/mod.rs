@@ -90,11 +90,7 @@ impl CpusConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
-        for unsupported in ["affinity", "features", "core_scheduling"] {
-            if p.has(unsupported) {
-                return Err(p.error(format!("'{unsupported}' is not supported yet")));
-            }
-        }
+        p.refuse(&["affinity", "features", "core_scheduling"])?;
         let boot_vcpus: u32 = p.number("boot")?.unwrap_or(1);
         let max_vcpus: u32 = p.number("max")?.unwrap_or(boot_vcpus);
         let topology = p
@@ -215,16 +211,12 @@ impl MemoryConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
-        for unsupported in [
+        p.refuse(&[
             "hotplug_method",
             "hotplug_size",
             "hotplugged_size",
             "reserve",
-        ] {
-            if p.has(unsupported) {
-                return Err(p.error(format!("'{unsupported}' is not supported yet")));
-            }
-        }
+        ])?;
         let cfg = MemoryConfig {
             size: p.size("size")?.unwrap_or(512 << 20),
             mergeable: p.toggle("mergeable", false)?,

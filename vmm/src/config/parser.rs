@@ -82,6 +82,14 @@ impl OptionParser {
         ConfigError::new(self.option, &self.raw, msg.into())
     }
 
+    /// Refuses the keys the original accepts but this VMM does not implement yet.
+    pub fn refuse(&self, unsupported: &[&str]) -> Result<(), ConfigError> {
+        match unsupported.iter().find(|k| self.has(k)) {
+            Some(k) => Err(self.error(format!("'{k}' is not supported yet"))),
+            None => Ok(()),
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
     }
