@@ -28,7 +28,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
                 .map(|v| v.cloned().collect::<Vec<_>>().join(" "))
                 .unwrap_or_default();
             return Err(ConfigError::new(
-                cli_name(name),
+                &format!("--{name}"),
                 &value,
                 "this option is not supported yet".into(),
             ));
@@ -37,7 +37,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     for name in cli::NOT_YET_FLAGS {
         if m.get_flag(name) {
             return Err(ConfigError::new(
-                cli_name(name),
+                &format!("--{name}"),
                 "",
                 "this option is not supported yet".into(),
             ));
@@ -77,11 +77,6 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         rng,
         unsupported: Default::default(),
     })
-}
-
-/// `&'static` spelling of `--name` for the options in `cli`'s tables.
-fn cli_name(name: &str) -> &'static str {
-    Box::leak(format!("--{name}").into_boxed_str())
 }
 
 fn main() -> ExitCode {

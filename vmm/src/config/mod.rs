@@ -18,15 +18,15 @@ pub use unsupported::UnsupportedConfig;
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{option} {value}: {msg}")]
 pub struct ConfigError {
-    pub option: &'static str,
+    pub option: String,
     pub value: String,
     pub msg: String,
 }
 
 impl ConfigError {
-    pub fn new(option: &'static str, value: &str, msg: String) -> Self {
+    pub fn new(option: &str, value: &str, msg: String) -> Self {
         ConfigError {
-            option,
+            option: option.to_string(),
             value: value.to_string(),
             msg,
         }
