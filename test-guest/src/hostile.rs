@@ -13,7 +13,7 @@ use crate::{check, fail, pass, smp};
 
 const QSIZE: u16 = 8;
 const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+pub(crate) const F_WRITE: u16 = 2;
 
 fn w8(a: u64, v: u8) {
     // SAFETY: identity-mapped MMIO/RAM address of our own device or DMA page.
@@ -43,18 +43,18 @@ fn r16(a: u64) -> u16 {
 /// A data descriptor: address, length, flags.
 type Buf = (u64, u32, u16);
 
-struct RawQueue {
+pub(crate) struct RawQueue {
     bar: u64,
     desc: u64,
     avail: u64,
     used: u64,
-    buf: u64,
+    pub(crate) buf: u64,
     next_avail: u16,
     last_used: u16,
 }
 
 impl RawQueue {
-    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub(crate) fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let d = self.desc + 16 * u64::from(i);
         w64(d, addr);
         w32(d + 8, len);
@@ -63,7 +63,7 @@ impl RawQueue {
     }
 
     /// Publishes `head`, notifies, waits for a used entry. Returns whether one came.
-    fn submit(&mut self, head: u16) -> bool {
+    pub(crate) fn submit(&mut self, head: u16) -> bool {
         w16(
             self.avail + 4 + 2 * u64::from(self.next_avail % QSIZE),
             head,
@@ -87,7 +87,9 @@ impl RawQueue {
     }
 }
 
-fn setup(bar: u64) -> Option<RawQueue> {
+/// Resets the device at `bar` and sets up its queue 0 by hand (features: VERSION_1 only, so
+/// no EVENT_IDX: every used buffer interrupts).
+pub(crate) fn setup(bar: u64) -> Option<RawQueue> {
     w8(bar + 0x14, 0);
     w8(bar + 0x14, 1 | 2);
     w32(bar + 0x08, 1);

@@ -16,6 +16,7 @@ mod cmos;
 mod hostile;
 mod kvmclock;
 mod mem;
+mod msix;
 mod net;
 mod smp;
 mod svc;
@@ -203,6 +204,8 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "blk-bench" => virtio::scenario_blk_bench(),
         "console" => virtio::scenario_console(),
         "console-echo" => virtio::scenario_console_echo(),
+        "console-size" => msix::scenario_console_size(&boot),
+        "msix" => msix::scenario_msix(),
         "hostile" => hostile::scenario_hostile(),
         "net" => net::scenario_net(&boot),
         "net-bench" => net::scenario_net_bench(&boot),
@@ -539,7 +542,7 @@ fn scenario_power_button() {
     ioapic_write(0x11 + 2 * GED_IRQ, apic_id << 24);
     ioapic_write(0x10 + 2 * GED_IRQ, svc::IRQ_VECTOR);
     println!("READY");
-    let taken = svc::wait_irq();
+    let taken = svc::wait_irq(svc::IRQ_VECTOR);
     let events = svc::inb(GED_PORT);
     let again = svc::inb(GED_PORT);
     check!(

@@ -44,9 +44,12 @@
 .set SVC_RDMSR, 11
 .set SVC_WRMSR, 12
 .set SVC_WAIT_IRQ, 13
-.set SVC_COUNT, 14
-/* The one external interrupt vector the monitor handles (the test programs the IOAPIC). */
+.set SVC_IRQ_COUNT, 14
+.set SVC_COUNT, 15
+/* External interrupt vectors the monitor handles: IRQ_VECTOR .. IRQ_VECTOR + IRQ_VECTORS - 1.
+ * Each is counted (irq_counts) and EOIed at the LAPIC; the tests program the sources. */
 .set IRQ_VECTOR, 0x30
+.set IRQ_VECTORS, 16
 
 /* ------------------------------------------------------------------------- */
 /* PVH ELF note: XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen", 32-bit entry.     */
@@ -183,8 +186,8 @@ idt_fill:
     addq $16, %rdi
     decl %ecx
     jnz 1b
-    /* and the gate of IRQ_VECTOR: counts the interrupt, EOIs the LAPIC */
-    leaq irq_entry(%rip), %rax
+    /* and the gates of IRQ_VECTOR..: stubs 16 bytes apart inside one 256-byte block */
+    leaq irq_stubs(%rip), %rax
     movq %rax, %rcx
     andl $0xffff, %eax
     shrq $16, %rcx
@@ -193,17 +196,36 @@ idt_fill:
     movq $0x00008e0000080000, %rcx
     orq %rcx, %rax
     leaq idt(%rip), %rdi
-    movq %rax, IRQ_VECTOR * 16(%rdi)
-    movq $0, IRQ_VECTOR * 16 + 8(%rdi)
+    addq $IRQ_VECTOR * 16, %rdi
+    movl $IRQ_VECTORS, %ecx
+1:  movq %rax, (%rdi)
+    movq $0, 8(%rdi)
+    addq $16, %rax
+    addq $16, %rdi
+    decl %ecx
+    jnz 1b
     ret
 
-/* IRQ_VECTOR: only ever taken at CPL0 inside svc_wait_irq (CPL3 runs with IF=0). */
-irq_entry:
+/* External interrupts: only ever taken at CPL0 inside svc_wait_irq (CPL3 runs with IF=0).
+ * Each stub pushes rax and puts its index (vector - IRQ_VECTOR) there. */
+.balign 256
+irq_stubs:
+.set vec, 0
+.rept IRQ_VECTORS
+    .balign 16
+    pushq %rax
+    movl $vec, %eax
+    jmp irq_common
+    .set vec, vec + 1
+.endr
+irq_common:
     pushq %rbx
-    lock incl irq_count(%rip)
+    leaq irq_counts(%rip), %rbx
+    lock incl (%rbx, %rax, 4)
     movl $LAPIC, %ebx
     movl $0, 0xb0(%rbx)             /* EOI */
     popq %rbx
+    popq %rax
     iretq
 
 /* cpu_setup(edi = cpu index): TSS (rsp0 = top of the cpu's kernel stack), its GDT
@@ -341,11 +363,19 @@ svc_write:                          /* rdi = bytes, rsi = length */
 svc_hlt:
     hlt
     jmp svc_done
-svc_wait_irq:                       /* waits for an interrupt; returns how many were taken */
+svc_wait_irq:                       /* waits for any interrupt; then as svc_irq_count */
     sti
     hlt                             /* sti's shadow: an interrupt pending now wakes this hlt */
     cli
-    movl irq_count(%rip), %eax
+svc_irq_count:                      /* rdi = vector; returns how many were taken (0 if unknown) */
+    movl %edi, %eax
+    subl $IRQ_VECTOR, %eax
+    cmpl $IRQ_VECTORS, %eax
+    jae 1f
+    leaq irq_counts(%rip), %rbx
+    movl (%rbx, %rax, 4), %eax
+    jmp svc_ret_rax
+1:  xorl %eax, %eax
     jmp svc_ret_rax
 svc_lapic_enable:                   /* software-enable the xAPIC; returns its APIC ID */
     movl $LAPIC, %ebx
@@ -583,6 +613,7 @@ msg_nl:          .asciz "\n"
 svc_table:
     .quad svc_outb, svc_outw, svc_outl, svc_inb, svc_inw, svc_inl, svc_write, svc_hlt
     .quad svc_lapic_enable, svc_ipi, svc_cpuid, svc_rdmsr, svc_wrmsr, svc_wait_irq
+    .quad svc_irq_count
 
 /* ------------------------------------------------------------------------- */
 .section .data.monitor, "aw", @progbits
@@ -596,8 +627,8 @@ boot_info:      .quad 0
 boot_protocol:  .long 0
 ap_next_index:  .long 1              /* index 0 is the BSP */
 ap_reported:    .long 0
-irq_count:      .long 0
 .balign 8
+irq_counts:     .fill IRQ_VECTORS, 4, 0
 ap_apic_ids:    .fill MAX_CPUS, 4, 0xffffffff
 
 .balign 16
@@ -618,11 +649,11 @@ gdt_ptr:
     .quad gdt
 .balign 8
 idt_ptr:
-    .word (IRQ_VECTOR + 1) * 16 - 1
+    .word (IRQ_VECTOR + IRQ_VECTORS) * 16 - 1
     .quad idt
 .balign 16
 idt:
-    .fill 2 * (IRQ_VECTOR + 1), 8, 0
+    .fill 2 * (IRQ_VECTOR + IRQ_VECTORS), 8, 0
 
 /* Static identity map of the first 8 GiB with 2 MiB pages, all U/S=1 so CPL3 can
  * reach RAM, the LAPIC/IOAPIC and the PCI hole; 3-4 GiB (device hole) is PCD|PWT. */

@@ -24,8 +24,13 @@ pub const SVC_CPUID: u64 = 10;
 pub const SVC_RDMSR: u64 = 11;
 pub const SVC_WRMSR: u64 = 12;
 pub const SVC_WAIT_IRQ: u64 = 13;
-/// The vector the monitor handles external interrupts on (`IRQ_VECTOR` in monitor.S).
+pub const SVC_IRQ_COUNT: u64 = 14;
+/// The first of the external interrupt vectors the monitor counts (`IRQ_VECTOR` in monitor.S).
 pub const IRQ_VECTOR: u32 = 0x30;
+/// How many vectors from `IRQ_VECTOR` on the monitor counts (`IRQ_VECTORS`).
+pub const IRQ_VECTORS: u32 = 16;
+/// The vector `wait_vector` uses for its LAPIC timer (the last counted one).
+pub const TIMER_VECTOR: u32 = IRQ_VECTOR + IRQ_VECTORS - 1;
 
 /// Calls monitor service `n`.
 #[inline(always)]
@@ -60,10 +65,50 @@ pub fn inl(port: u16) -> u32 {
     svc(SVC_INL, port.into(), 0, 0) as u32
 }
 /// Halts the CPU (at CPL0, interrupts off): does not return unless an NMI/INIT arrives.
-/// Enables interrupts at CPL0 and halts until one arrives; returns how many `IRQ_VECTOR`
-/// interrupts have been taken so far.
-pub fn wait_irq() -> u64 {
-    svc(SVC_WAIT_IRQ, 0, 0, 0)
+/// Enables interrupts at CPL0 and halts until one arrives (any vector); returns how many
+/// interrupts on `vector` have been taken so far.
+pub fn wait_irq(vector: u32) -> u64 {
+    svc(SVC_WAIT_IRQ, vector.into(), 0, 0)
+}
+
+/// How many interrupts on `vector` (`IRQ_VECTOR` .. `IRQ_VECTOR + IRQ_VECTORS - 1`) the
+/// monitor has taken; 0 for any other vector.
+pub fn irq_count(vector: u32) -> u64 {
+    svc(SVC_IRQ_COUNT, vector.into(), 0, 0)
+}
+
+const LAPIC: u64 = 0xfee0_0000;
+
+fn lapic_write(reg: u64, v: u32) {
+    // SAFETY: the xAPIC's MMIO page, identity-mapped, uncached and user-accessible.
+    unsafe { core::ptr::write_volatile((LAPIC + reg) as *mut u32, v) }
+}
+
+fn lapic_read(reg: u64) -> u32 {
+    // SAFETY: as in lapic_write.
+    unsafe { core::ptr::read_volatile((LAPIC + reg) as *const u32) }
+}
+
+/// Waits (interrupts enabled only inside the monitor's `sti; hlt`) until `vector` has been
+/// taken at least `at_least` times, or about `timeout_ms` milliseconds have passed; a LAPIC
+/// one-shot timer on `TIMER_VECTOR` bounds each halt to 10 ms. Returns the final count. The
+/// xAPIC must be enabled (`lapic_enable`).
+pub fn wait_vector(vector: u32, at_least: u64, timeout_ms: u64) -> u64 {
+    // Divide by 1; KVM's APIC timer counts at 1 GHz, so 10 ms is 10^7 (longer elsewhere).
+    lapic_write(0x3e0, 0xb);
+    lapic_write(0x320, TIMER_VECTOR);
+    let ticks = irq_count(TIMER_VECTOR);
+    let mut n = irq_count(vector);
+    while n < at_least && irq_count(TIMER_VECTOR) - ticks < timeout_ms.div_ceil(10) {
+        // Re-arm only an expired timer, so other interrupts cannot stretch the timeout.
+        if lapic_read(0x390) == 0 {
+            lapic_write(0x380, 10_000_000);
+        }
+        n = wait_irq(vector);
+    }
+    lapic_write(0x380, 0);
+    lapic_write(0x320, 1 << 16);
+    n
 }
 
 pub fn hlt() {

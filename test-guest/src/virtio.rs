@@ -54,7 +54,7 @@ pub fn dma_pages(pages: usize) -> u64 {
     GuestHal::dma_alloc(pages, BufferDirection::Both).0
 }
 
-fn ecam() -> MmioCam<'static> {
+pub fn ecam() -> MmioCam<'static> {
     // SAFETY: the ECAM range is identity mapped (uncached) and only used for config accesses.
     unsafe { MmioCam::new(ECAM_BASE as *mut u8, Cam::Ecam) }
 }
