@@ -173,7 +173,10 @@ pub fn scenario_console_size(boot: &BootInfo) {
     let want = boot.arg("console_size").and_then(parse_size);
     let want2 = boot.arg("console_resize").and_then(parse_size);
     let Some(df) = find(DeviceType::Console).into_iter().next() else {
-        fail("console-present", format_args!("no virtio-console function"));
+        fail(
+            "console-present",
+            format_args!("no virtio-console function"),
+        );
         return;
     };
     let Some(m) = Msix::find(df) else { return };
@@ -201,7 +204,11 @@ pub fn scenario_console_size(boot: &BootInfo) {
     m.program(2, apic, MSIX_VECTOR, false);
     w16(m.common + 0x10, 2);
     let v = r16(m.common + 0x10);
-    check!("console-config-vector", v == 2, "config vector reads {v:#x}");
+    check!(
+        "console-config-vector",
+        v == 2,
+        "config vector reads {v:#x}"
+    );
     let ctl = m.enable();
     check!(
         "msix-enable",

@@ -4,6 +4,8 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -11,8 +13,12 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, F_VERSION_1, TYPE_CONSOLE,
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, F_VERSION_1,
+    TYPE_CONSOLE,
 };
+
+/// VIRTIO_CONSOLE_F_SIZE: `cols` and `rows` of the configuration are valid.
+pub const F_CONSOLE_SIZE: u64 = 1 << 0;
 
 const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
@@ -163,14 +169,70 @@ impl QueueHandler for ConsoleHandler {
     }
 }
 
+/// The console's size (columns and rows) as its configuration shows it. The VMM's control
+/// loop sets it (terminal size at start, then on SIGWINCH); a change bumps the configuration
+/// generation and raises the configuration interrupt of the running device.
+pub struct ConsoleSize {
+    /// `cols | rows << 16`.
+    size: AtomicU32,
+    generation: AtomicU32,
+    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+}
+
+impl ConsoleSize {
+    pub fn new(cols: u16, rows: u16) -> Arc<Self> {
+        Arc::new(ConsoleSize {
+            size: AtomicU32::new(u32::from(cols) | u32::from(rows) << 16),
+            generation: AtomicU32::new(0),
+            interrupt: Mutex::new(None),
+        })
+    }
+
+    /// (columns, rows).
+    pub fn get(&self) -> (u16, u16) {
+        let v = self.size.load(Ordering::Acquire);
+        (v as u16, (v >> 16) as u16)
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Sets the size; if it changed, bumps the generation and interrupts the driver. Returns
+    /// whether it changed.
+    pub fn set(&self, cols: u16, rows: u16) -> bool {
+        let v = u32::from(cols) | u32::from(rows) << 16;
+        // The lock orders size changes with the device's start and stop.
+        let irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
+        if self.size.swap(v, Ordering::AcqRel) == v {
+            return false;
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(i) = irq.as_ref() {
+            i.signal_config();
+        }
+        true
+    }
+
+    fn attach(&self, interrupt: Option<Arc<dyn VirtioInterrupt>>) {
+        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
+    }
+}
+
 pub struct Console {
     handler: Option<ConsoleHandler>,
     worker: Option<WorkerHandle<ConsoleHandler>>,
+    size: Arc<ConsoleSize>,
 }
 
 impl Console {
-    /// `out`: where the guest's output goes (`None` discards it); `input`: what it reads.
-    pub fn new(out: Option<Box<dyn Write + Send>>, input: Option<File>) -> Self {
+    /// `out`: where the guest's output goes (`None` discards it); `input`: what it reads;
+    /// `size`: the size the configuration reports (shared with whoever tracks the terminal).
+    pub fn new(
+        out: Option<Box<dyn Write + Send>>,
+        input: Option<File>,
+        size: Arc<ConsoleSize>,
+    ) -> Self {
         Console {
             handler: Some(ConsoleHandler {
                 out,
@@ -179,7 +241,14 @@ impl Console {
                 buf: Vec::new(),
             }),
             worker: None,
+            size,
         }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.size.attach(None);
     }
 }
 
@@ -191,25 +260,32 @@ impl VirtioDevice for Console {
         vec![QUEUE_SIZE, QUEUE_SIZE]
     }
     fn features(&self) -> u64 {
-        F_VERSION_1
+        F_VERSION_1 | F_CONSOLE_SIZE
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports, emerg_wr
+        let (cols, rows) = self.size.get();
         let mut c = [0u8; 12];
-        c[0..2].copy_from_slice(&80u16.to_le_bytes());
-        c[2..4].copy_from_slice(&25u16.to_le_bytes());
+        c[0..2].copy_from_slice(&cols.to_le_bytes());
+        c[2..4].copy_from_slice(&rows.to_le_bytes());
         c[4..8].copy_from_slice(&1u32.to_le_bytes());
         read_config_bytes(&c, offset, data);
+    }
+    fn config_generation(&self) -> u32 {
+        self.size.generation()
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let h = self
             .handler
             .take()
             .ok_or_else(|| ActivateError::Other("virtio-console: worker lost".into()))?;
+        let interrupt = ctx.interrupt.clone();
         self.worker = Some(WorkerHandle::spawn("virtio-console", h, ctx)?);
+        self.size.attach(Some(interrupt));
         Ok(())
     }
     fn reset(&mut self) {
+        self.size.attach(None);
         if let Some(w) = self.worker.take() {
             self.handler = w.stop();
             if let Some(h) = &mut self.handler {

@@ -14,7 +14,7 @@ mod worker;
 mod tests;
 
 pub use block::{Block, BlockConfig};
-pub use console::Console;
+pub use console::{Console, ConsoleSize, F_CONSOLE_SIZE};
 pub use net::{Net, NetConfig, NetOffloads, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
@@ -106,6 +106,11 @@ pub trait VirtioDevice: Send {
     /// Reads the device-specific configuration; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The configuration generation: changes whenever the device changes its configuration
+    /// (the transport shows its low byte as `config_generation`).
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// Starts processing: typically spawns the worker thread.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the worker (if any) and returns to the pre-activation state.

@@ -14,7 +14,8 @@ use crate::block::{
     S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
 use crate::{
-    ActivateContext, Block, BlockConfig, Console, DeviceStatus, Rng, VirtioDevice, VirtioInterrupt,
+    ActivateContext, Block, BlockConfig, Console, ConsoleSize, DeviceStatus, Rng, VirtioDevice,
+    VirtioInterrupt,
 };
 
 const MEM_SIZE: usize = 1 << 20;
@@ -398,7 +399,7 @@ impl Write for Sink {
 #[test]
 fn console_transmits_to_the_sink() {
     let sink = Sink::default();
-    let mut c = Console::new(Some(Box::new(sink.clone())), None);
+    let mut c = Console::new(Some(Box::new(sink.clone())), None, ConsoleSize::new(80, 25));
     let mut r = Ring::start(&mut c, 1, 2);
     r.mem.write_slice(b"hello", GuestAddress(DATA)).unwrap();
     r.mem
@@ -410,6 +411,46 @@ fn console_transmits_to_the_sink() {
     assert_eq!(r.submit(0), Some(0));
     assert_eq!(&*sink.0.lock().unwrap(), b"hello world");
     c.reset();
+}
+
+#[test]
+fn console_size_changes_bump_the_generation_and_interrupt_only_while_running() {
+    let size = ConsoleSize::new(100, 40);
+    let mut c = Console::new(None, None, size.clone());
+    assert_ne!(c.features() & crate::F_CONSOLE_SIZE, 0);
+    let cfg = |c: &Console| {
+        let mut b = [0u8; 4];
+        c.read_config(0, &mut b);
+        (
+            u16::from_le_bytes([b[0], b[1]]),
+            u16::from_le_bytes([b[2], b[3]]),
+        )
+    };
+    assert_eq!(cfg(&c), (100, 40));
+    let g0 = c.config_generation();
+    // Before the driver starts the device: new size and generation, nobody to interrupt.
+    assert!(size.set(120, 30));
+    assert_eq!(cfg(&c), (120, 30));
+    assert_ne!(c.config_generation(), g0);
+    let r = Ring::start(&mut c, 1, 2);
+    let g1 = c.config_generation();
+    assert!(!size.set(120, 30), "same size is no change");
+    assert_eq!(c.config_generation(), g1);
+    assert_eq!(r.irq.config.load(Ordering::SeqCst), 0);
+    assert!(size.set(132, 50));
+    assert_eq!(cfg(&c), (132, 50));
+    assert_ne!(c.config_generation(), g1);
+    assert_eq!(r.irq.config.load(Ordering::SeqCst), 1);
+    // After a reset (and once the device is gone) changes no longer interrupt.
+    c.reset();
+    assert!(size.set(80, 24));
+    assert_eq!(r.irq.config.load(Ordering::SeqCst), 1);
+    drop(c);
+    assert_eq!(
+        Arc::strong_count(&r.irq),
+        1,
+        "the device's interrupt was released"
+    );
 }
 
 /// A VM that records what the transport asks for.
@@ -610,7 +651,7 @@ fn console_receives_host_input() {
             std::fs::File::from_raw_fd(fds[1]),
         )
     };
-    let mut c = Console::new(None, Some(rd));
+    let mut c = Console::new(None, Some(rd), ConsoleSize::new(80, 25));
     let mut r = Ring::start(&mut c, 0, 2);
     // Input before any buffer: kept until the driver adds one.
     wr.write_all(b"abc").unwrap();

@@ -346,7 +346,7 @@ impl VirtioPciDevice {
             0x10 => u64::from(self.config_vector.load(Ordering::Acquire)),
             0x12 => self.queues.len() as u64,
             0x14 => u64::from(self.status.get()),
-            0x15 => 0,
+            0x15 => u64::from(self.device.config_generation() as u8),
             0x16 => u64::from(self.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size)),
             0x1a => self

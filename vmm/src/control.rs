@@ -7,9 +7,11 @@ use std::io;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use hypervisor::KvmHypervisor;
 use log::{error, info, warn};
+use virtio_devices::ConsoleSize;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::api::{
@@ -32,6 +34,10 @@ const EV_API: u64 = 7;
 const EV_CONSOLE_LISTEN: u64 = 8;
 const EV_CONSOLE_IN: u64 = 9;
 const EV_CONSOLE_OUT: u64 = 10;
+const EV_WINCH: u64 = 11;
+
+/// The virtio console's size when the endpoint has no terminal size.
+const DEFAULT_CONSOLE_SIZE: (u16, u16) = (80, 25);
 
 struct Control {
     epoll: Epoll,
@@ -58,8 +64,9 @@ fn serial_sink(endpoint: &SerialEndpoint) -> Option<Option<Box<dyn io::Write + S
 }
 
 /// The virtio console's output and input (a duplicate of the endpoint's input fd).
-fn console_io(endpoint: &SerialEndpoint) -> Option<pci_setup::ConsoleIo> {
+fn console_io(endpoint: &SerialEndpoint, size: &Arc<ConsoleSize>) -> Option<pci_setup::ConsoleIo> {
     endpoint.enabled().then(|| pci_setup::ConsoleIo {
+        size: size.clone(),
         out: endpoint.writer(),
         input: endpoint.input_fd().and_then(|fd| {
             // SAFETY: `fd` is open for as long as the endpoint; dup gives us our own copy.
@@ -74,6 +81,7 @@ fn console_io(endpoint: &SerialEndpoint) -> Option<pci_setup::ConsoleIo> {
 fn console_host(
     endpoint: &SerialEndpoint,
     relay: Option<&ConsoleRelay>,
+    size: &Arc<ConsoleSize>,
 ) -> Option<pci_setup::ConsoleIo> {
     match relay {
         Some(r) => {
@@ -81,9 +89,10 @@ fn console_host(
             Some(pci_setup::ConsoleIo {
                 out: Some(out),
                 input: Some(input),
+                size: size.clone(),
             })
         }
-        None => console_io(endpoint),
+        None => console_io(endpoint, size),
     }
 }
 
@@ -98,6 +107,8 @@ pub(crate) struct Vmm {
     events: VmEvents,
     control: Control,
     signal_rx: UnixStream,
+    /// SIGWINCH: the terminal's size changed.
+    winch_rx: UnixStream,
     api: Option<ApiReceiver>,
     monitor: EventMonitor,
     no_shutdown: bool,
@@ -112,6 +123,8 @@ pub(crate) struct Vmm {
     console_relay: Option<ConsoleRelay>,
     /// The virtio console's host side (kept across guest reboots, like the serial port's).
     console: Option<SerialEndpoint>,
+    /// The virtio console's size (the endpoint's terminal size), shared with the device.
+    console_size: Arc<ConsoleSize>,
     pending_input: Vec<u8>,
 }
 
@@ -119,6 +132,7 @@ impl Vmm {
     pub(crate) fn new(
         events: VmEvents,
         signal_rx: UnixStream,
+        winch_rx: UnixStream,
         api: Option<ApiReceiver>,
         monitor: EventMonitor,
         no_shutdown: bool,
@@ -132,6 +146,7 @@ impl Vmm {
             c.add(events.reset.as_raw_fd(), EV_RESET)?;
             c.add(events.error.as_raw_fd(), EV_ERROR)?;
             c.add(signal_rx.as_raw_fd(), EV_SIGNAL)?;
+            c.add(winch_rx.as_raw_fd(), EV_WINCH)?;
             if let Some(api) = &api {
                 c.add(api.wake.as_raw_fd(), EV_API)?;
             }
@@ -143,6 +158,7 @@ impl Vmm {
             events,
             control,
             signal_rx,
+            winch_rx,
             api,
             monitor,
             no_shutdown,
@@ -152,6 +168,7 @@ impl Vmm {
             serial: None,
             console_relay: None,
             console: None,
+            console_size: ConsoleSize::new(DEFAULT_CONSOLE_SIZE.0, DEFAULT_CONSOLE_SIZE.1),
             pending_input: Vec::new(),
         })
     }
@@ -191,7 +208,9 @@ impl Vmm {
         } else {
             None
         };
-        let console_host = console_host(&console, relay.as_ref());
+        let (cols, rows) = console.window_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
+        self.console_size = ConsoleSize::new(cols, rows);
+        let console_host = console_host(&console, relay.as_ref(), &self.console_size);
         let mut vm = Vm::new(
             &self.hv,
             config,
@@ -275,7 +294,7 @@ impl Vmm {
         let console = self
             .console
             .as_ref()
-            .and_then(|c| console_host(c, self.console_relay.as_ref()));
+            .and_then(|c| console_host(c, self.console_relay.as_ref(), &self.console_size));
         let mut vm = Vm::new(&self.hv, config, sink, console, Some(nvram), &self.events)?;
         let _ = self.events.reset.read();
         self.events.clear_halting();
@@ -445,6 +464,11 @@ impl Vmm {
                     self.reboot()?;
                 }
             }
+            EV_WINCH => {
+                let mut b = [0u8; 16];
+                while matches!(self.winch_rx.read(&mut b), Ok(n) if n > 0) {}
+                self.update_console_size();
+            }
             EV_API => return Ok(self.drain_api()),
             EV_SERIAL_LISTEN => self.accept_serial()?,
             EV_SERIAL_IN => self.read_serial(),
@@ -458,6 +482,17 @@ impl Vmm {
             other => error!("unexpected epoll token {other}"),
         }
         Ok(Next::Continue)
+    }
+
+    /// Reads the console endpoint's terminal size again (after SIGWINCH); a change reaches
+    /// the guest as a virtio-console configuration change.
+    fn update_console_size(&mut self) {
+        let Some(size) = self.console.as_ref().and_then(SerialEndpoint::window_size) else {
+            return;
+        };
+        if self.console_size.set(size.0, size.1) {
+            info!("console size now {}x{}", size.0, size.1);
+        }
     }
 
     fn drain_api(&mut self) -> Next {

@@ -85,9 +85,17 @@ pub fn run(opts: VmmOptions) -> Result<Outcome, Error> {
         signal_ids.push(signal_hook::low_level::pipe::register(sig, tx).map_err(Error::Setup)?);
     }
 
+    // SIGWINCH (the terminal was resized) through a pipe of its own.
+    let (winch_rx, winch_tx) = UnixStream::pair().map_err(Error::Setup)?;
+    winch_rx.set_nonblocking(true).map_err(Error::Setup)?;
+    signal_ids.push(
+        signal_hook::low_level::pipe::register(libc::SIGWINCH, winch_tx).map_err(Error::Setup)?,
+    );
+
     let mut vmm = Vmm::new(
         events,
         signal_rx,
+        winch_rx,
         opts.api,
         opts.event_monitor,
         opts.no_shutdown,

@@ -217,6 +217,8 @@ pub struct ConsoleIo {
     pub out: Option<Box<dyn Write + Send>>,
     /// What it reads (`None`: no input).
     pub input: Option<File>,
+    /// Its size (columns, rows), which the control loop keeps up to date.
+    pub size: Arc<virtio_devices::ConsoleSize>,
 }
 
 /// Builds segment 0 with the configured devices. `console`: `None` for no virtio console.
@@ -254,7 +256,7 @@ pub fn create(
             option: "--console",
             id: cfg.console.id.clone().unwrap_or_else(|| "_console".into()),
             slot: cfg.console.pci_device_id,
-            dev: Box::new(Console::new(io.out, io.input)),
+            dev: Box::new(Console::new(io.out, io.input, io.size)),
         });
     }
     for (i, d) in cfg.disks.iter().enumerate() {

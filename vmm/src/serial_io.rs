@@ -247,6 +247,23 @@ impl SerialEndpoint {
         }
     }
 
+    /// The terminal's size (columns, rows): standard input's for `tty` when it is a terminal,
+    /// the pseudo-terminal's for `pty`; `None` otherwise or while it is unset (0x0).
+    pub fn window_size(&self) -> Option<(u16, u16)> {
+        let fd = match self {
+            SerialEndpoint::Tty { _raw: Some(_) } => io::stdin().as_raw_fd(),
+            SerialEndpoint::Pty { master, .. } => master.as_raw_fd(),
+            _ => return None,
+        };
+        // SAFETY: winsize is plain data.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes one winsize into `ws`; `fd` is open.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } != 0 {
+            return None;
+        }
+        (ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+    }
+
     pub fn listener_fd(&self) -> Option<RawFd> {
         match self {
             SerialEndpoint::Socket { listener, .. } => Some(listener.as_raw_fd()),
