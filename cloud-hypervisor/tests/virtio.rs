@@ -604,19 +604,13 @@ fn console_size_follows_the_terminal() {
     };
     r.assert_guest_passed();
     for c in [
-        "console-size",
+        "console-size 100x40",
         "console-config-vector",
         "msix-enable",
-        "console-resize",
+        "console-resize 132x50",
         "console-config-generation",
         "console-config-interrupt",
     ] {
         r.assert_passed(c);
     }
-    assert!(
-        r.stdout.contains("INFO console size Some((100, 40))")
-            && r.stdout.contains("INFO console size Some((132, 50))"),
-        "{}",
-        r.stdout
-    );
 }

@@ -161,6 +161,14 @@ pub fn scenario_msix() {
     unsafe { write_volatile((m.bar + 0x14) as *mut u8, 0) };
 }
 
+/// `name CxR`: a check's name with the size it saw.
+fn sized(name: &str, size: Option<(u16, u16)>) -> alloc::string::String {
+    match size {
+        Some((c, r)) => alloc::format!("{name} {c}x{r}"),
+        None => alloc::format!("{name} none"),
+    }
+}
+
 fn parse_size(s: &str) -> Option<(u16, u16)> {
     let (c, r) = s.split_once('x')?;
     Some((c.parse().ok()?, r.parse().ok()?))
@@ -195,7 +203,7 @@ pub fn scenario_console_size(boot: &BootInfo) {
     let first = size(&c);
     println!("INFO console size {first:?}");
     check!(
-        "console-size",
+        &sized("console-size", first),
         first.is_some() && (want.is_none() || first == want),
         "size {first:?}, expected {want:?}"
     );
@@ -228,7 +236,7 @@ pub fn scenario_console_size(boot: &BootInfo) {
     }
     println!("INFO console size {now:?}");
     check!(
-        "console-resize",
+        &sized("console-resize", now),
         now != first && (want2.is_none() || now == want2),
         "size {first:?} -> {now:?}, expected {want2:?}"
     );
