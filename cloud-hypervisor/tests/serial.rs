@@ -111,20 +111,7 @@ fn pty_carries_output_and_input_both_ways() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let fd = stderr.as_raw_fd();
-    let line = read_until(&mut stderr, fd, "\n", Duration::from_secs(10));
-    let path = line
-        .split("serial PTY: ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no pty path in '{line}'"))
-        .trim()
-        .to_string();
-    let mut pty = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let mut pty = common::open_announced_pty(&mut child, "serial");
     let pfd = pty.as_raw_fd();
     read_until(&mut pty, pfd, "READY", Duration::from_secs(10));
     pty.write_all(b"through the pty\n").unwrap();

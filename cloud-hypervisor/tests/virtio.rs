@@ -266,20 +266,7 @@ fn console_input_and_output_through_a_pty() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let fd = stderr.as_raw_fd();
-    let line = read_until(&mut stderr, fd, "\n", Duration::from_secs(10));
-    let path = line
-        .split("console PTY: ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no pty path in '{line}'"))
-        .trim()
-        .to_string();
-    let mut pty = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let mut pty = common::open_announced_pty(&mut child, "console");
     // Raw mode: no echo of the guest's output back into its input.
     // SAFETY: termios is plain data filled by tcgetattr on an open tty fd.
     unsafe {

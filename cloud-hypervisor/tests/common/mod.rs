@@ -182,3 +182,23 @@ pub fn read_until(f: &mut dyn Read, fd: i32, needle: &str, timeout: Duration) ->
     }
     String::from_utf8_lossy(&got).into_owned()
 }
+
+/// Opens the pty the VMM announced on its standard error as `<what> PTY: <path>`
+/// (`what` is "serial" or "console"). Takes the child's stderr pipe.
+pub fn open_announced_pty(child: &mut std::process::Child, what: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let mut stderr = child.stderr.take().expect("the VMM's stderr is piped");
+    let fd = stderr.as_raw_fd();
+    let line = read_until(&mut stderr, fd, "\n", Duration::from_secs(10));
+    let path = line
+        .split(&format!("{what} PTY: "))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {what} pty path in '{line}'"))
+        .trim()
+        .to_string();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {path}: {e}"))
+}
