@@ -11,7 +11,7 @@ mod msix;
 
 use std::sync::{Arc, Mutex};
 
-pub use bus::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot, PciRootError};
+pub use bus::{BarAllocator, BarWindows, PciConfigIo, PciConfigMmio, PciRoot, PciRootError};
 pub use configuration::{
     extract, BarKind, PciConfiguration, PciIds, BAR_COUNT, COMMAND_MEMORY, CONFIG_SPACE_SIZE,
 };

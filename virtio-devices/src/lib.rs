@@ -17,7 +17,7 @@ pub use block::{Block, BlockConfig};
 pub use console::{Console, ConsoleSize, F_CONSOLE_SIZE};
 pub use net::{Net, NetConfig, NetOffloads, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use rng::Rng;
-pub use transport::{VirtioPciDevice, VIRTIO_PCI_BAR_SIZE};
+pub use transport::{VirtioPciDevice, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE};
 pub use worker::{QueueHandler, WorkerHandle};
 
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -17,6 +17,9 @@ use crate::{
 };
 
 pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x1_0000;
+/// BAR 0 is a 64-bit memory BAR, not prefetchable: reading the ISR status clears it, and the
+/// MSI-X table and PBA share the BAR, so reads have side effects.
+pub const VIRTIO_PCI_BAR_KIND: BarKind = BarKind::Mem64;
 const COMMON_OFF: u64 = 0x0;
 const COMMON_LEN: u64 = 0x38;
 const ISR_OFF: u64 = 0x1000;
@@ -158,7 +161,7 @@ impl VirtioPciDevice {
             subsystem_vendor: VIRTIO_VENDOR,
             subsystem: 0x1100,
         });
-        config.add_bar(0, VIRTIO_PCI_BAR_SIZE, BarKind::Mem64, bar_addr);
+        config.add_bar(0, VIRTIO_PCI_BAR_SIZE, VIRTIO_PCI_BAR_KIND, bar_addr);
         let caps = [
             vendor_cap(CAP_COMMON, COMMON_OFF, COMMON_LEN, None),
             vendor_cap(CAP_ISR, ISR_OFF, ISR_LEN, None),

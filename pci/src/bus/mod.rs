@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::configuration::{extract, PciIds};
 use crate::{
-    BarRegion, PciConfiguration, PciDevice, VmInterface, BAR_COUNT, HOST_BRIDGE_DEVICE,
+    BarKind, BarRegion, PciConfiguration, PciDevice, VmInterface, BAR_COUNT, HOST_BRIDGE_DEVICE,
     HOST_BRIDGE_VENDOR,
 };
 
@@ -27,6 +27,8 @@ pub enum PciRootError {
     BusFull,
     #[error("no room left in the PCI MMIO window for a {0:#x}-byte BAR")]
     NoBarSpace(u64),
+    #[error("BAR size {0:#x} is not a power of two")]
+    BadBarSize(u64),
 }
 
 /// Hands out naturally aligned ranges from a window, lowest first.
@@ -43,8 +45,11 @@ impl BarAllocator {
         }
     }
 
-    /// `size` must be a power of two.
+    /// A naturally aligned range of `size` bytes (a power of two).
     pub fn allocate(&mut self, size: u64) -> Result<u64, PciRootError> {
+        if !size.is_power_of_two() {
+            return Err(PciRootError::BadBarSize(size));
+        }
         let addr = self
             .next
             .checked_add(size - 1)
@@ -53,6 +58,37 @@ impl BarAllocator {
             .ok_or(PciRootError::NoBarSpace(size))?;
         self.next = addr + size;
         Ok(addr)
+    }
+}
+
+/// Where the VMM (playing the firmware) places BARs: 64-bit memory BARs in the 64-bit window,
+/// 32-bit ones in the 32-bit window. A 64-bit BAR goes to the 32-bit window only when there is
+/// no 64-bit window (a guest physical address space too small for one) or it is full.
+pub struct BarWindows {
+    mmio32: BarAllocator,
+    mmio64: Option<BarAllocator>,
+}
+
+impl BarWindows {
+    /// Windows are `(start, size)`.
+    pub fn new(mmio32: (u64, u64), mmio64: Option<(u64, u64)>) -> Self {
+        BarWindows {
+            mmio32: BarAllocator::new(mmio32.0, mmio32.1),
+            mmio64: mmio64.map(|(start, size)| BarAllocator::new(start, size)),
+        }
+    }
+
+    /// An address for a BAR of `size` bytes (a power of two) that decodes as `kind`.
+    pub fn allocate(&mut self, size: u64, kind: BarKind) -> Result<u64, PciRootError> {
+        if kind == BarKind::Mem64 {
+            if let Some(m64) = &mut self.mmio64 {
+                match m64.allocate(size) {
+                    Ok(addr) => return Ok(addr),
+                    Err(e) => debug!("64-bit BAR of {size:#x} bytes: {e}; trying below 4 GiB"),
+                }
+            }
+        }
+        self.mmio32.allocate(size)
     }
 }
 

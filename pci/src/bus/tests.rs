@@ -171,6 +171,89 @@ fn bar_allocator_aligns_and_runs_out() {
     );
     let mut a = BarAllocator::new(u64::MAX - 0xfff, 0x1000);
     assert!(a.allocate(0x2000).is_err());
+    assert_eq!(a.allocate(0), Err(PciRootError::BadBarSize(0)));
+    assert_eq!(a.allocate(0x3000), Err(PciRootError::BadBarSize(0x3000)));
+}
+
+#[test]
+fn bar_windows_put_64bit_bars_high() {
+    let mut w = BarWindows::new((0xc000_0000, 0x10_0000), Some((6 << 30, 0x2_0000)));
+    assert_eq!(w.allocate(0x1_0000, BarKind::Mem64), Ok(6 << 30));
+    assert_eq!(w.allocate(0x1000, BarKind::Mem32), Ok(0xc000_0000));
+    assert_eq!(
+        w.allocate(0x1_0000, BarKind::Mem64),
+        Ok((6 << 30) + 0x1_0000)
+    );
+    // The 64-bit window is full: the next 64-bit BAR goes below 4 GiB.
+    assert_eq!(w.allocate(0x1_0000, BarKind::Mem64), Ok(0xc001_0000));
+    assert_eq!(
+        w.allocate(0x10_0000, BarKind::Mem64),
+        Err(PciRootError::NoBarSpace(0x10_0000))
+    );
+    // No 64-bit window at all: everything in the 32-bit one.
+    let mut w = BarWindows::new((0xc000_0000, 0x10_0000), None);
+    assert_eq!(w.allocate(0x1_0000, BarKind::Mem64), Ok(0xc000_0000));
+    assert_eq!(w.allocate(0x1000, BarKind::Mem32), Ok(0xc001_0000));
+}
+
+fn dummy64(addr: u64) -> Arc<Mutex<dyn PciDevice>> {
+    let mut c = PciConfiguration::new(PciIds {
+        vendor: 0x1af4,
+        device: 0x1044,
+        class: 0xff,
+        subclass: 0,
+        prog_if: 0,
+        revision: 1,
+        subsystem_vendor: 0x1af4,
+        subsystem: 0x40,
+    });
+    c.add_bar(0, 0x1_0000, BarKind::Mem64, addr);
+    Arc::new(Mutex::new(Dummy(c)))
+}
+
+fn ecam_read32(ecam: &mut PciConfigMmio, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    ecam.read(offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+#[test]
+fn bar_above_4g_sizes_and_moves() {
+    let (vm, root) = setup();
+    root.lock()
+        .unwrap()
+        .add_device(1, dummy64(0x1_8000_0000))
+        .unwrap();
+    assert_eq!(*vm.mapped.lock().unwrap(), vec![(0x1_8000_0000, 0x1_0000)]);
+    let mut ecam = PciConfigMmio(root.clone());
+    let dev1 = 1 << 15;
+    // The guest reads both halves: low dword with the type bits (64-bit, not prefetchable).
+    assert_eq!(ecam_read32(&mut ecam, dev1 + 0x10), 0x8000_0004);
+    assert_eq!(ecam_read32(&mut ecam, dev1 + 0x14), 1);
+    // Sizing both dwords with decoding off, then restoring.
+    ecam.write(dev1 + 4, &[0, 0]);
+    assert!(vm.mapped.lock().unwrap().is_empty());
+    ecam.write(dev1 + 0x10, &[0xff; 4]);
+    ecam.write(dev1 + 0x14, &[0xff; 4]);
+    assert_eq!(ecam_read32(&mut ecam, dev1 + 0x10), 0xffff_0004);
+    assert_eq!(ecam_read32(&mut ecam, dev1 + 0x14), 0xffff_ffff);
+    // Turning decoding on with the sizing pattern in place maps nothing (it would wrap).
+    ecam.write(dev1 + 4, &[2, 0]);
+    assert!(vm.mapped.lock().unwrap().is_empty());
+    ecam.write(dev1 + 4, &[0, 0]);
+    ecam.write(dev1 + 0x10, &0x8000_0000u32.to_le_bytes());
+    ecam.write(dev1 + 0x14, &1u32.to_le_bytes());
+    ecam.write(dev1 + 4, &[2, 0]);
+    assert_eq!(*vm.mapped.lock().unwrap(), vec![(0x1_8000_0000, 0x1_0000)]);
+    // Moved with decoding on, one dword at a time: it ends up where both halves say.
+    ecam.write(dev1 + 0x10, &0xffff_0000u32.to_le_bytes());
+    ecam.write(dev1 + 0x14, &0x10u32.to_le_bytes());
+    assert_eq!(*vm.mapped.lock().unwrap(), vec![(0x10_ffff_0000, 0x1_0000)]);
+    // And below 4 GiB (upper dword 0).
+    ecam.write(dev1 + 0x14, &0u32.to_le_bytes());
+    ecam.write(dev1 + 0x10, &0xd000_0000u32.to_le_bytes());
+    assert_eq!(*vm.mapped.lock().unwrap(), vec![(0xd000_0000, 0x1_0000)]);
+    assert_eq!(root.lock().unwrap().slots[&1].mapped[0], Some(0xd000_0000));
 }
 
 #[test]
