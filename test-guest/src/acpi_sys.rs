@@ -22,8 +22,8 @@ impl AcpiHandler for IdentityHandler {
     ) -> PhysicalMapping<Self, T> {
         let ptr =
             NonNull::new(physical_address as *mut T).expect("ACPI table at physical address 0");
-        // SAFETY: the page tables identity-map the first 8 GiB, so the physical
-        // address is also a valid virtual address for `size` bytes.
+        // SAFETY: the page tables identity-map the first 4 GiB, where the VMM puts the
+        // tables, so the physical address is also a valid virtual address for `size` bytes.
         unsafe { PhysicalMapping::new(physical_address, ptr, size, size, *self) }
     }
 
@@ -49,6 +49,8 @@ pub struct AcpiInfo {
     pub reset_supported: bool,
     pub dsdt: Option<(u64, u32)>,
     pub slp_typ_s5: Option<u8>,
+    /// The PCI host bridge's (PNP0A08) memory windows from its `_CRS`.
+    pub pci_windows: PciWindows,
     pub has_madt: bool,
     pub cpus: Vec<Cpu>,
     pub signatures: Vec<[u8; 4]>,
@@ -116,6 +118,7 @@ pub fn discover(rsdp: u64) -> Result<AcpiInfo, AcpiSysError> {
         let aml =
             unsafe { core::slice::from_raw_parts(dsdt.address as *const u8, dsdt.length as usize) };
         info.slp_typ_s5 = find_s5(aml);
+        info.pci_windows = find_pci_windows(aml);
     }
     if let Ok(madt) = tables.find_table::<Madt>() {
         info.has_madt = true;
@@ -175,6 +178,109 @@ pub fn find_s5(aml: &[u8]) -> Option<u8> {
     p += 1 + usize::from(lead >> 6);
     p += 1; // NumElements
     aml_int(aml.get(p..)?).map(|v| v as u8)
+}
+
+/// A memory window of a resource template: `[start, start + size)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub start: u64,
+    pub size: u64,
+    /// Memory attribute "prefetchable" (type-specific flags bits 1-2 = 3).
+    pub prefetchable: bool,
+}
+
+impl Window {
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.size)
+    }
+    pub fn contains(&self, addr: u64, size: u64) -> bool {
+        addr >= self.start && addr.checked_add(size).is_some_and(|e| e <= self.end())
+    }
+}
+
+/// The host bridge's memory windows below and above 4 GiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PciWindows {
+    pub mmio32: Option<Window>,
+    pub mmio64: Option<Window>,
+}
+
+/// Finds the `_CRS` buffer of the first PNP0A08 device in AML bytes and reads its DWord and
+/// QWord memory descriptors (ACPI 6.5, 6.4.3.5.2/6.4.3.5.1).
+pub fn find_pci_windows(aml: &[u8]) -> PciWindows {
+    let mut w = PciWindows::default();
+    let Some(crs) = host_bridge_crs(aml) else {
+        return w;
+    };
+    let mut i = 0;
+    while let Some(&tag) = crs.get(i) {
+        if tag & 0x80 == 0 {
+            // Small item: the End Tag closes the template.
+            if (tag >> 3) & 0xf == 0xf {
+                break;
+            }
+            i += 1 + usize::from(tag & 7);
+            continue;
+        }
+        let Some(len) = crs.get(i + 1..i + 3) else {
+            break;
+        };
+        let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
+        let Some(d) = crs.get(i..i + 3 + len) else {
+            break;
+        };
+        let u32_at = |o: usize| u64::from(u32::from_le_bytes(d[o..o + 4].try_into().unwrap()));
+        let u64_at = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().unwrap());
+        // Resource type 0: memory range.
+        let window = match tag {
+            0x87 if len >= 0x17 && d[3] == 0 => Some((u32_at(10), u32_at(14))),
+            0x8a if len >= 0x2b && d[3] == 0 => Some((u64_at(14), u64_at(22))),
+            _ => None,
+        };
+        if let Some((min, max)) = window.filter(|(min, max)| min <= max) {
+            let win = Window {
+                start: min,
+                size: (max - min).saturating_add(1),
+                prefetchable: (d[5] >> 1) & 3 == 3,
+            };
+            if max < 1 << 32 {
+                w.mmio32.get_or_insert(win);
+            } else {
+                w.mmio64.get_or_insert(win);
+            }
+        }
+        i += 3 + len;
+    }
+    w
+}
+
+/// The bytes of `Name(_CRS, Buffer(...) {...})` after the first `_HID` EISAID PNP0A08.
+fn host_bridge_crs(aml: &[u8]) -> Option<&[u8]> {
+    const PNP0A08: [u8; 5] = [0x0c, 0x41, 0xd0, 0x0a, 0x08];
+    let dev = aml.windows(5).position(|w| w == PNP0A08)?;
+    let rest = &aml[dev..];
+    // NameOp "_CRS" BufferOp
+    let at = rest.windows(6).position(|w| w == b"\x08_CRS\x11")?;
+    let p = &rest[at + 6..];
+    // PkgLength (counts itself): the top two bits of the lead byte give the number of extra
+    // bytes, which hold the length's upper bits.
+    let lead = *p.first()?;
+    let extra = usize::from(lead >> 6);
+    let mut pkg_len = usize::from(if extra == 0 { lead & 0x3f } else { lead & 0xf });
+    for k in 0..extra {
+        pkg_len |= usize::from(*p.get(1 + k)?) << (4 + 8 * k);
+    }
+    let body = p.get(1 + extra..pkg_len)?;
+    // BufferSize, then the bytes.
+    let size = aml_int(body)?;
+    let int_len = match body[0] {
+        0x0a => 2,
+        0x0b => 3,
+        0x0c => 5,
+        _ => 1,
+    };
+    let bytes = &body[int_len..];
+    bytes.get(..usize::try_from(size).ok()?.min(bytes.len()))
 }
 
 fn write_reg(reg: &GenericAddress, value: u64) -> bool {

@@ -18,6 +18,7 @@ mod kvmclock;
 mod mem;
 mod msix;
 mod net;
+mod paging;
 mod smp;
 mod svc;
 mod virtio;
@@ -186,6 +187,15 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
             None
         }
     };
+    // BARs may lie in the 64-bit PCI window: map it before any scenario touches a device.
+    if let Some(w) = acpi.as_ref().and_then(|a| a.pci_windows.mmio64) {
+        if let Err(e) = paging::map_uncached(w.start, w.size) {
+            fail(
+                "paging-mmio64",
+                format_args!("{:#x}+{:#x}: {e:?}", w.start, w.size),
+            );
+        }
+    }
     let scenario = boot.arg("test").unwrap_or("boot");
     match scenario {
         "boot" => scenario_boot(&boot, acpi.as_ref()),

@@ -655,8 +655,10 @@ idt_ptr:
 idt:
     .fill 2 * (IRQ_VECTOR + IRQ_VECTORS), 8, 0
 
-/* Static identity map of the first 8 GiB with 2 MiB pages, all U/S=1 so CPL3 can
- * reach RAM, the LAPIC/IOAPIC and the PCI hole; 3-4 GiB (device hole) is PCD|PWT. */
+/* Static identity map of the first 4 GiB with 2 MiB pages, all U/S=1 so CPL3 can
+ * reach RAM, the LAPIC/IOAPIC and the PCI hole; 3-4 GiB (device hole) is PCD|PWT.
+ * Above 4 GiB the Rust code adds what it needs (paging.rs: the 64-bit PCI window):
+ * these tables are user-writable. */
 .balign 4096
 .global pml4
 pml4:
@@ -664,14 +666,14 @@ pml4:
     .fill 511, 8, 0
 pdpt:
 .set pdpt_i, 0
-.rept 8
+.rept 4
     .quad pd + pdpt_i * 4096 + 0x7
     .set pdpt_i, pdpt_i + 1
 .endr
-    .fill 504, 8, 0
+    .fill 508, 8, 0
 pd:
 .set pde_i, 0
-.rept 4096
+.rept 2048
     .if (pde_i >= 1536) && (pde_i < 2048)
     .quad (pde_i << 21) | 0x9f       /* P RW US PWT PCD PS */
     .else
