@@ -65,7 +65,8 @@ pub struct PciHost {
     pub bus_end: u8,
     pub io: (u16, u16),
     pub mmio32: (u64, u64),
-    pub mmio64: (u64, u64),
+    /// `None`: no 64-bit window (no room between RAM and the physical address limit).
+    pub mmio64: Option<(u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,9 +217,10 @@ fn validate_pci(pci: &PciHost) -> Result<(), Error> {
     if size == 0 || start + size > 1 << 32 {
         return Err(Error::InvalidPci("bad 32-bit MMIO window"));
     }
-    let (start, size) = pci.mmio64;
-    if size == 0 || start.checked_add(size - 1).is_none() {
-        return Err(Error::InvalidPci("bad 64-bit MMIO window"));
+    if let Some((start, size)) = pci.mmio64 {
+        if size == 0 || start.checked_add(size - 1).is_none() {
+            return Err(Error::InvalidPci("bad 64-bit MMIO window"));
+        }
     }
     Ok(())
 }
@@ -506,15 +508,20 @@ fn pci_host_device(pci: &PciHost) -> Raw {
         (m32_start + m32_size - 1) as u32,
         None,
     );
-    let (m64_start, m64_size) = pci.mmio64;
-    let mmio64 = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        m64_start,
-        m64_start + (m64_size - 1),
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io, &mmio32, &mmio64]);
+    let mmio64 = pci.mmio64.map(|(start, size)| {
+        aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            start,
+            start + (size - 1),
+            None,
+        )
+    });
+    let mut resources: Vec<&dyn Aml> = vec![&buses, &cfg_io, &io, &mmio32];
+    if let Some(m64) = &mmio64 {
+        resources.push(m64);
+    }
+    let crs = aml::ResourceTemplate::new(resources);
     let segment = pci.segment;
     let bbn = pci.bus_start;
     let name = format!("PC{:02X}", pci.segment & 0xff);

@@ -48,6 +48,16 @@ fn width(n: u32) -> u32 {
     }
 }
 
+/// Guest physical address bits the vCPUs report (CPUID 0x80000008 EAX[7:0]): what the
+/// hypervisor supports, capped at `max_phys_bits`. Without the leaf a CPU has 36.
+pub fn guest_phys_bits(supported: &[CpuIdEntry], max_phys_bits: u8) -> u8 {
+    let host = supported
+        .iter()
+        .find(|e| e.function == LEAF_ADDR_SIZES)
+        .map_or(36, |e| (e.eax & 0xff) as u8);
+    host.min(max_phys_bits)
+}
+
 /// Patches `supported` for vCPU `cpu_id` (whose APIC ID is `cpu_id`).
 pub fn vcpu_cpuid(
     supported: &[CpuIdEntry],
@@ -82,8 +92,7 @@ pub fn vcpu_cpuid(
             }
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => continue,
             LEAF_ADDR_SIZES => {
-                let host = e.eax & 0xff;
-                e.eax = (e.eax & !0xff) | host.min(u32::from(max_phys_bits));
+                e.eax = (e.eax & !0xff) | u32::from(guest_phys_bits(supported, max_phys_bits));
             }
             _ => {}
         }
@@ -177,6 +186,12 @@ mod tests {
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
         assert_eq!(leaf(&c, LEAF_ADDR_SIZES, 0).eax & 0xff, 46);
+        assert_eq!(leaf(&c, LEAF_ADDR_SIZES, 0).eax >> 8, 0x30);
+        assert_eq!(guest_phys_bits(&supported, 46), 46);
+        assert_eq!(guest_phys_bits(&supported, 52), 48);
+        let capped = vcpu_cpuid(&supported, 0, t, 40);
+        assert_eq!(leaf(&capped, LEAF_ADDR_SIZES, 0).eax & 0xff, 40);
+        assert_eq!(guest_phys_bits(&supported[..2], 46), 36);
         let smt = leaf(&c, LEAF_EXT_TOPOLOGY, 0);
         assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (1, 2, 1, 5));
         let core = leaf(&c, LEAF_EXT_TOPOLOGY, 1);

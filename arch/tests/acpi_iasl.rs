@@ -47,7 +47,29 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                         layout::MEM_32BIT_DEVICES_START.0,
                         layout::MEM_32BIT_DEVICES_SIZE,
                     ),
-                    mmio64: (1 << 40, 1 << 38),
+                    mmio64: Some((1 << 40, 1 << 38)),
+                }),
+            },
+        ),
+        (
+            "pci-no-mmio64",
+            AcpiConfig {
+                boot_vcpus: 1,
+                max_vcpus: 1,
+                topology: None,
+                serial: true,
+                pci: Some(PciHost {
+                    segment: 0,
+                    ecam_base: layout::PCI_MMCONFIG_START.0,
+                    ecam_size: layout::PCI_MMCONFIG_SIZE,
+                    bus_start: 0,
+                    bus_end: 255,
+                    io: (0x1000, 0xf000),
+                    mmio32: (
+                        layout::MEM_32BIT_DEVICES_START.0,
+                        layout::MEM_32BIT_DEVICES_SIZE,
+                    ),
+                    mmio64: None,
                 }),
             },
         ),
@@ -148,6 +170,16 @@ fn iasl_disassembles_every_table_without_errors() {
             dsdt.contains("PNP0A08"),
             cfg.pci.is_some(),
             "{name}: PCI host presence in\n{dsdt}"
+        );
+        assert_eq!(
+            dsdt.contains("QWordMemory"),
+            cfg.pci.as_ref().is_some_and(|p| p.mmio64.is_some()),
+            "{name}: 64-bit window in\n{dsdt}"
+        );
+        assert_eq!(
+            dsdt.contains("DWordMemory"),
+            cfg.pci.is_some(),
+            "{name}: 32-bit window in\n{dsdt}"
         );
         let cpus = dsdt.matches("\"ACPI0007\"").count();
         assert_eq!(cpus, cfg.max_vcpus as usize, "{name}: CPU devices");

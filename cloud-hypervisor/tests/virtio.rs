@@ -57,27 +57,59 @@ fn pci_enumeration_ports_and_ecam() {
     let disk = dir.join("d.img");
     make_disk(&disk, 0, 1 << 20);
     let d = format!("path={},id=disk0,pci_device_id=7", disk.display());
-    let r = boot(
-        &guest().elf_pvh,
-        "test=pci expect_virtio=2",
-        &["--memory", "size=256M", "--disk", &d],
-    );
-    r.assert_guest_passed();
-    for c in [
-        "pci-host-bridge",
-        "pci-ports-match-ecam",
-        "pci-virtio-count",
-        "pci-bars",
-        "pci-bar-move",
-        "pci-capabilities",
+    // (memory, max_phys_bits, where the first BAR goes): the 64-bit window starts at the
+    // first GiB boundary above RAM (4 GiB at least); with 32 physical address bits there is
+    // none and 64-bit BARs go to the 32-bit window.
+    for (mem, bits, bar) in [
+        ("256M", 46, Some(0x1_0000_0000u64)),
+        ("5G", 46, Some(0x1_8000_0000)),
+        ("256M", 32, None),
     ] {
-        r.assert_passed(c);
+        let cpus = format!("boot=1,max_phys_bits={bits}");
+        let r = boot(
+            &guest().elf_pvh,
+            "test=pci expect_virtio=2",
+            &[
+                "--memory",
+                &format!("size={mem}"),
+                "--cpus",
+                &cpus,
+                "--disk",
+                &d,
+            ],
+        );
+        r.assert_guest_passed();
+        for c in [
+            "pci-host-bridge",
+            "pci-ports-match-ecam",
+            "pci-virtio-count",
+            "pci-windows",
+            "pci-bars",
+            "pci-bar-sizing",
+            "pci-bar-move",
+            "pci-capabilities",
+        ] {
+            r.assert_passed(c);
+        }
+        assert!(
+            r.stdout.contains("INFO pci 00:07.0 id=10421af4"),
+            "{}",
+            r.stdout
+        );
+        // The disk has an explicit slot, so it is placed first: at the window's start.
+        let first = bar.unwrap_or(0xc000_0000);
+        assert!(
+            r.stdout
+                .contains(&format!("INFO 00:07.0: BAR0 {first:#x} size 0x10000")),
+            "{mem} {bits}: {}",
+            r.stdout
+        );
+        if bar.is_some() {
+            r.assert_passed("pci-bar-move-64");
+        } else {
+            assert!(!r.stdout.contains("pci-bar-move-64"), "{}", r.stdout);
+        }
     }
-    assert!(
-        r.stdout.contains("INFO pci 00:07.0 id=10421af4"),
-        "{}",
-        r.stdout
-    );
 }
 
 #[test]

@@ -58,6 +58,16 @@ impl BootInfo {
             .sum()
     }
 
+    /// End of the highest RAM region in the map.
+    pub fn ram_end(&self) -> u64 {
+        self.memmap
+            .iter()
+            .filter(|r| r.kind == 1)
+            .map(|r| r.addr.saturating_add(r.size))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Value of `key=value` on the command line.
     pub fn arg(&self, key: &str) -> Option<&str> {
         self.cmdline.split_ascii_whitespace().find_map(|w| {

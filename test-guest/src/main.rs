@@ -208,7 +208,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "kvmclock" => kvmclock::scenario_kvmclock(),
         "power-button" => scenario_power_button(),
         "fault" => scenario_fault(),
-        "pci" => virtio::scenario_pci(&boot),
+        "pci" => virtio::scenario_pci(&boot, acpi.as_ref()),
         "rng" => virtio::scenario_rng(),
         "blk" => virtio::scenario_blk(&boot),
         "blk-bench" => virtio::scenario_blk_bench(),

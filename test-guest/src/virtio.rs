@@ -9,17 +9,17 @@ use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::console::VirtIOConsole;
 use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, MmioCam, PciRoot,
+    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, MmioCam, PciRoot,
 };
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::DeviceType;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
+use crate::acpi_sys::AcpiInfo;
 use crate::bootinfo::BootInfo;
 use crate::{fail, parse_u64, pass, println, smp, svc};
 
 pub const ECAM_BASE: u64 = 0xe800_0000;
-const MMIO32: (u64, u64) = (0xc000_0000, 0xe800_0000);
 /// DMA arena: guest RAM at 16-32 MiB, identity mapped (guest physical = virtual).
 const DMA_START: u64 = 0x100_0000;
 const DMA_END: u64 = 0x200_0000;
@@ -95,7 +95,7 @@ pub fn transport(df: DeviceFunction) -> Option<PciTransport> {
     }
 }
 
-pub fn scenario_pci(boot: &BootInfo) {
+pub fn scenario_pci(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     let mut root = root();
     let cam = ecam();
     let devs = devices(&root);
@@ -155,21 +155,49 @@ pub fn scenario_pci(boot: &BootInfo) {
             virtio.len()
         );
     }
+    // The host bridge's windows, from its _CRS: BARs must lie inside them.
+    let windows = acpi.map(|a| a.pci_windows).unwrap_or_default();
+    let ram_end = boot.ram_end();
+    println!(
+        "INFO pci windows mmio32={:x?} mmio64={:x?} ram_end={ram_end:#x}",
+        windows.mmio32, windows.mmio64
+    );
+    let m64_ok = windows
+        .mmio64
+        .is_none_or(|w| w.start >= 1 << 32 && w.start >= ram_end && !w.prefetchable);
+    crate::check!(
+        "pci-windows",
+        windows.mmio32.is_some_and(|w| !w.prefetchable) && m64_ok,
+        "{windows:x?}, RAM ends at {ram_end:#x}"
+    );
+    // A 64-bit BAR belongs in the 64-bit window when there is one (and so above 4 GiB and
+    // above RAM), otherwise in the 32-bit one.
+    let home = windows.mmio64.or(windows.mmio32);
     let mut bad_bars = 0;
     let mut bad_caps = 0;
     let mut ends: Vec<(u64, u64)> = Vec::new();
     for (df, _) in &virtio {
         match root.bar_info(*df, 0) {
-            Ok(Some(BarInfo::Memory { address, size, .. })) => {
+            Ok(Some(BarInfo::Memory {
+                address_type,
+                prefetchable,
+                address,
+                size,
+            })) => {
+                let high_ok =
+                    windows.mmio64.is_none() || (address >= 1 << 32 && address >= ram_end);
                 let ok = size == 0x1_0000
-                    && address >= MMIO32.0
-                    && address + size <= MMIO32.1
+                    && address_type == MemoryBarType::Width64
+                    && !prefetchable
+                    && home.is_some_and(|w| w.contains(address, size))
+                    && high_ok
                     && address % size == 0
                     && ends
                         .iter()
                         .all(|&(a, s)| address + size <= a || a + s <= address);
+                println!("INFO {df}: BAR0 {address:#x} size {size:#x}");
                 if !ok {
-                    println!("INFO {df}: BAR0 {address:#x} size {size:#x}");
+                    println!("INFO {df}: BAR0 {address_type:?} prefetchable={prefetchable} bad");
                     bad_bars += 1;
                 }
                 ends.push((address, size));
@@ -204,6 +232,9 @@ pub fn scenario_pci(boot: &BootInfo) {
         bad_bars == 0 && !virtio.is_empty(),
         "{bad_bars} bad BARs"
     );
+    if let Some((df, _)) = virtio.first() {
+        bar_sizing(*df);
+    }
     crate::check!(
         "pci-capabilities",
         bad_caps == 0 && !virtio.is_empty(),
@@ -211,28 +242,65 @@ pub fn scenario_pci(boot: &BootInfo) {
     );
     // Move the rng's BAR (decoding off while it changes, as an OS does) and use the device at
     // its new address: the VMM must move the MMIO range and the notify ioeventfd with it.
+    // First below 4 GiB (upper dword 0), then to the top of the 64-bit window.
     if let Some((df, _)) = devs
         .iter()
         .find(|(_, t)| *t == Some(DeviceType::EntropySource))
     {
-        let new = 0xd000_0000u64;
-        let (_, cmd) = root.get_status_command(*df);
-        root.set_command(*df, cmd - Command::MEMORY_SPACE);
-        root.set_bar_64(*df, 0, new);
-        root.set_command(*df, cmd);
-        let moved = matches!(
-            root.bar_info(*df, 0),
-            Ok(Some(BarInfo::Memory { address, .. })) if address == new
-        );
-        let works = moved
-            && transport(*df)
-                .and_then(|t| VirtIORng::<GuestHal, _>::new(t).ok())
-                .is_some_and(|mut rng| {
-                    let mut b = [0u8; 64];
-                    rng.request_entropy(&mut b).is_ok_and(|n| n == 64)
-                });
-        crate::check!("pci-bar-move", works, "moved={moved}");
+        let (works, moved) = move_bar_and_use(&mut root, *df, 0xd000_0000);
+        crate::check!("pci-bar-move", works, "to 0xd0000000: moved={moved}");
+        if let Some(w) = windows.mmio64 {
+            let top = (w.end() - 0x1_0000) & !0xffff;
+            let (works, moved) = move_bar_and_use(&mut root, *df, top);
+            crate::check!("pci-bar-move-64", works, "to {top:#x}: moved={moved}");
+        }
     }
+}
+
+/// Moves BAR 0 of `df` to `new` and reads 64 bytes from the rng there: (worked, moved).
+fn move_bar_and_use(
+    root: &mut PciRoot<MmioCam<'static>>,
+    df: DeviceFunction,
+    new: u64,
+) -> (bool, bool) {
+    let (_, cmd) = root.get_status_command(df);
+    root.set_command(df, cmd - Command::MEMORY_SPACE);
+    root.set_bar_64(df, 0, new);
+    root.set_command(df, cmd);
+    let moved = matches!(
+        root.bar_info(df, 0),
+        Ok(Some(BarInfo::Memory { address, .. })) if address == new
+    );
+    let works = moved
+        && transport(df)
+            .and_then(|t| VirtIORng::<GuestHal, _>::new(t).ok())
+            .is_some_and(|mut rng| {
+                let mut b = [0u8; 64];
+                rng.request_entropy(&mut b).is_ok_and(|n| n == 64)
+            });
+    (works, moved)
+}
+
+/// `pci-bar-sizing`: all ones in both dwords of a 64-bit BAR (decoding off) read back the
+/// 64 KiB size mask with the type bits (64-bit, not prefetchable) and all ones above; the
+/// original address comes back when it is restored.
+fn bar_sizing(df: DeviceFunction) {
+    let mut cam = ecam();
+    let (lo, hi) = (cam.read_word(df, 0x10), cam.read_word(df, 0x14));
+    let cmd = cam.read_word(df, 4) & 0xffff;
+    cam.write_word(df, 4, cmd & !2);
+    cam.write_word(df, 0x10, u32::MAX);
+    cam.write_word(df, 0x14, u32::MAX);
+    let (size_lo, size_hi) = (cam.read_word(df, 0x10), cam.read_word(df, 0x14));
+    cam.write_word(df, 0x10, lo);
+    cam.write_word(df, 0x14, hi);
+    cam.write_word(df, 4, cmd);
+    let back = (cam.read_word(df, 0x10), cam.read_word(df, 0x14));
+    crate::check!(
+        "pci-bar-sizing",
+        size_lo == 0xffff_0004 && size_hi == u32::MAX && back == (lo, hi),
+        "sizing read {size_hi:#x}:{size_lo:#x}, restored {back:x?} from {hi:#x}:{lo:#x}"
+    );
 }
 
 pub fn scenario_rng() {

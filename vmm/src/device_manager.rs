@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::cpu::VmEvents;
-use crate::pci_setup::{self, ConsoleIo, PciDevices, PciSetupError};
+use crate::pci_setup::{self, ConsoleIo, PciDevices, PciSetupError, PciWindows};
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -56,6 +56,8 @@ pub struct DeviceSetup<'a> {
     pub mem: &'a vm_memory::GuestMemoryMmap,
     pub cfg: &'a VmConfig,
     pub ram: (u64, u64),
+    /// Where PCI BARs go (the same windows the DSDT's `_CRS` describes).
+    pub pci_windows: PciWindows,
     /// `None` for no serial port; `Some(sink)` for a port whose output goes to `sink`.
     pub serial: Option<Option<Box<dyn std::io::Write + Send>>>,
     /// The virtio console's host side; `None` for no virtio console.
@@ -70,6 +72,7 @@ impl DeviceManager {
             mem,
             cfg,
             ram,
+            pci_windows,
             serial,
             console,
             nvram,
@@ -107,7 +110,7 @@ impl DeviceManager {
             1,
         )?;
         pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
-        let pci = pci_setup::create(vm, mem, &pio, &mmio, cfg, console)?;
+        let pci = pci_setup::create(vm, mem, &pio, &mmio, cfg, &pci_windows, console)?;
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&ged_irq, layout::GED_IRQ)
             .map_err(DeviceError::Irq)?;

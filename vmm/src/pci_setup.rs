@@ -1,6 +1,7 @@
 //! PCI segment 0 and the virtio devices on it: the host bridge, configuration access through
-//! ports 0xcf8/0xcfc and ECAM, BARs allocated from the 32-bit window, MSI-X routed through the
-//! hypervisor's GSI table, and one virtio-pci function per configured device.
+//! ports 0xcf8/0xcfc and ECAM, BARs allocated from the MMIO windows `_CRS` describes (64-bit
+//! BARs above RAM), MSI-X routed through the hypervisor's GSI table, and one virtio-pci
+//! function per configured device.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,7 +12,7 @@ use arch::layout;
 use devices::{Bus, BusDevice};
 use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
-use pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
+use pci::{BarWindows, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
 use thiserror::Error;
 use virtio_devices::{Block, BlockConfig, Console, Net, Rng, VirtioDevice, VirtioPciDevice};
 use vm_memory::GuestMemoryMmap;
@@ -131,10 +132,36 @@ impl VmInterface for VmPci {
     }
 }
 
+/// The PCI MMIO windows of a VM, `(start, size)`: what `_CRS` describes and what BARs are
+/// allocated from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciWindows {
+    pub mmio32: (u64, u64),
+    /// `None` when the guest physical address space has no room above RAM for one; 64-bit
+    /// BARs then go to the 32-bit window.
+    pub mmio64: Option<(u64, u64)>,
+}
+
+impl PciWindows {
+    /// The windows of a VM with `ram_size` bytes of RAM whose vCPUs report `phys_bits` of
+    /// physical address space (see `arch::cpuid::guest_phys_bits`).
+    pub fn new(ram_size: u64, phys_bits: u8) -> Self {
+        PciWindows {
+            mmio32: (
+                layout::MEM_32BIT_DEVICES_START.0,
+                layout::MEM_32BIT_DEVICES_SIZE,
+            ),
+            mmio64: layout::mmio64_window(ram_size, phys_bits),
+        }
+    }
+
+    fn allocators(&self) -> BarWindows {
+        BarWindows::new(self.mmio32, self.mmio64)
+    }
+}
+
 /// The PCI host bridge as ACPI describes it.
-pub fn pci_host(cfg: &VmConfig) -> arch::acpi::PciHost {
-    let mmio64 = layout::mmio64_window(cfg.memory.size, cfg.cpus.max_phys_bits)
-        .unwrap_or((layout::RAM_64BIT_START.0, 1 << 30));
+pub fn pci_host(windows: &PciWindows) -> arch::acpi::PciHost {
     arch::acpi::PciHost {
         segment: 0,
         ecam_base: layout::PCI_MMCONFIG_START.0,
@@ -142,11 +169,8 @@ pub fn pci_host(cfg: &VmConfig) -> arch::acpi::PciHost {
         bus_start: 0,
         bus_end: ((layout::PCI_MMCONFIG_SIZE >> 20) - 1) as u8,
         io: layout::PCI_IO_WINDOW,
-        mmio32: (
-            layout::MEM_32BIT_DEVICES_START.0,
-            layout::MEM_32BIT_DEVICES_SIZE,
-        ),
-        mmio64,
+        mmio32: windows.mmio32,
+        mmio64: windows.mmio64,
     }
 }
 
@@ -221,13 +245,15 @@ pub struct ConsoleIo {
     pub size: Arc<virtio_devices::ConsoleSize>,
 }
 
-/// Builds segment 0 with the configured devices. `console`: `None` for no virtio console.
+/// Builds segment 0 with the configured devices, their BARs in `windows`. `console`: `None`
+/// for no virtio console.
 pub fn create(
     vm: &Arc<dyn hypervisor::Vm>,
     mem: &GuestMemoryMmap,
     pio: &Arc<Bus>,
     mmio: &Arc<Bus>,
     cfg: &VmConfig,
+    windows: &PciWindows,
     console: Option<ConsoleIo>,
 ) -> Result<PciDevices, PciSetupError> {
     let vmi: Arc<dyn VmInterface> = Arc::new(VmPci::new(vm.clone(), mmio));
@@ -245,10 +271,7 @@ pub fn create(
         layout::PCI_MMCONFIG_SIZE,
     )
     .map_err(bus_err)?;
-    let mut bars = BarAllocator::new(
-        layout::MEM_32BIT_DEVICES_START.0,
-        layout::MEM_32BIT_DEVICES_SIZE,
-    );
+    let mut bars = windows.allocators();
 
     let mut list: Vec<Pending> = Vec::new();
     if let Some(io) = console {
@@ -364,7 +387,10 @@ pub fn create(
         };
         let slot = r.next_device_id(slot).map_err(|e| err(e.to_string()))?;
         let addr = bars
-            .allocate(virtio_devices::VIRTIO_PCI_BAR_SIZE)
+            .allocate(
+                virtio_devices::VIRTIO_PCI_BAR_SIZE,
+                virtio_devices::VIRTIO_PCI_BAR_KIND,
+            )
             .map_err(|e| err(e.to_string()))?;
         if let Some(c) = dev.counters() {
             counters.push((id.clone(), c));
@@ -382,4 +408,55 @@ pub fn create(
         counters,
         placed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inside(addr: u64, size: u64, (start, len): (u64, u64)) -> bool {
+        addr >= start && addr + size <= start + len
+    }
+
+    /// `_CRS` and the BAR allocator use the same windows, and a virtio BAR lands in the 64-bit
+    /// one (above RAM and 4 GiB, below the physical address limit) whenever there is one.
+    #[test]
+    fn crs_windows_and_bar_allocation_agree() {
+        let bar = virtio_devices::VIRTIO_PCI_BAR_SIZE;
+        for (ram, bits, want64) in [
+            (256u64 << 20, 46u8, Some((4u64 << 30, 64u64 << 30))),
+            (5 << 30, 46, Some((6 << 30, 64 << 30))),
+            (3 << 30, 36, Some((4 << 30, 60 << 30))),
+            (5 << 30, 33, Some((6 << 30, 2 << 30))),
+            (256 << 20, 32, None),
+            (7 << 30, 33, None),
+        ] {
+            let w = PciWindows::new(ram, bits);
+            assert_eq!(w.mmio64, want64, "ram {ram:#x} bits {bits}");
+            let host = pci_host(&w);
+            assert_eq!(host.mmio64, w.mmio64);
+            assert_eq!(host.mmio32, w.mmio32);
+            let mut bars = w.allocators();
+            let a = bars
+                .allocate(bar, virtio_devices::VIRTIO_PCI_BAR_KIND)
+                .unwrap();
+            let b = bars
+                .allocate(bar, virtio_devices::VIRTIO_PCI_BAR_KIND)
+                .unwrap();
+            assert_eq!(b, a + bar);
+            match host.mmio64 {
+                Some(m64) => {
+                    let ram_end = layout::ram_regions(ram)
+                        .last()
+                        .map(|&(s, n)| s.0 + n)
+                        .unwrap();
+                    assert!(inside(a, 2 * bar, m64), "{a:#x} outside {m64:x?}");
+                    assert!(a >= 1 << 32 && a >= ram_end);
+                    assert!(m64.0 + m64.1 <= 1 << bits);
+                    assert_eq!(a, m64.0);
+                }
+                None => assert!(inside(a, 2 * bar, host.mmio32), "{a:#x}"),
+            }
+        }
+    }
 }

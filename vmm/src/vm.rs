@@ -86,6 +86,17 @@ impl Vm {
         // an SRCU grace period of several milliseconds.
         vm.create_irqchip()?;
         let ram = memory::ram_split(cfg.memory.size);
+        let supported = hv.supported_cpuid()?;
+        let phys_bits = cpuid::guest_phys_bits(&supported, cfg.cpus.max_phys_bits);
+        let pci_windows = crate::pci_setup::PciWindows::new(cfg.memory.size, phys_bits);
+        let (m32, m32_size) = pci_windows.mmio32;
+        info!(
+            "PCI MMIO windows: 32-bit {m32:#x}+{m32_size:#x}, 64-bit {} ({phys_bits} physical \
+             address bits)",
+            pci_windows
+                .mmio64
+                .map_or("none".into(), |(s, n)| format!("{s:#x}+{n:#x}"))
+        );
         let serial_enabled = serial.is_some();
         let devices = DeviceManager::new(
             DeviceSetup {
@@ -93,6 +104,7 @@ impl Vm {
                 mem: &mem,
                 cfg,
                 ram,
+                pci_windows,
                 serial,
                 console,
                 nvram,
@@ -121,7 +133,7 @@ impl Vm {
                     )
                 }),
                 serial: serial_enabled,
-                pci: Some(crate::pci_setup::pci_host(cfg)),
+                pci: Some(crate::pci_setup::pci_host(&pci_windows)),
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;
@@ -178,7 +190,6 @@ impl Vm {
             }
         );
 
-        let supported = hv.supported_cpuid()?;
         let topology = topology.unwrap_or_else(|| Topology::flat(cfg.cpus.max_vcpus as u8));
         let mut vcpus = Vec::with_capacity(cfg.cpus.boot_vcpus as usize);
         for id in 0..cfg.cpus.boot_vcpus {

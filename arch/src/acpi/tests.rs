@@ -23,7 +23,7 @@ fn pci_host() -> PciHost {
             layout::MEM_32BIT_DEVICES_START.0,
             layout::MEM_32BIT_DEVICES_SIZE,
         ),
-        mmio64: (1 << 40, 1 << 38),
+        mmio64: Some((1 << 40, 1 << 38)),
     }
 }
 
@@ -353,6 +353,16 @@ fn pci_host_bridge_and_mcfg() {
     m64.extend_from_slice(&(1u64 << 40).to_le_bytes());
     m64.extend_from_slice(&((1u64 << 40) + (1 << 38) - 1).to_le_bytes());
     assert!(contains(&dsdt, &m64));
+    // Without a 64-bit window there is no QWordMemory at all.
+    let no64 = dsdt_of(&AcpiConfig {
+        pci: Some(PciHost {
+            mmio64: None,
+            ..pci.clone()
+        }),
+        ..cfg(1, 1)
+    });
+    assert!(!contains(&no64, &m64[..4]));
+    assert!(contains(&no64, &m32));
     // ECAM reserved as a motherboard resource (PNP0C02) with Memory32Fixed.
     assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
     let mut ecam = vec![0x86, 0x09, 0x00, 0x01];
@@ -416,7 +426,7 @@ fn bad_configs_are_rejected() {
             ..pci_host()
         },
         PciHost {
-            mmio64: (u64::MAX, 2),
+            mmio64: Some((u64::MAX, 2)),
             ..pci_host()
         },
     ];
