@@ -8,9 +8,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use block::{AsyncDisk, DiskFile};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, VolatileMemory};
 
+use crate::vring::VirtQueue;
 use crate::worker::{process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use std::sync::Arc;
 
@@ -80,7 +80,6 @@ struct BlockHandler {
     /// Counter increments not yet published (indexes as in `COUNTER_NAMES`).
     counts: [u64; 4],
     /// Reused for every request, so serving one allocates nothing.
-    descs: Vec<Descriptor>,
     iovecs: Vec<libc::iovec>,
     /// For signalling completions part-way through a long batch.
     interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
@@ -377,7 +376,7 @@ impl BlockHandler {
     /// Publishes every finished disk request; returns the mask of queues used.
     fn complete(
         &mut self,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let mut used = 0;
@@ -400,8 +399,7 @@ impl BlockHandler {
                 n,
             );
             if let Some(Some(q)) = queues.get_mut(p.queue) {
-                q.add_used(mem, p.head, len)
-                    .map_err(|e| format!("used ring: {e}"))?;
+                q.add_used(p.head, len)?;
                 used |= queue_bit(p.queue);
             }
         }
@@ -457,23 +455,19 @@ impl QueueHandler for BlockHandler {
     fn process_queue(
         &mut self,
         index: usize,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(index) else {
             return Ok(0);
         };
-        let mut descs = std::mem::take(&mut self.descs);
         let irq = self.interrupt.clone();
         let early = irq.as_deref().map(|i| (i, EARLY_SIGNAL));
         let mut view = GuestView::new(mem);
-        let r = process_chains_notify(index, q, mem, early, |chain, table| {
-            let head = chain.head_index();
-            // The walk stops at the queue size (no loops) and on a bad descriptor.
-            table.collect(chain, &mut descs);
-            self.serve(&mut view, index, head, &descs)
+        // The walk stops at the table size (no loops) and on a bad descriptor.
+        let r = process_chains_notify(index, q, early, |head, descs| {
+            self.serve(&mut view, index, head, descs)
         });
-        self.descs = descs;
         self.publish_counts();
         let used = r?;
         if let Err(e) = self.disk.submit() {
@@ -500,7 +494,7 @@ impl QueueHandler for BlockHandler {
 
     fn process_extra(
         &mut self,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let _ = self.disk.notifier().read();
@@ -549,7 +543,6 @@ impl Block {
                 pending: Vec::new(),
                 free: Vec::new(),
                 counts: [0; 4],
-                descs: Vec::new(),
                 iovecs: Vec::new(),
                 interrupt: None,
             }),

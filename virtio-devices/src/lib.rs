@@ -8,6 +8,7 @@ mod console;
 mod net;
 mod rng;
 mod transport;
+mod vring;
 mod worker;
 
 #[cfg(test)]

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::vring::VirtQueue;
 use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, GuestView,
@@ -236,20 +236,19 @@ impl NetHandler {
         &self.shared.taps[self.pair]
     }
 
-    fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    fn transmit(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<u64, String> {
         let index = self.tx_index();
         let shared = &self.shared;
         let tap = &shared.taps[self.pair];
-        let (iovecs, dropped, descs) = (&mut self.iovecs, &mut self.tx_dropped, &mut self.descs);
+        let (iovecs, dropped) = (&mut self.iovecs, &mut self.tx_dropped);
         let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
         // Counted here and published once per batch: no atomic per frame.
         let (mut bytes, mut frames) = (0u64, 0u64);
         let mut view = GuestView::new(mem);
-        let r = process_chains_notify(index, q, mem, early, |chain, table| {
+        let r = process_chains_notify(index, q, early, |_, descs| {
             iovecs.clear();
             let mut total = 0usize;
-            table.collect(chain, descs);
-            for d in descs.iter() {
+            for d in descs {
                 if d.is_write_only() {
                     debug!("virtio-net: writable descriptor on a transmit queue; dropped");
                     *dropped += 1;
@@ -305,19 +304,16 @@ impl NetHandler {
     }
 
     /// Takes the next receive chain's writable buffers into `iovecs`/`segs`.
-    fn take_rx_chain(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<Taken, String> {
-        let chain = match q.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => return Err(format!("avail ring: {e}")),
-        };
-        let Some(chain) = chain else {
+    fn take_rx_chain(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<Taken, String> {
+        let Some(head) = q.pop_one()? else {
             return Ok(Taken::Empty);
         };
-        let head = chain.head_index();
+        let mut descs = std::mem::take(&mut self.descs);
+        q.chain(head, &mut descs);
         let mark = self.iovecs.len();
         let mut room = 0usize;
         let mut ok = true;
-        for d in chain {
+        for d in descs.iter() {
             match guest_iovec(mem, d.addr(), d.len()) {
                 Some(mut v) if d.is_write_only() => {
                     // Room past the largest frame is never written: leave it out.
@@ -331,6 +327,7 @@ impl NetHandler {
                 _ => ok = false,
             }
         }
+        self.descs = descs;
         if !ok || room == 0 {
             self.iovecs.truncate(mark);
             self.segs.truncate(mark);
@@ -360,7 +357,7 @@ impl NetHandler {
     }
 
     /// Moves frames from the TAP into receive buffers. Returns the used mask.
-    fn receive(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    fn receive(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<u64, String> {
         // Counted per frame, published once per call (also after an error): no atomic per
         // frame.
         let mut count = (0u64, 0u64);
@@ -376,7 +373,7 @@ impl NetHandler {
     /// `receive`, adding the bytes (without headers) and frames received to `count`.
     fn receive_batch(
         &mut self,
-        q: &mut Queue,
+        q: &mut VirtQueue,
         mem: &GuestMemoryMmap,
         count: &mut (u64, u64),
     ) -> Result<u64, String> {
@@ -409,15 +406,14 @@ impl NetHandler {
                     Taken::Bad(head) if self.chains.is_empty() => {
                         // Unusable on its own: hand it back empty.
                         debug!("virtio-net: unusable receive buffer");
-                        q.add_used(mem, head, 0)
-                            .map_err(|e| format!("used ring: {e}"))?;
+                        q.add_used(head, 0)?;
                         used = queue_bit(index);
                         frames += 1;
                         break;
                     }
                     Taken::Bad(_) => {
                         // Ends this frame's chains; it is first in line next time.
-                        q.go_to_previous_position();
+                        q.unpop();
                         break;
                     }
                 }
@@ -427,10 +423,7 @@ impl NetHandler {
                     // Sleep on the TAP no more until the driver adds buffers (and asks to be
                     // told about them: with EVENT_IDX this moves avail_event). A ring that
                     // claims more buffers but yields none is not re-read forever.
-                    if rechecks < 2
-                        && q.enable_notification(mem)
-                            .map_err(|e| format!("avail ring: {e}"))?
-                    {
+                    if rechecks < 2 && q.enable_notification()? {
                         rechecks += 1;
                         continue;
                     }
@@ -457,7 +450,7 @@ impl NetHandler {
                     frames += 1;
                     if frames.is_multiple_of(EARLY_SIGNAL) {
                         if let Some(irq) = &self.interrupt {
-                            if q.needs_notification(mem).unwrap_or(true) {
+                            if q.needs_notification() {
                                 irq.signal_queue(index);
                             }
                         }
@@ -465,7 +458,7 @@ impl NetHandler {
                 }
                 Err(e) => {
                     for _ in 0..self.chains.len() {
-                        q.go_to_previous_position();
+                        q.unpop();
                     }
                     if e.kind() != std::io::ErrorKind::WouldBlock {
                         warn!("virtio-net: TAP read: {e}");
@@ -481,7 +474,7 @@ impl NetHandler {
     /// in its header; the unfilled tail goes back to the ring.
     fn return_chains(
         &mut self,
-        q: &mut Queue,
+        q: &mut VirtQueue,
         mem: &GuestMemoryMmap,
         n: usize,
     ) -> Result<(), String> {
@@ -492,13 +485,12 @@ impl NetHandler {
                 break;
             }
             let len = left.min(c.room);
-            q.add_used(mem, c.head, len as u32)
-                .map_err(|e| format!("used ring: {e}"))?;
+            q.add_used(c.head, len as u32)?;
             left -= len;
             count += 1;
         }
         for _ in count..self.chains.len() {
-            q.go_to_previous_position();
+            q.unpop();
         }
         if n >= VNET_HDR_LEN {
             let num = u16::try_from(count).unwrap_or(u16::MAX);
@@ -508,11 +500,11 @@ impl NetHandler {
     }
 
     /// Serves the control queue: VQ_PAIRS_SET and GUEST_OFFLOADS_SET, ERR for the rest.
-    fn control(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    fn control(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<u64, String> {
         let index = self.ctrl_index();
         let shared = self.shared.clone();
         let (pairs, acked) = (self.pairs, self.acked);
-        process_chains(index, q, mem, |chain| {
+        process_chains(index, q, |_, chain| {
             let mut cmd = [0u8; CTRL_MAX];
             let mut cmd_len = 0usize;
             let mut ack = None;
@@ -608,7 +600,7 @@ impl QueueHandler for NetHandler {
     fn process_queue(
         &mut self,
         index: usize,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(index) else {
@@ -636,7 +628,7 @@ impl QueueHandler for NetHandler {
 
     fn process_extra(
         &mut self,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         match queues.get_mut(self.rx_index()) {
