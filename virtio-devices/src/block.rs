@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use block::{AsyncDisk, DiskFile};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, VolatileMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
@@ -72,6 +72,8 @@ const COUNTER_NAMES: &[&str] = &["read_bytes", "write_bytes", "read_ops", "write
 struct BlockHandler {
     counters: Arc<Counters>,
     disk: AsyncDisk,
+    /// The disk's size in bytes (fixed).
+    size: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
     /// Requests handed to the disk, by id (the disk's user data); `free` lists unused ids.
@@ -154,10 +156,12 @@ impl BlockHandler {
             return Err(io("bad request header descriptor"));
         }
         let mem = view.mem();
-        let h: [u8; 16] = view
-            .slice(hdr.addr(), 16)
-            .and_then(|s| s.get_ref::<[u8; 16]>(0).ok().map(|r| r.load()))
+        let h = view
+            .ptr(hdr.addr(), 16)
             .ok_or_else(|| io("header outside guest memory"))?;
+        // SAFETY: 16 bytes inside a guest memory region (`GuestView::ptr`) that `mem` keeps
+        // mapped; volatile, as the guest may write it at any time; [u8; 16] needs no alignment.
+        let h: [u8; 16] = unsafe { std::ptr::read_volatile(h.as_ptr().cast::<[u8; 16]>()) };
         let req_type = u32::from_le_bytes(h[0..4].try_into().unwrap_or_default());
         let sector = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
         let data = &chain[1..chain.len() - 1];
@@ -170,7 +174,7 @@ impl BlockHandler {
         if data.iter().any(|d| d.is_write_only() != want_write_only) {
             return Err(io("data descriptor with the wrong direction"));
         }
-        let size = self.disk.disk().size();
+        let size = self.size;
         match req_type {
             T_IN | T_OUT => {
                 if data_len % SECTOR_SIZE != 0 {
@@ -312,10 +316,25 @@ impl BlockHandler {
                 if let Ok(off) = libc::off_t::try_from(m.offset) {
                     // SAFETY: each iovec lies inside a mapped guest memory region (checked by
                     // `guest_slice`) that outlives this call; `m.fd` is the image's open file.
+                    // One buffer: the system call itself, without libc's wrapper, which makes
+                    // pread/pwrite a thread cancellation point (two more calls and atomics per
+                    // request; this thread is never cancelled).
                     let n = unsafe {
                         match (read, iov.as_slice()) {
-                            (true, [v]) => libc::pread(m.fd, v.iov_base, v.iov_len, off),
-                            (false, [v]) => libc::pwrite(m.fd, v.iov_base, v.iov_len, off),
+                            (true, [v]) => libc::syscall(
+                                libc::SYS_pread64,
+                                libc::c_long::from(m.fd),
+                                v.iov_base,
+                                v.iov_len,
+                                off,
+                            ) as isize,
+                            (false, [v]) => libc::syscall(
+                                libc::SYS_pwrite64,
+                                libc::c_long::from(m.fd),
+                                v.iov_base,
+                                v.iov_len,
+                                off,
+                            ) as isize,
                             (true, _) => libc::preadv(m.fd, iov.as_ptr(), iov.len() as i32, off),
                             (false, _) => libc::pwritev(m.fd, iov.as_ptr(), iov.len() as i32, off),
                         }
@@ -423,9 +442,14 @@ impl BlockHandler {
 /// Writes the status byte; returns the used length (`written` plus the status byte), or 0 if
 /// the status byte lies outside guest memory.
 fn write_status(view: &mut GuestView, at: Option<GuestAddress>, status: u8, written: u32) -> u32 {
-    match at.and_then(|a| view.slice(a, 1)) {
-        Some(s) if s.get_ref::<u8>(0).map(|r| r.store(status)).is_ok() => written.saturating_add(1),
-        _ => {
+    match at.and_then(|a| view.ptr(a, 1)) {
+        Some(p) => {
+            // SAFETY: one byte inside a guest memory region (`GuestView::ptr`) that the view's
+            // memory keeps mapped; volatile: the guest shares it.
+            unsafe { std::ptr::write_volatile(p.as_ptr(), status) };
+            written.saturating_add(1)
+        }
+        None => {
             debug!("virtio-blk: status byte outside guest memory");
             0
         }
@@ -442,13 +466,13 @@ fn guest_slice(
     if len == 0 {
         return Ok((std::ptr::NonNull::<u8>::dangling().as_ptr(), 0));
     }
-    let slice = view.slice(addr, len).ok_or_else(|| {
+    let p = view.ptr(addr, len).ok_or_else(|| {
         Fail::IoErr(format!(
             "buffer {:#x}+{len:#x} outside guest memory",
             addr.0
         ))
     })?;
-    Ok((slice.ptr_guard_mut().as_ptr(), len))
+    Ok((p.as_ptr(), len))
 }
 
 impl QueueHandler for BlockHandler {
@@ -521,7 +545,8 @@ impl Block {
         let n = cfg.serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let readonly = disk.readonly();
-        let capacity = disk.size() / SECTOR_SIZE;
+        let size = disk.size();
+        let capacity = size / SECTOR_SIZE;
         let depth = (u32::from(cfg.queue_size) * u32::from(cfg.num_queues))
             .clamp(1, block::async_io::MAX_DEPTH);
         let counters = Counters::new(COUNTER_NAMES);
@@ -537,6 +562,7 @@ impl Block {
             counters: counters.clone(),
             handler: Some(BlockHandler {
                 counters,
+                size,
                 disk,
                 readonly,
                 id,
