@@ -506,10 +506,6 @@ impl QueueHandler for BlockHandler {
         self.interrupt = Some(interrupt);
     }
 
-    fn poll_queues(&self) -> u64 {
-        u64::MAX
-    }
-
     fn extra_fd(&self) -> Option<RawFd> {
         self.disk
             .uses_io_uring()

@@ -592,11 +592,6 @@ impl QueueHandler for NetHandler {
         self.interrupt = Some(interrupt);
     }
 
-    /// Transmit only: receive depends on the TAP, which epoll watches.
-    fn poll_queues(&self) -> u64 {
-        queue_bit(self.tx_index())
-    }
-
     fn process_queue(
         &mut self,
         index: usize,

@@ -19,8 +19,6 @@ const KILL_TOKEN: u64 = u64::MAX;
 const EXTRA_TOKEN: u64 = u64::MAX - 1;
 /// Most chains `process_chains_notify` pops per read of the avail index.
 const POP_BATCH: usize = 16;
-/// How long a drained queue is polled before the worker sleeps (`QueueHandler::poll_queues`).
-pub const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// What a device does with its queues, run on the worker thread.
 pub trait QueueHandler: Send + 'static {
@@ -35,13 +33,6 @@ pub trait QueueHandler: Send + 'static {
     /// The device's interrupt, given once before the worker starts (for handlers that signal
     /// part of a long batch early: `process_chains_notify`).
     fn attach_interrupt(&mut self, _interrupt: Arc<dyn VirtioInterrupt>) {}
-    /// Queues (bit mask) the worker polls for new buffers, for up to `POLL` after it has
-    /// drained them, before it sleeps: waking from epoll costs more than the polling when the
-    /// driver is about to add buffers. Queues served only together with an fd (net receive)
-    /// are not polled.
-    fn poll_queues(&self) -> u64 {
-        0
-    }
     /// One more fd to wait on (readable).
     fn extra_fd(&self) -> Option<RawFd> {
         None
@@ -99,7 +90,6 @@ impl<H: QueueHandler> WorkerHandle<H> {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
             status: ctx.status,
-            poll_armed: 0,
         };
         let thread = std::thread::Builder::new()
             .name(name.to_string())
@@ -131,8 +121,6 @@ struct Worker<H> {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     status: Arc<DeviceStatus>,
-    /// Queues that just had used buffers: `poll` looks at them before the worker sleeps.
-    poll_armed: u64,
 }
 
 impl<H: QueueHandler> Worker<H> {
@@ -162,32 +150,6 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
-    /// Spins up to `POLL` until one of the handler's polled queues has available buffers;
-    /// returns that queue.
-    fn poll(&mut self) -> Option<usize> {
-        // Only right after a polled queue had work: an idle queue (or one direction of a
-        // device busy in the other) costs no polling.
-        let mask = std::mem::take(&mut self.poll_armed) & self.handler.poll_queues();
-        if mask == 0 || self.status.needs_reset() {
-            return None;
-        }
-        let start = std::time::Instant::now();
-        loop {
-            for (i, q) in self.queues.iter().enumerate() {
-                let Some(q) = q.as_ref().filter(|_| mask & queue_bit(i) != 0) else {
-                    continue;
-                };
-                if q.has_avail() {
-                    return Some(i);
-                }
-            }
-            if start.elapsed() >= POLL {
-                return None;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
     fn serve_queue(&mut self, i: usize) {
         if self.status.needs_reset() {
             return;
@@ -195,10 +157,7 @@ impl<H: QueueHandler> Worker<H> {
         let r = self.handler.process_queue(i, &mut self.queues, &self.mem);
         self.publish_all();
         match r {
-            Ok(used) => {
-                self.poll_armed |= used;
-                self.notify_mask(used);
-            }
+            Ok(used) => self.notify_mask(used),
             Err(e) => self.broken(&e),
         }
     }
@@ -251,20 +210,12 @@ impl<H: QueueHandler> Worker<H> {
                     }
                 }
             }
-            // A queue with new buffers found by polling is served after a look at the other
-            // fds (without sleeping), so a busy queue starves neither them nor the kill fd.
-            let polled = self.poll();
-            let n = match epoll.wait(if polled.is_some() { 0 } else { -1 }, &mut events) {
+            // Idle, the worker sleeps here: no polling.
+            let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            if let Some(i) = polled {
-                // Its notification, if any, is in `events`: served there.
-                if !events[..n].iter().any(|e| e.data() == i as u64) {
-                    self.serve_queue(i);
-                }
-            }
             for ev in &events[..n] {
                 match ev.data() {
                     KILL_TOKEN => return Ok(()),
