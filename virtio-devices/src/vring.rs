@@ -151,6 +151,17 @@ impl VirtQueue {
             .is_ok_and(|a| a.0 != self.q.next_avail())
     }
 
+    /// The ring slot of free-running index `i`. The size is a power of two (virtio-queue
+    /// accepts no other), so a mask; a division otherwise.
+    #[inline]
+    fn slot(&self, i: u16) -> usize {
+        usize::from(if self.size.is_power_of_two() {
+            i & (self.size - 1)
+        } else {
+            i % self.size
+        })
+    }
+
     /// Pops the heads of up to `max` available chains into `out`, in ring order, reading the
     /// avail index once. `Err` when the driver's avail index is more than the queue size ahead
     /// (virtio-queue's `InvalidAvailRingIndex`) or the queue is not usable: the ring is broken.
@@ -179,7 +190,7 @@ impl VirtQueue {
         }
         let take = usize::from(pending).min(max);
         for i in 0..take {
-            let slot = usize::from((next.0.wrapping_add(i as u16)) % self.size);
+            let slot = self.slot(next.0.wrapping_add(i as u16));
             // SAFETY: slot < size, so the entry lies inside the translated avail ring (4 bytes
             // of header, then `size` 2-byte entries); 2-aligned. The driver wrote the entries
             // before the index it published (read with Acquire above).
@@ -291,6 +302,7 @@ impl VirtQueue {
     /// Puts chain `head` in the used ring with `len` bytes written. The driver sees it once
     /// the used index is published (`publish`, `needs_notification`). `Err` for a head out of
     /// range or a used ring outside memory: the ring is broken.
+    #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), String> {
         let Some(u) = self.used else {
             // Not in one region: virtio-queue writes the element and the index.
@@ -304,7 +316,7 @@ impl VirtQueue {
             return Err(format!("used ring: head {head} out of range"));
         }
         let next = self.q.next_used();
-        let slot = usize::from(next % self.size);
+        let slot = self.slot(next);
         // SAFETY: slot < size: the element (two u32) lies inside the translated, 4-aligned
         // used ring (4 bytes of header, then `size` 8-byte elements).
         unsafe {
