@@ -16,13 +16,13 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
-    guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, GuestView,
-    VirtioDevice, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
+    read_config_bytes, ActivateContext, ActivateError, Counters, GuestView, VirtioDevice,
+    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
 
 use virtio_bindings::virtio_net as vn;
@@ -189,8 +189,6 @@ struct NetHandler {
     /// No receive buffer: stop watching the TAP until the driver adds some.
     paused: bool,
     iovecs: Vec<libc::iovec>,
-    /// Guest address and length of each iovec (for writing `num_buffers`).
-    segs: Vec<(GuestAddress, usize)>,
     /// A transmit chain's descriptors (reused: no allocation per frame).
     descs: Vec<Descriptor>,
     chains: Vec<RxChain>,
@@ -212,7 +210,6 @@ impl NetHandler {
             mtu,
             paused: false,
             iovecs: Vec::new(),
-            segs: Vec::new(),
             descs: Vec::new(),
             chains: Vec::new(),
             tx_dropped: 0,
@@ -303,8 +300,8 @@ impl NetHandler {
         }
     }
 
-    /// Takes the next receive chain's writable buffers into `iovecs`/`segs`.
-    fn take_rx_chain(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<Taken, String> {
+    /// Takes the next receive chain's writable buffers into `iovecs`.
+    fn take_rx_chain(&mut self, q: &mut VirtQueue, view: &mut GuestView) -> Result<Taken, String> {
         let Some(head) = q.pop_one()? else {
             return Ok(Taken::Empty);
         };
@@ -314,13 +311,12 @@ impl NetHandler {
         let mut room = 0usize;
         let mut ok = true;
         for d in descs.iter() {
-            match guest_iovec(mem, d.addr(), d.len()) {
+            match view.iovec(d.addr(), d.len()) {
                 Some(mut v) if d.is_write_only() => {
                     // Room past the largest frame is never written: leave it out.
                     v.iov_len = v.iov_len.min(MAX_FRAME - room);
                     if v.iov_len > 0 {
                         room += v.iov_len;
-                        self.segs.push((d.addr(), v.iov_len));
                         self.iovecs.push(v);
                     }
                 }
@@ -330,26 +326,28 @@ impl NetHandler {
         self.descs = descs;
         if !ok || room == 0 {
             self.iovecs.truncate(mark);
-            self.segs.truncate(mark);
             return Ok(Taken::Bad(head));
         }
         Ok(Taken::Good(RxChain { head, room }))
     }
 
-    /// Writes `bytes` at byte `offset` of the frame being received (across segments).
-    fn write_frame_bytes(&self, mem: &GuestMemoryMmap, mut offset: usize, bytes: &[u8]) {
+    /// Writes `bytes` at byte `offset` of the frame being received (across its buffers).
+    fn write_frame_bytes(&self, mut offset: usize, bytes: &[u8]) {
         let mut rest = bytes;
-        for &(addr, len) in &self.segs {
+        for v in &self.iovecs {
             if rest.is_empty() {
                 break;
             }
-            if offset >= len {
-                offset -= len;
+            if offset >= v.iov_len {
+                offset -= v.iov_len;
                 continue;
             }
-            let n = rest.len().min(len - offset);
-            if let Some(a) = addr.checked_add(offset as u64) {
-                let _ = mem.write_slice(&rest[..n], a);
+            let n = rest.len().min(v.iov_len - offset);
+            for (i, &b) in rest[..n].iter().enumerate() {
+                // SAFETY: offset + i < iov_len: inside the receive buffer, which lies in a
+                // mapped guest memory region (`GuestView::iovec`) while the worker holds the
+                // memory; volatile, as the guest shares it.
+                unsafe { std::ptr::write_volatile(v.iov_base.cast::<u8>().add(offset + i), b) };
             }
             rest = &rest[n..];
             offset = 0;
@@ -383,15 +381,15 @@ impl NetHandler {
         let mut used = 0;
         let mut frames = 0u32;
         let mut rechecks = 0;
+        let mut view = GuestView::new(mem);
         while frames < BATCH {
             self.iovecs.clear();
-            self.segs.clear();
             self.chains.clear();
             let mut room = 0;
             let mut empty = false;
             // Without MRG_RXBUF one chain takes a frame; with it, chains until a frame fits.
             loop {
-                match self.take_rx_chain(q, mem)? {
+                match self.take_rx_chain(q, &mut view)? {
                     Taken::Empty => {
                         empty = true;
                         break;
@@ -434,18 +432,18 @@ impl NetHandler {
             }
             if room < VNET_HDR_LEN {
                 debug!("virtio-net: receive buffer shorter than the header");
-                self.return_chains(q, mem, 0)?;
+                self.return_chains(q, 0)?;
                 used = queue_bit(index);
                 frames += 1;
                 continue;
             }
-            // SAFETY: the iovecs lie inside mapped guest memory (`guest_iovec`), which stays
+            // SAFETY: the iovecs lie inside mapped guest memory (`GuestView`), which stays
             // mapped while the worker holds `mem`.
             match unsafe { self.tap().readv(&self.iovecs) } {
                 Ok(n) => {
                     count.0 += n.saturating_sub(VNET_HDR_LEN) as u64;
                     count.1 += 1;
-                    self.return_chains(q, mem, n)?;
+                    self.return_chains(q, n)?;
                     used = queue_bit(index);
                     frames += 1;
                     if frames.is_multiple_of(EARLY_SIGNAL) {
@@ -472,12 +470,7 @@ impl NetHandler {
 
     /// Publishes the chains of a frame of `n` bytes: as many as it filled, `num_buffers` set
     /// in its header; the unfilled tail goes back to the ring.
-    fn return_chains(
-        &mut self,
-        q: &mut VirtQueue,
-        mem: &GuestMemoryMmap,
-        n: usize,
-    ) -> Result<(), String> {
+    fn return_chains(&mut self, q: &mut VirtQueue, n: usize) -> Result<(), String> {
         let mut left = n;
         let mut count = 0usize;
         for (i, c) in self.chains.iter().enumerate() {
@@ -494,7 +487,7 @@ impl NetHandler {
         }
         if n >= VNET_HDR_LEN {
             let num = u16::try_from(count).unwrap_or(u16::MAX);
-            self.write_frame_bytes(mem, NUM_BUFFERS_OFF, &num.to_le_bytes());
+            self.write_frame_bytes(NUM_BUFFERS_OFF, &num.to_le_bytes());
         }
         Ok(())
     }
