@@ -341,3 +341,93 @@ where
 pub fn queue_bit(index: usize) -> u64 {
     1u64.checked_shl(index as u32).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::GuestAddress;
+
+    struct NoIrq;
+    impl VirtioInterrupt for NoIrq {
+        fn signal_queue(&self, _index: usize) {}
+        fn signal_config(&self) {}
+    }
+
+    /// Counts how often it was asked to serve its queue.
+    struct Count(Arc<std::sync::atomic::AtomicU32>);
+    impl QueueHandler for Count {
+        fn process_queue(
+            &mut self,
+            index: usize,
+            queues: &mut [Option<VirtQueue>],
+            _mem: &GuestMemoryMmap,
+        ) -> Result<u64, String> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match queues.get_mut(index) {
+                Some(Some(q)) => process_chains(index, q, |_, _| Some(0)),
+                _ => Ok(0),
+            }
+        }
+    }
+
+    /// Nanoseconds the thread named `name` of this process has run (schedstat).
+    fn thread_runtime(name: &str) -> Option<u64> {
+        for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == name {
+                let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+                return s.split_whitespace().next()?.parse().ok();
+            }
+        }
+        None
+    }
+
+    /// A worker that has just served its queue sleeps in epoll_wait: no polling, no CPU.
+    #[test]
+    fn idle_worker_sleeps() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x3000), Some(0));
+        q.set_ready(true);
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let w = WorkerHandle::spawn(
+            "vq-idle-test",
+            Count(served.clone()),
+            ActivateContext {
+                mem,
+                interrupt: Arc::new(NoIrq),
+                queues: vec![Some((q, kick.try_clone().unwrap()))],
+                acked_features: 0,
+                status: Arc::new(DeviceStatus::default()),
+            },
+        )
+        .unwrap();
+        kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while served.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue was not served"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let Some(before) = thread_runtime("vq-idle-test") else {
+            // No schedstat on this kernel: nothing to measure.
+            w.stop();
+            return;
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let after = thread_runtime("vq-idle-test").unwrap();
+        w.stop();
+        assert!(
+            after - before < 3_000_000,
+            "idle worker ran {} us in 300 ms",
+            (after - before) / 1000
+        );
+    }
+}
