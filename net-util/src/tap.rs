@@ -275,9 +275,18 @@ impl Tap {
         let fd = self.file.as_raw_fd();
         let n = match iov {
             // One buffer: read(2) spares the kernel copying and checking an iovec array, and
-            // moves the same bytes (a TAP read is one frame either way).
+            // moves the same bytes (a TAP read is one frame either way). The system call
+            // itself: libc's read is a thread cancellation point (two more calls with atomics),
+            // which device threads do not use.
             // SAFETY: the caller guarantees the iovec describes writable memory.
-            [v] => unsafe { libc::read(fd, v.iov_base, v.iov_len) },
+            [v] => unsafe {
+                libc::syscall(
+                    libc::SYS_read,
+                    libc::c_long::from(fd),
+                    v.iov_base,
+                    v.iov_len,
+                ) as isize
+            },
             // SAFETY: the caller guarantees the iovecs describe writable memory.
             _ => unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as i32) },
         };
@@ -296,9 +305,17 @@ impl Tap {
         let fd = self.file.as_raw_fd();
         let n = match iov {
             // One buffer (header and frame together, as Linux guests send them): write(2),
-            // one frame either way, without the iovec array import of writev.
+            // one frame either way, without the iovec array import of writev; the system call
+            // itself, without libc's cancellation point (see `readv`).
             // SAFETY: the caller guarantees the iovec describes readable memory.
-            [v] => unsafe { libc::write(fd, v.iov_base, v.iov_len) },
+            [v] => unsafe {
+                libc::syscall(
+                    libc::SYS_write,
+                    libc::c_long::from(fd),
+                    v.iov_base,
+                    v.iov_len,
+                ) as isize
+            },
             // SAFETY: the caller guarantees the iovecs describe readable memory.
             _ => unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as i32) },
         };

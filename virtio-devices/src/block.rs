@@ -8,9 +8,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use block::{AsyncDisk, DiskFile};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, VolatileMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::vring::VirtQueue;
 use crate::worker::{process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use std::sync::Arc;
 
@@ -72,6 +72,8 @@ const COUNTER_NAMES: &[&str] = &["read_bytes", "write_bytes", "read_ops", "write
 struct BlockHandler {
     counters: Arc<Counters>,
     disk: AsyncDisk,
+    /// The disk's size in bytes (fixed).
+    size: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
     /// Requests handed to the disk, by id (the disk's user data); `free` lists unused ids.
@@ -80,7 +82,6 @@ struct BlockHandler {
     /// Counter increments not yet published (indexes as in `COUNTER_NAMES`).
     counts: [u64; 4],
     /// Reused for every request, so serving one allocates nothing.
-    descs: Vec<Descriptor>,
     iovecs: Vec<libc::iovec>,
     /// For signalling completions part-way through a long batch.
     interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
@@ -155,12 +156,10 @@ impl BlockHandler {
             return Err(io("bad request header descriptor"));
         }
         let mem = view.mem();
-        let h: [u8; 16] = view
-            .slice(hdr.addr(), 16)
-            .and_then(|s| s.get_ref::<[u8; 16]>(0).ok().map(|r| r.load()))
+        let h = view
+            .ptr(hdr.addr(), 16)
             .ok_or_else(|| io("header outside guest memory"))?;
-        let req_type = u32::from_le_bytes(h[0..4].try_into().unwrap_or_default());
-        let sector = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+        let (req_type, sector) = read_header(h);
         let data = &chain[1..chain.len() - 1];
         let data_len = data
             .iter()
@@ -171,7 +170,7 @@ impl BlockHandler {
         if data.iter().any(|d| d.is_write_only() != want_write_only) {
             return Err(io("data descriptor with the wrong direction"));
         }
-        let size = self.disk.disk().size();
+        let size = self.size;
         match req_type {
             T_IN | T_OUT => {
                 if data_len % SECTOR_SIZE != 0 {
@@ -313,10 +312,25 @@ impl BlockHandler {
                 if let Ok(off) = libc::off_t::try_from(m.offset) {
                     // SAFETY: each iovec lies inside a mapped guest memory region (checked by
                     // `guest_slice`) that outlives this call; `m.fd` is the image's open file.
+                    // One buffer: the system call itself, without libc's wrapper, which makes
+                    // pread/pwrite a thread cancellation point (two more calls and atomics per
+                    // request; this thread is never cancelled).
                     let n = unsafe {
                         match (read, iov.as_slice()) {
-                            (true, [v]) => libc::pread(m.fd, v.iov_base, v.iov_len, off),
-                            (false, [v]) => libc::pwrite(m.fd, v.iov_base, v.iov_len, off),
+                            (true, [v]) => libc::syscall(
+                                libc::SYS_pread64,
+                                libc::c_long::from(m.fd),
+                                v.iov_base,
+                                v.iov_len,
+                                off,
+                            ) as isize,
+                            (false, [v]) => libc::syscall(
+                                libc::SYS_pwrite64,
+                                libc::c_long::from(m.fd),
+                                v.iov_base,
+                                v.iov_len,
+                                off,
+                            ) as isize,
                             (true, _) => libc::preadv(m.fd, iov.as_ptr(), iov.len() as i32, off),
                             (false, _) => libc::pwritev(m.fd, iov.as_ptr(), iov.len() as i32, off),
                         }
@@ -377,7 +391,7 @@ impl BlockHandler {
     /// Publishes every finished disk request; returns the mask of queues used.
     fn complete(
         &mut self,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let mut used = 0;
@@ -400,8 +414,7 @@ impl BlockHandler {
                 n,
             );
             if let Some(Some(q)) = queues.get_mut(p.queue) {
-                q.add_used(mem, p.head, len)
-                    .map_err(|e| format!("used ring: {e}"))?;
+                q.add_used(p.head, len)?;
                 used |= queue_bit(p.queue);
             }
         }
@@ -422,12 +435,43 @@ impl BlockHandler {
     }
 }
 
+/// The request type and sector of the 16-byte request header at `h`.
+fn read_header(h: std::ptr::NonNull<u8>) -> (u32, u64) {
+    let p = h.as_ptr();
+    // SAFETY (both arms): 16 bytes inside a guest memory region (`GuestView::ptr`) that stays
+    // mapped while the view's memory is borrowed; volatile, as the guest may write them at any
+    // time (it then gets what it wrote, checked as any header).
+    let (a, b) = if p.align_offset(8) == 0 {
+        // Drivers align the header: two loads instead of sixteen.
+        unsafe {
+            (
+                std::ptr::read_volatile(p.cast::<u64>()),
+                std::ptr::read_volatile(p.cast::<u64>().add(1)),
+            )
+        }
+    } else {
+        let h: [u8; 16] = unsafe { std::ptr::read_volatile(p.cast::<[u8; 16]>()) };
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&h[i..i + 8]);
+            u64::from_ne_bytes(w)
+        };
+        (word(0), word(8))
+    };
+    (u64::from_le(a) as u32, u64::from_le(b))
+}
+
 /// Writes the status byte; returns the used length (`written` plus the status byte), or 0 if
 /// the status byte lies outside guest memory.
 fn write_status(view: &mut GuestView, at: Option<GuestAddress>, status: u8, written: u32) -> u32 {
-    match at.and_then(|a| view.slice(a, 1)) {
-        Some(s) if s.get_ref::<u8>(0).map(|r| r.store(status)).is_ok() => written.saturating_add(1),
-        _ => {
+    match at.and_then(|a| view.ptr(a, 1)) {
+        Some(p) => {
+            // SAFETY: one byte inside a guest memory region (`GuestView::ptr`) that the view's
+            // memory keeps mapped; volatile: the guest shares it.
+            unsafe { std::ptr::write_volatile(p.as_ptr(), status) };
+            written.saturating_add(1)
+        }
+        None => {
             debug!("virtio-blk: status byte outside guest memory");
             0
         }
@@ -444,36 +488,32 @@ fn guest_slice(
     if len == 0 {
         return Ok((std::ptr::NonNull::<u8>::dangling().as_ptr(), 0));
     }
-    let slice = view.slice(addr, len).ok_or_else(|| {
+    let p = view.ptr(addr, len).ok_or_else(|| {
         Fail::IoErr(format!(
             "buffer {:#x}+{len:#x} outside guest memory",
             addr.0
         ))
     })?;
-    Ok((slice.ptr_guard_mut().as_ptr(), len))
+    Ok((p.as_ptr(), len))
 }
 
 impl QueueHandler for BlockHandler {
     fn process_queue(
         &mut self,
         index: usize,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(index) else {
             return Ok(0);
         };
-        let mut descs = std::mem::take(&mut self.descs);
         let irq = self.interrupt.clone();
         let early = irq.as_deref().map(|i| (i, EARLY_SIGNAL));
         let mut view = GuestView::new(mem);
-        let r = process_chains_notify(index, q, mem, early, |chain, table| {
-            let head = chain.head_index();
-            // The walk stops at the queue size (no loops) and on a bad descriptor.
-            table.collect(chain, &mut descs);
-            self.serve(&mut view, index, head, &descs)
+        // The walk stops at the table size (no loops) and on a bad descriptor.
+        let r = process_chains_notify(index, q, early, |head, descs| {
+            self.serve(&mut view, index, head, descs)
         });
-        self.descs = descs;
         self.publish_counts();
         let used = r?;
         if let Err(e) = self.disk.submit() {
@@ -488,10 +528,6 @@ impl QueueHandler for BlockHandler {
         self.interrupt = Some(interrupt);
     }
 
-    fn poll_queues(&self) -> u64 {
-        u64::MAX
-    }
-
     fn extra_fd(&self) -> Option<RawFd> {
         self.disk
             .uses_io_uring()
@@ -500,7 +536,7 @@ impl QueueHandler for BlockHandler {
 
     fn process_extra(
         &mut self,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let _ = self.disk.notifier().read();
@@ -527,7 +563,8 @@ impl Block {
         let n = cfg.serial.len().min(ID_BYTES);
         id[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let readonly = disk.readonly();
-        let capacity = disk.size() / SECTOR_SIZE;
+        let size = disk.size();
+        let capacity = size / SECTOR_SIZE;
         let depth = (u32::from(cfg.queue_size) * u32::from(cfg.num_queues))
             .clamp(1, block::async_io::MAX_DEPTH);
         let counters = Counters::new(COUNTER_NAMES);
@@ -543,13 +580,13 @@ impl Block {
             counters: counters.clone(),
             handler: Some(BlockHandler {
                 counters,
+                size,
                 disk,
                 readonly,
                 id,
                 pending: Vec::new(),
                 free: Vec::new(),
                 counts: [0; 4],
-                descs: Vec::new(),
                 iovecs: Vec::new(),
                 interrupt: None,
             }),
@@ -622,6 +659,28 @@ impl VirtioDevice for Block {
             if self.handler.is_none() {
                 warn!("virtio-blk: the worker died; the disk is gone until the VMM restarts");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header reads the same at any alignment (two loads when 8-aligned, bytes else).
+    #[test]
+    fn header_at_any_alignment() {
+        let mut buf = [0u8; 32];
+        for off in 0..8 {
+            buf.fill(0xee);
+            buf[off..off + 4].copy_from_slice(&T_OUT.to_le_bytes());
+            buf[off + 8..off + 16].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+            let p = std::ptr::NonNull::new(buf.as_mut_ptr().wrapping_add(off)).unwrap();
+            assert_eq!(
+                read_header(p),
+                (T_OUT, 0x0123_4567_89ab_cdef),
+                "offset {off}"
+            );
         }
     }
 }

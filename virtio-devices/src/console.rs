@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, F_VERSION_1,
@@ -36,24 +36,21 @@ struct ConsoleHandler {
 
 impl ConsoleHandler {
     /// Moves what the input has into one receive chain. Returns whether a buffer was used.
-    fn receive(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
-        let chain = match q.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => return Err(format!("avail ring: {e}")),
-        };
-        let Some(chain) = chain else {
+    fn receive(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<bool, String> {
+        let Some(head) = q.pop_one()? else {
             self.paused = true;
             return Ok(false);
         };
-        let head = chain.head_index();
-        let descs: Vec<_> = chain.filter(|d| d.is_write_only()).collect();
+        let mut descs = Vec::new();
+        q.chain(head, &mut descs);
+        descs.retain(|d| d.is_write_only());
         let room: usize = descs
             .iter()
             .map(|d| d.len() as usize)
             .sum::<usize>()
             .min(MAX_CHUNK as usize);
         let Some(input) = self.input.as_mut() else {
-            q.go_to_previous_position();
+            q.unpop();
             return Ok(false);
         };
         self.buf.resize(room.max(1), 0);
@@ -64,18 +61,18 @@ impl ConsoleHandler {
                 Ok(0) => {
                     debug!("virtio-console: end of input");
                     self.input = None;
-                    q.go_to_previous_position();
+                    q.unpop();
                     return Ok(false);
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    q.go_to_previous_position();
+                    q.unpop();
                     return Ok(false);
                 }
                 Err(e) => {
                     warn!("virtio-console: input failed ({e}); closing it");
                     self.input = None;
-                    q.go_to_previous_position();
+                    q.unpop();
                     return Ok(false);
                 }
             }
@@ -95,8 +92,7 @@ impl ConsoleHandler {
             }
             done += k;
         }
-        q.add_used(mem, head, done as u32)
-            .map_err(|e| format!("used ring: {e}"))?;
+        q.add_used(head, done as u32)?;
         Ok(true)
     }
 }
@@ -105,7 +101,7 @@ impl QueueHandler for ConsoleHandler {
     fn process_queue(
         &mut self,
         index: usize,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         if index == RX_QUEUE {
@@ -120,7 +116,7 @@ impl QueueHandler for ConsoleHandler {
             return Ok(0);
         };
         let (out, buf) = (&mut self.out, &mut self.buf);
-        process_chains(index, q, mem, |chain| {
+        process_chains(index, q, |_, chain| {
             for desc in chain {
                 if desc.is_write_only() {
                     debug!("virtio-console: write-only descriptor on the transmit queue");
@@ -153,7 +149,7 @@ impl QueueHandler for ConsoleHandler {
 
     fn process_extra(
         &mut self,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(RX_QUEUE) else {

@@ -8,6 +8,7 @@ mod console;
 mod net;
 mod rng;
 mod transport;
+mod vring;
 mod worker;
 
 #[cfg(test)]
@@ -192,8 +193,8 @@ pub(crate) fn guest_iovec(
 /// lie inside one region is refused, as `GuestMemory::get_slice` refuses it.
 pub struct GuestView<'a> {
     mem: &'a vm_memory::GuestMemoryMmap,
-    /// Guest start address and host view of the last region used.
-    last: Option<(u64, vm_memory::VolatileSlice<'a, ()>)>,
+    /// Guest start address, host address and length of the last region used.
+    last: Option<(u64, std::ptr::NonNull<u8>, usize)>,
 }
 
 impl<'a> GuestView<'a> {
@@ -205,28 +206,36 @@ impl<'a> GuestView<'a> {
         self.mem
     }
 
-    /// `[addr, addr + len)` when it lies inside one region.
-    pub fn slice(
+    /// The host address of `[addr, addr + len)` when it lies inside one region. It stays
+    /// valid while `mem` (borrowed for 'a) keeps the region mapped; guest memory is shared
+    /// with the guest, so it must only be accessed with volatile operations or handed to the
+    /// kernel (iovecs).
+    pub fn ptr(
         &mut self,
         addr: vm_memory::GuestAddress,
         len: usize,
-    ) -> Option<vm_memory::VolatileSlice<'a, ()>> {
+    ) -> Option<std::ptr::NonNull<u8>> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let within = |start: u64, s: &vm_memory::VolatileSlice<'a, ()>| {
+        let within = |start: u64, base: std::ptr::NonNull<u8>, size: usize| {
             let off = usize::try_from(addr.0.checked_sub(start)?).ok()?;
-            s.subslice(off, len).ok()
+            if off > size || len > size - off {
+                return None;
+            }
+            // SAFETY: off <= size: the result points inside (or one past) the region's
+            // mapping, which starts at `base` and is `size` bytes long.
+            Some(unsafe { base.add(off) })
         };
-        if let Some((start, s)) = &self.last {
-            if let Some(v) = within(*start, s) {
-                return Some(v);
+        if let Some((start, base, size)) = self.last {
+            if let Some(p) = within(start, base, size) {
+                return Some(p);
             }
         }
         let r = self.mem.find_region(addr)?;
         let s = r.as_volatile_slice().ok()?;
-        let start = r.start_addr().0;
-        let v = within(start, &s);
-        self.last = Some((start, s));
-        v
+        let base = std::ptr::NonNull::new(s.ptr_guard_mut().as_ptr())?;
+        let (start, size) = (r.start_addr().0, s.len());
+        self.last = Some((start, base, size));
+        within(start, base, size)
     }
 
     /// `[addr, addr + len)` as an iovec when it lies inside one region (`guest_iovec`).
@@ -234,9 +243,9 @@ impl<'a> GuestView<'a> {
         if len == 0 {
             return guest_iovec(self.mem, addr, 0);
         }
-        let s = self.slice(addr, len as usize)?;
+        let p = self.ptr(addr, len as usize)?;
         Some(libc::iovec {
-            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+            iov_base: p.as_ptr().cast(),
             iov_len: len as usize,
         })
     }

@@ -16,13 +16,13 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
+use crate::vring::VirtQueue;
 use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
-    guest_iovec, read_config_bytes, ActivateContext, ActivateError, Counters, GuestView,
-    VirtioDevice, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
+    read_config_bytes, ActivateContext, ActivateError, Counters, GuestView, VirtioDevice,
+    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
 
 use virtio_bindings::virtio_net as vn;
@@ -189,8 +189,6 @@ struct NetHandler {
     /// No receive buffer: stop watching the TAP until the driver adds some.
     paused: bool,
     iovecs: Vec<libc::iovec>,
-    /// Guest address and length of each iovec (for writing `num_buffers`).
-    segs: Vec<(GuestAddress, usize)>,
     /// A transmit chain's descriptors (reused: no allocation per frame).
     descs: Vec<Descriptor>,
     chains: Vec<RxChain>,
@@ -212,7 +210,6 @@ impl NetHandler {
             mtu,
             paused: false,
             iovecs: Vec::new(),
-            segs: Vec::new(),
             descs: Vec::new(),
             chains: Vec::new(),
             tx_dropped: 0,
@@ -236,20 +233,19 @@ impl NetHandler {
         &self.shared.taps[self.pair]
     }
 
-    fn transmit(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    fn transmit(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<u64, String> {
         let index = self.tx_index();
         let shared = &self.shared;
         let tap = &shared.taps[self.pair];
-        let (iovecs, dropped, descs) = (&mut self.iovecs, &mut self.tx_dropped, &mut self.descs);
+        let (iovecs, dropped) = (&mut self.iovecs, &mut self.tx_dropped);
         let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
         // Counted here and published once per batch: no atomic per frame.
         let (mut bytes, mut frames) = (0u64, 0u64);
         let mut view = GuestView::new(mem);
-        let r = process_chains_notify(index, q, mem, early, |chain, table| {
+        let r = process_chains_notify(index, q, early, |_, descs| {
             iovecs.clear();
             let mut total = 0usize;
-            table.collect(chain, descs);
-            for d in descs.iter() {
+            for d in descs {
                 if d.is_write_only() {
                     debug!("virtio-net: writable descriptor on a transmit queue; dropped");
                     *dropped += 1;
@@ -304,55 +300,54 @@ impl NetHandler {
         }
     }
 
-    /// Takes the next receive chain's writable buffers into `iovecs`/`segs`.
-    fn take_rx_chain(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<Taken, String> {
-        let chain = match q.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => return Err(format!("avail ring: {e}")),
-        };
-        let Some(chain) = chain else {
+    /// Takes the next receive chain's writable buffers into `iovecs`.
+    fn take_rx_chain(&mut self, q: &mut VirtQueue, view: &mut GuestView) -> Result<Taken, String> {
+        let Some(head) = q.pop_one()? else {
             return Ok(Taken::Empty);
         };
-        let head = chain.head_index();
+        let mut descs = std::mem::take(&mut self.descs);
+        q.chain(head, &mut descs);
         let mark = self.iovecs.len();
         let mut room = 0usize;
         let mut ok = true;
-        for d in chain {
-            match guest_iovec(mem, d.addr(), d.len()) {
+        for d in descs.iter() {
+            match view.iovec(d.addr(), d.len()) {
                 Some(mut v) if d.is_write_only() => {
                     // Room past the largest frame is never written: leave it out.
                     v.iov_len = v.iov_len.min(MAX_FRAME - room);
                     if v.iov_len > 0 {
                         room += v.iov_len;
-                        self.segs.push((d.addr(), v.iov_len));
                         self.iovecs.push(v);
                     }
                 }
                 _ => ok = false,
             }
         }
+        self.descs = descs;
         if !ok || room == 0 {
             self.iovecs.truncate(mark);
-            self.segs.truncate(mark);
             return Ok(Taken::Bad(head));
         }
         Ok(Taken::Good(RxChain { head, room }))
     }
 
-    /// Writes `bytes` at byte `offset` of the frame being received (across segments).
-    fn write_frame_bytes(&self, mem: &GuestMemoryMmap, mut offset: usize, bytes: &[u8]) {
+    /// Writes `bytes` at byte `offset` of the frame being received (across its buffers).
+    fn write_frame_bytes(&self, mut offset: usize, bytes: &[u8]) {
         let mut rest = bytes;
-        for &(addr, len) in &self.segs {
+        for v in &self.iovecs {
             if rest.is_empty() {
                 break;
             }
-            if offset >= len {
-                offset -= len;
+            if offset >= v.iov_len {
+                offset -= v.iov_len;
                 continue;
             }
-            let n = rest.len().min(len - offset);
-            if let Some(a) = addr.checked_add(offset as u64) {
-                let _ = mem.write_slice(&rest[..n], a);
+            let n = rest.len().min(v.iov_len - offset);
+            for (i, &b) in rest[..n].iter().enumerate() {
+                // SAFETY: offset + i < iov_len: inside the receive buffer, which lies in a
+                // mapped guest memory region (`GuestView::iovec`) while the worker holds the
+                // memory; volatile, as the guest shares it.
+                unsafe { std::ptr::write_volatile(v.iov_base.cast::<u8>().add(offset + i), b) };
             }
             rest = &rest[n..];
             offset = 0;
@@ -360,7 +355,7 @@ impl NetHandler {
     }
 
     /// Moves frames from the TAP into receive buffers. Returns the used mask.
-    fn receive(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    fn receive(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<u64, String> {
         // Counted per frame, published once per call (also after an error): no atomic per
         // frame.
         let mut count = (0u64, 0u64);
@@ -376,7 +371,7 @@ impl NetHandler {
     /// `receive`, adding the bytes (without headers) and frames received to `count`.
     fn receive_batch(
         &mut self,
-        q: &mut Queue,
+        q: &mut VirtQueue,
         mem: &GuestMemoryMmap,
         count: &mut (u64, u64),
     ) -> Result<u64, String> {
@@ -386,15 +381,15 @@ impl NetHandler {
         let mut used = 0;
         let mut frames = 0u32;
         let mut rechecks = 0;
+        let mut view = GuestView::new(mem);
         while frames < BATCH {
             self.iovecs.clear();
-            self.segs.clear();
             self.chains.clear();
             let mut room = 0;
             let mut empty = false;
             // Without MRG_RXBUF one chain takes a frame; with it, chains until a frame fits.
             loop {
-                match self.take_rx_chain(q, mem)? {
+                match self.take_rx_chain(q, &mut view)? {
                     Taken::Empty => {
                         empty = true;
                         break;
@@ -409,15 +404,14 @@ impl NetHandler {
                     Taken::Bad(head) if self.chains.is_empty() => {
                         // Unusable on its own: hand it back empty.
                         debug!("virtio-net: unusable receive buffer");
-                        q.add_used(mem, head, 0)
-                            .map_err(|e| format!("used ring: {e}"))?;
+                        q.add_used(head, 0)?;
                         used = queue_bit(index);
                         frames += 1;
                         break;
                     }
                     Taken::Bad(_) => {
                         // Ends this frame's chains; it is first in line next time.
-                        q.go_to_previous_position();
+                        q.unpop();
                         break;
                     }
                 }
@@ -427,10 +421,7 @@ impl NetHandler {
                     // Sleep on the TAP no more until the driver adds buffers (and asks to be
                     // told about them: with EVENT_IDX this moves avail_event). A ring that
                     // claims more buffers but yields none is not re-read forever.
-                    if rechecks < 2
-                        && q.enable_notification(mem)
-                            .map_err(|e| format!("avail ring: {e}"))?
-                    {
+                    if rechecks < 2 && q.enable_notification()? {
                         rechecks += 1;
                         continue;
                     }
@@ -441,23 +432,23 @@ impl NetHandler {
             }
             if room < VNET_HDR_LEN {
                 debug!("virtio-net: receive buffer shorter than the header");
-                self.return_chains(q, mem, 0)?;
+                self.return_chains(q, 0)?;
                 used = queue_bit(index);
                 frames += 1;
                 continue;
             }
-            // SAFETY: the iovecs lie inside mapped guest memory (`guest_iovec`), which stays
+            // SAFETY: the iovecs lie inside mapped guest memory (`GuestView`), which stays
             // mapped while the worker holds `mem`.
             match unsafe { self.tap().readv(&self.iovecs) } {
                 Ok(n) => {
                     count.0 += n.saturating_sub(VNET_HDR_LEN) as u64;
                     count.1 += 1;
-                    self.return_chains(q, mem, n)?;
+                    self.return_chains(q, n)?;
                     used = queue_bit(index);
                     frames += 1;
                     if frames.is_multiple_of(EARLY_SIGNAL) {
                         if let Some(irq) = &self.interrupt {
-                            if q.needs_notification(mem).unwrap_or(true) {
+                            if q.needs_notification() {
                                 irq.signal_queue(index);
                             }
                         }
@@ -465,7 +456,7 @@ impl NetHandler {
                 }
                 Err(e) => {
                     for _ in 0..self.chains.len() {
-                        q.go_to_previous_position();
+                        q.unpop();
                     }
                     if e.kind() != std::io::ErrorKind::WouldBlock {
                         warn!("virtio-net: TAP read: {e}");
@@ -479,12 +470,7 @@ impl NetHandler {
 
     /// Publishes the chains of a frame of `n` bytes: as many as it filled, `num_buffers` set
     /// in its header; the unfilled tail goes back to the ring.
-    fn return_chains(
-        &mut self,
-        q: &mut Queue,
-        mem: &GuestMemoryMmap,
-        n: usize,
-    ) -> Result<(), String> {
+    fn return_chains(&mut self, q: &mut VirtQueue, n: usize) -> Result<(), String> {
         let mut left = n;
         let mut count = 0usize;
         for (i, c) in self.chains.iter().enumerate() {
@@ -492,27 +478,26 @@ impl NetHandler {
                 break;
             }
             let len = left.min(c.room);
-            q.add_used(mem, c.head, len as u32)
-                .map_err(|e| format!("used ring: {e}"))?;
+            q.add_used(c.head, len as u32)?;
             left -= len;
             count += 1;
         }
         for _ in count..self.chains.len() {
-            q.go_to_previous_position();
+            q.unpop();
         }
         if n >= VNET_HDR_LEN {
             let num = u16::try_from(count).unwrap_or(u16::MAX);
-            self.write_frame_bytes(mem, NUM_BUFFERS_OFF, &num.to_le_bytes());
+            self.write_frame_bytes(NUM_BUFFERS_OFF, &num.to_le_bytes());
         }
         Ok(())
     }
 
     /// Serves the control queue: VQ_PAIRS_SET and GUEST_OFFLOADS_SET, ERR for the rest.
-    fn control(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+    fn control(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<u64, String> {
         let index = self.ctrl_index();
         let shared = self.shared.clone();
         let (pairs, acked) = (self.pairs, self.acked);
-        process_chains(index, q, mem, |chain| {
+        process_chains(index, q, |_, chain| {
             let mut cmd = [0u8; CTRL_MAX];
             let mut cmd_len = 0usize;
             let mut ack = None;
@@ -600,15 +585,10 @@ impl QueueHandler for NetHandler {
         self.interrupt = Some(interrupt);
     }
 
-    /// Transmit only: receive depends on the TAP, which epoll watches.
-    fn poll_queues(&self) -> u64 {
-        queue_bit(self.tx_index())
-    }
-
     fn process_queue(
         &mut self,
         index: usize,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(index) else {
@@ -636,7 +616,7 @@ impl QueueHandler for NetHandler {
 
     fn process_extra(
         &mut self,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         match queues.get_mut(self.rx_index()) {

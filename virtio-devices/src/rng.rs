@@ -4,9 +4,9 @@ use std::fs::File;
 use std::io::Read;
 
 use log::{debug, warn};
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use crate::vring::VirtQueue;
 use crate::worker::{process_chains, QueueHandler, WorkerHandle};
 use crate::{ActivateContext, ActivateError, VirtioDevice, F_VERSION_1, TYPE_RNG};
 
@@ -23,14 +23,14 @@ impl QueueHandler for RngHandler {
     fn process_queue(
         &mut self,
         index: usize,
-        queues: &mut [Option<Queue>],
+        queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let Some(Some(q)) = queues.get_mut(index) else {
             return Ok(0);
         };
         let (source, buf) = (&mut self.source, &mut self.buf);
-        process_chains(index, q, mem, |chain| {
+        process_chains(index, q, |_, chain| {
             let mut total = 0usize;
             for desc in chain {
                 if !desc.is_write_only() {
