@@ -7,12 +7,18 @@
 
 mod common;
 
-use block::fuzz::{fuzz_qcow2, fuzz_vhd, fuzz_vhdx};
+use block::fuzz::{
+    fuzz_qcow2, fuzz_vhd, fuzz_vhdx, vhdx_fuzz_input, vhdx_image, VHDX_FIX_HEADERS, VHDX_FIX_LOG,
+    VHDX_FIX_REGIONS,
+};
 use block::qcow2::{create, CreateOptions};
+use block::vhdx::header::{VhdxHeader, HEADER1_OFFSET, HEADER_SIZE};
 use block::{open_disk, DiskFileExt, Error, OpenOptions};
 use common::*;
 
 type Seeds = Vec<Vec<u8>>;
+
+const VHDX_FIX_ALL: u8 = VHDX_FIX_HEADERS | VHDX_FIX_REGIONS | VHDX_FIX_LOG;
 
 fn seeds(dir: &std::path::Path) -> (Seeds, Seeds, Seeds) {
     let raw = p(dir, "r.raw");
@@ -43,6 +49,7 @@ fn seeds(dir: &std::path::Path) -> (Seeds, Seeds, Seeds) {
             q.push(std::fs::read(e.path()).unwrap());
         }
     }
+    // vhdx fuzz inputs: sparse encodings of images (block::fuzz::fuzz_vhdx).
     let mut x = Vec::new();
     for o in [
         "subformat=dynamic,block_size=1M,log_size=1M",
@@ -59,7 +66,14 @@ fn seeds(dir: &std::path::Path) -> (Seeds, Seeds, Seeds) {
             raw.to_str().unwrap(),
             img.to_str().unwrap(),
         ]);
-        x.push(std::fs::read(&img).unwrap());
+        let image = std::fs::read(&img).unwrap();
+        x.push(vhdx_fuzz_input(&image, VHDX_FIX_ALL));
+    }
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vhdx");
+    if let Ok(rd) = std::fs::read_dir(corpus) {
+        for e in rd.flatten() {
+            x.push(std::fs::read(e.path()).unwrap());
+        }
     }
     let img = p(dir, "s.vhd");
     qemu_img(&[
@@ -290,4 +304,50 @@ fn targeted_vhd_and_vhdx_corruptions() {
     patch(&vhdx, 128 << 10, b"XXXX");
     let e = open_err(&vhdx);
     assert!(e.to_string().contains("header"), "{e}");
+}
+
+#[test]
+fn vhdx_fuzz_input_describes_the_image() {
+    let d = tmpdir();
+    let img = p(d.path(), "e.vhdx");
+    qemu_img(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "subformat=dynamic,block_size=1M,log_size=1M",
+        img.to_str().unwrap(),
+        "4M",
+    ]);
+    // Non-zero runs longer than one record can hold (64 KiB), and an odd tail.
+    qemu_io(
+        "vhdx",
+        &img,
+        &[
+            "write -P 0x5a 1M 200k".into(),
+            "write -P 0xa5 3584k 512".into(),
+        ],
+    );
+    let mut image = std::fs::read(&img).unwrap();
+    image.extend_from_slice(&[7u8; 100]);
+    let enc = vhdx_fuzz_input(&image, 0);
+    assert!(
+        enc.len() < image.len() / 8,
+        "{} of {}",
+        enc.len(),
+        image.len()
+    );
+    assert_eq!(vhdx_image(&enc), image);
+
+    // A header changed without its checksum: kept broken unless the input
+    // asks for the checksum to be recomputed.
+    let h1 = HEADER1_OFFSET as usize;
+    image[h1 + 8] ^= 0x40;
+    let header = |flags| {
+        let im = vhdx_image(&vhdx_fuzz_input(&image, flags));
+        VhdxHeader::parse(&im[h1..h1 + HEADER_SIZE])
+    };
+    assert!(header(0).is_none());
+    let fixed = header(VHDX_FIX_HEADERS).expect("checksum recomputed");
+    assert_eq!(fixed.sequence.to_le_bytes()[0], image[h1 + 8]);
 }
