@@ -521,3 +521,34 @@ fn vhdx_log_of_overlapping_entries_is_rejected_quickly() {
     assert!(e.to_string().contains("overlap"), "{e}");
     assert!(t.elapsed().as_secs() < 20, "took {:?}", t.elapsed());
 }
+
+// An L2 entry pointing at the L1 table: discarding that guest cluster must
+// neither punch a hole into the L1 table nor drop its refcount.
+#[test]
+fn qcow2_discard_through_l2_entry_pointing_at_l1() {
+    let d = tmpdir();
+    let img = p(d.path(), "d.qcow2");
+    create(&img, &CreateOptions::new(16 << 20)).unwrap();
+    {
+        let mut disk = open(&img, false);
+        disk.write_all_at(0, &[1u8; 4096]).unwrap();
+    }
+    let all = std::fs::read(&img).unwrap();
+    let be = |o: usize| u64::from_be_bytes(all[o..o + 8].try_into().unwrap());
+    let l1_off = be(40);
+    let l2_off = be(l1_off as usize) & 0x00ff_ffff_ffff_fe00;
+    // Guest cluster 2 -> the L1 table's cluster.
+    patch(&img, l2_off + 16, &((1u64 << 63) | l1_off).to_be_bytes());
+    let cs = 1u64 << u32::from_be_bytes(all[20..24].try_into().unwrap());
+    {
+        let mut disk = open(&img, false);
+        disk.discard(2 * cs, cs).unwrap();
+        disk.flush().unwrap();
+    }
+    let mut disk = open(&img, true);
+    let mut buf = vec![0u8; 4096];
+    disk.read_exact_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 1), "data lost: L1 table punched");
+    drop(disk);
+    qemu_check("qcow2", &img);
+}
