@@ -61,11 +61,10 @@ impl Footer {
     }
 }
 
-/// A fixed VHD image.
-/// Opens a fixed VHD from an opened (and locked) file: its data is a raw image in front of
-/// the footer.
-pub fn open_fixed(file: File, opts: &OpenOptions) -> Result<RawDisk> {
-    let mut storage = FileStorage::new(file, opts.direct);
+/// Size of the fixed VHD in `storage`: its footer (at the end, or the
+/// copy at offset 0) must be valid, of a fixed disk, and its size must fit
+/// in front of the footer.
+pub fn fixed_size(storage: &mut dyn Storage) -> Result<u64> {
     let len = storage.len()?;
     if len < 512 {
         return Err(invalid(FORMAT, "file too small for a footer"));
@@ -102,10 +101,18 @@ pub fn open_fixed(file: File, opts: &OpenOptions) -> Result<RawDisk> {
             ),
         ));
     }
+    Ok(footer.current_size)
+}
+
+/// Opens a fixed VHD from an opened (and locked) file: its data is a raw image in front of
+/// the footer.
+pub fn open_fixed(file: File, opts: &OpenOptions) -> Result<RawDisk> {
+    let mut storage = FileStorage::new(file, opts.direct);
+    let size = fixed_size(&mut storage)?;
     // Fixed VHD data is raw; discard is only a hint and never punches holes into it.
     Ok(RawDisk::with_size(
         storage,
-        footer.current_size,
+        size,
         ImageType::Vhd,
         opts.readonly,
         false,

@@ -18,7 +18,7 @@ pub mod header;
 pub mod refcount;
 pub mod table;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
@@ -231,6 +231,18 @@ impl Qcow2Disk {
         let l1_start = self.header.l1_table_offset & !(cs - 1);
         let l1_end = self.header.l1_table_offset + self.l1.len() as u64 * 8;
         c == 0 || (c >= l1_start && c < l1_end) || self.rc.overlaps(c) || self.l2_set.contains(&c)
+    }
+
+    /// Whether host cluster `off` is the header, L1, a refcount structure
+    /// or an L2 table the L1 points to (`l1_targets`).
+    fn in_use_metadata(&self, off: u64, l1_targets: &HashSet<u64>) -> bool {
+        let cs = self.cs();
+        let l1_start = self.header.l1_table_offset & !(cs - 1);
+        let l1_end = self.header.l1_table_offset + self.l1.len() as u64 * 8;
+        off == 0
+            || (off >= l1_start && off < l1_end)
+            || self.rc.overlaps(off)
+            || l1_targets.contains(&off)
     }
 
     fn evict_l2_if_full(&mut self) -> Result<()> {
@@ -496,10 +508,18 @@ impl Qcow2Disk {
             }
         }
         self.st.sync()?;
-        // 4. Release clusters no longer referenced by durable tables.
+        // 4. Release clusters no longer referenced by durable tables, except
+        // metadata a (hostile) entry pointed at: the header, L1, refcount
+        // structures and the L2 tables the L1 uses. Those keep their
+        // refcount and are neither punched nor reused.
+        let l1_targets: HashSet<u64> = self.l1.iter().map(|e| e & OFFSET_MASK).collect();
         let queue = std::mem::take(&mut self.free_queue);
         let mut freed = Vec::new();
         for c in queue {
+            if self.in_use_metadata(c << self.cluster_bits, &l1_targets) {
+                log::warn!("qcow2: not freeing cluster {c}: it holds metadata");
+                continue;
+            }
             let r = self.rc.get(self.st.as_mut(), c)?;
             if r == 0 {
                 log::warn!("qcow2: freeing cluster {c} with refcount 0");
@@ -521,23 +541,9 @@ impl Qcow2Disk {
             return Ok(());
         }
         self.st.sync()?;
-        // 5. The releases are durable: the clusters may be reused, unless a
-        // (hostile) entry pointed into the header, L1, refcount structures
-        // or an L2 table the L1 still uses.
-        let cs = self.cs();
-        let l1_targets: std::collections::HashSet<u64> =
-            self.l1.iter().map(|e| e & OFFSET_MASK).collect();
-        let l1_start = self.header.l1_table_offset & !(cs - 1);
-        let l1_end = self.header.l1_table_offset + self.l1.len() as u64 * 8;
+        // 5. The releases are durable: the clusters may be reused.
         for c in freed {
             let off = c << self.cluster_bits;
-            if off == 0
-                || (off >= l1_start && off < l1_end)
-                || self.rc.overlaps(off)
-                || l1_targets.contains(&off)
-            {
-                continue;
-            }
             // An old copy of an L2 table is no longer metadata.
             if self.l2_set.remove(&off) {
                 self.l2_cache.remove(off);

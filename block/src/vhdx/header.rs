@@ -93,21 +93,24 @@ static CRC32C_TABLE: [u32; 256] = {
     t
 };
 
-/// CRC-32C (Castagnoli) of `data`.
-pub fn crc32c(data: &[u8]) -> u32 {
-    !data.iter().fold(!0u32, |c, &b| {
+fn crc32c_step(c: u32, data: &[u8]) -> u32 {
+    data.iter().fold(c, |c, &b| {
         CRC32C_TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8)
     })
 }
 
+/// CRC-32C (Castagnoli) of `data`.
+pub fn crc32c(data: &[u8]) -> u32 {
+    !crc32c_step(!0, data)
+}
+
 /// CRC-32C of `data` with the 4-byte checksum field at `at` taken as zero.
 pub fn checksum_with_hole(data: &[u8], at: usize) -> u32 {
-    let mut c = !0u32;
-    for (i, &b) in data.iter().enumerate() {
-        let b = if (at..at + 4).contains(&i) { 0 } else { b };
-        c = CRC32C_TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
+    let at = at.min(data.len());
+    let end = (at + 4).min(data.len());
+    let c = crc32c_step(!0, &data[..at]);
+    let c = crc32c_step(c, &[0u8; 4][..end - at]);
+    !crc32c_step(c, &data[end..])
 }
 
 pub(crate) fn le16(b: &[u8], o: usize) -> u16 {

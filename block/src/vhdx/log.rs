@@ -55,10 +55,20 @@ fn circ(log: &[u8], off: usize, len: usize) -> Vec<u8> {
     v
 }
 
-fn parse_entry(log: &[u8], off: usize, guid: &Guid) -> Option<Entry> {
+/// Bytes of log entries the scan checksums, as a multiple of the log
+/// length. In a log that was written in order the entries carrying the
+/// current GUID do not overlap (at most one older entry reaches into a
+/// newer one), so their checksums cover little more than the log once; a
+/// hostile log with an entry header in every sector, each claiming the
+/// whole log, would otherwise cost (log length / 4 KiB) x log length.
+const CHECKSUM_BUDGET: usize = 4;
+
+/// The valid entry at `off`, if any. Checksumming it is charged to
+/// `budget` (bytes left); `Err` once that is exhausted.
+fn parse_entry(log: &[u8], off: usize, guid: &Guid, budget: &mut usize) -> Result<Option<Entry>> {
     let h = circ(log, off, 64);
     if &h[0..4] != b"loge" {
-        return None;
+        return Ok(None);
     }
     let length = le32(&h, 8) as usize;
     let tail = le32(&h, 12) as usize;
@@ -67,29 +77,33 @@ fn parse_entry(log: &[u8], off: usize, guid: &Guid) -> Option<Entry> {
         || length > log.len()
         || !tail.is_multiple_of(SECTOR)
         || tail >= log.len()
+        || guid_at(&h, 32) != *guid
     {
-        return None;
+        return Ok(None);
     }
-    if guid_at(&h, 32) != *guid {
-        return None;
-    }
+    *budget = budget.checked_sub(length).ok_or_else(|| {
+        invalid(
+            FORMAT,
+            "log entries overlap: more to checksum than a written log can hold",
+        )
+    })?;
     let whole = circ(log, off, length);
     if le32(&whole, 4) != checksum_with_hole(&whole, 4) {
-        return None;
+        return Ok(None);
     }
     let count = le32(&whole, 24) as usize;
     let desc_area = (64 + count * 32).div_ceil(SECTOR) * SECTOR;
     if desc_area > length {
-        return None;
+        return Ok(None);
     }
-    Some(Entry {
+    Ok(Some(Entry {
         offset: off,
         length,
         tail,
         sequence: le64(&h, 16),
         flushed_file_offset: le64(&h, 48),
         last_file_offset: le64(&h, 56),
-    })
+    }))
 }
 
 fn descriptors(log: &[u8], e: &Entry) -> Result<Vec<Descriptor>> {
@@ -166,9 +180,10 @@ pub fn replay(
     let mut log = vec![0u8; log_length as usize];
     st.read_exact_at(&mut log, log_offset)?;
     let mut entries = Vec::new();
+    let mut budget = log.len() * CHECKSUM_BUDGET;
     let mut off = 0;
     while off < log.len() {
-        if let Some(e) = parse_entry(&log, off, guid) {
+        if let Some(e) = parse_entry(&log, off, guid, &mut budget)? {
             entries.push(e);
         }
         off += SECTOR;
@@ -182,14 +197,14 @@ pub fn replay(
     let mut chain = Vec::new();
     let mut pos = head.tail;
     loop {
+        // The scan found the entries in offset order.
         let e = entries
-            .iter()
-            .find(|e| e.offset == pos)
-            .cloned()
-            .ok_or_else(|| invalid(FORMAT, "log sequence is broken"))?;
+            .binary_search_by_key(&pos, |e| e.offset)
+            .map(|i| entries[i].clone())
+            .map_err(|_| invalid(FORMAT, "log sequence is broken"))?;
         if let Some(prev) = chain.last() {
             let prev: &Entry = prev;
-            if e.sequence != prev.sequence + 1 {
+            if prev.sequence.checked_add(1) != Some(e.sequence) {
                 return Err(invalid(FORMAT, "log sequence numbers not consecutive"));
             }
         }
@@ -217,7 +232,10 @@ pub fn replay(
         for d in descriptors(&log, e)? {
             match d {
                 Descriptor::Data { file_offset, data } => {
-                    if file_offset + SECTOR as u64 > limit {
+                    if file_offset
+                        .checked_add(SECTOR as u64)
+                        .is_none_or(|end| end > limit)
+                    {
                         return Err(invalid(FORMAT, "log writes beyond the file"));
                     }
                     st.write_all_at(&data[..], file_offset)?;

@@ -219,7 +219,14 @@ impl VhdxDisk {
     fn check_block_offset(&self, off: u64) -> Result<()> {
         let bs = self.bs();
         let r = &self.regions;
-        let overlaps = |a: u64, len: u64| off < a + len && a < off + bs;
+        // Offsets come from the image: any value, the sums may overflow.
+        let Some(end) = off.checked_add(bs) else {
+            return Err(invalid(
+                FORMAT,
+                format!("payload block at {off:#x} lies beyond any file"),
+            ));
+        };
+        let overlaps = |a: u64, len: u64| off < a.saturating_add(len) && a < end;
         if off < MIB
             || overlaps(r.bat_offset, r.bat_length as u64)
             || overlaps(r.metadata_offset, r.metadata_length as u64)
@@ -401,6 +408,9 @@ impl VhdxDisk {
             if state != PAYLOAD_FULLY_PRESENT {
                 // Every other (non-differencing) state already reads zero.
             } else if n == bs && !self.meta.leave_blocks_allocated {
+                // Never punch a hole into the headers, log, BAT or metadata
+                // a hostile BAT entry points at.
+                self.check_block_offset(off)?;
                 self.update_headers()?;
                 let idx = self.bat_index(g / bs);
                 self.bat[idx] = PAYLOAD_ZERO;
