@@ -8,7 +8,9 @@
 #   (default DIR=/tmp/bench-block, SIZE=1G, REPS=5, filter = all cases)
 # BENCH_BIN=path uses that bench-block instead of building one; BASE_BIN=path
 # adds a third column for another bench-block build (A/B of a change), run
-# in the same alternation.
+# in the same alternation. OURS_FLAGS / BASE_FLAGS: extra bench-block
+# options (default "--one-buffer" for ours: every request from one buffer,
+# as qemu-img bench does; none for the base, older builds lack it).
 set -euo pipefail
 DIR=${1:-/tmp/bench-block}
 SIZE=${2:-1G}
@@ -28,13 +30,17 @@ if [ ! -f "$DIR/ref.raw" ] || [ ! -f "$DIR/ref.qcow2" ]; then
     qemu-img convert -f raw -O qcow2 "$DIR/ref.raw" "$DIR/ref.qcow2"
 fi
 # Writes carry the same data in both tools (byte 0, qemu-img bench's
-# default --pattern).
+# default --pattern), from the same amount of memory: qemu-img bench (7.2)
+# allocates one buffer per request slot but passes the first to every
+# request, so ours runs with --one-buffer.
 # qemu-img bench has no random mode: the 4 KiB cases use a large prime
 # stride (1021 x 4 KiB), offset = i * step mod size, in both tools.
 RAND_STEP=$((4096 * 1021))
 
-ours() { { "$BIN" -f "$1" -d 64 -t none $2 "$3" || echo "?"; } | awk '{print $1}'; }
-base() { { "$BASE_BIN" -f "$1" -d 64 -t none $2 "$3" || echo "?"; } | awk '{print $1}'; }
+OURS_FLAGS=${OURS_FLAGS---one-buffer}
+BASE_FLAGS=${BASE_FLAGS-}
+ours() { { "$BIN" -f "$1" -d 64 -t none $OURS_FLAGS $2 "$3" || echo "?"; } | awk '{print $1}'; }
+base() { { "$BASE_BIN" -f "$1" -d 64 -t none $BASE_FLAGS $2 "$3" || echo "?"; } | awk '{print $1}'; }
 BASE_BIN=${BASE_BIN:-}
 qemu() {
     local count t out
