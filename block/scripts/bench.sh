@@ -3,7 +3,8 @@
 # same access pattern, same queue depth, O_DIRECT (-t none; qemu with -n,
 # Linux native AIO). Each case runs REPS times, the two tools alternating
 # (and swapping which goes first), after one untimed warm-up run of each;
-# the medians are printed.
+# the medians are printed, and the median (range) of the per-repetition
+# ratios ours/qemu.
 # Usage: block/scripts/bench.sh [DIR] [SIZE] [REPS] [CASE-FILTER]
 #   (default DIR=/tmp/bench-block, SIZE=1G, REPS=5, filter = all cases)
 # BENCH_BIN=path uses that bench-block instead of building one; BASE_BIN=path
@@ -51,6 +52,15 @@ qemu() {
     awk -v n="$count" -v t="$t" 'BEGIN { if (t > 0) printf "%.0f", n / t; else print "?" }'
 }
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.0f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+# Per-repetition ratios ours/qemu (the two runs of a repetition are adjacent
+# in time, so slow drifts of the machine cancel): "median (min-max)".
+paired() {
+    paste -d' ' <(printf "%s\n" "${o[@]}") <(printf "%s\n" "${q[@]}") |
+        awk '$2 > 0 {printf "%.3f\n", $1 / $2}' | sort -n |
+        awk '{a[NR]=$1} END {if (!NR) {print "?"; exit}
+             m = (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2
+             printf "%.3f (%.2f-%.2f)", m, a[1], a[NR]}'
+}
 
 run_one() { # tool fmt args img fresh
     if [ "$5" = 1 ]; then
@@ -61,9 +71,9 @@ run_one() { # tool fmt args img fresh
 }
 
 if [ -n "$BASE_BIN" ]; then
-    printf "%-6s %-20s %11s %11s %11s %7s   %s\n" format case "base req/s" "ours req/s" "qemu req/s" ratio "runs (base/ours/qemu)"
+    printf "%-6s %-20s %11s %11s %11s %7s  %-20s %s\n" format case "base req/s" "ours req/s" "qemu req/s" ratio "paired ratio" "runs (base/ours/qemu)"
 else
-    printf "%-6s %-20s %11s %11s %7s   %s\n" format case "ours req/s" "qemu req/s" ratio "runs (ours/qemu)"
+    printf "%-6s %-20s %11s %11s %7s  %-20s %s\n" format case "ours req/s" "qemu req/s" ratio "paired ratio" "runs (ours/qemu)"
 fi
 # name:formats:fresh:args. "fresh" cases start every run on a new, empty
 # image (allocating writes); COUNT x 64 KiB = 1 GiB fills it exactly once.
@@ -97,11 +107,12 @@ for fmt in raw qcow2; do
         om=$(printf "%s\n" "${o[@]}" | median)
         qm=$(printf "%s\n" "${q[@]}" | median)
         ratio=$(awk -v a="$om" -v b="$qm" 'BEGIN { printf "%.3f", a / b }')
+        pr=$(paired)
         if [ -n "$BASE_BIN" ]; then
             bm=$(printf "%s\n" "${b[@]}" | median)
-            printf "%-6s %-20s %11s %11s %11s %7s   %s / %s / %s\n" "$fmt" "$name" "$bm" "$om" "$qm" "$ratio" "${b[*]}" "${o[*]}" "${q[*]}"
+            printf "%-6s %-20s %11s %11s %11s %7s  %-20s %s / %s / %s\n" "$fmt" "$name" "$bm" "$om" "$qm" "$ratio" "$pr" "${b[*]}" "${o[*]}" "${q[*]}"
         else
-            printf "%-6s %-20s %11s %11s %7s   %s / %s\n" "$fmt" "$name" "$om" "$qm" "$ratio" "${o[*]}" "${q[*]}"
+            printf "%-6s %-20s %11s %11s %7s  %-20s %s / %s\n" "$fmt" "$name" "$om" "$qm" "$ratio" "$pr" "${o[*]}" "${q[*]}"
         fi
     done
 done
