@@ -49,15 +49,15 @@ pub struct AsyncDisk {
     // Eager submission: after the caller's submit() or a reap, the next
     // requests go to the kernel in growing batches (1, 1, 2, 4, ...) so the
     // device starts on the first one while later ones are still prepared.
-    // A batch is sent when the request after it is queued, and only if that
-    // request does not continue the batch's last one in the host file: a
-    // sequential run goes in one piece (up to MERGE_BYTES), so the kernel
-    // merges it into one device request instead of one per batch.
+    // A request that continues the previous one in the host file does not
+    // send its batch: a sequential run waits for the first request outside
+    // it (or MERGE_BYTES, or submit()) and enters the kernel in one piece,
+    // which merges it into one device request instead of one per batch.
     eager: bool,
     round: usize,
-    // The last request queued and not yet submitted: (host fd, its end in
-    // the host file, write), and the length of the contiguous run it ends.
-    tail: Option<(RawFd, u64, bool)>,
+    // The last request queued, sent or not: (host fd, its end in the host
+    // file, write); and the length of the unsent run it ends.
+    last: Option<(RawFd, u64, bool)>,
     run_bytes: u64,
     // The host file registered with the ring (index 0), if any.
     registered_fd: Option<RawFd>,
@@ -133,7 +133,7 @@ impl AsyncDisk {
             unsubmitted: 0,
             eager: true,
             round: 0,
-            tail: None,
+            last: None,
             run_bytes: 0,
             registered_fd: None,
             register_tried: false,
@@ -152,11 +152,12 @@ impl AsyncDisk {
     /// Eager submission (on by default): after [`AsyncDisk::submit`] or a
     /// reap, queued requests go to the kernel in growing batches (1, 1, 2, 4,
     /// ...) instead of all at the next `submit`, so the device starts on the
-    /// first request while later ones are still being prepared. A batch
-    /// leaves when the next request is queued, unless that request continues
-    /// the batch in the host file (up to 1 MiB), so sequential runs still
-    /// reach the block layer together and merge. Off: one `io_uring_enter`
-    /// per `submit` call.
+    /// first request while later ones are still being prepared. A request
+    /// that continues the previous one in the host file (same file and
+    /// direction) holds its batch back until a request outside the run comes,
+    /// the run reaches 1 MiB or `submit` is called, so a sequential run
+    /// reaches the block layer in one piece and merges into one device
+    /// request. Off: one `io_uring_enter` per `submit` call.
     pub fn set_eager_submit(&mut self, eager: bool) {
         self.eager = eager;
     }
@@ -402,13 +403,6 @@ impl AsyncDisk {
             None => sqe!(types::Fd(m.fd)),
         }
         .user_data(idx as u64);
-        let contiguous = self.tail == Some((m.fd, m.offset, write));
-        if self.eager
-            && self.unsubmitted >= self.round.max(1)
-            && !(contiguous && self.run_bytes < MERGE_BYTES)
-        {
-            self.submit_early();
-        }
         let ring = self.ring.as_mut().expect("mapping implies a ring");
         // SAFETY: the iovec array (if any) is owned by slots[idx] until
         // completion and the buffers are valid per the caller's contract.
@@ -420,31 +414,29 @@ impl AsyncDisk {
                 .map_err(|_| Error::Io(io::Error::other("io_uring submission queue full")))?;
         }
         self.unsubmitted += 1;
-        self.run_bytes = if contiguous && self.unsubmitted > 1 {
+        let continues = self.last == Some((m.fd, m.offset, write));
+        self.run_bytes = if continues && self.unsubmitted > 1 {
             self.run_bytes + len as u64
         } else {
             len as u64
         };
-        self.tail = Some((m.fd, m.offset + len as u64, write));
-        Ok(())
-    }
-
-    /// Eager submission of what is queued so far. The request is queued
-    /// either way: a failed early submission must not be reported as a
-    /// failed request (its buffers are in the ring); it goes with the next
-    /// submit() or reap().
-    fn submit_early(&mut self) {
-        let Some(ring) = self.ring.as_mut() else {
-            return;
-        };
-        match ring.submit() {
-            Ok(_) => {
-                self.round += self.unsubmitted;
-                self.unsubmitted = 0;
-                self.tail = None;
+        self.last = Some((m.fd, m.offset + len as u64, write));
+        if self.eager
+            && self.unsubmitted >= self.round.max(1)
+            && !(continues && self.run_bytes < MERGE_BYTES)
+        {
+            // The request is queued either way: a failed early submission
+            // must not be reported as a failed request (its buffers are in
+            // the ring); it goes with the next submit() or reap().
+            match ring.submit() {
+                Ok(_) => {
+                    self.round += self.unsubmitted;
+                    self.unsubmitted = 0;
+                }
+                Err(e) => log::debug!("io_uring: early submission failed: {e}"),
             }
-            Err(e) => log::debug!("io_uring: early submission failed: {e}"),
         }
+        Ok(())
     }
 
     /// Index of `fd` in the ring's registered file table, registering it on
@@ -486,7 +478,6 @@ impl AsyncDisk {
                 self.unsubmitted = 0;
             }
             self.round = 0;
-            self.tail = None;
         }
         Ok(())
     }
@@ -500,7 +491,6 @@ impl AsyncDisk {
             ring.submit_and_wait(want)?;
             self.unsubmitted = 0;
             self.round = 0;
-            self.tail = None;
         }
         self.drain_cq();
         Ok(())
@@ -639,9 +629,8 @@ mod tests {
         }
         // Complete before asserting: a panic must not free buffers in flight.
         finish(&mut q, &reqs);
-        // A batch leaves when the request after it comes: 1, 1, 2, then 4
-        // (still waiting for a ninth request or submit()).
-        assert_eq!(left, [1, 1, 1, 2, 1, 2, 3, 4]);
+        // Batches of 1, 1, 2, 4, each sent as soon as it is full.
+        assert_eq!(left, [0, 0, 1, 0, 1, 2, 3, 0]);
     }
 
     #[test]
@@ -655,21 +644,23 @@ mod tests {
             reqs.push((off, b));
             pending(q)
         };
-        // One elsewhere, four in a row from 0, one elsewhere: the run is
-        // held back until a request outside it arrives.
+        // One elsewhere, four in a row from 0, one elsewhere: the batch due
+        // at the third is held back while the run goes on, and leaves with
+        // the request outside it.
         let mut first = Vec::new();
         for off in [3 << 20, 0, 4096, 8192, 12288, (3 << 20) + 65536] {
             first.push(go(&mut q, &mut reqs, off, 4096));
         }
         q.submit().unwrap();
-        // 20 contiguous 64 KiB requests: held back until the run is 1 MiB.
+        // 20 contiguous 64 KiB requests: the first goes alone (it does not
+        // continue the previous request), the next 16 when they make 1 MiB.
         let mut second = Vec::new();
         for i in 0..20 {
             second.push(go(&mut q, &mut reqs, (1 << 20) + i * 65536, 65536));
         }
         finish(&mut q, &reqs);
-        assert_eq!(first, [1, 1, 2, 3, 4, 1]);
-        let want: Vec<usize> = (1..=16).chain(1..=4).collect();
+        assert_eq!(first, [0, 0, 1, 2, 3, 0]);
+        let want: Vec<usize> = [0].into_iter().chain(1..=15).chain(0..=3).collect();
         assert_eq!(second, want);
     }
 
@@ -677,24 +668,39 @@ mod tests {
     fn a_write_does_not_continue_a_read_run() {
         let dir = tempfile::tempdir().unwrap();
         let mut q = queue(&dir);
-        let mut r = AlignedBuf::new(4096);
-        read(&mut q, &mut r, 0, 0);
-        let mut w = AlignedBuf::new(4096);
-        w.as_mut_slice()
+        let mut bufs: Vec<AlignedBuf> = (0..4).map(|_| AlignedBuf::new(4096)).collect();
+        // The write stores what the file holds, so all check the same way.
+        bufs[3]
+            .as_mut_slice()
             .iter_mut()
             .enumerate()
-            .for_each(|(i, x)| *x = byte_at(4096 + i));
-        let v = [libc::iovec {
-            iov_base: w.as_mut_slice().as_mut_ptr() as *mut libc::c_void,
-            iov_len: 4096,
-        }];
-        // SAFETY: the buffer outlives the request (waited for below).
-        unsafe { q.write_vectored(4096, &v, 1).unwrap() };
-        // Adjacent, but the other direction: the read went on its own.
-        let left = pending(&mut q);
-        // The write stored what the file held, so both check the same way.
-        finish(&mut q, &[(0, r), (4096, w)]);
-        assert_eq!(left, 1);
+            .for_each(|(i, x)| *x = byte_at(8192 + i));
+        let mut left = Vec::new();
+        for (i, (off, b)) in [3u64 << 20, 0, 4096, 8192]
+            .iter()
+            .zip(&mut bufs)
+            .enumerate()
+        {
+            let v = [libc::iovec {
+                iov_base: b.as_mut_slice().as_mut_ptr() as *mut libc::c_void,
+                iov_len: 4096,
+            }];
+            // SAFETY: the buffers outlive the requests (waited for below).
+            unsafe {
+                if i == 3 {
+                    q.write_vectored(*off, &v, i as u64).unwrap();
+                } else {
+                    q.read_vectored(*off, &v, i as u64).unwrap();
+                }
+            }
+            left.push(pending(&mut q));
+        }
+        let reqs: Vec<(u64, AlignedBuf)> =
+            [3u64 << 20, 0, 4096, 8192].into_iter().zip(bufs).collect();
+        finish(&mut q, &reqs);
+        // The read at 4096 is held (it continues the one at 0); the write at
+        // 8192 is adjacent but goes the other way, so the batch of two leaves.
+        assert_eq!(left, [0, 0, 1, 0]);
     }
 
     #[test]
