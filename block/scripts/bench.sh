@@ -3,12 +3,15 @@
 # same access pattern, same queue depth, O_DIRECT (-t none; qemu with -n,
 # Linux native AIO). Each case runs REPS times, the two tools alternating
 # (and swapping which goes first), after one untimed warm-up run of each;
-# the medians are printed.
+# the medians are printed, and the median (range) of the per-repetition
+# ratios ours/qemu.
 # Usage: block/scripts/bench.sh [DIR] [SIZE] [REPS] [CASE-FILTER]
 #   (default DIR=/tmp/bench-block, SIZE=1G, REPS=5, filter = all cases)
 # BENCH_BIN=path uses that bench-block instead of building one; BASE_BIN=path
 # adds a third column for another bench-block build (A/B of a change), run
-# in the same alternation.
+# in the same alternation. OURS_FLAGS / BASE_FLAGS: extra bench-block
+# options (default "--one-buffer" for ours: every request from one buffer,
+# as qemu-img bench does; none for the base, older builds lack it).
 set -euo pipefail
 DIR=${1:-/tmp/bench-block}
 SIZE=${2:-1G}
@@ -28,13 +31,17 @@ if [ ! -f "$DIR/ref.raw" ] || [ ! -f "$DIR/ref.qcow2" ]; then
     qemu-img convert -f raw -O qcow2 "$DIR/ref.raw" "$DIR/ref.qcow2"
 fi
 # Writes carry the same data in both tools (byte 0, qemu-img bench's
-# default --pattern).
+# default --pattern), from the same amount of memory: qemu-img bench (7.2)
+# allocates one buffer per request slot but passes the first to every
+# request, so ours runs with --one-buffer.
 # qemu-img bench has no random mode: the 4 KiB cases use a large prime
 # stride (1021 x 4 KiB), offset = i * step mod size, in both tools.
 RAND_STEP=$((4096 * 1021))
 
-ours() { { "$BIN" -f "$1" -d 64 -t none $2 "$3" || echo "?"; } | awk '{print $1}'; }
-base() { { "$BASE_BIN" -f "$1" -d 64 -t none $2 "$3" || echo "?"; } | awk '{print $1}'; }
+OURS_FLAGS=${OURS_FLAGS---one-buffer}
+BASE_FLAGS=${BASE_FLAGS-}
+ours() { { "$BIN" -f "$1" -d 64 -t none $OURS_FLAGS $2 "$3" || echo "?"; } | awk '{print $1}'; }
+base() { { "$BASE_BIN" -f "$1" -d 64 -t none $BASE_FLAGS $2 "$3" || echo "?"; } | awk '{print $1}'; }
 BASE_BIN=${BASE_BIN:-}
 qemu() {
     local count t out
@@ -45,6 +52,15 @@ qemu() {
     awk -v n="$count" -v t="$t" 'BEGIN { if (t > 0) printf "%.0f", n / t; else print "?" }'
 }
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.0f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+# Per-repetition ratios ours/qemu (the two runs of a repetition are adjacent
+# in time, so slow drifts of the machine cancel): "median (min-max)".
+paired() {
+    paste -d' ' <(printf "%s\n" "${o[@]}") <(printf "%s\n" "${q[@]}") |
+        awk '$2 > 0 {printf "%.3f\n", $1 / $2}' | sort -n |
+        awk '{a[NR]=$1} END {if (!NR) {print "?"; exit}
+             m = (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2
+             printf "%.3f (%.2f-%.2f)", m, a[1], a[NR]}'
+}
 
 run_one() { # tool fmt args img fresh
     if [ "$5" = 1 ]; then
@@ -55,9 +71,9 @@ run_one() { # tool fmt args img fresh
 }
 
 if [ -n "$BASE_BIN" ]; then
-    printf "%-6s %-20s %11s %11s %11s %7s   %s\n" format case "base req/s" "ours req/s" "qemu req/s" ratio "runs (base/ours/qemu)"
+    printf "%-6s %-20s %11s %11s %11s %7s  %-20s %s\n" format case "base req/s" "ours req/s" "qemu req/s" ratio "paired ratio" "runs (base/ours/qemu)"
 else
-    printf "%-6s %-20s %11s %11s %7s   %s\n" format case "ours req/s" "qemu req/s" ratio "runs (ours/qemu)"
+    printf "%-6s %-20s %11s %11s %7s  %-20s %s\n" format case "ours req/s" "qemu req/s" ratio "paired ratio" "runs (ours/qemu)"
 fi
 # name:formats:fresh:args. "fresh" cases start every run on a new, empty
 # image (allocating writes); COUNT x 64 KiB = 1 GiB fills it exactly once.
@@ -91,11 +107,12 @@ for fmt in raw qcow2; do
         om=$(printf "%s\n" "${o[@]}" | median)
         qm=$(printf "%s\n" "${q[@]}" | median)
         ratio=$(awk -v a="$om" -v b="$qm" 'BEGIN { printf "%.3f", a / b }')
+        pr=$(paired)
         if [ -n "$BASE_BIN" ]; then
             bm=$(printf "%s\n" "${b[@]}" | median)
-            printf "%-6s %-20s %11s %11s %11s %7s   %s / %s / %s\n" "$fmt" "$name" "$bm" "$om" "$qm" "$ratio" "${b[*]}" "${o[*]}" "${q[*]}"
+            printf "%-6s %-20s %11s %11s %11s %7s  %-20s %s / %s / %s\n" "$fmt" "$name" "$bm" "$om" "$qm" "$ratio" "$pr" "${b[*]}" "${o[*]}" "${q[*]}"
         else
-            printf "%-6s %-20s %11s %11s %7s   %s / %s\n" "$fmt" "$name" "$om" "$qm" "$ratio" "${o[*]}" "${q[*]}"
+            printf "%-6s %-20s %11s %11s %7s  %-20s %s / %s\n" "$fmt" "$name" "$om" "$qm" "$ratio" "$pr" "${o[*]}" "${q[*]}"
         fi
     done
 done

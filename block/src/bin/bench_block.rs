@@ -6,8 +6,11 @@
 //! `depth` requests in flight through the io_uring path. `-E` turns eager
 //! submission off (one `io_uring_enter` per refill of the queue). Writes
 //! carry `--pattern` bytes (default 0), like `qemu-img bench`.
+//! `--one-buffer` issues every request from the same buffer, as `qemu-img
+//! bench` does (it allocates `depth` buffers but hands the first one to
+//! every request), so both tools touch the same amount of memory.
 //!
-//! Usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-E] [--pattern BYTE] [-t none] [-f FMT] IMAGE
+//! Usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-E] [--one-buffer] [--pattern BYTE] [-t none] [-f FMT] IMAGE
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -23,6 +26,7 @@ struct Args {
     write: bool,
     direct: bool,
     eager: bool,
+    one_buffer: bool,
     pattern: u8,
     format: Option<ImageType>,
     image: String,
@@ -37,6 +41,7 @@ fn parse() -> Result<Args, String> {
         write: false,
         direct: false,
         eager: true,
+        one_buffer: false,
         pattern: 0,
         format: None,
         image: String::new(),
@@ -51,6 +56,7 @@ fn parse() -> Result<Args, String> {
             "-S" => a.step = parse_size(&val("-S")?)?,
             "-w" => a.write = true,
             "-E" => a.eager = false,
+            "--one-buffer" => a.one_buffer = true,
             "--pattern" => {
                 a.pattern = val("--pattern")?
                     .parse()
@@ -63,7 +69,7 @@ fn parse() -> Result<Args, String> {
         }
     }
     if a.image.is_empty() {
-        return Err("usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-E] [--pattern BYTE] [-t none] [-f FMT] IMAGE".into());
+        return Err("usage: bench-block [-c COUNT] [-d DEPTH] [-s SIZE] [-S STEP] [-w] [-E] [--one-buffer] [--pattern BYTE] [-t none] [-f FMT] IMAGE".into());
     }
     if a.step == 0 {
         a.step = a.size as u64;
@@ -126,13 +132,12 @@ fn run(a: &Args) -> Result<f64, String> {
     while done < a.count {
         while next < a.count {
             let Some(slot) = free.pop() else { break };
-            let b = bufs[slot].as_mut_slice();
-            let iov = [libc::iovec {
-                iov_base: b.as_mut_ptr() as *mut libc::c_void,
-                iov_len: a.size,
-            }];
-            // SAFETY: each buffer serves one request at a time (free list) and
-            // lives until the queue is drained below.
+            // Raw pointers taken before the loop: no reference to a buffer is
+            // made while the kernel may be using it.
+            let iov = [regions[if a.one_buffer { 0 } else { slot }]];
+            // SAFETY: each buffer serves one request at a time (free list), or
+            // with --one-buffer all of them (its contents are never looked at),
+            // and lives until the queue is drained below.
             let r = unsafe {
                 if a.write {
                     q.write_vectored(offset, &iov, slot as u64)
