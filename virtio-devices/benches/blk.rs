@@ -7,15 +7,16 @@
 //! rounds it is split into, default 4; BLK_BENCH_CASES=0,2 picks cases; BLK_BENCH_IO_URING=1
 //! uses io_uring).
 
+mod common;
+use common::{own_cpu, thread_cpu, GuestRam, Irq};
+
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_devices::{
-    ActivateContext, Block, BlockConfig, DeviceStatus, VirtioDevice, VirtioInterrupt,
-};
+use virtio_devices::{ActivateContext, Block, BlockConfig, DeviceStatus, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,57 +29,6 @@ const AVAIL: u64 = 0x10000;
 const USED: u64 = 0x20000;
 const REQS: u64 = 0x100000;
 const DATA: u64 = 0x100_0000;
-
-/// The "guest" sleeps until the device signals used buffers, as a guest waits for its
-/// interrupt, so it does not steal the worker's CPU.
-struct Irq(EventFd);
-impl VirtioInterrupt for Irq {
-    fn signal_queue(&self, _i: usize) {
-        let _ = self.0.write(1);
-    }
-    fn signal_config(&self) {}
-}
-
-/// The "guest's" side of its memory: volatile loads and stores at guest addresses (one region
-/// at 0), as a driver on a vCPU touches its rings, instead of a region lookup and a copy per
-/// access. The guest's work is not the device path's, but on a machine with few CPUs it
-/// competes with the device thread for them: it is kept as lean as a real driver's.
-struct GuestRam {
-    base: *mut u8,
-    len: u64,
-}
-
-impl GuestRam {
-    fn new(mem: &GuestMemoryMmap, len: u64) -> Self {
-        let base = mem
-            .get_slice(GuestAddress(0), len as usize)
-            .unwrap()
-            .ptr_guard_mut()
-            .as_ptr();
-        GuestRam { base, len }
-    }
-
-    fn check<T>(&self, a: u64) {
-        let n = std::mem::size_of::<T>() as u64;
-        assert!(
-            a.is_multiple_of(n) && a + n <= self.len,
-            "guest access {a:#x}"
-        );
-    }
-
-    fn rd<T: Copy>(&self, a: u64) -> T {
-        self.check::<T>(a);
-        // SAFETY: aligned and inside the mapping (checked), which the bench's GuestMemoryMmap
-        // keeps alive; volatile: the device thread accesses the same memory.
-        unsafe { std::ptr::read_volatile(self.base.add(a as usize).cast::<T>()) }
-    }
-
-    fn wr<T: Copy>(&self, a: u64, v: T) {
-        self.check::<T>(a);
-        // SAFETY: as in `rd`.
-        unsafe { std::ptr::write_volatile(self.base.add(a as usize).cast::<T>(), v) }
-    }
-}
 
 struct Bench {
     mem: GuestMemoryMmap,
@@ -180,46 +130,6 @@ impl Bench {
         self.used = used;
         done
     }
-}
-
-/// CPU seconds used so far by this process's thread named `name` (from /proc).
-fn thread_cpu(name: &str) -> f64 {
-    let tick = 100.0; // USER_HZ
-    for t in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields
-            .get(11..13)
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f.parse::<f64>().ok())
-            .sum();
-        return ticks / tick;
-    }
-    0.0
-}
-
-/// CPU seconds used so far by the calling thread.
-fn own_cpu() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 /// Requests, seconds and CPU seconds of one side of a comparison.

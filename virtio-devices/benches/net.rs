@@ -14,6 +14,9 @@
 //! recycles as they are used - the plain loop reads them (sleeping in poll when none is
 //! queued, as the device sleeps in epoll). The generator costs the same in both.
 
+mod common;
+use common::{own_cpu, thread_cpu, GuestRam, Irq};
+
 use std::io::{Read, Write};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
@@ -22,66 +25,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use net_util::{MacAddr, Tap};
-use virtio_devices::{
-    ActivateContext, DeviceStatus, Net, NetConfig, VirtioDevice, VirtioInterrupt,
-};
+use virtio_devices::{ActivateContext, DeviceStatus, Net, NetConfig, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const QSIZE: u16 = 256;
 const DEPTH: u16 = 128;
 const HDR: usize = 12;
 const BUF: u64 = 2048;
-
-struct Irq(EventFd);
-impl VirtioInterrupt for Irq {
-    fn signal_queue(&self, _i: usize) {
-        let _ = self.0.write(1);
-    }
-    fn signal_config(&self) {}
-}
-
-/// The "guest's" side of its memory: volatile loads and stores at guest addresses (one region
-/// at 0), as a driver on a vCPU touches its rings, instead of a region lookup and a copy per
-/// access. The guest's work is not the device path's, but on a machine with few CPUs it
-/// competes with the device thread for them: it is kept as lean as a real driver's.
-struct GuestRam {
-    base: *mut u8,
-    len: u64,
-}
-
-impl GuestRam {
-    fn new(mem: &GuestMemoryMmap, len: u64) -> Self {
-        let base = mem
-            .get_slice(GuestAddress(0), len as usize)
-            .unwrap()
-            .ptr_guard_mut()
-            .as_ptr();
-        GuestRam { base, len }
-    }
-
-    fn check<T>(&self, a: u64) {
-        let n = std::mem::size_of::<T>() as u64;
-        assert!(
-            a.is_multiple_of(n) && a + n <= self.len,
-            "guest access {a:#x}"
-        );
-    }
-
-    fn rd<T: Copy>(&self, a: u64) -> T {
-        self.check::<T>(a);
-        // SAFETY: aligned and inside the mapping (checked), which the bench's GuestMemoryMmap
-        // keeps alive; volatile: the device thread accesses the same memory.
-        unsafe { std::ptr::read_volatile(self.base.add(a as usize).cast::<T>()) }
-    }
-
-    fn wr<T: Copy>(&self, a: u64, v: T) {
-        self.check::<T>(a);
-        // SAFETY: as in `rd`.
-        unsafe { std::ptr::write_volatile(self.base.add(a as usize).cast::<T>(), v) }
-    }
-}
 
 /// One queue as the "guest" sees it.
 struct Ring {
@@ -254,44 +206,6 @@ fn generator(payload: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(
             }
         })
         .unwrap()
-}
-
-fn thread_cpu(name: &str) -> f64 {
-    let mut total = 0.0;
-    for t in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        total += fields
-            .get(11..13)
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f.parse::<f64>().ok())
-            .sum::<f64>()
-            / 100.0;
-    }
-    total
-}
-
-fn own_cpu() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 /// Frames, bytes (without headers), seconds and CPU seconds of one side of a comparison.
