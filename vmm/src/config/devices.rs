@@ -102,6 +102,17 @@ fn default_true() -> bool {
     true
 }
 
+/// The rate limiter's keys, which `--disk` and `--net` accept as the original does but refuse
+/// (no rate limiting yet).
+const RATE_LIMITER_KEYS: &[&str] = &[
+    "bw_size",
+    "bw_one_time_burst",
+    "bw_refill_time",
+    "ops_size",
+    "ops_one_time_burst",
+    "ops_refill_time",
+];
+
 /// Most queues one disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
 
@@ -135,15 +146,10 @@ impl DiskConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse("--disk", raw, Self::KEYS, &[])?;
+        p.refuse(RATE_LIMITER_KEYS)?;
         p.refuse(&[
             "vhost_user",
             "socket",
-            "bw_size",
-            "bw_one_time_burst",
-            "bw_refill_time",
-            "ops_size",
-            "ops_one_time_burst",
-            "ops_refill_time",
             "rate_limit_group",
             "queue_affinity",
             "lock_granularity",
@@ -319,18 +325,8 @@ impl NetConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse("--net", raw, Self::KEYS, &[])?;
-        p.refuse(&[
-            "fd",
-            "vhost_user",
-            "socket",
-            "vhost_mode",
-            "bw_size",
-            "bw_one_time_burst",
-            "bw_refill_time",
-            "ops_size",
-            "ops_one_time_burst",
-            "ops_refill_time",
-        ])?;
+        p.refuse(RATE_LIMITER_KEYS)?;
+        p.refuse(&["fd", "vhost_user", "socket", "vhost_mode"])?;
         if p.toggle("iommu", false)? {
             return Err(p.error("iommu=on is not supported yet"));
         }
@@ -525,6 +521,21 @@ mod tests {
             let e = DiskConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
             assert!(e.starts_with("--disk "), "{e}");
+        }
+    }
+
+    /// Every rate-limiter key is accepted as a key and refused with its name, on both options.
+    #[test]
+    fn rate_limiter_keys_are_refused() {
+        for k in RATE_LIMITER_KEYS {
+            let e = DiskConfig::parse(&format!("path=/x,{k}=1"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("'{k}' is not supported yet")), "{e}");
+            let e = NetConfig::parse(&format!("tap=t0,{k}=1"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("'{k}' is not supported yet")), "{e}");
         }
     }
 
