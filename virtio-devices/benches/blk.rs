@@ -8,7 +8,7 @@
 //! uses io_uring).
 
 mod common;
-use common::{own_cpu, thread_cpu, GuestRam, Irq};
+use common::{compare, own_cpu, ratio, report, thread_cpu, GuestRam, Irq, Side};
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -132,39 +132,6 @@ impl Bench {
     }
 }
 
-/// Requests, seconds and CPU seconds of one side of a comparison.
-#[derive(Default)]
-struct Side {
-    n: u64,
-    secs: f64,
-    cpu: f64,
-}
-
-impl Side {
-    fn rate(&self) -> f64 {
-        self.n as f64 / self.secs
-    }
-    /// CPU seconds per request.
-    fn per(&self) -> f64 {
-        self.cpu / self.n.max(1) as f64
-    }
-    fn add(&mut self, o: &Side) {
-        self.n += o.n;
-        self.secs += o.secs;
-        self.cpu += o.cpu;
-    }
-}
-
-fn report(what: &str, n: u64, size: u32, t: Duration) -> f64 {
-    let rate = n as f64 / t.as_secs_f64();
-    println!(
-        "{what:<34} {:>10.0} req/s {:>9.1} MiB/s",
-        rate,
-        rate * f64::from(size) / (1 << 20) as f64
-    );
-    rate
-}
-
 fn main() {
     let secs: u64 = std::env::var("BLK_BENCH_SECS")
         .ok()
@@ -270,6 +237,7 @@ fn main() {
             (irqs, kicks) = (irqs + b.irqs, kicks + b.kicks);
             let dev = Side {
                 n,
+                bytes: n * u64::from(size),
                 secs: start.elapsed().as_secs_f64(),
                 cpu: thread_cpu("virtio-blk") - cpu0,
             };
@@ -290,10 +258,11 @@ fn main() {
             }
             let base = Side {
                 n,
+                bytes: n * u64::from(size),
                 secs: start.elapsed().as_secs_f64(),
                 cpu: own_cpu() - cpu0,
             };
-            ratios.push((dev.rate() / base.rate(), base.per() / dev.per()));
+            ratios.push(ratio(&dev, &base));
             dev_tot.add(&dev);
             base_tot.add(&base);
         }
@@ -306,38 +275,13 @@ fn main() {
             per(kicks),
             guest_cpu / n as f64 * 1e6
         );
-        let dev = report(
+        report(
             &format!("virtio-blk {kind} {} KiB", size / 1024),
-            n,
-            size,
-            Duration::from_secs_f64(dev_tot.secs),
+            &dev_tot,
+            "req/s",
         );
-        let base = report(
-            &format!("p{kind} {} KiB", size / 1024),
-            base_tot.n,
-            size,
-            Duration::from_secs_f64(base_tot.secs),
-        );
-        let range = |f: fn(&(f64, f64)) -> f64| {
-            let v = ratios.iter().map(f);
-            let lo = v.clone().fold(f64::MAX, f64::min);
-            let hi = v.fold(0.0, f64::max);
-            format!("rounds {:.0}-{:.0} %", 100.0 * lo, 100.0 * hi)
-        };
-        println!(
-            "{:<34} {:>9.0} %   ({})",
-            "  device / plain (wall clock)",
-            100.0 * dev / base,
-            range(|r| r.0)
-        );
-        println!(
-            "{:<34} {:>9.0} %   ({:.2} vs {:.2} us CPU per request; {})",
-            "  device / plain (CPU per request)",
-            100.0 * base_tot.per() / dev_tot.per(),
-            dev_tot.per() * 1e6,
-            base_tot.per() * 1e6,
-            range(|r| r.1)
-        );
+        report(&format!("p{kind} {} KiB", size / 1024), &base_tot, "req/s");
+        compare(&dev_tot, &base_tot, &ratios, "request");
     }
     blk.reset();
 }

@@ -15,7 +15,7 @@
 //! queued, as the device sleeps in epoll). The generator costs the same in both.
 
 mod common;
-use common::{own_cpu, thread_cpu, GuestRam, Irq};
+use common::{compare, own_cpu, ratio, report, thread_cpu, GuestRam, Irq, Side};
 
 use std::io::{Read, Write};
 use std::net::UdpSocket;
@@ -206,67 +206,6 @@ fn generator(payload: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(
             }
         })
         .unwrap()
-}
-
-/// Frames, bytes (without headers), seconds and CPU seconds of one side of a comparison.
-#[derive(Default)]
-struct Side {
-    n: u64,
-    bytes: u64,
-    secs: f64,
-    cpu: f64,
-}
-
-impl Side {
-    fn rate(&self) -> f64 {
-        self.n as f64 / self.secs
-    }
-    /// CPU seconds per frame.
-    fn per(&self) -> f64 {
-        self.cpu / self.n.max(1) as f64
-    }
-    fn add(&mut self, o: &Side) {
-        self.n += o.n;
-        self.bytes += o.bytes;
-        self.secs += o.secs;
-        self.cpu += o.cpu;
-    }
-}
-
-/// Device / plain: (wall clock, CPU per frame).
-fn ratio(dev: &Side, base: &Side) -> (f64, f64) {
-    (dev.rate() / base.rate(), base.per() / dev.per())
-}
-
-fn report(what: &str, s: &Side) {
-    println!(
-        "{what:<34} {:>10.0} pkt/s {:>9.1} MiB/s",
-        s.rate(),
-        s.bytes as f64 / s.secs / (1 << 20) as f64
-    );
-}
-
-fn compare(dev: &Side, base: &Side, rounds: &[(f64, f64)]) {
-    let range = |f: fn(&(f64, f64)) -> f64| {
-        let lo = rounds.iter().map(f).fold(f64::MAX, f64::min);
-        let hi = rounds.iter().map(f).fold(0.0, f64::max);
-        format!("rounds {:.0}-{:.0} %", 100.0 * lo, 100.0 * hi)
-    };
-    let (wall, cpu) = ratio(dev, base);
-    println!(
-        "{:<34} {:>9.0} %   ({})",
-        "  device / plain (wall clock)",
-        100.0 * wall,
-        range(|r| r.0)
-    );
-    println!(
-        "{:<34} {:>9.0} %   ({:.2} vs {:.2} us CPU per frame; {})",
-        "  device / plain (CPU per frame)",
-        100.0 * cpu,
-        dev.per() * 1e6,
-        base.per() * 1e6,
-        range(|r| r.1)
-    );
 }
 
 fn main() {
@@ -460,11 +399,11 @@ fn main() {
             per(kicks),
             guest_cpu / tx_dev.n.max(1) as f64 * 1e6
         );
-        report(&format!("virtio-net transmit {len} B"), &tx_dev);
-        report(&format!("TAP write {len} B"), &tx_base);
-        compare(&tx_dev, &tx_base, &tx_ratios);
-        report(&format!("virtio-net receive {len} B"), &rx_dev);
-        report(&format!("TAP read {len} B"), &rx_base);
-        compare(&rx_dev, &rx_base, &rx_ratios);
+        report(&format!("virtio-net transmit {len} B"), &tx_dev, "pkt/s");
+        report(&format!("TAP write {len} B"), &tx_base, "pkt/s");
+        compare(&tx_dev, &tx_base, &tx_ratios, "frame");
+        report(&format!("virtio-net receive {len} B"), &rx_dev, "pkt/s");
+        report(&format!("TAP read {len} B"), &rx_base, "pkt/s");
+        compare(&rx_dev, &rx_base, &rx_ratios, "frame");
     }
 }

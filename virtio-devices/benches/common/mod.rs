@@ -96,3 +96,68 @@ pub fn own_cpu() -> f64 {
     let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
     t(ru.ru_utime) + t(ru.ru_stime)
 }
+
+/// Requests (frames), bytes (without headers), seconds and CPU seconds of one side of a
+/// comparison.
+#[derive(Default)]
+pub struct Side {
+    pub n: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    pub cpu: f64,
+}
+
+impl Side {
+    pub fn rate(&self) -> f64 {
+        self.n as f64 / self.secs
+    }
+    /// CPU seconds per request.
+    pub fn per(&self) -> f64 {
+        self.cpu / self.n.max(1) as f64
+    }
+    pub fn add(&mut self, o: &Side) {
+        self.n += o.n;
+        self.bytes += o.bytes;
+        self.secs += o.secs;
+        self.cpu += o.cpu;
+    }
+}
+
+/// Device / plain: (wall clock, CPU per request).
+pub fn ratio(dev: &Side, base: &Side) -> (f64, f64) {
+    (dev.rate() / base.rate(), base.per() / dev.per())
+}
+
+/// Prints device / plain in wall clock and CPU per `unit` (request, frame), over the totals and
+/// as the range of the per-round `ratio`s.
+pub fn compare(dev: &Side, base: &Side, rounds: &[(f64, f64)], unit: &str) {
+    let range = |f: fn(&(f64, f64)) -> f64| {
+        let lo = rounds.iter().map(f).fold(f64::MAX, f64::min);
+        let hi = rounds.iter().map(f).fold(0.0, f64::max);
+        format!("rounds {:.0}-{:.0} %", 100.0 * lo, 100.0 * hi)
+    };
+    let (wall, cpu) = ratio(dev, base);
+    println!(
+        "{:<34} {:>9.0} %   ({})",
+        "  device / plain (wall clock)",
+        100.0 * wall,
+        range(|r| r.0)
+    );
+    println!(
+        "{:<34} {:>9.0} %   ({:.2} vs {:.2} us CPU per {unit}; {})",
+        format!("  device / plain (CPU per {unit})"),
+        100.0 * cpu,
+        dev.per() * 1e6,
+        base.per() * 1e6,
+        range(|r| r.1)
+    );
+}
+
+/// Prints one side's rate (`unit`: "req/s", "pkt/s") and throughput.
+pub fn report(what: &str, s: &Side, unit: &str) {
+    println!(
+        "{what:<34} {:>10.0} {unit} {:>9.1} MiB/s",
+        s.rate(),
+        s.bytes as f64 / s.secs / (1 << 20) as f64
+    );
+}
