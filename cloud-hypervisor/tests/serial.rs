@@ -4,30 +4,33 @@ mod common;
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest, read_until, run, spawn, wait_with_timeout, VMM};
+use common::{
+    connect_when_listening, guest, openpty, read_until, run, spawn, wait_with_timeout, VMM,
+};
 
-fn pvh() -> &'static str {
-    guest().elf_pvh.to_str().unwrap()
+/// Arguments that boot the PVH test guest with `cmdline`, the serial port in `serial` mode and
+/// no virtio console.
+fn serial_args<'a>(cmdline: &'a str, serial: &'a str) -> [&'a str; 8] {
+    [
+        "--kernel",
+        guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--serial",
+        serial,
+        "--console",
+        "off",
+    ]
 }
 
 #[test]
 fn off_and_null_produce_no_output_but_the_guest_still_powers_off() {
     for mode in ["off", "null"] {
-        let r = run(&[
-            "--kernel",
-            pvh(),
-            "--cmdline",
-            "test=boot",
-            "--serial",
-            mode,
-            "--console",
-            "off",
-        ]);
+        let r = run(&serial_args("test=boot", mode));
         assert_eq!(r.code(), Some(0), "{mode}: {}", r.stderr);
         assert!(r.stdout.is_empty(), "{mode}: {}", r.stdout);
     }
@@ -38,16 +41,7 @@ fn file_receives_the_guest_output() {
     let dir = common::scratch("serial-file");
     let out = dir.join("serial.log");
     let arg = format!("file={}", out.display());
-    let r = run(&[
-        "--kernel",
-        pvh(),
-        "--cmdline",
-        "test=boot",
-        "--serial",
-        &arg,
-        "--console",
-        "off",
-    ]);
+    let r = run(&serial_args("test=boot", &arg));
     assert_eq!(r.code(), Some(0), "{}", r.stderr);
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.contains("SUMMARY passed="), "{text}");
@@ -60,25 +54,8 @@ fn socket_carries_output_and_input_both_ways() {
     let dir = common::scratch("serial-socket");
     let sock = dir.join("serial.sock");
     let arg = format!("socket={}", sock.display());
-    let child = spawn(&[
-        "--kernel",
-        pvh(),
-        "--cmdline",
-        "test=echo",
-        "--serial",
-        &arg,
-        "--console",
-        "off",
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("cannot connect to the serial socket: {e}"),
-        }
-    };
-    stream.set_nonblocking(true).unwrap();
+    let child = spawn(&serial_args("test=echo", &arg));
+    let mut stream = connect_when_listening(&sock, "serial");
     stream.write_all(b"over the socket\n").unwrap();
     let fd = stream.as_raw_fd();
     let text = read_until(
@@ -95,22 +72,7 @@ fn socket_carries_output_and_input_both_ways() {
 
 #[test]
 fn pty_carries_output_and_input_both_ways() {
-    let mut child = Command::new(VMM)
-        .args([
-            "--kernel",
-            pvh(),
-            "--cmdline",
-            "test=echo",
-            "--serial",
-            "pty",
-            "--console",
-            "off",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&serial_args("test=echo", "pty"));
     let mut pty = common::open_announced_pty(&mut child, "serial");
     let pfd = pty.as_raw_fd();
     read_until(&mut pty, pfd, "READY", Duration::from_secs(10));
@@ -127,24 +89,6 @@ fn pty_carries_output_and_input_both_ways() {
     assert_eq!(r.code(), Some(0));
 }
 
-/// A pty pair whose slave becomes the VMM's terminal.
-fn openpty() -> (File, File) {
-    let (mut m, mut s) = (-1, -1);
-    // SAFETY: openpty fills the two ints; the other arguments may be null.
-    let ret = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(ret, 0);
-    // SAFETY: both fds were just opened and are owned here alone.
-    unsafe { (File::from_raw_fd(m), File::from_raw_fd(s)) }
-}
-
 fn termios(f: &File) -> libc::termios {
     // SAFETY: termios is plain data filled by tcgetattr on an open tty fd.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
@@ -155,16 +99,7 @@ fn termios(f: &File) -> libc::termios {
 
 fn spawn_on_tty(slave: &File, cmdline: &str) -> std::process::Child {
     Command::new(VMM)
-        .args([
-            "--kernel",
-            pvh(),
-            "--cmdline",
-            cmdline,
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-        ])
+        .args(serial_args(cmdline, "tty"))
         .stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())
         .stderr(Stdio::piped())

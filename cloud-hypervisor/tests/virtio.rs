@@ -3,14 +3,17 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{boot, guest, read_until, run, scratch, wait_with_timeout, VMM};
+use common::{
+    boot, connect_when_listening, guest, openpty, read_until, run, scratch, wait_with_timeout, Run,
+    VMM,
+};
 
 const SECTORS: u64 = 16;
 
@@ -51,12 +54,48 @@ fn check_disk(path: &Path, k: usize, size: u64, written: bool) {
     assert!(img[(SECTORS * 512) as usize..].iter().all(|&b| b == 0));
 }
 
+/// A 1 MiB image `file` with disk 0's pattern in a fresh scratch directory `dir`, and its
+/// `--disk` argument: `path=<image>`, then `,<opts>` unless `opts` is empty.
+fn one_disk(dir: &str, file: &str, opts: &str) -> (PathBuf, String) {
+    let img = scratch(dir).join(file);
+    make_disk(&img, 0, 1 << 20);
+    let arg = if opts.is_empty() {
+        format!("path={}", img.display())
+    } else {
+        format!("path={},{opts}", img.display())
+    };
+    (img, arg)
+}
+
+/// Boots the PVH test guest with 256 MiB of memory and `extra` arguments.
+fn boot_pvh(cmdline: &str, extra: &[&str]) -> Run {
+    boot(
+        &guest().elf_pvh,
+        cmdline,
+        &[&["--memory", "size=256M"], extra].concat(),
+    )
+}
+
+/// Arguments that boot the PVH test guest with 256 MiB of memory and the given serial port and
+/// virtio-console modes.
+fn console_args<'a>(cmdline: &'a str, serial: &'a str, console: &'a str) -> [&'a str; 10] {
+    [
+        "--kernel",
+        guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "size=256M",
+        "--serial",
+        serial,
+        "--console",
+        console,
+    ]
+}
+
 #[test]
 fn pci_enumeration_ports_and_ecam() {
-    let dir = scratch("pci");
-    let disk = dir.join("d.img");
-    make_disk(&disk, 0, 1 << 20);
-    let d = format!("path={},id=disk0,pci_device_id=7", disk.display());
+    let (_, d) = one_disk("pci", "d.img", "id=disk0,pci_device_id=7");
     // (memory, max_phys_bits, where the first BAR goes): the 64-bit window starts at the
     // first GiB boundary above RAM (4 GiB at least); with 32 physical address bits there is
     // none and 64-bit BARs go to the 32-bit window.
@@ -137,11 +176,7 @@ fn blk_two_disks_one_and_two_queues() {
         b.display()
     );
     let cmdline = format!("test=blk blk_disks=2 blk_sectors={SECTORS}");
-    let r = boot(
-        &guest().elf_pvh,
-        &cmdline,
-        &["--memory", "size=256M", "--disk", &da, &db],
-    );
+    let r = boot_pvh(&cmdline, &["--disk", &da, &db]);
     r.assert_guest_passed();
     for k in 0..2 {
         for c in [
@@ -161,16 +196,9 @@ fn blk_two_disks_one_and_two_queues() {
 
 #[test]
 fn blk_readonly_rejects_writes() {
-    let dir = scratch("blkro");
-    let a = dir.join("ro.img");
-    make_disk(&a, 0, 1 << 20);
-    let da = format!("path={},readonly=on,serial=serial0", a.display());
+    let (a, da) = one_disk("blkro", "ro.img", "readonly=on,serial=serial0");
     let cmdline = format!("test=blk blk_disks=1 blk_ro=1 blk_sectors={SECTORS}");
-    let r = boot(
-        &guest().elf_pvh,
-        &cmdline,
-        &["--memory", "size=256M", "--disk", &da],
-    );
+    let r = boot_pvh(&cmdline, &["--disk", &da]);
     r.assert_guest_passed();
     r.assert_passed("blk0-write-rejected");
     check_disk(&a, 0, 1 << 20, false);
@@ -178,14 +206,11 @@ fn blk_readonly_rejects_writes() {
 
 #[test]
 fn blk_image_locked_by_another_vmm() {
-    let dir = scratch("blklock");
-    let a = dir.join("l.img");
-    make_disk(&a, 0, 1 << 20);
-    let da = format!("path={}", a.display());
-    let k = guest().elf_pvh.to_str().unwrap().to_string();
-    let first = common::spawn(&[
+    let (_, da) = one_disk("blklock", "l.img", "");
+    // Both VMMs are started the same way, on the same image.
+    let args = [
         "--kernel",
-        &k,
+        guest().elf_pvh.to_str().unwrap(),
         "--cmdline",
         "test=wait",
         "--serial",
@@ -194,20 +219,10 @@ fn blk_image_locked_by_another_vmm() {
         "off",
         "--disk",
         &da,
-    ]);
+    ];
+    let first = common::spawn(&args);
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let second = run(&[
-        "--kernel",
-        &k,
-        "--cmdline",
-        "test=wait",
-        "--serial",
-        "null",
-        "--console",
-        "off",
-        "--disk",
-        &da,
-    ]);
+    let second = run(&args);
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     let _ = common::wait_with_timeout(first, std::time::Duration::from_secs(20));
@@ -224,20 +239,8 @@ fn blk_image_locked_by_another_vmm() {
 fn console_output_reaches_the_file() {
     let dir = scratch("console");
     let out = dir.join("console.txt");
-    let k = guest().elf_pvh.to_str().unwrap().to_string();
     let c = format!("file={}", out.display());
-    let r = run(&[
-        "--kernel",
-        &k,
-        "--cmdline",
-        "test=console",
-        "--memory",
-        "size=256M",
-        "--serial",
-        "tty",
-        "--console",
-        &c,
-    ]);
+    let r = run(&console_args("test=console", "tty", &c));
     r.assert_guest_passed();
     r.assert_passed("console-write");
     let text = std::fs::read_to_string(&out).unwrap();
@@ -246,15 +249,8 @@ fn console_output_reaches_the_file() {
 
 #[test]
 fn hostile_requests_do_not_take_the_vmm_down() {
-    let dir = scratch("hostile");
-    let a = dir.join("h.img");
-    make_disk(&a, 0, 1 << 20);
-    let da = format!("path={}", a.display());
-    let r = boot(
-        &guest().elf_pvh,
-        "test=hostile",
-        &["--memory", "size=256M", "--disk", &da],
-    );
+    let (a, da) = one_disk("hostile", "h.img", "");
+    let r = boot_pvh("test=hostile", &["--disk", &da]);
     r.assert_guest_passed();
     for c in [
         "hostile-addr-outside-ram",
@@ -280,24 +276,7 @@ fn hostile_requests_do_not_take_the_vmm_down() {
 
 #[test]
 fn console_input_and_output_through_a_pty() {
-    let mut child = Command::new(VMM)
-        .args([
-            "--kernel",
-            guest().elf_pvh.to_str().unwrap(),
-            "--cmdline",
-            "test=console-echo",
-            "--memory",
-            "size=256M",
-            "--serial",
-            "tty",
-            "--console",
-            "pty,id=con0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::spawn(&console_args("test=console-echo", "tty", "pty,id=con0"));
     let mut pty = common::open_announced_pty(&mut child, "console");
     // Raw mode: no echo of the guest's output back into its input.
     // SAFETY: termios is plain data filled by tcgetattr on an open tty fd.
@@ -327,29 +306,8 @@ fn console_input_and_output_through_a_socket() {
     let dir = scratch("console-socket");
     let sock = dir.join("console.sock");
     let arg = format!("socket={},id=con0", sock.display());
-    let child = common::spawn(&[
-        "--kernel",
-        guest().elf_pvh.to_str().unwrap(),
-        "--cmdline",
-        "test=console-echo",
-        "--memory",
-        "size=256M",
-        "--serial",
-        "tty",
-        "--console",
-        &arg,
-    ]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match std::os::unix::net::UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("cannot connect to the console socket: {e}"),
-        }
-    };
-    stream.set_nonblocking(true).unwrap();
+    let child = common::spawn(&console_args("test=console-echo", "tty", &arg));
+    let mut stream = connect_when_listening(&sock, "console");
     stream.write_all(b"ping over the socket\n").unwrap();
     let fd = stream.as_raw_fd();
     let text = read_until(
@@ -497,16 +455,9 @@ fn net_udp_in_private_netns() {
 
 #[test]
 fn reboot_with_devices_releases_and_reopens_them() {
-    let dir = scratch("reboot");
-    let a = dir.join("r.img");
-    make_disk(&a, 0, 1 << 20);
-    let da = format!("path={},serial=serial0", a.display());
+    let (_, da) = one_disk("reboot", "r.img", "serial=serial0");
     // The rebuilt VM must get the image lock again: the old devices are gone first.
-    let r = boot(
-        &guest().elf_pvh,
-        "test=reboot",
-        &["--memory", "size=256M", "--disk", &da],
-    );
+    let r = boot_pvh("test=reboot", &["--disk", &da]);
     r.assert_guest_passed();
     r.assert_passed("reboot-survived-nvram");
     assert!(r.stdout.contains("REBOOT 1"), "{}", r.stdout);
@@ -517,7 +468,7 @@ fn reboot_with_devices_releases_and_reopens_them() {
 /// entry holds the message (PBA) until it is unmasked.
 #[test]
 fn msix_message_reaches_the_guest_cpu() {
-    let r = boot(&guest().elf_pvh, "test=msix", &["--memory", "size=256M"]);
+    let r = boot_pvh("test=msix", &[]);
     r.assert_guest_passed();
     for c in [
         "msix-queue-vector",
@@ -529,25 +480,6 @@ fn msix_message_reaches_the_guest_cpu() {
     ] {
         r.assert_passed(c);
     }
-}
-
-/// A pty pair whose slave becomes the VMM's terminal.
-fn openpty() -> (std::fs::File, std::fs::File) {
-    use std::os::fd::FromRawFd;
-    let (mut m, mut s) = (-1, -1);
-    // SAFETY: openpty fills the two ints; the other arguments may be null.
-    let ret = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(ret, 0);
-    // SAFETY: both fds were just opened and are owned here alone.
-    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
 }
 
 fn set_window_size(tty: &std::fs::File, cols: u16, rows: u16) {
@@ -574,18 +506,11 @@ fn console_size_follows_the_terminal() {
     set_window_size(&master, 100, 40);
     let s = format!("file={}", serial.display());
     let child = Command::new(VMM)
-        .args([
-            "--kernel",
-            guest().elf_pvh.to_str().unwrap(),
-            "--cmdline",
+        .args(console_args(
             "test=console-size console_size=100x40 console_resize=132x50",
-            "--memory",
-            "size=256M",
-            "--serial",
             &s,
-            "--console",
             "tty",
-        ])
+        ))
         .stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())
         .stderr(Stdio::piped())
@@ -616,7 +541,7 @@ fn console_size_follows_the_terminal() {
     }
     let mut sink = [0u8; 4096];
     let _ = std::io::Read::read(&mut master, &mut sink);
-    let r = common::Run {
+    let r = Run {
         status: r.status,
         stdout: std::fs::read_to_string(&serial).unwrap(),
         stderr: r.stderr,

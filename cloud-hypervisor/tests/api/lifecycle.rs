@@ -250,33 +250,20 @@ fn cli_and_api_configs_match() {
 #[test]
 fn guest_power_off_with_an_api_socket() {
     let kernel = common::guest().elf_pvh.display().to_string();
-    let mut vmm = Vmm::start(
-        "api-poweroff",
-        &[
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "test=boot",
-            "--console",
-            "off",
-        ],
-    );
+    let boot = [
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "test=boot",
+        "--console",
+        "off",
+    ];
+    let mut vmm = Vmm::start("api-poweroff", &boot);
     let run = vmm.wait();
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
     assert!(!vmm.sock.exists(), "the API socket was left behind");
 
-    let vmm = Vmm::start(
-        "api-no-shutdown",
-        &[
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "test=boot",
-            "--console",
-            "off",
-            "--no-shutdown",
-        ],
-    );
+    let vmm = Vmm::start("api-no-shutdown", &[&boot[..], &["--no-shutdown"]].concat());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     // The VM from the command line was booted before the API answered: Created means shut down.
     while vmm.state() != "Created" {

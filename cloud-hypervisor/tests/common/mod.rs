@@ -202,3 +202,37 @@ pub fn open_announced_pty(child: &mut std::process::Child, what: &str) -> std::f
         .open(&path)
         .unwrap_or_else(|e| panic!("cannot open {path}: {e}"))
 }
+
+/// Connects to the Unix socket the VMM listens on at `sock` (retrying for up to 10 s while it
+/// comes up) and makes the stream non-blocking. `what` names the socket in the panic message.
+pub fn connect_when_listening(sock: &Path, what: &str) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("cannot connect to the {what} socket: {e}"),
+        }
+    };
+    stream.set_nonblocking(true).unwrap();
+    stream
+}
+
+/// A pty pair (master, slave); the slave can become the VMM's terminal.
+pub fn openpty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty fills the two ints; the other arguments may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // SAFETY: both fds were just opened and are owned here alone.
+    unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
+}
