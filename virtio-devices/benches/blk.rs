@@ -8,7 +8,7 @@
 //! uses io_uring).
 
 mod common;
-use common::{compare, own_cpu, ratio, report, thread_cpu, GuestRam, Irq, Side};
+use common::{compare, own_cpu, ratio, report, thread_cpu, GuestRam, Irq, Side, Wake};
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -34,11 +34,13 @@ struct Bench {
     mem: GuestMemoryMmap,
     ram: GuestRam,
     kick: EventFd,
-    irq: EventFd,
+    irq: Arc<Irq>,
     avail: u16,
     used: u16,
-    /// Interrupts the "guest" woke up for, and notifications it sent, in the last `run`.
+    /// Interrupts the "guest" took, how many of them found its thread asleep, and the
+    /// notifications it sent, in the last `run`.
     irqs: u64,
+    sleeps: u64,
     kicks: u64,
 }
 
@@ -96,8 +98,9 @@ impl Bench {
             // The used elements are read after the index.
             fence(Ordering::Acquire);
             if now == used {
-                if self.irq.read().is_ok() {
-                    self.irqs += 1;
+                self.irqs += 1;
+                if self.irq.wait(100) == Wake::Slept {
+                    self.sleeps += 1;
                 }
                 continue;
             }
@@ -170,10 +173,10 @@ fn main() {
     q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let irq = EventFd::new(0).unwrap();
+    let irq = Arc::new(Irq::new());
     blk.activate(ActivateContext {
         mem: mem.clone(),
-        interrupt: Arc::new(Irq(irq.try_clone().unwrap())),
+        interrupt: irq.clone(),
         queues: vec![Some((q, kick.try_clone().unwrap()))],
         acked_features: 1 << 32,
         status: Arc::new(DeviceStatus::default()),
@@ -187,10 +190,12 @@ fn main() {
         avail: 0,
         used: 0,
         irqs: 0,
+        sleeps: 0,
         kicks: 0,
     };
     println!(
-        "virtio-blk device path ({DEPTH} requests in flight) vs pread/pwrite, {secs} s each in {rounds} alternating rounds"
+        "virtio-blk device path ({DEPTH} requests in flight) vs pread/pwrite, {secs} s each in {rounds} alternating rounds; the guest halt-polls {} us",
+        b.irq.halt_poll().as_micros()
     );
     let f = file.as_file();
     // The plain loop reads into and writes from the very buffers the device path uses (the
@@ -228,13 +233,13 @@ fn main() {
         let mut dev_tot = Side::default();
         let mut base_tot = Side::default();
         let mut ratios = Vec::new();
-        let (mut irqs, mut kicks, mut guest_cpu) = (0u64, 0u64, 0.0);
+        let (mut irqs, mut sleeps, mut kicks, mut guest_cpu) = (0u64, 0u64, 0u64, 0.0);
         for _ in 0..rounds {
             let (start, cpu0, guest0) = (Instant::now(), thread_cpu("virtio-blk"), own_cpu());
-            (b.irqs, b.kicks) = (0, 0);
+            (b.irqs, b.sleeps, b.kicks) = (0, 0, 0);
             let n = b.run(size, slice);
             guest_cpu += own_cpu() - guest0;
-            (irqs, kicks) = (irqs + b.irqs, kicks + b.kicks);
+            (irqs, sleeps, kicks) = (irqs + b.irqs, sleeps + b.sleeps, kicks + b.kicks);
             let dev = Side {
                 n,
                 bytes: n * u64::from(size),
@@ -269,9 +274,10 @@ fn main() {
         let n = dev_tot.n;
         let per = |k: u64| n as f64 / k.max(1) as f64;
         println!(
-            "{:<34} {:>9.1} requests per interrupt, {:.1} per notification; guest side {:.2} us CPU per request",
+            "{:<34} {:>9.1} requests per interrupt ({:.0} % found the guest asleep), {:.1} per notification; guest side {:.2} us CPU per request",
             "  batching",
             per(irqs),
+            100.0 * sleeps as f64 / irqs.max(1) as f64,
             per(kicks),
             guest_cpu / n as f64 * 1e6
         );

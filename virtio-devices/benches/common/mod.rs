@@ -1,19 +1,110 @@
 //! What the virtio benchmarks share: the simulated guest's interrupt and its view of guest
 //! memory, and CPU-time accounting per thread.
 
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use virtio_devices::VirtioInterrupt;
 
-/// The "guest" sleeps until the device signals used buffers, as a guest waits for its
-/// interrupt, so it does not steal the worker's CPU.
-pub struct Irq(pub EventFd);
+/// The simulated guest's interrupt. The device signals it with an eventfd write, as it signals
+/// an irqfd in the VMM; `pending` stands for the request bit KVM then sets in the vCPU's
+/// local APIC, which a halted vCPU that KVM is still polling sees without being woken.
+pub struct Irq {
+    fd: EventFd,
+    pending: AtomicBool,
+    /// The most a halted "vCPU" polls for its interrupt before its thread sleeps (KVM's
+    /// `halt_poll_ns`), and the current window, adapted as KVM adapts it.
+    halt_poll: Duration,
+    window: std::sync::Mutex<Duration>,
+}
+
 impl VirtioInterrupt for Irq {
     fn signal_queue(&self, _i: usize) {
-        let _ = self.0.write(1);
+        self.pending.store(true, Ordering::Release);
+        let _ = self.fd.write(1);
     }
     fn signal_config(&self) {}
+}
+
+/// How a `wait` ended.
+#[derive(PartialEq, Eq)]
+pub enum Wake {
+    /// The interrupt came while the "vCPU" was polling.
+    Polled,
+    /// It came (or the timeout passed) after the thread went to sleep.
+    Slept,
+}
+
+impl Irq {
+    /// An interrupt whose waiter polls as KVM polls a halted vCPU: `halt_poll` is KVM's
+    /// `halt_poll_ns`, 200 µs by default on x86 (BENCH_HALT_POLL_US overrides it; 0 makes the
+    /// waiter sleep at once, so that every interrupt wakes a sleeping thread).
+    pub fn new() -> Self {
+        let us = std::env::var("BENCH_HALT_POLL_US")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(200);
+        Irq {
+            fd: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            pending: AtomicBool::new(false),
+            halt_poll: Duration::from_micros(us),
+            window: std::sync::Mutex::new(Duration::ZERO),
+        }
+    }
+
+    pub fn halt_poll(&self) -> Duration {
+        self.halt_poll
+    }
+
+    /// The guest has nothing to do until its next interrupt: it halts. KVM polls a halted vCPU
+    /// for a while before it puts the thread to sleep, so a signal that comes in that window
+    /// costs the device no wake-up of a sleeping thread on another CPU. The window adapts as in
+    /// KVM's `kvm_vcpu_halt` with its defaults: it grows (10 µs, then doubling, up to
+    /// `halt_poll`) after a halt shorter than `halt_poll` that outlasted it, and drops to 0
+    /// after a halt longer than `halt_poll`. Past the window the thread sleeps in poll(2) until
+    /// the eventfd is signalled or `timeout_ms` passes (an idle receive queue must not hang the
+    /// bench).
+    pub fn wait(&self, timeout_ms: i32) -> Wake {
+        let start = Instant::now();
+        let mut window = self.window.lock().unwrap();
+        let mut wake = Wake::Slept;
+        loop {
+            if self.pending.swap(false, Ordering::Acquire) {
+                wake = Wake::Polled;
+                break;
+            }
+            if start.elapsed() >= *window {
+                break;
+            }
+            for _ in 0..16 {
+                std::hint::spin_loop();
+            }
+        }
+        if wake == Wake::Slept {
+            let mut p = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, timeout_ms) };
+            let _ = self.fd.read();
+            self.pending.store(false, Ordering::Release);
+        }
+        let halted = start.elapsed();
+        if halted > self.halt_poll {
+            *window = Duration::ZERO;
+        } else if halted > *window {
+            *window = (*window * 2)
+                .max(Duration::from_micros(10))
+                .min(self.halt_poll);
+        }
+        wake
+    }
 }
 
 /// The "guest's" side of its memory: volatile loads and stores at guest addresses (one region
