@@ -8,7 +8,7 @@
 //! uses io_uring).
 
 mod common;
-use common::{compare, own_cpu, ratio, report, thread_cpu, GuestRam, Irq, Side, Wake};
+use common::{compare, need_event, own_cpu, ratio, report, thread_cpu, GuestRam, Irq, Side, Wake};
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -93,11 +93,19 @@ impl Bench {
         self.publish_avail();
         self.kick.write(1).unwrap();
         let (mut done, mut used, start) = (0u64, self.used, Instant::now());
+        let mut published = self.avail;
         loop {
             let now = u16::from_le(self.ram.rd(USED + 2));
             // The used elements are read after the index.
             fence(Ordering::Acquire);
             if now == used {
+                // As Linux's virtqueue_enable_cb with EVENT_IDX: ask for an interrupt at the
+                // next used entry (used_event), then look once more before halting.
+                self.ram.wr(AVAIL + 4 + 2 * u64::from(QSIZE), used.to_le());
+                fence(Ordering::SeqCst);
+                if u16::from_le(self.ram.rd(USED + 2)) != used {
+                    continue;
+                }
                 self.irqs += 1;
                 if self.irq.wait(100) == Wake::Slept {
                     self.sleeps += 1;
@@ -121,14 +129,15 @@ impl Bench {
                 continue;
             }
             self.publish_avail();
-            // As Linux without EVENT_IDX: no notification while the device says it is
-            // draining the ring (VRING_USED_F_NO_NOTIFY), after a full barrier.
+            // As Linux with EVENT_IDX: notify only if the new entries pass the device's
+            // avail_event (it sets that when it goes to sleep), after a full barrier.
             fence(Ordering::SeqCst);
-            let flags = u16::from_le(self.ram.rd(USED));
-            if flags & 1 == 0 {
+            let event = u16::from_le(self.ram.rd(USED + 4 + 8 * u64::from(QSIZE)));
+            if need_event(event, self.avail, published) {
                 self.kick.write(1).unwrap();
                 self.kicks += 1;
             }
+            published = self.avail;
         }
         self.used = used;
         done
@@ -172,13 +181,14 @@ fn main() {
     q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
     q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
+    q.set_event_idx(true);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let irq = Arc::new(Irq::new());
     blk.activate(ActivateContext {
         mem: mem.clone(),
         interrupt: irq.clone(),
         queues: vec![Some((q, kick.try_clone().unwrap()))],
-        acked_features: 1 << 32,
+        acked_features: virtio_devices::F_VERSION_1 | virtio_devices::F_RING_EVENT_IDX,
         status: Arc::new(DeviceStatus::default()),
     })
     .unwrap();

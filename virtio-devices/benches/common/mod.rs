@@ -107,6 +107,12 @@ impl Irq {
     }
 }
 
+/// The virtio EVENT_IDX test (vring_need_event): whether moving an index from `old` to `new`
+/// passes `event`, the other side's "tell me when you get past this".
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 /// The "guest's" side of its memory: volatile loads and stores at guest addresses (one region
 /// at 0), as a driver on a vCPU touches its rings, instead of a region lookup and a copy per
 /// access. The guest's work is not the device path's, but on a machine with few CPUs it
@@ -148,7 +154,8 @@ impl GuestRam {
     }
 }
 
-/// CPU seconds used so far by this process's threads named `name` (from /proc).
+/// CPU seconds used so far by this process's threads named `name` (their run time in
+/// nanoseconds from /proc/self/task/*/schedstat, not the stat file's 10 ms ticks).
 pub fn thread_cpu(name: &str) -> f64 {
     let mut total = 0.0;
     for t in std::fs::read_dir("/proc/self/task")
@@ -160,20 +167,14 @@ pub fn thread_cpu(name: &str) -> f64 {
         if comm.trim() != name {
             continue;
         }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
+        let stat = std::fs::read_to_string(t.path().join("schedstat"))
+            .expect("no /proc/self/task/*/schedstat: cannot measure a thread's CPU time");
+        total += stat
             .split_whitespace()
-            .collect();
-        total += fields
-            .get(11..13)
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f.parse::<f64>().ok())
-            .sum::<f64>()
-            / 100.0;
+            .next()
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1e9;
     }
     total
 }
