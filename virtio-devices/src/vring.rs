@@ -287,6 +287,15 @@ impl VirtQueue {
     /// descriptor inside it), with a fresh limit of that table's size.
     pub fn chain(&self, head: u16, out: &mut Vec<Descriptor>) {
         out.clear();
+        // The common one-descriptor chain (a receive buffer, say): no walk.
+        if let Some(p) = self.desc.filter(|_| head < self.size) {
+            if let Some(d) = self.load(Table::Host(p), head) {
+                if !d.has_next() && !d.refers_to_indirect_table() {
+                    out.push(d);
+                    return;
+                }
+            }
+        }
         let mut table = match self.desc {
             Some(p) => Table::Host(p),
             None => Table::Guest(GuestAddress(self.q.desc_table())),
