@@ -97,6 +97,27 @@ impl Ring {
         }
     }
 
+    /// Nothing new in the used ring: re-arms the interrupt and halts until it comes, as a guest
+    /// waits for its interrupt (at most 100 ms: an idle queue must not hang the bench).
+    fn halt(&mut self, ram: &GuestRam, irq: &Irq) {
+        if self.arm(ram) {
+            return;
+        }
+        self.irqs += 1;
+        if irq.wait(100) == Wake::Slept {
+            self.sleeps += 1;
+        }
+    }
+
+    /// Takes the next used element: its head and the bytes received without the header.
+    fn take_used(&mut self, ram: &GuestRam) -> (u16, u64) {
+        let e = self.used_at() + 4 + 8 * u64::from(self.used % QSIZE);
+        let head = u32::from_le(ram.rd(e));
+        let len = u32::from_le(ram.rd(e + 4));
+        self.used = self.used.wrapping_add(1);
+        (head as u16, u64::from(len).saturating_sub(HDR as u64))
+    }
+
     /// Receive: posts DEPTH buffers (all are free: every one posted before was used) and
     /// reposts each used one while more are needed, until `target` frames have arrived; then
     /// no buffer is left on the ring. Returns the bytes received (without headers).
@@ -117,26 +138,17 @@ impl Ring {
                     progress.elapsed() < Duration::from_secs(2),
                     "receive stalled at {n} of {target} frames: the TAP dropped some"
                 );
-                if self.arm(ram) {
-                    continue;
-                }
-                self.irqs += 1;
-                if irq.wait(100) == Wake::Slept {
-                    self.sleeps += 1;
-                }
+                self.halt(ram, irq);
                 continue;
             }
             progress = Instant::now();
             let mut pushed = false;
             while self.used != now {
-                let e = self.used_at() + 4 + 8 * u64::from(self.used % QSIZE);
-                let head = u32::from_le(ram.rd(e));
-                let len = u32::from_le(ram.rd(e + 4));
-                self.used = self.used.wrapping_add(1);
+                let (head, len) = self.take_used(ram);
                 n += 1;
-                bytes += u64::from(len).saturating_sub(HDR as u64);
+                bytes += len;
                 if posted < target {
-                    self.push(ram, head as u16);
+                    self.push(ram, head);
                     posted += 1;
                     pushed = true;
                 }
@@ -161,25 +173,14 @@ impl Ring {
             // The used elements are read after the index.
             std::sync::atomic::fence(Ordering::Acquire);
             if now == self.used {
-                if self.arm(ram) {
-                    continue;
-                }
-                // Halt until the device signals, as a guest waits for its interrupt (with a
-                // timeout: an idle receive queue must not hang the bench).
-                self.irqs += 1;
-                if irq.wait(100) == Wake::Slept {
-                    self.sleeps += 1;
-                }
+                self.halt(ram, irq);
                 continue;
             }
             while self.used != now {
-                let e = self.used_at() + 4 + 8 * u64::from(self.used % QSIZE);
-                let head = u32::from_le(ram.rd(e));
-                let len = u32::from_le(ram.rd(e + 4));
-                self.used = self.used.wrapping_add(1);
+                let (head, len) = self.take_used(ram);
                 n += 1;
-                bytes += u64::from(len).saturating_sub(HDR as u64);
-                self.push(ram, head as u16);
+                bytes += len;
+                self.push(ram, head);
             }
             self.publish(ram);
         }
