@@ -184,9 +184,12 @@ impl VirtQueue {
         Ok(pending)
     }
 
-    /// The head in avail ring entry `i` (free-running).
-    fn avail_entry(a: NonNull<u8>, slot: usize) -> u16 {
-        // SAFETY: the callers pass slot < size, so the entry lies inside the translated avail
+    /// The head in slot `slot` of the avail ring at `a`.
+    ///
+    /// # Safety
+    /// `a` must be the translated avail ring of this queue and `slot` below its size.
+    unsafe fn avail_entry(a: NonNull<u8>, slot: usize) -> u16 {
+        // SAFETY: slot < size (per the caller), so the entry lies inside the translated avail
         // ring (4 bytes of header, then `size` 2-byte entries); 2-aligned. The driver wrote the
         // entry before the index it published (read with Acquire in `refresh_avail`).
         u16::from_le(unsafe { std::ptr::read_volatile(a.as_ptr().add(4 + 2 * slot).cast::<u16>()) })
@@ -214,12 +217,14 @@ impl VirtQueue {
         }
         let next = self.q.next_avail();
         let mut pending = self.avail_seen.wrapping_sub(next);
-        if usize::from(pending) < max {
+        // (More than the queue size cannot come from the last read; read again then too.)
+        if usize::from(pending) < max || pending > self.size {
             pending = self.refresh_avail(next)?;
         }
         let take = usize::from(pending).min(max);
         for i in 0..take {
-            out.push(Self::avail_entry(a, self.slot(next.wrapping_add(i as u16))));
+            // SAFETY: `a` is this queue's translated avail ring; `slot` is below its size.
+            out.push(unsafe { Self::avail_entry(a, self.slot(next.wrapping_add(i as u16))) });
         }
         self.q.set_next_avail(next.wrapping_add(take as u16));
         Ok(())
@@ -236,10 +241,12 @@ impl VirtQueue {
             return r.map(|_| head);
         };
         let next = self.q.next_avail();
-        if self.avail_seen == next && self.refresh_avail(next)? == 0 {
+        let known = self.avail_seen.wrapping_sub(next);
+        if (known == 0 || known > self.size) && self.refresh_avail(next)? == 0 {
             return Ok(None);
         }
-        let head = Self::avail_entry(a, self.slot(next));
+        // SAFETY: `a` is this queue's translated avail ring; `slot` is below its size.
+        let head = unsafe { Self::avail_entry(a, self.slot(next)) };
         self.q.set_next_avail(next.wrapping_add(1));
         Ok(Some(head))
     }
