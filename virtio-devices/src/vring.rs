@@ -42,6 +42,8 @@ pub struct VirtQueue {
     /// Keeps the guest memory regions the pointers below point into mapped.
     mem: GuestMemoryMmap,
     size: u16,
+    /// `size - 1` when the size is a power of two (always, with virtio-queue), else 0.
+    mask: u16,
     /// Host address of the descriptor table (`16 * size` bytes, 8-aligned).
     desc: Option<NonNull<u8>>,
     /// Host address of the available ring (flags, idx, ring, used_event; 2-aligned).
@@ -92,6 +94,7 @@ impl VirtQueue {
             q,
             mem: mem.clone(),
             size,
+            mask: if size.is_power_of_two() { size - 1 } else { 0 },
             desc,
             avail,
             used,
@@ -161,8 +164,8 @@ impl VirtQueue {
     /// accepts no other), so a mask; a division otherwise.
     #[inline]
     fn slot(&self, i: u16) -> usize {
-        usize::from(if self.size.is_power_of_two() {
-            i & (self.size - 1)
+        usize::from(if self.mask != 0 {
+            i & self.mask
         } else {
             i % self.size
         })
@@ -292,6 +295,7 @@ impl VirtQueue {
     /// descriptor, none that would take the total length past 4 GiB; an indirect descriptor
     /// switches to its table (length a multiple of 16, at most 65535 entries, no indirect
     /// descriptor inside it), with a fresh limit of that table's size.
+    #[inline]
     pub fn chain(&self, head: u16, out: &mut Vec<Descriptor>) {
         out.clear();
         // The common one-descriptor chain (a receive buffer, say): no walk.
@@ -303,6 +307,12 @@ impl VirtQueue {
                 }
             }
         }
+        self.walk(head, out);
+    }
+
+    /// `chain` for chains of several descriptors or indirect ones.
+    #[inline(never)]
+    fn walk(&self, head: u16, out: &mut Vec<Descriptor>) {
         let mut table = match self.desc {
             Some(p) => Table::Host(p),
             None => Table::Guest(GuestAddress(self.q.desc_table())),
@@ -352,17 +362,9 @@ impl VirtQueue {
     /// range or a used ring outside memory: the ring is broken.
     #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), String> {
-        let Some(u) = self.used else {
-            // Not in one region: virtio-queue writes the element and the index.
-            self.q
-                .add_used(&self.mem, head, len)
-                .map_err(|e| format!("used ring: {e}"))?;
-            self.published = self.q.next_used();
-            return Ok(());
+        let Some(u) = self.used.filter(|_| head < self.size) else {
+            return self.add_used_slow(head, len);
         };
-        if head >= self.size {
-            return Err(format!("used ring: head {head} out of range"));
-        }
         let next = self.q.next_used();
         let slot = self.slot(next);
         // SAFETY: slot < size: the element (two u32) lies inside the translated, 4-aligned
@@ -373,6 +375,21 @@ impl VirtQueue {
             std::ptr::write_volatile(p.add(1), len.to_le());
         }
         self.q.set_next_used(next.wrapping_add(1));
+        Ok(())
+    }
+
+    /// `add_used` for a used ring not in one region (virtio-queue writes the element and the
+    /// index) or a head out of range (an error).
+    #[cold]
+    #[inline(never)]
+    fn add_used_slow(&mut self, head: u16, len: u32) -> Result<(), String> {
+        if self.used.is_some() {
+            return Err(format!("used ring: head {head} out of range"));
+        }
+        self.q
+            .add_used(&self.mem, head, len)
+            .map_err(|e| format!("used ring: {e}"))?;
+        self.published = self.q.next_used();
         Ok(())
     }
 
