@@ -15,7 +15,10 @@
 //! Only the draining of each backlog is timed, so neither side competes with the sender.
 
 mod common;
-use common::{compare, need_event, own_cpu, ratio, report, thread_cpu, GuestRam, Irq, Side, Wake};
+use common::{
+    compare, current_cpu, need_event, own_cpu, ratio, report, run_on, thread_cpu, thread_last_cpu,
+    GuestRam, Irq, Side, Wake,
+};
 
 use std::io::{Read, Write};
 use std::net::UdpSocket;
@@ -398,6 +401,8 @@ fn main() {
                 secs: start.elapsed().as_secs_f64(),
                 cpu: thread_cpu("virtio-net0") - cpu0,
             };
+            // On the CPU the device thread ran on: the two vCPUs of a VM need not be equal.
+            run_on(thread_last_cpu("virtio-net0"));
             let (start, cpu0) = (Instant::now(), own_cpu());
             let mut n = 0u64;
             while start.elapsed() < slice {
@@ -412,6 +417,7 @@ fn main() {
                 secs: start.elapsed().as_secs_f64(),
                 cpu: own_cpu() - cpu0,
             };
+            run_on(None);
             tx_ratios.push(ratio(&dev, &base));
             tx_dev.add(&dev);
             tx_base.add(&base);
@@ -442,7 +448,10 @@ fn main() {
                 dev.n += BACKLOG;
             }
             dev.cpu = thread_cpu("virtio-net0") - cpu0;
+            let dev_cpu = thread_last_cpu("virtio-net0");
             net.reset();
+            // Queued and read on the CPU the device thread read on.
+            run_on(dev_cpu);
             let mut base = Side::default();
             let mut buf = vec![0u8; BUF as usize];
             while base.secs < slice.as_secs_f64() {
@@ -471,6 +480,7 @@ fn main() {
                 base.cpu += own_cpu() - cpu0;
                 base.n += BACKLOG;
             }
+            run_on(None);
             rx_ratios.push(ratio(&dev, &base));
             rx_dev.add(&dev);
             rx_base.add(&base);
@@ -491,54 +501,4 @@ fn main() {
         report(&format!("TAP read {len} B"), &rx_base, "pkt/s");
         compare(&rx_dev, &rx_base, &rx_ratios, "frame");
     }
-}
-
-/// The CPU the calling thread runs on.
-pub fn current_cpu() -> usize {
-    // SAFETY: no arguments; returns -1 on error.
-    usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0)
-}
-
-/// The CPU the thread named `name` of this process last ran on (field 39 of its stat file).
-pub fn thread_last_cpu(name: &str) -> Option<usize> {
-    for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-        // Fields after "(comm)" start at field 3.
-        return stat
-            .rsplit(')')
-            .next()?
-            .split_whitespace()
-            .nth(39 - 3)?
-            .parse()
-            .ok();
-    }
-    None
-}
-
-/// Restricts the calling thread to `cpu`, or (None) lets it run anywhere again. A thread
-/// moved off its CPU this way moves at once.
-pub fn run_on(cpu: Option<usize>) {
-    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
-    let mut s: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // Not available_parallelism: that is the current affinity, which this narrows.
-    // SAFETY: sysconf has no memory arguments.
-    let n = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1);
-    for c in 0..n {
-        if cpu.is_none_or(|want| want == c) {
-            // SAFETY: c is below the number of CPUs, far below CPU_SETSIZE.
-            unsafe { libc::CPU_SET(c, &mut s) };
-        }
-    }
-    // SAFETY: `s` and its size are valid for the call; 0 is the calling thread.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &s) };
-    assert_eq!(
-        r,
-        0,
-        "sched_setaffinity({cpu:?} of {n}): {}",
-        std::io::Error::last_os_error()
-    );
 }

@@ -13,6 +13,7 @@ use virtio_devices::VirtioInterrupt;
 /// The simulated guest's interrupt. The device signals it with an eventfd write, as it signals
 /// an irqfd in the VMM; `pending` stands for the request bit KVM then sets in the vCPU's
 /// local APIC, which a halted vCPU that KVM is still polling sees without being woken.
+#[repr(align(128))] // Its own cache lines: the halted "vCPU" polls `pending`.
 pub struct Irq {
     fd: EventFd,
     pending: AtomicBool,
@@ -73,7 +74,9 @@ impl Irq {
         let mut window = self.window.lock().unwrap();
         let mut wake = Wake::Slept;
         loop {
-            if self.pending.swap(false, Ordering::Acquire) {
+            // Polled with loads (as KVM reads the vCPU's pending interrupts), not with the
+            // swap, which would take the cache line from the device at every turn.
+            if self.pending.load(Ordering::Relaxed) && self.pending.swap(false, Ordering::Acquire) {
                 wake = Wake::Polled;
                 break;
             }
@@ -251,5 +254,56 @@ pub fn report(what: &str, s: &Side, unit: &str) {
         "{what:<34} {:>10.0} {unit} {:>9.1} MiB/s",
         s.rate(),
         s.bytes as f64 / s.secs / (1 << 20) as f64
+    );
+}
+
+/// The CPU the calling thread runs on.
+#[allow(dead_code)] // the net bench's
+pub fn current_cpu() -> usize {
+    // SAFETY: no arguments; returns -1 on error.
+    usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0)
+}
+
+/// The CPU the thread named `name` of this process last ran on (field 39 of its stat file).
+pub fn thread_last_cpu(name: &str) -> Option<usize> {
+    for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after "(comm)" start at field 3.
+        return stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(39 - 3)?
+            .parse()
+            .ok();
+    }
+    None
+}
+
+/// Restricts the calling thread to `cpu`, or (None) lets it run anywhere again. A thread
+/// moved off its CPU this way moves at once.
+pub fn run_on(cpu: Option<usize>) {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut s: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // Not available_parallelism: that is the current affinity, which this narrows.
+    // SAFETY: sysconf has no memory arguments.
+    let n = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1);
+    for c in 0..n {
+        if cpu.is_none_or(|want| want == c) {
+            // SAFETY: c is below the number of CPUs, far below CPU_SETSIZE.
+            unsafe { libc::CPU_SET(c, &mut s) };
+        }
+    }
+    // SAFETY: `s` and its size are valid for the call; 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &s) };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity({cpu:?} of {n}): {}",
+        std::io::Error::last_os_error()
     );
 }
