@@ -9,8 +9,8 @@
 
 mod common;
 use common::{
-    compare, need_event, own_cpu, ratio, report, run_on, thread_cpu, thread_last_cpu, GuestRam,
-    Irq, Side, Wake,
+    compare, need_event, own_cpu, report, run_on, thread_cpu, thread_last_cpu, GuestRam, Irq, Side,
+    Wake,
 };
 
 use std::io::Write;
@@ -283,7 +283,7 @@ fn main() {
                 cpu: own_cpu() - cpu0,
             };
             run_on(None);
-            ratios.push(ratio(&dev, &base));
+            ratios.push((dev, base));
             dev_tot.add(&dev);
             base_tot.add(&base);
         }

@@ -16,7 +16,7 @@
 
 mod common;
 use common::{
-    compare, current_cpu, need_event, own_cpu, ratio, report, run_on, thread_cpu, thread_last_cpu,
+    compare, current_cpu, need_event, own_cpu, report, run_on, thread_cpu, thread_last_cpu,
     GuestRam, Irq, Side, Wake,
 };
 
@@ -418,7 +418,7 @@ fn main() {
                 cpu: own_cpu() - cpu0,
             };
             run_on(None);
-            tx_ratios.push(ratio(&dev, &base));
+            tx_ratios.push((dev, base));
             tx_dev.add(&dev);
             tx_base.add(&base);
 
@@ -481,7 +481,7 @@ fn main() {
                 base.n += BACKLOG;
             }
             run_on(None);
-            rx_ratios.push(ratio(&dev, &base));
+            rx_ratios.push((dev, base));
             rx_dev.add(&dev);
             rx_base.add(&base);
         }
