@@ -57,6 +57,22 @@ struct Ring {
 }
 
 impl Ring {
+    /// A fresh ring at `base` (descriptors, avail at +0x1000, used at +0x2000) with its buffers
+    /// at `data`.
+    fn new(base: u64, data: u64, kick: &EventFd) -> Self {
+        Ring {
+            base,
+            data,
+            kick: kick.try_clone().unwrap(),
+            avail: 0,
+            used: 0,
+            published: 0,
+            kicks: 0,
+            irqs: 0,
+            sleeps: 0,
+        }
+    }
+
     fn desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16) {
         let d = GuestAddress(self.base + 16 * u64::from(i));
         mem.write_obj(addr, d).unwrap();
@@ -344,28 +360,8 @@ fn main() {
         let (mut kicks, mut irqs, mut sleeps, mut guest_cpu) = (0u64, 0u64, 0u64, 0.0);
         let (mut rx_dev, mut rx_base, mut rx_ratios) = (Side::default(), Side::default(), vec![]);
         for _ in 0..rounds {
-            let mut tx = Ring {
-                base: tx_base_addr,
-                data: 0x100000,
-                kick: tx_kick.try_clone().unwrap(),
-                avail: 0,
-                used: 0,
-                published: 0,
-                kicks: 0,
-                irqs: 0,
-                sleeps: 0,
-            };
-            let mut rx = Ring {
-                base: rx_base_addr,
-                data: 0x400000,
-                kick: rx_kick.try_clone().unwrap(),
-                avail: 0,
-                used: 0,
-                published: 0,
-                kicks: 0,
-                irqs: 0,
-                sleeps: 0,
-            };
+            let mut tx = Ring::new(tx_base_addr, 0x100000, &tx_kick);
+            let mut rx = Ring::new(rx_base_addr, 0x400000, &rx_kick);
             // Fresh rings: the device's queues start at index 0 again.
             mem.write_slice(&[0u8; 0x3000], GuestAddress(rx_base_addr))
                 .unwrap();

@@ -343,19 +343,6 @@ impl NetHandler {
                 continue;
             }
             let n = rest.len().min(v.iov_len - offset);
-            if let [b0, b1] = rest[..n] {
-                // num_buffers, the common case: one store.
-                // SAFETY: as below, for offset and offset + 1.
-                unsafe {
-                    std::ptr::write_volatile(
-                        v.iov_base.cast::<u8>().add(offset).cast::<[u8; 2]>(),
-                        [b0, b1],
-                    )
-                };
-                rest = &rest[n..];
-                offset = 0;
-                continue;
-            }
             for (i, &b) in rest[..n].iter().enumerate() {
                 // SAFETY: offset + i < iov_len: inside the receive buffer, which lies in a
                 // mapped guest memory region (`GuestView::iovec`) while the worker holds the
