@@ -5,6 +5,7 @@
 use alloc::vec::Vec;
 
 use virtio_drivers::device::net::VirtIONet;
+use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::bootinfo::BootInfo;
@@ -105,7 +106,17 @@ fn udp_payload(ip: [u8; 4], f: &[u8]) -> Option<&[u8]> {
     udp.get(8..len)
 }
 
-pub fn scenario_net(boot: &BootInfo) {
+/// The addresses the host passed and the virtio-net device, initialised.
+struct Setup {
+    ip: [u8; 4],
+    host_ip: [u8; 4],
+    host_mac: [u8; 6],
+    net: VirtIONet<GuestHal, PciTransport, 16>,
+}
+
+/// `Setup` from the boot arguments (net_ip=, net_host_ip=, net_host_mac=) and the first
+/// virtio-net function; None after reporting what failed.
+fn setup(boot: &BootInfo) -> Option<Setup> {
     let (Some(ip), Some(host_ip), Some(host_mac)) = (
         boot.arg("net_ip").and_then(parse_ip),
         boot.arg("net_host_ip").and_then(parse_ip),
@@ -115,19 +126,36 @@ pub fn scenario_net(boot: &BootInfo) {
             "net-args",
             format_args!("need net_ip=, net_host_ip=, net_host_mac="),
         );
-        return;
+        return None;
     };
     let Some(df) = find(DeviceType::Network).into_iter().next() else {
         fail("net-present", format_args!("no virtio-net function"));
-        return;
+        return None;
     };
-    let Some(t) = transport(df) else { return };
-    let mut net = match VirtIONet::<GuestHal, _, 16>::new(t, 2048) {
+    let net = match VirtIONet::<GuestHal, _, 16>::new(transport(df)?, 2048) {
         Ok(n) => n,
         Err(e) => {
             fail("net-init", format_args!("{e}"));
-            return;
+            return None;
         }
+    };
+    Some(Setup {
+        ip,
+        host_ip,
+        host_mac,
+        net,
+    })
+}
+
+pub fn scenario_net(boot: &BootInfo) {
+    let Some(Setup {
+        ip,
+        host_ip,
+        host_mac,
+        mut net,
+    }) = setup(boot)
+    else {
+        return;
     };
     let mac = net.mac_address();
     if let Some(want) = boot.arg("net_mac").and_then(parse_mac) {
@@ -223,28 +251,14 @@ pub fn scenario_net(boot: &BootInfo) {
 /// between `NET-BENCH tx start` and `NET-BENCH tx done <frames> <bytes>` lines, which the host
 /// times.
 pub fn scenario_net_bench(boot: &BootInfo) {
-    let (Some(ip), Some(host_ip), Some(host_mac)) = (
-        boot.arg("net_ip").and_then(parse_ip),
-        boot.arg("net_host_ip").and_then(parse_ip),
-        boot.arg("net_host_mac").and_then(parse_mac),
-    ) else {
-        fail(
-            "net-args",
-            format_args!("need net_ip=, net_host_ip=, net_host_mac="),
-        );
+    let Some(Setup {
+        ip,
+        host_ip,
+        host_mac,
+        mut net,
+    }) = setup(boot)
+    else {
         return;
-    };
-    let Some(df) = find(DeviceType::Network).into_iter().next() else {
-        fail("net-present", format_args!("no virtio-net function"));
-        return;
-    };
-    let Some(t) = transport(df) else { return };
-    let mut net = match VirtIONet::<GuestHal, _, 16>::new(t, 2048) {
-        Ok(n) => n,
-        Err(e) => {
-            fail("net-init", format_args!("{e}"));
-            return;
-        }
     };
     let mac = net.mac_address();
     let frame = udp_frame(mac, host_mac, ip, host_ip, &[0x5a; 1472]);
