@@ -61,6 +61,11 @@ impl PciDevice for Dummy {
 }
 
 fn dummy(addr: u64) -> Arc<Mutex<dyn PciDevice>> {
+    dummy_bar(addr, 0x1000, BarKind::Mem32)
+}
+
+/// A function with one BAR 0 of `size` bytes and `kind` at `addr`.
+fn dummy_bar(addr: u64, size: u64, kind: BarKind) -> Arc<Mutex<dyn PciDevice>> {
     let mut c = PciConfiguration::new(PciIds {
         vendor: 0x1af4,
         device: 0x1044,
@@ -71,7 +76,7 @@ fn dummy(addr: u64) -> Arc<Mutex<dyn PciDevice>> {
         subsystem_vendor: 0x1af4,
         subsystem: 0x40,
     });
-    c.add_bar(0, 0x1000, BarKind::Mem32, addr);
+    c.add_bar(0, size, kind, addr);
     Arc::new(Mutex::new(Dummy(c)))
 }
 
@@ -197,18 +202,7 @@ fn bar_windows_put_64bit_bars_high() {
 }
 
 fn dummy64(addr: u64) -> Arc<Mutex<dyn PciDevice>> {
-    let mut c = PciConfiguration::new(PciIds {
-        vendor: 0x1af4,
-        device: 0x1044,
-        class: 0xff,
-        subclass: 0,
-        prog_if: 0,
-        revision: 1,
-        subsystem_vendor: 0x1af4,
-        subsystem: 0x40,
-    });
-    c.add_bar(0, 0x1_0000, BarKind::Mem64, addr);
-    Arc::new(Mutex::new(Dummy(c)))
+    dummy_bar(addr, 0x1_0000, BarKind::Mem64)
 }
 
 fn ecam_read32(ecam: &mut PciConfigMmio, offset: u64) -> u32 {
