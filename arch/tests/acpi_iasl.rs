@@ -7,6 +7,23 @@ use std::process::Command;
 use arch::acpi::{build_tables, AcpiConfig, PciHost};
 use arch::layout;
 
+/// The PCI host bridge as the VMM sets it up, with the 64-bit window `mmio64`.
+fn pci_host(mmio64: Option<(u64, u64)>) -> PciHost {
+    PciHost {
+        segment: 0,
+        ecam_base: layout::PCI_MMCONFIG_START.0,
+        ecam_size: layout::PCI_MMCONFIG_SIZE,
+        bus_start: 0,
+        bus_end: 255,
+        io: (0x1000, 0xf000),
+        mmio32: (
+            layout::MEM_32BIT_DEVICES_START.0,
+            layout::MEM_32BIT_DEVICES_SIZE,
+        ),
+        mmio64,
+    }
+}
+
 fn configs() -> Vec<(&'static str, AcpiConfig)> {
     vec![
         (
@@ -36,19 +53,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: 2,
                 topology: None,
                 serial: false,
-                pci: Some(PciHost {
-                    segment: 0,
-                    ecam_base: layout::PCI_MMCONFIG_START.0,
-                    ecam_size: layout::PCI_MMCONFIG_SIZE,
-                    bus_start: 0,
-                    bus_end: 255,
-                    io: (0x1000, 0xf000),
-                    mmio32: (
-                        layout::MEM_32BIT_DEVICES_START.0,
-                        layout::MEM_32BIT_DEVICES_SIZE,
-                    ),
-                    mmio64: Some((1 << 40, 1 << 38)),
-                }),
+                pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
             },
         ),
         (
@@ -58,19 +63,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: 1,
                 topology: None,
                 serial: true,
-                pci: Some(PciHost {
-                    segment: 0,
-                    ecam_base: layout::PCI_MMCONFIG_START.0,
-                    ecam_size: layout::PCI_MMCONFIG_SIZE,
-                    bus_start: 0,
-                    bus_end: 255,
-                    io: (0x1000, 0xf000),
-                    mmio32: (
-                        layout::MEM_32BIT_DEVICES_START.0,
-                        layout::MEM_32BIT_DEVICES_SIZE,
-                    ),
-                    mmio64: None,
-                }),
+                pci: Some(pci_host(None)),
             },
         ),
         (
