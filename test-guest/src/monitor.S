@@ -167,37 +167,28 @@ bsp_common64:
     xorl %edx, %edx
     iretq
 
-/* Fill the 32 exception gates: stubs are 16 bytes apart and lie in one 64 KiB
- * page below 4 GiB, so only the low 16 bits of the offset change. */
+/* Fill the 32 exception gates and the gates of IRQ_VECTOR..: stubs are 16 bytes apart and lie
+ * in one 64 KiB page below 4 GiB, so only the low 16 bits of the offset change. */
 idt_fill:
     leaq isr_stubs(%rip), %rax
-    movq %rax, %rcx
-    andl $0xffff, %eax
-    shrq $16, %rcx
-    shlq $48, %rcx
-    orq %rcx, %rax
-    movq $0x00008e0000080000, %rcx   /* present, DPL0, 64-bit interrupt gate, selector 0x08 */
-    orq %rcx, %rax
     leaq idt(%rip), %rdi
     movl $32, %ecx
-1:  movq %rax, (%rdi)
-    movq $0, 8(%rdi)
-    addq $16, %rax
-    addq $16, %rdi
-    decl %ecx
-    jnz 1b
-    /* and the gates of IRQ_VECTOR..: stubs 16 bytes apart inside one 256-byte block */
+    call gates_fill
     leaq irq_stubs(%rip), %rax
-    movq %rax, %rcx
-    andl $0xffff, %eax
-    shrq $16, %rcx
-    shlq $48, %rcx
-    orq %rcx, %rax
-    movq $0x00008e0000080000, %rcx
-    orq %rcx, %rax
     leaq idt(%rip), %rdi
     addq $IRQ_VECTOR * 16, %rdi
     movl $IRQ_VECTORS, %ecx
+    /* fall through */
+
+/* rax = first stub, rdi = first gate, ecx = gates: interrupt gates to consecutive stubs. */
+gates_fill:
+    movq %rax, %rdx
+    andl $0xffff, %eax
+    shrq $16, %rdx
+    shlq $48, %rdx
+    orq %rdx, %rax
+    movq $0x00008e0000080000, %rdx   /* present, DPL0, 64-bit interrupt gate, selector 0x08 */
+    orq %rdx, %rax
 1:  movq %rax, (%rdi)
     movq $0, 8(%rdi)
     addq $16, %rax
