@@ -16,8 +16,8 @@
 
 mod common;
 use common::{
-    compare, current_cpu, need_event, own_cpu, report, run_on, thread_cpu, thread_last_cpu,
-    GuestRam, Irq, Side, Wake,
+    compare, need_event, own_cpu, report, run_on, thread_cpu, thread_last_cpu, GuestRam, Irq, Side,
+    Wake,
 };
 
 use std::io::{Read, Write};
@@ -497,4 +497,10 @@ fn main() {
         report(&format!("TAP read {len} B"), &rx_base, "pkt/s");
         compare(&rx_dev, &rx_base, &rx_ratios, "frame");
     }
+}
+
+/// The CPU the calling thread runs on.
+fn current_cpu() -> usize {
+    // SAFETY: no arguments; returns -1 on error.
+    usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0)
 }

@@ -285,13 +285,6 @@ pub fn report(what: &str, s: &Side, unit: &str) {
     );
 }
 
-/// The CPU the calling thread runs on.
-#[allow(dead_code)] // the net bench's
-pub fn current_cpu() -> usize {
-    // SAFETY: no arguments; returns -1 on error.
-    usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0)
-}
-
 /// The CPU the thread named `name` of this process last ran on (field 39 of its stat file).
 pub fn thread_last_cpu(name: &str) -> Option<usize> {
     for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
