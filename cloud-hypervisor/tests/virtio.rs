@@ -516,18 +516,7 @@ fn console_size_follows_the_terminal() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        if text.contains("READY") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline && !text.contains("SUMMARY"),
-            "no READY:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_ready(&serial);
     set_window_size(&master, 132, 50);
     // SAFETY: sending a signal to our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGWINCH) }, 0);
@@ -541,20 +530,96 @@ fn console_size_follows_the_terminal() {
     }
     let mut sink = [0u8; 4096];
     let _ = std::io::Read::read(&mut master, &mut sink);
+    assert_console_sizes(r, &serial, "100x40", "132x50");
+}
+
+/// Waits (30 s at most) until the guest's serial output, written to the file `serial`, shows
+/// `READY`.
+fn wait_for_ready(serial: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains("READY") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && !text.contains("SUMMARY"),
+            "no READY:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `console-size` scenario's checks, on the finished run `r` whose serial output is in the
+/// file `serial`: the size at boot, then the size after the resize.
+fn assert_console_sizes(r: Run, serial: &Path, first: &str, resized: &str) {
     let r = Run {
         status: r.status,
-        stdout: std::fs::read_to_string(&serial).unwrap(),
+        stdout: std::fs::read_to_string(serial).unwrap(),
         stderr: r.stderr,
     };
     r.assert_guest_passed();
     for c in [
-        "console-size 100x40",
+        &format!("console-size {first}"),
         "console-config-vector",
         "msix-enable",
-        "console-resize 132x50",
+        &format!("console-resize {resized}"),
         "console-config-generation",
         "console-config-interrupt",
     ] {
         r.assert_passed(c);
     }
+}
+
+/// The pids of `pid`'s child processes (whichever of its threads started them).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let list = std::fs::read_to_string(task.unwrap().path().join("children")).unwrap();
+        out.extend(list.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
+    }
+    out
+}
+
+/// `--console pty`: a resize of the pseudo-terminal the VMM created, made by whoever holds its
+/// other side (no signal to the VMM), reaches the guest. The VMM follows it through one watcher
+/// process, which holds no fd of the VMM's but the pty and its pipe, and ends with the VMM.
+#[test]
+fn console_pty_size_follows_resizes() {
+    let dir = scratch("console-pty-size");
+    let serial = dir.join("serial.txt");
+    let s = format!("file={}", serial.display());
+    let mut child = Command::new(VMM)
+        .args(console_args(
+            "test=console-size console_size=80x25 console_resize=132x50",
+            &s,
+            "pty",
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pty = common::open_announced_pty(&mut child, "console");
+    wait_for_ready(&serial);
+    let watchers = children_of(child.id());
+    assert_eq!(
+        watchers.len(),
+        1,
+        "child processes of the VMM: {watchers:?}"
+    );
+    let watcher = format!("/proc/{}", watchers[0]);
+    let fds = std::fs::read_dir(format!("{watcher}/fd")).unwrap().count();
+    assert_eq!(
+        fds, 2,
+        "the watcher holds {fds} fds, not only the pty and its pipe"
+    );
+    set_window_size(&pty, 132, 50);
+    let r = wait_with_timeout(child, Duration::from_secs(30));
+    assert_console_sizes(r, &serial, "80x25", "132x50");
+    // Killed and reaped by the VMM on its way out.
+    assert!(
+        !Path::new(&watcher).exists(),
+        "the watcher outlived the VMM"
+    );
 }

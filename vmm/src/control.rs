@@ -35,6 +35,7 @@ const EV_CONSOLE_LISTEN: u64 = 8;
 const EV_CONSOLE_IN: u64 = 9;
 const EV_CONSOLE_OUT: u64 = 10;
 const EV_WINCH: u64 = 11;
+const EV_CONSOLE_RESIZE: u64 = 12;
 
 /// The virtio console's size when the endpoint has no terminal size.
 const DEFAULT_CONSOLE_SIZE: (u16, u16) = (80, 25);
@@ -202,7 +203,13 @@ impl Vmm {
         }
         self.monitor.emit("vm", "booting");
         let serial = SerialEndpoint::open("--serial", &config.serial)?;
-        let console = SerialEndpoint::open("--console", &config.console)?;
+        let mut console = SerialEndpoint::open("--console", &config.console)?;
+        // Before the VM (and its memory) exists: the watcher is a forked process.
+        if let Some(fd) = console.watch_resizes() {
+            self.control
+                .add(fd, EV_CONSOLE_RESIZE)
+                .map_err(Error::Setup)?;
+        }
         let relay = if console.is_socket() {
             Some(ConsoleRelay::new().map_err(Error::Setup)?)
         } else {
@@ -264,9 +271,13 @@ impl Vmm {
             }
         }
         if let Some(console) = self.console.take() {
-            for fd in [console.input_fd(), console.listener_fd()]
-                .into_iter()
-                .flatten()
+            for fd in [
+                console.input_fd(),
+                console.listener_fd(),
+                console.resize_fd(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 self.control.remove(fd);
             }
@@ -467,6 +478,12 @@ impl Vmm {
             EV_WINCH => {
                 let mut b = [0u8; 16];
                 while matches!(self.winch_rx.read(&mut b), Ok(n) if n > 0) {}
+                self.update_console_size();
+            }
+            EV_CONSOLE_RESIZE => {
+                if let Some(c) = &self.console {
+                    c.drain_resizes();
+                }
                 self.update_console_size();
             }
             EV_API => return Ok(self.drain_api()),

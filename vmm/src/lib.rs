@@ -9,6 +9,7 @@ mod device_manager;
 pub mod event_monitor;
 mod memory;
 mod pci_setup;
+mod pty_resize;
 mod serial_io;
 mod vm;
 

@@ -87,7 +87,9 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
 }
 
 fn advise(addr: *mut u8, size: u64, cfg: &MemoryConfig) {
-    let mut advice = Vec::new();
+    // A process the VMM forks (the pty resize watcher) must not share guest memory: with a
+    // private mapping every page would turn copy-on-write.
+    let mut advice = vec![(libc::MADV_DONTFORK, "MADV_DONTFORK")];
     if cfg.mergeable {
         advice.push((libc::MADV_MERGEABLE, "MADV_MERGEABLE"));
     }

@@ -13,6 +13,7 @@ use log::{info, warn};
 use thiserror::Error;
 
 use crate::config::{ConsoleConfig, ConsoleOutputMode};
+use crate::pty_resize::ResizeWatcher;
 
 #[derive(Debug, Error)]
 pub enum SerialIoError {
@@ -96,7 +97,9 @@ pub enum SerialEndpoint {
     File(File),
     Pty {
         master: File,
-        _slave: File,
+        slave: File,
+        /// Follows resizes, for the console (see `pty_resize`).
+        watcher: Option<ResizeWatcher>,
     },
     Socket {
         listener: UnixListener,
@@ -196,7 +199,8 @@ impl SerialEndpoint {
                 eprintln!("cloud-hypervisor: {what} PTY: {}", path.display());
                 SerialEndpoint::Pty {
                     master,
-                    _slave: slave,
+                    slave,
+                    watcher: None,
                 }
             }
             ConsoleOutputMode::Socket => {
@@ -262,6 +266,41 @@ impl SerialEndpoint {
             return None;
         }
         (ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+    }
+
+    /// For a `pty`, starts following its size (see `pty_resize`). Returns the fd that becomes
+    /// readable after a resize; `window_size` then has the new size.
+    pub fn watch_resizes(&mut self) -> Option<RawFd> {
+        let SerialEndpoint::Pty { slave, watcher, .. } = self else {
+            return None;
+        };
+        match ResizeWatcher::spawn(slave) {
+            Ok(w) => Some(watcher.insert(w).fd()),
+            Err(e) => {
+                warn!("console PTY resizes will not reach the guest: {e}");
+                None
+            }
+        }
+    }
+
+    /// The resize watcher's fd, while there is one.
+    pub fn resize_fd(&self) -> Option<RawFd> {
+        match self {
+            SerialEndpoint::Pty {
+                watcher: Some(w), ..
+            } => Some(w.fd()),
+            _ => None,
+        }
+    }
+
+    /// Consumes pending resize notifications.
+    pub fn drain_resizes(&self) {
+        if let SerialEndpoint::Pty {
+            watcher: Some(w), ..
+        } = self
+        {
+            w.drain();
+        }
     }
 
     pub fn listener_fd(&self) -> Option<RawFd> {

@@ -196,11 +196,13 @@ pub fn open_announced_pty(child: &mut std::process::Child, what: &str) -> std::f
         .unwrap_or_else(|| panic!("no {what} pty path in '{line}'"))
         .trim()
         .to_string();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("cannot open {path}: {e}"))
+    // Not as our controlling terminal: the VMM's resize watcher makes it its own.
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        std::fs::OpenOptions::new().read(true).write(true),
+        libc::O_NOCTTY,
+    )
+    .open(&path)
+    .unwrap_or_else(|e| panic!("cannot open {path}: {e}"))
 }
 
 /// Connects to the Unix socket the VMM listens on at `sock` (retrying for up to 10 s while it
