@@ -25,6 +25,11 @@ fn host_pattern(k: usize, s: u64) -> u8 {
 fn guest_pattern(k: usize, s: u64) -> u8 {
     (s as u8).wrapping_mul(5).wrapping_add(k as u8 + 0x80)
 }
+/// What the guest writes to sector `SECTORS` of disk `k` through its last queue, when it has
+/// more than one.
+fn mq_pattern(k: usize) -> u8 {
+    0x40 + k as u8
+}
 
 fn make_disk(path: &Path, k: usize, size: u64) {
     let mut img = vec![0u8; size as usize];
@@ -34,7 +39,10 @@ fn make_disk(path: &Path, k: usize, size: u64) {
     std::fs::write(path, img).unwrap();
 }
 
-fn check_disk(path: &Path, k: usize, size: u64, written: bool) {
+/// Checks disk `k`'s image: the first `SECTORS` sectors as the host wrote them, or as the guest
+/// rewrote them (`written`); then, if `mq`, sector `SECTORS` written through the last queue;
+/// zeroes after that.
+fn check_disk(path: &Path, k: usize, size: u64, written: bool, mq: bool) {
     let img = std::fs::read(path).unwrap();
     assert_eq!(img.len() as u64, size, "{}: size changed", path.display());
     for s in 0..SECTORS {
@@ -51,7 +59,18 @@ fn check_disk(path: &Path, k: usize, size: u64, written: bool) {
             &sector[..8]
         );
     }
-    assert!(img[(SECTORS * 512) as usize..].iter().all(|&b| b == 0));
+    let mut rest = &img[(SECTORS * 512) as usize..];
+    if mq {
+        let (sector, after) = rest.split_at(512);
+        assert!(
+            sector.iter().all(|&b| b == mq_pattern(k)),
+            "{} sector {SECTORS} (last queue): found {:x?}",
+            path.display(),
+            &sector[..8]
+        );
+        rest = after;
+    }
+    assert!(rest.iter().all(|&b| b == 0));
 }
 
 /// A 1 MiB image `file` with disk 0's pattern in a fresh scratch directory `dir`, and its
@@ -190,8 +209,17 @@ fn blk_two_disks_one_and_two_queues() {
             r.assert_passed(&format!("blk{k}-{c}"));
         }
     }
-    check_disk(&a, 0, 1 << 20, true);
-    check_disk(&b, 1, 2 << 20, true);
+    // The second disk's last queue, by hand: reads what queue 0 wrote, writes and flushes.
+    for c in ["mq-read", "mq-write", "mq-flush"] {
+        r.assert_passed(&format!("blk1-{c}"));
+    }
+    assert!(
+        !r.stdout.contains("blk0-mq-"),
+        "one-queue disk: {}",
+        r.stdout
+    );
+    check_disk(&a, 0, 1 << 20, true, false);
+    check_disk(&b, 1, 2 << 20, true, true);
 }
 
 #[test]
@@ -201,7 +229,7 @@ fn blk_readonly_rejects_writes() {
     let r = boot_pvh(&cmdline, &["--disk", &da]);
     r.assert_guest_passed();
     r.assert_passed("blk0-write-rejected");
-    check_disk(&a, 0, 1 << 20, false);
+    check_disk(&a, 0, 1 << 20, false, false);
 }
 
 #[test]
@@ -271,7 +299,7 @@ fn hostile_requests_do_not_take_the_vmm_down() {
     ] {
         r.assert_passed(c);
     }
-    check_disk(&a, 0, 1 << 20, false);
+    check_disk(&a, 0, 1 << 20, false, false);
 }
 
 #[test]

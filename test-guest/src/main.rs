@@ -19,6 +19,7 @@ mod mem;
 mod msix;
 mod net;
 mod paging;
+mod rawq;
 mod smp;
 mod svc;
 mod virtio;

@@ -2,78 +2,47 @@
 //! (the monitor counts each vector from `svc::IRQ_VECTOR` on), and virtio-console size changes
 //! with their configuration interrupt.
 
-use core::ptr::{read_volatile, write_volatile};
+use core::ptr::read_volatile;
 
 use virtio_drivers::device::console::VirtIOConsole;
-use virtio_drivers::transport::pci::bus::{BarInfo, ConfigurationAccess, DeviceFunction};
+use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction};
 use virtio_drivers::transport::DeviceType;
 
 use crate::bootinfo::BootInfo;
-use crate::hostile::{setup, F_WRITE};
+use crate::rawq::{r16, r8, w16, w32, Layout, F_WRITE};
 use crate::virtio::{ecam, find, root, transport, wait_pending_bit, GuestHal};
 use crate::{check, fail, pass, println, smp, svc};
 
 /// The vector the rng's queue 0 and the console's configuration changes are sent on.
 const MSIX_VECTOR: u32 = svc::IRQ_VECTOR + 1;
 
-/// Where a virtio function's MSI-X structures and common configuration are.
+/// Where a virtio function's MSI-X structures and other structures are.
 struct Msix {
     df: DeviceFunction,
-    bar: u64,
+    l: Layout,
     cap: u8,
     table: u64,
     pba: u64,
-    common: u64,
-}
-
-fn w16(a: u64, v: u16) {
-    // SAFETY: our device's BAR (identity-mapped MMIO).
-    unsafe { write_volatile(a as *mut u16, v) }
-}
-fn w32(a: u64, v: u32) {
-    // SAFETY: as above.
-    unsafe { write_volatile(a as *mut u32, v) }
-}
-fn r8(a: u64) -> u8 {
-    // SAFETY: as above.
-    unsafe { read_volatile(a as *const u8) }
-}
-fn r16(a: u64) -> u16 {
-    // SAFETY: as above.
-    unsafe { read_volatile(a as *const u16) }
 }
 
 impl Msix {
     fn find(df: DeviceFunction) -> Option<Msix> {
-        let mut r = root();
-        let bar = match r.bar_info(df, 0) {
-            Ok(Some(BarInfo::Memory { address, .. })) => address,
-            other => {
-                fail("msix-bar", format_args!("{other:?}"));
-                return None;
-            }
-        };
-        let (mut cap, mut common) = (None, None);
-        for c in r.capabilities(df) {
-            if c.id == 0x11 {
-                cap = Some(c.offset);
-            }
-            if c.id == 0x09 && (c.private_header >> 8) & 0xff == 1 {
-                common = Some(u64::from(ecam().read_word(df, c.offset + 8)));
-            }
-        }
-        let (Some(cap), Some(common)) = (cap, common) else {
-            fail("msix-cap", format_args!("no MSI-X or common capability"));
+        let l = Layout::find(df)?;
+        let Some(cap) = root()
+            .capabilities(df)
+            .find(|c| c.id == 0x11)
+            .map(|c| c.offset)
+        else {
+            fail("msix-cap", format_args!("no MSI-X capability"));
             return None;
         };
         let cam = ecam();
         Some(Msix {
             df,
-            bar,
             cap,
-            table: bar + u64::from(cam.read_word(df, cap + 4) & !7),
-            pba: bar + u64::from(cam.read_word(df, cap + 8) & !7),
-            common: bar + common,
+            table: l.bar + u64::from(cam.read_word(df, cap + 4) & !7),
+            pba: l.bar + u64::from(cam.read_word(df, cap + 8) & !7),
+            l,
         })
     }
 
@@ -110,12 +79,14 @@ pub fn scenario_msix() {
     };
     let Some(m) = Msix::find(df) else { return };
     // A hand-made driver without EVENT_IDX: every completion must interrupt.
-    let Some(mut q) = setup(m.bar) else { return };
+    let Some(mut q) = m.l.start_queue0("msix-setup") else {
+        return;
+    };
     let apic = svc::lapic_enable();
     m.program(0, apic, MSIX_VECTOR, false);
-    w16(m.common + 0x16, 0);
-    w16(m.common + 0x1a, 0);
-    let v = r16(m.common + 0x1a);
+    w16(m.l.common + 0x16, 0);
+    w16(m.l.common + 0x1a, 0);
+    let v = r16(m.l.common + 0x1a);
     check!("msix-queue-vector", v == 0, "queue 0 vector reads {v:#x}");
     let ctl = m.enable();
     check!(
@@ -140,7 +111,7 @@ pub fn scenario_msix() {
     m.mask(0, true);
     let before = n;
     let answered = q.submit(0);
-    let pending = wait_pending_bit(m.bar, m.pba - m.bar);
+    let pending = wait_pending_bit(m.l.bar, m.pba - m.l.bar);
     let held = svc::wait_vector(MSIX_VECTOR, before + 1, 50);
     check!(
         "msix-masked-pending",
@@ -157,8 +128,7 @@ pub fn scenario_msix() {
         "taken {before} -> {n}, PBA {pba:#x}"
     );
     m.disable();
-    // SAFETY: device_status in our device's BAR; 0 resets the device.
-    unsafe { write_volatile((m.bar + 0x14) as *mut u8, 0) };
+    m.l.set_status(0);
 }
 
 /// `name CxR`: a check's name with the size it saw.
@@ -210,8 +180,8 @@ pub fn scenario_console_size(boot: &BootInfo) {
     let apic = svc::lapic_enable();
     // Entries: one per queue (2), then the configuration's.
     m.program(2, apic, MSIX_VECTOR, false);
-    w16(m.common + 0x10, 2);
-    let v = r16(m.common + 0x10);
+    w16(m.l.common + 0x10, 2);
+    let v = r16(m.l.common + 0x10);
     check!(
         "console-config-vector",
         v == 2,
@@ -223,7 +193,7 @@ pub fn scenario_console_size(boot: &BootInfo) {
         ctl & 0xc000 == 0x8000,
         "message control {ctl:#x}"
     );
-    let generation = r8(m.common + 0x15);
+    let generation = r8(m.l.common + 0x15);
     let taken = svc::irq_count(MSIX_VECTOR);
     println!("READY");
     let mut now = first;
@@ -240,7 +210,7 @@ pub fn scenario_console_size(boot: &BootInfo) {
         now != first && (want2.is_none() || now == want2),
         "size {first:?} -> {now:?}, expected {want2:?}"
     );
-    let g = r8(m.common + 0x15);
+    let g = r8(m.l.common + 0x15);
     check!(
         "console-config-generation",
         g != generation,
