@@ -220,6 +220,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "hostile" => hostile::scenario_hostile(),
         "net" => net::scenario_net(&boot),
         "net-bench" => net::scenario_net_bench(&boot),
+        "net-mq" => net::scenario_net_mq(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

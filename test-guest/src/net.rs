@@ -5,10 +5,12 @@
 use alloc::vec::Vec;
 
 use virtio_drivers::device::net::VirtIONet;
+use virtio_drivers::transport::pci::bus::DeviceFunction;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::bootinfo::BootInfo;
+use crate::rawq::{r16, r8, w16, w8, Layout, RawQueue, F_NEXT, F_WRITE, VERSION_1};
 use crate::virtio::{find, transport, GuestHal};
 use crate::{check, fail, pass, println, smp};
 
@@ -114,9 +116,16 @@ struct Setup {
     net: VirtIONet<GuestHal, PciTransport, 16>,
 }
 
-/// `Setup` from the boot arguments (net_ip=, net_host_ip=, net_host_mac=) and the first
-/// virtio-net function; None after reporting what failed.
-fn setup(boot: &BootInfo) -> Option<Setup> {
+/// The boot arguments net_ip=, net_host_ip=, net_host_mac=, and the first virtio-net function.
+struct Addresses {
+    ip: [u8; 4],
+    host_ip: [u8; 4],
+    host_mac: [u8; 6],
+    df: DeviceFunction,
+}
+
+/// `Addresses`; None after reporting what is missing.
+fn addresses(boot: &BootInfo) -> Option<Addresses> {
     let (Some(ip), Some(host_ip), Some(host_mac)) = (
         boot.arg("net_ip").and_then(parse_ip),
         boot.arg("net_host_ip").and_then(parse_ip),
@@ -132,6 +141,22 @@ fn setup(boot: &BootInfo) -> Option<Setup> {
         fail("net-present", format_args!("no virtio-net function"));
         return None;
     };
+    Some(Addresses {
+        ip,
+        host_ip,
+        host_mac,
+        df,
+    })
+}
+
+/// `Setup` from the boot arguments (see `addresses`); None after reporting what failed.
+fn setup(boot: &BootInfo) -> Option<Setup> {
+    let Addresses {
+        ip,
+        host_ip,
+        host_mac,
+        df,
+    } = addresses(boot)?;
     let net = match VirtIONet::<GuestHal, _, 16>::new(transport(df)?, 2048) {
         Ok(n) => n,
         Err(e) => {
@@ -275,4 +300,119 @@ pub fn scenario_net_bench(boot: &BootInfo) {
     }
     println!("NET-BENCH tx done {n} {}", n * frame.len() as u64);
     pass("net-bench");
+}
+
+/// `test=net-mq` (same arguments as `test=net`): the second queue pair, which `virtio-drivers`
+/// cannot use, driven by hand. The guest negotiates MQ and CTRL_VQ, sets up only receive and
+/// transmit queue 1 and the control queue, turns on two pairs (VQ_PAIRS_SET), sends
+/// `hello from pair 1` on transmit queue 1 (again every 500 ms until an answer), and waits for
+/// the host's `hello to pair 1` on receive queue 1, the only one with buffers. The host side
+/// needs no ARP (it has a static neighbour entry), and the TAP steers the answer to the queue
+/// the flow came from.
+pub fn scenario_net_mq(boot: &BootInfo) {
+    const MAC: u64 = 1 << 5;
+    const CTRL_VQ: u64 = 1 << 17;
+    const MQ: u64 = 1 << 22;
+    /// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+    /// num_buffers.
+    const HDR: usize = 12;
+    let Some(Addresses {
+        ip,
+        host_ip,
+        host_mac,
+        df,
+    }) = addresses(boot)
+    else {
+        return;
+    };
+    let Some(l) = Layout::find(df) else { return };
+    let offered = l.device_features();
+    let pairs = r16(l.device + 8);
+    println!("INFO net features {offered:#x}, {pairs} queue pairs");
+    if offered & (MAC | CTRL_VQ | MQ) != MAC | CTRL_VQ | MQ || pairs < 2 {
+        fail(
+            "net-mq-offered",
+            format_args!("features {offered:#x}, {pairs} pairs"),
+        );
+        return;
+    }
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = r8(l.device + i as u64);
+    }
+    let Some(mut qs) = l.start(
+        "net-mq-setup",
+        VERSION_1 | MAC | CTRL_VQ | MQ,
+        &[2, 3, 2 * pairs],
+    ) else {
+        return;
+    };
+    let (mut ctrl, mut tx, mut rx) = (qs.pop().unwrap(), qs.pop().unwrap(), qs.pop().unwrap());
+    // VQ_PAIRS_SET 2: class MQ (4), command 0, then the ack the device writes.
+    let (cmd, ack) = (ctrl.buf, ctrl.buf + 0x100);
+    w8(cmd, 4);
+    w8(cmd + 1, 0);
+    w16(cmd + 2, 2);
+    w8(ack, 0xee);
+    ctrl.set_desc(0, cmd, 4, F_NEXT, 1);
+    ctrl.set_desc(1, ack, 1, F_WRITE, 0);
+    let answered = ctrl.submit(0);
+    let a = r8(ack);
+    check!(
+        "net-mq-ctrl",
+        answered && a == 0,
+        "answered={answered} ack={a:#x}"
+    );
+    // Two receive buffers on receive queue 1, each large enough for a whole frame.
+    for i in 0..2u16 {
+        rx.set_desc(i, rx.buf + 2048 * u64::from(i), 2048, F_WRITE, 0);
+        rx.publish(i);
+    }
+    let frame = udp_frame(mac, host_mac, ip, host_ip, b"hello from pair 1");
+    let mut packet = alloc::vec![0u8; HDR];
+    packet.extend_from_slice(&frame);
+    copy_to(tx.buf, &packet);
+    tx.set_desc(0, tx.buf, packet.len() as u32, 0, 0);
+    let sent = send(&mut tx);
+    check!("net-mq-tx", sent, "transmit queue 1 returned no buffer");
+    for _ in 0..40 {
+        if let Some((id, len)) = rx.wait_used(500) {
+            let at = rx.buf + 2048 * u64::from(id);
+            let f: Vec<u8> = (HDR as u64..u64::from(len)).map(|i| r8(at + i)).collect();
+            match udp_payload(ip, &f) {
+                Some(p) => {
+                    check!(
+                        "net-mq-rx",
+                        p == b"hello to pair 1",
+                        "payload {:?}",
+                        core::str::from_utf8(p)
+                    );
+                    l.set_status(0);
+                    return;
+                }
+                None => println!("INFO net-mq: other frame ({} bytes)", f.len()),
+            }
+            if id < 2 {
+                rx.publish(id as u16);
+            }
+        } else {
+            send(&mut tx);
+        }
+    }
+    fail(
+        "net-mq-rx",
+        format_args!("nothing for this guest on receive queue 1 in 20 s"),
+    );
+}
+
+fn copy_to(at: u64, data: &[u8]) {
+    for (i, &b) in data.iter().enumerate() {
+        w8(at + i as u64, b);
+    }
+}
+
+/// Sends the frame that descriptor 0 of `tx` holds; whether the device returned it.
+fn send(tx: &mut RawQueue) -> bool {
+    tx.publish(0);
+    tx.wait_used(1000).is_some()
 }

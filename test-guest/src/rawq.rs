@@ -191,22 +191,33 @@ impl RawQueue {
         w16(self.notify, self.index);
     }
 
-    /// Publishes `head`, notifies, waits (1 s at most) for a used entry. Returns whether one
-    /// came.
-    pub(crate) fn submit(&mut self, head: u16) -> bool {
+    /// Publishes `head` and notifies the device.
+    pub(crate) fn publish(&mut self, head: u16) {
         w16(
             self.avail + 4 + 2 * u64::from(self.next_avail % QSIZE),
             head,
         );
         self.next_avail = self.next_avail.wrapping_add(1);
         self.kick();
-        for _ in 0..2000 {
+    }
+
+    /// Waits (`ms` at most) for the next used entry: (head, length written).
+    pub(crate) fn wait_used(&mut self, ms: u32) -> Option<(u32, u32)> {
+        for _ in 0..2 * ms {
             if r16(self.used + 2) != self.last_used {
+                let e = self.used + 4 + 8 * u64::from(self.last_used % QSIZE);
                 self.last_used = self.last_used.wrapping_add(1);
-                return true;
+                return Some((r32(e), r32(e + 4)));
             }
             smp::delay_us(500);
         }
-        false
+        None
+    }
+
+    /// Publishes `head`, notifies, waits (1 s at most) for a used entry. Returns whether one
+    /// came.
+    pub(crate) fn submit(&mut self, head: u16) -> bool {
+        self.publish(head);
+        self.wait_used(1000).is_some()
     }
 }
