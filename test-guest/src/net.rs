@@ -10,7 +10,7 @@ use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::DeviceType;
 
 use crate::bootinfo::BootInfo;
-use crate::rawq::{r16, r8, w16, w8, Layout, RawQueue, F_NEXT, F_WRITE, VERSION_1};
+use crate::rawq::{r16, r8, w16, w8, Layout, RawQueue, F_NEXT, F_WRITE, QSIZE, VERSION_1};
 use crate::virtio::{find, transport, GuestHal};
 use crate::{check, fail, pass, println, smp};
 
@@ -302,20 +302,23 @@ pub fn scenario_net_bench(boot: &BootInfo) {
     pass("net-bench");
 }
 
-/// `test=net-mq` (same arguments as `test=net`): the second queue pair, which `virtio-drivers`
-/// cannot use, driven by hand. The guest negotiates MQ and CTRL_VQ, sets up only receive and
-/// transmit queue 1 and the control queue, turns on two pairs (VQ_PAIRS_SET), sends
-/// `hello from pair 1` on transmit queue 1 (again every 500 ms until an answer), and waits for
-/// the host's `hello to pair 1` on receive queue 1, the only one with buffers. The host side
-/// needs no ARP (it has a static neighbour entry), and the TAP steers the answer to the queue
-/// the flow came from.
+/// `test=net-mq` (same arguments as `test=net`): what `virtio-drivers` cannot do, driven by
+/// hand on the second queue pair. The guest negotiates MQ, CTRL_VQ, MRG_RXBUF, CSUM and
+/// GUEST_CSUM, sets up only receive and transmit queue 1 and the control queue, turns on two
+/// pairs (VQ_PAIRS_SET), sends `hello from pair 1` on transmit queue 1 with its UDP checksum
+/// left to the device (NEEDS_CSUM; again every 500 ms until an answer), and waits for the
+/// host's answer on receive queue 1, the only one with buffers: `ANSWER_LEN` bytes, so with
+/// `RX_BUF`-byte buffers it must arrive merged over several. The host side needs no ARP (it has
+/// a static neighbour entry), and the TAP steers the answer to the queue the flow came from.
 pub fn scenario_net_mq(boot: &BootInfo) {
+    const CSUM: u64 = 1 << 0;
+    const GUEST_CSUM: u64 = 1 << 1;
     const MAC: u64 = 1 << 5;
+    const MRG_RXBUF: u64 = 1 << 15;
     const CTRL_VQ: u64 = 1 << 17;
     const MQ: u64 = 1 << 22;
-    /// virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
-    /// num_buffers.
-    const HDR: usize = 12;
+    const WANT: u64 = CSUM | GUEST_CSUM | MAC | MRG_RXBUF | CTRL_VQ | MQ;
+    const RX_BUF: u64 = 256;
     let Some(Addresses {
         ip,
         host_ip,
@@ -329,7 +332,7 @@ pub fn scenario_net_mq(boot: &BootInfo) {
     let offered = l.device_features();
     let pairs = r16(l.device + 8);
     println!("INFO net features {offered:#x}, {pairs} queue pairs");
-    if offered & (MAC | CTRL_VQ | MQ) != MAC | CTRL_VQ | MQ || pairs < 2 {
+    if offered & WANT != WANT || pairs < 2 {
         fail(
             "net-mq-offered",
             format_args!("features {offered:#x}, {pairs} pairs"),
@@ -340,11 +343,7 @@ pub fn scenario_net_mq(boot: &BootInfo) {
     for (i, b) in mac.iter_mut().enumerate() {
         *b = r8(l.device + i as u64);
     }
-    let Some(mut qs) = l.start(
-        "net-mq-setup",
-        VERSION_1 | MAC | CTRL_VQ | MQ,
-        &[2, 3, 2 * pairs],
-    ) else {
+    let Some(mut qs) = l.start("net-mq-setup", VERSION_1 | WANT, &[2, 3, 2 * pairs]) else {
         return;
     };
     let (mut ctrl, mut tx, mut rx) = (qs.pop().unwrap(), qs.pop().unwrap(), qs.pop().unwrap());
@@ -363,46 +362,162 @@ pub fn scenario_net_mq(boot: &BootInfo) {
         answered && a == 0,
         "answered={answered} ack={a:#x}"
     );
-    // Two receive buffers on receive queue 1, each large enough for a whole frame.
-    for i in 0..2u16 {
-        rx.set_desc(i, rx.buf + 2048 * u64::from(i), 2048, F_WRITE, 0);
+    // Every receive buffer of the queue, small.
+    for i in 0..QSIZE {
+        rx.set_desc(i, rx.buf + RX_BUF * u64::from(i), RX_BUF as u32, F_WRITE, 0);
         rx.publish(i);
     }
-    let frame = udp_frame(mac, host_mac, ip, host_ip, b"hello from pair 1");
-    let mut packet = alloc::vec![0u8; HDR];
+    let mut frame = udp_frame(mac, host_mac, ip, host_ip, b"hello from pair 1");
+    // The checksum left to the device: the field holds the pseudo-header's sum (its first 12
+    // bytes, without the datagram).
+    let partial = !checksum(&pseudo_header(ip, host_ip, &frame[34..])[..12]);
+    frame[40..42].copy_from_slice(&partial.to_be_bytes());
+    let mut packet = VirtioNetHdr {
+        flags: 1,
+        csum_start: 34,
+        csum_offset: 6,
+        ..Default::default()
+    }
+    .bytes()
+    .to_vec();
     packet.extend_from_slice(&frame);
     copy_to(tx.buf, &packet);
     tx.set_desc(0, tx.buf, packet.len() as u32, 0, 0);
     let sent = send(&mut tx);
     check!("net-mq-tx", sent, "transmit queue 1 returned no buffer");
     for _ in 0..40 {
-        if let Some((id, len)) = rx.wait_used(500) {
-            let at = rx.buf + 2048 * u64::from(id);
-            let f: Vec<u8> = (HDR as u64..u64::from(len)).map(|i| r8(at + i)).collect();
-            match udp_payload(ip, &f) {
-                Some(p) => {
-                    check!(
-                        "net-mq-rx",
-                        p == b"hello to pair 1",
-                        "payload {:?}",
-                        core::str::from_utf8(p)
-                    );
-                    l.set_status(0);
-                    return;
-                }
-                None => println!("INFO net-mq: other frame ({} bytes)", f.len()),
-            }
-            if id < 2 {
-                rx.publish(id as u16);
-            }
-        } else {
+        let Some(first) = rx.wait_used(500) else {
             send(&mut tx);
+            continue;
+        };
+        // The first buffer's header says how many buffers the frame took.
+        let mut bufs = alloc::vec![first];
+        let base = rx.buf;
+        let at = move |id: u32| base + RX_BUF * u64::from(id);
+        let hdr = VirtioNetHdr::read(at(first.0));
+        while bufs.len() < usize::from(hdr.num_buffers) {
+            match rx.wait_used(1000) {
+                Some(b) => bufs.push(b),
+                None => break,
+            }
         }
+        let mut f: Vec<u8> = Vec::new();
+        for (k, &(id, len)) in bufs.iter().enumerate() {
+            let skip = if k == 0 { VirtioNetHdr::LEN } else { 0 };
+            f.extend((skip as u64..u64::from(len)).map(|i| r8(at(id) + i)));
+        }
+        for &(id, _) in &bufs {
+            rx.publish(id as u16);
+        }
+        let Some(p) = udp_payload(ip, &f) else {
+            println!("INFO net-mq: other frame ({} bytes)", f.len());
+            continue;
+        };
+        println!(
+            "INFO net-mq: answer in {} buffers, header {hdr:?}",
+            bufs.len()
+        );
+        check!(
+            "net-mq-rx",
+            p.len() == ANSWER_LEN && p.starts_with(b"hello to pair 1") && answer_tail_ok(p),
+            "{} bytes: {:?}",
+            p.len(),
+            core::str::from_utf8(&p[..p.len().min(15)])
+        );
+        check!(
+            "net-mq-rx-merged",
+            usize::from(hdr.num_buffers) == bufs.len() && bufs.len() > 1,
+            "num_buffers {}, {} buffers",
+            hdr.num_buffers,
+            bufs.len()
+        );
+        let csum = rx_checksum_ok(&hdr, host_ip, ip, &mut f);
+        check!("net-mq-rx-csum", csum, "header {hdr:?}");
+        l.set_status(0);
+        return;
     }
     fail(
         "net-mq-rx",
         format_args!("nothing for this guest on receive queue 1 in 20 s"),
     );
+}
+
+/// The length of the host's answer in `test=net-mq`: `hello to pair 1`, then byte i (from 15)
+/// is `i % 251`.
+const ANSWER_LEN: usize = 1000;
+
+fn answer_tail_ok(p: &[u8]) -> bool {
+    p.iter()
+        .enumerate()
+        .skip(15)
+        .all(|(i, &b)| b == (i % 251) as u8)
+}
+
+/// The UDP pseudo-header followed by the datagram `udp`, for its checksum.
+fn pseudo_header(src: [u8; 4], dst: [u8; 4], udp: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&src);
+    v.extend_from_slice(&dst);
+    v.extend_from_slice(&[0, 17]);
+    v.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    v.extend_from_slice(udp);
+    v
+}
+
+/// Whether the received frame `f` (Ethernet, IPv4, UDP) has a good checksum as its virtio
+/// header describes it: DATA_VALID (the host checked it), NEEDS_CSUM (the field holds the
+/// pseudo-header's sum; completed here over `csum_start..` and stored at `csum_offset`), or
+/// neither (a full checksum, or none).
+fn rx_checksum_ok(hdr: &VirtioNetHdr, src: [u8; 4], dst: [u8; 4], f: &mut [u8]) -> bool {
+    const NEEDS_CSUM: u8 = 1;
+    const DATA_VALID: u8 = 2;
+    if hdr.flags & DATA_VALID != 0 {
+        return true;
+    }
+    if hdr.flags & NEEDS_CSUM != 0 {
+        let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+        if start != 34 || off != 6 || f.len() < start + off + 2 {
+            return false;
+        }
+        let c = checksum(&f[start..]);
+        f[start + off..start + off + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let udp = &f[34..];
+    let field = u16::from_be_bytes([udp[6], udp[7]]);
+    // Over the pseudo-header and the datagram with its checksum, a good sum is all ones.
+    field == 0 || checksum(&pseudo_header(src, dst, udp)) == 0
+}
+
+/// `virtio_net_hdr_v1` (12 bytes, little endian).
+#[derive(Debug, Default)]
+struct VirtioNetHdr {
+    flags: u8,
+    csum_start: u16,
+    csum_offset: u16,
+    num_buffers: u16,
+}
+
+impl VirtioNetHdr {
+    const LEN: usize = 12;
+
+    fn bytes(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = self.flags;
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        b[10..12].copy_from_slice(&self.num_buffers.to_le_bytes());
+        b
+    }
+
+    fn read(at: u64) -> VirtioNetHdr {
+        let u16_at = |o: u64| u16::from_le_bytes([r8(at + o), r8(at + o + 1)]);
+        VirtioNetHdr {
+            flags: r8(at),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+            num_buffers: u16_at(10),
+        }
+    }
 }
 
 fn copy_to(at: u64, data: &[u8]) {
