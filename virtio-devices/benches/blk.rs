@@ -3,8 +3,8 @@
 //! are compared with plain pread/pwrite on the same file in the same run.
 //!
 //! `cargo bench -p virtio-devices --bench blk` (set BLK_BENCH_SECS to change the duration of
-//! each measurement, default 2; BLK_BENCH_ROUNDS the number of alternating device / plain
-//! rounds it is split into, default 4; BLK_BENCH_CASES=0,2 picks cases; BLK_BENCH_IO_URING=1
+//! each measurement, default 3; BLK_BENCH_ROUNDS the number of alternating device / plain
+//! rounds it is split into, default 12; BLK_BENCH_CASES=0,2 picks cases; BLK_BENCH_IO_URING=1
 //! uses io_uring).
 
 mod common;
@@ -151,13 +151,13 @@ fn main() {
     let secs: u64 = std::env::var("BLK_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(3);
     let dur = Duration::from_secs(secs);
     let rounds: u32 = std::env::var("BLK_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .filter(|&r| r > 0)
-        .unwrap_or(4);
+        .unwrap_or(12);
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(DISK).unwrap();
     // Populate the page cache so both paths see the same state.

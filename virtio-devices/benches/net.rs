@@ -4,8 +4,8 @@
 //! network namespace (the process unshares one first; it must run as root).
 //!
 //! `cargo bench -p virtio-devices --bench net` (NET_BENCH_SECS sets the duration of each
-//! measurement, default 2; NET_BENCH_ROUNDS the number of alternating device / plain rounds it
-//! is split into, default 4).
+//! measurement, default 3; NET_BENCH_ROUNDS the number of alternating device / plain rounds it
+//! is split into, default 12).
 //!
 //! Transmit: the "guest" keeps DEPTH frames in flight on the transmit queue; the device writes
 //! them to the TAP, where the kernel drops them (they are for another host) - the plain loop
@@ -300,13 +300,13 @@ fn main() {
     let secs: u64 = std::env::var("NET_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(3);
     let dur = Duration::from_secs(secs);
     let rounds: u32 = std::env::var("NET_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .filter(|&r| r > 0)
-        .unwrap_or(4);
+        .unwrap_or(12);
     let mut taps = Tap::open("bnet0", 1).expect("creating a TAP");
     let _ = std::fs::write("/proc/sys/net/ipv6/conf/bnet0/disable_ipv6", "1");
     taps[0]
