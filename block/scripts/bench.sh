@@ -4,7 +4,8 @@
 # Linux native AIO). Each case runs REPS times, the two tools alternating
 # (and swapping which goes first), after one untimed warm-up run of each;
 # the medians are printed, and the median (range) of the per-repetition
-# ratios ours/qemu.
+# ratios ours/qemu; also the median CPU time (user + system) per request of each tool, which
+# shows the cost where both are bound by the disk.
 # Usage: block/scripts/bench.sh [DIR] [SIZE] [REPS] [CASE-FILTER]
 #   (default DIR=/tmp/bench-block, SIZE=1G, REPS=5, filter = all cases)
 # BENCH_BIN=path uses that bench-block instead of building one; BASE_BIN=path
@@ -56,64 +57,101 @@ median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else prin
 # in time, so slow drifts of the machine cancel): "median (min-max)".
 paired() {
     paste -d' ' <(printf "%s\n" "${o[@]}") <(printf "%s\n" "${q[@]}") |
-        awk '$2 > 0 {printf "%.3f\n", $1 / $2}' | sort -n |
+        awk '$3 > 0 {printf "%.3f\n", $1 / $3}' | sort -n |
         awk '{a[NR]=$1} END {if (!NR) {print "?"; exit}
              m = (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2
              printf "%.3f (%.2f-%.2f)", m, a[1], a[NR]}'
 }
 
+# Prints "REQUESTS/S CPU-SECONDS": the tool's rate and the CPU time (user + system) it used.
+# `times` runs in this shell (redirected, not in a pipe or $(...), which would be subshells
+# without these children).
 run_one() { # tool fmt args img fresh
+    local rate
     if [ "$5" = 1 ]; then
         rm -f "$4"
         qemu-img create -q -f "$2" "$4" "$SIZE"
+    elif [ "$5" = 2 ]; then
+        rm -f "$4"
+        qemu-img create -q -f qcow2 -b "$DIR/ref.raw" -F raw "$4"
     fi
-    "$1" "$2" "$3" "$4"
+    times > "$DIR/.times0"
+    rate=$("$1" "$2" "$3" "$4")
+    times > "$DIR/.times1"
+    echo "$rate $(awk 'FNR == 2 {
+            t = 0
+            for (i = 1; i <= NF; i++) { split($i, p, "m"); sub("s", "", p[2]); t += p[1] * 60 + p[2] }
+            c[++k] = t
+        } END { printf "%.3f", c[2] - c[1] }' "$DIR/.times0" "$DIR/.times1")"
+}
+rates() { printf "%s\n" "$@" | awk '{print $1}' | xargs; }
+# Median CPU microseconds per request over runs of COUNT requests: cpu_us COUNT RUN...
+cpu_us() {
+    local n=$1
+    shift
+    printf "%s\n" "$@" | awk -v n="$n" '{printf "%.2f\n", $2 / n * 1e6}' | sort -n |
+        awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'
 }
 
 if [ -n "$BASE_BIN" ]; then
-    printf "%-6s %-20s %11s %11s %11s %7s  %-20s %s\n" format case "base req/s" "ours req/s" "qemu req/s" ratio "paired ratio" "runs (base/ours/qemu)"
+    printf "%-6s %-20s %11s %11s %11s %7s  %-20s %-17s %s\n" format case "base req/s" "ours req/s" "qemu req/s" ratio "paired ratio" "CPU us/req (b/o/q)" "runs (base/ours/qemu)"
 else
-    printf "%-6s %-20s %11s %11s %7s  %-20s %s\n" format case "ours req/s" "qemu req/s" ratio "paired ratio" "runs (ours/qemu)"
+    printf "%-6s %-20s %11s %11s %7s  %-20s %-15s %s\n" format case "ours req/s" "qemu req/s" ratio "paired ratio" "CPU us/req (o/q)" "runs (ours/qemu)"
 fi
 # name:formats:fresh:args. "fresh" cases start every run on a new, empty
 # image (allocating writes); COUNT x 64 KiB = 1 GiB fills it exactly once.
+# Format "overlay" is a new qcow2 over ref.raw for every run (fresh = 2), as
+# a VM booted from a cloud image writes to: reads of clusters it has not
+# written come from the backing file, 4 KiB writes copy the rest of their
+# 64 KiB cluster from it.
 CASES=(
     "4k-scattered-read:raw qcow2:0:-c 100000 -s 4k -S $RAND_STEP"
     "4k-scattered-write:raw qcow2:0:-c 100000 -s 4k -S $RAND_STEP -w"
     "64k-seq-read:raw qcow2:0:-c 20000 -s 64k"
     "64k-seq-write:raw qcow2:0:-c 20000 -s 64k -w"
     "64k-alloc-write:qcow2:1:-c $(( $(stat -c %s "$DIR/ref.raw") >> 16 )) -s 64k -w"
+    "4k-scattered-read:overlay:2:-c 100000 -s 4k -S $RAND_STEP"
+    "4k-scattered-write:overlay:2:-c 20000 -s 4k -S $RAND_STEP -w"
+    "64k-seq-read:overlay:2:-c 20000 -s 64k"
 )
-for fmt in raw qcow2; do
+for fmt in raw qcow2 overlay; do
     for c in "${CASES[@]}"; do
         IFS=: read -r name fmts fresh args <<< "$c"
         [[ " $fmts " == *" $fmt "* ]] || continue
         [[ -n "$FILTER" && "$fmt-$name" != *$FILTER* ]] && continue
         img="$DIR/ref.$fmt"
         [ "$fresh" = 1 ] && img="$DIR/fresh.$fmt"
-        run_one ours "$fmt" "$args" "$img" "$fresh" >/dev/null
-        run_one qemu "$fmt" "$args" "$img" "$fresh" >/dev/null
+        tfmt=$fmt
+        if [ "$fresh" = 2 ]; then
+            img="$DIR/overlay.qcow2"
+            tfmt=qcow2
+        fi
+        run_one ours "$tfmt" "$args" "$img" "$fresh" >/dev/null
+        run_one qemu "$tfmt" "$args" "$img" "$fresh" >/dev/null
         o=(); q=(); b=()
         for ((r = 0; r < REPS; r++)); do
-            [ -n "$BASE_BIN" ] && b+=("$(run_one base "$fmt" "$args" "$img" "$fresh")")
+            [ -n "$BASE_BIN" ] && b+=("$(run_one base "$tfmt" "$args" "$img" "$fresh")")
             if (( r % 2 == 0 )); then
-                o+=("$(run_one ours "$fmt" "$args" "$img" "$fresh")")
-                q+=("$(run_one qemu "$fmt" "$args" "$img" "$fresh")")
+                o+=("$(run_one ours "$tfmt" "$args" "$img" "$fresh")")
+                q+=("$(run_one qemu "$tfmt" "$args" "$img" "$fresh")")
             else
-                q+=("$(run_one qemu "$fmt" "$args" "$img" "$fresh")")
-                o+=("$(run_one ours "$fmt" "$args" "$img" "$fresh")")
+                q+=("$(run_one qemu "$tfmt" "$args" "$img" "$fresh")")
+                o+=("$(run_one ours "$tfmt" "$args" "$img" "$fresh")")
             fi
         done
         om=$(printf "%s\n" "${o[@]}" | median)
         qm=$(printf "%s\n" "${q[@]}" | median)
         ratio=$(awk -v a="$om" -v b="$qm" 'BEGIN { printf "%.3f", a / b }')
         pr=$(paired)
+        count=$(echo "$args" | awk '{for (i = 1; i < NF; i++) if ($i == "-c") print $(i + 1)}')
+        cpu="$(cpu_us "$count" "${o[@]}")/$(cpu_us "$count" "${q[@]}")"
         if [ -n "$BASE_BIN" ]; then
             bm=$(printf "%s\n" "${b[@]}" | median)
-            printf "%-6s %-20s %11s %11s %11s %7s  %-20s %s / %s / %s\n" "$fmt" "$name" "$bm" "$om" "$qm" "$ratio" "$pr" "${b[*]}" "${o[*]}" "${q[*]}"
+            cpu="$(cpu_us "$count" "${b[@]}")/$cpu"
+            printf "%-6s %-20s %11s %11s %11s %7s  %-20s %-17s %s / %s / %s\n" "$fmt" "$name" "$bm" "$om" "$qm" "$ratio" "$pr" "$cpu" "$(rates "${b[@]}")" "$(rates "${o[@]}")" "$(rates "${q[@]}")"
         else
-            printf "%-6s %-20s %11s %11s %7s  %-20s %s / %s\n" "$fmt" "$name" "$om" "$qm" "$ratio" "$pr" "${o[*]}" "${q[*]}"
+            printf "%-6s %-20s %11s %11s %7s  %-20s %-15s %s / %s\n" "$fmt" "$name" "$om" "$qm" "$ratio" "$pr" "$cpu" "$(rates "${o[@]}")" "$(rates "${q[@]}")"
         fi
     done
 done
-rm -f "$DIR"/fresh.*
+rm -f "$DIR"/fresh.* "$DIR"/overlay.qcow2 "$DIR"/.times0 "$DIR"/.times1

@@ -3,12 +3,16 @@
 
 //! Batched asynchronous I/O for any [`DiskFile`].
 //!
-//! Requests whose range maps directly onto allocated host data
-//! ([`DiskFile::map_host`]) go to an io_uring when the kernel has one
-//! (probed at runtime). Everything else (allocation, compressed clusters,
-//! backing files, ...) is done synchronously and completed at once. Either
-//! way the completion is reported through [`AsyncDisk::next_completed`] and
-//! the [`AsyncDisk::notifier`] eventfd is signalled.
+//! Requests whose range maps directly onto host data ([`DiskFile::map_host`]:
+//! allocated clusters, or a backing file's for a read) go to an io_uring when
+//! the kernel has one (probed at runtime), and so do allocating writes: of
+//! whole clusters ([`DiskFile::alloc_host`]) and, copying on write, of parts
+//! of clusters ([`DiskFile::alloc_cow`]: the current content is read into a
+//! buffer through the ring, the write merged in, the whole written back).
+//! Everything else (compressed clusters, ...) is done synchronously and
+//! completed at once. Either way the completion is reported through
+//! [`AsyncDisk::next_completed`] and the [`AsyncDisk::notifier`] eventfd is
+//! signalled.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -17,7 +21,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use io_uring::{opcode, register::Probe, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{DiskFile, Error, Result};
+use crate::storage::AlignedBuf;
+use crate::{CowPlan, DiskFile, Error, Result};
 
 /// Largest ring accepted.
 pub const MAX_DEPTH: u32 = 4096;
@@ -36,6 +41,39 @@ struct Slot {
     // Allocating write: (guest offset, length, host offset) to commit (or
     // abort) when the data write completes.
     commit: Option<(u64, u64, u64)>,
+    // Copy-on-write in progress.
+    cow: Option<Box<Cow>>,
+}
+
+/// A write of part of some clusters into fresh space: the span's current
+/// content is read into `span`, the write's data (the slot's iovecs) copied
+/// in at `at`, and the whole written to the reservation, then committed.
+struct Cow {
+    plan: CowPlan,
+    span: AlignedBuf,
+    at: usize,
+    /// The write's own length, which its completion reports.
+    len: usize,
+    /// Still reading the current content.
+    reading: bool,
+}
+
+impl Cow {
+    /// Copies the write's data into the span.
+    ///
+    /// # Safety
+    /// The iovecs must describe valid memory (the caller's contract for the
+    /// request, until it completes).
+    unsafe fn merge(&mut self, iovecs: &[libc::iovec]) {
+        let span = self.span.as_mut_slice();
+        let mut at = self.at;
+        for v in iovecs {
+            // SAFETY: valid memory by this function's contract.
+            let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+            span[at..at + v.iov_len].copy_from_slice(src);
+            at += v.iov_len;
+        }
+    }
 }
 
 /// An asynchronous, batched front for a [`DiskFile`].
@@ -286,40 +324,67 @@ impl AsyncDisk {
             self.complete_sync(user_data, Err(Error::ReadOnly), 0);
             return Ok(());
         }
-        let mapping = if self.ring.is_some() && len > 0 && len <= i32::MAX as usize {
-            match self.disk.map_host(offset, len as u64, write) {
+        let ring_ok = self.ring.is_some() && len > 0 && len <= i32::MAX as usize;
+        let mut mapping = None;
+        for attempt in 0..2 {
+            if !ring_ok {
+                break;
+            }
+            mapping = match self.disk.map_host(offset, len as u64, write) {
                 Ok(m) => m.filter(|m| !m.direct || Self::aligned(iovecs, m.offset)),
                 Err(e) => {
                     self.complete_sync(user_data, Err(e), 0);
                     return Ok(());
                 }
+            };
+            // A write that does not go in place waits for the reservations
+            // that share a cluster with it (committing one later would undo
+            // it), then looks again: the clusters may be in place now.
+            if attempt > 0
+                || mapping.is_some()
+                || !write
+                || !self.disk.alloc_pending(offset, len as u64)
+            {
+                break;
             }
-        } else {
-            None
-        };
+            while self.disk.alloc_pending(offset, len as u64) && self.in_flight() > 0 {
+                self.reap(1)?;
+            }
+        }
         // Allocating writes of whole clusters: data to fresh host space
         // through the ring, metadata updated when it completes.
         let mut commit = None;
         let mapping = match mapping {
-            None if write && self.ring.is_some() && len > 0 && len <= i32::MAX as usize => {
-                match self.disk.alloc_host(offset, len as u64) {
-                    Ok(Some(m)) if !m.direct || Self::aligned(iovecs, m.offset) => {
-                        commit = Some((offset, len as u64, m.offset));
-                        Some(m)
-                    }
-                    Ok(Some(m)) => {
-                        self.disk.abort_alloc(offset, len as u64, m.offset);
-                        None
-                    }
-                    Ok(None) => None,
-                    Err(e) => {
-                        self.complete_sync(user_data, Err(e), 0);
-                        return Ok(());
-                    }
+            None if write && ring_ok => match self.disk.alloc_host(offset, len as u64) {
+                Ok(Some(m)) if !m.direct || Self::aligned(iovecs, m.offset) => {
+                    commit = Some((offset, len as u64, m.offset));
+                    Some(m)
                 }
-            }
+                Ok(Some(m)) => {
+                    self.disk.abort_alloc(offset, len as u64, m.offset);
+                    None
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    self.complete_sync(user_data, Err(e), 0);
+                    return Ok(());
+                }
+            },
             m => m,
         };
+        if mapping.is_none() && write && ring_ok {
+            match self.disk.alloc_cow(offset, len as u64) {
+                // SAFETY: the caller's contract for the iovecs carries over.
+                Ok(Some(plan)) => {
+                    return unsafe { self.queue_cow(plan, offset, iovecs, user_data) }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.complete_sync(user_data, Err(e), 0);
+                    return Ok(());
+                }
+            }
+        }
         let Some(m) = mapping else {
             let res = if write {
                 let slices: Vec<IoSlice> = iovecs
@@ -441,6 +506,114 @@ impl AsyncDisk {
 
     /// Index of `fd` in the ring's registered file table, registering it on
     /// first use (saves a file reference count round trip per request).
+    /// Starts the copy-on-write `plan` for a write of `iovecs` at `offset`.
+    ///
+    /// # Safety
+    /// Same contract as [`AsyncDisk::write_vectored`].
+    unsafe fn queue_cow(
+        &mut self,
+        plan: CowPlan,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<()> {
+        self.counts.0 += 1;
+        if self.free.is_empty() {
+            self.reap(1)?;
+        }
+        let idx = self.free.pop().expect("reap frees a slot");
+        let mut cow = Box::new(Cow {
+            plan,
+            span: AlignedBuf::new(plan.len as usize),
+            at: (offset - plan.start) as usize,
+            len: iovecs.iter().map(|v| v.iov_len).sum(),
+            reading: plan.source.is_some(),
+        });
+        if !cow.reading {
+            // Zeroes before (AlignedBuf is zeroed): the data goes in now.
+            // SAFETY: the caller's contract.
+            unsafe { cow.merge(iovecs) };
+        }
+        let slot = &mut self.slots[idx];
+        slot.user_data = user_data;
+        slot.busy = true;
+        slot.commit = None;
+        // Kept until the read completes, to copy the data in then.
+        slot.iovecs.clear();
+        slot.iovecs.extend_from_slice(iovecs);
+        slot.cow = Some(cow);
+        if let Err(e) = self.push_cow_step(idx) {
+            self.end_cow(idx, -e.errno());
+        }
+        Ok(())
+    }
+
+    /// Queues the next step of the copy-on-write in `slots[idx]`: the read of
+    /// the span's current content, or the write of the merged span.
+    fn push_cow_step(&mut self, idx: usize) -> Result<()> {
+        let cow = self.slots[idx].cow.as_mut().expect("a copy-on-write slot");
+        let (m, write) = match (cow.reading, cow.plan.source) {
+            (true, Some(source)) => (source, false),
+            _ => (cow.plan.target, true),
+        };
+        let (buf, len) = (cow.span.as_mut_slice().as_mut_ptr(), cow.plan.len as u32);
+        let fixed = self.fixed_file(m.fd);
+        macro_rules! sqe {
+            ($fd:expr) => {
+                if write {
+                    opcode::Write::new($fd, buf, len).offset(m.offset).build()
+                } else {
+                    opcode::Read::new($fd, buf, len).offset(m.offset).build()
+                }
+            };
+        }
+        let entry = match fixed {
+            Some(i) => sqe!(types::Fixed(i)),
+            None => sqe!(types::Fd(m.fd)),
+        }
+        .user_data(idx as u64);
+        let ring = self.ring.as_mut().expect("copy-on-write needs the ring");
+        // SAFETY: the span buffer lives in the slot's Cow until the slot
+        // completes.
+        if unsafe { ring.submission().push(&entry) }.is_err() {
+            ring.submit()?;
+            self.unsubmitted = 0;
+            // SAFETY: as above.
+            unsafe { ring.submission().push(&entry) }
+                .map_err(|_| Error::Io(io::Error::other("io_uring submission queue full")))?;
+        }
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    /// Ends the copy-on-write in `slots[idx]` after its last step completed
+    /// with `res`: commits it if the whole span was written, else drops the
+    /// reservation; the request completes with its length or an error.
+    fn end_cow(&mut self, idx: usize, res: i32) {
+        let slot = &mut self.slots[idx];
+        let cow = slot.cow.take().expect("a copy-on-write slot");
+        let (start, len, host) = (cow.plan.start, cow.plan.len, cow.plan.target.offset);
+        let out = if res >= 0 && res as u64 == len && !cow.reading {
+            match self.disk.commit_alloc(start, len, host) {
+                Ok(()) => cow.len as i32,
+                Err(e) => {
+                    log::debug!("committing a copy-on-write failed: {e}");
+                    -e.errno()
+                }
+            }
+        } else {
+            self.disk.abort_alloc(start, len, host);
+            if res < 0 {
+                res
+            } else {
+                -libc::EIO
+            }
+        };
+        slot.busy = false;
+        self.done.push_back((slot.user_data, out));
+        self.free.push(idx);
+    }
+
     fn fixed_file(&mut self, fd: RawFd) -> Option<u32> {
         if self.registered_fd == Some(fd) {
             return Some(0);
@@ -500,9 +673,23 @@ impl AsyncDisk {
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
+        let mut next_steps = Vec::new();
+        let mut ended = Vec::new();
         for cqe in ring.completion() {
             let idx = cqe.user_data() as usize;
             if let Some(slot) = self.slots.get_mut(idx).filter(|s| s.busy) {
+                if let Some(cow) = slot.cow.as_mut() {
+                    if cow.reading && cqe.result() as u64 == cow.plan.len {
+                        cow.reading = false;
+                        // SAFETY: the request's iovecs stay valid until it
+                        // completes (the caller's contract).
+                        unsafe { cow.merge(&slot.iovecs) };
+                        next_steps.push(idx);
+                    } else {
+                        ended.push((idx, cqe.result()));
+                    }
+                    continue;
+                }
                 slot.busy = false;
                 let mut res = cqe.result();
                 if let Some((off, len, host)) = slot.commit.take() {
@@ -521,6 +708,24 @@ impl AsyncDisk {
                 }
                 self.done.push_back((slot.user_data, res));
                 self.free.push(idx);
+            }
+        }
+        for (idx, res) in ended {
+            self.end_cow(idx, res);
+        }
+        if next_steps.is_empty() {
+            return;
+        }
+        for idx in next_steps {
+            if let Err(e) = self.push_cow_step(idx) {
+                self.end_cow(idx, -e.errno());
+            }
+        }
+        // The caller may wait on the eventfd alone: the writes go out now.
+        if let Some(ring) = self.ring.as_mut() {
+            match ring.submit() {
+                Ok(_) => self.unsubmitted = 0,
+                Err(e) => log::warn!("io_uring: submitting copy-on-write data failed: {e}"),
             }
         }
     }

@@ -143,6 +143,36 @@ pub trait DiskFile: Send {
     }
     /// Give up a reservation made by [`DiskFile::alloc_host`].
     fn abort_alloc(&mut self, _offset: u64, _len: u64, _host: u64) {}
+    /// For a write that [`DiskFile::alloc_host`] cannot place because it
+    /// covers clusters only in part: reserve fresh host space for the whole
+    /// clusters it touches (as `alloc_host` does for them) and say where their
+    /// current content is. The caller reads that content into a buffer of
+    /// its own, puts the write's data in, writes the buffer to the
+    /// reservation, then commits the whole span with
+    /// [`DiskFile::commit_alloc`] (or aborts it). `None`: the synchronous
+    /// path writes it.
+    fn alloc_cow(&mut self, _offset: u64, _len: u64) -> Result<Option<CowPlan>> {
+        Ok(None)
+    }
+    /// Whether a reservation not committed or aborted yet shares a cluster
+    /// with `[offset, offset+len)`. A write there must wait for it: committing
+    /// a whole cluster would undo a write to another part of it.
+    fn alloc_pending(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+}
+
+/// A copy-on-write allocation made by [`DiskFile::alloc_cow`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CowPlan {
+    /// Start of the virtual range the reservation covers (whole clusters).
+    pub start: u64,
+    /// Length of that range.
+    pub len: u64,
+    /// Where the new data of the whole range goes.
+    pub target: HostMapping,
+    /// Where the range's current content is: `None` for zeroes.
+    pub source: Option<HostMapping>,
 }
 
 /// Convenience helpers on top of [`DiskFile`].

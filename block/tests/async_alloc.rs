@@ -224,3 +224,192 @@ fn multi_buffer_requests_and_lock_release() {
         assert!(read_all(disk.as_mut()) == model, "round {round}");
     }
 }
+
+/// Reads of clusters an overlay never wrote go to the ring too, on the file of
+/// the layer that has them (`map_host` resolves the chain layer by layer);
+/// past the end of a smaller backing file, and for requests mixing layers, the
+/// synchronous path serves them. The data is checked against a model.
+fn backing_reads_case(direct: bool) {
+    let d = tmpdir();
+    let base = p(d.path(), "base.raw");
+    let mid = p(d.path(), "mid.qcow2");
+    let top = p(d.path(), "top.qcow2");
+    let data = pattern(SIZE, 7);
+    write_raw(&base, &data);
+    let q = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &q(&base),
+        "-F",
+        "raw",
+        &q(&mid),
+    ]);
+    qemu_io("qcow2", &mid, &["write -P 0x22 1M 128k".into()]);
+    // The top layer is larger than its backing chain: 6 MiB over 4 MiB.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &q(&mid),
+        "-F",
+        "qcow2",
+        &q(&top),
+        "6M",
+    ]);
+    qemu_io("qcow2", &top, &["write -P 0x33 2M 64k".into()]);
+    let mut model = data.clone();
+    model.resize(SIZE + SIZE / 2, 0);
+    model[1 << 20..(1 << 20) + 2 * CS].fill(0x22);
+    model[2 << 20..(2 << 20) + CS].fill(0x33);
+    let opts = OpenOptions {
+        direct,
+        backing_files: true,
+        readonly: true,
+        ..Default::default()
+    };
+    let mut a = AsyncDisk::new(open_disk(&top, &opts).unwrap(), 16, true).unwrap();
+    // (offset, length, served by the ring)
+    let reads: [(usize, usize, bool); 7] = [
+        (4096, 4096, true),              // base, through two layers
+        ((1 << 20) + 8192, 8192, true),  // mid
+        ((2 << 20) + 4096, 4096, true),  // top
+        (3 * CS, 2 * CS, true),          // two clusters, base
+        ((2 << 20) - 4096, 8192, false), // mid's last cluster and base: mixed
+        (SIZE + 4096, 4096, false),      // past the backing chain: zeroes
+        (SIZE - 4096, 8192, false),      // across the chain's end
+    ];
+    let mut bufs: Vec<AlignedBuf> = reads.iter().map(|r| AlignedBuf::new(r.1)).collect();
+    let before = a.request_counts();
+    for (i, (&(off, len, _), b)) in reads.iter().zip(bufs.iter_mut()).enumerate() {
+        b.as_mut_slice().fill(0xee);
+        let v = [iov(b, len)];
+        // SAFETY: each buffer serves one request until the completions are drained.
+        unsafe { a.read_vectored(off as u64, &v, i as u64).unwrap() };
+    }
+    a.submit().unwrap();
+    let lens: Vec<i32> = reads.iter().map(|r| r.1 as i32).collect();
+    wait_lens(&mut a, &lens);
+    for (&(off, len, _), b) in reads.iter().zip(&bufs) {
+        assert!(
+            b.as_slice()[..len] == model[off..off + len],
+            "read of {len} at {off:#x}"
+        );
+    }
+    let after = a.request_counts();
+    let ring = reads.iter().filter(|r| r.2).count() as u64;
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (ring, reads.len() as u64 - ring),
+        "(ring, synchronous) requests"
+    );
+}
+
+#[test]
+fn backing_chain_reads_through_ring() {
+    backing_reads_case(false);
+}
+
+#[test]
+fn backing_chain_reads_through_ring_direct() {
+    backing_reads_case(true);
+}
+
+/// Writes covering clusters in part, on an overlay whose unwritten clusters
+/// come from a raw backing file and on an image without one (zeroes): copied
+/// on write through the ring (`alloc_cow`), several of them in flight at once
+/// and some into the same cluster (which must wait for each other: the later
+/// commit would undo the earlier write), one into a cluster read as zeroes
+/// (`write -z`). Each round's data is checked against a model through the
+/// queue, and at the end the image with qemu-img check and compare.
+fn cow_case(direct: bool, backing: bool) {
+    let d = tmpdir();
+    let base = p(d.path(), "base.raw");
+    let img = p(d.path(), "cow.qcow2");
+    let model_path = p(d.path(), "model.raw");
+    let q = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let mut model = if backing {
+        let data = pattern(SIZE, 11);
+        write_raw(&base, &data);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &q(&base),
+            "-F",
+            "raw",
+            &q(&img),
+        ]);
+        data
+    } else {
+        qemu_img(&["create", "-q", "-f", "qcow2", &q(&img), &SIZE.to_string()]);
+        vec![0u8; SIZE]
+    };
+    qemu_io("qcow2", &img, &["write -z 128k 64k".into()]);
+    model[2 * CS..3 * CS].fill(0);
+    let opts = OpenOptions {
+        direct,
+        backing_files: true,
+        ..Default::default()
+    };
+    let mut a = AsyncDisk::new(open_disk(&img, &opts).unwrap(), 16, true).unwrap();
+    let mut bufs: Vec<AlignedBuf> = (0..16).map(|_| AlignedBuf::new(CS)).collect();
+    let mut r = Rng::new(3);
+    for round in 0..4usize {
+        let before = a.request_counts();
+        let mut reqs = Vec::new();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            // Sixteen 4 KiB-aligned pieces of 4-12 KiB in eight clusters (two
+            // per cluster, not overlapping), one of them the zero cluster.
+            let c = [2, 5, 9, 17, 23, 40, 41, 63][(i / 2 + round) % 8];
+            let len = 4096 * (1 + (i + round) % 3);
+            let off = c * CS + (i % 2) * CS / 2 + 4096 * round;
+            r.fill(&mut b.as_mut_slice()[..len]);
+            let v = [iov(b, len)];
+            // SAFETY: each buffer serves one request until it completes below.
+            unsafe { a.write_vectored(off as u64, &v, i as u64).unwrap() };
+            reqs.push((off, len));
+        }
+        a.submit().unwrap();
+        let lens: Vec<i32> = reqs.iter().map(|&(_, len)| len as i32).collect();
+        wait_lens(&mut a, &lens);
+        for (i, &(off, len)) in reqs.iter().enumerate() {
+            model[off..off + len].copy_from_slice(&bufs[i].as_slice()[..len]);
+        }
+        let (ring, sync) = (
+            a.request_counts().0 - before.0,
+            a.request_counts().1 - before.1,
+        );
+        assert!(
+            read_all(a.disk()) == model,
+            "round {round}: content differs from the model"
+        );
+        assert_eq!((ring, sync), (16, 0), "round {round}: (ring, synchronous)");
+    }
+    drop(a);
+    write_raw(&model_path, &model);
+    qemu_check("qcow2", &img);
+    qemu_compare("qcow2", &img, &model_path);
+}
+
+#[test]
+fn cow_writes_over_backing_through_ring() {
+    cow_case(false, true);
+}
+
+#[test]
+fn cow_writes_over_backing_through_ring_direct() {
+    cow_case(true, true);
+}
+
+#[test]
+fn cow_writes_over_zeroes_through_ring() {
+    cow_case(false, false);
+}

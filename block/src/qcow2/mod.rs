@@ -21,6 +21,7 @@ pub mod table;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use cache::Cache;
@@ -33,7 +34,8 @@ pub use create::{create, CreateOptions};
 use crate::error::invalid;
 use crate::storage::{FileStorage, Storage};
 use crate::{
-    for_each_read, for_each_write, DiskFile, Error, HostMapping, ImageType, OpenOptions, Result,
+    for_each_read, for_each_write, CowPlan, DiskFile, Error, HostMapping, ImageType, OpenOptions,
+    Result,
 };
 
 const FORMAT: &str = "qcow2";
@@ -623,17 +625,25 @@ impl DiskFile for Qcow2Disk {
             return Ok(None);
         };
         // Every cluster of the range allocated, usable for this access, and
-        // host-contiguous with the previous one.
+        // host-contiguous with the previous one; or, for a read, every
+        // cluster unallocated here, so that the backing file has the data.
         let mut first = None;
+        let mut unallocated = false;
         let mut g = offset - in_off;
         while g < offset + len {
             let host = match self.lookup(g)? {
                 L2Entry::Normal { host, copied }
                     if (copied || !write)
                         && host < self.rc.next_free
-                        && !(write && self.is_metadata(host)) =>
+                        && !(write && self.is_metadata(host))
+                        && !unallocated =>
                 {
                     host
+                }
+                L2Entry::Unallocated if !write && first.is_none() => {
+                    unallocated = true;
+                    g += cs;
+                    continue;
                 }
                 _ => return Ok(None),
             };
@@ -643,6 +653,15 @@ impl DiskFile for Qcow2Disk {
                 Some(_) => return Ok(None),
             }
             g += cs;
+        }
+        if unallocated {
+            // Where the backing file has the range, the ring reads it there (a
+            // chain resolves layer by layer). No backing file, or a range past
+            // its end: zeroes, which the synchronous path fills.
+            return match self.backing.as_mut() {
+                Some(b) if offset + len <= b.size() => b.map_host(offset, len, false),
+                _ => Ok(None),
+            };
         }
         let host = first.expect("len > 0 covers a cluster");
         Ok(Some(HostMapping {
@@ -654,6 +673,18 @@ impl DiskFile for Qcow2Disk {
 
     fn alloc_host(&mut self, offset: u64, len: u64) -> Result<Option<HostMapping>> {
         self.alloc_host_inner(offset, len)
+    }
+
+    fn alloc_cow(&mut self, offset: u64, len: u64) -> Result<Option<CowPlan>> {
+        self.alloc_cow_inner(offset, len)
+    }
+
+    fn alloc_pending(&self, offset: u64, len: u64) -> bool {
+        let cs = self.cs();
+        let (start, end) = (offset & !(cs - 1), offset.saturating_add(len));
+        self.pending_allocs
+            .values()
+            .any(|&(o, l)| o < end && start < o + l)
     }
 
     fn commit_alloc(&mut self, offset: u64, len: u64, host: u64) -> Result<()> {
@@ -707,6 +738,13 @@ impl Qcow2Disk {
             }
             g += cs;
         }
+        self.reserve(offset, len, fd).map(Some)
+    }
+
+    /// Fresh host space for the whole clusters `[offset, offset+len)`, pending
+    /// until committed or aborted.
+    fn reserve(&mut self, offset: u64, len: u64, fd: RawFd) -> Result<HostMapping> {
+        let cs = self.cs();
         let host = if len == cs {
             self.alloc_cluster()?
         } else {
@@ -714,10 +752,63 @@ impl Qcow2Disk {
         };
         self.ensure_preallocated(host + len);
         self.pending_allocs.insert(host, (offset, len));
-        Ok(Some(HostMapping {
+        Ok(HostMapping {
             fd,
             offset: host,
             direct: self.st.is_direct(),
+        })
+    }
+
+    /// `alloc_cow`: for clusters this image has not written (their content is
+    /// the backing file's, or zeroes) or that read as zeroes. Clusters with
+    /// data of their own here (in place, shared or compressed) go the
+    /// synchronous way.
+    fn alloc_cow_inner(&mut self, offset: u64, len: u64) -> Result<Option<CowPlan>> {
+        crate::check_range(offset, len, self.size())?;
+        let cs = self.cs();
+        let start = offset & !(cs - 1);
+        let end = (offset + len).next_multiple_of(cs);
+        if self.readonly
+            || len == 0
+            || (start == offset && end == offset + len)
+            || end > self.size()
+            || end - start > MAX_ALLOC_BYTES
+            || self.alloc_pending(start, end - start)
+        {
+            return Ok(None);
+        }
+        let Some(fd) = self.st.raw_fd() else {
+            return Ok(None);
+        };
+        let (mut unallocated, mut zero) = (false, false);
+        let mut g = start;
+        while g < end {
+            match self.lookup(g)? {
+                L2Entry::Unallocated => unallocated = true,
+                L2Entry::Zero { .. } => zero = true,
+                _ => return Ok(None),
+            }
+            g += cs;
+        }
+        let source = match self.backing.as_mut() {
+            Some(b) if unallocated => {
+                // The backing file's content, all of it readable in one piece.
+                if zero || end > b.size() {
+                    return Ok(None);
+                }
+                match b.map_host(start, end - start, false)? {
+                    Some(m) => Some(m),
+                    None => return Ok(None),
+                }
+            }
+            _ => None,
+        };
+        let target = self.reserve(start, end - start, fd)?;
+        Ok(Some(CowPlan {
+            start,
+            len: end - start,
+            target,
+            source,
         }))
     }
 
