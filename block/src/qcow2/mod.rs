@@ -767,7 +767,9 @@ impl Qcow2Disk {
         crate::check_range(offset, len, self.size())?;
         let cs = self.cs();
         let start = offset & !(cs - 1);
-        let end = (offset + len).next_multiple_of(cs);
+        let Some(end) = (offset + len).checked_next_multiple_of(cs) else {
+            return Ok(None);
+        };
         if self.readonly
             || len == 0
             || (start == offset && end == offset + len)
@@ -777,9 +779,6 @@ impl Qcow2Disk {
         {
             return Ok(None);
         }
-        let Some(fd) = self.st.raw_fd() else {
-            return Ok(None);
-        };
         let (mut unallocated, mut zero) = (false, false);
         let mut g = start;
         while g < end {
@@ -802,6 +801,9 @@ impl Qcow2Disk {
                 }
             }
             _ => None,
+        };
+        let Some(fd) = self.st.raw_fd() else {
+            return Ok(None);
         };
         let target = self.reserve(start, end - start, fd)?;
         Ok(Some(CowPlan {
