@@ -159,3 +159,85 @@ fn crash_v3_64k() {
 fn crash_v2_small_clusters() {
     crash_matrix(2, 9);
 }
+
+/// The io_uring paths under a real crash: `bench-block` writes to a qcow2
+/// through `AsyncDisk` (64 requests in flight: copy-on-write of 4 KiB pieces
+/// over a backing file, whole-cluster allocations of 64 KiB, in-place
+/// writes), and is killed (SIGKILL) at a different moment each time. The
+/// image must pass `qemu-img check` (leaks allowed), open, and read.
+#[test]
+fn crash_kill_async_writer() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.raw");
+    let img = p(d.path(), "ovl.qcow2");
+    write_raw(&base, &pattern(16 << 20, 4));
+    let q = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    for round in 0..8u64 {
+        if round % 4 == 0 {
+            // A fresh overlay now and then; otherwise the crashed one goes on.
+            let _ = std::fs::remove_file(&img);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                &q(&base),
+                "-F",
+                "raw",
+                &q(&img),
+            ]);
+        }
+        let size = if round % 2 == 0 { "4k" } else { "64k" };
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bench-block"))
+            .args([
+                "-f",
+                "qcow2",
+                "-d",
+                "64",
+                "-c",
+                "100000000",
+                "-s",
+                size,
+                "-w",
+            ])
+            .args(["-S", &(4096 * 1021 + 4096 * round).to_string(), &q(&img)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(40 + 37 * round));
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "round {round}: the writer ended before it was killed: {status}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        wait_unlocked(&img);
+        qemu_check("qcow2", &img);
+        let mut disk = open_as(&img, block::ImageType::Qcow2, true);
+        let _ = read_all(disk.as_mut());
+    }
+}
+
+/// Waits (5 s at most) until qemu can lock `img` and its backing file again
+/// after a writer was killed: the kernel tears the writer's io_uring down
+/// asynchronously after the process has exited, and with it the file the
+/// ring holds registered (the image's or the backing file's) and its lock.
+fn wait_unlocked(img: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", img.to_str().unwrap()])
+            .output()
+            .expect("qemu-img is required (qemu-utils)");
+        let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+        if !locked || std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
