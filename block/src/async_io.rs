@@ -468,17 +468,9 @@ impl AsyncDisk {
             None => sqe!(types::Fd(m.fd)),
         }
         .user_data(idx as u64);
-        let ring = self.ring.as_mut().expect("mapping implies a ring");
         // SAFETY: the iovec array (if any) is owned by slots[idx] until
         // completion and the buffers are valid per the caller's contract.
-        if unsafe { ring.submission().push(&entry) }.is_err() {
-            ring.submit()?;
-            self.unsubmitted = 0;
-            // SAFETY: as above.
-            unsafe { ring.submission().push(&entry) }
-                .map_err(|_| Error::Io(io::Error::other("io_uring submission queue full")))?;
-        }
-        self.unsubmitted += 1;
+        unsafe { self.push_entry(&entry)? };
         let continues = self.last == Some((m.fd, m.offset, write));
         self.run_bytes = if continues && self.unsubmitted > 1 {
             self.run_bytes + len as u64
@@ -493,6 +485,7 @@ impl AsyncDisk {
             // The request is queued either way: a failed early submission
             // must not be reported as a failed request (its buffers are in
             // the ring); it goes with the next submit() or reap().
+            let ring = self.ring.as_mut().expect("pushed to the ring above");
             match ring.submit() {
                 Ok(_) => {
                     self.round += self.unsubmitted;
@@ -572,14 +565,27 @@ impl AsyncDisk {
             None => sqe!(types::Fd(m.fd)),
         }
         .user_data(idx as u64);
-        let ring = self.ring.as_mut().expect("copy-on-write needs the ring");
         // SAFETY: the span buffer lives in the slot's Cow until the slot
         // completes.
-        if unsafe { ring.submission().push(&entry) }.is_err() {
+        unsafe { self.push_entry(&entry) }
+    }
+
+    /// Puts `entry` in the submission queue (submitting what is there first
+    /// if it is full).
+    ///
+    /// # Safety
+    /// The memory `entry` names must stay valid until its completion.
+    unsafe fn push_entry(&mut self, entry: &io_uring::squeue::Entry) -> Result<()> {
+        let ring = self
+            .ring
+            .as_mut()
+            .expect("a request for the ring implies one");
+        // SAFETY: by this function's contract.
+        if unsafe { ring.submission().push(entry) }.is_err() {
             ring.submit()?;
             self.unsubmitted = 0;
             // SAFETY: as above.
-            unsafe { ring.submission().push(&entry) }
+            unsafe { ring.submission().push(entry) }
                 .map_err(|_| Error::Io(io::Error::other("io_uring submission queue full")))?;
         }
         self.unsubmitted += 1;

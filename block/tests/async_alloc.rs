@@ -236,32 +236,10 @@ fn backing_reads_case(direct: bool) {
     let top = p(d.path(), "top.qcow2");
     let data = pattern(SIZE, 7);
     write_raw(&base, &data);
-    let q = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &q(&base),
-        "-F",
-        "raw",
-        &q(&mid),
-    ]);
+    qemu_overlay(&mid, &base, "raw", None);
     qemu_io("qcow2", &mid, &["write -P 0x22 1M 128k".into()]);
     // The top layer is larger than its backing chain: 6 MiB over 4 MiB.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &q(&mid),
-        "-F",
-        "qcow2",
-        &q(&top),
-        "6M",
-    ]);
+    qemu_overlay(&top, &mid, "qcow2", Some("6M"));
     qemu_io("qcow2", &top, &["write -P 0x33 2M 64k".into()]);
     let mut model = data.clone();
     model.resize(SIZE + SIZE / 2, 0);
@@ -332,24 +310,20 @@ fn cow_case(direct: bool, backing: bool) {
     let base = p(d.path(), "base.raw");
     let img = p(d.path(), "cow.qcow2");
     let model_path = p(d.path(), "model.raw");
-    let q = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let mut model = if backing {
         let data = pattern(SIZE, 11);
         write_raw(&base, &data);
+        qemu_overlay(&img, &base, "raw", None);
+        data
+    } else {
         qemu_img(&[
             "create",
             "-q",
             "-f",
             "qcow2",
-            "-b",
-            &q(&base),
-            "-F",
-            "raw",
-            &q(&img),
+            img.to_str().unwrap(),
+            &SIZE.to_string(),
         ]);
-        data
-    } else {
-        qemu_img(&["create", "-q", "-f", "qcow2", &q(&img), &SIZE.to_string()]);
         vec![0u8; SIZE]
     };
     qemu_io("qcow2", &img, &["write -z 128k 64k".into()]);

@@ -176,17 +176,7 @@ fn crash_kill_async_writer() {
         if round % 4 == 0 {
             // A fresh overlay now and then; otherwise the crashed one goes on.
             let _ = std::fs::remove_file(&img);
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &q(&base),
-                "-F",
-                "raw",
-                &q(&img),
-            ]);
+            qemu_overlay(&img, &base, "raw", None);
         }
         let size = if round % 2 == 0 { "4k" } else { "64k" };
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bench-block"))

@@ -40,6 +40,25 @@ pub fn qemu_io(fmt: &str, img: &Path, cmds: &[String]) {
     qemu("qemu-io", &a);
 }
 
+/// `qemu-img create` of a qcow2 `img` over `backing` (format `backing_fmt`),
+/// of the backing file's size or `size`.
+pub fn qemu_overlay(img: &Path, backing: &Path, backing_fmt: &str, size: Option<&str>) {
+    let (img, backing) = (img.to_str().unwrap(), backing.to_str().unwrap());
+    let mut args = vec![
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        backing,
+        "-F",
+        backing_fmt,
+        img,
+    ];
+    args.extend(size);
+    qemu_img(&args);
+}
+
 /// `qemu-img check` must report no errors (leaks allowed).
 pub fn qemu_check(fmt: &str, img: &Path) {
     let out = Command::new("qemu-img")
