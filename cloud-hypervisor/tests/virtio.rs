@@ -222,6 +222,74 @@ fn blk_two_disks_one_and_two_queues() {
     check_disk(&b, 1, 2 << 20, true, true);
 }
 
+/// Runs `qemu-img` (Debian's qemu-utils) with `args`; it must succeed.
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is required (qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qcow2 overlay over a raw image holding the host's pattern (`backing_files=on`), as a VM
+/// booted from a cloud image has: the guest reads the pattern through the chain and writes
+/// its own sectors (a copy-on-write of part of a cluster; with `direct=on` through io_uring).
+/// The overlay passes `qemu-img check` and, converted to raw, holds the guest's sectors and the
+/// backing file's zeroes elsewhere; the backing file is untouched.
+#[test]
+fn blk_qcow2_overlay_over_raw_backing() {
+    for direct in ["off", "on"] {
+        let dir = scratch(&format!("blk-overlay-{direct}"));
+        let (base, overlay, flat) = (
+            dir.join("base.raw"),
+            dir.join("overlay.qcow2"),
+            dir.join("flat.raw"),
+        );
+        make_disk(&base, 0, 1 << 20);
+        let path = |p: &Path| p.to_str().unwrap().to_string();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &path(&base),
+            "-F",
+            "raw",
+            &path(&overlay),
+        ]);
+        let disk = format!(
+            "path={},backing_files=on,direct={direct},serial=serial0",
+            overlay.display()
+        );
+        let r = boot_pvh(
+            &format!("test=blk blk_disks=1 blk_sectors={SECTORS}"),
+            &["--disk", &disk],
+        );
+        r.assert_guest_passed();
+        for c in ["read", "write", "flush", "read-back", "get-id"] {
+            r.assert_passed(&format!("blk0-{c}"));
+        }
+        qemu_img(&["check", "-q", "-f", "qcow2", &path(&overlay)]);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            &path(&overlay),
+            &path(&flat),
+        ]);
+        check_disk(&flat, 0, 1 << 20, true, false);
+        check_disk(&base, 0, 1 << 20, false, false);
+    }
+}
+
 #[test]
 fn blk_readonly_rejects_writes() {
     let (a, da) = one_disk("blkro", "ro.img", "readonly=on,serial=serial0");
