@@ -417,7 +417,12 @@ impl AsyncDisk {
         };
         self.counts.0 += 1;
         if self.free.is_empty() {
-            self.reap(1)?;
+            if let Err(e) = self.reap(1) {
+                if let Some((off, len, host)) = commit {
+                    self.disk.abort_alloc(off, len, host);
+                }
+                return Err(e);
+            }
         }
         let idx = self.free.pop().expect("reap frees a slot");
         let fixed_file = self.fixed_file(m.fd);
@@ -497,8 +502,6 @@ impl AsyncDisk {
         Ok(())
     }
 
-    /// Index of `fd` in the ring's registered file table, registering it on
-    /// first use (saves a file reference count round trip per request).
     /// Starts the copy-on-write `plan` for a write of `iovecs` at `offset`.
     ///
     /// # Safety
@@ -512,7 +515,11 @@ impl AsyncDisk {
     ) -> Result<()> {
         self.counts.0 += 1;
         if self.free.is_empty() {
-            self.reap(1)?;
+            if let Err(e) = self.reap(1) {
+                self.disk
+                    .abort_alloc(plan.start, plan.len, plan.target.offset);
+                return Err(e);
+            }
         }
         let idx = self.free.pop().expect("reap frees a slot");
         let mut cow = Box::new(Cow {
@@ -620,6 +627,8 @@ impl AsyncDisk {
         self.free.push(idx);
     }
 
+    /// Index of `fd` in the ring's registered file table, registering it on
+    /// first use (saves a file reference count round trip per request).
     fn fixed_file(&mut self, fd: RawFd) -> Option<u32> {
         if self.registered_fd == Some(fd) {
             return Some(0);
