@@ -40,6 +40,18 @@ use crate::{
 
 const FORMAT: &str = "qcow2";
 
+/// The last compressed cluster read, decompressed as far as reads needed.
+#[derive(Default)]
+struct Decompressed {
+    /// Its host offset; `None` when nothing valid is held.
+    host: Option<u64>,
+    /// The decompressed cluster, valid up to `valid` bytes.
+    out: Vec<u8>,
+    valid: usize,
+    /// The compressed data (a buffer reused from one cluster to the next).
+    input: Vec<u8>,
+}
+
 /// An open qcow2 image.
 pub struct Qcow2Disk {
     st: Box<dyn Storage>,
@@ -53,7 +65,7 @@ pub struct Qcow2Disk {
     backing: Option<Box<dyn DiskFile>>,
     readonly: bool,
     free_queue: Vec<u64>,
-    decompressed: Option<(u64, Vec<u8>)>,
+    decompressed: Decompressed,
     // Host ranges handed out by alloc_host and not yet committed or
     // aborted: host offset -> (guest offset, length).
     pending_allocs: HashMap<u64, (u64, u64)>,
@@ -197,7 +209,7 @@ impl Qcow2Disk {
             backing,
             readonly,
             free_queue: Vec::new(),
-            decompressed: None,
+            decompressed: Decompressed::default(),
             pending_allocs: HashMap::new(),
             file_len_at_open: file_len,
             prealloc_end: file_len,
@@ -309,20 +321,29 @@ impl Qcow2Disk {
         Ok(())
     }
 
-    fn read_compressed(&mut self, host: u64, len: u64) -> Result<&[u8]> {
-        if self.decompressed.as_ref().map(|d| d.0) != Some(host) {
+    /// The first `need` bytes of the compressed cluster at `host` (`len`
+    /// bytes of compressed data at most), decompressed. Only as much as a read
+    /// needs is inflated (whole 4 KiB pages): a read early in a cluster costs
+    /// less, and a later one of the same cluster inflates the rest.
+    fn read_compressed(&mut self, host: u64, len: u64, need: usize) -> Result<&[u8]> {
+        let cs = self.cs() as usize;
+        let d = &mut self.decompressed;
+        if d.host != Some(host) || d.valid < need {
+            d.host = None;
             let file_len = self.st.len()?;
             if host >= file_len {
                 return Err(invalid(FORMAT, "compressed cluster beyond end of file"));
             }
             let len = len.min(file_len - host);
-            let mut input = vec![0u8; len as usize];
-            self.st.read_exact_at(&mut input, host)?;
-            let mut out = vec![0u8; self.cs() as usize];
-            table::decompress(self.header.compression_type, &input, &mut out)?;
-            self.decompressed = Some((host, out));
+            d.input.resize(len as usize, 0);
+            self.st.read_exact_at(&mut d.input, host)?;
+            let want = need.next_multiple_of(4096).min(cs);
+            d.out.resize(cs, 0);
+            table::decompress(self.header.compression_type, &d.input, &mut d.out[..want])?;
+            d.host = Some(host);
+            d.valid = want;
         }
-        Ok(&self.decompressed.as_ref().expect("set above").1)
+        Ok(&self.decompressed.out[..need])
     }
 
     /// Read within one guest cluster.
@@ -336,8 +357,8 @@ impl Qcow2Disk {
             }
             L2Entry::Normal { host, .. } => Ok(self.st.read_exact_at(buf, host + in_off as u64)?),
             L2Entry::Compressed { host, len } => {
-                let data = self.read_compressed(host, len)?;
-                buf.copy_from_slice(&data[in_off..in_off + buf.len()]);
+                let data = self.read_compressed(host, len, in_off + buf.len())?;
+                buf.copy_from_slice(&data[in_off..]);
                 Ok(())
             }
         }
@@ -354,7 +375,7 @@ impl Qcow2Disk {
             }
             L2Entry::Normal { host, .. } => Ok(self.st.read_exact_at(buf, host)?),
             L2Entry::Compressed { host, len } => {
-                let data = self.read_compressed(host, len)?;
+                let data = self.read_compressed(host, len, buf.len())?;
                 buf.copy_from_slice(data);
                 Ok(())
             }
@@ -530,9 +551,7 @@ impl Qcow2Disk {
             self.rc.set(self.st.as_mut(), c, r - 1)?;
             if r == 1 {
                 freed.push(c);
-                if self.decompressed.is_some() {
-                    self.decompressed = None;
-                }
+                self.decompressed.host = None;
                 if let Err(e) = self.st.punch_hole(c << self.cluster_bits, self.cs()) {
                     log::debug!("qcow2: punch hole failed: {e}");
                 }
