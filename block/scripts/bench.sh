@@ -31,6 +31,13 @@ if [ ! -f "$DIR/ref.raw" ] || [ ! -f "$DIR/ref.qcow2" ]; then
     dd if=/dev/urandom of="$DIR/ref.raw" bs=1M count=$(( $(stat -c %s "$DIR/ref.raw") >> 20 )) conv=notrunc status=none
     qemu-img convert -f raw -O qcow2 "$DIR/ref.raw" "$DIR/ref.qcow2"
 fi
+if [ ! -f "$DIR/comp.qcow2" ]; then
+    # Compressible data that differs everywhere (numbered 16-byte lines),
+    # stored compressed (zlib) as cloud images are.
+    seq -f '%015g' 1 $(( $(stat -c %s "$DIR/ref.raw") / 16 )) > "$DIR/comp.raw"
+    qemu-img convert -c -f raw -O qcow2 "$DIR/comp.raw" "$DIR/comp.qcow2"
+    rm -f "$DIR/comp.raw"
+fi
 # Writes carry the same data in both tools (byte 0, qemu-img bench's
 # default --pattern), from the same amount of memory: qemu-img bench (7.2)
 # allocates one buffer per request slot but passes the first to every
@@ -74,6 +81,9 @@ run_one() { # tool fmt args img fresh
     elif [ "$5" = 2 ]; then
         rm -f "$4"
         qemu-img create -q -f qcow2 -b "$DIR/ref.raw" -F raw "$4"
+    elif [ "$5" = 3 ]; then
+        rm -f "$4"
+        qemu-img create -q -f qcow2 -b "$DIR/comp.qcow2" -F qcow2 "$4"
     fi
     times > "$DIR/.times0"
     rate=$("$1" "$2" "$3" "$4")
@@ -103,7 +113,8 @@ fi
 # Format "overlay" is a new qcow2 over ref.raw for every run (fresh = 2), as
 # a VM booted from a cloud image writes to: reads of clusters it has not
 # written come from the backing file, 4 KiB writes copy the rest of their
-# 64 KiB cluster from it.
+# 64 KiB cluster from it. Format "compressed" is the same over comp.qcow2,
+# whose clusters are all compressed (fresh = 3).
 CASES=(
     "4k-scattered-read:raw qcow2:0:-c 100000 -s 4k -S $RAND_STEP"
     "4k-scattered-write:raw qcow2:0:-c 100000 -s 4k -S $RAND_STEP -w"
@@ -113,8 +124,10 @@ CASES=(
     "4k-scattered-read:overlay:2:-c 100000 -s 4k -S $RAND_STEP"
     "4k-scattered-write:overlay:2:-c 20000 -s 4k -S $RAND_STEP -w"
     "64k-seq-read:overlay:2:-c 20000 -s 64k"
+    "4k-scattered-read:compressed:3:-c 50000 -s 4k -S $RAND_STEP"
+    "64k-seq-read:compressed:3:-c 20000 -s 64k"
 )
-for fmt in raw qcow2 overlay; do
+for fmt in raw qcow2 overlay compressed; do
     for c in "${CASES[@]}"; do
         IFS=: read -r name fmts fresh args <<< "$c"
         [[ " $fmts " == *" $fmt "* ]] || continue
@@ -122,7 +135,7 @@ for fmt in raw qcow2 overlay; do
         img="$DIR/ref.$fmt"
         [ "$fresh" = 1 ] && img="$DIR/fresh.$fmt"
         tfmt=$fmt
-        if [ "$fresh" = 2 ]; then
+        if [ "$fresh" -ge 2 ]; then
             img="$DIR/overlay.qcow2"
             tfmt=qcow2
         fi

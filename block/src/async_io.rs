@@ -9,8 +9,9 @@
 //! whole clusters ([`DiskFile::alloc_host`]) and, copying on write, of parts
 //! of clusters ([`DiskFile::alloc_cow`]: the current content is read into a
 //! buffer through the ring, the write merged in, the whole written back).
-//! Everything else (compressed clusters, ...) is done synchronously and
-//! completed at once. Either way the completion is reported through
+//! Reads of compressed clusters read the compressed bytes through the ring
+//! and inflate them on completion ([`DiskFile::map_compressed`]). Everything
+//! else is done synchronously and completed at once. Either way the completion is reported through
 //! [`AsyncDisk::next_completed`] and the [`AsyncDisk::notifier`] eventfd is
 //! signalled.
 
@@ -22,7 +23,7 @@ use io_uring::{opcode, register::Probe, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::storage::AlignedBuf;
-use crate::{CowPlan, DiskFile, Error, Result};
+use crate::{CompressedRead, CowPlan, DiskFile, Error, Result};
 
 /// Largest ring accepted.
 pub const MAX_DEPTH: u32 = 4096;
@@ -43,6 +44,15 @@ struct Slot {
     commit: Option<(u64, u64, u64)>,
     // Copy-on-write in progress.
     cow: Option<Box<Cow>>,
+    // Compressed data being read, to inflate on completion.
+    inflate: Option<Box<Inflate>>,
+}
+
+/// A read of compressed data: the host bytes come into `raw`, and on
+/// completion the disk inflates them and the read's part is copied out.
+struct Inflate {
+    plan: CompressedRead,
+    raw: AlignedBuf,
 }
 
 /// A write of part of some clusters into fresh space: the span's current
@@ -108,6 +118,8 @@ pub struct AsyncDisk {
     eventfd_registered: std::cell::Cell<bool>,
     // Memory registered with the ring (e.g. guest RAM): (start, len).
     fixed: Vec<(usize, usize)>,
+    // Buffers of finished copy-on-writes and compressed reads, for the next.
+    spare: Vec<AlignedBuf>,
 }
 
 /// Whether this kernel offers io_uring with the opcodes we need.
@@ -179,6 +191,7 @@ impl AsyncDisk {
             done: VecDeque::new(),
             eventfd_registered: std::cell::Cell::new(false),
             fixed: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -385,6 +398,17 @@ impl AsyncDisk {
                 }
             }
         }
+        if mapping.is_none() && !write && ring_ok {
+            match self.disk.map_compressed(offset, len as u64) {
+                // SAFETY: the caller's contract for the iovecs carries over.
+                Ok(Some(plan)) => return unsafe { self.queue_inflate(plan, iovecs, user_data) },
+                Ok(None) => {}
+                Err(e) => {
+                    self.complete_sync(user_data, Err(e), 0);
+                    return Ok(());
+                }
+            }
+        }
         let Some(m) = mapping else {
             let res = if write {
                 let slices: Vec<IoSlice> = iovecs
@@ -522,15 +546,19 @@ impl AsyncDisk {
             }
         }
         let idx = self.free.pop().expect("reap frees a slot");
+        let mut span = self.take_buf(plan.len as usize);
+        if plan.source.is_none() {
+            span.as_mut_slice()[..plan.len as usize].fill(0);
+        }
         let mut cow = Box::new(Cow {
             plan,
-            span: AlignedBuf::new(plan.len as usize),
+            span,
             at: (offset - plan.start) as usize,
             len: iovecs.iter().map(|v| v.iov_len).sum(),
             reading: plan.source.is_some(),
         });
         if !cow.reading {
-            // Zeroes before (AlignedBuf is zeroed): the data goes in now.
+            // Zeroes around it (filled above): the data goes in now.
             // SAFETY: the caller's contract.
             unsafe { cow.merge(iovecs) };
         }
@@ -546,6 +574,103 @@ impl AsyncDisk {
             self.end_cow(idx, -e.errno());
         }
         Ok(())
+    }
+
+    /// A buffer of at least `len` bytes (not zeroed when reused).
+    fn take_buf(&mut self, len: usize) -> AlignedBuf {
+        match self.spare.iter().position(|b| b.as_slice().len() >= len) {
+            Some(i) => self.spare.swap_remove(i),
+            None => AlignedBuf::new(len),
+        }
+    }
+
+    /// Keeps `buf` for a later copy-on-write or compressed read (as many as
+    /// there are slots).
+    fn give_buf(&mut self, buf: AlignedBuf) {
+        if self.spare.len() < self.slots.len() {
+            self.spare.push(buf);
+        }
+    }
+
+    /// Starts reading the compressed data of `plan` for a read into `iovecs`.
+    ///
+    /// # Safety
+    /// Same contract as [`AsyncDisk::read_vectored`].
+    unsafe fn queue_inflate(
+        &mut self,
+        plan: CompressedRead,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<()> {
+        self.counts.0 += 1;
+        if self.free.is_empty() {
+            self.reap(1)?;
+        }
+        let idx = self.free.pop().expect("reap frees a slot");
+        let mut raw = self.take_buf(plan.read_len as usize);
+        let (buf, len) = (raw.as_mut_slice().as_mut_ptr(), plan.read_len as u32);
+        let slot = &mut self.slots[idx];
+        slot.user_data = user_data;
+        slot.busy = true;
+        slot.commit = None;
+        // Kept until the data is inflated, to copy it out then.
+        slot.iovecs.clear();
+        slot.iovecs.extend_from_slice(iovecs);
+        slot.inflate = Some(Box::new(Inflate { plan, raw }));
+        let m = plan.read;
+        let entry = match self.fixed_file(m.fd) {
+            Some(i) => opcode::Read::new(types::Fixed(i), buf, len),
+            None => opcode::Read::new(types::Fd(m.fd), buf, len),
+        }
+        .offset(m.offset)
+        .build()
+        .user_data(idx as u64);
+        // SAFETY: the buffer lives in the slot's Inflate until the slot
+        // completes.
+        if let Err(e) = unsafe { self.push_entry(&entry) } {
+            self.end_inflate(idx, -e.errno());
+        }
+        Ok(())
+    }
+
+    /// Ends the compressed read in `slots[idx]`, whose data read completed
+    /// with `res`: inflates it and copies the read's part out.
+    fn end_inflate(&mut self, idx: usize, res: i32) {
+        let slot = &mut self.slots[idx];
+        let inf = slot.inflate.take().expect("a compressed-read slot");
+        let out = if res < 0 {
+            res
+        } else {
+            let raw = &inf.raw.as_slice()[..(res as usize).min(inf.plan.read_len as usize)];
+            match self.disk.inflate(&inf.plan, raw) {
+                Ok(data) => {
+                    let mut at = 0;
+                    for v in &slot.iovecs {
+                        let n = v.iov_len.min(data.len() - at);
+                        // SAFETY: the request's iovecs describe valid memory
+                        // until it completes (the caller's contract); `n` bytes
+                        // fit in this one.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                data[at..].as_ptr(),
+                                v.iov_base as *mut u8,
+                                n,
+                            )
+                        };
+                        at += n;
+                    }
+                    at as i32
+                }
+                Err(e) => {
+                    log::debug!("inflating a compressed read failed: {e}");
+                    -e.errno()
+                }
+            }
+        };
+        slot.busy = false;
+        self.done.push_back((slot.user_data, out));
+        self.free.push(idx);
+        self.give_buf(inf.raw);
     }
 
     /// Queues the next step of the copy-on-write in `slots[idx]`: the read of
@@ -625,6 +750,7 @@ impl AsyncDisk {
         slot.busy = false;
         self.done.push_back((slot.user_data, out));
         self.free.push(idx);
+        self.give_buf(cow.span);
     }
 
     /// Index of `fd` in the ring's registered file table, registering it on
@@ -690,9 +816,14 @@ impl AsyncDisk {
         };
         let mut next_steps = Vec::new();
         let mut ended = Vec::new();
+        let mut inflated = Vec::new();
         for cqe in ring.completion() {
             let idx = cqe.user_data() as usize;
             if let Some(slot) = self.slots.get_mut(idx).filter(|s| s.busy) {
+                if slot.inflate.is_some() {
+                    inflated.push((idx, cqe.result()));
+                    continue;
+                }
                 if let Some(cow) = slot.cow.as_mut() {
                     if cow.reading && cqe.result() as u64 == cow.plan.len {
                         cow.reading = false;
@@ -727,6 +858,9 @@ impl AsyncDisk {
         }
         for (idx, res) in ended {
             self.end_cow(idx, res);
+        }
+        for (idx, res) in inflated {
+            self.end_inflate(idx, res);
         }
         if next_steps.is_empty() {
             return;

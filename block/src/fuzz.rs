@@ -41,6 +41,7 @@ fn exercise(disk: &mut dyn DiskFile, seed: &[u8]) {
         };
         let _ = disk.map_host(off, len as u64, i % 2 == 0);
         let _ = disk.alloc_pending(off, len as u64);
+        let _ = disk.map_compressed(off, len as u64);
         if let Ok(Some(p)) = disk.alloc_cow(off, len as u64) {
             disk.abort_alloc(p.start, p.len, p.target.offset);
         }

@@ -160,6 +160,42 @@ pub trait DiskFile: Send {
     fn alloc_pending(&self, _offset: u64, _len: u64) -> bool {
         false
     }
+    /// For a read of `[offset, offset+len)` that [`DiskFile::map_host`]
+    /// cannot place because its data is stored compressed (in this image or
+    /// down its backing chain): which host bytes hold it, so the caller can
+    /// read them itself and have them inflated with [`DiskFile::inflate`].
+    /// `None`: the synchronous path reads it.
+    fn map_compressed(&mut self, _offset: u64, _len: u64) -> Result<Option<CompressedRead>> {
+        Ok(None)
+    }
+    /// Inflates `raw`, the bytes the caller read at `plan.read` (possibly
+    /// fewer than `plan.read_len` at the end of the file), and returns the
+    /// `plan.len` bytes the read asked for.
+    fn inflate(&mut self, plan: &CompressedRead, _raw: &[u8]) -> Result<&[u8]> {
+        Err(Error::InvalidArgument(format!(
+            "no compressed data for a read of {} bytes",
+            plan.len
+        )))
+    }
+}
+
+/// Where the compressed data of a read is, from [`DiskFile::map_compressed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressedRead {
+    /// The host range to read (aligned for O_DIRECT if the file is direct).
+    pub read: HostMapping,
+    /// Its length.
+    pub read_len: u64,
+    /// Which layer of the backing chain has it (0: the image itself).
+    pub layer: u32,
+    /// The compressed cluster's host offset and compressed length.
+    pub host: u64,
+    /// Length of the compressed data (at `host`).
+    pub comp_len: u64,
+    /// Offset of the read in its cluster, and its length.
+    pub in_off: u64,
+    /// Length of the read.
+    pub len: u64,
 }
 
 /// A copy-on-write allocation made by [`DiskFile::alloc_cow`].

@@ -34,11 +34,26 @@ pub use create::{create, CreateOptions};
 use crate::error::invalid;
 use crate::storage::{FileStorage, Storage};
 use crate::{
-    for_each_read, for_each_write, CowPlan, DiskFile, Error, HostMapping, ImageType, OpenOptions,
-    Result,
+    for_each_read, for_each_write, CompressedRead, CowPlan, DiskFile, Error, HostMapping,
+    ImageType, OpenOptions, Result,
 };
 
 const FORMAT: &str = "qcow2";
+
+/// Inflates `input` into `out` (resized to a cluster of `cs` bytes) as far as
+/// `need` bytes, in whole 4 KiB pages; returns how far that is.
+fn inflate_into(
+    kind: header::CompressionType,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    need: usize,
+    cs: usize,
+) -> Result<usize> {
+    let want = need.next_multiple_of(4096).min(cs);
+    out.resize(cs, 0);
+    table::decompress(kind, input, &mut out[..want])?;
+    Ok(want)
+}
 
 /// The last compressed cluster read, decompressed as far as reads needed.
 #[derive(Default)]
@@ -337,11 +352,8 @@ impl Qcow2Disk {
             let len = len.min(file_len - host);
             d.input.resize(len as usize, 0);
             self.st.read_exact_at(&mut d.input, host)?;
-            let want = need.next_multiple_of(4096).min(cs);
-            d.out.resize(cs, 0);
-            table::decompress(self.header.compression_type, &d.input, &mut d.out[..want])?;
+            d.valid = inflate_into(self.header.compression_type, &d.input, &mut d.out, need, cs)?;
             d.host = Some(host);
-            d.valid = want;
         }
         Ok(&self.decompressed.out[..need])
     }
@@ -696,6 +708,94 @@ impl DiskFile for Qcow2Disk {
 
     fn alloc_cow(&mut self, offset: u64, len: u64) -> Result<Option<CowPlan>> {
         self.alloc_cow_inner(offset, len)
+    }
+
+    fn map_compressed(&mut self, offset: u64, len: u64) -> Result<Option<CompressedRead>> {
+        crate::check_range(offset, len, self.size())?;
+        let cs = self.cs();
+        let in_off = offset & (cs - 1);
+        if len == 0 || in_off + len > cs {
+            return Ok(None);
+        }
+        let (host, comp_len) = match self.lookup(offset)? {
+            L2Entry::Unallocated => {
+                return match self.backing.as_mut() {
+                    Some(b) if offset + len <= b.size() => {
+                        Ok(b.map_compressed(offset, len)?.map(|p| CompressedRead {
+                            layer: p.layer + 1,
+                            ..p
+                        }))
+                    }
+                    _ => Ok(None),
+                };
+            }
+            L2Entry::Compressed { host, len } => (host, len),
+            _ => return Ok(None),
+        };
+        // Inflated far enough already: the synchronous path copies it out.
+        let d = &self.decompressed;
+        if d.host == Some(host) && d.valid as u64 >= in_off + len {
+            return Ok(None);
+        }
+        let Some(fd) = self.st.raw_fd() else {
+            return Ok(None);
+        };
+        let file_len = self.st.len()?;
+        if host >= file_len {
+            // The synchronous path reports it.
+            return Ok(None);
+        }
+        let comp_len = comp_len.min(file_len - host);
+        let direct = self.st.is_direct();
+        let a = crate::storage::DIRECT_ALIGN as u64;
+        let (start, end) = if direct {
+            (host / a * a, (host + comp_len).next_multiple_of(a))
+        } else {
+            (host, host + comp_len)
+        };
+        Ok(Some(CompressedRead {
+            read: HostMapping {
+                fd,
+                offset: start,
+                direct,
+            },
+            read_len: end - start,
+            layer: 0,
+            host,
+            comp_len,
+            in_off,
+            len,
+        }))
+    }
+
+    fn inflate(&mut self, plan: &CompressedRead, raw: &[u8]) -> Result<&[u8]> {
+        if plan.layer > 0 {
+            let Some(b) = self.backing.as_mut() else {
+                return Err(invalid(
+                    FORMAT,
+                    "compressed read for a missing backing file",
+                ));
+            };
+            let p = CompressedRead {
+                layer: plan.layer - 1,
+                ..*plan
+            };
+            return b.inflate(&p, raw);
+        }
+        let skip = plan.host.checked_sub(plan.read.offset);
+        let input = skip
+            .and_then(|s| raw.get(s as usize..(s + plan.comp_len) as usize))
+            .ok_or_else(|| invalid(FORMAT, "compressed cluster read short"))?;
+        let (in_off, need) = (plan.in_off as usize, (plan.in_off + plan.len) as usize);
+        let cs = self.cs() as usize;
+        if need > cs {
+            return Err(invalid(FORMAT, "compressed read past its cluster"));
+        }
+        let d = &mut self.decompressed;
+        d.host = None;
+        d.valid = inflate_into(self.header.compression_type, input, &mut d.out, need, cs)?;
+        d.host = Some(plan.host);
+        Ok(&d.out[in_off..need])
     }
 
     fn alloc_pending(&self, offset: u64, len: u64) -> bool {
