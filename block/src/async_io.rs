@@ -562,18 +562,24 @@ impl AsyncDisk {
             // SAFETY: the caller's contract.
             unsafe { cow.merge(iovecs) };
         }
-        let slot = &mut self.slots[idx];
-        slot.user_data = user_data;
-        slot.busy = true;
-        slot.commit = None;
-        // Kept until the read completes, to copy the data in then.
-        slot.iovecs.clear();
-        slot.iovecs.extend_from_slice(iovecs);
-        slot.cow = Some(cow);
+        // The iovecs are kept until the read completes, to copy the data in then.
+        self.claim_staged(idx, user_data, iovecs).cow = Some(cow);
         if let Err(e) = self.push_cow_step(idx) {
             self.end_cow(idx, -e.errno());
         }
         Ok(())
+    }
+
+    /// Marks `slots[idx]` busy for a request done in steps (copy-on-write,
+    /// compressed read), keeping a copy of its iovecs.
+    fn claim_staged(&mut self, idx: usize, user_data: u64, iovecs: &[libc::iovec]) -> &mut Slot {
+        let slot = &mut self.slots[idx];
+        slot.user_data = user_data;
+        slot.busy = true;
+        slot.commit = None;
+        slot.iovecs.clear();
+        slot.iovecs.extend_from_slice(iovecs);
+        slot
     }
 
     /// A buffer of at least `len` bytes (not zeroed when reused).
@@ -609,14 +615,8 @@ impl AsyncDisk {
         let idx = self.free.pop().expect("reap frees a slot");
         let mut raw = self.take_buf(plan.read_len as usize);
         let (buf, len) = (raw.as_mut_slice().as_mut_ptr(), plan.read_len as u32);
-        let slot = &mut self.slots[idx];
-        slot.user_data = user_data;
-        slot.busy = true;
-        slot.commit = None;
-        // Kept until the data is inflated, to copy it out then.
-        slot.iovecs.clear();
-        slot.iovecs.extend_from_slice(iovecs);
-        slot.inflate = Some(Box::new(Inflate { plan, raw }));
+        // The iovecs are kept until the data is inflated, to copy it out then.
+        self.claim_staged(idx, user_data, iovecs).inflate = Some(Box::new(Inflate { plan, raw }));
         let m = plan.read;
         let entry = match self.fixed_file(m.fd) {
             Some(i) => opcode::Read::new(types::Fixed(i), buf, len),

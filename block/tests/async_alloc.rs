@@ -398,21 +398,9 @@ fn compressed_reads_case(direct: bool) {
     let raw = p(d.path(), "lines.raw");
     let comp = p(d.path(), "comp.qcow2");
     let top = p(d.path(), "top.qcow2");
-    let mut data = Vec::with_capacity(SIZE);
-    for off in (0..SIZE).step_by(64) {
-        data.extend_from_slice(format!("{off:>62}\n\n").as_bytes());
-    }
+    let data = numbered_lines(SIZE);
     write_raw(&raw, &data);
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        comp.to_str().unwrap(),
-    ]);
+    qemu_compress(&raw, &comp, "compat=1.1");
     qemu_overlay(&top, &comp, "qcow2", None);
     let opts = OpenOptions {
         direct,

@@ -398,23 +398,9 @@ fn compressed_clusters_read_in_pieces() {
         let raw = p(d.path(), "lines.raw");
         let img = p(d.path(), "lines.qcow2");
         let size = 1usize << 20;
-        let mut data = Vec::with_capacity(size);
-        for off in (0..size).step_by(64) {
-            data.extend_from_slice(format!("{off:>62}\n\n").as_bytes());
-        }
+        let data = numbered_lines(size);
         write_raw(&raw, &data);
-        qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            opts,
-            raw.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ]);
+        qemu_compress(&raw, &img, opts);
         assert!(
             std::fs::metadata(&img).unwrap().len() < size as u64 / 2,
             "{opts}: the clusters were not stored compressed"

@@ -59,6 +59,33 @@ pub fn qemu_overlay(img: &Path, backing: &Path, backing_fmt: &str, size: Option<
     qemu_img(&args);
 }
 
+/// `size` bytes of compressible data that differs everywhere: 64-byte lines,
+/// each naming its own offset (so a piece read from the wrong place differs).
+pub fn numbered_lines(size: usize) -> Vec<u8> {
+    let mut data = Vec::with_capacity(size);
+    for off in (0..size).step_by(64) {
+        data.extend_from_slice(format!("{off:>62}\n\n").as_bytes());
+    }
+    data
+}
+
+/// `qemu-img convert -c` of the raw file `raw` into the qcow2 `img`, with
+/// creation options `opts` (e.g. `compression_type=zstd`).
+pub fn qemu_compress(raw: &Path, img: &Path, opts: &str) {
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        opts,
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+}
+
 /// `qemu-img check` must report no errors (leaks allowed).
 pub fn qemu_check(fmt: &str, img: &Path) {
     let out = Command::new("qemu-img")
