@@ -48,15 +48,27 @@ impl ResizeWatcher {
             notify: notify.as_raw_fd(),
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
-            all,
             wait,
         };
+        // The child starts with every signal blocked, so that none of the VMM's handlers,
+        // which it inherits, ever runs in it (they write to the VMM's pipes); this thread's
+        // mask is restored right after the fork.
+        // SAFETY: sigset_t is plain data, written by pthread_sigmask.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both sets are valid; this changes only the calling thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
         // SAFETY: the child branch runs only `Child::run`, which makes async-signal-safe calls
         // and never returns; guest memory is MADV_DONTFORK, so the child does not share it.
-        match unsafe { libc::fork() } {
-            -1 => Err(io::Error::last_os_error()),
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
             // SAFETY: we are the freshly forked child; see `Child::run`.
-            0 => unsafe { child.run() },
+            unsafe { child.run() }
+        }
+        let forked = io::Error::last_os_error();
+        // SAFETY: `old` is the mask read above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        match pid {
+            -1 => Err(forked),
             pid => Ok(ResizeWatcher { pid, events }),
         }
     }
@@ -88,7 +100,6 @@ struct Child {
     tty: RawFd,
     notify: RawFd,
     parent: libc::pid_t,
-    all: libc::sigset_t,
     wait: libc::sigset_t,
 }
 
@@ -100,8 +111,9 @@ impl Child {
     unsafe fn run(&self) -> ! {
         // SAFETY (whole body): plain system calls on fds and data this process owns.
         unsafe {
-            // Signals are only waited for from here: the VMM's handlers, inherited, never run.
-            libc::sigprocmask(libc::SIG_SETMASK, &self.all, std::ptr::null_mut());
+            // Every signal is blocked (since before the fork) and only waited for below: the
+            // VMM's handlers, inherited, never run here.
+
             // Die with the VMM, including when it died before this line.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if libc::getppid() != self.parent {
