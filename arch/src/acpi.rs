@@ -69,6 +69,23 @@ pub struct PciHost {
     pub mmio64: Option<(u64, u64)>,
 }
 
+impl PciHost {
+    /// Segment 0 as this VMM lays it out (ECAM, buses and I/O window from `layout`), with
+    /// the given memory windows.
+    pub fn segment0(mmio32: (u64, u64), mmio64: Option<(u64, u64)>) -> Self {
+        PciHost {
+            segment: 0,
+            ecam_base: layout::PCI_MMCONFIG_START.0,
+            ecam_size: layout::PCI_MMCONFIG_SIZE,
+            bus_start: 0,
+            bus_end: ((layout::PCI_MMCONFIG_SIZE >> 20) - 1) as u8,
+            io: layout::PCI_IO_WINDOW,
+            mmio32,
+            mmio64,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid vCPU counts: boot {boot} max {max} (need 1 <= boot <= max <= {MAX_VCPUS})")]

@@ -9,19 +9,13 @@ use arch::layout;
 
 /// The PCI host bridge as the VMM sets it up, with the 64-bit window `mmio64`.
 fn pci_host(mmio64: Option<(u64, u64)>) -> PciHost {
-    PciHost {
-        segment: 0,
-        ecam_base: layout::PCI_MMCONFIG_START.0,
-        ecam_size: layout::PCI_MMCONFIG_SIZE,
-        bus_start: 0,
-        bus_end: 255,
-        io: (0x1000, 0xf000),
-        mmio32: (
+    PciHost::segment0(
+        (
             layout::MEM_32BIT_DEVICES_START.0,
             layout::MEM_32BIT_DEVICES_SIZE,
         ),
         mmio64,
-    }
+    )
 }
 
 fn configs() -> Vec<(&'static str, AcpiConfig)> {

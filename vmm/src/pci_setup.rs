@@ -162,16 +162,7 @@ impl PciWindows {
 
 /// The PCI host bridge as ACPI describes it.
 pub fn pci_host(windows: &PciWindows) -> arch::acpi::PciHost {
-    arch::acpi::PciHost {
-        segment: 0,
-        ecam_base: layout::PCI_MMCONFIG_START.0,
-        ecam_size: layout::PCI_MMCONFIG_SIZE,
-        bus_start: 0,
-        bus_end: ((layout::PCI_MMCONFIG_SIZE >> 20) - 1) as u8,
-        io: layout::PCI_IO_WINDOW,
-        mmio32: windows.mmio32,
-        mmio64: windows.mmio64,
-    }
+    arch::acpi::PciHost::segment0(windows.mmio32, windows.mmio64)
 }
 
 /// The PCI segment of one VM (the buses hold it too; this names it).

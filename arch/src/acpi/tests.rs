@@ -12,19 +12,13 @@ fn cfg(boot: u32, max: u32) -> AcpiConfig {
 }
 
 fn pci_host() -> PciHost {
-    PciHost {
-        segment: 0,
-        ecam_base: layout::PCI_MMCONFIG_START.0,
-        ecam_size: layout::PCI_MMCONFIG_SIZE,
-        bus_start: 0,
-        bus_end: 255,
-        io: (0x1000, 0xf000),
-        mmio32: (
+    PciHost::segment0(
+        (
             layout::MEM_32BIT_DEVICES_START.0,
             layout::MEM_32BIT_DEVICES_SIZE,
         ),
-        mmio64: Some((1 << 40, 1 << 38)),
-    }
+        Some((1 << 40, 1 << 38)),
+    )
 }
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
