@@ -102,8 +102,8 @@ fn default_true() -> bool {
     true
 }
 
-/// The rate limiter's keys, which `--disk` and `--net` accept as the original does but refuse
-/// (no rate limiting yet).
+/// The rate limiter's keys, which `--disk` and `--net` know as the original does (besides
+/// their own `KEYS`) but refuse (no rate limiting yet).
 const RATE_LIMITER_KEYS: &[&str] = &[
     "bw_size",
     "bw_one_time_burst",
@@ -126,12 +126,6 @@ impl DiskConfig {
         "queue_size",
         "vhost_user",
         "socket",
-        "bw_size",
-        "bw_one_time_burst",
-        "bw_refill_time",
-        "ops_size",
-        "ops_one_time_burst",
-        "ops_refill_time",
         "id",
         "pci_segment",
         "pci_device_id",
@@ -145,7 +139,7 @@ impl DiskConfig {
     ];
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--disk", raw, Self::KEYS, &[])?;
+        let p = OptionParser::parse_sets("--disk", raw, &[Self::KEYS, RATE_LIMITER_KEYS], &[])?;
         p.refuse(RATE_LIMITER_KEYS)?;
         p.refuse(&[
             "vhost_user",
@@ -310,12 +304,6 @@ impl NetConfig {
         "vhost_user",
         "socket",
         "vhost_mode",
-        "bw_size",
-        "bw_one_time_burst",
-        "bw_refill_time",
-        "ops_size",
-        "ops_one_time_burst",
-        "ops_refill_time",
         "pci_segment",
         "pci_device_id",
         "offload_tso",
@@ -324,7 +312,7 @@ impl NetConfig {
     ];
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--net", raw, Self::KEYS, &[])?;
+        let p = OptionParser::parse_sets("--net", raw, &[Self::KEYS, RATE_LIMITER_KEYS], &[])?;
         p.refuse(RATE_LIMITER_KEYS)?;
         p.refuse(&["fd", "vhost_user", "socket", "vhost_mode"])?;
         if p.toggle("iommu", false)? {

@@ -40,6 +40,17 @@ impl OptionParser {
         keys: &[&str],
         bare_words: &[&str],
     ) -> Result<Self, ConfigError> {
+        Self::parse_sets(option, raw, &[keys], bare_words)
+    }
+
+    /// `parse` with the known keys in several lists (for example the option's own and a
+    /// set that several options share).
+    pub fn parse_sets(
+        option: &'static str,
+        raw: &str,
+        key_sets: &[&[&str]],
+        bare_words: &[&str],
+    ) -> Result<Self, ConfigError> {
         let mut values = BTreeMap::new();
         for part in split_top_level(raw) {
             if part.is_empty() {
@@ -56,11 +67,14 @@ impl OptionParser {
                     ))
                 }
             };
-            if !key.is_empty() && !keys.contains(&key) {
+            if !key.is_empty() && !key_sets.iter().any(|keys| keys.contains(&key)) {
                 return Err(ConfigError::new(
                     option,
                     raw,
-                    format!("unknown key '{key}' (known: {})", keys.join(", ")),
+                    format!(
+                        "unknown key '{key}' (known: {})",
+                        key_sets.concat().join(", ")
+                    ),
                 ));
             }
             if values.insert(key.to_string(), value.to_string()).is_some() {
