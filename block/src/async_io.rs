@@ -439,16 +439,15 @@ impl AsyncDisk {
             self.complete_sync(user_data, res, len);
             return Ok(());
         };
-        self.counts.0 += 1;
-        if self.free.is_empty() {
-            if let Err(e) = self.reap(1) {
+        let idx = match self.ring_slot() {
+            Ok(idx) => idx,
+            Err(e) => {
                 if let Some((off, len, host)) = commit {
                     self.disk.abort_alloc(off, len, host);
                 }
                 return Err(e);
             }
-        }
-        let idx = self.free.pop().expect("reap frees a slot");
+        };
         let fixed_file = self.fixed_file(m.fd);
         let fixed_buf = if iovecs.len() == 1 {
             self.fixed_index(iovecs[0].iov_base as usize, iovecs[0].iov_len)
@@ -537,15 +536,14 @@ impl AsyncDisk {
         iovecs: &[libc::iovec],
         user_data: u64,
     ) -> Result<()> {
-        self.counts.0 += 1;
-        if self.free.is_empty() {
-            if let Err(e) = self.reap(1) {
+        let idx = match self.ring_slot() {
+            Ok(idx) => idx,
+            Err(e) => {
                 self.disk
                     .abort_alloc(plan.start, plan.len, plan.target.offset);
                 return Err(e);
             }
-        }
-        let idx = self.free.pop().expect("reap frees a slot");
+        };
         let mut span = self.take_buf(plan.len as usize);
         if plan.source.is_none() {
             span.as_mut_slice()[..plan.len as usize].fill(0);
@@ -568,6 +566,16 @@ impl AsyncDisk {
             self.end_cow(idx, -e.errno());
         }
         Ok(())
+    }
+
+    /// A free slot for a request that goes to the ring (waiting for a
+    /// completion if none is free), counted as such.
+    fn ring_slot(&mut self) -> Result<usize> {
+        if self.free.is_empty() {
+            self.reap(1)?;
+        }
+        self.counts.0 += 1;
+        Ok(self.free.pop().expect("reap frees a slot"))
     }
 
     /// Marks `slots[idx]` busy for a request done in steps (copy-on-write,
@@ -608,11 +616,7 @@ impl AsyncDisk {
         iovecs: &[libc::iovec],
         user_data: u64,
     ) -> Result<()> {
-        self.counts.0 += 1;
-        if self.free.is_empty() {
-            self.reap(1)?;
-        }
-        let idx = self.free.pop().expect("reap frees a slot");
+        let idx = self.ring_slot()?;
         let mut raw = self.take_buf(plan.read_len as usize);
         let (buf, len) = (raw.as_mut_slice().as_mut_ptr(), plan.read_len as u32);
         // The iovecs are kept until the data is inflated, to copy it out then.
