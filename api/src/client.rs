@@ -1,15 +1,14 @@
-//! An HTTP/1.1 client for the API socket, on one keep-alive connection (`ch-remote`, the
-//! benchmark).
+//! A blocking HTTP/1.1 client for the API socket, on one keep-alive connection (`ch-remote`,
+//! the benchmark). It reads answers with `httparse`, so it takes the original server's form
+//! (`HTTP/1.1 200 ` with no reason phrase) as well as ours.
 
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{CONTENT_TYPE, HOST};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
 use thiserror::Error;
+
+use crate::http::Method;
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -17,14 +16,14 @@ pub enum ClientError {
     Connect {
         path: String,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
-    #[error("cannot start the client runtime: {0}")]
-    Runtime(#[source] std::io::Error),
-    #[error("HTTP error: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("bad request: {0}")]
-    Request(#[from] hyper::http::Error),
+    #[error("API socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("the server closed the connection before answering in full")]
+    Closed,
+    #[error("malformed answer from the server: {0}")]
+    Malformed(String),
 }
 
 /// One answer: status code and body.
@@ -34,55 +33,154 @@ pub struct Reply {
     pub body: Vec<u8>,
 }
 
+impl Reply {
+    /// The lines of an error answer: the original's JSON list of strings, or the body as text
+    /// for a server that answers otherwise.
+    pub fn error_lines(&self) -> Vec<String> {
+        match serde_json::from_slice::<Vec<String>>(&self.body) {
+            Ok(lines) => lines,
+            Err(_) => {
+                let text = String::from_utf8_lossy(&self.body).trim().to_string();
+                if text.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![text]
+                }
+            }
+        }
+    }
+}
+
 pub struct Client {
-    runtime: tokio::runtime::Runtime,
-    sender: SendRequest<Full<Bytes>>,
+    stream: UnixStream,
+    buf: Vec<u8>,
 }
 
 impl Client {
     pub fn connect(socket: &Path) -> Result<Self, ClientError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(ClientError::Runtime)?;
-        let sender = runtime.block_on(async {
-            let stream = tokio::net::UnixStream::connect(socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    path: socket.display().to_string(),
-                    source,
-                })?;
-            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok::<_, ClientError>(sender)
+        let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+            path: socket.display().to_string(),
+            source,
         })?;
-        Ok(Client { runtime, sender })
+        Ok(Client {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
     }
 
-    /// `method /api/v1/<endpoint>` with an optional JSON body.
+    /// `method /api/v1/<endpoint>` with an optional JSON body, sent in one write.
     pub fn call(
         &mut self,
         method: Method,
         endpoint: &str,
-        body: Option<Vec<u8>>,
+        body: Option<&[u8]>,
     ) -> Result<Reply, ClientError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("/api/v1/{endpoint}"))
-            .header(HOST, "localhost");
-        if body.is_some() {
-            req = req.header(CONTENT_TYPE, "application/json");
+        let mut req = Vec::with_capacity(128 + body.map_or(0, <[u8]>::len));
+        let _ = write!(
+            req,
+            "{} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n",
+            method.as_str()
+        );
+        if let Some(b) = body {
+            let _ = write!(
+                req,
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            );
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let sender = &mut self.sender;
-        self.runtime.block_on(async {
-            sender.ready().await?;
-            let resp = sender.send_request(req).await?;
-            let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await?.to_bytes().to_vec();
-            Ok(Reply { status, body })
-        })
+        req.extend_from_slice(b"\r\n");
+        if let Some(b) = body {
+            req.extend_from_slice(b);
+        }
+        self.stream.write_all(&req)?;
+        self.read_reply()
+    }
+
+    fn read_reply(&mut self) -> Result<Reply, ClientError> {
+        loop {
+            // A `100 Continue` is skipped; anything else is the answer.
+            if let Some((reply, used)) = parse_reply(&self.buf)? {
+                self.buf.drain(..used);
+                if reply.status != 100 {
+                    return Ok(reply);
+                }
+                continue;
+            }
+            let len = self.buf.len();
+            self.buf.resize(len + 4096, 0);
+            let n = match self.stream.read(&mut self.buf[len..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    self.buf.truncate(len);
+                    return Err(e.into());
+                }
+            };
+            self.buf.truncate(len + n);
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+}
+
+/// The answer at the start of `buf`, with the bytes it took, once it is all there.
+fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ClientError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(ClientError::Malformed(e.to_string())),
+    };
+    let status = resp.code.unwrap_or(0);
+    let mut length = 0usize;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| ClientError::Malformed("bad Content-Length".into()))?;
+        }
+    }
+    if buf.len() < head + length {
+        return Ok(None);
+    }
+    Ok(Some((
+        Reply {
+            status,
+            body: buf[head..head + length].to_vec(),
+        },
+        head + length,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_both_servers_forms() {
+        // The original's (and ours): no reason phrase.
+        let two = b"HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\
+                    Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 204 \r\n";
+        let (r, used) = parse_reply(two).unwrap().unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
+        assert_eq!(&two[used..], b"HTTP/1.1 204 \r\n");
+        let (r, _) =
+            parse_reply(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\n\r\n[\"x\"]")
+                .unwrap()
+                .unwrap();
+        assert_eq!(r.status, 500);
+        assert_eq!(r.error_lines(), ["x"]);
+        assert!(parse_reply(b"HTTP/1.1 200 \r\nContent-Length: 3\r\n\r\n{}")
+            .unwrap()
+            .is_none());
+        assert!(parse_reply(b"garbage\r\n\r\n").is_err());
+        let plain = Reply {
+            status: 500,
+            body: b"went wrong\n".to_vec(),
+        };
+        assert_eq!(plain.error_lines(), ["went wrong"]);
     }
 }

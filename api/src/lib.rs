@@ -1,13 +1,18 @@
-//! The REST API of the original Cloud Hypervisor: HTTP/1.1 on a Unix socket, JSON bodies.
+//! The REST API of the original Cloud Hypervisor: HTTP/1.1 on a Unix socket, JSON bodies, in
+//! the original's exact wire form.
 //!
-//! `server`: one thread with a current-thread tokio runtime runs `hyper`'s HTTP/1 server; each
-//! request becomes a `vmm::api::ApiRequest` sent to the VMM's control loop, whose answer comes
-//! back on a per-request channel. `client`: the same protocol from the other end, for
-//! `ch-remote` and the benchmark.
+//! - `types`: what a request asks of the VMM and what it answers, independent of HTTP.
+//! - `http`: requests parsed from the wire, answers written to it.
+//! - `routes`: paths and methods to requests; answers and error chains to HTTP.
+//! - `server`: the listening socket and its connections, served from the VMM's control loop.
+//! - `client`: the same protocol from the other end, for `ch-remote` and the benchmark.
 
 pub mod client;
-mod routes;
-mod server;
+pub mod http;
+pub mod routes;
+pub mod server;
+pub mod types;
 
-pub use routes::{Endpoint, ENDPOINTS, MAX_BODY};
-pub use server::{ApiServer, ServerError};
+pub use routes::{Endpoint, ENDPOINTS};
+pub use server::ApiServer;
+pub use types::*;

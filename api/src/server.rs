@@ -1,215 +1,315 @@
-//! The API thread: a current-thread tokio runtime running hyper's HTTP/1 server on the Unix
-//! socket. Requests are forwarded to the VMM's control loop through a `vmm::api::ApiSender`.
+//! The API server, with no thread of its own: the listening socket and its connections sit in
+//! an epoll set of their own, whose fd the VMM's control loop watches. When it is readable the
+//! loop calls `serve`, which accepts, reads, and answers every complete request at once through
+//! the loop's handler, so one request wakes one thread, and its answer leaves in one write.
+//!
+//! A client cannot stall the VMM: sockets are non-blocking, a partial request waits in its
+//! connection's buffer, an answer the client does not read waits there too (the connection is
+//! then not read until it drains), and past `MAX_CONNECTIONS` the connection idle the longest
+//! is closed.
 
-use std::convert::Infallible;
-use std::os::unix::net::UnixListener;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
-use hyper::header::CONTENT_LENGTH;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use log::{debug, warn};
-use thiserror::Error;
-use tokio::sync::oneshot;
-use vmm::api::{ApiError, ApiSender};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use crate::routes::{self, HttpResponse, MAX_BODY};
+use crate::http::{self, Parsed, Response};
+use crate::routes;
+use crate::types::{ApiRequest, ApiResult};
 
-/// How long a client may take to send its headers, or its body.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The period of the timer that keeps per-request timers from waking the API thread.
-const PACER_PERIOD: Duration = Duration::from_millis(500);
-/// How long `shutdown` waits for answers still in flight.
+/// The most connections served at once; past it, the one idle the longest is closed.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long `Drop` waits for answers still on their way out.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+const LISTENER: u64 = u64::MAX;
+const READ_CHUNK: usize = 16 << 10;
 
-#[derive(Debug, Error)]
-pub enum ServerError {
-    #[error("cannot start the API thread: {0}")]
-    Thread(#[source] std::io::Error),
-    #[error("cannot set up the API socket: {0}")]
-    Socket(#[source] std::io::Error),
+struct Conn {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// Close once `output` is out.
+    closing: bool,
+    /// `100 Continue` already sent for the request being read.
+    continued: bool,
+    last_active: Instant,
+    /// The events the connection is registered for.
+    events: EventSet,
 }
 
 pub struct ApiServer {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-    /// The socket file, removed on shutdown (`None` for a socket passed by fd).
+    epoll: Epoll,
+    listener: UnixListener,
+    conns: Vec<Option<Conn>>,
+    /// The socket file, removed on drop (`None` for a socket passed by fd).
     path: Option<PathBuf>,
 }
 
-async fn handle(req: Request<Incoming>, api: Arc<ApiSender>) -> Result<HttpResponse, Infallible> {
-    let (name, ep) = match routes::route(req.method(), req.uri().path()) {
-        Ok(r) => r,
-        Err(resp) => return Ok(*resp),
-    };
-    let too_big = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_BODY as u64);
-    if too_big {
-        return Ok(routes::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{name}: the body is larger than {MAX_BODY} bytes"),
-        ));
+impl AsRawFd for ApiServer {
+    /// The fd to watch for readability: the server's epoll set.
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
     }
-    // Most requests (every GET, most PUTs) have no body: no timer, no collecting then.
-    let body = if hyper::body::Body::is_end_stream(req.body()) {
-        bytes::Bytes::new()
-    } else {
-        match tokio::time::timeout(
-            CLIENT_TIMEOUT,
-            Limited::new(req.into_body(), MAX_BODY).collect(),
-        )
-        .await
-        {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return Ok(routes::error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("{name}: the body is larger than {MAX_BODY} bytes"),
-                ))
-            }
-            Ok(Err(e)) => {
-                return Ok(routes::error(
-                    StatusCode::BAD_REQUEST,
-                    format!("{name}: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Ok(routes::error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("{name}: the body did not arrive in time"),
-                ))
-            }
-        }
-    };
-    let request = match routes::request(name, ep, &body) {
-        Ok(r) => r,
-        Err(resp) => return Ok(*resp),
-    };
-    let (tx, rx) = oneshot::channel();
-    api.send(
-        request,
-        Box::new(move |result| {
-            // The client may have gone; nothing to do then.
-            let _ = tx.send(result);
-        }),
-    );
-    let result = rx.await.unwrap_or(Err(ApiError::Gone));
-    Ok(routes::reply(name, result))
-}
-
-async fn serve(
-    listener: UnixListener,
-    api: ApiSender,
-    mut stop: oneshot::Receiver<()>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::UnixListener::from_std(listener)?;
-    let api = Arc::new(api);
-    let graceful = GracefulShutdown::new();
-    // hyper arms a header-read timer (CLIENT_TIMEOUT) for every request on a connection. A
-    // timer due earlier than any other makes tokio's time driver wake its own thread through
-    // its event fd (one write and one extra epoll round per request). A timer that is always
-    // due sooner (twice a second) keeps those registrations silent.
-    let pacer = tokio::spawn(async {
-        let mut tick = tokio::time::interval(PACER_PERIOD);
-        loop {
-            tick.tick().await;
-        }
-    });
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let api = api.clone();
-                    let svc = service_fn(move |req| handle(req, api.clone()));
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(CLIENT_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), svc);
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!("API connection: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of fds, most likely: back off instead of spinning.
-                    warn!("API socket: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = &mut stop => break,
-        }
-    }
-    drop(listener);
-    pacer.abort();
-    // Let answers in flight (vmm.shutdown's own) reach their clients; close idle connections.
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
-    Ok(())
 }
 
 impl ApiServer {
-    /// Serves the API on `listener` in a new thread. `path` is removed on shutdown.
-    pub fn start(
-        listener: UnixListener,
-        path: Option<PathBuf>,
-        api: ApiSender,
-    ) -> Result<Self, ServerError> {
-        listener
-            .set_nonblocking(true)
-            .map_err(ServerError::Socket)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(ServerError::Thread)?;
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("http-server".into())
-            .spawn(move || {
-                if let Err(e) = runtime.block_on(serve(listener, api, stop_rx)) {
-                    log::error!("API server: {e}");
-                }
-            })
-            .map_err(ServerError::Thread)?;
+    /// Serves on `listener` (made non-blocking); `path` is removed when the server is dropped.
+    pub fn new(listener: UnixListener, path: Option<PathBuf>) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER),
+        )?;
         Ok(ApiServer {
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            epoll,
+            listener,
+            conns: Vec::new(),
             path,
         })
     }
 
-    /// Stops accepting, lets answers in flight go out (at most a second), removes the socket.
-    pub fn shutdown(mut self) {
-        self.stop_now();
+    /// Handles whatever is ready, without waiting: new connections, requests (each answered
+    /// through `handle`), answers waiting for room in their socket.
+    pub fn serve(&mut self, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) {
+        let mut ready = [EpollEvent::default(); 32];
+        let n = match self.epoll.wait(0, &mut ready) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    warn!("API server: epoll_wait failed: {e}");
+                }
+                return;
+            }
+        };
+        for ev in &ready[..n] {
+            let token = ev.data();
+            if token == LISTENER {
+                self.accept();
+            } else {
+                self.service(token as usize, handle);
+            }
+        }
     }
 
-    fn stop_now(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+    fn accept(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of fds, most likely; the listener stays readable and is tried again.
+                    warn!("API socket: accept failed: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = stream.set_nonblocking(true) {
+                warn!("API socket: {e}");
+                continue;
+            }
+            if self.conns.iter().flatten().count() >= MAX_CONNECTIONS {
+                self.evict_idlest();
+            }
+            let slot = match self.conns.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.conns.push(None);
+                    self.conns.len() - 1
+                }
+            };
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                stream.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, slot as u64),
+            ) {
+                warn!("API socket: cannot watch a connection: {e}");
+                continue;
+            }
+            self.conns[slot] = Some(Conn {
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                closing: false,
+                continued: false,
+                last_active: Instant::now(),
+                events: EventSet::IN,
+            });
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    }
+
+    fn evict_idlest(&mut self) {
+        let idlest = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c.last_active)))
+            .min_by_key(|(_, t)| *t)
+            .map(|(i, _)| i);
+        if let Some(i) = idlest {
+            debug!("API socket: {MAX_CONNECTIONS} connections open, closing the idlest");
+            self.close(i);
         }
-        if let Some(path) = self.path.take() {
-            let _ = std::fs::remove_file(path);
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                conn.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Reads what the connection has, answers its complete requests, writes what it can.
+    fn service(&mut self, slot: usize, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        conn.last_active = Instant::now();
+        let mut open = true;
+        if conn.output.is_empty() && !conn.closing {
+            open = conn.read_and_answer(handle);
+        }
+        if open {
+            open = conn.flush();
+        }
+        if !open || (conn.closing && conn.output.is_empty()) {
+            self.close(slot);
+            return;
+        }
+        // Wait for room to write while an answer is pending; read otherwise.
+        let want = if conn.output.is_empty() {
+            EventSet::IN
+        } else {
+            EventSet::OUT
+        };
+        if want != conn.events {
+            conn.events = want;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Modify,
+                conn.stream.as_raw_fd(),
+                EpollEvent::new(want, slot as u64),
+            ) {
+                warn!("API socket: {e}");
+                self.close(slot);
+            }
         }
     }
 }
 
+impl Conn {
+    /// Returns false when the connection is finished (the client hung up, or it failed).
+    fn read_and_answer(&mut self, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) -> bool {
+        let mut hung_up = false;
+        loop {
+            let len = self.input.len();
+            self.input.resize(len + READ_CHUNK, 0);
+            match self.stream.read(&mut self.input[len..]) {
+                Ok(0) => {
+                    self.input.truncate(len);
+                    hung_up = true;
+                    break;
+                }
+                Ok(n) => {
+                    self.input.truncate(len + n);
+                    if n < READ_CHUNK || self.input.len() > http::MAX_HEAD + http::MAX_BODY {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.input.truncate(len);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => break,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => {
+                            debug!("API connection: {e}");
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        // Every complete request in the buffer, in order.
+        let mut used = 0;
+        while used < self.input.len() && !self.closing {
+            match http::parse(&self.input[used..]) {
+                Parsed::Partial { continue_now } => {
+                    if continue_now && !self.continued {
+                        self.continued = true;
+                        Response::continue_100().encode(&mut self.output);
+                    }
+                    break;
+                }
+                Parsed::Complete { request, len } => {
+                    used += len;
+                    self.continued = false;
+                    let mut resp = routes::answer(&request, handle);
+                    resp.close = request.close;
+                    self.closing = request.close;
+                    resp.encode(&mut self.output);
+                }
+                Parsed::Invalid(why) => {
+                    debug!("API connection: {why}");
+                    let mut resp = routes::error_chain(400, &["Bad Request", &why]);
+                    resp.close = true;
+                    resp.encode(&mut self.output);
+                    self.closing = true;
+                }
+            }
+        }
+        self.input.drain(..used);
+        if hung_up {
+            // Answers still go out to a client that only shut down its sending side.
+            self.closing = true;
+        }
+        true
+    }
+
+    /// Writes what it can of the pending answers; false if the connection failed.
+    fn flush(&mut self) -> bool {
+        let mut done = 0;
+        while done < self.output.len() {
+            match self.stream.write(&self.output[done..]) {
+                Ok(0) => return false,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("API connection: {e}");
+                    return false;
+                }
+            }
+        }
+        self.output.drain(..done);
+        true
+    }
+}
+
 impl Drop for ApiServer {
+    /// Lets answers still on their way out reach their clients (a second at most: the answer
+    /// to `vmm.shutdown` is one of them), then removes the socket file.
     fn drop(&mut self) {
-        self.stop_now();
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        for conn in self.conns.iter_mut().flatten() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if conn.output.is_empty() || left.is_zero() {
+                continue;
+            }
+            if conn.stream.set_nonblocking(false).is_ok()
+                && conn.stream.set_write_timeout(Some(left)).is_ok()
+            {
+                let _ = conn.stream.write_all(&conn.output);
+            }
+        }
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }

@@ -147,32 +147,23 @@ fn main() -> ExitCode {
         None => None,
     };
     let mut api_server = None;
-    let mut api_rx = None;
     if let (Some(ep), Some(raw)) = (&api_socket, s("api-socket")) {
         let (listener, path) = match endpoints::api_listener(ep) {
             Ok(l) => l,
             Err(e) => return fail(format!("--api-socket {raw}: {e}")),
         };
-        let (tx, rx) = match vmm::api::channel() {
-            Ok(c) => c,
-            Err(e) => return fail(format!("cannot set up the API channel: {e}")),
-        };
-        match api::ApiServer::start(listener, path, tx) {
+        match api::ApiServer::new(listener, path) {
             Ok(server) => api_server = Some(server),
-            Err(e) => return fail(e),
+            Err(e) => return fail(format!("--api-socket {raw}: {e}")),
         }
-        api_rx = Some(rx);
     }
+    // The API is served from the VMM's control loop; the socket file goes with the server.
     let result = vmm::run(VmmOptions {
         config,
-        api: api_rx,
+        api: api_server,
         event_monitor: EventMonitor::new(monitor, start),
         no_shutdown: matches.get_flag("no-shutdown"),
     });
-    // Lets the answer to vmm.shutdown reach its client, and removes the socket file.
-    if let Some(server) = api_server {
-        server.shutdown();
-    }
     match result {
         Ok(Outcome::PowerOff | Outcome::Signal(_) | Outcome::ApiShutdown) => ExitCode::SUCCESS,
         Err(e) => fail(e),

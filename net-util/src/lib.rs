@@ -1,7 +1,7 @@
 //! Host networking for virtio-net: tap devices and MAC addresses.
 
-mod mac;
 mod tap;
 
-pub use mac::{MacAddr, MacParseError};
 pub use tap::{Offloads, Tap, TapError, VNET_HDR_LEN};
+/// MAC addresses are configuration values: they live with the configuration.
+pub use vm_config::mac::{MacAddr, MacParseError};

@@ -14,15 +14,13 @@ use log::{error, info, warn};
 use virtio_devices::ConsoleSize;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use crate::api::{
-    self, ApiError, ApiReceiver, ApiRequest, ApiResponse, ApiResult, VmInfoResponse, VmState,
-};
 use crate::config::VmConfig;
 use crate::cpu::VmEvents;
 use crate::event_monitor::EventMonitor;
 use crate::serial_io::{ConsoleRelay, SerialEndpoint};
 use crate::vm::Vm;
 use crate::{memory, pci_setup, Error, Outcome};
+use api::{ApiError, ApiRequest, ApiResponse, ApiResult, ApiServer, VmInfoResponse, VmState};
 
 const EV_EXIT: u64 = 1;
 const EV_RESET: u64 = 2;
@@ -110,7 +108,7 @@ pub(crate) struct Vmm {
     signal_rx: UnixStream,
     /// SIGWINCH: the terminal's size changed.
     winch_rx: UnixStream,
-    api: Option<ApiReceiver>,
+    api: Option<ApiServer>,
     monitor: EventMonitor,
     no_shutdown: bool,
     /// The created VM's configuration; `None` until `vm.create` (or the command line).
@@ -134,7 +132,7 @@ impl Vmm {
         events: VmEvents,
         signal_rx: UnixStream,
         winch_rx: UnixStream,
-        api: Option<ApiReceiver>,
+        api: Option<ApiServer>,
         monitor: EventMonitor,
         no_shutdown: bool,
     ) -> Result<Self, Error> {
@@ -149,7 +147,7 @@ impl Vmm {
             c.add(signal_rx.as_raw_fd(), EV_SIGNAL)?;
             c.add(winch_rx.as_raw_fd(), EV_WINCH)?;
             if let Some(api) = &api {
-                c.add(api.wake.as_raw_fd(), EV_API)?;
+                c.add(api.as_raw_fd(), EV_API)?;
             }
             Ok(())
         };
@@ -486,7 +484,7 @@ impl Vmm {
                 }
                 self.update_console_size();
             }
-            EV_API => return Ok(self.drain_api()),
+            EV_API => return Ok(self.serve_api()),
             EV_SERIAL_LISTEN => self.accept_serial()?,
             EV_SERIAL_IN => self.read_serial(),
             EV_CONSOLE_LISTEN => self.accept_console()?,
@@ -512,25 +510,25 @@ impl Vmm {
         }
     }
 
-    fn drain_api(&mut self) -> Next {
-        let Some(api) = self.api.take() else {
+    /// Serves the API: every request that is ready is run here, on the control loop, and
+    /// answered at once.
+    fn serve_api(&mut self) -> Next {
+        let Some(mut server) = self.api.take() else {
             return Next::Continue;
         };
-        let _ = api.wake.read();
         let mut next = Next::Continue;
-        while let Ok((req, respond)) = api.rx.try_recv() {
+        server.serve(&mut |req| {
             if matches!(next, Next::Exit(_)) {
-                respond(Err(ApiError::Gone));
-                continue;
+                return Err(ApiError::Gone);
             }
             let (result, n) = self.handle_api(req);
             if let Err(e) = &result {
                 info!("API request refused: {e}");
             }
-            respond(result);
             next = n;
-        }
-        self.api = Some(api);
+            result
+        });
+        self.api = Some(server);
         next
     }
 

@@ -1,8 +1,6 @@
 //! The VMM: turns a `VmConfig` into a running VM and runs the control loop that reacts to the
 //! guest (power-off, reset), to signals, to serial input and to API requests.
 
-pub mod api;
-pub mod config;
 mod control;
 mod cpu;
 mod device_manager;
@@ -20,13 +18,15 @@ use log::info;
 use thiserror::Error;
 
 pub use api::ApiError;
-pub use config::{ConfigError, VmConfig};
 use control::Vmm;
 use cpu::VmEvents;
 pub use event_monitor::EventMonitor;
 pub use serial_io::restore_terminal;
 use serial_io::SerialIoError;
 use vm::VmError;
+/// The VM configuration (its own crate, shared with the API and `ch-remote`).
+pub use vm_config as config;
+pub use vm_config::{ConfigError, VmConfig};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -61,8 +61,8 @@ pub enum Outcome {
 pub struct VmmOptions {
     /// A VM to create and boot at once (from the command line).
     pub config: Option<VmConfig>,
-    /// Requests from the API thread, if there is an API socket.
-    pub api: Option<api::ApiReceiver>,
+    /// The API server, served from the control loop, if there is an API socket.
+    pub api: Option<api::ApiServer>,
     pub event_monitor: EventMonitor,
     /// Keep the VMM running when the guest powers off.
     pub no_shutdown: bool,
@@ -118,4 +118,17 @@ pub fn run(opts: VmmOptions) -> Result<Outcome, Error> {
         signal_hook::low_level::unregister(id);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    /// The configuration checks `image_type=` against its own list of names (it does not link
+    /// the block layer); each must be a name the block layer opens.
+    #[test]
+    fn config_image_types_are_the_block_layers() {
+        for name in vm_config::IMAGE_TYPES {
+            assert!(name.parse::<block::ImageType>().is_ok(), "{name}");
+        }
+        assert!("qcow3".parse::<block::ImageType>().is_err());
+    }
 }

@@ -263,7 +263,7 @@ impl Vm {
     }
 
     /// Counters of every device that keeps some, by device id.
-    pub fn counters(&self) -> crate::api::VmCounters {
+    pub fn counters(&self) -> api::VmCounters {
         self.devices
             .counters
             .iter()
@@ -273,13 +273,13 @@ impl Vm {
 
     /// `vm.info`'s device tree: for each virtio device, its virtio-pci transport node (with
     /// the PCI address) and the device node under it, named as the original names them.
-    pub fn device_tree(&self) -> std::collections::BTreeMap<String, crate::api::DeviceNode> {
+    pub fn device_tree(&self) -> std::collections::BTreeMap<String, api::DeviceNode> {
         let mut tree = std::collections::BTreeMap::new();
         for (id, slot) in &self.devices.pci.placed {
             let transport = format!("_virtio-pci-{id}");
             tree.insert(
                 transport.clone(),
-                crate::api::DeviceNode {
+                api::DeviceNode {
                     id: transport,
                     resources: Vec::new(),
                     children: vec![id.clone()],
@@ -288,7 +288,7 @@ impl Vm {
             );
             tree.insert(
                 id.clone(),
-                crate::api::DeviceNode {
+                api::DeviceNode {
                     id: id.clone(),
                     resources: Vec::new(),
                     children: Vec::new(),

@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use api::client::Client;
-use hyper::Method;
+use api::http::Method;
 
 fn bench(client: &mut Client, endpoint: &str, n: usize) -> Result<(), String> {
     // Warm up the connection and the VMM's paths.
     for _ in 0..n.min(1000) {
         client
-            .call(Method::GET, endpoint, None)
+            .call(Method::Get, endpoint, None)
             .map_err(|e| e.to_string())?;
     }
     let mut lat = Vec::with_capacity(n);
@@ -20,7 +20,7 @@ fn bench(client: &mut Client, endpoint: &str, n: usize) -> Result<(), String> {
     for _ in 0..n {
         let t = Instant::now();
         let r = client
-            .call(Method::GET, endpoint, None)
+            .call(Method::Get, endpoint, None)
             .map_err(|e| e.to_string())?;
         lat.push(t.elapsed());
         if r.status != 200 {

@@ -8,7 +8,16 @@ use serde_json::Value;
 
 use crate::common;
 
-pub const CH_REMOTE: &str = env!("CARGO_BIN_EXE_ch-remote");
+/// `ch-remote`, built beside the VMM (its own package, whose tests make cargo build it).
+pub fn ch_remote_bin() -> PathBuf {
+    let bin = Path::new(common::VMM).with_file_name("ch-remote");
+    assert!(
+        bin.exists(),
+        "{} is not built (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
 
 /// A VMM started with `--api-socket`; killed on drop if still running.
 pub struct Vmm {
@@ -63,7 +72,7 @@ impl Vmm {
     }
 
     pub fn ch_remote(&self, args: &[&str]) -> Output {
-        Command::new(CH_REMOTE)
+        Command::new(ch_remote_bin())
             .arg("--api-socket")
             .arg(&self.sock)
             .args(args)
@@ -172,4 +181,10 @@ pub fn events(file: &Path) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The lines of an error answer: the original's JSON list of strings.
+pub fn error_lines(body: &str) -> Vec<String> {
+    serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("an error body is a JSON list of strings ({e}): {body}"))
 }

@@ -5,7 +5,7 @@
 mod common;
 
 mod bad_requests;
-mod ch_remote_help;
 mod contract;
 mod helpers;
 mod lifecycle;
+mod original_client;

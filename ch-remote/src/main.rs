@@ -3,15 +3,15 @@
 //! for what this VMM lacks the server answers 501 with its reason. Errors are one line on
 //! standard error, with exit code 1.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use api::client::Client;
+use api::http::Method;
 use clap::{Arg, ArgMatches, Command};
-use hyper::Method;
 use serde_json::{Map, Value};
-use vmm::config::{parse_size, DiskConfig, NetConfig};
+use vm_config::{parse_size, DiskConfig, NetConfig};
 
 /// What a subcommand takes on its command line.
 enum Args {
@@ -60,7 +60,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-device",
         about: "Add VFIO device",
         args: Args::Positional { name: "device_config", required: false, help: "Direct device assignment parameters \"path=<device_path>,fd=<vfio_cdev_fd>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>,x_nv_gpudirect_clique=<clique_id>,x_exclude_mmap_bars=[<bar>...]\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-device",
         body: Body::Kv("path"),
     },
@@ -68,7 +68,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-disk",
         about: "Add block device",
         args: Args::Positional { name: "disk_config", required: false, help: "Disk parameters \"path=<disk_image_path>,readonly=on|off,direct=on|off,iommu=on|off,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,vhost_user=on|off,socket=<vhost_user_socket_path>,bw_size=<bytes>,bw_one_time_burst=<bytes>,bw_refill_time=<ms>,ops_size=<io_ops>,ops_one_time_burst=<io_ops>,ops_refill_time=<ms>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>,rate_limit_group=<group_id>,queue_affinity=<list_of_queue_indices_with_their_associated_cpuset>,serial=<serial_number>,backing_files=on|off,sparse=on|off,image_type=<raw,qcow2,vhd,vhdx>,lock_granularity=byte-range|full" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-disk",
         body: Body::Disk,
     },
@@ -76,7 +76,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-fs",
         about: "Add virtio-fs backed fs device",
         args: Args::Positional { name: "fs_config", required: false, help: "virtio-fs parameters \"tag=<tag_name>,socket=<socket_path>,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-fs",
         body: Body::Kv(""),
     },
@@ -84,7 +84,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-generic-vhost-user",
         about: "Add generic vhost-user device",
         args: Args::Positional { name: "generic_vhost_user_config", required: false, help: "generic vhost-user parameters \"device_type=<ID number for virtio device type (FS, block, net, etc) or symbolic name>,socket=<socket_path>,queue_sizes=<list of queue sizes>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-generic-vhost-user",
         body: Body::Kv(""),
     },
@@ -92,7 +92,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-net",
         about: "Add network device",
         args: Args::Positional { name: "net_config", required: false, help: "Network parameters \"tap=<if_name>,ip=<ip_addr>,mask=<net_mask>,mac=<mac_addr>,fd=<[fd1,fd2,...]>,iommu=on|off,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>,vhost_user=<vhost_user_enable>,socket=<vhost_user_socket_path>,vhost_mode=client|server,bw_size=<bytes>,bw_one_time_burst=<bytes>,bw_refill_time=<ms>,ops_size=<io_ops>,ops_one_time_burst=<io_ops>,ops_refill_time=<ms>,pci_segment=<segment_id>,pci_device_id=<pci_slot>,offload_tso=on|off,offload_ufo=on|off,offload_csum=on|off\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-net",
         body: Body::Net,
     },
@@ -100,7 +100,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-pmem",
         about: "Add persistent memory device",
         args: Args::Positional { name: "pmem_config", required: false, help: "Persistent memory parameters \"file=<backing_file_path>,size=<persistent_memory_size>,iommu=on|off,discard_writes=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-pmem",
         body: Body::Kv("file"),
     },
@@ -108,7 +108,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-user-device",
         about: "Add userspace device",
         args: Args::Positional { name: "device_config", required: false, help: "Userspace device socket=<socket_path>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-user-device",
         body: Body::Kv("socket"),
     },
@@ -116,7 +116,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-vdpa",
         about: "Add vDPA device",
         args: Args::Positional { name: "vdpa_config", required: false, help: "vDPA device \"path=<device_path>,num_queues=<number_of_queues>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-vdpa",
         body: Body::Kv("path"),
     },
@@ -124,7 +124,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "add-vsock",
         about: "Add vsock device",
         args: Args::Positional { name: "vsock_config", required: false, help: "Virtio VSOCK parameters \"cid=<context_id>,socket=<socket_path>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.add-vsock",
         body: Body::Kv(""),
     },
@@ -132,7 +132,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "boot",
         about: "Boot a created VM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.boot",
         body: Body::None,
     },
@@ -140,7 +140,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "coredump",
         about: "Create a coredump from VM",
         args: Args::Positional { name: "coredump_config", required: false, help: "<file_path>" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.coredump",
         body: Body::Kv("destination_url"),
     },
@@ -148,7 +148,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "counters",
         about: "Counters from the VM",
         args: Args::None,
-        method: Method::GET,
+        method: Method::Get,
         endpoint: "vm.counters",
         body: Body::None,
     },
@@ -156,7 +156,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "create",
         about: "Create VM from a JSON configuration",
         args: Args::Path,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.create",
         body: Body::File,
     },
@@ -164,7 +164,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "delete",
         about: "Delete a VM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.delete",
         body: Body::None,
     },
@@ -172,7 +172,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "info",
         about: "Info on the VM",
         args: Args::None,
-        method: Method::GET,
+        method: Method::Get,
         endpoint: "vm.info",
         body: Body::None,
     },
@@ -180,7 +180,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "nmi",
         about: "Trigger NMI",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.nmi",
         body: Body::None,
     },
@@ -188,7 +188,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "pause",
         about: "Pause the VM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.pause",
         body: Body::None,
     },
@@ -196,7 +196,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "ping",
         about: "Ping the VMM to check for API server availability",
         args: Args::None,
-        method: Method::GET,
+        method: Method::Get,
         endpoint: "vmm.ping",
         body: Body::None,
     },
@@ -204,7 +204,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "power-button",
         about: "Trigger a power button in the VM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.power-button",
         body: Body::None,
     },
@@ -212,7 +212,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "reboot",
         about: "Reboot the VM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.reboot",
         body: Body::None,
     },
@@ -220,7 +220,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "receive-migration",
         about: "Receive a VM migration",
         args: Args::Positional { name: "receive_migration_config", required: false, help: "VM receive migration parameters \"<receiver_url>\" or \"receiver_url=<url>[,tls_dir=<path>][,memory_mode=precopy|postcopy][,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>][,iommufd_fd=<fd>][,zone_updates=[<id@host_numa_node>]]\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.receive-migration",
         body: Body::Kv("receiver_url"),
     },
@@ -228,7 +228,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "remove-device",
         about: "Remove VFIO and PCI device",
         args: Args::Positional { name: "id", required: false, help: "<device_id>" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.remove-device",
         body: Body::Kv("id"),
     },
@@ -236,7 +236,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "resize",
         about: "Resize the VM",
         args: Args::Options(&[("balloon", "New balloon size in bytes (supports K/M/G suffix)"), ("cpus", "New vCPUs count"), ("memory", "New memory size in bytes (supports K/M/G suffix)")]),
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.resize",
         body: Body::Resize,
     },
@@ -244,7 +244,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "resize-disk",
         about: "Resize an attached disk",
         args: Args::Options(&[("disk", "Disk identifier"), ("size", "New disk size")]),
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.resize-disk",
         body: Body::ResizeDisk,
     },
@@ -252,7 +252,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "resize-zone",
         about: "Resize a memory zone",
         args: Args::Options(&[("id", "Memory zone identifier"), ("size", "New memory zone size in bytes (supports K/M/G suffix)")]),
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.resize-zone",
         body: Body::ResizeZone,
     },
@@ -260,7 +260,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "restore",
         about: "Restore VM from a snapshot",
         args: Args::Positional { name: "restore_config", required: true, help: "Restore from a VM snapshot. \nRestore parameters \"source_url=<source_url>,prefault=on|off,memory_restore_mode=copy|ondemand,net_fds=<list_of_net_ids_with_their_associated_fds>,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>,iommufd_fd=<fd>,resume=true|false,zone_updates=<list_of_updates>\"\n        \n`source_url` should be a valid URL (e.g file:///foo/bar or tcp://192.168.1.10/foo) \n`prefault` controls eager prefaulting for the copy-based restore path (disabled by default) \n`memory_restore_mode=copy` preserves the existing eager read-copy restore behavior, while `memory_restore_mode=ondemand` enables lazy demand paging and fails restore if userfaultfd support is unavailable \n`net_fds` is a list of net ids with new file descriptors. Only net devices backed by FDs directly are needed as input.\n`vfio_fds` is a list of VFIO device ids each paired with a new cdev file descriptor, e.g. vfio_fds=[vfio0@5,vfio1@6]. Use this to restore a VFIO device onto a different sysfs path or host. Requires `iommufd_fd`.\n`iommufd_fd` is a new iommufd file descriptor for the restored VM. The one saved in the snapshot does not survive serialization.\n `resume` controls whether the VM will be directly resumed after restore \n `zone_updates` can be used to update NUMA memory zones. Expects a list of elements in the form `id@host_numa_node`" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.restore",
         body: Body::Kv("source_url"),
     },
@@ -268,7 +268,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "resume",
         about: "Resume the VM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.resume",
         body: Body::None,
     },
@@ -276,7 +276,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "send-migration",
         about: "Initiate a VM migration",
         args: Args::Positional { name: "send_migration_config", required: false, help: "VM send migration parameters \"destination_url=<url>[,local=on|off,preserve_source=on|off,downtime_ms=<milliseconds>,timeout_s=<seconds>,timeout_strategy=cancel|ignore,connections=<amount>,tls_dir=<path>,memory_mode=precopy|postcopy]\"" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.send-migration",
         body: Body::Kv("destination_url"),
     },
@@ -284,7 +284,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "shutdown",
         about: "Shutdown the VM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.shutdown",
         body: Body::None,
     },
@@ -292,7 +292,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "shutdown-vmm",
         about: "Shutdown the VMM",
         args: Args::None,
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vmm.shutdown",
         body: Body::None,
     },
@@ -300,7 +300,7 @@ const SUBCOMMANDS: &[Sub] = &[
         name: "snapshot",
         about: "Create a snapshot from VM",
         args: Args::Positional { name: "snapshot_config", required: true, help: "<destination_url>" },
-        method: Method::PUT,
+        method: Method::Put,
         endpoint: "vm.snapshot",
         body: Body::Kv("destination_url"),
     },
@@ -472,25 +472,21 @@ fn run(m: &ArgMatches) -> Result<(), String> {
     let body = body(s, sub_m)?;
     let mut client = Client::connect(&socket).map_err(|e| e.to_string())?;
     let reply = client
-        .call(s.method.clone(), s.endpoint, body)
+        .call(s.method, s.endpoint, body.as_deref())
         .map_err(|e| format!("{}: {e}", s.endpoint))?;
-    let text = String::from_utf8_lossy(&reply.body);
     if !(200..300).contains(&reply.status) {
-        return Err(format!(
-            "{}: the VMM answered {}: {}",
-            s.endpoint,
-            reply.status,
-            text.trim()
-        ));
-    }
-    if !reply.body.is_empty() {
-        match serde_json::from_slice::<Value>(&reply.body) {
-            Ok(v) => println!(
-                "{}",
-                serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.to_string())
-            ),
-            Err(_) => println!("{}", text.trim_end()),
+        let mut msg = format!("{}: the VMM answered {}", s.endpoint, reply.status);
+        for line in reply.error_lines() {
+            msg.push_str(": ");
+            msg.push_str(&line);
         }
+        return Err(msg);
+    }
+    // The body as the VMM sent it, as the original's ch-remote prints it.
+    if !reply.body.is_empty() {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&reply.body);
+        let _ = out.write_all(b"\n");
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! later, from the API's JSON (serde, with the original's field names).
 
 mod devices;
+pub mod mac;
 mod parser;
 mod unsupported;
 
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use devices::{DiskConfig, NetConfig, PciPlacement, RngConfig, MAX_DISK_QUEUES};
+pub use devices::{DiskConfig, NetConfig, PciPlacement, RngConfig, IMAGE_TYPES, MAX_DISK_QUEUES};
 pub use parser::{parse_size, OptionParser};
 pub use unsupported::UnsupportedConfig;
 

@@ -1,15 +1,11 @@
-//! What the API asks of the VMM and what it answers, independent of HTTP. The API thread sends
-//! `ApiRequest`s through an `ApiSender`; the control loop, woken by an event fd, answers each
-//! through the request's own `Responder`.
+//! What the API asks of the VMM and what it answers, independent of HTTP: the server turns
+//! each request into an `ApiRequest`, the VMM's control loop answers it with an `ApiResult`.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vmm_sys_util::eventfd::EventFd;
-
-use crate::config::{ConfigError, VmConfig};
+use vm_config::{ConfigError, VmConfig};
 
 /// The states of a VM, as the original names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +17,7 @@ pub enum VmState {
     BreakPoint,
 }
 
+/// A request, as the control loop sees it.
 #[derive(Debug)]
 pub enum ApiRequest {
     VmmPing,
@@ -77,66 +74,55 @@ pub enum ApiResponse {
     Counters(VmCounters),
 }
 
+/// Why the VMM refused a request. The messages are the causes that follow the endpoint's own
+/// message in an error answer's chain (the original's words where it has them).
 #[derive(Debug, Error)]
 pub enum ApiError {
-    #[error("the VM is not created")]
+    #[error("VM is not created")]
     VmNotCreated,
-    #[error("the VM is already created")]
+    #[error("VM is already created")]
     VmAlreadyCreated,
+    /// The action needs the VM in another state.
     #[error("cannot {action} the VM: it is {state:?}")]
     InvalidState {
         action: &'static str,
         state: VmState,
     },
-    #[error("invalid VM configuration: {0}")]
-    Config(#[from] ConfigError),
+    #[error("Failed to validate config")]
+    Config(#[source] ConfigError),
     #[error("{0}")]
     Failed(String),
     #[error("the VMM is shutting down")]
     Gone,
+    /// One of the original's endpoints for something this VMM does not have yet.
+    #[error("{0} is not supported yet")]
+    NotYet(String),
 }
 
-pub type ApiResult = Result<ApiResponse, ApiError>;
-
-/// Delivers one answer to whoever asked (the API thread wraps its own reply channel in it).
-pub type Responder = Box<dyn FnOnce(ApiResult) + Send>;
-
-/// The API thread's end.
-pub struct ApiSender {
-    tx: mpsc::Sender<(ApiRequest, Responder)>,
-    wake: EventFd,
+impl From<ConfigError> for ApiError {
+    fn from(e: ConfigError) -> Self {
+        ApiError::Config(e)
+    }
 }
 
-impl ApiSender {
-    /// Queues `req` for the control loop. If the VMM is gone, `respond` gets `ApiError::Gone`.
-    pub fn send(&self, req: ApiRequest, respond: Responder) {
-        if let Err(mpsc::SendError((_, respond))) = self.tx.send((req, respond)) {
-            respond(Err(ApiError::Gone));
-            return;
-        }
-        if let Err(e) = self.wake.write(1) {
-            log::error!("cannot wake the control loop: {e}");
+impl ApiError {
+    /// The HTTP status the original answers this error with: 404 for a VM that is not
+    /// created, 400 for a configuration that does not validate, 500 for the rest (a state
+    /// that does not allow the action included); 501 for what this VMM lacks.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::VmNotCreated => 404,
+            ApiError::Config(_) => 400,
+            ApiError::NotYet(_) => 501,
+            ApiError::VmAlreadyCreated
+            | ApiError::InvalidState { .. }
+            | ApiError::Failed(_)
+            | ApiError::Gone => 500,
         }
     }
 }
 
-/// The control loop's end.
-pub struct ApiReceiver {
-    pub(crate) rx: mpsc::Receiver<(ApiRequest, Responder)>,
-    pub(crate) wake: EventFd,
-}
-
-pub fn channel() -> std::io::Result<(ApiSender, ApiReceiver)> {
-    let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-    let (tx, rx) = mpsc::channel();
-    Ok((
-        ApiSender {
-            tx,
-            wake: wake.try_clone()?,
-        },
-        ApiReceiver { rx, wake },
-    ))
-}
+pub type ApiResult = Result<ApiResponse, ApiError>;
 
 /// What the VMM itself answers to `vmm.ping` (built once: the pid does not change).
 pub fn ping_response() -> VmmPingResponse {

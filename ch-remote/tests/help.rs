@@ -1,9 +1,9 @@
 //! `ch-remote`'s help, whole and per subcommand, is the original's word for word (the
-//! reference texts in `tests/data/` were taken from the original's `ch-remote`).
+//! reference texts beside this file were taken from the original's `ch-remote`).
 
 use std::process::Command;
 
-use crate::helpers::CH_REMOTE;
+const CH_REMOTE: &str = env!("CARGO_BIN_EXE_ch-remote");
 
 fn help(args: &[&str]) -> String {
     let out = Command::new(CH_REMOTE)
@@ -17,12 +17,12 @@ fn help(args: &[&str]) -> String {
 
 #[test]
 fn top_level_help_is_the_original() {
-    assert_eq!(help(&[]), include_str!("../data/ch-remote-help.txt"));
+    assert_eq!(help(&[]), include_str!("ch-remote-help.txt"));
 }
 
 #[test]
 fn subcommand_help_is_the_original() {
-    let reference = include_str!("../data/ch-remote-subcommands.txt");
+    let reference = include_str!("ch-remote-subcommands.txt");
     let mut seen = 0;
     for block in reference.split("=== ch-remote ").skip(1) {
         let (name, text) = block.split_once('\n').expect("a subcommand block");

@@ -81,11 +81,14 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// The `image_type=` names the block layer opens (`vpc` is qemu's name for vhd).
+pub const IMAGE_TYPES: &[&str] = &["raw", "qcow2", "vhd", "vpc", "vhdx"];
+
 /// A guest MAC address: parsed, and unicast.
-fn unicast_mac(s: &str) -> Result<net_util::MacAddr, String> {
-    let m: net_util::MacAddr = s
+fn unicast_mac(s: &str) -> Result<crate::mac::MacAddr, String> {
+    let m: crate::mac::MacAddr = s
         .parse()
-        .map_err(|e: net_util::MacParseError| e.to_string())?;
+        .map_err(|e: crate::mac::MacParseError| e.to_string())?;
     if m.bytes()[0] & 1 != 0 {
         return Err(format!("{s} is a multicast address"));
     }
@@ -165,7 +168,7 @@ impl DiskConfig {
         }
         let image_type = p.get("image_type").map(str::to_string);
         if let Some(t) = &image_type {
-            if t.parse::<block::ImageType>().is_err() {
+            if !IMAGE_TYPES.contains(&t.to_ascii_lowercase().as_str()) {
                 return Err(p.error(format!("image_type={t}: must be raw, qcow2, vhd or vhdx")));
             }
         }
@@ -430,7 +433,7 @@ impl DiskConfig {
         check_queue_size(self.queue_size).map_err(err)?;
         check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
         if let Some(t) = &self.image_type {
-            if t.parse::<block::ImageType>().is_err() {
+            if !IMAGE_TYPES.contains(&t.to_ascii_lowercase().as_str()) {
                 return Err(err(format!(
                     "image_type={t}: must be raw, qcow2, vhd or vhdx"
                 )));
