@@ -76,6 +76,27 @@ fn action_message(name: &str) -> &'static str {
         "vm.reboot" => "The VM could not reboot",
         "vm.power-button" => "Error triggering power button",
         "vmm.shutdown" => "The VMM could not shutdown",
+        "vm.add-device" => "The device could not be added to the VM",
+        "vm.add-user-device" => "The user device could not be added to the VM",
+        "vm.add-disk" => "The disk could not be added to the VM",
+        "vm.add-fs" => "The fs could not be added to the VM",
+        "vm.add-generic-vhost-user" => {
+            "The generic vhost-user device could not be added to the VM"
+        }
+        "vm.add-net" => "The network device could not be added to the VM",
+        "vm.add-pmem" => "The pmem device could not be added to the VM",
+        "vm.add-vdpa" => "The vDPA device could not be added to the VM",
+        "vm.add-vsock" => "The vsock device could not be added to the VM",
+        "vm.remove-device" => "The device could not be removed from the VM",
+        "vm.resize" => "The VM could not be resized",
+        "vm.resize-disk" => "The disk could not be resized",
+        "vm.resize-zone" => "The memory zone could not be resized",
+        "vm.snapshot" => "The VM could not be snapshotted",
+        "vm.restore" => "The VM could not be restored",
+        "vm.coredump" => "The VM could not be coredumped",
+        "vm.nmi" => "Error triggering NMI",
+        "vm.send-migration" => "Error dispatching the migration worker",
+        "vm.receive-migration" => "Error receiving migration",
         _ => "The request failed",
     }
 }
