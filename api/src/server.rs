@@ -313,3 +313,130 @@ impl Drop for ApiServer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::types::{ApiResponse, VmmPingResponse};
+
+    fn server(name: &str) -> (ApiServer, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("api-server-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        (ApiServer::new(listener, Some(path.clone())).unwrap(), path)
+    }
+
+    fn pong(_: ApiRequest) -> ApiResult {
+        Ok(ApiResponse::Ping(VmmPingResponse {
+            build_version: "b".into(),
+            version: "v".into(),
+            pid: 1,
+            features: Vec::new(),
+        }))
+    }
+
+    /// Serves until `done` says so (a few seconds at most).
+    fn serve_until(s: &mut ApiServer, mut done: impl FnMut(&ApiServer) -> bool) {
+        for _ in 0..5000 {
+            s.serve(&mut pong);
+            if done(s) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the server did not get there");
+    }
+
+    const PING: &[u8] = b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n";
+
+    #[test]
+    fn past_the_limit_the_idlest_connection_goes() {
+        let (mut s, path) = server("evict");
+        let mut first = UnixStream::connect(&path).unwrap();
+        let open = |s: &ApiServer| s.conns.iter().flatten().count();
+        serve_until(&mut s, |s| open(s) == 1);
+        let _others: Vec<UnixStream> = (1..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        serve_until(&mut s, |s| open(s) == MAX_CONNECTIONS);
+        let mut last = UnixStream::connect(&path).unwrap();
+        first.set_nonblocking(true).unwrap();
+        // The first connection, idle the longest, is closed to make room.
+        serve_until(&mut s, |_| {
+            let mut b = [0u8; 1];
+            matches!(first.read(&mut b), Ok(0))
+        });
+        assert_eq!(open(&s), MAX_CONNECTIONS);
+        last.write_all(PING).unwrap();
+        last.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        serve_until(&mut s, |_| {
+            let mut b = [0u8; 512];
+            if let Ok(n) = last.read(&mut b) {
+                got.extend_from_slice(&b[..n]);
+            }
+            got.starts_with(b"HTTP/1.1 200 ")
+        });
+        drop(s);
+        assert!(!path.exists(), "the socket file goes with the server");
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_stalls_only_itself() {
+        let (mut s, path) = server("stall");
+        let mut greedy = UnixStream::connect(&path).unwrap();
+        greedy.set_nonblocking(true).unwrap();
+        // Pipelined requests whose answers it never reads, until its socket is full.
+        let mut sent = 0usize;
+        for _ in 0..200_000 {
+            match greedy.write(PING) {
+                Ok(n) => sent += n,
+                Err(_) => {
+                    s.serve(&mut pong);
+                }
+            }
+            if s.conns.iter().flatten().any(|c| !c.output.is_empty()) {
+                break;
+            }
+        }
+        assert!(
+            s.conns.iter().flatten().any(|c| !c.output.is_empty()),
+            "the answers never backed up ({sent} bytes sent)"
+        );
+        // Another client is still served at once.
+        let mut other = UnixStream::connect(&path).unwrap();
+        other.write_all(PING).unwrap();
+        other.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        serve_until(&mut s, |_| {
+            let mut b = [0u8; 512];
+            if let Ok(n) = other.read(&mut b) {
+                got.extend_from_slice(&b[..n]);
+            }
+            got.starts_with(b"HTTP/1.1 200 ")
+        });
+        // The greedy one gets every answer once it reads.
+        let requests = sent / PING.len();
+        let mut answers = 0usize;
+        let mut tail = Vec::new();
+        serve_until(&mut s, |_| {
+            let mut b = [0u8; 65536];
+            while let Ok(n) = greedy.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&b[..n]);
+            }
+            let text = String::from_utf8_lossy(&tail);
+            answers = text.matches("HTTP/1.1 200 ").count();
+            answers >= requests
+        });
+        assert_eq!(answers, requests);
+    }
+}
