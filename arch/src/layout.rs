@@ -26,8 +26,13 @@ pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: GuestAddress = GuestAddress(0x9fc00);
 /// ACPI RSDP; the other tables follow it.
 pub const RSDP_POINTER: GuestAddress = GuestAddress(0xe0000);
-/// End of the legacy reserved range where the ACPI tables live.
-pub const ACPI_END: GuestAddress = GuestAddress(0x10_0000);
+/// SMBIOS: the 3.0 (64-bit) entry point here, its structure table right after it, all below
+/// `SMBIOS_END`. 0xf0000 is the start of the range the SMBIOS specification has guests search
+/// (and where firmware for the original, e.g. its edk2 `CloudHv` platform, reads it).
+pub const SMBIOS_START: GuestAddress = GuestAddress(0xf_0000);
+pub const SMBIOS_END: GuestAddress = GuestAddress(0x10_0000);
+/// End of the part of the legacy reserved range where the ACPI tables live (SMBIOS follows).
+pub const ACPI_END: GuestAddress = SMBIOS_START;
 /// First byte of RAM above the legacy area; kernels load here.
 pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
 
