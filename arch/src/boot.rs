@@ -35,13 +35,13 @@ const PAGE_SIZE: u64 = 0x1000;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("cannot read the kernel: {0}")]
+    #[error("cannot read: {0}")]
     Read(#[source] std::io::Error),
-    #[error("the kernel is neither an ELF nor a bzImage")]
+    #[error("the image is neither an ELF nor a bzImage")]
     UnknownFormat,
-    #[error("cannot load the kernel: {0}")]
+    #[error("cannot load the image: {0}")]
     Load(#[source] linux_loader::loader::Error),
-    #[error("the kernel ({kernel} bytes) does not fit in guest memory below 3 GiB ({ram} bytes)")]
+    #[error("the image ({kernel} bytes) does not fit in guest memory below 3 GiB ({ram} bytes)")]
     KernelTooBig { kernel: u64, ram: u64 },
     #[error("the command line is {0} bytes; at most {max} fit", max = layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),

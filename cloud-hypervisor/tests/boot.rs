@@ -26,6 +26,48 @@ fn bzimage_boots_through_the_linux_protocol() {
     r.assert_guest_passed();
     r.assert_passed("boot-protocol linux");
     r.assert_passed("smp");
+    r.assert_passed("smbios-system");
+}
+
+/// `--firmware` takes the kernel's loader (a PVH ELF here, as the original's firmwares are)
+/// and, as in the original, no command line: `--cmdline` is dropped with a warning, so the
+/// guest runs its default scenario, which finds the SMBIOS entry point and checks the tables.
+#[test]
+fn firmware_boots_a_pvh_elf_without_cmdline_and_finds_smbios() {
+    let fw = guest().elf_pvh.to_str().unwrap();
+    let r = common::run(&[
+        "--firmware",
+        fw,
+        // Would fault at once if it reached the guest.
+        "--cmdline",
+        "test=fault",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+    ]);
+    r.assert_guest_passed();
+    assert!(
+        r.stdout.contains("test-guest: protocol=pvh cmdline=\"\"\n"),
+        "{}",
+        r.stdout
+    );
+    for check in [
+        "boot-protocol pvh",
+        "smbios-entry",
+        "smbios-tables",
+        "smbios-bios",
+        "smbios-system",
+        "acpi-s5",
+    ] {
+        r.assert_passed(check);
+    }
+    assert!(
+        r.stderr
+            .contains("Ignoring cmdline parameter as firmware is provided"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

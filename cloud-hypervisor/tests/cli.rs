@@ -59,6 +59,30 @@ fn kernel_that_is_neither_elf_nor_bzimage() {
 }
 
 #[test]
+fn bad_firmware_files_and_firmware_with_a_kernel() {
+    assert_rejected(
+        &["--firmware", "/nonexistent/fw.elf"],
+        &["--firmware /nonexistent/fw.elf", "cannot open"],
+    );
+    let dir = common::scratch("badfw");
+    let fw = dir.join("garbage-fw");
+    std::fs::write(&fw, vec![0x5au8; 4096]).unwrap();
+    let fw = fw.to_str().unwrap();
+    assert_rejected(
+        &["--firmware", fw],
+        &[&format!("--firmware {fw}"), "neither an ELF nor a bzImage"],
+    );
+    let k = guest().elf_pvh.to_str().unwrap();
+    assert_rejected(
+        &["--firmware", k, "--kernel", k],
+        &[
+            "--firmware",
+            "specifying a kernel is not supported when a firmware is provided",
+        ],
+    );
+}
+
+#[test]
 fn bad_cpu_counts() {
     let k = guest().elf_pvh.to_str().unwrap();
     assert_rejected(

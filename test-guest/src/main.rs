@@ -20,6 +20,7 @@ mod msix;
 mod net;
 mod paging;
 mod rawq;
+mod smbios;
 mod smp;
 mod svc;
 mod virtio;
@@ -226,6 +227,65 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
     finish(acpi.as_ref())
 }
 
+/// The SMBIOS entry point and tables, with the original's default identity (`--platform`
+/// unset): BIOS vendor "cloud-hypervisor" version "0", system "Cloud Hypervisor" /
+/// "cloud-hypervisor", no serial number, a nil UUID.
+fn check_smbios() {
+    let mut s = match smbios::find_entry() {
+        Ok(s) => s,
+        Err(e) => {
+            fail("smbios-entry", format_args!("{e}"));
+            return;
+        }
+    };
+    let (major, minor, rev) = s.version;
+    println!(
+        "INFO smbios entry={:#x} version={major}.{minor}.{rev} table={:#x}+{:#x}",
+        s.entry_addr, s.table_addr, s.table_max
+    );
+    pass("smbios-entry");
+    if let Err(e) = smbios::walk(&mut s) {
+        fail("smbios-tables", format_args!("{e}"));
+        return;
+    }
+    let kinds: Vec<u8> = s.structures.iter().map(|x| x.kind).collect();
+    println!("INFO smbios types={kinds:?}");
+    pass("smbios-tables");
+    let find = |kind: u8| s.structures.iter().find(|x| x.kind == kind);
+    match find(0) {
+        Some(b) => check!(
+            "smbios-bios",
+            b.string(4) == Some("cloud-hypervisor")
+                && b.string(5) == Some("0")
+                && b.formatted.get(0x13).is_some_and(|x| x & 0x10 != 0),
+            "vendor {:?} version {:?}, or not marked a virtual machine",
+            b.string(4),
+            b.string(5)
+        ),
+        None => fail("smbios-bios", format_args!("no type 0 structure")),
+    }
+    match find(1) {
+        Some(sys) if sys.formatted.len() >= 0x19 => {
+            let uuid = &sys.formatted[8..24];
+            let (manufacturer, product, serial) = (sys.string(4), sys.string(5), sys.string(7));
+            println!(
+                "INFO smbios system manufacturer={manufacturer:?} product={product:?} \
+                 serial={serial:?} uuid={uuid:02x?}"
+            );
+            check!(
+                "smbios-system",
+                manufacturer == Some("Cloud Hypervisor")
+                    && product == Some("cloud-hypervisor")
+                    && serial.is_none()
+                    && uuid.iter().all(|&b| b == 0),
+                "manufacturer {manufacturer:?} product {product:?} serial {serial:?} uuid \
+                 {uuid:02x?}"
+            );
+        }
+        _ => fail("smbios-system", format_args!("no type 1 structure")),
+    }
+}
+
 fn scenario_boot(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     // Protocol.
     let proto = boot.protocol_name();
@@ -288,6 +348,8 @@ fn scenario_boot(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
             None => fail("initrd-size", format_args!("no initramfs handed over")),
         }
     }
+
+    check_smbios();
 
     // ACPI.
     let Some(a) = acpi else {

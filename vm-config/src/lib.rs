@@ -403,21 +403,11 @@ fn default_console() -> ConsoleConfig {
 
 impl VmConfig {
     /// Checks what a single option cannot: the combination, and that the files exist.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let Some(kernel) = self.payload.kernel.as_ref() else {
-            if let Some(fw) = &self.payload.firmware {
-                return Err(ConfigError::new(
-                    "--firmware",
-                    &fw.display().to_string(),
-                    "firmware boot is not supported yet; use --kernel".into(),
-                ));
-            }
-            return Err(ConfigError::new(
-                "--kernel",
-                "",
-                "a kernel is required (--kernel <path>)".into(),
-            ));
-        };
+    ///
+    /// As the original's `PayloadConfig::validate`: a firmware and a kernel together are
+    /// refused; with a firmware, a command line and an initramfs are dropped from the
+    /// configuration with a warning each (a firmware gets neither).
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
         let check_file = |option: &'static str, path: &PathBuf| {
             std::fs::File::open(path).map(|_| ()).map_err(|e| {
                 ConfigError::new(
@@ -427,9 +417,39 @@ impl VmConfig {
                 )
             })
         };
-        check_file("--kernel", kernel)?;
-        if let Some(initramfs) = &self.payload.initramfs {
-            check_file("--initramfs", initramfs)?;
+        match (&self.payload.firmware, &self.payload.kernel) {
+            (Some(fw), Some(_)) => {
+                return Err(ConfigError::new(
+                    "--firmware",
+                    &fw.display().to_string(),
+                    "specifying a kernel is not supported when a firmware is provided".into(),
+                ))
+            }
+            (Some(fw), None) => {
+                check_file("--firmware", fw)?;
+                if self.payload.cmdline.take().is_some() {
+                    log::warn!("Ignoring cmdline parameter as firmware is provided as the payload");
+                }
+                if self.payload.initramfs.take().is_some() {
+                    log::warn!(
+                        "Ignoring initramfs parameter as firmware is provided as the payload"
+                    );
+                }
+            }
+            (None, Some(kernel)) => {
+                check_file("--kernel", kernel)?;
+                if let Some(initramfs) = &self.payload.initramfs {
+                    check_file("--initramfs", initramfs)?;
+                }
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "--kernel",
+                    "",
+                    "a kernel or a firmware is required (--kernel <path> or --firmware <path>)"
+                        .into(),
+                ))
+            }
         }
         if self.serial.mode == ConsoleOutputMode::Tty && self.console.mode == ConsoleOutputMode::Tty
         {
@@ -554,6 +574,73 @@ mod tests {
         for bad in ["", "tty,file=/x", "file=", "loud", "file=/x,socket=/y"] {
             assert!(ConsoleConfig::parse("--serial", bad).is_err(), "{bad}");
         }
+    }
+
+    fn config_with(payload: PayloadConfig) -> VmConfig {
+        VmConfig {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload,
+            serial: default_serial(),
+            console: default_console(),
+            disks: Vec::new(),
+            net: Vec::new(),
+            rng: RngConfig::default(),
+            unsupported: UnsupportedConfig::default(),
+        }
+    }
+
+    #[test]
+    fn payload_combinations_follow_the_original() {
+        // This crate's manifest stands in for a firmware or kernel file that exists.
+        let file: PathBuf = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").into();
+        let mut fw = config_with(PayloadConfig {
+            firmware: Some(file.clone()),
+            cmdline: Some("console=ttyS0".into()),
+            initramfs: Some("/nonexistent/initrd".into()),
+            ..Default::default()
+        });
+        fw.validate().unwrap();
+        assert_eq!(
+            fw.payload,
+            PayloadConfig {
+                firmware: Some(file.clone()),
+                ..Default::default()
+            },
+            "a firmware gets neither command line nor initramfs"
+        );
+
+        let both = config_with(PayloadConfig {
+            firmware: Some("/fw".into()),
+            kernel: Some(file.clone()),
+            ..Default::default()
+        });
+        let missing = config_with(PayloadConfig {
+            firmware: Some("/nonexistent/fw".into()),
+            ..Default::default()
+        });
+        for (mut cfg, want) in [
+            (
+                both,
+                "--firmware /fw: specifying a kernel is not supported when a firmware is provided",
+            ),
+            (missing, "--firmware /nonexistent/fw: cannot open: "),
+            (
+                config_with(PayloadConfig::default()),
+                "--kernel : a kernel or a firmware",
+            ),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+
+        let mut kernel = config_with(PayloadConfig {
+            kernel: Some(file),
+            cmdline: Some("console=ttyS0".into()),
+            ..Default::default()
+        });
+        kernel.validate().unwrap();
+        assert_eq!(kernel.payload.cmdline.as_deref(), Some("console=ttyS0"));
     }
 
     #[test]

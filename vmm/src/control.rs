@@ -177,7 +177,7 @@ impl Vmm {
     }
 
     /// Creates the VM from `config` (checked first); it is not booted.
-    pub(crate) fn create(&mut self, config: VmConfig) -> Result<(), ApiError> {
+    pub(crate) fn create(&mut self, mut config: VmConfig) -> Result<(), ApiError> {
         if self.config.is_some() {
             return Err(ApiError::VmAlreadyCreated);
         }

@@ -71,8 +71,8 @@ pub struct VmmOptions {
 /// Runs the VMM: boots the VM given on the command line, if any, and serves the API, until
 /// the guest powers off (unless `no_shutdown`), the VM fails, the API asks the VMM to shut
 /// down, or a signal tells it to stop.
-pub fn run(opts: VmmOptions) -> Result<Outcome, Error> {
-    if let Some(config) = &opts.config {
+pub fn run(mut opts: VmmOptions) -> Result<Outcome, Error> {
+    if let Some(config) = &mut opts.config {
         config.validate()?;
     }
     cpu::init_kick_signal().map_err(Error::Setup)?;

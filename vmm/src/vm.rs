@@ -1,12 +1,12 @@
 //! One VM, built step by step in boot order: hypervisor VM, interrupt controllers, RAM,
-//! devices, ACPI tables, kernel and boot data, vCPUs.
+//! devices, ACPI and SMBIOS tables, kernel (or firmware) and boot data, vCPUs.
 
 use std::fs::File;
 use std::sync::Arc;
 
 use arch::boot::{self, BootError, BootProtocol};
 use arch::cpuid::{self, Topology};
-use arch::{acpi, regs};
+use arch::{acpi, regs, smbios};
 use devices::CMOS_NVRAM_SIZE;
 use hypervisor::{Hypervisor, Vcpu};
 use log::info;
@@ -28,6 +28,8 @@ pub enum VmError {
     Devices(#[from] DeviceError),
     #[error("cannot build the ACPI tables: {0}")]
     Acpi(String),
+    #[error("cannot build the SMBIOS tables: {0}")]
+    Smbios(String),
     #[error("{option} {path}: {source}")]
     Boot {
         option: &'static str,
@@ -138,12 +140,23 @@ impl Vm {
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;
 
-        // validate() made sure there is a kernel.
-        let kernel_path = cfg
-            .payload
-            .kernel
-            .as_deref()
-            .unwrap_or_else(|| std::path::Path::new(""));
+        // As the original: SMBIOS for every boot, with its default identity (no --platform).
+        smbios::setup_smbios(&mem, &smbios::SmbiosConfig::default())
+            .map_err(|e| VmError::Smbios(e.to_string()))?;
+
+        // validate() made sure there is exactly one of a firmware and a kernel. A firmware goes
+        // through the kernel's loader (the firmwares of the original's users are PVH ELF
+        // images), without a command line or initramfs.
+        let (image_option, kernel_path) = match &cfg.payload.firmware {
+            Some(fw) => ("--firmware", fw.as_path()),
+            None => (
+                "--kernel",
+                cfg.payload
+                    .kernel
+                    .as_deref()
+                    .unwrap_or_else(|| std::path::Path::new("")),
+            ),
+        };
         let boot_err = |option, path: &std::path::Path| {
             let path = path.display().to_string();
             move |source| VmError::Boot {
@@ -152,9 +165,9 @@ impl Vm {
                 source,
             }
         };
-        let mut kernel_file = open("--kernel", kernel_path)?;
-        let kernel =
-            boot::load_kernel(&mem, &mut kernel_file).map_err(boot_err("--kernel", kernel_path))?;
+        let mut kernel_file = open(image_option, kernel_path)?;
+        let kernel = boot::load_kernel(&mem, &mut kernel_file)
+            .map_err(boot_err(image_option, kernel_path))?;
         let mut initramfs = cfg
             .payload
             .initramfs
@@ -176,7 +189,7 @@ impl Vm {
                 let option = if cfg.payload.initramfs.is_some() {
                     "--initramfs"
                 } else {
-                    "--kernel"
+                    image_option
                 };
                 boot_err(option, path)(e)
             }

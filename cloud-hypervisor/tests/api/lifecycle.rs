@@ -269,6 +269,38 @@ fn cli_and_api_configs_match() {
     assert_eq!(again.ok_json("vm.info")["config"], from_cli["config"]);
 }
 
+/// `vm.create` with `payload.firmware`: the test guest's PVH ELF boots as a firmware (no
+/// command line, so its default scenario) and finds SMBIOS.
+#[test]
+fn vm_create_with_a_firmware_payload() {
+    let fw = common::guest().elf_pvh.display().to_string();
+    let mut vmm = Vmm::start("api-firmware", &[]);
+    let serial = vmm.dir.join("serial.out");
+    let body = serde_json::json!({
+        "memory": {"size": 128u64 << 20},
+        "payload": {"firmware": fw},
+        "serial": {"mode": "File", "file": serial},
+        "console": {"mode": "Off"},
+    });
+    assert_eq!(vmm.curl("PUT", "vm.create", Some(&body.to_string())).0, 204);
+    let payload = &vmm.ok_json("vm.info")["config"]["payload"];
+    assert_eq!(payload["firmware"], fw.as_str());
+    assert!(payload.get("kernel").is_none(), "{payload}");
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    let run = vmm.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let out = std::fs::read_to_string(&serial).unwrap();
+    for line in [
+        "test-guest: protocol=pvh cmdline=\"\"",
+        "PASS smbios-entry",
+        "PASS smbios-system",
+        "SUMMARY passed=",
+    ] {
+        assert!(out.contains(line), "no '{line}' in:\n{out}");
+    }
+    assert!(!out.contains("FAIL"), "{out}");
+}
+
 /// Without --no-shutdown the VMM exits when the guest powers off, API socket or not; with it,
 /// the VM is shut down (its state reads Created, as the original's does) and the VMM stays.
 #[test]
