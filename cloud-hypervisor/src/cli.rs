@@ -95,3 +95,27 @@ pub fn command() -> Command {
         .arg(opt("vsock", "Virtio VSOCK parameters \"cid=<context_id>,socket=<socket_path>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\""))
         .arg(flag("watchdog", "Enable virtio-watchdog"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As the original's clap setup: the device options take several values per occurrence and
+    /// repeat; the single-value options may be given once.
+    #[test]
+    fn repeated_options_as_the_original() {
+        let m = command()
+            .try_get_matches_from(["ch", "--disk", "path=a", "path=b", "--disk", "path=c"])
+            .unwrap();
+        let disks: Vec<&String> = m.get_many("disk").unwrap().collect();
+        assert_eq!(disks, ["path=a", "path=b", "path=c"]);
+        let m = command()
+            .try_get_matches_from(["ch", "--net", "tap=", "--net", "tap=,mac=", "tap=t1"])
+            .unwrap();
+        assert_eq!(m.get_many::<String>("net").unwrap().count(), 3);
+        for once in ["--cpus", "--memory", "--serial", "--console", "--rng"] {
+            let r = command().try_get_matches_from(["ch", once, "a=1", once, "a=2"]);
+            assert!(r.is_err(), "{once} twice");
+        }
+    }
+}

@@ -157,7 +157,7 @@ fn conflicting_and_unsupported_options() {
     );
     assert_rejected(
         &["--kernel", k, "--net", "ip=1.2.3"],
-        &["--net ip=1.2.3", "not an IPv4 address"],
+        &["--net ip=1.2.3", "not an IP address"],
     );
     assert_rejected(
         &["--kernel", k, "--disk", "path=/nonexistent/x.img"],

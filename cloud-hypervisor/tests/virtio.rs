@@ -195,7 +195,8 @@ fn blk_two_disks_one_and_two_queues() {
         b.display()
     );
     let cmdline = format!("test=blk blk_disks=2 blk_sectors={SECTORS}");
-    let r = boot_pvh(&cmdline, &["--disk", &da, &db]);
+    // As the original: no more queues on a disk than boot vCPUs.
+    let r = boot_pvh(&cmdline, &["--cpus", "boot=2", "--disk", &da, &db]);
     r.assert_guest_passed();
     for k in 0..2 {
         for c in [
@@ -449,6 +450,9 @@ fn start_net_vmm(scenario: &str) -> (std::process::Child, std::net::UdpSocket) {
         &cmdline,
         "--memory",
         "size=256M",
+        // As the original: no more queue pairs than boot vCPUs.
+        "--cpus",
+        "boot=2",
         "--serial",
         "tty",
         "--console",

@@ -103,7 +103,8 @@ fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
 
 impl Tap {
     /// Opens `num_queues` queues of the tap `name` (an empty name lets the kernel pick
-    /// `tapN`), creating it if it does not exist, with virtio-net headers on every frame.
+    /// `tapN`, a template such as `vmtap%d` the first free number), creating it if it does not
+    /// exist, with virtio-net headers on every frame.
     pub fn open(name: &str, num_queues: usize) -> Result<Vec<Tap>, TapError> {
         let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         if num_queues > 1 {
@@ -144,6 +145,16 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether an interface `name` exists in this network namespace (a name template such as
+    /// `vmtap%d` names none).
+    pub fn exists(name: &str) -> bool {
+        let Ok(c) = std::ffi::CString::new(name) else {
+            return false;
+        };
+        // SAFETY: if_nametoindex reads the NUL-terminated name we own.
+        unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
     }
 
     fn tun_ioctl(
@@ -357,6 +368,23 @@ mod tests {
             "unshare(CLONE_NEWNET): {}",
             io::Error::last_os_error()
         );
+    }
+
+    /// A template names no interface; a created TAP exists under the name the kernel gave it.
+    #[test]
+    fn exists_sees_interfaces_of_this_namespace() {
+        std::thread::spawn(|| {
+            private_netns();
+            assert!(Tap::exists("lo"));
+            assert!(!Tap::exists("vmtap%d"));
+            assert!(!Tap::exists("vmtap0"));
+            let taps = Tap::open("vmtap%d", 1).expect("creating a tap (needs root)");
+            assert_eq!(taps[0].name(), "vmtap0");
+            assert!(Tap::exists("vmtap0"));
+            assert!(!Tap::exists("bad\0name"));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

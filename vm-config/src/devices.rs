@@ -1,7 +1,8 @@
-//! Configurations of the virtio PCI devices: `--disk`, `--rng` and the PCI placement keys
-//! (`id=`, `pci_segment=`, `pci_device_id=`) they share with `--console`.
+//! Configurations of the virtio PCI devices: `--disk`, `--net`, `--rng` and the PCI keys
+//! (`id=`, `iommu=`, `pci_segment=`, `pci_device_id=`) they share with `--console`. Field
+//! order, defaults and which fields are left out when empty follow the original's JSON.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -17,25 +18,15 @@ pub struct PciPlacement {
     pub pci_device_id: Option<u8>,
 }
 
+/// The keys every PCI device option knows, as the original's.
+pub(crate) const PCI_KEYS: &[&str] = &["id", "iommu", "pci_segment", "pci_device_id"];
+
 pub(crate) fn placement(p: &OptionParser) -> Result<PciPlacement, ConfigError> {
+    p.refuse_unless("iommu", false)?;
     let pci_segment = p.number::<u16>("pci_segment")?.unwrap_or(0);
-    if pci_segment != 0 {
-        return Err(p.error(format!(
-            "pci_segment={pci_segment}: only PCI segment 0 exists (no --pci-segment support yet)"
-        )));
-    }
     let pci_device_id = p.number::<u8>("pci_device_id")?;
-    if let Some(d) = pci_device_id {
-        if d == 0 || d > 31 {
-            return Err(p.error(format!(
-                "pci_device_id={d}: must be 1-31 (0 is the host bridge)"
-            )));
-        }
-    }
-    let id = p.get("id").map(str::to_string);
-    if id.as_deref() == Some("") {
-        return Err(p.error("id= must not be empty"));
-    }
+    let id = p.get("id");
+    check_placement(pci_segment, pci_device_id, id.as_deref()).map_err(|m| p.error(m))?;
     Ok(PciPlacement {
         id,
         pci_segment,
@@ -43,33 +34,116 @@ pub(crate) fn placement(p: &OptionParser) -> Result<PciPlacement, ConfigError> {
     })
 }
 
+/// The placement keys' rules, for configurations from the command line or the API. Ids starting
+/// with `__` are the VMM's own (`__console`, ...), as in the original.
+pub(crate) fn check_placement(
+    segment: u16,
+    slot: Option<u8>,
+    id: Option<&str>,
+) -> Result<(), String> {
+    if segment != 0 {
+        return Err(format!(
+            "pci_segment={segment}: only PCI segment 0 exists (no --pci-segment support yet)"
+        ));
+    }
+    if let Some(d) = slot {
+        if d == 0 || d > 31 {
+            return Err(format!(
+                "pci_device_id={d}: must be 1-31 (0 is the host bridge)"
+            ));
+        }
+    }
+    if let Some(id) = id {
+        if id.starts_with("__") {
+            return Err(format!("id={id}: ids starting with '__' are reserved"));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A disk image format, named as the original's API names it. `Unknown` (the default) means
+/// probed from the image's header when the VM boots; the configuration then records what was
+/// found, as the original's does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageType {
+    FlatVmdk,
+    FixedVhd,
+    Qcow2,
+    Raw,
+    Vhdx,
+    #[default]
+    Unknown,
+}
+
+/// The `image_type=` names the block layer opens.
+pub const IMAGE_TYPES: &[&str] = &["raw", "qcow2", "vhd", "vhdx"];
+
+impl ImageType {
+    /// The command line's name (`image_type=`); `None` for `Unknown`.
+    pub fn cli_name(self) -> Option<&'static str> {
+        match self {
+            ImageType::FlatVmdk => Some("vmdk"),
+            ImageType::FixedVhd => Some("vhd"),
+            ImageType::Qcow2 => Some("qcow2"),
+            ImageType::Raw => Some("raw"),
+            ImageType::Vhdx => Some("vhdx"),
+            ImageType::Unknown => None,
+        }
+    }
+
+    /// The command line's names, in any case, as the original reads them.
+    fn from_cli(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "vmdk" => Some(ImageType::FlatVmdk),
+            "vhd" => Some(ImageType::FixedVhd),
+            "qcow2" => Some(ImageType::Qcow2),
+            "raw" => Some(ImageType::Raw),
+            "vhdx" => Some(ImageType::Vhdx),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
     #[serde(default)]
     pub direct: bool,
-    #[serde(default)]
-    pub iommu: bool,
     #[serde(default = "default_num_queues")]
     pub num_queues: u16,
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
+    /// Only false: no vhost-user yet.
+    #[serde(default)]
+    pub vhost_user: bool,
+    /// The original's test knob (`_disable_io_uring=on`): never use io_uring for this disk.
+    #[serde(default)]
+    pub disable_io_uring: bool,
+    /// The original's test knob (`_disable_aio=on`); we never use Linux AIO anyway.
+    #[serde(default)]
+    pub disable_aio: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
     #[serde(default)]
     pub backing_files: bool,
     #[serde(default = "default_true")]
     pub sparse: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_type: Option<String>,
+    #[serde(default)]
+    pub image_type: ImageType,
 }
 
 /// `null` reads as the default, as the original's API clients send it.
@@ -81,18 +155,16 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-/// The `image_type=` names the block layer opens (`vpc` is qemu's name for vhd).
-pub const IMAGE_TYPES: &[&str] = &["raw", "qcow2", "vhd", "vpc", "vhdx"];
-
-/// A guest MAC address: parsed, and unicast.
-fn unicast_mac(s: &str) -> Result<crate::mac::MacAddr, String> {
+/// A MAC address: six two-digit hex bytes (as the original reads them), normalised to lower
+/// case. `unicast` refuses multicast addresses (a guest's or the TAP's own address).
+fn mac_address(s: &str) -> Result<String, String> {
     let m: crate::mac::MacAddr = s
         .parse()
         .map_err(|e: crate::mac::MacParseError| e.to_string())?;
     if m.bytes()[0] & 1 != 0 {
         return Err(format!("{s} is a multicast address"));
     }
-    Ok(m)
+    Ok(m.to_string())
 }
 
 fn default_num_queues() -> u16 {
@@ -119,19 +191,24 @@ const RATE_LIMITER_KEYS: &[&str] = &[
 /// Most queues one disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
 
+/// The original refuses a block queue of 2 descriptors or fewer (its
+/// `MINIMUM_BLOCK_QUEUE_SIZE` is 2 and the size must be above it).
+const MIN_DISK_QUEUE_SIZE: u16 = 4;
+
+/// virtio-blk's device id is 20 bytes (VIRTIO_BLK_ID_BYTES).
+const MAX_DISK_SERIAL: usize = 20;
+
 impl DiskConfig {
     const KEYS: &'static [&'static str] = &[
         "path",
         "readonly",
         "direct",
-        "iommu",
         "num_queues",
         "queue_size",
         "vhost_user",
         "socket",
-        "id",
-        "pci_segment",
-        "pci_device_id",
+        "_disable_io_uring",
+        "_disable_aio",
         "rate_limit_group",
         "queue_affinity",
         "serial",
@@ -142,134 +219,189 @@ impl DiskConfig {
     ];
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse_sets("--disk", raw, &[Self::KEYS, RATE_LIMITER_KEYS], &[])?;
+        let p = OptionParser::parse_sets(
+            "--disk",
+            raw,
+            &[Self::KEYS, RATE_LIMITER_KEYS, PCI_KEYS],
+            &[],
+        )?;
         p.refuse(RATE_LIMITER_KEYS)?;
         p.refuse(&[
-            "vhost_user",
             "socket",
             "rate_limit_group",
             "queue_affinity",
             "lock_granularity",
         ])?;
+        p.refuse_unless("vhost_user", false)?;
         let path = match p.get("path") {
             Some(s) if !s.is_empty() => PathBuf::from(s),
             _ => return Err(p.error("path=<disk image> is required")),
         };
-        if p.toggle("iommu", false)? {
-            return Err(p.error("iommu=on is not supported yet"));
-        }
-        let num_queues = p.number::<u16>("num_queues")?.unwrap_or(1);
-        if num_queues == 0 || num_queues > MAX_DISK_QUEUES {
-            return Err(p.error(format!("num_queues must be 1-{MAX_DISK_QUEUES}")));
-        }
-        let queue_size = p.number::<u16>("queue_size")?.unwrap_or(128);
-        if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
-            return Err(p.error("queue_size must be a power of two between 2 and 32768"));
-        }
-        let image_type = p.get("image_type").map(str::to_string);
-        if let Some(t) = &image_type {
-            if !IMAGE_TYPES.contains(&t.to_ascii_lowercase().as_str()) {
-                return Err(p.error(format!("image_type={t}: must be raw, qcow2, vhd or vhdx")));
-            }
-        }
-        let serial = p.get("serial").map(str::to_string);
+        let image_type = match p.get("image_type") {
+            None => ImageType::Unknown,
+            Some(t) => ImageType::from_cli(&t).ok_or_else(|| {
+                p.error(format!("image_type={t}: must be raw, qcow2, vhd or vhdx"))
+            })?,
+        };
         let pl = placement(&p)?;
-        Ok(DiskConfig {
+        let cfg = DiskConfig {
+            id: pl.id,
+            iommu: false,
+            pci_segment: pl.pci_segment,
+            pci_device_id: pl.pci_device_id,
             path,
             readonly: p.toggle("readonly", false)?,
             direct: p.toggle("direct", false)?,
-            iommu: false,
-            num_queues,
-            queue_size,
-            id: pl.id,
-            serial,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            num_queues: p.number("num_queues")?.unwrap_or_else(default_num_queues),
+            queue_size: p.number("queue_size")?.unwrap_or_else(default_queue_size),
+            vhost_user: false,
+            disable_io_uring: p.toggle("_disable_io_uring", false)?,
+            disable_aio: p.toggle("_disable_aio", false)?,
+            serial: p.get("serial"),
             backing_files: p.toggle("backing_files", false)?,
             sparse: p.toggle("sparse", true)?,
             image_type,
-        })
+        };
+        cfg.check().map_err(|m| p.error(m))?;
+        Ok(cfg)
+    }
+
+    /// The rules that do not need the file system.
+    fn check(&self) -> Result<(), String> {
+        if self.num_queues == 0 || self.num_queues > MAX_DISK_QUEUES {
+            return Err(format!("num_queues must be 1-{MAX_DISK_QUEUES}"));
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size < MIN_DISK_QUEUE_SIZE {
+            return Err(format!(
+                "queue_size={}: must be a power of two between {MIN_DISK_QUEUE_SIZE} and 32768",
+                self.queue_size
+            ));
+        }
+        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref())?;
+        if let Some(s) = &self.serial {
+            if s.len() > MAX_DISK_SERIAL {
+                return Err(format!(
+                    "serial={s}: at most {MAX_DISK_SERIAL} bytes (the virtio-blk device id)"
+                ));
+            }
+        }
+        if self.image_type == ImageType::FlatVmdk {
+            return Err("image_type=vmdk is not supported yet".into());
+        }
+        if self.iommu {
+            return Err("iommu=on is not supported yet".into());
+        }
+        if self.vhost_user {
+            return Err("vhost_user=on is not supported yet".into());
+        }
+        Ok(())
+    }
+
+    /// What `parse` checks, for a configuration from anywhere (the API), plus that the image
+    /// exists. Errors name `--disk` and the path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| ConfigError::new("--disk", &self.path.display().to_string(), m);
+        std::fs::metadata(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
+        self.check().map_err(err)
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngConfig {
-    pub src: PathBuf,
-    #[serde(default)]
-    pub iommu: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
     #[serde(default)]
     pub pci_segment: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
+    pub src: PathBuf,
 }
+
+const DEFAULT_RNG_SOURCE: &str = "/dev/urandom";
 
 impl Default for RngConfig {
     fn default() -> Self {
         RngConfig {
-            src: PathBuf::from("/dev/urandom"),
-            iommu: false,
             id: None,
+            iommu: false,
             pci_segment: 0,
             pci_device_id: None,
+            src: PathBuf::from(DEFAULT_RNG_SOURCE),
         }
     }
 }
 
 impl RngConfig {
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse(
-            "--rng",
-            raw,
-            &["src", "iommu", "id", "pci_segment", "pci_device_id"],
-            &[],
-        )?;
-        if p.toggle("iommu", false)? {
-            return Err(p.error("iommu=on is not supported yet"));
-        }
+        let p = OptionParser::parse_sets("--rng", raw, &[&["src"], PCI_KEYS], &[])?;
         let pl = placement(&p)?;
-        let src = match p.get("src") {
-            Some("") => return Err(p.error("src= needs a path")),
-            Some(s) => PathBuf::from(s),
-            None => PathBuf::from("/dev/urandom"),
-        };
         Ok(RngConfig {
-            src,
-            iommu: false,
             id: pl.id,
+            iommu: false,
             pci_segment: pl.pci_segment,
             pci_device_id: pl.pci_device_id,
+            // `src=` is not given: the default source.
+            src: PathBuf::from(p.get("src").as_deref().unwrap_or(DEFAULT_RNG_SOURCE)),
         })
     }
+
+    /// What `parse` checks, plus that the source exists.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| ConfigError::new("--rng", &self.src.display().to_string(), m);
+        std::fs::metadata(&self.src).map_err(|e| err(format!("cannot open: {e}")))?;
+        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref()).map_err(err)?;
+        if self.iommu {
+            return Err(err("iommu=on is not supported yet".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `vhost_mode=`: whether a vhost-user backend connects to us or we to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VhostMode {
+    #[default]
+    Client,
+    Server,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
+    #[serde(default)]
+    pub pci_segment: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
+    /// The TAP to open or create; none: a new one named by the kernel (`vmtapN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
-    #[serde(default = "default_ip")]
-    pub ip: Ipv4Addr,
-    #[serde(default = "default_mask")]
-    pub mask: Ipv4Addr,
+    /// The host side's address, with `mask`; none: the TAP gets no address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<IpAddr>,
+    /// The guest's MAC; none: a random one, chosen (and recorded here) when the VM boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
-    #[serde(default)]
-    pub iommu: bool,
     #[serde(default = "default_net_queues")]
     pub num_queues: u16,
     #[serde(default = "default_net_queue_size")]
     pub queue_size: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
+    /// Only false: no vhost-user yet.
     #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
+    pub vhost_user: bool,
+    /// Meaningless without vhost-user; only the default.
+    #[serde(default)]
+    pub vhost_mode: VhostMode,
     #[serde(default = "default_true")]
     pub offload_tso: bool,
     #[serde(default = "default_true")]
@@ -278,18 +410,18 @@ pub struct NetConfig {
     pub offload_csum: bool,
 }
 
-fn default_ip() -> Ipv4Addr {
-    Ipv4Addr::new(192, 168, 249, 1)
-}
-fn default_mask() -> Ipv4Addr {
-    Ipv4Addr::new(255, 255, 255, 0)
-}
 fn default_net_queues() -> u16 {
     2
 }
 fn default_net_queue_size() -> u16 {
     256
 }
+
+/// The smallest MTU the original takes (what virtio-net asks of a device, 1280).
+pub const MIN_MTU: u16 = 1280;
+
+/// Longest interface name (IFNAMSIZ less the NUL).
+const MAX_IF_NAME: usize = 15;
 
 impl NetConfig {
     const KEYS: &'static [&'static str] = &[
@@ -298,88 +430,129 @@ impl NetConfig {
         "mask",
         "mac",
         "host_mac",
-        "mtu",
-        "fd",
-        "iommu",
-        "num_queues",
-        "queue_size",
-        "id",
-        "vhost_user",
-        "socket",
-        "vhost_mode",
-        "pci_segment",
-        "pci_device_id",
         "offload_tso",
         "offload_ufo",
         "offload_csum",
+        "mtu",
+        "queue_size",
+        "num_queues",
+        "vhost_user",
+        "socket",
+        "vhost_mode",
+        "fd",
     ];
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse_sets("--net", raw, &[Self::KEYS, RATE_LIMITER_KEYS], &[])?;
+        let p = OptionParser::parse_sets(
+            "--net",
+            raw,
+            &[Self::KEYS, RATE_LIMITER_KEYS, PCI_KEYS],
+            &[],
+        )?;
         p.refuse(RATE_LIMITER_KEYS)?;
-        p.refuse(&["fd", "vhost_user", "socket", "vhost_mode"])?;
-        if p.toggle("iommu", false)? {
-            return Err(p.error("iommu=on is not supported yet"));
-        }
-        let ip_of = |key: &str, default: Ipv4Addr| -> Result<Ipv4Addr, ConfigError> {
-            match p.get(key) {
-                None => Ok(default),
-                Some(v) => v.parse().map_err(|_| {
-                    p.error(format!(
-                        "{key}={v}: not an IPv4 address (IPv6 is not supported yet)"
-                    ))
-                }),
-            }
+        p.refuse(&["fd", "socket"])?;
+        p.refuse_unless("vhost_user", false)?;
+        let vhost_mode = match p.get("vhost_mode").map(|m| m.to_ascii_lowercase()) {
+            None => VhostMode::Client,
+            Some(m) if m == "client" => VhostMode::Client,
+            Some(m) if m == "server" => VhostMode::Server,
+            Some(m) => return Err(p.error(format!("vhost_mode={m}: must be client or server"))),
         };
-        let ip = ip_of("ip", default_ip())?;
-        let mask = ip_of("mask", default_mask())?;
-        if (!u32::from(mask)).wrapping_add(1) & !u32::from(mask) != 0 {
-            return Err(p.error(format!("mask={mask}: not a contiguous netmask")));
-        }
+        let ip_of = |key: &str| -> Result<Option<IpAddr>, ConfigError> {
+            p.get(key)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| p.error(format!("{key}={v}: not an IP address")))
+                })
+                .transpose()
+        };
         let mac_of = |key: &str| -> Result<Option<String>, ConfigError> {
-            match p.get(key) {
-                None => Ok(None),
-                Some(v) => unicast_mac(v)
-                    .map(|m| Some(m.to_string()))
-                    .map_err(|e| p.error(format!("{key}: {e}"))),
-            }
+            p.get(key)
+                .map(|v| mac_address(&v).map_err(|e| p.error(format!("{key}: {e}"))))
+                .transpose()
         };
-        let tap = p.get("tap").map(str::to_string);
-        if let Some(t) = &tap {
-            if t.is_empty() || t.len() > 15 {
-                return Err(p.error("tap= must name an interface of 1-15 bytes"));
-            }
-        }
-        let num_queues = p.number::<u16>("num_queues")?.unwrap_or(2);
-        check_net_queues(num_queues).map_err(|e| p.error(e))?;
-        let queue_size = p.number::<u16>("queue_size")?.unwrap_or(256);
-        if !queue_size.is_power_of_two() || !(2..=32768).contains(&queue_size) {
-            return Err(p.error("queue_size must be a power of two between 2 and 32768"));
-        }
-        let mtu = p.number::<u16>("mtu")?;
-        if let Some(m) = mtu {
-            if m < 68 {
-                return Err(p.error("mtu must be at least 68"));
-            }
-        }
         let pl = placement(&p)?;
-        Ok(NetConfig {
-            tap,
-            ip,
-            mask,
-            mac: mac_of("mac")?,
-            host_mac: mac_of("host_mac")?,
-            mtu,
-            iommu: false,
-            num_queues,
-            queue_size,
+        let cfg = NetConfig {
             id: pl.id,
+            iommu: false,
             pci_segment: pl.pci_segment,
             pci_device_id: pl.pci_device_id,
+            tap: p.get("tap"),
+            ip: ip_of("ip")?,
+            mask: ip_of("mask")?,
+            mac: mac_of("mac")?,
+            host_mac: mac_of("host_mac")?,
+            mtu: p.number("mtu")?,
+            num_queues: p.number("num_queues")?.unwrap_or_else(default_net_queues),
+            queue_size: p
+                .number("queue_size")?
+                .unwrap_or_else(default_net_queue_size),
+            vhost_user: false,
+            vhost_mode,
             offload_tso: p.toggle("offload_tso", true)?,
             offload_ufo: p.toggle("offload_ufo", true)?,
             offload_csum: p.toggle("offload_csum", true)?,
-        })
+        };
+        cfg.check().map_err(|m| p.error(m))?;
+        Ok(cfg)
+    }
+
+    /// The rules of both the command line and the API.
+    fn check(&self) -> Result<(), String> {
+        check_net_queues(self.num_queues)?;
+        check_queue_size(self.queue_size)?;
+        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref())?;
+        if let Some(t) = &self.tap {
+            if t.len() > MAX_IF_NAME {
+                return Err(format!(
+                    "tap={t}: an interface name has at most {MAX_IF_NAME} bytes"
+                ));
+            }
+        }
+        // As the original: an address needs its mask and a mask its address.
+        match (self.ip, self.mask) {
+            (Some(_), None) => return Err("ip= needs mask= too".into()),
+            (None, Some(_)) => return Err("mask= needs ip= too".into()),
+            (Some(IpAddr::V4(_)), Some(IpAddr::V4(mask))) => {
+                let m = u32::from(mask);
+                if (!m).wrapping_add(1) & !m != 0 {
+                    return Err(format!("mask={mask}: not a contiguous netmask"));
+                }
+            }
+            (Some(ip), Some(mask)) => {
+                return Err(format!(
+                    "ip={ip},mask={mask}: IPv6 host addresses are not supported yet"
+                ))
+            }
+            (None, None) => {}
+        }
+        if let Some(m) = self.mtu {
+            if m < MIN_MTU {
+                return Err(format!("mtu={m}: must be at least {MIN_MTU}"));
+            }
+        }
+        for m in [&self.mac, &self.host_mac].into_iter().flatten() {
+            mac_address(m)?;
+        }
+        if !self.offload_csum && (self.offload_tso || self.offload_ufo) {
+            return Err("offload_tso and offload_ufo need offload_csum (turn them off too)".into());
+        }
+        if self.iommu {
+            return Err("iommu=on is not supported yet".into());
+        }
+        if self.vhost_user {
+            return Err("vhost_user=on is not supported yet".into());
+        }
+        if self.vhost_mode != VhostMode::Client {
+            return Err("vhost_mode=server is not supported yet (no vhost-user)".into());
+        }
+        Ok(())
+    }
+
+    /// What `parse` checks, for a configuration from anywhere (the API).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+            .map_err(|m| ConfigError::new("--net", self.tap.as_deref().unwrap_or(""), m))
     }
 }
 
@@ -396,21 +569,6 @@ fn check_net_queues(n: u16) -> Result<(), String> {
     Ok(())
 }
 
-/// The placement keys' rules, for configurations that did not come through `parse` (API).
-fn check_placement(segment: u16, slot: Option<u8>) -> Result<(), String> {
-    if segment != 0 {
-        return Err(format!(
-            "pci_segment={segment}: only PCI segment 0 exists (no --pci-segment support yet)"
-        ));
-    }
-    match slot {
-        Some(d) if d == 0 || d > 31 => Err(format!(
-            "pci_device_id={d}: must be 1-31 (0 is the host bridge)"
-        )),
-        _ => Ok(()),
-    }
-}
-
 fn check_queue_size(q: u16) -> Result<(), String> {
     if q.is_power_of_two() && (2..=32768).contains(&q) {
         Ok(())
@@ -421,71 +579,10 @@ fn check_queue_size(q: u16) -> Result<(), String> {
     }
 }
 
-impl DiskConfig {
-    /// What `parse` checks, for a configuration from anywhere (the API), plus that the image
-    /// exists. Errors name `--disk` and the path.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |m: String| ConfigError::new("--disk", &self.path.display().to_string(), m);
-        std::fs::metadata(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
-        if self.num_queues == 0 || self.num_queues > MAX_DISK_QUEUES {
-            return Err(err(format!("num_queues must be 1-{MAX_DISK_QUEUES}")));
-        }
-        check_queue_size(self.queue_size).map_err(err)?;
-        check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
-        if let Some(t) = &self.image_type {
-            if !IMAGE_TYPES.contains(&t.to_ascii_lowercase().as_str()) {
-                return Err(err(format!(
-                    "image_type={t}: must be raw, qcow2, vhd or vhdx"
-                )));
-            }
-        }
-        if self.iommu {
-            return Err(err("iommu=on is not supported yet".into()));
-        }
-        Ok(())
-    }
-}
-
-impl NetConfig {
-    /// What `parse` checks, for a configuration from anywhere (the API).
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |m: String| ConfigError::new("--net", self.tap.as_deref().unwrap_or(""), m);
-        check_net_queues(self.num_queues).map_err(err)?;
-        check_queue_size(self.queue_size).map_err(err)?;
-        check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
-        if self.mtu.is_some_and(|m| m < 68) {
-            return Err(err("mtu must be at least 68".into()));
-        }
-        for m in [&self.mac, &self.host_mac].into_iter().flatten() {
-            unicast_mac(m).map_err(|e| err(format!("{m}: {e}")))?;
-        }
-        if let Some(t) = &self.tap {
-            if t.is_empty() || t.len() > 15 {
-                return Err(err("tap= must name an interface of 1-15 bytes".into()));
-            }
-        }
-        if self.iommu {
-            return Err(err("iommu=on is not supported yet".into()));
-        }
-        Ok(())
-    }
-}
-
-impl RngConfig {
-    /// What `parse` checks, plus that the source exists.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |m: String| ConfigError::new("--rng", &self.src.display().to_string(), m);
-        std::fs::metadata(&self.src).map_err(|e| err(format!("cannot open: {e}")))?;
-        check_placement(self.pci_segment, self.pci_device_id).map_err(err)?;
-        if self.iommu {
-            return Err(err("iommu=on is not supported yet".into()));
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -501,6 +598,7 @@ mod tests {
         assert_eq!(d.pci_device_id, Some(5));
         for (bad, why) in [
             ("readonly=on", "path="),
+            ("path=", "path="),
             ("path=/x,num_queues=0", "num_queues"),
             ("path=/x,queue_size=100", "power of two"),
             ("path=/x,pci_segment=1", "only PCI segment 0"),
@@ -508,11 +606,77 @@ mod tests {
             ("path=/x,pci_device_id=32", "1-31"),
             ("path=/x,image_type=iso", "image_type"),
             ("path=/x,vhost_user=on", "not supported"),
+            ("path=/x,iommu=on", "not supported"),
+            ("path=/x,id=__mine", "reserved"),
         ] {
             let e = DiskConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
             assert!(e.starts_with("--disk "), "{e}");
         }
+    }
+
+    /// What the original's `--disk` takes and we now take as it does.
+    #[test]
+    fn disk_keys_as_the_original_reads_them() {
+        // Empty values are not given: defaults apply.
+        let d = DiskConfig::parse(
+            "path=/x,readonly=,num_queues=,queue_size=,serial=,id=,image_type=,pci_device_id=",
+        )
+        .unwrap();
+        assert_eq!(d, DiskConfig::parse("path=/x").unwrap());
+        assert_eq!((d.num_queues, d.queue_size, d.sparse), (1, 128, true));
+        assert_eq!((d.id, d.serial), (None, None));
+        assert_eq!(d.image_type, ImageType::Unknown);
+        // The off value of what we lack is no request; on is refused.
+        let d = DiskConfig::parse("path=/x,vhost_user=off,iommu=false").unwrap();
+        assert!(!d.vhost_user && !d.iommu);
+        // The original's test knobs.
+        let d = DiskConfig::parse("path=/x,_disable_io_uring=on,_disable_aio=on").unwrap();
+        assert!(d.disable_io_uring && d.disable_aio);
+        // Image types in any case; `vpc` is qemu's name, not the original's.
+        for (t, want) in [
+            ("raw", ImageType::Raw),
+            ("QCOW2", ImageType::Qcow2),
+            ("vhd", ImageType::FixedVhd),
+            ("Vhdx", ImageType::Vhdx),
+        ] {
+            let d = DiskConfig::parse(&format!("path=/x,image_type={t}")).unwrap();
+            assert_eq!(d.image_type, want, "{t}");
+        }
+        assert!(DiskConfig::parse("path=/x,image_type=vpc").is_err());
+        assert!(DiskConfig::parse("path=/x,image_type=vmdk")
+            .unwrap_err()
+            .to_string()
+            .contains("not supported yet"));
+        // The original refuses queues of two descriptors and serials over 20 bytes.
+        assert!(DiskConfig::parse("path=/x,queue_size=4").is_ok());
+        assert!(DiskConfig::parse("path=/x,queue_size=2").is_err());
+        assert!(DiskConfig::parse(&format!("path=/x,serial={}", "s".repeat(20))).is_ok());
+        assert!(DiskConfig::parse(&format!("path=/x,serial={}", "s".repeat(21))).is_err());
+        // A quoted path may hold commas.
+        let d = DiskConfig::parse("path=\"/a,b.img\",readonly=on").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a,b.img"));
+    }
+
+    /// The JSON the original's vm.info shows for a disk given as `path=/x`, before boot.
+    #[test]
+    fn disk_json_has_the_originals_fields() {
+        let d = DiskConfig::parse("path=/x").unwrap();
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::json!({
+                "pci_segment": 0, "path": "/x", "readonly": false, "direct": false,
+                "num_queues": 1, "queue_size": 128, "vhost_user": false,
+                "disable_io_uring": false, "disable_aio": false, "backing_files": false,
+                "sparse": true, "image_type": "Unknown"
+            })
+        );
+        let back: DiskConfig =
+            serde_json::from_str(r#"{"path": "/x", "image_type": "Qcow2", "id": "d"}"#).unwrap();
+        assert_eq!(back.image_type, ImageType::Qcow2);
+        assert!(
+            serde_json::from_str::<DiskConfig>(r#"{"path": "/x", "image_type": "qcow3"}"#).is_err()
+        );
     }
 
     /// Every rate-limiter key is accepted as a key and refused with its name, on both options.
@@ -527,6 +691,8 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(&format!("'{k}' is not supported yet")), "{e}");
+            // `key=` is not given, so nothing is asked for.
+            assert!(NetConfig::parse(&format!("tap=t0,{k}=")).is_ok());
         }
     }
 
@@ -536,7 +702,7 @@ mod tests {
             NetConfig::parse("tap=tap7,ip=10.1.2.1,mask=255.255.0.0,mac=52:54:00:00:00:01,id=n0")
                 .unwrap();
         assert_eq!(n.tap.as_deref(), Some("tap7"));
-        assert_eq!(n.ip, Ipv4Addr::new(10, 1, 2, 1));
+        assert_eq!(n.ip, Some(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 1))));
         assert_eq!(n.mac.as_deref(), Some("52:54:00:00:00:01"));
         assert_eq!((n.num_queues, n.queue_size), (2, 256));
         let q = NetConfig::parse("tap=t0,num_queues=8,offload_tso=off").unwrap();
@@ -544,22 +710,72 @@ mod tests {
             (q.num_queues, q.offload_tso, q.offload_csum),
             (8, false, true)
         );
-        let d = NetConfig::parse("").unwrap();
-        assert_eq!((d.ip, d.mask), (default_ip(), default_mask()));
         for (bad, why) in [
-            ("ip=fe80::1", "IPv6"),
-            ("mask=255.0.255.0", "contiguous"),
+            ("ip=fe80::1,mask=ffff::", "IPv6"),
+            ("ip=1.2.3", "not an IP address"),
+            ("ip=10.0.0.1,mask=255.0.255.0", "contiguous"),
             ("mac=01:00:5e:00:00:01", "multicast"),
+            ("mac=1:2:3:4:5:6", "not a MAC address"),
             ("num_queues=3", "even number"),
             ("num_queues=0", "even number"),
             ("num_queues=64", "even number"),
-            ("tap=averyveryverylongname", "1-15"),
+            ("tap=averyveryverylongname", "at most 15 bytes"),
             ("vhost_user=on", "not supported"),
+            ("vhost_mode=server", "not supported"),
+            ("vhost_mode=sideways", "client or server"),
             ("fd=3", "not supported"),
+            ("fd=[3,4]", "not supported"),
+            ("iommu=on", "not supported"),
         ] {
             let e = NetConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    /// The README's `--net "tap=,mac=,ip=,mask="`: every key not given. The TAP is then a new
+    /// one the kernel names, the guest MAC random, and the host side gets no address.
+    #[test]
+    fn net_empty_values_are_not_given() {
+        let n = NetConfig::parse("tap=,mac=,ip=,mask=").unwrap();
+        assert_eq!(n, NetConfig::parse("").unwrap());
+        assert_eq!((&n.tap, n.ip, n.mask, &n.mac), (&None, None, None, &None));
+        assert_eq!(
+            serde_json::to_value(&n).unwrap(),
+            serde_json::json!({
+                "pci_segment": 0, "num_queues": 2, "queue_size": 256, "vhost_user": false,
+                "vhost_mode": "Client", "offload_tso": true, "offload_ufo": true,
+                "offload_csum": true
+            })
+        );
+    }
+
+    /// The original checks these when it validates the configuration; we refuse the same.
+    #[test]
+    fn net_rules_of_the_original() {
+        // An address and its mask go together.
+        assert!(NetConfig::parse("ip=10.0.0.1")
+            .unwrap_err()
+            .to_string()
+            .contains("mask="));
+        assert!(NetConfig::parse("mask=255.0.0.0")
+            .unwrap_err()
+            .to_string()
+            .contains("ip="));
+        assert!(NetConfig::parse("ip=10.0.0.1,mask=255.0.0.0").is_ok());
+        // TSO and UFO need checksum offload.
+        assert!(NetConfig::parse("offload_csum=off").is_err());
+        assert!(NetConfig::parse("offload_csum=off,offload_tso=off,offload_ufo=off").is_ok());
+        // The MTU virtio-net asks for at least.
+        assert!(NetConfig::parse("mtu=1279").is_err());
+        assert!(NetConfig::parse("mtu=1280").is_ok());
+        // MACs are six two-digit bytes, written back in lower case.
+        let n = NetConfig::parse("mac=52:54:00:AB:cd:EF").unwrap();
+        assert_eq!(n.mac.as_deref(), Some("52:54:00:ab:cd:ef"));
+        // The defaults of what we lack are accepted; anything else is not.
+        let n = NetConfig::parse("vhost_user=false,vhost_mode=Client").unwrap();
+        assert_eq!((n.vhost_user, n.vhost_mode), (false, VhostMode::Client));
+        // `id=` is not given.
+        assert_eq!(NetConfig::parse("id=").unwrap().id, None);
     }
 
     #[test]
@@ -591,10 +807,14 @@ mod tests {
                 path: "/nonexistent".into(),
                 ..d.clone()
             },
+            DiskConfig {
+                vhost_user: true,
+                ..d.clone()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
-        d.image_type = Some("iso".into());
+        d.image_type = ImageType::FlatVmdk;
         assert!(d.validate().is_err());
         let n = NetConfig::parse("").unwrap();
         n.validate().unwrap();
@@ -613,6 +833,14 @@ mod tests {
             },
             NetConfig {
                 mac: Some("zz".into()),
+                ..n.clone()
+            },
+            NetConfig {
+                ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                ..n.clone()
+            },
+            NetConfig {
+                id: Some("__console".into()),
                 ..n.clone()
             },
         ] {
@@ -635,7 +863,13 @@ mod tests {
             RngConfig::parse("src=/r,id=rng0").unwrap().id.as_deref(),
             Some("rng0")
         );
-        assert!(RngConfig::parse("src=").is_err());
+        // `src=` is not given: the default source, as the original.
+        assert_eq!(RngConfig::parse("src=").unwrap(), RngConfig::default());
         assert!(RngConfig::parse("src=/r,pci_segment=2").is_err());
+        assert!(RngConfig::parse("src=/r,iommu=on").is_err());
+        assert_eq!(
+            serde_json::to_value(RngConfig::default()).unwrap(),
+            serde_json::json!({"pci_segment": 0, "src": "/dev/urandom"})
+        );
     }
 }

@@ -2,8 +2,11 @@
 //! later, from the API's JSON (serde, with the original's field names).
 
 mod devices;
+mod generated;
 pub mod mac;
 mod parser;
+#[cfg(test)]
+mod rules_tests;
 mod unsupported;
 
 use std::path::PathBuf;
@@ -11,7 +14,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use devices::{DiskConfig, NetConfig, PciPlacement, RngConfig, IMAGE_TYPES, MAX_DISK_QUEUES};
+pub use devices::{
+    DiskConfig, ImageType, NetConfig, PciPlacement, RngConfig, VhostMode, IMAGE_TYPES,
+    MAX_DISK_QUEUES, MIN_MTU,
+};
 pub use parser::{parse_size, OptionParser};
 pub use unsupported::UnsupportedConfig;
 
@@ -57,10 +63,32 @@ pub struct CpusConfig {
     pub kvm_hyperv: bool,
     #[serde(default = "default_max_phys_bits")]
     pub max_phys_bits: u8,
+    /// Only the default (no AMX for the guest).
+    #[serde(default)]
+    pub features: CpuFeatures,
+    /// The guest sees virtualisation extensions as the host offers them; only true.
+    #[serde(default = "default_true")]
+    pub nested: bool,
+    #[serde(default)]
+    pub profile: CpuProfile,
 }
 
 fn default_max_phys_bits() -> u8 {
     DEFAULT_MAX_PHYS_BITS
+}
+
+/// The original's optional CPU features (`features=`); none is supported yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuFeatures {
+    #[serde(default)]
+    pub amx: bool,
+}
+
+/// The original's CPU profiles: `Host` (the host's CPUID as KVM offers it) is its only one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CpuProfile {
+    #[default]
+    Host,
 }
 
 impl Default for CpusConfig {
@@ -71,6 +99,9 @@ impl Default for CpusConfig {
             topology: None,
             kvm_hyperv: false,
             max_phys_bits: DEFAULT_MAX_PHYS_BITS,
+            features: CpuFeatures::default(),
+            nested: true,
+            profile: CpuProfile::Host,
         }
     }
 }
@@ -87,11 +118,20 @@ impl CpusConfig {
         "features",
         "nested",
         "core_scheduling",
+        "profile",
     ];
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
         p.refuse(&["affinity", "features", "core_scheduling"])?;
+        // The guest sees the host's CPUID (nested virtualisation as the host offers it): the
+        // original's defaults `nested=on` and `profile=Host` (its only profile, in that case).
+        p.refuse_unless("nested", true)?;
+        if let Some(profile) = p.get("profile") {
+            if profile != "Host" {
+                return Err(p.error(format!("profile={profile}: the only profile is Host")));
+            }
+        }
         let boot_vcpus: u32 = p.number("boot")?.unwrap_or(1);
         let max_vcpus: u32 = p.number("max")?.unwrap_or(boot_vcpus);
         let topology = p
@@ -119,6 +159,9 @@ impl CpusConfig {
             topology,
             kvm_hyperv: p.toggle("kvm_hyperv", false)?,
             max_phys_bits: p.number("max_phys_bits")?.unwrap_or(DEFAULT_MAX_PHYS_BITS),
+            features: CpuFeatures::default(),
+            nested: true,
+            profile: CpuProfile::Host,
         };
         cfg.validate().map_err(|m| p.error(m))?;
         Ok(cfg)
@@ -138,6 +181,9 @@ impl CpusConfig {
             return Err(format!("max must be at most {MAX_VCPUS}"));
         }
         if let Some(t) = self.topology {
+            if t.threads_per_core > 2 {
+                return Err("topology: at most 2 threads per core".into());
+            }
             let total = u32::from(t.threads_per_core)
                 * u32::from(t.cores_per_die)
                 * u32::from(t.dies_per_package)
@@ -155,6 +201,12 @@ impl CpusConfig {
         if self.kvm_hyperv {
             return Err("kvm_hyperv=on is not supported yet".into());
         }
+        if self.features.amx {
+            return Err("features=amx is not supported yet".into());
+        }
+        if !self.nested {
+            return Err("nested=off is not supported yet".into());
+        }
         Ok(())
     }
 }
@@ -164,6 +216,9 @@ pub struct MemoryConfig {
     pub size: u64,
     #[serde(default)]
     pub mergeable: bool,
+    /// Only the default: there is no memory hotplug yet.
+    #[serde(default)]
+    pub hotplug_method: HotplugMethod,
     #[serde(default)]
     pub shared: bool,
     #[serde(default)]
@@ -172,8 +227,19 @@ pub struct MemoryConfig {
     pub hugepage_size: Option<u64>,
     #[serde(default)]
     pub prefault: bool,
+    /// Only false: guest memory is mapped MAP_NORESERVE.
+    #[serde(default)]
+    pub reserve: bool,
     #[serde(default = "default_true")]
     pub thp: bool,
+}
+
+/// How memory would be hotplugged (`hotplug_method=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HotplugMethod {
+    #[default]
+    Acpi,
+    VirtioMem,
 }
 
 fn default_true() -> bool {
@@ -185,10 +251,12 @@ impl Default for MemoryConfig {
         MemoryConfig {
             size: 512 << 20,
             mergeable: false,
+            hotplug_method: HotplugMethod::Acpi,
             shared: false,
             hugepages: false,
             hugepage_size: None,
             prefault: false,
+            reserve: false,
             thp: true,
         }
     }
@@ -202,6 +270,7 @@ impl MemoryConfig {
         "shared",
         "hugepages",
         "hugepage_size",
+        "file",
         "hotplug_method",
         "hotplug_size",
         "hotplugged_size",
@@ -212,19 +281,28 @@ impl MemoryConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
-        p.refuse(&[
-            "hotplug_method",
-            "hotplug_size",
-            "hotplugged_size",
-            "reserve",
-        ])?;
+        p.refuse(&["file", "hotplug_size", "hotplugged_size"])?;
+        // Without hotplug the method chooses nothing; ACPI is the original's default.
+        if let Some(m) = p.get("hotplug_method") {
+            match m.to_ascii_lowercase().as_str() {
+                "acpi" => {}
+                "virtio-mem" => {
+                    return Err(p.error("hotplug_method=virtio-mem is not supported yet"))
+                }
+                _ => return Err(p.error(format!("hotplug_method={m}: must be acpi or virtio-mem"))),
+            }
+        }
+        // Guest memory is mapped MAP_NORESERVE, which is what `reserve=off` asks for.
+        p.refuse_unless("reserve", false)?;
         let cfg = MemoryConfig {
             size: p.size("size")?.unwrap_or(512 << 20),
             mergeable: p.toggle("mergeable", false)?,
+            hotplug_method: HotplugMethod::Acpi,
             shared: p.toggle("shared", false)?,
             hugepages: p.toggle("hugepages", false)?,
             hugepage_size: p.size("hugepage_size")?,
             prefault: p.toggle("prefault", false)?,
+            reserve: false,
             thp: p.toggle("thp", true)?,
         };
         cfg.validate().map_err(|m| p.error(m))?;
@@ -237,6 +315,15 @@ impl MemoryConfig {
         }
         if !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(format!("size {} is not a multiple of 4 KiB", self.size));
+        }
+        if self.hotplug_method != HotplugMethod::Acpi {
+            return Err("hotplug_method=virtio-mem is not supported yet".into());
+        }
+        if self.reserve {
+            return Err("reserve=on is not supported yet".into());
+        }
+        if self.shared && self.mergeable {
+            return Err("shared=on and mergeable=on do not go together".into());
         }
         if let Some(hp) = self.hugepage_size {
             if !self.hugepages {
@@ -286,14 +373,33 @@ pub struct ConsoleConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
     pub mode: ConsoleOutputMode,
-    #[serde(default)]
-    pub iommu: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "devices::is_false")]
+    pub iommu: bool,
     #[serde(default)]
     pub pci_segment: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
+}
+
+/// The serial port's configuration as the original's JSON has it: its mode and path only (it
+/// is not a PCI device).
+fn serialize_serial<S: serde::Serializer>(c: &ConsoleConfig, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Serial<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        file: &'a Option<PathBuf>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        socket: &'a Option<PathBuf>,
+        mode: ConsoleOutputMode,
+    }
+    Serial {
+        file: &c.file,
+        socket: &c.socket,
+        mode: c.mode,
+    }
+    .serialize(s)
 }
 
 impl ConsoleConfig {
@@ -302,61 +408,53 @@ impl ConsoleConfig {
             file: None,
             socket: None,
             mode,
-            iommu: false,
             id: None,
+            iommu: false,
             pci_segment: 0,
             pci_device_id: None,
         }
     }
 
-    /// `off|null|pty|tty|file=<path>|socket=<path>`, for `--serial` and `--console`.
+    /// `off|null|pty|tty|file=<path>|socket=<path>`, for `--serial` and `--console` (which also
+    /// takes the PCI keys, as in the original).
     pub fn parse(option: &'static str, raw: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse(
-            option,
-            raw,
-            &[
-                "file",
-                "socket",
-                "iommu",
-                "id",
-                "pci_segment",
-                "pci_device_id",
-            ],
-            &["off", "null", "pty", "tty"],
-        )?;
-        let mut cfg = ConsoleConfig::new(ConsoleOutputMode::Null);
-        let chosen = [p.bare().is_some(), p.has("file"), p.has("socket")]
-            .iter()
-            .filter(|&&b| b)
-            .count();
+        const MODES: &[&str] = &["off", "null", "pty", "tty"];
+        const PATHS: &[&str] = &["file", "socket"];
+        let pci: &[&str] = if option == "--serial" {
+            &[]
+        } else {
+            devices::PCI_KEYS
+        };
+        let p = OptionParser::parse_sets(option, raw, &[PATHS, pci], MODES)?;
+        // The original takes the first of off, pty, tty, null, file, socket and drops the
+        // others; a second mode is refused here rather than ignored.
+        let chosen = p.bare_words().len() + PATHS.iter().filter(|k| p.is_set(k)).count();
         if chosen != 1 {
             return Err(
                 p.error("give exactly one of off, null, pty, tty, file=<path>, socket=<path>")
             );
         }
-        if let Some(word) = p.bare() {
-            cfg.mode = match word {
+        let mut cfg = ConsoleConfig::new(ConsoleOutputMode::Null);
+        if let Some(word) = p.bare_words().first() {
+            cfg.mode = match word.as_str() {
                 "off" => ConsoleOutputMode::Off,
                 "null" => ConsoleOutputMode::Null,
                 "pty" => ConsoleOutputMode::Pty,
                 _ => ConsoleOutputMode::Tty,
             };
         }
-        if let Some(f) = p.get("file") {
-            if f.is_empty() {
-                return Err(p.error("file= needs a path"));
-            }
+        if p.is_set("file") {
+            let f = p.get("file").ok_or_else(|| p.error("file= needs a path"))?;
             cfg.mode = ConsoleOutputMode::File;
             cfg.file = Some(PathBuf::from(f));
         }
-        if let Some(s) = p.get("socket") {
-            if s.is_empty() {
-                return Err(p.error("socket= needs a path"));
-            }
+        if p.is_set("socket") {
+            let s = p
+                .get("socket")
+                .ok_or_else(|| p.error("socket= needs a path"))?;
             cfg.mode = ConsoleOutputMode::Socket;
             cfg.socket = Some(PathBuf::from(s));
         }
-        cfg.iommu = p.toggle("iommu", false)?;
         let pl = devices::placement(&p)?;
         (cfg.id, cfg.pci_segment, cfg.pci_device_id) = (pl.id, pl.pci_segment, pl.pci_device_id);
         Ok(cfg)
@@ -370,10 +468,6 @@ pub struct VmConfig {
     #[serde(default)]
     pub memory: MemoryConfig,
     pub payload: PayloadConfig,
-    #[serde(default = "default_serial")]
-    pub serial: ConsoleConfig,
-    #[serde(default = "default_console")]
-    pub console: ConsoleConfig,
     #[serde(
         default,
         deserialize_with = "devices::null_as_default",
@@ -388,6 +482,10 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     #[serde(default, deserialize_with = "devices::null_as_default")]
     pub rng: RngConfig,
+    #[serde(default = "default_serial", serialize_with = "serialize_serial")]
+    pub serial: ConsoleConfig,
+    #[serde(default = "default_console")]
+    pub console: ConsoleConfig,
     /// The original's fields for what we do not implement yet: accepted only when empty.
     #[serde(flatten)]
     pub unsupported: UnsupportedConfig,
@@ -493,19 +591,48 @@ impl VmConfig {
             }
             Ok(())
         };
+        // As the original: no more queues (disks) or queue pairs (net) than boot vCPUs.
+        let vcpus = self.cpus.boot_vcpus;
         for d in &self.disks {
             d.validate()?;
+            if u32::from(d.num_queues) > vcpus {
+                return Err(ConfigError::new(
+                    "--disk",
+                    &d.path.display().to_string(),
+                    format!(
+                        "num_queues={} is more than the {vcpus} boot vCPU(s)",
+                        d.num_queues
+                    ),
+                ));
+            }
             check("--disk", &d.id, d.pci_device_id)?;
         }
         for n in &self.net {
             n.validate()?;
+            if u32::from(n.num_queues / 2) > vcpus {
+                return Err(ConfigError::new(
+                    "--net",
+                    &format!("num_queues={}", n.num_queues),
+                    format!("more queue pairs than the {vcpus} boot vCPU(s)"),
+                ));
+            }
             check("--net", &n.id, n.pci_device_id)?;
         }
         self.rng.validate()?;
         check("--rng", &self.rng.id, self.rng.pci_device_id)?;
-        if self.console.mode != ConsoleOutputMode::Off {
-            check("--console", &self.console.id, self.console.pci_device_id)?;
+        let c = &self.console;
+        devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())
+            .map_err(|m| ConfigError::new("--console", c.id.as_deref().unwrap_or(""), m))?;
+        if c.iommu {
+            return Err(ConfigError::new(
+                "--console",
+                "iommu=on",
+                "not supported yet".into(),
+            ));
         }
+        // The original checks the console's id even when the console is off.
+        let slot = (c.mode != ConsoleOutputMode::Off).then_some(c.pci_device_id);
+        check("--console", &c.id, slot.flatten())?;
         Ok(())
     }
 }
@@ -540,9 +667,9 @@ mod tests {
 
     #[test]
     fn memory() {
-        let m = MemoryConfig::parse("size=1G,shared=on,mergeable=on").unwrap();
+        let m = MemoryConfig::parse("size=1G,shared=on,prefault=on").unwrap();
         assert_eq!(m.size, 1 << 30);
-        assert!(m.shared && m.mergeable && !m.hugepages && m.thp);
+        assert!(m.shared && m.prefault && !m.mergeable && !m.hugepages && m.thp);
         for bad in [
             "size=0",
             "size=12X",
@@ -666,10 +793,10 @@ mod tests {
             "\"size\":536870912",
             "\"kernel\":\"/k\"",
             "\"mode\":\"Tty\"",
-            "\"disks\":[{\"path\":\"/d.img\"",
+            "\"disks\":[{\"pci_segment\":0,\"path\":\"/d.img\"",
             "\"num_queues\":2",
-            "\"net\":[{\"tap\":\"t0\",\"ip\":\"192.168.249.1\"",
-            "\"rng\":{\"src\":\"/dev/urandom\"",
+            "\"net\":[{\"pci_segment\":0,\"tap\":\"t0\",\"num_queues\":2",
+            "\"rng\":{\"pci_segment\":0,\"src\":\"/dev/urandom\"}",
         ] {
             assert!(json.contains(field), "{field} in {json}");
         }

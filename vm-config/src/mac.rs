@@ -21,7 +21,8 @@ impl MacAddr {
         self.0
     }
 
-    /// A random unicast, locally administered address, as the original picks when none is given.
+    /// A random unicast, locally administered address whose first byte is 0x2e, as the original
+    /// picks when none is given.
     pub fn random_local() -> Self {
         let mut b = [0u8; 6];
         // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
@@ -35,7 +36,7 @@ impl MacAddr {
                 ^ u128::from(std::process::id());
             b.copy_from_slice(&t.to_le_bytes()[..6]);
         }
-        b[0] = (b[0] & 0xfe) | 0x02;
+        b[0] = 0x2e;
         MacAddr(b)
     }
 }
@@ -49,7 +50,8 @@ impl FromStr for MacAddr {
         let mut parts = s.split(':');
         for b in out.iter_mut() {
             let p = parts.next().ok_or_else(err)?;
-            if p.is_empty() || p.len() > 2 {
+            // Two hex digits each, as the original reads them.
+            if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
                 return Err(err());
             }
             *b = u8::from_str_radix(p, 16).map_err(|_| err())?;
@@ -88,6 +90,8 @@ mod tests {
             "123:4:5:6:7:8",
             "zz:00:00:00:00:00",
             "1:2:3:4:5:",
+            "1:2:3:4:5:6",
+            "12:34:56:78:9a:+b",
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
@@ -96,7 +100,7 @@ mod tests {
     #[test]
     fn random_addresses_are_local_unicast() {
         let a = MacAddr::random_local();
-        assert_eq!(a.bytes()[0] & 0x03, 0x02);
+        assert_eq!(a.bytes()[0], 0x2e);
         assert_ne!(a, MacAddr::random_local());
     }
 }

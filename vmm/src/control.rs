@@ -190,7 +190,7 @@ impl Vmm {
 
     /// Builds and starts the created VM.
     pub(crate) fn boot(&mut self) -> Result<(), Error> {
-        let Some(config) = self.config.as_ref() else {
+        let Some(config) = self.config.as_mut() else {
             return Err(Error::Api(ApiError::VmNotCreated));
         };
         if self.state != VmState::Created {
@@ -199,6 +199,9 @@ impl Vmm {
                 state: self.state,
             }));
         }
+        // Device ids and guest MACs not given are chosen now and kept, as the original does.
+        config.assign_generated();
+        let config = &*config;
         self.monitor.emit("vm", "booting");
         let serial = SerialEndpoint::open("--serial", &config.serial)?;
         let mut console = SerialEndpoint::open("--console", &config.console)?;
@@ -226,6 +229,21 @@ impl Vmm {
         )?;
         self.events.clear_halting();
         vm.start(&self.events)?;
+        // Recorded as the original records them: probed disk formats (a reboot opens the same
+        // format) and the paths of pseudo-terminals.
+        if let Some(config) = self.config.as_mut() {
+            for (d, t) in config.disks.iter_mut().zip(vm.disk_image_types()) {
+                d.image_type = *t;
+            }
+            for (cfg, ep) in [
+                (&mut config.serial, &serial),
+                (&mut config.console, &console),
+            ] {
+                if let Some(path) = ep.pty_path() {
+                    cfg.file = Some(path.to_path_buf());
+                }
+            }
+        }
         if let Some(fd) = serial.input_fd() {
             self.control.add(fd, EV_SERIAL_IN).map_err(Error::Setup)?;
         }

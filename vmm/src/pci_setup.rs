@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Weak};
 
 use arch::layout;
@@ -18,7 +19,7 @@ use virtio_devices::{Block, BlockConfig, Console, Net, Rng, VirtioDevice, Virtio
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, ImageType, VmConfig};
 
 /// GSIs below this belong to the IOAPIC/PIC routes KVM sets up by default.
 const FIRST_MSI_GSI: u32 = 24;
@@ -172,6 +173,9 @@ pub struct PciDevices {
     pub counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
     /// Each virtio device's id and its device number on bus 0 (for `vm.info`'s device tree).
     pub placed: Vec<(String, u8)>,
+    /// The format each disk was opened as, in `--disk` order (probed where not given), which
+    /// the configuration records as the original's does.
+    pub disk_image_types: Vec<ImageType>,
 }
 
 impl PciDevices {
@@ -208,14 +212,30 @@ fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
     }
 }
 
+/// The block layer's format for a configured image type; `None`: probe the header.
+fn block_image_type(t: ImageType) -> Option<block::ImageType> {
+    match t {
+        ImageType::Raw => Some(block::ImageType::Raw),
+        ImageType::Qcow2 => Some(block::ImageType::Qcow2),
+        ImageType::FixedVhd => Some(block::ImageType::Vhd),
+        ImageType::Vhdx => Some(block::ImageType::Vhdx),
+        // The configuration refuses vmdk; probing finds what the file is.
+        ImageType::FlatVmdk | ImageType::Unknown => None,
+    }
+}
+
+/// The configuration's name for a format the block layer opened.
+fn config_image_type(t: block::ImageType) -> ImageType {
+    match t {
+        block::ImageType::Raw => ImageType::Raw,
+        block::ImageType::Qcow2 => ImageType::Qcow2,
+        block::ImageType::Vhd => ImageType::FixedVhd,
+        block::ImageType::Vhdx => ImageType::Vhdx,
+    }
+}
+
 fn open_disk(d: &DiskConfig) -> Result<Box<dyn block::DiskFile>, PciSetupError> {
-    let image_type = match &d.image_type {
-        Some(t) => Some(
-            t.parse()
-                .map_err(|e: block::Error| disk_error(d, e.to_string()))?,
-        ),
-        None => None,
-    };
+    let image_type = block_image_type(d.image_type);
     let opts = block::OpenOptions {
         readonly: d.readonly,
         direct: d.direct,
@@ -268,13 +288,16 @@ pub fn create(
     if let Some(io) = console {
         list.push(Pending {
             option: "--console",
-            id: cfg.console.id.clone().unwrap_or_else(|| "_console".into()),
+            // The original's name for the console device.
+            id: cfg.console.id.clone().unwrap_or_else(|| "__console".into()),
             slot: cfg.console.pci_device_id,
             dev: Box::new(Console::new(io.out, io.input, io.size)),
         });
     }
+    let mut disk_image_types = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
         let disk = open_disk(d)?;
+        disk_image_types.push(config_image_type(disk.image_type()));
         let id = d.id.clone().unwrap_or_else(|| format!("_disk{i}"));
         let serial = d.serial.clone().unwrap_or_else(|| id.clone());
         let dev = Block::new(
@@ -283,7 +306,7 @@ pub fn create(
                 num_queues: d.num_queues,
                 queue_size: d.queue_size,
                 serial,
-                io_uring: d.direct,
+                io_uring: d.direct && !d.disable_io_uring,
             },
         )
         .map_err(|e| disk_error(d, e.to_string()))?;
@@ -301,10 +324,25 @@ pub fn create(
             msg,
         };
         let pairs = usize::from(n.num_queues / 2).max(1);
-        let taps = net_util::Tap::open(n.tap.as_deref().unwrap_or("vmtap%d"), pairs)
-            .map_err(|e| err(e.to_string()))?;
+        // As the original: no TAP named, a new one the kernel names from "vmtap%d"; an
+        // existing TAP keeps its addresses.
+        let name = n.tap.as_deref().unwrap_or("vmtap%d");
+        let existed = net_util::Tap::exists(name);
+        let taps = net_util::Tap::open(name, pairs).map_err(|e| err(e.to_string()))?;
         let tap = &taps[0];
-        tap.set_ip(n.ip, n.mask).map_err(|e| err(e.to_string()))?;
+        match (n.ip, n.mask) {
+            (Some(IpAddr::V4(ip)), Some(IpAddr::V4(mask))) if !existed => {
+                tap.set_ip(ip, mask).map_err(|e| err(e.to_string()))?
+            }
+            (Some(_), _) if existed => {
+                log::warn!(
+                    "--net: TAP {} exists; its addresses are left as they are",
+                    tap.name()
+                )
+            }
+            // The configuration refuses IPv6 and an address without its mask.
+            _ => {}
+        }
         if let Some(m) = &n.host_mac {
             let m: net_util::MacAddr = m
                 .parse()
@@ -321,11 +359,13 @@ pub fn create(
                 .map_err(|e: net_util::MacParseError| err(e.to_string()))?,
             None => net_util::MacAddr::random_local(),
         };
+        let host_side = match (n.ip, n.mask) {
+            (Some(ip), Some(mask)) => format!("{ip}/{mask}"),
+            _ => "no address".into(),
+        };
         info!(
-            "--net: TAP {} ({}/{}), {pairs} queue pair(s), guest MAC {mac}",
-            tap.name(),
-            n.ip,
-            n.mask
+            "--net: TAP {} ({host_side}), {pairs} queue pair(s), guest MAC {mac}",
+            tap.name()
         );
         let config = virtio_devices::NetConfig {
             mac,
@@ -398,6 +438,7 @@ pub fn create(
         root,
         counters,
         placed,
+        disk_image_types,
     })
 }
 

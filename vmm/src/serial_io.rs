@@ -98,6 +98,8 @@ pub enum SerialEndpoint {
     Pty {
         master: File,
         slave: File,
+        /// The slave's path, which the configuration records (as the original's `file`).
+        path: PathBuf,
         /// Follows resizes, for the console (see `pty_resize`).
         watcher: Option<ResizeWatcher>,
     },
@@ -200,6 +202,7 @@ impl SerialEndpoint {
                 SerialEndpoint::Pty {
                     master,
                     slave,
+                    path,
                     watcher: None,
                 }
             }
@@ -470,5 +473,13 @@ impl SerialEndpoint {
 
     pub fn is_socket(&self) -> bool {
         matches!(self, SerialEndpoint::Socket { .. })
+    }
+
+    /// The pseudo-terminal's path, for `pty`.
+    pub fn pty_path(&self) -> Option<&Path> {
+        match self {
+            SerialEndpoint::Pty { path, .. } => Some(path),
+            _ => None,
+        }
     }
 }

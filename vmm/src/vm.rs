@@ -284,6 +284,11 @@ impl Vm {
             .collect()
     }
 
+    /// The format each disk was opened as, in configuration order.
+    pub fn disk_image_types(&self) -> &[crate::config::ImageType] {
+        &self.devices.pci.disk_image_types
+    }
+
     /// `vm.info`'s device tree: for each virtio device, its virtio-pci transport node (with
     /// the PCI address) and the device node under it, named as the original names them.
     pub fn device_tree(&self) -> std::collections::BTreeMap<String, api::DeviceNode> {

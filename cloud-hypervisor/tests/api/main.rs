@@ -8,4 +8,5 @@ mod bad_requests;
 mod contract;
 mod helpers;
 mod lifecycle;
+mod net_options;
 mod original_client;

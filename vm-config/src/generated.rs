@@ -1,0 +1,45 @@
+//! What the VMM chooses for a configuration when the VM boots, recorded in the configuration
+//! as the original records it: device ids and guest MAC addresses. `vm.info` then shows them and
+//! a reboot keeps them.
+
+use std::collections::BTreeSet;
+
+use super::mac::MacAddr;
+use super::VmConfig;
+
+impl VmConfig {
+    /// Names each disk and net device that has no id `_disk<N>` / `_net<N>`, N counting every
+    /// name made so far (disks first) and skipping ids in use, as the original's device manager
+    /// does; gives each net device without a MAC a random one (first byte 0x2e). Ids and MACs
+    /// already there stay.
+    pub fn assign_generated(&mut self) {
+        let mut used: BTreeSet<String> = self
+            .disks
+            .iter()
+            .map(|d| &d.id)
+            .chain(self.net.iter().map(|n| &n.id))
+            .chain([&self.rng.id, &self.console.id])
+            .flatten()
+            .cloned()
+            .collect();
+        let mut counter = 0usize;
+        let mut next = |prefix: &str| loop {
+            let name = format!("{prefix}{counter}");
+            counter += 1;
+            if used.insert(name.clone()) {
+                return name;
+            }
+        };
+        for d in self.disks.iter_mut().filter(|d| d.id.is_none()) {
+            d.id = Some(next("_disk"));
+        }
+        for n in &mut self.net {
+            if n.id.is_none() {
+                n.id = Some(next("_net"));
+            }
+            if n.mac.is_none() {
+                n.mac = Some(MacAddr::random_local().to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The original's reading of `--cpus`, `--memory`, `--serial` and `--console`, the checks of a
+//! whole configuration, its JSON shape, and what booting records in it. Each case was checked
+//! against the original's parser (`option_parser`, `vmm/src/config.rs`) or its binary.
+
+use serde_json::json;
+
+use super::*;
+
+/// A configuration from the original's JSON (`payload` is required).
+fn config(extra: serde_json::Value) -> VmConfig {
+    let mut v = json!({"payload": {"kernel": "/k"}});
+    v.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(v).unwrap()
+}
+
+#[test]
+fn cpus_as_the_original_reads_them() {
+    // Empty values are not given; a repeated key keeps its last value.
+    let c = CpusConfig::parse("boot=,max=,topology=,kvm_hyperv=,max_phys_bits=").unwrap();
+    assert_eq!(c, CpusConfig::default());
+    assert_eq!(CpusConfig::parse("boot=2,boot=3").unwrap().boot_vcpus, 3);
+    assert_eq!(CpusConfig::parse(" boot=2 ").unwrap().boot_vcpus, 2);
+    assert_eq!(CpusConfig::parse("boot=+2").unwrap().boot_vcpus, 2);
+    // The defaults of what we do as the original's defaults say: accepted.
+    for ok in [
+        "nested=on",
+        "nested=TRUE",
+        "profile=Host",
+        "kvm_hyperv=OFF",
+        "core_scheduling=",
+        "affinity=",
+    ] {
+        assert!(CpusConfig::parse(ok).is_ok(), "{ok}");
+    }
+    for (bad, why) in [
+        ("nested=off", "nested=off is not supported yet"),
+        ("kvm_hyperv=on", "not supported yet"),
+        ("profile=host", "the only profile is Host"),
+        ("core_scheduling=vm", "not supported yet"),
+        ("affinity=[0@[1]]", "not supported yet"),
+        ("features=amx", "not supported yet"),
+        ("boot=2,", "empty item"),
+        (
+            "boot=2,max=4,topology=4:1:1:1",
+            "at most 2 threads per core",
+        ),
+        ("boot=1,nested=maybe", "must be on, off, true or false"),
+    ] {
+        let e = CpusConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+        assert!(e.starts_with(&format!("--cpus {bad}: ")), "{e}");
+    }
+}
+
+#[test]
+fn memory_as_the_original_reads_it() {
+    let m = MemoryConfig::parse("size=,shared=,thp=,hugepage_size=").unwrap();
+    assert_eq!(m, MemoryConfig::default());
+    assert_eq!(m.size, 512 << 20);
+    let m = MemoryConfig::parse("size=1G,size=2G,thp=OFF,shared=True").unwrap();
+    assert_eq!((m.size, m.thp, m.shared), (2 << 30, false, true));
+    for ok in ["hotplug_method=acpi", "hotplug_method=ACPI", "reserve=off"] {
+        assert!(MemoryConfig::parse(ok).is_ok(), "{ok}");
+    }
+    for (bad, why) in [
+        ("size=512m", "invalid size"),
+        ("size=1T", "invalid size"),
+        ("size=1g", "invalid size"),
+        ("hotplug_method=virtio-mem", "not supported yet"),
+        ("hotplug_method=dimm", "acpi or virtio-mem"),
+        ("reserve=on", "not supported yet"),
+        ("hotplug_size=1G", "not supported yet"),
+        ("file=/dev/shm/x", "not supported yet"),
+        ("shared=on,mergeable=on", "do not go together"),
+    ] {
+        let e = MemoryConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn serial_and_console_as_the_original_reads_them() {
+    let parse = ConsoleConfig::parse;
+    // The same mode twice is one mode.
+    assert_eq!(
+        parse("--serial", "null,null").unwrap().mode,
+        ConsoleOutputMode::Null
+    );
+    // The console takes the PCI keys; the serial port (no PCI device) does not.
+    let c = parse(
+        "--console",
+        "pty,id=con0,pci_device_id=7,pci_segment=0,iommu=off",
+    )
+    .unwrap();
+    assert_eq!((c.id.as_deref(), c.pci_device_id), (Some("con0"), Some(7)));
+    assert_eq!(parse("--console", "off,id=").unwrap().id, None);
+    for (option, bad, why) in [
+        ("--serial", "file=/x,id=a", "unknown key 'id'"),
+        ("--serial", "tty,pci_device_id=3", "unknown key"),
+        ("--serial", "file=", "file= needs a path"),
+        ("--serial", "socket=", "socket= needs a path"),
+        ("--serial", "TTY", "not a key=value pair"),
+        ("--serial", "", "give exactly one"),
+        // The original takes the first of these and drops the rest: refused, not ignored.
+        ("--serial", "tty,off", "give exactly one"),
+        ("--serial", "tty,file=/x", "give exactly one"),
+        ("--console", "tty,iommu=on", "iommu=on is not supported yet"),
+        ("--console", "tty,pci_segment=1", "only PCI segment 0"),
+    ] {
+        let e = parse(option, bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{option} {bad}: {e}");
+        assert!(e.starts_with(&format!("{option} {bad}: ")), "{e}");
+    }
+}
+
+/// The original's `vm.info` shape: devices before the serial port and the console, `iommu`
+/// only when on, the serial port with its mode and path only, and net addresses only when given.
+#[test]
+fn json_has_the_originals_shape() {
+    let mut cfg = config(json!({}));
+    cfg.console = ConsoleConfig::parse("--console", "file=/tmp/c").unwrap();
+    cfg.serial = ConsoleConfig::parse("--serial", "tty").unwrap();
+    cfg.net = vec![NetConfig::parse("tap=,mac=,ip=,mask=").unwrap()];
+    let v = serde_json::to_value(&cfg).unwrap();
+    assert_eq!(v["serial"], json!({"mode": "Tty"}));
+    assert_eq!(
+        v["console"],
+        json!({"file": "/tmp/c", "mode": "File", "pci_segment": 0})
+    );
+    assert_eq!(v["rng"], json!({"pci_segment": 0, "src": "/dev/urandom"}));
+    for absent in ["tap", "ip", "mask", "mac", "iommu", "id"] {
+        assert!(
+            v["net"][0].get(absent).is_none(),
+            "{absent} in {}",
+            v["net"]
+        );
+    }
+    let text = serde_json::to_string(&cfg).unwrap();
+    let at = |k: &str| text.find(&format!("\"{k}\":")).unwrap();
+    let order = [
+        "cpus", "memory", "payload", "net", "rng", "serial", "console",
+    ];
+    assert!(order.windows(2).all(|w| at(w[0]) < at(w[1])), "{text}");
+    // And back: what vm.info shows, vm.create takes.
+    let back: VmConfig = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (back.serial.mode, back.console.mode),
+        (cfg.serial.mode, cfg.console.mode)
+    );
+    assert_eq!(back.net, cfg.net);
+}
+
+#[test]
+fn whole_configuration_checks_of_the_original() {
+    // No more disk queues, nor net queue pairs, than boot vCPUs.
+    let two_queues = config(json!({"disks": [{"path": "/dev/null", "num_queues": 2}]}));
+    let e = two_queues.validate_devices().unwrap_err().to_string();
+    assert!(e.contains("more than the 1 boot vCPU(s)"), "{e}");
+    let ok = config(json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "disks": [{"path": "/dev/null", "num_queues": 2}],
+        "net": [{"num_queues": 4}]
+    }));
+    ok.validate_devices().unwrap();
+    let pairs = config(json!({"net": [{"num_queues": 4}]}));
+    let e = pairs.validate_devices().unwrap_err().to_string();
+    assert!(
+        e.contains("more queue pairs than the 1 boot vCPU(s)"),
+        "{e}"
+    );
+    // The console's id counts even when the console is off.
+    let clash = config(json!({
+        "console": {"mode": "Off", "id": "x"},
+        "net": [{"id": "x"}]
+    }));
+    assert!(clash.validate_devices().is_err());
+    // Ids starting with "__" are the VMM's own.
+    let reserved = config(json!({"console": {"mode": "Null", "id": "__console"}}));
+    assert!(reserved.validate_devices().is_err());
+}
+
+/// As the original's device manager: ids `_disk<N>`/`_net<N>` from one counter, skipping ids in
+/// use, and random MACs with first byte 0x2e, recorded once and kept.
+#[test]
+fn booting_records_ids_and_macs() {
+    let mut cfg = config(json!({
+        "disks": [{"path": "/a", "id": "_disk1"}, {"path": "/b"}],
+        "net": [{"id": "_net0"}, {}, {"mac": "52:54:00:00:00:01"}]
+    }));
+    cfg.assign_generated();
+    let ids: Vec<_> = cfg.disks.iter().map(|d| d.id.clone().unwrap()).collect();
+    assert_eq!(ids, ["_disk1", "_disk0"]);
+    let ids: Vec<_> = cfg.net.iter().map(|n| n.id.clone().unwrap()).collect();
+    assert_eq!(ids, ["_net0", "_net1", "_net2"]);
+    assert_eq!(cfg.net[2].mac.as_deref(), Some("52:54:00:00:00:01"));
+    for n in &cfg.net[..2] {
+        let mac: mac::MacAddr = n.mac.as_deref().unwrap().parse().unwrap();
+        assert_eq!(mac.bytes()[0], 0x2e, "{mac}");
+    }
+    assert_ne!(cfg.net[0].mac, cfg.net[1].mac);
+    let before = cfg.clone();
+    cfg.assign_generated();
+    assert_eq!(cfg, before, "a second boot keeps what the first chose");
+}
