@@ -80,9 +80,7 @@ fn action_message(name: &str) -> &'static str {
         "vm.add-user-device" => "The user device could not be added to the VM",
         "vm.add-disk" => "The disk could not be added to the VM",
         "vm.add-fs" => "The fs could not be added to the VM",
-        "vm.add-generic-vhost-user" => {
-            "The generic vhost-user device could not be added to the VM"
-        }
+        "vm.add-generic-vhost-user" => "The generic vhost-user device could not be added to the VM",
         "vm.add-net" => "The network device could not be added to the VM",
         "vm.add-pmem" => "The pmem device could not be added to the VM",
         "vm.add-vdpa" => "The vDPA device could not be added to the VM",
