@@ -75,8 +75,9 @@ impl ApiServer {
     }
 
     /// Handles whatever is ready, without waiting: new connections, requests (each answered
-    /// through `handle`), answers waiting for room in their socket.
-    pub fn serve(&mut self, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) {
+    /// through `handle`), answers waiting for room in their socket. Returns how many requests
+    /// it answered.
+    pub fn serve(&mut self, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) -> usize {
         let mut ready = [EpollEvent::default(); 32];
         let n = match self.epoll.wait(0, &mut ready) {
             Ok(n) => n,
@@ -84,17 +85,19 @@ impl ApiServer {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!("API server: epoll_wait failed: {e}");
                 }
-                return;
+                return 0;
             }
         };
+        let mut answered = 0;
         for ev in &ready[..n] {
             let token = ev.data();
             if token == LISTENER {
                 self.accept();
             } else {
-                self.service(token as usize, handle);
+                answered += self.service(token as usize, handle);
             }
         }
+        answered
     }
 
     fn accept(&mut self) {
@@ -168,21 +171,23 @@ impl ApiServer {
     }
 
     /// Reads what the connection has, answers its complete requests, writes what it can.
-    fn service(&mut self, slot: usize, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) {
+    /// Returns how many requests it answered.
+    fn service(&mut self, slot: usize, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) -> usize {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return 0;
         };
         conn.last_active = Instant::now();
         let mut open = true;
+        let mut answered = 0;
         if conn.output.is_empty() && !conn.closing {
-            open = conn.read_and_answer(handle);
+            (open, answered) = conn.read_and_answer(handle);
         }
         if open {
             open = conn.flush();
         }
         if !open || (conn.closing && conn.output.is_empty()) {
             self.close(slot);
-            return;
+            return answered;
         }
         // Wait for room to write while an answer is pending; read otherwise.
         let want = if conn.output.is_empty() {
@@ -201,12 +206,18 @@ impl ApiServer {
                 self.close(slot);
             }
         }
+        answered
     }
 }
 
 impl Conn {
-    /// Returns false when the connection is finished (the client hung up, or it failed).
-    fn read_and_answer(&mut self, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) -> bool {
+    /// Returns false when the connection is finished (the client hung up, or it failed), and
+    /// how many requests it answered.
+    fn read_and_answer(
+        &mut self,
+        handle: &mut dyn FnMut(ApiRequest) -> ApiResult,
+    ) -> (bool, usize) {
+        let mut answered = 0;
         let mut hung_up = false;
         loop {
             let len = self.input.len();
@@ -230,7 +241,7 @@ impl Conn {
                         io::ErrorKind::Interrupted => continue,
                         _ => {
                             debug!("API connection: {e}");
-                            return false;
+                            return (false, 0);
                         }
                     }
                 }
@@ -250,6 +261,7 @@ impl Conn {
                 Parsed::Complete { request, len } => {
                     used += len;
                     self.continued = false;
+                    answered += 1;
                     let mut resp = routes::answer(&request, handle);
                     resp.close = request.close;
                     self.closing = request.close;
@@ -269,7 +281,7 @@ impl Conn {
             // Answers still go out to a client that only shut down its sending side.
             self.closing = true;
         }
-        true
+        (true, answered)
     }
 
     /// Writes what it can of the pending answers; false if the connection failed.

@@ -217,3 +217,34 @@ fn requests_in_pieces_and_pipelined() {
     let codes: Vec<&str> = all.split("HTTP/1.1 ").skip(1).map(|a| &a[..3]).collect();
     assert_eq!(codes, ["200", "404", "200"]);
 }
+
+/// The VMM's CPU time so far (user + system, in clock ticks), from /proc/PID/stat.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (in parentheses, which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// After a burst of requests the control loop polls for a moment (API_POLL, 200 µs) instead
+/// of sleeping, then sleeps again: once the API is quiet the VMM uses no CPU.
+#[test]
+fn the_vmm_idles_once_the_api_is_quiet() {
+    let vmm = Vmm::start("api-idle", &[]);
+    let mut s = UnixStream::connect(&vmm.sock).unwrap();
+    for _ in 0..2000 {
+        let (o, _) = request(&mut s, "GET", "vmm.ping", None);
+        assert!(matches!(o, Outcome::Ok(Some(_))));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let before = cpu_ticks(vmm.pid());
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let used = cpu_ticks(vmm.pid()) - before;
+    // A clock tick is 10 ms: a loop still polling would show about 100 of them.
+    assert!(
+        used <= 2,
+        "the VMM used {used} ticks of CPU in a quiet second"
+    );
+}
