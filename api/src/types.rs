@@ -82,6 +82,12 @@ pub enum ApiError {
     VmNotCreated,
     #[error("VM is already created")]
     VmAlreadyCreated,
+    /// No VM is built (none created, or created and not booted, or shut down).
+    #[error("VM is not running")]
+    VmNotRunning,
+    /// `vm.boot` with no VM created.
+    #[error("VM config is missing")]
+    VmMissingConfig,
     /// The action needs the VM in another state.
     #[error("cannot {action} the VM: it is {state:?}")]
     InvalidState {
@@ -111,10 +117,11 @@ impl ApiError {
     /// that does not allow the action included); 501 for what this VMM lacks.
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::VmNotCreated => 404,
+            ApiError::VmNotCreated | ApiError::VmMissingConfig => 404,
             ApiError::Config(_) => 400,
             ApiError::NotYet(_) => 501,
             ApiError::VmAlreadyCreated
+            | ApiError::VmNotRunning
             | ApiError::InvalidState { .. }
             | ApiError::Failed(_)
             | ApiError::Gone => 500,

@@ -201,13 +201,11 @@ impl Vmm {
     /// Builds and starts the created VM.
     pub(crate) fn boot(&mut self) -> Result<(), Error> {
         let Some(config) = self.config.as_mut() else {
-            return Err(Error::Api(ApiError::VmNotCreated));
+            return Err(Error::Api(ApiError::VmMissingConfig));
         };
         if self.state != VmState::Created {
-            return Err(Error::Api(ApiError::InvalidState {
-                action: "boot",
-                state: self.state,
-            }));
+            // The original's words: its VM object exists while the VM runs or is paused.
+            return Err(Error::Api(ApiError::VmAlreadyCreated));
         }
         // Device ids and guest MACs not given are chosen now and kept, as the original does.
         config.assign_generated();
@@ -342,9 +340,16 @@ impl Vmm {
         Ok(())
     }
 
+    /// Checks that the VM is built (running or paused) and in one of the `ok` states. As the
+    /// original answers: "VM is not running" (500) when no VM is built, whether or not one is
+    /// created, except for reboot, which answers "VM is not created" (404).
     fn require(&self, action: &'static str, ok: &[VmState]) -> Result<(), ApiError> {
-        if self.config.is_none() {
-            return Err(ApiError::VmNotCreated);
+        if self.vm.is_none() {
+            return Err(if action == "reboot" {
+                ApiError::VmNotCreated
+            } else {
+                ApiError::VmNotRunning
+            });
         }
         if !ok.contains(&self.state) {
             return Err(ApiError::InvalidState {
@@ -390,14 +395,9 @@ impl Vmm {
                     Next::Continue,
                 ),
             },
-            VmCounters => match (&self.config, &self.vm) {
-                (None, _) => (Err(ApiError::VmNotCreated), Next::Continue),
-                (Some(_), vm) => (
-                    Ok(ApiResponse::Counters(
-                        vm.as_ref().map(Vm::counters).unwrap_or_default(),
-                    )),
-                    Next::Continue,
-                ),
+            VmCounters => match &self.vm {
+                None => (Err(ApiError::VmNotRunning), Next::Continue),
+                Some(vm) => (Ok(ApiResponse::Counters(vm.counters())), Next::Continue),
             },
             VmPause => done(self.require("pause", &[VmState::Running]).and_then(|()| {
                 self.monitor.emit("vm", "pausing");
@@ -426,14 +426,18 @@ impl Vmm {
                     .and_then(|()| self.reboot().map_err(Self::vm_failed)),
             ),
             VmPowerButton => done(
-                self.require("press the power button of", &[VmState::Running])
-                    .and_then(|()| {
-                        if let Some(vm) = &self.vm {
-                            vm.power_button().map_err(Self::vm_failed)?;
-                        }
-                        self.monitor.emit("vm", "power-button");
-                        Ok(())
-                    }),
+                // As the original: a paused guest sees the press when it resumes.
+                self.require(
+                    "press the power button of",
+                    &[VmState::Running, VmState::Paused],
+                )
+                .and_then(|()| {
+                    if let Some(vm) = &self.vm {
+                        vm.power_button().map_err(Self::vm_failed)?;
+                    }
+                    self.monitor.emit("vm", "power-button");
+                    Ok(())
+                }),
             ),
             VmDelete => {
                 if self.vm.is_some() {

@@ -74,23 +74,26 @@ fn every_endpoint_refuses_bad_requests() {
         assert_eq!(error_lines(&body)[0], "Bad Request", "GET {ep}");
         assert_eq!(vmm.curl("DELETE", ep, None).0, 400, "DELETE {ep}");
     }
-    // Without a VM, every VM action is 404 (except delete, which has nothing to do).
+    // Without a VM, as the original answers: boot and reboot 404, the actions that need a
+    // running VM 500 "VM is not running", delete 204 (nothing to do).
     for ep in PUT_NO_BODY {
-        let expect = match *ep {
-            "vm.delete" => 204,
+        let (expect, last) = match *ep {
+            "vm.delete" => (204, ""),
             "vmm.shutdown" => continue,
-            _ => 404,
+            "vm.boot" => (404, "VM config is missing"),
+            "vm.reboot" => (404, "VM is not created"),
+            _ => (500, "VM is not running"),
         };
         let (status, body) = vmm.put(ep);
         assert_eq!(status, expect, "PUT {ep}");
-        if expect == 404 {
+        if expect != 204 {
             let lines = error_lines(&body);
             assert_eq!(lines[0], "Error from API", "PUT {ep}");
-            assert_eq!(lines.last().unwrap(), "VM is not created", "PUT {ep}");
+            assert_eq!(lines.last().unwrap(), last, "PUT {ep}");
         }
     }
     assert_eq!(vmm.curl("GET", "vm.info", None).0, 404);
-    assert_eq!(vmm.curl("GET", "vm.counters", None).0, 404);
+    assert_eq!(vmm.curl("GET", "vm.counters", None).0, 500);
     for ep in NOT_YET {
         let (status, body) = vmm.curl("PUT", ep, Some("{}"));
         assert_eq!(status, 501, "{ep}");

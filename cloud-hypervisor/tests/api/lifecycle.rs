@@ -59,6 +59,12 @@ fn lifecycle_over_curl() {
     assert_eq!(vmm.state(), "Created");
     assert!(vmm.ok_json("vm.info").get("device_tree").is_none());
     assert_eq!(vmm.put("vm.pause").0, 500, "pause before boot");
+    assert_eq!(
+        vmm.curl("GET", "vm.counters", None).0,
+        500,
+        "counters before boot"
+    );
+    assert_eq!(vmm.put("vm.reboot").0, 404, "reboot before boot");
     assert_eq!(vmm.put("vm.boot").0, 204);
     wait_for(&serial, "READY", 1);
     assert_eq!(vmm.state(), "Running");
@@ -83,7 +89,8 @@ fn lifecycle_over_curl() {
             assert_eq!(vmm.put("vm.pause").0, 204);
             assert_eq!(vmm.state(), "Paused");
             assert_eq!(vmm.put("vm.pause").0, 500, "pause while paused");
-            assert_eq!(vmm.put("vm.power-button").0, 500, "button while paused");
+            // As the original: the press waits for the guest to resume.
+            assert_eq!(vmm.put("vm.power-button").0, 204, "button while paused");
         },
         || assert_eq!(vmm.put("vm.resume").0, 204),
         &serial,
@@ -123,6 +130,7 @@ fn lifecycle_over_curl() {
         "vm:booted",
         "vm:pausing",
         "vm:paused",
+        "vm:power-button",
         "vm:resuming",
         "vm:resumed",
         "vm:rebooting",
