@@ -248,3 +248,35 @@ fn the_vmm_idles_once_the_api_is_quiet() {
         "the VMM used {used} ticks of CPU in a quiet second"
     );
 }
+
+/// A client that asks `Expect: 100-continue` (curl does for large bodies) gets the interim
+/// answer first, then sends its body and gets the final one.
+#[test]
+fn expect_100_continue() {
+    let vmm = Vmm::start("api-continue", &[]);
+    let mut s = UnixStream::connect(&vmm.sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let body = "{ not json }";
+    s.write_all(
+        format!(
+            "PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    let interim = std::str::from_utf8(&buf[..n]).unwrap();
+    assert!(interim.starts_with("HTTP/1.1 100 \r\n"), "{interim}");
+    assert!(
+        interim.ends_with("\r\n\r\n"),
+        "one interim answer only: {interim}"
+    );
+    s.write_all(body.as_bytes()).unwrap();
+    let (o, _) = read_answer(&mut s);
+    assert!(matches!(o, Outcome::ServerError(400, _)), "{o:?}");
+    assert_eq!(chain(&o)[0], "Failed to deserialize JSON");
+}
