@@ -2,6 +2,7 @@
 //! accesses through. Devices know nothing of the VMM: they get event fds to signal interrupts,
 //! resets and power-off, and the VMM decides what those mean.
 
+mod acpi_pm_timer;
 mod acpi_sleep;
 mod bus;
 mod cmos;
@@ -11,6 +12,7 @@ mod serial;
 #[cfg(test)]
 mod test_util;
 
+pub use acpi_pm_timer::{AcpiPmTimer, PM_TIMER_FREQUENCY_HZ};
 pub use acpi_sleep::AcpiSleepDevice;
 pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CMOS_NVRAM_SIZE};
