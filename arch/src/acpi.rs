@@ -6,7 +6,7 @@
 //!
 //! The platform is ACPI "hardware reduced": there is no SCI, no PM1 blocks, no GPEs and no FACS.
 //! Power off and reset go through the sleep control / reset register at I/O port
-//! `layout::ACPI_SLEEP_PORT`.
+//! `layout::ACPI_SLEEP_PORT`; the PM timer is at `layout::PM_TIMER_PORT`, as in the original.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags as FadtFlags};
@@ -286,7 +286,9 @@ fn build_fadt(dsdt: GuestAddress) -> Vec<u8> {
         .flag(FadtFlags::ResetRegSup)
         // No fixed-hardware power or sleep button (a control-method button may exist).
         .flag(FadtFlags::PwrButton)
-        .flag(FadtFlags::SlpButton);
+        .flag(FadtFlags::SlpButton)
+        // The PM timer counts 32 bits.
+        .flag(FadtFlags::TmrValExt);
     // No legacy devices flag (no ISA PnP BIOS), no 8042 flag (the i8042 only implements the
     // reset line, the guest should not probe a keyboard), no VGA, MSI supported, the OS must not
     // touch PCIe ASPM; the CMOS RTC is present.
@@ -297,6 +299,19 @@ fn build_fadt(dsdt: GuestAddress) -> Vec<u8> {
     fadt.sleep_status_reg = sleep;
     fadt.reset_reg = sleep;
     fadt.reset_value = layout::ACPI_RESET_VALUE;
+    // The PM timer, as the original publishes it: X_PM_TMR_BLK, SystemIO, 32 bits, dword
+    // access. Also PM_TMR_LEN = 4, which the specification requires when there is a PM timer
+    // (the original leaves it 0, and readers such as the `acpi` crate then see none), and the
+    // same port in PM_TMR_BLK for readers of the 32-bit field only (GRUB's TSC calibration).
+    fadt.x_pm_tmr_blk = GAS::new(
+        AddressSpace::SystemIo,
+        32,
+        0,
+        AccessSize::DwordAccess,
+        layout::PM_TIMER_PORT,
+    );
+    fadt.pm_tmr_blk = (layout::PM_TIMER_PORT as u32).into();
+    fadt.pm_tmr_len = layout::PM_TIMER_LEN as u8;
     fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR_ID).into();
     to_bytes(&fadt.finalize())
 }

@@ -76,15 +76,22 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u64 = 0x60;
 pub const CMOS_PORT: u64 = 0x70;
-/// ACPI hardware-reduced sleep control/status and reset register.
+/// ACPI hardware-reduced sleep control/status and reset register (the original's
+/// `CLOUDHV_ACPI_SHUTDOWN_IO_ADDRESS`, which its edk2 firmware uses directly).
 pub const ACPI_SLEEP_PORT: u64 = 0x600;
 /// Value the guest writes to `ACPI_SLEEP_PORT` (the FADT reset value) to reset.
 pub const ACPI_RESET_VALUE: u8 = 1;
-/// SLP_TYP of the S5 (soft-off) state, as named by `\_S5_` in the DSDT.
-/// The Generic Event Device's event register (1 byte) and its IOAPIC pin.
-pub const GED_PORT: u64 = 0x608;
+/// The ACPI PM timer (4 bytes, a 32-bit counter at 3.579545 MHz): the original's
+/// `CLOUDHV_ACPI_TIMER_IO_ADDRESS`, which its edk2 firmware reads directly for its delays.
+pub const PM_TIMER_PORT: u64 = 0x608;
+pub const PM_TIMER_LEN: u64 = 4;
+/// The Generic Event Device's event register (1 byte) and its IOAPIC pin. Clear of the
+/// original's ACPI ports (0x600-0x611: sleep/reset, PM timer, and the PM1a blocks it
+/// publishes for nested Hyper-V), so its firmware and guests find only what they expect there.
+pub const GED_PORT: u64 = 0x620;
 pub const GED_IRQ: u32 = 5;
 
+/// SLP_TYP of the S5 (soft-off) state, as named by `\_S5_` in the DSDT.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// Number of IOAPIC pins.
 pub const IOAPIC_PINS: u32 = 24;
@@ -182,5 +189,35 @@ mod tests {
             .sum();
         assert_eq!(ram, (5 << 30) - (HIGH_RAM_START.0 - EBDA_START.0));
         assert_eq!(map.last().unwrap().addr, RAM_64BIT_START.0);
+    }
+
+    #[test]
+    fn platform_ports_are_the_originals_and_do_not_overlap() {
+        // Fixed by the original's edk2 firmware (CloudHv.h): shutdown at 0x600, PM timer at 0x608.
+        assert_eq!(ACPI_SLEEP_PORT, 0x600);
+        assert_eq!((PM_TIMER_PORT, PM_TIMER_LEN), (0x608, 4));
+        // The GED lies outside every port the original uses for ACPI (0x600-0x611, its PM1a
+        // blocks for nested Hyper-V included) and below the PCI I/O window.
+        assert!(!(0x600..0x612).contains(&GED_PORT));
+        assert!(GED_PORT < u64::from(PCI_IO_WINDOW.0));
+        let mut ranges = [
+            (I8042_PORT, 5),
+            (CMOS_PORT, 2),
+            (0x80, 1), // POST
+            (COM1_PORT, 8),
+            (ACPI_SLEEP_PORT, 1),
+            (PM_TIMER_PORT, PM_TIMER_LEN),
+            (GED_PORT, 1),
+            (PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE),
+        ];
+        ranges.sort();
+        for w in ranges.windows(2) {
+            assert!(
+                w[0].0 + w[0].1 <= w[1].0,
+                "{:#x?} overlaps {:#x?}",
+                w[0],
+                w[1]
+            );
+        }
     }
 }

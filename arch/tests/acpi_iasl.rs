@@ -181,6 +181,43 @@ fn iasl_disassembles_every_table_without_errors() {
             .find(|l| l.contains("Hardware Reduced"))
             .unwrap_or_else(|| panic!("{name}: no HW reduced flag line in\n{fadt}"));
         assert!(hw_reduced.trim_end().ends_with(": 1"), "{hw_reduced}");
+        // The PM timer at 0x608, as in the original: 32 bits (TMR_VAL_EXT), X_PM_TMR_BLK in
+        // SystemIO with dword access, and the legacy block of length 4.
+        let line = |key: &str| {
+            fadt.lines()
+                .find(|l| l.contains(key))
+                .unwrap_or_else(|| panic!("{name}: no {key:?} line in\n{fadt}"))
+                .trim_end()
+                .to_string()
+        };
+        assert!(line("32-bit PM Timer").ends_with(": 1"), "{fadt}");
+        assert!(
+            line("PM Timer Block Address").ends_with(": 00000608"),
+            "{fadt}"
+        );
+        assert!(line("PM Timer Block Length").ends_with(": 04"), "{fadt}");
+        let x_tmr: Vec<&str> = fadt
+            .lines()
+            .skip_while(|l| !l.contains("PM Timer Block : [Generic Address Structure]"))
+            .take(6)
+            .collect();
+        let x_tmr = x_tmr.join("\n");
+        for want in [
+            "Space ID : 01 [SystemIO]",
+            "Bit Width : 20",
+            "[DWord Access:32]",
+            "Address : 0000000000000608",
+        ] {
+            assert!(
+                x_tmr.contains(want),
+                "{name}: X_PM_TMR_BLK lacks {want:?}:\n{x_tmr}"
+            );
+        }
+        // The GED's event register, moved off the PM timer's port.
+        assert!(
+            dsdt.contains("OperationRegion (GDST, SystemIO, 0x0620, One)"),
+            "{name}: GED region in\n{dsdt}"
+        );
 
         // The disassembled DSDT must compile back.
         iasl(&dir, &["-p", "recompiled", "dsdt.dsl"]);

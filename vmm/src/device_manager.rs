@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use devices::{
-    AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, DeviceCounters, Ged, Serial, SerialOutput,
-    CMOS_NVRAM_SIZE, I8042,
+    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, DeviceCounters, Ged, Serial,
+    SerialOutput, CMOS_NVRAM_SIZE, I8042,
 };
 use hypervisor::Vm;
 use thiserror::Error;
@@ -108,6 +108,11 @@ impl DeviceManager {
             ))),
             layout::ACPI_SLEEP_PORT,
             1,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPmTimer::new())),
+            layout::PM_TIMER_PORT,
+            layout::PM_TIMER_LEN,
         )?;
         pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
         let pci = pci_setup::create(vm, mem, &pio, &mmio, cfg, &pci_windows, console)?;

@@ -167,6 +167,7 @@ fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
     assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
     assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
     assert_ne!(flags & (1 << 4), 0, "PWR_BUTTON (no fixed power button)");
+    assert_ne!(flags & (1 << 8), 0, "TMR_VAL_EXT (32-bit PM timer)");
     let boot_arch = u16_at(fadt, 109);
     assert_eq!(
         boot_arch,
@@ -188,11 +189,28 @@ fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
     assert_eq!(io8(244), port, "SLEEP_CONTROL_REG");
     assert_eq!(io8(256), port, "SLEEP_STATUS_REG");
     assert_eq!(&fadt[268..276], &HYPERVISOR_VENDOR_ID);
-    // No FACS, no SCI, no PM1 blocks.
+    // The PM timer as the original publishes it (X_PM_TMR_BLK: SystemIO, 32 bits, dword
+    // access), plus PM_TMR_BLK and PM_TMR_LEN = 4.
+    assert_eq!(
+        io8(208),
+        (1, 32, 0, 3, layout::PM_TIMER_PORT),
+        "X_PM_TMR_BLK"
+    );
+    assert_eq!(
+        u64::from(u32_at(fadt, 76)),
+        layout::PM_TIMER_PORT,
+        "PM_TMR_BLK"
+    );
+    assert_eq!(fadt[91], 4, "PM_TMR_LEN");
+    // No FACS, no SCI, no PM1 or GPE blocks.
     assert_eq!(u32_at(fadt, 36), 0);
     assert_eq!(u64_at(fadt, 132), 0);
     assert_eq!(u16_at(fadt, 46), 0);
     assert_eq!(u32_at(fadt, 56), 0);
+    assert_eq!(u32_at(fadt, 64), 0);
+    assert_eq!(u32_at(fadt, 80), 0);
+    assert!(fadt[148..208].iter().all(|&b| b == 0), "X_PM1/PM2 blocks");
+    assert!(fadt[220..244].iter().all(|&b| b == 0), "X_GPE blocks");
 }
 
 #[test]
