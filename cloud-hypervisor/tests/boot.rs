@@ -14,6 +14,9 @@ fn pvh_elf_boots_and_powers_off() {
     r.assert_guest_passed();
     r.assert_passed("boot-protocol pvh");
     r.assert_passed("acpi-s5");
+    // The ACPI PM timer, found through the FADT, counts at 3.579545 MHz.
+    r.assert_passed("acpi-pm-timer");
+    r.assert_passed("pm-timer-rate");
 }
 
 #[test]
@@ -59,6 +62,9 @@ fn firmware_boots_a_pvh_elf_without_cmdline_and_finds_smbios() {
         "smbios-bios",
         "smbios-system",
         "acpi-s5",
+        // The original's edk2 firmware times its delays with the PM timer at 0x608.
+        "acpi-pm-timer",
+        "pm-timer-rate",
     ] {
         r.assert_passed(check);
     }

@@ -47,7 +47,13 @@ pub struct AcpiInfo {
     pub reset_reg: Option<GenericAddress>,
     pub reset_value: u8,
     pub reset_supported: bool,
+    /// The FADT's PM timer block (`X_PM_TMR_BLK`, else `PM_TMR_BLK`; none unless
+    /// `PM_TMR_LEN` is 4), and whether it counts 32 bits (`TMR_VAL_EXT`).
+    pub pm_timer: Option<(GenericAddress, bool)>,
     pub dsdt: Option<(u64, u32)>,
+    /// The I/O port of the Generic Event Device's (ACPI0013) event register, from the
+    /// `OperationRegion` in its DSDT scope.
+    pub ged_port: Option<u16>,
     pub slp_typ_s5: Option<u8>,
     /// The PCI host bridge's (PNP0A08) memory windows from its `_CRS`.
     pub pci_windows: PciWindows,
@@ -111,6 +117,11 @@ pub fn discover(rsdp: u64) -> Result<AcpiInfo, AcpiSysError> {
         info.sleep_control = fadt.sleep_control_register().ok().flatten();
         info.reset_reg = fadt.reset_register().ok();
         info.reset_value = fadt.reset_value;
+        info.pm_timer = fadt
+            .pm_timer_block()
+            .ok()
+            .flatten()
+            .map(|block| (block, flags.pm_timer_is_32_bit()));
     }
     if let Ok(dsdt) = tables.dsdt() {
         info.dsdt = Some((dsdt.address as u64, dsdt.length));
@@ -119,6 +130,7 @@ pub fn discover(rsdp: u64) -> Result<AcpiInfo, AcpiSysError> {
             unsafe { core::slice::from_raw_parts(dsdt.address as *const u8, dsdt.length as usize) };
         info.slp_typ_s5 = find_s5(aml);
         info.pci_windows = find_pci_windows(aml);
+        info.ged_port = find_ged_port(aml);
     }
     if let Ok(madt) = tables.find_table::<Madt>() {
         info.has_madt = true;
@@ -178,6 +190,21 @@ pub fn find_s5(aml: &[u8]) -> Option<u8> {
     p += 1 + usize::from(lead >> 6);
     p += 1; // NumElements
     aml_int(aml.get(p..)?).map(|v| v as u8)
+}
+
+/// Finds the Generic Event Device (`_HID` "ACPI0013") in AML bytes and the first
+/// `OperationRegion (name, SystemIO, offset, ...)` after it (its event register); returns the
+/// port.
+pub fn find_ged_port(aml: &[u8]) -> Option<u16> {
+    let hid = aml.windows(8).position(|w| w == b"ACPI0013")?;
+    let rest = aml.get(hid..)?;
+    // OpRegionOp (5B 80), a 4-character NameSeg, RegionSpace, RegionOffset (an integer).
+    let op = rest.windows(2).position(|w| w == [0x5b, 0x80])?;
+    if *rest.get(op + 6)? != 0x01 {
+        return None; // not SystemIO
+    }
+    let offset = aml_int(rest.get(op + 7..)?)?;
+    u16::try_from(offset).ok()
 }
 
 /// A memory window of a resource template: `[start, start + size)`.

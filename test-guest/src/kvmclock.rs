@@ -37,7 +37,8 @@ static mut PVCLOCK: PvClock = PvClock {
 };
 
 /// Nanoseconds of kvmclock now (the pvclock algorithm: a consistent snapshot by version).
-fn read_ns() -> u64 {
+/// Meaningful only after `enable`.
+pub fn read_ns() -> u64 {
     let p = addr_of!(PVCLOCK);
     loop {
         // SAFETY: `p` points at our static, which KVM updates; volatile reads of its fields.
@@ -67,17 +68,20 @@ fn read_ns() -> u64 {
     }
 }
 
-/// Enables kvmclock and prints `KVMCLOCK <ns>` every 20 ms, for ever.
-pub fn scenario_kvmclock() -> ! {
+/// Whether KVM offers kvmclock through MSR_KVM_SYSTEM_TIME_NEW (CPUID 0x40000001 at CPL0);
+/// the leaf's EAX.
+pub fn available() -> Result<(), u32> {
     let leaf = svc::cpuid_cpl0(0x4000_0001, 0);
     if leaf[0] & FEATURE_CLOCKSOURCE2 == 0 {
-        fail(
-            "kvmclock-cpuid",
-            format_args!("CPUID 0x40000001 eax={:#x}: no CLOCKSOURCE2", leaf[0]),
-        );
+        Err(leaf[0])
     } else {
-        pass("kvmclock-cpuid");
+        Ok(())
     }
+}
+
+/// Hands KVM our pvclock page and waits (about a second at most) for its first update;
+/// false if it never came.
+pub fn enable() -> bool {
     // The guest is identity-mapped: the static's address is its guest physical address.
     let pa = addr_of_mut!(PVCLOCK) as u64;
     svc::wrmsr(MSR_SYSTEM_TIME, pa | 1);
@@ -85,10 +89,29 @@ pub fn scenario_kvmclock() -> ! {
     // SAFETY: reading our static's version field, written by KVM.
     while unsafe { read_volatile(addr_of!(PVCLOCK.version)) } == 0 {
         if svc::rdtsc() > deadline {
-            fail("kvmclock-enabled", format_args!("KVM never wrote the page"));
-            break;
+            return false;
         }
         core::hint::spin_loop();
+    }
+    true
+}
+
+/// Takes the pvclock page back from KVM.
+pub fn disable() {
+    svc::wrmsr(MSR_SYSTEM_TIME, 0);
+}
+
+/// Enables kvmclock and prints `KVMCLOCK <ns>` every 20 ms, for ever.
+pub fn scenario_kvmclock() -> ! {
+    match available() {
+        Err(eax) => fail(
+            "kvmclock-cpuid",
+            format_args!("CPUID 0x40000001 eax={eax:#x}: no CLOCKSOURCE2"),
+        ),
+        Ok(()) => pass("kvmclock-cpuid"),
+    }
+    if !enable() {
+        fail("kvmclock-enabled", format_args!("KVM never wrote the page"));
     }
     println!("READY");
     loop {

@@ -19,6 +19,7 @@ mod mem;
 mod msix;
 mod net;
 mod paging;
+mod pmtimer;
 mod rawq;
 mod smbios;
 mod smp;
@@ -208,7 +209,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "wait" => scenario_wait(),
         "tick" => scenario_tick(),
         "kvmclock" => kvmclock::scenario_kvmclock(),
-        "power-button" => scenario_power_button(),
+        "power-button" => scenario_power_button(acpi.as_ref()),
         "fault" => scenario_fault(),
         "pci" => virtio::scenario_pci(&boot, acpi.as_ref()),
         "rng" => virtio::scenario_rng(),
@@ -408,6 +409,7 @@ fn scenario_boot(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         a.has_madt && !a.cpus.is_empty(),
         "no MADT or no CPUs in it"
     );
+    pmtimer::check_pm_timer(a);
 
     // SMP.
     let enabled: Vec<u32> = a
@@ -593,7 +595,6 @@ fn scenario_tick() -> ! {
 }
 
 const IOAPIC: usize = 0xfec0_0000;
-const GED_PORT: u16 = 0x608;
 const GED_IRQ: u32 = 5;
 
 fn ioapic_write(reg: u32, value: u32) {
@@ -605,8 +606,16 @@ fn ioapic_write(reg: u32, value: u32) {
 }
 
 /// Routes the Generic Event Device's IOAPIC pin to the monitor's vector, waits for the VMM's
-/// power-button event, reads the GED's event register and checks the power-button bit.
-fn scenario_power_button() {
+/// power-button event, reads the GED's event register (at the port of the DSDT's GED
+/// `OperationRegion`) and checks the power-button bit.
+fn scenario_power_button(acpi: Option<&AcpiInfo>) {
+    let Some(ged_port) = acpi.and_then(|a| a.ged_port) else {
+        fail(
+            "power-button",
+            format_args!("no ACPI0013 device with a SystemIO OperationRegion in the DSDT"),
+        );
+        return;
+    };
     let apic_id = svc::lapic_enable();
     // Mask the 8259s: the GED's GSI reaches them too, and an unprogrammed PIC would deliver it
     // as a stray exception vector.
@@ -617,12 +626,12 @@ fn scenario_power_button() {
     ioapic_write(0x10 + 2 * GED_IRQ, svc::IRQ_VECTOR);
     println!("READY");
     let taken = svc::wait_irq(svc::IRQ_VECTOR);
-    let events = svc::inb(GED_PORT);
-    let again = svc::inb(GED_PORT);
+    let events = svc::inb(ged_port);
+    let again = svc::inb(ged_port);
     check!(
         "power-button",
         taken >= 1 && events & 1 == 1 && again == 0,
-        "interrupts {taken}, GED events {events:#x} then {again:#x}"
+        "interrupts {taken}, GED events at port {ged_port:#x} {events:#x} then {again:#x}"
     );
 }
 
