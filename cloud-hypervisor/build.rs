@@ -1,0 +1,35 @@
+//! Lays out the release VMM's code so that what a boot and the API run sits together at the
+//! start of `.text` (`symbol-order.txt`, made by `scripts/symbol-order`). The kernel maps a
+//! binary's file pages in large runs around each page fault, so code spread over the whole
+//! binary makes nearly all of it resident; grouped, about a third is (docs/architecture.md,
+//! "Start-up and footprint"). Names missing from a build (the list went stale) are skipped.
+
+use std::path::Path;
+use std::process::Command;
+
+fn main() {
+    let list = Path::new(env!("CARGO_MANIFEST_DIR")).join("symbol-order.txt");
+    println!("cargo:rerun-if-changed={}", list.display());
+    println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var("PROFILE").as_deref() != Ok("release") || !list.exists() {
+        return;
+    }
+    // The option is lld's: rustc links x86_64 Linux targets with its own lld from 1.90 on.
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let minor = Command::new(rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.split_whitespace().nth(1)?.split('.').nth(1)?.parse::<u32>().ok());
+    if target != "x86_64-unknown-linux-gnu" || minor.is_none_or(|m| m < 90) {
+        println!("cargo:warning=code layout by symbol-order.txt skipped (needs rustc >= 1.90 linking with lld)");
+        return;
+    }
+    println!(
+        "cargo:rustc-link-arg-bin=cloud-hypervisor=-Wl,--symbol-ordering-file={}",
+        list.display()
+    );
+    println!("cargo:rustc-link-arg-bin=cloud-hypervisor=-Wl,--no-warn-symbol-ordering");
+}
