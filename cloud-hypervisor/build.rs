@@ -22,7 +22,14 @@ fn main() {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|v| v.split_whitespace().nth(1)?.split('.').nth(1)?.parse::<u32>().ok());
+        .and_then(|v| {
+            v.split_whitespace()
+                .nth(1)?
+                .split('.')
+                .nth(1)?
+                .parse::<u32>()
+                .ok()
+        });
     if target != "x86_64-unknown-linux-gnu" || minor.is_none_or(|m| m < 90) {
         println!("cargo:warning=code layout by symbol-order.txt skipped (needs rustc >= 1.90 linking with lld)");
         return;
