@@ -78,7 +78,7 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
             .with_hugetlbfs(cfg.hugepages)
             .build()
             .map_err(|source| MemoryError::Mmap { size, source })?;
-        advise(region.as_ptr(), size, cfg);
+        advise(region.as_ptr(), size, start.0, cfg);
         let region = GuestRegionMmap::new(region, start)
             .ok_or_else(|| MemoryError::Regions(format!("region at {:#x} overflows", start.0)))?;
         regions.push(region);
@@ -86,20 +86,36 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 
-fn advise(addr: *mut u8, size: u64, cfg: &MemoryConfig) {
+/// The guest RAM below this address is not advised for transparent huge pages. It holds the
+/// boot structures (PVH/zero page, page tables, ACPI and SMBIOS tables), the legacy holes and
+/// the first page tables a guest builds; guests map it with 4 KiB pages (the ISA range has its
+/// own memory types), so a host huge page there buys no TLB reach, while the few pages a small
+/// guest touches would each cost 2 MiB of host memory.
+const THP_FLOOR: u64 = 2 << 20;
+
+/// `start` is the guest address the mapping at `addr` backs.
+fn advise(addr: *mut u8, size: u64, start: u64, cfg: &MemoryConfig) {
     // A process the VMM forks (the pty resize watcher) must not share guest memory: with a
     // private mapping every page would turn copy-on-write.
-    let mut advice = vec![(libc::MADV_DONTFORK, "MADV_DONTFORK")];
+    let mut advice = vec![(libc::MADV_DONTFORK, "MADV_DONTFORK", 0)];
     if cfg.mergeable {
-        advice.push((libc::MADV_MERGEABLE, "MADV_MERGEABLE"));
+        advice.push((libc::MADV_MERGEABLE, "MADV_MERGEABLE", 0));
     }
     if cfg.thp && !cfg.hugepages && !cfg.shared {
-        advice.push((libc::MADV_HUGEPAGE, "MADV_HUGEPAGE"));
+        advice.push((
+            libc::MADV_HUGEPAGE,
+            "MADV_HUGEPAGE",
+            THP_FLOOR.saturating_sub(start),
+        ));
     }
-    for (a, name) in advice {
-        // SAFETY: `addr..addr+size` is a mapping we just created and own; madvise only
-        // changes how the kernel backs it.
-        let ret = unsafe { libc::madvise(addr.cast(), size as usize, a) };
+    for (a, name, skip) in advice {
+        if skip >= size {
+            continue;
+        }
+        // SAFETY: `addr+skip..addr+size` lies in a mapping we just created and own (skip is a
+        // multiple of the page size); madvise only changes how the kernel backs it.
+        let ret =
+            unsafe { libc::madvise(addr.add(skip as usize).cast(), (size - skip) as usize, a) };
         if ret != 0 {
             warn!(
                 "{name} on guest memory failed: {}",
@@ -204,5 +220,53 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// The flags of the mapping that holds `addr`, from /proc/self/smaps: (start, end, VmFlags).
+    fn vma_of(addr: usize) -> (usize, usize, String) {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut current = None;
+        for line in smaps.lines() {
+            let range = line.split(' ').next().unwrap_or("");
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    current = Some((a, b));
+                    continue;
+                }
+            }
+            if let (Some((a, b)), Some(flags)) = (current, line.strip_prefix("VmFlags:")) {
+                if (a..b).contains(&addr) {
+                    return (a, b, flags.to_string());
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn thp_spares_the_first_two_mib() {
+        let mem = create_guest_memory(&MemoryConfig {
+            size: 16 << 20,
+            thp: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        // MADV_HUGEPAGE shows as the "hg" flag; the advised range is a mapping of its own.
+        let (start, end, flags) = vma_of(base);
+        assert_eq!((start, end - start), (base, THP_FLOOR as usize));
+        assert!(!flags.contains(" hg"), "{flags}");
+        let (start, end, flags) = vma_of(base + THP_FLOOR as usize);
+        assert_eq!((start, end), (base + THP_FLOOR as usize, base + (16 << 20)));
+        assert!(flags.contains(" hg"), "{flags}");
+        let mem = create_guest_memory(&MemoryConfig {
+            size: 16 << 20,
+            thp: false,
+            ..Default::default()
+        })
+        .unwrap();
+        let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        assert!(!vma_of(base + (8 << 20)).2.contains(" hg"));
     }
 }
