@@ -69,6 +69,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
             kernel: s("kernel").map(PathBuf::from),
             cmdline: s("cmdline"),
             initramfs: s("initramfs").map(PathBuf::from),
+            extra: Default::default(),
         },
         serial,
         console,

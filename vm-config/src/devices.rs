@@ -144,6 +144,9 @@ pub struct DiskConfig {
     pub sparse: bool,
     #[serde(default)]
     pub image_type: ImageType,
+    /// The original's keys this VMM does not model; refused unless they ask for nothing.
+    #[serde(flatten, skip_serializing)]
+    pub extra: crate::Extra,
 }
 
 /// `null` reads as the default, as the original's API clients send it.
@@ -245,6 +248,7 @@ impl DiskConfig {
         };
         let pl = placement(&p)?;
         let cfg = DiskConfig {
+            extra: Default::default(),
             id: pl.id,
             iommu: false,
             pci_segment: pl.pci_segment,
@@ -317,6 +321,9 @@ pub struct RngConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
     pub src: PathBuf,
+    /// The original's keys this VMM does not model; refused unless they ask for nothing.
+    #[serde(flatten, skip_serializing)]
+    pub extra: crate::Extra,
 }
 
 const DEFAULT_RNG_SOURCE: &str = "/dev/urandom";
@@ -324,6 +331,7 @@ const DEFAULT_RNG_SOURCE: &str = "/dev/urandom";
 impl Default for RngConfig {
     fn default() -> Self {
         RngConfig {
+            extra: Default::default(),
             id: None,
             iommu: false,
             pci_segment: 0,
@@ -338,6 +346,7 @@ impl RngConfig {
         let p = OptionParser::parse_sets("--rng", raw, &[&["src"], PCI_KEYS], &[])?;
         let pl = placement(&p)?;
         Ok(RngConfig {
+            extra: Default::default(),
             id: pl.id,
             iommu: false,
             pci_segment: pl.pci_segment,
@@ -408,6 +417,9 @@ pub struct NetConfig {
     pub offload_ufo: bool,
     #[serde(default = "default_true")]
     pub offload_csum: bool,
+    /// The original's keys this VMM does not model; refused unless they ask for nothing.
+    #[serde(flatten, skip_serializing)]
+    pub extra: crate::Extra,
 }
 
 fn default_net_queues() -> u16 {
@@ -473,6 +485,7 @@ impl NetConfig {
         };
         let pl = placement(&p)?;
         let cfg = NetConfig {
+            extra: Default::default(),
             id: pl.id,
             iommu: false,
             pci_segment: pl.pci_segment,

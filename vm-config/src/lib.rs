@@ -2,6 +2,7 @@
 //! later, from the API's JSON (serde, with the original's field names).
 
 mod devices;
+pub mod extra;
 mod generated;
 pub mod mac;
 mod parser;
@@ -18,6 +19,7 @@ pub use devices::{
     DiskConfig, ImageType, NetConfig, PciPlacement, RngConfig, VhostMode, IMAGE_TYPES,
     MAX_DISK_QUEUES, MIN_MTU,
 };
+pub use extra::Extra;
 pub use parser::{parse_size, OptionParser};
 pub use unsupported::UnsupportedConfig;
 
@@ -71,6 +73,9 @@ pub struct CpusConfig {
     pub nested: bool,
     #[serde(default)]
     pub profile: CpuProfile,
+    /// The original's keys this VMM does not model; refused unless they ask for nothing.
+    #[serde(flatten, skip_serializing)]
+    pub extra: Extra,
 }
 
 fn default_max_phys_bits() -> u8 {
@@ -94,6 +99,7 @@ pub enum CpuProfile {
 impl Default for CpusConfig {
     fn default() -> Self {
         CpusConfig {
+            extra: Default::default(),
             boot_vcpus: 1,
             max_vcpus: 1,
             topology: None,
@@ -154,6 +160,7 @@ impl CpusConfig {
             })
             .transpose()?;
         let cfg = CpusConfig {
+            extra: Default::default(),
             boot_vcpus,
             max_vcpus,
             topology,
@@ -232,6 +239,9 @@ pub struct MemoryConfig {
     pub reserve: bool,
     #[serde(default = "default_true")]
     pub thp: bool,
+    /// The original's keys this VMM does not model; refused unless they ask for nothing.
+    #[serde(flatten, skip_serializing)]
+    pub extra: Extra,
 }
 
 /// How memory would be hotplugged (`hotplug_method=`).
@@ -249,6 +259,7 @@ fn default_true() -> bool {
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
+            extra: Default::default(),
             size: 512 << 20,
             mergeable: false,
             hotplug_method: HotplugMethod::Acpi,
@@ -295,6 +306,7 @@ impl MemoryConfig {
         // Guest memory is mapped MAP_NORESERVE, which is what `reserve=off` asks for.
         p.refuse_unless("reserve", false)?;
         let cfg = MemoryConfig {
+            extra: Default::default(),
             size: p.size("size")?.unwrap_or(512 << 20),
             mergeable: p.toggle("mergeable", false)?,
             hotplug_method: HotplugMethod::Acpi,
@@ -354,6 +366,9 @@ pub struct PayloadConfig {
     pub cmdline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<PathBuf>,
+    /// The original's keys this VMM does not model; refused unless they ask for nothing.
+    #[serde(flatten, skip_serializing)]
+    pub extra: Extra,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -381,6 +396,9 @@ pub struct ConsoleConfig {
     pub pci_segment: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
+    /// The original's keys this VMM does not model; refused unless they ask for nothing.
+    #[serde(flatten, skip_serializing)]
+    pub extra: Extra,
 }
 
 /// The serial port's configuration as the original's JSON has it: its mode and path only (it
@@ -405,6 +423,7 @@ fn serialize_serial<S: serde::Serializer>(c: &ConsoleConfig, s: S) -> Result<S::
 impl ConsoleConfig {
     pub fn new(mode: ConsoleOutputMode) -> Self {
         ConsoleConfig {
+            extra: Default::default(),
             file: None,
             socket: None,
             mode,
@@ -506,6 +525,7 @@ impl VmConfig {
     /// refused; with a firmware, a command line and an initramfs are dropped from the
     /// configuration with a warning each (a firmware gets neither).
     pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.check_extra()?;
         let check_file = |option: &'static str, path: &PathBuf| {
             std::fs::File::open(path).map(|_| ()).map_err(|e| {
                 ConfigError::new(
@@ -570,6 +590,24 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    /// Refuses the original's keys this VMM does not model, in every object, unless they ask
+    /// for nothing (see `extra`).
+    fn check_extra(&self) -> Result<(), ConfigError> {
+        self.cpus.extra.check("cpus")?;
+        self.memory.extra.check("memory")?;
+        self.payload.extra.check("payload")?;
+        self.serial.extra.check("serial")?;
+        self.console.extra.check("console")?;
+        self.rng.extra.check("rng")?;
+        for (i, d) in self.disks.iter().enumerate() {
+            d.extra.check(&format!("disks[{i}]"))?;
+        }
+        for (i, n) in self.net.iter().enumerate() {
+            n.extra.check(&format!("net[{i}]"))?;
+        }
+        Ok(())
+    }
+
     /// Device ids and PCI slots must be unique; disk images must exist.
     fn validate_devices(&self) -> Result<(), ConfigError> {
         let mut ids = std::collections::BTreeSet::new();

@@ -148,6 +148,15 @@ fn every_endpoint_refuses_bad_requests() {
             "kvm_hyperv",
         ),
         (r#""cpus": {"boot_vcpus": 4, "max_vcpus": 2}"#, "boot"),
+        // Keys of the original's objects that this VMM does not model yet, named.
+        (
+            r#""cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0, "host_cpus": [1]}]}"#,
+            "cpus.affinity",
+        ),
+        (
+            r#""memory": {"size": 268435456, "hotplug_size": 1073741824}"#,
+            "memory.hotplug_size",
+        ),
         (r#""memory": {"size": 1000}"#, "4 KiB"),
     ] {
         let body = format!(r#"{{"payload": {{"kernel": "{kernel}"}}, {extra}}}"#);
