@@ -168,3 +168,77 @@ fn rtc_reports_time_and_memory_size() {
     let r = boot(&guest().elf_pvh, "test=rtc", &["--memory", "size=5G"]);
     r.assert_guest_passed();
 }
+
+/// `--cpus core_scheduling=`: where the kernel has core scheduling, the vCPU threads carry the
+/// cookies the mode asks for (`vm`: one for all, `vcpu`: one each, `off`: none); elsewhere the
+/// VMM says once that the kernel lacks it, as the original does, and the guest runs.
+#[test]
+fn core_scheduling_modes() {
+    common::require_kvm();
+    let supported = vmm::core_sched::cookie_of(0).is_ok();
+    let kernel = common::guest().elf_pvh.display().to_string();
+    for mode in ["vm", "vcpu", "off"] {
+        let dir = common::scratch(&format!("core-sched-{mode}"));
+        let serial = dir.join("serial.out");
+        let mut child = common::spawn(&[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=tick",
+            "--cpus",
+            &format!("boot=2,core_scheduling={mode}"),
+            "--memory",
+            "size=128M",
+            "--serial",
+            &format!("file={}", serial.display()),
+            "--console",
+            "off",
+        ]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .contains("READY")
+        {
+            assert!(std::time::Instant::now() < deadline, "{mode}: no READY");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let pid = child.id();
+        let mut cookies = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let tid: i32 = entry
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let comm =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+            if comm.trim().starts_with("vcpu") {
+                cookies.push(vmm::core_sched::cookie_of(tid).unwrap_or(0));
+            }
+        }
+        assert_eq!(cookies.len(), 2, "{mode}: two vCPU threads");
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let warned = stderr
+            .matches("Kernel lacks CONFIG_SCHED_CORE support")
+            .count();
+        if supported {
+            match mode {
+                "vm" => assert!(cookies[0] != 0 && cookies[0] == cookies[1], "{cookies:?}"),
+                "vcpu" => assert!(
+                    cookies[0] != 0 && cookies[1] != 0 && cookies[0] != cookies[1],
+                    "{cookies:?}"
+                ),
+                _ => assert_eq!(cookies, [0, 0]),
+            }
+            assert_eq!(warned, 0, "{stderr}");
+        } else {
+            assert_eq!(cookies, [0, 0]);
+            let expected = usize::from(mode != "off");
+            assert_eq!(warned, expected, "{mode}: {stderr}");
+        }
+    }
+}

@@ -73,6 +73,9 @@ pub struct CpusConfig {
     pub nested: bool,
     #[serde(default)]
     pub profile: CpuProfile,
+    /// Which vCPU threads may share a physical core's SMT siblings (Linux core scheduling).
+    #[serde(default)]
+    pub core_scheduling: CoreScheduling,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: Extra,
@@ -87,6 +90,18 @@ fn default_max_phys_bits() -> u8 {
 pub struct CpuFeatures {
     #[serde(default)]
     pub amx: bool,
+}
+
+/// Linux core scheduling for the vCPU threads, as the original's `core_scheduling=`: `Vm`
+/// (the default) gives all of a VM's vCPUs one cookie, so only they share a core's SMT
+/// siblings; `Vcpu` gives each its own; `Off` sets none. Where the kernel has no core
+/// scheduling the VMM warns and runs without it, as the original does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoreScheduling {
+    #[default]
+    Vm,
+    Vcpu,
+    Off,
 }
 
 /// The original's CPU profiles: `Host` (the host's CPUID as KVM offers it) is its only one.
@@ -108,6 +123,7 @@ impl Default for CpusConfig {
             features: CpuFeatures::default(),
             nested: true,
             profile: CpuProfile::Host,
+            core_scheduling: CoreScheduling::Vm,
         }
     }
 }
@@ -129,7 +145,14 @@ impl CpusConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
-        p.refuse(&["affinity", "features", "core_scheduling"])?;
+        p.refuse(&["affinity", "features"])?;
+        let core_scheduling = match p.get("core_scheduling").map(|m| m.to_ascii_lowercase()) {
+            None => CoreScheduling::Vm,
+            Some(m) if m == "vm" => CoreScheduling::Vm,
+            Some(m) if m == "vcpu" => CoreScheduling::Vcpu,
+            Some(m) if m == "off" => CoreScheduling::Off,
+            Some(m) => return Err(p.error(format!("core_scheduling={m}: must be vm, vcpu or off"))),
+        };
         // The guest sees the host's CPUID (nested virtualisation as the host offers it): the
         // original's defaults `nested=on` and `profile=Host` (its only profile, in that case).
         p.refuse_unless("nested", true)?;
@@ -169,6 +192,7 @@ impl CpusConfig {
             features: CpuFeatures::default(),
             nested: true,
             profile: CpuProfile::Host,
+            core_scheduling,
         };
         cfg.validate().map_err(|m| p.error(m))?;
         Ok(cfg)

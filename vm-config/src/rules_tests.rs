@@ -38,7 +38,6 @@ fn cpus_as_the_original_reads_them() {
         ("nested=off", "nested=off is not supported yet"),
         ("kvm_hyperv=on", "not supported yet"),
         ("profile=host", "the only profile is Host"),
-        ("core_scheduling=vm", "not supported yet"),
         ("affinity=[0@[1]]", "not supported yet"),
         ("features=amx", "not supported yet"),
         ("boot=2,", "empty item"),
@@ -257,4 +256,30 @@ fn unmodelled_keys_are_refused_in_every_object_unless_they_ask_for_nothing() {
     let v = serde_json::to_value(&cfg).unwrap();
     assert!(v["cpus"].get("affinity").is_none(), "{v}");
     assert!(v["disks"][0].get("rate_limiter_config").is_none(), "{v}");
+}
+
+#[test]
+fn core_scheduling_as_the_original_reads_it() {
+    assert_eq!(CpusConfig::default().core_scheduling, CoreScheduling::Vm);
+    for (raw, mode) in [
+        ("core_scheduling=vm", CoreScheduling::Vm),
+        ("core_scheduling=VCPU", CoreScheduling::Vcpu),
+        ("core_scheduling=off", CoreScheduling::Off),
+        ("core_scheduling=", CoreScheduling::Vm),
+    ] {
+        assert_eq!(
+            CpusConfig::parse(raw).unwrap().core_scheduling,
+            mode,
+            "{raw}"
+        );
+    }
+    let err = CpusConfig::parse("core_scheduling=some").unwrap_err();
+    assert!(err.to_string().contains("must be vm, vcpu or off"), "{err}");
+    // The original's JSON names, as its vm.info shows them.
+    let c = config(json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "core_scheduling": "Vcpu"}}));
+    assert_eq!(c.cpus.core_scheduling, CoreScheduling::Vcpu);
+    assert_eq!(
+        serde_json::to_value(&c).unwrap()["cpus"]["core_scheduling"],
+        "Vcpu"
+    );
 }

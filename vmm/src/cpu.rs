@@ -7,6 +7,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::{Bus, VmRequests};
+use vm_config::CoreScheduling;
+
+use crate::core_sched::CoreGroup;
 use hypervisor::{Vcpu, VmExit};
 use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
@@ -127,10 +130,12 @@ struct VcpuLoop {
     mmio: Arc<Bus>,
     events: VmEvents,
     gate: Arc<PauseGate>,
+    core: Arc<CoreGroup>,
 }
 
 impl VcpuLoop {
     fn run(mut self) {
+        self.core.join(self.id);
         while !self.events.halting.load(Ordering::Acquire) {
             if self.gate.paused.load(Ordering::Acquire) {
                 self.gate.park(&self.events.halting);
@@ -195,9 +200,11 @@ impl VcpuThreads {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         events: &VmEvents,
+        core_scheduling: CoreScheduling,
     ) -> std::io::Result<Self> {
         let stop = events.halting.clone();
         let gate = Arc::new(PauseGate::default());
+        let core = Arc::new(CoreGroup::new(core_scheduling));
         let mut threads = Vec::with_capacity(vcpus.len());
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             let l = VcpuLoop {
@@ -207,6 +214,7 @@ impl VcpuThreads {
                 mmio: mmio.clone(),
                 events: events.try_clone()?,
                 gate: gate.clone(),
+                core: core.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))

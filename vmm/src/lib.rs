@@ -2,6 +2,7 @@
 //! guest (power-off, reset), to signals, to serial input and to API requests.
 
 mod control;
+pub mod core_sched;
 mod cpu;
 mod device_manager;
 pub mod event_monitor;

@@ -61,6 +61,7 @@ pub struct Vm {
     /// The guest clock saved by `pause`, restored by `resume`.
     clock: Option<hypervisor::ClockData>,
     devices: DeviceManager,
+    core_scheduling: vm_config::CoreScheduling,
     _memory: GuestMemoryMmap,
 }
 
@@ -227,6 +228,7 @@ impl Vm {
             hv_vm: vm,
             clock: None,
             devices,
+            core_scheduling: cfg.cpus.core_scheduling,
             _memory: mem,
         })
     }
@@ -239,6 +241,7 @@ impl Vm {
                 self.devices.pio.clone(),
                 self.devices.mmio.clone(),
                 events,
+                self.core_scheduling,
             )
             .map_err(VmError::Threads)?,
         );
