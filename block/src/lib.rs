@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 pub use async_io::AsyncDisk;
 pub use error::{Error, Result};
+pub use lock::LockGranularity;
 
 /// Image formats understood by [`open_disk`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +84,8 @@ pub struct OpenOptions {
     pub backing_files: bool,
     /// Deallocate host space on discard / write-zeroes where possible.
     pub sparse: bool,
+    /// What the image's lock covers (backing files are locked the same way).
+    pub lock_granularity: LockGranularity,
 }
 
 /// Where a guest range lives in a host file, for direct asynchronous I/O.
@@ -287,7 +290,7 @@ pub(crate) fn open_file(path: &Path, opts: &OpenOptions) -> Result<File> {
         path: path.to_path_buf(),
         source,
     })?;
-    lock::lock_file(&file, path, !opts.readonly)?;
+    lock::lock_file(&file, path, !opts.readonly, opts.lock_granularity)?;
     Ok(file)
 }
 

@@ -144,9 +144,22 @@ pub struct DiskConfig {
     pub sparse: bool,
     #[serde(default)]
     pub image_type: ImageType,
+    /// What the image's lock covers.
+    #[serde(default)]
+    pub lock_granularity: LockGranularity,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
+}
+
+/// What a disk image's advisory lock covers, as the original's `lock_granularity=`: its bytes
+/// `[0, size)` (the default: network filesystems that make whole-file locks mandatory keep
+/// byte-range locks advisory, so management tools can still read the image), or the whole file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockGranularity {
+    #[default]
+    ByteRange,
+    Full,
 }
 
 /// `null` reads as the default, as the original's API clients send it.
@@ -229,12 +242,15 @@ impl DiskConfig {
             &[],
         )?;
         p.refuse(RATE_LIMITER_KEYS)?;
-        p.refuse(&[
-            "socket",
-            "rate_limit_group",
-            "queue_affinity",
-            "lock_granularity",
-        ])?;
+        p.refuse(&["socket", "rate_limit_group", "queue_affinity"])?;
+        let lock_granularity = match p.get("lock_granularity").as_deref() {
+            None => LockGranularity::ByteRange,
+            Some("byte-range") => LockGranularity::ByteRange,
+            Some("full") => LockGranularity::Full,
+            Some(g) => {
+                return Err(p.error(format!("lock_granularity={g}: must be byte-range or full")))
+            }
+        };
         p.refuse_unless("vhost_user", false)?;
         let path = match p.get("path") {
             Some(s) if !s.is_empty() => PathBuf::from(s),
@@ -265,6 +281,7 @@ impl DiskConfig {
             backing_files: p.toggle("backing_files", false)?,
             sparse: p.toggle("sparse", true)?,
             image_type,
+            lock_granularity,
         };
         cfg.check().map_err(|m| p.error(m))?;
         Ok(cfg)
@@ -681,7 +698,7 @@ mod tests {
                 "pci_segment": 0, "path": "/x", "readonly": false, "direct": false,
                 "num_queues": 1, "queue_size": 128, "vhost_user": false,
                 "disable_io_uring": false, "disable_aio": false, "backing_files": false,
-                "sparse": true, "image_type": "Unknown"
+                "sparse": true, "image_type": "Unknown", "lock_granularity": "ByteRange"
             })
         );
         let back: DiskConfig =

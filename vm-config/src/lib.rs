@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use devices::{
-    DiskConfig, ImageType, NetConfig, PciPlacement, RngConfig, VhostMode, IMAGE_TYPES,
+    DiskConfig, ImageType, LockGranularity, NetConfig, PciPlacement, RngConfig, VhostMode, IMAGE_TYPES,
     MAX_DISK_QUEUES, MIN_MTU,
 };
 pub use extra::Extra;

@@ -283,3 +283,30 @@ fn core_scheduling_as_the_original_reads_it() {
         "Vcpu"
     );
 }
+
+#[test]
+fn lock_granularity_as_the_original_reads_it() {
+    let d = |raw: &str| DiskConfig::parse(raw).map(|d| d.lock_granularity);
+    assert_eq!(d("path=/d").unwrap(), LockGranularity::ByteRange);
+    assert_eq!(
+        d("path=/d,lock_granularity=").unwrap(),
+        LockGranularity::ByteRange
+    );
+    assert_eq!(
+        d("path=/d,lock_granularity=byte-range").unwrap(),
+        LockGranularity::ByteRange
+    );
+    assert_eq!(
+        d("path=/d,lock_granularity=full").unwrap(),
+        LockGranularity::Full
+    );
+    let err = d("path=/d,lock_granularity=whole").unwrap_err();
+    assert!(
+        err.to_string().contains("must be byte-range or full"),
+        "{err}"
+    );
+    let c = config(json!({"disks": [{"path": "/d", "lock_granularity": "Full"}]}));
+    assert_eq!(c.disks[0].lock_granularity, LockGranularity::Full);
+    let v = serde_json::to_value(&c).unwrap();
+    assert_eq!(v["disks"][0]["lock_granularity"], "Full");
+}

@@ -242,6 +242,10 @@ fn open_disk(d: &DiskConfig) -> Result<Box<dyn block::DiskFile>, PciSetupError> 
         image_type,
         backing_files: d.backing_files,
         sparse: d.sparse,
+        lock_granularity: match d.lock_granularity {
+            vm_config::LockGranularity::ByteRange => block::LockGranularity::ByteRange,
+            vm_config::LockGranularity::Full => block::LockGranularity::Full,
+        },
     };
     block::open_disk(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
 }

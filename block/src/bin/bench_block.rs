@@ -91,6 +91,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn run(a: &Args) -> Result<f64, String> {
     let opts = OpenOptions {
+        lock_granularity: Default::default(),
         readonly: !a.write,
         direct: a.direct,
         image_type: a.format,

@@ -132,6 +132,7 @@ impl Qcow2Disk {
                 Some(f) => Some(f.parse::<ImageType>()?),
             };
             let bopts = OpenOptions {
+                lock_granularity: Default::default(),
                 readonly: true,
                 direct: opts.direct,
                 image_type,
