@@ -35,6 +35,13 @@ const EDX_HTT: u32 = 1 << 28;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_ADDR_SIZES: u32 = 0x8000_0008;
+/// Leaf 1 ECX: Intel VMX.
+const ECX_VMX: u32 = 1 << 5;
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+/// Leaf 0x8000_0001 ECX: AMD SVM.
+const ECX_SVM: u32 = 1 << 2;
+/// AMD's SVM feature leaf.
+const LEAF_SVM: u32 = 0x8000_000a;
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
 const LEVEL_DIE: u32 = 5;
@@ -58,12 +65,15 @@ pub fn guest_phys_bits(supported: &[CpuIdEntry], max_phys_bits: u8) -> u8 {
     host.min(max_phys_bits)
 }
 
-/// Patches `supported` for vCPU `cpu_id` (whose APIC ID is `cpu_id`).
+/// Patches `supported` for vCPU `cpu_id` (whose APIC ID is `cpu_id`). Without `nested` the
+/// guest sees no virtualisation extensions (VMX, SVM and SVM's feature leaf), as the
+/// original's `nested=off`.
 pub fn vcpu_cpuid(
     supported: &[CpuIdEntry],
     cpu_id: u8,
     topology: Topology,
     max_phys_bits: u8,
+    nested: bool,
 ) -> Vec<CpuIdEntry> {
     let apic_id = u32::from(cpu_id);
     let smt_shift = width(u32::from(topology.threads_per_core));
@@ -78,6 +88,9 @@ pub fn vcpu_cpuid(
                     | (apic_id << 24)
                     | (topology.per_package().min(255) << 16);
                 e.ecx |= ECX_HYPERVISOR;
+                if !nested {
+                    e.ecx &= !ECX_VMX;
+                }
                 if topology.per_package() > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -91,6 +104,8 @@ pub fn vcpu_cpuid(
                 e.eax = (e.eax & 0x03ff_ffff) | ((cores.clamp(1, 64) - 1) << 26);
             }
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => continue,
+            LEAF_EXT_FEATURES if !nested => e.ecx &= !ECX_SVM,
+            LEAF_SVM if !nested => continue,
             LEAF_ADDR_SIZES => {
                 e.eax = (e.eax & !0xff) | u32::from(guest_phys_bits(supported, max_phys_bits));
             }
@@ -178,7 +193,7 @@ mod tests {
             dies_per_package: 1,
             packages: 2,
         };
-        let c = vcpu_cpuid(&supported, 5, t, 46);
+        let c = vcpu_cpuid(&supported, 5, t, 46, true);
         let l1 = leaf(&c, 1, 0);
         assert_eq!(l1.ebx >> 24, 5);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -189,7 +204,7 @@ mod tests {
         assert_eq!(leaf(&c, LEAF_ADDR_SIZES, 0).eax >> 8, 0x30);
         assert_eq!(guest_phys_bits(&supported, 46), 46);
         assert_eq!(guest_phys_bits(&supported, 52), 48);
-        let capped = vcpu_cpuid(&supported, 0, t, 40);
+        let capped = vcpu_cpuid(&supported, 0, t, 40, true);
         assert_eq!(leaf(&capped, LEAF_ADDR_SIZES, 0).eax & 0xff, 40);
         assert_eq!(guest_phys_bits(&supported[..2], 46), 36);
         let smt = leaf(&c, LEAF_EXT_TOPOLOGY, 0);
@@ -201,5 +216,36 @@ mod tests {
         assert_eq!(width(1), 0);
         assert_eq!(width(3), 2);
         assert_eq!(width(4), 2);
+    }
+
+    #[test]
+    fn nested_off_hides_vmx_and_svm() {
+        let supported = vec![
+            CpuIdEntry {
+                function: 1,
+                ecx: ECX_VMX | 1,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: LEAF_EXT_FEATURES,
+                ecx: ECX_SVM | 1,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: LEAF_SVM,
+                eax: 1,
+                ..Default::default()
+            },
+        ];
+        let t = Topology::flat(1);
+        let on = vcpu_cpuid(&supported, 0, t, 46, true);
+        assert_ne!(leaf(&on, 1, 0).ecx & ECX_VMX, 0);
+        assert_ne!(leaf(&on, LEAF_EXT_FEATURES, 0).ecx & ECX_SVM, 0);
+        assert!(on.iter().any(|e| e.function == LEAF_SVM));
+        let off = vcpu_cpuid(&supported, 0, t, 46, false);
+        assert_eq!(leaf(&off, 1, 0).ecx & ECX_VMX, 0);
+        assert_eq!(leaf(&off, 1, 0).ecx & 1, 1, "other bits stay");
+        assert_eq!(leaf(&off, LEAF_EXT_FEATURES, 0).ecx, 1);
+        assert!(!off.iter().any(|e| e.function == LEAF_SVM));
     }
 }

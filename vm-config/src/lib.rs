@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use devices::{
-    DiskConfig, ImageType, LockGranularity, NetConfig, PciPlacement, RngConfig, VhostMode, IMAGE_TYPES,
-    MAX_DISK_QUEUES, MIN_MTU,
+    DiskConfig, ImageType, LockGranularity, NetConfig, PciPlacement, RngConfig, VhostMode,
+    IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
 };
 pub use extra::Extra;
 pub use parser::{parse_size, OptionParser};
@@ -68,7 +68,7 @@ pub struct CpusConfig {
     /// Only the default (no AMX for the guest).
     #[serde(default)]
     pub features: CpuFeatures,
-    /// The guest sees virtualisation extensions as the host offers them; only true.
+    /// The guest sees virtualisation extensions (VMX, SVM) as the host offers them; false hides them.
     #[serde(default = "default_true")]
     pub nested: bool,
     #[serde(default)]
@@ -153,9 +153,7 @@ impl CpusConfig {
             Some(m) if m == "off" => CoreScheduling::Off,
             Some(m) => return Err(p.error(format!("core_scheduling={m}: must be vm, vcpu or off"))),
         };
-        // The guest sees the host's CPUID (nested virtualisation as the host offers it): the
-        // original's defaults `nested=on` and `profile=Host` (its only profile, in that case).
-        p.refuse_unless("nested", true)?;
+        // `profile=Host` (the host's CPUID as KVM offers it) is the original's only profile.
         if let Some(profile) = p.get("profile") {
             if profile != "Host" {
                 return Err(p.error(format!("profile={profile}: the only profile is Host")));
@@ -190,7 +188,7 @@ impl CpusConfig {
             kvm_hyperv: p.toggle("kvm_hyperv", false)?,
             max_phys_bits: p.number("max_phys_bits")?.unwrap_or(DEFAULT_MAX_PHYS_BITS),
             features: CpuFeatures::default(),
-            nested: true,
+            nested: p.toggle("nested", true)?,
             profile: CpuProfile::Host,
             core_scheduling,
         };
@@ -234,9 +232,6 @@ impl CpusConfig {
         }
         if self.features.amx {
             return Err("features=amx is not supported yet".into());
-        }
-        if !self.nested {
-            return Err("nested=off is not supported yet".into());
         }
         Ok(())
     }

@@ -35,7 +35,6 @@ fn cpus_as_the_original_reads_them() {
         assert!(CpusConfig::parse(ok).is_ok(), "{ok}");
     }
     for (bad, why) in [
-        ("nested=off", "nested=off is not supported yet"),
         ("kvm_hyperv=on", "not supported yet"),
         ("profile=host", "the only profile is Host"),
         ("affinity=[0@[1]]", "not supported yet"),
@@ -309,4 +308,14 @@ fn lock_granularity_as_the_original_reads_it() {
     assert_eq!(c.disks[0].lock_granularity, LockGranularity::Full);
     let v = serde_json::to_value(&c).unwrap();
     assert_eq!(v["disks"][0]["lock_granularity"], "Full");
+}
+
+#[test]
+fn nested_off_is_taken() {
+    assert!(CpusConfig::parse("").unwrap().nested);
+    assert!(!CpusConfig::parse("nested=off").unwrap().nested);
+    assert!(!CpusConfig::parse("nested=false").unwrap().nested);
+    let c = config(json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "nested": false}}));
+    assert!(!c.cpus.nested);
+    c.cpus.validate().unwrap();
 }

@@ -214,6 +214,7 @@ impl Vm {
                 id as u8,
                 topology,
                 cfg.cpus.max_phys_bits,
+                cfg.cpus.nested,
             ))?;
             regs::setup_vcpu_common(vcpu.as_ref()).map_err(err)?;
             if id == 0 {
