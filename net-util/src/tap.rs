@@ -4,7 +4,7 @@
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -216,20 +216,32 @@ impl Tap {
         req: libc::c_ulong,
         ifr: &mut libc::ifreq,
     ) -> Result<(), TapError> {
+        self.sock_ioctl(libc::AF_INET, op, req, (ifr as *mut libc::ifreq).cast())
+    }
+
+    /// Runs a SIOC* request with argument `arg` through a throwaway socket of `family`.
+    fn sock_ioctl(
+        &self,
+        family: libc::c_int,
+        op: &'static str,
+        req: libc::c_ulong,
+        arg: *mut libc::c_void,
+    ) -> Result<(), TapError> {
         let err = |source| TapError::Ioctl {
             name: self.name.clone(),
             op,
             source,
         };
         // SAFETY: plain socket creation; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(err(io::Error::last_os_error()));
         }
         // SAFETY: `fd` is a fresh socket nobody else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: the request reads/writes the ifreq we own.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), req as _, ifr as *mut libc::ifreq) } < 0 {
+        // SAFETY: the caller's `arg` is the structure `req` reads or writes, owned by it for
+        // the whole call.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), req as _, arg) } < 0 {
             return Err(err(io::Error::last_os_error()));
         }
         Ok(())
@@ -242,6 +254,33 @@ impl Tap {
         let mut ifr = ifreq_for(&self.name)?;
         ifr.ifr_ifru.ifru_netmask = sockaddr_in(mask);
         self.if_ioctl("SIOCSIFNETMASK", libc::SIOCSIFNETMASK, &mut ifr)
+    }
+
+    /// Adds an IPv6 address with a prefix of `prefix_len` bits to the interface.
+    pub fn set_ipv6(&self, ip: Ipv6Addr, prefix_len: u8) -> Result<(), TapError> {
+        let mut ifr = ifreq_for(&self.name)?;
+        self.if_ioctl("SIOCGIFINDEX", libc::SIOCGIFINDEX, &mut ifr)?;
+        // The kernel's `struct in6_ifreq` (linux/ipv6.h), which libc does not define.
+        #[repr(C)]
+        struct In6Ifreq {
+            addr: libc::in6_addr,
+            prefix_len: u32,
+            ifindex: libc::c_int,
+        }
+        let mut req = In6Ifreq {
+            addr: libc::in6_addr {
+                s6_addr: ip.octets(),
+            },
+            prefix_len: u32::from(prefix_len),
+            // SAFETY: SIOCGIFINDEX filled the ifindex member.
+            ifindex: unsafe { ifr.ifr_ifru.ifru_ifindex },
+        };
+        self.sock_ioctl(
+            libc::AF_INET6,
+            "SIOCSIFADDR (IPv6)",
+            libc::SIOCSIFADDR,
+            (&mut req as *mut In6Ifreq).cast(),
+        )
     }
 
     pub fn set_mac(&self, mac: MacAddr) -> Result<(), TapError> {
@@ -382,6 +421,31 @@ mod tests {
             assert_eq!(taps[0].name(), "vmtap0");
             assert!(Tap::exists("vmtap0"));
             assert!(!Tap::exists("bad\0name"));
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// The host side of a TAP can have an IPv6 address, as the original's `ip=`/`mask=` allow.
+    #[test]
+    fn ipv6_host_address() {
+        std::thread::spawn(|| {
+            private_netns();
+            let taps = Tap::open("v6tap%d", 1).expect("creating a tap (needs root)");
+            let tap = &taps[0];
+            tap.set_ipv6("fd00:1234::1".parse().unwrap(), 64).unwrap();
+            tap.enable().unwrap();
+            // /proc/net/if_inet6: address (32 hex digits), ifindex, prefix length, scope,
+            // flags, interface name.
+            // This thread's namespace: /proc/net is the process's (its main thread's).
+            let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6").unwrap();
+            let line = table
+                .lines()
+                .find(|l| l.ends_with(tap.name()) && l.starts_with("fd001234"))
+                .unwrap_or_else(|| panic!("no fd00:1234::1 on {}:\n{table}", tap.name()));
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(f[0], "fd001234000000000000000000000001");
+            assert_eq!(f[2], "40", "prefix length 64");
         })
         .join()
         .unwrap();

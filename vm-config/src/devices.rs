@@ -549,9 +549,15 @@ impl NetConfig {
                     return Err(format!("mask={mask}: not a contiguous netmask"));
                 }
             }
+            (Some(IpAddr::V6(_)), Some(IpAddr::V6(mask))) => {
+                let m = u128::from(mask);
+                if (!m).wrapping_add(1) & !m != 0 {
+                    return Err(format!("mask={mask}: not a contiguous netmask"));
+                }
+            }
             (Some(ip), Some(mask)) => {
                 return Err(format!(
-                    "ip={ip},mask={mask}: IPv6 host addresses are not supported yet"
+                    "ip={ip},mask={mask}: the address and the mask must be of one family"
                 ))
             }
             (None, None) => {}
@@ -735,13 +741,17 @@ mod tests {
         assert_eq!(n.ip, Some(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 1))));
         assert_eq!(n.mac.as_deref(), Some("52:54:00:00:00:01"));
         assert_eq!((n.num_queues, n.queue_size), (2, 256));
+        // IPv6 host addresses, as the original takes them.
+        let v6 = NetConfig::parse("ip=fd00::1,mask=ffff:ffff:ffff:ffff::").unwrap();
+        assert_eq!(v6.ip, Some("fd00::1".parse().unwrap()));
         let q = NetConfig::parse("tap=t0,num_queues=8,offload_tso=off").unwrap();
         assert_eq!(
             (q.num_queues, q.offload_tso, q.offload_csum),
             (8, false, true)
         );
         for (bad, why) in [
-            ("ip=fe80::1,mask=ffff::", "IPv6"),
+            ("ip=fd00::1,mask=255.255.255.0", "one family"),
+            ("ip=fd00::1,mask=ffff::ff", "contiguous"),
             ("ip=1.2.3", "not an IP address"),
             ("ip=10.0.0.1,mask=255.0.255.0", "contiguous"),
             ("mac=01:00:5e:00:00:01", "multicast"),

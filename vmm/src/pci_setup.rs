@@ -338,13 +338,18 @@ pub fn create(
             (Some(IpAddr::V4(ip)), Some(IpAddr::V4(mask))) if !existed => {
                 tap.set_ip(ip, mask).map_err(|e| err(e.to_string()))?
             }
+            (Some(IpAddr::V6(ip)), Some(IpAddr::V6(mask))) if !existed => {
+                // The configuration checked that the mask is contiguous.
+                let prefix = u128::from(mask).leading_ones() as u8;
+                tap.set_ipv6(ip, prefix).map_err(|e| err(e.to_string()))?
+            }
             (Some(_), _) if existed => {
                 log::warn!(
                     "--net: TAP {} exists; its addresses are left as they are",
                     tap.name()
                 )
             }
-            // The configuration refuses IPv6 and an address without its mask.
+            // The configuration refuses an address without its mask, or of two families.
             _ => {}
         }
         if let Some(m) = &n.host_mac {

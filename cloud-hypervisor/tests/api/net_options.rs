@@ -188,3 +188,55 @@ fn guest_frame_source(tap: &str, timeout: Duration) -> [u8; 6] {
         }
     }
 }
+
+/// `ip=`/`mask=` may be IPv6, as in the original: the new TAP gets the address and prefix.
+#[test]
+fn net_with_an_ipv6_host_address() {
+    require_curl();
+    std::thread::spawn(|| {
+        // SAFETY: unshare only moves the calling thread into a new network namespace.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
+        let kernel = guest().elf_pvh.display().to_string();
+        let vmm = Vmm::start(
+            "net-ipv6",
+            &[
+                "--kernel",
+                &kernel,
+                "--cmdline",
+                "test=wait",
+                "--memory",
+                "size=128M",
+                "--serial",
+                "null",
+                "--console",
+                "off",
+                "--net",
+                "ip=fd00:1234::1,mask=ffff:ffff:ffff:ff00::",
+            ],
+        );
+        let tap = wait_for_interface("vmtap", Duration::from_secs(10));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let line = loop {
+            let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6").unwrap();
+            if let Some(l) = table
+                .lines()
+                .find(|l| l.ends_with(tap.as_str()) && l.starts_with("fd001234"))
+            {
+                break l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no fd00:1234::1 on {tap}:\n{table}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f[0], "fd001234000000000000000000000001");
+        assert_eq!(f[2], "38", "prefix length 56: {line}");
+        let info = vmm.ok_json("vm.info");
+        assert_eq!(info["config"]["net"][0]["ip"], "fd00:1234::1");
+    })
+    .join()
+    .unwrap();
+}
