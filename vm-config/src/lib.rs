@@ -253,7 +253,7 @@ pub struct MemoryConfig {
     pub hugepage_size: Option<u64>,
     #[serde(default)]
     pub prefault: bool,
-    /// Only false: guest memory is mapped MAP_NORESERVE.
+    /// Commit the whole of guest RAM when it is mapped (no MAP_NORESERVE).
     #[serde(default)]
     pub reserve: bool,
     #[serde(default = "default_true")]
@@ -322,8 +322,6 @@ impl MemoryConfig {
                 _ => return Err(p.error(format!("hotplug_method={m}: must be acpi or virtio-mem"))),
             }
         }
-        // Guest memory is mapped MAP_NORESERVE, which is what `reserve=off` asks for.
-        p.refuse_unless("reserve", false)?;
         let cfg = MemoryConfig {
             extra: Default::default(),
             size: p.size("size")?.unwrap_or(512 << 20),
@@ -333,7 +331,7 @@ impl MemoryConfig {
             hugepages: p.toggle("hugepages", false)?,
             hugepage_size: p.size("hugepage_size")?,
             prefault: p.toggle("prefault", false)?,
-            reserve: false,
+            reserve: p.toggle("reserve", false)?,
             thp: p.toggle("thp", true)?,
         };
         cfg.validate().map_err(|m| p.error(m))?;
@@ -349,9 +347,6 @@ impl MemoryConfig {
         }
         if self.hotplug_method != HotplugMethod::Acpi {
             return Err("hotplug_method=virtio-mem is not supported yet".into());
-        }
-        if self.reserve {
-            return Err("reserve=on is not supported yet".into());
         }
         if self.shared && self.mergeable {
             return Err("shared=on and mergeable=on do not go together".into());

@@ -68,7 +68,6 @@ fn memory_as_the_original_reads_it() {
         ("size=1g", "invalid size"),
         ("hotplug_method=virtio-mem", "not supported yet"),
         ("hotplug_method=dimm", "acpi or virtio-mem"),
-        ("reserve=on", "not supported yet"),
         ("hotplug_size=1G", "not supported yet"),
         ("file=/dev/shm/x", "not supported yet"),
         ("shared=on,mergeable=on", "do not go together"),
@@ -318,4 +317,10 @@ fn nested_off_is_taken() {
     let c = config(json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "nested": false}}));
     assert!(!c.cpus.nested);
     c.cpus.validate().unwrap();
+}
+
+#[test]
+fn reserve_is_taken() {
+    assert!(!MemoryConfig::parse("size=1G").unwrap().reserve);
+    assert!(MemoryConfig::parse("size=1G,reserve=on").unwrap().reserve);
 }

@@ -57,7 +57,13 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
             });
         }
     }
-    let mut flags = libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // `reserve=on`: the kernel accounts (commits) the whole of guest RAM at the mapping, so it
+    // fails up front rather than at a page fault under memory pressure; off (the default, as
+    // the original's): no reservation.
+    let mut flags = libc::MAP_ANONYMOUS;
+    if !cfg.reserve {
+        flags |= libc::MAP_NORESERVE;
+    }
     flags |= if cfg.shared {
         libc::MAP_SHARED
     } else {
@@ -268,5 +274,25 @@ mod tests {
         .unwrap();
         let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
         assert!(!vma_of(base + (8 << 20)).2.contains(" hg"));
+    }
+
+    /// `reserve=off` (the default) maps guest RAM MAP_NORESERVE ("nr"); `reserve=on` does not.
+    #[test]
+    fn reserve_commits_guest_ram() {
+        for reserve in [false, true] {
+            let mem = create_guest_memory(&MemoryConfig {
+                size: 16 << 20,
+                reserve,
+                ..Default::default()
+            })
+            .unwrap();
+            let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+            let flags = vma_of(base).2;
+            assert_eq!(
+                flags.contains(" nr"),
+                !reserve,
+                "reserve={reserve}: {flags}"
+            );
+        }
     }
 }
