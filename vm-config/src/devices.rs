@@ -204,6 +204,28 @@ const RATE_LIMITER_KEYS: &[&str] = &[
     "ops_refill_time",
 ];
 
+/// Refuses rate limits that would limit. As the original reads them, a token bucket exists
+/// only when both its size and its refill time are non-zero; any other values (0, or one of
+/// the two missing) ask for no limit, which is what this VMM does.
+fn refuse_active_rate_limits(p: &OptionParser) -> Result<(), ConfigError> {
+    for (size, refill) in [
+        ("bw_size", "bw_refill_time"),
+        ("ops_size", "ops_refill_time"),
+    ] {
+        let s: u64 = p.number(size)?.unwrap_or(0);
+        let r: u64 = p.number(refill)?.unwrap_or(0);
+        if s != 0 && r != 0 {
+            return Err(p.error(format!(
+                "{size}={s},{refill}={r}: rate limiting is not supported yet"
+            )));
+        }
+    }
+    for burst in ["bw_one_time_burst", "ops_one_time_burst"] {
+        p.number::<u64>(burst)?;
+    }
+    Ok(())
+}
+
 /// Most queues one disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
 
@@ -241,7 +263,7 @@ impl DiskConfig {
             &[Self::KEYS, RATE_LIMITER_KEYS, PCI_KEYS],
             &[],
         )?;
-        p.refuse(RATE_LIMITER_KEYS)?;
+        refuse_active_rate_limits(&p)?;
         p.refuse(&["socket", "rate_limit_group", "queue_affinity"])?;
         let lock_granularity = match p.get("lock_granularity").as_deref() {
             None => LockGranularity::ByteRange,
@@ -478,7 +500,7 @@ impl NetConfig {
             &[Self::KEYS, RATE_LIMITER_KEYS, PCI_KEYS],
             &[],
         )?;
-        p.refuse(RATE_LIMITER_KEYS)?;
+        refuse_active_rate_limits(&p)?;
         p.refuse(&["fd", "socket"])?;
         p.refuse_unless("vhost_user", false)?;
         let vhost_mode = match p.get("vhost_mode").map(|m| m.to_ascii_lowercase()) {
@@ -715,21 +737,36 @@ mod tests {
         );
     }
 
-    /// Every rate-limiter key is accepted as a key and refused with its name, on both options.
+    /// A rate limit that would limit is refused, naming it; the original's "no limit" values
+    /// (a zero size or refill time, or one of them missing) are taken, on both options.
     #[test]
-    fn rate_limiter_keys_are_refused() {
-        for k in RATE_LIMITER_KEYS {
-            let e = DiskConfig::parse(&format!("path=/x,{k}=1"))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(&format!("'{k}' is not supported yet")), "{e}");
-            let e = NetConfig::parse(&format!("tap=t0,{k}=1"))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(&format!("'{k}' is not supported yet")), "{e}");
-            // `key=` is not given, so nothing is asked for.
-            assert!(NetConfig::parse(&format!("tap=t0,{k}=")).is_ok());
+    fn rate_limits_that_limit_are_refused() {
+        for (size, refill) in [
+            ("bw_size", "bw_refill_time"),
+            ("ops_size", "ops_refill_time"),
+        ] {
+            let active = format!("{size}=1000,{refill}=100");
+            for parsed in [
+                DiskConfig::parse(&format!("path=/x,{active}")).map(|_| ()),
+                NetConfig::parse(&format!("tap=t0,{active}")).map(|_| ()),
+            ] {
+                let e = parsed.unwrap_err().to_string();
+                assert!(e.contains("rate limiting is not supported yet"), "{e}");
+                assert!(e.contains(size), "{e}");
+            }
+            for none in [
+                format!("{size}=0,{refill}=100"),
+                format!("{size}=1000,{refill}=0"),
+                format!("{size}=1000"),
+                format!("{refill}=100"),
+                format!("{size}=,{refill}="),
+            ] {
+                DiskConfig::parse(&format!("path=/x,{none}")).unwrap();
+                NetConfig::parse(&format!("tap=t0,{none}")).unwrap();
+            }
         }
+        assert!(DiskConfig::parse("path=/x,bw_one_time_burst=x").is_err());
+        assert!(DiskConfig::parse("path=/x,bw_size=lots").is_err());
     }
 
     #[test]
