@@ -42,9 +42,11 @@ impl Vmm {
             dir,
             sock,
         };
+        // Ready once a connection is accepted: the file appears at bind(), a moment before
+        // listen(), when a connection is still refused.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !vmm.sock.exists() {
-            assert!(Instant::now() < deadline, "the API socket did not appear");
+        while std::os::unix::net::UnixStream::connect(&vmm.sock).is_err() {
+            assert!(Instant::now() < deadline, "the API socket did not come up");
             std::thread::sleep(Duration::from_millis(5));
         }
         vmm
