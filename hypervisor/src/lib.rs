@@ -5,17 +5,23 @@
 //! neutral names: they are plain C structs that every x86 hypervisor API mirrors.
 
 mod kvm;
+mod state;
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use kvm::KvmHypervisor;
 pub use kvm_bindings::{
-    kvm_cpuid_entry2 as CpuIdEntry, kvm_dtable as DescriptorTable, kvm_fpu as FpuState,
-    kvm_lapic_state as LapicState, kvm_msr_entry as MsrEntry, kvm_regs as StandardRegisters,
-    kvm_segment as SegmentRegister, kvm_sregs as SpecialRegisters,
+    kvm_cpuid_entry2 as CpuIdEntry, kvm_debugregs as DebugRegisters, kvm_dtable as DescriptorTable,
+    kvm_fpu as FpuState, kvm_lapic_state as LapicState, kvm_msr_entry as MsrEntry,
+    kvm_regs as StandardRegisters, kvm_segment as SegmentRegister, kvm_sregs as SpecialRegisters,
+    kvm_vcpu_events as VcpuEvents, kvm_xcrs as ExtendedControlRegisters,
+};
+pub use state::{
+    IrqchipState, NestedState, VcpuState, VmState, XsaveState, VCPU_STATE_VERSION, VM_STATE_VERSION,
 };
 
 #[derive(Debug, Error)]
@@ -32,6 +38,23 @@ pub enum HypervisorError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot restore {what} state version {found}: this build reads version {supported}")]
+    StateVersion {
+        what: &'static str,
+        found: u32,
+        supported: u32,
+    },
+    #[error("cannot restore the saved state: {0}")]
+    StateMismatch(String),
+    #[error("KVM refused to restore MSRs {}", hex_list(.0))]
+    MsrRestore(Vec<u32>),
+}
+
+fn hex_list(v: &[u32]) -> String {
+    v.iter()
+        .map(|i| format!("{i:#x}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
@@ -90,7 +113,7 @@ pub struct ClockData {
 }
 
 /// Multiprocessing state of a vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MpState {
     Runnable,
     Uninitialized,
@@ -138,6 +161,12 @@ pub trait Vm: Send + Sync {
     fn set_irq_line(&self, irq: u32, active: bool) -> Result<()>;
     fn get_clock(&self) -> Result<ClockData>;
     fn set_clock(&self, data: ClockData) -> Result<()>;
+    /// The in-kernel irqchip, PIT and clock (see [`VmState`]). Every vCPU must be out of
+    /// `KVM_RUN`.
+    fn state(&self) -> Result<VmState>;
+    /// Puts back what `state` saved: after `create_irqchip` (where the state has an irqchip),
+    /// before the vCPUs' state.
+    fn set_state(&self, state: &VmState) -> Result<()>;
 }
 
 pub trait Vcpu: Send {
@@ -149,11 +178,37 @@ pub trait Vcpu: Send {
     fn set_regs(&self, regs: &StandardRegisters) -> Result<()>;
     fn get_sregs(&self) -> Result<SpecialRegisters>;
     fn set_sregs(&self, sregs: &SpecialRegisters) -> Result<()>;
+    /// The x87 and SSE registers, without MXCSR: KVM_GET_FPU and KVM_SET_FPU leave `mxcsr` out.
+    /// Where the host has XSAVE, the XSAVE area is the authority: KVM_SET_FPU writes the legacy
+    /// area without marking x87/SSE present in XSTATE_BV, so use `set_xsave` there.
+    fn get_fpu(&self) -> Result<FpuState>;
     fn set_fpu(&self, fpu: &FpuState) -> Result<()>;
-    /// Returns how many of `msrs` were written.
+    /// The XSAVE area in the standard (uncompacted) layout; an error where the host has no
+    /// KVM_CAP_XSAVE.
+    fn get_xsave(&self) -> Result<XsaveState>;
+    fn set_xsave(&self, xsave: &XsaveState) -> Result<()>;
+    /// Reads the MSRs whose indices `msrs` holds, in order, up to the first one that fails;
+    /// returns how many were read.
+    fn get_msrs(&self, msrs: &mut [MsrEntry]) -> Result<usize>;
+    /// Returns how many of `msrs` were written (in order, up to the first refused).
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<usize>;
     fn get_lapic(&self) -> Result<LapicState>;
     fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
     fn get_mp_state(&self) -> Result<MpState>;
     fn set_mp_state(&self, state: MpState) -> Result<()>;
+    /// The CPUID table as set, with what the hypervisor adjusted in it.
+    fn get_cpuid(&self) -> Result<Vec<CpuIdEntry>>;
+    fn get_xcrs(&self) -> Result<ExtendedControlRegisters>;
+    fn set_xcrs(&self, xcrs: &ExtendedControlRegisters) -> Result<()>;
+    fn get_debug_regs(&self) -> Result<DebugRegisters>;
+    fn set_debug_regs(&self, regs: &DebugRegisters) -> Result<()>;
+    fn get_vcpu_events(&self) -> Result<VcpuEvents>;
+    fn set_vcpu_events(&self, events: &VcpuEvents) -> Result<()>;
+    /// Everything the hypervisor holds for this vCPU (see [`VcpuState`]). The vCPU must be out
+    /// of `KVM_RUN`, and after an I/O or MMIO exit it must have been run once more with
+    /// `immediate_exit` set, so that the instruction has completed.
+    fn state(&self) -> Result<VcpuState>;
+    /// Puts back what `state` saved, in the order KVM needs, into a vCPU that has not run;
+    /// the VM's state goes first.
+    fn set_state(&self, state: &VcpuState) -> Result<()>;
 }

@@ -1,6 +1,9 @@
 //! The KVM backend.
 
-use std::sync::Arc;
+mod state;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irq_routing_entry, kvm_mp_state, kvm_userspace_memory_region, CpuId,
@@ -13,9 +16,12 @@ use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    ClockData, CpuIdEntry, FpuState, Hypervisor, HypervisorError, IoEventAddress, IrqRoute,
-    LapicState, MpState, MsrEntry, Result, SpecialRegisters, StandardRegisters, Vcpu, Vm, VmExit,
+    ClockData, CpuIdEntry, DebugRegisters, ExtendedControlRegisters, FpuState, Hypervisor,
+    HypervisorError, IoEventAddress, IrqRoute, LapicState, MpState, MsrEntry, Result,
+    SpecialRegisters, StandardRegisters, Vcpu, VcpuEvents, VcpuState, Vm, VmExit, VmState,
+    XsaveState,
 };
+use state::StateCaps;
 
 /// Where KVM keeps the TSS and identity-map pages it needs for real-mode emulation on Intel:
 /// three pages just below the BIOS area at the top of the 32-bit hole.
@@ -28,6 +34,8 @@ fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorEr
 
 pub struct KvmHypervisor {
     kvm: Kvm,
+    /// KVM_GET_MSR_INDEX_LIST, read at the first VM's creation: the same for every VM.
+    msr_index_list: OnceLock<Arc<[u32]>>,
 }
 
 impl KvmHypervisor {
@@ -49,14 +57,29 @@ impl KvmHypervisor {
                 return Err(HypervisorError::MissingCapability(name));
             }
         }
-        Ok(KvmHypervisor { kvm })
+        Ok(KvmHypervisor {
+            kvm,
+            msr_index_list: OnceLock::new(),
+        })
     }
 }
 
 impl Hypervisor for KvmHypervisor {
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
         let fd = self.kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
-        Ok(Arc::new(KvmVm { fd }))
+        let msrs = match self.msr_index_list.get() {
+            Some(list) => list.clone(),
+            None => {
+                let list: Arc<[u32]> = self.msr_index_list()?.into();
+                self.msr_index_list.get_or_init(|| list).clone()
+            }
+        };
+        let caps = Arc::new(StateCaps::probe(&self.kvm, &fd, msrs));
+        Ok(Arc::new(KvmVm {
+            fd,
+            caps,
+            irqchip: AtomicBool::new(false),
+        }))
     }
 
     fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>> {
@@ -78,6 +101,9 @@ impl Hypervisor for KvmHypervisor {
 
 pub struct KvmVm {
     fd: VmFd,
+    caps: Arc<StateCaps>,
+    /// Whether `create_irqchip` ran: the vCPUs then have an in-kernel LAPIC.
+    irqchip: AtomicBool,
 }
 
 fn ioevent_addr(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
@@ -121,7 +147,9 @@ impl Vm for KvmVm {
             .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
         self.fd
             .create_irq_chip()
-            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))
+            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        self.irqchip.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
@@ -129,7 +157,11 @@ impl Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
-        Ok(Box::new(KvmVcpu { fd }))
+        Ok(Box::new(KvmVcpu {
+            fd,
+            caps: self.caps.clone(),
+            lapic: self.irqchip.load(Ordering::Acquire),
+        }))
     }
 
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
@@ -198,6 +230,14 @@ impl Vm for KvmVm {
         };
         self.fd.set_clock(&c).map_err(ioctl_err("KVM_SET_CLOCK"))
     }
+
+    fn state(&self) -> Result<VmState> {
+        self.save_state()
+    }
+
+    fn set_state(&self, state: &VmState) -> Result<()> {
+        self.restore_state(state)
+    }
 }
 
 fn routing_entry(route: &IrqRoute) -> kvm_irq_routing_entry {
@@ -237,6 +277,9 @@ fn routing_entry(route: &IrqRoute) -> kvm_irq_routing_entry {
 
 pub struct KvmVcpu {
     fd: VcpuFd,
+    caps: Arc<StateCaps>,
+    /// Whether the VM had an in-kernel irqchip when this vCPU was created.
+    lapic: bool,
 }
 
 impl Vcpu for KvmVcpu {
@@ -310,8 +353,25 @@ impl Vcpu for KvmVcpu {
         self.fd.set_sregs(sregs).map_err(ioctl_err("KVM_SET_SREGS"))
     }
 
+    fn get_fpu(&self) -> Result<FpuState> {
+        self.fd.get_fpu().map_err(ioctl_err("KVM_GET_FPU"))
+    }
+
     fn set_fpu(&self, fpu: &FpuState) -> Result<()> {
         self.fd.set_fpu(fpu).map_err(ioctl_err("KVM_SET_FPU"))
+    }
+
+    fn get_msrs(&self, msrs: &mut [MsrEntry]) -> Result<usize> {
+        let mut buf = Msrs::from_entries(msrs).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_GET_MSRS",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let n = self
+            .fd
+            .get_msrs(&mut buf)
+            .map_err(ioctl_err("KVM_GET_MSRS"))?;
+        msrs[..n].copy_from_slice(&buf.as_slice()[..n]);
+        Ok(n)
     }
 
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<usize> {
@@ -357,5 +417,61 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_mp_state(kvm_mp_state { mp_state })
             .map_err(ioctl_err("KVM_SET_MP_STATE"))
+    }
+
+    fn get_xsave(&self) -> Result<XsaveState> {
+        self.read_xsave()
+    }
+
+    fn set_xsave(&self, xsave: &XsaveState) -> Result<()> {
+        self.write_xsave(xsave)
+    }
+
+    fn get_cpuid(&self) -> Result<Vec<CpuIdEntry>> {
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("KVM_GET_CPUID2"))?;
+        Ok(cpuid.as_slice().to_vec())
+    }
+
+    fn get_xcrs(&self) -> Result<ExtendedControlRegisters> {
+        self.fd.get_xcrs().map_err(ioctl_err("KVM_GET_XCRS"))
+    }
+
+    fn set_xcrs(&self, xcrs: &ExtendedControlRegisters) -> Result<()> {
+        self.fd.set_xcrs(xcrs).map_err(ioctl_err("KVM_SET_XCRS"))
+    }
+
+    fn get_debug_regs(&self) -> Result<DebugRegisters> {
+        self.fd
+            .get_debug_regs()
+            .map_err(ioctl_err("KVM_GET_DEBUGREGS"))
+    }
+
+    fn set_debug_regs(&self, regs: &DebugRegisters) -> Result<()> {
+        self.fd
+            .set_debug_regs(regs)
+            .map_err(ioctl_err("KVM_SET_DEBUGREGS"))
+    }
+
+    fn get_vcpu_events(&self) -> Result<VcpuEvents> {
+        self.fd
+            .get_vcpu_events()
+            .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))
+    }
+
+    fn set_vcpu_events(&self, events: &VcpuEvents) -> Result<()> {
+        self.fd
+            .set_vcpu_events(events)
+            .map_err(ioctl_err("KVM_SET_VCPU_EVENTS"))
+    }
+
+    fn state(&self) -> Result<VcpuState> {
+        self.save_state()
+    }
+
+    fn set_state(&self, state: &VcpuState) -> Result<()> {
+        self.restore_state(state)
     }
 }
