@@ -1,25 +1,51 @@
 //! The ACPI power-management timer: a free-running counter at 3.579545 MHz in one 4-byte I/O
 //! register, published by the FADT (`X_PM_TMR_BLK`, `TMR_VAL_EXT`: 32 bits). As in the
 //! original, it counts from the device's creation on the host's monotonic clock and wraps at
-//! 2^32; the original's edk2 firmware spins on it for every delay.
+//! 2^32; the original's edk2 firmware spins on it for every delay. A restored timer counts on
+//! from the value it was saved with.
 
 use std::time::{Duration, Instant};
 
-use crate::BusDevice;
+use serde::{Deserialize, Serialize};
+
+use crate::state::check_version;
+use crate::{BusDevice, StateError, Stateful};
 
 /// The ACPI PM timer's rate.
 pub const PM_TIMER_FREQUENCY_HZ: u64 = 3_579_545;
 
+/// The `PmTimerState` layout this build writes and the only one it restores.
+pub const PM_TIMER_STATE_VERSION: u32 = 1;
+
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
 
 pub struct AcpiPmTimer {
+    /// When the count from `base` began.
     start: Instant,
+    /// The counter at `start`: 0 for a new timer, the saved value for a restored one.
+    base: u32,
+}
+
+/// The PM timer's state: the counter when it was saved.
+///
+/// The timer runs on the host's monotonic clock, which means nothing in another process or on
+/// another host, so the state is the counter value itself: a restored timer counts on from it
+/// at the restore, and the guest sees no jump, forwards or backwards, for the time the VM was
+/// away (as the kvmclock, restored to its saved value, does not).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmTimerState {
+    /// [`PM_TIMER_STATE_VERSION`] when written.
+    pub version: u32,
+    /// The 32-bit counter at the save.
+    pub counter: u32,
 }
 
 impl AcpiPmTimer {
     pub fn new() -> Self {
         AcpiPmTimer {
             start: Instant::now(),
+            base: 0,
         }
     }
 
@@ -32,7 +58,8 @@ impl AcpiPmTimer {
 
     /// The counter now.
     pub fn counter(&self) -> u32 {
-        Self::counter_at(self.start.elapsed())
+        self.base
+            .wrapping_add(Self::counter_at(self.start.elapsed()))
     }
 
     /// Fills `data` as a read at `offset` of the register holding `counter` (little endian):
@@ -67,11 +94,32 @@ impl BusDevice for AcpiPmTimer {
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
+impl Stateful for AcpiPmTimer {
+    const NAME: &'static str = "acpi-pm-timer";
+    type State = PmTimerState;
+
+    fn state(&self) -> PmTimerState {
+        PmTimerState {
+            version: PM_TIMER_STATE_VERSION,
+            counter: self.counter(),
+        }
+    }
+
+    /// Any counter value is one the timer can hold.
+    fn restore(&mut self, state: &PmTimerState) -> Result<(), StateError> {
+        check_version(Self::NAME, state.version, PM_TIMER_STATE_VERSION)?;
+        self.start = Instant::now();
+        self.base = state.counter;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::test_util::{check_refusals_with, json_round_trip};
     use crate::Bus;
 
     fn read32(t: &mut AcpiPmTimer) -> u32 {
@@ -198,5 +246,68 @@ mod tests {
             assert!(bus.write(0x608, data));
         }
         assert!(read(0x608, 4) >= after, "writes do not reset the counter");
+    }
+
+    /// Saved after 20 ms, kept 50 ms, restored into a new timer on the bus: the guest's next
+    /// read is the saved count plus only the time since the restore (not the 50 ms away, and
+    /// not a restart from 0).
+    #[test]
+    fn a_restored_timer_counts_on_from_the_saved_value() {
+        let bus = Bus::new();
+        let timer = Arc::new(Mutex::new(AcpiPmTimer::new()));
+        bus.insert(timer.clone(), 0x608, 4).unwrap();
+        let read = |bus: &Bus| {
+            let mut b = [0u8; 4];
+            assert!(bus.read(0x608, &mut b));
+            u32::from_le_bytes(b)
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let before_save = read(&bus);
+        let state = json_round_trip(&*timer.lock().unwrap());
+        let after_save = read(&bus);
+        assert!(before_save <= state.counter && state.counter <= after_save);
+        assert!(state.counter >= AcpiPmTimer::counter_at(Duration::from_millis(20)));
+        std::thread::sleep(Duration::from_millis(50));
+
+        let restored_bus = Bus::new();
+        let fresh = Arc::new(Mutex::new(AcpiPmTimer::new()));
+        restored_bus.insert(fresh.clone(), 0x608, 4).unwrap();
+        let before_restore = Instant::now();
+        fresh.lock().unwrap().restore(&state).unwrap();
+        let first = read(&restored_bus);
+        let most = AcpiPmTimer::counter_at(before_restore.elapsed());
+        let moved = first.wrapping_sub(state.counter);
+        assert!(
+            moved <= most + 1,
+            "{moved} ticks after the restore, at most {most} expected"
+        );
+        // Counting on at the rate.
+        std::thread::sleep(Duration::from_millis(10));
+        let second = read(&restored_bus);
+        assert!(second.wrapping_sub(first) >= AcpiPmTimer::counter_at(Duration::from_millis(10)));
+    }
+
+    /// A counter saved just short of 2^32 wraps to 0 and on, as it would have.
+    #[test]
+    fn a_restored_timer_wraps_at_32_bits() {
+        let mut t = AcpiPmTimer::new();
+        let near = u32::MAX - 100;
+        t.restore(&PmTimerState {
+            version: PM_TIMER_STATE_VERSION,
+            counter: near,
+        })
+        .unwrap();
+        let first = read32(&mut t);
+        assert!(first >= near || first < 1 << 24, "{first:#x}");
+        // 101 ticks are 28.2 us.
+        std::thread::sleep(Duration::from_millis(1));
+        let c = read32(&mut t);
+        assert!(c < 1 << 24, "wrapped: {c:#x}");
+        assert_eq!(t.state().counter.wrapping_sub(near) >> 24, 0);
+        // Refused states leave it counting on from where it was (within a second).
+        check_refusals_with(&mut t, |before, now| {
+            now.version == before.version
+                && now.counter.wrapping_sub(before.counter) < PM_TIMER_FREQUENCY_HZ as u32
+        });
     }
 }

@@ -3,8 +3,23 @@
 use std::sync::Arc;
 
 use log::info;
+use serde::{Deserialize, Serialize};
 
-use crate::{BusDevice, VmRequests};
+use crate::state::check_version;
+use crate::{BusDevice, StateError, Stateful, VmRequests};
+
+/// The `AcpiSleepState` layout this build writes and the only one it restores.
+pub const ACPI_SLEEP_STATE_VERSION: u32 = 1;
+
+/// The sleep/reset register's state: nothing the guest can see (it reads 0, and the writes it
+/// acts on power off or reset the machine; the S5 type and the reset value are configuration,
+/// given again to the device a restore starts from), so only the version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcpiSleepState {
+    /// [`ACPI_SLEEP_STATE_VERSION`] when written.
+    pub version: u32,
+}
 
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
@@ -48,10 +63,25 @@ impl BusDevice for AcpiSleepDevice {
     }
 }
 
+impl Stateful for AcpiSleepDevice {
+    const NAME: &'static str = "acpi-sleep";
+    type State = AcpiSleepState;
+
+    fn state(&self) -> AcpiSleepState {
+        AcpiSleepState {
+            version: ACPI_SLEEP_STATE_VERSION,
+        }
+    }
+
+    fn restore(&mut self, state: &AcpiSleepState) -> Result<(), StateError> {
+        check_version(Self::NAME, state.version, ACPI_SLEEP_STATE_VERSION)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::Requests;
+    use crate::test_util::{check_refusals, json_round_trip, Requests};
 
     #[test]
     fn s5_powers_off_and_reset_value_resets() {
@@ -66,5 +96,25 @@ mod tests {
         assert_eq!(req.take(), (0, 1));
         d.write(1, &[1]);
         assert_eq!(req.take(), (0, 0));
+    }
+
+    /// Restored, the register reads as the saved one and still powers off and resets.
+    #[test]
+    fn state_round_trip() {
+        let req = Arc::new(Requests::default());
+        let mut d = AcpiSleepDevice::new(5, 1, req.clone());
+        d.write(0, &[(3 << 2) | SLP_EN]);
+        let state = json_round_trip(&d);
+        let mut fresh = AcpiSleepDevice::new(5, 1, req.clone());
+        fresh.restore(&state).unwrap();
+        let (mut a, mut b) = ([0xaau8], [0x55u8]);
+        d.read(0, &mut a);
+        fresh.read(0, &mut b);
+        assert_eq!(a, b);
+        fresh.write(0, &[(5 << 2) | SLP_EN]);
+        fresh.write(0, &[1]);
+        assert_eq!(req.take(), (1, 1));
+        check_refusals(&mut fresh);
+        assert_eq!(req.take(), (0, 0), "refused states requested nothing");
     }
 }

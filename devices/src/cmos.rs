@@ -2,9 +2,15 @@
 //! UTC, the memory size registers firmware-less guests read, and NVRAM that survives a guest
 //! reboot because the VMM carries it into the rebuilt VM.
 
-use crate::BusDevice;
+use serde::{Deserialize, Serialize};
+
+use crate::state::{check_version, invalid};
+use crate::{BusDevice, StateError, Stateful};
 
 pub const CMOS_NVRAM_SIZE: usize = 128;
+
+/// The `CmosState` layout this build writes and the only one it restores.
+pub const CMOS_STATE_VERSION: u32 = 1;
 
 const INDEX_MASK: u8 = 0x7f;
 const REG_SECONDS: u8 = 0x00;
@@ -194,9 +200,77 @@ impl BusDevice for Cmos {
     }
 }
 
+/// The CMOS/RTC's state: the selected register and the 128 bytes of CMOS RAM (NVRAM, the
+/// status registers the guest set, such as binary or 12-hour mode in status B, and the memory
+/// sizes, which the guest may have overwritten).
+///
+/// There is no clock here: the time registers read the host's UTC wall clock, and the guest's
+/// writes to them are dropped (as in the original), so there is no offset of the guest's to
+/// keep. A restored clock reads the host's time at the restore: it goes on from where it was
+/// by the time the VM was away, as a battery-backed clock does, and never goes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmosState {
+    /// [`CMOS_STATE_VERSION`] when written.
+    pub version: u32,
+    /// The register port 0x70 selected (0..=0x7f; the NMI-mask bit is not kept).
+    pub index: u8,
+    /// CMOS RAM, [`CMOS_NVRAM_SIZE`] bytes.
+    pub data: Vec<u8>,
+}
+
+impl Stateful for Cmos {
+    const NAME: &'static str = "cmos";
+    type State = CmosState;
+
+    fn state(&self) -> CmosState {
+        CmosState {
+            version: CMOS_STATE_VERSION,
+            index: self.index,
+            data: self.data.to_vec(),
+        }
+    }
+
+    /// Refuses what the device cannot hold: an index past the RAM, RAM of another size,
+    /// update-in-progress set in status A, status D without valid RAM and time.
+    fn restore(&mut self, state: &CmosState) -> Result<(), StateError> {
+        check_version(Self::NAME, state.version, CMOS_STATE_VERSION)?;
+        if state.index > INDEX_MASK {
+            return Err(invalid(
+                Self::NAME,
+                format!("register index {:#x} is past the RAM", state.index),
+            ));
+        }
+        let data: [u8; CMOS_NVRAM_SIZE] = state.data.as_slice().try_into().map_err(|_| {
+            invalid(
+                Self::NAME,
+                format!("{} bytes of RAM, not {CMOS_NVRAM_SIZE}", state.data.len()),
+            )
+        })?;
+        let status_a = data[REG_STATUS_A as usize];
+        if status_a & !0x7f != 0 {
+            return Err(invalid(
+                Self::NAME,
+                format!("status A {status_a:#04x} has update-in-progress set"),
+            ));
+        }
+        let status_d = data[REG_STATUS_D as usize];
+        if status_d != STATUS_D_VRT {
+            return Err(invalid(
+                Self::NAME,
+                format!("status D {status_d:#04x} is not {STATUS_D_VRT:#04x} (valid RAM and time)"),
+            ));
+        }
+        self.index = state.index;
+        self.data = data;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{check_refusals, json_round_trip};
 
     fn read(c: &mut Cmos, reg: u8) -> u8 {
         c.write(0, &[reg]);
@@ -260,5 +334,103 @@ mod tests {
     fn civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+
+    /// 2026-11-24 19:36:19 UTC.
+    const T0: i64 = 1_795_548_979;
+
+    /// A guest sets binary 12-hour mode, a rate in status A, NVRAM bytes and an index: the
+    /// restored device reads the same at every register, and its clock is the host's at the
+    /// restore (later, never earlier).
+    #[test]
+    fn state_round_trip() {
+        let mut c = Cmos::with_clock(256 * MIB, 0, None, || T0);
+        c.write(0, &[REG_STATUS_B]);
+        c.write(1, &[STATUS_B_BINARY]);
+        c.write(0, &[REG_STATUS_A]);
+        c.write(1, &[0x2f]);
+        c.write(0, &[0x50]);
+        c.write(1, &[0xa5]);
+        c.write(0, &[0x7f]);
+        c.write(1, &[0x5a]);
+        c.write(0, &[0x17]);
+        c.write(1, &[0x12]); // the guest may overwrite a memory size
+        c.write(0, &[0x80 | REG_HOURS]); // the NMI-mask bit is dropped
+        let state = json_round_trip(&c);
+        assert_eq!(state.index, REG_HOURS);
+
+        let mut fresh = Cmos::with_clock(256 * MIB, 0, None, || T0);
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.state(), state);
+        assert_eq!(fresh.nvram(), c.nvram());
+        // The selected register first, as the guest would read it without selecting again.
+        for port in [0, 1] {
+            let (mut a, mut b) = ([0u8], [0u8]);
+            c.read(port, &mut a);
+            fresh.read(port, &mut b);
+            assert_eq!(a, b, "port {port}");
+        }
+        for reg in 0..=INDEX_MASK {
+            assert_eq!(
+                read(&mut fresh, reg),
+                read(&mut c, reg),
+                "register {reg:#x}"
+            );
+        }
+        assert_eq!(read(&mut fresh, REG_HOURS), 0x80 | 7, "binary, 12-hour");
+
+        // Restored an hour and a minute later: the clock reads then, in the guest's format.
+        let mut later = Cmos::with_clock(256 * MIB, 0, None, || T0 + 3660);
+        later.restore(&state).unwrap();
+        assert_eq!(read(&mut later, REG_HOURS), 0x80 | 8);
+        assert_eq!(read(&mut later, REG_MINUTES), 37);
+        assert_eq!(read(&mut later, REG_SECONDS), 19);
+        assert_eq!(read(&mut later, 0x50), 0xa5);
+    }
+
+    #[test]
+    fn refuses_states_it_cannot_hold() {
+        let mut c = Cmos::with_clock(256 * MIB, 0, None, || T0);
+        c.write(0, &[0x50]);
+        c.write(1, &[0xa5]);
+        let good = c.state();
+        let mut bad = Vec::new();
+        bad.push(CmosState {
+            index: 0x80,
+            ..good.clone()
+        });
+        bad.push(CmosState {
+            index: 0xff,
+            ..good.clone()
+        });
+        for len in [0, 127, 129, 4096] {
+            let mut data = good.data.clone();
+            data.resize(len, 0);
+            bad.push(CmosState {
+                data,
+                ..good.clone()
+            });
+        }
+        let mut data = good.data.clone();
+        data[REG_STATUS_A as usize] |= 0x80;
+        bad.push(CmosState {
+            data,
+            ..good.clone()
+        });
+        let mut data = good.data.clone();
+        data[REG_STATUS_D as usize] = 0;
+        bad.push(CmosState {
+            data,
+            ..good.clone()
+        });
+        for s in bad {
+            let e = c.restore(&s).unwrap_err();
+            assert!(
+                matches!(e, StateError::Invalid { device: "cmos", .. }),
+                "{e}"
+            );
+            assert_eq!(c.state(), good);
+        }
+        check_refusals(&mut c);
     }
 }

@@ -3,12 +3,33 @@
 //! DSDT) reads the register, which clears it, and notifies the matching ACPI device.
 
 use log::warn;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::BusDevice;
+use crate::state::{check_version, invalid};
+use crate::{BusDevice, StateError, Stateful};
 
 /// Event bit: the power button was pressed.
 pub const GED_POWER_BUTTON: u8 = 1 << 0;
+/// Every event bit the device (and the DSDT's `_EVT`) knows.
+pub const GED_EVENTS: u8 = GED_POWER_BUTTON;
+
+/// The `GedState` layout this build writes and the only one it restores.
+pub const GED_STATE_VERSION: u32 = 1;
+
+/// The GED's state: the events latched and not yet read by the guest.
+///
+/// The interrupt that announced them is not here: it went through the irqfd into the in-kernel
+/// irqchip when it was raised, and the VM's irqchip and LAPIC state carry it, so a restore does
+/// not raise it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GedState {
+    /// [`GED_STATE_VERSION`] when written.
+    pub version: u32,
+    /// Pending event bits, of [`GED_EVENTS`].
+    pub pending: u8,
+}
 
 pub struct Ged {
     irq: EventFd,
@@ -43,9 +64,38 @@ impl BusDevice for Ged {
     }
 }
 
+impl Stateful for Ged {
+    const NAME: &'static str = "ged";
+    type State = GedState;
+
+    fn state(&self) -> GedState {
+        GedState {
+            version: GED_STATE_VERSION,
+            pending: self.pending,
+        }
+    }
+
+    /// Refuses event bits this build does not know (its `_EVT` would not act on them).
+    fn restore(&mut self, state: &GedState) -> Result<(), StateError> {
+        check_version(Self::NAME, state.version, GED_STATE_VERSION)?;
+        if state.pending & !GED_EVENTS != 0 {
+            return Err(invalid(
+                Self::NAME,
+                format!(
+                    "pending events {:#04x} include bits this build does not know (it knows {GED_EVENTS:#04x})",
+                    state.pending
+                ),
+            ));
+        }
+        self.pending = state.pending;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{check_refusals, json_round_trip};
 
     #[test]
     fn read_returns_and_clears_pending_events() {
@@ -70,5 +120,51 @@ mod tests {
         ged.write(0, &[0xff]);
         ged.read(0, &mut b);
         assert_eq!(b[0], 0, "writes do not set events");
+    }
+
+    /// A power-button press the guest has not read yet survives a save and restore: the
+    /// restored device gives the event once, as the original would have; the restore itself
+    /// raises no interrupt (the irqchip's state has it).
+    #[test]
+    fn pending_event_survives_a_restore() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut ged = Ged::new(irq.try_clone().unwrap());
+        ged.notify(GED_POWER_BUTTON).unwrap();
+        assert_eq!(irq.read().unwrap(), 1);
+        let state = json_round_trip(&ged);
+        assert_eq!(state.pending, GED_POWER_BUTTON);
+
+        let fresh_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut fresh = Ged::new(fresh_irq.try_clone().unwrap());
+        fresh.restore(&state).unwrap();
+        assert!(
+            fresh_irq.read().is_err(),
+            "no interrupt raised by a restore"
+        );
+        for _ in 0..2 {
+            let (mut a, mut b) = ([0xaau8], [0x55u8]);
+            ged.read(0, &mut a);
+            fresh.read(0, &mut b);
+            assert_eq!(a, b);
+        }
+        assert_eq!(fresh.state(), ged.state());
+        assert_eq!(fresh.state().pending, 0, "read once, then cleared");
+
+        // Unknown event bits are refused, and the device is left as it was.
+        fresh.notify(GED_POWER_BUTTON).unwrap();
+        for pending in [0x02, 0x80, 0xff] {
+            let e = fresh
+                .restore(&GedState {
+                    version: GED_STATE_VERSION,
+                    pending,
+                })
+                .unwrap_err();
+            assert!(
+                matches!(e, StateError::Invalid { device: "ged", .. }),
+                "{e}"
+            );
+            assert_eq!(fresh.state().pending, GED_POWER_BUTTON);
+        }
+        check_refusals(&mut fresh);
     }
 }

@@ -9,19 +9,19 @@ mod cmos;
 mod ged;
 mod i8042;
 mod serial;
+mod state;
 #[cfg(test)]
 mod test_util;
 
-pub use acpi_pm_timer::{AcpiPmTimer, PM_TIMER_FREQUENCY_HZ};
-pub use acpi_sleep::AcpiSleepDevice;
+pub use acpi_pm_timer::{AcpiPmTimer, PmTimerState, PM_TIMER_FREQUENCY_HZ, PM_TIMER_STATE_VERSION};
+pub use acpi_sleep::{AcpiSleepDevice, AcpiSleepState, ACPI_SLEEP_STATE_VERSION};
 pub use bus::{Bus, BusDevice, BusError};
-pub use cmos::{Cmos, CMOS_NVRAM_SIZE};
-pub use ged::{Ged, GED_POWER_BUTTON};
-pub use i8042::I8042;
-pub use serial::{Serial, SerialOutput};
+pub use cmos::{Cmos, CmosState, CMOS_NVRAM_SIZE, CMOS_STATE_VERSION};
+pub use ged::{Ged, GedState, GED_EVENTS, GED_POWER_BUTTON, GED_STATE_VERSION};
+pub use i8042::{I8042State, I8042, I8042_STATE_VERSION};
+pub use serial::{Serial, SerialOutput, SerialState, SERIAL_STATE_VERSION};
+pub use state::{StateError, Stateful};
 
-/// What a device may ask of the machine as a whole. The VMM decides what it means; the vCPU
-/// that made the request should not run on past it.
 /// A device's statistics for `vm.counters`: counter name → value.
 pub trait DeviceCounters: Send + Sync {
     fn counters(&self) -> std::collections::BTreeMap<String, u64>;
