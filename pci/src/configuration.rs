@@ -2,6 +2,9 @@
 //! that answer the all-ones sizing write as the PCI specification says, and a capability list.
 
 use log::warn;
+use serde::{Deserialize, Serialize};
+
+use crate::StateError;
 
 /// Bytes of configuration space per function (PCI Express extended space).
 pub const CONFIG_SPACE_SIZE: usize = 4096;
@@ -20,6 +23,24 @@ const STATUS_CAP_LIST: u32 = 1 << 4;
 const COMMAND_WRITABLE: u32 = 0x1 | 0x2 | 0x4 | 0x400;
 /// Command register: memory space decoding enabled.
 pub const COMMAND_MEMORY: u32 = 0x2;
+
+/// The `PciConfigurationState` layout this build writes and the only one it restores.
+pub const PCI_CONFIG_STATE_VERSION: u32 = 1;
+
+/// A configuration space as the guest left it: every register, so the command register, the
+/// BARs as the guest programmed them, the interrupt line and the writable capability fields.
+///
+/// Restored into a configuration space built for the same device (same IDs, BAR sizes and
+/// capabilities); the read-only bits of every register must match it, so a state of another
+/// device or configuration is refused. Write masks and BAR sizes are not saved: they come with
+/// the device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigurationState {
+    /// [`PCI_CONFIG_STATE_VERSION`] when written.
+    pub version: u32,
+    /// The dwords from offset 0 up to the last non-zero one (at most 1024); the rest are 0.
+    pub regs: Vec<u32>,
+}
 
 /// How a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +214,58 @@ impl PciConfiguration {
         let mask = self.wmask[reg] & lane;
         self.regs[reg] = (self.regs[reg] & !mask) | (value & mask);
         Some(reg)
+    }
+
+    /// The registers as they are now.
+    pub fn state(&self) -> PciConfigurationState {
+        let used = self.regs.iter().rposition(|&r| r != 0).map_or(0, |i| i + 1);
+        PciConfigurationState {
+            version: PCI_CONFIG_STATE_VERSION,
+            regs: self.regs[..used].to_vec(),
+        }
+    }
+
+    /// Whether `state` can be restored here: its version, its length, and every read-only bit
+    /// equal to this space's.
+    pub fn check_state(&self, state: &PciConfigurationState) -> Result<(), StateError> {
+        const WHAT: &str = "PCI configuration space";
+        StateError::check_version(WHAT, state.version, PCI_CONFIG_STATE_VERSION)?;
+        if state.regs.len() > REGS {
+            return Err(StateError::invalid(
+                WHAT,
+                format!(
+                    "{} registers, a configuration space has {REGS}",
+                    state.regs.len()
+                ),
+            ));
+        }
+        for (i, (&cur, &mask)) in self.regs.iter().zip(self.wmask.iter()).enumerate() {
+            let saved = state.regs.get(i).copied().unwrap_or(0);
+            let fixed = !mask;
+            if (saved ^ cur) & fixed != 0 {
+                return Err(StateError::invalid(
+                    WHAT,
+                    format!(
+                        "register {:#05x} is {saved:#010x}, but this device's read-only bits \
+                         there ({fixed:#010x}) are {:#010x}: the state is of another device or \
+                         configuration",
+                        i * 4,
+                        cur & fixed
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the registers back as `state` has them; on an error nothing changes. The caller
+    /// makes the MMIO bus follow the BARs (`PciRoot::refresh_bars`).
+    pub fn set_state(&mut self, state: &PciConfigurationState) -> Result<(), StateError> {
+        self.check_state(state)?;
+        for (i, r) in self.regs.iter_mut().enumerate() {
+            *r = state.regs.get(i).copied().unwrap_or(0);
+        }
+        Ok(())
     }
 
     /// Whether dword `reg` is a BAR or the command register: writes there may move BARs.

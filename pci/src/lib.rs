@@ -8,22 +8,96 @@
 mod bus;
 mod configuration;
 mod msix;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 use std::sync::{Arc, Mutex};
 
-pub use bus::{BarAllocator, BarWindows, PciConfigIo, PciConfigMmio, PciRoot, PciRootError};
-pub use configuration::{
-    extract, BarKind, PciConfiguration, PciIds, BAR_COUNT, COMMAND_MEMORY, CONFIG_SPACE_SIZE,
+pub use bus::{
+    BarAllocator, BarWindows, PciConfigIo, PciConfigIoState, PciConfigMmio, PciRoot, PciRootError,
+    PciRootState, PCI_CONFIG_IO_STATE_VERSION, PCI_ROOT_STATE_VERSION,
 };
-pub use msix::{MsixCap, MsixConfig, MSIX_ENTRY_SIZE};
+pub use configuration::{
+    extract, BarKind, PciConfiguration, PciConfigurationState, PciIds, BAR_COUNT, COMMAND_MEMORY,
+    CONFIG_SPACE_SIZE, PCI_CONFIG_STATE_VERSION,
+};
+pub use msix::{MsixCap, MsixConfig, MsixEntry, MsixState, MSIX_ENTRY_SIZE, MSIX_STATE_VERSION};
 
 use devices::BusDevice;
+use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Vendor ID of the host bridge (Intel, as most virtual platforms use).
 pub const HOST_BRIDGE_VENDOR: u16 = 0x8086;
 /// Device ID of the host bridge (a generic "virtual host bridge").
 pub const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
+
+/// Why a saved state (of a configuration space, an MSI-X table, the root, a virtio-pci
+/// transport, ...) was not restored. A state file is input: every check that can fail is one of
+/// these, never a panic. `what` names the object (and the device, where there is one).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("cannot restore {what} state version {found}: this build reads version {supported}")]
+    Version {
+        what: String,
+        found: u32,
+        supported: u32,
+    },
+    /// The state is not one this build could have written for this object (another device,
+    /// another configuration, or values the registers cannot hold). Nothing was changed.
+    #[error("cannot restore {what} state: {reason}")]
+    Invalid { what: String, reason: String },
+    /// The state was taken, but the host refused something it needed (an MSI route, a device
+    /// thread). The object is left with the state applied as far as the host allowed.
+    #[error("cannot restore {what} state: {reason}")]
+    Host { what: String, reason: String },
+}
+
+impl StateError {
+    pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        StateError::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Refuses a `found` version other than `supported`.
+    pub fn check_version(what: &str, found: u32, supported: u32) -> Result<(), Self> {
+        if found == supported {
+            Ok(())
+        } else {
+            Err(StateError::Version {
+                what: what.into(),
+                found,
+                supported,
+            })
+        }
+    }
+
+    /// The same error, with `owner` (e.g. a device's name) in front of what it names.
+    pub fn within(self, owner: &str) -> Self {
+        let name = |what: String| format!("{owner}: {what}");
+        match self {
+            StateError::Version {
+                what,
+                found,
+                supported,
+            } => StateError::Version {
+                what: name(what),
+                found,
+                supported,
+            },
+            StateError::Invalid { what, reason } => StateError::Invalid {
+                what: name(what),
+                reason,
+            },
+            StateError::Host { what, reason } => StateError::Host {
+                what: name(what),
+                reason,
+            },
+        }
+    }
+}
 
 /// What PCI devices need from the VM. Every call may fail; a device that cannot get what it asks
 /// for logs it and keeps running with the feature unavailable.

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use log::{debug, warn};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::VmInterface;
+use crate::{StateError, VmInterface};
 
 /// Bytes per table entry: address low, address high, data, vector control.
 pub const MSIX_ENTRY_SIZE: u64 = 16;
@@ -31,13 +32,40 @@ impl MsixCap {
     }
 }
 
-#[derive(Clone, Copy, Default)]
-struct Entry {
-    addr_lo: u32,
-    addr_hi: u32,
-    data: u32,
-    control: u32,
+/// The `MsixState` layout this build writes and the only one it restores.
+pub const MSIX_STATE_VERSION: u32 = 1;
+
+/// One table entry as the guest reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixEntry {
+    /// Message address, low dword (bits 1:0 are always 0).
+    pub addr_lo: u32,
+    pub addr_hi: u32,
+    pub data: u32,
+    /// Vector control: bit 0 masks the vector; the other bits are always 0.
+    pub control: u32,
 }
+
+/// An MSI-X table, its pending bits and its message control bits.
+///
+/// GSIs and irqfds are host resources, not state: the fresh `MsixConfig` a state is restored
+/// into has its own, and the restore routes each of its GSIs to the restored entry's message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// [`MSIX_STATE_VERSION`] when written.
+    pub version: u32,
+    /// Message control: MSI-X enable.
+    pub enabled: bool,
+    /// Message control: function mask.
+    pub function_masked: bool,
+    /// One entry per vector; as many as the table the state is restored into has.
+    pub table: Vec<MsixEntry>,
+    /// Pending bits, 64 vectors per word (bit `i % 64` of word `i / 64`); bits past the last
+    /// vector are 0.
+    pub pba: Vec<u64>,
+}
+
+type Entry = MsixEntry;
 
 impl Entry {
     fn masked(&self) -> bool {
@@ -130,13 +158,18 @@ impl MsixConfig {
     }
 
     fn update_route(&self, i: usize) {
-        let (Some(e), Some(v)) = (self.entries.get(i), self.vectors.get(i)) else {
-            return;
-        };
-        let addr = u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo);
-        if let Err(err) = self.vm.set_msi_route(v.gsi, Some((addr, e.data))) {
+        if let Err(err) = self.route(i) {
             warn!("MSI-X: cannot route vector {i}: {err}");
         }
+    }
+
+    /// Routes vector `i`'s GSI to its entry's message (nothing to do without a GSI).
+    fn route(&self, i: usize) -> Result<(), String> {
+        let (Some(e), Some(v)) = (self.entries.get(i), self.vectors.get(i)) else {
+            return Ok(());
+        };
+        let addr = u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo);
+        self.vm.set_msi_route(v.gsi, Some((addr, e.data)))
     }
 
     fn deliver_pending(&mut self, i: usize) {
@@ -241,6 +274,94 @@ impl MsixConfig {
                 *b = (w >> ((byte % 8) * 8)) as u8;
             }
         }
+    }
+
+    /// The table, pending bits and control bits as they are now.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            version: MSIX_STATE_VERSION,
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+            table: self.entries.clone(),
+            pba: self.pba.clone(),
+        }
+    }
+
+    /// Whether `state` can be restored here: its version, a table of this size, and only
+    /// values the guest could have written.
+    pub fn check_state(&self, state: &MsixState) -> Result<(), StateError> {
+        const WHAT: &str = "MSI-X";
+        let invalid = |reason: String| Err(StateError::invalid(WHAT, reason));
+        StateError::check_version(WHAT, state.version, MSIX_STATE_VERSION)?;
+        let n = self.entries.len();
+        if state.table.len() != n {
+            return invalid(format!(
+                "{} table entries, this device has {n}",
+                state.table.len()
+            ));
+        }
+        if state.pba.len() != self.pba.len() {
+            return invalid(format!(
+                "{} pending-bit words, this device has {}",
+                state.pba.len(),
+                self.pba.len()
+            ));
+        }
+        if !n.is_multiple_of(64) {
+            if let Some(&last) = state.pba.last() {
+                if last >> (n % 64) != 0 {
+                    return invalid(format!("pending bits set past the last vector ({n})"));
+                }
+            }
+        }
+        for (i, e) in state.table.iter().enumerate() {
+            if e.control & !VECTOR_MASKED != 0 || e.addr_lo & 3 != 0 {
+                return invalid(format!(
+                    "entry {i} holds bits the table does not keep (address {:#x}, control {:#x})",
+                    e.addr_lo, e.control
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the table what `state` describes (nothing changes if it is refused) and routes
+    /// every vector's GSI to its entry's message, as the guest's writes had routed it. Pending
+    /// bits stay pending until the guest unmasks, as before the save.
+    pub fn set_state(&mut self, state: &MsixState) -> Result<(), StateError> {
+        self.check_state(state)?;
+        self.entries.copy_from_slice(&state.table);
+        self.pba.copy_from_slice(&state.pba);
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
+        let mut failed = None;
+        for i in 0..self.entries.len() {
+            if let Err(e) = self.route(i) {
+                failed.get_or_insert(format!("cannot route vector {i}: {e}"));
+            }
+        }
+        match failed {
+            Some(reason) => Err(StateError::Host {
+                what: "MSI-X".into(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Each vector's GSI and the message it is routed to now (the entry's address and data).
+    /// Vectors the VM gave no GSI are left out.
+    pub fn routes(&self) -> Vec<(u32, (u64, u32))> {
+        self.vectors
+            .iter()
+            .zip(&self.entries)
+            .map(|(v, e)| {
+                (
+                    v.gsi,
+                    (u64::from(e.addr_hi) << 32 | u64::from(e.addr_lo), e.data),
+                )
+            })
+            .collect()
     }
 
     /// Masks every vector and disables MSI-X (device reset).

@@ -6,13 +6,38 @@ use std::sync::{Arc, Mutex};
 
 use devices::BusDevice;
 use log::{debug, warn};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::configuration::{extract, PciIds};
 use crate::{
-    BarKind, BarRegion, PciConfiguration, PciDevice, VmInterface, BAR_COUNT, HOST_BRIDGE_DEVICE,
-    HOST_BRIDGE_VENDOR,
+    BarKind, BarRegion, PciConfiguration, PciConfigurationState, PciDevice, StateError,
+    VmInterface, BAR_COUNT, HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR,
 };
+
+/// The `PciRootState` layout this build writes and the only one it restores.
+pub const PCI_ROOT_STATE_VERSION: u32 = 1;
+/// The `PciConfigIoState` layout this build writes and the only one it restores.
+pub const PCI_CONFIG_IO_STATE_VERSION: u32 = 1;
+
+/// What the root itself holds: the host bridge's configuration space. Each device on the bus
+/// saves its own (with its configuration space and BARs); the root redoes the BAR mappings
+/// after they are restored ([`PciRoot::refresh_bars`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciRootState {
+    /// [`PCI_ROOT_STATE_VERSION`] when written.
+    pub version: u32,
+    pub host_bridge: PciConfigurationState,
+}
+
+/// The configuration address register (port 0xcf8): a vCPU may have written it and not yet
+/// used the data port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigIoState {
+    /// [`PCI_CONFIG_IO_STATE_VERSION`] when written.
+    pub version: u32,
+    pub address: u32,
+}
 
 /// Device numbers on a bus.
 pub const DEVICES_PER_BUS: u8 = 32;
@@ -218,6 +243,72 @@ impl PciRoot {
         }
     }
 
+    /// The host bridge's state (devices save their own).
+    pub fn state(&self) -> PciRootState {
+        PciRootState {
+            version: PCI_ROOT_STATE_VERSION,
+            host_bridge: self.slots[&0]
+                .dev
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config()
+                .state(),
+        }
+    }
+
+    /// Restores the host bridge; on an error nothing changes.
+    pub fn set_state(&mut self, state: &PciRootState) -> Result<(), StateError> {
+        StateError::check_version("PCI root", state.version, PCI_ROOT_STATE_VERSION)?;
+        self.slots[&0]
+            .dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_mut()
+            .set_state(&state.host_bridge)
+            .map_err(|e| e.within("PCI host bridge"))
+    }
+
+    /// Makes the MMIO bus match every device's BARs and memory-enable bit, after the devices'
+    /// configuration spaces were restored (their BARs may be where the guest had moved them, or
+    /// decoding off). Each device hears of its moves through `PciDevice::bar_moved` (virtio
+    /// moves its notify ioeventfds there). BARs that move are all taken off the bus before any
+    /// is put back, so restored BARs that swapped places do not collide with their old selves.
+    /// The devices must not be locked by the caller.
+    pub fn refresh_bars(&mut self) {
+        let ids: Vec<u8> = self.slots.keys().copied().collect();
+        for &id in &ids {
+            let vm = self.vm.clone();
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            let mut dev = slot.dev.lock().unwrap_or_else(|e| e.into_inner());
+            let wanted = Self::wanted(dev.config());
+            for (bar, (mapped, wanted)) in slot.mapped.iter_mut().zip(wanted).enumerate() {
+                if let Some(old) = *mapped {
+                    if wanted != Some(old) {
+                        vm.unmap_mmio(old);
+                        *mapped = None;
+                        dev.bar_moved(bar, Some(old), None);
+                    }
+                }
+            }
+        }
+        for id in ids {
+            self.update_mappings(id);
+        }
+    }
+
+    /// Where each BAR of `config` should decode now: its address while memory decoding is on
+    /// and the address is neither zero nor wrapping (the sizing pattern), otherwise nowhere.
+    fn wanted(config: &PciConfiguration) -> [Option<u64>; BAR_COUNT] {
+        let enabled = config.memory_enabled();
+        std::array::from_fn(|bar| {
+            let (addr, size) = config.bar(bar)?;
+            let valid = addr != 0 && addr.checked_add(size).is_some();
+            (enabled && valid).then_some(addr)
+        })
+    }
+
     /// Makes the MMIO bus match the BARs and the memory-enable bit of device `id`.
     fn update_mappings(&mut self, id: u8) {
         let vm = self.vm.clone();
@@ -225,14 +316,11 @@ impl PciRoot {
             return;
         };
         let mut dev = slot.dev.lock().unwrap_or_else(|e| e.into_inner());
-        let enabled = dev.config().memory_enabled();
-        for bar in 0..BAR_COUNT {
-            let Some((addr, size)) = dev.config().bar(bar) else {
+        let wanted_all = Self::wanted(dev.config());
+        for (bar, wanted) in wanted_all.into_iter().enumerate() {
+            let Some((_, size)) = dev.config().bar(bar) else {
                 continue;
             };
-            // An address with the sizing pattern, zero or wrapping decodes nowhere.
-            let valid = addr != 0 && addr.checked_add(size).is_some();
-            let wanted = (enabled && valid).then_some(addr);
             let old = slot.mapped[bar];
             if wanted == old {
                 continue;
@@ -306,6 +394,23 @@ pub struct PciConfigIo {
 impl PciConfigIo {
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
         PciConfigIo { root, address: 0 }
+    }
+
+    pub fn state(&self) -> PciConfigIoState {
+        PciConfigIoState {
+            version: PCI_CONFIG_IO_STATE_VERSION,
+            address: self.address,
+        }
+    }
+
+    pub fn set_state(&mut self, state: &PciConfigIoState) -> Result<(), StateError> {
+        StateError::check_version(
+            "PCI configuration ports",
+            state.version,
+            PCI_CONFIG_IO_STATE_VERSION,
+        )?;
+        self.address = state.address;
+        Ok(())
     }
 
     /// Bus, device, function and byte offset the address register selects, if enabled.

@@ -284,3 +284,414 @@ fn msix_masking_and_pending_bits() {
     m.reset();
     assert!(!m.enabled());
 }
+
+// ---- Saved state: configuration spaces, the root, the ports, MSI-X ----
+
+use crate::test_utils::check_mutations;
+use crate::{MsixState, PciConfigurationState, StateError, MSIX_ENTRY_SIZE};
+
+/// A function with a 32-bit BAR 0, a 64-bit BAR 2 and a capability with writable bytes.
+fn rich_config(bar0: u64, bar2: u64) -> PciConfiguration {
+    let mut c = PciConfiguration::new(PciIds {
+        vendor: 0x1af4,
+        device: 0x1045,
+        class: 0xff,
+        subclass: 0,
+        prog_if: 0,
+        revision: 1,
+        subsystem_vendor: 0x1af4,
+        subsystem: 0x40,
+    });
+    c.add_bar(0, 0x1000, BarKind::Mem32, bar0);
+    c.add_bar(2, 0x1_0000, BarKind::Mem64, bar2);
+    let cap = c
+        .add_capability(&[0x09, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        .unwrap();
+    c.set_write_mask(cap / 4 + 1, 0xffff_ff00);
+    c.set_write_mask(cap / 4 + 2, u32::MAX);
+    c
+}
+
+fn ecam_regs(ecam: &mut PciConfigMmio, dev: u8) -> Vec<u32> {
+    (0..0x1000)
+        .step_by(4)
+        .map(|o| ecam_read32(ecam, u64::from(dev) << 15 | o))
+        .collect()
+}
+
+/// A guest programs two functions and the host bridge through ECAM and the ports (BARs moved,
+/// one function's decoding off, bus master, interrupt line, capability fields); the root, the
+/// ports and each configuration space are saved, go through JSON and are restored into fresh
+/// objects: every register of every function reads back the same, and the MMIO bus holds the
+/// BARs where the guest had put them.
+#[test]
+fn configuration_spaces_and_bars_survive_save_and_restore() {
+    let build = |vm: &Arc<FakeVm>| {
+        let root = Arc::new(Mutex::new(PciRoot::new(vm.clone())));
+        let a: Arc<Mutex<Dummy>> =
+            Arc::new(Mutex::new(Dummy(rich_config(0xc000_0000, 0x1_0000_0000))));
+        let b: Arc<Mutex<Dummy>> =
+            Arc::new(Mutex::new(Dummy(rich_config(0xc000_1000, 0x1_0001_0000))));
+        root.lock().unwrap().add_device(1, a.clone()).unwrap();
+        root.lock().unwrap().add_device(3, b.clone()).unwrap();
+        (root, a, b)
+    };
+    let vm = Arc::new(FakeVm::default());
+    let (root, a, b) = build(&vm);
+    let mut ecam = PciConfigMmio(root.clone());
+    let mut io = PciConfigIo::new(root.clone());
+    let (d1, d3) = (1u64 << 15, 3u64 << 15);
+    // Device 1: bus master, BAR 0 and BAR 2 moved (BAR 2 one dword at a time, above 4 GiB),
+    // interrupt line, capability bytes.
+    ecam.write(d1 + 4, &[2 | 4, 0]);
+    ecam.write(d1 + 0x10, &0xd000_0000u32.to_le_bytes());
+    ecam.write(d1 + 0x18, &0x0042_0000u32.to_le_bytes());
+    ecam.write(d1 + 0x1c, &0x20u32.to_le_bytes());
+    ecam.write(d1 + 0x3c, &[0x0b]);
+    ecam.write(d1 + 0x44, &0x1234_5678u32.to_le_bytes());
+    ecam.write(d1 + 0x48, &0x9abc_def0u32.to_le_bytes());
+    // Device 3: decoding off (its BARs leave the bus), BAR 0 set to the sizing pattern.
+    ecam.write(d3 + 4, &[0, 0]);
+    ecam.write(d3 + 0x10, &[0xff; 4]);
+    // Host bridge: the guest's command bits and interrupt line; the port's address register
+    // left selecting device 3's BAR 2 (a vCPU between its two accesses).
+    ecam.write(4, &[4, 0]);
+    ecam.write(0x3c, &[0x05]);
+    io.write(0, &(0x8000_0000u32 | 3 << 11 | 0x18).to_le_bytes());
+    let mapped_before = {
+        let mut m = vm.mapped.lock().unwrap().clone();
+        m.sort();
+        m
+    };
+    assert_eq!(
+        mapped_before,
+        vec![(0xd000_0000, 0x1000), (0x20_0042_0000, 0x1_0000)]
+    );
+    let regs_before: Vec<Vec<u32>> = [0, 1, 3].map(|d| ecam_regs(&mut ecam, d)).to_vec();
+
+    let json = serde_json::to_string(&(
+        root.lock().unwrap().state(),
+        io.state(),
+        a.lock().unwrap().0.state(),
+        b.lock().unwrap().0.state(),
+    ))
+    .unwrap();
+    let (root_s, io_s, a_s, b_s): (
+        PciRootState,
+        PciConfigIoState,
+        PciConfigurationState,
+        PciConfigurationState,
+    ) = serde_json::from_str(&json).unwrap();
+    // Registers past the last non-zero one are not written out.
+    assert!(a_s.regs.len() <= 0x50 / 4, "{} registers", a_s.regs.len());
+
+    let vm2 = Arc::new(FakeVm::default());
+    let (root2, a2, b2) = build(&vm2);
+    let mut io2 = PciConfigIo::new(root2.clone());
+    root2.lock().unwrap().set_state(&root_s).unwrap();
+    io2.set_state(&io_s).unwrap();
+    a2.lock().unwrap().0.set_state(&a_s).unwrap();
+    b2.lock().unwrap().0.set_state(&b_s).unwrap();
+    root2.lock().unwrap().refresh_bars();
+
+    let mut ecam2 = PciConfigMmio(root2.clone());
+    let regs_after: Vec<Vec<u32>> = [0, 1, 3].map(|d| ecam_regs(&mut ecam2, d)).to_vec();
+    assert_eq!(regs_after, regs_before);
+    let mut mapped_after = vm2.mapped.lock().unwrap().clone();
+    mapped_after.sort();
+    assert_eq!(mapped_after, mapped_before);
+    let r2 = root2.lock().unwrap();
+    assert_eq!(r2.slots[&1].mapped[0], Some(0xd000_0000));
+    assert_eq!(r2.slots[&1].mapped[2], Some(0x20_0042_0000));
+    assert_eq!(r2.slots[&3].mapped, [None; BAR_COUNT]);
+    drop(r2);
+    // The data port continues the access the address register had selected.
+    let mut b4 = [0u8; 4];
+    io2.read(4, &mut b4);
+    assert_eq!(u32::from_le_bytes(b4), regs_before[2][6]);
+    // And the restored functions go on as before: decoding back on maps device 3's BAR 2.
+    ecam2.write(d3 + 4, &[2, 0]);
+    assert!(vm2
+        .mapped
+        .lock()
+        .unwrap()
+        .contains(&(0x1_0001_0000, 0x1_0000)));
+}
+
+/// Restored BARs that swapped places are both mapped (all moves leave the bus before any
+/// comes back), and the devices hear of each move.
+#[test]
+fn refresh_bars_handles_swapped_bars() {
+    let (vm, root) = setup();
+    let a = dummy(0xc000_0000);
+    let b = dummy(0xc000_1000);
+    root.lock().unwrap().add_device(1, a.clone()).unwrap();
+    root.lock().unwrap().add_device(2, b.clone()).unwrap();
+    let mut sa = a.lock().unwrap().config().state();
+    let mut sb = b.lock().unwrap().config().state();
+    std::mem::swap(&mut sa.regs[4], &mut sb.regs[4]);
+    a.lock().unwrap().config_mut().set_state(&sa).unwrap();
+    b.lock().unwrap().config_mut().set_state(&sb).unwrap();
+    root.lock().unwrap().refresh_bars();
+    let mut m = vm.mapped.lock().unwrap().clone();
+    m.sort();
+    assert_eq!(m, vec![(0xc000_0000, 0x1000), (0xc000_1000, 0x1000)]);
+    let r = root.lock().unwrap();
+    assert_eq!(r.slots[&1].mapped[0], Some(0xc000_1000));
+    assert_eq!(r.slots[&2].mapped[0], Some(0xc000_0000));
+}
+
+/// Other versions, states of another device, over-long ones and every corruption of a good one
+/// are refused without a panic, and a refused state changes nothing.
+#[test]
+fn configuration_space_refuses_bad_states() {
+    let mut c = rich_config(0xc000_0000, 0x1_0000_0000);
+    c.write(0x10, &0xd000_0000u32.to_le_bytes());
+    c.write(4, &[6, 0]);
+    let good = c.state();
+    let mut fresh = rich_config(0xc000_0000, 0x1_0000_0000);
+    let before = fresh.state();
+
+    let e = fresh
+        .set_state(&PciConfigurationState {
+            version: 2,
+            ..good.clone()
+        })
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "cannot restore PCI configuration space state version 2: this build reads version 1"
+    );
+    // Another device's identity (device ID 0x1045 vs 0x1044).
+    let other = {
+        let d = dummy(0xc000_0000);
+        let s = d.lock().unwrap().config().state();
+        s
+    };
+    let e = fresh.set_state(&other).unwrap_err().to_string();
+    assert!(
+        e.contains("register 0x000") && e.contains("another device"),
+        "{e}"
+    );
+    // A 32-bit BAR's type bits, a BAR's size bits, a read-only capability byte.
+    for (reg, bits) in [(4usize, 0x4u32), (4, 0x800), (0x40 / 4, 0x0100)] {
+        let mut s = good.clone();
+        s.regs[reg] ^= bits;
+        assert!(
+            matches!(fresh.set_state(&s), Err(StateError::Invalid { .. })),
+            "reg {reg} bits {bits:#x}"
+        );
+    }
+    let mut long = good.clone();
+    long.regs.resize(1025, 0);
+    assert!(fresh.set_state(&long).is_err());
+    assert_eq!(fresh.state(), before);
+
+    let v = serde_json::to_value(&good).unwrap();
+    let cell = std::cell::RefCell::new(rich_config(0xc000_0000, 0x1_0000_0000));
+    let (taken, refused) = check_mutations::<PciConfigurationState>(
+        &v,
+        |s| {
+            let mut t = cell.borrow_mut();
+            let r = t.set_state(s);
+            if r.is_ok() {
+                // Back to the pristine device for the next one.
+                *t = rich_config(0xc000_0000, 0x1_0000_0000);
+            }
+            r
+        },
+        || cell.borrow().state() == before,
+    );
+    assert!(taken > 0 && refused > 0, "{taken} taken, {refused} refused");
+    // Not JSON of a state at all.
+    for bad in [
+        "",
+        "{",
+        "{\"version\":1}",
+        "{\"version\":1,\"regs\":[-1]}",
+        "[1,2]",
+    ] {
+        assert!(
+            serde_json::from_str::<PciConfigurationState>(bad).is_err(),
+            "{bad}"
+        );
+    }
+    // Root and ports: other versions.
+    let (_vm, root) = setup();
+    let mut rs = root.lock().unwrap().state();
+    rs.version = 0;
+    assert!(matches!(
+        root.lock().unwrap().set_state(&rs),
+        Err(StateError::Version { .. })
+    ));
+    rs.version = PCI_ROOT_STATE_VERSION;
+    rs.host_bridge.regs[0] = 0x1234_1af4;
+    let e = root.lock().unwrap().set_state(&rs).unwrap_err().to_string();
+    assert!(
+        e.starts_with("cannot restore PCI host bridge: PCI configuration space state"),
+        "{e}"
+    );
+    let mut io = PciConfigIo::new(root.clone());
+    assert!(io
+        .set_state(&PciConfigIoState {
+            version: 7,
+            address: 1
+        })
+        .is_err());
+    assert_eq!(io.state().address, 0);
+}
+
+fn msix_dwords(m: &MsixConfig) -> Vec<u32> {
+    (0..m.count() as u64 * MSIX_ENTRY_SIZE)
+        .step_by(4)
+        .map(|o| {
+            let mut b = [0u8; 4];
+            m.read_table(o, &mut b);
+            u32::from_le_bytes(b)
+        })
+        .collect()
+}
+
+fn msix_pba(m: &MsixConfig) -> Vec<u8> {
+    let mut b = vec![0u8; 16];
+    m.read_pba(0, &mut b);
+    b
+}
+
+/// A guest programs a 70-vector table (two PBA words): messages written with 4- and 8-byte
+/// accesses, some vectors unmasked, MSI-X enabled, interrupts raised on masked vectors (pending
+/// bits in both words), then the function masked. Saved, through JSON, restored into a fresh
+/// table of a fresh VM: every table dword, the PBA, the control bits and the VM's MSI routes
+/// are the same, and the restored table goes on as the original would (unmasking delivers the
+/// pending vector once, through the same irqfd GSI).
+#[test]
+fn msix_table_and_pba_survive_save_and_restore() {
+    let vm = Arc::new(FakeVm::default());
+    let mut m = MsixConfig::new(70, vm.clone());
+    m.set_control(1 << 15);
+    for i in [0u64, 5, 64, 69] {
+        let o = i * MSIX_ENTRY_SIZE;
+        let addr = 0xfee0_0000u64 | (i << 12);
+        if i % 2 == 0 {
+            m.write_table(o, &addr.to_le_bytes());
+        } else {
+            m.write_table(o, &(addr as u32).to_le_bytes());
+            m.write_table(o + 4, &0u32.to_le_bytes());
+        }
+        m.write_table(o + 8, &(0x40 + i as u32).to_le_bytes());
+    }
+    m.write_table(12, &0u32.to_le_bytes()); // vector 0 unmasked
+    m.write_table(64 * MSIX_ENTRY_SIZE + 12, &0u32.to_le_bytes()); // vector 64 unmasked
+    m.trigger(5);
+    m.trigger(69);
+    m.set_control(1 << 15 | 1 << 14);
+    m.trigger(0); // function masked: pending too
+    let routes_before = vm.routes.lock().unwrap().clone();
+    let (table, pba, ctl) = (msix_dwords(&m), msix_pba(&m), m.control_bits());
+    assert_eq!(&pba[..1], &[0x21]);
+    assert_eq!(pba[8], 0x20);
+
+    let json = serde_json::to_string(&m.state()).unwrap();
+    let s: MsixState = serde_json::from_str(&json).unwrap();
+    let vm2 = Arc::new(FakeVm::default());
+    let mut m2 = MsixConfig::new(70, vm2.clone());
+    m2.set_state(&s).unwrap();
+    assert_eq!(msix_dwords(&m2), table);
+    assert_eq!(msix_pba(&m2), pba);
+    assert_eq!(m2.control_bits(), ctl);
+    assert_eq!(*vm2.routes.lock().unwrap(), routes_before);
+    assert_eq!(m2.routes(), m.routes());
+    assert_eq!(m2.routes()[5], (29, (0xfee0_5000, 0x45)));
+    assert_eq!(m2.state(), m.state());
+
+    // Lifting the function mask delivers vector 0's pending bit; unmasking 5 delivers its own.
+    m2.set_control(1 << 15);
+    assert_eq!(msix_pba(&m2)[0], 0x20);
+    m2.write_table(5 * MSIX_ENTRY_SIZE + 12, &0u32.to_le_bytes());
+    assert_eq!(msix_pba(&m2)[0], 0);
+    assert_eq!(msix_pba(&m2)[8], 0x20);
+}
+
+#[test]
+fn msix_refuses_bad_states() {
+    let vm = Arc::new(FakeVm::default());
+    let mut m = MsixConfig::new(3, vm.clone());
+    m.set_control(1 << 15);
+    m.write_table(0, &0xfee0_0000u64.to_le_bytes());
+    m.write_table(8, &0x41u32.to_le_bytes());
+    m.trigger(1);
+    let good = m.state();
+    let fresh_vm = Arc::new(FakeVm::default());
+    let mut fresh = MsixConfig::new(3, fresh_vm.clone());
+    let before = fresh.state();
+    let routes = fresh_vm.routes.lock().unwrap().clone();
+
+    let e = fresh
+        .set_state(&MsixState {
+            version: 9,
+            ..good.clone()
+        })
+        .unwrap_err();
+    assert_eq!(
+        e,
+        StateError::Version {
+            what: "MSI-X".into(),
+            found: 9,
+            supported: 1
+        }
+    );
+    let bad: Vec<(&str, MsixState)> = vec![
+        ("a longer table", {
+            let mut s = good.clone();
+            s.table.push(Default::default());
+            s
+        }),
+        ("a shorter table", {
+            let mut s = good.clone();
+            s.table.pop();
+            s
+        }),
+        ("two PBA words", {
+            let mut s = good.clone();
+            s.pba.push(0);
+            s
+        }),
+        ("a pending bit past the table", {
+            let mut s = good.clone();
+            s.pba[0] |= 1 << 3;
+            s
+        }),
+        ("vector control bits other than the mask", {
+            let mut s = good.clone();
+            s.table[2].control = 0x8000_0001;
+            s
+        }),
+        ("an unaligned message address", {
+            let mut s = good.clone();
+            s.table[1].addr_lo = 0xfee0_0002;
+            s
+        }),
+    ];
+    for (what, s) in bad {
+        let e = fresh.set_state(&s).unwrap_err();
+        assert!(matches!(e, StateError::Invalid { .. }), "{what}: {e}");
+    }
+    assert_eq!(fresh.state(), before);
+    assert_eq!(*fresh_vm.routes.lock().unwrap(), routes, "no route touched");
+
+    let v = serde_json::to_value(&good).unwrap();
+    let cell = std::cell::RefCell::new(fresh);
+    let (taken, refused) = check_mutations::<MsixState>(
+        &v,
+        |s| {
+            let mut t = cell.borrow_mut();
+            let r = t.set_state(s);
+            if r.is_ok() {
+                *t = MsixConfig::new(3, fresh_vm.clone());
+            }
+            r
+        },
+        || cell.borrow().state() == before,
+    );
+    assert!(taken > 0 && refused > 0, "{taken} taken, {refused} refused");
+}
