@@ -13,12 +13,17 @@ mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transport_state_tests;
 
 pub use block::{Block, BlockConfig};
 pub use console::{Console, ConsoleSize, F_CONSOLE_SIZE};
 pub use net::{Net, NetConfig, NetOffloads, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use rng::Rng;
-pub use transport::{VirtioPciDevice, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE};
+pub use transport::{
+    VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
+    VIRTIO_PCI_STATE_VERSION,
+};
 pub use worker::{QueueHandler, WorkerHandle};
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -116,6 +121,14 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the worker (if any) and returns to the pre-activation state.
     fn reset(&mut self);
+    /// Where the device stands in each queue, for a snapshot taken while it is paused:
+    /// `(next_avail, next_used)` per queue, `None` for a queue it does not run. `None` (the
+    /// default): it cannot say, and the transport saves the used ring's index from guest
+    /// memory as both positions, which is exact only when no request is in flight (taken from
+    /// the available ring and not yet returned as used).
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        None
+    }
     /// The device's statistics, if it keeps any.
     fn counters(&self) -> Option<Arc<Counters>> {
         None
