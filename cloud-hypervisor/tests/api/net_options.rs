@@ -8,18 +8,23 @@ use std::time::{Duration, Instant};
 use crate::common::guest;
 use crate::helpers::{require_curl, Vmm};
 
-#[test]
-fn net_with_empty_values_gets_a_kernel_named_tap_and_a_random_mac() {
-    require_curl();
-    // Everything network happens in a namespace of this thread's own, which the VMM inherits.
+/// Runs `f` in a thread of its own in a new network namespace, which the VMMs it starts
+/// inherit: everything network happens there.
+fn in_private_netns(f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(|| {
         // SAFETY: unshare only moves the calling thread into a new network namespace.
         let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
-        empty_net_values_in_private_netns();
+        f();
     })
     .join()
     .unwrap();
+}
+
+#[test]
+fn net_with_empty_values_gets_a_kernel_named_tap_and_a_random_mac() {
+    require_curl();
+    in_private_netns(empty_net_values_in_private_netns);
 }
 
 fn empty_net_values_in_private_netns() {
@@ -193,10 +198,7 @@ fn guest_frame_source(tap: &str, timeout: Duration) -> [u8; 6] {
 #[test]
 fn net_with_an_ipv6_host_address() {
     require_curl();
-    std::thread::spawn(|| {
-        // SAFETY: unshare only moves the calling thread into a new network namespace.
-        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
+    in_private_netns(|| {
         let kernel = guest().elf_pvh.display().to_string();
         let vmm = Vmm::start(
             "net-ipv6",
@@ -236,7 +238,5 @@ fn net_with_an_ipv6_host_address() {
         assert_eq!(f[2], "38", "prefix length 56: {line}");
         let info = vmm.ok_json("vm.info");
         assert_eq!(info["config"]["net"][0]["ip"], "fd00:1234::1");
-    })
-    .join()
-    .unwrap();
+    });
 }
