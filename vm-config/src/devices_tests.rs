@@ -1,0 +1,311 @@
+//! Tests of `devices.rs`: the disk, net and rng options as the original reads them.
+
+use std::net::Ipv4Addr;
+
+use super::*;
+
+#[test]
+fn disk() {
+    let d = DiskConfig::parse(
+        "path=/x.img,readonly=on,num_queues=2,queue_size=64,serial=abc,id=d0,pci_device_id=5",
+    )
+    .unwrap();
+    assert!(d.readonly && !d.direct);
+    assert_eq!((d.num_queues, d.queue_size), (2, 64));
+    assert_eq!(d.serial.as_deref(), Some("abc"));
+    assert_eq!(d.id.as_deref(), Some("d0"));
+    assert_eq!(d.pci_device_id, Some(5));
+    for (bad, why) in [
+        ("readonly=on", "path="),
+        ("path=", "path="),
+        ("path=/x,num_queues=0", "num_queues"),
+        ("path=/x,queue_size=100", "power of two"),
+        ("path=/x,pci_segment=1", "only PCI segment 0"),
+        ("path=/x,pci_device_id=0", "1-31"),
+        ("path=/x,pci_device_id=32", "1-31"),
+        ("path=/x,image_type=iso", "image_type"),
+        ("path=/x,vhost_user=on", "not supported"),
+        ("path=/x,iommu=on", "not supported"),
+        ("path=/x,id=__mine", "reserved"),
+    ] {
+        let e = DiskConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+        assert!(e.starts_with("--disk "), "{e}");
+    }
+}
+
+/// What the original's `--disk` takes and we now take as it does.
+#[test]
+fn disk_keys_as_the_original_reads_them() {
+    // Empty values are not given: defaults apply.
+    let d = DiskConfig::parse(
+        "path=/x,readonly=,num_queues=,queue_size=,serial=,id=,image_type=,pci_device_id=",
+    )
+    .unwrap();
+    assert_eq!(d, DiskConfig::parse("path=/x").unwrap());
+    assert_eq!((d.num_queues, d.queue_size, d.sparse), (1, 128, true));
+    assert_eq!((d.id, d.serial), (None, None));
+    assert_eq!(d.image_type, ImageType::Unknown);
+    // The off value of what we lack is no request; on is refused.
+    let d = DiskConfig::parse("path=/x,vhost_user=off,iommu=false").unwrap();
+    assert!(!d.vhost_user && !d.iommu);
+    // The original's test knobs.
+    let d = DiskConfig::parse("path=/x,_disable_io_uring=on,_disable_aio=on").unwrap();
+    assert!(d.disable_io_uring && d.disable_aio);
+    // Image types in any case; `vpc` is qemu's name, not the original's.
+    for (t, want) in [
+        ("raw", ImageType::Raw),
+        ("QCOW2", ImageType::Qcow2),
+        ("vhd", ImageType::FixedVhd),
+        ("Vhdx", ImageType::Vhdx),
+    ] {
+        let d = DiskConfig::parse(&format!("path=/x,image_type={t}")).unwrap();
+        assert_eq!(d.image_type, want, "{t}");
+    }
+    assert!(DiskConfig::parse("path=/x,image_type=vpc").is_err());
+    assert!(DiskConfig::parse("path=/x,image_type=vmdk")
+        .unwrap_err()
+        .to_string()
+        .contains("not supported yet"));
+    // The original refuses queues of two descriptors and serials over 20 bytes.
+    assert!(DiskConfig::parse("path=/x,queue_size=4").is_ok());
+    assert!(DiskConfig::parse("path=/x,queue_size=2").is_err());
+    assert!(DiskConfig::parse(&format!("path=/x,serial={}", "s".repeat(20))).is_ok());
+    assert!(DiskConfig::parse(&format!("path=/x,serial={}", "s".repeat(21))).is_err());
+    // A quoted path may hold commas.
+    let d = DiskConfig::parse("path=\"/a,b.img\",readonly=on").unwrap();
+    assert_eq!(d.path, PathBuf::from("/a,b.img"));
+}
+
+/// The JSON the original's vm.info shows for a disk given as `path=/x`, before boot.
+#[test]
+fn disk_json_has_the_originals_fields() {
+    let d = DiskConfig::parse("path=/x").unwrap();
+    assert_eq!(
+        serde_json::to_value(&d).unwrap(),
+        serde_json::json!({
+            "pci_segment": 0, "path": "/x", "readonly": false, "direct": false,
+            "num_queues": 1, "queue_size": 128, "vhost_user": false,
+            "disable_io_uring": false, "disable_aio": false, "backing_files": false,
+            "sparse": true, "image_type": "Unknown", "lock_granularity": "ByteRange"
+        })
+    );
+    let back: DiskConfig =
+        serde_json::from_str(r#"{"path": "/x", "image_type": "Qcow2", "id": "d"}"#).unwrap();
+    assert_eq!(back.image_type, ImageType::Qcow2);
+    assert!(
+        serde_json::from_str::<DiskConfig>(r#"{"path": "/x", "image_type": "qcow3"}"#).is_err()
+    );
+}
+
+/// A rate limit that would limit is refused, naming it; the original's "no limit" values
+/// (a zero size or refill time, or one of them missing) are taken, on both options.
+#[test]
+fn rate_limits_that_limit_are_refused() {
+    for (size, refill) in [
+        ("bw_size", "bw_refill_time"),
+        ("ops_size", "ops_refill_time"),
+    ] {
+        let active = format!("{size}=1000,{refill}=100");
+        for parsed in [
+            DiskConfig::parse(&format!("path=/x,{active}")).map(|_| ()),
+            NetConfig::parse(&format!("tap=t0,{active}")).map(|_| ()),
+        ] {
+            let e = parsed.unwrap_err().to_string();
+            assert!(e.contains("rate limiting is not supported yet"), "{e}");
+            assert!(e.contains(size), "{e}");
+        }
+        for none in [
+            format!("{size}=0,{refill}=100"),
+            format!("{size}=1000,{refill}=0"),
+            format!("{size}=1000"),
+            format!("{refill}=100"),
+            format!("{size}=,{refill}="),
+        ] {
+            DiskConfig::parse(&format!("path=/x,{none}")).unwrap();
+            NetConfig::parse(&format!("tap=t0,{none}")).unwrap();
+        }
+    }
+    assert!(DiskConfig::parse("path=/x,bw_one_time_burst=x").is_err());
+    assert!(DiskConfig::parse("path=/x,bw_size=lots").is_err());
+}
+
+#[test]
+fn net() {
+    let n = NetConfig::parse("tap=tap7,ip=10.1.2.1,mask=255.255.0.0,mac=52:54:00:00:00:01,id=n0")
+        .unwrap();
+    assert_eq!(n.tap.as_deref(), Some("tap7"));
+    assert_eq!(n.ip, Some(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 1))));
+    assert_eq!(n.mac.as_deref(), Some("52:54:00:00:00:01"));
+    assert_eq!((n.num_queues, n.queue_size), (2, 256));
+    // IPv6 host addresses, as the original takes them.
+    let v6 = NetConfig::parse("ip=fd00::1,mask=ffff:ffff:ffff:ffff::").unwrap();
+    assert_eq!(v6.ip, Some("fd00::1".parse().unwrap()));
+    let q = NetConfig::parse("tap=t0,num_queues=8,offload_tso=off").unwrap();
+    assert_eq!(
+        (q.num_queues, q.offload_tso, q.offload_csum),
+        (8, false, true)
+    );
+    for (bad, why) in [
+        ("ip=fd00::1,mask=255.255.255.0", "one family"),
+        ("ip=fd00::1,mask=ffff::ff", "contiguous"),
+        ("ip=1.2.3", "not an IP address"),
+        ("ip=10.0.0.1,mask=255.0.255.0", "contiguous"),
+        ("mac=01:00:5e:00:00:01", "multicast"),
+        ("mac=1:2:3:4:5:6", "not a MAC address"),
+        ("num_queues=3", "even number"),
+        ("num_queues=0", "even number"),
+        ("num_queues=64", "even number"),
+        ("tap=averyveryverylongname", "at most 15 bytes"),
+        ("vhost_user=on", "not supported"),
+        ("vhost_mode=server", "not supported"),
+        ("vhost_mode=sideways", "client or server"),
+        ("fd=3", "not supported"),
+        ("fd=[3,4]", "not supported"),
+        ("iommu=on", "not supported"),
+    ] {
+        let e = NetConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
+/// The README's `--net "tap=,mac=,ip=,mask="`: every key not given. The TAP is then a new
+/// one the kernel names, the guest MAC random, and the host side gets no address.
+#[test]
+fn net_empty_values_are_not_given() {
+    let n = NetConfig::parse("tap=,mac=,ip=,mask=").unwrap();
+    assert_eq!(n, NetConfig::parse("").unwrap());
+    assert_eq!((&n.tap, n.ip, n.mask, &n.mac), (&None, None, None, &None));
+    assert_eq!(
+        serde_json::to_value(&n).unwrap(),
+        serde_json::json!({
+            "pci_segment": 0, "num_queues": 2, "queue_size": 256, "vhost_user": false,
+            "vhost_mode": "Client", "offload_tso": true, "offload_ufo": true,
+            "offload_csum": true
+        })
+    );
+}
+
+/// The original checks these when it validates the configuration; we refuse the same.
+#[test]
+fn net_rules_of_the_original() {
+    // An address and its mask go together.
+    assert!(NetConfig::parse("ip=10.0.0.1")
+        .unwrap_err()
+        .to_string()
+        .contains("mask="));
+    assert!(NetConfig::parse("mask=255.0.0.0")
+        .unwrap_err()
+        .to_string()
+        .contains("ip="));
+    assert!(NetConfig::parse("ip=10.0.0.1,mask=255.0.0.0").is_ok());
+    // TSO and UFO need checksum offload.
+    assert!(NetConfig::parse("offload_csum=off").is_err());
+    assert!(NetConfig::parse("offload_csum=off,offload_tso=off,offload_ufo=off").is_ok());
+    // The MTU virtio-net asks for at least.
+    assert!(NetConfig::parse("mtu=1279").is_err());
+    assert!(NetConfig::parse("mtu=1280").is_ok());
+    // MACs are six two-digit bytes, written back in lower case.
+    let n = NetConfig::parse("mac=52:54:00:AB:cd:EF").unwrap();
+    assert_eq!(n.mac.as_deref(), Some("52:54:00:ab:cd:ef"));
+    // The defaults of what we lack are accepted; anything else is not.
+    let n = NetConfig::parse("vhost_user=false,vhost_mode=Client").unwrap();
+    assert_eq!((n.vhost_user, n.vhost_mode), (false, VhostMode::Client));
+    // `id=` is not given.
+    assert_eq!(NetConfig::parse("id=").unwrap().id, None);
+}
+
+#[test]
+fn validate_catches_what_the_api_can_send() {
+    let mut d = DiskConfig::parse("path=/dev/null").unwrap();
+    d.validate().unwrap();
+    for bad in [
+        DiskConfig {
+            num_queues: 0,
+            ..d.clone()
+        },
+        DiskConfig {
+            queue_size: 0,
+            ..d.clone()
+        },
+        DiskConfig {
+            queue_size: 100,
+            ..d.clone()
+        },
+        DiskConfig {
+            pci_segment: 1,
+            ..d.clone()
+        },
+        DiskConfig {
+            pci_device_id: Some(0),
+            ..d.clone()
+        },
+        DiskConfig {
+            path: "/nonexistent".into(),
+            ..d.clone()
+        },
+        DiskConfig {
+            vhost_user: true,
+            ..d.clone()
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+    d.image_type = ImageType::FlatVmdk;
+    assert!(d.validate().is_err());
+    let n = NetConfig::parse("").unwrap();
+    n.validate().unwrap();
+    for bad in [
+        NetConfig {
+            num_queues: 5,
+            ..n.clone()
+        },
+        NetConfig {
+            queue_size: 3,
+            ..n.clone()
+        },
+        NetConfig {
+            mtu: Some(10),
+            ..n.clone()
+        },
+        NetConfig {
+            mac: Some("zz".into()),
+            ..n.clone()
+        },
+        NetConfig {
+            ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            ..n.clone()
+        },
+        NetConfig {
+            id: Some("__console".into()),
+            ..n.clone()
+        },
+    ] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+    let r = RngConfig {
+        src: "/nonexistent".into(),
+        ..RngConfig::default()
+    };
+    assert!(r.validate().is_err());
+}
+
+#[test]
+fn rng() {
+    assert_eq!(
+        RngConfig::parse("src=/dev/urandom").unwrap(),
+        RngConfig::default()
+    );
+    assert_eq!(
+        RngConfig::parse("src=/r,id=rng0").unwrap().id.as_deref(),
+        Some("rng0")
+    );
+    // `src=` is not given: the default source, as the original.
+    assert_eq!(RngConfig::parse("src=").unwrap(), RngConfig::default());
+    assert!(RngConfig::parse("src=/r,pci_segment=2").is_err());
+    assert!(RngConfig::parse("src=/r,iommu=on").is_err());
+    assert_eq!(
+        serde_json::to_value(RngConfig::default()).unwrap(),
+        serde_json::json!({"pci_segment": 0, "src": "/dev/urandom"})
+    );
+}
