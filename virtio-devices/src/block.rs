@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, Counters, GuestView, VirtioDevice,
-    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK,
+    VirtioDeviceState, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK, VIRTIO_DEVICE_STATE_VERSION,
 };
 
 use virtio_bindings::virtio_blk as vb;
@@ -528,6 +528,25 @@ impl QueueHandler for BlockHandler {
         self.interrupt = Some(interrupt);
     }
 
+    fn quiesce(
+        &mut self,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        if let Err(e) = self.disk.submit() {
+            warn!("virtio-blk: cannot submit disk requests: {e}");
+        }
+        while self.disk.in_flight() > 0 {
+            if let Err(e) = self.disk.reap(1) {
+                warn!("virtio-blk: waiting for disk requests: {e}");
+                break;
+            }
+        }
+        let done = self.complete(queues, mem);
+        self.publish_counts();
+        done
+    }
+
     fn extra_fd(&self) -> Option<RawFd> {
         self.disk
             .uses_io_uring()
@@ -544,6 +563,15 @@ impl QueueHandler for BlockHandler {
         self.publish_counts();
         done
     }
+}
+
+/// virtio-blk's own state: nothing beyond the transport's (its queue positions) — the version
+/// only. A pause completes every request in flight (io_uring ones are waited for), so none is
+/// left to record; the disk's contents are the image file's, not state.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    pub version: u32,
 }
 
 pub struct Block {
@@ -660,6 +688,27 @@ impl VirtioDevice for Block {
                 warn!("virtio-blk: the worker died; the disk is gone until the VMM restarts");
             }
         }
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        self.worker.as_ref()?.queue_positions()
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+    }
+    fn device_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(BlockState {
+            version: VIRTIO_DEVICE_STATE_VERSION,
+        })
+    }
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        const WHAT: &str = "virtio-blk";
+        let VirtioDeviceState::Block(s) = state else {
+            return Err(state.wrong(WHAT));
+        };
+        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)
     }
 }
 

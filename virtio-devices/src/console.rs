@@ -13,8 +13,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioInterrupt, F_VERSION_1,
-    TYPE_CONSOLE,
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt, F_VERSION_1, TYPE_CONSOLE, VIRTIO_DEVICE_STATE_VERSION,
 };
 
 /// VIRTIO_CONSOLE_F_SIZE: `cols` and `rows` of the configuration are valid.
@@ -213,12 +213,37 @@ impl ConsoleSize {
     fn attach(&self, interrupt: Option<Arc<dyn VirtioInterrupt>>) {
         *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
     }
+
+    /// Sets size and generation as a snapshot had them, without an interrupt.
+    fn restore(&self, cols: u16, rows: u16, generation: u32) {
+        let _irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
+        self.size
+            .store(u32::from(cols) | u32::from(rows) << 16, Ordering::Release);
+        self.generation.store(generation, Ordering::Release);
+    }
+}
+
+/// virtio-console's own state: the size its configuration shows and the configuration
+/// generation (the transport saves the generation too, but leaves it to the device). Input
+/// not yet read stays in the host endpoint, output already went to the sink: neither is
+/// state. Requests are served synchronously, so a paused console has none in flight.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleState {
+    pub version: u32,
+    pub cols: u16,
+    pub rows: u16,
+    pub config_generation: u32,
 }
 
 pub struct Console {
     handler: Option<ConsoleHandler>,
     worker: Option<WorkerHandle<ConsoleHandler>>,
     size: Arc<ConsoleSize>,
+    /// The running device's interrupt, and while paused the generation at the pause (a size
+    /// change meanwhile is signalled on resume).
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    paused_generation: Option<u32>,
 }
 
 impl Console {
@@ -238,6 +263,8 @@ impl Console {
             }),
             worker: None,
             size,
+            interrupt: None,
+            paused_generation: None,
         }
     }
 }
@@ -277,16 +304,67 @@ impl VirtioDevice for Console {
             .ok_or_else(|| ActivateError::Other("virtio-console: worker lost".into()))?;
         let interrupt = ctx.interrupt.clone();
         self.worker = Some(WorkerHandle::spawn("virtio-console", h, ctx)?);
-        self.size.attach(Some(interrupt));
+        self.size.attach(Some(interrupt.clone()));
+        self.interrupt = Some(interrupt);
+        self.paused_generation = None;
         Ok(())
     }
     fn reset(&mut self) {
         self.size.attach(None);
+        self.interrupt = None;
+        self.paused_generation = None;
         if let Some(w) = self.worker.take() {
             self.handler = w.stop();
             if let Some(h) = &mut self.handler {
                 h.paused = false;
             }
         }
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        self.worker.as_ref()?.queue_positions()
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        let Some(w) = self.worker.as_mut() else {
+            return Ok(());
+        };
+        if self.paused_generation.is_none() {
+            // No configuration interrupt from a size change while paused.
+            self.size.attach(None);
+            self.paused_generation = Some(self.size.generation());
+        }
+        w.pause()
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        let Some(w) = self.worker.as_mut() else {
+            return Ok(());
+        };
+        w.resume()?;
+        if let Some(g) = self.paused_generation.take() {
+            self.size.attach(self.interrupt.clone());
+            if self.size.generation() != g {
+                if let Some(i) = &self.interrupt {
+                    i.signal_config();
+                }
+            }
+        }
+        Ok(())
+    }
+    fn device_state(&self) -> VirtioDeviceState {
+        let (cols, rows) = self.size.get();
+        VirtioDeviceState::Console(ConsoleState {
+            version: VIRTIO_DEVICE_STATE_VERSION,
+            cols,
+            rows,
+            config_generation: self.size.generation(),
+        })
+    }
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        const WHAT: &str = "virtio-console";
+        let VirtioDeviceState::Console(s) = state else {
+            return Err(state.wrong(WHAT));
+        };
+        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)?;
+        self.size.restore(s.cols, s.rows, s.config_generation);
+        Ok(())
     }
 }

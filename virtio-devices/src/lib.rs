@@ -12,14 +12,16 @@ mod vring;
 mod worker;
 
 #[cfg(test)]
+mod pause_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod transport_state_tests;
 
-pub use block::{Block, BlockConfig};
-pub use console::{Console, ConsoleSize, F_CONSOLE_SIZE};
-pub use net::{Net, NetConfig, NetOffloads, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
-pub use rng::Rng;
+pub use block::{Block, BlockConfig, BlockState};
+pub use console::{Console, ConsoleSize, ConsoleState, F_CONSOLE_SIZE};
+pub use net::{Net, NetConfig, NetOffloads, NetState, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
+pub use rng::{Rng, RngState};
 pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
@@ -129,9 +131,52 @@ pub trait VirtioDevice: Send {
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
         None
     }
+    /// Quiesces the device for a snapshot: its worker thread(s) stop, requests in flight are
+    /// completed (waited for), published and signalled; once it returns the device neither
+    /// accesses guest memory nor raises interrupts until `resume`, and `queue_positions` says
+    /// where it stands. Nothing to do for a device that is not started; idempotent. `Err`: a
+    /// worker thread had died (its queue positions are unknown).
+    fn pause(&mut self) -> Result<(), String>;
+    /// Restarts the paused worker(s) with the same queues at the same positions (what the
+    /// driver published meanwhile is served). Nothing to do when not paused.
+    fn resume(&mut self) -> Result<(), String>;
+    /// The device's own state (beyond the transport's), for a snapshot taken while paused.
+    fn device_state(&self) -> VirtioDeviceState;
+    /// Restores the device's own state into a device built from the same configuration, before
+    /// the transport's restore starts it. All or nothing: on an error nothing changed.
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError>;
     /// The device's statistics, if it keeps any.
     fn counters(&self) -> Option<Arc<Counters>> {
         None
+    }
+}
+
+/// The `version` every device state of this crate is written with, and the only one restored.
+pub const VIRTIO_DEVICE_STATE_VERSION: u32 = 1;
+
+/// A virtio device's own state, by device type (the transport's is [`VirtioPciState`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VirtioDeviceState {
+    Block(BlockState),
+    Net(NetState),
+    Console(ConsoleState),
+    Rng(RngState),
+}
+
+impl VirtioDeviceState {
+    fn kind(&self) -> &'static str {
+        match self {
+            VirtioDeviceState::Block(_) => "virtio-blk",
+            VirtioDeviceState::Net(_) => "virtio-net",
+            VirtioDeviceState::Console(_) => "virtio-console",
+            VirtioDeviceState::Rng(_) => "virtio-rng",
+        }
+    }
+
+    /// The refusal of a state of another device type, for `what`.
+    pub(crate) fn wrong(&self, what: &str) -> pci::StateError {
+        pci::StateError::invalid(what, format!("a {} state", self.kind()))
     }
 }
 

@@ -10,7 +10,7 @@
 //! control queue at `2 * pairs`.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
@@ -22,7 +22,7 @@ use crate::vring::VirtQueue;
 use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, Counters, GuestView, VirtioDevice,
-    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
+    VirtioDeviceState, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET, VIRTIO_DEVICE_STATE_VERSION,
 };
 
 use virtio_bindings::virtio_net as vn;
@@ -120,6 +120,8 @@ struct Shared {
     counters: Arc<Counters>,
     /// Receive offloads in force (GUEST_* bits), for the receive buffer size.
     guest_offloads: AtomicU64,
+    /// Queue pairs in use (VQ_PAIRS_SET; all of them before negotiation).
+    active_pairs: AtomicUsize,
     /// Whether each TAP queue is attached (the kernel refuses to attach an attached queue or
     /// detach a detached one); held while a control command runs.
     attached: Mutex<Vec<bool>>,
@@ -129,6 +131,7 @@ impl Shared {
     /// Attaches the TAP queues of the first `pairs` pairs and detaches the rest, so the kernel
     /// steers frames only to queues the driver uses.
     fn set_active_pairs(&self, pairs: usize) -> bool {
+        self.active_pairs.store(pairs, Ordering::Relaxed);
         if self.taps.len() < 2 {
             return true;
         }
@@ -648,10 +651,26 @@ impl QueueHandler for NetHandler {
     }
 }
 
+/// virtio-net's own state: what the driver set through the control queue. Frames are moved
+/// synchronously (no request stays in flight across a pause); frames the TAP holds are the
+/// host's, not state. The MAC, MTU and TAP are configuration.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    pub version: u32,
+    /// Queue pairs in use (VQ_PAIRS_SET): 1 to the device's pairs.
+    pub active_pairs: u16,
+    /// The receive offloads in force (VIRTIO_NET_F_GUEST_* bits, GUEST_OFFLOADS_SET), a subset
+    /// of those the device offers.
+    pub guest_offloads: u64,
+}
+
 pub struct Net {
     shared: Arc<Shared>,
     config: NetConfig,
     workers: Vec<WorkerHandle<NetHandler>>,
+    /// A restored state, applied by the next start instead of the defaults.
+    restored: Option<NetState>,
 }
 
 impl Net {
@@ -667,15 +686,27 @@ impl Net {
                 taps,
                 counters: Counters::new(COUNTER_NAMES),
                 guest_offloads: AtomicU64::new(0),
+                active_pairs: AtomicUsize::new(taps_len),
                 attached: Mutex::new(vec![true; taps_len]),
             }),
             config,
             workers: Vec::new(),
+            restored: None,
         })
     }
 
     fn pairs(&self) -> usize {
         self.shared.taps.len()
+    }
+
+    fn stop_workers(&mut self) {
+        for w in self.workers.drain(..) {
+            if let Some(h) = w.stop() {
+                if h.tx_dropped > 0 {
+                    debug!("virtio-net: {} transmit frames dropped", h.tx_dropped);
+                }
+            }
+        }
     }
 }
 
@@ -714,12 +745,24 @@ impl VirtioDevice for Net {
         read_config_bytes(&c, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.reset();
+        self.stop_workers();
         let pairs = self.pairs();
         let acked = ctx.acked_features & self.features();
         // Receive offloads as accepted; one pair in use until the driver sets more (5.1.6.5.5).
-        self.shared.set_guest_offloads(acked & GUEST_OFFLOADS);
-        self.shared.set_active_pairs(1);
+        // A restored device goes on with what its driver had set (within what it accepted).
+        let (offloads, active) = match self.restored.take() {
+            Some(r) => (
+                r.guest_offloads & acked & GUEST_OFFLOADS,
+                if acked & F_MQ != 0 {
+                    usize::from(r.active_pairs).clamp(1, pairs)
+                } else {
+                    1
+                },
+            ),
+            None => (acked & GUEST_OFFLOADS, 1),
+        };
+        self.shared.set_guest_offloads(offloads);
+        self.shared.set_active_pairs(active);
         let mut queues = ctx.queues;
         let n = queues.len();
         for p in 0..pairs {
@@ -763,15 +806,79 @@ impl VirtioDevice for Net {
         Some(self.shared.counters.clone())
     }
     fn reset(&mut self) {
-        for w in self.workers.drain(..) {
-            if let Some(h) = w.stop() {
-                if h.tx_dropped > 0 {
-                    debug!("virtio-net: {} transmit frames dropped", h.tx_dropped);
-                }
-            }
-        }
+        self.stop_workers();
+        self.restored = None;
         // Back to the state before negotiation: every queue attached, no receive offloads.
         self.shared.set_active_pairs(self.pairs());
         self.shared.set_guest_offloads(0);
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        // Each pair's worker runs its own queues (and the first the control queue).
+        let mut all: Vec<Option<(u16, u16)>> = vec![None; 2 * self.pairs() + 1];
+        for w in &self.workers {
+            for (i, p) in w.queue_positions()?.into_iter().enumerate() {
+                if let (Some(p), Some(slot)) = (p, all.get_mut(i)) {
+                    *slot = Some(p);
+                }
+            }
+        }
+        Some(all)
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        let mut r = Ok(());
+        for w in &mut self.workers {
+            if let Err(e) = w.pause() {
+                r = Err(e);
+            }
+        }
+        r
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        let mut r = Ok(());
+        for w in &mut self.workers {
+            if let Err(e) = w.resume() {
+                r = Err(e);
+            }
+        }
+        r
+    }
+    fn device_state(&self) -> VirtioDeviceState {
+        if let Some(r) = &self.restored {
+            return VirtioDeviceState::Net(r.clone());
+        }
+        VirtioDeviceState::Net(NetState {
+            version: VIRTIO_DEVICE_STATE_VERSION,
+            active_pairs: self.shared.active_pairs.load(Ordering::Relaxed) as u16,
+            guest_offloads: self.shared.guest_offloads.load(Ordering::Relaxed),
+        })
+    }
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        const WHAT: &str = "virtio-net";
+        let VirtioDeviceState::Net(s) = state else {
+            return Err(state.wrong(WHAT));
+        };
+        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)?;
+        if s.active_pairs == 0 || usize::from(s.active_pairs) > self.pairs() {
+            return Err(pci::StateError::invalid(
+                WHAT,
+                format!(
+                    "{} active queue pairs, the device has {}",
+                    s.active_pairs,
+                    self.pairs()
+                ),
+            ));
+        }
+        let offered = self.features() & GUEST_OFFLOADS;
+        if s.guest_offloads & !offered != 0 {
+            return Err(pci::StateError::invalid(
+                WHAT,
+                format!(
+                    "guest offloads {:#x} beyond those offered ({offered:#x})",
+                    s.guest_offloads
+                ),
+            ));
+        }
+        self.restored = Some(s.clone());
+        Ok(())
     }
 }

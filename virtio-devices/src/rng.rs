@@ -8,7 +8,10 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, QueueHandler, WorkerHandle};
-use crate::{ActivateContext, ActivateError, VirtioDevice, F_VERSION_1, TYPE_RNG};
+use crate::{
+    ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, F_VERSION_1, TYPE_RNG,
+    VIRTIO_DEVICE_STATE_VERSION,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// At most this many bytes per request.
@@ -57,6 +60,14 @@ impl QueueHandler for RngHandler {
     }
 }
 
+/// virtio-rng's own state: nothing beyond the transport's (its queue positions) — the
+/// version only. Requests are served synchronously, so a paused rng has none in flight.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngState {
+    pub version: u32,
+}
+
 pub struct Rng {
     handler: Option<RngHandler>,
     worker: Option<WorkerHandle<RngHandler>>,
@@ -99,5 +110,26 @@ impl VirtioDevice for Rng {
         if let Some(w) = self.worker.take() {
             self.handler = w.stop();
         }
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        self.worker.as_ref()?.queue_positions()
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+    }
+    fn device_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Rng(RngState {
+            version: VIRTIO_DEVICE_STATE_VERSION,
+        })
+    }
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        const WHAT: &str = "virtio-rng";
+        let VirtioDeviceState::Rng(s) = state else {
+            return Err(state.wrong(WHAT));
+        };
+        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)
     }
 }

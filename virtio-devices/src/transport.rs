@@ -314,6 +314,33 @@ impl VirtioPciDevice {
         self.status.get()
     }
 
+    /// Pauses the device's worker(s) for a snapshot (see [`VirtioDevice::pause`]): afterwards
+    /// [`Self::state`] has each queue's exact positions.
+    pub fn pause(&mut self) -> Result<(), String> {
+        self.device
+            .pause()
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// Restarts the paused worker(s) where they stopped.
+    pub fn resume(&mut self) -> Result<(), String> {
+        self.device
+            .resume()
+            .map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// The device's own state (see [`VirtioDevice::device_state`]).
+    pub fn device_state(&self) -> crate::VirtioDeviceState {
+        self.device.device_state()
+    }
+
+    /// Restores the device's own state; before [`Self::set_state`], which may start it.
+    pub fn set_device_state(&mut self, state: &crate::VirtioDeviceState) -> Result<(), StateError> {
+        self.device
+            .set_device_state(state)
+            .map_err(|e| e.within(&self.name))
+    }
+
     /// The transport's state now (see [`VirtioPciState`]); the VM must be paused. For a started
     /// device, each queue's positions come from [`VirtioDevice::queue_positions`], or, where
     /// the device cannot say, from the used ring's index in guest memory (both positions: exact
@@ -435,6 +462,10 @@ impl VirtioPciDevice {
         }
         self.status.set(state.status);
         self.activated = state.activated;
+        if queues.is_none() {
+            // Not started by this restore: a device state restored for a start is dropped.
+            self.device.reset();
+        }
         if let Some(queues) = queues {
             let ready: Vec<usize> = (0..queues.len()).filter(|&i| queues[i].is_some()).collect();
             match self.start_device(queues) {

@@ -50,12 +50,28 @@ pub trait QueueHandler: Send + 'static {
     ) -> Result<u64, String> {
         Ok(0)
     }
+    /// The worker is being paused (its thread has stopped): complete every request still in
+    /// flight (wait for it), so that nothing touches guest memory once the pause returns and
+    /// the queues' positions say exactly what was done. Returns a bit mask of the queues that
+    /// got used buffers (they are published and signalled before the pause returns).
+    fn quiesce(
+        &mut self,
+        _queues: &mut [Option<VirtQueue>],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        Ok(0)
+    }
 }
 
-/// A running worker; `stop` gives the handler back.
+/// A worker; `stop` gives the handler back. It runs from `spawn` on; `pause` stops its thread
+/// and keeps the queues (at their positions), the handler and the rest, `resume` starts a new
+/// thread with them.
 pub struct WorkerHandle<H> {
     kill: EventFd,
-    thread: Option<JoinHandle<H>>,
+    name: String,
+    thread: Option<JoinHandle<Worker<H>>>,
+    /// The worker while paused (or after its thread ended).
+    parked: Option<Worker<H>>,
 }
 
 impl<H: QueueHandler> WorkerHandle<H> {
@@ -82,7 +98,7 @@ impl<H: QueueHandler> WorkerHandle<H> {
         }
         let mut handler = handler;
         handler.attach_interrupt(ctx.interrupt.clone());
-        let mut w = Worker {
+        let w = Worker {
             handler,
             queues,
             evts,
@@ -91,26 +107,113 @@ impl<H: QueueHandler> WorkerHandle<H> {
             interrupt: ctx.interrupt,
             status: ctx.status,
         };
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                if let Err(e) = w.run() {
-                    error!("virtio worker failed: {e}");
-                }
-                w.handler
-            })
-            .map_err(ActivateError::Thread)?;
+        let thread = start_thread(name, w).map_err(ActivateError::Thread)?;
         Ok(WorkerHandle {
             kill,
+            name: name.to_string(),
             thread: Some(thread),
+            parked: None,
         })
     }
 
     /// Stops the thread and returns the handler (None if the thread panicked).
     pub fn stop(mut self) -> Option<H> {
-        let _ = self.kill.write(1);
-        self.thread.take()?.join().ok()
+        self.join();
+        self.parked.take().map(|w| w.handler)
     }
+
+    /// Ends the thread (if running) and keeps the worker in `parked`. Requests in flight are
+    /// not completed here (see `pause`).
+    fn join(&mut self) {
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        let _ = self.kill.write(1);
+        match t.join() {
+            Ok(w) => self.parked = Some(w),
+            Err(_) => error!("{}: the worker thread panicked", self.name),
+        }
+        // The kill count is consumed, so a resumed thread does not see it.
+        let _ = self.kill.read();
+    }
+
+    /// Pauses the worker: its thread ends, every request in flight is completed (the handler
+    /// waits for it), published and signalled. When it returns, the device touches neither
+    /// guest memory nor interrupts until `resume`. Idempotent. `Err` when the thread had
+    /// panicked (the worker is gone: positions unknown).
+    pub fn pause(&mut self) -> Result<(), String> {
+        if self.thread.is_some() {
+            self.join();
+            if let Some(w) = self.parked.as_mut() {
+                w.quiesce();
+            }
+        }
+        match self.parked {
+            Some(_) => Ok(()),
+            None => Err(format!("{}: the worker thread died", self.name)),
+        }
+    }
+
+    /// Whether the worker is paused (its thread not running).
+    pub fn is_paused(&self) -> bool {
+        self.thread.is_none()
+    }
+
+    /// Starts the paused worker again with the same queues at the same positions. Each queue
+    /// is looked at once, so what the driver published meanwhile is served (its notifications
+    /// are kept by the queue eventfds as well). Nothing to do when running.
+    pub fn resume(&mut self) -> Result<(), String> {
+        if self.thread.is_some() {
+            return Ok(());
+        }
+        let Some(w) = self.parked.take() else {
+            return Err(format!("{}: the worker thread died", self.name));
+        };
+        for e in w.evts.iter().flatten() {
+            let _ = e.write(1);
+        }
+        // `start_thread` consumes the worker; on failure it is lost (as a failed activation).
+        let t = start_thread(&self.name, w).map_err(|e| format!("{}: {e}", self.name))?;
+        self.thread = Some(t);
+        Ok(())
+    }
+
+    /// Each queue's `(next_avail, next_used)` while paused (`None` for a queue this worker does
+    /// not run); `None` while running.
+    pub fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        if self.thread.is_some() {
+            return None;
+        }
+        let w = self.parked.as_ref()?;
+        Some(
+            w.queues
+                .iter()
+                .map(|q| {
+                    q.as_ref()
+                        .map(|q| (q.queue().next_avail(), q.queue().next_used()))
+                })
+                .collect(),
+        )
+    }
+
+    /// The handler, while paused.
+    pub fn handler(&self) -> Option<&H> {
+        self.parked.as_ref().map(|w| &w.handler)
+    }
+}
+
+fn start_thread<H: QueueHandler>(
+    name: &str,
+    mut w: Worker<H>,
+) -> std::io::Result<JoinHandle<Worker<H>>> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            if let Err(e) = w.run() {
+                error!("virtio worker failed: {e}");
+            }
+            w
+        })
 }
 
 struct Worker<H> {
@@ -124,6 +227,17 @@ struct Worker<H> {
 }
 
 impl<H: QueueHandler> Worker<H> {
+    /// Completes what the handler has in flight (its thread has ended): published and
+    /// signalled here, on the pausing thread.
+    fn quiesce(&mut self) {
+        let r = self.handler.quiesce(&mut self.queues, &self.mem);
+        self.publish_all();
+        match r {
+            Ok(used) => self.notify_mask(used),
+            Err(e) => self.broken(&e),
+        }
+    }
+
     fn notify(&mut self, index: usize) {
         let Some(Some(q)) = self.queues.get_mut(index) else {
             return;
