@@ -631,3 +631,133 @@ fn blk_pause_resume_loop_with_traffic_io_uring() {
         );
     }
 }
+
+/// Two queue pairs and the control queue on a TAP in a private network namespace: the driver
+/// sets 2 pairs and the checksum offload only, transmits; paused mid-stream, saved, restored
+/// into a fresh device on a new TAP: the same pairs and offloads, every frame sent once.
+#[test]
+fn net_paused_saved_and_restored_mid_stream() {
+    std::thread::spawn(net_mid_stream_in_private_netns)
+        .join()
+        .unwrap();
+}
+
+fn net_device() -> Box<dyn VirtioDevice> {
+    let taps = net_util::Tap::open("vps0", 2).expect("creating a multi-queue TAP");
+    taps[0].enable().unwrap();
+    Box::new(
+        crate::Net::new(
+            taps,
+            crate::NetConfig {
+                mac: net_util::MacAddr::random_local(),
+                mtu: 1500,
+                queue_size: QSIZE,
+                offloads: Default::default(),
+            },
+        )
+        .unwrap(),
+    )
+}
+
+/// Control command `k` (class, command, data) on queue 4; returns its number.
+fn ctrl(d: &mut Drv, k: u32, class: u8, cmd: u8, arg: &[u8]) {
+    let mut b = vec![class, cmd];
+    b.extend_from_slice(arg);
+    d.mem.write_slice(&b, GuestAddress(data(k))).unwrap();
+    d.mem
+        .write_obj(0xeeu8, GuestAddress(STATUS + u64::from(k)))
+        .unwrap();
+    d.post(
+        4,
+        &[
+            (data(k), 2, 0),
+            (data(k) + 2, arg.len() as u32, 0),
+            (STATUS + u64::from(k), 1, WRITE),
+        ],
+    );
+}
+
+/// Frame `k` on the transmit queue of pair 1 (queue 3).
+fn net_tx(d: &mut Drv, k: u32) {
+    let mut f = vec![0u8; 12 + 60];
+    f[12..18].fill(0xff);
+    f[18..24].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[24..26].copy_from_slice(&0x88b5u16.to_be_bytes());
+    f[26] = k as u8;
+    d.mem.write_slice(&f, GuestAddress(data(k))).unwrap();
+    d.post(3, &[(data(k), f.len() as u32, 0)]);
+}
+
+fn net_mid_stream_in_private_netns() {
+    use virtio_bindings::virtio_net as vn;
+    // SAFETY: unshare only moves the calling thread into a new network namespace.
+    let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
+    let queues = [0, 1, 2, 3, 4];
+    let mut a = Drv::start(net_device(), &queues);
+    let csum = 1u64 << vn::VIRTIO_NET_F_GUEST_CSUM;
+    ctrl(
+        &mut a,
+        100,
+        vn::VIRTIO_NET_CTRL_MQ as u8,
+        vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+        &2u16.to_le_bytes(),
+    );
+    ctrl(
+        &mut a,
+        101,
+        vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS as u8,
+        vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET as u8,
+        &csum.to_le_bytes(),
+    );
+    a.kick(4);
+    a.wait_used(4, 2);
+    for k in [100u64, 101] {
+        let s: u8 = a.mem.read_obj(GuestAddress(STATUS + k)).unwrap();
+        assert_eq!(s, vn::VIRTIO_NET_OK as u8);
+    }
+    for k in 0..4 {
+        net_tx(&mut a, k);
+    }
+    a.kick(3);
+    a.wait_used(3, 4);
+    for k in 4..7 {
+        net_tx(&mut a, k);
+    }
+    a.pause(&queues);
+    let before = a.used_ring_bytes(3);
+    net_tx(&mut a, 7);
+    a.kick(3);
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(a.used_ring_bytes(3), before, "used ring moved while paused");
+    let want = crate::NetState {
+        version: VIRTIO_DEVICE_STATE_VERSION,
+        active_pairs: 2,
+        guest_offloads: csum,
+    };
+    assert_eq!(a.dev.device_state(), VirtioDeviceState::Net(want.clone()));
+    let json = a.save();
+    // The TAP goes with the old device.
+    drop(a.dev);
+    a.dev = transport(rng(), &a.mem);
+
+    let b = a.restore(&json, net_device());
+    b.wait_used(3, 8);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(b.used_idx(3), 8);
+    check_used(&b, 3, 0, 8, |_| 0);
+    assert_eq!(b.dev.device_state(), VirtioDeviceState::Net(want));
+    // A state the device could not hold is refused.
+    let mut bad = net_device();
+    for s in [(0u16, 0u64), (3, 0), (1, 1 << vn::VIRTIO_NET_F_MRG_RXBUF)] {
+        let st = VirtioDeviceState::Net(crate::NetState {
+            version: VIRTIO_DEVICE_STATE_VERSION,
+            active_pairs: s.0,
+            guest_offloads: s.1,
+        });
+        assert!(matches!(
+            bad.set_device_state(&st),
+            Err(StateError::Invalid { .. })
+        ));
+    }
+}
