@@ -1,6 +1,9 @@
-//! Guest RAM: anonymous (or shared, or huge-page) mappings placed around the 32-bit hole and
-//! registered with the hypervisor.
+//! Guest RAM: private anonymous mappings, or shared mappings of a memory file (`shared=on`,
+//! `hugepages=on`) that each region carries, placed around the 32-bit hole and registered
+//! with the hypervisor.
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use arch::layout;
@@ -9,7 +12,8 @@ use log::{debug, warn};
 use thiserror::Error;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 use crate::config::MemoryConfig;
@@ -23,6 +27,13 @@ pub enum MemoryError {
         size: u64,
         #[source]
         source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("cannot create a memory file for {size} bytes of guest memory{}: {source}", hugepages.map(|p| format!(" in huge pages of {p} bytes")).unwrap_or_default())]
+    File {
+        size: u64,
+        hugepages: Option<u64>,
+        #[source]
+        source: std::io::Error,
     },
     #[error("guest memory regions are invalid: {0}")]
     Regions(String),
@@ -57,39 +68,84 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
             });
         }
     }
+    let mut regions = Vec::new();
+    for (start, size) in layout::ram_regions(cfg.size) {
+        regions.push(ram_region(start, size, cfg)?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+/// Whether guest RAM is a shared mapping of a memory file (memfd) that the region carries, so
+/// another process can map the same pages: `shared=on`, and `hugepages=on` (whose pages a
+/// private mapping would not make any more private: hugetlb pages are never merged, swapped
+/// or made transparent huge pages, and `MADV_DONTFORK` keeps them out of forks). Otherwise
+/// (`shared=off`, the default) guest RAM stays a private anonymous mapping, as the original's:
+/// a private mapping of a memfd would not help, since the pages the guest writes become
+/// private copies that the file never sees, and it would cost memory (a page the guest reads
+/// first is allocated in the file and copied again on the first write) and transparent huge
+/// pages (the copies are 4 KiB pages).
+fn backed_by_file(cfg: &MemoryConfig) -> bool {
+    cfg.shared || cfg.hugepages
+}
+
+/// One region of guest RAM at guest address `start`, `size` bytes.
+fn ram_region(
+    start: GuestAddress,
+    size: u64,
+    cfg: &MemoryConfig,
+) -> Result<GuestRegionMmap, MemoryError> {
     // `reserve=on`: the kernel accounts (commits) the whole of guest RAM at the mapping, so it
     // fails up front rather than at a page fault under memory pressure; off (the default, as
-    // the original's): no reservation.
-    let mut flags = libc::MAP_ANONYMOUS;
-    if !cfg.reserve {
-        flags |= libc::MAP_NORESERVE;
-    }
-    flags |= if cfg.shared {
-        libc::MAP_SHARED
-    } else {
-        libc::MAP_PRIVATE
-    };
-    if cfg.hugepages {
-        flags |=
-            libc::MAP_HUGETLB | ((hugepage_size.trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT);
-    }
+    // the original's): no reservation. A shared memfd is accounted by the file as its pages
+    // are allocated (memfd_create never commits), so there `reserve=on` commits nothing for
+    // 4 KiB pages, as in the original; huge pages are reserved at the mapping.
+    let mut flags = if cfg.reserve { 0 } else { libc::MAP_NORESERVE };
     if cfg.prefault {
         flags |= libc::MAP_POPULATE;
     }
-    let mut regions = Vec::new();
-    for (start, size) in layout::ram_regions(cfg.size) {
-        let region = MmapRegionBuilder::new(size as usize)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .with_hugetlbfs(cfg.hugepages)
-            .build()
-            .map_err(|source| MemoryError::Mmap { size, source })?;
-        advise(region.as_ptr(), size, start.0, cfg);
-        let region = GuestRegionMmap::new(region, start)
-            .ok_or_else(|| MemoryError::Regions(format!("region at {:#x} overflows", start.0)))?;
-        regions.push(region);
+    let mut builder = MmapRegionBuilder::new(size as usize)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_hugetlbfs(cfg.hugepages);
+    if backed_by_file(cfg) {
+        flags |= libc::MAP_SHARED;
+        builder = builder.with_file_offset(FileOffset::new(memory_file(size, cfg)?, 0));
+    } else {
+        flags |= libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
+    let region = builder
+        .with_mmap_flags(flags)
+        .build()
+        .map_err(|source| MemoryError::Mmap { size, source })?;
+    advise(region.as_ptr(), size, start.0, cfg);
+    GuestRegionMmap::new(region, start)
+        .ok_or_else(|| MemoryError::Regions(format!("region at {:#x} overflows", start.0)))
+}
+
+/// A memory file (memfd, close-on-exec) of `size` bytes for one region of guest RAM; with
+/// `hugepages=on` on hugetlbfs with pages of `hugepage_size`, its size rounded up to whole
+/// pages (an anonymous huge page mapping rounds up the same way).
+fn memory_file(size: u64, cfg: &MemoryConfig) -> Result<File, MemoryError> {
+    let hugepage_size = cfg.hugepage_size.unwrap_or(DEFAULT_HUGEPAGE_SIZE);
+    let mut mfd_flags = libc::MFD_CLOEXEC;
+    let mut len = size;
+    if cfg.hugepages {
+        mfd_flags |= libc::MFD_HUGETLB | (hugepage_size.trailing_zeros() << libc::MAP_HUGE_SHIFT);
+        len = size.next_multiple_of(hugepage_size);
+    }
+    let err = |source| MemoryError::File {
+        size,
+        hugepages: cfg.hugepages.then_some(hugepage_size),
+        source,
+    };
+    // SAFETY: the name is a NUL-terminated string; the fd returned is ours alone.
+    let fd = unsafe { libc::memfd_create(c"guest_ram".as_ptr(), mfd_flags) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new file descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).map_err(err)?;
+    Ok(file)
 }
 
 /// The guest RAM below this address is not advised for transparent huge pages. It holds the
@@ -201,6 +257,8 @@ use vm_memory::Address as _;
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]
@@ -294,5 +352,139 @@ mod tests {
                 "reserve={reserve}: {flags}"
             );
         }
+    }
+
+    /// The /proc/self/maps line of the mapping that holds `addr`.
+    fn maps_line(addr: usize) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for line in maps.lines() {
+            let range = line.split(' ').next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            );
+            if (a..b).contains(&addr) {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    /// `shared=on`: each region is a shared mapping of a close-on-exec memfd it carries, and a
+    /// second mapping of that fd (another process's, later) sees the same pages both ways.
+    #[test]
+    fn shared_ram_is_a_memfd_another_mapping_sees() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(&MemoryConfig {
+            size: 5 << 30,
+            shared: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        for region in mem.iter() {
+            let base = region.as_ptr() as usize;
+            let line = maps_line(base);
+            assert!(line.contains("/memfd:guest_ram"), "{line}");
+            assert!(line.split(' ').nth(1).unwrap().ends_with('s'), "{line}");
+            let fo = region
+                .file_offset()
+                .expect("a shared region carries its file");
+            assert_eq!(fo.start(), 0);
+            let file = fo.file();
+            assert_eq!(file.metadata().unwrap().len(), region.len());
+            // SAFETY: F_GETFD on an fd we own.
+            let fd_flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFD) };
+            assert_eq!(fd_flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+
+            // A second, independent mapping of the same file.
+            let len = 1 << 20;
+            // SAFETY: a new shared mapping of `len` bytes of a file at least that long.
+            let other = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(other, libc::MAP_FAILED);
+            let other = other.cast::<u8>();
+            let at = region.start_addr().unchecked_add(0x1234);
+            mem.write_obj(0xfeed_f00d_u32, at).unwrap();
+            // SAFETY: offset 0x1234 + 4 lies in the `len` bytes mapped above.
+            let seen = unsafe { other.add(0x1234).cast::<u32>().read_unaligned() };
+            assert_eq!(seen, 0xfeed_f00d);
+            // SAFETY: as above.
+            unsafe {
+                other
+                    .add(0x2000)
+                    .cast::<u64>()
+                    .write_unaligned(0x0123_4567_89ab_cdef)
+            };
+            let back: u64 = mem
+                .read_obj(region.start_addr().unchecked_add(0x2000))
+                .unwrap();
+            assert_eq!(back, 0x0123_4567_89ab_cdef);
+            // SAFETY: unmaps only the mapping made above.
+            assert_eq!(unsafe { libc::munmap(other.cast(), len) }, 0);
+        }
+    }
+
+    /// `shared=off` (the default) stays a private anonymous mapping, with no file.
+    #[test]
+    fn private_ram_stays_anonymous() {
+        let mem = create_guest_memory(&MemoryConfig {
+            size: 16 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let region = mem.iter().next().unwrap();
+        assert!(region.file_offset().is_none());
+        let line = maps_line(region.as_ptr() as usize);
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert!(fields[1].ends_with('p'), "{line}");
+        assert_eq!(fields.len(), 5, "an anonymous mapping has no path: {line}");
+    }
+
+    /// `hugepages=on` maps a hugetlb memfd (here without touching it: the host may have no
+    /// huge pages), and a huge page size the host lacks is a clear error.
+    #[test]
+    fn hugepage_ram_is_a_hugetlb_memfd() {
+        let cfg = MemoryConfig {
+            size: 16 << 20,
+            hugepages: true,
+            ..Default::default()
+        };
+        // An odd size is rounded up to whole huge pages, as an anonymous huge page mapping is.
+        let file = memory_file((8 << 20) + 4096, &cfg).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 10 << 20);
+        let region = ram_region(GuestAddress(0), 16 << 20, &cfg).unwrap();
+        assert!(region.file_offset().is_some());
+        let base = region.as_ptr() as usize;
+        let line = maps_line(base);
+        assert!(line.contains("/memfd:guest_ram"), "{line}");
+        assert!(line.split(' ').nth(1).unwrap().ends_with('s'), "{line}");
+        let flags = vma_of(base).2;
+        assert!(flags.contains(" ht") && flags.contains(" dc"), "{flags}");
+
+        let err = memory_file(
+            16 << 20,
+            &MemoryConfig {
+                hugepage_size: Some(4 << 20),
+                ..cfg
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "cannot create a memory file for 16777216 bytes of guest memory in huge pages \
+                 of 4194304 bytes: "
+            ),
+            "{err}"
+        );
     }
 }
