@@ -89,8 +89,9 @@ impl CoreGroup {
                 if let Err(e) = sched_core(PR_SCHED_CORE_CREATE, 0, 0) {
                     report(&e);
                 }
-                // SAFETY: gettid has no preconditions.
-                let tid = unsafe { libc::gettid() };
+                // SAFETY: the gettid system call has no preconditions. (Not glibc's wrapper:
+                // linked statically, its weak symbol can be left unresolved.)
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
                 *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = Some(tid);
                 self.made.notify_all();
             }
