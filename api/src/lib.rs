@@ -8,6 +8,7 @@
 //! - `client`: the same protocol from the other end, for `ch-remote` and the benchmark.
 
 pub mod client;
+pub mod fuzz;
 pub mod http;
 pub mod routes;
 pub mod server;
