@@ -344,7 +344,13 @@ impl DiskConfig {
     /// exists. Errors name `--disk` and the path.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new("--disk", &self.path.display().to_string(), m);
-        std::fs::metadata(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let meta = std::fs::metadata(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
+        // Opening a FIFO would block the VMM until a writer came; a socket cannot be opened.
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() || t.is_socket() || t.is_dir() {
+            return Err(err("not a disk image (a FIFO, socket or directory)".into()));
+        }
         self.check().map_err(err)
     }
 }

@@ -215,6 +215,30 @@ fn net_rules_of_the_original() {
     assert_eq!(NetConfig::parse("id=").unwrap().id, None);
 }
 
+/// Paths whose opening would block the VMM, or that are no image at all, are refused.
+#[test]
+fn validate_refuses_fifos_sockets_and_directories() {
+    let dir = std::env::temp_dir().join(format!("vm-config-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let _sock = std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap();
+    for p in [fifo.clone(), dir.join("sock"), dir.clone()] {
+        let d = DiskConfig::parse(&format!("path={}", p.display())).unwrap();
+        let e = d.validate().unwrap_err().to_string();
+        assert!(e.contains("not a disk image"), "{e}");
+    }
+    // The same for a kernel: a FIFO as the payload would block vm.create.
+    let mut cfg: crate::VmConfig =
+        serde_json::from_value(serde_json::json!({"payload": {"kernel": fifo}})).unwrap();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn validate_catches_what_the_api_can_send() {
     let mut d = DiskConfig::parse("path=/dev/null").unwrap();

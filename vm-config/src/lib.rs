@@ -541,13 +541,16 @@ impl VmConfig {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.check_extra()?;
         let check_file = |option: &'static str, path: &PathBuf| {
-            std::fs::File::open(path).map(|_| ()).map_err(|e| {
-                ConfigError::new(
-                    option,
-                    &path.display().to_string(),
-                    format!("cannot open: {e}"),
-                )
-            })
+            let err = |msg: String| ConfigError::new(option, &path.display().to_string(), msg);
+            // A regular file only: opening a FIFO would block whoever validates (the API's
+            // control loop) until a writer came.
+            let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot open: {e}")))?;
+            if !meta.is_file() {
+                return Err(err("not a regular file".into()));
+            }
+            std::fs::File::open(path)
+                .map(|_| ())
+                .map_err(|e| err(format!("cannot open: {e}")))
         };
         match (&self.payload.firmware, &self.payload.kernel) {
             (Some(fw), Some(_)) => {
