@@ -404,7 +404,15 @@ impl RngConfig {
     /// What `parse` checks, plus that the source exists.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new("--rng", &self.src.display().to_string(), m);
-        std::fs::metadata(&self.src).map_err(|e| err(format!("cannot open: {e}")))?;
+        let meta = std::fs::metadata(&self.src).map_err(|e| err(format!("cannot open: {e}")))?;
+        // Opening a FIFO would block the VMM at boot until a writer came.
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() || t.is_socket() || t.is_dir() {
+            return Err(err(
+                "not an entropy source (a FIFO, socket or directory)".into()
+            ));
+        }
         check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref()).map_err(err)?;
         if self.iommu {
             return Err(err("iommu=on is not supported yet".into()));

@@ -231,6 +231,12 @@ fn validate_refuses_fifos_sockets_and_directories() {
         let e = d.validate().unwrap_err().to_string();
         assert!(e.contains("not a disk image"), "{e}");
     }
+    let rng = RngConfig::parse(&format!("src={}", fifo.display())).unwrap();
+    assert!(rng
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("not an entropy source"));
     // The same for a kernel: a FIFO as the payload would block vm.create.
     let mut cfg: crate::VmConfig =
         serde_json::from_value(serde_json::json!({"payload": {"kernel": fifo}})).unwrap();
