@@ -24,6 +24,7 @@ pub enum Endpoint {
     VmReboot,
     VmPowerButton,
     VmDelete,
+    VmSnapshot,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -55,7 +56,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.resize", Method::Put, Endpoint::NotYet),
     ("vm.resize-disk", Method::Put, Endpoint::NotYet),
     ("vm.resize-zone", Method::Put, Endpoint::NotYet),
-    ("vm.snapshot", Method::Put, Endpoint::NotYet),
+    ("vm.snapshot", Method::Put, Endpoint::VmSnapshot),
     ("vm.restore", Method::Put, Endpoint::NotYet),
     ("vm.coredump", Method::Put, Endpoint::NotYet),
     ("vm.nmi", Method::Put, Endpoint::NotYet),
@@ -166,6 +167,20 @@ pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, Resp
         Endpoint::VmReboot => ApiRequest::VmReboot,
         Endpoint::VmPowerButton => ApiRequest::VmPowerButton,
         Endpoint::VmDelete => ApiRequest::VmDelete,
+        Endpoint::VmSnapshot => {
+            if body.is_empty() {
+                return Err(error_chain(
+                    400,
+                    &[
+                        "Bad Request",
+                        "vm.snapshot needs a VmSnapshotConfig as its body",
+                    ],
+                ));
+            }
+            let config = serde_json::from_slice(body)
+                .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))?;
+            ApiRequest::VmSnapshot(config)
+        }
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }
@@ -191,7 +206,10 @@ pub fn reply(name: &str, result: ApiResult) -> Response {
                 "Error from API".to_string(),
                 action_message(name).to_string(),
             ];
-            lines.extend(chain_of(&e));
+            match &e {
+                ApiError::Chain(chain) => lines.extend(chain.iter().cloned()),
+                e => lines.extend(chain_of(e)),
+            }
             let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
             error_chain(e.status(), &lines)
         }

@@ -32,6 +32,14 @@ pub enum ApiRequest {
     VmReboot,
     VmPowerButton,
     VmDelete,
+    VmSnapshot(VmSnapshotConfig),
+}
+
+/// `vm.snapshot`'s body, as the original's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshotConfig {
+    /// Where the snapshot goes: `file:///` and an existing directory.
+    pub destination_url: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +106,10 @@ pub enum ApiError {
     Config(#[source] ConfigError),
     #[error("{0}")]
     Failed(String),
+    /// A failure with its causes, as the original's error chain reads them from the top (the
+    /// lines after the endpoint's own message).
+    #[error("{}", .0.first().map(String::as_str).unwrap_or("failed"))]
+    Chain(Vec<String>),
     #[error("the VMM is shutting down")]
     Gone,
     /// One of the original's endpoints for something this VMM does not have yet.
@@ -124,6 +136,7 @@ impl ApiError {
             | ApiError::VmNotRunning
             | ApiError::InvalidState { .. }
             | ApiError::Failed(_)
+            | ApiError::Chain(_)
             | ApiError::Gone => 500,
         }
     }

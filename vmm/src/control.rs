@@ -19,7 +19,7 @@ use crate::cpu::VmEvents;
 use crate::event_monitor::EventMonitor;
 use crate::serial_io::{ConsoleRelay, SerialEndpoint};
 use crate::vm::Vm;
-use crate::{memory, pci_setup, Error, Outcome};
+use crate::{memory, pci_setup, snapshot, Error, Outcome};
 use api::{ApiError, ApiRequest, ApiResponse, ApiResult, ApiServer, VmInfoResponse, VmState};
 
 const EV_EXIT: u64 = 1;
@@ -364,6 +364,37 @@ impl Vmm {
         ApiError::Failed(e.to_string())
     }
 
+    /// `vm.snapshot`: the paused VM's configuration, state and RAM into the directory
+    /// `destination_url` names (see `snapshot`). The VM stays paused.
+    fn snapshot(&mut self, destination_url: &str) -> Result<(), ApiError> {
+        let (Some(vm), Some(config)) = (self.vm.as_mut(), self.config.as_ref()) else {
+            return Err(ApiError::VmNotRunning);
+        };
+        let chain = |e: snapshot::SnapshotError| ApiError::Chain(e.chain());
+        self.monitor.emit("vm", "snapshotting");
+        if self.state != VmState::Paused {
+            return Err(chain(snapshot::SnapshotError::snapshot(
+                snapshot::Cause::new("Trying to snapshot while VM is running"),
+            )));
+        }
+        // The destination first: nothing is paused for a snapshot that cannot be written.
+        let dir = snapshot::url_to_path(destination_url).map_err(chain)?;
+        let start = std::time::Instant::now();
+        let state = vm
+            .snapshot()
+            .map_err(|c| chain(snapshot::SnapshotError::snapshot(c)))?;
+        let bytes = snapshot::write(&dir, config, &state, vm.memory()).map_err(chain)?;
+        info!(
+            "snapshot written to {}: {} vCPU(s), {} MiB of RAM in {:?}",
+            dir.display(),
+            state.vcpus.len(),
+            bytes >> 20,
+            start.elapsed()
+        );
+        self.monitor.emit("vm", "snapshotted");
+        Ok(())
+    }
+
     /// Runs one API request; says whether the VMM should exit afterwards.
     fn handle_api(&mut self, req: ApiRequest) -> (ApiResult, Next) {
         use ApiRequest::*;
@@ -439,6 +470,7 @@ impl Vmm {
                     Ok(())
                 }),
             ),
+            VmSnapshot(cfg) => done(self.snapshot(&cfg.destination_url)),
             VmDelete => {
                 if self.vm.is_some() {
                     self.shutdown_vm();

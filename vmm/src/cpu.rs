@@ -88,31 +88,61 @@ pub fn init_kick_signal() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// Work for a parked vCPU thread, run on that thread with its vCPU (the thread owns it).
+type VcpuJob = Box<dyn FnOnce(&mut dyn Vcpu) + Send>;
+
+#[derive(Default)]
+struct GateState {
+    /// How many vCPU threads are parked.
+    parked: usize,
+    /// Per vCPU id: a job waiting for that parked thread.
+    jobs: Vec<Option<VcpuJob>>,
+    /// How many of the jobs handed out have run.
+    done: usize,
+}
+
 /// Parks vCPU threads between two KVM_RUNs while the VM is paused: the vCPUs keep their
-/// state, their threads just wait.
+/// state, their threads just wait, and run the jobs the control loop hands them (reading or
+/// writing their vCPU's state: only the owning thread has it).
 #[derive(Default)]
 struct PauseGate {
     paused: AtomicBool,
-    /// How many vCPU threads are parked.
-    parked: Mutex<usize>,
+    state: Mutex<GateState>,
     cv: Condvar,
 }
 
 impl PauseGate {
-    fn park(&self, halting: &AtomicBool) {
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        *parked += 1;
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits while the VM is paused, running the jobs given to vCPU `id`. A job is always
+    /// run before the thread leaves: the check and the leaving happen under the lock.
+    fn park(&self, id: usize, vcpu: &mut dyn Vcpu, halting: &AtomicBool) {
+        let mut s = self.lock();
+        s.parked += 1;
         self.cv.notify_all();
-        while self.paused.load(Ordering::Acquire) && !halting.load(Ordering::Acquire) {
-            parked = self.cv.wait(parked).unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(job) = s.jobs.get_mut(id).and_then(Option::take) {
+                drop(s);
+                job(vcpu);
+                s = self.lock();
+                s.done += 1;
+                self.cv.notify_all();
+                continue;
+            }
+            if !self.paused.load(Ordering::Acquire) || halting.load(Ordering::Acquire) {
+                break;
+            }
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
-        *parked -= 1;
+        s.parked -= 1;
         self.cv.notify_all();
     }
 
     fn release(&self) {
         self.paused.store(false, Ordering::Release);
-        let _guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.lock();
         self.cv.notify_all();
     }
 }
@@ -133,64 +163,129 @@ struct VcpuLoop {
     core: Arc<CoreGroup>,
 }
 
+/// What a vCPU thread does after an exit.
+enum Flow {
+    /// Back into the guest.
+    Run,
+    /// An I/O or MMIO exit was served: the instruction completes on the next KVM_RUN.
+    IoServed,
+    /// KVM_RUN was interrupted (a kick, or `immediate_exit`).
+    Interrupted,
+    /// The thread ends (power-off, reset, error: the event is raised).
+    Stop,
+}
+
+/// Serves one exit on vCPU `id`'s thread.
+fn serve_exit(id: u32, exit: VmExit<'_>, pio: &Bus, mmio: &Bus, events: &VmEvents) -> Flow {
+    match exit {
+        VmExit::IoIn(port, data) => {
+            if !pio.read(u64::from(port), data) {
+                debug!("vcpu{id}: read from unclaimed port {port:#x}");
+                data.fill(0xff);
+            }
+            Flow::IoServed
+        }
+        VmExit::IoOut(port, data) => {
+            if !pio.write(u64::from(port), data) {
+                debug!("vcpu{id}: write to unclaimed port {port:#x}");
+            }
+            Flow::IoServed
+        }
+        VmExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                debug!("vcpu{id}: read from unclaimed MMIO {addr:#x}");
+                data.fill(0xff);
+            }
+            Flow::IoServed
+        }
+        VmExit::MmioWrite(addr, data) => {
+            if !mmio.write(addr, data) {
+                debug!("vcpu{id}: write to unclaimed MMIO {addr:#x}");
+            }
+            Flow::IoServed
+        }
+        VmExit::Hlt | VmExit::Ignore => Flow::Run,
+        VmExit::Interrupted => Flow::Interrupted,
+        VmExit::Reset | VmExit::Shutdown => {
+            // A triple fault resets a real machine, so it resets ours.
+            info!("vcpu{id}: guest reset");
+            events.reset();
+            Flow::Stop
+        }
+        VmExit::PowerOff => {
+            events.power_off();
+            Flow::Stop
+        }
+        VmExit::Error(msg) => {
+            error!("vcpu{id}: {msg}");
+            events.vcpu_failed();
+            Flow::Stop
+        }
+    }
+}
+
 impl VcpuLoop {
     fn run(mut self) {
         self.core.join(self.id);
+        // Whether the last exit was an I/O or MMIO exit whose instruction has not completed.
+        let mut io_pending = false;
         while !self.events.halting.load(Ordering::Acquire) {
             if self.gate.paused.load(Ordering::Acquire) {
-                self.gate.park(&self.events.halting);
+                // A paused vCPU is always between two instructions, so its state can be saved
+                // (and is whole) at any time while it is parked.
+                if io_pending {
+                    io_pending = false;
+                    if !self.complete_io() {
+                        return;
+                    }
+                }
+                self.gate
+                    .park(self.id as usize, self.vcpu.as_mut(), &self.events.halting);
                 continue;
             }
-            let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
+            let flow = match self.vcpu.run() {
+                Ok(exit) => serve_exit(self.id, exit, &self.pio, &self.mmio, &self.events),
                 Err(e) => {
                     error!("vcpu{}: {e}", self.id);
                     self.events.vcpu_failed();
                     return;
                 }
             };
-            match exit {
-                VmExit::IoIn(port, data) => {
-                    if !self.pio.read(u64::from(port), data) {
-                        debug!("vcpu{}: read from unclaimed port {port:#x}", self.id);
-                        data.fill(0xff);
-                    }
+            match flow {
+                Flow::Run => io_pending = false,
+                Flow::IoServed => io_pending = true,
+                Flow::Interrupted => {
+                    io_pending = false;
+                    self.vcpu.set_immediate_exit(false);
                 }
-                VmExit::IoOut(port, data) => {
-                    if !self.pio.write(u64::from(port), data) {
-                        debug!("vcpu{}: write to unclaimed port {port:#x}", self.id);
-                    }
-                }
-                VmExit::MmioRead(addr, data) => {
-                    if !self.mmio.read(addr, data) {
-                        debug!("vcpu{}: read from unclaimed MMIO {addr:#x}", self.id);
-                        data.fill(0xff);
-                    }
-                }
-                VmExit::MmioWrite(addr, data) => {
-                    if !self.mmio.write(addr, data) {
-                        debug!("vcpu{}: write to unclaimed MMIO {addr:#x}", self.id);
-                    }
-                }
-                VmExit::Hlt | VmExit::Ignore => {}
-                VmExit::Interrupted => self.vcpu.set_immediate_exit(false),
-                VmExit::Reset | VmExit::Shutdown => {
-                    // A triple fault resets a real machine, so it resets ours.
-                    info!("vcpu{}: guest reset", self.id);
-                    self.events.reset();
-                    return;
-                }
-                VmExit::PowerOff => {
-                    self.events.power_off();
-                    return;
-                }
-                VmExit::Error(msg) => {
-                    error!("vcpu{}: {msg}", self.id);
-                    self.events.vcpu_failed();
-                    return;
-                }
+                Flow::Stop => return,
             }
         }
+    }
+
+    /// After an I/O or MMIO exit the instruction completes only on the next KVM_RUN: runs it
+    /// with `immediate_exit`, so KVM completes it and returns before entering the guest. A
+    /// string instruction may exit again first: those exits are served as usual. False when
+    /// the thread must end.
+    fn complete_io(&mut self) -> bool {
+        self.vcpu.set_immediate_exit(true);
+        let ok = loop {
+            let flow = match self.vcpu.run() {
+                Ok(exit) => serve_exit(self.id, exit, &self.pio, &self.mmio, &self.events),
+                Err(e) => {
+                    error!("vcpu{}: completing an I/O exit: {e}", self.id);
+                    self.events.vcpu_failed();
+                    break false;
+                }
+            };
+            match flow {
+                Flow::Interrupted => break true,
+                Flow::IoServed | Flow::Run => {}
+                Flow::Stop => break false,
+            }
+        };
+        self.vcpu.set_immediate_exit(false);
+        ok
     }
 }
 
@@ -241,10 +336,10 @@ impl VcpuThreads {
     pub fn pause(&self) -> Result<(), &'static str> {
         self.gate.paused.store(true, Ordering::Release);
         let start = Instant::now();
-        let mut parked = self.gate.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parked = self.gate.lock();
         loop {
             let live = self.threads.iter().filter(|t| !t.is_finished()).count();
-            if *parked >= live {
+            if parked.parked >= live {
                 return Ok(());
             }
             if start.elapsed() > Duration::from_secs(2) {
@@ -261,6 +356,63 @@ impl VcpuThreads {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Runs `job` on every vCPU, on its own thread, while the VM is paused (after `pause`);
+    /// the results come back in vCPU order.
+    pub fn on_parked<T, F>(&self, job: F) -> Result<Vec<T>, String>
+    where
+        T: Send + 'static,
+        F: Fn(&mut dyn Vcpu) -> T + Send + Sync + 'static,
+    {
+        let n = self.threads.len();
+        let job = Arc::new(job);
+        let results: Arc<Mutex<Vec<Option<T>>>> =
+            Arc::new(Mutex::new((0..n).map(|_| None).collect()));
+        let mut s = self.gate.lock();
+        if !self.gate.paused.load(Ordering::Acquire) {
+            return Err("the vCPUs are not paused".into());
+        }
+        if let Some(id) = self.threads.iter().position(JoinHandle::is_finished) {
+            return Err(format!("vCPU {id} has stopped"));
+        }
+        // Every thread is parked (`pause` returned) and stays parked while the gate is closed.
+        if s.parked < n {
+            return Err("the vCPUs are not all parked".into());
+        }
+        s.jobs = (0..n)
+            .map(|id| {
+                let job = job.clone();
+                let results = results.clone();
+                Some(Box::new(move |vcpu: &mut dyn Vcpu| {
+                    let r = job(vcpu);
+                    results.lock().unwrap_or_else(|e| e.into_inner())[id] = Some(r);
+                }) as VcpuJob)
+            })
+            .collect();
+        s.done = 0;
+        self.gate.cv.notify_all();
+        let start = Instant::now();
+        while s.done < n {
+            if start.elapsed() > Duration::from_secs(5) {
+                s.jobs.clear();
+                return Err("a vCPU did not answer within 5 s".into());
+            }
+            s = self
+                .gate
+                .cv
+                .wait_timeout(s, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        s.jobs.clear();
+        drop(s);
+        let mut results = results.lock().unwrap_or_else(|e| e.into_inner());
+        results
+            .iter_mut()
+            .enumerate()
+            .map(|(id, r)| r.take().ok_or_else(|| format!("vCPU {id} gave no answer")))
+            .collect()
     }
 
     /// Lets parked vCPUs run again.

@@ -44,6 +44,9 @@ pub struct DeviceManager {
     pub mmio: Arc<Bus>,
     pub serial: Option<Arc<Mutex<Serial>>>,
     pub cmos: Arc<Mutex<Cmos>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub acpi_sleep: Arc<Mutex<AcpiSleepDevice>>,
+    pub pm_timer: Arc<Mutex<AcpiPmTimer>>,
     pub pci: PciDevices,
     pub ged: Arc<Mutex<Ged>>,
     /// Devices with statistics for `vm.counters`, by device id.
@@ -95,22 +98,17 @@ impl DeviceManager {
         };
         let cmos = Arc::new(Mutex::new(Cmos::new(ram.0, ram.1, nvram)));
         pio.insert(cmos.clone(), layout::CMOS_PORT, 2)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(requests.clone())));
+        pio.insert(i8042.clone(), layout::I8042_PORT, 5)?;
+        let acpi_sleep = Arc::new(Mutex::new(AcpiSleepDevice::new(
+            layout::ACPI_S5_SLP_TYP,
+            layout::ACPI_RESET_VALUE,
+            requests,
+        )));
+        pio.insert(acpi_sleep.clone(), layout::ACPI_SLEEP_PORT, 1)?;
+        let pm_timer = Arc::new(Mutex::new(AcpiPmTimer::new()));
         pio.insert(
-            Arc::new(Mutex::new(I8042::new(requests.clone()))),
-            layout::I8042_PORT,
-            5,
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(AcpiSleepDevice::new(
-                layout::ACPI_S5_SLP_TYP,
-                layout::ACPI_RESET_VALUE,
-                requests,
-            ))),
-            layout::ACPI_SLEEP_PORT,
-            1,
-        )?;
-        pio.insert(
-            Arc::new(Mutex::new(AcpiPmTimer::new())),
+            pm_timer.clone(),
             layout::PM_TIMER_PORT,
             layout::PM_TIMER_LEN,
         )?;
@@ -126,6 +124,9 @@ impl DeviceManager {
             mmio,
             serial,
             cmos,
+            i8042,
+            acpi_sleep,
+            pm_timer,
             counters: pci.counters.clone(),
             pci,
             ged,
@@ -135,7 +136,7 @@ impl DeviceManager {
     /// Drops every device once the vCPUs are stopped, so the host resources they hold (disk
     /// image locks, TAP interfaces, worker threads) are released before a rebuilt VM asks for
     /// them again.
-    pub fn release(&self) {
+    pub fn release(&mut self) {
         self.pci.remove_all();
         self.pio.clear();
         self.mmio.clear();

@@ -10,6 +10,7 @@ mod memory;
 mod pci_setup;
 mod pty_resize;
 mod serial_io;
+pub mod snapshot;
 mod vm;
 
 use std::io;

@@ -169,6 +169,13 @@ pub fn pci_host(windows: &PciWindows) -> arch::acpi::PciHost {
 /// The PCI segment of one VM (the buses hold it too; this names it).
 pub struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
+    /// The 0xcf8/0xcfc ports (the address register is state).
+    config_io: Arc<Mutex<PciConfigIo>>,
+    /// Each virtio-pci transport with its device id and device number on bus 0, in the order
+    /// they were placed (the root holds them as `dyn PciDevice`).
+    transports: Vec<(String, u8, Arc<Mutex<VirtioPciDevice>>)>,
+    /// Whether `pause_devices` stopped the device workers (until `resume_devices`).
+    devices_paused: bool,
     /// Statistics of the devices that keep them, by device id (for `vm.counters`).
     pub counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
     /// Each virtio device's id and its device number on bus 0 (for `vm.info`'s device tree).
@@ -180,11 +187,63 @@ pub struct PciDevices {
 
 impl PciDevices {
     /// Unplugs the devices (see `DeviceManager::release`).
-    pub fn remove_all(&self) {
+    pub fn remove_all(&mut self) {
+        self.transports.clear();
         self.root
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove_all();
+    }
+
+    /// Stops every virtio device's worker(s) (in-flight requests completed, no guest memory
+    /// touched, no interrupt raised afterwards) so that their states can be taken; the VM's
+    /// resume starts them again.
+    pub fn pause_devices(&mut self) -> Result<(), String> {
+        self.devices_paused = true;
+        for (_, _, t) in &self.transports {
+            t.lock().unwrap_or_else(|e| e.into_inner()).pause()?;
+        }
+        Ok(())
+    }
+
+    /// Restarts the workers `pause_devices` stopped (nothing when none were).
+    pub fn resume_devices(&mut self) -> Result<(), String> {
+        if !std::mem::take(&mut self.devices_paused) {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for (_, _, t) in &self.transports {
+            if let Err(e) = t.lock().unwrap_or_else(|e| e.into_inner()).resume() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The segment's state: host bridge, 0xcf8 and every transport with its device's own
+    /// state, in placement order. The device workers must be paused (`pause_devices`).
+    pub fn state(&self) -> crate::snapshot::PciSnapshot {
+        crate::snapshot::PciSnapshot {
+            root: self.root.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            config_io: self
+                .config_io
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+            devices: self
+                .transports
+                .iter()
+                .map(|(id, slot, t)| {
+                    let t = t.lock().unwrap_or_else(|e| e.into_inner());
+                    crate::snapshot::VirtioPciSnapshot {
+                        id: id.clone(),
+                        slot: *slot,
+                        transport: t.state(),
+                        device: t.device_state(),
+                    }
+                })
+                .collect(),
+        }
     }
 
     /// Occupied device numbers on bus 0 (0 is the host bridge).
@@ -274,8 +333,9 @@ pub fn create(
     let vmi: Arc<dyn VmInterface> = Arc::new(VmPci::new(vm.clone(), mmio));
     let root = Arc::new(Mutex::new(PciRoot::new(vmi.clone())));
     let bus_err = |e: devices::BusError| PciSetupError::Bus(e.to_string());
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
     pio.insert(
-        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        config_io.clone(),
         layout::PCI_CONFIG_IO_PORT,
         layout::PCI_CONFIG_IO_SIZE,
     )
@@ -413,6 +473,7 @@ pub fn create(
     let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
     let mut counters: Vec<(String, Arc<dyn devices::DeviceCounters>)> = Vec::new();
     let mut placed = Vec::new();
+    let mut transports = Vec::new();
     for Pending {
         option,
         id,
@@ -437,14 +498,19 @@ pub fn create(
         }
         let pdev =
             VirtioPciDevice::new(id.clone(), dev, mem.clone(), vmi.clone(), addr).map_err(err)?;
-        r.add_device(slot, Arc::new(Mutex::new(pdev)))
+        let pdev = Arc::new(Mutex::new(pdev));
+        r.add_device(slot, pdev.clone())
             .map_err(|e| err(e.to_string()))?;
         info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {addr:#x}");
+        transports.push((id.clone(), slot, pdev));
         placed.push((id, slot));
     }
     drop(r);
     Ok(PciDevices {
         root,
+        config_io,
+        transports,
+        devices_paused: false,
         counters,
         placed,
         disk_image_types,

@@ -17,6 +17,7 @@ use crate::config::VmConfig;
 use crate::cpu::{VcpuThreads, VmEvents};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup};
 use crate::memory::{self, MemoryError};
+use crate::snapshot::{self, Cause, PlatformSnapshot, VmSnapshot, VM_SNAPSHOT_VERSION};
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -25,7 +26,7 @@ pub enum VmError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
-    Devices(#[from] DeviceError),
+    DeviceSetup(#[from] DeviceError),
     #[error("cannot build the ACPI tables: {0}")]
     Acpi(String),
     #[error("cannot build the SMBIOS tables: {0}")]
@@ -51,6 +52,8 @@ pub enum VmError {
     Pause(&'static str),
     #[error("cannot signal the guest: {0}")]
     Event(#[source] std::io::Error),
+    #[error("cannot resume the devices: {0}")]
+    Devices(String),
 }
 
 pub struct Vm {
@@ -263,10 +266,59 @@ impl Vm {
         if let Some(clock) = self.clock.take() {
             self.hv_vm.set_clock(clock)?;
         }
+        // Device workers a snapshot paused start again before the vCPUs do.
+        let devices = self.devices.pci.resume_devices();
         if let Some(t) = &self.threads {
             t.resume();
         }
+        devices.map_err(VmError::Devices)?;
         Ok(())
+    }
+
+    /// The state of the paused VM: the virtio device workers are paused first (their in-flight
+    /// requests complete and interrupt, so the irqchip and LAPIC states below include them;
+    /// `resume` restarts them), then every vCPU's state (read on its own thread, which owns
+    /// it; a paused vCPU is always between two instructions), the VM's (irqchip, and the clock
+    /// as it was at the pause), the platform devices' and PCI segment 0's.
+    pub fn snapshot(&mut self) -> Result<VmSnapshot, Cause> {
+        let threads = self
+            .threads
+            .as_ref()
+            .ok_or_else(|| Cause::new("the VM has not started"))?;
+        if self.clock.is_none() {
+            return Err(Cause::new("Trying to snapshot while VM is running"));
+        }
+        self.devices
+            .pci
+            .pause_devices()
+            .map_err(|e| Cause::new(format!("cannot pause a device: {e}")))?;
+        let vcpus = threads
+            .on_parked(|vcpu| vcpu.state().map_err(|e| e.to_string()))
+            .map_err(|e| Cause::new(format!("cannot reach the vCPUs: {e}")))?
+            .into_iter()
+            .enumerate()
+            .map(|(id, r)| r.map_err(|e| Cause::new(format!("vCPU {id}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut vm = self
+            .hv_vm
+            .state()
+            .map_err(|e| Cause::new(format!("VM state: {e}")))?;
+        if let Some(clock) = self.clock {
+            vm.clock.clock = clock.clock;
+        }
+        Ok(VmSnapshot {
+            version: VM_SNAPSHOT_VERSION,
+            vcpus,
+            vm,
+            devices: PlatformSnapshot::of(&self.devices),
+            pci: self.devices.pci.state(),
+            memory_ranges: snapshot::memory_ranges(&self._memory),
+        })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self._memory
     }
 
     /// Presses the ACPI power button.

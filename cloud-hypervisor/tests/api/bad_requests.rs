@@ -33,7 +33,6 @@ const NOT_YET: &[&str] = &[
     "vm.resize",
     "vm.resize-disk",
     "vm.resize-zone",
-    "vm.snapshot",
     "vm.restore",
     "vm.coredump",
     "vm.nmi",

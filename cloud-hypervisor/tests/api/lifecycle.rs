@@ -218,7 +218,10 @@ fn lifecycle_over_ch_remote() {
     fails(&["add-disk", "path=/x"], "vm.add-disk is not supported yet");
     fails(&["nmi"], "501");
     fails(&["resize", "--cpus", "2"], "501");
-    fails(&["snapshot", "file:///tmp/snap"], "501");
+    fails(
+        &["snapshot", "file:///tmp/snap"],
+        "500: Error from API: The VM could not be snapshotted: VM is not running",
+    );
     // A file that is not a VmConfig is the server's to refuse, as with the original.
     let bad = vmm.dir.join("bad.json");
     std::fs::write(&bad, "{ not json").unwrap();

@@ -10,3 +10,4 @@ mod helpers;
 mod lifecycle;
 mod net_options;
 mod original_client;
+mod snapshot;

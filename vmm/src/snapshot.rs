@@ -1,0 +1,337 @@
+//! `vm.snapshot`: the state of a paused VM as one versioned serde type (`VmSnapshot`), and the
+//! snapshot directory the original writes: `config.json` (the VM's configuration as `vm.info`
+//! shows it), `state.json` (the `VmSnapshot`) and `memory-ranges` (guest RAM, region after
+//! region; `state.json`'s `memory_ranges` says which guest range each stretch of the file is).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use devices::{
+    AcpiSleepState, CmosState, GedState, I8042State, PmTimerState, SerialState, Stateful,
+};
+use hypervisor::{VcpuState, VmState};
+use pci::{PciConfigIoState, PciRootState};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use virtio_devices::{VirtioDeviceState, VirtioPciState};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::config::VmConfig;
+use crate::device_manager::DeviceManager;
+
+/// The `VmSnapshot` layout this build writes and the only one it restores.
+pub const VM_SNAPSHOT_VERSION: u32 = 1;
+
+/// The original's names for the files of a snapshot directory.
+pub const SNAPSHOT_CONFIG_FILE: &str = "config.json";
+pub const SNAPSHOT_STATE_FILE: &str = "state.json";
+pub const SNAPSHOT_MEMORY_FILE: &str = "memory-ranges";
+
+/// Everything a paused VM holds beyond its configuration and its RAM's contents.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshot {
+    /// [`VM_SNAPSHOT_VERSION`] when written.
+    pub version: u32,
+    /// One per vCPU, in vCPU id order.
+    pub vcpus: Vec<VcpuState>,
+    /// The in-kernel irqchip and the kvmclock (as it was when the VM was paused).
+    pub vm: VmState,
+    pub devices: PlatformSnapshot,
+    pub pci: PciSnapshot,
+    /// The guest ranges whose bytes `memory-ranges` holds, in file order, back to back.
+    pub memory_ranges: Vec<MemoryRange>,
+}
+
+/// The platform devices' states (`devices::Stateful`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformSnapshot {
+    /// `None` without a serial port.
+    pub serial: Option<SerialState>,
+    pub cmos: CmosState,
+    pub i8042: I8042State,
+    pub acpi_sleep: AcpiSleepState,
+    pub pm_timer: PmTimerState,
+    pub ged: GedState,
+}
+
+/// PCI segment 0.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PciSnapshot {
+    pub root: PciRootState,
+    pub config_io: PciConfigIoState,
+    /// Every virtio-pci function, in the order the VM placed them.
+    pub devices: Vec<VirtioPciSnapshot>,
+}
+
+/// One virtio-pci function: the transport's state and its device's own.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioPciSnapshot {
+    /// The device id (`vm.info`'s).
+    pub id: String,
+    /// Its device number on bus 0.
+    pub slot: u8,
+    pub transport: VirtioPciState,
+    pub device: VirtioDeviceState,
+}
+
+/// A stretch of guest RAM, in the original's shape (`MemoryRange`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryRange {
+    pub gpa: u64,
+    pub length: u64,
+}
+
+impl PlatformSnapshot {
+    pub fn of(d: &DeviceManager) -> Self {
+        fn state<T: Stateful>(dev: &std::sync::Mutex<T>) -> T::State {
+            dev.lock().unwrap_or_else(|e| e.into_inner()).state()
+        }
+        PlatformSnapshot {
+            serial: d.serial.as_deref().map(state),
+            cmos: state(&d.cmos),
+            i8042: state(&d.i8042),
+            acpi_sleep: state(&d.acpi_sleep),
+            pm_timer: state(&d.pm_timer),
+            ged: state(&d.ged),
+        }
+    }
+}
+
+/// The guest RAM ranges `memory-ranges` holds: every region, in address order.
+pub fn memory_ranges(mem: &GuestMemoryMmap) -> Vec<MemoryRange> {
+    mem.iter()
+        .map(|r| MemoryRange {
+            gpa: r.start_addr().0,
+            length: r.len(),
+        })
+        .collect()
+}
+
+/// The last of an error chain: a message and, where there is one, the system's error.
+#[derive(Debug, Error)]
+#[error("{msg}")]
+pub struct Cause {
+    msg: String,
+    #[source]
+    source: Option<io::Error>,
+}
+
+impl Cause {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Cause {
+            msg: msg.into(),
+            source: None,
+        }
+    }
+
+    fn io(msg: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        let msg = msg.into();
+        move |source| Cause {
+            msg,
+            source: Some(source),
+        }
+    }
+}
+
+/// Why `vm.snapshot` failed, in the original's words (its `VmError` and `MigratableError`).
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("Cannot snapshot VM")]
+    Snapshot(#[source] MigratableError),
+    #[error("Cannot send VM snapshot")]
+    Send(#[source] MigratableError),
+}
+
+#[derive(Debug, Error)]
+pub enum MigratableError {
+    #[error("Failed to snapshot migratable component")]
+    Snapshot(#[source] Cause),
+    #[error("Failed to send migratable component snapshot")]
+    MigrateSend(#[source] Cause),
+}
+
+impl SnapshotError {
+    pub fn snapshot(c: Cause) -> Self {
+        SnapshotError::Snapshot(MigratableError::Snapshot(c))
+    }
+
+    pub fn send(c: Cause) -> Self {
+        SnapshotError::Send(MigratableError::MigrateSend(c))
+    }
+
+    /// The chain of messages, from the top.
+    pub fn chain(&self) -> Vec<String> {
+        let mut lines = vec![self.to_string()];
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            lines.push(s.to_string());
+            source = s.source();
+        }
+        lines
+    }
+}
+
+/// The directory a `file://` URL names; as the original, it must exist and be a directory.
+pub fn url_to_path(url: &str) -> Result<PathBuf, SnapshotError> {
+    let path: PathBuf = url
+        .strip_prefix("file://")
+        .ok_or_else(|| {
+            SnapshotError::send(Cause::new(format!(
+                "Could not extract path from URL: {url}"
+            )))
+        })?
+        .into();
+    if !path.is_dir() {
+        return Err(SnapshotError::send(Cause::new(format!(
+            "Destination is not a directory: {path:?}"
+        ))));
+    }
+    Ok(path)
+}
+
+/// Creates the snapshot's three files in `dir` (none may exist yet, as the original's
+/// `create_new`); on a failure the ones created are removed again.
+fn create_files(dir: &Path) -> Result<[(PathBuf, File); 3], SnapshotError> {
+    let mut created: Vec<(PathBuf, File)> = Vec::with_capacity(3);
+    for name in [
+        SNAPSHOT_CONFIG_FILE,
+        SNAPSHOT_STATE_FILE,
+        SNAPSHOT_MEMORY_FILE,
+    ] {
+        let path = dir.join(name);
+        let what = match name {
+            SNAPSHOT_CONFIG_FILE => "Error creating VM config snapshot file".to_string(),
+            SNAPSHOT_STATE_FILE => "Error creating VM state snapshot file".to_string(),
+            _ => format!("Error creating memory snapshot file {path:?}"),
+        };
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => created.push((path, f)),
+            Err(e) => {
+                for (p, _) in &created {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(SnapshotError::send(Cause::io(what)(e)));
+            }
+        }
+    }
+    let mut it = created.into_iter();
+    match (it.next(), it.next(), it.next()) {
+        (Some(a), Some(b), Some(c)) => Ok([a, b, c]),
+        _ => unreachable!("three files were created"),
+    }
+}
+
+/// Writes the snapshot directory: `config`, `snapshot`, and the bytes of `mem` as
+/// `snapshot.memory_ranges` lists them. Returns the number of RAM bytes written.
+pub fn write(
+    dir: &Path,
+    config: &VmConfig,
+    snapshot: &VmSnapshot,
+    mem: &GuestMemoryMmap,
+) -> Result<u64, SnapshotError> {
+    let [(config_path, mut config_file), (state_path, mut state_file), (mem_path, mut mem_file)] =
+        create_files(dir)?;
+    let result = (|| {
+        let bytes = serde_json::to_vec(config).map_err(|e| {
+            SnapshotError::send(Cause::new(format!(
+                "Error serializing VM config snapshot: {e}"
+            )))
+        })?;
+        config_file
+            .write_all(&bytes)
+            .map_err(Cause::io("Error writing VM config snapshot"))
+            .map_err(SnapshotError::send)?;
+        let bytes = serde_json::to_vec(snapshot).map_err(|e| {
+            SnapshotError::send(Cause::new(format!(
+                "Error serializing VM state snapshot: {e}"
+            )))
+        })?;
+        state_file
+            .write_all(&bytes)
+            .map_err(Cause::io("Error writing VM state snapshot"))
+            .map_err(SnapshotError::send)?;
+        write_memory(mem, &snapshot.memory_ranges, &mut mem_file).map_err(SnapshotError::send)
+    })();
+    if result.is_err() {
+        for p in [config_path, state_path, mem_path] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
+}
+
+/// Writes each range's bytes to `out`, back to back: from the region's own file (the memfd of
+/// shared or huge-page RAM) with `sendfile`, or from the mapping.
+fn write_memory(
+    mem: &GuestMemoryMmap,
+    ranges: &[MemoryRange],
+    out: &mut File,
+) -> Result<u64, Cause> {
+    let mut total = 0u64;
+    for range in ranges {
+        let addr = vm_memory::GuestAddress(range.gpa);
+        let region = mem
+            .find_region(addr)
+            .filter(|r| r.start_addr() == addr && r.len() == range.length)
+            .ok_or_else(|| Cause::new(format!("no RAM region at {:#x}", range.gpa)))?;
+        let from_file = match region.file_offset() {
+            Some(fo) => send_file(fo.file(), fo.start(), out, range.length)
+                .map_err(Cause::io("Error writing memory snapshot region"))?,
+            None => false,
+        };
+        if !from_file {
+            let len = usize::try_from(range.length)
+                .map_err(|_| Cause::new(format!("region at {:#x} too large", range.gpa)))?;
+            mem.write_all_volatile_to(addr, out, len)
+                .map_err(|e| Cause {
+                    msg: "Error writing memory snapshot region".into(),
+                    source: Some(io::Error::other(e.to_string())),
+                })?;
+        }
+        total += range.length;
+    }
+    Ok(total)
+}
+
+/// Copies `len` bytes of `src` from `offset` to `out`'s position with `sendfile` (page cache to
+/// page cache, no user-space buffer). `Ok(false)`, nothing written, where the kernel cannot
+/// sendfile from this file (the caller copies from the mapping instead).
+fn send_file(src: &File, offset: u64, out: &File, len: u64) -> io::Result<bool> {
+    let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: both fds are open for the call; `off` is a valid off_t the kernel updates.
+        let n = unsafe { libc::sendfile(out.as_raw_fd(), src.as_raw_fd(), &mut off, chunk) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if left == len && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "guest memory file ended early",
+            ));
+        }
+        left -= n as u64;
+    }
+    Ok(true)
+}
