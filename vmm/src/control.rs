@@ -287,6 +287,7 @@ impl Vmm {
             log_memory(&vm);
         }
         if let Some(serial) = self.serial.take() {
+            serial.drain_output();
             for fd in [serial.input_fd(), serial.listener_fd()]
                 .into_iter()
                 .flatten()
@@ -295,6 +296,7 @@ impl Vmm {
             }
         }
         if let Some(console) = self.console.take() {
+            console.drain_output();
             for fd in [
                 console.input_fd(),
                 console.listener_fd(),

@@ -475,6 +475,28 @@ impl SerialEndpoint {
         matches!(self, SerialEndpoint::Socket { .. })
     }
 
+    /// For `pty`: waits (a moment at most) until whoever reads the pseudo-terminal has read
+    /// what the guest wrote, before the endpoint is dropped. Closing the master hangs the
+    /// terminal up, and the kernel then throws away output still waiting in it: the guest's
+    /// last lines before a power-off would be lost to a reader that was a little behind. The
+    /// VMM holds the slave open itself, so FIONREAD on it tells how much is still unread.
+    pub fn drain_output(&self) {
+        const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_millis(200);
+        let SerialEndpoint::Pty { slave, .. } = self else {
+            return;
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let mut unread: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int into `unread`; the slave fd is open.
+            let ret = unsafe { libc::ioctl(slave.as_raw_fd(), libc::FIONREAD, &mut unread) };
+            if ret != 0 || unread <= 0 || start.elapsed() >= DRAIN_LIMIT {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// The pseudo-terminal's path, for `pty`.
     pub fn pty_path(&self) -> Option<&Path> {
         match self {
