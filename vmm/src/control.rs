@@ -344,14 +344,10 @@ impl Vmm {
 
     /// Checks that the VM is built (running or paused) and in one of the `ok` states. As the
     /// original answers: "VM is not running" (500) when no VM is built, whether or not one is
-    /// created, except for reboot, which answers "VM is not created" (404).
+    /// created.
     fn require(&self, action: &'static str, ok: &[VmState]) -> Result<(), ApiError> {
         if self.vm.is_none() {
-            return Err(if action == "reboot" {
-                ApiError::VmNotCreated
-            } else {
-                ApiError::VmNotRunning
-            });
+            return Err(ApiError::VmNotRunning);
         }
         if !ok.contains(&self.state) {
             return Err(ApiError::InvalidState {
@@ -454,10 +450,13 @@ impl Vmm {
                 self.require("shut down", &[VmState::Running, VmState::Paused])
                     .map(|()| self.shutdown_vm()),
             ),
-            VmReboot => done(
-                self.require("reboot", &[VmState::Running, VmState::Paused])
-                    .and_then(|()| self.reboot().map_err(Self::vm_failed)),
-            ),
+            // A built VM is running or paused, both of which reboot; with none built the
+            // original answers "VM is not created" (404).
+            VmReboot => done(if self.vm.is_none() {
+                Err(ApiError::VmNotCreated)
+            } else {
+                self.reboot().map_err(Self::vm_failed)
+            }),
             VmPowerButton => done(
                 // As the original: a paused guest sees the press when it resumes.
                 self.require(
