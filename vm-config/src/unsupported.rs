@@ -94,18 +94,9 @@ impl UnsupportedConfig {
             if name == "debug_console" && v.get("mode").and_then(Value::as_str) == Some("Off") {
                 continue;
             }
-            let mut shown = v.to_string();
-            if shown.len() > 80 {
-                let mut cut = 77;
-                while !shown.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                shown.truncate(cut);
-                shown.push_str("...");
-            }
             return Err(ConfigError::new(
                 name,
-                &shown,
+                &crate::extra::shown(v),
                 "this field is not supported yet".into(),
             ));
         }
