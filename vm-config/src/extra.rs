@@ -43,12 +43,17 @@ pub(crate) fn shown(v: &Value) -> String {
 }
 
 impl Extra {
-    /// Refuses the first key that asks for something, as `<object>.<key>`.
+    /// Refuses the first key that asks for something, as `<object>.<key>` (`<key>` for the
+    /// top level, `object` empty).
     pub fn check(&self, object: &str) -> Result<(), ConfigError> {
         match self.0.iter().find(|(_, v)| !is_nothing(v)) {
             None => Ok(()),
             Some((k, v)) => Err(ConfigError::new(
-                &format!("{object}.{k}"),
+                &if object.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{object}.{k}")
+                },
                 &shown(v),
                 "this field is not supported yet".into(),
             )),

@@ -50,6 +50,9 @@ pub struct UnsupportedConfig {
     pub pvpanic: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landlock_enable: Option<Value>,
+    /// Any other top-level key: refused unless it asks for nothing, as in every object.
+    #[serde(flatten, skip_serializing)]
+    pub other: crate::Extra,
 }
 
 /// Whether `v` asks for nothing: null, false, an empty list or object.
@@ -64,6 +67,7 @@ fn is_empty(v: &Value) -> bool {
 
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.other.check("")?;
         let fields: [(&'static str, &Option<Value>); 20] = [
             ("rate_limit_groups", &self.rate_limit_groups),
             ("balloon", &self.balloon),
@@ -107,6 +111,16 @@ impl UnsupportedConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_top_level_keys_are_refused_unless_they_ask_for_nothing() {
+        let c: UnsupportedConfig =
+            serde_json::from_str(r#"{"ivshmem": null, "preserved_fds": []}"#).unwrap();
+        c.validate().unwrap();
+        let c: UnsupportedConfig = serde_json::from_str(r#"{"ivshmem": {"size": 1}}"#).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.option, "ivshmem");
+    }
 
     #[test]
     fn refuses_what_is_not_there_and_names_it() {
