@@ -6,6 +6,7 @@ pub mod extra;
 mod generated;
 pub mod mac;
 mod parser;
+mod restore;
 #[cfg(test)]
 mod rules_tests;
 mod unsupported;
@@ -21,6 +22,7 @@ pub use devices::{
 };
 pub use extra::Extra;
 pub use parser::{parse_size, OptionParser};
+pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
 pub use unsupported::UnsupportedConfig;
 
 /// A bad option value: names the option and the value the user gave.
