@@ -19,8 +19,9 @@ use crate::cpu::VmEvents;
 use crate::event_monitor::EventMonitor;
 use crate::serial_io::{ConsoleRelay, SerialEndpoint};
 use crate::vm::Vm;
-use crate::{memory, pci_setup, snapshot, Error, Outcome};
+use crate::{memory, pci_setup, restore, snapshot, Error, Outcome};
 use api::{ApiError, ApiRequest, ApiResponse, ApiResult, ApiServer, VmInfoResponse, VmState};
+use vm_config::RestoreConfig;
 
 const EV_EXIT: u64 = 1;
 const EV_RESET: u64 = 2;
@@ -100,6 +101,16 @@ fn console_host(
         }
         None => console_io(endpoint, size),
     }
+}
+
+/// The host ends of a VM's serial port and virtio console, opened before the VM is built.
+struct Endpoints {
+    serial: SerialEndpoint,
+    console: SerialEndpoint,
+    /// For `--console socket=`: the device's side, relayed to the client.
+    relay: Option<ConsoleRelay>,
+    /// The terminal-resize watcher's fd, where the console has one.
+    resize_fd: Option<RawFd>,
 }
 
 /// What loop iteration should do next.
@@ -198,6 +209,65 @@ impl Vmm {
         Ok(())
     }
 
+    /// Opens the host ends of the serial port and the virtio console that `config` asks for.
+    fn open_endpoints(&mut self, config: &VmConfig) -> Result<Endpoints, Error> {
+        let serial = SerialEndpoint::open("--serial", &config.serial)?;
+        let mut console = SerialEndpoint::open("--console", &config.console)?;
+        // Before the VM (and its memory) exists: the watcher is a forked process.
+        let resize_fd = console.watch_resizes();
+        let relay = if console.is_socket() {
+            Some(ConsoleRelay::new().map_err(Error::Setup)?)
+        } else {
+            None
+        };
+        let (cols, rows) = console.window_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
+        self.console_size = ConsoleSize::new(cols, rows);
+        Ok(Endpoints {
+            serial,
+            console,
+            relay,
+            resize_fd,
+        })
+    }
+
+    /// Takes the built `vm` with its endpoints into the loop: records the paths of
+    /// pseudo-terminals in the configuration (as the original), watches the endpoints' fds.
+    fn attach(&mut self, ep: Endpoints, vm: Vm) -> Result<(), Error> {
+        let Endpoints {
+            serial,
+            console,
+            relay,
+            resize_fd,
+        } = ep;
+        if let Some(config) = self.config.as_mut() {
+            for (cfg, ep) in [
+                (&mut config.serial, &serial),
+                (&mut config.console, &console),
+            ] {
+                if let Some(path) = ep.pty_path() {
+                    cfg.file = Some(path.to_path_buf());
+                }
+            }
+        }
+        let mut watch = vec![
+            (serial.input_fd(), EV_SERIAL_IN),
+            (serial.listener_fd(), EV_SERIAL_LISTEN),
+            (console.listener_fd(), EV_CONSOLE_LISTEN),
+            (relay.as_ref().map(ConsoleRelay::output_fd), EV_CONSOLE_OUT),
+        ];
+        watch.push((resize_fd, EV_CONSOLE_RESIZE));
+        for (fd, token) in watch {
+            if let Some(fd) = fd {
+                self.control.add(fd, token).map_err(Error::Setup)?;
+            }
+        }
+        self.serial = Some(serial);
+        self.console = Some(console);
+        self.console_relay = relay;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
     /// Builds and starts the created VM.
     pub(crate) fn boot(&mut self) -> Result<(), Error> {
         let Some(config) = self.config.as_mut() else {
@@ -209,28 +279,14 @@ impl Vmm {
         }
         // Device ids and guest MACs not given are chosen now and kept, as the original does.
         config.assign_generated();
-        let config = &*config;
+        let config = config.clone();
         self.monitor.emit("vm", "booting");
-        let serial = SerialEndpoint::open("--serial", &config.serial)?;
-        let mut console = SerialEndpoint::open("--console", &config.console)?;
-        // Before the VM (and its memory) exists: the watcher is a forked process.
-        if let Some(fd) = console.watch_resizes() {
-            self.control
-                .add(fd, EV_CONSOLE_RESIZE)
-                .map_err(Error::Setup)?;
-        }
-        let relay = if console.is_socket() {
-            Some(ConsoleRelay::new().map_err(Error::Setup)?)
-        } else {
-            None
-        };
-        let (cols, rows) = console.window_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
-        self.console_size = ConsoleSize::new(cols, rows);
-        let console_host = console_host(&console, relay.as_ref(), &self.console_size);
+        let ep = self.open_endpoints(&config)?;
+        let console_host = console_host(&ep.console, ep.relay.as_ref(), &self.console_size);
         let mut vm = Vm::new(
             &self.hv,
-            config,
-            serial_sink(&serial),
+            &config,
+            serial_sink(&ep.serial),
             console_host,
             None,
             &self.events,
@@ -238,44 +294,91 @@ impl Vmm {
         self.events.clear_halting();
         vm.start(&self.events)?;
         // Recorded as the original records them: probed disk formats (a reboot opens the same
-        // format) and the paths of pseudo-terminals.
+        // format).
         if let Some(config) = self.config.as_mut() {
             for (d, t) in config.disks.iter_mut().zip(vm.disk_image_types()) {
                 d.image_type = *t;
             }
-            for (cfg, ep) in [
-                (&mut config.serial, &serial),
-                (&mut config.console, &console),
-            ] {
-                if let Some(path) = ep.pty_path() {
-                    cfg.file = Some(path.to_path_buf());
-                }
-            }
         }
-        if let Some(fd) = serial.input_fd() {
-            self.control.add(fd, EV_SERIAL_IN).map_err(Error::Setup)?;
-        }
-        if let Some(fd) = serial.listener_fd() {
-            self.control
-                .add(fd, EV_SERIAL_LISTEN)
-                .map_err(Error::Setup)?;
-        }
-        if let Some(fd) = console.listener_fd() {
-            self.control
-                .add(fd, EV_CONSOLE_LISTEN)
-                .map_err(Error::Setup)?;
-        }
-        if let Some(r) = &relay {
-            self.control
-                .add(r.output_fd(), EV_CONSOLE_OUT)
-                .map_err(Error::Setup)?;
-        }
-        self.serial = Some(serial);
-        self.console = Some(console);
-        self.console_relay = relay;
-        self.vm = Some(vm);
+        self.attach(ep, vm)?;
         self.state = VmState::Running;
         self.monitor.emit("vm", "booted");
+        Ok(())
+    }
+
+    /// `vm.restore` (and `--restore`): the VM a snapshot directory describes, built and
+    /// paused, or running with `resume`. Refused while a VM is created, as the original. On
+    /// any failure nothing is left: no configuration, no VM.
+    pub(crate) fn restore(&mut self, rc: RestoreConfig) -> Result<(), ApiError> {
+        if self.config.is_some() {
+            return Err(ApiError::VmAlreadyCreated);
+        }
+        let chain = |e: snapshot::SnapshotError| ApiError::Chain(e.chain());
+        let refuse =
+            |msg: String| chain(snapshot::SnapshotError::restore(snapshot::Cause::new(msg)));
+        self.monitor.emit("vm", "restoring");
+        let start = std::time::Instant::now();
+        let src = restore::open(&rc.source_url).map_err(chain)?;
+        let mut config = src.config.clone();
+        if let Some(n) = rc.net_fds.iter().flatten().next() {
+            return Err(refuse(format!(
+                "net_fds: net device '{}' is not backed by file descriptors (this VMM has no \
+                 fd-backed net devices)",
+                n.id
+            )));
+        }
+        config
+            .validate()
+            .map_err(|e| refuse(format!("the snapshot's configuration is invalid: {e}")))?;
+        let ep = self
+            .open_endpoints(&config)
+            .map_err(|e| refuse(e.to_string()))?;
+        let (mem, on_demand) =
+            restore::load_memory(&src, &config.memory, rc.memory_restore_mode, rc.prefault)
+                .map_err(|c| chain(snapshot::SnapshotError::restore(c)))?;
+        let loaded = start.elapsed();
+        let console_host = console_host(&ep.console, ep.relay.as_ref(), &self.console_size);
+        let mut vm = Vm::restore(
+            &self.hv,
+            &config,
+            &src.state,
+            mem,
+            on_demand,
+            serial_sink(&ep.serial),
+            console_host,
+            &self.events,
+        )
+        .map_err(|c| chain(snapshot::SnapshotError::restore(c)))?;
+        self.events.clear_halting();
+        vm.start(&self.events).map_err(|e| refuse(e.to_string()))?;
+        self.config = Some(config);
+        if let Err(e) = self.attach(ep, vm) {
+            self.shutdown_vm();
+            self.config = None;
+            return Err(refuse(e.to_string()));
+        }
+        self.state = VmState::Paused;
+        info!(
+            "restored from {} ({:?} mode): RAM in {loaded:?}, VM in {:?}",
+            src.dir.display(),
+            rc.memory_restore_mode,
+            start.elapsed()
+        );
+        self.monitor.emit("vm", "restored");
+        if rc.resume {
+            self.resume_vm()?;
+        }
+        Ok(())
+    }
+
+    fn resume_vm(&mut self) -> Result<(), ApiError> {
+        self.require("resume", &[VmState::Paused])?;
+        self.monitor.emit("vm", "resuming");
+        if let Some(vm) = self.vm.as_mut() {
+            vm.resume().map_err(Self::vm_failed)?;
+        }
+        self.state = VmState::Running;
+        self.monitor.emit("vm", "resumed");
         Ok(())
     }
 
@@ -376,7 +479,8 @@ impl Vmm {
             )));
         }
         // The destination first: nothing is paused for a snapshot that cannot be written.
-        let dir = snapshot::url_to_path(destination_url).map_err(chain)?;
+        let dir = snapshot::url_to_path(destination_url)
+            .map_err(|e| chain(snapshot::SnapshotError::Send(e)))?;
         let start = std::time::Instant::now();
         let state = vm
             .snapshot()
@@ -437,15 +541,8 @@ impl Vmm {
                 self.monitor.emit("vm", "paused");
                 Ok(())
             })),
-            VmResume => done(self.require("resume", &[VmState::Paused]).and_then(|()| {
-                self.monitor.emit("vm", "resuming");
-                if let Some(vm) = self.vm.as_mut() {
-                    vm.resume().map_err(Self::vm_failed)?;
-                }
-                self.state = VmState::Running;
-                self.monitor.emit("vm", "resumed");
-                Ok(())
-            })),
+            VmResume => done(self.resume_vm()),
+            VmRestore(rc) => done(self.restore(rc)),
             VmShutdown => done(
                 self.require("shut down", &[VmState::Running, VmState::Paused])
                     .map(|()| self.shutdown_vm()),

@@ -290,15 +290,19 @@ impl VcpuLoop {
 }
 
 impl VcpuThreads {
+    /// Starts one thread per vCPU; with `paused`, each parks before it first enters the guest.
     pub fn start(
         vcpus: Vec<Box<dyn Vcpu>>,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         events: &VmEvents,
         core_scheduling: CoreScheduling,
+        paused: bool,
     ) -> std::io::Result<Self> {
         let stop = events.halting.clone();
         let gate = Arc::new(PauseGate::default());
+        // A restored VM's threads park before their first KVM_RUN, until `resume`.
+        gate.paused.store(paused, Ordering::Release);
         let core = Arc::new(CoreGroup::new(core_scheduling));
         let mut threads = Vec::with_capacity(vcpus.len());
         for (id, vcpu) in vcpus.into_iter().enumerate() {

@@ -9,7 +9,9 @@ pub mod event_monitor;
 mod memory;
 mod pci_setup;
 mod pty_resize;
+pub mod restore;
 mod serial_io;
+mod uffd;
 pub mod snapshot;
 mod vm;
 

@@ -187,6 +187,16 @@ fn advise(addr: *mut u8, size: u64, start: u64, cfg: &MemoryConfig) {
     }
 }
 
+/// Advice for guest RAM mapped from a snapshot's memory file (copy-on-write restore): kept out
+/// of forks, mergeable where asked; no transparent huge pages (the file's pages are 4 KiB).
+pub fn advise_restored(addr: *mut u8, size: u64, cfg: &MemoryConfig) {
+    let cfg = MemoryConfig {
+        thp: false,
+        ..cfg.clone()
+    };
+    advise(addr, size, 0, &cfg);
+}
+
 /// Registers every region as a KVM memory slot.
 pub fn register_memory(vm: &Arc<dyn Vm>, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {

@@ -246,6 +246,53 @@ impl PciDevices {
         }
     }
 
+    /// Makes segment 0 what `s` describes, in the order docs/pci.md gives: the host bridge
+    /// and 0xcf8, then each transport (its device's own state first, since the transport's
+    /// may start the device), matched by id and slot (the snapshot's configuration built the
+    /// same functions in the same places), then the BARs, last. The device workers the
+    /// restore started are paused at once (the VM comes up paused; its resume starts them).
+    pub fn restore(&mut self, s: &crate::snapshot::PciSnapshot) -> Result<(), String> {
+        let placed: Vec<(&str, u8)> = self
+            .transports
+            .iter()
+            .map(|(id, slot, _)| (id.as_str(), *slot))
+            .collect();
+        let saved: Vec<(&str, u8)> = s.devices.iter().map(|d| (d.id.as_str(), d.slot)).collect();
+        if placed != saved {
+            return Err(format!(
+                "the state's PCI devices {saved:?} are not the configuration's {placed:?}"
+            ));
+        }
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_state(&s.root)
+            .map_err(|e| e.to_string())?;
+        self.config_io
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_state(&s.config_io)
+            .map_err(|e| e.to_string())?;
+        let mut result = Ok(());
+        for ((_, _, t), d) in self.transports.iter().zip(&s.devices) {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            result = t
+                .set_device_state(&d.device)
+                .and_then(|()| t.set_state(&d.transport))
+                .map_err(|e| e.to_string());
+            if result.is_err() {
+                break;
+            }
+        }
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refresh_bars();
+        // Paused even after a failure: whatever started stops before the VM is dropped.
+        let paused = self.pause_devices();
+        result.and(paused)
+    }
+
     /// Occupied device numbers on bus 0 (0 is the host bridge).
     pub fn device_ids(&self) -> Vec<u8> {
         self.root

@@ -104,6 +104,37 @@ impl PlatformSnapshot {
     }
 }
 
+impl PlatformSnapshot {
+    /// Restores each platform device of `d` (built from the snapshot's configuration).
+    pub fn restore_into(&self, d: &DeviceManager) -> Result<(), Cause> {
+        fn restore<T: Stateful>(dev: &std::sync::Mutex<T>, s: &T::State) -> Result<(), Cause> {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(s)
+                .map_err(|e| Cause::new(e.to_string()))
+        }
+        match (&self.serial, d.serial.as_deref()) {
+            (Some(s), Some(dev)) => restore(dev, s)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Cause::new(
+                    "the state has a serial port and the configuration has none",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Cause::new(
+                    "the configuration has a serial port and the state has none",
+                ))
+            }
+        }
+        restore(&d.cmos, &self.cmos)?;
+        restore(&d.i8042, &self.i8042)?;
+        restore(&d.acpi_sleep, &self.acpi_sleep)?;
+        restore(&d.pm_timer, &self.pm_timer)?;
+        restore(&d.ged, &self.ged)
+    }
+}
+
 /// The guest RAM ranges `memory-ranges` holds: every region, in address order.
 pub fn memory_ranges(mem: &GuestMemoryMmap) -> Vec<MemoryRange> {
     mem.iter()
@@ -131,7 +162,7 @@ impl Cause {
         }
     }
 
-    fn io(msg: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+    pub(crate) fn io(msg: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
         let msg = msg.into();
         move |source| Cause {
             msg,
@@ -140,13 +171,16 @@ impl Cause {
     }
 }
 
-/// Why `vm.snapshot` failed, in the original's words (its `VmError` and `MigratableError`).
+/// Why `vm.snapshot` or `vm.restore` failed, in the original's words (its `VmError` and
+/// `MigratableError`).
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error("Cannot snapshot VM")]
     Snapshot(#[source] MigratableError),
     #[error("Cannot send VM snapshot")]
     Send(#[source] MigratableError),
+    #[error("Cannot restore VM")]
+    Restore(#[source] MigratableError),
 }
 
 #[derive(Debug, Error)]
@@ -155,6 +189,10 @@ pub enum MigratableError {
     Snapshot(#[source] Cause),
     #[error("Failed to send migratable component snapshot")]
     MigrateSend(#[source] Cause),
+    #[error("Failed to restore migratable component")]
+    Restore(#[source] Cause),
+    #[error("Failed to receive migratable component snapshot")]
+    MigrateReceive(#[source] Cause),
 }
 
 impl SnapshotError {
@@ -164,6 +202,16 @@ impl SnapshotError {
 
     pub fn send(c: Cause) -> Self {
         SnapshotError::Send(MigratableError::MigrateSend(c))
+    }
+
+    /// A restore that failed on the snapshot's contents or on building the VM from them.
+    pub fn restore(c: Cause) -> Self {
+        SnapshotError::Restore(MigratableError::Restore(c))
+    }
+
+    /// A restore that could not read the snapshot.
+    pub fn receive(c: Cause) -> Self {
+        SnapshotError::Restore(MigratableError::MigrateReceive(c))
     }
 
     /// The chain of messages, from the top.
@@ -176,20 +224,26 @@ impl SnapshotError {
         }
         lines
     }
+
+    /// The chain on one line, for the command line and logs.
+    pub fn one_line(&self) -> String {
+        self.chain().join(": ")
+    }
 }
 
 /// The directory a `file://` URL names; as the original, it must exist and be a directory.
-pub fn url_to_path(url: &str) -> Result<PathBuf, SnapshotError> {
+/// (The original words these as a send error for a restore too.)
+pub fn url_to_path(url: &str) -> Result<PathBuf, MigratableError> {
     let path: PathBuf = url
         .strip_prefix("file://")
         .ok_or_else(|| {
-            SnapshotError::send(Cause::new(format!(
+            MigratableError::MigrateSend(Cause::new(format!(
                 "Could not extract path from URL: {url}"
             )))
         })?
         .into();
     if !path.is_dir() {
-        return Err(SnapshotError::send(Cause::new(format!(
+        return Err(MigratableError::MigrateSend(Cause::new(format!(
             "Destination is not a directory: {path:?}"
         ))));
     }
@@ -286,7 +340,10 @@ fn write_memory(
             .find_region(addr)
             .filter(|r| r.start_addr() == addr && r.len() == range.length)
             .ok_or_else(|| Cause::new(format!("no RAM region at {:#x}", range.gpa)))?;
-        let from_file = match region.file_offset() {
+        let from_file = match region
+            .file_offset()
+            .filter(|_| crate::restore::region_is_file(region))
+        {
             Some(fo) => send_file(fo.file(), fo.start(), out, range.length)
                 .map_err(Cause::io("Error writing memory snapshot region"))?,
             None => false,

@@ -65,6 +65,8 @@ pub struct Vm {
     clock: Option<hypervisor::ClockData>,
     devices: DeviceManager,
     core_scheduling: vm_config::CoreScheduling,
+    /// The on-demand loader of a restored VM's RAM (it must stop before the RAM goes).
+    _on_demand: Option<crate::uffd::OnDemand>,
     _memory: GuestMemoryMmap,
 }
 
@@ -76,18 +78,27 @@ fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmError> {
     })
 }
 
-impl Vm {
-    pub fn new(
+/// What a boot and a restore build alike: the hypervisor VM with its irqchip, guest RAM
+/// registered, and the devices.
+struct Machine {
+    vm: Arc<dyn hypervisor::Vm>,
+    devices: DeviceManager,
+    pci_windows: crate::pci_setup::PciWindows,
+    supported: Vec<hypervisor::CpuIdEntry>,
+}
+
+impl Machine {
+    fn build(
         hv: &dyn Hypervisor,
         cfg: &VmConfig,
+        mem: &GuestMemoryMmap,
         serial: Option<Option<Box<dyn std::io::Write + Send>>>,
         console: Option<crate::pci_setup::ConsoleIo>,
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
     ) -> Result<Self, VmError> {
         let vm = hv.create_vm()?;
-        let mem = memory::create_guest_memory(&cfg.memory)?;
-        memory::register_memory(&vm, &mem)?;
+        memory::register_memory(&vm, mem)?;
         // After the memory: with the irqchip in place, KVM's first memory-slot update waits for
         // an SRCU grace period of several milliseconds.
         vm.create_irqchip()?;
@@ -103,11 +114,10 @@ impl Vm {
                 .mmio64
                 .map_or("none".into(), |(s, n)| format!("{s:#x}+{n:#x}"))
         );
-        let serial_enabled = serial.is_some();
         let devices = DeviceManager::new(
             DeviceSetup {
                 vm: &vm,
-                mem: &mem,
+                mem,
                 cfg,
                 ram,
                 pci_windows,
@@ -118,6 +128,32 @@ impl Vm {
             events,
         )?;
         info!("PCI bus 0 devices: {:?}", devices.pci.device_ids());
+        Ok(Machine {
+            vm,
+            devices,
+            pci_windows,
+            supported,
+        })
+    }
+}
+
+impl Vm {
+    pub fn new(
+        hv: &dyn Hypervisor,
+        cfg: &VmConfig,
+        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
+        console: Option<crate::pci_setup::ConsoleIo>,
+        nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
+        events: &VmEvents,
+    ) -> Result<Self, VmError> {
+        let mem = memory::create_guest_memory(&cfg.memory)?;
+        let serial_enabled = serial.is_some();
+        let Machine {
+            vm,
+            devices,
+            pci_windows,
+            supported,
+        } = Machine::build(hv, cfg, &mem, serial, console, nvram, events)?;
 
         let topology = cfg.cpus.topology.map(|t| Topology {
             threads_per_core: t.threads_per_core,
@@ -233,8 +269,65 @@ impl Vm {
             clock: None,
             devices,
             core_scheduling: cfg.cpus.core_scheduling,
+            _on_demand: None,
             _memory: mem,
         })
+    }
+
+    /// The VM a snapshot describes, paused: built from its configuration as for a boot, over
+    /// `mem` (RAM already restored, or loaded on demand by `on_demand`), without loading a
+    /// kernel or writing boot tables (RAM holds what the guest had). The state goes in in the
+    /// order docs/pci.md gives: vCPUs (their CPUID first), the VM's irqchip and clock, the
+    /// platform devices, PCI segment 0 (devices paused again at once). `start` then starts the
+    /// vCPU threads parked, and `resume` lets the guest go on.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        hv: &dyn Hypervisor,
+        cfg: &VmConfig,
+        snapshot: &VmSnapshot,
+        mem: GuestMemoryMmap,
+        on_demand: Option<crate::uffd::OnDemand>,
+        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
+        console: Option<crate::pci_setup::ConsoleIo>,
+        events: &VmEvents,
+    ) -> Result<Self, Cause> {
+        if snapshot.vcpus.len() != cfg.cpus.boot_vcpus as usize {
+            return Err(Cause::new(format!(
+                "the state has {} vCPU(s), the configuration boots {}",
+                snapshot.vcpus.len(),
+                cfg.cpus.boot_vcpus
+            )));
+        }
+        let m = Machine::build(hv, cfg, &mem, serial, console, None, events)
+            .map_err(|e| Cause::new(e.to_string()))?;
+        let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
+        for (id, state) in snapshot.vcpus.iter().enumerate() {
+            let vcpu =
+                m.vm.create_vcpu(id as u32)
+                    .map_err(|e| Cause::new(format!("vCPU {id}: {e}")))?;
+            vcpu.set_state(state)
+                .map_err(|e| Cause::new(format!("vCPU {id}: {e}")))?;
+            vcpus.push(vcpu);
+        }
+        m.vm.set_state(&snapshot.vm)
+            .map_err(|e| Cause::new(format!("VM state: {e}")))?;
+        snapshot.devices.restore_into(&m.devices)?;
+        let mut vm = Vm {
+            threads: None,
+            vcpus,
+            hv_vm: m.vm,
+            // Paused at the saved clock: `resume` sets it.
+            clock: Some(hypervisor::ClockData {
+                clock: snapshot.vm.clock.clock,
+                ..Default::default()
+            }),
+            devices: m.devices,
+            core_scheduling: cfg.cpus.core_scheduling,
+            _on_demand: on_demand,
+            _memory: mem,
+        };
+        vm.devices.pci.restore(&snapshot.pci).map_err(Cause::new)?;
+        Ok(vm)
     }
 
     pub fn start(&mut self, events: &VmEvents) -> Result<(), VmError> {
@@ -246,6 +339,7 @@ impl Vm {
                 self.devices.mmio.clone(),
                 events,
                 self.core_scheduling,
+                self.clock.is_some(),
             )
             .map_err(VmError::Threads)?,
         );
@@ -292,6 +386,8 @@ impl Vm {
             .pci
             .pause_devices()
             .map_err(|e| Cause::new(format!("cannot pause a device: {e}")))?;
+        // Returns once every thread is parked (a restored VM's may still be on their way).
+        threads.pause().map_err(Cause::new)?;
         let vcpus = threads
             .on_parked(|vcpu| vcpu.state().map_err(|e| e.to_string()))
             .map_err(|e| Cause::new(format!("cannot reach the vCPUs: {e}")))?

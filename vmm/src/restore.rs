@@ -1,0 +1,246 @@
+//! `vm.restore`, the reading half: a snapshot directory (see `snapshot`) checked and read back,
+//! and guest RAM brought back from its `memory-ranges` file in one of the three restore modes:
+//! copied into fresh RAM, mapped copy-on-write, or loaded on demand (`uffd`).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use arch::layout;
+use vm_config::MemoryRestoreMode;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+};
+
+use crate::config::{MemoryConfig, VmConfig};
+use crate::memory;
+use crate::snapshot::{
+    self, Cause, MemoryRange, SnapshotError, VmSnapshot, SNAPSHOT_CONFIG_FILE,
+    SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE, VM_SNAPSHOT_VERSION,
+};
+use crate::uffd::OnDemand;
+
+/// A snapshot directory, read and checked: its configuration, its state, and its memory file
+/// (which holds exactly the bytes of the ranges the state lists).
+pub struct Source {
+    pub dir: PathBuf,
+    pub config: VmConfig,
+    pub state: VmSnapshot,
+    pub memory: File,
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, SnapshotError> {
+    let mut file = File::open(path)
+        .map_err(Cause::io(format!(
+            "Error opening {what} snapshot file {path:?}"
+        )))
+        .map_err(SnapshotError::receive)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(Cause::io(format!(
+            "Error reading {what} snapshot file {path:?}"
+        )))
+        .map_err(SnapshotError::receive)?;
+    Ok(bytes)
+}
+
+/// The cause for a serde error, as the original words it (its message, then serde's).
+fn deserialising(what: &str, e: serde_json::Error) -> Cause {
+    Cause::io(format!("Error deserialising {what} snapshot"))(std::io::Error::other(e.to_string()))
+}
+
+/// Reads the snapshot at `url` (`file:///dir`). Refuses, with the original's error chain where
+/// it has one: a missing directory or file, a file that is not JSON of the right shape, a
+/// state of another version, and a memory file whose size is not what the state lists.
+pub fn open(url: &str) -> Result<Source, SnapshotError> {
+    let dir = snapshot::url_to_path(url).map_err(SnapshotError::Restore)?;
+    let bytes = read_file(&dir.join(SNAPSHOT_CONFIG_FILE), "VM config")?;
+    let config: VmConfig = serde_json::from_slice(&bytes)
+        .map_err(|e| SnapshotError::receive(deserialising("VM config", e)))?;
+    let bytes = read_file(&dir.join(SNAPSHOT_STATE_FILE), "VM state")?;
+    // The version first: a state of another version may not even have this one's shape.
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| SnapshotError::receive(deserialising("VM state", e)))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VM_SNAPSHOT_VERSION) => {}
+        found => {
+            return Err(SnapshotError::restore(Cause::new(format!(
+                "the snapshot's state is of version {}; this build restores version \
+                 {VM_SNAPSHOT_VERSION}",
+                found.map_or("(none)".to_string(), |v| v.to_string())
+            ))))
+        }
+    }
+    let state: VmSnapshot = serde_json::from_value(value)
+        .map_err(|e| SnapshotError::receive(deserialising("VM state", e)))?;
+    let mem_path = dir.join(SNAPSHOT_MEMORY_FILE);
+    let memory = File::open(&mem_path)
+        .map_err(Cause::io(format!(
+            "Error opening memory snapshot file {mem_path:?}"
+        )))
+        .map_err(SnapshotError::receive)?;
+    let len = memory
+        .metadata()
+        .map_err(Cause::io(format!(
+            "Error reading memory snapshot file {mem_path:?}"
+        )))
+        .map_err(SnapshotError::receive)?
+        .len();
+    let listed: u64 = state.memory_ranges.iter().map(|r| r.length).sum();
+    if len != listed {
+        return Err(SnapshotError::restore(Cause::new(format!(
+            "{mem_path:?} holds {len} bytes, the state lists {listed} bytes of RAM"
+        ))));
+    }
+    Ok(Source {
+        dir,
+        config,
+        state,
+        memory,
+    })
+}
+
+/// Checks that the state's RAM ranges are the ones the configuration lays out (the state and
+/// the configuration belong together), and gives each range's offset in the memory file.
+pub fn file_offsets(
+    state: &VmSnapshot,
+    cfg: &MemoryConfig,
+) -> Result<Vec<(MemoryRange, u64)>, Cause> {
+    let expected: Vec<MemoryRange> = layout::ram_regions(cfg.size)
+        .into_iter()
+        .map(|(start, length)| MemoryRange {
+            gpa: start.0,
+            length,
+        })
+        .collect();
+    if state.memory_ranges != expected {
+        return Err(Cause::new(format!(
+            "the state's RAM ranges {:?} are not those of the configuration's {} bytes of \
+             memory {:?}",
+            state.memory_ranges, cfg.size, expected
+        )));
+    }
+    let mut offset = 0u64;
+    Ok(expected
+        .into_iter()
+        .map(|r| {
+            let at = offset;
+            offset += r.length;
+            (r, at)
+        })
+        .collect())
+}
+
+/// Guest RAM restored from `src`, and the on-demand loader that serves it where the mode has
+/// one (it must live as long as the memory).
+pub fn load_memory(
+    src: &Source,
+    cfg: &MemoryConfig,
+    mode: MemoryRestoreMode,
+    prefault: bool,
+) -> Result<(GuestMemoryMmap, Option<OnDemand>), Cause> {
+    let ranges = file_offsets(&src.state, cfg)?;
+    match mode {
+        MemoryRestoreMode::Copy => copy(src, cfg, prefault, &ranges).map(|m| (m, None)),
+        MemoryRestoreMode::CopyOnWrite => {
+            copy_on_write(src, cfg, prefault, &ranges).map(|m| (m, None))
+        }
+        MemoryRestoreMode::OnDemand => {
+            if cfg.hugepages {
+                return Err(Cause::new(
+                    "memory_restore_mode=ondemand cannot serve hugepages=on memory (the pages \
+                     are loaded 4 KiB at a time); use copy",
+                ));
+            }
+            let mem = memory::create_guest_memory(cfg).map_err(|e| Cause::new(e.to_string()))?;
+            let loader = OnDemand::start(&mem, &src.memory, &ranges)?;
+            Ok((mem, Some(loader)))
+        }
+    }
+}
+
+/// Fresh guest RAM (as the configuration asks for it: anonymous, memfd, huge pages) with the
+/// file read into it. `prefault`: the RAM is populated as it is mapped, so the read does not
+/// fault page by page.
+fn copy(
+    src: &Source,
+    cfg: &MemoryConfig,
+    prefault: bool,
+    ranges: &[(MemoryRange, u64)],
+) -> Result<GuestMemoryMmap, Cause> {
+    let mut cfg = cfg.clone();
+    cfg.prefault |= prefault;
+    let mem = memory::create_guest_memory(&cfg).map_err(|e| Cause::new(e.to_string()))?;
+    let mut file = &src.memory;
+    for (r, _) in ranges {
+        // The ranges are back to back in the file, in this order, from its start.
+        mem.read_exact_volatile_from(GuestAddress(r.gpa), &mut file, r.length as usize)
+            .map_err(|e| {
+                Cause::io(format!(
+                    "Error reading memory snapshot region at {:#x}",
+                    r.gpa
+                ))(std::io::Error::other(e.to_string()))
+            })?;
+    }
+    Ok(mem)
+}
+
+/// Guest RAM as private mappings of the memory file: nothing is read up front, pages come from
+/// the page cache on first touch and are copied only when written, so every VM restored this
+/// way from one snapshot shares the pages it has not written.
+fn copy_on_write(
+    src: &Source,
+    cfg: &MemoryConfig,
+    prefault: bool,
+    ranges: &[(MemoryRange, u64)],
+) -> Result<GuestMemoryMmap, Cause> {
+    if cfg.shared {
+        return Err(Cause::new(
+            "memory_restore_mode=copyonwrite cannot serve shared=on memory: guest writes must \
+             reach a file other processes map, and a private mapping keeps them; use copy or \
+             ondemand",
+        ));
+    }
+    if cfg.hugepages {
+        return Err(Cause::new(
+            "memory_restore_mode=copyonwrite cannot serve hugepages=on memory: the snapshot's \
+             memory file is not on hugetlbfs; use copy",
+        ));
+    }
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (r, offset) in ranges {
+        let file = src
+            .memory
+            .try_clone()
+            .map_err(Cause::io("cannot duplicate the memory snapshot file"))?;
+        let mut flags = libc::MAP_PRIVATE;
+        if !cfg.reserve {
+            flags |= libc::MAP_NORESERVE;
+        }
+        if prefault || cfg.prefault {
+            flags |= libc::MAP_POPULATE;
+        }
+        let region = MmapRegionBuilder::new(r.length as usize)
+            .with_file_offset(FileOffset::new(file, *offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|e| Cause::new(format!("cannot map the memory snapshot file: {e}")))?;
+        memory::advise_restored(region.as_ptr(), r.length, cfg);
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(r.gpa))
+                .ok_or_else(|| Cause::new(format!("region at {:#x} overflows", r.gpa)))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Cause::new(e.to_string()))
+}
+
+/// Whether a region's pages are the file's own (a shared mapping), so the file can stand for
+/// them (a snapshot can `sendfile` from it).
+pub fn region_is_file(region: &GuestRegionMmap) -> bool {
+    region.file_offset().is_some() && region.flags() & libc::MAP_SHARED != 0
+}
+
+#[allow(unused_imports)]
+use GuestMemoryBackend as _;

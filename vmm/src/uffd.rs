@@ -1,0 +1,368 @@
+//! On-demand restore (`memory_restore_mode=ondemand`): guest RAM starts empty and registered
+//! with a userfaultfd; the first touch of a page, by a vCPU (through KVM) or by a VMM thread
+//! (a device worker, a snapshot), stops that thread until a loader thread has copied the page's
+//! block from the snapshot's memory file into place (`UFFDIO_COPY`). Nothing is read up front,
+//! so a restore reaches the guest's next instruction in the time it takes to build the VM.
+//!
+//! The kernel interface is a handful of ioctls on plain structs (`linux/userfaultfd.h`), written
+//! out here: the `userfaultfd` crate generates its bindings with bindgen at build time, which
+//! would put libclang and kernel headers into every build for five ioctls.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{debug, error, info};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
+
+use crate::snapshot::{Cause, MemoryRange};
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+const UFFDIO: u32 = 0xAA;
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `_UFFDIO_COPY`'s bit in the ioctls a registration allows.
+const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
+/// A `struct uffd_msg`: 32 bytes, the event first, a page fault's address at byte 16.
+const MSG_SIZE: usize = 32;
+
+ioctl_iowr_nr!(UFFDIO_API_IOCTL, UFFDIO, 0x3f, UffdioApi);
+ioctl_iowr_nr!(UFFDIO_REGISTER_IOCTL, UFFDIO, 0x00, UffdioRegister);
+ioctl_ior_nr!(UFFDIO_WAKE_IOCTL, UFFDIO, 0x02, UffdioRange);
+ioctl_iowr_nr!(UFFDIO_COPY_IOCTL, UFFDIO, 0x03, UffdioCopy);
+
+const PAGE: u64 = 4096;
+/// What one fault loads: the aligned block around the faulting page (fewer faults for the
+/// guest's sequential touches; pages of it already present are skipped).
+const BLOCK: u64 = 64 << 10;
+
+/// A guest RAM region as the loader sees it: where it is mapped, and where its bytes are in the
+/// mapping of the memory file.
+#[derive(Clone, Copy)]
+struct Region {
+    host: u64,
+    len: u64,
+    src: u64,
+}
+
+/// The loader thread; dropping it stops the thread (guest RAM must outlive it: the VM holds it
+/// before its memory).
+pub struct OnDemand {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn last_error(what: &str) -> Cause {
+    Cause::io(what.to_string())(std::io::Error::last_os_error())
+}
+
+/// A new userfaultfd (close-on-exec, non-blocking): the system call, else `/dev/userfaultfd`
+/// (where `vm.unprivileged_userfaultfd` is 0 and the caller lacks CAP_SYS_PTRACE).
+fn create_uffd() -> Result<OwnedFd, Cause> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: a system call with integer arguments; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd >= 0 {
+        // SAFETY: see above.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    let first = std::io::Error::last_os_error();
+    let dev = File::open("/dev/userfaultfd").map_err(|_| {
+        Cause::io(
+            "memory_restore_mode=ondemand needs userfaultfd, which this host refuses \
+             (see vm.unprivileged_userfaultfd)",
+        )(first)
+    })?;
+    // USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00).
+    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+    // SAFETY: the ioctl takes the flags as its integer argument and returns a new fd.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+    if fd < 0 {
+        return Err(last_error(
+            "cannot create a userfaultfd through /dev/userfaultfd",
+        ));
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The memory file mapped read-only (the loader's source); unmapped on drop.
+struct SourceMap {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping; only the loader thread reads it (the kernel reads it for
+// UFFDIO_COPY).
+unsafe impl Send for SourceMap {}
+
+impl Drop for SourceMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `SourceMap::new` with this length and is not used
+        // after this.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+impl SourceMap {
+    fn new(file: &File, len: u64) -> Result<Self, Cause> {
+        let len = usize::try_from(len).map_err(|_| Cause::new("memory file too large"))?;
+        // SAFETY: a new read-only shared mapping of an open file; checked for failure.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(last_error("cannot map the memory snapshot file"));
+        }
+        Ok(SourceMap { addr, len })
+    }
+}
+
+impl OnDemand {
+    /// Registers every region of `mem` (fresh, untouched RAM) and starts the loader, whose
+    /// source is `file` (`ranges`: each region's range and its offset in the file).
+    pub fn start(
+        mem: &GuestMemoryMmap,
+        file: &File,
+        ranges: &[(MemoryRange, u64)],
+    ) -> Result<Self, Cause> {
+        let uffd = create_uffd()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            ..Default::default()
+        };
+        // SAFETY: the fd is a userfaultfd and `api` the struct this ioctl reads and writes.
+        if unsafe { ioctl_with_mut_ref(&uffd, UFFDIO_API_IOCTL(), &mut api) } < 0 {
+            return Err(last_error("UFFDIO_API failed"));
+        }
+        let total: u64 = ranges.iter().map(|(r, _)| r.length).sum();
+        let source = SourceMap::new(file, total)?;
+        let mut regions = Vec::with_capacity(ranges.len());
+        for (r, offset) in ranges {
+            let region = mem
+                .find_region(vm_memory::GuestAddress(r.gpa))
+                .ok_or_else(|| Cause::new(format!("no RAM region at {:#x}", r.gpa)))?;
+            let host = region.as_ptr() as u64;
+            let mut reg = UffdioRegister {
+                range: UffdioRange {
+                    start: host,
+                    len: region.len(),
+                },
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: registers a range of a mapping we own with the userfaultfd; `reg` is the
+            // struct the ioctl reads and writes.
+            if unsafe { ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER_IOCTL(), &mut reg) } < 0 {
+                return Err(last_error(&format!(
+                    "cannot register guest RAM at {:#x} with the userfaultfd",
+                    r.gpa
+                )));
+            }
+            if reg.ioctls & UFFDIO_COPY_BIT == 0 {
+                return Err(Cause::new(format!(
+                    "the userfaultfd cannot copy into guest RAM at {:#x}",
+                    r.gpa
+                )));
+            }
+            regions.push(Region {
+                host,
+                len: region.len(),
+                src: source.addr as u64 + offset,
+            });
+        }
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(Cause::io("cannot create an eventfd"))?;
+        let stop_rx = stop
+            .try_clone()
+            .map_err(Cause::io("cannot clone an eventfd"))?;
+        let regions: Arc<[Region]> = regions.into();
+        let thread = std::thread::Builder::new()
+            .name("uffd".into())
+            .spawn(move || {
+                Loader {
+                    uffd,
+                    regions,
+                    _source: source,
+                }
+                .run(&stop_rx)
+            })
+            .map_err(Cause::io("cannot start the on-demand loader thread"))?;
+        info!(
+            "on-demand restore: {} MiB of RAM loaded on first touch",
+            total >> 20
+        );
+        Ok(OnDemand {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for OnDemand {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Loader {
+    uffd: OwnedFd,
+    regions: Arc<[Region]>,
+    _source: SourceMap,
+}
+
+impl Loader {
+    fn run(self, stop: &EventFd) {
+        let mut buf = [0u8; MSG_SIZE * 16];
+        let mut loaded = 0u64;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfd structs.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!(
+                    "on-demand loader: poll failed: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            if fds[1].revents != 0 {
+                debug!("on-demand loader stops; {} KiB loaded", loaded >> 10);
+                return;
+            }
+            // SAFETY: reads into our buffer, at most its length.
+            let got =
+                unsafe { libc::read(self.uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if got <= 0 {
+                continue;
+            }
+            for msg in buf[..got as usize].chunks_exact(MSG_SIZE) {
+                if msg[0] != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let mut addr = [0u8; 8];
+                addr.copy_from_slice(&msg[16..24]);
+                loaded += self.serve(u64::from_ne_bytes(addr));
+            }
+        }
+    }
+
+    /// Loads the block around the page at `addr` and wakes whoever waits for that page.
+    /// Returns the bytes copied.
+    fn serve(&self, addr: u64) -> u64 {
+        let page = addr & !(PAGE - 1);
+        let Some(r) = self
+            .regions
+            .iter()
+            .find(|r| (r.host..r.host + r.len).contains(&page))
+        else {
+            error!("on-demand loader: a fault at {addr:#x} outside guest RAM");
+            return 0;
+        };
+        let start = (page - r.host) & !(BLOCK - 1);
+        let end = (start + BLOCK).min(r.len);
+        let mut copied = 0;
+        let mut at = start;
+        let mut retries = 0;
+        while at < end {
+            let mut c = UffdioCopy {
+                dst: r.host + at,
+                src: r.src + at,
+                len: end - at,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: copies from our read-only source mapping into registered guest RAM
+            // (both inside their mappings: `at < end <= len`).
+            let ret = unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_COPY_IOCTL(), &mut c) };
+            let done = u64::try_from(c.copy).unwrap_or(0);
+            copied += done;
+            if ret == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // A page already there (loaded before, or written): skip it.
+                Some(libc::EEXIST) => at += done + PAGE,
+                Some(libc::EAGAIN) if retries < 100 => {
+                    retries += 1;
+                    at += done;
+                }
+                _ => {
+                    error!("on-demand loader: UFFDIO_COPY at {:#x}: {e}", r.host + at);
+                    break;
+                }
+            }
+        }
+        // The faulting page may have been there already (another thread's fault loaded it):
+        // wake its waiters either way.
+        let mut range = UffdioRange {
+            start: page,
+            len: PAGE,
+        };
+        // SAFETY: wakes threads waiting on a registered range; `range` is read by the ioctl.
+        unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_WAKE_IOCTL(), &mut range) };
+        copied
+    }
+}
