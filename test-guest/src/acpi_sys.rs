@@ -55,6 +55,10 @@ pub struct AcpiInfo {
     /// `OperationRegion` in its DSDT scope.
     pub ged_port: Option<u16>,
     pub slp_typ_s5: Option<u8>,
+    /// The VM Generation ID device (`\_SB_.VGEN`): None when the DSDT and SSDTs have none,
+    /// else the guest-physical address of the 16-byte ID from its `ADDR` package, or why that
+    /// could not be decoded.
+    pub vgen: Option<Result<u64, &'static str>>,
     /// The PCI host bridge's (PNP0A08) memory windows from its `_CRS`.
     pub pci_windows: PciWindows,
     pub has_madt: bool,
@@ -131,6 +135,19 @@ pub fn discover(rsdp: u64) -> Result<AcpiInfo, AcpiSysError> {
         info.slp_typ_s5 = find_s5(aml);
         info.pci_windows = find_pci_windows(aml);
         info.ged_port = find_ged_port(aml);
+        info.vgen = find_vgen_addr(aml);
+    }
+    if info.vgen.is_none() {
+        for ssdt in tables.ssdts() {
+            // SAFETY: the AML stream lies inside the validated SSDT.
+            let aml = unsafe {
+                core::slice::from_raw_parts(ssdt.address as *const u8, ssdt.length as usize)
+            };
+            info.vgen = find_vgen_addr(aml);
+            if info.vgen.is_some() {
+                break;
+            }
+        }
     }
     if let Ok(madt) = tables.find_table::<Madt>() {
         info.has_madt = true;
@@ -164,16 +181,167 @@ pub fn discover(rsdp: u64) -> Result<AcpiInfo, AcpiSysError> {
     Ok(info)
 }
 
-/// Decodes an AML integer constant (ZeroOp, OneOp, OnesOp, Byte/Word/DWordPrefix).
+/// Decodes an AML integer constant (ZeroOp, OneOp, OnesOp, Byte/Word/DWord/QWordPrefix).
 fn aml_int(b: &[u8]) -> Option<u64> {
+    aml_int_len(b).map(|(v, _)| v)
+}
+
+/// An AML integer constant and the bytes it takes.
+fn aml_int_len(b: &[u8]) -> Option<(u64, usize)> {
+    let le = |n: usize| -> Option<u64> {
+        let bytes = b.get(1..1 + n)?;
+        Some(bytes.iter().rev().fold(0, |v, &x| v << 8 | u64::from(x)))
+    };
     match *b.first()? {
-        0x00 => Some(0),
-        0x01 => Some(1),
-        0xff => Some(u64::MAX),
-        0x0a => b.get(1).map(|&v| v.into()),
-        0x0b => Some(u16::from_le_bytes([*b.get(1)?, *b.get(2)?]).into()),
-        0x0c => Some(u32::from_le_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]).into()),
+        0x00 => Some((0, 1)),
+        0x01 => Some((1, 1)),
+        0xff => Some((u64::MAX, 1)),
+        0x0a => Some((le(1)?, 2)),
+        0x0b => Some((le(2)?, 3)),
+        0x0c => Some((le(4)?, 5)),
+        0x0e => Some((le(8)?, 9)),
         _ => None,
+    }
+}
+
+/// A PkgLength: (the length it gives, counted from its own first byte; the bytes it takes).
+fn pkg_length(b: &[u8]) -> Option<(usize, usize)> {
+    let lead = *b.first()?;
+    let extra = usize::from(lead >> 6);
+    let mut len = usize::from(if extra == 0 { lead & 0x3f } else { lead & 0xf });
+    for k in 0..extra {
+        len |= usize::from(*b.get(1 + k)?) << (4 + 8 * k);
+    }
+    Some((len, 1 + extra))
+}
+
+/// A NameString: (its NameSegs, the bytes it takes). Root and parent prefixes are skipped.
+fn name_string(b: &[u8]) -> Option<(Vec<[u8; 4]>, usize)> {
+    let mut p = 0;
+    if b.first() == Some(&b'\\') {
+        p = 1;
+    } else {
+        while b.get(p) == Some(&b'^') {
+            p += 1;
+        }
+    }
+    let count = match *b.get(p)? {
+        0x00 => return Some((Vec::new(), p + 1)),
+        0x2e => {
+            p += 1;
+            2
+        }
+        0x2f => {
+            p += 2;
+            usize::from(*b.get(p - 1)?)
+        }
+        _ => 1,
+    };
+    let mut segs = Vec::new();
+    for _ in 0..count {
+        let seg: [u8; 4] = b.get(p..p + 4)?.try_into().ok()?;
+        let lead_ok = seg[0].is_ascii_uppercase() || seg[0] == b'_';
+        let rest_ok = seg[1..]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_');
+        if !lead_ok || !rest_ok {
+            return None;
+        }
+        segs.push(seg);
+        p += 4;
+    }
+    Some((segs, p))
+}
+
+/// The integers of a constant `Package` or `VarPackage` (PackageOp first) of integer constants.
+fn package_ints(b: &[u8]) -> Option<Vec<u64>> {
+    let op = *b.first()?;
+    let (len, n) = pkg_length(b.get(1..)?)?;
+    let body = b.get(1 + n..1 + len)?;
+    let (count, mut p) = match op {
+        0x12 => (usize::from(*body.first()?), 1),
+        0x13 => {
+            let (count, n) = aml_int_len(body)?;
+            (usize::try_from(count).ok()?, n)
+        }
+        _ => return None,
+    };
+    let mut ints = Vec::new();
+    while ints.len() < count && p < body.len() {
+        let (v, n) = aml_int_len(&body[p..])?;
+        ints.push(v);
+        p += n;
+    }
+    Some(ints)
+}
+
+/// Finds the VM Generation ID device `\_SB_.VGEN` (a `Device` named `VGEN`, or
+/// `_SB_.VGEN`) in AML bytes and decodes its `ADDR`: `Name (ADDR, Package () {low, high})`
+/// or a `Method (ADDR)` that returns such a constant package. None when there is no such
+/// device; an error when its `ADDR` is missing or not of those forms (this guest has no AML
+/// interpreter: `acpi` 6.x and `aml` need nightly Rust).
+pub fn find_vgen_addr(aml: &[u8]) -> Option<Result<u64, &'static str>> {
+    const VGEN: [u8; 4] = *b"VGEN";
+    const SB: [u8; 4] = *b"_SB_";
+    let mut device = None;
+    let mut i = 0;
+    while let Some(at) = aml.get(i..)?.windows(2).position(|w| w == [0x5b, 0x82]) {
+        let start = i + at;
+        i = start + 2;
+        let Some((len, n)) = aml.get(start + 2..).and_then(pkg_length) else {
+            continue;
+        };
+        let end = start + 2 + len;
+        let Some((segs, name_len)) = aml.get(start + 2 + n..).and_then(name_string) else {
+            continue;
+        };
+        let named = segs.as_slice() == [VGEN] || segs.as_slice() == [SB, VGEN];
+        if named && end <= aml.len() {
+            device = Some(&aml[start + 2 + n + name_len..end]);
+            break;
+        }
+    }
+    let Some(body) = device else {
+        return aml
+            .windows(8)
+            .any(|w| w == b"VMGENCTR")
+            .then_some(Err("a VMGENCTR _HID but no Device named VGEN"));
+    };
+    Some(vgen_addr(body))
+}
+
+fn vgen_addr(body: &[u8]) -> Result<u64, &'static str> {
+    let pkg = if let Some(at) = body.windows(5).position(|w| w == b"\x08ADDR") {
+        package_ints(&body[at + 5..]).ok_or("Name (ADDR) is not a package of integer constants")?
+    } else {
+        // Method (ADDR): MethodOp PkgLength NameString MethodFlags, then its body.
+        let mut found = None;
+        for (m, _) in body.iter().enumerate().filter(|(_, &b)| b == 0x14) {
+            let Some((len, n)) = body.get(m + 1..).and_then(pkg_length) else {
+                continue;
+            };
+            if body.get(m + 1 + n..m + 5 + n) != Some(b"ADDR".as_slice()) {
+                continue;
+            }
+            let code = body
+                .get(m + 6 + n..m + 1 + len)
+                .ok_or("Method (ADDR) runs past its device")?;
+            // ReturnOp PackageOp/VarPackageOp.
+            let ret = code
+                .windows(2)
+                .position(|w| w[0] == 0xa4 && (w[1] == 0x12 || w[1] == 0x13))
+                .ok_or("Method (ADDR) does not return a constant package")?;
+            found = Some(
+                package_ints(&code[ret + 1..])
+                    .ok_or("Method (ADDR) returns a package of other than integer constants")?,
+            );
+            break;
+        }
+        found.ok_or("the VGEN device has no ADDR object")?
+    };
+    match pkg.as_slice() {
+        &[lo, hi, ..] if lo <= 0xffff_ffff && hi <= 0xffff_ffff => Ok(lo | hi << 32),
+        _ => Err("ADDR is not a package of two 32-bit integers"),
     }
 }
 

@@ -12,6 +12,7 @@ extern crate alloc;
 
 mod acpi_sys;
 mod bootinfo;
+mod busy;
 mod cmos;
 mod hostile;
 mod kvmclock;
@@ -44,7 +45,8 @@ const HEAP_SIZE: usize = 1 << 20;
 #[repr(C, align(4096))]
 struct Heap([u8; HEAP_SIZE]);
 
-/// Bump allocator over a static arena (the guest is short-lived; nothing is freed).
+/// Bump allocator over a static arena (the guest is short-lived; only the last allocation is
+/// ever freed).
 struct Bump {
     next: AtomicUsize,
 }
@@ -73,7 +75,19 @@ unsafe impl GlobalAlloc for Bump {
         }
     }
 
-    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: Layout) {}
+    /// Only the most recent allocation is given back (a stack discipline). That is enough for
+    /// `virtio-drivers`' per-request indirect descriptor table, allocated when a request is
+    /// queued and freed when it completes: the `busy` scenario's requests, made for ever,
+    /// then use no heap.
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let start = ptr as usize - core::ptr::addr_of_mut!(HEAP) as usize;
+        let _ = self.next.compare_exchange(
+            start + layout.size(),
+            start,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
 }
 
 #[global_allocator]
@@ -98,6 +112,16 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 /// The precompiled `core` refers to it even with `panic = "abort"`.
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
+
+/// The precompiled `alloc`'s landing pads call it (they free what unwinding drops, now that
+/// `dealloc` can free); with `panic = "abort"` nothing unwinds, so it is never reached.
+#[allow(non_snake_case)]
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    loop {
+        svc::hlt();
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Check bookkeeping.
@@ -208,6 +232,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "echo" => scenario_echo(),
         "wait" => scenario_wait(),
         "tick" => scenario_tick(),
+        "busy" => busy::scenario_busy(&boot, acpi.as_ref()),
         "kvmclock" => kvmclock::scenario_kvmclock(),
         "power-button" => scenario_power_button(acpi.as_ref()),
         "fault" => scenario_fault(),

@@ -648,8 +648,9 @@ pub fn scenario_console_echo() {
 /// `test=blk-bench`: synchronous (queue depth 1, as `virtio-drivers` does it) 4 KiB and 64 KiB
 /// reads and writes on the first disk, each for `BENCH_REQUESTS` requests or about a second,
 /// between `BLK-BENCH ... start` and `BLK-BENCH ... done <requests>` lines: the host times the
-/// lines (the guest has no calibrated clock), e.g. with `scripts/guest-io-throughput`. (Each
-/// request leaks its indirect descriptor table in the 1 MiB bump heap, hence the cap.)
+/// lines (the guest has no calibrated clock), e.g. with `scripts/guest-io-throughput`. (The
+/// cap dates from when each request leaked its indirect descriptor table in the 1 MiB bump
+/// heap; the heap now takes back its most recent allocation, which that table is.)
 pub const BENCH_REQUESTS: u64 = 1500;
 
 pub fn scenario_blk_bench() {
