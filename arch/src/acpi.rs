@@ -2,7 +2,7 @@
 //!
 //! Layout in guest memory, from `layout::RSDP_POINTER` upwards (each table 16-byte aligned):
 //! RSDP, DSDT, FACP (FADT), APIC (MADT), MCFG (only with PCI), XSDT. Everything must end below
-//! `layout::ACPI_END`.
+//! `layout::ACPI_END`, where the VM generation ID (`layout::VMGENID_START`) begins.
 //!
 //! The platform is ACPI "hardware reduced": there is no SCI, no PM1 blocks, no GPEs and no FACS.
 //! Power off and reset go through the sleep control / reset register at I/O port
@@ -392,6 +392,11 @@ fn build_mcfg(pci: &PciHost) -> Vec<u8> {
     to_bytes(&mcfg)
 }
 
+/// Bits of the GED's event register the DSDT's `_EVT` acts on: `devices::GED_POWER_BUTTON` and
+/// `devices::GED_VMGENID` (`arch` does not depend on `devices`; a test checks they agree).
+const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+const GED_EVENT_VMGENID: u8 = 1 << 1;
+
 /// DSDT revision 2+ means 64-bit AML integers.
 const DSDT_REVISION: u8 = 6;
 
@@ -415,6 +420,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     }
     rtc_device().to_aml_bytes(&mut sb);
     power_button_device().to_aml_bytes(&mut sb);
+    vmgenid_device().to_aml_bytes(&mut sb);
     ged_device().to_aml_bytes(&mut sb);
     if let Some(pci) = &cfg.pci {
         pci_host_device(pci).to_aml_bytes(&mut sb);
@@ -487,8 +493,37 @@ fn power_button_device() -> Raw {
     )))
 }
 
+/// The DSDT name of the VM generation ID device.
+const VMGENID_DEVICE: &str = "\\_SB_.VGEN";
+
+/// The VM generation ID device, as Linux's `drivers/virt/vmgenid.c` (which matches `_HID`
+/// `VMGENCTR` or `VM_GEN_COUNTER`) and Microsoft's "Virtual Machine Generation ID" document
+/// (`_CID`/`_DDN` `VM_Gen_Counter`) describe it: `ADDR` gives the guest physical address of the
+/// 16-byte ID (`layout::VMGENID_START`) as a package of two integers, its low and high 32 bits.
+/// The GED notifies the device (0x80) on bit 1 when the VMM has written a new ID.
+fn vmgenid_device() -> Raw {
+    let addr = layout::VMGENID_START.0;
+    let (low, high) = ((addr & 0xffff_ffff) as u32, (addr >> 32) as u32);
+    // `ADDR` is a Name, not a Method: the address is fixed by the layout, so a constant package
+    // says it plainly (and iasl shows it as such). Evaluating a named data object yields its
+    // value, so Linux's `acpi_evaluate_object(.., "ADDR", ..)` gets the same 2-integer package a
+    // Method would return. QEMU needs a Method because its firmware patches the address into a
+    // variable at boot; here there is nothing to compute.
+    let addr = aml::Package::new(vec![&low, &high]);
+    Raw(to_bytes(&aml::Device::new(
+        "VGEN".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMGENCTR"),
+            &aml::Name::new("_CID".into(), &"VM_GEN_COUNTER"),
+            &aml::Name::new("_DDN".into(), &"VM_Gen_Counter"),
+            &aml::Name::new("ADDR".into(), &addr),
+        ],
+    )))
+}
+
 /// The Generic Event Device: its interrupt makes the guest run `_EVT`, which reads (and so
-/// clears) the event register and notifies the power button on bit 0.
+/// clears) the event register and notifies the power button on bit 0 and the VM generation ID
+/// device on bit 1. Both bits may be set in one read, so each is tested on its own.
 fn ged_device() -> Raw {
     let irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
     let crs = aml::ResourceTemplate::new(vec![&irq]);
@@ -507,13 +542,28 @@ fn ged_device() -> Raw {
         vec![aml::FieldEntry::Named(*b"GDAT", 8)],
     );
     let gdat = aml::Path::new("GDAT");
+    // Local0 = GDAT (one read: it clears the register).
     let read = aml::Store::new(&aml::Local(0), &gdat);
-    let bit = aml::And::new(&aml::Local(1), &aml::Local(0), &aml::ONE);
+    // Bit 0: Local1 = Local0 & 1; if Local1 == 1, Notify(\_SB_.PWRB, 0x80).
+    let button_mask: u8 = GED_EVENT_POWER_BUTTON;
+    let button_bit = aml::And::new(&aml::Local(1), &aml::Local(0), &button_mask);
     let pwrb = aml::Path::new("\\_SB_.PWRB");
-    let notify = aml::Notify::new(&pwrb, &0x80u8);
-    let pressed = aml::Equal::new(&aml::Local(1), &aml::ONE);
-    let on_button = aml::If::new(&pressed, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &bit, &on_button]);
+    let notify_button = aml::Notify::new(&pwrb, &0x80u8);
+    let pressed = aml::Equal::new(&aml::Local(1), &button_mask);
+    let on_button = aml::If::new(&pressed, vec![&notify_button]);
+    // Bit 1: Local2 = Local0 & 2; if Local2 == 2, Notify(\_SB_.VGEN, 0x80).
+    let vmgenid_mask: u8 = GED_EVENT_VMGENID;
+    let vmgenid_bit = aml::And::new(&aml::Local(2), &aml::Local(0), &vmgenid_mask);
+    let vgen = aml::Path::new(VMGENID_DEVICE);
+    let notify_vmgenid = aml::Notify::new(&vgen, &0x80u8);
+    let changed = aml::Equal::new(&aml::Local(2), &vmgenid_mask);
+    let on_vmgenid = aml::If::new(&changed, vec![&notify_vmgenid]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read, &button_bit, &on_button, &vmgenid_bit, &on_vmgenid],
+    );
     Raw(to_bytes(&aml::Device::new(
         "GED_".into(),
         vec![

@@ -31,8 +31,18 @@ pub const RSDP_POINTER: GuestAddress = GuestAddress(0xe0000);
 /// (and where firmware for the original, e.g. its edk2 `CloudHv` platform, reads it).
 pub const SMBIOS_START: GuestAddress = GuestAddress(0xf_0000);
 pub const SMBIOS_END: GuestAddress = GuestAddress(0x10_0000);
-/// End of the part of the legacy reserved range where the ACPI tables live (SMBIOS follows).
-pub const ACPI_END: GuestAddress = SMBIOS_START;
+/// End of the part of the legacy reserved range where the ACPI tables live (the VM generation
+/// ID, then SMBIOS, follow). The largest tables (254 vCPUs with PCI) take about 17 KiB of the
+/// 60 KiB from `RSDP_POINTER`.
+pub const ACPI_END: GuestAddress = VMGENID_START;
+/// The VM generation ID: 16 bytes the VMM rewrites with a fresh random value at boot and after
+/// every restore (`devices::vmgenid`), announced by bit 1 of the GED. The DSDT's `\_SB_.VGEN`
+/// gives the guest this address (`ADDR`). It lies in the legacy reserved range (reserved in the
+/// memory map, so the guest never allocates it) in a page of its own between the ACPI tables
+/// and SMBIOS, and guest RAM backs it. 8-byte aligned and within one page, as Microsoft's
+/// generation ID specification asks.
+pub const VMGENID_START: GuestAddress = GuestAddress(0xe_f000);
+pub const VMGENID_SIZE: u64 = 16;
 /// First byte of RAM above the legacy area; kernels load here.
 pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
 
@@ -189,6 +199,30 @@ mod tests {
             .sum();
         assert_eq!(ram, (5 << 30) - (HIGH_RAM_START.0 - EBDA_START.0));
         assert_eq!(map.last().unwrap().addr, RAM_64BIT_START.0);
+    }
+
+    #[test]
+    fn vmgenid_lies_in_reserved_ram_between_the_acpi_tables_and_smbios() {
+        let (start, end) = (VMGENID_START.0, VMGENID_START.0 + VMGENID_SIZE);
+        assert_eq!(start, 0xef000);
+        assert!(RSDP_POINTER.0 < ACPI_END.0 && ACPI_END.0 <= start);
+        assert!(end <= SMBIOS_START.0);
+        assert_eq!(start % 8, 0, "8-byte aligned");
+        assert_eq!(start / 4096, (end - 1) / 4096, "within one page");
+        for size in [64u64 << 20, 5 << 30] {
+            // Backed by guest RAM (the first region starts at 0)...
+            let (low, len) = ram_regions(size)[0];
+            assert!(low.0 <= start && end <= low.0 + len);
+            // ...and reserved in the memory map, so the guest leaves it alone.
+            let map = memory_map(size);
+            let covering: Vec<_> = map
+                .iter()
+                .filter(|e| e.addr < end && start < e.addr + e.size)
+                .collect();
+            assert_eq!(covering.len(), 1, "{map:#x?}");
+            assert_eq!(covering[0].kind, MemoryKind::Reserved);
+            assert!(covering[0].addr <= start && end <= covering[0].addr + covering[0].size);
+        }
     }
 
     #[test]

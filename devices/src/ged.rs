@@ -9,10 +9,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::state::{check_version, invalid};
 use crate::{BusDevice, StateError, Stateful};
 
-/// Event bit: the power button was pressed.
+/// Event bit: the power button was pressed (`_EVT` notifies `\_SB_.PWRB`).
 pub const GED_POWER_BUTTON: u8 = 1 << 0;
+/// Event bit: the VMM wrote a new VM generation ID (`crate::vmgenid`); `_EVT` notifies
+/// `\_SB_.VGEN`, and the guest re-reads the ID.
+pub const GED_VMGENID: u8 = 1 << 1;
 /// Every event bit the device (and the DSDT's `_EVT`) knows.
-pub const GED_EVENTS: u8 = GED_POWER_BUTTON;
+pub const GED_EVENTS: u8 = GED_POWER_BUTTON | GED_VMGENID;
 
 /// The `GedState` layout this build writes and the only one it restores.
 pub const GED_STATE_VERSION: u32 = 1;
@@ -152,7 +155,7 @@ mod tests {
 
         // Unknown event bits are refused, and the device is left as it was.
         fresh.notify(GED_POWER_BUTTON).unwrap();
-        for pending in [0x02, 0x80, 0xff] {
+        for pending in [0x04, 0x80, 0xff, GED_EVENTS | 0x04] {
             let e = fresh
                 .restore(&GedState {
                     version: GED_STATE_VERSION,
@@ -166,5 +169,37 @@ mod tests {
             assert_eq!(fresh.state().pending, GED_POWER_BUTTON);
         }
         check_refusals(&mut fresh);
+    }
+
+    #[test]
+    fn vmgenid_event_is_known_and_read_with_the_power_button() {
+        assert_eq!(GED_VMGENID, 0x02);
+        assert_eq!(GED_EVENTS, GED_POWER_BUTTON | GED_VMGENID);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut ged = Ged::new(irq.try_clone().unwrap());
+        ged.notify(GED_VMGENID).unwrap();
+        ged.notify(GED_POWER_BUTTON).unwrap();
+        assert_eq!(irq.read().unwrap(), 2, "one interrupt per event");
+        // Both latched events come back in one read, which clears them.
+        let state = json_round_trip(&ged);
+        assert_eq!(state.pending, GED_POWER_BUTTON | GED_VMGENID);
+        let mut b = [0u8];
+        ged.read(0, &mut b);
+        assert_eq!(b[0], GED_POWER_BUTTON | GED_VMGENID);
+        ged.read(0, &mut b);
+        assert_eq!(b[0], 0);
+
+        // A pending generation-ID event is accepted by a restore and read once after it.
+        let mut fresh = Ged::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        for pending in [GED_VMGENID, GED_EVENTS] {
+            fresh
+                .restore(&GedState {
+                    version: GED_STATE_VERSION,
+                    pending,
+                })
+                .unwrap();
+            fresh.read(0, &mut b);
+            assert_eq!(b[0], pending);
+        }
     }
 }

@@ -12,15 +12,17 @@ mod serial;
 mod state;
 #[cfg(test)]
 mod test_util;
+pub mod vmgenid;
 
 pub use acpi_pm_timer::{AcpiPmTimer, PmTimerState, PM_TIMER_FREQUENCY_HZ, PM_TIMER_STATE_VERSION};
 pub use acpi_sleep::{AcpiSleepDevice, AcpiSleepState, ACPI_SLEEP_STATE_VERSION};
 pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CmosState, CMOS_NVRAM_SIZE, CMOS_STATE_VERSION};
-pub use ged::{Ged, GedState, GED_EVENTS, GED_POWER_BUTTON, GED_STATE_VERSION};
+pub use ged::{Ged, GedState, GED_EVENTS, GED_POWER_BUTTON, GED_STATE_VERSION, GED_VMGENID};
 pub use i8042::{I8042State, I8042, I8042_STATE_VERSION};
 pub use serial::{Serial, SerialOutput, SerialState, SERIAL_STATE_VERSION};
 pub use state::{StateError, Stateful};
+pub use vmgenid::{new_generation_id, write_generation_id};
 
 /// A device's statistics for `vm.counters`: counter name → value.
 pub trait DeviceCounters: Send + Sync {

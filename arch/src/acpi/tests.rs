@@ -508,3 +508,145 @@ fn dsdt_has_a_generic_event_device_for_the_power_button() {
         &[b'G', b'D', b'S', b'T', 0x01, 0x0b, port[0], port[1], 0x01]
     ));
 }
+
+/// Decodes the AML PkgLength at the start of `b`: (the length it gives, which counts its own
+/// bytes, and how many bytes it takes).
+fn pkg_length(b: &[u8]) -> (usize, usize) {
+    let follow = usize::from(b[0] >> 6);
+    if follow == 0 {
+        return (usize::from(b[0] & 0x3f), 1);
+    }
+    let mut len = usize::from(b[0] & 0x0f);
+    for i in 0..follow {
+        len |= usize::from(b[1 + i]) << (4 + 8 * i);
+    }
+    (len, 1 + follow)
+}
+
+/// The terms inside the one `Device (name)` of `aml` (after its name).
+fn device_body<'a>(aml: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+    let found: Vec<&[u8]> = (0..aml.len().saturating_sub(2))
+        .filter(|&i| aml[i..i + 2] == [0x5b, 0x82])
+        .filter_map(|i| {
+            let (len, n) = pkg_length(&aml[i + 2..]);
+            let name_at = i + 2 + n;
+            (aml.get(name_at..name_at + 4) == Some(&name[..]))
+                .then(|| &aml[name_at + 4..i + 2 + len])
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "Device ({}) found {} times",
+        String::from_utf8_lossy(name),
+        found.len()
+    );
+    found[0]
+}
+
+/// The flags and the terms of the one `Method (name)` of `aml`.
+fn method_body<'a>(aml: &'a [u8], name: &[u8; 4]) -> (u8, &'a [u8]) {
+    let found: Vec<(u8, &[u8])> = (0..aml.len())
+        .filter(|&i| aml[i] == 0x14 && i + 1 < aml.len())
+        .filter_map(|i| {
+            let (len, n) = pkg_length(&aml[i + 1..]);
+            let name_at = i + 1 + n;
+            let end = i + 1 + len;
+            (end <= aml.len() && aml.get(name_at..name_at + 4) == Some(&name[..]))
+                .then(|| (aml[name_at + 4], &aml[name_at + 5..end]))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "Method ({}) found {} times",
+        String::from_utf8_lossy(name),
+        found.len()
+    );
+    found[0]
+}
+
+/// `Name (name, "value")`.
+fn name_string(name: &[u8; 4], value: &str) -> Vec<u8> {
+    let mut b = vec![0x08];
+    b.extend_from_slice(name);
+    b.push(0x0d);
+    b.extend_from_slice(value.as_bytes());
+    b.push(0);
+    b
+}
+
+#[test]
+fn pkg_length_decodes_one_and_two_byte_encodings() {
+    assert_eq!(pkg_length(&[0x3f]), (0x3f, 1));
+    assert_eq!(pkg_length(&[0x45, 0x12]), (0x125, 2));
+    assert_eq!(pkg_length(&[0x81, 0x02, 0x03]), (0x3021, 3));
+}
+
+#[test]
+fn dsdt_has_a_vm_generation_id_device() {
+    for c in [
+        cfg(1, 1),
+        AcpiConfig {
+            pci: Some(pci_host()),
+            ..cfg(MAX_VCPUS, MAX_VCPUS)
+        },
+    ] {
+        let dsdt = dsdt_of(&c);
+        let vgen = device_body(&dsdt, b"VGEN");
+        // Name (ADDR, Package (2) { low 32 bits, high 32 bits }) of 0xef000: PackageOp,
+        // PkgLength 8, two elements, DWordPrefix 0x000ef000, ZeroOp.
+        assert_eq!(layout::VMGENID_START.0, 0xef000);
+        let addr = [
+            0x08, b'A', b'D', b'D', b'R', 0x12, 0x08, 0x02, 0x0c, 0x00, 0xf0, 0x0e, 0x00, 0x00,
+        ];
+        let want = [
+            name_string(b"_HID", "VMGENCTR"),
+            name_string(b"_CID", "VM_GEN_COUNTER"),
+            name_string(b"_DDN", "VM_Gen_Counter"),
+            addr.to_vec(),
+        ]
+        .concat();
+        assert_eq!(vgen, &want[..], "the whole of Device (VGEN)");
+    }
+}
+
+#[test]
+fn ged_evt_notifies_the_power_button_and_vgen_each_on_its_own_bit() {
+    let dsdt = dsdt_of(&cfg(1, 1));
+    let ged = device_body(&dsdt, b"GED_");
+    let (flags, evt) = method_body(ged, b"_EVT");
+    assert_eq!(flags, 0x09, "one argument, serialized");
+    let mut want = vec![
+        // Local0 = GDAT
+        0x70, b'G', b'D', b'A', b'T', 0x60, //
+        // Local1 = Local0 & 1
+        0x7b, 0x60, 0x01, 0x61, //
+        // If (Local1 == 1) { Notify (\_SB_.PWRB, 0x80) }
+        0xa0, 0x11, 0x93, 0x61, 0x01, 0x86, b'\\', 0x2e,
+    ];
+    want.extend_from_slice(b"_SB_PWRB\x0a\x80");
+    want.extend_from_slice(&[
+        // Local2 = Local0 & 2
+        0x7b, 0x60, 0x0a, 0x02, 0x62, //
+        // If (Local2 == 2) { Notify (\_SB_.VGEN, 0x80) }
+        0xa0, 0x12, 0x93, 0x62, 0x0a, 0x02, 0x86, b'\\', 0x2e,
+    ]);
+    want.extend_from_slice(b"_SB_VGEN\x0a\x80");
+    assert_eq!(evt, &want[..], "_EVT body");
+}
+
+#[test]
+fn ged_event_bits_and_the_generation_id_agree_with_the_devices_crate() {
+    assert_eq!(GED_EVENT_POWER_BUTTON, devices::GED_POWER_BUTTON);
+    assert_eq!(GED_EVENT_VMGENID, devices::GED_VMGENID);
+    // `_EVT` acts on every bit the device may latch.
+    assert_eq!(
+        GED_EVENT_POWER_BUTTON | GED_EVENT_VMGENID,
+        devices::GED_EVENTS
+    );
+    assert_eq!(
+        layout::VMGENID_SIZE,
+        devices::vmgenid::GENERATION_ID_LEN as u64
+    );
+}
