@@ -3,10 +3,12 @@
 //! (`HTTP/1.1 200 ` with no reason phrase) as well as ours.
 
 use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use thiserror::Error;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::http::Method;
 
@@ -20,6 +22,12 @@ pub enum ClientError {
     },
     #[error("API socket: {0}")]
     Io(#[from] io::Error),
+    #[error("cannot pass the file descriptors {fds:?} on the API socket: {source}")]
+    SendFds {
+        fds: Vec<RawFd>,
+        #[source]
+        source: io::Error,
+    },
     #[error("the server closed the connection before answering in full")]
     Closed,
     #[error("malformed answer from the server: {0}")]
@@ -75,6 +83,18 @@ impl Client {
         endpoint: &str,
         body: Option<&[u8]>,
     ) -> Result<Reply, ClientError> {
+        self.call_with_fds(method, endpoint, body, &[])
+    }
+
+    /// `call`, with `fds` passed beside the request (SCM_RIGHTS, attached to its first bytes,
+    /// as the original's ch-remote sends them); the descriptors stay open here.
+    pub fn call_with_fds(
+        &mut self,
+        method: Method,
+        endpoint: &str,
+        body: Option<&[u8]>,
+        fds: &[RawFd],
+    ) -> Result<Reply, ClientError> {
         let mut req = Vec::with_capacity(128 + body.map_or(0, <[u8]>::len));
         let _ = write!(
             req,
@@ -92,7 +112,17 @@ impl Client {
         if let Some(b) = body {
             req.extend_from_slice(b);
         }
-        self.stream.write_all(&req)?;
+        let mut sent = 0;
+        if !fds.is_empty() {
+            sent =
+                self.stream
+                    .send_with_fds(&[&req[..]], fds)
+                    .map_err(|e| ClientError::SendFds {
+                        fds: fds.to_vec(),
+                        source: io::Error::from_raw_os_error(e.errno()),
+                    })?;
+        }
+        self.stream.write_all(&req[sent..])?;
         self.read_reply()
     }
 

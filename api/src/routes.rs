@@ -3,7 +3,7 @@
 //! original does, with a JSON array of strings: the error chain from the top down, e.g.
 //! `["Error from API","The VM could not be paused","VM is not running"]`.
 
-use vm_config::VmConfig;
+use vm_config::{RestoreConfig, VmConfig};
 
 use crate::http::{Method, Request, Response};
 use crate::types::{ApiError, ApiRequest, ApiResponse, ApiResult};
@@ -25,6 +25,7 @@ pub enum Endpoint {
     VmPowerButton,
     VmDelete,
     VmSnapshot,
+    VmRestore,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -57,7 +58,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.resize-disk", Method::Put, Endpoint::NotYet),
     ("vm.resize-zone", Method::Put, Endpoint::NotYet),
     ("vm.snapshot", Method::Put, Endpoint::VmSnapshot),
-    ("vm.restore", Method::Put, Endpoint::NotYet),
+    ("vm.restore", Method::Put, Endpoint::VmRestore),
     ("vm.coredump", Method::Put, Endpoint::NotYet),
     ("vm.nmi", Method::Put, Endpoint::NotYet),
     ("vm.send-migration", Method::Put, Endpoint::NotYet),
@@ -180,6 +181,25 @@ pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, Resp
             let config = serde_json::from_slice(body)
                 .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))?;
             ApiRequest::VmSnapshot(config)
+        }
+        Endpoint::VmRestore => {
+            if body.is_empty() {
+                return Err(error_chain(
+                    400,
+                    &[
+                        "Bad Request",
+                        "vm.restore needs a RestoreConfig as its body",
+                    ],
+                ));
+            }
+            let config: RestoreConfig = serde_json::from_slice(body)
+                .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))?;
+            // What this VMM cannot restore is a config that does not validate (400), before
+            // the VMM is asked.
+            config
+                .validate()
+                .map_err(|e| reply(name, Err(ApiError::Config(e))))?;
+            ApiRequest::VmRestore(config)
         }
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
@@ -309,7 +329,80 @@ mod tests {
         );
         let r = reply("vm.boot", Ok(ApiResponse::Empty));
         assert_eq!((r.status, r.body.len()), (204, 0));
+        let r = reply("vm.restore", Ok(ApiResponse::Empty));
+        assert_eq!((r.status, r.body.len()), (204, 0));
         let r = reply("vmm.shutdown", Ok(ApiResponse::Empty));
         assert_eq!((r.status, r.body.len()), (200, 0));
+    }
+
+    /// vm.restore: the body is a RestoreConfig; one that does not read is refused as
+    /// vm.snapshot's, one this VMM cannot restore as a config that does not validate (400).
+    #[test]
+    fn restore_bodies() {
+        assert_eq!(
+            route(Method::Put, "/api/v1/vm.restore").unwrap(),
+            ("vm.restore", Endpoint::VmRestore)
+        );
+        assert_eq!(
+            route(Method::Get, "/api/v1/vm.restore").unwrap_err().status,
+            400
+        );
+        let ask = |body: &[u8]| request("vm.restore", Endpoint::VmRestore, body);
+        match ask(
+            br#"{"source_url": "file:///s", "resume": true, "memory_restore_mode": "CopyOnWrite"}"#,
+        ) {
+            Ok(ApiRequest::VmRestore(c)) => {
+                assert_eq!(c.source_url, "file:///s");
+                assert!(c.resume && !c.prefault);
+                assert_eq!(
+                    c.memory_restore_mode,
+                    vm_config::MemoryRestoreMode::CopyOnWrite
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        for (body, first) in [
+            (&b""[..], "Bad Request"),
+            (b"{", "Failed to deserialize JSON"),
+            (b"{}", "Failed to deserialize JSON"),
+            (
+                br#"{"source_url": "file:///s", "bogus": 1}"#,
+                "Failed to deserialize JSON",
+            ),
+            (
+                br#"{"source_url": "file:///s", "memory_restore_mode": "Lazy"}"#,
+                "Failed to deserialize JSON",
+            ),
+        ] {
+            let r = ask(body).unwrap_err();
+            assert_eq!(r.status, 400, "{body:?}");
+            assert_eq!(lines(&r)[0], first, "{body:?}");
+        }
+        for (body, why) in [
+            (
+                &br#"{"source_url": "file:///s", "prefault": true, "memory_restore_mode": "OnDemand"}"#[..],
+                "--restore file:///s: 'prefault' cannot be combined with 'memory_restore_mode=ondemand'",
+            ),
+            (
+                br#"{"source_url": "tcp://1.2.3.4/s"}"#,
+                "--restore tcp://1.2.3.4/s: source_url 'tcp://1.2.3.4/s': only file:// URLs are supported",
+            ),
+            (
+                br#"{"source_url": "file:///s", "iommufd_fd": 3}"#,
+                "--restore file:///s: iommufd_fd: VFIO devices are not supported by this VMM",
+            ),
+        ] {
+            let r = ask(body).unwrap_err();
+            assert_eq!(r.status, 400, "{body:?}");
+            assert_eq!(
+                lines(&r),
+                [
+                    "Error from API",
+                    "The VM could not be restored",
+                    "Failed to validate config",
+                    why
+                ]
+            );
+        }
     }
 }

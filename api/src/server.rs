@@ -451,4 +451,51 @@ mod tests {
         });
         assert_eq!(answers, requests);
     }
+
+    /// Descriptors passed beside a request (ch-remote restore's net_fds) are dropped by the
+    /// server, which reads no SCM_RIGHTS, and the request is answered as any other.
+    #[test]
+    fn a_request_with_descriptors_is_answered() {
+        let (mut s, path) = server("fds");
+        let client = std::thread::spawn(move || {
+            let mut c = crate::client::Client::connect(&path).unwrap();
+            let (r, w) = std::io::pipe().unwrap();
+            let fds = [r.as_raw_fd(), w.as_raw_fd()];
+            let body = br#"{"source_url": "file:///s", "net_fds": [{"id": "net0", "num_fds": 2}]}"#;
+            let first = c
+                .call_with_fds(http::Method::Put, "vm.restore", Some(body), &fds)
+                .unwrap();
+            let second = c.call(http::Method::Get, "vmm.ping", None).unwrap();
+            let bad = c.call_with_fds(http::Method::Get, "vmm.ping", None, &[9999]);
+            (first.status, second.status, bad.map(|r| r.status))
+        });
+        let mut restored = None;
+        let mut handle = |req: ApiRequest| match req {
+            ApiRequest::VmRestore(c) => {
+                restored = Some(c);
+                Ok(ApiResponse::Empty)
+            }
+            other => pong(other),
+        };
+        for _ in 0..5000 {
+            s.serve(&mut handle);
+            if client.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (first, second, bad) = client.join().unwrap();
+        assert_eq!((first, second), (204, 200));
+        let e = bad.unwrap_err();
+        assert!(
+            matches!(e, crate::client::ClientError::SendFds { .. }),
+            "{e}"
+        );
+        let c = restored.expect("the VMM was asked");
+        let nets = c.net_fds.unwrap();
+        assert_eq!(
+            (nets[0].id.as_str(), nets[0].num_fds, &nets[0].fds),
+            ("net0", 2, &None)
+        );
+    }
 }

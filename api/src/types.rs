@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_config::{ConfigError, VmConfig};
+use vm_config::{ConfigError, RestoreConfig, VmConfig};
 
 /// The states of a VM, as the original names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +33,9 @@ pub enum ApiRequest {
     VmPowerButton,
     VmDelete,
     VmSnapshot(VmSnapshotConfig),
+    /// Already checked with `RestoreConfig::validate`. The `net_fds` descriptors are not
+    /// received (the server reads no SCM_RIGHTS): each entry's `fds` is `None`.
+    VmRestore(RestoreConfig),
 }
 
 /// `vm.snapshot`'s body, as the original's.

@@ -4,6 +4,7 @@
 //! standard error, with exit code 1.
 
 use std::io::{Read, Write};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -11,7 +12,7 @@ use api::client::Client;
 use api::http::Method;
 use clap::{Arg, ArgMatches, Command};
 use serde_json::{Map, Value};
-use vm_config::{parse_size, DiskConfig, NetConfig};
+use vm_config::{parse_size, DiskConfig, NetConfig, RestoreConfig};
 
 /// What a subcommand takes on its command line.
 enum Args {
@@ -40,6 +41,8 @@ enum Body {
     Net,
     /// `key=value,...` as a JSON object; a bare value is the given key's.
     Kv(&'static str),
+    /// `--restore` syntax, turned into a RestoreConfig; net_fds' descriptors go beside it.
+    Restore,
     Resize,
     ResizeDisk,
     ResizeZone,
@@ -259,10 +262,10 @@ const SUBCOMMANDS: &[Sub] = &[
     Sub {
         name: "restore",
         about: "Restore VM from a snapshot",
-        args: Args::Positional { name: "restore_config", required: true, help: "Restore from a VM snapshot. \nRestore parameters \"source_url=<source_url>,prefault=on|off,memory_restore_mode=copy|ondemand,net_fds=<list_of_net_ids_with_their_associated_fds>,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>,iommufd_fd=<fd>,resume=true|false,zone_updates=<list_of_updates>\"\n        \n`source_url` should be a valid URL (e.g file:///foo/bar or tcp://192.168.1.10/foo) \n`prefault` controls eager prefaulting for the copy-based restore path (disabled by default) \n`memory_restore_mode=copy` preserves the existing eager read-copy restore behavior, while `memory_restore_mode=ondemand` enables lazy demand paging and fails restore if userfaultfd support is unavailable \n`net_fds` is a list of net ids with new file descriptors. Only net devices backed by FDs directly are needed as input.\n`vfio_fds` is a list of VFIO device ids each paired with a new cdev file descriptor, e.g. vfio_fds=[vfio0@5,vfio1@6]. Use this to restore a VFIO device onto a different sysfs path or host. Requires `iommufd_fd`.\n`iommufd_fd` is a new iommufd file descriptor for the restored VM. The one saved in the snapshot does not survive serialization.\n `resume` controls whether the VM will be directly resumed after restore \n `zone_updates` can be used to update NUMA memory zones. Expects a list of elements in the form `id@host_numa_node`" },
+        args: Args::Positional { name: "restore_config", required: true, help: RestoreConfig::SYNTAX },
         method: Method::Put,
         endpoint: "vm.restore",
-        body: Body::Kv("source_url"),
+        body: Body::Restore,
     },
     Sub {
         name: "resume",
@@ -403,17 +406,34 @@ fn size_arg(m: &ArgMatches, name: &str) -> Result<Option<u64>, String> {
         .transpose()
 }
 
-/// The request body for subcommand `s` with its arguments `m`.
-fn body(s: &Sub, m: &ArgMatches) -> Result<Option<Vec<u8>>, String> {
+/// `restore`'s body and the descriptors that go beside it, as the original's ch-remote sends
+/// them: net_fds' descriptors, in order, taken out of the body (only their count stays).
+/// Everything else stays in the body for the VMM to judge: it refuses VFIO (vfio_fds,
+/// iommufd_fd) and NUMA zone updates itself, so their numbers are not sent as descriptors.
+fn restore_request(raw: &str) -> Result<(Value, Vec<RawFd>), String> {
+    let mut c = RestoreConfig::parse(raw).map_err(|e| e.to_string())?;
+    let fds = c
+        .net_fds
+        .iter_mut()
+        .flatten()
+        .flat_map(|n| n.fds.take().unwrap_or_default())
+        .collect();
+    Ok((serde_json::to_value(c).map_err(|e| e.to_string())?, fds))
+}
+
+/// The request body for subcommand `s` with its arguments `m`, and the file descriptors to
+/// pass beside it.
+fn body(s: &Sub, m: &ArgMatches) -> Result<(Option<Vec<u8>>, Vec<RawFd>), String> {
     let positional = match &s.args {
         Args::Positional { name, .. } => m.get_one::<String>(name).map(String::as_str),
         Args::Path => m.get_one::<String>("path").map(String::as_str),
         _ => None,
     };
     let to_vec = |v: &Value| serde_json::to_vec(v).map_err(|e| e.to_string());
+    let mut fds = Vec::new();
     let value = match s.body {
-        Body::None => return Ok(None),
-        Body::File => return read_file(positional.unwrap_or("-")).map(Some),
+        Body::None => return Ok((None, fds)),
+        Body::File => return read_file(positional.unwrap_or("-")).map(|b| (Some(b), fds)),
         Body::Disk => {
             let c = DiskConfig::parse(positional.unwrap_or("")).map_err(|e| e.to_string())?;
             serde_json::to_value(c).map_err(|e| e.to_string())?
@@ -423,6 +443,11 @@ fn body(s: &Sub, m: &ArgMatches) -> Result<Option<Vec<u8>>, String> {
             serde_json::to_value(c).map_err(|e| e.to_string())?
         }
         Body::Kv(primary) => kv_body(s.name, primary, positional)?,
+        Body::Restore => {
+            let (value, net_fds) = restore_request(positional.unwrap_or(""))?;
+            fds = net_fds;
+            value
+        }
         Body::Resize => {
             let mut map = Map::new();
             if let Some(v) = m.get_one::<String>("cpus") {
@@ -454,7 +479,7 @@ fn body(s: &Sub, m: &ArgMatches) -> Result<Option<Vec<u8>>, String> {
             Value::Object(map)
         }
     };
-    to_vec(&value).map(Some)
+    Ok((Some(to_vec(&value)?), fds))
 }
 
 fn run(m: &ArgMatches) -> Result<(), String> {
@@ -469,10 +494,10 @@ fn run(m: &ArgMatches) -> Result<(), String> {
         .get_one::<String>("api-socket")
         .map(PathBuf::from)
         .ok_or("--api-socket <path> is required")?;
-    let body = body(s, sub_m)?;
+    let (body, fds) = body(s, sub_m)?;
     let mut client = Client::connect(&socket).map_err(|e| e.to_string())?;
     let reply = client
-        .call(s.method, s.endpoint, body.as_deref())
+        .call_with_fds(s.method, s.endpoint, body.as_deref(), &fds)
         .map_err(|e| format!("{}: {e}", s.endpoint))?;
     if !(200..300).contains(&reply.status) {
         let mut msg = format!("{}: the VMM answered {}", s.endpoint, reply.status);
@@ -529,7 +554,7 @@ mod tests {
             .map_err(|e| e.to_string())?;
         let (name, sub_m) = m.subcommand().unwrap();
         let s = SUBCOMMANDS.iter().find(|s| s.name == name).unwrap();
-        let b = body(s, sub_m)?.unwrap_or_default();
+        let b = body(s, sub_m)?.0.unwrap_or_default();
         Ok(serde_json::from_slice(&b).unwrap_or(Value::Null))
     }
 
@@ -557,7 +582,9 @@ mod tests {
         );
         assert_eq!(
             body_of(&["restore", "source_url=file:///s,prefault=on"]).unwrap(),
-            serde_json::json!({"source_url": "file:///s", "prefault": true})
+            serde_json::json!({"source_url": "file:///s", "prefault": true,
+                "memory_restore_mode": "Copy", "net_fds": null, "vfio_fds": null,
+                "iommufd_fd": null, "resume": false, "zone_updates": []})
         );
         assert_eq!(
             body_of(&["add-vsock", "cid=3,socket=/tmp/v,id=[a,b]"]).unwrap(),
@@ -572,5 +599,34 @@ mod tests {
         assert!(body_of(&["add-disk", "path=/img,bogus=1"]).is_err());
         assert!(body_of(&["snapshot"]).is_err(), "snapshot needs its URL");
         assert_eq!(body_of(&["nmi"]).unwrap(), Value::Null);
+    }
+
+    /// `restore` takes `--restore`'s syntax; net_fds' descriptors leave the body (their count
+    /// stays) and go beside it, in order; what the VMM refuses is sent for it to refuse.
+    #[test]
+    fn restore_sends_its_descriptors_beside_the_body() {
+        let (body, fds) = restore_request(
+            "source_url=file:///s,resume=on,memory_restore_mode=OnDemand,\
+             net_fds=[net0@[3,4],net1@[5]]",
+        )
+        .unwrap();
+        assert_eq!(fds, [3, 4, 5]);
+        assert_eq!(body["resume"], true);
+        assert_eq!(body["memory_restore_mode"], "OnDemand");
+        assert_eq!(
+            body["net_fds"],
+            serde_json::json!([{"id": "net0", "num_fds": 2}, {"id": "net1", "num_fds": 1}])
+        );
+        let (body, fds) =
+            restore_request("source_url=tcp://h/s,vfio_fds=[v0@7],iommufd_fd=8").unwrap();
+        assert!(fds.is_empty());
+        assert_eq!(body["source_url"], "tcp://h/s");
+        assert_eq!(body["vfio_fds"], serde_json::json!([{"id": "v0", "fd": 7}]));
+        assert_eq!(body["iommufd_fd"], 8);
+        let e = body_of(&["restore", "prefault=on"]).unwrap_err();
+        assert_eq!(e, "--restore prefault=on: source_url missing");
+        assert!(body_of(&["restore", "source_url=file:///s,net_fds=[net0]"]).is_err());
+        assert!(body_of(&["restore", "source_url=file:///s,memory_restore_mode=x"]).is_err());
+        assert!(body_of(&["restore"]).is_err(), "restore needs its config");
     }
 }

@@ -17,11 +17,44 @@ pub const NOT_YET: &[&str] = &[
     "platform",
     "pmem",
     "rate-limit-group",
-    "restore",
     "tpm",
     "user-device",
     "vdpa",
     "vsock",
+];
+
+/// The options the original puts in its `vm-config` group, which needs a payload (`--kernel`,
+/// `--firmware`): with `--restore` and no payload the VM's configuration comes from the
+/// snapshot, and the original refuses them.
+pub const VM_CONFIG: &[&str] = &[
+    "balloon",
+    "cmdline",
+    "console",
+    "cpus",
+    "debug-console",
+    "device",
+    "disk",
+    "fs",
+    "generic-vhost-user",
+    "initramfs",
+    "landlock",
+    "landlock-rules",
+    "memory",
+    "memory-zone",
+    "net",
+    "numa",
+    "pci-segment",
+    "platform",
+    "pmem",
+    "pvpanic",
+    "rate-limit-group",
+    "rng",
+    "serial",
+    "tpm",
+    "user-device",
+    "vdpa",
+    "vsock",
+    "watchdog",
 ];
 
 /// Flags of the original we do not implement yet.
@@ -84,7 +117,7 @@ pub fn command() -> Command {
         .arg(multi("pmem", "Persistent memory parameters \"file=<backing_file_path>,size=<persistent_memory_size>,iommu=on|off,discard_writes=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\""))
         .arg(flag("pvpanic", "Enable pvpanic device"))
         .arg(multi("rate-limit-group", "Rate Limit Group parameters \"bw_size=<bytes>,bw_one_time_burst=<bytes>,bw_refill_time=<ms>,ops_size=<io_ops>,ops_one_time_burst=<io_ops>,ops_refill_time=<ms>,id=<device_id>\""))
-        .arg(opt("restore", "Restore from a VM snapshot. Restore parameters \"source_url=<source_url>,prefault=on|off\""))
+        .arg(opt("restore", vmm::config::RestoreConfig::SYNTAX))
         .arg(opt("rng", "Random number generator parameters \"src=<entropy_source_path>,iommu=on|off,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"").default_value("src=/dev/urandom"))
         .arg(opt("seccomp", "").value_parser(["true", "false", "log", "errno"]).default_value("true"))
         .arg(opt("serial", "Control serial port: \"off|null|pty|tty|file=<path>|socket=<path>\"").default_value("null"))

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 
 use clap::ArgMatches;
 use vmm::config::{
-    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig,
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RestoreConfig,
+    RngConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -80,6 +81,33 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     })
 }
 
+/// `--restore`, parsed and checked (`RestoreConfig::validate`); `None` when it is not given,
+/// or when a payload is: as the original, `--kernel`/`--firmware` create and boot a VM and
+/// `--restore` is then ignored. Without a payload the VM's configuration comes from the
+/// snapshot, and an option of the VM's own (`--cpus`, `--serial`, ...) is refused, as the
+/// original's command line refuses it. Errors name `--restore` and its whole value.
+fn restore_from(m: &ArgMatches) -> Result<Option<RestoreConfig>, ConfigError> {
+    let Some(raw) = m.get_one::<String>("restore") else {
+        return Ok(None);
+    };
+    if m.contains_id("kernel") || m.contains_id("firmware") {
+        log::warn!("--restore {raw} is ignored: --kernel or --firmware boots a new VM");
+        return Ok(None);
+    }
+    let err = |msg: String| ConfigError::new(RestoreConfig::OPTION, raw, msg);
+    if let Some(name) = cli::VM_CONFIG
+        .iter()
+        .find(|name| m.value_source(name) == Some(clap::parser::ValueSource::CommandLine))
+    {
+        return Err(err(format!(
+            "--{name} needs --kernel or --firmware: a restored VM's configuration is the snapshot's"
+        )));
+    }
+    let config = RestoreConfig::parse(raw)?;
+    config.validate().map_err(|e| err(e.msg))?;
+    Ok(Some(config))
+}
+
 fn main() -> ExitCode {
     let matches = match cli::command().try_get_matches() {
         Ok(m) => m,
@@ -123,6 +151,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    let restore = match restore_from(&matches) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
     let s = |name: &str| matches.get_one::<String>(name).cloned();
     let api_socket = match s("api-socket")
         .map(|raw| endpoints::parse("--api-socket", &raw))
@@ -131,11 +163,21 @@ fn main() -> ExitCode {
         Ok(ep) => ep,
         Err(e) => return fail(e),
     };
-    // With an API socket, the VM may come later through vm.create.
-    let config = (api_socket.is_none()
-        || config.payload.kernel.is_some()
-        || config.payload.firmware.is_some())
+    // With an API socket, the VM may come later through vm.create; with --restore, it comes
+    // from the snapshot.
+    let config = (restore.is_none()
+        && (api_socket.is_none()
+            || config.payload.kernel.is_some()
+            || config.payload.firmware.is_some()))
     .then_some(config);
+    // The VMM does not take the restore yet (VmmOptions has no field for it).
+    if restore.is_some() {
+        return fail(ConfigError::new(
+            RestoreConfig::OPTION,
+            &s("restore").unwrap_or_default(),
+            "this option is not supported yet".into(),
+        ));
+    }
     let monitor = match s("event-monitor") {
         Some(raw) => match endpoints::parse("--event-monitor", &raw)
             .map_err(|e| e.to_string())

@@ -275,3 +275,48 @@ fn verbose_logging_goes_to_the_log_file() {
         r.stderr
     );
 }
+
+/// `--restore`: its syntax and what this VMM cannot restore are refused in one line naming
+/// the whole value; without --kernel/--firmware the VM's options come from the snapshot, so
+/// one given is refused (the original's command line refuses it too).
+#[test]
+fn restore_errors() {
+    for (value, why) in [
+        ("prefault=on", "source_url missing"),
+        ("source_url=file:///s,bogus=1", "unknown key 'bogus'"),
+        (
+            "source_url=file:///s,memory_restore_mode=lazy",
+            "memory_restore_mode=lazy",
+        ),
+        (
+            "source_url=file:///s,net_fds=net0@3",
+            "not a list in brackets",
+        ),
+        ("source_url=tcp://1.2.3.4/s", "only file://"),
+        (
+            "source_url=file:///s,prefault=on,memory_restore_mode=ondemand",
+            "'prefault' cannot be combined with 'memory_restore_mode=ondemand'",
+        ),
+        ("source_url=file:///s,vfio_fds=[v0@5]", "VFIO"),
+        ("source_url=file:///s,iommufd_fd=5", "VFIO"),
+        ("source_url=file:///s,zone_updates=[z0@0]", "NUMA"),
+    ] {
+        assert_rejected(
+            &["--restore", value],
+            &[&format!("--restore {value}: "), why],
+        );
+    }
+    for (opt, value) in [
+        ("--cpus", "boot=2"),
+        ("--serial", "tty"),
+        ("--disk", "path=/x"),
+    ] {
+        assert_rejected(
+            &["--restore", "source_url=file:///s", opt, value],
+            &[
+                "--restore source_url=file:///s",
+                &format!("{opt} needs --kernel or --firmware"),
+            ],
+        );
+    }
+}
