@@ -384,10 +384,6 @@ mod tests {
                 "--restore file:///s: 'prefault' cannot be combined with 'memory_restore_mode=ondemand'",
             ),
             (
-                br#"{"source_url": "tcp://1.2.3.4/s"}"#,
-                "--restore tcp://1.2.3.4/s: source_url 'tcp://1.2.3.4/s': only file:// URLs are supported",
-            ),
-            (
                 br#"{"source_url": "file:///s", "iommufd_fd": 3}"#,
                 "--restore file:///s: iommufd_fd: VFIO devices are not supported by this VMM",
             ),

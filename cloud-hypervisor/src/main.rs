@@ -81,20 +81,25 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     })
 }
 
-/// `--restore`, parsed and checked (`RestoreConfig::validate`); `None` when it is not given,
-/// or when a payload is: as the original, `--kernel`/`--firmware` create and boot a VM and
-/// `--restore` is then ignored. Without a payload the VM's configuration comes from the
-/// snapshot, and an option of the VM's own (`--cpus`, `--serial`, ...) is refused, as the
-/// original's command line refuses it. Errors name `--restore` and its whole value.
+/// `--restore`, parsed and checked (`RestoreConfig::validate`); `None` when it is not given.
+/// The VM's configuration comes from the snapshot, so a payload (the original would boot it
+/// and ignore `--restore`) or an option of the VM's own (`--cpus`, `--serial`, ..., as the
+/// original's command line refuses them) is refused. Errors name `--restore` and its whole value.
 fn restore_from(m: &ArgMatches) -> Result<Option<RestoreConfig>, ConfigError> {
     let Some(raw) = m.get_one::<String>("restore") else {
         return Ok(None);
     };
-    if m.contains_id("kernel") || m.contains_id("firmware") {
-        log::warn!("--restore {raw} is ignored: --kernel or --firmware boots a new VM");
-        return Ok(None);
-    }
     let err = |msg: String| ConfigError::new(RestoreConfig::OPTION, raw, msg);
+    // The original boots the payload and ignores --restore; an option we take must act, so
+    // the two together are refused.
+    if let Some(name) = ["kernel", "firmware"]
+        .into_iter()
+        .find(|n| m.contains_id(n))
+    {
+        return Err(err(format!(
+            "--{name} boots a new VM: it cannot be combined with a restore"
+        )));
+    }
     if let Some(name) = cli::VM_CONFIG
         .iter()
         .find(|name| m.value_source(name) == Some(clap::parser::ValueSource::CommandLine))
@@ -170,14 +175,6 @@ fn main() -> ExitCode {
             || config.payload.kernel.is_some()
             || config.payload.firmware.is_some()))
     .then_some(config);
-    // The VMM does not take the restore yet (VmmOptions has no field for it).
-    if restore.is_some() {
-        return fail(ConfigError::new(
-            RestoreConfig::OPTION,
-            &s("restore").unwrap_or_default(),
-            "this option is not supported yet".into(),
-        ));
-    }
     let monitor = match s("event-monitor") {
         Some(raw) => match endpoints::parse("--event-monitor", &raw)
             .map_err(|e| e.to_string())
@@ -206,6 +203,7 @@ fn main() -> ExitCode {
         api: api_server,
         event_monitor: EventMonitor::new(monitor, start),
         no_shutdown: matches.get_flag("no-shutdown"),
+        restore,
     });
     match result {
         Ok(Outcome::PowerOff | Outcome::Signal(_) | Outcome::ApiShutdown) => ExitCode::SUCCESS,

@@ -292,7 +292,10 @@ fn restore_errors() {
             "source_url=file:///s,net_fds=net0@3",
             "not a list in brackets",
         ),
-        ("source_url=tcp://1.2.3.4/s", "only file://"),
+        (
+            "source_url=tcp://1.2.3.4/s",
+            "Could not extract path from URL: tcp://1.2.3.4/s",
+        ),
         (
             "source_url=file:///s,prefault=on,memory_restore_mode=ondemand",
             "'prefault' cannot be combined with 'memory_restore_mode=ondemand'",

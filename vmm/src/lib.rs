@@ -11,8 +11,8 @@ mod pci_setup;
 mod pty_resize;
 pub mod restore;
 mod serial_io;
-mod uffd;
 pub mod snapshot;
+mod uffd;
 mod vm;
 
 use std::io;
@@ -48,6 +48,8 @@ pub enum Error {
     Setup(#[source] io::Error),
     #[error("the guest stopped with an error (see the log above)")]
     GuestFailed,
+    #[error("--restore {value}: {why}")]
+    Restore { value: String, why: String },
 }
 
 /// How the VMM ended.
@@ -70,6 +72,8 @@ pub struct VmmOptions {
     pub event_monitor: EventMonitor,
     /// Keep the VMM running when the guest powers off.
     pub no_shutdown: bool,
+    /// A snapshot to restore at once (`--restore`), instead of `config`.
+    pub restore: Option<vm_config::RestoreConfig>,
 }
 
 /// Runs the VMM: boots the VM given on the command line, if any, and serves the API, until
@@ -113,6 +117,16 @@ pub fn run(mut opts: VmmOptions) -> Result<Outcome, Error> {
                 e => Error::Api(e),
             })?;
             vmm.boot()?;
+        }
+        if let Some(rc) = opts.restore {
+            let value = rc.source_url.clone();
+            vmm.restore(rc).map_err(|e| Error::Restore {
+                value,
+                why: match e {
+                    ApiError::Chain(lines) => lines.join(": "),
+                    e => e.to_string(),
+                },
+            })?;
         }
         vmm.run()
     })();

@@ -56,6 +56,13 @@ pub enum VmError {
     Devices(String),
 }
 
+/// Writes a fresh VM Generation ID where the DSDT's `VGEN` device says it is.
+fn write_new_generation_id(mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    let id = devices::vmgenid::new_generation_id().map_err(VmError::Event)?;
+    devices::vmgenid::write_generation_id(mem, arch::layout::VMGENID_START, &id)
+        .map_err(|e| VmError::Event(std::io::Error::other(e.to_string())))
+}
+
 pub struct Vm {
     // Field order is drop order: the vCPUs and the hypervisor VM go before the memory they map.
     threads: Option<VcpuThreads>,
@@ -179,6 +186,8 @@ impl Vm {
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;
+
+        write_new_generation_id(&mem)?;
 
         // As the original: SMBIOS for every boot, with its default identity (no --platform).
         smbios::setup_smbios(&mem, &smbios::SmbiosConfig::default())
@@ -327,6 +336,15 @@ impl Vm {
             _memory: mem,
         };
         vm.devices.pci.restore(&snapshot.pci).map_err(Cause::new)?;
+        // A new identity for this restore (each clone of a snapshot gets its own): the guest's
+        // vmgenid driver hears of it through the GED as soon as it runs.
+        write_new_generation_id(vm.memory()).map_err(|e| Cause::new(e.to_string()))?;
+        vm.devices
+            .ged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .notify(devices::GED_VMGENID)
+            .map_err(Cause::io("cannot signal the new VM generation ID"))?;
         Ok(vm)
     }
 

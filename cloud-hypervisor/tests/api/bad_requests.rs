@@ -135,7 +135,6 @@ fn every_endpoint_refuses_bad_requests() {
         ("{", "EOF"),
         ("{}", "source_url"),
         (r#"{"source_url": "file:///s", "bogus": 1}"#, "bogus"),
-        (r#"{"source_url": "tcp://1.2.3.4/s"}"#, "only file://"),
         (
             r#"{"source_url": "file:///s", "prefault": true, "memory_restore_mode": "OnDemand"}"#,
             "'prefault' cannot be combined",

@@ -10,4 +10,5 @@ mod helpers;
 mod lifecycle;
 mod net_options;
 mod original_client;
+mod restore;
 mod snapshot;

@@ -1,0 +1,490 @@
+//! `vm.restore`, `ch-remote restore` and `--restore`: a busy guest (test=busy: a memory
+//! pattern it verifies, a disk it writes and reads back, a clock it prints) snapshotted in one
+//! VMM and restored in new ones, in each memory restore mode, as clones, and refused clearly
+//! for broken snapshots.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common;
+use crate::helpers::*;
+
+/// One `BUSY` line of the busy scenario.
+#[derive(Debug, Clone)]
+struct Busy {
+    n: u64,
+    clock: u64,
+    gen: String,
+    mem: String,
+    disk: String,
+}
+
+/// The complete BUSY lines of `text` (a snapshot may have caught a line half printed: its
+/// rest opens the restored VM's output, and is not a BUSY line).
+fn busy_lines(text: &str) -> Vec<Busy> {
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("BUSY ")?.split(' ');
+            let n = w.next()?.parse().ok()?;
+            let mut b = Busy {
+                n,
+                clock: 0,
+                gen: String::new(),
+                mem: String::new(),
+                disk: String::new(),
+            };
+            for kv in w {
+                match kv.split_once('=')? {
+                    ("clock", v) => b.clock = v.parse().ok()?,
+                    ("gen", v) => b.gen = v.into(),
+                    ("mem", v) => b.mem = v.into(),
+                    ("disk", v) => b.disk = v.into(),
+                    _ => {}
+                }
+            }
+            Some(b)
+        })
+        .collect()
+}
+
+/// A busy guest's configuration: 2 vCPUs, 256 MiB, serial into `serial` (or on stdout), and
+/// a 1 MiB disk where `disk` is given.
+fn busy_config(serial: Option<&Path>, disk: Option<&Path>) -> Value {
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let mut c = json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 256u64 << 20},
+        "payload": {"kernel": kernel, "cmdline": "test=busy"},
+        "serial": match serial {
+            Some(p) => json!({"mode": "File", "file": p}),
+            None => json!({"mode": "Tty"}),
+        },
+        "console": {"mode": "Off"},
+    });
+    if let Some(d) = disk {
+        std::fs::write(d, vec![0u8; 1 << 20]).unwrap();
+        c["disks"] = json!([{"path": d}]);
+    }
+    c
+}
+
+/// Waits until `file` shows BUSY round `n`; returns its rounds.
+fn wait_round(file: &Path, n: u64) -> Vec<Busy> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        assert!(!text.contains("FAIL"), "{}:\n{text}", file.display());
+        let lines = busy_lines(&text);
+        if lines.last().is_some_and(|b| b.n >= n) {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no BUSY {n} in {}:\n{text}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Checks that `after` goes on from `before` (the rounds before the snapshot): the next round,
+/// no restart, every check good, the guest's clock without a jump for the time the VM was
+/// away, and a new VM generation ID.
+fn check_goes_on(before: &Busy, after: &[Busy], text: &str) {
+    assert!(!text.contains("READY"), "the guest started again:\n{text}");
+    let first = after.first().expect("rounds after the restore");
+    // The next round, or the one after where the snapshot caught the next one's line half
+    // printed.
+    assert!(
+        first.n == before.n + 1 || first.n == before.n + 2,
+        "round {} after round {}:\n{text}",
+        first.n,
+        before.n
+    );
+    for (a, b) in after.iter().zip(after.iter().skip(1)) {
+        assert_eq!(b.n, a.n + 1, "rounds in order:\n{text}");
+    }
+    for b in after {
+        assert_eq!(b.mem, "ok", "memory pattern, round {}:\n{text}", b.n);
+        assert!(
+            b.disk == "ok" || b.disk == "none",
+            "disk, round {}:\n{text}",
+            b.n
+        );
+    }
+    // A round is ~20 ms; the seconds the VM spent saved do not show in its clock.
+    let gap = first.clock.saturating_sub(before.clock);
+    assert!(gap < 500_000_000, "the clock jumped {gap} ns:\n{text}");
+    assert_ne!(before.gen, "none", "the guest found no VM generation ID");
+    // A round the snapshot caught after its ID read still prints the old one.
+    let last = after.last().expect("rounds");
+    assert_ne!(last.gen, before.gen, "the generation ID is new:\n{text}");
+    assert!(
+        after.iter().skip(2).all(|b| b.gen == last.gen),
+        "one new ID:\n{text}"
+    );
+    assert!(text.contains("VMGENID-CHANGED"), "{text}");
+}
+
+/// Boots a busy guest in a VMM, lets it run, pauses it and snapshots it into `<dir>/snap`;
+/// returns the snapshot URL, the last round before the pause, and the VMM's config.
+fn busy_snapshot(vmm: &Vmm, config: &Value, serial: Option<&Path>) -> (String, Busy, Value) {
+    assert_eq!(
+        vmm.curl("PUT", "vm.create", Some(&config.to_string())).0,
+        204
+    );
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    if let Some(s) = serial {
+        wait_round(s, 5);
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(vmm.put("vm.pause").0, 204);
+    let before = serial.map(|s| {
+        busy_lines(&std::fs::read_to_string(s).unwrap())
+            .pop()
+            .expect("rounds")
+    });
+    let snap = vmm.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let url = format!("file://{}", snap.display());
+    let body = json!({ "destination_url": url }).to_string();
+    let (status, text) = vmm.curl("PUT", "vm.snapshot", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    let info = vmm.ok_json("vm.info");
+    (
+        url,
+        before.unwrap_or(Busy {
+            n: 0,
+            clock: 0,
+            gen: String::new(),
+            mem: String::new(),
+            disk: String::new(),
+        }),
+        info["config"].clone(),
+    )
+}
+
+fn shutdown(mut vmm: Vmm) {
+    assert_eq!(vmm.put("vmm.shutdown").0, 200);
+    assert_eq!(vmm.wait().code(), Some(0));
+}
+
+/// Snapshot, then restore in a new VMM over the API (copy mode): paused until resumed, the same
+/// configuration, and a guest that goes on where it was.
+#[test]
+fn restore_in_a_new_process_goes_on() {
+    require_curl();
+    let a = Vmm::start("restore-a", &[]);
+    let serial = a.dir.join("serial.out");
+    let disk = a.dir.join("disk.img");
+    let config = busy_config(Some(&serial), Some(&disk));
+    let (url, before, info_config) = busy_snapshot(&a, &config, Some(&serial));
+    shutdown(a);
+
+    let dir = common::scratch("restore-b-events");
+    let monitor = dir.join("events.json");
+    let b = Vmm::start(
+        "restore-b",
+        &["--event-monitor", &format!("path={}", monitor.display())],
+    );
+    let body = json!({ "source_url": url }).to_string();
+    let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+    assert_eq!((status, text.as_str()), (204, ""));
+    let info = b.ok_json("vm.info");
+    assert_eq!(info["state"], "Paused");
+    assert_eq!(info["config"], info_config, "the snapshot's configuration");
+    // A second restore: a VM is there.
+    assert_eq!(b.curl("PUT", "vm.restore", Some(&body)).0, 500);
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(
+        busy_lines(&text).iter().all(|l| l.n <= before.n),
+        "the guest ran before the resume:\n{text}"
+    );
+    assert_eq!(b.put("vm.resume").0, 204);
+    wait_round(&serial, before.n + 10);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    let after: Vec<Busy> = busy_lines(&text)
+        .into_iter()
+        .filter(|l| l.n > before.n)
+        .collect();
+    check_goes_on(&before, &after, &text);
+    assert!(after.iter().all(|b| b.disk == "ok"), "{text}");
+    shutdown(b);
+    let ev = events(&monitor);
+    let at = |e: &str| ev.iter().position(|x| x == e).unwrap_or(usize::MAX);
+    assert!(at("vm:restoring") < at("vm:restored"), "{ev:?}");
+    assert!(at("vm:restored") < at("vm:resumed"), "{ev:?}");
+    assert!(at("vm:resumed") < ev.len(), "{ev:?}");
+}
+
+/// The other modes, through the other front ends: `ch-remote restore` on demand, and
+/// `--restore` copy-on-write, each resumed at once.
+#[test]
+fn restore_on_demand_and_copy_on_write() {
+    let a = Vmm::start("restore-modes-a", &[]);
+    let serial = a.dir.join("serial.out");
+    let config = busy_config(Some(&serial), None);
+    let (url, before, _) = busy_snapshot(&a, &config, Some(&serial));
+    shutdown(a);
+
+    let b = Vmm::start("restore-modes-b", &[]);
+    let arg = format!("source_url={url},memory_restore_mode=ondemand,resume=on");
+    let out = b.ch_remote(&["restore", &arg]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(b.state(), "Running");
+    let lines = wait_round(&serial, before.n + 10);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    check_goes_on(
+        &before,
+        &lines
+            .into_iter()
+            .filter(|l| l.n > before.n)
+            .collect::<Vec<_>>(),
+        &text,
+    );
+    shutdown(b);
+
+    let arg = format!("source_url={url},memory_restore_mode=copyonwrite,resume=on");
+    let c = Vmm::start("restore-modes-c", &["--restore", &arg]);
+    let lines = wait_round(&serial, before.n + 10);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    check_goes_on(
+        &before,
+        &lines
+            .into_iter()
+            .filter(|l| l.n > before.n)
+            .collect::<Vec<_>>(),
+        &text,
+    );
+    assert_eq!(c.state(), "Running");
+    shutdown(c);
+}
+
+/// Reads a clone's stdout until round `n`; returns the rounds.
+fn clone_rounds(vmm: &mut Vmm, n: u64, got: &mut String) -> Vec<Busy> {
+    let child = vmm.child.as_mut().unwrap();
+    let out = child.stdout.as_mut().unwrap();
+    let fd = out.as_raw_fd();
+    // SAFETY: sets O_NONBLOCK on the pipe we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = busy_lines(got);
+        if lines.last().is_some_and(|b| b.n >= n) {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "no BUSY {n}:\n{got}");
+        let mut buf = [0u8; 4096];
+        match out.read(&mut buf) {
+            Ok(0) => panic!("the clone ended:\n{got}"),
+            Ok(k) => got.push_str(&String::from_utf8_lossy(&buf[..k])),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Two clones of one snapshot at once, copy-on-write: both run on from the snapshot, each with
+/// its own VM generation ID.
+#[test]
+fn two_clones_of_one_snapshot() {
+    let a = Vmm::start("restore-clones-a", &[]);
+    let config = busy_config(None, None);
+    let (url, _, _) = busy_snapshot(&a, &config, None);
+    shutdown(a);
+    let arg = format!("source_url={url},memory_restore_mode=copyonwrite,resume=on");
+    let mut clones = [
+        Vmm::start("restore-clone-1", &["--restore", &arg]),
+        Vmm::start("restore-clone-2", &["--restore", &arg]),
+    ];
+    let mut texts = [String::new(), String::new()];
+    let mut gens = Vec::new();
+    let mut first = Vec::new();
+    for (vmm, text) in clones.iter_mut().zip(texts.iter_mut()) {
+        let lines = clone_rounds(vmm, 0, text);
+        first.push(lines[0].n);
+    }
+    for (vmm, text) in clones.iter_mut().zip(texts.iter_mut()) {
+        let target = busy_lines(text).last().unwrap().n + 10;
+        let lines = clone_rounds(vmm, target, text);
+        assert!(!text.contains("READY") && !text.contains("FAIL"), "{text}");
+        assert!(lines.iter().all(|b| b.mem == "ok"), "{text}");
+        gens.push(lines.last().unwrap().gen.clone());
+    }
+    assert_eq!(first[0], first[1], "both clones go on from the same round");
+    assert_ne!(gens[0], "none");
+    assert_ne!(gens[0], gens[1], "each clone has its own generation ID");
+    for c in clones {
+        shutdown(c);
+    }
+}
+
+/// Copies the snapshot directory `from` to `to`, the memory file as a link.
+fn copy_snapshot(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["config.json", "state.json"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink(from.join("memory-ranges"), to.join("memory-ranges")).unwrap();
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// Broken snapshots are refused with one clear error chain, and nothing is left behind: no VM,
+/// no configuration (a good restore works next, in the same VMM). `--restore` says it in one
+/// line and exits 1.
+#[test]
+fn broken_snapshots_are_refused_cleanly() {
+    require_curl();
+    let a = Vmm::start("restore-bad-a", &[]);
+    let serial = a.dir.join("serial.out");
+    let (url, _, _) = busy_snapshot(&a, &busy_config(Some(&serial), None), Some(&serial));
+    shutdown(a);
+    let snap = PathBuf::from(url.strip_prefix("file://").unwrap());
+    let b = Vmm::start("restore-bad-b", &[]);
+    let bad = |name: &str, f: &dyn Fn(&Path)| -> String {
+        let dir = b.dir.join(name);
+        copy_snapshot(&snap, &dir);
+        f(&dir);
+        format!("file://{}", dir.display())
+    };
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("file://{}/missing", b.dir.display()),
+            vec![
+                "Failed to send migratable component snapshot",
+                "Destination is not a directory",
+            ],
+        ),
+        (
+            "tcp://127.0.0.1:1".into(),
+            vec!["Could not extract path from URL: tcp://127.0.0.1:1"],
+        ),
+        (
+            bad("no-state", &|d| {
+                std::fs::remove_file(d.join("state.json")).unwrap()
+            }),
+            vec![
+                "Failed to receive migratable component snapshot",
+                "Error opening VM state snapshot file",
+            ],
+        ),
+        (
+            bad("corrupt-state", &|d| {
+                std::fs::write(d.join("state.json"), "{\"version\": 1, ").unwrap()
+            }),
+            vec!["Error deserialising VM state snapshot"],
+        ),
+        (
+            bad("corrupt-config", &|d| {
+                std::fs::write(d.join("config.json"), "[]").unwrap()
+            }),
+            vec!["Error deserialising VM config snapshot"],
+        ),
+        (
+            bad("other-version", &|d| {
+                edit_json(&d.join("state.json"), |v| v["version"] = 99.into())
+            }),
+            vec![
+                "Failed to restore migratable component",
+                "the snapshot's state is of version 99; this build restores version 1",
+            ],
+        ),
+        (
+            bad("short-memory", &|d| {
+                std::fs::remove_file(d.join("memory-ranges")).unwrap();
+                std::fs::write(d.join("memory-ranges"), [0u8; 4096]).unwrap();
+            }),
+            vec!["holds 4096 bytes, the state lists 268435456 bytes of RAM"],
+        ),
+        (
+            bad("fewer-vcpus", &|d| {
+                edit_json(&d.join("config.json"), |v| {
+                    v["cpus"]["boot_vcpus"] = 1.into();
+                })
+            }),
+            vec!["the state has 2 vCPU(s), the configuration boots 1"],
+        ),
+        (
+            bad("another-device", &|d| {
+                let disk = d.join("disk.img");
+                std::fs::write(&disk, [0u8; 4096]).unwrap();
+                edit_json(&d.join("config.json"), |v| {
+                    v["disks"] = json!([{"path": disk, "id": "_disk9"}]);
+                })
+            }),
+            vec!["the state's PCI devices"],
+        ),
+        (
+            bad("other-memory-size", &|d| {
+                edit_json(&d.join("config.json"), |v| {
+                    v["memory"]["size"] = (128u64 << 20).into();
+                })
+            }),
+            vec!["the state's RAM ranges"],
+        ),
+    ];
+    for (url, wanted) in &cases {
+        let body = json!({ "source_url": url }).to_string();
+        let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+        assert_eq!(status, 500, "{url}: {text}");
+        let lines = error_lines(&text);
+        assert_eq!(
+            lines[..3],
+            [
+                "Error from API",
+                "The VM could not be restored",
+                "Cannot restore VM"
+            ],
+            "{url}"
+        );
+        let all = lines.join("\n");
+        for w in wanted {
+            assert!(all.contains(w), "{url}: {w:?} not in {lines:?}");
+        }
+        assert_eq!(
+            b.curl("GET", "vm.info", None).0,
+            404,
+            "{url}: a VM was left"
+        );
+    }
+    // Refused before anything is read.
+    let body = json!({"source_url": url, "memory_restore_mode": "OnDemand", "prefault": true});
+    assert_eq!(b.curl("PUT", "vm.restore", Some(&body.to_string())).0, 400);
+    // The same VMM restores a good one.
+    let body = json!({ "source_url": url, "resume": true }).to_string();
+    assert_eq!(b.curl("PUT", "vm.restore", Some(&body)).0, 204);
+    assert_eq!(b.state(), "Running");
+    shutdown(b);
+
+    // The command line: one line, exit code 1.
+    let missing = format!("source_url=file://{}/missing", snap.display());
+    let run = common::run(&["--restore", &missing]);
+    assert_eq!(run.code(), Some(1), "{}", run.stderr);
+    let err: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(err.len(), 1, "{}", run.stderr);
+    assert!(
+        err[0].contains("Destination is not a directory"),
+        "{}",
+        run.stderr
+    );
+}
