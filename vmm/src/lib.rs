@@ -48,7 +48,7 @@ pub enum Error {
     Setup(#[source] io::Error),
     #[error("the guest stopped with an error (see the log above)")]
     GuestFailed,
-    #[error("--restore {value}: {why}")]
+    #[error("--restore source_url={value}: {why}")]
     Restore { value: String, why: String },
 }
 
