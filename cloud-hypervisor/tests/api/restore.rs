@@ -463,6 +463,44 @@ fn broken_snapshots_are_refused_cleanly() {
             "{url}: a VM was left"
         );
     }
+    // Memory configurations a mode cannot serve: an error naming both, not a fallback.
+    for (name, key, mode, why) in [
+        (
+            "cow-shared",
+            "shared",
+            "CopyOnWrite",
+            "memory_restore_mode=copyonwrite cannot serve shared=on memory",
+        ),
+        (
+            "cow-hugepages",
+            "hugepages",
+            "CopyOnWrite",
+            "memory_restore_mode=copyonwrite cannot serve hugepages=on memory",
+        ),
+        (
+            "ondemand-hugepages",
+            "hugepages",
+            "OnDemand",
+            "memory_restore_mode=ondemand cannot serve hugepages=on memory",
+        ),
+    ] {
+        let url = bad(name, &|d| {
+            edit_json(&d.join("config.json"), |v| v["memory"][key] = true.into())
+        });
+        let body = json!({ "source_url": url, "memory_restore_mode": mode }).to_string();
+        let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+        assert_eq!(status, 500, "{name}: {text}");
+        let lines = error_lines(&text);
+        assert!(
+            lines.iter().any(|l| l.starts_with(why)),
+            "{name}: {lines:?}"
+        );
+        assert_eq!(
+            b.curl("GET", "vm.info", None).0,
+            404,
+            "{name}: a VM was left"
+        );
+    }
     // Refused before anything is read.
     let body = json!({"source_url": url, "memory_restore_mode": "OnDemand", "prefault": true});
     assert_eq!(b.curl("PUT", "vm.restore", Some(&body.to_string())).0, 400);
