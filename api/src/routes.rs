@@ -26,6 +26,8 @@ pub enum Endpoint {
     VmDelete,
     VmSnapshot,
     VmRestore,
+    VmSendMigration,
+    VmReceiveMigration,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -61,8 +63,12 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.restore", Method::Put, Endpoint::VmRestore),
     ("vm.coredump", Method::Put, Endpoint::NotYet),
     ("vm.nmi", Method::Put, Endpoint::NotYet),
-    ("vm.send-migration", Method::Put, Endpoint::NotYet),
-    ("vm.receive-migration", Method::Put, Endpoint::NotYet),
+    ("vm.send-migration", Method::Put, Endpoint::VmSendMigration),
+    (
+        "vm.receive-migration",
+        Method::Put,
+        Endpoint::VmReceiveMigration,
+    ),
 ];
 
 /// The original's own message for a failed `name`: the second line of its error chain.
@@ -201,8 +207,22 @@ pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, Resp
                 .map_err(|e| reply(name, Err(ApiError::Config(e))))?;
             ApiRequest::VmRestore(config)
         }
+        Endpoint::VmSendMigration => ApiRequest::VmSendMigration(body_of(body, name)?),
+        Endpoint::VmReceiveMigration => ApiRequest::VmReceiveMigration(body_of(body, name)?),
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
+}
+
+/// A request's JSON body as `T` (400 for none or one that does not read).
+fn body_of<T: serde::de::DeserializeOwned>(body: &[u8], name: &str) -> Result<T, Response> {
+    if body.is_empty() {
+        return Err(error_chain(
+            400,
+            &["Bad Request", &format!("{name} needs a body")],
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))
 }
 
 fn json(value: &impl serde::Serialize) -> Response {

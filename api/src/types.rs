@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_config::{ConfigError, RestoreConfig, VmConfig};
+use vm_config::{
+    ConfigError, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig, VmConfig,
+};
 
 /// The states of a VM, as the original names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +38,8 @@ pub enum ApiRequest {
     /// Already checked with `RestoreConfig::validate`. The `net_fds` descriptors are not
     /// received (the server reads no SCM_RIGHTS): each entry's `fds` is `None`.
     VmRestore(RestoreConfig),
+    VmSendMigration(SendMigrationConfig),
+    VmReceiveMigration(ReceiveMigrationConfig),
 }
 
 /// `vm.snapshot`'s body, as the original's.

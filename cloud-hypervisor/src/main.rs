@@ -206,7 +206,9 @@ fn main() -> ExitCode {
         restore,
     });
     match result {
-        Ok(Outcome::PowerOff | Outcome::Signal(_) | Outcome::ApiShutdown) => ExitCode::SUCCESS,
+        Ok(Outcome::PowerOff | Outcome::Signal(_) | Outcome::ApiShutdown | Outcome::Migrated) => {
+            ExitCode::SUCCESS
+        }
         Err(e) => fail(e),
     }
 }

@@ -144,6 +144,10 @@ pub trait Vm: Send + Sync {
         host_addr: u64,
         log_dirty: bool,
     ) -> Result<()>;
+    /// The pages of memory slot `slot` (`size` bytes, registered with `log_dirty`) the guest
+    /// wrote since the last call (or since logging started), one bit per 4 KiB page in 64-bit
+    /// words, page 0 in bit 0 of word 0; reading clears the log.
+    fn get_dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>>;
     /// Creates the in-kernel interrupt controllers (PIC, IOAPIC, local APICs).
     fn create_irqchip(&self) -> Result<()>;
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;

@@ -5,6 +5,7 @@ mod devices;
 pub mod extra;
 mod generated;
 pub mod mac;
+mod migration;
 mod parser;
 mod restore;
 #[cfg(test)]
@@ -21,6 +22,7 @@ pub use devices::{
     IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
 };
 pub use extra::Extra;
+pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
 pub use unsupported::UnsupportedConfig;

@@ -35,6 +35,9 @@ const EV_CONSOLE_IN: u64 = 9;
 const EV_CONSOLE_OUT: u64 = 10;
 const EV_WINCH: u64 = 11;
 const EV_CONSOLE_RESIZE: u64 = 12;
+const EV_MIGRATION: u64 = 13;
+
+mod migrate;
 
 /// How long the loop keeps polling, instead of sleeping, after it answered an API request. On a
 /// virtualised host a sleeping thread's wake-up (idle exit, IPI) costs tens of microseconds,
@@ -111,6 +114,15 @@ struct Endpoints {
     relay: Option<ConsoleRelay>,
     /// The terminal-resize watcher's fd, where the console has one.
     resize_fd: Option<RawFd>,
+    /// The virtio console's size, shared with the device.
+    size: Arc<ConsoleSize>,
+}
+
+impl Endpoints {
+    /// The virtio console's host side for a VM built with these endpoints.
+    fn console_host(&self) -> Option<pci_setup::ConsoleIo> {
+        console_host(&self.console, self.relay.as_ref(), &self.size)
+    }
 }
 
 /// What loop iteration should do next.
@@ -145,6 +157,8 @@ pub(crate) struct Vmm {
     pending_input: Vec<u8>,
     /// Until when the loop polls instead of sleeping (after an API request).
     api_poll_until: Option<std::time::Instant>,
+    /// A live migration being sent: the thread has the VM meanwhile.
+    outgoing: Option<migrate::Outgoing>,
 }
 
 impl Vmm {
@@ -190,6 +204,7 @@ impl Vmm {
             console_size: ConsoleSize::new(DEFAULT_CONSOLE_SIZE.0, DEFAULT_CONSOLE_SIZE.1),
             pending_input: Vec::new(),
             api_poll_until: None,
+            outgoing: None,
         })
     }
 
@@ -210,7 +225,7 @@ impl Vmm {
     }
 
     /// Opens the host ends of the serial port and the virtio console that `config` asks for.
-    fn open_endpoints(&mut self, config: &VmConfig) -> Result<Endpoints, Error> {
+    fn open_endpoints(config: &VmConfig) -> Result<Endpoints, Error> {
         let serial = SerialEndpoint::open("--serial", &config.serial)?;
         let mut console = SerialEndpoint::open("--console", &config.console)?;
         // Before the VM (and its memory) exists: the watcher is a forked process.
@@ -221,12 +236,12 @@ impl Vmm {
             None
         };
         let (cols, rows) = console.window_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
-        self.console_size = ConsoleSize::new(cols, rows);
         Ok(Endpoints {
             serial,
             console,
             relay,
             resize_fd,
+            size: ConsoleSize::new(cols, rows),
         })
     }
 
@@ -238,7 +253,9 @@ impl Vmm {
             console,
             relay,
             resize_fd,
+            size,
         } = ep;
+        self.console_size = size;
         if let Some(config) = self.config.as_mut() {
             for (cfg, ep) in [
                 (&mut config.serial, &serial),
@@ -281,8 +298,8 @@ impl Vmm {
         config.assign_generated();
         let config = config.clone();
         self.monitor.emit("vm", "booting");
-        let ep = self.open_endpoints(&config)?;
-        let console_host = console_host(&ep.console, ep.relay.as_ref(), &self.console_size);
+        let ep = Self::open_endpoints(&config)?;
+        let console_host = ep.console_host();
         let mut vm = Vm::new(
             &self.hv,
             &config,
@@ -330,14 +347,12 @@ impl Vmm {
         config
             .validate()
             .map_err(|e| refuse(format!("the snapshot's configuration is invalid: {e}")))?;
-        let ep = self
-            .open_endpoints(&config)
-            .map_err(|e| refuse(e.to_string()))?;
+        let ep = Self::open_endpoints(&config).map_err(|e| refuse(e.to_string()))?;
         let (mem, on_demand) =
             restore::load_memory(&src, &config.memory, rc.memory_restore_mode, rc.prefault)
                 .map_err(|c| chain(snapshot::SnapshotError::restore(c)))?;
         let loaded = start.elapsed();
-        let console_host = console_host(&ep.console, ep.relay.as_ref(), &self.console_size);
+        let console_host = ep.console_host();
         let mut vm = Vm::restore(
             &self.hv,
             &config,
@@ -347,6 +362,7 @@ impl Vmm {
             serial_sink(&ep.serial),
             console_host,
             &self.events,
+            true,
         )
         .map_err(|c| chain(snapshot::SnapshotError::restore(c)))?;
         self.events.clear_halting();
@@ -543,6 +559,8 @@ impl Vmm {
             })),
             VmResume => done(self.resume_vm()),
             VmRestore(rc) => done(self.restore(rc)),
+            VmSendMigration(opts) => done(self.send_migration(opts)),
+            VmReceiveMigration(rc) => done(self.receive_migration(rc)),
             VmShutdown => done(
                 self.require("shut down", &[VmState::Running, VmState::Paused])
                     .map(|()| self.shutdown_vm()),
@@ -654,6 +672,7 @@ impl Vmm {
                 self.update_console_size();
             }
             EV_API => return Ok(self.serve_api()),
+            EV_MIGRATION => return Ok(self.migration_news()),
             EV_SERIAL_LISTEN => self.accept_serial()?,
             EV_SERIAL_IN => self.read_serial(),
             EV_CONSOLE_LISTEN => self.accept_console()?,

@@ -7,6 +7,7 @@ mod cpu;
 mod device_manager;
 pub mod event_monitor;
 mod memory;
+mod migration;
 mod pci_setup;
 mod pty_resize;
 pub mod restore;
@@ -61,6 +62,8 @@ pub enum Outcome {
     Signal(i32),
     /// `vmm.shutdown` through the API.
     ApiShutdown,
+    /// The VM was migrated away.
+    Migrated,
 }
 
 /// What the VMM starts with.

@@ -236,6 +236,49 @@ fn copy_on_write(
     GuestMemoryMmap::from_regions(regions).map_err(|e| Cause::new(e.to_string()))
 }
 
+/// Guest RAM as shared mappings of the memory files a local migration's source sent, one per
+/// region in layout order (the source's own RAM: the same pages).
+pub fn map_memory_files(cfg: &MemoryConfig, files: Vec<File>) -> Result<GuestMemoryMmap, Cause> {
+    let layout = layout::ram_regions(cfg.size);
+    if files.len() != layout.len() {
+        return Err(Cause::new(format!(
+            "{} memory files for {} RAM regions",
+            files.len(),
+            layout.len()
+        )));
+    }
+    let mut regions = Vec::with_capacity(layout.len());
+    for ((start, size), file) in layout.into_iter().zip(files) {
+        let len = file
+            .metadata()
+            .map_err(Cause::io("cannot read a memory file's size"))?
+            .len();
+        if len < size {
+            return Err(Cause::new(format!(
+                "the memory file for {:#x} holds {len} bytes, the region {size}",
+                start.0
+            )));
+        }
+        let mut flags = libc::MAP_SHARED;
+        if !cfg.reserve {
+            flags |= libc::MAP_NORESERVE;
+        }
+        let region = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(cfg.hugepages)
+            .build()
+            .map_err(|e| Cause::new(format!("cannot map a memory file: {e}")))?;
+        memory::advise_restored(region.as_ptr(), size, cfg);
+        regions.push(
+            GuestRegionMmap::new(region, start)
+                .ok_or_else(|| Cause::new(format!("region at {:#x} overflows", start.0)))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Cause::new(e.to_string()))
+}
+
 /// Whether a region's pages are the file's own (a shared mapping), so the file can stand for
 /// them (a snapshot can `sendfile` from it).
 pub fn region_is_file(region: &GuestRegionMmap) -> bool {

@@ -299,6 +299,7 @@ impl Vm {
         serial: Option<Option<Box<dyn std::io::Write + Send>>>,
         console: Option<crate::pci_setup::ConsoleIo>,
         events: &VmEvents,
+        new_identity: bool,
     ) -> Result<Self, Cause> {
         if snapshot.vcpus.len() != cfg.cpus.boot_vcpus as usize {
             return Err(Cause::new(format!(
@@ -336,6 +337,10 @@ impl Vm {
             _memory: mem,
         };
         vm.devices.pci.restore(&snapshot.pci).map_err(Cause::new)?;
+        if !new_identity {
+            // A migrated VM is the same VM.
+            return Ok(vm);
+        }
         // A new identity for this restore (each clone of a snapshot gets its own): the guest's
         // vmgenid driver hears of it through the GED as soon as it runs.
         write_new_generation_id(vm.memory()).map_err(|e| Cause::new(e.to_string()))?;
@@ -428,6 +433,16 @@ impl Vm {
             pci: self.devices.pci.state(),
             memory_ranges: snapshot::memory_ranges(&self._memory),
         })
+    }
+
+    /// The hypervisor's VM (memory slots, dirty log).
+    pub fn hypervisor_vm(&self) -> &Arc<dyn hypervisor::Vm> {
+        &self.hv_vm
+    }
+
+    /// Whether `pause` stopped the vCPUs (and `resume` has not yet let them go).
+    pub fn is_paused(&self) -> bool {
+        self.clock.is_some()
     }
 
     /// Guest RAM.

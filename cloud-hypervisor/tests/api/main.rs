@@ -8,6 +8,7 @@ mod bad_requests;
 mod contract;
 mod helpers;
 mod lifecycle;
+mod migration;
 mod net_options;
 mod original_client;
 mod restore;

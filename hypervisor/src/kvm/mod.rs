@@ -138,6 +138,16 @@ impl Vm for KvmVm {
             .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))
     }
 
+    fn get_dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>> {
+        let size = usize::try_from(size).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_GET_DIRTY_LOG",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(ioctl_err("KVM_GET_DIRTY_LOG"))
+    }
+
     fn create_irqchip(&self) -> Result<()> {
         self.fd
             .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)

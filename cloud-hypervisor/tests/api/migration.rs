@@ -1,0 +1,358 @@
+//! Live migration between two VMMs (`vm.send-migration`, `vm.receive-migration`, and their
+//! ch-remote commands) over `unix:` and `tcp:`, with a busy guest that rewrites 32 MiB every
+//! 20 ms and checks every word of it each round; a destination that goes away mid-way; local
+//! migration handing the memory files over; refusals.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common;
+use crate::helpers::*;
+
+/// A busy guest's configuration with its serial port on the VMM's stdout (each VMM has its
+/// own), `busy_mem=32`, 256 MiB.
+fn config(shared: bool) -> Value {
+    let kernel = common::guest().elf_pvh.display().to_string();
+    json!({
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 256u64 << 20, "shared": shared},
+        "payload": {"kernel": kernel, "cmdline": "test=busy busy_mem=32"},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+    })
+}
+
+/// The complete BUSY lines of `text`: (round, mem, gen).
+fn rounds(text: &str) -> Vec<(u64, String, String)> {
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("BUSY ")?.split(' ');
+            let n = w.next()?.parse().ok()?;
+            let mut mem = String::new();
+            let mut gen = String::new();
+            for kv in w {
+                match kv.split_once('=') {
+                    Some(("mem", v)) => mem = v.into(),
+                    Some(("gen", v)) => gen = v.into(),
+                    _ => {}
+                }
+            }
+            Some((n, mem, gen))
+        })
+        .collect()
+}
+
+/// Reads what the VMM has written on its stdout so far (non-blocking).
+fn drain(vmm: &mut Vmm, into: &mut String) {
+    let Some(out) = vmm.child.as_mut().and_then(|c| c.stdout.as_mut()) else {
+        return;
+    };
+    // SAFETY: sets O_NONBLOCK on a pipe we own.
+    unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = out.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        into.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+/// Drains `vmm`'s stdout until round `n` shows; returns the rounds.
+fn until_round(vmm: &mut Vmm, text: &mut String, n: u64) -> Vec<(u64, String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        drain(vmm, text);
+        assert!(!text.contains("FAIL"), "{text}");
+        let r = rounds(text);
+        if r.last().is_some_and(|l| l.0 >= n) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no BUSY {n}:\n{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn boot(name: &str, shared: bool, extra: &[&str]) -> (Vmm, String) {
+    let mut vmm = Vmm::start(name, extra);
+    let (status, text) = vmm.curl("PUT", "vm.create", Some(&config(shared).to_string()));
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    let mut out = String::new();
+    until_round(&mut vmm, &mut out, 5);
+    (vmm, out)
+}
+
+/// `ch-remote receive-migration <url>` on `vmm`, in the background (it answers when the VM
+/// has arrived).
+fn receive(vmm: &Vmm, url: &str) -> Child {
+    Command::new(ch_remote_bin())
+        .arg("--api-socket")
+        .arg(&vmm.sock)
+        .args(["receive-migration", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_child(mut c: Child) -> (Option<i32>, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = c.stderr.take().unwrap().read_to_string(&mut err);
+            return (st.code(), err);
+        }
+        assert!(Instant::now() < deadline, "ch-remote did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until something listens on `url`.
+fn wait_listening(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = match url.split_once(':') {
+            Some(("unix", p)) => Path::new(p).exists(),
+            Some(("tcp", a)) => {
+                // A probe connection would be taken as the source: look at the listeners.
+                let port = a.rsplit_once(':').unwrap().1;
+                let hex = format!(":{:04X} ", port.parse::<u16>().unwrap());
+                std::fs::read_to_string("/proc/net/tcp")
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+            }
+            _ => false,
+        };
+        if up {
+            // A Unix socket's file appears at bind(), a moment before listen().
+            std::thread::sleep(Duration::from_millis(50));
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing listens on {url}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Migrates a busy guest from one VMM to another over `url` and checks that it goes on there:
+/// the next round, every word of its 32 MiB pattern right, the same generation ID; the source
+/// VMM ends, the destination reports Running and the events of both sides.
+fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool) {
+    let dir = common::scratch(&format!("{name}-events"));
+    let src_events = dir.join("src.json");
+    let dst_events = dir.join("dst.json");
+    let (mut a, mut a_out) = boot(
+        &format!("{name}-src"),
+        shared,
+        &["--event-monitor", &format!("path={}", src_events.display())],
+    );
+    let mut b = Vmm::start(
+        &format!("{name}-dst"),
+        &["--event-monitor", &format!("path={}", dst_events.display())],
+    );
+    let url = url.replace("DIR", &b.dir.display().to_string());
+    let rx = receive(&b, &url);
+    wait_listening(&url);
+    let body = json!({"destination_url": url, "local": local}).to_string();
+    let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    let (code, err) = wait_child(rx);
+    assert_eq!(code, Some(0), "receive-migration: {err}");
+    let run = a.wait();
+    assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
+    a_out.push_str(&run.stdout);
+    let before = rounds(&a_out);
+    let last = before.last().expect("rounds at the source").clone();
+    assert_eq!(b.state(), "Running");
+    let mut b_out = String::new();
+    let after = until_round(&mut b, &mut b_out, last.0 + 10);
+    assert!(
+        !b_out.contains("READY"),
+        "the guest started again:\n{b_out}"
+    );
+    let first = after.first().unwrap();
+    assert!(
+        first.0 == last.0 + 1 || first.0 == last.0 + 2,
+        "round {} after {}:\n{b_out}",
+        first.0,
+        last.0
+    );
+    assert!(after.iter().all(|r| r.1 == "ok"), "{b_out}");
+    assert!(
+        after.iter().all(|r| r.2 == last.2),
+        "a migrated VM keeps its generation ID:\n{b_out}"
+    );
+    assert!(!b_out.contains("VMGENID-CHANGED"), "{b_out}");
+    assert_eq!(b.put("vmm.shutdown").0, 200);
+    let src = events(&src_events);
+    let at = |ev: &[String], e: &str| ev.iter().position(|x| x == e).unwrap_or(usize::MAX);
+    assert!(
+        at(&src, "vm:migration-started") < at(&src, "vm:migration-finished"),
+        "{src:?}"
+    );
+    assert!(at(&src, "vm:migration-finished") < src.len(), "{src:?}");
+    if !local {
+        assert!(src.iter().any(|e| e == "vm:migration-progress"), "{src:?}");
+    }
+    let dst = events(&dst_events);
+    assert!(
+        at(&dst, "vm:migration-receive-started") < at(&dst, "vm:migration-receive-finished"),
+        "{dst:?}"
+    );
+    assert!(
+        at(&dst, "vm:migration-receive-finished") < dst.len(),
+        "{dst:?}"
+    );
+}
+
+#[test]
+fn live_migration_over_unix_while_the_guest_writes() {
+    migrate_and_check("migrate-unix", "unix:DIR/migration.sock", false, false);
+}
+
+#[test]
+fn live_migration_over_tcp_while_the_guest_writes() {
+    // A port of this process's own, unlikely to be taken.
+    let port = 20000 + (std::process::id() % 20000);
+    migrate_and_check(
+        "migrate-tcp",
+        &format!("tcp:127.0.0.1:{port}"),
+        false,
+        false,
+    );
+}
+
+#[test]
+fn local_migration_hands_the_memory_files_over() {
+    migrate_and_check("migrate-local", "unix:DIR/migration.sock", true, true);
+}
+
+/// A destination that takes the start of the migration and then goes away: the source fails
+/// the migration, keeps running its guest (memory and all), says so in its events, and can
+/// migrate again.
+#[test]
+fn a_destination_that_dies_mid_way_leaves_the_source_running() {
+    let dir = common::scratch("migrate-dies");
+    let events_file = dir.join("events.json");
+    let (mut a, mut out) = boot(
+        "migrate-dies-src",
+        false,
+        &[
+            "--event-monitor",
+            &format!("path={}", events_file.display()),
+        ],
+    );
+    let sock = dir.join("fake.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let ok = {
+            let mut b = [0u8; 16];
+            b[0] = 1;
+            b
+        };
+        // Start, then Config: answered; then a little of the first Memory pass, and gone.
+        for _ in 0..2 {
+            let mut req = [0u8; 16];
+            s.read_exact(&mut req).unwrap();
+            let len = u64::from_le_bytes(req[8..].try_into().unwrap());
+            let mut payload = vec![0u8; len as usize];
+            s.read_exact(&mut payload).unwrap();
+            s.write_all(&ok).unwrap();
+        }
+        let mut some = vec![0u8; 1 << 20];
+        s.read_exact(&mut some).unwrap();
+    });
+    let body = json!({"destination_url": format!("unix:{}", sock.display())}).to_string();
+    let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    fake.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !events(&events_file)
+        .iter()
+        .any(|e| e == "vm:migration-failed")
+    {
+        assert!(Instant::now() < deadline, "{:?}", events(&events_file));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.state(), "Running");
+    let n = rounds(&out).last().unwrap().0;
+    let r = until_round(&mut a, &mut out, n + 10);
+    assert!(r.iter().all(|x| x.1 == "ok"), "{out}");
+    // A second attempt is not refused as "ongoing".
+    let (status, _) = a.curl("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(status, 204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events(&events_file)
+        .iter()
+        .filter(|e| *e == "vm:migration-failed")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(a.state(), "Running");
+    assert_eq!(a.put("vmm.shutdown").0, 200);
+}
+
+/// Requests a VMM cannot serve, each refused with a clear chain and nothing changed.
+#[test]
+fn migration_refusals() {
+    require_curl();
+    let (a, _) = boot("migrate-refusals", false, &[]);
+    for (body, why) in [
+        (
+            json!({"destination_url": "unix:/nonexistent/dir/sock", "local": true}),
+            "Local migration requires shared memory or hugepages enabled",
+        ),
+        (
+            json!({"destination_url": "/tmp/x"}),
+            "unix:<path> or tcp:<host>:<port>",
+        ),
+        (
+            json!({"destination_url": "unix:/tmp/x", "memory_mode": "Postcopy"}),
+            "postcopy",
+        ),
+    ] {
+        let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body.to_string()));
+        assert_eq!(status, 500, "{body}: {text}");
+        let lines = error_lines(&text);
+        assert_eq!(
+            lines[1], "Error dispatching the migration worker",
+            "{lines:?}"
+        );
+        assert!(lines.iter().any(|l| l.contains(why)), "{body}: {lines:?}");
+        assert_eq!(a.state(), "Running");
+    }
+    // A destination that is not there: the send starts, fails, the VM runs on.
+    let body = json!({"destination_url": "unix:/nonexistent/dir/sock"}).to_string();
+    assert_eq!(a.curl("PUT", "vm.send-migration", Some(&body)).0, 204);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.state(), "Running");
+    // Receiving while a VM is created.
+    let body = json!({"receiver_url": "unix:/tmp/never.sock"}).to_string();
+    assert_eq!(a.curl("PUT", "vm.receive-migration", Some(&body)).0, 500);
+    assert!(!Path::new("/tmp/never.sock").exists());
+    assert_eq!(a.put("vmm.shutdown").0, 200);
+    let b = Vmm::start("migrate-refusals-b", &[]);
+    let body = json!({"destination_url": "unix:/tmp/x"}).to_string();
+    let (status, text) = b.curl("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(status, 500);
+    assert!(text.contains("VM is not running"), "{text}");
+    let body = json!({"receiver_url": "tcp:nohost"}).to_string();
+    let (status, text) = b.curl("PUT", "vm.receive-migration", Some(&body));
+    assert_eq!(status, 500);
+    assert!(text.contains("unix:<path> or tcp:"), "{text}");
+}

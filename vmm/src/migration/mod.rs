@@ -1,0 +1,88 @@
+//! Live migration (issue 11): `vm.send-migration` and `vm.receive-migration` over `unix:` or
+//! `tcp:` URLs, in the original's framing (`protocol`), pre-copy over the dirty logs (`dirty`),
+//! or, for a local migration, with guest RAM's memory files handed over the Unix socket.
+
+pub mod dirty;
+pub mod protocol;
+pub mod receive;
+pub mod send;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+
+/// The Config step's payload.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    pub vm_config: VmConfig,
+}
+
+/// What the sending thread tells the control loop as it goes.
+#[derive(Debug)]
+pub enum Progress {
+    /// A pre-copy pass went out: `bytes` in it, `total` so far, `dirty` left after it.
+    Pass {
+        pass: u32,
+        bytes: u64,
+        total: u64,
+        dirty: u64,
+    },
+    /// The destination took the VM.
+    Done {
+        passes: u32,
+        total: u64,
+        downtime: Duration,
+    },
+}
+
+/// Reads `r`'s bytes from `fd` into guest RAM (the range lies in one region), however the
+/// socket splits them.
+pub fn read_into(
+    mem: &vm_memory::GuestMemoryMmap,
+    r: &crate::snapshot::MemoryRange,
+    fd: &mut std::os::fd::BorrowedFd<'_>,
+) -> Result<(), String> {
+    use vm_memory::Bytes;
+    let mut done = 0u64;
+    while done < r.length {
+        let n = mem
+            .read_volatile_from(
+                vm_memory::GuestAddress(r.gpa + done),
+                fd,
+                (r.length - done) as usize,
+            )
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the connection ended".into());
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes `r`'s bytes of guest RAM to `fd`, however the socket takes them.
+pub fn write_from(
+    mem: &vm_memory::GuestMemoryMmap,
+    r: &crate::snapshot::MemoryRange,
+    fd: &mut std::os::fd::BorrowedFd<'_>,
+) -> Result<(), String> {
+    use vm_memory::Bytes;
+    let mut done = 0u64;
+    while done < r.length {
+        let n = mem
+            .write_volatile_to(
+                vm_memory::GuestAddress(r.gpa + done),
+                fd,
+                (r.length - done) as usize,
+            )
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the connection takes nothing more".into());
+        }
+        done += n as u64;
+    }
+    Ok(())
+}

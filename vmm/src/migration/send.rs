@@ -1,0 +1,235 @@
+//! The sending side of a live migration, run on its own thread with the VM (the control loop
+//! lends it and takes it back): Start, the memory files for a local migration, Config, pre-copy
+//! passes over the dirty log until what is left fits the downtime, then pause, the last pass,
+//! State and Complete. On any failure the source sends Abandon where it still can, stops dirty
+//! logging and gives the VM back as it was (running again if it ran).
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use vm_config::{SendMigrationConfig, TimeoutStrategy};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::protocol::{encode_ranges, Command, Request, Response, Stream};
+use super::{dirty, MigrationConfig, Progress};
+use crate::config::VmConfig;
+use crate::snapshot::MemoryRange;
+use crate::vm::Vm;
+
+/// What went wrong, one line.
+pub type SendError = String;
+
+struct Sender_<'a> {
+    stream: Stream,
+    events: &'a Sender<Progress>,
+}
+
+impl Sender_<'_> {
+    fn request(&mut self, cmd: Command, payload: &[u8]) -> Result<(), SendError> {
+        let mut frame = Request::new(cmd, payload.len() as u64).encode().to_vec();
+        frame.extend_from_slice(payload);
+        self.stream
+            .write_all(&frame)
+            .map_err(|e| format!("sending {cmd:?}: {e}"))?;
+        self.response(cmd)
+    }
+
+    fn response(&mut self, cmd: Command) -> Result<(), SendError> {
+        let r = Response::read_from(&mut self.stream)
+            .map_err(|e| format!("waiting for the answer to {cmd:?}: {e}"))?;
+        if r.ok {
+            Ok(())
+        } else {
+            Err(format!("the destination refused {cmd:?}"))
+        }
+    }
+
+    /// One Memory request: the table, then each range's bytes straight from guest RAM.
+    fn memory(&mut self, vm: &Vm, ranges: &[MemoryRange]) -> Result<u64, SendError> {
+        let table = encode_ranges(ranges);
+        self.stream
+            .write_all(&Request::new(Command::Memory, table.len() as u64).encode())
+            .and_then(|()| self.stream.write_all(&table))
+            .map_err(|e| format!("sending memory: {e}"))?;
+        let mem = vm.memory();
+        let mut fd = self.stream.fd();
+        for r in ranges {
+            super::write_from(mem, r, &mut fd)
+                .map_err(|e| format!("sending memory at {:#x}: {e}", r.gpa))?;
+        }
+        self.response(Command::Memory)?;
+        Ok(dirty::bytes(ranges))
+    }
+}
+
+/// Migrates `vm` to `opts.destination_url`. `paused`: the VM was paused when asked (it stays
+/// so on failure). On success the VM is paused and its devices released, for the VMM to end.
+pub fn send(
+    vm: &mut Vm,
+    config: &VmConfig,
+    opts: &SendMigrationConfig,
+    paused: bool,
+    events: &Sender<Progress>,
+) -> Result<(), SendError> {
+    let start = Instant::now();
+    let stream = Stream::connect(&opts.destination_url)
+        .map_err(|e| format!("cannot connect to {}: {e}", opts.destination_url))?;
+    let mut s = Sender_ { stream, events };
+    let mut logging = false;
+    let mut paused_here = false;
+    let result = run(
+        vm,
+        config,
+        opts,
+        &mut s,
+        start,
+        &mut logging,
+        &mut paused_here,
+    );
+    if result.is_err() {
+        // Best effort: the destination drops what it built.
+        let _ = s
+            .stream
+            .write_all(&Request::new(Command::Abandon, 0).encode());
+        if logging {
+            if let Err(e) = dirty::set_logging(vm.hypervisor_vm(), vm.memory(), false) {
+                warn!("cannot stop dirty logging: {e}");
+            }
+        }
+        if paused_here && !paused {
+            if let Err(e) = vm.resume() {
+                warn!("cannot resume the VM after the failed migration: {e}");
+            }
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    vm: &mut Vm,
+    config: &VmConfig,
+    opts: &SendMigrationConfig,
+    s: &mut Sender_,
+    start: Instant,
+    logging: &mut bool,
+    paused_here: &mut bool,
+) -> Result<(), SendError> {
+    s.request(Command::Start, &[])?;
+    if opts.local {
+        send_memory_fds(vm, s)?;
+    }
+    let cfg = serde_json::to_vec(&MigrationConfig {
+        vm_config: config.clone(),
+    })
+    .map_err(|e| format!("cannot encode the configuration: {e}"))?;
+    s.request(Command::Config, &cfg)?;
+
+    let downtime = Duration::from_millis(opts.downtime_ms);
+    let timeout = Duration::from_secs(opts.timeout_s);
+    let mut total = 0u64;
+    let mut pass = 0u32;
+    let mut left = Vec::new();
+    if !opts.local {
+        dirty::set_logging(vm.hypervisor_vm(), vm.memory(), true)?;
+        *logging = true;
+        let mut ranges = dirty::all(vm.memory());
+        // Bytes per second, as the last pass went.
+        let mut rate: f64;
+        loop {
+            let t = Instant::now();
+            let sent = s.memory(vm, &ranges)?;
+            total += sent;
+            pass += 1;
+            rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
+            ranges = dirty::take(vm.hypervisor_vm(), vm.memory())?;
+            let dirty_bytes = dirty::bytes(&ranges);
+            let _ = s.events.send(Progress::Pass {
+                pass,
+                bytes: sent,
+                total,
+                dirty: dirty_bytes,
+            });
+            let needs = Duration::from_secs_f64(dirty_bytes as f64 / rate.max(1.0));
+            if needs <= downtime {
+                break;
+            }
+            if start.elapsed() >= timeout {
+                match opts.timeout_strategy {
+                    TimeoutStrategy::Cancel => {
+                        return Err(format!(
+                            "the migration did not converge within timeout_s={} ({} MiB still \
+                             dirty after {pass} passes, {:.0} MiB/s)",
+                            opts.timeout_s,
+                            dirty_bytes >> 20,
+                            rate / f64::from(1 << 20)
+                        ))
+                    }
+                    TimeoutStrategy::Ignore => break,
+                }
+            }
+        }
+        left = ranges;
+    }
+
+    // Downtime from here: vCPUs out, devices quiesced (their last writes land in the log).
+    let paused_at = Instant::now();
+    if !vm.is_paused() {
+        vm.pause()
+            .map_err(|e| format!("cannot pause the VM: {e}"))?;
+        *paused_here = true;
+    }
+    let state = vm
+        .snapshot()
+        .map_err(|e| format!("cannot take the VM's state: {e}"))?;
+    if !opts.local {
+        let mut last = dirty::take(vm.hypervisor_vm(), vm.memory())?;
+        last.extend(left);
+        last.sort_by_key(|r| r.gpa);
+        total += s.memory(vm, &last)?;
+        pass += 1;
+    }
+    let state = serde_json::to_vec(&state).map_err(|e| format!("cannot encode the state: {e}"))?;
+    s.request(Command::State, &state)?;
+    s.request(Command::Complete, &[])?;
+    let downtime = paused_at.elapsed();
+    if *logging {
+        let _ = dirty::set_logging(vm.hypervisor_vm(), vm.memory(), false);
+        *logging = false;
+    }
+    info!(
+        "migration to {} complete: {pass} passes, {} MiB in {:?}, downtime {downtime:?}",
+        opts.destination_url,
+        total >> 20,
+        start.elapsed()
+    );
+    let _ = s.events.send(Progress::Done {
+        passes: pass,
+        total,
+        downtime,
+    });
+    Ok(())
+}
+
+/// Local migration: each RAM region's memory file goes over the socket (MemoryFd: the region's
+/// index as a u32, the descriptor beside it), so the destination maps the same pages.
+fn send_memory_fds(vm: &Vm, s: &mut Sender_) -> Result<(), SendError> {
+    for (slot, region) in vm.memory().iter().enumerate() {
+        let fo = region
+            .file_offset()
+            .filter(|_| crate::restore::region_is_file(region))
+            .ok_or("Local migration requires shared memory or hugepages enabled")?;
+        let req = Request::new(Command::MemoryFd, 4).encode();
+        s.stream
+            .write_all(&req)
+            .map_err(|e| format!("sending MemoryFd: {e}"))?;
+        s.stream
+            .send_with_fd(&(slot as u32).to_le_bytes(), fo.file().as_raw_fd())
+            .map_err(|e| format!("sending a memory file: {e}"))?;
+        s.response(Command::MemoryFd)?;
+    }
+    Ok(())
+}
