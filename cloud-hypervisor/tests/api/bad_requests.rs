@@ -35,8 +35,6 @@ const NOT_YET: &[&str] = &[
     "vm.resize-zone",
     "vm.coredump",
     "vm.nmi",
-    "vm.send-migration",
-    "vm.receive-migration",
 ];
 
 /// Sends raw bytes, returns what comes back until the server closes or 2 s pass.
