@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 pub use async_io::AsyncDisk;
 pub use error::{Error, Result};
-pub use lock::LockGranularity;
+pub use lock::{DiskLock, LockGranularity};
 
 /// Image formats understood by [`open_disk`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +279,19 @@ pub fn open_disk(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Box<dyn D
     open_disk_inner(path.as_ref(), opts, &mut chain)
 }
 
+/// [`open_disk`], with a handle on the image's own lock (its backing files' shared locks do
+/// not keep another reader out), for a live migration to hand over.
+pub fn open_disk_locked(
+    path: impl AsRef<Path>,
+    opts: &OpenOptions,
+) -> Result<(Box<dyn DiskFile>, lock::DiskLock)> {
+    let mut chain = Vec::new();
+    let mut handle = None;
+    let disk = open_disk_at(path.as_ref(), opts, &mut chain, Some(&mut handle))?;
+    let handle = handle.ok_or_else(|| Error::Io(std::io::Error::other("no lock handle")))?;
+    Ok((disk, handle))
+}
+
 /// Open the host file of an image with the access mode of `opts` and lock it.
 pub(crate) fn open_file(path: &Path, opts: &OpenOptions) -> Result<File> {
     let mut o = StdOpenOptions::new();
@@ -299,6 +312,16 @@ pub(crate) fn open_disk_inner(
     opts: &OpenOptions,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Box<dyn DiskFile>> {
+    open_disk_at(path, opts, chain, None)
+}
+
+/// `lock`: where to put a handle on the image's lock.
+fn open_disk_at(
+    path: &Path,
+    opts: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+    lock: Option<&mut Option<lock::DiskLock>>,
+) -> Result<Box<dyn DiskFile>> {
     let canon = std::fs::canonicalize(path).map_err(|source| Error::Open {
         path: path.to_path_buf(),
         source,
@@ -315,6 +338,14 @@ pub(crate) fn open_disk_inner(
     }
     chain.push(canon);
     let file = open_file(path, opts)?;
+    if let Some(slot) = lock {
+        *slot = Some(lock::DiskLock::of(
+            &file,
+            path,
+            !opts.readonly,
+            opts.lock_granularity,
+        )?);
+    }
     let image_type = match opts.image_type {
         Some(t) => t,
         None => detect::detect_image_type(&file)?,

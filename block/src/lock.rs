@@ -12,6 +12,7 @@
 //! stays advisory and still keeps a second VMM out.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -54,6 +55,73 @@ pub fn lock_file(
             r => return r,
         }
     }
+}
+
+/// The lock on a disk image, held through a duplicate of the image's descriptor (an OFD lock
+/// belongs to the open file description, which the duplicate shares): a live migration's
+/// source lets go of it before the destination opens the image, and takes it again if the
+/// migration fails. Dropping the handle keeps the lock as it is (it goes with the image's own
+/// descriptor); keep the handle no longer than the disk.
+#[derive(Debug)]
+pub struct DiskLock {
+    fd: std::os::fd::OwnedFd,
+    path: std::path::PathBuf,
+    write: bool,
+    len: u64,
+}
+
+impl DiskLock {
+    pub(crate) fn of(
+        file: &File,
+        path: &Path,
+        write: bool,
+        granularity: LockGranularity,
+    ) -> Result<Self> {
+        let len = match granularity {
+            LockGranularity::Full => 0,
+            LockGranularity::ByteRange => file.metadata().map_err(Error::Io)?.len(),
+        };
+        Ok(DiskLock {
+            fd: file.as_fd().try_clone_to_owned().map_err(Error::Io)?,
+            path: path.to_path_buf(),
+            write,
+            len,
+        })
+    }
+
+    /// Releases the lock: another process can open the image now.
+    pub fn release(&self) -> Result<()> {
+        set_lock(self.fd.as_raw_fd(), libc::F_UNLCK, self.len)
+    }
+
+    /// Takes the lock again; [`Error::Locked`] if another process holds it meanwhile.
+    pub fn reacquire(&self) -> Result<()> {
+        let typ = if self.write {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        };
+        match set_lock(self.fd.as_raw_fd(), typ, self.len) {
+            Err(Error::Io(e)) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                Err(Error::Locked(self.path.clone()))
+            }
+            r => r,
+        }
+    }
+}
+
+fn set_lock(fd: i32, typ: i32, len: u64) -> Result<()> {
+    // SAFETY: flock is a plain C struct; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_len = i64::try_from(len).unwrap_or(0) as libc::off_t;
+    // SAFETY: fcntl with F_OFD_SETLK reads the flock struct, which lives across the call; `fd`
+    // is open (owned by the caller).
+    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) } < 0 {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// `len` 0: to the end of the file, however long it grows.
@@ -123,6 +191,45 @@ mod tests {
             .write(true)
             .open(path)
             .unwrap()
+    }
+
+    #[test]
+    fn a_released_lock_lets_another_open_and_comes_back_when_free() {
+        let dir = std::env::temp_dir().join(format!("blk-lock-rel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("img");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let a = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        lock_file(&a, &path, true, LockGranularity::ByteRange).unwrap();
+        let handle = DiskLock::of(&a, &path, true, LockGranularity::ByteRange).unwrap();
+        let b = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(matches!(
+            try_lock(&b, &path, true, 4096),
+            Err(Error::Locked(_))
+        ));
+        handle.release().unwrap();
+        try_lock(&b, &path, true, 4096).unwrap();
+        assert!(matches!(handle.reacquire(), Err(Error::Locked(_))));
+        drop(b);
+        handle.reacquire().unwrap();
+        let c = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(matches!(
+            try_lock(&c, &path, true, 4096),
+            Err(Error::Locked(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

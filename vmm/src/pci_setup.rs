@@ -183,11 +183,15 @@ pub struct PciDevices {
     /// The format each disk was opened as, in `--disk` order (probed where not given), which
     /// the configuration records as the original's does.
     pub disk_image_types: Vec<ImageType>,
+    /// Handles on the disk images' locks (a migration's source hands them over).
+    disk_locks: Vec<block::DiskLock>,
 }
 
 impl PciDevices {
     /// Unplugs the devices (see `DeviceManager::release`).
     pub fn remove_all(&mut self) {
+        // The handles share the images' open file descriptions: they go with the disks.
+        self.disk_locks.clear();
         self.transports.clear();
         self.root
             .lock()
@@ -293,6 +297,23 @@ impl PciDevices {
         result.and(paused)
     }
 
+    /// Lets go of every disk image's lock (the devices must be paused: a live migration's
+    /// destination is about to open the images).
+    pub fn release_disk_locks(&self) -> Result<(), String> {
+        for l in &self.disk_locks {
+            l.release().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Takes the disk images' locks again (a migration failed after releasing them).
+    pub fn reacquire_disk_locks(&self) -> Result<(), String> {
+        for l in &self.disk_locks {
+            l.reacquire().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Occupied device numbers on bus 0 (0 is the host bridge).
     pub fn device_ids(&self) -> Vec<u8> {
         self.root
@@ -340,7 +361,9 @@ fn config_image_type(t: block::ImageType) -> ImageType {
     }
 }
 
-fn open_disk(d: &DiskConfig) -> Result<Box<dyn block::DiskFile>, PciSetupError> {
+fn open_disk(
+    d: &DiskConfig,
+) -> Result<(Box<dyn block::DiskFile>, block::DiskLock), PciSetupError> {
     let image_type = block_image_type(d.image_type);
     let opts = block::OpenOptions {
         readonly: d.readonly,
@@ -353,7 +376,7 @@ fn open_disk(d: &DiskConfig) -> Result<Box<dyn block::DiskFile>, PciSetupError> 
             vm_config::LockGranularity::Full => block::LockGranularity::Full,
         },
     };
-    block::open_disk(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
+    block::open_disk_locked(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
 }
 
 /// The host side of the virtio console.
@@ -406,8 +429,10 @@ pub fn create(
         });
     }
     let mut disk_image_types = Vec::with_capacity(cfg.disks.len());
+    let mut disk_locks = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
-        let disk = open_disk(d)?;
+        let (disk, lock) = open_disk(d)?;
+        disk_locks.push(lock);
         disk_image_types.push(config_image_type(disk.image_type()));
         let id = d.id.clone().unwrap_or_else(|| format!("_disk{i}"));
         let serial = d.serial.clone().unwrap_or_else(|| id.clone());
@@ -561,6 +586,7 @@ pub fn create(
         counters,
         placed,
         disk_image_types,
+        disk_locks,
     })
 }
 

@@ -17,15 +17,20 @@ use crate::helpers::*;
 
 /// A busy guest's configuration with its serial port on the VMM's stdout (each VMM has its
 /// own), `busy_mem=32`, 256 MiB.
-fn config(shared: bool) -> Value {
+fn config(shared: bool, disk: Option<&Path>) -> Value {
     let kernel = common::guest().elf_pvh.display().to_string();
-    json!({
+    let mut c = json!({
         "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
         "memory": {"size": 256u64 << 20, "shared": shared},
         "payload": {"kernel": kernel, "cmdline": "test=busy busy_mem=32"},
         "serial": {"mode": "Tty"},
         "console": {"mode": "Off"},
-    })
+    });
+    if let Some(d) = disk {
+        std::fs::write(d, vec![0u8; 1 << 20]).unwrap();
+        c["disks"] = json!([{"path": d}]);
+    }
+    c
 }
 
 /// The complete BUSY lines of `text`: (round, mem, gen).
@@ -81,9 +86,13 @@ fn until_round(vmm: &mut Vmm, text: &mut String, n: u64) -> Vec<(u64, String, St
     }
 }
 
-fn boot(name: &str, shared: bool, extra: &[&str]) -> (Vmm, String) {
+/// Boots the busy guest (with a disk in the VMM's directory where `disk`) and lets it run a
+/// few rounds.
+fn boot(name: &str, shared: bool, disk: bool, extra: &[&str]) -> (Vmm, String) {
     let mut vmm = Vmm::start(name, extra);
-    let (status, text) = vmm.curl("PUT", "vm.create", Some(&config(shared).to_string()));
+    let disk = disk.then(|| vmm.dir.join("disk.img"));
+    let config = config(shared, disk.as_deref());
+    let (status, text) = vmm.curl("PUT", "vm.create", Some(&config.to_string()));
     assert_eq!(status, 204, "{text}");
     assert_eq!(vmm.put("vm.boot").0, 204);
     let mut out = String::new();
@@ -148,13 +157,14 @@ fn wait_listening(url: &str) {
 /// Migrates a busy guest from one VMM to another over `url` and checks that it goes on there:
 /// the next round, every word of its 32 MiB pattern right, the same generation ID; the source
 /// VMM ends, the destination reports Running and the events of both sides.
-fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool) {
+fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: bool) {
     let dir = common::scratch(&format!("{name}-events"));
     let src_events = dir.join("src.json");
     let dst_events = dir.join("dst.json");
     let (mut a, mut a_out) = boot(
         &format!("{name}-src"),
         shared,
+        disk,
         &["--event-monitor", &format!("path={}", src_events.display())],
     );
     let mut b = Vmm::start(
@@ -189,6 +199,15 @@ fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool) {
         last.0
     );
     assert!(after.iter().all(|r| r.1 == "ok"), "{b_out}");
+    let disk_ok = if disk { "disk=ok" } else { "disk=none" };
+    assert!(
+        b_out
+            .lines()
+            .filter(|l| l.starts_with("BUSY "))
+            .skip(1)
+            .all(|l| l.ends_with(disk_ok)),
+        "{b_out}"
+    );
     assert!(
         after.iter().all(|r| r.2 == last.2),
         "a migrated VM keeps its generation ID:\n{b_out}"
@@ -218,7 +237,13 @@ fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool) {
 
 #[test]
 fn live_migration_over_unix_while_the_guest_writes() {
-    migrate_and_check("migrate-unix", "unix:DIR/migration.sock", false, false);
+    migrate_and_check(
+        "migrate-unix",
+        "unix:DIR/migration.sock",
+        false,
+        false,
+        true,
+    );
 }
 
 #[test]
@@ -230,12 +255,13 @@ fn live_migration_over_tcp_while_the_guest_writes() {
         &format!("tcp:127.0.0.1:{port}"),
         false,
         false,
+        false,
     );
 }
 
 #[test]
 fn local_migration_hands_the_memory_files_over() {
-    migrate_and_check("migrate-local", "unix:DIR/migration.sock", true, true);
+    migrate_and_check("migrate-local", "unix:DIR/migration.sock", true, true, true);
 }
 
 /// A destination that takes the start of the migration and then goes away: the source fails
@@ -248,6 +274,7 @@ fn a_destination_that_dies_mid_way_leaves_the_source_running() {
     let (mut a, mut out) = boot(
         "migrate-dies-src",
         false,
+        true,
         &[
             "--event-monitor",
             &format!("path={}", events_file.display()),
@@ -311,7 +338,7 @@ fn a_destination_that_dies_mid_way_leaves_the_source_running() {
 #[test]
 fn migration_refusals() {
     require_curl();
-    let (a, _) = boot("migrate-refusals", false, &[]);
+    let (a, _) = boot("migrate-refusals", false, false, &[]);
     for (body, why) in [
         (
             json!({"destination_url": "unix:/nonexistent/dir/sock", "local": true}),

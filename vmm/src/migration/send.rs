@@ -80,6 +80,7 @@ pub fn send(
     let mut s = Sender_ { stream, events };
     let mut logging = false;
     let mut paused_here = false;
+    let mut locks_released = false;
     let result = run(
         vm,
         config,
@@ -88,8 +89,14 @@ pub fn send(
         start,
         &mut logging,
         &mut paused_here,
+        &mut locks_released,
     );
     if result.is_err() {
+        if locks_released {
+            if let Err(e) = vm.devices().pci.reacquire_disk_locks() {
+                warn!("cannot take the disk locks back after the failed migration: {e}");
+            }
+        }
         // Best effort: the destination drops what it built.
         let _ = s
             .stream
@@ -117,6 +124,7 @@ fn run(
     start: Instant,
     logging: &mut bool,
     paused_here: &mut bool,
+    locks_released: &mut bool,
 ) -> Result<(), SendError> {
     s.request(Command::Start, &[])?;
     if opts.local {
@@ -193,6 +201,12 @@ fn run(
         pass += 1;
     }
     let state = serde_json::to_vec(&state).map_err(|e| format!("cannot encode the state: {e}"))?;
+    // The destination opens the disk images when it builds the VM from the state.
+    vm.devices()
+        .pci
+        .release_disk_locks()
+        .map_err(|e| format!("cannot release the disk locks: {e}"))?;
+    *locks_released = true;
     s.request(Command::State, &state)?;
     s.request(Command::Complete, &[])?;
     let downtime = paused_at.elapsed();
