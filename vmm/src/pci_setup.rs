@@ -361,9 +361,7 @@ fn config_image_type(t: block::ImageType) -> ImageType {
     }
 }
 
-fn open_disk(
-    d: &DiskConfig,
-) -> Result<(Box<dyn block::DiskFile>, block::DiskLock), PciSetupError> {
+fn open_disk(d: &DiskConfig) -> Result<(Box<dyn block::DiskFile>, block::DiskLock), PciSetupError> {
     let image_type = block_image_type(d.image_type);
     let opts = block::OpenOptions {
         readonly: d.readonly,
