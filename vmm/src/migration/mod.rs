@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 
+/// Socket buffer size asked for on a migration's connection.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
 /// The Config step's payload.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use crate::snapshot::MemoryRange;
@@ -210,6 +210,26 @@ impl Stream {
                 io::ErrorKind::InvalidInput,
                 format!("not a unix: or tcp: URL: {url}"),
             )),
+        }
+    }
+
+    /// Asks for socket buffers of `bytes` each way (the kernel caps it at `net.core.wmem_max`
+    /// / `rmem_max`): a Unix socket's default, about 200 KiB, makes every megabyte of RAM cost
+    /// a handful of round trips between the two VMMs.
+    pub fn set_buffers(&self, bytes: usize) {
+        let fd = self.fd().as_raw_fd();
+        let v = bytes as libc::c_int;
+        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt reads the int we pass; a failure only leaves the default.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
         }
     }
 

@@ -33,7 +33,9 @@ pub fn accept(url: &str) -> Result<Stream, ReceiveError> {
             let accepted = listener.accept();
             let _ = std::fs::remove_file(path);
             let (s, _) = accepted.map_err(|e| format!("cannot accept on {url}: {e}"))?;
-            Ok(Stream::Unix(s))
+            let s = Stream::Unix(s);
+            s.set_buffers(super::SOCKET_BUFFER);
+            Ok(s)
         }
         Some(("tcp", addr)) => {
             let listener = std::net::TcpListener::bind(addr)
@@ -175,6 +177,223 @@ pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> 
                     let _ = s.write_all(&Response::error().encode());
                 }
                 return Err(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::migration::protocol::encode_ranges;
+    use crate::snapshot::MemoryRange;
+
+    /// A builder with 1 MiB of RAM at 0 once configured, counting its steps.
+    #[derive(Default)]
+    struct Fake {
+        mem: Option<vm_memory::GuestMemoryMmap>,
+        vms: usize,
+        completed: bool,
+    }
+
+    impl Builder for Fake {
+        fn memory(&mut self, _config: &VmConfig, _files: Vec<File>) -> Result<(), String> {
+            self.mem = Some(
+                vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+            );
+            Ok(())
+        }
+        fn ram(&self) -> Option<&vm_memory::GuestMemoryMmap> {
+            self.mem.as_ref()
+        }
+        fn vm(&mut self, _state: VmSnapshot) -> Result<(), String> {
+            self.vms += 1;
+            Ok(())
+        }
+        fn complete(&mut self) -> Result<(), String> {
+            self.completed = true;
+            Ok(())
+        }
+    }
+
+    fn config_json() -> Vec<u8> {
+        let c: VmConfig = serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": "/bin/true"},
+            "memory": {"size": 1 << 20},
+        }))
+        .unwrap();
+        serde_json::to_vec(&MigrationConfig { vm_config: c }).unwrap()
+    }
+
+    fn frame(cmd: Command, payload: &[u8]) -> Vec<u8> {
+        let mut b = Request::new(cmd, payload.len() as u64).encode().to_vec();
+        b.extend_from_slice(payload);
+        b
+    }
+
+    /// Sends `bytes` to a receiver and returns its result, the responses it sent, and the
+    /// builder.
+    fn run(bytes: Vec<u8>) -> (Result<(), String>, Vec<bool>, Fake) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut a = a;
+            let _ = a.write_all(&bytes);
+            let _ = a.shutdown(std::net::Shutdown::Write);
+            let mut out = Vec::new();
+            let _ = a.read_to_end(&mut out);
+            out
+        });
+        let mut s = Stream::Unix(b);
+        let mut fake = Fake::default();
+        let r = receive(&mut s, &mut fake);
+        drop(s);
+        let out = writer.join().unwrap();
+        let oks = out
+            .chunks_exact(16)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) == Response::STATUS_OK)
+            .collect();
+        (r, oks, fake)
+    }
+
+    #[test]
+    fn a_whole_migration_is_taken_in_order() {
+        let ranges = [MemoryRange {
+            gpa: 0x1000,
+            length: 8,
+        }];
+        let mut b = frame(Command::Start, &[]);
+        b.extend(frame(Command::Config, &config_json()));
+        let mut mem = encode_ranges(&ranges);
+        let table_len = mem.len() as u64;
+        mem.extend_from_slice(&[7u8; 8]);
+        let mut req = Request::new(Command::Memory, table_len).encode().to_vec();
+        req.extend(mem);
+        b.extend(req);
+        b.extend(frame(Command::Complete, &[]));
+        let (r, oks, fake) = run(b);
+        // Complete before State is refused: the VM was never built.
+        assert_eq!(r.unwrap_err(), "Complete before State");
+        assert_eq!(oks, [true, true, true, false]);
+        let mut got = [0u8; 8];
+        use vm_memory::Bytes;
+        fake.mem
+            .unwrap()
+            .read_slice(&mut got, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(got, [7u8; 8]);
+        assert_eq!(fake.vms, 0);
+    }
+
+    #[test]
+    fn hostile_sources_are_refused_without_harm() {
+        let start = frame(Command::Start, &[]);
+        let config = frame(Command::Config, &config_json());
+        let memory = |r: MemoryRange| {
+            let t = encode_ranges(&[r]);
+            let mut b = Request::new(Command::Memory, t.len() as u64)
+                .encode()
+                .to_vec();
+            b.extend(t);
+            b
+        };
+        let mut bad_version = Request::new(Command::Start, 0);
+        bad_version.headers[0] = 9;
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                frame(Command::Config, &config_json()),
+                "Config before Start",
+            ),
+            (
+                bad_version.encode().to_vec(),
+                "Migration protocol version 9",
+            ),
+            (
+                [start.clone(), frame(Command::Config, b"{")].concat(),
+                "configuration does not read",
+            ),
+            (
+                [
+                    start.clone(),
+                    Request::new(Command::Config, 1 << 40).encode().to_vec(),
+                ]
+                .concat(),
+                "a configuration of",
+            ),
+            (
+                [
+                    start.clone(),
+                    memory(MemoryRange {
+                        gpa: 0,
+                        length: 4096,
+                    }),
+                ]
+                .concat(),
+                "Memory before Config",
+            ),
+            (
+                [
+                    start.clone(),
+                    config.clone(),
+                    memory(MemoryRange {
+                        gpa: 0xff000,
+                        length: 0x2000,
+                    }),
+                ]
+                .concat(),
+                "is not guest RAM",
+            ),
+            (
+                [
+                    start.clone(),
+                    config.clone(),
+                    memory(MemoryRange {
+                        gpa: u64::MAX - 10,
+                        length: 100,
+                    }),
+                ]
+                .concat(),
+                "is not guest RAM",
+            ),
+            (
+                [
+                    start.clone(),
+                    Request::new(Command::Memory, 17).encode().to_vec(),
+                ]
+                .concat(),
+                "memory table",
+            ),
+            (
+                [start.clone(), config.clone(), config.clone()].concat(),
+                "a second Config",
+            ),
+            (
+                [start.clone(), frame(Command::State, b"{}")].concat(),
+                "State out of place",
+            ),
+            (
+                [start.clone(), frame(Command::Abandon, &[])].concat(),
+                "abandoned",
+            ),
+            ([7u8; 16].to_vec(), "unknown command"),
+            (start.clone(), "reading a request"),
+        ];
+        for (bytes, why) in cases {
+            let (r, oks, fake) = run(bytes);
+            let e = r.unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+            assert_eq!(fake.vms, 0);
+            assert!(!fake.completed);
+            // Everything before the refusal was answered ok; the refusal with an error (an
+            // Abandon is acknowledged; a broken request gets no answer).
+            let refused = !matches!(why, "reading a request" | "unknown command" | "abandoned");
+            match oks.split_last() {
+                Some((last, rest)) if refused => {
+                    assert!(rest.iter().all(|&ok| ok), "{why}: {oks:?}");
+                    assert!(!last, "{why}: {oks:?}");
+                }
+                _ => assert!(oks.iter().all(|&ok| ok), "{why}: {oks:?}"),
             }
         }
     }

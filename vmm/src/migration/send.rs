@@ -77,6 +77,7 @@ pub fn send(
     let start = Instant::now();
     let stream = Stream::connect(&opts.destination_url)
         .map_err(|e| format!("cannot connect to {}: {e}", opts.destination_url))?;
+    stream.set_buffers(super::SOCKET_BUFFER);
     let mut s = Sender_ { stream, events };
     let mut logging = false;
     let mut paused_here = false;
