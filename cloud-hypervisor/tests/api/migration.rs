@@ -382,4 +382,20 @@ fn migration_refusals() {
     let (status, text) = b.curl("PUT", "vm.receive-migration", Some(&body));
     assert_eq!(status, 500);
     assert!(text.contains("unix:<path> or tcp:"), "{text}");
+
+    // A VMM waiting for a source still ends on SIGTERM, and the wait is answered.
+    let mut b = b;
+    let url = format!("unix:{}/wait.sock", b.dir.display());
+    let rx = receive(&b, &url);
+    wait_listening(&url);
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(b.pid(), libc::SIGTERM) };
+    let run = b.wait();
+    assert_eq!(run.code(), Some(0), "{}", run.stderr);
+    let (code, err) = wait_child(rx);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        !Path::new(&url["unix:".len()..]).exists(),
+        "the socket file is removed"
+    );
 }

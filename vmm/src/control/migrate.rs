@@ -209,7 +209,11 @@ impl Vmm {
         }
         rc.validate().map_err(|e| receive_error(e.to_string()))?;
         self.monitor.emit("vm", "migration-receive-ready");
-        let mut stream = receive::accept(&rc.receiver_url).map_err(receive_error)?;
+        let mut stream =
+            receive::accept(&rc.receiver_url, self.signal_rx.as_raw_fd()).map_err(|e| {
+                self.monitor.emit("vm", "migration-receive-failed");
+                receive_error(e)
+            })?;
         self.monitor.emit("vm", "migration-receive-started");
         let mut incoming = Incoming {
             hv: &self.hv,

@@ -233,6 +233,21 @@ impl Stream {
         }
     }
 
+    /// Makes a read or write that waits longer than `t` fail (the other side is gone or stuck).
+    pub fn set_timeouts(&self, t: std::time::Duration) {
+        let r = match self {
+            Stream::Unix(s) => s
+                .set_read_timeout(Some(t))
+                .and_then(|()| s.set_write_timeout(Some(t))),
+            Stream::Tcp(s) => s
+                .set_read_timeout(Some(t))
+                .and_then(|()| s.set_write_timeout(Some(t))),
+        };
+        if let Err(e) = r {
+            log::warn!("cannot set the migration socket's timeouts: {e}");
+        }
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Unix(s) => s.as_fd(),

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 
 use log::{debug, info};
@@ -22,32 +23,68 @@ const MAX_RANGES: usize = 1 << 20;
 
 pub type ReceiveError = String;
 
+/// How long a connection may stay silent before the other side is taken for gone.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for `fd` to be readable, or for `cancel` (the VMM's signal pipe: SIGTERM or SIGINT
+/// came) to be; false for the latter.
+fn wait_readable(fd: i32, cancel: i32) -> bool {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: cancel,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return fds[1].revents == 0;
+    }
+}
+
 /// Waits for the source on `url` (`unix:<path>`: the socket file is created and removed after;
-/// `tcp:<host>:<port>`): returns the connection.
-pub fn accept(url: &str) -> Result<Stream, ReceiveError> {
-    match url.split_once(':') {
+/// `tcp:<host>:<port>`): returns the connection. Gives up when `cancel` becomes readable.
+pub fn accept(url: &str, cancel: i32) -> Result<Stream, ReceiveError> {
+    let cancelled = || format!("stopped waiting on {url}: the VMM is asked to end");
+    let s = match url.split_once(':') {
         Some(("unix", path)) => {
             let _ = std::fs::remove_file(path);
             let listener =
                 UnixListener::bind(path).map_err(|e| format!("cannot listen on {url}: {e}"))?;
-            let accepted = listener.accept();
+            let ready = wait_readable(listener.as_raw_fd(), cancel);
+            let accepted = ready.then(|| listener.accept());
             let _ = std::fs::remove_file(path);
-            let (s, _) = accepted.map_err(|e| format!("cannot accept on {url}: {e}"))?;
-            let s = Stream::Unix(s);
-            s.set_buffers(super::SOCKET_BUFFER);
-            Ok(s)
+            let (s, _) = accepted
+                .ok_or_else(cancelled)?
+                .map_err(|e| format!("cannot accept on {url}: {e}"))?;
+            Stream::Unix(s)
         }
         Some(("tcp", addr)) => {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {url}: {e}"))?;
+            if !wait_readable(listener.as_raw_fd(), cancel) {
+                return Err(cancelled());
+            }
             let (s, _) = listener
                 .accept()
                 .map_err(|e| format!("cannot accept on {url}: {e}"))?;
             let _ = s.set_nodelay(true);
-            Ok(Stream::Tcp(s))
+            Stream::Tcp(s)
         }
-        _ => Err(format!("not a unix: or tcp: URL: {url}")),
-    }
+        _ => return Err(format!("not a unix: or tcp: URL: {url}")),
+    };
+    s.set_buffers(super::SOCKET_BUFFER);
+    s.set_timeouts(IDLE_TIMEOUT);
+    Ok(s)
 }
 
 /// What a reception builds, step by step.

@@ -78,6 +78,7 @@ pub fn send(
     let stream = Stream::connect(&opts.destination_url)
         .map_err(|e| format!("cannot connect to {}: {e}", opts.destination_url))?;
     stream.set_buffers(super::SOCKET_BUFFER);
+    stream.set_timeouts(super::receive::IDLE_TIMEOUT);
     let mut s = Sender_ { stream, events };
     let mut logging = false;
     let mut paused_here = false;
