@@ -1,12 +1,13 @@
 //! Initial vCPU state: the segment, control and general registers each boot protocol expects,
 //! plus the boot GDT and identity page tables for the 64-bit entry, FPU, MSRs and LAPIC LINTs.
 
+use guest_memory::GuestMemoryMmap;
 use hypervisor::{
     DescriptorTable, FpuState, LapicState, MsrEntry, SegmentRegister, SpecialRegisters,
     StandardRegisters, Vcpu,
 };
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{BootProtocol, EntryPoint};
 use crate::layout;

@@ -19,9 +19,10 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest_memory::GuestMemoryMmap;
 use virtio_devices::{ActivateContext, Block, BlockConfig, DeviceStatus, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 const QSIZE: u16 = 512;

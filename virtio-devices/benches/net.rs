@@ -27,10 +27,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guest_memory::GuestMemoryMmap;
 use net_util::{MacAddr, Tap};
 use virtio_devices::{ActivateContext, DeviceStatus, Net, NetConfig, VirtioDevice};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const QSIZE: u16 = 256;

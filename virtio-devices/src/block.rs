@@ -6,9 +6,10 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};
 
 use block::{AsyncDisk, DiskFile};
+use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
@@ -83,6 +84,9 @@ struct BlockHandler {
     counts: [u64; 4],
     /// Reused for every request, so serving one allocates nothing.
     iovecs: Vec<libc::iovec>,
+    /// The buffers of the read in flight with each id (as `pending`; reused), marked written
+    /// in guest memory's dirty bitmaps when it completes.
+    read_bufs: Vec<Vec<libc::iovec>>,
     /// For signalling completions part-way through a long batch.
     interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
 }
@@ -193,7 +197,12 @@ impl BlockHandler {
                 }
                 let read = req_type == T_IN;
                 if !self.disk.uses_io_uring() {
-                    return self.sync_io(offset, read, data_len as u32);
+                    let r = self.sync_io(offset, read, data_len as u32);
+                    if read {
+                        // Done, or failed part-way: either way the buffers may have changed.
+                        view.written_iovecs(&self.iovecs, data_len as usize);
+                    }
+                    return r;
                 }
                 let id = self.free.pop().unwrap_or_else(|| {
                     self.pending.push(None);
@@ -206,6 +215,14 @@ impl BlockHandler {
                     len: data_len as u32,
                     read,
                 });
+                if read {
+                    if self.read_bufs.len() <= id {
+                        self.read_bufs.resize_with(id + 1, Vec::new);
+                    }
+                    let bufs = &mut self.read_bufs[id];
+                    bufs.clear();
+                    bufs.extend_from_slice(&self.iovecs);
+                }
                 // SAFETY: the iovecs lie inside guest memory regions (checked by
                 // `guest_slice`), which stay mapped while this handler lives: the transport
                 // holds the memory, and `Block::reset` waits for in-flight requests.
@@ -395,10 +412,17 @@ impl BlockHandler {
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
         let mut used = 0;
+        let mut view = GuestView::new(mem);
         while let Some((id, res)) = self.disk.next_completed() {
             let Some(p) = self.pending.get_mut(id as usize).and_then(Option::take) else {
                 continue;
             };
+            if p.read {
+                // The data is in place (a failed read may have written part of it).
+                if let Some(bufs) = self.read_bufs.get(id as usize) {
+                    view.written_iovecs(bufs, p.len as usize);
+                }
+            }
             self.free.push(id as usize);
             let ok = res >= 0 && res as u32 == p.len;
             if ok {
@@ -407,12 +431,7 @@ impl BlockHandler {
                 debug!("virtio-blk: disk request failed: {res}");
             }
             let n = if ok && p.read { p.len } else { 0 };
-            let len = write_status(
-                &mut GuestView::new(mem),
-                p.status,
-                if ok { S_OK } else { S_IOERR },
-                n,
-            );
+            let len = write_status(&mut view, p.status, if ok { S_OK } else { S_IOERR }, n);
             if let Some(Some(q)) = queues.get_mut(p.queue) {
                 q.add_used(p.head, len)?;
                 used |= queue_bit(p.queue);
@@ -421,7 +440,9 @@ impl BlockHandler {
         Ok(used)
     }
 
-    /// Waits for every request in flight and forgets them (device reset).
+    /// Waits for every request in flight and forgets them (device reset). The data of reads
+    /// that complete here is not marked in guest memory's dirty bitmaps (the memory is not at
+    /// hand): it lands in buffers the reset driver has given up.
     fn quiesce(&mut self) {
         while self.disk.in_flight() > 0 {
             if let Err(e) = self.disk.reap(1) {
@@ -469,6 +490,7 @@ fn write_status(view: &mut GuestView, at: Option<GuestAddress>, status: u8, writ
             // SAFETY: one byte inside a guest memory region (`GuestView::ptr`) that the view's
             // memory keeps mapped; volatile: the guest shares it.
             unsafe { std::ptr::write_volatile(p.as_ptr(), status) };
+            view.written(p.as_ptr(), 1);
             written.saturating_add(1)
         }
         None => {
@@ -616,6 +638,7 @@ impl Block {
                 free: Vec::new(),
                 counts: [0; 4],
                 iovecs: Vec::new(),
+                read_bufs: Vec::new(),
                 interrupt: None,
             }),
             worker: None,

@@ -7,8 +7,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};

@@ -31,8 +31,8 @@ pub use worker::{QueueHandler, WorkerHandle};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use guest_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use virtio_bindings::{virtio_config as cfg, virtio_ids as ids, virtio_ring as ring};
@@ -249,51 +249,122 @@ pub(crate) fn guest_iovec(
 /// buffer, so a buffer in the same region (nearly always) is found with a bounds check instead
 /// of a region search. Every access stays checked against its region: a buffer that does not
 /// lie inside one region is refused, as `GuestMemory::get_slice` refuses it.
+///
+/// The host addresses it gives bypass vm-memory, so its dirty-page bitmaps too: a device that
+/// writes guest memory through them (or has the kernel write it: a read into iovecs) reports
+/// what it wrote with `written`/`written_iovecs` once the data is in place, so a live
+/// migration sends those pages again (KVM's dirty log sees only the guest's own writes).
 pub struct GuestView<'a> {
-    mem: &'a vm_memory::GuestMemoryMmap,
-    /// Guest start address, host address and length of the last region used.
-    last: Option<(u64, std::ptr::NonNull<u8>, usize)>,
+    mem: &'a GuestMemoryMmap,
+    /// The last region used.
+    last: Option<Last<'a>>,
+}
+
+/// A region as `GuestView` remembers it.
+#[derive(Clone, Copy)]
+struct Last<'a> {
+    /// Guest address of the region's start.
+    start: u64,
+    /// Host address of the region's start.
+    base: std::ptr::NonNull<u8>,
+    /// Bytes of the region.
+    size: usize,
+    bitmap: &'a guest_memory::AtomicBitmap,
+}
+
+impl<'a> Last<'a> {
+    fn of(r: &'a guest_memory::GuestRegionMmap) -> Option<Self> {
+        use vm_memory::GuestMemoryRegion;
+        Some(Last {
+            start: r.start_addr().0,
+            base: std::ptr::NonNull::new(r.as_ptr())?,
+            size: usize::try_from(r.len()).ok()?,
+            bitmap: guest_memory::bitmap(r),
+        })
+    }
+
+    /// The offset in the region of host address `p`, if it lies inside.
+    fn offset_of(&self, p: *const u8) -> Option<usize> {
+        let off = (p as usize).checked_sub(self.base.as_ptr() as usize)?;
+        (off < self.size).then_some(off)
+    }
 }
 
 impl<'a> GuestView<'a> {
-    pub fn new(mem: &'a vm_memory::GuestMemoryMmap) -> Self {
+    pub fn new(mem: &'a GuestMemoryMmap) -> Self {
         GuestView { mem, last: None }
     }
 
-    pub fn mem(&self) -> &'a vm_memory::GuestMemoryMmap {
+    pub fn mem(&self) -> &'a GuestMemoryMmap {
         self.mem
     }
 
     /// The host address of `[addr, addr + len)` when it lies inside one region. It stays
     /// valid while `mem` (borrowed for 'a) keeps the region mapped; guest memory is shared
     /// with the guest, so it must only be accessed with volatile operations or handed to the
-    /// kernel (iovecs).
+    /// kernel (iovecs). What is written through it is reported with `written`.
     pub fn ptr(
         &mut self,
         addr: vm_memory::GuestAddress,
         len: usize,
     ) -> Option<std::ptr::NonNull<u8>> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let within = |start: u64, base: std::ptr::NonNull<u8>, size: usize| {
-            let off = usize::try_from(addr.0.checked_sub(start)?).ok()?;
-            if off > size || len > size - off {
+        use vm_memory::GuestMemoryBackend;
+        let within = |l: &Last| {
+            let off = usize::try_from(addr.0.checked_sub(l.start)?).ok()?;
+            if off > l.size || len > l.size - off {
                 return None;
             }
             // SAFETY: off <= size: the result points inside (or one past) the region's
             // mapping, which starts at `base` and is `size` bytes long.
-            Some(unsafe { base.add(off) })
+            Some(unsafe { l.base.add(off) })
         };
-        if let Some((start, base, size)) = self.last {
-            if let Some(p) = within(start, base, size) {
-                return Some(p);
+        if let Some(p) = self.last.as_ref().and_then(within) {
+            return Some(p);
+        }
+        let l = Last::of(self.mem.find_region(addr)?)?;
+        self.last = Some(l);
+        within(&l)
+    }
+
+    /// Marks `len` bytes from host address `p` (from `ptr` or `iovec`) written, in the dirty
+    /// bitmap of the region they lie in; call it after the write (`mark_dirty` is an atomic
+    /// read-modify-write, ordered after it: a dirty-page scan that clears the bit first sees
+    /// the data, or finds the bit set again). An address outside guest memory (an empty
+    /// iovec's) marks nothing.
+    pub fn written(&mut self, p: *const u8, len: usize) {
+        use guest_memory::Bitmap;
+        use vm_memory::GuestMemoryBackend;
+        if len == 0 {
+            return;
+        }
+        if let Some(l) = self.last {
+            if let Some(off) = l.offset_of(p) {
+                l.bitmap.mark_dirty(off, len);
+                return;
             }
         }
-        let r = self.mem.find_region(addr)?;
-        let s = r.as_volatile_slice().ok()?;
-        let base = std::ptr::NonNull::new(s.ptr_guard_mut().as_ptr())?;
-        let (start, size) = (r.start_addr().0, s.len());
-        self.last = Some((start, base, size));
-        within(start, base, size)
+        for r in self.mem.iter() {
+            if let Some(l) = Last::of(r) {
+                if let Some(off) = l.offset_of(p) {
+                    l.bitmap.mark_dirty(off, len);
+                    self.last = Some(l);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Marks the first `n` bytes of `iovecs` (from `iovec`, in order) written: what a read of
+    /// `n` bytes into them wrote.
+    pub fn written_iovecs(&mut self, iovecs: &[libc::iovec], mut n: usize) {
+        for v in iovecs {
+            if n == 0 {
+                break;
+            }
+            let k = n.min(v.iov_len);
+            self.written(v.iov_base.cast::<u8>(), k);
+            n -= k;
+        }
     }
 
     /// `[addr, addr + len)` as an iovec when it lies inside one region (`guest_iovec`).

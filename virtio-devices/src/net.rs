@@ -13,10 +13,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
@@ -446,7 +447,11 @@ impl NetHandler {
                 Ok(n) => {
                     count.0 += n.saturating_sub(VNET_HDR_LEN) as u64;
                     count.1 += 1;
-                    self.return_chains(q, n)?;
+                    let r = self.return_chains(q, n);
+                    // The frame and the header's num_buffers (inside its first n bytes) are in
+                    // place.
+                    view.written_iovecs(&self.iovecs, n);
+                    r?;
                     used = queue_bit(index);
                     frames += 1;
                     if frames.is_multiple_of(EARLY_SIGNAL) {

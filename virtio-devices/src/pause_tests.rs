@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::BusDevice;
+use guest_memory::GuestMemoryMmap;
 use pci::{PciDevice, StateError, VmInterface};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::block::{S_OK, T_IN, T_OUT};

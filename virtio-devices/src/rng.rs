@@ -3,8 +3,9 @@
 use std::fs::File;
 use std::io::Read;
 
+use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, QueueHandler, WorkerHandle};

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use guest_memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::block::{
@@ -96,6 +97,12 @@ impl Ring {
 
     /// Publishes `head`, kicks, and waits for the used entry: returns its length.
     fn submit(&mut self, head: u16) -> Option<u32> {
+        self.post(head);
+        self.kick_and_wait(head)
+    }
+
+    /// Puts `head` in the avail ring and publishes it (no kick).
+    fn post(&mut self, head: u16) {
         let slot = self.next_avail % QSIZE;
         self.mem
             .write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
@@ -104,7 +111,17 @@ impl Ring {
         self.mem
             .write_obj(self.next_avail, GuestAddress(AVAIL + 2))
             .unwrap();
+    }
+
+    /// Kicks and waits for the used entry of the last `post`ed `head`: returns its length.
+    fn kick_and_wait(&mut self, head: u16) -> Option<u32> {
         self.kick.write(1).unwrap();
+        self.wait_used(head)
+    }
+
+    /// Waits for the used entry of the last `post`ed `head`: returns its length.
+    fn wait_used(&mut self, head: u16) -> Option<u32> {
+        let slot = self.next_avail.wrapping_sub(1) % QSIZE;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if self.used_idx() == self.next_avail {
@@ -363,6 +380,88 @@ fn broken_avail_index_needs_reset_and_reset_recovers() {
     blk.reset();
     let mut r = Ring::start(&mut blk, 0, 1);
     assert_eq!(request(&mut r, T_IN, 0, (DATA, 512, WRITE)).1, S_OK);
+}
+
+/// The guest pages marked dirty in `mem` since the last call (cleared as read), by page number
+/// (4 KiB pages of guest addresses; the regions start at page boundaries).
+pub(crate) fn dirty_pages(mem: &GuestMemoryMmap) -> Vec<u64> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let first = r.start_addr().0 / guest_memory::DIRTY_PAGE_SIZE as u64;
+        for (w, bits) in guest_memory::take_dirty_pages(r).into_iter().enumerate() {
+            out.extend(
+                (0..64)
+                    .filter(|b| bits & (1 << b) != 0)
+                    .map(|b| first + 64 * w as u64 + b),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn blk_marks_the_pages_it_writes() {
+    blk_marks(false);
+}
+
+#[test]
+fn blk_marks_the_pages_it_writes_io_uring() {
+    blk_marks(true);
+}
+
+/// What virtio-blk writes into guest memory through host pointers and the kernel (a read's
+/// data, the status byte, the used ring) marks exactly those pages in the dirty bitmaps, as
+/// vm-memory's own writes (GET_ID's) do; what it only reads (the header, a write's data, the
+/// descriptors, the avail ring) stays clean.
+fn blk_marks(io_uring: bool) {
+    let (_f, mut blk) = disk_with(64 * 1024, false, io_uring);
+    assert_eq!(
+        blk.uses_io_uring(),
+        io_uring && block::async_io::io_uring_supported()
+    );
+    let mut r = Ring::start(&mut blk, 0, 1);
+    // Ten sectors into two buffers: the last 0x200 bytes of page 0x20, and 0x1200 bytes from
+    // 0x100 into page 0x24 (pages 0x24 and 0x25).
+    let (a, b) = (DATA + 0x1000 - 0x200, DATA + 0x4100);
+    let req = |r: &mut Ring, t: u32, write: u16| {
+        r.mem.write_obj(t, GuestAddress(HDR)).unwrap();
+        r.mem.write_obj(2u64, GuestAddress(HDR + 8)).unwrap();
+        r.desc(0, HDR, 16, NEXT, 1);
+        r.desc(1, a, 0x200, write | NEXT, 2);
+        r.desc(2, b, 0x1200, write | NEXT, 3);
+        r.desc(3, STATUS, 1, WRITE, 0);
+        r.post(0);
+        // The driver's own writes (through vm-memory here): descriptors, avail ring, header.
+        assert_eq!(dirty_pages(&r.mem), [DESC >> 12, AVAIL >> 12, HDR >> 12]);
+        let used = r.kick_and_wait(0);
+        (used, r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap())
+    };
+    let page = |addr: u64| addr >> 12;
+    let (used_page, status_page) = (page(USED), page(STATUS));
+    assert_eq!(req(&mut r, T_IN, WRITE), (Some(0x1401), S_OK));
+    assert_eq!(
+        dirty_pages(&r.mem),
+        [used_page, page(a), page(b), page(b) + 1, status_page]
+    );
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(b)).unwrap(),
+        3,
+        "sector 3"
+    );
+    // A write only reads the buffers.
+    assert_eq!(req(&mut r, T_OUT, 0), (Some(1), S_OK));
+    assert_eq!(dirty_pages(&r.mem), [used_page, status_page]);
+    // GET_ID writes through vm-memory: 20 bytes at the end of page 0x20.
+    r.desc(0, HDR, 16, NEXT, 1);
+    r.mem.write_obj(T_GET_ID, GuestAddress(HDR)).unwrap();
+    r.desc(1, DATA + 0x1000 - 20, 20, WRITE | NEXT, 2);
+    r.desc(2, STATUS, 1, WRITE, 0);
+    r.post(0);
+    dirty_pages(&r.mem);
+    assert_eq!(r.kick_and_wait(0), Some(21));
+    assert_eq!(dirty_pages(&r.mem), [used_page, page(a), status_page]);
+    blk.reset();
 }
 
 #[test]
@@ -902,6 +1001,66 @@ fn static_arp(dev: &str, ip: [u8; 4], mac: [u8; 6]) {
         libc::close(fd);
         assert_eq!(r, 0, "SIOCSARP: {e}");
     }
+}
+
+/// A received frame marks exactly the pages it filled (and the used ring's) in the dirty
+/// bitmaps, not the rest of the buffer.
+#[test]
+fn net_receive_marks_the_pages_it_fills() {
+    std::thread::spawn(net_receive_marks_in_private_netns)
+        .join()
+        .unwrap();
+}
+
+fn net_receive_marks_in_private_netns() {
+    // SAFETY: unshare only moves the calling thread into a new network namespace.
+    let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
+    let tap = net_util::Tap::open("vdm0", 1)
+        .expect("creating a TAP (the tests run as root with /dev/net/tun)")
+        .remove(0);
+    // No IPv6 chatter (router solicitations) in the receive queue.
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/vdm0/disable_ipv6", "1");
+    tap.set_ip(
+        "10.8.0.1".parse().unwrap(),
+        "255.255.255.0".parse().unwrap(),
+    )
+    .unwrap();
+    tap.enable().unwrap();
+    let mac = net_util::MacAddr::random_local();
+    let mut net = crate::Net::new(
+        vec![tap],
+        crate::NetConfig {
+            mac,
+            mtu: 1500,
+            queue_size: QSIZE,
+            offloads: Default::default(),
+        },
+    )
+    .unwrap();
+    let mut r = Ring::start(&mut net, 0, 3);
+    // One receive buffer of 0x2000 bytes from 0x40 before page 0x21: pages 0x20-0x22.
+    let buf = DATA + 0x1000 - 0x40;
+    r.desc(0, buf, 0x2000, WRITE, 0);
+    r.post(0);
+    // The device looks (the TAP is empty) and waits for the frame.
+    r.kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    static_arp("vdm0", [10, 8, 0, 2], mac.bytes());
+    dirty_pages(&r.mem);
+    let host = std::net::UdpSocket::bind("10.8.0.1:7000").unwrap();
+    host.send_to(&[0x5a; 100], "10.8.0.2:7000").unwrap();
+    // Header, Ethernet, IPv4, UDP, payload: 0x40 bytes in page 0x20, the rest in page 0x21.
+    let n = 12 + 14 + 20 + 8 + 100;
+    assert_eq!(r.wait_used(0), Some(n));
+    assert_eq!(
+        r.mem
+            .read_obj::<u8>(GuestAddress(buf + u64::from(n) - 1))
+            .unwrap(),
+        0x5a
+    );
+    assert_eq!(dirty_pages(&r.mem), [USED >> 12, 0x20, 0x21]);
+    net.reset();
 }
 
 /// Two queue pairs and the control queue: pair 1 transmits to the host, only pair 0 receives

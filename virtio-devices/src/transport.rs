@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use guest_memory::GuestMemoryMmap;
 use log::{debug, info, warn};
 use pci::{
     BarKind, MsixCap, MsixConfig, MsixState, PciConfiguration, PciConfigurationState, PciDevice,
@@ -12,7 +13,7 @@ use pci::{
 };
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{

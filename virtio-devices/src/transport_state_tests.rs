@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::BusDevice;
+use guest_memory::GuestMemoryMmap;
 use pci::{PciConfigMmio, PciDevice, PciRoot, StateError, VmInterface};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{

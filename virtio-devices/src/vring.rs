@@ -12,14 +12,20 @@
 //! evaluated here (`VirtQueue::needs_notification`): virtio-queue keeps the count it needs
 //! for EVENT_IDX private, so the decision is taken exactly as virtio-queue takes it, from the
 //! used index at the previous decision.
+//!
+//! Writes to the used ring through its host address bypass vm-memory, so they mark the pages
+//! they touch in the region's dirty bitmap themselves (a used element as it is written, the
+//! used index as it is published), as vm-memory's writes do, for live migration.
 
 use std::num::Wrapping;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::Arc;
 
+use guest_memory::{Bitmap, GuestMemoryMmap, GuestMmapRegion};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Bytes of a descriptor.
 const DESC_SIZE: u64 = 16;
@@ -50,6 +56,9 @@ pub struct VirtQueue {
     avail: Option<NonNull<u8>>,
     /// Host address of the used ring (flags, idx, ring, avail_event; 4-aligned).
     used: Option<NonNull<u8>>,
+    /// With `used`: the mapping the used ring lies in (its dirty bitmap) and the ring's offset
+    /// in it.
+    used_map: Option<(Arc<GuestMmapRegion>, usize)>,
     /// `next_used` when `needs_notification` last ran (Linux's "old" used index).
     signalled: Wrapping<u16>,
     /// The used index the driver can see (`next_used` once published).
@@ -88,6 +97,11 @@ impl VirtQueue {
         let desc = host_range(mem, q.desc_table(), DESC_SIZE * n, 8);
         let avail = host_range(mem, q.avail_ring(), 6 + 2 * n, 2);
         let used = host_range(mem, q.used_ring(), 6 + USED_ELEM_SIZE * n, 4);
+        let used_map = used.and_then(|_| {
+            let r = mem.find_region(GuestAddress(q.used_ring()))?;
+            let off = usize::try_from(q.used_ring() - r.start_addr().0).ok()?;
+            Some((r.get_mmap(), off))
+        });
         let next_used = q.next_used();
         let avail_seen = q.next_avail();
         VirtQueue {
@@ -97,7 +111,8 @@ impl VirtQueue {
             mask: if size.is_power_of_two() { size - 1 } else { 0 },
             desc,
             avail,
-            used,
+            used: used.filter(|_| used_map.is_some()),
+            used_map,
             signalled: Wrapping(next_used),
             published: next_used,
             avail_seen,
@@ -374,6 +389,7 @@ impl VirtQueue {
             std::ptr::write_volatile(p, u32::from(head).to_le());
             std::ptr::write_volatile(p.add(1), len.to_le());
         }
+        self.mark_used(4 + 8 * slot, 8);
         self.q.set_next_used(next.wrapping_add(1));
         Ok(())
     }
@@ -403,8 +419,18 @@ impl VirtQueue {
         if let Some(u) = self.used {
             // SAFETY: offset 2 of the 4-aligned used ring `new` translated.
             unsafe { Self::store16(u, 2, next, Ordering::Release) };
+            self.mark_used(2, 2);
         }
         self.published = next;
+    }
+
+    /// Marks `len` bytes at byte `off` of the used ring (just written through `used`) dirty in
+    /// its region's bitmap, after the write (see `guest_memory`).
+    #[inline]
+    fn mark_used(&self, off: usize, len: usize) {
+        if let Some((map, at)) = &self.used_map {
+            map.bitmap().mark_dirty(at + off, len);
+        }
     }
 
     /// Publishes the used buffers, then tells whether the driver wants an interrupt for those
@@ -488,6 +514,64 @@ mod tests {
         q.set_used_ring_address(Some(used as u32), Some(0));
         q.set_ready(true);
         q
+    }
+
+    /// The used ring written through its host address marks its pages as vm-memory's writes
+    /// do: an element's page when it is added, the index's when it is published; popping and
+    /// walking chains mark nothing. A ring that is not in one region goes through virtio-queue
+    /// (vm-memory), which marks too.
+    #[test]
+    fn used_ring_writes_mark_their_pages() {
+        use crate::tests::dirty_pages;
+        // 16 entries; the ring starts 8 bytes before page 4: flags and idx in page 3, element 0
+        // across pages 3 and 4, elements 1-15 in page 4.
+        let used = 0x4000 - 8;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut vq = VirtQueue::new(queue(16, DESC, AVAIL, used), &mem);
+        assert_eq!(vq.fast(), (true, true, true));
+        for i in 0..4u16 {
+            write_desc(&mem, DESC, (i, 0x8000, 16, 0, 0));
+            mem.write_obj(i, GuestAddress(AVAIL + 4 + 2 * u64::from(i)))
+                .unwrap();
+        }
+        mem.write_obj(4u16, GuestAddress(AVAIL + 2)).unwrap();
+        dirty_pages(&mem);
+        let mut heads = Vec::new();
+        vq.pop(&mut heads, 4).unwrap();
+        let mut descs = Vec::new();
+        for &h in &heads {
+            vq.chain(h, &mut descs);
+        }
+        assert_eq!(heads, [0, 1, 2, 3]);
+        assert_eq!(dirty_pages(&mem), [] as [u64; 0], "reads mark nothing");
+        vq.add_used(heads[0], 16).unwrap();
+        assert_eq!(dirty_pages(&mem), [3, 4], "element 0");
+        vq.add_used(heads[1], 16).unwrap();
+        assert_eq!(dirty_pages(&mem), [4], "element 1");
+        vq.publish();
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 2);
+        assert_eq!(dirty_pages(&mem), [3], "the used index");
+        vq.publish();
+        assert_eq!(dirty_pages(&mem), [] as [u64; 0], "nothing new to publish");
+
+        // The same ring across two regions (element 0 across the boundary at 0x4000):
+        // virtio-queue writes it.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x4000),
+            (GuestAddress(0x4000), 0xc000),
+        ])
+        .unwrap();
+        let mut vq = VirtQueue::new(queue(16, DESC, AVAIL, used), &mem);
+        assert_eq!(vq.fast(), (true, true, false));
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        dirty_pages(&mem);
+        let mut heads = Vec::new();
+        vq.pop(&mut heads, 1).unwrap();
+        vq.add_used(heads[0], 16).unwrap();
+        vq.publish();
+        // Page 3 (the index and element 0's first half, in the first region) and page 4 (its
+        // second half, in the second region).
+        assert_eq!(dirty_pages(&mem), [3, 4]);
     }
 
     fn key(d: &Descriptor) -> (u64, u32, u16, u16) {

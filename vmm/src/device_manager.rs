@@ -56,7 +56,7 @@ pub struct DeviceManager {
 /// Everything the device manager builds from.
 pub struct DeviceSetup<'a> {
     pub vm: &'a Arc<dyn Vm>,
-    pub mem: &'a vm_memory::GuestMemoryMmap,
+    pub mem: &'a guest_memory::GuestMemoryMmap,
     pub cfg: &'a VmConfig,
     pub ram: (u64, u64),
     /// Where PCI BARs go (the same windows the DSDT's `_CRS` describes).

@@ -7,14 +7,11 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use arch::layout;
+use guest_memory::{GuestMemoryMmap, GuestRegionMmap};
 use hypervisor::Vm;
 use log::{debug, warn};
 use thiserror::Error;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::MemoryConfig;
 
@@ -103,7 +100,7 @@ fn ram_region(
     if cfg.prefault {
         flags |= libc::MAP_POPULATE;
     }
-    let mut builder = MmapRegionBuilder::new(size as usize)
+    let mut builder = guest_memory::region_builder(size as usize)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_hugetlbfs(cfg.hugepages);
     if backed_by_file(cfg) {
@@ -293,6 +290,48 @@ mod tests {
                 err.to_string().starts_with("--memory hugepages=on"),
                 "{err}"
             );
+        }
+    }
+
+    /// Every region of guest RAM, private or shared, has a dirty bitmap covering all of it
+    /// (not `MmapRegionBuilder::new`'s empty default), and a VMM write through vm-memory marks
+    /// exactly its page there (live migration reads these with KVM's dirty log).
+    #[test]
+    fn guest_ram_marks_the_vmm_writes() {
+        use vm_memory::Bytes;
+        for shared in [false, true] {
+            let mem = create_guest_memory(&MemoryConfig {
+                size: 5 << 30,
+                shared,
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(mem.num_regions(), 2);
+            for region in mem.iter() {
+                let pages = region.len() as usize / guest_memory::DIRTY_PAGE_SIZE;
+                assert_eq!(guest_memory::bitmap(region).len(), pages);
+                let words = guest_memory::take_dirty_pages(region);
+                assert_eq!(words.len(), pages.div_ceil(64));
+                assert!(words.iter().all(|&w| w == 0), "fresh RAM is clean");
+
+                // Page 1, and the last page of the region.
+                let last = region.len() - 8;
+                mem.write_obj(7u32, region.start_addr().unchecked_add(0x1234))
+                    .unwrap();
+                mem.write_obj(7u64, region.start_addr().unchecked_add(last))
+                    .unwrap();
+                let _: u64 = mem
+                    .read_obj(region.start_addr().unchecked_add(0x5000))
+                    .unwrap();
+                let words = guest_memory::take_dirty_pages(region);
+                let mut want = vec![0u64; words.len()];
+                want[0] = 1 << 1;
+                *want.last_mut().unwrap() |= 1 << ((pages - 1) % 64);
+                assert_eq!(words, want, "shared={shared}");
+                assert!(guest_memory::take_dirty_pages(region)
+                    .iter()
+                    .all(|&w| w == 0));
+            }
         }
     }
 

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use arch::layout;
 use devices::{Bus, BusDevice};
+use guest_memory::GuestMemoryMmap;
 use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
 use pci::{BarWindows, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
 use thiserror::Error;
 use virtio_devices::{Block, BlockConfig, Console, Net, Rng, VirtioDevice, VirtioPciDevice};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DiskConfig, ImageType, VmConfig};

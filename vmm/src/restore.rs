@@ -7,11 +7,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use arch::layout;
+use guest_memory::{GuestMemoryMmap, GuestRegionMmap};
 use vm_config::MemoryRestoreMode;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
 
 use crate::config::{MemoryConfig, VmConfig};
 use crate::memory;
@@ -221,7 +219,7 @@ fn copy_on_write(
         if prefault || cfg.prefault {
             flags |= libc::MAP_POPULATE;
         }
-        let region = MmapRegionBuilder::new(r.length as usize)
+        let region = guest_memory::region_builder(r.length as usize)
             .with_file_offset(FileOffset::new(file, *offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -263,7 +261,7 @@ pub fn map_memory_files(cfg: &MemoryConfig, files: Vec<File>) -> Result<GuestMem
         if !cfg.reserve {
             flags |= libc::MAP_NORESERVE;
         }
-        let region = MmapRegionBuilder::new(size as usize)
+        let region = guest_memory::region_builder(size as usize)
             .with_file_offset(FileOffset::new(file, 0))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use devices::{
     AcpiSleepState, CmosState, GedState, I8042State, PmTimerState, SerialState, Stateful,
 };
+use guest_memory::GuestMemoryMmap;
 use hypervisor::{VcpuState, VmState};
 use pci::{PciConfigIoState, PciRootState};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_devices::{VirtioDeviceState, VirtioPciState};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;

@@ -8,10 +8,10 @@ use arch::boot::{self, BootError, BootProtocol};
 use arch::cpuid::{self, Topology};
 use arch::{acpi, regs, smbios};
 use devices::CMOS_NVRAM_SIZE;
+use guest_memory::GuestMemoryMmap;
 use hypervisor::{Hypervisor, Vcpu};
 use log::info;
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
 use crate::cpu::{VcpuThreads, VmEvents};

@@ -5,7 +5,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use guest_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use virtio_devices::VirtioInterrupt;
