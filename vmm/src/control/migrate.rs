@@ -10,10 +10,10 @@ use std::sync::mpsc::{channel, Receiver};
 use std::thread::JoinHandle;
 
 use api::{ApiError, VmState};
+use guest_memory::GuestMemoryMmap;
 use hypervisor::KvmHypervisor;
 use log::{error, info, warn};
 use vm_config::{ReceiveMigrationConfig, SendMigrationConfig};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{serial_sink, Endpoints, Next, Vmm, EV_MIGRATION};

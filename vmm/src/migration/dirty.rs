@@ -7,12 +7,12 @@ use std::sync::Arc;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::snapshot::MemoryRange;
-use vm_memory::GuestMemoryMmap;
+use guest_memory::GuestMemoryMmap;
 
 const PAGE: u64 = 4096;
 
 /// The pages the VMM wrote in `region` since the last call (bit i: page i), cleared as read.
-fn take_written(_region: &vm_memory::GuestRegionMmap) -> Vec<u64> {
+fn take_written(_region: &guest_memory::GuestRegionMmap) -> Vec<u64> {
     Vec::new()
 }
 

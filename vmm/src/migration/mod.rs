@@ -44,7 +44,7 @@ pub enum Progress {
 /// Reads `r`'s bytes from `fd` into guest RAM (the range lies in one region), however the
 /// socket splits them.
 pub fn read_into(
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &guest_memory::GuestMemoryMmap,
     r: &crate::snapshot::MemoryRange,
     fd: &mut std::os::fd::BorrowedFd<'_>,
 ) -> Result<(), String> {
@@ -68,7 +68,7 @@ pub fn read_into(
 
 /// Writes `r`'s bytes of guest RAM to `fd`, however the socket takes them.
 pub fn write_from(
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &guest_memory::GuestMemoryMmap,
     r: &crate::snapshot::MemoryRange,
     fd: &mut std::os::fd::BorrowedFd<'_>,
 ) -> Result<(), String> {

@@ -91,7 +91,7 @@ pub fn accept(url: &str, cancel: i32) -> Result<Stream, ReceiveError> {
 pub trait Builder {
     /// Guest RAM for `config` (from the memory files where the source sent them).
     fn memory(&mut self, config: &VmConfig, files: Vec<File>) -> Result<(), String>;
-    fn ram(&self) -> Option<&vm_memory::GuestMemoryMmap>;
+    fn ram(&self) -> Option<&guest_memory::GuestMemoryMmap>;
     /// The VM, paused, from the RAM and `state`.
     fn vm(&mut self, state: VmSnapshot) -> Result<(), String>;
     /// Lets the VM run.
@@ -230,7 +230,7 @@ mod tests {
     /// A builder with 1 MiB of RAM at 0 once configured, counting its steps.
     #[derive(Default)]
     struct Fake {
-        mem: Option<vm_memory::GuestMemoryMmap>,
+        mem: Option<guest_memory::GuestMemoryMmap>,
         vms: usize,
         completed: bool,
     }
@@ -238,11 +238,11 @@ mod tests {
     impl Builder for Fake {
         fn memory(&mut self, _config: &VmConfig, _files: Vec<File>) -> Result<(), String> {
             self.mem = Some(
-                vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+                guest_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
             );
             Ok(())
         }
-        fn ram(&self) -> Option<&vm_memory::GuestMemoryMmap> {
+        fn ram(&self) -> Option<&guest_memory::GuestMemoryMmap> {
             self.mem.as_ref()
         }
         fn vm(&mut self, _state: VmSnapshot) -> Result<(), String> {
