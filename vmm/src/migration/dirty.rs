@@ -12,8 +12,8 @@ use guest_memory::GuestMemoryMmap;
 const PAGE: u64 = 4096;
 
 /// The pages the VMM wrote in `region` since the last call (bit i: page i), cleared as read.
-fn take_written(_region: &guest_memory::GuestRegionMmap) -> Vec<u64> {
-    Vec::new()
+fn take_written(region: &guest_memory::GuestRegionMmap) -> Vec<u64> {
+    guest_memory::take_dirty_pages(region)
 }
 
 /// Registers every slot again with dirty logging `on` (off: as at boot).
