@@ -218,6 +218,64 @@ pub fn register_memory(vm: &Arc<dyn Vm>, mem: &GuestMemoryMmap) -> Result<(), Me
     Ok(())
 }
 
+/// Reads `len` bytes from `src` into guest RAM at `gpa` (one region), `chunk` bytes at most per
+/// read, however the source splits them (a socket's pieces; Linux's cap of 0x7ffff000 bytes per
+/// `read`, which a single read of a 2 GiB range would hit).
+pub fn read_range<R: vm_memory::ReadVolatile>(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    len: u64,
+    src: &mut R,
+    chunk: u64,
+) -> Result<(), String> {
+    use vm_memory::Bytes;
+    let mut done = 0u64;
+    while done < len {
+        let n = mem
+            .read_volatile_from(
+                GuestAddress(gpa + done),
+                src,
+                (len - done).min(chunk) as usize,
+            )
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("the source ended {} bytes short", len - done));
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes `len` bytes of guest RAM at `gpa` (one region) to `dst`, `chunk` bytes at most per
+/// write, however the destination takes them.
+pub fn write_range<W: vm_memory::WriteVolatile>(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    len: u64,
+    dst: &mut W,
+    chunk: u64,
+) -> Result<(), String> {
+    use vm_memory::Bytes;
+    let mut done = 0u64;
+    while done < len {
+        let n = mem
+            .write_volatile_to(
+                GuestAddress(gpa + done),
+                dst,
+                (len - done).min(chunk) as usize,
+            )
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!(
+                "the destination took nothing, {} bytes short",
+                len - done
+            ));
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// How much of the guest RAM is resident in host memory (`mincore`).
 pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
     let page = 4096u64;
@@ -261,6 +319,42 @@ pub fn ram_end(mem: &GuestMemoryMmap) -> GuestAddress {
 }
 
 use vm_memory::Address as _;
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    /// A source that gives at most 3000 bytes per read.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl vm_memory::ReadVolatile for Trickle<'_> {
+        fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+            &mut self,
+            buf: &mut vm_memory::VolatileSlice<B>,
+        ) -> Result<usize, vm_memory::VolatileMemoryError> {
+            let n = buf.len().min(3000).min(self.0.len());
+            buf.copy_from(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn ranges_move_whole_through_short_reads_and_chunks() {
+        let cfg = MemoryConfig {
+            size: 1 << 20,
+            ..serde_json::from_str(r#"{"size": 1048576}"#).unwrap()
+        };
+        let mem = create_guest_memory(&cfg).unwrap();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        read_range(&mem, 0x1000, data.len() as u64, &mut Trickle(&data), 4096).unwrap();
+        let mut out = Vec::new();
+        write_range(&mem, 0x1000, data.len() as u64, &mut out, 5000).unwrap();
+        assert_eq!(out, data);
+        let e = read_range(&mem, 0x1000, 70000, &mut Trickle(&data), 1 << 30).unwrap_err();
+        assert!(e.contains("4464 bytes short"), "{e}");
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use arch::layout;
 use guest_memory::{GuestMemoryMmap, GuestRegionMmap};
 use vm_config::MemoryRestoreMode;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend};
 
 use crate::config::{MemoryConfig, VmConfig};
 use crate::memory;
@@ -158,6 +158,9 @@ pub fn load_memory(
     }
 }
 
+/// Bytes per read of a copy restore (Linux caps one `read` at 0x7ffff000 bytes anyway).
+const COPY_CHUNK: u64 = 1 << 30;
+
 /// Fresh guest RAM (as the configuration asks for it: anonymous, memfd, huge pages) with the
 /// file read into it. `prefault`: the RAM is populated as it is mapped, so the read does not
 /// fault page by page.
@@ -173,13 +176,12 @@ fn copy(
     let mut file = &src.memory;
     for (r, _) in ranges {
         // The ranges are back to back in the file, in this order, from its start.
-        mem.read_exact_volatile_from(GuestAddress(r.gpa), &mut file, r.length as usize)
-            .map_err(|e| {
-                Cause::io(format!(
-                    "Error reading memory snapshot region at {:#x}",
-                    r.gpa
-                ))(std::io::Error::other(e.to_string()))
-            })?;
+        memory::read_range(&mem, r.gpa, r.length, &mut file, COPY_CHUNK).map_err(|e| {
+            Cause::io(format!(
+                "Error reading memory snapshot region at {:#x}",
+                r.gpa
+            ))(std::io::Error::other(e))
+        })?;
     }
     Ok(mem)
 }

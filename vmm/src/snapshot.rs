@@ -17,7 +17,7 @@ use pci::{PciConfigIoState, PciRootState};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_devices::{VirtioDeviceState, VirtioPciState};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
@@ -327,6 +327,11 @@ pub fn write(
     result
 }
 
+/// Bytes per write of guest RAM into the memory file. Small writes let the page cache take
+/// small pages: one huge write asks for large folios, which a host that hands free memory
+/// back to its own hypervisor (free page reporting) allocates slowly.
+const WRITE_CHUNK: u64 = 1 << 20;
+
 /// Writes each range's bytes to `out`, back to back: from the region's own file (the memfd of
 /// shared or huge-page RAM) with `sendfile`, or from the mapping.
 fn write_memory(
@@ -350,13 +355,12 @@ fn write_memory(
             None => false,
         };
         if !from_file {
-            let len = usize::try_from(range.length)
-                .map_err(|_| Cause::new(format!("region at {:#x} too large", range.gpa)))?;
-            mem.write_all_volatile_to(addr, out, len)
-                .map_err(|e| Cause {
+            crate::memory::write_range(mem, range.gpa, range.length, out, WRITE_CHUNK).map_err(
+                |e| Cause {
                     msg: "Error writing memory snapshot region".into(),
-                    source: Some(io::Error::other(e.to_string())),
-                })?;
+                    source: Some(io::Error::other(e)),
+                },
+            )?;
         }
         total += range.length;
     }

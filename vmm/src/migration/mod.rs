@@ -41,51 +41,20 @@ pub enum Progress {
     },
 }
 
-/// Reads `r`'s bytes from `fd` into guest RAM (the range lies in one region), however the
-/// socket splits them.
+/// Reads `r`'s bytes from `fd` into guest RAM (the range lies in one region).
 pub fn read_into(
     mem: &guest_memory::GuestMemoryMmap,
     r: &crate::snapshot::MemoryRange,
     fd: &mut std::os::fd::BorrowedFd<'_>,
 ) -> Result<(), String> {
-    use vm_memory::Bytes;
-    let mut done = 0u64;
-    while done < r.length {
-        let n = mem
-            .read_volatile_from(
-                vm_memory::GuestAddress(r.gpa + done),
-                fd,
-                (r.length - done) as usize,
-            )
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("the connection ended".into());
-        }
-        done += n as u64;
-    }
-    Ok(())
+    crate::memory::read_range(mem, r.gpa, r.length, fd, 1 << 30)
 }
 
-/// Writes `r`'s bytes of guest RAM to `fd`, however the socket takes them.
+/// Writes `r`'s bytes of guest RAM to `fd`.
 pub fn write_from(
     mem: &guest_memory::GuestMemoryMmap,
     r: &crate::snapshot::MemoryRange,
     fd: &mut std::os::fd::BorrowedFd<'_>,
 ) -> Result<(), String> {
-    use vm_memory::Bytes;
-    let mut done = 0u64;
-    while done < r.length {
-        let n = mem
-            .write_volatile_to(
-                vm_memory::GuestAddress(r.gpa + done),
-                fd,
-                (r.length - done) as usize,
-            )
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("the connection takes nothing more".into());
-        }
-        done += n as u64;
-    }
-    Ok(())
+    crate::memory::write_range(mem, r.gpa, r.length, fd, 1 << 30)
 }
