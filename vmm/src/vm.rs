@@ -445,6 +445,12 @@ impl Vm {
         self.clock.is_some()
     }
 
+    /// Whether guest RAM was made fresh, not loaded on demand from a snapshot (whose pages
+    /// not yet loaded are not zeros).
+    pub fn ram_is_fresh(&self) -> bool {
+        self._on_demand.is_none()
+    }
+
     /// Guest RAM.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self._memory

@@ -86,9 +86,25 @@ fn push_ranges(out: &mut Vec<MemoryRange>, start: u64, len: u64, bits: &[u64]) {
     }
 }
 
-/// Every RAM range, whole.
-pub fn all(mem: &GuestMemoryMmap) -> Vec<MemoryRange> {
-    crate::snapshot::memory_ranges(mem)
+/// What the first pass sends: every RAM range, but of anonymous private RAM made fresh
+/// (`fresh`: not RAM still loaded on demand, whose absent pages are in the snapshot) only the
+/// pages that hold anything (present or swapped out): the destination's fresh RAM is zeros
+/// already, so an idle guest's untouched RAM costs nothing.
+pub fn initial(mem: &GuestMemoryMmap, fresh: bool) -> Vec<MemoryRange> {
+    let mut ranges = Vec::new();
+    for region in mem.iter() {
+        let populated = (fresh && region.file_offset().is_none())
+            .then(|| crate::memory::populated_pages(region))
+            .flatten();
+        match populated {
+            Some(bits) => push_ranges(&mut ranges, region.start_addr().0, region.len(), &bits),
+            None => ranges.push(MemoryRange {
+                gpa: region.start_addr().0,
+                length: region.len(),
+            }),
+        }
+    }
+    ranges
 }
 
 /// Total bytes of `ranges`.

@@ -146,7 +146,7 @@ fn run(
     if !opts.local {
         dirty::set_logging(vm.hypervisor_vm(), vm.memory(), true)?;
         *logging = true;
-        let mut ranges = dirty::all(vm.memory());
+        let mut ranges = dirty::initial(vm.memory(), vm.ram_is_fresh());
         // Bytes per second, as the last pass went.
         let mut rate: f64;
         loop {
