@@ -100,6 +100,30 @@ fn check_url(option: &str, url: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// What neither side does: TLS, postcopy.
+fn check_common(
+    option: &str,
+    url: &str,
+    tls_dir: Option<&str>,
+    mode: MigrationMode,
+) -> Result<(), ConfigError> {
+    if tls_dir.is_some() {
+        return Err(refuse(
+            option,
+            url,
+            "tls_dir: TLS is not supported by this VMM",
+        ));
+    }
+    if mode == MigrationMode::Postcopy {
+        return Err(refuse(
+            option,
+            url,
+            "memory_mode=postcopy is not supported by this VMM",
+        ));
+    }
+    Ok(())
+}
+
 impl SendMigrationConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         const OPT: &str = "send-migration";
@@ -121,20 +145,7 @@ impl SendMigrationConfig {
                 "connections: only one connection is supported by this VMM",
             ));
         }
-        if self.tls_dir.is_some() {
-            return Err(refuse(
-                OPT,
-                url,
-                "tls_dir: TLS is not supported by this VMM",
-            ));
-        }
-        if self.memory_mode == MigrationMode::Postcopy {
-            return Err(refuse(
-                OPT,
-                url,
-                "memory_mode=postcopy is not supported by this VMM",
-            ));
-        }
+        check_common(OPT, url, self.tls_dir.as_deref(), self.memory_mode)?;
         if self.preserve_source {
             return Err(refuse(
                 OPT,
@@ -151,20 +162,7 @@ impl ReceiveMigrationConfig {
         const OPT: &str = "receive-migration";
         let url = self.receiver_url.as_str();
         check_url(OPT, url)?;
-        if self.tls_dir.is_some() {
-            return Err(refuse(
-                OPT,
-                url,
-                "tls_dir: TLS is not supported by this VMM",
-            ));
-        }
-        if self.memory_mode == MigrationMode::Postcopy {
-            return Err(refuse(
-                OPT,
-                url,
-                "memory_mode=postcopy is not supported by this VMM",
-            ));
-        }
+        check_common(OPT, url, self.tls_dir.as_deref(), self.memory_mode)?;
         if self.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()) || self.iommufd_fd.is_some() {
             return Err(refuse(
                 OPT,

@@ -190,3 +190,43 @@ pub fn error_lines(body: &str) -> Vec<String> {
     serde_json::from_str(body)
         .unwrap_or_else(|e| panic!("an error body is a JSON list of strings ({e}): {body}"))
 }
+
+/// One `BUSY` line of the busy scenario.
+#[derive(Debug, Clone)]
+pub struct Busy {
+    pub n: u64,
+    pub clock: u64,
+    pub gen: String,
+    pub mem: String,
+    pub disk: String,
+}
+
+/// The complete BUSY lines of `text` (a snapshot may have caught a line half printed: its
+/// rest opens the restored VM's output, and is not a BUSY line).
+pub fn busy_lines(text: &str) -> Vec<Busy> {
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("BUSY ")?.split(' ');
+            let n = w.next()?.parse().ok()?;
+            let mut b = Busy {
+                n,
+                clock: 0,
+                gen: String::new(),
+                mem: String::new(),
+                disk: String::new(),
+            };
+            for kv in w {
+                match kv.split_once('=')? {
+                    ("clock", v) => b.clock = v.parse().ok()?,
+                    ("gen", v) => b.gen = v.into(),
+                    ("mem", v) => b.mem = v.into(),
+                    ("disk", v) => b.disk = v.into(),
+                    _ => {}
+                }
+            }
+            Some(b)
+        })
+        .collect()
+}

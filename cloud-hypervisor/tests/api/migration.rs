@@ -35,23 +35,9 @@ fn config(shared: bool, disk: Option<&Path>) -> Value {
 
 /// The complete BUSY lines of `text`: (round, mem, gen).
 fn rounds(text: &str) -> Vec<(u64, String, String)> {
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("BUSY ")?.split(' ');
-            let n = w.next()?.parse().ok()?;
-            let mut mem = String::new();
-            let mut gen = String::new();
-            for kv in w {
-                match kv.split_once('=') {
-                    Some(("mem", v)) => mem = v.into(),
-                    Some(("gen", v)) => gen = v.into(),
-                    _ => {}
-                }
-            }
-            Some((n, mem, gen))
-        })
+    busy_lines(text)
+        .into_iter()
+        .map(|b| (b.n, b.mem, b.gen))
         .collect()
 }
 

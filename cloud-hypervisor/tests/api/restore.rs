@@ -13,46 +13,6 @@ use serde_json::{json, Value};
 use crate::common;
 use crate::helpers::*;
 
-/// One `BUSY` line of the busy scenario.
-#[derive(Debug, Clone)]
-struct Busy {
-    n: u64,
-    clock: u64,
-    gen: String,
-    mem: String,
-    disk: String,
-}
-
-/// The complete BUSY lines of `text` (a snapshot may have caught a line half printed: its
-/// rest opens the restored VM's output, and is not a BUSY line).
-fn busy_lines(text: &str) -> Vec<Busy> {
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("BUSY ")?.split(' ');
-            let n = w.next()?.parse().ok()?;
-            let mut b = Busy {
-                n,
-                clock: 0,
-                gen: String::new(),
-                mem: String::new(),
-                disk: String::new(),
-            };
-            for kv in w {
-                match kv.split_once('=')? {
-                    ("clock", v) => b.clock = v.parse().ok()?,
-                    ("gen", v) => b.gen = v.into(),
-                    ("mem", v) => b.mem = v.into(),
-                    ("disk", v) => b.disk = v.into(),
-                    _ => {}
-                }
-            }
-            Some(b)
-        })
-        .collect()
-}
-
 /// A busy guest's configuration: 2 vCPUs, 256 MiB, serial into `serial` (or on stdout), and
 /// a 1 MiB disk where `disk` is given.
 fn busy_config(serial: Option<&Path>, disk: Option<&Path>) -> Value {
