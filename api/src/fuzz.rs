@@ -89,7 +89,7 @@ pub fn fuzz_requests(data: &[u8]) {
                         "a request takes bytes"
                     );
                     used += len;
-                    let mut resp = routes::answer(&request, &mut handle);
+                    let mut resp = routes::answer(&request, Vec::new(), &mut handle);
                     resp.close = request.close;
                     resp.encode(&mut out);
                     if request.close {

@@ -150,7 +150,15 @@ pub fn route(method: Method, path: &str) -> Result<(&'static str, Endpoint), Res
 }
 
 /// The `ApiRequest` for `ep` with `body`; `Err` is the answer to send instead.
-pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, Response> {
+/// `fds`: the descriptors that came with the request; a restore's `net_fds` take them, in
+/// order, each entry `num_fds` of them (as the original's ch-remote sends them); any other
+/// request closes them.
+pub fn request(
+    name: &str,
+    ep: Endpoint,
+    body: &[u8],
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<ApiRequest, Response> {
     Ok(match ep {
         Endpoint::VmmPing => ApiRequest::VmmPing,
         Endpoint::VmmShutdown => ApiRequest::VmmShutdown,
@@ -202,15 +210,50 @@ pub fn request(name: &str, ep: Endpoint, body: &[u8]) -> Result<ApiRequest, Resp
                 .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))?;
             // What this VMM cannot restore is a config that does not validate (400), before
             // the VMM is asked.
+            let mut config = config;
             config
                 .validate()
                 .map_err(|e| reply(name, Err(ApiError::Config(e))))?;
+            give_net_fds(&mut config, fds)?;
             ApiRequest::VmRestore(config)
         }
         Endpoint::VmSendMigration => ApiRequest::VmSendMigration(body_of(body, name)?),
         Endpoint::VmReceiveMigration => ApiRequest::VmReceiveMigration(body_of(body, name)?),
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
+}
+
+/// Hands the descriptors received with a restore to its `net_fds` entries, `num_fds` each, in
+/// order; 400 when the numbers differ. They stay open for the VMM's life (the restored net
+/// devices use them, and a reboot of the VM opens them again).
+fn give_net_fds(
+    config: &mut RestoreConfig,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<(), Response> {
+    use std::os::fd::IntoRawFd;
+    let wanted: usize = config.net_fds.iter().flatten().map(|n| n.num_fds).sum();
+    if wanted != fds.len() {
+        return Err(error_chain(
+            400,
+            &[
+                "Bad Request",
+                &format!(
+                    "net_fds: {wanted} descriptor(s) named, {} received with the request",
+                    fds.len()
+                ),
+            ],
+        ));
+    }
+    let mut fds = fds.into_iter();
+    for n in config.net_fds.iter_mut().flatten() {
+        n.fds = Some(
+            fds.by_ref()
+                .take(n.num_fds)
+                .map(IntoRawFd::into_raw_fd)
+                .collect(),
+        );
+    }
+    Ok(())
 }
 
 /// A request's JSON body as `T` (400 for none or one that does not read).
@@ -257,12 +300,16 @@ pub fn reply(name: &str, result: ApiResult) -> Response {
 }
 
 /// The answer to one complete request, with `handle` running what the VMM must run.
-pub fn answer(req: &Request, handle: &mut dyn FnMut(ApiRequest) -> ApiResult) -> Response {
+pub fn answer(
+    req: &Request,
+    fds: Vec<std::os::fd::OwnedFd>,
+    handle: &mut dyn FnMut(ApiRequest) -> ApiResult,
+) -> Response {
     let (name, ep) = match route(req.method, &req.path) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    match request(name, ep, &req.body) {
+    match request(name, ep, &req.body, fds) {
         Ok(r) => reply(name, handle(r)),
         Err(resp) => resp,
     }
@@ -299,20 +346,27 @@ mod tests {
 
     #[test]
     fn bodies_and_errors() {
-        let r = request("vm.create", Endpoint::VmCreate, b"{").unwrap_err();
+        let r = request("vm.create", Endpoint::VmCreate, b"{", Vec::new()).unwrap_err();
         assert_eq!(r.status, 400);
         assert_eq!(lines(&r)[0], "Failed to deserialize JSON");
-        let r = request("vm.create", Endpoint::VmCreate, b"").unwrap_err();
+        let r = request("vm.create", Endpoint::VmCreate, b"", Vec::new()).unwrap_err();
         assert_eq!(r.status, 400);
-        let r = request("vm.create", Endpoint::VmCreate, br#"{"payload": 3}"#).unwrap_err();
+        let r = request(
+            "vm.create",
+            Endpoint::VmCreate,
+            br#"{"payload": 3}"#,
+            Vec::new(),
+        )
+        .unwrap_err();
         assert_eq!(r.status, 400);
-        let r = request("vm.add-disk", Endpoint::NotYet, b"{}").unwrap_err();
+        let r = request("vm.add-disk", Endpoint::NotYet, b"{}", Vec::new()).unwrap_err();
         assert_eq!(r.status, 501);
         assert!(matches!(
             request(
                 "vm.create",
                 Endpoint::VmCreate,
-                br#"{"payload": {"kernel": "/k"}}"#
+                br#"{"payload": {"kernel": "/k"}}"#,
+                Vec::new()
             ),
             Ok(ApiRequest::VmCreate(_))
         ));
@@ -367,7 +421,7 @@ mod tests {
             route(Method::Get, "/api/v1/vm.restore").unwrap_err().status,
             400
         );
-        let ask = |body: &[u8]| request("vm.restore", Endpoint::VmRestore, body);
+        let ask = |body: &[u8]| request("vm.restore", Endpoint::VmRestore, body, Vec::new());
         match ask(
             br#"{"source_url": "file:///s", "resume": true, "memory_restore_mode": "CopyOnWrite"}"#,
         ) {

@@ -8,7 +8,7 @@
 //! then not read until it drains), and past `MAX_CONNECTIONS` the connection idle the longest
 //! is closed.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -39,6 +39,8 @@ struct Conn {
     last_active: Instant,
     /// The events the connection is registered for.
     events: EventSet,
+    /// Descriptors received with the request being read.
+    fds: Vec<std::os::fd::OwnedFd>,
 }
 
 pub struct ApiServer {
@@ -142,6 +144,7 @@ impl ApiServer {
                 continued: false,
                 last_active: Instant::now(),
                 events: EventSet::IN,
+                fds: Vec::new(),
             });
         }
     }
@@ -222,7 +225,7 @@ impl Conn {
         loop {
             let len = self.input.len();
             self.input.resize(len + READ_CHUNK, 0);
-            match self.stream.read(&mut self.input[len..]) {
+            match recv_with_fds(&self.stream, &mut self.input[len..], &mut self.fds) {
                 Ok(0) => {
                     self.input.truncate(len);
                     hung_up = true;
@@ -262,7 +265,10 @@ impl Conn {
                     used += len;
                     self.continued = false;
                     answered += 1;
-                    let mut resp = routes::answer(&request, handle);
+                    // Descriptors that came with the request (SCM_RIGHTS, as the original's
+                    // ch-remote sends a restore's net_fds) go with it; unused ones are closed.
+                    let fds = std::mem::take(&mut self.fds);
+                    let mut resp = routes::answer(&request, fds, handle);
                     resp.close = request.close;
                     self.closing = request.close;
                     resp.encode(&mut self.output);
@@ -324,6 +330,54 @@ impl Drop for ApiServer {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Most descriptors taken with one read.
+const MAX_FDS: usize = 64;
+
+/// `read` that also takes the descriptors sent with the bytes (SCM_RIGHTS), close-on-exec,
+/// appending them to `fds` (at most [`MAX_FDS`] held; more are closed).
+fn recv_with_fds(
+    stream: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<std::os::fd::OwnedFd>,
+) -> io::Result<usize> {
+    use std::os::fd::FromRawFd;
+    // Room for the control message: a header and MAX_FDS ints, 8-byte aligned.
+    let mut cmsg = [0u64; 2 + MAX_FDS / 2];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all zeros is valid before we fill it in.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+    // SAFETY: the iovec and control buffers live across the call and their lengths are theirs.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: walking the control messages the kernel wrote into our buffer, with its macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<i32>();
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..count {
+                    let fd = std::os::fd::OwnedFd::from_raw_fd(data.add(i).read_unaligned());
+                    if fds.len() < MAX_FDS {
+                        fds.push(fd);
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(n as usize)
 }
 
 #[cfg(test)]
@@ -456,6 +510,7 @@ mod tests {
     /// server, which reads no SCM_RIGHTS, and the request is answered as any other.
     #[test]
     fn a_request_with_descriptors_is_answered() {
+        use std::os::unix::fs::FileTypeExt;
         let (mut s, path) = server("fds");
         let client = std::thread::spawn(move || {
             let mut c = crate::client::Client::connect(&path).unwrap();
@@ -493,9 +548,17 @@ mod tests {
         );
         let c = restored.expect("the VMM was asked");
         let nets = c.net_fds.unwrap();
-        assert_eq!(
-            (nets[0].id.as_str(), nets[0].num_fds, &nets[0].fds),
-            ("net0", 2, &None)
-        );
+        assert_eq!((nets[0].id.as_str(), nets[0].num_fds), ("net0", 2));
+        // The two descriptors arrived, as new descriptors of this process (a pipe's ends).
+        let fds = nets[0]
+            .fds
+            .clone()
+            .expect("the descriptors came with the request");
+        assert_eq!(fds.len(), 2);
+        for fd in fds {
+            // SAFETY: the descriptor was handed to us and is closed here, once.
+            let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            assert!(f.metadata().unwrap().file_type().is_fifo());
+        }
     }
 }

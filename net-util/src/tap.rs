@@ -27,6 +27,8 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("descriptor {fd}: {reason}")]
+    BadFd { fd: i32, reason: String },
     #[error("tap '{name}': {op} failed: {source}")]
     Ioctl {
         name: String,
@@ -137,6 +139,55 @@ impl Tap {
                 file,
                 name: name.clone(),
             };
+            tap.set_vnet_hdr_len(VNET_HDR_LEN)?;
+            taps.push(tap);
+        }
+        Ok(taps)
+    }
+
+    /// The queues of a TAP someone else opened (`--net fd=`, a restore's `net_fds`): each
+    /// descriptor is duplicated (the given one stays the caller's), must be a TAP opened with
+    /// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (IFF_MULTI_QUEUE for several), and is made
+    /// non-blocking.
+    pub fn from_fds(fds: &[i32]) -> Result<Vec<Tap>, TapError> {
+        let mut taps = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            let bad = |reason: String| TapError::BadFd { fd, reason };
+            // SAFETY: F_DUPFD_CLOEXEC on any number is harmless; a negative answer is an error.
+            let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if new < 0 {
+                return Err(bad(format!("not open: {}", io::Error::last_os_error())));
+            }
+            // SAFETY: `new` is a fresh descriptor nobody else owns.
+            let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(new) };
+            // SAFETY: ifreq is plain data; all zeros is a valid value.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            // SAFETY: TUNGETIFF writes the ifreq we own.
+            if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF, &mut req) } < 0 {
+                return Err(bad(format!("not a TAP: {}", io::Error::last_os_error())));
+            }
+            // SAFETY: TUNGETIFF wrote the flags into the union's flags member.
+            let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+            let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            if flags & wanted != wanted {
+                return Err(bad(format!(
+                    "the TAP must be opened with IFF_TAP, IFF_NO_PI and IFF_VNET_HDR (flags \
+                     {flags:#x})"
+                )));
+            }
+            if fds.len() > 1 && flags & libc::IFF_MULTI_QUEUE == 0 {
+                return Err(bad("several queues need a TAP with IFF_MULTI_QUEUE".into()));
+            }
+            // SAFETY: O_NONBLOCK on our own descriptor.
+            unsafe {
+                let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+            }
+            // SAFETY: the kernel wrote a NUL-terminated name into ifr_name.
+            let name = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
+                .to_string_lossy()
+                .into_owned();
+            let tap = Tap { file, name };
             tap.set_vnet_hdr_len(VNET_HDR_LEN)?;
             taps.push(tap);
         }
@@ -407,6 +458,52 @@ mod tests {
             "unshare(CLONE_NEWNET): {}",
             io::Error::last_os_error()
         );
+    }
+
+    /// Descriptors of TAPs opened elsewhere become queues (duplicated: the originals stay
+    /// open); anything else is refused by number.
+    #[test]
+    fn taps_from_descriptors() {
+        std::thread::spawn(|| {
+            private_netns();
+            let taps = Tap::open("fdtap%d", 2).unwrap();
+            let fds: Vec<i32> = taps.iter().map(|t| t.file.as_raw_fd()).collect();
+            let again = Tap::from_fds(&fds).unwrap();
+            assert_eq!(again.len(), 2);
+            assert_eq!(again[0].name(), taps[0].name());
+            assert!(again
+                .iter()
+                .zip(&fds)
+                .all(|(t, &fd)| t.file.as_raw_fd() != fd));
+            drop(again);
+            // The originals are still open.
+            Tap::from_fds(&fds[..1]).unwrap();
+            let null = File::open("/dev/null").unwrap();
+            for (bad, why) in [
+                (vec![null.as_raw_fd()], "not a TAP"),
+                (vec![9999], "not open"),
+            ] {
+                let e = Tap::from_fds(&bad).unwrap_err().to_string();
+                assert!(e.contains(why), "{e}");
+            }
+            // A TAP without IFF_VNET_HDR.
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .unwrap();
+            let mut req = ifreq_for("plain%d").unwrap();
+            req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+            // SAFETY: TUNSETIFF on our own descriptor and ifreq.
+            assert_eq!(
+                unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req) },
+                0
+            );
+            let e = Tap::from_fds(&[f.as_raw_fd()]).unwrap_err().to_string();
+            assert!(e.contains("IFF_VNET_HDR"), "{e}");
+        })
+        .join()
+        .unwrap();
     }
 
     /// A template names no interface; a created TAP exists under the name the kernel gave it.

@@ -470,9 +470,46 @@ pub struct NetConfig {
     pub offload_ufo: bool,
     #[serde(default = "default_true")]
     pub offload_csum: bool,
+    /// The queues of a TAP the caller opened (`--net fd=`, one descriptor per queue pair), or
+    /// given to a restore in `net_fds`. As the original's: numbers in JSON are no descriptors
+    /// of this process, so they read as -1 (a restore must replace them).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_fds"
+    )]
+    pub fds: Option<Vec<i32>>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
+}
+
+fn deserialize_fds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<i32>>, D::Error> {
+    let fds: Option<Vec<i32>> = serde::Deserialize::deserialize(d)?;
+    // An empty list asks for nothing (the original's own configurations carry one).
+    Ok(fds.filter(|f| !f.is_empty()).map(|f| vec![-1; f.len()]))
+}
+
+/// `fd=3` or `fd=[3,4]`: descriptor numbers.
+fn parse_fds(v: &str) -> Result<Vec<i32>, String> {
+    let inner = v
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(v);
+    let fds = inner
+        .split(',')
+        .map(|f| {
+            f.trim()
+                .parse::<i32>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| format!("fd={v}: descriptors are numbers, e.g. fd=3 or fd=[3,4]"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if fds.is_empty() {
+        return Err(format!("fd={v}: no descriptor"));
+    }
+    Ok(fds)
 }
 
 fn default_net_queues() -> u16 {
@@ -515,7 +552,12 @@ impl NetConfig {
             &[],
         )?;
         refuse_active_rate_limits(&p)?;
-        p.refuse(&["fd", "socket"])?;
+        p.refuse(&["socket"])?;
+        let fds = p
+            .get("fd")
+            .map(|v| parse_fds(&v))
+            .transpose()
+            .map_err(|m| p.error(m))?;
         p.refuse_unless("vhost_user", false)?;
         let vhost_mode = match p.get("vhost_mode").map(|m| m.to_ascii_lowercase()) {
             None => VhostMode::Client,
@@ -549,7 +591,12 @@ impl NetConfig {
             mac: mac_of("mac")?,
             host_mac: mac_of("host_mac")?,
             mtu: p.number("mtu")?,
-            num_queues: p.number("num_queues")?.unwrap_or_else(default_net_queues),
+            // With descriptors, one queue pair each unless num_queues says it (and must agree).
+            num_queues: p.number("num_queues")?.unwrap_or_else(|| {
+                fds.as_ref().map_or_else(default_net_queues, |f| {
+                    (2 * f.len()).min(usize::from(u16::MAX)) as u16
+                })
+            }),
             queue_size: p
                 .number("queue_size")?
                 .unwrap_or_else(default_net_queue_size),
@@ -558,6 +605,7 @@ impl NetConfig {
             offload_tso: p.toggle("offload_tso", true)?,
             offload_ufo: p.toggle("offload_ufo", true)?,
             offload_csum: p.toggle("offload_csum", true)?,
+            fds,
         };
         cfg.check().map_err(|m| p.error(m))?;
         Ok(cfg)
@@ -618,7 +666,40 @@ impl NetConfig {
         if self.vhost_mode != VhostMode::Client {
             return Err("vhost_mode=server is not supported yet (no vhost-user)".into());
         }
+        if let Some(fds) = &self.fds {
+            if self.tap.is_some()
+                || self.ip.is_some()
+                || self.host_mac.is_some()
+                || self.mtu.is_some()
+            {
+                return Err(
+                    "fd= cannot be combined with tap=, ip=, mask=, host_mac= or mtu=: the TAP \
+                     is the caller's, set up by the caller"
+                        .into(),
+                );
+            }
+            if usize::from(self.num_queues) != 2 * fds.len() {
+                return Err(format!(
+                    "num_queues={} with {} descriptor(s): one descriptor per queue pair",
+                    self.num_queues,
+                    fds.len()
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the descriptors (if any) can be used: a configuration read from JSON carries
+    /// -1 in their place until a restore's `net_fds` gives real ones.
+    pub fn fds_usable(&self) -> Result<(), String> {
+        match &self.fds {
+            Some(f) if f.iter().any(|&fd| fd < 0) => Err(format!(
+                "net device {}: its TAP descriptors came through JSON and mean nothing here (a \
+                 restore gives new ones in net_fds)",
+                self.id.as_deref().unwrap_or("?")
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// What `parse` checks, for a configuration from anywhere (the API).

@@ -160,13 +160,26 @@ fn net() {
         ("vhost_user=on", "not supported"),
         ("vhost_mode=server", "not supported"),
         ("vhost_mode=sideways", "client or server"),
-        ("fd=3", "not supported"),
-        ("fd=[3,4]", "not supported"),
+        ("fd=x", "descriptors are numbers"),
+        ("fd=[3,-4]", "descriptors are numbers"),
+        ("fd=[3,4],num_queues=2", "one descriptor per queue pair"),
+        ("fd=3,tap=t0", "cannot be combined"),
+        ("fd=3,mtu=1400", "cannot be combined"),
         ("iommu=on", "not supported"),
     ] {
         let e = NetConfig::parse(bad).unwrap_err().to_string();
         assert!(e.contains(why), "{bad}: {e}");
     }
+    // Descriptors: one queue pair each; from JSON they mean nothing (-1) until a restore.
+    let n = NetConfig::parse("fd=[3,4],mac=12:34:56:78:9a:bc").unwrap();
+    assert_eq!((n.fds.clone(), n.num_queues), (Some(vec![3, 4]), 4));
+    assert_eq!(n.fds_usable(), Ok(()));
+    assert_eq!(NetConfig::parse("fd=5").unwrap().num_queues, 2);
+    let json = serde_json::to_string(&n).unwrap();
+    assert!(json.contains(r#""fds":[3,4]"#), "{json}");
+    let back: NetConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.fds, Some(vec![-1, -1]));
+    assert!(back.fds_usable().unwrap_err().contains("net_fds"));
 }
 
 /// The README's `--net "tap=,mac=,ip=,mask="`: every key not given. The TAP is then a new

@@ -106,6 +106,36 @@ fn console_host(
     }
 }
 
+/// A restore's `net_fds`: each names a net device of the snapshot's configuration that is backed
+/// by descriptors and gives as many new ones, which replace the old (meaningless) numbers. An
+/// entry that fits no such device is refused (the original ignores it with a warning).
+fn give_net_fds(config: &mut VmConfig, rc: &RestoreConfig) -> Result<(), String> {
+    for n in rc.net_fds.iter().flatten() {
+        let net = config
+            .net
+            .iter_mut()
+            .find(|c| c.id.as_deref() == Some(n.id.as_str()))
+            .ok_or_else(|| format!("net_fds: the snapshot has no net device '{}'", n.id))?;
+        let Some(old) = &net.fds else {
+            return Err(format!(
+                "net_fds: net device '{}' opens its TAP by name, not from descriptors",
+                n.id
+            ));
+        };
+        let new = n.fds.clone().unwrap_or_default();
+        if new.len() != old.len() {
+            return Err(format!(
+                "net_fds: net device '{}' has {} queue pair(s), {} descriptor(s) given",
+                n.id,
+                old.len(),
+                new.len()
+            ));
+        }
+        net.fds = Some(new);
+    }
+    Ok(())
+}
+
 /// The host ends of a VM's serial port and virtio console, opened before the VM is built.
 struct Endpoints {
     serial: SerialEndpoint,
@@ -337,13 +367,7 @@ impl Vmm {
         let start = std::time::Instant::now();
         let src = restore::open(&rc.source_url).map_err(chain)?;
         let mut config = src.config.clone();
-        if let Some(n) = rc.net_fds.iter().flatten().next() {
-            return Err(refuse(format!(
-                "net_fds: net device '{}' is not backed by file descriptors (this VMM has no \
-                 fd-backed net devices)",
-                n.id
-            )));
-        }
+        give_net_fds(&mut config, &rc).map_err(refuse)?;
         config
             .validate()
             .map_err(|e| refuse(format!("the snapshot's configuration is invalid: {e}")))?;
@@ -558,7 +582,23 @@ impl Vmm {
                 Ok(())
             })),
             VmResume => done(self.resume_vm()),
-            VmRestore(rc) => done(self.restore(rc)),
+            VmRestore(rc) => {
+                let fds: Vec<i32> = rc
+                    .net_fds
+                    .iter()
+                    .flatten()
+                    .flat_map(|n| n.fds.clone().unwrap_or_default())
+                    .collect();
+                let r = self.restore(rc);
+                if r.is_err() {
+                    // The descriptors the request brought are the VMM's; nothing uses them.
+                    for fd in fds {
+                        // SAFETY: received with the request and used by nothing else.
+                        unsafe { libc::close(fd) };
+                    }
+                }
+                done(r)
+            }
             VmSendMigration(opts) => done(self.send_migration(opts)),
             VmReceiveMigration(rc) => done(self.receive_migration(rc)),
             VmShutdown => done(

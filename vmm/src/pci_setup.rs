@@ -459,10 +459,22 @@ pub fn create(
         };
         let pairs = usize::from(n.num_queues / 2).max(1);
         // As the original: no TAP named, a new one the kernel names from "vmtap%d"; an
-        // existing TAP keeps its addresses.
+        // existing TAP keeps its addresses. With descriptors (`fd=`, a restore's `net_fds`),
+        // the caller's TAP, as the caller set it up.
         let name = n.tap.as_deref().unwrap_or("vmtap%d");
-        let existed = net_util::Tap::exists(name);
-        let taps = net_util::Tap::open(name, pairs).map_err(|e| err(e.to_string()))?;
+        let (existed, taps) = match &n.fds {
+            Some(fds) => {
+                n.fds_usable().map_err(err)?;
+                (
+                    true,
+                    net_util::Tap::from_fds(fds).map_err(|e| err(e.to_string()))?,
+                )
+            }
+            None => (
+                net_util::Tap::exists(name),
+                net_util::Tap::open(name, pairs).map_err(|e| err(e.to_string()))?,
+            ),
+        };
         let tap = &taps[0];
         match (n.ip, n.mask) {
             (Some(IpAddr::V4(ip)), Some(IpAddr::V4(mask))) if !existed => {
@@ -491,7 +503,9 @@ pub fn create(
         if let Some(mtu) = n.mtu {
             tap.set_mtu(mtu).map_err(|e| err(e.to_string()))?;
         }
-        tap.enable().map_err(|e| err(e.to_string()))?;
+        if n.fds.is_none() {
+            tap.enable().map_err(|e| err(e.to_string()))?;
+        }
         let mac = match &n.mac {
             Some(m) => m
                 .parse()

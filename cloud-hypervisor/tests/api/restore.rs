@@ -486,3 +486,178 @@ fn broken_snapshots_are_refused_cleanly() {
         run.stderr
     );
 }
+
+/// A TAP opened here (in this thread's network namespace), as a caller of the VMM opens one to
+/// hand it over: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, named `name`.
+fn open_tap(name: &str) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("/dev/net/tun");
+    // SAFETY: ifreq is plain data; all zeros is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    // SAFETY: TUNSETIFF on our descriptor with our ifreq.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    f
+}
+
+/// `cmd` with `fd` as its descriptor 3.
+fn with_fd3(cmd: &mut std::process::Command, fd: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only dup2 between fork and exec (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The TAP interfaces a process has open (`iff:` of each descriptor's fdinfo).
+fn taps_of(pid: i32) -> Vec<String> {
+    let mut taps = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.starts_with("iff:")) {
+            taps.push(l["iff:".len()..].trim().to_string());
+        }
+    }
+    taps.sort();
+    taps.dedup();
+    taps
+}
+
+/// A net device backed by a TAP the caller opened (`--net fd=3`), snapshotted and restored as
+/// two clones at once, each given a TAP of its own (`--restore ...,net_fds=[_net0@[3]]`, and
+/// `ch-remote restore` sending the descriptor over the API socket, as the original's): both
+/// run on, each attached to its own TAP only.
+#[test]
+fn clones_get_their_own_taps_through_net_fds() {
+    std::thread::spawn(|| {
+        // SAFETY: unshare only moves this thread into a new network namespace (and the VMMs
+        // it starts with it): the TAPs stay private to the test.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
+        clones_with_taps();
+    })
+    .join()
+    .unwrap();
+}
+
+fn clones_with_taps() {
+    let dir = common::scratch("restore-net-fds");
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let sock = dir.join("a.sock");
+    let tap_a = open_tap("snaptap0");
+    let mut cmd = std::process::Command::new(common::VMM);
+    cmd.args(["--api-socket", &format!("path={}", sock.display())])
+        .args(["--kernel", &kernel, "--cmdline", "test=busy"])
+        .args(["--memory", "size=256M", "--cpus", "boot=1"])
+        .args(["--serial", "tty", "--console", "off"])
+        .args(["--net", "fd=3,mac=12:34:56:78:9a:bc"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    with_fd3(&mut cmd, tap_a.as_raw_fd());
+    let a = cmd.spawn().unwrap();
+    let mut a = Vmm {
+        child: Some(a),
+        dir: dir.clone(),
+        sock,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.curl("GET", "vmm.ping", None).0 != 200 {
+        assert!(Instant::now() < deadline, "the VMM did not come up");
+        assert!(
+            a.child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok())
+                .flatten()
+                .is_none(),
+            "the VMM ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(taps_of(a.pid()), ["snaptap0"]);
+    let info = a.ok_json("vm.info");
+    assert_eq!(info["config"]["net"][0]["fds"], json!([3]));
+    assert_eq!(a.put("vm.pause").0, 204);
+    let snap = dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let url = format!("file://{}", snap.display());
+    let body = json!({ "destination_url": url }).to_string();
+    assert_eq!(a.curl("PUT", "vm.snapshot", Some(&body)).0, 204);
+    shutdown(a);
+
+    // Without new descriptors the snapshot's net device cannot come back.
+    let run = common::run(&["--restore", &format!("source_url={url}")]);
+    assert_eq!(run.code(), Some(1));
+    assert!(run.stderr.contains("net_fds"), "{}", run.stderr);
+
+    // Clone 1: --restore with an inherited descriptor.
+    let tap_b = open_tap("clonetap1");
+    let mut cmd = std::process::Command::new(common::VMM);
+    let sock_b = dir.join("b.sock");
+    cmd.args(["--api-socket", &format!("path={}", sock_b.display())])
+        .args([
+            "--restore",
+            &format!("source_url={url},net_fds=[_net0@[3]],resume=on"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    with_fd3(&mut cmd, tap_b.as_raw_fd());
+    let mut b = Vmm {
+        child: Some(cmd.spawn().unwrap()),
+        dir: dir.clone(),
+        sock: sock_b,
+    };
+    // Clone 2: an empty VMM, and ch-remote sending its descriptor with the request.
+    let c = Vmm::start("restore-net-fds-c", &[]);
+    let tap_c = open_tap("clonetap2");
+    let mut cmd = std::process::Command::new(ch_remote_bin());
+    cmd.arg("--api-socket").arg(&c.sock).args([
+        "restore",
+        &format!("source_url={url},net_fds=[_net0@[3]],resume=on"),
+    ]);
+    with_fd3(&mut cmd, tap_c.as_raw_fd());
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut text = String::new();
+    let n = clone_rounds(&mut b, 0, &mut text)[0].n;
+    let lines = clone_rounds(&mut b, n + 5, &mut text);
+    assert!(lines.iter().all(|l| l.mem == "ok"), "{text}");
+    assert_eq!(c.state(), "Running");
+    assert_eq!(taps_of(b.pid()), ["clonetap1"]);
+    assert_eq!(taps_of(c.pid()), ["clonetap2"]);
+    // The restored configuration names the new descriptor.
+    let info = c.ok_json("vm.info");
+    assert_eq!(
+        info["config"]["net"][0]["fds"].as_array().map(Vec::len),
+        Some(1)
+    );
+    shutdown(b);
+    shutdown(c);
+}
