@@ -185,8 +185,8 @@ fn restore_in_a_new_process_goes_on() {
     assert!(at("vm:resumed") < ev.len(), "{ev:?}");
 }
 
-/// The other modes, through the other front ends: `ch-remote restore` on demand, and
-/// `--restore` copy-on-write, each resumed at once.
+/// The other modes, through the other front ends: `ch-remote restore` on demand, then a
+/// snapshot of that VM restored with `--restore` copy-on-write, each resumed at once.
 #[test]
 fn restore_on_demand_and_copy_on_write() {
     let a = Vmm::start("restore-modes-a", &[]);
@@ -214,9 +214,20 @@ fn restore_on_demand_and_copy_on_write() {
             .collect::<Vec<_>>(),
         &text,
     );
+    // A snapshot of the VM still loading on demand (its pages not yet touched come from the
+    // first snapshot as the second one reads them), restored copy-on-write.
+    assert_eq!(b.put("vm.pause").0, 204);
+    let before = busy_lines(&std::fs::read_to_string(&serial).unwrap())
+        .pop()
+        .unwrap();
+    let snap2 = b.dir.join("snap2");
+    std::fs::create_dir(&snap2).unwrap();
+    let url2 = format!("file://{}", snap2.display());
+    let body = json!({ "destination_url": url2 }).to_string();
+    assert_eq!(b.curl("PUT", "vm.snapshot", Some(&body)).0, 204);
     shutdown(b);
 
-    let arg = format!("source_url={url},memory_restore_mode=copyonwrite,resume=on");
+    let arg = format!("source_url={url2},memory_restore_mode=copyonwrite,resume=on");
     let c = Vmm::start("restore-modes-c", &["--restore", &arg]);
     let lines = wait_round(&serial, before.n + 10);
     let text = std::fs::read_to_string(&serial).unwrap();
