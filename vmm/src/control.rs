@@ -189,6 +189,9 @@ pub(crate) struct Vmm {
     api_poll_until: Option<std::time::Instant>,
     /// A live migration being sent: the thread has the VM meanwhile.
     outgoing: Option<migrate::Outgoing>,
+    /// The guest powered off, or asked for a reset, while the migration thread had the VM.
+    deferred_exit: bool,
+    deferred_reset: bool,
 }
 
 impl Vmm {
@@ -235,6 +238,8 @@ impl Vmm {
             pending_input: Vec::new(),
             api_poll_until: None,
             outgoing: None,
+            deferred_exit: false,
+            deferred_reset: false,
         })
     }
 
@@ -670,7 +675,14 @@ impl Vmm {
     fn dispatch(&mut self, token: u64) -> Result<Next, Error> {
         match token {
             EV_EXIT => {
-                if self.events.exit.read().is_err() || self.vm.is_none() {
+                if self.events.exit.read().is_err() {
+                    return Ok(Next::Continue);
+                }
+                if self.vm.is_none() {
+                    // The migration thread has the VM: acted on when it comes back.
+                    if self.outgoing.is_some() {
+                        self.deferred_exit = true;
+                    }
                     return Ok(Next::Continue);
                 }
                 info!("guest powered off");
@@ -695,7 +707,11 @@ impl Vmm {
                 return Ok(Next::Exit(Outcome::Signal(libc::SIGTERM)));
             }
             EV_RESET => {
-                if self.events.reset.read().is_ok() && self.vm.is_some() {
+                let raised = self.events.reset.read().is_ok();
+                if raised && self.vm.is_none() && self.outgoing.is_some() {
+                    self.deferred_reset = true;
+                }
+                if raised && self.vm.is_some() {
                     info!("guest reset: rebuilding the VM");
                     self.reboot()?;
                 }

@@ -193,6 +193,14 @@ impl Vmm {
             }
             Err(e) => {
                 error!("migration failed: {e}; the VM runs on here");
+                // What the guest asked for meanwhile (its vCPUs stopped, so the migration could
+                // not finish) is acted on now.
+                if std::mem::take(&mut self.deferred_exit) {
+                    let _ = self.events.exit.write(1);
+                }
+                if std::mem::take(&mut self.deferred_reset) {
+                    let _ = self.events.reset.write(1);
+                }
                 let props = [("error".to_string(), e)].into_iter().collect();
                 self.monitor
                     .emit_with("vm", "migration-failed", Some(&props));
