@@ -162,17 +162,7 @@ pub fn request(
     Ok(match ep {
         Endpoint::VmmPing => ApiRequest::VmmPing,
         Endpoint::VmmShutdown => ApiRequest::VmmShutdown,
-        Endpoint::VmCreate => {
-            if body.is_empty() {
-                return Err(error_chain(
-                    400,
-                    &["Bad Request", "vm.create needs a VmConfig as its body"],
-                ));
-            }
-            let config: VmConfig = serde_json::from_slice(body)
-                .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))?;
-            ApiRequest::VmCreate(Box::new(config))
-        }
+        Endpoint::VmCreate => ApiRequest::VmCreate(Box::new(body_of(body, name, "VmConfig")?)),
         Endpoint::VmBoot => ApiRequest::VmBoot,
         Endpoint::VmInfo => ApiRequest::VmInfo,
         Endpoint::VmCounters => ApiRequest::VmCounters,
@@ -182,43 +172,23 @@ pub fn request(
         Endpoint::VmReboot => ApiRequest::VmReboot,
         Endpoint::VmPowerButton => ApiRequest::VmPowerButton,
         Endpoint::VmDelete => ApiRequest::VmDelete,
-        Endpoint::VmSnapshot => {
-            if body.is_empty() {
-                return Err(error_chain(
-                    400,
-                    &[
-                        "Bad Request",
-                        "vm.snapshot needs a VmSnapshotConfig as its body",
-                    ],
-                ));
-            }
-            let config = serde_json::from_slice(body)
-                .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))?;
-            ApiRequest::VmSnapshot(config)
-        }
+        Endpoint::VmSnapshot => ApiRequest::VmSnapshot(body_of(body, name, "VmSnapshotConfig")?),
         Endpoint::VmRestore => {
-            if body.is_empty() {
-                return Err(error_chain(
-                    400,
-                    &[
-                        "Bad Request",
-                        "vm.restore needs a RestoreConfig as its body",
-                    ],
-                ));
-            }
-            let config: RestoreConfig = serde_json::from_slice(body)
-                .map_err(|e| error_chain(400, &["Failed to deserialize JSON", &e.to_string()]))?;
+            let mut config: RestoreConfig = body_of(body, name, "RestoreConfig")?;
             // What this VMM cannot restore is a config that does not validate (400), before
             // the VMM is asked.
-            let mut config = config;
             config
                 .validate()
                 .map_err(|e| reply(name, Err(ApiError::Config(e))))?;
             give_net_fds(&mut config, fds)?;
             ApiRequest::VmRestore(config)
         }
-        Endpoint::VmSendMigration => ApiRequest::VmSendMigration(body_of(body, name)?),
-        Endpoint::VmReceiveMigration => ApiRequest::VmReceiveMigration(body_of(body, name)?),
+        Endpoint::VmSendMigration => {
+            ApiRequest::VmSendMigration(body_of(body, name, "SendMigrationData")?)
+        }
+        Endpoint::VmReceiveMigration => {
+            ApiRequest::VmReceiveMigration(body_of(body, name, "ReceiveMigrationData")?)
+        }
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }
@@ -256,12 +226,17 @@ fn give_net_fds(
     Ok(())
 }
 
-/// A request's JSON body as `T` (400 for none or one that does not read).
-fn body_of<T: serde::de::DeserializeOwned>(body: &[u8], name: &str) -> Result<T, Response> {
+/// A request's JSON body as `T`, the schema the original's API document calls `what` (400 for
+/// none, or one that does not read).
+fn body_of<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    name: &str,
+    what: &str,
+) -> Result<T, Response> {
     if body.is_empty() {
         return Err(error_chain(
             400,
-            &["Bad Request", &format!("{name} needs a body")],
+            &["Bad Request", &format!("{name} needs a {what} as its body")],
         ));
     }
     serde_json::from_slice(body)
