@@ -3,7 +3,7 @@
 //! original does, with a JSON array of strings: the error chain from the top down, e.g.
 //! `["Error from API","The VM could not be paused","VM is not running"]`.
 
-use vm_config::{RestoreConfig, VmConfig};
+use vm_config::RestoreConfig;
 
 use crate::http::{Method, Request, Response};
 use crate::types::{ApiError, ApiRequest, ApiResponse, ApiResult};

@@ -194,8 +194,13 @@ pub fn advise_restored(addr: *mut u8, size: u64, cfg: &MemoryConfig) {
     advise(addr, size, 0, &cfg);
 }
 
-/// Registers every region as a KVM memory slot.
-pub fn register_memory(vm: &Arc<dyn Vm>, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Registers every region as a KVM memory slot (region `i` is slot `i`); `log_dirty`: with
+/// KVM's dirty log (a live migration re-registers the slots with it, and without it after).
+pub fn register_memory(
+    vm: &Arc<dyn Vm>,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         debug!(
             "memory slot {slot}: guest {:#x}+{:#x}",
@@ -211,7 +216,7 @@ pub fn register_memory(vm: &Arc<dyn Vm>, mem: &GuestMemoryMmap) -> Result<(), Me
                 region.start_addr().0,
                 region.len(),
                 host,
-                false,
+                log_dirty,
             )?;
         }
     }

@@ -105,7 +105,7 @@ impl Machine {
         events: &VmEvents,
     ) -> Result<Self, VmError> {
         let vm = hv.create_vm()?;
-        memory::register_memory(&vm, mem)?;
+        memory::register_memory(&vm, mem, false)?;
         // After the memory: with the irqchip in place, KVM's first memory-slot update waits for
         // an SRCU grace period of several milliseconds.
         vm.create_irqchip()?;

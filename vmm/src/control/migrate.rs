@@ -40,6 +40,13 @@ fn send_error(msg: impl Into<String>) -> ApiError {
     ])
 }
 
+/// An event's properties.
+fn properties<const N: usize>(
+    kv: [(&str, String); N],
+) -> std::collections::BTreeMap<String, String> {
+    kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
 fn receive_error(msg: impl Into<String>) -> ApiError {
     ApiError::Chain(vec![
         "Failed to receive migratable component snapshot".into(),
@@ -138,15 +145,12 @@ impl Vmm {
                     total,
                     dirty,
                 }) => {
-                    let props = [
+                    let props = properties([
                         ("pass", pass.to_string()),
                         ("bytes", bytes.to_string()),
                         ("total_bytes", total.to_string()),
                         ("dirty_bytes", dirty.to_string()),
-                    ]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect();
+                    ]);
                     self.monitor
                         .emit_with("vm", "migration-progress", Some(&props));
                 }
@@ -155,14 +159,11 @@ impl Vmm {
                     total,
                     downtime,
                 }) => {
-                    let props = [
+                    let props = properties([
                         ("passes", passes.to_string()),
                         ("total_bytes", total.to_string()),
                         ("downtime_us", downtime.as_micros().to_string()),
-                    ]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect();
+                    ]);
                     self.monitor
                         .emit_with("vm", "migration-completed", Some(&props));
                 }
@@ -201,7 +202,7 @@ impl Vmm {
                 if std::mem::take(&mut self.deferred_reset) {
                     let _ = self.events.reset.write(1);
                 }
-                let props = [("error".to_string(), e)].into_iter().collect();
+                let props = properties([("error", e)]);
                 self.monitor
                     .emit_with("vm", "migration-failed", Some(&props));
                 Next::Continue

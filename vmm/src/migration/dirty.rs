@@ -22,19 +22,7 @@ pub fn set_logging(
     mem: &GuestMemoryMmap,
     on: bool,
 ) -> Result<(), String> {
-    for (slot, region) in mem.iter().enumerate() {
-        // SAFETY: the same host range as the slot has now, which lives as long as the VM.
-        unsafe {
-            vm.set_user_memory_region(
-                slot as u32,
-                region.start_addr().0,
-                region.len(),
-                region.as_ptr() as u64,
-                on,
-            )
-        }
-        .map_err(|e| format!("memory slot {slot}: {e}"))?;
-    }
+    crate::memory::register_memory(vm, mem, on).map_err(|e| e.to_string())?;
     if on {
         // Only what is written from now on counts.
         for region in mem.iter() {

@@ -40,21 +40,3 @@ pub enum Progress {
         downtime: Duration,
     },
 }
-
-/// Reads `r`'s bytes from `fd` into guest RAM (the range lies in one region).
-pub fn read_into(
-    mem: &guest_memory::GuestMemoryMmap,
-    r: &crate::snapshot::MemoryRange,
-    fd: &mut std::os::fd::BorrowedFd<'_>,
-) -> Result<(), String> {
-    crate::memory::read_range(mem, r.gpa, r.length, fd, 1 << 30)
-}
-
-/// Writes `r`'s bytes of guest RAM to `fd`.
-pub fn write_from(
-    mem: &guest_memory::GuestMemoryMmap,
-    r: &crate::snapshot::MemoryRange,
-    fd: &mut std::os::fd::BorrowedFd<'_>,
-) -> Result<(), String> {
-    crate::memory::write_range(mem, r.gpa, r.length, fd, 1 << 30)
-}

@@ -174,7 +174,7 @@ pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> 
                                 r.gpa, r.length
                             ));
                         }
-                        super::read_into(mem, r, &mut s.fd())
+                        crate::memory::read_range(mem, r.gpa, r.length, &mut s.fd(), 1 << 30)
                             .map_err(|e| format!("receiving memory at {:#x}: {e}", r.gpa))?;
                     }
                 }

@@ -22,12 +22,12 @@ use crate::vm::Vm;
 /// What went wrong, one line.
 pub type SendError = String;
 
-struct Sender_<'a> {
+struct Link<'a> {
     stream: Stream,
     events: &'a Sender<Progress>,
 }
 
-impl Sender_<'_> {
+impl Link<'_> {
     fn request(&mut self, cmd: Command, payload: &[u8]) -> Result<(), SendError> {
         let mut frame = Request::new(cmd, payload.len() as u64).encode().to_vec();
         frame.extend_from_slice(payload);
@@ -57,7 +57,7 @@ impl Sender_<'_> {
         let mem = vm.memory();
         let mut fd = self.stream.fd();
         for r in ranges {
-            super::write_from(mem, r, &mut fd)
+            crate::memory::write_range(mem, r.gpa, r.length, &mut fd, 1 << 30)
                 .map_err(|e| format!("sending memory at {:#x}: {e}", r.gpa))?;
         }
         self.response(Command::Memory)?;
@@ -79,7 +79,7 @@ pub fn send(
         .map_err(|e| format!("cannot connect to {}: {e}", opts.destination_url))?;
     stream.set_buffers(super::SOCKET_BUFFER);
     stream.set_timeouts(super::receive::IDLE_TIMEOUT);
-    let mut s = Sender_ { stream, events };
+    let mut s = Link { stream, events };
     let mut logging = false;
     let mut paused_here = false;
     let mut locks_released = false;
@@ -122,7 +122,7 @@ fn run(
     vm: &mut Vm,
     config: &VmConfig,
     opts: &SendMigrationConfig,
-    s: &mut Sender_,
+    s: &mut Link,
     start: Instant,
     logging: &mut bool,
     paused_here: &mut bool,
@@ -232,7 +232,7 @@ fn run(
 
 /// Local migration: each RAM region's memory file goes over the socket (MemoryFd: the region's
 /// index as a u32, the descriptor beside it), so the destination maps the same pages.
-fn send_memory_fds(vm: &Vm, s: &mut Sender_) -> Result<(), SendError> {
+fn send_memory_fds(vm: &Vm, s: &mut Link) -> Result<(), SendError> {
     for (slot, region) in vm.memory().iter().enumerate() {
         let fo = region
             .file_offset()
