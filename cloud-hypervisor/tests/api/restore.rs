@@ -92,6 +92,18 @@ fn check_goes_on(before: &Busy, after: &[Busy], text: &str) {
     assert!(text.contains("VMGENID-CHANGED"), "{text}");
 }
 
+/// Waits for ten more rounds in `serial` and checks them with `check_goes_on`; returns them.
+fn goes_on(serial: &Path, before: &Busy) -> Vec<Busy> {
+    wait_round(serial, before.n + 10);
+    let text = std::fs::read_to_string(serial).unwrap();
+    let after: Vec<Busy> = busy_lines(&text)
+        .into_iter()
+        .filter(|l| l.n > before.n)
+        .collect();
+    check_goes_on(before, &after, &text);
+    after
+}
+
 /// Boots a busy guest in a VMM, lets it run, pauses it and snapshots it into `<dir>/snap`;
 /// returns the snapshot URL, the last round before the pause, and the VMM's config.
 fn busy_snapshot(vmm: &Vmm, config: &Value, serial: Option<&Path>) -> (String, Busy, Value) {
@@ -169,14 +181,8 @@ fn restore_in_a_new_process_goes_on() {
         "the guest ran before the resume:\n{text}"
     );
     assert_eq!(b.put("vm.resume").0, 204);
-    wait_round(&serial, before.n + 10);
-    let text = std::fs::read_to_string(&serial).unwrap();
-    let after: Vec<Busy> = busy_lines(&text)
-        .into_iter()
-        .filter(|l| l.n > before.n)
-        .collect();
-    check_goes_on(&before, &after, &text);
-    assert!(after.iter().all(|b| b.disk == "ok"), "{text}");
+    let after = goes_on(&serial, &before);
+    assert!(after.iter().all(|b| b.disk == "ok"), "{after:?}");
     shutdown(b);
     let ev = events(&monitor);
     let at = |e: &str| ev.iter().position(|x| x == e).unwrap_or(usize::MAX);
@@ -204,16 +210,7 @@ fn restore_on_demand_and_copy_on_write() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(b.state(), "Running");
-    let lines = wait_round(&serial, before.n + 10);
-    let text = std::fs::read_to_string(&serial).unwrap();
-    check_goes_on(
-        &before,
-        &lines
-            .into_iter()
-            .filter(|l| l.n > before.n)
-            .collect::<Vec<_>>(),
-        &text,
-    );
+    goes_on(&serial, &before);
     // A snapshot of the VM still loading on demand (its pages not yet touched come from the
     // first snapshot as the second one reads them), restored copy-on-write.
     assert_eq!(b.put("vm.pause").0, 204);
@@ -229,16 +226,7 @@ fn restore_on_demand_and_copy_on_write() {
 
     let arg = format!("source_url={url2},memory_restore_mode=copyonwrite,resume=on");
     let c = Vmm::start("restore-modes-c", &["--restore", &arg]);
-    let lines = wait_round(&serial, before.n + 10);
-    let text = std::fs::read_to_string(&serial).unwrap();
-    check_goes_on(
-        &before,
-        &lines
-            .into_iter()
-            .filter(|l| l.n > before.n)
-            .collect::<Vec<_>>(),
-        &text,
-    );
+    goes_on(&serial, &before);
     assert_eq!(c.state(), "Running");
     shutdown(c);
 }
