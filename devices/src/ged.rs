@@ -14,8 +14,11 @@ pub const GED_POWER_BUTTON: u8 = 1 << 0;
 /// Event bit: the VMM wrote a new VM generation ID (`crate::vmgenid`); `_EVT` notifies
 /// `\_SB_.VGEN`, and the guest re-reads the ID.
 pub const GED_VMGENID: u8 = 1 << 1;
+/// Event bit: PCI devices were added or their removal is requested (`_EVT` calls
+/// `\_SB_.PHPR.PSCN`, which reads the hotplug controller's bitmaps: `crate::pci_hotplug`).
+pub const GED_PCI_HOTPLUG: u8 = 1 << 2;
 /// Every event bit the device (and the DSDT's `_EVT`) knows.
-pub const GED_EVENTS: u8 = GED_POWER_BUTTON | GED_VMGENID;
+pub const GED_EVENTS: u8 = GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG;
 
 /// The `GedState` layout this build writes and the only one it restores.
 pub const GED_STATE_VERSION: u32 = 1;
@@ -155,7 +158,7 @@ mod tests {
 
         // Unknown event bits are refused, and the device is left as it was.
         fresh.notify(GED_POWER_BUTTON).unwrap();
-        for pending in [0x04, 0x80, 0xff, GED_EVENTS | 0x04] {
+        for pending in [0x08, 0x80, 0xff, GED_EVENTS | 0x08] {
             let e = fresh
                 .restore(&GedState {
                     version: GED_STATE_VERSION,
@@ -174,7 +177,8 @@ mod tests {
     #[test]
     fn vmgenid_event_is_known_and_read_with_the_power_button() {
         assert_eq!(GED_VMGENID, 0x02);
-        assert_eq!(GED_EVENTS, GED_POWER_BUTTON | GED_VMGENID);
+        assert_eq!(GED_PCI_HOTPLUG, 0x04);
+        assert_eq!(GED_EVENTS, GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut ged = Ged::new(irq.try_clone().unwrap());
         ged.notify(GED_VMGENID).unwrap();

@@ -8,6 +8,7 @@ mod bus;
 mod cmos;
 mod ged;
 mod i8042;
+pub mod pci_hotplug;
 mod serial;
 mod state;
 #[cfg(test)]
@@ -18,8 +19,11 @@ pub use acpi_pm_timer::{AcpiPmTimer, PmTimerState, PM_TIMER_FREQUENCY_HZ, PM_TIM
 pub use acpi_sleep::{AcpiSleepDevice, AcpiSleepState, ACPI_SLEEP_STATE_VERSION};
 pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CmosState, CMOS_NVRAM_SIZE, CMOS_STATE_VERSION};
-pub use ged::{Ged, GedState, GED_EVENTS, GED_POWER_BUTTON, GED_STATE_VERSION, GED_VMGENID};
+pub use ged::{
+    Ged, GedState, GED_EVENTS, GED_PCI_HOTPLUG, GED_POWER_BUTTON, GED_STATE_VERSION, GED_VMGENID,
+};
 pub use i8042::{I8042State, I8042, I8042_STATE_VERSION};
+pub use pci_hotplug::{EjectSink, PciHotplug, PciHotplugState, PCI_HOTPLUG_SIZE};
 pub use serial::{Serial, SerialOutput, SerialState, SERIAL_STATE_VERSION};
 pub use state::{StateError, Stateful};
 pub use vmgenid::{new_generation_id, write_generation_id};

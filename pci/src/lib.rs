@@ -111,6 +111,9 @@ pub trait VmInterface: Send + Sync {
     fn unregister_ioevent(&self, fd: &EventFd, addr: u64);
     /// A fresh GSI for a message-signalled interrupt.
     fn allocate_gsi(&self) -> Result<u32, String>;
+    /// Gives back a GSI `allocate_gsi` returned (its route and irqfd already removed), so an
+    /// unplugged device's vectors can be used by the next one.
+    fn free_gsi(&self, gsi: u32);
     /// Routes `gsi` to the MSI `(address, data)`, or removes its route with `None`.
     fn set_msi_route(&self, gsi: u32, msi: Option<(u64, u32)>) -> Result<(), String>;
     /// Wires `fd` to inject `gsi` when written.

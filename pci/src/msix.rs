@@ -101,13 +101,22 @@ impl MsixConfig {
         ];
         let mut vectors = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let v = (|| -> Result<Vector, String> {
-                let gsi = vm.allocate_gsi()?;
-                let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-                vm.set_msi_route(gsi, Some((0, 0)))?;
-                vm.register_irqfd(&irqfd, gsi)?;
-                Ok(Vector { gsi, irqfd })
-            })();
+            let v = vm.allocate_gsi().and_then(|gsi| {
+                let wired = (|| -> Result<EventFd, String> {
+                    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+                    vm.set_msi_route(gsi, Some((0, 0)))?;
+                    vm.register_irqfd(&irqfd, gsi)?;
+                    Ok(irqfd)
+                })();
+                match wired {
+                    Ok(irqfd) => Ok(Vector { gsi, irqfd }),
+                    Err(e) => {
+                        let _ = vm.set_msi_route(gsi, None);
+                        vm.free_gsi(gsi);
+                        Err(e)
+                    }
+                }
+            });
             match v {
                 Ok(v) => vectors.push(v),
                 Err(e) => {
@@ -383,6 +392,7 @@ impl Drop for MsixConfig {
         for v in &self.vectors {
             self.vm.unregister_irqfd(&v.irqfd, v.gsi);
             let _ = self.vm.set_msi_route(v.gsi, None);
+            self.vm.free_gsi(v.gsi);
         }
     }
 }

@@ -55,6 +55,7 @@ impl VmInterface for FakeVm {
     fn allocate_gsi(&self) -> Result<u32, String> {
         Ok(24 + self.0.fetch_add(1, Ordering::SeqCst))
     }
+    fn free_gsi(&self, _gsi: u32) {}
     fn set_msi_route(&self, _gsi: u32, _msi: Option<(u64, u32)>) -> Result<(), String> {
         Ok(())
     }

@@ -579,6 +579,7 @@ impl pci::VmInterface for FakeVm {
     fn allocate_gsi(&self) -> Result<u32, String> {
         Ok(24 + self.gsi.fetch_add(1, Ordering::SeqCst) as u32)
     }
+    fn free_gsi(&self, _gsi: u32) {}
     fn set_msi_route(&self, _gsi: u32, _msi: Option<(u64, u32)>) -> Result<(), String> {
         Ok(())
     }

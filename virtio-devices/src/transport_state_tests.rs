@@ -60,6 +60,7 @@ impl VmInterface for FakeVm {
     fn allocate_gsi(&self) -> Result<u32, String> {
         Ok(24 + self.gsi.fetch_add(1, Ordering::SeqCst))
     }
+    fn free_gsi(&self, _gsi: u32) {}
     fn set_msi_route(&self, gsi: u32, msi: Option<(u64, u32)>) -> Result<(), String> {
         self.routes.lock().unwrap().insert(gsi, msi);
         Ok(())

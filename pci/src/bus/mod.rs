@@ -8,6 +8,7 @@ use devices::BusDevice;
 use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 use crate::configuration::{extract, PciIds};
 use crate::{
@@ -54,19 +55,24 @@ pub enum PciRootError {
     NoBarSpace(u64),
     #[error("BAR size {0:#x} is not a power of two")]
     BadBarSize(u64),
+    #[error("no BAR was allocated at {0:#x}")]
+    NotAllocated(u64),
+    #[error("no device at PCI device id {0}")]
+    NoDevice(u8),
 }
 
-/// Hands out naturally aligned ranges from a window, lowest first.
+/// Hands out naturally aligned ranges from a window, lowest first, and takes them back when a
+/// device is unplugged (vm-allocator's interval tree keeps the free ranges).
 pub struct BarAllocator {
-    next: u64,
-    end: u64,
+    /// `None` for an empty window.
+    space: Option<AddressAllocator>,
 }
 
 impl BarAllocator {
     pub fn new(start: u64, size: u64) -> Self {
+        let size = size.min((u64::MAX - start).saturating_add(1));
         BarAllocator {
-            next: start,
-            end: start.saturating_add(size),
+            space: AddressAllocator::new(start, size).ok(),
         }
     }
 
@@ -75,14 +81,31 @@ impl BarAllocator {
         if !size.is_power_of_two() {
             return Err(PciRootError::BadBarSize(size));
         }
-        let addr = self
-            .next
-            .checked_add(size - 1)
-            .map(|a| a & !(size - 1))
-            .filter(|a| a.checked_add(size).is_some_and(|end| end <= self.end))
-            .ok_or(PciRootError::NoBarSpace(size))?;
-        self.next = addr + size;
-        Ok(addr)
+        let space = self.space.as_mut().ok_or(PciRootError::NoBarSpace(size))?;
+        space
+            .allocate(size, size, AllocPolicy::FirstMatch)
+            .map(|r| r.start())
+            .map_err(|_| PciRootError::NoBarSpace(size))
+    }
+
+    /// Whether `addr` lies in this window.
+    fn contains(&self, addr: u64) -> bool {
+        self.space
+            .as_ref()
+            .is_some_and(|s| (s.base()..=s.end()).contains(&addr))
+    }
+
+    /// Gives back the range `allocate` returned at `addr`.
+    pub fn free(&mut self, addr: u64, size: u64) -> Result<(), PciRootError> {
+        let range = addr
+            .checked_add(size.saturating_sub(1))
+            .and_then(|end| RangeInclusive::new(addr, end).ok())
+            .ok_or(PciRootError::NotAllocated(addr))?;
+        self.space
+            .as_mut()
+            .ok_or(PciRootError::NotAllocated(addr))?
+            .free(&range)
+            .map_err(|_| PciRootError::NotAllocated(addr))
     }
 }
 
@@ -114,6 +137,14 @@ impl BarWindows {
             }
         }
         self.mmio32.allocate(size)
+    }
+
+    /// Gives back a BAR range `allocate` returned (the device was unplugged).
+    pub fn free(&mut self, addr: u64, size: u64) -> Result<(), PciRootError> {
+        match &mut self.mmio64 {
+            Some(m64) if m64.contains(addr) => m64.free(addr, size),
+            _ => self.mmio32.free(addr, size),
+        }
     }
 }
 
@@ -201,6 +232,24 @@ impl PciRoot {
     /// cleared too). Used when the VM is torn down, so devices release their host resources.
     pub fn remove_all(&mut self) {
         self.slots.retain(|&id, _| id == 0);
+    }
+
+    /// Unplugs the device at `id`: its BARs leave the MMIO bus (they hold the device) and the
+    /// slot reads as empty. The caller gets the device back to drop it.
+    pub fn remove_device(&mut self, id: u8) -> Result<Arc<Mutex<dyn PciDevice>>, PciRootError> {
+        if id == 0 {
+            return Err(PciRootError::BadDeviceId(id));
+        }
+        let slot = self.slots.remove(&id).ok_or(PciRootError::NoDevice(id))?;
+        let mut dev = slot.dev.lock().unwrap_or_else(|e| e.into_inner());
+        for (bar, mapped) in slot.mapped.iter().enumerate() {
+            if let Some(addr) = *mapped {
+                self.vm.unmap_mmio(addr);
+                dev.bar_moved(bar, Some(addr), None);
+            }
+        }
+        drop(dev);
+        Ok(slot.dev)
     }
 
     pub fn device_ids(&self) -> Vec<u8> {

@@ -11,6 +11,7 @@ use crate::{BarKind, MsixConfig, PciConfiguration, PciDevice, VmInterface};
 pub struct FakeVm {
     pub mapped: Mutex<Vec<(u64, u64)>>,
     pub routes: Mutex<BTreeMap<u32, Option<(u64, u32)>>>,
+    pub freed_gsis: Mutex<Vec<u32>>,
     pub next_gsi: Mutex<u32>,
 }
 
@@ -34,6 +35,9 @@ impl VmInterface for FakeVm {
         let mut g = self.next_gsi.lock().unwrap();
         *g += 1;
         Ok(23 + *g)
+    }
+    fn free_gsi(&self, gsi: u32) {
+        self.freed_gsis.lock().unwrap().push(gsi);
     }
     fn set_msi_route(&self, gsi: u32, msi: Option<(u64, u32)>) -> Result<(), String> {
         self.routes.lock().unwrap().insert(gsi, msi);
@@ -169,7 +173,11 @@ fn bar_allocator_aligns_and_runs_out() {
     let mut a = BarAllocator::new(0xc000_0000, 0x10_0000);
     assert_eq!(a.allocate(0x1000), Ok(0xc000_0000));
     assert_eq!(a.allocate(0x4_0000), Ok(0xc004_0000));
-    assert_eq!(a.allocate(0x1000), Ok(0xc008_0000));
+    assert_eq!(
+        a.allocate(0x1000),
+        Ok(0xc000_1000),
+        "first fit: the hole below the second range"
+    );
     assert_eq!(
         a.allocate(0x10_0000),
         Err(PciRootError::NoBarSpace(0x10_0000))
@@ -694,4 +702,72 @@ fn msix_refuses_bad_states() {
         || cell.borrow().state() == before,
     );
     assert!(taken > 0 && refused > 0, "{taken} taken, {refused} refused");
+}
+
+#[test]
+fn bar_ranges_come_back_when_freed() {
+    let mut w = BarWindows::new((0xc000_0000, 0x10_0000), Some((6 << 30, 0x2_0000)));
+    let a = w.allocate(0x1_0000, BarKind::Mem64).unwrap();
+    let b = w.allocate(0x1_0000, BarKind::Mem64).unwrap();
+    assert_eq!((a, b), (6 << 30, (6 << 30) + 0x1_0000));
+    let low = w.allocate(0x1000, BarKind::Mem32).unwrap();
+    w.free(a, 0x1_0000).unwrap();
+    assert_eq!(
+        w.allocate(0x1_0000, BarKind::Mem64),
+        Ok(a),
+        "the freed range is reused"
+    );
+    w.free(low, 0x1000).unwrap();
+    assert_eq!(w.allocate(0x1000, BarKind::Mem32), Ok(low));
+    assert_eq!(
+        w.free(0xc008_0000, 0x1000),
+        Err(PciRootError::NotAllocated(0xc008_0000)),
+        "a range never allocated is refused"
+    );
+}
+
+#[test]
+fn removing_a_device_unmaps_its_bars_and_frees_the_slot() {
+    let vm = Arc::new(FakeVm::default());
+    let mut root = PciRoot::new(vm.clone());
+    let dev = dummy64(0x1_0000_0000);
+    root.add_device(3, dev.clone()).unwrap();
+    assert_eq!(root.device_ids(), vec![0, 3]);
+    assert_eq!(*vm.mapped.lock().unwrap(), vec![(0x1_0000_0000, 0x1_0000)]);
+    let back = root.remove_device(3).unwrap();
+    assert!(Arc::ptr_eq(&back, &dev));
+    assert_eq!(root.device_ids(), vec![0]);
+    assert!(
+        vm.mapped.lock().unwrap().is_empty(),
+        "the BAR left the MMIO bus"
+    );
+    // The bus entry held the device: with it gone, the caller's handles are the last ones.
+    drop(back);
+    assert_eq!(Arc::strong_count(&dev), 1);
+    assert_eq!(root.remove_device(3).err(), Some(PciRootError::NoDevice(3)));
+    assert_eq!(
+        root.remove_device(0).err(),
+        Some(PciRootError::BadDeviceId(0))
+    );
+    assert_eq!(root.next_device_id(None), Ok(1));
+    root.add_device(3, dev).unwrap();
+    assert_eq!(*vm.mapped.lock().unwrap(), vec![(0x1_0000_0000, 0x1_0000)]);
+}
+
+#[test]
+fn msix_vectors_give_their_gsis_back_when_dropped() {
+    let vm = Arc::new(FakeVm::default());
+    let m = crate::MsixConfig::new(3, vm.clone());
+    let gsis: Vec<u32> = m.routes().iter().map(|&(g, _)| g).collect();
+    assert_eq!(gsis.len(), 3);
+    assert!(vm.freed_gsis.lock().unwrap().is_empty());
+    drop(m);
+    assert_eq!(*vm.freed_gsis.lock().unwrap(), gsis);
+    for g in gsis {
+        assert_eq!(
+            vm.routes.lock().unwrap()[&g],
+            None,
+            "route of GSI {g} removed"
+        );
+    }
 }
