@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::ArgMatches;
 use vmm::config::{
-    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, RestoreConfig,
-    RngConfig,
+    BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    RestoreConfig, RngConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -62,6 +62,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         .map(|n| NetConfig::parse(n))
         .collect::<Result<Vec<_>, _>>()?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
+    let balloon = s("balloon").map(|b| BalloonConfig::parse(&b)).transpose()?;
     Ok(VmConfig {
         cpus,
         memory,
@@ -77,6 +78,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         disks,
         net,
         rng,
+        balloon,
         unsupported: Default::default(),
     })
 }

@@ -352,3 +352,89 @@ fn rng() {
         serde_json::json!({"pci_segment": 0, "src": "/dev/urandom"})
     );
 }
+
+#[test]
+fn balloon() {
+    let b = BalloonConfig::parse("size=1G,deflate_on_oom=on,free_page_reporting=on").unwrap();
+    assert_eq!(b.size, 1 << 30);
+    assert!(b.deflate_on_oom && b.free_page_reporting);
+    let b = BalloonConfig::parse("size=4096,id=b0,pci_device_id=7,iommu=off").unwrap();
+    assert_eq!(
+        (b.size, b.deflate_on_oom, b.free_page_reporting),
+        (4096, false, false)
+    );
+    assert_eq!((b.id.as_deref(), b.pci_device_id), (Some("b0"), Some(7)));
+    // Empty values are not given; the toggles read as the original's.
+    let b = BalloonConfig::parse("size=0,deflate_on_oom=,free_page_reporting=TRUE").unwrap();
+    assert!(!b.deflate_on_oom && b.free_page_reporting);
+    for (bad, why) in [
+        ("", "size= is required"),
+        ("size=", "size= is required"),
+        ("deflate_on_oom=on", "size= is required"),
+        ("size=1X", "invalid size"),
+        (
+            "size=1G,deflate_on_oom=maybe",
+            "must be on, off, true or false",
+        ),
+        ("size=1G,colour=red", "unknown key 'colour'"),
+        ("size=1G,iommu=on", "not supported"),
+        ("size=1G,pci_segment=1", "only PCI segment 0"),
+        ("size=1G,id=__balloon", "reserved"),
+    ] {
+        let e = BalloonConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+        assert!(e.starts_with("--balloon "), "{e}");
+    }
+}
+
+/// The original's JSON: `size` required, the toggles default to off and are always written.
+#[test]
+fn balloon_json_as_the_api() {
+    let b: BalloonConfig = serde_json::from_value(serde_json::json!({"size": 1024})).unwrap();
+    assert_eq!(b, BalloonConfig::parse("size=1K").unwrap());
+    assert_eq!(
+        serde_json::to_value(&b).unwrap(),
+        serde_json::json!({
+            "pci_segment": 0,
+            "size": 1024,
+            "deflate_on_oom": false,
+            "free_page_reporting": false
+        })
+    );
+    assert!(serde_json::from_value::<BalloonConfig>(serde_json::json!({})).is_err());
+    let b: BalloonConfig = serde_json::from_value(serde_json::json!(
+        {"size": 2048, "deflate_on_oom": true, "free_page_reporting": true, "id": "b"}
+    ))
+    .unwrap();
+    assert!(b.deflate_on_oom && b.free_page_reporting);
+    assert_eq!(
+        serde_json::from_value::<BalloonConfig>(serde_json::to_value(&b).unwrap()).unwrap(),
+        b
+    );
+}
+
+#[test]
+fn balloon_must_be_smaller_than_ram() {
+    let ram = 512 << 20;
+    BalloonConfig::parse("size=511M")
+        .unwrap()
+        .validate(ram)
+        .unwrap();
+    BalloonConfig::parse("size=0")
+        .unwrap()
+        .validate(ram)
+        .unwrap();
+    for size in ["512M", "1G"] {
+        let e = BalloonConfig::parse(&format!("size={size}"))
+            .unwrap()
+            .validate(ram)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--balloon size="), "{e}");
+        assert!(
+            e.contains("smaller than the guest RAM (536870912 bytes)"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+}

@@ -19,6 +19,7 @@ impl VmConfig {
             .map(|d| &d.id)
             .chain(self.net.iter().map(|n| &n.id))
             .chain([&self.rng.id, &self.console.id])
+            .chain(self.balloon.iter().map(|b| &b.id))
             .flatten()
             .cloned()
             .collect();

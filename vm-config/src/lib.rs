@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use devices::{
-    DiskConfig, ImageType, LockGranularity, NetConfig, PciPlacement, RngConfig, VhostMode,
-    IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
+    BalloonConfig, DiskConfig, ImageType, LockGranularity, NetConfig, PciPlacement, RngConfig,
+    VhostMode, IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
 };
 pub use extra::Extra;
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
@@ -519,6 +519,8 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     #[serde(default, deserialize_with = "devices::null_as_default")]
     pub rng: RngConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
     #[serde(default = "default_serial", serialize_with = "serialize_serial")]
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
@@ -620,6 +622,9 @@ impl VmConfig {
         self.serial.extra.check("serial")?;
         self.console.extra.check("console")?;
         self.rng.extra.check("rng")?;
+        if let Some(b) = &self.balloon {
+            b.extra.check("balloon")?;
+        }
         for (i, d) in self.disks.iter().enumerate() {
             d.extra.check(&format!("disks[{i}]"))?;
         }
@@ -679,6 +684,10 @@ impl VmConfig {
         }
         self.rng.validate()?;
         check("--rng", &self.rng.id, self.rng.pci_device_id)?;
+        if let Some(b) = &self.balloon {
+            b.validate(self.memory.size)?;
+            check(BalloonConfig::OPTION, &b.id, b.pci_device_id)?;
+        }
         let c = &self.console;
         devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())
             .map_err(|m| ConfigError::new("--console", c.id.as_deref().unwrap_or(""), m))?;
@@ -772,6 +781,7 @@ mod tests {
             disks: Vec::new(),
             net: Vec::new(),
             rng: RngConfig::default(),
+            balloon: None,
             unsupported: UnsupportedConfig::default(),
         }
     }
@@ -843,6 +853,7 @@ mod tests {
             disks: vec![DiskConfig::parse("path=/d.img,num_queues=2").unwrap()],
             net: vec![NetConfig::parse("tap=t0").unwrap()],
             rng: RngConfig::default(),
+            balloon: None,
             unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();

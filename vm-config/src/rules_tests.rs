@@ -324,3 +324,47 @@ fn reserve_is_taken() {
     assert!(!MemoryConfig::parse("size=1G").unwrap().reserve);
     assert!(MemoryConfig::parse("size=1G,reserve=on").unwrap().reserve);
 }
+
+/// `balloon` is a field of its own, after `rng` as in the original's JSON, absent when there is
+/// none; the whole configuration checks its size against the RAM and its id and slot against
+/// the other devices'.
+#[test]
+fn balloon_in_the_whole_configuration() {
+    let cfg = config(json!({}));
+    assert!(cfg.balloon.is_none());
+    assert!(serde_json::to_value(&cfg).unwrap().get("balloon").is_none());
+    assert!(config(json!({"balloon": null})).balloon.is_none());
+    let cfg = config(json!({"balloon": {"size": 1 << 20, "deflate_on_oom": true}}));
+    let text = serde_json::to_string(&cfg).unwrap();
+    let at = |k: &str| text.find(&format!("\"{k}\":")).unwrap();
+    assert!(
+        at("rng") < at("balloon") && at("balloon") < at("serial"),
+        "{text}"
+    );
+    assert_eq!(serde_json::from_str::<VmConfig>(&text).unwrap(), cfg);
+    cfg.validate_devices().unwrap();
+    // As large as the RAM (512 MiB by default): refused, naming --balloon.
+    let big = config(json!({"balloon": {"size": 512u64 << 20}}));
+    let e = big.validate_devices().unwrap_err().to_string();
+    assert!(e.starts_with("--balloon size=536870912: "), "{e}");
+    let small_ram = config(json!({
+        "memory": {"size": 1u64 << 30},
+        "balloon": {"size": 512u64 << 20}
+    }));
+    small_ram.validate_devices().unwrap();
+    let clash = config(json!({
+        "balloon": {"size": 0, "id": "x"},
+        "net": [{"id": "x"}]
+    }));
+    assert!(clash.validate_devices().is_err());
+    let slot = config(json!({
+        "balloon": {"size": 0, "pci_device_id": 5},
+        "disks": [{"path": "/dev/null", "pci_device_id": 5}]
+    }));
+    assert!(slot.validate_devices().is_err());
+    // A key of the original's we do not model is refused unless it asks for nothing.
+    let mut odd = config(json!({"balloon": {"size": 0, "colour": "red"}}));
+    assert!(odd.check_extra().is_err());
+    odd.balloon.as_mut().unwrap().extra = Default::default();
+    odd.check_extra().unwrap();
+}

@@ -1,5 +1,5 @@
-//! The parts of the original's `VmConfig` that this VMM does not implement yet (disks, net and
-//! rng are real fields of `VmConfig` now). The API accepts
+//! The parts of the original's `VmConfig` that this VMM does not implement yet (disks, net,
+//! rng and balloon are real fields of `VmConfig` now). The API accepts
 //! them only absent, `null`, empty or at their default, and refuses anything else naming the
 //! field, so a client never believes it got a device it did not.
 
@@ -12,8 +12,6 @@ use super::ConfigError;
 pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_groups: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,9 +66,8 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 20] = [
+        let fields: [(&'static str, &Option<Value>); 19] = [
             ("rate_limit_groups", &self.rate_limit_groups),
-            ("balloon", &self.balloon),
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
             ("pmem", &self.pmem),

@@ -16,6 +16,7 @@ use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
 use pci::{BarWindows, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
 use thiserror::Error;
+use vm_allocator::IdAllocator;
 use virtio_devices::{Block, BlockConfig, Console, Net, Rng, VirtioDevice, VirtioPciDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -47,7 +48,7 @@ pub struct VmPci {
 }
 
 struct GsiState {
-    next: u32,
+    ids: IdAllocator,
     msi: BTreeMap<u32, (u64, u32)>,
 }
 
@@ -57,7 +58,8 @@ impl VmPci {
             vm,
             mmio: Arc::downgrade(mmio),
             state: Mutex::new(GsiState {
-                next: FIRST_MSI_GSI,
+                ids: IdAllocator::new(FIRST_MSI_GSI, MAX_GSI - 1)
+                    .expect("FIRST_MSI_GSI < MAX_GSI"),
                 msi: BTreeMap::new(),
             }),
         }
@@ -109,11 +111,13 @@ impl VmInterface for VmPci {
     }
     fn allocate_gsi(&self) -> Result<u32, String> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.next >= MAX_GSI {
-            return Err("out of GSIs".into());
+        s.ids.allocate_id().map_err(|_| "out of GSIs".to_string())
+    }
+    fn free_gsi(&self, gsi: u32) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = s.ids.free_id(gsi) {
+            log::warn!("GSI {gsi}: {e}");
         }
-        s.next += 1;
-        Ok(s.next - 1)
     }
     fn set_msi_route(&self, gsi: u32, msi: Option<(u64, u32)>) -> Result<(), String> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
