@@ -20,6 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::layout;
 
+pub mod hotplug;
+
 /// OEM ID written in every table header.
 pub const OEM_ID: [u8; 6] = *b"CLOUDH";
 /// OEM table ID written in every table header.
@@ -396,6 +398,8 @@ fn build_mcfg(pci: &PciHost) -> Vec<u8> {
 /// `devices::GED_VMGENID` (`arch` does not depend on `devices`; a test checks they agree).
 const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
 const GED_EVENT_VMGENID: u8 = 1 << 1;
+/// `devices::GED_PCI_HOTPLUG`: `_EVT` runs the PCI hotplug controller's scan.
+const GED_EVENT_PCI_HOTPLUG: u8 = 1 << 2;
 
 /// DSDT revision 2+ means 64-bit AML integers.
 const DSDT_REVISION: u8 = 6;
@@ -421,8 +425,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     rtc_device().to_aml_bytes(&mut sb);
     power_button_device().to_aml_bytes(&mut sb);
     vmgenid_device().to_aml_bytes(&mut sb);
-    ged_device().to_aml_bytes(&mut sb);
+    ged_device(cfg.pci.is_some()).to_aml_bytes(&mut sb);
     if let Some(pci) = &cfg.pci {
+        hotplug::controller(&[pci.segment]).to_aml_bytes(&mut sb);
         pci_host_device(pci).to_aml_bytes(&mut sb);
         ecam_reservation_device(pci).to_aml_bytes(&mut sb);
     }
@@ -523,8 +528,9 @@ fn vmgenid_device() -> Raw {
 
 /// The Generic Event Device: its interrupt makes the guest run `_EVT`, which reads (and so
 /// clears) the event register and notifies the power button on bit 0 and the VM generation ID
-/// device on bit 1. Both bits may be set in one read, so each is tested on its own.
-fn ged_device() -> Raw {
+/// device on bit 1, and (with a PCI segment, `pci_hotplug`) runs the PCI hotplug scan on bit 2.
+/// Several bits may be set in one read, so each is tested on its own.
+fn ged_device(pci_hotplug: bool) -> Raw {
     let irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
     let crs = aml::ResourceTemplate::new(vec![&irq]);
     let port = layout::GED_PORT as u16;
@@ -558,12 +564,22 @@ fn ged_device() -> Raw {
     let notify_vmgenid = aml::Notify::new(&vgen, &0x80u8);
     let changed = aml::Equal::new(&aml::Local(2), &vmgenid_mask);
     let on_vmgenid = aml::If::new(&changed, vec![&notify_vmgenid]);
-    let evt = aml::Method::new(
-        "_EVT".into(),
-        1,
-        true,
-        vec![&read, &button_bit, &on_button, &vmgenid_bit, &on_vmgenid],
+    // Bit 2: Local3 = Local0 & 4; if Local3 == 4, \_SB_.PHPR.PSCN ().
+    let pci_mask: u8 = GED_EVENT_PCI_HOTPLUG;
+    let pci_bit = aml::And::new(&aml::Local(3), &aml::Local(0), &pci_mask);
+    let pscn = aml::MethodCall::new(
+        format!("{}.PSCN", hotplug::PCI_HOTPLUG_DEVICE)
+            .as_str()
+            .into(),
+        vec![],
     );
+    let pci_changed = aml::Equal::new(&aml::Local(3), &pci_mask);
+    let on_pci = aml::If::new(&pci_changed, vec![&pscn]);
+    let mut body: Vec<&dyn Aml> = vec![&read, &button_bit, &on_button, &vmgenid_bit, &on_vmgenid];
+    if pci_hotplug {
+        body.extend([&pci_bit as &dyn Aml, &on_pci]);
+    }
+    let evt = aml::Method::new("_EVT".into(), 1, true, body);
     Raw(to_bytes(&aml::Device::new(
         "GED_".into(),
         vec![
@@ -617,6 +633,7 @@ fn pci_host_device(pci: &PciHost) -> Raw {
             &aml::Name::new("_UID".into(), &segment),
             &aml::Name::new("_BBN".into(), &bbn),
             &aml::Name::new("_CRS".into(), &crs),
+            &hotplug::bridge_objects(),
         ],
     )))
 }

@@ -75,6 +75,11 @@ pub fn mmio64_window(ram_size: u64, phys_bits: u8) -> Option<(u64, u64)> {
     (size > 0).then_some((start, size))
 }
 
+/// The PCI hotplug controller's registers (`devices::pci_hotplug`, the DSDT's `\_SB_.PHPR`),
+/// between the ECAM range and the IOAPIC.
+pub const PCI_HOTPLUG_START: GuestAddress = GuestAddress(0xfea0_0000);
+pub const PCI_HOTPLUG_SIZE: u64 = 0x10;
+
 /// IOAPIC and local APIC MMIO.
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
 pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);

@@ -315,26 +315,92 @@ fn iasl_disassembles_every_table_without_errors() {
             ],
             "{name}:\n{dsdt}"
         );
+        let mut evt = vec![
+            "Method (_EVT, 1, Serialized)",
+            "{",
+            "Local0 = GDAT",
+            "Local1 = (Local0 & One)",
+            "If ((Local1 == One))",
+            "{",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "}",
+            "Local2 = (Local0 & 0x02)",
+            "If ((Local2 == 0x02))",
+            "{",
+            "Notify (\\_SB.VGEN, 0x80)",
+            "}",
+        ];
+        if cfg.pci.is_some() {
+            evt.extend([
+                "Local3 = (Local0 & 0x04)",
+                "If ((Local3 == 0x04))",
+                "{",
+                "\\_SB.PHPR.PSCN ()",
+                "}",
+            ]);
+        }
+        evt.push("}");
         assert_eq!(
             block(&dsdt, "Method (_EVT, 1, Serialized)"),
-            [
-                "Method (_EVT, 1, Serialized)",
-                "{",
-                "Local0 = GDAT",
-                "Local1 = (Local0 & One)",
-                "If ((Local1 == One))",
-                "{",
-                "Notify (\\_SB.PWRB, 0x80)",
-                "}",
-                "Local2 = (Local0 & 0x02)",
-                "If ((Local2 == 0x02))",
-                "{",
-                "Notify (\\_SB.VGEN, 0x80)",
-                "}",
-                "}",
-            ],
+            evt,
             "{name}:\n{dsdt}"
         );
+
+        // PCI hotplug: the controller's registers, ejection and scan, and the slot devices.
+        if cfg.pci.is_some() {
+            for line in [
+                "Name (_HID, EisaId (\"PNP0A06\") /* Generic Container Device */)",
+                "Name (_UID, \"PCI Hotplug Controller\")",
+                "OperationRegion (PCST, SystemMemory, 0xFEA00000, 0x10)",
+                "Field (PCST, DWordAcc, NoLock, WriteAsZeros)",
+            ] {
+                assert!(dsdt.contains(line), "{name}: {line:?} missing in\n{dsdt}");
+            }
+            assert_eq!(
+                block(&dsdt, "Method (PCEJ, 2, Serialized)"),
+                [
+                    "Method (PCEJ, 2, Serialized)",
+                    "{",
+                    "Acquire (BLCK, 0xFFFF)",
+                    "PSEG = Arg1",
+                    "B0EJ = (One << Arg0)",
+                    "Release (BLCK)",
+                    "Return (Zero)",
+                    "}",
+                ],
+                "{name}:\n{dsdt}"
+            );
+            assert_eq!(
+                block(&dsdt, "Method (PSCN, 0, Serialized)"),
+                [
+                    "Method (PSCN, 0, Serialized)",
+                    "{",
+                    "PSEG = Zero",
+                    "\\_SB.PC00.PCNT ()",
+                    "}",
+                ],
+                "{name}:\n{dsdt}"
+            );
+            assert_eq!(
+                block(&dsdt, "Device (S031)"),
+                [
+                    "Device (S031)",
+                    "{",
+                    "Name (_ADR, 0x001F0000)",
+                    "Name (_SUN, 0x1F)",
+                    "Method (_EJ0, 1, Serialized)",
+                    "{",
+                    "\\_SB.PHPR.PCEJ (_SUN, _SEG)",
+                    "}",
+                    "}",
+                ],
+                "{name}:\n{dsdt}"
+            );
+            assert!(
+                !dsdt.contains("Device (S000)"),
+                "{name}: the host bridge is no slot"
+            );
+        }
 
         // The disassembled DSDT must compile back.
         recompile_dsdt(&dir, name);
@@ -447,6 +513,99 @@ fn acpiexec_runs_evt_for_each_event_bit_and_reads_vgen_addr() {
             "{out}"
         );
     }
+
+    if std::env::var_os("ACPI_IASL_KEEP").is_none() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// For acpiexec: `\TPCI (up, down)` puts `up` and `down` in the PCI hotplug controller's `PCIU`
+/// and `PCID` registers and the PCI bit in the GED's, then runs `_EVT`, as the GED interrupt
+/// makes the guest do after the VMM hot-adds or asks to remove devices.
+const PCI_SSDT: &str = r#"DefinitionBlock ("", "SSDT", 2, "TEST", "PCITEST", 1)
+{
+    External (\_SB_.GED_.GDAT, FieldUnitObj)
+    External (\_SB_.GED_._EVT, MethodObj)
+    External (\_SB_.PHPR.PCIU, FieldUnitObj)
+    External (\_SB_.PHPR.PCID, FieldUnitObj)
+    Method (\TPCI, 2, Serialized)
+    {
+        \_SB_.PHPR.PCIU = Arg0
+        \_SB_.PHPR.PCID = Arg1
+        \_SB_.GED_.GDAT = 0x04
+        \_SB_.GED_._EVT (0x05)
+    }
+}
+"#;
+
+/// ACPICA runs the PCI hotplug AML as Linux would: `_EVT` on the PCI bit makes `PSCN` notify
+/// each added slot with 1 (device check) and each slot to remove with 3 (eject request), and a
+/// slot's `_EJ0` writes its bit to `B0EJ` with segment 0 selected in `PSEG`.
+#[test]
+fn acpiexec_runs_the_pci_hotplug_scan_and_a_slot_ejection() {
+    let cfg = &configs()
+        .into_iter()
+        .find(|(name, _)| *name == "pci")
+        .unwrap()
+        .1;
+    let dir = scratch_dir("acpiexec-pci");
+    let tables = build_tables(cfg).unwrap();
+    let dsdt = &tables.iter().find(|t| &t.0 == b"DSDT").unwrap().1;
+    std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
+    std::fs::write(dir.join("tpci.asl"), PCI_SSDT).unwrap();
+    iasl(&dir, &["tpci.asl"]);
+    let up = 1u32 << 3 | 1 << 31;
+    let down = 1u32 << 5;
+    let batch = format!(
+        "evaluate \\TPCI {up:#x} {down:#x}; evaluate \\_SB_.PC00.S007._EJ0 0; \
+         evaluate \\_SB_.PHPR.B0EJ; evaluate \\_SB_.PHPR.PSEG"
+    );
+    let (ok, out) = run("acpiexec", &dir, &["-b", &batch, "dsdt.aml", "tpci.aml"]);
+    assert!(ok, "acpiexec failed:\n{out}");
+    for bad in ["ACPI Error", "ACPI Exception", "AE_", "failed"] {
+        assert!(!out.contains(bad), "{bad:?} in\n{out}");
+    }
+    let mut notified: Vec<(String, String)> = out
+        .lines()
+        .filter(|l| l.contains("Notify"))
+        .map(|l| {
+            let device = l.split('[').nth(1).and_then(|r| r.split(']').next());
+            let value = l
+                .split("Value ")
+                .nth(1)
+                .map(|v| v.split_whitespace().next());
+            match (device, value) {
+                (Some(d), Some(Some(v))) => (d.to_string(), v.to_string()),
+                _ => panic!("odd notify line {l:?}"),
+            }
+        })
+        .collect();
+    notified.sort();
+    let want: Vec<(String, String)> = [("S003", "0x01"), ("S005", "0x03"), ("S031", "0x01")]
+        .iter()
+        .map(|&(d, v)| (d.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(notified, want, "\n{out}");
+    let value_after = |what: &str| -> String {
+        let rest = out
+            .split(&format!("Evaluating {what}"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no evaluation of {what} in\n{out}"));
+        rest.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("[Integer] = "))
+            .unwrap_or_else(|| panic!("no integer for {what} in\n{out}"))
+            .to_string()
+    };
+    assert_eq!(
+        value_after("\\_SB_.PHPR.B0EJ"),
+        format!("[Integer] = {:016X}", 1u64 << 7),
+        "_EJ0 of S007 writes bit 7"
+    );
+    assert_eq!(
+        value_after("\\_SB_.PHPR.PSEG"),
+        "[Integer] = 0000000000000000"
+    );
 
     if std::env::var_os("ACPI_IASL_KEEP").is_none() {
         std::fs::remove_dir_all(&dir).unwrap();

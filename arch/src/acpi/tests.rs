@@ -640,10 +640,15 @@ fn ged_evt_notifies_the_power_button_and_vgen_each_on_its_own_bit() {
 fn ged_event_bits_and_the_generation_id_agree_with_the_devices_crate() {
     assert_eq!(GED_EVENT_POWER_BUTTON, devices::GED_POWER_BUTTON);
     assert_eq!(GED_EVENT_VMGENID, devices::GED_VMGENID);
+    assert_eq!(GED_EVENT_PCI_HOTPLUG, devices::GED_PCI_HOTPLUG);
     // `_EVT` acts on every bit the device may latch.
     assert_eq!(
-        GED_EVENT_POWER_BUTTON | GED_EVENT_VMGENID,
+        GED_EVENT_POWER_BUTTON | GED_EVENT_VMGENID | GED_EVENT_PCI_HOTPLUG,
         devices::GED_EVENTS
+    );
+    assert_eq!(
+        layout::PCI_HOTPLUG_SIZE,
+        devices::pci_hotplug::PCI_HOTPLUG_SIZE
     );
     assert_eq!(
         layout::VMGENID_SIZE,
