@@ -187,7 +187,7 @@ fn aml_int(b: &[u8]) -> Option<u64> {
 }
 
 /// An AML integer constant and the bytes it takes.
-fn aml_int_len(b: &[u8]) -> Option<(u64, usize)> {
+pub(crate) fn aml_int_len(b: &[u8]) -> Option<(u64, usize)> {
     let le = |n: usize| -> Option<u64> {
         let bytes = b.get(1..1 + n)?;
         Some(bytes.iter().rev().fold(0, |v, &x| v << 8 | u64::from(x)))
@@ -205,7 +205,7 @@ fn aml_int_len(b: &[u8]) -> Option<(u64, usize)> {
 }
 
 /// A PkgLength: (the length it gives, counted from its own first byte; the bytes it takes).
-fn pkg_length(b: &[u8]) -> Option<(usize, usize)> {
+pub(crate) fn pkg_length(b: &[u8]) -> Option<(usize, usize)> {
     let lead = *b.first()?;
     let extra = usize::from(lead >> 6);
     let mut len = usize::from(if extra == 0 { lead & 0x3f } else { lead & 0xf });
@@ -216,7 +216,7 @@ fn pkg_length(b: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// A NameString: (its NameSegs, the bytes it takes). Root and parent prefixes are skipped.
-fn name_string(b: &[u8]) -> Option<(Vec<[u8; 4]>, usize)> {
+pub(crate) fn name_string(b: &[u8]) -> Option<(Vec<[u8; 4]>, usize)> {
     let mut p = 0;
     if b.first() == Some(&b'\\') {
         p = 1;

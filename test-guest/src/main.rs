@@ -14,12 +14,15 @@ mod acpi_sys;
 mod bootinfo;
 mod busy;
 mod cmos;
+mod heap;
 mod hostile;
+mod hotplug;
 mod kvmclock;
 mod mem;
 mod msix;
 mod net;
 mod paging;
+mod phpr;
 mod pmtimer;
 mod rawq;
 mod smbios;
@@ -29,7 +32,6 @@ mod virtio;
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::alloc::{GlobalAlloc, Layout};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use acpi_sys::AcpiInfo;
@@ -38,62 +40,7 @@ use bootinfo::BootInfo;
 core::arch::global_asm!(include_str!("monitor.S"), options(att_syntax));
 
 // ---------------------------------------------------------------------------
-// Runtime support: allocator, panic, personality.
-
-const HEAP_SIZE: usize = 1 << 20;
-
-#[repr(C, align(4096))]
-struct Heap([u8; HEAP_SIZE]);
-
-/// Bump allocator over a static arena (the guest is short-lived; only the last allocation is
-/// ever freed).
-struct Bump {
-    next: AtomicUsize,
-}
-
-static mut HEAP: Heap = Heap([0; HEAP_SIZE]);
-
-// SAFETY: `alloc` hands out disjoint, suitably aligned ranges of the arena (the
-// offset only grows, atomically); `dealloc` never reuses memory.
-unsafe impl GlobalAlloc for Bump {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let base = core::ptr::addr_of_mut!(HEAP) as usize;
-        let mut cur = self.next.load(Ordering::Relaxed);
-        loop {
-            let start = (base + cur).next_multiple_of(layout.align()) - base;
-            let end = match start.checked_add(layout.size()) {
-                Some(e) if e <= HEAP_SIZE => e,
-                _ => return core::ptr::null_mut(),
-            };
-            match self
-                .next
-                .compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return (base + start) as *mut u8,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    /// Only the most recent allocation is given back (a stack discipline). That is enough for
-    /// `virtio-drivers`' per-request indirect descriptor table, allocated when a request is
-    /// queued and freed when it completes: the `busy` scenario's requests, made for ever,
-    /// then use no heap.
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let start = ptr as usize - core::ptr::addr_of_mut!(HEAP) as usize;
-        let _ = self.next.compare_exchange(
-            start + layout.size(),
-            start,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Bump = Bump {
-    next: AtomicUsize::new(0),
-};
+// Runtime support: panic, personality (the allocator is in heap.rs).
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
@@ -248,6 +195,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "net" => net::scenario_net(&boot),
         "net-bench" => net::scenario_net_bench(&boot),
         "net-mq" => net::scenario_net_mq(&boot),
+        "hotplug" => hotplug::scenario_hotplug(acpi.as_ref()),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())
@@ -630,6 +578,19 @@ fn ioapic_write(reg: u32, value: u32) {
     }
 }
 
+/// Enables the xAPIC and routes the Generic Event Device's IOAPIC pin to `svc::IRQ_VECTOR`
+/// (edge, active high), with the 8259s masked.
+pub fn route_ged_irq() {
+    let apic_id = svc::lapic_enable();
+    // Mask the 8259s: the GED's GSI reaches them too, and an unprogrammed PIC would deliver it
+    // as a stray exception vector.
+    svc::outb(0x21, 0xff);
+    svc::outb(0xa1, 0xff);
+    // Redirection entry: fixed delivery, physical destination, edge, active high, unmasked.
+    ioapic_write(0x11 + 2 * GED_IRQ, apic_id << 24);
+    ioapic_write(0x10 + 2 * GED_IRQ, svc::IRQ_VECTOR);
+}
+
 /// Routes the Generic Event Device's IOAPIC pin to the monitor's vector, waits for the VMM's
 /// power-button event, reads the GED's event register (at the port of the DSDT's GED
 /// `OperationRegion`) and checks the power-button bit.
@@ -641,14 +602,7 @@ fn scenario_power_button(acpi: Option<&AcpiInfo>) {
         );
         return;
     };
-    let apic_id = svc::lapic_enable();
-    // Mask the 8259s: the GED's GSI reaches them too, and an unprogrammed PIC would deliver it
-    // as a stray exception vector.
-    svc::outb(0x21, 0xff);
-    svc::outb(0xa1, 0xff);
-    // Redirection entry: fixed delivery, physical destination, edge, active high, unmasked.
-    ioapic_write(0x11 + 2 * GED_IRQ, apic_id << 24);
-    ioapic_write(0x10 + 2 * GED_IRQ, svc::IRQ_VECTOR);
+    route_ged_irq();
     println!("READY");
     let taken = svc::wait_irq(svc::IRQ_VECTOR);
     let events = svc::inb(ged_port);

@@ -17,6 +17,7 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
 use crate::acpi_sys::AcpiInfo;
 use crate::bootinfo::BootInfo;
+use crate::heap::SpinLock;
 use crate::rawq::{r16, r8, w32, w64, w8, Layout, F_NEXT, F_WRITE, VERSION_1};
 use crate::{fail, parse_u64, pass, println, smp, svc};
 
@@ -25,21 +26,48 @@ pub const ECAM_BASE: u64 = 0xe800_0000;
 const DMA_START: u64 = 0x100_0000;
 const DMA_END: u64 = 0x200_0000;
 static DMA_NEXT: AtomicU64 = AtomicU64::new(DMA_START);
+/// DMA ranges given back (address, pages) and not at the arena's top, for `dma_alloc` to use
+/// again (exact page counts only): drivers of hot-plugged devices come and go for ever.
+static DMA_FREE: SpinLock<[(u64, usize); 64]> = SpinLock::new([(0, 0); 64]);
 
 pub struct GuestHal;
 
 // SAFETY: dma_alloc hands out disjoint, zeroed, page-aligned ranges of RAM that nothing else
-// in the guest uses; all memory is identity mapped, so physical = virtual everywhere.
+// in the guest uses (fresh ones, or ranges given back through dma_dealloc, which the driver no
+// longer uses and whose device it has reset); all memory is identity mapped, so physical =
+// virtual everywhere.
 unsafe impl Hal for GuestHal {
     fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let len = (pages * PAGE_SIZE) as u64;
-        let addr = DMA_NEXT.fetch_add(len, Ordering::Relaxed);
-        assert!(addr + len <= DMA_END, "DMA arena exhausted");
+        let reused = DMA_FREE.with(|free| {
+            let slot = free.iter_mut().find(|(_, p)| *p == pages)?;
+            let addr = slot.0;
+            *slot = (0, 0);
+            Some(addr)
+        });
+        let addr = reused.unwrap_or_else(|| {
+            let addr = DMA_NEXT.fetch_add(len, Ordering::Relaxed);
+            assert!(addr + len <= DMA_END, "DMA arena exhausted");
+            addr
+        });
         // SAFETY: [addr, addr+len) is RAM reserved for DMA (above).
         unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len as usize) };
         (addr, NonNull::new(addr as *mut u8).expect("non-null"))
     }
-    unsafe fn dma_dealloc(_paddr: PhysAddr, _vaddr: NonNull<u8>, _pages: usize) -> i32 {
+    unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
+        let len = (pages * PAGE_SIZE) as u64;
+        if DMA_NEXT
+            .compare_exchange(paddr + len, paddr, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            // Not at the top: keep it for a request of the same size (or leak it when the
+            // list is full).
+            DMA_FREE.with(|free| {
+                if let Some(slot) = free.iter_mut().find(|(_, p)| *p == 0) {
+                    *slot = (paddr, pages);
+                }
+            });
+        }
         0
     }
     unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
