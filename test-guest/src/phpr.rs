@@ -1,8 +1,9 @@
 //! The PCI hot-plug controller of the original Cloud Hypervisor's ACPI mechanism, decoded from
 //! the DSDT bytes: `Device (\_SB_.PHPR)` (`_HID` PNP0A06) with `OperationRegion (PCST,
 //! SystemMemory, base, len)`, `Field (PCST, DWordAcc, …) { PCIU, 32, PCID, 32, B0EJ, 32, PSEG,
-//! 32 }` and the methods `PCEJ` and `PSCN`; and under `\_SB_.PCI0` a `Device` per slot with
-//! `_ADR` = slot << 16, `_SUN` = slot and `_EJ0`, which calls `\_SB_.PHPR.PCEJ`.
+//! 32 }` and the methods `PCEJ` and `PSCN`; and in the host bridge (`\_SB_.PC00`, the
+//! PNP0A08 device of segment 0) a `Device` per slot with `_ADR` = slot << 16, `_SUN` = slot and
+//! `_EJ0`, which calls `\_SB_.PHPR.PCEJ`, and `PCNT`.
 //!
 //! This guest has no AML interpreter (see acpi_sys.rs), so it checks that these objects exist
 //! and does what their methods do itself: `PSCN` reads PCIU and PCID with PSEG selecting the
@@ -200,23 +201,28 @@ pub fn find(aml: &[u8]) -> Result<Phpr, String> {
     })
 }
 
-/// Checks that `\_SB_.PCI0` has `PCNT` and a slot device for `slot` (`_ADR` = slot << 16,
-/// `_SUN` = slot) whose `_EJ0` calls `PCEJ`; returns that device's name.
+/// `_HID` EISAID ("PNP0A08"): a PCI Express host bridge.
+const HID_PNP0A08: [u8; 10] = [0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08];
+
+/// Checks that segment 0's host bridge (the PNP0A08 device with `_SEG` 0 or none, `PC00` as
+/// the original names it) has `PCNT` and a slot device for `slot` (`_ADR` = slot << 16, `_SUN`
+/// = slot) whose `_EJ0` calls `PCEJ`; returns "bridge.device".
 pub fn slot_device(aml: &[u8], slot: u8) -> Result<String, String> {
-    let pci0: Vec<Block> = devices(aml)
-        .chain(blocks(aml, &[0x10]))
-        .filter(|b| b.named(b"PCI0"))
-        .collect();
-    if !pci0.iter().any(|b| method(b.body, b"PCNT").is_some()) {
-        return Err("\\_SB_.PCI0 has no Method (PCNT)".into());
+    let bridge = devices(aml)
+        .find(|d| contains(d.body, &HID_PNP0A08) && name_int(d.body, b"_SEG").unwrap_or(0) == 0)
+        .ok_or("no PNP0A08 host bridge of segment 0")?;
+    let bridge_name = String::from_utf8_lossy(bridge.segs.last().expect("named")).into_owned();
+    if method(bridge.body, b"PCNT").is_none() {
+        return Err(format!("{bridge_name} has no Method (PCNT)"));
     }
     let adr = u64::from(slot) << 16;
-    let dev = pci0
-        .iter()
-        .flat_map(|b| devices(b.body))
+    let dev = devices(bridge.body)
         .find(|d| name_int(d.body, b"_ADR") == Some(adr))
-        .ok_or_else(|| format!("no Device with _ADR {adr:#x} under \\_SB_.PCI0"))?;
-    let name = String::from_utf8_lossy(dev.segs.last().expect("named")).into_owned();
+        .ok_or_else(|| format!("no Device with _ADR {adr:#x} in {bridge_name}"))?;
+    let name = format!(
+        "{bridge_name}.{}",
+        String::from_utf8_lossy(dev.segs.last().expect("named"))
+    );
     let sun = name_int(dev.body, b"_SUN");
     if sun != Some(u64::from(slot)) {
         return Err(format!("{name}: _SUN {sun:?}, expected {slot}"));
