@@ -3,6 +3,7 @@
 //! addresses), so vCPUs never process queues themselves. The guest is not trusted: a malformed
 //! request fails, a broken queue marks the device NEEDS_RESET, and the VMM goes on.
 
+mod balloon;
 mod block;
 mod console;
 mod net;
@@ -12,12 +13,19 @@ mod vring;
 mod worker;
 
 #[cfg(test)]
+mod balloon_tests;
+#[cfg(test)]
 mod pause_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod transport_state_tests;
 
+pub use balloon::{
+    balloon_queues, Balloon, BalloonControl, BalloonError, BalloonOptions, BalloonQueue,
+    BalloonState, BALLOON_PAGE_SIZE, F_BALLOON_DEFLATE_ON_OOM, F_BALLOON_REPORTING,
+    F_BALLOON_STATS_VQ,
+};
 pub use block::{Block, BlockConfig, BlockState};
 pub use console::{Console, ConsoleSize, ConsoleState, F_CONSOLE_SIZE};
 pub use net::{Net, NetConfig, NetOffloads, NetState, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
@@ -42,6 +50,7 @@ pub const TYPE_NET: u16 = ids::VIRTIO_ID_NET as u16;
 pub const TYPE_BLOCK: u16 = ids::VIRTIO_ID_BLOCK as u16;
 pub const TYPE_CONSOLE: u16 = ids::VIRTIO_ID_CONSOLE as u16;
 pub const TYPE_RNG: u16 = ids::VIRTIO_ID_RNG as u16;
+pub const TYPE_BALLOON: u16 = ids::VIRTIO_ID_BALLOON as u16;
 
 /// Feature bits common to all devices.
 pub const F_VERSION_1: u64 = 1 << cfg::VIRTIO_F_VERSION_1;
@@ -162,6 +171,7 @@ pub enum VirtioDeviceState {
     Net(NetState),
     Console(ConsoleState),
     Rng(RngState),
+    Balloon(BalloonState),
 }
 
 impl VirtioDeviceState {
@@ -171,6 +181,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Net(_) => "virtio-net",
             VirtioDeviceState::Console(_) => "virtio-console",
             VirtioDeviceState::Rng(_) => "virtio-rng",
+            VirtioDeviceState::Balloon(_) => "virtio-balloon",
         }
     }
 

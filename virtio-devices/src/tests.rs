@@ -23,15 +23,15 @@ const MEM_SIZE: usize = 1 << 20;
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
-const QSIZE: u16 = 16;
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
+pub(crate) const QSIZE: u16 = 16;
+pub(crate) const NEXT: u16 = 1;
+pub(crate) const WRITE: u16 = 2;
 const INDIRECT: u16 = 4;
 
 #[derive(Default)]
-struct Irq {
-    queue: AtomicUsize,
-    config: AtomicUsize,
+pub(crate) struct Irq {
+    pub(crate) queue: AtomicUsize,
+    pub(crate) config: AtomicUsize,
 }
 
 impl VirtioInterrupt for Irq {
@@ -837,24 +837,32 @@ fn net_malformed_chains_in_private_netns() {
 }
 
 /// One split ring of a multi-queue device at its own place in guest memory.
-struct QRing {
-    base: u64,
-    kick: EventFd,
-    next_avail: u16,
-    seen_used: u16,
+pub(crate) struct QRing {
+    pub(crate) base: u64,
+    pub(crate) kick: EventFd,
+    pub(crate) next_avail: u16,
+    pub(crate) seen_used: u16,
 }
 
 impl QRing {
-    fn desc_at(&self) -> u64 {
+    pub(crate) fn desc_at(&self) -> u64 {
         self.base
     }
-    fn avail(&self) -> u64 {
+    pub(crate) fn avail(&self) -> u64 {
         self.base + 0x1000
     }
-    fn used(&self) -> u64 {
+    pub(crate) fn used(&self) -> u64 {
         self.base + 0x2000
     }
-    fn desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub(crate) fn desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let d = GuestAddress(self.desc_at() + 16 * u64::from(i));
         mem.write_obj(addr, d).unwrap();
         mem.write_obj(len, d.unchecked_add(8)).unwrap();
@@ -862,7 +870,7 @@ impl QRing {
         mem.write_obj(next, d.unchecked_add(14)).unwrap();
     }
     /// Publishes `head` and kicks, without waiting.
-    fn post(&mut self, mem: &GuestMemoryMmap, head: u16) {
+    pub(crate) fn post(&mut self, mem: &GuestMemoryMmap, head: u16) {
         let slot = self.next_avail % QSIZE;
         mem.write_obj(head, GuestAddress(self.avail() + 4 + 2 * u64::from(slot)))
             .unwrap();
@@ -871,11 +879,11 @@ impl QRing {
             .unwrap();
         self.kick.write(1).unwrap();
     }
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+    pub(crate) fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.used() + 2)).unwrap()
     }
     /// Waits for the next used entry: (id, len).
-    fn next_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
+    pub(crate) fn next_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if self.used_idx(mem) != self.seen_used {
