@@ -3,7 +3,7 @@
 //! original does, with a JSON array of strings: the error chain from the top down, e.g.
 //! `["Error from API","The VM could not be paused","VM is not running"]`.
 
-use vm_config::RestoreConfig;
+use vm_config::{NetConfig, RestoreConfig};
 
 use crate::http::{Method, Request, Response};
 use crate::types::{ApiError, ApiRequest, ApiResponse, ApiResult};
@@ -28,6 +28,9 @@ pub enum Endpoint {
     VmRestore,
     VmSendMigration,
     VmReceiveMigration,
+    VmAddDisk,
+    VmAddNet,
+    VmRemoveDevice,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -47,15 +50,15 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.power-button", Method::Put, Endpoint::VmPowerButton),
     ("vm.delete", Method::Put, Endpoint::VmDelete),
     ("vm.add-device", Method::Put, Endpoint::NotYet),
-    ("vm.add-disk", Method::Put, Endpoint::NotYet),
+    ("vm.add-disk", Method::Put, Endpoint::VmAddDisk),
     ("vm.add-fs", Method::Put, Endpoint::NotYet),
     ("vm.add-generic-vhost-user", Method::Put, Endpoint::NotYet),
-    ("vm.add-net", Method::Put, Endpoint::NotYet),
+    ("vm.add-net", Method::Put, Endpoint::VmAddNet),
     ("vm.add-pmem", Method::Put, Endpoint::NotYet),
     ("vm.add-user-device", Method::Put, Endpoint::NotYet),
     ("vm.add-vdpa", Method::Put, Endpoint::NotYet),
     ("vm.add-vsock", Method::Put, Endpoint::NotYet),
-    ("vm.remove-device", Method::Put, Endpoint::NotYet),
+    ("vm.remove-device", Method::Put, Endpoint::VmRemoveDevice),
     ("vm.resize", Method::Put, Endpoint::NotYet),
     ("vm.resize-disk", Method::Put, Endpoint::NotYet),
     ("vm.resize-zone", Method::Put, Endpoint::NotYet),
@@ -189,6 +192,15 @@ pub fn request(
         Endpoint::VmReceiveMigration => {
             ApiRequest::VmReceiveMigration(body_of(body, name, "ReceiveMigrationData")?)
         }
+        Endpoint::VmAddDisk => ApiRequest::VmAddDisk(Box::new(body_of(body, name, "DiskConfig")?)),
+        Endpoint::VmAddNet => {
+            let mut config: NetConfig = body_of(body, name, "NetConfig")?;
+            take_net_fds(&mut config, fds)?;
+            ApiRequest::VmAddNet(Box::new(config))
+        }
+        Endpoint::VmRemoveDevice => {
+            ApiRequest::VmRemoveDevice(body_of(body, name, "VmRemoveDeviceData")?)
+        }
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }
@@ -226,6 +238,27 @@ fn give_net_fds(
     Ok(())
 }
 
+/// `vm.add-net`: the descriptors that came with the request (as `ch-remote add-net fd=...`
+/// sends them) are the device's TAP queues, replacing whatever numbers `fds` names (the
+/// client's own). Numbers without descriptors would name the VMM's own files: 400.
+fn take_net_fds(config: &mut NetConfig, fds: Vec<std::os::fd::OwnedFd>) -> Result<(), Response> {
+    use std::os::fd::IntoRawFd;
+    if fds.is_empty() {
+        if config.fds.as_ref().is_some_and(|f| !f.is_empty()) {
+            return Err(error_chain(
+                400,
+                &[
+                    "Bad Request",
+                    "fds: no descriptors were received with the request (send them with SCM_RIGHTS)",
+                ],
+            ));
+        }
+        return Ok(());
+    }
+    config.fds = Some(fds.into_iter().map(IntoRawFd::into_raw_fd).collect());
+    Ok(())
+}
+
 /// A request's JSON body as `T`, the schema the original's API document calls `what` (400 for
 /// none, or one that does not read).
 fn body_of<T: serde::de::DeserializeOwned>(
@@ -259,6 +292,7 @@ pub fn reply(name: &str, result: ApiResult) -> Response {
         Ok(ApiResponse::Ping(p)) => json(&p),
         Ok(ApiResponse::Info(i)) => json(&i),
         Ok(ApiResponse::Counters(c)) => json(&c),
+        Ok(ApiResponse::PciDevice(d)) => json(&d),
         Err(e) => {
             let mut lines = vec![
                 "Error from API".to_string(),
@@ -293,7 +327,7 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::VmState;
+    use crate::types::{PciDeviceInfo, VmState};
 
     fn lines(r: &Response) -> Vec<String> {
         serde_json::from_slice(&r.body).expect("an error body is a JSON list of strings")
@@ -334,7 +368,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(r.status, 400);
-        let r = request("vm.add-disk", Endpoint::NotYet, b"{}", Vec::new()).unwrap_err();
+        let r = request("vm.add-fs", Endpoint::NotYet, b"{}", Vec::new()).unwrap_err();
         assert_eq!(r.status, 501);
         assert!(matches!(
             request(
@@ -449,5 +483,89 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn hotplug_bodies() {
+        assert_eq!(
+            route(Method::Put, "/api/v1/vm.add-disk").unwrap().1,
+            Endpoint::VmAddDisk
+        );
+        assert_eq!(
+            route(Method::Put, "/api/v1/vm.add-net").unwrap().1,
+            Endpoint::VmAddNet
+        );
+        assert_eq!(
+            route(Method::Put, "/api/v1/vm.remove-device").unwrap().1,
+            Endpoint::VmRemoveDevice
+        );
+        match request(
+            "vm.add-disk",
+            Endpoint::VmAddDisk,
+            br#"{"path": "/d.img", "id": "x"}"#,
+            Vec::new(),
+        ) {
+            Ok(ApiRequest::VmAddDisk(d)) => {
+                assert_eq!(
+                    (d.path.to_str(), d.id.as_deref()),
+                    (Some("/d.img"), Some("x"))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = request("vm.add-disk", Endpoint::VmAddDisk, b"{}", Vec::new()).unwrap_err();
+        assert_eq!(r.status, 400, "path is required");
+        match request(
+            "vm.remove-device",
+            Endpoint::VmRemoveDevice,
+            br#"{"id": "_disk0"}"#,
+            Vec::new(),
+        ) {
+            Ok(ApiRequest::VmRemoveDevice(d)) => assert_eq!(d.id, "_disk0"),
+            other => panic!("{other:?}"),
+        }
+        // fds named without descriptors would be the VMM's own files.
+        let r = request(
+            "vm.add-net",
+            Endpoint::VmAddNet,
+            br#"{"fds": [3]}"#,
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(r.status, 400);
+        assert!(lines(&r)[1].contains("no descriptors"), "{:?}", lines(&r));
+        // Received descriptors replace the numbers.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = std::os::fd::OwnedFd::from(a);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        match request(
+            "vm.add-net",
+            Endpoint::VmAddNet,
+            br#"{"fds": [999]}"#,
+            vec![fd],
+        ) {
+            Ok(ApiRequest::VmAddNet(n)) => {
+                assert_eq!(n.fds, Some(vec![raw]));
+                // SAFETY: the descriptor the request took over, closed once here.
+                unsafe { libc::close(raw) };
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = reply(
+            "vm.add-disk",
+            Ok(ApiResponse::PciDevice(PciDeviceInfo {
+                id: "_disk1".into(),
+                bdf: "0000:00:05.0".into(),
+            })),
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, br#"{"id":"_disk1","bdf":"0000:00:05.0"}"#);
+        let r = reply(
+            "vm.remove-device",
+            Err(ApiError::BadRequest("no device with id x".into())),
+        );
+        assert_eq!(r.status, 400);
+        let r = reply("vm.resize", Err(ApiError::TooManyRequests("busy".into())));
+        assert_eq!(r.status, 429);
     }
 }

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_config::{
-    ConfigError, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig, VmConfig,
+    ConfigError, DiskConfig, NetConfig, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig,
+    VmConfig,
 };
 
 /// The states of a VM, as the original names them.
@@ -40,6 +41,25 @@ pub enum ApiRequest {
     VmRestore(RestoreConfig),
     VmSendMigration(SendMigrationConfig),
     VmReceiveMigration(ReceiveMigrationConfig),
+    /// `vm.add-disk`: before boot the device joins the configuration; on a built VM it is
+    /// hot-added.
+    VmAddDisk(Box<DiskConfig>),
+    /// `vm.add-net`; `fds` holds the descriptors received with the request, if any.
+    VmAddNet(Box<NetConfig>),
+    VmRemoveDevice(VmRemoveDeviceData),
+}
+
+/// `vm.remove-device`'s body, as the original's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRemoveDeviceData {
+    pub id: String,
+}
+
+/// What a hot-add answers: the new device's id and where it sits (`0000:00:05.0`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciDeviceInfo {
+    pub id: String,
+    pub bdf: String,
 }
 
 /// `vm.snapshot`'s body, as the original's.
@@ -87,6 +107,8 @@ pub enum ApiResponse {
     Ping(VmmPingResponse),
     Info(Box<VmInfoResponse>),
     Counters(VmCounters),
+    /// A device hot-added to a running VM (200 with the body).
+    PciDevice(PciDeviceInfo),
 }
 
 /// Why the VMM refused a request. The messages are the causes that follow the endpoint's own
@@ -122,6 +144,13 @@ pub enum ApiError {
     /// One of the original's endpoints for something this VMM does not have yet.
     #[error("{0} is not supported yet")]
     NotYet(String),
+    /// A request the VM cannot carry out as asked (an unknown device id, a full bus): 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The VM is busy with an earlier request of the same kind (a removal not yet ejected by
+    /// the guest): 429, as the original answers.
+    #[error("{0}")]
+    TooManyRequests(String),
 }
 
 impl From<ConfigError> for ApiError {
@@ -137,7 +166,8 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::VmNotCreated | ApiError::VmMissingConfig => 404,
-            ApiError::Config(_) => 400,
+            ApiError::Config(_) | ApiError::BadRequest(_) => 400,
+            ApiError::TooManyRequests(_) => 429,
             ApiError::NotYet(_) => 501,
             ApiError::VmAlreadyCreated
             | ApiError::VmNotRunning

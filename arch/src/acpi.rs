@@ -20,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::layout;
 
-pub mod hotplug;
+mod hotplug;
 
 /// OEM ID written in every table header.
 pub const OEM_ID: [u8; 6] = *b"CLOUDH";

@@ -440,6 +440,9 @@ fn body(s: &Sub, m: &ArgMatches) -> Result<(Option<Vec<u8>>, Vec<RawFd>), String
         }
         Body::Net => {
             let c = NetConfig::parse(positional.unwrap_or("")).map_err(|e| e.to_string())?;
+            // `fd=[...]`: this process's TAP descriptors go beside the body (SCM_RIGHTS), as
+            // the original's ch-remote sends them; the VMM uses the ones it receives.
+            fds = c.fds.clone().unwrap_or_default();
             serde_json::to_value(c).map_err(|e| e.to_string())?
         }
         Body::Kv(primary) => kv_body(s.name, primary, positional)?,

@@ -36,7 +36,9 @@ const EV_CONSOLE_OUT: u64 = 10;
 const EV_WINCH: u64 = 11;
 const EV_CONSOLE_RESIZE: u64 = 12;
 const EV_MIGRATION: u64 = 13;
+const EV_EJECT: u64 = 14;
 
+mod hotplug;
 mod migrate;
 
 /// How long the loop keeps polling, instead of sleeping, after it answered an API request. On a
@@ -211,6 +213,7 @@ impl Vmm {
             c.add(events.exit.as_raw_fd(), EV_EXIT)?;
             c.add(events.reset.as_raw_fd(), EV_RESET)?;
             c.add(events.error.as_raw_fd(), EV_ERROR)?;
+            c.add(events.eject.as_raw_fd(), EV_EJECT)?;
             c.add(signal_rx.as_raw_fd(), EV_SIGNAL)?;
             c.add(winch_rx.as_raw_fd(), EV_WINCH)?;
             if let Some(api) = &api {
@@ -316,6 +319,8 @@ impl Vmm {
         self.serial = Some(serial);
         self.console = Some(console);
         self.console_relay = relay;
+        // Ejections the previous VM's guest made are no news to this one.
+        self.events.take_ejected();
         self.vm = Some(vm);
         Ok(())
     }
@@ -632,6 +637,20 @@ impl Vmm {
                 }),
             ),
             VmSnapshot(cfg) => done(self.snapshot(&cfg.destination_url)),
+            VmAddDisk(d) => (self.add_device(hotplug::Added::Disk(*d)), Next::Continue),
+            VmAddNet(n) => {
+                let fds = n.fds.clone().unwrap_or_default();
+                let r = self.add_device(hotplug::Added::Net(*n));
+                if r.is_err() {
+                    // The descriptors the request brought are the VMM's; nothing uses them.
+                    for fd in fds {
+                        // SAFETY: received with the request and used by nothing else.
+                        unsafe { libc::close(fd) };
+                    }
+                }
+                (r, Next::Continue)
+            }
+            VmRemoveDevice(d) => done(self.remove_device(&d.id)),
             VmDelete => {
                 if self.vm.is_some() {
                     self.shutdown_vm();
@@ -729,6 +748,7 @@ impl Vmm {
             }
             EV_API => return Ok(self.serve_api()),
             EV_MIGRATION => return Ok(self.migration_news()),
+            EV_EJECT => self.ejected(),
             EV_SERIAL_LISTEN => self.accept_serial()?,
             EV_SERIAL_IN => self.read_serial(),
             EV_CONSOLE_LISTEN => self.accept_console()?,

@@ -1,7 +1,7 @@
 //! vCPU threads: each runs its vCPU and services the exits that reach user space, and stops
 //! when asked (a flag plus a signal that kicks it out of KVM_RUN).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +26,10 @@ pub struct VmEvents {
     pub reset: EventFd,
     /// A vCPU failed; the VM cannot go on.
     pub error: EventFd,
+    /// The guest ejected hot-pluggable PCI slots (`ejected` says which): the control loop
+    /// removes their devices. Not a halting event: the guest runs on.
+    pub eject: EventFd,
+    ejected: Arc<AtomicU32>,
 }
 
 impl VmEvents {
@@ -35,6 +39,8 @@ impl VmEvents {
             exit: EventFd::new(libc::EFD_NONBLOCK)?,
             reset: EventFd::new(libc::EFD_NONBLOCK)?,
             error: EventFd::new(libc::EFD_NONBLOCK)?,
+            eject: EventFd::new(libc::EFD_NONBLOCK)?,
+            ejected: Arc::new(AtomicU32::new(0)),
         })
     }
 
@@ -44,7 +50,15 @@ impl VmEvents {
             exit: self.exit.try_clone()?,
             reset: self.reset.try_clone()?,
             error: self.error.try_clone()?,
+            eject: self.eject.try_clone()?,
+            ejected: self.ejected.clone(),
         })
+    }
+
+    /// The PCI slots (segment 0) the guest ejected since the last call, as a bitmap.
+    pub fn take_ejected(&self) -> u32 {
+        let _ = self.eject.read();
+        self.ejected.swap(0, Ordering::AcqRel)
     }
 
     fn raise(&self, evt: &EventFd, what: &str) {
@@ -61,6 +75,18 @@ impl VmEvents {
     /// Lets a rebuilt VM's vCPUs run.
     pub fn clear_halting(&self) {
         self.halting.store(false, Ordering::Release);
+    }
+}
+
+impl devices::EjectSink for VmEvents {
+    fn eject(&self, segment: u16, slots: u32) {
+        if segment != 0 {
+            return;
+        }
+        self.ejected.fetch_or(slots, Ordering::AcqRel);
+        if let Err(e) = self.eject.write(1) {
+            error!("cannot signal an ejection: {e}");
+        }
     }
 }
 

@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use devices::{
-    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, DeviceCounters, Ged, Serial,
-    SerialOutput, CMOS_NVRAM_SIZE, I8042,
+    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, Ged, Serial, SerialOutput,
+    CMOS_NVRAM_SIZE, I8042,
 };
 use hypervisor::Vm;
 use thiserror::Error;
@@ -49,8 +49,6 @@ pub struct DeviceManager {
     pub pm_timer: Arc<Mutex<AcpiPmTimer>>,
     pub pci: PciDevices,
     pub ged: Arc<Mutex<Ged>>,
-    /// Devices with statistics for `vm.counters`, by device id.
-    pub counters: Vec<(String, Arc<dyn DeviceCounters>)>,
 }
 
 /// Everything the device manager builds from.
@@ -66,6 +64,8 @@ pub struct DeviceSetup<'a> {
     /// The virtio console's host side; `None` for no virtio console.
     pub console: Option<ConsoleIo>,
     pub nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
+    /// A restored VM's device slots by id (see `pci_setup::create`).
+    pub slot_hints: Option<&'a std::collections::BTreeMap<String, u8>>,
 }
 
 impl DeviceManager {
@@ -79,6 +79,7 @@ impl DeviceManager {
             serial,
             console,
             nvram,
+            slot_hints,
         } = setup;
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -113,7 +114,18 @@ impl DeviceManager {
             layout::PM_TIMER_LEN,
         )?;
         pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
-        let pci = pci_setup::create(vm, mem, &pio, &mmio, cfg, &pci_windows, console)?;
+        let ejections = Arc::new(events.try_clone().map_err(DeviceError::EventFd)?);
+        let pci = pci_setup::create(
+            vm,
+            mem,
+            &pio,
+            &mmio,
+            cfg,
+            &pci_windows,
+            console,
+            slot_hints,
+            ejections,
+        )?;
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&ged_irq, layout::GED_IRQ)
             .map_err(DeviceError::Irq)?;
@@ -127,7 +139,6 @@ impl DeviceManager {
             i8042,
             acpi_sleep,
             pm_timer,
-            counters: pci.counters.clone(),
             pci,
             ged,
         })

@@ -70,6 +70,11 @@ impl EventMonitor {
     }
 }
 
+/// An event's properties from key-value pairs.
+pub fn properties<const N: usize>(kv: [(&str, String); N]) -> BTreeMap<String, String> {
+    kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ pub mod core_sched;
 mod cpu;
 mod device_manager;
 pub mod event_monitor;
+mod hotplug;
 mod memory;
 mod migration;
 mod pci_setup;
@@ -14,6 +15,7 @@ pub mod restore;
 mod serial_io;
 pub mod snapshot;
 mod uffd;
+mod virtio_build;
 mod vm;
 
 use std::io;

@@ -6,21 +6,22 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Weak};
 
 use arch::layout;
 use devices::{Bus, BusDevice};
+use devices::{EjectSink, PciHotplug, Stateful};
 use guest_memory::GuestMemoryMmap;
 use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
 use pci::{BarWindows, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
 use thiserror::Error;
+use virtio_devices::{Console, VirtioPciDevice};
 use vm_allocator::IdAllocator;
-use virtio_devices::{Block, BlockConfig, Console, Net, Rng, VirtioDevice, VirtioPciDevice};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{DiskConfig, ImageType, VmConfig};
+use crate::config::{ImageType, VmConfig};
+use crate::virtio_build::{self, NewDevice};
 
 /// GSIs below this belong to the IOAPIC/PIC routes KVM sets up by default.
 const FIRST_MSI_GSI: u32 = 24;
@@ -58,11 +59,18 @@ impl VmPci {
             vm,
             mmio: Arc::downgrade(mmio),
             state: Mutex::new(GsiState {
-                ids: IdAllocator::new(FIRST_MSI_GSI, MAX_GSI - 1)
-                    .expect("FIRST_MSI_GSI < MAX_GSI"),
+                ids: IdAllocator::new(FIRST_MSI_GSI, MAX_GSI - 1).expect("FIRST_MSI_GSI < MAX_GSI"),
                 msi: BTreeMap::new(),
             }),
         }
+    }
+
+    /// GSIs handed out and not given back.
+    pub fn gsis_in_use(&self) -> usize {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (FIRST_MSI_GSI..MAX_GSI)
+            .filter(|&g| s.ids.is_allocated(g))
+            .count()
     }
 
     /// The whole routing table: KVM's default IOAPIC and PIC routes for GSIs 0-23 (the table
@@ -170,37 +178,67 @@ pub fn pci_host(windows: &PciWindows) -> arch::acpi::PciHost {
     arch::acpi::PciHost::segment0(windows.mmio32, windows.mmio64)
 }
 
-/// The PCI segment of one VM (the buses hold it too; this names it).
+/// One function on bus 0: a virtio device behind its virtio-pci transport.
+pub(crate) struct Function {
+    pub(crate) id: String,
+    /// The option it came from (`--disk`, ...), for messages.
+    pub(crate) option: &'static str,
+    pub(crate) slot: u8,
+    pub(crate) transport: Arc<Mutex<VirtioPciDevice>>,
+    /// Where the VMM put its BAR (given back to the allocator when it is unplugged).
+    pub(crate) bar: u64,
+    /// A disk's image lock (a migration's source hands it over).
+    pub(crate) lock: Option<block::DiskLock>,
+    pub(crate) counters: Option<Arc<dyn devices::DeviceCounters>>,
+    /// The host asked the guest to eject it (`vm.remove-device`); it goes when the guest does.
+    pub(crate) removal_requested: bool,
+}
+
+/// The PCI segment of one VM, alive as long as the VM: the buses, the BAR and slot allocators
+/// and the functions, so that devices can be added and removed while it runs (`hotplug.rs`).
 pub struct PciDevices {
-    root: Arc<Mutex<PciRoot>>,
+    pub(crate) root: Arc<Mutex<PciRoot>>,
     /// The 0xcf8/0xcfc ports (the address register is state).
     config_io: Arc<Mutex<PciConfigIo>>,
-    /// Each virtio-pci transport with its device id and device number on bus 0, in the order
-    /// they were placed (the root holds them as `dyn PciDevice`).
-    transports: Vec<(String, u8, Arc<Mutex<VirtioPciDevice>>)>,
+    pub(crate) vmi: Arc<VmPci>,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) bars: BarWindows,
+    /// The hotplug controller the DSDT's `\_SB_.PHPR` describes.
+    pub(crate) hotplug: Arc<Mutex<PciHotplug>>,
+    /// Every function, in the order it was placed.
+    pub(crate) functions: Vec<Function>,
     /// Whether `pause_devices` stopped the device workers (until `resume_devices`).
-    devices_paused: bool,
-    /// Statistics of the devices that keep them, by device id (for `vm.counters`).
-    pub counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
-    /// Each virtio device's id and its device number on bus 0 (for `vm.info`'s device tree).
-    pub placed: Vec<(String, u8)>,
+    pub(crate) devices_paused: bool,
     /// The format each disk was opened as, in `--disk` order (probed where not given), which
     /// the configuration records as the original's does.
     pub disk_image_types: Vec<ImageType>,
-    /// Handles on the disk images' locks (a migration's source hands them over).
-    disk_locks: Vec<block::DiskLock>,
 }
 
 impl PciDevices {
     /// Unplugs the devices (see `DeviceManager::release`).
     pub fn remove_all(&mut self) {
-        // The handles share the images' open file descriptions: they go with the disks.
-        self.disk_locks.clear();
-        self.transports.clear();
+        // The locks share the images' open file descriptions: they go with the disks.
+        self.functions.clear();
         self.root
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove_all();
+    }
+
+    /// Each device's id and its device number on bus 0, in placement order.
+    pub fn placed(&self) -> Vec<(String, u8)> {
+        self.functions
+            .iter()
+            .map(|f| (f.id.clone(), f.slot))
+            .collect()
+    }
+
+    /// Statistics of the devices that keep them, by device id (for `vm.counters`).
+    pub fn counters(&self) -> Vec<(String, Arc<dyn devices::DeviceCounters>)> {
+        self.functions
+            .iter()
+            .filter_map(|f| Some((f.id.clone(), f.counters.clone()?)))
+            .collect()
     }
 
     /// Stops every virtio device's worker(s) (in-flight requests completed, no guest memory
@@ -208,8 +246,11 @@ impl PciDevices {
     /// resume starts them again.
     pub fn pause_devices(&mut self) -> Result<(), String> {
         self.devices_paused = true;
-        for (_, _, t) in &self.transports {
-            t.lock().unwrap_or_else(|e| e.into_inner()).pause()?;
+        for f in &self.functions {
+            f.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pause()?;
         }
         Ok(())
     }
@@ -220,16 +261,22 @@ impl PciDevices {
             return Ok(());
         }
         let mut first_err = None;
-        for (_, _, t) in &self.transports {
-            if let Err(e) = t.lock().unwrap_or_else(|e| e.into_inner()).resume() {
+        for f in &self.functions {
+            if let Err(e) = f
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resume()
+            {
                 first_err.get_or_insert(e);
             }
         }
         first_err.map_or(Ok(()), Err)
     }
 
-    /// The segment's state: host bridge, 0xcf8 and every transport with its device's own
-    /// state, in placement order. The device workers must be paused (`pause_devices`).
+    /// The segment's state: host bridge, 0xcf8, the hotplug controller and every transport
+    /// with its device's own state, in placement order. The device workers must be paused
+    /// (`pause_devices`).
     pub fn state(&self) -> crate::snapshot::PciSnapshot {
         crate::snapshot::PciSnapshot {
             root: self.root.lock().unwrap_or_else(|e| e.into_inner()).state(),
@@ -238,14 +285,20 @@ impl PciDevices {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .state(),
+            hotplug: Some(
+                self.hotplug
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .state(),
+            ),
             devices: self
-                .transports
+                .functions
                 .iter()
-                .map(|(id, slot, t)| {
-                    let t = t.lock().unwrap_or_else(|e| e.into_inner());
+                .map(|f| {
+                    let t = f.transport.lock().unwrap_or_else(|e| e.into_inner());
                     crate::snapshot::VirtioPciSnapshot {
-                        id: id.clone(),
-                        slot: *slot,
+                        id: f.id.clone(),
+                        slot: f.slot,
                         transport: t.state(),
                         device: t.device_state(),
                     }
@@ -257,15 +310,19 @@ impl PciDevices {
     /// Makes segment 0 what `s` describes, in the order docs/pci.md gives: the host bridge
     /// and 0xcf8, then each transport (its device's own state first, since the transport's
     /// may start the device), matched by id and slot (the snapshot's configuration built the
-    /// same functions in the same places), then the BARs, last. The device workers the
-    /// restore started are paused at once (the VM comes up paused; its resume starts them).
+    /// same functions in the same places: see `slot_hints`), then the BARs, last. The device
+    /// workers the restore started are paused at once (the VM comes up paused; its resume
+    /// starts them).
     pub fn restore(&mut self, s: &crate::snapshot::PciSnapshot) -> Result<(), String> {
-        let placed: Vec<(&str, u8)> = self
-            .transports
+        let mut placed: Vec<(&str, u8)> = self
+            .functions
             .iter()
-            .map(|(id, slot, _)| (id.as_str(), *slot))
+            .map(|f| (f.id.as_str(), f.slot))
             .collect();
-        let saved: Vec<(&str, u8)> = s.devices.iter().map(|d| (d.id.as_str(), d.slot)).collect();
+        let mut saved: Vec<(&str, u8)> =
+            s.devices.iter().map(|d| (d.id.as_str(), d.slot)).collect();
+        placed.sort_unstable();
+        saved.sort_unstable();
         if placed != saved {
             return Err(format!(
                 "the state's PCI devices {saved:?} are not the configuration's {placed:?}"
@@ -281,9 +338,19 @@ impl PciDevices {
             .unwrap_or_else(|e| e.into_inner())
             .set_state(&s.config_io)
             .map_err(|e| e.to_string())?;
+        if let Some(h) = &s.hotplug {
+            self.hotplug
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(h)
+                .map_err(|e| e.to_string())?;
+        }
         let mut result = Ok(());
-        for ((_, _, t), d) in self.transports.iter().zip(&s.devices) {
-            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+        for d in &s.devices {
+            let Some(f) = self.functions.iter().find(|f| f.id == d.id) else {
+                continue;
+            };
+            let mut t = f.transport.lock().unwrap_or_else(|e| e.into_inner());
             result = t
                 .set_device_state(&d.device)
                 .and_then(|()| t.set_state(&d.transport))
@@ -304,7 +371,7 @@ impl PciDevices {
     /// Lets go of every disk image's lock (the devices must be paused: a live migration's
     /// destination is about to open the images).
     pub fn release_disk_locks(&self) -> Result<(), String> {
-        for l in &self.disk_locks {
+        for l in self.functions.iter().filter_map(|f| f.lock.as_ref()) {
             l.release().map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -312,7 +379,7 @@ impl PciDevices {
 
     /// Takes the disk images' locks again (a migration failed after releasing them).
     pub fn reacquire_disk_locks(&self) -> Result<(), String> {
-        for l in &self.disk_locks {
+        for l in self.functions.iter().filter_map(|f| f.lock.as_ref()) {
             l.reacquire().map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -325,60 +392,63 @@ impl PciDevices {
             .unwrap_or_else(|e| e.into_inner())
             .device_ids()
     }
-}
 
-/// A device waiting for its slot: option it came from, id, wanted slot.
-struct Pending {
-    option: &'static str,
-    id: String,
-    slot: Option<u8>,
-    dev: Box<dyn VirtioDevice>,
-}
-
-fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
-    PciSetupError::Device {
-        option: "--disk",
-        value: d.path.display().to_string(),
-        msg,
+    /// Puts `d` on the bus: at `slot` (its own wish, else the lowest free slot), with a BAR
+    /// from the windows, behind a virtio-pci transport. Everything it took is given back if
+    /// it cannot be placed.
+    pub(crate) fn place(&mut self, d: NewDevice) -> Result<u8, PciSetupError> {
+        let NewDevice {
+            option,
+            id,
+            slot,
+            dev,
+            lock,
+            image_type: _,
+        } = d;
+        let err = |msg: String| PciSetupError::Device {
+            option,
+            value: id.clone(),
+            msg,
+        };
+        let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = root.next_device_id(slot).map_err(|e| err(e.to_string()))?;
+        let size = virtio_devices::VIRTIO_PCI_BAR_SIZE;
+        let bar = self
+            .bars
+            .allocate(size, virtio_devices::VIRTIO_PCI_BAR_KIND)
+            .map_err(|e| err(e.to_string()))?;
+        let counters = dev
+            .counters()
+            .map(|c| c as Arc<dyn devices::DeviceCounters>);
+        let vmi: Arc<dyn VmInterface> = self.vmi.clone();
+        let placed = VirtioPciDevice::new(id.clone(), dev, self.mem.clone(), vmi, bar)
+            .map_err(err)
+            .and_then(|t| {
+                let t = Arc::new(Mutex::new(t));
+                root.add_device(slot, t.clone())
+                    .map(|()| t)
+                    .map_err(|e| err(e.to_string()))
+            });
+        let transport = match placed {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.bars.free(bar, size);
+                return Err(e);
+            }
+        };
+        info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {bar:#x}");
+        self.functions.push(Function {
+            id,
+            option,
+            slot,
+            transport,
+            bar,
+            lock,
+            counters,
+            removal_requested: false,
+        });
+        Ok(slot)
     }
-}
-
-/// The block layer's format for a configured image type; `None`: probe the header.
-fn block_image_type(t: ImageType) -> Option<block::ImageType> {
-    match t {
-        ImageType::Raw => Some(block::ImageType::Raw),
-        ImageType::Qcow2 => Some(block::ImageType::Qcow2),
-        ImageType::FixedVhd => Some(block::ImageType::Vhd),
-        ImageType::Vhdx => Some(block::ImageType::Vhdx),
-        // The configuration refuses vmdk; probing finds what the file is.
-        ImageType::FlatVmdk | ImageType::Unknown => None,
-    }
-}
-
-/// The configuration's name for a format the block layer opened.
-fn config_image_type(t: block::ImageType) -> ImageType {
-    match t {
-        block::ImageType::Raw => ImageType::Raw,
-        block::ImageType::Qcow2 => ImageType::Qcow2,
-        block::ImageType::Vhd => ImageType::FixedVhd,
-        block::ImageType::Vhdx => ImageType::Vhdx,
-    }
-}
-
-fn open_disk(d: &DiskConfig) -> Result<(Box<dyn block::DiskFile>, block::DiskLock), PciSetupError> {
-    let image_type = block_image_type(d.image_type);
-    let opts = block::OpenOptions {
-        readonly: d.readonly,
-        direct: d.direct,
-        image_type,
-        backing_files: d.backing_files,
-        sparse: d.sparse,
-        lock_granularity: match d.lock_granularity {
-            vm_config::LockGranularity::ByteRange => block::LockGranularity::ByteRange,
-            vm_config::LockGranularity::Full => block::LockGranularity::Full,
-        },
-    };
-    block::open_disk_locked(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
 }
 
 /// The host side of the virtio console.
@@ -392,7 +462,10 @@ pub struct ConsoleIo {
 }
 
 /// Builds segment 0 with the configured devices, their BARs in `windows`. `console`: `None`
-/// for no virtio console.
+/// for no virtio console. `slot_hints`: where a restored VM's devices were (by id), so that a
+/// configuration changed by hotplug rebuilds the snapshot's bus. `ejections`: who hears of the
+/// guest's ejections.
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     vm: &Arc<dyn hypervisor::Vm>,
     mem: &GuestMemoryMmap,
@@ -401,8 +474,10 @@ pub fn create(
     cfg: &VmConfig,
     windows: &PciWindows,
     console: Option<ConsoleIo>,
+    slot_hints: Option<&BTreeMap<String, u8>>,
+    ejections: Arc<dyn EjectSink>,
 ) -> Result<PciDevices, PciSetupError> {
-    let vmi: Arc<dyn VmInterface> = Arc::new(VmPci::new(vm.clone(), mmio));
+    let vmi = Arc::new(VmPci::new(vm.clone(), mmio));
     let root = Arc::new(Mutex::new(PciRoot::new(vmi.clone())));
     let bus_err = |e: devices::BusError| PciSetupError::Bus(e.to_string());
     let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
@@ -418,192 +493,61 @@ pub fn create(
         layout::PCI_MMCONFIG_SIZE,
     )
     .map_err(bus_err)?;
-    let mut bars = windows.allocators();
+    let hotplug = Arc::new(Mutex::new(PciHotplug::new(ejections)));
+    mmio.insert(
+        hotplug.clone(),
+        layout::PCI_HOTPLUG_START.0,
+        layout::PCI_HOTPLUG_SIZE,
+    )
+    .map_err(bus_err)?;
 
-    let mut list: Vec<Pending> = Vec::new();
+    let mut list: Vec<NewDevice> = Vec::new();
     if let Some(io) = console {
-        list.push(Pending {
+        list.push(NewDevice {
             option: "--console",
             // The original's name for the console device.
             id: cfg.console.id.clone().unwrap_or_else(|| "__console".into()),
             slot: cfg.console.pci_device_id,
             dev: Box::new(Console::new(io.out, io.input, io.size)),
+            lock: None,
+            image_type: None,
         });
     }
     let mut disk_image_types = Vec::with_capacity(cfg.disks.len());
-    let mut disk_locks = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
-        let (disk, lock) = open_disk(d)?;
-        disk_locks.push(lock);
-        disk_image_types.push(config_image_type(disk.image_type()));
         let id = d.id.clone().unwrap_or_else(|| format!("_disk{i}"));
-        let serial = d.serial.clone().unwrap_or_else(|| id.clone());
-        let dev = Block::new(
-            disk,
-            BlockConfig {
-                num_queues: d.num_queues,
-                queue_size: d.queue_size,
-                serial,
-                io_uring: d.direct && !d.disable_io_uring,
-            },
-        )
-        .map_err(|e| disk_error(d, e.to_string()))?;
-        list.push(Pending {
-            option: "--disk",
-            id,
-            slot: d.pci_device_id,
-            dev: Box::new(dev),
-        });
+        let dev = virtio_build::disk(d, id)?;
+        disk_image_types.extend(dev.image_type);
+        list.push(dev);
     }
     for (i, n) in cfg.net.iter().enumerate() {
-        let err = |msg: String| PciSetupError::Device {
-            option: "--net",
-            value: n.tap.clone().unwrap_or_default(),
-            msg,
-        };
-        let pairs = usize::from(n.num_queues / 2).max(1);
-        // As the original: no TAP named, a new one the kernel names from "vmtap%d"; an
-        // existing TAP keeps its addresses. With descriptors (`fd=`, a restore's `net_fds`),
-        // the caller's TAP, as the caller set it up.
-        let name = n.tap.as_deref().unwrap_or("vmtap%d");
-        let (existed, taps) = match &n.fds {
-            Some(fds) => {
-                n.fds_usable().map_err(err)?;
-                (
-                    true,
-                    net_util::Tap::from_fds(fds).map_err(|e| err(e.to_string()))?,
-                )
-            }
-            None => (
-                net_util::Tap::exists(name),
-                net_util::Tap::open(name, pairs).map_err(|e| err(e.to_string()))?,
-            ),
-        };
-        let tap = &taps[0];
-        match (n.ip, n.mask) {
-            (Some(IpAddr::V4(ip)), Some(IpAddr::V4(mask))) if !existed => {
-                tap.set_ip(ip, mask).map_err(|e| err(e.to_string()))?
-            }
-            (Some(IpAddr::V6(ip)), Some(IpAddr::V6(mask))) if !existed => {
-                // The configuration checked that the mask is contiguous.
-                let prefix = u128::from(mask).leading_ones() as u8;
-                tap.set_ipv6(ip, prefix).map_err(|e| err(e.to_string()))?
-            }
-            (Some(_), _) if existed => {
-                log::warn!(
-                    "--net: TAP {} exists; its addresses are left as they are",
-                    tap.name()
-                )
-            }
-            // The configuration refuses an address without its mask, or of two families.
-            _ => {}
-        }
-        if let Some(m) = &n.host_mac {
-            let m: net_util::MacAddr = m
-                .parse()
-                .map_err(|e: net_util::MacParseError| err(e.to_string()))?;
-            tap.set_mac(m).map_err(|e| err(e.to_string()))?;
-        }
-        if let Some(mtu) = n.mtu {
-            tap.set_mtu(mtu).map_err(|e| err(e.to_string()))?;
-        }
-        if n.fds.is_none() {
-            tap.enable().map_err(|e| err(e.to_string()))?;
-        }
-        let mac = match &n.mac {
-            Some(m) => m
-                .parse()
-                .map_err(|e: net_util::MacParseError| err(e.to_string()))?,
-            None => net_util::MacAddr::random_local(),
-        };
-        let host_side = match (n.ip, n.mask) {
-            (Some(ip), Some(mask)) => format!("{ip}/{mask}"),
-            _ => "no address".into(),
-        };
-        info!(
-            "--net: TAP {} ({host_side}), {pairs} queue pair(s), guest MAC {mac}",
-            tap.name()
-        );
-        let config = virtio_devices::NetConfig {
-            mac,
-            mtu: n.mtu.unwrap_or(1500),
-            queue_size: n.queue_size,
-            offloads: virtio_devices::NetOffloads {
-                csum: n.offload_csum,
-                tso: n.offload_tso,
-                ufo: n.offload_ufo,
-            },
-        };
-        let dev = Net::new(taps, config).map_err(err)?;
         let id = n.id.clone().unwrap_or_else(|| format!("_net{i}"));
-        list.push(Pending {
-            option: "--net",
-            id,
-            slot: n.pci_device_id,
-            dev: Box::new(dev),
-        });
+        list.push(virtio_build::net(n, id)?);
     }
-    let src = File::open(&cfg.rng.src).map_err(|e| PciSetupError::Device {
-        option: "--rng",
-        value: cfg.rng.src.display().to_string(),
-        msg: format!("cannot open: {e}"),
-    })?;
-    let rng_id = cfg.rng.id.clone().unwrap_or_else(|| "_rng".into());
-    list.push(Pending {
-        option: "--rng",
-        id: rng_id,
-        slot: cfg.rng.pci_device_id,
-        dev: Box::new(Rng::new(src)),
-    });
+    list.push(virtio_build::rng(&cfg.rng)?);
+    if let Some(hints) = slot_hints {
+        for d in list.iter_mut().filter(|d| d.slot.is_none()) {
+            d.slot = hints.get(&d.id).copied();
+        }
+    }
 
     // Devices with an explicit slot first, so automatic ones do not take their slot.
     list.sort_by_key(|p| p.slot.is_none());
-    let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
-    let mut counters: Vec<(String, Arc<dyn devices::DeviceCounters>)> = Vec::new();
-    let mut placed = Vec::new();
-    let mut transports = Vec::new();
-    for Pending {
-        option,
-        id,
-        slot,
-        dev,
-    } in list
-    {
-        let err = |msg: String| PciSetupError::Device {
-            option,
-            value: id.clone(),
-            msg,
-        };
-        let slot = r.next_device_id(slot).map_err(|e| err(e.to_string()))?;
-        let addr = bars
-            .allocate(
-                virtio_devices::VIRTIO_PCI_BAR_SIZE,
-                virtio_devices::VIRTIO_PCI_BAR_KIND,
-            )
-            .map_err(|e| err(e.to_string()))?;
-        if let Some(c) = dev.counters() {
-            counters.push((id.clone(), c));
-        }
-        let pdev =
-            VirtioPciDevice::new(id.clone(), dev, mem.clone(), vmi.clone(), addr).map_err(err)?;
-        let pdev = Arc::new(Mutex::new(pdev));
-        r.add_device(slot, pdev.clone())
-            .map_err(|e| err(e.to_string()))?;
-        info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {addr:#x}");
-        transports.push((id.clone(), slot, pdev));
-        placed.push((id, slot));
-    }
-    drop(r);
-    Ok(PciDevices {
+    let mut pci = PciDevices {
         root,
         config_io,
-        transports,
+        vmi,
+        mem: mem.clone(),
+        bars: windows.allocators(),
+        hotplug,
+        functions: Vec::new(),
         devices_paused: false,
-        counters,
-        placed,
         disk_image_types,
-        disk_locks,
-    })
+    };
+    for d in list {
+        pci.place(d)?;
+    }
+    Ok(pci)
 }
 
 #[cfg(test)]

@@ -65,6 +65,9 @@ pub struct PlatformSnapshot {
 pub struct PciSnapshot {
     pub root: PciRootState,
     pub config_io: PciConfigIoState,
+    /// The PCI hotplug controller's unread bitmaps (absent in snapshots of builds without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug: Option<devices::PciHotplugState>,
     /// Every virtio-pci function, in the order the VM placed them.
     pub devices: Vec<VirtioPciSnapshot>,
 }

@@ -95,6 +95,7 @@ struct Machine {
 }
 
 impl Machine {
+    #[allow(clippy::too_many_arguments)]
     fn build(
         hv: &dyn Hypervisor,
         cfg: &VmConfig,
@@ -103,6 +104,7 @@ impl Machine {
         console: Option<crate::pci_setup::ConsoleIo>,
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
+        slot_hints: Option<&std::collections::BTreeMap<String, u8>>,
     ) -> Result<Self, VmError> {
         let vm = hv.create_vm()?;
         memory::register_memory(&vm, mem, false)?;
@@ -131,6 +133,7 @@ impl Machine {
                 serial,
                 console,
                 nvram,
+                slot_hints,
             },
             events,
         )?;
@@ -160,7 +163,7 @@ impl Vm {
             devices,
             pci_windows,
             supported,
-        } = Machine::build(hv, cfg, &mem, serial, console, nvram, events)?;
+        } = Machine::build(hv, cfg, &mem, serial, console, nvram, events, None)?;
 
         let topology = cfg.cpus.topology.map(|t| Topology {
             threads_per_core: t.threads_per_core,
@@ -308,7 +311,15 @@ impl Vm {
                 cfg.cpus.boot_vcpus
             )));
         }
-        let m = Machine::build(hv, cfg, &mem, serial, console, None, events)
+        // Devices hot-added or removed before the snapshot leave the configuration's order
+        // unlike the bus: each goes back to the slot it had.
+        let slots = snapshot
+            .pci
+            .devices
+            .iter()
+            .map(|d| (d.id.clone(), d.slot))
+            .collect();
+        let m = Machine::build(hv, cfg, &mem, serial, console, None, events, Some(&slots))
             .map_err(|e| Cause::new(e.to_string()))?;
         let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
         for (id, state) in snapshot.vcpus.iter().enumerate() {
@@ -469,7 +480,8 @@ impl Vm {
     /// Counters of every device that keeps some, by device id.
     pub fn counters(&self) -> api::VmCounters {
         self.devices
-            .counters
+            .pci
+            .counters()
             .iter()
             .map(|(id, dev)| (id.clone(), dev.counters()))
             .collect()
@@ -484,7 +496,7 @@ impl Vm {
     /// the PCI address) and the device node under it, named as the original names them.
     pub fn device_tree(&self) -> std::collections::BTreeMap<String, api::DeviceNode> {
         let mut tree = std::collections::BTreeMap::new();
-        for (id, slot) in &self.devices.pci.placed {
+        for (id, slot) in &self.devices.pci.placed() {
             let transport = format!("_virtio-pci-{id}");
             tree.insert(
                 transport.clone(),
@@ -515,6 +527,10 @@ impl Vm {
 
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
+    }
+
+    pub fn devices_mut(&mut self) -> &mut DeviceManager {
+        &mut self.devices
     }
 
     /// Stops the vCPUs; returns the CMOS contents to carry into a rebuilt VM.

@@ -15,13 +15,13 @@ use super::{to_bytes, Raw};
 use crate::layout;
 
 /// The controller's path, as `_EVT` and the slots' `_EJ0` call it.
-pub const PCI_HOTPLUG_DEVICE: &str = "\\_SB_.PHPR";
+pub(super) const PCI_HOTPLUG_DEVICE: &str = "\\_SB_.PHPR";
 
 /// Slots a guest can hotplug on a bus (0 is the host bridge).
 const SLOTS: std::ops::Range<u8> = 1..32;
 
 /// `\_SB_.PHPR`, scanning the host bridges of `segments` (device `PCxx` for segment xx).
-pub fn controller(segments: &[u16]) -> Raw {
+pub(super) fn controller(segments: &[u16]) -> Raw {
     let base = layout::PCI_HOTPLUG_START.0;
     let size = layout::PCI_HOTPLUG_SIZE;
     // Below 4 GiB: a DWordMemory descriptor.
@@ -92,7 +92,7 @@ pub fn controller(segments: &[u16]) -> Raw {
 }
 
 /// The slot devices and the notification methods that go inside a host bridge's scope.
-pub fn bridge_objects() -> Raw {
+pub(super) fn bridge_objects() -> Raw {
     let mut out = Vec::new();
     let (sun_path, seg_path) = (aml::Path::new("_SUN"), aml::Path::new("_SEG"));
     for slot in SLOTS {
@@ -135,6 +135,6 @@ pub fn bridge_objects() -> Raw {
 }
 
 /// `S001` ... `S031` (decimal, as the original names them).
-pub fn slot_name(slot: u8) -> String {
+pub(super) fn slot_name(slot: u8) -> String {
     format!("S{slot:03}")
 }

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{serial_sink, Endpoints, Next, Vmm, EV_MIGRATION};
 use crate::config::VmConfig;
 use crate::cpu::VmEvents;
+use crate::event_monitor::properties;
 use crate::migration::receive::{self, Builder};
 use crate::migration::{send, Progress};
 use crate::snapshot::VmSnapshot;
@@ -38,13 +39,6 @@ fn send_error(msg: impl Into<String>) -> ApiError {
         "Failed to send migratable component snapshot".into(),
         msg.into(),
     ])
-}
-
-/// An event's properties.
-fn properties<const N: usize>(
-    kv: [(&str, String); N],
-) -> std::collections::BTreeMap<String, String> {
-    kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 fn receive_error(msg: impl Into<String>) -> ApiError {

@@ -1,0 +1,196 @@
+//! The control loop's side of hotplug: `vm.add-disk`, `vm.add-net` and `vm.remove-device`, as
+//! the original answers them. Before boot they change the configuration (204); on a built VM
+//! an added device is on the bus when the call returns (200 with its id and PCI address), and a
+//! removal is a request the guest carries out by ejecting the slot, after which the device is
+//! dropped from the VM and from the configuration (event `device-removed`).
+
+use std::collections::BTreeSet;
+
+use api::{ApiError, ApiResponse, PciDeviceInfo};
+use log::info;
+
+use super::Vmm;
+use crate::config::{DiskConfig, NetConfig, VmConfig};
+use crate::event_monitor::properties;
+use crate::virtio_build::{self, NewDevice};
+
+/// A device an `add-*` call brings.
+pub(super) enum Added {
+    Disk(DiskConfig),
+    Net(NetConfig),
+}
+
+impl Added {
+    fn id(&self) -> &Option<String> {
+        match self {
+            Added::Disk(d) => &d.id,
+            Added::Net(n) => &n.id,
+        }
+    }
+
+    fn set_id(&mut self, id: String) {
+        match self {
+            Added::Disk(d) => d.id = Some(id),
+            Added::Net(n) => n.id = Some(id),
+        }
+    }
+
+    /// `_disk` / `_net`: the prefix of the ids the VMM makes up.
+    fn prefix(&self) -> &'static str {
+        match self {
+            Added::Disk(_) => "_disk",
+            Added::Net(_) => "_net",
+        }
+    }
+
+    /// The configuration with the device in it.
+    fn added_to(&self, config: &VmConfig) -> VmConfig {
+        let mut c = config.clone();
+        match self {
+            Added::Disk(d) => c.disks.push(d.clone()),
+            Added::Net(n) => c.net.push(n.clone()),
+        }
+        c
+    }
+
+    fn build(&self, id: String) -> Result<NewDevice, crate::pci_setup::PciSetupError> {
+        match self {
+            Added::Disk(d) => virtio_build::disk(d, id),
+            Added::Net(n) => virtio_build::net(n, id),
+        }
+    }
+}
+
+/// Every device id the configuration and the built VM use.
+fn ids_in_use(config: &VmConfig, placed: &[(String, u8)]) -> BTreeSet<String> {
+    config
+        .disks
+        .iter()
+        .map(|d| &d.id)
+        .chain(config.net.iter().map(|n| &n.id))
+        .chain([&config.rng.id, &config.console.id])
+        .flatten()
+        .cloned()
+        .chain(placed.iter().map(|(id, _)| id.clone()))
+        .collect()
+}
+
+/// Takes device `id` out of the configuration; false when no removable device has it.
+fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
+    let (disks, nets) = (config.disks.len(), config.net.len());
+    config.disks.retain(|d| d.id.as_deref() != Some(id));
+    config.net.retain(|n| n.id.as_deref() != Some(id));
+    disks != config.disks.len() || nets != config.net.len()
+}
+
+impl Vmm {
+    /// `vm.add-disk` and `vm.add-net`.
+    pub(super) fn add_device(&mut self, mut dev: Added) -> Result<ApiResponse, ApiError> {
+        let Some(config) = self.config.as_ref() else {
+            return Err(ApiError::VmNotCreated);
+        };
+        if self.outgoing.is_some() {
+            return Err(ApiError::Failed("the VM is being migrated".into()));
+        }
+        // The whole configuration must still validate (ids and slots unique, files there,
+        // queues within the vCPUs), as the original checks it.
+        dev.added_to(config).validate()?;
+        let Some(vm) = self.vm.as_mut() else {
+            // Not built: the device joins the configuration and comes up with the VM.
+            self.config = Some(dev.added_to(config));
+            return Ok(ApiResponse::Empty);
+        };
+        let placed = vm.devices().pci.placed();
+        let used = ids_in_use(config, &placed);
+        let id = match dev.id().clone() {
+            Some(id) if used.contains(&id) => {
+                return Err(ApiError::BadRequest(format!(
+                    "id={id}: a device of the VM already has this id"
+                )))
+            }
+            Some(id) => id,
+            None => {
+                let id = (0..)
+                    .map(|n| format!("{}{n}", dev.prefix()))
+                    .find(|id| !used.contains(id))
+                    .unwrap_or_default();
+                dev.set_id(id.clone());
+                id
+            }
+        };
+        if let Added::Net(n) = &mut dev {
+            // The MAC the guest sees is recorded, so a reboot keeps it (as at boot).
+            n.mac
+                .get_or_insert_with(|| vm_config::mac::MacAddr::random_local().to_string());
+        }
+        let built = dev
+            .build(id.clone())
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let image_type = built.image_type;
+        let slot = vm
+            .devices_mut()
+            .hot_add(built)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if let (Added::Disk(d), Some(t)) = (&mut dev, image_type) {
+            d.image_type = t;
+        }
+        let bdf = format!("0000:00:{slot:02x}.0");
+        info!("hot-added {id} at {bdf}");
+        if let Some(config) = self.config.as_mut() {
+            *config = dev.added_to(config);
+        }
+        Ok(ApiResponse::PciDevice(PciDeviceInfo { id, bdf }))
+    }
+
+    /// `vm.remove-device`.
+    pub(super) fn remove_device(&mut self, id: &str) -> Result<(), ApiError> {
+        let Some(config) = self.config.as_mut() else {
+            return Err(ApiError::VmNotCreated);
+        };
+        if self.outgoing.is_some() {
+            return Err(ApiError::Failed("the VM is being migrated".into()));
+        }
+        let Some(vm) = self.vm.as_mut() else {
+            return if remove_from_config(config, id) {
+                Ok(())
+            } else {
+                Err(ApiError::BadRequest(format!(
+                    "id={id}: no disk or net device has this id"
+                )))
+            };
+        };
+        if !config
+            .disks
+            .iter()
+            .map(|d| &d.id)
+            .chain(config.net.iter().map(|n| &n.id))
+            .any(|d| d.as_deref() == Some(id))
+            && vm.devices().pci.placed().iter().any(|(p, _)| p == id)
+        {
+            return Err(ApiError::BadRequest(format!(
+                "id={id}: only disk and net devices can be removed"
+            )));
+        }
+        vm.devices_mut()
+            .request_removal(id)
+            .map_err(|e| ApiError::BadRequest(format!("id={id}: {e}")))?;
+        info!("asked the guest to eject {id}");
+        Ok(())
+    }
+
+    /// The guest ejected slots: their devices leave the VM and the configuration.
+    pub(super) fn ejected(&mut self) {
+        let slots = self.events.take_ejected();
+        let Some(vm) = self.vm.as_mut() else {
+            return;
+        };
+        for (id, slot) in vm.devices_mut().eject(slots) {
+            if let Some(config) = self.config.as_mut() {
+                remove_from_config(config, &id);
+            }
+            let bdf = format!("0000:00:{slot:02x}.0");
+            let props = properties([("id", id), ("bdf", bdf)]);
+            self.monitor.emit_with("vm", "device-removed", Some(&props));
+        }
+    }
+}

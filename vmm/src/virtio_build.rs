@@ -1,0 +1,205 @@
+//! What each configured virtio device becomes: a disk image opened and locked, a TAP set up,
+//! an entropy source opened; the device ready to be placed on the PCI bus, at boot or when
+//! it is hot-added.
+
+use std::fs::File;
+use std::net::IpAddr;
+
+use log::info;
+use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice};
+
+use crate::config::{DiskConfig, ImageType, NetConfig, RngConfig};
+use crate::pci_setup::PciSetupError;
+
+/// A device waiting for its slot: option it came from, id, wanted slot, and what it holds
+/// that the VM must keep track of.
+pub struct NewDevice {
+    pub option: &'static str,
+    pub id: String,
+    pub slot: Option<u8>,
+    pub dev: Box<dyn VirtioDevice>,
+    /// A disk's image lock (a migration hands it over).
+    pub lock: Option<block::DiskLock>,
+    /// The format a disk was opened as (the configuration records it).
+    pub image_type: Option<ImageType>,
+}
+
+fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
+    PciSetupError::Device {
+        option: "--disk",
+        value: d.path.display().to_string(),
+        msg,
+    }
+}
+
+/// The block layer's format for a configured image type; `None`: probe the header.
+fn block_image_type(t: ImageType) -> Option<block::ImageType> {
+    match t {
+        ImageType::Raw => Some(block::ImageType::Raw),
+        ImageType::Qcow2 => Some(block::ImageType::Qcow2),
+        ImageType::FixedVhd => Some(block::ImageType::Vhd),
+        ImageType::Vhdx => Some(block::ImageType::Vhdx),
+        // The configuration refuses vmdk; probing finds what the file is.
+        ImageType::FlatVmdk | ImageType::Unknown => None,
+    }
+}
+
+/// The configuration's name for a format the block layer opened.
+fn config_image_type(t: block::ImageType) -> ImageType {
+    match t {
+        block::ImageType::Raw => ImageType::Raw,
+        block::ImageType::Qcow2 => ImageType::Qcow2,
+        block::ImageType::Vhd => ImageType::FixedVhd,
+        block::ImageType::Vhdx => ImageType::Vhdx,
+    }
+}
+
+fn open_disk(d: &DiskConfig) -> Result<(Box<dyn block::DiskFile>, block::DiskLock), PciSetupError> {
+    let image_type = block_image_type(d.image_type);
+    let opts = block::OpenOptions {
+        readonly: d.readonly,
+        direct: d.direct,
+        image_type,
+        backing_files: d.backing_files,
+        sparse: d.sparse,
+        lock_granularity: match d.lock_granularity {
+            vm_config::LockGranularity::ByteRange => block::LockGranularity::ByteRange,
+            vm_config::LockGranularity::Full => block::LockGranularity::Full,
+        },
+    };
+    block::open_disk_locked(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
+}
+
+/// A `--disk` (or `vm.add-disk`) device named `id`.
+pub fn disk(d: &DiskConfig, id: String) -> Result<NewDevice, PciSetupError> {
+    let (disk, lock) = open_disk(d)?;
+    let image_type = config_image_type(disk.image_type());
+    let serial = d.serial.clone().unwrap_or_else(|| id.clone());
+    let dev = Block::new(
+        disk,
+        BlockConfig {
+            num_queues: d.num_queues,
+            queue_size: d.queue_size,
+            serial,
+            io_uring: d.direct && !d.disable_io_uring,
+        },
+    )
+    .map_err(|e| disk_error(d, e.to_string()))?;
+    Ok(NewDevice {
+        option: "--disk",
+        id,
+        slot: d.pci_device_id,
+        dev: Box::new(dev),
+        lock: Some(lock),
+        image_type: Some(image_type),
+    })
+}
+
+/// A `--net` (or `vm.add-net`) device named `id`: its TAP opened (or taken from `fds`) and set
+/// up as the configuration says.
+pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
+    let err = |msg: String| PciSetupError::Device {
+        option: "--net",
+        value: n.tap.clone().unwrap_or_default(),
+        msg,
+    };
+    let pairs = usize::from(n.num_queues / 2).max(1);
+    // As the original: no TAP named, a new one the kernel names from "vmtap%d"; an
+    // existing TAP keeps its addresses. With descriptors (`fd=`, a restore's `net_fds`),
+    // the caller's TAP, as the caller set it up.
+    let name = n.tap.as_deref().unwrap_or("vmtap%d");
+    let (existed, taps) = match &n.fds {
+        Some(fds) => {
+            n.fds_usable().map_err(err)?;
+            (
+                true,
+                net_util::Tap::from_fds(fds).map_err(|e| err(e.to_string()))?,
+            )
+        }
+        None => (
+            net_util::Tap::exists(name),
+            net_util::Tap::open(name, pairs).map_err(|e| err(e.to_string()))?,
+        ),
+    };
+    let tap = &taps[0];
+    match (n.ip, n.mask) {
+        (Some(IpAddr::V4(ip)), Some(IpAddr::V4(mask))) if !existed => {
+            tap.set_ip(ip, mask).map_err(|e| err(e.to_string()))?
+        }
+        (Some(IpAddr::V6(ip)), Some(IpAddr::V6(mask))) if !existed => {
+            // The configuration checked that the mask is contiguous.
+            let prefix = u128::from(mask).leading_ones() as u8;
+            tap.set_ipv6(ip, prefix).map_err(|e| err(e.to_string()))?
+        }
+        (Some(_), _) if existed => {
+            log::warn!(
+                "--net: TAP {} exists; its addresses are left as they are",
+                tap.name()
+            )
+        }
+        // The configuration refuses an address without its mask, or of two families.
+        _ => {}
+    }
+    if let Some(m) = &n.host_mac {
+        let m: net_util::MacAddr = m
+            .parse()
+            .map_err(|e: net_util::MacParseError| err(e.to_string()))?;
+        tap.set_mac(m).map_err(|e| err(e.to_string()))?;
+    }
+    if let Some(mtu) = n.mtu {
+        tap.set_mtu(mtu).map_err(|e| err(e.to_string()))?;
+    }
+    if n.fds.is_none() {
+        tap.enable().map_err(|e| err(e.to_string()))?;
+    }
+    let mac = match &n.mac {
+        Some(m) => m
+            .parse()
+            .map_err(|e: net_util::MacParseError| err(e.to_string()))?,
+        None => net_util::MacAddr::random_local(),
+    };
+    let host_side = match (n.ip, n.mask) {
+        (Some(ip), Some(mask)) => format!("{ip}/{mask}"),
+        _ => "no address".into(),
+    };
+    info!(
+        "--net: TAP {} ({host_side}), {pairs} queue pair(s), guest MAC {mac}",
+        tap.name()
+    );
+    let config = virtio_devices::NetConfig {
+        mac,
+        mtu: n.mtu.unwrap_or(1500),
+        queue_size: n.queue_size,
+        offloads: virtio_devices::NetOffloads {
+            csum: n.offload_csum,
+            tso: n.offload_tso,
+            ufo: n.offload_ufo,
+        },
+    };
+    let dev = Net::new(taps, config).map_err(err)?;
+    Ok(NewDevice {
+        option: "--net",
+        id,
+        slot: n.pci_device_id,
+        dev: Box::new(dev),
+        lock: None,
+        image_type: None,
+    })
+}
+
+/// The `--rng` device.
+pub fn rng(cfg: &RngConfig) -> Result<NewDevice, PciSetupError> {
+    let src = File::open(&cfg.src).map_err(|e| PciSetupError::Device {
+        option: "--rng",
+        value: cfg.src.display().to_string(),
+        msg: format!("cannot open: {e}"),
+    })?;
+    Ok(NewDevice {
+        option: "--rng",
+        id: cfg.id.clone().unwrap_or_else(|| "_rng".into()),
+        slot: cfg.pci_device_id,
+        dev: Box::new(Rng::new(src)),
+        lock: None,
+        image_type: None,
+    })
+}
