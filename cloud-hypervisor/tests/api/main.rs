@@ -7,6 +7,7 @@ mod common;
 mod bad_requests;
 mod contract;
 mod helpers;
+mod hotplug;
 mod lifecycle;
 mod migration;
 mod net_options;

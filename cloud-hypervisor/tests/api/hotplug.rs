@@ -1,0 +1,183 @@
+//! PCI hotplug over the API, with the test guest's `test=hotplug` handling it as an OS does
+//! with the original's ACPI mechanism (the GED's PCI bit, `\_SB_.PHPR`'s PCIU/PCID, eject
+//! through PSEG/B0EJ): `ch-remote add-disk`/`add-net` bring a device up in the guest,
+//! `remove-device` has the guest reset and eject it, and the same id can come back.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// Starts the VMM, creates and boots the `hotplug` guest and waits for its READY.
+fn boot_hotplug_guest(name: &str) -> (Vmm, PathBuf) {
+    require_curl();
+    let vmm = Vmm::start(name, &[]);
+    let serial = vmm.dir.join("serial.out");
+    let config = guest_config("hotplug", &serial);
+    assert_eq!(vmm.curl("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "READY", 1);
+    (vmm, serial)
+}
+
+/// Runs ch-remote, which must succeed; returns its standard output.
+fn ch_remote_ok(vmm: &Vmm, args: &[&str]) -> String {
+    let out = vmm.ch_remote(args);
+    assert!(
+        out.status.success(),
+        "ch-remote {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The slot of the device an add-* answer (`{"id": …, "bdf": "0000:00:NN.0"}`) describes.
+fn slot_of(answer: &str, id: &str) -> u8 {
+    let v: Value = serde_json::from_str(answer.trim())
+        .unwrap_or_else(|e| panic!("add answer is not JSON ({e}): {answer}"));
+    assert_eq!(v["id"], id, "{answer}");
+    let bdf = v["bdf"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no bdf: {answer}"));
+    let (_, dev_fn) = bdf.rsplit_once(':').expect("segment:bus:device.function");
+    let (dev, func) = dev_fn.split_once('.').expect("device.function");
+    assert_eq!(func, "0", "{bdf}");
+    assert!(bdf.starts_with("0000:00:"), "{bdf}");
+    u8::from_str_radix(dev, 16).unwrap_or_else(|_| panic!("{bdf}"))
+}
+
+/// The serial output's lines that start with `prefix`.
+fn lines_with(serial: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// No FAIL line so far.
+fn assert_no_fail(serial: &Path) {
+    let fails = lines_with(serial, "FAIL");
+    assert!(
+        fails.is_empty(),
+        "{fails:?}\n{}",
+        std::fs::read_to_string(serial).unwrap_or_default()
+    );
+}
+
+/// Removes `id` (in `slot`) and waits for the guest to eject it and see it gone; `round` is
+/// how many times that slot has gone before, plus one.
+fn remove(vmm: &Vmm, serial: &Path, id: &str, slot: u8, round: usize) {
+    ch_remote_ok(vmm, &["remove-device", id]);
+    wait_for(serial, &format!("HOTPLUG EJECTED slot={slot}\n"), round);
+    wait_for(serial, &format!("HOTPLUG GONE slot={slot}\n"), round);
+}
+
+const SECTOR0: &[u8; 16] = b"hotplug sector 0";
+
+/// A 1 MiB raw image whose sector 0 starts with `SECTOR0` and sector 1 is filled with 0xee.
+fn disk_image(dir: &Path) -> PathBuf {
+    let mut img = vec![0u8; 1 << 20];
+    img[..16].copy_from_slice(SECTOR0);
+    img[512..1024].fill(0xee);
+    let path = dir.join("hotplug.img");
+    std::fs::write(&path, &img).unwrap();
+    path
+}
+
+#[test]
+fn hotplug_disk_added_used_removed_and_added_again() {
+    let (vmm, serial) = boot_hotplug_guest("hotplug-disk");
+    let img = disk_image(&vmm.dir);
+    let disk = format!("path={},id=hpdisk0", img.display());
+    let hex0: String = SECTOR0.iter().map(|b| format!("{b:02x}")).collect();
+    let mut first_slot = None;
+    for round in 1..=3 {
+        // The guest wrote sector 1 last time: start from the host's bytes again.
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[512..1024].fill(0xee);
+        std::fs::write(&img, &bytes).unwrap();
+        let slot = slot_of(&ch_remote_ok(&vmm, &["add-disk", &disk]), "hpdisk0");
+        assert_ne!(slot, 0, "slot 0 is the host bridge");
+        // The id's slot is given back on removal, so the device comes back where it was.
+        assert_eq!(*first_slot.get_or_insert(slot), slot, "round {round}");
+        let added = format!("HOTPLUG ADDED slot={slot} type=blk sectors=2048 sector0={hex0}\n");
+        wait_for(&serial, &added, round);
+        wait_for(&serial, &format!("HOTPLUG IO slot={slot} ok\n"), round);
+        // What the guest wrote reached the image.
+        let bytes = std::fs::read(&img).unwrap();
+        let want = format!("hotplug-slot-{slot}");
+        assert_eq!(&bytes[512..512 + want.len()], want.as_bytes());
+        assert!(bytes[512 + want.len()..1024].iter().all(|&b| b == 0));
+        let info = vmm.ok_json("vm.info");
+        let disks = info["config"]["disks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            disks.iter().any(|d| d["id"] == "hpdisk0"),
+            "vm.info has no hpdisk0: {info}"
+        );
+        remove(&vmm, &serial, "hpdisk0", slot, round);
+        let info = vmm.ok_json("vm.info");
+        let disks = info["config"]["disks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            !disks.iter().any(|d| d["id"] == "hpdisk0"),
+            "vm.info still has hpdisk0: {info}"
+        );
+        assert_no_fail(&serial);
+    }
+    // After the first round, each add and each removal leaves the guest's heap where the same
+    // step of the round before left it: drivers set up again reuse what they freed.
+    let tops: Vec<String> = lines_with(&serial, "INFO hotplug heap")
+        .iter()
+        .map(|l| {
+            l.split(' ')
+                .find(|w| w.starts_with("top="))
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(tops.len(), 6, "{tops:?}");
+    assert!((4..6).all(|i| tops[i] == tops[i - 2]), "{tops:?}");
+    assert_eq!(vmm.state(), "Running");
+}
+
+/// `add-net` on a TAP the VMM creates (in a network namespace of the test's own): the guest
+/// brings virtio-net up with the MAC given, and gives it back on `remove-device`; twice.
+#[test]
+fn hotplug_net_added_removed_and_added_again() {
+    std::thread::spawn(|| {
+        // SAFETY: unshare only moves the calling thread into a new network namespace, which
+        // the VMM started from it inherits.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET) (these tests run as root): {}",
+            std::io::Error::last_os_error()
+        );
+        let (vmm, serial) = boot_hotplug_guest("hotplug-net");
+        let mac = "52:54:00:12:34:99";
+        let net = format!("tap=hptap0,mac={mac},id=hpnet0");
+        for round in 1..=2 {
+            let slot = slot_of(&ch_remote_ok(&vmm, &["add-net", &net]), "hpnet0");
+            wait_for(
+                &serial,
+                &format!("HOTPLUG ADDED slot={slot} type=net mac={mac}\n"),
+                round,
+            );
+            remove(&vmm, &serial, "hpnet0", slot, round);
+            assert_no_fail(&serial);
+        }
+        assert_eq!(vmm.state(), "Running");
+    })
+    .join()
+    .unwrap();
+}
