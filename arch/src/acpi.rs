@@ -20,7 +20,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::layout;
 
+mod cpus;
 mod hotplug;
+
+pub use cpus::cpu_device_name;
 
 /// OEM ID written in every table header.
 pub const OEM_ID: [u8; 6] = *b"CLOUDH";
@@ -400,6 +403,8 @@ const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
 const GED_EVENT_VMGENID: u8 = 1 << 1;
 /// `devices::GED_PCI_HOTPLUG`: `_EVT` runs the PCI hotplug controller's scan.
 const GED_EVENT_PCI_HOTPLUG: u8 = 1 << 2;
+/// `devices::GED_CPU_HOTPLUG`: `_EVT` runs the CPU scan.
+const GED_EVENT_CPU_HOTPLUG: u8 = 1 << 3;
 
 /// DSDT revision 2+ means 64-bit AML integers.
 const DSDT_REVISION: u8 = 6;
@@ -416,9 +421,8 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     .to_aml_bytes(&mut aml);
 
     let mut sb = Vec::new();
-    for cpu in 0..cfg.max_vcpus {
-        cpu_device(cpu, cpu < cfg.boot_vcpus).to_aml_bytes(&mut sb);
-    }
+    cpus::controller().to_aml_bytes(&mut sb);
+    cpus::container(cfg.max_vcpus).to_aml_bytes(&mut sb);
     if cfg.serial {
         com1_device().to_aml_bytes(&mut sb);
     }
@@ -434,27 +438,6 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     aml::Scope::new("\\_SB_".into(), vec![&Raw(sb)]).to_aml_bytes(&mut aml);
 
     sdt(*b"DSDT", DSDT_REVISION, &aml)
-}
-
-/// The DSDT name of the CPU device of `cpu`: `C000`, `C001`, ... (hexadecimal).
-pub fn cpu_device_name(cpu: u32) -> String {
-    format!("C{cpu:03X}")
-}
-
-fn cpu_device(cpu: u32, present: bool) -> Raw {
-    let sta: u8 = if present { 0xf } else { 0 };
-    // _MAT describes the processor as it is once present (hot-plugged): enabled.
-    let mat = aml::BufferData::new(madt_cpu_entry(cpu, MADT_CPU_ENABLED));
-    let name = cpu_device_name(cpu);
-    Raw(to_bytes(&aml::Device::new(
-        name.as_str().into(),
-        vec![
-            &aml::Name::new("_HID".into(), &"ACPI0007"),
-            &aml::Name::new("_UID".into(), &cpu),
-            &aml::Method::new("_STA".into(), 0, false, vec![&aml::Return::new(&sta)]),
-            &aml::Name::new("_MAT".into(), &mat),
-        ],
-    )))
 }
 
 fn com1_device() -> Raw {
@@ -575,7 +558,24 @@ fn ged_device(pci_hotplug: bool) -> Raw {
     );
     let pci_changed = aml::Equal::new(&aml::Local(3), &pci_mask);
     let on_pci = aml::If::new(&pci_changed, vec![&pscn]);
-    let mut body: Vec<&dyn Aml> = vec![&read, &button_bit, &on_button, &vmgenid_bit, &on_vmgenid];
+    // Bit 3: Local4 = Local0 & 8; if Local4 == 8, \_SB_.CPUS.CSCN ().
+    let cpu_mask: u8 = GED_EVENT_CPU_HOTPLUG;
+    let cpu_bit = aml::And::new(&aml::Local(4), &aml::Local(0), &cpu_mask);
+    let cscn = aml::MethodCall::new(
+        format!("{}.CSCN", cpus::CPU_CONTAINER).as_str().into(),
+        vec![],
+    );
+    let cpu_changed = aml::Equal::new(&aml::Local(4), &cpu_mask);
+    let on_cpu = aml::If::new(&cpu_changed, vec![&cscn]);
+    let mut body: Vec<&dyn Aml> = vec![
+        &read,
+        &button_bit,
+        &on_button,
+        &vmgenid_bit,
+        &on_vmgenid,
+        &cpu_bit,
+        &on_cpu,
+    ];
     if pci_hotplug {
         body.extend([&pci_bit as &dyn Aml, &on_pci]);
     }

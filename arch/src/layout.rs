@@ -79,6 +79,9 @@ pub fn mmio64_window(ram_size: u64, phys_bits: u8) -> Option<(u64, u64)> {
 /// between the ECAM range and the IOAPIC.
 pub const PCI_HOTPLUG_START: GuestAddress = GuestAddress(0xfea0_0000);
 pub const PCI_HOTPLUG_SIZE: u64 = 0x10;
+/// The CPU hotplug controller's registers (`devices::cpu_hotplug`, the DSDT's `\_SB_.PRES`).
+pub const CPU_HOTPLUG_START: GuestAddress = GuestAddress(0xfea0_1000);
+pub const CPU_HOTPLUG_SIZE: u64 = 0xc;
 
 /// IOAPIC and local APIC MMIO.
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);

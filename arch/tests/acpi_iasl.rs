@@ -238,10 +238,12 @@ fn iasl_disassembles_every_table_without_errors() {
             cfg.pci.as_ref().is_some_and(|p| p.mmio64.is_some()),
             "{name}: 64-bit window in\n{dsdt}"
         );
+        // The CPU hotplug controller's registers; with PCI, its hotplug controller's and the
+        // 32-bit window too.
         assert_eq!(
-            dsdt.contains("DWordMemory"),
-            cfg.pci.is_some(),
-            "{name}: 32-bit window in\n{dsdt}"
+            dsdt.matches("DWordMemory").count(),
+            if cfg.pci.is_some() { 3 } else { 1 },
+            "{name}: 32-bit ranges in\n{dsdt}"
         );
         let cpus = dsdt.matches("\"ACPI0007\"").count();
         assert_eq!(cpus, cfg.max_vcpus as usize, "{name}: CPU devices");
@@ -328,6 +330,11 @@ fn iasl_disassembles_every_table_without_errors() {
             "If ((Local2 == 0x02))",
             "{",
             "Notify (\\_SB.VGEN, 0x80)",
+            "}",
+            "Local4 = (Local0 & 0x08)",
+            "If ((Local4 == 0x08))",
+            "{",
+            "\\_SB.CPUS.CSCN ()",
             "}",
         ];
         if cfg.pci.is_some() {
@@ -607,6 +614,102 @@ fn acpiexec_runs_the_pci_hotplug_scan_and_a_slot_ejection() {
         "[Integer] = 0000000000000000"
     );
 
+    if std::env::var_os("ACPI_IASL_KEEP").is_none() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// For acpiexec: `\TINS` and `\TRMV` set the CPU hotplug controller's `CINS` or `CRMV` (the
+/// emulated region has one flag byte for every CPU, and a write of one flag clears the others:
+/// WriteAsZeros) and the CPU bit in the GED's event register, then run `_EVT`; `\TPEN` sets
+/// `CPEN`.
+const CPU_SSDT: &str = r#"DefinitionBlock ("", "SSDT", 2, "TEST", "CPUTEST", 1)
+{
+    External (\_SB_.GED_.GDAT, FieldUnitObj)
+    External (\_SB_.GED_._EVT, MethodObj)
+    External (\_SB_.PRES.CINS, FieldUnitObj)
+    External (\_SB_.PRES.CRMV, FieldUnitObj)
+    External (\_SB_.PRES.CPEN, FieldUnitObj)
+    Method (\TINS, 0, Serialized)
+    {
+        \_SB_.PRES.CINS = One
+        \_SB_.GED_.GDAT = 0x08
+        \_SB_.GED_._EVT (0x05)
+    }
+    Method (\TRMV, 0, Serialized)
+    {
+        \_SB_.PRES.CRMV = One
+        \_SB_.GED_.GDAT = 0x08
+        \_SB_.GED_._EVT (0x05)
+    }
+    Method (\TPEN, 0, Serialized)
+    {
+        \_SB_.PRES.CPEN = One
+    }
+}
+"#;
+
+/// ACPICA runs the CPU hotplug AML: `_EVT` on the CPU bit makes `CSCN` walk every possible CPU
+/// and notify it with 1 when its `CINS` is set and with 3 when its `CRMV` is; a CPU's `_STA`
+/// is 0xf exactly when `CPEN` is set; `_EJ0` selects the CPU in `CSEL` and sets `CEJ0`.
+#[test]
+fn acpiexec_runs_the_cpu_scan_status_and_ejection() {
+    let cfg = &configs()
+        .into_iter()
+        .find(|(name, _)| *name == "hotplug-topology")
+        .unwrap()
+        .1;
+    let dir = scratch_dir("acpiexec-cpu");
+    let tables = build_tables(cfg).unwrap();
+    let dsdt = &tables.iter().find(|t| &t.0 == b"DSDT").unwrap().1;
+    std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
+    std::fs::write(dir.join("tcpu.asl"), CPU_SSDT).unwrap();
+    iasl(&dir, &["tcpu.asl"]);
+    for (method, value) in [("TINS", "0x01"), ("TRMV", "0x03")] {
+        let batch = format!(
+            "evaluate \\{method}; evaluate \\_SB_.CPUS.C005._STA; \
+             evaluate \\TPEN; evaluate \\_SB_.CPUS.C005._STA; \
+             evaluate \\_SB_.CPUS.C006._EJ0 0; evaluate \\_SB_.PRES.CSEL; \
+             evaluate \\_SB_.PRES.CEJ0"
+        );
+        let (ok, out) = run("acpiexec", &dir, &["-b", &batch, "dsdt.aml", "tcpu.aml"]);
+        assert!(ok, "acpiexec failed:\n{out}");
+        for bad in ["ACPI Error", "ACPI Exception", "AE_", "failed"] {
+            assert!(!out.contains(bad), "{bad:?} in\n{out}");
+        }
+        let mut notified: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains("Notify"))
+            .map(|l| {
+                assert!(l.contains(&format!("Value {value}")), "{l:?}");
+                l.split('[')
+                    .nth(1)
+                    .and_then(|r| r.split(']').next())
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        notified.sort();
+        let want: Vec<String> = (0..cfg.max_vcpus)
+            .map(arch::acpi::cpu_device_name)
+            .collect();
+        assert_eq!(notified, want, "every CPU is walked\n{out}");
+        let integers: Vec<&str> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("[Integer] = "))
+            .collect();
+        assert_eq!(
+            integers,
+            [
+                "[Integer] = 0000000000000000",
+                "[Integer] = 000000000000000F",
+                "[Integer] = 0000000000000006",
+                "[Integer] = 0000000000000001",
+            ],
+            "_STA absent then present, CSEL 6 and CEJ0 set by _EJ0:\n{out}"
+        );
+    }
     if std::env::var_os("ACPI_IASL_KEEP").is_none() {
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -17,8 +17,11 @@ pub const GED_VMGENID: u8 = 1 << 1;
 /// Event bit: PCI devices were added or their removal is requested (`_EVT` calls
 /// `\_SB_.PHPR.PSCN`, which reads the hotplug controller's bitmaps: `crate::pci_hotplug`).
 pub const GED_PCI_HOTPLUG: u8 = 1 << 2;
+/// Event bit: CPUs were added or their removal is requested (`_EVT` calls
+/// `\_SB_.CPUS.CSCN`, which walks the CPU hotplug controller: `crate::cpu_hotplug`).
+pub const GED_CPU_HOTPLUG: u8 = 1 << 3;
 /// Every event bit the device (and the DSDT's `_EVT`) knows.
-pub const GED_EVENTS: u8 = GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG;
+pub const GED_EVENTS: u8 = GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG | GED_CPU_HOTPLUG;
 
 /// The `GedState` layout this build writes and the only one it restores.
 pub const GED_STATE_VERSION: u32 = 1;
@@ -158,7 +161,7 @@ mod tests {
 
         // Unknown event bits are refused, and the device is left as it was.
         fresh.notify(GED_POWER_BUTTON).unwrap();
-        for pending in [0x08, 0x80, 0xff, GED_EVENTS | 0x08] {
+        for pending in [0x10, 0x80, 0xff, GED_EVENTS | 0x10] {
             let e = fresh
                 .restore(&GedState {
                     version: GED_STATE_VERSION,
@@ -178,7 +181,11 @@ mod tests {
     fn vmgenid_event_is_known_and_read_with_the_power_button() {
         assert_eq!(GED_VMGENID, 0x02);
         assert_eq!(GED_PCI_HOTPLUG, 0x04);
-        assert_eq!(GED_EVENTS, GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG);
+        assert_eq!(GED_CPU_HOTPLUG, 0x08);
+        assert_eq!(
+            GED_EVENTS,
+            GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG | GED_CPU_HOTPLUG
+        );
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut ged = Ged::new(irq.try_clone().unwrap());
         ged.notify(GED_VMGENID).unwrap();

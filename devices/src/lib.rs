@@ -6,6 +6,7 @@ mod acpi_pm_timer;
 mod acpi_sleep;
 mod bus;
 mod cmos;
+pub mod cpu_hotplug;
 mod ged;
 mod i8042;
 pub mod pci_hotplug;
@@ -19,8 +20,10 @@ pub use acpi_pm_timer::{AcpiPmTimer, PmTimerState, PM_TIMER_FREQUENCY_HZ, PM_TIM
 pub use acpi_sleep::{AcpiSleepDevice, AcpiSleepState, ACPI_SLEEP_STATE_VERSION};
 pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CmosState, CMOS_NVRAM_SIZE, CMOS_STATE_VERSION};
+pub use cpu_hotplug::{CpuEjectSink, CpuHotplug, CpuHotplugState, CPU_HOTPLUG_SIZE};
 pub use ged::{
-    Ged, GedState, GED_EVENTS, GED_PCI_HOTPLUG, GED_POWER_BUTTON, GED_STATE_VERSION, GED_VMGENID,
+    Ged, GedState, GED_CPU_HOTPLUG, GED_EVENTS, GED_PCI_HOTPLUG, GED_POWER_BUTTON,
+    GED_STATE_VERSION, GED_VMGENID,
 };
 pub use i8042::{I8042State, I8042, I8042_STATE_VERSION};
 pub use pci_hotplug::{EjectSink, PciHotplug, PciHotplugState, PCI_HOTPLUG_SIZE};

@@ -296,13 +296,20 @@ fn dsdt_has_s5_cpus_and_com1() {
         assert!(contains(&dsdt, cpu_device_name(cpu).as_bytes()));
     }
     assert!(!contains(&dsdt, cpu_device_name(4).as_bytes()));
-    // _STA: MethodOp ... "_STA" flags 0, ReturnOp BytePrefix 0x0f / ZeroOp.
-    let sta_present = [b'_', b'S', b'T', b'A', 0, 0xa4, 0x0a, 0x0f];
-    let sta_absent = [b'_', b'S', b'T', b'A', 0, 0xa4, 0x00];
+    // Each CPU's _STA asks the hotplug controller: Return (CSTA (cpu)).
     let count = |n: &[u8]| dsdt.windows(n.len()).filter(|w| *w == n).count();
-    assert_eq!(count(&sta_present), 2);
-    assert_eq!(count(&sta_absent), 2);
+    for cpu in 0..4u8 {
+        // The integer as AML encodes it: ZeroOp, OneOp, else BytePrefix.
+        let arg = match cpu {
+            0 => vec![0x00],
+            1 => vec![0x01],
+            n => vec![0x0a, n],
+        };
+        let sta = [&b"_STA\x00\xa4CSTA"[..], &arg].concat();
+        assert_eq!(count(&sta), 1, "CPU {cpu}");
+    }
     assert!(contains(&dsdt, b"ACPI0007"));
+    assert!(contains(&dsdt, b"ACPI0010"));
     // EISAID("PNP0501") = 0x0105d041 and the COM1 I/O descriptor.
     assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
     assert!(contains(
@@ -612,7 +619,7 @@ fn dsdt_has_a_vm_generation_id_device() {
 }
 
 #[test]
-fn ged_evt_notifies_the_power_button_and_vgen_each_on_its_own_bit() {
+fn ged_evt_notifies_the_power_button_and_vgen_and_scans_cpus_each_on_its_own_bit() {
     let dsdt = dsdt_of(&cfg(1, 1));
     let ged = device_body(&dsdt, b"GED_");
     let (flags, evt) = method_body(ged, b"_EVT");
@@ -633,6 +640,13 @@ fn ged_evt_notifies_the_power_button_and_vgen_each_on_its_own_bit() {
         0xa0, 0x12, 0x93, 0x62, 0x0a, 0x02, 0x86, b'\\', 0x2e,
     ]);
     want.extend_from_slice(b"_SB_VGEN\x0a\x80");
+    want.extend_from_slice(&[
+        // Local4 = Local0 & 8
+        0x7b, 0x60, 0x0a, 0x08, 0x64, //
+        // If (Local4 == 8) { \_SB_.CPUS.CSCN () }
+        0xa0, 0x14, 0x93, 0x64, 0x0a, 0x08, b'\\', 0x2f, 0x03,
+    ]);
+    want.extend_from_slice(b"_SB_CPUSCSCN");
     assert_eq!(evt, &want[..], "_EVT body");
 }
 
@@ -641,10 +655,15 @@ fn ged_event_bits_and_the_generation_id_agree_with_the_devices_crate() {
     assert_eq!(GED_EVENT_POWER_BUTTON, devices::GED_POWER_BUTTON);
     assert_eq!(GED_EVENT_VMGENID, devices::GED_VMGENID);
     assert_eq!(GED_EVENT_PCI_HOTPLUG, devices::GED_PCI_HOTPLUG);
+    assert_eq!(GED_EVENT_CPU_HOTPLUG, devices::GED_CPU_HOTPLUG);
     // `_EVT` acts on every bit the device may latch.
     assert_eq!(
-        GED_EVENT_POWER_BUTTON | GED_EVENT_VMGENID | GED_EVENT_PCI_HOTPLUG,
+        GED_EVENT_POWER_BUTTON | GED_EVENT_VMGENID | GED_EVENT_PCI_HOTPLUG | GED_EVENT_CPU_HOTPLUG,
         devices::GED_EVENTS
+    );
+    assert_eq!(
+        layout::CPU_HOTPLUG_SIZE,
+        devices::cpu_hotplug::CPU_HOTPLUG_SIZE
     );
     assert_eq!(
         layout::PCI_HOTPLUG_SIZE,
