@@ -31,6 +31,7 @@ pub enum Endpoint {
     VmAddDisk,
     VmAddNet,
     VmRemoveDevice,
+    VmResize,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -59,7 +60,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.add-vdpa", Method::Put, Endpoint::NotYet),
     ("vm.add-vsock", Method::Put, Endpoint::NotYet),
     ("vm.remove-device", Method::Put, Endpoint::VmRemoveDevice),
-    ("vm.resize", Method::Put, Endpoint::NotYet),
+    ("vm.resize", Method::Put, Endpoint::VmResize),
     ("vm.resize-disk", Method::Put, Endpoint::NotYet),
     ("vm.resize-zone", Method::Put, Endpoint::NotYet),
     ("vm.snapshot", Method::Put, Endpoint::VmSnapshot),
@@ -201,6 +202,7 @@ pub fn request(
         Endpoint::VmRemoveDevice => {
             ApiRequest::VmRemoveDevice(body_of(body, name, "VmRemoveDeviceData")?)
         }
+        Endpoint::VmResize => ApiRequest::VmResize(body_of(body, name, "VmResize")?),
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }

@@ -47,6 +47,18 @@ pub enum ApiRequest {
     /// `vm.add-net`; `fds` holds the descriptors received with the request, if any.
     VmAddNet(Box<NetConfig>),
     VmRemoveDevice(VmRemoveDeviceData),
+    VmResize(VmResizeData),
+}
+
+/// `vm.resize`'s body, as the original's `VmResize`: each field present is a change asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmResizeData {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_ram: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_balloon: Option<u64>,
 }
 
 /// `vm.remove-device`'s body, as the original's.

@@ -40,6 +40,7 @@ const EV_EJECT: u64 = 14;
 
 mod hotplug;
 mod migrate;
+mod resize;
 
 /// How long the loop keeps polling, instead of sleeping, after it answered an API request. On a
 /// virtualised host a sleeping thread's wake-up (idle exit, IPI) costs tens of microseconds,
@@ -572,7 +573,15 @@ impl Vmm {
                     Ok(ApiResponse::Info(Box::new(VmInfoResponse {
                         config: config.clone(),
                         state: self.state,
-                        memory_actual_size: Some(config.memory.size),
+                        // What the balloon holds is not the guest's.
+                        memory_actual_size: Some(
+                            config.memory.size.saturating_sub(
+                                self.vm
+                                    .as_ref()
+                                    .and_then(|vm| vm.devices().pci.balloon.as_ref())
+                                    .map_or(0, |b| b.actual()),
+                            ),
+                        ),
                         device_tree: self.vm.as_ref().map(Vm::device_tree),
                     }))),
                     Next::Continue,
@@ -651,6 +660,7 @@ impl Vmm {
                 (r, Next::Continue)
             }
             VmRemoveDevice(d) => done(self.remove_device(&d.id)),
+            VmResize(r) => done(self.resize(r)),
             VmDelete => {
                 if self.vm.is_some() {
                     self.shutdown_vm();

@@ -30,6 +30,8 @@ pub struct VmEvents {
     /// removes their devices. Not a halting event: the guest runs on.
     pub eject: EventFd,
     ejected: Arc<AtomicU32>,
+    /// The CPUs the guest ejected (same event fd).
+    ejected_cpus: Arc<Mutex<Vec<u32>>>,
 }
 
 impl VmEvents {
@@ -41,6 +43,7 @@ impl VmEvents {
             error: EventFd::new(libc::EFD_NONBLOCK)?,
             eject: EventFd::new(libc::EFD_NONBLOCK)?,
             ejected: Arc::new(AtomicU32::new(0)),
+            ejected_cpus: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -52,13 +55,17 @@ impl VmEvents {
             error: self.error.try_clone()?,
             eject: self.eject.try_clone()?,
             ejected: self.ejected.clone(),
+            ejected_cpus: self.ejected_cpus.clone(),
         })
     }
 
-    /// The PCI slots (segment 0) the guest ejected since the last call, as a bitmap.
-    pub fn take_ejected(&self) -> u32 {
+    /// What the guest ejected since the last call: PCI slots of segment 0 (a bitmap) and
+    /// CPUs.
+    pub fn take_ejected(&self) -> (u32, Vec<u32>) {
         let _ = self.eject.read();
-        self.ejected.swap(0, Ordering::AcqRel)
+        let cpus =
+            std::mem::take(&mut *self.ejected_cpus.lock().unwrap_or_else(|e| e.into_inner()));
+        (self.ejected.swap(0, Ordering::AcqRel), cpus)
     }
 
     fn raise(&self, evt: &EventFd, what: &str) {
@@ -86,6 +93,18 @@ impl devices::EjectSink for VmEvents {
         self.ejected.fetch_or(slots, Ordering::AcqRel);
         if let Err(e) = self.eject.write(1) {
             error!("cannot signal an ejection: {e}");
+        }
+    }
+}
+
+impl devices::CpuEjectSink for VmEvents {
+    fn eject_cpu(&self, cpu: u32) {
+        self.ejected_cpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cpu);
+        if let Err(e) = self.eject.write(1) {
+            error!("cannot signal a CPU ejection: {e}");
         }
     }
 }
@@ -144,7 +163,7 @@ impl PauseGate {
 
     /// Waits while the VM is paused, running the jobs given to vCPU `id`. A job is always
     /// run before the thread leaves: the check and the leaving happen under the lock.
-    fn park(&self, id: usize, vcpu: &mut dyn Vcpu, halting: &AtomicBool) {
+    fn park(&self, id: usize, vcpu: &mut dyn Vcpu, halting: &AtomicBool, unplug: &AtomicBool) {
         let mut s = self.lock();
         s.parked += 1;
         self.cv.notify_all();
@@ -157,7 +176,10 @@ impl PauseGate {
                 self.cv.notify_all();
                 continue;
             }
-            if !self.paused.load(Ordering::Acquire) || halting.load(Ordering::Acquire) {
+            if !self.paused.load(Ordering::Acquire)
+                || halting.load(Ordering::Acquire)
+                || unplug.load(Ordering::Acquire)
+            {
                 break;
             }
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
@@ -173,10 +195,22 @@ impl PauseGate {
     }
 }
 
+/// One vCPU's thread; it gives its vCPU back when it ends.
+struct VcpuThread {
+    handle: JoinHandle<Box<dyn Vcpu>>,
+    /// Set to take this vCPU alone out of the guest (its CPU was ejected).
+    unplug: Arc<AtomicBool>,
+}
+
 pub struct VcpuThreads {
     stop: Arc<AtomicBool>,
     gate: Arc<PauseGate>,
-    threads: Vec<JoinHandle<()>>,
+    /// By vCPU id; `None` for a vCPU that is not running (never added, or unplugged).
+    threads: Vec<Option<VcpuThread>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    events: VmEvents,
+    core: Arc<CoreGroup>,
 }
 
 struct VcpuLoop {
@@ -187,6 +221,7 @@ struct VcpuLoop {
     events: VmEvents,
     gate: Arc<PauseGate>,
     core: Arc<CoreGroup>,
+    unplug: Arc<AtomicBool>,
 }
 
 /// What a vCPU thread does after an exit.
@@ -251,11 +286,21 @@ fn serve_exit(id: u32, exit: VmExit<'_>, pio: &Bus, mmio: &Bus, events: &VmEvent
 }
 
 impl VcpuLoop {
-    fn run(mut self) {
+    /// Runs the vCPU until the VM halts or this vCPU is unplugged; gives the vCPU back.
+    fn run(mut self) -> Box<dyn Vcpu> {
         self.core.join(self.id);
+        self.run_loop();
+        self.vcpu
+    }
+
+    fn leaving(&self) -> bool {
+        self.events.halting.load(Ordering::Acquire) || self.unplug.load(Ordering::Acquire)
+    }
+
+    fn run_loop(&mut self) {
         // Whether the last exit was an I/O or MMIO exit whose instruction has not completed.
         let mut io_pending = false;
-        while !self.events.halting.load(Ordering::Acquire) {
+        while !self.leaving() {
             if self.gate.paused.load(Ordering::Acquire) {
                 // A paused vCPU is always between two instructions, so its state can be saved
                 // (and is whole) at any time while it is parked.
@@ -265,8 +310,12 @@ impl VcpuLoop {
                         return;
                     }
                 }
-                self.gate
-                    .park(self.id as usize, self.vcpu.as_mut(), &self.events.halting);
+                self.gate.park(
+                    self.id as usize,
+                    self.vcpu.as_mut(),
+                    &self.events.halting,
+                    &self.unplug,
+                );
                 continue;
             }
             let flow = match self.vcpu.run() {
@@ -286,6 +335,10 @@ impl VcpuLoop {
                 }
                 Flow::Stop => return,
             }
+        }
+        if io_pending {
+            // An unplugged vCPU may run again: its last instruction completes first.
+            self.complete_io();
         }
     }
 
@@ -330,30 +383,84 @@ impl VcpuThreads {
         // A restored VM's threads park before their first KVM_RUN, until `resume`.
         gate.paused.store(paused, Ordering::Release);
         let core = Arc::new(CoreGroup::new(core_scheduling));
-        let mut threads = Vec::with_capacity(vcpus.len());
-        for (id, vcpu) in vcpus.into_iter().enumerate() {
-            let l = VcpuLoop {
-                id: id as u32,
-                vcpu,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                events: events.try_clone()?,
-                gate: gate.clone(),
-                core: core.clone(),
-            };
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || l.run())?;
-            threads.push(t);
-        }
-        Ok(VcpuThreads {
+        let mut t = VcpuThreads {
             stop,
             gate,
-            threads,
-        })
+            threads: Vec::with_capacity(vcpus.len()),
+            pio,
+            mmio,
+            events: events.try_clone()?,
+            core,
+        };
+        for (id, vcpu) in vcpus.into_iter().enumerate() {
+            t.add(id as u32, vcpu)?;
+        }
+        Ok(t)
     }
 
-    fn kick(t: &JoinHandle<()>) {
+    /// Starts a thread for vCPU `id` (hot-added, or re-added after an unplug). It parks first
+    /// if the VM is paused.
+    pub fn add(&mut self, id: u32, vcpu: Box<dyn Vcpu>) -> std::io::Result<()> {
+        let i = id as usize;
+        if self.threads.get(i).is_some_and(Option::is_some) {
+            return Err(std::io::Error::other(format!(
+                "vCPU {id} is running already"
+            )));
+        }
+        let unplug = Arc::new(AtomicBool::new(false));
+        let l = VcpuLoop {
+            id,
+            vcpu,
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            events: self.events.try_clone()?,
+            gate: self.gate.clone(),
+            core: self.core.clone(),
+            unplug: unplug.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || l.run())?;
+        if self.threads.len() <= i {
+            self.threads.resize_with(i + 1, || None);
+        }
+        self.threads[i] = Some(VcpuThread { handle, unplug });
+        Ok(())
+    }
+
+    /// Takes vCPU `id` out of the guest for good (its CPU was ejected) and returns it once its
+    /// thread has ended, for a later `add`. `None` if it is not running or does not stop
+    /// within 2 s (its thread is then left to end on its own).
+    pub fn remove(&mut self, id: u32) -> Option<Box<dyn Vcpu>> {
+        let t = self.threads.get_mut(id as usize)?.take()?;
+        t.unplug.store(true, Ordering::Release);
+        // A parked thread wakes to see the flag; one in the guest is kicked out, repeatedly
+        // (a kick can land just before KVM_RUN).
+        {
+            let _guard = self.gate.lock();
+            self.gate.cv.notify_all();
+        }
+        let start = Instant::now();
+        while !t.handle.is_finished() {
+            if start.elapsed() > Duration::from_secs(2) {
+                warn!("vcpu{id} did not stop; leaving its thread");
+                return None;
+            }
+            Self::kick(&t.handle);
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        t.handle.join().ok()
+    }
+
+    /// The running threads, by vCPU id.
+    fn running(&self) -> impl Iterator<Item = (usize, &VcpuThread)> {
+        self.threads
+            .iter()
+            .enumerate()
+            .filter_map(|(id, t)| Some((id, t.as_ref()?)))
+    }
+
+    fn kick<T>(t: &JoinHandle<T>) {
         if !t.is_finished() {
             if let Err(e) = t.kill(kick_signal()) {
                 debug!("kick failed: {e}");
@@ -368,7 +475,10 @@ impl VcpuThreads {
         let start = Instant::now();
         let mut parked = self.gate.lock();
         loop {
-            let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+            let live = self
+                .running()
+                .filter(|(_, t)| !t.handle.is_finished())
+                .count();
             if parked.parked >= live {
                 return Ok(());
             }
@@ -378,7 +488,7 @@ impl VcpuThreads {
                 return Err("a vCPU did not stop within 2 s");
             }
             // A kick can land just before KVM_RUN and be lost: repeat it until all are parked.
-            self.threads.iter().for_each(Self::kick);
+            self.running().for_each(|(_, t)| Self::kick(&t.handle));
             parked = self
                 .gate
                 .cv
@@ -388,42 +498,42 @@ impl VcpuThreads {
         }
     }
 
-    /// Runs `job` on every vCPU, on its own thread, while the VM is paused (after `pause`);
-    /// the results come back in vCPU order.
+    /// Runs `job` on every running vCPU, on its own thread, while the VM is paused (after
+    /// `pause`); the results come back in vCPU id order.
     pub fn on_parked<T, F>(&self, job: F) -> Result<Vec<T>, String>
     where
         T: Send + 'static,
         F: Fn(&mut dyn Vcpu) -> T + Send + Sync + 'static,
     {
-        let n = self.threads.len();
+        let ids: Vec<usize> = self.running().map(|(id, _)| id).collect();
+        let slots = self.threads.len();
         let job = Arc::new(job);
         let results: Arc<Mutex<Vec<Option<T>>>> =
-            Arc::new(Mutex::new((0..n).map(|_| None).collect()));
+            Arc::new(Mutex::new((0..slots).map(|_| None).collect()));
         let mut s = self.gate.lock();
         if !self.gate.paused.load(Ordering::Acquire) {
             return Err("the vCPUs are not paused".into());
         }
-        if let Some(id) = self.threads.iter().position(JoinHandle::is_finished) {
+        if let Some((id, _)) = self.running().find(|(_, t)| t.handle.is_finished()) {
             return Err(format!("vCPU {id} has stopped"));
         }
         // Every thread is parked (`pause` returned) and stays parked while the gate is closed.
-        if s.parked < n {
+        if s.parked < ids.len() {
             return Err("the vCPUs are not all parked".into());
         }
-        s.jobs = (0..n)
-            .map(|id| {
-                let job = job.clone();
-                let results = results.clone();
-                Some(Box::new(move |vcpu: &mut dyn Vcpu| {
-                    let r = job(vcpu);
-                    results.lock().unwrap_or_else(|e| e.into_inner())[id] = Some(r);
-                }) as VcpuJob)
-            })
-            .collect();
+        s.jobs = (0..slots).map(|_| None).collect();
+        for &id in &ids {
+            let job = job.clone();
+            let results = results.clone();
+            s.jobs[id] = Some(Box::new(move |vcpu: &mut dyn Vcpu| {
+                let r = job(vcpu);
+                results.lock().unwrap_or_else(|e| e.into_inner())[id] = Some(r);
+            }) as VcpuJob);
+        }
         s.done = 0;
         self.gate.cv.notify_all();
         let start = Instant::now();
-        while s.done < n {
+        while s.done < ids.len() {
             if start.elapsed() > Duration::from_secs(5) {
                 s.jobs.clear();
                 return Err("a vCPU did not answer within 5 s".into());
@@ -438,10 +548,12 @@ impl VcpuThreads {
         s.jobs.clear();
         drop(s);
         let mut results = results.lock().unwrap_or_else(|e| e.into_inner());
-        results
-            .iter_mut()
-            .enumerate()
-            .map(|(id, r)| r.take().ok_or_else(|| format!("vCPU {id} gave no answer")))
+        ids.iter()
+            .map(|&id| {
+                results[id]
+                    .take()
+                    .ok_or_else(|| format!("vCPU {id} gave no answer"))
+            })
             .collect()
     }
 
@@ -454,11 +566,16 @@ impl VcpuThreads {
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
         self.gate.release();
-        let kick = Self::kick;
-        self.threads.iter().for_each(kick);
+        let threads: Vec<JoinHandle<Box<dyn Vcpu>>> = self
+            .threads
+            .into_iter()
+            .flatten()
+            .map(|t| t.handle)
+            .collect();
+        threads.iter().for_each(Self::kick);
         let start = Instant::now();
         let mut last_kick = start;
-        for t in self.threads {
+        for t in threads {
             // A kick can land just before its thread enters KVM_RUN and be lost, so repeat it
             // now and then until the thread is gone.
             while !t.is_finished() {
@@ -467,7 +584,7 @@ impl VcpuThreads {
                     break;
                 }
                 if last_kick.elapsed() > Duration::from_millis(1) {
-                    kick(&t);
+                    Self::kick(&t);
                     last_kick = Instant::now();
                 }
                 std::thread::sleep(Duration::from_micros(20));

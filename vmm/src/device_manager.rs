@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use devices::{
-    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, Ged, Serial, SerialOutput,
-    CMOS_NVRAM_SIZE, I8042,
+    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, CpuHotplug, Ged, Serial,
+    SerialOutput, CMOS_NVRAM_SIZE, I8042,
 };
 use hypervisor::Vm;
 use thiserror::Error;
@@ -49,6 +49,8 @@ pub struct DeviceManager {
     pub pm_timer: Arc<Mutex<AcpiPmTimer>>,
     pub pci: PciDevices,
     pub ged: Arc<Mutex<Ged>>,
+    /// The CPU hotplug controller (`\_SB_.PRES`).
+    pub cpu_hotplug: Arc<Mutex<CpuHotplug>>,
 }
 
 /// Everything the device manager builds from.
@@ -115,6 +117,16 @@ impl DeviceManager {
         )?;
         pio.insert(Arc::new(Mutex::new(Sink)), POST_PORT, 1)?;
         let ejections = Arc::new(events.try_clone().map_err(DeviceError::EventFd)?);
+        let cpu_hotplug = Arc::new(Mutex::new(CpuHotplug::new(
+            cfg.cpus.max_vcpus,
+            cfg.cpus.boot_vcpus,
+            ejections.clone(),
+        )));
+        mmio.insert(
+            cpu_hotplug.clone(),
+            layout::CPU_HOTPLUG_START.0,
+            layout::CPU_HOTPLUG_SIZE,
+        )?;
         let pci = pci_setup::create(
             vm,
             mem,
@@ -141,6 +153,7 @@ impl DeviceManager {
             pm_timer,
             pci,
             ged,
+            cpu_hotplug,
         })
     }
 

@@ -15,6 +15,7 @@ pub mod restore;
 mod serial_io;
 pub mod snapshot;
 mod uffd;
+mod vcpu_hotplug;
 mod virtio_build;
 mod vm;
 

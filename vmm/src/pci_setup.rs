@@ -209,14 +209,20 @@ pub struct PciDevices {
     pub(crate) functions: Vec<Function>,
     /// Whether `pause_devices` stopped the device workers (until `resume_devices`).
     pub(crate) devices_paused: bool,
+    /// The balloon's target and actual size, when the VM has one (`vm.resize`).
+    pub balloon: Option<Arc<virtio_devices::BalloonControl>>,
+    /// The statistics of the devices `remove_all` unplugged.
+    released_counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
     /// The format each disk was opened as, in `--disk` order (probed where not given), which
     /// the configuration records as the original's does.
     pub disk_image_types: Vec<ImageType>,
 }
 
 impl PciDevices {
-    /// Unplugs the devices (see `DeviceManager::release`).
+    /// Unplugs the devices (see `DeviceManager::release`). Their statistics stay readable
+    /// (the VMM logs them at exit).
     pub fn remove_all(&mut self) {
+        self.released_counters = self.counters();
         // The locks share the images' open file descriptions: they go with the disks.
         self.functions.clear();
         self.root
@@ -233,8 +239,12 @@ impl PciDevices {
             .collect()
     }
 
-    /// Statistics of the devices that keep them, by device id (for `vm.counters`).
+    /// Statistics of the devices that keep them, by device id (for `vm.counters`); after
+    /// `remove_all`, their final values.
     pub fn counters(&self) -> Vec<(String, Arc<dyn devices::DeviceCounters>)> {
+        if self.functions.is_empty() {
+            return self.released_counters.clone();
+        }
         self.functions
             .iter()
             .filter_map(|f| Some((f.id.clone(), f.counters.clone()?)))
@@ -525,6 +535,12 @@ pub fn create(
         list.push(virtio_build::net(n, id)?);
     }
     list.push(virtio_build::rng(&cfg.rng)?);
+    let mut balloon = None;
+    if let Some(b) = &cfg.balloon {
+        let (dev, control) = virtio_build::balloon(b)?;
+        list.push(dev);
+        balloon = Some(control);
+    }
     if let Some(hints) = slot_hints {
         for d in list.iter_mut().filter(|d| d.slot.is_none()) {
             d.slot = hints.get(&d.id).copied();
@@ -542,6 +558,8 @@ pub fn create(
         hotplug,
         functions: Vec::new(),
         devices_paused: false,
+        balloon,
+        released_counters: Vec::new(),
         disk_image_types,
     };
     for d in list {

@@ -4,11 +4,12 @@
 
 use std::fs::File;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use log::info;
 use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice};
 
-use crate::config::{DiskConfig, ImageType, NetConfig, RngConfig};
+use crate::config::{BalloonConfig, DiskConfig, ImageType, NetConfig, RngConfig};
 use crate::pci_setup::PciSetupError;
 
 /// A device waiting for its slot: option it came from, id, wanted slot, and what it holds
@@ -185,6 +186,36 @@ pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
         lock: None,
         image_type: None,
     })
+}
+
+/// The `--balloon` device and the handle `vm.resize` sets its target through.
+pub fn balloon(
+    cfg: &BalloonConfig,
+) -> Result<(NewDevice, Arc<virtio_devices::BalloonControl>), PciSetupError> {
+    let dev = virtio_devices::Balloon::new(
+        cfg.size,
+        virtio_devices::BalloonOptions {
+            deflate_on_oom: cfg.deflate_on_oom,
+            free_page_reporting: cfg.free_page_reporting,
+            stats: false,
+        },
+    )
+    .map_err(|e| PciSetupError::Device {
+        option: "--balloon",
+        value: format!("size={}", cfg.size),
+        msg: e.to_string(),
+    })?;
+    let control = dev.control();
+    let dev = NewDevice {
+        option: "--balloon",
+        // The original's name for the balloon device.
+        id: cfg.id.clone().unwrap_or_else(|| "__balloon".into()),
+        slot: cfg.pci_device_id,
+        dev: Box::new(dev),
+        lock: None,
+        image_type: None,
+    };
+    Ok((dev, control))
 }
 
 /// The `--rng` device.

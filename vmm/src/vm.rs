@@ -65,16 +65,69 @@ fn write_new_generation_id(mem: &GuestMemoryMmap) -> Result<(), VmError> {
 
 pub struct Vm {
     // Field order is drop order: the vCPUs and the hypervisor VM go before the memory they map.
-    threads: Option<VcpuThreads>,
+    pub(crate) threads: Option<VcpuThreads>,
     vcpus: Vec<Box<dyn Vcpu>>,
     hv_vm: Arc<dyn hypervisor::Vm>,
     /// The guest clock saved by `pause`, restored by `resume`.
     clock: Option<hypervisor::ClockData>,
     devices: DeviceManager,
     core_scheduling: vm_config::CoreScheduling,
+    /// How a vCPU of this VM is set up (a hot-added one too).
+    pub(crate) cpu_setup: CpuSetup,
+    /// vCPUs whose CPU the guest ejected, by id, kept for a later hot-add (KVM cannot destroy
+    /// a vCPU).
+    pub(crate) spare_vcpus: Vec<Option<Box<dyn Vcpu>>>,
     /// The on-demand loader of a restored VM's RAM (it must stop before the RAM goes).
     _on_demand: Option<crate::uffd::OnDemand>,
     _memory: GuestMemoryMmap,
+}
+
+/// What a new vCPU of a VM needs: the CPUID KVM supports and the VM's topology and options.
+pub(crate) struct CpuSetup {
+    supported: Vec<hypervisor::CpuIdEntry>,
+    topology: Topology,
+    max_phys_bits: u8,
+    nested: bool,
+}
+
+impl CpuSetup {
+    fn new(cfg: &VmConfig, supported: Vec<hypervisor::CpuIdEntry>) -> Self {
+        let topology = cfg
+            .cpus
+            .topology
+            .map(|t| Topology {
+                threads_per_core: t.threads_per_core,
+                cores_per_die: t.cores_per_die,
+                dies_per_package: t.dies_per_package,
+                packages: t.packages,
+            })
+            .unwrap_or_else(|| Topology::flat(cfg.cpus.max_vcpus as u8));
+        CpuSetup {
+            supported,
+            topology,
+            max_phys_bits: cfg.cpus.max_phys_bits,
+            nested: cfg.cpus.nested,
+        }
+    }
+
+    /// vCPU `id`, created with its CPUID and the registers every vCPU starts with; a vCPU
+    /// other than 0 then waits in the in-kernel LAPIC for the guest's INIT/SIPI.
+    pub(crate) fn create(
+        &self,
+        vm: &dyn hypervisor::Vm,
+        id: u32,
+    ) -> Result<Box<dyn Vcpu>, VmError> {
+        let vcpu = vm.create_vcpu(id)?;
+        vcpu.set_cpuid(&cpuid::vcpu_cpuid(
+            &self.supported,
+            id as u8,
+            self.topology,
+            self.max_phys_bits,
+            self.nested,
+        ))?;
+        regs::setup_vcpu_common(vcpu.as_ref()).map_err(|source| VmError::Vcpu { id, source })?;
+        Ok(vcpu)
+    }
 }
 
 fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmError> {
@@ -255,23 +308,14 @@ impl Vm {
             }
         );
 
-        let topology = topology.unwrap_or_else(|| Topology::flat(cfg.cpus.max_vcpus as u8));
+        let cpu_setup = CpuSetup::new(cfg, supported);
         let mut vcpus = Vec::with_capacity(cfg.cpus.boot_vcpus as usize);
         for id in 0..cfg.cpus.boot_vcpus {
-            let vcpu = vm.create_vcpu(id)?;
-            let err = |source| VmError::Vcpu { id, source };
-            vcpu.set_cpuid(&cpuid::vcpu_cpuid(
-                &supported,
-                id as u8,
-                topology,
-                cfg.cpus.max_phys_bits,
-                cfg.cpus.nested,
-            ))?;
-            regs::setup_vcpu_common(vcpu.as_ref()).map_err(err)?;
+            let vcpu = cpu_setup.create(vm.as_ref(), id)?;
             if id == 0 {
-                regs::setup_boot_vcpu(vcpu.as_ref(), &mem, kernel.entry).map_err(err)?;
+                regs::setup_boot_vcpu(vcpu.as_ref(), &mem, kernel.entry)
+                    .map_err(|source| VmError::Vcpu { id, source })?;
             }
-            // The others wait in the in-kernel LAPIC for the guest's INIT/SIPI.
             vcpus.push(vcpu);
         }
         Ok(Vm {
@@ -281,6 +325,8 @@ impl Vm {
             clock: None,
             devices,
             core_scheduling: cfg.cpus.core_scheduling,
+            cpu_setup,
+            spare_vcpus: Vec::new(),
             _on_demand: None,
             _memory: mem,
         })
@@ -344,6 +390,8 @@ impl Vm {
             }),
             devices: m.devices,
             core_scheduling: cfg.cpus.core_scheduling,
+            cpu_setup: CpuSetup::new(cfg, m.supported),
+            spare_vcpus: Vec::new(),
             _on_demand: on_demand,
             _memory: mem,
         };

@@ -21,15 +21,12 @@ const PUT_NO_BODY: &[&str] = &[
 ];
 const NOT_YET: &[&str] = &[
     "vm.add-device",
-    "vm.add-disk",
     "vm.add-fs",
     "vm.add-generic-vhost-user",
-    "vm.add-net",
     "vm.add-pmem",
     "vm.add-user-device",
     "vm.add-vdpa",
     "vm.add-vsock",
-    "vm.remove-device",
     "vm.resize",
     "vm.resize-disk",
     "vm.resize-zone",
@@ -94,6 +91,18 @@ fn every_endpoint_refuses_bad_requests() {
         let (status, body) = vmm.curl("PUT", ep, Some("{}"));
         assert_eq!(status, 501, "{ep}");
         assert!(body.contains("not supported yet"), "{ep}: {body}");
+    }
+    // Hotplug: a body that is not the schema is 400, a good one without a VM 404.
+    for (ep, body, want) in [
+        ("vm.add-disk", "{}", 400),
+        ("vm.add-disk", r#"{"path": "/x"}"#, 404),
+        ("vm.add-net", "[]", 400),
+        ("vm.add-net", "{}", 404),
+        ("vm.remove-device", "{}", 400),
+        ("vm.remove-device", r#"{"id": "x"}"#, 404),
+    ] {
+        let (status, answer) = vmm.curl("PUT", ep, Some(body));
+        assert_eq!(status, want, "{ep} {body}: {answer}");
     }
     for ep in ["vm.nothing", "vmm.nothing", ""] {
         let (status, body) = vmm.curl("GET", ep, None);

@@ -214,10 +214,16 @@ fn lifecycle_over_ch_remote() {
     assert_eq!(ok(&["delete"]), "", "a 204 prints nothing, as the original");
     fails(&["info"], "404");
     // What this VMM lacks is still sent; the server answers 501 with its reason.
-    fails(&["add-disk", "path=/x"], "501");
-    fails(&["add-disk", "path=/x"], "vm.add-disk is not supported yet");
+    fails(&["add-fs", "tag=t,socket=/x"], "501");
+    fails(
+        &["add-fs", "tag=t,socket=/x"],
+        "vm.add-fs is not supported yet",
+    );
+    // Hotplug needs a created VM, as the original's.
+    fails(&["add-disk", "path=/x"], "404");
+    fails(&["remove-device", "_disk0"], "404");
     fails(&["nmi"], "501");
-    fails(&["resize", "--cpus", "2"], "501");
+    fails(&["resize", "--cpus", "2"], "404");
     fails(
         &["snapshot", "file:///tmp/snap"],
         "500: Error from API: The VM could not be snapshotted: VM is not running",

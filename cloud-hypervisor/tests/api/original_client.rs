@@ -174,12 +174,14 @@ fn the_originals_client_reads_every_answer() {
     let (o, _) = request(&mut s, "PUT", "vm.create", Some("{ not json"));
     assert!(matches!(o, Outcome::ServerError(400, _)));
     assert_eq!(chain(&o)[0], "Failed to deserialize JSON");
-    let (o, _) = request(&mut s, "PUT", "vm.add-disk", Some(r#"{"path": "/x"}"#));
-    assert!(matches!(o, Outcome::ServerError(501, _)));
-    assert_eq!(
-        chain(&o).last().unwrap(),
-        "vm.add-disk is not supported yet"
+    let (o, _) = request(
+        &mut s,
+        "PUT",
+        "vm.add-fs",
+        Some(r#"{"tag": "t", "socket": "/x"}"#),
     );
+    assert!(matches!(o, Outcome::ServerError(501, _)));
+    assert_eq!(chain(&o).last().unwrap(), "vm.add-fs is not supported yet");
 
     // vmm.shutdown: 200 with an empty body, then the socket goes.
     let (o, raw) = request(&mut s, "PUT", "vmm.shutdown", None);

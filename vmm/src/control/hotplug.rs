@@ -178,12 +178,20 @@ impl Vmm {
         Ok(())
     }
 
-    /// The guest ejected slots: their devices leave the VM and the configuration.
+    /// The guest ejected PCI slots or CPUs: their devices leave the VM and the configuration;
+    /// the CPUs' vCPUs stop.
     pub(super) fn ejected(&mut self) {
-        let slots = self.events.take_ejected();
+        let (slots, cpus) = self.events.take_ejected();
         let Some(vm) = self.vm.as_mut() else {
             return;
         };
+        for cpu in cpus {
+            vm.cpu_ejected(cpu);
+            let present = vm.present_vcpus();
+            if let Some(config) = self.config.as_mut() {
+                config.cpus.boot_vcpus = present;
+            }
+        }
         for (id, slot) in vm.devices_mut().eject(slots) {
             if let Some(config) = self.config.as_mut() {
                 remove_from_config(config, &id);

@@ -1,0 +1,86 @@
+//! `vm.resize`, as the original answers it: every field given is checked before anything
+//! changes. `desired_vcpus` hot-adds or asks the guest to eject vCPUs (429 while an ejection
+//! is pending); `desired_balloon` sets the balloon's target; before boot both change the
+//! configuration only. Each recorded in the configuration, so a reboot keeps them.
+
+use api::{ApiError, VmResizeData, VmState};
+use log::info;
+
+use super::Vmm;
+use crate::vcpu_hotplug::ResizeError;
+
+impl Vmm {
+    pub(super) fn resize(&mut self, r: VmResizeData) -> Result<(), ApiError> {
+        let Some(config) = self.config.as_ref() else {
+            return Err(ApiError::VmNotCreated);
+        };
+        if self.outgoing.is_some() {
+            return Err(ApiError::Failed("the VM is being migrated".into()));
+        }
+        if r.desired_ram.is_some() {
+            return Err(ApiError::NotYet("desired_ram (memory hotplug)".into()));
+        }
+        let max = config.cpus.max_vcpus;
+        if let Some(n) = r.desired_vcpus {
+            if n == 0 || n > max {
+                return Err(ApiError::BadRequest(format!(
+                    "desired_vcpus={n}: must be between 1 and max_vcpus ({max})"
+                )));
+            }
+        }
+        if let Some(b) = r.desired_balloon {
+            if config.balloon.is_none() {
+                return Err(ApiError::BadRequest(format!(
+                    "desired_balloon={b}: the VM has no balloon (--balloon)"
+                )));
+            }
+            if b >= config.memory.size {
+                return Err(ApiError::BadRequest(format!(
+                    "desired_balloon={b}: must be smaller than the guest RAM ({} bytes)",
+                    config.memory.size
+                )));
+            }
+        }
+        if r.desired_vcpus.is_some() && self.vm.is_some() && self.state != VmState::Running {
+            return Err(ApiError::InvalidState {
+                action: "resize the vCPUs of",
+                state: self.state,
+            });
+        }
+        self.monitor.emit("vm", "resizing");
+        if let Some(n) = r.desired_vcpus {
+            let now = match self.vm.as_mut() {
+                Some(vm) => {
+                    vm.resize_vcpus(n).map_err(|e| match e {
+                        ResizeError::RemovalPending => ApiError::TooManyRequests(e.to_string()),
+                        e => ApiError::Failed(e.to_string()),
+                    })?;
+                    // Removals count when the guest has ejected (`ejected`).
+                    vm.present_vcpus().max(n)
+                }
+                None => n,
+            };
+            if let Some(config) = self.config.as_mut() {
+                config.cpus.boot_vcpus = now;
+            }
+            info!("vCPUs: {n} wanted, {now} now");
+        }
+        if let Some(b) = r.desired_balloon {
+            if let Some(balloon) = self
+                .vm
+                .as_ref()
+                .and_then(|vm| vm.devices().pci.balloon.clone())
+            {
+                balloon
+                    .set_target(b)
+                    .map_err(|e| ApiError::Failed(e.to_string()))?;
+            }
+            if let Some(bc) = self.config.as_mut().and_then(|c| c.balloon.as_mut()) {
+                bc.size = b;
+            }
+            info!("balloon target {b} bytes");
+        }
+        self.monitor.emit("vm", "resized");
+        Ok(())
+    }
+}
