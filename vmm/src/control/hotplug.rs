@@ -197,6 +197,10 @@ impl Vmm {
                 remove_from_config(config, &id);
             }
             let bdf = format!("0000:00:{slot:02x}.0");
+            info!(
+                "{id} removed from {bdf}; {} GSIs in use",
+                vm.devices().pci.gsis_in_use()
+            );
             let props = properties([("id", id), ("bdf", bdf)]);
             self.monitor.emit_with("vm", "device-removed", Some(&props));
         }
