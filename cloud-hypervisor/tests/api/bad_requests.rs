@@ -27,7 +27,6 @@ const NOT_YET: &[&str] = &[
     "vm.add-user-device",
     "vm.add-vdpa",
     "vm.add-vsock",
-    "vm.resize",
     "vm.resize-disk",
     "vm.resize-zone",
     "vm.coredump",
@@ -100,6 +99,8 @@ fn every_endpoint_refuses_bad_requests() {
         ("vm.add-net", "{}", 404),
         ("vm.remove-device", "{}", 400),
         ("vm.remove-device", r#"{"id": "x"}"#, 404),
+        ("vm.resize", r#"{"desired_vcpus": -1}"#, 400),
+        ("vm.resize", "{}", 404),
     ] {
         let (status, answer) = vmm.curl("PUT", ep, Some(body));
         assert_eq!(status, want, "{ep} {body}: {answer}");
