@@ -11,6 +11,7 @@
 extern crate alloc;
 
 mod acpi_sys;
+mod balloon;
 mod bootinfo;
 mod busy;
 mod cmos;
@@ -196,6 +197,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "net-bench" => net::scenario_net_bench(&boot),
         "net-mq" => net::scenario_net_mq(&boot),
         "hotplug" => hotplug::scenario_hotplug(acpi.as_ref()),
+        "balloon" => balloon::scenario_balloon(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())
