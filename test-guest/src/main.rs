@@ -15,6 +15,7 @@ mod balloon;
 mod bootinfo;
 mod busy;
 mod cmos;
+mod cpu_hotplug;
 mod heap;
 mod hostile;
 mod hotplug;
@@ -25,6 +26,7 @@ mod net;
 mod paging;
 mod phpr;
 mod pmtimer;
+mod pres;
 mod rawq;
 mod smbios;
 mod smp;
@@ -197,6 +199,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "net-bench" => net::scenario_net_bench(&boot),
         "net-mq" => net::scenario_net_mq(&boot),
         "hotplug" => hotplug::scenario_hotplug(acpi.as_ref()),
+        "cpuhotplug" => cpu_hotplug::scenario_cpuhotplug(acpi.as_ref()),
         "balloon" => balloon::scenario_balloon(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
@@ -591,6 +594,35 @@ pub fn route_ged_irq() {
     // Redirection entry: fixed delivery, physical destination, edge, active high, unmasked.
     ioapic_write(0x11 + 2 * GED_IRQ, apic_id << 24);
     ioapic_write(0x10 + 2 * GED_IRQ, svc::IRQ_VECTOR);
+}
+
+/// For ever: waits for the GED's interrupt (`route_ged_irq`), reading its register (which
+/// clears it) every second anyway, and hands each non-zero value to `on_bits`. Bits pending
+/// without an interrupt within a further 200 ms print `FAIL <irq_fail>: …` (and are handed on).
+pub fn ged_loop(ged_port: u16, irq_fail: &str, mut on_bits: impl FnMut(u8)) -> ! {
+    let mut taken = svc::irq_count(svc::IRQ_VECTOR);
+    loop {
+        let n = svc::wait_vector(svc::IRQ_VECTOR, taken + 1, 1000);
+        let mut irq = n > taken;
+        taken = n;
+        let bits = svc::inb(ged_port);
+        if bits == 0 {
+            continue;
+        }
+        if !irq {
+            // The VMM sets the bits, then raises the interrupt: it may be on its way.
+            let n = svc::wait_vector(svc::IRQ_VECTOR, taken + 1, 200);
+            irq = n > taken;
+            taken = n;
+            if !irq {
+                fail(
+                    irq_fail,
+                    format_args!("GED bits {bits:#x} pending without an interrupt"),
+                );
+            }
+        }
+        on_bits(bits);
+    }
 }
 
 /// Routes the Generic Event Device's IOAPIC pin to the monitor's vector, waits for the VMM's

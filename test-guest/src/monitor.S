@@ -45,7 +45,8 @@
 .set SVC_WRMSR, 12
 .set SVC_WAIT_IRQ, 13
 .set SVC_IRQ_COUNT, 14
-.set SVC_COUNT, 15
+.set SVC_PARK, 15
+.set SVC_COUNT, 16
 /* External interrupt vectors the monitor handles: IRQ_VECTOR .. IRQ_VECTOR + IRQ_VECTORS - 1.
  * Each is counted (irq_counts) and EOIed at the LAPIC; the tests program the sources. */
 .set IRQ_VECTOR, 0x30
@@ -368,6 +369,11 @@ svc_irq_count:                      /* rdi = vector; returns how many were taken
     jmp svc_ret_rax
 1:  xorl %eax, %eax
     jmp svc_ret_rax
+svc_park:                           /* rdi = u32 set to 1, then halts for good with IF=0 */
+    movl $1, (%rdi)
+1:  cli
+    hlt
+    jmp 1b
 svc_lapic_enable:                   /* software-enable the xAPIC; returns its APIC ID */
     movl $LAPIC, %ebx
     movl $0x1ff, 0xf0(%rbx)
@@ -565,6 +571,26 @@ ap_entry64:
     leaq ap_apic_ids(%rip), %rbx
     movl %eax, (%rbx, %rdi, 4)
     lock incl ap_reported(%rip)
+    /* A scenario that runs code on its APs (cpuhotplug) sets ap_user_entry and a user stack
+     * for this APIC ID: go on at CPL3 (IF=0) in ap_user_start, rdi = APIC ID, rsi = index. */
+    movq ap_user_entry(%rip), %rcx
+    testq %rcx, %rcx
+    jz ap_park
+    cmpl $MAX_CPUS, %eax
+    jae ap_park
+    leaq ap_user_stacks(%rip), %rbx
+    movq (%rbx, %rax, 8), %rdx
+    testq %rdx, %rdx
+    jz ap_park
+    movl %edi, %esi
+    movl %eax, %edi
+    pushq $UDATA
+    pushq %rdx
+    pushq $0x2
+    pushq $UCODE64
+    leaq ap_user_start(%rip), %rax
+    pushq %rax
+    iretq
 ap_park:
     cli
     hlt
@@ -587,6 +613,13 @@ user_start:
 1:  ud2                              /* guest_main never returns: rax is garbage -> fatal */
     jmp 1b
 
+/* CPL3, on an AP (see ap_entry64): call the scenario's ap_user_entry (rdi = APIC ID, rsi =
+ * index), which does not return. */
+ap_user_start:
+    call *ap_user_entry(%rip)
+1:  ud2
+    jmp 1b
+
 /* ------------------------------------------------------------------------- */
 .section .rodata.monitor, "a", @progbits
 msg_entry_pvh:   .asciz "test-guest: entry pvh\n"
@@ -604,7 +637,7 @@ msg_nl:          .asciz "\n"
 svc_table:
     .quad svc_outb, svc_outw, svc_outl, svc_inb, svc_inw, svc_inl, svc_write, svc_hlt
     .quad svc_lapic_enable, svc_ipi, svc_cpuid, svc_rdmsr, svc_wrmsr, svc_wait_irq
-    .quad svc_irq_count
+    .quad svc_irq_count, svc_park
 
 /* ------------------------------------------------------------------------- */
 .section .data.monitor, "aw", @progbits
@@ -614,6 +647,8 @@ svc_table:
 .global ap_next_index
 .global ap_reported
 .global ap_apic_ids
+.global ap_user_entry
+.global ap_user_stacks
 boot_info:      .quad 0
 boot_protocol:  .long 0
 ap_next_index:  .long 1              /* index 0 is the BSP */
@@ -621,6 +656,10 @@ ap_reported:    .long 0
 .balign 8
 irq_counts:     .fill IRQ_VECTORS, 4, 0
 ap_apic_ids:    .fill MAX_CPUS, 4, 0xffffffff
+/* Set at CPL3: where a started AP goes on at CPL3 (0: it parks), and the top of its user stack
+ * by APIC ID (0: it parks). */
+ap_user_entry:  .quad 0
+ap_user_stacks: .fill MAX_CPUS, 8, 0
 
 .balign 16
 gdt:

@@ -34,7 +34,7 @@ pub struct Block<'a> {
 }
 
 impl Block<'_> {
-    fn named(&self, name: &[u8; 4]) -> bool {
+    pub fn named(&self, name: &[u8; 4]) -> bool {
         self.segs.last() == Some(name)
     }
 }
@@ -72,12 +72,12 @@ pub fn devices(aml: &[u8]) -> impl Iterator<Item = Block<'_>> {
     blocks(aml, &[0x5b, 0x82])
 }
 
-fn contains(b: &[u8], what: &[u8]) -> bool {
+pub(crate) fn contains(b: &[u8], what: &[u8]) -> bool {
     b.windows(what.len()).any(|w| w == what)
 }
 
 /// The code of `Method (name, …)` in `body` (after its flags byte).
-fn method<'a>(body: &'a [u8], name: &[u8; 4]) -> Option<&'a [u8]> {
+pub(crate) fn method<'a>(body: &'a [u8], name: &[u8; 4]) -> Option<&'a [u8]> {
     let mut i = 0;
     while let Some(at) = body.get(i..)?.iter().position(|&b| b == 0x14) {
         let m = i + at + 1;
@@ -97,7 +97,7 @@ fn method<'a>(body: &'a [u8], name: &[u8; 4]) -> Option<&'a [u8]> {
 }
 
 /// The value of `Name (name, <integer constant>)` in `body`.
-fn name_int(body: &[u8], name: &[u8; 4]) -> Option<u64> {
+pub(crate) fn name_int(body: &[u8], name: &[u8; 4]) -> Option<u64> {
     let mut pat = [0x08u8; 5];
     pat[1..].copy_from_slice(name);
     let at = body.windows(5).position(|w| w == pat)?;
@@ -105,7 +105,7 @@ fn name_int(body: &[u8], name: &[u8; 4]) -> Option<u64> {
 }
 
 /// `OperationRegion (name, space, offset, length)` in `body`: (space, offset, length).
-fn op_region(body: &[u8], name: &[u8; 4]) -> Option<(u8, u64, u64)> {
+pub(crate) fn op_region(body: &[u8], name: &[u8; 4]) -> Option<(u8, u64, u64)> {
     let mut pat = [0u8; 6];
     pat[..2].copy_from_slice(&[0x5b, 0x80]);
     pat[2..].copy_from_slice(name);
@@ -117,12 +117,27 @@ fn op_region(body: &[u8], name: &[u8; 4]) -> Option<(u8, u64, u64)> {
 }
 
 /// A field unit: (name, bit offset, bit width).
-type FieldUnit = ([u8; 4], usize, usize);
+pub(crate) type FieldUnit = ([u8; 4], usize, usize);
 
 /// `Field (region, flags) { … }` in `body`: its flags and named units.
 fn field(body: &[u8], region: &[u8; 4]) -> Option<(u8, Vec<FieldUnit>)> {
-    let f = blocks(body, &[0x5b, 0x81]).find(|b| b.named(region))?;
-    let (&flags, list) = f.body.split_first()?;
+    field_units(blocks(body, &[0x5b, 0x81]).find(|b| b.named(region))?.body)
+}
+
+/// Every `Field (region, flags) { … }` in `body` (a region may have several): the flags and
+/// named units of each that decodes.
+pub(crate) fn fields<'a>(
+    body: &'a [u8],
+    region: &'a [u8; 4],
+) -> impl Iterator<Item = (u8, Vec<FieldUnit>)> + 'a {
+    blocks(body, &[0x5b, 0x81])
+        .filter(|b| b.named(region))
+        .filter_map(|b| field_units(b.body))
+}
+
+/// A field's flags byte and units list: the flags and named units.
+fn field_units(f: &[u8]) -> Option<(u8, Vec<FieldUnit>)> {
+    let (&flags, list) = f.split_first()?;
     let (mut p, mut bit, mut units) = (0, 0, Vec::new());
     while p < list.len() {
         match list[p] {
@@ -150,7 +165,8 @@ fn field(body: &[u8], region: &[u8; 4]) -> Option<(u8, Vec<FieldUnit>)> {
 }
 
 /// `_HID` EISAID ("PNP0A06"): NameOp, "_HID", DWordPrefix, the compressed ID.
-const HID_PNP0A06: [u8; 10] = [0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x06];
+pub(crate) const HID_PNP0A06: [u8; 10] =
+    [0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x06];
 
 /// Finds `\_SB_.PHPR` in the DSDT and decodes its register block.
 pub fn find(aml: &[u8]) -> Result<Phpr, String> {

@@ -2,7 +2,7 @@
 //! real-mode trampoline (from monitor.S) copied to `AP_TRAMPOLINE`.
 
 use alloc::vec::Vec;
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use crate::svc;
 
@@ -19,6 +19,8 @@ extern "C" {
     static ap_trampoline_end: u8;
     static ap_reported: u32;
     static ap_apic_ids: [u32; MAX_CPUS];
+    static mut ap_user_entry: u64;
+    static mut ap_user_stacks: [u64; MAX_CPUS];
 }
 
 /// Rough TSC rate used for delays and time-outs (lower bounds on faster parts).
@@ -76,7 +78,10 @@ pub fn start_aps(targets: &[u32], timeout_ms: u64) -> Vec<u32> {
         core::hint::spin_loop();
     }
     if reported() < want {
-        let seen = reported_ids();
+        // Only this start's reports: a CPU started again (hot-plugged after its removal) has
+        // an older one too.
+        let all = reported_ids();
+        let seen = all.get(base as usize..).unwrap_or_default();
         for &id in targets.iter().filter(|id| !seen.contains(id)) {
             svc::send_ipi(id, ICR_SIPI | vector);
         }
@@ -86,4 +91,30 @@ pub fn start_aps(targets: &[u32], timeout_ms: u64) -> Vec<u32> {
         core::hint::spin_loop();
     }
     reported_ids()
+}
+
+/// Starts the AP with APIC ID `id` alone and waits up to `timeout_ms` for it to report in;
+/// true when it did.
+pub fn start_one(id: u32, timeout_ms: u64) -> bool {
+    let base = reported() as usize;
+    start_aps(&[id], timeout_ms);
+    reported_ids()
+        .get(base..)
+        .is_some_and(|new| new.contains(&id))
+}
+
+/// From now on an AP that reports in goes on at CPL3 in `entry` (APIC ID, index), on the stack
+/// `set_ap_stack` gave its APIC ID, instead of parking in the monitor.
+pub fn set_ap_entry(entry: extern "C" fn(u32, u32) -> !) {
+    // SAFETY: a monitor variable that APs read only when they start; an aligned 8-byte store.
+    unsafe { write_volatile(addr_of_mut!(ap_user_entry), entry as usize as u64) }
+}
+
+/// The top of the CPL3 stack of the AP with APIC ID `id` (16-aligned; 0: it parks).
+pub fn set_ap_stack(id: u32, top: u64) {
+    let i = id as usize;
+    if i < MAX_CPUS {
+        // SAFETY: an index within the monitor's table, which that AP reads when it starts.
+        unsafe { write_volatile(addr_of_mut!(ap_user_stacks[i]), top) }
+    }
 }

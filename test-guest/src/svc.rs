@@ -25,6 +25,7 @@ pub const SVC_RDMSR: u64 = 11;
 pub const SVC_WRMSR: u64 = 12;
 pub const SVC_WAIT_IRQ: u64 = 13;
 pub const SVC_IRQ_COUNT: u64 = 14;
+pub const SVC_PARK: u64 = 15;
 /// The first of the external interrupt vectors the monitor counts (`IRQ_VECTOR` in monitor.S).
 pub const IRQ_VECTOR: u32 = 0x30;
 /// How many vectors from `IRQ_VECTOR` on the monitor counts (`IRQ_VECTORS`).
@@ -109,6 +110,29 @@ pub fn wait_vector(vector: u32, at_least: u64, timeout_ms: u64) -> u64 {
     lapic_write(0x380, 0);
     lapic_write(0x320, 1 << 16);
     n
+}
+
+/// Runs this CPU's LAPIC timer periodically on `vector`, every `ticks` (divide by 1: KVM's APIC
+/// timer counts at 1 GHz, so 10^7 is 10 ms). The xAPIC must be enabled.
+pub fn lapic_timer_periodic(vector: u32, ticks: u32) {
+    lapic_write(0x3e0, 0xb);
+    lapic_write(0x320, 1 << 17 | vector);
+    lapic_write(0x380, ticks);
+}
+
+/// Stops this CPU's LAPIC timer and masks it.
+pub fn lapic_timer_stop() {
+    lapic_write(0x380, 0);
+    lapic_write(0x320, 1 << 16);
+}
+
+/// Goes offline for good: the monitor sets `*parked` to 1 and halts at CPL0 with interrupts
+/// off (only an INIT, then a SIPI, starts the CPU again, from the trampoline).
+pub fn park(parked: &core::sync::atomic::AtomicU32) -> ! {
+    svc(SVC_PARK, parked.as_ptr() as u64, 0, 0);
+    loop {
+        hlt();
+    }
 }
 
 pub fn hlt() {
