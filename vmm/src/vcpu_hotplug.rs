@@ -36,14 +36,16 @@ impl Vm {
         let hotplug = self.devices().cpu_hotplug.clone();
         let current = {
             let h = lock(&hotplug);
+            // As the original: the count the guest has now is no change (a removal still
+            // pending included), anything else waits for the pending removal.
+            if target == h.present() {
+                return Ok(());
+            }
             if h.removal_pending() {
                 return Err(ResizeError::RemovalPending);
             }
             h.present()
         };
-        if target == current {
-            return Ok(());
-        }
         if target > current {
             for id in current..target {
                 let spare = self.spare_vcpus.get_mut(id as usize).and_then(Option::take);
