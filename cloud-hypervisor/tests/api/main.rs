@@ -6,6 +6,7 @@ mod common;
 
 mod bad_requests;
 mod contract;
+mod cpu_hotplug;
 mod helpers;
 mod hotplug;
 mod lifecycle;
