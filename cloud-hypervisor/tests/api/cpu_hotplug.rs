@@ -192,6 +192,11 @@ fn cpu_hotplug_resize_while_a_removal_is_pending_is_429() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The count the VM has now (the pending removal included) is no change, as in the
+    // original; the removal stays pending.
+    let (status, body) = vmm.curl("PUT", "vm.resize", Some(r#"{"desired_vcpus": 2}"#));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(vmm.curl("PUT", "vm.resize", Some(resize_to_1)).0, 429);
     assert_eq!(boot_vcpus(&vmm), 2);
     assert_eq!(vmm.state(), "Running");
 }
