@@ -367,8 +367,10 @@ pub fn scenario_balloon(boot: &BootInfo) {
                 );
             }
             println!(
-                "INFO balloon config_irqs={seen} filled={} bad={}",
-                b.filled, b.bad
+                "INFO balloon config_irqs={} filled={} bad={}",
+                svc::irq_count(CONFIG_VECTOR),
+                b.filled,
+                b.bad
             );
             println!("BALLOON actual={} target={target}", b.actual);
             shown = Some((b.actual, target));

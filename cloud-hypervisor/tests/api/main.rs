@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_requests;
+mod balloon;
 mod contract;
 mod cpu_hotplug;
 mod helpers;
