@@ -4,9 +4,9 @@
 //! when the guest touches them. With free page reporting the guest also reports ranges of its
 //! free memory, released the same way.
 //!
-//! Releasing a page: `MADV_DONTNEED` on a private mapping (the anonymous page is freed), and
-//! `MADV_REMOVE` on a shared one (`shared=on`, hugepages: a memfd), which punches a hole in the
-//! file so its pages are freed too (`MADV_DONTNEED` would only unmap them from this process).
+//! Releasing a page (`discard.rs`): `MADV_DONTNEED` on a private mapping (the anonymous page
+//! is freed), and `MADV_REMOVE` on a shared one (`shared=on`, hugepages: a memfd), which punches
+//! a hole in the file so its pages are freed too.
 //! The guest is not trusted: what it names outside guest RAM is skipped, and nothing outside
 //! guest RAM is ever touched.
 
@@ -14,12 +14,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use guest_memory::{GuestMemoryMmap, GuestRegionMmap};
+use guest_memory::GuestMemoryMmap;
 use log::debug;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+pub(crate) use crate::discard::release_guest_range;
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
@@ -210,76 +211,6 @@ pub(crate) fn pfn_runs(pfns: &mut [u32]) -> Vec<(u64, u64)> {
         }
     }
     runs
-}
-
-/// Gives the host memory behind guest RAM `[addr, addr + len)` back, whole 4 KiB pages only
-/// (a partial page at either end stays). Parts outside guest RAM are skipped. Returns the bytes
-/// released.
-pub(crate) fn release_guest_range(mem: &GuestMemoryMmap, addr: u64, len: u64) -> u64 {
-    let end = addr.saturating_add(len) & !(BALLOON_PAGE_SIZE - 1);
-    let Some(mut at) = addr.checked_next_multiple_of(BALLOON_PAGE_SIZE) else {
-        return 0;
-    };
-    let mut released = 0;
-    while at < end {
-        let Some(r) = mem.find_region(GuestAddress(at)) else {
-            // Skip to the next region above (there are a few), if any starts before `end`.
-            let next = mem
-                .iter()
-                .map(|r| r.start_addr().0)
-                .filter(|&s| s > at)
-                .min();
-            debug!("virtio-balloon: {at:#x} is outside guest RAM; skipped");
-            match next {
-                Some(s) if s < end => at = s.next_multiple_of(BALLOON_PAGE_SIZE),
-                _ => break,
-            }
-            continue;
-        };
-        let off = at - r.start_addr().0;
-        let n = (end - at).min(r.len() - off);
-        if release_in_region(r, off, n) {
-            released += n;
-        }
-        at += n;
-    }
-    released
-}
-
-/// Drops `len` bytes at offset `off` of `region` (page-aligned, inside the region).
-fn release_in_region(region: &GuestRegionMmap, off: u64, len: u64) -> bool {
-    let (Ok(off), Ok(len)) = (usize::try_from(off), usize::try_from(len)) else {
-        return false;
-    };
-    let shared = region.flags() & libc::MAP_SHARED != 0;
-    let advice = if shared {
-        libc::MADV_REMOVE
-    } else {
-        libc::MADV_DONTNEED
-    };
-    let ptr = region.as_ptr().wrapping_add(off).cast::<libc::c_void>();
-    // SAFETY: `[off, off + len)` lies inside the region (the caller's bounds), so the range is
-    // part of the region's mapping, which `region` keeps mapped. It is guest RAM the guest gave
-    // up: its contents may change under any reader (as the guest's own writes may), and the
-    // mapping itself stays, reading as zero until written again.
-    let mut rc = unsafe { libc::madvise(ptr, len, advice) };
-    if rc != 0 && shared {
-        // A file that cannot punch holes: at least unmap the pages from this process.
-        debug!(
-            "virtio-balloon: MADV_REMOVE at offset {off:#x}: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: as above.
-        rc = unsafe { libc::madvise(ptr, len, libc::MADV_DONTNEED) };
-    }
-    if rc != 0 {
-        debug!(
-            "virtio-balloon: cannot release {len:#x} bytes at region offset {off:#x}: {}",
-            std::io::Error::last_os_error()
-        );
-        return false;
-    }
-    true
 }
 
 struct BalloonHandler {

@@ -6,6 +6,7 @@
 mod balloon;
 mod block;
 mod console;
+mod discard;
 mod net;
 mod rng;
 mod transport;
