@@ -7,6 +7,7 @@ mod balloon;
 mod block;
 mod console;
 mod discard;
+mod mem;
 mod net;
 mod rng;
 mod transport;
@@ -29,6 +30,10 @@ pub use balloon::{
 };
 pub use block::{Block, BlockConfig, BlockState};
 pub use console::{Console, ConsoleSize, ConsoleState, F_CONSOLE_SIZE};
+pub use mem::{
+    VirtioMem, VirtioMemControl, VirtioMemError, VirtioMemOptions, VirtioMemState, F_MEM_ACPI_PXM,
+    F_MEM_UNPLUGGED_INACCESSIBLE, TYPE_MEM, VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
+};
 pub use net::{Net, NetConfig, NetOffloads, NetState, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use rng::{Rng, RngState};
 pub use transport::{
@@ -173,6 +178,7 @@ pub enum VirtioDeviceState {
     Console(ConsoleState),
     Rng(RngState),
     Balloon(BalloonState),
+    Mem(VirtioMemState),
 }
 
 impl VirtioDeviceState {
@@ -183,6 +189,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Console(_) => "virtio-console",
             VirtioDeviceState::Rng(_) => "virtio-rng",
             VirtioDeviceState::Balloon(_) => "virtio-balloon",
+            VirtioDeviceState::Mem(_) => "virtio-mem",
         }
     }
 
