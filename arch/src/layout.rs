@@ -63,12 +63,38 @@ pub const PCI_IO_WINDOW: (u16, u16) = (0x1000, 0xf000);
 /// Most bytes of the 64-bit PCI MMIO window (it starts at the first GiB boundary above RAM).
 pub const MEM_64BIT_DEVICES_MAX_SIZE: u64 = 64 << 30;
 
-/// The 64-bit PCI MMIO window `(start, size)` for a guest with `ram_size` bytes of RAM and
-/// `phys_bits` of guest physical address space; `None` if nothing fits.
-pub fn mmio64_window(ram_size: u64, phys_bits: u8) -> Option<(u64, u64)> {
+/// Where the memory that can be hot-plugged lies, for a guest with `ram_size` bytes of RAM:
+/// `hotplug_size` bytes from the first GiB boundary above RAM and 4 GiB. Not in the memory
+/// map the guest boots with: the hotplug device (virtio-mem) describes it.
+pub fn hotplug_region(ram_size: u64, hotplug_size: u64) -> Option<(GuestAddress, u64)> {
+    if hotplug_size == 0 {
+        return None;
+    }
     let ram_end = ram_regions(ram_size)
-        .get(1)
-        .map_or(RAM_64BIT_START.0, |&(start, size)| start.0 + size);
+        .last()
+        .map_or(0, |&(start, size)| start.0 + size)
+        .max(RAM_64BIT_START.0);
+    let start = ram_end.checked_add((1 << 30) - 1)? & !((1 << 30) - 1);
+    Some((GuestAddress(start), hotplug_size))
+}
+
+/// Every region of guest memory: RAM ([`ram_regions`]), then the hotplug region.
+pub fn memory_regions(ram_size: u64, hotplug_size: u64) -> Vec<(GuestAddress, u64)> {
+    let mut r = ram_regions(ram_size);
+    r.extend(hotplug_region(ram_size, hotplug_size));
+    r
+}
+
+/// The 64-bit PCI MMIO window `(start, size)` for a guest with `ram_size` bytes of RAM and
+/// `hotplug_size` more that can be hot-plugged, and `phys_bits` of guest physical address
+/// space; `None` if nothing fits.
+pub fn mmio64_window(ram_size: u64, hotplug_size: u64, phys_bits: u8) -> Option<(u64, u64)> {
+    let ram_end = match hotplug_region(ram_size, hotplug_size) {
+        Some((start, size)) => start.0.checked_add(size)?,
+        None => ram_regions(ram_size)
+            .get(1)
+            .map_or(RAM_64BIT_START.0, |&(start, size)| start.0 + size),
+    };
     let start = ram_end.checked_add((1 << 30) - 1)? & !((1 << 30) - 1);
     let limit = 1u64.checked_shl(u32::from(phys_bits))?;
     let size = limit.checked_sub(start)?.min(MEM_64BIT_DEVICES_MAX_SIZE);
@@ -183,6 +209,36 @@ pub fn memory_map(size: u64) -> Vec<MemoryMapEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hotplug_region_sits_above_ram_and_4g_and_moves_the_pci_window() {
+        assert_eq!(hotplug_region(256 << 20, 0), None);
+        assert_eq!(
+            hotplug_region(256 << 20, 1 << 30),
+            Some((GuestAddress(4 << 30), 1 << 30))
+        );
+        // 5 GiB of RAM: 3 GiB low, 2 GiB from 4 GiB, so RAM ends at 6 GiB.
+        assert_eq!(
+            hotplug_region(5 << 30, 512 << 20),
+            Some((GuestAddress(6 << 30), 512 << 20))
+        );
+        assert_eq!(
+            memory_regions(5 << 30, 512 << 20).last(),
+            Some(&(GuestAddress(6 << 30), 512 << 20))
+        );
+        assert_eq!(memory_regions(5 << 30, 0), ram_regions(5 << 30));
+        assert_eq!(mmio64_window(256 << 20, 0, 46), Some((4 << 30, 64 << 30)));
+        // The window starts at the GiB above the hotplug region.
+        assert_eq!(
+            mmio64_window(256 << 20, 3 << 29, 46),
+            Some((6 << 30, 64 << 30))
+        );
+        assert_eq!(
+            mmio64_window(256 << 20, 1 << 30, 33),
+            Some((5 << 30, 3 << 30))
+        );
+        assert_eq!(mmio64_window(256 << 20, 1 << 30, 32), None);
+    }
 
     #[test]
     fn small_guest_has_one_region() {

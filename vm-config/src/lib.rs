@@ -246,9 +246,17 @@ pub struct MemoryConfig {
     pub size: u64,
     #[serde(default)]
     pub mergeable: bool,
-    /// Only the default: there is no memory hotplug yet.
+    /// How memory is hot-plugged: `virtio-mem` (`acpi`, the original's default, is refused
+    /// with a `hotplug_size`).
     #[serde(default)]
     pub hotplug_method: HotplugMethod,
+    /// Bytes that can be hot-plugged above `size` (`vm.resize`'s `desired_ram` up to
+    /// `size + hotplug_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_size: Option<u64>,
+    /// Bytes of `hotplug_size` plugged now (what a reboot plugs again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplugged_size: Option<u64>,
     #[serde(default)]
     pub shared: bool,
     #[serde(default)]
@@ -267,7 +275,12 @@ pub struct MemoryConfig {
     pub extra: Extra,
 }
 
-/// How memory would be hotplugged (`hotplug_method=`).
+/// `hotplug_size` is a multiple of this (Linux's memory block size on x86).
+pub const HOTPLUG_ALIGN: u64 = 128 << 20;
+/// The virtio-mem device's block size: what is plugged or unplugged at a time.
+pub const VIRTIO_MEM_BLOCK_SIZE: u64 = 2 << 20;
+
+/// How memory is hot-plugged (`hotplug_method=`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HotplugMethod {
     #[default]
@@ -286,6 +299,8 @@ impl Default for MemoryConfig {
             size: 512 << 20,
             mergeable: false,
             hotplug_method: HotplugMethod::Acpi,
+            hotplug_size: None,
+            hotplugged_size: None,
             shared: false,
             hugepages: false,
             hugepage_size: None,
@@ -315,22 +330,23 @@ impl MemoryConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
-        p.refuse(&["file", "hotplug_size", "hotplugged_size"])?;
+        p.refuse(&["file"])?;
         // Without hotplug the method chooses nothing; ACPI is the original's default.
-        if let Some(m) = p.get("hotplug_method") {
-            match m.to_ascii_lowercase().as_str() {
-                "acpi" => {}
-                "virtio-mem" => {
-                    return Err(p.error("hotplug_method=virtio-mem is not supported yet"))
-                }
+        let hotplug_method = match p.get("hotplug_method") {
+            None => HotplugMethod::Acpi,
+            Some(m) => match m.to_ascii_lowercase().as_str() {
+                "acpi" => HotplugMethod::Acpi,
+                "virtio-mem" => HotplugMethod::VirtioMem,
                 _ => return Err(p.error(format!("hotplug_method={m}: must be acpi or virtio-mem"))),
-            }
-        }
+            },
+        };
         let cfg = MemoryConfig {
             extra: Default::default(),
             size: p.size("size")?.unwrap_or(512 << 20),
             mergeable: p.toggle("mergeable", false)?,
-            hotplug_method: HotplugMethod::Acpi,
+            hotplug_method,
+            hotplug_size: p.size("hotplug_size")?,
+            hotplugged_size: p.size("hotplugged_size")?,
             shared: p.toggle("shared", false)?,
             hugepages: p.toggle("hugepages", false)?,
             hugepage_size: p.size("hugepage_size")?,
@@ -349,8 +365,35 @@ impl MemoryConfig {
         if !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(format!("size {} is not a multiple of 4 KiB", self.size));
         }
-        if self.hotplug_method != HotplugMethod::Acpi {
-            return Err("hotplug_method=virtio-mem is not supported yet".into());
+        match (self.hotplug_size, self.hotplugged_size) {
+            (None, Some(_)) => return Err("hotplugged_size needs a hotplug_size".into()),
+            (Some(hp), plugged) => {
+                if hp == 0 || !hp.is_multiple_of(HOTPLUG_ALIGN) {
+                    return Err(format!(
+                        "hotplug_size {hp} is not a (non-zero) multiple of 128 MiB"
+                    ));
+                }
+                if self.hotplug_method == HotplugMethod::Acpi {
+                    return Err(
+                        "hotplug_method=acpi (the default) is not supported yet: use hotplug_method=virtio-mem"
+                            .into(),
+                    );
+                }
+                if let Some(p) = plugged {
+                    if p > hp {
+                        return Err(format!(
+                            "hotplugged_size {p} is more than hotplug_size {hp}"
+                        ));
+                    }
+                    if !p.is_multiple_of(VIRTIO_MEM_BLOCK_SIZE) {
+                        return Err(format!("hotplugged_size {p} is not a multiple of 2 MiB"));
+                    }
+                }
+                if self.hugepages {
+                    return Err("hotplug_size with hugepages=on is not supported yet".into());
+                }
+            }
+            (None, None) => {}
         }
         if self.shared && self.mergeable {
             return Err("shared=on and mergeable=on do not go together".into());
@@ -367,8 +410,8 @@ impl MemoryConfig {
             }
         }
         // The guest address space above the 32-bit hole reaches at most 2^46 here.
-        if self.size > (1u64 << 46) {
-            return Err("size is larger than the guest address space".into());
+        if self.size.saturating_add(self.hotplug_size.unwrap_or(0)) > (1u64 << 46) {
+            return Err("size (with hotplug_size) is larger than the guest address space".into());
         }
         Ok(())
     }

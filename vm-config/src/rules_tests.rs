@@ -59,16 +59,37 @@ fn memory_as_the_original_reads_it() {
     assert_eq!(m.size, 512 << 20);
     let m = MemoryConfig::parse("size=1G,size=2G,thp=OFF,shared=True").unwrap();
     assert_eq!((m.size, m.thp, m.shared), (2 << 30, false, true));
-    for ok in ["hotplug_method=acpi", "hotplug_method=ACPI", "reserve=off"] {
+    for ok in [
+        "hotplug_method=acpi",
+        "hotplug_method=ACPI",
+        "reserve=off",
+        "hotplug_method=virtio-mem",
+        "hotplug_method=virtio-mem,hotplug_size=1G,hotplugged_size=512M",
+    ] {
         assert!(MemoryConfig::parse(ok).is_ok(), "{ok}");
     }
     for (bad, why) in [
         ("size=512m", "invalid size"),
         ("size=1T", "invalid size"),
         ("size=1g", "invalid size"),
-        ("hotplug_method=virtio-mem", "not supported yet"),
         ("hotplug_method=dimm", "acpi or virtio-mem"),
-        ("hotplug_size=1G", "not supported yet"),
+        ("hotplug_size=1G", "acpi (the default) is not supported yet"),
+        (
+            "hotplug_method=virtio-mem,hotplug_size=100M",
+            "multiple of 128 MiB",
+        ),
+        (
+            "hotplug_method=virtio-mem,hotplugged_size=2M",
+            "needs a hotplug_size",
+        ),
+        (
+            "hotplug_method=virtio-mem,hotplug_size=128M,hotplugged_size=256M",
+            "more than hotplug_size",
+        ),
+        (
+            "hotplug_method=virtio-mem,hotplug_size=128M,hotplugged_size=1M",
+            "multiple of 2 MiB",
+        ),
         ("file=/dev/shm/x", "not supported yet"),
         ("shared=on,mergeable=on", "do not go together"),
     ] {
@@ -210,8 +231,8 @@ fn unmodelled_keys_are_refused_in_every_object_unless_they_ask_for_nothing() {
             "cpus.affinity",
         ),
         (
-            json!({"memory": {"size": 1 << 28, "hotplug_size": 1 << 30}}),
-            "memory.hotplug_size",
+            json!({"memory": {"size": 1 << 28, "zones": [{"id": "z", "size": 1 << 28}]}}),
+            "memory.zones",
         ),
         (
             json!({"payload": {"kernel": "/k", "host_data": "aa"}}),

@@ -65,11 +65,27 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
             });
         }
     }
-    let mut regions = Vec::new();
+    let mut mapped = Vec::new();
     for (start, size) in layout::ram_regions(cfg.size) {
-        regions.push(ram_region(start, size, cfg)?);
+        mapped.push(ram_region(start, size, cfg)?);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
+    if let Some((start, size)) = layout::hotplug_region(cfg.size, cfg.hotplug_size.unwrap_or(0))
+    {
+        // Nothing is plugged yet: no pages are faulted in up front.
+        let unplugged = MemoryConfig {
+            prefault: false,
+            ..cfg.clone()
+        };
+        mapped.push(ram_region(start, size, &unplugged)?);
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+/// The regions of a VM's guest memory: its RAM, then the region memory can be hot-plugged
+/// into (mapped like RAM, so devices reach what the guest plugs; the virtio-mem device says
+/// which blocks are plugged, and unplugged ones hold no host pages).
+pub fn regions(cfg: &MemoryConfig) -> Vec<(GuestAddress, u64)> {
+    layout::memory_regions(cfg.size, cfg.hotplug_size.unwrap_or(0))
 }
 
 /// Whether guest RAM is a shared mapping of a memory file (memfd) that the region carries, so

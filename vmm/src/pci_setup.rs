@@ -156,15 +156,16 @@ pub struct PciWindows {
 }
 
 impl PciWindows {
-    /// The windows of a VM with `ram_size` bytes of RAM whose vCPUs report `phys_bits` of
-    /// physical address space (see `arch::cpuid::guest_phys_bits`).
-    pub fn new(ram_size: u64, phys_bits: u8) -> Self {
+    /// The windows of a VM with `ram_size` bytes of RAM (and `hotplug_size` more that can be
+    /// plugged) whose vCPUs report `phys_bits` of physical address space (see
+    /// `arch::cpuid::guest_phys_bits`).
+    pub fn new(ram_size: u64, hotplug_size: u64, phys_bits: u8) -> Self {
         PciWindows {
             mmio32: (
                 layout::MEM_32BIT_DEVICES_START.0,
                 layout::MEM_32BIT_DEVICES_SIZE,
             ),
-            mmio64: layout::mmio64_window(ram_size, phys_bits),
+            mmio64: layout::mmio64_window(ram_size, hotplug_size, phys_bits),
         }
     }
 
@@ -589,7 +590,7 @@ mod tests {
             (256 << 20, 32, None),
             (7 << 30, 33, None),
         ] {
-            let w = PciWindows::new(ram, bits);
+            let w = PciWindows::new(ram, 0, bits);
             assert_eq!(w.mmio64, want64, "ram {ram:#x} bits {bits}");
             let host = pci_host(&w);
             assert_eq!(host.mmio64, w.mmio64);

@@ -6,7 +6,6 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use arch::layout;
 use guest_memory::{GuestMemoryMmap, GuestRegionMmap};
 use vm_config::MemoryRestoreMode;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend};
@@ -105,7 +104,7 @@ pub fn file_offsets(
     state: &VmSnapshot,
     cfg: &MemoryConfig,
 ) -> Result<Vec<(MemoryRange, u64)>, Cause> {
-    let expected: Vec<MemoryRange> = layout::ram_regions(cfg.size)
+    let expected: Vec<MemoryRange> = memory::regions(cfg)
         .into_iter()
         .map(|(start, length)| MemoryRange {
             gpa: start.0,
@@ -239,7 +238,7 @@ fn copy_on_write(
 /// Guest RAM as shared mappings of the memory files a local migration's source sent, one per
 /// region in layout order (the source's own RAM: the same pages).
 pub fn map_memory_files(cfg: &MemoryConfig, files: Vec<File>) -> Result<GuestMemoryMmap, Cause> {
-    let layout = layout::ram_regions(cfg.size);
+    let layout = memory::regions(cfg);
     if files.len() != layout.len() {
         return Err(Cause::new(format!(
             "{} memory files for {} RAM regions",

@@ -167,7 +167,11 @@ impl Machine {
         let ram = memory::ram_split(cfg.memory.size);
         let supported = hv.supported_cpuid()?;
         let phys_bits = cpuid::guest_phys_bits(&supported, cfg.cpus.max_phys_bits);
-        let pci_windows = crate::pci_setup::PciWindows::new(cfg.memory.size, phys_bits);
+        let pci_windows = crate::pci_setup::PciWindows::new(
+            cfg.memory.size,
+            cfg.memory.hotplug_size.unwrap_or(0),
+            phys_bits,
+        );
         let (m32, m32_size) = pci_windows.mmio32;
         info!(
             "PCI MMIO windows: 32-bit {m32:#x}+{m32_size:#x}, 64-bit {} ({phys_bits} physical \
