@@ -17,6 +17,8 @@ mod worker;
 #[cfg(test)]
 mod balloon_tests;
 #[cfg(test)]
+mod mem_tests;
+#[cfg(test)]
 mod pause_tests;
 #[cfg(test)]
 mod tests;
