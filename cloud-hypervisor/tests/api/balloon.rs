@@ -43,10 +43,11 @@ fn boot_balloon_guest(name: &str, shared: bool) -> (Vmm, PathBuf) {
             "off",
         ],
     );
-    wait_for(&serial, &format!("BALLOON TOUCHED mib={TOUCH_MIB}\n"), 1);
-    wait_for(&serial, "READY\n", 1);
+    // Filling 384 MiB takes the guest a few seconds on a PVM host (each page faults in).
+    wait_line(&serial, &format!("BALLOON TOUCHED mib={TOUCH_MIB}"), 1);
+    wait_line(&serial, "READY", 1);
     // The guest shows the balloon it starts with.
-    wait_for(&serial, "BALLOON actual=0 target=0\n", 1);
+    wait_balloon(&serial, 0, 0, 1);
     (vmm, serial)
 }
 
@@ -72,14 +73,13 @@ fn ch_remote_ok(vmm: &Vmm, args: &[&str]) {
     );
 }
 
-/// Waits (up to 30 s: the guest writes every page it takes back) for the guest to report
-/// `actual` pages in the balloon with the target `target` for the `n`-th time.
-fn wait_balloon(serial: &Path, actual: u64, target: u64, n: usize) {
-    let line = format!("BALLOON actual={actual} target={target}\n");
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Waits (up to 60 s: the guest writes every page it fills or takes back, and each faults in)
+/// until `line` is a line of the serial output `n` times; fails at once on a FAIL line.
+fn wait_line(serial: &Path, line: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let text = std::fs::read_to_string(serial).unwrap_or_default();
-        if text.matches(&line).count() >= n {
+        if text.lines().filter(|l| *l == line).count() >= n {
             return;
         }
         assert!(
@@ -89,6 +89,27 @@ fn wait_balloon(serial: &Path, actual: u64, target: u64, n: usize) {
         assert!(Instant::now() < deadline, "no {n}x '{line}' in:\n{text}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits for the guest to report `actual` pages in the balloon with the target `target` for
+/// the `n`-th time.
+fn wait_balloon(serial: &Path, actual: u64, target: u64, n: usize) {
+    wait_line(
+        serial,
+        &format!("BALLOON actual={actual} target={target}"),
+        n,
+    );
+}
+
+/// The configuration interrupts the guest had taken when it last reported its balloon (its
+/// `INFO balloon config_irqs=N` line comes just before each report).
+fn config_irqs(serial: &Path) -> u64 {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("INFO balloon config_irqs="))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no config_irqs line in:\n{text}"))
 }
 
 fn memory_actual_size(vmm: &Vmm) -> u64 {
@@ -118,8 +139,11 @@ fn inflate_and_deflate(vmm: &Vmm, serial: &Path, rss: &str) {
         before / MIB
     );
 
+    let irqs = config_irqs(serial);
     ch_remote_ok(vmm, &["resize", "--balloon", "256M"]);
     wait_balloon(serial, 65536, 65536, 1);
+    // The new target came with a configuration interrupt (the guest also polls every 50 ms).
+    assert!(config_irqs(serial) > irqs, "no configuration interrupt");
     let inflated = status_bytes(pid, rss);
     assert!(
         inflated + 200 * MIB <= before,
@@ -131,8 +155,10 @@ fn inflate_and_deflate(vmm: &Vmm, serial: &Path, rss: &str) {
     let info = vmm.ok_json("vm.info");
     assert_eq!(info["config"]["balloon"]["size"], 256 * MIB, "{info}");
 
+    let irqs = config_irqs(serial);
     ch_remote_ok(vmm, &["resize", "--balloon", "0"]);
     wait_balloon(serial, 0, 0, 2);
+    assert!(config_irqs(serial) > irqs, "no configuration interrupt");
     // The guest wrote every page it took back and read it back.
     assert_no_fail(serial);
     let deflated = status_bytes(pid, rss);
@@ -179,4 +205,28 @@ fn balloon_inflate_releases_memory_and_deflate_gives_it_back() {
 fn balloon_on_shared_memory_punches_holes() {
     let (vmm, serial) = boot_balloon_guest("balloon-shared", true);
     inflate_and_deflate(&vmm, &serial, "RssShmem");
+}
+
+/// A target set while the VM is paused is recorded at once, reaches the guest (with a
+/// configuration interrupt) only when it resumes, and is then followed.
+#[test]
+fn balloon_target_set_while_paused_arrives_on_resume() {
+    let (vmm, serial) = boot_balloon_guest("balloon-paused", false);
+    let irqs = config_irqs(&serial);
+    assert_eq!(vmm.put("vm.pause").0, 204);
+    ch_remote_ok(&vmm, &["resize", "--balloon", "128M"]);
+    let info = vmm.ok_json("vm.info");
+    assert_eq!(info["config"]["balloon"]["size"], 128 * MIB, "{info}");
+    assert_eq!(memory_actual_size(&vmm), RAM);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(text.matches("BALLOON actual=").count(), 1, "{text}");
+    assert_eq!(vmm.put("vm.resume").0, 204);
+    wait_balloon(&serial, 32768, 32768, 1);
+    assert!(
+        config_irqs(&serial) > irqs,
+        "no configuration interrupt on resume"
+    );
+    assert_eq!(memory_actual_size(&vmm), RAM - 128 * MIB);
+    assert_no_fail(&serial);
 }
