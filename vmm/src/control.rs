@@ -573,15 +573,7 @@ impl Vmm {
                     Ok(ApiResponse::Info(Box::new(VmInfoResponse {
                         config: config.clone(),
                         state: self.state,
-                        // What the balloon holds is not the guest's.
-                        memory_actual_size: Some(
-                            config.memory.size.saturating_sub(
-                                self.vm
-                                    .as_ref()
-                                    .and_then(|vm| vm.devices().pci.balloon.as_ref())
-                                    .map_or(0, |b| b.actual()),
-                            ),
-                        ),
+                        memory_actual_size: Some(self.memory_actual_size(config)),
                         device_tree: self.vm.as_ref().map(Vm::device_tree),
                     }))),
                     Next::Continue,
@@ -672,6 +664,17 @@ impl Vmm {
                 done(Ok(()))
             }
         }
+    }
+
+    /// The guest's memory now: RAM, plus what it plugged of the hotplug region, less what
+    /// the balloon holds.
+    fn memory_actual_size(&self, config: &VmConfig) -> u64 {
+        let Some(pci) = self.vm.as_ref().map(|vm| &vm.devices().pci) else {
+            return config.memory.size;
+        };
+        let plugged = pci.virtio_mem.as_ref().map_or(0, |m| m.plugged());
+        let ballooned = pci.balloon.as_ref().map_or(0, |b| b.actual());
+        (config.memory.size + plugged).saturating_sub(ballooned)
     }
 
     /// Runs until the VMM should exit.

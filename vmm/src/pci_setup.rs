@@ -212,6 +212,8 @@ pub struct PciDevices {
     pub(crate) devices_paused: bool,
     /// The balloon's target and actual size, when the VM has one (`vm.resize`).
     pub balloon: Option<Arc<virtio_devices::BalloonControl>>,
+    /// The virtio-mem device's requested and plugged sizes, when memory can be hot-plugged.
+    pub virtio_mem: Option<Arc<virtio_devices::VirtioMemControl>>,
     /// The statistics of the devices `remove_all` unplugged.
     released_counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
     /// The format each disk was opened as, in `--disk` order (probed where not given), which
@@ -542,6 +544,13 @@ pub fn create(
         list.push(dev);
         balloon = Some(control);
     }
+    let mut virtio_mem = None;
+    if cfg.memory.hotplug_method == vm_config::HotplugMethod::VirtioMem {
+        if let Some((dev, control)) = virtio_build::virtio_mem(&cfg.memory)? {
+            list.push(dev);
+            virtio_mem = Some(control);
+        }
+    }
     if let Some(hints) = slot_hints {
         for d in list.iter_mut().filter(|d| d.slot.is_none()) {
             d.slot = hints.get(&d.id).copied();
@@ -560,6 +569,7 @@ pub fn create(
         functions: Vec::new(),
         devices_paused: false,
         balloon,
+        virtio_mem,
         released_counters: Vec::new(),
         disk_image_types,
     };

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use log::info;
 use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice};
 
-use crate::config::{BalloonConfig, DiskConfig, ImageType, NetConfig, RngConfig};
+use crate::config::{BalloonConfig, DiskConfig, ImageType, MemoryConfig, NetConfig, RngConfig};
 use crate::pci_setup::PciSetupError;
 
 /// A device waiting for its slot: option it came from, id, wanted slot, and what it holds
@@ -216,6 +216,44 @@ pub fn balloon(
         image_type: None,
     };
     Ok((dev, control))
+}
+
+/// The virtio-mem device of `--memory hotplug_method=virtio-mem,hotplug_size=` over the
+/// hotplug region, asked for `hotplugged_size` (what a reboot plugs again), and the handle
+/// `vm.resize` sets its requested size through.
+pub fn virtio_mem(
+    cfg: &MemoryConfig,
+) -> Result<Option<(NewDevice, Arc<virtio_devices::VirtioMemControl>)>, PciSetupError> {
+    let Some((base, size)) = arch::layout::hotplug_region(cfg.size, cfg.hotplug_size.unwrap_or(0))
+    else {
+        return Ok(None);
+    };
+    let err = |e: virtio_devices::VirtioMemError| PciSetupError::Device {
+        option: "--memory",
+        value: format!("hotplug_size={size}"),
+        msg: e.to_string(),
+    };
+    let dev = virtio_devices::VirtioMem::new(
+        base.0,
+        size,
+        virtio_devices::VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
+        virtio_devices::VirtioMemOptions::default(),
+    )
+    .map_err(err)?;
+    let control = dev.control();
+    control
+        .set_requested(cfg.hotplugged_size.unwrap_or(0))
+        .map_err(err)?;
+    let dev = NewDevice {
+        option: "--memory",
+        // The original's name for the virtio-mem device of the memory hotplug region.
+        id: "__virtio_mem".into(),
+        slot: None,
+        dev: Box::new(dev),
+        lock: None,
+        image_type: None,
+    };
+    Ok(Some((dev, control)))
 }
 
 /// The `--rng` device.

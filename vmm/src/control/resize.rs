@@ -1,13 +1,45 @@
 //! `vm.resize`, as the original answers it: every field given is checked before anything
 //! changes. `desired_vcpus` hot-adds or asks the guest to eject vCPUs (429 while an ejection
-//! is pending); `desired_balloon` sets the balloon's target; before boot both change the
-//! configuration only. Each recorded in the configuration, so a reboot keeps them.
+//! is pending); `desired_ram` asks the virtio-mem device for that much memory above `size`
+//! (the guest plugs or unplugs it); `desired_balloon` sets the balloon's target. Before boot
+//! they change the configuration only. Each is recorded in the configuration, so a reboot
+//! keeps it.
 
 use api::{ApiError, VmResizeData, VmState};
 use log::info;
+use vm_config::{HotplugMethod, MemoryConfig, VIRTIO_MEM_BLOCK_SIZE};
 
 use super::Vmm;
 use crate::vcpu_hotplug::ResizeError;
+
+/// The bytes of the hotplug region `desired_ram` asks for, or why it cannot be had.
+fn hotplugged_size(m: &MemoryConfig, ram: u64) -> Result<u64, ApiError> {
+    let hotplug = match (m.hotplug_method, m.hotplug_size) {
+        (HotplugMethod::VirtioMem, Some(h)) => h,
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "desired_ram={ram}: the VM has no memory to hot-plug \
+                 (--memory hotplug_method=virtio-mem,hotplug_size=<size>)"
+            )))
+        }
+    };
+    let max = m.size + hotplug;
+    let bytes = ram
+        .checked_sub(m.size)
+        .filter(|&b| b <= hotplug)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "desired_ram={ram}: must be between size ({}) and size + hotplug_size ({max})",
+                m.size
+            ))
+        })?;
+    if !bytes.is_multiple_of(VIRTIO_MEM_BLOCK_SIZE) {
+        return Err(ApiError::BadRequest(format!(
+            "desired_ram={ram}: must be size plus a multiple of 2 MiB"
+        )));
+    }
+    Ok(bytes)
+}
 
 impl Vmm {
     pub(super) fn resize(&mut self, r: VmResizeData) -> Result<(), ApiError> {
@@ -17,9 +49,10 @@ impl Vmm {
         if self.outgoing.is_some() {
             return Err(ApiError::Failed("the VM is being migrated".into()));
         }
-        if r.desired_ram.is_some() {
-            return Err(ApiError::NotYet("desired_ram (memory hotplug)".into()));
-        }
+        let plugged = match r.desired_ram {
+            Some(ram) => Some(hotplugged_size(&config.memory, ram)?),
+            None => None,
+        };
         let max = config.cpus.max_vcpus;
         if let Some(n) = r.desired_vcpus {
             if n == 0 || n > max {
@@ -64,6 +97,20 @@ impl Vmm {
                 config.cpus.boot_vcpus = now;
             }
             info!("vCPUs: {n} wanted, {now} now");
+        }
+        if let Some(bytes) = plugged {
+            if let Some(mem) = self
+                .vm
+                .as_ref()
+                .and_then(|vm| vm.devices().pci.virtio_mem.clone())
+            {
+                mem.set_requested(bytes)
+                    .map_err(|e| ApiError::Failed(e.to_string()))?;
+            }
+            if let Some(config) = self.config.as_mut() {
+                config.memory.hotplugged_size = (bytes > 0).then_some(bytes);
+            }
+            info!("memory: {bytes} bytes asked of the hotplug region");
         }
         if let Some(b) = r.desired_balloon {
             if let Some(balloon) = self
