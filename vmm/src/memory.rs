@@ -69,8 +69,7 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
     for (start, size) in layout::ram_regions(cfg.size) {
         mapped.push(ram_region(start, size, cfg)?);
     }
-    if let Some((start, size)) = layout::hotplug_region(cfg.size, cfg.hotplug_size.unwrap_or(0))
-    {
+    if let Some((start, size)) = layout::hotplug_region(cfg.size, cfg.hotplug_size.unwrap_or(0)) {
         // Nothing is plugged yet: no pages are faulted in up front.
         let unplugged = MemoryConfig {
             prefault: false,
