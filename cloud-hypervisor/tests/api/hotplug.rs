@@ -359,3 +359,108 @@ fn hotplugged_devices_survive_reboot_snapshot_and_restore() {
     assert_eq!(restored.put("vm.resume").0, 204);
     assert_eq!(restored.state(), "Running");
 }
+
+/// Starts a VMM and boots `test=wait` (a guest that does nothing with hotplug) with `disks`.
+fn boot_waiting_guest(name: &str, disks: &[&Path]) -> Vmm {
+    require_curl();
+    let vmm = Vmm::start(name, &[]);
+    let serial = vmm.dir.join("serial.out");
+    let mut config: Value = serde_json::from_str(&guest_config("wait", &serial)).unwrap();
+    config["disks"] = disks
+        .iter()
+        .map(|d| serde_json::json!({ "path": d }))
+        .collect();
+    assert_eq!(
+        vmm.curl("PUT", "vm.create", Some(&config.to_string())).0,
+        204
+    );
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    vmm
+}
+
+/// Every refusal is a 400 that names what is wrong, and leaves the VM as it was: a duplicate
+/// id, an image another VM has open, a full bus, an unknown id to remove.
+#[test]
+fn hotplug_refusals_name_the_field_and_leave_the_vm_alone() {
+    let a = boot_waiting_guest("hotplug-refuse-a", &[]);
+    let held = disk_image(&a.dir);
+    let b = boot_waiting_guest("hotplug-refuse-b", &[&held]);
+    let devices = |v: &Vmm| -> Vec<String> {
+        let info = v.ok_json("vm.info");
+        let mut ids: Vec<String> = info["device_tree"]
+            .as_object()
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    let put = |v: &Vmm, ep: &str, body: String| v.curl("PUT", ep, Some(&body));
+    let before = devices(&a);
+
+    // The image VM b has open.
+    let (status, text) = put(
+        &a,
+        "vm.add-disk",
+        format!(r#"{{"path": "{}", "id": "x"}}"#, held.display()),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains(&held.display().to_string()) && text.contains("in use"),
+        "{text}"
+    );
+    assert_eq!(devices(&a), before);
+
+    // A duplicate id (the rng's).
+    let img = a.dir.join("own.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (status, text) = put(
+        &a,
+        "vm.add-disk",
+        format!(r#"{{"path": "{}", "id": "_rng"}}"#, img.display()),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("id=_rng"), "{text}");
+    assert_eq!(devices(&a), before);
+
+    // Removing an unknown id.
+    let (status, text) = put(&a, "vm.remove-device", r#"{"id": "nothing"}"#.into());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("nothing"), "{text}");
+
+    // Fill the bus: slot 0 is the host bridge, one slot holds the rng; then 400.
+    let mut added = 0;
+    loop {
+        let path = a.dir.join(format!("fill{added}.img"));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let (status, text) = put(
+            &a,
+            "vm.add-disk",
+            format!(r#"{{"path": "{}", "id": "fill{added}"}}"#, path.display()),
+        );
+        if status != 200 {
+            assert_eq!(status, 400, "{text}");
+            assert!(text.contains("no free PCI device id"), "{text}");
+            break;
+        }
+        added += 1;
+        assert!(added <= 30, "the bus never filled");
+    }
+    assert_eq!(added, 30);
+    let full = devices(&a);
+    assert_eq!(full.len(), before.len() + 2 * added);
+    // The refused device took nothing: removing one makes room for exactly one more (the
+    // guest does not eject, so the slot stays taken until then: still full).
+    let (status, _) = put(&a, "vm.remove-device", r#"{"id": "fill0"}"#.into());
+    assert_eq!(status, 204);
+    let path = a.dir.join("late.img");
+    std::fs::write(&path, vec![0u8; 4096]).unwrap();
+    let (status, text) = put(
+        &a,
+        "vm.add-disk",
+        format!(r#"{{"path": "{}", "id": "late"}}"#, path.display()),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(devices(&a), full);
+    assert_eq!(a.state(), "Running");
+    assert_eq!(b.state(), "Running");
+}
