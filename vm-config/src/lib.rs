@@ -729,6 +729,15 @@ impl VmConfig {
         check("--rng", &self.rng.id, self.rng.pci_device_id)?;
         if let Some(b) = &self.balloon {
             b.validate(self.memory.size)?;
+            if self.memory.hugepages {
+                // The driver hands pages back 4 KiB at a time; a huge page cannot be returned
+                // in parts, so nothing would be freed.
+                return Err(ConfigError::new(
+                    BalloonConfig::OPTION,
+                    &format!("size={}", b.size),
+                    "not supported with --memory hugepages=on".into(),
+                ));
+            }
             check(BalloonConfig::OPTION, &b.id, b.pci_device_id)?;
         }
         let c = &self.console;

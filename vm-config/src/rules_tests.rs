@@ -389,3 +389,14 @@ fn balloon_in_the_whole_configuration() {
     odd.balloon.as_mut().unwrap().extra = Default::default();
     odd.check_extra().unwrap();
 }
+
+#[test]
+fn balloon_is_refused_with_hugepages() {
+    let mut cfg = config(json!({"balloon": {"size": 64 << 20}}));
+    cfg.memory.hugepages = true;
+    let e = cfg.validate_devices().unwrap_err();
+    assert_eq!(e.option, "--balloon");
+    assert!(e.to_string().contains("hugepages=on"), "{e}");
+    cfg.memory.hugepages = false;
+    cfg.validate_devices().unwrap();
+}
