@@ -1,7 +1,8 @@
 //! Page tables above 4 GiB, built at CPL3 (natively fast; the monitor's CPL0 code is
 //! emulated). The monitor's static tables identity-map the first 4 GiB; `map_uncached` adds
 //! identity mappings with 2 MiB pages (uncached, user-accessible) for the 64-bit PCI window,
-//! with tables from a pool in `.bss`. The tables are ordinary user-writable memory.
+//! and `map_ram` write-back ones for RAM above 4 GiB (the virtio-mem region), with tables from
+//! a pool in `.bss`. The tables are ordinary user-writable memory.
 //!
 //! Entries only ever go from not present to present, which needs no TLB flush (no TLB or
 //! paging-structure cache entry is made from a not-present entry); a present entry is never
@@ -10,9 +11,10 @@
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-/// Page-table pages for `map_uncached`: one page directory per GiB mapped (the 64-bit window
-/// is at most 64 GiB), plus page-directory-pointer tables when it crosses 512 GiB boundaries.
-const POOL_PAGES: usize = 68;
+/// Page-table pages for `map_uncached` and `map_ram`: one page directory per GiB mapped (the
+/// 64-bit window is at most 64 GiB), plus page-directory-pointer tables when it crosses 512 GiB
+/// boundaries, plus 8 for RAM (a virtio-mem region of up to 8 GiB beside the largest window).
+const POOL_PAGES: usize = 76;
 /// Present, writable, user.
 const P_RW_US: u64 = 0x7;
 /// 2 MiB page.
@@ -73,6 +75,16 @@ unsafe fn next_level(table: *mut u64, index: usize) -> Result<Option<*mut u64>, 
 /// Identity-maps `[start, start + size)`, rounded out to 2 MiB pages, uncached. Returns how
 /// many 2 MiB pages were added (pages already mapped are left alone).
 pub fn map_uncached(start: u64, size: u64) -> Result<u64, MapError> {
+    map(start, size, PWT_PCD)
+}
+
+/// Identity-maps `[start, start + size)` of RAM, rounded out to 2 MiB pages, write-back. Only
+/// page-table entries are written: the memory itself is not touched. Returns as `map_uncached`.
+pub fn map_ram(start: u64, size: u64) -> Result<u64, MapError> {
+    map(start, size, 0)
+}
+
+fn map(start: u64, size: u64, cache: u64) -> Result<u64, MapError> {
     let end = start
         .checked_add(size)
         .and_then(|e| e.checked_next_multiple_of(MIB2))
@@ -97,7 +109,7 @@ pub fn map_uncached(start: u64, size: u64) -> Result<u64, MapError> {
             // SAFETY: `l2` < 512, inside the page directory.
             unsafe {
                 if read_volatile(pd.add(l2)) & 1 == 0 {
-                    write_volatile(pd.add(l2), addr | P_RW_US | PS | PWT_PCD);
+                    write_volatile(pd.add(l2), addr | P_RW_US | PS | cache);
                     added += 1;
                 }
             }
