@@ -428,14 +428,14 @@ fn start(df: DeviceFunction) -> Result<Mem, String> {
     };
     m.cfg = m.read_config();
     let c = m.cfg;
-    if !c.block.is_power_of_two() || c.block < PAGE || c.addr % c.block != 0 {
+    if !c.block.is_power_of_two() || c.block < PAGE || !c.addr.is_multiple_of(c.block) {
         return Err(alloc::format!(
             "block size {:#x}, region at {:#x}",
             c.block,
             c.addr
         ));
     }
-    if c.region % c.block != 0 || c.usable > c.region {
+    if !c.region.is_multiple_of(c.block) || c.usable > c.region {
         return Err(alloc::format!(
             "region {:#x}, usable {:#x}, block {:#x}",
             c.region,

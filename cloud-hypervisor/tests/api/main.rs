@@ -11,6 +11,7 @@ mod cpu_hotplug;
 mod helpers;
 mod hotplug;
 mod lifecycle;
+mod memory_hotplug;
 mod migration;
 mod net_options;
 mod original_client;
