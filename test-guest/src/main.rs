@@ -202,7 +202,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "hotplug" => hotplug::scenario_hotplug(acpi.as_ref()),
         "cpuhotplug" => cpu_hotplug::scenario_cpuhotplug(acpi.as_ref()),
         "balloon" => balloon::scenario_balloon(&boot),
-        "virtiomem" => virtio_mem::scenario_virtiomem(),
+        "virtiomem" => virtio_mem::scenario_virtiomem(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

@@ -23,9 +23,10 @@ use virtio_drivers::transport::pci::bus::{Command, ConfigurationAccess, DeviceFu
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 
+use crate::bootinfo::BootInfo;
 use crate::rawq::{r16, w16, w32, Layout, VERSION_1};
 use crate::virtio::{dma_pages, ecam, find, root, transport, GuestHal};
-use crate::{fail, pass, println, smp, svc};
+use crate::{fail, parse_u64, pass, println, smp, svc};
 
 /// The vector configuration changes (a new requested size) are sent on.
 const CONFIG_VECTOR: u32 = svc::IRQ_VECTOR + 3;
@@ -448,22 +449,20 @@ fn start(df: DeviceFunction) -> Result<Mem, String> {
     Ok(m)
 }
 
-/// `test=virtiomem`: see the module's documentation and docs/test-guest.md.
-pub fn scenario_virtiomem() {
-    let Some(&df) = find(DeviceType::Memory).first() else {
-        fail("virtiomem-present", format_args!("no virtio-mem function"));
-        return;
-    };
+/// Brings the driver up (again after `restart_at`): the configuration, the region mapped, and
+/// memory left plugged (by an earlier boot or driver) unplugged with UNPLUG_ALL.
+fn bring_up(df: DeviceFunction) -> Option<Mem> {
     let mut m = match start(df) {
         Ok(m) => m,
         Err(e) => {
             fail("virtiomem-init", format_args!("{e}"));
-            return;
+            return None;
         }
     };
     let c = m.cfg;
     println!(
-        "INFO virtiomem addr={:#x} region={:#x} usable={:#x} block={:#x} requested={:#x} plugged={:#x}",
+        "INFO virtiomem addr={:#x} region={:#x} usable={:#x} block={:#x} requested={:#x} \
+         plugged={:#x}",
         c.addr, c.region, c.usable, c.block, c.requested, c.plugged
     );
     if let Err(e) = crate::paging::map_ram(c.addr, c.region) {
@@ -471,9 +470,8 @@ pub fn scenario_virtiomem() {
             "virtiomem-map",
             format_args!("{:#x}+{:#x}: {e:?}", c.addr, c.region),
         );
-        return;
+        return None;
     }
-    // Memory left plugged (a reboot): the device keeps its blocks across a reset.
     if c.plugged > 0 {
         match m.request(REQ_UNPLUG_ALL, 0, 0) {
             Ok((RESP_ACK, _)) => {
@@ -492,12 +490,16 @@ pub fn scenario_virtiomem() {
             Ok((k, _)) => fail("virtiomem-unplug-all", format_args!("response {k}")),
             Err(e) => {
                 fail("virtiomem-unplug-all", format_args!("{e}"));
-                return;
+                return None;
             }
         }
     }
-    pass("virtiomem-init");
-    println!("READY");
+    Some(m)
+}
+
+/// Follows the requested size for ever; returns (for a restart) once `restart_at` bytes are
+/// plugged and settled, or when a request fails (None).
+fn follow(m: &mut Mem, restart_at: Option<u64>) -> Option<()> {
     let mut seen = svc::irq_count(CONFIG_VECTOR);
     let mut shown: Option<(u64, u64)> = None;
     let mut nack_shown = false;
@@ -517,19 +519,22 @@ pub fn scenario_virtiomem() {
         match step {
             Err(e) => {
                 fail("virtiomem-queue", format_args!("{e}"));
-                return;
+                return None;
             }
             Ok(false) => continue,
             Ok(true) => {}
         }
         if shown != Some((m.n, requested)) {
+            let plugged = m.n * m.cfg.block;
             println!(
-                "VIRTIOMEM plugged={} requested={requested} {}",
-                m.n * m.cfg.block,
+                "VIRTIOMEM plugged={plugged} requested={requested} {}",
                 if m.bad == 0 { "ok" } else { "bad" }
             );
             m.bad = 0;
             shown = Some((m.n, requested));
+            if restart_at == Some(plugged) {
+                return Some(());
+            }
         }
         // A new requested size interrupts (and is polled for every 20 ms anyway).
         seen = if m.irq {
@@ -538,5 +543,34 @@ pub fn scenario_virtiomem() {
             smp::delay_us(20_000);
             seen
         };
+    }
+}
+
+/// `test=virtiomem`: see the module's documentation and docs/test-guest.md. With
+/// `virtiomem_restart=<MiB>`, the first time that much is plugged the driver resets the device
+/// and starts again (as a new driver would after kexec): the device keeps its blocks across the
+/// reset, so the new driver unplugs them all first, then plugs the requested size anew.
+pub fn scenario_virtiomem(boot: &BootInfo) {
+    let Some(&df) = find(DeviceType::Memory).first() else {
+        fail("virtiomem-present", format_args!("no virtio-mem function"));
+        return;
+    };
+    let mut restart_at = boot
+        .arg("virtiomem_restart")
+        .and_then(parse_u64)
+        .map(|mib| mib << 20);
+    let Some(mut m) = bring_up(df) else {
+        return;
+    };
+    pass("virtiomem-init");
+    println!("READY");
+    while follow(&mut m, restart_at.take()).is_some() {
+        println!("VIRTIOMEM restart");
+        // Dropping the transport resets the device.
+        drop(m);
+        let Some(again) = bring_up(df) else {
+            return;
+        };
+        m = again;
     }
 }
