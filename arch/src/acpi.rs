@@ -22,8 +22,10 @@ use crate::layout;
 
 mod cpus;
 mod hotplug;
+mod memory;
 
 pub use cpus::cpu_device_name;
+pub use memory::memory_device_name;
 
 /// OEM ID written in every table header.
 pub const OEM_ID: [u8; 6] = *b"CLOUDH";
@@ -57,6 +59,9 @@ pub struct AcpiConfig {
     pub serial: bool,
     /// The PCI host bridge, if any.
     pub pci: Option<PciHost>,
+    /// Slots of the ACPI memory hotplug controller (`\_SB_.MHPC`); 0: none (no memory is
+    /// hot-plugged by ACPI).
+    pub memory_slots: u32,
 }
 
 /// A PCI host bridge (one segment). Windows are `(start, size)`.
@@ -405,6 +410,8 @@ const GED_EVENT_VMGENID: u8 = 1 << 1;
 const GED_EVENT_PCI_HOTPLUG: u8 = 1 << 2;
 /// `devices::GED_CPU_HOTPLUG`: `_EVT` runs the CPU scan.
 const GED_EVENT_CPU_HOTPLUG: u8 = 1 << 3;
+/// `devices::GED_MEMORY_HOTPLUG`: `_EVT` runs the memory scan.
+const GED_EVENT_MEMORY_HOTPLUG: u8 = 1 << 4;
 
 /// DSDT revision 2+ means 64-bit AML integers.
 const DSDT_REVISION: u8 = 6;
@@ -423,13 +430,16 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut sb = Vec::new();
     cpus::controller().to_aml_bytes(&mut sb);
     cpus::container(cfg.max_vcpus).to_aml_bytes(&mut sb);
+    if cfg.memory_slots > 0 {
+        memory::controller(cfg.memory_slots).to_aml_bytes(&mut sb);
+    }
     if cfg.serial {
         com1_device().to_aml_bytes(&mut sb);
     }
     rtc_device().to_aml_bytes(&mut sb);
     power_button_device().to_aml_bytes(&mut sb);
     vmgenid_device().to_aml_bytes(&mut sb);
-    ged_device(cfg.pci.is_some()).to_aml_bytes(&mut sb);
+    ged_device(cfg.pci.is_some(), cfg.memory_slots > 0).to_aml_bytes(&mut sb);
     if let Some(pci) = &cfg.pci {
         hotplug::controller(&[pci.segment]).to_aml_bytes(&mut sb);
         pci_host_device(pci).to_aml_bytes(&mut sb);
@@ -513,7 +523,7 @@ fn vmgenid_device() -> Raw {
 /// clears) the event register and notifies the power button on bit 0 and the VM generation ID
 /// device on bit 1, and (with a PCI segment, `pci_hotplug`) runs the PCI hotplug scan on bit 2.
 /// Several bits may be set in one read, so each is tested on its own.
-fn ged_device(pci_hotplug: bool) -> Raw {
+fn ged_device(pci_hotplug: bool, memory_hotplug: bool) -> Raw {
     let irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
     let crs = aml::ResourceTemplate::new(vec![&irq]);
     let port = layout::GED_PORT as u16;
@@ -578,6 +588,20 @@ fn ged_device(pci_hotplug: bool) -> Raw {
     ];
     if pci_hotplug {
         body.extend([&pci_bit as &dyn Aml, &on_pci]);
+    }
+    // Bit 4: Local5 = Local0 & 0x10; if Local5 == 0x10, \_SB_.MHPC.MSCN ().
+    let memory_mask: u8 = GED_EVENT_MEMORY_HOTPLUG;
+    let memory_bit = aml::And::new(&aml::Local(5), &aml::Local(0), &memory_mask);
+    let mscn = aml::MethodCall::new(
+        format!("{}.MSCN", memory::MEMORY_CONTROLLER)
+            .as_str()
+            .into(),
+        vec![],
+    );
+    let memory_changed = aml::Equal::new(&aml::Local(5), &memory_mask);
+    let on_memory = aml::If::new(&memory_changed, vec![&mscn]);
+    if memory_hotplug {
+        body.extend([&memory_bit as &dyn Aml, &on_memory]);
     }
     let evt = aml::Method::new("_EVT".into(), 1, true, body);
     Raw(to_bytes(&aml::Device::new(

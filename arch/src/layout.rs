@@ -108,6 +108,10 @@ pub const PCI_HOTPLUG_SIZE: u64 = 0x10;
 /// The CPU hotplug controller's registers (`devices::cpu_hotplug`, the DSDT's `\_SB_.PRES`).
 pub const CPU_HOTPLUG_START: GuestAddress = GuestAddress(0xfea0_1000);
 pub const CPU_HOTPLUG_SIZE: u64 = 0xc;
+/// The memory hotplug controller's registers (`devices::memory_hotplug`, the DSDT's
+/// `\_SB_.MHPC`).
+pub const MEMORY_HOTPLUG_START: GuestAddress = GuestAddress(0xfea0_2000);
+pub const MEMORY_HOTPLUG_SIZE: u64 = 0x18;
 
 /// IOAPIC and local APIC MMIO.
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);

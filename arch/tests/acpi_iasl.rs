@@ -29,6 +29,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 topology: None,
                 serial: true,
                 pci: None,
+                memory_slots: 0,
             },
         ),
         (
@@ -39,6 +40,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 topology: Some((2, 2, 1, 2)),
                 serial: true,
                 pci: None,
+                memory_slots: 0,
             },
         ),
         (
@@ -49,6 +51,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 topology: None,
                 serial: false,
                 pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
+                memory_slots: 0,
             },
         ),
         (
@@ -59,6 +62,18 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 topology: None,
                 serial: true,
                 pci: Some(pci_host(None)),
+                memory_slots: 0,
+            },
+        ),
+        (
+            "memory-hotplug",
+            AcpiConfig {
+                boot_vcpus: 1,
+                max_vcpus: 2,
+                topology: None,
+                serial: false,
+                pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
+                memory_slots: 16,
             },
         ),
         (
@@ -69,6 +84,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 topology: None,
                 serial: true,
                 pci: None,
+                memory_slots: 0,
             },
         ),
     ]
@@ -242,7 +258,7 @@ fn iasl_disassembles_every_table_without_errors() {
         // 32-bit window too.
         assert_eq!(
             dsdt.matches("DWordMemory").count(),
-            if cfg.pci.is_some() { 3 } else { 1 },
+            if cfg.pci.is_some() { 3 } else { 1 } + usize::from(cfg.memory_slots > 0),
             "{name}: 32-bit ranges in\n{dsdt}"
         );
         let cpus = dsdt.matches("\"ACPI0007\"").count();
@@ -345,6 +361,17 @@ fn iasl_disassembles_every_table_without_errors() {
                 "\\_SB.PHPR.PSCN ()",
                 "}",
             ]);
+        }
+        if cfg.memory_slots > 0 {
+            evt.extend([
+                "Local5 = (Local0 & 0x10)",
+                "If ((Local5 == 0x10))",
+                "{",
+                "\\_SB.MHPC.MSCN ()",
+                "}",
+            ]);
+            let devices = dsdt.matches("EisaId (\"PNP0C80\")").count();
+            assert_eq!(devices, cfg.memory_slots as usize, "{name}: memory devices");
         }
         evt.push("}");
         assert_eq!(
@@ -710,6 +737,127 @@ fn acpiexec_runs_the_cpu_scan_status_and_ejection() {
             "_STA absent then present, CSEL 6 and CEJ0 set by _EJ0:\n{out}"
         );
     }
+    if std::env::var_os("ACPI_IASL_KEEP").is_none() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// For acpiexec: `\TMEM (slot, base, length)` puts a DIMM in the memory hotplug controller's
+/// emulated registers (one set for every slot), marked inserting, and runs `_EVT` on the
+/// memory bit; `\TMEN` marks it present.
+const MEMORY_SSDT: &str = r#"DefinitionBlock ("", "SSDT", 2, "TEST", "MEMTEST", 1)
+{
+    External (\_SB_.GED_.GDAT, FieldUnitObj)
+    External (\_SB_.GED_._EVT, MethodObj)
+    External (\_SB_.MHPC.MHBL, FieldUnitObj)
+    External (\_SB_.MHPC.MHBH, FieldUnitObj)
+    External (\_SB_.MHPC.MHLL, FieldUnitObj)
+    External (\_SB_.MHPC.MHLH, FieldUnitObj)
+    External (\_SB_.MHPC.MINS, FieldUnitObj)
+    External (\_SB_.MHPC.MEN_, FieldUnitObj)
+    Method (\TMEM, 2, Serialized)
+    {
+        \_SB_.MHPC.MHBL = (Arg0 & 0xFFFFFFFF)
+        \_SB_.MHPC.MHBH = (Arg0 >> 32)
+        \_SB_.MHPC.MHLL = (Arg1 & 0xFFFFFFFF)
+        \_SB_.MHPC.MHLH = (Arg1 >> 32)
+        \_SB_.MHPC.MINS = One
+        \_SB_.GED_.GDAT = 0x10
+        \_SB_.GED_._EVT (0x05)
+    }
+    Method (\TMEN, 0, Serialized)
+    {
+        \_SB_.MHPC.MEN_ = One
+    }
+}
+"#;
+
+/// ACPICA runs the memory hotplug AML: `_EVT` on the memory bit makes `MSCN` notify every slot
+/// marked inserting with 1; a memory device's `_CRS` is one QWordMemory range built from the
+/// base and length registers (above 4 GiB: both halves), and its `_STA` is 0xf exactly when
+/// `MEN_` is set.
+#[test]
+fn acpiexec_runs_the_memory_scan_crs_and_status() {
+    let cfg = &configs()
+        .into_iter()
+        .find(|(name, _)| *name == "memory-hotplug")
+        .unwrap()
+        .1;
+    let dir = scratch_dir("acpiexec-memory");
+    let tables = build_tables(cfg).unwrap();
+    let dsdt = &tables.iter().find(|t| &t.0 == b"DSDT").unwrap().1;
+    std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
+    std::fs::write(dir.join("tmem.asl"), MEMORY_SSDT).unwrap();
+    iasl(&dir, &["tmem.asl"]);
+    // The emulated region has one dword at offset 0 for `MSEL` (written) and `MHBL` (read),
+    // which the device keeps apart: `_CRS` writes the slot number there before it reads the
+    // base, so slot 0 and a base whose low half is 0 keep the two in agreement.
+    let (base, len) = (0x5_0000_0000u64, 0x2_0800_0000u64);
+    let batch = format!(
+        "evaluate \\_SB_.MHPC.M000._STA; evaluate \\TMEM {base:#x} {len:#x}; \
+         evaluate \\TMEN; evaluate \\_SB_.MHPC.M000._STA; evaluate \\_SB_.MHPC.M000._CRS"
+    );
+    let (ok, out) = run("acpiexec", &dir, &["-b", &batch, "dsdt.aml", "tmem.aml"]);
+    assert!(ok, "acpiexec failed:\n{out}");
+    for bad in ["ACPI Error", "ACPI Exception", "AE_", "failed"] {
+        assert!(!out.contains(bad), "{bad:?} in\n{out}");
+    }
+    let mut notified: Vec<String> = out
+        .lines()
+        .filter(|l| l.contains("Notify"))
+        .map(|l| {
+            assert!(l.contains("Value 0x01"), "{l:?}");
+            l.split('[')
+                .nth(1)
+                .and_then(|r| r.split(']').next())
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    notified.sort();
+    let want: Vec<String> = (0..cfg.memory_slots)
+        .map(arch::acpi::memory_device_name)
+        .collect();
+    assert_eq!(notified, want, "every slot reads inserting here\n{out}");
+    let integers: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("[Integer] = "))
+        .collect();
+    assert_eq!(
+        integers,
+        [
+            "[Integer] = 0000000000000000",
+            "[Integer] = 000000000000000F"
+        ],
+        "_STA absent, then present:\n{out}"
+    );
+    // The _CRS buffer's bytes, as acpiexec dumps them (rows of hex after the offset).
+    let dump = out
+        .split("Evaluating \\_SB_.MHPC.M000._CRS")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no _CRS in\n{out}"));
+    let bytes: Vec<u8> = dump
+        .lines()
+        .skip_while(|l| !l.contains("[Buffer]"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .flat_map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take_while(|w| w.len() == 2 && u8::from_str_radix(w, 16).is_ok())
+                .map(|w| u8::from_str_radix(w, 16).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let qword = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    assert!(bytes.len() >= 46, "{bytes:x?}\n{out}");
+    assert_eq!(bytes[0], 0x8a, "QWordMemory\n{out}");
+    assert_eq!(
+        (qword(14), qword(22), qword(38)),
+        (base, base + len - 1, len),
+        "_MIN, _MAX, _LEN\n{out}"
+    );
     if std::env::var_os("ACPI_IASL_KEEP").is_none() {
         std::fs::remove_dir_all(&dir).unwrap();
     }

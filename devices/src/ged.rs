@@ -20,8 +20,12 @@ pub const GED_PCI_HOTPLUG: u8 = 1 << 2;
 /// Event bit: CPUs were added or their removal is requested (`_EVT` calls
 /// `\_SB_.CPUS.CSCN`, which walks the CPU hotplug controller: `crate::cpu_hotplug`).
 pub const GED_CPU_HOTPLUG: u8 = 1 << 3;
+/// Event bit: memory was hot-plugged (`_EVT` calls `\_SB_.MHPC.MSCN`, which walks the memory
+/// hotplug controller's slots: `crate::memory_hotplug`).
+pub const GED_MEMORY_HOTPLUG: u8 = 1 << 4;
 /// Every event bit the device (and the DSDT's `_EVT`) knows.
-pub const GED_EVENTS: u8 = GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG | GED_CPU_HOTPLUG;
+pub const GED_EVENTS: u8 =
+    GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG | GED_CPU_HOTPLUG | GED_MEMORY_HOTPLUG;
 
 /// The `GedState` layout this build writes and the only one it restores.
 pub const GED_STATE_VERSION: u32 = 1;
@@ -161,7 +165,7 @@ mod tests {
 
         // Unknown event bits are refused, and the device is left as it was.
         fresh.notify(GED_POWER_BUTTON).unwrap();
-        for pending in [0x10, 0x80, 0xff, GED_EVENTS | 0x10] {
+        for pending in [0x20, 0x80, 0xff, GED_EVENTS | 0x20] {
             let e = fresh
                 .restore(&GedState {
                     version: GED_STATE_VERSION,
@@ -184,8 +188,9 @@ mod tests {
         assert_eq!(GED_CPU_HOTPLUG, 0x08);
         assert_eq!(
             GED_EVENTS,
-            GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG | GED_CPU_HOTPLUG
+            GED_POWER_BUTTON | GED_VMGENID | GED_PCI_HOTPLUG | GED_CPU_HOTPLUG | GED_MEMORY_HOTPLUG
         );
+        assert_eq!(GED_MEMORY_HOTPLUG, 0x10);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut ged = Ged::new(irq.try_clone().unwrap());
         ged.notify(GED_VMGENID).unwrap();

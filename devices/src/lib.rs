@@ -9,6 +9,7 @@ mod cmos;
 pub mod cpu_hotplug;
 mod ged;
 mod i8042;
+pub mod memory_hotplug;
 pub mod pci_hotplug;
 mod serial;
 mod state;
@@ -22,10 +23,11 @@ pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CmosState, CMOS_NVRAM_SIZE, CMOS_STATE_VERSION};
 pub use cpu_hotplug::{CpuEjectSink, CpuHotplug, CpuHotplugState, CPU_HOTPLUG_SIZE};
 pub use ged::{
-    Ged, GedState, GED_CPU_HOTPLUG, GED_EVENTS, GED_PCI_HOTPLUG, GED_POWER_BUTTON,
-    GED_STATE_VERSION, GED_VMGENID,
+    Ged, GedState, GED_CPU_HOTPLUG, GED_EVENTS, GED_MEMORY_HOTPLUG, GED_PCI_HOTPLUG,
+    GED_POWER_BUTTON, GED_STATE_VERSION, GED_VMGENID,
 };
 pub use i8042::{I8042State, I8042, I8042_STATE_VERSION};
+pub use memory_hotplug::{MemoryHotplug, MemoryHotplugState, MEMORY_HOTPLUG_SIZE};
 pub use pci_hotplug::{EjectSink, PciHotplug, PciHotplugState, PCI_HOTPLUG_SIZE};
 pub use serial::{Serial, SerialOutput, SerialState, SERIAL_STATE_VERSION};
 pub use state::{StateError, Stateful};

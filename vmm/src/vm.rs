@@ -243,6 +243,7 @@ impl Vm {
                 }),
                 serial: serial_enabled,
                 pci: Some(crate::pci_setup::pci_host(&pci_windows)),
+                memory_slots: 0,
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;

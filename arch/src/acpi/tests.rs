@@ -8,6 +8,7 @@ fn cfg(boot: u32, max: u32) -> AcpiConfig {
         topology: None,
         serial: true,
         pci: None,
+        memory_slots: 0,
     }
 }
 
@@ -141,6 +142,7 @@ fn rsdp_points_to_xsdt_which_lists_every_other_table() {
 fn tables_do_not_overlap_and_fit_below_acpi_end() {
     let largest = AcpiConfig {
         pci: Some(pci_host()),
+        memory_slots: 16,
         ..cfg(MAX_VCPUS, MAX_VCPUS)
     };
     let tables = place_tables(&largest).unwrap();
@@ -656,10 +658,19 @@ fn ged_event_bits_and_the_generation_id_agree_with_the_devices_crate() {
     assert_eq!(GED_EVENT_VMGENID, devices::GED_VMGENID);
     assert_eq!(GED_EVENT_PCI_HOTPLUG, devices::GED_PCI_HOTPLUG);
     assert_eq!(GED_EVENT_CPU_HOTPLUG, devices::GED_CPU_HOTPLUG);
+    assert_eq!(GED_EVENT_MEMORY_HOTPLUG, devices::GED_MEMORY_HOTPLUG);
     // `_EVT` acts on every bit the device may latch.
     assert_eq!(
-        GED_EVENT_POWER_BUTTON | GED_EVENT_VMGENID | GED_EVENT_PCI_HOTPLUG | GED_EVENT_CPU_HOTPLUG,
+        GED_EVENT_POWER_BUTTON
+            | GED_EVENT_VMGENID
+            | GED_EVENT_PCI_HOTPLUG
+            | GED_EVENT_CPU_HOTPLUG
+            | GED_EVENT_MEMORY_HOTPLUG,
         devices::GED_EVENTS
+    );
+    assert_eq!(
+        layout::MEMORY_HOTPLUG_SIZE,
+        devices::memory_hotplug::MEMORY_HOTPLUG_SIZE
     );
     assert_eq!(
         layout::CPU_HOTPLUG_SIZE,
