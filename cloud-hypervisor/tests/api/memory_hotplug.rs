@@ -15,13 +15,15 @@ const MIB: u64 = 1 << 20;
 const RAM: u64 = 256 * MIB;
 const HOTPLUG: u64 = 1 << 30;
 
-/// Starts the VMM, creates the test guest in `test=virtiomem` with 256 MiB of RAM and a 1 GiB
-/// virtio-mem region (through vm.create's JSON), boots it and waits for its first settled line.
-fn boot_guest(name: &str) -> (Vmm, PathBuf) {
+/// Starts the VMM, creates the test guest in `test=virtiomem` (then the words of `args` on its
+/// command line) with 256 MiB of RAM and a 1 GiB virtio-mem region (through vm.create's JSON),
+/// boots it and waits for its first settled line.
+fn boot_guest(name: &str, args: &str) -> (Vmm, PathBuf) {
     require_curl();
     let vmm = Vmm::start(name, &[]);
     let serial = vmm.dir.join("serial.out");
-    let mut config: Value = serde_json::from_str(&guest_config("virtiomem", &serial)).unwrap();
+    let test = format!("virtiomem {args}");
+    let mut config: Value = serde_json::from_str(&guest_config(test.trim(), &serial)).unwrap();
     config["cpus"] = serde_json::json!({"boot_vcpus": 1, "max_vcpus": 1});
     config["memory"] = serde_json::json!({
         "size": RAM,
@@ -113,7 +115,7 @@ fn memory_info(vmm: &Vmm) -> (u64, u64) {
 
 #[test]
 fn virtio_mem_resize_plugs_and_unplugs_memory() {
-    let (vmm, serial) = boot_guest("virtio-mem");
+    let (vmm, serial) = boot_guest("virtio-mem", "");
     let pid = vmm.pid();
     let text = serial_text(&serial);
     assert!(
@@ -194,6 +196,32 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
     );
 }
 
+/// A new driver (the guest resets the device and starts again with 512 MiB plugged) finds the
+/// blocks still plugged, as the device keeps them across a reset: it unplugs them all
+/// (UNPLUG_ALL) and plugs the requested size anew.
+#[test]
+fn virtio_mem_new_driver_unplugs_all_first() {
+    let (vmm, serial) = boot_guest("virtio-mem-restart", "virtiomem_restart=512");
+    resize_and_wait(&vmm, &serial, "768M", 768 * MIB, 1);
+    wait_line(&serial, "VIRTIOMEM restart", 1);
+    wait_line(
+        &serial,
+        "INFO virtiomem unplug-all plugged=0x20000000 after=0x0",
+        1,
+    );
+    wait_plugged(&serial, 512 * MIB, 512 * MIB, 2);
+    assert_eq!(memory_info(&vmm), (768 * MIB, 512 * MIB));
+    // The restarted driver follows the next request too.
+    resize_and_wait(&vmm, &serial, "256M", RAM, 2);
+    assert_eq!(memory_info(&vmm), (RAM, 0));
+    let text = serial_text(&serial);
+    assert_eq!(text.matches("READY").count(), 1, "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("FAIL")),
+        "the guest failed:\n{text}"
+    );
+}
+
 fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
     v.sort();
     v[v.len() / 2]
@@ -206,7 +234,7 @@ fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
 #[test]
 #[ignore]
 fn virtio_mem_figures() {
-    let (vmm, serial) = boot_guest("virtio-mem-figures");
+    let (vmm, serial) = boot_guest("virtio-mem-figures", "");
     let pid = vmm.pid();
     let (mut plug, mut unplug, mut rss_up, mut rss_down) = (vec![], vec![], vec![], vec![]);
     for round in 1..=5 {
