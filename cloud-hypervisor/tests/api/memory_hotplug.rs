@@ -230,13 +230,14 @@ fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
 /// Figures for docs/hotplug.md (`cargo test -p cloud-hypervisor --test api virtio_mem_figures
 /// -- --ignored --nocapture`): the time from the resize call to the guest's report for +512 MiB
 /// (plugged and every page written) and -384 MiB, and VmRSS, median of 5 rounds of
-/// 0 -> 512 -> 128 -> 0 MiB plugged.
+/// 0 -> 512 -> 128 -> 0 MiB plugged; and the `ch-remote resize` call alone.
 #[test]
 #[ignore]
 fn virtio_mem_figures() {
     let (vmm, serial) = boot_guest("virtio-mem-figures", "");
     let pid = vmm.pid();
     let (mut plug, mut unplug, mut rss_up, mut rss_down) = (vec![], vec![], vec![], vec![]);
+    let mut call = vec![];
     for round in 1..=5 {
         let r0 = vm_rss(pid);
         plug.push(resize_and_wait(&vmm, &serial, "768M", 768 * MIB, round));
@@ -244,6 +245,10 @@ fn virtio_mem_figures() {
         unplug.push(resize_and_wait(&vmm, &serial, "384M", 384 * MIB, round));
         let r2 = vm_rss(pid);
         resize_and_wait(&vmm, &serial, "256M", RAM, round + 1);
+        // The call alone: a resize to the size the VM has is no change for the guest.
+        let start = Instant::now();
+        resize(&vmm, "256M");
+        call.push(start.elapsed());
         rss_up.push((r1 - r0) / MIB);
         rss_down.push((r1 - r2) / MIB);
         eprintln!(
@@ -254,6 +259,7 @@ fn virtio_mem_figures() {
             (r1 - r2) / MIB
         );
     }
+    eprintln!("ch-remote resize call alone: {:?}", median(call));
     eprintln!(
         "median: +512 MiB {:?} (VmRSS +{} MiB), -384 MiB {:?} (VmRSS -{} MiB)",
         median(plug),
