@@ -246,8 +246,7 @@ pub struct MemoryConfig {
     pub size: u64,
     #[serde(default)]
     pub mergeable: bool,
-    /// How memory is hot-plugged: `virtio-mem` (`acpi`, the original's default, is refused
-    /// with a `hotplug_size`).
+    /// How memory is hot-plugged: by ACPI (DIMMs; the original's default) or `virtio-mem`.
     #[serde(default)]
     pub hotplug_method: HotplugMethod,
     /// Bytes that can be hot-plugged above `size` (`vm.resize`'s `desired_ram` up to
@@ -373,20 +372,19 @@ impl MemoryConfig {
                         "hotplug_size {hp} is not a (non-zero) multiple of 128 MiB"
                     ));
                 }
-                if self.hotplug_method == HotplugMethod::Acpi {
-                    return Err(
-                        "hotplug_method=acpi (the default) is not supported yet: use hotplug_method=virtio-mem"
-                            .into(),
-                    );
-                }
                 if let Some(p) = plugged {
                     if p > hp {
                         return Err(format!(
                             "hotplugged_size {p} is more than hotplug_size {hp}"
                         ));
                     }
-                    if !p.is_multiple_of(VIRTIO_MEM_BLOCK_SIZE) {
-                        return Err(format!("hotplugged_size {p} is not a multiple of 2 MiB"));
+                    // What is plugged at a time: a virtio-mem block, an ACPI memory block.
+                    let (step, name) = match self.hotplug_method {
+                        HotplugMethod::VirtioMem => (VIRTIO_MEM_BLOCK_SIZE, "2 MiB"),
+                        HotplugMethod::Acpi => (HOTPLUG_ALIGN, "128 MiB"),
+                    };
+                    if !p.is_multiple_of(step) {
+                        return Err(format!("hotplugged_size {p} is not a multiple of {name}"));
                     }
                 }
                 if self.hugepages {

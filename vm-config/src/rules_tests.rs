@@ -65,6 +65,7 @@ fn memory_as_the_original_reads_it() {
         "reserve=off",
         "hotplug_method=virtio-mem",
         "hotplug_method=virtio-mem,hotplug_size=1G,hotplugged_size=512M",
+        "hotplug_size=1G,hotplugged_size=256M",
     ] {
         assert!(MemoryConfig::parse(ok).is_ok(), "{ok}");
     }
@@ -73,7 +74,7 @@ fn memory_as_the_original_reads_it() {
         ("size=1T", "invalid size"),
         ("size=1g", "invalid size"),
         ("hotplug_method=dimm", "acpi or virtio-mem"),
-        ("hotplug_size=1G", "acpi (the default) is not supported yet"),
+        ("hotplug_size=1G,hotplugged_size=64M", "multiple of 128 MiB"),
         (
             "hotplug_method=virtio-mem,hotplug_size=100M",
             "multiple of 128 MiB",

@@ -669,10 +669,12 @@ impl Vmm {
     /// The guest's memory now: RAM, plus what it plugged of the hotplug region, less what
     /// the balloon holds.
     fn memory_actual_size(&self, config: &VmConfig) -> u64 {
-        let Some(pci) = self.vm.as_ref().map(|vm| &vm.devices().pci) else {
+        let Some(vm) = self.vm.as_ref() else {
             return config.memory.size;
         };
-        let plugged = pci.virtio_mem.as_ref().map_or(0, |m| m.plugged());
+        let pci = &vm.devices().pci;
+        let plugged =
+            pci.virtio_mem.as_ref().map_or(0, |m| m.plugged()) + vm.acpi_plugged().unwrap_or(0);
         let ballooned = pci.balloon.as_ref().map_or(0, |b| b.actual());
         (config.memory.size + plugged).saturating_sub(ballooned)
     }

@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use devices::{
-    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, CpuHotplug, Ged, Serial,
-    SerialOutput, CMOS_NVRAM_SIZE, I8042,
+    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, CpuHotplug, Ged, MemoryHotplug,
+    Serial, SerialOutput, CMOS_NVRAM_SIZE, I8042,
 };
 use hypervisor::Vm;
 use thiserror::Error;
@@ -51,6 +51,8 @@ pub struct DeviceManager {
     pub ged: Arc<Mutex<Ged>>,
     /// The CPU hotplug controller (`\_SB_.PRES`).
     pub cpu_hotplug: Arc<Mutex<CpuHotplug>>,
+    /// The memory hotplug controller (`\_SB_.MHPC`), with `hotplug_method=acpi`.
+    pub memory_hotplug: Option<Arc<Mutex<MemoryHotplug>>>,
 }
 
 /// Everything the device manager builds from.
@@ -68,6 +70,8 @@ pub struct DeviceSetup<'a> {
     pub nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
     /// A restored VM's device slots by id (see `pci_setup::create`).
     pub slot_hints: Option<&'a std::collections::BTreeMap<String, u8>>,
+    /// The DIMMs ACPI memory hotplug has plugged (`(gpa, len)`), with `hotplug_method=acpi`.
+    pub dimms: &'a [(u64, u64)],
 }
 
 impl DeviceManager {
@@ -82,6 +86,7 @@ impl DeviceManager {
             console,
             nvram,
             slot_hints,
+            dimms,
         } = setup;
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -127,6 +132,18 @@ impl DeviceManager {
             layout::CPU_HOTPLUG_START.0,
             layout::CPU_HOTPLUG_SIZE,
         )?;
+        let memory_hotplug = match crate::vm::acpi_hotplug_base(cfg) {
+            Some(_) => {
+                let dev = Arc::new(Mutex::new(MemoryHotplug::new(dimms)));
+                mmio.insert(
+                    dev.clone(),
+                    layout::MEMORY_HOTPLUG_START.0,
+                    layout::MEMORY_HOTPLUG_SIZE,
+                )?;
+                Some(dev)
+            }
+            None => None,
+        };
         let pci = pci_setup::create(
             vm,
             mem,
@@ -154,6 +171,7 @@ impl DeviceManager {
             pci,
             ged,
             cpu_hotplug,
+            memory_hotplug,
         })
     }
 

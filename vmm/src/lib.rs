@@ -8,6 +8,7 @@ mod device_manager;
 pub mod event_monitor;
 mod hotplug;
 mod memory;
+mod memory_hotplug;
 mod migration;
 mod pci_setup;
 mod pty_resize;

@@ -209,30 +209,63 @@ pub fn advise_restored(addr: *mut u8, size: u64, cfg: &MemoryConfig) {
     advise(addr, size, 0, &cfg);
 }
 
-/// Registers every region as a KVM memory slot (region `i` is slot `i`); `log_dirty`: with
-/// KVM's dirty log (a live migration re-registers the slots with it, and without it after).
+/// One KVM memory slot: a range of guest memory and where the VMM maps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemSlot {
+    pub slot: u32,
+    pub gpa: u64,
+    pub len: u64,
+    pub host: u64,
+}
+
+/// The KVM memory slots of `mem`: region `i` is slot `i`, except the region ACPI memory
+/// hotplug plugs into (`acpi_hotplug`: its start), of which only the DIMMs plugged (`dimms`,
+/// `(gpa, len)` inside it) are slots, numbered after the regions. Everything else of that
+/// region is mapped by the VMM but not visible to the guest.
+pub fn memory_slots(
+    mem: &GuestMemoryMmap,
+    acpi_hotplug: Option<u64>,
+    dimms: &[(u64, u64)],
+) -> Vec<MemSlot> {
+    let mut slots = Vec::new();
+    let regions = mem.num_regions() as u32;
+    for (i, region) in mem.iter().enumerate() {
+        let gpa = region.start_addr().0;
+        let host = region.as_ptr() as u64;
+        if acpi_hotplug == Some(gpa) {
+            for (d, &(dgpa, len)) in dimms.iter().enumerate() {
+                slots.push(MemSlot {
+                    slot: regions + d as u32,
+                    gpa: dgpa,
+                    len,
+                    host: host + (dgpa - gpa),
+                });
+            }
+            continue;
+        }
+        slots.push(MemSlot {
+            slot: i as u32,
+            gpa,
+            len: region.len(),
+            host,
+        });
+    }
+    slots
+}
+
+/// Registers `slots` with KVM; `log_dirty`: with KVM's dirty log (a live migration
+/// re-registers the slots with it, and without it after).
 pub fn register_memory(
     vm: &Arc<dyn Vm>,
-    mem: &GuestMemoryMmap,
+    slots: &[MemSlot],
     log_dirty: bool,
 ) -> Result<(), MemoryError> {
-    for (slot, region) in mem.iter().enumerate() {
-        debug!(
-            "memory slot {slot}: guest {:#x}+{:#x}",
-            region.start_addr().0,
-            region.len()
-        );
-        let host = region.as_ptr() as u64;
-        // SAFETY: the region stays mapped for as long as the VM exists: `Vm` owns the
-        // `GuestMemoryMmap` and drops it only after the hypervisor VM.
+    for s in slots {
+        debug!("memory slot {}: guest {:#x}+{:#x}", s.slot, s.gpa, s.len);
+        // SAFETY: the slot lies inside a region of guest memory, mapped for as long as the VM
+        // exists: `Vm` owns the `GuestMemoryMmap` and drops it only after the hypervisor VM.
         unsafe {
-            vm.set_user_memory_region(
-                slot as u32,
-                region.start_addr().0,
-                region.len(),
-                host,
-                log_dirty,
-            )?;
+            vm.set_user_memory_region(s.slot, s.gpa, s.len, s.host, log_dirty)?;
         }
     }
     Ok(())

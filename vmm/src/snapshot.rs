@@ -57,6 +57,12 @@ pub struct PlatformSnapshot {
     pub acpi_sleep: AcpiSleepState,
     pub pm_timer: PmTimerState,
     pub ged: GedState,
+    /// The CPU hotplug controller (absent in snapshots of builds without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_hotplug: Option<devices::CpuHotplugState>,
+    /// The ACPI memory hotplug controller's DIMMs, with `hotplug_method=acpi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_hotplug: Option<devices::MemoryHotplugState>,
 }
 
 /// PCI segment 0.
@@ -104,6 +110,8 @@ impl PlatformSnapshot {
             acpi_sleep: state(&d.acpi_sleep),
             pm_timer: state(&d.pm_timer),
             ged: state(&d.ged),
+            cpu_hotplug: Some(state(&d.cpu_hotplug)),
+            memory_hotplug: d.memory_hotplug.as_deref().map(state),
         }
     }
 }
@@ -135,6 +143,18 @@ impl PlatformSnapshot {
         restore(&d.i8042, &self.i8042)?;
         restore(&d.acpi_sleep, &self.acpi_sleep)?;
         restore(&d.pm_timer, &self.pm_timer)?;
+        if let Some(s) = &self.cpu_hotplug {
+            restore(&d.cpu_hotplug, s)?;
+        }
+        match (&self.memory_hotplug, d.memory_hotplug.as_deref()) {
+            (Some(s), Some(dev)) => restore(dev, s)?,
+            (None, None) => {}
+            _ => {
+                return Err(Cause::new(
+                    "the state and the configuration disagree on ACPI memory hotplug",
+                ))
+            }
+        }
         restore(&d.ged, &self.ged)
     }
 }

@@ -74,12 +74,33 @@ pub struct Vm {
     core_scheduling: vm_config::CoreScheduling,
     /// How a vCPU of this VM is set up (a hot-added one too).
     pub(crate) cpu_setup: CpuSetup,
+    /// Where ACPI memory hotplug plugs DIMMs, if it does (see `memory::memory_slots`).
+    pub(crate) acpi_hotplug: Option<u64>,
     /// vCPUs whose CPU the guest ejected, by id, kept for a later hot-add (KVM cannot destroy
     /// a vCPU).
     pub(crate) spare_vcpus: Vec<Option<Box<dyn Vcpu>>>,
     /// The on-demand loader of a restored VM's RAM (it must stop before the RAM goes).
     _on_demand: Option<crate::uffd::OnDemand>,
     _memory: GuestMemoryMmap,
+}
+
+/// Where ACPI memory hotplug plugs DIMMs (`hotplug_method=acpi` with a `hotplug_size`): the
+/// hotplug region's start.
+pub(crate) fn acpi_hotplug_base(cfg: &VmConfig) -> Option<u64> {
+    if cfg.memory.hotplug_method != vm_config::HotplugMethod::Acpi {
+        return None;
+    }
+    arch::layout::hotplug_region(cfg.memory.size, cfg.memory.hotplug_size.unwrap_or(0))
+        .map(|(base, _)| base.0)
+}
+
+/// The DIMMs a VM boots with: what `hotplugged_size` says was plugged, as one DIMM at the
+/// start of the hotplug region (ACPI memory hotplug; none otherwise).
+fn boot_dimms(cfg: &VmConfig) -> Vec<(u64, u64)> {
+    match (acpi_hotplug_base(cfg), cfg.memory.hotplugged_size) {
+        (Some(base), Some(size)) if size > 0 => vec![(base, size)],
+        _ => Vec::new(),
+    }
 }
 
 /// What a new vCPU of a VM needs: the CPUID KVM supports and the VM's topology and options.
@@ -158,9 +179,11 @@ impl Machine {
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
         slot_hints: Option<&std::collections::BTreeMap<String, u8>>,
+        dimms: &[(u64, u64)],
     ) -> Result<Self, VmError> {
         let vm = hv.create_vm()?;
-        memory::register_memory(&vm, mem, false)?;
+        let slots = memory::memory_slots(mem, acpi_hotplug_base(cfg), dimms);
+        memory::register_memory(&vm, &slots, false)?;
         // After the memory: with the irqchip in place, KVM's first memory-slot update waits for
         // an SRCU grace period of several milliseconds.
         vm.create_irqchip()?;
@@ -191,6 +214,7 @@ impl Machine {
                 console,
                 nvram,
                 slot_hints,
+                dimms,
             },
             events,
         )?;
@@ -220,7 +244,17 @@ impl Vm {
             devices,
             pci_windows,
             supported,
-        } = Machine::build(hv, cfg, &mem, serial, console, nvram, events, None)?;
+        } = Machine::build(
+            hv,
+            cfg,
+            &mem,
+            serial,
+            console,
+            nvram,
+            events,
+            None,
+            &boot_dimms(cfg),
+        )?;
 
         let topology = cfg.cpus.topology.map(|t| Topology {
             threads_per_core: t.threads_per_core,
@@ -243,7 +277,11 @@ impl Vm {
                 }),
                 serial: serial_enabled,
                 pci: Some(crate::pci_setup::pci_host(&pci_windows)),
-                memory_slots: 0,
+                memory_slots: if acpi_hotplug_base(cfg).is_some() {
+                    devices::memory_hotplug::MEMORY_HOTPLUG_SLOTS as u32
+                } else {
+                    0
+                },
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;
@@ -331,6 +369,7 @@ impl Vm {
             devices,
             core_scheduling: cfg.cpus.core_scheduling,
             cpu_setup,
+            acpi_hotplug: acpi_hotplug_base(cfg),
             spare_vcpus: Vec::new(),
             _on_demand: None,
             _memory: mem,
@@ -370,8 +409,23 @@ impl Vm {
             .iter()
             .map(|d| (d.id.clone(), d.slot))
             .collect();
-        let m = Machine::build(hv, cfg, &mem, serial, console, None, events, Some(&slots))
-            .map_err(|e| Cause::new(e.to_string()))?;
+        // The DIMMs ACPI memory hotplug had plugged, each a memory slot again.
+        let dimms = match &snapshot.devices.memory_hotplug {
+            Some(s) => s.dimms.iter().map(|d| (d.base, d.size)).collect(),
+            None => boot_dimms(cfg),
+        };
+        let m = Machine::build(
+            hv,
+            cfg,
+            &mem,
+            serial,
+            console,
+            None,
+            events,
+            Some(&slots),
+            &dimms,
+        )
+        .map_err(|e| Cause::new(e.to_string()))?;
         let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
         for (id, state) in snapshot.vcpus.iter().enumerate() {
             let vcpu =
@@ -396,6 +450,7 @@ impl Vm {
             devices: m.devices,
             core_scheduling: cfg.cpus.core_scheduling,
             cpu_setup: CpuSetup::new(cfg, m.supported),
+            acpi_hotplug: acpi_hotplug_base(cfg),
             spare_vcpus: Vec::new(),
             _on_demand: on_demand,
             _memory: mem,
@@ -497,6 +552,17 @@ impl Vm {
             pci: self.devices.pci.state(),
             memory_ranges: snapshot::memory_ranges(&self._memory),
         })
+    }
+
+    /// The KVM memory slots of this VM's memory now (ACPI-plugged DIMMs included).
+    pub fn memory_slots(&self) -> Vec<memory::MemSlot> {
+        let dimms = self
+            .devices
+            .memory_hotplug
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).dimms())
+            .unwrap_or_default();
+        memory::memory_slots(&self._memory, self.acpi_hotplug, &dimms)
     }
 
     /// The hypervisor's VM (memory slots, dirty log).

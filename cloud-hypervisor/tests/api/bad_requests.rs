@@ -183,10 +183,9 @@ fn every_endpoint_refuses_bad_requests() {
             r#""cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0, "host_cpus": [1]}]}"#,
             "cpus.affinity",
         ),
-        // Memory hotplug by ACPI (the default method) is not there yet: refused by name.
         (
-            r#""memory": {"size": 268435456, "hotplug_size": 1073741824}"#,
-            "hotplug_method=acpi",
+            r#""memory": {"size": 268435456, "hotplug_size": 100000000}"#,
+            "128 MiB",
         ),
         (r#""memory": {"size": 1000}"#, "4 KiB"),
     ] {

@@ -1,27 +1,27 @@
 //! `vm.resize`, as the original answers it: every field given is checked before anything
 //! changes. `desired_vcpus` hot-adds or asks the guest to eject vCPUs (429 while an ejection
 //! is pending); `desired_ram` asks the virtio-mem device for that much memory above `size`
-//! (the guest plugs or unplugs it); `desired_balloon` sets the balloon's target. Before boot
+//! (the guest plugs or unplugs it), or with ACPI memory hotplug plugs a DIMM of the difference
+//! (growing only); `desired_balloon` sets the balloon's target. Before boot
 //! they change the configuration only. Each is recorded in the configuration, so a reboot
 //! keeps it.
 
 use api::{ApiError, VmResizeData, VmState};
 use log::info;
-use vm_config::{HotplugMethod, MemoryConfig, VIRTIO_MEM_BLOCK_SIZE};
+use vm_config::{HotplugMethod, MemoryConfig, HOTPLUG_ALIGN, VIRTIO_MEM_BLOCK_SIZE};
 
 use super::Vmm;
+use crate::memory_hotplug::DimmError;
 use crate::vcpu_hotplug::ResizeError;
 
 /// The bytes of the hotplug region `desired_ram` asks for, or why it cannot be had.
-fn hotplugged_size(m: &MemoryConfig, ram: u64) -> Result<u64, ApiError> {
-    let hotplug = match (m.hotplug_method, m.hotplug_size) {
-        (HotplugMethod::VirtioMem, Some(h)) => h,
-        _ => {
-            return Err(ApiError::BadRequest(format!(
-                "desired_ram={ram}: the VM has no memory to hot-plug \
-                 (--memory hotplug_method=virtio-mem,hotplug_size=<size>)"
-            )))
-        }
+/// `plugged`: what a built VM with ACPI memory hotplug has plugged (it can only grow).
+fn hotplugged_size(m: &MemoryConfig, ram: u64, plugged: Option<u64>) -> Result<u64, ApiError> {
+    let Some(hotplug) = m.hotplug_size else {
+        return Err(ApiError::BadRequest(format!(
+            "desired_ram={ram}: the VM has no memory to hot-plug \
+             (--memory hotplug_size=<size>)"
+        )));
     };
     let max = m.size + hotplug;
     let bytes = ram
@@ -33,9 +33,19 @@ fn hotplugged_size(m: &MemoryConfig, ram: u64) -> Result<u64, ApiError> {
                 m.size
             ))
         })?;
-    if !bytes.is_multiple_of(VIRTIO_MEM_BLOCK_SIZE) {
+    let (step, name) = match m.hotplug_method {
+        HotplugMethod::VirtioMem => (VIRTIO_MEM_BLOCK_SIZE, "2 MiB"),
+        HotplugMethod::Acpi => (HOTPLUG_ALIGN, "128 MiB"),
+    };
+    if !bytes.is_multiple_of(step) {
         return Err(ApiError::BadRequest(format!(
-            "desired_ram={ram}: must be size plus a multiple of 2 MiB"
+            "desired_ram={ram}: must be size plus a multiple of {name}"
+        )));
+    }
+    if m.hotplug_method == HotplugMethod::Acpi && bytes < plugged.unwrap_or(0) {
+        return Err(ApiError::BadRequest(format!(
+            "desired_ram={ram}: memory plugged by ACPI cannot be removed \
+             (hotplug_method=virtio-mem can shrink)"
         )));
     }
     Ok(bytes)
@@ -49,8 +59,9 @@ impl Vmm {
         if self.outgoing.is_some() {
             return Err(ApiError::Failed("the VM is being migrated".into()));
         }
+        let dimms = self.vm.as_ref().and_then(|vm| vm.acpi_plugged());
         let plugged = match r.desired_ram {
-            Some(ram) => Some(hotplugged_size(&config.memory, ram)?),
+            Some(ram) => Some(hotplugged_size(&config.memory, ram, dimms)?),
             None => None,
         };
         let max = config.cpus.max_vcpus;
@@ -106,6 +117,17 @@ impl Vmm {
             {
                 mem.set_requested(bytes)
                     .map_err(|e| ApiError::Failed(e.to_string()))?;
+            }
+            if let (Some(vm), Some(now)) = (self.vm.as_mut(), dimms) {
+                if bytes > now {
+                    vm.plug_dimm(bytes - now).map_err(|e| match e {
+                        DimmError::NoSlot => ApiError::BadRequest(format!(
+                            "desired_ram={}: {e}",
+                            r.desired_ram.unwrap_or_default()
+                        )),
+                        e => ApiError::Failed(e.to_string()),
+                    })?;
+                }
             }
             if let Some(config) = self.config.as_mut() {
                 config.memory.hotplugged_size = (bytes > 0).then_some(bytes);

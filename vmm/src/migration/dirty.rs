@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::memory::MemSlot;
 use crate::snapshot::MemoryRange;
 use guest_memory::GuestMemoryMmap;
 
@@ -19,10 +20,11 @@ fn take_written(region: &guest_memory::GuestRegionMmap) -> Vec<u64> {
 /// Registers every slot again with dirty logging `on` (off: as at boot).
 pub fn set_logging(
     vm: &Arc<dyn hypervisor::Vm>,
+    slots: &[MemSlot],
     mem: &GuestMemoryMmap,
     on: bool,
 ) -> Result<(), String> {
-    crate::memory::register_memory(vm, mem, on).map_err(|e| e.to_string())?;
+    crate::memory::register_memory(vm, slots, on).map_err(|e| e.to_string())?;
     if on {
         // Only what is written from now on counts.
         for region in mem.iter() {
@@ -36,19 +38,43 @@ pub fn set_logging(
 /// whole pages, in address order.
 pub fn take(
     vm: &Arc<dyn hypervisor::Vm>,
+    slots: &[MemSlot],
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<MemoryRange>, String> {
     let mut ranges = Vec::new();
-    for (slot, region) in mem.iter().enumerate() {
-        let mut bits = vm
-            .get_dirty_log(slot as u32, region.len())
-            .map_err(|e| format!("memory slot {slot}: {e}"))?;
-        for (w, v) in bits.iter_mut().zip(take_written(region)) {
-            *w |= v;
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let mut bits = take_written(region);
+        // The guest's writes, from the slots inside this region (one for a region of RAM; the
+        // plugged DIMMs of an ACPI hotplug region, at their offsets).
+        for s in slots
+            .iter()
+            .filter(|s| s.gpa >= start && s.gpa + s.len <= start + region.len())
+        {
+            let logged = vm
+                .get_dirty_log(s.slot, s.len)
+                .map_err(|e| format!("memory slot {}: {e}", s.slot))?;
+            or_at(&mut bits, &logged, (s.gpa - start) / PAGE);
         }
-        push_ranges(&mut ranges, region.start_addr().0, region.len(), &bits);
+        push_ranges(&mut ranges, start, region.len(), &bits);
     }
     Ok(ranges)
+}
+
+/// Sets in `dst` every bit set in `src`, `offset` bits further on (`dst` grows if needed).
+fn or_at(dst: &mut Vec<u64>, src: &[u64], offset: u64) {
+    for (w, &word) in src.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            let bit = (w as u64) * 64 + u64::from(word.trailing_zeros()) + offset;
+            word &= word - 1;
+            let i = (bit / 64) as usize;
+            if dst.len() <= i {
+                dst.resize(i + 1, 0);
+            }
+            dst[i] |= 1 << (bit % 64);
+        }
+    }
 }
 
 /// Appends the runs of set bits of `bits` (bit i: page i of the region at `start`) as ranges.
@@ -103,6 +129,17 @@ pub fn bytes(ranges: &[MemoryRange]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_bits_land_at_their_offset_in_the_region() {
+        let mut dst = vec![0b1u64];
+        or_at(&mut dst, &[0b101, 1 << 63], 3);
+        // Bits 0 and 2 of the slot are bits 3 and 5 of the region; bit 127 becomes 130.
+        assert_eq!(dst, vec![0b101001, 0, 1 << 2]);
+        let mut empty = Vec::new();
+        or_at(&mut empty, &[0, 0], 64);
+        assert!(empty.is_empty());
+    }
 
     #[test]
     fn runs_of_pages_become_ranges() {

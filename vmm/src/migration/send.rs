@@ -104,7 +104,9 @@ pub fn send(
             .stream
             .write_all(&Request::new(Command::Abandon, 0).encode());
         if logging {
-            if let Err(e) = dirty::set_logging(vm.hypervisor_vm(), vm.memory(), false) {
+            if let Err(e) =
+                dirty::set_logging(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory(), false)
+            {
                 warn!("cannot stop dirty logging: {e}");
             }
         }
@@ -144,7 +146,7 @@ fn run(
     let mut pass = 0u32;
     let mut left = Vec::new();
     if !opts.local {
-        dirty::set_logging(vm.hypervisor_vm(), vm.memory(), true)?;
+        dirty::set_logging(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory(), true)?;
         *logging = true;
         let mut ranges = dirty::initial(vm.memory(), vm.ram_is_fresh());
         // Bytes per second, as the last pass went.
@@ -155,7 +157,7 @@ fn run(
             total += sent;
             pass += 1;
             rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
-            ranges = dirty::take(vm.hypervisor_vm(), vm.memory())?;
+            ranges = dirty::take(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory())?;
             let dirty_bytes = dirty::bytes(&ranges);
             let _ = s.events.send(Progress::Pass {
                 pass,
@@ -196,7 +198,7 @@ fn run(
         .snapshot()
         .map_err(|e| format!("cannot take the VM's state: {e}"))?;
     if !opts.local {
-        let mut last = dirty::take(vm.hypervisor_vm(), vm.memory())?;
+        let mut last = dirty::take(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory())?;
         last.extend(left);
         last.sort_by_key(|r| r.gpa);
         total += s.memory(vm, &last)?;
@@ -213,7 +215,7 @@ fn run(
     s.request(Command::Complete, &[])?;
     let downtime = paused_at.elapsed();
     if *logging {
-        let _ = dirty::set_logging(vm.hypervisor_vm(), vm.memory(), false);
+        let _ = dirty::set_logging(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory(), false);
         *logging = false;
     }
     info!(
