@@ -472,6 +472,57 @@ mod tests {
 
     use super::*;
 
+    /// RAM regions are slots 0.., a virtio-mem hotplug region one slot more; an ACPI one is
+    /// no slot itself, only its DIMMs are, numbered after the regions and mapped at their
+    /// offsets in the region.
+    #[test]
+    fn memory_slots_cover_ram_and_the_plugged_dimms() {
+        let cfg = MemoryConfig {
+            size: 256 << 20,
+            hotplug_size: Some(1 << 30),
+            ..MemoryConfig::default()
+        };
+        let mem = create_guest_memory(&cfg).unwrap();
+        let regions: Vec<(u64, u64)> = mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.as_ptr() as u64))
+            .collect();
+        assert_eq!(regions.len(), 2);
+        let (hp, hp_host) = regions[1];
+        assert_eq!(hp, 4 << 30);
+        let all = memory_slots(&mem, None, &[]);
+        assert_eq!(
+            all.iter()
+                .map(|s| (s.slot, s.gpa, s.len))
+                .collect::<Vec<_>>(),
+            vec![(0, 0, 256 << 20), (1, 4 << 30, 1 << 30)]
+        );
+        assert_eq!(
+            memory_slots(&mem, Some(hp), &[]).len(),
+            1,
+            "nothing plugged"
+        );
+        let dimms = [(hp, 128 << 20), (hp + (128 << 20), 256 << 20)];
+        let slots = memory_slots(&mem, Some(hp), &dimms);
+        assert_eq!(
+            slots[1..],
+            [
+                MemSlot {
+                    slot: 2,
+                    gpa: hp,
+                    len: 128 << 20,
+                    host: hp_host,
+                },
+                MemSlot {
+                    slot: 3,
+                    gpa: hp + (128 << 20),
+                    len: 256 << 20,
+                    host: hp_host + (128 << 20),
+                },
+            ]
+        );
+    }
+
     #[test]
     fn regions_and_hugepage_errors() {
         let mem = create_guest_memory(&MemoryConfig {
