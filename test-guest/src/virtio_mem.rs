@@ -527,6 +527,10 @@ fn follow(m: &mut Mem, restart_at: Option<u64>) -> Option<()> {
         if shown != Some((m.n, requested)) {
             let plugged = m.n * m.cfg.block;
             println!(
+                "INFO virtiomem config_irqs={}",
+                svc::irq_count(CONFIG_VECTOR)
+            );
+            println!(
                 "VIRTIOMEM plugged={plugged} requested={requested} {}",
                 if m.bad == 0 { "ok" } else { "bad" }
             );

@@ -90,6 +90,17 @@ fn resize_and_wait(vmm: &Vmm, serial: &Path, size: &str, ram: u64, n: usize) -> 
     start.elapsed()
 }
 
+/// The configuration interrupts the guest had taken when it last reported (its
+/// `INFO virtiomem config_irqs=N` line comes just before each report).
+fn config_irqs(serial: &Path) -> u64 {
+    let text = serial_text(serial);
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("INFO virtiomem config_irqs="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no config_irqs line in:\n{text}"))
+}
+
 fn vm_rss(pid: i32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: u64 = text
@@ -128,8 +139,11 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
     assert_eq!(memory_info(&vmm), (RAM, 0));
     let base = vm_rss(pid);
 
-    // +512 MiB: the guest plugs and writes every page of it.
+    // +512 MiB: the guest plugs and writes every page of it. The new requested size came with
+    // a configuration interrupt (the guest also polls every 20 ms).
+    let irqs = config_irqs(&serial);
     let t = resize_and_wait(&vmm, &serial, "768M", 768 * MIB, 1);
+    assert!(config_irqs(&serial) > irqs, "no configuration interrupt");
     let plugged = vm_rss(pid);
     assert_eq!(memory_info(&vmm), (768 * MIB, 512 * MIB));
     assert!(
@@ -145,7 +159,9 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
     );
 
     // -384 MiB: the top 192 blocks go, and their host pages with them.
+    let irqs = config_irqs(&serial);
     let t2 = resize_and_wait(&vmm, &serial, "384M", 384 * MIB, 1);
+    assert!(config_irqs(&serial) > irqs, "no configuration interrupt");
     let unplugged = vm_rss(pid);
     assert_eq!(memory_info(&vmm), (384 * MIB, 128 * MIB));
     assert!(
