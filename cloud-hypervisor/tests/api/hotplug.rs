@@ -121,6 +121,11 @@ fn hotplug_disk_added_used_removed_and_added_again() {
             disks.iter().any(|d| d["id"] == "hpdisk0"),
             "vm.info has no hpdisk0: {info}"
         );
+        // vm.counters covers it: the guest's I/O counted.
+        let counters = vmm.ok_json("vm.counters");
+        let reads = counters["hpdisk0"]["read_ops"].as_u64().unwrap_or(0);
+        let writes = counters["hpdisk0"]["write_ops"].as_u64().unwrap_or(0);
+        assert!(reads >= 1 && writes >= 1, "vm.counters: {counters}");
         remove(&vmm, &serial, "hpdisk0", slot, round);
         let info = vmm.ok_json("vm.info");
         let disks = info["config"]["disks"]
