@@ -20,12 +20,13 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config_signal::{ConfigInterrupt, ConfigSignal};
 pub(crate) use crate::discard::release_guest_range;
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, F_VERSION_1, TYPE_BALLOON, VIRTIO_DEVICE_STATE_VERSION,
+    F_VERSION_1, TYPE_BALLOON, VIRTIO_DEVICE_STATE_VERSION,
 };
 
 /// VIRTIO_BALLOON_F_STATS_VQ: there is a statistics queue.
@@ -117,8 +118,7 @@ pub struct BalloonControl {
     num_pages: AtomicU32,
     /// `actual`: pages the driver says are in the balloon.
     actual: AtomicU32,
-    generation: AtomicU32,
-    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    signal: ConfigSignal,
     /// Written by `request_stats`; the worker then hands the statistics buffer back.
     stats_request: EventFd,
     /// The latest statistics the guest sent: (tag, value).
@@ -135,8 +135,7 @@ impl BalloonControl {
         Ok(Arc::new(BalloonControl {
             num_pages: AtomicU32::new(pages_of(size)?),
             actual: AtomicU32::new(0),
-            generation: AtomicU32::new(0),
-            interrupt: Mutex::new(None),
+            signal: ConfigSignal::default(),
             stats_request: EventFd::new(libc::EFD_NONBLOCK).map_err(BalloonError::EventFd)?,
             stats: Mutex::new(Vec::new()),
         }))
@@ -147,16 +146,9 @@ impl BalloonControl {
     /// Returns whether it changed.
     pub fn set_target(&self, bytes: u64) -> Result<bool, BalloonError> {
         let pages = pages_of(bytes)?;
-        // The lock orders target changes with the device's start, stop and pause.
-        let irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-        if self.num_pages.swap(pages, Ordering::AcqRel) == pages {
-            return Ok(false);
-        }
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(i) = irq.as_ref() {
-            i.signal_config();
-        }
-        Ok(true)
+        Ok(self
+            .signal
+            .change(|| self.num_pages.swap(pages, Ordering::AcqRel) != pages))
     }
 
     /// The balloon the host asks for, in bytes.
@@ -170,7 +162,7 @@ impl BalloonControl {
     }
 
     pub fn generation(&self) -> u32 {
-        self.generation.load(Ordering::Acquire)
+        self.signal.generation()
     }
 
     /// The statistics the guest last sent (tag, value), with VIRTIO_BALLOON_F_STATS_VQ.
@@ -184,16 +176,12 @@ impl BalloonControl {
         let _ = self.stats_request.write(1);
     }
 
-    fn attach(&self, interrupt: Option<Arc<dyn VirtioInterrupt>>) {
-        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
-    }
-
     /// Sets the configuration as a snapshot had it, without an interrupt.
     fn restore(&self, num_pages: u32, actual: u32, generation: u32) {
-        let _irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-        self.num_pages.store(num_pages, Ordering::Release);
-        self.actual.store(actual, Ordering::Release);
-        self.generation.store(generation, Ordering::Release);
+        self.signal.restore(generation, || {
+            self.num_pages.store(num_pages, Ordering::Release);
+            self.actual.store(actual, Ordering::Release);
+        });
     }
 }
 
@@ -381,10 +369,8 @@ pub struct Balloon {
     options: BalloonOptions,
     control: Arc<BalloonControl>,
     worker: Option<WorkerHandle<BalloonHandler>>,
-    /// The running device's interrupt, and while paused the generation at the pause (a target
-    /// change meanwhile is signalled on resume).
-    interrupt: Option<Arc<dyn VirtioInterrupt>>,
-    paused_generation: Option<u32>,
+    /// The configuration interrupt (a target change while paused is signalled on resume).
+    config_irq: ConfigInterrupt,
 }
 
 impl Balloon {
@@ -394,8 +380,7 @@ impl Balloon {
             options,
             control: BalloonControl::new(size)?,
             worker: None,
-            interrupt: None,
-            paused_generation: None,
+            config_irq: ConfigInterrupt::default(),
         })
     }
 
@@ -407,7 +392,7 @@ impl Balloon {
 
 impl Drop for Balloon {
     fn drop(&mut self) {
-        self.control.attach(None);
+        self.config_irq.reset(&self.control.signal);
     }
 }
 
@@ -469,15 +454,11 @@ impl VirtioDevice for Balloon {
         let _ = self.control.stats_request.read();
         let interrupt = ctx.interrupt.clone();
         self.worker = Some(WorkerHandle::spawn("virtio-balloon", handler, ctx)?);
-        self.control.attach(Some(interrupt.clone()));
-        self.interrupt = Some(interrupt);
-        self.paused_generation = None;
+        self.config_irq.activate(&self.control.signal, interrupt);
         Ok(())
     }
     fn reset(&mut self) {
-        self.control.attach(None);
-        self.interrupt = None;
-        self.paused_generation = None;
+        self.config_irq.reset(&self.control.signal);
         if let Some(w) = self.worker.take() {
             w.stop();
         }
@@ -497,11 +478,7 @@ impl VirtioDevice for Balloon {
         let Some(w) = self.worker.as_mut() else {
             return Ok(());
         };
-        if self.paused_generation.is_none() {
-            // No configuration interrupt from a target change while paused.
-            self.control.attach(None);
-            self.paused_generation = Some(self.control.generation());
-        }
+        self.config_irq.pause(&self.control.signal);
         w.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
@@ -509,14 +486,7 @@ impl VirtioDevice for Balloon {
             return Ok(());
         };
         w.resume()?;
-        if let Some(g) = self.paused_generation.take() {
-            self.control.attach(self.interrupt.clone());
-            if self.control.generation() != g {
-                if let Some(i) = &self.interrupt {
-                    i.signal_config();
-                }
-            }
-        }
+        self.config_irq.resume(&self.control.signal);
         Ok(())
     }
     fn device_state(&self) -> VirtioDeviceState {

@@ -5,17 +5,18 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use vm_memory::Bytes;
 
+use crate::config_signal::{ConfigInterrupt, ConfigSignal};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, F_VERSION_1, TYPE_CONSOLE, VIRTIO_DEVICE_STATE_VERSION,
+    F_VERSION_1, TYPE_CONSOLE, VIRTIO_DEVICE_STATE_VERSION,
 };
 
 /// VIRTIO_CONSOLE_F_SIZE: `cols` and `rows` of the configuration are valid.
@@ -172,16 +173,14 @@ impl QueueHandler for ConsoleHandler {
 pub struct ConsoleSize {
     /// `cols | rows << 16`.
     size: AtomicU32,
-    generation: AtomicU32,
-    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    signal: ConfigSignal,
 }
 
 impl ConsoleSize {
     pub fn new(cols: u16, rows: u16) -> Arc<Self> {
         Arc::new(ConsoleSize {
             size: AtomicU32::new(u32::from(cols) | u32::from(rows) << 16),
-            generation: AtomicU32::new(0),
-            interrupt: Mutex::new(None),
+            signal: ConfigSignal::default(),
         })
     }
 
@@ -192,35 +191,23 @@ impl ConsoleSize {
     }
 
     pub fn generation(&self) -> u32 {
-        self.generation.load(Ordering::Acquire)
+        self.signal.generation()
     }
 
     /// Sets the size; if it changed, bumps the generation and interrupts the driver. Returns
     /// whether it changed.
     pub fn set(&self, cols: u16, rows: u16) -> bool {
         let v = u32::from(cols) | u32::from(rows) << 16;
-        // The lock orders size changes with the device's start and stop.
-        let irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-        if self.size.swap(v, Ordering::AcqRel) == v {
-            return false;
-        }
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(i) = irq.as_ref() {
-            i.signal_config();
-        }
-        true
-    }
-
-    fn attach(&self, interrupt: Option<Arc<dyn VirtioInterrupt>>) {
-        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
+        self.signal
+            .change(|| self.size.swap(v, Ordering::AcqRel) != v)
     }
 
     /// Sets size and generation as a snapshot had them, without an interrupt.
     fn restore(&self, cols: u16, rows: u16, generation: u32) {
-        let _irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-        self.size
-            .store(u32::from(cols) | u32::from(rows) << 16, Ordering::Release);
-        self.generation.store(generation, Ordering::Release);
+        self.signal.restore(generation, || {
+            self.size
+                .store(u32::from(cols) | u32::from(rows) << 16, Ordering::Release)
+        });
     }
 }
 
@@ -241,10 +228,8 @@ pub struct Console {
     handler: Option<ConsoleHandler>,
     worker: Option<WorkerHandle<ConsoleHandler>>,
     size: Arc<ConsoleSize>,
-    /// The running device's interrupt, and while paused the generation at the pause (a size
-    /// change meanwhile is signalled on resume).
-    interrupt: Option<Arc<dyn VirtioInterrupt>>,
-    paused_generation: Option<u32>,
+    /// The configuration interrupt (a size change while paused is signalled on resume).
+    config_irq: ConfigInterrupt,
 }
 
 impl Console {
@@ -264,15 +249,14 @@ impl Console {
             }),
             worker: None,
             size,
-            interrupt: None,
-            paused_generation: None,
+            config_irq: ConfigInterrupt::default(),
         }
     }
 }
 
 impl Drop for Console {
     fn drop(&mut self) {
-        self.size.attach(None);
+        self.config_irq.reset(&self.size.signal);
     }
 }
 
@@ -305,15 +289,11 @@ impl VirtioDevice for Console {
             .ok_or_else(|| ActivateError::Other("virtio-console: worker lost".into()))?;
         let interrupt = ctx.interrupt.clone();
         self.worker = Some(WorkerHandle::spawn("virtio-console", h, ctx)?);
-        self.size.attach(Some(interrupt.clone()));
-        self.interrupt = Some(interrupt);
-        self.paused_generation = None;
+        self.config_irq.activate(&self.size.signal, interrupt);
         Ok(())
     }
     fn reset(&mut self) {
-        self.size.attach(None);
-        self.interrupt = None;
-        self.paused_generation = None;
+        self.config_irq.reset(&self.size.signal);
         if let Some(w) = self.worker.take() {
             self.handler = w.stop();
             if let Some(h) = &mut self.handler {
@@ -328,11 +308,7 @@ impl VirtioDevice for Console {
         let Some(w) = self.worker.as_mut() else {
             return Ok(());
         };
-        if self.paused_generation.is_none() {
-            // No configuration interrupt from a size change while paused.
-            self.size.attach(None);
-            self.paused_generation = Some(self.size.generation());
-        }
+        self.config_irq.pause(&self.size.signal);
         w.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
@@ -340,14 +316,7 @@ impl VirtioDevice for Console {
             return Ok(());
         };
         w.resume()?;
-        if let Some(g) = self.paused_generation.take() {
-            self.size.attach(self.interrupt.clone());
-            if self.size.generation() != g {
-                if let Some(i) = &self.interrupt {
-                    i.signal_config();
-                }
-            }
-        }
+        self.config_irq.resume(&self.size.signal);
         Ok(())
     }
     fn device_state(&self) -> VirtioDeviceState {

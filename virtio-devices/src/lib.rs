@@ -5,6 +5,7 @@
 
 mod balloon;
 mod block;
+mod config_signal;
 mod console;
 mod discard;
 mod mem;

@@ -9,7 +9,6 @@
 //! ERROR, a chain without room for the response is not executed, and nothing outside the
 //! region is ever released.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_memory::GuestMemoryMmap;
@@ -17,12 +16,13 @@ use log::debug;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::config_signal::{ConfigInterrupt, ConfigSignal};
 use crate::discard::release_guest_range;
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, QueueHandler, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, F_VERSION_1, VIRTIO_DEVICE_STATE_VERSION,
+    F_VERSION_1, VIRTIO_DEVICE_STATE_VERSION,
 };
 
 /// The virtio-mem device type.
@@ -192,8 +192,7 @@ impl Blocks {
 pub struct VirtioMemControl {
     geometry: Geometry,
     blocks: Mutex<Blocks>,
-    generation: AtomicU32,
-    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    signal: ConfigSignal,
 }
 
 impl VirtioMemControl {
@@ -218,19 +217,12 @@ impl VirtioMemControl {
                 region: g.size,
             });
         }
-        // The interrupt lock orders requests with the device's start, stop and pause.
-        let irq = self.interrupt.lock().unwrap_or_else(|e| e.into_inner());
-        {
+        self.signal.change(|| {
             let mut b = self.blocks();
-            if b.requested == bytes {
-                return Ok(());
-            }
+            let changed = b.requested != bytes;
             b.requested = bytes;
-        }
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(i) = irq.as_ref() {
-            i.signal_config();
-        }
+            changed
+        });
         Ok(())
     }
 
@@ -265,11 +257,7 @@ impl VirtioMemControl {
     }
 
     pub fn generation(&self) -> u32 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    fn attach(&self, interrupt: Option<Arc<dyn VirtioInterrupt>>) {
-        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
+        self.signal.generation()
     }
 }
 
@@ -476,10 +464,8 @@ pub struct VirtioMem {
     options: VirtioMemOptions,
     control: Arc<VirtioMemControl>,
     worker: Option<WorkerHandle<MemHandler>>,
-    /// The running device's interrupt, and while paused the generation at the pause (a request
-    /// change meanwhile is signalled on resume).
-    interrupt: Option<Arc<dyn VirtioInterrupt>>,
-    paused_generation: Option<u32>,
+    /// The configuration interrupt (a request changed while paused is signalled on resume).
+    config_irq: ConfigInterrupt,
 }
 
 impl VirtioMem {
@@ -525,15 +511,13 @@ impl VirtioMem {
                 bits: vec![0; geometry.words()],
                 plugged: 0,
             }),
-            generation: AtomicU32::new(0),
-            interrupt: Mutex::new(None),
+            signal: ConfigSignal::default(),
         });
         Ok(VirtioMem {
             options,
             control,
             worker: None,
-            interrupt: None,
-            paused_generation: None,
+            config_irq: ConfigInterrupt::default(),
         })
     }
 
@@ -563,7 +547,7 @@ impl VirtioMem {
 
 impl Drop for VirtioMem {
     fn drop(&mut self) {
-        self.control.attach(None);
+        self.config_irq.reset(&self.control.signal);
     }
 }
 
@@ -598,15 +582,11 @@ impl VirtioDevice for VirtioMem {
         };
         let interrupt = ctx.interrupt.clone();
         self.worker = Some(WorkerHandle::spawn("virtio-mem", handler, ctx)?);
-        self.control.attach(Some(interrupt.clone()));
-        self.interrupt = Some(interrupt);
-        self.paused_generation = None;
+        self.config_irq.activate(&self.control.signal, interrupt);
         Ok(())
     }
     fn reset(&mut self) {
-        self.control.attach(None);
-        self.interrupt = None;
-        self.paused_generation = None;
+        self.config_irq.reset(&self.control.signal);
         if let Some(w) = self.worker.take() {
             w.stop();
         }
@@ -620,11 +600,7 @@ impl VirtioDevice for VirtioMem {
         let Some(w) = self.worker.as_mut() else {
             return Ok(());
         };
-        if self.paused_generation.is_none() {
-            // No configuration interrupt from a request change while paused.
-            self.control.attach(None);
-            self.paused_generation = Some(self.control.generation());
-        }
+        self.config_irq.pause(&self.control.signal);
         w.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
@@ -632,14 +608,7 @@ impl VirtioDevice for VirtioMem {
             return Ok(());
         };
         w.resume()?;
-        if let Some(g) = self.paused_generation.take() {
-            self.control.attach(self.interrupt.clone());
-            if self.control.generation() != g {
-                if let Some(i) = &self.interrupt {
-                    i.signal_config();
-                }
-            }
-        }
+        self.config_irq.resume(&self.control.signal);
         Ok(())
     }
     fn device_state(&self) -> VirtioDeviceState {
@@ -697,19 +666,13 @@ impl VirtioDevice for VirtioMem {
             ));
         }
         let plugged = s.plugged.iter().map(|w| u64::from(w.count_ones())).sum();
-        let _irq = self
-            .control
-            .interrupt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *self.control.blocks() = Blocks {
-            requested: s.requested,
-            bits: s.plugged.clone(),
-            plugged,
-        };
-        self.control
-            .generation
-            .store(s.config_generation, Ordering::Release);
+        self.control.signal.restore(s.config_generation, || {
+            *self.control.blocks() = Blocks {
+                requested: s.requested,
+                bits: s.plugged.clone(),
+                plugged,
+            };
+        });
         Ok(())
     }
 }
