@@ -258,6 +258,35 @@ fn to_bytes(aml: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
+/// The first objects of a hotplug controller (PNP0A06) whose registers are `size` bytes of MMIO
+/// at `base` (below 4 GiB): `_HID`, `_UID` `uid`, the mutex `lock`, `_CRS` with the range (a
+/// DWordMemory), and the SystemMemory OperationRegion `region` over it. The controller's
+/// fields and methods follow.
+fn mmio_controller_head(uid: &'static str, lock: &str, base: u64, size: u64, region: &str) -> Raw {
+    let (base, size) = (base as u32, size as u32);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        base,
+        base + (size - 1),
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&window]);
+    let mut out = Vec::new();
+    aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")).to_aml_bytes(&mut out);
+    aml::Name::new("_UID".into(), &uid).to_aml_bytes(&mut out);
+    aml::Mutex::new(lock.into(), 0).to_aml_bytes(&mut out);
+    aml::Name::new("_CRS".into(), &crs).to_aml_bytes(&mut out);
+    aml::OpRegion::new(
+        region.into(),
+        aml::OpRegionSpace::SystemMemory,
+        &base,
+        &size,
+    )
+    .to_aml_bytes(&mut out);
+    Raw(out)
+}
+
 /// Already-encoded AML, so that objects built in loops can be nested.
 struct Raw(Vec<u8>);
 

@@ -12,7 +12,7 @@
 use acpi_tables::aml;
 use acpi_tables::Aml;
 
-use super::{madt_cpu_entry, to_bytes, Raw, MADT_CPU_ENABLED};
+use super::{madt_cpu_entry, mmio_controller_head, to_bytes, Raw, MADT_CPU_ENABLED};
 use crate::layout;
 
 /// The processor container's path, as `_EVT` calls its `CSCN`.
@@ -26,21 +26,12 @@ pub fn cpu_device_name(cpu: u32) -> String {
 
 /// `\_SB_.PRES`.
 pub(super) fn controller() -> Raw {
-    let base = layout::CPU_HOTPLUG_START.0 as u32;
-    let size = layout::CPU_HOTPLUG_SIZE as u32;
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        base,
-        base + (size - 1),
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&window]);
-    let region = aml::OpRegion::new(
-        "PRST".into(),
-        aml::OpRegionSpace::SystemMemory,
-        &base,
-        &size,
+    let head = mmio_controller_head(
+        "CPU Hotplug Controller",
+        "CPLK",
+        layout::CPU_HOTPLUG_START.0,
+        layout::CPU_HOTPLUG_SIZE,
+        "PRST",
     );
     let flags = aml::Field::new(
         "PRST".into(),
@@ -70,15 +61,7 @@ pub(super) fn controller() -> Raw {
     );
     Raw(to_bytes(&aml::Device::new(
         "PRES".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
-            &aml::Name::new("_UID".into(), &"CPU Hotplug Controller"),
-            &aml::Mutex::new("CPLK".into(), 0),
-            &aml::Name::new("_CRS".into(), &crs),
-            &region,
-            &flags,
-            &selection,
-        ],
+        vec![&head, &flags, &selection],
     )))
 }
 

@@ -11,7 +11,7 @@
 use acpi_tables::aml;
 use acpi_tables::Aml;
 
-use super::{to_bytes, Raw};
+use super::{mmio_controller_head, to_bytes, Raw};
 use crate::layout;
 
 /// The controller's path, as `_EVT` and the slots' `_EJ0` call it.
@@ -22,23 +22,12 @@ const SLOTS: std::ops::Range<u8> = 1..32;
 
 /// `\_SB_.PHPR`, scanning the host bridges of `segments` (device `PCxx` for segment xx).
 pub(super) fn controller(segments: &[u16]) -> Raw {
-    let base = layout::PCI_HOTPLUG_START.0;
-    let size = layout::PCI_HOTPLUG_SIZE;
-    // Below 4 GiB: a DWordMemory descriptor.
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        base as u32,
-        (base + (size - 1)) as u32,
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&window]);
-    let (base32, size32) = (base as u32, size as u32);
-    let region = aml::OpRegion::new(
-        "PCST".into(),
-        aml::OpRegionSpace::SystemMemory,
-        &base32,
-        &size32,
+    let head = mmio_controller_head(
+        "PCI Hotplug Controller",
+        "BLCK",
+        layout::PCI_HOTPLUG_START.0,
+        layout::PCI_HOTPLUG_SIZE,
+        "PCST",
     );
     let field = aml::Field::new(
         "PCST".into(),
@@ -78,12 +67,8 @@ pub(super) fn controller(segments: &[u16]) -> Raw {
     Raw(to_bytes(&aml::Device::new(
         "PHPR".into(),
         vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
+            &head,
             &aml::Name::new("_STA".into(), &0x0bu8),
-            &aml::Name::new("_UID".into(), &"PCI Hotplug Controller"),
-            &aml::Mutex::new("BLCK".into(), 0),
-            &aml::Name::new("_CRS".into(), &crs),
-            &region,
             &field,
             &pcej,
             &pscn,

@@ -9,7 +9,7 @@
 use acpi_tables::aml;
 use acpi_tables::Aml;
 
-use super::{to_bytes, Raw};
+use super::{mmio_controller_head, to_bytes, Raw};
 use crate::layout;
 
 /// The controller's path, as `_EVT` calls its `MSCN`.
@@ -22,21 +22,12 @@ pub fn memory_device_name(slot: u32) -> String {
 
 /// `\_SB_.MHPC` with `slots` memory devices.
 pub(super) fn controller(slots: u32) -> Raw {
-    let base = layout::MEMORY_HOTPLUG_START.0 as u32;
-    let size = layout::MEMORY_HOTPLUG_SIZE as u32;
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        base,
-        base + (size - 1),
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&window]);
-    let region = aml::OpRegion::new(
-        "MHPR".into(),
-        aml::OpRegionSpace::SystemMemory,
-        &base,
-        &size,
+    let head = mmio_controller_head(
+        "Memory Hotplug Controller",
+        "MLCK",
+        layout::MEMORY_HOTPLUG_START.0,
+        layout::MEMORY_HOTPLUG_SIZE,
+        "MHPR",
     );
     let reads = aml::Field::new(
         "MHPR".into(),
@@ -195,19 +186,7 @@ pub(super) fn controller(slots: u32) -> Raw {
     Raw(to_bytes(&aml::Device::new(
         "MHPC".into(),
         vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
-            &aml::Name::new("_UID".into(), &"Memory Hotplug Controller"),
-            &aml::Mutex::new("MLCK".into(), 0),
-            &aml::Name::new("_CRS".into(), &crs),
-            &region,
-            &reads,
-            &flags,
-            &select,
-            &mtfy,
-            &mscn,
-            &msta,
-            &mcrs,
-            &devices,
+            &head, &reads, &flags, &select, &mtfy, &mscn, &msta, &mcrs, &devices,
         ],
     )))
 }
