@@ -10,6 +10,7 @@
 
 extern crate alloc;
 
+mod acpi_memory;
 mod acpi_sys;
 mod balloon;
 mod bootinfo;
@@ -203,6 +204,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "cpuhotplug" => cpu_hotplug::scenario_cpuhotplug(acpi.as_ref()),
         "balloon" => balloon::scenario_balloon(&boot),
         "virtiomem" => virtio_mem::scenario_virtiomem(&boot),
+        "acpimem" => acpi_memory::scenario_acpimem(&boot, acpi.as_ref()),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())
