@@ -4,10 +4,13 @@
 //! the guest pages it can use again.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common;
 use crate::helpers::*;
+
+/// How long the guest may take for a step (each page it writes faults in on a PVM host).
+const WAIT: Duration = Duration::from_secs(60);
 
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 512 * MIB;
@@ -44,51 +47,16 @@ fn boot_balloon_guest(name: &str, shared: bool) -> (Vmm, PathBuf) {
         ],
     );
     // Filling 384 MiB takes the guest a few seconds on a PVM host (each page faults in).
-    wait_line(&serial, &format!("BALLOON TOUCHED mib={TOUCH_MIB}"), 1);
-    wait_line(&serial, "READY", 1);
+    wait_line(
+        &serial,
+        &format!("BALLOON TOUCHED mib={TOUCH_MIB}"),
+        1,
+        WAIT,
+    );
+    wait_line(&serial, "READY", 1, WAIT);
     // The guest shows the balloon it starts with.
     wait_balloon(&serial, 0, 0, 1);
     (vmm, serial)
-}
-
-/// A field of /proc/<pid>/status, in bytes (`VmRSS`, `RssShmem`, ...).
-fn status_bytes(pid: i32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{text}"));
-    kib * 1024
-}
-
-fn ch_remote_ok(vmm: &Vmm, args: &[&str]) {
-    let out = vmm.ch_remote(args);
-    assert!(
-        out.status.success(),
-        "ch-remote {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Waits (up to 60 s: the guest writes every page it fills or takes back, and each faults in)
-/// until `line` is a line of the serial output `n` times; fails at once on a FAIL line.
-fn wait_line(serial: &Path, line: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(serial).unwrap_or_default();
-        if text.lines().filter(|l| *l == line).count() >= n {
-            return;
-        }
-        assert!(
-            !text.lines().any(|l| l.starts_with("FAIL")),
-            "the guest failed:\n{text}"
-        );
-        assert!(Instant::now() < deadline, "no {n}x '{line}' in:\n{text}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Waits for the guest to report `actual` pages in the balloon with the target `target` for
@@ -98,6 +66,7 @@ fn wait_balloon(serial: &Path, actual: u64, target: u64, n: usize) {
         serial,
         &format!("BALLOON actual={actual} target={target}"),
         n,
+        WAIT,
     );
 }
 
@@ -117,14 +86,6 @@ fn memory_actual_size(vmm: &Vmm) -> u64 {
     info["memory_actual_size"]
         .as_u64()
         .unwrap_or_else(|| panic!("no memory_actual_size: {info}"))
-}
-
-fn assert_no_fail(serial: &Path) {
-    let text = std::fs::read_to_string(serial).unwrap_or_default();
-    assert!(
-        !text.lines().any(|l| l.starts_with("FAIL")),
-        "the guest failed:\n{text}"
-    );
 }
 
 /// Inflates to 256 MiB and deflates to 0; `rss` is the resident figure that must fall by at

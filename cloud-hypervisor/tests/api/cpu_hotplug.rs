@@ -58,19 +58,6 @@ fn wait_boot_vcpus(vmm: &Vmm, n: u64) {
     }
 }
 
-fn serial_text(serial: &Path) -> String {
-    std::fs::read_to_string(serial).unwrap_or_default()
-}
-
-/// No FAIL line so far.
-fn assert_no_fail(serial: &Path) {
-    let text = serial_text(serial);
-    assert!(
-        !text.lines().any(|l| l.starts_with("FAIL")),
-        "a FAIL line:\n{text}"
-    );
-}
-
 /// Waits for the guest to start CPU `cpu` (APIC ID `cpu`) and see it run, for the `round`th
 /// time.
 fn wait_added(serial: &Path, cpu: u32, round: usize) {

@@ -230,3 +230,59 @@ pub fn busy_lines(text: &str) -> Vec<Busy> {
         })
         .collect()
 }
+
+/// Runs ch-remote, which must succeed; returns its standard output.
+pub fn ch_remote_ok(vmm: &Vmm, args: &[&str]) -> String {
+    let out = vmm.ch_remote(args);
+    assert!(
+        out.status.success(),
+        "ch-remote {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The guest's serial output so far.
+pub fn serial_text(serial: &Path) -> String {
+    std::fs::read_to_string(serial).unwrap_or_default()
+}
+
+/// No FAIL line in the guest's serial output so far.
+pub fn assert_no_fail(serial: &Path) {
+    let text = serial_text(serial);
+    assert!(
+        !text.lines().any(|l| l.starts_with("FAIL")),
+        "the guest failed:\n{text}"
+    );
+}
+
+/// Waits (up to `timeout`) until `line` is a whole line of the serial output `n` times; fails
+/// at once on a FAIL line.
+pub fn wait_line(serial: &Path, line: &str, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = serial_text(serial);
+        if text.lines().filter(|l| *l == line).count() >= n {
+            return;
+        }
+        assert!(
+            !text.lines().any(|l| l.starts_with("FAIL")),
+            "the guest failed:\n{text}"
+        );
+        assert!(Instant::now() < deadline, "no {n}x '{line}' in:\n{text}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A field of /proc/<pid>/status in bytes (`VmRSS`, `RssShmem`, ...).
+pub fn status_bytes(pid: i32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{text}"));
+    kib * 1024
+}

@@ -21,18 +21,6 @@ fn boot_hotplug_guest(name: &str) -> (Vmm, PathBuf) {
     (vmm, serial)
 }
 
-/// Runs ch-remote, which must succeed; returns its standard output.
-fn ch_remote_ok(vmm: &Vmm, args: &[&str]) -> String {
-    let out = vmm.ch_remote(args);
-    assert!(
-        out.status.success(),
-        "ch-remote {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The slot of the device an add-* answer (`{"id": …, "bdf": "0000:00:NN.0"}`) describes.
 fn slot_of(answer: &str, id: &str) -> u8 {
     let v: Value = serde_json::from_str(answer.trim())
@@ -56,16 +44,6 @@ fn lines_with(serial: &Path, prefix: &str) -> Vec<String> {
         .filter(|l| l.starts_with(prefix))
         .map(str::to_string)
         .collect()
-}
-
-/// No FAIL line so far.
-fn assert_no_fail(serial: &Path) {
-    let fails = lines_with(serial, "FAIL");
-    assert!(
-        fails.is_empty(),
-        "{fails:?}\n{}",
-        std::fs::read_to_string(serial).unwrap_or_default()
-    );
 }
 
 /// Removes `id` (in `slot`) and waits for the guest to eject it and see it gone; `round` is

@@ -11,6 +11,9 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
+/// How long the guest may take for a step (each page it writes faults in on a PVM host).
+const WAIT: Duration = Duration::from_secs(30);
+
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 256 * MIB;
 const HOTPLUG: u64 = 1 << 30;
@@ -33,31 +36,9 @@ fn boot_guest(name: &str, args: &str) -> (Vmm, PathBuf) {
     let (status, body) = vmm.curl("PUT", "vm.create", Some(&config.to_string()));
     assert_eq!(status, 204, "{body}");
     assert_eq!(vmm.put("vm.boot").0, 204);
-    wait_line(&serial, "READY", 1);
+    wait_line(&serial, "READY", 1, WAIT);
     wait_plugged(&serial, 0, 0, 1);
     (vmm, serial)
-}
-
-fn serial_text(serial: &Path) -> String {
-    std::fs::read_to_string(serial).unwrap_or_default()
-}
-
-/// Waits (up to 30 s) until `line` is a line of the serial output `n` times; fails at once on a
-/// FAIL line.
-fn wait_line(serial: &Path, line: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = serial_text(serial);
-        if text.lines().filter(|l| *l == line).count() >= n {
-            return;
-        }
-        assert!(
-            !text.lines().any(|l| l.starts_with("FAIL")),
-            "the guest failed:\n{text}"
-        );
-        assert!(Instant::now() < deadline, "no {n}x '{line}' in:\n{text}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Waits for the guest's `n`-th report of `plugged` bytes plugged with `requested` asked for,
@@ -67,6 +48,7 @@ fn wait_plugged(serial: &Path, plugged: u64, requested: u64, n: usize) {
         serial,
         &format!("VIRTIOMEM plugged={plugged} requested={requested} ok"),
         n,
+        WAIT,
     );
 }
 
@@ -101,17 +83,6 @@ fn config_irqs(serial: &Path) -> u64 {
         .unwrap_or_else(|| panic!("no config_irqs line in:\n{text}"))
 }
 
-fn vm_rss(pid: i32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{text}"));
-    kib * 1024
-}
-
 /// vm.info's `memory_actual_size` and `config.memory.hotplugged_size` (0 when absent).
 fn memory_info(vmm: &Vmm) -> (u64, u64) {
     let info = vmm.ok_json("vm.info");
@@ -137,14 +108,14 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
     // A PLUG with nothing requested was refused.
     assert!(text.contains("INFO virtiomem nack ok\n"), "{text}");
     assert_eq!(memory_info(&vmm), (RAM, 0));
-    let base = vm_rss(pid);
+    let base = status_bytes(pid, "VmRSS");
 
     // +512 MiB: the guest plugs and writes every page of it. The new requested size came with
     // a configuration interrupt (the guest also polls every 20 ms).
     let irqs = config_irqs(&serial);
     let t = resize_and_wait(&vmm, &serial, "768M", 768 * MIB, 1);
     assert!(config_irqs(&serial) > irqs, "no configuration interrupt");
-    let plugged = vm_rss(pid);
+    let plugged = status_bytes(pid, "VmRSS");
     assert_eq!(memory_info(&vmm), (768 * MIB, 512 * MIB));
     assert!(
         plugged >= base + 480 * MIB,
@@ -162,7 +133,7 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
     let irqs = config_irqs(&serial);
     let t2 = resize_and_wait(&vmm, &serial, "384M", 384 * MIB, 1);
     assert!(config_irqs(&serial) > irqs, "no configuration interrupt");
-    let unplugged = vm_rss(pid);
+    let unplugged = status_bytes(pid, "VmRSS");
     assert_eq!(memory_info(&vmm), (384 * MIB, 128 * MIB));
     assert!(
         unplugged + 350 * MIB <= plugged,
@@ -199,7 +170,7 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
 
     // A reboot builds the device again asked for hotplugged_size: the guest plugs it anew.
     assert_eq!(vmm.put("vm.reboot").0, 204);
-    wait_line(&serial, "READY", 2);
+    wait_line(&serial, "READY", 2, WAIT);
     wait_plugged(&serial, 128 * MIB, 128 * MIB, 2);
     let text = serial_text(&serial);
     let after = text.rsplit("test-guest: entry").next().unwrap_or_default();
@@ -219,11 +190,12 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
 fn virtio_mem_new_driver_unplugs_all_first() {
     let (vmm, serial) = boot_guest("virtio-mem-restart", "virtiomem_restart=512");
     resize_and_wait(&vmm, &serial, "768M", 768 * MIB, 1);
-    wait_line(&serial, "VIRTIOMEM restart", 1);
+    wait_line(&serial, "VIRTIOMEM restart", 1, WAIT);
     wait_line(
         &serial,
         "INFO virtiomem unplug-all plugged=0x20000000 after=0x0",
         1,
+        WAIT,
     );
     wait_plugged(&serial, 512 * MIB, 512 * MIB, 2);
     assert_eq!(memory_info(&vmm), (768 * MIB, 512 * MIB));
@@ -255,11 +227,11 @@ fn virtio_mem_figures() {
     let (mut plug, mut unplug, mut rss_up, mut rss_down) = (vec![], vec![], vec![], vec![]);
     let mut call = vec![];
     for round in 1..=5 {
-        let r0 = vm_rss(pid);
+        let r0 = status_bytes(pid, "VmRSS");
         plug.push(resize_and_wait(&vmm, &serial, "768M", 768 * MIB, round));
-        let r1 = vm_rss(pid);
+        let r1 = status_bytes(pid, "VmRSS");
         unplug.push(resize_and_wait(&vmm, &serial, "384M", 384 * MIB, round));
-        let r2 = vm_rss(pid);
+        let r2 = status_bytes(pid, "VmRSS");
         resize_and_wait(&vmm, &serial, "256M", RAM, round + 1);
         // The call alone: a resize to the size the VM has is no change for the guest.
         let start = Instant::now();
