@@ -553,6 +553,60 @@ fn acpiexec_runs_evt_for_each_event_bit_and_reads_vgen_addr() {
     }
 }
 
+/// The DSDT of configuration `name` and the test table `asl` (compiled) in a scratch dir, and
+/// what acpiexec prints for `batch` run over them, checked to have run clean.
+fn acpiexec_batch(name: &str, asl: &str, batch: &str) -> (PathBuf, String) {
+    let cfg = &configs().into_iter().find(|(n, _)| *n == name).unwrap().1;
+    let dir = scratch_dir(&format!("acpiexec-{name}"));
+    let tables = build_tables(cfg).unwrap();
+    let dsdt = &tables.iter().find(|t| &t.0 == b"DSDT").unwrap().1;
+    std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
+    std::fs::write(dir.join("test.asl"), asl).unwrap();
+    iasl(&dir, &["test.asl"]);
+    let (ok, out) = run("acpiexec", &dir, &["-b", batch, "dsdt.aml", "test.aml"]);
+    assert!(ok, "acpiexec failed:\n{out}");
+    for bad in ["ACPI Error", "ACPI Exception", "AE_", "failed"] {
+        assert!(!out.contains(bad), "{bad:?} in\n{out}");
+    }
+    (dir, out)
+}
+
+/// Each notification acpiexec reported, `(device, value)` (`("S003", "0x01")`), sorted.
+fn notifications(out: &str) -> Vec<(String, String)> {
+    let mut n: Vec<(String, String)> = out
+        .lines()
+        .filter(|l| l.contains("Notify"))
+        .map(|l| {
+            let device = l.split('[').nth(1).and_then(|r| r.split(']').next());
+            let value = l
+                .split("Value ")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next());
+            match (device, value) {
+                (Some(d), Some(v)) => (d.to_string(), v.to_string()),
+                _ => panic!("odd notify line {l:?}"),
+            }
+        })
+        .collect();
+    n.sort();
+    n
+}
+
+/// The integers the evaluations returned, in order (`"[Integer] = 000000000000000F"`).
+fn integers(out: &str) -> Vec<&str> {
+    out.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("[Integer] = "))
+        .collect()
+}
+
+/// Removes a scratch dir unless ACPI_IASL_KEEP is set.
+fn done(dir: &Path) {
+    if std::env::var_os("ACPI_IASL_KEEP").is_none() {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 /// For acpiexec: `\TPCI (up, down)` puts `up` and `down` in the PCI hotplug controller's `PCIU`
 /// and `PCID` registers and the PCI bit in the GED's, then runs `_EVT`, as the GED interrupt
 /// makes the guest do after the VMM hot-adds or asks to remove devices.
@@ -577,73 +631,28 @@ const PCI_SSDT: &str = r#"DefinitionBlock ("", "SSDT", 2, "TEST", "PCITEST", 1)
 /// slot's `_EJ0` writes its bit to `B0EJ` with segment 0 selected in `PSEG`.
 #[test]
 fn acpiexec_runs_the_pci_hotplug_scan_and_a_slot_ejection() {
-    let cfg = &configs()
-        .into_iter()
-        .find(|(name, _)| *name == "pci")
-        .unwrap()
-        .1;
-    let dir = scratch_dir("acpiexec-pci");
-    let tables = build_tables(cfg).unwrap();
-    let dsdt = &tables.iter().find(|t| &t.0 == b"DSDT").unwrap().1;
-    std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
-    std::fs::write(dir.join("tpci.asl"), PCI_SSDT).unwrap();
-    iasl(&dir, &["tpci.asl"]);
     let up = 1u32 << 3 | 1 << 31;
     let down = 1u32 << 5;
     let batch = format!(
         "evaluate \\TPCI {up:#x} {down:#x}; evaluate \\_SB_.PC00.S007._EJ0 0; \
          evaluate \\_SB_.PHPR.B0EJ; evaluate \\_SB_.PHPR.PSEG"
     );
-    let (ok, out) = run("acpiexec", &dir, &["-b", &batch, "dsdt.aml", "tpci.aml"]);
-    assert!(ok, "acpiexec failed:\n{out}");
-    for bad in ["ACPI Error", "ACPI Exception", "AE_", "failed"] {
-        assert!(!out.contains(bad), "{bad:?} in\n{out}");
-    }
-    let mut notified: Vec<(String, String)> = out
-        .lines()
-        .filter(|l| l.contains("Notify"))
-        .map(|l| {
-            let device = l.split('[').nth(1).and_then(|r| r.split(']').next());
-            let value = l
-                .split("Value ")
-                .nth(1)
-                .map(|v| v.split_whitespace().next());
-            match (device, value) {
-                (Some(d), Some(Some(v))) => (d.to_string(), v.to_string()),
-                _ => panic!("odd notify line {l:?}"),
-            }
-        })
-        .collect();
-    notified.sort();
+    let (dir, out) = acpiexec_batch("pci", PCI_SSDT, &batch);
     let want: Vec<(String, String)> = [("S003", "0x01"), ("S005", "0x03"), ("S031", "0x01")]
         .iter()
         .map(|&(d, v)| (d.to_string(), v.to_string()))
         .collect();
-    assert_eq!(notified, want, "\n{out}");
-    let value_after = |what: &str| -> String {
-        let rest = out
-            .split(&format!("Evaluating {what}"))
-            .nth(1)
-            .unwrap_or_else(|| panic!("no evaluation of {what} in\n{out}"));
-        rest.lines()
-            .map(str::trim)
-            .find(|l| l.starts_with("[Integer] = "))
-            .unwrap_or_else(|| panic!("no integer for {what} in\n{out}"))
-            .to_string()
-    };
+    assert_eq!(notifications(&out), want, "\n{out}");
+    // B0EJ after S007's _EJ0: bit 7; PSEG: segment 0.
     assert_eq!(
-        value_after("\\_SB_.PHPR.B0EJ"),
-        format!("[Integer] = {:016X}", 1u64 << 7),
-        "_EJ0 of S007 writes bit 7"
+        integers(&out),
+        [
+            format!("[Integer] = {:016X}", 1u64 << 7).as_str(),
+            "[Integer] = 0000000000000000"
+        ],
+        "\n{out}"
     );
-    assert_eq!(
-        value_after("\\_SB_.PHPR.PSEG"),
-        "[Integer] = 0000000000000000"
-    );
-
-    if std::env::var_os("ACPI_IASL_KEEP").is_none() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
+    done(&dir);
 }
 
 /// For acpiexec: `\TINS` and `\TRMV` set the CPU hotplug controller's `CINS` or `CRMV` (the
@@ -681,17 +690,12 @@ const CPU_SSDT: &str = r#"DefinitionBlock ("", "SSDT", 2, "TEST", "CPUTEST", 1)
 /// is 0xf exactly when `CPEN` is set; `_EJ0` selects the CPU in `CSEL` and sets `CEJ0`.
 #[test]
 fn acpiexec_runs_the_cpu_scan_status_and_ejection() {
-    let cfg = &configs()
+    let max = configs()
         .into_iter()
-        .find(|(name, _)| *name == "hotplug-topology")
+        .find(|(n, _)| *n == "hotplug-topology")
         .unwrap()
-        .1;
-    let dir = scratch_dir("acpiexec-cpu");
-    let tables = build_tables(cfg).unwrap();
-    let dsdt = &tables.iter().find(|t| &t.0 == b"DSDT").unwrap().1;
-    std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
-    std::fs::write(dir.join("tcpu.asl"), CPU_SSDT).unwrap();
-    iasl(&dir, &["tcpu.asl"]);
+        .1
+        .max_vcpus;
     for (method, value) in [("TINS", "0x01"), ("TRMV", "0x03")] {
         let batch = format!(
             "evaluate \\{method}; evaluate \\_SB_.CPUS.C005._STA; \
@@ -699,35 +703,13 @@ fn acpiexec_runs_the_cpu_scan_status_and_ejection() {
              evaluate \\_SB_.CPUS.C006._EJ0 0; evaluate \\_SB_.PRES.CSEL; \
              evaluate \\_SB_.PRES.CEJ0"
         );
-        let (ok, out) = run("acpiexec", &dir, &["-b", &batch, "dsdt.aml", "tcpu.aml"]);
-        assert!(ok, "acpiexec failed:\n{out}");
-        for bad in ["ACPI Error", "ACPI Exception", "AE_", "failed"] {
-            assert!(!out.contains(bad), "{bad:?} in\n{out}");
-        }
-        let mut notified: Vec<String> = out
-            .lines()
-            .filter(|l| l.contains("Notify"))
-            .map(|l| {
-                assert!(l.contains(&format!("Value {value}")), "{l:?}");
-                l.split('[')
-                    .nth(1)
-                    .and_then(|r| r.split(']').next())
-                    .unwrap()
-                    .to_string()
-            })
+        let (dir, out) = acpiexec_batch("hotplug-topology", CPU_SSDT, &batch);
+        let want: Vec<(String, String)> = (0..max)
+            .map(|cpu| (arch::acpi::cpu_device_name(cpu), value.to_string()))
             .collect();
-        notified.sort();
-        let want: Vec<String> = (0..cfg.max_vcpus)
-            .map(arch::acpi::cpu_device_name)
-            .collect();
-        assert_eq!(notified, want, "every CPU is walked\n{out}");
-        let integers: Vec<&str> = out
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with("[Integer] = "))
-            .collect();
+        assert_eq!(notifications(&out), want, "every CPU is walked\n{out}");
         assert_eq!(
-            integers,
+            integers(&out),
             [
                 "[Integer] = 0000000000000000",
                 "[Integer] = 000000000000000F",
@@ -736,9 +718,7 @@ fn acpiexec_runs_the_cpu_scan_status_and_ejection() {
             ],
             "_STA absent then present, CSEL 6 and CEJ0 set by _EJ0:\n{out}"
         );
-    }
-    if std::env::var_os("ACPI_IASL_KEEP").is_none() {
-        std::fs::remove_dir_all(&dir).unwrap();
+        done(&dir);
     }
 }
 
@@ -778,17 +758,6 @@ const MEMORY_SSDT: &str = r#"DefinitionBlock ("", "SSDT", 2, "TEST", "MEMTEST", 
 /// `MEN_` is set.
 #[test]
 fn acpiexec_runs_the_memory_scan_crs_and_status() {
-    let cfg = &configs()
-        .into_iter()
-        .find(|(name, _)| *name == "memory-hotplug")
-        .unwrap()
-        .1;
-    let dir = scratch_dir("acpiexec-memory");
-    let tables = build_tables(cfg).unwrap();
-    let dsdt = &tables.iter().find(|t| &t.0 == b"DSDT").unwrap().1;
-    std::fs::write(dir.join("dsdt.aml"), dsdt).unwrap();
-    std::fs::write(dir.join("tmem.asl"), MEMORY_SSDT).unwrap();
-    iasl(&dir, &["tmem.asl"]);
     // The emulated region has one dword at offset 0 for `MSEL` (written) and `MHBL` (read),
     // which the device keeps apart: `_CRS` writes the slot number there before it reads the
     // base, so slot 0 and a base whose low half is 0 keep the two in agreement.
@@ -797,35 +766,17 @@ fn acpiexec_runs_the_memory_scan_crs_and_status() {
         "evaluate \\_SB_.MHPC.M000._STA; evaluate \\TMEM {base:#x} {len:#x}; \
          evaluate \\TMEN; evaluate \\_SB_.MHPC.M000._STA; evaluate \\_SB_.MHPC.M000._CRS"
     );
-    let (ok, out) = run("acpiexec", &dir, &["-b", &batch, "dsdt.aml", "tmem.aml"]);
-    assert!(ok, "acpiexec failed:\n{out}");
-    for bad in ["ACPI Error", "ACPI Exception", "AE_", "failed"] {
-        assert!(!out.contains(bad), "{bad:?} in\n{out}");
-    }
-    let mut notified: Vec<String> = out
-        .lines()
-        .filter(|l| l.contains("Notify"))
-        .map(|l| {
-            assert!(l.contains("Value 0x01"), "{l:?}");
-            l.split('[')
-                .nth(1)
-                .and_then(|r| r.split(']').next())
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    notified.sort();
-    let want: Vec<String> = (0..cfg.memory_slots)
-        .map(arch::acpi::memory_device_name)
-        .collect();
-    assert_eq!(notified, want, "every slot reads inserting here\n{out}");
-    let integers: Vec<&str> = out
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("[Integer] = "))
+    let (dir, out) = acpiexec_batch("memory-hotplug", MEMORY_SSDT, &batch);
+    let want: Vec<(String, String)> = (0..16)
+        .map(|slot| (arch::acpi::memory_device_name(slot), "0x01".to_string()))
         .collect();
     assert_eq!(
-        integers,
+        notifications(&out),
+        want,
+        "every slot reads inserting here\n{out}"
+    );
+    assert_eq!(
+        integers(&out),
         [
             "[Integer] = 0000000000000000",
             "[Integer] = 000000000000000F"
@@ -858,7 +809,5 @@ fn acpiexec_runs_the_memory_scan_crs_and_status() {
         (base, base + len - 1, len),
         "_MIN, _MAX, _LEN\n{out}"
     );
-    if std::env::var_os("ACPI_IASL_KEEP").is_none() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
+    done(&dir);
 }
