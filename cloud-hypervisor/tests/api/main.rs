@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod acpi_memory;
 mod bad_requests;
 mod balloon;
 mod contract;
