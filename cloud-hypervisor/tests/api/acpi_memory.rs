@@ -250,6 +250,30 @@ fn acpi_memory_resize_plugs_dimms_the_guest_onlines() {
     assert_eq!(vmm.wait().code(), Some(0));
 }
 
+/// Sixteen DIMMs of 128 MiB, each onlined by the guest in the slot after the last; the
+/// seventeenth is 400 (every slot taken), with room left in the region.
+#[test]
+fn acpi_memory_sixteen_slots() {
+    let hotplug = 18 * 128 * MIB;
+    let (vmm, serial) = boot_guest("acpi-memory-slots", hotplug);
+    for slot in 0..16u32 {
+        let ram = RAM + u64::from(slot + 1) * 128 * MIB;
+        let base = REGION + u64::from(slot) * 128 * MIB;
+        plug(
+            &vmm,
+            &serial,
+            &format!("{}M", ram / MIB),
+            (slot, base, 128 * MIB),
+            1,
+        );
+    }
+    serial.wait_line(&format!("INFO acpimem total={}", 2048 * MIB), 1);
+    assert_eq!(memory_info(&vmm), (RAM + 2048 * MIB, 2048 * MIB));
+    refused(&vmm, RAM + 2176 * MIB, "every memory hotplug slot is taken");
+    assert_eq!(memory_info(&vmm), (RAM + 2048 * MIB, 2048 * MIB));
+    serial.assert_no_fail();
+}
+
 /// Pause, snapshot, restore in a new VMM, resume: the restored VM has the DIMMs (the same
 /// memory slots and controller state), the guest's data in them is intact, and the next resize
 /// takes the next slot.
@@ -282,6 +306,45 @@ fn acpi_memory_snapshot_restore_keeps_the_dimms() {
     assert_eq!(memory_info(&b), (640 * MIB, 384 * MIB));
     let text = restored.text();
     assert!(!text.contains("READY"), "the guest started again:\n{text}");
+    restored.assert_no_fail();
+    assert_eq!(b.put("vmm.shutdown").0, 200);
+    assert_eq!(b.wait().code(), Some(0));
+}
+
+/// A DIMM plugged while the VM is paused and snapshotted before the guest has seen it: the
+/// restored VM's guest gets the GED's interrupt on resume, finds the slot inserting and onlines
+/// it.
+#[test]
+fn acpi_memory_plugged_while_paused_survives_a_snapshot() {
+    let (mut a, serial) = boot_guest("acpi-memory-paused-a", HOTPLUG);
+    plug(&a, &serial, "512M", (0, REGION, 256 * MIB), 1);
+    assert_eq!(a.put("vm.pause").0, 204);
+    resize(&a, "640M");
+    assert_eq!(memory_info(&a), (640 * MIB, 384 * MIB));
+    let snap = a.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let url = format!("file://{}", snap.display());
+    let body = json!({ "destination_url": url }).to_string();
+    let (status, text) = a.curl("PUT", "vm.snapshot", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(a.put("vmm.shutdown").0, 200);
+    assert_eq!(a.wait().code(), Some(0));
+    let text = serial.text();
+    assert!(
+        !text.contains("slot=1"),
+        "the paused guest saw DIMM 1:\n{text}"
+    );
+
+    let mut b = Vmm::start("acpi-memory-paused-b", &[]);
+    let restored = Serial::of(&mut b);
+    let body = json!({ "source_url": url }).to_string();
+    let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(memory_info(&b), (640 * MIB, 384 * MIB));
+    assert_eq!(b.put("vm.resume").0, 204);
+    restored.wait_line(&dimm_line("added", 1, REGION + 256 * MIB, 128 * MIB), 1);
+    restored.wait_line(&format!("INFO acpimem total={}", 384 * MIB), 1);
+    plug(&b, &restored, "768M", (2, REGION + 384 * MIB, 128 * MIB), 1);
     restored.assert_no_fail();
     assert_eq!(b.put("vmm.shutdown").0, 200);
     assert_eq!(b.wait().code(), Some(0));
