@@ -14,8 +14,10 @@
 //! being inserted (`MINS`) is acknowledged by writing `MINS` and onlined. Onlining maps the
 //! range write-back above 4 GiB (`paging::map_ram`) and writes, then reads back, a pattern of
 //! the address in the first and last 8 bytes of every 4 KiB page. Once, on the first present
-//! slot, it checks that an ejection (`MEJ0`) is refused: memory cannot be removed. See
-//! docs/test-guest.md for the lines it prints.
+//! slot, it checks that an ejection (`MEJ0`) is refused: memory cannot be removed. With
+//! `acpimem_busy=1` it also rewrites one word of every 2 MiB of onlined memory every 20 ms,
+//! checking it still holds the previous round's value (so a live migration's dirty log over the
+//! DIMMs is put to the test). See docs/test-guest.md for the lines it prints.
 
 use alloc::format;
 use alloc::string::String;
@@ -25,13 +27,18 @@ use core::ptr::{read_volatile, write_volatile};
 use crate::acpi_sys::AcpiInfo;
 use crate::bootinfo::BootInfo;
 use crate::phpr::{contains, devices, fields, method, name_int, op_region, HID_PNP0A06};
-use crate::{fail, println, smp, svc};
+use crate::{fail, parse_u64, println, smp, svc};
 
 /// GED event bit: memory devices changed.
 const GED_MEMORY: u8 = 0x10;
 const PAGE: u64 = 4096;
 /// Linux's memory block (section) size on x86-64: hot-plugged ranges come in these.
 const BLOCK: u64 = 128 << 20;
+/// `acpimem_busy`: one word per this many bytes is rewritten every round.
+const BUSY_STRIDE: u64 = 2 << 20;
+/// `acpimem_busy`: a round every this many milliseconds, a report every `BUSY_REPORT` rounds.
+const BUSY_MS: u64 = 20;
+const BUSY_REPORT: u64 = 25;
 /// Mixed into every pattern word ("acpimem").
 const SEED: u64 = 0x0061_6370_696d_656d;
 
@@ -215,6 +222,17 @@ fn check(base: u64, size: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// The words `acpimem_busy` rewrites: the second of every 2 MiB (not one `words` has).
+fn busy_words(base: u64, size: u64) -> impl Iterator<Item = u64> {
+    (base..base + size)
+        .step_by(BUSY_STRIDE as usize)
+        .map(|c| c + 8)
+}
+
+fn busy_pattern(a: u64, round: u64) -> u64 {
+    pattern(a) ^ round.wrapping_mul(0x0100_0000_01b3)
+}
+
 struct AcpiMem {
     m: Mhpc,
     slots: u32,
@@ -223,6 +241,8 @@ struct AcpiMem {
     /// Ranges a DIMM must not overlap: the memory map's RAM and the 64-bit PCI window.
     taken: Vec<(u64, u64)>,
     eject_checked: bool,
+    /// `acpimem_busy`: the last round whose words are in the onlined DIMMs.
+    round: u64,
 }
 
 impl AcpiMem {
@@ -299,6 +319,10 @@ impl AcpiMem {
             unsafe { write_volatile(w as *mut u64, pattern(w)) };
         }
         check(base, len)?;
+        for w in busy_words(base, len) {
+            // SAFETY: as above.
+            unsafe { write_volatile(w as *mut u64, busy_pattern(w, self.round)) };
+        }
         let us = (svc::rdtsc() - t0) / smp::TSC_PER_US;
         println!(
             "INFO acpimem slot={slot} written and read back in about {} ms",
@@ -373,6 +397,45 @@ impl AcpiMem {
         println!("INFO acpimem verify ok total={}", self.total());
     }
 
+    /// One `acpimem_busy` round: each busy word of the onlined DIMMs must hold the last round's
+    /// value, then gets the next one's.
+    fn busy_round(&mut self) {
+        let (last, next) = (self.round, self.round + 1);
+        let mut bad = None;
+        for (base, len) in self.online.iter().flatten() {
+            for w in busy_words(*base, *len) {
+                // SAFETY: an onlined DIMM, mapped by `map_ram`; only this scenario uses it.
+                let v = unsafe { read_volatile(w as *const u64) };
+                if v != busy_pattern(w, last) && bad.is_none() {
+                    bad = Some((w, v));
+                }
+                // SAFETY: as above.
+                unsafe { write_volatile(w as *mut u64, busy_pattern(w, next)) };
+            }
+        }
+        self.round = next;
+        if let Some((w, v)) = bad {
+            fail(
+                "acpimem-busy",
+                format_args!(
+                    "round {next}: {w:#x} holds {v:#x}, not round {last}'s {:#x}",
+                    busy_pattern(w, last)
+                ),
+            );
+        } else if next % BUSY_REPORT == 0 {
+            println!("INFO acpimem round={next} ok total={}", self.total());
+        }
+    }
+
+    fn on_bits(&mut self, bits: u8) {
+        if bits & !GED_MEMORY != 0 {
+            println!("ACPIMEM EVENT bits={bits:#x}");
+        }
+        if bits & GED_MEMORY != 0 {
+            self.scan();
+        }
+    }
+
     /// `MSCN`: each slot being inserted is acknowledged (MINS written) and onlined.
     fn scan(&mut self) {
         self.verify();
@@ -432,6 +495,7 @@ impl AcpiMem {
 }
 
 pub fn scenario_acpimem(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
+    let busy = boot.arg("acpimem_busy").and_then(parse_u64).unwrap_or(0) != 0;
     let Some(a) = acpi else {
         fail("acpimem", format_args!("no ACPI tables"));
         return;
@@ -481,17 +545,42 @@ pub fn scenario_acpimem(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         online: alloc::vec![None; slots as usize],
         taken,
         eject_checked: false,
+        round: 0,
     };
     mem.boot_scan();
     let present = mem.online.iter().flatten().count();
     println!("INFO acpimem slots={present} total={}", mem.total());
     println!("READY");
-    crate::ged_loop(ged_port, "acpimem-irq", |bits| {
-        if bits & !GED_MEMORY != 0 {
-            println!("ACPIMEM EVENT bits={bits:#x}");
+    if !busy {
+        crate::ged_loop(ged_port, "acpimem-irq", |bits| mem.on_bits(bits))
+    }
+    busy_loop(&mut mem, ged_port)
+}
+
+/// `crate::ged_loop` with a busy round every `BUSY_MS`: waits for the GED's interrupt at most
+/// that long, reads its register (which clears it) and hands non-zero bits on; bits pending
+/// without an interrupt within a further 200 ms print `FAIL acpimem-irq: …`.
+fn busy_loop(mem: &mut AcpiMem, ged_port: u16) -> ! {
+    let mut taken = svc::irq_count(svc::IRQ_VECTOR);
+    loop {
+        let n = svc::wait_vector(svc::IRQ_VECTOR, taken + 1, BUSY_MS);
+        let mut irq = n > taken;
+        taken = n;
+        let bits = svc::inb(ged_port);
+        if bits != 0 {
+            if !irq {
+                let n = svc::wait_vector(svc::IRQ_VECTOR, taken + 1, 200);
+                irq = n > taken;
+                taken = n;
+                if !irq {
+                    fail(
+                        "acpimem-irq",
+                        format_args!("GED bits {bits:#x} pending without an interrupt"),
+                    );
+                }
+            }
+            mem.on_bits(bits);
         }
-        if bits & GED_MEMORY != 0 {
-            mem.scan();
-        }
-    })
+        mem.busy_round();
+    }
 }

@@ -85,26 +85,27 @@ impl Serial {
     }
 }
 
-/// The test guest in `test=acpimem` with 256 MiB of RAM, a 1 GiB hotplug region (the
-/// default method: ACPI) and one vCPU, its serial port on the VMM's stdout.
-fn config(hotplug: u64) -> Value {
+/// The test guest in `test=acpimem` (then the words of `args`) with 256 MiB of RAM, a hotplug
+/// region of `hotplug` bytes (the default method: ACPI) and one vCPU, its serial port on the
+/// VMM's stdout.
+fn config(hotplug: u64, args: &str) -> Value {
     let kernel = common::guest().elf_pvh.display().to_string();
     json!({
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
         "memory": {"size": RAM, "hotplug_size": hotplug},
-        "payload": {"kernel": kernel, "cmdline": "test=acpimem"},
+        "payload": {"kernel": kernel, "cmdline": format!("test=acpimem {args}").trim()},
         "serial": {"mode": "Tty"},
         "console": {"mode": "Off"},
     })
 }
 
-/// Starts a VMM, creates and boots the guest with a region of `hotplug` bytes and waits for its
-/// READY with nothing plugged.
-fn boot_guest(name: &str, hotplug: u64) -> (Vmm, Serial) {
+/// Starts a VMM, creates and boots the guest (`config`) and waits for its READY with nothing
+/// plugged.
+fn boot_guest(name: &str, hotplug: u64, args: &str) -> (Vmm, Serial) {
     require_curl();
     let mut vmm = Vmm::start(name, &[]);
     let serial = Serial::of(&mut vmm);
-    let (status, body) = vmm.curl("PUT", "vm.create", Some(&config(hotplug).to_string()));
+    let (status, body) = vmm.curl("PUT", "vm.create", Some(&config(hotplug, args).to_string()));
     assert_eq!(status, 204, "{body}");
     assert_eq!(vmm.put("vm.boot").0, 204);
     serial.wait_line("READY", 1);
@@ -181,7 +182,7 @@ fn refused(vmm: &Vmm, ram: u64, why: &str) {
 
 #[test]
 fn acpi_memory_resize_plugs_dimms_the_guest_onlines() {
-    let (mut vmm, serial) = boot_guest("acpi-memory", HOTPLUG);
+    let (mut vmm, serial) = boot_guest("acpi-memory", HOTPLUG, "");
     let pid = vmm.pid();
     assert_eq!(memory_info(&vmm), (RAM, 0));
     let base = vm_rss(pid);
@@ -255,7 +256,7 @@ fn acpi_memory_resize_plugs_dimms_the_guest_onlines() {
 #[test]
 fn acpi_memory_sixteen_slots() {
     let hotplug = 18 * 128 * MIB;
-    let (vmm, serial) = boot_guest("acpi-memory-slots", hotplug);
+    let (vmm, serial) = boot_guest("acpi-memory-slots", hotplug, "");
     for slot in 0..16u32 {
         let ram = RAM + u64::from(slot + 1) * 128 * MIB;
         let base = REGION + u64::from(slot) * 128 * MIB;
@@ -279,7 +280,7 @@ fn acpi_memory_sixteen_slots() {
 /// takes the next slot.
 #[test]
 fn acpi_memory_snapshot_restore_keeps_the_dimms() {
-    let (mut a, serial) = boot_guest("acpi-memory-snap-a", HOTPLUG);
+    let (mut a, serial) = boot_guest("acpi-memory-snap-a", HOTPLUG, "");
     plug(&a, &serial, "512M", (0, REGION, 256 * MIB), 1);
     assert_eq!(a.put("vm.pause").0, 204);
     let snap = a.dir.join("snap");
@@ -316,7 +317,7 @@ fn acpi_memory_snapshot_restore_keeps_the_dimms() {
 /// it.
 #[test]
 fn acpi_memory_plugged_while_paused_survives_a_snapshot() {
-    let (mut a, serial) = boot_guest("acpi-memory-paused-a", HOTPLUG);
+    let (mut a, serial) = boot_guest("acpi-memory-paused-a", HOTPLUG, "");
     plug(&a, &serial, "512M", (0, REGION, 256 * MIB), 1);
     assert_eq!(a.put("vm.pause").0, 204);
     resize(&a, "640M");
@@ -363,14 +364,48 @@ fn receive(vmm: &Vmm, url: &str) -> Child {
         .unwrap()
 }
 
-/// A live migration of a VM with two DIMMs the guest has written: the destination has them
-/// (vm.info, the slots), and the guest there finds its data intact at the next scan, which a
-/// resize triggers and which adds the next DIMM.
+/// The guest's `acpimem_busy` reports so far: (round, bytes onlined).
+fn rounds(serial: &Serial) -> Vec<(u64, u64)> {
+    serial
+        .text()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("INFO acpimem round=")?;
+            let (n, total) = rest.split_once(" ok total=")?;
+            Some((n.parse().ok()?, total.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Waits (up to 30 s) for `n` busy reports with `total` bytes onlined; returns the reports.
+fn wait_rounds(serial: &Serial, total: u64, n: usize) -> Vec<(u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        serial.assert_no_fail();
+        let r = rounds(serial);
+        if r.iter().filter(|x| x.1 == total).count() >= n {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {n} rounds with {total} bytes:\n{}",
+            serial.text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A live migration of a VM with two DIMMs the guest has written and keeps rewriting
+/// (`acpimem_busy=1`: a word of every 2 MiB every 20 ms, each checked against the previous
+/// round's, so the dirty log must cover the DIMMs): the destination has them (vm.info, the
+/// slots), the guest's rounds go on there with every word right, and its data is intact at
+/// the next scan, which a resize triggers and which adds the next DIMM.
 #[test]
 fn acpi_memory_live_migration_keeps_the_dimms() {
-    let (mut a, serial) = boot_guest("acpi-memory-migrate-src", HOTPLUG);
+    let (mut a, serial) = boot_guest("acpi-memory-migrate-src", HOTPLUG, "acpimem_busy=1");
     plug(&a, &serial, "512M", (0, REGION, 256 * MIB), 1);
     plug(&a, &serial, "768M", (1, REGION + 256 * MIB, 256 * MIB), 1);
+    wait_rounds(&serial, 512 * MIB, 2);
     let mut b = Vmm::start("acpi-memory-migrate-dst", &[]);
     let dst = Serial::of(&mut b);
     let sock = b.dir.join("migration.sock");
@@ -400,9 +435,15 @@ fn acpi_memory_live_migration_keeps_the_dimms() {
     let run = a.wait();
     assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
     serial.assert_no_fail();
+    let last = rounds(&serial)
+        .last()
+        .copied()
+        .expect("rounds at the source");
 
     assert_eq!(b.state(), "Running");
     assert_eq!(memory_info(&b), (768 * MIB, 512 * MIB));
+    let after = wait_rounds(&dst, 512 * MIB, 3);
+    assert!(after[0].0 > last.0, "round {:?} after {last:?}", after[0]);
     plug(&b, &dst, "896M", (2, REGION + 512 * MIB, 128 * MIB), 1);
     dst.wait_line(&format!("INFO acpimem verify ok total={}", 512 * MIB), 1);
     assert_eq!(memory_info(&b), (896 * MIB, 640 * MIB));
@@ -427,7 +468,7 @@ fn median<T: Ord + Copy>(mut v: Vec<T>) -> T {
 fn acpi_memory_figures() {
     let (mut first, mut later, mut rss) = (vec![], vec![], vec![]);
     for vm in 0..3 {
-        let (vmm, serial) = boot_guest(&format!("acpi-memory-figures-{vm}"), HOTPLUG);
+        let (vmm, serial) = boot_guest(&format!("acpi-memory-figures-{vm}"), HOTPLUG, "");
         let pid = vmm.pid();
         for slot in 0..4u32 {
             let r0 = vm_rss(pid);
@@ -454,7 +495,7 @@ fn acpi_memory_figures() {
         eprintln!("vm {vm}: {guest:?}");
     }
     let call = {
-        let (vmm, _serial) = boot_guest("acpi-memory-figures-call", HOTPLUG);
+        let (vmm, _serial) = boot_guest("acpi-memory-figures-call", HOTPLUG, "");
         let mut v = vec![];
         for _ in 0..5 {
             // The size the VM has: nothing to plug.
