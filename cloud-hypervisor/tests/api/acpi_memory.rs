@@ -102,10 +102,15 @@ fn config(hotplug: u64, args: &str) -> Value {
 /// Starts a VMM, creates and boots the guest (`config`) and waits for its READY with nothing
 /// plugged.
 fn boot_guest(name: &str, hotplug: u64, args: &str) -> (Vmm, Serial) {
+    boot_with(name, config(hotplug, args))
+}
+
+/// `boot_guest` with this configuration.
+fn boot_with(name: &str, config: Value) -> (Vmm, Serial) {
     require_curl();
     let mut vmm = Vmm::start(name, &[]);
     let serial = Serial::of(&mut vmm);
-    let (status, body) = vmm.curl("PUT", "vm.create", Some(&config(hotplug, args).to_string()));
+    let (status, body) = vmm.curl("PUT", "vm.create", Some(&config.to_string()));
     assert_eq!(status, 204, "{body}");
     assert_eq!(vmm.put("vm.boot").0, 204);
     serial.wait_line("READY", 1);
@@ -280,7 +285,21 @@ fn acpi_memory_sixteen_slots() {
 /// takes the next slot.
 #[test]
 fn acpi_memory_snapshot_restore_keeps_the_dimms() {
-    let (mut a, serial) = boot_guest("acpi-memory-snap-a", HOTPLUG, "");
+    snapshot_restore("acpi-memory-snap", None);
+}
+
+/// The same, restored on demand (userfaultfd, the DIMMs' pages read from the snapshot as the
+/// guest touches them) and copy-on-write (the snapshot's memory file mapped privately).
+#[test]
+fn acpi_memory_restore_on_demand_and_copy_on_write() {
+    snapshot_restore("acpi-memory-ondemand", Some("ondemand"));
+    snapshot_restore("acpi-memory-cow", Some("copyonwrite"));
+}
+
+/// Boots, plugs a DIMM of 256 MiB, snapshots, restores in a new VMM (over the API, or with
+/// `ch-remote restore` in `mode`), resumes and plugs the next DIMM.
+fn snapshot_restore(name: &str, mode: Option<&str>) {
+    let (mut a, serial) = boot_guest(&format!("{name}-a"), HOTPLUG, "");
     plug(&a, &serial, "512M", (0, REGION, 256 * MIB), 1);
     assert_eq!(a.put("vm.pause").0, 204);
     let snap = a.dir.join("snap");
@@ -293,11 +312,24 @@ fn acpi_memory_snapshot_restore_keeps_the_dimms() {
     assert_eq!(a.wait().code(), Some(0));
     serial.assert_no_fail();
 
-    let mut b = Vmm::start("acpi-memory-snap-b", &[]);
+    let mut b = Vmm::start(&format!("{name}-b"), &[]);
     let restored = Serial::of(&mut b);
-    let body = json!({ "source_url": url }).to_string();
-    let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
-    assert_eq!(status, 204, "{text}");
+    match mode {
+        None => {
+            let body = json!({ "source_url": url }).to_string();
+            let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+            assert_eq!(status, 204, "{text}");
+        }
+        Some(m) => {
+            let arg = format!("source_url={url},memory_restore_mode={m}");
+            let out = b.ch_remote(&["restore", &arg]);
+            assert!(
+                out.status.success(),
+                "restore {arg}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     assert_eq!(b.state(), "Paused");
     assert_eq!(memory_info(&b), (512 * MIB, 256 * MIB));
     assert_eq!(b.put("vm.resume").0, 204);
@@ -310,6 +342,8 @@ fn acpi_memory_snapshot_restore_keeps_the_dimms() {
     restored.assert_no_fail();
     assert_eq!(b.put("vmm.shutdown").0, 200);
     assert_eq!(b.wait().code(), Some(0));
+    // The snapshot holds the whole region: gone with the test.
+    let _ = std::fs::remove_dir_all(&a.dir);
 }
 
 /// A DIMM plugged while the VM is paused and snapshotted before the guest has seen it: the
@@ -349,6 +383,8 @@ fn acpi_memory_plugged_while_paused_survives_a_snapshot() {
     restored.assert_no_fail();
     assert_eq!(b.put("vmm.shutdown").0, 200);
     assert_eq!(b.wait().code(), Some(0));
+    // The snapshot holds the whole region: gone with the test.
+    let _ = std::fs::remove_dir_all(&a.dir);
 }
 
 /// `ch-remote receive-migration <url>` on `vmm`, in the background.
@@ -402,11 +438,24 @@ fn wait_rounds(serial: &Serial, total: u64, n: usize) -> Vec<(u64, u64)> {
 /// the next scan, which a resize triggers and which adds the next DIMM.
 #[test]
 fn acpi_memory_live_migration_keeps_the_dimms() {
-    let (mut a, serial) = boot_guest("acpi-memory-migrate-src", HOTPLUG, "acpimem_busy=1");
+    migrate_and_check("acpi-memory-migrate", false);
+}
+
+/// The same as a local migration with shared memory: the memory files (the hotplug region's
+/// among them) are handed over instead of copied.
+#[test]
+fn acpi_memory_local_migration_hands_the_dimms_over() {
+    migrate_and_check("acpi-memory-migrate-local", true);
+}
+
+fn migrate_and_check(name: &str, local: bool) {
+    let mut config = config(HOTPLUG, "acpimem_busy=1");
+    config["memory"]["shared"] = json!(local);
+    let (mut a, serial) = boot_with(&format!("{name}-src"), config);
     plug(&a, &serial, "512M", (0, REGION, 256 * MIB), 1);
     plug(&a, &serial, "768M", (1, REGION + 256 * MIB, 256 * MIB), 1);
     wait_rounds(&serial, 512 * MIB, 2);
-    let mut b = Vmm::start("acpi-memory-migrate-dst", &[]);
+    let mut b = Vmm::start(&format!("{name}-dst"), &[]);
     let dst = Serial::of(&mut b);
     let sock = b.dir.join("migration.sock");
     let url = format!("unix:{}", sock.display());
@@ -418,7 +467,7 @@ fn acpi_memory_live_migration_keeps_the_dimms() {
     }
     // The file appears at bind(), a moment before listen().
     std::thread::sleep(Duration::from_millis(50));
-    let body = json!({ "destination_url": url }).to_string();
+    let body = json!({ "destination_url": url, "local": local }).to_string();
     let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body));
     assert_eq!(status, 204, "{text}");
     let deadline = Instant::now() + Duration::from_secs(60);
