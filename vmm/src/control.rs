@@ -536,7 +536,8 @@ impl Vmm {
         let state = vm
             .snapshot()
             .map_err(|c| chain(snapshot::SnapshotError::snapshot(c)))?;
-        let bytes = snapshot::write(&dir, config, &state, vm.memory()).map_err(chain)?;
+        let bytes =
+            snapshot::write(&dir, config, &state, vm.memory(), vm.ram_is_fresh()).map_err(chain)?;
         info!(
             "snapshot written to {}: {} vCPU(s), {} MiB of RAM in {:?}",
             dir.display(),

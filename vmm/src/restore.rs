@@ -4,6 +4,8 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use guest_memory::{GuestMemoryMmap, GuestRegionMmap};
@@ -173,16 +175,58 @@ fn copy(
     cfg.prefault |= prefault;
     let mem = memory::create_guest_memory(&cfg).map_err(|e| Cause::new(e.to_string()))?;
     let mut file = &src.memory;
-    for (r, _) in ranges {
-        // The ranges are back to back in the file, in this order, from its start.
-        memory::read_range(&mem, r.gpa, r.length, &mut file, COPY_CHUNK).map_err(|e| {
+    for (r, offset) in ranges {
+        let err = |e: std::io::Error| {
             Cause::io(format!(
                 "Error reading memory snapshot region at {:#x}",
                 r.gpa
-            ))(std::io::Error::other(e))
-        })?;
+            ))(e)
+        };
+        // Fresh RAM is zeros: only the file's data is read, its holes (pages the guest never
+        // used) are left alone, so they take no host memory.
+        for (at, len) in data_extents(file, *offset, r.length).map_err(err)? {
+            file.seek(SeekFrom::Start(at)).map_err(err)?;
+            memory::read_range(&mem, r.gpa + (at - offset), len, &mut file, COPY_CHUNK)
+                .map_err(|e| err(std::io::Error::other(e)))?;
+        }
     }
     Ok(mem)
+}
+
+/// The parts of `file` between `start` and `start + len` that hold data, as (offset, length):
+/// the whole range where the file system cannot say (no SEEK_DATA).
+pub fn data_extents(file: &File, start: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let end = start + len;
+    let seek = |from: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        let off = libc::off_t::try_from(from).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on an open descriptor; it only moves the file position.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match std::io::Error::last_os_error() {
+            // No data at or after `from`.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let data = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(start, len)]),
+            Err(e) => return Err(e),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((data, hole - data));
+        at = hole;
+    }
+    Ok(out)
 }
 
 /// Guest RAM as private mappings of the memory file: nothing is read up front, pages come from
@@ -286,3 +330,51 @@ pub fn region_is_file(region: &GuestRegionMmap) -> bool {
 
 #[allow(unused_imports)]
 use GuestMemoryBackend as _;
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// A file with data at 8 KiB and from 1 MiB + 4 KiB to 1 MiB + 12 KiB, holes elsewhere,
+    /// 4 MiB long.
+    fn sparse_file() -> File {
+        let path = std::env::temp_dir().join(format!("sparse-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 8192).unwrap();
+        f.write_all_at(&[2u8; 8192], (1 << 20) + 4096).unwrap();
+        f
+    }
+
+    #[test]
+    fn data_extents_skip_the_holes() {
+        let f = sparse_file();
+        let all = data_extents(&f, 0, 4 << 20).unwrap();
+        // A file system may round extents to its blocks; the data is inside them and the big
+        // holes are not.
+        let covered: u64 = all.iter().map(|&(_, len)| len).sum();
+        assert!(covered < 1 << 20, "{all:x?}");
+        for want in [8192u64, (1 << 20) + 4096, (1 << 20) + 8192] {
+            assert!(
+                all.iter().any(|&(at, len)| at <= want && want < at + len),
+                "{want:#x} not in {all:x?}"
+            );
+        }
+        // A window: only what lies inside it.
+        let part = data_extents(&f, 1 << 20, 1 << 20).unwrap();
+        assert!(part
+            .iter()
+            .all(|&(at, len)| at >= 1 << 20 && at + len <= 2 << 20));
+        assert!(!part.is_empty());
+        assert!(data_extents(&f, 2 << 20, 2 << 20).unwrap().is_empty());
+    }
+}

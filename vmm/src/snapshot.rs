@@ -4,6 +4,7 @@
 //! region; `state.json`'s `memory_ranges` says which guest range each stretch of the file is).
 
 use std::fs::{File, OpenOptions};
+use std::io::Seek;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -312,12 +313,15 @@ fn create_files(dir: &Path) -> Result<[(PathBuf, File); 3], SnapshotError> {
 }
 
 /// Writes the snapshot directory: `config`, `snapshot`, and the bytes of `mem` as
-/// `snapshot.memory_ranges` lists them. Returns the number of RAM bytes written.
+/// `snapshot.memory_ranges` lists them. `fresh`: the anonymous RAM was made fresh (not loaded
+/// on demand), so its pages never touched are zeros and stay holes in the file. Returns the
+/// number of RAM bytes written.
 pub fn write(
     dir: &Path,
     config: &VmConfig,
     snapshot: &VmSnapshot,
     mem: &GuestMemoryMmap,
+    fresh: bool,
 ) -> Result<u64, SnapshotError> {
     let [(config_path, mut config_file), (state_path, mut state_file), (mem_path, mut mem_file)] =
         create_files(dir)?;
@@ -340,7 +344,8 @@ pub fn write(
             .write_all(&bytes)
             .map_err(Cause::io("Error writing VM state snapshot"))
             .map_err(SnapshotError::send)?;
-        write_memory(mem, &snapshot.memory_ranges, &mut mem_file).map_err(SnapshotError::send)
+        write_memory(mem, &snapshot.memory_ranges, &mut mem_file, fresh)
+            .map_err(SnapshotError::send)
     })();
     if result.is_err() {
         for p in [config_path, state_path, mem_path] {
@@ -356,13 +361,21 @@ pub fn write(
 const WRITE_CHUNK: u64 = 1 << 20;
 
 /// Writes each range's bytes to `out`, back to back: from the region's own file (the memfd of
-/// shared or huge-page RAM) with `sendfile`, or from the mapping.
+/// shared or huge-page RAM) with `sendfile`, or from the mapping. Of fresh anonymous RAM
+/// (`fresh`) only the pages that hold anything are written; the others stay holes in the file
+/// (they read as zeros), so a guest that used little of its RAM (or of a hotplug region)
+/// makes a small file, and a copy restore skips them (`restore::data_extents`).
 fn write_memory(
     mem: &GuestMemoryMmap,
     ranges: &[MemoryRange],
     out: &mut File,
+    fresh: bool,
 ) -> Result<u64, Cause> {
     let mut total = 0u64;
+    let write_err = |e: String| Cause {
+        msg: "Error writing memory snapshot region".into(),
+        source: Some(io::Error::other(e)),
+    };
     for range in ranges {
         let addr = vm_memory::GuestAddress(range.gpa);
         let region = mem
@@ -377,17 +390,64 @@ fn write_memory(
                 .map_err(Cause::io("Error writing memory snapshot region"))?,
             None => false,
         };
-        if !from_file {
-            crate::memory::write_range(mem, range.gpa, range.length, out, WRITE_CHUNK).map_err(
-                |e| Cause {
-                    msg: "Error writing memory snapshot region".into(),
-                    source: Some(io::Error::other(e)),
-                },
-            )?;
+        let populated = (fresh && region.file_offset().is_none())
+            .then(|| crate::memory::populated_pages(region))
+            .flatten();
+        match (from_file, populated) {
+            (true, _) => {}
+            (false, Some(pages)) => {
+                for (first, count) in page_runs(&pages, range.length) {
+                    out.seek(io::SeekFrom::Start(total + first * PAGE))
+                        .map_err(Cause::io("Error writing memory snapshot region"))?;
+                    let len = (count * PAGE).min(range.length - first * PAGE);
+                    crate::memory::write_range(
+                        mem,
+                        range.gpa + first * PAGE,
+                        len,
+                        out,
+                        WRITE_CHUNK,
+                    )
+                    .map_err(write_err)?;
+                }
+                // The holes up to the range's end.
+                out.set_len(total + range.length)
+                    .map_err(Cause::io("Error writing memory snapshot region"))?;
+                out.seek(io::SeekFrom::Start(total + range.length))
+                    .map_err(Cause::io("Error writing memory snapshot region"))?;
+            }
+            (false, None) => {
+                crate::memory::write_range(mem, range.gpa, range.length, out, WRITE_CHUNK)
+                    .map_err(write_err)?
+            }
         }
         total += range.length;
     }
     Ok(total)
+}
+
+const PAGE: u64 = 4096;
+
+/// The runs of set bits of `bits` (bit i: page i of a range of `len` bytes): (first page,
+/// pages).
+fn page_runs(bits: &[u64], len: u64) -> Vec<(u64, u64)> {
+    let pages = len.div_ceil(PAGE);
+    let mut runs = Vec::new();
+    let mut start: Option<u64> = None;
+    for p in 0..=pages {
+        let set = p < pages
+            && bits
+                .get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0);
+        match (set, start) {
+            (true, None) => start = Some(p),
+            (false, Some(s)) => {
+                runs.push((s, p - s));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
 }
 
 /// Copies `len` bytes of `src` from `offset` to `out`'s position with `sendfile` (page cache to
@@ -419,4 +479,22 @@ fn send_file(src: &File, offset: u64, out: &File, len: u64) -> io::Result<bool> 
         left -= n as u64;
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_runs_are_the_runs_of_set_bits() {
+        assert_eq!(page_runs(&[0], 64 * PAGE), vec![]);
+        assert_eq!(page_runs(&[0b1101], 64 * PAGE), vec![(0, 1), (2, 2)]);
+        // A run across words, and one up to the range's last page.
+        assert_eq!(
+            page_runs(&[1 << 63, 0b1, 1 << 63], 192 * PAGE),
+            vec![(63, 2), (191, 1)]
+        );
+        // Bits past the range's end do not count.
+        assert_eq!(page_runs(&[u64::MAX], 3 * PAGE), vec![(0, 3)]);
+    }
 }

@@ -224,6 +224,13 @@ fn hotplug_cycles_leak_no_descriptors_threads_gsis_or_memory() {
             remove(&vmm, &serial, "leakdisk", d, round);
             remove(&vmm, &serial, "leaknet", n, round);
             assert_no_fail(&serial);
+            // The removal is done (the device dropped, its threads joined) when the VMM logs
+            // it, a moment after the guest sees the slot empty.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while gsis_after_removals(&log).len() < 2 * round {
+                assert!(std::time::Instant::now() < deadline, "no removal logged");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             usage.push(process_usage(vmm.pid()));
         }
         let (fds, threads, rss) = usage[0];
@@ -232,13 +239,7 @@ fn hotplug_cycles_leak_no_descriptors_threads_gsis_or_memory() {
             assert!(r < rss + 2048, "cycle {}: RSS grew: {usage:?}", i + 1);
         }
         // Each removal gives its device's GSIs back: after every cycle, the same number.
-        // The line comes just after the guest sees the slot empty.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let mut gsis = gsis_after_removals(&log);
-        while gsis.len() < 2 * cycles && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            gsis = gsis_after_removals(&log);
-        }
+        let gsis = gsis_after_removals(&log);
         assert_eq!(gsis.len(), 2 * cycles, "{gsis:?}");
         let after_cycles: Vec<&String> = gsis.iter().skip(1).step_by(2).collect();
         assert!(after_cycles.windows(2).all(|w| w[0] == w[1]), "{gsis:?}");
