@@ -195,6 +195,8 @@ pub(crate) struct Vmm {
     /// The guest powered off, or asked for a reset, while the migration thread had the VM.
     deferred_exit: bool,
     deferred_reset: bool,
+    /// PCI slots and CPUs the guest ejected meanwhile.
+    deferred_ejects: (u32, Vec<u32>),
 }
 
 impl Vmm {
@@ -244,6 +246,7 @@ impl Vmm {
             outgoing: None,
             deferred_exit: false,
             deferred_reset: false,
+            deferred_ejects: (0, Vec::new()),
         })
     }
 
@@ -322,6 +325,7 @@ impl Vmm {
         self.console_relay = relay;
         // Ejections the previous VM's guest made are no news to this one.
         self.events.take_ejected();
+        self.deferred_ejects = (0, Vec::new());
         self.vm = Some(vm);
         Ok(())
     }

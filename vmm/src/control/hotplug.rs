@@ -179,9 +179,20 @@ impl Vmm {
     }
 
     /// The guest ejected PCI slots or CPUs: their devices leave the VM and the configuration;
-    /// the CPUs' vCPUs stop.
+    /// the CPUs' vCPUs stop. While a migration's thread has the VM, they wait for it to come
+    /// back (`apply_ejections`).
     pub(super) fn ejected(&mut self) {
         let (slots, cpus) = self.events.take_ejected();
+        if self.vm.is_none() {
+            self.deferred_ejects.0 |= slots;
+            self.deferred_ejects.1.extend(cpus);
+            return;
+        }
+        self.apply_ejections(slots, cpus);
+    }
+
+    /// Removes the devices of the ejected `slots` and stops the ejected `cpus`.
+    pub(super) fn apply_ejections(&mut self, slots: u32, cpus: Vec<u32>) {
         let Some(vm) = self.vm.as_mut() else {
             return;
         };

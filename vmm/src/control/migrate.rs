@@ -196,6 +196,8 @@ impl Vmm {
                 if std::mem::take(&mut self.deferred_reset) {
                     let _ = self.events.reset.write(1);
                 }
+                let (slots, cpus) = std::mem::take(&mut self.deferred_ejects);
+                self.apply_ejections(slots, cpus);
                 let props = properties([("error", e)]);
                 self.monitor
                     .emit_with("vm", "migration-failed", Some(&props));
