@@ -13,6 +13,7 @@ mod net;
 mod rng;
 mod transport;
 mod vring;
+mod watchdog;
 mod worker;
 
 #[cfg(test)]
@@ -43,6 +44,7 @@ pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
 };
+pub use watchdog::{Watchdog, WatchdogState, TYPE_WATCHDOG, WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT};
 pub use worker::{QueueHandler, WorkerHandle};
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -182,6 +184,7 @@ pub enum VirtioDeviceState {
     Rng(RngState),
     Balloon(BalloonState),
     Mem(VirtioMemState),
+    Watchdog(WatchdogState),
 }
 
 impl VirtioDeviceState {
@@ -193,6 +196,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Rng(_) => "virtio-rng",
             VirtioDeviceState::Balloon(_) => "virtio-balloon",
             VirtioDeviceState::Mem(_) => "virtio-mem",
+            VirtioDeviceState::Watchdog(_) => "virtio-watchdog",
         }
     }
 
