@@ -13,7 +13,6 @@ pub const NOT_YET: &[&str] = &[
     "memory-zone",
     "numa",
     "pci-segment",
-    "platform",
     "pmem",
     "rate-limit-group",
     "tpm",
@@ -57,7 +56,7 @@ pub const VM_CONFIG: &[&str] = &[
 ];
 
 /// Flags of the original we do not implement yet.
-pub const NOT_YET_FLAGS: &[&str] = &["landlock", "pvpanic", "watchdog"];
+pub const NOT_YET_FLAGS: &[&str] = &["landlock", "watchdog"];
 
 fn opt(name: &'static str, help: &'static str) -> Arg {
     Arg::new(name)
@@ -112,7 +111,7 @@ pub fn command() -> Command {
         .arg(flag("no-shutdown", "Do not exit the VMM when the guest shuts down"))
         .arg(multi("numa", "Settings related to a given NUMA node \"guest_numa_id=<node_id>,cpus=<cpus_id>,distances=<list_of_distances_to_destination_nodes>,memory_zones=<list_of_memory_zones>,pci_segments=<list_of_pci_segments>\""))
         .arg(multi("pci-segment", "PCI Segment parameters \"pci_segment=<segment_id>,mmio32_aperture_weight=<scale>,mmio64_aperture_weight=<scale>\""))
-        .arg(opt("platform", "Platform configuration parameters \"num_pci_segments=<num_pci_segments>,iommu_segments=<list_of_segments>,serial_number=<dmi_device_serial_number>,uuid=<dmi_device_uuid>,oem_strings=<list_of_strings>\""))
+        .arg(opt("platform", "Platform configuration parameters \"num_pci_segments=<num_pci_segments>,iommu_segments=<list_of_segments>,iommu_address_width=<bits>,iommufd=on|off,iommufd_fd=<fd>,vfio_p2p_dma=on|off,system_manufacturer=<dmi_system_manufacturer>,system_product_name=<dmi_system_product_name>,system_version=<dmi_system_version>,system_serial_number=<dmi_system_serial_number>,system_uuid=<dmi_system_uuid>,system_sku_number=<dmi_system_sku_number>,system_family=<dmi_system_family>,oem_strings=<list_of_strings>,chassis_asset_tag=<dmi_chassis_asset_tag>\""))
         .arg(multi("pmem", "Persistent memory parameters \"file=<backing_file_path>,size=<persistent_memory_size>,iommu=on|off,discard_writes=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\""))
         .arg(flag("pvpanic", "Enable pvpanic device"))
         .arg(multi("rate-limit-group", "Rate Limit Group parameters \"bw_size=<bytes>,bw_one_time_burst=<bytes>,bw_refill_time=<ms>,ops_size=<io_ops>,ops_one_time_burst=<io_ops>,ops_refill_time=<ms>,id=<device_id>\""))

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RestoreConfig, RngConfig,
+    PlatformConfig, RestoreConfig, RngConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -63,6 +63,9 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     let balloon = s("balloon").map(|b| BalloonConfig::parse(&b)).transpose()?;
+    let platform = s("platform")
+        .map(|p| PlatformConfig::parse(&p))
+        .transpose()?;
     Ok(VmConfig {
         cpus,
         memory,
@@ -79,6 +82,8 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         net,
         rng,
         balloon,
+        platform,
+        pvpanic: m.get_flag("pvpanic"),
         unsupported: Default::default(),
     })
 }

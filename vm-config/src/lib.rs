@@ -7,6 +7,7 @@ mod generated;
 pub mod mac;
 mod migration;
 mod parser;
+mod platform;
 mod restore;
 #[cfg(test)]
 mod rules_tests;
@@ -24,6 +25,7 @@ pub use devices::{
 pub use extra::Extra;
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
+pub use platform::{parse_uuid, PlatformConfig};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
 pub use unsupported::UnsupportedConfig;
 
@@ -566,6 +568,12 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    /// `--platform`: the SMBIOS identity (one PCI segment, no IOMMU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformConfig>,
+    /// `--pvpanic`: a pvpanic PCI device through which the guest reports its panics.
+    #[serde(default)]
+    pub pvpanic: bool,
     /// The original's fields for what we do not implement yet: accepted only when empty.
     #[serde(flatten)]
     pub unsupported: UnsupportedConfig,
@@ -649,6 +657,10 @@ impl VmConfig {
         self.memory
             .validate()
             .map_err(|m| ConfigError::new("--memory", "", m))?;
+        if let Some(p) = &self.platform {
+            p.validate()
+                .map_err(|m| ConfigError::new(PlatformConfig::OPTION, "", m))?;
+        }
         self.unsupported.validate()
     }
 }
@@ -665,6 +677,9 @@ impl VmConfig {
         self.rng.extra.check("rng")?;
         if let Some(b) = &self.balloon {
             b.extra.check("balloon")?;
+        }
+        if let Some(p) = &self.platform {
+            p.extra.check("platform")?;
         }
         for (i, d) in self.disks.iter().enumerate() {
             d.extra.check(&format!("disks[{i}]"))?;
@@ -832,6 +847,8 @@ mod tests {
             net: Vec::new(),
             rng: RngConfig::default(),
             balloon: None,
+            platform: None,
+            pvpanic: false,
             unsupported: UnsupportedConfig::default(),
         }
     }
@@ -904,6 +921,8 @@ mod tests {
             net: vec![NetConfig::parse("tap=t0").unwrap()],
             rng: RngConfig::default(),
             balloon: None,
+            platform: None,
+            pvpanic: false,
             unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();

@@ -33,8 +33,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_segments: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landlock_rules: Option<Value>,
@@ -44,8 +42,6 @@ pub struct UnsupportedConfig {
     pub iommu: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchdog: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pvpanic: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landlock_enable: Option<Value>,
     /// Any other top-level key: refused unless it asks for nothing, as in every object.
@@ -66,7 +62,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 19] = [
+        let fields: [(&'static str, &Option<Value>); 17] = [
             ("rate_limit_groups", &self.rate_limit_groups),
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
@@ -78,13 +74,11 @@ impl UnsupportedConfig {
             ("vsock", &self.vsock),
             ("numa", &self.numa),
             ("pci_segments", &self.pci_segments),
-            ("platform", &self.platform),
             ("tpm", &self.tpm),
             ("landlock_rules", &self.landlock_rules),
             ("sgx_epc", &self.sgx_epc),
             ("iommu", &self.iommu),
             ("watchdog", &self.watchdog),
-            ("pvpanic", &self.pvpanic),
             ("landlock_enable", &self.landlock_enable),
         ];
         for (name, value) in fields {

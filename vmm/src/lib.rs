@@ -11,6 +11,7 @@ mod memory;
 mod memory_hotplug;
 mod migration;
 mod pci_setup;
+mod platform;
 mod pty_resize;
 pub mod restore;
 mod serial_io;

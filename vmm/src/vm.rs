@@ -288,8 +288,8 @@ impl Vm {
 
         write_new_generation_id(&mem)?;
 
-        // As the original: SMBIOS for every boot, with its default identity (no --platform).
-        smbios::setup_smbios(&mem, &smbios::SmbiosConfig::default())
+        // As the original: SMBIOS for every boot, with --platform's identity or its default.
+        smbios::setup_smbios(&mem, &crate::platform::smbios_config(cfg.platform.as_ref()))
             .map_err(|e| VmError::Smbios(e.to_string()))?;
 
         // validate() made sure there is exactly one of a firmware and a kernel. A firmware goes
