@@ -256,6 +256,27 @@ pub fn virtio_mem(
     Ok(Some((dev, control)))
 }
 
+/// The `--watchdog` device (the original's `__watchdog`): its expiry asks `requests` for a
+/// reset. `slot`: where a restored VM had it.
+pub fn watchdog(
+    requests: Arc<dyn devices::VmRequests>,
+    slot: Option<u8>,
+) -> Result<NewDevice, PciSetupError> {
+    let dev = virtio_devices::Watchdog::new(requests).map_err(|e| PciSetupError::Device {
+        option: "--watchdog",
+        value: String::new(),
+        msg: e.to_string(),
+    })?;
+    Ok(NewDevice {
+        option: "--watchdog",
+        id: "__watchdog".into(),
+        slot,
+        dev: Box::new(dev),
+        lock: None,
+        image_type: None,
+    })
+}
+
 /// The `--rng` device.
 pub fn rng(cfg: &RngConfig) -> Result<NewDevice, PciSetupError> {
     let src = File::open(&cfg.src).map_err(|e| PciSetupError::Device {
@@ -265,7 +286,8 @@ pub fn rng(cfg: &RngConfig) -> Result<NewDevice, PciSetupError> {
     })?;
     Ok(NewDevice {
         option: "--rng",
-        id: cfg.id.clone().unwrap_or_else(|| "_rng".into()),
+        // The original's name for the entropy device.
+        id: cfg.id.clone().unwrap_or_else(|| "__rng".into()),
         slot: cfg.pci_device_id,
         dev: Box::new(Rng::new(src)),
         lock: None,

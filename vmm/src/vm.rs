@@ -611,11 +611,40 @@ impl Vm {
         &self.devices.pci.disk_image_types
     }
 
-    /// `vm.info`'s device tree: for each virtio device, its virtio-pci transport node (with
-    /// the PCI address) and the device node under it, named as the original names them.
+    /// `vm.info`'s device tree: the IOAPIC and the serial port, and for each virtio device its
+    /// virtio-pci transport node (with the PCI address) and the device node under it, named
+    /// as the original names them.
     pub fn device_tree(&self) -> std::collections::BTreeMap<String, api::DeviceNode> {
         let mut tree = std::collections::BTreeMap::new();
+        // The platform devices the original lists too.
+        let platform = ["__ioapic"]
+            .into_iter()
+            .chain(self.devices.serial.is_some().then_some("__serial"));
+        for id in platform {
+            tree.insert(
+                id.to_string(),
+                api::DeviceNode {
+                    id: id.to_string(),
+                    resources: Vec::new(),
+                    children: Vec::new(),
+                    pci_bdf: None,
+                },
+            );
+        }
         for (id, slot) in &self.devices.pci.placed() {
+            if !self.devices.pci.is_virtio(id) {
+                // Not virtio (pvpanic): one node, with the PCI address, as the original's.
+                tree.insert(
+                    id.clone(),
+                    api::DeviceNode {
+                        id: id.clone(),
+                        resources: Vec::new(),
+                        children: Vec::new(),
+                        pci_bdf: Some(format!("0000:00:{slot:02x}.0")),
+                    },
+                );
+                continue;
+            }
             let transport = format!("_virtio-pci-{id}");
             tree.insert(
                 transport.clone(),

@@ -40,7 +40,7 @@ fn check_snapshot_dir(dir: &Path, info_config: &serde_json::Value, vcpus: usize)
     assert_eq!(state.vcpus.len(), vcpus, "one state per vCPU");
     assert!(state.vm.irqchip.is_some(), "the in-kernel irqchip is saved");
     let ids: Vec<&str> = state.pci.devices.iter().map(|d| d.id.as_str()).collect();
-    assert!(ids.contains(&"_rng"), "the virtio-rng transport: {ids:?}");
+    assert!(ids.contains(&"__rng"), "the virtio-rng transport: {ids:?}");
     let total: u64 = state.memory_ranges.iter().map(|r| r.length).sum();
     assert_eq!(total, RAM, "the ranges cover guest RAM");
     let mem_len = std::fs::metadata(dir.join("memory-ranges")).unwrap().len();
