@@ -13,6 +13,7 @@ mod net;
 mod rng;
 mod transport;
 mod vring;
+mod vsock;
 mod watchdog;
 mod worker;
 
@@ -40,6 +41,7 @@ pub use mem::{
 };
 pub use net::{Net, NetConfig, NetOffloads, NetState, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use rng::{Rng, RngState};
+pub use vsock::{Vsock, VsockState, TYPE_VSOCK};
 pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
@@ -185,6 +187,7 @@ pub enum VirtioDeviceState {
     Balloon(BalloonState),
     Mem(VirtioMemState),
     Watchdog(WatchdogState),
+    Vsock(VsockState),
 }
 
 impl VirtioDeviceState {
@@ -196,6 +199,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Rng(_) => "virtio-rng",
             VirtioDeviceState::Balloon(_) => "virtio-balloon",
             VirtioDeviceState::Mem(_) => "virtio-mem",
+            VirtioDeviceState::Vsock(_) => "virtio-vsock",
             VirtioDeviceState::Watchdog(_) => "virtio-watchdog",
         }
     }

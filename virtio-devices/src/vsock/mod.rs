@@ -1,0 +1,201 @@
+//! virtio-vsock (virtio 1.2, 5.10; device type 19) with the original's hybrid vsock: the host
+//! side of every connection is a Unix stream (see `muxer.rs`). Queues: receive (0), transmit
+//! (1), event (2; never used: the device sends no events). Configuration: le64 `guest_cid`.
+//!
+//! One worker thread serves the transmit queue (packets from the guest), the receive queue
+//! (buffers for packets to the guest) and the muxer's epoll fd (the host side). Nothing waits:
+//! a packet for the guest that finds no receive buffer waits in its connection (bounded: a few
+//! flags, and host data read ahead up to a limit), so the transmit queue is always drained.
+//!
+//! Connections live in the host's sockets and cannot be saved: a snapshot holds the
+//! configuration and the queue positions, and after a restore the guest's old connections get
+//! RSTs (as in the original, whose vsock connections do not survive a restore either).
+
+mod connection;
+mod muxer;
+mod packet;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+use guest_memory::GuestMemoryMmap;
+use log::debug;
+
+use crate::vring::VirtQueue;
+use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use crate::{
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
+    F_RING_INDIRECT_DESC, F_VERSION_1, VIRTIO_DEVICE_STATE_VERSION,
+};
+
+use muxer::Muxer;
+use packet::BadPacket;
+
+/// Device type 19.
+pub const TYPE_VSOCK: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK as u16;
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+
+struct VsockHandler {
+    muxer: Muxer,
+    payload: Vec<u8>,
+}
+
+impl VsockHandler {
+    fn fill_rx(
+        &mut self,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        match queues.get_mut(RX) {
+            Some(Some(q)) if self.muxer.has_rx() => Ok(if self.muxer.fill_rx(q, mem)? {
+                queue_bit(RX)
+            } else {
+                0
+            }),
+            _ => Ok(0),
+        }
+    }
+}
+
+impl QueueHandler for VsockHandler {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        let mut used = 0;
+        if index == TX {
+            if let Some(Some(q)) = queues.get_mut(TX) {
+                let (muxer, payload) = (&mut self.muxer, &mut self.payload);
+                used |= process_chains(TX, q, |_, chain| {
+                    match packet::read_tx(mem, chain, payload) {
+                        Ok(h) => muxer.guest_packet(&h, payload),
+                        Err(BadPacket::BadLen(h)) => {
+                            debug!("vsock: packet of bad length {} from the guest", h.len);
+                            muxer.bad_packet(&h);
+                        }
+                        Err(BadPacket::Short) => debug!("vsock: short packet from the guest"),
+                    }
+                    Some(0)
+                })?;
+            }
+        }
+        // The event queue needs nothing; the receive queue (new buffers) and the transmit
+        // queue (answers) may have made packets for the guest deliverable.
+        Ok(used | self.fill_rx(queues, mem)?)
+    }
+
+    fn extra_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.muxer.fd())
+    }
+
+    fn process_extra(
+        &mut self,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        self.muxer.host_events();
+        self.fill_rx(queues, mem)
+    }
+}
+
+/// virtio-vsock's own state: its CID (connections are not saved; see the module comment).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockState {
+    pub version: u32,
+    pub cid: u64,
+}
+
+pub struct Vsock {
+    cid: u64,
+    path: PathBuf,
+    handler: Option<VsockHandler>,
+    worker: Option<WorkerHandle<VsockHandler>>,
+}
+
+impl Vsock {
+    /// A device for guest `cid` listening at `path` (bound now, so a bad path fails at once).
+    pub fn new(cid: u64, path: &Path) -> std::io::Result<Self> {
+        let muxer = Muxer::new(cid, path)?;
+        Ok(Vsock {
+            cid,
+            path: path.to_path_buf(),
+            handler: Some(VsockHandler {
+                muxer,
+                payload: Vec::new(),
+            }),
+            worker: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u16 {
+        TYPE_VSOCK
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 3]
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_RING_INDIRECT_DESC
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let h = self
+            .handler
+            .take()
+            .ok_or_else(|| ActivateError::Other("virtio-vsock: worker lost".into()))?;
+        self.worker = Some(WorkerHandle::spawn("virtio-vsock", h, ctx)?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.handler = w.stop();
+        }
+        // The driver forgot its connections: so do we (their host streams are closed).
+        if let Some(h) = self.handler.as_mut() {
+            h.muxer.clear();
+        }
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        self.worker.as_ref()?.queue_positions()
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+    }
+    fn device_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Vsock(VsockState {
+            version: VIRTIO_DEVICE_STATE_VERSION,
+            cid: self.cid,
+        })
+    }
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        const WHAT: &str = "virtio-vsock";
+        let VirtioDeviceState::Vsock(s) = state else {
+            return Err(state.wrong(WHAT));
+        };
+        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)?;
+        if s.cid != self.cid {
+            return Err(pci::StateError::invalid(
+                WHAT,
+                format!("cid {} (this device has cid {})", s.cid, self.cid),
+            ));
+        }
+        Ok(())
+    }
+}
