@@ -8,6 +8,7 @@
 mod bus;
 mod configuration;
 mod msix;
+pub mod pvpanic;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 

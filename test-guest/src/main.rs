@@ -28,6 +28,7 @@ mod paging;
 mod phpr;
 mod pmtimer;
 mod pres;
+mod pvpanic;
 mod rawq;
 mod smbios;
 mod smp;
@@ -205,15 +206,17 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "balloon" => balloon::scenario_balloon(&boot),
         "virtiomem" => virtio_mem::scenario_virtiomem(&boot),
         "acpimem" => acpi_memory::scenario_acpimem(&boot, acpi.as_ref()),
+        "pvpanic" => pvpanic::scenario_pvpanic(),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())
 }
 
-/// The SMBIOS entry point and tables, with the original's default identity (`--platform`
-/// unset): BIOS vendor "cloud-hypervisor" version "0", system "Cloud Hypervisor" /
-/// "cloud-hypervisor", no serial number, a nil UUID.
-fn check_smbios() {
+/// The SMBIOS entry point and tables, with the original's default identity: BIOS vendor
+/// "cloud-hypervisor" version "0", system "Cloud Hypervisor" / "cloud-hypervisor", and no
+/// serial number and a nil UUID unless `smbios_serial=` / `smbios_uuid=` say what
+/// `--platform` gave. Prints `SMBIOS serial=… uuid=… oem=[…]` (type 1 and type 11).
+fn check_smbios(boot: &BootInfo) {
     let mut s = match smbios::find_entry() {
         Ok(s) => s,
         Err(e) => {
@@ -249,20 +252,32 @@ fn check_smbios() {
     }
     match find(1) {
         Some(sys) if sys.formatted.len() >= 0x19 => {
-            let uuid = &sys.formatted[8..24];
+            let uuid = smbios::uuid_text(&sys.formatted[8..24]);
             let (manufacturer, product, serial) = (sys.string(4), sys.string(5), sys.string(7));
             println!(
                 "INFO smbios system manufacturer={manufacturer:?} product={product:?} \
-                 serial={serial:?} uuid={uuid:02x?}"
+                 serial={serial:?} uuid={uuid}"
             );
+            let oem: Vec<&str> = find(11)
+                .map(|o| o.strings.iter().map(String::as_str).collect())
+                .unwrap_or_default();
+            println!(
+                "SMBIOS serial={} uuid={uuid} oem=[{}]",
+                serial.unwrap_or(""),
+                oem.join(",")
+            );
+            let want_serial = boot.arg("smbios_serial");
+            let want_uuid = boot
+                .arg("smbios_uuid")
+                .unwrap_or("00000000-0000-0000-0000-000000000000");
             check!(
                 "smbios-system",
                 manufacturer == Some("Cloud Hypervisor")
                     && product == Some("cloud-hypervisor")
-                    && serial.is_none()
-                    && uuid.iter().all(|&b| b == 0),
+                    && serial == want_serial
+                    && uuid.eq_ignore_ascii_case(want_uuid),
                 "manufacturer {manufacturer:?} product {product:?} serial {serial:?} uuid \
-                 {uuid:02x?}"
+                 {uuid}, want serial {want_serial:?} uuid {want_uuid}"
             );
         }
         _ => fail("smbios-system", format_args!("no type 1 structure")),
@@ -332,7 +347,7 @@ fn scenario_boot(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         }
     }
 
-    check_smbios();
+    check_smbios(boot);
 
     // ACPI.
     let Some(a) = acpi else {

@@ -24,6 +24,23 @@ impl Structure {
     }
 }
 
+/// A type 1 UUID as text: the first three fields are stored little endian (SMBIOS 2.6+).
+pub fn uuid_text(b: &[u8]) -> String {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&b[..16]);
+    u[0..4].reverse();
+    u[4..6].reverse();
+    u[6..8].reverse();
+    let mut s = String::new();
+    for (i, x) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&alloc::format!("{x:02x}"));
+    }
+    s
+}
+
 pub struct Smbios {
     pub entry_addr: usize,
     pub version: (u8, u8, u8),

@@ -37,6 +37,7 @@ const EV_WINCH: u64 = 11;
 const EV_CONSOLE_RESIZE: u64 = 12;
 const EV_MIGRATION: u64 = 13;
 const EV_EJECT: u64 = 14;
+const EV_PANIC: u64 = 15;
 
 mod hotplug;
 mod migrate;
@@ -217,6 +218,7 @@ impl Vmm {
             c.add(events.reset.as_raw_fd(), EV_RESET)?;
             c.add(events.error.as_raw_fd(), EV_ERROR)?;
             c.add(events.eject.as_raw_fd(), EV_EJECT)?;
+            c.add(events.panic.as_raw_fd(), EV_PANIC)?;
             c.add(signal_rx.as_raw_fd(), EV_SIGNAL)?;
             c.add(winch_rx.as_raw_fd(), EV_WINCH)?;
             if let Some(api) = &api {
@@ -769,6 +771,7 @@ impl Vmm {
             EV_API => return Ok(self.serve_api()),
             EV_MIGRATION => return Ok(self.migration_news()),
             EV_EJECT => self.ejected(),
+            EV_PANIC => self.guest_panicked(),
             EV_SERIAL_LISTEN => self.accept_serial()?,
             EV_SERIAL_IN => self.read_serial(),
             EV_CONSOLE_LISTEN => self.accept_console()?,
@@ -781,6 +784,17 @@ impl Vmm {
             other => error!("unexpected epoll token {other}"),
         }
         Ok(Next::Continue)
+    }
+
+    /// Reports what the guest wrote to its pvpanic device, as the original: a log line and a
+    /// `guest`/`panic` event naming it. The VM runs on.
+    fn guest_panicked(&mut self) {
+        for event in self.events.take_panics() {
+            let name = pci::pvpanic::event_name(event);
+            warn!("the guest reports a panic through pvpanic: {name} ({event:#x})");
+            let props = crate::event_monitor::properties([("event", name.to_string())]);
+            self.monitor.emit_with("guest", "panic", Some(&props));
+        }
     }
 
     /// Reads the console endpoint's terminal size again (after SIGWINCH); a change reaches

@@ -32,6 +32,10 @@ pub struct VmEvents {
     ejected: Arc<AtomicU32>,
     /// The CPUs the guest ejected (same event fd).
     ejected_cpus: Arc<Mutex<Vec<u32>>>,
+    /// The guest reported events through its pvpanic device (`panics` says which): the
+    /// control loop reports them. Not a halting event either.
+    pub panic: EventFd,
+    panics: Arc<Mutex<Vec<u8>>>,
 }
 
 impl VmEvents {
@@ -44,6 +48,8 @@ impl VmEvents {
             eject: EventFd::new(libc::EFD_NONBLOCK)?,
             ejected: Arc::new(AtomicU32::new(0)),
             ejected_cpus: Arc::new(Mutex::new(Vec::new())),
+            panic: EventFd::new(libc::EFD_NONBLOCK)?,
+            panics: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -56,6 +62,8 @@ impl VmEvents {
             eject: self.eject.try_clone()?,
             ejected: self.ejected.clone(),
             ejected_cpus: self.ejected_cpus.clone(),
+            panic: self.panic.try_clone()?,
+            panics: self.panics.clone(),
         })
     }
 
@@ -66,6 +74,12 @@ impl VmEvents {
         let cpus =
             std::mem::take(&mut *self.ejected_cpus.lock().unwrap_or_else(|e| e.into_inner()));
         (self.ejected.swap(0, Ordering::AcqRel), cpus)
+    }
+
+    /// The pvpanic events the guest reported since the last call, in order.
+    pub fn take_panics(&self) -> Vec<u8> {
+        let _ = self.panic.read();
+        std::mem::take(&mut *self.panics.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn raise(&self, evt: &EventFd, what: &str) {
@@ -93,6 +107,18 @@ impl devices::EjectSink for VmEvents {
         self.ejected.fetch_or(slots, Ordering::AcqRel);
         if let Err(e) = self.eject.write(1) {
             error!("cannot signal an ejection: {e}");
+        }
+    }
+}
+
+impl pci::pvpanic::PanicSink for VmEvents {
+    fn guest_panic(&self, event: u8) {
+        self.panics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event);
+        if let Err(e) = self.panic.write(1) {
+            error!("cannot signal a guest panic: {e}");
         }
     }
 }

@@ -144,7 +144,7 @@ impl DeviceManager {
             }
             None => None,
         };
-        let pci = pci_setup::create(
+        let mut pci = pci_setup::create(
             vm,
             mem,
             &pio,
@@ -153,8 +153,11 @@ impl DeviceManager {
             &pci_windows,
             console,
             slot_hints,
-            ejections,
+            ejections.clone(),
         )?;
+        if cfg.pvpanic {
+            crate::platform::add_pvpanic(&mut pci, slot_hints, ejections)?;
+        }
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&ged_irq, layout::GED_IRQ)
             .map_err(DeviceError::Irq)?;

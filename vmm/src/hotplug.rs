@@ -34,7 +34,7 @@ impl PciDevices {
         {
             warn!("PCI 00:{slot:02x}.0 ({}): {e}", f.id);
         }
-        if let Err(e) = self.bars.free(f.bar, virtio_devices::VIRTIO_PCI_BAR_SIZE) {
+        if let Err(e) = self.bars.free(f.bar, f.bar_size) {
             warn!("PCI 00:{slot:02x}.0 ({}): {e}", f.id);
         }
         info!("PCI 00:{slot:02x}.0: {} ({}) unplugged", f.id, f.option);
@@ -54,7 +54,7 @@ impl DeviceManager {
         if self.pci.devices_paused {
             // A paused VM's devices start with the others when it resumes.
             if let Some(f) = self.pci.functions.last() {
-                if let Err(e) = lock(&f.transport).pause() {
+                if let Some(Err(e)) = f.transport().map(|t| lock(t).pause()) {
                     warn!("PCI 00:{slot:02x}.0 ({}): cannot pause it: {e}", f.id);
                 }
             }

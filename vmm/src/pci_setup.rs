@@ -14,7 +14,7 @@ use devices::{EjectSink, PciHotplug, Stateful};
 use guest_memory::GuestMemoryMmap;
 use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
-use pci::{BarWindows, PciConfigIo, PciConfigMmio, PciRoot, VmInterface};
+use pci::{BarKind, BarWindows, PciConfigIo, PciConfigMmio, PciDevice, PciRoot, VmInterface};
 use thiserror::Error;
 use virtio_devices::{Console, VirtioPciDevice};
 use vm_allocator::IdAllocator;
@@ -179,20 +179,51 @@ pub fn pci_host(windows: &PciWindows) -> arch::acpi::PciHost {
     arch::acpi::PciHost::segment0(windows.mmio32, windows.mmio64)
 }
 
-/// One function on bus 0: a virtio device behind its virtio-pci transport.
+/// What a function on bus 0 is.
+pub(crate) enum FunctionDevice {
+    /// A virtio device behind its virtio-pci transport.
+    Virtio(Arc<Mutex<VirtioPciDevice>>),
+    /// A device of its own (pvpanic): its configuration space is all its state.
+    Plain(Arc<Mutex<dyn PciDevice>>),
+}
+
+/// One function on bus 0.
 pub(crate) struct Function {
     pub(crate) id: String,
     /// The option it came from (`--disk`, ...), for messages.
     pub(crate) option: &'static str,
     pub(crate) slot: u8,
-    pub(crate) transport: Arc<Mutex<VirtioPciDevice>>,
-    /// Where the VMM put its BAR (given back to the allocator when it is unplugged).
+    pub(crate) device: FunctionDevice,
+    /// Where the VMM put its BAR 0, and its size (given back to the allocator when it is
+    /// unplugged).
     pub(crate) bar: u64,
+    pub(crate) bar_size: u64,
     /// A disk's image lock (a migration's source hands it over).
     pub(crate) lock: Option<block::DiskLock>,
     pub(crate) counters: Option<Arc<dyn devices::DeviceCounters>>,
     /// The host asked the guest to eject it (`vm.remove-device`); it goes when the guest does.
     pub(crate) removal_requested: bool,
+}
+
+impl Function {
+    /// Its virtio-pci transport; `None` for a device that is not virtio.
+    pub(crate) fn transport(&self) -> Option<&Arc<Mutex<VirtioPciDevice>>> {
+        match &self.device {
+            FunctionDevice::Virtio(t) => Some(t),
+            FunctionDevice::Plain(_) => None,
+        }
+    }
+}
+
+/// Where and how a new function goes on the bus (see `PciDevices::place_function`).
+struct FunctionSpec {
+    option: &'static str,
+    id: String,
+    slot: Option<u8>,
+    bar_size: u64,
+    bar_kind: BarKind,
+    lock: Option<block::DiskLock>,
+    counters: Option<Arc<dyn devices::DeviceCounters>>,
 }
 
 /// The PCI segment of one VM, alive as long as the VM: the buses, the BAR and slot allocators
@@ -242,6 +273,13 @@ impl PciDevices {
             .collect()
     }
 
+    /// Whether the device `id` is a virtio one (behind a virtio-pci transport).
+    pub fn is_virtio(&self, id: &str) -> bool {
+        self.functions
+            .iter()
+            .any(|f| f.id == id && f.transport().is_some())
+    }
+
     /// Statistics of the devices that keep them, by device id (for `vm.counters`); after
     /// `remove_all`, their final values.
     pub fn counters(&self) -> Vec<(String, Arc<dyn devices::DeviceCounters>)> {
@@ -259,9 +297,8 @@ impl PciDevices {
     /// resume starts them again.
     pub fn pause_devices(&mut self) -> Result<(), String> {
         self.devices_paused = true;
-        for f in &self.functions {
-            f.transport
-                .lock()
+        for t in self.functions.iter().filter_map(Function::transport) {
+            t.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pause()?;
         }
@@ -274,9 +311,8 @@ impl PciDevices {
             return Ok(());
         }
         let mut first_err = None;
-        for f in &self.functions {
-            if let Err(e) = f
-                .transport
+        for t in self.functions.iter().filter_map(Function::transport) {
+            if let Err(e) = t
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .resume()
@@ -307,14 +343,26 @@ impl PciDevices {
             devices: self
                 .functions
                 .iter()
-                .map(|f| {
-                    let t = f.transport.lock().unwrap_or_else(|e| e.into_inner());
-                    crate::snapshot::VirtioPciSnapshot {
+                .filter_map(|f| {
+                    let t = f.transport()?.lock().unwrap_or_else(|e| e.into_inner());
+                    Some(crate::snapshot::VirtioPciSnapshot {
                         id: f.id.clone(),
                         slot: f.slot,
                         transport: t.state(),
                         device: t.device_state(),
-                    }
+                    })
+                })
+                .collect(),
+            others: self
+                .functions
+                .iter()
+                .filter_map(|f| match &f.device {
+                    FunctionDevice::Plain(d) => Some(crate::snapshot::PlainPciSnapshot {
+                        id: f.id.clone(),
+                        slot: f.slot,
+                        config: d.lock().unwrap_or_else(|e| e.into_inner()).config().state(),
+                    }),
+                    FunctionDevice::Virtio(_) => None,
                 })
                 .collect(),
         }
@@ -332,8 +380,12 @@ impl PciDevices {
             .iter()
             .map(|f| (f.id.as_str(), f.slot))
             .collect();
-        let mut saved: Vec<(&str, u8)> =
-            s.devices.iter().map(|d| (d.id.as_str(), d.slot)).collect();
+        let mut saved: Vec<(&str, u8)> = s
+            .devices
+            .iter()
+            .map(|d| (d.id.as_str(), d.slot))
+            .chain(s.others.iter().map(|d| (d.id.as_str(), d.slot)))
+            .collect();
         placed.sort_unstable();
         saved.sort_unstable();
         if placed != saved {
@@ -359,11 +411,30 @@ impl PciDevices {
                 .map_err(|e| e.to_string())?;
         }
         let mut result = Ok(());
+        for d in &s.others {
+            let Some(FunctionDevice::Plain(dev)) = self
+                .functions
+                .iter()
+                .find(|f| f.id == d.id)
+                .map(|f| &f.device)
+            else {
+                return Err(format!("{}: not the configuration's device", d.id));
+            };
+            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+            dev.config_mut()
+                .set_state(&d.config)
+                .map_err(|e| e.within(&d.id).to_string())?;
+        }
         for d in &s.devices {
-            let Some(f) = self.functions.iter().find(|f| f.id == d.id) else {
+            let Some(t) = self
+                .functions
+                .iter()
+                .find(|f| f.id == d.id)
+                .and_then(Function::transport)
+            else {
                 continue;
             };
-            let mut t = f.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
             result = t
                 .set_device_state(&d.device)
                 .and_then(|()| t.set_state(&d.transport))
@@ -418,6 +489,64 @@ impl PciDevices {
             lock,
             image_type: _,
         } = d;
+        let counters = dev
+            .counters()
+            .map(|c| c as Arc<dyn devices::DeviceCounters>);
+        let mem = self.mem.clone();
+        let vmi: Arc<dyn VmInterface> = self.vmi.clone();
+        let name = id.clone();
+        let spec = FunctionSpec {
+            option,
+            id,
+            slot,
+            bar_size: virtio_devices::VIRTIO_PCI_BAR_SIZE,
+            bar_kind: virtio_devices::VIRTIO_PCI_BAR_KIND,
+            lock,
+            counters,
+        };
+        self.place_function(spec, move |bar| {
+            VirtioPciDevice::new(name, dev, mem, vmi, bar)
+                .map(|t| FunctionDevice::Virtio(Arc::new(Mutex::new(t))))
+        })
+    }
+
+    /// Puts a device that is not virtio on the bus, as `place` does: `build` makes it with
+    /// its BAR 0 (`bar_size` bytes of `bar_kind`) at the address it is given.
+    pub(crate) fn place_pci(
+        &mut self,
+        option: &'static str,
+        id: String,
+        slot: Option<u8>,
+        (bar_size, bar_kind): (u64, BarKind),
+        build: impl FnOnce(u64) -> Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<u8, PciSetupError> {
+        let spec = FunctionSpec {
+            option,
+            id,
+            slot,
+            bar_size,
+            bar_kind,
+            lock: None,
+            counters: None,
+        };
+        self.place_function(spec, |bar| Ok(FunctionDevice::Plain(build(bar))))
+    }
+
+    /// The slot and BAR allocation `place` and `place_pci` share.
+    fn place_function(
+        &mut self,
+        spec: FunctionSpec,
+        build: impl FnOnce(u64) -> Result<FunctionDevice, String>,
+    ) -> Result<u8, PciSetupError> {
+        let FunctionSpec {
+            option,
+            id,
+            slot,
+            bar_size,
+            bar_kind,
+            lock,
+            counters,
+        } = spec;
         let err = |msg: String| PciSetupError::Device {
             option,
             value: id.clone(),
@@ -425,27 +554,23 @@ impl PciDevices {
         };
         let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
         let slot = root.next_device_id(slot).map_err(|e| err(e.to_string()))?;
-        let size = virtio_devices::VIRTIO_PCI_BAR_SIZE;
         let bar = self
             .bars
-            .allocate(size, virtio_devices::VIRTIO_PCI_BAR_KIND)
+            .allocate(bar_size, bar_kind)
             .map_err(|e| err(e.to_string()))?;
-        let counters = dev
-            .counters()
-            .map(|c| c as Arc<dyn devices::DeviceCounters>);
-        let vmi: Arc<dyn VmInterface> = self.vmi.clone();
-        let placed = VirtioPciDevice::new(id.clone(), dev, self.mem.clone(), vmi, bar)
-            .map_err(err)
-            .and_then(|t| {
-                let t = Arc::new(Mutex::new(t));
-                root.add_device(slot, t.clone())
-                    .map(|()| t)
-                    .map_err(|e| err(e.to_string()))
-            });
-        let transport = match placed {
-            Ok(t) => t,
+        let placed = build(bar).map_err(err).and_then(|device| {
+            let pci: Arc<Mutex<dyn PciDevice>> = match &device {
+                FunctionDevice::Virtio(t) => t.clone(),
+                FunctionDevice::Plain(d) => d.clone(),
+            };
+            root.add_device(slot, pci)
+                .map(|()| device)
+                .map_err(|e| err(e.to_string()))
+        });
+        let device = match placed {
+            Ok(d) => d,
             Err(e) => {
-                let _ = self.bars.free(bar, size);
+                let _ = self.bars.free(bar, bar_size);
                 return Err(e);
             }
         };
@@ -454,8 +579,9 @@ impl PciDevices {
             id,
             option,
             slot,
-            transport,
+            device,
             bar,
+            bar_size,
             lock,
             counters,
             removal_requested: false,

@@ -1,7 +1,13 @@
 //! What `--platform` and `--pvpanic` give the guest: the SMBIOS identity and the pvpanic device.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
 use arch::smbios::{SmbiosConfig, SmbiosSystem};
+use pci::pvpanic::{PanicSink, PvPanic, PVPANIC_BAR_KIND, PVPANIC_BAR_SIZE, PVPANIC_ID};
 use vm_config::PlatformConfig;
+
+use crate::pci_setup::{PciDevices, PciSetupError};
 
 /// The SMBIOS tables' contents for `platform` (the original's defaults without one).
 pub(crate) fn smbios_config(platform: Option<&PlatformConfig>) -> SmbiosConfig {
@@ -21,6 +27,24 @@ pub(crate) fn smbios_config(platform: Option<&PlatformConfig>) -> SmbiosConfig {
         chassis_asset_tag: p.chassis_asset_tag.clone(),
         oem_strings: p.oem_strings.clone().unwrap_or_default(),
     }
+}
+
+/// Puts the pvpanic device on segment 0, after the configured devices (the lowest free slot,
+/// or the one a restored VM had it in), its BAR in the 32-bit window; what the guest writes
+/// goes to `sink`.
+pub(crate) fn add_pvpanic(
+    pci: &mut PciDevices,
+    slot_hints: Option<&BTreeMap<String, u8>>,
+    sink: Arc<dyn PanicSink>,
+) -> Result<u8, PciSetupError> {
+    let slot = slot_hints.and_then(|h| h.get(PVPANIC_ID).copied());
+    pci.place_pci(
+        "--pvpanic",
+        PVPANIC_ID.to_string(),
+        slot,
+        (PVPANIC_BAR_SIZE, PVPANIC_BAR_KIND),
+        |bar| Arc::new(Mutex::new(PvPanic::new(bar, sink))),
+    )
 }
 
 #[cfg(test)]

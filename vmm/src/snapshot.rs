@@ -77,6 +77,18 @@ pub struct PciSnapshot {
     pub hotplug: Option<devices::PciHotplugState>,
     /// Every virtio-pci function, in the order the VM placed them.
     pub devices: Vec<VirtioPciSnapshot>,
+    /// The functions that are not virtio (pvpanic), in the order the VM placed them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<PlainPciSnapshot>,
+}
+
+/// A function that is not virtio: its configuration space is all its state.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlainPciSnapshot {
+    pub id: String,
+    pub slot: u8,
+    pub config: pci::PciConfigurationState,
 }
 
 /// One virtio-pci function: the transport's state and its device's own.
