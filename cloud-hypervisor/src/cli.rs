@@ -18,7 +18,6 @@ pub const NOT_YET: &[&str] = &[
     "tpm",
     "user-device",
     "vdpa",
-    "vsock",
 ];
 
 /// The options the original puts in its `vm-config` group, which needs a payload (`--kernel`,

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    PlatformConfig, RestoreConfig, RngConfig,
+    PlatformConfig, RestoreConfig, RngConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -63,6 +63,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     let balloon = s("balloon").map(|b| BalloonConfig::parse(&b)).transpose()?;
+    let vsock = s("vsock").map(|v| VsockConfig::parse(&v)).transpose()?;
     let platform = s("platform")
         .map(|p| PlatformConfig::parse(&p))
         .transpose()?;
@@ -82,6 +83,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         net,
         rng,
         balloon,
+        vsock,
         platform,
         pvpanic: m.get_flag("pvpanic"),
         unsupported: Default::default(),

@@ -12,6 +12,7 @@ mod restore;
 #[cfg(test)]
 mod rules_tests;
 mod unsupported;
+mod vsock;
 
 use std::path::PathBuf;
 
@@ -28,6 +29,7 @@ pub use parser::{parse_size, OptionParser};
 pub use platform::{parse_uuid, PlatformConfig};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
 pub use unsupported::UnsupportedConfig;
+pub use vsock::VsockConfig;
 
 /// A bad option value: names the option and the value the user gave.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -564,6 +566,9 @@ pub struct VmConfig {
     pub rng: RngConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// `--vsock`: virtio-vsock over the original's hybrid vsock Unix socket (one per VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     #[serde(default = "default_serial", serialize_with = "serialize_serial")]
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
@@ -678,6 +683,9 @@ impl VmConfig {
         if let Some(b) = &self.balloon {
             b.extra.check("balloon")?;
         }
+        if let Some(v) = &self.vsock {
+            v.extra.check("vsock")?;
+        }
         if let Some(p) = &self.platform {
             p.extra.check("platform")?;
         }
@@ -752,6 +760,10 @@ impl VmConfig {
                 ));
             }
             check(BalloonConfig::OPTION, &b.id, b.pci_device_id)?;
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+            check(VsockConfig::OPTION, &v.id, v.pci_device_id)?;
         }
         let c = &self.console;
         devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())
@@ -847,6 +859,7 @@ mod tests {
             net: Vec::new(),
             rng: RngConfig::default(),
             balloon: None,
+            vsock: None,
             platform: None,
             pvpanic: false,
             unsupported: UnsupportedConfig::default(),
@@ -921,6 +934,7 @@ mod tests {
             net: vec![NetConfig::parse("tap=t0").unwrap()],
             rng: RngConfig::default(),
             balloon: None,
+            vsock: None,
             platform: None,
             pvpanic: false,
             unsupported: UnsupportedConfig::default(),

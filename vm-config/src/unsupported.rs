@@ -27,8 +27,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vdpa: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numa: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_segments: Option<Value>,
@@ -62,7 +60,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 17] = [
+        let fields: [(&'static str, &Option<Value>); 16] = [
             ("rate_limit_groups", &self.rate_limit_groups),
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
@@ -71,7 +69,6 @@ impl UnsupportedConfig {
             ("devices", &self.devices),
             ("user_devices", &self.user_devices),
             ("vdpa", &self.vdpa),
-            ("vsock", &self.vsock),
             ("numa", &self.numa),
             ("pci_segments", &self.pci_segments),
             ("tpm", &self.tpm),
@@ -122,7 +119,7 @@ mod tests {
         ok.validate().unwrap();
         for (json, field) in [
             (r#"{"watchdog": true}"#, "watchdog"),
-            (r#"{"vsock": {"cid": 3, "socket": "/s"}}"#, "vsock"),
+            (r#"{"fs": [{"tag": "t", "socket": "/s"}]}"#, "fs"),
         ] {
             let c: UnsupportedConfig = serde_json::from_str(json).unwrap();
             let e = c.validate().unwrap_err();

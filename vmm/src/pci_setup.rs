@@ -664,6 +664,7 @@ pub fn create(
         list.push(virtio_build::net(n, id)?);
     }
     list.push(virtio_build::rng(&cfg.rng)?);
+    list.extend(cfg.vsock.as_ref().map(virtio_build::vsock).transpose()?);
     let mut balloon = None;
     if let Some(b) = &cfg.balloon {
         let (dev, control) = virtio_build::balloon(b)?;

@@ -7,9 +7,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use log::info;
-use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice};
+use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice, Vsock};
 
-use crate::config::{BalloonConfig, DiskConfig, ImageType, MemoryConfig, NetConfig, RngConfig};
+use crate::config::{
+    BalloonConfig, DiskConfig, ImageType, MemoryConfig, NetConfig, RngConfig, VsockConfig,
+};
 use crate::pci_setup::PciSetupError;
 
 /// A device waiting for its slot: option it came from, id, wanted slot, and what it holds
@@ -271,6 +273,29 @@ pub fn watchdog(
         option: "--watchdog",
         id: "__watchdog".into(),
         slot,
+        dev: Box::new(dev),
+        lock: None,
+        image_type: None,
+    })
+}
+
+/// The `--vsock` device: its Unix socket bound now (a path in use fails the boot).
+pub fn vsock(cfg: &VsockConfig) -> Result<NewDevice, PciSetupError> {
+    let dev = Vsock::new(cfg.cid, &cfg.socket).map_err(|e| PciSetupError::Device {
+        option: "--vsock",
+        value: cfg.socket.display().to_string(),
+        msg: format!("cannot listen: {e}"),
+    })?;
+    info!(
+        "--vsock: guest cid {}, host socket {}",
+        cfg.cid,
+        cfg.socket.display()
+    );
+    Ok(NewDevice {
+        option: "--vsock",
+        // The original's name: `_vsock` and a number.
+        id: cfg.id.clone().unwrap_or_else(|| "_vsock0".into()),
+        slot: cfg.pci_device_id,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
