@@ -242,3 +242,47 @@ fn core_scheduling_modes() {
         }
     }
 }
+
+/// `--platform`: the serial number and UUID reach SMBIOS type 1 and the OEM strings type 11,
+/// where the guest reads them (the original's legacy `serial_number`/`uuid` keys).
+#[test]
+fn platform_identity_reaches_smbios() {
+    let uuid = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+    let r = boot(
+        &guest().elf_pvh,
+        &format!("test=boot smbios_serial=CH-TEST-1 smbios_uuid={uuid}"),
+        &[
+            "--platform",
+            &format!("serial_number=CH-TEST-1,uuid={uuid},oem_strings=[a,b]"),
+        ],
+    );
+    r.assert_guest_passed();
+    r.assert_passed("smbios-system");
+    let want = format!("SMBIOS serial=CH-TEST-1 uuid={uuid} oem=[a,b]\n");
+    assert!(r.stdout.contains(&want), "{}", r.stdout);
+
+    // Without --platform: the original's default identity.
+    let r = boot(&guest().elf_pvh, "test=boot", &[]);
+    r.assert_guest_passed();
+    let want = "SMBIOS serial= uuid=00000000-0000-0000-0000-000000000000 oem=[]\n";
+    assert!(r.stdout.contains(want), "{}", r.stdout);
+}
+
+/// What `--platform` cannot give is refused, naming the option.
+#[test]
+fn platform_refuses_more_segments_and_iommus() {
+    let k = guest().elf_pvh.to_str().unwrap();
+    for (value, why) in [
+        ("num_pci_segments=2", "only one PCI segment"),
+        ("iommu_segments=[0]", "no virtual IOMMU"),
+        ("uuid=nope", "is not a UUID"),
+    ] {
+        let r = common::run(&["--kernel", k, "--platform", value]);
+        assert_eq!(r.code(), Some(1), "{value}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("--platform {value}")) && r.stderr.contains(why),
+            "{value}: {}",
+            r.stderr
+        );
+    }
+}

@@ -206,7 +206,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "balloon" => balloon::scenario_balloon(&boot),
         "virtiomem" => virtio_mem::scenario_virtiomem(&boot),
         "acpimem" => acpi_memory::scenario_acpimem(&boot, acpi.as_ref()),
-        "pvpanic" => pvpanic::scenario_pvpanic(),
+        "pvpanic" => pvpanic::scenario_pvpanic(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

@@ -1,21 +1,23 @@
 //! `test=pvpanic`: the pvpanic PCI device (`--pvpanic`), found by its IDs on bus 0 as Linux's
 //! `pvpanic-pci` driver finds it. Its BAR reads the supported events (panicked | crash
 //! loaded = 3); writing 1 reports a panic to the VMM, which keeps the guest running, so the
-//! guest prints `PVPANIC reported` and finishes normally.
+//! guest prints `PVPANIC reported` and finishes normally; with `pvpanic_then=wait` it prints
+//! `READY` and idles instead, so a test can look at the running VM.
 
 use core::ptr::{read_volatile, write_volatile};
 
 use virtio_drivers::transport::pci::bus::BarInfo;
 
+use crate::bootinfo::BootInfo;
 use crate::virtio::root;
-use crate::{check, fail, pass, println};
+use crate::{check, fail, pass, println, svc};
 
 const VENDOR: u16 = 0x1b36;
 const DEVICE: u16 = 0x0011;
 const PANICKED: u8 = 1;
 const EVENTS: u8 = 0x3;
 
-pub fn scenario_pvpanic() {
+pub fn scenario_pvpanic(boot: &BootInfo) {
     let mut r = root();
     let Some((df, info)) = r
         .enumerate_bus(0)
@@ -60,4 +62,10 @@ pub fn scenario_pvpanic() {
     unsafe { write_volatile(bar as *mut u8, PANICKED) };
     println!("PVPANIC reported");
     pass("pvpanic-write");
+    if boot.arg("pvpanic_then") == Some("wait") {
+        println!("READY");
+        loop {
+            svc::hlt();
+        }
+    }
 }

@@ -16,5 +16,6 @@ mod memory_hotplug;
 mod migration;
 mod net_options;
 mod original_client;
+mod pvpanic;
 mod restore;
 mod snapshot;
