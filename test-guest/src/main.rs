@@ -35,6 +35,7 @@ mod smp;
 mod svc;
 mod virtio;
 mod virtio_mem;
+mod vsock;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -206,6 +207,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "balloon" => balloon::scenario_balloon(&boot),
         "virtiomem" => virtio_mem::scenario_virtiomem(&boot),
         "acpimem" => acpi_memory::scenario_acpimem(&boot, acpi.as_ref()),
+        "vsock" => vsock::scenario_vsock(&boot),
         "pvpanic" => pvpanic::scenario_pvpanic(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }

@@ -19,3 +19,4 @@ mod original_client;
 mod pvpanic;
 mod restore;
 mod snapshot;
+mod vsock;
