@@ -128,4 +128,10 @@ fn vsock_both_directions_through_the_unix_socket() {
         info["config"]["vsock"]["socket"],
         sock.display().to_string()
     );
+    // A reboot rebuilds the device on the same socket (the old one gave it up).
+    let (status, body) = vmm.put("vm.reboot");
+    assert_eq!(status, 204, "{body}");
+    wait_line(&serial, "VSOCK listening port=1234", 2, WAIT);
+    let s = connect(&sock, 1234).expect("the guest refused port 1234 after the reboot");
+    assert_eq!(echo(&s, b"rebooted"), b"rebooted");
 }
