@@ -51,11 +51,10 @@ pub const VM_CONFIG: &[&str] = &[
     "user-device",
     "vdpa",
     "vsock",
-    "watchdog",
 ];
 
 /// Flags of the original we do not implement yet.
-pub const NOT_YET_FLAGS: &[&str] = &["landlock", "watchdog"];
+pub const NOT_YET_FLAGS: &[&str] = &["landlock"];
 
 fn opt(name: &'static str, help: &'static str) -> Arg {
     Arg::new(name)

@@ -82,6 +82,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         disks,
         net,
         rng,
+        watchdog: m.get_flag("watchdog"),
         balloon,
         vsock,
         platform,

@@ -36,6 +36,7 @@ mod svc;
 mod virtio;
 mod virtio_mem;
 mod vsock;
+mod watchdog;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -205,6 +206,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "hotplug" => hotplug::scenario_hotplug(acpi.as_ref()),
         "cpuhotplug" => cpu_hotplug::scenario_cpuhotplug(acpi.as_ref()),
         "balloon" => balloon::scenario_balloon(&boot),
+        "watchdog" => watchdog::scenario_watchdog(&boot),
         "virtiomem" => virtio_mem::scenario_virtiomem(&boot),
         "acpimem" => acpi_memory::scenario_acpimem(&boot, acpi.as_ref()),
         "vsock" => vsock::scenario_vsock(&boot),

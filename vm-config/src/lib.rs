@@ -569,6 +569,9 @@ pub struct VmConfig {
     /// `--vsock`: virtio-vsock over the original's hybrid vsock Unix socket (one per VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// `--watchdog`: the original's virtio-watchdog.
+    #[serde(default)]
+    pub watchdog: bool,
     #[serde(default = "default_serial", serialize_with = "serialize_serial")]
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
@@ -862,6 +865,7 @@ mod tests {
             vsock: None,
             platform: None,
             pvpanic: false,
+            watchdog: false,
             unsupported: UnsupportedConfig::default(),
         }
     }
@@ -937,6 +941,7 @@ mod tests {
             vsock: None,
             platform: None,
             pvpanic: false,
+            watchdog: false,
             unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();

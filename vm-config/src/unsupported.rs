@@ -39,8 +39,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iommu: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watchdog: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landlock_enable: Option<Value>,
     /// Any other top-level key: refused unless it asks for nothing, as in every object.
     #[serde(flatten, skip_serializing)]
@@ -60,7 +58,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 16] = [
+        let fields: [(&'static str, &Option<Value>); 15] = [
             ("rate_limit_groups", &self.rate_limit_groups),
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
@@ -75,7 +73,6 @@ impl UnsupportedConfig {
             ("landlock_rules", &self.landlock_rules),
             ("sgx_epc", &self.sgx_epc),
             ("iommu", &self.iommu),
-            ("watchdog", &self.watchdog),
             ("landlock_enable", &self.landlock_enable),
         ];
         for (name, value) in fields {
@@ -118,7 +115,7 @@ mod tests {
         .unwrap();
         ok.validate().unwrap();
         for (json, field) in [
-            (r#"{"watchdog": true}"#, "watchdog"),
+            (r#"{"tpm": {"socket": "/t"}}"#, "tpm"),
             (r#"{"fs": [{"tag": "t", "socket": "/s"}]}"#, "fs"),
         ] {
             let c: UnsupportedConfig = serde_json::from_str(json).unwrap();

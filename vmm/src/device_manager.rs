@@ -111,7 +111,7 @@ impl DeviceManager {
         let acpi_sleep = Arc::new(Mutex::new(AcpiSleepDevice::new(
             layout::ACPI_S5_SLP_TYP,
             layout::ACPI_RESET_VALUE,
-            requests,
+            requests.clone(),
         )));
         pio.insert(acpi_sleep.clone(), layout::ACPI_SLEEP_PORT, 1)?;
         let pm_timer = Arc::new(Mutex::new(AcpiPmTimer::new()));
@@ -157,6 +157,10 @@ impl DeviceManager {
         )?;
         if cfg.pvpanic {
             crate::platform::add_pvpanic(&mut pci, slot_hints, ejections)?;
+        }
+        if cfg.watchdog {
+            let slot = slot_hints.and_then(|h| h.get("__watchdog").copied());
+            pci.place(crate::virtio_build::watchdog(requests.clone(), slot)?)?;
         }
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&ged_irq, layout::GED_IRQ)

@@ -20,3 +20,4 @@ mod pvpanic;
 mod restore;
 mod snapshot;
 mod vsock;
+mod watchdog;
