@@ -41,11 +41,11 @@ pub use mem::{
 };
 pub use net::{Net, NetConfig, NetOffloads, NetState, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use rng::{Rng, RngState};
-pub use vsock::{Vsock, VsockState, TYPE_VSOCK};
 pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
 };
+pub use vsock::{Vsock, VsockState, TYPE_VSOCK};
 pub use watchdog::{Watchdog, WatchdogState, TYPE_WATCHDOG, WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT};
 pub use worker::{QueueHandler, WorkerHandle};
 

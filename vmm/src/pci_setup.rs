@@ -298,9 +298,7 @@ impl PciDevices {
     pub fn pause_devices(&mut self) -> Result<(), String> {
         self.devices_paused = true;
         for t in self.functions.iter().filter_map(Function::transport) {
-            t.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pause()?;
+            t.lock().unwrap_or_else(|e| e.into_inner()).pause()?;
         }
         Ok(())
     }
@@ -312,11 +310,7 @@ impl PciDevices {
         }
         let mut first_err = None;
         for t in self.functions.iter().filter_map(Function::transport) {
-            if let Err(e) = t
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .resume()
-            {
+            if let Err(e) = t.lock().unwrap_or_else(|e| e.into_inner()).resume() {
                 first_err.get_or_insert(e);
             }
         }
