@@ -32,6 +32,7 @@ pub enum Endpoint {
     VmAddNet,
     VmRemoveDevice,
     VmResize,
+    VmAddVsock,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -58,7 +59,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.add-pmem", Method::Put, Endpoint::NotYet),
     ("vm.add-user-device", Method::Put, Endpoint::NotYet),
     ("vm.add-vdpa", Method::Put, Endpoint::NotYet),
-    ("vm.add-vsock", Method::Put, Endpoint::NotYet),
+    ("vm.add-vsock", Method::Put, Endpoint::VmAddVsock),
     ("vm.remove-device", Method::Put, Endpoint::VmRemoveDevice),
     ("vm.resize", Method::Put, Endpoint::VmResize),
     ("vm.resize-disk", Method::Put, Endpoint::NotYet),
@@ -203,6 +204,9 @@ pub fn request(
             ApiRequest::VmRemoveDevice(body_of(body, name, "VmRemoveDeviceData")?)
         }
         Endpoint::VmResize => ApiRequest::VmResize(body_of(body, name, "VmResize")?),
+        Endpoint::VmAddVsock => {
+            ApiRequest::VmAddVsock(Box::new(body_of(body, name, "VsockConfig")?))
+        }
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_config::{
     ConfigError, DiskConfig, NetConfig, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig,
-    VmConfig,
+    VmConfig, VsockConfig,
 };
 
 /// The states of a VM, as the original names them.
@@ -48,6 +48,9 @@ pub enum ApiRequest {
     VmAddNet(Box<NetConfig>),
     VmRemoveDevice(VmRemoveDeviceData),
     VmResize(VmResizeData),
+    /// `vm.add-vsock`: before boot the device joins the configuration; on a built VM it is
+    /// hot-added (one vsock per VM).
+    VmAddVsock(Box<VsockConfig>),
 }
 
 /// `vm.resize`'s body, as the original's `VmResize`: each field present is a change asked for.

@@ -463,3 +463,43 @@ fn hotplug_refusals_name_the_field_and_leave_the_vm_alone() {
     assert_eq!(a.state(), "Running");
     assert_eq!(b.state(), "Running");
 }
+
+/// `vm.add-vsock` on a running VM: the vsock function appears on the bus (the hotplug guest
+/// reports it by its PCI ids), its socket listens, and `remove-device` has the guest eject it,
+/// after which the socket is gone and a vsock can be added again.
+#[test]
+fn hotplug_vsock_added_and_removed() {
+    let (vmm, serial) = boot_hotplug_guest("hotplug-vsock");
+    let sock = vmm.dir.join("vsock.sock");
+    let arg = format!("cid=3,socket={}", sock.display());
+    for round in 1..=2 {
+        let slot = slot_of(&ch_remote_ok(&vmm, &["add-vsock", &arg]), "_vsock0");
+        // virtio-vsock: device type 19, PCI device 0x1040 + 19.
+        wait_for(
+            &serial,
+            &format!("HOTPLUG ADDED slot={slot} type=1af4:1053\n"),
+            round,
+        );
+        assert!(
+            std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+            "the vsock socket listens"
+        );
+        let info = vmm.ok_json("vm.info");
+        assert_eq!(info["config"]["vsock"]["cid"], 3, "{info}");
+        // One vsock per VM.
+        let (status, text) = vmm.curl(
+            "PUT",
+            "vm.add-vsock",
+            Some(&format!(
+                r#"{{"cid": 4, "socket": "{}.2"}}"#,
+                sock.display()
+            )),
+        );
+        assert_eq!(status, 400, "{text}");
+        remove(&vmm, &serial, "_vsock0", slot, round);
+        let info = vmm.ok_json("vm.info");
+        assert!(info["config"]["vsock"].is_null(), "{info}");
+        assert_no_fail(&serial);
+    }
+    assert_eq!(vmm.state(), "Running");
+}

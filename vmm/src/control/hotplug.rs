@@ -1,4 +1,5 @@
-//! The control loop's side of hotplug: `vm.add-disk`, `vm.add-net` and `vm.remove-device`, as
+//! The control loop's side of hotplug: `vm.add-disk`, `vm.add-net`, `vm.add-vsock` and
+//! `vm.remove-device`, as
 //! the original answers them. Before boot they change the configuration (204); on a built VM
 //! an added device is on the bus when the call returns (200 with its id and PCI address), and a
 //! removal is a request the guest carries out by ejecting the slot, after which the device is
@@ -10,7 +11,7 @@ use api::{ApiError, ApiResponse, PciDeviceInfo};
 use log::info;
 
 use super::Vmm;
-use crate::config::{DiskConfig, NetConfig, VmConfig};
+use crate::config::{DiskConfig, NetConfig, VmConfig, VsockConfig};
 use crate::event_monitor::properties;
 use crate::virtio_build::{self, NewDevice};
 
@@ -18,6 +19,7 @@ use crate::virtio_build::{self, NewDevice};
 pub(super) enum Added {
     Disk(DiskConfig),
     Net(NetConfig),
+    Vsock(VsockConfig),
 }
 
 impl Added {
@@ -25,6 +27,7 @@ impl Added {
         match self {
             Added::Disk(d) => &d.id,
             Added::Net(n) => &n.id,
+            Added::Vsock(v) => &v.id,
         }
     }
 
@@ -32,6 +35,7 @@ impl Added {
         match self {
             Added::Disk(d) => d.id = Some(id),
             Added::Net(n) => n.id = Some(id),
+            Added::Vsock(v) => v.id = Some(id),
         }
     }
 
@@ -40,6 +44,7 @@ impl Added {
         match self {
             Added::Disk(_) => "_disk",
             Added::Net(_) => "_net",
+            Added::Vsock(_) => "_vsock",
         }
     }
 
@@ -49,6 +54,7 @@ impl Added {
         match self {
             Added::Disk(d) => c.disks.push(d.clone()),
             Added::Net(n) => c.net.push(n.clone()),
+            Added::Vsock(v) => c.vsock = Some(v.clone()),
         }
         c
     }
@@ -57,6 +63,10 @@ impl Added {
         match self {
             Added::Disk(d) => virtio_build::disk(d, id),
             Added::Net(n) => virtio_build::net(n, id),
+            Added::Vsock(v) => virtio_build::vsock(&VsockConfig {
+                id: Some(id),
+                ..v.clone()
+            }),
         }
     }
 }
@@ -68,6 +78,7 @@ fn ids_in_use(config: &VmConfig, placed: &[(String, u8)]) -> BTreeSet<String> {
         .iter()
         .map(|d| &d.id)
         .chain(config.net.iter().map(|n| &n.id))
+        .chain(config.vsock.iter().map(|v| &v.id))
         .chain([&config.rng.id, &config.console.id])
         .flatten()
         .cloned()
@@ -80,7 +91,11 @@ fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
     let (disks, nets) = (config.disks.len(), config.net.len());
     config.disks.retain(|d| d.id.as_deref() != Some(id));
     config.net.retain(|n| n.id.as_deref() != Some(id));
-    disks != config.disks.len() || nets != config.net.len()
+    let vsock = config.vsock.as_ref().is_some_and(|v| v.id.as_deref() == Some(id));
+    if vsock {
+        config.vsock = None;
+    }
+    vsock || disks != config.disks.len() || nets != config.net.len()
 }
 
 impl Vmm {
@@ -91,6 +106,12 @@ impl Vmm {
         };
         if self.outgoing.is_some() {
             return Err(ApiError::Failed("the VM is being migrated".into()));
+        }
+        if let (Added::Vsock(_), Some(v)) = (&dev, &config.vsock) {
+            return Err(ApiError::BadRequest(format!(
+                "the VM has a vsock device already ({}): one per VM",
+                v.socket.display()
+            )));
         }
         // The whole configuration must still validate (ids and slots unique, files there,
         // queues within the vCPUs), as the original checks it.
@@ -155,7 +176,7 @@ impl Vmm {
                 Ok(())
             } else {
                 Err(ApiError::BadRequest(format!(
-                    "id={id}: no disk or net device has this id"
+                    "id={id}: no disk, net or vsock device has this id"
                 )))
             };
         };
@@ -164,11 +185,12 @@ impl Vmm {
             .iter()
             .map(|d| &d.id)
             .chain(config.net.iter().map(|n| &n.id))
+            .chain(config.vsock.iter().map(|v| &v.id))
             .any(|d| d.as_deref() == Some(id))
             && vm.devices().pci.placed().iter().any(|(p, _)| p == id)
         {
             return Err(ApiError::BadRequest(format!(
-                "id={id}: only disk and net devices can be removed"
+                "id={id}: only disk, net and vsock devices can be removed"
             )));
         }
         vm.devices_mut()
