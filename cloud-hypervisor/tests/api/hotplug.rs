@@ -503,3 +503,73 @@ fn hotplug_vsock_added_and_removed() {
     }
     assert_eq!(vmm.state(), "Running");
 }
+
+/// A VM with every device this round added (balloon, watchdog, pvpanic, vsock, a virtio-mem
+/// hotplug region, a hot-added disk and vCPU) is snapshotted and restored in a new VMM: the
+/// same devices at the same places, and the guest runs on.
+#[test]
+fn a_vm_with_the_new_devices_is_snapshotted_and_restored() {
+    require_curl();
+    let vmm = Vmm::start("hotplug-all-snap", &[]);
+    let serial = vmm.dir.join("serial.out");
+    let mut config: Value = serde_json::from_str(&guest_config("hotplug", &serial)).unwrap();
+    config["cpus"] = serde_json::json!({"boot_vcpus": 1, "max_vcpus": 2});
+    config["memory"] = serde_json::json!({
+        "size": 256u64 << 20, "hotplug_method": "VirtioMem", "hotplug_size": 128u64 << 20
+    });
+    config["balloon"] = serde_json::json!({"size": 0});
+    config["watchdog"] = true.into();
+    config["pvpanic"] = true.into();
+    let sock = vmm.dir.join("vsock.sock");
+    config["vsock"] = serde_json::json!({"cid": 3, "socket": sock});
+    assert_eq!(
+        vmm.curl("PUT", "vm.create", Some(&config.to_string())).0,
+        204
+    );
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "READY", 1);
+    let img = disk_image(&vmm.dir);
+    let slot = slot_of(
+        &ch_remote_ok(
+            &vmm,
+            &["add-disk", &format!("path={},id=late", img.display())],
+        ),
+        "late",
+    );
+    wait_for(&serial, &format!("HOTPLUG IO slot={slot} ok\n"), 1);
+    ch_remote_ok(&vmm, &["resize", "--cpus", "2"]);
+    let before = vmm.ok_json("vm.info");
+    assert_eq!(vmm.put("vm.pause").0, 204);
+    let snap = vmm.dir.join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let body = serde_json::json!({ "destination_url": format!("file://{}", snap.display()) });
+    let (status, text) = vmm.curl("PUT", "vm.snapshot", Some(&body.to_string()));
+    assert_eq!(status, 204, "{text}");
+    drop(vmm);
+
+    let restored = Vmm::start("hotplug-all-snap-restored", &[]);
+    let body = serde_json::json!({ "source_url": format!("file://{}", snap.display()) });
+    let (status, text) = restored.curl("PUT", "vm.restore", Some(&body.to_string()));
+    assert_eq!(status, 204, "{text}");
+    let after = restored.ok_json("vm.info");
+    assert_eq!(
+        after["device_tree"], before["device_tree"],
+        "the same devices"
+    );
+    assert_eq!(after["config"]["cpus"]["boot_vcpus"], 2);
+    for id in [
+        "__balloon",
+        "__watchdog",
+        "__pvpanic",
+        "_vsock0",
+        "__virtio_mem",
+        "late",
+    ] {
+        assert!(after["device_tree"][id].is_object(), "{id}: {after}");
+    }
+    assert_eq!(restored.put("vm.resume").0, 204);
+    // The guest goes on: it still handles hotplug (the disk can be removed).
+    remove(&restored, &serial, "late", slot, 1);
+    assert_eq!(restored.state(), "Running");
+    std::fs::remove_dir_all(&snap).unwrap();
+}
