@@ -165,6 +165,24 @@ fn hotplug_net_added_removed_and_added_again() {
     .unwrap();
 }
 
+/// Pauses `vmm`'s VM, snapshots it into its dir's `snap`, ends that VMM and restores the
+/// snapshot in a new one (`name`). Returns vm.info before, the new VMM, and the snapshot dir.
+fn snapshot_and_restore(vmm: Vmm, name: &str) -> (Value, Vmm, PathBuf) {
+    let before = vmm.ok_json("vm.info");
+    assert_eq!(vmm.put("vm.pause").0, 204);
+    let snap = vmm.dir.join("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let body = serde_json::json!({ "destination_url": format!("file://{}", snap.display()) });
+    let (status, text) = vmm.curl("PUT", "vm.snapshot", Some(&body.to_string()));
+    assert_eq!(status, 204, "{text}");
+    drop(vmm);
+    let restored = Vmm::start(name, &[]);
+    let body = serde_json::json!({ "source_url": format!("file://{}", snap.display()) });
+    let (status, text) = restored.curl("PUT", "vm.restore", Some(&body.to_string()));
+    assert_eq!(status, 204, "{text}");
+    (before, restored, snap)
+}
+
 /// What the VMM process holds: open descriptors, threads, resident KiB.
 fn process_usage(pid: i32) -> (usize, usize, u64) {
     let count = |dir: String| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
@@ -323,19 +341,7 @@ fn hotplugged_devices_survive_reboot_snapshot_and_restore() {
         "third",
     );
     assert_eq!(c, b2, "the lowest free slot");
-    let before = vmm.ok_json("vm.info");
-    assert_eq!(vmm.put("vm.pause").0, 204);
-    let snap = vmm.dir.join("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    let body = serde_json::json!({ "destination_url": format!("file://{}", snap.display()) });
-    let (status, text) = vmm.curl("PUT", "vm.snapshot", Some(&body.to_string()));
-    assert_eq!(status, 204, "{text}");
-    drop(vmm);
-
-    let restored = Vmm::start("hotplug-keep-restored", &[]);
-    let body = serde_json::json!({ "source_url": format!("file://{}", snap.display()) });
-    let (status, text) = restored.curl("PUT", "vm.restore", Some(&body.to_string()));
-    assert_eq!(status, 204, "{text}");
+    let (before, restored, _snap) = snapshot_and_restore(vmm, "hotplug-keep-restored");
     let after = restored.ok_json("vm.info");
     for id in ["first", "third", "__rng"] {
         assert_eq!(bdf_of(&after, id), bdf_of(&before, id), "{id}: {after}");
@@ -538,19 +544,7 @@ fn a_vm_with_the_new_devices_is_snapshotted_and_restored() {
     );
     wait_for(&serial, &format!("HOTPLUG IO slot={slot} ok\n"), 1);
     ch_remote_ok(&vmm, &["resize", "--cpus", "2"]);
-    let before = vmm.ok_json("vm.info");
-    assert_eq!(vmm.put("vm.pause").0, 204);
-    let snap = vmm.dir.join("snap");
-    std::fs::create_dir_all(&snap).unwrap();
-    let body = serde_json::json!({ "destination_url": format!("file://{}", snap.display()) });
-    let (status, text) = vmm.curl("PUT", "vm.snapshot", Some(&body.to_string()));
-    assert_eq!(status, 204, "{text}");
-    drop(vmm);
-
-    let restored = Vmm::start("hotplug-all-snap-restored", &[]);
-    let body = serde_json::json!({ "source_url": format!("file://{}", snap.display()) });
-    let (status, text) = restored.curl("PUT", "vm.restore", Some(&body.to_string()));
-    assert_eq!(status, 204, "{text}");
+    let (before, restored, snap) = snapshot_and_restore(vmm, "hotplug-all-snap-restored");
     let after = restored.ok_json("vm.info");
     assert_eq!(
         after["device_tree"], before["device_tree"],
