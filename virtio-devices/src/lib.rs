@@ -10,6 +10,7 @@ mod console;
 mod discard;
 mod mem;
 mod net;
+pub mod rate_limiter;
 mod rng;
 mod transport;
 mod vring;
