@@ -11,8 +11,9 @@ use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use crate::rate_limiter::RateLimiter;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains_limited, queue_bit, QueueHandler, Served, WorkerHandle};
 use std::sync::Arc;
 
 use crate::{
@@ -89,6 +90,9 @@ struct BlockHandler {
     read_bufs: Vec<Vec<libc::iovec>>,
     /// For signalling completions part-way through a long batch.
     interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
+    /// Every request takes one op and, reads and writes, their data bytes; with no budget the
+    /// queues wait for its timer.
+    limiter: Option<RateLimiter>,
 }
 
 // SAFETY: the iovecs point into guest memory, which every thread may access; they are only
@@ -120,8 +124,27 @@ enum Outcome {
 }
 
 impl BlockHandler {
-    /// Serves one chain; returns the used length, or None when it completes later.
+    /// Serves one chain, unless the rate limiter has no budget for it now.
     fn serve(
+        &mut self,
+        view: &mut GuestView,
+        queue: usize,
+        head: u16,
+        chain: &[Descriptor],
+    ) -> Served {
+        if let Some(l) = self.limiter.as_mut() {
+            if !l.consume(limited_bytes(view, chain), 1) {
+                return Served::NotNow;
+            }
+        }
+        match self.serve_now(view, queue, head, chain) {
+            Some(len) => Served::Used(len),
+            None => Served::Later,
+        }
+    }
+
+    /// Serves one chain; returns the used length, or None when it completes later.
+    fn serve_now(
         &mut self,
         view: &mut GuestView,
         queue: usize,
@@ -456,6 +479,21 @@ impl BlockHandler {
     }
 }
 
+/// The bytes a request counts against the bandwidth bucket: the data of a read or write (as
+/// the original), 0 for anything else or a header that cannot be read (it fails anyway).
+fn limited_bytes(view: &mut GuestView, chain: &[Descriptor]) -> u64 {
+    let Some(h) = chain.first().and_then(|d| view.ptr(d.addr(), 16)) else {
+        return 0;
+    };
+    match read_header(h).0 {
+        T_IN | T_OUT if chain.len() > 2 => chain[1..chain.len() - 1]
+            .iter()
+            .map(|d| u64::from(d.len()))
+            .sum(),
+        _ => 0,
+    }
+}
+
 /// The request type and sector of the 16-byte request header at `h`.
 fn read_header(h: std::ptr::NonNull<u8>) -> (u32, u64) {
     let p = h.as_ptr();
@@ -533,7 +571,7 @@ impl QueueHandler for BlockHandler {
         let early = irq.as_deref().map(|i| (i, EARLY_SIGNAL));
         let mut view = GuestView::new(mem);
         // The walk stops at the table size (no loops) and on a bad descriptor.
-        let r = process_chains_notify(index, q, early, |head, descs| {
+        let r = process_chains_limited(index, q, early, |head, descs| {
             self.serve(&mut view, index, head, descs)
         });
         self.publish_counts();
@@ -567,6 +605,26 @@ impl QueueHandler for BlockHandler {
         let done = self.complete(queues, mem);
         self.publish_counts();
         done
+    }
+
+    fn timer_fds(&self) -> Vec<RawFd> {
+        self.limiter.iter().map(|l| l.as_raw_fd()).collect()
+    }
+
+    fn process_timer(
+        &mut self,
+        _index: usize,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        if let Some(l) = self.limiter.as_mut() {
+            l.timer_fired();
+        }
+        let mut used = 0;
+        for i in 0..queues.len() {
+            used |= self.process_queue(i, queues, mem)?;
+        }
+        Ok(used)
     }
 
     fn extra_fd(&self) -> Option<RawFd> {
@@ -640,9 +698,17 @@ impl Block {
                 iovecs: Vec::new(),
                 read_bufs: Vec::new(),
                 interrupt: None,
+                limiter: None,
             }),
             worker: None,
         })
+    }
+
+    /// Limits the disk's requests (before activation; a reset keeps it).
+    pub fn set_rate_limiter(&mut self, limiter: Option<RateLimiter>) {
+        if let Some(h) = self.handler.as_mut() {
+            h.limiter = limiter;
+        }
     }
 
     /// Whether reads and writes go through io_uring (false once activated: the worker has it).

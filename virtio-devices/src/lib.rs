@@ -25,6 +25,8 @@ mod mem_tests;
 #[cfg(test)]
 mod pause_tests;
 #[cfg(test)]
+mod rate_limit_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod transport_state_tests;

@@ -274,6 +274,12 @@ impl VirtQueue {
         self.q.go_to_previous_position();
     }
 
+    /// Gives the last `n` popped chains back (a device that may not serve them now).
+    pub fn unpop_n(&mut self, n: u16) {
+        let next = self.q.next_avail();
+        self.q.set_next_avail(next.wrapping_sub(n));
+    }
+
     /// Descriptor `index` of `table`, or None when it cannot be read.
     fn load(&self, table: Table, index: u16) -> Option<Descriptor> {
         match table {

@@ -17,6 +17,10 @@ use crate::{ActivateContext, ActivateError, DeviceStatus, VirtioInterrupt};
 
 const KILL_TOKEN: u64 = u64::MAX;
 const EXTRA_TOKEN: u64 = u64::MAX - 1;
+/// `TIMER_TOKEN - i` is the handler's timer fd `i`.
+const TIMER_TOKEN: u64 = u64::MAX - 2;
+/// Most timer fds a handler may have.
+const MAX_TIMERS: usize = 8;
 /// Most chains `process_chains_notify` pops per read of the avail index.
 const POP_BATCH: usize = 16;
 
@@ -45,6 +49,21 @@ pub trait QueueHandler: Send + 'static {
     /// The extra fd is readable. Returns a bit mask of the queues that got used buffers.
     fn process_extra(
         &mut self,
+        _queues: &mut [Option<VirtQueue>],
+        _mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        Ok(0)
+    }
+    /// Timer fds to wait on (rate limiters'), registered when the thread starts; a disarmed
+    /// timer never wakes it.
+    fn timer_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// Timer fd `index` (of `timer_fds`) expired. Returns a bit mask of the queues that got used
+    /// buffers.
+    fn process_timer(
+        &mut self,
+        _index: usize,
         _queues: &mut [Option<VirtQueue>],
         _mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
@@ -299,6 +318,15 @@ impl<H: QueueHandler> Worker<H> {
                 add(e.as_raw_fd(), i as u64)?;
             }
         }
+        for (i, fd) in self
+            .handler
+            .timer_fds()
+            .into_iter()
+            .take(MAX_TIMERS)
+            .enumerate()
+        {
+            add(fd, TIMER_TOKEN - i as u64)?;
+        }
         // The extra fd as registered now, and whether registering it failed for good.
         let mut extra: Option<RawFd> = None;
         let mut extra_failed = false;
@@ -345,6 +373,18 @@ impl<H: QueueHandler> Worker<H> {
                             Err(e) => self.broken(&e),
                         }
                     }
+                    t if t <= TIMER_TOKEN && t > TIMER_TOKEN - MAX_TIMERS as u64 => {
+                        let r = self.handler.process_timer(
+                            (TIMER_TOKEN - t) as usize,
+                            &mut self.queues,
+                            &self.mem,
+                        );
+                        self.publish_all();
+                        match r {
+                            Ok(used) => self.notify_mask(used),
+                            Err(e) => self.broken(&e),
+                        }
+                    }
                     i => {
                         let i = i as usize;
                         if let Some(Some(e)) = self.evts.get(i) {
@@ -356,6 +396,18 @@ impl<H: QueueHandler> Worker<H> {
             }
         }
     }
+}
+
+/// What became of a chain a limited handler was given (`process_chains_limited`).
+pub enum Served {
+    /// In the used ring now, with this many bytes written.
+    Used(u32),
+    /// It completes later (handed to the disk).
+    Later,
+    /// Not served: no budget now (rate limited). It and the rest of the batch go back to the
+    /// avail ring, and serving stops with notifications still off; the handler serves the
+    /// queue again when its timer fires.
+    NotNow,
 }
 
 /// Pops every available chain of `q` and lets `f` serve it (its head and descriptors, as
@@ -385,6 +437,22 @@ pub fn process_chains_notify<F>(
 where
     F: FnMut(u16, &[Descriptor]) -> Option<u32>,
 {
+    process_chains_limited(index, q, early, |h, d| match f(h, d) {
+        Some(len) => Served::Used(len),
+        None => Served::Later,
+    })
+}
+
+/// `process_chains_notify` for a handler that may decline a chain (`Served::NotNow`).
+pub fn process_chains_limited<F>(
+    index: usize,
+    q: &mut VirtQueue,
+    early: Option<(&dyn VirtioInterrupt, u32)>,
+    mut f: F,
+) -> Result<u64, String>
+where
+    F: FnMut(u16, &[Descriptor]) -> Served,
+{
     // The queue's scratch vectors, so a batch allocates nothing.
     let mut heads = std::mem::take(&mut q.heads);
     let mut descs = std::mem::take(&mut q.descs);
@@ -403,7 +471,7 @@ fn serve_chains<F>(
     f: &mut F,
 ) -> Result<u64, String>
 where
-    F: FnMut(u16, &[Descriptor]) -> Option<u32>,
+    F: FnMut(u16, &[Descriptor]) -> Served,
 {
     let mut used = false;
     let mut since_signal = 0u32;
@@ -418,7 +486,7 @@ where
     // While the queue is being drained the driver need not notify (VRING_USED_F_NO_NOTIFY);
     // notifications are re-enabled before sleeping, and the ring checked once more.
     q.disable_notification()?;
-    loop {
+    'batches: loop {
         // Up to POP_BATCH chains per look at the avail index; they are served, and used, in
         // order, and the used index is published once for them.
         heads.clear();
@@ -430,18 +498,25 @@ where
             }
             break;
         }
-        for &head in heads.iter() {
+        for (k, &head) in heads.iter().enumerate() {
             q.chain(head, descs);
-            if let Some(len) = f(head, descs) {
-                q.add_used(head, len)?;
-                used = true;
-                if let Some((irq, _)) = early {
-                    since_signal += 1;
-                    if since_signal >= every {
-                        since_signal = 0;
-                        if q.needs_notification() {
-                            irq.signal_queue(index);
-                        }
+            let len = match f(head, descs) {
+                Served::Used(len) => len,
+                Served::Later => continue,
+                Served::NotNow => {
+                    q.unpop_n((heads.len() - k) as u16);
+                    q.publish();
+                    break 'batches;
+                }
+            };
+            q.add_used(head, len)?;
+            used = true;
+            if let Some((irq, _)) = early {
+                since_signal += 1;
+                if since_signal >= every {
+                    since_signal = 0;
+                    if q.needs_notification() {
+                        irq.signal_queue(index);
                     }
                 }
             }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::parser::OptionParser;
+use super::rate_limit::{parse_rate_limiter, RateLimiterConfig, RATE_LIMITER_KEYS};
 use super::ConfigError;
 
 /// Where a device sits on PCI and what it is called. Only segment 0 exists.
@@ -147,6 +148,9 @@ pub struct DiskConfig {
     /// What the image's lock covers.
     #[serde(default)]
     pub lock_granularity: LockGranularity,
+    /// This disk's own limiter (`bw_*`, `ops_*` keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter_config: Option<RateLimiterConfig>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -193,35 +197,20 @@ fn default_true() -> bool {
     true
 }
 
-/// The rate limiter's keys, which `--disk` and `--net` know as the original does (besides
-/// their own `KEYS`) but refuse (no rate limiting yet).
-const RATE_LIMITER_KEYS: &[&str] = &[
-    "bw_size",
-    "bw_one_time_burst",
-    "bw_refill_time",
-    "ops_size",
-    "ops_one_time_burst",
-    "ops_refill_time",
-];
-
-/// Refuses rate limits that would limit. As the original reads them, a token bucket exists
-/// only when both its size and its refill time are non-zero; any other values (0, or one of
-/// the two missing) ask for no limit, which is what this VMM does.
+/// Refuses rate limits that would limit (on `--net`, which has none yet). As the original
+/// reads them, a token bucket exists only when both its size and its refill time are
+/// non-zero; any other values (0, or one of the two missing) ask for no limit.
 fn refuse_active_rate_limits(p: &OptionParser) -> Result<(), ConfigError> {
-    for (size, refill) in [
-        ("bw_size", "bw_refill_time"),
-        ("ops_size", "ops_refill_time"),
-    ] {
-        let s: u64 = p.number(size)?.unwrap_or(0);
-        let r: u64 = p.number(refill)?.unwrap_or(0);
-        if s != 0 && r != 0 {
-            return Err(p.error(format!(
-                "{size}={s},{refill}={r}: rate limiting is not supported yet"
-            )));
-        }
-    }
-    for burst in ["bw_one_time_burst", "ops_one_time_burst"] {
-        p.number::<u64>(burst)?;
+    if let Some(r) = parse_rate_limiter(p)? {
+        let (size, refill, b) = match (r.bandwidth, r.ops) {
+            (Some(b), _) => ("bw_size", "bw_refill_time", b),
+            (None, Some(b)) => ("ops_size", "ops_refill_time", b),
+            (None, None) => return Ok(()),
+        };
+        return Err(p.error(format!(
+            "{size}={},{refill}={}: rate limiting is not supported yet",
+            b.size, b.refill_time
+        )));
     }
     Ok(())
 }
@@ -263,7 +252,7 @@ impl DiskConfig {
             &[Self::KEYS, RATE_LIMITER_KEYS, PCI_KEYS],
             &[],
         )?;
-        refuse_active_rate_limits(&p)?;
+        let rate_limiter_config = parse_rate_limiter(&p)?;
         p.refuse(&["socket", "rate_limit_group", "queue_affinity"])?;
         let lock_granularity = match p.get("lock_granularity").as_deref() {
             None => LockGranularity::ByteRange,
@@ -304,6 +293,7 @@ impl DiskConfig {
             sparse: p.toggle("sparse", true)?,
             image_type,
             lock_granularity,
+            rate_limiter_config,
         };
         cfg.check().map_err(|m| p.error(m))?;
         Ok(cfg)

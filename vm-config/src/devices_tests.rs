@@ -98,23 +98,42 @@ fn disk_json_has_the_originals_fields() {
     );
 }
 
-/// A rate limit that would limit is refused, naming it; the original's "no limit" values
-/// (a zero size or refill time, or one of them missing) are taken, on both options.
+/// `--disk` takes the rate limiter's keys as the original reads them (a bucket only when its
+/// size and refill time are non-zero, the burst defaulting to 0); `--net` still refuses a
+/// limit that would limit, naming it, and takes the "no limit" values.
 #[test]
-fn rate_limits_that_limit_are_refused() {
+fn rate_limits() {
+    let d = DiskConfig::parse(
+        "path=/x,bw_size=1000,bw_refill_time=100,bw_one_time_burst=5,ops_size=10,ops_refill_time=1000",
+    )
+    .unwrap();
+    let r = d.rate_limiter_config.unwrap();
+    assert_eq!(
+        r.bandwidth,
+        Some(crate::TokenBucketConfig {
+            size: 1000,
+            one_time_burst: Some(5),
+            refill_time: 100
+        })
+    );
+    assert_eq!(
+        r.ops.map(|b| (b.size, b.one_time_burst)),
+        Some((10, Some(0)))
+    );
+    let d = DiskConfig::parse("path=/x,ops_size=10,ops_refill_time=1000").unwrap();
+    assert!(d.rate_limiter_config.unwrap().bandwidth.is_none());
+    let back: DiskConfig = serde_json::from_value(serde_json::to_value(&d).unwrap()).unwrap();
+    assert_eq!(back, d);
     for (size, refill) in [
         ("bw_size", "bw_refill_time"),
         ("ops_size", "ops_refill_time"),
     ] {
         let active = format!("{size}=1000,{refill}=100");
-        for parsed in [
-            DiskConfig::parse(&format!("path=/x,{active}")).map(|_| ()),
-            NetConfig::parse(&format!("tap=t0,{active}")).map(|_| ()),
-        ] {
-            let e = parsed.unwrap_err().to_string();
-            assert!(e.contains("rate limiting is not supported yet"), "{e}");
-            assert!(e.contains(size), "{e}");
-        }
+        let e = NetConfig::parse(&format!("tap=t0,{active}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rate limiting is not supported yet"), "{e}");
+        assert!(e.contains(size), "{e}");
         for none in [
             format!("{size}=0,{refill}=100"),
             format!("{size}=1000,{refill}=0"),
@@ -122,12 +141,17 @@ fn rate_limits_that_limit_are_refused() {
             format!("{refill}=100"),
             format!("{size}=,{refill}="),
         ] {
-            DiskConfig::parse(&format!("path=/x,{none}")).unwrap();
+            let d = DiskConfig::parse(&format!("path=/x,{none}")).unwrap();
+            assert!(d.rate_limiter_config.is_none(), "{none}");
             NetConfig::parse(&format!("tap=t0,{none}")).unwrap();
         }
     }
     assert!(DiskConfig::parse("path=/x,bw_one_time_burst=x").is_err());
     assert!(DiskConfig::parse("path=/x,bw_size=lots").is_err());
+    assert!(serde_json::from_str::<DiskConfig>(
+        r#"{"path": "/x", "rate_limiter_config": {"bandwidth": {"size": 1, "refill_time": 1, "x": 1}}}"#
+    )
+    .is_err());
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod mac;
 mod migration;
 mod parser;
 mod platform;
+mod rate_limit;
 mod restore;
 #[cfg(test)]
 mod rules_tests;
@@ -27,6 +28,7 @@ pub use extra::Extra;
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
 pub use platform::{parse_uuid, PlatformConfig};
+pub use rate_limit::{RateLimitGroupConfig, RateLimiterConfig, TokenBucketConfig};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
 pub use unsupported::UnsupportedConfig;
 pub use vsock::VsockConfig;

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use log::info;
+use virtio_devices::rate_limiter::{BucketConfig, LimiterConfig, RateLimiter};
 use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice, Vsock};
 
 use crate::config::{
@@ -73,12 +74,25 @@ fn open_disk(d: &DiskConfig) -> Result<(Box<dyn block::DiskFile>, block::DiskLoc
     block::open_disk_locked(&d.path, &opts).map_err(|e| disk_error(d, e.to_string()))
 }
 
+/// The device's limiter from the configuration's (the same buckets, burst 0 when not given).
+pub fn limiter_config(c: &vm_config::RateLimiterConfig) -> LimiterConfig {
+    let bucket = |b: &vm_config::TokenBucketConfig| BucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst.unwrap_or(0),
+        refill_time_ms: b.refill_time,
+    };
+    LimiterConfig {
+        bandwidth: c.bandwidth.as_ref().map(bucket),
+        ops: c.ops.as_ref().map(bucket),
+    }
+}
+
 /// A `--disk` (or `vm.add-disk`) device named `id`.
 pub fn disk(d: &DiskConfig, id: String) -> Result<NewDevice, PciSetupError> {
     let (disk, lock) = open_disk(d)?;
     let image_type = config_image_type(disk.image_type());
     let serial = d.serial.clone().unwrap_or_else(|| id.clone());
-    let dev = Block::new(
+    let mut dev = Block::new(
         disk,
         BlockConfig {
             num_queues: d.num_queues,
@@ -88,6 +102,10 @@ pub fn disk(d: &DiskConfig, id: String) -> Result<NewDevice, PciSetupError> {
         },
     )
     .map_err(|e| disk_error(d, e.to_string()))?;
+    if let Some(c) = &d.rate_limiter_config {
+        let l = RateLimiter::new(&limiter_config(c)).map_err(|e| disk_error(d, e.to_string()))?;
+        dev.set_rate_limiter(l);
+    }
     Ok(NewDevice {
         option: "--disk",
         id,
