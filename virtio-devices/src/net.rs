@@ -19,8 +19,11 @@ use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::Bytes;
 
+use crate::rate_limiter::{LimiterConfig, RateLimiter};
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, process_chains_notify, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{
+    process_chains, process_chains_limited, queue_bit, QueueHandler, Served, WorkerHandle,
+};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, Counters, GuestView, VirtioDevice,
     VirtioDeviceState, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET, VIRTIO_DEVICE_STATE_VERSION,
@@ -199,6 +202,12 @@ struct NetHandler {
     tx_dropped: u64,
     /// For signalling part of a long batch early.
     interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
+    /// Each direction's limiter (the same configuration, separate buckets): a frame takes one
+    /// op and its bytes with the virtio-net header. Transmit waits for the budget; receive
+    /// reads a frame, charges it and, with the budget gone, stops reading the TAP until the
+    /// timer fires.
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
 }
 
 // SAFETY: the iovecs point into guest memory and only live during one call on the worker.
@@ -218,7 +227,15 @@ impl NetHandler {
             chains: Vec::new(),
             tx_dropped: 0,
             interrupt: None,
+            rx_limiter: None,
+            tx_limiter: None,
         }
+    }
+
+    fn rx_blocked(&self) -> bool {
+        self.rx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
     }
 
     fn rx_index(&self) -> usize {
@@ -242,18 +259,19 @@ impl NetHandler {
         let shared = &self.shared;
         let tap = &shared.taps[self.pair];
         let (iovecs, dropped) = (&mut self.iovecs, &mut self.tx_dropped);
+        let limiter = &mut self.tx_limiter;
         let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
         // Counted here and published once per batch: no atomic per frame.
         let (mut bytes, mut frames) = (0u64, 0u64);
         let mut view = GuestView::new(mem);
-        let r = process_chains_notify(index, q, early, |_, descs| {
+        let r = process_chains_limited(index, q, early, |_, descs| {
             iovecs.clear();
             let mut total = 0usize;
             for d in descs {
                 if d.is_write_only() {
                     debug!("virtio-net: writable descriptor on a transmit queue; dropped");
                     *dropped += 1;
-                    return Some(0);
+                    return Served::Used(0);
                 }
                 total += d.len() as usize;
                 match view.iovec(d.addr(), d.len()) {
@@ -261,13 +279,18 @@ impl NetHandler {
                     _ => {
                         debug!("virtio-net: bad transmit buffer; dropped");
                         *dropped += 1;
-                        return Some(0);
+                        return Served::Used(0);
                     }
                 }
             }
             if total <= VNET_HDR_LEN {
                 *dropped += 1;
-                return Some(0);
+                return Served::Used(0);
+            }
+            if let Some(l) = limiter.as_mut() {
+                if !l.consume(total as u64, 1) {
+                    return Served::NotNow;
+                }
             }
             // SAFETY: each iovec lies inside one mapped region of guest memory (`guest_iovec`),
             // which stays mapped while the worker holds `mem`.
@@ -283,7 +306,7 @@ impl NetHandler {
                     *dropped += 1;
                 }
             }
-            Some(0)
+            Served::Used(0)
         });
         if frames > 0 {
             shared.counters.add(TX_BYTES, bytes);
@@ -386,7 +409,7 @@ impl NetHandler {
         let mut frames = 0u32;
         let mut rechecks = 0;
         let mut view = GuestView::new(mem);
-        while frames < BATCH {
+        while frames < BATCH && !self.rx_blocked() {
             self.iovecs.clear();
             self.chains.clear();
             let mut room = 0;
@@ -447,6 +470,9 @@ impl NetHandler {
                 Ok(n) => {
                     count.0 += n.saturating_sub(VNET_HDR_LEN) as u64;
                     count.1 += 1;
+                    if let Some(l) = self.rx_limiter.as_mut() {
+                        l.charge(n as u64, 1);
+                    }
                     let r = self.return_chains(q, n);
                     // The frame and the header's num_buffers (inside its first n bytes) are in
                     // place.
@@ -638,7 +664,38 @@ impl QueueHandler for NetHandler {
     }
 
     fn extra_wanted(&self) -> bool {
-        !self.paused
+        !self.paused && !self.rx_blocked()
+    }
+
+    fn timer_fds(&self) -> Vec<RawFd> {
+        [&self.rx_limiter, &self.tx_limiter]
+            .into_iter()
+            .flatten()
+            .map(|l| l.as_raw_fd())
+            .collect()
+    }
+
+    fn process_timer(
+        &mut self,
+        index: usize,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        let rx = index == 0 && self.rx_limiter.is_some();
+        let (rx_q, tx_q) = (self.rx_index(), self.tx_index());
+        let (limiter, q) = if rx {
+            (&mut self.rx_limiter, rx_q)
+        } else {
+            (&mut self.tx_limiter, tx_q)
+        };
+        if let Some(l) = limiter.as_mut() {
+            l.timer_fired();
+        }
+        match queues.get_mut(q) {
+            Some(Some(vq)) if rx => self.receive(vq, mem),
+            Some(Some(vq)) => self.transmit(vq, mem),
+            _ => Ok(0),
+        }
     }
 
     fn process_extra(
@@ -676,6 +733,8 @@ pub struct Net {
     workers: Vec<WorkerHandle<NetHandler>>,
     /// A restored state, applied by the next start instead of the defaults.
     restored: Option<NetState>,
+    /// Each pair's receive and transmit limiters are made from this when it starts.
+    limiter: Option<LimiterConfig>,
 }
 
 impl Net {
@@ -697,7 +756,14 @@ impl Net {
             config,
             workers: Vec::new(),
             restored: None,
+            limiter: None,
         })
+    }
+
+    /// Limits each queue pair's receive and transmit, separately, to `c` (from the next
+    /// activation on).
+    pub fn set_rate_limiter(&mut self, c: Option<LimiterConfig>) {
+        self.limiter = c;
     }
 
     fn pairs(&self) -> usize {
@@ -786,7 +852,12 @@ impl VirtioDevice for Net {
             if mine.iter().all(Option::is_none) {
                 continue;
             }
-            let handler = NetHandler::new(self.shared.clone(), p, pairs, acked, self.config.mtu);
+            let mut handler =
+                NetHandler::new(self.shared.clone(), p, pairs, acked, self.config.mtu);
+            if let Some(c) = &self.limiter {
+                handler.rx_limiter = RateLimiter::new(c).map_err(ActivateError::Thread)?;
+                handler.tx_limiter = RateLimiter::new(c).map_err(ActivateError::Thread)?;
+            }
             let sub = ActivateContext {
                 mem: ctx.mem.clone(),
                 interrupt: ctx.interrupt.clone(),

@@ -141,9 +141,9 @@ impl Buckets {
         self.epoch.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64
     }
 
-    /// Takes `bytes` and `ops` tokens when both buckets have them; else takes nothing and
-    /// says how long until they will (the longer wait of the two).
-    pub fn consume_at(&mut self, bytes: u64, ops: u64, now_ns: u64) -> Result<(), Duration> {
+    /// Whether both buckets have `bytes` and `ops` tokens now; if not, how long until they
+    /// will (the longer wait of the two).
+    pub fn ready_at(&mut self, bytes: u64, ops: u64, now_ns: u64) -> Result<(), Duration> {
         let mut wait = Duration::ZERO;
         for (b, n) in [(&mut self.bandwidth, bytes), (&mut self.ops, ops)] {
             if let (Some(b), true) = (b.as_mut(), n > 0) {
@@ -155,6 +155,24 @@ impl Buckets {
         if wait > Duration::ZERO {
             return Err(wait);
         }
+        Ok(())
+    }
+
+    /// Takes `bytes` and `ops` tokens whatever the budget (it may go into debt): for what
+    /// has already happened (a frame read from the TAP).
+    pub fn charge_at(&mut self, bytes: u64, ops: u64, now_ns: u64) {
+        for (b, n) in [(&mut self.bandwidth, bytes), (&mut self.ops, ops)] {
+            if let Some(b) = b.as_mut() {
+                b.refill(now_ns);
+                b.take(n);
+            }
+        }
+    }
+
+    /// Takes `bytes` and `ops` tokens when both buckets have them; else takes nothing and
+    /// says how long until they will.
+    pub fn consume_at(&mut self, bytes: u64, ops: u64, now_ns: u64) -> Result<(), Duration> {
+        self.ready_at(bytes, ops, now_ns)?;
         for (b, n) in [(&mut self.bandwidth, bytes), (&mut self.ops, ops)] {
             if let Some(b) = b.as_mut() {
                 b.take(n);
@@ -224,6 +242,23 @@ impl RateLimiter {
                 self.blocked = self.timer.reset(wait, None).is_ok();
                 !self.blocked
             }
+        }
+    }
+
+    /// Takes what a request that already happened used (it may leave a debt); when the
+    /// budget is gone, blocks and arms the timer for when one more request of a byte could
+    /// pass.
+    pub fn charge(&mut self, bytes: u64, ops: u64) {
+        let wait = match self.buckets.lock() {
+            Ok(mut b) => {
+                let now = b.now_ns();
+                b.charge_at(bytes, ops, now);
+                b.ready_at(1, 1, now).err()
+            }
+            Err(_) => None,
+        };
+        if let (Some(w), false) = (wait, self.blocked) {
+            self.blocked = self.timer.reset(w, None).is_ok();
         }
     }
 
@@ -387,6 +422,23 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_millis(100));
         l.timer_fired();
         assert!(l.consume(0, 1));
+    }
+
+    #[test]
+    fn charge_goes_into_debt_and_waits_it_out() {
+        let c = LimiterConfig {
+            bandwidth: Some(BucketConfig {
+                size: 1000,
+                one_time_burst: 0,
+                refill_time_ms: 1000,
+            }),
+            ops: None,
+        };
+        let mut l = Buckets::new(&c).unwrap();
+        l.charge_at(1500, 1, 0);
+        assert_eq!(l.bandwidth().unwrap().budget_at(0), -500);
+        assert_eq!(l.ready_at(1, 1, 0), Err(Duration::from_millis(501)));
+        assert!(l.ready_at(1, 1, 501 * MS).is_ok());
     }
 
     #[test]

@@ -980,7 +980,7 @@ fn udp_frame(
 }
 
 /// Adds a permanent ARP entry `ip` -> `mac` on `dev`, so host traffic needs no reply.
-fn static_arp(dev: &str, ip: [u8; 4], mac: [u8; 6]) {
+pub(crate) fn static_arp(dev: &str, ip: [u8; 4], mac: [u8; 6]) {
     // SAFETY: arpreq is plain old data; all-zero is a valid value.
     let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
     let sin = libc::sockaddr_in {

@@ -197,24 +197,6 @@ fn default_true() -> bool {
     true
 }
 
-/// Refuses rate limits that would limit (on `--net`, which has none yet). As the original
-/// reads them, a token bucket exists only when both its size and its refill time are
-/// non-zero; any other values (0, or one of the two missing) ask for no limit.
-fn refuse_active_rate_limits(p: &OptionParser) -> Result<(), ConfigError> {
-    if let Some(r) = parse_rate_limiter(p)? {
-        let (size, refill, b) = match (r.bandwidth, r.ops) {
-            (Some(b), _) => ("bw_size", "bw_refill_time", b),
-            (None, Some(b)) => ("ops_size", "ops_refill_time", b),
-            (None, None) => return Ok(()),
-        };
-        return Err(p.error(format!(
-            "{size}={},{refill}={}: rate limiting is not supported yet",
-            b.size, b.refill_time
-        )));
-    }
-    Ok(())
-}
-
 /// Most queues one disk may have.
 pub const MAX_DISK_QUEUES: u16 = 16;
 
@@ -536,6 +518,10 @@ pub struct NetConfig {
         deserialize_with = "deserialize_fds"
     )]
     pub fds: Option<Vec<i32>>,
+    /// Each queue pair's receive and transmit are limited by this, separately (`bw_*`,
+    /// `ops_*` keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter_config: Option<RateLimiterConfig>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -608,7 +594,7 @@ impl NetConfig {
             &[Self::KEYS, RATE_LIMITER_KEYS, PCI_KEYS],
             &[],
         )?;
-        refuse_active_rate_limits(&p)?;
+        let rate_limiter_config = parse_rate_limiter(&p)?;
         p.refuse(&["socket"])?;
         let fds = p
             .get("fd")
@@ -663,6 +649,7 @@ impl NetConfig {
             offload_ufo: p.toggle("offload_ufo", true)?,
             offload_csum: p.toggle("offload_csum", true)?,
             fds,
+            rate_limiter_config,
         };
         cfg.check().map_err(|m| p.error(m))?;
         Ok(cfg)

@@ -252,10 +252,6 @@ fn unmodelled_keys_are_refused_in_every_object_unless_they_ask_for_nothing() {
             "rng.bogus",
         ),
         (
-            json!({"net": [{}, {"rate_limiter_config": {"bandwidth": {"size": 1, "refill_time": 1}}}]}),
-            "net[1].rate_limiter_config",
-        ),
-        (
             json!({"net": [{"vhost_socket": "/s"}]}),
             "net[0].vhost_socket",
         ),

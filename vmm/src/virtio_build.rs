@@ -197,7 +197,8 @@ pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
             ufo: n.offload_ufo,
         },
     };
-    let dev = Net::new(taps, config).map_err(err)?;
+    let mut dev = Net::new(taps, config).map_err(err)?;
+    dev.set_rate_limiter(n.rate_limiter_config.as_ref().map(limiter_config));
     Ok(NewDevice {
         option: "--net",
         id,
