@@ -14,7 +14,6 @@ pub const NOT_YET: &[&str] = &[
     "numa",
     "pci-segment",
     "pmem",
-    "rate-limit-group",
     "tpm",
     "user-device",
     "vdpa",

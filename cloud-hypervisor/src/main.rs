@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    PlatformConfig, RestoreConfig, RngConfig, VsockConfig,
+    PlatformConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -61,6 +61,13 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         .flatten()
         .map(|n| NetConfig::parse(n))
         .collect::<Result<Vec<_>, _>>()?;
+    let groups = m
+        .get_many::<String>("rate-limit-group")
+        .map(|g| {
+            g.map(|g| RateLimitGroupConfig::parse(g))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     let balloon = s("balloon").map(|b| BalloonConfig::parse(&b)).transpose()?;
     let vsock = s("vsock").map(|v| VsockConfig::parse(&v)).transpose()?;
@@ -87,6 +94,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         vsock,
         platform,
         pvpanic: m.get_flag("pvpanic"),
+        rate_limit_groups: groups,
         unsupported: Default::default(),
     })
 }

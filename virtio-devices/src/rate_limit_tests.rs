@@ -369,3 +369,31 @@ fn net_limits_in_private_netns() {
     within(r[0].1, want, "virtio-net receive bytes/s");
     within(r[1].0 * 1024.0, want, "virtio-net transmit bytes/s");
 }
+
+/// Two disks of one rate limit group share its budget: 1000 requests a second together, each
+/// woken by its own timer when the budget comes back.
+#[test]
+fn blk_group_shares_one_limit() {
+    let c = LimiterConfig {
+        bandwidth: None,
+        ops: bucket(100, 100),
+    };
+    let shared = Arc::new(std::sync::Mutex::new(
+        crate::rate_limiter::Buckets::new(&c).unwrap(),
+    ));
+    let (_f1, mut a) = disk(Some(RateLimiter::shared(shared.clone()).unwrap()));
+    let (_f2, mut b) = disk(Some(RateLimiter::shared(shared).unwrap()));
+    let mut da = start(&mut a, 1, vec![(0, reads(CHAINS, 4096))]);
+    let db = start(&mut b, 1, vec![(0, reads(CHAINS, 4096))]);
+    da.extend(db);
+    let r = rates(
+        &mut da,
+        Duration::from_millis(300),
+        Duration::from_millis(1500),
+    );
+    a.reset();
+    b.reset();
+    within(r[0].0 + r[1].0, 1000.0, "virtio-blk group ops/s");
+    // Neither starves the other.
+    assert!(r[0].0 > 250.0 && r[1].0 > 250.0, "{r:?}");
+}

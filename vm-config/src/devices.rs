@@ -151,6 +151,9 @@ pub struct DiskConfig {
     /// This disk's own limiter (`bw_*`, `ops_*` keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter_config: Option<RateLimiterConfig>,
+    /// The `--rate-limit-group` whose limiter this disk shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_group: Option<String>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -235,7 +238,7 @@ impl DiskConfig {
             &[],
         )?;
         let rate_limiter_config = parse_rate_limiter(&p)?;
-        p.refuse(&["socket", "rate_limit_group", "queue_affinity"])?;
+        p.refuse(&["socket", "queue_affinity"])?;
         let lock_granularity = match p.get("lock_granularity").as_deref() {
             None => LockGranularity::ByteRange,
             Some("byte-range") => LockGranularity::ByteRange,
@@ -276,6 +279,7 @@ impl DiskConfig {
             image_type,
             lock_granularity,
             rate_limiter_config,
+            rate_limit_group: p.get("rate_limit_group"),
         };
         cfg.check().map_err(|m| p.error(m))?;
         Ok(cfg)
@@ -308,6 +312,9 @@ impl DiskConfig {
         }
         if self.vhost_user {
             return Err("vhost_user=on is not supported yet".into());
+        }
+        if self.rate_limit_group.is_some() && self.rate_limiter_config.is_some() {
+            return Err("a disk has either a rate limit of its own or a rate_limit_group".into());
         }
         Ok(())
     }

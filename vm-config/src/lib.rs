@@ -584,6 +584,9 @@ pub struct VmConfig {
     /// `--pvpanic`: a pvpanic PCI device through which the guest reports its panics.
     #[serde(default)]
     pub pvpanic: bool,
+    /// `--rate-limit-group`: limiters that disks share (`rate_limit_group=<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_groups: Option<Vec<RateLimitGroupConfig>>,
     /// The original's fields for what we do not implement yet: accepted only when empty.
     #[serde(flatten)]
     pub unsupported: UnsupportedConfig,
@@ -724,10 +727,26 @@ impl VmConfig {
             }
             Ok(())
         };
+        // Group ids share the devices' id space, as the original's.
+        let groups = self.rate_limit_groups.as_deref().unwrap_or_default();
+        for g in groups {
+            g.check()
+                .map_err(|m| ConfigError::new("--rate-limit-group", &g.id, m))?;
+            check("--rate-limit-group", &Some(g.id.clone()), None)?;
+        }
         // As the original: no more queues (disks) or queue pairs (net) than boot vCPUs.
         let vcpus = self.cpus.boot_vcpus;
         for d in &self.disks {
             d.validate()?;
+            if let Some(g) = &d.rate_limit_group {
+                if !groups.iter().any(|x| &x.id == g) {
+                    return Err(ConfigError::new(
+                        "--disk",
+                        &format!("rate_limit_group={g}"),
+                        "no --rate-limit-group has this id".into(),
+                    ));
+                }
+            }
             if u32::from(d.num_queues) > vcpus {
                 return Err(ConfigError::new(
                     "--disk",
@@ -868,6 +887,7 @@ mod tests {
             platform: None,
             pvpanic: false,
             watchdog: false,
+            rate_limit_groups: None,
             unsupported: UnsupportedConfig::default(),
         }
     }
@@ -944,6 +964,7 @@ mod tests {
             platform: None,
             pvpanic: false,
             watchdog: false,
+            rate_limit_groups: None,
             unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();

@@ -397,3 +397,58 @@ fn balloon_is_refused_with_hugepages() {
     cfg.memory.hugepages = false;
     cfg.validate_devices().unwrap();
 }
+
+/// `--rate-limit-group` as the original reads it, and the rules of a disk in a group: the
+/// group must exist, its id is unique among the devices', and a disk has either a limiter of
+/// its own or a group.
+#[test]
+fn rate_limit_groups() {
+    let g = RateLimitGroupConfig::parse("id=g0,bw_size=1000,bw_refill_time=100").unwrap();
+    assert_eq!(g.id, "g0");
+    assert_eq!(g.rate_limiter_config.bandwidth.unwrap().size, 1000);
+    assert!(g.rate_limiter_config.ops.is_none());
+    for bad in [
+        "bw_size=1000,bw_refill_time=100",
+        "id=g0",
+        "id=g0,bw_size=1000",
+        "id=g0,bw_size=1000,bw_refill_time=100,x=1",
+    ] {
+        assert!(RateLimitGroupConfig::parse(bad).is_err(), "{bad}");
+    }
+    let group =
+        json!([{"id": "g0", "rate_limiter_config": {"ops": {"size": 10, "refill_time": 100}}}]);
+    let ok = config(json!({
+        "rate_limit_groups": group,
+        "disks": [{"path": "/dev/null", "rate_limit_group": "g0"}, {"path": "/dev/null", "rate_limit_group": "g0"}],
+    }));
+    ok.validate_devices().unwrap();
+    let back: VmConfig = serde_json::from_value(serde_json::to_value(&ok).unwrap()).unwrap();
+    assert_eq!(back, ok);
+    let d = DiskConfig::parse("path=/dev/null,rate_limit_group=g0").unwrap();
+    assert_eq!(d.rate_limit_group.as_deref(), Some("g0"));
+    for (cfg, what) in [
+        (
+            json!({"disks": [{"path": "/dev/null", "rate_limit_group": "g1"}], "rate_limit_groups": group}),
+            "no --rate-limit-group",
+        ),
+        (
+            json!({"disks": [{"path": "/dev/null", "id": "g0"}], "rate_limit_groups": group}),
+            "used twice",
+        ),
+        (
+            json!({"disks": [{"path": "/dev/null", "rate_limit_group": "g0",
+                "rate_limiter_config": {"ops": {"size": 1, "refill_time": 1}}}], "rate_limit_groups": group}),
+            "either",
+        ),
+        (
+            json!({"rate_limit_groups": [{"id": "g0", "rate_limiter_config": {}}]}),
+            "a group needs",
+        ),
+    ] {
+        let e = config(cfg.clone())
+            .validate_devices()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{cfg}: {e}");
+    }
+}

@@ -11,8 +11,6 @@ use super::ConfigError;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit_groups: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generic_vhost_user: Option<Value>,
@@ -58,8 +56,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 15] = [
-            ("rate_limit_groups", &self.rate_limit_groups),
+        let fields: [(&'static str, &Option<Value>); 14] = [
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
             ("pmem", &self.pmem),

@@ -250,6 +250,8 @@ pub struct PciDevices {
     /// The format each disk was opened as, in `--disk` order (probed where not given), which
     /// the configuration records as the original's does.
     pub disk_image_types: Vec<ImageType>,
+    /// The `--rate-limit-group` limiters, which disks share (hot-added ones too).
+    pub(crate) rate_limit_groups: virtio_build::RateLimitGroups,
 }
 
 impl PciDevices {
@@ -646,10 +648,11 @@ pub fn create(
             image_type: None,
         });
     }
+    let rate_limit_groups = virtio_build::rate_limit_groups(cfg);
     let mut disk_image_types = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
         let id = d.id.clone().unwrap_or_else(|| format!("_disk{i}"));
-        let dev = virtio_build::disk(d, id)?;
+        let dev = virtio_build::disk(d, id, &rate_limit_groups)?;
         disk_image_types.extend(dev.image_type);
         list.push(dev);
     }
@@ -693,6 +696,7 @@ pub fn create(
         virtio_mem,
         released_counters: Vec::new(),
         disk_image_types,
+        rate_limit_groups,
     };
     for d in list {
         pci.place(d)?;

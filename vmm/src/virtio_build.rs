@@ -2,16 +2,19 @@
 //! an entropy source opened; the device ready to be placed on the PCI bus, at boot or when
 //! it is hot-added.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use log::info;
-use virtio_devices::rate_limiter::{BucketConfig, LimiterConfig, RateLimiter};
+use virtio_devices::rate_limiter::{
+    BucketConfig, Buckets, LimiterConfig, RateLimiter, SharedBuckets,
+};
 use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice, Vsock};
 
 use crate::config::{
-    BalloonConfig, DiskConfig, ImageType, MemoryConfig, NetConfig, RngConfig, VsockConfig,
+    BalloonConfig, DiskConfig, ImageType, MemoryConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
 };
 use crate::pci_setup::PciSetupError;
 
@@ -87,8 +90,28 @@ pub fn limiter_config(c: &vm_config::RateLimiterConfig) -> LimiterConfig {
     }
 }
 
-/// A `--disk` (or `vm.add-disk`) device named `id`.
-pub fn disk(d: &DiskConfig, id: String) -> Result<NewDevice, PciSetupError> {
+/// The buckets of each `--rate-limit-group`, by id: every disk of a group draws from them.
+pub type RateLimitGroups = BTreeMap<String, SharedBuckets>;
+
+/// The configuration's rate limit groups, their buckets full.
+pub fn rate_limit_groups(cfg: &VmConfig) -> RateLimitGroups {
+    cfg.rate_limit_groups
+        .iter()
+        .flatten()
+        .filter_map(|g| {
+            let b = Buckets::new(&limiter_config(&g.rate_limiter_config))?;
+            Some((g.id.clone(), Arc::new(Mutex::new(b))))
+        })
+        .collect()
+}
+
+/// A `--disk` (or `vm.add-disk`) device named `id`; with `rate_limit_group`, it shares that
+/// group's buckets (with a timer of its own).
+pub fn disk(
+    d: &DiskConfig,
+    id: String,
+    groups: &RateLimitGroups,
+) -> Result<NewDevice, PciSetupError> {
     let (disk, lock) = open_disk(d)?;
     let image_type = config_image_type(disk.image_type());
     let serial = d.serial.clone().unwrap_or_else(|| id.clone());
@@ -105,6 +128,13 @@ pub fn disk(d: &DiskConfig, id: String) -> Result<NewDevice, PciSetupError> {
     if let Some(c) = &d.rate_limiter_config {
         let l = RateLimiter::new(&limiter_config(c)).map_err(|e| disk_error(d, e.to_string()))?;
         dev.set_rate_limiter(l);
+    }
+    if let Some(g) = &d.rate_limit_group {
+        let b = groups
+            .get(g)
+            .ok_or_else(|| disk_error(d, format!("rate_limit_group={g}: no such group")))?;
+        let l = RateLimiter::shared(b.clone()).map_err(|e| disk_error(d, e.to_string()))?;
+        dev.set_rate_limiter(Some(l));
     }
     Ok(NewDevice {
         option: "--disk",

@@ -59,9 +59,13 @@ impl Added {
         c
     }
 
-    fn build(&self, id: String) -> Result<NewDevice, crate::pci_setup::PciSetupError> {
+    fn build(
+        &self,
+        id: String,
+        groups: &virtio_build::RateLimitGroups,
+    ) -> Result<NewDevice, crate::pci_setup::PciSetupError> {
         match self {
-            Added::Disk(d) => virtio_build::disk(d, id),
+            Added::Disk(d) => virtio_build::disk(d, id, groups),
             Added::Net(n) => virtio_build::net(n, id),
             Added::Vsock(v) => virtio_build::vsock(&VsockConfig {
                 id: Some(id),
@@ -91,7 +95,10 @@ fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
     let (disks, nets) = (config.disks.len(), config.net.len());
     config.disks.retain(|d| d.id.as_deref() != Some(id));
     config.net.retain(|n| n.id.as_deref() != Some(id));
-    let vsock = config.vsock.as_ref().is_some_and(|v| v.id.as_deref() == Some(id));
+    let vsock = config
+        .vsock
+        .as_ref()
+        .is_some_and(|v| v.id.as_deref() == Some(id));
     if vsock {
         config.vsock = None;
     }
@@ -145,7 +152,7 @@ impl Vmm {
                 .get_or_insert_with(|| vm_config::mac::MacAddr::random_local().to_string());
         }
         let built = dev
-            .build(id.clone())
+            .build(id.clone(), &vm.devices().pci.rate_limit_groups)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let image_type = built.image_type;
         let slot = vm
