@@ -303,12 +303,21 @@ fn blk_one_time_burst_goes_first() {
 /// each direction gets 1 024 000 bytes/s (1000 frames).
 #[test]
 fn net_rx_and_tx_limits_hold_separately() {
-    std::thread::spawn(net_limits_in_private_netns)
+    let c = LimiterConfig {
+        bandwidth: bucket(100 << 10, 100),
+        ops: None,
+    };
+    let r = std::thread::spawn(move || net_rates_in_private_netns(c, 30))
         .join()
         .unwrap();
+    let want = 1_024_000.0;
+    within(r.0, want, "virtio-net receive bytes/s");
+    within(r.1, want, "virtio-net transmit bytes/s");
 }
 
-fn net_limits_in_private_netns() {
+/// Receive and transmit bytes/s (1024-byte frames, header included) of a net device limited
+/// by `c` while the host sends `per_10ms` frames every 10 ms and the guest transmits all it can.
+fn net_rates_in_private_netns(c: LimiterConfig, per_10ms: usize) -> (f64, f64) {
     // SAFETY: unshare only moves the calling thread into a new network namespace.
     let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
@@ -333,10 +342,7 @@ fn net_limits_in_private_netns() {
         },
     )
     .unwrap();
-    net.set_rate_limiter(Some(LimiterConfig {
-        bandwidth: bucket(100 << 10, 100),
-        ops: None,
-    }));
+    net.set_rate_limiter(Some(c));
     static_arp("vrl0", [10, 7, 0, 2], mac.bytes());
     let rx: Vec<Vec<Desc>> = (0..QSIZE as u64)
         .map(|c| vec![(c * 2048, 2048, WRITE)])
@@ -348,9 +354,9 @@ fn net_limits_in_private_netns() {
         let stop = stop.clone();
         let host = std::net::UdpSocket::bind("10.7.0.1:7000").unwrap();
         std::thread::spawn(move || {
-            // About 3000 frames a second: the TAP always has one waiting.
+            // More frames than the limit lets through: the TAP always has one waiting.
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for _ in 0..30 {
+                for _ in 0..per_10ms {
                     let _ = host.send_to(&[0x5a; 970], "10.7.0.2:7000");
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -365,9 +371,7 @@ fn net_limits_in_private_netns() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flood.join().unwrap();
     net.reset();
-    let want = 1_024_000.0;
-    within(r[0].1, want, "virtio-net receive bytes/s");
-    within(r[1].0 * 1024.0, want, "virtio-net transmit bytes/s");
+    (r[0].1, r[1].0 * 1024.0)
 }
 
 /// Two disks of one rate limit group share its budget: 1000 requests a second together, each
@@ -396,4 +400,74 @@ fn blk_group_shares_one_limit() {
     within(r[0].0 + r[1].0, 1000.0, "virtio-blk group ops/s");
     // Neither starves the other.
     assert!(r[0].0 > 250.0 && r[1].0 > 250.0, "{r:?}");
+}
+
+/// Disk requests/s and bytes/s with `chains` reads of `len` bytes in flight under `c`.
+fn blk_rates(c: Option<LimiterConfig>, len: u32) -> (f64, f64) {
+    let (_f, mut blk) = disk(c.map(|c| RateLimiter::new(&c).unwrap().unwrap()));
+    let mut d = start(&mut blk, 1, vec![(0, reads(CHAINS, len))]);
+    let r = rates(
+        &mut d,
+        Duration::from_millis(300),
+        Duration::from_millis(2000),
+    );
+    blk.reset();
+    (r[0].0, r[0].0 * f64::from(len))
+}
+
+/// Achieved against configured rates for a disk and a NIC (`scripts/bench-rate-limit` runs
+/// it in release mode). Each limit is `size` per 100 ms.
+#[test]
+#[ignore]
+fn bench_rate_limit_figures() {
+    let bw = |bytes_per_s: u64| LimiterConfig {
+        bandwidth: bucket(bytes_per_s / 10, 100),
+        ops: None,
+    };
+    let report = |what: &str, achieved: f64, configured: f64| {
+        println!(
+            "{what:<38} configured {configured:>12.0}  achieved {achieved:>12.0}  ({:+.2} %)",
+            (achieved - configured) / configured * 100.0
+        );
+    };
+    let (_, unlimited) = blk_rates(None, 64 << 10);
+    println!(
+        "{:<38} {unlimited:>35.0}",
+        "virtio-blk 64 KiB reads, no limit, B/s"
+    );
+    for mbs in [10u64, 50] {
+        let (_, b) = blk_rates(Some(bw(mbs * 1_000_000)), 64 << 10);
+        report(
+            &format!("virtio-blk {mbs} MB/s (64 KiB reads), B/s"),
+            b,
+            (mbs * 1_000_000) as f64,
+        );
+    }
+    let ops = LimiterConfig {
+        bandwidth: None,
+        ops: bucket(100, 100),
+    };
+    let (o, _) = blk_rates(Some(ops), 4096);
+    report("virtio-blk 1000 ops/s (4 KiB reads)", o, 1000.0);
+    for (mbs, per_10ms) in [(1u64, 30), (10, 200)] {
+        let c = bw(mbs * 1_000_000);
+        let (rx, tx) = std::thread::spawn(move || net_rates_in_private_netns(c, per_10ms))
+            .join()
+            .unwrap();
+        report(
+            &format!("virtio-net {mbs} MB/s receive, B/s"),
+            rx,
+            (mbs * 1_000_000) as f64,
+        );
+        report(
+            &format!("virtio-net {mbs} MB/s transmit, B/s"),
+            tx,
+            (mbs * 1_000_000) as f64,
+        );
+    }
+    let (rx, tx) = std::thread::spawn(move || net_rates_in_private_netns(ops, 30))
+        .join()
+        .unwrap();
+    report("virtio-net 1000 frames/s receive", rx / 1024.0, 1000.0);
+    report("virtio-net 1000 frames/s transmit", tx / 1024.0, 1000.0);
 }
