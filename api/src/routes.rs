@@ -33,6 +33,7 @@ pub enum Endpoint {
     VmRemoveDevice,
     VmResize,
     VmAddVsock,
+    VmAddPmem,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -56,7 +57,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.add-fs", Method::Put, Endpoint::NotYet),
     ("vm.add-generic-vhost-user", Method::Put, Endpoint::NotYet),
     ("vm.add-net", Method::Put, Endpoint::VmAddNet),
-    ("vm.add-pmem", Method::Put, Endpoint::NotYet),
+    ("vm.add-pmem", Method::Put, Endpoint::VmAddPmem),
     ("vm.add-user-device", Method::Put, Endpoint::NotYet),
     ("vm.add-vdpa", Method::Put, Endpoint::NotYet),
     ("vm.add-vsock", Method::Put, Endpoint::VmAddVsock),
@@ -207,6 +208,7 @@ pub fn request(
         Endpoint::VmAddVsock => {
             ApiRequest::VmAddVsock(Box::new(body_of(body, name, "VsockConfig")?))
         }
+        Endpoint::VmAddPmem => ApiRequest::VmAddPmem(Box::new(body_of(body, name, "PmemConfig")?)),
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_config::{
-    ConfigError, DiskConfig, NetConfig, ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig,
-    VmConfig, VsockConfig,
+    ConfigError, DiskConfig, NetConfig, PmemConfig, ReceiveMigrationConfig, RestoreConfig,
+    SendMigrationConfig, VmConfig, VsockConfig,
 };
 
 /// The states of a VM, as the original names them.
@@ -51,6 +51,9 @@ pub enum ApiRequest {
     /// `vm.add-vsock`: before boot the device joins the configuration; on a built VM it is
     /// hot-added (one vsock per VM).
     VmAddVsock(Box<VsockConfig>),
+    /// `vm.add-pmem`: before boot the device joins the configuration; on a built VM it is
+    /// hot-added, its file mapped into the guest-physical address space.
+    VmAddPmem(Box<PmemConfig>),
 }
 
 /// `vm.resize`'s body, as the original's `VmResize`: each field present is a change asked for.

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    PlatformConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, VsockConfig,
+    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -61,6 +61,12 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         .flatten()
         .map(|n| NetConfig::parse(n))
         .collect::<Result<Vec<_>, _>>()?;
+    let pmem = m
+        .get_many::<String>("pmem")
+        .into_iter()
+        .flatten()
+        .map(|p| PmemConfig::parse(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let groups = m
         .get_many::<String>("rate-limit-group")
         .map(|g| {
@@ -88,6 +94,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         console,
         disks,
         net,
+        pmem,
         rng,
         watchdog: m.get_flag("watchdog"),
         balloon,

@@ -52,7 +52,7 @@ fn df(slot: u8) -> DeviceFunction {
     }
 }
 
-fn hex(b: &[u8]) -> impl fmt::Display + '_ {
+pub(crate) fn hex(b: &[u8]) -> impl fmt::Display + '_ {
     struct Hex<'a>(&'a [u8]);
     impl fmt::Display for Hex<'_> {
         fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {

@@ -27,6 +27,7 @@ mod net;
 mod paging;
 mod phpr;
 mod pmtimer;
+mod pmem;
 mod pres;
 mod pvpanic;
 mod rawq;
@@ -211,6 +212,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "acpimem" => acpi_memory::scenario_acpimem(&boot, acpi.as_ref()),
         "vsock" => vsock::scenario_vsock(&boot),
         "pvpanic" => pvpanic::scenario_pvpanic(&boot),
+        "pmem" => pmem::scenario_pmem(),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

@@ -10,6 +10,7 @@ mod console;
 mod discard;
 mod mem;
 mod net;
+mod pmem;
 pub mod rate_limiter;
 mod rng;
 mod transport;
@@ -43,6 +44,7 @@ pub use mem::{
     F_MEM_UNPLUGGED_INACCESSIBLE, TYPE_MEM, VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
 };
 pub use net::{Net, NetConfig, NetOffloads, NetState, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
+pub use pmem::{Pmem, PmemRange, PmemState, TYPE_PMEM};
 pub use rng::{Rng, RngState};
 pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
@@ -191,6 +193,7 @@ pub enum VirtioDeviceState {
     Mem(VirtioMemState),
     Watchdog(WatchdogState),
     Vsock(VsockState),
+    Pmem(PmemState),
 }
 
 impl VirtioDeviceState {
@@ -204,6 +207,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Mem(_) => "virtio-mem",
             VirtioDeviceState::Vsock(_) => "virtio-vsock",
             VirtioDeviceState::Watchdog(_) => "virtio-watchdog",
+            VirtioDeviceState::Pmem(_) => "virtio-pmem",
         }
     }
 

@@ -8,6 +8,7 @@ pub mod mac;
 mod migration;
 mod parser;
 mod platform;
+mod pmem;
 mod rate_limit;
 mod restore;
 #[cfg(test)]
@@ -28,6 +29,7 @@ pub use extra::Extra;
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
 pub use platform::{parse_uuid, PlatformConfig};
+pub use pmem::{PmemConfig, PMEM_ALIGNMENT};
 pub use rate_limit::{RateLimitGroupConfig, RateLimiterConfig, TokenBucketConfig};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
 pub use unsupported::UnsupportedConfig;
@@ -564,6 +566,13 @@ pub struct VmConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub net: Vec<NetConfig>,
+    /// `--pmem`: virtio-pmem devices, each a file mapped into guest-physical memory.
+    #[serde(
+        default,
+        deserialize_with = "devices::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pmem: Vec<PmemConfig>,
     #[serde(default, deserialize_with = "devices::null_as_default")]
     pub rng: RngConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -703,6 +712,9 @@ impl VmConfig {
         for (i, n) in self.net.iter().enumerate() {
             n.extra.check(&format!("net[{i}]"))?;
         }
+        for (i, p) in self.pmem.iter().enumerate() {
+            p.extra.check(&format!("pmem[{i}]"))?;
+        }
         Ok(())
     }
 
@@ -788,6 +800,10 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             v.validate()?;
             check(VsockConfig::OPTION, &v.id, v.pci_device_id)?;
+        }
+        for p in &self.pmem {
+            p.validate()?;
+            check(PmemConfig::OPTION, &p.id, p.pci_device_id)?;
         }
         let c = &self.console;
         devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())
@@ -881,6 +897,7 @@ mod tests {
             console: default_console(),
             disks: Vec::new(),
             net: Vec::new(),
+            pmem: Vec::new(),
             rng: RngConfig::default(),
             balloon: None,
             vsock: None,
@@ -958,6 +975,7 @@ mod tests {
             console: default_console(),
             disks: vec![DiskConfig::parse("path=/d.img,num_queues=2").unwrap()],
             net: vec![NetConfig::parse("tap=t0").unwrap()],
+            pmem: Vec::new(),
             rng: RngConfig::default(),
             balloon: None,
             vsock: None,

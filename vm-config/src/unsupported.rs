@@ -15,8 +15,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generic_vhost_user: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pmem: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug_console: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Value>,
@@ -56,10 +54,9 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 14] = [
+        let fields: [(&'static str, &Option<Value>); 13] = [
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
-            ("pmem", &self.pmem),
             ("debug_console", &self.debug_console),
             ("devices", &self.devices),
             ("user_devices", &self.user_devices),

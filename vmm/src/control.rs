@@ -661,6 +661,7 @@ impl Vmm {
             VmRemoveDevice(d) => done(self.remove_device(&d.id)),
             VmResize(r) => done(self.resize(r)),
             VmAddVsock(v) => (self.add_device(hotplug::Added::Vsock(*v)), Next::Continue),
+            VmAddPmem(p) => (self.add_device(hotplug::Added::Pmem(*p)), Next::Continue),
             VmDelete => {
                 if self.vm.is_some() {
                     self.shutdown_vm();

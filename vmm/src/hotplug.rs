@@ -25,7 +25,7 @@ impl PciDevices {
     /// and closes what it holds (the disk image and its lock, the TAP). Returns its id.
     fn unplug(&mut self, slot: u8) -> Option<String> {
         let i = self.functions.iter().position(|f| f.slot == slot)?;
-        let f = self.functions.remove(i);
+        let mut f = self.functions.remove(i);
         if let Err(e) = self
             .root
             .lock()
@@ -36,6 +36,15 @@ impl PciDevices {
         }
         if let Err(e) = self.bars.free(f.bar, f.bar_size) {
             warn!("PCI 00:{slot:02x}.0 ({}): {e}", f.id);
+        }
+        // A pmem range: its KVM slot is removed (the device is off the bus), then the range
+        // goes back to the window.
+        if let Some(m) = f.memory.take() {
+            let (gpa, len) = (m.gpa, m.len);
+            drop(m);
+            if let Err(e) = self.bars.free(gpa, len) {
+                warn!("PCI 00:{slot:02x}.0 ({}): {e}", f.id);
+            }
         }
         info!("PCI 00:{slot:02x}.0: {} ({}) unplugged", f.id, f.option);
         Some(f.id.clone())

@@ -12,6 +12,7 @@ mod memory_hotplug;
 mod migration;
 mod pci_setup;
 mod platform;
+mod pmem;
 mod pty_resize;
 pub mod restore;
 mod serial_io;

@@ -99,6 +99,13 @@ impl VmPci {
     }
 }
 
+impl VmPci {
+    /// The hypervisor's VM (device memory slots).
+    pub(crate) fn hypervisor(&self) -> &Arc<dyn hypervisor::Vm> {
+        &self.vm
+    }
+}
+
 impl VmInterface for VmPci {
     fn map_mmio(&self, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), String> {
         let bus = self.mmio.upgrade().ok_or("the VM is gone")?;
@@ -203,6 +210,9 @@ pub(crate) struct Function {
     pub(crate) counters: Option<Arc<dyn devices::DeviceCounters>>,
     /// The host asked the guest to eject it (`vm.remove-device`); it goes when the guest does.
     pub(crate) removal_requested: bool,
+    /// A pmem device's range of guest-physical memory (its KVM slot goes with it; `unplug`
+    /// gives the range back to the window).
+    pub(crate) memory: Option<crate::pmem::PmemMemory>,
 }
 
 impl Function {
@@ -484,10 +494,14 @@ impl PciDevices {
             dev,
             lock,
             image_type: _,
+            pmem,
         } = d;
         let counters = dev
             .counters()
             .map(|c| c as Arc<dyn devices::DeviceCounters>);
+        let memory = pmem
+            .map(|b| self.place_memory(option, &id, b))
+            .transpose()?;
         let mem = self.mem.clone();
         let vmi: Arc<dyn VmInterface> = self.vmi.clone();
         let name = id.clone();
@@ -500,9 +514,54 @@ impl PciDevices {
             lock,
             counters,
         };
-        self.place_function(spec, move |bar| {
+        let range = memory.as_ref().map(|m| (m.gpa, m.len));
+        let slot = self.place_function(spec, move |bar| {
             VirtioPciDevice::new(name, dev, mem, vmi, bar)
                 .map(|t| FunctionDevice::Virtio(Arc::new(Mutex::new(t))))
+        });
+        match (slot, memory) {
+            (Ok(slot), memory) => {
+                if let Some(f) = self.functions.last_mut() {
+                    f.memory = memory;
+                }
+                Ok(slot)
+            }
+            (Err(e), memory) => {
+                // The KVM slot goes first, then the range.
+                drop(memory);
+                if let Some((gpa, len)) = range {
+                    let _ = self.bars.free(gpa, len);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Places a pmem device's mapping: a range of the 64-bit window, a KVM memory slot.
+    fn place_memory(
+        &mut self,
+        option: &'static str,
+        id: &str,
+        b: crate::pmem::PmemBacking,
+    ) -> Result<crate::pmem::PmemMemory, PciSetupError> {
+        let err = |msg: String| PciSetupError::Device {
+            option,
+            value: id.to_string(),
+            msg,
+        };
+        let len = b.range.size;
+        let gpa = self
+            .bars
+            .allocate_memory(len, crate::pmem::PMEM_RANGE_ALIGN)
+            .map_err(|e| err(format!("no room for its {len:#x} bytes of memory: {e}")))?;
+        let slot = crate::pmem::free_slot(
+            self.functions
+                .iter()
+                .filter_map(|f| f.memory.as_ref().map(|m| m.slot)),
+        );
+        crate::pmem::PmemMemory::register(self.vmi.hypervisor(), b, slot, gpa).map_err(|e| {
+            let _ = self.bars.free(gpa, len);
+            err(e)
         })
     }
 
@@ -581,6 +640,7 @@ impl PciDevices {
             lock,
             counters,
             removal_requested: false,
+            memory: None,
         });
         Ok(slot)
     }
@@ -646,6 +706,7 @@ pub fn create(
             dev: Box::new(Console::new(io.out, io.input, io.size)),
             lock: None,
             image_type: None,
+            pmem: None,
         });
     }
     let rate_limit_groups = virtio_build::rate_limit_groups(cfg);
@@ -662,6 +723,10 @@ pub fn create(
     }
     list.push(virtio_build::rng(&cfg.rng)?);
     list.extend(cfg.vsock.as_ref().map(virtio_build::vsock).transpose()?);
+    for (i, p) in cfg.pmem.iter().enumerate() {
+        let id = p.id.clone().unwrap_or_else(|| format!("_pmem{i}"));
+        list.push(crate::pmem::pmem(p, id)?);
+    }
     let mut balloon = None;
     if let Some(b) = &cfg.balloon {
         let (dev, control) = virtio_build::balloon(b)?;

@@ -29,6 +29,8 @@ pub struct NewDevice {
     pub lock: Option<block::DiskLock>,
     /// The format a disk was opened as (the configuration records it).
     pub image_type: Option<ImageType>,
+    /// A pmem device's mapping, placed in guest-physical memory with the device.
+    pub pmem: Option<crate::pmem::PmemBacking>,
 }
 
 fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
@@ -143,6 +145,7 @@ pub fn disk(
         dev: Box::new(dev),
         lock: Some(lock),
         image_type: Some(image_type),
+        pmem: None,
     })
 }
 
@@ -236,6 +239,7 @@ pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
         dev: Box::new(dev),
         lock: None,
         image_type: None,
+        pmem: None,
     })
 }
 
@@ -265,6 +269,7 @@ pub fn balloon(
         dev: Box::new(dev),
         lock: None,
         image_type: None,
+        pmem: None,
     };
     Ok((dev, control))
 }
@@ -303,6 +308,7 @@ pub fn virtio_mem(
         dev: Box::new(dev),
         lock: None,
         image_type: None,
+        pmem: None,
     };
     Ok(Some((dev, control)))
 }
@@ -325,6 +331,7 @@ pub fn watchdog(
         dev: Box::new(dev),
         lock: None,
         image_type: None,
+        pmem: None,
     })
 }
 
@@ -348,6 +355,7 @@ pub fn vsock(cfg: &VsockConfig) -> Result<NewDevice, PciSetupError> {
         dev: Box::new(dev),
         lock: None,
         image_type: None,
+        pmem: None,
     })
 }
 
@@ -366,5 +374,6 @@ pub fn rng(cfg: &RngConfig) -> Result<NewDevice, PciSetupError> {
         dev: Box::new(Rng::new(src)),
         lock: None,
         image_type: None,
+        pmem: None,
     })
 }

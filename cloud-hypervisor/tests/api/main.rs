@@ -16,6 +16,7 @@ mod memory_hotplug;
 mod migration;
 mod net_options;
 mod original_client;
+mod pmem;
 mod pvpanic;
 mod restore;
 mod snapshot;

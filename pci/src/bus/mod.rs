@@ -88,6 +88,19 @@ impl BarAllocator {
             .map_err(|_| PciRootError::NoBarSpace(size))
     }
 
+    /// A range of `size` bytes aligned to `align` (a power of two): device memory that is not
+    /// a BAR (virtio-pmem's), whose size need not be a power of two.
+    pub fn allocate_aligned(&mut self, size: u64, align: u64) -> Result<u64, PciRootError> {
+        if size == 0 || !align.is_power_of_two() {
+            return Err(PciRootError::BadBarSize(size));
+        }
+        let space = self.space.as_mut().ok_or(PciRootError::NoBarSpace(size))?;
+        space
+            .allocate(size, align, AllocPolicy::FirstMatch)
+            .map(|r| r.start())
+            .map_err(|_| PciRootError::NoBarSpace(size))
+    }
+
     /// Whether `addr` lies in this window.
     fn contains(&self, addr: u64) -> bool {
         self.space
@@ -137,6 +150,15 @@ impl BarWindows {
             }
         }
         self.mmio32.allocate(size)
+    }
+
+    /// `size` bytes of device memory aligned to `align`, from the 64-bit window only (above
+    /// RAM and 4 GiB; `free` gives them back).
+    pub fn allocate_memory(&mut self, size: u64, align: u64) -> Result<u64, PciRootError> {
+        self.mmio64
+            .as_mut()
+            .ok_or(PciRootError::NoBarSpace(size))?
+            .allocate_aligned(size, align)
     }
 
     /// Gives back a BAR range `allocate` returned (the device was unplugged).

@@ -1,5 +1,5 @@
-//! The control loop's side of hotplug: `vm.add-disk`, `vm.add-net`, `vm.add-vsock` and
-//! `vm.remove-device`, as
+//! The control loop's side of hotplug: `vm.add-disk`, `vm.add-net`, `vm.add-vsock`,
+//! `vm.add-pmem` and `vm.remove-device`, as
 //! the original answers them. Before boot they change the configuration (204); on a built VM
 //! an added device is on the bus when the call returns (200 with its id and PCI address), and a
 //! removal is a request the guest carries out by ejecting the slot, after which the device is
@@ -11,7 +11,7 @@ use api::{ApiError, ApiResponse, PciDeviceInfo};
 use log::info;
 
 use super::Vmm;
-use crate::config::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{DiskConfig, NetConfig, PmemConfig, VmConfig, VsockConfig};
 use crate::event_monitor::properties;
 use crate::virtio_build::{self, NewDevice};
 
@@ -20,6 +20,7 @@ pub(super) enum Added {
     Disk(DiskConfig),
     Net(NetConfig),
     Vsock(VsockConfig),
+    Pmem(PmemConfig),
 }
 
 impl Added {
@@ -28,6 +29,7 @@ impl Added {
             Added::Disk(d) => &d.id,
             Added::Net(n) => &n.id,
             Added::Vsock(v) => &v.id,
+            Added::Pmem(p) => &p.id,
         }
     }
 
@@ -36,6 +38,7 @@ impl Added {
             Added::Disk(d) => d.id = Some(id),
             Added::Net(n) => n.id = Some(id),
             Added::Vsock(v) => v.id = Some(id),
+            Added::Pmem(p) => p.id = Some(id),
         }
     }
 
@@ -45,6 +48,7 @@ impl Added {
             Added::Disk(_) => "_disk",
             Added::Net(_) => "_net",
             Added::Vsock(_) => "_vsock",
+            Added::Pmem(_) => "_pmem",
         }
     }
 
@@ -55,6 +59,7 @@ impl Added {
             Added::Disk(d) => c.disks.push(d.clone()),
             Added::Net(n) => c.net.push(n.clone()),
             Added::Vsock(v) => c.vsock = Some(v.clone()),
+            Added::Pmem(p) => c.pmem.push(p.clone()),
         }
         c
     }
@@ -71,6 +76,7 @@ impl Added {
                 id: Some(id),
                 ..v.clone()
             }),
+            Added::Pmem(p) => crate::pmem::pmem(p, id),
         }
     }
 }
@@ -83,6 +89,7 @@ fn ids_in_use(config: &VmConfig, placed: &[(String, u8)]) -> BTreeSet<String> {
         .map(|d| &d.id)
         .chain(config.net.iter().map(|n| &n.id))
         .chain(config.vsock.iter().map(|v| &v.id))
+        .chain(config.pmem.iter().map(|p| &p.id))
         .chain([&config.rng.id, &config.console.id])
         .flatten()
         .cloned()
@@ -92,9 +99,10 @@ fn ids_in_use(config: &VmConfig, placed: &[(String, u8)]) -> BTreeSet<String> {
 
 /// Takes device `id` out of the configuration; false when no removable device has it.
 fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
-    let (disks, nets) = (config.disks.len(), config.net.len());
+    let (disks, nets, pmems) = (config.disks.len(), config.net.len(), config.pmem.len());
     config.disks.retain(|d| d.id.as_deref() != Some(id));
     config.net.retain(|n| n.id.as_deref() != Some(id));
+    config.pmem.retain(|p| p.id.as_deref() != Some(id));
     let vsock = config
         .vsock
         .as_ref()
@@ -102,7 +110,7 @@ fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
     if vsock {
         config.vsock = None;
     }
-    vsock || disks != config.disks.len() || nets != config.net.len()
+    vsock || disks != config.disks.len() || nets != config.net.len() || pmems != config.pmem.len()
 }
 
 impl Vmm {
@@ -183,7 +191,7 @@ impl Vmm {
                 Ok(())
             } else {
                 Err(ApiError::BadRequest(format!(
-                    "id={id}: no disk, net or vsock device has this id"
+                    "id={id}: no disk, net, vsock or pmem device has this id"
                 )))
             };
         };
@@ -193,11 +201,12 @@ impl Vmm {
             .map(|d| &d.id)
             .chain(config.net.iter().map(|n| &n.id))
             .chain(config.vsock.iter().map(|v| &v.id))
+            .chain(config.pmem.iter().map(|p| &p.id))
             .any(|d| d.as_deref() == Some(id))
             && vm.devices().pci.placed().iter().any(|(p, _)| p == id)
         {
             return Err(ApiError::BadRequest(format!(
-                "id={id}: only disk, net and vsock devices can be removed"
+                "id={id}: only disk, net, vsock and pmem devices can be removed"
             )));
         }
         vm.devices_mut()
