@@ -62,6 +62,9 @@ pub struct AcpiConfig {
     /// Slots of the ACPI memory hotplug controller (`\_SB_.MHPC`); 0: none (no memory is
     /// hot-plugged by ACPI).
     pub memory_slots: u32,
+    /// A TPM 2.0 behind the CRB interface at `layout::TPM_START`: the `TPM2` table and
+    /// `\_SB_.TPM2` (`MSFT0101`).
+    pub tpm: bool,
 }
 
 /// A PCI host bridge (one segment). Windows are `(start, size)`.
@@ -176,6 +179,9 @@ fn place_tables(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, Error> {
     let mut entries = vec![fadt, madt];
     if let Some(pci) = &cfg.pci {
         entries.push(placer.place(*b"MCFG", build_mcfg(pci)));
+    }
+    if cfg.tpm {
+        entries.push(placer.place(*b"TPM2", build_tpm2()));
     }
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -469,6 +475,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     power_button_device().to_aml_bytes(&mut sb);
     vmgenid_device().to_aml_bytes(&mut sb);
     ged_device(cfg.pci.is_some(), cfg.memory_slots > 0).to_aml_bytes(&mut sb);
+    if cfg.tpm {
+        tpm_device().to_aml_bytes(&mut sb);
+    }
     if let Some(pci) = &cfg.pci {
         hotplug::controller(&[pci.segment]).to_aml_bytes(&mut sb);
         pci_host_device(pci).to_aml_bytes(&mut sb);
@@ -687,6 +696,42 @@ fn pci_host_device(pci: &PciHost) -> Raw {
             &aml::Name::new("_BBN".into(), &bbn),
             &aml::Name::new("_CRS".into(), &crs),
             &hotplug::bridge_objects(),
+        ],
+    )))
+}
+
+/// Offset of the CRB control area (`TPM_CRB_CTRL_REQ`) in the TPM's register page.
+pub const TPM_CRB_CONTROL_AREA: u64 = 0x40;
+/// `TPM2` table start method 7: Command Response Buffer interface.
+pub const TPM2_START_METHOD_CRB: u32 = 7;
+
+/// The `TPM2` table (TCG ACPI specification, revision 4): platform class 0 (client), the
+/// address of the CRB control area, start method 7 (CRB), its 12 bytes of start-method
+/// parameters (zero) and an empty event log area (length and address 0). The original stops
+/// after the start method; ACPICA then reports a truncated table.
+fn build_tpm2() -> Vec<u8> {
+    let mut body = Vec::with_capacity(40);
+    body.extend_from_slice(&0u16.to_le_bytes()); // platform class: client
+    body.extend_from_slice(&0u16.to_le_bytes()); // reserved
+    body.extend_from_slice(&(layout::TPM_START.0 + TPM_CRB_CONTROL_AREA).to_le_bytes());
+    body.extend_from_slice(&TPM2_START_METHOD_CRB.to_le_bytes());
+    body.extend_from_slice(&[0; 12]);
+    body.extend_from_slice(&0u32.to_le_bytes()); // log area minimum length
+    body.extend_from_slice(&0u64.to_le_bytes()); // log area start address
+    sdt(*b"TPM2", 4, &body)
+}
+
+/// The TPM device Linux's `tpm_crb` driver binds to (`MSFT0101`), with the CRB register page
+/// as its only resource, shaped as the original's.
+fn tpm_device() -> Raw {
+    let region = aml::Memory32Fixed::new(true, layout::TPM_START.0 as u32, layout::TPM_SIZE as u32);
+    let crs = aml::ResourceTemplate::new(vec![&region]);
+    Raw(to_bytes(&aml::Device::new(
+        "TPM2".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"MSFT0101"),
+            &aml::Name::new("_STA".into(), &0xfu8),
+            &aml::Name::new("_CRS".into(), &crs),
         ],
     )))
 }

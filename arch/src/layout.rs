@@ -113,6 +113,11 @@ pub const CPU_HOTPLUG_SIZE: u64 = 0xc;
 pub const MEMORY_HOTPLUG_START: GuestAddress = GuestAddress(0xfea0_2000);
 pub const MEMORY_HOTPLUG_SIZE: u64 = 0x18;
 
+/// The TPM's CRB interface (`devices::tpm`, the DSDT's `\_SB_.TPM2` and the `TPM2` table), at
+/// the address the TCG PC Client platform profile fixes for locality 0, as the original.
+pub const TPM_START: GuestAddress = GuestAddress(0xfed4_0000);
+pub const TPM_SIZE: u64 = 0x1000;
+
 /// IOAPIC and local APIC MMIO.
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
 pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);

@@ -30,6 +30,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 serial: true,
                 pci: None,
                 memory_slots: 0,
+                tpm: false,
             },
         ),
         (
@@ -41,6 +42,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 serial: true,
                 pci: None,
                 memory_slots: 0,
+                tpm: false,
             },
         ),
         (
@@ -52,6 +54,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 serial: false,
                 pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
                 memory_slots: 0,
+                tpm: true,
             },
         ),
         (
@@ -63,6 +66,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 serial: true,
                 pci: Some(pci_host(None)),
                 memory_slots: 0,
+                tpm: false,
             },
         ),
         (
@@ -74,6 +78,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 serial: false,
                 pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
                 memory_slots: 16,
+                tpm: true,
             },
         ),
         (
@@ -85,6 +90,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 serial: true,
                 pci: None,
                 memory_slots: 0,
+                tpm: false,
             },
         ),
     ]
@@ -263,6 +269,46 @@ fn iasl_disassembles_every_table_without_errors() {
         );
         let cpus = dsdt.matches("\"ACPI0007\"").count();
         assert_eq!(cpus, cfg.max_vcpus as usize, "{name}: CPU devices");
+
+        // The TPM: `\_SB_.TPM2` (MSFT0101) over the CRB page, and the TPM2 table pointing at
+        // its control area with start method 7 (CRB).
+        assert_eq!(
+            dsdt.contains("\"MSFT0101\""),
+            cfg.tpm,
+            "{name}: TPM presence in\n{dsdt}"
+        );
+        if cfg.tpm {
+            let crb = dsdt
+                .lines()
+                .skip_while(|l| !l.contains("Device (TPM2)"))
+                .skip_while(|l| !l.contains("Memory32Fixed"))
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(
+                crb.contains("0xFED40000") && crb.contains("0x00001000"),
+                "{name}: TPM _CRS in\n{dsdt}"
+            );
+            let tpm2 = std::fs::read_to_string(dir.join("tpm2.dsl")).unwrap();
+            let line = |key: &str| {
+                tpm2.lines()
+                    .find(|l| l.contains(key))
+                    .unwrap_or_else(|| panic!("{name}: no {key:?} line in\n{tpm2}"))
+                    .trim_end()
+                    .to_string()
+            };
+            assert!(
+                line("Control Address").ends_with(": 00000000FED40040"),
+                "{tpm2}"
+            );
+            assert!(
+                line("Start Method").ends_with(": 07 [Command Response Buffer]"),
+                "{tpm2}"
+            );
+            assert!(!tpm2.contains("terminates"), "{name}: {tpm2}");
+        } else {
+            assert!(!dir.join("tpm2.dsl").exists(), "{name}: a TPM2 table");
+        }
 
         let madt = std::fs::read_to_string(dir.join("apic.dsl")).unwrap();
         let local_apics = madt.matches("Processor Local APIC").count();

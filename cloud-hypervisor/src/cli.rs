@@ -13,7 +13,6 @@ pub const NOT_YET: &[&str] = &[
     "memory-zone",
     "numa",
     "pci-segment",
-    "tpm",
     "user-device",
     "vdpa",
 ];

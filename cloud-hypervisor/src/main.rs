@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, VsockConfig,
+    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, TpmConfig,
+    VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -101,6 +102,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         vsock,
         platform,
         pvpanic: m.get_flag("pvpanic"),
+        tpm: s("tpm").map(|t| TpmConfig::parse(&t)).transpose()?,
         rate_limit_groups: groups,
         unsupported: Default::default(),
     })

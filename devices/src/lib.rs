@@ -15,6 +15,7 @@ mod serial;
 mod state;
 #[cfg(test)]
 mod test_util;
+pub mod tpm;
 pub mod vmgenid;
 
 pub use acpi_pm_timer::{AcpiPmTimer, PmTimerState, PM_TIMER_FREQUENCY_HZ, PM_TIMER_STATE_VERSION};

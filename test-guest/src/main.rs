@@ -34,6 +34,7 @@ mod rawq;
 mod smbios;
 mod smp;
 mod svc;
+mod tpm;
 mod virtio;
 mod virtio_mem;
 mod vsock;
@@ -213,6 +214,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "vsock" => vsock::scenario_vsock(&boot),
         "pvpanic" => pvpanic::scenario_pvpanic(&boot),
         "pmem" => pmem::scenario_pmem(),
+        "tpm" => tpm::scenario_tpm(&boot, acpi.as_ref()),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

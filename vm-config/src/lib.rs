@@ -13,6 +13,7 @@ mod rate_limit;
 mod restore;
 #[cfg(test)]
 mod rules_tests;
+mod tpm;
 mod unsupported;
 mod vsock;
 
@@ -32,6 +33,7 @@ pub use platform::{parse_uuid, PlatformConfig};
 pub use pmem::{PmemConfig, PMEM_ALIGNMENT};
 pub use rate_limit::{RateLimitGroupConfig, RateLimiterConfig, TokenBucketConfig};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
+pub use tpm::TpmConfig;
 pub use unsupported::UnsupportedConfig;
 pub use vsock::VsockConfig;
 
@@ -593,6 +595,9 @@ pub struct VmConfig {
     /// `--pvpanic`: a pvpanic PCI device through which the guest reports its panics.
     #[serde(default)]
     pub pvpanic: bool,
+    /// `--tpm`: a TPM 2.0 (CRB) backed by swtpm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmConfig>,
     /// `--rate-limit-group`: limiters that disks share (`rate_limit_group=<id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_groups: Option<Vec<RateLimitGroupConfig>>,
@@ -705,6 +710,9 @@ impl VmConfig {
         }
         if let Some(p) = &self.platform {
             p.extra.check("platform")?;
+        }
+        if let Some(t) = &self.tpm {
+            t.validate()?;
         }
         for (i, d) in self.disks.iter().enumerate() {
             d.extra.check(&format!("disks[{i}]"))?;
@@ -905,6 +913,7 @@ mod tests {
             pvpanic: false,
             watchdog: false,
             rate_limit_groups: None,
+            tpm: None,
             unsupported: UnsupportedConfig::default(),
         }
     }
@@ -983,6 +992,7 @@ mod tests {
             pvpanic: false,
             watchdog: false,
             rate_limit_groups: None,
+            tpm: None,
             unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();

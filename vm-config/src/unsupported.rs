@@ -27,8 +27,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_segments: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landlock_rules: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sgx_epc: Option<Value>,
@@ -54,7 +52,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 13] = [
+        let fields: [(&'static str, &Option<Value>); 12] = [
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
             ("debug_console", &self.debug_console),
@@ -63,7 +61,6 @@ impl UnsupportedConfig {
             ("vdpa", &self.vdpa),
             ("numa", &self.numa),
             ("pci_segments", &self.pci_segments),
-            ("tpm", &self.tpm),
             ("landlock_rules", &self.landlock_rules),
             ("sgx_epc", &self.sgx_epc),
             ("iommu", &self.iommu),
@@ -109,7 +106,7 @@ mod tests {
         .unwrap();
         ok.validate().unwrap();
         for (json, field) in [
-            (r#"{"tpm": {"socket": "/t"}}"#, "tpm"),
+            (r#"{"numa": [{"guest_numa_id": 0}]}"#, "numa"),
             (r#"{"fs": [{"tag": "t", "socket": "/s"}]}"#, "fs"),
         ] {
             let c: UnsupportedConfig = serde_json::from_str(json).unwrap();

@@ -25,6 +25,12 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Pci(#[from] PciSetupError),
+    #[error("--tpm socket={path}: {source}")]
+    Tpm {
+        path: String,
+        #[source]
+        source: devices::tpm::SwtpmError,
+    },
 }
 
 /// Accepts and ignores accesses: the POST port Linux uses as an I/O delay.
@@ -161,6 +167,19 @@ impl DeviceManager {
         if cfg.watchdog {
             let slot = slot_hints.and_then(|h| h.get("__watchdog").copied());
             pci.place(crate::virtio_build::watchdog(requests.clone(), slot)?)?;
+        }
+        if let Some(tpm) = &cfg.tpm {
+            let swtpm =
+                devices::tpm::Swtpm::connect(&tpm.socket).map_err(|source| DeviceError::Tpm {
+                    path: tpm.socket.display().to_string(),
+                    source,
+                })?;
+            let crb = devices::tpm::TpmCrb::new(Box::new(swtpm), layout::TPM_START.0);
+            mmio.insert(
+                Arc::new(Mutex::new(crb)),
+                layout::TPM_START.0,
+                layout::TPM_SIZE,
+            )?;
         }
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&ged_irq, layout::GED_IRQ)

@@ -282,6 +282,7 @@ impl Vm {
                 } else {
                     0
                 },
+                tpm: cfg.tpm.is_some(),
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;

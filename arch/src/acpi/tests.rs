@@ -9,6 +9,7 @@ fn cfg(boot: u32, max: u32) -> AcpiConfig {
         serial: true,
         pci: None,
         memory_slots: 0,
+        tpm: false,
     }
 }
 
@@ -143,6 +144,7 @@ fn tables_do_not_overlap_and_fit_below_acpi_end() {
     let largest = AcpiConfig {
         pci: Some(pci_host()),
         memory_slots: 16,
+        tpm: true,
         ..cfg(MAX_VCPUS, MAX_VCPUS)
     };
     let tables = place_tables(&largest).unwrap();
@@ -684,4 +686,45 @@ fn ged_event_bits_and_the_generation_id_agree_with_the_devices_crate() {
         layout::VMGENID_SIZE,
         devices::vmgenid::GENERATION_ID_LEN as u64
     );
+}
+
+#[test]
+fn tpm_adds_the_tpm2_table_and_the_crb_device() {
+    let without = place_tables(&cfg(1, 1)).unwrap();
+    assert!(without.iter().all(|t| &t.signature != b"TPM2"));
+    assert!(!contains(&dsdt_of(&cfg(1, 1)), b"MSFT0101"));
+
+    let c = AcpiConfig {
+        tpm: true,
+        ..cfg(1, 1)
+    };
+    let tables = place_tables(&c).unwrap();
+    let tpm2 = table(&tables, b"TPM2");
+    let b = &tpm2.bytes;
+    assert_eq!(b.len(), 76);
+    assert_eq!(u32_at(b, 4) as usize, b.len());
+    assert_eq!(b[8], 4, "revision");
+    assert_eq!(sum(b), 0, "checksum");
+    assert_eq!(u16_at(b, 36), 0, "client platform");
+    assert_eq!(
+        u64::from_le_bytes(b[40..48].try_into().unwrap()),
+        0xfed4_0040,
+        "CRB control area"
+    );
+    assert_eq!(u32_at(b, 48), 7, "start method: CRB");
+    assert!(b[52..].iter().all(|&x| x == 0));
+    // Listed in the XSDT.
+    let xsdt = table(&tables, b"XSDT");
+    let entries: Vec<u64> = xsdt.bytes[HEADER_LEN..]
+        .chunks(8)
+        .map(|e| u64::from_le_bytes(e.try_into().unwrap()))
+        .collect();
+    assert!(entries.contains(&tpm2.addr.0), "{entries:#x?}");
+
+    let dsdt = dsdt_of(&c);
+    assert!(contains(&dsdt, b"TPM2"));
+    assert!(contains(&dsdt, b"MSFT0101\0"));
+    // Memory32Fixed (0x86), length 9, read-write, base 0xfed40000, length 0x1000.
+    let crs = [0x86, 9, 0, 1, 0, 0, 0xd4, 0xfe, 0, 0x10, 0, 0];
+    assert!(contains(&dsdt, &crs), "TPM _CRS");
 }

@@ -234,6 +234,7 @@ fn smbios_lies_in_reserved_memory_apart_from_the_acpi_tables() {
             Some((1 << 40, 1 << 38)),
         )),
         memory_slots: 16,
+        tpm: true,
     };
     acpi::create_acpi_tables(&mem, &largest).unwrap();
     setup_smbios(&mem, &SmbiosConfig::default()).unwrap();

@@ -178,7 +178,7 @@ fn every_endpoint_refuses_bad_requests() {
         (r#""net": [{"tap": "tap0", "num_queues": 3}]"#, "num_queues"),
         (r#""rng": {"src": "/nonexistent/rng"}"#, "/nonexistent/rng"),
         (r#""vsock": {"cid": 2, "socket": "/v"}"#, "vsock"),
-        (r#""tpm": {"socket": "/t"}"#, "tpm"),
+        (r#""tpm": {"socket": "/t", "x": 1}"#, "tpm.x"),
         (
             r#""cpus": {"boot_vcpus": 1, "max_vcpus": 1, "kvm_hyperv": true}"#,
             "kvm_hyperv",
