@@ -811,3 +811,101 @@ fn console_pty_size_follows_resizes() {
         "the watcher outlived the VMM"
     );
 }
+
+/// `qemu-storage-daemon` (Debian's qemu-utils) exporting `img` as a writable vhost-user-blk
+/// device on `sock` with `queues` queues; killed when dropped.
+struct StorageDaemon(std::process::Child);
+
+impl StorageDaemon {
+    fn start(img: &Path, sock: &Path, queues: u16) -> Self {
+        let child = Command::new("qemu-storage-daemon")
+            .args([
+                "--blockdev",
+                &format!("driver=file,node-name=file0,filename={}", img.display()),
+                "--blockdev",
+                "driver=raw,node-name=disk0,file=file0",
+                "--export",
+                &format!(
+                    "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,\
+                     writable=on,num-queues={queues}",
+                    sock.display()
+                ),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon is required (qemu-utils)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        StorageDaemon(child)
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--disk vhost_user=on,socket=`: the guest's virtio-blk driver reads and writes an image
+/// that an independent backend (qemu-storage-daemon) serves, through one queue and through
+/// the last of two, and the image ends as the built-in virtio-blk leaves it.
+#[test]
+fn blk_vhost_user_against_qemu_storage_daemon() {
+    for queues in [1u16, 2] {
+        let dir = scratch(&format!("vhost-user-blk{queues}"));
+        let (img, sock) = (dir.join("disk.img"), dir.join("vub.sock"));
+        make_disk(&img, 0, 1 << 20);
+        let _qsd = StorageDaemon::start(&img, &sock, queues);
+        let disk = format!(
+            "vhost_user=on,socket={},num_queues={queues}",
+            sock.display()
+        );
+        // qemu-storage-daemon answers GET_ID with its own name.
+        let cmdline = format!("test=blk blk_disks=1 blk_sectors={SECTORS} blk_id=vhost_user_blk");
+        let r = boot(
+            &guest().elf_pvh,
+            &cmdline,
+            &[
+                "--memory",
+                "size=256M,shared=on",
+                "--cpus",
+                "boot=2",
+                "--disk",
+                &disk,
+            ],
+        );
+        r.assert_guest_passed();
+        for c in ["read", "write", "flush", "read-back", "read-beyond-end"] {
+            r.assert_passed(&format!("blk0-{c}"));
+        }
+        if queues > 1 {
+            for c in ["mq-read", "mq-write", "mq-flush"] {
+                r.assert_passed(&format!("blk0-{c}"));
+            }
+        }
+        check_disk(&img, 0, 1 << 20, true, queues > 1);
+    }
+}
+
+/// Without shared guest RAM the backend could not map it: refused before anything starts.
+#[test]
+fn blk_vhost_user_needs_shared_memory() {
+    let r = boot_pvh(
+        "test=blk",
+        &["--disk", "vhost_user=on,socket=/nonexistent.sock"],
+    );
+    assert!(
+        r.stderr
+            .contains("--disk vhost_user=on needs --memory shared=on"),
+        "{}",
+        r.stderr
+    );
+}

@@ -14,6 +14,7 @@ mod pmem;
 pub mod rate_limiter;
 mod rng;
 mod transport;
+mod vhost_user_blk;
 mod vring;
 mod vsock;
 mod watchdog;
@@ -50,6 +51,7 @@ pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
 };
+pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockError};
 pub use vsock::{Vsock, VsockState, TYPE_VSOCK};
 pub use watchdog::{Watchdog, WatchdogState, TYPE_WATCHDOG, WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT};
 pub use worker::{QueueHandler, WorkerHandle};

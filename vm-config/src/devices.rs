@@ -128,9 +128,12 @@ pub struct DiskConfig {
     pub num_queues: u16,
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
-    /// Only false: no vhost-user yet.
+    /// The disk is served by a vhost-user-blk backend at `vhost_socket` (no `path`).
     #[serde(default)]
     pub vhost_user: bool,
+    /// The vhost-user backend's socket (`socket=`), with `vhost_user=on`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<String>,
     /// The original's test knob (`_disable_io_uring=on`): never use io_uring for this disk.
     #[serde(default)]
     pub disable_io_uring: bool,
@@ -238,7 +241,7 @@ impl DiskConfig {
             &[],
         )?;
         let rate_limiter_config = parse_rate_limiter(&p)?;
-        p.refuse(&["socket", "queue_affinity"])?;
+        p.refuse(&["queue_affinity"])?;
         let lock_granularity = match p.get("lock_granularity").as_deref() {
             None => LockGranularity::ByteRange,
             Some("byte-range") => LockGranularity::ByteRange,
@@ -247,10 +250,36 @@ impl DiskConfig {
                 return Err(p.error(format!("lock_granularity={g}: must be byte-range or full")))
             }
         };
-        p.refuse_unless("vhost_user", false)?;
-        let path = match p.get("path") {
-            Some(s) if !s.is_empty() => PathBuf::from(s),
-            _ => return Err(p.error("path=<disk image> is required")),
+        let vhost_user = p.toggle("vhost_user", false)?;
+        let vhost_socket = p.get("socket");
+        let path = if vhost_user {
+            // The backend owns the image and how it is opened.
+            for k in [
+                "path",
+                "readonly",
+                "direct",
+                "serial",
+                "image_type",
+                "backing_files",
+                "sparse",
+                "lock_granularity",
+                "rate_limit_group",
+                "bw_size",
+                "ops_size",
+            ] {
+                if p.get(k).is_some() {
+                    return Err(p.error(format!("'{k}' does not go with vhost_user=on")));
+                }
+            }
+            PathBuf::new()
+        } else {
+            if vhost_socket.is_some() {
+                return Err(p.error("socket= needs vhost_user=on"));
+            }
+            match p.get("path") {
+                Some(s) if !s.is_empty() => PathBuf::from(s),
+                _ => return Err(p.error("path=<disk image> is required")),
+            }
         };
         let image_type = match p.get("image_type") {
             None => ImageType::Unknown,
@@ -270,7 +299,8 @@ impl DiskConfig {
             direct: p.toggle("direct", false)?,
             num_queues: p.number("num_queues")?.unwrap_or_else(default_num_queues),
             queue_size: p.number("queue_size")?.unwrap_or_else(default_queue_size),
-            vhost_user: false,
+            vhost_user,
+            vhost_socket,
             disable_io_uring: p.toggle("_disable_io_uring", false)?,
             disable_aio: p.toggle("_disable_aio", false)?,
             serial: p.get("serial"),
@@ -310,8 +340,8 @@ impl DiskConfig {
         if self.iommu {
             return Err("iommu=on is not supported yet".into());
         }
-        if self.vhost_user {
-            return Err("vhost_user=on is not supported yet".into());
+        if self.vhost_user != self.vhost_socket.is_some() {
+            return Err("vhost_user=on and socket=<backend socket> go together".into());
         }
         if self.rate_limit_group.is_some() && self.rate_limiter_config.is_some() {
             return Err("a disk has either a rate limit of its own or a rate_limit_group".into());
@@ -322,6 +352,11 @@ impl DiskConfig {
     /// What `parse` checks, for a configuration from anywhere (the API), plus that the image
     /// exists. Errors name `--disk` and the path.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(s) = &self.vhost_socket {
+            return self
+                .check()
+                .map_err(|m| ConfigError::new("--disk", &format!("socket={s}"), m));
+        }
         let err = |m: String| ConfigError::new("--disk", &self.path.display().to_string(), m);
         let meta = std::fs::metadata(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
         // Opening a FIFO would block the VMM until a writer came; a socket cannot be opened.

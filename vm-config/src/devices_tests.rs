@@ -24,7 +24,13 @@ fn disk() {
         ("path=/x,pci_device_id=0", "1-31"),
         ("path=/x,pci_device_id=32", "1-31"),
         ("path=/x,image_type=iso", "image_type"),
-        ("path=/x,vhost_user=on", "not supported"),
+        (
+            "path=/x,vhost_user=on",
+            "'path' does not go with vhost_user=on",
+        ),
+        ("vhost_user=on", "go together"),
+        ("socket=/s", "socket= needs vhost_user=on"),
+        ("vhost_user=on,socket=/s,serial=x", "'serial' does not go"),
         ("path=/x,iommu=on", "not supported"),
         ("path=/x,id=__mine", "reserved"),
     ] {

@@ -758,6 +758,14 @@ impl VmConfig {
         let vcpus = self.cpus.boot_vcpus;
         for d in &self.disks {
             d.validate()?;
+            if d.vhost_user && !self.memory.shared {
+                // The backend maps guest RAM from the memory files we hand it.
+                return Err(ConfigError::new(
+                    "--disk",
+                    "vhost_user=on",
+                    "--disk vhost_user=on needs --memory shared=on".into(),
+                ));
+            }
             if let Some(g) = &d.rate_limit_group {
                 if !groups.iter().any(|x| &x.id == g) {
                     return Err(ConfigError::new(

@@ -11,7 +11,7 @@ use log::info;
 use virtio_devices::rate_limiter::{
     BucketConfig, Buckets, LimiterConfig, RateLimiter, SharedBuckets,
 };
-use virtio_devices::{Block, BlockConfig, Net, Rng, VirtioDevice, Vsock};
+use virtio_devices::{Block, BlockConfig, Net, Rng, VhostUserBlock, VirtioDevice, Vsock};
 
 use crate::config::{
     BalloonConfig, DiskConfig, ImageType, MemoryConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
@@ -114,6 +114,9 @@ pub fn disk(
     id: String,
     groups: &RateLimitGroups,
 ) -> Result<NewDevice, PciSetupError> {
+    if let Some(socket) = &d.vhost_socket {
+        return vhost_user_disk(d, socket, id);
+    }
     let (disk, lock) = open_disk(d)?;
     let image_type = config_image_type(disk.image_type());
     let serial = d.serial.clone().unwrap_or_else(|| id.clone());
@@ -145,6 +148,27 @@ pub fn disk(
         dev: Box::new(dev),
         lock: Some(lock),
         image_type: Some(image_type),
+        pmem: None,
+    })
+}
+
+/// A `--disk vhost_user=on,socket=` device: the backend at `socket` serves it (the
+/// configuration checked that guest RAM is shared).
+fn vhost_user_disk(d: &DiskConfig, socket: &str, id: String) -> Result<NewDevice, PciSetupError> {
+    let dev = VhostUserBlock::new(std::path::Path::new(socket), d.num_queues, d.queue_size)
+        .map_err(|e| PciSetupError::Device {
+            option: "--disk",
+            value: format!("socket={socket}"),
+            msg: e.to_string(),
+        })?;
+    Ok(NewDevice {
+        option: "--disk",
+        id,
+        slot: d.pci_device_id,
+        dev: Box::new(dev),
+        lock: None,
+        // Kept beside the other disks' (the configuration records one per disk).
+        image_type: Some(d.image_type),
         pmem: None,
     })
 }
