@@ -1,0 +1,39 @@
+//! The calls every thread of ours makes, whatever its job: the Rust runtime, the allocator,
+//! logging, channels and locks, and dying.
+
+use syscalls::Sysno::{self, *};
+
+pub(crate) static BASE: &[Sysno] = &[
+    // Memory: the allocator and thread stacks.
+    brk,
+    madvise,
+    mmap,
+    mprotect,
+    mremap,
+    munmap,
+    // Locks, channels, parking; the kernel's view of a thread's locks and restartable sequences.
+    futex,
+    rseq,
+    set_robust_list,
+    sched_yield,
+    // Logging (stderr, --log-file) and reading/closing the thread's own fds.
+    close,
+    read,
+    write,
+    writev,
+    // Time (the vDSO answers most clock reads; these are its fallbacks) and sleeping.
+    clock_gettime,
+    clock_nanosleep,
+    nanosleep,
+    // Signals: the VMM's kick and SIGSYS handlers return through rt_sigreturn; std's guard
+    // pages and alternate signal stacks; a panic under `panic = "abort"` raises SIGABRT.
+    rt_sigprocmask,
+    rt_sigreturn,
+    sigaltstack,
+    getpid,
+    gettid,
+    tgkill,
+    // Ending the thread or the process.
+    exit,
+    exit_group,
+];

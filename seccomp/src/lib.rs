@@ -1,0 +1,189 @@
+//! Seccomp confinement, one filter per thread kind.
+//!
+//! Each crate that spawns a thread keeps that thread's filter beside the code whose system
+//! calls it allows (`vmm::seccomp_filters`, `virtio_devices::seccomp`, ...); this crate only
+//! holds the mechanism:
+//! - [`Mode`]: `--seccomp true|false|log|errno`, set once for the process ([`set_mode`]);
+//! - [`Filter`]: a thread kind's allowed system calls, on top of [`base`] (what every Rust
+//!   thread needs);
+//! - [`spawn`]: starts a thread that installs its filter before it runs anything else;
+//! - the report: a call outside the filter (mode `true`) prints one line naming the thread and
+//!   the system call, then the process dies of SIGSYS.
+//!
+//! The kernel ANDs a thread's filters with those of the thread that created it. So confined
+//! threads are created by one unconfined-by-others thread, the spawner ([`start_spawner`]),
+//! whose own filter is the union of every kind it may start; a vCPU that activates a device
+//! (and so starts its worker) asks the spawner, and the worker gets only its own list.
+
+mod base;
+mod report;
+mod spawn;
+pub mod testing;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+pub use spawn::{spawn, spawner_running, start_spawner};
+pub use syscalls::Sysno;
+
+pub use report::report_to;
+
+/// What a thread's filter does with a system call outside its list (`--seccomp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `false`: no filter is installed.
+    Off,
+    /// `true` (the default): the VMM stops, after one line naming the thread and the call.
+    Trap,
+    /// `log`: the call goes through and the kernel logs it (the audit log, or the kernel
+    /// log without an audit daemon).
+    Log,
+    /// `errno`: the call fails with EPERM.
+    Errno,
+}
+
+impl Mode {
+    /// The option's values, as the original's `--seccomp` takes them.
+    pub fn parse(value: &str) -> Option<Mode> {
+        Some(match value {
+            "true" => Mode::Trap,
+            "false" => Mode::Off,
+            "log" => Mode::Log,
+            "errno" => Mode::Errno,
+            _ => return None,
+        })
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Mode::Off => 0,
+            Mode::Trap => 1,
+            Mode::Log => 2,
+            Mode::Errno => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Mode {
+        match code {
+            1 => Mode::Trap,
+            2 => Mode::Log,
+            3 => Mode::Errno,
+            _ => Mode::Off,
+        }
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the process's mode; the VMM's `main` does it once, from `--seccomp`. Until then (and in
+/// libraries' unit tests) it is [`Mode::Off`]: threads start unconfined.
+pub fn set_mode(mode: Mode) {
+    MODE.store(mode.code(), Ordering::SeqCst);
+}
+
+/// The process's mode.
+pub fn mode() -> Mode {
+    Mode::from_code(MODE.load(Ordering::SeqCst))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the seccomp filter of thread kind '{kind}': {source}")]
+    Build {
+        kind: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot install the seccomp filter of thread kind '{kind}': {source}")]
+    Install {
+        kind: &'static str,
+        source: seccompiler::Error,
+    },
+    #[error("cannot start thread '{name}': {source}")]
+    Spawn {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+/// The system calls one kind of thread may make: [`base`]'s and its own.
+#[derive(Clone, Debug)]
+pub struct Filter {
+    kind: &'static str,
+    allowed: BTreeSet<Sysno>,
+}
+
+impl Filter {
+    /// A filter for thread kind `kind` (named in reports), allowing [`base`]'s calls.
+    pub fn new(kind: &'static str) -> Filter {
+        Filter {
+            kind,
+            allowed: base::BASE.iter().copied().collect(),
+        }
+    }
+
+    /// Allows `calls` as well.
+    pub fn allow(mut self, calls: &[Sysno]) -> Filter {
+        self.allowed.extend(calls.iter().copied());
+        self
+    }
+
+    /// Allows everything `other` allows as well (the spawner's filter is such a union).
+    pub fn merge(mut self, other: &Filter) -> Filter {
+        self.allowed.extend(other.allowed.iter().copied());
+        self
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    pub fn allows(&self, call: Sysno) -> bool {
+        self.allowed.contains(&call)
+    }
+
+    /// The allowed calls, in number order.
+    pub fn allowed(&self) -> impl Iterator<Item = Sysno> + '_ {
+        self.allowed.iter().copied()
+    }
+
+    /// Installs the filter on the calling thread under the process's [`mode`] (nothing when it
+    /// is [`Mode::Off`]). It stays for the thread's life, and threads it creates inherit it.
+    pub fn install(&self) -> Result<(), Error> {
+        let mismatch = match mode() {
+            Mode::Off => return Ok(()),
+            Mode::Trap => SeccompAction::Trap,
+            Mode::Log => SeccompAction::Log,
+            Mode::Errno => SeccompAction::Errno(libc::EPERM as u32),
+        };
+        let program = self.compile(mismatch)?;
+        report::arm(self.kind);
+        seccompiler::apply_filter(&program).map_err(|source| Error::Install {
+            kind: self.kind,
+            source,
+        })
+    }
+
+    fn compile(&self, mismatch: SeccompAction) -> Result<BpfProgram, Error> {
+        let build = |source| Error::Build {
+            kind: self.kind,
+            source,
+        };
+        let rules = self
+            .allowed
+            .iter()
+            .map(|s| (i64::from(s.id()), Vec::new()))
+            .collect();
+        let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+            .map_err(build)?;
+        filter.try_into().map_err(build)
+    }
+}
+
+/// What every thread of ours needs, whatever its job (see `base.rs` for why each).
+pub fn base() -> &'static [Sysno] {
+    base::BASE
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,55 @@
+use super::*;
+
+#[test]
+fn mode_takes_the_originals_values() {
+    assert_eq!(Mode::parse("true"), Some(Mode::Trap));
+    assert_eq!(Mode::parse("false"), Some(Mode::Off));
+    assert_eq!(Mode::parse("log"), Some(Mode::Log));
+    assert_eq!(Mode::parse("errno"), Some(Mode::Errno));
+    assert_eq!(Mode::parse("on"), None);
+    assert_eq!(Mode::parse(""), None);
+}
+
+#[test]
+fn report_names_thread_kind_and_call() {
+    let line = report::format_for_test("vcpu3", "vcpu", Sysno::socket.id());
+    assert_eq!(
+        line,
+        "cloud-hypervisor: seccomp: thread 'vcpu3' (filter 'vcpu') made system call 41 (socket), which its filter does not allow: stopping the VMM\n"
+    );
+    // Names longer than the kept bytes are cut, never overflow.
+    let long = "x".repeat(100);
+    let line = report::format_for_test(&long, &long, -5);
+    assert!(line.contains("system call 0 (unknown)"), "{line}");
+}
+
+#[test]
+fn filters_compile_and_merge() {
+    let a = Filter::new("a").allow(&[Sysno::ioctl]);
+    let b = Filter::new("b").allow(&[Sysno::epoll_wait]);
+    let u = Filter::new("u").merge(&a).merge(&b);
+    assert!(u.allows(Sysno::ioctl) && u.allows(Sysno::epoll_wait) && u.allows(Sysno::futex));
+    assert!(!a.allows(Sysno::epoll_wait));
+    for mode in [
+        SeccompAction::Trap,
+        SeccompAction::Log,
+        SeccompAction::Errno(1),
+    ] {
+        u.compile(mode).expect("compiles");
+    }
+}
+
+/// A thread confined with only the base list cannot open a socket.
+fn base_only() -> Filter {
+    Filter::new("base-only")
+}
+
+#[test]
+fn base_filter_refuses_socket() {
+    testing::assert_confined(
+        "tests::base_filter_refuses_socket",
+        "confined",
+        base_only,
+        Sysno::getpgid,
+    );
+}
