@@ -76,6 +76,11 @@ impl ApiServer {
         })
     }
 
+    /// The socket file this server removes when dropped (none for a socket passed by fd).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+
     /// Handles whatever is ready, without waiting: new connections, requests (each answered
     /// through `handle`), answers waiting for room in their socket. Returns how many requests
     /// it answered.

@@ -9,7 +9,6 @@ pub const NOT_YET: &[&str] = &[
     "device",
     "fs",
     "generic-vhost-user",
-    "landlock-rules",
     "memory-zone",
     "numa",
     "pci-segment",
@@ -51,7 +50,7 @@ pub const VM_CONFIG: &[&str] = &[
 ];
 
 /// Flags of the original we do not implement yet.
-pub const NOT_YET_FLAGS: &[&str] = &["landlock"];
+pub const NOT_YET_FLAGS: &[&str] = &[];
 
 fn opt(name: &'static str, help: &'static str) -> Arg {
     Arg::new(name)

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use clap::ArgMatches;
 use vmm::config::{
-    BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, TpmConfig,
-    VsockConfig,
+    BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, LandlockConfig, MemoryConfig, NetConfig,
+    PayloadConfig, PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig,
+    TpmConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -75,6 +75,13 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
+    let landlock_rules = m
+        .get_many::<String>("landlock-rules")
+        .map(|r| {
+            r.map(|r| LandlockConfig::parse(r))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     let balloon = s("balloon").map(|b| BalloonConfig::parse(&b)).transpose()?;
     let vsock = s("vsock").map(|v| VsockConfig::parse(&v)).transpose()?;
@@ -104,6 +111,8 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         pvpanic: m.get_flag("pvpanic"),
         tpm: s("tpm").map(|t| TpmConfig::parse(&t)).transpose()?,
         rate_limit_groups: groups,
+        landlock_enable: m.get_flag("landlock"),
+        landlock_rules,
         unsupported: Default::default(),
     })
 }

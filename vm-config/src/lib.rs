@@ -4,6 +4,7 @@
 mod devices;
 pub mod extra;
 mod generated;
+mod landlock;
 pub mod mac;
 mod migration;
 mod parser;
@@ -27,6 +28,7 @@ pub use devices::{
     VhostMode, IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
 };
 pub use extra::Extra;
+pub use landlock::{parent_dir, LandlockAccess, LandlockConfig, LandlockGrant};
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
 pub use platform::{parse_uuid, PlatformConfig};
@@ -601,6 +603,13 @@ pub struct VmConfig {
     /// `--rate-limit-group`: limiters that disks share (`rate_limit_group=<id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_groups: Option<Vec<RateLimitGroupConfig>>,
+    /// `--landlock`: once the VM is created, the VMM reaches only the paths its configuration
+    /// names and `landlock_rules` add (docs/security.md).
+    #[serde(default)]
+    pub landlock_enable: bool,
+    /// `--landlock-rules`: more paths the VMM may reach under `--landlock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_rules: Option<Vec<LandlockConfig>>,
     /// The original's fields for what we do not implement yet: accepted only when empty.
     #[serde(flatten)]
     pub unsupported: UnsupportedConfig,
@@ -688,6 +697,7 @@ impl VmConfig {
             p.validate()
                 .map_err(|m| ConfigError::new(PlatformConfig::OPTION, "", m))?;
         }
+        self.validate_landlock()?;
         self.unsupported.validate()
     }
 }
@@ -922,6 +932,8 @@ mod tests {
             watchdog: false,
             rate_limit_groups: None,
             tpm: None,
+            landlock_enable: false,
+            landlock_rules: None,
             unsupported: UnsupportedConfig::default(),
         }
     }
@@ -1001,6 +1013,8 @@ mod tests {
             watchdog: false,
             rate_limit_groups: None,
             tpm: None,
+            landlock_enable: false,
+            landlock_rules: None,
             unsupported: UnsupportedConfig::default(),
         };
         let json = serde_json::to_string(&cfg).unwrap();

@@ -27,13 +27,9 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_segments: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub landlock_rules: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sgx_epc: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iommu: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub landlock_enable: Option<Value>,
     /// Any other top-level key: refused unless it asks for nothing, as in every object.
     #[serde(flatten, skip_serializing)]
     pub other: crate::Extra,
@@ -52,7 +48,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 12] = [
+        let fields: [(&'static str, &Option<Value>); 10] = [
             ("fs", &self.fs),
             ("generic_vhost_user", &self.generic_vhost_user),
             ("debug_console", &self.debug_console),
@@ -61,10 +57,8 @@ impl UnsupportedConfig {
             ("vdpa", &self.vdpa),
             ("numa", &self.numa),
             ("pci_segments", &self.pci_segments),
-            ("landlock_rules", &self.landlock_rules),
             ("sgx_epc", &self.sgx_epc),
             ("iommu", &self.iommu),
-            ("landlock_enable", &self.landlock_enable),
         ];
         for (name, value) in fields {
             let Some(v) = value else { continue };

@@ -198,6 +198,8 @@ pub(crate) struct Vmm {
     deferred_reset: bool,
     /// PCI slots and CPUs the guest ejected meanwhile.
     deferred_ejects: (u32, Vec<u32>),
+    /// The command line's VM was confined by Landlock at start (its `create` skips it).
+    pub(crate) landlocked: bool,
 }
 
 impl Vmm {
@@ -249,6 +251,7 @@ impl Vmm {
             deferred_exit: false,
             deferred_reset: false,
             deferred_ejects: (0, Vec::new()),
+            landlocked: false,
         })
     }
 
@@ -262,10 +265,26 @@ impl Vmm {
             return Err(ApiError::VmAlreadyCreated);
         }
         config.validate()?;
+        self.confine(&config, None)?;
         self.config = Some(config);
         self.state = VmState::Created;
         self.monitor.emit("vm", "created");
         Ok(())
+    }
+
+    /// With `landlock_enable`, confines the VMM to what `config` names (`landlock.rs`), unless
+    /// the command line's VM already was, at start.
+    fn confine(
+        &mut self,
+        config: &VmConfig,
+        source: Option<&std::path::Path>,
+    ) -> Result<(), ApiError> {
+        if std::mem::take(&mut self.landlocked) {
+            return Ok(());
+        }
+        crate::landlock::confine(config, self.api.as_ref(), source)
+            .map(|_| ())
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
     }
 
     /// Opens the host ends of the serial port and the virtio console that `config` asks for.
@@ -388,6 +407,7 @@ impl Vmm {
         config
             .validate()
             .map_err(|e| refuse(format!("the snapshot's configuration is invalid: {e}")))?;
+        self.confine(&config, Some(&src.dir))?;
         let ep = Self::open_endpoints(&config).map_err(|e| refuse(e.to_string()))?;
         let (mem, on_demand) =
             restore::load_memory(&src, &config.memory, rc.memory_restore_mode, rc.prefault)

@@ -7,6 +7,7 @@ mod cpu;
 mod device_manager;
 pub mod event_monitor;
 mod hotplug;
+mod landlock;
 mod memory;
 mod memory_hotplug;
 mod migration;
@@ -92,6 +93,12 @@ pub fn run(mut opts: VmmOptions) -> Result<Outcome, Error> {
     if let Some(config) = &mut opts.config {
         config.validate()?;
     }
+    // A VM on the command line is confined now, while the VMM has one thread (landlock.rs).
+    let landlocked = match &opts.config {
+        Some(c) if c.landlock_enable => landlock::confine(c, opts.api.as_ref(), None)
+            .map_err(|e| Error::Api(ApiError::BadRequest(e.to_string())))?,
+        _ => false,
+    };
     cpu::init_kick_signal().map_err(Error::Setup)?;
     let events = VmEvents::new().map_err(Error::Setup)?;
 
@@ -118,6 +125,7 @@ pub fn run(mut opts: VmmOptions) -> Result<Outcome, Error> {
         opts.event_monitor,
         opts.no_shutdown,
     )?;
+    vmm.landlocked = landlocked;
     vmm.monitor().emit("vmm", "starting");
     let result = (|| {
         if let Some(config) = opts.config {

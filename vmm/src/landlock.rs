@@ -1,0 +1,327 @@
+//! `--landlock`: confines the VMM's file system access with Landlock, once a VM is created,
+//! to the paths its configuration names (`VmConfig::landlock_grants`, beside the config) and
+//! the VMM's own fixed paths (`VMM_GRANTS`). See docs/security.md.
+//!
+//! - **All or nothing.** The ruleset handles every file system right the running kernel knows
+//!   (the newest ABI it accepts in full), and the crate is asked for a hard requirement: a
+//!   kernel without Landlock, or one older than `MIN_ABI`, refuses `--landlock` with an error
+//!   naming it, never a silently weaker sandbox.
+//! - **Every thread.** `landlock_restrict_self` confines the calling thread and the threads it
+//!   creates later, not those already running. So the ruleset is applied while the VMM has
+//!   one thread: for a VM on the command line, at the start of `vmm::run`, before the seccomp
+//!   spawner or any other thread exists; for `vm.create`/`vm.restore` through the API, when
+//!   the request comes, which works only while no other thread runs (seccomp off). The thread
+//!   count is checked first (`/proc/self/status`), so a thread started too early is an error,
+//!   never a hole. `LANDLOCK_RESTRICT_SELF_TSYNC` (ABI 8, Linux 7.0) would confine all
+//!   threads at once; the kernels here have ABI 7, so it is not used yet.
+//! - **Irreversible.** A later `vm.create` (after `vm.delete`) stacks its own ruleset: the
+//!   VMM then reaches only what both allow.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    Access, AccessFs, BitFlags, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
+    PathFdError, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetError, RulesetStatus, ABI,
+};
+use log::info;
+use thiserror::Error;
+use vm_config::{LandlockAccess, LandlockGrant, VmConfig};
+
+/// Below ABI 3, `truncate(2)` is not confined: any file could be emptied.
+const MIN_ABI: ABI = ABI::V3;
+
+/// Newest first: the ABIs whose whole set of file system rights we try to handle.
+const ABIS: [ABI; 7] = [
+    ABI::V9,
+    ABI::V8,
+    ABI::V7,
+    ABI::V6,
+    ABI::V5,
+    ABI::V4,
+    ABI::V3,
+];
+
+const OPTION: &str = "--landlock";
+
+/// What the VMM reaches whatever its configuration: the hypervisor, TAP devices (hotplug
+/// included), entropy for image formats, userfaultfd for on-demand restores, its own `/proc`
+/// entries, and the huge page and THP settings under `/sys`. A missing one is skipped.
+const VMM_GRANTS: &[(&str, LandlockAccess)] = &[
+    ("/dev/kvm", LandlockAccess::Device),
+    ("/dev/net/tun", LandlockAccess::Device),
+    ("/dev/urandom", LandlockAccess::Read),
+    ("/dev/userfaultfd", LandlockAccess::Device),
+    ("/proc/self", LandlockAccess::Read),
+    ("/sys/kernel/mm", LandlockAccess::Read),
+];
+
+#[derive(Debug, Error)]
+pub enum LandlockError {
+    #[error("--landlock: this kernel does not enforce Landlock (not built in, or not in the lsm= boot parameter): refusing to run unconfined")]
+    Unsupported,
+    #[error("--landlock: this kernel's Landlock is older than ABI {MIN_ABI} (it cannot confine truncate): refusing to run partly confined")]
+    TooOld,
+    #[error("--landlock: {0} threads are already running, and Landlock confines only the calling thread and those it creates later: give --landlock with the VM on the command line, where it applies before any other thread starts")]
+    Threads(usize),
+    #[error("{option} {path}: cannot allow it under --landlock: {source}")]
+    Rule {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: RulesetError,
+    },
+    #[error("{option} {path}: cannot allow it under --landlock: {source}")]
+    Open {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: PathFdError,
+    },
+    #[error("{option} {path}: cannot create it before --landlock applies: {source}")]
+    Create {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--landlock: {0}")]
+    Ruleset(#[source] RulesetError),
+    #[error(
+        "--landlock: the ruleset is not fully enforced ({0:?}): refusing to run partly confined"
+    )]
+    NotEnforced(RulesetStatus),
+}
+
+/// The rights of `access` under a ruleset of `abi` (before masking to what is handled).
+fn rights(access: LandlockAccess, abi: ABI) -> BitFlags<AccessFs> {
+    use AccessFs::*;
+    use LandlockAccess as A;
+    let read = ReadFile | ReadDir;
+    let write = WriteFile | Truncate;
+    match access {
+        A::Read => read,
+        A::ReadWrite | A::CreateFile => read | write,
+        A::Device => read | write | IoctlDev,
+        A::Sockets => MakeSock | RemoveFile | ResolveUnix,
+        A::Connect => BitFlags::from(ResolveUnix),
+        A::Unlink => BitFlags::from(RemoveFile),
+        A::Rule { read, write } => {
+            let mut r = BitFlags::empty();
+            if read {
+                r |= AccessFs::from_read(abi);
+            }
+            if write {
+                r |= AccessFs::from_write(abi);
+            }
+            r
+        }
+    }
+}
+
+/// The grants for `config`, the VMM's fixed ones, and `extra` (the API socket's directory, a
+/// restore's source).
+fn all_grants(config: &VmConfig, extra: Vec<LandlockGrant>) -> Vec<LandlockGrant> {
+    let mut grants: Vec<LandlockGrant> = VMM_GRANTS
+        .iter()
+        .filter(|(p, _)| Path::new(p).exists())
+        .map(|(p, a)| LandlockGrant::new(*p, *a, OPTION))
+        .collect();
+    grants.extend(config.landlock_grants());
+    grants.extend(extra);
+    grants
+}
+
+/// How many threads this process has (`Threads:` in `/proc/self/status`).
+fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(usize::MAX)
+}
+
+/// Where a grant's rule goes: the path itself, or for a socket the VMM connects to, its
+/// directory (the socket may not exist yet when the VM is created).
+fn rule_path(g: &LandlockGrant) -> PathBuf {
+    match g.access {
+        LandlockAccess::Connect => vm_config::parent_dir(&g.path),
+        _ => g.path.clone(),
+    }
+}
+
+/// Confines this process to what `config` names plus `extra` (see the module's comment).
+pub(crate) fn apply(config: &VmConfig, extra: Vec<LandlockGrant>) -> Result<(), LandlockError> {
+    // Checked first, before any Landlock system call: a thread already running (the seccomp
+    // spawner, started after a command-line VM is confined) would escape the ruleset.
+    let n = thread_count();
+    if n != 1 {
+        return Err(LandlockError::Threads(n));
+    }
+    // The newest ABI whose rights the kernel handles in full.
+    let mut found = None;
+    for abi in ABIS {
+        // The crate checks a hard requirement when the ruleset is created.
+        let r = Ruleset::default()
+            .set_compatibility(CompatLevel::HardRequirement)
+            .handle_access(AccessFs::from_all(abi))
+            .and_then(|r| r.create());
+        if let Ok(r) = r {
+            found = Some((abi, r));
+            break;
+        }
+    }
+    let Some((abi, ruleset)) = found else {
+        let v1 = Ruleset::default()
+            .set_compatibility(CompatLevel::HardRequirement)
+            .handle_access(AccessFs::from_all(ABI::V1))
+            .and_then(|r| r.create());
+        return Err(match v1 {
+            Ok(_) => LandlockError::TooOld,
+            Err(_) => LandlockError::Unsupported,
+        });
+    };
+    let handled = AccessFs::from_all(abi);
+    let mut ruleset = ruleset;
+    for g in all_grants(config, extra) {
+        if g.access == LandlockAccess::CreateFile && !g.path.exists() {
+            // Created now, empty, as the VM would create it: a rule needs an existing file.
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&g.path)
+                .map_err(|source| LandlockError::Create {
+                    option: g.option,
+                    path: g.path.clone(),
+                    source,
+                })?;
+        }
+        let path = rule_path(&g);
+        let mut access = rights(g.access, abi) & handled;
+        if !path.is_dir() {
+            access &= AccessFs::from_file(abi);
+        }
+        if access.is_empty() {
+            continue;
+        }
+        let rule_err = |source: RulesetError| LandlockError::Rule {
+            option: g.option,
+            path: path.clone(),
+            source,
+        };
+        let fd = PathFd::new(&path).map_err(|source| LandlockError::Open {
+            option: g.option,
+            path: path.clone(),
+            source,
+        })?;
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(rule_err)?;
+    }
+    let status = ruleset.restrict_self().map_err(LandlockError::Ruleset)?;
+    if status.ruleset != RulesetStatus::FullyEnforced {
+        return Err(LandlockError::NotEnforced(status.ruleset));
+    }
+    let abi = match status.landlock {
+        LandlockStatus::Available { effective_abi, .. } => effective_abi,
+        _ => abi,
+    };
+    info!("landlock: enforced (ABI {abi}), before any other thread started");
+    Ok(())
+}
+
+/// With `config.landlock_enable`, confines the VMM to what `config` names, the directory of
+/// the API socket (removed at the end) and a restore's `source`; returns whether it did.
+pub(crate) fn confine(
+    config: &VmConfig,
+    api: Option<&api::ApiServer>,
+    source: Option<&Path>,
+) -> Result<bool, LandlockError> {
+    if !config.landlock_enable {
+        if config
+            .landlock_rules
+            .as_ref()
+            .is_some_and(|r| !r.is_empty())
+        {
+            log::warn!("--landlock-rules has no effect without --landlock");
+        }
+        return Ok(false);
+    }
+    let mut extra = Vec::new();
+    if let Some(p) = api.and_then(|a| a.path()) {
+        let dir = vm_config::parent_dir(p);
+        extra.push(LandlockGrant::new(
+            dir,
+            LandlockAccess::Unlink,
+            "--api-socket",
+        ));
+    }
+    if let Some(dir) = source {
+        extra.push(LandlockGrant::new(dir, LandlockAccess::Read, "--restore"));
+    }
+    apply(config, extra)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_take_the_originals_rights_and_devices_their_ioctls() {
+        let r = rights(
+            LandlockAccess::Rule {
+                read: true,
+                write: false,
+            },
+            ABI::V7,
+        );
+        assert_eq!(r, AccessFs::from_read(ABI::V7));
+        let rw = rights(
+            LandlockAccess::Rule {
+                read: true,
+                write: true,
+            },
+            ABI::V7,
+        );
+        assert_eq!(rw, AccessFs::from_all(ABI::V7));
+        assert!(rights(LandlockAccess::Device, ABI::V7).contains(AccessFs::IoctlDev));
+        // A disk read and written, never executed, nothing created beside it.
+        let disk = rights(LandlockAccess::ReadWrite, ABI::V7);
+        assert!(disk.contains(AccessFs::WriteFile | AccessFs::Truncate));
+        assert!(!disk.intersects(AccessFs::Execute | AccessFs::MakeReg | AccessFs::RemoveFile));
+        assert!(!rights(LandlockAccess::Read, ABI::V7).contains(AccessFs::WriteFile));
+    }
+
+    #[test]
+    fn fixed_grants_are_added_where_they_exist() {
+        let config: VmConfig =
+            serde_json::from_value(serde_json::json!({"payload": {"kernel": "/k"}})).unwrap();
+        let extra = vec![LandlockGrant::new(
+            "/run",
+            LandlockAccess::Unlink,
+            "--api-socket",
+        )];
+        let g = all_grants(&config, extra);
+        let paths: Vec<String> = g.iter().map(|g| g.path.display().to_string()).collect();
+        assert!(paths.contains(&"/proc/self".to_string()), "{paths:?}");
+        assert!(paths.contains(&"/k".to_string()), "{paths:?}");
+        assert!(paths.contains(&"/dev/urandom".to_string()), "{paths:?}");
+        assert_eq!(g.last().unwrap().option, "--api-socket");
+        for (p, _) in VMM_GRANTS {
+            assert_eq!(paths.contains(&p.to_string()), Path::new(p).exists(), "{p}");
+        }
+    }
+
+    #[test]
+    fn sockets_connected_to_are_allowed_through_their_directory() {
+        let g = LandlockGrant::new("/run/swtpm/ctrl", LandlockAccess::Connect, "--tpm");
+        assert_eq!(rule_path(&g), PathBuf::from("/run/swtpm"));
+        let g = LandlockGrant::new("/d", LandlockAccess::Read, "--disk");
+        assert_eq!(rule_path(&g), PathBuf::from("/d"));
+    }
+}
