@@ -11,6 +11,7 @@ mod contract;
 mod cpu_hotplug;
 mod helpers;
 mod hotplug;
+mod landlock;
 mod lifecycle;
 mod memory_hotplug;
 mod migration;
