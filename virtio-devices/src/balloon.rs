@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use guest_memory::GuestMemoryMmap;
 use log::debug;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config_signal::{ConfigInterrupt, ConfigSignal};
@@ -220,6 +220,16 @@ impl BalloonHandler {
     fn inflate(&mut self, mem: &GuestMemoryMmap, desc: &Descriptor) {
         if desc.is_write_only() {
             debug!("virtio-balloon: write-only descriptor on the inflate queue");
+            return;
+        }
+        // A PFN array not wholly in guest memory is refused whole: acting on the part that
+        // is (a 4 GiB length from a valid address) would read the rest of RAM as PFNs.
+        if !mem.check_range(desc.addr(), desc.len() as usize) {
+            debug!(
+                "virtio-balloon: PFN array {:#x}+{:#x} outside guest memory",
+                desc.addr().0,
+                desc.len()
+            );
             return;
         }
         let total = desc.len() as usize / 4;

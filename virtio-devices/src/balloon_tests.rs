@@ -424,6 +424,33 @@ fn balloon_hostile_pfns_and_ranges_are_skipped() {
     dev.reset();
 }
 
+/// An inflate buffer that starts in RAM but runs past its end (a 4 GiB length) is refused
+/// whole: the PFNs in its first part are not released, nor is the rest of RAM read as PFNs.
+#[test]
+fn balloon_inflate_array_past_the_end_of_ram_is_refused() {
+    let mut dev = balloon(BalloonOptions::default());
+    let mem = private_mem();
+    let (mut rings, _irq) = start(&mut dev, &mem, 2, F_VERSION_1);
+    let first = DATA / PAGE;
+    for p in first..first + 4 {
+        fill(&mem, p, 0x77);
+    }
+    let pfns: Vec<u8> = (first..first + 4)
+        .flat_map(|p| (p as u32).to_le_bytes())
+        .collect();
+    mem.write_slice(&pfns, GuestAddress(BUF)).unwrap();
+    rings[0].desc(&mem, 0, BUF, u32::MAX, 0, 0);
+    rings[0].post(&mem, 0);
+    assert_eq!(rings[0].next_used(&mem), Some((0, 0)), "the buffer is used");
+    for p in first..first + 4 {
+        assert_eq!(page_byte(&mem, p), 0x77, "page {p:#x} kept");
+    }
+    // The same PFNs in a buffer of the right length are served.
+    send_pfns(&mut rings[0], &mem, &[first as u32]);
+    assert_eq!(page_byte(&mem, first), 0);
+    dev.reset();
+}
+
 /// A range across two regions and the hole between them: both regions' parts are released.
 #[test]
 fn balloon_release_spans_regions_and_skips_holes() {
