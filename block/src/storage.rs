@@ -52,12 +52,18 @@ pub trait Storage: Send {
 pub struct FileStorage {
     file: File,
     direct: bool,
+    /// The errno of the first `fdatasync` that failed: every later sync fails with it.
+    sync_failed: Option<i32>,
 }
 
 impl FileStorage {
     /// Wrap `file`; `direct` says whether it was opened with O_DIRECT.
     pub fn new(file: File, direct: bool) -> Self {
-        FileStorage { file, direct }
+        FileStorage {
+            file,
+            direct,
+            sync_failed: None,
+        }
     }
 
     /// The wrapped file.
@@ -196,8 +202,22 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
 
+    /// A failed `fdatasync` stays failed. The kernel reports a writeback error to a file
+    /// once and may have dropped the pages that did not reach the disk (they are marked clean),
+    /// so the next `fdatasync` would succeed although writes acknowledged before it are lost:
+    /// a guest told its FLUSH succeeded would believe them safe. As QEMU does, every later
+    /// sync fails too, until the image is opened again.
     fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        if let Some(errno) = self.sync_failed {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        self.file.sync_data().inspect_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            log::error!(
+                "fdatasync failed ({e}): writes may be lost; every later flush of this image fails"
+            );
+            self.sync_failed = Some(errno);
+        })
     }
 
     fn punch_hole(&mut self, off: u64, len: u64) -> io::Result<()> {

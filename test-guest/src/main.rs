@@ -17,6 +17,7 @@ mod bootinfo;
 mod busy;
 mod cmos;
 mod cpu_hotplug;
+mod faults;
 mod heap;
 mod hostile;
 mod hotplug;
@@ -215,6 +216,8 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "pvpanic" => pvpanic::scenario_pvpanic(&boot),
         "pmem" => pmem::scenario_pmem(),
         "tpm" => tpm::scenario_tpm(&boot, acpi.as_ref()),
+        "blkfault" => faults::scenario_blkfault(&boot),
+        "netfault" => faults::scenario_netfault(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
     finish(acpi.as_ref())

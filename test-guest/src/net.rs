@@ -46,7 +46,7 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn udp_frame(
+pub(crate) fn udp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
     src: [u8; 4],
@@ -109,11 +109,11 @@ fn udp_payload(ip: [u8; 4], f: &[u8]) -> Option<&[u8]> {
 }
 
 /// The addresses the host passed and the virtio-net device, initialised.
-struct Setup {
-    ip: [u8; 4],
-    host_ip: [u8; 4],
-    host_mac: [u8; 6],
-    net: VirtIONet<GuestHal, PciTransport, 16>,
+pub(crate) struct Setup {
+    pub ip: [u8; 4],
+    pub host_ip: [u8; 4],
+    pub host_mac: [u8; 6],
+    pub net: VirtIONet<GuestHal, PciTransport, 16>,
 }
 
 /// The boot arguments net_ip=, net_host_ip=, net_host_mac=, and the first virtio-net function.
@@ -150,7 +150,7 @@ fn addresses(boot: &BootInfo) -> Option<Addresses> {
 }
 
 /// `Setup` from the boot arguments (see `addresses`); None after reporting what failed.
-fn setup(boot: &BootInfo) -> Option<Setup> {
+pub(crate) fn setup(boot: &BootInfo) -> Option<Setup> {
     let Addresses {
         ip,
         host_ip,

@@ -1,0 +1,617 @@
+//! Faults under a running VM, nothing lost: a disk image on a filesystem that fills up
+//! (ENOSPC) or fails its writes (EIO), the VMM killed with SIGKILL in the middle of guest
+//! writes. The guest (`test=blkfault`, see docs/test-guest.md) reports which writes it saw
+//! acknowledged and flushed; every one of them must be in the image afterwards, the guest must
+//! get error statuses (never a hang), and the VMM must go on. The TAP case is in
+//! `faults_net.rs`.
+//!
+//! The small filesystems are tmpfs mounts made in a private mount namespace (a thread of its
+//! own, `unshare(CLONE_NEWNS)`), so nothing outlives the test; EIO comes from a loop device
+//! whose backing file lies on a full tmpfs (the loop driver fails the writes it cannot store):
+//! device-mapper's `error`/`flakey` targets would do too where the kernel has them (this
+//! machine's has not).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{guest, scratch, spawn, wait_with_timeout, Run};
+
+/// Sectors per guest write (4 KiB).
+const CHUNK: u64 = 8;
+
+/// Word `w` of sector `s` as guest write `n` leaves it (test-guest/src/faults.rs).
+fn word(n: u64, s: u64, w: u64) -> u64 {
+    n.wrapping_add(1) << 32 | (s & 0xff_ffff) << 8 | w
+}
+
+/// Runs `f` on a thread in a mount namespace of its own (private propagation), so that what
+/// it mounts, and the VMMs it starts see, vanishes with it.
+fn in_private_mounts(f: impl FnOnce() + Send + 'static) {
+    let r = std::thread::spawn(move || {
+        // SAFETY: unshare moves only the calling thread into a new mount namespace.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNS) (these tests run as root): {}",
+            std::io::Error::last_os_error()
+        );
+        sh(&["mount", "--make-rprivate", "/"]);
+        f()
+    })
+    .join();
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// Runs a command; panics with its output if it fails.
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tmpfs of `size` bytes at a new directory `name` under the test's scratch directory.
+fn small_tmpfs(name: &str, size: u64) -> PathBuf {
+    let dir = scratch(name);
+    sh(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        &format!("size={size}"),
+        "tmpfs",
+        dir.to_str().unwrap(),
+    ]);
+    dir
+}
+
+/// A loop device over `file`; detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &Path) -> Loop {
+        Loop(
+            sh(&["losetup", "-f", "--show", file.to_str().unwrap()])
+                .trim()
+                .to_string(),
+        )
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// What the guest's `BLKFAULT` lines say.
+#[derive(Debug, Default)]
+struct Report {
+    /// Per block, the last write the guest saw acknowledged and then covered by a successful
+    /// flush (and none of that block failed since).
+    durable: HashMap<u64, u64>,
+    write_errors: usize,
+    flush_errors: usize,
+    /// The highest write index reached by a flush line.
+    last: u64,
+    /// Flushes that succeeded after `BLKFAULT pause`.
+    flushed_after_pause: usize,
+}
+
+/// Replays the complete `BLKFAULT` lines of `serial` as the guest counted them: a successful
+/// FLUSH covers every write completed before it (a failed one in between changes nothing).
+fn report(serial: &str, blocks: u64) -> Report {
+    let mut r = Report::default();
+    let (mut next, mut pending, mut paused) = (0u64, Vec::new(), false);
+    // Only whole lines: a killed VMM may leave half of one.
+    let complete = &serial[..serial.rfind('\n').map_or(0, |i| i + 1)];
+    for l in complete.lines() {
+        let mut w = l.split_whitespace();
+        if w.next() != Some("BLKFAULT") {
+            continue;
+        }
+        let kind = w.next().unwrap_or("");
+        if kind == "pause" {
+            paused = true;
+            continue;
+        }
+        let Some(n) = w.next().and_then(|v| v.parse::<u64>().ok()) else {
+            continue;
+        };
+        // Writes up to this line that no error line named completed.
+        let upto = if kind == "write-error" {
+            n
+        } else {
+            n.max(next)
+        };
+        pending.extend(next..upto);
+        next = next.max(upto);
+        match kind {
+            "write-error" => {
+                r.write_errors += 1;
+                r.durable.remove(&(n % blocks));
+                pending.retain(|&m| m % blocks != n % blocks);
+                next = n + 1;
+            }
+            "flushed" => {
+                for m in pending.drain(..) {
+                    r.durable.insert(m % blocks, m);
+                }
+                r.last = n;
+                if paused {
+                    r.flushed_after_pause += 1;
+                }
+            }
+            "flush-error" => {
+                r.flush_errors += 1;
+                r.last = n;
+            }
+            _ => {}
+        }
+    }
+    r
+}
+
+/// Checks that every block the guest saw flushed holds that write, or a later write of the
+/// same block issued before the end (`max_write`), whole in every sector.
+fn check_image(data: &[u8], r: &Report, blocks: u64, max_write: u64) {
+    assert!(!r.durable.is_empty(), "no write was acknowledged: {r:?}");
+    eprintln!(
+        "{} blocks flushed, {} write errors, {} flush errors, last flush after write {}",
+        r.durable.len(),
+        r.write_errors,
+        r.flush_errors,
+        r.last
+    );
+    for (&b, &m) in &r.durable {
+        for k in 0..CHUNK {
+            let s = b * CHUNK + k;
+            let sector = &data[(s * 512) as usize..][..512];
+            let w0 = u64::from_le_bytes(sector[..8].try_into().unwrap());
+            let v = (w0 >> 32).wrapping_sub(1);
+            let whole = (0..64).all(|w| {
+                u64::from_le_bytes(sector[w as usize * 8..][..8].try_into().unwrap())
+                    == word(v, s, w)
+            });
+            assert!(
+                whole && v >= m && v % blocks == b && v <= max_write,
+                "sector {s} (block {b}) lost acknowledged write {m}: it holds {:02x?}...",
+                &sector[..16]
+            );
+        }
+    }
+}
+
+/// The image's guest-visible bytes (qcow2 through `qemu-img convert`).
+fn image_bytes(img: &Path, qcow2: bool, out_dir: &Path) -> Vec<u8> {
+    if !qcow2 {
+        return std::fs::read(img).unwrap();
+    }
+    let raw = out_dir.join("converted.raw");
+    sh(&[
+        "qemu-img",
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    std::fs::read(raw).unwrap()
+}
+
+/// `qemu-img check`: no corruption (leaked clusters, which a crash may leave, are allowed:
+/// exit status 3). A VMM killed with its image registered with an io_uring ring holds the
+/// image's lock a moment longer: the kernel tears the ring down after the process is gone.
+fn qemu_img_check(img: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2", img.to_str().unwrap()])
+            .output()
+            .expect("qemu-img (Debian package qemu-utils)");
+        if !String::from_utf8_lossy(&out.stderr).contains("Failed to lock")
+            || Instant::now() > deadline
+        {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "qemu-img check {}: {}\n{}{}",
+        img.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn qemu_img_create(img: &Path, size: u64) {
+    sh(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+}
+
+/// Starts the VMM on `test=blkfault <args>` with `disk` (a `--disk` value), the serial port
+/// in `serial`.
+fn start_blkfault(disk: &str, args: &str, serial: &Path) -> std::process::Child {
+    let k = guest().elf_pvh.to_str().unwrap().to_string();
+    let cmdline = format!("test=blkfault {args}");
+    let serial = format!("file={}", serial.display());
+    spawn(&[
+        "--kernel",
+        &k,
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "size=128M",
+        "--serial",
+        &serial,
+        "--console",
+        "off",
+        "--disk",
+        disk,
+    ])
+}
+
+/// Runs `test=blkfault` to its end; the guest must finish and power off (no hang, no VMM
+/// death) and its own read-back of what it saw flushed must pass. `on_pause` runs when the
+/// guest says `BLKFAULT pause`.
+fn run_blkfault(disk: &str, args: &str, serial: &Path, on_pause: impl FnOnce()) -> (Run, String) {
+    let mut child = start_blkfault(disk, args, serial);
+    if args.contains("blkfault_pause_ms") {
+        wait_serial(serial, "BLKFAULT pause", &mut child);
+        on_pause();
+    }
+    let run = wait_with_timeout(child, Duration::from_secs(120));
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let all = format!("{text}\nstderr:\n{}", run.stderr);
+    assert_eq!(run.code(), Some(0), "VMM {:?}\n{all}", run.status);
+    assert!(!run.stderr.contains("panicked"), "{all}");
+    assert!(text.contains("PASS blkfault-readback"), "{all}");
+    assert!(text.contains("BLKFAULT done"), "{all}");
+    (run, text)
+}
+
+/// Waits until the serial log holds `needle`.
+fn wait_serial(serial: &Path, needle: &str, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the VMM exited ({s}) before '{needle}':\n{text}\nstderr:\n{err}");
+        }
+        assert!(Instant::now() < deadline, "no '{needle}':\n{text}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Guest arguments for the fault runs: stop at 16 errors, pause 1.5 s (the host frees space),
+/// 32 more writes.
+const FAULT_ARGS: &str = "blkfault_errors=16 blkfault_pause_ms=1500 blkfault_more=32";
+
+/// Fills 512 KiB of the filesystem at `dir`; the guest's pause frees it.
+fn ballast(dir: &Path) -> PathBuf {
+    let f = dir.join("ballast");
+    std::fs::write(&f, vec![0x55u8; 512 << 10]).unwrap();
+    f
+}
+
+/// A disk on a 2 MiB tmpfs, 8 MiB big: the guest writes 4 KiB blocks, each flushed, until 16
+/// have failed. The writes past the space fail with IOERR (the guest sees them fail, and
+/// goes on), and every write it saw flushed is in the image.
+fn enospc(qcow2: bool, direct: bool) {
+    in_private_mounts(move || {
+        let tag = format!("enospc-{}-{direct}", if qcow2 { "qcow2" } else { "raw" });
+        let fs = small_tmpfs(&tag, 2 << 20);
+        let out = scratch(&format!("{tag}-out"));
+        let img = fs.join("disk.img");
+        if qcow2 {
+            qemu_img_create(&img, 8 << 20);
+        } else {
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(8 << 20)
+                .unwrap();
+        }
+        let blocks = (8 << 20) / (CHUNK * 512);
+        let disk = format!(
+            "path={},image_type={},direct={}",
+            img.display(),
+            if qcow2 { "qcow2" } else { "raw" },
+            if direct { "on" } else { "off" }
+        );
+        let serial = out.join("serial.log");
+        let ballast = ballast(&fs);
+        let (run, text) = run_blkfault(&disk, FAULT_ARGS, &serial, || {
+            std::fs::remove_file(&ballast).unwrap()
+        });
+        let r = report(&text, blocks);
+        assert!(
+            r.write_errors + r.flush_errors > 0,
+            "the filesystem never filled up: {r:?}\n{text}\n{}",
+            run.stderr
+        );
+        assert!(r.durable.len() > 100, "{r:?}\n{text}");
+        // With room again, the disk works again.
+        assert!(r.flushed_after_pause > 0, "{r:?}\n{text}");
+        if qcow2 {
+            qemu_img_check(&img);
+        }
+        let data = image_bytes(&img, qcow2, &out);
+        check_image(&data, &r, blocks, r.last);
+        let _ = std::fs::remove_dir_all(&out);
+    });
+}
+
+#[test]
+fn enospc_raw() {
+    enospc(false, false);
+}
+
+#[test]
+fn enospc_raw_io_uring() {
+    enospc(false, true);
+}
+
+#[test]
+fn enospc_qcow2() {
+    enospc(true, false);
+}
+
+#[test]
+fn enospc_qcow2_io_uring() {
+    enospc(true, true);
+}
+
+/// A raw disk on a loop device over a 16 MiB sparse file on a 2 MiB tmpfs: once the tmpfs is
+/// full the loop device fails every write it cannot store (EIO, seen by the VMM at FLUSH with
+/// the page cache, at the write with O_DIRECT). The guest gets error statuses, and every write
+/// it saw flushed is in the backing file (read after the loop device is gone, not through its
+/// page cache).
+fn eio(direct: bool) {
+    in_private_mounts(move || {
+        let tag = format!("eio-raw-{direct}");
+        let fs = small_tmpfs(&tag, 2 << 20);
+        let out = scratch(&format!("{tag}-out"));
+        let back = fs.join("backing");
+        std::fs::File::create(&back)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let dev = Loop::new(&back);
+        let blocks = (16 << 20) / (CHUNK * 512);
+        let disk = format!(
+            "path={},image_type=raw,direct={}",
+            dev.0,
+            if direct { "on" } else { "off" }
+        );
+        let serial = out.join("serial.log");
+        let ballast = ballast(&fs);
+        let (run, text) = run_blkfault(&disk, FAULT_ARGS, &serial, || {
+            std::fs::remove_file(&ballast).unwrap()
+        });
+        drop(dev);
+        let r = report(&text, blocks);
+        assert!(
+            r.write_errors + r.flush_errors > 0,
+            "no write failed: {r:?}\n{text}\n{}",
+            run.stderr
+        );
+        let data = std::fs::read(&back).unwrap();
+        check_image(&data, &r, blocks, r.last);
+        let _ = std::fs::remove_dir_all(&out);
+    });
+}
+
+#[test]
+fn eio_raw_loop_device() {
+    eio(false);
+}
+
+#[test]
+fn eio_raw_loop_device_direct() {
+    eio(true);
+}
+
+/// A qcow2 image on ext4 (4 KiB blocks, as the tmpfs pages: see below) on a loop device over
+/// a 48 MiB sparse file on a 12 MiB tmpfs: the image's writes land in the page cache and fail
+/// at writeback (EIO at FLUSH), until the tmpfs has room again; ext4 may give up on its
+/// journal then and stay read-only, so no recovery is asked for.
+///
+/// The loop driver completes a write that its backing file took only in part (the tmpfs
+/// filled up in the middle) as a success, so a write must never straddle a tmpfs page that
+/// exists and one that does not: with ext4's 1 KiB blocks (its default at this size) the
+/// tail of a guest write silently vanished although `fdatasync` succeeded.
+#[test]
+fn eio_qcow2_on_failing_ext4() {
+    in_private_mounts(|| {
+        let fs = small_tmpfs("eio-qcow2", 12 << 20);
+        let out = scratch("eio-qcow2-out");
+        let back = fs.join("backing");
+        std::fs::File::create(&back)
+            .unwrap()
+            .set_len(48 << 20)
+            .unwrap();
+        let dev = Loop::new(&back);
+        sh(&[
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-E",
+            "nodiscard,lazy_itable_init=1",
+            &dev.0,
+        ]);
+        let mnt = scratch("eio-qcow2-mnt");
+        sh(&[
+            "mount",
+            "-o",
+            "errors=continue",
+            &dev.0,
+            mnt.to_str().unwrap(),
+        ]);
+        let img = mnt.join("disk.qcow2");
+        qemu_img_create(&img, 16 << 20);
+        let blocks = (16 << 20) / (CHUNK * 512);
+        let disk = format!("path={},image_type=qcow2", img.display());
+        let serial = out.join("serial.log");
+        let ballast = ballast(&fs);
+        let (run, text) = run_blkfault(&disk, FAULT_ARGS, &serial, || {
+            std::fs::remove_file(&ballast).unwrap()
+        });
+        let r = report(&text, blocks);
+        // The image as the disk holds it: unmounted (what did not reach the device is gone),
+        // the loop device detached, the backing file mounted again read-only.
+        let _ = Command::new("umount").arg(&mnt).status();
+        drop(dev);
+        assert!(
+            r.write_errors + r.flush_errors > 0,
+            "no write failed: {r:?}\n{text}\n{}",
+            run.stderr
+        );
+        sh(&[
+            "mount",
+            "-o",
+            "ro,loop",
+            back.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ]);
+        let copy = out.join("disk.qcow2");
+        std::fs::copy(&img, &copy).unwrap();
+        let _ = Command::new("umount").arg(&mnt).status();
+        qemu_img_check(&copy);
+        let data = image_bytes(&copy, true, &out);
+        check_image(&data, &r, blocks, r.last);
+        let _ = std::fs::remove_dir_all(&out);
+    });
+}
+
+/// Waits until the serial log holds a `BLKFAULT flushed <n>` line with `n >= at_least`.
+fn wait_flushed(serial: &Path, at_least: u64, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        let last = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("BLKFAULT flushed "))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        if last >= at_least {
+            return;
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the VMM exited ({s}) before write {at_least}:\n{text}\nstderr:\n{err}");
+        }
+        assert!(Instant::now() < deadline, "no write {at_least}:\n{text}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// SIGKILL in the middle of guest writes (64 blocks of 4 KiB rewritten round and round, a
+/// FLUSH every 4 writes), at several points: the image passes `qemu-img check`, every write
+/// the guest saw flushed is there, and the image opens again for a guest that writes it.
+fn sigkill(qcow2: bool, direct: bool) {
+    let tag = format!("kill-{}-{direct}", if qcow2 { "qcow2" } else { "raw" });
+    let dir = scratch(&tag);
+    let blocks = 64;
+    let flush = 4;
+    for (i, at) in [40u64, 150, 333].into_iter().enumerate() {
+        let img = dir.join(format!("disk{i}.img"));
+        if qcow2 {
+            qemu_img_create(&img, 1 << 20);
+        } else {
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+        }
+        let disk = format!(
+            "path={},image_type={},direct={}",
+            img.display(),
+            if qcow2 { "qcow2" } else { "raw" },
+            if direct { "on" } else { "off" }
+        );
+        let serial = dir.join(format!("serial{i}.log"));
+        let args = format!("blkfault_loop=1 blkfault_blocks={blocks} blkfault_flush={flush}");
+        let mut child = start_blkfault(&disk, &args, &serial);
+        wait_flushed(&serial, at, &mut child);
+        // A little later still, so the kill lands among writes, not right after a flush.
+        std::thread::sleep(Duration::from_millis(3 * i as u64 + 1));
+        child.kill().unwrap();
+        let run = wait_with_timeout(child, Duration::from_secs(10));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&run.status),
+            Some(libc::SIGKILL)
+        );
+        let text = std::fs::read_to_string(&serial).unwrap();
+        let r = report(&text, blocks);
+        assert!(r.last >= at, "{r:?}");
+        if qcow2 {
+            qemu_img_check(&img);
+        }
+        let data = image_bytes(&img, qcow2, &dir);
+        // Writes after the last flush line may have landed too (up to the next flush).
+        check_image(&data, &r, blocks, r.last + flush);
+        // The killed VMM's lock and state are gone: the image opens read-write again.
+        let again = dir.join(format!("again{i}.log"));
+        run_blkfault(&disk, "blkfault_blocks=8", &again, || {});
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigkill_raw() {
+    sigkill(false, false);
+}
+
+#[test]
+fn sigkill_raw_io_uring() {
+    sigkill(false, true);
+}
+
+#[test]
+fn sigkill_qcow2() {
+    sigkill(true, false);
+}
+
+#[test]
+fn sigkill_qcow2_io_uring() {
+    sigkill(true, true);
+}
