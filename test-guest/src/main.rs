@@ -20,6 +20,10 @@ mod cpu_hotplug;
 mod faults;
 mod heap;
 mod hostile;
+mod hostile_pci;
+mod hostile_ports;
+mod hostile_suite;
+mod hostile_virtio;
 mod hotplug;
 mod kvmclock;
 mod mem;
@@ -203,6 +207,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "console-size" => msix::scenario_console_size(&boot),
         "msix" => msix::scenario_msix(),
         "hostile" => hostile::scenario_hostile(),
+        "hostile-suite" => hostile_suite::scenario_hostile_suite(&boot, acpi.as_ref()),
         "net" => net::scenario_net(&boot),
         "net-bench" => net::scenario_net_bench(&boot),
         "net-mq" => net::scenario_net_mq(&boot),

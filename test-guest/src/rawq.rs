@@ -51,8 +51,8 @@ pub(crate) struct Layout {
     pub(crate) bar: u64,
     /// Common configuration.
     pub(crate) common: u64,
-    notify: u64,
-    notify_mult: u32,
+    pub(crate) notify: u64,
+    pub(crate) notify_mult: u32,
     /// Device-specific configuration.
     pub(crate) device: u64,
 }

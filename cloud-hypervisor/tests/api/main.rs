@@ -10,6 +10,7 @@ mod balloon;
 mod contract;
 mod cpu_hotplug;
 mod helpers;
+mod hostile;
 mod hotplug;
 mod landlock;
 mod lifecycle;

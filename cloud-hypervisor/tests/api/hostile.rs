@@ -1,0 +1,209 @@
+//! The hostile guest suite (`test=hostile-suite`, docs/security.md "Hostile guest suite"): a
+//! VM with every device this VMM has besides the NIC (disk, rng, virtio-console, vsock,
+//! balloon, pmem, virtio-mem, watchdog, pvpanic) whose guest abuses each of them, the PCI
+//! layer and the legacy ports, then storms them. The VMM must answer its API during the storm,
+//! use no more CPU after the storm than before it, keep the disk image as it was, and the
+//! guest must see every device work again and power off cleanly.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common;
+use crate::helpers::*;
+
+/// utime + stime of process `pid`, in clock ticks (1/100 s).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// CPU ticks the VMM used over 2 s of the guest's quiet window `n`.
+fn idle_ticks(vmm: &Vmm, serial: &Path, n: u32) -> u64 {
+    wait_line(
+        serial,
+        &format!("HOSTILE idle{n} begin"),
+        1,
+        Duration::from_secs(240),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(vmm.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(vmm.pid()) - t0;
+    let text = serial_text(serial);
+    assert!(
+        !text.contains(&format!("HOSTILE idle{n} end")),
+        "the quiet window ended before the measurement did"
+    );
+    used
+}
+
+#[test]
+fn a_hostile_guest_does_not_take_the_vmm_down() {
+    require_curl();
+    let dir = common::scratch("hostile-suite-files");
+    let disk = dir.join("disk.img");
+    let mut img = vec![0u8; 1 << 20];
+    for s in 0..16usize {
+        img[s * 512..][..512].fill((s as u8).wrapping_mul(3).wrapping_add(1));
+    }
+    std::fs::write(&disk, &img).unwrap();
+    let pmem = dir.join("pmem.img");
+    std::fs::write(&pmem, vec![0u8; 2 << 20]).unwrap();
+    let console = dir.join("console.out");
+    let serial = dir.join("serial.out");
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let args = [
+        format!("path={}", disk.display()),
+        format!("file={}", console.display()),
+        format!("cid=3,socket={}", dir.join("v.sock").display()),
+        format!("file={},size=2M", pmem.display()),
+        format!("file={}", serial.display()),
+    ];
+    let mut vmm = Vmm::start(
+        "hostile-suite",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=hostile-suite hostile_idle_ms=3000 hostile_storm_ms=3000",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=256M,hotplug_method=virtio-mem,hotplug_size=128M",
+            "--disk",
+            &args[0],
+            "--rng",
+            "src=/dev/urandom",
+            "--console",
+            &args[1],
+            "--vsock",
+            &args[2],
+            "--balloon",
+            "size=0",
+            "--pmem",
+            &args[3],
+            "--watchdog",
+            "--pvpanic",
+            "--serial",
+            &args[4],
+        ],
+    );
+    let before = idle_ticks(&vmm, &serial, 0);
+    // The API answers all through the storm.
+    wait_line(&serial, "HOSTILE storm begin", 1, Duration::from_secs(240));
+    let (mut calls, mut slowest) = (0, Duration::ZERO);
+    while !serial_text(&serial).contains("HOSTILE storm end") {
+        let t = Instant::now();
+        assert_eq!(vmm.state(), "Running");
+        assert_eq!(vmm.curl("GET", "vmm.ping", None).0, 200);
+        slowest = slowest.max(t.elapsed());
+        calls += 1;
+    }
+    assert!(calls > 0, "no API call fitted in the storm");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "an API call took {slowest:?} during the storm"
+    );
+    let after = idle_ticks(&vmm, &serial, 1);
+    eprintln!(
+        "hostile suite: {calls} API round trips during the storm (slowest {slowest:?}); VMM CPU \
+         over 2 s quiet: {before} ticks before the abuse, {after} after"
+    );
+    // A thread left spinning would cost 200 ticks (a whole CPU) here.
+    assert!(
+        after <= before + 20,
+        "the VMM used {after} ticks in 2 s after the storm, {before} before"
+    );
+    let run = vmm.wait();
+    let text = serial_text(&serial);
+    assert_eq!(run.code(), Some(0), "{text}\n{}", run.stderr);
+    assert!(!text.lines().any(|l| l.starts_with("FAIL")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("SUMMARY ") && l.ends_with(" failed=0")),
+        "{text}"
+    );
+    let devices = text
+        .lines()
+        .find_map(|l| l.strip_prefix("HOSTILE devices "))
+        .unwrap_or_else(|| panic!("no device list:\n{text}"));
+    let devices: Vec<&str> = devices.split(',').collect();
+    for d in [
+        "console", "blk", "rng", "vsock", "pmem", "balloon", "mem", "watchdog",
+    ] {
+        assert!(
+            devices.contains(&d),
+            "{d} not found by the guest: {devices:?}"
+        );
+    }
+    let passed = |c: &str| {
+        assert!(
+            text.lines().any(|l| l == format!("PASS {c}")),
+            "no 'PASS {c}' in:\n{text}"
+        )
+    };
+    for d in &devices {
+        for c in [
+            "ring-in-own-bar",
+            "ring-outside-ram",
+            "ring-across-ram-end",
+            "ring-size-over-max",
+            "desc-outside-ram",
+            "desc-huge-write",
+            "desc-wraps",
+            "desc-loop",
+            "indirect-nested",
+            "indirect-len-huge",
+            "avail-idx-far-ahead",
+            "restarts",
+            "config-intact",
+        ] {
+            passed(&format!("hostile-{d}-{c}"));
+        }
+        passed(&format!("hostile-bar-fuzz-{d}"));
+        passed(&format!("hostile-msix-{d}"));
+        passed(&format!("hostile-final-{d}-starts"));
+    }
+    for c in [
+        "hostile-ap-started",
+        "hostile-pci-00-readonly-intact",
+        "hostile-pci-absent-functions",
+        "hostile-bar-sizing",
+        "hostile-bar-over-ram",
+        "hostile-bar-over-other-bar",
+        "hostile-bar-over-ecam-lapic-nowhere",
+        "hostile-bar-toggle-and-empty-bars",
+        "hostile-pci-done",
+        "hostile-ports-uart",
+        "hostile-ports-cmos",
+        "hostile-ports-acpi-i8042",
+        "hostile-ports-unassigned",
+        "hostile-storm-msix",
+        "hostile-storm-broken-device",
+        "hostile-storm-done",
+        "hostile-ap-alive-virtio",
+        "hostile-ap-alive-pci",
+        "hostile-ap-alive-ports",
+        "hostile-ap-alive-storm",
+        "hostile-ap-alive-end",
+        "hostile-final-blk",
+        "hostile-final-console",
+        "hostile-final-pmem",
+        "rng-read",
+        "hostile-suite-done",
+    ] {
+        passed(c);
+    }
+    assert_eq!(std::fs::read(&disk).unwrap(), img, "the disk image changed");
+    // The console file also holds what the malformed transmit chains carried (0xff bytes).
+    let out = std::fs::read(&console).unwrap();
+    let want = b"hostile suite: console ok\n";
+    assert!(
+        out.windows(want.len()).any(|w| w == want),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
