@@ -200,6 +200,11 @@ struct NetHandler {
     descs: Vec<Descriptor>,
     chains: Vec<RxChain>,
     tx_dropped: u64,
+    /// The TAP failed a read with something other than "nothing to read" (its interface was
+    /// deleted: EBADFD): it is no longer watched, receiving stops for good.
+    tap_failed: bool,
+    /// A transmit error other than a full TAP queue was logged (once).
+    tx_error_logged: bool,
     /// For signalling part of a long batch early.
     interrupt: Option<Arc<dyn crate::VirtioInterrupt>>,
     /// Each direction's limiter (the same configuration, separate buckets): a frame takes one
@@ -226,6 +231,8 @@ impl NetHandler {
             descs: Vec::new(),
             chains: Vec::new(),
             tx_dropped: 0,
+            tap_failed: false,
+            tx_error_logged: false,
             interrupt: None,
             rx_limiter: None,
             tx_limiter: None,
@@ -259,6 +266,7 @@ impl NetHandler {
         let shared = &self.shared;
         let tap = &shared.taps[self.pair];
         let (iovecs, dropped) = (&mut self.iovecs, &mut self.tx_dropped);
+        let tx_error_logged = &mut self.tx_error_logged;
         let limiter = &mut self.tx_limiter;
         let early = self.interrupt.as_deref().map(|i| (i, EARLY_SIGNAL));
         // Counted here and published once per batch: no atomic per frame.
@@ -301,8 +309,15 @@ impl NetHandler {
                 }
                 Err(e) => {
                     // A full TAP queue (or a header the TAP refuses) drops the frame, as a
-                    // busy wire would.
-                    debug!("virtio-net: TAP write: {e}");
+                    // busy wire would; so does a TAP whose interface is gone (EBADFD, EIO),
+                    // as an unplugged cable would: said once.
+                    let full = matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOBUFS));
+                    if !full && !*tx_error_logged {
+                        *tx_error_logged = true;
+                        warn!("virtio-net: TAP write failed ({e}); frames are dropped");
+                    } else {
+                        debug!("virtio-net: TAP write: {e}");
+                    }
                     *dropped += 1;
                 }
             }
@@ -383,6 +398,9 @@ impl NetHandler {
 
     /// Moves frames from the TAP into receive buffers. Returns the used mask.
     fn receive(&mut self, q: &mut VirtQueue, mem: &GuestMemoryMmap) -> Result<u64, String> {
+        if self.tap_failed {
+            return Ok(0);
+        }
         // Counted per frame, published once per call (also after an error): no atomic per
         // frame.
         let mut count = (0u64, 0u64);
@@ -492,8 +510,16 @@ impl NetHandler {
                     for _ in 0..self.chains.len() {
                         q.unpop();
                     }
-                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                        warn!("virtio-net: TAP read: {e}");
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) {
+                        // The TAP's interface was deleted (EBADFD) or it broke: epoll keeps
+                        // reporting the descriptor (EPOLLERR), so watching it further would
+                        // spin. Receiving stops for good; the guest's buffers stay posted,
+                        // transmit drops its frames, the other devices go on.
+                        warn!("virtio-net: TAP read failed ({e}); receiving stops");
+                        self.tap_failed = true;
                     }
                     break;
                 }
@@ -664,7 +690,7 @@ impl QueueHandler for NetHandler {
     }
 
     fn extra_wanted(&self) -> bool {
-        !self.paused && !self.rx_blocked()
+        !self.paused && !self.rx_blocked() && !self.tap_failed
     }
 
     fn timer_fds(&self) -> Vec<RawFd> {
