@@ -94,9 +94,18 @@ pub fn run(mut opts: VmmOptions) -> Result<Outcome, Error> {
         config.validate()?;
     }
     // A VM on the command line is confined now, while the VMM has one thread (landlock.rs).
-    let landlocked = match &opts.config {
-        Some(c) if c.landlock_enable => landlock::confine(c, opts.api.as_ref(), None)
-            .map_err(|e| Error::Api(ApiError::BadRequest(e.to_string())))?,
+    // So is a `--restore` of a snapshot whose configuration asks for it (read here first; its
+    // errors are the restore's to report).
+    let early = |c: &VmConfig, source| {
+        landlock::confine(c, opts.api.as_ref(), source)
+            .map_err(|e| Error::Api(ApiError::BadRequest(e.to_string())))
+    };
+    let landlocked = match (&opts.config, &opts.restore) {
+        (Some(c), _) if c.landlock_enable => early(c, None)?,
+        (None, Some(rc)) => match restore::open(&rc.source_url) {
+            Ok(src) if src.config.landlock_enable => early(&src.config, Some(&src.dir))?,
+            _ => false,
+        },
         _ => false,
     };
     cpu::init_kick_signal().map_err(Error::Setup)?;

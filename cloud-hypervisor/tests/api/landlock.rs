@@ -124,6 +124,20 @@ fn snapshot_outside_the_allowed_paths_fails_inside_a_rule_works() {
     let paused_at = ticks(&serial);
     assert_eq!(vmm.put("vm.resume").0, 204);
     wait_for(&serial, &format!("TICK {}", paused_at + 1), 1);
+    assert_eq!(vmm.put("vmm.shutdown").0, 200);
+    drop(vmm);
+
+    // Restored on the command line, the snapshot's configuration confines the new VMM too:
+    // the guest ticks on, a disk from outside is refused.
+    let source = format!("source_url=file://{},resume=on", inside.display());
+    let restored = Vmm::start("landlock-restored", &["--restore", &source]);
+    wait_for(&serial, &format!("TICK {}", paused_at + 2), 1);
+    let out_img = image(&elsewhere.join("out.img"));
+    let body = format!(r#"{{"path": "{}"}}"#, out_img.display());
+    let (status, text) = restored.curl("PUT", "vm.add-disk", Some(&body));
+    assert!((400..600).contains(&status), "{status}: {text}");
+    assert!(chain(&text).contains("Permission denied"), "{text}");
+    assert_eq!(restored.state(), "Running");
 }
 
 /// `vm.create` with `landlock_enable` confines the VMM when the request comes (no other
