@@ -244,12 +244,18 @@ fn qemu_img_check(img: &Path) {
 }
 
 fn qemu_img_create(img: &Path, size: u64) {
+    qemu_img_create_clusters(img, size, 65536);
+}
+
+fn qemu_img_create_clusters(img: &Path, size: u64, cluster: u64) {
     sh(&[
         "qemu-img",
         "create",
         "-q",
         "-f",
         "qcow2",
+        "-o",
+        &format!("cluster_size={cluster}"),
         img.to_str().unwrap(),
         &size.to_string(),
     ]);
@@ -331,13 +337,22 @@ fn ballast(dir: &Path) -> PathBuf {
 /// have failed. The writes past the space fail with IOERR (the guest sees them fail, and
 /// goes on), and every write it saw flushed is in the image.
 fn enospc(qcow2: bool, direct: bool) {
+    enospc_clusters(qcow2, direct, 65536);
+}
+
+/// `enospc` with qcow2 clusters of `cluster` bytes (small ones: an L2 table and a refcount
+/// block every few writes, so the space runs out in the middle of metadata updates too).
+fn enospc_clusters(qcow2: bool, direct: bool, cluster: u64) {
     in_private_mounts(move || {
-        let tag = format!("enospc-{}-{direct}", if qcow2 { "qcow2" } else { "raw" });
+        let tag = format!(
+            "enospc-{}-{direct}-{cluster}",
+            if qcow2 { "qcow2" } else { "raw" }
+        );
         let fs = small_tmpfs(&tag, 2 << 20);
         let out = scratch(&format!("{tag}-out"));
         let img = fs.join("disk.img");
         if qcow2 {
-            qemu_img_create(&img, 8 << 20);
+            qemu_img_create_clusters(&img, 8 << 20, cluster);
         } else {
             std::fs::File::create(&img)
                 .unwrap()
@@ -392,6 +407,18 @@ fn enospc_qcow2() {
 #[test]
 fn enospc_qcow2_io_uring() {
     enospc(true, true);
+}
+
+#[test]
+fn enospc_qcow2_small_clusters() {
+    enospc_clusters(true, false, 512);
+    enospc_clusters(true, false, 4096);
+}
+
+#[test]
+fn enospc_qcow2_small_clusters_io_uring() {
+    enospc_clusters(true, true, 512);
+    enospc_clusters(true, true, 4096);
 }
 
 /// A raw disk on a loop device over a 16 MiB sparse file on a 2 MiB tmpfs: once the tmpfs is
