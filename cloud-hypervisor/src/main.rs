@@ -174,6 +174,17 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    // A seccomp violation's report goes to the log file as well as stderr.
+    if let Some(f) = &log_file {
+        seccomp::report_to(std::os::fd::AsRawFd::as_raw_fd(f));
+    }
+    // The value parser allows only the four values.
+    if let Some(mode) = matches
+        .get_one::<String>("seccomp")
+        .and_then(|v| seccomp::Mode::parse(v))
+    {
+        seccomp::set_mode(mode);
+    }
     logger::init(
         matches.get_count("v"),
         log_file,

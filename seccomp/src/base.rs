@@ -21,6 +21,10 @@ pub(crate) static BASE: &[Sysno] = &[
     read,
     write,
     writev,
+    // Duplicating and flagging fds (`try_clone`, non-blocking mode).
+    fcntl,
+    // Seeds: std's HashMap keys.
+    getrandom,
     // Time (the vDSO answers most clock reads; these are its fallbacks) and sleeping.
     clock_gettime,
     clock_nanosleep,

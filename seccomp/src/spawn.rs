@@ -18,7 +18,7 @@ use crate::{Error, Filter};
 /// What creating a thread takes (beyond [`crate::base`]): the new thread's stack and guard
 /// page, clone, and what the new thread does before its work starts (naming itself, its
 /// alternate signal stack, its CPU set as the allocator reads it, installing its own filter).
-const SPAWN: &[Sysno] = &[clone, clone3, prctl, seccomp, sched_getaffinity, getrandom];
+const SPAWN: &[Sysno] = &[clone, clone3, prctl, seccomp, sched_getaffinity];
 
 type Job = Box<dyn FnOnce() + Send>;
 

@@ -289,7 +289,24 @@ impl BalloonHandler {
     }
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-balloon",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // Pages the guest gives back: discarded (madvise is in the base list), or punched out of
+                // a shared file.
+                fallocate,
+            ]
+        },
+    };
+
 impl QueueHandler for BalloonHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

@@ -557,7 +557,40 @@ fn guest_slice(
     Ok((p.as_ptr(), len))
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-blk",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // Requests: positioned and vectored file I/O, flushes, discard and write-zeroes (hole
+                // punching), sparse-image size checks, io_uring submission.
+                pread64,
+                pwrite64,
+                preadv,
+                pwritev,
+                preadv2,
+                pwritev2,
+                fsync,
+                fdatasync,
+                fallocate,
+                lseek,
+                fstat,
+                newfstatat,
+                statx,
+                ftruncate,
+                io_uring_enter,
+                io_uring_register,
+                ioctl,
+            ]
+        },
+    };
+
 impl QueueHandler for BlockHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

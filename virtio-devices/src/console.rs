@@ -99,7 +99,23 @@ impl ConsoleHandler {
     }
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-console",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // Input and output: a pty, a file, a terminal or a socket.
+                ioctl, fcntl, poll, accept4,
+            ]
+        },
+    };
+
 impl QueueHandler for ConsoleHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

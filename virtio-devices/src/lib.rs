@@ -19,6 +19,7 @@ mod vring;
 mod vsock;
 mod watchdog;
 mod worker;
+pub mod worker_seccomp;
 
 #[cfg(test)]
 mod balloon_tests;

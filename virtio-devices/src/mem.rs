@@ -431,7 +431,23 @@ fn writable_prefix(
     (got == len).then_some(out)
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-mem",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // Unplugged blocks: discarded or punched out of a shared file.
+                fallocate,
+            ]
+        },
+    };
+
 impl QueueHandler for MemHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

@@ -659,7 +659,23 @@ fn execute_ctrl(
     }
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-net",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // Frames to and from the TAP.
+                readv, ioctl,
+            ]
+        },
+    };
+
 impl QueueHandler for NetHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn attach_interrupt(&mut self, interrupt: Arc<dyn crate::VirtioInterrupt>) {
         self.interrupt = Some(interrupt);
     }

@@ -54,7 +54,23 @@ impl PmemHandler {
     }
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-pmem",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // FLUSH: the mapped file made durable.
+                fsync, fdatasync, msync,
+            ]
+        },
+    };
+
 impl QueueHandler for PmemHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

@@ -23,7 +23,23 @@ struct RngHandler {
     buf: Vec<u8>,
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-rng",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // Entropy from the source file (/dev/urandom by default).
+                getrandom,
+            ]
+        },
+    };
+
 impl QueueHandler for RngHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

@@ -229,33 +229,38 @@ fn spawn_relay(
         )?;
     }
     let thread_stop = stop.try_clone()?;
-    let thread = std::thread::Builder::new()
-        .name("vhost-user-blk-relay".into())
-        .spawn(move || {
-            let _keep = thread_stop;
-            let mut events = vec![EpollEvent::default(); calls.len() + 1];
-            loop {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::error!("vhost-user-blk relay: {e}");
-                        return;
-                    }
-                };
-                for ev in &events[..n] {
-                    let k = ev.data();
-                    if k == stop_token {
-                        return;
-                    }
-                    let (i, call) = &calls[k as usize];
-                    if call.read().is_ok() {
-                        interrupt.signal_queue(*i);
-                    }
+    let thread = seccomp::spawn("vhost-user-blk-relay".into(), relay_filter(), move || {
+        let _keep = thread_stop;
+        let mut events = vec![EpollEvent::default(); calls.len() + 1];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("vhost-user-blk relay: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let k = ev.data();
+                if k == stop_token {
+                    return;
+                }
+                let (i, call) = &calls[k as usize];
+                if call.read().is_ok() {
+                    interrupt.signal_queue(*i);
                 }
             }
-        })?;
+        }
+    })
+    .map_err(std::io::Error::other)?;
     Ok(Relay { stop, thread })
+}
+
+/// The relay's seccomp filter: it waits on eventfds and writes irqfds.
+pub(crate) fn relay_filter() -> seccomp::Filter {
+    seccomp::Filter::new("vhost-user-blk-relay")
+        .allow(&[seccomp::Sysno::epoll_wait, seccomp::Sysno::epoll_pwait])
 }
 
 impl VirtioDevice for VhostUserBlock {

@@ -50,7 +50,18 @@ impl WatchdogHandler {
     }
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-watchdog",
+        // Nothing beyond a worker's own: its expiry timer is a timer fd.
+        calls: &[],
+    };
+
 impl QueueHandler for WatchdogHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

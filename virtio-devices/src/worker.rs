@@ -26,6 +26,10 @@ const POP_BATCH: usize = 16;
 
 /// What a device does with its queues, run on the worker thread.
 pub trait QueueHandler: Send + 'static {
+    /// The worker's seccomp filter: the calls this handler makes (see `crate::worker_seccomp`).
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &crate::worker_seccomp::GENERIC
+    }
     /// Serve the available buffers of queue `index`. Returns a bit mask of the queues that got
     /// used buffers. An `Err` means the queue is broken: the device is marked NEEDS_RESET.
     fn process_queue(
@@ -225,14 +229,14 @@ fn start_thread<H: QueueHandler>(
     name: &str,
     mut w: Worker<H>,
 ) -> std::io::Result<JoinHandle<Worker<H>>> {
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            if let Err(e) = w.run() {
-                error!("virtio worker failed: {e}");
-            }
-            w
-        })
+    let filter = w.handler.seccomp().filter();
+    seccomp::spawn(name.to_string(), filter, move || {
+        if let Err(e) = w.run() {
+            error!("virtio worker failed: {e}");
+        }
+        w
+    })
+    .map_err(std::io::Error::other)
 }
 
 struct Worker<H> {

@@ -444,9 +444,12 @@ impl VcpuThreads {
             core: self.core.clone(),
             unplug: unplug.clone(),
         };
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || l.run())?;
+        let handle = seccomp::spawn(
+            format!("vcpu{id}"),
+            crate::seccomp_filters::vcpu(),
+            move || l.run(),
+        )
+        .map_err(std::io::Error::other)?;
         if self.threads.len() <= i {
             self.threads.resize_with(i + 1, || None);
         }

@@ -317,6 +317,133 @@ mod tests {
         }
     }
 
+    /// Runs `f` in a forked child (one thread, so `apply` may confine it without touching the
+    /// test process) and returns its exit status.
+    fn in_child(f: impl FnOnce() -> i32) -> i32 {
+        // SAFETY: the child only runs `f` (no locks held by other threads are needed: it opens
+        // files and makes system calls) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let code = f();
+            // SAFETY: ends the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child we forked; `status` is a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    /// The child is confined to a kernel file and a directory: those stay readable, anything
+    /// else is refused by the kernel with EACCES.
+    #[test]
+    fn a_confined_process_reaches_only_what_its_configuration_names() {
+        let dir = std::env::temp_dir().join(format!("landlock-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("rules")).unwrap();
+        std::fs::write(dir.join("kernel"), b"k").unwrap();
+        std::fs::write(dir.join("rules/extra"), b"e").unwrap();
+        std::fs::write(dir.join("other"), b"o").unwrap();
+        let config: VmConfig = serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": dir.join("kernel")},
+            "landlock_enable": true,
+            "landlock_rules": [{"path": dir.join("rules"), "access": "r"}],
+        }))
+        .unwrap();
+        let code = in_child(|| {
+            if apply(&config, Vec::new()).is_err() {
+                return 10;
+            }
+            let denied = |p: &Path| {
+                std::fs::read(p).err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES)
+            };
+            let checks = [
+                std::fs::read(dir.join("kernel")).is_ok(),
+                std::fs::read(dir.join("rules/extra")).is_ok(),
+                std::fs::read("/proc/self/status").is_ok(),
+                denied(&dir.join("other")),
+                denied(Path::new("/etc/passwd")),
+                // Read-only rule: no writing there.
+                std::fs::write(dir.join("rules/new"), b"x").is_err(),
+            ];
+            checks
+                .iter()
+                .position(|ok| !ok)
+                .map_or(0, |i| 20 + i as i32)
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(code, 0, "10: apply failed; 20+i: check i failed");
+    }
+
+    /// A kernel without Landlock (here: its system calls answer ENOSYS under a seccomp filter)
+    /// refuses `--landlock` by name instead of running unconfined.
+    #[test]
+    fn a_kernel_without_landlock_refuses_it() {
+        let config: VmConfig = serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": "/proc/self/status"},
+            "landlock_enable": true,
+        }))
+        .unwrap();
+        let code = in_child(|| {
+            let nr = libc::SYS_landlock_create_ruleset as u32;
+            let prog = [
+                // The system call's number (offset 0 of struct seccomp_data).
+                libc::sock_filter {
+                    code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 1,
+                    k: nr,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_RET | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_RET | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: libc::SECCOMP_RET_ALLOW,
+                },
+            ];
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr() as *mut libc::sock_filter,
+            };
+            // SAFETY: plain prctl calls; `fprog` points at `prog`, alive across the call.
+            let installed = unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+                    && libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &fprog as *const libc::sock_fprog,
+                    ) == 0
+            };
+            if !installed {
+                return 10;
+            }
+            match apply(&config, Vec::new()) {
+                Err(e @ LandlockError::Unsupported)
+                    if e.to_string().starts_with("--landlock: ") =>
+                {
+                    0
+                }
+                Err(_) => 11,
+                Ok(()) => 12,
+            }
+        });
+        assert_eq!(code, 0, "10: no filter; 11: another error; 12: applied");
+    }
+
     #[test]
     fn sockets_connected_to_are_allowed_through_their_directory() {
         let g = LandlockGrant::new("/run/swtpm/ctrl", LandlockAccess::Connect, "--tpm");

@@ -16,6 +16,7 @@ mod platform;
 mod pmem;
 mod pty_resize;
 pub mod restore;
+mod seccomp_filters;
 mod serial_io;
 pub mod snapshot;
 mod uffd;
@@ -54,6 +55,8 @@ pub enum Error {
     Api(ApiError),
     #[error("VMM set-up failed: {0}")]
     Setup(#[source] io::Error),
+    #[error("--seccomp: {0}")]
+    Seccomp(#[source] seccomp::Error),
     #[error("the guest stopped with an error (see the log above)")]
     GuestFailed,
     #[error("--restore source_url={value}: {why}")]
@@ -108,6 +111,7 @@ pub fn run(mut opts: VmmOptions) -> Result<Outcome, Error> {
         },
         _ => false,
     };
+    seccomp_filters::confine_control_loop().map_err(Error::Seccomp)?;
     cpu::init_kick_signal().map_err(Error::Setup)?;
     let events = VmEvents::new().map_err(Error::Setup)?;
 

@@ -222,17 +222,16 @@ impl OnDemand {
             .try_clone()
             .map_err(Cause::io("cannot clone an eventfd"))?;
         let regions: Arc<[Region]> = regions.into();
-        let thread = std::thread::Builder::new()
-            .name("uffd".into())
-            .spawn(move || {
-                Loader {
-                    uffd,
-                    regions,
-                    _source: source,
-                }
-                .run(&stop_rx)
-            })
-            .map_err(Cause::io("cannot start the on-demand loader thread"))?;
+        let thread = seccomp::spawn("uffd".into(), crate::seccomp_filters::uffd(), move || {
+            Loader {
+                uffd,
+                regions,
+                _source: source,
+            }
+            .run(&stop_rx)
+        })
+        .map_err(std::io::Error::other)
+        .map_err(Cause::io("cannot start the on-demand loader thread"))?;
         info!(
             "on-demand restore: {} MiB of RAM loaded on first touch",
             total >> 20

@@ -21,6 +21,7 @@ mod original_client;
 mod pmem;
 mod pvpanic;
 mod restore;
+mod seccomp;
 mod snapshot;
 mod vsock;
 mod watchdog;

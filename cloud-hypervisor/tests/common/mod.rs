@@ -143,12 +143,37 @@ pub fn boot(kernel: &Path, cmdline: &str, extra: &[&str]) -> Run {
     run(&args)
 }
 
-/// A scratch directory unique to this test process and `name`.
+/// A scratch directory unique to this test process and `name`. They stay after the tests (to
+/// look into a failure); the first call of a test process removes those of processes that have
+/// ended, so that runs do not fill the disk.
 pub fn scratch(name: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_scratch);
     let dir = std::env::temp_dir().join(format!("ch-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes `ch-test-<pid>-*` directories whose process is gone.
+fn sweep_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ch-test-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Reads `f` (whose fd is `fd`) until `needle` appears; panics after `timeout`.

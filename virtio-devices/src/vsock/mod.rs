@@ -61,7 +61,24 @@ impl VsockHandler {
     }
 }
 
+/// The worker's seccomp filter (see `crate::worker_seccomp`).
+pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
+    crate::worker_seccomp::WorkerCalls {
+        kind: "virtio-vsock",
+        calls: {
+            use ::seccomp::Sysno::*;
+            &[
+                // The host side: Unix sockets to `socket` and `socket_PORT`.
+                socket, connect, accept4, recvfrom, sendto, recvmsg, sendmsg, shutdown, getsockopt,
+                setsockopt, fcntl, ioctl,
+            ]
+        },
+    };
+
 impl QueueHandler for VsockHandler {
+    fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
+        &SECCOMP
+    }
     fn process_queue(
         &mut self,
         index: usize,

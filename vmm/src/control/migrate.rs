@@ -84,28 +84,36 @@ impl Vmm {
             opts.destination_url, opts.local, opts.downtime_ms, opts.timeout_s
         );
         self.monitor.emit("vm", "migration-started");
-        let spawned = std::thread::Builder::new()
-            .name("migration".into())
-            .spawn(move || {
+        let spawned = seccomp::spawn(
+            "migration".into(),
+            crate::seccomp_filters::migration(),
+            move || {
                 let (ptx, prx) = channel();
                 // Progress goes on as it comes: a relay that wakes the loop for each message.
                 let relay_wake = thread_wake.try_clone();
                 let relay_tx = tx.clone();
-                let relay = std::thread::spawn(move || {
-                    for p in prx {
-                        let _ = relay_tx.send(Some(p));
-                        if let Ok(w) = &relay_wake {
-                            let _ = w.write(1);
+                let relay = seccomp::spawn(
+                    "migration-relay".into(),
+                    crate::seccomp_filters::migration_relay(),
+                    move || {
+                        for p in prx {
+                            let _ = relay_tx.send(Some(p));
+                            if let Ok(w) = &relay_wake {
+                                let _ = w.write(1);
+                            }
                         }
-                    }
-                });
+                    },
+                );
                 let result = send::send(&mut vm, &config, &opts, paused, &ptx);
                 drop(ptx);
-                let _ = relay.join();
+                if let Ok(relay) = relay {
+                    let _ = relay.join();
+                }
                 let _ = tx.send(None);
                 let _ = thread_wake.write(1);
                 (vm, result)
-            });
+            },
+        );
         match spawned {
             Ok(thread) => {
                 self.outgoing = Some(Outgoing {

@@ -1,0 +1,109 @@
+//! The device workers' seccomp filters. Every worker waits on its eventfds with epoll, raises
+//! interrupts through irqfds and arms its rate limiters' timers ([`WORKER`]); each device adds
+//! the calls its own handler makes, declared beside the handler as a [`WorkerCalls`] and
+//! returned by `QueueHandler::seccomp`.
+
+use ::seccomp::{Filter, Sysno};
+
+/// One device kind's worker: its filter's name and the calls it adds to [`WORKER`].
+pub struct WorkerCalls {
+    pub kind: &'static str,
+    pub calls: &'static [Sysno],
+}
+
+impl WorkerCalls {
+    /// The worker's filter.
+    pub fn filter(&self) -> Filter {
+        Filter::new(self.kind).allow(WORKER).allow(self.calls)
+    }
+}
+
+/// What every worker does: its epoll loop, eventfd reads and irqfd writes (in the base list),
+/// its timers.
+pub const WORKER: &[Sysno] = &[
+    Sysno::epoll_create1,
+    Sysno::epoll_ctl,
+    Sysno::epoll_wait,
+    Sysno::epoll_pwait,
+    Sysno::timerfd_settime,
+    Sysno::timerfd_gettime,
+];
+
+/// A handler that declares nothing of its own.
+pub static GENERIC: WorkerCalls = WorkerCalls {
+    kind: "virtio-worker",
+    calls: &[],
+};
+
+/// Every worker kind of this crate (the spawner's filter must allow all of them).
+pub fn all() -> Filter {
+    let kinds: [&WorkerCalls; 10] = [
+        &GENERIC,
+        &crate::block::SECCOMP,
+        &crate::net::SECCOMP,
+        &crate::console::SECCOMP,
+        &crate::rng::SECCOMP,
+        &crate::vsock::SECCOMP,
+        &crate::balloon::SECCOMP,
+        &crate::mem::SECCOMP,
+        &crate::pmem::SECCOMP,
+        &crate::watchdog::SECCOMP,
+    ];
+    kinds
+        .iter()
+        .fold(Filter::new("virtio-workers"), |f, k| f.merge(&k.filter()))
+        .merge(&crate::vhost_user_blk::relay_filter())
+}
+
+#[cfg(test)]
+mod tests {
+    use ::seccomp::testing::assert_confined;
+    use ::seccomp::{Filter, Sysno};
+
+    /// One test per worker kind: a call outside its list stops the process in mode `true`
+    /// (with the report), is logged in `log`, fails with EPERM in `errno`.
+    macro_rules! confined {
+        ($test:ident, $thread:literal, $calls:path) => {
+            #[test]
+            fn $test() {
+                fn make() -> Filter {
+                    $calls.filter()
+                }
+                assert_confined(
+                    concat!("worker_seccomp::tests::", stringify!($test)),
+                    $thread,
+                    make,
+                    Sysno::getpgid,
+                );
+            }
+        };
+    }
+
+    confined!(blk, "virtio-blk", crate::block::SECCOMP);
+    confined!(net, "virtio-net0", crate::net::SECCOMP);
+    confined!(console, "virtio-console", crate::console::SECCOMP);
+    confined!(rng, "virtio-rng", crate::rng::SECCOMP);
+    confined!(vsock, "virtio-vsock", crate::vsock::SECCOMP);
+    confined!(balloon, "virtio-balloon", crate::balloon::SECCOMP);
+    confined!(mem, "virtio-mem", crate::mem::SECCOMP);
+    confined!(pmem, "virtio-pmem", crate::pmem::SECCOMP);
+    confined!(watchdog, "virtio-watchdog", crate::watchdog::SECCOMP);
+
+    #[test]
+    fn vhost_user_blk_relay() {
+        assert_confined(
+            "worker_seccomp::tests::vhost_user_blk_relay",
+            "vhost-user-blk-relay",
+            crate::vhost_user_blk::relay_filter,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn no_worker_may_open_files_or_start_processes() {
+        let all = super::all();
+        for call in [Sysno::openat, Sysno::execve, Sysno::fork, Sysno::ptrace, Sysno::mount] {
+            assert!(!all.allows(call), "a worker may call {}", call.name());
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The seccomp filters of the VMM's own threads: the control loop (the main thread: API,
+//! signals, VM creation, hotplug, snapshot, reboot), the vCPUs, the on-demand restore loader
+//! and the migration sender. The device workers' filters are in `virtio_devices`.
+//!
+//! The lists say what each thread does; a call a new feature needs goes into the list of the
+//! thread that makes it, in the same change (the test suite runs confined and reports a
+//! missing call as `seccomp: thread '...' made system call N (name)`).
+
+use seccomp::{Filter, Sysno};
+
+/// Files: images, kernels, snapshots, sockets' paths, /proc and /sys reads, locks.
+const FILES: &[Sysno] = {
+    use ::seccomp::Sysno::*;
+    &[
+        openat,
+        close_range,
+        readlink,
+        unlink,
+        rmdir,
+        mkdir,
+        rename,
+        access,
+        stat,
+        lstat,
+        pread64,
+        pwrite64,
+        readv,
+        preadv,
+        pwritev,
+        lseek,
+        fstat,
+        newfstatat,
+        statx,
+        fsync,
+        fdatasync,
+        ftruncate,
+        fallocate,
+        flock,
+        fcntl,
+        unlinkat,
+        renameat,
+        renameat2,
+        mkdirat,
+        getdents64,
+        readlinkat,
+        faccessat,
+        faccessat2,
+        sendfile,
+        copy_file_range,
+        dup,
+        dup3,
+        pipe2,
+        getcwd,
+        fchmod,
+        fstatfs,
+        statfs,
+        ioctl,
+    ]
+};
+
+/// Event loops and notifications.
+const EVENTS: &[Sysno] = {
+    use ::seccomp::Sysno::*;
+    &[
+        epoll_create1,
+        epoll_ctl,
+        epoll_wait,
+        epoll_pwait,
+        eventfd2,
+        timerfd_create,
+        timerfd_settime,
+        timerfd_gettime,
+        poll,
+        ppoll,
+    ]
+};
+
+/// Unix sockets (API, serial/console sockets, vsock, vhost-user, migration, event monitor)
+/// and TCP for migration.
+const SOCKETS: &[Sysno] = {
+    use ::seccomp::Sysno::*;
+    &[
+        socket,
+        socketpair,
+        bind,
+        listen,
+        accept4,
+        connect,
+        recvfrom,
+        sendto,
+        recvmsg,
+        sendmsg,
+        shutdown,
+        getsockopt,
+        setsockopt,
+        getsockname,
+        getpeername,
+    ]
+};
+
+/// The control loop (the main thread). It builds and rebuilds VMs (KVM, memory, devices:
+/// TAPs, images, io_uring), serves the API, snapshots, restores and migrates, and forks the
+/// pty resize watcher, whose child runs under this filter too.
+pub fn control_loop() -> Filter {
+    use ::seccomp::Sysno::*;
+    Filter::new("vmm")
+        .allow(FILES)
+        .allow(EVENTS)
+        .allow(SOCKETS)
+        .allow(&[
+            // RAM: memfds, on-demand restore, hugepages, which pages a sparse snapshot skips.
+            memfd_create,
+            mincore,
+            userfaultfd,
+            mlock,
+            munlock,
+            io_uring_setup,
+            io_uring_register,
+            io_uring_enter,
+            // Threads (the vCPUs, the migration sender) come from the spawner; the
+            // pty watcher is forked from here.
+            clone,
+            clone3,
+            wait4,
+            kill,
+            prctl,
+            getppid,
+            setsid,
+            rt_sigaction,
+            rt_sigtimedwait,
+            sched_getaffinity,
+            sched_setaffinity,
+            prlimit64,
+            uname,
+            getuid,
+            geteuid,
+            getrandom,
+        ])
+}
+
+/// A vCPU: KVM_RUN, and the port and MMIO exits it dispatches to the devices on its own
+/// thread: a driver starting a virtio device (queue eventfds, irqfds, io_uring, the worker
+/// through the spawner), BAR moves, hotplug ejections (closing images and TAPs), ACPI reset
+/// and sleep.
+pub fn vcpu() -> Filter {
+    use ::seccomp::Sysno::*;
+    Filter::new("vcpu").allow(EVENTS).allow(&[
+        ioctl,
+        dup,
+        fcntl,
+        pread64,
+        pwrite64,
+        fsync,
+        fdatasync,
+        fstat,
+        newfstatat,
+        statx,
+        lseek,
+        flock,
+        io_uring_setup,
+        io_uring_register,
+        io_uring_enter,
+        // Messages to backends the devices talk to on MMIO accesses: vhost-user on
+        // activation, swtpm for a TPM command.
+        sendmsg,
+        recvmsg,
+        sendto,
+        recvfrom,
+        // Core scheduling (PR_SCHED_CORE).
+        prctl,
+    ])
+}
+
+/// The on-demand restore loader: userfaultfd events and UFFDIO_COPY from the snapshot file.
+pub fn uffd() -> Filter {
+    use ::seccomp::Sysno::*;
+    Filter::new("uffd").allow(EVENTS).allow(&[ioctl, pread64])
+}
+
+/// The migration sender: it owns the VM while it sends it (pause, dirty log, state of every
+/// device, memory from the memfd or the file), so it needs most of what the control loop does.
+pub fn migration() -> Filter {
+    Filter::new("migration").merge(&control_loop())
+}
+
+/// The migration progress relay: channels and an eventfd write.
+pub fn migration_relay() -> Filter {
+    Filter::new("migration-relay")
+}
+
+/// The spawner's filter: every kind it starts.
+pub fn spawner() -> Filter {
+    Filter::new("spawner")
+        .merge(&vcpu())
+        .merge(&uffd())
+        .merge(&migration())
+        .merge(&migration_relay())
+        .merge(&virtio_devices::worker_seccomp::all())
+}
+
+/// Confines the calling (main) thread as the control loop, after starting the spawner
+/// (before the filter, so that threads are created with only their own). Nothing with
+/// `--seccomp false`.
+pub fn confine_control_loop() -> Result<(), seccomp::Error> {
+    if seccomp::mode() == seccomp::Mode::Off {
+        return Ok(());
+    }
+    seccomp::start_spawner(spawner())?;
+    control_loop().install()
+}
+
+#[cfg(test)]
+mod tests {
+    use seccomp::testing::assert_confined;
+    use seccomp::Sysno;
+
+    #[test]
+    fn control_loop_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::control_loop_refuses_what_it_never_needs",
+            "vmm",
+            super::control_loop,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn vcpu_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::vcpu_refuses_what_it_never_needs",
+            "vcpu0",
+            super::vcpu,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn uffd_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::uffd_refuses_what_it_never_needs",
+            "uffd",
+            super::uffd,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn migration_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::migration_refuses_what_it_never_needs",
+            "migration",
+            super::migration,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn migration_relay_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::migration_relay_refuses_what_it_never_needs",
+            "migration-relay",
+            super::migration_relay,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn the_spawner_allows_every_kind_it_starts() {
+        let spawner = super::spawner();
+        for kind in [super::vcpu(), super::uffd(), super::migration()] {
+            for call in kind.allowed() {
+                assert!(
+                    spawner.allows(call),
+                    "{} needs {}",
+                    kind.kind(),
+                    call.name()
+                );
+            }
+        }
+    }
+}
