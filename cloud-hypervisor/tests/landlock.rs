@@ -132,3 +132,47 @@ fn rules_without_landlock_warn_and_do_nothing() {
         r.stderr
     );
 }
+
+/// A qcow2 overlay whose backing file is in another directory: the VMM, confined, still reads
+/// the backing file (its disks' backing chains are allowed read-only) and the guest passes.
+#[test]
+fn qcow2_overlay_with_a_backing_file_elsewhere_works_under_landlock() {
+    let dir = scratch("landlock-overlay");
+    std::fs::create_dir_all(dir.join("base")).unwrap();
+    std::fs::create_dir_all(dir.join("vm")).unwrap();
+    let base = dir.join("base/base.raw");
+    make_disk(&base);
+    let overlay = dir.join("vm/overlay.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&overlay)
+        .output()
+        .expect("qemu-img (Debian's qemu-utils) is needed");
+    assert!(out.status.success(), "{:?}", out);
+    let disk = format!("path={},backing_files=on,serial=serial0", overlay.display());
+    let cmdline = format!("test=blk blk_disks=1 blk_sectors={SECTORS}");
+    let k = kernel();
+    let r = run(&[
+        "--kernel",
+        &k,
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--disk",
+        &disk,
+        "--landlock",
+    ]);
+    r.assert_guest_passed();
+    for c in ["read", "write", "read-back"] {
+        r.assert_passed(&format!("blk0-{c}"));
+    }
+    // The guest's writes went to the overlay; the backing file is as the host wrote it.
+    let bytes = std::fs::read(&base).unwrap();
+    assert!(bytes[..512].iter().all(|&b| b == host_byte(0)));
+}

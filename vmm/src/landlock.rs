@@ -119,8 +119,49 @@ fn rights(access: LandlockAccess, abi: ABI) -> BitFlags<AccessFs> {
     }
 }
 
-/// The grants for `config`, the VMM's fixed ones, and `extra` (the API socket's directory, a
-/// restore's source).
+/// The backing files of the qcow2 image at `image`, in chain order, as the block layer
+/// resolves them (a relative name is beside the image that names it). Stops at the first
+/// file that is not a readable qcow2 image: opening the disk reports those problems.
+fn backing_chain(image: &Path) -> Vec<PathBuf> {
+    use std::io::{Read, Seek};
+    let mut chain = Vec::new();
+    let mut current = image.to_path_buf();
+    while chain.len() < block::MAX_BACKING_DEPTH {
+        let Ok(file) = std::fs::File::open(&current) else {
+            break;
+        };
+        if !matches!(
+            block::detect::detect_image_type(&file),
+            Ok(block::ImageType::Qcow2)
+        ) {
+            break;
+        }
+        // The header lies within the first cluster (at most 2 MiB).
+        let mut head = Vec::new();
+        let read = (&file)
+            .seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| file.take(2 << 20).read_to_end(&mut head));
+        if read.is_err() {
+            break;
+        }
+        let Ok(header) = block::qcow2::header::Header::parse(&head) else {
+            break;
+        };
+        let Some(name) = header.backing_file else {
+            break;
+        };
+        let next = block::qcow2::resolve_backing_path(&current, &name);
+        if chain.contains(&next) {
+            break;
+        }
+        chain.push(next.clone());
+        current = next;
+    }
+    chain
+}
+
+/// The grants for `config`, the backing files of its disks that may have them, the VMM's
+/// fixed grants, and `extra` (the API socket's directory, a restore's source).
 fn all_grants(config: &VmConfig, extra: Vec<LandlockGrant>) -> Vec<LandlockGrant> {
     let mut grants: Vec<LandlockGrant> = VMM_GRANTS
         .iter()
@@ -128,6 +169,11 @@ fn all_grants(config: &VmConfig, extra: Vec<LandlockGrant>) -> Vec<LandlockGrant
         .map(|(p, a)| LandlockGrant::new(*p, *a, OPTION))
         .collect();
     grants.extend(config.landlock_grants());
+    for d in config.disks.iter().filter(|d| d.backing_files) {
+        for b in backing_chain(&d.path) {
+            grants.push(LandlockGrant::new(b, LandlockAccess::Read, "--disk"));
+        }
+    }
     grants.extend(extra);
     grants
 }
@@ -442,6 +488,48 @@ mod tests {
             }
         });
         assert_eq!(code, 0, "10: no filter; 11: another error; 12: applied");
+    }
+
+    /// A qcow2 chain: a relative backing name beside its image, an absolute one elsewhere;
+    /// each disk with `backing_files=on` gets them all, read-only.
+    #[test]
+    fn backing_files_of_qcow2_disks_are_allowed_read_only() {
+        let dir = std::env::temp_dir().join(format!("landlock-chain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        let base = dir.join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let mid = dir.join("a/b/mid.qcow2");
+        let top = dir.join("a/b/top.qcow2");
+        let create = |path: &Path, backing: &str| {
+            let mut o = block::qcow2::CreateOptions::new(1 << 20);
+            o.backing_file = Some(backing.to_string());
+            block::qcow2::create(path, &o).unwrap();
+        };
+        create(&mid, base.to_str().unwrap());
+        create(&top, "mid.qcow2");
+        assert_eq!(backing_chain(&top), [mid.clone(), base.clone()]);
+        assert!(backing_chain(&base).is_empty());
+        let disk = |backing: bool| serde_json::json!({"path": top, "backing_files": backing});
+        for backing in [true, false] {
+            let config: VmConfig = serde_json::from_value(serde_json::json!({
+                "payload": {"kernel": "/k"},
+                "disks": [disk(backing)],
+            }))
+            .unwrap();
+            let reads: Vec<PathBuf> = all_grants(&config, Vec::new())
+                .into_iter()
+                .filter(|g| g.option == "--disk" && g.access == LandlockAccess::Read)
+                .map(|g| g.path)
+                .collect();
+            let want = if backing {
+                vec![mid.clone(), base.clone()]
+            } else {
+                vec![]
+            };
+            assert_eq!(reads, want, "backing_files={backing}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
