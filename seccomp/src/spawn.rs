@@ -63,6 +63,23 @@ pub fn spawner_running() -> bool {
     SPAWNER.get().is_some()
 }
 
+/// Runs `f` on the spawner thread and returns what it returns; `None` when no spawner runs
+/// (or it has ended). For what must hold for every thread the spawner creates later: a
+/// Landlock domain (`vmm/src/landlock.rs`), which a thread inherits from its creator only.
+pub fn on_spawner<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let spawner = SPAWNER.get()?;
+    let (tx, rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    spawner
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .send(job)
+        .ok()?;
+    rx.recv().ok()
+}
+
 /// Starts thread `name` confined by `filter`: `f` runs only once the filter is installed. An
 /// error means `f` never runs (a thread whose filter could not be installed parks for good).
 pub fn spawn<F, T>(name: String, filter: Filter, f: F) -> Result<JoinHandle<T>, Error>

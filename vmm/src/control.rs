@@ -200,6 +200,9 @@ pub(crate) struct Vmm {
     deferred_ejects: (u32, Vec<u32>),
     /// The command line's VM was confined by Landlock at start (its `create` skips it).
     pub(crate) landlocked: bool,
+    /// The API socket's file (Landlock must let the VMM remove it at the end). Kept apart
+    /// from `api`, which is taken out while a request is served.
+    api_socket: Option<std::path::PathBuf>,
 }
 
 impl Vmm {
@@ -229,6 +232,7 @@ impl Vmm {
             Ok(())
         };
         add(&control).map_err(Error::Setup)?;
+        let api_socket = api.as_ref().and_then(|a| a.path()).map(|p| p.to_path_buf());
         Ok(Vmm {
             hv,
             events,
@@ -252,6 +256,7 @@ impl Vmm {
             deferred_reset: false,
             deferred_ejects: (0, Vec::new()),
             landlocked: false,
+            api_socket,
         })
     }
 
@@ -282,7 +287,7 @@ impl Vmm {
         if std::mem::take(&mut self.landlocked) {
             return Ok(());
         }
-        crate::landlock::confine(config, self.api.as_ref(), source)
+        crate::landlock::confine(config, self.api_socket.as_deref(), source)
             .map(|_| ())
             .map_err(|e| ApiError::BadRequest(e.to_string()))
     }

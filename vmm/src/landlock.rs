@@ -7,13 +7,14 @@
 //!   kernel without Landlock, or one older than `MIN_ABI`, refuses `--landlock` with an error
 //!   naming it, never a silently weaker sandbox.
 //! - **Every thread.** `landlock_restrict_self` confines the calling thread and the threads it
-//!   creates later, not those already running. So the ruleset is applied while the VMM has
-//!   one thread: for a VM on the command line, at the start of `vmm::run`, before the seccomp
-//!   spawner or any other thread exists; for `vm.create`/`vm.restore` through the API, when
-//!   the request comes, which works only while no other thread runs (seccomp off). The thread
-//!   count is checked first (`/proc/self/status`), so a thread started too early is an error,
-//!   never a hole. `LANDLOCK_RESTRICT_SELF_TSYNC` (ABI 8, Linux 7.0) would confine all
-//!   threads at once; the kernels here have ABI 7, so it is not used yet.
+//!   creates later, not those already running. A VM on the command line is confined at the
+//!   start of `vmm::run`, when the VMM has one thread. Through the API (`vm.create`,
+//!   `vm.restore`, `vm.receive-migration`) the control loop applies the ruleset to itself and
+//!   to the seccomp spawner (`seccomp::on_spawner`), the one thread that starts all the others
+//!   (vCPUs, device workers, the migration sender). The thread count is checked first
+//!   (`/proc/self/status`): any other thread is an error, never a hole.
+//!   `LANDLOCK_RESTRICT_SELF_TSYNC` (ABI 8, Linux 7.0) would confine all threads at once; the
+//!   kernels here have ABI 7, so it is not used yet.
 //! - **Irreversible.** A later `vm.create` (after `vm.delete`) stacks its own ruleset: the
 //!   VMM then reaches only what both allow.
 
@@ -62,7 +63,7 @@ pub enum LandlockError {
     Unsupported,
     #[error("--landlock: this kernel's Landlock is older than ABI {MIN_ABI} (it cannot confine truncate): refusing to run partly confined")]
     TooOld,
-    #[error("--landlock: {0} threads are already running, and Landlock confines only the calling thread and those it creates later: give --landlock with the VM on the command line, where it applies before any other thread starts")]
+    #[error("--landlock: {0} threads are running, and Landlock confines only the calling thread and those it creates later: give --landlock with the VM on the command line, where it applies before any other thread starts")]
     Threads(usize),
     #[error("{option} {path}: cannot allow it under --landlock: {source}")]
     Rule {
@@ -87,6 +88,8 @@ pub enum LandlockError {
     },
     #[error("--landlock: {0}")]
     Ruleset(#[source] RulesetError),
+    #[error("--landlock: cannot confine the seccomp spawner thread: {0}")]
+    Spawner(#[source] std::io::Error),
     #[error(
         "--landlock: the ruleset is not fully enforced ({0:?}): refusing to run partly confined"
     )]
@@ -203,8 +206,10 @@ fn rule_path(g: &LandlockGrant) -> PathBuf {
 pub(crate) fn apply(config: &VmConfig, extra: Vec<LandlockGrant>) -> Result<(), LandlockError> {
     // Checked first, before any Landlock system call: a thread already running (the seccomp
     // spawner, started after a command-line VM is confined) would escape the ruleset.
+    // The seccomp spawner, where it runs, joins the domain below.
+    let spawner = seccomp::spawner_running();
     let n = thread_count();
-    if n != 1 {
+    if n != 1 + usize::from(spawner) {
         return Err(LandlockError::Threads(n));
     }
     // The newest ABI whose rights the kernel handles in full.
@@ -268,6 +273,17 @@ pub(crate) fn apply(config: &VmConfig, extra: Vec<LandlockGrant>) -> Result<(), 
             .add_rule(PathBeneath::new(fd, access))
             .map_err(rule_err)?;
     }
+    if spawner {
+        // First the spawner, which starts every later thread (vCPUs, device workers, the
+        // migration sender), so a refusal leaves the control loop as it was.
+        let copy = ruleset.try_clone().map_err(LandlockError::Spawner)?;
+        let status = seccomp::on_spawner(move || copy.restrict_self().map(|s| s.ruleset))
+            .ok_or_else(|| LandlockError::Spawner(std::io::Error::other("it has ended")))?
+            .map_err(LandlockError::Ruleset)?;
+        if status != RulesetStatus::FullyEnforced {
+            return Err(LandlockError::NotEnforced(status));
+        }
+    }
     let status = ruleset.restrict_self().map_err(LandlockError::Ruleset)?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(LandlockError::NotEnforced(status.ruleset));
@@ -276,7 +292,14 @@ pub(crate) fn apply(config: &VmConfig, extra: Vec<LandlockGrant>) -> Result<(), 
         LandlockStatus::Available { effective_abi, .. } => effective_abi,
         _ => abi,
     };
-    info!("landlock: enforced (ABI {abi}), before any other thread started");
+    info!(
+        "landlock: enforced (ABI {abi}) on the control loop{}, before any other thread started",
+        if spawner {
+            " and the seccomp spawner"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 
@@ -284,7 +307,7 @@ pub(crate) fn apply(config: &VmConfig, extra: Vec<LandlockGrant>) -> Result<(), 
 /// the API socket (removed at the end) and a restore's `source`; returns whether it did.
 pub(crate) fn confine(
     config: &VmConfig,
-    api: Option<&api::ApiServer>,
+    api_socket: Option<&Path>,
     source: Option<&Path>,
 ) -> Result<bool, LandlockError> {
     if !config.landlock_enable {
@@ -298,7 +321,7 @@ pub(crate) fn confine(
         return Ok(false);
     }
     let mut extra = Vec::new();
-    if let Some(p) = api.and_then(|a| a.path()) {
+    if let Some(p) = api_socket {
         let dir = vm_config::parent_dir(p);
         extra.push(LandlockGrant::new(
             dir,
@@ -421,6 +444,48 @@ mod tests {
         });
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(code, 0, "10: apply failed; 20+i: check i failed");
+    }
+
+    /// Through the API the seccomp spawner already runs: it joins the domain, so a thread it
+    /// starts afterwards (as every vCPU and device worker is) is confined too.
+    #[test]
+    fn threads_the_spawner_starts_later_are_confined() {
+        let dir = std::env::temp_dir().join(format!("landlock-spawner-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kernel"), b"k").unwrap();
+        std::fs::write(dir.join("other"), b"o").unwrap();
+        let config: VmConfig = serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": dir.join("kernel")},
+            "landlock_enable": true,
+        }))
+        .unwrap();
+        let (kernel, other) = (dir.join("kernel"), dir.join("other"));
+        let code = in_child(move || {
+            // No filters (the mode is off), just the spawner thread.
+            seccomp::set_mode(seccomp::Mode::Off);
+            if seccomp::start_spawner(seccomp::Filter::new("spawner")).is_err() {
+                return 10;
+            }
+            if apply(&config, Vec::new()).is_err() {
+                return 11;
+            }
+            let t = seccomp::spawn("later".into(), seccomp::Filter::new("later"), move || {
+                let denied = std::fs::read(&other).err().and_then(|e| e.raw_os_error());
+                (std::fs::read(&kernel).is_ok(), denied == Some(libc::EACCES))
+            });
+            match t.map(|h| h.join()) {
+                Ok(Ok((true, true))) => 0,
+                Ok(Ok((false, _))) => 12,
+                Ok(Ok((_, false))) => 13,
+                _ => 14,
+            }
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            code, 0,
+            "10/11: set-up; 12: kernel unreadable; 13: other readable"
+        );
     }
 
     /// A kernel without Landlock (here: its system calls answer ENOSYS under a seccomp filter)

@@ -100,7 +100,7 @@ pub fn run(mut opts: VmmOptions) -> Result<Outcome, Error> {
     // So is a `--restore` of a snapshot whose configuration asks for it (read here first; its
     // errors are the restore's to report).
     let early = |c: &VmConfig, source| {
-        landlock::confine(c, opts.api.as_ref(), source)
+        landlock::confine(c, opts.api.as_ref().and_then(|a| a.path()), source)
             .map_err(|e| Error::Api(ApiError::BadRequest(e.to_string())))
     };
     let landlocked = match (&opts.config, &opts.restore) {

@@ -135,6 +135,11 @@ pub fn control_loop() -> Filter {
             getuid,
             geteuid,
             getrandom,
+            // --landlock through the API (vm.create, vm.restore, vm.receive-migration):
+            // the ruleset is built and applied here (landlock.rs).
+            landlock_create_ruleset,
+            landlock_add_rule,
+            landlock_restrict_self,
         ])
 }
 
@@ -191,6 +196,9 @@ pub fn migration_relay() -> Filter {
 /// The spawner's filter: every kind it starts.
 pub fn spawner() -> Filter {
     Filter::new("spawner")
+        // --landlock through the API: the spawner joins the control loop's Landlock domain
+        // (landlock.rs), so the threads it starts later inherit it.
+        .allow(&[::seccomp::Sysno::landlock_restrict_self])
         .merge(&vcpu())
         .merge(&uffd())
         .merge(&migration())

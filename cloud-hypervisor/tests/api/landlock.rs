@@ -140,14 +140,24 @@ fn snapshot_outside_the_allowed_paths_fails_inside_a_rule_works() {
     assert_eq!(restored.state(), "Running");
 }
 
-/// `vm.create` with `landlock_enable` confines the VMM when the request comes (no other
-/// thread runs: seccomp's spawner is off), with the rules from the JSON; a bad rule is a 400
-/// naming the option.
+/// `vm.create` with `landlock_enable` confines the VMM when the request comes, with the rules
+/// from the JSON: with seccomp (the default) the control loop and the seccomp spawner join the
+/// domain, so the vCPUs and device workers started later are in it too; without seccomp the
+/// control loop is the only thread. A bad rule is a 400 naming the option.
 #[test]
 fn vm_create_with_landlock_enable_confines_the_vmm() {
+    create_confined("landlock-api-create", &[]);
+}
+
+#[test]
+fn vm_create_with_landlock_enable_confines_the_vmm_without_seccomp() {
+    create_confined("landlock-api-create-noseccomp", &["--seccomp", "false"]);
+}
+
+fn create_confined(name: &str, extra: &[&str]) {
     require_curl();
-    let vmm = Vmm::start("landlock-api-create", &["--seccomp", "false"]);
-    let allowed = common::scratch("landlock-api-allowed");
+    let vmm = Vmm::start(name, extra);
+    let allowed = common::scratch(&format!("{name}-allowed"));
     let serial = vmm.dir.join("serial.out");
     let mut config: serde_json::Value =
         serde_json::from_str(&guest_config("hotplug", &serial)).unwrap();
@@ -175,5 +185,31 @@ fn vm_create_with_landlock_enable_confines_the_vmm() {
     let (status, text) = vmm.curl("PUT", "vm.add-disk", Some(&body));
     assert_eq!(status, 200, "{text}");
     wait_for(&serial, "type=blk sectors=2048", 1);
+    wait_for(&serial, " ok\n", 1);
     assert_eq!(vmm.state(), "Running");
+    // Every thread has no_new_privs, which Landlock sets on the threads it confines (seccomp
+    // sets it too; without seccomp it comes from Landlock alone).
+    let pid = vmm.pid();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let nnp = status
+            .lines()
+            .find(|l| l.starts_with("NoNewPrivs:"))
+            .unwrap_or_default();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        assert!(
+            nnp.ends_with('1'),
+            "{} ({}): {nnp}",
+            comm.trim(),
+            task.path().display()
+        );
+    }
+    // The API socket's file goes with the VMM, as without Landlock.
+    assert_eq!(vmm.put("vmm.shutdown").0, 200);
+    let mut vmm = vmm;
+    vmm.wait();
+    assert!(!vmm.sock.exists(), "the API socket was left behind");
 }

@@ -231,7 +231,7 @@ impl Vmm {
         let mut incoming = Incoming {
             hv: &self.hv,
             events: &self.events,
-            api: self.api.as_ref(),
+            api_socket: self.api_socket.as_deref(),
             config: None,
             mem: None,
             ep: None,
@@ -271,8 +271,8 @@ impl Vmm {
 struct Incoming<'a> {
     hv: &'a KvmHypervisor,
     events: &'a VmEvents,
-    /// The API server, whose socket's directory Landlock must allow (`landlock_enable`).
-    api: Option<&'a api::ApiServer>,
+    /// The API socket, whose directory Landlock must allow (`landlock_enable`).
+    api_socket: Option<&'a std::path::Path>,
     config: Option<VmConfig>,
     mem: Option<GuestMemoryMmap>,
     ep: Option<Endpoints>,
@@ -282,7 +282,7 @@ struct Incoming<'a> {
 impl Builder for Incoming<'_> {
     fn memory(&mut self, config: &VmConfig, files: Vec<File>) -> Result<(), String> {
         // The VM's configuration is known now: confined before anything of it is built.
-        crate::landlock::confine(config, self.api, None).map_err(|e| e.to_string())?;
+        crate::landlock::confine(config, self.api_socket, None).map_err(|e| e.to_string())?;
         let mem = if files.is_empty() {
             memory::create_guest_memory(&config.memory).map_err(|e| e.to_string())?
         } else {
