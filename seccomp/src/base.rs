@@ -3,6 +3,11 @@
 
 use syscalls::Sysno::{self, *};
 
+/// Calls a thread may make without meaning to, which fail quietly (EACCES) unless its list
+/// allows them: glibc's allocator opens `/proc/sys/vm/overcommit_memory` the first time a
+/// thread's arena could shrink (and does without it when the open fails).
+pub(crate) static QUIET: &[Sysno] = &[openat];
+
 pub(crate) static BASE: &[Sysno] = &[
     // Memory: the allocator and thread stacks.
     brk,

@@ -157,11 +157,50 @@ impl Filter {
             Mode::Errno => SeccompAction::Errno(libc::EPERM as u32),
         };
         let program = self.compile(mismatch)?;
+        let quiet = self.quiet_denials()?;
         report::arm(self.kind);
-        seccompiler::apply_filter(&program).map_err(|source| Error::Install {
+        let install = |p: &BpfProgram| {
+            seccompiler::apply_filter(p).map_err(|source| Error::Install {
+                kind: self.kind,
+                source,
+            })
+        };
+        // The quiet one first: installing a filter takes calls the main one refuses.
+        if let Some(q) = &quiet {
+            install(q)?;
+        }
+        install(&program)
+    }
+
+    /// The second filter of a thread that does not allow [`base::QUIET`]'s calls: they fail
+    /// with EACCES instead of stopping the VMM. The first filter lets them through to it (the
+    /// kernel takes the stricter answer of a thread's filters, and a trap is stricter than an
+    /// error).
+    fn quiet_denials(&self) -> Result<Option<BpfProgram>, Error> {
+        let quiet: Vec<Sysno> = base::QUIET
+            .iter()
+            .copied()
+            .filter(|s| !self.allowed.contains(s))
+            .collect();
+        if quiet.is_empty() {
+            return Ok(None);
+        }
+        let build = |source| Error::Build {
             kind: self.kind,
             source,
-        })
+        };
+        let rules = quiet
+            .iter()
+            .map(|s| (i64::from(s.id()), Vec::new()))
+            .collect();
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            TargetArch::x86_64,
+        )
+        .map_err(build)?;
+        Ok(Some(filter.try_into().map_err(build)?))
     }
 
     fn compile(&self, mismatch: SeccompAction) -> Result<BpfProgram, Error> {
@@ -172,6 +211,7 @@ impl Filter {
         let rules = self
             .allowed
             .iter()
+            .chain(base::QUIET)
             .map(|s| (i64::from(s.id()), Vec::new()))
             .collect();
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)

@@ -53,3 +53,33 @@ fn base_filter_refuses_socket() {
         Sysno::getpgid,
     );
 }
+
+/// Whether this process is the child of `stray_open_fails_quietly`.
+const QUIET_CHILD: &str = "CH_SECCOMP_TEST_QUIET";
+
+#[test]
+fn stray_open_fails_quietly() {
+    if std::env::var(QUIET_CHILD).is_ok() {
+        set_mode(Mode::Trap);
+        let h = spawn("confined".into(), base_only(), || {
+            std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                .err()
+                .and_then(|e| e.raw_os_error())
+        })
+        .unwrap();
+        println!("\nopen-errno: {:?}", h.join().unwrap());
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["tests::stray_open_fails_quietly", "--exact", "--nocapture"])
+        .env(QUIET_CHILD, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains(&format!("open-errno: Some({})", libc::EACCES)),
+        "{stdout}"
+    );
+    assert!(!base_only().allows(Sysno::openat));
+}

@@ -107,7 +107,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
             use ::seccomp::Sysno::*;
             &[
                 // Input and output: a pty, a file, a terminal or a socket.
-                ioctl, fcntl, poll, accept4,
+                ioctl, fcntl, poll, accept4, sendto, recvfrom,
             ]
         },
     };
