@@ -8,6 +8,8 @@ mod block;
 mod config_signal;
 mod console;
 mod discard;
+#[doc(hidden)]
+pub mod fuzz;
 mod mem;
 mod net;
 mod pmem;

@@ -2,6 +2,7 @@
 //! (console input, an I/O completion fd) and a kill eventfd. Idle, it sleeps in epoll_wait.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -23,6 +24,15 @@ const TIMER_TOKEN: u64 = u64::MAX - 2;
 const MAX_TIMERS: usize = 8;
 /// Most chains `process_chains_notify` pops per read of the avail index.
 const POP_BATCH: usize = 16;
+
+/// Fuzzing only (`crate::fuzz::inline_workers`): workers get no thread; `spawn` and `resume`
+/// serve every queue once on the calling thread, so a fuzz input is served deterministically
+/// and completely before the harness looks at the rings.
+static INLINE: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn set_inline(on: bool) {
+    INLINE.store(on, Ordering::Relaxed);
+}
 
 /// What a device does with its queues, run on the worker thread.
 pub trait QueueHandler: Send + 'static {
@@ -130,6 +140,16 @@ impl<H: QueueHandler> WorkerHandle<H> {
             interrupt: ctx.interrupt,
             status: ctx.status,
         };
+        if INLINE.load(Ordering::Relaxed) {
+            let mut w = w;
+            w.serve_inline();
+            return Ok(WorkerHandle {
+                kill,
+                name: name.to_string(),
+                thread: None,
+                parked: Some(w),
+            });
+        }
         let thread = start_thread(name, w).map_err(ActivateError::Thread)?;
         Ok(WorkerHandle {
             kill,
@@ -187,6 +207,12 @@ impl<H: QueueHandler> WorkerHandle<H> {
     /// are kept by the queue eventfds as well). Nothing to do when running.
     pub fn resume(&mut self) -> Result<(), String> {
         if self.thread.is_some() {
+            return Ok(());
+        }
+        if INLINE.load(Ordering::Relaxed) {
+            if let Some(w) = self.parked.as_mut() {
+                w.serve_inline();
+            }
             return Ok(());
         }
         let Some(w) = self.parked.take() else {
@@ -259,6 +285,38 @@ impl<H: QueueHandler> Worker<H> {
             Ok(used) => self.notify_mask(used),
             Err(e) => self.broken(&e),
         }
+    }
+
+    /// The inline (fuzzing) worker: what the thread would do for one kick of every queue and,
+    /// while it has input, the extra fd (a few rounds at most), then what a pause does.
+    fn serve_inline(&mut self) {
+        for i in 0..self.queues.len() {
+            if self.queues[i].is_some() {
+                self.serve_queue(i);
+            }
+        }
+        for _ in 0..4 {
+            let fd = match self.handler.extra_fd() {
+                Some(fd) if self.handler.extra_wanted() && !self.status.needs_reset() => fd,
+                _ => break,
+            };
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; a zero timeout never blocks.
+            if unsafe { libc::poll(&mut p, 1, 0) } != 1 {
+                break;
+            }
+            let r = self.handler.process_extra(&mut self.queues, &self.mem);
+            self.publish_all();
+            match r {
+                Ok(used) => self.notify_mask(used),
+                Err(e) => self.broken(&e),
+            }
+        }
+        self.quiesce();
     }
 
     fn notify(&mut self, index: usize) {

@@ -6,6 +6,8 @@ pub mod core_sched;
 mod cpu;
 mod device_manager;
 pub mod event_monitor;
+#[doc(hidden)]
+pub mod fuzz;
 mod hotplug;
 mod landlock;
 mod memory;

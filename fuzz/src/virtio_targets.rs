@@ -1,0 +1,277 @@
+//! One target per virtio device: how each is built for an input, and its seeds (requests a
+//! driver sends it, well formed).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use virtio_devices::{
+    Balloon, BalloonOptions, Block, BlockConfig, Console, ConsoleSize, Net, NetConfig, NetOffloads,
+    Pmem, PmemRange, Rng, VirtioDevice, VirtioMem, VirtioMemOptions, Vsock, Watchdog,
+};
+
+use crate::virtio::{run, Buf, Driver, AGAIN, ALL_FEATURES, EVENT_IDX, HEADER, INDIRECT};
+
+struct NoRequests;
+
+impl devices::VmRequests for NoRequests {
+    fn power_off(&self) {}
+    fn reset(&self) {}
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ch-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(name)
+}
+
+/// A device for a target, and what must live as long as it (its disk file, the TAP's other
+/// end).
+pub struct Built {
+    pub dev: Box<dyn VirtioDevice>,
+    _keep: Option<Box<dyn std::any::Any>>,
+}
+
+fn built(dev: impl VirtioDevice + 'static) -> Option<Built> {
+    Some(Built {
+        dev: Box::new(dev),
+        _keep: None,
+    })
+}
+
+/// The virtio targets, by name.
+pub const DEVICES: &[&str] = &[
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "virtio_vsock",
+    "virtio_balloon",
+    "virtio_mem",
+    "virtio_pmem",
+    "virtio_watchdog",
+];
+
+/// Builds the device of target `name`; `data` is its input (a few of its bytes pick what the
+/// host side holds: a read-only disk, a frame waiting on the TAP, console input).
+pub fn build(name: &str, data: &[u8]) -> Option<Built> {
+    let pick = data.get(HEADER - 1).map_or(0, |&n| usize::from(n));
+    match name {
+        "virtio_blk" => {
+            // A raw image of 64 KiB, fresh for each input.
+            let path = scratch("disk.raw");
+            let f = File::create(&path).ok()?;
+            f.set_len(64 << 10).ok()?;
+            let opts = block::OpenOptions {
+                readonly: data.get(HEADER).is_some_and(|&b| b == 0xff),
+                ..Default::default()
+            };
+            let disk = block::open_disk(&path, &opts).ok()?;
+            let cfg = BlockConfig {
+                num_queues: 2,
+                queue_size: 16,
+                serial: "fuzz-serial".into(),
+                io_uring: false,
+            };
+            built(Block::new(disk, cfg).ok()?)
+        }
+        "virtio_net" => {
+            let (tap, peer) = UnixDatagram::pair().ok()?;
+            tap.set_nonblocking(true).ok()?;
+            // A frame waiting on the "TAP" (virtio-net header, then Ethernet), its length from
+            // the input: what the receive path puts in the guest's buffers.
+            let mut frame = vec![0u8; 12 + pick * 8];
+            for (i, b) in frame.iter_mut().enumerate().skip(12) {
+                *b = i as u8;
+            }
+            let _ = peer.send(&frame);
+            let tap = net_util::Tap::fuzz_from_file(File::from(std::os::fd::OwnedFd::from(tap)));
+            let cfg = NetConfig {
+                mac: "52:54:00:12:34:56".parse().ok()?,
+                mtu: 1500,
+                queue_size: 16,
+                offloads: NetOffloads {
+                    csum: true,
+                    tso: true,
+                    ufo: true,
+                },
+            };
+            Some(Built {
+                dev: Box::new(Net::new(vec![tap], cfg).ok()?),
+                _keep: Some(Box::new(peer)),
+            })
+        }
+        "virtio_console" => {
+            let mut fds = [0i32; 2];
+            // SAFETY: pipe2 writes two descriptors into the array we own.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+                return None;
+            }
+            // SAFETY: the descriptors pipe2 just made are ours alone.
+            let (r, mut w) = unsafe {
+                use std::os::fd::FromRawFd;
+                (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+            };
+            let _ = w.write_all(&b"typed on the host console\n".repeat(4)[..pick.min(104)]);
+            drop(w);
+            built(Console::new(
+                Some(Box::new(std::io::sink())),
+                Some(r),
+                ConsoleSize::new(80, 24),
+            ))
+        }
+        "virtio_rng" => built(Rng::new(File::open("/dev/zero").ok()?)),
+        "virtio_vsock" => {
+            let path = scratch("vsock.sock");
+            let _ = std::fs::remove_file(&path);
+            built(Vsock::new(3, &path).ok()?)
+        }
+        "virtio_balloon" => {
+            let opts = BalloonOptions {
+                deflate_on_oom: true,
+                free_page_reporting: true,
+                stats: true,
+            };
+            built(Balloon::new(1 << 20, opts).ok()?)
+        }
+        "virtio_mem" => {
+            // The hotpluggable region is the second RAM region, in 4 KiB blocks.
+            let opts = VirtioMemOptions {
+                unplugged_inaccessible: true,
+                node_id: 0,
+            };
+            let r = crate::mem::REGION as u64;
+            let dev = VirtioMem::new(r, r, 4096, opts).ok()?;
+            let _ = dev.control().set_requested(r / 2);
+            built(dev)
+        }
+        "virtio_pmem" => {
+            let range = Arc::new(PmemRange {
+                start: AtomicU64::new(0x10_0000),
+                size: 2 << 20,
+            });
+            built(Pmem::new(None, range))
+        }
+        "virtio_watchdog" => built(Watchdog::new(Arc::new(NoRequests)).ok()?),
+        _ => None,
+    }
+}
+
+/// Runs virtio target `name` on `data`.
+pub fn device(name: &str, data: &[u8]) {
+    if let Some(mut b) = build(name, data) {
+        run(b.dev.as_mut(), data);
+    }
+}
+
+fn le(v: &[u64], widths: &[usize]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (x, w) in v.iter().zip(widths) {
+        b.extend_from_slice(&x.to_le_bytes()[..*w]);
+    }
+    b
+}
+
+/// Seeds for the virtio target `name`.
+pub fn seeds(name: &str) -> Vec<Vec<u8>> {
+    use Buf::{R, W};
+    let f = ALL_FEATURES | EVENT_IDX;
+    let mut out = Vec::new();
+    let mut one = |d: &mut Driver| out.push(d.input());
+    match name {
+        "virtio_blk" => {
+            let hdr = |t: u64, sector: u64| le(&[t, 0, sector], &[4, 4, 8]);
+            let data = vec![0x5a; 512];
+            one(Driver::new(f)
+                .chain(0, &[R(&hdr(0, 1)), W(512), W(1)])
+                .chain(0, &[R(&hdr(1, 2)), R(&data), W(1)])
+                .chain(0, &[R(&hdr(4, 0)), W(1)])
+                .chain(0, &[R(&hdr(8, 0)), W(20), W(1)]));
+            let seg = le(&[3, 4, 0], &[8, 4, 4]);
+            one(Driver::new(f)
+                .chain(0, &[R(&hdr(11, 0)), R(&seg), W(1)])
+                .chain(0, &[R(&hdr(13, 0)), R(&seg), W(1)])
+                .chain(1, &[R(&hdr(0, 127)), W(1024), W(1)]));
+            one(Driver::new(AGAIN).chain(0, &[R(&hdr(0, 0)), W(4096), W(1)]));
+        }
+        "virtio_net" => {
+            let vnet = vec![0u8; 12];
+            let frame: Vec<u8> = (0..60u8).collect();
+            let mut tx = vnet.clone();
+            tx.extend_from_slice(&frame);
+            one(Driver::new(f)
+                .chain(0, &[W(1526)])
+                .chain(1, &[R(&tx)])
+                .chain(1, &[R(&vnet), R(&frame)])
+                .chain(2, &[R(&[0, 0]), R(&[1]), W(1)])
+                .chain(2, &[R(&[4, 0]), R(&1u16.to_le_bytes()), W(1)])
+                .chain(2, &[R(&[5, 0]), R(&1u64.to_le_bytes()), W(1)]));
+            let mut csum = vec![1u8, 0, 0, 0, 0, 0, 14, 0, 16, 0, 1, 0];
+            csum.extend_from_slice(&frame);
+            one(Driver::new(f | INDIRECT)
+                .chain(0, &[W(64), W(1500)])
+                .chain(1, &[R(&csum)])
+                .chain(2, &[R(&[1, 1]), R(&[0x52, 0x54, 0, 1, 2, 3]), W(1)]));
+        }
+        "virtio_console" => {
+            one(Driver::new(f)
+                .chain(0, &[W(64)])
+                .chain(1, &[R(b"hello from the guest\n")])
+                .config(0, &[100, 0, 40, 0]));
+            one(Driver::new(AGAIN)
+                .chain(0, &[W(8), W(8)])
+                .chain(1, &[R(b"a"), R(b"b")]));
+        }
+        "virtio_rng" => {
+            one(Driver::new(f).chain(0, &[W(64)]).chain(0, &[W(16), W(16)]));
+            one(Driver::new(AGAIN).chain(0, &[W(4096)]));
+        }
+        "virtio_vsock" => {
+            // src_cid, dst_cid, src_port, dst_port, len, type, op, flags, buf_alloc, fwd_cnt
+            let w = [8, 8, 4, 4, 4, 2, 2, 4, 4, 4];
+            let pkt = |op: u64, len: u64| le(&[3, 2, 1024, 1234, len, 1, op, 0, 65536, 0], &w);
+            one(Driver::new(f)
+                .chain(0, &[W(44 + 4096)])
+                .chain(1, &[R(&pkt(1, 0))])
+                .chain(1, &[R(&pkt(5, 5)), R(b"hello")])
+                .chain(1, &[R(&pkt(7, 0))])
+                .chain(1, &[R(&pkt(4, 0))]));
+            one(Driver::new(f)
+                .chain(0, &[W(44), W(64)])
+                .chain(1, &[R(&pkt(3, 0))]));
+        }
+        "virtio_balloon" => {
+            let pfns = le(&[0x10, 0x11, 0x1f], &[4, 4, 4]);
+            let stats = le(&[0, 4096, 4, 1 << 20], &[2, 8, 2, 8]);
+            one(Driver::new(f)
+                .chain(0, &[R(&pfns)])
+                .chain(1, &[R(&pfns)])
+                .chain(2, &[R(&stats)])
+                .chain(3, &[W(4096)])
+                .config(8, &[0, 1, 0, 0]));
+            one(Driver::new(AGAIN).chain(0, &[R(&le(&[0x12], &[4]))]));
+        }
+        "virtio_mem" => {
+            let req = |t: u64, addr: u64, n: u64| le(&[t, 0, addr, n, 0], &[2, 6, 8, 2, 6]);
+            let r = crate::mem::REGION as u64;
+            one(Driver::new(f)
+                .chain(0, &[R(&req(0, r, 2)), W(10)])
+                .chain(0, &[R(&req(3, r, 4)), W(10)])
+                .chain(0, &[R(&req(1, r, 1)), W(10)])
+                .chain(0, &[R(&req(2, 0, 0)), W(10)]));
+            one(Driver::new(AGAIN).chain(0, &[R(&req(0, r + 4096, 1)), W(10)]));
+        }
+        "virtio_pmem" => {
+            one(Driver::new(f).chain(0, &[R(&[0, 0, 0, 0]), W(4)]));
+            one(Driver::new(AGAIN).chain(0, &[R(&[1, 0, 0, 0]), W(4)]));
+        }
+        "virtio_watchdog" => {
+            one(Driver::new(f).chain(0, &[W(1)]));
+            one(Driver::new(AGAIN).chain(0, &[W(4)]).chain(0, &[W(1)]));
+        }
+        _ => {}
+    }
+    out
+}

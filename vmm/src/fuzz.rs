@@ -1,0 +1,76 @@
+//! Fuzzing entry points (the `fuzz/` crate, `scripts/fuzz`): not for VMM use.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use guest_memory::GuestMemoryMmap;
+
+use crate::config::VmConfig;
+use crate::migration::protocol::Stream;
+use crate::migration::receive::{receive, Builder};
+use crate::snapshot::VmSnapshot;
+
+struct Fake<'a> {
+    ram: &'a mut dyn FnMut() -> GuestMemoryMmap,
+    vm: &'a mut dyn FnMut(VmSnapshot),
+    mem: Option<GuestMemoryMmap>,
+}
+
+impl Builder for Fake<'_> {
+    fn memory(&mut self, _config: &VmConfig, _files: Vec<std::fs::File>) -> Result<(), String> {
+        self.mem = Some((self.ram)());
+        Ok(())
+    }
+    fn ram(&self) -> Option<&GuestMemoryMmap> {
+        self.mem.as_ref()
+    }
+    fn vm(&mut self, state: VmSnapshot) -> Result<(), String> {
+        (self.vm)(state);
+        Ok(())
+    }
+    fn complete(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Receives a migration whose source sends `data` (then closes its side): the receiving
+/// VMM's side of the protocol as it is, with guest RAM from `ram` (once the configuration
+/// came) and the VM state handed to `vm`.
+pub fn receive_migration(
+    data: &[u8],
+    ram: &mut dyn FnMut() -> GuestMemoryMmap,
+    vm: &mut dyn FnMut(VmSnapshot),
+) {
+    let Ok((mut a, b)) = UnixStream::pair() else {
+        return;
+    };
+    let bytes = data.to_vec();
+    let Ok(source) = std::thread::Builder::new()
+        .name("fuzz-source".into())
+        .spawn(move || {
+            let _ = a.write_all(&bytes);
+            let _ = a.shutdown(std::net::Shutdown::Write);
+            let mut answers = Vec::new();
+            let _ = a.read_to_end(&mut answers);
+        })
+    else {
+        return;
+    };
+    let mut s = Stream::Unix(b);
+    let mut fake = Fake { ram, vm, mem: None };
+    let _ = receive(&mut s, &mut fake);
+    drop(s);
+    let _ = source.join();
+}
+
+/// A migration stream as a source sends it: `(command, payload)` framed.
+pub fn migration_frames(frames: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (cmd, payload) in frames {
+        out.extend_from_slice(&cmd.to_le_bytes());
+        out.extend_from_slice(&[0u8; 6]);
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+    out
+}
