@@ -1,4 +1,4 @@
-//! Entry points for fuzzing (`api/fuzz`, run with `api/fuzz/run.sh`) and for the bounded
+//! Entry points for fuzzing (`fuzz/`, target `api_requests`) and for the bounded
 //! mutation test in `cargo test`: bytes as a client could send them go through what the server
 //! does with them: framing (`http::parse`, on a stream cut into arbitrary pieces), routing,
 //! body decoding (`vm.create`'s VmConfig), the answer and its encoding. Nothing may panic, and

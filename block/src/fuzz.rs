@@ -1,7 +1,7 @@
 // Copyright 2025 The cloud-hypervisor authors.
 // SPDX-License-Identifier: Apache-2.0
 
-//! Entry points shared by the cargo-fuzz targets (block/fuzz) and the
+//! Entry points shared by the fuzz targets (`fuzz/`: qcow2, vhdx, vhd) and the
 //! mutation tests: open an image held in memory and exercise it. They must
 //! never panic, whatever the input.
 

@@ -46,8 +46,8 @@ fn seeds(dir: &std::path::Path) -> (Seeds, Seeds, Seeds) {
         qemu_img(&args);
         q.push(std::fs::read(&img).unwrap());
     }
-    // Committed corpus too (block/fuzz/corpus/qcow2).
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/qcow2");
+    // Committed corpus too (fuzz/corpus/qcow2, at the workspace root).
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/qcow2");
     if let Ok(rd) = std::fs::read_dir(corpus) {
         for e in rd.flatten() {
             q.push(std::fs::read(e.path()).unwrap());
@@ -73,7 +73,7 @@ fn seeds(dir: &std::path::Path) -> (Seeds, Seeds, Seeds) {
         let image = std::fs::read(&img).unwrap();
         x.push(vhdx_fuzz_input(&image, VHDX_FIX_ALL));
     }
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vhdx");
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/vhdx");
     if let Ok(rd) = std::fs::read_dir(corpus) {
         for e in rd.flatten() {
             x.push(std::fs::read(e.path()).unwrap());
