@@ -149,6 +149,11 @@ impl Bench {
 }
 
 fn main() {
+    // BENCH_SECCOMP=1: the device's worker runs under its seccomp filter, as in the VMM
+    // (scripts/bench-seccomp compares).
+    if std::env::var("BENCH_SECCOMP").is_ok_and(|v| v == "1") {
+        seccomp::set_mode(seccomp::Mode::Trap);
+    }
     let secs: u64 = std::env::var("BLK_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

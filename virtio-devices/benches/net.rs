@@ -289,6 +289,11 @@ fn fill(s: &UdpSocket, payload: usize) {
 }
 
 fn main() {
+    // BENCH_SECCOMP=1: the device's workers run under their seccomp filter, as in the VMM
+    // (scripts/bench-seccomp compares).
+    if std::env::var("BENCH_SECCOMP").is_ok_and(|v| v == "1") {
+        seccomp::set_mode(seccomp::Mode::Trap);
+    }
     // SAFETY: moves this (still single) thread into a new network namespace; every thread
     // started later inherits it.
     let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
