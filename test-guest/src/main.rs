@@ -20,6 +20,7 @@ mod cpu_hotplug;
 mod faults;
 mod heap;
 mod hostile;
+mod hostile_lifecycle;
 mod hostile_pci;
 mod hostile_ports;
 mod hostile_suite;
