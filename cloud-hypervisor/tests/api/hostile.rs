@@ -55,8 +55,54 @@ fn idle_ticks(vmm: &Vmm, serial: &Path, n: u32) -> (u64, u64) {
 
 #[test]
 fn a_hostile_guest_does_not_take_the_vmm_down() {
+    run_suite("hostile-suite", &[]);
+}
+
+/// The same with a virtio-net device over a TAP in a private network namespace, the host
+/// broadcasting UDP into it all along, so the receive path meets the malformed buffers too.
+#[test]
+fn a_hostile_guest_with_a_nic_does_not_take_the_vmm_down() {
+    std::thread::spawn(|| {
+        // SAFETY: unshare only moves this thread into a new network namespace; the VMM it
+        // starts and the threads it spawns inherit it.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let sender = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_broadcast(true).unwrap();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if sock.send_to(&[0xa5; 200], "192.168.249.255:9").is_ok() {
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sent
+        });
+        run_suite(
+            "hostile-suite-net",
+            &[
+                "--net",
+                "tap=hstap0,ip=192.168.249.1,mask=255.255.255.0,mac=52:54:00:12:34:57",
+            ],
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = sender.join().unwrap();
+        eprintln!("hostile suite: {sent} broadcast frames sent into the TAP");
+        assert!(sent > 1000, "only {sent} frames went into the TAP");
+    })
+    .join()
+    .unwrap();
+}
+
+/// Boots the suite with every device (plus `extra`), checks the VMM through it and the
+/// guest's checks after it.
+fn run_suite(name: &str, extra: &[&str]) {
     require_curl();
-    let dir = common::scratch("hostile-suite-files");
+    let dir = common::scratch(&format!("{name}-files"));
     let disk = dir.join("disk.img");
     let mut img = vec![0u8; 1 << 20];
     for s in 0..16usize {
@@ -79,37 +125,36 @@ fn a_hostile_guest_does_not_take_the_vmm_down() {
         format!("file={}", serial.display()),
         log.display().to_string(),
     ];
-    let mut vmm = Vmm::start(
-        "hostile-suite",
-        &[
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "test=hostile-suite hostile_idle_ms=3000 hostile_storm_ms=3000",
-            "--cpus",
-            "boot=2",
-            "--memory",
-            "size=256M,hotplug_method=virtio-mem,hotplug_size=128M",
-            "--disk",
-            &args[0],
-            "--rng",
-            "src=/dev/urandom",
-            "--console",
-            &args[1],
-            "--vsock",
-            &args[2],
-            "--balloon",
-            "size=0",
-            "--pmem",
-            &args[3],
-            "--watchdog",
-            "--pvpanic",
-            "--serial",
-            &args[4],
-            "--log-file",
-            &args[5],
-        ],
-    );
+    let mut all = vec![
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "test=hostile-suite hostile_idle_ms=3000 hostile_storm_ms=3000",
+        "--cpus",
+        "boot=2",
+        "--memory",
+        "size=256M,hotplug_method=virtio-mem,hotplug_size=128M",
+        "--disk",
+        &args[0],
+        "--rng",
+        "src=/dev/urandom",
+        "--console",
+        &args[1],
+        "--vsock",
+        &args[2],
+        "--balloon",
+        "size=0",
+        "--pmem",
+        &args[3],
+        "--watchdog",
+        "--pvpanic",
+        "--serial",
+        &args[4],
+        "--log-file",
+        &args[5],
+    ];
+    all.extend_from_slice(extra);
+    let mut vmm = Vmm::start(name, &all);
     let (before, threads_before) = idle_ticks(&vmm, &serial, 0);
     // The API answers all through the storm.
     wait_line(&serial, "HOSTILE storm begin", 1, Duration::from_secs(240));
@@ -172,9 +217,16 @@ fn a_hostile_guest_does_not_take_the_vmm_down() {
         .find_map(|l| l.strip_prefix("HOSTILE devices "))
         .unwrap_or_else(|| panic!("no device list:\n{text}"));
     let devices: Vec<&str> = devices.split(',').collect();
-    for d in [
-        "console", "blk", "rng", "vsock", "pmem", "balloon", "mem", "watchdog",
-    ] {
+    let want: &[&str] = if extra.contains(&"--net") {
+        &[
+            "net", "console", "blk", "rng", "vsock", "pmem", "balloon", "mem", "watchdog",
+        ]
+    } else {
+        &[
+            "console", "blk", "rng", "vsock", "pmem", "balloon", "mem", "watchdog",
+        ]
+    };
+    for &d in want {
         assert!(
             devices.contains(&d),
             "{d} not found by the guest: {devices:?}"
