@@ -283,7 +283,11 @@ impl Qcow2Disk {
                 self.st.sync()?;
                 let t = self.l2_cache.take_dirty(victim).expect("victim cached");
                 let bytes = table_to_bytes(t);
-                self.st.write_all_at(&bytes, victim)?;
+                if let Err(e) = self.st.write_all_at(&bytes, victim) {
+                    // Not on disk: it stays cached and dirty (see `flush_metadata`).
+                    self.l2_cache.get_mut(victim, true);
+                    return Err(e.into());
+                }
             }
             self.l2_cache.remove(victim);
         }
@@ -525,7 +529,13 @@ impl Qcow2Disk {
                 return Err(invalid(FORMAT, "L2 table overlaps other metadata"));
             }
             let bytes = table_to_bytes(self.l2_cache.take_dirty(off).expect("dirty key"));
-            self.st.write_all_at(&bytes, off)?;
+            if let Err(e) = self.st.write_all_at(&bytes, off) {
+                // Not on disk (ENOSPC, EIO): still dirty, so the next flush writes it. Marked
+                // clean, it would be skipped, and that flush would succeed with the image's
+                // table missing writes acknowledged before it.
+                self.l2_cache.get_mut(off, true);
+                return Err(e.into());
+            }
         }
         // 3. L1 entries, once the L2 tables they point to are durable.
         if !self.l1_dirty.is_empty() {
@@ -538,8 +548,12 @@ impl Qcow2Disk {
                     j += 1;
                 }
                 let bytes = table_to_bytes(&self.l1[dirty[i]..=dirty[j]]);
-                self.st
-                    .write_all_at(&bytes, self.header.l1_table_offset + dirty[i] as u64 * 8)?;
+                let at = self.header.l1_table_offset + dirty[i] as u64 * 8;
+                if let Err(e) = self.st.write_all_at(&bytes, at) {
+                    // As for the L2 tables: what is not known to be on disk stays dirty.
+                    self.l1_dirty.extend(dirty[i..].iter().copied());
+                    return Err(e.into());
+                }
                 i = j + 1;
             }
         }
