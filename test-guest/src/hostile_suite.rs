@@ -265,6 +265,8 @@ pub fn scenario_hostile_suite(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     idle(0, idle_ms);
     crate::hostile_virtio::run(&devs, &pool, ram_end);
     heartbeat_moves("virtio");
+    crate::hostile_requests::run(&devs, &pool, &mut rng);
+    heartbeat_moves("requests");
     crate::hostile_lifecycle::run(&devs, &pool, storm_ms);
     heartbeat_moves("lifecycle");
     crate::hostile_pci::run(&devs, &pool, ram_end, &mut rng);

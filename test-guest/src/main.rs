@@ -23,6 +23,7 @@ mod hostile;
 mod hostile_lifecycle;
 mod hostile_pci;
 mod hostile_ports;
+mod hostile_requests;
 mod hostile_suite;
 mod hostile_virtio;
 mod hotplug;

@@ -109,6 +109,9 @@ fn run_suite(name: &str, extra: &[&str]) {
         img[s * 512..][..512].fill((s as u8).wrapping_mul(3).wrapping_add(1));
     }
     std::fs::write(&disk, &img).unwrap();
+    // A second disk takes the hostile requests (the first is read at the end).
+    let disk2 = dir.join("disk2.img");
+    std::fs::write(&disk2, vec![0u8; 1 << 20]).unwrap();
     let pmem = dir.join("pmem.img");
     std::fs::write(&pmem, vec![0u8; 2 << 20]).unwrap();
     let console = dir.join("console.out");
@@ -124,6 +127,7 @@ fn run_suite(name: &str, extra: &[&str]) {
         format!("file={},size=2M", pmem.display()),
         format!("file={}", serial.display()),
         log.display().to_string(),
+        format!("path={}", disk2.display()),
     ];
     let mut all = vec![
         "--kernel",
@@ -136,6 +140,7 @@ fn run_suite(name: &str, extra: &[&str]) {
         "size=256M,hotplug_method=virtio-mem,hotplug_size=128M",
         "--disk",
         &args[0],
+        &args[6],
         "--rng",
         "src=/dev/urandom",
         "--console",
@@ -254,6 +259,7 @@ fn run_suite(name: &str, extra: &[&str]) {
             "restarts",
             "config-intact",
             "common-config",
+            "requests",
             "live-rewrites",
         ] {
             passed(&format!("hostile-{d}-{c}"));
@@ -267,6 +273,7 @@ fn run_suite(name: &str, extra: &[&str]) {
         "hostile-blk-reset-in-flight",
         "hostile-activation-storm",
         "hostile-ap-alive-lifecycle",
+        "hostile-ap-alive-requests",
         "hostile-pci-00-readonly-intact",
         "hostile-pci-absent-functions",
         "hostile-bar-sizing",
