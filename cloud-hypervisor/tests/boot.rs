@@ -203,21 +203,28 @@ fn core_scheduling_modes() {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let pid = child.id();
-        let mut cookies = Vec::new();
-        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let tid: i32 = entry
-                .unwrap()
-                .file_name()
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            let comm =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
-            if comm.trim().starts_with("vcpu") {
-                cookies.push(vmm::core_sched::cookie_of(tid).unwrap_or(0));
+        // vCPU 0 may print READY before vCPU 1's thread has started: wait for both.
+        let cookies = loop {
+            let mut cookies = Vec::new();
+            for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+                let tid: i32 = entry
+                    .unwrap()
+                    .file_name()
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                    .unwrap_or_default();
+                if comm.trim().starts_with("vcpu") {
+                    cookies.push(vmm::core_sched::cookie_of(tid).unwrap_or(0));
+                }
             }
-        }
+            if cookies.len() == 2 || std::time::Instant::now() > deadline {
+                break cookies;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         assert_eq!(cookies.len(), 2, "{mode}: two vCPU threads");
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();

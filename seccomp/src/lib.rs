@@ -23,7 +23,10 @@ pub mod testing;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 pub use spawn::{on_spawner, spawn, spawner_running, start_spawner};
 pub use syscalls::Sysno;
 
@@ -111,6 +114,9 @@ pub enum Error {
 pub struct Filter {
     kind: &'static str,
     allowed: BTreeSet<Sysno>,
+    /// `ioctl` with these request types (the request's bits 8-15: 0xAE for KVM, `T` for
+    /// terminals and TAPs, ...), unless `allowed` has `ioctl` itself (any request).
+    ioctl_types: BTreeSet<u8>,
 }
 
 impl Filter {
@@ -119,7 +125,19 @@ impl Filter {
         Filter {
             kind,
             allowed: base::BASE.iter().copied().collect(),
+            ioctl_types: BTreeSet::new(),
         }
+    }
+
+    /// Allows `ioctl` requests of these types (bits 8-15 of the request number).
+    pub fn allow_ioctl_types(mut self, types: &[u8]) -> Filter {
+        self.ioctl_types.extend(types.iter().copied());
+        self
+    }
+
+    /// Whether ioctl `request` is allowed.
+    pub fn allows_ioctl(&self, request: u64) -> bool {
+        self.allowed.contains(&Sysno::ioctl) || self.ioctl_types.contains(&((request >> 8) as u8))
     }
 
     /// Allows `calls` as well.
@@ -131,6 +149,7 @@ impl Filter {
     /// Allows everything `other` allows as well (the spawner's filter is such a union).
     pub fn merge(mut self, other: &Filter) -> Filter {
         self.allowed.extend(other.allowed.iter().copied());
+        self.ioctl_types.extend(other.ioctl_types.iter().copied());
         self
     }
 
@@ -208,12 +227,29 @@ impl Filter {
             kind: self.kind,
             source,
         };
-        let rules = self
+        let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = self
             .allowed
             .iter()
             .chain(base::QUIET)
             .map(|s| (i64::from(s.id()), Vec::new()))
             .collect();
+        if !self.allowed.contains(&Sysno::ioctl) && !self.ioctl_types.is_empty() {
+            let by_type = self
+                .ioctl_types
+                .iter()
+                .map(|&t| {
+                    let cond = SeccompCondition::new(
+                        1,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::MaskedEq(0xff00),
+                        u64::from(t) << 8,
+                    )?;
+                    SeccompRule::new(vec![cond])
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(build)?;
+            rules.insert(i64::from(Sysno::ioctl.id()), by_type);
+        }
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
             .map_err(build)?;
         filter.try_into().map_err(build)

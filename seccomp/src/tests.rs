@@ -83,3 +83,63 @@ fn stray_open_fails_quietly() {
     );
     assert!(!base_only().allows(Sysno::openat));
 }
+
+/// Whether this process is the child of `ioctls_are_allowed_by_type`.
+const IOCTL_CHILD: &str = "CH_SECCOMP_TEST_IOCTL";
+
+/// A terminal-type request (FIONREAD on a pipe) goes through a filter allowing type `T`; a KVM
+/// one (KVM_GET_API_VERSION) stops the process with the report.
+#[test]
+fn ioctls_are_allowed_by_type() {
+    fn terminal_only() -> Filter {
+        Filter::new("terminal-only")
+            .allow(&[Sysno::pipe2, Sysno::pipe])
+            .allow_ioctl_types(&[b'T'])
+    }
+    if let Ok(which) = std::env::var(IOCTL_CHILD) {
+        set_mode(Mode::Trap);
+        let h = spawn("confined".into(), terminal_only(), move || {
+            let mut fds = [0; 2];
+            // SAFETY: a pipe into a valid array; ioctls on its read end with a valid pointer.
+            unsafe {
+                libc::pipe(fds.as_mut_ptr());
+                let mut n: libc::c_int = 0;
+                let request = if which == "kvm" {
+                    0xae00
+                } else {
+                    libc::FIONREAD
+                };
+                libc::ioctl(fds[0], request, &mut n)
+            }
+        })
+        .unwrap();
+        println!("\nioctl: {}", h.join().unwrap());
+        return;
+    }
+    let run = |which: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "tests::ioctls_are_allowed_by_type",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(IOCTL_CHILD, which)
+            .output()
+            .unwrap()
+    };
+    let out = run("terminal");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ioctl: 0"),
+        "{out:?}"
+    );
+    let out = run("kvm");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("system call 16 (ioctl)"),
+        "{out:?}"
+    );
+    let f = terminal_only();
+    assert!(f.allows_ioctl(libc::FIONREAD) && !f.allows_ioctl(0xae80) && !f.allows(Sysno::ioctl));
+}

@@ -301,6 +301,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 fallocate,
             ]
         },
+        ioctl_types: &[],
     };
 
 impl QueueHandler for BalloonHandler {

@@ -582,9 +582,9 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 ftruncate,
                 io_uring_enter,
                 io_uring_register,
-                ioctl,
             ]
         },
+        ioctl_types: &[],
     };
 
 impl QueueHandler for BlockHandler {

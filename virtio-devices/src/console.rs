@@ -107,9 +107,10 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
             use ::seccomp::Sysno::*;
             &[
                 // Input and output: a pty, a file, a terminal or a socket.
-                ioctl, fcntl, poll, accept4, sendto, recvfrom,
+                fcntl, poll, accept4, sendto, recvfrom,
             ]
         },
+        ioctl_types: &[b'T'],
     };
 
 impl QueueHandler for ConsoleHandler {

@@ -442,6 +442,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 fallocate,
             ]
         },
+        ioctl_types: &[],
     };
 
 impl QueueHandler for MemHandler {

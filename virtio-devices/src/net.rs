@@ -667,9 +667,10 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
             use ::seccomp::Sysno::*;
             &[
                 // Frames to and from the TAP.
-                readv, ioctl,
+                readv,
             ]
         },
+        ioctl_types: &[],
     };
 
 impl QueueHandler for NetHandler {

@@ -65,6 +65,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 fsync, fdatasync, msync,
             ]
         },
+        ioctl_types: &[],
     };
 
 impl QueueHandler for PmemHandler {

@@ -34,6 +34,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 getrandom,
             ]
         },
+        ioctl_types: &[],
     };
 
 impl QueueHandler for RngHandler {

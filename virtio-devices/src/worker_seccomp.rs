@@ -9,12 +9,17 @@ use ::seccomp::{Filter, Sysno};
 pub struct WorkerCalls {
     pub kind: &'static str,
     pub calls: &'static [Sysno],
+    /// The ioctl request types it may use (`T`: FIONBIO and the terminal's window size).
+    pub ioctl_types: &'static [u8],
 }
 
 impl WorkerCalls {
     /// The worker's filter.
     pub fn filter(&self) -> Filter {
-        Filter::new(self.kind).allow(WORKER).allow(self.calls)
+        Filter::new(self.kind)
+            .allow(WORKER)
+            .allow(self.calls)
+            .allow_ioctl_types(self.ioctl_types)
     }
 }
 
@@ -33,6 +38,7 @@ pub const WORKER: &[Sysno] = &[
 pub static GENERIC: WorkerCalls = WorkerCalls {
     kind: "virtio-worker",
     calls: &[],
+    ioctl_types: &[],
 };
 
 /// Every worker kind of this crate (the spawner's filter must allow all of them).
@@ -102,8 +108,16 @@ mod tests {
     #[test]
     fn no_worker_may_open_files_or_start_processes() {
         let all = super::all();
-        for call in [Sysno::openat, Sysno::execve, Sysno::fork, Sysno::ptrace, Sysno::mount] {
+        for call in [
+            Sysno::openat,
+            Sysno::execve,
+            Sysno::fork,
+            Sysno::ptrace,
+            Sysno::mount,
+        ] {
             assert!(!all.allows(call), "a worker may call {}", call.name());
         }
+        // No worker talks to KVM (KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION, ...).
+        assert!(!all.allows_ioctl(0xae01) && !all.allows_ioctl(0xae46));
     }
 }

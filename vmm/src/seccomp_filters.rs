@@ -149,38 +149,50 @@ pub fn control_loop() -> Filter {
 /// and sleep.
 pub fn vcpu() -> Filter {
     use ::seccomp::Sysno::*;
-    Filter::new("vcpu").allow(EVENTS).allow(&[
-        ioctl,
-        dup,
-        fcntl,
-        pread64,
-        pwrite64,
-        fsync,
-        fdatasync,
-        fstat,
-        newfstatat,
-        statx,
-        lseek,
-        flock,
-        io_uring_setup,
-        io_uring_register,
-        io_uring_enter,
-        // Messages to backends the devices talk to on MMIO accesses: vhost-user on
-        // activation, swtpm for a TPM command.
-        sendmsg,
-        recvmsg,
-        sendto,
-        recvfrom,
-        // Core scheduling (PR_SCHED_CORE).
-        prctl,
-    ])
+    Filter::new("vcpu")
+        .allow(EVENTS)
+        // KVM (KVM_RUN, irqfds, ioeventfds, memory slots when BARs move, routes), and `T`: a
+        // TAP's offloads and header size when the driver starts a NIC, FIONBIO.
+        .allow_ioctl_types(&[KVMIO, b'T'])
+        .allow(&[
+            dup,
+            fcntl,
+            pread64,
+            pwrite64,
+            fsync,
+            fdatasync,
+            fstat,
+            newfstatat,
+            statx,
+            lseek,
+            flock,
+            io_uring_setup,
+            io_uring_register,
+            io_uring_enter,
+            // Messages to backends the devices talk to on MMIO accesses: vhost-user on
+            // activation, swtpm for a TPM command.
+            sendmsg,
+            recvmsg,
+            sendto,
+            recvfrom,
+            // Core scheduling (PR_SCHED_CORE).
+            prctl,
+        ])
 }
 
 /// The on-demand restore loader: userfaultfd events and UFFDIO_COPY from the snapshot file.
 pub fn uffd() -> Filter {
     use ::seccomp::Sysno::*;
-    Filter::new("uffd").allow(EVENTS).allow(&[ioctl, pread64])
+    Filter::new("uffd")
+        .allow(EVENTS)
+        .allow(&[pread64])
+        .allow_ioctl_types(&[UFFDIO])
 }
+
+/// KVM's ioctl type.
+const KVMIO: u8 = 0xae;
+/// userfaultfd's ioctl type.
+const UFFDIO: u8 = 0xaa;
 
 /// The migration sender: it owns the VM while it sends it (pause, dirty log, state of every
 /// device, memory from the memfd or the file), so it needs most of what the control loop does.
@@ -273,9 +285,26 @@ mod tests {
     }
 
     #[test]
+    fn vcpu_may_not_create_vms_or_reach_other_devices() {
+        let vcpu = super::vcpu();
+        // KVM_RUN and KVM_IRQFD yes; a TAP's TUNSETOFFLOAD yes (a NIC's activation).
+        for ok in [0xae80, 0x4020_ae76, 0x4004_54d0] {
+            assert!(vcpu.allows_ioctl(ok), "{ok:#x}");
+        }
+        // userfaultfd, block devices' BLKDISCARD, socket ioctls (SIOCSIFADDR): no.
+        for no in [0xc020_aa03, 0x1277, 0x8916] {
+            assert!(!vcpu.allows_ioctl(no), "{no:#x}");
+        }
+        for call in [Sysno::openat, Sysno::socket, Sysno::execve, Sysno::clone3] {
+            assert!(!vcpu.allows(call), "{}", call.name());
+        }
+    }
+
+    #[test]
     fn the_spawner_allows_every_kind_it_starts() {
         let spawner = super::spawner();
-        for kind in [super::vcpu(), super::uffd(), super::migration()] {
+        let workers = virtio_devices::worker_seccomp::all();
+        for kind in [super::vcpu(), super::uffd(), super::migration(), workers] {
             for call in kind.allowed() {
                 assert!(
                     spawner.allows(call),
@@ -283,6 +312,15 @@ mod tests {
                     kind.kind(),
                     call.name()
                 );
+            }
+            for t in 0..=255u64 {
+                if kind.allows_ioctl(t << 8) {
+                    assert!(
+                        spawner.allows_ioctl(t << 8),
+                        "{}: ioctl type {t:#x}",
+                        kind.kind()
+                    );
+                }
             }
         }
     }

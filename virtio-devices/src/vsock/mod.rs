@@ -70,9 +70,10 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
             &[
                 // The host side: Unix sockets to `socket` and `socket_PORT`.
                 socket, connect, accept4, recvfrom, sendto, recvmsg, sendmsg, shutdown, getsockopt,
-                setsockopt, fcntl, ioctl,
+                setsockopt, fcntl,
             ]
         },
+        ioctl_types: &[b'T'],
     };
 
 impl QueueHandler for VsockHandler {
