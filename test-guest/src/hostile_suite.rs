@@ -234,6 +234,70 @@ fn final_checks(devs: &[Dev], p: &Pool) {
     let _ = r8(0);
 }
 
+const PCI_HOTPLUG: u64 = 0xfea0_0000;
+
+/// The guest ejects, on its own, the second disk while reads are in flight on it, then keeps
+/// notifying it and reading its BAR; and it ejects empty slots, the host bridge's slot and
+/// slots on a segment that does not exist. The disk must be gone (configuration space and BAR
+/// read all ones), everything else still there.
+fn eject_abuse(devs: &[Dev], p: &Pool) {
+    let Some(d) = devs.iter().filter(|d| d.name == "blk").nth(1) else {
+        return;
+    };
+    d.start_valid(p);
+    for (i, m) in p.q[..1].iter().enumerate() {
+        for slot in 0..6u16 {
+            let h = slot * 3 % 8;
+            w32(m.buf + 0x100 * u64::from(slot), 0);
+            m.set_desc(h, m.buf + 0x100 * u64::from(slot), 16, 1, (h + 1) % 8);
+            m.set_desc((h + 1) % 8, p.scratch, 0x1000, F_WRITE | 1, (h + 2) % 8);
+            m.set_desc((h + 2) % 8, m.buf + 0x800 + u64::from(slot), 1, F_WRITE, 0);
+            publish(m, slot, h);
+        }
+        d.notify(i as u16);
+    }
+    let notify = d.notify_addr(0);
+    w32(PCI_HOTPLUG + 8, 1 << d.df.device);
+    for _ in 0..1000 {
+        crate::hostile_virtio::w16(notify, 0);
+        let _ = r32(d.l.common);
+    }
+    // Empty slot 31, the host bridge's slot 0, and slots of segment 5.
+    for _ in 0..50 {
+        w32(PCI_HOTPLUG + 8, 1 << 31);
+        w32(PCI_HOTPLUG + 8, 1);
+    }
+    w32(PCI_HOTPLUG + 12, 5);
+    w32(PCI_HOTPLUG + 8, u32::MAX);
+    w32(PCI_HOTPLUG + 12, 0);
+    let mut gone = false;
+    for _ in 0..2000 {
+        if ecam().read_word(d.df, 0) == u32::MAX {
+            gone = true;
+            break;
+        }
+        smp::delay_us(1000);
+    }
+    let bar = r32(d.l.common);
+    let host = ecam().read_word(
+        virtio_drivers::transport::pci::bus::DeviceFunction {
+            bus: 0,
+            device: 0,
+            function: 0,
+        },
+        0,
+    );
+    let others = devs
+        .iter()
+        .filter(|o| o.df != d.df)
+        .all(|o| r16(o.l.common + 0x12) == o.nq);
+    check!(
+        "hostile-eject-in-flight",
+        gone && bar == u32::MAX && host != u32::MAX && others,
+        "disk gone: {gone}, its BAR reads {bar:#x}, host bridge {host:#x}, others answer: {others}"
+    );
+}
+
 pub fn scenario_hostile_suite(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     let seed = boot
         .arg("hostile_seed")
@@ -277,6 +341,7 @@ pub fn scenario_hostile_suite(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     heartbeat_moves("storm");
     idle(1, idle_ms);
     final_checks(&devs, &pool);
+    eject_abuse(&devs, &pool);
     heartbeat_moves("end");
     pass("hostile-suite-done");
 }

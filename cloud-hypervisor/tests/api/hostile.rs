@@ -298,6 +298,7 @@ fn run_suite(name: &str, extra: &[&str]) {
         "hostile-final-console",
         "hostile-final-pmem",
         "rng-read",
+        "hostile-eject-in-flight",
         "hostile-suite-done",
     ] {
         passed(c);
