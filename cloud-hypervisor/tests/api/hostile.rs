@@ -163,22 +163,35 @@ fn run_suite(name: &str, extra: &[&str]) {
     let (before, threads_before) = idle_ticks(&vmm, &serial, 0);
     // The API answers all through the storm.
     wait_line(&serial, "HOSTILE storm begin", 1, Duration::from_secs(240));
-    let (mut calls, mut slowest) = (0, Duration::ZERO);
+    let (mut calls, mut slowest, mut pauses) = (0, Duration::ZERO, 0);
     while !serial_text(&serial).contains("HOSTILE storm end") {
         let t = Instant::now();
         assert_eq!(vmm.state(), "Running");
         assert_eq!(vmm.curl("GET", "vmm.ping", None).0, 200);
         slowest = slowest.max(t.elapsed());
         calls += 1;
+        // Pausing waits for every worker to stop where it is: it must not hang in the storm.
+        if calls % 10 == 0 {
+            let t = Instant::now();
+            assert_eq!(vmm.put("vm.pause").0, 204);
+            assert_eq!(vmm.state(), "Paused");
+            assert_eq!(vmm.put("vm.resume").0, 204);
+            slowest = slowest.max(t.elapsed());
+            pauses += 1;
+        }
     }
-    assert!(calls > 0, "no API call fitted in the storm");
+    assert!(
+        calls > 0 && pauses > 0,
+        "{calls} API calls, {pauses} pauses fitted in the storm"
+    );
     assert!(
         slowest < Duration::from_secs(2),
         "an API call took {slowest:?} during the storm"
     );
     let (after, threads_after) = idle_ticks(&vmm, &serial, 1);
     eprintln!(
-        "hostile suite: {calls} API round trips during the storm (slowest {slowest:?}); VMM CPU \
+        "hostile suite: {calls} API round trips and {pauses} pause/resume during the storm \
+         (slowest {slowest:?}); VMM CPU \
          over 2 s quiet: {before} ticks before the abuse, {after} after"
     );
     // A thread left spinning would cost 200 ticks (a whole CPU) here.
