@@ -670,7 +670,8 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 readv,
             ]
         },
-        ioctl_types: &[],
+        // The control queue's offload changes (TUNSETOFFLOAD), FIONBIO.
+        ioctl_types: &[b'T'],
     };
 
 impl QueueHandler for NetHandler {
