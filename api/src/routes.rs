@@ -34,6 +34,7 @@ pub enum Endpoint {
     VmResize,
     VmAddVsock,
     VmAddPmem,
+    VmAddFs,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -54,7 +55,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.delete", Method::Put, Endpoint::VmDelete),
     ("vm.add-device", Method::Put, Endpoint::NotYet),
     ("vm.add-disk", Method::Put, Endpoint::VmAddDisk),
-    ("vm.add-fs", Method::Put, Endpoint::NotYet),
+    ("vm.add-fs", Method::Put, Endpoint::VmAddFs),
     ("vm.add-generic-vhost-user", Method::Put, Endpoint::NotYet),
     ("vm.add-net", Method::Put, Endpoint::VmAddNet),
     ("vm.add-pmem", Method::Put, Endpoint::VmAddPmem),
@@ -209,6 +210,7 @@ pub fn request(
             ApiRequest::VmAddVsock(Box::new(body_of(body, name, "VsockConfig")?))
         }
         Endpoint::VmAddPmem => ApiRequest::VmAddPmem(Box::new(body_of(body, name, "PmemConfig")?)),
+        Endpoint::VmAddFs => ApiRequest::VmAddFs(Box::new(body_of(body, name, "FsConfig")?)),
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }
@@ -376,7 +378,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(r.status, 400);
-        let r = request("vm.add-fs", Endpoint::NotYet, b"{}", Vec::new()).unwrap_err();
+        let r = request("vm.add-vdpa", Endpoint::NotYet, b"{}", Vec::new()).unwrap_err();
         assert_eq!(r.status, 501);
         assert!(matches!(
             request(

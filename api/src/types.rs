@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_config::{
-    ConfigError, DiskConfig, NetConfig, PmemConfig, ReceiveMigrationConfig, RestoreConfig,
-    SendMigrationConfig, VmConfig, VsockConfig,
+    ConfigError, DiskConfig, FsConfig, NetConfig, PmemConfig, ReceiveMigrationConfig,
+    RestoreConfig, SendMigrationConfig, VmConfig, VsockConfig,
 };
 
 /// The states of a VM, as the original names them.
@@ -54,6 +54,9 @@ pub enum ApiRequest {
     /// `vm.add-pmem`: before boot the device joins the configuration; on a built VM it is
     /// hot-added, its file mapped into the guest-physical address space.
     VmAddPmem(Box<PmemConfig>),
+    /// `vm.add-fs`: before boot the device joins the configuration; on a built VM it is
+    /// hot-added, connected to its backend.
+    VmAddFs(Box<FsConfig>),
 }
 
 /// `vm.resize`'s body, as the original's `VmResize`: each field present is a change asked for.

@@ -7,7 +7,6 @@ use clap::{Arg, ArgAction, Command};
 pub const NOT_YET: &[&str] = &[
     "debug-console",
     "device",
-    "fs",
     "generic-vhost-user",
     "memory-zone",
     "numa",

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use clap::ArgMatches;
 use vmm::config::{
-    BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, LandlockConfig, MemoryConfig, NetConfig,
-    PayloadConfig, PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig,
-    TpmConfig, VsockConfig,
+    BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, LandlockConfig, MemoryConfig,
+    NetConfig, PayloadConfig, PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig,
+    RngConfig, TpmConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -68,6 +68,12 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         .flatten()
         .map(|p| PmemConfig::parse(p))
         .collect::<Result<Vec<_>, _>>()?;
+    let fs = m
+        .get_many::<String>("fs")
+        .into_iter()
+        .flatten()
+        .map(|f| FsConfig::parse(f))
+        .collect::<Result<Vec<_>, _>>()?;
     let groups = m
         .get_many::<String>("rate-limit-group")
         .map(|g| {
@@ -103,6 +109,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         disks,
         net,
         pmem,
+        fs,
         rng,
         watchdog: m.get_flag("watchdog"),
         balloon,

@@ -18,6 +18,7 @@ mod busy;
 mod cmos;
 mod cpu_hotplug;
 mod faults;
+mod fs;
 mod heap;
 mod hostile;
 mod hostile_lifecycle;
@@ -222,6 +223,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "vsock" => vsock::scenario_vsock(&boot),
         "pvpanic" => pvpanic::scenario_pvpanic(&boot),
         "pmem" => pmem::scenario_pmem(),
+        "fs" => fs::scenario_fs(&boot),
         "tpm" => tpm::scenario_tpm(&boot, acpi.as_ref()),
         "blkfault" => faults::scenario_blkfault(&boot),
         "netfault" => faults::scenario_netfault(&boot),

@@ -16,7 +16,9 @@ mod pmem;
 pub mod rate_limiter;
 mod rng;
 mod transport;
+mod vhost_user;
 mod vhost_user_blk;
+mod vhost_user_fs;
 mod vring;
 mod vsock;
 mod watchdog;
@@ -54,7 +56,9 @@ pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
 };
+pub use vhost_user::VhostUserError;
 pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockError};
+pub use vhost_user_fs::{VhostUserFs, VhostUserFsError, FS_TAG_LEN, TYPE_FS};
 pub use vsock::{Vsock, VsockState, TYPE_VSOCK};
 pub use watchdog::{Watchdog, WatchdogState, TYPE_WATCHDOG, WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT};
 pub use worker::{QueueHandler, WorkerHandle};

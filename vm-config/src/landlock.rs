@@ -177,6 +177,9 @@ impl VmConfig {
             };
             out.push(LandlockGrant::new(&pm.file, access, "--pmem"));
         }
+        for f in &self.fs {
+            out.push(LandlockGrant::new(&f.socket, Connect, "--fs"));
+        }
         console_grants("--serial", &self.serial, &mut out);
         console_grants("--console", &self.console, &mut out);
         out.push(LandlockGrant::new(&self.rng.src, Read, "--rng"));

@@ -3,6 +3,7 @@
 
 mod devices;
 pub mod extra;
+mod fs;
 mod generated;
 mod landlock;
 pub mod mac;
@@ -28,6 +29,7 @@ pub use devices::{
     VhostMode, IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
 };
 pub use extra::Extra;
+pub use fs::{FsConfig, FS_MAX_QUEUES, FS_TAG_MAX};
 pub use landlock::{parent_dir, LandlockAccess, LandlockConfig, LandlockGrant};
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
@@ -577,6 +579,13 @@ pub struct VmConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub pmem: Vec<PmemConfig>,
+    /// `--fs`: virtio-fs devices, each served by a vhost-user backend (virtiofsd).
+    #[serde(
+        default,
+        deserialize_with = "devices::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub fs: Vec<FsConfig>,
     #[serde(default, deserialize_with = "devices::null_as_default")]
     pub rng: RngConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -733,6 +742,9 @@ impl VmConfig {
         for (i, p) in self.pmem.iter().enumerate() {
             p.extra.check(&format!("pmem[{i}]"))?;
         }
+        for (i, f) in self.fs.iter().enumerate() {
+            f.extra.check(&format!("fs[{i}]"))?;
+        }
         Ok(())
     }
 
@@ -830,6 +842,18 @@ impl VmConfig {
         for p in &self.pmem {
             p.validate()?;
             check(PmemConfig::OPTION, &p.id, p.pci_device_id)?;
+        }
+        for f in &self.fs {
+            f.validate()?;
+            if !self.memory.shared {
+                // The backend maps guest RAM from the memory files we hand it.
+                return Err(ConfigError::new(
+                    FsConfig::OPTION,
+                    &format!("tag={}", f.tag),
+                    "--fs needs --memory shared=on".into(),
+                ));
+            }
+            check(FsConfig::OPTION, &f.id, f.pci_device_id)?;
         }
         let c = &self.console;
         devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())

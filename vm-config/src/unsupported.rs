@@ -1,5 +1,5 @@
 //! The parts of the original's `VmConfig` that this VMM does not implement yet (disks, net,
-//! rng and balloon are real fields of `VmConfig` now). The API accepts
+//! rng, balloon and fs are real fields of `VmConfig` now). The API accepts
 //! them only absent, `null`, empty or at their default, and refuses anything else naming the
 //! field, so a client never believes it got a device it did not.
 
@@ -10,8 +10,6 @@ use super::ConfigError;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UnsupportedConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fs: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generic_vhost_user: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,8 +46,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 10] = [
-            ("fs", &self.fs),
+        let fields: [(&'static str, &Option<Value>); 9] = [
             ("generic_vhost_user", &self.generic_vhost_user),
             ("debug_console", &self.debug_console),
             ("devices", &self.devices),
@@ -101,7 +98,7 @@ mod tests {
         ok.validate().unwrap();
         for (json, field) in [
             (r#"{"numa": [{"guest_numa_id": 0}]}"#, "numa"),
-            (r#"{"fs": [{"tag": "t", "socket": "/s"}]}"#, "fs"),
+            (r#"{"vdpa": [{"path": "/dev/vhost-vdpa-0"}]}"#, "vdpa"),
         ] {
             let c: UnsupportedConfig = serde_json::from_str(json).unwrap();
             let e = c.validate().unwrap_err();

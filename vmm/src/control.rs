@@ -687,6 +687,7 @@ impl Vmm {
             VmResize(r) => done(self.resize(r)),
             VmAddVsock(v) => (self.add_device(hotplug::Added::Vsock(*v)), Next::Continue),
             VmAddPmem(p) => (self.add_device(hotplug::Added::Pmem(*p)), Next::Continue),
+            VmAddFs(f) => (self.add_device(hotplug::Added::Fs(*f)), Next::Continue),
             VmDelete => {
                 if self.vm.is_some() {
                     self.shutdown_vm();

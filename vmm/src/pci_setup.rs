@@ -727,6 +727,10 @@ pub fn create(
         let id = p.id.clone().unwrap_or_else(|| format!("_pmem{i}"));
         list.push(crate::pmem::pmem(p, id)?);
     }
+    for (i, f) in cfg.fs.iter().enumerate() {
+        let id = f.id.clone().unwrap_or_else(|| format!("_fs{i}"));
+        list.push(virtio_build::fs(f, id)?);
+    }
     let mut balloon = None;
     if let Some(b) = &cfg.balloon {
         let (dev, control) = virtio_build::balloon(b)?;

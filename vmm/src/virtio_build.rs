@@ -11,10 +11,13 @@ use log::info;
 use virtio_devices::rate_limiter::{
     BucketConfig, Buckets, LimiterConfig, RateLimiter, SharedBuckets,
 };
-use virtio_devices::{Block, BlockConfig, Net, Rng, VhostUserBlock, VirtioDevice, Vsock};
+use virtio_devices::{
+    Block, BlockConfig, Net, Rng, VhostUserBlock, VhostUserFs, VirtioDevice, Vsock,
+};
 
 use crate::config::{
-    BalloonConfig, DiskConfig, ImageType, MemoryConfig, NetConfig, RngConfig, VmConfig, VsockConfig,
+    BalloonConfig, DiskConfig, FsConfig, ImageType, MemoryConfig, NetConfig, RngConfig, VmConfig,
+    VsockConfig,
 };
 use crate::pci_setup::PciSetupError;
 
@@ -169,6 +172,32 @@ fn vhost_user_disk(d: &DiskConfig, socket: &str, id: String) -> Result<NewDevice
         lock: None,
         // Kept beside the other disks' (the configuration records one per disk).
         image_type: Some(d.image_type),
+        pmem: None,
+    })
+}
+
+/// A `--fs` (or `vm.add-fs`) device named `id`: the backend at `socket` serves it (the
+/// configuration checked that guest RAM is shared).
+pub fn fs(f: &FsConfig, id: String) -> Result<NewDevice, PciSetupError> {
+    let dev = VhostUserFs::new(&f.socket, &f.tag, f.num_queues, f.queue_size).map_err(|e| {
+        PciSetupError::Device {
+            option: FsConfig::OPTION,
+            value: format!("socket={}", f.socket.display()),
+            msg: e.to_string(),
+        }
+    })?;
+    info!(
+        "{id}: virtio-fs tag={} through {}",
+        f.tag,
+        f.socket.display()
+    );
+    Ok(NewDevice {
+        option: FsConfig::OPTION,
+        id,
+        slot: f.pci_device_id,
+        dev: Box::new(dev),
+        lock: None,
+        image_type: None,
         pmem: None,
     })
 }

@@ -1,5 +1,5 @@
 //! The control loop's side of hotplug: `vm.add-disk`, `vm.add-net`, `vm.add-vsock`,
-//! `vm.add-pmem` and `vm.remove-device`, as
+//! `vm.add-pmem`, `vm.add-fs` and `vm.remove-device`, as
 //! the original answers them. Before boot they change the configuration (204); on a built VM
 //! an added device is on the bus when the call returns (200 with its id and PCI address), and a
 //! removal is a request the guest carries out by ejecting the slot, after which the device is
@@ -11,7 +11,7 @@ use api::{ApiError, ApiResponse, PciDeviceInfo};
 use log::info;
 
 use super::Vmm;
-use crate::config::{DiskConfig, NetConfig, PmemConfig, VmConfig, VsockConfig};
+use crate::config::{DiskConfig, FsConfig, NetConfig, PmemConfig, VmConfig, VsockConfig};
 use crate::event_monitor::properties;
 use crate::virtio_build::{self, NewDevice};
 
@@ -21,6 +21,7 @@ pub(super) enum Added {
     Net(NetConfig),
     Vsock(VsockConfig),
     Pmem(PmemConfig),
+    Fs(FsConfig),
 }
 
 impl Added {
@@ -30,6 +31,7 @@ impl Added {
             Added::Net(n) => &n.id,
             Added::Vsock(v) => &v.id,
             Added::Pmem(p) => &p.id,
+            Added::Fs(f) => &f.id,
         }
     }
 
@@ -39,6 +41,7 @@ impl Added {
             Added::Net(n) => n.id = Some(id),
             Added::Vsock(v) => v.id = Some(id),
             Added::Pmem(p) => p.id = Some(id),
+            Added::Fs(f) => f.id = Some(id),
         }
     }
 
@@ -49,6 +52,7 @@ impl Added {
             Added::Net(_) => "_net",
             Added::Vsock(_) => "_vsock",
             Added::Pmem(_) => "_pmem",
+            Added::Fs(_) => "_fs",
         }
     }
 
@@ -60,6 +64,7 @@ impl Added {
             Added::Net(n) => c.net.push(n.clone()),
             Added::Vsock(v) => c.vsock = Some(v.clone()),
             Added::Pmem(p) => c.pmem.push(p.clone()),
+            Added::Fs(f) => c.fs.push(f.clone()),
         }
         c
     }
@@ -77,6 +82,7 @@ impl Added {
                 ..v.clone()
             }),
             Added::Pmem(p) => crate::pmem::pmem(p, id),
+            Added::Fs(f) => virtio_build::fs(f, id),
         }
     }
 }
@@ -90,6 +96,7 @@ fn ids_in_use(config: &VmConfig, placed: &[(String, u8)]) -> BTreeSet<String> {
         .chain(config.net.iter().map(|n| &n.id))
         .chain(config.vsock.iter().map(|v| &v.id))
         .chain(config.pmem.iter().map(|p| &p.id))
+        .chain(config.fs.iter().map(|f| &f.id))
         .chain([&config.rng.id, &config.console.id])
         .flatten()
         .cloned()
@@ -99,10 +106,22 @@ fn ids_in_use(config: &VmConfig, placed: &[(String, u8)]) -> BTreeSet<String> {
 
 /// Takes device `id` out of the configuration; false when no removable device has it.
 fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
-    let (disks, nets, pmems) = (config.disks.len(), config.net.len(), config.pmem.len());
+    let before = (
+        config.disks.len(),
+        config.net.len(),
+        config.pmem.len(),
+        config.fs.len(),
+    );
     config.disks.retain(|d| d.id.as_deref() != Some(id));
     config.net.retain(|n| n.id.as_deref() != Some(id));
     config.pmem.retain(|p| p.id.as_deref() != Some(id));
+    config.fs.retain(|f| f.id.as_deref() != Some(id));
+    let after = (
+        config.disks.len(),
+        config.net.len(),
+        config.pmem.len(),
+        config.fs.len(),
+    );
     let vsock = config
         .vsock
         .as_ref()
@@ -110,7 +129,7 @@ fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
     if vsock {
         config.vsock = None;
     }
-    vsock || disks != config.disks.len() || nets != config.net.len() || pmems != config.pmem.len()
+    vsock || before != after
 }
 
 impl Vmm {
@@ -191,7 +210,7 @@ impl Vmm {
                 Ok(())
             } else {
                 Err(ApiError::BadRequest(format!(
-                    "id={id}: no disk, net, vsock or pmem device has this id"
+                    "id={id}: no disk, net, vsock, pmem or fs device has this id"
                 )))
             };
         };
@@ -202,11 +221,12 @@ impl Vmm {
             .chain(config.net.iter().map(|n| &n.id))
             .chain(config.vsock.iter().map(|v| &v.id))
             .chain(config.pmem.iter().map(|p| &p.id))
+            .chain(config.fs.iter().map(|f| &f.id))
             .any(|d| d.as_deref() == Some(id))
             && vm.devices().pci.placed().iter().any(|(p, _)| p == id)
         {
             return Err(ApiError::BadRequest(format!(
-                "id={id}: only disk, net, vsock and pmem devices can be removed"
+                "id={id}: only disk, net, vsock, pmem and fs devices can be removed"
             )));
         }
         vm.devices_mut()

@@ -1,0 +1,220 @@
+//! `--fs` (`"fs": [{"tag": …, "socket": …}]`, `vm.add-fs`): virtio-fs against the real
+//! virtiofsd (built by scripts/virtiofsd into target/virtiofsd) sharing a scratch directory.
+//! The test guest (`test=fs`) reads the device's configuration and speaks FUSE to virtiofsd:
+//! INIT, LOOKUP, OPEN, READ of a file the host made, WRITE, READ back, RELEASE; the host then
+//! finds the guest's bytes in the file. When virtiofsd dies under a running guest, the device
+//! needs a reset and the VMM goes on.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+const SIZE: usize = 3000;
+const WRITTEN: &[u8] = b"written by guest!";
+
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(31).wrapping_add(7) % 256) as u8
+}
+
+/// virtiofsd, built once by scripts/virtiofsd (a few minutes the first time).
+fn virtiofsd_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new(root.join("scripts/virtiofsd"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running scripts/virtiofsd");
+        assert!(out.status.success(), "scripts/virtiofsd failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// virtiofsd sharing `shared` on `sock`; killed when dropped.
+struct Virtiofsd(Child);
+
+impl Virtiofsd {
+    fn start(shared: &Path, sock: &Path, log: &Path) -> Self {
+        // As root in a container without the namespaces its default sandbox needs.
+        let child = Command::new(virtiofsd_bin())
+            .arg("--socket-path")
+            .arg(sock)
+            .arg("--shared-dir")
+            .arg(shared)
+            .args(["--sandbox", "none", "--cache", "never"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("starting virtiofsd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "no {}", sock.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Virtiofsd(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A scratch dir with `shared/data.bin` (`SIZE` bytes of the pattern) and virtiofsd on it.
+fn share(dir: &Path) -> (PathBuf, PathBuf, Virtiofsd) {
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let file = shared.join("data.bin");
+    std::fs::write(&file, (0..SIZE).map(pattern).collect::<Vec<u8>>()).unwrap();
+    let sock = dir.join("vfs.sock");
+    let d = Virtiofsd::start(&shared, &sock, &dir.join("virtiofsd.log"));
+    (file, sock, d)
+}
+
+/// The file as the guest leaves it: the pattern, a hole up to 4096, then its write.
+fn assert_written(file: &Path) {
+    let data = std::fs::read(file).unwrap();
+    assert_eq!(data.len(), 4096 + WRITTEN.len());
+    assert!(data[..SIZE]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern(i)));
+    assert!(data[SIZE..4096].iter().all(|&b| b == 0));
+    assert_eq!(&data[4096..], WRITTEN);
+}
+
+const FUSE_STEPS: [&str; 8] = [
+    "fs-config",
+    "fs-init",
+    "fs-lookup",
+    "fs-open",
+    "fs-read",
+    "fs-write",
+    "fs-read-back",
+    "fs-release",
+];
+
+#[test]
+fn the_guest_speaks_fuse_to_virtiofsd_from_the_command_line() {
+    let dir = crate::common::scratch("fs-cli");
+    let (file, sock, _d) = share(&dir);
+    let fs = format!(
+        "tag=myfs,socket={},num_queues=1,queue_size=512",
+        sock.display()
+    );
+    let r = crate::common::boot(
+        &crate::common::guest().elf_pvh,
+        &format!("test=fs fs_tag=myfs fs_size={SIZE}"),
+        &["--memory", "size=256M,shared=on", "--fs", &fs],
+    );
+    r.assert_guest_passed();
+    for step in FUSE_STEPS {
+        r.assert_passed(step);
+    }
+    assert!(
+        r.stdout.contains("FS tag=myfs num_request_queues=1"),
+        "{}",
+        r.stdout
+    );
+    assert_written(&file);
+}
+
+#[test]
+fn fs_needs_shared_memory_and_a_backend() {
+    let kernel = crate::common::guest().elf_pvh.display().to_string();
+    let dir = crate::common::scratch("fs-bad");
+    let missing = dir.join("missing.sock");
+    for (memory, fs, want) in [
+        (
+            "size=256M",
+            "tag=t,socket=/tmp/x.sock",
+            "--fs needs --memory shared=on",
+        ),
+        (
+            "size=256M,shared=on",
+            "socket=/tmp/x.sock",
+            "tag= is required",
+        ),
+        (
+            "size=256M,shared=on",
+            &format!("tag=t,socket={}", missing.display()),
+            "cannot connect",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
+            .args(["--kernel", &kernel, "--memory", memory, "--fs", fs])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{fs}");
+        assert!(err.contains(want), "{fs}: {err}");
+    }
+}
+
+/// Through the API: the configuration and `vm.info` carry the device; then virtiofsd is
+/// killed under the running guest: the device needs a reset, its requests go unanswered, the
+/// error is logged, and the VMM still answers.
+#[test]
+fn a_dying_backend_breaks_the_device_not_the_vmm() {
+    require_curl();
+    let log = crate::common::scratch("fs-crash-log").join("vmm.log");
+    let mut vmm = Vmm::start("fs-crash", &["--log-file", log.to_str().unwrap()]);
+    let (file, sock, mut d) = share(&vmm.dir);
+    let serial = vmm.dir.join("serial.out");
+    let mut config: Value = serde_json::from_str(&guest_config("fs", &serial)).unwrap();
+    config["memory"]["shared"] = true.into();
+    config["payload"]["cmdline"] = format!("test=fs fs_size={SIZE} fs_crash").into();
+    config["fs"] = serde_json::json!([{"tag": "myfs", "socket": sock, "num_queues": 1,
+                                        "queue_size": 1024, "id": "myfs0"}]);
+    let (status, text) = vmm.curl("PUT", "vm.create", Some(&config.to_string()));
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    let info = vmm.ok_json("vm.info");
+    assert_eq!(info["config"]["fs"][0]["tag"], "myfs", "{info}");
+    assert!(info["device_tree"]["myfs0"].is_object(), "{info}");
+    wait_for(&serial, "FS waiting for the backend to go", 1);
+    assert_written(&file);
+    d.kill();
+    let text = wait_line_text(&serial, "fs-needs-reset");
+    assert!(text.contains("PASS fs-needs-reset\n"), "{text}");
+    // The device is broken; the VMM and the VM go on.
+    vmm.ok_json("vmm.ping");
+    assert_eq!(vmm.state(), "Running");
+    let text = wait_line_text(&serial, "fs-no-backend");
+    for step in FUSE_STEPS.iter().chain(&["fs-no-backend"]) {
+        assert!(text.contains(&format!("PASS {step}\n")), "{step}:\n{text}");
+    }
+    // The guest powers off: the VMM ends cleanly, as after any shutdown.
+    let r = vmm.wait();
+    assert!(r.status.success(), "{}", r.stderr);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("vhost-user-fs: the backend closed its socket"),
+        "{log}"
+    );
+}
+
+/// Waits (20 s at most) for a PASS or FAIL line of `check`; the serial output.
+fn wait_line_text(serial: &Path, check: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = serial_text(serial);
+        if text.contains(&format!("PASS {check}")) || text.contains(&format!("FAIL {check}")) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no {check}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
