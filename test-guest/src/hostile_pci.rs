@@ -397,7 +397,60 @@ fn bar_fuzz(d: &Dev, p: &Pool, rng: &mut Rng) {
     );
 }
 
+/// Random reads and writes of every width where no device decodes: the 32-bit PCI window
+/// between BARs and the 256 MiB of the 64-bit window above the last BAR (and pmem's range).
+/// Reads float high.
+fn unassigned_mmio(devs: &[Dev], rng: &mut Rng) {
+    let mut bars = Vec::new();
+    // virtio-pmem's memory is no BAR: its device configuration says where it is.
+    for d in devs.iter().filter(|d| d.name == "pmem") {
+        let start = u64::from(r32(d.l.device)) | u64::from(r32(d.l.device + 4)) << 32;
+        let size = u64::from(r32(d.l.device + 8)) | u64::from(r32(d.l.device + 12)) << 32;
+        bars.push((start, start + size));
+    }
+    let mut r = root();
+    let all: Vec<DeviceFunction> = r.enumerate_bus(0).map(|(df, _)| df).collect();
+    for df in all {
+        if let Ok(b) = r.bars(df) {
+            for info in b.into_iter().flatten() {
+                if let virtio_drivers::transport::pci::bus::BarInfo::Memory {
+                    address, size, ..
+                } = info
+                {
+                    bars.push((address, address + size));
+                }
+            }
+        }
+    }
+    let top = bars.iter().map(|b| b.1).max().unwrap_or(0).max(1 << 32);
+    let (mut n, mut not_ones) = (0, 0);
+    while n < 400 {
+        let a = if rng.below(2) == 0 {
+            0xc000_0000 + rng.below(0x2800_0000)
+        } else {
+            top + rng.below(0x1000_0000)
+        } & !7;
+        if bars.iter().any(|&(s, e)| a + 8 > s && a < e) {
+            continue;
+        }
+        let size = [1u64, 2, 4, 8][rng.below(4) as usize];
+        cfg_write(a, size, rng.next());
+        // SAFETY: an identity-mapped, uncached address in a PCI window that no BAR covers.
+        let v = unsafe { core::ptr::read_volatile(a as *const u64) };
+        if v != u64::MAX {
+            not_ones += 1;
+        }
+        n += 1;
+    }
+    check!(
+        "hostile-mmio-unassigned",
+        not_ones == 0,
+        "{not_ones} of {n} reads where no device decodes were not all ones (BARs {bars:x?})"
+    );
+}
+
 pub(crate) fn run(devs: &[Dev], p: &Pool, ram_end: u64, rng: &mut Rng) {
+    unassigned_mmio(devs, rng);
     for d in devs {
         bar_fuzz(d, p, rng);
     }

@@ -289,6 +289,7 @@ fn run_suite(name: &str, extra: &[&str]) {
         "hostile-ap-alive-requests",
         "hostile-pci-00-readonly-intact",
         "hostile-pci-absent-functions",
+        "hostile-mmio-unassigned",
         "hostile-bar-sizing",
         "hostile-bar-over-ram",
         "hostile-bar-over-other-bar",
