@@ -148,8 +148,8 @@ fn conflicting_and_unsupported_options() {
         &["--serial", "tty"],
     );
     assert_rejected(
-        &["--kernel", k, "--fs", "tag=t,socket=/tmp/s"],
-        &["--fs tag=t,socket=/tmp/s", "not supported yet"],
+        &["--kernel", k, "--vdpa", "path=/dev/vhost-vdpa-0"],
+        &["--vdpa path=/dev/vhost-vdpa-0", "not supported yet"],
     );
     assert_rejected(
         &["--kernel", k, "--net", "tap=t0,num_queues=3"],

@@ -218,3 +218,55 @@ fn wait_line_text(serial: &Path, check: &str) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `vm.add-fs` (through ch-remote) on the hotplug guest: the function appears (PCI 0x1040 +
+/// 26) connected to virtiofsd; removed, the device lets go of the backend, which then exits.
+/// Without shared guest RAM the call is refused.
+#[test]
+fn hotplug_fs_added_and_removed() {
+    require_curl();
+    let vmm = Vmm::start("fs-hotplug", &[]);
+    let (_file, sock, mut d) = share(&vmm.dir);
+    let serial = vmm.dir.join("serial.out");
+    let mut config: Value = serde_json::from_str(&guest_config("hotplug", &serial)).unwrap();
+    config["memory"]["shared"] = true.into();
+    assert_eq!(
+        vmm.curl("PUT", "vm.create", Some(&config.to_string())).0,
+        204
+    );
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "READY", 1);
+    let arg = format!("tag=hotfs,socket={},num_queues=1", sock.display());
+    let answer = ch_remote_ok(&vmm, &["add-fs", &arg]);
+    let v: Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(v["id"], "_fs0", "{answer}");
+    let bdf = v["bdf"].as_str().unwrap();
+    let slot = u8::from_str_radix(&bdf[8..10], 16).unwrap();
+    wait_for(
+        &serial,
+        &format!("HOTPLUG ADDED slot={slot} type=1af4:105a\n"),
+        1,
+    );
+    let info = vmm.ok_json("vm.info");
+    assert_eq!(info["config"]["fs"][0]["tag"], "hotfs", "{info}");
+    ch_remote_ok(&vmm, &["remove-device", "_fs0"]);
+    wait_for(&serial, &format!("HOTPLUG GONE slot={slot}\n"), 1);
+    assert!(vmm.ok_json("vm.info")["config"]["fs"].is_null());
+    // The backend's only client went away: virtiofsd ends.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "virtiofsd still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_no_fail(&serial);
+    assert_eq!(vmm.state(), "Running");
+
+    let plain = Vmm::start("fs-hotplug-private", &[]);
+    let config = guest_config("hotplug", &plain.dir.join("serial.out"));
+    assert_eq!(plain.curl("PUT", "vm.create", Some(&config)).0, 204);
+    assert_eq!(plain.put("vm.boot").0, 204);
+    let body = format!(r#"{{"tag": "t", "socket": "{}"}}"#, sock.display());
+    let (status, text) = plain.curl("PUT", "vm.add-fs", Some(&body));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("--fs needs --memory shared=on"), "{text}");
+}

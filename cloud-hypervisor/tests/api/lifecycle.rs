@@ -214,10 +214,10 @@ fn lifecycle_over_ch_remote() {
     assert_eq!(ok(&["delete"]), "", "a 204 prints nothing, as the original");
     fails(&["info"], "404");
     // What this VMM lacks is still sent; the server answers 501 with its reason.
-    fails(&["add-fs", "tag=t,socket=/x"], "501");
+    fails(&["add-vdpa", "path=/dev/vhost-vdpa-0"], "501");
     fails(
-        &["add-fs", "tag=t,socket=/x"],
-        "vm.add-fs is not supported yet",
+        &["add-vdpa", "path=/dev/vhost-vdpa-0"],
+        "vm.add-vdpa is not supported yet",
     );
     // Hotplug needs a created VM, as the original's.
     fails(&["add-disk", "path=/x"], "404");

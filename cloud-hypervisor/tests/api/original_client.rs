@@ -177,11 +177,14 @@ fn the_originals_client_reads_every_answer() {
     let (o, _) = request(
         &mut s,
         "PUT",
-        "vm.add-fs",
-        Some(r#"{"tag": "t", "socket": "/x"}"#),
+        "vm.add-vdpa",
+        Some(r#"{"path": "/dev/vhost-vdpa-0"}"#),
     );
     assert!(matches!(o, Outcome::ServerError(501, _)));
-    assert_eq!(chain(&o).last().unwrap(), "vm.add-fs is not supported yet");
+    assert_eq!(
+        chain(&o).last().unwrap(),
+        "vm.add-vdpa is not supported yet"
+    );
 
     // vmm.shutdown: 200 with an empty body, then the socket goes.
     let (o, raw) = request(&mut s, "PUT", "vmm.shutdown", None);
