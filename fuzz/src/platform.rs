@@ -46,6 +46,9 @@ impl devices::tpm::TpmBackend for FakeTpm {
     }
 }
 
+/// A device, whether it is on the MMIO bus (else ports), its base and length.
+type Placed = (Arc<Mutex<dyn BusDevice>>, bool, u64, u64);
+
 pub struct Platform {
     pub pio: Bus,
     pub mmio: Bus,
@@ -86,7 +89,7 @@ impl Platform {
         )));
         let pio = Bus::new();
         let mmio = Bus::new();
-        let devs: Vec<(Arc<Mutex<dyn BusDevice>>, bool, u64, u64)> = vec![
+        let devs: Vec<Placed> = vec![
             (serial.clone(), false, 0x3f8, 8),
             (cmos.clone(), false, 0x70, 2),
             (i8042.clone(), false, 0x60, 5),
