@@ -84,7 +84,7 @@ fn config_fuzz(df: DeviceFunction, name: &str, rng: &mut Rng) {
     let before = read_only_view(df);
     let mut cam = ecam();
     let (cmd, line) = (cam.read_word(df, 4), cam.read_word(df, 0x3c));
-    for _ in 0..400 {
+    for _ in 0..400 * crate::hostile_suite::rounds() {
         let size = [1, 2, 4, 8][rng.below(4) as usize];
         let off = rng.below(0x1000 - 8);
         if off < 0x28 && off + size > 4 || (0x30..0x34).contains(&off) {
@@ -356,7 +356,7 @@ fn msix_abuse(d: &Dev, p: &Pool) {
 fn bar_fuzz(d: &Dev, p: &Pool, rng: &mut Rng) {
     d.start_valid(p);
     let mut cam = ecam();
-    for i in 0..600 {
+    for i in 0..600 * crate::hostile_suite::rounds() {
         let size = [1u64, 2, 4, 8][rng.below(4) as usize];
         let off = if i < 16 {
             d.bar_size - 1 - (i as u64 % 8)

@@ -78,7 +78,7 @@ fn requests(d: &Dev, p: &Pool, rng: &mut Rng, n: u16) -> (u32, bool, u32) {
     for slot in 0..n {
         for (q, m) in p.q[..d.queues() as usize].iter().enumerate() {
             let rlen = [16u32, 24, 44, 64, 512, 2048][rng.below(6) as usize];
-            let wlen = [1u32, 4, 16, 512, 0x8000][rng.below(5) as usize];
+            let wlen = [1u32, 4, 16, 512, 513, 0x2001, 0x8000][rng.below(7) as usize];
             fill_request(rng, d, m.buf, u64::from(rlen));
             // vsock: the header's op is a u16 at 30, its length at 24.
             if d.name == "vsock" {
@@ -127,7 +127,8 @@ pub(crate) fn run(devs: &[Dev], p: &Pool, rng: &mut Rng) {
             continue;
         }
         let (mut answered, mut broke, mut max_len) = (0, 0, 0);
-        for _ in 0..20 {
+        let rounds = 20 * crate::hostile_suite::rounds();
+        for _ in 0..rounds {
             // 6 requests a round: the queues hold 8, and a broken device is reset each round.
             let (a, b, l) = requests(d, p, rng, 6);
             answered += a;
@@ -137,7 +138,7 @@ pub(crate) fn run(devs: &[Dev], p: &Pool, rng: &mut Rng) {
         let (st, enabled) = d.start_valid(p);
         d.reset();
         println!(
-            "INFO hostile requests {}: {answered} answered, broken in {broke} of 20 rounds, largest used length {max_len:#x}",
+            "INFO hostile requests {}: {answered} answered, broken in {broke} of {rounds} rounds, largest used length {max_len:#x}",
             d.name
         );
         check!(

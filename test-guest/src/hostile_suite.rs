@@ -29,6 +29,12 @@ const AP_VECTOR: u32 = 0x3c;
 /// A vector nothing raises: waiting on it is an idle guest.
 const IDLE_VECTOR: u32 = 0x3b;
 static HEARTBEAT: AtomicU64 = AtomicU64::new(0);
+/// `hostile_rounds=`: how many times over the random parts run (a longer fuzz by hand).
+pub(crate) static ROUNDS: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn rounds() -> u64 {
+    ROUNDS.load(SeqCst).max(1)
+}
 
 extern "C" fn ap_main(_apic_id: u32, _index: u32) -> ! {
     svc::lapic_enable();
@@ -313,7 +319,10 @@ pub fn scenario_hostile_suite(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         .arg("hostile_idle_ms")
         .and_then(crate::parse_u64)
         .unwrap_or(3000);
-    println!("INFO hostile seed={seed:#x}");
+    if let Some(r) = boot.arg("hostile_rounds").and_then(crate::parse_u64) {
+        ROUNDS.store(r, SeqCst);
+    }
+    println!("INFO hostile seed={seed:#x} rounds={}", rounds());
     let mut rng = Rng(seed);
     let ap = start_ap(acpi);
     check!("hostile-ap-started", ap, "no AP came up");
