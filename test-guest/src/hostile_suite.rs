@@ -149,7 +149,8 @@ fn storms(devs: &[Dev], p: &Pool, ms: u64) {
         }
     }
     // 3. A broken device (NEEDS_RESET) notified on.
-    if let Some(d) = devs.iter().find(|d| d.name == "blk").or(devs.first()) {
+    let broken = devs.iter().find(|d| d.name == "blk").or(devs.first());
+    if let Some(d) = broken {
         d.start_valid(p);
         let m = &p.q[0];
         crate::hostile_virtio::w16(m.avail() + 2, 200);
@@ -168,7 +169,7 @@ fn storms(devs: &[Dev], p: &Pool, ms: u64) {
     }
     // The broken disk stays broken through the quiet window that follows (its worker must
     // not spin on the notifications it had); the final checks reset it.
-    for d in devs.iter().filter(|d| d.name != "blk") {
+    for d in devs.iter().filter(|d| Some(d.df) != broken.map(|b| b.df)) {
         d.reset();
     }
     println!("HOSTILE storm end");
