@@ -100,6 +100,18 @@ fn requests(d: &Dev, p: &Pool, rng: &mut Rng, n: u16) -> (u32, bool, u32) {
                 }
             }
             publish(m, slot, base);
+            // used_event (after the avail ring's 8 entries) at an edge value.
+            let ev = [
+                0u16,
+                1,
+                0x7fff,
+                0x8000,
+                0xfffe,
+                0xffff,
+                slot,
+                slot.wrapping_sub(1),
+            ];
+            crate::hostile_virtio::w16(m.avail() + 4 + 2 * 8, ev[rng.below(8) as usize]);
             d.notify(q as u16);
         }
         smp::delay_us(300);
@@ -121,6 +133,12 @@ fn requests(d: &Dev, p: &Pool, rng: &mut Rng, n: u16) -> (u32, bool, u32) {
 }
 
 pub(crate) fn run(devs: &[Dev], p: &Pool, rng: &mut Rng) {
+    crate::hostile_virtio::WITH_EVENT_IDX.store(true, core::sync::atomic::Ordering::Relaxed);
+    run_all(devs, p, rng);
+    crate::hostile_virtio::WITH_EVENT_IDX.store(false, core::sync::atomic::Ordering::Relaxed);
+}
+
+fn run_all(devs: &[Dev], p: &Pool, rng: &mut Rng) {
     let first_blk = devs.iter().position(|d| d.name == "blk");
     for (i, d) in devs.iter().enumerate() {
         if Some(i) == first_blk {

@@ -17,6 +17,11 @@ use crate::{check, fail, pass, println, smp};
 
 pub(crate) const F_INDIRECT: u16 = 4;
 const INDIRECT_DESC: u64 = 1 << 28;
+const EVENT_IDX: u64 = 1 << 29;
+/// Whether `Dev::features` takes EVENT_IDX too (the requests phase sets it, so that hostile
+/// `used_event` values meet the device's interrupt suppression).
+pub(crate) static WITH_EVENT_IDX: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
 const NEEDS_RESET: u8 = 0x40;
 /// Entries per queue the suite uses.
 const QSIZE: u16 = 8;
@@ -182,9 +187,15 @@ impl Dev {
         }
     }
 
-    /// Features the suite takes: VERSION_1, and INDIRECT_DESC where offered.
+    /// Features the suite takes: VERSION_1, and INDIRECT_DESC where offered (and EVENT_IDX
+    /// while `WITH_EVENT_IDX` is set).
     pub(crate) fn features(&self) -> u64 {
-        VERSION_1 | (self.l.device_features() & INDIRECT_DESC)
+        let extra = if WITH_EVENT_IDX.load(core::sync::atomic::Ordering::Relaxed) {
+            EVENT_IDX
+        } else {
+            0
+        };
+        VERSION_1 | (self.l.device_features() & (INDIRECT_DESC | extra))
     }
 
     /// Reset, negotiate, program every queue `rings(i)` gives (None: leave it off), DRIVER_OK.
