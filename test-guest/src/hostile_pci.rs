@@ -359,7 +359,7 @@ fn bar_fuzz(d: &Dev, p: &Pool, rng: &mut Rng) {
     for i in 0..600 * crate::hostile_suite::rounds() {
         let size = [1u64, 2, 4, 8][rng.below(4) as usize];
         let off = if i < 16 {
-            d.bar_size - 1 - (i as u64 % 8)
+            d.bar_size - 1 - (i % 8)
         } else {
             rng.below(d.bar_size)
         };
