@@ -79,3 +79,29 @@ pub fn seeds() -> Vec<Vec<u8>> {
         })
         .collect()
 }
+
+/// Seeds for `api_requests`: each endpoint requested as `ch-remote` does (the first byte sets
+/// the read size: 64 bytes), with the bodies above where there is one.
+pub fn request_seeds() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let bodies = seeds();
+    for (i, (name, method, _)) in ENDPOINTS.iter().enumerate() {
+        let body = bodies
+            .iter()
+            .find(|b| usize::from(b[0]) == i)
+            .map_or(&[][..], |b| &b[1..]);
+        let mut r = vec![63u8];
+        r.extend_from_slice(
+            format!(
+                "{} /api/v1/{name} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                method.as_str(),
+                body.len()
+            )
+            .as_bytes(),
+        );
+        r.extend_from_slice(body);
+        out.push(r);
+    }
+    out
+}

@@ -65,7 +65,7 @@ const TARGETS: &[Target] = &[
         name: "api_requests",
         run: api::fuzz::fuzz_requests,
         max_len: 16384,
-        seeds: None,
+        seeds: Some(api_bodies::request_seeds),
     },
     Target {
         name: "api_bodies",
@@ -159,8 +159,37 @@ fn init() {
     }
 }
 
+/// Open descriptors now (`/proc/self/fd` entries).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// A target that leaks descriptors (a reference cycle holding eventfds, a file never closed)
+/// fails as itself, with the input that showed it, not minutes later as "too many open files":
+/// every `FD_CHECK_EVERY` inputs the count is compared with the one after the first round.
+const FD_CHECK_EVERY: u64 = 4096;
+const FD_SLACK: usize = 64;
+
+fn check_fds() {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    static BASE: AtomicUsize = AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, Ordering::Relaxed) + 1;
+    if n % FD_CHECK_EVERY != 0 {
+        return;
+    }
+    let now = open_fds();
+    let base = BASE.load(Ordering::Relaxed);
+    if base == 0 {
+        BASE.store(now, Ordering::Relaxed);
+    } else if now > base + FD_SLACK {
+        panic!("ch-fuzz: the target leaks file descriptors: {now} open after {n} inputs, {base} after {FD_CHECK_EVERY}");
+    }
+}
+
 fuzz_target!(init: init(), |data: &[u8]| {
     if let Some(run) = RUN.get() {
         run(data);
+        check_fds();
     }
 });

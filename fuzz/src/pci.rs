@@ -62,6 +62,14 @@ impl VmInterface for FakeVm {
 
 struct NoPanic;
 
+struct ClearOnDrop(Arc<Bus>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
+}
+
 impl pci::pvpanic::PanicSink for NoPanic {
     fn guest_panic(&self, _event: u8) {}
 }
@@ -75,6 +83,9 @@ pub fn segment(data: &[u8]) {
     virtio_devices::fuzz::inline_workers(true);
     let mem = crate::mem::guest_memory(image);
     let mmio = Arc::new(Bus::new());
+    // The bus holds the ECAM window (and so the root) and the BARs (the devices), which hold
+    // the VM, which holds the bus: emptied on every way out, or each input leaks its eventfds.
+    let _clear = ClearOnDrop(mmio.clone());
     let vm = Arc::new(FakeVm {
         mmio: mmio.clone(),
         mapped: Mutex::new(Vec::new()),

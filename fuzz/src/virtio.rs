@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use virtio_devices::{ActivateContext, DeviceStatus, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::mem;
@@ -30,6 +31,12 @@ pub const EVENT_IDX: u8 = 2;
 pub const INDIRECT: u8 = 4;
 pub const AGAIN: u8 = 8;
 pub const SHORT: u8 = 16;
+
+/// `FUZZ_DEBUG=1`: say what each input did (replaying an input, checking a seed).
+pub fn debug() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FUZZ_DEBUG").is_some())
+}
 
 /// Where queue `q`'s rings are: (descriptor table, avail ring, used ring).
 pub fn rings(q: usize) -> (u64, u64, u64) {
@@ -110,6 +117,12 @@ pub fn run(dev: &mut dyn VirtioDevice, data: &[u8]) {
     };
     if dev.activate(ctx).is_err() {
         return;
+    }
+    if debug() {
+        for i in 0..dev.queue_max_sizes().len().min(MAX_QUEUES) {
+            let used: u16 = mem.read_obj(GuestAddress(rings(i).2 + 2)).unwrap_or(0);
+            eprintln!("ch-fuzz: queue {i}: {used} used");
+        }
     }
     if flags & AGAIN != 0 {
         let _ = dev.pause();

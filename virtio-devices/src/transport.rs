@@ -899,7 +899,8 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        if bar != 0 || data.len() > 8 {
+        // Accesses are 1 to 8 bytes (an empty one reads nothing, and acknowledges no ISR).
+        if bar != 0 || data.is_empty() || data.len() > 8 {
             data.fill(0xff);
             return;
         }
@@ -928,7 +929,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        if bar != 0 || data.len() > 8 {
+        if bar != 0 || data.is_empty() || data.len() > 8 {
             return;
         }
         match offset {

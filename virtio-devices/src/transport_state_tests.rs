@@ -575,3 +575,17 @@ fn transport_refuses_bad_states() {
         "{taken} taken, {refused} refused"
     );
 }
+
+/// Accesses of no bytes (a fuzzer found the ISR read indexing an empty buffer) do nothing in
+/// any region of BAR 0, and the status stays as the driver set it.
+#[test]
+fn transport_ignores_empty_accesses() {
+    let a = Machine::new(Machine::fresh_mem());
+    a.negotiate();
+    let status = a.status();
+    for off in [0x14, 0x1000, 0x2000, 0x3000, 0x8000, 0xc000, 0xf_fff0] {
+        a.dev.lock().unwrap().read_bar(0, off, &mut []);
+        a.dev.lock().unwrap().write_bar(0, off, &[]);
+    }
+    assert_eq!(a.status(), status);
+}
