@@ -204,14 +204,22 @@ impl RawQueue {
     /// Waits (`ms` at most) for the next used entry: (head, length written).
     pub(crate) fn wait_used(&mut self, ms: u32) -> Option<(u32, u32)> {
         for _ in 0..2 * ms {
-            if r16(self.used + 2) != self.last_used {
-                let e = self.used + 4 + 8 * u64::from(self.last_used % QSIZE);
-                self.last_used = self.last_used.wrapping_add(1);
-                return Some((r32(e), r32(e + 4)));
+            if let Some(u) = self.poll_used() {
+                return Some(u);
             }
             smp::delay_us(500);
         }
         None
+    }
+
+    /// The next used entry if there is one now: (head, length written).
+    pub(crate) fn poll_used(&mut self) -> Option<(u32, u32)> {
+        if r16(self.used + 2) == self.last_used {
+            return None;
+        }
+        let e = self.used + 4 + 8 * u64::from(self.last_used % QSIZE);
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((r32(e), r32(e + 4)))
     }
 
     /// Publishes `head`, notifies, waits (1 s at most) for a used entry. Returns whether one

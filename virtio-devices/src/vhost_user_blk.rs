@@ -8,7 +8,6 @@ use std::path::Path;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 
-pub(crate) use crate::vhost_user::relay_filter;
 use crate::vhost_user::{proto, VhostUserConnection, VhostUserError};
 use crate::{
     ActivateContext, ActivateError, BlockState, VirtioDevice, VirtioDeviceState,

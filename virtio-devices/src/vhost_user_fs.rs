@@ -129,3 +129,29 @@ impl VirtioDevice for VhostUserFs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tag_must_fit_the_config_space_and_the_backend_must_answer() {
+        let long = "x".repeat(FS_TAG_LEN + 1);
+        for tag in ["", long.as_str()] {
+            match VhostUserFs::new(Path::new("/nonexistent/vfs.sock"), tag, 1, 1024) {
+                Err(VhostUserFsError::Tag(t)) => assert_eq!(t, tag),
+                Err(e) => panic!("{tag:?}: {e}"),
+                Ok(_) => panic!("{tag:?} accepted"),
+            }
+        }
+        let tag = "y".repeat(FS_TAG_LEN);
+        match VhostUserFs::new(Path::new("/nonexistent/vfs.sock"), &tag, 1, 1024) {
+            Err(e) => assert!(
+                e.to_string()
+                    .starts_with("cannot connect to /nonexistent/vfs.sock"),
+                "{e}"
+            ),
+            Ok(_) => panic!("connected to nothing"),
+        }
+    }
+}

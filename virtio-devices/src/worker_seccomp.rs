@@ -58,7 +58,7 @@ pub fn all() -> Filter {
     kinds
         .iter()
         .fold(Filter::new("virtio-workers"), |f, k| f.merge(&k.filter()))
-        .merge(&crate::vhost_user_blk::relay_filter())
+        .merge(&crate::vhost_user::relay_filter())
 }
 
 #[cfg(test)]
@@ -95,12 +95,13 @@ mod tests {
     confined!(pmem, "virtio-pmem", crate::pmem::SECCOMP);
     confined!(watchdog, "virtio-watchdog", crate::watchdog::SECCOMP);
 
+    /// The vhost-user relays (vhost-user-blk, virtio-fs) share one filter.
     #[test]
-    fn vhost_user_blk_relay() {
+    fn vhost_user_relay() {
         assert_confined(
-            "worker_seccomp::tests::vhost_user_blk_relay",
-            "vhost-user-blk-relay",
-            crate::vhost_user_blk::relay_filter,
+            "worker_seccomp::tests::vhost_user_relay",
+            "vhost-user-fs-relay",
+            crate::vhost_user::relay_filter,
             Sysno::getpgid,
         );
     }
