@@ -19,6 +19,8 @@ mod transport;
 mod vhost_user;
 mod vhost_user_blk;
 mod vhost_user_fs;
+mod vhost_user_net;
+mod vhost_user_socket;
 mod vring;
 mod vsock;
 mod watchdog;
@@ -59,6 +61,8 @@ pub use transport::{
 pub use vhost_user::VhostUserError;
 pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockError};
 pub use vhost_user_fs::{VhostUserFs, VhostUserFsError, FS_TAG_LEN, TYPE_FS};
+pub use vhost_user_net::{VhostUserNet, VhostUserNetConfig, VhostUserNetError};
+pub use vhost_user_socket::VhostSocketError;
 pub use vsock::{Vsock, VsockState, TYPE_VSOCK};
 pub use watchdog::{Watchdog, WatchdogState, TYPE_WATCHDOG, WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT};
 pub use worker::{QueueHandler, WorkerHandle};

@@ -75,8 +75,30 @@ impl VhostUserConnection {
         queue_size: u16,
         want: VhostUserProtocolFeatures,
     ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
-        let mut fe = Frontend::connect(socket, u64::from(max_queues))
+        let fe = Frontend::connect(socket, u64::from(max_queues))
             .map_err(|e| VhostUserError::Connect(socket.display().to_string(), e))?;
+        Self::negotiate(name, fe, queue_size, want)
+    }
+
+    /// As `connect`, over a stream the caller connected or accepted (vhost-user-net: either
+    /// way, with timeouts on the socket).
+    pub(crate) fn from_stream(
+        name: &'static str,
+        stream: std::os::unix::net::UnixStream,
+        max_queues: u16,
+        queue_size: u16,
+        want: VhostUserProtocolFeatures,
+    ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
+        let fe = Frontend::from_stream(stream, u64::from(max_queues));
+        Self::negotiate(name, fe, queue_size, want)
+    }
+
+    fn negotiate(
+        name: &'static str,
+        mut fe: Frontend,
+        queue_size: u16,
+        want: VhostUserProtocolFeatures,
+    ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
         fe.set_owner().map_err(proto("SET_OWNER"))?;
         let backend_features = fe.get_features().map_err(proto("GET_FEATURES"))?;
         if backend_features & F_PROTOCOL_FEATURES == 0 {

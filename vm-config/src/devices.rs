@@ -539,10 +539,14 @@ pub struct NetConfig {
     pub num_queues: u16,
     #[serde(default = "default_net_queue_size")]
     pub queue_size: u16,
-    /// Only false: no vhost-user yet.
+    /// The device is served by a vhost-user-net backend at `vhost_socket` (no TAP of ours).
     #[serde(default)]
     pub vhost_user: bool,
-    /// Meaningless without vhost-user; only the default.
+    /// The vhost-user backend's socket (`socket=`), with `vhost_user=on`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_socket: Option<String>,
+    /// With vhost-user: `Client`, we connect to the backend's socket; `Server`, we listen on
+    /// it and the backend connects.
     #[serde(default)]
     pub vhost_mode: VhostMode,
     #[serde(default = "default_true")]
@@ -637,13 +641,15 @@ impl NetConfig {
             &[],
         )?;
         let rate_limiter_config = parse_rate_limiter(&p)?;
-        p.refuse(&["socket"])?;
+        let vhost_user = p.toggle("vhost_user", false)?;
+        if vhost_user {
+            crate::net_vhost::refuse_tap_keys(&p)?;
+        }
         let fds = p
             .get("fd")
             .map(|v| parse_fds(&v))
             .transpose()
             .map_err(|m| p.error(m))?;
-        p.refuse_unless("vhost_user", false)?;
         let vhost_mode = match p.get("vhost_mode").map(|m| m.to_ascii_lowercase()) {
             None => VhostMode::Client,
             Some(m) if m == "client" => VhostMode::Client,
@@ -685,7 +691,8 @@ impl NetConfig {
             queue_size: p
                 .number("queue_size")?
                 .unwrap_or_else(default_net_queue_size),
-            vhost_user: false,
+            vhost_user,
+            vhost_socket: p.get("socket"),
             vhost_mode,
             offload_tso: p.toggle("offload_tso", true)?,
             offload_ufo: p.toggle("offload_ufo", true)?,
@@ -746,12 +753,7 @@ impl NetConfig {
         if self.iommu {
             return Err("iommu=on is not supported yet".into());
         }
-        if self.vhost_user {
-            return Err("vhost_user=on is not supported yet".into());
-        }
-        if self.vhost_mode != VhostMode::Client {
-            return Err("vhost_mode=server is not supported yet (no vhost-user)".into());
-        }
+        crate::net_vhost::check(self)?;
         if let Some(fds) = &self.fds {
             if self.tap.is_some()
                 || self.ip.is_some()
@@ -790,8 +792,12 @@ impl NetConfig {
 
     /// What `parse` checks, for a configuration from anywhere (the API).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let value = match &self.vhost_socket {
+            Some(s) => format!("socket={s}"),
+            None => self.tap.clone().unwrap_or_default(),
+        };
         self.check()
-            .map_err(|m| ConfigError::new("--net", self.tap.as_deref().unwrap_or(""), m))
+            .map_err(|m| ConfigError::new("--net", &value, m))
     }
 }
 
@@ -821,3 +827,7 @@ fn check_queue_size(q: u16) -> Result<(), String> {
 #[cfg(test)]
 #[path = "devices_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "net_vhost_tests.rs"]
+mod net_vhost_tests;

@@ -180,6 +180,20 @@ impl VmConfig {
         for f in &self.fs {
             out.push(LandlockGrant::new(&f.socket, Connect, "--fs"));
         }
+        for n in &self.net {
+            match (&n.vhost_socket, n.vhost_mode) {
+                (Some(s), crate::VhostMode::Client) => {
+                    out.push(LandlockGrant::new(s, Connect, "--net"))
+                }
+                // The listener is made (and removed) in the socket's directory.
+                (Some(s), crate::VhostMode::Server) => out.push(LandlockGrant::new(
+                    parent_dir(Path::new(s)),
+                    Sockets,
+                    "--net",
+                )),
+                (None, _) => {}
+            }
+        }
         console_grants("--serial", &self.serial, &mut out);
         console_grants("--console", &self.console, &mut out);
         out.push(LandlockGrant::new(&self.rng.src, Read, "--rng"));

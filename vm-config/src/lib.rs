@@ -8,6 +8,7 @@ mod generated;
 mod landlock;
 pub mod mac;
 mod migration;
+mod net_vhost;
 mod parser;
 mod platform;
 mod pmem;
@@ -811,6 +812,10 @@ impl VmConfig {
         }
         for n in &self.net {
             n.validate()?;
+            if n.vhost_user && !self.memory.shared {
+                // The backend maps guest RAM from the memory files we hand it.
+                return Err(net_vhost::shared_memory_error());
+            }
             if u32::from(n.num_queues / 2) > vcpus {
                 return Err(ConfigError::new(
                     "--net",

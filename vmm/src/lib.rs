@@ -24,6 +24,7 @@ pub mod snapshot;
 mod uffd;
 mod vcpu_hotplug;
 mod virtio_build;
+mod virtio_build_vhost;
 mod vm;
 
 use std::io;

@@ -205,6 +205,9 @@ pub fn fs(f: &FsConfig, id: String) -> Result<NewDevice, PciSetupError> {
 /// A `--net` (or `vm.add-net`) device named `id`: its TAP opened (or taken from `fds`) and set
 /// up as the configuration says.
 pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
+    if let Some(socket) = &n.vhost_socket {
+        return crate::virtio_build_vhost::net(n, socket, id);
+    }
     let err = |msg: String| PciSetupError::Device {
         option: "--net",
         value: n.tap.clone().unwrap_or_default(),
