@@ -251,10 +251,7 @@ fn unmodelled_keys_are_refused_in_every_object_unless_they_ask_for_nothing() {
             json!({"rng": {"src": "/dev/urandom", "bogus": [1]}}),
             "rng.bogus",
         ),
-        (
-            json!({"net": [{"bogus": "/s"}]}),
-            "net[0].bogus",
-        ),
+        (json!({"net": [{"bogus": "/s"}]}), "net[0].bogus"),
     ] {
         let err = config(extra.clone()).check_extra().unwrap_err();
         assert_eq!(err.option, key, "{extra}");
