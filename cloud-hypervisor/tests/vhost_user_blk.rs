@@ -1,0 +1,266 @@
+//! `--disk vhost_user=on` against our own backend, `vhost_user_block` (the workspace's
+//! vhost_user_block crate, built here on first use): the test guest's virtio-blk driver reads
+//! and writes raw and qcow2 images through it, byte for byte; the backend killed under a guest
+//! writing and started again: the frontend reconnects, the guest's writes complete and read
+//! back, and the VMM answers its API throughout; the backend's command line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{boot, guest, scratch, Run};
+
+const SECTORS: u64 = 16;
+const MIB: u64 = 1 << 20;
+
+/// The backend binary, built (debug or release, as this test) with cargo on first use: another
+/// package's binaries are not built for this one's tests.
+fn backend_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<triple>/<profile>/deps/<this test>
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "vhost_user_block",
+            "--bin",
+            "vhost_user_block",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .output()
+            .expect("running cargo build -p vhost_user_block");
+        assert!(
+            out.status.success(),
+            "cargo build -p vhost_user_block failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = profile_dir.join("vhost_user_block");
+        assert!(bin.exists(), "no {}", bin.display());
+        bin
+    })
+}
+
+/// Our backend serving `img` on `sock`; killed when dropped.
+struct Backend {
+    child: Child,
+    args: String,
+}
+
+impl Backend {
+    fn start(img: &Path, sock: &Path, extra: &str) -> Self {
+        let args = format!("path={},socket={}{extra}", img.display(), sock.display());
+        let _ = std::fs::remove_file(sock);
+        let child = Command::new(backend_bin())
+            .args(["--block-backend", &args])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting vhost_user_block");
+        let b = Backend { child, args };
+        b.wait_listening(sock);
+        b
+    }
+
+    /// Until the backend's socket file appears (it serves one connection: a probe would use
+    /// it up).
+    fn wait_listening(&self, sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "no {}", sock.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self, sock: &Path) {
+        self.kill();
+        let child = Command::new(backend_bin())
+            .args(["--block-backend", &self.args])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting vhost_user_block");
+        self.child = child;
+        self.wait_listening(sock);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn host_pattern(s: u64) -> u8 {
+    (s as u8).wrapping_mul(3).wrapping_add(1)
+}
+fn guest_pattern(s: u64) -> u8 {
+    (s as u8).wrapping_mul(5).wrapping_add(0x80)
+}
+fn mq_pattern() -> u8 {
+    0x40
+}
+
+/// What the guest's `blk` scenario expects of disk 0 at the start.
+fn host_image() -> Vec<u8> {
+    let mut img = vec![0u8; MIB as usize];
+    for s in 0..SECTORS {
+        img[s as usize * 512..][..512].fill(host_pattern(s));
+    }
+    img
+}
+
+/// The image's content after the guest's `blk` scenario (through `queues` queues).
+fn check_written(content: &[u8], queues: u16) {
+    assert_eq!(content.len() as u64, MIB, "size changed");
+    for s in 0..SECTORS {
+        let sector = &content[s as usize * 512..][..512];
+        assert!(
+            sector.iter().all(|&b| b == guest_pattern(s)),
+            "sector {s}: {:x?}",
+            &sector[..8]
+        );
+    }
+    let mut rest = &content[(SECTORS * 512) as usize..];
+    if queues > 1 {
+        let (sector, after) = rest.split_at(512);
+        assert!(sector.iter().all(|&b| b == mq_pattern()), "mq sector");
+        rest = after;
+    }
+    assert!(rest.iter().all(|&b| b == 0), "beyond the written sectors");
+}
+
+/// A qcow2 image holding `content` (qemu-img from qemu-utils).
+fn make_qcow2(path: &Path, content: &[u8]) {
+    let raw = path.with_extension("src.raw");
+    std::fs::write(&raw, content).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .args([&raw, path])
+        .output()
+        .expect("qemu-img is required (qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qcow2 image's guest-visible content (qemu-img's reading, not ours).
+fn qcow2_content(path: &Path) -> Vec<u8> {
+    let raw = path.with_extension("out.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .args([path, &raw])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    std::fs::read(raw).unwrap()
+}
+
+/// GET_ID's answer: the image's device, rdev and inode numbers (as the original backend's).
+fn serial_of(img: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(img).unwrap();
+    let mut s = format!("{}{}{}", m.dev(), m.rdev(), m.ino());
+    s.truncate(20);
+    s
+}
+
+fn boot_blk(sock: &Path, queues: u16, id: &str) -> Run {
+    let disk = format!(
+        "vhost_user=on,socket={},num_queues={queues}",
+        sock.display()
+    );
+    let cmdline = format!("test=blk blk_disks=1 blk_sectors={SECTORS} blk_id={id}");
+    boot(
+        &guest().elf_pvh,
+        &cmdline,
+        &[
+            "--memory",
+            "size=256M,shared=on",
+            "--cpus",
+            "boot=2",
+            "--disk",
+            &disk,
+        ],
+    )
+}
+
+fn assert_blk_passed(r: &Run, queues: u16) {
+    r.assert_guest_passed();
+    for c in [
+        "get-id",
+        "read",
+        "write",
+        "flush",
+        "read-back",
+        "read-beyond-end",
+    ] {
+        r.assert_passed(&format!("blk0-{c}"));
+    }
+    if queues > 1 {
+        for c in ["mq-read", "mq-write", "mq-flush"] {
+            r.assert_passed(&format!("blk0-{c}"));
+        }
+    }
+}
+
+/// A raw image through one queue and through the last of two: the guest reads the host's
+/// bytes, writes its own, reads them back, and they are in the file byte for byte.
+#[test]
+fn raw_image_through_our_backend() {
+    for queues in [1u16, 2] {
+        let dir = scratch(&format!("vub-raw{queues}"));
+        let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+        std::fs::write(&img, host_image()).unwrap();
+        let _b = Backend::start(&img, &sock, &format!(",num_queues={queues}"));
+        let r = boot_blk(&sock, queues, &serial_of(&img));
+        assert_blk_passed(&r, queues);
+        check_written(&std::fs::read(&img).unwrap(), queues);
+    }
+}
+
+/// A qcow2 image (detected, as --disk does): the same, checked through qemu-img's reading of
+/// the file, which must also pass `qemu-img check`.
+#[test]
+fn qcow2_image_through_our_backend() {
+    let dir = scratch("vub-qcow2");
+    let (img, sock) = (dir.join("disk.qcow2"), dir.join("vub.sock"));
+    make_qcow2(&img, &host_image());
+    let b = Backend::start(&img, &sock, ",num_queues=2,poll_queue=off");
+    let r = boot_blk(&sock, 2, &serial_of(&img));
+    assert_blk_passed(&r, 2);
+    drop(b);
+    check_written(&qcow2_content(&img), 2);
+}
