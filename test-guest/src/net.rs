@@ -265,9 +265,40 @@ pub fn scenario_net(boot: &BootInfo) {
                 "NET-COUNTS tx_frames={} tx_bytes={} rx_frames={} rx_bytes={}",
                 counts[0], counts[1], counts[2], counts[3]
             );
+            if boot.has_token("net_crash") {
+                backend_gone();
+            }
             return;
         }
     }
+}
+
+/// `net_crash` (vhost-user-net): the host kills the backend now; the device must say it
+/// needs a reset (status bit 0x40) while the guest goes on (for 5 s more, so the host can ask
+/// the VMM's API about it).
+fn backend_gone() {
+    let Some(l) = find(DeviceType::Network)
+        .into_iter()
+        .next()
+        .and_then(Layout::find)
+    else {
+        return;
+    };
+    println!("NET waiting for the backend to go");
+    let mut waited = 0;
+    while l.status() & 0x40 == 0 && waited < 30_000 {
+        smp::delay_us(10_000);
+        waited += 10;
+    }
+    let status = l.status();
+    check!(
+        "net-needs-reset",
+        status & 0x40 != 0,
+        "status {status:#x} after {waited} ms"
+    );
+    // The host asks the VMM's API about the VM meanwhile.
+    println!("NET running on without a backend");
+    smp::delay_us(5_000_000);
 }
 
 /// `test=net-bench` (same arguments as `test=net`): sends 300 1514-byte UDP frames to the host

@@ -1,0 +1,413 @@
+//! `--net vhost_user=on,socket=` against our own backend, `vhost_user_net` (the workspace's
+//! vhost_user_net crate, built here on first use). The test guest's network scenario
+//! (`test=net`: a UDP datagram out, an ARP answer, a datagram in) runs through the backend's
+//! TAP with the VMM as the vhost-user client and as the server; the backend killed under the
+//! running guest leaves the device needing a reset and the VMM answering its API; what the
+//! frontend and the backend refuse. Every TAP lives in a network namespace of the test's own.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{guest, scratch, spawn, wait_with_timeout, Run};
+
+const HOST_IP: &str = "192.168.100.1";
+const GUEST_IP: &str = "192.168.100.2";
+const TAP: &str = "vuntap0";
+const GUEST_MAC: &str = "52:54:00:12:34:56";
+const HOST_MAC: &str = "52:54:00:65:43:21";
+
+/// The backend binary, built (debug or release, as this test) with cargo on first use: another
+/// package's binaries are not built for this one's tests.
+fn backend_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<this test>
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "vhost_user_net",
+            "--bin",
+            "vhost_user_net",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("running cargo build -p vhost_user_net");
+        assert!(
+            out.status.success(),
+            "cargo build -p vhost_user_net failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = profile_dir.join("vhost_user_net");
+        assert!(bin.exists(), "no {}", bin.display());
+        bin
+    })
+}
+
+/// Our backend on `sock` with the TAP `TAP` at `HOST_IP`; killed when dropped.
+struct Backend(Child);
+
+impl Backend {
+    /// `client`: it connects to a VMM listening on `sock`; otherwise it listens there, and
+    /// this returns once the socket file is there (the TAP is up by then).
+    fn start(sock: &Path, client: bool, log: &Path) -> Self {
+        let args = format!(
+            "tap={TAP},ip={HOST_IP},mask=255.255.255.0,host_mac={HOST_MAC},socket={},client={}",
+            sock.display(),
+            if client { "on" } else { "off" }
+        );
+        if !client {
+            let _ = std::fs::remove_file(sock);
+        }
+        let child = Command::new(backend_bin())
+            .args(["--net-backend", &args])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("starting vhost_user_net");
+        let mut b = Backend(child);
+        if !client {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !sock.exists() {
+                if let Ok(Some(s)) = b.0.try_wait() {
+                    panic!("the backend exited ({s}): {}", read(log));
+                }
+                assert!(Instant::now() < deadline, "no {}", sock.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        b
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Runs `f` on a thread moved into a network namespace of its own (the processes it starts
+/// inherit it), so nothing here can reach or collide with the machine's networks.
+fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: unshare only moves the calling thread into a new network namespace.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET) failed (these tests run as root): {}",
+            std::io::Error::last_os_error()
+        );
+        // No IPv6 chatter on the TAP.
+        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+        f()
+    })
+    .join()
+    .unwrap();
+}
+
+/// The VMM booting `test=net` (with `extra_cmdline`) over `--net <net>`, shared guest RAM.
+fn start_vmm(net: &str, extra_cmdline: &str, extra: &[&str]) -> Child {
+    let cmdline = format!(
+        "test=net net_ip={GUEST_IP} net_host_ip={HOST_IP} net_host_mac={HOST_MAC} \
+         net_mac={GUEST_MAC}{extra_cmdline}"
+    );
+    let k = guest().elf_pvh.to_str().unwrap().to_string();
+    let mut args = vec![
+        "-v",
+        "--kernel",
+        &k,
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "size=256M,shared=on",
+        "--cpus",
+        "boot=2",
+        "--console",
+        "off",
+        "--net",
+        net,
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
+/// The host end of the guest's UDP exchange, bound once the backend's TAP has its address.
+fn host_socket() -> std::net::UdpSocket {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string("/proc/thread-self/net/dev")
+        .unwrap()
+        .contains(&format!("{TAP}:"))
+    {
+        assert!(Instant::now() < deadline, "no TAP {TAP} after 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sock = std::net::UdpSocket::bind(format!("{HOST_IP}:5001")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    sock
+}
+
+/// Receives "hello from guest" and answers "hello from host" (five times, 200 ms apart, or
+/// until the VMM exits).
+fn exchange(sock: &std::net::UdpSocket, vmm: &mut Child) {
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .expect("no datagram from the guest");
+    assert_eq!(&buf[..n], b"hello from guest");
+    assert_eq!(from.to_string(), format!("{GUEST_IP}:5000"));
+    for _ in 0..5 {
+        sock.send_to(b"hello from host", format!("{GUEST_IP}:5000"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(Some(_)) = vmm.try_wait() {
+            break;
+        }
+    }
+}
+
+fn assert_net_passed(r: &Run) {
+    r.assert_guest_passed();
+    for c in ["net-mac", "net-tx", "net-arp-reply", "net-rx"] {
+        r.assert_passed(c);
+    }
+}
+
+/// The VMM connects to the backend's socket (`vhost_mode=client`, the default).
+#[test]
+fn vhost_user_net_client_mode_udp_both_ways() {
+    in_private_netns(|| {
+        let dir = scratch("vun-client");
+        let sock = dir.join("vun.sock");
+        let log = dir.join("backend.log");
+        let mut backend = Backend::start(&sock, false, &log);
+        let udp = host_socket();
+        let net = format!(
+            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
+            sock.display()
+        );
+        let mut vmm = start_vmm(&net, "", &["--serial", "tty"]);
+        exchange(&udp, &mut vmm);
+        let r = wait_with_timeout(vmm, Duration::from_secs(30));
+        assert_net_passed(&r);
+        assert!(
+            r.stderr.contains("vhost-user-net backend") && r.stderr.contains("(client)"),
+            "{}",
+            r.stderr
+        );
+        // The VMM went: the backend's session ended, and so did it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = backend.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the backend outlived its VMM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{status}: {}", read(&log));
+    });
+}
+
+/// The VMM listens on the socket (`vhost_mode=server`) and the backend connects
+/// (`client=on`); the socket file goes once the backend is in.
+#[test]
+fn vhost_user_net_server_mode_udp_both_ways() {
+    in_private_netns(|| {
+        let dir = scratch("vun-server");
+        let sock = dir.join("vun.sock");
+        let log = dir.join("backend.log");
+        let net = format!(
+            "vhost_user=on,socket={},vhost_mode=server,mac={GUEST_MAC}",
+            sock.display()
+        );
+        let mut vmm = start_vmm(&net, "", &["--serial", "tty"]);
+        let _backend = Backend::start(&sock, true, &log);
+        let udp = host_socket();
+        exchange(&udp, &mut vmm);
+        let r = wait_with_timeout(vmm, Duration::from_secs(30));
+        assert_net_passed(&r);
+        assert!(r.stderr.contains("(server)"), "{}", r.stderr);
+        assert!(!sock.exists(), "the listening socket's file is left behind");
+    });
+}
+
+/// One HTTP request on the API socket: (status, body).
+fn api(sock: &Path, method: &str, path: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connecting to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).expect("reading the API's answer");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len || n == 0 {
+                let status = head[9..12].parse().unwrap();
+                return (status, body.to_string());
+            }
+        }
+        assert!(n > 0, "the API closed the connection: {text}");
+    }
+}
+
+fn wait_serial(serial: &Path, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let text = read(serial);
+        if text.contains(what) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no {what:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The backend killed under the running guest: the device says it needs a reset (the guest
+/// sees status bit 0x40), the error is logged, the VMM answers its API and the VM runs on.
+#[test]
+fn vhost_user_net_backend_killed_needs_reset_vmm_answers() {
+    in_private_netns(|| {
+        let dir = scratch("vun-crash");
+        let sock = dir.join("vun.sock");
+        let api_sock = dir.join("api.sock");
+        let serial = dir.join("serial.out");
+        let log = dir.join("backend.log");
+        let mut backend = Backend::start(&sock, false, &log);
+        let udp = host_socket();
+        let net = format!("vhost_user=on,socket={},mac={GUEST_MAC}", sock.display());
+        let serial_arg = format!("file={}", serial.display());
+        let api_arg = format!("path={}", api_sock.display());
+        let mut vmm = start_vmm(
+            &net,
+            " net_crash",
+            &["--serial", &serial_arg, "--api-socket", &api_arg],
+        );
+        exchange(&udp, &mut vmm);
+        wait_serial(&serial, "NET waiting for the backend to go");
+        backend.kill();
+        let text = wait_serial(&serial, "net-needs-reset");
+        assert!(text.contains("PASS net-needs-reset\n"), "{text}");
+        let (status, body) = api(&api_sock, "GET", "vm.info");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(r#""state":"Running""#), "{body}");
+        assert!(body.contains(r#""vhost_user":true"#), "{body}");
+        assert_eq!(api(&api_sock, "GET", "vmm.ping").0, 200);
+        let r = wait_with_timeout(vmm, Duration::from_secs(30));
+        assert!(r.status.success(), "{}", r.stderr);
+        let text = read(&serial);
+        for c in [
+            "net-mac",
+            "net-tx",
+            "net-arp-reply",
+            "net-rx",
+            "net-needs-reset",
+        ] {
+            assert!(text.contains(&format!("PASS {c}\n")), "{c}:\n{text}");
+        }
+        assert!(!text.contains("FAIL"), "{text}");
+        assert!(
+            r.stderr
+                .contains("vhost-user-net: the backend closed its socket"),
+            "{}",
+            r.stderr
+        );
+    });
+}
+
+/// What the frontend refuses: one line naming `--net`, exit status 1.
+#[test]
+fn vhost_user_net_refusals() {
+    let k = guest().elf_pvh.to_str().unwrap().to_string();
+    let dir = scratch("vun-bad");
+    let missing = dir.join("missing.sock");
+    let missing_net = format!("vhost_user=on,socket={}", missing.display());
+    for (memory, net, want) in [
+        (
+            "size=256M",
+            "vhost_user=on,socket=/tmp/x.sock",
+            "--net vhost_user=on needs --memory shared=on",
+        ),
+        (
+            "size=256M,shared=on",
+            "vhost_user=on,socket=/tmp/x.sock,tap=t0",
+            "'tap' does not go with vhost_user=on",
+        ),
+        (
+            "size=256M,shared=on",
+            "vhost_user=on,socket=/tmp/x.sock,bw_size=1000,bw_refill_time=10",
+            "'bw_size' does not go with vhost_user=on",
+        ),
+        ("size=256M,shared=on", "vhost_user=on", "needs socket="),
+        ("size=256M,shared=on", &missing_net, "cannot connect to"),
+    ] {
+        let out = Command::new(common::VMM)
+            .args(["--kernel", &k, "--memory", memory, "--net", net])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{net}: {err}");
+        assert!(err.contains(want), "{net}: {err}");
+        assert!(err.contains("--net"), "{net}: {err}");
+    }
+}
+
+/// The backend's bad options: one line naming the option and value, exit status 1.
+#[test]
+fn vhost_user_net_backend_bad_options() {
+    for (args, want) in [
+        ("tap=t0", "socket=<path> is required"),
+        ("socket=/tmp/x.sock,num_queues=3", "num_queues=3"),
+        ("socket=/tmp/x.sock,ip=1.2.3", "ip=1.2.3: not an IP address"),
+        ("socket=/tmp/x.sock,bogus=1", "bogus"),
+    ] {
+        let out = Command::new(backend_bin())
+            .args(["--net-backend", args])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args}: {err}");
+        assert!(
+            err.starts_with(&format!("vhost_user_net: --net-backend {args}")),
+            "{args}: {err}"
+        );
+        assert!(err.contains(want), "{args}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
