@@ -257,11 +257,18 @@ fn vhost_user_net_server_mode_udp_both_ways() {
 
 /// One HTTP request on the API socket: (status, body).
 fn api(sock: &Path, method: &str, path: &str) -> (u16, String) {
+    api_with(sock, method, path, "")
+}
+
+/// One HTTP request with a JSON `body` on the API socket: (status, body).
+fn api_with(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = UnixStream::connect(sock).expect("connecting to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
     write!(
         s,
-        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+        "{method} /api/v1/{path} HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut got = Vec::new();
@@ -346,6 +353,79 @@ fn vhost_user_net_backend_killed_needs_reset_vmm_answers() {
             "{}",
             r.stderr
         );
+    });
+}
+
+/// `vm.add-net` with `vhost_user` on a running guest (`test=hotplug`, which drives every
+/// function it is told of): the device is on the bus with the backend's rings when the call
+/// returns, the guest finds a virtio-net function with the MAC asked for, `vm.info` records
+/// the socket; a TAP key with it is refused (400) and the VM runs on.
+#[test]
+fn vhost_user_net_hotplug() {
+    in_private_netns(|| {
+        let dir = scratch("vun-hotplug");
+        let sock = dir.join("vun.sock");
+        let api_sock = dir.join("api.sock");
+        let serial = dir.join("serial.out");
+        let log = dir.join("backend.log");
+        let _backend = Backend::start(&sock, false, &log);
+        let k = guest().elf_pvh.to_str().unwrap().to_string();
+        let serial_arg = format!("file={}", serial.display());
+        let api_arg = format!("path={}", api_sock.display());
+        let vmm = spawn(&[
+            "--kernel",
+            &k,
+            "--cmdline",
+            "test=hotplug",
+            "--memory",
+            "size=256M,shared=on",
+            "--cpus",
+            "boot=2",
+            "--console",
+            "off",
+            "--serial",
+            &serial_arg,
+            "--api-socket",
+            &api_arg,
+        ]);
+        wait_serial(&serial, "READY");
+        let bad = format!(
+            r#"{{"vhost_user":true,"vhost_socket":"{}","tap":"t0"}}"#,
+            sock.display()
+        );
+        let (status, body) = api_with(&api_sock, "PUT", "vm.add-net", &bad);
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.contains("'tap' does not go with vhost_user=on"),
+            "{body}"
+        );
+        let mac = "52:54:00:12:34:57";
+        let add = format!(
+            r#"{{"vhost_user":true,"vhost_socket":"{}","mac":"{mac}","id":"vnet1"}}"#,
+            sock.display()
+        );
+        let (status, body) = api_with(&api_sock, "PUT", "vm.add-net", &add);
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(r#""id":"vnet1""#), "{body}");
+        let slot = body
+            .split("0000:00:")
+            .nth(1)
+            .and_then(|b| u8::from_str_radix(&b[..2], 16).ok())
+            .unwrap_or_else(|| panic!("no bdf in {body}"));
+        wait_serial(
+            &serial,
+            &format!("HOTPLUG ADDED slot={slot} type=net mac={mac}\n"),
+        );
+        let (status, info) = api(&api_sock, "GET", "vm.info");
+        assert_eq!(status, 200, "{info}");
+        assert!(
+            info.contains(&format!(r#""vhost_socket":"{}""#, sock.display())),
+            "{info}"
+        );
+        assert!(info.contains(r#""state":"Running""#), "{info}");
+        assert_eq!(api(&api_sock, "PUT", "vmm.shutdown").0, 200);
+        let r = wait_with_timeout(vmm, Duration::from_secs(20));
+        assert!(r.status.success(), "{}", r.stderr);
     });
 }
 
