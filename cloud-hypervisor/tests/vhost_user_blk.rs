@@ -6,12 +6,14 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{boot, guest, scratch, Run};
+use common::{boot, guest, scratch, spawn, wait_with_timeout, Run};
 
 const SECTORS: u64 = 16;
 const MIB: u64 = 1 << 20;
@@ -263,4 +265,139 @@ fn qcow2_image_through_our_backend() {
     assert_blk_passed(&r, 2);
     drop(b);
     check_written(&qcow2_content(&img), 2);
+}
+
+/// `GET /api/v1/<what>` on the API socket: the status line.
+fn api_get(sock: &Path, what: &str) -> String {
+    let mut s = UnixStream::connect(sock).expect("the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req =
+        format!("GET /api/v1/{what} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+/// The highest `BLKFAULT flushed <n>` the guest printed so far.
+fn flushed(serial: &Path) -> u64 {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("BLKFAULT flushed "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits (60 s at most) until the guest flushed write `n`.
+fn wait_flushed(serial: &Path, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while flushed(serial) < n {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline && !text.contains("SUMMARY"),
+            "the guest did not reach write {n}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Word `w` of sector `s` as the guest's write `n` leaves it (test-guest/src/faults.rs).
+fn word(n: u64, s: u64, w: u64) -> u64 {
+    (n + 1) << 32 | (s & 0xff_ffff) << 8 | w
+}
+
+/// The backend SIGKILLed twice while the guest writes and flushes (`blkfault`: write n to
+/// block n, 8 sectors, a FLUSH after each), started again after a while each time: meanwhile
+/// the guest's request waits (its writes make no progress) and the VMM answers its API; then
+/// the frontend reconnects, replays the set-up from the used index, and the guest's writes go
+/// on: every one completes without an error, reads back (`blkfault-readback`), and is in the
+/// image byte for byte.
+#[test]
+fn backend_killed_and_restarted_under_guest_io() {
+    const BLOCKS: u64 = 1500;
+    let dir = scratch("vub-reconnect");
+    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
+    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
+    let mut b = Backend::start(&img, &sock, "");
+    let cmdline = format!("test=blkfault blkfault_chunk=8 blkfault_blocks={BLOCKS}");
+    let disk = format!("vhost_user=on,socket={}", sock.display());
+    let child = spawn(&[
+        "--kernel",
+        guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "size=256M,shared=on",
+        "--disk",
+        &disk,
+        "--serial",
+        &format!("file={}", serial.display()),
+        "--console",
+        "off",
+        "--api-socket",
+        &format!("path={}", api.display()),
+    ]);
+    let mut outages = Vec::new();
+    for at in [100, 600] {
+        wait_flushed(&serial, at);
+        b.kill();
+        let before = flushed(&serial);
+        let t = Instant::now();
+        // The backend is gone for 500 ms: the guest's writes wait, the VMM answers.
+        while t.elapsed() < Duration::from_millis(500) {
+            assert_eq!(api_get(&api, "vmm.ping"), "HTTP/1.1 200 ");
+            assert_eq!(api_get(&api, "vm.info"), "HTTP/1.1 200 ");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stalled = flushed(&serial);
+        assert!(
+            stalled <= before + 1,
+            "the guest went on without a backend: write {before} then {stalled}"
+        );
+        b.restart(&sock);
+        outages.push((before, stalled));
+    }
+    let r = wait_with_timeout(child, Duration::from_secs(120));
+    let out = std::fs::read_to_string(&serial).unwrap();
+    let r = Run { stdout: out, ..r };
+    r.assert_guest_passed();
+    r.assert_passed("blkfault-readback");
+    assert!(
+        r.stdout.contains(&format!(
+            "BLKFAULT done writes={BLOCKS} errors=0 readback={BLOCKS}"
+        )),
+        "{}",
+        r.stdout
+    );
+    // Each time the guest's next request was waiting: the new backend ran it.
+    let replays: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("vhost-user-blk: backend reconnected after"))
+        .collect();
+    assert_eq!(replays.len(), 2, "{}", r.stderr);
+    assert!(
+        replays.iter().all(|l| l.ends_with("(1 to run again)")),
+        "{replays:?}"
+    );
+    eprintln!("outages (flushed before, after 500 ms): {outages:?}");
+    for l in r.stderr.lines().filter(|l| l.contains("vhost-user-blk")) {
+        eprintln!("{l}");
+    }
+    let content = std::fs::read(&img).unwrap();
+    for n in 0..BLOCKS {
+        for s in n * 8..n * 8 + 8 {
+            for w in 0..64 {
+                let at = (s * 512 + w * 8) as usize;
+                let got = u64::from_le_bytes(content[at..at + 8].try_into().unwrap());
+                assert_eq!(got, word(n, s, w), "write {n} sector {s} word {w}");
+            }
+        }
+    }
+    assert!(content[(BLOCKS * 8 * 512) as usize..]
+        .iter()
+        .all(|&x| x == 0));
 }

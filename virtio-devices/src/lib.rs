@@ -20,6 +20,7 @@ mod vhost_user;
 mod vhost_user_blk;
 mod vhost_user_fs;
 mod vhost_user_net;
+mod vhost_user_reconnect;
 mod vhost_user_socket;
 mod vring;
 mod vsock;

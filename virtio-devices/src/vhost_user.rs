@@ -4,24 +4,27 @@
 //! transport's notify eventfd as the kick and an eventfd of ours as the call; a relay thread
 //! turns the calls into the transport's queue interrupts (the transport's interrupt is not an
 //! eventfd the backend could write). The relay also watches the socket: a backend that goes
-//! away (crash, exit) marks the device NEEDS_RESET and is logged, and the VMM goes on.
+//! away (crash, exit) is logged and the VMM goes on; the device then needs a reset, or (where
+//! the device asks for it: vhost-user-blk) the relay connects again and replays the set-up
+//! (`vhost_user_reconnect.rs`). A device whose backend is gone connects to the socket again
+//! when the driver starts it next.
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use guest_memory::GuestMemoryMmap;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{ActivateContext, ActivateError, DeviceStatus, VirtioInterrupt};
+use crate::vhost_user_reconnect::{
+    spawn_relay, Policy, QueueSetup, Relay, RelayParts, Setup, Target,
+};
+use crate::{ActivateContext, ActivateError};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never the guest's.
 pub(crate) const F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -43,25 +46,25 @@ pub(crate) fn proto(what: &'static str) -> impl FnOnce(vhost::Error) -> VhostUse
     move |e| VhostUserError::Protocol(what, e)
 }
 
-/// The relay thread's handle: its stop eventfd and the thread.
-struct Relay {
-    stop: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// One connection to a backend and the queues it runs for us.
 pub(crate) struct VhostUserConnection {
     /// `vhost-user-blk`, `vhost-user-fs`: log prefix and the relay thread's name.
     name: &'static str,
-    fe: Frontend,
+    /// Shared with the relay, which replaces it when it reconnects.
+    fe: Arc<Mutex<Frontend>>,
     /// What the backend offers (GET_FEATURES).
     pub(crate) backend_features: u64,
+    /// The protocol features negotiated.
+    protocol: VhostUserProtocolFeatures,
     queue_size: u16,
     /// The queues the backend runs (their index), while active.
     started: Vec<usize>,
     relay: Option<Relay>,
     /// Set by the relay when the backend hangs up: no more requests are sent to it.
     gone: Arc<AtomicBool>,
+    /// The socket to connect to again (a connection made by path).
+    target: Option<Target>,
+    policy: Policy,
 }
 
 impl VhostUserConnection {
@@ -77,7 +80,12 @@ impl VhostUserConnection {
     ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
         let fe = Frontend::connect(socket, u64::from(max_queues))
             .map_err(|e| VhostUserError::Connect(socket.display().to_string(), e))?;
-        Self::negotiate(name, fe, queue_size, want)
+        let (mut c, got) = Self::negotiate(name, fe, queue_size, want)?;
+        c.target = Some(Target {
+            socket: socket.to_path_buf(),
+            max_queues: u64::from(max_queues),
+        });
+        Ok((c, got))
     }
 
     /// As `connect`, over a stream the caller connected or accepted (vhost-user-net: either
@@ -117,19 +125,29 @@ impl VhostUserConnection {
             .map_err(proto("SET_PROTOCOL_FEATURES"))?;
         let c = VhostUserConnection {
             name,
-            fe,
+            fe: Arc::new(Mutex::new(fe)),
             backend_features,
+            protocol: got,
             queue_size,
             started: Vec::new(),
             relay: None,
             gone: Arc::new(AtomicBool::new(false)),
+            target: None,
+            policy: Policy::NeedsReset,
         };
         Ok((c, got))
     }
 
     /// The frontend, for the device's own requests before activation (GET_CONFIG, ...).
-    pub(crate) fn frontend(&mut self) -> &mut Frontend {
-        &mut self.fe
+    pub(crate) fn frontend(&mut self) -> MutexGuard<'_, Frontend> {
+        self.fe.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A backend that goes away while the device runs is connected to again and given the
+    /// running queues back (`vhost_user_reconnect.rs`), instead of the device needing a reset.
+    /// For devices whose backend keeps no state the guest relies on (vhost-user-blk).
+    pub(crate) fn reconnect_running_queues(&mut self) {
+        self.policy = Policy::Reconnect;
     }
 
     /// Whether the backend runs queues for us.
@@ -162,17 +180,13 @@ impl VhostUserConnection {
         ctx: ActivateContext,
         guest_features: u64,
     ) -> Result<(), String> {
-        if self.gone.load(Ordering::Acquire) {
+        let gone = self.gone.load(Ordering::Acquire);
+        if gone && self.target.is_none() {
             return Err(format!("{}: the backend has gone away", self.name));
         }
-        let e = |what: &'static str| move |e: vhost::Error| format!("vhost-user {what}: {e}");
         let features =
             (ctx.acked_features & guest_features & self.backend_features) | F_PROTOCOL_FEATURES;
-        self.fe.set_features(features).map_err(e("SET_FEATURES"))?;
         let regions = self.regions(&ctx.mem).map_err(|x| x.to_string())?;
-        self.fe
-            .set_mem_table(&regions)
-            .map_err(e("SET_MEM_TABLE"))?;
         let name = self.name;
         let host = |a: u64| -> Result<u64, String> {
             ctx.mem
@@ -180,69 +194,75 @@ impl VhostUserConnection {
                 .map(|p| p as u64)
                 .map_err(|_| format!("{name}: ring address {a:#x} outside guest RAM"))
         };
+        let mut queues = Vec::new();
         let mut calls = Vec::new();
         for (i, q) in ctx.queues.iter().enumerate() {
             let Some((q, kick)) = q else { continue };
-            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|x| x.to_string())?;
-            let size = q.size();
-            self.fe.set_vring_num(i, size).map_err(e("SET_VRING_NUM"))?;
-            let cfg = VringConfigData {
-                queue_max_size: self.queue_size,
-                queue_size: size,
-                flags: 0,
-                desc_table_addr: host(q.desc_table())?,
-                used_ring_addr: host(q.used_ring())?,
-                avail_ring_addr: host(q.avail_ring())?,
-                log_addr: None,
-            };
-            self.fe
-                .set_vring_addr(i, &cfg)
-                .map_err(e("SET_VRING_ADDR"))?;
-            self.fe
-                .set_vring_base(i, q.next_avail())
-                .map_err(e("SET_VRING_BASE"))?;
-            self.fe
-                .set_vring_call(i, &call)
-                .map_err(e("SET_VRING_CALL"))?;
-            self.fe
-                .set_vring_kick(i, kick)
-                .map_err(e("SET_VRING_KICK"))?;
-            self.started.push(i);
-            calls.push((i, call));
+            queues.push(QueueSetup {
+                index: i,
+                size: q.size(),
+                desc: host(q.desc_table())?,
+                avail: host(q.avail_ring())?,
+                used: host(q.used_ring())?,
+                avail_gpa: GuestAddress(q.avail_ring()),
+                used_gpa: GuestAddress(q.used_ring()),
+                base: q.next_avail(),
+                kick: kick.try_clone().map_err(|x| x.to_string())?,
+            });
+            calls.push((
+                i,
+                EventFd::new(libc::EFD_NONBLOCK).map_err(|x| x.to_string())?,
+            ));
         }
-        if calls.is_empty() {
+        if queues.is_empty() {
             return Err(ActivateError::NoQueues.to_string());
         }
-        // The relay is running before the backend may call.
-        let watch = RelayWatch {
-            name: self.name,
-            socket: self.fe.as_raw_fd(),
-            gone: self.gone.clone(),
-            status: ctx.status.clone(),
+        let setup = Setup {
+            name,
+            features,
+            protocol: self.protocol,
+            queue_max_size: self.queue_size,
+            mem: ctx.mem.clone(),
+            regions,
+            queues,
         };
-        self.relay = Some(spawn_relay(calls, ctx.interrupt, watch).map_err(|x| x.to_string())?);
-        for &i in &self.started {
-            self.fe
-                .set_vring_enable(i, true)
-                .map_err(e("SET_VRING_ENABLE"))?;
+        self.started = setup.queues.iter().map(|q| q.index).collect();
+        // A backend that went away: the relay connects to the socket again (off this thread)
+        // and hands the new one this set-up; the queues wait for it meanwhile.
+        if !gone {
+            let mut fe = self.frontend();
+            setup.apply(&mut fe, &calls, &[], &AtomicBool::new(false))?;
         }
+        let parts = RelayParts {
+            setup,
+            calls,
+            policy: self.policy,
+            target: self.target.clone(),
+            interrupt: ctx.interrupt,
+            status: ctx.status.clone(),
+            fe: self.fe.clone(),
+            gone: self.gone.clone(),
+            applied: !gone,
+        };
+        self.relay = Some(spawn_relay(parts).map_err(|x| x.to_string())?);
         Ok(())
     }
 
-    /// Reset: the backend stops each ring (GET_VRING_BASE), the relay stops.
+    /// Reset: the relay stops (a reconnection in progress with it), then the backend stops
+    /// each ring (GET_VRING_BASE).
     pub(crate) fn stop(&mut self) {
-        let gone = self.gone.load(Ordering::Acquire);
-        for i in std::mem::take(&mut self.started) {
-            if gone {
-                continue;
-            }
-            if let Err(e) = self.fe.get_vring_base(i) {
+        if let Some(r) = self.relay.take() {
+            r.stop();
+        }
+        let started = std::mem::take(&mut self.started);
+        if self.gone.load(Ordering::Acquire) {
+            return;
+        }
+        let fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
+        for i in started {
+            if let Err(e) = fe.get_vring_base(i) {
                 log::warn!("{}: GET_VRING_BASE {i}: {e}", self.name);
             }
-        }
-        if let Some(r) = self.relay.take() {
-            let _ = r.stop.write(1);
-            let _ = r.thread.join();
         }
     }
 }
@@ -253,95 +273,20 @@ impl Drop for VhostUserConnection {
     }
 }
 
-/// What the relay watches besides the calls: the backend's socket hanging up.
-struct RelayWatch {
-    name: &'static str,
-    socket: RawFd,
-    gone: Arc<AtomicBool>,
-    status: Arc<DeviceStatus>,
-}
-
-const STOP_TOKEN: u64 = u64::MAX;
-const HANGUP_TOKEN: u64 = u64::MAX - 1;
-
-/// A thread waiting on the backend's call eventfds, raising queue `i`'s interrupt for each;
-/// and on the socket's hang-up, after which the device needs a reset.
-fn spawn_relay(
-    calls: Vec<(usize, EventFd)>,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    watch: RelayWatch,
-) -> std::io::Result<Relay> {
-    let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-    let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        stop.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, STOP_TOKEN),
-    )?;
-    // Only the hang-up: the socket's data is the frontend's replies, read by the device.
-    epoll.ctl(
-        ControlOperation::Add,
-        watch.socket,
-        EpollEvent::new(EventSet::READ_HANG_UP | EventSet::HANG_UP, HANGUP_TOKEN),
-    )?;
-    for (k, (_, call)) in calls.iter().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            call.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, k as u64),
-        )?;
-    }
-    let thread_stop = stop.try_clone()?;
-    let name = watch.name;
-    let thread = seccomp::spawn(format!("{name}-relay"), relay_filter(), move || {
-        let _keep = thread_stop;
-        let mut events = vec![EpollEvent::default(); calls.len() + 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("{name} relay: {e}");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    STOP_TOKEN => return,
-                    HANGUP_TOKEN => {
-                        log::error!(
-                            "{name}: the backend closed its socket (crashed or exited): \
-                             the device needs a reset"
-                        );
-                        watch.gone.store(true, Ordering::Release);
-                        let _ = epoll.ctl(
-                            ControlOperation::Delete,
-                            watch.socket,
-                            EpollEvent::default(),
-                        );
-                        watch.status.mark_needs_reset();
-                        interrupt.signal_config();
-                    }
-                    k => {
-                        let (i, call) = &calls[k as usize];
-                        if call.read().is_ok() {
-                            interrupt.signal_queue(*i);
-                        }
-                    }
-                }
-            }
-        }
-    })
-    .map_err(std::io::Error::other)?;
-    Ok(Relay { stop, thread })
-}
-
 /// The relays' seccomp filter (one kind for every vhost-user device): they wait on eventfds,
-/// write irqfds, and take the socket out of their epoll set once it hung up.
+/// write irqfds, and take the socket out of their epoll set once it hung up; to reconnect they
+/// open a Unix socket, connect it, set its timeouts and exchange messages (with descriptors:
+/// the memory files, the queues' eventfds) over it.
 pub(crate) fn relay_filter() -> seccomp::Filter {
-    seccomp::Filter::new("vhost-user-relay").allow(&[
-        seccomp::Sysno::epoll_wait,
-        seccomp::Sysno::epoll_pwait,
-        seccomp::Sysno::epoll_ctl,
+    use ::seccomp::Sysno::*;
+    ::seccomp::Filter::new("vhost-user-relay").allow(&[
+        epoll_wait,
+        epoll_pwait,
+        epoll_ctl,
+        socket,
+        connect,
+        setsockopt,
+        sendmsg,
+        recvmsg,
     ])
 }

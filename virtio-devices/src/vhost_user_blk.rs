@@ -1,7 +1,8 @@
 //! vhost-user-blk frontend: the block device runs in another process (the backend, e.g.
 //! `qemu-storage-daemon --export type=vhost-user-blk`) over the shared frontend of
 //! `vhost_user.rs`; this file adds the block device's part: the CONFIG protocol feature, the
-//! config space read from the backend, multiqueue.
+//! config space read from the backend, multiqueue, and reconnection: a backend that dies is
+//! replaced by the next one listening on the socket, the queues resuming where it left them.
 
 use std::path::Path;
 
@@ -51,6 +52,9 @@ impl VhostUserBlock {
         if !got.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Missing("the CONFIG protocol feature"));
         }
+        // The disk's state is the image's: a backend started again on the same socket takes
+        // the running queues over (docs/pci.md, "Reconnection").
+        conn.reconnect_running_queues();
         if num_queues > 1 {
             let have = if got.contains(VhostUserProtocolFeatures::MQ) {
                 conn.frontend()
