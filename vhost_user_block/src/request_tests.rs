@@ -260,8 +260,8 @@ fn malformed_requests_fail_with_ioerr() {
             0,
             vec![
                 hdr(),
-                d(DATA, u32::MAX & !511, W),
-                d(DATA, u32::MAX & !511, W),
+                d(DATA, !511u32, W),
+                d(DATA, !511u32, W),
                 status(),
             ],
         ),
