@@ -25,6 +25,7 @@ pub const OPTIONS: &[&str] = &[
     "tpm",
     "vsock",
     "landlock-rules",
+    "fs",
     "mac",
 ];
 
@@ -62,6 +63,7 @@ pub fn options(data: &[u8]) {
         12 => check(TpmConfig::parse(raw), |_| ()),
         13 => check(VsockConfig::parse(raw), |_| ()),
         14 => check(LandlockConfig::parse(raw), |v| drop(v.validate())),
+        15 => check(FsConfig::parse(raw), |v| drop(v.validate())),
         _ => {
             if let Ok(m) = raw.parse::<mac::MacAddr>() {
                 assert_eq!(m.to_string().parse::<mac::MacAddr>().ok(), Some(m));
@@ -98,6 +100,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ("tpm", "socket=/tmp/swtpm.sock"),
         ("vsock", "cid=3,socket=/tmp/vsock.sock,id=vsock0"),
         ("landlock-rules", "path=/tmp/dir,access=rw"),
+        ("fs", "tag=myfs,socket=/tmp/vfs.sock,num_queues=1,queue_size=1024,id=fs0"),
         ("mac", "52:54:00:ab:cd:ef"),
     ];
     values

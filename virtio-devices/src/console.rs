@@ -110,7 +110,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 fcntl, poll, accept4, sendto, recvfrom,
             ]
         },
-        ioctl_types: &[b'T'],
+        ioctl_types: b"T",
     };
 
 impl QueueHandler for ConsoleHandler {

@@ -671,7 +671,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
             ]
         },
         // The control queue's offload changes (TUNSETOFFLOAD), FIONBIO.
-        ioctl_types: &[b'T'],
+        ioctl_types: b"T",
     };
 
 impl QueueHandler for NetHandler {

@@ -81,6 +81,18 @@ fn config_irqs(serial: &Path) -> u64 {
         .unwrap_or_else(|| panic!("no config_irqs line in:\n{text}"))
 }
 
+/// Waits for the guest to report more configuration interrupts than `before`.
+fn wait_config_irq(serial: &Path, before: u64) {
+    let end = std::time::Instant::now() + WAIT;
+    while config_irqs(serial) <= before {
+        assert!(
+            std::time::Instant::now() < end,
+            "no configuration interrupt (still {before})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn memory_actual_size(vmm: &Vmm) -> u64 {
     let info = vmm.ok_json("vm.info");
     info["memory_actual_size"]
@@ -104,7 +116,7 @@ fn inflate_and_deflate(vmm: &Vmm, serial: &Path, rss: &str) {
     ch_remote_ok(vmm, &["resize", "--balloon", "256M"]);
     wait_balloon(serial, 65536, 65536, 1);
     // The new target came with a configuration interrupt (the guest also polls every 50 ms).
-    assert!(config_irqs(serial) > irqs, "no configuration interrupt");
+    wait_config_irq(serial, irqs);
     let inflated = status_bytes(pid, rss);
     assert!(
         inflated + 200 * MIB <= before,
@@ -119,7 +131,7 @@ fn inflate_and_deflate(vmm: &Vmm, serial: &Path, rss: &str) {
     let irqs = config_irqs(serial);
     ch_remote_ok(vmm, &["resize", "--balloon", "0"]);
     wait_balloon(serial, 0, 0, 2);
-    assert!(config_irqs(serial) > irqs, "no configuration interrupt");
+    wait_config_irq(serial, irqs);
     // The guest wrote every page it took back and read it back.
     assert_no_fail(serial);
     let deflated = status_bytes(pid, rss);

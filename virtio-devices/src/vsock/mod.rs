@@ -73,7 +73,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 setsockopt, fcntl,
             ]
         },
-        ioctl_types: &[b'T'],
+        ioctl_types: b"T",
     };
 
 impl QueueHandler for VsockHandler {
