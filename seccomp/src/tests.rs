@@ -94,7 +94,7 @@ fn ioctls_are_allowed_by_type() {
     fn terminal_only() -> Filter {
         Filter::new("terminal-only")
             .allow(&[Sysno::pipe2, Sysno::pipe])
-            .allow_ioctl_types(&[b'T'])
+            .allow_ioctl_types(b"T")
     }
     if let Ok(which) = std::env::var(IOCTL_CHILD) {
         set_mode(Mode::Trap);

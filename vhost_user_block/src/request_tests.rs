@@ -258,12 +258,7 @@ fn malformed_requests_fail_with_ioerr() {
             "oversized",
             T_IN,
             0,
-            vec![
-                hdr(),
-                d(DATA, !511u32, W),
-                d(DATA, !511u32, W),
-                status(),
-            ],
+            vec![hdr(), d(DATA, !511u32, W), d(DATA, !511u32, W), status()],
         ),
         (
             "GET_ID buffer outside RAM",
