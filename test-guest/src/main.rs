@@ -46,6 +46,7 @@ mod tpm;
 mod virtio;
 mod virtio_mem;
 mod vsock;
+mod vsock_event;
 mod watchdog;
 
 use alloc::string::String;

@@ -41,7 +41,7 @@ pub(crate) fn r16(a: u64) -> u16 {
     // SAFETY: as above.
     unsafe { read_volatile(a as *const u16) }
 }
-fn r32(a: u64) -> u32 {
+pub(crate) fn r32(a: u64) -> u32 {
     // SAFETY: as above.
     unsafe { read_volatile(a as *const u32) }
 }

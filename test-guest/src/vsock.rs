@@ -3,7 +3,10 @@
 //! `hello from guest\n` and expects `hello from host\n` back; then it listens on port 1234 and
 //! echoes every byte each connection sends, for `vsock_secs=` seconds (default 120). Prints
 //! `VSOCK connected port=4321 ok` (or `refused`), `VSOCK listening port=1234`, `VSOCK accepted
-//! port=<host port>` and `VSOCK echo bytes=<n>` when a connection ends.
+//! port=<host port>` and `VSOCK echo bytes=<n>` when a connection ends. With `vsock_evq=1` it
+//! also keeps an event buffer on the event queue (`vsock_event.rs`) and, on a transport reset
+//! (after a restore), prints `VSOCK transport-reset cid=<the CID read again>`, drops every
+//! connection it had and posts the buffer again; any other event is a `vsock-event` FAIL.
 
 use alloc::vec::Vec;
 
@@ -16,6 +19,7 @@ use virtio_drivers::Error;
 
 use crate::bootinfo::BootInfo;
 use crate::virtio::{find, transport, GuestHal};
+use crate::vsock_event::{EventQueue, TRANSPORT_RESET};
 use crate::{check, fail, parse_u64, pass, println, smp, svc};
 
 const LISTEN_PORT: u32 = 1234;
@@ -139,6 +143,19 @@ pub fn scenario_vsock(boot: &BootInfo) {
     };
     let mut m = Manager::new_with_capacity(driver, CONN_BUF);
     println!("VSOCK cid={}", m.guest_cid());
+    let mut evq = match boot.arg("vsock_evq") {
+        Some("1") => {
+            let Some(q) = EventQueue::adopt(df) else {
+                return;
+            };
+            Some(q)
+        }
+        _ => None,
+    };
+    if let Some(q) = evq.as_mut() {
+        q.post();
+        println!("VSOCK event buffer posted");
+    }
     connect_out(&mut m);
     m.listen(LISTEN_PORT);
     println!("VSOCK listening port={LISTEN_PORT}");
@@ -147,6 +164,11 @@ pub fn scenario_vsock(boot: &BootInfo) {
     let mut conns: Vec<Echo> = Vec::new();
     let mut buf = alloc::vec![0u8; 32 * 1024];
     while now_us() < deadline {
+        if let Some(q) = evq.as_mut() {
+            if !transport_event(q, &mut m, &mut conns) {
+                return;
+            }
+        }
         let ev = match m.poll() {
             Ok(ev) => ev,
             Err(e) => {
@@ -188,4 +210,22 @@ pub fn scenario_vsock(boot: &BootInfo) {
         }
     }
     println!("VSOCK done");
+}
+
+/// Handles an event from the event queue, if one came. False after a `vsock-event` FAIL.
+fn transport_event(q: &mut EventQueue, m: &mut Manager, conns: &mut Vec<Echo>) -> bool {
+    let Some((id, len)) = q.poll() else {
+        return true;
+    };
+    if id != TRANSPORT_RESET || len != 4 {
+        fail("vsock-event", format_args!("event id {id} of {len} bytes"));
+        return false;
+    }
+    // Every connection is gone: forget them (the RSTs the driver sends are answered by nobody).
+    for c in conns.drain(..) {
+        let _ = m.force_close(c.peer, LISTEN_PORT);
+    }
+    println!("VSOCK transport-reset cid={}", q.guest_cid());
+    q.post();
+    true
 }

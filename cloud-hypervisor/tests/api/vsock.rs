@@ -2,7 +2,9 @@
 //! connection manager) and the original's hybrid vsock: the guest connects out to a host
 //! listener at `<socket>_4321`; a host program connects to `<socket>`, says `CONNECT 1234`,
 //! gets `OK <port>` and has 1 MiB echoed back byte-exact (credit and ordering under load); a
-//! CONNECT to a port the guest does not listen on is closed; the VMM goes on.
+//! CONNECT to a port the guest does not listen on is closed; the VMM goes on. After a snapshot
+//! and a restore in a new VMM the guest gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and new
+//! connections work.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -134,4 +136,74 @@ fn vsock_both_directions_through_the_unix_socket() {
     wait_line(&serial, "VSOCK listening port=1234", 2, WAIT);
     let s = connect(&sock, 1234).expect("the guest refused port 1234 after the reboot");
     assert_eq!(echo(&s, b"rebooted"), b"rebooted");
+}
+
+/// A VM with an open vsock connection is snapshotted and restored in a new VMM: the guest's
+/// event queue gets the transport reset (virtio 1.2, 5.10.6.6) and it reads its CID again, the
+/// old host stream has ended with the old VMM, and a new connection is echoed.
+#[test]
+fn vsock_transport_reset_after_restore() {
+    require_curl();
+    let dir = common::scratch("vsock-restore-socks");
+    let sock = dir.join("v.sock");
+    let out = common::scratch("vsock-restore-serial");
+    let serial = out.join("serial.out");
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let vsock = format!("cid=3,socket={}", sock.display());
+    let serial_arg = format!("file={}", serial.display());
+    let a = Vmm::start(
+        "vsock-restore-a",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=vsock vsock_secs=300 vsock_evq=1",
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=256M",
+            "--vsock",
+            &vsock,
+            "--serial",
+            &serial_arg,
+            "--console",
+            "off",
+        ],
+    );
+    wait_line(&serial, "VSOCK event buffer posted", 1, WAIT);
+    wait_line(&serial, "VSOCK listening port=1234", 1, WAIT);
+    let mut old = connect(&sock, 1234).expect("the guest refused port 1234");
+    assert_eq!(echo(&old, b"before"), b"before");
+
+    assert_eq!(a.put("vm.pause").0, 204);
+    let snap = a.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let url = format!("file://{}", snap.display());
+    let body = serde_json::json!({ "destination_url": url }).to_string();
+    let (status, text) = a.curl("PUT", "vm.snapshot", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    let mut a = a;
+    assert_eq!(a.put("vmm.shutdown").0, 200);
+    assert_eq!(a.wait().code(), Some(0));
+    // The connection lived in the old VMM's socket: it ended with it.
+    let mut b = [0u8; 8];
+    assert_eq!(old.read(&mut b).unwrap_or(0), 0);
+    assert!(
+        !serial_text(&serial).contains("VSOCK transport-reset"),
+        "a reset event before the restore"
+    );
+
+    let arg = format!("source_url={url},resume=on");
+    let b = Vmm::start("vsock-restore-b", &["--restore", &arg]);
+    wait_line(&serial, "VSOCK transport-reset cid=3", 1, WAIT);
+    let s = connect(&sock, 1234).expect("the guest refused port 1234 after the restore");
+    assert_eq!(echo(&s, b"after the restore"), b"after the restore");
+    drop(s);
+    wait_line(&serial, "VSOCK echo bytes=17", 1, WAIT);
+    assert_eq!(b.state(), "Running");
+    assert_no_fail(&serial);
+    // Exactly one event.
+    std::thread::sleep(Duration::from_millis(200));
+    let text = serial_text(&serial);
+    assert_eq!(text.matches("VSOCK transport-reset").count(), 1, "{text}");
 }

@@ -1,17 +1,21 @@
 //! virtio-vsock (virtio 1.2, 5.10; device type 19) with the original's hybrid vsock: the host
 //! side of every connection is a Unix stream (see `muxer.rs`). Queues: receive (0), transmit
-//! (1), event (2; never used: the device sends no events). Configuration: le64 `guest_cid`.
+//! (1), event (2: one event, the transport reset after a restore or a migration). Configuration: le64 `guest_cid`.
 //!
 //! One worker thread serves the transmit queue (packets from the guest), the receive queue
-//! (buffers for packets to the guest) and the muxer's epoll fd (the host side). Nothing waits:
+//! (buffers for packets to the guest), the event queue (`event.rs`: the transport reset after a
+//! restore) and the muxer's epoll fd (the host side). Nothing waits:
 //! a packet for the guest that finds no receive buffer waits in its connection (bounded: a few
 //! flags, and host data read ahead up to a limit), so the transmit queue is always drained.
 //!
 //! Connections live in the host's sockets and cannot be saved: a snapshot holds the
-//! configuration and the queue positions, and after a restore the guest's old connections get
-//! RSTs (as in the original, whose vsock connections do not survive a restore either).
+//! configuration and the queue positions. A restored device sends the driver
+//! VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio 1.2, 5.10.6.6) as soon as it has an event buffer,
+//! and answers packets of the guest's old connections with RSTs (the original's vsock
+//! connections do not survive a restore either; it sends no event).
 
 mod connection;
+mod event;
 mod muxer;
 mod packet;
 
@@ -42,9 +46,24 @@ const TX: usize = 1;
 struct VsockHandler {
     muxer: Muxer,
     payload: Vec<u8>,
+    /// A transport reset event waits for an event buffer (set by a restore).
+    reset_event: bool,
 }
 
 impl VsockHandler {
+    fn send_reset_event(
+        &mut self,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        let Some(Some(q)) = queues.get_mut(event::EVENT).filter(|_| self.reset_event) else {
+            return Ok(0);
+        };
+        let d = event::deliver_reset(q, mem)?;
+        self.reset_event &= !d.delivered;
+        Ok(if d.used { queue_bit(event::EVENT) } else { 0 })
+    }
+
     fn fill_rx(
         &mut self,
         queues: &mut [Option<VirtQueue>],
@@ -86,7 +105,9 @@ impl QueueHandler for VsockHandler {
         queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
-        let mut used = 0;
+        // Whatever the queue, a pending event is tried: the worker serves every queue once when
+        // a restored device is resumed.
+        let mut used = self.send_reset_event(queues, mem)?;
         if index == TX {
             if let Some(Some(q)) = queues.get_mut(TX) {
                 let (muxer, payload) = (&mut self.muxer, &mut self.payload);
@@ -103,7 +124,7 @@ impl QueueHandler for VsockHandler {
                 })?;
             }
         }
-        // The event queue needs nothing; the receive queue (new buffers) and the transmit
+        // The receive queue (new buffers) and the transmit
         // queue (answers) may have made packets for the guest deliverable.
         Ok(used | self.fill_rx(queues, mem)?)
     }
@@ -135,6 +156,9 @@ pub struct Vsock {
     path: PathBuf,
     handler: Option<VsockHandler>,
     worker: Option<WorkerHandle<VsockHandler>>,
+    /// Restored (`set_device_state`): the next start sends the transport reset event. (The
+    /// transport may reset the device between the two, so the flag is not the handler's yet.)
+    restored: bool,
 }
 
 impl Vsock {
@@ -147,8 +171,10 @@ impl Vsock {
             handler: Some(VsockHandler {
                 muxer,
                 payload: Vec::new(),
+                reset_event: false,
             }),
             worker: None,
+            restored: false,
         })
     }
 
@@ -171,10 +197,11 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let h = self
+        let mut h = self
             .handler
             .take()
             .ok_or_else(|| ActivateError::Other("virtio-vsock: worker lost".into()))?;
+        h.reset_event = std::mem::take(&mut self.restored);
         self.worker = Some(WorkerHandle::spawn("virtio-vsock", h, ctx)?);
         Ok(())
     }
@@ -182,9 +209,11 @@ impl VirtioDevice for Vsock {
         if let Some(w) = self.worker.take() {
             self.handler = w.stop();
         }
-        // The driver forgot its connections: so do we (their host streams are closed).
+        // The driver forgot its connections: so do we (their host streams are closed). A
+        // pending event is for the driver that was reset: dropped too.
         if let Some(h) = self.handler.as_mut() {
             h.muxer.clear();
+            h.reset_event = false;
         }
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
@@ -214,6 +243,8 @@ impl VirtioDevice for Vsock {
                 format!("cid {} (this device has cid {})", s.cid, self.cid),
             ));
         }
+        // The guest's connections did not come with it: it is told once the device runs again.
+        self.restored = true;
         Ok(())
     }
 }
