@@ -32,6 +32,7 @@ pub enum Endpoint {
     VmAddNet,
     VmRemoveDevice,
     VmResize,
+    VmResizeZone,
     VmAddVsock,
     VmAddPmem,
     VmAddFs,
@@ -65,7 +66,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.remove-device", Method::Put, Endpoint::VmRemoveDevice),
     ("vm.resize", Method::Put, Endpoint::VmResize),
     ("vm.resize-disk", Method::Put, Endpoint::NotYet),
-    ("vm.resize-zone", Method::Put, Endpoint::NotYet),
+    ("vm.resize-zone", Method::Put, Endpoint::VmResizeZone),
     ("vm.snapshot", Method::Put, Endpoint::VmSnapshot),
     ("vm.restore", Method::Put, Endpoint::VmRestore),
     ("vm.coredump", Method::Put, Endpoint::NotYet),
@@ -206,6 +207,7 @@ pub fn request(
             ApiRequest::VmRemoveDevice(body_of(body, name, "VmRemoveDeviceData")?)
         }
         Endpoint::VmResize => ApiRequest::VmResize(body_of(body, name, "VmResize")?),
+        Endpoint::VmResizeZone => ApiRequest::VmResizeZone(body_of(body, name, "VmResizeZone")?),
         Endpoint::VmAddVsock => {
             ApiRequest::VmAddVsock(Box::new(body_of(body, name, "VsockConfig")?))
         }

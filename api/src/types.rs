@@ -48,6 +48,8 @@ pub enum ApiRequest {
     VmAddNet(Box<NetConfig>),
     VmRemoveDevice(VmRemoveDeviceData),
     VmResize(VmResizeData),
+    /// `vm.resize-zone`: a memory zone's RAM (its size plus what its virtio-mem device plugs).
+    VmResizeZone(VmResizeZoneData),
     /// `vm.add-vsock`: before boot the device joins the configuration; on a built VM it is
     /// hot-added (one vsock per VM).
     VmAddVsock(Box<VsockConfig>),
@@ -68,6 +70,14 @@ pub struct VmResizeData {
     pub desired_ram: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_balloon: Option<u64>,
+}
+
+/// `vm.resize-zone`'s body, as the original's `VmResizeZone`: both fields required.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmResizeZoneData {
+    pub id: String,
+    /// The zone's RAM wanted, in bytes: its `size` plus what is to be plugged.
+    pub desired_ram: u64,
 }
 
 /// `vm.remove-device`'s body, as the original's.

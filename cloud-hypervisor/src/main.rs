@@ -47,7 +47,13 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     }
     let s = |name: &str| m.get_one::<String>(name).cloned();
     let cpus = CpusConfig::parse(&s("cpus").unwrap_or_default())?;
-    let memory = MemoryConfig::parse(&s("memory").unwrap_or_default())?;
+    let zones: Vec<&str> = m
+        .get_many::<String>("memory-zone")
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let memory = MemoryConfig::parse_with_zones(&s("memory").unwrap_or_default(), &zones)?;
     let serial = ConsoleConfig::parse("--serial", &s("serial").unwrap_or_default())?;
     let console = ConsoleConfig::parse("--console", &s("console").unwrap_or_default())?;
     let disks = m

@@ -7,6 +7,7 @@ mod fs;
 mod generated;
 mod landlock;
 pub mod mac;
+mod memory_zone;
 mod migration;
 mod net_vhost;
 mod parser;
@@ -32,6 +33,7 @@ pub use devices::{
 pub use extra::Extra;
 pub use fs::{FsConfig, FS_MAX_QUEUES, FS_TAG_MAX};
 pub use landlock::{parent_dir, LandlockAccess, LandlockConfig, LandlockGrant};
+pub use memory_zone::MemoryZoneConfig;
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
 pub use platform::{parse_uuid, PlatformConfig};
@@ -64,7 +66,7 @@ impl ConfigError {
 /// Most vCPUs a VM may have: APIC IDs must fit the xAPIC's 8 bits (0xff is broadcast).
 pub const MAX_VCPUS: u32 = 254;
 const DEFAULT_MAX_PHYS_BITS: u8 = 46;
-const PAGE_SIZE: u64 = 4096;
+pub(crate) const PAGE_SIZE: u64 = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuTopology {
@@ -284,6 +286,14 @@ pub struct MemoryConfig {
     pub reserve: bool,
     #[serde(default = "default_true")]
     pub thp: bool,
+    /// `--memory-zone`: the guest RAM in zones (with `size` 0), in guest-physical order.
+    /// An empty list (the original's clients send one) is no zones.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "memory_zone::none_if_empty"
+    )]
+    pub zones: Option<Vec<MemoryZoneConfig>>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: Extra,
@@ -321,6 +331,7 @@ impl Default for MemoryConfig {
             prefault: false,
             reserve: false,
             thp: true,
+            zones: None,
         }
     }
 }
@@ -343,6 +354,12 @@ impl MemoryConfig {
     ];
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        Self::parse_with_zones(raw, &[])
+    }
+
+    /// `--memory` with its `--memory-zone` values (each parsed with `--memory`'s `mergeable`
+    /// as its default), checked together.
+    pub fn parse_with_zones(raw: &str, zones: &[&str]) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
         p.refuse(&["file"])?;
         // Without hotplug the method chooses nothing; ACPI is the original's default.
@@ -367,14 +384,29 @@ impl MemoryConfig {
             prefault: p.toggle("prefault", false)?,
             reserve: p.toggle("reserve", false)?,
             thp: p.toggle("thp", true)?,
+            zones: None,
         };
+        let mut cfg = cfg;
+        if !zones.is_empty() {
+            cfg.zones = Some(
+                zones
+                    .iter()
+                    .map(|z| MemoryZoneConfig::parse(z, cfg.mergeable))
+                    .collect::<Result<_, _>>()?,
+            );
+            cfg.validate_zones()?;
+        }
         cfg.validate().map_err(|m| p.error(m))?;
         Ok(cfg)
     }
 
+    /// `--memory`'s own rules; with zones, `validate_zones` checks them all instead.
     pub fn validate(&self) -> Result<(), String> {
+        if self.zones.is_some() {
+            return Ok(());
+        }
         if self.size == 0 {
-            return Err("size must not be zero".into());
+            return Err("size must not be zero (size=0 only with --memory-zone)".into());
         }
         if !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(format!("size {} is not a multiple of 4 KiB", self.size));
@@ -703,6 +735,7 @@ impl VmConfig {
         self.memory
             .validate()
             .map_err(|m| ConfigError::new("--memory", "", m))?;
+        self.memory.validate_zones()?;
         if let Some(p) = &self.platform {
             p.validate()
                 .map_err(|m| ConfigError::new(PlatformConfig::OPTION, "", m))?;
@@ -718,6 +751,9 @@ impl VmConfig {
     fn check_extra(&self) -> Result<(), ConfigError> {
         self.cpus.extra.check("cpus")?;
         self.memory.extra.check("memory")?;
+        for z in self.memory.zones.iter().flatten() {
+            z.extra.check("memory.zones")?;
+        }
         self.payload.extra.check("payload")?;
         self.serial.extra.check("serial")?;
         self.console.extra.check("console")?;
@@ -770,6 +806,10 @@ impl VmConfig {
             }
             Ok(())
         };
+        // Zone ids share the devices' id space too (a zone's virtio-mem device is named so).
+        for z in self.memory.zones.iter().flatten() {
+            check(MemoryZoneConfig::OPTION, &Some(z.id.clone()), None)?;
+        }
         // Group ids share the devices' id space, as the original's.
         let groups = self.rate_limit_groups.as_deref().unwrap_or_default();
         for g in groups {
@@ -781,7 +821,7 @@ impl VmConfig {
         let vcpus = self.cpus.boot_vcpus;
         for d in &self.disks {
             d.validate()?;
-            if d.vhost_user && !self.memory.shared {
+            if d.vhost_user && !self.memory.all_shared() {
                 // The backend maps guest RAM from the memory files we hand it.
                 return Err(ConfigError::new(
                     "--disk",
@@ -812,7 +852,7 @@ impl VmConfig {
         }
         for n in &self.net {
             n.validate()?;
-            if n.vhost_user && !self.memory.shared {
+            if n.vhost_user && !self.memory.all_shared() {
                 // The backend maps guest RAM from the memory files we hand it.
                 return Err(net_vhost::shared_memory_error());
             }
@@ -828,8 +868,8 @@ impl VmConfig {
         self.rng.validate()?;
         check("--rng", &self.rng.id, self.rng.pci_device_id)?;
         if let Some(b) = &self.balloon {
-            b.validate(self.memory.size)?;
-            if self.memory.hugepages {
+            b.validate(self.memory.ram_size())?;
+            if self.memory.any_hugepages() {
                 // The driver hands pages back 4 KiB at a time; a huge page cannot be returned
                 // in parts, so nothing would be freed.
                 return Err(ConfigError::new(
@@ -850,7 +890,7 @@ impl VmConfig {
         }
         for f in &self.fs {
             f.validate()?;
-            if !self.memory.shared {
+            if !self.memory.all_shared() {
                 // The backend maps guest RAM from the memory files we hand it.
                 return Err(ConfigError::new(
                     FsConfig::OPTION,

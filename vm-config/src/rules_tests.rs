@@ -232,8 +232,8 @@ fn unmodelled_keys_are_refused_in_every_object_unless_they_ask_for_nothing() {
             "cpus.affinity",
         ),
         (
-            json!({"memory": {"size": 1 << 28, "zones": [{"id": "z", "size": 1 << 28}]}}),
-            "memory.zones",
+            json!({"memory": {"size": 0, "zones": [{"id": "z", "size": 1 << 28, "bogus": 1}]}}),
+            "memory.zones.bogus",
         ),
         (
             json!({"payload": {"kernel": "/k", "host_data": "aa"}}),

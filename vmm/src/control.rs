@@ -42,6 +42,7 @@ const EV_PANIC: u64 = 15;
 mod hotplug;
 mod migrate;
 mod resize;
+mod resize_zone;
 
 /// How long the loop keeps polling, instead of sleeping, after it answered an API request. On a
 /// virtualised host a sleeping thread's wake-up (idle exit, IPI) costs tens of microseconds,
@@ -685,6 +686,7 @@ impl Vmm {
             }
             VmRemoveDevice(d) => done(self.remove_device(&d.id)),
             VmResize(r) => done(self.resize(r)),
+            VmResizeZone(r) => done(self.resize_zone(r)),
             VmAddVsock(v) => (self.add_device(hotplug::Added::Vsock(*v)), Next::Continue),
             VmAddPmem(p) => (self.add_device(hotplug::Added::Pmem(*p)), Next::Continue),
             VmAddFs(f) => (self.add_device(hotplug::Added::Fs(*f)), Next::Continue),
@@ -705,13 +707,18 @@ impl Vmm {
     /// the balloon holds.
     fn memory_actual_size(&self, config: &VmConfig) -> u64 {
         let Some(vm) = self.vm.as_ref() else {
-            return config.memory.size;
+            return config.memory.ram_size();
         };
         let pci = &vm.devices().pci;
-        let plugged =
-            pci.virtio_mem.as_ref().map_or(0, |m| m.plugged()) + vm.acpi_plugged().unwrap_or(0);
+        let plugged = pci.virtio_mem.as_ref().map_or(0, |m| m.plugged())
+            + pci
+                .zone_virtio_mem
+                .iter()
+                .map(|(_, m)| m.plugged())
+                .sum::<u64>()
+            + vm.acpi_plugged().unwrap_or(0);
         let ballooned = pci.balloon.as_ref().map_or(0, |b| b.actual());
-        (config.memory.size + plugged).saturating_sub(ballooned)
+        (config.memory.ram_size() + plugged).saturating_sub(ballooned)
     }
 
     /// Runs until the VMM should exit.

@@ -12,6 +12,7 @@ mod hotplug;
 mod landlock;
 mod memory;
 mod memory_hotplug;
+mod memory_zones;
 mod migration;
 mod pci_setup;
 mod platform;

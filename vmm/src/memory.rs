@@ -14,11 +14,29 @@ use thiserror::Error;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::MemoryConfig;
+use crate::memory_zones;
 
 #[derive(Debug, Error)]
 pub enum MemoryError {
-    #[error("--memory hugepages=on: the host has {free} free huge pages of {size} bytes, the guest needs {needed} (see /proc/sys/vm/nr_hugepages)")]
-    NoHugepages { size: u64, free: u64, needed: u64 },
+    #[error("{option} hugepages=on: the host has {free} free huge pages of {size} bytes, the guest needs {needed} (see /proc/sys/vm/nr_hugepages)")]
+    NoHugepages {
+        option: String,
+        size: u64,
+        free: u64,
+        needed: u64,
+    },
+    #[error("{option} file={path}: {msg}")]
+    ZoneFile {
+        option: String,
+        path: String,
+        msg: String,
+    },
+    #[error("{option} host_numa_node={node}: {msg}")]
+    Numa {
+        option: String,
+        node: u32,
+        msg: String,
+    },
     #[error("cannot map {size} bytes of guest memory: {source}")]
     Mmap {
         size: u64,
@@ -40,6 +58,11 @@ pub enum MemoryError {
 
 const DEFAULT_HUGEPAGE_SIZE: u64 = 2 << 20;
 
+#[cfg(test)]
+pub fn tests_free_hugepages(size: u64) -> u64 {
+    free_hugepages(size)
+}
+
 /// Free huge pages of `size` bytes on the host, from sysfs.
 fn free_hugepages(size: u64) -> u64 {
     let path = format!(
@@ -53,38 +76,47 @@ fn free_hugepages(size: u64) -> u64 {
 }
 
 pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
-    let hugepage_size = cfg.hugepage_size.unwrap_or(DEFAULT_HUGEPAGE_SIZE);
-    if cfg.hugepages {
-        let needed = cfg.size.div_ceil(hugepage_size);
-        let free = free_hugepages(hugepage_size);
+    let specs = memory_zones::layout(cfg);
+    // Huge pages, by page size, that the boot RAM needs, and the first region asking for them.
+    let mut needed: Vec<(u64, u64, String)> = Vec::new();
+    for s in specs.iter().filter(|s| s.backing.hugepages && !s.hotplug) {
+        let size = s.backing.hugepage_size.unwrap_or(DEFAULT_HUGEPAGE_SIZE);
+        match needed.iter_mut().find(|(p, _, _)| *p == size) {
+            Some((_, n, _)) => *n += s.size.div_ceil(size),
+            None => needed.push((size, s.size.div_ceil(size), s.option())),
+        }
+    }
+    for (size, needed, option) in needed {
+        let free = free_hugepages(size);
         if free < needed {
             return Err(MemoryError::NoHugepages {
-                size: hugepage_size,
+                option,
+                size,
                 free,
                 needed,
             });
         }
     }
     let mut mapped = Vec::new();
-    for (start, size) in layout::ram_regions(cfg.size) {
-        mapped.push(ram_region(start, size, cfg)?);
-    }
-    if let Some((start, size)) = layout::hotplug_region(cfg.size, cfg.hotplug_size.unwrap_or(0)) {
-        // Nothing is plugged yet: no pages are faulted in up front.
-        let unplugged = MemoryConfig {
-            prefault: false,
-            ..cfg.clone()
-        };
-        mapped.push(ram_region(start, size, &unplugged)?);
+    for s in &specs {
+        let file = memory_zones::open_file(s)?;
+        let region = ram_region_with(s.start, s.size, &s.backing, file)?;
+        if let Some(node) = s.numa {
+            memory_zones::bind_to_node(s, region.as_ptr(), node)?;
+        }
+        mapped.push(region);
     }
     GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 
-/// The regions of a VM's guest memory: its RAM, then the region memory can be hot-plugged
-/// into (mapped like RAM, so devices reach what the guest plugs; the virtio-mem device says
-/// which blocks are plugged, and unplugged ones hold no host pages).
+/// The regions of a VM's guest memory: its RAM (by zone, with zones), then the regions memory
+/// can be hot-plugged into (mapped like RAM, so devices reach what the guest plugs; the
+/// virtio-mem device says which blocks are plugged, and unplugged ones hold no host pages).
 pub fn regions(cfg: &MemoryConfig) -> Vec<(GuestAddress, u64)> {
-    layout::memory_regions(cfg.size, cfg.hotplug_size.unwrap_or(0))
+    memory_zones::layout(cfg)
+        .into_iter()
+        .map(|s| (s.start, s.size))
+        .collect()
 }
 
 /// Whether guest RAM is a shared mapping of a memory file (memfd) that the region carries, so
@@ -101,10 +133,23 @@ fn backed_by_file(cfg: &MemoryConfig) -> bool {
 }
 
 /// One region of guest RAM at guest address `start`, `size` bytes.
+#[cfg(test)]
 fn ram_region(
     start: GuestAddress,
     size: u64,
     cfg: &MemoryConfig,
+) -> Result<GuestRegionMmap, MemoryError> {
+    ram_region_with(start, size, cfg, None)
+}
+
+/// One region of guest RAM at guest address `start`, `size` bytes; `file`: a zone's own file
+/// backs it (mapped shared with `shared=on`, else private), instead of anonymous memory or
+/// a memfd.
+fn ram_region_with(
+    start: GuestAddress,
+    size: u64,
+    cfg: &MemoryConfig,
+    file: Option<FileOffset>,
 ) -> Result<GuestRegionMmap, MemoryError> {
     // `reserve=on`: the kernel accounts (commits) the whole of guest RAM at the mapping, so it
     // fails up front rather than at a page fault under memory pressure; off (the default, as
@@ -118,7 +163,14 @@ fn ram_region(
     let mut builder = guest_memory::region_builder(size as usize)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_hugetlbfs(cfg.hugepages);
-    if backed_by_file(cfg) {
+    if let Some(file) = file {
+        flags |= if cfg.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        builder = builder.with_file_offset(file);
+    } else if backed_by_file(cfg) {
         flags |= libc::MAP_SHARED;
         builder = builder.with_file_offset(FileOffset::new(memory_file(size, cfg)?, 0));
     } else {

@@ -36,6 +36,13 @@ pub enum PciSetupError {
         value: String,
         msg: String,
     },
+    /// As `Device`, for an option named at run time (`--memory-zone id=<id>`).
+    #[error("{option} {value}: {msg}")]
+    DeviceOf {
+        option: String,
+        value: String,
+        msg: String,
+    },
     #[error("PCI: {0}")]
     Bus(String),
 }
@@ -255,6 +262,8 @@ pub struct PciDevices {
     pub balloon: Option<Arc<virtio_devices::BalloonControl>>,
     /// The virtio-mem device's requested and plugged sizes, when memory can be hot-plugged.
     pub virtio_mem: Option<Arc<virtio_devices::VirtioMemControl>>,
+    /// The virtio-mem device of each `--memory-zone` with a `hotplug_size`, by zone id.
+    pub zone_virtio_mem: Vec<(String, Arc<virtio_devices::VirtioMemControl>)>,
     /// The statistics of the devices `remove_all` unplugged.
     released_counters: Vec<(String, Arc<dyn devices::DeviceCounters>)>,
     /// The format each disk was opened as, in `--disk` order (probed where not given), which
@@ -744,6 +753,13 @@ pub fn create(
             virtio_mem = Some(control);
         }
     }
+    let mut zone_virtio_mem = Vec::new();
+    if cfg.memory.hotplug_method == vm_config::HotplugMethod::VirtioMem {
+        for (dev, zone, control) in virtio_build::zone_virtio_mems(&cfg.memory)? {
+            list.push(dev);
+            zone_virtio_mem.push((zone, control));
+        }
+    }
     if let Some(hints) = slot_hints {
         for d in list.iter_mut().filter(|d| d.slot.is_none()) {
             d.slot = hints.get(&d.id).copied();
@@ -763,6 +779,7 @@ pub fn create(
         devices_paused: false,
         balloon,
         virtio_mem,
+        zone_virtio_mem,
         released_counters: Vec::new(),
         disk_image_types,
         rate_limit_groups,

@@ -117,7 +117,9 @@ pub fn file_offsets(
         return Err(Cause::new(format!(
             "the state's RAM ranges {:?} are not those of the configuration's {} bytes of \
              memory {:?}",
-            state.memory_ranges, cfg.size, expected
+            state.memory_ranges,
+            cfg.ram_size(),
+            expected
         )));
     }
     let mut offset = 0u64;
@@ -146,7 +148,7 @@ pub fn load_memory(
             copy_on_write(src, cfg, prefault, &ranges).map(|m| (m, None))
         }
         MemoryRestoreMode::OnDemand => {
-            if cfg.hugepages {
+            if cfg.any_hugepages() {
                 return Err(Cause::new(
                     "memory_restore_mode=ondemand cannot serve hugepages=on memory (the pages \
                      are loaded 4 KiB at a time); use copy",
@@ -238,14 +240,14 @@ fn copy_on_write(
     prefault: bool,
     ranges: &[(MemoryRange, u64)],
 ) -> Result<GuestMemoryMmap, Cause> {
-    if cfg.shared {
+    if cfg.any_shared() {
         return Err(Cause::new(
             "memory_restore_mode=copyonwrite cannot serve shared=on memory: guest writes must \
              reach a file other processes map, and a private mapping keeps them; use copy or \
              ondemand",
         ));
     }
-    if cfg.hugepages {
+    if cfg.any_hugepages() {
         return Err(Cause::new(
             "memory_restore_mode=copyonwrite cannot serve hugepages=on memory: the snapshot's \
              memory file is not on hugetlbfs; use copy",
@@ -282,7 +284,7 @@ fn copy_on_write(
 /// Guest RAM as shared mappings of the memory files a local migration's source sent, one per
 /// region in layout order (the source's own RAM: the same pages).
 pub fn map_memory_files(cfg: &MemoryConfig, files: Vec<File>) -> Result<GuestMemoryMmap, Cause> {
-    let layout = memory::regions(cfg);
+    let layout = crate::memory_zones::layout(cfg);
     if files.len() != layout.len() {
         return Err(Cause::new(format!(
             "{} memory files for {} RAM regions",
@@ -291,26 +293,29 @@ pub fn map_memory_files(cfg: &MemoryConfig, files: Vec<File>) -> Result<GuestMem
         )));
     }
     let mut regions = Vec::with_capacity(layout.len());
-    for ((start, size), file) in layout.into_iter().zip(files) {
+    for (spec, file) in layout.into_iter().zip(files) {
+        let (start, size) = (spec.start, spec.size);
+        // A zone's own file holds the region at the offset the layout gives; a memfd at 0.
+        let offset = spec.file.as_ref().map_or(0, |f| f.1);
         let len = file
             .metadata()
             .map_err(Cause::io("cannot read a memory file's size"))?
             .len();
-        if len < size {
+        if len < offset + size {
             return Err(Cause::new(format!(
-                "the memory file for {:#x} holds {len} bytes, the region {size}",
+                "the memory file for {:#x} holds {len} bytes, the region {size} from {offset}",
                 start.0
             )));
         }
         let mut flags = libc::MAP_SHARED;
-        if !cfg.reserve {
+        if !spec.backing.reserve {
             flags |= libc::MAP_NORESERVE;
         }
         let region = guest_memory::region_builder(size as usize)
-            .with_file_offset(FileOffset::new(file, 0))
+            .with_file_offset(FileOffset::new(file, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
-            .with_hugetlbfs(cfg.hugepages)
+            .with_hugetlbfs(spec.backing.hugepages)
             .build()
             .map_err(|e| Cause::new(format!("cannot map a memory file: {e}")))?;
         memory::advise_restored(region.as_ptr(), size, cfg);

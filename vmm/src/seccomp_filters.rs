@@ -111,6 +111,8 @@ pub fn control_loop() -> Filter {
             // RAM: memfds, on-demand restore, hugepages, which pages a sparse snapshot skips.
             memfd_create,
             mincore,
+            // --memory-zone host_numa_node=
+            mbind,
             userfaultfd,
             mlock,
             munlock,

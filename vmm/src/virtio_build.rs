@@ -340,33 +340,71 @@ pub fn virtio_mem(
     else {
         return Ok(None);
     };
-    let err = |e: virtio_devices::VirtioMemError| PciSetupError::Device {
-        option: "--memory",
+    // The original's name for the virtio-mem device of the memory hotplug region.
+    virtio_mem_device(
+        "__virtio_mem".into(),
+        (base.0, size),
+        cfg.hotplugged_size.unwrap_or(0),
+        "--memory".into(),
+    )
+    .map(Some)
+}
+
+/// The virtio-mem device of each `--memory-zone` with a `hotplug_size` (named after the zone,
+/// as the original's), over the zone's own region, asked for its `hotplugged_size`; with the
+/// handle `vm.resize-zone` sets its requested size through.
+pub fn zone_virtio_mems(
+    cfg: &MemoryConfig,
+) -> Result<Vec<(NewDevice, String, Arc<virtio_devices::VirtioMemControl>)>, PciSetupError> {
+    let mut out = Vec::new();
+    for z in cfg.zones.iter().flatten() {
+        let Some((base, size)) = crate::memory_zones::zone_hotplug_region(cfg, &z.id) else {
+            continue;
+        };
+        let (dev, control) = virtio_mem_device(
+            z.id.clone(),
+            (base.0, size),
+            z.hotplugged_size.unwrap_or(0),
+            format!("--memory-zone id={}", z.id),
+        )?;
+        out.push((dev, z.id.clone(), control));
+    }
+    Ok(out)
+}
+
+/// A virtio-mem device `id` over `region` (guest address, bytes), asked for `requested`;
+/// `option` names what configured it in errors.
+fn virtio_mem_device(
+    id: String,
+    region: (u64, u64),
+    requested: u64,
+    option: String,
+) -> Result<(NewDevice, Arc<virtio_devices::VirtioMemControl>), PciSetupError> {
+    let (base, size) = region;
+    let err = |e: virtio_devices::VirtioMemError| PciSetupError::DeviceOf {
+        option: option.clone(),
         value: format!("hotplug_size={size}"),
         msg: e.to_string(),
     };
     let dev = virtio_devices::VirtioMem::new(
-        base.0,
+        base,
         size,
         virtio_devices::VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
         virtio_devices::VirtioMemOptions::default(),
     )
     .map_err(err)?;
     let control = dev.control();
-    control
-        .set_requested(cfg.hotplugged_size.unwrap_or(0))
-        .map_err(err)?;
+    control.set_requested(requested).map_err(err)?;
     let dev = NewDevice {
         option: "--memory",
-        // The original's name for the virtio-mem device of the memory hotplug region.
-        id: "__virtio_mem".into(),
+        id,
         slot: None,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
         pmem: None,
     };
-    Ok(Some((dev, control)))
+    Ok((dev, control))
 }
 
 /// The `--watchdog` device (the original's `__watchdog`): its expiry asks `requests` for a

@@ -90,6 +90,10 @@ pub(crate) fn acpi_hotplug_base(cfg: &VmConfig) -> Option<u64> {
     if cfg.memory.hotplug_method != vm_config::HotplugMethod::Acpi {
         return None;
     }
+    if cfg.memory.zones.is_some() {
+        // Zones plug their memory with virtio-mem only.
+        return None;
+    }
     arch::layout::hotplug_region(cfg.memory.size, cfg.memory.hotplug_size.unwrap_or(0))
         .map(|(base, _)| base.0)
 }
@@ -187,12 +191,12 @@ impl Machine {
         // After the memory: with the irqchip in place, KVM's first memory-slot update waits for
         // an SRCU grace period of several milliseconds.
         vm.create_irqchip()?;
-        let ram = memory::ram_split(cfg.memory.size);
+        let ram = memory::ram_split(cfg.memory.ram_size());
         let supported = hv.supported_cpuid()?;
         let phys_bits = cpuid::guest_phys_bits(&supported, cfg.cpus.max_phys_bits);
         let pci_windows = crate::pci_setup::PciWindows::new(
-            cfg.memory.size,
-            cfg.memory.hotplug_size.unwrap_or(0),
+            cfg.memory.ram_size(),
+            cfg.memory.hotplug_total(),
             phys_bits,
         );
         let (m32, m32_size) = pci_windows.mmio32;
@@ -326,7 +330,7 @@ impl Vm {
         boot::configure_boot(
             &mem,
             &kernel,
-            cfg.memory.size,
+            cfg.memory.ram_size(),
             cfg.payload.cmdline.as_deref().unwrap_or(""),
             initramfs.as_mut(),
             Some(rsdp),

@@ -64,7 +64,7 @@ impl Vmm {
                 e.to_string(),
             ])
         })?;
-        if opts.local && !(config.memory.shared || config.memory.hugepages) {
+        if opts.local && !config.memory.all_shared() {
             return Err(send_error(
                 "Local migration requires shared memory or hugepages enabled",
             ));
@@ -286,7 +286,7 @@ impl Builder for Incoming<'_> {
         let mem = if files.is_empty() {
             memory::create_guest_memory(&config.memory).map_err(|e| e.to_string())?
         } else {
-            if !(config.memory.shared || config.memory.hugepages) {
+            if !config.memory.all_shared() {
                 return Err("memory files for RAM that is not shared".into());
             }
             restore::map_memory_files(&config.memory, files).map_err(|e| e.to_string())?

@@ -17,6 +17,13 @@ use crate::vcpu_hotplug::ResizeError;
 /// The bytes of the hotplug region `desired_ram` asks for, or why it cannot be had.
 /// `plugged`: what a built VM with ACPI memory hotplug has plugged (it can only grow).
 fn hotplugged_size(m: &MemoryConfig, ram: u64, plugged: Option<u64>) -> Result<u64, ApiError> {
+    if m.zones.is_some() {
+        // As the original: memory in zones is resized zone by zone.
+        return Err(ApiError::BadRequest(format!(
+            "desired_ram={ram}: the VM's memory is in zones (--memory-zone); resize them \
+             with vm.resize-zone"
+        )));
+    }
     let Some(hotplug) = m.hotplug_size else {
         return Err(ApiError::BadRequest(format!(
             "desired_ram={ram}: the VM has no memory to hot-plug \
@@ -78,10 +85,10 @@ impl Vmm {
                     "desired_balloon={b}: the VM has no balloon (--balloon)"
                 )));
             }
-            if b >= config.memory.size {
+            if b >= config.memory.ram_size() {
                 return Err(ApiError::BadRequest(format!(
                     "desired_balloon={b}: must be smaller than the guest RAM ({} bytes)",
-                    config.memory.size
+                    config.memory.ram_size()
                 )));
             }
         }
