@@ -7,7 +7,9 @@
 //! INIT, LOOKUP of `fs_file=<name>` (default `data.bin`) in the root, OPEN read-write, READ of
 //! the whole file, which must hold `fs_size=<n>` bytes of the pattern `(31 i + 7) mod 256`,
 //! WRITE of `written by guest!` at offset 4096, READ of it back, RELEASE. The host checks the
-//! file afterwards.
+//! file afterwards. `fs_crash`: then the host kills the backend (the device must need a reset);
+//! `fs_reconnect`: that, then a reset and a new session with the backend the host starts again
+//! (`fs_reconnect.rs`).
 
 use virtio_drivers::transport::pci::bus::{Command, DeviceFunction};
 
@@ -16,18 +18,18 @@ use crate::rawq::{r8, w8, Layout, RawQueue, F_NEXT, F_WRITE, VERSION_1};
 use crate::virtio::{dma_pages, root};
 use crate::{fail, parse_u64, pass, println};
 
-const FUSE_LOOKUP: u32 = 1;
-const FUSE_OPEN: u32 = 14;
-const FUSE_READ: u32 = 15;
+pub(crate) const FUSE_LOOKUP: u32 = 1;
+pub(crate) const FUSE_OPEN: u32 = 14;
+pub(crate) const FUSE_READ: u32 = 15;
 const FUSE_WRITE: u32 = 16;
-const FUSE_RELEASE: u32 = 18;
-const FUSE_INIT: u32 = 26;
-const ROOT_ID: u64 = 1;
+pub(crate) const FUSE_RELEASE: u32 = 18;
+pub(crate) const FUSE_INIT: u32 = 26;
+pub(crate) const ROOT_ID: u64 = 1;
 const IN_HEADER: usize = 40;
 const OUT_HEADER: usize = 16;
 /// What the guest writes, at `WRITE_AT`.
 pub const WRITTEN: &[u8] = b"written by guest!";
-const WRITE_AT: u64 = 4096;
+pub(crate) const WRITE_AT: u64 = 4096;
 /// Pages for a request and for a reply (the whole file is read in one request).
 const REQ_PAGES: usize = 2;
 /// A benchmark READ's size (the reply buffer holds it and the header).
@@ -41,7 +43,7 @@ fn find_fs() -> Option<DeviceFunction> {
         .map(|(df, _)| df)
 }
 
-fn pattern(i: usize) -> u8 {
+pub(crate) fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(31).wrapping_add(7) % 256) as u8
 }
 
@@ -57,26 +59,39 @@ fn write_bytes(a: u64, data: &[u8]) {
     }
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
     u64::from(le32(b, at)) | u64::from(le32(b, at + 4)) << 32
 }
 
 /// The FUSE session over one request queue: a request page and a reply page of DMA memory.
-struct Fuse {
+pub(crate) struct Fuse {
     q: RawQueue,
     req: u64,
     reply: u64,
     unique: u64,
+    /// How long a request waits for its reply (ms; not for the benchmark's).
+    pub(crate) wait_ms: u32,
 }
 
 impl Fuse {
+    /// A session over request queue `q`.
+    pub(crate) fn new(q: RawQueue) -> Fuse {
+        Fuse {
+            q,
+            req: dma_pages(REQ_PAGES),
+            reply: dma_pages(REPLY_PAGES),
+            unique: 0,
+            wait_ms: 5000,
+        }
+    }
+
     /// Sends `opcode` for `nodeid` with `body`; the reply's body (after the header), of at most
     /// `reply_len` bytes, or the error (a negative errno, or `i32::MIN` when nothing came).
-    fn call(
+    pub(crate) fn call(
         &mut self,
         opcode: u32,
         nodeid: u64,
@@ -124,7 +139,7 @@ impl Fuse {
                 }
             }
         } else {
-            self.q.wait_used(5000)
+            self.q.wait_used(self.wait_ms)
         };
         let Some((_, written)) = used else {
             return Err(i32::MIN);
@@ -144,7 +159,7 @@ impl Fuse {
 }
 
 /// `Ok` or a FAIL line named `name`.
-fn ok<T>(name: &str, r: Result<T, i32>) -> Option<T> {
+pub(crate) fn ok<T>(name: &str, r: Result<T, i32>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
         Err(i32::MIN) => {
@@ -187,12 +202,7 @@ pub fn scenario_fs(boot: &BootInfo) {
         return;
     };
     let Some(q) = qs.pop() else { return };
-    let mut fuse = Fuse {
-        q,
-        req: dma_pages(REQ_PAGES),
-        reply: dma_pages(REPLY_PAGES),
-        unique: 0,
-    };
+    let mut fuse = Fuse::new(q);
 
     // INIT: protocol 7.31, no flags asked for.
     let mut init = [0u8; 16];
@@ -296,8 +306,11 @@ pub fn scenario_fs(boot: &BootInfo) {
     if ok("fs-release", fuse.call(FUSE_RELEASE, node, &rel, 0)).is_some() {
         pass("fs-release");
     }
-    if boot.has_token("fs_crash") {
+    if boot.has_token("fs_crash") || boot.has_token("fs_reconnect") {
         backend_gone(&layout, &mut fuse);
+    }
+    if boot.has_token("fs_reconnect") {
+        crate::fs_reconnect::new_session(boot, &layout);
     }
 }
 

@@ -19,6 +19,7 @@ mod cmos;
 mod cpu_hotplug;
 mod faults;
 mod fs;
+mod fs_reconnect;
 mod heap;
 mod hostile;
 mod hostile_lifecycle;

@@ -3,7 +3,8 @@
 //! The test guest (`test=fs`) reads the device's configuration and speaks FUSE to virtiofsd:
 //! INIT, LOOKUP, OPEN, READ of a file the host made, WRITE, READ back, RELEASE; the host then
 //! finds the guest's bytes in the file. When virtiofsd dies under a running guest, the device
-//! needs a reset and the VMM goes on.
+//! needs a reset and the VMM goes on; once the guest resets it, it connects to a new virtiofsd
+//! on the same socket and serves a new FUSE session.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -202,6 +203,62 @@ fn a_dying_backend_breaks_the_device_not_the_vmm() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(
         log.contains("vhost-user-fs: the backend closed its socket"),
+        "{log}"
+    );
+}
+
+/// virtiofsd killed under the guest (NEEDS_RESET), then the guest resets the device and starts
+/// it again, and the host starts a new virtiofsd on the same socket: the device connects to it
+/// (the relay, within a second of its start), the guest's new FUSE session (INIT, LOOKUP, OPEN,
+/// READ of the pattern and of its first session's write, RELEASE) is served.
+#[test]
+fn a_new_backend_serves_the_device_after_its_reset() {
+    require_curl();
+    let log = crate::common::scratch("fs-reconnect-log").join("vmm.log");
+    let mut vmm = Vmm::start("fs-reconnect", &["--log-file", log.to_str().unwrap()]);
+    let (file, sock, mut d) = share(&vmm.dir);
+    let serial = vmm.dir.join("serial.out");
+    let mut config: Value = serde_json::from_str(&guest_config("fs", &serial)).unwrap();
+    config["memory"]["shared"] = true.into();
+    config["payload"]["cmdline"] = format!("test=fs fs_size={SIZE} fs_reconnect").into();
+    config["fs"] = serde_json::json!([{"tag": "myfs", "socket": sock, "num_queues": 1}]);
+    let (status, text) = vmm.curl("PUT", "vm.create", Some(&config.to_string()));
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "FS waiting for the backend to go", 1);
+    assert_written(&file);
+    d.kill();
+    let text = wait_line_text(&serial, "fs-no-backend");
+    assert!(text.contains("PASS fs-needs-reset\n"), "{text}");
+    wait_for(&serial, "FS device reset, waiting for a new backend", 1);
+    // The dead one's socket file is still there: the new one listens in its place.
+    let _ = std::fs::remove_file(&sock);
+    let started = Instant::now();
+    let _d2 = Virtiofsd::start(
+        &file.parent().unwrap().to_path_buf(),
+        &sock,
+        &vmm.dir.join("virtiofsd2.log"),
+    );
+    let text = wait_line_text(&serial, "fs-rerelease");
+    eprintln!(
+        "fs: new session served {} ms after the new virtiofsd started",
+        started.elapsed().as_millis()
+    );
+    for step in [
+        "fs-reset",
+        "fs-reinit",
+        "fs-relookup",
+        "fs-reread",
+        "fs-rerelease",
+    ] {
+        assert!(text.contains(&format!("PASS {step}\n")), "{step}:\n{text}");
+    }
+    let r = vmm.wait();
+    assert!(r.status.success(), "{}", r.stderr);
+    assert_no_fail(&serial);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("vhost-user-fs: backend connected after"),
         "{log}"
     );
 }
