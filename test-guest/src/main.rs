@@ -31,6 +31,7 @@ mod hostile_virtio;
 mod hotplug;
 mod kvmclock;
 mod mem;
+mod mem_zones;
 mod msix;
 mod net;
 mod paging;
@@ -222,6 +223,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "watchdog" => watchdog::scenario_watchdog(&boot),
         "virtiomem" => virtio_mem::scenario_virtiomem(&boot),
         "acpimem" => acpi_memory::scenario_acpimem(&boot, acpi.as_ref()),
+        "memzones" => mem_zones::scenario_memzones(&boot),
         "vsock" => vsock::scenario_vsock(&boot),
         "pvpanic" => pvpanic::scenario_pvpanic(&boot),
         "pmem" => pmem::scenario_pmem(),

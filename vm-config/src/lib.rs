@@ -394,7 +394,7 @@ impl MemoryConfig {
                     .map(|z| MemoryZoneConfig::parse(z, cfg.mergeable))
                     .collect::<Result<_, _>>()?,
             );
-            cfg.validate_zones()?;
+            cfg.validate_zones_as_given(zones)?;
         }
         cfg.validate().map_err(|m| p.error(m))?;
         Ok(cfg)

@@ -220,19 +220,38 @@ impl MemoryConfig {
 
     /// The zones against each other and `--memory`, as the original: zones and a non-zero
     /// `size` exclude each other, ids are unique, and a zone's `hotplug_size` needs
-    /// `hotplug_method=virtio-mem`. Without zones nothing is checked here.
+    /// `hotplug_method=virtio-mem`. Without zones nothing is checked here. A zone's error
+    /// names it as `id=<id>,size=<bytes>`.
     pub fn validate_zones(&self) -> Result<(), ConfigError> {
+        self.zone_problem(|i| {
+            self.zones
+                .as_deref()
+                .and_then(|z| z.get(i))
+                .map(MemoryZoneConfig::shown)
+                .unwrap_or_default()
+        })
+    }
+
+    /// `validate_zones`, for the command line: a zone's error names the value given for it.
+    pub(crate) fn validate_zones_as_given(&self, given: &[&str]) -> Result<(), ConfigError> {
+        self.zone_problem(|i| given.get(i).map(|s| s.to_string()).unwrap_or_default())
+    }
+
+    /// The first problem of the zones, a zone's named by `shown(its index)`.
+    fn zone_problem(&self, shown: impl Fn(usize) -> String) -> Result<(), ConfigError> {
         let Some(zones) = &self.zones else {
             return Ok(());
         };
         let memory = |msg: &str| ConfigError::new(MemoryConfig::OPTION, "", msg.into());
-        let first = zones.first().ok_or_else(|| {
-            memory("size=0 needs at least one --memory-zone (zones are the RAM then)")
-        })?;
+        if zones.is_empty() {
+            return Err(memory(
+                "size=0 needs at least one --memory-zone (zones are the RAM then)",
+            ));
+        }
         if self.size != 0 {
             return Err(ConfigError::new(
                 MemoryZoneConfig::OPTION,
-                &first.shown(),
+                &shown(0),
                 format!(
                     "needs --memory size=0 (the zones are the RAM), not size={}",
                     self.size
@@ -256,8 +275,8 @@ impl MemoryConfig {
         }
         let mut ids = std::collections::BTreeSet::new();
         let mut end = 0u64;
-        for z in zones {
-            let err = |msg: String| ConfigError::new(MemoryZoneConfig::OPTION, &z.shown(), msg);
+        for (i, z) in zones.iter().enumerate() {
+            let err = |msg: String| ConfigError::new(MemoryZoneConfig::OPTION, &shown(i), msg);
             z.validate().map_err(err)?;
             z.extra.check("memory.zones")?;
             if !ids.insert(z.id.as_str()) {

@@ -163,21 +163,21 @@ fn bad_zones_are_refused_naming_the_option_and_value() {
             "size=0",
             &["id=a,size=1G,hotplug_size=1G"][..],
             "--memory-zone",
-            "id=a,size=1073741824",
+            "id=a,size=1G,hotplug_size=1G",
             "hotplug_method=virtio-mem",
         ),
         (
             "size=0",
             &["id=a,size=1G", "id=a,size=1G"][..],
             "--memory-zone",
-            "id=a,size=1073741824",
+            "id=a,size=1G",
             "used twice",
         ),
         (
             "size=1G",
             &["id=a,size=1G"][..],
             "--memory-zone",
-            "id=a,size=1073741824",
+            "id=a,size=1G",
             "needs --memory size=0",
         ),
         (
@@ -238,4 +238,21 @@ fn zone_ids_share_the_device_id_space() {
     assert!(e.msg.contains("used twice"), "{e}");
     cfg.disks.clear();
     cfg.validate_devices().unwrap();
+}
+
+/// Through the API the zone is named by its id and size.
+#[test]
+fn api_zone_errors_name_the_zone() {
+    let m: MemoryConfig = serde_json::from_str(
+        r#"{"size": 0, "zones": [{"id": "a", "size": 4096}, {"id": "a", "size": 8192}]}"#,
+    )
+    .unwrap();
+    let e = m.validate_zones().unwrap_err();
+    assert_eq!(
+        (e.option.as_str(), e.value.as_str()),
+        ("--memory-zone", "id=a,size=8192")
+    );
+    let m: MemoryConfig =
+        serde_json::from_str(r#"{"size": 1048576, "zones": [{"id": "a", "size": 4096}]}"#).unwrap();
+    assert!(m.validate_zones().unwrap_err().msg.contains("size=0"));
 }
