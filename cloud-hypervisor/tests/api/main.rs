@@ -16,6 +16,7 @@ mod hotplug;
 mod landlock;
 mod lifecycle;
 mod memory_hotplug;
+mod memory_zones;
 mod migration;
 mod net_options;
 mod original_client;

@@ -1,0 +1,332 @@
+//! `--memory-zone` and `vm.resize-zone` end to end with the test guest: zones laid out in
+//! order around the 32-bit hole in the guest's memory map, each backed as asked (a shared
+//! file zone's file holds what the guest wrote), a zone's virtio-mem device plugging what
+//! `ch-remote resize-zone` asks for, and a VM with zones snapshotted and restored in a new VMM
+//! with the same layout and contents.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common;
+use crate::helpers::*;
+
+const MIB: u64 = 1 << 20;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What the test guest writes at guest physical address `a` (`test-guest/src/mem_zones.rs`).
+fn pattern(a: u64) -> u64 {
+    a ^ 0x6d65_6d7a_6f6e_6573
+}
+
+/// A file of `size` bytes (sparse) in `dir`.
+fn zone_file(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+/// The 8-byte word at `offset` of `file`.
+fn word_at(file: &Path, offset: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(file)
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// The number of the guest's last `MEMZONES check <n> ok` line (0 if none).
+fn last_check(serial: &Path) -> u64 {
+    serial_text(serial)
+        .lines()
+        .filter_map(|l| l.strip_prefix("MEMZONES check "))
+        .filter_map(|l| l.strip_suffix(" ok"))
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits for a `MEMZONES check <n> ok` line with n > `after`.
+fn wait_check_after(serial: &Path, after: u64) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n = last_check(serial);
+        if n > after {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no check after {after}:\n{}",
+            serial_text(serial)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Three zones from the command line: 64 MiB anonymous, 3 GiB that reach the 32-bit hole
+/// and go on at 4 GiB, and 64 MiB of a shared file after them. The guest's memory map has
+/// RAM exactly there, every zone takes the guest's writes, and the file zone's file holds
+/// them; vm.info shows the zones.
+#[test]
+fn zones_from_the_command_line_are_the_guests_ram() {
+    require_curl();
+    let dir = common::scratch("memory-zones-files");
+    let file = zone_file(&dir, "zone-file", 64 * MIB);
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let scratch = common::scratch("memory-zones-serial");
+    let serial = scratch.join("serial.out");
+    let serial_arg = format!("file={}", serial.display());
+    let file_zone = format!("id=file,size=64M,file={},shared=on", file.display());
+    // Zone 0 from 32 MiB (the guest lives below), zone 1 below the hole and above 4 GiB, the
+    // file zone at 4 GiB + 64 MiB.
+    let cmdline = "test=memzones memtest=0x2000000+0x2000000,0xb0000000+0x1000000,\
+                   0x100000000+0x4000000,0x104000000+0x4000000";
+    let vmm = Vmm::start(
+        "memory-zones",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            cmdline,
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=0",
+            "--memory-zone",
+            "id=low,size=64M",
+            "--memory-zone",
+            "id=big,size=3G",
+            "--memory-zone",
+            &file_zone,
+            "--serial",
+            &serial_arg,
+            "--console",
+            "off",
+        ],
+    );
+    let start = Instant::now();
+    wait_check_after(&serial, 0);
+    eprintln!("booted, written and checked in {:?}", start.elapsed());
+    let text = serial_text(&serial);
+    for want in [
+        "MEMZONES ram 0x100000+0xbff00000\n",
+        "MEMZONES ram 0x100000000+0x8000000\n",
+    ] {
+        assert!(text.contains(want), "{want}:\n{text}");
+    }
+    assert_eq!(text.matches("MEMZONES ram ").count(), 3, "{text}");
+    for i in 0..4 {
+        assert!(text.contains(&format!("PASS memzones-{i}\n")), "{text}");
+    }
+    assert_no_fail(&serial);
+    // The file zone's file holds what the guest wrote at 4 GiB + 64 MiB.
+    for off in [0, 8, 0x1000, 32 * MIB + 0x88, 64 * MIB - 8] {
+        assert_eq!(
+            word_at(&file, off),
+            pattern(0x1_0400_0000 + off),
+            "offset {off:#x}"
+        );
+    }
+    let info = vmm.ok_json("vm.info");
+    let zones = &info["config"]["memory"]["zones"];
+    assert_eq!(info["config"]["memory"]["size"], 0, "{info}");
+    assert_eq!(zones[0]["id"], "low");
+    assert_eq!(zones[1]["size"], 3u64 << 30);
+    assert_eq!(zones[2]["file"], file.display().to_string());
+    assert_eq!(zones[2]["shared"], true);
+    assert_eq!(info["memory_actual_size"], (3u64 << 30) + 128 * MIB);
+    // A plain vm.resize of the RAM is refused: zones are resized one by one.
+    let (status, body) = vmm.curl("PUT", "vm.resize", Some(r#"{"desired_ram": 4294967296}"#));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("vm.resize-zone"), "{body}");
+}
+
+/// The VmConfig of a guest in `test` with `zones` (virtio-mem hotplug).
+fn zones_config(test: &str, serial: &Path, zones: Value) -> Value {
+    let mut config: Value = serde_json::from_str(&guest_config(test, serial)).unwrap();
+    config["cpus"] = json!({"boot_vcpus": 1, "max_vcpus": 1});
+    config["memory"] = json!({"size": 0, "hotplug_method": "VirtioMem", "zones": zones});
+    config
+}
+
+/// vm.info's `memory_actual_size` and the zone `id`'s `hotplugged_size` (0 when absent).
+fn zone_info(vmm: &Vmm, id: &str) -> (u64, u64) {
+    let info = vmm.ok_json("vm.info");
+    let zone = info["config"]["memory"]["zones"]
+        .as_array()
+        .and_then(|z| z.iter().find(|z| z["id"] == id))
+        .unwrap_or_else(|| panic!("no zone {id}: {info}"))
+        .clone();
+    (
+        info["memory_actual_size"].as_u64().unwrap(),
+        zone["hotplugged_size"].as_u64().unwrap_or(0),
+    )
+}
+
+/// `ch-remote resize-zone`: the zone's virtio-mem device asks the guest for the zone's
+/// desired RAM less its size; the guest's driver plugs (and writes) it, or unplugs; vm.info
+/// follows. Bad requests get the original's statuses: 404 without a VM, 500 otherwise.
+#[test]
+fn resize_zone_plugs_what_the_guest_takes() {
+    require_curl();
+    let vmm = Vmm::start("memory-zones-resize", &[]);
+    let (status, body) = vmm.curl(
+        "PUT",
+        "vm.resize-zone",
+        Some(r#"{"id": "hp", "desired_ram": 1073741824}"#),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        error_lines(&body),
+        [
+            "Error from API",
+            "The memory zone could not be resized",
+            "VM is not created"
+        ]
+    );
+    let serial = vmm.dir.join("serial.out");
+    let config = zones_config(
+        "virtiomem",
+        &serial,
+        json!([
+            {"id": "base", "size": 256 * MIB},
+            {"id": "hp", "size": 64 * MIB, "hotplug_size": 512 * MIB},
+        ]),
+    );
+    let (status, body) = vmm.curl("PUT", "vm.create", Some(&config.to_string()));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_line(&serial, "READY", 1, WAIT);
+    let text = serial_text(&serial);
+    // The zone's region follows the RAM (320 MiB) at 4 GiB.
+    assert!(
+        text.contains("INFO virtiomem addr=0x100000000 region=0x20000000 "),
+        "{text}"
+    );
+    assert_eq!(zone_info(&vmm, "hp"), (320 * MIB, 0));
+
+    let start = Instant::now();
+    ch_remote_ok(&vmm, &["resize-zone", "--id", "hp", "--size", "320M"]);
+    wait_line(
+        &serial,
+        &format!("VIRTIOMEM plugged={} requested={} ok", 256 * MIB, 256 * MIB),
+        1,
+        WAIT,
+    );
+    eprintln!("resize-zone +256 MiB plugged in {:?}", start.elapsed());
+    assert_eq!(zone_info(&vmm, "hp"), (576 * MIB, 256 * MIB));
+
+    ch_remote_ok(&vmm, &["resize-zone", "--id", "hp", "--size", "192M"]);
+    wait_line(
+        &serial,
+        &format!("VIRTIOMEM plugged={} requested={} ok", 128 * MIB, 128 * MIB),
+        1,
+        WAIT,
+    );
+    assert_eq!(zone_info(&vmm, "hp"), (448 * MIB, 128 * MIB));
+
+    for (body, why) in [
+        (
+            r#"{"id": "nope", "desired_ram": 67108864}"#,
+            "no memory zone",
+        ),
+        (
+            r#"{"id": "base", "desired_ram": 536870912}"#,
+            "no memory to hot-plug",
+        ),
+        (
+            r#"{"id": "hp", "desired_ram": 33554432}"#,
+            "must be between",
+        ),
+        (
+            r#"{"id": "hp", "desired_ram": 1073741824}"#,
+            "must be between",
+        ),
+        (
+            r#"{"id": "hp", "desired_ram": 68157440}"#,
+            "multiple of 2 MiB",
+        ),
+    ] {
+        let (status, text) = vmm.curl("PUT", "vm.resize-zone", Some(body));
+        assert_eq!(status, 500, "{body}: {text}");
+        let lines = error_lines(&text);
+        assert_eq!(
+            lines[..3],
+            [
+                "Error from API",
+                "The memory zone could not be resized",
+                "Failed resizing a memory zone"
+            ],
+            "{body}"
+        );
+        assert!(lines[3].contains(why), "{body}: {lines:?}");
+    }
+    let (status, text) = vmm.curl("PUT", "vm.resize-zone", Some(r#"{"id": "hp"}"#));
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(zone_info(&vmm, "hp"), (448 * MIB, 128 * MIB));
+    assert_no_fail(&serial);
+}
+
+/// A VM with zones (anonymous, a shared file, one with a virtio-mem region resized) paused,
+/// snapshotted and restored in a new VMM: the same zones in its configuration, the same
+/// layout, and a guest whose memory still holds what it wrote.
+#[test]
+fn zones_survive_snapshot_and_restore() {
+    require_curl();
+    let mut a = Vmm::start("memory-zones-snap-a", &[]);
+    let serial = a.dir.join("serial.out");
+    let file = zone_file(&a.dir, "zone-file", 32 * MIB);
+    let config = zones_config(
+        "memzones memtest=0x2000000+0x2000000,0x4000000+0x2000000,0x6000000+0x2000000",
+        &serial,
+        json!([
+            {"id": "low", "size": 64 * MIB},
+            {"id": "file", "size": 32 * MIB, "file": file, "shared": true},
+            {"id": "hp", "size": 32 * MIB, "hotplug_size": 128 * MIB},
+        ]),
+    );
+    let (status, body) = a.curl("PUT", "vm.create", Some(&config.to_string()));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(a.put("vm.boot").0, 204);
+    wait_check_after(&serial, 1);
+    ch_remote_ok(&a, &["resize-zone", "--id", "hp", "--size", "96M"]);
+    assert_eq!(a.put("vm.pause").0, 204);
+    let before = last_check(&serial);
+    let snap = a.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let url = format!("file://{}", snap.display());
+    let (status, text) = a.curl(
+        "PUT",
+        "vm.snapshot",
+        Some(&json!({ "destination_url": url }).to_string()),
+    );
+    assert_eq!(status, 204, "{text}");
+    let info_a = a.ok_json("vm.info");
+    assert_eq!(
+        info_a["config"]["memory"]["zones"][2]["hotplugged_size"],
+        64 * MIB
+    );
+    assert_eq!(a.put("vmm.shutdown").0, 200);
+    assert_eq!(a.wait().code(), Some(0));
+
+    let b = Vmm::start("memory-zones-snap-b", &[]);
+    let (status, text) = b.curl(
+        "PUT",
+        "vm.restore",
+        Some(&json!({ "source_url": url }).to_string()),
+    );
+    assert_eq!((status, text.as_str()), (204, ""));
+    let info_b = b.ok_json("vm.info");
+    assert_eq!(info_b["config"], info_a["config"], "the snapshot's zones");
+    assert_eq!(b.put("vm.resume").0, 204);
+    wait_check_after(&serial, before);
+    assert_no_fail(&serial);
+    // The file zone's file still holds the guest's words (at 64 MiB of the guest).
+    assert_eq!(word_at(&file, 0x1000), pattern(0x400_0000 + 0x1000));
+    // The resized zone can be resized again in the restored VM.
+    ch_remote_ok(&b, &["resize-zone", "--id", "hp", "--size", "64M"]);
+    assert_eq!(zone_info(&b, "hp").1, 32 * MIB);
+}
