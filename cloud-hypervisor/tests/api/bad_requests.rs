@@ -25,7 +25,6 @@ const NOT_YET: &[&str] = &[
     "vm.add-user-device",
     "vm.add-vdpa",
     "vm.resize-disk",
-    "vm.resize-zone",
     "vm.coredump",
     "vm.nmi",
 ];
@@ -106,6 +105,8 @@ fn every_endpoint_refuses_bad_requests() {
         ("vm.remove-device", r#"{"id": "x"}"#, 404),
         ("vm.resize", r#"{"desired_vcpus": -1}"#, 400),
         ("vm.resize", "{}", 404),
+        ("vm.resize-zone", "{}", 400),
+        ("vm.resize-zone", r#"{"id": "z", "desired_ram": 1}"#, 404),
     ] {
         let (status, answer) = vmm.curl("PUT", ep, Some(body));
         assert_eq!(status, want, "{ep} {body}: {answer}");
