@@ -12,6 +12,7 @@ mod discard;
 pub mod fuzz;
 mod mem;
 mod net;
+mod net_ctrl;
 mod pmem;
 pub mod rate_limiter;
 mod rng;

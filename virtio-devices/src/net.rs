@@ -17,13 +17,11 @@ use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::Bytes;
 
+use crate::net_ctrl::{CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET};
 use crate::rate_limiter::{LimiterConfig, RateLimiter};
 use crate::vring::VirtQueue;
-use crate::worker::{
-    process_chains, process_chains_limited, queue_bit, QueueHandler, Served, WorkerHandle,
-};
+use crate::worker::{process_chains_limited, queue_bit, QueueHandler, Served, WorkerHandle};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, Counters, GuestView, VirtioDevice,
     VirtioDeviceState, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET, VIRTIO_DEVICE_STATE_VERSION,
@@ -52,15 +50,8 @@ const F_CTRL_VQ: u64 = bit(vn::VIRTIO_NET_F_CTRL_VQ);
 const F_MQ: u64 = bit(vn::VIRTIO_NET_F_MQ);
 /// The receive offloads the driver may switch with GUEST_OFFLOADS_SET.
 const GUEST_OFFLOADS: u64 = F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_GUEST_ECN | F_GUEST_UFO;
-
-const CTRL_MQ: u8 = vn::VIRTIO_NET_CTRL_MQ as u8;
-const CTRL_MQ_VQ_PAIRS_SET: u8 = vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
 const CTRL_GUEST_OFFLOADS: u8 = vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS as u8;
 const CTRL_GUEST_OFFLOADS_SET: u8 = vn::VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET as u8;
-const CTRL_OK: u8 = vn::VIRTIO_NET_OK as u8;
-const CTRL_ERR: u8 = vn::VIRTIO_NET_ERR as u8;
-/// Longest control command we read (class, command and data); ours are at most 10 bytes.
-const CTRL_MAX: usize = 64;
 
 /// Most queue pairs one device may have (the transport has 64 queues, one is control).
 pub const MAX_QUEUE_PAIRS: usize = 31;
@@ -576,46 +567,8 @@ impl NetHandler {
         let index = self.ctrl_index();
         let shared = self.shared.clone();
         let (pairs, acked) = (self.pairs, self.acked);
-        process_chains(index, q, |_, chain| {
-            let mut cmd = [0u8; CTRL_MAX];
-            let mut cmd_len = 0usize;
-            let mut ack = None;
-            let mut bad = false;
-            for d in chain {
-                if d.is_write_only() {
-                    ack.get_or_insert(d.addr());
-                    if d.len() == 0 {
-                        bad = true;
-                    }
-                    continue;
-                }
-                // Readable after writable, or too long: malformed.
-                if ack.is_some() || cmd_len + d.len() as usize > CTRL_MAX {
-                    bad = true;
-                    continue;
-                }
-                let end = cmd_len + d.len() as usize;
-                if mem.read_slice(&mut cmd[cmd_len..end], d.addr()).is_err() {
-                    bad = true;
-                }
-                cmd_len = end;
-            }
-            let Some(ack) = ack else {
-                debug!("virtio-net: control command without a status byte");
-                return Some(0);
-            };
-            let status = if bad || cmd_len < 2 {
-                CTRL_ERR
-            } else {
-                match execute_ctrl(&shared, pairs, acked, cmd[0], cmd[1], &cmd[2..cmd_len]) {
-                    true => CTRL_OK,
-                    false => CTRL_ERR,
-                }
-            };
-            match mem.write_obj(status, ack) {
-                Ok(()) => Some(1),
-                Err(_) => Some(0),
-            }
+        crate::net_ctrl::serve(index, q, mem, |class, cmd, data| {
+            execute_ctrl(&shared, pairs, acked, class, cmd, data)
         })
     }
 }
@@ -631,13 +584,9 @@ fn execute_ctrl(
 ) -> bool {
     match (class, cmd) {
         (CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) if acked & F_MQ != 0 => {
-            let Ok(raw) = <[u8; 2]>::try_from(data) else {
+            let Some(n) = crate::net_ctrl::pairs_set(data, pairs) else {
                 return false;
             };
-            let n = usize::from(u16::from_le_bytes(raw));
-            if n == 0 || n > pairs {
-                return false;
-            }
             debug!("virtio-net: {n} queue pairs in use");
             shared.set_active_pairs(n)
         }

@@ -3,17 +3,23 @@
 //! frontend of `vhost_user.rs`. The guest is offered what the backend offers of the net
 //! device's data-path features (offloads, mergeable receive buffers), less the offloads the
 //! configuration turns off; the configuration space is ours, as for the built-in virtio-net:
-//! the MAC, the link up, the queue pairs and the MTU. No control queue: the guest drives one
-//! queue pair (MQ needs the control queue), the backend may run more.
+//! the MAC, the link up, the queue pairs and the MTU. With more than one queue pair the guest is
+//! also offered MQ and a control queue (the last queue), which the VMM serves itself and the
+//! backend never sees, as in the original (`net_ctrl.rs`): VQ_PAIRS_SET is checked and
+//! acknowledged, and the backend runs every queue the driver enabled.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_net as vn;
 
+use crate::net_ctrl::PairsHandler;
 use crate::vhost_user::{proto, VhostUserConnection, VhostUserError};
 use crate::vhost_user_socket::VhostSocketError;
+use crate::worker::WorkerHandle;
 use crate::{
     ActivateContext, ActivateError, BlockState, NetOffloads, VirtioDevice, VirtioDeviceState,
     F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET, VIRTIO_DEVICE_STATE_VERSION,
@@ -37,6 +43,8 @@ const F_HOST_ECN: u64 = bit(vn::VIRTIO_NET_F_HOST_ECN);
 const F_HOST_UFO: u64 = bit(vn::VIRTIO_NET_F_HOST_UFO);
 const F_MRG_RXBUF: u64 = bit(vn::VIRTIO_NET_F_MRG_RXBUF);
 const F_STATUS: u64 = bit(vn::VIRTIO_NET_F_STATUS);
+const F_CTRL_VQ: u64 = bit(vn::VIRTIO_NET_F_CTRL_VQ);
+const F_MQ: u64 = bit(vn::VIRTIO_NET_F_MQ);
 
 /// The checksum offloads, and those that need them (segmentation, by protocol).
 const CSUM_OFFLOADS: u64 = F_CSUM | F_GUEST_CSUM;
@@ -46,7 +54,8 @@ const UFO_OFFLOADS: u64 = F_HOST_UFO | F_GUEST_UFO;
 
 /// What the guest may get of the backend's offer: the data path's bits (the backend moves the
 /// frames), indirect descriptors, event index and VERSION_1. Not the control queue, MQ,
-/// announce or anything on the configuration space (which is ours), no packed rings or IOMMU.
+/// announce or anything on the configuration space (which is ours; so are the control queue and
+/// MQ), no packed rings or IOMMU.
 const BACKEND_BITS: u64 = CSUM_OFFLOADS
     | TSO_OFFLOADS
     | UFO_OFFLOADS
@@ -85,13 +94,19 @@ pub struct VhostUserNet {
     conn: VhostUserConnection,
     config: [u8; CONFIG_LEN],
     features: u64,
+    /// Data queues (two per pair); with more than one pair the control queue follows them.
     num_queues: u16,
     queue_size: u16,
+    /// The control queue's worker, while the driver runs it.
+    ctrl: Option<WorkerHandle<PairsHandler>>,
+    /// The pairs the driver said it uses (VQ_PAIRS_SET; 1 until it does).
+    active_pairs: Arc<AtomicU16>,
 }
 
 /// The features the guest is offered: the backend's `BACKEND_BITS` less the offloads turned
-/// off, and the configuration space's own (MAC, link status, MTU when given).
-fn guest_features(backend: u64, offloads: NetOffloads, mtu: bool) -> u64 {
+/// off, the configuration space's own (MAC, link status, MTU when given), and with more than
+/// one queue pair MQ and the control queue.
+fn guest_features(backend: u64, offloads: NetOffloads, mtu: bool, pairs: u16) -> u64 {
     let mut f = backend & BACKEND_BITS;
     if !offloads.csum {
         f &= !(CSUM_OFFLOADS | TSO_OFFLOADS | UFO_OFFLOADS);
@@ -106,7 +121,27 @@ fn guest_features(backend: u64, offloads: NetOffloads, mtu: bool) -> u64 {
     if mtu {
         f |= F_MTU;
     }
+    if pairs > 1 {
+        f |= F_CTRL_VQ | F_MQ;
+    }
     f
+}
+
+/// Splits the driver's queues: the control queue's index (2 × pairs with MQ negotiated, else
+/// 2), and the data queues the backend gets (every pair's with MQ, else pair 0's).
+fn split_queues<T>(queues: &mut [Option<T>], acked: u64, pairs: usize) -> (usize, Option<T>) {
+    let mq = acked & F_MQ != 0;
+    let index = if mq { 2 * pairs } else { 2 };
+    let ctrl = if acked & F_CTRL_VQ != 0 {
+        queues.get_mut(index).and_then(Option::take)
+    } else {
+        None
+    };
+    let data = if mq { 2 * pairs } else { 2 };
+    for q in queues.iter_mut().skip(data) {
+        *q = None;
+    }
+    (index, ctrl)
 }
 
 impl VhostUserNet {
@@ -131,7 +166,12 @@ impl VhostUserNet {
         if u64::from(cfg.num_queues) > have {
             return Err(VhostUserError::TooManyQueues(cfg.num_queues, have).into());
         }
-        let features = guest_features(conn.backend_features, cfg.offloads, cfg.mtu.is_some());
+        let features = guest_features(
+            conn.backend_features,
+            cfg.offloads,
+            cfg.mtu.is_some(),
+            cfg.num_queues / 2,
+        );
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&cfg.mac.bytes());
         config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
@@ -148,7 +188,47 @@ impl VhostUserNet {
             features,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
+            ctrl: None,
+            active_pairs: Arc::new(AtomicU16::new(1)),
         })
+    }
+
+    fn pairs(&self) -> usize {
+        usize::from(self.num_queues / 2)
+    }
+
+    /// Starts the control queue's worker on `queue` (number `index`).
+    fn start_ctrl(
+        &mut self,
+        ctx: &ActivateContext,
+        index: usize,
+        queue: (virtio_queue::Queue, vmm_sys_util::eventfd::EventFd),
+        acked: u64,
+    ) -> Result<(), ActivateError> {
+        let mut queues: Vec<Option<_>> = (0..=index).map(|_| None).collect();
+        queues[index] = Some(queue);
+        let handler = PairsHandler {
+            index,
+            pairs: self.pairs(),
+            mq: acked & F_MQ != 0,
+            active: self.active_pairs.clone(),
+        };
+        let ctx = ActivateContext {
+            mem: ctx.mem.clone(),
+            interrupt: ctx.interrupt.clone(),
+            queues,
+            acked_features: ctx.acked_features,
+            status: ctx.status.clone(),
+        };
+        self.ctrl = Some(WorkerHandle::spawn("vhost-user-net-ctrl", handler, ctx)?);
+        Ok(())
+    }
+
+    fn stop_ctrl(&mut self) {
+        if let Some(w) = self.ctrl.take() {
+            w.stop();
+        }
+        self.active_pairs.store(1, Ordering::Release);
     }
 }
 
@@ -157,7 +237,8 @@ impl VirtioDevice for VhostUserNet {
         TYPE_NET
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.queue_size; usize::from(self.num_queues)]
+        let ctrl = usize::from(self.features & F_CTRL_VQ != 0);
+        vec![self.queue_size; usize::from(self.num_queues) + ctrl]
     }
     fn features(&self) -> u64 {
         self.features
@@ -165,18 +246,27 @@ impl VirtioDevice for VhostUserNet {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::read_config_bytes(&self.config, offset, data);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        // The backend gets the driver's data-path bits; MAC, STATUS and MTU are ours.
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.stop_ctrl();
+        let acked = ctx.acked_features & self.features;
+        let (index, ctrl) = split_queues(&mut ctx.queues, acked, self.pairs());
+        if let Some(q) = ctrl {
+            self.start_ctrl(&ctx, index, q, acked)?;
+        }
+        // The backend gets the driver's data-path bits; MAC, STATUS, MTU, MQ and the control
+        // queue are ours.
         self.conn.start(ctx, BACKEND_BITS).map_err(|e| {
             self.conn.stop();
+            self.stop_ctrl();
             ActivateError::Other(e)
         })
     }
     fn reset(&mut self) {
+        self.stop_ctrl();
         self.conn.stop();
     }
     fn pause(&mut self) -> Result<(), String> {
-        if !self.conn.running() {
+        if !self.conn.running() && self.ctrl.is_none() {
             return Ok(());
         }
         Err(
@@ -216,19 +306,22 @@ mod tests {
         let ctrl_vq = bit(vn::VIRTIO_NET_F_CTRL_VQ);
         let mq = bit(vn::VIRTIO_NET_F_MQ);
         let backend = BACKEND_BITS | ctrl_vq | mq | crate::vhost_user::F_PROTOCOL_FEATURES;
-        let f = guest_features(backend, ALL, false);
+        let f = guest_features(backend, ALL, false, 1);
         assert_eq!(f, BACKEND_BITS | F_MAC | F_STATUS);
         assert_eq!(f & (ctrl_vq | mq | F_MTU), 0);
-        assert!(guest_features(backend, ALL, true) & F_MTU != 0);
+        assert!(guest_features(backend, ALL, true, 1) & F_MTU != 0);
         // Only what the backend offers of the data path.
-        let f = guest_features(F_VERSION_1 | F_CSUM, ALL, false);
+        let f = guest_features(F_VERSION_1 | F_CSUM, ALL, false, 1);
         assert_eq!(f, F_VERSION_1 | F_CSUM | F_MAC | F_STATUS);
+        // Several pairs: the control queue and MQ are ours, whatever the backend offers.
+        let f = guest_features(F_VERSION_1, ALL, false, 2);
+        assert_eq!(f, F_VERSION_1 | F_MAC | F_STATUS | ctrl_vq | mq);
     }
 
     #[test]
     fn offloads_turned_off_are_not_offered() {
         let no_tso = NetOffloads { tso: false, ..ALL };
-        let f = guest_features(BACKEND_BITS, no_tso, false);
+        let f = guest_features(BACKEND_BITS, no_tso, false, 1);
         assert_eq!(f & TSO_OFFLOADS, 0);
         assert_eq!(f & UFO_OFFLOADS, UFO_OFFLOADS);
         let none = NetOffloads {
@@ -236,9 +329,30 @@ mod tests {
             tso: false,
             ufo: false,
         };
-        let f = guest_features(BACKEND_BITS, none, false);
+        let f = guest_features(BACKEND_BITS, none, false, 1);
         assert_eq!(f & (CSUM_OFFLOADS | TSO_OFFLOADS | UFO_OFFLOADS), 0);
         assert!(f & F_MRG_RXBUF != 0);
+    }
+
+    #[test]
+    fn the_control_queue_is_ours_and_the_data_queues_the_backends() {
+        // Two pairs, MQ: queues 0-3 to the backend, 4 is the control queue.
+        let mut q: Vec<Option<u8>> = (0..5).map(Some).collect();
+        let (i, c) = split_queues(&mut q, F_CTRL_VQ | F_MQ, 2);
+        assert_eq!((i, c), (4, Some(4)));
+        assert_eq!(q, [Some(0), Some(1), Some(2), Some(3), None]);
+        // CTRL_VQ without MQ: the control queue is 2, the backend gets pair 0 only.
+        let mut q: Vec<Option<u8>> = (0..5).map(Some).collect();
+        let (i, c) = split_queues(&mut q, F_CTRL_VQ, 2);
+        assert_eq!((i, c), (2, Some(2)));
+        assert_eq!(q, [Some(0), Some(1), None, None, None]);
+        // Neither: pair 0 only, no control queue (a queue 4 the driver enabled is not used).
+        let mut q: Vec<Option<u8>> = (0..5).map(Some).collect();
+        assert_eq!(split_queues(&mut q, 0, 2), (2, None));
+        assert_eq!(q, [Some(0), Some(1), None, None, None]);
+        // A driver that did not enable the control queue.
+        let mut q = vec![Some(0), Some(1), Some(2), Some(3), None];
+        assert_eq!(split_queues(&mut q, F_CTRL_VQ | F_MQ, 2), (4, None));
     }
 
     #[test]

@@ -235,7 +235,7 @@ fn a_new_backend_serves_the_device_after_its_reset() {
     let _ = std::fs::remove_file(&sock);
     let started = Instant::now();
     let _d2 = Virtiofsd::start(
-        &file.parent().unwrap().to_path_buf(),
+        file.parent().unwrap(),
         &sock,
         &vmm.dir.join("virtiofsd2.log"),
     );
