@@ -330,3 +330,107 @@ fn zones_survive_snapshot_and_restore() {
     ch_remote_ok(&b, &["resize-zone", "--id", "hp", "--size", "64M"]);
     assert_eq!(zone_info(&b, "hp").1, 32 * MIB);
 }
+
+/// Migrates a guest with zones (one resized) from one VMM to another over a Unix socket,
+/// copying its memory or, with `local` (every zone shared), handing its memory files over:
+/// the destination has the same zones and the guest's memory goes on holding what it wrote.
+fn migrate_zones(name: &str, local: bool) {
+    require_curl();
+    let mut a = Vmm::start(&format!("{name}-src"), &[]);
+    let serial = a.dir.join("serial.out");
+    let config = zones_config(
+        "memzones memtest=0x2000000+0x2000000,0x4000000+0x2000000,0x6000000+0x2000000",
+        &serial,
+        json!([
+            {"id": "low", "size": 64 * MIB, "shared": local},
+            {"id": "sh", "size": 32 * MIB, "shared": true},
+            {"id": "hp", "size": 32 * MIB, "hotplug_size": 128 * MIB, "shared": local},
+        ]),
+    );
+    let (status, body) = a.curl("PUT", "vm.create", Some(&config.to_string()));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(a.put("vm.boot").0, 204);
+    wait_check_after(&serial, 1);
+    ch_remote_ok(&a, &["resize-zone", "--id", "hp", "--size", "96M"]);
+    let info_a = a.ok_json("vm.info");
+
+    let b = Vmm::start(&format!("{name}-dst"), &[]);
+    let sock = b.dir.join("mig.sock");
+    let url = format!("unix:{}", sock.display());
+    let rx = std::process::Command::new(ch_remote_bin())
+        .arg("--api-socket")
+        .arg(&b.sock)
+        .args(["receive-migration", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "nothing listens on {url}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A Unix socket's file appears at bind(), a moment before listen().
+    std::thread::sleep(Duration::from_millis(50));
+    let body = json!({"destination_url": url, "local": local}).to_string();
+    let start = Instant::now();
+    let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    let out = rx.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "receive-migration: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.wait().code(), Some(0), "the source VMM ends");
+    eprintln!("{name}: migrated in {:?}", start.elapsed());
+    let before = last_check(&serial);
+    assert_eq!(b.state(), "Running");
+    let info_b = b.ok_json("vm.info");
+    assert_eq!(info_b["config"]["memory"], info_a["config"]["memory"]);
+    wait_check_after(&serial, before);
+    assert_no_fail(&serial);
+    ch_remote_ok(&b, &["resize-zone", "--id", "hp", "--size", "32M"]);
+    assert_eq!(zone_info(&b, "hp").1, 0);
+}
+
+#[test]
+fn zones_survive_live_migration() {
+    migrate_zones("memory-zones-mig", false);
+}
+
+#[test]
+fn zones_survive_local_migration() {
+    migrate_zones("memory-zones-mig-local", true);
+}
+
+/// Before boot, resize-zone records the zone's plugged size, and the booted guest's driver
+/// is asked for it at once.
+#[test]
+fn resize_zone_before_boot_is_plugged_at_boot() {
+    require_curl();
+    let vmm = Vmm::start("memory-zones-preboot", &[]);
+    let serial = vmm.dir.join("serial.out");
+    let config = zones_config(
+        "virtiomem",
+        &serial,
+        json!([
+            {"id": "base", "size": 256 * MIB},
+            {"id": "hp", "size": 64 * MIB, "hotplug_size": 256 * MIB},
+        ]),
+    );
+    assert_eq!(
+        vmm.curl("PUT", "vm.create", Some(&config.to_string())).0,
+        204
+    );
+    ch_remote_ok(&vmm, &["resize-zone", "--id", "hp", "--size", "192M"]);
+    assert_eq!(zone_info(&vmm, "hp"), (320 * MIB, 128 * MIB));
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_line(
+        &serial,
+        &format!("VIRTIOMEM plugged={} requested={} ok", 128 * MIB, 128 * MIB),
+        1,
+        WAIT,
+    );
+    assert_eq!(zone_info(&vmm, "hp"), (448 * MIB, 128 * MIB));
+}
