@@ -33,7 +33,7 @@ pub use devices::{
 pub use extra::Extra;
 pub use fs::{FsConfig, FS_MAX_QUEUES, FS_TAG_MAX};
 pub use landlock::{parent_dir, LandlockAccess, LandlockConfig, LandlockGrant};
-pub use memory_zone::MemoryZoneConfig;
+pub use memory_zone::{zone_updates, MemoryZoneConfig};
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use parser::{parse_size, OptionParser};
 pub use platform::{parse_uuid, PlatformConfig};

@@ -160,6 +160,33 @@ impl MemoryZoneConfig {
     }
 }
 
+/// The `zone_updates` of a restore or a received migration (`[{"id", "host_numa_node"}]`):
+/// the new host NUMA node of each zone named, checked as the original checks them (ids
+/// given, each once).
+pub fn zone_updates(values: &[serde_json::Value]) -> Result<Vec<(String, u32)>, String> {
+    let mut out: Vec<(String, u32)> = Vec::new();
+    for v in values {
+        let id = v.get("id").and_then(|i| i.as_str()).unwrap_or_default();
+        if id.is_empty() {
+            return Err(
+                "zone_updates: at least one memory zone update with an empty ID was defined".into(),
+            );
+        }
+        let node = v
+            .get("host_numa_node")
+            .and_then(|n| n.as_u64())
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("zone_updates: {id}: host_numa_node is not a node number"))?;
+        if out.iter().any(|(i, _)| i == id) {
+            return Err(format!(
+                "zone_updates: multiple updates for the same zone defined ({id})"
+            ));
+        }
+        out.push((id.to_string(), node));
+    }
+    Ok(out)
+}
+
 /// `memory.zones` as the JSON gives it, an empty list (or null) as none.
 pub(crate) fn none_if_empty<'de, D: serde::Deserializer<'de>>(
     d: D,
@@ -200,6 +227,21 @@ impl MemoryConfig {
             Some(z) => z.iter().all(|z| z.shared || z.hugepages),
             None => self.shared || self.hugepages,
         }
+    }
+
+    /// Moves the zones `updates` names to their new host NUMA node (a restore's or a
+    /// received migration's `zone_updates`); a zone the VM lacks is an error.
+    pub fn apply_zone_updates(&mut self, updates: &[(String, u32)]) -> Result<(), String> {
+        for (id, node) in updates {
+            let zone = self
+                .zones
+                .iter_mut()
+                .flatten()
+                .find(|z| z.id == *id)
+                .ok_or_else(|| format!("zone_updates: the VM has no memory zone {id}"))?;
+            zone.host_numa_node = Some(*node);
+        }
+        Ok(())
     }
 
     /// Whether any guest RAM is `shared=on`.

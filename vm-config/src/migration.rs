@@ -170,13 +170,7 @@ impl ReceiveMigrationConfig {
                 "VFIO devices are not supported by this VMM",
             ));
         }
-        if !self.zone_updates.is_empty() {
-            return Err(refuse(
-                OPT,
-                url,
-                "zone_updates: NUMA memory zones are not supported by this VMM",
-            ));
-        }
+        crate::zone_updates(&self.zone_updates).map_err(|m| refuse(OPT, url, &m))?;
         Ok(())
     }
 }
@@ -248,7 +242,7 @@ mod tests {
             ),
             (
                 r#"{"receiver_url": "unix:/s", "zone_updates": [{}]}"#,
-                "NUMA",
+                "empty ID",
             ),
         ] {
             let c: ReceiveMigrationConfig = serde_json::from_str(json).unwrap();

@@ -55,7 +55,8 @@ pub struct RestoreConfig {
     /// Resume the VM once restored (otherwise it comes up paused).
     #[serde(default)]
     pub resume: bool,
-    /// NUMA zones are not supported: any entry is refused.
+    /// `{"id", "host_numa_node"}`: a memory zone of the snapshot moved to another host NUMA
+    /// node (`zone_updates()` reads them).
     #[serde(default)]
     pub zone_updates: Vec<serde_json::Value>,
 }
@@ -171,11 +172,7 @@ impl RestoreConfig {
                 "iommufd_fd: VFIO devices are not supported by this VMM".into(),
             ));
         }
-        if !self.zone_updates.is_empty() {
-            return Err(err(
-                "zone_updates: NUMA memory zones are not supported by this VMM".into(),
-            ));
-        }
+        crate::zone_updates(&self.zone_updates).map_err(err)?;
         Ok(())
     }
 }
@@ -446,10 +443,21 @@ mod tests {
             invalid("source_url=file:///s,iommufd_fd=7"),
             "--restore file:///s: iommufd_fd: VFIO devices are not supported by this VMM"
         );
+        // Zone updates are read (the VMM applies them to the snapshot's zones); the
+        // original's two refusals.
+        RestoreConfig::parse("source_url=file:///s,zone_updates=[z0@1,z1@0]")
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(
-            invalid("source_url=file:///s,zone_updates=[z0@1]"),
-            "--restore file:///s: zone_updates: NUMA memory zones are not supported by this VMM"
+            invalid("source_url=file:///s,zone_updates=[z0@1,z0@0]"),
+            "--restore file:///s: zone_updates: multiple updates for the same zone defined (z0)"
         );
+        let c: RestoreConfig = serde_json::from_str(
+            r#"{"source_url": "file:///s", "zone_updates": [{"id": "", "host_numa_node": 0}]}"#,
+        )
+        .unwrap();
+        assert!(c.validate().unwrap_err().msg.contains("empty ID"));
     }
 
     /// The API's body: the original's field names; what the command line cannot say either
@@ -477,7 +485,7 @@ mod tests {
         for body in [
             r#"{"source_url": "file:///s", "vfio_fds": [{"id": "v0"}]}"#,
             r#"{"source_url": "file:///s", "iommufd_fd": 3}"#,
-            r#"{"source_url": "file:///s", "zone_updates": [{"id": "z", "host_numa_node": 0}]}"#,
+            r#"{"source_url": "file:///s", "zone_updates": [{"id": "z"}]}"#,
             r#"{"source_url": "file:///s", "prefault": true, "memory_restore_mode": "OnDemand"}"#,
         ] {
             let c: RestoreConfig = serde_json::from_str(body).unwrap();

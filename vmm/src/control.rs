@@ -410,6 +410,12 @@ impl Vmm {
         let src = restore::open(&rc.source_url).map_err(chain)?;
         let mut config = src.config.clone();
         give_net_fds(&mut config, &rc).map_err(refuse)?;
+        // `zone_updates`: the snapshot's zones on other host NUMA nodes.
+        let updates = vm_config::zone_updates(&rc.zone_updates).map_err(&refuse)?;
+        config
+            .memory
+            .apply_zone_updates(&updates)
+            .map_err(&refuse)?;
         config
             .validate()
             .map_err(|e| refuse(format!("the snapshot's configuration is invalid: {e}")))?;

@@ -230,6 +230,23 @@ pub fn bind_to_node(spec: &RegionSpec, addr: *mut u8, node: u32) -> Result<(), M
     Ok(())
 }
 
+/// Binds every zone of `cfg` with a `host_numa_node` in `mem` (guest RAM a restore or a local
+/// migration mapped from files, not made by `create_guest_memory`, which binds as it maps).
+pub fn bind_all(
+    mem: &guest_memory::GuestMemoryMmap,
+    cfg: &MemoryConfig,
+) -> Result<(), MemoryError> {
+    use vm_memory::GuestMemoryBackend;
+    for spec in layout(cfg) {
+        let Some(node) = spec.numa else { continue };
+        let host = mem
+            .get_host_address(spec.start)
+            .map_err(|e| MemoryError::Regions(format!("{:#x}: {e}", spec.start.0)))?;
+        bind_to_node(&spec, host, node)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[path = "memory_zones_tests.rs"]
 mod tests;

@@ -278,7 +278,9 @@ fn copy_on_write(
                 .ok_or_else(|| Cause::new(format!("region at {:#x} overflows", r.gpa)))?,
         );
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| Cause::new(e.to_string()))
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Cause::new(e.to_string()))?;
+    crate::memory_zones::bind_all(&mem, cfg).map_err(|e| Cause::new(e.to_string()))?;
+    Ok(mem)
 }
 
 /// Guest RAM as shared mappings of the memory files a local migration's source sent, one per
@@ -324,7 +326,9 @@ pub fn map_memory_files(cfg: &MemoryConfig, files: Vec<File>) -> Result<GuestMem
                 .ok_or_else(|| Cause::new(format!("region at {:#x} overflows", start.0)))?,
         );
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| Cause::new(e.to_string()))
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Cause::new(e.to_string()))?;
+    crate::memory_zones::bind_all(&mem, cfg).map_err(|e| Cause::new(e.to_string()))?;
+    Ok(mem)
 }
 
 /// Whether a region's pages are the file's own (a shared mapping), so the file can stand for

@@ -313,13 +313,40 @@ fn zones_survive_snapshot_and_restore() {
     assert_eq!(a.wait().code(), Some(0));
 
     let b = Vmm::start("memory-zones-snap-b", &[]);
-    let (status, text) = b.curl(
-        "PUT",
-        "vm.restore",
-        Some(&json!({ "source_url": url }).to_string()),
-    );
+    // zone_updates naming a zone the snapshot lacks, or a host node the host lacks: refused,
+    // nothing restored.
+    for (update, why) in [
+        (
+            json!({"id": "nope", "host_numa_node": 0}),
+            "no memory zone nope",
+        ),
+        (
+            json!({"id": "low", "host_numa_node": 63}),
+            "no NUMA node 63",
+        ),
+    ] {
+        let body = json!({ "source_url": url, "zone_updates": [update] }).to_string();
+        let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+        assert_eq!(status, 500, "{text}");
+        assert!(text.contains(why), "{text}");
+        assert_eq!(b.curl("GET", "vm.info", None).0, 404);
+    }
+    // The host's node 0 (where it has one) for the low zone.
+    let node0 = Path::new("/sys/devices/system/node/node0").exists();
+    let updates = if node0 {
+        json!([{"id": "low", "host_numa_node": 0}])
+    } else {
+        json!([])
+    };
+    let body = json!({ "source_url": url, "zone_updates": updates }).to_string();
+    let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
     assert_eq!((status, text.as_str()), (204, ""));
-    let info_b = b.ok_json("vm.info");
+    let mut info_b = b.ok_json("vm.info");
+    if node0 {
+        let zone = &mut info_b["config"]["memory"]["zones"][0];
+        assert_eq!(zone["host_numa_node"], 0);
+        zone.as_object_mut().unwrap().remove("host_numa_node");
+    }
     assert_eq!(info_b["config"], info_a["config"], "the snapshot's zones");
     assert_eq!(b.put("vm.resume").0, 204);
     wait_check_after(&serial, before);

@@ -221,6 +221,7 @@ impl Vmm {
             return Err(ApiError::VmAlreadyCreated);
         }
         rc.validate().map_err(|e| receive_error(e.to_string()))?;
+        let zone_updates = vm_config::zone_updates(&rc.zone_updates).map_err(receive_error)?;
         self.monitor.emit("vm", "migration-receive-ready");
         let mut stream =
             receive::accept(&rc.receiver_url, self.signal_rx.as_raw_fd()).map_err(|e| {
@@ -233,6 +234,7 @@ impl Vmm {
             events: &self.events,
             api_socket: self.api_socket.as_deref(),
             config: None,
+            zone_updates,
             mem: None,
             ep: None,
             vm: None,
@@ -274,6 +276,8 @@ struct Incoming<'a> {
     /// The API socket, whose directory Landlock must allow (`landlock_enable`).
     api_socket: Option<&'a std::path::Path>,
     config: Option<VmConfig>,
+    /// `zone_updates`: the incoming zones' new host NUMA nodes.
+    zone_updates: Vec<(String, u32)>,
     mem: Option<GuestMemoryMmap>,
     ep: Option<Endpoints>,
     vm: Option<Vm>,
@@ -281,6 +285,9 @@ struct Incoming<'a> {
 
 impl Builder for Incoming<'_> {
     fn memory(&mut self, config: &VmConfig, files: Vec<File>) -> Result<(), String> {
+        let mut config = config.clone();
+        config.memory.apply_zone_updates(&self.zone_updates)?;
+        let config = &config;
         // The VM's configuration is known now: confined before anything of it is built.
         crate::landlock::confine(config, self.api_socket, None).map_err(|e| e.to_string())?;
         let mem = if files.is_empty() {
