@@ -168,6 +168,13 @@ impl VmConfig {
             let access = if d.readonly { Read } else { ReadWrite };
             out.push(LandlockGrant::new(&d.path, access, "--disk"));
         }
+        for z in self.memory.zones.iter().flatten() {
+            if let Some(f) = &z.file {
+                // A shared mapping writes the guest's pages back to the file.
+                let access = if z.shared { ReadWrite } else { Read };
+                out.push(LandlockGrant::new(f, access, "--memory-zone"));
+            }
+        }
         for pm in &self.pmem {
             // A directory gets an unnamed temporary file (O_TMPFILE) written in it.
             let access = if pm.discard_writes && !pm.file.is_dir() {

@@ -256,3 +256,28 @@ fn api_zone_errors_name_the_zone() {
         serde_json::from_str(r#"{"size": 1048576, "zones": [{"id": "a", "size": 4096}]}"#).unwrap();
     assert!(m.validate_zones().unwrap_err().msg.contains("size=0"));
 }
+
+/// `--landlock` lets the VMM open a zone's file: read-write when it is mapped shared.
+#[test]
+fn landlock_grants_the_zone_files() {
+    let cfg: crate::VmConfig = serde_json::from_str(
+        r#"{"payload": {"kernel": "/k"}, "memory": {"size": 0, "zones": [
+            {"id": "a", "size": 4096, "file": "/z/a", "shared": true},
+            {"id": "b", "size": 4096, "file": "/z/b"},
+            {"id": "c", "size": 4096}]}}"#,
+    )
+    .unwrap();
+    let grants: Vec<_> = cfg
+        .landlock_grants()
+        .into_iter()
+        .filter(|g| g.option == "--memory-zone")
+        .map(|g| (g.path.display().to_string(), g.access))
+        .collect();
+    assert_eq!(
+        grants,
+        [
+            ("/z/a".to_string(), crate::LandlockAccess::ReadWrite),
+            ("/z/b".to_string(), crate::LandlockAccess::Read),
+        ]
+    );
+}
