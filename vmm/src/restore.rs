@@ -154,6 +154,13 @@ pub fn load_memory(
                      are loaded 4 KiB at a time); use copy",
                 ));
             }
+            if let Some(z) = cfg.zones.iter().flatten().find(|z| z.file.is_some()) {
+                return Err(Cause::new(format!(
+                    "memory_restore_mode=ondemand cannot serve memory zone {} (file=): \
+                     userfaultfd serves anonymous and memfd memory only; use copy",
+                    z.id
+                )));
+            }
             let mem = memory::create_guest_memory(cfg).map_err(|e| Cause::new(e.to_string()))?;
             let loader = OnDemand::start(&mem, &src.memory, &ranges)?;
             Ok((mem, Some(loader)))
@@ -175,6 +182,9 @@ fn copy(
 ) -> Result<GuestMemoryMmap, Cause> {
     let mut cfg = cfg.clone();
     cfg.prefault |= prefault;
+    for z in cfg.zones.iter_mut().flatten() {
+        z.prefault |= prefault;
+    }
     let mem = memory::create_guest_memory(&cfg).map_err(|e| Cause::new(e.to_string()))?;
     let mut file = &src.memory;
     for (r, offset) in ranges {

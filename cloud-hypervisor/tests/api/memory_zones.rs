@@ -331,6 +331,15 @@ fn zones_survive_snapshot_and_restore() {
         assert!(text.contains(why), "{text}");
         assert_eq!(b.curl("GET", "vm.info", None).0, 404);
     }
+    // userfaultfd cannot serve a file zone.
+    let body = json!({ "source_url": url, "memory_restore_mode": "OnDemand" }).to_string();
+    let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+    assert_eq!(status, 500, "{text}");
+    assert!(
+        text.contains("cannot serve memory zone file (file=)"),
+        "{text}"
+    );
+    assert_eq!(b.curl("GET", "vm.info", None).0, 404);
     // The host's node 0 (where it has one) for the low zone.
     let node0 = Path::new("/sys/devices/system/node/node0").exists();
     let updates = if node0 {
