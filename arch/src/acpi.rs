@@ -23,6 +23,9 @@ use crate::layout;
 mod cpus;
 mod hotplug;
 mod memory;
+mod numa;
+
+pub use numa::NumaNode;
 
 pub use cpus::cpu_device_name;
 pub use memory::memory_device_name;
@@ -65,6 +68,8 @@ pub struct AcpiConfig {
     /// A TPM 2.0 behind the CRB interface at `layout::TPM_START`: the `TPM2` table and
     /// `\_SB_.TPM2` (`MSFT0101`).
     pub tpm: bool,
+    /// The guest's NUMA nodes, by id (`--numa`): the SRAT and the SLIT; none, no tables.
+    pub numa: Vec<NumaNode>,
 }
 
 /// A PCI host bridge (one segment). Windows are `(start, size)`.
@@ -182,6 +187,10 @@ fn place_tables(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, Error> {
     }
     if cfg.tpm {
         entries.push(placer.place(*b"TPM2", build_tpm2()));
+    }
+    if !cfg.numa.is_empty() {
+        entries.push(placer.place(*b"SRAT", numa::build_srat(&cfg.numa)));
+        entries.push(placer.place(*b"SLIT", numa::build_slit(&cfg.numa)));
     }
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);

@@ -31,6 +31,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 pci: None,
                 memory_slots: 0,
                 tpm: false,
+                numa: Vec::new(),
             },
         ),
         (
@@ -43,6 +44,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 pci: None,
                 memory_slots: 0,
                 tpm: false,
+                numa: Vec::new(),
             },
         ),
         (
@@ -55,6 +57,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
                 memory_slots: 0,
                 tpm: true,
+                numa: Vec::new(),
             },
         ),
         (
@@ -67,6 +70,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 pci: Some(pci_host(None)),
                 memory_slots: 0,
                 tpm: false,
+                numa: Vec::new(),
             },
         ),
         (
@@ -79,6 +83,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
                 memory_slots: 16,
                 tpm: true,
+                numa: Vec::new(),
             },
         ),
         (
@@ -91,6 +96,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 pci: None,
                 memory_slots: 0,
                 tpm: false,
+                numa: Vec::new(),
             },
         ),
     ]

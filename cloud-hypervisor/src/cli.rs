@@ -8,7 +8,6 @@ pub const NOT_YET: &[&str] = &[
     "debug-console",
     "device",
     "generic-vhost-user",
-    "numa",
     "pci-segment",
     "user-device",
     "vdpa",

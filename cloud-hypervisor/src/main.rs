@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, LandlockConfig, MemoryConfig,
-    NetConfig, PayloadConfig, PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig,
-    RngConfig, TpmConfig, VsockConfig,
+    NetConfig, NumaConfig, PayloadConfig, PlatformConfig, PmemConfig, RateLimitGroupConfig,
+    RestoreConfig, RngConfig, TpmConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -94,6 +94,13 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
+    let numa = m
+        .get_many::<String>("numa")
+        .map(|n| {
+            n.map(|n| NumaConfig::parse(n))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     let balloon = s("balloon").map(|b| BalloonConfig::parse(&b)).transpose()?;
     let vsock = s("vsock").map(|v| VsockConfig::parse(&v)).transpose()?;
@@ -126,6 +133,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         rate_limit_groups: groups,
         landlock_enable: m.get_flag("landlock"),
         landlock_rules,
+        numa,
         unsupported: Default::default(),
     })
 }

@@ -141,6 +141,7 @@ pub fn build(name: &str, data: &[u8]) -> Option<Built> {
             let opts = VirtioMemOptions {
                 unplugged_inaccessible: true,
                 node_id: 0,
+                acpi_pxm: false,
             };
             let r = crate::mem::REGION as u64;
             let dev = VirtioMem::new(r, r, 4096, opts).ok()?;

@@ -34,6 +34,7 @@ mod mem;
 mod mem_zones;
 mod msix;
 mod net;
+mod numa;
 mod paging;
 mod phpr;
 mod pmem;

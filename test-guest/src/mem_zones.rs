@@ -4,7 +4,8 @@
 //! with `pattern(address)` and reads it back (`memzones-<i>`), prints `MEMZONES written`
 //! and, for ever, every 100 ms, checks three words of every page again and prints
 //! `MEMZONES check <n> ok` (or `bad` with a FAIL line): the host reads a file-backed zone's
-//! file, and a restored or migrated guest goes on checking its memory.
+//! file, and a restored or migrated guest goes on checking its memory. Before the ranges it
+//! prints the NUMA nodes the SRAT and SLIT describe (`numa.rs`).
 
 use alloc::vec::Vec;
 use core::ptr::{read_volatile, write_volatile};
@@ -48,6 +49,7 @@ pub fn scenario_memzones(boot: &BootInfo) {
     for r in boot.memmap.iter().filter(|r| r.kind == 1) {
         println!("MEMZONES ram {:#x}+{:#x}", r.addr, r.size);
     }
+    crate::numa::report(boot.rsdp);
     let Some(ranges) = ranges(boot) else {
         fail(
             "memzones-args",

@@ -27,7 +27,7 @@ use crate::{
 
 /// The virtio-mem device type.
 pub const TYPE_MEM: u16 = 24;
-/// VIRTIO_MEM_F_ACPI_PXM: `node_id` is an ACPI proximity domain (not offered).
+/// VIRTIO_MEM_F_ACPI_PXM: `node_id` is an ACPI proximity domain (offered with `--numa`).
 pub const F_MEM_ACPI_PXM: u64 = 1 << 0;
 /// VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: the driver must not touch unplugged memory.
 pub const F_MEM_UNPLUGGED_INACCESSIBLE: u64 = 1 << 1;
@@ -84,9 +84,11 @@ pub struct VirtioMemOptions {
     /// Offer VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE (off: the driver may still read unplugged
     /// memory, which reads as zero).
     pub unplugged_inaccessible: bool,
-    /// `node_id` in the configuration (meaningless to the driver without ACPI_PXM, which is not
-    /// offered; kept for the day NUMA nodes are).
+    /// `node_id` in the configuration: with `acpi_pxm`, the ACPI proximity domain (the guest
+    /// NUMA node, `--numa`) the device's memory belongs to.
     pub node_id: u16,
+    /// Offer VIRTIO_MEM_F_ACPI_PXM: `node_id` is a proximity domain of the SRAT.
+    pub acpi_pxm: bool,
 }
 
 impl VirtioMemOptions {
@@ -94,6 +96,9 @@ impl VirtioMemOptions {
         let mut f = F_VERSION_1;
         if self.unplugged_inaccessible {
             f |= F_MEM_UNPLUGGED_INACCESSIBLE;
+        }
+        if self.acpi_pxm {
+            f |= F_MEM_ACPI_PXM;
         }
         f
     }

@@ -188,9 +188,20 @@ fn mem_config_layout_features_and_read_only() {
     let opt = VirtioMemOptions {
         unplugged_inaccessible: true,
         node_id: 3,
+        acpi_pxm: false,
     };
     let dev2 = VirtioMem::new(REGION, REGION_SIZE, BLOCK, opt).unwrap();
     assert_eq!(dev2.features(), F_VERSION_1 | F_MEM_UNPLUGGED_INACCESSIBLE);
+    // With --numa the node is an ACPI proximity domain.
+    let numa = VirtioMemOptions {
+        acpi_pxm: true,
+        ..opt
+    };
+    let dev3 = VirtioMem::new(REGION, REGION_SIZE, BLOCK, numa).unwrap();
+    assert_eq!(
+        dev3.features(),
+        F_VERSION_1 | F_MEM_UNPLUGGED_INACCESSIBLE | F_MEM_ACPI_PXM
+    );
     assert_eq!(config(&dev2)[8..10], [3, 0], "node_id");
 
     dev.control().set_requested(4 * MIB).unwrap();

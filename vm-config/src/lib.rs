@@ -10,6 +10,7 @@ pub mod mac;
 mod memory_zone;
 mod migration;
 mod net_vhost;
+mod numa;
 mod parser;
 mod platform;
 mod pmem;
@@ -35,6 +36,7 @@ pub use fs::{FsConfig, FS_MAX_QUEUES, FS_TAG_MAX};
 pub use landlock::{parent_dir, LandlockAccess, LandlockConfig, LandlockGrant};
 pub use memory_zone::{zone_updates, MemoryZoneConfig};
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
+pub use numa::{NumaConfig, NumaDistance};
 pub use parser::{parse_size, OptionParser};
 pub use platform::{parse_uuid, PlatformConfig};
 pub use pmem::{PmemConfig, PMEM_ALIGNMENT};
@@ -652,9 +654,24 @@ pub struct VmConfig {
     /// `--landlock-rules`: more paths the VMM may reach under `--landlock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landlock_rules: Option<Vec<LandlockConfig>>,
+    /// `--numa`: the guest's NUMA nodes (ACPI SRAT and SLIT). An empty list is none.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "numa_none_if_empty"
+    )]
+    pub numa: Option<Vec<NumaConfig>>,
     /// The original's fields for what we do not implement yet: accepted only when empty.
     #[serde(flatten)]
     pub unsupported: UnsupportedConfig,
+}
+
+/// `numa` as the JSON gives it, an empty list (or null) as none.
+fn numa_none_if_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<NumaConfig>>, D::Error> {
+    let nodes: Option<Vec<NumaConfig>> = Deserialize::deserialize(d)?;
+    Ok(nodes.filter(|n| !n.is_empty()))
 }
 
 fn default_serial() -> ConsoleConfig {
@@ -736,6 +753,16 @@ impl VmConfig {
             .validate()
             .map_err(|m| ConfigError::new("--memory", "", m))?;
         self.memory.validate_zones()?;
+        if let Some(nodes) = &self.numa {
+            let zones: Vec<&str> = self
+                .memory
+                .zones
+                .iter()
+                .flatten()
+                .map(|z| z.id.as_str())
+                .collect();
+            numa::validate_nodes(nodes, &zones, self.cpus.max_vcpus)?;
+        }
         if let Some(p) = &self.platform {
             p.validate()
                 .map_err(|m| ConfigError::new(PlatformConfig::OPTION, "", m))?;

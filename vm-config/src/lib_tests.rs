@@ -85,6 +85,7 @@ fn config_with(payload: PayloadConfig) -> VmConfig {
         tpm: None,
         landlock_enable: false,
         landlock_rules: None,
+        numa: None,
         unsupported: UnsupportedConfig::default(),
     }
 }
@@ -167,6 +168,7 @@ fn json_field_names_follow_the_api() {
         tpm: None,
         landlock_enable: false,
         landlock_rules: None,
+        numa: None,
         unsupported: UnsupportedConfig::default(),
     };
     let json = serde_json::to_string(&cfg).unwrap();

@@ -21,8 +21,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vdpa: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub numa: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_segments: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sgx_epc: Option<Value>,
@@ -46,13 +44,12 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 9] = [
+        let fields: [(&'static str, &Option<Value>); 8] = [
             ("generic_vhost_user", &self.generic_vhost_user),
             ("debug_console", &self.debug_console),
             ("devices", &self.devices),
             ("user_devices", &self.user_devices),
             ("vdpa", &self.vdpa),
-            ("numa", &self.numa),
             ("pci_segments", &self.pci_segments),
             ("sgx_epc", &self.sgx_epc),
             ("iommu", &self.iommu),
@@ -97,7 +94,7 @@ mod tests {
         .unwrap();
         ok.validate().unwrap();
         for (json, field) in [
-            (r#"{"numa": [{"guest_numa_id": 0}]}"#, "numa"),
+            (r#"{"pci_segments": [{"pci_segment": 1}]}"#, "pci_segments"),
             (r#"{"vdpa": [{"path": "/dev/vhost-vdpa-0"}]}"#, "vdpa"),
         ] {
             let c: UnsupportedConfig = serde_json::from_str(json).unwrap();

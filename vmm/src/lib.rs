@@ -14,6 +14,7 @@ mod memory;
 mod memory_hotplug;
 mod memory_zones;
 mod migration;
+mod numa;
 mod pci_setup;
 mod platform;
 mod pmem;

@@ -755,7 +755,7 @@ pub fn create(
     }
     let mut zone_virtio_mem = Vec::new();
     if cfg.memory.hotplug_method == vm_config::HotplugMethod::VirtioMem {
-        for (dev, zone, control) in virtio_build::zone_virtio_mems(&cfg.memory)? {
+        for (dev, zone, control) in virtio_build::zone_virtio_mems(cfg)? {
             list.push(dev);
             zone_virtio_mem.push((zone, control));
         }

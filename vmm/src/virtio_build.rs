@@ -346,6 +346,7 @@ pub fn virtio_mem(
         (base.0, size),
         cfg.hotplugged_size.unwrap_or(0),
         "--memory".into(),
+        virtio_devices::VirtioMemOptions::default(),
     )
     .map(Some)
 }
@@ -354,18 +355,29 @@ pub fn virtio_mem(
 /// as the original's), over the zone's own region, asked for its `hotplugged_size`; with the
 /// handle `vm.resize-zone` sets its requested size through.
 pub fn zone_virtio_mems(
-    cfg: &MemoryConfig,
+    vm: &vm_config::VmConfig,
 ) -> Result<Vec<(NewDevice, String, Arc<virtio_devices::VirtioMemControl>)>, PciSetupError> {
+    let cfg = &vm.memory;
     let mut out = Vec::new();
     for z in cfg.zones.iter().flatten() {
         let Some((base, size)) = crate::memory_zones::zone_hotplug_region(cfg, &z.id) else {
             continue;
+        };
+        // In a guest NUMA node, the device names it (ACPI proximity domain), as the original.
+        let options = match crate::numa::zone_node(vm, &z.id) {
+            Some(node) => virtio_devices::VirtioMemOptions {
+                node_id: node as u16,
+                acpi_pxm: true,
+                ..Default::default()
+            },
+            None => virtio_devices::VirtioMemOptions::default(),
         };
         let (dev, control) = virtio_mem_device(
             z.id.clone(),
             (base.0, size),
             z.hotplugged_size.unwrap_or(0),
             format!("--memory-zone id={}", z.id),
+            options,
         )?;
         out.push((dev, z.id.clone(), control));
     }
@@ -379,6 +391,7 @@ fn virtio_mem_device(
     region: (u64, u64),
     requested: u64,
     option: String,
+    options: virtio_devices::VirtioMemOptions,
 ) -> Result<(NewDevice, Arc<virtio_devices::VirtioMemControl>), PciSetupError> {
     let (base, size) = region;
     let err = |e: virtio_devices::VirtioMemError| PciSetupError::DeviceOf {
@@ -390,7 +403,7 @@ fn virtio_mem_device(
         base,
         size,
         virtio_devices::VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
-        virtio_devices::VirtioMemOptions::default(),
+        options,
     )
     .map_err(err)?;
     let control = dev.control();

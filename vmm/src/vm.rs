@@ -287,6 +287,7 @@ impl Vm {
                     0
                 },
                 tpm: cfg.tpm.is_some(),
+                numa: crate::numa::acpi_nodes(cfg),
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;

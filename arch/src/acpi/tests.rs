@@ -10,6 +10,7 @@ fn cfg(boot: u32, max: u32) -> AcpiConfig {
         pci: None,
         memory_slots: 0,
         tpm: false,
+        numa: Vec::new(),
     }
 }
 
@@ -145,6 +146,7 @@ fn tables_do_not_overlap_and_fit_below_acpi_end() {
         pci: Some(pci_host()),
         memory_slots: 16,
         tpm: true,
+        numa: Vec::new(),
         ..cfg(MAX_VCPUS, MAX_VCPUS)
     };
     let tables = place_tables(&largest).unwrap();
@@ -696,6 +698,7 @@ fn tpm_adds_the_tpm2_table_and_the_crb_device() {
 
     let c = AcpiConfig {
         tpm: true,
+        numa: Vec::new(),
         ..cfg(1, 1)
     };
     let tables = place_tables(&c).unwrap();

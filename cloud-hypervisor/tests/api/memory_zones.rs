@@ -470,3 +470,59 @@ fn resize_zone_before_boot_is_plugged_at_boot() {
     );
     assert_eq!(zone_info(&vmm, "hp"), (448 * MIB, 128 * MIB));
 }
+
+/// `--numa`: two guest NUMA nodes, each with a vCPU and a zone (one with a virtio-mem region),
+/// and a distance between them: the guest's SRAT and SLIT say so.
+#[test]
+fn numa_nodes_are_in_the_srat_and_slit() {
+    require_curl();
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let scratch = common::scratch("memory-zones-numa-serial");
+    let serial = scratch.join("serial.out");
+    let serial_arg = format!("file={}", serial.display());
+    let vmm = Vmm::start(
+        "memory-zones-numa",
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "test=memzones memtest=0x2000000+0x2000000,0x4000000+0x4000000",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=0,hotplug_method=virtio-mem",
+            "--memory-zone",
+            "id=a,size=64M",
+            "--memory-zone",
+            "id=b,size=64M,hotplug_size=128M",
+            "--numa",
+            "guest_numa_id=0,cpus=[0],memory_zones=[a],distances=[1@25]",
+            "--numa",
+            "guest_numa_id=1,cpus=[1],memory_zones=[b]",
+            "--serial",
+            &serial_arg,
+            "--console",
+            "off",
+        ],
+    );
+    wait_check_after(&serial, 0);
+    let text = serial_text(&serial);
+    for want in [
+        "NUMA mem node=0 0x0+0x4000000 hotplug=0\n",
+        "NUMA mem node=1 0x4000000+0x4000000 hotplug=0\n",
+        "NUMA mem node=1 0x100000000+0x8000000 hotplug=1\n",
+        "NUMA cpu node=0 apic=0\n",
+        "NUMA cpu node=1 apic=1\n",
+        "NUMA slit 0: 10,25\n",
+        "NUMA slit 1: 25,10\n",
+    ] {
+        assert!(text.contains(want), "{want}:\n{text}");
+    }
+    assert_no_fail(&serial);
+    let info = vmm.ok_json("vm.info");
+    assert_eq!(info["config"]["numa"][1]["memory_zones"], json!(["b"]));
+    assert_eq!(
+        info["config"]["numa"][0]["distances"],
+        json!([{"destination": 1, "distance": 25}])
+    );
+}
