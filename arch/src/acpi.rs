@@ -473,7 +473,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
 
     let mut sb = Vec::new();
     cpus::controller().to_aml_bytes(&mut sb);
-    cpus::container(cfg.max_vcpus).to_aml_bytes(&mut sb);
+    cpus::container(cfg.max_vcpus, &cfg.numa).to_aml_bytes(&mut sb);
     if cfg.memory_slots > 0 {
         memory::controller(cfg.memory_slots).to_aml_bytes(&mut sb);
     }

@@ -7,7 +7,8 @@
 //!   to notify one CPU, `CEJ0 (cpu)` to eject one and `CSCN`, which the GED's `_EVT` calls on its
 //!   CPU bit: it notifies each CPU being inserted (1) or to remove (3) and acknowledges it.
 //! - `\_SB_.CPUS.Cxxx` (ACPI0007) for each possible CPU: `_UID`, `_STA`, `_MAT` (its MADT entry,
-//!   enabled, as Linux wants it for a hot-added CPU), `_EJ0`.
+//!   enabled, as Linux wants it for a hot-added CPU), `_EJ0`, and with `--numa` `_PXM` (its
+//!   node, which a CPU hot-added after boot is known by: the SRAT is read at boot).
 
 use acpi_tables::aml;
 use acpi_tables::Aml;
@@ -65,8 +66,9 @@ pub(super) fn controller() -> Raw {
     )))
 }
 
-/// `\_SB_.CPUS` with its methods and one device per possible CPU.
-pub(super) fn container(max_vcpus: u32) -> Raw {
+/// `\_SB_.CPUS` with its methods and one device per possible CPU; `nodes`: the guest's NUMA
+/// nodes, whose vCPUs get `_PXM`.
+pub(super) fn container(max_vcpus: u32, nodes: &[super::NumaNode]) -> Raw {
     let lock = "\\_SB_.PRES.CPLK";
     let (csel, cpen, cins, crmv, cej0) = (
         aml::Path::new("\\_SB_.PRES.CSEL"),
@@ -135,7 +137,8 @@ pub(super) fn container(max_vcpus: u32) -> Raw {
 
     let mut cpus = Vec::new();
     for cpu in 0..max_vcpus {
-        cpu_device(cpu).to_aml_bytes(&mut cpus);
+        let node = nodes.iter().find(|n| n.cpus.contains(&cpu)).map(|n| n.id);
+        cpu_device(cpu, node).to_aml_bytes(&mut cpus);
     }
     let cpus = Raw(cpus);
     Raw(to_bytes(&aml::Device::new(
@@ -152,19 +155,24 @@ pub(super) fn container(max_vcpus: u32) -> Raw {
     )))
 }
 
-fn cpu_device(cpu: u32) -> Raw {
+fn cpu_device(cpu: u32, node: Option<u32>) -> Raw {
     // _MAT describes the processor as it is once present (hot-plugged): enabled.
     let mat = aml::BufferData::new(madt_cpu_entry(cpu, MADT_CPU_ENABLED));
     let status = aml::MethodCall::new("CSTA".into(), vec![&cpu]);
     let eject = aml::MethodCall::new("CEJ0".into(), vec![&cpu]);
+    let hid = aml::Name::new("_HID".into(), &"ACPI0007");
+    let uid = aml::Name::new("_UID".into(), &cpu);
+    let ret = aml::Return::new(&status);
+    let sta = aml::Method::new("_STA".into(), 0, false, vec![&ret]);
+    let mat = aml::Name::new("_MAT".into(), &mat);
+    let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&eject]);
+    let pxm = node.map(|n| aml::Name::new("_PXM".into(), &n));
+    let mut body: Vec<&dyn Aml> = vec![&hid, &uid, &sta, &mat, &ej0];
+    if let Some(p) = &pxm {
+        body.push(p);
+    }
     Raw(to_bytes(&aml::Device::new(
         cpu_device_name(cpu).as_str().into(),
-        vec![
-            &aml::Name::new("_HID".into(), &"ACPI0007"),
-            &aml::Name::new("_UID".into(), &cpu),
-            &aml::Method::new("_STA".into(), 0, false, vec![&aml::Return::new(&status)]),
-            &aml::Name::new("_MAT".into(), &mat),
-            &aml::Method::new("_EJ0".into(), 1, false, vec![&eject]),
-        ],
+        body,
     )))
 }
