@@ -267,6 +267,16 @@ fn resize_zone_plugs_what_the_guest_takes() {
     let (status, text) = vmm.curl("PUT", "vm.resize-zone", Some(r#"{"id": "hp"}"#));
     assert_eq!(status, 400, "{text}");
     assert_eq!(zone_info(&vmm, "hp"), (448 * MIB, 128 * MIB));
+    // A reboot builds the zones again, and the new guest is asked for what was plugged.
+    assert_eq!(vmm.put("vm.reboot").0, 204);
+    wait_line(&serial, "READY", 2, WAIT);
+    wait_line(
+        &serial,
+        &format!("VIRTIOMEM plugged={} requested={} ok", 128 * MIB, 128 * MIB),
+        2,
+        WAIT,
+    );
+    assert_eq!(zone_info(&vmm, "hp"), (448 * MIB, 128 * MIB));
     assert_no_fail(&serial);
 }
 
