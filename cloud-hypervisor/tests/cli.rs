@@ -302,7 +302,10 @@ fn restore_errors() {
         ),
         ("source_url=file:///s,vfio_fds=[v0@5]", "VFIO"),
         ("source_url=file:///s,iommufd_fd=5", "VFIO"),
-        ("source_url=file:///s,zone_updates=[z0@0]", "NUMA"),
+        (
+            "source_url=file:///s,zone_updates=[z0@0,z0@1]",
+            "multiple updates for the same zone defined (z0)",
+        ),
     ] {
         assert_rejected(
             &["--restore", value],
@@ -321,5 +324,100 @@ fn restore_errors() {
                 &format!("{opt} needs --kernel or --firmware"),
             ],
         );
+    }
+}
+
+/// `--memory-zone` and `--numa`: bad values, and zones that cannot be built, are one line
+/// naming the option and the value, exit 1 (at parse time, or when the zone is mapped).
+#[test]
+fn memory_zone_and_numa_errors() {
+    let kernel = guest().elf_pvh.display().to_string();
+    let dir = common::scratch("memory-zone-errors");
+    let short = dir.join("short");
+    std::fs::write(&short, [0u8; 4096]).unwrap();
+    let short_zone = format!("id=f,size=4M,file={}", short.display());
+    for (args, expect) in [
+        (
+            vec!["--memory", "size=0", "--memory-zone", "size=64M"],
+            vec!["--memory-zone size=64M: ", "id is missing"],
+        ),
+        (
+            vec!["--memory", "size=1G", "--memory-zone", "id=a,size=64M"],
+            vec!["--memory-zone id=a,size=64M: ", "needs --memory size=0"],
+        ),
+        (
+            vec!["--memory", "size=0"],
+            vec!["--memory size=0: ", "only with --memory-zone"],
+        ),
+        (
+            vec![
+                "--memory",
+                "size=0",
+                "--memory-zone",
+                "id=a,size=64M,bogus=1",
+            ],
+            vec![
+                "--memory-zone id=a,size=64M,bogus=1: ",
+                "unknown key 'bogus'",
+            ],
+        ),
+        (
+            vec![
+                "--memory",
+                "size=0",
+                "--memory-zone",
+                "id=a,size=64M",
+                "--memory-zone",
+                "id=a,size=32M",
+            ],
+            vec!["--memory-zone id=a,size=32M: ", "used twice"],
+        ),
+        (
+            vec![
+                "--memory",
+                "size=0",
+                "--memory-zone",
+                "id=a,size=64M,hotplug_size=128M",
+            ],
+            vec![
+                "--memory-zone id=a,size=64M,hotplug_size=128M: ",
+                "hotplug_method=virtio-mem",
+            ],
+        ),
+        (
+            vec![
+                "--memory",
+                "size=0",
+                "--memory-zone",
+                "id=a,size=64M,host_numa_node=63",
+            ],
+            vec!["--memory-zone id=a host_numa_node=63: ", "no NUMA node 63"],
+        ),
+        (
+            vec!["--memory", "size=0", "--memory-zone", &short_zone],
+            vec!["--memory-zone id=f file=", "holds 4096 bytes"],
+        ),
+        (
+            vec![
+                "--memory",
+                "size=0",
+                "--memory-zone",
+                "id=a,size=64M",
+                "--numa",
+                "guest_numa_id=0,memory_zones=[b]",
+            ],
+            vec!["--numa guest_numa_id=0: ", "no --memory-zone has the id b"],
+        ),
+        (
+            vec!["--numa", "guest_numa_id=0,cpus=[0],pci_segments=[0]"],
+            vec![
+                "--numa guest_numa_id=0,cpus=[0],pci_segments=[0]: ",
+                "not supported yet",
+            ],
+        ),
+    ] {
+        let mut all = vec!["--kernel", kernel.as_str()];
+        all.extend(args);
+        assert_rejected(&all, &expect);
     }
 }
