@@ -158,8 +158,8 @@ fn every_endpoint_refuses_bad_requests() {
             "VFIO",
         ),
         (
-            r#"{"source_url": "file:///s", "zone_updates": [{"id": "z", "host_numa_node": 0}]}"#,
-            "NUMA",
+            r#"{"source_url": "file:///s", "zone_updates": [{"id": "", "host_numa_node": 0}]}"#,
+            "empty ID",
         ),
     ] {
         let (status, text) = vmm.curl("PUT", "vm.restore", Some(body));
