@@ -31,6 +31,13 @@ pub enum MemoryError {
         path: String,
         msg: String,
     },
+    /// A zone's region that could not be made (the zone named first).
+    #[error("{option}: {source}")]
+    InZone {
+        option: String,
+        #[source]
+        source: Box<MemoryError>,
+    },
     #[error("{option} host_numa_node={node}: {msg}")]
     Numa {
         option: String,
@@ -100,7 +107,14 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
     let mut mapped = Vec::new();
     for s in &specs {
         let file = memory_zones::open_file(s)?;
-        let region = ram_region_with(s.start, s.size, &s.backing, file)?;
+        let region =
+            ram_region_with(s.start, s.size, &s.backing, file).map_err(|e| match s.zone {
+                Some(_) => MemoryError::InZone {
+                    option: s.option(),
+                    source: Box::new(e),
+                },
+                None => e,
+            })?;
         if let Some(node) = s.numa {
             memory_zones::bind_to_node(s, region.as_ptr(), node)?;
         }
