@@ -13,6 +13,7 @@ extern crate alloc;
 mod acpi_memory;
 mod acpi_sys;
 mod balloon;
+mod blk_rate;
 mod bootinfo;
 mod busy;
 mod cmos;
@@ -209,6 +210,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "rng" => virtio::scenario_rng(),
         "blk" => virtio::scenario_blk(&boot),
         "blk-bench" => virtio::scenario_blk_bench(),
+        "blk-rate" => blk_rate::scenario_blk_rate(&boot),
         "console" => virtio::scenario_console(),
         "console-echo" => virtio::scenario_console_echo(),
         "console-size" => msix::scenario_console_size(&boot),
