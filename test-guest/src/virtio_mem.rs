@@ -503,6 +503,7 @@ fn follow(m: &mut Mem, restart_at: Option<u64>) -> Option<()> {
     let mut seen = svc::irq_count(CONFIG_VECTOR);
     let mut shown: Option<(u64, u64)> = None;
     let mut nack_shown = false;
+    let mut shown_irqs = seen;
     loop {
         m.cfg = m.read_config();
         let requested = m.cfg.requested;
@@ -524,12 +525,16 @@ fn follow(m: &mut Mem, restart_at: Option<u64>) -> Option<()> {
             Ok(false) => continue,
             Ok(true) => {}
         }
-        if shown != Some((m.n, requested)) {
+        let changed = shown != Some((m.n, requested));
+        // Also when only an interrupt came (on a loaded host it may come after the guest
+        // found the new size by polling and reached it).
+        let irqs = svc::irq_count(CONFIG_VECTOR);
+        if changed || irqs != shown_irqs {
+            println!("INFO virtiomem config_irqs={irqs}");
+            shown_irqs = irqs;
+        }
+        if changed {
             let plugged = m.n * m.cfg.block;
-            println!(
-                "INFO virtiomem config_irqs={}",
-                svc::irq_count(CONFIG_VECTOR)
-            );
             println!(
                 "VIRTIOMEM plugged={plugged} requested={requested} {}",
                 if m.bad == 0 { "ok" } else { "bad" }

@@ -70,29 +70,6 @@ fn wait_balloon(serial: &Path, actual: u64, target: u64, n: usize) {
     );
 }
 
-/// The configuration interrupts the guest had taken when it last reported its balloon (its
-/// `INFO balloon config_irqs=N` line comes just before each report).
-fn config_irqs(serial: &Path) -> u64 {
-    let text = std::fs::read_to_string(serial).unwrap_or_default();
-    text.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("INFO balloon config_irqs="))
-        .and_then(|rest| rest.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no config_irqs line in:\n{text}"))
-}
-
-/// Waits for the guest to report more configuration interrupts than `before`.
-fn wait_config_irq(serial: &Path, before: u64) {
-    let end = std::time::Instant::now() + WAIT;
-    while config_irqs(serial) <= before {
-        assert!(
-            std::time::Instant::now() < end,
-            "no configuration interrupt (still {before})"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 fn memory_actual_size(vmm: &Vmm) -> u64 {
     let info = vmm.ok_json("vm.info");
     info["memory_actual_size"]
@@ -112,11 +89,11 @@ fn inflate_and_deflate(vmm: &Vmm, serial: &Path, rss: &str) {
         before / MIB
     );
 
-    let irqs = config_irqs(serial);
+    let irqs = config_irqs(serial, "balloon");
     ch_remote_ok(vmm, &["resize", "--balloon", "256M"]);
     wait_balloon(serial, 65536, 65536, 1);
     // The new target came with a configuration interrupt (the guest also polls every 50 ms).
-    wait_config_irq(serial, irqs);
+    wait_config_irqs_above(serial, "balloon", irqs);
     let inflated = status_bytes(pid, rss);
     assert!(
         inflated + 200 * MIB <= before,
@@ -128,10 +105,10 @@ fn inflate_and_deflate(vmm: &Vmm, serial: &Path, rss: &str) {
     let info = vmm.ok_json("vm.info");
     assert_eq!(info["config"]["balloon"]["size"], 256 * MIB, "{info}");
 
-    let irqs = config_irqs(serial);
+    let irqs = config_irqs(serial, "balloon");
     ch_remote_ok(vmm, &["resize", "--balloon", "0"]);
     wait_balloon(serial, 0, 0, 2);
-    wait_config_irq(serial, irqs);
+    wait_config_irqs_above(serial, "balloon", irqs);
     // The guest wrote every page it took back and read it back.
     assert_no_fail(serial);
     let deflated = status_bytes(pid, rss);
@@ -185,7 +162,7 @@ fn balloon_on_shared_memory_punches_holes() {
 #[test]
 fn balloon_target_set_while_paused_arrives_on_resume() {
     let (vmm, serial) = boot_balloon_guest("balloon-paused", false);
-    let irqs = config_irqs(&serial);
+    let irqs = config_irqs(&serial, "balloon");
     assert_eq!(vmm.put("vm.pause").0, 204);
     ch_remote_ok(&vmm, &["resize", "--balloon", "128M"]);
     let info = vmm.ok_json("vm.info");
@@ -196,10 +173,8 @@ fn balloon_target_set_while_paused_arrives_on_resume() {
     assert_eq!(text.matches("BALLOON actual=").count(), 1, "{text}");
     assert_eq!(vmm.put("vm.resume").0, 204);
     wait_balloon(&serial, 32768, 32768, 1);
-    assert!(
-        config_irqs(&serial) > irqs,
-        "no configuration interrupt on resume"
-    );
+    // The interrupt may come after the guest found the target by polling (a loaded host).
+    wait_config_irqs_above(&serial, "balloon", irqs);
     assert_eq!(memory_actual_size(&vmm), RAM - 128 * MIB);
     assert_no_fail(&serial);
 }

@@ -286,3 +286,29 @@ pub fn status_bytes(pid: i32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{text}"));
     kib * 1024
 }
+
+/// The configuration interrupts the guest had taken at its last `INFO <device> config_irqs=N`
+/// line (the balloon and virtio-mem drivers print one before each report, and when only an
+/// interrupt came).
+pub fn config_irqs(serial: &Path, device: &str) -> u64 {
+    let text = serial_text(serial);
+    let prefix = format!("INFO {device} config_irqs=");
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} line in:\n{text}"))
+}
+
+/// Waits (60 s at most) for the guest to report more configuration interrupts than `before`:
+/// on a loaded host the interrupt may come after the driver found the change by polling.
+pub fn wait_config_irqs_above(serial: &Path, device: &str, before: u64) {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while config_irqs(serial, device) <= before {
+        assert!(
+            std::time::Instant::now() < end,
+            "no {device} configuration interrupt (still {before})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -72,17 +72,6 @@ fn resize_and_wait(vmm: &Vmm, serial: &Path, size: &str, ram: u64, n: usize) -> 
     start.elapsed()
 }
 
-/// The configuration interrupts the guest had taken when it last reported (its
-/// `INFO virtiomem config_irqs=N` line comes just before each report).
-fn config_irqs(serial: &Path) -> u64 {
-    let text = serial_text(serial);
-    text.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("INFO virtiomem config_irqs="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no config_irqs line in:\n{text}"))
-}
-
 /// vm.info's `memory_actual_size` and `config.memory.hotplugged_size` (0 when absent).
 fn memory_info(vmm: &Vmm) -> (u64, u64) {
     let info = vmm.ok_json("vm.info");
@@ -112,9 +101,9 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
 
     // +512 MiB: the guest plugs and writes every page of it. The new requested size came with
     // a configuration interrupt (the guest also polls every 20 ms).
-    let irqs = config_irqs(&serial);
+    let irqs = config_irqs(&serial, "virtiomem");
     let t = resize_and_wait(&vmm, &serial, "768M", 768 * MIB, 1);
-    assert!(config_irqs(&serial) > irqs, "no configuration interrupt");
+    wait_config_irqs_above(&serial, "virtiomem", irqs);
     let plugged = status_bytes(pid, "VmRSS");
     assert_eq!(memory_info(&vmm), (768 * MIB, 512 * MIB));
     assert!(
@@ -130,9 +119,9 @@ fn virtio_mem_resize_plugs_and_unplugs_memory() {
     );
 
     // -384 MiB: the top 192 blocks go, and their host pages with them.
-    let irqs = config_irqs(&serial);
+    let irqs = config_irqs(&serial, "virtiomem");
     let t2 = resize_and_wait(&vmm, &serial, "384M", 384 * MIB, 1);
-    assert!(config_irqs(&serial) > irqs, "no configuration interrupt");
+    wait_config_irqs_above(&serial, "virtiomem", irqs);
     let unplugged = status_bytes(pid, "VmRSS");
     assert_eq!(memory_info(&vmm), (384 * MIB, 128 * MIB));
     assert!(
