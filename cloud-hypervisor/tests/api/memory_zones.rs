@@ -84,6 +84,14 @@ fn zones_from_the_command_line_are_the_guests_ram() {
     // file zone at 4 GiB + 64 MiB.
     let cmdline = "test=memzones memtest=0x2000000+0x2000000,0xb0000000+0x1000000,\
                    0x100000000+0x4000000,0x104000000+0x4000000";
+    // The low zone bound to the host's node 0 where it has one (never accepted and ignored:
+    // the kernel's numa_maps says so below).
+    let node0 = Path::new("/sys/devices/system/node/node0").exists();
+    let low_zone = if node0 {
+        "id=low,size=64M,host_numa_node=0"
+    } else {
+        "id=low,size=64M"
+    };
     let vmm = Vmm::start(
         "memory-zones",
         &[
@@ -96,7 +104,7 @@ fn zones_from_the_command_line_are_the_guests_ram() {
             "--memory",
             "size=0",
             "--memory-zone",
-            "id=low,size=64M",
+            low_zone,
             "--memory-zone",
             "id=big,size=3G",
             "--memory-zone",
@@ -130,6 +138,13 @@ fn zones_from_the_command_line_are_the_guests_ram() {
             "offset {off:#x}"
         );
     }
+    if node0 {
+        // The low zone's mapping (split in two by the transparent huge page advice above
+        // its first 2 MiB) is bound to node 0; nothing else is.
+        let maps = std::fs::read_to_string(format!("/proc/{}/numa_maps", vmm.pid())).unwrap();
+        let bound = bound_to_node0(&maps);
+        assert!((1..=2).contains(&bound), "{bound} mappings bound:\n{maps}");
+    }
     let info = vmm.ok_json("vm.info");
     let zones = &info["config"]["memory"]["zones"];
     assert_eq!(info["config"]["memory"]["size"], 0, "{info}");
@@ -142,6 +157,13 @@ fn zones_from_the_command_line_are_the_guests_ram() {
     let (status, body) = vmm.curl("PUT", "vm.resize", Some(r#"{"desired_ram": 4294967296}"#));
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("vm.resize-zone"), "{body}");
+}
+
+/// How many mappings of `numa_maps` are bound (MPOL_BIND) to node 0.
+fn bound_to_node0(maps: &str) -> usize {
+    maps.lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("bind:0"))
+        .count()
 }
 
 /// The VmConfig of a guest in `test` with `zones` (virtio-mem hotplug).
