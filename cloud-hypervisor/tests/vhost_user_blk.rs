@@ -401,3 +401,88 @@ fn backend_killed_and_restarted_under_guest_io() {
         .iter()
         .all(|&x| x == 0));
 }
+
+/// Until `needle` is in the serial file (`secs` at most); the text.
+fn wait_serial(serial: &Path, needle: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `vhost_reconnect_timeout=1`: the backend SIGKILLed and not back within a second, so the
+/// device gives up on it and needs a reset (the guest, `test=blk-reset`, sees NEEDS_RESET; its
+/// read waiting in the ring is never run); the backend is started again, the guest resets the
+/// device and initialises it again, the device connects to the new backend, and the guest's
+/// reads and a write are served (sector 8 is in the image).
+#[test]
+fn backend_gone_past_the_timeout_then_the_reset_device_connects_again() {
+    let dir = scratch("vub-give-up");
+    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+    let serial = dir.join("serial.txt");
+    std::fs::write(&img, host_image()).unwrap();
+    let mut b = Backend::start(&img, &sock, "");
+    let disk = format!(
+        "vhost_user=on,socket={},vhost_reconnect_timeout=1",
+        sock.display()
+    );
+    let child = spawn(&[
+        "--kernel",
+        guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        "test=blk-reset",
+        "--memory",
+        "size=256M,shared=on",
+        "--disk",
+        &disk,
+        "--serial",
+        &format!("file={}", serial.display()),
+        "--console",
+        "off",
+    ]);
+    wait_serial(&serial, "BLKRESET waiting for the backend to go", 30);
+    b.kill();
+    let t = Instant::now();
+    let text = wait_serial(&serial, "blkreset-needs-reset", 30);
+    let gave_up = t.elapsed();
+    assert!(text.contains("PASS blkreset-needs-reset"), "{text}");
+    assert!(
+        gave_up >= Duration::from_millis(900) && gave_up < Duration::from_secs(10),
+        "NEEDS_RESET after {gave_up:?}"
+    );
+    b.restart(&sock);
+    let r = wait_with_timeout(child, Duration::from_secs(60));
+    let out = std::fs::read_to_string(&serial).unwrap();
+    let r = Run { stdout: out, ..r };
+    r.assert_guest_passed();
+    for c in [
+        "blkreset-read",
+        "blkreset-needs-reset",
+        "blkreset-reread",
+        "blkreset-write",
+    ] {
+        r.assert_passed(c);
+    }
+    assert!(
+        r.stderr.contains("for 1 s") && r.stderr.contains("the device needs a reset"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("vhost-user-blk: backend connected after"),
+        "{}",
+        r.stderr
+    );
+    eprintln!("NEEDS_RESET {} ms after the kill", gave_up.as_millis());
+    let content = std::fs::read(&img).unwrap();
+    assert!(content[8 * 512..9 * 512].iter().all(|&x| x == 0xa5));
+    assert!(content[..8 * 512]
+        .chunks(512)
+        .enumerate()
+        .all(|(s, c)| c.iter().all(|&x| x == host_pattern(s as u64))));
+}

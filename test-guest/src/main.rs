@@ -14,6 +14,7 @@ mod acpi_memory;
 mod acpi_sys;
 mod balloon;
 mod blk_rate;
+mod blk_reset;
 mod bootinfo;
 mod busy;
 mod cmos;
@@ -211,6 +212,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "blk" => virtio::scenario_blk(&boot),
         "blk-bench" => virtio::scenario_blk_bench(),
         "blk-rate" => blk_rate::scenario_blk_rate(&boot),
+        "blk-reset" => blk_reset::scenario_blk_reset(&boot),
         "console" => virtio::scenario_console(),
         "console-echo" => virtio::scenario_console_echo(),
         "console-size" => msix::scenario_console_size(&boot),

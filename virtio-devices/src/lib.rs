@@ -64,6 +64,7 @@ pub use vhost_user::VhostUserError;
 pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockError};
 pub use vhost_user_fs::{VhostUserFs, VhostUserFsError, FS_TAG_LEN, TYPE_FS};
 pub use vhost_user_net::{VhostUserNet, VhostUserNetConfig, VhostUserNetError};
+pub use vhost_user_reconnect::GIVE_UP as VHOST_USER_GIVE_UP;
 pub use vhost_user_socket::VhostSocketError;
 pub use vsock::{Vsock, VsockState, TYPE_VSOCK};
 pub use watchdog::{Watchdog, WatchdogState, TYPE_WATCHDOG, WATCHDOG_INTERVAL, WATCHDOG_TIMEOUT};

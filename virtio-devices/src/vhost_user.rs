@@ -65,6 +65,8 @@ pub(crate) struct VhostUserConnection {
     /// The socket to connect to again (a connection made by path).
     target: Option<Target>,
     policy: Policy,
+    /// How long the relay tries to connect to a backend that went away.
+    give_up: std::time::Duration,
 }
 
 impl VhostUserConnection {
@@ -134,6 +136,7 @@ impl VhostUserConnection {
             gone: Arc::new(AtomicBool::new(false)),
             target: None,
             policy: Policy::NeedsReset,
+            give_up: crate::vhost_user_reconnect::GIVE_UP,
         };
         Ok((c, got))
     }
@@ -145,9 +148,11 @@ impl VhostUserConnection {
 
     /// A backend that goes away while the device runs is connected to again and given the
     /// running queues back (`vhost_user_reconnect.rs`), instead of the device needing a reset.
-    /// For devices whose backend keeps no state the guest relies on (vhost-user-blk).
-    pub(crate) fn reconnect_running_queues(&mut self) {
+    /// For devices whose backend keeps no state the guest relies on (vhost-user-blk). After
+    /// `give_up` without a backend the device needs a reset.
+    pub(crate) fn reconnect_running_queues(&mut self, give_up: std::time::Duration) {
         self.policy = Policy::Reconnect;
+        self.give_up = give_up;
     }
 
     /// Whether the backend runs queues for us.
@@ -237,6 +242,7 @@ impl VhostUserConnection {
             setup,
             calls,
             policy: self.policy,
+            give_up: self.give_up,
             target: self.target.clone(),
             interrupt: ctx.interrupt,
             status: ctx.status.clone(),

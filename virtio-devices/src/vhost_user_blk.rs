@@ -37,10 +37,12 @@ pub struct VhostUserBlock {
 
 impl VhostUserBlock {
     /// Connects to the backend at `socket` and reads what it offers (features, config space).
+    /// A backend that goes away is waited for `give_up` (then the device needs a reset).
     pub fn new(
         socket: &Path,
         num_queues: u16,
         queue_size: u16,
+        give_up: std::time::Duration,
     ) -> Result<Self, VhostUserBlockError> {
         let (mut conn, got) = VhostUserConnection::connect(
             "vhost-user-blk",
@@ -54,7 +56,7 @@ impl VhostUserBlock {
         }
         // The disk's state is the image's: a backend started again on the same socket takes
         // the running queues over (docs/pci.md, "Reconnection").
-        conn.reconnect_running_queues();
+        conn.reconnect_running_queues(give_up);
         if num_queues > 1 {
             let have = if got.contains(VhostUserProtocolFeatures::MQ) {
                 conn.frontend()

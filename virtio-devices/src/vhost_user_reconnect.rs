@@ -12,7 +12,8 @@
 //!   offer), protocol features, memory table, and per running queue its size, ring
 //!   addresses, base, call and kick, then enables the rings; it kicks every queue and raises
 //!   every queue's interrupt once (a kick or a call the dead backend swallowed is not lost).
-//!   After [`GIVE_UP`] without a backend the device is marked NEEDS_RESET, as above.
+//!   After its give-up time without a backend ([`GIVE_UP`] unless the disk's
+//!   `vhost_reconnect_timeout` says otherwise) the device is marked NEEDS_RESET, as above.
 //!
 //! The replayed base of a queue that a backend was running is the used ring's index, read
 //! from guest memory (as the original Cloud Hypervisor does): every request the driver made
@@ -47,8 +48,8 @@ use crate::{DeviceStatus, VirtioInterrupt};
 /// First wait after a hang-up, and the longest between two tries.
 pub(crate) const FIRST_TRY: Duration = Duration::from_millis(10);
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(1);
-/// How long a running device waits for its backend before it needs a reset.
-pub(crate) const GIVE_UP: Duration = Duration::from_secs(60);
+/// How long a running device waits for its backend before it needs a reset, by default.
+pub const GIVE_UP: Duration = Duration::from_secs(60);
 /// The longest a reconnecting backend may take to answer one message.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -211,6 +212,8 @@ pub(crate) struct RelayParts {
     pub setup: Setup,
     pub calls: Vec<(usize, EventFd)>,
     pub policy: Policy,
+    /// How long to try to connect before the device needs a reset.
+    pub give_up: Duration,
     /// `None`: the device cannot connect again by itself (a stream its caller made).
     pub target: Option<Target>,
     pub interrupt: Arc<dyn VirtioInterrupt>,
@@ -453,11 +456,11 @@ impl RelayThread {
                     log::error!("{name} relay: cannot watch the new socket: {e}");
                 }
             }
-            Err(e) if since.elapsed() >= GIVE_UP => {
+            Err(e) if since.elapsed() >= self.p.give_up => {
                 log::error!(
                     "{name}: no backend on {} for {} s ({e}): the device needs a reset",
                     target.socket.display(),
-                    GIVE_UP.as_secs()
+                    self.p.give_up.as_secs()
                 );
                 self.needs_reset();
             }

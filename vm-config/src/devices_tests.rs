@@ -31,6 +31,18 @@ fn disk() {
         ("vhost_user=on", "go together"),
         ("socket=/s", "socket= needs vhost_user=on"),
         ("vhost_user=on,socket=/s,serial=x", "'serial' does not go"),
+        (
+            "path=/x,vhost_reconnect_timeout=5",
+            "vhost_reconnect_timeout= needs vhost_user=on",
+        ),
+        (
+            "vhost_user=on,socket=/s,vhost_reconnect_timeout=3601",
+            "at most 3600 seconds",
+        ),
+        (
+            "vhost_user=on,socket=/s,vhost_reconnect_timeout=-1",
+            "must be a number",
+        ),
         ("path=/x,iommu=on", "not supported"),
         ("path=/x,id=__mine", "reserved"),
     ] {
@@ -38,6 +50,28 @@ fn disk() {
         assert!(e.contains(why), "{bad}: {e}");
         assert!(e.starts_with("--disk "), "{e}");
     }
+}
+
+/// `vhost_reconnect_timeout` (ours): with vhost_user=on only, in the JSON only when given,
+/// and checked for the API's configurations too.
+#[test]
+fn disk_vhost_reconnect_timeout() {
+    let d = DiskConfig::parse("vhost_user=on,socket=/s,vhost_reconnect_timeout=2").unwrap();
+    assert_eq!(d.vhost_reconnect_timeout, Some(2));
+    assert_eq!(
+        serde_json::to_value(&d).unwrap()["vhost_reconnect_timeout"],
+        2
+    );
+    let d = DiskConfig::parse("vhost_user=on,socket=/s").unwrap();
+    assert_eq!(d.vhost_reconnect_timeout, None);
+    assert!(serde_json::to_value(&d)
+        .unwrap()
+        .get("vhost_reconnect_timeout")
+        .is_none());
+    let api: DiskConfig =
+        serde_json::from_str(r#"{"path": "/dev/null", "vhost_reconnect_timeout": 5}"#).unwrap();
+    let e = api.validate().unwrap_err().to_string();
+    assert!(e.contains("needs vhost_user=on"), "{e}");
 }
 
 /// What the original's `--disk` takes and we now take as it does.

@@ -158,12 +158,21 @@ pub fn disk(
 /// A `--disk vhost_user=on,socket=` device: the backend at `socket` serves it (the
 /// configuration checked that guest RAM is shared).
 fn vhost_user_disk(d: &DiskConfig, socket: &str, id: String) -> Result<NewDevice, PciSetupError> {
-    let dev = VhostUserBlock::new(std::path::Path::new(socket), d.num_queues, d.queue_size)
-        .map_err(|e| PciSetupError::Device {
-            option: "--disk",
-            value: format!("socket={socket}"),
-            msg: e.to_string(),
-        })?;
+    let give_up = d.vhost_reconnect_timeout.map_or(
+        virtio_devices::VHOST_USER_GIVE_UP,
+        std::time::Duration::from_secs,
+    );
+    let dev = VhostUserBlock::new(
+        std::path::Path::new(socket),
+        d.num_queues,
+        d.queue_size,
+        give_up,
+    )
+    .map_err(|e| PciSetupError::Device {
+        option: "--disk",
+        value: format!("socket={socket}"),
+        msg: e.to_string(),
+    })?;
     Ok(NewDevice {
         option: "--disk",
         id,
