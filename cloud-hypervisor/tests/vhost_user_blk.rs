@@ -486,3 +486,189 @@ fn backend_gone_past_the_timeout_then_the_reset_device_connects_again() {
         .enumerate()
         .all(|(s, c)| c.iter().all(|&x| x == host_pattern(s as u64))));
 }
+
+/// `PUT /api/v1/<what>` on the API socket with a JSON `body`: the status line and the body.
+fn api_put(sock: &Path, what: &str, body: &str) -> (String, String) {
+    let mut s = UnixStream::connect(sock).expect("the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = format!(
+        "PUT /api/v1/{what} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.lines().next().unwrap_or_default().to_string();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+/// The VMM of a `blkfault` guest writing `blocks` blocks through the backend at `sock`, with
+/// its serial in `serial` and its API on `api`.
+fn spawn_blkfault(sock: &Path, serial: &Path, api: &Path, blocks: u64) -> Child {
+    let cmdline = format!("test=blkfault blkfault_chunk=8 blkfault_blocks={blocks}");
+    let disk = format!("vhost_user=on,socket={}", sock.display());
+    spawn(&[
+        "-v",
+        "--kernel",
+        guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "size=256M,shared=on",
+        "--disk",
+        &disk,
+        "--serial",
+        &format!("file={}", serial.display()),
+        "--console",
+        "off",
+        "--api-socket",
+        &format!("path={}", api.display()),
+    ])
+}
+
+/// The guest finished `blocks` writes without an error, read them back, and the image holds
+/// each byte for byte.
+fn check_blkfault_done(r: &Run, img: &Path, blocks: u64) {
+    r.assert_guest_passed();
+    r.assert_passed("blkfault-readback");
+    assert!(
+        r.stdout.contains(&format!(
+            "BLKFAULT done writes={blocks} errors=0 readback={blocks}"
+        )),
+        "{}",
+        r.stdout
+    );
+    let content = std::fs::read(img).unwrap();
+    for n in 0..blocks {
+        for s in n * 8..n * 8 + 8 {
+            for w in 0..64 {
+                let at = (s * 512 + w * 8) as usize;
+                let got = u64::from_le_bytes(content[at..at + 8].try_into().unwrap());
+                assert_eq!(got, word(n, s, w), "write {n} sector {s} word {w}");
+            }
+        }
+    }
+    assert!(content[(blocks * 8 * 512) as usize..]
+        .iter()
+        .all(|&x| x == 0));
+}
+
+/// Pauses the VM and snapshots it into `snap` (created): its devices are paused too (the
+/// backend stops each ring: GET_VRING_BASE). Returns the snapshot's vhost-user-blk transport
+/// state (JSON).
+fn pause_and_snapshot(api: &Path, snap: &Path) -> serde_json::Value {
+    assert_eq!(api_put(api, "vm.pause", "").0, "HTTP/1.1 204 ");
+    std::fs::create_dir_all(snap).unwrap();
+    let body = format!(r#"{{"destination_url": "file://{}"}}"#, snap.display());
+    let (status, text) = api_put(api, "vm.snapshot", &body);
+    assert_eq!(status, "HTTP/1.1 204 ", "{text}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(snap.join("state.json")).unwrap()).unwrap();
+    let dev = state["pci"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "_disk0")
+        .cloned()
+        .expect("the vhost-user-blk device in the snapshot");
+    assert_eq!(
+        dev["device"],
+        serde_json::json!({"vhost_user": {"version": 1, "device": "vhost-user-blk"}}),
+        "{dev}"
+    );
+    dev["transport"].clone()
+}
+
+/// Pause and resume under guest I/O: the guest writes and flushes (`blkfault`), the VM is
+/// paused and snapshotted at about write 200 (the backend stops the ring: GET_VRING_BASE; the
+/// snapshot holds the queue's base), nothing moves for 500 ms (neither the guest's writes nor
+/// the image: the backend serves nothing), and after the resume (the rings handed back at the
+/// saved base) every write completes and is in the image byte for byte.
+#[test]
+fn paused_and_snapshotted_under_guest_io_then_resumed() {
+    const BLOCKS: u64 = 1500;
+    let dir = scratch("vub-pause");
+    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
+    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
+    let _b = Backend::start(&img, &sock, "");
+    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
+    wait_flushed(&serial, 200);
+    let t = pause_and_snapshot(&api, &dir.join("snap"));
+    let q = &t["queues"][0];
+    assert_eq!(t["activated"], true, "{t}");
+    // The backend serves in ring order and stopped between two batches: nothing in flight.
+    assert_eq!(q["next_avail"], q["next_used"], "{q}");
+    assert!(q["next_avail"].as_u64().unwrap() > 0, "{q}");
+    let (before, image) = (flushed(&serial), std::fs::read(&img).unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(flushed(&serial), before, "the guest went on while paused");
+    assert!(
+        std::fs::read(&img).unwrap() == image,
+        "the image changed while paused"
+    );
+    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = wait_with_timeout(child, Duration::from_secs(120));
+    let r = Run {
+        stdout: std::fs::read_to_string(&serial).unwrap(),
+        ..r
+    };
+    let paused = format!(
+        "vhost-user-blk: paused: queue 0 at {} (used {})",
+        q["next_avail"], q["next_used"]
+    );
+    assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
+    assert!(r.stderr.contains("vhost-user-blk: resumed"), "{}", r.stderr);
+    check_blkfault_done(&r, &img, BLOCKS);
+}
+
+/// Snapshot under guest I/O, then the VMM and its backend gone; a fresh backend on the same
+/// socket and a new VMM restoring the snapshot (`--restore`): the device connects to it and
+/// hands it the rings at the saved bases; after the resume the guest's writes go on from where
+/// they were, every one completes and is in the image byte for byte.
+#[test]
+fn snapshot_restored_in_a_new_vmm_with_a_fresh_backend() {
+    const BLOCKS: u64 = 1000;
+    let dir = scratch("vub-restore");
+    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
+    let snap = dir.join("snap");
+    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
+    let mut b = Backend::start(&img, &sock, "");
+    let mut child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
+    wait_flushed(&serial, 300);
+    let t = pause_and_snapshot(&api, &snap);
+    let base = t["queues"][0]["next_avail"].clone();
+    let _ = child.kill();
+    let _ = child.wait();
+    b.restart(&sock);
+    let _ = std::fs::remove_file(&api);
+    let restored = spawn(&[
+        "-v",
+        "--restore",
+        &format!("source_url=file://{}", snap.display()),
+        "--api-socket",
+        &format!("path={}", api.display()),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&api).is_err() || api_get(&api, "vm.info") != "HTTP/1.1 200 " {
+        assert!(
+            Instant::now() < deadline,
+            "the restored VMM does not answer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = wait_with_timeout(restored, Duration::from_secs(120));
+    let r = Run {
+        stdout: std::fs::read_to_string(&serial).unwrap(),
+        ..r
+    };
+    // The restore started the device at the saved base and paused it until the resume.
+    let paused = format!("vhost-user-blk: paused: queue 0 at {base} (used {base})");
+    assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
+    assert!(r.stderr.contains("vhost-user-blk: resumed"), "{}", r.stderr);
+    check_blkfault_done(&r, &img, BLOCKS);
+}

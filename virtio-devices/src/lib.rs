@@ -60,7 +60,7 @@ pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
 };
-pub use vhost_user::VhostUserError;
+pub use vhost_user::{VhostUserError, VhostUserState};
 pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockError};
 pub use vhost_user_fs::{VhostUserFs, VhostUserFsError, FS_TAG_LEN, TYPE_FS};
 pub use vhost_user_net::{VhostUserNet, VhostUserNetConfig, VhostUserNetError};
@@ -210,6 +210,7 @@ pub enum VirtioDeviceState {
     Watchdog(WatchdogState),
     Vsock(VsockState),
     Pmem(PmemState),
+    VhostUser(VhostUserState),
 }
 
 impl VirtioDeviceState {
@@ -224,6 +225,11 @@ impl VirtioDeviceState {
             VirtioDeviceState::Vsock(_) => "virtio-vsock",
             VirtioDeviceState::Watchdog(_) => "virtio-watchdog",
             VirtioDeviceState::Pmem(_) => "virtio-pmem",
+            VirtioDeviceState::VhostUser(s) => match s.device.as_str() {
+                "vhost-user-net" => "vhost-user-net",
+                "vhost-user-blk" => "vhost-user-blk",
+                _ => "vhost-user",
+            },
         }
     }
 

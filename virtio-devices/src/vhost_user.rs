@@ -33,7 +33,7 @@ const F_VERSION_1: u64 = 1 << 32;
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
     #[error("cannot connect to {0}: {1}")]
-    Connect(String, vhost::Error),
+    Connect(String, std::io::Error),
     #[error("vhost-user {0}: {1}")]
     Protocol(&'static str, vhost::Error),
     #[error("the backend does not offer {0}")]
@@ -67,6 +67,70 @@ pub(crate) struct VhostUserConnection {
     policy: Policy,
     /// How long the relay tries to connect to a backend that went away.
     give_up: std::time::Duration,
+    /// While paused: the running queues' set-up, each queue's `base` where the backend
+    /// stopped it (GET_VRING_BASE), for the resume to hand back.
+    paused: Option<RelayParts>,
+}
+
+/// A vhost-user device's own state in a snapshot: the version and the device kind. The
+/// queues' positions (each one's base from the pause) are the transport's; the backend's own
+/// state is not ours (a restore connects to whichever backend listens on the socket).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserState {
+    pub version: u32,
+    /// `vhost-user-blk`, `vhost-user-net`.
+    pub device: String,
+}
+
+impl VhostUserState {
+    pub(crate) fn of(device: &str) -> crate::VirtioDeviceState {
+        crate::VirtioDeviceState::VhostUser(VhostUserState {
+            version: crate::VIRTIO_DEVICE_STATE_VERSION,
+            device: device.into(),
+        })
+    }
+
+    /// Checks that `state` is a state of a `device` of this version.
+    pub(crate) fn check(
+        device: &'static str,
+        state: &crate::VirtioDeviceState,
+    ) -> Result<(), pci::StateError> {
+        let crate::VirtioDeviceState::VhostUser(s) = state else {
+            return Err(state.wrong(device));
+        };
+        if s.device != device {
+            return Err(pci::StateError::invalid(
+                device,
+                format!("the state of a {} device", s.device),
+            ));
+        }
+        pci::StateError::check_version(device, s.version, crate::VIRTIO_DEVICE_STATE_VERSION)
+    }
+}
+
+/// Connects to a backend's socket (trying again for 500 ms while it refuses: it may be about
+/// to listen), with the reply timeouts set: a backend that stops answering fails the request.
+fn connect_stream(socket: &Path) -> Result<std::os::unix::net::UnixStream, VhostUserError> {
+    use std::os::unix::net::UnixStream;
+    let err = |e| VhostUserError::Connect(socket.display().to_string(), e);
+    let mut tries = 5;
+    let stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries > 0 => {
+                tries -= 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(err(e)),
+        }
+    };
+    let wait = Some(crate::vhost_user_socket::REPLY_WAIT);
+    stream
+        .set_read_timeout(wait)
+        .and_then(|()| stream.set_write_timeout(wait))
+        .map_err(err)?;
+    Ok(stream)
 }
 
 impl VhostUserConnection {
@@ -80,8 +144,7 @@ impl VhostUserConnection {
         queue_size: u16,
         want: VhostUserProtocolFeatures,
     ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
-        let fe = Frontend::connect(socket, u64::from(max_queues))
-            .map_err(|e| VhostUserError::Connect(socket.display().to_string(), e))?;
+        let fe = Frontend::from_stream(connect_stream(socket)?, u64::from(max_queues));
         let (mut c, got) = Self::negotiate(name, fe, queue_size, want)?;
         c.target = Some(Target {
             socket: socket.to_path_buf(),
@@ -137,6 +200,7 @@ impl VhostUserConnection {
             target: None,
             policy: Policy::NeedsReset,
             give_up: crate::vhost_user_reconnect::GIVE_UP,
+            paused: None,
         };
         Ok((c, got))
     }
@@ -249,9 +313,133 @@ impl VhostUserConnection {
             fe: self.fe.clone(),
             gone: self.gone.clone(),
             applied: !gone,
+            served: !gone,
         };
         self.relay = Some(spawn_relay(parts).map_err(|x| x.to_string())?);
         Ok(())
+    }
+
+    /// Pause (for a snapshot or a migration): the relay stops (a reconnection in progress with
+    /// it), then the backend stops each running ring with GET_VRING_BASE, which answers the
+    /// ring's next available index (the backend serves a batch under the ring's lock, so no
+    /// request is in flight once it answers), kept as the queue's base; a completion signalled
+    /// meanwhile is passed on as the queue's interrupt. Afterwards the backend neither reads
+    /// the rings nor writes guest RAM (a backend that keeps to the protocol) and no interrupt is
+    /// raised until `resume`. A backend gone (or that does not answer: the socket's reply
+    /// timeout) leaves each queue's base at the used ring's index, where a reconnection would
+    /// start. Idempotent; nothing to do for a device that is not started.
+    pub(crate) fn pause(&mut self) -> Result<(), String> {
+        if self.paused.is_some() || self.started.is_empty() {
+            return Ok(());
+        }
+        let Some(relay) = self.relay.take() else {
+            return Ok(());
+        };
+        let name = self.name;
+        let mut parts = relay
+            .stop()
+            .ok_or_else(|| format!("{name}: the relay thread had died"))?;
+        let mut bases = Vec::new();
+        if !self.gone.load(Ordering::Acquire) {
+            let fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
+            for q in &parts.setup.queues {
+                match fe.get_vring_base(q.index) {
+                    Ok(b) => bases.push(b as u16),
+                    Err(e) => {
+                        log::warn!(
+                            "{name}: GET_VRING_BASE {}: {e}: the backend is taken as gone",
+                            q.index
+                        );
+                        self.gone.store(true, Ordering::Release);
+                        bases.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        if bases.is_empty() {
+            bases = parts.setup.bases(parts.served);
+        }
+        for (q, b) in parts.setup.queues.iter_mut().zip(&bases) {
+            q.base = *b;
+        }
+        parts.served = false;
+        // Completions the backend signalled after the relay stopped.
+        for (i, call) in &parts.calls {
+            if call.read().is_ok() {
+                parts.interrupt.signal_queue(*i);
+            }
+        }
+        let at: Vec<String> = parts
+            .setup
+            .queues
+            .iter()
+            .map(|q| {
+                let used = parts.setup.ring_index(q.used_gpa);
+                format!("queue {} at {} (used {used})", q.index, q.base)
+            })
+            .collect();
+        log::info!("{name}: paused: {}", at.join(", "));
+        self.paused = Some(parts);
+        Ok(())
+    }
+
+    /// Resume: hands the backend the paused rings again (SET_FEATURES, SET_MEM_TABLE, and per
+    /// ring NUM, ADDR, BASE (the base the pause saved), CALL, KICK, then ENABLE), kicks each
+    /// queue once (what the driver published meanwhile is seen) and starts the relay again. A
+    /// backend that went away meanwhile (or refuses) is as one that goes away while running:
+    /// vhost-user-blk connects again (the new backend starts at the saved bases), the others
+    /// need a reset. Nothing to do when not paused.
+    pub(crate) fn resume(&mut self) -> Result<(), String> {
+        let Some(mut parts) = self.paused.take() else {
+            return Ok(());
+        };
+        let name = self.name;
+        let mut applied = false;
+        if !self.gone.load(Ordering::Acquire) {
+            let bases: Vec<u16> = parts.setup.queues.iter().map(|q| q.base).collect();
+            let mut fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
+            match parts
+                .setup
+                .apply(&mut fe, &parts.calls, &bases, &AtomicBool::new(false))
+            {
+                Ok(()) => applied = true,
+                Err(e) => {
+                    log::warn!("{name}: resume: {e}: the backend is taken as gone");
+                    self.gone.store(true, Ordering::Release);
+                }
+            }
+        }
+        if !applied && (self.policy != Policy::Reconnect || self.target.is_none()) {
+            log::error!("{name}: the backend went away while paused: the device needs a reset");
+            parts.status.mark_needs_reset();
+            parts.interrupt.signal_config();
+            return Ok(());
+        }
+        if applied {
+            for q in &parts.setup.queues {
+                let _ = q.kick.write(1);
+            }
+            log::info!("{name}: resumed");
+        }
+        parts.applied = applied;
+        parts.served = applied;
+        self.relay = Some(spawn_relay(parts).map_err(|e| format!("{name}: relay: {e}"))?);
+        Ok(())
+    }
+
+    /// While paused, each queue's `(next_avail, next_used)`: the base the pause saved and the
+    /// used ring's index (the same for a backend that completes in ring order); `None` for the
+    /// queues the backend does not run. `None` when not paused.
+    pub(crate) fn queue_positions(&self, queues: usize) -> Option<Vec<Option<(u16, u16)>>> {
+        let parts = self.paused.as_ref()?;
+        let mut out = vec![None; queues];
+        for q in &parts.setup.queues {
+            if let Some(p) = out.get_mut(q.index) {
+                *p = Some((q.base, parts.setup.ring_index(q.used_gpa)));
+            }
+        }
+        Some(out)
     }
 
     /// Reset: the relay stops (a reconnection in progress with it), then the backend stops
@@ -261,7 +449,8 @@ impl VhostUserConnection {
             r.stop();
         }
         let started = std::mem::take(&mut self.started);
-        if self.gone.load(Ordering::Acquire) {
+        // Rings a pause stopped are stopped already.
+        if self.paused.take().is_some() || self.gone.load(Ordering::Acquire) {
             return;
         }
         let fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());

@@ -9,11 +9,10 @@ use std::path::Path;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 
-use crate::vhost_user::{proto, VhostUserConnection, VhostUserError};
-use crate::{
-    ActivateContext, ActivateError, BlockState, VirtioDevice, VirtioDeviceState,
-    VIRTIO_DEVICE_STATE_VERSION,
-};
+use crate::vhost_user::{proto, VhostUserConnection, VhostUserError, VhostUserState};
+use crate::{ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState};
+
+const NAME: &str = "vhost-user-blk";
 
 const TYPE_BLOCK: u16 = 2;
 /// `struct virtio_blk_config` up to and including the write-zeroes fields.
@@ -45,7 +44,7 @@ impl VhostUserBlock {
         give_up: std::time::Duration,
     ) -> Result<Self, VhostUserBlockError> {
         let (mut conn, got) = VhostUserConnection::connect(
-            "vhost-user-blk",
+            NAME,
             socket,
             num_queues,
             queue_size,
@@ -112,26 +111,20 @@ impl VirtioDevice for VhostUserBlock {
         self.conn.stop();
     }
     fn pause(&mut self) -> Result<(), String> {
-        if !self.conn.running() {
-            return Ok(());
-        }
-        Err(
-            "vhost-user-blk: the backend's queues cannot be paused (no snapshot or migration)"
-                .into(),
-        )
+        self.conn.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        Ok(())
+        self.conn.resume()
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        self.conn.queue_positions(usize::from(self.num_queues))
     }
     fn device_state(&self) -> VirtioDeviceState {
-        VirtioDeviceState::Block(BlockState {
-            version: VIRTIO_DEVICE_STATE_VERSION,
-        })
+        VhostUserState::of(NAME)
     }
-    fn set_device_state(&mut self, _state: &VirtioDeviceState) -> Result<(), pci::StateError> {
-        Err(pci::StateError::Invalid {
-            what: "vhost-user-blk".into(),
-            reason: "its state lives in the backend: not restorable".into(),
-        })
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        // The queues' bases are the transport's; the backend is whichever listens on the
+        // socket (the user starts it before the restore, as with the original).
+        VhostUserState::check(NAME, state)
     }
 }

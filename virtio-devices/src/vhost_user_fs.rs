@@ -107,8 +107,12 @@ impl VirtioDevice for VhostUserFs {
         if !self.conn.running() {
             return Ok(());
         }
+        // The file system's state is virtiofsd's (the FUSE session from INIT, the inodes the
+        // guest looked up, its open files): a snapshot could not give it to the backend a
+        // restore connects to. Pauses are only taken for snapshots and migrations.
         Err(
-            "vhost-user-fs: the backend's queues cannot be paused (no snapshot or migration)"
+            "vhost-user-fs: no snapshot or migration while the driver runs the file system \
+             (virtiofsd's FUSE session, inodes and open files cannot be saved)"
                 .into(),
         )
     }

@@ -17,13 +17,15 @@ use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_net as vn;
 
 use crate::net_ctrl::PairsHandler;
-use crate::vhost_user::{proto, VhostUserConnection, VhostUserError};
+use crate::vhost_user::{proto, VhostUserConnection, VhostUserError, VhostUserState};
 use crate::vhost_user_socket::VhostSocketError;
 use crate::worker::WorkerHandle;
 use crate::{
-    ActivateContext, ActivateError, BlockState, NetOffloads, VirtioDevice, VirtioDeviceState,
-    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET, VIRTIO_DEVICE_STATE_VERSION,
+    ActivateContext, ActivateError, NetOffloads, VirtioDevice, VirtioDeviceState, F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_NET,
 };
+
+const NAME: &str = "vhost-user-net";
 
 const fn bit(b: u32) -> u64 {
     1 << b
@@ -150,7 +152,7 @@ impl VhostUserNet {
     pub fn new(socket: &Path, cfg: &VhostUserNetConfig) -> Result<Self, VhostUserNetError> {
         let stream = crate::vhost_user_socket::open(socket, cfg.server)?;
         let (mut conn, got) = VhostUserConnection::from_stream(
-            "vhost-user-net",
+            NAME,
             stream,
             cfg.num_queues,
             cfg.queue_size,
@@ -266,28 +268,38 @@ impl VirtioDevice for VhostUserNet {
         self.conn.stop();
     }
     fn pause(&mut self) -> Result<(), String> {
-        if !self.conn.running() && self.ctrl.is_none() {
-            return Ok(());
+        if let Some(w) = self.ctrl.as_mut() {
+            w.pause()?;
         }
-        Err(
-            "vhost-user-net: the backend's queues cannot be paused (no snapshot or migration)"
-                .into(),
-        )
+        self.conn.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        Ok(())
+        let r = self.conn.resume();
+        if let Some(w) = self.ctrl.as_mut() {
+            w.resume()?;
+        }
+        r
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        let n = self.queue_max_sizes().len();
+        let mut p = self.conn.queue_positions(n);
+        // The control queue is ours: where its worker stopped.
+        if let Some(ctrl) = self.ctrl.as_ref().and_then(|w| w.queue_positions()) {
+            let p = p.get_or_insert_with(|| vec![None; n]);
+            for (i, q) in ctrl.into_iter().enumerate() {
+                if let (Some(q), Some(slot)) = (q, p.get_mut(i)) {
+                    *slot = Some(q);
+                }
+            }
+        }
+        p
     }
     fn device_state(&self) -> VirtioDeviceState {
-        // Nothing of its own: the queues' state is the backend's; restore refuses it.
-        VirtioDeviceState::Block(BlockState {
-            version: VIRTIO_DEVICE_STATE_VERSION,
-        })
+        // The queues' bases are the transport's; the frames in flight are the backend's.
+        VhostUserState::of(NAME)
     }
-    fn set_device_state(&mut self, _state: &VirtioDeviceState) -> Result<(), pci::StateError> {
-        Err(pci::StateError::Invalid {
-            what: "vhost-user-net".into(),
-            reason: "its state lives in the backend: not restorable".into(),
-        })
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        VhostUserState::check(NAME, state)
     }
 }
 

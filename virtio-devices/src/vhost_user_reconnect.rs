@@ -147,9 +147,9 @@ impl Setup {
         Ok(())
     }
 
-    /// The bases a new backend starts from: the transport's the first time, the used ring's
-    /// index once a backend ran the queue.
-    fn bases(&self, served: bool) -> Vec<u16> {
+    /// The bases a new backend starts from: each queue's `base` (the transport's, or where a
+    /// pause stopped it) until a backend ran the queue, the used ring's index after.
+    pub(crate) fn bases(&self, served: bool) -> Vec<u16> {
         self.queues
             .iter()
             .map(|q| {
@@ -164,7 +164,7 @@ impl Setup {
 
     /// The `idx` field of the ring at `ring` (0 if the guest moved it out of RAM: the new
     /// backend then starts from 0, which can only hurt that guest).
-    fn ring_index(&self, ring: GuestAddress) -> u16 {
+    pub(crate) fn ring_index(&self, ring: GuestAddress) -> u16 {
         ring.0
             .checked_add(2)
             .and_then(|a| self.mem.read_obj::<u16>(GuestAddress(a)).ok())
@@ -224,22 +224,26 @@ pub(crate) struct RelayParts {
     pub gone: Arc<AtomicBool>,
     /// Whether `setup` is applied to `fe` already (false: connect first).
     pub applied: bool,
+    /// Whether a backend ran the queues since their bases were set (a replay then starts at
+    /// the used index; otherwise at each queue's `base`: the transport's, or a pause's).
+    pub served: bool,
 }
 
 /// A running relay: stopped (and joined) by [`Relay::stop`].
 pub(crate) struct Relay {
     stop: EventFd,
     stopping: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<RelayParts>,
 }
 
 impl Relay {
     /// Stops the relay; a reconnection in progress ends at its next message (at most one
-    /// reply timeout).
-    pub(crate) fn stop(self) {
+    /// reply timeout). Returns what the relay had (`None` if its thread panicked), with
+    /// `served` as it stands.
+    pub(crate) fn stop(self) -> Option<RelayParts> {
         self.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
-        let _ = self.thread.join();
+        self.thread.join().ok()
     }
 }
 
@@ -263,8 +267,6 @@ struct RelayThread {
     epoll: Epoll,
     stopping: Arc<AtomicBool>,
     state: State,
-    /// Whether a backend ran the queues in this activation (replays start at the used index).
-    served: bool,
     /// The socket fd watched for a hang-up.
     watched: Option<RawFd>,
 }
@@ -297,7 +299,6 @@ pub(crate) fn spawn_relay(p: RelayParts) -> std::io::Result<Relay> {
                 wait: FIRST_TRY,
             }
         },
-        served: p.applied,
         watched: None,
         p,
         epoll,
@@ -315,6 +316,7 @@ pub(crate) fn spawn_relay(p: RelayParts) -> std::io::Result<Relay> {
         move || {
             let _keep = thread_stop;
             t.run();
+            t.p
         },
     )
     .map_err(std::io::Error::other)?;
@@ -418,7 +420,7 @@ impl RelayThread {
         };
         let name = self.p.setup.name;
         let setup = &self.p.setup;
-        let bases = setup.bases(self.served);
+        let bases = setup.bases(self.p.served);
         let r = handshake(&target, setup).and_then(|mut fe| {
             setup.apply(&mut fe, &self.p.calls, &bases, &self.stopping)?;
             Ok(fe)
@@ -442,7 +444,7 @@ impl RelayThread {
                 }
                 log::warn!(
                     "{name}: backend {} after {} ms: {}",
-                    if self.served {
+                    if self.p.served {
                         "reconnected"
                     } else {
                         "connected"
@@ -450,7 +452,7 @@ impl RelayThread {
                     since.elapsed().as_millis(),
                     resumed.join(", ")
                 );
-                self.served = true;
+                self.p.served = true;
                 self.state = State::Connected;
                 if let Err(e) = self.watch(fd) {
                     log::error!("{name} relay: cannot watch the new socket: {e}");

@@ -75,6 +75,11 @@ pub fn send(
     events: &Sender<Progress>,
 ) -> Result<(), SendError> {
     let start = Instant::now();
+    if !opts.local {
+        if let Some(why) = unlogged_vhost_user(config) {
+            return Err(why);
+        }
+    }
     let stream = Stream::connect(&opts.destination_url)
         .map_err(|e| format!("cannot connect to {}: {e}", opts.destination_url))?;
     stream.set_buffers(super::SOCKET_BUFFER);
@@ -230,6 +235,44 @@ fn run(
         downtime,
     });
     Ok(())
+}
+
+/// Why a migration over the network is refused: a vhost-user device (named) whose backend
+/// writes guest RAM in its own process, where neither KVM's dirty log nor ours sees it. The
+/// protocol's way to learn those writes (VHOST_USER_PROTOCOL_F_LOG_SHMFD, SET_LOG_BASE and
+/// VHOST_F_LOG_ALL) is not implemented, and our backends do not offer it either: the pages a
+/// backend wrote after they were sent would reach the destination stale. A local migration
+/// shares guest RAM (nothing is copied) and is not refused.
+fn unlogged_vhost_user(config: &VmConfig) -> Option<String> {
+    let name = |id: &Option<String>, socket: &Option<String>| match (id, socket) {
+        (Some(id), _) => id.clone(),
+        (None, Some(s)) => format!("socket={s}"),
+        (None, None) => "?".into(),
+    };
+    let dev = config
+        .disks
+        .iter()
+        .filter(|d| d.vhost_user)
+        .map(|d| format!("vhost-user-blk {}", name(&d.id, &d.vhost_socket)))
+        .chain(
+            config
+                .net
+                .iter()
+                .filter(|n| n.vhost_user)
+                .map(|n| format!("vhost-user-net {}", name(&n.id, &n.vhost_socket))),
+        )
+        .chain(config.fs.iter().map(|f| {
+            format!(
+                "virtio-fs {}",
+                name(&f.id, &Some(f.socket.display().to_string()))
+            )
+        }))
+        .next()?;
+    Some(format!(
+        "{dev}: its backend's writes to guest RAM cannot be tracked (dirty logging through \
+         VHOST_USER_PROTOCOL_F_LOG_SHMFD is not supported): no migration over the network; a \
+         local migration (--local, shared memory) can move it"
+    ))
 }
 
 /// Local migration: each RAM region's memory file goes over the socket (MemoryFd: the region's
