@@ -626,6 +626,22 @@ mod tests {
         assert_eq!(body["source_url"], "tcp://h/s");
         assert_eq!(body["vfio_fds"], serde_json::json!([{"id": "v0", "fd": 7}]));
         assert_eq!(body["iommufd_fd"], 8);
+        // Ours: net_macs go in the body as they are (no descriptors).
+        let (body, fds) = restore_request(
+            "source_url=file:///s,net_fds=[_net0@[3]],net_macs=[_net0@52:54:00:AB:cd:01]",
+        )
+        .unwrap();
+        assert_eq!(fds, [3]);
+        assert_eq!(
+            body["net_macs"],
+            serde_json::json!([{"id": "_net0", "mac": "52:54:00:ab:cd:01"}])
+        );
+        assert!(body_of(&[
+            "restore",
+            "source_url=file:///s,net_macs=[_net0@01:00:5e:00:00:01]"
+        ])
+        .unwrap_err()
+        .contains("multicast"));
         let e = body_of(&["restore", "prefault=on"]).unwrap_err();
         assert_eq!(e, "--restore prefault=on: source_url missing");
         assert!(body_of(&["restore", "source_url=file:///s,net_fds=[net0]"]).is_err());

@@ -13,6 +13,7 @@ use virtio_drivers::transport::DeviceType;
 
 use crate::acpi_sys::AcpiInfo;
 use crate::bootinfo::BootInfo;
+use crate::busy_net::NetWatch;
 use crate::virtio::{find, transport, GuestHal};
 use crate::{fail, kvmclock, paging, parse_u64, println, smp, svc};
 
@@ -275,6 +276,25 @@ pub fn scenario_busy(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         }
     }
 
+    // `busy_net=1`: the first virtio-net function, started and watched for a new MAC.
+    let mut net = None;
+    if boot.arg("busy_net") == Some("1") {
+        match NetWatch::start() {
+            Ok(Some(w)) => net = Some(w),
+            Ok(None) => {
+                fail(
+                    "busy-net",
+                    format_args!("busy_net=1 and no virtio-net function"),
+                );
+                return;
+            }
+            Err(e) => {
+                fail("busy-net", format_args!("{e}"));
+                return;
+            }
+        }
+    }
+
     println!(
         "INFO busy mem={base:#x}+{size:#x} disk_sectors={} console={} vmgenid={}",
         disk.as_ref().map_or(0, |d| d.sectors),
@@ -292,12 +312,17 @@ pub fn scenario_busy(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         let t0 = svc::rdtsc();
 
         let id = gen_addr.map(read_gen);
+        let mut gen_changed = false;
         if let (Some(old), Some(new)) = (&prev_gen, &id) {
             if old != new {
                 println!("VMGENID-CHANGED {} {}", Hex(old), Hex(new));
+                gen_changed = true;
             }
         }
         prev_gen = id;
+        if let Some(w) = net.as_mut() {
+            w.poll(gen_changed);
+        }
 
         let (first, bad) = mem_round(base, size, n);
         if let Some((addr, found, expected)) = first {
@@ -347,7 +372,11 @@ pub fn scenario_busy(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         while kvmclock::read_ns().wrapping_sub(start) < ROUND_NS
             && svc::rdtsc().wrapping_sub(t0) < 100_000 * smp::TSC_PER_US
         {
-            core::hint::spin_loop();
+            match &net {
+                // Interrupts are taken only while waiting in the monitor.
+                Some(w) => w.wait(),
+                None => core::hint::spin_loop(),
+            }
         }
         n += 1;
     }

@@ -17,6 +17,7 @@ mod blk_rate;
 mod blk_reset;
 mod bootinfo;
 mod busy;
+mod busy_net;
 mod cmos;
 mod cpu_hotplug;
 mod faults;

@@ -13,6 +13,7 @@ pub mod fuzz;
 mod mem;
 mod net;
 mod net_ctrl;
+mod net_state;
 mod pmem;
 pub mod rate_limiter;
 mod rng;

@@ -19,6 +19,7 @@ use net_util::{MacAddr, Offloads, Tap, VNET_HDR_LEN};
 use virtio_queue::desc::split::Descriptor;
 
 use crate::net_ctrl::{CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET};
+pub use crate::net_state::NetState;
 use crate::rate_limiter::{LimiterConfig, RateLimiter};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains_limited, queue_bit, QueueHandler, Served, WorkerHandle};
@@ -706,20 +707,6 @@ impl QueueHandler for NetHandler {
     }
 }
 
-/// virtio-net's own state: what the driver set through the control queue. Frames are moved
-/// synchronously (no request stays in flight across a pause); frames the TAP holds are the
-/// host's, not state. The MAC, MTU and TAP are configuration.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetState {
-    pub version: u32,
-    /// Queue pairs in use (VQ_PAIRS_SET): 1 to the device's pairs.
-    pub active_pairs: u16,
-    /// The receive offloads in force (VIRTIO_NET_F_GUEST_* bits, GUEST_OFFLOADS_SET), a subset
-    /// of those the device offers.
-    pub guest_offloads: u64,
-}
-
 pub struct Net {
     shared: Arc<Shared>,
     config: NetConfig,
@@ -728,6 +715,10 @@ pub struct Net {
     restored: Option<NetState>,
     /// Each pair's receive and transmit limiters are made from this when it starts.
     limiter: Option<LimiterConfig>,
+    /// `config_generation`: moves on when a restore changed the MAC (see `net_state`).
+    generation: u32,
+    /// A restore changed the configuration: the next start raises the configuration interrupt.
+    config_changed: bool,
 }
 
 impl Net {
@@ -750,6 +741,8 @@ impl Net {
             workers: Vec::new(),
             restored: None,
             limiter: None,
+            generation: 0,
+            config_changed: false,
         })
     }
 
@@ -808,8 +801,12 @@ impl VirtioDevice for Net {
         c[10..12].copy_from_slice(&self.config.mtu.to_le_bytes());
         read_config_bytes(&c, offset, data);
     }
+    fn config_generation(&self) -> u32 {
+        self.generation
+    }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.stop_workers();
+        let interrupt = ctx.interrupt.clone();
         let pairs = self.pairs();
         let acked = ctx.acked_features & self.features();
         // Receive offloads as accepted; one pair in use until the driver sets more (5.1.6.5.5).
@@ -869,6 +866,11 @@ impl VirtioDevice for Net {
         if self.workers.is_empty() {
             return Err(ActivateError::NoQueues);
         }
+        // Restored with another MAC: the running driver hears of it (as of a change by the
+        // host), and may read the configuration again.
+        if std::mem::take(&mut self.config_changed) {
+            interrupt.signal_config();
+        }
         Ok(())
     }
     fn counters(&self) -> Option<Arc<Counters>> {
@@ -877,6 +879,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.stop_workers();
         self.restored = None;
+        self.config_changed = false;
         // Back to the state before negotiation: every queue attached, no receive offloads.
         self.shared.set_active_pairs(self.pairs());
         self.shared.set_guest_offloads(0);
@@ -912,13 +915,19 @@ impl VirtioDevice for Net {
         r
     }
     fn device_state(&self) -> VirtioDeviceState {
-        if let Some(r) = &self.restored {
-            return VirtioDeviceState::Net(r.clone());
-        }
+        let (active_pairs, guest_offloads) = match &self.restored {
+            Some(r) => (r.active_pairs, r.guest_offloads),
+            None => (
+                self.shared.active_pairs.load(Ordering::Relaxed) as u16,
+                self.shared.guest_offloads.load(Ordering::Relaxed),
+            ),
+        };
         VirtioDeviceState::Net(NetState {
             version: VIRTIO_DEVICE_STATE_VERSION,
-            active_pairs: self.shared.active_pairs.load(Ordering::Relaxed) as u16,
-            guest_offloads: self.shared.guest_offloads.load(Ordering::Relaxed),
+            active_pairs,
+            guest_offloads,
+            mac: Some(self.config.mac.to_string()),
+            config_generation: self.generation,
         })
     }
     fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
@@ -947,6 +956,10 @@ impl VirtioDevice for Net {
                 ),
             ));
         }
+        let (generation, changed) = crate::net_state::restored_config(s, self.config.mac)
+            .map_err(|e| pci::StateError::invalid(WHAT, e))?;
+        self.generation = generation;
+        self.config_changed = changed;
         self.restored = Some(s.clone());
         Ok(())
     }

@@ -644,14 +644,14 @@ fn net_paused_saved_and_restored_mid_stream() {
         .unwrap();
 }
 
-fn net_device() -> Box<dyn VirtioDevice> {
+fn net_device(mac: net_util::MacAddr) -> Box<dyn VirtioDevice> {
     let taps = net_util::Tap::open("vps0", 2).expect("creating a multi-queue TAP");
     taps[0].enable().unwrap();
     Box::new(
         crate::Net::new(
             taps,
             crate::NetConfig {
-                mac: net_util::MacAddr::random_local(),
+                mac,
                 mtu: 1500,
                 queue_size: QSIZE,
                 offloads: Default::default(),
@@ -696,7 +696,8 @@ fn net_mid_stream_in_private_netns() {
     let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
     assert_eq!(ret, 0, "unshare: {}", std::io::Error::last_os_error());
     let queues = [0, 1, 2, 3, 4];
-    let mut a = Drv::start(net_device(), &queues);
+    let mac = net_util::MacAddr::random_local();
+    let mut a = Drv::start(net_device(mac), &queues);
     let csum = 1u64 << vn::VIRTIO_NET_F_GUEST_CSUM;
     ctrl(
         &mut a,
@@ -736,6 +737,8 @@ fn net_mid_stream_in_private_netns() {
         version: VIRTIO_DEVICE_STATE_VERSION,
         active_pairs: 2,
         guest_offloads: csum,
+        mac: Some(mac.to_string()),
+        config_generation: 0,
     };
     assert_eq!(a.dev.device_state(), VirtioDeviceState::Net(want.clone()));
     let json = a.save();
@@ -743,19 +746,21 @@ fn net_mid_stream_in_private_netns() {
     drop(a.dev);
     a.dev = transport(rng(), &a.mem);
 
-    let b = a.restore(&json, net_device());
+    let b = a.restore(&json, net_device(mac));
     b.wait_used(3, 8);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(b.used_idx(3), 8);
     check_used(&b, 3, 0, 8, |_| 0);
     assert_eq!(b.dev.device_state(), VirtioDeviceState::Net(want));
     // A state the device could not hold is refused.
-    let mut bad = net_device();
+    let mut bad = net_device(mac);
     for s in [(0u16, 0u64), (3, 0), (1, 1 << vn::VIRTIO_NET_F_MRG_RXBUF)] {
         let st = VirtioDeviceState::Net(crate::NetState {
             version: VIRTIO_DEVICE_STATE_VERSION,
             active_pairs: s.0,
             guest_offloads: s.1,
+            mac: None,
+            config_generation: 0,
         });
         assert!(matches!(
             bad.set_device_state(&st),

@@ -188,7 +188,7 @@ where
 
 /// A MAC address: six two-digit hex bytes (as the original reads them), normalised to lower
 /// case. `unicast` refuses multicast addresses (a guest's or the TAP's own address).
-fn mac_address(s: &str) -> Result<String, String> {
+pub(crate) fn mac_address(s: &str) -> Result<String, String> {
     let m: crate::mac::MacAddr = s
         .parse()
         .map_err(|e: crate::mac::MacParseError| e.to_string())?;

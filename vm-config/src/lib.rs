@@ -16,6 +16,7 @@ mod platform;
 mod pmem;
 mod rate_limit;
 mod restore;
+mod restore_mac;
 #[cfg(test)]
 mod rules_tests;
 mod tpm;
@@ -42,6 +43,7 @@ pub use platform::{parse_uuid, PlatformConfig};
 pub use pmem::{PmemConfig, PMEM_ALIGNMENT};
 pub use rate_limit::{RateLimitGroupConfig, RateLimiterConfig, TokenBucketConfig};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
+pub use restore_mac::RestoredNetMac;
 pub use tpm::TpmConfig;
 pub use unsupported::UnsupportedConfig;
 pub use vsock::VsockConfig;

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::restore_mac::{check_net_macs, guest_mac, RestoredNetMac};
 use crate::{ConfigError, OptionParser};
 
 /// How guest RAM comes back from the snapshot's `memory-ranges` file.
@@ -59,6 +60,10 @@ pub struct RestoreConfig {
     /// node (`zone_updates()` reads them).
     #[serde(default)]
     pub zone_updates: Vec<serde_json::Value>,
+    /// Ours: a new guest MAC address for net devices of the snapshot (`net_macs`, see
+    /// `restore_mac`); absent from the JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_macs: Vec<RestoredNetMac>,
 }
 
 impl MemoryRestoreMode {
@@ -86,12 +91,13 @@ impl RestoreConfig {
         "iommufd_fd",
         "resume",
         "zone_updates",
+        "net_macs",
     ];
 
     /// `--restore`'s value (and `ch-remote restore`'s argument), with the original's keys:
     /// `source_url=<url>,prefault=on|off,memory_restore_mode=copy|ondemand|copyonwrite,
     /// net_fds=[<id>@[<fd>,...],...],vfio_fds=[<id>@<fd>,...],iommufd_fd=<fd>,resume=on|off,
-    /// zone_updates=[<id>@<host_numa_node>,...]`. Only the syntax is checked here; `validate`
+    /// zone_updates=[<id>@<host_numa_node>,...]`, and ours, `net_macs=[<id>@<mac>,...]`. Only the syntax is checked here; `validate`
     /// says what this VMM cannot do.
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse(Self::OPTION, raw, Self::KEYS, &[])?;
@@ -136,6 +142,11 @@ impl RestoreConfig {
         .into_iter()
         .map(|(id, node)| serde_json::json!({ "id": id, "host_numa_node": node }))
         .collect();
+        let net_macs = tuple_list(&p, "net_macs", "<id>@<mac>", guest_mac)?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, mac)| RestoredNetMac { id, mac })
+            .collect();
         Ok(RestoreConfig {
             source_url,
             prefault: p.toggle("prefault", false)?,
@@ -145,6 +156,7 @@ impl RestoreConfig {
             iommufd_fd,
             resume: p.toggle("resume", false)?,
             zone_updates,
+            net_macs,
         })
     }
 
@@ -173,6 +185,7 @@ impl RestoreConfig {
             ));
         }
         crate::zone_updates(&self.zone_updates).map_err(err)?;
+        check_net_macs(&self.net_macs).map_err(err)?;
         Ok(())
     }
 }

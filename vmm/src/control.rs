@@ -19,7 +19,7 @@ use crate::cpu::VmEvents;
 use crate::event_monitor::EventMonitor;
 use crate::serial_io::{ConsoleRelay, SerialEndpoint};
 use crate::vm::Vm;
-use crate::{memory, pci_setup, restore, snapshot, Error, Outcome};
+use crate::{memory, pci_setup, restore, restore_nets, snapshot, Error, Outcome};
 use api::{ApiError, ApiRequest, ApiResponse, ApiResult, ApiServer, VmInfoResponse, VmState};
 use vm_config::RestoreConfig;
 
@@ -109,36 +109,6 @@ fn console_host(
         }
         None => console_io(endpoint, size),
     }
-}
-
-/// A restore's `net_fds`: each names a net device of the snapshot's configuration that is backed
-/// by descriptors and gives as many new ones, which replace the old (meaningless) numbers. An
-/// entry that fits no such device is refused (the original ignores it with a warning).
-fn give_net_fds(config: &mut VmConfig, rc: &RestoreConfig) -> Result<(), String> {
-    for n in rc.net_fds.iter().flatten() {
-        let net = config
-            .net
-            .iter_mut()
-            .find(|c| c.id.as_deref() == Some(n.id.as_str()))
-            .ok_or_else(|| format!("net_fds: the snapshot has no net device '{}'", n.id))?;
-        let Some(old) = &net.fds else {
-            return Err(format!(
-                "net_fds: net device '{}' opens its TAP by name, not from descriptors",
-                n.id
-            ));
-        };
-        let new = n.fds.clone().unwrap_or_default();
-        if new.len() != old.len() {
-            return Err(format!(
-                "net_fds: net device '{}' has {} queue pair(s), {} descriptor(s) given",
-                n.id,
-                old.len(),
-                new.len()
-            ));
-        }
-        net.fds = Some(new);
-    }
-    Ok(())
 }
 
 /// The host ends of a VM's serial port and virtio console, opened before the VM is built.
@@ -407,9 +377,11 @@ impl Vmm {
             |msg: String| chain(snapshot::SnapshotError::restore(snapshot::Cause::new(msg)));
         self.monitor.emit("vm", "restoring");
         let start = std::time::Instant::now();
-        let src = restore::open(&rc.source_url).map_err(chain)?;
+        let mut src = restore::open(&rc.source_url).map_err(chain)?;
         let mut config = src.config.clone();
-        give_net_fds(&mut config, &rc).map_err(refuse)?;
+        restore_nets::give_net_macs(&mut config, &mut src.state, &rc)
+            .map_err(ApiError::BadRequest)?;
+        restore_nets::give_net_fds(&mut config, &rc).map_err(refuse)?;
         // `zone_updates`: the snapshot's zones on other host NUMA nodes.
         let updates = vm_config::zone_updates(&rc.zone_updates).map_err(&refuse)?;
         config

@@ -23,6 +23,7 @@ mod original_client;
 mod pmem;
 mod pvpanic;
 mod restore;
+mod restore_macs;
 mod seccomp;
 mod snapshot;
 mod vsock;

@@ -143,7 +143,7 @@ fn busy_snapshot(vmm: &Vmm, config: &Value, serial: Option<&Path>) -> (String, B
     )
 }
 
-fn shutdown(mut vmm: Vmm) {
+pub(crate) fn shutdown(mut vmm: Vmm) {
     assert_eq!(vmm.put("vmm.shutdown").0, 200);
     assert_eq!(vmm.wait().code(), Some(0));
 }
@@ -232,7 +232,7 @@ fn restore_on_demand_and_copy_on_write() {
 }
 
 /// Reads a clone's stdout until round `n`; returns the rounds.
-fn clone_rounds(vmm: &mut Vmm, n: u64, got: &mut String) -> Vec<Busy> {
+pub(crate) fn clone_rounds(vmm: &mut Vmm, n: u64, got: &mut String) -> Vec<Busy> {
     let child = vmm.child.as_mut().unwrap();
     let out = child.stdout.as_mut().unwrap();
     let fd = out.as_raw_fd();
@@ -290,7 +290,7 @@ fn two_clones_of_one_snapshot() {
 }
 
 /// Copies the snapshot directory `from` to `to`, the memory file as a link.
-fn copy_snapshot(from: &Path, to: &Path) {
+pub(crate) fn copy_snapshot(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in ["config.json", "state.json"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
@@ -298,7 +298,7 @@ fn copy_snapshot(from: &Path, to: &Path) {
     std::os::unix::fs::symlink(from.join("memory-ranges"), to.join("memory-ranges")).unwrap();
 }
 
-fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+pub(crate) fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(path, v.to_string()).unwrap();
@@ -488,7 +488,7 @@ fn broken_snapshots_are_refused_cleanly() {
 
 /// A TAP opened here (in this thread's network namespace), as a caller of the VMM opens one to
 /// hand it over: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, named `name`.
-fn open_tap(name: &str) -> std::fs::File {
+pub(crate) fn open_tap(name: &str) -> std::fs::File {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -507,7 +507,7 @@ fn open_tap(name: &str) -> std::fs::File {
 }
 
 /// `cmd` with `fd` as its descriptor 3.
-fn with_fd3(cmd: &mut std::process::Command, fd: i32) {
+pub(crate) fn with_fd3(cmd: &mut std::process::Command, fd: i32) {
     use std::os::unix::process::CommandExt;
     // SAFETY: only dup2 between fork and exec (async-signal-safe).
     unsafe {
@@ -527,7 +527,7 @@ fn with_fd3(cmd: &mut std::process::Command, fd: i32) {
 }
 
 /// The TAP interfaces a process has open (`iff:` of each descriptor's fdinfo).
-fn taps_of(pid: i32) -> Vec<String> {
+pub(crate) fn taps_of(pid: i32) -> Vec<String> {
     let mut taps = Vec::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .into_iter()
