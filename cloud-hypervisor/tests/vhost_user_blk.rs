@@ -672,3 +672,78 @@ fn snapshot_restored_in_a_new_vmm_with_a_fresh_backend() {
     assert!(r.stderr.contains("vhost-user-blk: resumed"), "{}", r.stderr);
     check_blkfault_done(&r, &img, BLOCKS);
 }
+
+/// The backend killed while the VM is paused (its rings stopped by the snapshot) and started
+/// again: the resume finds the old connection dead, so the device reconnects (as after a crash
+/// under a running guest) and hands the new backend the rings at the bases the pause saved;
+/// every write completes and is in the image.
+#[test]
+fn backend_killed_while_paused_then_resumed() {
+    const BLOCKS: u64 = 800;
+    let dir = scratch("vub-pause-kill");
+    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
+    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
+    let mut b = Backend::start(&img, &sock, "");
+    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
+    wait_flushed(&serial, 150);
+    let t = pause_and_snapshot(&api, &dir.join("snap"));
+    let base = t["queues"][0]["next_avail"].clone();
+    b.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    b.restart(&sock);
+    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = wait_with_timeout(child, Duration::from_secs(120));
+    let r = Run {
+        stdout: std::fs::read_to_string(&serial).unwrap(),
+        ..r
+    };
+    assert!(
+        r.stderr.contains("resume: vhost-user") && r.stderr.contains("taken as gone"),
+        "{}",
+        r.stderr
+    );
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("backend connected after"))
+        .unwrap_or_else(|| panic!("no reconnection:\n{}", r.stderr));
+    assert!(line.contains(&format!("queue 0 at {base}")), "{line}");
+    check_blkfault_done(&r, &img, BLOCKS);
+}
+
+/// A migration over the network is refused before anything is sent: the backend's writes to
+/// guest RAM are not logged (no LOG_SHMFD). The error names the device; the destination sees
+/// no connection; the guest goes on.
+#[test]
+fn migration_over_the_network_is_refused() {
+    const BLOCKS: u64 = 400;
+    let dir = scratch("vub-migrate");
+    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
+    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
+    let _b = Backend::start(&img, &sock, "");
+    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
+    wait_flushed(&serial, 50);
+    let dest = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    dest.set_nonblocking(true).unwrap();
+    let body = format!(
+        r#"{{"destination_url": "tcp:{}"}}"#,
+        dest.local_addr().unwrap()
+    );
+    let (status, text) = api_put(&api, "vm.send-migration", &body);
+    assert!(status.starts_with("HTTP/1.1 2"), "{status} {text}");
+    let r = wait_with_timeout(child, Duration::from_secs(120));
+    assert!(dest.accept().is_err(), "the destination got a connection");
+    let r = Run {
+        stdout: std::fs::read_to_string(&serial).unwrap(),
+        ..r
+    };
+    assert!(
+        r.stderr
+            .contains("vhost-user-blk _disk0: its backend's writes to guest RAM cannot be tracked"),
+        "{}",
+        r.stderr
+    );
+    check_blkfault_done(&r, &img, BLOCKS);
+}

@@ -583,3 +583,159 @@ fn vhost_user_net_backend_bad_options() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+/// Sends "hello from host" to the guest every 200 ms until the VMM exits (30 s at most).
+fn answer_until_exit(udp: &std::net::UdpSocket, vmm: Child) -> Run {
+    let t = std::thread::spawn(move || wait_with_timeout(vmm, Duration::from_secs(30)));
+    while !t.is_finished() {
+        let _ = udp.send_to(b"hello from host", format!("{GUEST_IP}:5000"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t.join().unwrap()
+}
+
+/// Pauses the VM and snapshots it into `snap`: returns the vhost-user-net transport's state.
+fn net_pause_and_snapshot(api_sock: &Path, snap: &Path) -> serde_json::Value {
+    assert_eq!(api(api_sock, "PUT", "vm.pause").0, 204);
+    std::fs::create_dir_all(snap).unwrap();
+    let body = format!(r#"{{"destination_url": "file://{}"}}"#, snap.display());
+    let (status, text) = api_with(api_sock, "PUT", "vm.snapshot", &body);
+    assert_eq!(status, 204, "{text}");
+    let state: serde_json::Value = serde_json::from_str(&read(&snap.join("state.json"))).unwrap();
+    let dev = state["pci"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "vnet0")
+        .cloned()
+        .expect("the vhost-user-net device in the snapshot");
+    assert_eq!(
+        dev["device"],
+        serde_json::json!({"vhost_user": {"version": 1, "device": "vhost-user-net"}}),
+        "{dev}"
+    );
+    let t = dev["transport"].clone();
+    for q in 0..2 {
+        let q = &t["queues"][q];
+        assert_eq!(q["next_avail"], q["next_used"], "{q}");
+    }
+    // The guest sent at least one datagram: transmit queue 1 moved.
+    assert!(t["queues"][1]["next_avail"].as_u64().unwrap() > 0, "{t}");
+    t
+}
+
+/// The guest's datagram out, then the VM paused and snapshotted (the backend stops both
+/// rings); the host sends its answer while the VM is paused; after the resume the rings go on
+/// from the saved bases and the guest receives it (ARP first, then the datagram).
+#[test]
+fn vhost_user_net_paused_and_snapshotted_then_resumed() {
+    in_private_netns(|| {
+        let dir = scratch("vun-pause");
+        let sock = dir.join("vun.sock");
+        let api_sock = dir.join("api.sock");
+        let serial = dir.join("serial.out");
+        let log = dir.join("backend.log");
+        let _backend = Backend::start(&sock, false, &log);
+        let udp = host_socket();
+        let net = format!(
+            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
+            sock.display()
+        );
+        let serial_arg = format!("file={}", serial.display());
+        let api_arg = format!("path={}", api_sock.display());
+        let vmm = start_vmm(
+            &net,
+            "",
+            &["--serial", &serial_arg, "--api-socket", &api_arg],
+        );
+        let mut buf = [0u8; 2048];
+        let (n, _) = udp.recv_from(&mut buf).expect("no datagram from the guest");
+        assert_eq!(&buf[..n], b"hello from guest");
+        net_pause_and_snapshot(&api_sock, &dir.join("snap"));
+        udp.send_to(b"hello from host", format!("{GUEST_IP}:5000"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!read(&serial).contains("net-rx"), "{}", read(&serial));
+        assert_eq!(api(&api_sock, "PUT", "vm.resume").0, 204);
+        let r = answer_until_exit(&udp, vmm);
+        let r = Run {
+            stdout: read(&serial),
+            ..r
+        };
+        assert_net_passed(&r);
+        assert!(
+            r.stderr.contains("vhost-user-net: paused: queue 0 at"),
+            "{}",
+            r.stderr
+        );
+        assert!(r.stderr.contains("vhost-user-net: resumed"), "{}", r.stderr);
+    });
+}
+
+/// The snapshot restored in a new VMM, with the first VMM and its backend gone and a fresh
+/// backend (a new TAP) on the socket: the restored device hands it the rings at the saved
+/// bases and the guest receives the host's datagram.
+#[test]
+fn vhost_user_net_snapshot_restored_with_a_fresh_backend() {
+    in_private_netns(|| {
+        let dir = scratch("vun-restore");
+        let sock = dir.join("vun.sock");
+        let api_sock = dir.join("api.sock");
+        let serial = dir.join("serial.out");
+        let log = dir.join("backend.log");
+        let snap = dir.join("snap");
+        let mut backend = Backend::start(&sock, false, &log);
+        let udp = host_socket();
+        let net = format!(
+            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
+            sock.display()
+        );
+        let serial_arg = format!("file={}", serial.display());
+        let api_arg = format!("path={}", api_sock.display());
+        let mut vmm = start_vmm(
+            &net,
+            "",
+            &["--serial", &serial_arg, "--api-socket", &api_arg],
+        );
+        let mut buf = [0u8; 2048];
+        let (n, _) = udp.recv_from(&mut buf).expect("no datagram from the guest");
+        assert_eq!(&buf[..n], b"hello from guest");
+        let t = net_pause_and_snapshot(&api_sock, &snap);
+        // The restored VMM opens the serial file afresh.
+        let before = read(&serial);
+        let _ = vmm.kill();
+        let _ = vmm.wait();
+        backend.kill();
+        drop(udp);
+        // The old TAP goes with its backend.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read(Path::new("/proc/thread-self/net/dev")).contains(&format!("{TAP}:")) {
+            assert!(Instant::now() < deadline, "the old TAP stays");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _backend = Backend::start(&sock, false, &log);
+        let udp = host_socket();
+        let _ = std::fs::remove_file(&api_sock);
+        let restore = format!("source_url=file://{}", snap.display());
+        let vmm = spawn(&["-v", "--restore", &restore, "--api-socket", &api_arg]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&api_sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the restored VMM does not answer"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(api(&api_sock, "PUT", "vm.resume").0, 204);
+        let r = answer_until_exit(&udp, vmm);
+        let r = Run {
+            stdout: format!("{before}{}", read(&serial)),
+            ..r
+        };
+        assert_net_passed(&r);
+        let rx = &t["queues"][0]["next_avail"];
+        let paused = format!("vhost-user-net: paused: queue 0 at {rx} (used {rx})");
+        assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
+        assert!(r.stderr.contains("vhost-user-net: resumed"), "{}", r.stderr);
+    });
+}
