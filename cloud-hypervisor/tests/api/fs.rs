@@ -327,3 +327,41 @@ fn hotplug_fs_added_and_removed() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("--fs needs --memory shared=on"), "{text}");
 }
+
+/// A snapshot of a VM whose driver runs the file system is refused (virtiofsd's FUSE session,
+/// inodes and open files cannot be saved, and a new virtiofsd would not know them), with the
+/// device named; nothing is written, the VM resumes and the device goes on as before (killing
+/// virtiofsd then still shows as NEEDS_RESET in the guest).
+#[test]
+fn a_snapshot_with_a_running_file_system_is_refused() {
+    require_curl();
+    let mut vmm = Vmm::start("fs-snapshot", &[]);
+    let (file, sock, mut d) = share(&vmm.dir);
+    let serial = vmm.dir.join("serial.out");
+    let mut config: Value = serde_json::from_str(&guest_config("fs", &serial)).unwrap();
+    config["memory"]["shared"] = true.into();
+    config["payload"]["cmdline"] = format!("test=fs fs_size={SIZE} fs_crash").into();
+    config["fs"] = serde_json::json!([{"tag": "myfs", "socket": sock, "id": "myfs0"}]);
+    let (status, text) = vmm.curl("PUT", "vm.create", Some(&config.to_string()));
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "FS waiting for the backend to go", 1);
+    assert_written(&file);
+    assert_eq!(vmm.put("vm.pause").0, 204);
+    let snap = vmm.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let body = format!(r#"{{"destination_url": "file://{}"}}"#, snap.display());
+    let (status, text) = vmm.curl("PUT", "vm.snapshot", Some(&body));
+    assert_eq!(status, 500, "{text}");
+    assert!(
+        text.contains("myfs0: vhost-user-fs: no snapshot or migration while the driver runs"),
+        "{text}"
+    );
+    assert!(!snap.join("state.json").exists());
+    assert_eq!(vmm.put("vm.resume").0, 204);
+    d.kill();
+    let text = wait_line_text(&serial, "fs-needs-reset");
+    assert!(text.contains("PASS fs-needs-reset\n"), "{text}");
+    let r = vmm.wait();
+    assert!(r.status.success(), "{}", r.stderr);
+}
