@@ -52,8 +52,45 @@ impl Vmm {
         vmm
     }
 
+    /// One request; when no answer comes (status 0), the body says what became of the VMM.
     pub fn curl(&self, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
-        curl(&self.sock, method, endpoint, body)
+        let (status, text) = curl(&self.sock, method, endpoint, body);
+        if status != 0 {
+            return (status, text);
+        }
+        (
+            status,
+            format!("{text}(no answer: {})", self.process_state()),
+        )
+    }
+
+    /// The VMM's state as /proc shows it (gone, a zombie that exited, or each thread's state
+    /// and wait channel): what a test prints when the API stops answering.
+    pub fn process_state(&self) -> String {
+        let pid = self.pid();
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return format!("pid {pid} is gone");
+        };
+        let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
+        if state == Some('Z') {
+            return format!("pid {pid} exited (a zombie)");
+        }
+        let mut threads = Vec::new();
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in dir.flatten() {
+                let p = t.path();
+                let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+                let stat = read("stat");
+                let st = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
+                threads.push(format!(
+                    "{} {:?} {}",
+                    read("comm").trim(),
+                    st.unwrap_or('?'),
+                    read("wchan").trim()
+                ));
+            }
+        }
+        format!("pid {pid} alive; threads: {}", threads.join(", "))
     }
 
     pub fn ok_json(&self, endpoint: &str) -> Value {
