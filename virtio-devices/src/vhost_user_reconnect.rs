@@ -26,6 +26,11 @@
 //! counts completions, not ring positions, so a request completed past a lost one is run and
 //! reported again and the lost one is never run (the guest waits for it). docs/pci.md has
 //! the whole guarantee.
+//!
+//! A pause stops the relay ([`Relay::stop`] hands its parts back) and the backend's rings;
+//! the resume replays the set-up at the bases the pause saved (each [`QueueSetup::base`],
+//! with `served` false) and starts a relay again; a backend that died meanwhile is reconnected
+//! to from those bases.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
