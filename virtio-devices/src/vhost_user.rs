@@ -1,15 +1,15 @@
 //! The vhost-user frontend the vhost-user devices share (vhost-user-blk, -net, virtio-fs): the
-//! device runs in another process (the backend), which maps guest RAM from the memory files we
-//! hand it and serves the queues itself. We negotiate over its socket, give it each queue's rings, the
-//! transport's notify eventfd as the kick and an eventfd of ours as the call; a relay thread
-//! turns the calls into the transport's queue interrupts (the transport's interrupt is not an
-//! eventfd the backend could write). The relay also watches the socket: a backend that goes
-//! away (crash, exit) is logged and the VMM goes on; the device then needs a reset, or (where
-//! the device asks for it: vhost-user-blk) the relay connects again and replays the set-up
-//! (`vhost_user_reconnect.rs`). A device whose backend is gone connects to the socket again
-//! when the driver starts it next. A pause (snapshot, migration) stops the relay and the
-//! backend's rings (GET_VRING_BASE, the bases kept as the queues' positions); the resume hands
-//! the rings back at those bases (docs/pci.md, "Pause, snapshot, restore, migration").
+//! device runs in another process (the backend), which maps guest RAM from the memory files we hand
+//! it and serves the queues itself. We negotiate over its socket, give it each queue's rings, the
+//! transport's notify eventfd as the kick and an eventfd of ours as the call; a relay thread turns
+//! the calls into the transport's queue interrupts (the transport's interrupt is not an eventfd the
+//! backend could write). The relay also watches the socket: a backend that goes away (crash, exit)
+//! is logged and the VMM goes on; the device then needs a reset, or (where the device asks for it:
+//! vhost-user-blk) the relay connects again and replays the set-up (`vhost_user_reconnect.rs`). A
+//! device whose backend is gone connects to the socket again when the driver starts it next. A
+//! pause (snapshot, migration) stops the relay and the backend's rings (GET_VRING_BASE, the bases
+//! kept as the queues' positions); the resume hands the rings back at those bases (docs/pci.md,
+//! "Pause, snapshot, restore, migration").
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
