@@ -64,6 +64,31 @@ impl Vmm {
         )
     }
 
+    /// What the VMM wrote to stderr so far (up to 16 KiB), read without blocking.
+    fn stderr_now(&self) -> String {
+        use std::os::fd::AsRawFd;
+        let Some(fd) = self
+            .child
+            .as_ref()
+            .and_then(|c| c.stderr.as_ref())
+            .map(|e| e.as_raw_fd())
+        else {
+            return "(not kept)".into();
+        };
+        let mut buf = vec![0u8; 16 << 10];
+        // SAFETY: a read into our own buffer from the child's stderr pipe, which the child
+        // handle keeps open; MSG_DONTWAIT-like behaviour comes from O_NONBLOCK set just before.
+        let n = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            libc::read(fd, buf.as_mut_ptr().cast(), buf.len())
+        };
+        if n <= 0 {
+            return "(nothing)".into();
+        }
+        String::from_utf8_lossy(&buf[..n as usize]).into_owned()
+    }
+
     /// The VMM's state as /proc shows it (gone, a zombie that exited, or each thread's state
     /// and wait channel): what a test prints when the API stops answering.
     pub fn process_state(&self) -> String {
@@ -73,7 +98,7 @@ impl Vmm {
         };
         let state = stat.rsplit(')').next().unwrap_or("").trim().chars().next();
         if state == Some('Z') {
-            return format!("pid {pid} exited (a zombie)");
+            return format!("pid {pid} exited; its stderr: {}", self.stderr_now());
         }
         let mut threads = Vec::new();
         if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
