@@ -26,6 +26,8 @@ pub const OPTIONS: &[&str] = &[
     "vsock",
     "landlock-rules",
     "fs",
+    "memory-zone",
+    "numa",
     "mac",
 ];
 
@@ -64,6 +66,12 @@ pub fn options(data: &[u8]) {
         13 => check(VsockConfig::parse(raw), |_| ()),
         14 => check(LandlockConfig::parse(raw), |v| drop(v.validate())),
         15 => check(FsConfig::parse(raw), |v| drop(v.validate())),
+        // A zone is checked with `--memory` as the original requires it beside zones.
+        16 => check(
+            MemoryConfig::parse_with_zones("size=0,hotplug_method=virtio-mem", &[raw]),
+            |_| (),
+        ),
+        17 => check(NumaConfig::parse(raw), |_| ()),
         _ => {
             if let Ok(m) = raw.parse::<mac::MacAddr>() {
                 assert_eq!(m.to_string().parse::<mac::MacAddr>().ok(), Some(m));
@@ -97,10 +105,14 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ("rate-limit-group", "id=g0,bw_size=1000,bw_refill_time=100"),
         ("restore", "source_url=file:///var/snap,memory_restore_mode=ondemand,resume=on,prefault=off"),
         ("restore", "source_url=file:///s,net_fds=[net0@[3,4]]"),
+        ("restore", "source_url=file:///s,net_fds=[_net0@[3]],net_macs=[_net0@52:54:00:12:34:56]"),
         ("tpm", "socket=/tmp/swtpm.sock"),
         ("vsock", "cid=3,socket=/tmp/vsock.sock,id=vsock0"),
         ("landlock-rules", "path=/tmp/dir,access=rw"),
         ("fs", "tag=myfs,socket=/tmp/vfs.sock,num_queues=1,queue_size=1024,id=fs0"),
+        ("memory-zone", "id=mem0,size=1G,shared=on,hotplug_size=512M,hotplugged_size=128M"),
+        ("memory-zone", "id=z1,size=256M,file=/dev/shm/zone,prefault=on,host_numa_node=0"),
+        ("numa", "guest_numa_id=0,cpus=[0-1,3],distances=[1@20,2@30],memory_zones=[mem0,z1]"),
         ("mac", "52:54:00:ab:cd:ef"),
     ];
     values
