@@ -175,7 +175,7 @@ fn check_fds() {
     static RUNS: AtomicU64 = AtomicU64::new(0);
     static BASE: AtomicUsize = AtomicUsize::new(0);
     let n = RUNS.fetch_add(1, Ordering::Relaxed) + 1;
-    if n % FD_CHECK_EVERY != 0 {
+    if !n.is_multiple_of(FD_CHECK_EVERY) {
         return;
     }
     let now = open_fds();
