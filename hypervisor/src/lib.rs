@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use kvm::requests as kvm_requests;
 pub use kvm::KvmHypervisor;
 pub use kvm_bindings::{
     kvm_cpuid_entry2 as CpuIdEntry, kvm_debugregs as DebugRegisters, kvm_dtable as DescriptorTable,

@@ -2,6 +2,6 @@
 
 mod tap;
 
-pub use tap::{Offloads, Tap, TapError, VNET_HDR_LEN};
+pub use tap::{Offloads, Tap, TapError, RUNNING_TAP_IOCTLS, VNET_HDR_LEN};
 /// MAC addresses are configuration values: they live with the configuration.
 pub use vm_config::mac::{MacAddr, MacParseError};

@@ -103,6 +103,14 @@ fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
+/// The TAP requests of a running device, for the seccomp filters of the threads that make
+/// them: the receive offloads (TUNSETOFFLOAD: the driver's start and reset of the device, the
+/// control queue's GUEST_OFFLOADS_SET) and which queues of a multi-queue TAP are attached
+/// (TUNSETQUEUE: the same, and the control queue's VQ_PAIRS_SET). Opening and setting up a
+/// TAP (TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, its interface's SIOC* requests) is the control
+/// loop's work.
+pub const RUNNING_TAP_IOCTLS: &[u64] = &[libc::TUNSETOFFLOAD, libc::TUNSETQUEUE];
+
 impl Tap {
     /// Opens `num_queues` queues of the tap `name` (an empty name lets the kernel pick
     /// `tapN`, a template such as `vmtap%d` the first free number), creating it if it does not

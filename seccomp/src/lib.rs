@@ -117,6 +117,9 @@ pub struct Filter {
     /// `ioctl` with these request types (the request's bits 8-15: 0xAE for KVM, `T` for
     /// terminals and TAPs, ...), unless `allowed` has `ioctl` itself (any request).
     ioctl_types: BTreeSet<u8>,
+    /// `ioctl` with exactly these requests (the low 32 bits: the kernel takes the request as
+    /// an `unsigned int`), unless `allowed` has `ioctl` itself.
+    ioctls: BTreeSet<u32>,
 }
 
 impl Filter {
@@ -126,6 +129,7 @@ impl Filter {
             kind,
             allowed: base::BASE.iter().copied().collect(),
             ioctl_types: BTreeSet::new(),
+            ioctls: BTreeSet::new(),
         }
     }
 
@@ -135,9 +139,30 @@ impl Filter {
         self
     }
 
-    /// Whether ioctl `request` is allowed.
+    /// Allows `ioctl` with exactly these requests. Only their low 32 bits count, as in the
+    /// kernel, which takes the request as an `unsigned int`: the filter compares those bits
+    /// alone, so a request with junk in the upper half is the same request to both.
+    pub fn allow_ioctls(mut self, requests: &[u64]) -> Filter {
+        self.ioctls
+            .extend(requests.iter().map(|&r| ioctl_request(r)));
+        self
+    }
+
+    /// Whether ioctl `request` is allowed: any request, its type, or the request itself.
     pub fn allows_ioctl(&self, request: u64) -> bool {
-        self.allowed.contains(&Sysno::ioctl) || self.ioctl_types.contains(&((request >> 8) as u8))
+        self.allowed.contains(&Sysno::ioctl)
+            || self.ioctl_types.contains(&((request >> 8) as u8))
+            || self.ioctls.contains(&ioctl_request(request))
+    }
+
+    /// The requests allowed one by one (`allow_ioctls`), in number order.
+    pub fn ioctls(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ioctls.iter().map(|&r| u64::from(r))
+    }
+
+    /// The request types allowed whole (`allow_ioctl_types`).
+    pub fn ioctl_types(&self) -> impl Iterator<Item = u8> + '_ {
+        self.ioctl_types.iter().copied()
     }
 
     /// Allows `calls` as well.
@@ -150,6 +175,7 @@ impl Filter {
     pub fn merge(mut self, other: &Filter) -> Filter {
         self.allowed.extend(other.allowed.iter().copied());
         self.ioctl_types.extend(other.ioctl_types.iter().copied());
+        self.ioctls.extend(other.ioctls.iter().copied());
         self
     }
 
@@ -233,27 +259,37 @@ impl Filter {
             .chain(base::QUIET)
             .map(|s| (i64::from(s.id()), Vec::new()))
             .collect();
-        if !self.allowed.contains(&Sysno::ioctl) && !self.ioctl_types.is_empty() {
+        // (Never an empty list of rules: to seccompiler that allows every request.)
+        let some_requests = !self.ioctl_types.is_empty() || !self.ioctls.is_empty();
+        if !self.allowed.contains(&Sysno::ioctl) && some_requests {
+            // The request is the second argument; `Dword` compares its low 32 bits.
+            let request = |op, value| {
+                SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value)
+                    .and_then(|cond| SeccompRule::new(vec![cond]))
+            };
             let by_type = self
                 .ioctl_types
                 .iter()
-                .map(|&t| {
-                    let cond = SeccompCondition::new(
-                        1,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::MaskedEq(0xff00),
-                        u64::from(t) << 8,
-                    )?;
-                    SeccompRule::new(vec![cond])
-                })
+                .map(|&t| request(SeccompCmpOp::MaskedEq(0xff00), u64::from(t) << 8));
+            let exact = self
+                .ioctls
+                .iter()
+                .map(|&r| request(SeccompCmpOp::Eq, u64::from(r)));
+            let rules_of_ioctl = by_type
+                .chain(exact)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(build)?;
-            rules.insert(i64::from(Sysno::ioctl.id()), by_type);
+            rules.insert(i64::from(Sysno::ioctl.id()), rules_of_ioctl);
         }
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
             .map_err(build)?;
         filter.try_into().map_err(build)
     }
+}
+
+/// An ioctl request as the kernel compares it: its low 32 bits.
+fn ioctl_request(request: u64) -> u32 {
+    request as u32
 }
 
 /// What every thread of ours needs, whatever its job (see `base.rs` for why each).

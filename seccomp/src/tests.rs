@@ -143,3 +143,44 @@ fn ioctls_are_allowed_by_type() {
     let f = terminal_only();
     assert!(f.allows_ioctl(libc::FIONREAD) && !f.allows_ioctl(0xae80) && !f.allows(Sysno::ioctl));
 }
+
+/// A filter allowing FIONREAD alone, by number.
+fn fionread_only() -> Filter {
+    Filter::new("fionread-only").allow_ioctls(&[libc::FIONREAD])
+}
+
+/// An exact request goes through; its neighbour of the same type (`T`: FIONBIO) does not, in
+/// every mode.
+#[test]
+fn ioctls_are_allowed_by_number() {
+    testing::assert_ioctls_confined(
+        "tests::ioctls_are_allowed_by_number",
+        "confined",
+        fionread_only,
+        &[libc::FIONREAD, libc::FIONREAD | 0xdead_beef_0000_0000],
+        libc::FIONBIO,
+    );
+}
+
+#[test]
+fn exact_ioctls_merge_and_compare_like_the_kernel() {
+    let exact = fionread_only();
+    // The kernel takes the request as an unsigned int: only the low 32 bits count.
+    assert!(exact.allows_ioctl(libc::FIONREAD));
+    assert!(exact.allows_ioctl(libc::FIONREAD | 0xffff_ffff_0000_0000));
+    assert!(!exact.allows_ioctl(libc::FIONBIO));
+    assert!(!exact.allows_ioctl(libc::FIONREAD + 1));
+    assert!(!exact.allows(Sysno::ioctl));
+    assert_eq!(exact.ioctls().collect::<Vec<_>>(), vec![libc::FIONREAD]);
+
+    let kvm = Filter::new("kvm").allow_ioctl_types(&[0xae]);
+    let u = Filter::new("u").merge(&exact).merge(&kvm);
+    assert!(u.allows_ioctl(libc::FIONREAD) && u.allows_ioctl(0xae80));
+    assert!(!u.allows_ioctl(libc::FIONBIO));
+    assert_eq!(u.ioctl_types().collect::<Vec<_>>(), vec![0xae]);
+    // Any ioctl at all wins over both.
+    assert!(u.clone().allow(&[Sysno::ioctl]).allows_ioctl(libc::FIONBIO));
+    for mode in [SeccompAction::Trap, SeccompAction::Errno(1)] {
+        u.compile(mode).expect("compiles");
+    }
+}

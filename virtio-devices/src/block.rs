@@ -584,7 +584,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 io_uring_register,
             ]
         },
-        ioctl_types: &[],
+        ioctls: &[],
     };
 
 impl QueueHandler for BlockHandler {

@@ -110,7 +110,10 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 fcntl, poll, accept4, sendto, recvfrom,
             ]
         },
-        ioctl_types: b"T",
+        // None: it reads and writes descriptors the control loop set up (a terminal already
+        // in raw mode, a pty master, a file, or the socket relay's end); the terminal's size
+        // is read by the control loop (TIOCGWINSZ on SIGWINCH), which updates `ConsoleSize`.
+        ioctls: &[],
     };
 
 impl QueueHandler for ConsoleHandler {

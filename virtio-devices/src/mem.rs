@@ -447,7 +447,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 fallocate,
             ]
         },
-        ioctl_types: &[],
+        ioctls: &[],
     };
 
 impl QueueHandler for MemHandler {

@@ -620,8 +620,10 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 readv,
             ]
         },
-        // The control queue's offload changes (TUNSETOFFLOAD), FIONBIO.
-        ioctl_types: b"T",
+        // The control queue: GUEST_OFFLOADS_SET changes the TAP's offloads (TUNSETOFFLOAD),
+        // VQ_PAIRS_SET attaches and detaches queues of a multi-queue TAP (TUNSETQUEUE). Frames
+        // need none (the TAP is non-blocking from its opening).
+        ioctls: net_util::RUNNING_TAP_IOCTLS,
     };
 
 impl QueueHandler for NetHandler {

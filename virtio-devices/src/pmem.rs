@@ -65,7 +65,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 fsync, fdatasync, msync,
             ]
         },
-        ioctl_types: &[],
+        ioctls: &[],
     };
 
 impl QueueHandler for PmemHandler {

@@ -34,7 +34,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 getrandom,
             ]
         },
-        ioctl_types: &[],
+        ioctls: &[],
     };
 
 impl QueueHandler for RngHandler {

@@ -56,7 +56,7 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
         kind: "virtio-watchdog",
         // Nothing beyond a worker's own: its expiry timer is a timer fd.
         calls: &[],
-        ioctl_types: &[],
+        ioctls: &[],
     };
 
 impl QueueHandler for WatchdogHandler {

@@ -9,8 +9,8 @@ use ::seccomp::{Filter, Sysno};
 pub struct WorkerCalls {
     pub kind: &'static str,
     pub calls: &'static [Sysno],
-    /// The ioctl request types it may use (`T`: FIONBIO and the terminal's window size).
-    pub ioctl_types: &'static [u8],
+    /// The ioctl requests it may make, by number (see each device's list for why).
+    pub ioctls: &'static [u64],
 }
 
 impl WorkerCalls {
@@ -19,7 +19,7 @@ impl WorkerCalls {
         Filter::new(self.kind)
             .allow(WORKER)
             .allow(self.calls)
-            .allow_ioctl_types(self.ioctl_types)
+            .allow_ioctls(self.ioctls)
     }
 }
 
@@ -38,7 +38,7 @@ pub const WORKER: &[Sysno] = &[
 pub static GENERIC: WorkerCalls = WorkerCalls {
     kind: "virtio-worker",
     calls: &[],
-    ioctl_types: &[],
+    ioctls: &[],
 };
 
 /// Every worker kind of this crate (the spawner's filter must allow all of them).
@@ -63,7 +63,7 @@ pub fn all() -> Filter {
 
 #[cfg(test)]
 mod tests {
-    use ::seccomp::testing::assert_confined;
+    use ::seccomp::testing::{assert_confined, assert_ioctls_confined};
     use ::seccomp::{Filter, Sysno};
 
     /// One test per worker kind: a call outside its list stops the process in mode `true`
@@ -104,6 +104,73 @@ mod tests {
             crate::vhost_user::relay_filter,
             Sysno::getpgid,
         );
+    }
+
+    /// One test per worker kind that makes ioctls: the requests its list names go through,
+    /// a neighbour of the same type does not (in every mode).
+    macro_rules! ioctls_confined {
+        ($test:ident, $thread:literal, $calls:path, $refused:expr) => {
+            #[test]
+            fn $test() {
+                fn make() -> Filter {
+                    $calls.filter()
+                }
+                assert_ioctls_confined(
+                    concat!("worker_seccomp::tests::", stringify!($test)),
+                    $thread,
+                    make,
+                    $calls.ioctls,
+                    $refused,
+                );
+            }
+        };
+    }
+
+    // A net worker changes its TAP's offloads and queues, but cannot make the TAP another
+    // interface (TUNSETIFF) or take it over (TUNSETOWNER).
+    ioctls_confined!(
+        net_ioctls,
+        "virtio-net0",
+        crate::net::SECCOMP,
+        libc::TUNSETIFF
+    );
+    // FIONBIO yes; FIONREAD, TIOCSTI (typing into a terminal) no.
+    ioctls_confined!(
+        vsock_ioctls,
+        "virtio-vsock",
+        crate::vsock::SECCOMP,
+        libc::TIOCSTI
+    );
+    // None at all, not even a terminal's.
+    ioctls_confined!(
+        console_ioctls,
+        "virtio-console",
+        crate::console::SECCOMP,
+        libc::TIOCGWINSZ
+    );
+
+    #[test]
+    fn each_worker_kind_makes_only_its_own_ioctls() {
+        use libc::{FIONBIO, FIONREAD, TIOCSTI, TUNSETIFF, TUNSETOFFLOAD, TUNSETQUEUE};
+        let net = crate::net::SECCOMP.filter();
+        assert!(net.allows_ioctl(TUNSETOFFLOAD) && net.allows_ioctl(TUNSETQUEUE));
+        for no in [TUNSETIFF, FIONBIO, FIONREAD, TIOCSTI] {
+            assert!(!net.allows_ioctl(no), "virtio-net: {no:#x}");
+        }
+        let vsock = crate::vsock::SECCOMP.filter();
+        assert!(vsock.allows_ioctl(FIONBIO));
+        for no in [FIONREAD, TIOCSTI, TUNSETOFFLOAD] {
+            assert!(!vsock.allows_ioctl(no), "virtio-vsock: {no:#x}");
+        }
+        // No worker allows a whole type of requests, nor any ioctl.
+        let all = super::all();
+        assert_eq!(all.ioctl_types().count(), 0);
+        assert!(!all.allows(Sysno::ioctl));
+        let mut every: Vec<u64> = all.ioctls().collect();
+        every.sort_unstable();
+        let mut want = vec![FIONBIO, TUNSETOFFLOAD, TUNSETQUEUE];
+        want.sort_unstable();
+        assert_eq!(every, want);
     }
 
     #[test]

@@ -54,7 +54,6 @@ const FILES: &[Sysno] = {
         fchmod,
         fstatfs,
         statfs,
-        ioctl,
     ]
 };
 
@@ -105,6 +104,7 @@ pub fn control_loop() -> Filter {
     use ::seccomp::Sysno::*;
     Filter::new("vmm")
         .allow(FILES)
+        .allow_ioctl_types(CONTROL_LOOP_IOCTL_TYPES)
         .allow(EVENTS)
         .allow(SOCKETS)
         .allow(&[
@@ -153,9 +153,13 @@ pub fn vcpu() -> Filter {
     use ::seccomp::Sysno::*;
     Filter::new("vcpu")
         .allow(EVENTS)
-        // KVM (KVM_RUN, irqfds, ioeventfds, memory slots when BARs move, routes), and `T`: a
-        // TAP's offloads and header size when the driver starts a NIC, FIONBIO.
-        .allow_ioctl_types(&[KVMIO, b'T'])
+        // KVM_RUN, the device wiring its exits do (irqfds, ioeventfds, MSI routes) and saving
+        // its vCPU's state when parked: `hypervisor::kvm_requests::VCPU_THREAD` says which
+        // path needs each.
+        .allow_ioctls(hypervisor::kvm_requests::VCPU_THREAD)
+        // A virtio-net driver starting or resetting its device sets the TAP's offloads and
+        // attached queues (TUNSETOFFLOAD, TUNSETQUEUE) from the vCPU that wrote the status.
+        .allow_ioctls(net_util::RUNNING_TAP_IOCTLS)
         .allow(&[
             dup,
             fcntl,
@@ -182,19 +186,39 @@ pub fn vcpu() -> Filter {
         ])
 }
 
-/// The on-demand restore loader: userfaultfd events and UFFDIO_COPY from the snapshot file.
+/// The on-demand restore loader: userfaultfd events, UFFDIO_COPY from the snapshot file and
+/// UFFDIO_WAKE for a page that was there already (`uffd::Loader::serve`). Creating the
+/// userfaultfd and registering guest RAM with it (UFFDIO_API, UFFDIO_REGISTER) is the control
+/// loop's.
 pub fn uffd() -> Filter {
     use ::seccomp::Sysno::*;
     Filter::new("uffd")
         .allow(EVENTS)
         .allow(&[pread64])
-        .allow_ioctl_types(&[UFFDIO])
+        .allow_ioctls(&crate::uffd::loader_ioctls())
 }
+
+/// Request types the control loop uses whole. Its requests are many and some are made inside
+/// glibc, so it is confined by family rather than by number:
+/// - KVM: it creates VMs and vCPUs and sets and reads all of their state (restore, migration,
+///   CPUID, memory slots, dirty logs, the clock, the irqchip): most of `linux/kvm.h`'s x86
+///   requests;
+/// - `T`: terminals and ptys (raw mode, `openpty`'s TIOCGPTN/TIOCSPTLCK, TIOCGWINSZ,
+///   TIOCSCTTY in the pty resize watcher, `isatty`), FIONREAD, FIONBIO (std's
+///   `set_nonblocking` on sockets), and setting up TAPs (TUNSETIFF, TUNGETIFF,
+///   TUNSETVNETHDRSZ, TUNSETOFFLOAD, TUNSETQUEUE);
+/// - sockets' 0x89: a TAP's address, netmask, MAC, MTU and flags (SIOCSIF*), and
+///   `if_nametoindex` (SIOCGIFINDEX);
+/// - userfaultfd's 0xAA: `memory_restore_mode=ondemand` (USERFAULTFD_IOC_NEW, UFFDIO_API,
+///   UFFDIO_REGISTER).
+const CONTROL_LOOP_IOCTL_TYPES: &[u8] = &[KVMIO, b'T', SOCK_IOC_TYPE, UFFDIO];
 
 /// KVM's ioctl type.
 const KVMIO: u8 = 0xae;
 /// userfaultfd's ioctl type.
 const UFFDIO: u8 = 0xaa;
+/// The type of sockets' SIOC* requests (`linux/sockios.h`).
+const SOCK_IOC_TYPE: u8 = 0x89;
 
 /// The migration sender: it owns the VM while it sends it (pause, dirty log, state of every
 /// device, memory from the memfd or the file), so it needs most of what the control loop does.
@@ -293,10 +317,23 @@ mod tests {
         for ok in [0xae80, 0x4020_ae76, 0x4004_54d0] {
             assert!(vcpu.allows_ioctl(ok), "{ok:#x}");
         }
-        // userfaultfd, block devices' BLKDISCARD, socket ioctls (SIOCSIFADDR): no.
-        for no in [0xc020_aa03, 0x1277, 0x8916] {
+        // userfaultfd, block devices' BLKDISCARD, socket ioctls (SIOCSIFADDR): no; nor KVM's
+        // KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION, KVM_SET_REGS, KVM_SET_CPUID2; nor a TAP's
+        // TUNSETIFF, a terminal's TIOCSTI.
+        for no in [
+            0xc020_aa03,
+            0x1277,
+            0x8916,
+            0xae01,
+            0x4020_ae46,
+            0x4090_ae82,
+            0x4008_ae90,
+            0x4004_54ca,
+            0x5412,
+        ] {
             assert!(!vcpu.allows_ioctl(no), "{no:#x}");
         }
+        assert_eq!(vcpu.ioctl_types().count(), 0, "no whole type");
         for call in [Sysno::openat, Sysno::socket, Sysno::execve, Sysno::clone3] {
             assert!(!vcpu.allows(call), "{}", call.name());
         }
@@ -306,7 +343,13 @@ mod tests {
     fn the_spawner_allows_every_kind_it_starts() {
         let spawner = super::spawner();
         let workers = virtio_devices::worker_seccomp::all();
-        for kind in [super::vcpu(), super::uffd(), super::migration(), workers] {
+        for kind in [
+            super::vcpu(),
+            super::uffd(),
+            super::migration(),
+            super::control_loop(),
+            workers,
+        ] {
             for call in kind.allowed() {
                 assert!(
                     spawner.allows(call),
@@ -315,15 +358,20 @@ mod tests {
                     call.name()
                 );
             }
-            for t in 0..=255u64 {
-                if kind.allows_ioctl(t << 8) {
-                    assert!(
-                        spawner.allows_ioctl(t << 8),
-                        "{}: ioctl type {t:#x}",
-                        kind.kind()
-                    );
-                }
+            for t in kind.ioctl_types() {
+                assert!(
+                    spawner.allows_ioctl(u64::from(t) << 8),
+                    "{}: ioctl type {t:#x}",
+                    kind.kind()
+                );
+            }
+            for r in kind.ioctls() {
+                assert!(spawner.allows_ioctl(r), "{}: ioctl {r:#x}", kind.kind());
             }
         }
     }
 }
+
+#[cfg(test)]
+#[path = "seccomp_ioctl_tests.rs"]
+mod ioctl_tests;

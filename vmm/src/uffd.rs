@@ -69,6 +69,11 @@ ioctl_iowr_nr!(UFFDIO_REGISTER_IOCTL, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_WAKE_IOCTL, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY_IOCTL, UFFDIO, 0x03, UffdioCopy);
 
+/// The requests the loader thread makes (its seccomp filter): UFFDIO_COPY and UFFDIO_WAKE.
+pub(crate) fn loader_ioctls() -> [u64; 2] {
+    [UFFDIO_COPY_IOCTL(), UFFDIO_WAKE_IOCTL()]
+}
+
 const PAGE: u64 = 4096;
 /// What one fault loads: the aligned block around the faulting page (fewer faults for the
 /// guest's sequential touches; pages of it already present are skipped).

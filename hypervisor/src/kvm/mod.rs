@@ -1,5 +1,6 @@
 //! The KVM backend.
 
+pub mod requests;
 mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -92,7 +92,9 @@ pub(crate) static SECCOMP: crate::worker_seccomp::WorkerCalls =
                 setsockopt, fcntl,
             ]
         },
-        ioctl_types: b"T",
+        // FIONBIO: `set_nonblocking` on each accepted host connection (std's sockets use the
+        // ioctl, not fcntl). Guest-initiated connections are created non-blocking.
+        ioctls: &[libc::FIONBIO],
     };
 
 impl QueueHandler for VsockHandler {
