@@ -739,3 +739,132 @@ fn vhost_user_net_snapshot_restored_with_a_fresh_backend() {
         assert!(r.stderr.contains("vhost-user-net: resumed"), "{}", r.stderr);
     });
 }
+
+/// Live migration over TCP with a vhost-user-net device: the source's backend logs its writes
+/// to guest RAM (LOG_SHMFD: the used rings of the guest's datagrams, sent every 500 ms while
+/// the memory goes over) into the migration's dirty pages; the destination VMM connects to a
+/// second backend on the same socket path (started once the first has its VMM, its TAP in a
+/// network namespace of its own, with the same addresses), the rings go on at the bases the
+/// source's pause saved, and the guest answers the second TAP's ARP and receives the datagram
+/// sent there.
+#[test]
+fn vhost_user_net_live_migration_over_tcp() {
+    in_private_netns(|| {
+        let dir = scratch("vun-migrate");
+        let sock = dir.join("vun.sock");
+        let (api_a, api_b) = (dir.join("api-a.sock"), dir.join("api-b.sock"));
+        let serial = dir.join("serial.out");
+        let _backend = Backend::start(&sock, false, &dir.join("backend-a.log"));
+        let udp = host_socket();
+        let net = format!(
+            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
+            sock.display()
+        );
+        let serial_arg = format!("file={}", serial.display());
+        let api_arg = format!("path={}", api_a.display());
+        let src = start_vmm(
+            &net,
+            "",
+            &["--serial", &serial_arg, "--api-socket", &api_arg],
+        );
+        let mut buf = [0u8; 2048];
+        let (n, _) = udp.recv_from(&mut buf).expect("no datagram from the guest");
+        assert_eq!(&buf[..n], b"hello from guest");
+        // The destination's backend: same socket path, its TAP in another namespace, where
+        // the host answers the guest once it arrives.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sock_b, log_b, done_b) = (sock.clone(), dir.join("backend-b.log"), done.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let host_b = std::thread::spawn(move || {
+            in_private_netns(move || {
+                let _b = Backend::start(&sock_b, false, &log_b);
+                let udp = host_socket();
+                ready_tx.send(()).unwrap();
+                while !done_b.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = udp.send_to(b"hello from host", format!("{GUEST_IP}:5000"));
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        });
+        ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        // The migration goes over TCP on this namespace's loopback.
+        let lo = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip (iproute2)");
+        assert!(lo.success());
+        let dst = spawn(&["-v", "--api-socket", &format!("path={}", api_b.display())]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&api_b).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the destination VMM does not answer"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("tcp:127.0.0.1:{port}");
+        let api_b2 = api_b.clone();
+        let url2 = url.clone();
+        let receiving = std::thread::spawn(move || {
+            api_with(
+                &api_b2,
+                "PUT",
+                "vm.receive-migration",
+                &format!(r#"{{"receiver_url": "{url2}"}}"#),
+            )
+        });
+        let hex = format!(":{port:04X} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !read(Path::new("/proc/thread-self/net/tcp"))
+            .lines()
+            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+        {
+            assert!(Instant::now() < deadline, "nothing listens on {url}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let before = read(&serial);
+        let (status, text) = api_with(
+            &api_a,
+            "PUT",
+            "vm.send-migration",
+            &format!(r#"{{"destination_url": "{url}"}}"#),
+        );
+        assert_eq!(status, 204, "{text}");
+        let (status, text) = receiving.join().unwrap();
+        assert_eq!(status, 204, "receive-migration: {text}");
+        let src = wait_with_timeout(src, Duration::from_secs(30));
+        assert!(src.status.success(), "{}", src.stderr);
+        let dst = wait_with_timeout(dst, Duration::from_secs(30));
+        done.store(true, std::sync::atomic::Ordering::Release);
+        host_b.join().unwrap();
+        let r = Run {
+            stdout: format!("{before}{}", read(&serial)),
+            ..dst
+        };
+        assert_net_passed(&r);
+        assert!(
+            src.stderr
+                .contains("vhost-user-net: dirty logging on (LOG_SHMFD"),
+            "{}",
+            src.stderr
+        );
+        assert!(
+            src.stderr.contains("vhost-user-net: paused"),
+            "{}",
+            src.stderr
+        );
+        assert!(r.stderr.contains("vhost-user-net: resumed"), "{}", r.stderr);
+        eprintln!(
+            "{}",
+            src.stderr
+                .lines()
+                .filter(|l| l.contains("migration") || l.contains("vhost-user"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    });
+}

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk as vb;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -26,7 +27,9 @@ use vmm_sys_util::event::{
 
 use crate::request::{self, Disk, MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, SECTOR_SIZE};
 
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest RAM with the frontend's dirty log behind it (set by SET_LOG_BASE during a live
+/// migration; no log otherwise).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<BitmapMmapRegion>;
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 pub type Vring = VringRwLock<Memory>;
 
@@ -150,7 +153,7 @@ impl BlockBackend {
 }
 
 impl VhostUserBackend for BlockBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -170,7 +173,8 @@ impl VhostUserBackend for BlockBackend {
             | bit(vb::VIRTIO_BLK_F_BLK_SIZE)
             | bit(vb::VIRTIO_BLK_F_FLUSH)
             | bit(vb::VIRTIO_BLK_F_MQ)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.readonly {
             f |= bit(vb::VIRTIO_BLK_F_RO);
         } else {
@@ -180,7 +184,11 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        // LOG_SHMFD: every write to guest RAM is marked in the frontend's log once it sets one
+        // (vm-memory's accessors mark it; `request.rs` marks what the disk reads into).
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -255,7 +255,25 @@ fn read<M: GuestMemory>(
         .collect();
     disk.file
         .read_at(offset, &mut iov)
-        .map_err(|e| io(e.to_string()))
+        .map_err(|e| io(e.to_string()))?;
+    mark_written(mem, data);
+    Ok(())
+}
+
+/// Marks `data`'s buffers written in guest memory's dirty bitmap (the frontend's log during a
+/// live migration, VHOST_USER_PROTOCOL_F_LOG_SHMFD): they were written through host pointers,
+/// which `vm_memory` does not see. Buffers outside guest memory (refused before the I/O) are
+/// skipped.
+fn mark_written<M: GuestMemory>(mem: &M, data: &[Descriptor]) {
+    use vm_memory::bitmap::Bitmap;
+    for d in data {
+        let Ok(slices) = mem.get_slices(d.addr(), d.len() as usize, Permissions::Write) else {
+            continue;
+        };
+        for s in slices.flatten() {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
 }
 
 fn write<M: GuestMemory>(

@@ -373,3 +373,29 @@ fn random_chains_never_panic() {
         }
     }
 }
+
+/// A read marks what the disk wrote into guest RAM in its dirty bitmap (the frontend's log
+/// during a live migration), though it went through host pointers: the data's pages and the
+/// status byte's, nothing else.
+#[test]
+fn a_read_marks_the_pages_it_wrote_dirty() {
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut t = setup(false);
+    let mem: vm_memory::GuestMemoryMmap<AtomicBitmap> =
+        vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    // The header's page (1) is dirty from this write.
+    mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    let region = mem.find_region(GuestAddress(0)).unwrap();
+    let page = |p: u64| region.bitmap().dirty_at(p as usize * 4096);
+    // 4608 bytes from 0x3100: pages 3 and 4; the status at 0x9000 (page 9).
+    serve(&mem, &mut t.disk, &[hdr(), d(0x3100, 4608, W), status()]);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    assert!(page(3) && page(4), "the data's pages");
+    assert!(page(9), "the status byte's page");
+    for p in [0, 2, 5, 6, 7, 8, 10] {
+        assert!(!page(p), "page {p} was not written");
+    }
+}

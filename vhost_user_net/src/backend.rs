@@ -228,7 +228,7 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = VringMutex<Mem>;
 
     fn num_queues(&self) -> usize {
@@ -240,7 +240,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
-        self.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.features
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -261,7 +263,10 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // LOG_SHMFD: every write to guest RAM is marked in the frontend's log once it sets one
+        // (vm-memory's accessors mark it; `pair.rs` marks what the TAP reads into).
         let mut f = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
         if self.config.is_some() {

@@ -96,7 +96,9 @@ fn run(raw: &str) -> Result<(), RunError> {
     let cfg = BackendConfig::parse(raw)?;
     let taps = open_tap(&cfg)?;
     let tap_name = taps[0].name().to_string();
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<
+        vhost_user_backend::bitmap::BitmapMmapRegion,
+    >::new());
     let backend = Arc::new(NetBackend::new(&cfg, taps, mem.clone()).map_err(RunError::Setup)?);
     let mut daemon = VhostUserDaemon::new("vhost_user_net".into(), backend.clone(), mem)
         .map_err(RunError::Daemon)?;

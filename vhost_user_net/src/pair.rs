@@ -8,6 +8,7 @@ use std::io;
 
 use log::{debug, warn};
 use net_util::{Tap, VNET_HDR_LEN};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VringState;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
@@ -15,8 +16,8 @@ use vm_memory::{
     GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 
-pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-type Guard = GuestMemoryLoadGuard<GuestMemoryMmap<()>>;
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
+type Guard = GuestMemoryLoadGuard<GuestMemoryMmap<BitmapMmapRegion>>;
 
 /// A frame with its header, at most (64 KiB of GSO payload plus the Ethernet header).
 const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
@@ -44,7 +45,7 @@ pub struct Pass {
 /// wanted direction. The head index either way.
 fn chain_iovecs(
     chain: virtio_queue::DescriptorChain<Guard>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemoryMmap<BitmapMmapRegion>,
     writable: bool,
 ) -> (u16, Option<(Vec<libc::iovec>, usize)>) {
     let head = chain.head_index();
@@ -71,7 +72,12 @@ fn chain_iovecs(
 }
 
 /// Writes `value` at byte `off` of the buffers `bufs` (guest addresses), wherever it falls.
-fn write_u16_at(mem: &GuestMemoryMmap<()>, bufs: &[(GuestAddress, usize)], off: u64, value: u16) {
+fn write_u16_at(
+    mem: &GuestMemoryMmap<BitmapMmapRegion>,
+    bufs: &[(GuestAddress, usize)],
+    off: u64,
+    value: u16,
+) {
     let bytes = value.to_le_bytes();
     for (i, b) in bytes.iter().enumerate() {
         let mut at = off + i as u64;
@@ -84,6 +90,24 @@ fn write_u16_at(mem: &GuestMemoryMmap<()>, bufs: &[(GuestAddress, usize)], off: 
             }
             at -= len as u64;
         }
+    }
+}
+
+/// Marks the first `n` bytes of the buffers `bufs` written in guest memory's dirty bitmap (the
+/// frontend's log during a live migration, LOG_SHMFD): `readv` wrote them through host
+/// pointers, which `vm_memory` does not see.
+fn mark_written(mem: &GuestMemoryMmap<BitmapMmapRegion>, bufs: &[(GuestAddress, usize)], n: usize) {
+    use vm_memory::bitmap::Bitmap;
+    let mut left = n;
+    for &(addr, len) in bufs {
+        if left == 0 {
+            break;
+        }
+        let k = left.min(len);
+        if let Ok(s) = mem.get_slice(addr, k) {
+            s.bitmap().mark_dirty(0, k);
+        }
+        left -= k;
     }
 }
 
@@ -147,6 +171,7 @@ pub fn receive(vring: &mut VringState<Mem>, mem: &Mem, tap: &Tap) -> Pass {
                     Ok(n) => {
                         // The TAP writes the first 10 bytes of the header; one buffer each.
                         write_u16_at(&m, &addrs, NUM_BUFFERS_OFF, 1);
+                        mark_written(&m, &addrs, n);
                         n
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -21,6 +21,7 @@ mod transport;
 mod vhost_user;
 mod vhost_user_blk;
 mod vhost_user_fs;
+mod vhost_user_log;
 mod vhost_user_net;
 mod vhost_user_reconnect;
 mod vhost_user_socket;
@@ -189,6 +190,20 @@ pub trait VirtioDevice: Send {
     /// Restores the device's own state into a device built from the same configuration, before
     /// the transport's restore starts it. All or nothing: on an error nothing changed.
     fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError>;
+    /// Live migration: from now on the device logs the pages of guest RAM (up to `last_addr`)
+    /// written where neither KVM's dirty log nor the VMM's bitmaps see them (a vhost-user
+    /// backend's writes), for `take_dirty_log`. `Err` (naming the device): it cannot, and the
+    /// migration is refused. The default: nothing to log.
+    fn start_dirty_log(&mut self, _last_addr: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// Ends what `start_dirty_log` started.
+    fn stop_dirty_log(&mut self) {}
+    /// The pages logged since the last call (bit i of word w: the page at guest address
+    /// (64 w + i) × 4 KiB), cleared as read; `None`: nothing logged.
+    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
+        None
+    }
     /// The device's statistics, if it keeps any.
     fn counters(&self) -> Option<Arc<Counters>> {
         None

@@ -23,6 +23,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vhost_user_log::{DirtyLog, F_LOG_ALL};
 use crate::vhost_user_reconnect::{
     spawn_relay, Policy, QueueSetup, Relay, RelayParts, Setup, Target,
 };
@@ -72,6 +73,11 @@ pub(crate) struct VhostUserConnection {
     /// While paused: the running queues' set-up, each queue's `base` where the backend
     /// stopped it (GET_VRING_BASE), for the resume to hand back.
     paused: Option<RelayParts>,
+    /// Whether the backend can log its writes to guest RAM (it offers LOG_SHMFD, negotiated,
+    /// and VHOST_F_LOG_ALL).
+    loggable: bool,
+    /// The dirty log while a live migration runs.
+    log: Option<Arc<DirtyLog>>,
 }
 
 /// A vhost-user device's own state in a snapshot: the version and the device kind. The
@@ -187,7 +193,8 @@ impl VhostUserConnection {
         let offered = fe
             .get_protocol_features()
             .map_err(proto("GET_PROTOCOL_FEATURES"))?;
-        let got = offered & want;
+        // Dirty logging for live migration, wherever the backend offers it.
+        let got = offered & (want | VhostUserProtocolFeatures::LOG_SHMFD);
         fe.set_protocol_features(got)
             .map_err(proto("SET_PROTOCOL_FEATURES"))?;
         let c = VhostUserConnection {
@@ -203,6 +210,9 @@ impl VhostUserConnection {
             policy: Policy::NeedsReset,
             give_up: crate::vhost_user_reconnect::GIVE_UP,
             paused: None,
+            loggable: got.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+                && backend_features & F_LOG_ALL != 0,
+            log: None,
         };
         Ok((c, got))
     }
@@ -296,6 +306,7 @@ impl VhostUserConnection {
             mem: ctx.mem.clone(),
             regions,
             queues,
+            log: self.log.clone(),
         };
         self.started = setup.queues.iter().map(|q| q.index).collect();
         // A backend that went away: the relay connects to the socket again (off this thread)
@@ -442,6 +453,85 @@ impl VhostUserConnection {
             }
         }
         Some(out)
+    }
+
+    /// Live migration: from now on the backend logs the pages of guest RAM it writes (up to
+    /// `last_addr`) in a shared bitmap (LOG_SHMFD: SET_LOG_BASE, VHOST_F_LOG_ALL, the used rings
+    /// logged), read by `take_dirty_log`; every later set-up (resume, reconnection) includes
+    /// it. `Err` naming the device: the backend does not offer it (its writes could not be
+    /// tracked), or a running backend refused it.
+    pub(crate) fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
+        let name = self.name;
+        if !self.loggable {
+            return Err(format!(
+                "{name}: the backend does not offer dirty logging (VHOST_USER_PROTOCOL_F_LOG_SHMFD \
+                 and VHOST_F_LOG_ALL): its writes to guest RAM could not be tracked"
+            ));
+        }
+        let log = DirtyLog::new(last_addr).map_err(|e| format!("{name}: dirty log: {e}"))?;
+        let log = Arc::new(log);
+        log::info!(
+            "{name}: dirty logging on (LOG_SHMFD, a {} KiB bitmap)",
+            log.region().mmap_size.div_ceil(1024)
+        );
+        self.log = Some(log.clone());
+        self.set_running_log(Some(log))
+    }
+
+    /// Ends the logging: the running backend gets its features without VHOST_F_LOG_ALL and
+    /// its rings without logging (errors are logged: the backend then logs into a bitmap nobody
+    /// reads).
+    pub(crate) fn stop_dirty_log(&mut self) {
+        if self.log.take().is_some() {
+            if let Err(e) = self.set_running_log(None) {
+                log::warn!("{e}");
+            }
+        }
+    }
+
+    /// The pages the backend wrote since the last call (bit i of word w: the page at guest
+    /// address (64 w + i) × 4 KiB), cleared as read; `None` when not logging.
+    pub(crate) fn take_dirty_log(&self) -> Option<Vec<u64>> {
+        self.log.as_ref().map(|l| l.take())
+    }
+
+    /// Hands `log` to the rings the backend runs (a paused device's set-up gets it for the
+    /// resume; a device not started gets it with its set-up at activation): the relay stops,
+    /// the backend is told, the relay starts again.
+    fn set_running_log(&mut self, log: Option<Arc<DirtyLog>>) -> Result<(), String> {
+        let name = self.name;
+        if let Some(p) = self.paused.as_mut() {
+            p.setup.log = log;
+            return Ok(());
+        }
+        let Some(relay) = self.relay.take() else {
+            return Ok(());
+        };
+        let mut parts = relay
+            .stop()
+            .ok_or_else(|| format!("{name}: the relay thread had died"))?;
+        parts.setup.log = log;
+        let gone = self.gone.load(Ordering::Acquire);
+        let mut told = Ok(());
+        if !gone {
+            let mut fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
+            told = parts
+                .setup
+                .set_logging(&mut fe)
+                .map_err(|e| format!("{name}: dirty logging: {e}"));
+        }
+        for (i, call) in &parts.calls {
+            if call.read().is_ok() {
+                parts.interrupt.signal_queue(*i);
+            }
+        }
+        if gone && parts.status.needs_reset() {
+            // The relay had given up: nothing runs.
+            return told;
+        }
+        parts.applied = !gone;
+        self.relay = Some(spawn_relay(parts).map_err(|e| format!("{name}: relay: {e}"))?);
+        told
     }
 
     /// Reset: the relay stops (a reconnection in progress with it), then the backend stops

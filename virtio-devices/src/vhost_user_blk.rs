@@ -119,6 +119,15 @@ impl VirtioDevice for VhostUserBlock {
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
         self.conn.queue_positions(usize::from(self.num_queues))
     }
+    fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
+        self.conn.start_dirty_log(last_addr)
+    }
+    fn stop_dirty_log(&mut self) {
+        self.conn.stop_dirty_log()
+    }
+    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
+        self.conn.take_dirty_log()
+    }
     fn device_state(&self) -> VirtioDeviceState {
         VhostUserState::of(NAME)
     }

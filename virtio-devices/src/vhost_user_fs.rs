@@ -119,6 +119,15 @@ impl VirtioDevice for VhostUserFs {
     fn resume(&mut self) -> Result<(), String> {
         Ok(())
     }
+    fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
+        self.conn.start_dirty_log(last_addr)
+    }
+    fn stop_dirty_log(&mut self) {
+        self.conn.stop_dirty_log()
+    }
+    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
+        self.conn.take_dirty_log()
+    }
     fn device_state(&self) -> VirtioDeviceState {
         // Nothing of its own (the file system's state is the backend's); a snapshot could
         // only be taken before the driver started it, and is refused at restore.

@@ -294,6 +294,15 @@ impl VirtioDevice for VhostUserNet {
         }
         p
     }
+    fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
+        self.conn.start_dirty_log(last_addr)
+    }
+    fn stop_dirty_log(&mut self) {
+        self.conn.stop_dirty_log()
+    }
+    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
+        self.conn.take_dirty_log()
+    }
     fn device_state(&self) -> VirtioDeviceState {
         // The queues' bases are the transport's; the frames in flight are the backend's.
         VhostUserState::of(NAME)

@@ -48,7 +48,11 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vhost_user_log::{DirtyLog, F_LOG_ALL};
 use crate::{DeviceStatus, VirtioInterrupt};
+
+/// VHOST_VRING_F_LOG: the ring's used ring is logged.
+const VRING_F_LOG: u32 = 1;
 
 /// First wait after a hang-up, and the longest between two tries.
 pub(crate) const FIRST_TRY: Duration = Duration::from_millis(10);
@@ -97,6 +101,9 @@ pub(crate) struct Setup {
     pub mem: GuestMemoryMmap,
     pub regions: Vec<VhostUserMemoryRegionInfo>,
     pub queues: Vec<QueueSetup>,
+    /// The dirty log during a live migration: the backend gets it (SET_LOG_BASE after the mem
+    /// table, VHOST_F_LOG_ALL, each ring's used ring logged) with every set-up.
+    pub log: Option<Arc<DirtyLog>>,
 }
 
 impl Setup {
@@ -117,23 +124,21 @@ impl Setup {
                 Ok(())
             }
         };
-        fe.set_features(self.features).map_err(e("SET_FEATURES"))?;
+        fe.set_features(self.features_now())
+            .map_err(e("SET_FEATURES"))?;
         fe.set_mem_table(&self.regions)
             .map_err(e("SET_MEM_TABLE"))?;
+        if let Some(log) = &self.log {
+            // A new mem table comes without the log: set it again.
+            fe.set_log_base(0, Some(log.region()))
+                .map_err(e("SET_LOG_BASE"))?;
+        }
         for (k, q) in self.queues.iter().enumerate() {
             stopped()?;
             let i = q.index;
             fe.set_vring_num(i, q.size).map_err(e("SET_VRING_NUM"))?;
-            let cfg = VringConfigData {
-                queue_max_size: self.queue_max_size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: q.desc,
-                used_ring_addr: q.used,
-                avail_ring_addr: q.avail,
-                log_addr: None,
-            };
-            fe.set_vring_addr(i, &cfg).map_err(e("SET_VRING_ADDR"))?;
+            fe.set_vring_addr(i, &self.ring_addr(q))
+                .map_err(e("SET_VRING_ADDR"))?;
             let base = bases.get(k).copied().unwrap_or(q.base);
             fe.set_vring_base(i, base).map_err(e("SET_VRING_BASE"))?;
             let call = calls
@@ -148,6 +153,47 @@ impl Setup {
             stopped()?;
             fe.set_vring_enable(q.index, true)
                 .map_err(e("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
+    /// The features the backend runs with: the driver's, and VHOST_F_LOG_ALL while logging.
+    pub(crate) fn features_now(&self) -> u64 {
+        if self.log.is_some() {
+            self.features | F_LOG_ALL
+        } else {
+            self.features
+        }
+    }
+
+    /// SET_VRING_ADDR's message for `q`: its rings, and while logging, its used ring's guest
+    /// address to log (VHOST_VRING_F_LOG).
+    fn ring_addr(&self, q: &QueueSetup) -> VringConfigData {
+        let log = self.log.is_some();
+        VringConfigData {
+            queue_max_size: self.queue_max_size,
+            queue_size: q.size,
+            flags: if log { VRING_F_LOG } else { 0 },
+            desc_table_addr: q.desc,
+            used_ring_addr: q.used,
+            avail_ring_addr: q.avail,
+            log_addr: log.then_some(q.used_gpa.0),
+        }
+    }
+
+    /// Turns the running backend's logging on or off as `self.log` says: SET_LOG_BASE (on),
+    /// SET_FEATURES, and each ring's addresses with or without its used ring logged.
+    pub(crate) fn set_logging(&self, fe: &mut Frontend) -> Result<(), String> {
+        let e = |what: &'static str| move |e: vhost::Error| format!("vhost-user {what}: {e}");
+        if let Some(log) = &self.log {
+            fe.set_log_base(0, Some(log.region()))
+                .map_err(e("SET_LOG_BASE"))?;
+        }
+        fe.set_features(self.features_now())
+            .map_err(e("SET_FEATURES"))?;
+        for q in &self.queues {
+            fe.set_vring_addr(q.index, &self.ring_addr(q))
+                .map_err(e("SET_VRING_ADDR"))?;
         }
         Ok(())
     }
@@ -191,7 +237,7 @@ fn handshake(target: &Target, setup: &Setup) -> Result<Frontend, String> {
     let e = |what: &'static str| move |e: vhost::Error| format!("vhost-user {what}: {e}");
     fe.set_owner().map_err(e("SET_OWNER"))?;
     let offered = fe.get_features().map_err(e("GET_FEATURES"))?;
-    let missing = setup.features & !offered;
+    let missing = setup.features_now() & !offered;
     if missing != 0 {
         return Err(format!(
             "the new backend lacks features {missing:#x} the driver uses"

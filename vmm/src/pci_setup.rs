@@ -324,6 +324,34 @@ impl PciDevices {
         Ok(())
     }
 
+    /// Live migration: every virtio device logs the guest RAM it writes unseen (a vhost-user
+    /// backend's writes), up to `last_addr`. The first device that cannot is the error (those
+    /// before it keep logging: the caller stops them all).
+    pub fn start_dirty_log(&self, last_addr: u64) -> Result<(), String> {
+        for t in self.functions.iter().filter_map(Function::transport) {
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start_dirty_log(last_addr)?;
+        }
+        Ok(())
+    }
+
+    /// Ends `start_dirty_log` on every device.
+    pub fn stop_dirty_log(&self) {
+        for t in self.functions.iter().filter_map(Function::transport) {
+            t.lock().unwrap_or_else(|e| e.into_inner()).stop_dirty_log();
+        }
+    }
+
+    /// The devices' logs since the last call (bit i of word w: the page at (64 w + i) × 4 KiB).
+    pub fn take_dirty_log(&self) -> Vec<Vec<u64>> {
+        self.functions
+            .iter()
+            .filter_map(Function::transport)
+            .filter_map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).take_dirty_log())
+            .collect()
+    }
+
     /// Restarts the workers `pause_devices` stopped (nothing when none were).
     pub fn resume_devices(&mut self) -> Result<(), String> {
         if !std::mem::take(&mut self.devices_paused) {

@@ -40,11 +40,16 @@ pub fn take(
     vm: &Arc<dyn hypervisor::Vm>,
     slots: &[MemSlot],
     mem: &GuestMemoryMmap,
+    devices: &[Vec<u64>],
 ) -> Result<Vec<MemoryRange>, String> {
     let mut ranges = Vec::new();
     for region in mem.iter() {
         let start = region.start_addr().0;
         let mut bits = take_written(region);
+        // The devices' logs (vhost-user backends' writes), from guest address 0.
+        for log in devices {
+            or_from(&mut bits, log, start / PAGE, region.len().div_ceil(PAGE));
+        }
         // The guest's writes, from the slots inside this region (one for a region of RAM; the
         // plugged DIMMs of an ACPI hotplug region, at their offsets).
         for s in slots
@@ -59,6 +64,32 @@ pub fn take(
         push_ranges(&mut ranges, start, region.len(), &bits);
     }
     Ok(ranges)
+}
+
+/// Sets in `dst` (bit i: page i of a region) every bit of `src` (bit i: page i of guest
+/// physical memory) for the region's `pages` pages from page `first`.
+fn or_from(dst: &mut Vec<u64>, src: &[u64], first: u64, pages: u64) {
+    let end = first + pages;
+    let mut page = first;
+    while page < end {
+        let Some(&w) = src.get((page / 64) as usize) else {
+            break;
+        };
+        if w == 0 {
+            // A clear word: on to the next one.
+            page = (page / 64 + 1) * 64;
+            continue;
+        }
+        if w & (1 << (page % 64)) != 0 {
+            let i = page - first;
+            let k = (i / 64) as usize;
+            if dst.len() <= k {
+                dst.resize(k + 1, 0);
+            }
+            dst[k] |= 1 << (i % 64);
+        }
+        page += 1;
+    }
 }
 
 /// Sets in `dst` every bit set in `src`, `offset` bits further on (`dst` grows if needed).
@@ -139,6 +170,20 @@ mod tests {
         let mut empty = Vec::new();
         or_at(&mut empty, &[0, 0], 64);
         assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn a_device_log_lands_in_the_regions_it_covers() {
+        // Pages 1, 64 and 130 of guest memory; a region of 100 pages from page 40.
+        let log = [0b10u64, 1, 1 << 2];
+        let mut bits = Vec::new();
+        or_from(&mut bits, &log, 40, 100);
+        // Page 64 is the region's page 24; 1 is before it, 130 is its page 90.
+        assert_eq!(bits, vec![1 << 24, 1 << 26]);
+        // A region past the log's end gets nothing.
+        let mut none = Vec::new();
+        or_from(&mut none, &log, 1000, 10);
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -76,10 +76,31 @@ pub fn send(
 ) -> Result<(), SendError> {
     let start = Instant::now();
     if !opts.local {
-        if let Some(why) = unlogged_vhost_user(config) {
-            return Err(why);
+        // The devices that write guest RAM unseen (vhost-user backends) log it from now on;
+        // one that cannot refuses the migration before anything is sent.
+        let last = vm.memory().last_addr().0;
+        if let Err(e) = vm.devices().pci.start_dirty_log(last) {
+            vm.devices().pci.stop_dirty_log();
+            return Err(format!(
+                "cannot track the devices' writes to guest RAM: {e}"
+            ));
         }
     }
+    let result = send_logged(vm, config, opts, paused, events, start);
+    if !opts.local {
+        vm.devices().pci.stop_dirty_log();
+    }
+    result
+}
+
+fn send_logged(
+    vm: &mut Vm,
+    config: &VmConfig,
+    opts: &SendMigrationConfig,
+    paused: bool,
+    events: &Sender<Progress>,
+    start: Instant,
+) -> Result<(), SendError> {
     let stream = Stream::connect(&opts.destination_url)
         .map_err(|e| format!("cannot connect to {}: {e}", opts.destination_url))?;
     stream.set_buffers(super::SOCKET_BUFFER);
@@ -162,7 +183,12 @@ fn run(
             total += sent;
             pass += 1;
             rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
-            ranges = dirty::take(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory())?;
+            ranges = dirty::take(
+                vm.hypervisor_vm(),
+                &vm.memory_slots(),
+                vm.memory(),
+                &vm.devices().pci.take_dirty_log(),
+            )?;
             let dirty_bytes = dirty::bytes(&ranges);
             let _ = s.events.send(Progress::Pass {
                 pass,
@@ -203,7 +229,13 @@ fn run(
         .snapshot()
         .map_err(|e| format!("cannot take the VM's state: {e}"))?;
     if !opts.local {
-        let mut last = dirty::take(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory())?;
+        // After the devices' pause: their last writes are in the logs.
+        let mut last = dirty::take(
+            vm.hypervisor_vm(),
+            &vm.memory_slots(),
+            vm.memory(),
+            &vm.devices().pci.take_dirty_log(),
+        )?;
         last.extend(left);
         last.sort_by_key(|r| r.gpa);
         total += s.memory(vm, &last)?;
@@ -235,44 +267,6 @@ fn run(
         downtime,
     });
     Ok(())
-}
-
-/// Why a migration over the network is refused: a vhost-user device (named) whose backend
-/// writes guest RAM in its own process, where neither KVM's dirty log nor ours sees it. The
-/// protocol's way to learn those writes (VHOST_USER_PROTOCOL_F_LOG_SHMFD, SET_LOG_BASE and
-/// VHOST_F_LOG_ALL) is not implemented, and our backends do not offer it either: the pages a
-/// backend wrote after they were sent would reach the destination stale. A local migration
-/// shares guest RAM (nothing is copied) and is not refused.
-fn unlogged_vhost_user(config: &VmConfig) -> Option<String> {
-    let name = |id: &Option<String>, socket: &Option<String>| match (id, socket) {
-        (Some(id), _) => id.clone(),
-        (None, Some(s)) => format!("socket={s}"),
-        (None, None) => "?".into(),
-    };
-    let dev = config
-        .disks
-        .iter()
-        .filter(|d| d.vhost_user)
-        .map(|d| format!("vhost-user-blk {}", name(&d.id, &d.vhost_socket)))
-        .chain(
-            config
-                .net
-                .iter()
-                .filter(|n| n.vhost_user)
-                .map(|n| format!("vhost-user-net {}", name(&n.id, &n.vhost_socket))),
-        )
-        .chain(config.fs.iter().map(|f| {
-            format!(
-                "virtio-fs {}",
-                name(&f.id, &Some(f.socket.display().to_string()))
-            )
-        }))
-        .next()?;
-    Some(format!(
-        "{dev}: its backend's writes to guest RAM cannot be tracked (dirty logging through \
-         VHOST_USER_PROTOCOL_F_LOG_SHMFD is not supported): no migration over the network; a \
-         local migration (--local, shared memory) can move it"
-    ))
 }
 
 /// Local migration: each RAM region's memory file goes over the socket (MemoryFd: the region's
