@@ -194,7 +194,8 @@ impl VhostUserConnection {
             .get_protocol_features()
             .map_err(proto("GET_PROTOCOL_FEATURES"))?;
         // Dirty logging for live migration, wherever the backend offers it.
-        let got = offered & (want | VhostUserProtocolFeatures::LOG_SHMFD);
+        // LOG_SHMFD (dirty logging for live migration) only where the device asks for it.
+        let got = offered & want;
         fe.set_protocol_features(got)
             .map_err(proto("SET_PROTOCOL_FEATURES"))?;
         let c = VhostUserConnection {

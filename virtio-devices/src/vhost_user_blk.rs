@@ -48,7 +48,9 @@ impl VhostUserBlock {
             socket,
             num_queues,
             queue_size,
-            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ,
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::LOG_SHMFD,
         )?;
         if !got.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Missing("the CONFIG protocol feature"));

@@ -119,14 +119,18 @@ impl VirtioDevice for VhostUserFs {
     fn resume(&mut self) -> Result<(), String> {
         Ok(())
     }
-    fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
-        self.conn.start_dirty_log(last_addr)
-    }
-    fn stop_dirty_log(&mut self) {
-        self.conn.stop_dirty_log()
-    }
-    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
-        self.conn.take_dirty_log()
+    fn start_dirty_log(&mut self, _last_addr: u64) -> Result<(), String> {
+        // As for a snapshot (see `pause`): the file system's state cannot go with the VM (nor
+        // is LOG_SHMFD negotiated with its backend). A device the driver has not started has
+        // nothing to lose (if it starts meanwhile, the pause at the end refuses).
+        if !self.conn.running() {
+            return Ok(());
+        }
+        Err(
+            "vhost-user-fs: no migration (virtiofsd's FUSE session, inodes and open files \
+             cannot be moved)"
+                .into(),
+        )
     }
     fn device_state(&self) -> VirtioDeviceState {
         // Nothing of its own (the file system's state is the backend's); a snapshot could

@@ -156,7 +156,7 @@ impl VhostUserNet {
             stream,
             cfg.num_queues,
             cfg.queue_size,
-            VhostUserProtocolFeatures::MQ,
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::LOG_SHMFD,
         )?;
         let have = if got.contains(VhostUserProtocolFeatures::MQ) {
             conn.frontend()
