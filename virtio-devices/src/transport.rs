@@ -330,19 +330,15 @@ impl VirtioPciDevice {
             .map_err(|e| format!("{}: {e}", self.name))
     }
 
-    /// Live migration: the device logs what guest RAM it writes unseen (see
-    /// [`VirtioDevice::start_dirty_log`]); the error names the device.
+    /// Live migration: [`VirtioDevice::start_dirty_log`] (the error names the device),
+    /// `stop_dirty_log` and `take_dirty_log`.
     pub fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
-        self.device
-            .start_dirty_log(last_addr)
-            .map_err(|e| format!("{}: {e}", self.name))
+        let r = self.device.start_dirty_log(last_addr);
+        r.map_err(|e| format!("{}: {e}", self.name))
     }
-
     pub fn stop_dirty_log(&mut self) {
         self.device.stop_dirty_log()
     }
-
-    /// The pages the device logged since the last call (see [`VirtioDevice::take_dirty_log`]).
     pub fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
         self.device.take_dirty_log()
     }
