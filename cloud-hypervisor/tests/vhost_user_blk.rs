@@ -769,3 +769,53 @@ fn a_failed_migration_starts_and_stops_the_backends_dirty_log_under_guest_io() {
     );
     check_blkfault_done(&r, &img, BLOCKS);
 }
+
+/// A backend that stops answering (SIGSTOP) when the VM is snapshotted: GET_VRING_BASE times out
+/// (the socket's 10 s), the snapshot is taken anyway (the queue's base the used index, where a
+/// reconnection starts), the stuck backend's socket is shut; it is killed and another started,
+/// and after the resume the device reconnects to it and every write completes byte for byte.
+#[test]
+fn a_backend_frozen_at_the_pause_is_dropped_and_replaced() {
+    const BLOCKS: u64 = 600;
+    let dir = scratch("vub-frozen");
+    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
+    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
+    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
+    let mut b = Backend::start(&img, &sock, "");
+    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
+    wait_flushed(&serial, 100);
+    let pid = b.child.id() as libc::pid_t;
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t = Instant::now();
+    let snap = pause_and_snapshot(&api, &dir.join("snap"));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(60),
+        "the snapshot took {took:?}"
+    );
+    let q = &snap["queues"][0];
+    b.restart(&sock);
+    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = wait_with_timeout(child, Duration::from_secs(120));
+    let r = Run {
+        stdout: std::fs::read_to_string(&serial).unwrap(),
+        ..r
+    };
+    assert!(
+        r.stderr.contains("GET_VRING_BASE 0") && r.stderr.contains("taken as gone"),
+        "{}",
+        r.stderr
+    );
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("backend connected after"))
+        .unwrap_or_else(|| panic!("no reconnection:\n{}", r.stderr));
+    assert!(
+        line.contains(&format!("queue 0 at {}", q["next_used"])),
+        "{line} {q}"
+    );
+    eprintln!("snapshot with a frozen backend: {took:?}; {line}");
+    check_blkfault_done(&r, &img, BLOCKS);
+}

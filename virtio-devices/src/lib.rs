@@ -20,6 +20,7 @@ mod rng;
 mod transport;
 mod vhost_user;
 mod vhost_user_blk;
+mod vhost_user_deadline;
 mod vhost_user_fs;
 mod vhost_user_log;
 mod vhost_user_net;

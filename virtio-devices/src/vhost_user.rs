@@ -11,6 +11,7 @@
 //! kept as the queues' positions); the resume hands the rings back at those bases (docs/pci.md,
 //! "Pause, snapshot, restore, migration").
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,10 +24,12 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vhost_user_deadline::within;
 use crate::vhost_user_log::{DirtyLog, F_LOG_ALL};
 use crate::vhost_user_reconnect::{
     spawn_relay, Policy, QueueSetup, Relay, RelayParts, Setup, Target,
 };
+use crate::vhost_user_socket::REPLY_WAIT;
 use crate::{ActivateContext, ActivateError};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never the guest's.
@@ -41,6 +44,8 @@ pub enum VhostUserError {
     Protocol(&'static str, vhost::Error),
     #[error("the backend does not offer {0}")]
     Missing(&'static str),
+    #[error("the backend did not answer within {0} s")]
+    NoAnswer(u64),
     #[error("num_queues={0}: the backend has {1} queues")]
     TooManyQueues(u16, u64),
 }
@@ -133,7 +138,7 @@ fn connect_stream(socket: &Path) -> Result<std::os::unix::net::UnixStream, Vhost
             Err(e) => return Err(err(e)),
         }
     };
-    let wait = Some(crate::vhost_user_socket::REPLY_WAIT);
+    let wait = Some(REPLY_WAIT);
     stream
         .set_read_timeout(wait)
         .and_then(|()| stream.set_write_timeout(wait))
@@ -180,24 +185,31 @@ impl VhostUserConnection {
         queue_size: u16,
         want: VhostUserProtocolFeatures,
     ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
-        fe.set_owner().map_err(proto("SET_OWNER"))?;
-        let backend_features = fe.get_features().map_err(proto("GET_FEATURES"))?;
-        if backend_features & F_PROTOCOL_FEATURES == 0 {
-            return Err(VhostUserError::Missing("protocol features"));
+        let fd = fe.as_raw_fd();
+        let (r, late) = within(name, fd, REPLY_WAIT, || -> Result<_, VhostUserError> {
+            fe.set_owner().map_err(proto("SET_OWNER"))?;
+            let backend_features = fe.get_features().map_err(proto("GET_FEATURES"))?;
+            if backend_features & F_PROTOCOL_FEATURES == 0 {
+                return Err(VhostUserError::Missing("protocol features"));
+            }
+            if backend_features & F_VERSION_1 == 0 {
+                return Err(VhostUserError::Missing("VIRTIO_F_VERSION_1"));
+            }
+            fe.set_features(backend_features)
+                .map_err(proto("SET_FEATURES"))?;
+            let offered = fe
+                .get_protocol_features()
+                .map_err(proto("GET_PROTOCOL_FEATURES"))?;
+            // LOG_SHMFD (dirty logging for live migration) only where the device asks for it.
+            let got = offered & want;
+            fe.set_protocol_features(got)
+                .map_err(proto("SET_PROTOCOL_FEATURES"))?;
+            Ok((backend_features, got))
+        });
+        if late {
+            return Err(VhostUserError::NoAnswer(REPLY_WAIT.as_secs()));
         }
-        if backend_features & F_VERSION_1 == 0 {
-            return Err(VhostUserError::Missing("VIRTIO_F_VERSION_1"));
-        }
-        fe.set_features(backend_features)
-            .map_err(proto("SET_FEATURES"))?;
-        let offered = fe
-            .get_protocol_features()
-            .map_err(proto("GET_PROTOCOL_FEATURES"))?;
-        // Dirty logging for live migration, wherever the backend offers it.
-        // LOG_SHMFD (dirty logging for live migration) only where the device asks for it.
-        let got = offered & want;
-        fe.set_protocol_features(got)
-            .map_err(proto("SET_PROTOCOL_FEATURES"))?;
+        let (backend_features, got) = r?;
         let c = VhostUserConnection {
             name,
             fe: Arc::new(Mutex::new(fe)),
@@ -314,7 +326,11 @@ impl VhostUserConnection {
         // and hands the new one this set-up; the queues wait for it meanwhile.
         if !gone {
             let mut fe = self.frontend();
-            setup.apply(&mut fe, &calls, &[], &AtomicBool::new(false))?;
+            let fd = fe.as_raw_fd();
+            let (r, _) = within(name, fd, REPLY_WAIT, || {
+                setup.apply(&mut fe, &calls, &[], &AtomicBool::new(false))
+            });
+            r?;
         }
         let parts = RelayParts {
             setup,
@@ -356,18 +372,23 @@ impl VhostUserConnection {
         let mut bases = Vec::new();
         if !self.gone.load(Ordering::Acquire) {
             let fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
-            for q in &parts.setup.queues {
-                match fe.get_vring_base(q.index) {
-                    Ok(b) => bases.push(b as u16),
-                    Err(e) => {
-                        log::warn!(
-                            "{name}: GET_VRING_BASE {}: {e}: the backend is taken as gone",
-                            q.index
-                        );
-                        self.gone.store(true, Ordering::Release);
-                        bases.clear();
-                        break;
-                    }
+            let queues = &parts.setup.queues;
+            let (r, _) = within(name, fe.as_raw_fd(), REPLY_WAIT, || {
+                queues
+                    .iter()
+                    .map(|q| {
+                        fe.get_vring_base(q.index)
+                            .map(|b| b as u16)
+                            .map_err(|e| (q.index, e))
+                    })
+                    .collect::<Result<Vec<u16>, _>>()
+            });
+            match r {
+                Ok(b) => bases = b,
+                Err((i, e)) => {
+                    log::warn!("{name}: GET_VRING_BASE {i}: {e}: the backend is taken as gone");
+                    hang_up(&fe);
+                    self.gone.store(true, Ordering::Release);
                 }
             }
         }
@@ -413,13 +434,16 @@ impl VhostUserConnection {
         if !self.gone.load(Ordering::Acquire) {
             let bases: Vec<u16> = parts.setup.queues.iter().map(|q| q.base).collect();
             let mut fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
-            match parts
-                .setup
-                .apply(&mut fe, &parts.calls, &bases, &AtomicBool::new(false))
-            {
+            let fd = fe.as_raw_fd();
+            let (setup, calls) = (&parts.setup, &parts.calls);
+            let (r, _) = within(name, fd, REPLY_WAIT, || {
+                setup.apply(&mut fe, calls, &bases, &AtomicBool::new(false))
+            });
+            match r {
                 Ok(()) => applied = true,
                 Err(e) => {
                     log::warn!("{name}: resume: {e}: the backend is taken as gone");
+                    hang_up(&fe);
                     self.gone.store(true, Ordering::Release);
                 }
             }
@@ -516,10 +540,10 @@ impl VhostUserConnection {
         let mut told = Ok(());
         if !gone {
             let mut fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
-            told = parts
-                .setup
-                .set_logging(&mut fe)
-                .map_err(|e| format!("{name}: dirty logging: {e}"));
+            let fd = fe.as_raw_fd();
+            let setup = &parts.setup;
+            let (r, _) = within(name, fd, REPLY_WAIT, || setup.set_logging(&mut fe));
+            told = r.map_err(|e| format!("{name}: dirty logging: {e}"));
         }
         for (i, call) in &parts.calls {
             if call.read().is_ok() {
@@ -547,11 +571,15 @@ impl VhostUserConnection {
             return;
         }
         let fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
-        for i in started {
-            if let Err(e) = fe.get_vring_base(i) {
-                log::warn!("{}: GET_VRING_BASE {i}: {e}", self.name);
+        let name = self.name;
+        within(name, fe.as_raw_fd(), REPLY_WAIT, || {
+            for i in started {
+                if let Err(e) = fe.get_vring_base(i) {
+                    log::warn!("{name}: GET_VRING_BASE {i}: {e}");
+                    break;
+                }
             }
-        }
+        });
     }
 }
 
@@ -559,6 +587,14 @@ impl Drop for VhostUserConnection {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Closes both ways of a backend's socket that failed a request (a time-out, a refusal): a
+/// backend still there (stopped, slow) sees the hang-up and lets go of the rings, instead of
+/// running them beside the backend a reconnection finds.
+fn hang_up(fe: &Frontend) {
+    // SAFETY: shutdown on the frontend's own socket, which stays open (only its traffic ends).
+    unsafe { libc::shutdown(fe.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
 /// The relays' seccomp filter (one kind for every vhost-user device): they wait on eventfds,
@@ -576,5 +612,11 @@ pub(crate) fn relay_filter() -> seccomp::Filter {
         setsockopt,
         sendmsg,
         recvmsg,
+        // The reply deadline's watchdog (`vhost_user_deadline.rs`), which a reconnecting relay
+        // starts too.
+        eventfd2,
+        poll,
+        ppoll,
+        shutdown,
     ])
 }

@@ -48,6 +48,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vhost_user_deadline::within;
 use crate::vhost_user_log::{DirtyLog, F_LOG_ALL};
 use crate::{DeviceStatus, VirtioInterrupt};
 
@@ -224,15 +225,21 @@ impl Setup {
     }
 }
 
-/// Connects to `target` again and negotiates what `setup` needs: the owner, the driver's
-/// features (which the new backend must offer) and the protocol features negotiated before.
-fn handshake(target: &Target, setup: &Setup) -> Result<Frontend, String> {
+/// Connects to `target` again (the socket, with its time-outs), for `handshake`: the owner,
+/// the driver's features (which the new backend must offer) and the protocol features
+/// negotiated before.
+fn connect(target: &Target) -> Result<UnixStream, String> {
     let stream = UnixStream::connect(&target.socket)
         .map_err(|e| format!("connect {}: {e}", target.socket.display()))?;
     stream
         .set_read_timeout(Some(REPLY_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
         .map_err(|e| format!("socket timeouts: {e}"))?;
+    Ok(stream)
+}
+
+/// Negotiates over `stream` (from `connect`) what `setup` needs.
+fn handshake(stream: UnixStream, target: &Target, setup: &Setup) -> Result<Frontend, String> {
     let mut fe = Frontend::from_stream(stream, target.max_queues);
     let e = |what: &'static str| move |e: vhost::Error| format!("vhost-user {what}: {e}");
     fe.set_owner().map_err(e("SET_OWNER"))?;
@@ -472,9 +479,21 @@ impl RelayThread {
         let name = self.p.setup.name;
         let setup = &self.p.setup;
         let bases = setup.bases(self.p.served);
-        let r = handshake(&target, setup).and_then(|mut fe| {
-            setup.apply(&mut fe, &self.p.calls, &bases, &self.stopping)?;
-            Ok(fe)
+        let (calls, stopping) = (&self.p.calls, &self.stopping);
+        // The whole set-up within twice a reply's time-out (the vhost crate's reads would
+        // wait for a stopped backend forever: `vhost_user_deadline.rs`).
+        let r = connect(&target).and_then(|stream| {
+            let fd = stream.as_raw_fd();
+            let (r, late) = within(name, fd, 2 * REPLY_TIMEOUT, || {
+                handshake(stream, &target, setup).and_then(|mut fe| {
+                    setup.apply(&mut fe, calls, &bases, stopping)?;
+                    Ok(fe)
+                })
+            });
+            if late {
+                return Err("the backend did not answer in time".into());
+            }
+            r
         });
         match r {
             Ok(fe) => {
