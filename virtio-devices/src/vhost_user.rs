@@ -231,8 +231,25 @@ impl VhostUserConnection {
     }
 
     /// The frontend, for the device's own requests before activation (GET_CONFIG, ...).
-    pub(crate) fn frontend(&mut self) -> MutexGuard<'_, Frontend> {
+    fn frontend(&mut self) -> MutexGuard<'_, Frontend> {
         self.fe.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One of the device's own requests before activation (GET_CONFIG, GET_QUEUE_NUM, ...),
+    /// `what` naming it in an error, within the reply deadline.
+    pub(crate) fn ask<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, VhostUserError> {
+        let name = self.name;
+        let mut fe = self.frontend();
+        let fd = fe.as_raw_fd();
+        let (r, late) = within(name, fd, REPLY_WAIT, || f(&mut fe));
+        if late {
+            return Err(VhostUserError::NoAnswer(REPLY_WAIT.as_secs()));
+        }
+        r.map_err(proto(what))
     }
 
     /// A backend that goes away while the device runs is connected to again and given the

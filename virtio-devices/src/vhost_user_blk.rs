@@ -9,7 +9,7 @@ use std::path::Path;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 
-use crate::vhost_user::{proto, VhostUserConnection, VhostUserError, VhostUserState};
+use crate::vhost_user::{VhostUserConnection, VhostUserError, VhostUserState};
 use crate::{ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState};
 
 const NAME: &str = "vhost-user-blk";
@@ -60,9 +60,7 @@ impl VhostUserBlock {
         conn.reconnect_running_queues(give_up);
         if num_queues > 1 {
             let have = if got.contains(VhostUserProtocolFeatures::MQ) {
-                conn.frontend()
-                    .get_queue_num()
-                    .map_err(proto("GET_QUEUE_NUM"))?
+                conn.ask("GET_QUEUE_NUM", |fe| fe.get_queue_num())?
             } else {
                 1
             };
@@ -71,10 +69,9 @@ impl VhostUserBlock {
             }
         }
         let buf = vec![0u8; CONFIG_LEN as usize];
-        let (_, mut config) = conn
-            .frontend()
-            .get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(proto("GET_CONFIG"))?;
+        let (_, mut config) = conn.ask("GET_CONFIG", |fe| {
+            fe.get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         config.resize(CONFIG_LEN as usize, 0);
         config[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2].copy_from_slice(&num_queues.to_le_bytes());
         Ok(VhostUserBlock {

@@ -9,7 +9,7 @@ use std::path::Path;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserFrontend;
 
-use crate::vhost_user::{proto, VhostUserConnection, VhostUserError};
+use crate::vhost_user::{VhostUserConnection, VhostUserError};
 use crate::{
     ActivateContext, ActivateError, BlockState, VirtioDevice, VirtioDeviceState,
     VIRTIO_DEVICE_STATE_VERSION,
@@ -59,10 +59,7 @@ impl VhostUserFs {
             VhostUserProtocolFeatures::MQ,
         )?;
         if got.contains(VhostUserProtocolFeatures::MQ) {
-            let have = conn
-                .frontend()
-                .get_queue_num()
-                .map_err(proto("GET_QUEUE_NUM"))?;
+            let have = conn.ask("GET_QUEUE_NUM", |fe| fe.get_queue_num())?;
             if u64::from(total) > have {
                 return Err(
                     VhostUserError::TooManyQueues(num_queues, have.saturating_sub(1)).into(),

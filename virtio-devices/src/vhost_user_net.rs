@@ -17,7 +17,7 @@ use vhost::vhost_user::VhostUserFrontend;
 use virtio_bindings::virtio_net as vn;
 
 use crate::net_ctrl::PairsHandler;
-use crate::vhost_user::{proto, VhostUserConnection, VhostUserError, VhostUserState};
+use crate::vhost_user::{VhostUserConnection, VhostUserError, VhostUserState};
 use crate::vhost_user_socket::VhostSocketError;
 use crate::worker::WorkerHandle;
 use crate::{
@@ -159,9 +159,7 @@ impl VhostUserNet {
             VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::LOG_SHMFD,
         )?;
         let have = if got.contains(VhostUserProtocolFeatures::MQ) {
-            conn.frontend()
-                .get_queue_num()
-                .map_err(proto("GET_QUEUE_NUM"))?
+            conn.ask("GET_QUEUE_NUM", |fe| fe.get_queue_num())?
         } else {
             2
         };
