@@ -35,7 +35,13 @@ pub mod worker_seccomp;
 #[cfg(test)]
 mod balloon_tests;
 #[cfg(test)]
+mod blk_tests;
+#[cfg(test)]
+mod console_rng_tests;
+#[cfg(test)]
 mod mem_tests;
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod pause_tests;
 #[cfg(test)]
@@ -44,6 +50,8 @@ mod rate_limit_tests;
 mod tests;
 #[cfg(test)]
 mod transport_state_tests;
+#[cfg(test)]
+mod transport_tests;
 
 pub use balloon::{
     balloon_queues, Balloon, BalloonControl, BalloonError, BalloonOptions, BalloonQueue,
