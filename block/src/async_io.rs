@@ -23,7 +23,11 @@ use io_uring::{opcode, register::Probe, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::storage::AlignedBuf;
-use crate::{CompressedRead, CowPlan, DiskFile, Error, Result};
+use crate::{DiskFile, Error, Result};
+
+mod staged;
+
+use staged::{Cow, Inflate};
 
 /// Largest ring accepted.
 pub const MAX_DEPTH: u32 = 4096;
@@ -46,44 +50,6 @@ struct Slot {
     cow: Option<Box<Cow>>,
     // Compressed data being read, to inflate on completion.
     inflate: Option<Box<Inflate>>,
-}
-
-/// A read of compressed data: the host bytes come into `raw`, and on
-/// completion the disk inflates them and the read's part is copied out.
-struct Inflate {
-    plan: CompressedRead,
-    raw: AlignedBuf,
-}
-
-/// A write of part of some clusters into fresh space: the span's current
-/// content is read into `span`, the write's data (the slot's iovecs) copied
-/// in at `at`, and the whole written to the reservation, then committed.
-struct Cow {
-    plan: CowPlan,
-    span: AlignedBuf,
-    at: usize,
-    /// The write's own length, which its completion reports.
-    len: usize,
-    /// Still reading the current content.
-    reading: bool,
-}
-
-impl Cow {
-    /// Copies the write's data into the span.
-    ///
-    /// # Safety
-    /// The iovecs must describe valid memory (the caller's contract for the
-    /// request, until it completes).
-    unsafe fn merge(&mut self, iovecs: &[libc::iovec]) {
-        let span = self.span.as_mut_slice();
-        let mut at = self.at;
-        for v in iovecs {
-            // SAFETY: valid memory by this function's contract.
-            let src = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-            span[at..at + v.iov_len].copy_from_slice(src);
-            at += v.iov_len;
-        }
-    }
 }
 
 /// An asynchronous, batched front for a [`DiskFile`].
@@ -525,49 +491,6 @@ impl AsyncDisk {
         Ok(())
     }
 
-    /// Starts the copy-on-write `plan` for a write of `iovecs` at `offset`.
-    ///
-    /// # Safety
-    /// Same contract as [`AsyncDisk::write_vectored`].
-    unsafe fn queue_cow(
-        &mut self,
-        plan: CowPlan,
-        offset: u64,
-        iovecs: &[libc::iovec],
-        user_data: u64,
-    ) -> Result<()> {
-        let idx = match self.ring_slot() {
-            Ok(idx) => idx,
-            Err(e) => {
-                self.disk
-                    .abort_alloc(plan.start, plan.len, plan.target.offset);
-                return Err(e);
-            }
-        };
-        let mut span = self.take_buf(plan.len as usize);
-        if plan.source.is_none() {
-            span.as_mut_slice()[..plan.len as usize].fill(0);
-        }
-        let mut cow = Box::new(Cow {
-            plan,
-            span,
-            at: (offset - plan.start) as usize,
-            len: iovecs.iter().map(|v| v.iov_len).sum(),
-            reading: plan.source.is_some(),
-        });
-        if !cow.reading {
-            // Zeroes around it (filled above): the data goes in now.
-            // SAFETY: the caller's contract.
-            unsafe { cow.merge(iovecs) };
-        }
-        // The iovecs are kept until the read completes, to copy the data in then.
-        self.claim_staged(idx, user_data, iovecs).cow = Some(cow);
-        if let Err(e) = self.push_cow_step(idx) {
-            self.end_cow(idx, -e.errno());
-        }
-        Ok(())
-    }
-
     /// A free slot for a request that goes to the ring (waiting for a
     /// completion if none is free), counted as such.
     fn ring_slot(&mut self) -> Result<usize> {
@@ -576,134 +499,6 @@ impl AsyncDisk {
         }
         self.counts.0 += 1;
         Ok(self.free.pop().expect("reap frees a slot"))
-    }
-
-    /// Marks `slots[idx]` busy for a request done in steps (copy-on-write,
-    /// compressed read), keeping a copy of its iovecs.
-    fn claim_staged(&mut self, idx: usize, user_data: u64, iovecs: &[libc::iovec]) -> &mut Slot {
-        let slot = &mut self.slots[idx];
-        slot.user_data = user_data;
-        slot.busy = true;
-        slot.commit = None;
-        slot.iovecs.clear();
-        slot.iovecs.extend_from_slice(iovecs);
-        slot
-    }
-
-    /// A buffer of at least `len` bytes (not zeroed when reused).
-    fn take_buf(&mut self, len: usize) -> AlignedBuf {
-        match self.spare.iter().position(|b| b.as_slice().len() >= len) {
-            Some(i) => self.spare.swap_remove(i),
-            None => AlignedBuf::new(len),
-        }
-    }
-
-    /// Keeps `buf` for a later copy-on-write or compressed read (as many as
-    /// there are slots).
-    fn give_buf(&mut self, buf: AlignedBuf) {
-        if self.spare.len() < self.slots.len() {
-            self.spare.push(buf);
-        }
-    }
-
-    /// Starts reading the compressed data of `plan` for a read into `iovecs`.
-    ///
-    /// # Safety
-    /// Same contract as [`AsyncDisk::read_vectored`].
-    unsafe fn queue_inflate(
-        &mut self,
-        plan: CompressedRead,
-        iovecs: &[libc::iovec],
-        user_data: u64,
-    ) -> Result<()> {
-        let idx = self.ring_slot()?;
-        let mut raw = self.take_buf(plan.read_len as usize);
-        let (buf, len) = (raw.as_mut_slice().as_mut_ptr(), plan.read_len as u32);
-        // The iovecs are kept until the data is inflated, to copy it out then.
-        self.claim_staged(idx, user_data, iovecs).inflate = Some(Box::new(Inflate { plan, raw }));
-        let m = plan.read;
-        let entry = match self.fixed_file(m.fd) {
-            Some(i) => opcode::Read::new(types::Fixed(i), buf, len),
-            None => opcode::Read::new(types::Fd(m.fd), buf, len),
-        }
-        .offset(m.offset)
-        .build()
-        .user_data(idx as u64);
-        // SAFETY: the buffer lives in the slot's Inflate until the slot
-        // completes.
-        if let Err(e) = unsafe { self.push_entry(&entry) } {
-            self.end_inflate(idx, -e.errno());
-        }
-        Ok(())
-    }
-
-    /// Ends the compressed read in `slots[idx]`, whose data read completed
-    /// with `res`: inflates it and copies the read's part out.
-    fn end_inflate(&mut self, idx: usize, res: i32) {
-        let slot = &mut self.slots[idx];
-        let inf = slot.inflate.take().expect("a compressed-read slot");
-        let out = if res < 0 {
-            res
-        } else {
-            let raw = &inf.raw.as_slice()[..(res as usize).min(inf.plan.read_len as usize)];
-            match self.disk.inflate(&inf.plan, raw) {
-                Ok(data) => {
-                    let mut at = 0;
-                    for v in &slot.iovecs {
-                        let n = v.iov_len.min(data.len() - at);
-                        // SAFETY: the request's iovecs describe valid memory
-                        // until it completes (the caller's contract); `n` bytes
-                        // fit in this one.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                data[at..].as_ptr(),
-                                v.iov_base as *mut u8,
-                                n,
-                            )
-                        };
-                        at += n;
-                    }
-                    at as i32
-                }
-                Err(e) => {
-                    log::debug!("inflating a compressed read failed: {e}");
-                    -e.errno()
-                }
-            }
-        };
-        slot.busy = false;
-        self.done.push_back((slot.user_data, out));
-        self.free.push(idx);
-        self.give_buf(inf.raw);
-    }
-
-    /// Queues the next step of the copy-on-write in `slots[idx]`: the read of
-    /// the span's current content, or the write of the merged span.
-    fn push_cow_step(&mut self, idx: usize) -> Result<()> {
-        let cow = self.slots[idx].cow.as_mut().expect("a copy-on-write slot");
-        let (m, write) = match (cow.reading, cow.plan.source) {
-            (true, Some(source)) => (source, false),
-            _ => (cow.plan.target, true),
-        };
-        let (buf, len) = (cow.span.as_mut_slice().as_mut_ptr(), cow.plan.len as u32);
-        let fixed = self.fixed_file(m.fd);
-        macro_rules! sqe {
-            ($fd:expr) => {
-                if write {
-                    opcode::Write::new($fd, buf, len).offset(m.offset).build()
-                } else {
-                    opcode::Read::new($fd, buf, len).offset(m.offset).build()
-                }
-            };
-        }
-        let entry = match fixed {
-            Some(i) => sqe!(types::Fixed(i)),
-            None => sqe!(types::Fd(m.fd)),
-        }
-        .user_data(idx as u64);
-        // SAFETY: the span buffer lives in the slot's Cow until the slot
-        // completes.
-        unsafe { self.push_entry(&entry) }
     }
 
     /// Puts `entry` in the submission queue (submitting what is there first
@@ -726,35 +521,6 @@ impl AsyncDisk {
         }
         self.unsubmitted += 1;
         Ok(())
-    }
-
-    /// Ends the copy-on-write in `slots[idx]` after its last step completed
-    /// with `res`: commits it if the whole span was written, else drops the
-    /// reservation; the request completes with its length or an error.
-    fn end_cow(&mut self, idx: usize, res: i32) {
-        let slot = &mut self.slots[idx];
-        let cow = slot.cow.take().expect("a copy-on-write slot");
-        let (start, len, host) = (cow.plan.start, cow.plan.len, cow.plan.target.offset);
-        let out = if res >= 0 && res as u64 == len && !cow.reading {
-            match self.disk.commit_alloc(start, len, host) {
-                Ok(()) => cow.len as i32,
-                Err(e) => {
-                    log::debug!("committing a copy-on-write failed: {e}");
-                    -e.errno()
-                }
-            }
-        } else {
-            self.disk.abort_alloc(start, len, host);
-            if res < 0 {
-                res
-            } else {
-                -libc::EIO
-            }
-        };
-        slot.busy = false;
-        self.done.push_back((slot.user_data, out));
-        self.free.push(idx);
-        self.give_buf(cow.span);
     }
 
     /// Index of `fd` in the ring's registered file table, registering it on
@@ -917,163 +683,4 @@ impl Drop for AsyncDisk {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::AlignedBuf;
-    use crate::{open_disk, OpenOptions};
-
-    const FILE: usize = 4 << 20;
-
-    fn byte_at(off: usize) -> u8 {
-        (off / 4096 * 7 + off % 251) as u8
-    }
-
-    // A raw image whose every byte is `byte_at(offset)`, behind a queue.
-    fn queue(dir: &tempfile::TempDir) -> AsyncDisk {
-        let path = dir.path().join("disk.raw");
-        let data: Vec<u8> = (0..FILE).map(byte_at).collect();
-        std::fs::write(&path, data).unwrap();
-        let disk = open_disk(&path, &OpenOptions::default()).unwrap();
-        let q = AsyncDisk::new(disk, 64, true).unwrap();
-        assert!(q.uses_io_uring(), "io_uring is expected on the test kernel");
-        q
-    }
-
-    // Entries in the submission queue the kernel has not taken yet.
-    fn pending(q: &mut AsyncDisk) -> usize {
-        q.ring.as_mut().unwrap().submission().len()
-    }
-
-    fn read(q: &mut AsyncDisk, buf: &mut AlignedBuf, off: u64, id: u64) {
-        let v = [libc::iovec {
-            iov_base: buf.as_mut_slice().as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.as_slice().len(),
-        }];
-        // SAFETY: the buffer outlives the request (checked complete below).
-        unsafe { q.read_vectored(off, &v, id).unwrap() };
-    }
-
-    // Submit, wait for every request and check each buffer's contents.
-    fn finish(q: &mut AsyncDisk, reqs: &[(u64, AlignedBuf)]) {
-        q.submit().unwrap();
-        let mut seen = vec![false; reqs.len()];
-        while seen.iter().any(|s| !s) {
-            q.reap(1).unwrap();
-            while let Some((id, res)) = q.next_completed() {
-                let (off, buf) = &reqs[id as usize];
-                assert_eq!(res as usize, buf.as_slice().len(), "request {id}");
-                let want: Vec<u8> = (0..buf.as_slice().len())
-                    .map(|i| byte_at(*off as usize + i))
-                    .collect();
-                assert!(buf.as_slice() == want, "request {id} data");
-                seen[id as usize] = true;
-            }
-        }
-    }
-
-    #[test]
-    fn scattered_requests_leave_in_growing_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = queue(&dir);
-        let mut reqs = Vec::new();
-        let mut left = Vec::new();
-        for i in 0..8u64 {
-            let mut b = AlignedBuf::new(4096);
-            // Every other 64 KiB: no request continues the previous one.
-            let off = i * 65536;
-            read(&mut q, &mut b, off, i);
-            left.push(pending(&mut q));
-            reqs.push((off, b));
-        }
-        // Complete before asserting: a panic must not free buffers in flight.
-        finish(&mut q, &reqs);
-        // Batches of 1, 1, 2, 4, each sent as soon as it is full.
-        assert_eq!(left, [0, 0, 1, 0, 1, 2, 3, 0]);
-    }
-
-    #[test]
-    fn sequential_runs_are_not_split() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = queue(&dir);
-        let mut reqs = Vec::new();
-        let go = |q: &mut AsyncDisk, reqs: &mut Vec<(u64, AlignedBuf)>, off, len| {
-            let mut b = AlignedBuf::new(len);
-            read(q, &mut b, off, reqs.len() as u64);
-            reqs.push((off, b));
-            pending(q)
-        };
-        // One elsewhere, four in a row from 0, one elsewhere: the batch due
-        // at the third is held back while the run goes on, and leaves with
-        // the request outside it.
-        let mut first = Vec::new();
-        for off in [3 << 20, 0, 4096, 8192, 12288, (3 << 20) + 65536] {
-            first.push(go(&mut q, &mut reqs, off, 4096));
-        }
-        q.submit().unwrap();
-        // 20 contiguous 64 KiB requests: the first goes alone (it does not
-        // continue the previous request), the next 16 when they make 1 MiB.
-        let mut second = Vec::new();
-        for i in 0..20 {
-            second.push(go(&mut q, &mut reqs, (1 << 20) + i * 65536, 65536));
-        }
-        finish(&mut q, &reqs);
-        assert_eq!(first, [0, 0, 1, 2, 3, 0]);
-        let want: Vec<usize> = [0].into_iter().chain(1..=15).chain(0..=3).collect();
-        assert_eq!(second, want);
-    }
-
-    #[test]
-    fn a_write_does_not_continue_a_read_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = queue(&dir);
-        let mut bufs: Vec<AlignedBuf> = (0..4).map(|_| AlignedBuf::new(4096)).collect();
-        // The write stores what the file holds, so all check the same way.
-        bufs[3]
-            .as_mut_slice()
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, x)| *x = byte_at(8192 + i));
-        let mut left = Vec::new();
-        for (i, (off, b)) in [3u64 << 20, 0, 4096, 8192]
-            .iter()
-            .zip(&mut bufs)
-            .enumerate()
-        {
-            let v = [libc::iovec {
-                iov_base: b.as_mut_slice().as_mut_ptr() as *mut libc::c_void,
-                iov_len: 4096,
-            }];
-            // SAFETY: the buffers outlive the requests (waited for below).
-            unsafe {
-                if i == 3 {
-                    q.write_vectored(*off, &v, i as u64).unwrap();
-                } else {
-                    q.read_vectored(*off, &v, i as u64).unwrap();
-                }
-            }
-            left.push(pending(&mut q));
-        }
-        let reqs: Vec<(u64, AlignedBuf)> =
-            [3u64 << 20, 0, 4096, 8192].into_iter().zip(bufs).collect();
-        finish(&mut q, &reqs);
-        // The read at 4096 is held (it continues the one at 0); the write at
-        // 8192 is adjacent but goes the other way, so the batch of two leaves.
-        assert_eq!(left, [0, 0, 1, 0]);
-    }
-
-    #[test]
-    fn without_eager_submission_everything_waits_for_submit() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut q = queue(&dir);
-        q.set_eager_submit(false);
-        let mut reqs = Vec::new();
-        for i in 0..6u64 {
-            let mut b = AlignedBuf::new(4096);
-            read(&mut q, &mut b, i * 65536, i);
-            reqs.push((i * 65536, b));
-        }
-        let left = pending(&mut q);
-        finish(&mut q, &reqs);
-        assert_eq!(left, 6);
-    }
-}
+mod tests;
