@@ -119,6 +119,9 @@ pub struct DiskConfig {
     pub pci_segment: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
+    /// Empty for a vhost-user disk (the backend owns the image): left out of the JSON then, and
+    /// optional in what the API reads, as in the original's (`path` is not required there).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
@@ -356,6 +359,9 @@ impl DiskConfig {
         if self.vhost_user != self.vhost_socket.is_some() {
             return Err("vhost_user=on and socket=<backend socket> go together".into());
         }
+        if !self.vhost_user && path_is_empty(&self.path) {
+            return Err("path=<disk image> is required".into());
+        }
         match self.vhost_reconnect_timeout {
             Some(_) if !self.vhost_user => {
                 return Err("vhost_reconnect_timeout= needs vhost_user=on".into())
@@ -382,6 +388,9 @@ impl DiskConfig {
                 .map_err(|m| ConfigError::new("--disk", &format!("socket={s}"), m));
         }
         let err = |m: String| ConfigError::new("--disk", &self.path.display().to_string(), m);
+        if path_is_empty(&self.path) {
+            return Err(err("path=<disk image> is required".into()));
+        }
         let meta = std::fs::metadata(&self.path).map_err(|e| err(format!("cannot open: {e}")))?;
         // Opening a FIFO would block the VMM until a writer came; a socket cannot be opened.
         use std::os::unix::fs::FileTypeExt;
@@ -855,3 +864,7 @@ mod tests;
 #[cfg(test)]
 #[path = "net_vhost_tests.rs"]
 mod net_vhost_tests;
+
+fn path_is_empty<P: AsRef<std::path::Path>>(p: &P) -> bool {
+    p.as_ref().as_os_str().is_empty()
+}

@@ -500,3 +500,17 @@ fn balloon_must_be_smaller_than_ram() {
         assert_eq!(e.lines().count(), 1, "{e}");
     }
 }
+
+/// Through the API a vhost-user disk has no `path` (the original's DiskConfig does not require
+/// one); it stays out of the JSON then. Any other disk without one is refused.
+#[test]
+fn disk_json_path_optional_only_with_vhost_user() {
+    let d: DiskConfig =
+        serde_json::from_str(r#"{"vhost_user":true,"vhost_socket":"/run/vub.sock"}"#).unwrap();
+    assert!(d.validate().is_ok());
+    let back = serde_json::to_value(&d).unwrap();
+    assert!(back.get("path").is_none(), "{back}");
+    let d: DiskConfig = serde_json::from_str(r#"{"readonly":true}"#).unwrap();
+    let e = d.validate().unwrap_err().to_string();
+    assert!(e.contains("path=<disk image> is required"), "{e}");
+}
