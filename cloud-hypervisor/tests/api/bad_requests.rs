@@ -89,7 +89,9 @@ fn every_endpoint_refuses_bad_requests() {
     }
     // Hotplug: a body that is not the schema is 400, a good one without a VM 404.
     for (ep, body, want) in [
-        ("vm.add-disk", "{}", 400),
+        ("vm.add-disk", "[]", 400),
+        // As the original's: `path` is not required (a vhost-user disk has none).
+        ("vm.add-disk", "{}", 404),
         ("vm.add-disk", r#"{"path": "/x"}"#, 404),
         ("vm.add-net", "[]", 400),
         ("vm.add-net", "{}", 404),
