@@ -22,39 +22,10 @@ const TAP: &str = "vuntap0";
 const GUEST_MAC: &str = "52:54:00:12:34:56";
 const HOST_MAC: &str = "52:54:00:65:43:21";
 
-/// The backend binary, built (debug or release, as this test) with cargo on first use: another
-/// package's binaries are not built for this one's tests.
+/// The backend binary, built on first use (`common::build_workspace_bin`).
 fn backend_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/<this test>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "vhost_user_net",
-            "--bin",
-            "vhost_user_net",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if release {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().expect("running cargo build -p vhost_user_net");
-        assert!(
-            out.status.success(),
-            "cargo build -p vhost_user_net failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("vhost_user_net");
-        assert!(bin.exists(), "no {}", bin.display());
-        bin
-    })
+    BIN.get_or_init(|| common::build_workspace_bin("vhost_user_net"))
 }
 
 /// Our backend on `sock` with the TAP `TAP` at `HOST_IP`; killed when dropped.

@@ -263,3 +263,31 @@ pub fn openpty() -> (std::fs::File, std::fs::File) {
     // SAFETY: both fds were just opened and are owned here alone.
     unsafe { (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s)) }
 }
+
+/// The binary `name` of the workspace package of the same name (our vhost-user backends),
+/// built with cargo (debug or release, as the calling test): another package's binaries are
+/// not built for this one's tests. Callers keep the path (the build runs once per test binary).
+pub fn build_workspace_bin(name: &str) -> PathBuf {
+    // target/<triple>/<profile>/deps/<this test>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", name, "--bin", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running cargo build -p {name}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = profile_dir.join(name);
+    assert!(bin.exists(), "no {}", bin.display());
+    bin
+}
