@@ -415,35 +415,17 @@ impl MemoryConfig {
         if !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(format!("size {} is not a multiple of 4 KiB", self.size));
         }
-        match (self.hotplug_size, self.hotplugged_size) {
-            (None, Some(_)) => return Err("hotplugged_size needs a hotplug_size".into()),
-            (Some(hp), plugged) => {
-                if hp == 0 || !hp.is_multiple_of(HOTPLUG_ALIGN) {
-                    return Err(format!(
-                        "hotplug_size {hp} is not a (non-zero) multiple of 128 MiB"
-                    ));
-                }
-                if let Some(p) = plugged {
-                    if p > hp {
-                        return Err(format!(
-                            "hotplugged_size {p} is more than hotplug_size {hp}"
-                        ));
-                    }
-                    // What is plugged at a time: a virtio-mem block, an ACPI memory block.
-                    let (step, name) = match self.hotplug_method {
-                        HotplugMethod::VirtioMem => (VIRTIO_MEM_BLOCK_SIZE, "2 MiB"),
-                        HotplugMethod::Acpi => (HOTPLUG_ALIGN, "128 MiB"),
-                    };
-                    if !p.is_multiple_of(step) {
-                        return Err(format!("hotplugged_size {p} is not a multiple of {name}"));
-                    }
-                }
-                if self.hugepages {
-                    return Err("hotplug_size with hugepages=on is not supported yet".into());
-                }
-            }
-            (None, None) => {}
-        }
+        // What is plugged at a time: a virtio-mem block, an ACPI memory block.
+        let step = match self.hotplug_method {
+            HotplugMethod::VirtioMem => (VIRTIO_MEM_BLOCK_SIZE, "2 MiB"),
+            HotplugMethod::Acpi => (HOTPLUG_ALIGN, "128 MiB"),
+        };
+        check_hotplug(
+            self.hotplug_size,
+            self.hotplugged_size,
+            step,
+            self.hugepages,
+        )?;
         if self.shared && self.mergeable {
             return Err("shared=on and mergeable=on do not go together".into());
         }
@@ -949,3 +931,41 @@ impl VmConfig {
 #[cfg(test)]
 #[path = "lib_tests.rs"]
 mod tests;
+
+/// `hotplug_size` and `hotplugged_size` of `--memory` or a `--memory-zone`: the hot-pluggable
+/// size a non-zero multiple of 128 MiB, the plugged size no larger and a multiple of `step`
+/// (what is plugged at a time, and its name for the error), no hot-plug with huge pages yet.
+pub(crate) fn check_hotplug(
+    hotplug_size: Option<u64>,
+    hotplugged_size: Option<u64>,
+    (step, step_name): (u64, &str),
+    hugepages: bool,
+) -> Result<(), String> {
+    let Some(hp) = hotplug_size else {
+        return match hotplugged_size {
+            Some(_) => Err("hotplugged_size needs a hotplug_size".into()),
+            None => Ok(()),
+        };
+    };
+    if hp == 0 || !hp.is_multiple_of(HOTPLUG_ALIGN) {
+        return Err(format!(
+            "hotplug_size {hp} is not a (non-zero) multiple of 128 MiB"
+        ));
+    }
+    if let Some(p) = hotplugged_size {
+        if p > hp {
+            return Err(format!(
+                "hotplugged_size {p} is more than hotplug_size {hp}"
+            ));
+        }
+        if !p.is_multiple_of(step) {
+            return Err(format!(
+                "hotplugged_size {p} is not a multiple of {step_name}"
+            ));
+        }
+    }
+    if hugepages {
+        return Err("hotplug_size with hugepages=on is not supported yet".into());
+    }
+    Ok(())
+}

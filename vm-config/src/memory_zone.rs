@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ConfigError, Extra, HotplugMethod, MemoryConfig, OptionParser, HOTPLUG_ALIGN, PAGE_SIZE,
-    VIRTIO_MEM_BLOCK_SIZE,
+    ConfigError, Extra, HotplugMethod, MemoryConfig, OptionParser, PAGE_SIZE, VIRTIO_MEM_BLOCK_SIZE,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,30 +126,12 @@ impl MemoryZoneConfig {
             // As the original: the policy cannot bind a shared file's page cache.
             return Err("host_numa_node with a shared file= is not supported".into());
         }
-        match (self.hotplug_size, self.hotplugged_size) {
-            (None, Some(_)) => return Err("hotplugged_size needs a hotplug_size".into()),
-            (Some(hp), plugged) => {
-                if hp == 0 || !hp.is_multiple_of(HOTPLUG_ALIGN) {
-                    return Err(format!(
-                        "hotplug_size {hp} is not a (non-zero) multiple of 128 MiB"
-                    ));
-                }
-                if let Some(p) = plugged {
-                    if p > hp {
-                        return Err(format!(
-                            "hotplugged_size {p} is more than hotplug_size {hp}"
-                        ));
-                    }
-                    if !p.is_multiple_of(VIRTIO_MEM_BLOCK_SIZE) {
-                        return Err(format!("hotplugged_size {p} is not a multiple of 2 MiB"));
-                    }
-                }
-                if self.hugepages {
-                    return Err("hotplug_size with hugepages=on is not supported yet".into());
-                }
-            }
-            (None, None) => {}
-        }
+        crate::check_hotplug(
+            self.hotplug_size,
+            self.hotplugged_size,
+            (VIRTIO_MEM_BLOCK_SIZE, "2 MiB"),
+            self.hugepages,
+        )?;
         Ok(())
     }
 
