@@ -1,12 +1,11 @@
 //! `test=acpimem`: memory hot plug as Linux does it with the original Cloud Hypervisor's ACPI
 //! mechanism (`hotplug_method=acpi`). The memory hotplug controller `\_SB_.MHPC` (PNP0A06) is
-//! decoded from the DSDT bytes: `OperationRegion (MHPR, SystemMemory, base, len)` and its
-//! fields `MHBL`/`MHBH` (the selected slot's base), `MHLL`/`MHLH` (its length), `MHPX`, `MSEL`
-//! (select a slot) and the flag bits `MEN_`, `MINS`, `MRMV`, `MEJ0`; the methods `MSCN`,
-//! `MTFY`, `MSTA` and `MCRS`; and one memory device `Mxxx` (PNP0C80) per slot whose `_STA`
-//! calls `MSTA` and `_CRS` calls `MCRS`. As for PCI and CPU hot plug (phpr.rs, pres.rs) there is
-//! no AML interpreter: the guest checks that these objects are there and does what the methods
-//! do on the registers itself.
+//! found in the namespace the AML interpreter built (aml.rs): the fields `MSEL` (select a slot)
+//! and the flag bits `MEN_`, `MINS`, `MRMV`, `MEJ0` on its `MHPR` region; the methods `MSCN`,
+//! `MTFY`, `MSTA` and `MCRS`; and one memory device `Mxxx` (PNP0C80) per slot, whose `_STA`
+//! and `_CRS` the guest evaluates with the interpreter (a slot's range is what its `_CRS`
+//! returns, a QWordMemory descriptor). `MSCN` ends in `Notify`, which the interpreter cannot
+//! run, so the guest walks the slots as `MSCN` does through the fields.
 //!
 //! At the start it walks the slots (as Linux enumerates the PNP0C80 devices at boot) and
 //! onlines every present one; then, for ever, on the GED's memory bit 0x10 (whose `_EVT` calls
@@ -24,9 +23,11 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::ptr::{read_volatile, write_volatile};
 
+use aml_interp::aml::resource::{AddressSpaceResourceType, Resource};
+
 use crate::acpi_sys::AcpiInfo;
+use crate::aml::{hid, Aml, Field};
 use crate::bootinfo::BootInfo;
-use crate::phpr::{contains, devices, fields, method, name_int, op_region, HID_PNP0A06};
 use crate::{fail, parse_u64, println, smp, svc};
 
 /// GED event bit: memory devices changed.
@@ -42,161 +43,91 @@ const BUSY_REPORT: u64 = 25;
 /// Mixed into every pattern word ("acpimem").
 const SEED: u64 = 0x0061_6370_696d_656d;
 
-/// `_HID` EISAID ("PNP0C80"): NameOp, "_HID", DWordPrefix, the compressed ID.
-const HID_PNP0C80: [u8; 10] = [0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0c, 0x80];
-
-/// MHPC's register block: where MHPR lies, the byte offsets of its registers, and the byte and
-/// masks of the flags.
+/// MHPC's registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mhpc {
-    pub base: u64,
-    pub len: u64,
-    pub mhbl: u64,
-    pub mhbh: u64,
-    pub mhll: u64,
-    pub mhlh: u64,
-    pub msel: u64,
-    /// Byte offset of the flags byte (MEN_, MINS, MRMV and MEJ0 all lie in it).
-    pub flags: u64,
-    pub men: u8,
-    pub mins: u8,
-    pub mrmv: u8,
-    pub mej0: u8,
+    pub msel: Field,
+    pub men: Field,
+    pub mins: Field,
+    pub mrmv: Field,
+    pub mej0: Field,
 }
 
-/// Finds `\_SB_.MHPC` in the DSDT, checks its methods and decodes its register block.
-pub fn find(aml: &[u8]) -> Result<Mhpc, String> {
-    let dev = devices(aml)
-        .find(|d| d.named(b"MHPC"))
-        .ok_or("no Device (MHPC)")?;
-    if !contains(dev.body, &HID_PNP0A06) {
-        return Err("MHPC's _HID is not EISAID (\"PNP0A06\")".into());
+/// Finds `\_SB_.MHPC`, its methods and its registers.
+pub fn find(aml: &Aml) -> Result<Mhpc, String> {
+    let h = hid(aml, "\\_SB_.MHPC")?;
+    if h != "PNP0A06" {
+        return Err(format!("\\_SB_.MHPC._HID is {h}, not PNP0A06"));
     }
-    for (m, uses) in [
-        (b"MSCN", &["MSEL", "MINS", "MTFY"][..]),
-        (b"MTFY", &[][..]),
-        (b"MSTA", &["MSEL", "MEN_"][..]),
-        (b"MCRS", &["MSEL", "MHBL", "MHBH", "MHLL", "MHLH"][..]),
+    for m in ["MSCN", "MTFY", "MSTA", "MCRS"] {
+        if !aml.exists(&format!("\\_SB_.MHPC.{m}")) {
+            return Err(format!("\\_SB_.MHPC has no {m}"));
+        }
+    }
+    let f = |n: &str| aml.field(&format!("\\_SB_.MHPC.{n}"));
+    let m = Mhpc {
+        msel: f("MSEL")?,
+        men: f("MEN_")?,
+        mins: f("MINS")?,
+        mrmv: f("MRMV")?,
+        mej0: f("MEJ0")?,
+    };
+    for (n, fl) in [
+        ("MEN_", m.men),
+        ("MINS", m.mins),
+        ("MRMV", m.mrmv),
+        ("MEJ0", m.mej0),
     ] {
-        let name = String::from_utf8_lossy(m);
-        let code = method(dev.body, m).ok_or_else(|| format!("MHPC has no Method ({name})"))?;
-        if let Some(w) = uses.iter().find(|w| !contains(code, w.as_bytes())) {
-            return Err(format!("{name} does not use {w}"));
+        if fl.bits != 1 {
+            return Err(format!("{n} has {} bits", fl.bits));
         }
     }
-    let (space, base, len) =
-        op_region(dev.body, b"MHPR").ok_or("MHPC has no OperationRegion (MHPR)")?;
-    if space != 0 {
-        return Err(format!(
-            "MHPR is in address space {space}, not SystemMemory"
-        ));
+    for n in ["MHBL", "MHBH", "MHLL", "MHLH"] {
+        f(n)?;
     }
-    let all: Vec<_> = fields(dev.body, b"MHPR").collect();
-    if all.is_empty() {
-        return Err("MHPC has no Field (MHPR)".into());
-    }
-    let unit = |name: &[u8; 4]| {
-        all.iter()
-            .find_map(|(flags, units)| units.iter().find(|u| u.0 == *name).map(|u| (*flags, *u)))
-    };
-    let shown = |name: &[u8; 4]| String::from_utf8_lossy(name).into_owned();
-    let dword = |name: &[u8; 4]| -> Result<u64, String> {
-        match unit(name) {
-            Some((flags, (_, bit, 32))) if flags & 0xf == 3 && bit % 32 == 0 => {
-                let at = bit as u64 / 8;
-                if at + 4 > len {
-                    return Err(format!("{} beyond MHPR's {len} bytes", shown(name)));
-                }
-                Ok(at)
-            }
-            Some((flags, (_, bit, width))) => Err(format!(
-                "{} at bit {bit}, {width} bits, field flags {flags:#x}: not a DWordAcc dword",
-                shown(name)
-            )),
-            None => Err(format!("no {} in the Fields of MHPR", shown(name))),
-        }
-    };
-    let mut byte = None;
-    let mut masks = [0u8; 4];
-    for (i, name) in [b"MEN_", b"MINS", b"MRMV", b"MEJ0"].into_iter().enumerate() {
-        let (flags, (_, bit, width)) =
-            unit(name).ok_or_else(|| format!("no {} in the Fields of MHPR", shown(name)))?;
-        // ByteAcc (1), WriteAsZeros (2 << 5): a flag written alone leaves the others alone.
-        if flags & 0xf != 1 || (flags >> 5) & 3 != 2 || width != 1 {
-            return Err(format!(
-                "{}: {width} bits, field flags {flags:#x}: not a ByteAcc WriteAsZeros bit",
-                shown(name)
-            ));
-        }
-        if *byte.get_or_insert(bit / 8) != bit / 8 {
-            return Err("MEN_, MINS, MRMV and MEJ0 are not in one byte".into());
-        }
-        masks[i] = 1 << (bit % 8);
-    }
-    let flags = byte.expect("four flags") as u64;
-    if flags >= len {
-        return Err(format!("the flags at {flags}: beyond MHPR's {len} bytes"));
-    }
-    Ok(Mhpc {
-        base,
-        len,
-        mhbl: dword(b"MHBL")?,
-        mhbh: dword(b"MHBH")?,
-        mhll: dword(b"MHLL")?,
-        mhlh: dword(b"MHLH")?,
-        msel: dword(b"MSEL")?,
-        flags,
-        men: masks[0],
-        mins: masks[1],
-        mrmv: masks[2],
-        mej0: masks[3],
-    })
+    Ok(m)
 }
 
-/// Checks MHPC's memory devices: `Mxxx` (`_HID` PNP0C80, `_UID` xxx, `_STA` calling `MSTA`,
-/// `_CRS` calling `MCRS`) with `_UID`s 0..n, each notified by `MTFY`. Returns n.
-pub fn memory_devices(aml: &[u8]) -> Result<u32, String> {
-    let dev = devices(aml)
-        .find(|d| d.named(b"MHPC"))
-        .ok_or("no Device (MHPC)")?;
-    let mtfy = method(dev.body, b"MTFY").ok_or("MHPC has no Method (MTFY)")?;
-    let mut uids = Vec::new();
-    for d in devices(dev.body).filter(|d| contains(d.body, &HID_PNP0C80)) {
-        let name = String::from_utf8_lossy(d.segs.last().expect("named")).into_owned();
-        let uid = name_int(d.body, b"_UID")
-            .and_then(|u| u32::try_from(u).ok())
-            .ok_or_else(|| format!("{name} has no integer _UID"))?;
-        if name != format!("M{uid:03X}") {
-            return Err(format!("{name} has _UID {uid}"));
+/// MHPC's memory devices: `Mxxx` (`_HID` PNP0C80, `_UID` xxx, `_STA`, `_CRS`) with `_UID`s
+/// 0..n. Returns their paths, by `_UID`.
+pub fn memory_devices(aml: &Aml) -> Result<Vec<String>, String> {
+    let mut devs = Vec::new();
+    for path in aml.devices("\\_SB_.MHPC")? {
+        if hid(aml, &path)? != "PNP0C80" {
+            continue;
         }
-        if !method(d.body, b"_STA").is_some_and(|m| contains(m, b"MSTA")) {
-            return Err(format!("{name} has no _STA calling MSTA"));
+        let uid = aml.int(&format!("{path}._UID"))?;
+        if !path.ends_with(&format!("M{uid:03X}")) {
+            return Err(format!("{path} has _UID {uid}"));
         }
-        if !method(d.body, b"_CRS").is_some_and(|m| contains(m, b"MCRS")) {
-            return Err(format!("{name} has no _CRS calling MCRS"));
+        for m in ["_STA", "_CRS"] {
+            if !aml.exists(&format!("{path}.{m}")) {
+                return Err(format!("{path} has no {m}"));
+            }
         }
-        if !contains(mtfy, name.as_bytes()) {
-            return Err(format!("MTFY does not notify {name}"));
-        }
-        uids.push(uid);
+        devs.push((uid, path));
     }
-    uids.sort_unstable();
-    if uids.is_empty() || uids.iter().enumerate().any(|(i, &u)| u != i as u32) {
+    devs.sort();
+    if devs.is_empty() || devs.iter().enumerate().any(|(i, d)| d.0 != i as u64) {
+        let uids: Vec<u64> = devs.iter().map(|d| d.0).collect();
         return Err(format!("the PNP0C80 devices' _UIDs are not 0..n: {uids:?}"));
     }
-    Ok(uids.len() as u32)
+    Ok(devs.into_iter().map(|d| d.1).collect())
 }
 
-/// Checks that the GED's (ACPI0013) `_EVT` calls `\_SB_.MHPC.MSCN`.
-fn ged_calls_mscn(aml: &[u8]) -> Result<(), String> {
-    let ged = devices(aml)
-        .find(|d| contains(d.body, b"ACPI0013"))
-        .ok_or("no ACPI0013 device")?;
-    let evt = method(ged.body, b"_EVT").ok_or("the GED has no _EVT")?;
-    if !contains(evt, b"_SB_MHPCMSCN") {
-        return Err("the GED's _EVT does not call \\_SB_.MHPC.MSCN".into());
+/// The GED (ACPI0013) has `_EVT` (which calls `MSCN` on bit 0x10; the interpreter cannot run
+/// it, see aml.rs).
+fn ged_has_evt(aml: &Aml) -> Result<(), String> {
+    for dev in aml.devices("\\_SB_")? {
+        if hid(aml, &dev).is_ok_and(|h| h == "ACPI0013") {
+            return if aml.exists(&format!("{dev}._EVT")) {
+                Ok(())
+            } else {
+                Err(format!("{dev} has no _EVT"))
+            };
+        }
     }
-    Ok(())
+    Err("no ACPI0013 device".into())
 }
 
 fn pattern(a: u64) -> u64 {
@@ -234,7 +165,10 @@ fn busy_pattern(a: u64, round: u64) -> u64 {
 }
 
 struct AcpiMem {
+    aml: Aml,
     m: Mhpc,
+    /// Each slot's device, `\_SB_.MHPC.Mxxx`.
+    devs: Vec<String>,
     slots: u32,
     /// Each slot's range once onlined.
     online: Vec<Option<(u64, u64)>>,
@@ -246,38 +180,33 @@ struct AcpiMem {
 }
 
 impl AcpiMem {
-    fn reg(&self, off: u64) -> u64 {
-        self.m.base + off
-    }
-
     /// MSEL = `slot`.
     fn select(&self, slot: u32) {
-        // SAFETY: MSEL in MHPC's register block (identity-mapped MMIO below 4 GiB).
-        unsafe { write_volatile(self.reg(self.m.msel) as *mut u32, slot) }
+        self.m.msel.write(u64::from(slot));
     }
 
-    fn read32(&self, off: u64) -> u32 {
-        // SAFETY: a register of MHPC's block.
-        unsafe { read_volatile(self.reg(off) as *const u32) }
+    /// `Mxxx._STA`, evaluated: present (0xf) or not (0).
+    fn present(&self, slot: u32) -> Result<bool, String> {
+        let path = format!("{}._STA", self.devs[slot as usize]);
+        match self.aml.int(&path)? {
+            0xf => Ok(true),
+            0 => Ok(false),
+            v => Err(format!("{path} = {v:#x}")),
+        }
     }
 
-    /// The selected slot's flags byte.
-    fn flags(&self) -> u8 {
-        // SAFETY: the flags byte of MHPC's block.
-        unsafe { read_volatile(self.reg(self.m.flags) as *const u8) }
-    }
-
-    /// Writes the selected slot's flags byte (WriteAsZeros: only the bits in `v` act).
-    fn write_flags(&self, v: u8) {
-        // SAFETY: as in `flags`.
-        unsafe { write_volatile(self.reg(self.m.flags) as *mut u8, v) }
-    }
-
-    /// The selected slot's range, as `MCRS` builds it: (base, length).
-    fn range(&self) -> (u64, u64) {
-        let base = u64::from(self.read32(self.m.mhbh)) << 32 | u64::from(self.read32(self.m.mhbl));
-        let len = u64::from(self.read32(self.m.mhlh)) << 32 | u64::from(self.read32(self.m.mhll));
-        (base, len)
+    /// `Mxxx._CRS`, evaluated: the one 64-bit memory range it describes, (base, length).
+    fn range(&self, slot: u32) -> Result<(u64, u64), String> {
+        let path = format!("{}._CRS", self.devs[slot as usize]);
+        let res = self.aml.resources(&path)?;
+        match res.as_slice() {
+            [Resource::AddressSpace(d)]
+                if matches!(d.resource_type, AddressSpaceResourceType::MemoryRange) =>
+            {
+                Ok((d.address_range.0, d.length))
+            }
+            other => Err(format!("{path}: {other:?}, not one memory range")),
+        }
     }
 
     fn total(&self) -> u64 {
@@ -286,7 +215,7 @@ impl AcpiMem {
 
     /// Checks the selected slot `slot`'s range, maps it and writes and reads back its pattern.
     fn online(&mut self, slot: u32) -> Result<(u64, u64), String> {
-        let (base, len) = self.range();
+        let (base, len) = self.range(slot)?;
         if len == 0 || base % BLOCK != 0 || len % BLOCK != 0 {
             return Err(format!(
                 "range {base:#x}+{len:#x}: not whole 128 MiB memory blocks"
@@ -349,22 +278,20 @@ impl AcpiMem {
             return;
         }
         self.eject_checked = true;
+        // The memory devices have no _EJ0 (memory cannot be removed); the guest tries the
+        // register anyway.
+        let before = self.range(slot);
         self.select(slot);
-        let before = self.range();
-        self.write_flags(self.m.mej0);
-        self.select(slot);
-        let f = self.flags();
-        let after = self.range();
-        if f & self.m.men != 0 && after == before {
-            println!("INFO acpimem eject refused ok");
-        } else {
-            fail(
+        self.m.mej0.write(1);
+        let (present, after) = (self.present(slot), self.range(slot));
+        match (&present, &after, &before) {
+            (Ok(true), Ok(a), Ok(b)) if a == b => println!("INFO acpimem eject refused ok"),
+            _ => fail(
                 "acpimem-eject",
                 format_args!(
-                    "slot={slot}: after MEJ0 flags {f:#x}, range {:#x}+{:#x} (was {:#x}+{:#x})",
-                    after.0, after.1, before.0, before.1
+                    "slot={slot}: after MEJ0, present {present:?}, range {after:x?} (was {before:x?})"
                 ),
-            );
+            ),
         }
     }
 
@@ -372,14 +299,14 @@ impl AcpiMem {
     fn boot_scan(&mut self) {
         for slot in 0..self.slots {
             self.select(slot);
-            let f = self.flags();
-            if f & self.m.mins != 0 {
+            if self.m.mins.read() != 0 {
                 println!("INFO acpimem slot={slot} inserting at boot: acknowledged");
-                self.write_flags(self.m.mins);
+                self.m.mins.write(1);
             }
-            if f & self.m.men != 0 {
-                self.select(slot);
-                self.online_and_report(slot, "present");
+            match self.present(slot) {
+                Ok(true) => self.online_and_report(slot, "present"),
+                Ok(false) => {}
+                Err(e) => fail("acpimem-sta", format_args!("{e}")),
             }
         }
     }
@@ -442,29 +369,37 @@ impl AcpiMem {
         let mut added = false;
         for slot in 0..self.slots {
             self.select(slot);
-            let f = self.flags();
+            let (ins, rmv) = (self.m.mins.read() != 0, self.m.mrmv.read() != 0);
             let known = self.online[slot as usize].is_some();
-            if f & self.m.mrmv != 0 {
-                self.write_flags(self.m.mrmv);
+            if rmv {
+                self.m.mrmv.write(1);
                 fail(
                     "acpimem-remove",
                     format_args!("slot={slot}: MRMV set, but memory cannot be removed"),
                 );
             }
-            if f & self.m.mins != 0 {
-                self.write_flags(self.m.mins);
+            if ins {
+                self.m.mins.write(1);
                 self.select(slot);
-                let again = self.flags();
-                if again & self.m.mins != 0 {
+                if self.m.mins.read() != 0 {
                     fail(
                         "acpimem-ack",
-                        format_args!("slot={slot}: MINS still set ({again:#x}) after writing it"),
+                        format_args!("slot={slot}: MINS still set after writing it"),
                     );
                 }
-                if f & self.m.men == 0 {
+            }
+            let present = match self.present(slot) {
+                Ok(p) => p,
+                Err(e) => {
+                    fail("acpimem-sta", format_args!("{e}"));
+                    continue;
+                }
+            };
+            if ins {
+                if !present {
                     fail(
                         "acpimem-scan",
-                        format_args!("slot={slot}: inserting (flags {f:#x}) but not present"),
+                        format_args!("slot={slot}: inserting but _STA says not present"),
                     );
                 } else if known {
                     fail(
@@ -472,19 +407,18 @@ impl AcpiMem {
                         format_args!("slot={slot}: inserting again, but it is online already"),
                     );
                 } else {
-                    self.select(slot);
                     self.online_and_report(slot, "added");
                     added = true;
                 }
-            } else if f & self.m.men != 0 && !known {
+            } else if present && !known {
                 fail(
                     "acpimem-scan",
-                    format_args!("slot={slot}: present (flags {f:#x}) but never inserted"),
+                    format_args!("slot={slot}: present but never inserted"),
                 );
-            } else if f & self.m.men == 0 && known {
+            } else if !present && known {
                 fail(
                     "acpimem-scan",
-                    format_args!("slot={slot}: online, but no longer present (flags {f:#x})"),
+                    format_args!("slot={slot}: online, but no longer present"),
                 );
             }
         }
@@ -507,27 +441,37 @@ pub fn scenario_acpimem(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         );
         return;
     };
-    let Some((addr, len)) = a.dsdt else {
-        fail("acpimem", format_args!("no DSDT"));
-        return;
+    let aml = match Aml::load(a.rsdp_addr) {
+        Ok(aml) => aml,
+        Err(e) => {
+            fail("acpimem-aml", format_args!("{e}"));
+            return;
+        }
     };
-    // SAFETY: the DSDT the `acpi` crate validated, identity mapped.
-    let dsdt = unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) };
-    let (m, slots) = match find(dsdt).and_then(|m| Ok((m, memory_devices(dsdt)?))) {
+    let (m, devs) = match find(&aml).and_then(|m| Ok((m, memory_devices(&aml)?))) {
         Ok(x) => x,
         Err(e) => {
             fail("acpimem-mhpc", format_args!("{e}"));
             return;
         }
     };
-    if let Err(e) = ged_calls_mscn(dsdt) {
+    if let Err(e) = ged_has_evt(&aml) {
         fail("acpimem-ged", format_args!("{e}"));
     }
+    let slots = devs.len() as u32;
     println!(
-        "INFO acpimem mhpr={:#x}+{:#x} mhbl={:#x} mhbh={:#x} mhll={:#x} mhlh={:#x} msel={:#x} \
-         flags={:#x} men={:#x} mins={:#x} mrmv={:#x} mej0={:#x} devices={slots} ged_port={ged_port:#x}",
-        m.base, m.len, m.mhbl, m.mhbh, m.mhll, m.mhlh, m.msel, m.flags, m.men, m.mins, m.mrmv,
-        m.mej0
+        "INFO acpimem mhpr={:#x} msel={:#x} men={:#x}.{} mins={:#x}.{} mrmv={:#x}.{} mej0={:#x}.{} \
+         devices={slots} ged_port={ged_port:#x}",
+        m.msel.region,
+        m.msel.addr,
+        m.men.addr,
+        m.men.bit,
+        m.mins.addr,
+        m.mins.bit,
+        m.mrmv.addr,
+        m.mrmv.bit,
+        m.mej0.addr,
+        m.mej0.bit
     );
     let mut taken: Vec<(u64, u64)> = boot
         .memmap
@@ -540,7 +484,9 @@ pub fn scenario_acpimem(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     }
     crate::route_ged_irq();
     let mut mem = AcpiMem {
+        aml,
         m,
+        devs,
         slots,
         online: alloc::vec![None; slots as usize],
         taken,

@@ -1,10 +1,12 @@
 //! `test=cpuhotplug`: CPU hot plug as Linux does it with the original Cloud Hypervisor's ACPI
 //! mechanism. The Generic Event Device interrupts with bit 0x08 ("CPUs changed", whose `_EVT`
-//! runs `\_SB_.CPUS.CSCN`); the guest walks the CPUs of `\_SB_.PRES`'s register block as
-//! `CSCN` does (CSEL, then CINS/CRMV, acknowledged by writing them), starts an inserted CPU
-//! with INIT-SIPI-SIPI (the APIC ID from its `Cxxx._MAT`) and sees it run code at CPL3, and
-//! for a removal has the CPU park (interrupts off, halted, as Linux's `play_dead`), then
-//! ejects it as `_EJ0` → `CEJ0` does and waits for CPEN to clear. It runs for ever; see
+//! runs `\_SB_.CPUS.CSCN`); the guest walks the CPUs of `\_SB_.PRES`'s registers as `CSCN`
+//! does (CSEL, then CINS/CRMV, acknowledged by writing them: `CSCN` itself ends in `Notify`,
+//! which the AML interpreter cannot run, see aml.rs), starts an inserted CPU with
+//! INIT-SIPI-SIPI (the APIC ID from its `Cxxx._MAT`, evaluated) and sees it run code at CPL3,
+//! and for a removal has the CPU park (interrupts off, halted, as Linux's `play_dead`), then
+//! evaluates its `_EJ0` and waits for its `_STA` to say it is gone. Every `_STA`, `_MAT`,
+//! `_UID` and `_EJ0` is evaluated by the third-party interpreter. It runs for ever; see
 //! docs/test-guest.md for the lines it prints.
 
 use alloc::alloc::{alloc, Layout};
@@ -14,6 +16,7 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 
 use crate::acpi_sys::AcpiInfo;
+use crate::aml::Aml;
 use crate::pres::{self, CpuDevice, Pres};
 use crate::{fail, println, smp, svc};
 
@@ -103,6 +106,7 @@ fn list(cpus: impl Iterator<Item = usize>) -> String {
 }
 
 struct CpuHotplug {
+    aml: Aml,
     pres: Pres,
     cpus: Vec<CpuDevice>,
     bsp: u32,
@@ -114,27 +118,24 @@ struct CpuHotplug {
 impl CpuHotplug {
     /// CSEL = `cpu`.
     fn select(&self, cpu: usize) {
-        // SAFETY: CSEL in PRES's register block (identity-mapped MMIO below 4 GiB).
-        unsafe {
-            core::ptr::write_volatile((self.pres.base + self.pres.csel) as *mut u32, cpu as u32)
-        }
+        self.pres.csel.write(cpu as u64);
     }
 
-    /// The selected CPU's flags byte.
-    fn flags(&self) -> u8 {
-        // SAFETY: the flags byte of PRES's register block.
-        unsafe { core::ptr::read_volatile((self.pres.base + self.pres.flags) as *const u8) }
-    }
-
-    /// Writes the selected CPU's flags byte (WriteAsZeros: only the bits in `v` act).
-    fn write_flags(&self, v: u8) {
-        // SAFETY: as in `flags`.
-        unsafe { core::ptr::write_volatile((self.pres.base + self.pres.flags) as *mut u8, v) }
-    }
-
+    /// `Cxxx._STA`, evaluated: present (0xf) or not (0); anything else fails.
     fn present(&self, cpu: usize) -> bool {
-        self.select(cpu);
-        self.flags() & self.pres.cpen != 0
+        let path = alloc::format!("{}._STA", self.cpus[cpu].path);
+        match self.aml.int(&path) {
+            Ok(0xf) => true,
+            Ok(0) => false,
+            Ok(v) => {
+                fail("cpuhotplug-sta", format_args!("{path} = {v:#x}"));
+                false
+            }
+            Err(e) => {
+                fail("cpuhotplug-sta", format_args!("{e}"));
+                false
+            }
+        }
     }
 
     /// `CSCN`: every CPU being inserted or to remove, acknowledged; then handled.
@@ -142,13 +143,12 @@ impl CpuHotplug {
         let (mut ins, mut rmv) = (Vec::new(), Vec::new());
         for cpu in 0..self.cpus.len() {
             self.select(cpu);
-            let f = self.flags();
-            if f & self.pres.cins != 0 {
-                self.write_flags(self.pres.cins);
+            if self.pres.cins.read() != 0 {
+                self.pres.cins.write(1);
                 ins.push(cpu);
             }
-            if f & self.pres.crmv != 0 {
-                self.write_flags(self.pres.crmv);
+            if self.pres.crmv.read() != 0 {
+                self.pres.crmv.write(1);
                 rmv.push(cpu);
             }
         }
@@ -256,10 +256,7 @@ impl CpuHotplug {
         if !dev.ejectable {
             fail(
                 "cpuhotplug-eject",
-                format_args!(
-                    "cpu={cpu}: {} has no _EJ0 calling CEJ0 or _STA calling CSTA",
-                    dev.name
-                ),
+                format_args!("cpu={cpu}: {} has no _EJ0 or no _STA", dev.path),
             );
         }
         if self.online[cpu] {
@@ -280,9 +277,11 @@ impl CpuHotplug {
             }
             self.online[cpu] = false;
         }
-        // CEJ0 (cpu).
-        self.select(cpu);
-        self.write_flags(self.pres.cej0);
+        let ej0 = alloc::format!("{}._EJ0", self.cpus[cpu].path);
+        if let Err(e) = self.aml.eval(&ej0, &[0]) {
+            fail("cpuhotplug-eject", format_args!("cpu={cpu}: {e}"));
+            return;
+        }
         println!("CPUHOTPLUG EJECTED cpu={cpu}");
         match poll(GONE_TIMEOUT_US, || !self.present(cpu)) {
             Some(us) => {
@@ -315,20 +314,21 @@ pub fn scenario_cpuhotplug(acpi: Option<&AcpiInfo>) {
         );
         return;
     };
-    let Some((addr, len)) = a.dsdt else {
-        fail("cpuhotplug", format_args!("no DSDT"));
-        return;
+    let aml = match Aml::load(a.rsdp_addr) {
+        Ok(aml) => aml,
+        Err(e) => {
+            fail("cpuhotplug-aml", format_args!("{e}"));
+            return;
+        }
     };
-    // SAFETY: the DSDT the `acpi` crate validated, identity mapped.
-    let dsdt = unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) };
-    let pres = match pres::find(dsdt) {
+    let pres = match pres::find(&aml) {
         Ok(p) => p,
         Err(e) => {
             fail("cpuhotplug-pres", format_args!("{e}"));
             return;
         }
     };
-    let cpus = match pres::cpus(dsdt) {
+    let cpus = match pres::cpus(&aml) {
         Ok(c) => c,
         Err(e) => {
             fail("cpuhotplug-cpus", format_args!("{e}"));
@@ -346,13 +346,22 @@ pub fn scenario_cpuhotplug(acpi: Option<&AcpiInfo>) {
         );
     }
     println!(
-        "INFO cpuhotplug prst={:#x}+{:#x} csel={:#x} flags={:#x} cpen={:#x} cins={:#x} crmv={:#x} cej0={:#x} ged_port={ged_port:#x}",
-        pres.base, pres.len, pres.csel, pres.flags, pres.cpen, pres.cins, pres.crmv, pres.cej0
+        "INFO cpuhotplug csel={:#x} cpen={:#x}.{} cins={:#x}.{} crmv={:#x}.{} cej0={:#x}.{} ged_port={ged_port:#x}",
+        pres.csel.addr,
+        pres.cpen.addr,
+        pres.cpen.bit,
+        pres.cins.addr,
+        pres.cins.bit,
+        pres.crmv.addr,
+        pres.crmv.bit,
+        pres.cej0.addr,
+        pres.cej0.bit
     );
     crate::route_ged_irq();
     let bsp = svc::lapic_enable();
     let max = cpus.len();
     let mut hp = CpuHotplug {
+        aml,
         pres,
         cpus,
         bsp,
@@ -368,7 +377,9 @@ pub fn scenario_cpuhotplug(acpi: Option<&AcpiInfo>) {
         if present != enabled {
             fail(
                 "cpuhotplug-cpen",
-                format_args!("cpu={cpu}: CPEN {present}, but enabled in the MADT: {enabled}"),
+                format_args!(
+                    "cpu={cpu}: _STA present {present}, but enabled in the MADT: {enabled}"
+                ),
             );
         }
         if apic == bsp {
@@ -385,7 +396,7 @@ pub fn scenario_cpuhotplug(acpi: Option<&AcpiInfo>) {
     let online = (0..max).filter(|&c| hp.online[c]);
     println!(
         "INFO cpuhotplug pres={:#x} max={max} online={}",
-        hp.pres.base,
+        hp.pres.csel.region,
         list(online)
     );
     println!("READY");

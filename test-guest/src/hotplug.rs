@@ -1,10 +1,11 @@
 //! `test=hotplug`: PCI hot plug as an OS does it with the original Cloud Hypervisor's ACPI
 //! mechanism. The Generic Event Device interrupts with bit 0x04 ("PCI devices changed", whose
 //! `_EVT` runs `\_SB_.PHPR.PSCN`); the guest reads PCIU (slots added) and PCID (slots whose
-//! removal the host asks for) of PHPR's register block, brings added virtio devices up with
-//! `virtio-drivers`, and for a removal resets the device and ejects the slot as `_EJ0` →
-//! `PCEJ` does (PSEG, then B0EJ = 1 << slot), then waits for the function to leave
-//! configuration space. It runs for ever; see docs/test-guest.md for the lines it prints.
+//! removal the host asks for) of PHPR's registers (as `PSCN` does: it ends in `Notify`, which
+//! the AML interpreter cannot run, see aml.rs), brings added virtio devices up with
+//! `virtio-drivers`, and for a removal resets the device and evaluates the slot's `_EJ0` with
+//! the interpreter (→ `PCEJ`: PSEG, then B0EJ = 1 << slot), then waits for the function to
+//! leave configuration space. It runs for ever; see docs/test-guest.md for the lines it prints.
 
 use alloc::boxed::Box;
 use core::fmt::{self, Write};
@@ -18,6 +19,7 @@ use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::DeviceType;
 
 use crate::acpi_sys::AcpiInfo;
+use crate::aml::Aml;
 use crate::phpr::{self, Phpr};
 use crate::virtio::{ecam, root, transport, GuestHal};
 use crate::{fail, heap, println, smp, svc};
@@ -38,8 +40,10 @@ enum Driver {
     Other,
 }
 
-struct Hotplug<'a> {
-    dsdt: &'a [u8],
+struct Hotplug {
+    aml: Aml,
+    /// The host bridge of segment 0 (`\_SB_.PC00`).
+    bridge: alloc::string::String,
     phpr: Phpr,
     slots: [Option<Driver>; 32],
 }
@@ -97,23 +101,12 @@ impl Write for Cursor<'_> {
     }
 }
 
-impl Hotplug<'_> {
-    fn read(&self, off: u64) -> u32 {
-        // SAFETY: a register of PHPR's block (identity-mapped MMIO below 4 GiB, or in the mapped
-        // 64-bit window).
-        unsafe { core::ptr::read_volatile((self.phpr.base + off) as *const u32) }
-    }
-
-    fn write(&self, off: u64, v: u32) {
-        // SAFETY: as in `read`.
-        unsafe { core::ptr::write_volatile((self.phpr.base + off) as *mut u32, v) }
-    }
-
+impl Hotplug {
     /// `PSCN` for segment 0: PSEG = 0, then PCIU and PCID (each cleared by the read).
     fn scan(&mut self) {
-        self.write(self.phpr.pseg, 0);
-        let up = self.read(self.phpr.pciu);
-        let down = self.read(self.phpr.pcid);
+        self.phpr.pseg.write(0);
+        let up = self.phpr.pciu.read() as u32;
+        let down = self.phpr.pcid.read() as u32;
         println!("INFO hotplug scan pciu={up:#x} pcid={down:#x}");
         for slot in 0..32u8 {
             if up & (1 << slot) != 0 {
@@ -234,12 +227,12 @@ impl Hotplug<'_> {
     /// the function to leave configuration space.
     fn remove(&mut self, slot: u8) {
         drop(self.slots[usize::from(slot)].take());
-        if let Err(e) = phpr::slot_device(self.dsdt, slot) {
+        let ej0 = phpr::slot_device(&self.aml, &self.bridge, slot)
+            .and_then(|dev| self.aml.eval(&alloc::format!("{dev}._EJ0"), &[1]));
+        if let Err(e) = ej0 {
             fail("hotplug-eject", format_args!("slot={slot}: {e}"));
+            return;
         }
-        // PCEJ (slot, segment 0).
-        self.write(self.phpr.pseg, 0);
-        self.write(self.phpr.b0ej, 1 << slot);
         println!("HOTPLUG EJECTED slot={slot}");
         let cam = ecam();
         let t0 = svc::rdtsc();
@@ -278,13 +271,15 @@ pub fn scenario_hotplug(acpi: Option<&AcpiInfo>) {
         );
         return;
     };
-    let Some((addr, len)) = a.dsdt else {
-        fail("hotplug", format_args!("no DSDT"));
-        return;
+    let aml = match Aml::load(a.rsdp_addr) {
+        Ok(aml) => aml,
+        Err(e) => {
+            fail("hotplug-aml", format_args!("{e}"));
+            return;
+        }
     };
-    // SAFETY: the DSDT the `acpi` crate validated, identity mapped.
-    let dsdt = unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) };
-    let phpr = match phpr::find(dsdt) {
+    let found = phpr::find(&aml).and_then(|p| Ok((p, phpr::bridge(&aml)?)));
+    let (phpr, bridge) = match found {
         Ok(p) => p,
         Err(e) => {
             fail("hotplug-phpr", format_args!("{e}"));
@@ -292,11 +287,12 @@ pub fn scenario_hotplug(acpi: Option<&AcpiInfo>) {
         }
     };
     println!(
-        "INFO hotplug phpr={:#x}+{:#x} pciu={:#x} pcid={:#x} b0ej={:#x} pseg={:#x} ged_port={ged_port:#x}",
-        phpr.base, phpr.len, phpr.pciu, phpr.pcid, phpr.b0ej, phpr.pseg
+        "INFO hotplug phpr={:#x} pciu={:#x} pcid={:#x} b0ej={:#x} pseg={:#x} bridge={bridge} ged_port={ged_port:#x}",
+        phpr.pciu.region, phpr.pciu.addr, phpr.pcid.addr, phpr.b0ej.addr, phpr.pseg.addr
     );
     let mut hp = Hotplug {
-        dsdt,
+        aml,
+        bridge,
         phpr,
         slots: core::array::from_fn(|_| None),
     };

@@ -12,6 +12,7 @@ extern crate alloc;
 
 mod acpi_memory;
 mod acpi_sys;
+mod aml;
 mod balloon;
 mod blk_rate;
 mod blk_reset;
@@ -431,6 +432,7 @@ fn scenario_boot(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         }
         None => fail("acpi-s5", format_args!("no \\_S5_ package in the DSDT")),
     }
+    aml::check_namespace(a);
     check!(
         "acpi-madt",
         a.has_madt && !a.cpus.is_empty(),

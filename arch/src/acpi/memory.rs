@@ -137,13 +137,19 @@ pub(super) fn controller(slots: u32) -> Raw {
         aml::Path::new("MHLL"),
         aml::Path::new("MHLH"),
     );
+    // The sums are made in locals and only then stored into the buffer fields: ACPI lets a
+    // buffer field be an operand, but not every interpreter does (the `acpi` crate's, which
+    // the test guest runs, refuses it), and locals say the same to all of them.
     let thirty_two = 32u8;
     let base_high = aml::ShiftLeft::new(&aml::Local(1), &mhbh, &thirty_two);
-    let base = aml::Or::new(&minl, &aml::Local(1), &mhbl);
+    let base_all = aml::Or::new(&aml::Local(1), &aml::Local(1), &mhbl);
     let len_high = aml::ShiftLeft::new(&aml::Local(2), &mhlh, &thirty_two);
-    let len = aml::Or::new(&lenl, &aml::Local(2), &mhll);
-    let end = aml::Add::new(&maxl, &minl, &lenl);
-    let last = aml::Subtract::new(&maxl, &maxl, &aml::ONE);
+    let len_all = aml::Or::new(&aml::Local(2), &aml::Local(2), &mhll);
+    let end = aml::Add::new(&aml::Local(3), &aml::Local(1), &aml::Local(2));
+    let last = aml::Subtract::new(&aml::Local(3), &aml::Local(3), &aml::ONE);
+    let base = aml::Store::new(&minl, &aml::Local(1));
+    let len = aml::Store::new(&lenl, &aml::Local(2));
+    let max = aml::Store::new(&maxl, &aml::Local(3));
     let ret = aml::Return::new(&mr64_path);
     let mcrs = aml::Method::new(
         "MCRS".into(),
@@ -157,11 +163,14 @@ pub(super) fn controller(slots: u32) -> Raw {
             &f_max,
             &f_len,
             &base_high,
-            &base,
+            &base_all,
             &len_high,
-            &len,
+            &len_all,
             &end,
             &last,
+            &base,
+            &len,
+            &max,
             &release,
             &ret,
         ],

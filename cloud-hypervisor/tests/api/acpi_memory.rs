@@ -116,7 +116,7 @@ fn boot_with(name: &str, config: Value) -> (Vmm, Serial) {
     serial.wait_line("READY", 1);
     let text = serial.text();
     assert!(
-        text.contains("INFO acpimem mhpr=0xfea02000+0x18 ")
+        text.contains("INFO acpimem mhpr=0xfea02000 ")
             && text.contains(" devices=16 ")
             && text.contains("\nINFO acpimem slots=0 total=0\n"),
         "MHPC's registers at 0xfea02000, 16 memory devices, nothing plugged:\n{text}"
