@@ -479,6 +479,15 @@ impl RelayThread {
         let name = self.p.setup.name;
         let setup = &self.p.setup;
         let bases = setup.bases(self.p.served);
+        // What waits past each base, counted before the new backend runs the queue: read
+        // after, it would also count what the guest made available once the new backend had
+        // completed the waiting requests (a synchronous driver's next request).
+        let waiting: Vec<u16> = setup
+            .queues
+            .iter()
+            .zip(&bases)
+            .map(|(q, base)| setup.ring_index(q.avail_gpa).wrapping_sub(*base))
+            .collect();
         let (calls, stopping) = (&self.p.calls, &self.stopping);
         // The whole set-up within twice a reply's time-out (the vhost crate's reads would
         // wait for a stopped backend forever: `vhost_user_deadline.rs`).
@@ -501,12 +510,10 @@ impl RelayThread {
                 *self.p.fe.lock().unwrap_or_else(|e| e.into_inner()) = fe;
                 self.p.gone.store(false, Ordering::Release);
                 let mut resumed = Vec::new();
-                for (q, base) in setup.queues.iter().zip(&bases) {
-                    let avail = setup.ring_index(q.avail_gpa);
+                for ((q, base), waiting) in setup.queues.iter().zip(&bases).zip(&waiting) {
                     resumed.push(format!(
-                        "queue {} at {base} ({} to run again)",
-                        q.index,
-                        avail.wrapping_sub(*base)
+                        "queue {} at {base} ({waiting} to run again)",
+                        q.index
                     ));
                     // Whatever the dead backend swallowed: a kick, a call.
                     let _ = q.kick.write(1);
