@@ -1,24 +1,26 @@
 //! Faults under a running VM, nothing lost: a disk image on a filesystem that fills up
-//! (ENOSPC) or fails its writes (EIO), the VMM killed with SIGKILL in the middle of guest
-//! writes. The guest (`test=blkfault`, see docs/test-guest.md) reports which writes it saw
-//! acknowledged and flushed; every one of them must be in the image afterwards, the guest must
-//! get error statuses (never a hang), and the VMM must go on. The TAP case is in
-//! `faults_net.rs`.
+//! (ENOSPC), fails its writes (EIO) or fails its reads (EIO), the VMM killed with SIGKILL in
+//! the middle of guest writes. The guest (`test=blkfault`, see docs/test-guest.md) reports
+//! which writes it saw acknowledged and flushed (and which reads failed); every one of them
+//! must be in the image afterwards, the guest must get error statuses (never a hang), and the
+//! VMM must go on. The TAP case is in `faults_net.rs`.
 //!
 //! The small filesystems are tmpfs mounts made in a private mount namespace (a thread of its
 //! own, `unshare(CLONE_NEWNS)`), so nothing outlives the test; EIO comes from a loop device
 //! whose backing file lies on a full tmpfs (the loop driver fails the writes it cannot store):
 //! device-mapper's `error`/`flakey` targets would do too where the kernel has them (this
-//! machine's has not).
+//! machine's has not). Read errors come from a FUSE filesystem of the test's own
+//! (`fuse_eio`), mounted in such a namespace too.
 
 mod common;
+mod fuse_eio;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{guest, scratch, spawn, wait_with_timeout, Run};
+use common::{guest, ping, scratch, spawn, wait_with_timeout, Run};
 
 /// Sectors per guest write (4 KiB).
 const CHUNK: u64 = 8;
@@ -277,10 +279,20 @@ fn qemu_img_create_clusters(img: &Path, size: u64, cluster: u64) {
 /// Starts the VMM on `test=blkfault <args>` with `disk` (a `--disk` value), the serial port
 /// in `serial`.
 fn start_blkfault(disk: &str, args: &str, serial: &Path) -> std::process::Child {
+    start_blkfault_with(disk, args, serial, &[])
+}
+
+/// `start_blkfault` with `extra` VMM arguments.
+fn start_blkfault_with(
+    disk: &str,
+    args: &str,
+    serial: &Path,
+    extra: &[&str],
+) -> std::process::Child {
     let k = guest().elf_pvh.to_str().unwrap().to_string();
     let cmdline = format!("test=blkfault {args}");
     let serial = format!("file={}", serial.display());
-    spawn(&[
+    let mut all = vec![
         "--kernel",
         &k,
         "--cmdline",
@@ -293,7 +305,9 @@ fn start_blkfault(disk: &str, args: &str, serial: &Path) -> std::process::Child 
         "off",
         "--disk",
         disk,
-    ])
+    ];
+    all.extend_from_slice(extra);
+    spawn(&all)
 }
 
 /// Runs `test=blkfault` to its end; the guest must finish and power off (no hang, no VMM
@@ -663,4 +677,275 @@ fn sigkill_qcow2() {
 #[test]
 fn sigkill_qcow2_io_uring() {
     sigkill(true, true);
+}
+
+/// Blocks (of `CHUNK` sectors, 4 KiB) of the read-error image: 1 MiB.
+const READ_BLOCKS: u64 = 256;
+
+/// The bytes of the raw image whose reads fail: from sector 3 of block 100 to sector 0 of
+/// block 104, so the blocks around them (99, 105) and the first sectors of block 100 are good.
+const FAILING: std::ops::Range<u64> = (100 * 8 + 3) * 512..(104 * 8 + 1) * 512;
+
+/// The guest's disk as the host writes it: block b holds guest write b's pattern.
+fn read_eio_image() -> Vec<u8> {
+    let sectors = READ_BLOCKS * CHUNK;
+    let mut data = Vec::with_capacity((sectors * 512) as usize);
+    for s in 0..sectors {
+        for w in 0..64 {
+            data.extend_from_slice(&word(s / CHUNK, s, w).to_le_bytes());
+        }
+    }
+    data
+}
+
+/// Where a qcow2 image (512-byte clusters, all allocated) keeps guest sector `s`: (its
+/// cluster's host offset, its L2 table's host offset), read from the image's own tables.
+fn qcow2_sector_map(img: &[u8]) -> Vec<(u64, u64)> {
+    let be32 = |at: usize| u32::from_be_bytes(img[at..at + 4].try_into().unwrap());
+    let be64 = |at: u64| u64::from_be_bytes(img[at as usize..at as usize + 8].try_into().unwrap());
+    const OFFSET: u64 = 0x00ff_ffff_ffff_fe00;
+    assert_eq!(be32(20), 9, "cluster_bits");
+    let l1 = be64(40);
+    (0..READ_BLOCKS * CHUNK)
+        .map(|s| {
+            // 64 entries of 8 bytes per 512-byte L2 table.
+            let l2 = be64(l1 + s / 64 * 8) & OFFSET;
+            assert_ne!(l2, 0, "sector {s}: no L2 table");
+            let data = be64(l2 + s % 64 * 8) & OFFSET;
+            assert_ne!(data, 0, "sector {s}: not allocated");
+            (data, l2)
+        })
+        .collect()
+}
+
+/// The guest's disk on a FUSE filesystem (`fuse_eio`) that fails reads as a disk with bad
+/// sectors does (EIO; the tmpfs and loop device of the write faults never fail a read). The
+/// guest (`blkfault_read=1`) reads every 4 KiB block: exactly those that need a failing byte
+/// must end with IOERR, every other one read back the host's data. It then rewrites the
+/// blocks that read, flushes, and reads everything again (the same reads fail, the others see
+/// the new data: a read error breaks nothing beyond its request); `vmm.ping` answers; the host
+/// stops failing reads and a third round must read every block. The VMM exits 0 at power-off,
+/// and the image holds every write the guest saw flushed.
+///
+/// Raw: the bytes `FAILING` fail. qcow2 (512-byte clusters, so a 4 KiB block spans 8 clusters
+/// and an L2 table maps 8 blocks): the 4 KiB host page holding block 100's sector 3, and the
+/// one holding the L2 table of blocks 200-207 (a metadata read that fails: those blocks cannot
+/// be read, nor, by the qcow2 layer, taken as unallocated).
+///
+/// `direct`: O_DIRECT with io_uring (each read reaches the filesystem as the VMM asked it);
+/// otherwise the page cache, read by the VMM's worker thread (the kernel reads whole 4 KiB
+/// pages from the filesystem, and its readahead fails along with reads near the failing bytes
+/// before the page asked for is read alone).
+fn read_eio(qcow2: bool, direct: bool) {
+    in_private_mounts(move || {
+        let tag = format!("read-eio-{}-{direct}", if qcow2 { "qcow2" } else { "raw" });
+        let out = out_tmpfs(&format!("{tag}-out"));
+        let back = out.join("backing.img");
+        let guest_data = read_eio_image();
+        if qcow2 {
+            let raw = out.join("pattern.raw");
+            std::fs::write(&raw, &guest_data).unwrap();
+            sh(&[
+                "qemu-img",
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                raw.to_str().unwrap(),
+                back.to_str().unwrap(),
+            ]);
+            std::fs::remove_file(&raw).unwrap();
+        } else {
+            std::fs::write(&back, &guest_data).unwrap();
+        }
+        // The failing host bytes, and per guest block whether its read needs one of them.
+        let (failing, bad): (Vec<std::ops::Range<u64>>, Vec<u64>) = if qcow2 {
+            let map = qcow2_sector_map(&std::fs::read(&back).unwrap());
+            let page = |at: u64| at & !4095..(at & !4095) + 4096;
+            let failing = vec![page(map[100 * 8 + 3].0), page(map[200 * 8].1)];
+            let hit = |at: u64, len: u64| failing.iter().any(|r| at < r.end && r.start < at + len);
+            let bad = (0..READ_BLOCKS)
+                .filter(|b| {
+                    (b * CHUNK..(b + 1) * CHUNK).any(|s| {
+                        let (data, l2) = map[s as usize];
+                        hit(data, 512) || hit(l2, 512)
+                    })
+                })
+                .collect();
+            (failing, bad)
+        } else {
+            let bad = (0..READ_BLOCKS)
+                .filter(|b| {
+                    let start = b * CHUNK * 512;
+                    start < FAILING.end && FAILING.start < start + CHUNK * 512
+                })
+                .collect();
+            (vec![FAILING], bad)
+        };
+        eprintln!("failing host bytes {failing:x?}; the guest blocks that need them: {bad:?}");
+        assert!(bad.contains(&100) && bad.len() < 32, "{bad:?}");
+        if qcow2 {
+            assert!((200..208).all(|b| bad.contains(&b)), "{bad:?}");
+        } else {
+            assert_eq!(bad, [100, 101, 102, 103, 104]);
+        }
+        let mnt = scratch(&format!("{tag}-mnt"));
+        let fs = fuse_eio::Mounted::new(&mnt, &back);
+        fs.control.set_failing(failing.clone());
+        // The filesystem fails a read of the ranges, and serves one outside them.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(&fs.image).unwrap();
+            let mut buf = vec![0u8; 512];
+            let e = f.read_exact_at(&mut buf, failing[0].start).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+            f.read_exact_at(&mut buf, 0).unwrap();
+            assert_eq!(buf, std::fs::read(&back).unwrap()[..512]);
+        }
+        let (_, failed_before, _, _) = fs.control.counts();
+        let disk = format!(
+            "path={},image_type={},direct={}",
+            fs.image.display(),
+            if qcow2 { "qcow2" } else { "raw" },
+            if direct { "on" } else { "off" }
+        );
+        let serial = out.join("serial.log");
+        let sock = out.join("api.sock");
+        let mut child = start_blkfault_with(
+            &disk,
+            "blkfault_read=1 blkfault_pause_ms=2000",
+            &serial,
+            &["--api-socket", sock.to_str().unwrap()],
+        );
+        wait_serial(&serial, "BLKFAULT pause", &mut child);
+        // Failed reads behind it, the VMM answers its API.
+        let answer = ping(&sock);
+        let ring = has_io_uring(child.id());
+        fs.control.set_failing(Vec::new());
+        assert!(answer.contains("200"), "vmm.ping: {answer}");
+        assert_eq!(ring, direct, "an io_uring instance in the VMM");
+        let run = wait_with_timeout(child, Duration::from_secs(120));
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        let all = format!("{text}\nstderr:\n{}", run.stderr);
+        assert_eq!(run.code(), Some(0), "VMM {:?}\n{all}", run.status);
+        assert!(!run.stderr.contains("panicked"), "{all}");
+        let rounds = read_rounds(&text);
+        for round in [1, 2, 3] {
+            let got = rounds
+                .get(&round)
+                .unwrap_or_else(|| panic!("no round {round}:\n{all}"));
+            assert_eq!(got.len() as u64, READ_BLOCKS, "round {round}:\n{all}");
+            for (b, r) in got.iter().enumerate() {
+                // Round 3 comes after the host stopped failing reads.
+                let want = if round < 3 && bad.contains(&(b as u64)) {
+                    "error"
+                } else {
+                    "ok"
+                };
+                assert_eq!(r, want, "round {round}, block {b}:\n{all}");
+            }
+        }
+        let writes = READ_BLOCKS - bad.len() as u64;
+        assert!(
+            text.contains(&format!("BLKFAULT flushed {writes}\n")),
+            "the writes after the read errors were not all flushed:\n{all}"
+        );
+        assert!(!text.contains("write-error"), "{all}");
+        let reads = 3 * READ_BLOCKS;
+        assert!(
+            text.contains(&format!(
+                "BLKFAULT done reads={reads} read-errors={} writes={writes} errors=0\n",
+                2 * bad.len()
+            )),
+            "{all}"
+        );
+        // The reads the guest saw fail failed in the filesystem, and the FLUSH reached it.
+        let (reads_seen, failed, writes_seen, fsyncs) = fs.control.counts();
+        let failed = failed - failed_before;
+        eprintln!(
+            "FUSE: {reads_seen} reads ({failed} failed), {writes_seen} writes, {fsyncs} fsyncs"
+        );
+        if direct && !qcow2 {
+            // O_DIRECT on raw: the guest's reads as they were, one each.
+            assert_eq!(failed, 2 * bad.len() as u64);
+        } else {
+            // The page cache fails readahead too; a qcow2 read is one per cluster run.
+            assert!(failed >= 2 * failing.len() as u64, "{failed}");
+        }
+        assert!(fsyncs >= 1 && writes_seen >= 1);
+        drop(fs);
+        let _ = std::fs::remove_dir(&mnt);
+        // Every write the guest saw flushed is in the image; the blocks it did not write
+        // still hold the host's data.
+        if qcow2 {
+            qemu_img_check(&back);
+        }
+        let data = image_bytes(&back, qcow2, &out);
+        let mut want = guest_data;
+        for b in (0..READ_BLOCKS).filter(|b| !bad.contains(b)) {
+            let n = READ_BLOCKS + b;
+            for s in b * CHUNK..(b + 1) * CHUNK {
+                for w in 0..64 {
+                    let at = (s * 512 + w * 8) as usize;
+                    want[at..at + 8].copy_from_slice(&word(n, s, w).to_le_bytes());
+                }
+            }
+        }
+        assert_eq!(data.len(), want.len());
+        for b in 0..READ_BLOCKS as usize {
+            let r = b * 4096..(b + 1) * 4096;
+            assert!(
+                data[r.clone()] == want[r],
+                "block {b} of the image is not what the guest wrote (or the host did)"
+            );
+        }
+        unmount(&out);
+    });
+}
+
+/// The guest's `BLKFAULT read <round> <block> <result>` lines: per round, the results by block.
+fn read_rounds(serial: &str) -> HashMap<u64, Vec<String>> {
+    let mut rounds: HashMap<u64, Vec<String>> = HashMap::new();
+    for l in serial.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        if let ["BLKFAULT", "read", round, b, result] = w[..] {
+            let (round, b) = (round.parse::<u64>().unwrap(), b.parse::<u64>().unwrap());
+            let r = rounds.entry(round).or_default();
+            assert_eq!(r.len() as u64, b, "{l}: blocks out of order\n{serial}");
+            r.push(result.to_string());
+        }
+    }
+    rounds
+}
+
+/// Whether process `pid` holds an io_uring instance (a descriptor `anon_inode:[io_uring]`).
+fn has_io_uring(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|l| l.to_string_lossy().contains("io_uring"))
+}
+
+#[test]
+fn read_eio_raw() {
+    read_eio(false, false);
+}
+
+#[test]
+fn read_eio_raw_io_uring() {
+    read_eio(false, true);
+}
+
+#[test]
+fn read_eio_qcow2() {
+    read_eio(true, false);
+}
+
+#[test]
+fn read_eio_qcow2_io_uring() {
+    read_eio(true, true);
 }

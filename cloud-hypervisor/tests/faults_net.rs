@@ -5,13 +5,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{guest, scratch, wait_with_timeout};
+use common::{guest, ping, scratch, wait_with_timeout};
 
 const HOST_IP: &str = "192.168.101.1";
 const GUEST_IP: &str = "192.168.101.2";
@@ -67,17 +65,6 @@ fn threads_runtime(pid: u32, pick: impl Fn(&str) -> bool) -> (u64, usize) {
         n += 1;
     }
     (ns, n)
-}
-
-/// `GET /api/v1/vmm.ping` on the API socket: the status line.
-fn ping(sock: &Path) -> String {
-    let mut s = UnixStream::connect(sock).expect("the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.lines().next().unwrap_or_default().to_string()
 }
 
 #[test]

@@ -59,6 +59,10 @@ pub fn scenario_blkfault(boot: &BootInfo) {
         }
     };
     let blocks = arg("blkfault_blocks", blk.capacity() / chunk).clamp(1, blk.capacity() / chunk);
+    if arg("blkfault_read", 0) != 0 {
+        read_faults(&mut blk, chunk, blocks, pause_ms);
+        return;
+    }
     println!(
         "INFO blkfault capacity={} blocks={blocks} chunk={chunk} flush={flush_every} loop={forever}",
         blk.capacity()
@@ -110,6 +114,131 @@ pub fn scenario_blkfault(boot: &BootInfo) {
         "BLKFAULT done writes={} errors={} readback={good}",
         w.n, w.errors
     );
+}
+
+/// What one read of block `b` (`chunk` sectors) found: `ok` (it holds `expect`'s write),
+/// `error` (IOERR), `bad` (other data, or another failure).
+fn read_block(
+    blk: &mut VirtIOBlk<GuestHal, virtio_drivers::transport::pci::PciTransport>,
+    b: u64,
+    chunk: u64,
+    expect: u64,
+    want: &mut [u8],
+    back: &mut [u8],
+) -> &'static str {
+    fill(want, expect, b * chunk);
+    back.fill(0xee);
+    match blk.read_blocks((b * chunk) as usize, back) {
+        Ok(()) if back == want => "ok",
+        Ok(()) => "bad",
+        Err(virtio_drivers::Error::IoError) => "error",
+        Err(e) => {
+            println!("BLKFAULT read-failed block={b} {e}");
+            "bad"
+        }
+    }
+}
+
+/// `blkfault_read=1`: reads while the host fails some of them. Block b (`chunk` sectors)
+/// starts out holding write b's pattern (the host wrote it). Round 1 reads every block; then
+/// every block that read back right is written again (write `blocks + b`) and flushed; round 2
+/// reads every block again (those rewritten hold their new write); with
+/// `blkfault_pause_ms` it prints `BLKFAULT pause`, waits (the host stops failing reads) and
+/// reads every block once more (round 3). Lines: `BLKFAULT read <round> <b> ok|error|bad`
+/// (`unknown`, not read, after a failed write of it),
+/// `BLKFAULT write-error <n> <why>`, `BLKFAULT flushed <writes>` or
+/// `BLKFAULT flush-error <writes>`, then `BLKFAULT done reads=<r> read-errors=<e>
+/// writes=<w> errors=<write and flush errors>`; it checks nothing itself (the host knows which
+/// reads must fail).
+fn read_faults(
+    blk: &mut VirtIOBlk<GuestHal, virtio_drivers::transport::pci::PciTransport>,
+    chunk: u64,
+    blocks: u64,
+    pause_ms: u64,
+) {
+    let len = 512 * chunk as usize;
+    let mut r = Reads {
+        want: alloc::vec![0u8; len],
+        back: alloc::vec![0u8; len],
+        reads: 0,
+        errors: 0,
+    };
+    // Per block, the write it holds (unknown after a failed write).
+    let mut holds: alloc::vec::Vec<Option<u64>> = (0..blocks).map(Some).collect();
+    let read_ok = r.round(blk, chunk, 1, &holds);
+    // Some reads failed; the device must go on serving everything else.
+    let (mut writes, mut errors) = (0u64, 0u64);
+    let mut buf = alloc::vec![0u8; len];
+    for b in (0..blocks).filter(|&b| read_ok[b as usize]) {
+        let n = blocks + b;
+        fill(&mut buf, n, b * chunk);
+        writes += 1;
+        match blk.write_blocks((b * chunk) as usize, &buf) {
+            Ok(()) => holds[b as usize] = Some(n),
+            Err(e) => {
+                errors += 1;
+                holds[b as usize] = None;
+                println!("BLKFAULT write-error {n} {e}");
+            }
+        }
+    }
+    match blk.flush() {
+        Ok(()) => println!("BLKFAULT flushed {writes}"),
+        Err(e) => {
+            errors += 1;
+            println!("BLKFAULT flush-error {writes} {e}");
+        }
+    }
+    r.round(blk, chunk, 2, &holds);
+    if pause_ms > 0 {
+        println!("BLKFAULT pause");
+        smp::delay_us(pause_ms * 1000);
+        r.round(blk, chunk, 3, &holds);
+    }
+    println!(
+        "BLKFAULT done reads={} read-errors={} writes={writes} errors={errors}",
+        r.reads, r.errors
+    );
+}
+
+/// The reads of `blkfault_read=1`.
+struct Reads {
+    want: alloc::vec::Vec<u8>,
+    back: alloc::vec::Vec<u8>,
+    reads: u64,
+    /// Reads that ended with IOERR.
+    errors: u64,
+}
+
+impl Reads {
+    /// Reads every block once, expecting the write `holds` says; prints a line per block and
+    /// returns which read back right.
+    fn round(
+        &mut self,
+        blk: &mut VirtIOBlk<GuestHal, virtio_drivers::transport::pci::PciTransport>,
+        chunk: u64,
+        round: u64,
+        holds: &[Option<u64>],
+    ) -> alloc::vec::Vec<bool> {
+        let mut ok = alloc::vec::Vec::with_capacity(holds.len());
+        for (b, &h) in holds.iter().enumerate() {
+            let b = b as u64;
+            let r = match h {
+                Some(n) => {
+                    self.reads += 1;
+                    read_block(blk, b, chunk, n, &mut self.want, &mut self.back)
+                }
+                // A failed write left it unknown: not read.
+                None => "unknown",
+            };
+            if r == "error" {
+                self.errors += 1;
+            }
+            ok.push(r == "ok");
+            println!("BLKFAULT read {round} {b} {r}");
+        }
+        ok
+    }
 }
 
 /// The writes of `blkfault` and what the guest knows of them.

@@ -291,3 +291,15 @@ pub fn build_workspace_bin(name: &str) -> PathBuf {
     assert!(bin.exists(), "no {}", bin.display());
     bin
 }
+
+/// `GET /api/v1/vmm.ping` on the API socket at `sock`: the response's status line.
+pub fn ping(sock: &Path) -> String {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
