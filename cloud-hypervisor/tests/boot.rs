@@ -8,7 +8,7 @@ use common::{boot, guest};
 fn pvh_elf_boots_and_powers_off() {
     let r = boot(
         &guest().elf_pvh,
-        "test=boot expect_protocol=pvh expect_cpus=1",
+        "test=boot expect_protocol=pvh expect_cpus=1 aml=1",
         &[],
     );
     r.assert_guest_passed();
@@ -89,11 +89,13 @@ fn elf_without_pvh_note_boots_through_the_linux_protocol() {
 fn four_vcpus_start_and_report() {
     let r = boot(
         &guest().elf_pvh,
-        "test=boot expect_cpus=4",
+        "test=boot expect_cpus=4 aml=1",
         &["--cpus", "boot=4,max=8,topology=2:2:1:2"],
     );
     r.assert_guest_passed();
     r.assert_passed("smp-cpus");
+    // Eight CPU devices (four present) in the interpreter's namespace, each `_STA` evaluated.
+    r.assert_passed("acpi-aml");
 }
 
 #[test]

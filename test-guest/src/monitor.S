@@ -713,15 +713,18 @@ pd:
 .endr
 
 /* ------------------------------------------------------------------------- */
-/* Not part of the file: kernel stacks, TSSs and the user stack.             */
+/* Not part of the file: the user stack, TSSs and kernel stacks, in that order: */
+/* what the boot CPU uses (its stacks and TSS) lies low, the APs' kernel stacks   */
+/* at the end, so a guest that stays on the boot CPU touches no memory above the  */
+/* image's first 4 MiB (one 2 MiB huge page less with the VMM's thp=on).          */
 .section .kstack, "aw", @nobits
 .balign 4096
-kstacks:
-    .skip MAX_CPUS * KSTACK_SIZE
-    .skip KSTACK_SIZE
+ustack:
+    .skip USTACK_SIZE
 .balign 128
 tss_array:
     .skip MAX_CPUS * 128
 .balign 4096
-ustack:
-    .skip USTACK_SIZE
+kstacks:
+    .skip MAX_CPUS * KSTACK_SIZE
+    .skip KSTACK_SIZE
