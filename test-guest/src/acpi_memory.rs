@@ -55,15 +55,7 @@ pub struct Mhpc {
 
 /// Finds `\_SB_.MHPC`, its methods and its registers.
 pub fn find(aml: &Aml) -> Result<Mhpc, String> {
-    let h = hid(aml, "\\_SB_.MHPC")?;
-    if h != "PNP0A06" {
-        return Err(format!("\\_SB_.MHPC._HID is {h}, not PNP0A06"));
-    }
-    for m in ["MSCN", "MTFY", "MSTA", "MCRS"] {
-        if !aml.exists(&format!("\\_SB_.MHPC.{m}")) {
-            return Err(format!("\\_SB_.MHPC has no {m}"));
-        }
-    }
+    aml.check_device("\\_SB_.MHPC", "PNP0A06", &["MSCN", "MTFY", "MSTA", "MCRS"])?;
     let f = |n: &str| aml.field(&format!("\\_SB_.MHPC.{n}"));
     let m = Mhpc {
         msel: f("MSEL")?,

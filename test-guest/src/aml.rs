@@ -347,6 +347,19 @@ impl Aml {
         })
     }
 
+    /// Checks that the device `path` has the `_HID` `want` and the objects `names` (methods,
+    /// fields) in its scope.
+    pub fn check_device(&self, path: &str, want: &str, names: &[&str]) -> Result<(), String> {
+        let h = hid(self, path)?;
+        if h != want {
+            return Err(format!("{path}._HID is {h}, not {want}"));
+        }
+        match names.iter().find(|n| !self.exists(&format!("{path}.{n}"))) {
+            Some(n) => Err(format!("{path} has no {n}")),
+            None => Ok(()),
+        }
+    }
+
     /// The full paths of the devices directly in the scope `path` (in name order).
     pub fn devices(&self, path: &str) -> Result<Vec<String>, String> {
         let scope = name(path)?;

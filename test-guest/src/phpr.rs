@@ -25,15 +25,7 @@ pub struct Phpr {
 
 /// Finds `\_SB_.PHPR`, its methods and its registers.
 pub fn find(aml: &Aml) -> Result<Phpr, String> {
-    let h = hid(aml, "\\_SB_.PHPR")?;
-    if h != "PNP0A06" {
-        return Err(format!("\\_SB_.PHPR._HID is {h}, not PNP0A06"));
-    }
-    for m in ["PCEJ", "PSCN"] {
-        if !aml.exists(&format!("\\_SB_.PHPR.{m}")) {
-            return Err(format!("\\_SB_.PHPR has no {m}"));
-        }
-    }
+    aml.check_device("\\_SB_.PHPR", "PNP0A06", &["PCEJ", "PSCN"])?;
     let f = |n: &str| -> Result<Field, String> {
         let f = aml.field(&format!("\\_SB_.PHPR.{n}"))?;
         if f.io || f.bits != 32 || f.bit != 0 {

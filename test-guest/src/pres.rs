@@ -40,10 +40,7 @@ pub struct CpuDevice {
 
 /// Finds `\_SB_.PRES` and its registers.
 pub fn find(aml: &Aml) -> Result<Pres, String> {
-    let h = hid(aml, "\\_SB_.PRES")?;
-    if h != "PNP0A06" {
-        return Err(format!("\\_SB_.PRES._HID is {h}, not PNP0A06"));
-    }
+    aml.check_device("\\_SB_.PRES", "PNP0A06", &[])?;
     let f = |n: &str| aml.field(&format!("\\_SB_.PRES.{n}"));
     let pres = Pres {
         csel: f("CSEL")?,
@@ -80,15 +77,7 @@ fn mat_ids(mat: &[u8]) -> Option<(u32, u32)> {
 
 /// Checks `\_SB_.CPUS` and returns its CPU devices, ordered by `_UID`.
 pub fn cpus(aml: &Aml) -> Result<Vec<CpuDevice>, String> {
-    let h = hid(aml, "\\_SB_.CPUS")?;
-    if h != "ACPI0010" {
-        return Err(format!("\\_SB_.CPUS._HID is {h}, not ACPI0010"));
-    }
-    for m in ["CSTA", "CTFY", "CEJ0", "CSCN"] {
-        if !aml.exists(&format!("\\_SB_.CPUS.{m}")) {
-            return Err(format!("\\_SB_.CPUS has no {m}"));
-        }
-    }
+    aml.check_device("\\_SB_.CPUS", "ACPI0010", &["CSTA", "CTFY", "CEJ0", "CSCN"])?;
     let mut out = Vec::new();
     for path in aml.devices("\\_SB_.CPUS")? {
         if hid(aml, &path)? != "ACPI0007" {
