@@ -41,6 +41,8 @@ pub enum ApiRequest {
     VmRestore(RestoreConfig),
     VmSendMigration(SendMigrationConfig),
     VmReceiveMigration(ReceiveMigrationConfig),
+    /// `vm.migration-progress` (ours, an extension): the current or last outgoing migration.
+    VmMigrationProgress,
     /// `vm.add-disk`: before boot the device joins the configuration; on a built VM it is
     /// hot-added.
     VmAddDisk(Box<DiskConfig>),
@@ -129,6 +131,45 @@ pub struct DeviceNode {
     pub pci_bdf: Option<String>,
 }
 
+/// Where an outgoing migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// The sending thread has the VM: pre-copy passes, or the downtime.
+    Running,
+    /// The destination runs the VM; this VMM ends.
+    Completed,
+    /// The migration failed; the VM runs on here.
+    Failed,
+}
+
+/// `vm.migration-progress`'s answer (ours, an extension; the name the cyberus-technology fork
+/// of the original uses): the current or last outgoing migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub state: MigrationState,
+    pub destination_url: String,
+    /// Pre-copy passes done so far (the last pass, made while the VM is paused, counts once
+    /// the migration has completed); 0 for a local migration, which copies no memory.
+    pub pass: u32,
+    /// Bytes the last pass sent.
+    pub bytes: u64,
+    /// Bytes of guest memory sent so far.
+    pub total_bytes: u64,
+    /// Bytes the guest dirtied during the last pass, for the next one.
+    pub dirty_bytes: u64,
+    /// The guest's RAM, in bytes.
+    pub memory_bytes: u64,
+    /// Since the migration started; frozen at its end.
+    pub elapsed_ms: u64,
+    /// How long the VM was paused (completed migrations only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_us: Option<u64>,
+    /// Why it failed (failed migrations only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Device id → counter name → value.
 pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
 
@@ -140,6 +181,7 @@ pub enum ApiResponse {
     Counters(VmCounters),
     /// A device hot-added to a running VM (200 with the body).
     PciDevice(PciDeviceInfo),
+    MigrationProgress(Box<MigrationProgress>),
 }
 
 /// Why the VMM refused a request. The messages are the causes that follow the endpoint's own
@@ -172,6 +214,9 @@ pub enum ApiError {
     Chain(Vec<String>),
     #[error("the VMM is shutting down")]
     Gone,
+    /// `vm.migration-progress` before any migration was sent from this VMM: 404.
+    #[error("No migration has been started")]
+    NoMigration,
     /// One of the original's endpoints for something this VMM does not have yet.
     #[error("{0} is not supported yet")]
     NotYet(String),
@@ -196,7 +241,7 @@ impl ApiError {
     /// that does not allow the action included); 501 for what this VMM lacks.
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::VmNotCreated | ApiError::VmMissingConfig => 404,
+            ApiError::VmNotCreated | ApiError::VmMissingConfig | ApiError::NoMigration => 404,
             ApiError::Config(_) | ApiError::BadRequest(_) => 400,
             ApiError::TooManyRequests(_) => 429,
             ApiError::NotYet(_) => 501,

@@ -164,6 +164,13 @@ pub(crate) struct Vmm {
     api_poll_until: Option<std::time::Instant>,
     /// A live migration being sent: the thread has the VM meanwhile.
     outgoing: Option<migrate::Outgoing>,
+    /// The current or last migration sent, for `vm.migration-progress`.
+    migration: Option<migrate::Status>,
+    /// When `vm.migration-progress` was last asked.
+    progress_asked: Option<std::time::Instant>,
+    /// After a migration that someone watched: the VM is gone, and the VMM ends once the
+    /// progress has been answered "completed", or at this deadline.
+    linger: Option<std::time::Instant>,
     /// The guest powered off, or asked for a reset, while the migration thread had the VM.
     deferred_exit: bool,
     deferred_reset: bool,
@@ -223,6 +230,9 @@ impl Vmm {
             pending_input: Vec::new(),
             api_poll_until: None,
             outgoing: None,
+            migration: None,
+            progress_asked: None,
+            linger: None,
             deferred_exit: false,
             deferred_reset: false,
             deferred_ejects: (0, Vec::new()),
@@ -559,10 +569,33 @@ impl Vmm {
         Ok(())
     }
 
+    /// `vm.migration-progress`. After a watched migration's success, the answer "completed"
+    /// is the VMM's last word.
+    fn migration_progress(&mut self) -> (ApiResult, Next) {
+        self.progress_asked = Some(std::time::Instant::now());
+        let Some(st) = self.migration.as_ref() else {
+            return (Err(ApiError::NoMigration), Next::Continue);
+        };
+        let next = if self.linger.is_some() && st.completed() {
+            info!("the migration's watcher has seen it complete; this VMM ends");
+            Next::Exit(Outcome::Migrated)
+        } else {
+            Next::Continue
+        };
+        (
+            Ok(ApiResponse::MigrationProgress(Box::new(st.progress()))),
+            next,
+        )
+    }
+
     /// Runs one API request; says whether the VMM should exit afterwards.
     fn handle_api(&mut self, req: ApiRequest) -> (ApiResult, Next) {
         use ApiRequest::*;
         let done = |r: Result<(), ApiError>| (r.map(|()| ApiResponse::Empty), Next::Continue);
+        if self.linger.is_some() && !matches!(req, VmMigrationProgress | VmmPing | VmmShutdown) {
+            // The VM has left; only its migration's outcome is still told.
+            return (Err(ApiError::Gone), Next::Continue);
+        }
         match req {
             VmmPing => (Ok(ApiResponse::Ping(api::ping_response())), Next::Continue),
             VmmShutdown => {
@@ -623,6 +656,7 @@ impl Vmm {
             }
             VmSendMigration(opts) => done(self.send_migration(opts)),
             VmReceiveMigration(rc) => done(self.receive_migration(rc)),
+            VmMigrationProgress => self.migration_progress(),
             VmShutdown => done(
                 self.require("shut down", &[VmState::Running, VmState::Paused])
                     .map(|()| self.shutdown_vm()),
@@ -711,6 +745,15 @@ impl Vmm {
                 } else {
                     self.api_poll_until = None;
                 }
+            }
+            if let Some(deadline) = self.linger {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    info!("no word from the migration's watcher; this VMM ends");
+                    return Ok(Outcome::Migrated);
+                }
+                let ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+                timeout = if timeout < 0 { ms } else { timeout.min(ms) };
             }
             let n = match self.control.epoll.wait(timeout, &mut ready) {
                 Ok(n) => n,

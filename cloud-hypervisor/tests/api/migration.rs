@@ -1,7 +1,8 @@
 //! Live migration between two VMMs (`vm.send-migration`, `vm.receive-migration`, and their
 //! ch-remote commands) over `unix:` and `tcp:`, with a busy guest that rewrites 32 MiB every
 //! 20 ms and checks every word of it each round; a destination that goes away mid-way; local
-//! migration handing the memory files over; refusals.
+//! migration handing the memory files over; refusals. The progress (ours:
+//! `vm.migration-progress`, and `ch-remote send-migration` following it) along the way.
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -113,6 +114,120 @@ fn wait_child(mut c: Child) -> (Option<i32>, String) {
     }
 }
 
+/// How `migrate_and_check` starts the migration.
+enum Drive {
+    /// `ch-remote send-migration <config>`, which follows the progress; the options after
+    /// the URL. `true`: through a link that holds an answer (`held_link`), so that the
+    /// migration lasts, with its progress also asked with curl mid-way.
+    ChRemote(&'static str, bool),
+    /// `ch-remote send-migration --no-wait`, which returns at once (as the original's).
+    NoWait,
+}
+
+/// `ch-remote send-migration` on `vmm`, in the background.
+fn send(vmm: &Vmm, config: &str, no_wait: bool) -> Child {
+    let mut c = Command::new(ch_remote_bin());
+    c.arg("--api-socket")
+        .arg(&vmm.sock)
+        .args(["send-migration", config]);
+    if no_wait {
+        c.arg("--no-wait");
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `vm.migration-progress`, with curl: its status and its body as JSON (Null if none).
+fn progress(vmm: &Vmm) -> (u16, Value) {
+    let (status, text) = vmm.curl("GET", "vm.migration-progress", None);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Asks for the progress until it is no longer "running"; returns it.
+fn progress_end(vmm: &Vmm) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, p) = progress(vmm);
+        assert_eq!(status, 200, "{p}");
+        if p["state"] != "running" {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "still running: {p}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Checks the shape of a progress answer for a migration of a 256 MiB guest to `url`.
+fn check_progress(p: &Value, url: &str) {
+    let o = p
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {p}"));
+    assert_eq!(p["destination_url"], url, "{p}");
+    assert_eq!(p["memory_bytes"], 256u64 << 20, "{p}");
+    for k in [
+        "pass",
+        "bytes",
+        "total_bytes",
+        "dirty_bytes",
+        "memory_bytes",
+        "elapsed_ms",
+    ] {
+        assert!(p[k].is_u64(), "{k}: {p}");
+    }
+    let state = p["state"].as_str().unwrap_or_default();
+    assert!(["running", "completed", "failed"].contains(&state), "{p}");
+    assert_eq!(o.contains_key("downtime_us"), state == "completed", "{p}");
+    assert_eq!(o.contains_key("error"), state == "failed", "{p}");
+    assert!(p["total_bytes"].as_u64() >= p["bytes"].as_u64(), "{p}");
+}
+
+/// How long `held_link` holds the answer to the second memory pass.
+const HOLD: Duration = Duration::from_secs(1);
+
+/// A relay of one TCP connection from `listener` to `to` that holds the destination's fourth
+/// answer (Start, Config and the first memory pass are answered before it: it answers the
+/// second pass, or the last one, made while the VM is paused) for `HOLD`: the source then
+/// waits with a pass made, long enough to be seen.
+fn held_link(listener: std::net::TcpListener, to: String) -> std::thread::JoinHandle<()> {
+    use std::net::{Shutdown, TcpStream};
+    std::thread::spawn(move || {
+        let (mut src, _) = listener.accept().unwrap();
+        let mut dst = TcpStream::connect(&to).unwrap();
+        let (mut from_src, mut to_dst) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let forth = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_src, &mut to_dst);
+            let _ = to_dst.shutdown(Shutdown::Write);
+        });
+        // Answers: a 16-byte header (status, padding, payload length), then the payload.
+        for n in 1.. {
+            let mut head = [0u8; 16];
+            if dst.read_exact(&mut head).is_err() {
+                break;
+            }
+            let len = u64::from_le_bytes(head[8..].try_into().unwrap());
+            let mut payload = vec![0u8; len as usize];
+            if dst.read_exact(&mut payload).is_err() {
+                break;
+            }
+            if n == 4 {
+                std::thread::sleep(HOLD);
+            }
+            if src
+                .write_all(&head)
+                .and_then(|()| src.write_all(&payload))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = src.shutdown(Shutdown::Write);
+        let _ = forth.join();
+    })
+}
+
 /// Waits until something listens on `url`.
 fn wait_listening(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -142,8 +257,9 @@ fn wait_listening(url: &str) {
 
 /// Migrates a busy guest from one VMM to another over `url` and checks that it goes on there:
 /// the next round, every word of its 32 MiB pattern right, the same generation ID; the source
-/// VMM ends, the destination reports Running and the events of both sides.
-fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: bool) {
+/// VMM ends, the destination reports Running and the events of both sides. `drive`: how, and
+/// what ch-remote says of it.
+fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: bool, drive: Drive) {
     let dir = common::scratch(&format!("{name}-events"));
     let src_events = dir.join("src.json");
     let dst_events = dir.join("dst.json");
@@ -157,17 +273,86 @@ fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: boo
         &format!("{name}-dst"),
         &["--event-monitor", &format!("path={}", dst_events.display())],
     );
-    let url = url.replace("DIR", &b.dir.display().to_string());
+    let mut url = url.replace("DIR", &b.dir.display().to_string());
     let rx = receive(&b, &url);
     wait_listening(&url);
-    let body = json!({"destination_url": url, "local": local}).to_string();
-    let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body));
-    assert_eq!(status, 204, "{text}");
+    assert_eq!(progress(&a).0, 404, "no migration yet");
+    match drive {
+        Drive::NoWait => {
+            let local = if local { ",local=on" } else { "" };
+            let tx = send(&a, &format!("destination_url={url}{local}"), true);
+            let (code, err) = wait_child(tx);
+            assert_eq!(
+                (code, err.as_str()),
+                (Some(0), ""),
+                "returns at once, silent"
+            );
+        }
+        Drive::ChRemote(opts, long) => {
+            // The link: the source sends to it, it relays to the destination.
+            let link = long.then(|| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let to = url.strip_prefix("tcp:").expect("a tcp: URL").to_string();
+                url = format!("tcp:{}", l.local_addr().unwrap());
+                held_link(l, to)
+            });
+            let tx = send(&a, &format!("destination_url={url}{opts}"), false);
+            if long {
+                // Mid-way: running, a pass made (the link holds the next answer).
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let (status, p) = progress(&a);
+                    assert_eq!(status, 200, "{p}");
+                    check_progress(&p, &url);
+                    assert_eq!(p["state"], "running", "{p}");
+                    if p["pass"].as_u64() >= Some(1) {
+                        // The first pass sent the 32 MiB the guest writes, and more.
+                        assert!(p["total_bytes"].as_u64() >= Some(32 << 20), "{p}");
+                        assert_eq!(p["bytes"], p["total_bytes"], "{p}");
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "no pass: {p}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let (code, err) = wait_child(tx);
+            assert_eq!(code, Some(0), "send-migration: {err}");
+            let lines: Vec<&str> = err.lines().collect();
+            assert!(
+                lines[0].starts_with(&format!("migrating to {url} (256 MiB")),
+                "{err}"
+            );
+            let last = lines.last().unwrap();
+            assert!(
+                last.starts_with(&format!("migration to {url} completed in ")),
+                "{err}"
+            );
+            assert!(
+                last.contains(" passes, ") && last.contains(" downtime "),
+                "{err}"
+            );
+            let passes = lines.iter().filter(|l| l.starts_with("pass ")).count();
+            if long {
+                assert!(passes >= 1, "the held pass is seen: {err}");
+            }
+            if let Some(link) = link {
+                link.join().unwrap();
+            }
+            assert!(
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with("pass "))
+                    .all(|l| l.contains(" MiB sent (") && l.contains(" MiB dirty, ")),
+                "{err}"
+            );
+        }
+    }
     let (code, err) = wait_child(rx);
     assert_eq!(code, Some(0), "receive-migration: {err}");
     let run = a.wait();
     assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
     a_out.push_str(&run.stdout);
+    assert!(!a.sock.exists(), "the source's socket goes with it");
     let before = rounds(&a_out);
     let last = before.last().expect("rounds at the source").clone();
     assert_eq!(b.state(), "Running");
@@ -229,6 +414,7 @@ fn live_migration_over_unix_while_the_guest_writes() {
         false,
         false,
         true,
+        Drive::ChRemote("", false),
     );
 }
 
@@ -236,18 +422,27 @@ fn live_migration_over_unix_while_the_guest_writes() {
 fn live_migration_over_tcp_while_the_guest_writes() {
     // A port of this process's own, unlikely to be taken.
     let port = 20000 + (std::process::id() % 20000);
+    // Made to last a second more: the link holds an answer.
     migrate_and_check(
         "migrate-tcp",
         &format!("tcp:127.0.0.1:{port}"),
         false,
         false,
         false,
+        Drive::ChRemote(",downtime_ms=50", true),
     );
 }
 
 #[test]
 fn local_migration_hands_the_memory_files_over() {
-    migrate_and_check("migrate-local", "unix:DIR/migration.sock", true, true, true);
+    migrate_and_check(
+        "migrate-local",
+        "unix:DIR/migration.sock",
+        true,
+        true,
+        true,
+        Drive::NoWait,
+    );
 }
 
 /// A destination that takes the start of the migration and then goes away: the source fails
@@ -287,10 +482,19 @@ fn a_destination_that_dies_mid_way_leaves_the_source_running() {
         let mut some = vec![0u8; 1 << 20];
         s.read_exact(&mut some).unwrap();
     });
-    let body = json!({"destination_url": format!("unix:{}", sock.display())}).to_string();
-    let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body));
-    assert_eq!(status, 204, "{text}");
+    let url = format!("unix:{}", sock.display());
+    let body = json!({ "destination_url": url }).to_string();
+    // Driven by ch-remote, which follows it to its failure: exit 1, the reason on stderr.
+    let tx = send(&a, &url, false);
     fake.join().unwrap();
+    let (code, err) = wait_child(tx);
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("ch-remote: vm.send-migration: the migration failed after "),
+        "{err}"
+    );
+    assert!(last.contains("sending memory"), "{err}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !events(&events_file)
         .iter()
@@ -300,6 +504,13 @@ fn a_destination_that_dies_mid_way_leaves_the_source_running() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(a.state(), "Running");
+    // The endpoint says so, the same each time, while the VM runs on.
+    let (status, p) = progress(&a);
+    assert_eq!(status, 200);
+    check_progress(&p, &url);
+    assert_eq!(p["state"], "failed", "{p}");
+    assert!(last.ends_with(p["error"].as_str().unwrap()), "{p} / {err}");
+    assert_eq!(progress(&a).1, p, "a failed migration's progress stays");
     let n = rounds(&out).last().unwrap().0;
     let r = until_round(&mut a, &mut out, n + 10);
     assert!(r.iter().all(|x| x.1 == "ok"), "{out}");
@@ -317,6 +528,8 @@ fn a_destination_that_dies_mid_way_leaves_the_source_running() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(a.state(), "Running");
+    let p = progress_end(&a);
+    assert_eq!(p["state"], "failed", "{p}");
     assert_eq!(a.put("vmm.shutdown").0, 200);
 }
 
@@ -325,6 +538,17 @@ fn a_destination_that_dies_mid_way_leaves_the_source_running() {
 fn migration_refusals() {
     require_curl();
     let (a, _) = boot("migrate-refusals", false, false, &[]);
+    // No migration yet: the endpoint's own 404.
+    let (status, text) = a.curl("GET", "vm.migration-progress", None);
+    assert_eq!(status, 404, "{text}");
+    assert_eq!(
+        error_lines(&text),
+        [
+            "Error from API",
+            "The migration progress is not available",
+            "No migration has been started"
+        ]
+    );
     for (body, why) in [
         (
             json!({"destination_url": "unix:/nonexistent/dir/sock", "local": true}),
@@ -351,8 +575,22 @@ fn migration_refusals() {
     }
     // A destination that is not there: the send starts, fails, the VM runs on.
     let body = json!({"destination_url": "unix:/nonexistent/dir/sock"}).to_string();
+    assert_eq!(progress(&a).0, 404, "refused requests start no migration");
     assert_eq!(a.curl("PUT", "vm.send-migration", Some(&body)).0, 204);
-    std::thread::sleep(Duration::from_millis(300));
+    let p = progress_end(&a);
+    check_progress(&p, "unix:/nonexistent/dir/sock");
+    assert_eq!(p["state"], "failed", "{p}");
+    assert!(
+        p["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot connect to unix:/nonexistent/dir/sock"),
+        "{p}"
+    );
+    assert_eq!(
+        (p["pass"].as_u64(), p["total_bytes"].as_u64()),
+        (Some(0), Some(0))
+    );
     assert_eq!(a.state(), "Running");
     // Receiving while a VM is created.
     let body = json!({"receiver_url": "unix:/tmp/never.sock"}).to_string();

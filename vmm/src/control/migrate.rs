@@ -3,17 +3,24 @@
 //! channel and an event fd the loop watches, and gives the VM back at the end: the VMM ends
 //! after a success, and keeps running its VM after a failure. Receiving runs on the loop
 //! itself (the request is answered when the VM has arrived, as the original's).
+//!
+//! `vm.migration-progress` (ours) answers where the current or last send stands. After a
+//! success, a VMM whose progress someone polls (asked within `WATCHED`) waits to end until
+//! the next poll has been answered "completed" (`LINGER` at most), so a poller (`ch-remote
+//! send-migration`) learns the outcome instead of finding the socket gone.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use api::{ApiError, VmState};
+use api::{ApiError, MigrationProgress, MigrationState, VmState};
 use guest_memory::GuestMemoryMmap;
 use hypervisor::KvmHypervisor;
 use log::{error, info, warn};
 use vm_config::{ReceiveMigrationConfig, SendMigrationConfig};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{serial_sink, Endpoints, Next, Vmm, EV_MIGRATION};
@@ -31,6 +38,58 @@ pub(super) struct Outgoing {
     thread: JoinHandle<(Vm, Result<(), String>)>,
     progress: Receiver<Option<Progress>>,
     wake: EventFd,
+}
+
+/// A poll of `vm.migration-progress` this recent when a send succeeds means someone watches
+/// it: the VMM waits for their next poll before it ends.
+const WATCHED: Duration = Duration::from_secs(5);
+/// The longest the VMM waits, after a success, for a watcher to learn of it.
+const LINGER: Duration = Duration::from_secs(3);
+
+/// What `vm.migration-progress` answers from: the current or last send.
+pub(super) struct Status {
+    started: Instant,
+    ended: Option<Instant>,
+    progress: MigrationProgress,
+}
+
+impl Status {
+    fn new(destination_url: &str, memory_bytes: u64) -> Self {
+        Status {
+            started: Instant::now(),
+            ended: None,
+            progress: MigrationProgress {
+                state: MigrationState::Running,
+                destination_url: destination_url.to_string(),
+                pass: 0,
+                bytes: 0,
+                total_bytes: 0,
+                dirty_bytes: 0,
+                memory_bytes,
+                elapsed_ms: 0,
+                downtime_us: None,
+                error: None,
+            },
+        }
+    }
+
+    fn end(&mut self, state: MigrationState) {
+        self.progress.state = state;
+        self.ended = Some(Instant::now());
+    }
+
+    /// The answer now: the time since the start, frozen at the end.
+    pub(super) fn progress(&self) -> MigrationProgress {
+        let elapsed = self.ended.unwrap_or_else(Instant::now) - self.started;
+        MigrationProgress {
+            elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            ..self.progress.clone()
+        }
+    }
+
+    pub(super) fn completed(&self) -> bool {
+        self.progress.state == MigrationState::Completed
+    }
 }
 
 /// The original's chain for a send that could not start or failed.
@@ -70,6 +129,11 @@ impl Vmm {
             ));
         }
         let paused = self.state == VmState::Paused;
+        let memory_bytes = self
+            .vm
+            .as_ref()
+            .map_or(0, |vm| vm.memory().iter().map(|r| r.len()).sum());
+        let status = Status::new(&opts.destination_url, memory_bytes);
         let Some(mut vm) = self.vm.take() else {
             return Err(send_error("VM is not running"));
         };
@@ -121,6 +185,7 @@ impl Vmm {
                     progress: rx,
                     wake,
                 });
+                self.migration = Some(status);
                 Ok(())
             }
             Err(e) => {
@@ -147,6 +212,12 @@ impl Vmm {
                     total,
                     dirty,
                 }) => {
+                    if let Some(st) = self.migration.as_mut() {
+                        st.progress.pass = pass;
+                        st.progress.bytes = bytes;
+                        st.progress.total_bytes = total;
+                        st.progress.dirty_bytes = dirty;
+                    }
                     let props = properties([
                         ("pass", pass.to_string()),
                         ("bytes", bytes.to_string()),
@@ -161,6 +232,17 @@ impl Vmm {
                     total,
                     downtime,
                 }) => {
+                    if let Some(st) = self.migration.as_mut() {
+                        // The last pass, made while the VM was paused, left nothing dirty.
+                        if passes > st.progress.pass {
+                            st.progress.bytes = total.saturating_sub(st.progress.total_bytes);
+                        }
+                        st.progress.pass = passes;
+                        st.progress.total_bytes = total;
+                        st.progress.dirty_bytes = 0;
+                        st.progress.downtime_us =
+                            Some(u64::try_from(downtime.as_micros()).unwrap_or(u64::MAX));
+                    }
                     let props = properties([
                         ("passes", passes.to_string()),
                         ("total_bytes", total.to_string()),
@@ -183,15 +265,32 @@ impl Vmm {
             Ok(r) => r,
             Err(_) => {
                 error!("the migration thread panicked; the VM is lost");
+                if let Some(st) = self.migration.as_mut() {
+                    st.progress.error =
+                        Some("the migration thread panicked; the VM is lost".into());
+                    st.end(MigrationState::Failed);
+                }
                 return Next::Continue;
             }
         };
         self.vm = Some(vm);
         match result {
             Ok(()) => {
+                if let Some(st) = self.migration.as_mut() {
+                    st.end(MigrationState::Completed);
+                }
                 self.monitor.emit("vm", "migration-finished");
-                info!("the VM now runs at the destination; this VMM ends");
                 self.shutdown_vm();
+                let watched = self.progress_asked.is_some_and(|t| t.elapsed() <= WATCHED);
+                if watched {
+                    info!(
+                        "the VM now runs at the destination; this VMM ends once the migration's \
+                         watcher has seen it (within {LINGER:?})"
+                    );
+                    self.linger = Some(Instant::now() + LINGER);
+                    return Next::Continue;
+                }
+                info!("the VM now runs at the destination; this VMM ends");
                 Next::Exit(Outcome::Migrated)
             }
             Err(e) => {
@@ -206,6 +305,10 @@ impl Vmm {
                 }
                 let (slots, cpus) = std::mem::take(&mut self.deferred_ejects);
                 self.apply_ejections(slots, cpus);
+                if let Some(st) = self.migration.as_mut() {
+                    st.progress.error = Some(e.clone());
+                    st.end(MigrationState::Failed);
+                }
                 let props = properties([("error", e)]);
                 self.monitor
                     .emit_with("vm", "migration-failed", Some(&props));
@@ -334,5 +437,29 @@ impl Builder for Incoming<'_> {
     fn complete(&mut self) -> Result<(), String> {
         let vm = self.vm.as_mut().ok_or("Complete before State")?;
         vm.resume().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `vm.migration-progress` answers from: running with the time going on, then the
+    /// end's state with the time frozen.
+    #[test]
+    fn status_freezes_at_the_end() {
+        let mut st = Status::new("unix:/m", 256 << 20);
+        let p = st.progress();
+        assert_eq!(p.state, MigrationState::Running);
+        assert_eq!((p.pass, p.total_bytes, p.memory_bytes), (0, 0, 256 << 20));
+        assert!(!st.completed());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(st.progress().elapsed_ms >= 5);
+        st.end(MigrationState::Completed);
+        assert!(st.completed());
+        let at_end = st.progress().elapsed_ms;
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(st.progress().elapsed_ms, at_end);
+        assert_eq!(st.progress().state, MigrationState::Completed);
     }
 }
