@@ -361,7 +361,7 @@ impl AcpiMem {
         let mut added = false;
         for slot in 0..self.slots {
             self.select(slot);
-            let (ins, rmv) = (self.m.mins.read() != 0, self.m.mrmv.read() != 0);
+            let (mut ins, rmv) = (self.m.mins.read() != 0, self.m.mrmv.read() != 0);
             let known = self.online[slot as usize].is_some();
             if rmv {
                 self.m.mrmv.write(1);
@@ -370,7 +370,21 @@ impl AcpiMem {
                     format_args!("slot={slot}: MRMV set, but memory cannot be removed"),
                 );
             }
+            let present = match self.present(slot) {
+                Ok(p) => p,
+                Err(e) => {
+                    fail("acpimem-sta", format_args!("{e}"));
+                    continue;
+                }
+            };
+            // MINS and `_STA` are two reads: a DIMM plugged between them is present with MINS
+            // set (the VMM sets both at once), and its own GED event follows. Take it now.
+            if present && !known && !ins {
+                self.select(slot);
+                ins = self.m.mins.read() != 0;
+            }
             if ins {
+                self.select(slot);
                 self.m.mins.write(1);
                 self.select(slot);
                 if self.m.mins.read() != 0 {
@@ -380,13 +394,6 @@ impl AcpiMem {
                     );
                 }
             }
-            let present = match self.present(slot) {
-                Ok(p) => p,
-                Err(e) => {
-                    fail("acpimem-sta", format_args!("{e}"));
-                    continue;
-                }
-            };
             if ins {
                 if !present {
                     fail(
