@@ -409,12 +409,35 @@ fn split_options(raw: &str) -> Vec<&str> {
     parts.into_iter().filter(|p| !p.is_empty()).collect()
 }
 
+/// The JSON spelling of the enumerations the migration options take (the help text writes
+/// them in lower case, the API's schema capitalised, as the original's ch-remote converts).
+fn enum_value(sub: &str, key: &str, v: &str) -> Result<Option<Value>, String> {
+    let names: &[&str] = match key {
+        "timeout_strategy" => &["Cancel", "Ignore"],
+        "memory_mode" => &["Precopy", "Postcopy"],
+        _ => return Ok(None),
+    };
+    names
+        .iter()
+        .find(|n| n.eq_ignore_ascii_case(v))
+        .map(|n| Some(Value::from(*n)))
+        .ok_or_else(|| {
+            let all: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+            format!("{sub}: {key}={v}: expected {}", all.join(" or "))
+        })
+}
+
 fn kv_body(sub: &str, primary: &str, raw: Option<&str>) -> Result<Value, String> {
     let mut map = Map::new();
     for part in split_options(raw.unwrap_or("")) {
         match part.split_once('=') {
             Some((k, v)) => {
-                map.insert(k.to_string(), kv_value(v.trim_matches('"')));
+                let v = v.trim_matches('"');
+                let value = match enum_value(sub, k, v)? {
+                    Some(e) => e,
+                    None => kv_value(v),
+                };
+                map.insert(k.to_string(), value);
             }
             None if !primary.is_empty() => {
                 map.insert(primary.to_string(), Value::String(part.to_string()));
@@ -769,6 +792,31 @@ mod tests {
         assert_eq!(
             body_of(&["add-disk", "path=/img,readonly=on"]).unwrap()["readonly"],
             true
+        );
+        // The migration enumerations in the API's spelling, as the original's ch-remote
+        // sends them (checked by capturing its request), whatever the case given.
+        let send = body_of(&[
+            "send-migration",
+            "destination_url=unix:/m,timeout_strategy=ignore,memory_mode=PRECOPY",
+        ])
+        .unwrap();
+        assert_eq!(send["timeout_strategy"], "Ignore");
+        assert_eq!(send["memory_mode"], "Precopy");
+        assert_eq!(
+            body_of(&[
+                "receive-migration",
+                "receiver_url=unix:/m,memory_mode=postcopy"
+            ])
+            .unwrap()["memory_mode"],
+            "Postcopy"
+        );
+        let bad = body_of(&[
+            "send-migration",
+            "destination_url=unix:/m,timeout_strategy=wait",
+        ]);
+        assert_eq!(
+            bad.unwrap_err(),
+            "send-migration: timeout_strategy=wait: expected cancel or ignore"
         );
         assert!(body_of(&["add-fs", "novalue"]).is_err());
         assert!(body_of(&["resize", "--memory", "lots"]).is_err());
