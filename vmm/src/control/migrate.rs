@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -134,15 +135,20 @@ impl Vmm {
             .as_ref()
             .map_or(0, |vm| vm.memory().iter().map(|r| r.len()).sum());
         let status = Status::new(&opts.destination_url, memory_bytes);
-        let Some(mut vm) = self.vm.take() else {
-            return Err(send_error("VM is not running"));
-        };
         let (tx, rx) = channel();
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| send_error(e.to_string()))?;
         let thread_wake = wake.try_clone().map_err(|e| send_error(e.to_string()))?;
         self.control
             .add(wake.as_raw_fd(), EV_MIGRATION)
             .map_err(|e| send_error(e.to_string()))?;
+        // The thread takes the VM out of this slot when it starts; a thread that cannot start
+        // (or never runs its body: its filter failed) leaves it here to be taken back.
+        let Some(vm) = self.vm.take() else {
+            self.control.remove(wake.as_raw_fd());
+            return Err(send_error("VM is not running"));
+        };
+        let slot = Arc::new(Mutex::new(Some(vm)));
+        let thread_slot = Arc::clone(&slot);
         info!(
             "sending the VM to {} (local={}, downtime {} ms, timeout {} s)",
             opts.destination_url, opts.local, opts.downtime_ms, opts.timeout_s
@@ -152,6 +158,11 @@ impl Vmm {
             "migration".into(),
             crate::seccomp_filters::migration(),
             move || {
+                let mut vm = thread_slot
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .expect("the VM was put in the slot before the thread started");
                 let (ptx, prx) = channel();
                 // Progress goes on as it comes: a relay that wakes the loop for each message.
                 let relay_wake = thread_wake.try_clone();
@@ -190,6 +201,8 @@ impl Vmm {
             }
             Err(e) => {
                 self.control.remove(wake.as_raw_fd());
+                // The VM runs on here.
+                self.vm = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
                 Err(send_error(format!(
                     "cannot start the migration thread: {e}"
                 )))
