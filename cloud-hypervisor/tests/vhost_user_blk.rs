@@ -7,13 +7,14 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::ops::Deref;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{boot, guest, scratch, spawn, wait_with_timeout, Run};
+use common::{boot_vhost_user_blk, guest, spawn, wait_until, wait_with_timeout, Fixture, Run};
 
 const SECTORS: u64 = 16;
 const MIB: u64 = 1 << 20;
@@ -34,14 +35,20 @@ impl Backend {
     fn start(img: &Path, sock: &Path, extra: &str) -> Self {
         let args = format!("path={},socket={}{extra}", img.display(), sock.display());
         let _ = std::fs::remove_file(sock);
-        let child = Command::new(backend_bin())
-            .args(["--block-backend", &args])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting vhost_user_block");
-        let b = Backend { child, args };
+        let b = Backend {
+            child: Self::spawn(&args),
+            args,
+        };
         b.wait_listening(sock);
         b
+    }
+
+    fn spawn(args: &str) -> Child {
+        Command::new(backend_bin())
+            .args(["--block-backend", args])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting vhost_user_block")
     }
 
     /// Until the backend's socket file appears (it serves one connection: a probe would use
@@ -62,12 +69,7 @@ impl Backend {
 
     fn restart(&mut self, sock: &Path) {
         self.kill();
-        let child = Command::new(backend_bin())
-            .args(["--block-backend", &self.args])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting vhost_user_block");
-        self.child = child;
+        self.child = Self::spawn(&self.args);
         self.wait_listening(sock);
     }
 }
@@ -168,26 +170,6 @@ fn serial_of(img: &Path) -> String {
     s
 }
 
-fn boot_blk(sock: &Path, queues: u16, id: &str) -> Run {
-    let disk = format!(
-        "vhost_user=on,socket={},num_queues={queues}",
-        sock.display()
-    );
-    let cmdline = format!("test=blk blk_disks=1 blk_sectors={SECTORS} blk_id={id}");
-    boot(
-        &guest().elf_pvh,
-        &cmdline,
-        &[
-            "--memory",
-            "size=256M,shared=on",
-            "--cpus",
-            "boot=2",
-            "--disk",
-            &disk,
-        ],
-    )
-}
-
 fn assert_blk_passed(r: &Run, queues: u16) {
     r.assert_guest_passed();
     for c in [
@@ -207,18 +189,88 @@ fn assert_blk_passed(r: &Run, queues: u16) {
     }
 }
 
+/// A test's files: its scratch directory `name` (`common::Fixture`, the backend's socket
+/// `vub.sock`) and the image the backend serves.
+struct BlkFixture {
+    files: Fixture,
+    img: PathBuf,
+}
+
+impl Deref for BlkFixture {
+    type Target = Fixture;
+
+    fn deref(&self) -> &Fixture {
+        &self.files
+    }
+}
+
+impl BlkFixture {
+    /// The image is named `img` (not made yet).
+    fn new(name: &str, img: &str) -> Self {
+        let files = Fixture::new(name, "vub.sock");
+        let img = files.dir.join(img);
+        BlkFixture { files, img }
+    }
+
+    /// For the `blkfault` scenario: an 8 MiB raw image of zeroes.
+    fn zeroed(name: &str) -> Self {
+        let fx = Self::new(name, "disk.raw");
+        std::fs::write(&fx.img, vec![0u8; 8 * MIB as usize]).unwrap();
+        fx
+    }
+
+    /// Our backend serving the image on `sock`, with `extra` options (`,key=value...`).
+    fn backend(&self, extra: &str) -> Backend {
+        Backend::start(&self.img, &self.sock, extra)
+    }
+
+    /// The VMM booting `cmdline` with shared guest RAM and `--disk <disk>`, its serial output
+    /// here, with `-v` first if `verbose` and the API socket here if `api`.
+    fn spawn_vmm(&self, verbose: bool, cmdline: &str, disk: &str, api: bool) -> Child {
+        let (serial, api_arg) = (self.serial_arg(), self.api_arg());
+        let mut args = vec![
+            "--kernel",
+            guest().elf_pvh.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            "size=256M,shared=on",
+            "--disk",
+            disk,
+            "--serial",
+            &serial,
+            "--console",
+            "off",
+        ];
+        if verbose {
+            args.insert(0, "-v");
+        }
+        if api {
+            args.extend(["--api-socket", &api_arg]);
+        }
+        spawn(&args)
+    }
+
+    /// The VMM of a `blkfault` guest writing `blocks` blocks through the backend (`-v` first
+    /// if `verbose`), with its API here.
+    fn spawn_blkfault(&self, verbose: bool, blocks: u64) -> Child {
+        let cmdline = format!("test=blkfault blkfault_chunk=8 blkfault_blocks={blocks}");
+        let disk = format!("vhost_user=on,socket={}", self.sock.display());
+        self.spawn_vmm(verbose, &cmdline, &disk, true)
+    }
+}
+
 /// A raw image through one queue and through the last of two: the guest reads the host's
 /// bytes, writes its own, reads them back, and they are in the file byte for byte.
 #[test]
 fn raw_image_through_our_backend() {
     for queues in [1u16, 2] {
-        let dir = scratch(&format!("vub-raw{queues}"));
-        let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-        std::fs::write(&img, host_image()).unwrap();
-        let _b = Backend::start(&img, &sock, &format!(",num_queues={queues}"));
-        let r = boot_blk(&sock, queues, &serial_of(&img));
+        let fx = BlkFixture::new(&format!("vub-raw{queues}"), "disk.raw");
+        std::fs::write(&fx.img, host_image()).unwrap();
+        let _b = fx.backend(&format!(",num_queues={queues}"));
+        let r = boot_vhost_user_blk(&fx.sock, queues, SECTORS, &serial_of(&fx.img));
         assert_blk_passed(&r, queues);
-        check_written(&std::fs::read(&img).unwrap(), queues);
+        check_written(&std::fs::read(&fx.img).unwrap(), queues);
     }
 }
 
@@ -226,26 +278,54 @@ fn raw_image_through_our_backend() {
 /// the file, which must also pass `qemu-img check`.
 #[test]
 fn qcow2_image_through_our_backend() {
-    let dir = scratch("vub-qcow2");
-    let (img, sock) = (dir.join("disk.qcow2"), dir.join("vub.sock"));
-    make_qcow2(&img, &host_image());
-    let b = Backend::start(&img, &sock, ",num_queues=2,poll_queue=off");
-    let r = boot_blk(&sock, 2, &serial_of(&img));
+    let fx = BlkFixture::new("vub-qcow2", "disk.qcow2");
+    make_qcow2(&fx.img, &host_image());
+    let b = fx.backend(",num_queues=2,poll_queue=off");
+    let r = boot_vhost_user_blk(&fx.sock, 2, SECTORS, &serial_of(&fx.img));
     assert_blk_passed(&r, 2);
     drop(b);
-    check_written(&qcow2_content(&img), 2);
+    check_written(&qcow2_content(&fx.img), 2);
+}
+
+/// One request on the API socket (`Connection: close`; a PUT carries the JSON `body`), its
+/// answer awaited `timeout` at most: the status line and the body.
+fn api_call(sock: &Path, method: &str, what: &str, body: &str, timeout: u64) -> (String, String) {
+    let mut s = UnixStream::connect(sock).expect("the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(timeout)))
+        .unwrap();
+    let content = if method == "PUT" {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    } else {
+        String::new()
+    };
+    let req = format!(
+        "{method} /api/v1/{what} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         {content}\r\n{body}"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.lines().next().unwrap_or_default().to_string();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
 }
 
 /// `GET /api/v1/<what>` on the API socket: the status line.
 fn api_get(sock: &Path, what: &str) -> String {
-    let mut s = UnixStream::connect(sock).expect("the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let req =
-        format!("GET /api/v1/{what} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.lines().next().unwrap_or_default().to_string()
+    api_call(sock, "GET", what, "", 5).0
+}
+
+/// The body of a GET on the API.
+fn api_get_body(sock: &Path, what: &str) -> String {
+    api_call(sock, "GET", what, "", 5).1
+}
+
+/// `PUT /api/v1/<what>` on the API socket with a JSON `body`: the status line and the body.
+fn api_put(sock: &Path, what: &str, body: &str) -> (String, String) {
+    api_call(sock, "PUT", what, body, 30)
 }
 
 /// The highest `BLKFAULT flushed <n>` the guest printed so far.
@@ -277,6 +357,43 @@ fn word(n: u64, s: u64, w: u64) -> u64 {
     (n + 1) << 32 | (s & 0xff_ffff) << 8 | w
 }
 
+/// The guest finished `blocks` writes without an error and read them back.
+fn check_blkfault_guest(r: &Run, blocks: u64) {
+    r.assert_guest_passed();
+    r.assert_passed("blkfault-readback");
+    assert!(
+        r.stdout.contains(&format!(
+            "BLKFAULT done writes={blocks} errors=0 readback={blocks}"
+        )),
+        "{}",
+        r.stdout
+    );
+}
+
+/// The image holds each of the guest's `blocks` writes byte for byte, and zeroes after them.
+fn check_blkfault_image(img: &Path, blocks: u64) {
+    let content = std::fs::read(img).unwrap();
+    for n in 0..blocks {
+        for s in n * 8..n * 8 + 8 {
+            for w in 0..64 {
+                let at = (s * 512 + w * 8) as usize;
+                let got = u64::from_le_bytes(content[at..at + 8].try_into().unwrap());
+                assert_eq!(got, word(n, s, w), "write {n} sector {s} word {w}");
+            }
+        }
+    }
+    assert!(content[(blocks * 8 * 512) as usize..]
+        .iter()
+        .all(|&x| x == 0));
+}
+
+/// The guest finished `blocks` writes without an error, read them back, and the image holds
+/// each byte for byte.
+fn check_blkfault_done(r: &Run, img: &Path, blocks: u64) {
+    check_blkfault_guest(r, blocks);
+    check_blkfault_image(img, blocks);
+}
+
 /// The backend SIGKILLed twice while the guest writes and flushes (`blkfault`: write n to
 /// block n, 8 sectors, a FLUSH after each), started again after a while each time: meanwhile
 /// the guest's request waits (its writes make no progress) and the VMM answers its API; then
@@ -286,61 +403,31 @@ fn word(n: u64, s: u64, w: u64) -> u64 {
 #[test]
 fn backend_killed_and_restarted_under_guest_io() {
     const BLOCKS: u64 = 1500;
-    let dir = scratch("vub-reconnect");
-    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
-    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
-    let mut b = Backend::start(&img, &sock, "");
-    let cmdline = format!("test=blkfault blkfault_chunk=8 blkfault_blocks={BLOCKS}");
-    let disk = format!("vhost_user=on,socket={}", sock.display());
-    let child = spawn(&[
-        "--kernel",
-        guest().elf_pvh.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-        "--memory",
-        "size=256M,shared=on",
-        "--disk",
-        &disk,
-        "--serial",
-        &format!("file={}", serial.display()),
-        "--console",
-        "off",
-        "--api-socket",
-        &format!("path={}", api.display()),
-    ]);
+    let fx = BlkFixture::zeroed("vub-reconnect");
+    let mut b = fx.backend("");
+    let child = fx.spawn_blkfault(false, BLOCKS);
     let mut outages = Vec::new();
     for at in [100, 600] {
-        wait_flushed(&serial, at);
+        wait_flushed(&fx.serial, at);
         b.kill();
-        let before = flushed(&serial);
+        let before = flushed(&fx.serial);
         let t = Instant::now();
         // The backend is gone for 500 ms: the guest's writes wait, the VMM answers.
         while t.elapsed() < Duration::from_millis(500) {
-            assert_eq!(api_get(&api, "vmm.ping"), "HTTP/1.1 200 ");
-            assert_eq!(api_get(&api, "vm.info"), "HTTP/1.1 200 ");
+            assert_eq!(api_get(&fx.api, "vmm.ping"), "HTTP/1.1 200 ");
+            assert_eq!(api_get(&fx.api, "vm.info"), "HTTP/1.1 200 ");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let stalled = flushed(&serial);
+        let stalled = flushed(&fx.serial);
         assert!(
             stalled <= before + 1,
             "the guest went on without a backend: write {before} then {stalled}"
         );
-        b.restart(&sock);
+        b.restart(&fx.sock);
         outages.push((before, stalled));
     }
-    let r = wait_with_timeout(child, Duration::from_secs(120));
-    let out = std::fs::read_to_string(&serial).unwrap();
-    let r = Run { stdout: out, ..r };
-    r.assert_guest_passed();
-    r.assert_passed("blkfault-readback");
-    assert!(
-        r.stdout.contains(&format!(
-            "BLKFAULT done writes={BLOCKS} errors=0 readback={BLOCKS}"
-        )),
-        "{}",
-        r.stdout
-    );
+    let r = fx.wait(child, Duration::from_secs(120));
+    check_blkfault_guest(&r, BLOCKS);
     // Each time the guest's next request was waiting (its driver has one in flight): the new
     // backend ran it.
     let replays: Vec<&str> = r
@@ -357,32 +444,7 @@ fn backend_killed_and_restarted_under_guest_io() {
     for l in r.stderr.lines().filter(|l| l.contains("vhost-user-blk")) {
         eprintln!("{l}");
     }
-    let content = std::fs::read(&img).unwrap();
-    for n in 0..BLOCKS {
-        for s in n * 8..n * 8 + 8 {
-            for w in 0..64 {
-                let at = (s * 512 + w * 8) as usize;
-                let got = u64::from_le_bytes(content[at..at + 8].try_into().unwrap());
-                assert_eq!(got, word(n, s, w), "write {n} sector {s} word {w}");
-            }
-        }
-    }
-    assert!(content[(BLOCKS * 8 * 512) as usize..]
-        .iter()
-        .all(|&x| x == 0));
-}
-
-/// Until `needle` is in the serial file (`secs` at most); the text.
-fn wait_serial(serial: &Path, needle: &str, secs: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let text = std::fs::read_to_string(serial).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?}:\n{text}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    check_blkfault_image(&fx.img, BLOCKS);
 }
 
 /// `vhost_reconnect_timeout=1`: the backend SIGKILLed and not back within a second, so the
@@ -392,43 +454,27 @@ fn wait_serial(serial: &Path, needle: &str, secs: u64) -> String {
 /// reads and a write are served (sector 8 is in the image).
 #[test]
 fn backend_gone_past_the_timeout_then_the_reset_device_connects_again() {
-    let dir = scratch("vub-give-up");
-    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-    let serial = dir.join("serial.txt");
-    std::fs::write(&img, host_image()).unwrap();
-    let mut b = Backend::start(&img, &sock, "");
+    let fx = BlkFixture::new("vub-give-up", "disk.raw");
+    std::fs::write(&fx.img, host_image()).unwrap();
+    let mut b = fx.backend("");
     let disk = format!(
         "vhost_user=on,socket={},vhost_reconnect_timeout=1",
-        sock.display()
+        fx.sock.display()
     );
-    let child = spawn(&[
-        "--kernel",
-        guest().elf_pvh.to_str().unwrap(),
-        "--cmdline",
-        "test=blk-reset",
-        "--memory",
-        "size=256M,shared=on",
-        "--disk",
-        &disk,
-        "--serial",
-        &format!("file={}", serial.display()),
-        "--console",
-        "off",
-    ]);
-    wait_serial(&serial, "BLKRESET waiting for the backend to go", 30);
+    let child = fx.spawn_vmm(false, "test=blk-reset", &disk, false);
+    let secs30 = Duration::from_secs(30);
+    fx.wait_serial("BLKRESET waiting for the backend to go", secs30);
     b.kill();
     let t = Instant::now();
-    let text = wait_serial(&serial, "blkreset-needs-reset", 30);
+    let text = fx.wait_serial("blkreset-needs-reset", secs30);
     let gave_up = t.elapsed();
     assert!(text.contains("PASS blkreset-needs-reset"), "{text}");
     assert!(
         gave_up >= Duration::from_millis(900) && gave_up < Duration::from_secs(10),
         "NEEDS_RESET after {gave_up:?}"
     );
-    b.restart(&sock);
-    let r = wait_with_timeout(child, Duration::from_secs(60));
-    let out = std::fs::read_to_string(&serial).unwrap();
-    let r = Run { stdout: out, ..r };
+    b.restart(&fx.sock);
+    let r = fx.wait(child, Duration::from_secs(60));
     r.assert_guest_passed();
     for c in [
         "blkreset-read",
@@ -449,80 +495,12 @@ fn backend_gone_past_the_timeout_then_the_reset_device_connects_again() {
         r.stderr
     );
     eprintln!("NEEDS_RESET {} ms after the kill", gave_up.as_millis());
-    let content = std::fs::read(&img).unwrap();
+    let content = std::fs::read(&fx.img).unwrap();
     assert!(content[8 * 512..9 * 512].iter().all(|&x| x == 0xa5));
     assert!(content[..8 * 512]
         .chunks(512)
         .enumerate()
         .all(|(s, c)| c.iter().all(|&x| x == host_pattern(s as u64))));
-}
-
-/// `PUT /api/v1/<what>` on the API socket with a JSON `body`: the status line and the body.
-fn api_put(sock: &Path, what: &str, body: &str) -> (String, String) {
-    let mut s = UnixStream::connect(sock).expect("the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = format!(
-        "PUT /api/v1/{what} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.lines().next().unwrap_or_default().to_string();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-    (status, body)
-}
-
-/// The VMM of a `blkfault` guest writing `blocks` blocks through the backend at `sock`, with
-/// its serial in `serial` and its API on `api`.
-fn spawn_blkfault(sock: &Path, serial: &Path, api: &Path, blocks: u64) -> Child {
-    let cmdline = format!("test=blkfault blkfault_chunk=8 blkfault_blocks={blocks}");
-    let disk = format!("vhost_user=on,socket={}", sock.display());
-    spawn(&[
-        "-v",
-        "--kernel",
-        guest().elf_pvh.to_str().unwrap(),
-        "--cmdline",
-        &cmdline,
-        "--memory",
-        "size=256M,shared=on",
-        "--disk",
-        &disk,
-        "--serial",
-        &format!("file={}", serial.display()),
-        "--console",
-        "off",
-        "--api-socket",
-        &format!("path={}", api.display()),
-    ])
-}
-
-/// The guest finished `blocks` writes without an error, read them back, and the image holds
-/// each byte for byte.
-fn check_blkfault_done(r: &Run, img: &Path, blocks: u64) {
-    r.assert_guest_passed();
-    r.assert_passed("blkfault-readback");
-    assert!(
-        r.stdout.contains(&format!(
-            "BLKFAULT done writes={blocks} errors=0 readback={blocks}"
-        )),
-        "{}",
-        r.stdout
-    );
-    let content = std::fs::read(img).unwrap();
-    for n in 0..blocks {
-        for s in n * 8..n * 8 + 8 {
-            for w in 0..64 {
-                let at = (s * 512 + w * 8) as usize;
-                let got = u64::from_le_bytes(content[at..at + 8].try_into().unwrap());
-                assert_eq!(got, word(n, s, w), "write {n} sector {s} word {w}");
-            }
-        }
-    }
-    assert!(content[(blocks * 8 * 512) as usize..]
-        .iter()
-        .all(|&x| x == 0));
 }
 
 /// Pauses the VM and snapshots it into `snap` (created): its devices are paused too (the
@@ -559,39 +537,36 @@ fn pause_and_snapshot(api: &Path, snap: &Path) -> serde_json::Value {
 #[test]
 fn paused_and_snapshotted_under_guest_io_then_resumed() {
     const BLOCKS: u64 = 1500;
-    let dir = scratch("vub-pause");
-    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
-    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
-    let _b = Backend::start(&img, &sock, "");
-    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
-    wait_flushed(&serial, 200);
-    let t = pause_and_snapshot(&api, &dir.join("snap"));
+    let fx = BlkFixture::zeroed("vub-pause");
+    let _b = fx.backend("");
+    let child = fx.spawn_blkfault(true, BLOCKS);
+    wait_flushed(&fx.serial, 200);
+    let t = pause_and_snapshot(&fx.api, &fx.dir.join("snap"));
     let q = &t["queues"][0];
     assert_eq!(t["activated"], true, "{t}");
     // The backend serves in ring order and stopped between two batches: nothing in flight.
     assert_eq!(q["next_avail"], q["next_used"], "{q}");
     assert!(q["next_avail"].as_u64().unwrap() > 0, "{q}");
-    let (before, image) = (flushed(&serial), std::fs::read(&img).unwrap());
+    let (before, image) = (flushed(&fx.serial), std::fs::read(&fx.img).unwrap());
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(flushed(&serial), before, "the guest went on while paused");
+    assert_eq!(
+        flushed(&fx.serial),
+        before,
+        "the guest went on while paused"
+    );
     assert!(
-        std::fs::read(&img).unwrap() == image,
+        std::fs::read(&fx.img).unwrap() == image,
         "the image changed while paused"
     );
-    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
-    let r = wait_with_timeout(child, Duration::from_secs(120));
-    let r = Run {
-        stdout: std::fs::read_to_string(&serial).unwrap(),
-        ..r
-    };
+    assert_eq!(api_put(&fx.api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = fx.wait(child, Duration::from_secs(120));
     let paused = format!(
         "vhost-user-blk: paused: queue 0 at {} (used {})",
         q["next_avail"], q["next_used"]
     );
     assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
     assert!(r.stderr.contains("vhost-user-blk: resumed"), "{}", r.stderr);
-    check_blkfault_done(&r, &img, BLOCKS);
+    check_blkfault_done(&r, &fx.img, BLOCKS);
 }
 
 /// Snapshot under guest I/O, then the VMM and its backend gone; a fresh backend on the same
@@ -601,46 +576,36 @@ fn paused_and_snapshotted_under_guest_io_then_resumed() {
 #[test]
 fn snapshot_restored_in_a_new_vmm_with_a_fresh_backend() {
     const BLOCKS: u64 = 1000;
-    let dir = scratch("vub-restore");
-    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
-    let snap = dir.join("snap");
-    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
-    let mut b = Backend::start(&img, &sock, "");
-    let mut child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
-    wait_flushed(&serial, 300);
-    let t = pause_and_snapshot(&api, &snap);
+    let fx = BlkFixture::zeroed("vub-restore");
+    let snap = fx.dir.join("snap");
+    let mut b = fx.backend("");
+    let mut child = fx.spawn_blkfault(true, BLOCKS);
+    wait_flushed(&fx.serial, 300);
+    let t = pause_and_snapshot(&fx.api, &snap);
     let base = t["queues"][0]["next_avail"].clone();
     let _ = child.kill();
     let _ = child.wait();
-    b.restart(&sock);
-    let _ = std::fs::remove_file(&api);
+    b.restart(&fx.sock);
+    let _ = std::fs::remove_file(&fx.api);
     let restored = spawn(&[
         "-v",
         "--restore",
         &format!("source_url=file://{}", snap.display()),
         "--api-socket",
-        &format!("path={}", api.display()),
+        &fx.api_arg(),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(&api).is_err() || api_get(&api, "vm.info") != "HTTP/1.1 200 " {
-        assert!(
-            Instant::now() < deadline,
-            "the restored VMM does not answer"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
-    let r = wait_with_timeout(restored, Duration::from_secs(120));
-    let r = Run {
-        stdout: std::fs::read_to_string(&serial).unwrap(),
-        ..r
-    };
+    wait_until(
+        Duration::from_secs(30),
+        "the restored VMM does not answer",
+        || UnixStream::connect(&fx.api).is_ok() && api_get(&fx.api, "vm.info") == "HTTP/1.1 200 ",
+    );
+    assert_eq!(api_put(&fx.api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = fx.wait(restored, Duration::from_secs(120));
     // The restore started the device at the saved base and paused it until the resume.
     let paused = format!("vhost-user-blk: paused: queue 0 at {base} (used {base})");
     assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
     assert!(r.stderr.contains("vhost-user-blk: resumed"), "{}", r.stderr);
-    check_blkfault_done(&r, &img, BLOCKS);
+    check_blkfault_done(&r, &fx.img, BLOCKS);
 }
 
 /// The backend killed while the VM is paused (its rings stopped by the snapshot) and started
@@ -650,36 +615,33 @@ fn snapshot_restored_in_a_new_vmm_with_a_fresh_backend() {
 #[test]
 fn backend_killed_while_paused_then_resumed() {
     const BLOCKS: u64 = 800;
-    let dir = scratch("vub-pause-kill");
-    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
-    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
-    let mut b = Backend::start(&img, &sock, "");
-    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
-    wait_flushed(&serial, 150);
-    let t = pause_and_snapshot(&api, &dir.join("snap"));
+    let fx = BlkFixture::zeroed("vub-pause-kill");
+    let mut b = fx.backend("");
+    let child = fx.spawn_blkfault(true, BLOCKS);
+    wait_flushed(&fx.serial, 150);
+    let t = pause_and_snapshot(&fx.api, &fx.dir.join("snap"));
     let base = t["queues"][0]["next_avail"].clone();
     b.kill();
     std::thread::sleep(Duration::from_millis(200));
-    b.restart(&sock);
-    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
-    let r = wait_with_timeout(child, Duration::from_secs(120));
-    let r = Run {
-        stdout: std::fs::read_to_string(&serial).unwrap(),
-        ..r
-    };
+    b.restart(&fx.sock);
+    assert_eq!(api_put(&fx.api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = fx.wait(child, Duration::from_secs(120));
     assert!(
         r.stderr.contains("resume: vhost-user") && r.stderr.contains("taken as gone"),
         "{}",
         r.stderr
     );
-    let line = r
-        .stderr
+    let line = reconnection(&r);
+    assert!(line.contains(&format!("queue 0 at {base}")), "{line}");
+    check_blkfault_done(&r, &fx.img, BLOCKS);
+}
+
+/// The VMM's log line of the device's reconnection to a backend.
+fn reconnection(r: &Run) -> &str {
+    r.stderr
         .lines()
         .find(|l| l.contains("backend connected after"))
-        .unwrap_or_else(|| panic!("no reconnection:\n{}", r.stderr));
-    assert!(line.contains(&format!("queue 0 at {base}")), "{line}");
-    check_blkfault_done(&r, &img, BLOCKS);
+        .unwrap_or_else(|| panic!("no reconnection:\n{}", r.stderr))
 }
 
 /// A migration over the network under guest I/O, to a destination that takes Start and Config
@@ -691,14 +653,11 @@ fn backend_killed_while_paused_then_resumed() {
 fn a_failed_migration_starts_and_stops_the_backends_dirty_log_under_guest_io() {
     use std::os::unix::net::UnixListener;
     const BLOCKS: u64 = 1500;
-    let dir = scratch("vub-migrate");
-    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
-    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
-    let _b = Backend::start(&img, &sock, "");
-    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
-    wait_flushed(&serial, 100);
-    let dest = dir.join("dest.sock");
+    let fx = BlkFixture::zeroed("vub-migrate");
+    let _b = fx.backend("");
+    let child = fx.spawn_blkfault(true, BLOCKS);
+    wait_flushed(&fx.serial, 100);
+    let dest = fx.dir.join("dest.sock");
     let listener = UnixListener::bind(&dest).unwrap();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -716,14 +675,10 @@ fn a_failed_migration_starts_and_stops_the_backends_dirty_log_under_guest_io() {
         s.read_exact(&mut some).unwrap();
     });
     let body = format!(r#"{{"destination_url": "unix:{}"}}"#, dest.display());
-    let (status, text) = api_put(&api, "vm.send-migration", &body);
+    let (status, text) = api_put(&fx.api, "vm.send-migration", &body);
     assert!(status.starts_with("HTTP/1.1 2"), "{status} {text}");
     fake.join().unwrap();
-    let r = wait_with_timeout(child, Duration::from_secs(120));
-    let r = Run {
-        stdout: std::fs::read_to_string(&serial).unwrap(),
-        ..r
-    };
+    let r = fx.wait(child, Duration::from_secs(120));
     for l in r
         .stderr
         .lines()
@@ -737,7 +692,7 @@ fn a_failed_migration_starts_and_stops_the_backends_dirty_log_under_guest_io() {
         "{}",
         r.stderr
     );
-    check_blkfault_done(&r, &img, BLOCKS);
+    check_blkfault_done(&r, &fx.img, BLOCKS);
 }
 
 /// A backend that stops answering (SIGSTOP) when the VM is snapshotted: GET_VRING_BASE times out
@@ -747,47 +702,36 @@ fn a_failed_migration_starts_and_stops_the_backends_dirty_log_under_guest_io() {
 #[test]
 fn a_backend_frozen_at_the_pause_is_dropped_and_replaced() {
     const BLOCKS: u64 = 600;
-    let dir = scratch("vub-frozen");
-    let (img, sock) = (dir.join("disk.raw"), dir.join("vub.sock"));
-    let (api, serial) = (dir.join("api.sock"), dir.join("serial.txt"));
-    std::fs::write(&img, vec![0u8; 8 * MIB as usize]).unwrap();
-    let mut b = Backend::start(&img, &sock, "");
-    let child = spawn_blkfault(&sock, &serial, &api, BLOCKS);
-    wait_flushed(&serial, 100);
+    let fx = BlkFixture::zeroed("vub-frozen");
+    let mut b = fx.backend("");
+    let child = fx.spawn_blkfault(true, BLOCKS);
+    wait_flushed(&fx.serial, 100);
     let pid = b.child.id() as libc::pid_t;
     // SAFETY: a signal to our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let t = Instant::now();
-    let snap = pause_and_snapshot(&api, &dir.join("snap"));
+    let snap = pause_and_snapshot(&fx.api, &fx.dir.join("snap"));
     let took = t.elapsed();
     assert!(
         took >= Duration::from_secs(9) && took < Duration::from_secs(60),
         "the snapshot took {took:?}"
     );
     let q = &snap["queues"][0];
-    b.restart(&sock);
-    assert_eq!(api_put(&api, "vm.resume", "").0, "HTTP/1.1 204 ");
-    let r = wait_with_timeout(child, Duration::from_secs(120));
-    let r = Run {
-        stdout: std::fs::read_to_string(&serial).unwrap(),
-        ..r
-    };
+    b.restart(&fx.sock);
+    assert_eq!(api_put(&fx.api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = fx.wait(child, Duration::from_secs(120));
     assert!(
         r.stderr.contains("GET_VRING_BASE 0") && r.stderr.contains("taken as gone"),
         "{}",
         r.stderr
     );
-    let line = r
-        .stderr
-        .lines()
-        .find(|l| l.contains("backend connected after"))
-        .unwrap_or_else(|| panic!("no reconnection:\n{}", r.stderr));
+    let line = reconnection(&r);
     assert!(
         line.contains(&format!("queue 0 at {}", q["next_used"])),
         "{line} {q}"
     );
     eprintln!("snapshot with a frozen backend: {took:?}; {line}");
-    check_blkfault_done(&r, &img, BLOCKS);
+    check_blkfault_done(&r, &fx.img, BLOCKS);
 }
 
 /// `vm.add-disk` with `vhost_user` on a running guest (`test=hotplug`, which drives every
@@ -797,92 +741,52 @@ fn a_backend_frozen_at_the_pause_is_dropped_and_replaced() {
 /// client gone, ends; without shared guest RAM the call is refused (400).
 #[test]
 fn vhost_user_blk_hotplug_added_used_and_removed() {
-    let dir = scratch("vub-hotplug");
-    let img = dir.join("disk.img");
+    let fx = BlkFixture::new("vub-hotplug", "disk.img");
     let mut bytes = vec![0u8; 1 << 20];
     bytes[..16].copy_from_slice(b"vhost-user hot!\n");
-    std::fs::write(&img, &bytes).unwrap();
-    let sock = dir.join("vub.sock");
-    let api_sock = dir.join("api.sock");
-    let serial = dir.join("serial.out");
-    let mut backend = Backend::start(&img, &sock, "");
-    let k = guest().elf_pvh.to_str().unwrap().to_string();
-    let serial_arg = format!("file={}", serial.display());
-    let api_arg = format!("path={}", api_sock.display());
-    let vmm = spawn(&[
-        "--kernel",
-        &k,
-        "--cmdline",
-        "test=hotplug",
-        "--memory",
-        "size=256M,shared=on",
-        "--cpus",
-        "boot=2",
-        "--console",
-        "off",
-        "--serial",
-        &serial_arg,
-        "--api-socket",
-        &api_arg,
-    ]);
-    wait_serial(&serial, "READY", 30);
+    std::fs::write(&fx.img, &bytes).unwrap();
+    let mut backend = fx.backend("");
+    let vmm = fx.spawn_hotplug_guest();
+    let secs30 = Duration::from_secs(30);
+    fx.wait_serial("READY", secs30);
     let add = format!(
         r#"{{"vhost_user":true,"vhost_socket":"{}","id":"vdisk1"}}"#,
-        sock.display()
+        fx.sock.display()
     );
-    let (status, body) = api_put(&api_sock, "vm.add-disk", &add);
+    let (status, body) = api_put(&fx.api, "vm.add-disk", &add);
     assert!(status.contains(" 200 "), "{status}: {body}");
     assert!(body.contains(r#""id":"vdisk1""#), "{body}");
-    let slot = body
-        .split("0000:00:")
-        .nth(1)
-        .and_then(|b| u8::from_str_radix(&b[..2], 16).ok())
-        .unwrap_or_else(|| panic!("no bdf in {body}"));
+    let slot = common::pci_slot(&body);
     let hex0: String = bytes[..16].iter().map(|b| format!("{b:02x}")).collect();
-    wait_serial(
-        &serial,
+    fx.wait_serial(
         &format!("HOTPLUG ADDED slot={slot} type=blk sectors=2048 sector0={hex0}\n"),
-        30,
+        secs30,
     );
-    wait_serial(&serial, &format!("HOTPLUG IO slot={slot} ok\n"), 30);
+    fx.wait_serial(&format!("HOTPLUG IO slot={slot} ok\n"), secs30);
     // The guest's write of sector 1 went through the backend into the image.
     let want = format!("hotplug-slot-{slot}");
-    let now = std::fs::read(&img).unwrap();
+    let now = std::fs::read(&fx.img).unwrap();
     assert_eq!(&now[512..512 + want.len()], want.as_bytes());
-    let info = api_get_body(&api_sock, "vm.info");
+    let info = api_get_body(&fx.api, "vm.info");
     assert!(
-        info.contains(&format!(r#""vhost_socket":"{}""#, sock.display())),
+        info.contains(&format!(r#""vhost_socket":"{}""#, fx.sock.display())),
         "{info}"
     );
-    let (status, body) = api_put(&api_sock, "vm.remove-device", r#"{"id":"vdisk1"}"#);
+    let (status, body) = api_put(&fx.api, "vm.remove-device", r#"{"id":"vdisk1"}"#);
     assert!(status.contains(" 204 "), "{status}: {body}");
-    wait_serial(&serial, &format!("HOTPLUG GONE slot={slot}\n"), 30);
+    fx.wait_serial(&format!("HOTPLUG GONE slot={slot}\n"), secs30);
     // The backend's only client went away: it ends.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while backend.child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the backend still runs");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    wait_until(Duration::from_secs(10), "the backend still runs", || {
+        backend.child.try_wait().unwrap().is_some()
+    });
+    let text = fx.serial_text();
     assert!(!text.contains("FAIL"), "{text}");
-    assert!(api_get(&api_sock, "vm.info").contains(" 200 "));
-    let (status, _) = api_put(&api_sock, "vmm.shutdown", "");
+    assert!(api_get(&fx.api, "vm.info").contains(" 200 "));
+    let (status, _) = api_put(&fx.api, "vmm.shutdown", "");
     assert!(
         status.contains(" 200 ") || status.contains(" 204 "),
         "{status}"
     );
     let r = wait_with_timeout(vmm, Duration::from_secs(20));
     assert!(r.status.success(), "{}", r.stderr);
-}
-
-/// The body of a GET on the API.
-fn api_get_body(sock: &Path, what: &str) -> String {
-    let mut s = UnixStream::connect(sock).expect("the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let req =
-        format!("GET /api/v1/{what} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
 }

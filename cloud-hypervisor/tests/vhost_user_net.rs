@@ -14,13 +14,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{guest, scratch, spawn, wait_with_timeout, Run};
+use common::net::{
+    self, answer_guest, expect_datagram, expect_from_guest, in_private_netns, GUEST_IP, GUEST_MAC,
+    HOST_IP, HOST_MAC,
+};
+use common::{guest, scratch, spawn, wait_until, wait_with_timeout, Fixture, Run};
 
-const HOST_IP: &str = "192.168.100.1";
-const GUEST_IP: &str = "192.168.100.2";
 const TAP: &str = "vuntap0";
-const GUEST_MAC: &str = "52:54:00:12:34:56";
-const HOST_MAC: &str = "52:54:00:65:43:21";
 
 /// The backend binary, built on first use (`common::build_workspace_bin`).
 fn backend_bin() -> &'static Path {
@@ -85,26 +85,6 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-/// Runs `f` on a thread moved into a network namespace of its own (the processes it starts
-/// inherit it), so nothing here can reach or collide with the machine's networks.
-fn in_private_netns(f: impl FnOnce() + Send + 'static) {
-    std::thread::spawn(move || {
-        // SAFETY: unshare only moves the calling thread into a new network namespace.
-        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            ret,
-            0,
-            "unshare(CLONE_NEWNET) failed (these tests run as root): {}",
-            std::io::Error::last_os_error()
-        );
-        // No IPv6 chatter on the TAP.
-        let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-        f()
-    })
-    .join()
-    .unwrap();
-}
-
 /// The VMM booting `test=net` (with `extra_cmdline`) over `--net <net>`, shared guest RAM.
 fn start_vmm(net: &str, extra_cmdline: &str, extra: &[&str]) -> Child {
     start_vmm_test("net", net, extra_cmdline, extra)
@@ -112,10 +92,7 @@ fn start_vmm(net: &str, extra_cmdline: &str, extra: &[&str]) -> Child {
 
 /// `start_vmm` with another scenario (`test=<test>`, with the same network arguments).
 fn start_vmm_test(test: &str, net: &str, extra_cmdline: &str, extra: &[&str]) -> Child {
-    let cmdline = format!(
-        "test={test} net_ip={GUEST_IP} net_host_ip={HOST_IP} net_host_mac={HOST_MAC} \
-         net_mac={GUEST_MAC}{extra_cmdline}"
-    );
+    let cmdline = format!("{}{extra_cmdline}", net::cmdline(test));
     let k = guest().elf_pvh.to_str().unwrap().to_string();
     let mut args = vec![
         "-v",
@@ -138,37 +115,14 @@ fn start_vmm_test(test: &str, net: &str, extra_cmdline: &str, extra: &[&str]) ->
 
 /// The host end of the guest's UDP exchange, bound once the backend's TAP has its address.
 fn host_socket() -> std::net::UdpSocket {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string("/proc/thread-self/net/dev")
-        .unwrap()
-        .contains(&format!("{TAP}:"))
-    {
-        assert!(Instant::now() < deadline, "no TAP {TAP} after 10 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sock = std::net::UdpSocket::bind(format!("{HOST_IP}:5001")).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    sock
+    net::host_socket_on(TAP)
 }
 
 /// Receives "hello from guest" and answers "hello from host" (five times, 200 ms apart, or
 /// until the VMM exits).
 fn exchange(sock: &std::net::UdpSocket, vmm: &mut Child) {
-    let mut buf = [0u8; 2048];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .expect("no datagram from the guest");
-    assert_eq!(&buf[..n], b"hello from guest");
-    assert_eq!(from.to_string(), format!("{GUEST_IP}:5000"));
-    for _ in 0..5 {
-        sock.send_to(b"hello from host", format!("{GUEST_IP}:5000"))
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        if let Ok(Some(_)) = vmm.try_wait() {
-            break;
-        }
-    }
+    expect_from_guest(sock, b"hello from guest");
+    answer_guest(sock, vmm, b"hello from host");
 }
 
 fn assert_net_passed(r: &Run) {
@@ -178,19 +132,50 @@ fn assert_net_passed(r: &Run) {
     }
 }
 
+/// `--net` for our backend at `sock`, the guest's MAC, then `more` (`,key=value...`).
+fn vhost_net(sock: &Path, more: &str) -> String {
+    format!(
+        "vhost_user=on,socket={},mac={GUEST_MAC}{more}",
+        sock.display()
+    )
+}
+
+/// `start_vmm` with the serial output and the API in `f`.
+fn start_vmm_in(f: &Fixture, net: &str, extra_cmdline: &str) -> Child {
+    let (serial, api) = (f.serial_arg(), f.api_arg());
+    start_vmm(
+        net,
+        extra_cmdline,
+        &["--serial", &serial, "--api-socket", &api],
+    )
+}
+
+/// Our backend on `f.sock` (its log in `log`), the VMM booting `test=net` over it as `vnet0`
+/// (`start_vmm_in`), and the host's UDP socket, once the guest's first datagram is in.
+fn boot_until_first_datagram(f: &Fixture, log: &Path) -> (Backend, Child, std::net::UdpSocket) {
+    let backend = Backend::start(&f.sock, false, log);
+    let udp = host_socket();
+    let vmm = start_vmm_in(f, &vhost_net(&f.sock, ",id=vnet0"), "");
+    expect_datagram(&udp, b"hello from guest");
+    (backend, vmm, udp)
+}
+
+/// The test's files in `scratch(name)`: the backend's socket `vun.sock`, the VMM's API and
+/// serial output, and the backend's log `backend.log`.
+fn files(name: &str) -> (Fixture, PathBuf) {
+    let f = Fixture::new(name, "vun.sock");
+    let log = f.dir.join("backend.log");
+    (f, log)
+}
+
 /// The VMM connects to the backend's socket (`vhost_mode=client`, the default).
 #[test]
 fn vhost_user_net_client_mode_udp_both_ways() {
     in_private_netns(|| {
-        let dir = scratch("vun-client");
-        let sock = dir.join("vun.sock");
-        let log = dir.join("backend.log");
-        let mut backend = Backend::start(&sock, false, &log);
+        let (f, log) = files("vun-client");
+        let mut backend = Backend::start(&f.sock, false, &log);
         let udp = host_socket();
-        let net = format!(
-            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
-            sock.display()
-        );
+        let net = vhost_net(&f.sock, ",id=vnet0");
         let mut vmm = start_vmm(&net, "", &["--serial", "tty"]);
         exchange(&udp, &mut vmm);
         let r = wait_with_timeout(vmm, Duration::from_secs(30));
@@ -201,14 +186,16 @@ fn vhost_user_net_client_mode_udp_both_ways() {
             r.stderr
         );
         // The VMM went: the backend's session ended, and so did it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = backend.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "the backend outlived its VMM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let mut status = None;
+        wait_until(
+            Duration::from_secs(10),
+            "the backend outlived its VMM",
+            || {
+                status = backend.0.try_wait().unwrap();
+                status.is_some()
+            },
+        );
+        let status = status.unwrap();
         assert!(status.success(), "{status}: {}", read(&log));
     });
 }
@@ -218,21 +205,22 @@ fn vhost_user_net_client_mode_udp_both_ways() {
 #[test]
 fn vhost_user_net_server_mode_udp_both_ways() {
     in_private_netns(|| {
-        let dir = scratch("vun-server");
-        let sock = dir.join("vun.sock");
-        let log = dir.join("backend.log");
+        let (f, log) = files("vun-server");
         let net = format!(
             "vhost_user=on,socket={},vhost_mode=server,mac={GUEST_MAC}",
-            sock.display()
+            f.sock.display()
         );
         let mut vmm = start_vmm(&net, "", &["--serial", "tty"]);
-        let _backend = Backend::start(&sock, true, &log);
+        let _backend = Backend::start(&f.sock, true, &log);
         let udp = host_socket();
         exchange(&udp, &mut vmm);
         let r = wait_with_timeout(vmm, Duration::from_secs(30));
         assert_net_passed(&r);
         assert!(r.stderr.contains("(server)"), "{}", r.stderr);
-        assert!(!sock.exists(), "the listening socket's file is left behind");
+        assert!(
+            !f.sock.exists(),
+            "the listening socket's file is left behind"
+        );
     });
 }
 
@@ -245,30 +233,12 @@ fn vhost_user_net_server_mode_udp_both_ways() {
 #[test]
 fn vhost_user_net_two_pairs_through_the_control_queue() {
     in_private_netns(|| {
-        let dir = scratch("vun-mq");
-        let sock = dir.join("vun.sock");
-        let log = dir.join("backend.log");
-        let _backend = Backend::start_with(&sock, false, &log, ",num_queues=4");
+        let (f, log) = files("vun-mq");
+        let _backend = Backend::start_with(&f.sock, false, &log, ",num_queues=4");
         let udp = host_socket();
-        let net = format!(
-            "vhost_user=on,socket={},mac={GUEST_MAC},num_queues=4",
-            sock.display()
-        );
+        let net = vhost_net(&f.sock, ",num_queues=4");
         let mut vmm = start_vmm_test("net-mq", &net, "", &["--serial", "tty"]);
-        let mut buf = [0u8; 2048];
-        let (n, from) = udp.recv_from(&mut buf).expect("no datagram from pair 1");
-        assert_eq!(&buf[..n], b"hello from pair 1");
-        assert_eq!(from.to_string(), format!("{GUEST_IP}:5000"));
-        static_arp_entry(&udp);
-        let mut answer = b"hello to pair 1".to_vec();
-        answer.extend((15..1000).map(|i| (i % 251) as u8));
-        for _ in 0..5 {
-            udp.send_to(&answer, format!("{GUEST_IP}:5000")).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
-            if let Ok(Some(_)) = vmm.try_wait() {
-                break;
-            }
-        }
+        net::net_mq_exchange(&udp, &mut vmm, TAP);
         let r = wait_with_timeout(vmm, Duration::from_secs(30));
         r.assert_guest_passed();
         for c in [
@@ -286,36 +256,6 @@ fn vhost_user_net_two_pairs_through_the_control_queue() {
             r.stderr
         );
     });
-}
-
-/// Gives the host end a permanent ARP entry for the guest (SIOCSARP), so that it sends to the
-/// guest without asking first (the guest's `net-mq` answers no ARP).
-fn static_arp_entry(sock: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: arpreq is plain data; zero is a valid value for every field.
-    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
-    let ip: std::net::Ipv4Addr = GUEST_IP.parse().unwrap();
-    let pa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in fits in the sockaddr it is copied over (both 16 bytes).
-    unsafe { std::ptr::write((&mut req.arp_pa as *mut libc::sockaddr).cast(), pa) };
-    req.arp_ha.sa_family = libc::ARPHRD_ETHER;
-    for (i, b) in GUEST_MAC.split(':').enumerate() {
-        req.arp_ha.sa_data[i] = u8::from_str_radix(b, 16).unwrap() as libc::c_char;
-    }
-    req.arp_flags = libc::ATF_PERM | libc::ATF_COM;
-    for (i, b) in TAP.bytes().enumerate() {
-        req.arp_dev[i] = b as libc::c_char;
-    }
-    // SAFETY: SIOCSARP reads one arpreq; the socket is open.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSARP, &req) };
-    assert_eq!(ret, 0, "SIOCSARP: {}", std::io::Error::last_os_error());
 }
 
 /// One HTTP request on the API socket: (status, body).
@@ -355,16 +295,9 @@ fn api_with(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) 
     }
 }
 
-fn wait_serial(serial: &Path, what: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let text = read(serial);
-        if text.contains(what) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "no {what:?}:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Until `what` is in the serial output (40 s at most); the text.
+fn wait_serial(f: &Fixture, what: &str) -> String {
+    f.wait_serial(what, Duration::from_secs(40))
 }
 
 /// The backend killed under the running guest: the device says it needs a reset (the guest
@@ -372,34 +305,23 @@ fn wait_serial(serial: &Path, what: &str) -> String {
 #[test]
 fn vhost_user_net_backend_killed_needs_reset_vmm_answers() {
     in_private_netns(|| {
-        let dir = scratch("vun-crash");
-        let sock = dir.join("vun.sock");
-        let api_sock = dir.join("api.sock");
-        let serial = dir.join("serial.out");
-        let log = dir.join("backend.log");
-        let mut backend = Backend::start(&sock, false, &log);
+        let (f, log) = files("vun-crash");
+        let mut backend = Backend::start(&f.sock, false, &log);
         let udp = host_socket();
-        let net = format!("vhost_user=on,socket={},mac={GUEST_MAC}", sock.display());
-        let serial_arg = format!("file={}", serial.display());
-        let api_arg = format!("path={}", api_sock.display());
-        let mut vmm = start_vmm(
-            &net,
-            " net_crash",
-            &["--serial", &serial_arg, "--api-socket", &api_arg],
-        );
+        let mut vmm = start_vmm_in(&f, &vhost_net(&f.sock, ""), " net_crash");
         exchange(&udp, &mut vmm);
-        wait_serial(&serial, "NET waiting for the backend to go");
+        wait_serial(&f, "NET waiting for the backend to go");
         backend.kill();
-        let text = wait_serial(&serial, "net-needs-reset");
+        let text = wait_serial(&f, "net-needs-reset");
         assert!(text.contains("PASS net-needs-reset\n"), "{text}");
-        let (status, body) = api(&api_sock, "GET", "vm.info");
+        let (status, body) = api(&f.api, "GET", "vm.info");
         assert_eq!(status, 200, "{body}");
         assert!(body.contains(r#""state":"Running""#), "{body}");
         assert!(body.contains(r#""vhost_user":true"#), "{body}");
-        assert_eq!(api(&api_sock, "GET", "vmm.ping").0, 200);
+        assert_eq!(api(&f.api, "GET", "vmm.ping").0, 200);
         let r = wait_with_timeout(vmm, Duration::from_secs(30));
         assert!(r.status.success(), "{}", r.stderr);
-        let text = read(&serial);
+        let text = f.serial_text();
         for c in [
             "net-mac",
             "net-tx",
@@ -426,37 +348,15 @@ fn vhost_user_net_backend_killed_needs_reset_vmm_answers() {
 #[test]
 fn vhost_user_net_hotplug() {
     in_private_netns(|| {
-        let dir = scratch("vun-hotplug");
-        let sock = dir.join("vun.sock");
-        let api_sock = dir.join("api.sock");
-        let serial = dir.join("serial.out");
-        let log = dir.join("backend.log");
-        let _backend = Backend::start(&sock, false, &log);
-        let k = guest().elf_pvh.to_str().unwrap().to_string();
-        let serial_arg = format!("file={}", serial.display());
-        let api_arg = format!("path={}", api_sock.display());
-        let vmm = spawn(&[
-            "--kernel",
-            &k,
-            "--cmdline",
-            "test=hotplug",
-            "--memory",
-            "size=256M,shared=on",
-            "--cpus",
-            "boot=2",
-            "--console",
-            "off",
-            "--serial",
-            &serial_arg,
-            "--api-socket",
-            &api_arg,
-        ]);
-        wait_serial(&serial, "READY");
+        let (f, log) = files("vun-hotplug");
+        let _backend = Backend::start(&f.sock, false, &log);
+        let vmm = f.spawn_hotplug_guest();
+        wait_serial(&f, "READY");
         let bad = format!(
             r#"{{"vhost_user":true,"vhost_socket":"{}","tap":"t0"}}"#,
-            sock.display()
+            f.sock.display()
         );
-        let (status, body) = api_with(&api_sock, "PUT", "vm.add-net", &bad);
+        let (status, body) = api_with(&f.api, "PUT", "vm.add-net", &bad);
         assert_eq!(status, 400, "{body}");
         assert!(
             body.contains("'tap' does not go with vhost_user=on"),
@@ -465,28 +365,24 @@ fn vhost_user_net_hotplug() {
         let mac = "52:54:00:12:34:57";
         let add = format!(
             r#"{{"vhost_user":true,"vhost_socket":"{}","mac":"{mac}","id":"vnet1"}}"#,
-            sock.display()
+            f.sock.display()
         );
-        let (status, body) = api_with(&api_sock, "PUT", "vm.add-net", &add);
+        let (status, body) = api_with(&f.api, "PUT", "vm.add-net", &add);
         assert_eq!(status, 200, "{body}");
         assert!(body.contains(r#""id":"vnet1""#), "{body}");
-        let slot = body
-            .split("0000:00:")
-            .nth(1)
-            .and_then(|b| u8::from_str_radix(&b[..2], 16).ok())
-            .unwrap_or_else(|| panic!("no bdf in {body}"));
+        let slot = common::pci_slot(&body);
         wait_serial(
-            &serial,
+            &f,
             &format!("HOTPLUG ADDED slot={slot} type=net mac={mac}\n"),
         );
-        let (status, info) = api(&api_sock, "GET", "vm.info");
+        let (status, info) = api(&f.api, "GET", "vm.info");
         assert_eq!(status, 200, "{info}");
         assert!(
-            info.contains(&format!(r#""vhost_socket":"{}""#, sock.display())),
+            info.contains(&format!(r#""vhost_socket":"{}""#, f.sock.display())),
             "{info}"
         );
         assert!(info.contains(r#""state":"Running""#), "{info}");
-        assert_eq!(api(&api_sock, "PUT", "vmm.shutdown").0, 200);
+        assert_eq!(api(&f.api, "PUT", "vmm.shutdown").0, 200);
         let r = wait_with_timeout(vmm, Duration::from_secs(20));
         assert!(r.status.success(), "{}", r.stderr);
     });
@@ -555,14 +451,18 @@ fn vhost_user_net_backend_bad_options() {
     }
 }
 
-/// Sends "hello from host" to the guest every 200 ms until the VMM exits (30 s at most).
-fn answer_until_exit(udp: &std::net::UdpSocket, vmm: Child) -> Run {
+/// Sends "hello from host" to the guest every 200 ms until the VMM exits (30 s at most): its
+/// run, with the serial output in `f` as its stdout.
+fn answer_until_exit(udp: &std::net::UdpSocket, vmm: Child, f: &Fixture) -> Run {
     let t = std::thread::spawn(move || wait_with_timeout(vmm, Duration::from_secs(30)));
     while !t.is_finished() {
         let _ = udp.send_to(b"hello from host", format!("{GUEST_IP}:5000"));
         std::thread::sleep(Duration::from_millis(200));
     }
-    t.join().unwrap()
+    Run {
+        stdout: f.serial_text(),
+        ..t.join().unwrap()
+    }
 }
 
 /// Pauses the VM and snapshots it into `snap`: returns the vhost-user-net transport's state.
@@ -601,38 +501,15 @@ fn net_pause_and_snapshot(api_sock: &Path, snap: &Path) -> serde_json::Value {
 #[test]
 fn vhost_user_net_paused_and_snapshotted_then_resumed() {
     in_private_netns(|| {
-        let dir = scratch("vun-pause");
-        let sock = dir.join("vun.sock");
-        let api_sock = dir.join("api.sock");
-        let serial = dir.join("serial.out");
-        let log = dir.join("backend.log");
-        let _backend = Backend::start(&sock, false, &log);
-        let udp = host_socket();
-        let net = format!(
-            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
-            sock.display()
-        );
-        let serial_arg = format!("file={}", serial.display());
-        let api_arg = format!("path={}", api_sock.display());
-        let vmm = start_vmm(
-            &net,
-            "",
-            &["--serial", &serial_arg, "--api-socket", &api_arg],
-        );
-        let mut buf = [0u8; 2048];
-        let (n, _) = udp.recv_from(&mut buf).expect("no datagram from the guest");
-        assert_eq!(&buf[..n], b"hello from guest");
-        net_pause_and_snapshot(&api_sock, &dir.join("snap"));
+        let (f, log) = files("vun-pause");
+        let (_backend, vmm, udp) = boot_until_first_datagram(&f, &log);
+        net_pause_and_snapshot(&f.api, &f.dir.join("snap"));
         udp.send_to(b"hello from host", format!("{GUEST_IP}:5000"))
             .unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        assert!(!read(&serial).contains("net-rx"), "{}", read(&serial));
-        assert_eq!(api(&api_sock, "PUT", "vm.resume").0, 204);
-        let r = answer_until_exit(&udp, vmm);
-        let r = Run {
-            stdout: read(&serial),
-            ..r
-        };
+        assert!(!f.serial_text().contains("net-rx"), "{}", f.serial_text());
+        assert_eq!(api(&f.api, "PUT", "vm.resume").0, 204);
+        let r = answer_until_exit(&udp, vmm, &f);
         assert_net_passed(&r);
         assert!(
             r.stderr.contains("vhost-user-net: paused: queue 0 at"),
@@ -649,60 +526,33 @@ fn vhost_user_net_paused_and_snapshotted_then_resumed() {
 #[test]
 fn vhost_user_net_snapshot_restored_with_a_fresh_backend() {
     in_private_netns(|| {
-        let dir = scratch("vun-restore");
-        let sock = dir.join("vun.sock");
-        let api_sock = dir.join("api.sock");
-        let serial = dir.join("serial.out");
-        let log = dir.join("backend.log");
-        let snap = dir.join("snap");
-        let mut backend = Backend::start(&sock, false, &log);
-        let udp = host_socket();
-        let net = format!(
-            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
-            sock.display()
-        );
-        let serial_arg = format!("file={}", serial.display());
-        let api_arg = format!("path={}", api_sock.display());
-        let mut vmm = start_vmm(
-            &net,
-            "",
-            &["--serial", &serial_arg, "--api-socket", &api_arg],
-        );
-        let mut buf = [0u8; 2048];
-        let (n, _) = udp.recv_from(&mut buf).expect("no datagram from the guest");
-        assert_eq!(&buf[..n], b"hello from guest");
-        let t = net_pause_and_snapshot(&api_sock, &snap);
+        let (f, log) = files("vun-restore");
+        let snap = f.dir.join("snap");
+        let (mut backend, mut vmm, udp) = boot_until_first_datagram(&f, &log);
+        let t = net_pause_and_snapshot(&f.api, &snap);
         // The restored VMM opens the serial file afresh.
-        let before = read(&serial);
+        let before = f.serial_text();
         let _ = vmm.kill();
         let _ = vmm.wait();
         backend.kill();
         drop(udp);
         // The old TAP goes with its backend.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while read(Path::new("/proc/thread-self/net/dev")).contains(&format!("{TAP}:")) {
-            assert!(Instant::now() < deadline, "the old TAP stays");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _backend = Backend::start(&sock, false, &log);
+        wait_until(Duration::from_secs(10), "the old TAP stays", || {
+            !net::has_interface(TAP)
+        });
+        let _backend = Backend::start(&f.sock, false, &log);
         let udp = host_socket();
-        let _ = std::fs::remove_file(&api_sock);
+        let _ = std::fs::remove_file(&f.api);
         let restore = format!("source_url=file://{}", snap.display());
-        let vmm = spawn(&["-v", "--restore", &restore, "--api-socket", &api_arg]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(&api_sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the restored VMM does not answer"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(api(&api_sock, "PUT", "vm.resume").0, 204);
-        let r = answer_until_exit(&udp, vmm);
-        let r = Run {
-            stdout: format!("{before}{}", read(&serial)),
-            ..r
-        };
+        let vmm = spawn(&["-v", "--restore", &restore, "--api-socket", &f.api_arg()]);
+        wait_until(
+            Duration::from_secs(30),
+            "the restored VMM does not answer",
+            || UnixStream::connect(&f.api).is_ok(),
+        );
+        assert_eq!(api(&f.api, "PUT", "vm.resume").0, 204);
+        let mut r = answer_until_exit(&udp, vmm, &f);
+        r.stdout.insert_str(0, &before);
         assert_net_passed(&r);
         let rx = &t["queues"][0]["next_avail"];
         let paused = format!("vhost-user-net: paused: queue 0 at {rx} (used {rx})");
@@ -734,34 +584,20 @@ fn vhost_user_net_local_migration() {
 /// The two migrations above: over TCP on loopback, or `local` over a Unix socket.
 fn migrate_vhost_user_net(local: bool) {
     in_private_netns(move || {
-        let dir = scratch(if local {
-            "vun-migrate-local"
-        } else {
-            "vun-migrate"
-        });
-        let sock = dir.join("vun.sock");
-        let (api_a, api_b) = (dir.join("api-a.sock"), dir.join("api-b.sock"));
-        let serial = dir.join("serial.out");
-        let _backend = Backend::start(&sock, false, &dir.join("backend-a.log"));
-        let udp = host_socket();
-        let net = format!(
-            "vhost_user=on,socket={},mac={GUEST_MAC},id=vnet0",
-            sock.display()
+        let f = Fixture::new(
+            if local {
+                "vun-migrate-local"
+            } else {
+                "vun-migrate"
+            },
+            "vun.sock",
         );
-        let serial_arg = format!("file={}", serial.display());
-        let api_arg = format!("path={}", api_a.display());
-        let src = start_vmm(
-            &net,
-            "",
-            &["--serial", &serial_arg, "--api-socket", &api_arg],
-        );
-        let mut buf = [0u8; 2048];
-        let (n, _) = udp.recv_from(&mut buf).expect("no datagram from the guest");
-        assert_eq!(&buf[..n], b"hello from guest");
+        let api_b = f.dir.join("api-b.sock");
+        let (_backend, src, _udp) = boot_until_first_datagram(&f, &f.dir.join("backend-a.log"));
         // The destination's backend: same socket path, its TAP in another namespace, where
         // the host answers the guest once it arrives.
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (sock_b, log_b, done_b) = (sock.clone(), dir.join("backend-b.log"), done.clone());
+        let (sock_b, log_b, done_b) = (f.sock.clone(), f.dir.join("backend-b.log"), done.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let host_b = std::thread::spawn(move || {
             in_private_netns(move || {
@@ -782,16 +618,13 @@ fn migrate_vhost_user_net(local: bool) {
             .expect("ip (iproute2)");
         assert!(lo.success());
         let dst = spawn(&["-v", "--api-socket", &format!("path={}", api_b.display())]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&api_b).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the destination VMM does not answer"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            Duration::from_secs(10),
+            "the destination VMM does not answer",
+            || UnixStream::connect(&api_b).is_ok(),
+        );
         let url = if local {
-            format!("unix:{}", dir.join("migrate.sock").display())
+            format!("unix:{}", f.dir.join("migrate.sock").display())
         } else {
             let port = {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -809,9 +642,10 @@ fn migrate_vhost_user_net(local: bool) {
                 &format!(r#"{{"receiver_url": "{url2}"}}"#),
             )
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let up = match url.split_once(':') {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("nothing listens on {url}"),
+            || match url.split_once(':') {
                 Some(("unix", p)) => Path::new(p).exists(),
                 _ => {
                     let port: u16 = url.rsplit_once(':').unwrap().1.parse().unwrap();
@@ -820,18 +654,13 @@ fn migrate_vhost_user_net(local: bool) {
                         .lines()
                         .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
                 }
-            };
-            if up {
-                // A Unix socket's file appears at bind(), a moment before listen().
-                std::thread::sleep(Duration::from_millis(50));
-                break;
-            }
-            assert!(Instant::now() < deadline, "nothing listens on {url}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let before = read(&serial);
+            },
+        );
+        // A Unix socket's file appears at bind(), a moment before listen().
+        std::thread::sleep(Duration::from_millis(50));
+        let before = f.serial_text();
         let (status, text) = api_with(
-            &api_a,
+            &f.api,
             "PUT",
             "vm.send-migration",
             &format!(r#"{{"destination_url": "{url}", "local": {local}}}"#),
@@ -841,13 +670,10 @@ fn migrate_vhost_user_net(local: bool) {
         assert_eq!(status, 204, "receive-migration: {text}");
         let src = wait_with_timeout(src, Duration::from_secs(30));
         assert!(src.status.success(), "{}", src.stderr);
-        let dst = wait_with_timeout(dst, Duration::from_secs(30));
+        let mut r = f.wait(dst, Duration::from_secs(30));
+        r.stdout.insert_str(0, &before);
         done.store(true, std::sync::atomic::Ordering::Release);
         host_b.join().unwrap();
-        let r = Run {
-            stdout: format!("{before}{}", read(&serial)),
-            ..dst
-        };
         assert_net_passed(&r);
         // Only a copy of guest RAM needs the backend's log.
         assert_eq!(

@@ -10,6 +10,9 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::net::{
+    self, answer_guest, expect_from_guest, in_private_netns, GUEST_MAC, HOST_IP, HOST_MAC,
+};
 use common::{
     boot, connect_when_listening, guest, openpty, read_until, run, scratch, wait_with_timeout, Run,
     VMM,
@@ -423,24 +426,22 @@ fn console_input_and_output_through_a_socket() {
 #[test]
 fn net_udp_both_ways_through_a_tap() {
     // The VMM, its TAP and the host end of the traffic live in a network namespace of their
-    // own: this thread moves into a fresh one and the VMM it starts inherits it, so nothing
+    // own: a thread moves into a fresh one and the VMM it starts inherits it, so nothing
     // here can reach (or collide with) the machine's real networks.
-    std::thread::spawn(net_udp_in_private_netns).join().unwrap();
+    in_private_netns(net_udp_in_private_netns);
 }
+
+const TAP: &str = "chtap0";
 
 /// The VMM booting `test=<scenario>` with one virtio-net device (four queue pairs) over a new
 /// TAP, and the UDP socket on the host end (`HOST_IP`:5001), bound once the VMM has given the
 /// TAP its address. The calling thread must be in a private network namespace (see
-/// `enter_private_netns`).
+/// `common::net::in_private_netns`, which also keeps IPv6 off the TAP: the byte counts are exact).
 fn start_net_vmm(scenario: &str) -> (std::process::Child, std::net::UdpSocket) {
     let net = format!(
         "tap={TAP},ip={HOST_IP},mask=255.255.255.0,mac={GUEST_MAC},host_mac={HOST_MAC},id=net0,num_queues=4"
     );
-    // No IPv6 chatter on the TAP: the byte counts are exact.
-    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
-    let cmdline = format!(
-        "test={scenario} net_ip={GUEST_IP} net_host_ip={HOST_IP} net_host_mac={HOST_MAC} net_mac={GUEST_MAC}"
-    );
+    let cmdline = net::cmdline(scenario);
     let k = guest().elf_pvh.to_str().unwrap().to_string();
     let mut child = common::spawn(&[
         "-v",
@@ -463,10 +464,7 @@ fn start_net_vmm(scenario: &str) -> (std::process::Child, std::net::UdpSocket) {
     // Bind once the VMM has created the TAP (binding alone proves nothing: this kernel lets a
     // UDP socket bind an address no interface has).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string("/proc/thread-self/net/dev")
-        .unwrap()
-        .contains(&format!("{TAP}:"))
-    {
+    while !net::has_interface(TAP) {
         if let Ok(Some(_)) = child.try_wait() {
             let r = wait_with_timeout(child, Duration::from_secs(5));
             panic!("the VMM exited: {:?}\n{}\n{}", r.status, r.stdout, r.stderr);
@@ -477,79 +475,7 @@ fn start_net_vmm(scenario: &str) -> (std::process::Child, std::net::UdpSocket) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let sock = std::net::UdpSocket::bind(format!("{HOST_IP}:5001")).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    (child, sock)
-}
-
-const HOST_IP: &str = "192.168.100.1";
-const GUEST_IP: &str = "192.168.100.2";
-const TAP: &str = "chtap0";
-const GUEST_MAC: &str = "52:54:00:12:34:56";
-const HOST_MAC: &str = "52:54:00:65:43:21";
-
-/// Moves the calling thread into a new network namespace; the VMM it starts inherits it, so
-/// nothing a test does can reach (or collide with) the machine's real networks.
-fn enter_private_netns() {
-    // SAFETY: unshare only moves the calling thread into a new network namespace.
-    let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        ret,
-        0,
-        "unshare(CLONE_NEWNET) failed (these tests run as root): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Receives one datagram on `sock` and checks it is `want`, from the guest's port.
-fn expect_from_guest(sock: &std::net::UdpSocket, want: &[u8]) {
-    let mut buf = [0u8; 2048];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .expect("no datagram from the guest");
-    assert_eq!(&buf[..n], want, "{:?}", String::from_utf8_lossy(&buf[..n]));
-    assert_eq!(from.to_string(), format!("{GUEST_IP}:5000"));
-}
-
-/// Sends `msg` to the guest's port up to five times, 200 ms apart, until the VMM exits.
-fn answer_guest(sock: &std::net::UdpSocket, child: &mut std::process::Child, msg: &[u8]) {
-    for _ in 0..5 {
-        sock.send_to(msg, format!("{GUEST_IP}:5000")).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-    }
-}
-
-/// Gives the host end a permanent ARP entry for the guest (SIOCSARP), so that it sends to the
-/// guest without asking first.
-fn static_arp_entry(sock: &std::net::UdpSocket) {
-    // SAFETY: arpreq is plain data; zero is a valid value for every field.
-    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
-    let ip: std::net::Ipv4Addr = GUEST_IP.parse().unwrap();
-    let pa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in fits in the sockaddr it is copied over (both 16 bytes).
-    unsafe { std::ptr::write((&mut req.arp_pa as *mut libc::sockaddr).cast(), pa) };
-    req.arp_ha.sa_family = libc::ARPHRD_ETHER;
-    for (i, b) in GUEST_MAC.split(':').enumerate() {
-        req.arp_ha.sa_data[i] = u8::from_str_radix(b, 16).unwrap() as libc::c_char;
-    }
-    req.arp_flags = libc::ATF_PERM | libc::ATF_COM;
-    for (i, b) in TAP.bytes().enumerate() {
-        req.arp_dev[i] = b as libc::c_char;
-    }
-    // SAFETY: SIOCSARP reads one arpreq; the socket is open.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSARP, &req) };
-    assert_eq!(ret, 0, "SIOCSARP: {}", std::io::Error::last_os_error());
+    (child, net::host_socket())
 }
 
 /// What `virtio-drivers` cannot do, driven by the guest by hand on virtio-net's second queue
@@ -561,14 +487,9 @@ fn static_arp_entry(sock: &std::net::UdpSocket) {
 /// as the virtio header describes it.
 #[test]
 fn net_second_queue_pair_merged_buffers_and_checksums() {
-    std::thread::spawn(|| {
-        enter_private_netns();
+    in_private_netns(|| {
         let (mut child, sock) = start_net_vmm("net-mq");
-        expect_from_guest(&sock, b"hello from pair 1");
-        static_arp_entry(&sock);
-        let mut answer = b"hello to pair 1".to_vec();
-        answer.extend((15..1000).map(|i| (i % 251) as u8));
-        answer_guest(&sock, &mut child, &answer);
+        net::net_mq_exchange(&sock, &mut child, TAP);
         let r = wait_with_timeout(child, Duration::from_secs(30));
         r.assert_guest_passed();
         for c in [
@@ -580,13 +501,10 @@ fn net_second_queue_pair_merged_buffers_and_checksums() {
         ] {
             r.assert_passed(c);
         }
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 fn net_udp_in_private_netns() {
-    enter_private_netns();
     // Four queue pairs; the test guest's driver (virtio-drivers) uses one without MQ, so the
     // device must keep the other TAP queues detached or frames would get lost there.
     let (mut child, sock) = start_net_vmm("net");
@@ -864,24 +782,8 @@ fn blk_vhost_user_against_qemu_storage_daemon() {
         let (img, sock) = (dir.join("disk.img"), dir.join("vub.sock"));
         make_disk(&img, 0, 1 << 20);
         let _qsd = StorageDaemon::start(&img, &sock, queues);
-        let disk = format!(
-            "vhost_user=on,socket={},num_queues={queues}",
-            sock.display()
-        );
         // qemu-storage-daemon answers GET_ID with its own name.
-        let cmdline = format!("test=blk blk_disks=1 blk_sectors={SECTORS} blk_id=vhost_user_blk");
-        let r = boot(
-            &guest().elf_pvh,
-            &cmdline,
-            &[
-                "--memory",
-                "size=256M,shared=on",
-                "--cpus",
-                "boot=2",
-                "--disk",
-                &disk,
-            ],
-        );
+        let r = common::boot_vhost_user_blk(&sock, queues, SECTORS, "vhost_user_blk");
         r.assert_guest_passed();
         for c in ["read", "write", "flush", "read-back", "read-beyond-end"] {
             r.assert_passed(&format!("blk0-{c}"));

@@ -1,6 +1,8 @@
 //! Helpers for tests that run the real `cloud-hypervisor` binary on the test guest.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -302,4 +304,129 @@ pub fn ping(sock: &Path) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.lines().next().unwrap_or_default().to_string()
+}
+
+/// Polls `done` every 20 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Until `needle` is in the file `serial` (`timeout` at most); the file's text.
+pub fn wait_serial(serial: &Path, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A test's scratch directory (`scratch(name)`) and the files its VMM and vhost-user backend
+/// use there: the backend's socket `sock`, the VMM's API socket and its serial output.
+pub struct Fixture {
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    pub api: PathBuf,
+    pub serial: PathBuf,
+}
+
+impl Fixture {
+    /// The directory `scratch(name)`, the backend's socket named `sock` in it.
+    pub fn new(name: &str, sock: &str) -> Self {
+        let dir = scratch(name);
+        Fixture {
+            sock: dir.join(sock),
+            api: dir.join("api.sock"),
+            serial: dir.join("serial.out"),
+            dir,
+        }
+    }
+
+    /// `--serial`'s argument: the serial output into `serial`.
+    pub fn serial_arg(&self) -> String {
+        format!("file={}", self.serial.display())
+    }
+
+    /// `--api-socket`'s argument: the API on `api`.
+    pub fn api_arg(&self) -> String {
+        format!("path={}", self.api.display())
+    }
+
+    /// What the guest wrote to its serial port so far.
+    pub fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Until `needle` is in the serial output (`timeout` at most); the text.
+    pub fn wait_serial(&self, needle: &str, timeout: Duration) -> String {
+        wait_serial(&self.serial, needle, timeout)
+    }
+
+    /// The VMM booting the test guest's `test=hotplug` (which drives every function it is told
+    /// of) with shared guest RAM and two vCPUs, its serial output and API here.
+    pub fn spawn_hotplug_guest(&self) -> Child {
+        spawn(&[
+            "--kernel",
+            guest().elf_pvh.to_str().unwrap(),
+            "--cmdline",
+            "test=hotplug",
+            "--memory",
+            "size=256M,shared=on",
+            "--cpus",
+            "boot=2",
+            "--console",
+            "off",
+            "--serial",
+            &self.serial_arg(),
+            "--api-socket",
+            &self.api_arg(),
+        ])
+    }
+
+    /// Waits for `vmm` (`timeout` at most): its run, with the serial output as its stdout.
+    pub fn wait(&self, vmm: Child, timeout: Duration) -> Run {
+        let r = wait_with_timeout(vmm, timeout);
+        Run {
+            stdout: self.serial_text(),
+            ..r
+        }
+    }
+}
+
+/// The slot of the first PCI address (`0000:00:<slot>.<f>`) in an add-device answer's `body`.
+pub fn pci_slot(body: &str) -> u8 {
+    body.split("0000:00:")
+        .nth(1)
+        .and_then(|b| u8::from_str_radix(&b[..2], 16).ok())
+        .unwrap_or_else(|| panic!("no bdf in {body}"))
+}
+
+/// The test guest's `test=blk` scenario over one vhost-user disk, the backend at `sock` serving
+/// it through `queues` queues (shared guest RAM, two vCPUs); `sectors` and `id` (GET_ID's
+/// answer) are what the guest expects.
+pub fn boot_vhost_user_blk(sock: &Path, queues: u16, sectors: u64, id: &str) -> Run {
+    let disk = format!(
+        "vhost_user=on,socket={},num_queues={queues}",
+        sock.display()
+    );
+    let cmdline = format!("test=blk blk_disks=1 blk_sectors={sectors} blk_id={id}");
+    boot(
+        &guest().elf_pvh,
+        &cmdline,
+        &[
+            "--memory",
+            "size=256M,shared=on",
+            "--cpus",
+            "boot=2",
+            "--disk",
+            &disk,
+        ],
+    )
 }
