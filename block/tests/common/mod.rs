@@ -86,12 +86,25 @@ pub fn qemu_compress(raw: &Path, img: &Path, opts: &str) {
     ]);
 }
 
-/// `qemu-img check` must report no errors (leaks allowed).
+/// `qemu-img check` must report no errors (leaks allowed). A lock refused ("Failed to lock")
+/// is tried again for up to 5 s: the tests of a binary run in threads, and a `qemu-img` another
+/// thread forks holds every open file of the process, this test's image included, until its
+/// exec closes them, so the image's OFD lock can outlive the disk's close by a moment (seen once
+/// in CI's loaded run). An io_uring ring's teardown after a close does the same.
 pub fn qemu_check(fmt: &str, img: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "-f", fmt, img.to_str().unwrap()])
-        .output()
-        .expect("qemu-img is required (qemu-utils)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let out = loop {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", fmt, img.to_str().unwrap()])
+            .output()
+            .expect("qemu-img is required (qemu-utils)");
+        if !String::from_utf8_lossy(&out.stderr).contains("Failed to lock")
+            || std::time::Instant::now() > deadline
+        {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let code = out.status.code().unwrap_or(-1);
     // 0: clean, 3: leaked clusters only. 1/2 mean corruption or check errors.
     assert!(
