@@ -5,7 +5,8 @@
 //! `cargo bench -p virtio-devices --bench blk` (set BLK_BENCH_SECS to change the duration of
 //! each measurement, default 3; BLK_BENCH_ROUNDS the number of alternating device / plain
 //! rounds it is split into, default 12; BLK_BENCH_CASES=0,2 picks cases; BLK_BENCH_IO_URING=1
-//! uses io_uring).
+//! uses io_uring; BLK_BENCH_RANDOM=1 sends each request, on both sides, to a random place of
+//! the disk instead of where the one before it ended).
 
 mod common;
 use common::{
@@ -33,6 +34,38 @@ const AVAIL: u64 = 0x10000;
 const USED: u64 = 0x20000;
 const REQS: u64 = 0x100000;
 const DATA: u64 = 0x100_0000;
+
+/// Where the next request goes: where the last one ended (a sequential stream), or
+/// (`random`) anywhere on the disk, aligned to its size.
+struct Offsets {
+    pos: u64,
+    random: bool,
+}
+
+impl Offsets {
+    fn next(&mut self, size: u32) -> u64 {
+        let size = u64::from(size);
+        if self.random {
+            // xorshift64: cheap and the same sequence on both sides.
+            self.pos ^= self.pos << 13;
+            self.pos ^= self.pos >> 7;
+            self.pos ^= self.pos << 17;
+            (self.pos % (DISK / size)) * size
+        } else {
+            let at = self.pos % DISK;
+            self.pos = (at + size) % DISK;
+            at
+        }
+    }
+}
+
+fn offsets() -> Offsets {
+    let random = std::env::var("BLK_BENCH_RANDOM").is_ok_and(|v| v == "1");
+    Offsets {
+        pos: if random { 0x9e37_79b9_7f4a_7c15 } else { 0 },
+        random,
+    }
+}
 
 struct Bench {
     mem: GuestMemoryMmap,
@@ -72,10 +105,9 @@ impl Bench {
         }
     }
 
-    fn push(&mut self, head: u16, size: u32, pos: &mut u64) {
+    fn push(&mut self, head: u16, size: u32, pos: &mut Offsets) {
         let hdr = REQS + u64::from(head / 3) * 64;
-        self.ram.wr(hdr + 8, (*pos / 512).to_le());
-        *pos = (*pos + u64::from(size)) % DISK;
+        self.ram.wr(hdr + 8, (pos.next(size) / 512).to_le());
         let slot = self.avail % QSIZE;
         self.ram.wr(AVAIL + 4 + 2 * u64::from(slot), head.to_le());
         self.avail = self.avail.wrapping_add(1);
@@ -90,7 +122,7 @@ impl Bench {
     /// Keeps DEPTH requests in flight for `dur`, resubmitting each one as it completes (as a
     /// guest with a deep queue does). Returns the number completed.
     fn run(&mut self, size: u32, dur: Duration) -> u64 {
-        let mut pos = 0;
+        let mut pos = offsets();
         for r in 0..DEPTH {
             self.push(r * 3, size, &mut pos);
         }
@@ -213,7 +245,8 @@ fn main() {
         kicks: 0,
     };
     println!(
-        "virtio-blk device path ({DEPTH} requests in flight) vs pread/pwrite, {secs} s each in {rounds} alternating rounds; the guest halt-polls {} us",
+        "virtio-blk device path ({DEPTH} requests in flight) vs pread/pwrite, {} offsets, {secs} s each in {rounds} alternating rounds; the guest halt-polls {} us",
+        if offsets().random { "random" } else { "sequential" },
         b.irq.halt_poll().as_micros()
     );
     let f = file.as_file();
@@ -267,18 +300,18 @@ fn main() {
             };
             // On the CPU the device thread ran on: the two vCPUs of a VM need not be equal.
             run_on(thread_last_cpu("virtio-blk"));
-            let (mut pos, mut n, start, cpu0) = (0u64, 0u64, Instant::now(), own_cpu());
+            let (mut pos, mut n, start, cpu0) = (offsets(), 0u64, Instant::now(), own_cpu());
             while start.elapsed() < slice {
                 for &p in &bufs {
                     // SAFETY: `p` points at 64 KiB inside the guest memory `b.mem` keeps
                     // mapped; the device is idle while this loop runs.
                     let buf = unsafe { std::slice::from_raw_parts_mut(p, size as usize) };
+                    let at = pos.next(size);
                     if write {
-                        f.write_all_at(buf, pos).unwrap();
+                        f.write_all_at(buf, at).unwrap();
                     } else {
-                        f.read_exact_at(buf, pos).unwrap();
+                        f.read_exact_at(buf, at).unwrap();
                     }
-                    pos = (pos + u64::from(size)) % DISK;
                 }
                 n += u64::from(DEPTH);
             }
@@ -303,12 +336,17 @@ fn main() {
             per(kicks),
             guest_cpu / n as f64 * 1e6
         );
+        let order = if offsets().random { " random" } else { "" };
         report(
-            &format!("virtio-blk {kind} {} KiB", size / 1024),
+            &format!("virtio-blk{order} {kind} {} KiB", size / 1024),
             &dev_tot,
             "req/s",
         );
-        report(&format!("p{kind} {} KiB", size / 1024), &base_tot, "req/s");
+        report(
+            &format!("p{kind}{order} {} KiB", size / 1024),
+            &base_tot,
+            "req/s",
+        );
         compare(&dev_tot, &base_tot, &ratios, "request");
     }
     blk.reset();
