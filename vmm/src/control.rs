@@ -569,25 +569,6 @@ impl Vmm {
         Ok(())
     }
 
-    /// `vm.migration-progress`. After a watched migration's success, the answer "completed"
-    /// is the VMM's last word.
-    fn migration_progress(&mut self) -> (ApiResult, Next) {
-        self.progress_asked = Some(std::time::Instant::now());
-        let Some(st) = self.migration.as_ref() else {
-            return (Err(ApiError::NoMigration), Next::Continue);
-        };
-        let next = if self.linger.is_some() && st.completed() {
-            info!("the migration's watcher has seen it complete; this VMM ends");
-            Next::Exit(Outcome::Migrated)
-        } else {
-            Next::Continue
-        };
-        (
-            Ok(ApiResponse::MigrationProgress(Box::new(st.progress()))),
-            next,
-        )
-    }
-
     /// Runs one API request; says whether the VMM should exit afterwards.
     fn handle_api(&mut self, req: ApiRequest) -> (ApiResult, Next) {
         use ApiRequest::*;

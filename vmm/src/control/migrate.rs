@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use api::{ApiError, MigrationProgress, MigrationState, VmState};
+use api::{ApiError, ApiResponse, ApiResult, MigrationProgress, MigrationState, VmState};
 use guest_memory::GuestMemoryMmap;
 use hypervisor::KvmHypervisor;
 use log::{error, info, warn};
@@ -208,6 +208,25 @@ impl Vmm {
                 )))
             }
         }
+    }
+
+    /// `vm.migration-progress`. After a watched migration's success, the answer "completed"
+    /// is the VMM's last word.
+    pub(super) fn migration_progress(&mut self) -> (ApiResult, Next) {
+        self.progress_asked = Some(std::time::Instant::now());
+        let Some(st) = self.migration.as_ref() else {
+            return (Err(ApiError::NoMigration), Next::Continue);
+        };
+        let next = if self.linger.is_some() && st.completed() {
+            info!("the migration's watcher has seen it complete; this VMM ends");
+            Next::Exit(Outcome::Migrated)
+        } else {
+            Next::Continue
+        };
+        (
+            Ok(ApiResponse::MigrationProgress(Box::new(st.progress()))),
+            next,
+        )
     }
 
     /// The sending thread has news: progress events, or its end (the VM comes back).
