@@ -33,8 +33,9 @@ pub struct NumaConfig {
     pub extra: Extra,
 }
 
-/// `[1,3-5]` (or without brackets) as numbers, ranges expanded.
-fn int_list(raw: &str) -> Result<Vec<u32>, String> {
+/// `[1,3-5]` (or without brackets) as numbers, ranges expanded; a number above `max` is
+/// refused before any range is expanded (`0-4000000000` would otherwise take gigabytes).
+fn int_list(raw: &str, max: u32) -> Result<Vec<u32>, String> {
     let body = raw.trim();
     let body = body
         .strip_prefix('[')
@@ -42,9 +43,10 @@ fn int_list(raw: &str) -> Result<Vec<u32>, String> {
         .unwrap_or(body);
     let mut out = Vec::new();
     for item in body.split(',').map(str::trim) {
-        let num = |s: &str| {
-            s.parse::<u32>()
-                .map_err(|_| format!("'{s}' is not a number"))
+        let num = |s: &str| match s.parse::<u32>() {
+            Ok(n) if n <= max => Ok(n),
+            Ok(_) => Err(format!("'{s}' is more than {max}")),
+            Err(_) => Err(format!("'{s}' is not a number")),
         };
         match item.split_once('-') {
             Some((a, b)) => {
@@ -86,13 +88,15 @@ impl NumaConfig {
         let guest_numa_id = p
             .number("guest_numa_id")?
             .ok_or_else(|| p.error("guest_numa_id is required for all NUMA nodes"))?;
-        let list = |key: &str| -> Result<Option<Vec<u32>>, ConfigError> {
+        let list = |key: &str, max: u32| -> Result<Option<Vec<u32>>, ConfigError> {
             p.get(key)
-                .map(|v| int_list(&v).map_err(|m| p.error(format!("{key}: {m}"))))
+                .map(|v| int_list(&v, max).map_err(|m| p.error(format!("{key}: {m}"))))
                 .transpose()
         };
-        let cpus = list("cpus")?;
-        let pci_segments = list("pci_segments")?.map(|s| s.into_iter().map(|n| n as u16).collect());
+        // CPU numbers below the most vCPUs a VM can have; segment numbers are 16-bit.
+        let cpus = list("cpus", crate::MAX_VCPUS - 1)?;
+        let pci_segments = list("pci_segments", u16::MAX.into())?
+            .map(|s| s.into_iter().map(|n| n as u16).collect());
         let distances = p
             .get("distances")
             .map(|v| {

@@ -40,6 +40,12 @@ fn bad_nodes_name_the_option_and_value() {
         ("guest_numa_id=0", "either device_id or cpus/memory_zones"),
         ("guest_numa_id=0,cpus=[]", "'' is not a number"),
         ("guest_numa_id=0,cpus=[3-1]", "not a rising range"),
+        // Found by the config_options fuzzer: the range was expanded first (out of memory).
+        (
+            "guest_numa_id=0,cpus=[0-1919999999]",
+            "cpus: '1919999999' is more than 253",
+        ),
+        ("guest_numa_id=0,cpus=254", "cpus: '254' is more than 253"),
         (
             "guest_numa_id=0,cpus=[0],distances=[1-20]",
             "not <node>@<distance>",

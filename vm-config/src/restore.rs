@@ -198,17 +198,27 @@ fn fd(v: &str) -> Result<i32, String> {
         .ok_or_else(|| format!("'{v}' is not a file descriptor number"))
 }
 
+/// The most descriptors one list may name (a NIC takes one per queue pair): a range is checked
+/// against it before it is expanded (`0-2000000000` would otherwise take gigabytes).
+const MAX_FDS: usize = 1024;
+
 /// `[3,4]`, `3`, or ranges `[3-5]` (3, 4, 5), as the original's integer lists.
 fn fd_list(v: &str) -> Result<Vec<i32>, String> {
     let inner = v.trim().trim_start_matches('[').trim_end_matches(']');
     let mut fds = Vec::new();
     for item in inner.split(',') {
         match item.split_once('-') {
+            None if fds.len() >= MAX_FDS => {
+                return Err(format!("more than {MAX_FDS} descriptors"));
+            }
             None => fds.push(fd(item)?),
             Some((a, b)) => {
                 let (a, b) = (fd(a)?, fd(b)?);
                 if a >= b {
                     return Err(format!("'{item}' is not a rising range"));
+                }
+                if (b - a) as usize >= MAX_FDS - fds.len() {
+                    return Err(format!("'{item}': more than {MAX_FDS} descriptors"));
                 }
                 fds.extend(a..=b);
             }
@@ -389,6 +399,13 @@ mod tests {
             parse_err("source_url=file:///s,net_fds=[net0@[x]]"),
             "--restore source_url=file:///s,net_fds=[net0@[x]]: \
              net_fds: net0: 'x' is not a file descriptor number (expected [<id>@[<fd>,...],...])"
+        );
+        // A huge range is refused before it is expanded (it would take gigabytes).
+        assert_eq!(
+            parse_err("source_url=file:///s,net_fds=[net0@[3-2000000000]]"),
+            "--restore source_url=file:///s,net_fds=[net0@[3-2000000000]]: \
+             net_fds: net0: '3-2000000000': more than 1024 descriptors (expected \
+             [<id>@[<fd>,...],...])"
         );
         for bad in [
             "net_fds=[]",
