@@ -365,7 +365,7 @@ const NO_WAIT: &str = "no-wait";
 /// How often `send-migration` asks for the migration's progress.
 const POLL: Duration = Duration::from_millis(200);
 /// The longest `send-migration` stays silent while a migration runs.
-const QUIET: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_secs(2);
 
 fn read_file(path: &str) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
@@ -692,8 +692,9 @@ fn follow_migration(mut client: Client, socket: &std::path::Path) -> Result<(), 
                     // A long pass (or the downtime) says it is still under way.
                     let _ = writeln!(
                         err,
-                        "pass {} under way, {:.1} s",
+                        "pass {} under way: {:.1} MiB sent in all, {:.1} s",
                         p.pass + 1,
+                        mib(p.total_bytes),
                         p.elapsed_ms as f64 / 1000.0
                     );
                     said = Instant::now();

@@ -259,6 +259,11 @@ impl Vmm {
                     self.monitor
                         .emit_with("vm", "migration-progress", Some(&props));
                 }
+                Some(Progress::Sending { total }) => {
+                    if let Some(st) = self.migration.as_mut() {
+                        st.progress.total_bytes = total;
+                    }
+                }
                 Some(Progress::Done {
                     passes,
                     total,

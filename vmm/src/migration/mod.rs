@@ -23,6 +23,9 @@ pub struct MigrationConfig {
     pub vm_config: VmConfig,
 }
 
+/// How often a pass in progress reports the bytes it has sent.
+pub const SENDING_EVERY: Duration = Duration::from_millis(250);
+
 /// What the sending thread tells the control loop as it goes.
 #[derive(Debug)]
 pub enum Progress {
@@ -33,6 +36,9 @@ pub enum Progress {
         total: u64,
         dirty: u64,
     },
+    /// Part of a pass went out (at most every [`SENDING_EVERY`]): `total` bytes sent so far,
+    /// all passes. No event: it only moves `vm.migration-progress` on during a long pass.
+    Sending { total: u64 },
     /// The destination took the VM.
     Done {
         passes: u32,

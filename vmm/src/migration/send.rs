@@ -14,13 +14,16 @@ use vm_config::{SendMigrationConfig, TimeoutStrategy};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::protocol::{encode_ranges, Command, Request, Response, Stream};
-use super::{dirty, MigrationConfig, Progress};
+use super::{dirty, MigrationConfig, Progress, SENDING_EVERY};
 use crate::config::VmConfig;
 use crate::snapshot::MemoryRange;
 use crate::vm::Vm;
 
 /// What went wrong, one line.
 pub type SendError = String;
+
+/// The most one write of a pass sends before the pass may report how far it is.
+const SENDING_PIECE: u64 = 8 << 20;
 
 struct Link<'a> {
     stream: Stream,
@@ -48,7 +51,9 @@ impl Link<'_> {
     }
 
     /// One Memory request: the table, then each range's bytes straight from guest RAM.
-    fn memory(&mut self, vm: &Vm, ranges: &[MemoryRange]) -> Result<u64, SendError> {
+    /// Sends `ranges` as one Memory request; `before`: the bytes earlier passes sent (for the
+    /// reports of a pass in progress).
+    fn memory(&mut self, vm: &Vm, ranges: &[MemoryRange], before: u64) -> Result<u64, SendError> {
         let table = encode_ranges(ranges);
         self.stream
             .write_all(&Request::new(Command::Memory, table.len() as u64).encode())
@@ -56,9 +61,22 @@ impl Link<'_> {
             .map_err(|e| format!("sending memory: {e}"))?;
         let mem = vm.memory();
         let mut fd = self.stream.fd();
+        let (mut sent, mut said) = (0u64, Instant::now());
         for r in ranges {
-            crate::memory::write_range(mem, r.gpa, r.length, &mut fd, 1 << 30)
-                .map_err(|e| format!("sending memory at {:#x}: {e}", r.gpa))?;
+            // In pieces, so that a long pass reports as it goes.
+            let mut at = 0;
+            while at < r.length {
+                let n = (r.length - at).min(SENDING_PIECE);
+                crate::memory::write_range(mem, r.gpa + at, n, &mut fd, 1 << 30)
+                    .map_err(|e| format!("sending memory at {:#x}: {e}", r.gpa + at))?;
+                (at, sent) = (at + n, sent + n);
+                if said.elapsed() >= SENDING_EVERY {
+                    let _ = self.events.send(Progress::Sending {
+                        total: before + sent,
+                    });
+                    said = Instant::now();
+                }
+            }
         }
         self.response(Command::Memory)?;
         Ok(dirty::bytes(ranges))
@@ -179,7 +197,7 @@ fn run(
         let mut rate: f64;
         loop {
             let t = Instant::now();
-            let sent = s.memory(vm, &ranges)?;
+            let sent = s.memory(vm, &ranges, total)?;
             total += sent;
             pass += 1;
             rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
@@ -238,7 +256,7 @@ fn run(
         )?;
         last.extend(left);
         last.sort_by_key(|r| r.gpa);
-        total += s.memory(vm, &last)?;
+        total += s.memory(vm, &last, total)?;
         pass += 1;
     }
     let state = serde_json::to_vec(&state).map_err(|e| format!("cannot encode the state: {e}"))?;
