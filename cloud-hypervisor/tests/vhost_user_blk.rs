@@ -660,17 +660,7 @@ fn a_failed_migration_starts_and_stops_the_backends_dirty_log_under_guest_io() {
     let dest = fx.dir.join("dest.sock");
     let listener = UnixListener::bind(&dest).unwrap();
     let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut ok = [0u8; 16];
-        ok[0] = 1;
-        for _ in 0..2 {
-            let mut req = [0u8; 16];
-            s.read_exact(&mut req).unwrap();
-            let len = u64::from_le_bytes(req[8..].try_into().unwrap());
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).unwrap();
-            s.write_all(&ok).unwrap();
-        }
+        let mut s = common::fake_destination_start(&listener);
         let mut some = vec![0u8; 4 << 20];
         s.read_exact(&mut some).unwrap();
     });

@@ -465,21 +465,8 @@ fn a_destination_that_dies_mid_way_leaves_the_source_running() {
     let sock = dir.join("fake.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let ok = {
-            let mut b = [0u8; 16];
-            b[0] = 1;
-            b
-        };
         // Start, then Config: answered; then a little of the first Memory pass, and gone.
-        for _ in 0..2 {
-            let mut req = [0u8; 16];
-            s.read_exact(&mut req).unwrap();
-            let len = u64::from_le_bytes(req[8..].try_into().unwrap());
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).unwrap();
-            s.write_all(&ok).unwrap();
-        }
+        let mut s = common::fake_destination_start(&listener);
         let mut some = vec![0u8; 1 << 20];
         s.read_exact(&mut some).unwrap();
     });
@@ -547,18 +534,8 @@ fn a_long_pass_reports_as_it_goes() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_fake = stop.clone();
     let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut ok = [0u8; 16];
-        ok[0] = 1;
         // Start and Config answered; then the first pass read at about 25 MiB/s.
-        for _ in 0..2 {
-            let mut req = [0u8; 16];
-            s.read_exact(&mut req).unwrap();
-            let len = u64::from_le_bytes(req[8..].try_into().unwrap());
-            let mut payload = vec![0u8; len as usize];
-            s.read_exact(&mut payload).unwrap();
-            s.write_all(&ok).unwrap();
-        }
+        let mut s = common::fake_destination_start(&listener);
         let mut buf = vec![0u8; 256 << 10];
         while !stop_fake.load(std::sync::atomic::Ordering::SeqCst) {
             if matches!(s.read(&mut buf), Ok(0) | Err(_)) {

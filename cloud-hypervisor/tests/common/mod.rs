@@ -430,3 +430,24 @@ pub fn boot_vhost_user_blk(sock: &Path, queues: u16, sectors: u64, id: &str) -> 
         ],
     )
 }
+
+/// A fake migration destination's start: takes the first connection on `listener` and answers
+/// the source's Start and Config requests with OK (16-byte response header, status 1), reading
+/// their payloads; returns the connection, where the first Memory request comes next.
+pub fn fake_destination_start(
+    listener: &std::os::unix::net::UnixListener,
+) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let (mut s, _) = listener.accept().unwrap();
+    let mut ok = [0u8; 16];
+    ok[0] = 1;
+    for _ in 0..2 {
+        let mut req = [0u8; 16];
+        s.read_exact(&mut req).unwrap();
+        let len = u64::from_le_bytes(req[8..].try_into().unwrap());
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).unwrap();
+        s.write_all(&ok).unwrap();
+    }
+    s
+}
