@@ -16,6 +16,7 @@
 //! (and so starts its worker) asks the spawner, and the worker gets only its own list.
 
 mod base;
+mod bpf;
 mod report;
 mod spawn;
 pub mod testing;
@@ -23,10 +24,7 @@ pub mod testing;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::{BpfProgram, SeccompAction};
 pub use spawn::{on_spawner, spawn, spawner_running, start_spawner};
 pub use syscalls::Sysno;
 
@@ -92,11 +90,8 @@ pub fn mode() -> Mode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot build the seccomp filter of thread kind '{kind}': {source}")]
-    Build {
-        kind: &'static str,
-        source: seccompiler::BackendError,
-    },
+    #[error("the seccomp filter of thread kind '{kind}' is {len} instructions long, over the kernel's 4096")]
+    TooLong { kind: &'static str, len: usize },
     #[error("cannot install the seccomp filter of thread kind '{kind}': {source}")]
     Install {
         kind: &'static str,
@@ -222,68 +217,49 @@ impl Filter {
     /// kernel takes the stricter answer of a thread's filters, and a trap is stricter than an
     /// error).
     fn quiet_denials(&self) -> Result<Option<BpfProgram>, Error> {
-        let quiet: Vec<Sysno> = base::QUIET
+        let quiet: Vec<u32> = base::QUIET
             .iter()
-            .copied()
             .filter(|s| !self.allowed.contains(s))
+            .map(|s| s.id() as u32)
             .collect();
         if quiet.is_empty() {
             return Ok(None);
         }
-        let build = |source| Error::Build {
-            kind: self.kind,
-            source,
-        };
-        let rules = quiet
-            .iter()
-            .map(|s| (i64::from(s.id()), Vec::new()))
-            .collect();
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Allow,
-            SeccompAction::Errno(libc::EACCES as u32),
-            TargetArch::x86_64,
-        )
-        .map_err(build)?;
-        Ok(Some(filter.try_into().map_err(build)?))
+        let eacces = SeccompAction::Errno(libc::EACCES as u32);
+        self.checked(bpf::program(
+            quiet,
+            None,
+            eacces.into(),
+            SeccompAction::Allow.into(),
+        ))
+        .map(Some)
     }
 
     fn compile(&self, mismatch: SeccompAction) -> Result<BpfProgram, Error> {
-        let build = |source| Error::Build {
-            kind: self.kind,
-            source,
-        };
-        let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = self
-            .allowed
-            .iter()
-            .chain(base::QUIET)
-            .map(|s| (i64::from(s.id()), Vec::new()))
-            .collect();
-        // (Never an empty list of rules: to seccompiler that allows every request.)
-        let some_requests = !self.ioctl_types.is_empty() || !self.ioctls.is_empty();
-        if !self.allowed.contains(&Sysno::ioctl) && some_requests {
-            // The request is the second argument; `Dword` compares its low 32 bits.
-            let request = |op, value| {
-                SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value)
-                    .and_then(|cond| SeccompRule::new(vec![cond]))
-            };
-            let by_type = self
-                .ioctl_types
-                .iter()
-                .map(|&t| request(SeccompCmpOp::MaskedEq(0xff00), u64::from(t) << 8));
-            let exact = self
-                .ioctls
-                .iter()
-                .map(|&r| request(SeccompCmpOp::Eq, u64::from(r)));
-            let rules_of_ioctl = by_type
-                .chain(exact)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(build)?;
-            rules.insert(i64::from(Sysno::ioctl.id()), rules_of_ioctl);
+        let exact: Vec<u32> = self.ioctls.iter().copied().collect();
+        let types: Vec<u8> = self.ioctl_types.iter().copied().collect();
+        // `ioctl` allowed whole, or only with these requests (if any).
+        let ioctl = (!exact.is_empty() || !types.is_empty()).then_some(bpf::IoctlArgs {
+            exact: &exact,
+            types: &types,
+        });
+        let numbers = self.allowed.iter().chain(base::QUIET).map(|s| s.id() as u32);
+        self.checked(bpf::program(
+            numbers,
+            ioctl,
+            SeccompAction::Allow.into(),
+            mismatch.into(),
+        ))
+    }
+
+    fn checked(&self, program: BpfProgram) -> Result<BpfProgram, Error> {
+        if program.len() > bpf::MAX_LEN {
+            return Err(Error::TooLong {
+                kind: self.kind,
+                len: program.len(),
+            });
         }
-        let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-            .map_err(build)?;
-        filter.try_into().map_err(build)
+        Ok(program)
     }
 }
 
@@ -297,5 +273,7 @@ pub fn base() -> &'static [Sysno] {
     base::BASE
 }
 
+#[cfg(test)]
+mod bpf_tests;
 #[cfg(test)]
 mod tests;
