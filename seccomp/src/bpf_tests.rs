@@ -92,7 +92,12 @@ fn trees_decide_as_seccompilers_chains() {
     let both = Filter::new("both")
         .allow_ioctl_types(&[0xae, b'T', 0x89, 0xaa])
         .allow_ioctls(&[0x4008_ae6a, 0x8090_ae81, 0x4020_ae46])
-        .allow(&[Sysno::mmap, Sysno::munmap, Sysno::mremap, Sysno::io_uring_enter]);
+        .allow(&[
+            Sysno::mmap,
+            Sysno::munmap,
+            Sysno::mremap,
+            Sysno::io_uring_enter,
+        ]);
     let whole = Filter::new("whole")
         .allow(&[Sysno::ioctl])
         .allow_ioctls(&[0x541b]);
@@ -104,7 +109,9 @@ fn trees_decide_as_seccompilers_chains() {
         both.clone(),
         whole,
         runs,
-        Filter::new("everything").merge(&both).allow(&Sysno::iter().collect::<Vec<_>>()),
+        Filter::new("everything")
+            .merge(&both)
+            .allow(&Sysno::iter().collect::<Vec<_>>()),
     ] {
         for mismatch in [
             SeccompAction::Trap,
@@ -144,7 +151,15 @@ fn tree_walks_are_short() {
     let filter = Filter::new("long").allow(&all).allow_ioctl_types(b"T");
     let tree = filter.compile(SeccompAction::Trap).unwrap();
     let chain = chain(&filter, SeccompAction::Trap);
-    assert!(tree.len() < chain.len(), "{} vs {}", tree.len(), chain.len());
-    let worst = (0..600).map(|nr| walk(&tree, nr, X86_64, 0).1).max().unwrap();
+    assert!(
+        tree.len() < chain.len(),
+        "{} vs {}",
+        tree.len(),
+        chain.len()
+    );
+    let worst = (0..600)
+        .map(|nr| walk(&tree, nr, X86_64, 0).1)
+        .max()
+        .unwrap();
     assert!(worst <= 40, "longest walk {worst}");
 }

@@ -243,7 +243,11 @@ impl Filter {
             exact: &exact,
             types: &types,
         });
-        let numbers = self.allowed.iter().chain(base::QUIET).map(|s| s.id() as u32);
+        let numbers = self
+            .allowed
+            .iter()
+            .chain(base::QUIET)
+            .map(|s| s.id() as u32);
         self.checked(bpf::program(
             numbers,
             ioctl,
