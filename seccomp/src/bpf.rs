@@ -70,7 +70,7 @@ pub fn program(
     let mut ranges: Vec<(u32, u32, Target)> = Vec::new();
     for n in numbers {
         match ranges.last_mut() {
-            Some((_, hi, Target::Match)) if *hi + 1 == n => *hi = n,
+            Some((_, hi, Target::Match)) if hi.checked_add(1) == Some(n) => *hi = n,
             _ => ranges.push((n, n, Target::Match)),
         }
     }
