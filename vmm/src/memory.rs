@@ -171,7 +171,11 @@ fn ram_region_with(
     // are allocated (memfd_create never commits), so there `reserve=on` commits nothing for
     // 4 KiB pages, as in the original; huge pages are reserved at the mapping.
     let mut flags = if cfg.reserve { 0 } else { libc::MAP_NORESERVE };
-    if cfg.prefault {
+    // Private anonymous RAM advised for transparent huge pages is populated once advised
+    // (populate()): MAP_POPULATE fills the mapping before the advice, with 4 KiB pages, and
+    // the guest would run without huge pages.
+    let populate_advised = cfg.prefault && file.is_none() && thp_advised(cfg);
+    if cfg.prefault && !populate_advised {
         flags |= libc::MAP_POPULATE;
     }
     let mut builder = guest_memory::region_builder(size as usize)
@@ -195,6 +199,9 @@ fn ram_region_with(
         .build()
         .map_err(|source| MemoryError::Mmap { size, source })?;
     advise(region.as_ptr(), size, start.0, cfg);
+    if populate_advised {
+        populate(region.as_ptr(), size);
+    }
     GuestRegionMmap::new(region, start)
         .ok_or_else(|| MemoryError::Regions(format!("region at {:#x} overflows", start.0)))
 }
@@ -241,7 +248,7 @@ fn advise(addr: *mut u8, size: u64, start: u64, cfg: &MemoryConfig) {
     if cfg.mergeable {
         advice.push((libc::MADV_MERGEABLE, "MADV_MERGEABLE", 0));
     }
-    if cfg.thp && !cfg.hugepages && !cfg.shared {
+    if thp_advised(cfg) {
         advice.push((
             libc::MADV_HUGEPAGE,
             "MADV_HUGEPAGE",
@@ -262,6 +269,34 @@ fn advise(addr: *mut u8, size: u64, start: u64, cfg: &MemoryConfig) {
                 std::io::Error::last_os_error()
             );
         }
+    }
+}
+
+/// Whether guest RAM of `cfg` is private anonymous memory advised for transparent huge pages
+/// (above [`THP_FLOOR`]).
+fn thp_advised(cfg: &MemoryConfig) -> bool {
+    cfg.thp && !cfg.hugepages && !cfg.shared
+}
+
+/// Makes the `size` bytes at `addr` (a mapping we own, already advised) resident, as
+/// `prefault=on` asks: MADV_POPULATE_WRITE (Linux 5.14), which faults them in as the advice
+/// says (huge pages where advised); on an older kernel, a write to every page. Like
+/// MAP_POPULATE, it is best effort: memory the host cannot give now is faulted in later.
+fn populate(addr: *mut u8, size: u64) {
+    // SAFETY: `addr..addr+size` is a private anonymous mapping we just created and own;
+    // populating only allocates its (zero) pages.
+    if unsafe { libc::madvise(addr.cast(), size as usize, libc::MADV_POPULATE_WRITE) } == 0 {
+        return;
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        warn!("prefault: guest memory not populated: {e}");
+        return;
+    }
+    for offset in (0..size).step_by(4096) {
+        // SAFETY: inside the same mapping, which nothing else uses yet; the page reads as zero
+        // and a zero is written back.
+        unsafe { std::ptr::write_volatile(addr.add(offset as usize), 0) };
     }
 }
 
@@ -702,6 +737,61 @@ mod tests {
         .unwrap();
         let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
         assert!(!vma_of(base + (8 << 20)).2.contains(" hg"));
+    }
+
+    /// A field of /proc/self/smaps (kB) for the mapping that holds `addr`.
+    fn smaps_kb(addr: usize, field: &str) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split(' ').next().unwrap_or("");
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+            if let Some(v) = line.strip_prefix(field).filter(|_| inside) {
+                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+        panic!("no {field} for {addr:#x}");
+    }
+
+    /// `prefault=on` with transparent huge pages: all of guest RAM is resident, and above the
+    /// first 2 MiB in huge pages (MAP_POPULATE, which fills the mapping before the advice,
+    /// gave 4 KiB pages there). Without THP, or with `shared=on`, it is resident all the same.
+    #[test]
+    fn prefault_populates_in_huge_pages() {
+        let size = 32u64 << 20;
+        let thp_on = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"));
+        for (thp, shared) in [(true, false), (false, false), (true, true)] {
+            let mem = create_guest_memory(&MemoryConfig {
+                size,
+                thp,
+                shared,
+                prefault: true,
+                ..Default::default()
+            })
+            .unwrap();
+            let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+            let above = base + THP_FLOOR as usize;
+            let rss: u64 = [base, above]
+                .into_iter()
+                .filter(|&a| a == base || vma_of(a).0 != base)
+                .map(|a| smaps_kb(a, "Rss:"))
+                .sum();
+            assert_eq!(rss, size >> 10, "thp={thp} shared={shared}: all resident");
+            let huge = smaps_kb(above, "AnonHugePages:");
+            if thp && !shared && thp_on {
+                // 30 MiB above the floor: at least most of it in 2 MiB pages.
+                assert!(huge >= 16 << 10, "thp={thp}: {huge} kB in huge pages");
+            } else if !thp {
+                assert_eq!(huge, 0, "thp=off: {huge} kB in huge pages");
+            }
+        }
     }
 
     /// `reserve=off` (the default) maps guest RAM MAP_NORESERVE ("nr"); `reserve=on` does not.
