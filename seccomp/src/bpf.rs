@@ -9,8 +9,8 @@
 //! and the program about half as long (runs of consecutive numbers are one range test).
 //! `libseccomp` can build trees, but building and loading a filter with it measured slower
 //! still (0.6-0.9 ms for 150-190 calls), so the programs are made here, and `seccompiler`
-//! still installs them. `tests` runs each program beside `seccompiler`'s for the same filter
-//! on every call number and ioctl request they could tell apart.
+//! still installs them. `bpf_tests.rs` runs each program beside `seccompiler`'s for the same
+//! filter on every call number and ioctl request they could tell apart.
 
 use seccompiler::{sock_filter, BpfProgram};
 
@@ -54,8 +54,8 @@ enum Target {
 }
 
 /// Builds the program: calls in `numbers` get `on_match`; `ioctl` with a request `ioctl`
-/// names gets `on_match` too; other calls, and calls of other architectures' numbering
-/// (`KILL_PROCESS`, as `seccompiler`'s), get `otherwise`.
+/// names gets `on_match` too; other calls get `otherwise`. A call made with another
+/// architecture's numbering kills the process (`KILL_PROCESS`, as `seccompiler`'s programs do).
 pub fn program(
     numbers: impl IntoIterator<Item = u32>,
     ioctl: Option<IoctlArgs>,
