@@ -693,24 +693,37 @@ mod tests {
 
     /// The flags of the mapping that holds `addr`, from /proc/self/smaps: (start, end, VmFlags).
     fn vma_of(addr: usize) -> (usize, usize, String) {
+        let (start, end, fields) = smaps_entry(addr);
+        let flags = fields
+            .iter()
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .expect("VmFlags");
+        (start, end, flags.to_string())
+    }
+
+    /// The /proc/self/smaps entry of the mapping that holds `addr`: its range and its lines.
+    fn smaps_entry(addr: usize) -> (usize, usize, Vec<String>) {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut current = None;
+        let mut current: Option<(usize, usize, Vec<String>)> = None;
         for line in smaps.lines() {
             let range = line.split(' ').next().unwrap_or("");
             if let Some((a, b)) = range.split_once('-') {
                 if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
                 {
-                    current = Some((a, b));
+                    if let Some(found) = current.take().filter(|c| (c.0..c.1).contains(&addr)) {
+                        return found;
+                    }
+                    current = Some((a, b, Vec::new()));
                     continue;
                 }
             }
-            if let (Some((a, b)), Some(flags)) = (current, line.strip_prefix("VmFlags:")) {
-                if (a..b).contains(&addr) {
-                    return (a, b, flags.to_string());
-                }
+            if let Some(c) = current.as_mut() {
+                c.2.push(line.to_string());
             }
         }
-        panic!("no mapping holds {addr:#x}");
+        current
+            .filter(|c| (c.0..c.1).contains(&addr))
+            .unwrap_or_else(|| panic!("no mapping holds {addr:#x}"))
     }
 
     #[test]
@@ -741,22 +754,12 @@ mod tests {
 
     /// A field of /proc/self/smaps (kB) for the mapping that holds `addr`.
     fn smaps_kb(addr: usize, field: &str) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let range = line.split(' ').next().unwrap_or("");
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    inside = (a..b).contains(&addr);
-                    continue;
-                }
-            }
-            if let Some(v) = line.strip_prefix(field).filter(|_| inside) {
-                return v.trim().trim_end_matches("kB").trim().parse().unwrap();
-            }
-        }
-        panic!("no {field} for {addr:#x}");
+        let (_, _, fields) = smaps_entry(addr);
+        let v = fields
+            .iter()
+            .find_map(|l| l.strip_prefix(field))
+            .unwrap_or_else(|| panic!("no {field} for {addr:#x}"));
+        v.trim().trim_end_matches("kB").trim().parse().unwrap()
     }
 
     /// `prefault=on` with transparent huge pages: all of guest RAM is resident, and above the
