@@ -20,6 +20,7 @@ mod platform;
 mod pmem;
 mod pty_resize;
 pub mod restore;
+mod restore_copy;
 mod restore_nets;
 mod seccomp_filters;
 mod serial_io;

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +13,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend};
 
 use crate::config::{MemoryConfig, VmConfig};
 use crate::memory;
+use crate::restore_copy::{self, Extent};
 use crate::snapshot::{
     self, Cause, MemoryRange, SnapshotError, VmSnapshot, SNAPSHOT_CONFIG_FILE,
     SNAPSHOT_MEMORY_FILE, SNAPSHOT_STATE_FILE, VM_SNAPSHOT_VERSION,
@@ -168,12 +168,9 @@ pub fn load_memory(
     }
 }
 
-/// Bytes per read of a copy restore (Linux caps one `read` at 0x7ffff000 bytes anyway).
-const COPY_CHUNK: u64 = 1 << 30;
-
 /// Fresh guest RAM (as the configuration asks for it: anonymous, memfd, huge pages) with the
-/// file read into it. `prefault`: the RAM is populated as it is mapped, so the read does not
-/// fault page by page.
+/// file's data read into it, by several threads (`restore_copy`). `prefault`: the RAM is
+/// populated as it is mapped, so the read does not fault page by page.
 fn copy(
     src: &Source,
     cfg: &MemoryConfig,
@@ -186,22 +183,25 @@ fn copy(
         z.prefault |= prefault;
     }
     let mem = memory::create_guest_memory(&cfg).map_err(|e| Cause::new(e.to_string()))?;
-    let mut file = &src.memory;
+    let mut extents = Vec::new();
     for (r, offset) in ranges {
-        let err = |e: std::io::Error| {
-            Cause::io(format!(
-                "Error reading memory snapshot region at {:#x}",
-                r.gpa
-            ))(e)
-        };
         // Fresh RAM is zeros: only the file's data is read, its holes (pages the guest never
         // used) are left alone, so they take no host memory.
-        for (at, len) in data_extents(file, *offset, r.length).map_err(err)? {
-            file.seek(SeekFrom::Start(at)).map_err(err)?;
-            memory::read_range(&mem, r.gpa + (at - offset), len, &mut file, COPY_CHUNK)
-                .map_err(|e| err(std::io::Error::other(e)))?;
-        }
+        let data = data_extents(&src.memory, *offset, r.length).map_err(Cause::io(format!(
+            "Error reading memory snapshot region at {:#x}",
+            r.gpa
+        )))?;
+        extents.extend(data.into_iter().map(|(at, len)| Extent {
+            gpa: r.gpa + (at - offset),
+            offset: at,
+            len,
+        }));
     }
+    let threads = restore_copy::read_extents(&mem, &src.memory, &extents)?;
+    log::debug!(
+        "copy restore: {} extents read by {threads} threads",
+        extents.len()
+    );
     Ok(mem)
 }
 

@@ -220,6 +220,12 @@ const UFFDIO: u8 = 0xaa;
 /// The type of sockets' SIOC* requests (`linux/sockios.h`).
 const SOCK_IOC_TYPE: u8 = 0x89;
 
+/// A copy restore's helper readers (`restore_copy`): `pread` from the snapshot's memory file
+/// into guest RAM.
+pub fn restore_copy() -> Filter {
+    Filter::new("restore-copy").allow(&[::seccomp::Sysno::pread64])
+}
+
 /// The migration sender: it owns the VM while it sends it (pause, dirty log, state of every
 /// device, memory from the memfd or the file), so it needs most of what the control loop does.
 pub fn migration() -> Filter {
@@ -239,6 +245,7 @@ pub fn spawner() -> Filter {
         .allow(&[::seccomp::Sysno::landlock_restrict_self])
         .merge(&vcpu())
         .merge(&uffd())
+        .merge(&restore_copy())
         .merge(&migration())
         .merge(&migration_relay())
         .merge(&virtio_devices::worker_seccomp::all())
@@ -286,6 +293,16 @@ mod tests {
             "seccomp_filters::tests::uffd_refuses_what_it_never_needs",
             "uffd",
             super::uffd,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn restore_copy_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::restore_copy_refuses_what_it_never_needs",
+            "restore-copy1",
+            super::restore_copy,
             Sysno::getpgid,
         );
     }

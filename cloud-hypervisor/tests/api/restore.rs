@@ -156,7 +156,10 @@ fn restore_in_a_new_process_goes_on() {
     let a = Vmm::start("restore-a", &[]);
     let serial = a.dir.join("serial.out");
     let disk = a.dir.join("disk.img");
-    let config = busy_config(Some(&serial), Some(&disk));
+    let mut config = busy_config(Some(&serial), Some(&disk));
+    // A pattern from 32 to 192 MiB: the copy's data spans several of its 64 MiB pieces, so
+    // more than one thread reads it where the host has the CPUs (restore_copy).
+    config["payload"]["cmdline"] = json!("test=busy busy_mem=160");
     let (url, before, info_config) = busy_snapshot(&a, &config, Some(&serial));
     shutdown(a);
 
