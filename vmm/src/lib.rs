@@ -16,6 +16,7 @@ mod memory_zones;
 mod migration;
 mod numa;
 mod pci_setup;
+mod pieces;
 mod platform;
 mod pmem;
 mod pty_resize;

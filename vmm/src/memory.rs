@@ -105,8 +105,10 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
         }
     }
     let mut mapped = Vec::new();
+    let mut to_populate = Vec::new();
     for s in &specs {
         let file = memory_zones::open_file(s)?;
+        let later = s.backing.prefault && populated_later(&s.backing, file.is_some());
         let region =
             ram_region_with(s.start, s.size, &s.backing, file).map_err(|e| match s.zone {
                 Some(_) => MemoryError::InZone {
@@ -118,8 +120,12 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
         if let Some(node) = s.numa {
             memory_zones::bind_to_node(s, region.as_ptr(), node)?;
         }
+        if later {
+            to_populate.push((region.as_ptr() as usize, s.size));
+        }
         mapped.push(region);
     }
+    populate(&to_populate);
     GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Regions(e.to_string()))
 }
 
@@ -171,11 +177,9 @@ fn ram_region_with(
     // are allocated (memfd_create never commits), so there `reserve=on` commits nothing for
     // 4 KiB pages, as in the original; huge pages are reserved at the mapping.
     let mut flags = if cfg.reserve { 0 } else { libc::MAP_NORESERVE };
-    // Private anonymous RAM advised for transparent huge pages is populated once advised
-    // (populate()): MAP_POPULATE fills the mapping before the advice, with 4 KiB pages, and
-    // the guest would run without huge pages.
-    let populate_advised = cfg.prefault && file.is_none() && thp_advised(cfg);
-    if cfg.prefault && !populate_advised {
+    // Private anonymous RAM is populated by create_guest_memory once advised and bound
+    // (populate()); the rest as it is mapped.
+    if cfg.prefault && !populated_later(cfg, file.is_some()) {
         flags |= libc::MAP_POPULATE;
     }
     let mut builder = guest_memory::region_builder(size as usize)
@@ -199,9 +203,6 @@ fn ram_region_with(
         .build()
         .map_err(|source| MemoryError::Mmap { size, source })?;
     advise(region.as_ptr(), size, start.0, cfg);
-    if populate_advised {
-        populate(region.as_ptr(), size);
-    }
     GuestRegionMmap::new(region, start)
         .ok_or_else(|| MemoryError::Regions(format!("region at {:#x} overflows", start.0)))
 }
@@ -278,25 +279,55 @@ fn thp_advised(cfg: &MemoryConfig) -> bool {
     cfg.thp && !cfg.hugepages && !cfg.shared
 }
 
-/// Makes the `size` bytes at `addr` (a mapping we own, already advised) resident, as
-/// `prefault=on` asks: MADV_POPULATE_WRITE (Linux 5.14), which faults them in as the advice
-/// says (huge pages where advised); on an older kernel, a write to every page. Like
-/// MAP_POPULATE, it is best effort: memory the host cannot give now is faulted in later.
-fn populate(addr: *mut u8, size: u64) {
-    // SAFETY: `addr..addr+size` is a private anonymous mapping we just created and own;
-    // populating only allocates its (zero) pages.
-    if unsafe { libc::madvise(addr.cast(), size as usize, libc::MADV_POPULATE_WRITE) } == 0 {
-        return;
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EINVAL) {
+/// Whether `prefault=on` RAM of `cfg` is populated after it is mapped, advised and bound to
+/// its NUMA node ([`populate`]) rather than with MAP_POPULATE: private anonymous RAM (MAP_POPULATE
+/// would fill it before the huge page advice, with 4 KiB pages). File and memfd mappings keep
+/// MAP_POPULATE, which reads a file's pages rather than dirtying them.
+fn populated_later(cfg: &MemoryConfig, zone_file: bool) -> bool {
+    !zone_file && !backed_by_file(cfg)
+}
+
+/// Bytes of RAM a thread populates at a time.
+const POPULATE_PIECE: u64 = 32 << 20;
+
+/// Makes the `(address, size)` ranges (mappings we own, already advised) resident, as
+/// `prefault=on` asks, with a thread per host CPU (`pieces`): MADV_POPULATE_WRITE (Linux 5.14),
+/// which faults them in as the advice says (huge pages where advised); on an older kernel, a
+/// write to every page. Like MAP_POPULATE, it is best effort: memory the host cannot give now is
+/// faulted in later.
+fn populate(ranges: &[(usize, u64)]) {
+    let parts: Vec<(u64, u64)> = ranges
+        .iter()
+        .flat_map(|&(addr, size)| crate::pieces::cut(addr as u64, size, POPULATE_PIECE))
+        .collect();
+    let count = parts.len();
+    let populate_piece = move |i: usize| -> std::io::Result<()> {
+        let (addr, size) = (parts[i].0 as *mut u8, parts[i].1 as usize);
+        // SAFETY: `addr..addr+size` lies in guest RAM create_guest_memory has just mapped
+        // (private anonymous) and owns; it outlives the run, which joins its threads before it
+        // returns. Populating only allocates its (zero) pages.
+        if unsafe { libc::madvise(addr.cast(), size, libc::MADV_POPULATE_WRITE) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+        for offset in (0..size).step_by(4096) {
+            // SAFETY: inside the same mapping, which nothing else uses yet; the page reads as
+            // zero and a zero is written back.
+            unsafe { std::ptr::write_volatile(addr.add(offset), 0) };
+        }
+        Ok(())
+    };
+    if let Err(e) = crate::pieces::run(
+        "prefault",
+        crate::seccomp_filters::prefault,
+        count,
+        populate_piece,
+        || std::io::Error::other("a prefault thread panicked"),
+    ) {
         warn!("prefault: guest memory not populated: {e}");
-        return;
-    }
-    for offset in (0..size).step_by(4096) {
-        // SAFETY: inside the same mapping, which nothing else uses yet; the page reads as zero
-        // and a zero is written back.
-        unsafe { std::ptr::write_volatile(addr.add(offset as usize), 0) };
     }
 }
 
@@ -765,9 +796,10 @@ mod tests {
     /// `prefault=on` with transparent huge pages: all of guest RAM is resident, and above the
     /// first 2 MiB in huge pages (MAP_POPULATE, which fills the mapping before the advice,
     /// gave 4 KiB pages there). Without THP, or with `shared=on`, it is resident all the same.
+    /// 96 MiB: several pieces, populated by as many threads as the host has CPUs for them.
     #[test]
     fn prefault_populates_in_huge_pages() {
-        let size = 32u64 << 20;
+        let size = 96u64 << 20;
         let thp_on = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .is_ok_and(|s| !s.contains("[never]"));
         for (thp, shared) in [(true, false), (false, false), (true, true)] {
@@ -789,8 +821,8 @@ mod tests {
             assert_eq!(rss, size >> 10, "thp={thp} shared={shared}: all resident");
             let huge = smaps_kb(above, "AnonHugePages:");
             if thp && !shared && thp_on {
-                // 30 MiB above the floor: at least most of it in 2 MiB pages.
-                assert!(huge >= 16 << 10, "thp={thp}: {huge} kB in huge pages");
+                // 94 MiB above the floor: at least most of it in 2 MiB pages.
+                assert!(huge >= 64 << 10, "thp={thp}: {huge} kB in huge pages");
             } else if !thp {
                 assert_eq!(huge, 0, "thp=off: {huge} kB in huge pages");
             }

@@ -3,31 +3,25 @@
 //!
 //! Reading into fresh RAM is more than a read: the kernel allocates and zeroes each page as the
 //! read first touches it, which costs about as much as the copy itself. One thread reads a
-//! 256 MiB snapshot from the page cache at about a third of `dd`'s rate into a buffer it reuses;
-//! the allocation and zeroing run per page and in parallel as well as the copy does, so the
-//! data is cut into pieces that threads take in turn, one per host CPU the VMM may run on (up
-//! to [`MAX_THREADS`]). The control loop reads too; the others are started through the spawner
-//! and confined to `pread` (`seccomp_filters::restore_copy`).
+//! 256 MiB snapshot from the page cache at about two thirds of `dd`'s rate into a buffer it
+//! reuses, so the data is cut into 64 MiB pieces that several threads read (`pieces`), the
+//! helpers confined to `pread` (`seccomp_filters::restore_copy`).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use guest_memory::GuestMemoryMmap;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use crate::memory;
+use crate::pieces;
 use crate::snapshot::Cause;
 
 /// Bytes of data a thread takes at a time: large enough that taking one costs nothing beside
 /// reading it, small enough that the threads finish together.
 const PIECE: u64 = 64 << 20;
-
-/// Readers at most, the control loop included: memory bandwidth, not CPUs, bounds the rate
-/// beyond a few.
-pub const MAX_THREADS: usize = 8;
 
 /// Data of the memory file to put in guest RAM: `len` bytes at file offset `offset` go to guest
 /// address `gpa` (inside one region).
@@ -41,31 +35,16 @@ pub struct Extent {
 /// `extents` cut where the guest address crosses a multiple of `piece` bytes, so a piece never
 /// shares a huge page with another thread's.
 fn pieces(extents: &[Extent], piece: u64) -> Vec<Extent> {
-    let mut out = Vec::new();
-    for e in extents {
-        let mut done = 0;
-        while done < e.len {
-            let gpa = e.gpa + done;
-            let len = (piece - gpa % piece).min(e.len - done);
-            out.push(Extent {
+    extents
+        .iter()
+        .flat_map(|e| {
+            pieces::cut(e.gpa, e.len, piece).map(|(gpa, len)| Extent {
                 gpa,
-                offset: e.offset + done,
+                offset: e.offset + (gpa - e.gpa),
                 len,
-            });
-            done += len;
-        }
-    }
-    out
-}
-
-/// How many threads read `pieces` pieces: one per CPU this process may run on, at most
-/// [`MAX_THREADS`] and never more than there are pieces.
-fn thread_count(pieces: usize) -> usize {
-    if pieces < 2 {
-        return pieces;
-    }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cpus.min(MAX_THREADS).min(pieces)
+            })
+        })
+        .collect()
 }
 
 /// A file read at a position that moves with each read (`pread`), so threads sharing the
@@ -117,76 +96,28 @@ fn read_piece(mem: &GuestMemoryMmap, file: &File, p: &Extent) -> Result<(), Caus
     })
 }
 
-/// The pieces and where the readers stand: the next piece to take, and the first failure
-/// (which stops the others at their next piece).
-struct Work {
-    pieces: Vec<Extent>,
-    next: AtomicUsize,
-    failed: AtomicBool,
-    error: Mutex<Option<Cause>>,
-}
-
-impl Work {
-    fn run(&self, mem: &GuestMemoryMmap, file: &File) {
-        while !self.failed.load(Ordering::Relaxed) {
-            let Some(p) = self.pieces.get(self.next.fetch_add(1, Ordering::Relaxed)) else {
-                return;
-            };
-            if let Err(e) = read_piece(mem, file, p) {
-                self.failed.store(true, Ordering::Relaxed);
-                self.error
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .get_or_insert(e);
-                return;
-            }
-        }
-    }
-}
-
-/// Reads `extents` of `file` into `mem`, with up to [`thread_count`] threads; returns how many
-/// read. The first error any reader meets, once all have stopped.
+/// Reads `extents` of `file` into `mem`, several threads at once (`pieces::run`); returns how
+/// many read. The first error any reader meets, once all have stopped.
 pub fn read_extents(
     mem: &GuestMemoryMmap,
     file: &File,
     extents: &[Extent],
 ) -> Result<usize, Cause> {
-    let work = Arc::new(Work {
-        pieces: pieces(extents, PIECE),
-        next: AtomicUsize::new(0),
-        failed: AtomicBool::new(false),
-        error: Mutex::new(None),
-    });
-    let mut helpers = Vec::new();
-    for i in 1..thread_count(work.pieces.len()) {
-        let (work, mem) = (work.clone(), mem.clone());
-        let file = file
-            .try_clone()
-            .map_err(Cause::io("cannot duplicate the memory snapshot file"))?;
-        // A helper that cannot start leaves its share to the others.
-        match seccomp::spawn(
-            format!("restore-copy{i}"),
-            crate::seccomp_filters::restore_copy(),
-            move || work.run(&mem, &file),
-        ) {
-            Ok(h) => helpers.push(h),
-            Err(e) => log::warn!("copy restore: reading with fewer threads: {e}"),
-        }
-    }
-    work.run(mem, file);
-    let threads = 1 + helpers.len();
-    for h in helpers {
-        if h.join().is_err() {
-            work.failed.store(true, Ordering::Relaxed);
-            let mut error = work.error.lock().unwrap_or_else(|p| p.into_inner());
-            error.get_or_insert(Cause::new("a copy restore thread panicked"));
-        }
-    }
-    let error = work.error.lock().unwrap_or_else(|p| p.into_inner()).take();
-    match error {
-        Some(e) => Err(e),
-        None => Ok(threads),
-    }
+    let parts = pieces(extents, PIECE);
+    let (mem, file) = (
+        mem.clone(),
+        Arc::new(
+            file.try_clone()
+                .map_err(Cause::io("cannot duplicate the memory snapshot file"))?,
+        ),
+    );
+    pieces::run(
+        "restore-copy",
+        crate::seccomp_filters::restore_copy,
+        parts.len(),
+        move |i| read_piece(&mem, &file, &parts[i]),
+        || Cause::new("a copy restore thread panicked"),
+    )
 }
 
 #[cfg(test)]
@@ -250,15 +181,6 @@ mod tests {
         assert!(pieces(&[], PIECE).is_empty());
     }
 
-    #[test]
-    fn threads_follow_the_pieces_and_the_cap() {
-        assert_eq!(thread_count(0), 0);
-        assert_eq!(thread_count(1), 1);
-        let cpus = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(thread_count(1000), cpus.min(MAX_THREADS));
-        assert_eq!(thread_count(2), cpus.min(2));
-    }
-
     fn temp_file(len: u64) -> File {
         let path = std::env::temp_dir().join(format!("restore-copy-{}-{len}", std::process::id()));
         let f = std::fs::OpenOptions::new()
@@ -301,7 +223,7 @@ mod tests {
             },
         ];
         let threads = read_extents(&mem, &file, &extents).unwrap();
-        assert_eq!(threads, thread_count(5));
+        assert_eq!(threads, pieces::thread_count(5));
         for e in extents {
             let mut got = vec![0u8; e.len as usize];
             mem.read_slice(&mut got, GuestAddress(e.gpa)).unwrap();

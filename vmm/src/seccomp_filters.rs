@@ -226,6 +226,12 @@ pub fn restore_copy() -> Filter {
     Filter::new("restore-copy").allow(&[::seccomp::Sysno::pread64])
 }
 
+/// `prefault=on`'s helpers (`memory::populate`): MADV_POPULATE_WRITE on guest RAM, in the base
+/// list.
+pub fn prefault() -> Filter {
+    Filter::new("prefault")
+}
+
 /// The migration sender: it owns the VM while it sends it (pause, dirty log, state of every
 /// device, memory from the memfd or the file), so it needs most of what the control loop does.
 pub fn migration() -> Filter {
@@ -246,6 +252,7 @@ pub fn spawner() -> Filter {
         .merge(&vcpu())
         .merge(&uffd())
         .merge(&restore_copy())
+        .merge(&prefault())
         .merge(&migration())
         .merge(&migration_relay())
         .merge(&virtio_devices::worker_seccomp::all())
@@ -303,6 +310,16 @@ mod tests {
             "seccomp_filters::tests::restore_copy_refuses_what_it_never_needs",
             "restore-copy1",
             super::restore_copy,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn prefault_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::prefault_refuses_what_it_never_needs",
+            "prefault1",
+            super::prefault,
             Sysno::getpgid,
         );
     }
