@@ -140,7 +140,7 @@ fn zones_from_the_command_line_are_the_guests_ram() {
     }
     if node0 {
         // The low zone's mapping (split in two by the transparent huge page advice above
-        // its first 2 MiB) is bound to node 0; nothing else is.
+        // its first 16 MiB) is bound to node 0; nothing else is.
         let maps = std::fs::read_to_string(format!("/proc/{}/numa_maps", vmm.pid())).unwrap();
         let bound = bound_to_node0(&maps);
         assert!((1..=2).contains(&bound), "{bound} mappings bound:\n{maps}");
