@@ -123,6 +123,9 @@ pub struct VirtioPciDevice {
     /// Where BAR 0 decodes now (ioeventfds are registered there).
     bar_addr: Option<u64>,
     activated: bool,
+    /// Queues to notify when the device next resumes: a restore started them, and their rings
+    /// may hold requests the driver published without a notification the device saw.
+    kick_at_resume: Vec<usize>,
     name: String,
 }
 
@@ -225,6 +228,7 @@ impl VirtioPciDevice {
             notify,
             bar_addr: None,
             activated: false,
+            kick_at_resume: Vec::new(),
             name,
         })
     }
@@ -242,11 +246,17 @@ impl VirtioPciDevice {
             .map_err(|e| format!("{}: {e}", self.name))
     }
 
-    /// Restarts the paused worker(s) where they stopped.
+    /// Restarts the paused worker(s) where they stopped; after a restore, each queue it started
+    /// is notified once, so the device takes what the rings hold (only now: the VM comes up
+    /// paused, and nothing moves before its resume).
     pub fn resume(&mut self) -> Result<(), String> {
         self.device
             .resume()
-            .map_err(|e| format!("{}: {e}", self.name))
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        for i in std::mem::take(&mut self.kick_at_resume) {
+            let _ = self.notify[i].write(1);
+        }
+        Ok(())
     }
 
     /// Live migration: [`VirtioDevice::start_dirty_log`] (the error names the device),

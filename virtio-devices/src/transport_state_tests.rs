@@ -304,12 +304,21 @@ impl Machine {
         self.dev.lock().unwrap().state()
     }
 
-    /// What the VMM does to restore this segment: the root, then the device, then the BARs.
+    /// What the VMM does to restore this segment: the root, then the device, then the BARs;
+    /// the device paused at once (the VM comes up paused). `resume` is the VM's resume.
     fn restore(&self, root: &pci::PciRootState, dev: &VirtioPciState) -> Result<(), StateError> {
         self.root.lock().unwrap().set_state(root)?;
         self.dev.lock().unwrap().set_state(dev)?;
         self.root.lock().unwrap().refresh_bars();
+        // The VMM restores the other devices before it pauses them all: time enough for this
+        // one to take a request, were it notified before the resume.
+        std::thread::sleep(Duration::from_millis(20));
+        self.dev.lock().unwrap().pause().unwrap();
         Ok(())
+    }
+
+    fn resume(&self) {
+        self.dev.lock().unwrap().resume().unwrap();
     }
 }
 
@@ -368,7 +377,11 @@ fn transport_survives_save_and_restore_of_a_running_device() {
     assert_eq!(b.mapped(), vec![(BUILD_BAR, 0x1_0000)]);
     b.restore(&root_s, &dev_s).unwrap();
 
-    // The second request is taken once, without a notification from the driver.
+    // Nothing moves before the VM's resume; then the second request is taken once, without a
+    // notification from the driver.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(b.used_idx(), 1, "a request taken before the resume");
+    b.resume();
     b.wait_used(2);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(b.used_idx(), 2);

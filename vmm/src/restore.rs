@@ -359,16 +359,7 @@ mod tests {
     /// A file with data at 8 KiB and from 1 MiB + 4 KiB to 1 MiB + 12 KiB, holes elsewhere,
     /// 4 MiB long.
     fn sparse_file() -> File {
-        let path = std::env::temp_dir().join(format!("sparse-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f.set_len(4 << 20).unwrap();
+        let f = crate::restore_copy::tests::temp_file(4 << 20);
         f.write_all_at(&[1u8; 4096], 8192).unwrap();
         f.write_all_at(&[2u8; 8192], (1 << 20) + 4096).unwrap();
         f

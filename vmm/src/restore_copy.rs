@@ -121,7 +121,7 @@ pub fn read_extents(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::FileExt;
 
     use vm_memory::{Bytes, GuestAddress};
@@ -181,8 +181,11 @@ mod tests {
         assert!(pieces(&[], PIECE).is_empty());
     }
 
-    fn temp_file(len: u64) -> File {
-        let path = std::env::temp_dir().join(format!("restore-copy-{}-{len}", std::process::id()));
+    /// An unnamed file of `len` bytes (holes) in the temporary directory.
+    pub(crate) fn temp_file(len: u64) -> File {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("restore-test-{}-{n}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

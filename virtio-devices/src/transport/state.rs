@@ -173,8 +173,9 @@ impl VirtioPciDevice {
     /// Makes the transport what `state` describes: configuration space, MSI-X table (its GSIs
     /// routed to the restored messages), common configuration and ISR; a device that was
     /// started gets its queues again at the saved positions (its worker starts) and every
-    /// ready queue is notified once, so requests the driver published before the save are
-    /// seen without a new notification. A device that had NEEDS_RESET is not started (it would
+    /// ready queue is notified once when the device next resumes (the restore pauses it at
+    /// once: the VM comes up paused), so requests the driver published before the save are
+    /// seen without a new notification, and none before the VM runs. A device that had NEEDS_RESET is not started (it would
     /// ignore its queues until the driver resets it anyway).
     ///
     /// All or nothing for [`StateError::Version`] and [`StateError::Invalid`]: everything is
@@ -187,6 +188,7 @@ impl VirtioPciDevice {
     /// when it has one, must be restored before this, since this may start the device.
     pub fn set_state(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
         let queues = self.check_state(state).map_err(|e| e.within(&self.name))?;
+        self.kick_at_resume.clear();
         if self.activated {
             // Stops the worker; the queues it held are replaced below.
             self.device.reset();
@@ -239,9 +241,9 @@ impl VirtioPciDevice {
             match self.start_device(queues) {
                 Ok(()) => {
                     info!("{}: restored and started", self.name);
-                    for i in ready {
-                        let _ = self.notify[i].write(1);
-                    }
+                    // Notified at the resume (`resume`), not now: a notification would have
+                    // the device take requests before the VM runs again.
+                    self.kick_at_resume = ready;
                 }
                 Err(e) => {
                     // As a failed start by the driver: the guest sees NEEDS_RESET.
