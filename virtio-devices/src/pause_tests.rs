@@ -252,7 +252,8 @@ impl Drv {
     }
 
     /// A fresh `device` over a copy of this guest memory, restored from `json` as the VMM
-    /// does it (the device's own state, then the transport's, which starts it).
+    /// does it (the device's own state, then the transport's, which starts it; paused at once,
+    /// as the VM comes up) and resumed as the VM's resume does.
     fn restore(&self, json: &str, device: Box<dyn VirtioDevice>) -> Drv {
         let (ds, ts): (VirtioDeviceState, VirtioPciState) = serde_json::from_str(json).unwrap();
         let mem = new_mem();
@@ -262,6 +263,8 @@ impl Drv {
         let mut dev = transport(device, &mem);
         dev.set_device_state(&ds).unwrap();
         dev.set_state(&ts).unwrap();
+        dev.pause().unwrap();
+        dev.resume().unwrap();
         Drv {
             mem,
             dev,
