@@ -208,19 +208,29 @@ mod tests {
             return;
         }
         let caller = std::thread::current().id();
+        let helper_ran = Arc::new(AtomicBool::new(false));
+        let ran = helper_ran.clone();
         let e = run(
             "pieces-test",
             no_filter,
             2,
             move |_| {
                 if std::thread::current().id() != caller {
+                    ran.store(true, Ordering::SeqCst);
                     panic!("a helper's piece");
                 }
-                // Leave the second piece to the helper.
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                // Leave the other piece to the helper, however late it starts.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while !ran.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 Ok(())
             },
             || "panicked".to_string(),
+        );
+        assert!(
+            helper_ran.load(Ordering::SeqCst),
+            "the helper never took a piece"
         );
         assert_eq!(e, Err("panicked".to_string()));
     }
