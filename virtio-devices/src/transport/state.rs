@@ -175,8 +175,9 @@ impl VirtioPciDevice {
     /// started gets its queues again at the saved positions (its worker starts) and every
     /// ready queue is notified once when the device next resumes (the restore pauses it at
     /// once: the VM comes up paused), so requests the driver published before the save are
-    /// seen without a new notification, and none before the VM runs. A device that had NEEDS_RESET is not started (it would
-    /// ignore its queues until the driver resets it anyway).
+    /// seen without a new notification, and none before the VM runs. A device that had
+    /// NEEDS_RESET is not started (it would ignore its queues until the driver resets it
+    /// anyway).
     ///
     /// All or nothing for [`StateError::Version`] and [`StateError::Invalid`]: everything is
     /// checked, the rings of a started device against guest memory included, before anything
