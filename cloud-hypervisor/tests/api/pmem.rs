@@ -28,7 +28,9 @@ fn hex(b: &[u8]) -> String {
 
 fn boot_pmem_guest(name: &str, discard_writes: bool) -> (Vmm, PathBuf, PathBuf) {
     require_curl();
-    let vmm = Vmm::start(name, &[]);
+    // The guest powers off once its checks are done, possibly before the test asks vm.info:
+    // the VMM stays for it.
+    let vmm = Vmm::start(name, &["--no-shutdown"]);
     let serial = vmm.dir.join("serial.out");
     let file = pmem_file(&vmm.dir, "pmem.img");
     let mut config: Value = serde_json::from_str(&guest_config("pmem", &serial)).unwrap();
