@@ -3,6 +3,11 @@
 //! binary's file pages in large runs around each page fault, so code spread over the whole
 //! binary makes nearly all of it resident; grouped, about a third is (docs/architecture.md,
 //! "Start-up and footprint"). Names missing from a build (the list went stale) are skipped.
+//!
+//! It also packs the binary's relative relocations (`-z pack-relative-relocs`, DT_RELR): the
+//! static start-up reads every relocation once, and 4,500 of them took 27 pages (108 KiB) of
+//! the read-only segment; packed, they take 2 KiB. Only where the C library that is linked in
+//! applies them (glibc 2.36 and later); an older one would start with its pointers unrelocated.
 
 use std::path::Path;
 use std::process::Command;
@@ -39,4 +44,30 @@ fn main() {
         list.display()
     );
     println!("cargo:rustc-link-arg-bin=cloud-hypervisor=-Wl,--no-warn-symbol-ordering");
+    if glibc_applies_relr() {
+        println!("cargo:rustc-link-arg-bin=cloud-hypervisor=-Wl,-z,pack-relative-relocs");
+    } else {
+        println!("cargo:warning=relative relocations left unpacked (needs glibc >= 2.36)");
+    }
+}
+
+/// Whether the C library is glibc 2.36 or later, whose static start-up applies DT_RELR.
+fn glibc_applies_relr() -> bool {
+    let version = Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default();
+    // "glibc 2.36"
+    let mut numbers = version
+        .trim()
+        .strip_prefix("glibc ")
+        .unwrap_or("")
+        .split('.')
+        .map(|n| n.parse::<u32>().ok());
+    matches!(
+        (numbers.next().flatten(), numbers.next().flatten()),
+        (Some(major), Some(minor)) if (major, minor) >= (2, 36)
+    )
 }
