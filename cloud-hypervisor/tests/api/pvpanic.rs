@@ -32,13 +32,27 @@ fn a_guest_panic_is_reported_and_the_vm_runs_on() {
     assert!(text.contains("PASS pvpanic-events"), "{text}");
     assert_no_fail(&serial);
 
-    // The original's event: source "guest", event "panic", the event's name.
-    let raw = std::fs::read_to_string(&monitor).unwrap_or_default();
-    let panics: Vec<Value> = serde_json::Deserializer::from_str(&raw)
-        .into_iter::<Value>()
-        .map(Result::unwrap)
-        .filter(|e| e["source"] == "guest" && e["event"] == "panic")
-        .collect();
+    // The original's event: source "guest", event "panic", the event's name. The device
+    // tells the control loop, which writes the event, while the guest goes on: the guest's
+    // line can come first.
+    let panics = |raw: &str| -> Vec<Value> {
+        serde_json::Deserializer::from_str(raw)
+            .into_iter::<Value>()
+            // A read can catch an event half written.
+            .map_while(Result::ok)
+            .filter(|e| e["source"] == "guest" && e["event"] == "panic")
+            .collect()
+    };
+    let read = || std::fs::read_to_string(&monitor).unwrap_or_default();
+    crate::common::wait_until(
+        Duration::from_secs(10),
+        "no guest panic event in the event monitor's file",
+        || !panics(&read()).is_empty(),
+    );
+    // Still one, a moment later.
+    std::thread::sleep(Duration::from_millis(100));
+    let raw = read();
+    let panics = panics(&raw);
     assert_eq!(panics.len(), 1, "{raw}");
     assert_eq!(panics[0]["properties"]["event"], "panic", "{raw}");
 
