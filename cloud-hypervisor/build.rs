@@ -22,19 +22,7 @@ fn main() {
     // The option is lld's: rustc links x86_64 Linux targets with its own lld from 1.90 on.
     let target = std::env::var("TARGET").unwrap_or_default();
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let minor = Command::new(rustc)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|v| {
-            v.split_whitespace()
-                .nth(1)?
-                .split('.')
-                .nth(1)?
-                .parse::<u32>()
-                .ok()
-        });
+    let minor = version(&rustc, "--version").map(|(_, minor)| minor);
     if target != "x86_64-unknown-linux-gnu" || minor.is_none_or(|m| m < 90) {
         println!("cargo:warning=code layout by symbol-order.txt skipped (needs rustc >= 1.90 linking with lld)");
         return;
@@ -53,21 +41,16 @@ fn main() {
 
 /// Whether the C library is glibc 2.36 or later, whose static start-up applies DT_RELR.
 fn glibc_applies_relr() -> bool {
-    let version = Command::new("getconf")
-        .arg("GNU_LIBC_VERSION")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .unwrap_or_default();
-    // "glibc 2.36"
-    let mut numbers = version
-        .trim()
-        .strip_prefix("glibc ")
-        .unwrap_or("")
-        .split('.')
-        .map(|n| n.parse::<u32>().ok());
-    matches!(
-        (numbers.next().flatten(), numbers.next().flatten()),
-        (Some(major), Some(minor)) if (major, minor) >= (2, 36)
-    )
+    version("getconf", "GNU_LIBC_VERSION").is_some_and(|v| v >= (2, 36))
+}
+
+/// The major and minor version `program arg` prints as its second word ("rustc 1.91.0 ...",
+/// "glibc 2.36"); None if it cannot be run or says something else.
+fn version(program: &str, arg: &str) -> Option<(u32, u32)> {
+    let out = Command::new(program).arg(arg).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let mut numbers = text.split_whitespace().nth(1)?.split('.');
+    let major = numbers.next()?.parse().ok()?;
+    let minor = numbers.next()?.parse().ok()?;
+    Some((major, minor))
 }
