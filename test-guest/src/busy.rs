@@ -20,7 +20,8 @@ use crate::{fail, kvmclock, paging, parse_u64, println, smp, svc};
 /// The pattern area starts above the virtio DMA arena (16-32 MiB).
 const MEM_BASE: u64 = 32 << 20;
 const MEM_DEFAULT_MIB: u64 = 8;
-const MEM_MAX_MIB: u64 = 256;
+/// Up to the end of the identity map; the memory map decides how much of that is RAM.
+const MEM_MAX_MIB: u64 = (MAPPED - MEM_BASE) >> 20;
 /// Rounds are this far apart (kvmclock), unless a round takes longer.
 const ROUND_NS: u64 = 20_000_000;
 /// Sectors the disk rounds cycle through.
