@@ -240,6 +240,14 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "netfault" => faults::scenario_netfault(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),
     }
+    // `end=wait`: after the summary the guest halts for good instead of powering off, so a
+    // test can still look at the running VM (its device tree) once the checks are done.
+    if boot.arg("end") == Some("wait") {
+        summary();
+        loop {
+            svc::hlt();
+        }
+    }
     finish(acpi.as_ref())
 }
 
