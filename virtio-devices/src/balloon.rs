@@ -21,9 +21,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config_signal::{ConfigInterrupt, ConfigSignal};
+use crate::device_worker::DeviceWorker;
 pub(crate) use crate::discard::release_guest_range;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, queue_bit, QueueHandler};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
     F_VERSION_1, TYPE_BALLOON, VIRTIO_DEVICE_STATE_VERSION,
@@ -396,7 +397,7 @@ pub struct BalloonState {
 pub struct Balloon {
     options: BalloonOptions,
     control: Arc<BalloonControl>,
-    worker: Option<WorkerHandle<BalloonHandler>>,
+    worker: DeviceWorker<BalloonHandler>,
     /// The configuration interrupt (a target change while paused is signalled on resume).
     config_irq: ConfigInterrupt,
 }
@@ -407,7 +408,7 @@ impl Balloon {
         Ok(Balloon {
             options,
             control: BalloonControl::new(size)?,
-            worker: None,
+            worker: DeviceWorker::fresh("virtio-balloon"),
             config_irq: ConfigInterrupt::default(),
         })
     }
@@ -466,11 +467,6 @@ impl VirtioDevice for Balloon {
         self.control.generation()
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::Other(
-                "virtio-balloon: already active".into(),
-            ));
-        }
         let handler = BalloonHandler {
             control: self.control.clone(),
             queues: balloon_queues(ctx.acked_features),
@@ -481,15 +477,13 @@ impl VirtioDevice for Balloon {
         // A request made before the driver had statistics is not a request for these.
         let _ = self.control.stats_request.read();
         let interrupt = ctx.interrupt.clone();
-        self.worker = Some(WorkerHandle::spawn("virtio-balloon", handler, ctx)?);
+        self.worker.activate_with(handler, ctx)?;
         self.config_irq.activate(&self.control.signal, interrupt);
         Ok(())
     }
     fn reset(&mut self) {
         self.config_irq.reset(&self.control.signal);
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.reset();
         // A new driver starts with an empty balloon (the pages are the guest's again); the
         // host's target stays.
         self.control.actual.store(0, Ordering::Release);
@@ -500,20 +494,20 @@ impl VirtioDevice for Balloon {
             .clear();
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        let Some(w) = self.worker.as_mut() else {
+        if !self.worker.is_active() {
             return Ok(());
-        };
+        }
         self.config_irq.pause(&self.control.signal);
-        w.pause()
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        let Some(w) = self.worker.as_mut() else {
+        if !self.worker.is_active() {
             return Ok(());
-        };
-        w.resume()?;
+        }
+        self.worker.resume()?;
         self.config_irq.resume(&self.control.signal);
         Ok(())
     }

@@ -11,9 +11,10 @@ use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use crate::device_worker::DeviceWorker;
 use crate::rate_limiter::RateLimiter;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains_limited, queue_bit, QueueHandler, Served, WorkerHandle};
+use crate::worker::{process_chains_limited, queue_bit, QueueHandler, Served};
 use std::sync::Arc;
 
 use crate::{
@@ -692,8 +693,7 @@ pub struct Block {
     cfg: BlockConfig,
     capacity: u64,
     readonly: bool,
-    handler: Option<BlockHandler>,
-    worker: Option<WorkerHandle<BlockHandler>>,
+    worker: DeviceWorker<BlockHandler>,
 }
 
 impl Block {
@@ -719,36 +719,36 @@ impl Block {
             readonly,
             cfg,
             counters: counters.clone(),
-            handler: Some(BlockHandler {
-                counters,
-                size,
-                disk,
-                readonly,
-                id,
-                pending: Vec::new(),
-                free: Vec::new(),
-                counts: [0; 4],
-                iovecs: Vec::new(),
-                read_bufs: Vec::new(),
-                interrupt: None,
-                limiter: None,
-            }),
-            worker: None,
+            worker: DeviceWorker::new(
+                "virtio-blk",
+                BlockHandler {
+                    counters,
+                    size,
+                    disk,
+                    readonly,
+                    id,
+                    pending: Vec::new(),
+                    free: Vec::new(),
+                    counts: [0; 4],
+                    iovecs: Vec::new(),
+                    read_bufs: Vec::new(),
+                    interrupt: None,
+                    limiter: None,
+                },
+            ),
         })
     }
 
     /// Limits the disk's requests (before activation; a reset keeps it).
     pub fn set_rate_limiter(&mut self, limiter: Option<RateLimiter>) {
-        if let Some(h) = self.handler.as_mut() {
+        if let Some(h) = self.worker.idle_mut() {
             h.limiter = limiter;
         }
     }
 
     /// Whether reads and writes go through io_uring (false once activated: the worker has it).
     pub fn uses_io_uring(&self) -> bool {
-        self.handler
-            .as_ref()
-            .is_some_and(|h| h.disk.uses_io_uring())
+        self.worker.idle().is_some_and(|h| h.disk.uses_io_uring())
     }
 
     fn config_bytes(&self) -> [u8; 60] {
@@ -790,35 +790,24 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let h = self
-            .handler
-            .take()
-            .ok_or_else(|| ActivateError::Other("virtio-blk: disk lost".into()))?;
-        self.worker = Some(WorkerHandle::spawn("virtio-blk", h, ctx)?);
-        Ok(())
+        self.worker.activate(ctx)
     }
     fn counters(&self) -> Option<Arc<Counters>> {
         Some(self.counters.clone())
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            self.handler = w.stop();
-            if let Some(h) = &mut self.handler {
-                h.quiesce();
-            }
-            if self.handler.is_none() {
-                warn!("virtio-blk: the worker died; the disk is gone until the VMM restarts");
-            }
+        if let Some(h) = self.worker.reset() {
+            h.quiesce();
         }
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+        self.worker.resume()
     }
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Block(BlockState {

@@ -12,8 +12,9 @@ use log::{debug, warn};
 use vm_memory::Bytes;
 
 use crate::config_signal::{ConfigInterrupt, ConfigSignal};
+use crate::device_worker::DeviceWorker;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, queue_bit, QueueHandler};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
     F_VERSION_1, TYPE_CONSOLE, VIRTIO_DEVICE_STATE_VERSION,
@@ -245,8 +246,7 @@ pub struct ConsoleState {
 }
 
 pub struct Console {
-    handler: Option<ConsoleHandler>,
-    worker: Option<WorkerHandle<ConsoleHandler>>,
+    worker: DeviceWorker<ConsoleHandler>,
     size: Arc<ConsoleSize>,
     /// The configuration interrupt (a size change while paused is signalled on resume).
     config_irq: ConfigInterrupt,
@@ -261,13 +261,15 @@ impl Console {
         size: Arc<ConsoleSize>,
     ) -> Self {
         Console {
-            handler: Some(ConsoleHandler {
-                out,
-                input,
-                paused: false,
-                buf: Vec::new(),
-            }),
-            worker: None,
+            worker: DeviceWorker::new(
+                "virtio-console",
+                ConsoleHandler {
+                    out,
+                    input,
+                    paused: false,
+                    buf: Vec::new(),
+                },
+            ),
             size,
             config_irq: ConfigInterrupt::default(),
         }
@@ -303,39 +305,32 @@ impl VirtioDevice for Console {
         self.size.generation()
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let h = self
-            .handler
-            .take()
-            .ok_or_else(|| ActivateError::Other("virtio-console: worker lost".into()))?;
         let interrupt = ctx.interrupt.clone();
-        self.worker = Some(WorkerHandle::spawn("virtio-console", h, ctx)?);
+        self.worker.activate(ctx)?;
         self.config_irq.activate(&self.size.signal, interrupt);
         Ok(())
     }
     fn reset(&mut self) {
         self.config_irq.reset(&self.size.signal);
-        if let Some(w) = self.worker.take() {
-            self.handler = w.stop();
-            if let Some(h) = &mut self.handler {
-                h.paused = false;
-            }
+        if let Some(h) = self.worker.reset() {
+            h.paused = false;
         }
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        let Some(w) = self.worker.as_mut() else {
+        if !self.worker.is_active() {
             return Ok(());
-        };
+        }
         self.config_irq.pause(&self.size.signal);
-        w.pause()
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        let Some(w) = self.worker.as_mut() else {
+        if !self.worker.is_active() {
             return Ok(());
-        };
-        w.resume()?;
+        }
+        self.worker.resume()?;
         self.config_irq.resume(&self.size.signal);
         Ok(())
     }

@@ -7,6 +7,7 @@ mod balloon;
 mod block;
 mod config_signal;
 mod console;
+mod device_worker;
 mod discard;
 #[doc(hidden)]
 pub mod fuzz;

@@ -17,9 +17,10 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::config_signal::{ConfigInterrupt, ConfigSignal};
+use crate::device_worker::DeviceWorker;
 use crate::discard::release_guest_range;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, QueueHandler};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
     F_VERSION_1, VIRTIO_DEVICE_STATE_VERSION,
@@ -485,7 +486,7 @@ pub struct VirtioMemState {
 pub struct VirtioMem {
     options: VirtioMemOptions,
     control: Arc<VirtioMemControl>,
-    worker: Option<WorkerHandle<MemHandler>>,
+    worker: DeviceWorker<MemHandler>,
     /// The configuration interrupt (a request changed while paused is signalled on resume).
     config_irq: ConfigInterrupt,
 }
@@ -538,7 +539,7 @@ impl VirtioMem {
         Ok(VirtioMem {
             options,
             control,
-            worker: None,
+            worker: DeviceWorker::fresh("virtio-mem"),
             config_irq: ConfigInterrupt::default(),
         })
     }
@@ -596,40 +597,35 @@ impl VirtioDevice for VirtioMem {
         self.control.generation()
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::Other("virtio-mem: already active".into()));
-        }
         let handler = MemHandler {
             control: self.control.clone(),
         };
         let interrupt = ctx.interrupt.clone();
-        self.worker = Some(WorkerHandle::spawn("virtio-mem", handler, ctx)?);
+        self.worker.activate_with(handler, ctx)?;
         self.config_irq.activate(&self.control.signal, interrupt);
         Ok(())
     }
     fn reset(&mut self) {
         self.config_irq.reset(&self.control.signal);
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.reset();
         // The blocks keep their state across a device reset (5.15.5.1): a new driver sees
         // plugged_size and unplugs all before it plugs anew.
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        let Some(w) = self.worker.as_mut() else {
+        if !self.worker.is_active() {
             return Ok(());
-        };
+        }
         self.config_irq.pause(&self.control.signal);
-        w.pause()
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        let Some(w) = self.worker.as_mut() else {
+        if !self.worker.is_active() {
             return Ok(());
-        };
-        w.resume()?;
+        }
+        self.worker.resume()?;
         self.config_irq.resume(&self.control.signal);
         Ok(())
     }

@@ -11,8 +11,9 @@ use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::device_worker::DeviceWorker;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, QueueHandler};
 use crate::{
     ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, F_VERSION_1,
     VIRTIO_DEVICE_STATE_VERSION,
@@ -125,8 +126,7 @@ pub struct PmemState {
 
 pub struct Pmem {
     range: Arc<PmemRange>,
-    handler: Option<PmemHandler>,
-    worker: Option<WorkerHandle<PmemHandler>>,
+    worker: DeviceWorker<PmemHandler>,
 }
 
 impl Pmem {
@@ -135,8 +135,7 @@ impl Pmem {
     pub fn new(file: Option<File>, range: Arc<PmemRange>) -> Self {
         Pmem {
             range,
-            handler: Some(PmemHandler { file }),
-            worker: None,
+            worker: DeviceWorker::new("virtio-pmem", PmemHandler { file }),
         }
     }
 
@@ -169,26 +168,19 @@ impl VirtioDevice for Pmem {
         }
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let h = self
-            .handler
-            .take()
-            .ok_or_else(|| ActivateError::Other("virtio-pmem: worker lost".into()))?;
-        self.worker = Some(WorkerHandle::spawn("virtio-pmem", h, ctx)?);
-        Ok(())
+        self.worker.activate(ctx)
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            self.handler = w.stop();
-        }
+        self.worker.reset();
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+        self.worker.resume()
     }
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Pmem(PmemState {

@@ -7,8 +7,9 @@ use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use vm_memory::Bytes;
 
+use crate::device_worker::DeviceWorker;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, QueueHandler};
 use crate::{
     ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, F_VERSION_1, TYPE_RNG,
     VIRTIO_DEVICE_STATE_VERSION,
@@ -87,18 +88,19 @@ pub struct RngState {
 }
 
 pub struct Rng {
-    handler: Option<RngHandler>,
-    worker: Option<WorkerHandle<RngHandler>>,
+    worker: DeviceWorker<RngHandler>,
 }
 
 impl Rng {
     pub fn new(source: File) -> Self {
         Rng {
-            handler: Some(RngHandler {
-                source,
-                buf: Vec::new(),
-            }),
-            worker: None,
+            worker: DeviceWorker::new(
+                "virtio-rng",
+                RngHandler {
+                    source,
+                    buf: Vec::new(),
+                },
+            ),
         }
     }
 }
@@ -117,26 +119,19 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let h = self
-            .handler
-            .take()
-            .ok_or_else(|| ActivateError::Other("virtio-rng: worker lost".into()))?;
-        self.worker = Some(WorkerHandle::spawn("virtio-rng", h, ctx)?);
-        Ok(())
+        self.worker.activate(ctx)
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            self.handler = w.stop();
-        }
+        self.worker.reset();
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+        self.worker.resume()
     }
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Rng(RngState {

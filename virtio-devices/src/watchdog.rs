@@ -13,8 +13,9 @@ use log::{debug, error, info, warn};
 use vm_memory::Bytes;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::device_worker::DeviceWorker;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, QueueHandler};
 use crate::{
     ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, F_VERSION_1,
     VIRTIO_DEVICE_STATE_VERSION,
@@ -137,8 +138,7 @@ pub struct WatchdogState {
 }
 
 pub struct Watchdog {
-    handler: Option<WatchdogHandler>,
-    worker: Option<WorkerHandle<WatchdogHandler>>,
+    worker: DeviceWorker<WatchdogHandler>,
     last_ping: LastPing,
 }
 
@@ -147,12 +147,14 @@ impl Watchdog {
     pub fn new(requests: Arc<dyn VmRequests>) -> std::io::Result<Self> {
         let last_ping: LastPing = Arc::new(Mutex::new(None));
         Ok(Watchdog {
-            handler: Some(WatchdogHandler {
-                timer: TimerFd::new()?,
-                last_ping: last_ping.clone(),
-                requests,
-            }),
-            worker: None,
+            worker: DeviceWorker::new(
+                "virtio-watchdog",
+                WatchdogHandler {
+                    timer: TimerFd::new()?,
+                    last_ping: last_ping.clone(),
+                    requests,
+                },
+            ),
             last_ping,
         })
     }
@@ -172,33 +174,28 @@ impl VirtioDevice for Watchdog {
         data.fill(0);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let mut h = self
-            .handler
-            .take()
-            .ok_or_else(|| ActivateError::Other("virtio-watchdog: worker lost".into()))?;
         // A restored watchdog that was armed goes on from now.
         if lock(&self.last_ping).is_some() {
-            *lock(&self.last_ping) = Some(Instant::now());
-            h.arm();
+            if let Some(h) = self.worker.idle_mut() {
+                *lock(&self.last_ping) = Some(Instant::now());
+                h.arm();
+            }
         }
-        self.worker = Some(WorkerHandle::spawn("virtio-watchdog", h, ctx)?);
-        Ok(())
+        self.worker.activate(ctx)
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            self.handler = w.stop();
-        }
+        let h = self.worker.reset();
         // A new driver starts it again with its first ping.
         *lock(&self.last_ping) = None;
-        if let Some(h) = self.handler.as_mut() {
+        if let Some(h) = h {
             let _ = h.timer.clear();
         }
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
         // The time paused is not the guest's: the resume counts as a ping.
@@ -207,7 +204,7 @@ impl VirtioDevice for Watchdog {
             *last = Some(Instant::now());
         }
         drop(last);
-        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+        self.worker.resume()
     }
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Watchdog(WatchdogState {

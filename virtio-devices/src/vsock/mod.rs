@@ -27,8 +27,9 @@ use std::path::{Path, PathBuf};
 use guest_memory::GuestMemoryMmap;
 use log::debug;
 
+use crate::device_worker::DeviceWorker;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, queue_bit, QueueHandler, WorkerHandle};
+use crate::worker::{process_chains, queue_bit, QueueHandler};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
     F_RING_INDIRECT_DESC, F_VERSION_1, VIRTIO_DEVICE_STATE_VERSION,
@@ -156,8 +157,7 @@ pub struct VsockState {
 pub struct Vsock {
     cid: u64,
     path: PathBuf,
-    handler: Option<VsockHandler>,
-    worker: Option<WorkerHandle<VsockHandler>>,
+    worker: DeviceWorker<VsockHandler>,
     /// Restored (`set_device_state`): the next start sends the transport reset event. (The
     /// transport may reset the device between the two, so the flag is not the handler's yet.)
     restored: bool,
@@ -170,12 +170,14 @@ impl Vsock {
         Ok(Vsock {
             cid,
             path: path.to_path_buf(),
-            handler: Some(VsockHandler {
-                muxer,
-                payload: Vec::new(),
-                reset_event: false,
-            }),
-            worker: None,
+            worker: DeviceWorker::new(
+                "virtio-vsock",
+                VsockHandler {
+                    muxer,
+                    payload: Vec::new(),
+                    reset_event: false,
+                },
+            ),
             restored: false,
         })
     }
@@ -199,33 +201,27 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let mut h = self
-            .handler
-            .take()
-            .ok_or_else(|| ActivateError::Other("virtio-vsock: worker lost".into()))?;
-        h.reset_event = std::mem::take(&mut self.restored);
-        self.worker = Some(WorkerHandle::spawn("virtio-vsock", h, ctx)?);
-        Ok(())
+        if let Some(h) = self.worker.idle_mut() {
+            h.reset_event = std::mem::take(&mut self.restored);
+        }
+        self.worker.activate(ctx)
     }
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            self.handler = w.stop();
-        }
         // The driver forgot its connections: so do we (their host streams are closed). A
         // pending event is for the driver that was reset: dropped too.
-        if let Some(h) = self.handler.as_mut() {
+        if let Some(h) = self.worker.reset() {
             h.muxer.clear();
             h.reset_event = false;
         }
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.as_ref()?.queue_positions()
+        self.worker.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.pause())
+        self.worker.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.worker.as_mut().map_or(Ok(()), |w| w.resume())
+        self.worker.resume()
     }
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Vsock(VsockState {

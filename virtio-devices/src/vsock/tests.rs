@@ -495,5 +495,5 @@ fn transport_reset_event_after_restore() {
     let mut g = Guest::start_with(|d| d.set_device_state(&st).unwrap());
     g.dev.reset();
     assert!(!g.dev.restored);
-    assert!(!g.dev.handler.as_ref().unwrap().reset_event);
+    assert!(!g.dev.worker.idle().unwrap().reset_event);
 }
