@@ -21,8 +21,23 @@ impl devices::VmRequests for NoRequests {
     fn reset(&self) {}
 }
 
+/// This process's scratch directory for the targets' host files (a disk image, a socket).
+fn scratch_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("ch-fuzz-{}", std::process::id()))
+}
+
+/// `name` in the scratch directory, which is removed when the process exits normally (as
+/// libFuzzer does at the end of a run; a crash leaves it, with the crash's files).
 fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ch-fuzz-{}", std::process::id()));
+    static CLEAN_UP: std::sync::Once = std::sync::Once::new();
+    extern "C" fn remove_scratch() {
+        let _ = std::fs::remove_dir_all(scratch_dir());
+    }
+    CLEAN_UP.call_once(|| {
+        // SAFETY: registers a plain function with no arguments, as atexit(3) asks.
+        unsafe { libc::atexit(remove_scratch) };
+    });
+    let dir = scratch_dir();
     let _ = std::fs::create_dir_all(&dir);
     dir.join(name)
 }
