@@ -394,13 +394,19 @@ mod tests {
     use super::*;
     use crate::types::{ApiResponse, VmmPingResponse};
 
-    fn server(name: &str) -> (ApiServer, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("api-server-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
+    /// A server on a socket in a directory of its own, removed with the `TempDir`.
+    fn server(name: &str) -> (ApiServer, PathBuf, tempfile::TempDir) {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("api-server-{name}-"))
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("api.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        (ApiServer::new(listener, Some(path.clone())).unwrap(), path)
+        (
+            ApiServer::new(listener, Some(path.clone())).unwrap(),
+            path,
+            dir,
+        )
     }
 
     fn pong(_: ApiRequest) -> ApiResult {
@@ -428,7 +434,7 @@ mod tests {
 
     #[test]
     fn past_the_limit_the_idlest_connection_goes() {
-        let (mut s, path) = server("evict");
+        let (mut s, path, _dir) = server("evict");
         let mut first = UnixStream::connect(&path).unwrap();
         let open = |s: &ApiServer| s.conns.iter().flatten().count();
         serve_until(&mut s, |s| open(s) == 1);
@@ -460,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_client_that_does_not_read_stalls_only_itself() {
-        let (mut s, path) = server("stall");
+        let (mut s, path, _dir) = server("stall");
         let mut greedy = UnixStream::connect(&path).unwrap();
         greedy.set_nonblocking(true).unwrap();
         // Pipelined requests whose answers it never reads, until its socket is full.
@@ -516,7 +522,7 @@ mod tests {
     #[test]
     fn a_request_with_descriptors_is_answered() {
         use std::os::unix::fs::FileTypeExt;
-        let (mut s, path) = server("fds");
+        let (mut s, path, _dir) = server("fds");
         let client = std::thread::spawn(move || {
             let mut c = crate::client::Client::connect(&path).unwrap();
             let (r, w) = std::io::pipe().unwrap();

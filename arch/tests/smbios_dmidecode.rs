@@ -8,15 +8,17 @@ use arch::smbios::{build_entry_point, build_table, SmbiosConfig, SmbiosSystem};
 
 const TABLE_OFFSET: u64 = 0x20;
 
-/// `dmidecode --from-dump <dump of cfg's tables> args`; `name` keeps parallel tests apart.
+/// `dmidecode --from-dump <dump of cfg's tables> args`; `name` names the dump file.
 fn dmidecode(name: &str, cfg: &SmbiosConfig, args: &[&str]) -> String {
     let table = build_table(cfg).unwrap();
     let mut dump = build_entry_point(TABLE_OFFSET, table.len() as u32).to_vec();
     dump.resize(TABLE_OFFSET as usize, 0);
     dump.extend_from_slice(&table);
-    let dir = std::env::temp_dir().join(format!("smbios-dmidecode-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!("{name}.bin"));
+    let dir = tempfile::Builder::new()
+        .prefix("smbios-dmidecode-")
+        .tempdir()
+        .unwrap();
+    let file = dir.path().join(format!("{name}.bin"));
     std::fs::write(&file, &dump).unwrap();
     // In /usr/sbin, which a user's PATH may lack.
     let bin = ["/usr/sbin/dmidecode", "/sbin/dmidecode"]
