@@ -127,19 +127,10 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use guest_memory::GuestMemoryMmap;
-    use virtio_queue::{Queue, QueueT};
-    use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::vring::VirtQueue;
-    use crate::{DeviceStatus, VirtioInterrupt};
-
-    struct NoIrq;
-    impl VirtioInterrupt for NoIrq {
-        fn signal_queue(&self, _index: usize) {}
-        fn signal_config(&self) {}
-    }
+    use crate::worker::tests::one_queue as ctx;
 
     /// Counts the times it is asked to serve; panics on its `panic_at`th time.
     struct Count {
@@ -157,25 +148,6 @@ mod tests {
             assert_ne!(n, self.panic_at, "the handler fails as the test asks");
             Ok(0)
         }
-    }
-
-    /// An activation with one queue, and the eventfd that notifies it.
-    fn ctx() -> (ActivateContext, EventFd) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let mut q = Queue::new(16).unwrap();
-        q.set_desc_table_address(Some(0x1000), Some(0));
-        q.set_avail_ring_address(Some(0x2000), Some(0));
-        q.set_used_ring_address(Some(0x3000), Some(0));
-        q.set_ready(true);
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let ctx = ActivateContext {
-            mem,
-            interrupt: Arc::new(NoIrq),
-            queues: vec![Some((q, kick.try_clone().unwrap()))],
-            acked_features: 0,
-            status: Arc::new(DeviceStatus::default()),
-        };
-        (ctx, kick)
     }
 
     fn wait_for(served: &AtomicU32, n: u32) {

@@ -594,15 +594,35 @@ pub fn queue_bit(index: usize) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::GuestAddress;
 
-    struct NoIrq;
+    pub(crate) struct NoIrq;
     impl VirtioInterrupt for NoIrq {
         fn signal_queue(&self, _index: usize) {}
         fn signal_config(&self) {}
+    }
+
+    /// An activation with one ready queue in 1 MiB of guest memory (nothing interrupted), and
+    /// the eventfd that notifies it.
+    pub(crate) fn one_queue() -> (ActivateContext, EventFd) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x3000), Some(0));
+        q.set_ready(true);
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ctx = ActivateContext {
+            mem,
+            interrupt: Arc::new(NoIrq),
+            queues: vec![Some((q, kick.try_clone().unwrap()))],
+            acked_features: 0,
+            status: Arc::new(DeviceStatus::default()),
+        };
+        (ctx, kick)
     }
 
     /// Counts how often it was asked to serve its queue.
@@ -637,26 +657,9 @@ mod tests {
     /// A worker that has just served its queue sleeps in epoll_wait: no polling, no CPU.
     #[test]
     fn idle_worker_sleeps() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let mut q = Queue::new(16).unwrap();
-        q.set_desc_table_address(Some(0x1000), Some(0));
-        q.set_avail_ring_address(Some(0x2000), Some(0));
-        q.set_used_ring_address(Some(0x3000), Some(0));
-        q.set_ready(true);
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (ctx, kick) = one_queue();
         let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let w = WorkerHandle::spawn(
-            "vq-idle-test",
-            Count(served.clone()),
-            ActivateContext {
-                mem,
-                interrupt: Arc::new(NoIrq),
-                queues: vec![Some((q, kick.try_clone().unwrap()))],
-                acked_features: 0,
-                status: Arc::new(DeviceStatus::default()),
-            },
-        )
-        .unwrap();
+        let w = WorkerHandle::spawn("vq-idle-test", Count(served.clone()), ctx).unwrap();
         kick.write(1).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while served.load(std::sync::atomic::Ordering::SeqCst) == 0 {
