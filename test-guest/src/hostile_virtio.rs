@@ -7,7 +7,6 @@
 //! checks the wrap-around target), and every device must work again after a reset.
 
 use alloc::vec::Vec;
-use core::ptr::{read_volatile, write_volatile};
 
 use virtio_drivers::transport::pci::bus::{BarInfo, ConfigurationAccess, DeviceFunction};
 
@@ -33,34 +32,8 @@ pub(crate) const OUTSIDE: u64 = 0x7fff_ffff_0000;
 const CANARY: u64 = 0x100;
 const CANARY_LEN: u64 = 0x100;
 
-pub(crate) fn w8(a: u64, v: u8) {
-    // SAFETY: identity-mapped RAM or MMIO of our own devices (or of the suite's target).
-    unsafe { write_volatile(a as *mut u8, v) }
-}
-pub(crate) fn w16(a: u64, v: u16) {
-    // SAFETY: as in w8.
-    unsafe { write_volatile(a as *mut u16, v) }
-}
-pub(crate) fn w32(a: u64, v: u32) {
-    // SAFETY: as in w8.
-    unsafe { write_volatile(a as *mut u32, v) }
-}
-pub(crate) fn w64(a: u64, v: u64) {
-    // SAFETY: as in w8.
-    unsafe { write_volatile(a as *mut u64, v) }
-}
-pub(crate) fn r8(a: u64) -> u8 {
-    // SAFETY: as in w8.
-    unsafe { read_volatile(a as *const u8) }
-}
-pub(crate) fn r16(a: u64) -> u16 {
-    // SAFETY: as in w8.
-    unsafe { read_volatile(a as *const u16) }
-}
-pub(crate) fn r32(a: u64) -> u32 {
-    // SAFETY: as in w8.
-    unsafe { read_volatile(a as *const u32) }
-}
+// The suite reads and writes registers and rings with the hand-made driver's accessors.
+pub(crate) use crate::rawq::{r16, r32, r8, w16, w32, w64, w8};
 
 /// A virtio-pci function of any type (virtio-drivers knows only some of them).
 pub(crate) struct Dev {

@@ -18,7 +18,8 @@ pub(crate) const F_WRITE: u16 = 2;
 pub(crate) const VERSION_1: u64 = 1 << 32;
 
 pub(crate) fn w8(a: u64, v: u8) {
-    // SAFETY: identity-mapped MMIO/RAM address of our own device or DMA page.
+    // SAFETY: identity-mapped RAM (a DMA page) or MMIO of our own devices; the hostile suite
+    // also aims them at what it attacks, always inside the identity map.
     unsafe { write_volatile(a as *mut u8, v) }
 }
 pub(crate) fn w16(a: u64, v: u16) {
