@@ -158,6 +158,14 @@ mod tests {
         }
     }
 
+    /// A handler that counts into `served` and panics on its `panic_at`th time (0: never).
+    fn count(served: &Arc<AtomicU32>, panic_at: u32) -> Count {
+        Count {
+            served: served.clone(),
+            panic_at,
+        }
+    }
+
     fn message(r: Result<(), ActivateError>) -> String {
         match r {
             Err(ActivateError::Other(m)) => m,
@@ -168,13 +176,7 @@ mod tests {
     #[test]
     fn a_kept_handler_serves_each_driver_and_refuses_a_second_activation() {
         let served = Arc::new(AtomicU32::new(0));
-        let mut w = DeviceWorker::new(
-            "dw-kept",
-            Count {
-                served: served.clone(),
-                panic_at: 0,
-            },
-        );
+        let mut w = DeviceWorker::new("dw-kept", count(&served, 0));
         assert!(!w.is_active() && w.idle().is_some());
         // Inactive: pause, resume and a reset are no-ops, and no positions are known.
         w.pause().unwrap();
@@ -209,13 +211,7 @@ mod tests {
     #[test]
     fn a_worker_that_died_leaves_the_device_broken_not_the_vmm() {
         let served = Arc::new(AtomicU32::new(0));
-        let mut w = DeviceWorker::new(
-            "dw-dies",
-            Count {
-                served: served.clone(),
-                panic_at: 1,
-            },
-        );
+        let mut w = DeviceWorker::new("dw-dies", count(&served, 1));
         let (c, kick) = ctx();
         w.activate(c).unwrap();
         kick.write(1).unwrap();
@@ -236,10 +232,6 @@ mod tests {
     #[test]
     fn a_fresh_handler_is_built_for_each_activation_and_dropped_at_reset() {
         let served = Arc::new(AtomicU32::new(0));
-        let count = || Count {
-            served: served.clone(),
-            panic_at: 0,
-        };
         let mut w = DeviceWorker::fresh("dw-fresh");
         let (c, _kick) = ctx();
         assert!(
@@ -247,10 +239,10 @@ mod tests {
             "a fresh worker has no kept handler"
         );
         let (c, kick) = ctx();
-        w.activate_with(count(), c).unwrap();
+        w.activate_with(count(&served, 0), c).unwrap();
         let (c2, _k2) = ctx();
         assert_eq!(
-            message(w.activate_with(count(), c2)),
+            message(w.activate_with(count(&served, 0), c2)),
             "dw-fresh: already active"
         );
         kick.write(1).unwrap();
