@@ -242,11 +242,15 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
     }
     // `end=wait`: after the summary the guest halts for good instead of powering off, so a
     // test can still look at the running VM (its device tree) once the checks are done.
-    if boot.arg("end") == Some("wait") {
-        summary();
-        loop {
-            svc::hlt();
+    match boot.arg("end") {
+        Some("wait") => {
+            summary();
+            loop {
+                svc::hlt();
+            }
         }
+        None => {}
+        Some(other) => fail("end", format_args!("unknown end={other} (only end=wait)")),
     }
     finish(acpi.as_ref())
 }
