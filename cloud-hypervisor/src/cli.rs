@@ -5,7 +5,6 @@ use clap::{Arg, ArgAction, Command};
 /// Options of the original that this VMM does not implement yet: accepted by the parser so
 /// `--help` matches, refused with a clear message when used.
 pub const NOT_YET: &[&str] = &[
-    "debug-console",
     "device",
     "generic-vhost-user",
     "pci-segment",

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use clap::ArgMatches;
 use vmm::config::{
-    BalloonConfig, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, LandlockConfig, MemoryConfig,
-    NetConfig, NumaConfig, PayloadConfig, PlatformConfig, PmemConfig, RateLimitGroupConfig,
-    RestoreConfig, RngConfig, TpmConfig, VsockConfig,
+    BalloonConfig, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
+    LandlockConfig, MemoryConfig, NetConfig, NumaConfig, PayloadConfig, PlatformConfig, PmemConfig,
+    RateLimitGroupConfig, RestoreConfig, RngConfig, TpmConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -56,6 +56,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     let memory = MemoryConfig::parse_with_zones(&s("memory").unwrap_or_default(), &zones)?;
     let serial = ConsoleConfig::parse("--serial", &s("serial").unwrap_or_default())?;
     let console = ConsoleConfig::parse("--console", &s("console").unwrap_or_default())?;
+    let debug_console = DebugConsoleConfig::parse(&s("debug-console").unwrap_or_default())?;
     let disks = m
         .get_many::<String>("disk")
         .into_iter()
@@ -119,6 +120,8 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         },
         serial,
         console,
+        debug_console,
+        iommu: false,
         disks,
         net,
         pmem,

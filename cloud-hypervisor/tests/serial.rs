@@ -1,4 +1,5 @@
-//! Serial port modes (`--serial off|null|tty|file|pty|socket`), terminal handling and signals.
+//! Serial port modes (`--serial off|null|tty|file|pty|socket`), terminal handling, signals, and
+//! the debug console (`--debug-console`).
 
 mod common;
 
@@ -161,4 +162,59 @@ fn sigterm_and_sigint_stop_the_vmm_cleanly_and_restore_the_terminal() {
             "signal {sig}: terminal not restored"
         );
     }
+}
+
+/// `--debug-console`: port 0xe9 (or `iobase=`) reads back its low byte and sends what the guest
+/// writes to the file, byte for byte; `off` makes no device (the guest's read check fails).
+#[test]
+fn the_debug_console_writes_the_guests_bytes_to_its_file() {
+    let dir = common::scratch("debug-console-file");
+    for (port, cmdline) in [
+        (None, "test=debugcon"),
+        (Some("0x2f8"), "test=debugcon debugcon_port=0x2f8"),
+    ] {
+        let out = dir.join("debug.out");
+        let mut arg = format!("file={}", out.display());
+        if let Some(p) = port {
+            arg.push_str(&format!(",iobase={p}"));
+        }
+        let mut args = serial_args(cmdline, "tty").to_vec();
+        args.extend(["--debug-console", &arg]);
+        let r = run(&args);
+        assert_eq!(r.code(), Some(0), "{arg}: {}", r.stderr);
+        r.assert_guest_passed();
+        r.assert_passed("debugcon-read");
+        let want = format!("DEBUGCON hello {}\n", port.unwrap_or("0xe9"));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), want, "{arg}");
+    }
+    let mut args = serial_args("test=debugcon", "tty").to_vec();
+    args.extend(["--debug-console", "off"]);
+    let r = run(&args);
+    assert!(r.stdout.contains("FAIL debugcon-read"), "{}", r.stdout);
+}
+
+#[test]
+fn the_debug_console_on_a_pty() {
+    let mut args = serial_args("test=debugcon", "null").to_vec();
+    args.extend(["--debug-console", "pty"]);
+    let mut child = spawn(&args);
+    let mut pty = common::open_announced_pty(&mut child, "debug-console");
+    let fd = pty.as_raw_fd();
+    let text = read_until(&mut pty, fd, "DEBUGCON hello 0xe9", Duration::from_secs(10));
+    assert!(text.contains("DEBUGCON hello 0xe9"), "{text}");
+    child.stderr = None;
+    let r = wait_with_timeout(child, Duration::from_secs(10));
+    assert_eq!(r.code(), Some(0));
+}
+
+#[test]
+fn a_debug_console_on_a_taken_port_is_refused_naming_it() {
+    let mut args = serial_args("test=debugcon", "null").to_vec();
+    args.extend(["--debug-console", "tty,iobase=0x3f8"]);
+    let r = run(&args);
+    assert_eq!(r.code(), Some(1), "{}", r.stderr);
+    assert_eq!(
+        r.stderr.trim(),
+        "cloud-hypervisor: --debug-console iobase=0x3f8: another device has that I/O port"
+    );
 }

@@ -7,6 +7,7 @@ mod acpi_sleep;
 mod bus;
 mod cmos;
 pub mod cpu_hotplug;
+mod debug_console;
 mod ged;
 mod i8042;
 pub mod memory_hotplug;
@@ -23,6 +24,7 @@ pub use acpi_sleep::{AcpiSleepDevice, AcpiSleepState, ACPI_SLEEP_STATE_VERSION};
 pub use bus::{Bus, BusDevice, BusError};
 pub use cmos::{Cmos, CmosState, CMOS_NVRAM_SIZE, CMOS_STATE_VERSION};
 pub use cpu_hotplug::{CpuEjectSink, CpuHotplug, CpuHotplugState, CPU_HOTPLUG_SIZE};
+pub use debug_console::DebugConsole;
 pub use ged::{
     Ged, GedState, GED_CPU_HOTPLUG, GED_EVENTS, GED_MEMORY_HOTPLUG, GED_PCI_HOTPLUG,
     GED_POWER_BUTTON, GED_STATE_VERSION, GED_VMGENID,

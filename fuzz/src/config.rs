@@ -28,6 +28,7 @@ pub const OPTIONS: &[&str] = &[
     "fs",
     "memory-zone",
     "numa",
+    "debug-console",
     "mac",
 ];
 
@@ -72,6 +73,7 @@ pub fn options(data: &[u8]) {
             |_| (),
         ),
         17 => check(NumaConfig::parse(raw), |_| ()),
+        18 => check(DebugConsoleConfig::parse(raw), |v| drop(v.validate())),
         _ => {
             if let Ok(m) = raw.parse::<mac::MacAddr>() {
                 assert_eq!(m.to_string().parse::<mac::MacAddr>().ok(), Some(m));
@@ -96,6 +98,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ("memory", "size=1G,shared=on,hugepages=off,hotplug_method=virtio-mem,hotplug_size=2G"),
         ("memory", "size=512M,mergeable=on,prefault=on,thp=on"),
         ("serial", "tty"),
+        ("debug-console", "off,iobase=0xe9"),
+        ("debug-console", "file=/tmp/debug.log,iobase=0x402"),
         ("serial", "file=/tmp/serial.log"),
         ("serial", "socket=/tmp/serial.sock"),
         ("console", "off"),

@@ -21,6 +21,7 @@ mod busy;
 mod busy_net;
 mod cmos;
 mod cpu_hotplug;
+mod debugcon;
 mod faults;
 mod fs;
 mod fs_reconnect;
@@ -233,6 +234,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "memzones" => mem_zones::scenario_memzones(&boot),
         "vsock" => vsock::scenario_vsock(&boot),
         "pvpanic" => pvpanic::scenario_pvpanic(&boot),
+        "debugcon" => debugcon::scenario_debugcon(&boot),
         "pmem" => pmem::scenario_pmem(),
         "fs" => fs::scenario_fs(&boot),
         "tpm" => tpm::scenario_tpm(&boot, acpi.as_ref()),

@@ -8,10 +8,11 @@ use super::mac::MacAddr;
 use super::VmConfig;
 
 impl VmConfig {
-    /// Names each disk and net device that has no id `_disk<N>` / `_net<N>`, N counting every
-    /// name made so far (disks first) and skipping ids in use, as the original's device manager
-    /// does; gives each net device without a MAC a random one (first byte 0x2e). Ids and MACs
-    /// already there stay.
+    /// Names each disk, net, virtio-fs, pmem and vsock device that has no id `_disk<N>`,
+    /// `_net<N>`, `_fs<N>`, `_pmem<N>`, `_vsock<N>`, N counting every name made so far in that
+    /// order (the order the original's device manager makes them) and skipping ids in use; gives
+    /// each net device without a MAC a random one (first byte 0x2e). Ids and MACs already there
+    /// stay.
     pub fn assign_generated(&mut self) {
         let mut used: BTreeSet<String> = self
             .disks
@@ -20,6 +21,9 @@ impl VmConfig {
             .chain(self.net.iter().map(|n| &n.id))
             .chain([&self.rng.id, &self.console.id])
             .chain(self.balloon.iter().map(|b| &b.id))
+            .chain(self.fs.iter().map(|f| &f.id))
+            .chain(self.pmem.iter().map(|p| &p.id))
+            .chain(self.vsock.iter().map(|v| &v.id))
             .flatten()
             .cloned()
             .collect();
@@ -41,6 +45,15 @@ impl VmConfig {
             if n.mac.is_none() {
                 n.mac = Some(MacAddr::random_local().to_string());
             }
+        }
+        for f in self.fs.iter_mut().filter(|f| f.id.is_none()) {
+            f.id = Some(next("_fs"));
+        }
+        for p in self.pmem.iter_mut().filter(|p| p.id.is_none()) {
+            p.id = Some(next("_pmem"));
+        }
+        for v in self.vsock.iter_mut().filter(|v| v.id.is_none()) {
+            v.id = Some(next("_vsock"));
         }
     }
 }

@@ -203,6 +203,10 @@ impl VmConfig {
         }
         console_grants("--serial", &self.serial, &mut out);
         console_grants("--console", &self.console, &mut out);
+        if self.debug_console.enabled() {
+            let c = self.debug_console.as_console();
+            console_grants(crate::DebugConsoleConfig::OPTION, &c, &mut out);
+        }
         out.push(LandlockGrant::new(&self.rng.src, Read, "--rng"));
         if let Some(v) = &self.vsock {
             // The listener at `socket`, and the host's listeners at `socket_<port>` beside it.

@@ -1,6 +1,7 @@
 //! The VM configuration: one set of typed structs, filled from the command line (here) or,
 //! later, from the API's JSON (serde, with the original's field names).
 
+mod debug_console;
 mod devices;
 pub mod extra;
 mod fs;
@@ -28,6 +29,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use debug_console::{DebugConsoleConfig, DEBUG_CONSOLE_PORT};
 pub use devices::{
     BalloonConfig, DiskConfig, ImageType, LockGranularity, NetConfig, PciPlacement, RngConfig,
     VhostMode, IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
@@ -619,6 +621,13 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    /// `--debug-console`: an I/O port whose writes go to the host (off by default).
+    #[serde(default)]
+    pub debug_console: DebugConsoleConfig,
+    /// The original's virtio-iommu; `false` is the only value this VMM takes (shown in
+    /// `vm.info` as the original shows it).
+    #[serde(default)]
+    pub iommu: bool,
     /// `--platform`: the SMBIOS identity (one PCI segment, no IOMMU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformConfig>,
@@ -752,6 +761,13 @@ impl VmConfig {
                 .map_err(|m| ConfigError::new(PlatformConfig::OPTION, "", m))?;
         }
         self.validate_landlock()?;
+        if self.iommu {
+            return Err(ConfigError::new(
+                "iommu",
+                "true",
+                "this field is not supported yet".into(),
+            ));
+        }
         self.unsupported.validate()
     }
 }
@@ -768,6 +784,7 @@ impl VmConfig {
         self.payload.extra.check("payload")?;
         self.serial.extra.check("serial")?;
         self.console.extra.check("console")?;
+        self.debug_console.validate()?;
         self.rng.extra.check("rng")?;
         if let Some(b) = &self.balloon {
             b.extra.check("balloon")?;

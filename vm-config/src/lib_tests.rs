@@ -86,6 +86,8 @@ fn config_with(payload: PayloadConfig) -> VmConfig {
         landlock_enable: false,
         landlock_rules: None,
         numa: None,
+        debug_console: Default::default(),
+        iommu: false,
         unsupported: UnsupportedConfig::default(),
     }
 }
@@ -169,6 +171,8 @@ fn json_field_names_follow_the_api() {
         landlock_enable: false,
         landlock_rules: None,
         numa: None,
+        debug_console: Default::default(),
+        iommu: false,
         unsupported: UnsupportedConfig::default(),
     };
     let json = serde_json::to_string(&cfg).unwrap();

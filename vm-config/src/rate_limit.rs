@@ -12,7 +12,7 @@ use crate::{ConfigError, OptionParser};
 #[serde(deny_unknown_fields)]
 pub struct TokenBucketConfig {
     pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub one_time_burst: Option<u64>,
     pub refill_time: u64,
 }
@@ -20,9 +20,9 @@ pub struct TokenBucketConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiterConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub bandwidth: Option<TokenBucketConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ops: Option<TokenBucketConfig>,
 }
 

@@ -200,15 +200,23 @@ fn whole_configuration_checks_of_the_original() {
     assert!(reserved.validate_devices().is_err());
 }
 
-/// As the original's device manager: ids `_disk<N>`/`_net<N>` from one counter, skipping ids in
-/// use, and random MACs with first byte 0x2e, recorded once and kept.
+/// As the original's device manager: ids `_disk<N>`/`_net<N>`/`_fs<N>`/`_pmem<N>`/`_vsock<N>`
+/// from one counter, in that order, skipping ids in use, and random MACs with first byte 0x2e,
+/// recorded once and kept.
 #[test]
 fn booting_records_ids_and_macs() {
     let mut cfg = config(json!({
         "disks": [{"path": "/a", "id": "_disk1"}, {"path": "/b"}],
-        "net": [{"id": "_net0"}, {}, {"mac": "52:54:00:00:00:01"}]
+        "net": [{"id": "_net0"}, {}, {"mac": "52:54:00:00:00:01"}],
+        "fs": [{"tag": "t", "socket": "/s"}],
+        "pmem": [{"file": "/p", "id": "_pmem4"}, {"file": "/q"}],
+        "vsock": {"cid": 3, "socket": "/v"}
     }));
     cfg.assign_generated();
+    assert_eq!(cfg.fs[0].id.as_deref(), Some("_fs3"));
+    let ids: Vec<_> = cfg.pmem.iter().map(|p| p.id.clone().unwrap()).collect();
+    assert_eq!(ids, ["_pmem4", "_pmem5"]);
+    assert_eq!(cfg.vsock.as_ref().unwrap().id.as_deref(), Some("_vsock6"));
     let ids: Vec<_> = cfg.disks.iter().map(|d| d.id.clone().unwrap()).collect();
     assert_eq!(ids, ["_disk1", "_disk0"]);
     let ids: Vec<_> = cfg.net.iter().map(|n| n.id.clone().unwrap()).collect();

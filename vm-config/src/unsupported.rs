@@ -1,5 +1,5 @@
 //! The parts of the original's `VmConfig` that this VMM does not implement yet (disks, net,
-//! rng, balloon and fs are real fields of `VmConfig` now). The API accepts
+//! rng, balloon, fs, debug_console and iommu are real fields of `VmConfig` now). The API accepts
 //! them only absent, `null`, empty or at their default, and refuses anything else naming the
 //! field, so a client never believes it got a device it did not.
 
@@ -13,8 +13,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generic_vhost_user: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub debug_console: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_devices: Option<Value>,
@@ -24,8 +22,6 @@ pub struct UnsupportedConfig {
     pub pci_segments: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sgx_epc: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iommu: Option<Value>,
     /// Any other top-level key: refused unless it asks for nothing, as in every object.
     #[serde(flatten, skip_serializing)]
     pub other: crate::Extra,
@@ -44,22 +40,17 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 8] = [
+        let fields: [(&'static str, &Option<Value>); 6] = [
             ("generic_vhost_user", &self.generic_vhost_user),
-            ("debug_console", &self.debug_console),
             ("devices", &self.devices),
             ("user_devices", &self.user_devices),
             ("vdpa", &self.vdpa),
             ("pci_segments", &self.pci_segments),
             ("sgx_epc", &self.sgx_epc),
-            ("iommu", &self.iommu),
         ];
         for (name, value) in fields {
             let Some(v) = value else { continue };
             if is_empty(v) {
-                continue;
-            }
-            if name == "debug_console" && v.get("mode").and_then(Value::as_str) == Some("Off") {
                 continue;
             }
             return Err(ConfigError::new(
@@ -88,10 +79,8 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_there_and_names_it() {
-        let ok: UnsupportedConfig = serde_json::from_str(
-            r#"{"iommu": false, "vsock": null, "debug_console": {"mode": "Off"}}"#,
-        )
-        .unwrap();
+        let ok: UnsupportedConfig =
+            serde_json::from_str(r#"{"vsock": null, "devices": [], "sgx_epc": null}"#).unwrap();
         ok.validate().unwrap();
         for (json, field) in [
             (r#"{"pci_segments": [{"pci_segment": 1}]}"#, "pci_segments"),

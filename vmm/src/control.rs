@@ -2,10 +2,9 @@
 //! (power-off, reset, vCPU failure), to signals, to serial input, and to API requests, which
 //! arrive through a channel with an event fd that wakes the loop.
 
-use std::fs::File;
 use std::io;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
@@ -19,8 +18,9 @@ use crate::cpu::VmEvents;
 use crate::event_monitor::EventMonitor;
 use crate::serial_io::{ConsoleRelay, SerialEndpoint};
 use crate::vm::Vm;
-use crate::{memory, pci_setup, restore, restore_nets, snapshot, Error, Outcome};
+use crate::{memory, restore, restore_nets, snapshot, Error, Outcome};
 use api::{ApiError, ApiRequest, ApiResponse, ApiResult, ApiServer, VmInfoResponse, VmState};
+use endpoints::Endpoints;
 use vm_config::RestoreConfig;
 
 const EV_EXIT: u64 = 1;
@@ -39,6 +39,7 @@ const EV_MIGRATION: u64 = 13;
 const EV_EJECT: u64 = 14;
 const EV_PANIC: u64 = 15;
 
+mod endpoints;
 mod hotplug;
 mod migrate;
 mod resize;
@@ -74,62 +75,6 @@ impl Control {
     }
 }
 
-fn serial_sink(endpoint: &SerialEndpoint) -> Option<Option<Box<dyn io::Write + Send>>> {
-    endpoint.enabled().then(|| endpoint.writer())
-}
-
-/// The virtio console's output and input (a duplicate of the endpoint's input fd).
-fn console_io(endpoint: &SerialEndpoint, size: &Arc<ConsoleSize>) -> Option<pci_setup::ConsoleIo> {
-    endpoint.enabled().then(|| pci_setup::ConsoleIo {
-        size: size.clone(),
-        out: endpoint.writer(),
-        input: endpoint.input_fd().and_then(|fd| {
-            // SAFETY: `fd` is open for as long as the endpoint; dup gives us our own copy.
-            let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-            // SAFETY: `new` is a fresh fd nobody else owns.
-            (new >= 0).then(|| File::from(unsafe { OwnedFd::from_raw_fd(new) }))
-        }),
-    })
-}
-
-/// The virtio console's host side: through the relay for a socket, else the endpoint itself.
-fn console_host(
-    endpoint: &SerialEndpoint,
-    relay: Option<&ConsoleRelay>,
-    size: &Arc<ConsoleSize>,
-) -> Option<pci_setup::ConsoleIo> {
-    match relay {
-        Some(r) => {
-            let (out, input) = r.device_io()?;
-            Some(pci_setup::ConsoleIo {
-                out: Some(out),
-                input: Some(input),
-                size: size.clone(),
-            })
-        }
-        None => console_io(endpoint, size),
-    }
-}
-
-/// The host ends of a VM's serial port and virtio console, opened before the VM is built.
-struct Endpoints {
-    serial: SerialEndpoint,
-    console: SerialEndpoint,
-    /// For `--console socket=`: the device's side, relayed to the client.
-    relay: Option<ConsoleRelay>,
-    /// The terminal-resize watcher's fd, where the console has one.
-    resize_fd: Option<RawFd>,
-    /// The virtio console's size, shared with the device.
-    size: Arc<ConsoleSize>,
-}
-
-impl Endpoints {
-    /// The virtio console's host side for a VM built with these endpoints.
-    fn console_host(&self) -> Option<pci_setup::ConsoleIo> {
-        console_host(&self.console, self.relay.as_ref(), &self.size)
-    }
-}
-
 /// What loop iteration should do next.
 enum Next {
     Continue,
@@ -159,6 +104,8 @@ pub(crate) struct Vmm {
     console: Option<SerialEndpoint>,
     /// The virtio console's size (the endpoint's terminal size), shared with the device.
     console_size: Arc<ConsoleSize>,
+    /// The debug console's host side, when it has one (kept across guest reboots too).
+    debug_console: Option<SerialEndpoint>,
     pending_input: Vec<u8>,
     /// Until when the loop polls instead of sleeping (after an API request).
     api_poll_until: Option<std::time::Instant>,
@@ -227,6 +174,7 @@ impl Vmm {
             console_relay: None,
             console: None,
             console_size: ConsoleSize::new(DEFAULT_CONSOLE_SIZE.0, DEFAULT_CONSOLE_SIZE.1),
+            debug_console: None,
             pending_input: Vec::new(),
             api_poll_until: None,
             outgoing: None,
@@ -273,48 +221,21 @@ impl Vmm {
             .map_err(|e| ApiError::BadRequest(e.to_string()))
     }
 
-    /// Opens the host ends of the serial port and the virtio console that `config` asks for.
-    fn open_endpoints(config: &VmConfig) -> Result<Endpoints, Error> {
-        let serial = SerialEndpoint::open("--serial", &config.serial)?;
-        let mut console = SerialEndpoint::open("--console", &config.console)?;
-        // Before the VM (and its memory) exists: the watcher is a forked process.
-        let resize_fd = console.watch_resizes();
-        let relay = if console.is_socket() {
-            Some(ConsoleRelay::new().map_err(Error::Setup)?)
-        } else {
-            None
-        };
-        let (cols, rows) = console.window_size().unwrap_or(DEFAULT_CONSOLE_SIZE);
-        Ok(Endpoints {
-            serial,
-            console,
-            relay,
-            resize_fd,
-            size: ConsoleSize::new(cols, rows),
-        })
-    }
-
     /// Takes the built `vm` with its endpoints into the loop: records the paths of
     /// pseudo-terminals in the configuration (as the original), watches the endpoints' fds.
     fn attach(&mut self, ep: Endpoints, vm: Vm) -> Result<(), Error> {
+        if let Some(config) = self.config.as_mut() {
+            ep.record_ptys(config);
+        }
         let Endpoints {
             serial,
             console,
             relay,
             resize_fd,
             size,
+            debug,
         } = ep;
         self.console_size = size;
-        if let Some(config) = self.config.as_mut() {
-            for (cfg, ep) in [
-                (&mut config.serial, &serial),
-                (&mut config.console, &console),
-            ] {
-                if let Some(path) = ep.pty_path() {
-                    cfg.file = Some(path.to_path_buf());
-                }
-            }
-        }
         let mut watch = vec![
             (serial.input_fd(), EV_SERIAL_IN),
             (serial.listener_fd(), EV_SERIAL_LISTEN),
@@ -330,6 +251,7 @@ impl Vmm {
         self.serial = Some(serial);
         self.console = Some(console);
         self.console_relay = relay;
+        self.debug_console = debug;
         // Ejections the previous VM's guest made are no news to this one.
         self.events.take_ejected();
         self.deferred_ejects = (0, Vec::new());
@@ -350,16 +272,8 @@ impl Vmm {
         config.assign_generated();
         let config = config.clone();
         self.monitor.emit("vm", "booting");
-        let ep = Self::open_endpoints(&config)?;
-        let console_host = ep.console_host();
-        let mut vm = Vm::new(
-            &self.hv,
-            &config,
-            serial_sink(&ep.serial),
-            console_host,
-            None,
-            &self.events,
-        )?;
+        let ep = Endpoints::open(&config)?;
+        let mut vm = Vm::new(&self.hv, &config, ep.host_io(), None, &self.events)?;
         self.events.clear_halting();
         vm.start(&self.events)?;
         // Recorded as the original records them: probed disk formats (a reboot opens the same
@@ -402,20 +316,18 @@ impl Vmm {
             .validate()
             .map_err(|e| refuse(format!("the snapshot's configuration is invalid: {e}")))?;
         self.confine(&config, Some(&src.dir))?;
-        let ep = Self::open_endpoints(&config).map_err(|e| refuse(e.to_string()))?;
+        let ep = Endpoints::open(&config).map_err(|e| refuse(e.to_string()))?;
         let (mem, on_demand) =
             restore::load_memory(&src, &config.memory, rc.memory_restore_mode, rc.prefault)
                 .map_err(|c| chain(snapshot::SnapshotError::restore(c)))?;
         let loaded = start.elapsed();
-        let console_host = ep.console_host();
         let mut vm = Vm::restore(
             &self.hv,
             &config,
             &src.state,
             mem,
             on_demand,
-            serial_sink(&ep.serial),
-            console_host,
+            ep.host_io(),
             &self.events,
             true,
         )
@@ -485,6 +397,7 @@ impl Vmm {
         if let Some(r) = self.console_relay.take() {
             self.control.remove(r.output_fd());
         }
+        self.debug_console = None;
         self.pending_input.clear();
         // Clear what the stopped vCPUs may have raised on their way out.
         let _ = self.events.exit.read();
@@ -501,12 +414,8 @@ impl Vmm {
         let nvram = vm.stop();
         // Drop the old VM (and its memory) before the new one maps its own.
         self.vm = None;
-        let sink = self.serial.as_ref().and_then(serial_sink);
-        let console = self
-            .console
-            .as_ref()
-            .and_then(|c| console_host(c, self.console_relay.as_ref(), &self.console_size));
-        let mut vm = Vm::new(&self.hv, config, sink, console, Some(nvram), &self.events)?;
+        let io = self.kept_host_io();
+        let mut vm = Vm::new(&self.hv, config, io, Some(nvram), &self.events)?;
         let _ = self.events.reset.read();
         self.events.clear_halting();
         vm.start(&self.events)?;

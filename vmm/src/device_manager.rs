@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use devices::{
-    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, CpuHotplug, Ged, MemoryHotplug,
-    Serial, SerialOutput, CMOS_NVRAM_SIZE, I8042,
+    AcpiPmTimer, AcpiSleepDevice, Bus, BusDevice, BusError, Cmos, CpuHotplug, DebugConsole, Ged,
+    MemoryHotplug, Serial, SerialOutput, CMOS_NVRAM_SIZE, I8042,
 };
 use hypervisor::Vm;
 use thiserror::Error;
@@ -25,6 +25,8 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Pci(#[from] PciSetupError),
+    #[error("--debug-console iobase={0:#x}: another device has that I/O port")]
+    DebugConsolePort(u16),
     #[error("--tpm socket={path}: {source}")]
     Tpm {
         path: String,
@@ -49,6 +51,8 @@ pub struct DeviceManager {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub serial: Option<Arc<Mutex<Serial>>>,
+    /// `--debug-console`, when it writes somewhere.
+    pub debug_console: Option<Arc<Mutex<DebugConsole>>>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub acpi_sleep: Arc<Mutex<AcpiSleepDevice>>,
@@ -61,6 +65,16 @@ pub struct DeviceManager {
     pub memory_hotplug: Option<Arc<Mutex<MemoryHotplug>>>,
 }
 
+/// The host sides of the VM's character devices, opened before it is built.
+pub struct HostIo {
+    /// `None` for no serial port; `Some(sink)` for a port whose output goes to `sink`.
+    pub serial: Option<Option<Box<dyn std::io::Write + Send>>>,
+    /// The virtio console's host side; `None` for no virtio console.
+    pub console: Option<ConsoleIo>,
+    /// `None` for no debug console; `Some(sink)` for one whose output goes to `sink`.
+    pub debug: Option<Option<Box<dyn std::io::Write + Send>>>,
+}
+
 /// Everything the device manager builds from.
 pub struct DeviceSetup<'a> {
     pub vm: &'a Arc<dyn Vm>,
@@ -69,10 +83,7 @@ pub struct DeviceSetup<'a> {
     pub ram: (u64, u64),
     /// Where PCI BARs go (the same windows the DSDT's `_CRS` describes).
     pub pci_windows: PciWindows,
-    /// `None` for no serial port; `Some(sink)` for a port whose output goes to `sink`.
-    pub serial: Option<Option<Box<dyn std::io::Write + Send>>>,
-    /// The virtio console's host side; `None` for no virtio console.
-    pub console: Option<ConsoleIo>,
+    pub io: HostIo,
     pub nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
     /// A restored VM's device slots by id (see `pci_setup::create`).
     pub slot_hints: Option<&'a std::collections::BTreeMap<String, u8>>,
@@ -88,8 +99,7 @@ impl DeviceManager {
             cfg,
             ram,
             pci_windows,
-            serial,
-            console,
+            io,
             nvram,
             slot_hints,
             dimms,
@@ -99,6 +109,11 @@ impl DeviceManager {
         let requests: Arc<dyn devices::VmRequests> =
             Arc::new(events.try_clone().map_err(DeviceError::EventFd)?);
 
+        let HostIo {
+            serial,
+            console,
+            debug,
+        } = io;
         let serial = match serial {
             Some(sink) => {
                 let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -110,6 +125,10 @@ impl DeviceManager {
             }
             None => None,
         };
+        let debug_console = debug.map(|sink| {
+            let port = cfg.debug_console.port();
+            Arc::new(Mutex::new(DebugConsole::new(port, SerialOutput::new(sink))))
+        });
         let cmos = Arc::new(Mutex::new(Cmos::new(ram.0, ram.1, nvram)));
         pio.insert(cmos.clone(), layout::CMOS_PORT, 2)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(requests.clone())));
@@ -186,10 +205,17 @@ impl DeviceManager {
             .map_err(DeviceError::Irq)?;
         let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
         pio.insert(ged.clone(), layout::GED_PORT, 1)?;
+        // Last, so a port another device has is refused naming the option.
+        if let Some(dev) = &debug_console {
+            let port = cfg.debug_console.port();
+            pio.insert(dev.clone(), port.into(), 1)
+                .map_err(|_| DeviceError::DebugConsolePort(port))?;
+        }
         Ok(DeviceManager {
             pio,
             mmio,
             serial,
+            debug_console,
             cmos,
             i8042,
             acpi_sleep,

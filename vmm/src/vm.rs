@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use crate::config::VmConfig;
 use crate::cpu::{VcpuThreads, VmEvents};
-use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup, HostIo};
 use crate::memory::{self, MemoryError};
 use crate::snapshot::{self, Cause, PlatformSnapshot, VmSnapshot, VM_SNAPSHOT_VERSION};
 
@@ -178,8 +178,7 @@ impl Machine {
         hv: &dyn Hypervisor,
         cfg: &VmConfig,
         mem: &GuestMemoryMmap,
-        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
-        console: Option<crate::pci_setup::ConsoleIo>,
+        io: HostIo,
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
         slot_hints: Option<&std::collections::BTreeMap<String, u8>>,
@@ -214,8 +213,7 @@ impl Machine {
                 cfg,
                 ram,
                 pci_windows,
-                serial,
-                console,
+                io,
                 nvram,
                 slot_hints,
                 dimms,
@@ -236,29 +234,18 @@ impl Vm {
     pub fn new(
         hv: &dyn Hypervisor,
         cfg: &VmConfig,
-        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
-        console: Option<crate::pci_setup::ConsoleIo>,
+        io: HostIo,
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
     ) -> Result<Self, VmError> {
         let mem = memory::create_guest_memory(&cfg.memory)?;
-        let serial_enabled = serial.is_some();
+        let serial_enabled = io.serial.is_some();
         let Machine {
             vm,
             devices,
             pci_windows,
             supported,
-        } = Machine::build(
-            hv,
-            cfg,
-            &mem,
-            serial,
-            console,
-            nvram,
-            events,
-            None,
-            &boot_dimms(cfg),
-        )?;
+        } = Machine::build(hv, cfg, &mem, io, nvram, events, None, &boot_dimms(cfg))?;
 
         let topology = cfg.cpus.topology.map(|t| Topology {
             threads_per_core: t.threads_per_core,
@@ -395,8 +382,7 @@ impl Vm {
         snapshot: &VmSnapshot,
         mem: GuestMemoryMmap,
         on_demand: Option<crate::uffd::OnDemand>,
-        serial: Option<Option<Box<dyn std::io::Write + Send>>>,
-        console: Option<crate::pci_setup::ConsoleIo>,
+        io: HostIo,
         events: &VmEvents,
         new_identity: bool,
     ) -> Result<Self, Cause> {
@@ -420,18 +406,8 @@ impl Vm {
             Some(s) => s.dimms.iter().map(|d| (d.base, d.size)).collect(),
             None => boot_dimms(cfg),
         };
-        let m = Machine::build(
-            hv,
-            cfg,
-            &mem,
-            serial,
-            console,
-            None,
-            events,
-            Some(&slots),
-            &dimms,
-        )
-        .map_err(|e| Cause::new(e.to_string()))?;
+        let m = Machine::build(hv, cfg, &mem, io, None, events, Some(&slots), &dimms)
+            .map_err(|e| Cause::new(e.to_string()))?;
         let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
         for (id, state) in snapshot.vcpus.iter().enumerate() {
             let vcpu =
@@ -617,15 +593,21 @@ impl Vm {
         &self.devices.pci.disk_image_types
     }
 
-    /// `vm.info`'s device tree: the IOAPIC and the serial port, and for each virtio device its
-    /// virtio-pci transport node (with the PCI address) and the device node under it, named
-    /// as the original names them.
+    /// `vm.info`'s device tree: the IOAPIC, the serial port, the debug console, and for each
+    /// virtio device its virtio-pci transport node (with the PCI address) and the device node
+    /// under it, named as the original names them.
     pub fn device_tree(&self) -> std::collections::BTreeMap<String, api::DeviceNode> {
         let mut tree = std::collections::BTreeMap::new();
         // The platform devices the original lists too.
         let platform = ["__ioapic"]
             .into_iter()
-            .chain(self.devices.serial.is_some().then_some("__serial"));
+            .chain(self.devices.serial.is_some().then_some("__serial"))
+            .chain(
+                self.devices
+                    .debug_console
+                    .is_some()
+                    .then_some("__debug_console"),
+            );
         for id in platform {
             tree.insert(
                 id.to_string(),

@@ -9,6 +9,7 @@ mod bad_requests;
 mod balloon;
 mod contract;
 mod cpu_hotplug;
+mod debug_console;
 mod fs;
 mod helpers;
 mod hostile;

@@ -24,7 +24,7 @@ use vm_config::{ReceiveMigrationConfig, SendMigrationConfig};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{serial_sink, Endpoints, Next, Vmm, EV_MIGRATION};
+use super::{Endpoints, Next, Vmm, EV_MIGRATION};
 use crate::config::VmConfig;
 use crate::cpu::VmEvents;
 use crate::event_monitor::properties;
@@ -451,15 +451,14 @@ impl Builder for Incoming<'_> {
         let (Some(config), Some(mem)) = (self.config.as_ref(), self.mem.take()) else {
             return Err("State before Config".into());
         };
-        let ep = Vmm::open_endpoints(config).map_err(|e| e.to_string())?;
+        let ep = Endpoints::open(config).map_err(|e| e.to_string())?;
         let mut vm = Vm::restore(
             self.hv,
             config,
             &state,
             mem,
             None,
-            serial_sink(&ep.serial),
-            ep.console_host(),
+            ep.host_io(),
             self.events,
             false,
         )
