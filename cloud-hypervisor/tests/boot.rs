@@ -180,55 +180,16 @@ fn rtc_reports_time_and_memory_size() {
 fn core_scheduling_modes() {
     common::require_kvm();
     let supported = vmm::core_sched::cookie_of(0).is_ok();
-    let kernel = common::guest().elf_pvh.display().to_string();
     for mode in ["vm", "vcpu", "off"] {
-        let dir = common::scratch(&format!("core-sched-{mode}"));
-        let serial = dir.join("serial.out");
-        let mut child = common::spawn(&[
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "test=tick",
-            "--cpus",
-            &format!("boot=2,core_scheduling={mode}"),
-            "--memory",
-            "size=128M",
-            "--serial",
-            &format!("file={}", serial.display()),
-            "--console",
-            "off",
-        ]);
+        let mut child = spawn_ticking(
+            &format!("core-sched-{mode}"),
+            &format!("core_scheduling={mode}"),
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !std::fs::read_to_string(&serial)
-            .unwrap_or_default()
-            .contains("READY")
-        {
-            assert!(std::time::Instant::now() < deadline, "{mode}: no READY");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let pid = child.id();
-        // vCPU 0 may print READY before vCPU 1's thread has started: wait for both.
-        let cookies = loop {
-            let mut cookies = Vec::new();
-            for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-                let tid: i32 = entry
-                    .unwrap()
-                    .file_name()
-                    .to_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                    .unwrap_or_default();
-                if comm.trim().starts_with("vcpu") {
-                    cookies.push(vmm::core_sched::cookie_of(tid).unwrap_or(0));
-                }
-            }
-            if cookies.len() == 2 || std::time::Instant::now() > deadline {
-                break cookies;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
+        let cookies: Vec<u64> = vcpu_threads(child.id(), 2, deadline)
+            .into_iter()
+            .map(|(_, tid)| vmm::core_sched::cookie_of(tid).unwrap_or(0))
+            .collect();
         assert_eq!(cookies.len(), 2, "{mode}: two vCPU threads");
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();
@@ -252,6 +213,122 @@ fn core_scheduling_modes() {
             assert_eq!(warned, expected, "{mode}: {stderr}");
         }
     }
+}
+
+/// The vCPU threads of VMM `pid` (name, thread id), by name, once `n` of them run (or at
+/// `deadline`: vCPU 0 may print READY before vCPU 1's thread has started).
+fn vcpu_threads(pid: u32, n: usize, deadline: std::time::Instant) -> Vec<(String, i32)> {
+    loop {
+        let mut threads = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let tid: i32 = entry
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let comm =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+            if comm.trim().starts_with("vcpu") {
+                threads.push((comm.trim().to_string(), tid));
+            }
+        }
+        threads.sort();
+        if threads.len() == n || std::time::Instant::now() > deadline {
+            return threads;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Spawns the VMM on the tick guest (2 vCPUs, `--cpus boot=2,<cpus>`) and waits for READY.
+fn spawn_ticking(name: &str, cpus: &str) -> std::process::Child {
+    let dir = common::scratch(name);
+    let serial = dir.join("serial.out");
+    let kernel = common::guest().elf_pvh.display().to_string();
+    let child = common::spawn(&[
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "test=tick",
+        "--cpus",
+        &format!("boot=2,{cpus}"),
+        "--memory",
+        "size=128M",
+        "--serial",
+        &format!("file={}", serial.display()),
+        "--console",
+        "off",
+    ]);
+    common::wait_serial(&serial, "READY", std::time::Duration::from_secs(20));
+    child
+}
+
+/// `--cpus affinity=`: each listed vCPU's thread runs only on its host CPUs; a set with no CPU
+/// the VMM may use fails the boot naming the vCPU.
+#[test]
+fn vcpu_affinity_pins_the_vcpu_threads() {
+    common::require_kvm();
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, with the set's own size.
+    let ret = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(ret, 0);
+    // SAFETY: CPU_ISSET reads one bit of the set.
+    let ours: Vec<usize> = (0..64)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect();
+    // vCPU 0 on the last CPU we may use, vCPU 1 on the first (the same one on a 1-CPU host).
+    let (first, last) = (ours[0], *ours.last().unwrap());
+    let mut child = spawn_ticking(
+        "vcpu-affinity",
+        &format!("affinity=[0@[{last}],1@[{first}]]"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let threads = vcpu_threads(child.id(), 2, deadline);
+    let allowed = |tid: i32| {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let got: Vec<(String, String)> = threads
+        .iter()
+        .map(|(n, t)| (n.clone(), allowed(*t)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("vcpu0".to_string(), last.to_string()),
+            ("vcpu1".to_string(), first.to_string())
+        ]
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let r = common::run(&[
+        "--kernel",
+        &common::guest().elf_pvh.display().to_string(),
+        "--cpus",
+        "boot=2,affinity=[1@[1023]]",
+        "--serial",
+        "null",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(r.code(), Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "--cpus affinity: vCPU 1: none of host CPUs [1023] is one this VMM may run on"
+        ),
+        "{}",
+        r.stderr
+    );
 }
 
 /// `--platform`: the serial number and UUID reach SMBIOS type 1 and the OEM strings type 11,

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::parser::int_list;
 use crate::{ConfigError, Extra, OptionParser};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,35 +32,6 @@ pub struct NumaConfig {
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: Extra,
-}
-
-/// `[1,3-5]` (or without brackets) as numbers, ranges expanded; a number above `max` is
-/// refused before any range is expanded (`0-4000000000` would otherwise take gigabytes).
-fn int_list(raw: &str, max: u32) -> Result<Vec<u32>, String> {
-    let body = raw.trim();
-    let body = body
-        .strip_prefix('[')
-        .and_then(|b| b.strip_suffix(']'))
-        .unwrap_or(body);
-    let mut out = Vec::new();
-    for item in body.split(',').map(str::trim) {
-        let num = |s: &str| match s.parse::<u32>() {
-            Ok(n) if n <= max => Ok(n),
-            Ok(_) => Err(format!("'{s}' is more than {max}")),
-            Err(_) => Err(format!("'{s}' is not a number")),
-        };
-        match item.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (num(a)?, num(b)?);
-                if a > b {
-                    return Err(format!("'{item}' is not a rising range"));
-                }
-                out.extend(a..=b);
-            }
-            None => out.push(num(item)?),
-        }
-    }
-    Ok(out)
 }
 
 /// `[a,b]` (or without brackets) as strings.

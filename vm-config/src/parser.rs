@@ -167,6 +167,57 @@ impl OptionParser {
         &self.bare
     }
 
+    /// The original's tuple list for `key`: `[<id>@<value>,...]` (`syntax` says which), each
+    /// value read by `value`; `None` when the key is not given.
+    pub fn tuple_list<T>(
+        &self,
+        key: &str,
+        syntax: &str,
+        value: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<Vec<(String, T)>>, ConfigError> {
+        let Some(raw) = self.get(key) else {
+            return Ok(None);
+        };
+        let bad = |why: String| self.error(format!("{key}: {why} (expected [{syntax},...])"));
+        let body = raw
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .ok_or_else(|| bad(format!("'{raw}' is not a list in brackets")))?;
+        let mut items = Vec::new();
+        let (mut depth, mut start) = (0i32, 0);
+        for (i, c) in body.char_indices().chain([(body.len(), ',')]) {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                ',' if depth == 0 => {
+                    items.push(body[start..i].trim());
+                    start = i + 1;
+                }
+                _ => {}
+            }
+            if depth < 0 {
+                return Err(bad(format!("unbalanced brackets in '{raw}'")));
+            }
+        }
+        if depth != 0 {
+            return Err(bad(format!("unbalanced brackets in '{raw}'")));
+        }
+        items
+            .into_iter()
+            .map(|item| {
+                let (id, v) = item
+                    .split_once('@')
+                    .ok_or_else(|| bad(format!("'{item}' is not <id>@<value>")))?;
+                if id.is_empty() || id.contains(['[', ']', '@']) || v.contains('@') {
+                    return Err(bad(format!("'{item}' is not <id>@<value>")));
+                }
+                let v = value(v).map_err(|m| bad(format!("{id}: {m}")))?;
+                Ok((id.to_string(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     /// `on`/`off`/`true`/`false` in any case, as the original's toggles.
     pub fn toggle(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
         match self.raw_value(key) {
@@ -199,6 +250,35 @@ impl OptionParser {
             })
             .transpose()
     }
+}
+
+/// `[1,3-5]` (or without brackets) as numbers, ranges expanded; a number above `max` is
+/// refused before any range is expanded (`0-4000000000` would otherwise take gigabytes).
+pub(crate) fn int_list(raw: &str, max: u32) -> Result<Vec<u32>, String> {
+    let body = raw.trim();
+    let body = body
+        .strip_prefix('[')
+        .and_then(|b| b.strip_suffix(']'))
+        .unwrap_or(body);
+    let mut out = Vec::new();
+    for item in body.split(',').map(str::trim) {
+        let num = |s: &str| match s.parse::<u32>() {
+            Ok(n) if n <= max => Ok(n),
+            Ok(_) => Err(format!("'{s}' is more than {max}")),
+            Err(_) => Err(format!("'{s}' is not a number")),
+        };
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("'{item}' is not a rising range"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(item)?),
+        }
+    }
+    Ok(out)
 }
 
 /// `4096`, `64K`, `512M`, `2G`: binary units, upper case only, as the original's sizes.

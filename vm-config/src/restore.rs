@@ -112,16 +112,18 @@ impl RestoreConfig {
                 ))
             })?,
         };
-        let net_fds = tuple_list(&p, "net_fds", "<id>@[<fd>,...]", fd_list)?.map(|list| {
-            list.into_iter()
-                .map(|(id, fds)| RestoredNetConfig {
-                    id,
-                    num_fds: fds.len(),
-                    fds: Some(fds),
-                })
-                .collect()
-        });
-        let vfio_fds = tuple_list(&p, "vfio_fds", "<id>@<fd>", fd)?.map(|list| {
+        let net_fds = p
+            .tuple_list("net_fds", "<id>@[<fd>,...]", fd_list)?
+            .map(|list| {
+                list.into_iter()
+                    .map(|(id, fds)| RestoredNetConfig {
+                        id,
+                        num_fds: fds.len(),
+                        fds: Some(fds),
+                    })
+                    .collect()
+            });
+        let vfio_fds = p.tuple_list("vfio_fds", "<id>@<fd>", fd)?.map(|list| {
             list.into_iter()
                 .map(|(id, fd)| serde_json::json!({ "id": id, "fd": fd }))
                 .collect()
@@ -134,15 +136,17 @@ impl RestoreConfig {
                     .map_err(|m| p.error(format!("iommufd_fd: {m}")))
             })
             .transpose()?;
-        let zone_updates = tuple_list(&p, "zone_updates", "<id>@<host_numa_node>", |v| {
-            v.parse::<u32>()
-                .map_err(|_| format!("'{v}' is not a host NUMA node number"))
-        })?
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(id, node)| serde_json::json!({ "id": id, "host_numa_node": node }))
-        .collect();
-        let net_macs = tuple_list(&p, "net_macs", "<id>@<mac>", guest_mac)?
+        let zone_updates = p
+            .tuple_list("zone_updates", "<id>@<host_numa_node>", |v| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("'{v}' is not a host NUMA node number"))
+            })?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, node)| serde_json::json!({ "id": id, "host_numa_node": node }))
+            .collect();
+        let net_macs = p
+            .tuple_list("net_macs", "<id>@<mac>", guest_mac)?
             .unwrap_or_default()
             .into_iter()
             .map(|(id, mac)| RestoredNetMac { id, mac })
@@ -225,57 +229,6 @@ fn fd_list(v: &str) -> Result<Vec<i32>, String> {
         }
     }
     Ok(fds)
-}
-
-/// The original's tuple list for `key`: `[<id>@<value>,...]` (`syntax` says which), each
-/// value read by `value`; `None` when the key is not given.
-fn tuple_list<T>(
-    p: &OptionParser,
-    key: &str,
-    syntax: &str,
-    value: impl Fn(&str) -> Result<T, String>,
-) -> Result<Option<Vec<(String, T)>>, ConfigError> {
-    let Some(raw) = p.get(key) else {
-        return Ok(None);
-    };
-    let bad = |why: String| p.error(format!("{key}: {why} (expected [{syntax},...])"));
-    let body = raw
-        .strip_prefix('[')
-        .and_then(|s| s.strip_suffix(']'))
-        .ok_or_else(|| bad(format!("'{raw}' is not a list in brackets")))?;
-    let mut items = Vec::new();
-    let (mut depth, mut start) = (0i32, 0);
-    for (i, c) in body.char_indices().chain([(body.len(), ',')]) {
-        match c {
-            '[' => depth += 1,
-            ']' => depth -= 1,
-            ',' if depth == 0 => {
-                items.push(body[start..i].trim());
-                start = i + 1;
-            }
-            _ => {}
-        }
-        if depth < 0 {
-            return Err(bad(format!("unbalanced brackets in '{raw}'")));
-        }
-    }
-    if depth != 0 {
-        return Err(bad(format!("unbalanced brackets in '{raw}'")));
-    }
-    items
-        .into_iter()
-        .map(|item| {
-            let (id, v) = item
-                .split_once('@')
-                .ok_or_else(|| bad(format!("'{item}' is not <id>@<value>")))?;
-            if id.is_empty() || id.contains(['[', ']', '@']) || v.contains('@') {
-                return Err(bad(format!("'{item}' is not <id>@<value>")));
-            }
-            let v = value(v).map_err(|m| bad(format!("{id}: {m}")))?;
-            Ok((id.to_string(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
 }
 
 #[cfg(test)]

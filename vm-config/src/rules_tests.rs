@@ -34,10 +34,32 @@ fn cpus_as_the_original_reads_them() {
     ] {
         assert!(CpusConfig::parse(ok).is_ok(), "{ok}");
     }
+    // The original's example, and its JSON.
+    let c = CpusConfig::parse("boot=2,affinity=[0@[0,2],1@[1-3]]").unwrap();
+    let a = c.affinity.as_deref().unwrap();
+    assert_eq!((a[0].vcpu, &a[0].host_cpus[..]), (0, &[0, 2][..]));
+    assert_eq!((a[1].vcpu, &a[1].host_cpus[..]), (1, &[1, 2, 3][..]));
+    assert_eq!(
+        serde_json::to_value(&c).unwrap()["affinity"],
+        json!([{"vcpu": 0, "host_cpus": [0, 2]}, {"vcpu": 1, "host_cpus": [1, 2, 3]}])
+    );
+    let j: CpusConfig = serde_json::from_value(
+        json!({"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0, "host_cpus": []}]}),
+    )
+    .unwrap();
+    assert_eq!(
+        j.validate().unwrap_err(),
+        "affinity: vCPU 0 has no host CPU"
+    );
     for (bad, why) in [
         ("kvm_hyperv=on", "not supported yet"),
         ("profile=host", "the only profile is Host"),
-        ("affinity=[0@[1]]", "not supported yet"),
+        ("affinity=[1@[1]]", "vCPU 1 is not below max (1)"),
+        ("boot=2,affinity=[0@[1],0@[2]]", "vCPU 0 is given twice"),
+        ("affinity=[0@[1024]]", "'1024' is more than 1023"),
+        ("affinity=[x@[1]]", "'x' is not a vCPU number"),
+        ("affinity=[0@[3-1]]", "not a rising range"),
+        ("affinity=0@1", "is not a list in brackets"),
         ("features=amx", "not supported yet"),
         ("boot=2,", "empty item"),
         (
@@ -236,8 +258,8 @@ fn booting_records_ids_and_macs() {
 fn unmodelled_keys_are_refused_in_every_object_unless_they_ask_for_nothing() {
     for (extra, key) in [
         (
-            json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0, "host_cpus": [1]}]}}),
-            "cpus.affinity",
+            json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "bogus": [{"vcpu": 0}]}}),
+            "cpus.bogus",
         ),
         (
             json!({"memory": {"size": 0, "zones": [{"id": "z", "size": 1 << 28, "bogus": 1}]}}),

@@ -10,6 +10,7 @@ use devices::{Bus, VmRequests};
 use vm_config::CoreScheduling;
 
 use crate::core_sched::CoreGroup;
+use crate::vcpu_affinity::{CpuSet, VcpuAffinity};
 use hypervisor::{Vcpu, VmExit};
 use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
@@ -237,6 +238,7 @@ pub struct VcpuThreads {
     mmio: Arc<Bus>,
     events: VmEvents,
     core: Arc<CoreGroup>,
+    affinity: VcpuAffinity,
 }
 
 struct VcpuLoop {
@@ -247,6 +249,8 @@ struct VcpuLoop {
     events: VmEvents,
     gate: Arc<PauseGate>,
     core: Arc<CoreGroup>,
+    /// The host CPUs this vCPU's thread pins itself to (`--cpus affinity=`).
+    pin: Option<CpuSet>,
     unplug: Arc<AtomicBool>,
 }
 
@@ -314,6 +318,16 @@ fn serve_exit(id: u32, exit: VmExit<'_>, pio: &Bus, mmio: &Bus, events: &VmEvent
 impl VcpuLoop {
     /// Runs the vCPU until the VM halts or this vCPU is unplugged; gives the vCPU back.
     fn run(mut self) -> Box<dyn Vcpu> {
+        if let Some(set) = self.pin {
+            if let Err(e) = set.pin_caller() {
+                error!(
+                    "vcpu{}: cannot run on its --cpus affinity CPUs: {e}",
+                    self.id
+                );
+                self.events.vcpu_failed();
+                return self.vcpu;
+            }
+        }
         self.core.join(self.id);
         self.run_loop();
         self.vcpu
@@ -402,6 +416,7 @@ impl VcpuThreads {
         mmio: Arc<Bus>,
         events: &VmEvents,
         core_scheduling: CoreScheduling,
+        affinity: VcpuAffinity,
         paused: bool,
     ) -> std::io::Result<Self> {
         let stop = events.halting.clone();
@@ -417,6 +432,7 @@ impl VcpuThreads {
             mmio,
             events: events.try_clone()?,
             core,
+            affinity,
         };
         for (id, vcpu) in vcpus.into_iter().enumerate() {
             t.add(id as u32, vcpu)?;
@@ -442,14 +458,15 @@ impl VcpuThreads {
             events: self.events.try_clone()?,
             gate: self.gate.clone(),
             core: self.core.clone(),
+            pin: self.affinity.of(id),
             unplug: unplug.clone(),
         };
-        let handle = seccomp::spawn(
-            format!("vcpu{id}"),
-            crate::seccomp_filters::vcpu(),
-            move || l.run(),
-        )
-        .map_err(std::io::Error::other)?;
+        let mut filter = crate::seccomp_filters::vcpu();
+        if l.pin.is_some() {
+            filter = filter.allow(&[::seccomp::Sysno::sched_setaffinity]);
+        }
+        let handle = seccomp::spawn(format!("vcpu{id}"), filter, move || l.run())
+            .map_err(std::io::Error::other)?;
         if self.threads.len() <= i {
             self.threads.resize_with(i + 1, || None);
         }

@@ -27,6 +27,7 @@ mod seccomp_filters;
 mod serial_io;
 pub mod snapshot;
 mod uffd;
+mod vcpu_affinity;
 mod vcpu_hotplug;
 mod virtio_build;
 mod virtio_build_vhost;

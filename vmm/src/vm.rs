@@ -18,6 +18,7 @@ use crate::cpu::{VcpuThreads, VmEvents};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceSetup, HostIo};
 use crate::memory::{self, MemoryError};
 use crate::snapshot::{self, Cause, PlatformSnapshot, VmSnapshot, VM_SNAPSHOT_VERSION};
+use crate::vcpu_affinity::VcpuAffinity;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -54,6 +55,8 @@ pub enum VmError {
     Event(#[source] std::io::Error),
     #[error("cannot resume the devices: {0}")]
     Devices(String),
+    #[error("{0}")]
+    Affinity(String),
 }
 
 /// Writes a fresh VM Generation ID where the DSDT's `VGEN` device says it is.
@@ -72,6 +75,8 @@ pub struct Vm {
     clock: Option<hypervisor::ClockData>,
     devices: DeviceManager,
     core_scheduling: vm_config::CoreScheduling,
+    /// The host CPUs of the vCPUs `--cpus affinity=` lists.
+    affinity: VcpuAffinity,
     /// How a vCPU of this VM is set up (a hot-added one too).
     pub(crate) cpu_setup: CpuSetup,
     /// Where ACPI memory hotplug plugs DIMMs, if it does (see `memory::memory_slots`).
@@ -238,6 +243,8 @@ impl Vm {
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
     ) -> Result<Self, VmError> {
+        let affinity =
+            VcpuAffinity::new(cfg.cpus.affinity.as_deref()).map_err(VmError::Affinity)?;
         let mem = memory::create_guest_memory(&cfg.memory)?;
         let serial_enabled = io.serial.is_some();
         let Machine {
@@ -361,6 +368,7 @@ impl Vm {
             clock: None,
             devices,
             core_scheduling: cfg.cpus.core_scheduling,
+            affinity,
             cpu_setup,
             acpi_hotplug: acpi_hotplug_base(cfg),
             spare_vcpus: Vec::new(),
@@ -386,6 +394,7 @@ impl Vm {
         events: &VmEvents,
         new_identity: bool,
     ) -> Result<Self, Cause> {
+        let affinity = VcpuAffinity::new(cfg.cpus.affinity.as_deref()).map_err(Cause::new)?;
         if snapshot.vcpus.len() != cfg.cpus.boot_vcpus as usize {
             return Err(Cause::new(format!(
                 "the state has {} vCPU(s), the configuration boots {}",
@@ -431,6 +440,7 @@ impl Vm {
             }),
             devices: m.devices,
             core_scheduling: cfg.cpus.core_scheduling,
+            affinity,
             cpu_setup: CpuSetup::new(cfg, m.supported),
             acpi_hotplug: acpi_hotplug_base(cfg),
             spare_vcpus: Vec::new(),
@@ -463,6 +473,7 @@ impl Vm {
                 self.devices.mmio.clone(),
                 events,
                 self.core_scheduling,
+                self.affinity.clone(),
                 self.clock.is_some(),
             )
             .map_err(VmError::Threads)?,
