@@ -121,13 +121,17 @@ pub struct VmInfoResponse {
     pub device_tree: Option<BTreeMap<String, DeviceNode>>,
 }
 
-/// One node of `vm.info`'s device tree, in the original's shape. `resources` stays empty:
-/// BARs can move while the guest runs, and the original's resource enum is not reproduced.
+/// One node of `vm.info`'s device tree, in the original's shape: a PCI function's node has its
+/// address and its BARs (`{"PciBar": {"index", "base", "size", "type_", "prefetchable"}}`, as
+/// they stand when asked), a virtio device's node names its transport node as its parent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceNode {
     pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     pub resources: Vec<serde_json::Value>,
     pub children: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_bdf: Option<String>,
 }
 

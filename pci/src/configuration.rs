@@ -42,6 +42,19 @@ pub struct PciConfigurationState {
     pub regs: Vec<u32>,
 }
 
+impl PciConfigurationState {
+    /// The kind of memory BAR `index` the saved space declares (from its read-only type bits);
+    /// `None` for a BAR that is not there or not a memory BAR.
+    pub fn bar_kind(&self, index: usize) -> Option<BarKind> {
+        let reg = *self.regs.get(BAR0_REG + index)?;
+        match reg & 0x7 {
+            0x0 if reg != 0 => Some(BarKind::Mem32),
+            0x4 => Some(BarKind::Mem64),
+            _ => None,
+        }
+    }
+}
+
 /// How a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BarKind {
@@ -50,6 +63,19 @@ pub enum BarKind {
     /// 64-bit memory BAR: uses this register and the next.
     Mem64,
 }
+
+/// A BAR as `PciConfiguration::bars` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarInfo {
+    pub index: usize,
+    pub addr: u64,
+    pub size: u64,
+    pub kind: BarKind,
+    pub prefetchable: bool,
+}
+
+/// A memory BAR's prefetchable bit.
+const BAR_PREFETCHABLE: u32 = 0x8;
 
 #[derive(Clone, Copy, Debug)]
 struct Bar {
@@ -137,6 +163,22 @@ impl PciConfiguration {
             BarKind::Mem64 => low | u64::from(self.regs[BAR0_REG + index + 1]) << 32,
         };
         Some((addr, bar.size))
+    }
+
+    /// Every declared BAR as it stands now: where it decodes, its size and kind.
+    pub fn bars(&self) -> Vec<BarInfo> {
+        (0..BAR_COUNT)
+            .filter_map(|index| {
+                let (addr, size) = self.bar(index)?;
+                Some(BarInfo {
+                    index,
+                    addr,
+                    size,
+                    kind: self.bars[index]?.kind,
+                    prefetchable: self.regs[BAR0_REG + index] & BAR_PREFETCHABLE != 0,
+                })
+            })
+            .collect()
     }
 
     pub fn memory_enabled(&self) -> bool {
@@ -287,6 +329,18 @@ pub fn extract(value: u32, offset: usize, data: &mut [u8]) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_saved_space_tells_its_bar_kinds() {
+        let mut c = PciConfiguration::new(ids());
+        c.add_bar(0, 0x1_0000, BarKind::Mem32, 0xc000_0000);
+        c.add_bar(1, 0x1_0000, BarKind::Mem64, 0x1_0000_0000);
+        let s = c.state();
+        assert_eq!(s.bar_kind(0), Some(BarKind::Mem32));
+        assert_eq!(s.bar_kind(1), Some(BarKind::Mem64));
+        assert_eq!(s.bar_kind(3), None);
+        assert_eq!(s.bar_kind(99), None);
+    }
+
     fn ids() -> PciIds {
         PciIds {
             vendor: 0x1af4,
@@ -309,6 +363,16 @@ mod tests {
         assert_eq!(c.read_reg(4), 0xffff_c000);
         c.write(0x10, &0xc000_0000u32.to_le_bytes());
         assert_eq!(c.bar(0), Some((0xc000_0000, 0x4000)));
+        assert_eq!(
+            c.bars()[0],
+            BarInfo {
+                index: 0,
+                addr: 0xc000_0000,
+                size: 0x4000,
+                kind: BarKind::Mem32,
+                prefetchable: false
+            }
+        );
         c.write(0x18, &[0xff; 4]);
         c.write(0x1c, &[0xff; 4]);
         assert_eq!(c.read_reg(6), 0xfff0_0004);

@@ -19,8 +19,8 @@ pub use bus::{
     PciRootState, PCI_CONFIG_IO_STATE_VERSION, PCI_ROOT_STATE_VERSION,
 };
 pub use configuration::{
-    extract, BarKind, PciConfiguration, PciConfigurationState, PciIds, BAR_COUNT, COMMAND_MEMORY,
-    CONFIG_SPACE_SIZE, PCI_CONFIG_STATE_VERSION,
+    extract, BarInfo, BarKind, PciConfiguration, PciConfigurationState, PciIds, BAR_COUNT,
+    COMMAND_MEMORY, CONFIG_SPACE_SIZE, PCI_CONFIG_STATE_VERSION,
 };
 pub use msix::{MsixCap, MsixConfig, MsixEntry, MsixState, MSIX_ENTRY_SIZE, MSIX_STATE_VERSION};
 

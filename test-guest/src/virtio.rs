@@ -200,12 +200,19 @@ pub fn scenario_pci(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         "{windows:x?}, RAM ends at {ram_end:#x}"
     );
     // A 64-bit BAR belongs in the 64-bit window when there is one (and so above 4 GiB and
-    // above RAM), otherwise in the 32-bit one.
+    // above RAM), otherwise in the 32-bit one. As the original's, a disk present at boot has a
+    // 32-bit BAR in the 32-bit window instead (firmware that maps only the first 4 GiB can
+    // reach the disk it boots from).
     let home = windows.mmio64.or(windows.mmio32);
     let mut bad_bars = 0;
     let mut bad_caps = 0;
     let mut ends: Vec<(u64, u64)> = Vec::new();
-    for (df, _) in &virtio {
+    for (df, t) in &virtio {
+        let disk = *t == Some(DeviceType::Block);
+        let (want_type, want_home) = match disk {
+            true => (MemoryBarType::Width32, windows.mmio32),
+            false => (MemoryBarType::Width64, home),
+        };
         match root.bar_info(*df, 0) {
             Ok(Some(BarInfo::Memory {
                 address_type,
@@ -214,11 +221,11 @@ pub fn scenario_pci(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
                 size,
             })) => {
                 let high_ok =
-                    windows.mmio64.is_none() || (address >= 1 << 32 && address >= ram_end);
+                    disk || windows.mmio64.is_none() || (address >= 1 << 32 && address >= ram_end);
                 let ok = size == 0x1_0000
-                    && address_type == MemoryBarType::Width64
+                    && address_type == want_type
                     && !prefetchable
-                    && home.is_some_and(|w| w.contains(address, size))
+                    && want_home.is_some_and(|w| w.contains(address, size))
                     && high_ok
                     && address % size == 0
                     && ends

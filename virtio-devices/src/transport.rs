@@ -23,8 +23,9 @@ use crate::{
 };
 
 pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x1_0000;
-/// BAR 0 is a 64-bit memory BAR, not prefetchable: reading the ISR status clears it, and the
-/// MSI-X table and PBA share the BAR, so reads have side effects.
+/// BAR 0 is a 64-bit memory BAR (but a disk present at boot gets a 32-bit one: see
+/// `vmm::pci_setup`), not prefetchable: reading the ISR status clears it, and the MSI-X table
+/// and PBA share the BAR, so reads have side effects.
 pub const VIRTIO_PCI_BAR_KIND: BarKind = BarKind::Mem64;
 const COMMON_OFF: u64 = 0x0;
 const COMMON_LEN: u64 = 0x38;
@@ -143,12 +144,24 @@ fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 impl VirtioPciDevice {
     /// Wraps `device`; its BAR 0 (VIRTIO_PCI_BAR_SIZE bytes) is at `bar_addr`. `name` is the
     /// `id=` of the device, for logs.
+    /// A transport for `device` with its BAR 0 (64-bit) at `bar_addr`.
     pub fn new(
         name: String,
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         vm: Arc<dyn VmInterface>,
         bar_addr: u64,
+    ) -> Result<Self, String> {
+        Self::with_bar(name, device, mem, vm, (bar_addr, VIRTIO_PCI_BAR_KIND))
+    }
+
+    /// A transport for `device` with its BAR 0 of `kind` at `addr`.
+    pub fn with_bar(
+        name: String,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        vm: Arc<dyn VmInterface>,
+        (bar_addr, bar_kind): (u64, BarKind),
     ) -> Result<Self, String> {
         let sizes = device.queue_max_sizes();
         if sizes.is_empty() || sizes.len() > MAX_QUEUES {
@@ -171,7 +184,7 @@ impl VirtioPciDevice {
             subsystem_vendor: VIRTIO_VENDOR,
             subsystem: 0x1100,
         });
-        config.add_bar(0, VIRTIO_PCI_BAR_SIZE, VIRTIO_PCI_BAR_KIND, bar_addr);
+        config.add_bar(0, VIRTIO_PCI_BAR_SIZE, bar_kind, bar_addr);
         let caps = [
             vendor_cap(CAP_COMMON, COMMON_OFF, COMMON_LEN, None),
             vendor_cap(CAP_ISR, ISR_OFF, ISR_LEN, None),

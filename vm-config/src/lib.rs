@@ -39,7 +39,7 @@ pub use devices::{
 pub use extra::Extra;
 pub use fs::{FsConfig, FS_MAX_QUEUES, FS_TAG_MAX};
 pub use landlock::{parent_dir, LandlockAccess, LandlockConfig, LandlockGrant};
-pub use memory_zone::{zone_updates, MemoryZoneConfig};
+pub use memory_zone::{zone_updates, MemoryZoneConfig, DEFAULT_ZONE_ID};
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use numa::{NumaConfig, NumaDistance};
 pub use parser::{parse_size, OptionParser};
@@ -645,9 +645,16 @@ impl VmConfig {
             }
             Ok(())
         };
-        // Zone ids share the devices' id space too (a zone's virtio-mem device is named so).
+        // Zone ids share the devices' id space too (a zone's virtio-mem device is named so),
+        // and so does the default zone's when it has a virtio-mem device.
         for z in self.memory.zones.iter().flatten() {
             check(MemoryZoneConfig::OPTION, &Some(z.id.clone()), None)?;
+        }
+        if self.memory.zones.is_none()
+            && self.memory.hotplug_method == HotplugMethod::VirtioMem
+            && self.memory.hotplug_size.unwrap_or(0) > 0
+        {
+            check("--memory", &Some(DEFAULT_ZONE_ID.into()), None)?;
         }
         // Group ids share the devices' id space, as the original's.
         let groups = self.rate_limit_groups.as_deref().unwrap_or_default();

@@ -11,6 +11,10 @@ use crate::{
     ConfigError, Extra, HotplugMethod, MemoryConfig, OptionParser, PAGE_SIZE, VIRTIO_MEM_BLOCK_SIZE,
 };
 
+/// The id of the memory a configuration without zones has (the original's default zone): its
+/// virtio-mem device, with `--memory hotplug_method=virtio-mem,hotplug_size=`, is named so.
+pub const DEFAULT_ZONE_ID: &str = "mem0";
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryZoneConfig {
     pub id: String,

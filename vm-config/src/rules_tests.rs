@@ -217,6 +217,17 @@ fn whole_configuration_checks_of_the_original() {
         "net": [{"id": "x"}]
     }));
     assert!(clash.validate_devices().is_err());
+    // With virtio-mem hotplug and no zones, `mem0` is the virtio-mem device's.
+    let taken = config(json!({
+        "memory": {"size": 1 << 28, "hotplug_method": "VirtioMem", "hotplug_size": 1 << 28},
+        "disks": [{"path": "/dev/null", "id": "mem0"}]
+    }));
+    let e = taken.validate_devices().unwrap_err();
+    assert_eq!(
+        (e.option.as_str(), e.value.as_str()),
+        ("--disk", "mem0"),
+        "{e}"
+    );
     // Ids starting with "__" are the VMM's own.
     let reserved = config(json!({"console": {"mode": "Null", "id": "__console"}}));
     assert!(reserved.validate_devices().is_err());

@@ -86,7 +86,7 @@ pub struct DeviceSetup<'a> {
     pub io: HostIo,
     pub nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
     /// A restored VM's device slots by id (see `pci_setup::create`).
-    pub slot_hints: Option<&'a std::collections::BTreeMap<String, u8>>,
+    pub slot_hints: Option<&'a pci_setup::SlotHints>,
     /// The DIMMs ACPI memory hotplug has plugged (`(gpa, len)`), with `hotplug_method=acpi`.
     pub dimms: &'a [(u64, u64)],
 }
@@ -184,7 +184,7 @@ impl DeviceManager {
             crate::platform::add_pvpanic(&mut pci, slot_hints, ejections)?;
         }
         if cfg.watchdog {
-            let slot = slot_hints.and_then(|h| h.get("__watchdog").copied());
+            let slot = slot_hints.and_then(|h| h.get("__watchdog")).map(|h| h.slot);
             pci.place(crate::virtio_build::watchdog(requests.clone(), slot)?)?;
         }
         if let Some(tpm) = &cfg.tpm {

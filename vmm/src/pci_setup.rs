@@ -230,6 +230,17 @@ impl Function {
             FunctionDevice::Plain(_) => None,
         }
     }
+
+    /// Its BARs as they stand now (the guest may have moved them).
+    pub(crate) fn bars(&self) -> Vec<pci::BarInfo> {
+        use pci::PciDevice;
+        match &self.device {
+            FunctionDevice::Virtio(t) => {
+                t.lock().unwrap_or_else(|e| e.into_inner()).config().bars()
+            }
+            FunctionDevice::Plain(d) => d.lock().unwrap_or_else(|e| e.into_inner()).config().bars(),
+        }
+    }
 }
 
 /// Where and how a new function goes on the bus (see `PciDevices::place_function`).
@@ -292,6 +303,15 @@ impl PciDevices {
             .iter()
             .map(|f| (f.id.clone(), f.slot))
             .collect()
+    }
+
+    /// The BARs of device `id` as they stand now; none for an unknown id.
+    pub fn bars(&self, id: &str) -> Vec<pci::BarInfo> {
+        self.functions
+            .iter()
+            .find(|f| f.id == id)
+            .map(Function::bars)
+            .unwrap_or_default()
     }
 
     /// Whether the device `id` is a virtio one (behind a virtio-pci transport).
@@ -524,6 +544,11 @@ impl PciDevices {
     /// from the windows, behind a virtio-pci transport. Everything it took is given back if
     /// it cannot be placed.
     pub(crate) fn place(&mut self, d: NewDevice) -> Result<u8, PciSetupError> {
+        self.place_with_bar(d, virtio_devices::VIRTIO_PCI_BAR_KIND)
+    }
+
+    /// `place` with a BAR 0 of `bar_kind`.
+    fn place_with_bar(&mut self, d: NewDevice, bar_kind: BarKind) -> Result<u8, PciSetupError> {
         let NewDevice {
             option,
             id,
@@ -547,13 +572,13 @@ impl PciDevices {
             id,
             slot,
             bar_size: virtio_devices::VIRTIO_PCI_BAR_SIZE,
-            bar_kind: virtio_devices::VIRTIO_PCI_BAR_KIND,
+            bar_kind,
             lock,
             counters,
         };
         let range = memory.as_ref().map(|m| (m.gpa, m.len));
         let slot = self.place_function(spec, move |bar| {
-            VirtioPciDevice::new(name, dev, mem, vmi, bar)
+            VirtioPciDevice::with_bar(name, dev, mem, vmi, (bar, bar_kind))
                 .map(|t| FunctionDevice::Virtio(Arc::new(Mutex::new(t))))
         });
         match (slot, memory) {
@@ -693,10 +718,31 @@ pub struct ConsoleIo {
     pub size: Arc<virtio_devices::ConsoleSize>,
 }
 
+/// Where a restored VM's device was: its slot, and the kind of its BAR 0.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotHint {
+    pub slot: u8,
+    pub bar_kind: Option<BarKind>,
+}
+
+/// A restored VM's devices by id (see `create`).
+pub type SlotHints = BTreeMap<String, SlotHint>;
+
+/// The BAR kind of a device placed when the VM is built: as the original, a disk's is 32-bit,
+/// so firmware that maps only the first 4 GiB (rust-hypervisor-firmware, edk2 early on) reaches
+/// the disk it boots from; every other device's, and a hot-added disk's, is 64-bit.
+fn boot_bar_kind(d: &NewDevice) -> BarKind {
+    if d.dev.device_type() == virtio_devices::TYPE_BLOCK {
+        BarKind::Mem32
+    } else {
+        virtio_devices::VIRTIO_PCI_BAR_KIND
+    }
+}
+
 /// Builds segment 0 with the configured devices, their BARs in `windows`. `console`: `None`
-/// for no virtio console. `slot_hints`: where a restored VM's devices were (by id), so that a
-/// configuration changed by hotplug rebuilds the snapshot's bus. `ejections`: who hears of the
-/// guest's ejections.
+/// for no virtio console. `slot_hints`: where a restored VM's devices were (by id: slot and BAR
+/// kind), so that a configuration changed by hotplug rebuilds the snapshot's bus. `ejections`:
+/// who hears of the guest's ejections.
 #[allow(clippy::too_many_arguments)]
 pub fn create(
     vm: &Arc<dyn hypervisor::Vm>,
@@ -706,7 +752,7 @@ pub fn create(
     cfg: &VmConfig,
     windows: &PciWindows,
     console: Option<ConsoleIo>,
-    slot_hints: Option<&BTreeMap<String, u8>>,
+    slot_hints: Option<&SlotHints>,
     ejections: Arc<dyn EjectSink>,
 ) -> Result<PciDevices, PciSetupError> {
     let vmi = Arc::new(VmPci::new(vm.clone(), mmio));
@@ -790,7 +836,7 @@ pub fn create(
     }
     if let Some(hints) = slot_hints {
         for d in list.iter_mut().filter(|d| d.slot.is_none()) {
-            d.slot = hints.get(&d.id).copied();
+            d.slot = hints.get(&d.id).map(|h| h.slot);
         }
     }
 
@@ -813,7 +859,11 @@ pub fn create(
         rate_limit_groups,
     };
     for d in list {
-        pci.place(d)?;
+        let hint = slot_hints
+            .and_then(|h| h.get(&d.id))
+            .and_then(|h| h.bar_kind);
+        let kind = hint.unwrap_or_else(|| boot_bar_kind(&d));
+        pci.place_with_bar(d, kind)?;
     }
     Ok(pci)
 }

@@ -1,6 +1,5 @@
 //! What `--platform` and `--pvpanic` give the guest: the SMBIOS identity and the pvpanic device.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use arch::smbios::{SmbiosConfig, SmbiosSystem};
@@ -34,10 +33,10 @@ pub(crate) fn smbios_config(platform: Option<&PlatformConfig>) -> SmbiosConfig {
 /// goes to `sink`.
 pub(crate) fn add_pvpanic(
     pci: &mut PciDevices,
-    slot_hints: Option<&BTreeMap<String, u8>>,
+    slot_hints: Option<&crate::pci_setup::SlotHints>,
     sink: Arc<dyn PanicSink>,
 ) -> Result<u8, PciSetupError> {
-    let slot = slot_hints.and_then(|h| h.get(PVPANIC_ID).copied());
+    let slot = slot_hints.and_then(|h| h.get(PVPANIC_ID)).map(|h| h.slot);
     pci.place_pci(
         "--pvpanic",
         PVPANIC_ID.to_string(),

@@ -349,9 +349,10 @@ pub fn virtio_mem(
     else {
         return Ok(None);
     };
-    // The original's name for the virtio-mem device of the memory hotplug region.
+    // The original's name for the virtio-mem device of the memory hotplug region: its default
+    // zone's (checked against its binary).
     virtio_mem_device(
-        "__virtio_mem".into(),
+        vm_config::DEFAULT_ZONE_ID.into(),
         (base.0, size),
         cfg.hotplugged_size.unwrap_or(0),
         "--memory".into(),

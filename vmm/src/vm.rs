@@ -59,6 +59,21 @@ pub enum VmError {
     Affinity(String),
 }
 
+/// A BAR as the original's device tree gives it.
+fn pci_bar_resource(b: &pci::BarInfo) -> serde_json::Value {
+    let kind = match b.kind {
+        pci::BarKind::Mem32 => "Mmio32",
+        pci::BarKind::Mem64 => "Mmio64",
+    };
+    serde_json::json!({"PciBar": {
+        "index": b.index,
+        "base": b.addr,
+        "size": b.size,
+        "type_": kind,
+        "prefetchable": b.prefetchable,
+    }})
+}
+
 /// Writes a fresh VM Generation ID where the DSDT's `VGEN` device says it is.
 fn write_new_generation_id(mem: &GuestMemoryMmap) -> Result<(), VmError> {
     let id = devices::vmgenid::new_generation_id().map_err(VmError::Event)?;
@@ -186,7 +201,7 @@ impl Machine {
         io: HostIo,
         nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
         events: &VmEvents,
-        slot_hints: Option<&std::collections::BTreeMap<String, u8>>,
+        slot_hints: Option<&crate::pci_setup::SlotHints>,
         dimms: &[(u64, u64)],
     ) -> Result<Self, VmError> {
         let vm = hv.create_vm()?;
@@ -408,7 +423,14 @@ impl Vm {
             .pci
             .devices
             .iter()
-            .map(|d| (d.id.clone(), d.slot))
+            .map(|d| {
+                let bar_kind = d.transport.config.bar_kind(0);
+                let hint = crate::pci_setup::SlotHint {
+                    slot: d.slot,
+                    bar_kind,
+                };
+                (d.id.clone(), hint)
+            })
             .collect();
         // The DIMMs ACPI memory hotplug had plugged, each a memory slot again.
         let dimms = match &snapshot.devices.memory_hotplug {
@@ -609,6 +631,21 @@ impl Vm {
     /// under it, named as the original names them.
     pub fn device_tree(&self) -> std::collections::BTreeMap<String, api::DeviceNode> {
         let mut tree = std::collections::BTreeMap::new();
+        // `pci`: the node of PCI function `function` in `slot`, with its address and BARs.
+        let mut node = |id: &str, parent: Option<&str>, children, pci: Option<(u8, &str)>| {
+            let resources = match pci {
+                Some((_, function)) => self.devices.pci.bars(function),
+                None => Vec::new(),
+            };
+            let node = api::DeviceNode {
+                id: id.to_string(),
+                parent: parent.map(str::to_string),
+                resources: resources.iter().map(pci_bar_resource).collect(),
+                children,
+                pci_bdf: pci.map(|(slot, _)| format!("0000:00:{slot:02x}.0")),
+            };
+            tree.insert(id.to_string(), node);
+        };
         // The platform devices the original lists too.
         let platform = ["__ioapic"]
             .into_iter()
@@ -620,49 +657,17 @@ impl Vm {
                     .then_some("__debug_console"),
             );
         for id in platform {
-            tree.insert(
-                id.to_string(),
-                api::DeviceNode {
-                    id: id.to_string(),
-                    resources: Vec::new(),
-                    children: Vec::new(),
-                    pci_bdf: None,
-                },
-            );
+            node(id, None, Vec::new(), None);
         }
         for (id, slot) in &self.devices.pci.placed() {
             if !self.devices.pci.is_virtio(id) {
                 // Not virtio (pvpanic): one node, with the PCI address, as the original's.
-                tree.insert(
-                    id.clone(),
-                    api::DeviceNode {
-                        id: id.clone(),
-                        resources: Vec::new(),
-                        children: Vec::new(),
-                        pci_bdf: Some(format!("0000:00:{slot:02x}.0")),
-                    },
-                );
+                node(id, None, Vec::new(), Some((*slot, id)));
                 continue;
             }
             let transport = format!("_virtio-pci-{id}");
-            tree.insert(
-                transport.clone(),
-                api::DeviceNode {
-                    id: transport,
-                    resources: Vec::new(),
-                    children: vec![id.clone()],
-                    pci_bdf: Some(format!("0000:00:{slot:02x}.0")),
-                },
-            );
-            tree.insert(
-                id.clone(),
-                api::DeviceNode {
-                    id: id.clone(),
-                    resources: Vec::new(),
-                    children: Vec::new(),
-                    pci_bdf: None,
-                },
-            );
+            node(&transport, None, vec![id.clone()], Some((*slot, id)));
+            node(id, Some(&transport), Vec::new(), None);
         }
         tree
     }

@@ -186,10 +186,14 @@ fn every_endpoint_refuses_bad_requests() {
             "kvm_hyperv",
         ),
         (r#""cpus": {"boot_vcpus": 4, "max_vcpus": 2}"#, "boot"),
+        (
+            r#""cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 1, "host_cpus": [0]}]}"#,
+            "affinity: vCPU 1 is not below max (1)",
+        ),
         // Keys of the original's objects that this VMM does not model yet, named.
         (
-            r#""cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0, "host_cpus": [1]}]}"#,
-            "cpus.affinity",
+            r#""cpus": {"boot_vcpus": 1, "max_vcpus": 1, "bogus": [{"vcpu": 0}]}"#,
+            "cpus.bogus",
         ),
         (
             r#""memory": {"size": 268435456, "hotplug_size": 100000000}"#,

@@ -556,11 +556,15 @@ fn a_vm_with_the_new_devices_is_snapshotted_and_restored() {
         "__watchdog",
         "__pvpanic",
         "_vsock0",
-        "__virtio_mem",
+        "mem0",
         "late",
     ] {
         assert!(after["device_tree"][id].is_object(), "{id}: {after}");
     }
+    // A hot-added disk's BAR is 64-bit (only a disk present at boot gets a 32-bit one), and
+    // the restored VM's is the same (the device trees above are equal).
+    let bar = &after["device_tree"]["_virtio-pci-late"]["resources"][0]["PciBar"];
+    assert_eq!(bar["type_"], "Mmio64", "{after}");
     assert_eq!(restored.put("vm.resume").0, 204);
     // The guest goes on: it still handles hotplug (the disk can be removed).
     remove(&restored, &serial, "late", slot, 1);

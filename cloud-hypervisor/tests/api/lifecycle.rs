@@ -83,6 +83,23 @@ fn lifecycle_over_curl() {
     let bdf = transport["pci_bdf"].as_str().unwrap();
     assert!(bdf.starts_with("0000:00:") && bdf.ends_with(".0"), "{bdf}");
     assert_eq!(tree["__rng"]["id"], "__rng");
+    // As the original's: the device names its transport, which has the address and the BAR.
+    assert_eq!(tree["__rng"]["parent"], "_virtio-pci-__rng");
+    assert!(tree["__rng"].get("pci_bdf").is_none(), "{tree:?}");
+    let bars = transport["resources"].as_array().unwrap();
+    assert_eq!(bars.len(), 1, "{bars:?}");
+    let bar = &bars[0]["PciBar"];
+    // Our transport's BAR is 64 KiB (the original's 512 KiB).
+    assert_eq!(
+        (bar["index"].as_u64(), bar["size"].as_u64()),
+        (Some(0), Some(0x10000))
+    );
+    assert!(
+        ["Mmio32", "Mmio64"].contains(&bar["type_"].as_str().unwrap()),
+        "{bar}"
+    );
+    assert_eq!(bar["prefetchable"], false);
+    assert_eq!(bar["base"].as_u64().unwrap() % 0x10000, 0, "{bar}");
 
     check_pause_stops_the_guest(
         || {

@@ -175,6 +175,10 @@ fn restore_in_a_new_process_goes_on() {
     let info = b.ok_json("vm.info");
     assert_eq!(info["state"], "Paused");
     assert_eq!(info["config"], info_config, "the snapshot's configuration");
+    // The disk present at boot has a 32-bit BAR (as the original's), and keeps it.
+    let bar = &info["device_tree"]["_virtio-pci-_disk0"]["resources"][0]["PciBar"];
+    assert_eq!(bar["type_"], "Mmio32", "{info}");
+    assert!(bar["base"].as_u64().unwrap() < 1 << 32, "{bar}");
     // A second restore: a VM is there.
     assert_eq!(b.curl("PUT", "vm.restore", Some(&body)).0, 500);
     std::thread::sleep(Duration::from_millis(200));
