@@ -52,13 +52,22 @@ pub use tpm::TpmConfig;
 pub use unsupported::UnsupportedConfig;
 pub use vsock::VsockConfig;
 
-/// A bad option value: names the option and the value the user gave.
+/// A bad option value: names the option and the value the user gave (`--cpus boot=0: ...`,
+/// or `--cpus: ...` when the fault is no one value).
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("{option} {value}: {msg}")]
 pub struct ConfigError {
     pub option: String,
     pub value: String,
     pub msg: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.value.as_str() {
+            "" => write!(f, "{}: {}", self.option, self.msg),
+            value => write!(f, "{} {value}: {}", self.option, self.msg),
+        }
+    }
 }
 
 impl ConfigError {

@@ -129,7 +129,7 @@ fn payload_combinations_follow_the_original() {
         (missing, "--firmware /nonexistent/fw: cannot open: "),
         (
             config_with(PayloadConfig::default()),
-            "--kernel : a kernel or a firmware",
+            "--kernel: a kernel or a firmware",
         ),
     ] {
         let e = cfg.validate().unwrap_err().to_string();

@@ -152,7 +152,11 @@ fn serial_and_console_as_the_original_reads_them() {
     ] {
         let e = parse(option, bad).unwrap_err().to_string();
         assert!(e.contains(why), "{option} {bad}: {e}");
-        assert!(e.starts_with(&format!("{option} {bad}: ")), "{e}");
+        let prefix = match bad {
+            "" => format!("{option}: "),
+            _ => format!("{option} {bad}: "),
+        };
+        assert!(e.starts_with(&prefix), "{e}");
     }
 }
 

@@ -180,12 +180,13 @@ impl DeviceManager {
             slot_hints,
             ejections.clone(),
         )?;
-        if cfg.pvpanic {
-            crate::platform::add_pvpanic(&mut pci, slot_hints, ejections)?;
-        }
+        // The original's order: the watchdog with the virtio devices, then pvpanic.
         if cfg.watchdog {
             let slot = slot_hints.and_then(|h| h.get("__watchdog")).map(|h| h.slot);
             pci.place(crate::virtio_build::watchdog(requests.clone(), slot)?)?;
+        }
+        if cfg.pvpanic {
+            crate::platform::add_pvpanic(&mut pci, slot_hints, ejections)?;
         }
         if let Some(tpm) = &cfg.tpm {
             let swtpm =

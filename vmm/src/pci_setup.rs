@@ -804,22 +804,19 @@ pub fn create(
         let id = n.id.clone().unwrap_or_else(|| format!("_net{i}"));
         list.push(virtio_build::net(n, id)?);
     }
+    // In the original's order (it decides the slots of devices without one): console, disks,
+    // net, rng, virtio-fs, pmem, vsock, virtio-mem, balloon (then the watchdog and pvpanic,
+    // `device_manager`).
     list.push(virtio_build::rng(&cfg.rng)?);
-    list.extend(cfg.vsock.as_ref().map(virtio_build::vsock).transpose()?);
-    for (i, p) in cfg.pmem.iter().enumerate() {
-        let id = p.id.clone().unwrap_or_else(|| format!("_pmem{i}"));
-        list.push(crate::pmem::pmem(p, id)?);
-    }
     for (i, f) in cfg.fs.iter().enumerate() {
         let id = f.id.clone().unwrap_or_else(|| format!("_fs{i}"));
         list.push(virtio_build::fs(f, id)?);
     }
-    let mut balloon = None;
-    if let Some(b) = &cfg.balloon {
-        let (dev, control) = virtio_build::balloon(b)?;
-        list.push(dev);
-        balloon = Some(control);
+    for (i, p) in cfg.pmem.iter().enumerate() {
+        let id = p.id.clone().unwrap_or_else(|| format!("_pmem{i}"));
+        list.push(crate::pmem::pmem(p, id)?);
     }
+    list.extend(cfg.vsock.as_ref().map(virtio_build::vsock).transpose()?);
     let mut virtio_mem = None;
     if cfg.memory.hotplug_method == vm_config::HotplugMethod::VirtioMem {
         if let Some((dev, control)) = virtio_build::virtio_mem(&cfg.memory)? {
@@ -833,6 +830,12 @@ pub fn create(
             list.push(dev);
             zone_virtio_mem.push((zone, control));
         }
+    }
+    let mut balloon = None;
+    if let Some(b) = &cfg.balloon {
+        let (dev, control) = virtio_build::balloon(b)?;
+        list.push(dev);
+        balloon = Some(control);
     }
     if let Some(hints) = slot_hints {
         for d in list.iter_mut().filter(|d| d.slot.is_none()) {
