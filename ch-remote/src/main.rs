@@ -19,7 +19,9 @@ use api::http::Method;
 use api::{MigrationProgress, MigrationState};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use serde_json::{Map, Value};
-use vm_config::{parse_size, DiskConfig, NetConfig, RestoreConfig};
+use vm_config::{
+    parse_size, DiskConfig, FsConfig, NetConfig, PmemConfig, RestoreConfig, VsockConfig,
+};
 
 /// What a subcommand takes on its command line.
 enum Args {
@@ -46,6 +48,11 @@ enum Body {
     Disk,
     /// `--net` syntax, turned into a NetConfig.
     Net,
+    /// `--fs`, `--pmem`, `--vsock` syntax, each turned into its config (sizes in bytes, as
+    /// the API takes them).
+    Fs,
+    Pmem,
+    Vsock,
     /// `key=value,...` as a JSON object; a bare value is the given key's.
     Kv(&'static str),
     /// `--restore` syntax, turned into a RestoreConfig; net_fds' descriptors go beside it.
@@ -88,7 +95,7 @@ const SUBCOMMANDS: &[Sub] = &[
         args: Args::Positional { name: "fs_config", required: false, help: "virtio-fs parameters \"tag=<tag_name>,socket=<socket_path>,num_queues=<number_of_queues>,queue_size=<size_of_each_queue>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
         method: Method::Put,
         endpoint: "vm.add-fs",
-        body: Body::Kv(""),
+        body: Body::Fs,
     },
     Sub {
         name: "add-generic-vhost-user",
@@ -112,7 +119,7 @@ const SUBCOMMANDS: &[Sub] = &[
         args: Args::Positional { name: "pmem_config", required: false, help: "Persistent memory parameters \"file=<backing_file_path>,size=<persistent_memory_size>,iommu=on|off,discard_writes=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
         method: Method::Put,
         endpoint: "vm.add-pmem",
-        body: Body::Kv("file"),
+        body: Body::Pmem,
     },
     Sub {
         name: "add-user-device",
@@ -136,7 +143,7 @@ const SUBCOMMANDS: &[Sub] = &[
         args: Args::Positional { name: "vsock_config", required: false, help: "Virtio VSOCK parameters \"cid=<context_id>,socket=<socket_path>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
         method: Method::Put,
         endpoint: "vm.add-vsock",
-        body: Body::Kv(""),
+        body: Body::Vsock,
     },
     Sub {
         name: "boot",
@@ -448,6 +455,12 @@ fn kv_body(sub: &str, primary: &str, raw: Option<&str>) -> Result<Value, String>
     Ok(Value::Object(map))
 }
 
+/// An option value parsed as the VMM's command line parses it, as the body's JSON.
+fn typed<T: serde::Serialize>(parsed: Result<T, vm_config::ConfigError>) -> Result<Value, String> {
+    let c = parsed.map_err(|e| e.to_string())?;
+    serde_json::to_value(c).map_err(|e| e.to_string())
+}
+
 fn size_arg(m: &ArgMatches, name: &str) -> Result<Option<u64>, String> {
     m.get_one::<String>(name)
         .map(|v| parse_size(v).ok_or_else(|| format!("--{name} {v}: not a size")))
@@ -493,6 +506,9 @@ fn body(s: &Sub, m: &ArgMatches) -> Result<(Option<Vec<u8>>, Vec<RawFd>), String
             fds = c.fds.clone().unwrap_or_default();
             serde_json::to_value(c).map_err(|e| e.to_string())?
         }
+        Body::Fs => typed(FsConfig::parse(positional.unwrap_or("")))?,
+        Body::Pmem => typed(PmemConfig::parse(positional.unwrap_or("")))?,
+        Body::Vsock => typed(VsockConfig::parse(positional.unwrap_or("")))?,
         Body::Kv(primary) => kv_body(s.name, primary, positional)?,
         Body::Restore => {
             let (value, net_fds) = restore_request(positional.unwrap_or(""))?;
@@ -788,8 +804,14 @@ mod tests {
         );
         assert_eq!(
             body_of(&["add-vsock", "cid=3,socket=/tmp/v,id=[a,b]"]).unwrap(),
-            serde_json::json!({"cid": 3, "socket": "/tmp/v", "id": "[a,b]"})
+            serde_json::json!({"cid": 3, "socket": "/tmp/v", "id": "[a,b]", "pci_segment": 0})
         );
+        // Sizes in bytes, as the API takes them (the original's VMM refuses "128M").
+        assert_eq!(
+            body_of(&["add-pmem", "file=/p,size=128M"]).unwrap()["size"],
+            128u64 << 20
+        );
+        assert!(body_of(&["add-pmem", "file=/p,size=12Q"]).is_err());
         assert_eq!(
             body_of(&["add-disk", "path=/img,readonly=on"]).unwrap()["readonly"],
             true
