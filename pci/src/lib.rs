@@ -120,6 +120,9 @@ pub trait VmInterface: Send + Sync {
     /// Wires `fd` to inject `gsi` when written.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), String>;
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32);
+    /// Device `id` was activated or reset by its driver (`event`: `activated`, `reset`), for
+    /// the VMM's event monitor. Nothing by default.
+    fn device_event(&self, _id: &str, _event: &'static str) {}
 }
 
 /// A PCI function. Configuration accesses come through the root (ports or ECAM); accesses to

@@ -306,6 +306,10 @@ impl VirtioPciDevice {
     fn set_status(&mut self, value: u8) {
         if value == 0 {
             debug!("{}: reset", self.name);
+            // As the original: an event for the reset of a device its driver had started.
+            if self.activated {
+                self.vm.device_event(&self.name, "reset");
+            }
             self.reset();
             return;
         }
@@ -338,7 +342,10 @@ impl VirtioPciDevice {
                 .map_err(|e| format!("cannot activate: {e}"))
         });
         match started {
-            Ok(()) => info!("{}: activated, features {:#x}", self.name, self.acked),
+            Ok(()) => {
+                info!("{}: activated, features {:#x}", self.name, self.acked);
+                self.vm.device_event(&self.name, "activated");
+            }
             Err(e) => {
                 warn!("{}: {e}; device needs reset", self.name);
                 self.status.mark_needs_reset();

@@ -38,6 +38,7 @@ const EV_CONSOLE_RESIZE: u64 = 12;
 const EV_MIGRATION: u64 = 13;
 const EV_EJECT: u64 = 14;
 const EV_PANIC: u64 = 15;
+const EV_DEVICE: u64 = 16;
 
 mod endpoints;
 mod hotplug;
@@ -149,6 +150,7 @@ impl Vmm {
             c.add(events.error.as_raw_fd(), EV_ERROR)?;
             c.add(events.eject.as_raw_fd(), EV_EJECT)?;
             c.add(events.panic.as_raw_fd(), EV_PANIC)?;
+            c.add(events.device.as_raw_fd(), EV_DEVICE)?;
             c.add(signal_rx.as_raw_fd(), EV_SIGNAL)?;
             c.add(winch_rx.as_raw_fd(), EV_WINCH)?;
             if let Some(api) = &api {
@@ -202,7 +204,6 @@ impl Vmm {
         self.confine(&config, None)?;
         self.config = Some(config);
         self.state = VmState::Created;
-        self.monitor.emit("vm", "created");
         Ok(())
     }
 
@@ -425,6 +426,24 @@ impl Vmm {
         Ok(())
     }
 
+    /// `vm.delete`: the VM stopped (if it runs) and its configuration dropped.
+    fn delete_vm(&mut self) {
+        if self.vm.is_some() {
+            self.shutdown_vm();
+        }
+        if self.config.take().is_some() {
+            self.state = VmState::Created;
+            self.monitor.emit("vm", "deleted");
+        }
+    }
+
+    /// The VMM ends (`vmm.shutdown`, the guest's power-off, a signal): its VM goes as
+    /// `vm.delete` takes it, then the `vmm`/`shutdown` event, as the original's events go.
+    fn end(&mut self) {
+        self.delete_vm();
+        self.monitor.emit("vmm", "shutdown");
+    }
+
     /// Checks that the VM is built (running or paused) and in one of the `ok` states. As the
     /// original answers: "VM is not running" (500) when no VM is built, whether or not one is
     /// created.
@@ -489,10 +508,7 @@ impl Vmm {
         match req {
             VmmPing => (Ok(ApiResponse::Ping(api::ping_response())), Next::Continue),
             VmmShutdown => {
-                if self.vm.is_some() {
-                    self.shutdown_vm();
-                }
-                self.monitor.emit("vmm", "shutdown");
+                self.end();
                 (Ok(ApiResponse::Empty), Next::Exit(Outcome::ApiShutdown))
             }
             VmCreate(config) => done(self.create(*config)),
@@ -568,7 +584,6 @@ impl Vmm {
                     if let Some(vm) = &self.vm {
                         vm.power_button().map_err(Self::vm_failed)?;
                     }
-                    self.monitor.emit("vm", "power-button");
                     Ok(())
                 }),
             ),
@@ -593,13 +608,7 @@ impl Vmm {
             VmAddPmem(p) => (self.add_device(hotplug::Added::Pmem(*p)), Next::Continue),
             VmAddFs(f) => (self.add_device(hotplug::Added::Fs(*f)), Next::Continue),
             VmDelete => {
-                if self.vm.is_some() {
-                    self.shutdown_vm();
-                }
-                if self.config.take().is_some() {
-                    self.state = VmState::Created;
-                    self.monitor.emit("vm", "deleted");
-                }
+                self.delete_vm();
                 done(Ok(()))
             }
         }
@@ -677,7 +686,7 @@ impl Vmm {
                     self.shutdown_vm();
                     return Ok(Next::Continue);
                 }
-                self.shutdown_vm();
+                self.end();
                 return Ok(Next::Exit(Outcome::PowerOff));
             }
             EV_ERROR => {
@@ -688,9 +697,7 @@ impl Vmm {
                 let mut b = [0u8; 16];
                 let _ = self.signal_rx.read(&mut b);
                 info!("received a signal, shutting down");
-                if self.vm.is_some() {
-                    self.shutdown_vm();
-                }
+                self.end();
                 return Ok(Next::Exit(Outcome::Signal(libc::SIGTERM)));
             }
             EV_RESET => {
@@ -718,6 +725,13 @@ impl Vmm {
             EV_MIGRATION => return Ok(self.migration_news()),
             EV_EJECT => self.ejected(),
             EV_PANIC => self.guest_panicked(),
+            EV_DEVICE => {
+                // The original's events: source `virtio-device`, the device id as `id`.
+                for (id, event) in self.events.take_device_events() {
+                    let props = [("id".to_string(), id)].into_iter().collect();
+                    self.monitor.emit_with("virtio-device", event, Some(&props));
+                }
+            }
             EV_SERIAL_LISTEN => self.accept_serial()?,
             EV_SERIAL_IN => self.read_serial(),
             EV_CONSOLE_LISTEN => self.accept_console()?,

@@ -37,6 +37,10 @@ pub struct VmEvents {
     /// control loop reports them. Not a halting event either.
     pub panic: EventFd,
     panics: Arc<Mutex<Vec<u8>>>,
+    /// Virtio devices were activated or reset (`device_events` says which, by device id): the
+    /// control loop writes the original's `virtio-device` events.
+    pub device: EventFd,
+    device_events: Arc<Mutex<Vec<(String, &'static str)>>>,
 }
 
 impl VmEvents {
@@ -51,6 +55,8 @@ impl VmEvents {
             ejected_cpus: Arc::new(Mutex::new(Vec::new())),
             panic: EventFd::new(libc::EFD_NONBLOCK)?,
             panics: Arc::new(Mutex::new(Vec::new())),
+            device: EventFd::new(libc::EFD_NONBLOCK)?,
+            device_events: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -65,6 +71,8 @@ impl VmEvents {
             ejected_cpus: self.ejected_cpus.clone(),
             panic: self.panic.try_clone()?,
             panics: self.panics.clone(),
+            device: self.device.try_clone()?,
+            device_events: self.device_events.clone(),
         })
     }
 
@@ -81,6 +89,23 @@ impl VmEvents {
     pub fn take_panics(&self) -> Vec<u8> {
         let _ = self.panic.read();
         std::mem::take(&mut *self.panics.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The virtio device events since the last call, in order: (device id, event).
+    pub fn take_device_events(&self) -> Vec<(String, &'static str)> {
+        let _ = self.device.read();
+        std::mem::take(&mut *self.device_events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Virtio device `id` was activated or reset (`event`).
+    pub fn device_event(&self, id: &str, event: &'static str) {
+        self.device_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id.to_string(), event));
+        if let Err(e) = self.device.write(1) {
+            error!("cannot signal a device event: {e}");
+        }
     }
 
     fn raise(&self, evt: &EventFd, what: &str) {

@@ -179,6 +179,7 @@ impl DeviceManager {
             console,
             slot_hints,
             ejections.clone(),
+            events,
         )?;
         // The original's order: the watchdog with the virtio devices, then pvpanic.
         if cfg.watchdog {

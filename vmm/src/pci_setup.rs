@@ -50,6 +50,8 @@ pub enum PciSetupError {
 /// What the PCI code needs from the VM, backed by the hypervisor and the MMIO bus.
 pub struct VmPci {
     vm: Arc<dyn hypervisor::Vm>,
+    /// Where device activations and resets go (the control loop's event monitor).
+    events: crate::cpu::VmEvents,
     /// Weak: the bus holds the devices, which hold this.
     mmio: Weak<Bus>,
     state: Mutex<GsiState>,
@@ -61,9 +63,10 @@ struct GsiState {
 }
 
 impl VmPci {
-    pub fn new(vm: Arc<dyn hypervisor::Vm>, mmio: &Arc<Bus>) -> Self {
+    pub fn new(vm: Arc<dyn hypervisor::Vm>, mmio: &Arc<Bus>, events: crate::cpu::VmEvents) -> Self {
         VmPci {
             vm,
+            events,
             mmio: Arc::downgrade(mmio),
             state: Mutex::new(GsiState {
                 ids: IdAllocator::new(FIRST_MSI_GSI, MAX_GSI - 1).expect("FIRST_MSI_GSI < MAX_GSI"),
@@ -114,6 +117,9 @@ impl VmPci {
 }
 
 impl VmInterface for VmPci {
+    fn device_event(&self, id: &str, event: &'static str) {
+        self.events.device_event(id, event);
+    }
     fn map_mmio(&self, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), String> {
         let bus = self.mmio.upgrade().ok_or("the VM is gone")?;
         bus.insert(dev, base, len).map_err(|e| e.to_string())
@@ -742,7 +748,7 @@ fn boot_bar_kind(d: &NewDevice) -> BarKind {
 /// Builds segment 0 with the configured devices, their BARs in `windows`. `console`: `None`
 /// for no virtio console. `slot_hints`: where a restored VM's devices were (by id: slot and BAR
 /// kind), so that a configuration changed by hotplug rebuilds the snapshot's bus. `ejections`:
-/// who hears of the guest's ejections.
+/// who hears of the guest's ejections; `events`, of its devices' activations and resets.
 #[allow(clippy::too_many_arguments)]
 pub fn create(
     vm: &Arc<dyn hypervisor::Vm>,
@@ -754,8 +760,12 @@ pub fn create(
     console: Option<ConsoleIo>,
     slot_hints: Option<&SlotHints>,
     ejections: Arc<dyn EjectSink>,
+    events: &crate::cpu::VmEvents,
 ) -> Result<PciDevices, PciSetupError> {
-    let vmi = Arc::new(VmPci::new(vm.clone(), mmio));
+    let events = events
+        .try_clone()
+        .map_err(|e| PciSetupError::Bus(e.to_string()))?;
+    let vmi = Arc::new(VmPci::new(vm.clone(), mmio, events));
     let root = Arc::new(Mutex::new(PciRoot::new(vmi.clone())));
     let bus_err = |e: devices::BusError| PciSetupError::Bus(e.to_string());
     let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));

@@ -139,20 +139,21 @@ fn lifecycle_over_curl() {
     assert_eq!(run.code(), Some(0), "{}", run.stderr);
     assert!(!vmm.sock.exists(), "the API socket was left behind");
 
-    let events = events(&monitor);
+    // The original's lifecycle events (it has none for a creation or a button press).
+    let events: Vec<String> = events(&monitor)
+        .into_iter()
+        .filter(|e| !e.starts_with("virtio-device:"))
+        .collect();
     let expected = [
         "vmm:starting",
-        "vm:created",
         "vm:booting",
         "vm:booted",
         "vm:pausing",
         "vm:paused",
-        "vm:power-button",
         "vm:resuming",
         "vm:resumed",
         "vm:rebooting",
         "vm:rebooted",
-        "vm:power-button",
         "vm:shutdown",
         "vm:booting",
         "vm:booted",
@@ -493,5 +494,44 @@ fn kvmclock_does_not_jump_across_a_pause() {
     assert!(
         across < normal + 200_000_000,
         "kvmclock jumped {across} ns across a pause of {paused:?} (normal step at most {normal} ns)"
+    );
+}
+
+/// The original's `virtio-device` events: `activated` when a driver starts a device, `reset`
+/// when it resets one it had started, each with the device id; and a VMM that ends with its
+/// guest's power-off tells of the VM's shutdown and deletion, then its own.
+#[test]
+fn virtio_device_events_and_the_end_as_the_original() {
+    let dir = crate::common::scratch("device-events");
+    let monitor = dir.join("events.json");
+    let r = crate::common::boot(
+        &crate::common::guest().elf_pvh,
+        "test=msix",
+        &["--event-monitor", &format!("path={}", monitor.display())],
+    );
+    r.assert_guest_passed();
+    let text = std::fs::read_to_string(&monitor).unwrap();
+    let device: Vec<(String, String)> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<serde_json::Value>()
+        .map(Result::unwrap)
+        .filter(|v| v["source"] == "virtio-device")
+        .map(|v| {
+            let id = v["properties"]["id"].as_str().unwrap().to_string();
+            (v["event"].as_str().unwrap().to_string(), id)
+        })
+        .collect();
+    let want =
+        [("activated", "__rng"), ("reset", "__rng")].map(|(e, id)| (e.to_string(), id.to_string()));
+    assert_eq!(device, want, "{text}");
+    let ev = events(&monitor);
+    assert_eq!(
+        ev[..3],
+        ["vmm:starting", "vm:booting", "vm:booted"],
+        "{ev:?}"
+    );
+    assert_eq!(
+        ev[ev.len() - 3..],
+        ["vm:shutdown", "vm:deleted", "vmm:shutdown"],
+        "{ev:?}"
     );
 }
