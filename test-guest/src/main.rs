@@ -128,6 +128,9 @@ fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
+/// The largest 64-bit PCI window mapped whole (ours is at most 64 GiB less the RAM above 4 GiB).
+const MAP_WHOLE_MMIO64: u64 = 256 << 30;
+
 fn parse_hex(s: &str) -> Option<u64> {
     u64::from_str_radix(s.trim_start_matches("0x").trim_start_matches("0X"), 16).ok()
 }
@@ -188,9 +191,21 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
             None
         }
     };
-    // BARs may lie in the 64-bit PCI window: map it before any scenario touches a device.
+    // BARs may lie in the 64-bit PCI window: map it before any scenario touches a device. A
+    // window too large for the page-table pool (the original's spans tens of TiB) gets only
+    // the BARs the firmware-less boot found in it (devices hot-added later are not mapped).
     if let Some(w) = acpi.as_ref().and_then(|a| a.pci_windows.mmio64) {
-        if let Err(e) = paging::map_uncached(w.start, w.size) {
+        let mapped = if w.size <= MAP_WHOLE_MMIO64 {
+            paging::map_uncached(w.start, w.size).map(|_| ())
+        } else {
+            virtio::map_bars_in((w.start, w.size)).map(|n| {
+                println!(
+                    "INFO mmio64 {:#x}+{:#x}: mapped its {n} BARs",
+                    w.start, w.size
+                )
+            })
+        };
+        if let Err(e) = mapped {
             fail(
                 "paging-mmio64",
                 format_args!("{:#x}+{:#x}: {e:?}", w.start, w.size),

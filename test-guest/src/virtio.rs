@@ -105,6 +105,30 @@ pub fn devices(root: &PciRoot<MmioCam<'static>>) -> Vec<(DeviceFunction, Option<
         .collect()
 }
 
+/// Identity-maps (uncached) the memory BARs of bus 0's functions that lie in `window`, for a
+/// 64-bit window too large to map whole (the original's spans tens of TiB). Returns how many
+/// BARs it mapped, or the first mapping error.
+pub fn map_bars_in(window: (u64, u64)) -> Result<usize, crate::paging::MapError> {
+    let (start, size) = window;
+    let mut root = root();
+    let mut mapped = 0;
+    for (df, _) in devices(&root) {
+        for bar in 0..6 {
+            let Ok(Some(BarInfo::Memory {
+                address, size: len, ..
+            })) = root.bar_info(df, bar)
+            else {
+                continue;
+            };
+            if len > 0 && address >= start && address - start < size {
+                crate::paging::map_uncached(address, len)?;
+                mapped += 1;
+            }
+        }
+    }
+    Ok(mapped)
+}
+
 pub fn find(kind: DeviceType) -> Vec<DeviceFunction> {
     devices(&root())
         .into_iter()
