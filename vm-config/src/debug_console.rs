@@ -53,18 +53,8 @@ impl DebugConsoleConfig {
             iobase: None,
             ..Default::default()
         };
-        if let Some(word) = p.bare_words().first() {
-            c.mode = match word.as_str() {
-                "off" => ConsoleOutputMode::Off,
-                "null" => ConsoleOutputMode::Null,
-                "pty" => ConsoleOutputMode::Pty,
-                _ => ConsoleOutputMode::Tty,
-            };
-        }
-        if p.is_set("file") {
-            let f = p.get("file").ok_or_else(|| p.error("file= needs a path"))?;
-            c.mode = ConsoleOutputMode::File;
-            c.file = Some(PathBuf::from(f));
+        if let Some((mode, file)) = crate::mode_or_file(&p)? {
+            (c.mode, c.file) = (mode, file);
         }
         if let Some(v) = p.get("iobase") {
             let port = v

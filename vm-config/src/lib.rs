@@ -368,18 +368,8 @@ impl ConsoleConfig {
             );
         }
         let mut cfg = ConsoleConfig::new(ConsoleOutputMode::Null);
-        if let Some(word) = p.bare_words().first() {
-            cfg.mode = match word.as_str() {
-                "off" => ConsoleOutputMode::Off,
-                "null" => ConsoleOutputMode::Null,
-                "pty" => ConsoleOutputMode::Pty,
-                _ => ConsoleOutputMode::Tty,
-            };
-        }
-        if p.is_set("file") {
-            let f = p.get("file").ok_or_else(|| p.error("file= needs a path"))?;
-            cfg.mode = ConsoleOutputMode::File;
-            cfg.file = Some(PathBuf::from(f));
+        if let Some((mode, file)) = mode_or_file(&p)? {
+            (cfg.mode, cfg.file) = (mode, file);
         }
         if p.is_set("socket") {
             let s = p
@@ -392,6 +382,26 @@ impl ConsoleConfig {
         (cfg.id, cfg.pci_segment, cfg.pci_device_id) = (pl.id, pl.pci_segment, pl.pci_device_id);
         Ok(cfg)
     }
+}
+
+/// The output a console-like option's bare word (`off`, `null`, `pty`, `tty`) or `file=<path>`
+/// names, with the file; `None` when it has neither.
+pub(crate) fn mode_or_file(
+    p: &OptionParser,
+) -> Result<Option<(ConsoleOutputMode, Option<PathBuf>)>, ConfigError> {
+    if p.is_set("file") {
+        let f = p.get("file").ok_or_else(|| p.error("file= needs a path"))?;
+        return Ok(Some((ConsoleOutputMode::File, Some(PathBuf::from(f)))));
+    }
+    Ok(p.bare_words().first().map(|word| {
+        let mode = match word.as_str() {
+            "off" => ConsoleOutputMode::Off,
+            "null" => ConsoleOutputMode::Null,
+            "pty" => ConsoleOutputMode::Pty,
+            _ => ConsoleOutputMode::Tty,
+        };
+        (mode, None)
+    }))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
