@@ -71,8 +71,9 @@ pub fn open(url: &str) -> Result<Source, SnapshotError> {
             ))))
         }
     }
-    let state: VmSnapshot = serde_json::from_value(value)
+    let mut state: VmSnapshot = serde_json::from_value(value)
         .map_err(|e| SnapshotError::receive(deserialising("VM state", e)))?;
+    state.rename_old_ids();
     let mem_path = dir.join(SNAPSHOT_MEMORY_FILE);
     let memory = File::open(&mem_path)
         .map_err(Cause::io(format!(

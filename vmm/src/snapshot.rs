@@ -47,6 +47,22 @@ pub struct VmSnapshot {
     pub memory_ranges: Vec<MemoryRange>,
 }
 
+/// Device ids that earlier builds wrote and this one names otherwise: the virtio-mem device
+/// of the memory hotplug region was `__virtio_mem` before it took the original's name.
+const RENAMED_IDS: &[(&str, &str)] = &[("__virtio_mem", vm_config::DEFAULT_ZONE_ID)];
+
+impl VmSnapshot {
+    /// Renames the devices an earlier build wrote under ids this build names otherwise, so
+    /// their state meets the device it belongs to (restore and incoming migration).
+    pub fn rename_old_ids(&mut self) {
+        for d in &mut self.pci.devices {
+            if let Some((_, new)) = RENAMED_IDS.iter().find(|(old, _)| d.id == *old) {
+                d.id = new.to_string();
+            }
+        }
+    }
+}
+
 /// The platform devices' states (`devices::Stateful`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -667,3 +667,36 @@ fn clones_with_taps() {
     shutdown(b);
     shutdown(c);
 }
+
+/// A snapshot an earlier build wrote names the hotplug region's virtio-mem device
+/// `__virtio_mem`; this build names it `mem0` (the original's name) and restores it so.
+#[test]
+fn a_snapshot_naming_the_old_virtio_mem_id_restores() {
+    require_curl();
+    let a = Vmm::start("restore-old-id-a", &[]);
+    let serial = a.dir.join("serial.out");
+    let mut config = busy_config(Some(&serial), None);
+    config["memory"] = json!({
+        "size": 256u64 << 20, "hotplug_method": "VirtioMem", "hotplug_size": 128u64 << 20
+    });
+    let (url, before, _) = busy_snapshot(&a, &config, Some(&serial));
+    shutdown(a);
+    let state = PathBuf::from(url.strip_prefix("file://").unwrap()).join("state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains("\"id\":\"mem0\""), "{text:.300}");
+    std::fs::write(
+        &state,
+        text.replace("\"id\":\"mem0\"", "\"id\":\"__virtio_mem\""),
+    )
+    .unwrap();
+
+    let b = Vmm::start("restore-old-id-b", &[]);
+    let body = json!({ "source_url": url }).to_string();
+    let (status, text) = b.curl("PUT", "vm.restore", Some(&body));
+    assert_eq!((status, text.as_str()), (204, ""));
+    let info = b.ok_json("vm.info");
+    assert!(info["device_tree"]["mem0"].is_object(), "{info}");
+    assert_eq!(b.put("vm.resume").0, 204);
+    goes_on(&serial, &before);
+    shutdown(b);
+}

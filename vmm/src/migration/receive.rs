@@ -182,7 +182,8 @@ pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> 
                     if config.is_none() || built {
                         return Err("State out of place".into());
                     }
-                    let state: VmSnapshot = read_json(s, req.length, "state")?;
+                    let mut state: VmSnapshot = read_json(s, req.length, "state")?;
+                    state.rename_old_ids();
                     b.vm(state)?;
                     built = true;
                 }
