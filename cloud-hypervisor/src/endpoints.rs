@@ -98,7 +98,7 @@ mod tests {
         assert_eq!(parse("--api-socket", "fd=3").unwrap(), Endpoint::Fd(3));
         for bad in ["", "fd=x", "fd=-1", "path=", "path=/a,fd=3", "sock=/x"] {
             let e = parse("--api-socket", bad).unwrap_err();
-            assert!(e.to_string().starts_with("--api-socket "), "{bad}: {e}");
+            assert!(e.to_string().starts_with("--api-socket"), "{bad}: {e}");
         }
     }
 }

@@ -194,7 +194,11 @@ mod tests {
         ] {
             let e = BackendConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
-            assert!(e.starts_with(&format!("{OPTION} {bad}")), "{e}");
+            let prefix = match bad {
+                "" => format!("{OPTION}:"),
+                _ => format!("{OPTION} {bad}"),
+            };
+            assert!(e.starts_with(&prefix), "{e}");
         }
     }
 }
