@@ -21,10 +21,10 @@ impl CpuSet {
 
     fn of(cpus: &[usize]) -> Self {
         let mut set = Self::empty();
-        for &c in cpus {
-            // Callers pass CPUs below CPU_SETSIZE (`vm_config::MAX_HOST_CPUS`); CPU_SET
-            // ignores any other.
-            // SAFETY: CPU_SET writes one bit of the set it is given.
+        // The configuration allows only CPUs below CPU_SETSIZE (`vm_config::MAX_HOST_CPUS`);
+        // any other is left out rather than indexing past the set.
+        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            // SAFETY: CPU_SET writes one bit of the set it is given; `c` is inside it.
             unsafe { libc::CPU_SET(c, &mut set.0) };
         }
         set
@@ -126,6 +126,11 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn cpus_past_the_set_are_left_out() {
+        assert_eq!(CpuSet::of(&[0, 1024, usize::MAX]).cpus(), [0]);
     }
 
     #[test]
