@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use log::LevelFilter;
 
+use crate::log_format;
+
 pub const DEFAULT_FORMAT: &str =
     "cloud-hypervisor: {boottime}s: <{thread}> {level}:{location} -- {msg}";
 
@@ -18,37 +20,6 @@ pub fn level(verbosity: u8) -> LevelFilter {
         2 => LevelFilter::Debug,
         _ => LevelFilter::Trace,
     }
-}
-
-fn render(format: &str, start: Instant, record: &log::Record) -> String {
-    let mut out = format.to_string();
-    let replace = |out: &mut String, token: &str, value: &dyn Fn() -> String| {
-        if out.contains(token) {
-            *out = out.replace(token, &value());
-        }
-    };
-    // The message goes last so braces inside it are never taken for tokens.
-    replace(&mut out, "{boottime}", &|| {
-        format!("{:.6}", start.elapsed().as_secs_f64())
-    });
-    replace(&mut out, "{wallclock}", &|| {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        format!("{}.{:06}", d.as_secs(), d.subsec_micros())
-    });
-    replace(&mut out, "{thread}", &|| {
-        std::thread::current().name().unwrap_or("?").to_string()
-    });
-    replace(&mut out, "{level}", &|| record.level().to_string());
-    replace(&mut out, "{location}", &|| {
-        format!(
-            "{}:{}",
-            record.file().unwrap_or("?"),
-            record.line().unwrap_or(0)
-        )
-    });
-    out.replace("{msg}", &record.args().to_string())
 }
 
 /// Lines one call site may log per second; the rest are counted and dropped.
@@ -93,7 +64,12 @@ impl Limiter {
     }
 }
 
-pub fn init(verbosity: u8, file: Option<std::fs::File>, format: String) {
+/// Sets up logging; refuses a `--log-format` template it cannot read, saying why.
+pub fn init(verbosity: u8, file: Option<std::fs::File>, format: &str) -> Result<(), String> {
+    let tokens = log_format::parse(format)?;
+    if log_format::wants_local_time(&tokens) {
+        log_format::load_local_zone();
+    }
     let start = Instant::now();
     let limiter = Limiter::default();
     let mut builder = env_logger::Builder::new();
@@ -106,11 +82,11 @@ pub fn init(verbosity: u8, file: Option<std::fs::File>, format: String) {
             );
             match limiter.admit(site, Instant::now()) {
                 None => Ok(()),
-                Some(0) => writeln!(buf, "{}", render(&format, start, record)),
+                Some(0) => writeln!(buf, "{}", log_format::render(&tokens, start, record)),
                 Some(n) => writeln!(
                     buf,
                     "{} ({n} more lines from here dropped: at most {LINES_PER_SITE} a second)",
-                    render(&format, start, record)
+                    log_format::render(&tokens, start, record)
                 ),
             }
         });
@@ -118,6 +94,7 @@ pub fn init(verbosity: u8, file: Option<std::fs::File>, format: String) {
         builder.target(env_logger::Target::Pipe(Box::new(f)));
     }
     let _ = builder.try_init();
+    Ok(())
 }
 
 #[cfg(test)]

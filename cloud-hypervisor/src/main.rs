@@ -3,6 +3,7 @@
 
 mod cli;
 mod endpoints;
+mod log_format;
 mod logger;
 
 use std::path::PathBuf;
@@ -209,14 +210,12 @@ fn main() -> ExitCode {
     {
         seccomp::set_mode(mode);
     }
-    logger::init(
-        matches.get_count("v"),
-        log_file,
-        matches
-            .get_one::<String>("log-format")
-            .cloned()
-            .unwrap_or_else(|| logger::DEFAULT_FORMAT.to_string()),
-    );
+    let format = matches
+        .get_one::<String>("log-format")
+        .map_or(logger::DEFAULT_FORMAT, String::as_str);
+    if let Err(e) = logger::init(matches.get_count("v"), log_file, format) {
+        return fail(format!("--log-format {format}: {e}"));
+    }
     std::panic::set_hook(Box::new(|info| {
         vmm::restore_terminal();
         eprintln!("cloud-hypervisor: internal error: {info}");
