@@ -418,3 +418,42 @@ fn memory_zone_and_numa_errors() {
         assert_rejected(&all, &expect);
     }
 }
+
+/// `--log-format`: the original's tokens; an unknown one is refused naming it.
+#[test]
+fn log_format_tokens_and_refusals() {
+    let k = guest().elf_pvh.to_str().unwrap();
+    let r = run(&[
+        "-v",
+        "--log-format",
+        "{levelchar}|{thread}|{{{pid}}}|{msg}",
+        "--kernel",
+        k,
+        "--cmdline",
+        "test=boot",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    let pid_field = r
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("I|main|{"))
+        .unwrap_or_else(|| panic!("no 'I|main|{{pid}}|' line:\n{}", r.stderr));
+    let pid = pid_field.split('|').nth(2).unwrap();
+    assert!(
+        pid.starts_with('{') && pid.ends_with('}') && pid[1..pid.len() - 1].parse::<u32>().is_ok(),
+        "{pid_field}"
+    );
+    for (format, says) in [
+        ("{nope}", "unknown token '{nope}'"),
+        ("{msg", "'{msg' has no closing '}'"),
+    ] {
+        let r = run(&["--log-format", format, "--kernel", k]);
+        assert_eq!(r.code(), Some(1), "{format}");
+        assert_eq!(
+            r.stderr.trim(),
+            format!("cloud-hypervisor: --log-format {format}: {says}")
+        );
+    }
+}
