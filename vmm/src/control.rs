@@ -727,9 +727,17 @@ impl Vmm {
             EV_PANIC => self.guest_panicked(),
             EV_DEVICE => {
                 // The original's events: source `virtio-device`, the device id as `id`.
-                for (id, event) in self.events.take_device_events() {
+                let (events, dropped) = self.events.take_device_events();
+                for (id, event) in events {
                     let props = [("id".to_string(), id)].into_iter().collect();
                     self.monitor.emit_with("virtio-device", event, Some(&props));
+                }
+                if dropped > 0 {
+                    warn!(
+                        "{dropped} virtio-device events not written: the guest made more than {} \
+                         a second",
+                        crate::device_events::PER_SECOND
+                    );
                 }
             }
             EV_SERIAL_LISTEN => self.accept_serial()?,

@@ -40,7 +40,7 @@ pub struct VmEvents {
     /// Virtio devices were activated or reset (`device_events` says which, by device id): the
     /// control loop writes the original's `virtio-device` events.
     pub device: EventFd,
-    device_events: Arc<Mutex<Vec<(String, &'static str)>>>,
+    device_events: Arc<crate::device_events::DeviceEvents>,
 }
 
 impl VmEvents {
@@ -56,7 +56,7 @@ impl VmEvents {
             panic: EventFd::new(libc::EFD_NONBLOCK)?,
             panics: Arc::new(Mutex::new(Vec::new())),
             device: EventFd::new(libc::EFD_NONBLOCK)?,
-            device_events: Arc::new(Mutex::new(Vec::new())),
+            device_events: Arc::default(),
         })
     }
 
@@ -91,18 +91,18 @@ impl VmEvents {
         std::mem::take(&mut *self.panics.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The virtio device events since the last call, in order: (device id, event).
-    pub fn take_device_events(&self) -> Vec<(String, &'static str)> {
+    /// The virtio device events since the last call, in order: (device id, event); and how
+    /// many were dropped meanwhile (see `device_events`).
+    pub fn take_device_events(&self) -> (Vec<(String, &'static str)>, u64) {
         let _ = self.device.read();
-        std::mem::take(&mut *self.device_events.lock().unwrap_or_else(|e| e.into_inner()))
+        self.device_events.take()
     }
 
     /// Virtio device `id` was activated or reset (`event`).
     pub fn device_event(&self, id: &str, event: &'static str) {
-        self.device_events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((id.to_string(), event));
+        if !self.device_events.push(id, event, Instant::now()) {
+            return;
+        }
         if let Err(e) = self.device.write(1) {
             error!("cannot signal a device event: {e}");
         }

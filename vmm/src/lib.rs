@@ -4,6 +4,7 @@
 mod control;
 pub mod core_sched;
 mod cpu;
+mod device_events;
 mod device_manager;
 pub mod event_monitor;
 #[doc(hidden)]
