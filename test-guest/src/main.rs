@@ -193,7 +193,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
     };
     // BARs may lie in the 64-bit PCI window: map it before any scenario touches a device. A
     // window too large for the page-table pool (the original's spans tens of TiB) gets only
-    // the BARs the firmware-less boot found in it (devices hot-added later are not mapped).
+    // the BARs that bus 0's functions have in it now (devices hot-added later are not mapped).
     if let Some(w) = acpi.as_ref().and_then(|a| a.pci_windows.mmio64) {
         let mapped = if w.size <= MAP_WHOLE_MMIO64 {
             paging::map_uncached(w.start, w.size).map(|_| ())
