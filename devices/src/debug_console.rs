@@ -38,22 +38,8 @@ impl BusDevice for DebugConsole {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_util::{Broken, Shared};
 
     #[test]
     fn writes_go_out_and_reads_name_the_port() {
@@ -71,15 +57,6 @@ mod tests {
 
     #[test]
     fn a_broken_host_side_does_not_stop_the_guest() {
-        struct Broken;
-        impl Write for Broken {
-            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-                Err(std::io::ErrorKind::BrokenPipe.into())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let mut dev = DebugConsole::new(0x402, SerialOutput::new(Some(Box::new(Broken))));
         dev.write(0, b"x");
         dev.write(0, b"y");

@@ -220,20 +220,7 @@ impl Stateful for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{check_refusals, json_round_trip};
-    use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_util::{check_refusals, json_round_trip, Broken, Shared};
 
     #[test]
     fn transmits_and_receives_with_interrupts() {
@@ -266,15 +253,6 @@ mod tests {
 
     #[test]
     fn a_failing_sink_is_dropped() {
-        struct Broken;
-        impl Write for Broken {
-            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-                Err(io::Error::from(io::ErrorKind::BrokenPipe))
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let mut out = SerialOutput::new(Some(Box::new(Broken)));
         assert_eq!(out.write(b"abc").unwrap(), 3);
         assert!(out.sink.is_none());

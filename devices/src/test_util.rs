@@ -1,6 +1,8 @@
 //! Test doubles shared by the device tests.
 
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::{StateError, Stateful, VmRequests};
 
@@ -133,4 +135,30 @@ pub fn check_refusals_with<D: Stateful>(
         );
     }
     assert!(unchanged(&before, &dev.state()));
+}
+
+/// A sink whose output a test reads back (clones share it).
+#[derive(Clone, Default)]
+pub struct Shared(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A sink whose reader has gone: every write fails.
+pub struct Broken;
+
+impl Write for Broken {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::BrokenPipe))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
