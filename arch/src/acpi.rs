@@ -60,8 +60,8 @@ pub struct AcpiConfig {
     pub topology: Option<(u8, u8, u8, u8)>,
     /// Describe COM1 (0x3f8, IRQ 4) in the DSDT.
     pub serial: bool,
-    /// The PCI host bridge, if any.
-    pub pci: Option<PciHost>,
+    /// The PCI host bridges, one per segment, segment 0 first (none: no PCI).
+    pub pci: Vec<PciHost>,
     /// Slots of the ACPI memory hotplug controller (`\_SB_.MHPC`); 0: none (no memory is
     /// hot-plugged by ACPI).
     pub memory_slots: u32,
@@ -81,26 +81,37 @@ pub struct PciHost {
     pub ecam_size: u64,
     pub bus_start: u8,
     pub bus_end: u8,
-    pub io: (u16, u16),
+    /// The I/O port window; `Some` on segment 0 only, which also decodes ports 0xcf8-0xcff.
+    pub io: Option<(u16, u16)>,
     pub mmio32: (u64, u64),
     /// `None`: no 64-bit window (no room between RAM and the physical address limit).
     pub mmio64: Option<(u64, u64)>,
+    /// The NUMA node (`_PXM`) a `--numa pci_segments` list puts the segment in; 0 when none
+    /// does, as the original's.
+    pub proximity: u32,
 }
 
 impl PciHost {
-    /// Segment 0 as this VMM lays it out (ECAM, buses and I/O window from `layout`), with
-    /// the given memory windows.
-    pub fn segment0(mmio32: (u64, u64), mmio64: Option<(u64, u64)>) -> Self {
+    /// Segment `segment` as this VMM lays it out, as the original: bus 0 only, its ECAM the
+    /// `segment`th MiB from `layout::PCI_MMCONFIG_START`, the I/O window on segment 0 only;
+    /// with the given memory windows.
+    pub fn segment(segment: u16, mmio32: (u64, u64), mmio64: Option<(u64, u64)>) -> Self {
         PciHost {
-            segment: 0,
-            ecam_base: layout::PCI_MMCONFIG_START.0,
-            ecam_size: layout::PCI_MMCONFIG_SIZE,
+            segment,
+            ecam_base: layout::PCI_MMCONFIG_START.0 + (u64::from(segment) << 20),
+            ecam_size: 1 << 20,
             bus_start: 0,
-            bus_end: ((layout::PCI_MMCONFIG_SIZE >> 20) - 1) as u8,
-            io: layout::PCI_IO_WINDOW,
+            bus_end: 0,
+            io: (segment == 0).then_some(layout::PCI_IO_WINDOW),
             mmio32,
             mmio64,
+            proximity: 0,
         }
+    }
+
+    /// `segment(0, ...)`.
+    pub fn segment0(mmio32: (u64, u64), mmio64: Option<(u64, u64)>) -> Self {
+        Self::segment(0, mmio32, mmio64)
     }
 }
 
@@ -182,8 +193,8 @@ fn place_tables(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, Error> {
     let fadt = placer.place(*b"FACP", build_fadt(dsdt));
     let madt = placer.place(*b"APIC", build_madt(cfg.boot_vcpus, cfg.max_vcpus));
     let mut entries = vec![fadt, madt];
-    if let Some(pci) = &cfg.pci {
-        entries.push(placer.place(*b"MCFG", build_mcfg(pci)));
+    if !cfg.pci.is_empty() {
+        entries.push(placer.place(*b"MCFG", build_mcfg(&cfg.pci)));
     }
     if cfg.tpm {
         entries.push(placer.place(*b"TPM2", build_tpm2()));
@@ -232,8 +243,18 @@ fn validate(cfg: &AcpiConfig) -> Result<(), Error> {
             return Err(Error::InvalidTopology(topo, max));
         }
     }
-    if let Some(pci) = &cfg.pci {
+    for (i, pci) in cfg.pci.iter().enumerate() {
         validate_pci(pci)?;
+        for other in &cfg.pci[..i] {
+            if other.segment == pci.segment {
+                return Err(Error::InvalidPci("a segment described twice"));
+            }
+            if pci.ecam_base < other.ecam_base + other.ecam_size
+                && other.ecam_base < pci.ecam_base + pci.ecam_size
+            {
+                return Err(Error::InvalidPci("ECAM ranges of two segments overlap"));
+            }
+        }
     }
     Ok(())
 }
@@ -251,9 +272,10 @@ fn validate_pci(pci: &PciHost) -> Result<(), Error> {
     {
         return Err(Error::InvalidPci("ECAM range out of bounds"));
     }
-    let (io_start, io_size) = pci.io;
-    if io_size == 0 || u32::from(io_start) + u32::from(io_size) > 0x1_0000 {
-        return Err(Error::InvalidPci("bad I/O window"));
+    if let Some((io_start, io_size)) = pci.io {
+        if io_size == 0 || u32::from(io_start) + u32::from(io_size) > 0x1_0000 {
+            return Err(Error::InvalidPci("bad I/O window"));
+        }
     }
     let (start, size) = pci.mmio32;
     if size == 0 || start + size > 1 << 32 {
@@ -438,11 +460,13 @@ fn build_madt(boot: u32, max: u32) -> Vec<u8> {
     sdt(*b"APIC", MADT_REVISION, &body)
 }
 
-fn build_mcfg(pci: &PciHost) -> Vec<u8> {
+fn build_mcfg(hosts: &[PciHost]) -> Vec<u8> {
     let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    // The MCFG base address is that of bus 0 of the segment.
-    let base = pci.ecam_base - (u64::from(pci.bus_start) << 20);
-    mcfg.add_ecam(base, pci.segment, pci.bus_start, pci.bus_end);
+    for pci in hosts {
+        // The MCFG base address is that of bus 0 of the segment.
+        let base = pci.ecam_base - (u64::from(pci.bus_start) << 20);
+        mcfg.add_ecam(base, pci.segment, pci.bus_start, pci.bus_end);
+    }
     to_bytes(&mcfg)
 }
 
@@ -483,12 +507,15 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     rtc_device().to_aml_bytes(&mut sb);
     power_button_device().to_aml_bytes(&mut sb);
     vmgenid_device().to_aml_bytes(&mut sb);
-    ged_device(cfg.pci.is_some(), cfg.memory_slots > 0).to_aml_bytes(&mut sb);
+    ged_device(!cfg.pci.is_empty(), cfg.memory_slots > 0).to_aml_bytes(&mut sb);
     if cfg.tpm {
         tpm_device().to_aml_bytes(&mut sb);
     }
-    if let Some(pci) = &cfg.pci {
-        hotplug::controller(&[pci.segment]).to_aml_bytes(&mut sb);
+    if !cfg.pci.is_empty() {
+        let segments: Vec<u16> = cfg.pci.iter().map(|p| p.segment).collect();
+        hotplug::controller(&segments).to_aml_bytes(&mut sb);
+    }
+    for pci in &cfg.pci {
         pci_host_device(pci).to_aml_bytes(&mut sb);
         ecam_reservation_device(pci).to_aml_bytes(&mut sb);
     }
@@ -667,8 +694,9 @@ fn ged_device(pci_hotplug: bool, memory_hotplug: bool) -> Raw {
 fn pci_host_device(pci: &PciHost) -> Raw {
     let buses = aml::AddressSpace::new_bus_number(u16::from(pci.bus_start), u16::from(pci.bus_end));
     let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
-    let (io_start, io_size) = pci.io;
-    let io = aml::AddressSpace::new_io(io_start, io_start + (io_size - 1), None);
+    let io = pci
+        .io
+        .map(|(start, size)| aml::AddressSpace::new_io(start, start + (size - 1), None));
     let (m32_start, m32_size) = pci.mmio32;
     let mmio32 = aml::AddressSpace::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
@@ -686,7 +714,11 @@ fn pci_host_device(pci: &PciHost) -> Raw {
             None,
         )
     });
-    let mut resources: Vec<&dyn Aml> = vec![&buses, &cfg_io, &io, &mmio32];
+    let mut resources: Vec<&dyn Aml> = vec![&buses];
+    if let Some(io) = &io {
+        resources.extend([&cfg_io as &dyn Aml, io]);
+    }
+    resources.push(&mmio32);
     if let Some(m64) = &mmio64 {
         resources.push(m64);
     }
@@ -694,19 +726,24 @@ fn pci_host_device(pci: &PciHost) -> Raw {
     let segment = pci.segment;
     let bbn = pci.bus_start;
     let name = format!("PC{:02X}", pci.segment & 0xff);
-    Raw(to_bytes(&aml::Device::new(
-        name.as_str().into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
-            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
-            &aml::Name::new("_ADR".into(), &aml::ZERO),
-            &aml::Name::new("_SEG".into(), &segment),
-            &aml::Name::new("_UID".into(), &segment),
-            &aml::Name::new("_BBN".into(), &bbn),
-            &aml::Name::new("_CRS".into(), &crs),
-            &hotplug::bridge_objects(),
-        ],
-    )))
+    let (hid, cid) = (
+        aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+        aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+    );
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let (seg, uid) = (
+        aml::Name::new("_SEG".into(), &segment),
+        aml::Name::new("_UID".into(), &segment),
+    );
+    let bbn = aml::Name::new("_BBN".into(), &bbn);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    // Segment 0 has its host bridge in slot 0; the others can hotplug a device there.
+    let slots = hotplug::bridge_objects(if segment == 0 { 1 } else { 0 });
+    let node = pci.proximity;
+    let ret = aml::Return::new(&node);
+    let pxm = aml::Method::new("_PXM".into(), 0, false, vec![&ret]);
+    let body: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &pxm, &crs, &slots];
+    Raw(to_bytes(&aml::Device::new(name.as_str().into(), body)))
 }
 
 /// Offset of the CRB control area (`TPM_CRB_CTRL_REQ`) in the TPM's register page.

@@ -28,7 +28,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: 1,
                 topology: None,
                 serial: true,
-                pci: None,
+                pci: vec![],
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
@@ -41,7 +41,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: 8,
                 topology: Some((2, 2, 1, 2)),
                 serial: true,
-                pci: None,
+                pci: vec![],
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
@@ -54,7 +54,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: 2,
                 topology: None,
                 serial: false,
-                pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
+                pci: vec![pci_host(Some((1 << 40, 1 << 38)))],
                 memory_slots: 0,
                 tpm: true,
                 numa: Vec::new(),
@@ -67,7 +67,29 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: 1,
                 topology: None,
                 serial: true,
-                pci: Some(pci_host(None)),
+                pci: vec![pci_host(None)],
+                memory_slots: 0,
+                tpm: false,
+                numa: Vec::new(),
+            },
+        ),
+        (
+            "pci-segments",
+            AcpiConfig {
+                boot_vcpus: 2,
+                max_vcpus: 2,
+                topology: None,
+                serial: true,
+                pci: (0..3u16)
+                    .map(|s| PciHost {
+                        proximity: if s == 2 { 1 } else { 0 },
+                        ..PciHost::segment(
+                            s,
+                            (0xc000_0000 + u64::from(s) * 0x0400_0000, 0x0400_0000),
+                            Some(((1 << 40) + (u64::from(s) << 34), 1 << 34)),
+                        )
+                    })
+                    .collect(),
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
@@ -80,7 +102,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: 2,
                 topology: None,
                 serial: false,
-                pci: Some(pci_host(Some((1 << 40, 1 << 38)))),
+                pci: vec![pci_host(Some((1 << 40, 1 << 38)))],
                 memory_slots: 16,
                 tpm: true,
                 numa: Vec::new(),
@@ -93,7 +115,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 max_vcpus: arch::acpi::MAX_VCPUS,
                 topology: None,
                 serial: true,
-                pci: None,
+                pci: vec![],
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
@@ -258,19 +280,24 @@ fn iasl_disassembles_every_table_without_errors() {
         );
         assert_eq!(
             dsdt.contains("PNP0A08"),
-            cfg.pci.is_some(),
+            !cfg.pci.is_empty(),
             "{name}: PCI host presence in\n{dsdt}"
         );
         assert_eq!(
             dsdt.contains("QWordMemory"),
-            cfg.pci.as_ref().is_some_and(|p| p.mmio64.is_some()),
+            cfg.pci.iter().any(|p| p.mmio64.is_some()),
             "{name}: 64-bit window in\n{dsdt}"
         );
-        // The CPU hotplug controller's registers; with PCI, its hotplug controller's and the
-        // 32-bit window too.
+        // The CPU hotplug controller's registers; with PCI, its hotplug controller's and each
+        // segment's 32-bit window too.
+        let pci_ranges = if cfg.pci.is_empty() {
+            0
+        } else {
+            1 + cfg.pci.len()
+        };
         assert_eq!(
             dsdt.matches("DWordMemory").count(),
-            if cfg.pci.is_some() { 3 } else { 1 } + usize::from(cfg.memory_slots > 0),
+            1 + pci_ranges + usize::from(cfg.memory_slots > 0),
             "{name}: 32-bit ranges in\n{dsdt}"
         );
         let cpus = dsdt.matches("\"ACPI0007\"").count();
@@ -405,7 +432,7 @@ fn iasl_disassembles_every_table_without_errors() {
             "\\_SB.CPUS.CSCN ()",
             "}",
         ];
-        if cfg.pci.is_some() {
+        if !cfg.pci.is_empty() {
             evt.extend([
                 "Local3 = (Local0 & 0x04)",
                 "If ((Local3 == 0x04))",
@@ -433,7 +460,7 @@ fn iasl_disassembles_every_table_without_errors() {
         );
 
         // PCI hotplug: the controller's registers, ejection and scan, and the slot devices.
-        if cfg.pci.is_some() {
+        if !cfg.pci.is_empty() {
             for line in [
                 "Name (_HID, EisaId (\"PNP0A06\") /* Generic Container Device */)",
                 "Name (_UID, \"PCI Hotplug Controller\")",
@@ -456,19 +483,38 @@ fn iasl_disassembles_every_table_without_errors() {
                 ],
                 "{name}:\n{dsdt}"
             );
+            // PSCN selects each segment in turn and lets its bridge notify.
+            let mut pscn = vec!["Method (PSCN, 0, Serialized)".to_string(), "{".into()];
+            for p in &cfg.pci {
+                let n = match p.segment {
+                    0 => "Zero".to_string(),
+                    1 => "One".to_string(),
+                    n => format!("0x{n:02X}"),
+                };
+                pscn.push(format!("PSEG = {n}"));
+                pscn.push(format!("\\_SB.PC{:02X}.PCNT ()", p.segment));
+            }
+            pscn.push("}".into());
             assert_eq!(
                 block(&dsdt, "Method (PSCN, 0, Serialized)"),
-                [
-                    "Method (PSCN, 0, Serialized)",
-                    "{",
-                    "PSEG = Zero",
-                    "\\_SB.PC00.PCNT ()",
-                    "}",
-                ],
+                pscn,
                 "{name}:\n{dsdt}"
             );
+            // A bridge per segment, each with its node (`_PXM`).
+            for p in &cfg.pci {
+                let bridge = format!("Device (PC{:02X})", p.segment);
+                assert!(dsdt.contains(&bridge), "{name}: no {bridge} in\n{dsdt}");
+            }
+            let pxm = cfg.pci.len();
             assert_eq!(
-                block(&dsdt, "Device (S031)"),
+                dsdt.matches("Method (_PXM, 0").count(),
+                pxm,
+                "{name}:\n{dsdt}"
+            );
+            // `block` wants one match: with several bridges, check the last one's slot.
+            let s031 = dsdt.rfind("Device (S031)").expect("slot 31");
+            assert_eq!(
+                block(&dsdt[s031..], "Device (S031)"),
                 [
                     "Device (S031)",
                     "{",
@@ -482,8 +528,10 @@ fn iasl_disassembles_every_table_without_errors() {
                 ],
                 "{name}:\n{dsdt}"
             );
-            assert!(
-                !dsdt.contains("Device (S000)"),
+            // Slot 0 is segment 0's host bridge; the other segments can hotplug there.
+            assert_eq!(
+                dsdt.matches("Device (S000)").count(),
+                cfg.pci.len() - 1,
                 "{name}: the host bridge is no slot"
             );
         }

@@ -11,7 +11,7 @@ fn config(numa: Vec<NumaNode>) -> AcpiConfig {
         max_vcpus: 3,
         topology: None,
         serial: true,
-        pci: None,
+        pci: vec![],
         memory_slots: 0,
         tpm: false,
         numa,

@@ -12,8 +12,9 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
-    LandlockConfig, MemoryConfig, NetConfig, NumaConfig, PayloadConfig, PlatformConfig, PmemConfig,
-    RateLimitGroupConfig, RestoreConfig, RngConfig, TpmConfig, VsockConfig,
+    LandlockConfig, MemoryConfig, NetConfig, NumaConfig, PayloadConfig, PciSegmentConfig,
+    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, TpmConfig,
+    VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -58,51 +59,24 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     let serial = ConsoleConfig::parse("--serial", &s("serial").unwrap_or_default())?;
     let console = ConsoleConfig::parse("--console", &s("console").unwrap_or_default())?;
     let debug_console = DebugConsoleConfig::parse(&s("debug-console").unwrap_or_default())?;
-    let disks = m
-        .get_many::<String>("disk")
-        .into_iter()
-        .flatten()
-        .map(|d| DiskConfig::parse(d))
-        .collect::<Result<Vec<_>, _>>()?;
-    let net = m
-        .get_many::<String>("net")
-        .into_iter()
-        .flatten()
-        .map(|n| NetConfig::parse(n))
-        .collect::<Result<Vec<_>, _>>()?;
-    let pmem = m
-        .get_many::<String>("pmem")
-        .into_iter()
-        .flatten()
-        .map(|p| PmemConfig::parse(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let fs = m
-        .get_many::<String>("fs")
-        .into_iter()
-        .flatten()
-        .map(|f| FsConfig::parse(f))
-        .collect::<Result<Vec<_>, _>>()?;
-    let groups = m
-        .get_many::<String>("rate-limit-group")
-        .map(|g| {
-            g.map(|g| RateLimitGroupConfig::parse(g))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
-    let landlock_rules = m
-        .get_many::<String>("landlock-rules")
-        .map(|r| {
-            r.map(|r| LandlockConfig::parse(r))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
-    let numa = m
-        .get_many::<String>("numa")
-        .map(|n| {
-            n.map(|n| NumaConfig::parse(n))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
+    // A repeatable option: each value parsed (`None`: not given).
+    fn many<T>(
+        m: &ArgMatches,
+        name: &str,
+        parse: impl Fn(&str) -> Result<T, ConfigError>,
+    ) -> Result<Option<Vec<T>>, ConfigError> {
+        m.get_many::<String>(name)
+            .map(|values| values.map(|v| parse(v)).collect())
+            .transpose()
+    }
+    let disks = many(m, "disk", DiskConfig::parse)?.unwrap_or_default();
+    let net = many(m, "net", NetConfig::parse)?.unwrap_or_default();
+    let pmem = many(m, "pmem", PmemConfig::parse)?.unwrap_or_default();
+    let fs = many(m, "fs", FsConfig::parse)?.unwrap_or_default();
+    let groups = many(m, "rate-limit-group", RateLimitGroupConfig::parse)?;
+    let landlock_rules = many(m, "landlock-rules", LandlockConfig::parse)?;
+    let numa = many(m, "numa", NumaConfig::parse)?;
+    let pci_segments = many(m, "pci-segment", PciSegmentConfig::parse)?;
     let rng = RngConfig::parse(&s("rng").unwrap_or_default())?;
     let balloon = s("balloon").map(|b| BalloonConfig::parse(&b)).transpose()?;
     let vsock = s("vsock").map(|v| VsockConfig::parse(&v)).transpose()?;
@@ -138,6 +112,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         landlock_enable: m.get_flag("landlock"),
         landlock_rules,
         numa,
+        pci_segments,
         unsupported: Default::default(),
     })
 }

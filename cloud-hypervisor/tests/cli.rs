@@ -163,9 +163,18 @@ fn conflicting_and_unsupported_options() {
         &["--kernel", k, "--disk", "path=/nonexistent/x.img"],
         &["--disk /nonexistent/x.img", "No such file"],
     );
+    let on_segment_1 = format!("path={k},pci_segment=1");
     assert_rejected(
-        &["--kernel", k, "--disk", "path=/tmp/x.img,pci_segment=1"],
-        &["--disk", "only PCI segment 0"],
+        &["--kernel", k, "--disk", &on_segment_1],
+        &["--disk pci_segment=1", "the VM has 1 PCI segment(s)"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--platform", "num_pci_segments=97"],
+        &["--platform", "num_pci_segments=97: must be 1-96"],
+    );
+    assert_rejected(
+        &["--kernel", k, "--pci-segment", "pci_segment=2"],
+        &["--pci-segment pci_segment=2", "the VM has 1 PCI segment(s)"],
     );
     assert_rejected(
         &["--kernel", k, "--rng", "src=/nonexistent/rng"],
@@ -406,10 +415,10 @@ fn memory_zone_and_numa_errors() {
             vec!["--numa guest_numa_id=0: ", "no --memory-zone has the id b"],
         ),
         (
-            vec!["--numa", "guest_numa_id=0,cpus=[0],pci_segments=[0]"],
+            vec!["--numa", "guest_numa_id=0,cpus=[0],pci_segments=[1]"],
             vec![
-                "--numa guest_numa_id=0,cpus=[0],pci_segments=[0]: ",
-                "not supported yet",
+                "--numa guest_numa_id=0: ",
+                "pci_segments: segment 1: the VM has 1 PCI segment(s)",
             ],
         ),
     ] {

@@ -1,19 +1,20 @@
-//! PCI segment 0 as the VM builds it: the host bridge, a virtio-pci function (virtio-console,
-//! two queues and a configuration), pvpanic, configuration mechanism #1 (0xcf8/0xcfc) and ECAM,
-//! with BARs mapped on the MMIO bus wherever the guest programs them. The guest's accesses
+//! Two PCI segments as the VM builds them: segment 0 with the host bridge and a virtio-pci
+//! function (virtio-console, two queues and a configuration), segment 1 with pvpanic in its
+//! slot 0; configuration mechanism #1 (0xcf8/0xcfc, segment 0) and ECAM (a megabyte per
+//! segment), with BARs mapped on the MMIO bus wherever the guest programs them. The guest's accesses
 //! reach configuration spaces, BAR sizing and moves, the virtio common configuration, device
 //! configuration, notifications, ISR and the MSI-X table and PBA.
 //!
 //! Input: `[L lo, L hi]`, then `L` bytes of accesses, then the first bytes of guest RAM (for
 //! the rings a driver sets up). An access is `[sel, a, b, c]` then, for a write, its bytes:
 //! `sel & 3` is the space (0: ports 0xcf8-0xcff, offset `a % 8`; 1: ECAM, offset `a | b << 8 | c
-//! << 16` (bus 0); 2 and 3: the `a`-th BAR mapped now, offset `b | c << 8`), `sel & 4` a write,
-//! `sel >> 3 & 7` the size (1, 2, 4, 8, 3, 0, 16, 1 bytes).
+//! << 16`, in segment `c >> 4`; 2 and 3: the `a`-th BAR mapped now, offset `b | c << 8`),
+//! `sel & 4` a write, `sel >> 3 & 7` the size (1, 2, 4, 8, 3, 0, 16, 1 bytes).
 
 use std::sync::{Arc, Mutex};
 
 use devices::{Bus, BusDevice};
-use pci::{PciConfigIo, PciConfigMmio, PciDevice, PciRoot, VmInterface};
+use pci::{PciConfigIo, PciDevice, PciRoot, PciSegmentsEcam, VmInterface};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const ECAM: u64 = 0xe000_0000;
@@ -92,6 +93,8 @@ pub fn segment(data: &[u8]) {
     });
     let pio = Bus::new();
     let root = Arc::new(Mutex::new(PciRoot::new(vm.clone())));
+    // A second segment (no host bridge; its slot 0 holds the pvpanic device).
+    let root1 = Arc::new(Mutex::new(PciRoot::for_segment(vm.clone(), 1)));
     let console = virtio_devices::Console::new(
         Some(Box::new(std::io::sink())),
         None,
@@ -113,7 +116,8 @@ pub fn segment(data: &[u8]) {
     )));
     {
         let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
-        if r.add_device(1, dev.clone()).is_err() || r.add_device(2, panic).is_err() {
+        let mut r1 = root1.lock().unwrap_or_else(|e| e.into_inner());
+        if r.add_device(1, dev.clone()).is_err() || r1.add_device(0, panic).is_err() {
             return;
         }
     }
@@ -121,9 +125,12 @@ pub fn segment(data: &[u8]) {
     if pio.insert(io.clone(), 0xcf8, 8).is_err()
         || mmio
             .insert(
-                Arc::new(Mutex::new(PciConfigMmio(root.clone()))),
+                Arc::new(Mutex::new(PciSegmentsEcam(vec![
+                    root.clone(),
+                    root1.clone(),
+                ]))),
                 ECAM,
-                1 << 20,
+                4 << 20,
             )
             .is_err()
     {
@@ -143,9 +150,11 @@ pub fn segment(data: &[u8]) {
     let _ = d.config().read_reg(0);
     drop(d);
     let mut r = root.lock().unwrap_or_else(|e| e.into_inner());
-    let s = r.state();
-    let _ = r.set_state(&s);
+    if let Some(s) = r.state() {
+        let _ = r.set_state(&s);
+    }
     r.remove_all();
+    root1.lock().unwrap_or_else(|e| e.into_inner()).remove_all();
 }
 
 fn access(mut data: &[u8], pio: &Bus, mmio: &Bus, vm: &FakeVm) {

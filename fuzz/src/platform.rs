@@ -82,7 +82,7 @@ impl Platform {
             (1 << 32, 128 << 20),
             ((1 << 32) + (128 << 20), 256 << 20),
         ])));
-        let pci_hotplug = Arc::new(Mutex::new(PciHotplug::new(s)));
+        let pci_hotplug = Arc::new(Mutex::new(PciHotplug::new(s, 1)));
         let tpm = Arc::new(Mutex::new(devices::tpm::TpmCrb::new(
             Box::new(FakeTpm),
             0xfed4_0000,

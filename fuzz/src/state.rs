@@ -196,13 +196,14 @@ pub fn snapshot_seed() -> Option<VmSnapshot> {
         .ok()?;
         functions.push(VirtioPciSnapshot {
             id: format!("_{name}{i}"),
+            segment: 0,
             slot: i as u8 + 1,
             transport: dev.state(),
             device: dev.device_state(),
         });
     }
     let pci = PciSnapshot {
-        root: root.lock().unwrap_or_else(|e| e.into_inner()).state(),
+        root: root.lock().unwrap_or_else(|e| e.into_inner()).state()?,
         config_io: PciConfigIo::new(root.clone()).state(),
         hotplug: Some(st(&p.pci_hotplug)),
         devices: functions,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 pub use bus::{
     BarAllocator, BarWindows, PciConfigIo, PciConfigIoState, PciConfigMmio, PciRoot, PciRootError,
-    PciRootState, PCI_CONFIG_IO_STATE_VERSION, PCI_ROOT_STATE_VERSION,
+    PciRootState, PciSegmentsEcam, PCI_CONFIG_IO_STATE_VERSION, PCI_ROOT_STATE_VERSION,
 };
 pub use configuration::{
     extract, BarInfo, BarKind, PciConfiguration, PciConfigurationState, PciIds, BAR_COUNT,

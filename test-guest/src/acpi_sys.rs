@@ -61,6 +61,9 @@ pub struct AcpiInfo {
     pub vgen: Option<Result<u64, &'static str>>,
     /// The PCI host bridge's (PNP0A08) memory windows from its `_CRS`.
     pub pci_windows: PciWindows,
+    /// The MCFG's entries, as the `acpi` crate reads them: (segment, ECAM base of bus 0,
+    /// first bus, last bus).
+    pub mcfg: Vec<(u16, u64, u8, u8)>,
     pub has_madt: bool,
     pub cpus: Vec<Cpu>,
     pub signatures: Vec<[u8; 4]>,
@@ -148,6 +151,16 @@ pub fn discover(rsdp: u64) -> Result<AcpiInfo, AcpiSysError> {
                 break;
             }
         }
+    }
+    if let Ok(mcfg) = tables.find_table::<acpi::mcfg::Mcfg>() {
+        info.mcfg = mcfg
+            .entries()
+            .iter()
+            .map(|e| {
+                let (base, segment) = (e.base_address, e.pci_segment_group);
+                (segment, base, e.bus_number_start, e.bus_number_end)
+            })
+            .collect();
     }
     if let Ok(madt) = tables.find_table::<Madt>() {
         info.has_madt = true;

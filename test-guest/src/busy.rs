@@ -240,10 +240,25 @@ pub fn scenario_busy(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         }
     };
 
-    // The devices: the first virtio-blk and virtio-console functions, if any.
+    // The devices: the first virtio-blk and virtio-console functions, if any (on segment 0,
+    // or `busy_segment=<s>`'s).
+    let segment = boot.arg("busy_segment").and_then(parse_u64).unwrap_or(0) as u16;
+    let find_one = |kind: DeviceType| -> Result<Option<PciTransport>, ()> {
+        if segment == 0 {
+            return match find(kind).into_iter().next() {
+                Some(df) => transport(df).map(Some).ok_or(()),
+                None => Ok(None),
+            };
+        }
+        crate::segments::transport_on(acpi, segment, kind)
+            .map_err(|e| fail("busy-segment", format_args!("{e}")))
+    };
     let mut disk = None;
-    if let Some(df) = find(DeviceType::Block).into_iter().next() {
-        let Some(t) = transport(df) else { return };
+    let Ok(found) = find_one(DeviceType::Block) else {
+        return;
+    };
+    if let Some(t) = found {
+        let df = "the disk";
         let blk = match VirtIOBlk::<GuestHal, _>::new(t) {
             Ok(b) => b,
             Err(e) => {
@@ -266,8 +281,11 @@ pub fn scenario_busy(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
         disk = Some(Disk { blk, sectors });
     }
     let mut console = None;
-    if let Some(df) = find(DeviceType::Console).into_iter().next() {
-        let Some(t) = transport(df) else { return };
+    let Ok(found) = find_one(DeviceType::Console) else {
+        return;
+    };
+    if let Some(t) = found {
+        let df = "the console";
         match VirtIOConsole::<GuestHal, _>::new(t) {
             Ok(c) => console = Some(c),
             Err(e) => {

@@ -47,6 +47,7 @@ mod pmtimer;
 mod pres;
 mod pvpanic;
 mod rawq;
+mod segments;
 mod smbios;
 mod smp;
 mod svc;
@@ -226,6 +227,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "power-button" => scenario_power_button(acpi.as_ref()),
         "fault" => scenario_fault(),
         "pci" => virtio::scenario_pci(&boot, acpi.as_ref()),
+        "segments" => segments::scenario_segments(&boot, acpi.as_ref()),
         "rng" => virtio::scenario_rng(),
         "blk" => virtio::scenario_blk(&boot),
         "blk-bench" => virtio::scenario_blk_bench(),

@@ -361,7 +361,8 @@ fn transport_survives_save_and_restore_of_a_running_device() {
         (1, 1)
     );
     assert_eq!(saved.isr, 1);
-    let json = serde_json::to_string_pretty(&(a.root.lock().unwrap().state(), &saved)).unwrap();
+    let json =
+        serde_json::to_string_pretty(&(a.root.lock().unwrap().state().unwrap(), &saved)).unwrap();
     let regs = a.registers();
     let (ioevents, routes) = (
         a.vm.ioevents.lock().unwrap().clone(),
@@ -432,7 +433,7 @@ fn transport_restored_mid_negotiation_finishes_its_setup() {
 
     let mut b = Machine::new(a.clone_memory());
     drop(a);
-    let root_s = b.root.lock().unwrap().state();
+    let root_s = b.root.lock().unwrap().state().unwrap();
     b.restore(&root_s, &serde_json::from_str(&json).unwrap())
         .unwrap();
     assert_eq!(b.registers(), regs);

@@ -11,7 +11,8 @@ use super::parser::OptionParser;
 use super::rate_limit::{parse_rate_limiter, RateLimiterConfig, RATE_LIMITER_KEYS};
 use super::ConfigError;
 
-/// Where a device sits on PCI and what it is called. Only segment 0 exists.
+/// Where a device sits on PCI and what it is called. Whether its segment exists depends on
+/// the VM (`--platform num_pci_segments`): see `VmConfig::validate`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PciPlacement {
     pub id: Option<String>,
@@ -35,22 +36,24 @@ pub(crate) fn placement(p: &OptionParser) -> Result<PciPlacement, ConfigError> {
     })
 }
 
-/// The placement keys' rules, for configurations from the command line or the API. Ids starting
-/// with `__` are the VMM's own (`__console`, ...), as in the original.
+/// Why a device's `pci_segment` is not one of the VM's `segments`.
+pub fn segment_error(segments: u16) -> String {
+    format!("the VM has {segments} PCI segment(s) (--platform num_pci_segments)")
+}
+
+/// The placement keys' rules, for configurations from the command line or the API: a slot
+/// below 32, and not 0 on segment 0 (its host bridge; other segments have none, as the
+/// original's). Ids starting with `__` are the VMM's own (`__console`, ...), as in the
+/// original.
 pub(crate) fn check_placement(
     segment: u16,
     slot: Option<u8>,
     id: Option<&str>,
 ) -> Result<(), String> {
-    if segment != 0 {
-        return Err(format!(
-            "pci_segment={segment}: only PCI segment 0 exists (no --pci-segment support yet)"
-        ));
-    }
     if let Some(d) = slot {
-        if d == 0 || d > 31 {
+        if d > 31 || (d == 0 && segment == 0) {
             return Err(format!(
-                "pci_device_id={d}: must be 1-31 (0 is the host bridge)"
+                "pci_device_id={d}: must be 1-31 on segment 0 (0 is its host bridge), 0-31 on others"
             ));
         }
     }

@@ -20,7 +20,7 @@ fn disk() {
         ("path=", "path="),
         ("path=/x,num_queues=0", "num_queues"),
         ("path=/x,queue_size=100", "power of two"),
-        ("path=/x,pci_segment=1", "only PCI segment 0"),
+        ("path=/x,pci_device_id=0", "0 is its host bridge"),
         ("path=/x,pci_device_id=0", "1-31"),
         ("path=/x,pci_device_id=32", "1-31"),
         ("path=/x,image_type=iso", "image_type"),
@@ -338,7 +338,7 @@ fn validate_catches_what_the_api_can_send() {
             ..d.clone()
         },
         DiskConfig {
-            pci_segment: 1,
+            pci_device_id: Some(32),
             ..d.clone()
         },
         DiskConfig {
@@ -407,7 +407,13 @@ fn rng() {
     );
     // `src=` is not given: the default source, as the original.
     assert_eq!(RngConfig::parse("src=").unwrap(), RngConfig::default());
-    assert!(RngConfig::parse("src=/r,pci_segment=2").is_err());
+    assert!(RngConfig::parse("src=/r,pci_device_id=32").is_err());
+    assert_eq!(
+        RngConfig::parse("src=/r,pci_segment=2,pci_device_id=0")
+            .unwrap()
+            .pci_segment,
+        2
+    );
     assert!(RngConfig::parse("src=/r,iommu=on").is_err());
     assert_eq!(
         serde_json::to_value(RngConfig::default()).unwrap(),
@@ -440,7 +446,7 @@ fn balloon() {
         ),
         ("size=1G,colour=red", "unknown key 'colour'"),
         ("size=1G,iommu=on", "not supported"),
-        ("size=1G,pci_segment=1", "only PCI segment 0"),
+        ("size=1G,pci_device_id=40", "must be 1-31"),
         ("size=1G,id=__balloon", "reserved"),
     ] {
         let e = BalloonConfig::parse(bad).unwrap_err().to_string();

@@ -14,6 +14,7 @@ mod migration;
 mod net_vhost;
 mod numa;
 mod parser;
+mod pci_segment;
 mod platform;
 mod pmem;
 mod rate_limit;
@@ -43,6 +44,7 @@ pub use memory_zone::{zone_updates, MemoryZoneConfig, DEFAULT_ZONE_ID};
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
 pub use numa::{NumaConfig, NumaDistance};
 pub use parser::{parse_size, OptionParser};
+pub use pci_segment::{aperture_weights, PciSegmentConfig, MAX_NUM_PCI_SEGMENTS};
 pub use platform::{parse_uuid, PlatformConfig};
 pub use pmem::{PmemConfig, PMEM_ALIGNMENT};
 pub use rate_limit::{RateLimitGroupConfig, RateLimiterConfig, TokenBucketConfig};
@@ -458,7 +460,7 @@ pub struct VmConfig {
     /// `vm.info` as the original shows it).
     #[serde(default)]
     pub iommu: bool,
-    /// `--platform`: the SMBIOS identity (one PCI segment, no IOMMU).
+    /// `--platform`: the SMBIOS identity, the number of PCI segments (no IOMMU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformConfig>,
     /// `--pvpanic`: a pvpanic PCI device through which the guest reports its panics.
@@ -484,6 +486,9 @@ pub struct VmConfig {
         deserialize_with = "numa_none_if_empty"
     )]
     pub numa: Option<Vec<NumaConfig>>,
+    /// `--pci-segment`: the segments' shares of the PCI MMIO windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segments: Option<Vec<PciSegmentConfig>>,
     /// The original's fields for what we do not implement yet: accepted only when empty.
     #[serde(flatten)]
     pub unsupported: UnsupportedConfig,
@@ -568,6 +573,11 @@ impl VmConfig {
                     .into(),
             ));
         }
+        // The number of PCI segments first: the devices are placed on them.
+        if let Some(p) = &self.platform {
+            p.validate()
+                .map_err(|m| ConfigError::new(PlatformConfig::OPTION, "", m))?;
+        }
         self.validate_devices()?;
         self.cpus
             .validate()
@@ -584,11 +594,12 @@ impl VmConfig {
                 .flatten()
                 .map(|z| z.id.as_str())
                 .collect();
-            numa::validate_nodes(nodes, &zones, self.cpus.max_vcpus)?;
+            numa::validate_nodes(nodes, &zones, self.cpus.max_vcpus, self.num_pci_segments())?;
         }
-        if let Some(p) = &self.platform {
-            p.validate()
-                .map_err(|m| ConfigError::new(PlatformConfig::OPTION, "", m))?;
+        for c in self.pci_segments.iter().flatten() {
+            c.extra.check("pci_segments")?;
+            c.validate(Some(self.num_pci_segments()))
+                .map_err(|m| ConfigError::new(PciSegmentConfig::OPTION, &c.shown(), m))?;
         }
         self.validate_landlock()?;
         if self.iommu {
@@ -603,6 +614,13 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    /// The PCI segments the VM has (`--platform num_pci_segments`, 1 by default).
+    pub fn num_pci_segments(&self) -> u16 {
+        self.platform
+            .as_ref()
+            .map_or(platform::DEFAULT_NUM_PCI_SEGMENTS, |p| p.num_pci_segments)
+    }
+
     /// Refuses the original's keys this VMM does not model, in every object, unless they ask
     /// for nothing (see `extra`).
     fn check_extra(&self) -> Result<(), ConfigError> {
@@ -643,44 +661,54 @@ impl VmConfig {
         Ok(())
     }
 
-    /// Device ids and PCI slots must be unique; disk images must exist.
+    /// Device ids and PCI slots (within a segment) must be unique, each device on a segment
+    /// the VM has; disk images must exist.
     fn validate_devices(&self) -> Result<(), ConfigError> {
         let mut ids = std::collections::BTreeSet::new();
         let mut slots = std::collections::BTreeSet::new();
-        let mut check = |option: &'static str, id: &Option<String>, slot: Option<u8>| {
-            if let Some(id) = id {
-                if !ids.insert(id.clone()) {
-                    return Err(ConfigError::new(option, id, "this id is used twice".into()));
+        let segments = self.num_pci_segments();
+        let mut check_at =
+            |option: &'static str, id: &Option<String>, segment: u16, slot: Option<u8>| {
+                if let Some(id) = id {
+                    if !ids.insert(id.clone()) {
+                        return Err(ConfigError::new(option, id, "this id is used twice".into()));
+                    }
                 }
-            }
-            if let Some(slot) = slot {
-                if !slots.insert(slot) {
+                if segment >= segments {
                     return Err(ConfigError::new(
                         option,
-                        &format!("pci_device_id={slot}"),
-                        "this PCI device id is used twice".into(),
+                        &format!("pci_segment={segment}"),
+                        devices::segment_error(segments),
                     ));
                 }
-            }
-            Ok(())
-        };
+                if let Some(slot) = slot {
+                    if !slots.insert((segment, slot)) {
+                        return Err(ConfigError::new(
+                            option,
+                            &format!("pci_device_id={slot}"),
+                            format!("this PCI device id is used twice on segment {segment}"),
+                        ));
+                    }
+                }
+                Ok(())
+            };
         // Zone ids share the devices' id space too (a zone's virtio-mem device is named so),
         // and so does the default zone's when it has a virtio-mem device.
         for z in self.memory.zones.iter().flatten() {
-            check(MemoryZoneConfig::OPTION, &Some(z.id.clone()), None)?;
+            check_at(MemoryZoneConfig::OPTION, &Some(z.id.clone()), 0, None)?;
         }
         if self.memory.zones.is_none()
             && self.memory.hotplug_method == HotplugMethod::VirtioMem
             && self.memory.hotplug_size.unwrap_or(0) > 0
         {
-            check("--memory", &Some(DEFAULT_ZONE_ID.into()), None)?;
+            check_at("--memory", &Some(DEFAULT_ZONE_ID.into()), 0, None)?;
         }
         // Group ids share the devices' id space, as the original's.
         let groups = self.rate_limit_groups.as_deref().unwrap_or_default();
         for g in groups {
             g.check()
                 .map_err(|m| ConfigError::new("--rate-limit-group", &g.id, m))?;
-            check("--rate-limit-group", &Some(g.id.clone()), None)?;
+            check_at("--rate-limit-group", &Some(g.id.clone()), 0, None)?;
         }
         // As the original: no more queues (disks) or queue pairs (net) than boot vCPUs.
         let vcpus = self.cpus.boot_vcpus;
@@ -713,7 +741,7 @@ impl VmConfig {
                     ),
                 ));
             }
-            check("--disk", &d.id, d.pci_device_id)?;
+            check_at("--disk", &d.id, d.pci_segment, d.pci_device_id)?;
         }
         for n in &self.net {
             n.validate()?;
@@ -728,10 +756,15 @@ impl VmConfig {
                     format!("more queue pairs than the {vcpus} boot vCPU(s)"),
                 ));
             }
-            check("--net", &n.id, n.pci_device_id)?;
+            check_at("--net", &n.id, n.pci_segment, n.pci_device_id)?;
         }
         self.rng.validate()?;
-        check("--rng", &self.rng.id, self.rng.pci_device_id)?;
+        check_at(
+            "--rng",
+            &self.rng.id,
+            self.rng.pci_segment,
+            self.rng.pci_device_id,
+        )?;
         if let Some(b) = &self.balloon {
             b.validate(self.memory.ram_size())?;
             if self.memory.any_hugepages() {
@@ -743,15 +776,15 @@ impl VmConfig {
                     "not supported with --memory hugepages=on".into(),
                 ));
             }
-            check(BalloonConfig::OPTION, &b.id, b.pci_device_id)?;
+            check_at(BalloonConfig::OPTION, &b.id, b.pci_segment, b.pci_device_id)?;
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
-            check(VsockConfig::OPTION, &v.id, v.pci_device_id)?;
+            check_at(VsockConfig::OPTION, &v.id, v.pci_segment, v.pci_device_id)?;
         }
         for p in &self.pmem {
             p.validate()?;
-            check(PmemConfig::OPTION, &p.id, p.pci_device_id)?;
+            check_at(PmemConfig::OPTION, &p.id, p.pci_segment, p.pci_device_id)?;
         }
         for f in &self.fs {
             f.validate()?;
@@ -763,7 +796,7 @@ impl VmConfig {
                     "--fs needs --memory shared=on".into(),
                 ));
             }
-            check(FsConfig::OPTION, &f.id, f.pci_device_id)?;
+            check_at(FsConfig::OPTION, &f.id, f.pci_segment, f.pci_device_id)?;
         }
         let c = &self.console;
         devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())
@@ -777,7 +810,7 @@ impl VmConfig {
         }
         // The original checks the console's id even when the console is off.
         let slot = (c.mode != ConsoleOutputMode::Off).then_some(c.pci_device_id);
-        check("--console", &c.id, slot.flatten())?;
+        check_at("--console", &c.id, c.pci_segment, slot.flatten())?;
         Ok(())
     }
 }

@@ -88,6 +88,7 @@ fn config_with(payload: PayloadConfig) -> VmConfig {
         numa: None,
         debug_console: Default::default(),
         iommu: false,
+        pci_segments: None,
         unsupported: UnsupportedConfig::default(),
     }
 }
@@ -173,6 +174,7 @@ fn json_field_names_follow_the_api() {
         numa: None,
         debug_console: Default::default(),
         iommu: false,
+        pci_segments: None,
         unsupported: UnsupportedConfig::default(),
     };
     let json = serde_json::to_string(&cfg).unwrap();

@@ -1,7 +1,7 @@
 //! `--numa guest_numa_id=<n>,cpus=<list>,distances=[<node>@<distance>,...],memory_zones=<list>`:
-//! the guest's NUMA nodes, as the original's, described to it in the ACPI SRAT and SLIT (and
-//! a zone's virtio-mem device names its node). `pci_segments` and `device_id` (generic
-//! initiators) are refused by name: not built yet.
+//! the guest's NUMA nodes, as the original's, described to it in the ACPI SRAT and SLIT (a
+//! zone's virtio-mem device names its node; `pci_segments` give its host bridges a `_PXM`).
+//! `device_id` (generic initiators) is refused by name: not built yet.
 
 use serde::{Deserialize, Serialize};
 
@@ -108,9 +108,6 @@ impl NumaConfig {
         if self.device_id.is_some() {
             return Err("device_id (a generic initiator node) is not supported yet".into());
         }
-        if self.pci_segments.is_some() {
-            return Err("pci_segments is not supported yet".into());
-        }
         match (&self.cpus, &self.memory_zones) {
             (None, None) => {
                 Err("numa config must specify either device_id or cpus/memory_zones".into())
@@ -131,12 +128,15 @@ impl NumaConfig {
 
 /// The nodes against each other and the rest of the VM, as the original: ids once, each zone
 /// in one node and known, each vCPU below `max_vcpus` and in one node, distances to nodes
-/// that exist, once each.
+/// that exist, once each, each PCI segment one of the VM's `num_segments` and in one node
+/// (segment 0 only in node 0).
 pub fn validate_nodes(
     nodes: &[NumaConfig],
     zones: &[&str],
     max_vcpus: u32,
+    num_segments: u16,
 ) -> Result<(), ConfigError> {
+    let mut segment_node = std::collections::BTreeMap::new();
     let mut ids = std::collections::BTreeSet::new();
     let mut zone_node = std::collections::BTreeMap::new();
     let mut cpu_node = std::collections::BTreeMap::new();
@@ -169,6 +169,25 @@ pub fn validate_nodes(
             if let Some(other) = cpu_node.insert(c, n.guest_numa_id) {
                 return Err(err(format!(
                     "vCPU {c} belongs to multiple NUMA nodes: {other} and {}",
+                    n.guest_numa_id
+                )));
+            }
+        }
+        for &s in n.pci_segments.iter().flatten() {
+            if s >= num_segments {
+                return Err(err(format!(
+                    "pci_segments: segment {s}: {}",
+                    crate::devices::segment_error(num_segments)
+                )));
+            }
+            if s == 0 && n.guest_numa_id != 0 {
+                return Err(err(
+                    "pci_segments: segment 0 can only belong to NUMA node 0".into(),
+                ));
+            }
+            if let Some(other) = segment_node.insert(s, n.guest_numa_id) {
+                return Err(err(format!(
+                    "PCI segment {s} belongs to multiple NUMA nodes: {other} and {}",
                     n.guest_numa_id
                 )));
             }

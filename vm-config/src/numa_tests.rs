@@ -55,10 +55,6 @@ fn bad_nodes_name_the_option_and_value() {
             "not <node>@<distance>",
         ),
         ("guest_numa_id=0,device_id=vfio0", "generic initiator"),
-        (
-            "guest_numa_id=0,cpus=[0],pci_segments=[0]",
-            "pci_segments is not supported yet",
-        ),
         ("guest_numa_id=0,cpus=[0],bogus=1", "unknown key 'bogus'"),
     ] {
         let e = parse(raw).unwrap_err();
@@ -78,6 +74,17 @@ fn nodes_are_checked_against_each_other_and_the_vm() {
         ]),
         &["a", "b"],
         2,
+        1,
+    )
+    .unwrap();
+    validate_nodes(
+        &nodes(&[
+            "guest_numa_id=0,cpus=[0],pci_segments=[0,2]",
+            "guest_numa_id=1,cpus=[1],pci_segments=[1]",
+        ]),
+        &[],
+        2,
+        3,
     )
     .unwrap();
     for (raws, why) in [
@@ -120,8 +127,26 @@ fn nodes_are_checked_against_each_other_and_the_vm() {
             ][..],
             "above 10",
         ),
+        (
+            &["guest_numa_id=0,cpus=[0],pci_segments=[3]"][..],
+            "segment 3: the VM has 3 PCI segment(s)",
+        ),
+        (
+            &[
+                "guest_numa_id=0,cpus=[0]",
+                "guest_numa_id=1,cpus=[1],pci_segments=[0]",
+            ][..],
+            "segment 0 can only belong to NUMA node 0",
+        ),
+        (
+            &[
+                "guest_numa_id=0,cpus=[0],pci_segments=[1]",
+                "guest_numa_id=1,cpus=[1],pci_segments=[1]",
+            ][..],
+            "PCI segment 1 belongs to multiple NUMA nodes: 0 and 1",
+        ),
     ] {
-        let e = validate_nodes(&nodes(raws), &["a", "b"], 2).unwrap_err();
+        let e = validate_nodes(&nodes(raws), &["a", "b"], 2, 3).unwrap_err();
         assert_eq!(e.option, "--numa");
         assert!(e.msg.contains(why), "{raws:?}: {e}");
     }

@@ -1,14 +1,15 @@
 //! `--platform`: the SMBIOS identity the guest reads (type 1 System Information, type 3's asset
-//! tag, type 11 OEM Strings) and the original's PCI segment and IOMMU settings, of which only
-//! the defaults exist here (one PCI segment, no IOMMU). Field names, aliases and defaults follow
+//! tag, type 11 OEM Strings), the number of PCI segments and the original's IOMMU settings, of
+//! which only the defaults exist here (no IOMMU). Field names, aliases and defaults follow
 //! the original's `PlatformConfig`.
 
 use serde::{Deserialize, Serialize};
 
 use super::parser::OptionParser;
+use super::pci_segment::MAX_NUM_PCI_SEGMENTS;
 use super::ConfigError;
 
-/// One PCI segment is all this VMM builds.
+/// One PCI segment unless `num_pci_segments` says more.
 pub const DEFAULT_NUM_PCI_SEGMENTS: u16 = 1;
 /// The original's default (and largest) IOMMU address width.
 pub const DEFAULT_IOMMU_ADDRESS_WIDTH_BITS: u8 = 64;
@@ -178,11 +179,11 @@ impl PlatformConfig {
         Ok(cfg)
     }
 
-    /// What this VMM can give: one PCI segment, no IOMMU, SMBIOS strings it can write.
+    /// What this VMM can give: 1-96 PCI segments, no IOMMU, SMBIOS strings it can write.
     pub fn validate(&self) -> Result<(), String> {
-        if self.num_pci_segments != DEFAULT_NUM_PCI_SEGMENTS {
+        if self.num_pci_segments == 0 || self.num_pci_segments > MAX_NUM_PCI_SEGMENTS {
             return Err(format!(
-                "num_pci_segments={}: only one PCI segment is supported",
+                "num_pci_segments={}: must be 1-{MAX_NUM_PCI_SEGMENTS}",
                 self.num_pci_segments
             ));
         }
@@ -272,8 +273,8 @@ mod tests {
     #[test]
     fn more_segments_iommus_and_bad_values_are_refused() {
         for (bad, why) in [
-            ("num_pci_segments=2", "only one PCI segment"),
-            ("num_pci_segments=0", "only one PCI segment"),
+            ("num_pci_segments=97", "must be 1-96"),
+            ("num_pci_segments=0", "must be 1-96"),
             ("iommu_segments=[0]", "no virtual IOMMU"),
             ("iommu_segments=[x]", "a list of segment numbers"),
             ("uuid=not-a-uuid", "is not a UUID"),

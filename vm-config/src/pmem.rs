@@ -153,7 +153,7 @@ mod tests {
             format!("file={p},iommu=on"),
             format!("file={p},discard_writes=maybe"),
             format!("file={p},foo=1"),
-            format!("file={p},pci_segment=1"),
+            format!("file={p},pci_device_id=0"),
         ] {
             assert!(PmemConfig::parse(&bad).is_err(), "{bad}");
         }

@@ -148,7 +148,7 @@ fn serial_and_console_as_the_original_reads_them() {
         ("--serial", "tty,off", "give exactly one"),
         ("--serial", "tty,file=/x", "give exactly one"),
         ("--console", "tty,iommu=on", "iommu=on is not supported yet"),
-        ("--console", "tty,pci_segment=1", "only PCI segment 0"),
+        ("--console", "tty,pci_device_id=0", "0 is its host bridge"),
     ] {
         let e = parse(option, bad).unwrap_err().to_string();
         assert!(e.contains(why), "{option} {bad}: {e}");
@@ -492,5 +492,72 @@ fn rate_limit_groups() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(what), "{cfg}: {e}");
+    }
+}
+
+#[test]
+fn pci_segments_as_the_original_checks_them() {
+    let kernel = std::env::current_exe().unwrap();
+    let with = |extra: serde_json::Value| {
+        let mut v = json!({"payload": {"kernel": kernel}});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let mut c: VmConfig = serde_json::from_value(v).unwrap();
+        c.validate().map(|()| c)
+    };
+    // Slot 0 is free on segments past 0 (no host bridge there); a slot may repeat across
+    // segments.
+    let c = with(json!({
+        "platform": {"num_pci_segments": 3},
+        "rng": {"src": "/dev/urandom", "pci_segment": 2, "pci_device_id": 0},
+        "console": {"mode": "Off", "pci_segment": 1, "pci_device_id": 0},
+        "pci_segments": [{"pci_segment": 2, "mmio32_aperture_weight": 2}]
+    }))
+    .unwrap();
+    assert_eq!(c.num_pci_segments(), 3);
+    assert_eq!(
+        c.pci_segments.as_ref().unwrap()[0].mmio64_aperture_weight,
+        1
+    );
+    for (extra, option, why) in [
+        (
+            json!({"rng": {"src": "/dev/urandom", "pci_segment": 1}}),
+            "--rng",
+            "the VM has 1 PCI segment(s)",
+        ),
+        (
+            json!({"platform": {"num_pci_segments": 0}}),
+            "--platform",
+            "must be 1-96",
+        ),
+        (
+            json!({"platform": {"num_pci_segments": 2},
+                   "pci_segments": [{"pci_segment": 2}]}),
+            "--pci-segment",
+            "the VM has 2 PCI segment(s)",
+        ),
+        (
+            json!({"platform": {"num_pci_segments": 2},
+                   "pci_segments": [{"pci_segment": 1, "mmio64_aperture_weight": 0}]}),
+            "--pci-segment",
+            "at least 1",
+        ),
+        (
+            json!({"pci_segments": [{"pci_segment": 0, "colour": "red"}]}),
+            "pci_segments.colour",
+            "",
+        ),
+        (
+            json!({"platform": {"num_pci_segments": 2},
+                   "rng": {"src": "/dev/urandom", "pci_segment": 1, "pci_device_id": 3},
+                   "balloon": {"size": 0, "pci_segment": 1, "pci_device_id": 3}}),
+            "--balloon",
+            "used twice on segment 1",
+        ),
+    ] {
+        let e = with(extra.clone()).unwrap_err();
+        assert_eq!(e.option, option, "{extra}: {e}");
+        assert!(e.msg.contains(why), "{extra}: {e}");
     }
 }

@@ -19,8 +19,6 @@ pub struct UnsupportedConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vdpa: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_segments: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sgx_epc: Option<Value>,
     /// Any other top-level key: refused unless it asks for nothing, as in every object.
     #[serde(flatten, skip_serializing)]
@@ -40,12 +38,11 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 6] = [
+        let fields: [(&'static str, &Option<Value>); 5] = [
             ("generic_vhost_user", &self.generic_vhost_user),
             ("devices", &self.devices),
             ("user_devices", &self.user_devices),
             ("vdpa", &self.vdpa),
-            ("pci_segments", &self.pci_segments),
             ("sgx_epc", &self.sgx_epc),
         ];
         for (name, value) in fields {
@@ -83,7 +80,7 @@ mod tests {
             serde_json::from_str(r#"{"vsock": null, "devices": [], "sgx_epc": null}"#).unwrap();
         ok.validate().unwrap();
         for (json, field) in [
-            (r#"{"pci_segments": [{"pci_segment": 1}]}"#, "pci_segments"),
+            (r#"{"sgx_epc": [{"id": "e", "size": 4096}]}"#, "sgx_epc"),
             (r#"{"vdpa": [{"path": "/dev/vhost-vdpa-0"}]}"#, "vdpa"),
         ] {
             let c: UnsupportedConfig = serde_json::from_str(json).unwrap();

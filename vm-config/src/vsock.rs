@@ -105,7 +105,7 @@ mod tests {
             "cid=4294967295,socket=/s",
             "cid=x,socket=/s",
             "cid=3,socket=/s,iommu=on",
-            "cid=3,socket=/s,pci_segment=1",
+            "cid=3,socket=/s,pci_device_id=32",
             "cid=3,socket=/s,foo=1",
         ] {
             assert!(VsockConfig::parse(bad).is_err(), "{bad}");

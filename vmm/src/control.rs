@@ -123,7 +123,7 @@ pub(crate) struct Vmm {
     deferred_exit: bool,
     deferred_reset: bool,
     /// PCI slots and CPUs the guest ejected meanwhile.
-    deferred_ejects: (u32, Vec<u32>),
+    deferred_ejects: (crate::cpu::PciEjections, Vec<u32>),
     /// The command line's VM was confined by Landlock at start (its `create` skips it).
     pub(crate) landlocked: bool,
     /// The API socket's file (Landlock must let the VMM remove it at the end). Kept apart
@@ -185,7 +185,7 @@ impl Vmm {
             linger: None,
             deferred_exit: false,
             deferred_reset: false,
-            deferred_ejects: (0, Vec::new()),
+            deferred_ejects: Default::default(),
             landlocked: false,
             api_socket,
         })
@@ -255,7 +255,7 @@ impl Vmm {
         self.debug_console = debug;
         // Ejections the previous VM's guest made are no news to this one.
         self.events.take_ejected();
-        self.deferred_ejects = (0, Vec::new());
+        self.deferred_ejects = Default::default();
         self.vm = Some(vm);
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! vCPU threads: each runs its vCPU and services the exits that reach user space, and stops
 //! when asked (a flag plus a signal that kicks it out of KVM_RUN).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ pub struct VmEvents {
     /// The guest ejected hot-pluggable PCI slots (`ejected` says which): the control loop
     /// removes their devices. Not a halting event: the guest runs on.
     pub eject: EventFd,
-    ejected: Arc<AtomicU32>,
+    ejected: Arc<Mutex<PciEjections>>,
     /// The CPUs the guest ejected (same event fd).
     ejected_cpus: Arc<Mutex<Vec<u32>>>,
     /// The guest reported events through its pvpanic device (`panics` says which): the
@@ -51,7 +51,7 @@ impl VmEvents {
             reset: EventFd::new(libc::EFD_NONBLOCK)?,
             error: EventFd::new(libc::EFD_NONBLOCK)?,
             eject: EventFd::new(libc::EFD_NONBLOCK)?,
-            ejected: Arc::new(AtomicU32::new(0)),
+            ejected: Arc::default(),
             ejected_cpus: Arc::new(Mutex::new(Vec::new())),
             panic: EventFd::new(libc::EFD_NONBLOCK)?,
             panics: Arc::new(Mutex::new(Vec::new())),
@@ -76,13 +76,14 @@ impl VmEvents {
         })
     }
 
-    /// What the guest ejected since the last call: PCI slots of segment 0 (a bitmap) and
+    /// What the guest ejected since the last call: PCI slots (a bitmap per segment) and
     /// CPUs.
-    pub fn take_ejected(&self) -> (u32, Vec<u32>) {
+    pub fn take_ejected(&self) -> (PciEjections, Vec<u32>) {
         let _ = self.eject.read();
         let cpus =
             std::mem::take(&mut *self.ejected_cpus.lock().unwrap_or_else(|e| e.into_inner()));
-        (self.ejected.swap(0, Ordering::AcqRel), cpus)
+        let slots = std::mem::take(&mut *self.ejected.lock().unwrap_or_else(|e| e.into_inner()));
+        (slots, cpus)
     }
 
     /// The pvpanic events the guest reported since the last call, in order.
@@ -125,12 +126,24 @@ impl VmEvents {
     }
 }
 
+/// PCI slots the guest ejected: a bitmap of slots by segment.
+pub type PciEjections = std::collections::BTreeMap<u16, u32>;
+
+/// Adds the ejections of `more` to `into`.
+pub fn merge_ejections(into: &mut PciEjections, more: PciEjections) {
+    for (segment, slots) in more {
+        *into.entry(segment).or_default() |= slots;
+    }
+}
+
 impl devices::EjectSink for VmEvents {
     fn eject(&self, segment: u16, slots: u32) {
-        if segment != 0 {
-            return;
-        }
-        self.ejected.fetch_or(slots, Ordering::AcqRel);
+        *self
+            .ejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(segment)
+            .or_default() |= slots;
         if let Err(e) = self.eject.write(1) {
             error!("cannot signal an ejection: {e}");
         }

@@ -81,8 +81,8 @@ pub struct DeviceSetup<'a> {
     pub mem: &'a guest_memory::GuestMemoryMmap,
     pub cfg: &'a VmConfig,
     pub ram: (u64, u64),
-    /// Where PCI BARs go (the same windows the DSDT's `_CRS` describes).
-    pub pci_windows: PciWindows,
+    /// Where each PCI segment's BARs go (the same windows the DSDT's `_CRS` describes).
+    pub pci_windows: &'a [PciWindows],
     pub io: HostIo,
     pub nvram: Option<[u8; CMOS_NVRAM_SIZE]>,
     /// A restored VM's device slots by id (see `pci_setup::create`).
@@ -175,7 +175,7 @@ impl DeviceManager {
             &pio,
             &mmio,
             cfg,
-            &pci_windows,
+            pci_windows,
             console,
             slot_hints,
             ejections.clone(),

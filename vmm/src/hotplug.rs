@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use devices::GED_PCI_HOTPLUG;
 use log::{info, warn};
 
+use crate::cpu::PciEjections;
 use crate::device_manager::DeviceManager;
-use crate::pci_setup::{PciDevices, PciSetupError};
+use crate::pci_setup::{PciAddress, PciDevices, PciSetupError};
 use crate::virtio_build::NewDevice;
 
 /// Why a removal cannot be asked for.
@@ -20,33 +21,29 @@ pub enum RemoveError {
 }
 
 impl PciDevices {
-    /// Unplugs the function at `slot`: its BAR leaves the bus and goes back to the allocator,
+    /// Unplugs the function at `at`: its BAR leaves the bus and goes back to the allocator,
     /// and dropping it stops its workers, removes its interrupt routes and frees their GSIs,
     /// and closes what it holds (the disk image and its lock, the TAP). Returns its id.
-    fn unplug(&mut self, slot: u8) -> Option<String> {
-        let i = self.functions.iter().position(|f| f.slot == slot)?;
+    fn unplug(&mut self, at: PciAddress) -> Option<String> {
+        let i = self.functions.iter().position(|f| f.address() == at)?;
         let mut f = self.functions.remove(i);
-        if let Err(e) = self
-            .root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove_device(slot)
-        {
-            warn!("PCI 00:{slot:02x}.0 ({}): {e}", f.id);
+        let segment = self.segment(at.segment)?;
+        if let Err(e) = segment.root().remove_device(at.slot) {
+            warn!("PCI {at} ({}): {e}", f.id);
         }
-        if let Err(e) = self.bars.free(f.bar, f.bar_size) {
-            warn!("PCI 00:{slot:02x}.0 ({}): {e}", f.id);
+        if let Err(e) = segment.bars.free(f.bar, f.bar_size) {
+            warn!("PCI {at} ({}): {e}", f.id);
         }
         // A pmem range: its KVM slot is removed (the device is off the bus), then the range
         // goes back to the window.
         if let Some(m) = f.memory.take() {
             let (gpa, len) = (m.gpa, m.len);
             drop(m);
-            if let Err(e) = self.bars.free(gpa, len) {
-                warn!("PCI 00:{slot:02x}.0 ({}): {e}", f.id);
+            if let Err(e) = segment.bars.free(gpa, len) {
+                warn!("PCI {at} ({}): {e}", f.id);
             }
         }
-        info!("PCI 00:{slot:02x}.0: {} ({}) unplugged", f.id, f.option);
+        info!("PCI {at}: {} ({}) unplugged", f.id, f.option);
         Some(f.id.clone())
     }
 
@@ -57,25 +54,25 @@ impl PciDevices {
 }
 
 impl DeviceManager {
-    /// Places `d` on the running (or paused) VM's bus and tells the guest. Returns its slot.
-    pub fn hot_add(&mut self, d: NewDevice) -> Result<u8, PciSetupError> {
-        let slot = self.pci.place(d)?;
+    /// Places `d` on the running (or paused) VM's bus and tells the guest. Returns its address.
+    pub fn hot_add(&mut self, d: NewDevice) -> Result<PciAddress, PciSetupError> {
+        let at = self.pci.place(d)?;
         if self.pci.devices_paused {
             // A paused VM's devices start with the others when it resumes.
             if let Some(f) = self.pci.functions.last() {
                 if let Some(Err(e)) = f.transport().map(|t| lock(t).pause()) {
-                    warn!("PCI 00:{slot:02x}.0 ({}): cannot pause it: {e}", f.id);
+                    warn!("PCI {at} ({}): cannot pause it: {e}", f.id);
                 }
             }
         }
-        lock(&self.pci.hotplug).device_added(slot);
+        lock(&self.pci.hotplug).device_added(at.segment, at.slot);
         self.notify_pci();
-        Ok(slot)
+        Ok(at)
     }
 
     /// Asks the guest to eject the device `id`. Asking again repeats the request (a guest that
-    /// was not listening hears it now). Returns its slot.
-    pub fn request_removal(&mut self, id: &str) -> Result<u8, RemoveError> {
+    /// was not listening hears it now). Returns its address.
+    pub fn request_removal(&mut self, id: &str) -> Result<PciAddress, RemoveError> {
         let f = self
             .pci
             .functions
@@ -83,26 +80,29 @@ impl DeviceManager {
             .find(|f| f.id == id)
             .ok_or_else(|| RemoveError::UnknownId(id.to_string()))?;
         f.removal_requested = true;
-        let slot = f.slot;
-        lock(&self.pci.hotplug).removal_requested(slot);
+        let at = f.address();
+        lock(&self.pci.hotplug).removal_requested(at.segment, at.slot);
         self.notify_pci();
-        Ok(slot)
+        Ok(at)
     }
 
-    /// Removes the devices of the slots the guest ejected (bitmap of segment 0). Returns each
-    /// removed device's id and slot.
-    pub fn eject(&mut self, slots: u32) -> Vec<(String, u8)> {
+    /// Removes the devices of the slots the guest ejected (a bitmap per segment). Returns each
+    /// removed device's id and address.
+    pub fn eject(&mut self, ejected: &PciEjections) -> Vec<(String, PciAddress)> {
         let mut gone = Vec::new();
-        for slot in (1..32u8).filter(|s| slots & (1 << s) != 0) {
-            let Some(f) = self.pci.functions.iter().find(|f| f.slot == slot) else {
-                warn!("the guest ejects PCI slot {slot}, which is empty");
-                continue;
-            };
-            if !f.removal_requested {
-                info!("the guest ejects {} on its own", f.id);
-            }
-            if let Some(id) = self.pci.unplug(slot) {
-                gone.push((id, slot));
+        for (&segment, &slots) in ejected {
+            for slot in (0..32u8).filter(|s| slots & (1 << s) != 0) {
+                let at = PciAddress { segment, slot };
+                let Some(f) = self.pci.functions.iter().find(|f| f.address() == at) else {
+                    warn!("the guest ejects PCI {at}, which is empty");
+                    continue;
+                };
+                if !f.removal_requested {
+                    info!("the guest ejects {} on its own", f.id);
+                }
+                if let Some(id) = self.pci.unplug(at) {
+                    gone.push((id, at));
+                }
             }
         }
         gone

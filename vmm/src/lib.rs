@@ -16,6 +16,7 @@ mod memory_hotplug;
 mod memory_zones;
 mod migration;
 mod numa;
+mod pci_segments;
 mod pci_setup;
 mod pieces;
 mod platform;

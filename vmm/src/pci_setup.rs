@@ -1,7 +1,7 @@
-//! PCI segment 0 and the virtio devices on it: the host bridge, configuration access through
-//! ports 0xcf8/0xcfc and ECAM, BARs allocated from the MMIO windows `_CRS` describes (64-bit
-//! BARs above RAM), MSI-X routed through the hypervisor's GSI table, and one virtio-pci
-//! function per configured device.
+//! The PCI segments and the devices on them: configuration access through ports 0xcf8/0xcfc
+//! (segment 0) and ECAM (every segment, see `pci_segments`), BARs allocated from each
+//! segment's share of the MMIO windows `_CRS` describes (64-bit BARs above RAM), MSI-X routed
+//! through the hypervisor's GSI table, and one virtio-pci function per configured device.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -14,13 +14,15 @@ use devices::{EjectSink, PciHotplug, Stateful};
 use guest_memory::GuestMemoryMmap;
 use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
-use pci::{BarKind, BarWindows, PciConfigIo, PciConfigMmio, PciDevice, PciRoot, VmInterface};
+use pci::{BarKind, PciConfigIo, PciDevice, PciSegmentsEcam, VmInterface};
 use thiserror::Error;
 use virtio_devices::{Console, VirtioPciDevice};
 use vm_allocator::IdAllocator;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ImageType, VmConfig};
+use crate::pci_segments::PciSegment;
+pub use crate::pci_segments::{PciAddress, PciWindows};
 use crate::virtio_build::{self, NewDevice};
 
 /// GSIs below this belong to the IOAPIC/PIC routes KVM sets up by default.
@@ -45,6 +47,9 @@ pub enum PciSetupError {
     },
     #[error("PCI: {0}")]
     Bus(String),
+    /// The MMIO windows cannot be shared among the segments.
+    #[error("--platform num_pci_segments={count}: {msg}")]
+    Segments { count: u16, msg: String },
 }
 
 /// What the PCI code needs from the VM, backed by the hypervisor and the MMIO bus.
@@ -165,40 +170,6 @@ impl VmInterface for VmPci {
     }
 }
 
-/// The PCI MMIO windows of a VM, `(start, size)`: what `_CRS` describes and what BARs are
-/// allocated from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PciWindows {
-    pub mmio32: (u64, u64),
-    /// `None` when the guest physical address space has no room above RAM for one; 64-bit
-    /// BARs then go to the 32-bit window.
-    pub mmio64: Option<(u64, u64)>,
-}
-
-impl PciWindows {
-    /// The windows of a VM with `ram_size` bytes of RAM (and `hotplug_size` more that can be
-    /// plugged) whose vCPUs report `phys_bits` of physical address space (see
-    /// `arch::cpuid::guest_phys_bits`).
-    pub fn new(ram_size: u64, hotplug_size: u64, phys_bits: u8) -> Self {
-        PciWindows {
-            mmio32: (
-                layout::MEM_32BIT_DEVICES_START.0,
-                layout::MEM_32BIT_DEVICES_SIZE,
-            ),
-            mmio64: layout::mmio64_window(ram_size, hotplug_size, phys_bits),
-        }
-    }
-
-    fn allocators(&self) -> BarWindows {
-        BarWindows::new(self.mmio32, self.mmio64)
-    }
-}
-
-/// The PCI host bridge as ACPI describes it.
-pub fn pci_host(windows: &PciWindows) -> arch::acpi::PciHost {
-    arch::acpi::PciHost::segment0(windows.mmio32, windows.mmio64)
-}
-
 /// What a function on bus 0 is.
 pub(crate) enum FunctionDevice {
     /// A virtio device behind its virtio-pci transport.
@@ -207,11 +178,12 @@ pub(crate) enum FunctionDevice {
     Plain(Arc<Mutex<dyn PciDevice>>),
 }
 
-/// One function on bus 0.
+/// One function on bus 0 of a segment.
 pub(crate) struct Function {
     pub(crate) id: String,
     /// The option it came from (`--disk`, ...), for messages.
     pub(crate) option: &'static str,
+    pub(crate) segment: u16,
     pub(crate) slot: u8,
     pub(crate) device: FunctionDevice,
     /// Where the VMM put its BAR 0, and its size (given back to the allocator when it is
@@ -229,6 +201,13 @@ pub(crate) struct Function {
 }
 
 impl Function {
+    pub(crate) fn address(&self) -> PciAddress {
+        PciAddress {
+            segment: self.segment,
+            slot: self.slot,
+        }
+    }
+
     /// Its virtio-pci transport; `None` for a device that is not virtio.
     pub(crate) fn transport(&self) -> Option<&Arc<Mutex<VirtioPciDevice>>> {
         match &self.device {
@@ -253,6 +232,7 @@ impl Function {
 struct FunctionSpec {
     option: &'static str,
     id: String,
+    segment: u16,
     slot: Option<u8>,
     bar_size: u64,
     bar_kind: BarKind,
@@ -260,15 +240,16 @@ struct FunctionSpec {
     counters: Option<Arc<dyn devices::DeviceCounters>>,
 }
 
-/// The PCI segment of one VM, alive as long as the VM: the buses, the BAR and slot allocators
-/// and the functions, so that devices can be added and removed while it runs (`hotplug.rs`).
+/// The PCI segments of one VM, alive as long as the VM: the buses, the BAR and slot
+/// allocators and the functions, so that devices can be added and removed while it runs
+/// (`hotplug.rs`).
 pub struct PciDevices {
-    pub(crate) root: Arc<Mutex<PciRoot>>,
-    /// The 0xcf8/0xcfc ports (the address register is state).
+    /// By segment number.
+    pub(crate) segments: Vec<PciSegment>,
+    /// The 0xcf8/0xcfc ports of segment 0 (the address register is state).
     config_io: Arc<Mutex<PciConfigIo>>,
     pub(crate) vmi: Arc<VmPci>,
     pub(crate) mem: GuestMemoryMmap,
-    pub(crate) bars: BarWindows,
     /// The hotplug controller the DSDT's `\_SB_.PHPR` describes.
     pub(crate) hotplug: Arc<Mutex<PciHotplug>>,
     /// Every function, in the order it was placed.
@@ -297,18 +278,22 @@ impl PciDevices {
         self.released_counters = self.counters();
         // The locks share the images' open file descriptions: they go with the disks.
         self.functions.clear();
-        self.root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove_all();
+        for s in &self.segments {
+            s.root().remove_all();
+        }
     }
 
-    /// Each device's id and its device number on bus 0, in placement order.
-    pub fn placed(&self) -> Vec<(String, u8)> {
+    /// Each device's id and address, in placement order.
+    pub fn placed(&self) -> Vec<(String, PciAddress)> {
         self.functions
             .iter()
-            .map(|f| (f.id.clone(), f.slot))
+            .map(|f| (f.id.clone(), f.address()))
             .collect()
+    }
+
+    /// Segment `id`, if the VM has it.
+    pub(crate) fn segment(&mut self, id: u16) -> Option<&mut PciSegment> {
+        self.segments.get_mut(usize::from(id))
     }
 
     /// The BARs of device `id` as they stand now; none for an unknown id.
@@ -392,12 +377,15 @@ impl PciDevices {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// The segment's state: host bridge, 0xcf8, the hotplug controller and every transport
-    /// with its device's own state, in placement order. The device workers must be paused
-    /// (`pause_devices`).
+    /// The segments' state: segment 0's host bridge and 0xcf8, the hotplug controller and
+    /// every transport with its device's own state, in placement order (other segments' buses
+    /// hold no state of their own). The device workers must be paused (`pause_devices`).
     pub fn state(&self) -> crate::snapshot::PciSnapshot {
         crate::snapshot::PciSnapshot {
-            root: self.root.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            root: self.segments[0]
+                .root()
+                .state()
+                .expect("segment 0 has its host bridge"),
             config_io: self
                 .config_io
                 .lock()
@@ -416,6 +404,7 @@ impl PciDevices {
                     let t = f.transport()?.lock().unwrap_or_else(|e| e.into_inner());
                     Some(crate::snapshot::VirtioPciSnapshot {
                         id: f.id.clone(),
+                        segment: f.segment,
                         slot: f.slot,
                         transport: t.state(),
                         device: t.device_state(),
@@ -428,6 +417,7 @@ impl PciDevices {
                 .filter_map(|f| match &f.device {
                     FunctionDevice::Plain(d) => Some(crate::snapshot::PlainPciSnapshot {
                         id: f.id.clone(),
+                        segment: f.segment,
                         slot: f.slot,
                         config: d.lock().unwrap_or_else(|e| e.into_inner()).config().state(),
                     }),
@@ -437,23 +427,23 @@ impl PciDevices {
         }
     }
 
-    /// Makes segment 0 what `s` describes, in the order docs/pci.md gives: the host bridge
+    /// Makes the segments what `s` describes, in the order docs/pci.md gives: the host bridge
     /// and 0xcf8, then each transport (its device's own state first, since the transport's
-    /// may start the device), matched by id and slot (the snapshot's configuration built the
-    /// same functions in the same places: see `slot_hints`), then the BARs, last. The device
-    /// workers the restore started are paused at once (the VM comes up paused; its resume
-    /// starts them).
+    /// may start the device), matched by id and address (the snapshot's configuration built
+    /// the same functions in the same places: see `slot_hints`), then the BARs, last. The
+    /// device workers the restore started are paused at once (the VM comes up paused; its
+    /// resume starts them).
     pub fn restore(&mut self, s: &crate::snapshot::PciSnapshot) -> Result<(), String> {
-        let mut placed: Vec<(&str, u8)> = self
+        let mut placed: Vec<(&str, u16, u8)> = self
             .functions
             .iter()
-            .map(|f| (f.id.as_str(), f.slot))
+            .map(|f| (f.id.as_str(), f.segment, f.slot))
             .collect();
-        let mut saved: Vec<(&str, u8)> = s
+        let mut saved: Vec<(&str, u16, u8)> = s
             .devices
             .iter()
-            .map(|d| (d.id.as_str(), d.slot))
-            .chain(s.others.iter().map(|d| (d.id.as_str(), d.slot)))
+            .map(|d| (d.id.as_str(), d.segment, d.slot))
+            .chain(s.others.iter().map(|d| (d.id.as_str(), d.segment, d.slot)))
             .collect();
         placed.sort_unstable();
         saved.sort_unstable();
@@ -462,9 +452,8 @@ impl PciDevices {
                 "the state's PCI devices {saved:?} are not the configuration's {placed:?}"
             ));
         }
-        self.root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.segments[0]
+            .root()
             .set_state(&s.root)
             .map_err(|e| e.to_string())?;
         self.config_io
@@ -512,10 +501,9 @@ impl PciDevices {
                 break;
             }
         }
-        self.root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .refresh_bars();
+        for segment in &self.segments {
+            segment.root().refresh_bars();
+        }
         // Paused even after a failure: whatever started stops before the VM is dropped.
         let paused = self.pause_devices();
         result.and(paused)
@@ -538,26 +526,36 @@ impl PciDevices {
         Ok(())
     }
 
-    /// Occupied device numbers on bus 0 (0 is the host bridge).
-    pub fn device_ids(&self) -> Vec<u8> {
-        self.root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device_ids()
+    /// Occupied addresses (segment 0's slot 0 is its host bridge).
+    pub fn device_ids(&self) -> Vec<PciAddress> {
+        (0u16..)
+            .zip(&self.segments)
+            .flat_map(|(segment, s)| {
+                s.root()
+                    .device_ids()
+                    .into_iter()
+                    .map(move |slot| PciAddress { segment, slot })
+            })
+            .collect()
     }
 
-    /// Puts `d` on the bus: at `slot` (its own wish, else the lowest free slot), with a BAR
-    /// from the windows, behind a virtio-pci transport. Everything it took is given back if
-    /// it cannot be placed.
-    pub(crate) fn place(&mut self, d: NewDevice) -> Result<u8, PciSetupError> {
+    /// Puts `d` on its segment's bus: at `slot` (its own wish, else the lowest free slot),
+    /// with a BAR from the segment's windows, behind a virtio-pci transport. Everything it
+    /// took is given back if it cannot be placed.
+    pub(crate) fn place(&mut self, d: NewDevice) -> Result<PciAddress, PciSetupError> {
         self.place_with_bar(d, virtio_devices::VIRTIO_PCI_BAR_KIND)
     }
 
     /// `place` with a BAR 0 of `bar_kind`.
-    fn place_with_bar(&mut self, d: NewDevice, bar_kind: BarKind) -> Result<u8, PciSetupError> {
+    fn place_with_bar(
+        &mut self,
+        d: NewDevice,
+        bar_kind: BarKind,
+    ) -> Result<PciAddress, PciSetupError> {
         let NewDevice {
             option,
             id,
+            segment,
             slot,
             dev,
             lock,
@@ -568,7 +566,7 @@ impl PciDevices {
             .counters()
             .map(|c| c as Arc<dyn devices::DeviceCounters>);
         let memory = pmem
-            .map(|b| self.place_memory(option, &id, b))
+            .map(|b| self.place_memory(option, &id, segment, b))
             .transpose()?;
         let mem = self.mem.clone();
         let vmi: Arc<dyn VmInterface> = self.vmi.clone();
@@ -576,6 +574,7 @@ impl PciDevices {
         let spec = FunctionSpec {
             option,
             id,
+            segment,
             slot,
             bar_size: virtio_devices::VIRTIO_PCI_BAR_SIZE,
             bar_kind,
@@ -597,19 +596,21 @@ impl PciDevices {
             (Err(e), memory) => {
                 // The KVM slot goes first, then the range.
                 drop(memory);
-                if let Some((gpa, len)) = range {
-                    let _ = self.bars.free(gpa, len);
+                if let (Some((gpa, len)), Some(s)) = (range, self.segment(segment)) {
+                    let _ = s.bars.free(gpa, len);
                 }
                 Err(e)
             }
         }
     }
 
-    /// Places a pmem device's mapping: a range of the 64-bit window, a KVM memory slot.
+    /// Places a pmem device's mapping: a range of its segment's 64-bit window, a KVM memory
+    /// slot.
     fn place_memory(
         &mut self,
         option: &'static str,
         id: &str,
+        segment: u16,
         b: crate::pmem::PmemBacking,
     ) -> Result<crate::pmem::PmemMemory, PciSetupError> {
         let err = |msg: String| PciSetupError::Device {
@@ -618,8 +619,11 @@ impl PciDevices {
             msg,
         };
         let len = b.range.size;
-        let gpa = self
-            .bars
+        let bars = &mut self
+            .segment(segment)
+            .ok_or_else(|| err(no_segment(segment)))?
+            .bars;
+        let gpa = bars
             .allocate_memory(len, crate::pmem::PMEM_RANGE_ALIGN)
             .map_err(|e| err(format!("no room for its {len:#x} bytes of memory: {e}")))?;
         let slot = crate::pmem::free_slot(
@@ -628,13 +632,15 @@ impl PciDevices {
                 .filter_map(|f| f.memory.as_ref().map(|m| m.slot)),
         );
         crate::pmem::PmemMemory::register(self.vmi.hypervisor(), b, slot, gpa).map_err(|e| {
-            let _ = self.bars.free(gpa, len);
+            if let Some(s) = self.segment(segment) {
+                let _ = s.bars.free(gpa, len);
+            }
             err(e)
         })
     }
 
-    /// Puts a device that is not virtio on the bus, as `place` does: `build` makes it with
-    /// its BAR 0 (`bar_size` bytes of `bar_kind`) at the address it is given.
+    /// Puts a device that is not virtio on segment 0's bus, as `place` does: `build` makes it
+    /// with its BAR 0 (`bar_size` bytes of `bar_kind`) at the address it is given.
     pub(crate) fn place_pci(
         &mut self,
         option: &'static str,
@@ -642,10 +648,11 @@ impl PciDevices {
         slot: Option<u8>,
         (bar_size, bar_kind): (u64, BarKind),
         build: impl FnOnce(u64) -> Arc<Mutex<dyn PciDevice>>,
-    ) -> Result<u8, PciSetupError> {
+    ) -> Result<PciAddress, PciSetupError> {
         let spec = FunctionSpec {
             option,
             id,
+            segment: 0,
             slot,
             bar_size,
             bar_kind,
@@ -660,10 +667,11 @@ impl PciDevices {
         &mut self,
         spec: FunctionSpec,
         build: impl FnOnce(u64) -> Result<FunctionDevice, String>,
-    ) -> Result<u8, PciSetupError> {
+    ) -> Result<PciAddress, PciSetupError> {
         let FunctionSpec {
             option,
             id,
+            segment,
             slot,
             bar_size,
             bar_kind,
@@ -675,9 +683,13 @@ impl PciDevices {
             value: id.clone(),
             msg,
         };
-        let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
+        let seg = self
+            .segments
+            .get_mut(usize::from(segment))
+            .ok_or_else(|| err(no_segment(segment)))?;
+        let mut root = seg.root.lock().unwrap_or_else(|e| e.into_inner());
         let slot = root.next_device_id(slot).map_err(|e| err(e.to_string()))?;
-        let bar = self
+        let bar = seg
             .bars
             .allocate(bar_size, bar_kind)
             .map_err(|e| err(e.to_string()))?;
@@ -693,14 +705,18 @@ impl PciDevices {
         let device = match placed {
             Ok(d) => d,
             Err(e) => {
-                let _ = self.bars.free(bar, bar_size);
+                drop(root);
+                let _ = seg.bars.free(bar, bar_size);
                 return Err(e);
             }
         };
-        info!("PCI 00:{slot:02x}.0: {id} ({option}), BAR0 at {bar:#x}");
+        drop(root);
+        let address = PciAddress { segment, slot };
+        info!("PCI {address}: {id} ({option}), BAR0 at {bar:#x}");
         self.functions.push(Function {
             id,
             option,
+            segment,
             slot,
             device,
             bar,
@@ -710,8 +726,12 @@ impl PciDevices {
             removal_requested: false,
             memory: None,
         });
-        Ok(slot)
+        Ok(address)
     }
+}
+
+fn no_segment(segment: u16) -> String {
+    format!("pci_segment={segment}: the VM has no such PCI segment")
 }
 
 /// The host side of the virtio console.
@@ -734,19 +754,19 @@ pub struct SlotHint {
 /// A restored VM's devices by id (see `create`).
 pub type SlotHints = BTreeMap<String, SlotHint>;
 
-/// The BAR kind of a device placed when the VM is built: as the original, a disk's is 32-bit,
-/// so firmware that maps only the first 4 GiB (rust-hypervisor-firmware, edk2 early on) reaches
-/// the disk it boots from; every other device's, and a hot-added disk's, is 64-bit.
+/// The BAR kind of a device placed when the VM is built: as the original, a disk's on segment 0
+/// is 32-bit, so firmware that maps only the first 4 GiB (rust-hypervisor-firmware, edk2 early
+/// on) reaches the disk it boots from; every other device's, and a hot-added disk's, is 64-bit.
 fn boot_bar_kind(d: &NewDevice) -> BarKind {
-    if d.dev.device_type() == virtio_devices::TYPE_BLOCK {
+    if d.segment == 0 && d.dev.device_type() == virtio_devices::TYPE_BLOCK {
         BarKind::Mem32
     } else {
         virtio_devices::VIRTIO_PCI_BAR_KIND
     }
 }
 
-/// Builds segment 0 with the configured devices, their BARs in `windows`. `console`: `None`
-/// for no virtio console. `slot_hints`: where a restored VM's devices were (by id: slot and BAR
+/// Builds the segments with the configured devices, their BARs in `windows` (one per segment,
+/// see `pci_segments::segment_windows`). `console`: `None` for no virtio console. `slot_hints`: where a restored VM's devices were (by id: slot and BAR
 /// kind), so that a configuration changed by hotplug rebuilds the snapshot's bus. `ejections`:
 /// who hears of the guest's ejections; `events`, of its devices' activations and resets.
 #[allow(clippy::too_many_arguments)]
@@ -756,7 +776,7 @@ pub fn create(
     pio: &Arc<Bus>,
     mmio: &Arc<Bus>,
     cfg: &VmConfig,
-    windows: &PciWindows,
+    windows: &[PciWindows],
     console: Option<ConsoleIo>,
     slot_hints: Option<&SlotHints>,
     ejections: Arc<dyn EjectSink>,
@@ -766,22 +786,37 @@ pub fn create(
         .try_clone()
         .map_err(|e| PciSetupError::Bus(e.to_string()))?;
     let vmi = Arc::new(VmPci::new(vm.clone(), mmio, events));
-    let root = Arc::new(Mutex::new(PciRoot::new(vmi.clone())));
+    let segments: Vec<PciSegment> = (0u16..)
+        .zip(windows)
+        .map(|(id, w)| PciSegment::new(vmi.clone(), id, w))
+        .collect();
+    if segments.is_empty() || segments.len() > usize::from(vm_config::MAX_NUM_PCI_SEGMENTS) {
+        return Err(PciSetupError::Bus(format!(
+            "{} PCI segments: must be 1-{}",
+            segments.len(),
+            vm_config::MAX_NUM_PCI_SEGMENTS
+        )));
+    }
     let bus_err = |e: devices::BusError| PciSetupError::Bus(e.to_string());
-    let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(segments[0].root.clone())));
     pio.insert(
         config_io.clone(),
         layout::PCI_CONFIG_IO_PORT,
         layout::PCI_CONFIG_IO_SIZE,
     )
     .map_err(bus_err)?;
+    // One megabyte of ECAM per segment; the rest of the range reads all ones.
+    let ecam = PciSegmentsEcam(segments.iter().map(|s| s.root.clone()).collect());
     mmio.insert(
-        Arc::new(Mutex::new(PciConfigMmio(root.clone()))),
+        Arc::new(Mutex::new(ecam)),
         layout::PCI_MMCONFIG_START.0,
         layout::PCI_MMCONFIG_SIZE,
     )
     .map_err(bus_err)?;
-    let hotplug = Arc::new(Mutex::new(PciHotplug::new(ejections)));
+    let hotplug = Arc::new(Mutex::new(PciHotplug::new(
+        ejections,
+        segments.len() as u16,
+    )));
     mmio.insert(
         hotplug.clone(),
         layout::PCI_HOTPLUG_START.0,
@@ -795,6 +830,7 @@ pub fn create(
             option: "--console",
             // The original's name for the console device.
             id: cfg.console.id.clone().unwrap_or_else(|| "__console".into()),
+            segment: cfg.console.pci_segment,
             slot: cfg.console.pci_device_id,
             dev: Box::new(Console::new(io.out, io.input, io.size)),
             lock: None,
@@ -856,11 +892,10 @@ pub fn create(
     // Devices with an explicit slot first, so automatic ones do not take their slot.
     list.sort_by_key(|p| p.slot.is_none());
     let mut pci = PciDevices {
-        root,
+        segments,
         config_io,
         vmi,
         mem: mem.clone(),
-        bars: windows.allocators(),
         hotplug,
         functions: Vec::new(),
         devices_paused: false,
@@ -904,7 +939,7 @@ mod tests {
         ] {
             let w = PciWindows::new(ram, 0, bits);
             assert_eq!(w.mmio64, want64, "ram {ram:#x} bits {bits}");
-            let host = pci_host(&w);
+            let host = arch::acpi::PciHost::segment0(w.mmio32, w.mmio64);
             assert_eq!(host.mmio64, w.mmio64);
             assert_eq!(host.mmio32, w.mmio32);
             let mut bars = w.allocators();

@@ -35,7 +35,7 @@ pub(crate) fn add_pvpanic(
     pci: &mut PciDevices,
     slot_hints: Option<&crate::pci_setup::SlotHints>,
     sink: Arc<dyn PanicSink>,
-) -> Result<u8, PciSetupError> {
+) -> Result<crate::pci_setup::PciAddress, PciSetupError> {
     let slot = slot_hints.and_then(|h| h.get(PVPANIC_ID)).map(|h| h.slot);
     pci.place_pci(
         "--pvpanic",

@@ -140,6 +140,7 @@ pub fn pmem(cfg: &PmemConfig, id: String) -> Result<NewDevice, PciSetupError> {
         option: "--pmem",
         id,
         slot: cfg.pci_device_id,
+        segment: cfg.pci_segment,
         dev: Box::new(Pmem::new(flushed, range.clone())),
         lock: None,
         image_type: None,

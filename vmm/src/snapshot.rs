@@ -82,7 +82,8 @@ pub struct PlatformSnapshot {
     pub memory_hotplug: Option<devices::MemoryHotplugState>,
 }
 
-/// PCI segment 0.
+/// The PCI segments: segment 0's host bridge and ports, the hotplug controller, and every
+/// function of every segment.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PciSnapshot {
@@ -103,6 +104,9 @@ pub struct PciSnapshot {
 #[serde(deny_unknown_fields)]
 pub struct PlainPciSnapshot {
     pub id: String,
+    /// Its segment (written when not 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub segment: u16,
     pub slot: u8,
     pub config: pci::PciConfigurationState,
 }
@@ -113,10 +117,17 @@ pub struct PlainPciSnapshot {
 pub struct VirtioPciSnapshot {
     /// The device id (`vm.info`'s).
     pub id: String,
-    /// Its device number on bus 0.
+    /// Its segment (written when not 0: a state of a build without segments reads as 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub segment: u16,
+    /// Its device number on its segment's bus 0.
     pub slot: u8,
     pub transport: VirtioPciState,
     pub device: VirtioDeviceState,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 /// A stretch of guest RAM, in the original's shape (`MemoryRange`).

@@ -26,6 +26,8 @@ use crate::pci_setup::PciSetupError;
 pub struct NewDevice {
     pub option: &'static str,
     pub id: String,
+    /// The PCI segment it goes on (`pci_segment=`).
+    pub segment: u16,
     pub slot: Option<u8>,
     pub dev: Box<dyn VirtioDevice>,
     /// A disk's image lock (a migration hands it over).
@@ -148,6 +150,7 @@ pub fn disk(
         option: "--disk",
         id,
         slot: d.pci_device_id,
+        segment: d.pci_segment,
         dev: Box::new(dev),
         lock: Some(lock),
         image_type: Some(image_type),
@@ -177,6 +180,7 @@ fn vhost_user_disk(d: &DiskConfig, socket: &str, id: String) -> Result<NewDevice
         option: "--disk",
         id,
         slot: d.pci_device_id,
+        segment: d.pci_segment,
         dev: Box::new(dev),
         lock: None,
         // Kept beside the other disks' (the configuration records one per disk).
@@ -204,6 +208,7 @@ pub fn fs(f: &FsConfig, id: String) -> Result<NewDevice, PciSetupError> {
         option: FsConfig::OPTION,
         id,
         slot: f.pci_device_id,
+        segment: f.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -301,6 +306,7 @@ pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
         option: "--net",
         id,
         slot: n.pci_device_id,
+        segment: n.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -331,6 +337,7 @@ pub fn balloon(
         // The original's name for the balloon device.
         id: cfg.id.clone().unwrap_or_else(|| "__balloon".into()),
         slot: cfg.pci_device_id,
+        segment: cfg.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -422,6 +429,7 @@ fn virtio_mem_device(
         option: "--memory",
         id,
         slot: None,
+        segment: 0,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -445,6 +453,7 @@ pub fn watchdog(
         option: "--watchdog",
         id: "__watchdog".into(),
         slot,
+        segment: 0,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -469,6 +478,7 @@ pub fn vsock(cfg: &VsockConfig) -> Result<NewDevice, PciSetupError> {
         // The original's name: `_vsock` and a number.
         id: cfg.id.clone().unwrap_or_else(|| "_vsock0".into()),
         slot: cfg.pci_device_id,
+        segment: cfg.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -488,6 +498,7 @@ pub fn rng(cfg: &RngConfig) -> Result<NewDevice, PciSetupError> {
         // The original's name for the entropy device.
         id: cfg.id.clone().unwrap_or_else(|| "__rng".into()),
         slot: cfg.pci_device_id,
+        segment: cfg.pci_segment,
         dev: Box::new(Rng::new(src)),
         lock: None,
         image_type: None,

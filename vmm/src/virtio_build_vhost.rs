@@ -51,6 +51,7 @@ pub fn net(n: &NetConfig, socket: &str, id: String) -> Result<NewDevice, PciSetu
         option: "--net",
         id,
         slot: n.pci_device_id,
+        segment: n.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,

@@ -188,7 +188,8 @@ fn open(option: &'static str, path: &std::path::Path) -> Result<File, VmError> {
 struct Machine {
     vm: Arc<dyn hypervisor::Vm>,
     devices: DeviceManager,
-    pci_windows: crate::pci_setup::PciWindows,
+    /// Each PCI segment's windows.
+    pci_windows: Vec<crate::pci_setup::PciWindows>,
     supported: Vec<hypervisor::CpuIdEntry>,
 }
 
@@ -226,13 +227,20 @@ impl Machine {
                 .mmio64
                 .map_or("none".into(), |(s, n)| format!("{s:#x}+{n:#x}"))
         );
+        let pci_windows =
+            crate::pci_segments::segment_windows(cfg, &pci_windows).map_err(|msg| {
+                DeviceError::Pci(crate::pci_setup::PciSetupError::Segments {
+                    count: cfg.num_pci_segments(),
+                    msg,
+                })
+            })?;
         let devices = DeviceManager::new(
             DeviceSetup {
                 vm: &vm,
                 mem,
                 cfg,
                 ram,
-                pci_windows,
+                pci_windows: &pci_windows,
                 io,
                 nvram,
                 slot_hints,
@@ -240,7 +248,7 @@ impl Machine {
             },
             events,
         )?;
-        info!("PCI bus 0 devices: {:?}", devices.pci.device_ids());
+        info!("PCI devices: {:?}", devices.pci.device_ids());
         Ok(Machine {
             vm,
             devices,
@@ -289,7 +297,7 @@ impl Vm {
                     )
                 }),
                 serial: serial_enabled,
-                pci: Some(crate::pci_setup::pci_host(&pci_windows)),
+                pci: crate::pci_segments::pci_hosts(cfg, &pci_windows),
                 memory_slots: if acpi_hotplug_base(cfg).is_some() {
                     devices::memory_hotplug::MEMORY_HOTPLUG_SLOTS as u32
                 } else {
@@ -631,8 +639,11 @@ impl Vm {
     /// under it, named as the original names them.
     pub fn device_tree(&self) -> std::collections::BTreeMap<String, api::DeviceNode> {
         let mut tree = std::collections::BTreeMap::new();
-        // `pci`: the node of PCI function `function` in `slot`, with its address and BARs.
-        let mut node = |id: &str, parent: Option<&str>, children, pci: Option<(u8, &str)>| {
+        // `pci`: the node of PCI function `function` at `at`, with its address and BARs.
+        let mut node = |id: &str,
+                        parent: Option<&str>,
+                        children,
+                        pci: Option<(crate::pci_setup::PciAddress, &str)>| {
             let resources = match pci {
                 Some((_, function)) => self.devices.pci.bars(function),
                 None => Vec::new(),
@@ -642,7 +653,7 @@ impl Vm {
                 parent: parent.map(str::to_string),
                 resources: resources.iter().map(pci_bar_resource).collect(),
                 children,
-                pci_bdf: pci.map(|(slot, _)| format!("0000:00:{slot:02x}.0")),
+                pci_bdf: pci.map(|(at, _)| at.to_string()),
             };
             tree.insert(id.to_string(), node);
         };
@@ -659,14 +670,14 @@ impl Vm {
         for id in platform {
             node(id, None, Vec::new(), None);
         }
-        for (id, slot) in &self.devices.pci.placed() {
+        for (id, at) in &self.devices.pci.placed() {
             if !self.devices.pci.is_virtio(id) {
                 // Not virtio (pvpanic): one node, with the PCI address, as the original's.
-                node(id, None, Vec::new(), Some((*slot, id)));
+                node(id, None, Vec::new(), Some((*at, id)));
                 continue;
             }
             let transport = format!("_virtio-pci-{id}");
-            node(&transport, None, vec![id.clone()], Some((*slot, id)));
+            node(&transport, None, vec![id.clone()], Some((*at, id)));
             node(id, Some(&transport), Vec::new(), None);
         }
         tree

@@ -4,8 +4,8 @@
 //! - `\_SB_.PHPR` (PNP0A06): the controller's four registers as fields `PCIU`, `PCID`, `B0EJ`
 //!   and `PSEG` of a SystemMemory region, `PCEJ (slot, segment)` to eject a slot and `PSCN` to
 //!   scan every segment, which the GED's `_EVT` calls on its PCI bit.
-//! - In each host bridge: a `Snnn` device per slot 1-31 (decimal) (`_ADR`, `_SUN`, `_EJ0` calling
-//!   `PCEJ`), `DVNT (bitmap, type)` notifying the slots of a bitmap, and `PCNT`, which notifies
+//! - In each host bridge: a `Snnn` device per slot (decimal; 1-31 on segment 0, whose slot 0 is
+//!   the host bridge, 0-31 on the others) (`_ADR`, `_SUN`, `_EJ0` calling `PCEJ`), `DVNT (bitmap, type)` notifying the slots of a bitmap, and `PCNT`, which notifies
 //!   the added slots with 1 (device check) and those to remove with 3 (eject request).
 
 use acpi_tables::aml;
@@ -17,8 +17,8 @@ use crate::layout;
 /// The controller's path, as `_EVT` and the slots' `_EJ0` call it.
 pub(super) const PCI_HOTPLUG_DEVICE: &str = "\\_SB_.PHPR";
 
-/// Slots a guest can hotplug on a bus (0 is the host bridge).
-const SLOTS: std::ops::Range<u8> = 1..32;
+/// Slots past the last on a bus.
+const SLOTS_END: u8 = 32;
 
 /// `\_SB_.PHPR`, scanning the host bridges of `segments` (device `PCxx` for segment xx).
 pub(super) fn controller(segments: &[u16]) -> Raw {
@@ -76,11 +76,13 @@ pub(super) fn controller(segments: &[u16]) -> Raw {
     )))
 }
 
-/// The slot devices and the notification methods that go inside a host bridge's scope.
-pub(super) fn bridge_objects() -> Raw {
+/// The slot devices (from `first_slot`: 1 where slot 0 holds the host bridge) and the
+/// notification methods that go inside a host bridge's scope.
+pub(super) fn bridge_objects(first_slot: u8) -> Raw {
+    let slots = first_slot..SLOTS_END;
     let mut out = Vec::new();
     let (sun_path, seg_path) = (aml::Path::new("_SUN"), aml::Path::new("_SEG"));
-    for slot in SLOTS {
+    for slot in slots.clone() {
         let adr = u32::from(slot) << 16;
         let sun = u32::from(slot);
         let call = aml::MethodCall::new(
@@ -100,7 +102,7 @@ pub(super) fn bridge_objects() -> Raw {
     }
     // DVNT (bitmap, type): Notify (Snnn, type) for each slot whose bit is set.
     let mut tests = Vec::new();
-    for slot in SLOTS {
+    for slot in slots {
         let bit = 1u32 << slot;
         let path = aml::Path::new(&slot_name(slot));
         let masked = aml::And::new(&aml::Local(0), &aml::Arg(0), &bit);
@@ -119,7 +121,7 @@ pub(super) fn bridge_objects() -> Raw {
     Raw(out)
 }
 
-/// `S001` ... `S031` (decimal, as the original names them).
+/// `S000` ... `S031` (decimal, as the original names them).
 pub(super) fn slot_name(slot: u8) -> String {
     format!("S{slot:03}")
 }

@@ -7,7 +7,7 @@ fn cfg(boot: u32, max: u32) -> AcpiConfig {
         max_vcpus: max,
         topology: None,
         serial: true,
-        pci: None,
+        pci: vec![],
         memory_slots: 0,
         tpm: false,
         numa: Vec::new(),
@@ -81,7 +81,7 @@ fn every_table_has_a_valid_checksum_and_length() {
         cfg(1, 1),
         cfg(4, 8),
         AcpiConfig {
-            pci: Some(pci_host()),
+            pci: vec![pci_host()],
             ..cfg(2, 2)
         },
     ] {
@@ -111,7 +111,7 @@ fn rsdp_points_to_xsdt_which_lists_every_other_table() {
         (cfg(1, 1), vec![*b"FACP", *b"APIC"]),
         (
             AcpiConfig {
-                pci: Some(pci_host()),
+                pci: vec![pci_host()],
                 ..cfg(1, 1)
             },
             vec![*b"FACP", *b"APIC", *b"MCFG"],
@@ -143,7 +143,7 @@ fn rsdp_points_to_xsdt_which_lists_every_other_table() {
 #[test]
 fn tables_do_not_overlap_and_fit_below_acpi_end() {
     let largest = AcpiConfig {
-        pci: Some(pci_host()),
+        pci: vec![pci_host()],
         memory_slots: 16,
         tpm: true,
         numa: Vec::new(),
@@ -346,17 +346,17 @@ fn dsdt_has_s5_cpus_and_com1() {
 fn pci_host_bridge_and_mcfg() {
     let pci = pci_host();
     let c = AcpiConfig {
-        pci: Some(pci.clone()),
+        pci: vec![pci.clone()],
         ..cfg(1, 1)
     };
     let dsdt = dsdt_of(&c);
     assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]), "PNP0A08");
     assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]), "PNP0A03");
     assert!(contains(&dsdt, b"_SEG") && contains(&dsdt, b"_BBN"));
-    // WordBusNumber 0..255
+    // WordBusNumber 0..0: bus 0 only, as the original's.
     assert!(contains(
         &dsdt,
-        &[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0, 0, 0, 0, 0xff, 0]
+        &[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0, 0, 0, 0, 0, 0]
     ));
     // Config I/O ports and the I/O window.
     assert!(contains(
@@ -380,10 +380,10 @@ fn pci_host_bridge_and_mcfg() {
     assert!(contains(&dsdt, &m64));
     // Without a 64-bit window there is no QWordMemory at all.
     let no64 = dsdt_of(&AcpiConfig {
-        pci: Some(PciHost {
+        pci: vec![PciHost {
             mmio64: None,
             ..pci.clone()
-        }),
+        }],
         ..cfg(1, 1)
     });
     assert!(!contains(&no64, &m64[..4]));
@@ -392,7 +392,7 @@ fn pci_host_bridge_and_mcfg() {
     assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
     let mut ecam = vec![0x86, 0x09, 0x00, 0x01];
     ecam.extend_from_slice(&0xe800_0000u32.to_le_bytes());
-    ecam.extend_from_slice(&0x1000_0000u32.to_le_bytes());
+    ecam.extend_from_slice(&0x0010_0000u32.to_le_bytes());
     assert!(contains(&dsdt, &ecam));
 
     let tables = build_tables(&c).unwrap();
@@ -400,7 +400,62 @@ fn pci_host_bridge_and_mcfg() {
     assert_eq!(mcfg.len(), 44 + 16);
     assert_eq!(u64_at(mcfg, 44), pci.ecam_base);
     assert_eq!(u16_at(mcfg, 52), 0);
-    assert_eq!((mcfg[54], mcfg[55]), (0, 255));
+    assert_eq!((mcfg[54], mcfg[55]), (0, 0));
+}
+
+#[test]
+fn each_segment_has_a_bridge_and_an_mcfg_entry() {
+    let hosts: Vec<PciHost> = (0..3u16)
+        .map(|s| PciHost {
+            proximity: if s == 1 { 4 } else { 0 },
+            ..PciHost::segment(s, (0xc000_0000 + (u64::from(s) << 26), 1 << 26), None)
+        })
+        .collect();
+    let c = AcpiConfig {
+        pci: hosts.clone(),
+        ..cfg(1, 1)
+    };
+    let tables = build_tables(&c).unwrap();
+    let mcfg = &tables.iter().find(|t| &t.0 == b"MCFG").unwrap().1;
+    assert_eq!(mcfg.len(), 44 + 3 * 16);
+    for (i, h) in hosts.iter().enumerate() {
+        let entry = 44 + 16 * i;
+        assert_eq!(u64_at(mcfg, entry), 0xe800_0000 + ((i as u64) << 20));
+        assert_eq!(u16_at(mcfg, entry + 8), h.segment);
+        assert_eq!((mcfg[entry + 10], mcfg[entry + 11]), (0, 0));
+    }
+    let dsdt = dsdt_of(&c);
+    for name in [b"PC00", b"PC01", b"PC02"] {
+        assert!(contains(&dsdt, name), "{}", String::from_utf8_lossy(name));
+    }
+    // Ports 0xcf8-0xcff and the I/O window belong to segment 0 only.
+    let cfg_io = [0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08];
+    assert_eq!(dsdt.windows(8).filter(|w| *w == cfg_io).count(), 1);
+    // A _PXM per bridge (as the original's): node 4 for segment 1, 0 for the others.
+    assert_eq!(dsdt.windows(4).filter(|w| w == b"_PXM").count(), 3);
+    assert_eq!(
+        dsdt.windows(3)
+            .filter(|w| **w == [0xa4, 0x0a, 0x04])
+            .count(),
+        1
+    );
+    // Two segments with one number, or overlapping ECAM, are refused.
+    for bad in [
+        vec![hosts[0].clone(), hosts[0].clone()],
+        vec![
+            hosts[0].clone(),
+            PciHost {
+                ecam_base: hosts[0].ecam_base,
+                ..hosts[1].clone()
+            },
+        ],
+    ] {
+        let c = AcpiConfig {
+            pci: bad,
+            ..cfg(1, 1)
+        };
+        assert!(matches!(build_tables(&c), Err(Error::InvalidPci(_))));
+    }
 }
 
 #[test]
@@ -435,15 +490,15 @@ fn bad_configs_are_rejected() {
             ..pci_host()
         },
         PciHost {
-            ecam_size: 1 << 20,
+            ecam_size: 1 << 19,
             ..pci_host()
         },
         PciHost {
-            io: (0xf000, 0x2000),
+            io: Some((0xf000, 0x2000)),
             ..pci_host()
         },
         PciHost {
-            io: (0x1000, 0),
+            io: Some((0x1000, 0)),
             ..pci_host()
         },
         PciHost {
@@ -457,7 +512,7 @@ fn bad_configs_are_rejected() {
     ];
     for pci in bad_pci {
         let c = AcpiConfig {
-            pci: Some(pci.clone()),
+            pci: vec![pci.clone()],
             ..cfg(1, 1)
         };
         assert!(
@@ -471,7 +526,7 @@ fn bad_configs_are_rejected() {
 fn create_writes_the_tables_into_guest_memory() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
     let c = AcpiConfig {
-        pci: Some(pci_host()),
+        pci: vec![pci_host()],
         ..cfg(2, 4)
     };
     let rsdp = create_acpi_tables(&mem, &c).unwrap();
@@ -601,7 +656,7 @@ fn dsdt_has_a_vm_generation_id_device() {
     for c in [
         cfg(1, 1),
         AcpiConfig {
-            pci: Some(pci_host()),
+            pci: vec![pci_host()],
             ..cfg(MAX_VCPUS, MAX_VCPUS)
         },
     ] {

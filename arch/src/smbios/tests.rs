@@ -226,13 +226,13 @@ fn smbios_lies_in_reserved_memory_apart_from_the_acpi_tables() {
         max_vcpus: acpi::MAX_VCPUS,
         topology: None,
         serial: true,
-        pci: Some(acpi::PciHost::segment0(
+        pci: vec![acpi::PciHost::segment0(
             (
                 layout::MEM_32BIT_DEVICES_START.0,
                 layout::MEM_32BIT_DEVICES_SIZE,
             ),
             Some((1 << 40, 1 << 38)),
-        )),
+        )],
         memory_slots: 16,
         tpm: true,
         numa: Vec::new(),

@@ -26,6 +26,7 @@ mod pvpanic;
 mod restore;
 mod restore_macs;
 mod seccomp;
+mod segments;
 mod snapshot;
 mod vsock;
 mod watchdog;

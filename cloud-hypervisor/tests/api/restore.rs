@@ -15,7 +15,7 @@ use crate::helpers::*;
 
 /// A busy guest's configuration: 2 vCPUs, 256 MiB, serial into `serial` (or on stdout), and
 /// a 1 MiB disk where `disk` is given.
-fn busy_config(serial: Option<&Path>, disk: Option<&Path>) -> Value {
+pub(crate) fn busy_config(serial: Option<&Path>, disk: Option<&Path>) -> Value {
     let kernel = common::guest().elf_pvh.display().to_string();
     let mut c = json!({
         "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
@@ -93,7 +93,7 @@ fn check_goes_on(before: &Busy, after: &[Busy], text: &str) {
 }
 
 /// Waits for ten more rounds in `serial` and checks them with `check_goes_on`; returns them.
-fn goes_on(serial: &Path, before: &Busy) -> Vec<Busy> {
+pub(crate) fn goes_on(serial: &Path, before: &Busy) -> Vec<Busy> {
     wait_round(serial, before.n + 10);
     let text = std::fs::read_to_string(serial).unwrap();
     let after: Vec<Busy> = busy_lines(&text)
@@ -106,7 +106,11 @@ fn goes_on(serial: &Path, before: &Busy) -> Vec<Busy> {
 
 /// Boots a busy guest in a VMM, lets it run, pauses it and snapshots it into `<dir>/snap`;
 /// returns the snapshot URL, the last round before the pause, and the VMM's config.
-fn busy_snapshot(vmm: &Vmm, config: &Value, serial: Option<&Path>) -> (String, Busy, Value) {
+pub(crate) fn busy_snapshot(
+    vmm: &Vmm,
+    config: &Value,
+    serial: Option<&Path>,
+) -> (String, Busy, Value) {
     assert_eq!(
         vmm.curl("PUT", "vm.create", Some(&config.to_string())).0,
         204

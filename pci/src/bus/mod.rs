@@ -1,5 +1,6 @@
-//! PCI segment 0, bus 0: the host bridge and the devices, reached through the legacy
-//! configuration ports (0xcf8 address, 0xcfc data) or ECAM, and the VMM's BAR allocator.
+//! Bus 0 of a PCI segment: segment 0's host bridge and the devices, reached through the legacy
+//! configuration ports (0xcf8 address, 0xcfc data; segment 0 only) or ECAM, and the VMM's BAR
+//! allocator.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -45,7 +46,7 @@ pub const DEVICES_PER_BUS: u8 = 32;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PciRootError {
-    #[error("PCI device id {0} is out of range (1-31)")]
+    #[error("PCI device id {0} is out of range (1-31; 0-31 on a segment past 0)")]
     BadDeviceId(u8),
     #[error("PCI device id {0} is already in use")]
     DeviceIdInUse(u8),
@@ -191,14 +192,30 @@ struct Slot {
     mapped: [Option<u64>; BAR_COUNT],
 }
 
-/// Bus 0 of segment 0: slot 0 is the host bridge.
+/// Bus 0 of a segment. On segment 0, slot 0 is the host bridge; other segments have none (as
+/// the original's), and a device may take their slot 0.
 pub struct PciRoot {
     slots: BTreeMap<u8, Slot>,
     vm: Arc<dyn VmInterface>,
+    segment: u16,
 }
 
 impl PciRoot {
+    /// Segment 0's bus, with its host bridge.
     pub fn new(vm: Arc<dyn VmInterface>) -> Self {
+        Self::for_segment(vm, 0)
+    }
+
+    /// The bus of `segment`: a host bridge at slot 0 on segment 0 only.
+    pub fn for_segment(vm: Arc<dyn VmInterface>, segment: u16) -> Self {
+        let mut root = PciRoot {
+            slots: BTreeMap::new(),
+            vm,
+            segment,
+        };
+        if segment != 0 {
+            return root;
+        }
         let bridge = PciConfiguration::new(PciIds {
             vendor: HOST_BRIDGE_VENDOR,
             device: HOST_BRIDGE_DEVICE,
@@ -209,24 +226,40 @@ impl PciRoot {
             subsystem_vendor: 0,
             subsystem: 0,
         });
-        let mut slots = BTreeMap::new();
-        slots.insert(
+        root.slots.insert(
             0,
             Slot {
                 dev: Arc::new(Mutex::new(HostBridge(bridge))),
                 mapped: [None; BAR_COUNT],
             },
         );
-        PciRoot { slots, vm }
+        root
+    }
+
+    /// The segment this bus belongs to.
+    pub fn segment(&self) -> u16 {
+        self.segment
+    }
+
+    /// Whether slot 0 holds the host bridge (segment 0).
+    fn has_bridge(&self) -> bool {
+        self.segment == 0
+    }
+
+    /// The first slot a device can take.
+    fn first_slot(&self) -> u8 {
+        u8::from(self.has_bridge())
     }
 
     /// The device number a new device gets: `wanted`, or the lowest free one.
     pub fn next_device_id(&self, wanted: Option<u8>) -> Result<u8, PciRootError> {
         match wanted {
-            Some(id) if id == 0 || id >= DEVICES_PER_BUS => Err(PciRootError::BadDeviceId(id)),
+            Some(id) if id < self.first_slot() || id >= DEVICES_PER_BUS => {
+                Err(PciRootError::BadDeviceId(id))
+            }
             Some(id) if self.slots.contains_key(&id) => Err(PciRootError::DeviceIdInUse(id)),
             Some(id) => Ok(id),
-            None => (1..DEVICES_PER_BUS)
+            None => (self.first_slot()..DEVICES_PER_BUS)
                 .find(|id| !self.slots.contains_key(id))
                 .ok_or(PciRootError::BusFull),
         }
@@ -253,13 +286,14 @@ impl PciRoot {
     /// Unplugs every device but the host bridge (their BARs stay on the MMIO bus until it is
     /// cleared too). Used when the VM is torn down, so devices release their host resources.
     pub fn remove_all(&mut self) {
-        self.slots.retain(|&id, _| id == 0);
+        let bridge = self.has_bridge();
+        self.slots.retain(|&id, _| bridge && id == 0);
     }
 
     /// Unplugs the device at `id`: its BARs leave the MMIO bus (they hold the device) and the
     /// slot reads as empty. The caller gets the device back to drop it.
     pub fn remove_device(&mut self, id: u8) -> Result<Arc<Mutex<dyn PciDevice>>, PciRootError> {
-        if id == 0 {
+        if id < self.first_slot() {
             return Err(PciRootError::BadDeviceId(id));
         }
         let slot = self.slots.remove(&id).ok_or(PciRootError::NoDevice(id))?;
@@ -314,23 +348,38 @@ impl PciRoot {
         }
     }
 
-    /// The host bridge's state (devices save their own).
-    pub fn state(&self) -> PciRootState {
-        PciRootState {
+    /// The host bridge's state (devices save their own); `None` on a segment without one,
+    /// whose bus holds no state of its own.
+    pub fn state(&self) -> Option<PciRootState> {
+        if !self.has_bridge() {
+            return None;
+        }
+        let bridge = self.slots.get(&0)?;
+        Some(PciRootState {
             version: PCI_ROOT_STATE_VERSION,
-            host_bridge: self.slots[&0]
+            host_bridge: bridge
                 .dev
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .config()
                 .state(),
-        }
+        })
     }
 
     /// Restores the host bridge; on an error nothing changes.
     pub fn set_state(&mut self, state: &PciRootState) -> Result<(), StateError> {
         StateError::check_version("PCI root", state.version, PCI_ROOT_STATE_VERSION)?;
-        self.slots[&0]
+        let bridge = self
+            .slots
+            .get(&0)
+            .filter(|_| self.has_bridge())
+            .ok_or_else(|| {
+                StateError::invalid(
+                    "PCI root",
+                    format!("segment {} has no host bridge", self.segment),
+                )
+            })?;
+        bridge
             .dev
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -407,10 +456,16 @@ impl PciRoot {
                 }));
                 match vm.map_mmio(region, addr, size) {
                     Ok(()) => new = Some(addr),
-                    Err(e) => warn!("PCI 00:{id:02x}.0 BAR{bar} at {addr:#x}: {e}; not mapped"),
+                    Err(e) => warn!(
+                        "PCI {:04x}:00:{id:02x}.0 BAR{bar} at {addr:#x}: {e}; not mapped",
+                        self.segment
+                    ),
                 }
             }
-            debug!("PCI 00:{id:02x}.0 BAR{bar}: {old:x?} -> {new:x?}");
+            debug!(
+                "PCI {:04x}:00:{id:02x}.0 BAR{bar}: {old:x?} -> {new:x?}",
+                self.segment
+            );
             slot.mapped[bar] = new;
             dev.bar_moved(bar, old, new);
         }
@@ -453,6 +508,36 @@ impl BusDevice for PciConfigMmio {
         }
         let mut root = self.0.lock().unwrap_or_else(|e| e.into_inner());
         root.config_write(bus, dev, func, reg, data);
+    }
+}
+
+/// ECAM for several segments, as this VMM lays them out: 1 MiB (bus 0 only) per segment, one
+/// after the other from segment 0. Past the last segment, reads give all ones.
+pub struct PciSegmentsEcam(pub Vec<Arc<Mutex<PciRoot>>>);
+
+impl PciSegmentsEcam {
+    /// The bus `offset` falls in, and the offset within its 1 MiB.
+    fn target(&self, offset: u64) -> Option<(&Arc<Mutex<PciRoot>>, u64)> {
+        let segment = usize::try_from(offset >> 20).ok()?;
+        Some((self.0.get(segment)?, offset & 0xf_ffff))
+    }
+}
+
+impl BusDevice for PciSegmentsEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let Some((root, offset)) = self.target(offset) else {
+            data.fill(0xff);
+            return;
+        };
+        PciConfigMmio(root.clone()).read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((root, offset)) = self.target(offset) {
+            PciConfigMmio(root.clone()).write(offset, data);
+        } else {
+            debug!("ECAM: write at {offset:#x}, past the last segment, ignored");
+        }
     }
 }
 

@@ -127,6 +127,57 @@ fn host_bridge_through_ports_and_ecam() {
 }
 
 #[test]
+fn segments_past_0_have_no_host_bridge_and_their_own_ecam_megabyte() {
+    let vm = Arc::new(FakeVm::default());
+    let seg0 = Arc::new(Mutex::new(PciRoot::new(vm.clone())));
+    let seg1 = Arc::new(Mutex::new(PciRoot::for_segment(vm.clone(), 1)));
+    {
+        let mut r = seg1.lock().unwrap();
+        assert_eq!(r.segment(), 1);
+        assert!(r.state().is_none(), "no host bridge, no state of its own");
+        let bridge = seg0.lock().unwrap().state().unwrap();
+        assert!(r.set_state(&bridge).is_err());
+        // Slot 0 is the first free one here.
+        assert_eq!(r.next_device_id(None), Ok(0));
+        r.add_device(0, dummy(0x1000_0000)).unwrap();
+        assert_eq!(r.next_device_id(None), Ok(1));
+        r.add_device(5, dummy(0x1000_1000)).unwrap();
+        assert_eq!(r.device_ids(), [0, 5]);
+    }
+    assert_eq!(
+        seg0.lock().unwrap().next_device_id(Some(0)),
+        Err(PciRootError::BadDeviceId(0))
+    );
+    let mut ecam = PciSegmentsEcam(vec![seg0.clone(), seg1.clone()]);
+    let read = |ecam: &mut PciSegmentsEcam, offset: u64| {
+        let mut b = [0u8; 4];
+        ecam.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(read(&mut ecam, 0), 0x0d57_8086, "segment 0: host bridge");
+    assert_eq!(read(&mut ecam, 1 << 20), 0x1044_1af4, "segment 1, slot 0");
+    assert_eq!(read(&mut ecam, (1 << 20) | (5 << 15)), 0x1044_1af4);
+    assert_eq!(read(&mut ecam, (1 << 20) | (1 << 15)), u32::MAX);
+    assert_eq!(read(&mut ecam, 2 << 20), u32::MAX, "no segment 2");
+    assert_eq!(read(&mut ecam, u64::MAX - 3), u32::MAX);
+    // A write reaches that segment's device only: memory decoding off at slot 0.
+    assert_eq!(read(&mut ecam, (1 << 20) | 4) & 2, 2);
+    ecam.write((1 << 20) | 4, &0u32.to_le_bytes());
+    assert_eq!(read(&mut ecam, (1 << 20) | 4) & 2, 0);
+    assert_eq!(read(&mut ecam, (1 << 20) | (5 << 15) | 4) & 2, 2);
+    ecam.write(7 << 20, &[1, 2, 3, 4]);
+    // Unplugging everything leaves a segment past 0 empty, segment 0 its bridge.
+    seg1.lock().unwrap().remove_all();
+    assert!(seg1.lock().unwrap().device_ids().is_empty());
+    seg0.lock().unwrap().remove_all();
+    assert_eq!(seg0.lock().unwrap().device_ids(), [0]);
+    assert_eq!(
+        seg1.lock().unwrap().remove_device(0).err(),
+        Some(PciRootError::NoDevice(0))
+    );
+}
+
+#[test]
 fn device_ids_and_bar_moves() {
     let (vm, root) = setup();
     let mut r = root.lock().unwrap();
@@ -378,7 +429,7 @@ fn configuration_spaces_and_bars_survive_save_and_restore() {
     let regs_before: Vec<Vec<u32>> = [0, 1, 3].map(|d| ecam_regs(&mut ecam, d)).to_vec();
 
     let json = serde_json::to_string(&(
-        root.lock().unwrap().state(),
+        root.lock().unwrap().state().unwrap(),
         io.state(),
         a.lock().unwrap().0.state(),
         b.lock().unwrap().0.state(),
@@ -526,7 +577,7 @@ fn configuration_space_refuses_bad_states() {
     }
     // Root and ports: other versions.
     let (_vm, root) = setup();
-    let mut rs = root.lock().unwrap().state();
+    let mut rs = root.lock().unwrap().state().unwrap();
     rs.version = 0;
     assert!(matches!(
         root.lock().unwrap().set_state(&rs),

@@ -12,7 +12,9 @@ use log::info;
 
 use super::Vmm;
 use crate::config::{DiskConfig, FsConfig, NetConfig, PmemConfig, VmConfig, VsockConfig};
+use crate::cpu::{merge_ejections, PciEjections};
 use crate::event_monitor::properties;
+use crate::pci_setup::PciAddress;
 use crate::virtio_build::{self, NewDevice};
 
 /// A device an `add-*` call brings.
@@ -88,7 +90,7 @@ impl Added {
 }
 
 /// Every device id the configuration and the built VM use.
-fn ids_in_use(config: &VmConfig, placed: &[(String, u8)]) -> BTreeSet<String> {
+fn ids_in_use(config: &VmConfig, placed: &[(String, PciAddress)]) -> BTreeSet<String> {
     config
         .disks
         .iter()
@@ -182,14 +184,14 @@ impl Vmm {
             .build(id.clone(), &vm.devices().pci.rate_limit_groups)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let image_type = built.image_type;
-        let slot = vm
+        let at = vm
             .devices_mut()
             .hot_add(built)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         if let (Added::Disk(d), Some(t)) = (&mut dev, image_type) {
             d.image_type = t;
         }
-        let bdf = format!("0000:00:{slot:02x}.0");
+        let bdf = at.to_string();
         info!("hot-added {id} at {bdf}");
         if let Some(config) = self.config.as_mut() {
             *config = dev.added_to(config);
@@ -242,7 +244,7 @@ impl Vmm {
     pub(super) fn ejected(&mut self) {
         let (slots, cpus) = self.events.take_ejected();
         if self.vm.is_none() {
-            self.deferred_ejects.0 |= slots;
+            merge_ejections(&mut self.deferred_ejects.0, slots);
             self.deferred_ejects.1.extend(cpus);
             return;
         }
@@ -250,7 +252,7 @@ impl Vmm {
     }
 
     /// Removes the devices of the ejected `slots` and stops the ejected `cpus`.
-    pub(super) fn apply_ejections(&mut self, slots: u32, cpus: Vec<u32>) {
+    pub(super) fn apply_ejections(&mut self, slots: PciEjections, cpus: Vec<u32>) {
         let Some(vm) = self.vm.as_mut() else {
             return;
         };
@@ -261,11 +263,11 @@ impl Vmm {
                 config.cpus.boot_vcpus = present;
             }
         }
-        for (id, slot) in vm.devices_mut().eject(slots) {
+        for (id, at) in vm.devices_mut().eject(&slots) {
             if let Some(config) = self.config.as_mut() {
                 remove_from_config(config, &id);
             }
-            let bdf = format!("0000:00:{slot:02x}.0");
+            let bdf = at.to_string();
             info!(
                 "{id} removed from {bdf}; {} GSIs in use",
                 vm.devices().pci.gsis_in_use()
