@@ -18,6 +18,7 @@ pub mod fuzz;
 pub mod lock;
 pub mod qcow2;
 pub mod raw;
+mod shared;
 pub mod storage;
 pub mod vhd;
 pub mod vhdx;
@@ -31,6 +32,7 @@ use std::path::{Path, PathBuf};
 pub use async_io::AsyncDisk;
 pub use error::{Error, Result};
 pub use lock::{DiskLock, LockGranularity};
+pub use shared::SharedDisk;
 
 /// Image formats understood by [`open_disk`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -84,11 +84,19 @@ pub fn build(name: &str, data: &[u8]) -> Option<Built> {
                 ..Default::default()
             };
             let disk = block::open_disk(&path, &opts).ok()?;
+            // Bit 6 of the same byte: a worker per queue (`queue_affinity`; the workers run
+            // inline here, so the CPU set itself plays no part).
+            let per_queue = data.get(HEADER).is_some_and(|&b| b & 0x40 != 0);
             let cfg = BlockConfig {
                 num_queues: 2,
                 queue_size: 16,
                 serial: "fuzz-serial".into(),
                 io_uring: false,
+                queue_affinity: if per_queue {
+                    vec![(1, vec![0])]
+                } else {
+                    Vec::new()
+                },
             };
             built(Block::new(disk, cfg).ok()?)
         }

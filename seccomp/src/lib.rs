@@ -17,6 +17,7 @@
 
 mod base;
 mod bpf;
+mod cpuset;
 mod report;
 mod spawn;
 pub mod testing;
@@ -24,8 +25,9 @@ pub mod testing;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+pub use cpuset::CpuSet;
 use seccompiler::{BpfProgram, SeccompAction};
-pub use spawn::{on_spawner, spawn, spawner_running, start_spawner};
+pub use spawn::{on_spawner, spawn, spawn_pinned, spawner_running, start_spawner};
 pub use syscalls::Sysno;
 
 pub use report::report_to;

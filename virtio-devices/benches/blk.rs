@@ -214,6 +214,7 @@ fn main() {
             queue_size: QSIZE,
             serial: "bench".into(),
             io_uring: std::env::var_os("BLK_BENCH_IO_URING").is_some(),
+            queue_affinity: Vec::new(),
         },
     )
     .unwrap();

@@ -278,3 +278,39 @@ fn blk_marks(io_uring: bool) {
     assert_eq!(dirty_pages(&r.mem), [used_page, page(a), status_page]);
     blk.reset();
 }
+
+/// With `queue_affinity` each queue has a worker of its own: a driver that enables queue 1 only
+/// gets it served, and a pause reports that queue's position (queue 0's worker never started).
+#[test]
+fn blk_queue_of_its_own_is_served_and_paused() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut f.as_file(), &[5u8; 64 * 1024]).unwrap();
+    let d = block::open_disk(f.path(), &Default::default()).unwrap();
+    let cpu = seccomp::CpuSet::allowed().unwrap().cpus()[0];
+    let mut blk = crate::Block::new(
+        d,
+        crate::BlockConfig {
+            num_queues: 2,
+            queue_size: crate::tests::QSIZE,
+            serial: "per-queue".into(),
+            io_uring: false,
+            queue_affinity: vec![(1, vec![cpu])],
+        },
+    )
+    .unwrap();
+    let mut r = Ring::start(&mut blk, 1, 2);
+    assert_eq!(
+        request(&mut r, T_IN, 1, (DATA, 512, WRITE)),
+        (Some(513), S_OK)
+    );
+    let mut buf = [0u8; 512];
+    r.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert!(buf.iter().all(|&b| b == 5));
+    assert!(blk.queue_positions().is_none(), "running");
+    blk.pause().unwrap();
+    assert_eq!(blk.queue_positions(), Some(vec![None, Some((1, 1))]));
+    blk.resume().unwrap();
+    assert_eq!(request(&mut r, T_FLUSH, 0, (DATA, 0, 0)).1, S_OK);
+    blk.reset();
+    assert!(blk.queue_positions().is_none(), "reset");
+}

@@ -1,5 +1,6 @@
 //! virtio-blk over a `block::DiskFile`: IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES, one
-//! worker thread serving every queue. Each request is checked in full (descriptor directions,
+//! worker thread serving every queue, or with `queue_affinity` one per queue (each pinned to
+//! its queue's host CPUs, the image shared between them: `block::SharedDisk`). Each request is checked in full (descriptor directions,
 //! lengths, sector range, addresses) before any I/O; a bad one completes with IOERR or UNSUPP.
 
 use std::io::{IoSlice, IoSliceMut};
@@ -11,10 +12,10 @@ use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::device_worker::DeviceWorker;
 use crate::rate_limiter::RateLimiter;
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains_limited, queue_bit, QueueHandler, Served};
+use crate::worker_group::WorkerGroup;
 use std::sync::Arc;
 
 use crate::{
@@ -60,6 +61,9 @@ pub struct BlockConfig {
     /// them on the device thread. Pays off with O_DIRECT; with the page cache the
     /// synchronous path is faster.
     pub io_uring: bool,
+    /// `(queue, host CPUs)`: when not empty, each queue has a thread of its own, and the
+    /// listed queues' threads run only on their CPUs.
+    pub queue_affinity: Vec<(u16, Vec<usize>)>,
 }
 
 /// Fewest completions between the signals of a long batch (see `process_chains_notify`).
@@ -94,6 +98,8 @@ struct BlockHandler {
     /// Every request takes one op and, reads and writes, their data bytes; with no budget the
     /// queues wait for its timer.
     limiter: Option<RateLimiter>,
+    /// Where the worker thread runs (`queue_affinity`).
+    cpus: Option<seccomp::CpuSet>,
 }
 
 // SAFETY: the iovecs point into guest memory, which every thread may access; they are only
@@ -592,6 +598,9 @@ impl QueueHandler for BlockHandler {
     fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
         &SECCOMP
     }
+    fn cpus(&self) -> Option<seccomp::CpuSet> {
+        self.cpus
+    }
     fn process_queue(
         &mut self,
         index: usize,
@@ -693,7 +702,8 @@ pub struct Block {
     cfg: BlockConfig,
     capacity: u64,
     readonly: bool,
-    worker: DeviceWorker<BlockHandler>,
+    /// One member serving every queue, or one per queue (`queue_affinity`).
+    workers: WorkerGroup<BlockHandler>,
 }
 
 impl Block {
@@ -706,49 +716,72 @@ impl Block {
         let readonly = disk.readonly();
         let size = disk.size();
         let capacity = size / SECTOR_SIZE;
-        let depth = (u32::from(cfg.queue_size) * u32::from(cfg.num_queues))
-            .clamp(1, block::async_io::MAX_DEPTH);
         let counters = Counters::new(COUNTER_NAMES);
-        let disk = AsyncDisk::new(
-            disk,
-            depth,
-            cfg.io_uring && block::async_io::io_uring_supported(),
-        )?;
+        let io_uring = cfg.io_uring && block::async_io::io_uring_supported();
+        let handler = |disk: Box<dyn DiskFile>, queues: u16, cpus: Option<seccomp::CpuSet>| {
+            let depth = (u32::from(cfg.queue_size) * u32::from(queues))
+                .clamp(1, block::async_io::MAX_DEPTH);
+            Ok::<_, block::Error>(BlockHandler {
+                counters: counters.clone(),
+                size,
+                disk: AsyncDisk::new(disk, depth, io_uring)?,
+                readonly,
+                id,
+                pending: Vec::new(),
+                free: Vec::new(),
+                counts: [0; 4],
+                iovecs: Vec::new(),
+                read_bufs: Vec::new(),
+                interrupt: None,
+                limiter: None,
+                cpus,
+            })
+        };
+        let members = if cfg.queue_affinity.is_empty() {
+            let all = (0..usize::from(cfg.num_queues)).collect();
+            vec![(all, handler(disk, cfg.num_queues, None)?)]
+        } else {
+            let shared = block::SharedDisk::new(disk);
+            (0..cfg.num_queues)
+                .map(|q| {
+                    let cpus = cfg
+                        .queue_affinity
+                        .iter()
+                        .find(|(i, _)| *i == q)
+                        .map(|(_, c)| seccomp::CpuSet::of(c));
+                    let h = handler(Box::new(shared.clone()), 1, cpus)?;
+                    Ok((vec![usize::from(q)], h))
+                })
+                .collect::<block::Result<Vec<_>>>()?
+        };
         Ok(Block {
             capacity,
             readonly,
             cfg,
-            counters: counters.clone(),
-            worker: DeviceWorker::new(
-                "virtio-blk",
-                BlockHandler {
-                    counters,
-                    size,
-                    disk,
-                    readonly,
-                    id,
-                    pending: Vec::new(),
-                    free: Vec::new(),
-                    counts: [0; 4],
-                    iovecs: Vec::new(),
-                    read_bufs: Vec::new(),
-                    interrupt: None,
-                    limiter: None,
-                },
-            ),
+            counters,
+            workers: WorkerGroup::new("virtio-blk", members),
         })
     }
 
-    /// Limits the disk's requests (before activation; a reset keeps it).
-    pub fn set_rate_limiter(&mut self, limiter: Option<RateLimiter>) {
-        if let Some(h) = self.worker.idle_mut() {
-            h.limiter = limiter;
+    /// Limits the disk's requests (before activation; a reset keeps it). With a thread per
+    /// queue, each thread gets a view of the same buckets.
+    pub fn set_rate_limiter(&mut self, limiter: Option<RateLimiter>) -> std::io::Result<()> {
+        let buckets = limiter.as_ref().map(|l| l.buckets().clone());
+        let mut first = Some(limiter);
+        for h in self.workers.idle_mut() {
+            h.limiter = match first.take() {
+                Some(l) => l,
+                None => buckets.clone().map(RateLimiter::shared).transpose()?,
+            };
         }
+        Ok(())
     }
 
     /// Whether reads and writes go through io_uring (false once activated: the worker has it).
     pub fn uses_io_uring(&self) -> bool {
-        self.worker.idle().is_some_and(|h| h.disk.uses_io_uring())
+        self.workers
+            .first_idle()
+            .is_some_and(|h| h.disk.uses_io_uring())
     }
 
     fn config_bytes(&self) -> [u8; 60] {
@@ -790,24 +823,22 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.worker.activate(ctx)
+        self.workers.activate(ctx)
     }
     fn counters(&self) -> Option<Arc<Counters>> {
         Some(self.counters.clone())
     }
     fn reset(&mut self) {
-        if let Some(h) = self.worker.reset() {
-            h.quiesce();
-        }
+        self.workers.reset(BlockHandler::quiesce);
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.queue_positions()
+        self.workers.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
-        self.worker.pause()
+        self.workers.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.worker.resume()
+        self.workers.resume()
     }
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Block(BlockState {

@@ -31,6 +31,7 @@ mod vring;
 mod vsock;
 mod watchdog;
 mod worker;
+mod worker_group;
 pub mod worker_seccomp;
 
 #[cfg(test)]

@@ -512,6 +512,7 @@ fn blk(f: &tempfile::NamedTempFile, io_uring: bool) -> Box<dyn VirtioDevice> {
                 queue_size: QSIZE,
                 serial: "s".into(),
                 io_uring,
+                queue_affinity: Vec::new(),
             },
         )
         .unwrap(),

@@ -169,6 +169,15 @@ fn reads(n: u64, len: u32) -> Vec<Vec<Desc>> {
 }
 
 fn disk(limiter: Option<RateLimiter>) -> (tempfile::NamedTempFile, Block) {
+    disk_queues(limiter, 1, Vec::new())
+}
+
+/// A disk of `num_queues` queues, with `queue_affinity` (a thread per queue when not empty).
+fn disk_queues(
+    limiter: Option<RateLimiter>,
+    num_queues: u16,
+    queue_affinity: Vec<(u16, Vec<usize>)>,
+) -> (tempfile::NamedTempFile, Block) {
     let f = tempfile::NamedTempFile::new().unwrap();
     f.as_file()
         .write_all(&vec![7u8; DISK_SIZE as usize])
@@ -177,14 +186,15 @@ fn disk(limiter: Option<RateLimiter>) -> (tempfile::NamedTempFile, Block) {
     let mut blk = Block::new(
         d,
         BlockConfig {
-            num_queues: 1,
+            num_queues,
             queue_size: QSIZE,
             serial: "rl".into(),
             io_uring: false,
+            queue_affinity,
         },
     )
     .unwrap();
-    blk.set_rate_limiter(limiter);
+    blk.set_rate_limiter(limiter).unwrap();
     (f, blk)
 }
 
@@ -248,6 +258,35 @@ fn blk_ops_limit_holds() {
     );
     blk.reset();
     within(r[0].0, 1000.0, "virtio-blk ops/s");
+}
+
+/// With a thread per queue (`queue_affinity`), both queues' threads serve their own queue and
+/// draw on the one limiter: together they get its 1000 requests a second, each about half.
+#[test]
+fn blk_queue_threads_share_the_disks_limit() {
+    let c = LimiterConfig {
+        bandwidth: None,
+        ops: bucket(100, 100),
+    };
+    let cpu = seccomp::CpuSet::allowed().unwrap().cpus()[0];
+    let (_f, mut blk) = disk_queues(RateLimiter::new(&c).unwrap(), 2, vec![(1, vec![cpu])]);
+    let mut d = start(
+        &mut blk,
+        2,
+        vec![(0, reads(CHAINS, 4096)), (1, reads(CHAINS, 4096))],
+    );
+    let r = rates(
+        &mut d,
+        Duration::from_millis(300),
+        Duration::from_millis(1500),
+    );
+    blk.reset();
+    within(
+        r[0].0 + r[1].0,
+        1000.0,
+        "virtio-blk ops/s, two queue threads",
+    );
+    assert!(r[0].0 > 200.0 && r[1].0 > 200.0, "each queue served: {r:?}");
 }
 
 /// Without a limiter the same driver goes far faster than the limits above (the test measures

@@ -155,6 +155,7 @@ pub(crate) fn disk_with(
             queue_size: QSIZE,
             serial: "test-serial".into(),
             io_uring,
+            queue_affinity: Vec::new(),
         },
     )
     .unwrap();

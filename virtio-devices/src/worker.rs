@@ -40,6 +40,11 @@ pub trait QueueHandler: Send + 'static {
     fn seccomp(&self) -> &'static crate::worker_seccomp::WorkerCalls {
         &crate::worker_seccomp::GENERIC
     }
+    /// The host CPUs the worker thread is pinned to (each thread the worker starts, at
+    /// activation and at each resume); `None`: where the VMM runs.
+    fn cpus(&self) -> Option<seccomp::CpuSet> {
+        None
+    }
     /// Serve the available buffers of queue `index`. Returns a bit mask of the queues that got
     /// used buffers. An `Err` means the queue is broken: the device is marked NEEDS_RESET.
     fn process_queue(
@@ -256,7 +261,8 @@ fn start_thread<H: QueueHandler>(
     mut w: Worker<H>,
 ) -> std::io::Result<JoinHandle<Worker<H>>> {
     let filter = w.handler.seccomp().filter();
-    seccomp::spawn(name.to_string(), filter, move || {
+    let cpus = w.handler.cpus();
+    seccomp::spawn_pinned(name.to_string(), cpus, filter, move || {
         if let Err(e) = w.run() {
             error!("virtio worker failed: {e}");
         }

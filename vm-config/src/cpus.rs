@@ -3,7 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::parser::int_list;
 use crate::{default_true, ConfigError, Extra, OptionParser, MAX_VCPUS};
 
 const DEFAULT_MAX_PHYS_BITS: u8 = 46;
@@ -15,9 +14,6 @@ pub struct CpuTopology {
     pub dies_per_package: u8,
     pub packages: u8,
 }
-
-/// The most host CPUs a vCPU can be pinned to: Linux's `cpu_set_t` holds 1024.
-pub const MAX_HOST_CPUS: u32 = 1024;
 
 /// One vCPU's host CPUs, as the original's `CpuAffinity`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,32 +203,12 @@ impl CpusConfig {
         if self.kvm_hyperv {
             return Err("kvm_hyperv=on is not supported yet".into());
         }
-        for (i, a) in self.affinity.iter().flatten().enumerate() {
-            if a.vcpu >= self.max_vcpus {
-                return Err(format!(
-                    "affinity: vCPU {} is not below max ({})",
-                    a.vcpu, self.max_vcpus
-                ));
-            }
-            if self
-                .affinity
-                .iter()
-                .flatten()
-                .take(i)
-                .any(|b| b.vcpu == a.vcpu)
-            {
-                return Err(format!("affinity: vCPU {} is given twice", a.vcpu));
-            }
-            if a.host_cpus.is_empty() {
-                return Err(format!("affinity: vCPU {} has no host CPU", a.vcpu));
-            }
-            if let Some(c) = a.host_cpus.iter().find(|&&c| c >= MAX_HOST_CPUS as usize) {
-                return Err(format!(
-                    "affinity: vCPU {}: host CPU {c} is not below {MAX_HOST_CPUS}",
-                    a.vcpu
-                ));
-            }
-        }
+        let entries = self
+            .affinity
+            .iter()
+            .flatten()
+            .map(|a| (a.vcpu, a.host_cpus.as_slice()));
+        crate::affinity::check("affinity", "vCPU", entries, (self.max_vcpus, "max"))?;
         if self.features.amx {
             return Err("features=amx is not supported yet".into());
         }
@@ -240,23 +216,11 @@ impl CpusConfig {
     }
 }
 
-/// `affinity=[<vcpu>@[<host cpus>],...]`, the host CPUs as numbers and ranges (`[0,2-3]`).
+/// `affinity=[<vcpu>@[<host cpus>],...]`.
 fn affinity(p: &OptionParser) -> Result<Option<Vec<CpuAffinity>>, ConfigError> {
-    let list = p.tuple_list("affinity", "<vcpu>@[<host cpus>]", |v| {
-        int_list(v, MAX_HOST_CPUS - 1)
-    })?;
-    list.map(|list| {
+    Ok(crate::affinity::parse(p, "affinity", "vCPU")?.map(|list| {
         list.into_iter()
-            .map(|(vcpu, cpus)| {
-                let vcpu = vcpu
-                    .parse()
-                    .map_err(|_| p.error(format!("affinity: '{vcpu}' is not a vCPU number")))?;
-                Ok(CpuAffinity {
-                    vcpu,
-                    host_cpus: cpus.into_iter().map(|c| c as usize).collect(),
-                })
-            })
+            .map(|(vcpu, host_cpus)| CpuAffinity { vcpu, host_cpus })
             .collect()
-    })
-    .transpose()
+    }))
 }

@@ -168,6 +168,10 @@ pub struct DiskConfig {
     /// The `--rate-limit-group` whose limiter this disk shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_group: Option<String>,
+    /// The host CPUs of the threads serving some of its queues (`queue_affinity=`): each
+    /// queue then has a thread of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_affinity: Option<Vec<crate::VirtQueueAffinity>>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -256,7 +260,14 @@ impl DiskConfig {
             &[],
         )?;
         let rate_limiter_config = parse_rate_limiter(&p)?;
-        p.refuse(&["queue_affinity"])?;
+        let queue_affinity = crate::affinity::parse(&p, "queue_affinity", "queue")?.map(|l| {
+            l.into_iter()
+                .map(|(queue_index, host_cpus)| crate::VirtQueueAffinity {
+                    queue_index,
+                    host_cpus,
+                })
+                .collect()
+        });
         let lock_granularity = match p.get("lock_granularity").as_deref() {
             None => LockGranularity::ByteRange,
             Some("byte-range") => LockGranularity::ByteRange,
@@ -274,6 +285,7 @@ impl DiskConfig {
                 "readonly",
                 "direct",
                 "serial",
+                "queue_affinity",
                 "image_type",
                 "backing_files",
                 "sparse",
@@ -329,6 +341,7 @@ impl DiskConfig {
             lock_granularity,
             rate_limiter_config,
             rate_limit_group: p.get("rate_limit_group"),
+            queue_affinity,
         };
         cfg.check().map_err(|m| p.error(m))?;
         Ok(cfg)
@@ -378,6 +391,17 @@ impl DiskConfig {
         }
         if self.rate_limit_group.is_some() && self.rate_limiter_config.is_some() {
             return Err("a disk has either a rate limit of its own or a rate_limit_group".into());
+        }
+        if let Some(list) = &self.queue_affinity {
+            if self.vhost_user {
+                // The backend's threads serve the queues.
+                return Err("queue_affinity does not go with vhost_user=on".into());
+            }
+            let entries = list
+                .iter()
+                .map(|a| (u32::from(a.queue_index), a.host_cpus.as_slice()));
+            let limit = (u32::from(self.num_queues), "num_queues");
+            crate::affinity::check("queue_affinity", "queue", entries, limit)?;
         }
         Ok(())
     }

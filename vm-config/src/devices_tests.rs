@@ -54,6 +54,55 @@ fn disk() {
 
 /// `vhost_reconnect_timeout` (ours): with vhost_user=on only, in the JSON only when given,
 /// and checked for the API's configurations too.
+/// `queue_affinity=[<queue>@[<host cpus>],...]`, as the original reads and writes it; a queue
+/// the disk does not have, one listed twice or one without CPUs is refused.
+#[test]
+fn disk_queue_affinity() {
+    let d = DiskConfig::parse("path=/x,num_queues=3,queue_affinity=[0@[1],2@[3,5-6]]").unwrap();
+    let a = d.queue_affinity.as_ref().unwrap();
+    assert_eq!((a[0].queue_index, a[0].host_cpus.as_slice()), (0, &[1][..]));
+    assert_eq!(
+        (a[1].queue_index, a[1].host_cpus.as_slice()),
+        (2, &[3, 5, 6][..])
+    );
+    let json = serde_json::to_value(&d).unwrap();
+    assert_eq!(
+        json["queue_affinity"],
+        serde_json::json!([{"queue_index": 0, "host_cpus": [1]},
+                           {"queue_index": 2, "host_cpus": [3, 5, 6]}])
+    );
+    let back: DiskConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back, d);
+    assert!(DiskConfig::parse("path=/x")
+        .unwrap()
+        .queue_affinity
+        .is_none());
+    for (bad, why) in [
+        (
+            "path=/x,num_queues=2,queue_affinity=[2@[0]]",
+            "queue_affinity: queue 2 is not below num_queues (2)",
+        ),
+        (
+            "path=/x,num_queues=2,queue_affinity=[1@[0],1@[1]]",
+            "queue 1 is given twice",
+        ),
+        ("path=/x,queue_affinity=[0@[]]", "'' is not a number"),
+        ("path=/x,queue_affinity=[0@[1024]]", "more than 1023"),
+        (
+            "path=/x,queue_affinity=[x@[0]]",
+            "'x' is not a queue number",
+        ),
+        ("path=/x,queue_affinity=0@0", "not a list in brackets"),
+        (
+            "vhost_user=on,socket=/s,queue_affinity=[0@[0]]",
+            "'queue_affinity' does not go with vhost_user=on",
+        ),
+    ] {
+        let e = DiskConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
 #[test]
 fn disk_vhost_reconnect_timeout() {
     let d = DiskConfig::parse("vhost_user=on,socket=/s,vhost_reconnect_timeout=2").unwrap();
@@ -339,6 +388,13 @@ fn validate_catches_what_the_api_can_send() {
         },
         DiskConfig {
             pci_device_id: Some(32),
+            ..d.clone()
+        },
+        DiskConfig {
+            queue_affinity: Some(vec![crate::VirtQueueAffinity {
+                queue_index: 0,
+                host_cpus: Vec::new(),
+            }]),
             ..d.clone()
         },
         DiskConfig {

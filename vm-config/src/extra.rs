@@ -1,5 +1,5 @@
-//! Keys of the original's configuration objects that this VMM does not model (a disk's
-//! `queue_affinity`, ...). Each object keeps the keys it does not know, and validation refuses
+//! Keys of the original's configuration objects that this VMM does not model (a net device's
+//! `vdpa` keys, ...). Each object keeps the keys it does not know, and validation refuses
 //! every one that asks for something, naming it: a client never believes it got what it did
 //! not. A key at its "nothing" value (null, false, 0, an empty string, list or object), as the
 //! original's own clients send its defaults, is accepted.

@@ -1,6 +1,7 @@
 //! The VM configuration: one set of typed structs, filled from the command line (here) or,
 //! later, from the API's JSON (serde, with the original's field names).
 
+mod affinity;
 mod cpus;
 mod debug_console;
 mod devices;
@@ -31,6 +32,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use affinity::{VirtQueueAffinity, MAX_HOST_CPUS};
 pub use cpus::{CoreScheduling, CpuAffinity, CpuFeatures, CpuProfile, CpuTopology, CpusConfig};
 pub use debug_console::{DebugConsoleConfig, DEBUG_CONSOLE_PORT};
 pub use devices::{

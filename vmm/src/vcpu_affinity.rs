@@ -5,66 +5,9 @@
 //! seccomp filter allows only when it has a set). vCPUs not listed run where the VMM runs.
 
 use std::collections::BTreeMap;
-use std::io;
 
+pub use seccomp::CpuSet;
 use vm_config::CpuAffinity;
-
-/// A host CPU set, as the kernel takes it.
-#[derive(Clone, Copy)]
-pub struct CpuSet(libc::cpu_set_t);
-
-impl CpuSet {
-    fn empty() -> Self {
-        // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
-        CpuSet(unsafe { std::mem::zeroed() })
-    }
-
-    fn of(cpus: &[usize]) -> Self {
-        let mut set = Self::empty();
-        // The configuration allows only CPUs below CPU_SETSIZE (`vm_config::MAX_HOST_CPUS`);
-        // any other is left out rather than indexing past the set.
-        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
-            // SAFETY: CPU_SET writes one bit of the set it is given; `c` is inside it.
-            unsafe { libc::CPU_SET(c, &mut set.0) };
-        }
-        set
-    }
-
-    fn has(&self, cpu: usize) -> bool {
-        // SAFETY: CPU_ISSET reads one bit of the set it is given.
-        cpu < libc::CPU_SETSIZE as usize && unsafe { libc::CPU_ISSET(cpu, &self.0) }
-    }
-
-    fn cpus(&self) -> Vec<usize> {
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| self.has(c))
-            .collect()
-    }
-
-    /// The CPUs the calling thread may run on.
-    fn allowed() -> io::Result<Self> {
-        let mut set = Self::empty();
-        // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `set`.
-        let ret = unsafe {
-            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set.0)
-        };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(set)
-    }
-
-    /// Restricts the calling thread to this set.
-    pub fn pin_caller(&self) -> io::Result<()> {
-        // SAFETY: the kernel reads size_of::<cpu_set_t>() bytes from `self.0`.
-        let ret =
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
 
 /// The sets of the vCPUs `affinity=` lists, by vCPU id.
 #[derive(Clone, Default)]
@@ -112,25 +55,11 @@ mod tests {
     }
 
     #[test]
-    fn sets_hold_the_given_cpus_and_pin_a_thread() {
-        let allowed = CpuSet::allowed().unwrap().cpus();
-        let first = allowed[0];
+    fn sets_hold_the_given_cpus() {
+        let first = CpuSet::allowed().unwrap().cpus()[0];
         let a = VcpuAffinity::new(Some(&[entry(1, &[first, 1000])])).unwrap();
         assert!(a.of(0).is_none());
-        let set = a.of(1).unwrap();
-        assert_eq!(set.cpus(), [first, 1000]);
-        // A thread pinned to its set runs only there.
-        std::thread::spawn(move || {
-            CpuSet::of(&[first]).pin_caller().unwrap();
-            assert_eq!(CpuSet::allowed().unwrap().cpus(), [first]);
-        })
-        .join()
-        .unwrap();
-    }
-
-    #[test]
-    fn cpus_past_the_set_are_left_out() {
-        assert_eq!(CpuSet::of(&[0, 1024, usize::MAX]).cpus(), [0]);
+        assert_eq!(a.of(1).unwrap().cpus(), [first, 1000]);
     }
 
     #[test]

@@ -132,19 +132,21 @@ pub fn disk(
             queue_size: d.queue_size,
             serial,
             io_uring: d.direct && !d.disable_io_uring,
+            queue_affinity: queue_affinity(d)?,
         },
     )
     .map_err(|e| disk_error(d, e.to_string()))?;
+    let io = |e: std::io::Error| disk_error(d, e.to_string());
     if let Some(c) = &d.rate_limiter_config {
-        let l = RateLimiter::new(&limiter_config(c)).map_err(|e| disk_error(d, e.to_string()))?;
-        dev.set_rate_limiter(l);
+        let l = RateLimiter::new(&limiter_config(c)).map_err(io)?;
+        dev.set_rate_limiter(l).map_err(io)?;
     }
     if let Some(g) = &d.rate_limit_group {
         let b = groups
             .get(g)
             .ok_or_else(|| disk_error(d, format!("rate_limit_group={g}: no such group")))?;
-        let l = RateLimiter::shared(b.clone()).map_err(|e| disk_error(d, e.to_string()))?;
-        dev.set_rate_limiter(Some(l));
+        let l = RateLimiter::shared(b.clone()).map_err(io)?;
+        dev.set_rate_limiter(Some(l)).map_err(io)?;
     }
     Ok(NewDevice {
         option: "--disk",
@@ -156,6 +158,37 @@ pub fn disk(
         image_type: Some(image_type),
         pmem: None,
     })
+}
+
+/// The disk's `queue_affinity`, each set checked against the CPUs this VMM may run on (a set
+/// with none of them could never run: refused naming the queue, as a vCPU's is).
+fn queue_affinity(d: &DiskConfig) -> Result<Vec<(u16, Vec<usize>)>, PciSetupError> {
+    let Some(list) = d.queue_affinity.as_deref().filter(|l| !l.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let allowed = seccomp::CpuSet::allowed().map_err(|e| {
+        disk_error(
+            d,
+            format!("queue_affinity: cannot read this VMM's CPUs: {e}"),
+        )
+    })?;
+    list.iter()
+        .map(|a| {
+            if !a.host_cpus.iter().any(|&c| allowed.has(c)) {
+                return Err(disk_error(
+                    d,
+                    format!(
+                        "queue_affinity: queue {}: none of host CPUs {:?} is one this VMM may \
+                         run on ({:?})",
+                        a.queue_index,
+                        a.host_cpus,
+                        allowed.cpus()
+                    ),
+                ));
+            }
+            Ok((a.queue_index, a.host_cpus.clone()))
+        })
+        .collect()
 }
 
 /// A `--disk vhost_user=on,socket=` device: the backend at `socket` serves it (the
