@@ -4,7 +4,7 @@ use clap::{Arg, ArgAction, Command};
 
 /// Options of the original that this VMM does not implement yet: accepted by the parser so
 /// `--help` matches, refused with a clear message when used.
-pub const NOT_YET: &[&str] = &["rtc", "device", "generic-vhost-user", "user-device", "vdpa"];
+pub const NOT_YET: &[&str] = &["device", "generic-vhost-user", "user-device", "vdpa"];
 
 /// The options the original puts in its `vm-config` group, which needs a payload (`--kernel`,
 /// `--firmware`): with `--restore` and no payload the VM's configuration comes from the
@@ -109,6 +109,7 @@ pub fn command() -> Command {
                 .long("rtc")
                 .help("Virtio RTC parameters \"iommu=on|off,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\". Passing --rtc with no arguments enables the device with default settings.")
                 .num_args(0..=1)
+                .default_missing_value("")
                 .value_name("rtc"),
         )
         .arg(opt("seccomp", "").value_parser(["true", "false", "log", "errno"]).default_value("true"))

@@ -13,8 +13,8 @@ use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
     LandlockConfig, MemoryConfig, NetConfig, NumaConfig, PayloadConfig, PciSegmentConfig,
-    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, TpmConfig,
-    VsockConfig,
+    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, RtcConfig,
+    TpmConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -113,6 +113,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         landlock_rules,
         numa,
         pci_segments,
+        rtc: s("rtc").map(|r| RtcConfig::parse(&r)).transpose()?,
         unsupported: Default::default(),
     })
 }

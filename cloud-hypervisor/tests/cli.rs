@@ -216,11 +216,11 @@ fn help_and_version_have_the_original_shape() {
     }
     assert_eq!(r.stdout.lines().count(), reference.lines().count());
     // An option of the original this VMM does not implement is named, not taken.
-    let r = run(&["--kernel", "/k", "--rtc"]);
+    let r = run(&["--kernel", "/k", "--vdpa", "path=/dev/vhost-vdpa-0"]);
     assert_eq!(r.code(), Some(1));
     assert_eq!(
         r.stderr.trim(),
-        "cloud-hypervisor: --rtc: this option is not supported yet"
+        "cloud-hypervisor: --vdpa path=/dev/vhost-vdpa-0: this option is not supported yet"
     );
 }
 

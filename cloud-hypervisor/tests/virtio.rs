@@ -195,6 +195,30 @@ fn rng_gives_entropy() {
     }
 }
 
+/// `--rtc` (bare, and with keys): the test guest drives the virtio-rtc device by hand and
+/// checks each answer (test-guest/src/virtio_rtc.rs), its clock against the CMOS one.
+#[test]
+fn rtc_answers_with_the_host_clock() {
+    for rtc in [&["--rtc"][..], &["--rtc", "id=clock0,pci_device_id=9"]] {
+        let r = boot_pvh("test=virtio-rtc", rtc);
+        r.assert_guest_passed();
+        for c in [
+            "virtio-rtc-present",
+            "virtio-rtc-cfg",
+            "virtio-rtc-clock-cap",
+            "virtio-rtc-cross-cap",
+            "virtio-rtc-read",
+            "virtio-rtc-enodev",
+            "virtio-rtc-eopnotsupp",
+            "virtio-rtc-einval",
+        ] {
+            r.assert_passed(c);
+        }
+    }
+    let r = boot_pvh("test=virtio-rtc", &[]);
+    assert!(r.stdout.contains("FAIL virtio-rtc-present"), "{}", r.stdout);
+}
+
 #[test]
 fn blk_two_disks_one_and_two_queues() {
     let dir = scratch("blk2");

@@ -88,6 +88,7 @@ const TARGETS: &[Target] = &[
     virtio_target!("virtio_mem"),
     virtio_target!("virtio_pmem"),
     virtio_target!("virtio_watchdog"),
+    virtio_target!("virtio_rtc"),
     Target {
         name: "pci",
         run: pci::segment,

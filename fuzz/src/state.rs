@@ -76,6 +76,7 @@ fn kind(d: &VirtioDeviceState) -> Option<&'static str> {
         VirtioDeviceState::Watchdog(_) => "virtio_watchdog",
         VirtioDeviceState::Vsock(_) => "virtio_vsock",
         VirtioDeviceState::Pmem(_) => "virtio_pmem",
+        VirtioDeviceState::Rtc(_) => "virtio_rtc",
         VirtioDeviceState::VhostUser(_) => return None,
     })
 }

@@ -67,6 +67,7 @@ pub const DEVICES: &[&str] = &[
     "virtio_mem",
     "virtio_pmem",
     "virtio_watchdog",
+    "virtio_rtc",
 ];
 
 /// Builds the device of target `name`; `data` is its input (a few of its bytes pick what the
@@ -179,6 +180,7 @@ pub fn build(name: &str, data: &[u8]) -> Option<Built> {
             built(Pmem::new(None, range))
         }
         "virtio_watchdog" => built(Watchdog::new(Arc::new(NoRequests)).ok()?),
+        "virtio_rtc" => built(virtio_devices::Rtc::default()),
         _ => None,
     }
 }
@@ -290,6 +292,19 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "virtio_pmem" => {
             one(Driver::new(f).chain(0, &[R(&[0, 0, 0, 0]), W(4)]));
             one(Driver::new(AGAIN).chain(0, &[R(&[1, 0, 0, 0]), W(4)]));
+        }
+        "virtio_rtc" => {
+            // msg_type, then clock (READ, CLOCK_CAP, CROSS_CAP): each request and its answer.
+            let req = |t: u64, clock: u64| le(&[t, 0, clock, 0], &[2, 6, 2, 6]);
+            one(Driver::new(f)
+                .chain(0, &[R(&req(0x1000, 0)), W(16)])
+                .chain(0, &[R(&req(0x1001, 0)), W(16)])
+                .chain(0, &[R(&req(0x1002, 0)), W(16)])
+                .chain(0, &[R(&req(0x0001, 0)), W(16)]));
+            one(Driver::new(AGAIN)
+                .chain(0, &[R(&req(0x0001, 1)), W(8)])
+                .chain(0, &[R(&req(0x0002, 0)), W(4)])
+                .chain(0, &[W(16), R(&req(0x1000, 0))]));
         }
         "virtio_watchdog" => {
             one(Driver::new(f).chain(0, &[W(1)]));

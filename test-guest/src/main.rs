@@ -54,6 +54,7 @@ mod svc;
 mod tpm;
 mod virtio;
 mod virtio_mem;
+mod virtio_rtc;
 mod vsock;
 mod vsock_event;
 mod watchdog;
@@ -228,6 +229,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "fault" => scenario_fault(),
         "pci" => virtio::scenario_pci(&boot, acpi.as_ref()),
         "segments" => segments::scenario_segments(&boot, acpi.as_ref()),
+        "virtio-rtc" => virtio_rtc::scenario_virtio_rtc(),
         "rng" => virtio::scenario_rng(),
         "blk" => virtio::scenario_blk(&boot),
         "blk-bench" => virtio::scenario_blk_bench(),

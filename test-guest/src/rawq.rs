@@ -60,6 +60,16 @@ pub(crate) struct Layout {
 
 impl Layout {
     pub(crate) fn find(df: DeviceFunction) -> Option<Layout> {
+        Self::find_with(df, true)
+    }
+
+    /// `find` for a device that may have no device-specific configuration (virtio-rtc: the
+    /// original offers no such structure for it); `device` is 0 when there is none.
+    pub(crate) fn find_no_config(df: DeviceFunction) -> Option<Layout> {
+        Self::find_with(df, false)
+    }
+
+    fn find_with(df: DeviceFunction, config: bool) -> Option<Layout> {
         let mut r = root();
         let bar = match r.bar_info(df, 0) {
             Ok(Some(BarInfo::Memory { address, .. })) => address,
@@ -82,6 +92,7 @@ impl Layout {
                 _ => {}
             }
         }
+        let device = device.or((!config).then_some(0));
         let (Some(common), Some((notify, notify_mult)), Some(device)) = (common, notify, device)
         else {
             fail("virtio-caps", format_args!("{df}: a structure is missing"));

@@ -18,6 +18,7 @@ mod net_state;
 mod pmem;
 pub mod rate_limiter;
 mod rng;
+mod rtc;
 mod transport;
 mod vhost_user;
 mod vhost_user_blk;
@@ -69,6 +70,7 @@ pub use mem::{
 pub use net::{Net, NetConfig, NetOffloads, NetState, MAX_QUEUE_PAIRS as NET_MAX_QUEUE_PAIRS};
 pub use pmem::{Pmem, PmemRange, PmemState, TYPE_PMEM};
 pub use rng::{Rng, RngState};
+pub use rtc::{Rtc, RtcState, TYPE_RTC};
 pub use transport::{
     VirtioPciDevice, VirtioPciState, VirtqueueState, VIRTIO_PCI_BAR_KIND, VIRTIO_PCI_BAR_SIZE,
     VIRTIO_PCI_STATE_VERSION,
@@ -238,6 +240,7 @@ pub enum VirtioDeviceState {
     Vsock(VsockState),
     Pmem(PmemState),
     VhostUser(VhostUserState),
+    Rtc(RtcState),
 }
 
 impl VirtioDeviceState {
@@ -252,6 +255,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Vsock(_) => "virtio-vsock",
             VirtioDeviceState::Watchdog(_) => "virtio-watchdog",
             VirtioDeviceState::Pmem(_) => "virtio-pmem",
+            VirtioDeviceState::Rtc(_) => "virtio-rtc",
             VirtioDeviceState::VhostUser(s) => match s.device.as_str() {
                 "vhost-user-net" => "vhost-user-net",
                 "vhost-user-blk" => "vhost-user-blk",

@@ -21,6 +21,7 @@ mod pmem;
 mod rate_limit;
 mod restore;
 mod restore_mac;
+mod rtc;
 #[cfg(test)]
 mod rules_tests;
 mod tpm;
@@ -52,6 +53,7 @@ pub use pmem::{PmemConfig, PMEM_ALIGNMENT};
 pub use rate_limit::{RateLimitGroupConfig, RateLimiterConfig, TokenBucketConfig};
 pub use restore::{MemoryRestoreMode, RestoreConfig, RestoredNetConfig};
 pub use restore_mac::RestoredNetMac;
+pub use rtc::RtcConfig;
 pub use tpm::TpmConfig;
 pub use unsupported::UnsupportedConfig;
 pub use vsock::VsockConfig;
@@ -451,6 +453,9 @@ pub struct VmConfig {
     /// `--watchdog`: the original's virtio-watchdog.
     #[serde(default)]
     pub watchdog: bool,
+    /// `--rtc`: a virtio-rtc device, the host's wall clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtc: Option<RtcConfig>,
     #[serde(default = "default_serial", serialize_with = "serialize_serial")]
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
@@ -779,6 +784,10 @@ impl VmConfig {
                 ));
             }
             check_at(BalloonConfig::OPTION, &b.id, b.pci_segment, b.pci_device_id)?;
+        }
+        if let Some(r) = &self.rtc {
+            r.validate()?;
+            check_at(RtcConfig::OPTION, &r.id, r.pci_segment, r.pci_device_id)?;
         }
         if let Some(v) = &self.vsock {
             v.validate()?;

@@ -89,6 +89,7 @@ fn config_with(payload: PayloadConfig) -> VmConfig {
         debug_console: Default::default(),
         iommu: false,
         pci_segments: None,
+        rtc: None,
         unsupported: UnsupportedConfig::default(),
     }
 }
@@ -175,6 +176,7 @@ fn json_field_names_follow_the_api() {
         debug_console: Default::default(),
         iommu: false,
         pci_segments: None,
+        rtc: None,
         unsupported: UnsupportedConfig::default(),
     };
     let json = serde_json::to_string(&cfg).unwrap();

@@ -186,6 +186,10 @@ impl DeviceManager {
             let slot = slot_hints.and_then(|h| h.get("__watchdog")).map(|h| h.slot);
             pci.place(crate::virtio_build::watchdog(requests.clone(), slot)?)?;
         }
+        // Then the RTC (after the vDPA devices we do not have), as the original.
+        if let Some(r) = &cfg.rtc {
+            pci.place(crate::virtio_build::rtc(r, slot_hints))?;
+        }
         if cfg.pvpanic {
             crate::platform::add_pvpanic(&mut pci, slot_hints, ejections)?;
         }

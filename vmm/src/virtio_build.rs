@@ -494,6 +494,25 @@ pub fn watchdog(
     })
 }
 
+/// The `--rtc` device (the original's `__rtc` unless `id=` names it). `hints`: where a
+/// restored VM's devices were.
+pub fn rtc(cfg: &vm_config::RtcConfig, hints: Option<&crate::pci_setup::SlotHints>) -> NewDevice {
+    let id = cfg.id.clone().unwrap_or_else(|| "__rtc".into());
+    let slot = cfg
+        .pci_device_id
+        .or_else(|| hints.and_then(|h| h.get(&id)).map(|h| h.slot));
+    NewDevice {
+        option: "--rtc",
+        id,
+        slot,
+        segment: cfg.pci_segment,
+        dev: Box::new(virtio_devices::Rtc::default()),
+        lock: None,
+        image_type: None,
+        pmem: None,
+    }
+}
+
 /// The `--vsock` device: its Unix socket bound now (a path in use fails the boot).
 pub fn vsock(cfg: &VsockConfig) -> Result<NewDevice, PciSetupError> {
     let dev = Vsock::new(cfg.cid, &cfg.socket).map_err(|e| PciSetupError::Device {
