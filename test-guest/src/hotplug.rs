@@ -6,6 +6,8 @@
 //! `virtio-drivers`, and for a removal resets the device and evaluates the slot's `_EJ0` with
 //! the interpreter (→ `PCEJ`: PSEG, then B0EJ = 1 << slot), then waits for the function to
 //! leave configuration space. It runs for ever; see docs/test-guest.md for the lines it prints.
+//! `hp_segment=<s>`: the slots of PCI segment `s` (PSEG = s, its bridge's slot devices, its
+//! ECAM from the MCFG) instead of segment 0's.
 
 use alloc::boxed::Box;
 use core::fmt::{self, Write};
@@ -13,16 +15,18 @@ use core::fmt::{self, Write};
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::net::VirtIONet;
 use virtio_drivers::transport::pci::bus::{
-    Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType,
+    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, HeaderType,
+    MmioCam, PciRoot,
 };
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::DeviceType;
 
 use crate::acpi_sys::AcpiInfo;
 use crate::aml::Aml;
+use crate::bootinfo::BootInfo;
 use crate::phpr::{self, Phpr};
-use crate::virtio::{ecam, root, transport, GuestHal};
-use crate::{fail, heap, println, smp, svc};
+use crate::virtio::GuestHal;
+use crate::{fail, heap, parse_u64, println, smp, svc};
 
 /// GED event bit: PCI devices changed.
 const GED_PCI: u8 = 0x04;
@@ -42,7 +46,10 @@ enum Driver {
 
 struct Hotplug {
     aml: Aml,
-    /// The host bridge of segment 0 (`\_SB_.PC00`).
+    /// The segment whose slots are watched, and its ECAM.
+    segment: u16,
+    ecam: u64,
+    /// The segment's host bridge (`\_SB_.PC00` for segment 0).
     bridge: alloc::string::String,
     phpr: Phpr,
     slots: [Option<Driver>; 32],
@@ -102,9 +109,25 @@ impl Write for Cursor<'_> {
 }
 
 impl Hotplug {
-    /// `PSCN` for segment 0: PSEG = 0, then PCIU and PCID (each cleared by the read).
+    fn cam(&self) -> MmioCam<'static> {
+        // SAFETY: the segment's ECAM from the MCFG, below 4 GiB and identity mapped; only
+        // configuration accesses go there.
+        unsafe { MmioCam::new(self.ecam as *mut u8, Cam::Ecam) }
+    }
+
+    fn transport(&self, df: DeviceFunction) -> Option<PciTransport> {
+        match PciTransport::new::<GuestHal, _>(&mut PciRoot::new(self.cam()), df) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                fail("virtio-transport", format_args!("{df}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// `PSCN` for the segment: PSEG = segment, then PCIU and PCID (each cleared by the read).
     fn scan(&mut self) {
-        self.phpr.pseg.write(0);
+        self.phpr.pseg.write(u64::from(self.segment));
         let up = self.phpr.pciu.read() as u32;
         let down = self.phpr.pcid.read() as u32;
         println!("INFO hotplug scan pciu={up:#x} pcid={down:#x}");
@@ -130,7 +153,7 @@ impl Hotplug {
             );
             return;
         }
-        let cam = ecam();
+        let cam = self.cam();
         let id = cam.read_word(df(slot), 0);
         let (vendor, device) = (id as u16, (id >> 16) as u16);
         if vendor == 0xffff {
@@ -150,10 +173,21 @@ impl Hotplug {
             revision: class as u8,
             header_type: HeaderType::from((cam.read_word(df(slot), 12) >> 16) as u8 & 0x7f),
         };
-        // Decode memory and master DMA, as an OS enables a function it takes on.
-        let mut r = root();
+        // Decode memory and master DMA, as an OS enables a function it takes on; map its BARs
+        // above 4 GiB (only segment 0's 64-bit window was mapped at start).
+        let mut r = PciRoot::new(self.cam());
         let (_, cmd) = r.get_status_command(df(slot));
         r.set_command(df(slot), cmd | Command::MEMORY_SPACE | Command::BUS_MASTER);
+        for bar in 0..6 {
+            if let Ok(Some(BarInfo::Memory { address, size, .. })) = r.bar_info(df(slot), bar) {
+                if address >= 1 << 32 && size > 0 {
+                    if let Err(e) = crate::paging::map_uncached(address, size) {
+                        fail("hotplug-add", format_args!("slot={slot}: BAR{bar}: {e:?}"));
+                        return;
+                    }
+                }
+            }
+        }
         let driver = match virtio_device_type(&info) {
             Some(DeviceType::Block) => self.add_blk(slot),
             Some(DeviceType::Network) => self.add_net(slot),
@@ -168,7 +202,7 @@ impl Hotplug {
     }
 
     fn add_blk(&self, slot: u8) -> Option<Driver> {
-        let mut blk = match transport(df(slot)).map(VirtIOBlk::<GuestHal, _>::new) {
+        let mut blk = match self.transport(df(slot)).map(VirtIOBlk::<GuestHal, _>::new) {
             Some(Ok(b)) => b,
             Some(Err(e)) => {
                 fail("hotplug-add", format_args!("slot={slot}: virtio-blk: {e}"));
@@ -207,7 +241,7 @@ impl Hotplug {
     }
 
     fn add_net(&self, slot: u8) -> Option<Driver> {
-        let t = transport(df(slot))?;
+        let t = self.transport(df(slot))?;
         match VirtIONet::<GuestHal, _, 16>::new(t, 2048) {
             Ok(n) => {
                 println!(
@@ -234,7 +268,7 @@ impl Hotplug {
             return;
         }
         println!("HOTPLUG EJECTED slot={slot}");
-        let cam = ecam();
+        let cam = self.cam();
         let t0 = svc::rdtsc();
         loop {
             let vendor = cam.read_word(df(slot), 0) as u16;
@@ -259,7 +293,7 @@ impl Hotplug {
     }
 }
 
-pub fn scenario_hotplug(acpi: Option<&AcpiInfo>) {
+pub fn scenario_hotplug(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     let Some(a) = acpi else {
         fail("hotplug", format_args!("no ACPI tables"));
         return;
@@ -278,7 +312,12 @@ pub fn scenario_hotplug(acpi: Option<&AcpiInfo>) {
             return;
         }
     };
-    let found = phpr::find(&aml).and_then(|p| Ok((p, phpr::bridge(&aml)?)));
+    let segment = boot.arg("hp_segment").and_then(parse_u64).unwrap_or(0) as u16;
+    let Some(ecam) = a.mcfg.iter().find(|e| e.0 == segment).map(|e| e.1) else {
+        fail("hotplug", format_args!("the MCFG has no segment {segment}"));
+        return;
+    };
+    let found = phpr::find(&aml).and_then(|p| Ok((p, phpr::bridge(&aml, segment)?)));
     let (phpr, bridge) = match found {
         Ok(p) => p,
         Err(e) => {
@@ -292,6 +331,8 @@ pub fn scenario_hotplug(acpi: Option<&AcpiInfo>) {
     );
     let mut hp = Hotplug {
         aml,
+        segment,
+        ecam,
         bridge,
         phpr,
         slots: core::array::from_fn(|_| None),

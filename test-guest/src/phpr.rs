@@ -41,8 +41,9 @@ pub fn find(aml: &Aml) -> Result<Phpr, String> {
     })
 }
 
-/// The host bridge of segment 0: the PNP0A08 device in `\_SB_` whose `_SEG` is 0 (or absent).
-pub fn bridge(aml: &Aml) -> Result<String, String> {
+/// The host bridge of `segment`: the PNP0A08 device in `\_SB_` whose `_SEG` is `segment` (0
+/// when absent).
+pub fn bridge(aml: &Aml, segment: u16) -> Result<String, String> {
     for dev in aml.devices("\\_SB_")? {
         if hid(aml, &dev).is_ok_and(|h| h == "PNP0A08") {
             let seg_path = format!("{dev}._SEG");
@@ -51,7 +52,7 @@ pub fn bridge(aml: &Aml) -> Result<String, String> {
             } else {
                 0
             };
-            if seg == 0 {
+            if seg == u64::from(segment) {
                 if !aml.exists(&format!("{dev}.PCNT")) {
                     return Err(format!("{dev} has no PCNT"));
                 }
@@ -59,7 +60,7 @@ pub fn bridge(aml: &Aml) -> Result<String, String> {
             }
         }
     }
-    Err("no PNP0A08 host bridge of segment 0".into())
+    Err(format!("no PNP0A08 host bridge of segment {segment}"))
 }
 
 /// The slot device of `slot` in `bridge` (`_ADR` = slot << 16, `_SUN` = slot, with `_EJ0`),

@@ -65,3 +65,66 @@ fn a_disk_on_segment_1_survives_a_restore_and_hotplug_uses_the_segment() {
     );
     shutdown(b);
 }
+
+/// Hotplug on segment 1, as a guest OS sees it: the GED's PCI event, PSEG = 1, the segment's
+/// PCIU; the guest brings the disk up at `0001:00:00.0` and writes to it; a removal request
+/// reaches it through that segment's PCID, it ejects the slot with `\_SB_.PC01.S000._EJ0`
+/// (PCEJ with `_SEG` 1), and the device leaves, with the original's event naming its BDF.
+#[test]
+fn hotplug_on_segment_1_reaches_the_guest_and_back() {
+    require_curl();
+    let dir = crate::common::scratch("segments-hotplug-events");
+    let monitor = dir.join("events.json");
+    let vmm = Vmm::start(
+        "segments-hotplug",
+        &["--event-monitor", &format!("path={}", monitor.display())],
+    );
+    let serial = vmm.dir.join("serial.out");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&guest_config("hotplug hp_segment=1", &serial)).unwrap();
+    config["platform"] = json!({"num_pci_segments": 2});
+    assert_eq!(
+        vmm.curl("PUT", "vm.create", Some(&config.to_string())).0,
+        204
+    );
+    assert_eq!(vmm.put("vm.boot").0, 204);
+    wait_for(&serial, "READY", 1);
+    let img = vmm.dir.join("seg1.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let disk = json!({"path": img, "id": "seg1disk", "pci_segment": 1}).to_string();
+    let (status, text) = vmm.curl("PUT", "vm.add-disk", Some(&disk));
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(r#""bdf":"0001:00:00.0""#), "{text}");
+    wait_for(&serial, "HOTPLUG ADDED slot=0 type=blk", 1);
+    wait_for(&serial, "HOTPLUG IO slot=0 ok\n", 1);
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(
+        bytes[512..].starts_with(b"hotplug-slot-0"),
+        "the guest's write"
+    );
+    assert_eq!(vmm.put("vm.remove-device").0, 400, "no body");
+    let (status, text) = vmm.curl("PUT", "vm.remove-device", Some(r#"{"id": "seg1disk"}"#));
+    assert_eq!(status, 204, "{text}");
+    wait_for(&serial, "HOTPLUG EJECTED slot=0\n", 1);
+    wait_for(&serial, "HOTPLUG GONE slot=0\n", 1);
+    assert_no_fail(&serial);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&monitor).unwrap_or_default();
+        if text.contains("device-removed") {
+            assert!(text.contains("0001:00:00.0"), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no device-removed event: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let info = vmm.ok_json("vm.info");
+    assert!(
+        info["device_tree"].get("_virtio-pci-seg1disk").is_none(),
+        "{info}"
+    );
+    shutdown(vmm);
+}
