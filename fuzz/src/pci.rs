@@ -1,9 +1,9 @@
 //! Two PCI segments as the VM builds them: segment 0 with the host bridge and a virtio-pci
 //! function (virtio-console, two queues and a configuration), segment 1 with pvpanic in its
 //! slot 0; configuration mechanism #1 (0xcf8/0xcfc, segment 0) and ECAM (a megabyte per
-//! segment), with BARs mapped on the MMIO bus wherever the guest programs them. The guest's accesses
-//! reach configuration spaces, BAR sizing and moves, the virtio common configuration, device
-//! configuration, notifications, ISR and the MSI-X table and PBA.
+//! segment), with BARs mapped on the MMIO bus wherever the guest programs them. The guest's
+//! accesses reach configuration spaces, BAR sizing and moves, the virtio common configuration,
+//! device configuration, notifications, ISR and the MSI-X table and PBA.
 //!
 //! Input: `[L lo, L hi]`, then `L` bytes of accesses, then the first bytes of guest RAM (for
 //! the rings a driver sets up). An access is `[sel, a, b, c]` then, for a write, its bytes:

@@ -1,7 +1,8 @@
 //! virtio-blk over a `block::DiskFile`: IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES, one
 //! worker thread serving every queue, or with `queue_affinity` one per queue (each pinned to
-//! its queue's host CPUs, the image shared between them: `block::SharedDisk`). Each request is checked in full (descriptor directions,
-//! lengths, sector range, addresses) before any I/O; a bad one completes with IOERR or UNSUPP.
+//! its queue's host CPUs, the image shared between them: `block::SharedDisk`). Each request is
+//! checked in full (descriptor directions, lengths, sector range, addresses) before any I/O; a
+//! bad one completes with IOERR or UNSUPP.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, RawFd};

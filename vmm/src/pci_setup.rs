@@ -766,8 +766,9 @@ fn boot_bar_kind(d: &NewDevice) -> BarKind {
 }
 
 /// Builds the segments with the configured devices, their BARs in `windows` (one per segment,
-/// see `pci_segments::segment_windows`). `console`: `None` for no virtio console. `slot_hints`: where a restored VM's devices were (by id: slot and BAR
-/// kind), so that a configuration changed by hotplug rebuilds the snapshot's bus. `ejections`:
+/// see `pci_segments::segment_windows`). `console`: `None` for no virtio console.
+/// `slot_hints`: where a restored VM's devices were (by id: slot and BAR kind), so that a
+/// configuration changed by hotplug rebuilds the snapshot's bus. `ejections`:
 /// who hears of the guest's ejections; `events`, of its devices' activations and resets.
 #[allow(clippy::too_many_arguments)]
 pub fn create(

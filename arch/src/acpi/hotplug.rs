@@ -5,8 +5,9 @@
 //!   and `PSEG` of a SystemMemory region, `PCEJ (slot, segment)` to eject a slot and `PSCN` to
 //!   scan every segment, which the GED's `_EVT` calls on its PCI bit.
 //! - In each host bridge: a `Snnn` device per slot (decimal; 1-31 on segment 0, whose slot 0 is
-//!   the host bridge, 0-31 on the others) (`_ADR`, `_SUN`, `_EJ0` calling `PCEJ`), `DVNT (bitmap, type)` notifying the slots of a bitmap, and `PCNT`, which notifies
-//!   the added slots with 1 (device check) and those to remove with 3 (eject request).
+//!   the host bridge, 0-31 on the others) (`_ADR`, `_SUN`, `_EJ0` calling `PCEJ`),
+//!   `DVNT (bitmap, type)` notifying the slots of a bitmap, and `PCNT`, which notifies the
+//!   added slots with 1 (device check) and those to remove with 3 (eject request).
 
 use acpi_tables::aml;
 use acpi_tables::Aml;
