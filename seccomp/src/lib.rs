@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use cpuset::CpuSet;
 use seccompiler::{BpfProgram, SeccompAction};
-pub use spawn::{on_spawner, spawn, spawn_pinned, spawner_running, start_spawner};
+pub use spawn::{on_spawner, spawn, spawner_running, start_spawner};
 pub use syscalls::Sysno;
 
 pub use report::report_to;

@@ -13,13 +13,14 @@ use std::thread::{Builder, JoinHandle};
 
 use syscalls::Sysno::{self, *};
 
-use crate::{CpuSet, Error, Filter};
+use crate::{Error, Filter};
 
 /// What creating a thread takes (beyond [`crate::base`]): the new thread's stack and guard
 /// page, clone, and what the new thread does before its work starts (naming itself, its
-/// alternate signal stack, its CPU set as the allocator reads it, pinning itself to CPUs
-/// ([`spawn_pinned`]), installing its own filter). Filters stack, so a thread whose own filter
-/// lacks `sched_setaffinity` cannot call it once that filter is installed.
+/// alternate signal stack, its CPU set as the allocator reads it, installing its own filter).
+/// `sched_setaffinity` for the threads pinned to host CPUs (vCPUs with `--cpus affinity`, a
+/// disk's `queue_affinity` workers), which call it first thing under their own filter: filters
+/// stack, so each thread still needs it in its own list.
 const SPAWN: &[Sysno] = &[
     clone,
     clone3,
@@ -96,40 +97,8 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    spawn_pinned(name, None, filter, f)
-}
-
-/// [`spawn`], the thread first pinned to the host CPUs `cpus` (when given), before its filter
-/// is installed (so the filter need not allow it). A set the thread cannot take (no CPU of it
-/// allowed to the process) is an error, and `f` never runs.
-pub fn spawn_pinned<F, T>(
-    name: String,
-    cpus: Option<CpuSet>,
-    filter: Filter,
-    f: F,
-) -> Result<JoinHandle<T>, Error>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
     let (started_tx, started_rx) = mpsc::sync_channel::<Result<(), Error>>(1);
-    let pin_name = name.clone();
     let body = move || {
-        if let Some(cpus) = &cpus {
-            if let Err(e) = cpus.pin_caller() {
-                let source = std::io::Error::new(
-                    e.kind(),
-                    format!("cannot pin it to host CPUs {cpus:?}: {e}"),
-                );
-                let _ = started_tx.send(Err(Error::Spawn {
-                    name: pin_name,
-                    source,
-                }));
-                loop {
-                    std::thread::park();
-                }
-            }
-        }
         let installed = filter.install();
         let failed = installed.is_err();
         let _ = started_tx.send(installed);

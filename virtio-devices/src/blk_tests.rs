@@ -314,3 +314,31 @@ fn blk_queue_of_its_own_is_served_and_paused() {
     blk.reset();
     assert!(blk.queue_positions().is_none(), "reset");
 }
+
+/// A queue thread that cannot be pinned (its CPU is not one the host lets it run on) marks the
+/// device NEEDS_RESET instead of serving unpinned; the VMM goes on.
+#[test]
+fn blk_queue_thread_that_cannot_be_pinned_breaks_the_device() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut f.as_file(), &[0u8; 64 * 1024]).unwrap();
+    let d = block::open_disk(f.path(), &Default::default()).unwrap();
+    let mut blk = crate::Block::new(
+        d,
+        crate::BlockConfig {
+            num_queues: 1,
+            queue_size: crate::tests::QSIZE,
+            serial: "unpinnable".into(),
+            io_uring: false,
+            queue_affinity: vec![(0, vec![1023])],
+        },
+    )
+    .unwrap();
+    let r = Ring::start(&mut blk, 0, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !r.status.needs_reset() {
+        assert!(Instant::now() < deadline, "not marked NEEDS_RESET");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(r.irq.config.load(Ordering::SeqCst) > 0, "config interrupt");
+    blk.reset();
+}

@@ -260,9 +260,23 @@ fn start_thread<H: QueueHandler>(
     name: &str,
     mut w: Worker<H>,
 ) -> std::io::Result<JoinHandle<Worker<H>>> {
-    let filter = w.handler.seccomp().filter();
+    let mut filter = w.handler.seccomp().filter();
     let cpus = w.handler.cpus();
-    seccomp::spawn_pinned(name.to_string(), cpus, filter, move || {
+    if cpus.is_some() {
+        // Only a pinned worker may set its CPUs (once, first thing), as a pinned vCPU.
+        filter = filter.allow(&[::seccomp::Sysno::sched_setaffinity]);
+    }
+    let thread = name.to_string();
+    seccomp::spawn(name.to_string(), filter, move || {
+        if let Some(set) = cpus {
+            if let Err(e) = set.pin_caller() {
+                // The CPUs were checked when the device was built; the host took them away
+                // since. The device cannot run where it was told to: broken until a reset.
+                error!("{thread}: cannot run on its host CPUs {set:?}: {e}");
+                w.broken("its thread cannot be pinned");
+                return w;
+            }
+        }
         if let Err(e) = w.run() {
             error!("virtio worker failed: {e}");
         }
