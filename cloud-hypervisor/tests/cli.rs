@@ -176,6 +176,21 @@ fn conflicting_and_unsupported_options() {
         &["--kernel", k, "--pci-segment", "pci_segment=2"],
         &["--pci-segment pci_segment=2", "the VM has 1 PCI segment(s)"],
     );
+    // The largest weight leaves the other segment less than 4 KiB of the 32-bit window.
+    assert_rejected(
+        &[
+            "--kernel",
+            k,
+            "--platform",
+            "num_pci_segments=2",
+            "--pci-segment",
+            "pci_segment=1,mmio32_aperture_weight=4294967295",
+        ],
+        &[
+            "--platform num_pci_segments=2",
+            "too little of the 32-bit MMIO window",
+        ],
+    );
     assert_rejected(
         &["--kernel", k, "--rng", "src=/nonexistent/rng"],
         &["--rng /nonexistent/rng", "cannot open"],

@@ -96,18 +96,21 @@ fn too_many(segments: usize, kind: &str, (start, size): (u64, u64)) -> String {
 /// `MMIO32_ALIGN`, when the window is too small for a unit of `align` per weight); `None`
 /// when even that leaves a segment nothing.
 fn cut((start, size): (u64, u64), weights: &[u32], align: u64) -> Option<Vec<(u64, u64)>> {
-    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    // In u128: up to 96 weights of up to 2^32 - 1, times an alignment of up to 4 GiB.
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
     if total == 0 {
         return None;
     }
     let mut align = align;
-    while size / (align * total) == 0 {
+    let units = |align: u64| u128::from(size) / (u128::from(align) * total);
+    while units(align) == 0 {
         align /= 2;
         if align < MMIO32_ALIGN {
             return None;
         }
     }
-    let unit = size / (align * total) * align;
+    // unit × total ≤ size, so unit and every `unit × weight` fit in a u64.
+    let unit = u64::try_from(units(align)).ok()? * align;
     let end = start + size;
     let mut out = Vec::with_capacity(weights.len());
     let mut at = start;
@@ -224,5 +227,10 @@ mod tests {
         };
         let e = tiny.split(&[(1, 1); 8]).unwrap_err();
         assert!(e.contains("8 PCI segments") && e.contains("32-bit"), "{e}");
+        // The largest weights a configuration can give do not overflow: too little room.
+        let e = w.split(&[(u32::MAX, u32::MAX); 96]).unwrap_err();
+        assert!(e.contains("96 PCI segments"), "{e}");
+        let e = w.split(&[(1, 1), (u32::MAX, 1)]).unwrap_err();
+        assert!(e.contains("2 PCI segments") && e.contains("32-bit"), "{e}");
     }
 }
