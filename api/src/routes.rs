@@ -38,6 +38,7 @@ pub enum Endpoint {
     VmAddVsock,
     VmAddPmem,
     VmAddFs,
+    VmAddGenericVhostUser,
     /// One of the original's endpoints for something this VMM does not have yet.
     NotYet,
 }
@@ -59,7 +60,11 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.add-device", Method::Put, Endpoint::NotYet),
     ("vm.add-disk", Method::Put, Endpoint::VmAddDisk),
     ("vm.add-fs", Method::Put, Endpoint::VmAddFs),
-    ("vm.add-generic-vhost-user", Method::Put, Endpoint::NotYet),
+    (
+        "vm.add-generic-vhost-user",
+        Method::Put,
+        Endpoint::VmAddGenericVhostUser,
+    ),
     ("vm.add-net", Method::Put, Endpoint::VmAddNet),
     ("vm.add-pmem", Method::Put, Endpoint::VmAddPmem),
     ("vm.add-user-device", Method::Put, Endpoint::NotYet),
@@ -223,6 +228,11 @@ pub fn request(
         }
         Endpoint::VmAddPmem => ApiRequest::VmAddPmem(Box::new(body_of(body, name, "PmemConfig")?)),
         Endpoint::VmAddFs => ApiRequest::VmAddFs(Box::new(body_of(body, name, "FsConfig")?)),
+        Endpoint::VmAddGenericVhostUser => ApiRequest::VmAddGenericVhostUser(Box::new(body_of(
+            body,
+            name,
+            "GenericVhostUserConfig",
+        )?)),
         Endpoint::NotYet => return Err(reply(name, Err(ApiError::NotYet(name.to_string())))),
     })
 }

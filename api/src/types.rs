@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_config::{
-    ConfigError, DiskConfig, FsConfig, NetConfig, PmemConfig, ReceiveMigrationConfig,
-    RestoreConfig, SendMigrationConfig, VmConfig, VsockConfig,
+    ConfigError, DiskConfig, FsConfig, GenericVhostUserConfig, NetConfig, PmemConfig,
+    ReceiveMigrationConfig, RestoreConfig, SendMigrationConfig, VmConfig, VsockConfig,
 };
 
 /// The states of a VM, as the original names them.
@@ -61,6 +61,9 @@ pub enum ApiRequest {
     /// `vm.add-fs`: before boot the device joins the configuration; on a built VM it is
     /// hot-added, connected to its backend.
     VmAddFs(Box<FsConfig>),
+    /// `vm.add-generic-vhost-user`: before boot the device joins the configuration; on a
+    /// built VM it is hot-added, connected to its backend.
+    VmAddGenericVhostUser(Box<GenericVhostUserConfig>),
 }
 
 /// `vm.resize`'s body, as the original's `VmResize`: each field present is a change asked for.

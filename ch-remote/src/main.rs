@@ -20,7 +20,8 @@ use api::{MigrationProgress, MigrationState};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use serde_json::{Map, Value};
 use vm_config::{
-    parse_size, DiskConfig, FsConfig, NetConfig, PmemConfig, RestoreConfig, VsockConfig,
+    parse_size, DiskConfig, FsConfig, GenericVhostUserConfig, NetConfig, PmemConfig, RestoreConfig,
+    VsockConfig,
 };
 
 /// What a subcommand takes on its command line.
@@ -48,9 +49,10 @@ enum Body {
     Disk,
     /// `--net` syntax, turned into a NetConfig.
     Net,
-    /// `--fs`, `--pmem`, `--vsock` syntax, each turned into its config (sizes in bytes, as
-    /// the API takes them).
+    /// `--fs`, `--generic-vhost-user`, `--pmem`, `--vsock` syntax, each turned into its
+    /// config (sizes in bytes, as the API takes them).
     Fs,
+    GenericVhostUser,
     Pmem,
     Vsock,
     /// `key=value,...` as a JSON object; a bare value is the given key's.
@@ -103,7 +105,7 @@ const SUBCOMMANDS: &[Sub] = &[
         args: Args::Positional { name: "generic_vhost_user_config", required: false, help: "generic vhost-user parameters \"device_type=<ID number for virtio device type (FS, block, net, etc) or symbolic name>,socket=<socket_path>,queue_sizes=<list of queue sizes>,id=<device_id>,pci_segment=<segment_id>,pci_device_id=<pci_slot>\"" },
         method: Method::Put,
         endpoint: "vm.add-generic-vhost-user",
-        body: Body::Kv(""),
+        body: Body::GenericVhostUser,
     },
     Sub {
         name: "add-net",
@@ -507,6 +509,7 @@ fn body(s: &Sub, m: &ArgMatches) -> Result<(Option<Vec<u8>>, Vec<RawFd>), String
             serde_json::to_value(c).map_err(|e| e.to_string())?
         }
         Body::Fs => typed(FsConfig::parse(positional.unwrap_or("")))?,
+        Body::GenericVhostUser => typed(GenericVhostUserConfig::parse(positional.unwrap_or("")))?,
         Body::Pmem => typed(PmemConfig::parse(positional.unwrap_or("")))?,
         Body::Vsock => typed(VsockConfig::parse(positional.unwrap_or("")))?,
         Body::Kv(primary) => kv_body(s.name, primary, positional)?,

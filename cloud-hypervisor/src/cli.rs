@@ -4,7 +4,7 @@ use clap::{Arg, ArgAction, Command};
 
 /// Options of the original that this VMM does not implement yet: accepted by the parser so
 /// `--help` matches, refused with a clear message when used.
-pub const NOT_YET: &[&str] = &["device", "generic-vhost-user", "user-device", "vdpa"];
+pub const NOT_YET: &[&str] = &["device", "user-device", "vdpa"];
 
 /// The options the original puts in its `vm-config` group, which needs a payload (`--kernel`,
 /// `--firmware`): with `--restore` and no payload the VM's configuration comes from the

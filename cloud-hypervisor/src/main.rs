@@ -12,9 +12,9 @@ use std::process::ExitCode;
 use clap::ArgMatches;
 use vmm::config::{
     BalloonConfig, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
-    LandlockConfig, MemoryConfig, NetConfig, NumaConfig, PayloadConfig, PciSegmentConfig,
-    PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig, RtcConfig,
-    TpmConfig, VsockConfig,
+    GenericVhostUserConfig, LandlockConfig, MemoryConfig, NetConfig, NumaConfig, PayloadConfig,
+    PciSegmentConfig, PlatformConfig, PmemConfig, RateLimitGroupConfig, RestoreConfig, RngConfig,
+    RtcConfig, TpmConfig, VsockConfig,
 };
 use vmm::{ConfigError, EventMonitor, Outcome, VmConfig, VmmOptions};
 
@@ -73,6 +73,8 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
     let net = many(m, "net", NetConfig::parse)?.unwrap_or_default();
     let pmem = many(m, "pmem", PmemConfig::parse)?.unwrap_or_default();
     let fs = many(m, "fs", FsConfig::parse)?.unwrap_or_default();
+    let generic_vhost_user =
+        many(m, "generic-vhost-user", GenericVhostUserConfig::parse)?.unwrap_or_default();
     let groups = many(m, "rate-limit-group", RateLimitGroupConfig::parse)?;
     let landlock_rules = many(m, "landlock-rules", LandlockConfig::parse)?;
     let numa = many(m, "numa", NumaConfig::parse)?;
@@ -101,6 +103,7 @@ fn config_from(m: &ArgMatches) -> Result<VmConfig, ConfigError> {
         net,
         pmem,
         fs,
+        generic_vhost_user,
         rng,
         watchdog: m.get_flag("watchdog"),
         balloon,

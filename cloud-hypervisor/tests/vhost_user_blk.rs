@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::{boot_vhost_user_blk, guest, spawn, wait_until, wait_with_timeout, Fixture, Run};
 
+/// The same backend behind `--generic-vhost-user device_type=block`.
+#[path = "vhost_user_blk/generic.rs"]
+mod generic;
+
 const SECTORS: u64 = 16;
 const MIB: u64 = 1 << 20;
 
@@ -224,9 +228,9 @@ impl BlkFixture {
         Backend::start(&self.img, &self.sock, extra)
     }
 
-    /// The VMM booting `cmdline` with shared guest RAM and `--disk <disk>`, its serial output
-    /// here, with `-v` first if `verbose` and the API socket here if `api`.
-    fn spawn_vmm(&self, verbose: bool, cmdline: &str, disk: &str, api: bool) -> Child {
+    /// The VMM booting `cmdline` with shared guest RAM and `device` (`["--disk", <disk>]`), its
+    /// serial output here, with `-v` first if `verbose` and the API socket here if `api`.
+    fn spawn_vmm(&self, verbose: bool, cmdline: &str, device: [&str; 2], api: bool) -> Child {
         let (serial, api_arg) = (self.serial_arg(), self.api_arg());
         let mut args = vec![
             "--kernel",
@@ -235,8 +239,8 @@ impl BlkFixture {
             cmdline,
             "--memory",
             "size=256M,shared=on",
-            "--disk",
-            disk,
+            device[0],
+            device[1],
             "--serial",
             &serial,
             "--console",
@@ -256,7 +260,7 @@ impl BlkFixture {
     fn spawn_blkfault(&self, verbose: bool, blocks: u64) -> Child {
         let cmdline = format!("test=blkfault blkfault_chunk=8 blkfault_blocks={blocks}");
         let disk = format!("vhost_user=on,socket={}", self.sock.display());
-        self.spawn_vmm(verbose, &cmdline, &disk, true)
+        self.spawn_vmm(verbose, &cmdline, ["--disk", &disk], true)
     }
 }
 
@@ -461,7 +465,7 @@ fn backend_gone_past_the_timeout_then_the_reset_device_connects_again() {
         "vhost_user=on,socket={},vhost_reconnect_timeout=1",
         fx.sock.display()
     );
-    let child = fx.spawn_vmm(false, "test=blk-reset", &disk, false);
+    let child = fx.spawn_vmm(false, "test=blk-reset", ["--disk", &disk], false);
     let secs30 = Duration::from_secs(30);
     fx.wait_serial("BLKRESET waiting for the backend to go", secs30);
     b.kill();
@@ -507,6 +511,12 @@ fn backend_gone_past_the_timeout_then_the_reset_device_connects_again() {
 /// backend stops each ring: GET_VRING_BASE). Returns the snapshot's vhost-user-blk transport
 /// state (JSON).
 fn pause_and_snapshot(api: &Path, snap: &Path) -> serde_json::Value {
+    pause_and_snapshot_device(api, snap, "_disk0", "vhost-user-blk")
+}
+
+/// `pause_and_snapshot` for the vhost-user device `id` of kind `device` (`vhost-user-blk`,
+/// `generic-vhost-user`): its transport state.
+fn pause_and_snapshot_device(api: &Path, snap: &Path, id: &str, device: &str) -> serde_json::Value {
     assert_eq!(api_put(api, "vm.pause", "").0, "HTTP/1.1 204 ");
     std::fs::create_dir_all(snap).unwrap();
     let body = format!(r#"{{"destination_url": "file://{}"}}"#, snap.display());
@@ -518,12 +528,12 @@ fn pause_and_snapshot(api: &Path, snap: &Path) -> serde_json::Value {
         .as_array()
         .unwrap()
         .iter()
-        .find(|d| d["id"] == "_disk0")
+        .find(|d| d["id"] == id)
         .cloned()
-        .expect("the vhost-user-blk device in the snapshot");
+        .unwrap_or_else(|| panic!("no {id} in the snapshot"));
     assert_eq!(
         dev["device"],
-        serde_json::json!({"vhost_user": {"version": 1, "device": "vhost-user-blk"}}),
+        serde_json::json!({"vhost_user": {"version": 1, "device": device}}),
         "{dev}"
     );
     dev["transport"].clone()

@@ -43,6 +43,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
             r#"{"file":"/tmp/pmem.img","size":2097152,"id":"pmem0"}"#,
         ),
         (
+            "vm.add-generic-vhost-user",
+            r#"{"socket":"/tmp/g.sock","queue_sizes":[256],"device_type":2,"id":"g0"}"#,
+        ),
+        (
             "vm.add-vsock",
             r#"{"cid":4,"socket":"/tmp/vs.sock","id":"vsock1"}"#,
         ),

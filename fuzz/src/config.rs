@@ -29,6 +29,7 @@ pub const OPTIONS: &[&str] = &[
     "memory-zone",
     "numa",
     "debug-console",
+    "generic-vhost-user",
     "mac",
 ];
 
@@ -74,6 +75,7 @@ pub fn options(data: &[u8]) {
         ),
         17 => check(NumaConfig::parse(raw), |_| ()),
         18 => check(DebugConsoleConfig::parse(raw), |v| drop(v.validate())),
+        19 => check(GenericVhostUserConfig::parse(raw), |v| drop(v.validate())),
         _ => {
             if let Ok(m) = raw.parse::<mac::MacAddr>() {
                 assert_eq!(m.to_string().parse::<mac::MacAddr>().ok(), Some(m));
@@ -114,6 +116,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ("vsock", "cid=3,socket=/tmp/vsock.sock,id=vsock0"),
         ("landlock-rules", "path=/tmp/dir,access=rw"),
         ("fs", "tag=myfs,socket=/tmp/vfs.sock,num_queues=1,queue_size=1024,id=fs0"),
+        ("generic-vhost-user", "device_type=block,socket=/tmp/g.sock,queue_sizes=[256,128],id=g0"),
+        ("generic-vhost-user", "virtio_id=26,socket=/tmp/g.sock,queue_sizes=[1024,1024],pci_device_id=7"),
         ("memory-zone", "id=mem0,size=1G,shared=on,hotplug_size=512M,hotplugged_size=128M"),
         ("memory-zone", "id=z1,size=256M,file=/dev/shm/zone,prefault=on,host_numa_node=0"),
         ("numa", "guest_numa_id=0,cpus=[0-1,3],distances=[1@20,2@30],memory_zones=[mem0,z1]"),

@@ -24,6 +24,7 @@ mod vhost_user;
 mod vhost_user_blk;
 mod vhost_user_deadline;
 mod vhost_user_fs;
+mod vhost_user_generic;
 mod vhost_user_log;
 mod vhost_user_net;
 mod vhost_user_reconnect;
@@ -78,6 +79,7 @@ pub use transport::{
 pub use vhost_user::{VhostUserError, VhostUserState};
 pub use vhost_user_blk::{VhostUserBlock, VhostUserBlockError};
 pub use vhost_user_fs::{VhostUserFs, VhostUserFsError, FS_TAG_LEN, TYPE_FS};
+pub use vhost_user_generic::VhostUserGeneric;
 pub use vhost_user_net::{VhostUserNet, VhostUserNetConfig, VhostUserNetError};
 pub use vhost_user_reconnect::GIVE_UP as VHOST_USER_GIVE_UP;
 pub use vhost_user_socket::VhostSocketError;

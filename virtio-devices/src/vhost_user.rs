@@ -38,8 +38,8 @@ const F_VERSION_1: u64 = 1 << 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
-    #[error("cannot connect to {0}: {1}")]
-    Connect(String, std::io::Error),
+    #[error(transparent)]
+    Socket(#[from] crate::vhost_user_socket::VhostSocketError),
     #[error("vhost-user {0}: {1}")]
     Protocol(&'static str, vhost::Error),
     #[error("the backend does not offer {0}")]
@@ -122,30 +122,6 @@ impl VhostUserState {
     }
 }
 
-/// Connects to a backend's socket (trying again for 500 ms while it refuses: it may be about
-/// to listen), with the reply timeouts set: a backend that stops answering fails the request.
-fn connect_stream(socket: &Path) -> Result<std::os::unix::net::UnixStream, VhostUserError> {
-    use std::os::unix::net::UnixStream;
-    let err = |e| VhostUserError::Connect(socket.display().to_string(), e);
-    let mut tries = 5;
-    let stream = loop {
-        match UnixStream::connect(socket) {
-            Ok(s) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries > 0 => {
-                tries -= 1;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            Err(e) => return Err(err(e)),
-        }
-    };
-    let wait = Some(REPLY_WAIT);
-    stream
-        .set_read_timeout(wait)
-        .and_then(|()| stream.set_write_timeout(wait))
-        .map_err(err)?;
-    Ok(stream)
-}
-
 impl VhostUserConnection {
     /// Connects to the backend at `socket` (which may serve `max_queues` queues), sets the
     /// owner, checks that it offers VERSION_1 and protocol features, and negotiates the protocol
@@ -157,7 +133,9 @@ impl VhostUserConnection {
         queue_size: u16,
         want: VhostUserProtocolFeatures,
     ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
-        let fe = Frontend::from_stream(connect_stream(socket)?, u64::from(max_queues));
+        // A backend still starting is waited for (5 s), as in vhost-user-net's client mode.
+        let stream = crate::vhost_user_socket::open(socket, false)?;
+        let fe = Frontend::from_stream(stream, u64::from(max_queues));
         let (mut c, got) = Self::negotiate(name, fe, queue_size, want)?;
         c.target = Some(Target {
             socket: socket.to_path_buf(),
@@ -231,14 +209,14 @@ impl VhostUserConnection {
     }
 
     /// The frontend, for the device's own requests before activation (GET_CONFIG, ...).
-    fn frontend(&mut self) -> MutexGuard<'_, Frontend> {
+    fn frontend(&self) -> MutexGuard<'_, Frontend> {
         self.fe.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One of the device's own requests before activation (GET_CONFIG, GET_QUEUE_NUM, ...),
     /// `what` naming it in an error, within the reply deadline.
     pub(crate) fn ask<T>(
-        &mut self,
+        &self,
         what: &'static str,
         f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
     ) -> Result<T, VhostUserError> {

@@ -51,7 +51,7 @@ impl VhostUserFs {
             return Err(VhostUserFsError::Tag(tag.into()));
         }
         let total = num_queues + 1;
-        let (mut conn, got) = VhostUserConnection::connect(
+        let (conn, got) = VhostUserConnection::connect(
             "vhost-user-fs",
             socket,
             total,

@@ -151,7 +151,7 @@ impl VhostUserNet {
     /// offers; `num_queues` must be no more than it runs.
     pub fn new(socket: &Path, cfg: &VhostUserNetConfig) -> Result<Self, VhostUserNetError> {
         let stream = crate::vhost_user_socket::open(socket, cfg.server)?;
-        let (mut conn, got) = VhostUserConnection::from_stream(
+        let (conn, got) = VhostUserConnection::from_stream(
             NAME,
             stream,
             cfg.num_queues,

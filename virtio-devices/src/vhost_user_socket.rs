@@ -1,8 +1,9 @@
-//! The socket of a vhost-user-net backend, either way round (`vhost_mode=`): as a client we
-//! connect to the backend's socket (retrying a while, as the backend may still be starting);
-//! as a server we listen on it and wait, a bounded time, for the backend to connect. Either
-//! way the stream gets read and write timeouts, so a backend that stops answering fails the
-//! request instead of holding the VMM's thread.
+//! The socket of a vhost-user backend. Every device connects to its backend's socket as a
+//! client (retrying for 5 s while the file is missing or nobody listens: the backend may still
+//! be starting); a vhost-user-net device may instead be the server (`vhost_mode=server`),
+//! listening on it and waiting, a bounded time, for the backend to connect. Either way the
+//! stream gets read and write timeouts, so a backend that stops answering fails the request
+//! instead of holding the VMM's thread.
 
 use std::io;
 use std::os::fd::AsRawFd;

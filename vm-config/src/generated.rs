@@ -8,11 +8,11 @@ use super::mac::MacAddr;
 use super::VmConfig;
 
 impl VmConfig {
-    /// Names each disk, net, virtio-fs, pmem and vsock device that has no id `_disk<N>`,
-    /// `_net<N>`, `_fs<N>`, `_pmem<N>`, `_vsock<N>`, N counting every name made so far in that
-    /// order (the order the original's device manager makes them) and skipping ids in use; gives
-    /// each net device without a MAC a random one (first byte 0x2e). Ids and MACs already there
-    /// stay.
+    /// Names each disk, net, generic vhost-user, virtio-fs, pmem and vsock device that has no
+    /// id `_disk<N>`, `_net<N>`, `_generic_vhost_user<N>`, `_fs<N>`, `_pmem<N>`, `_vsock<N>`,
+    /// N counting every name made so far in that order (the order the original's device
+    /// manager makes them) and skipping ids in use; gives each net device without a MAC a
+    /// random one (first byte 0x2e). Ids and MACs already there stay.
     pub fn assign_generated(&mut self) {
         let mut used: BTreeSet<String> = self
             .disks
@@ -21,6 +21,7 @@ impl VmConfig {
             .chain(self.net.iter().map(|n| &n.id))
             .chain([&self.rng.id, &self.console.id])
             .chain(self.balloon.iter().map(|b| &b.id))
+            .chain(self.generic_vhost_user.iter().map(|g| &g.id))
             .chain(self.fs.iter().map(|f| &f.id))
             .chain(self.pmem.iter().map(|p| &p.id))
             .chain(self.vsock.iter().map(|v| &v.id))
@@ -45,6 +46,13 @@ impl VmConfig {
             if n.mac.is_none() {
                 n.mac = Some(MacAddr::random_local().to_string());
             }
+        }
+        for g in self
+            .generic_vhost_user
+            .iter_mut()
+            .filter(|g| g.id.is_none())
+        {
+            g.id = Some(next("_generic_vhost_user"));
         }
         for f in self.fs.iter_mut().filter(|f| f.id.is_none()) {
             f.id = Some(next("_fs"));

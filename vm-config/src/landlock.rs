@@ -187,6 +187,13 @@ impl VmConfig {
         for f in &self.fs {
             out.push(LandlockGrant::new(&f.socket, Connect, "--fs"));
         }
+        for g in &self.generic_vhost_user {
+            out.push(LandlockGrant::new(
+                &g.socket,
+                Connect,
+                "--generic-vhost-user",
+            ));
+        }
         for n in &self.net {
             match (&n.vhost_socket, n.vhost_mode) {
                 (Some(s), crate::VhostMode::Client) => {
@@ -310,6 +317,7 @@ mod tests {
             "payload": {"kernel": "/k", "initramfs": "/i"},
             "disks": [{"path": "/d0"}, {"path": "/d1", "readonly": true}],
             "pmem": [{"file": "/p", "discard_writes": true}],
+            "generic_vhost_user": [{"socket": "/run/g.sock", "queue_sizes": [2], "device_type": 2}],
             "serial": {"mode": "File", "file": "/log/serial"},
             "console": {"mode": "Socket", "socket": "/run/ch/console.sock"},
             "vsock": {"cid": 3, "socket": "/run/vs/v.sock"},
@@ -331,6 +339,7 @@ mod tests {
             ("/d0", ReadWrite),
             ("/d1", Read),
             ("/p", Read),
+            ("/run/g.sock", Connect),
             ("/log/serial", CreateFile),
             ("/run/ch", Sockets),
             ("/dev/random", Read),

@@ -8,6 +8,7 @@ mod devices;
 pub mod extra;
 mod fs;
 mod generated;
+mod generic_vhost_user;
 mod landlock;
 pub mod mac;
 mod memory_zone;
@@ -42,6 +43,7 @@ pub use devices::{
 };
 pub use extra::Extra;
 pub use fs::{FsConfig, FS_MAX_QUEUES, FS_TAG_MAX};
+pub use generic_vhost_user::{device_type_name, GenericVhostUserConfig, GENERIC_MAX_QUEUES};
 pub use landlock::{parent_dir, LandlockAccess, LandlockConfig, LandlockGrant};
 pub use memory_zone::{zone_updates, MemoryZoneConfig, DEFAULT_ZONE_ID};
 pub use migration::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig, TimeoutStrategy};
@@ -443,6 +445,14 @@ pub struct VmConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub fs: Vec<FsConfig>,
+    /// `--generic-vhost-user`: virtio devices of any type served whole by a vhost-user
+    /// backend.
+    #[serde(
+        default,
+        deserialize_with = "devices::null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub generic_vhost_user: Vec<GenericVhostUserConfig>,
     #[serde(default, deserialize_with = "devices::null_as_default")]
     pub rng: RngConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -665,6 +675,9 @@ impl VmConfig {
         for (i, f) in self.fs.iter().enumerate() {
             f.extra.check(&format!("fs[{i}]"))?;
         }
+        for (i, g) in self.generic_vhost_user.iter().enumerate() {
+            g.extra.check(&format!("generic_vhost_user[{i}]"))?;
+        }
         Ok(())
     }
 
@@ -808,6 +821,23 @@ impl VmConfig {
                 ));
             }
             check_at(FsConfig::OPTION, &f.id, f.pci_segment, f.pci_device_id)?;
+        }
+        for g in &self.generic_vhost_user {
+            g.validate()?;
+            if !self.memory.all_shared() {
+                // The backend maps guest RAM from the memory files we hand it.
+                return Err(ConfigError::new(
+                    GenericVhostUserConfig::OPTION,
+                    &format!("socket={}", g.socket.display()),
+                    "--generic-vhost-user needs --memory shared=on".into(),
+                ));
+            }
+            check_at(
+                GenericVhostUserConfig::OPTION,
+                &g.id,
+                g.pci_segment,
+                g.pci_device_id,
+            )?;
         }
         let c = &self.console;
         devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())

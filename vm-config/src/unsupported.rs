@@ -1,6 +1,6 @@
 //! The parts of the original's `VmConfig` that this VMM does not implement yet (disks, net,
-//! rng, balloon, fs, debug_console and iommu are real fields of `VmConfig` now). The API accepts
-//! them only absent, `null`, empty or at their default, and refuses anything else naming the
+//! rng, balloon, fs, generic_vhost_user, debug_console and iommu are real fields of
+//! `VmConfig` now). The API accepts them only absent, `null`, empty or at their default, and refuses anything else naming the
 //! field, so a client never believes it got a device it did not.
 
 use serde::{Deserialize, Serialize};
@@ -10,8 +10,6 @@ use super::ConfigError;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UnsupportedConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generic_vhost_user: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,8 +36,7 @@ fn is_empty(v: &Value) -> bool {
 impl UnsupportedConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.other.check("")?;
-        let fields: [(&'static str, &Option<Value>); 5] = [
-            ("generic_vhost_user", &self.generic_vhost_user),
+        let fields: [(&'static str, &Option<Value>); 4] = [
             ("devices", &self.devices),
             ("user_devices", &self.user_devices),
             ("vdpa", &self.vdpa),

@@ -607,6 +607,10 @@ impl Vmm {
             VmAddVsock(v) => (self.add_device(hotplug::Added::Vsock(*v)), Next::Continue),
             VmAddPmem(p) => (self.add_device(hotplug::Added::Pmem(*p)), Next::Continue),
             VmAddFs(f) => (self.add_device(hotplug::Added::Fs(*f)), Next::Continue),
+            VmAddGenericVhostUser(g) => (
+                self.add_device(hotplug::Added::GenericVhostUser(*g)),
+                Next::Continue,
+            ),
             VmDelete => {
                 self.delete_vm();
                 done(Ok(()))

@@ -852,9 +852,15 @@ pub fn create(
         list.push(virtio_build::net(n, id)?);
     }
     // In the original's order (it decides the slots of devices without one): console, disks,
-    // net, rng, virtio-fs, pmem, vsock, virtio-mem, balloon (then the watchdog and pvpanic,
-    // `device_manager`).
+    // net, rng, generic vhost-user, virtio-fs, pmem, vsock, virtio-mem, balloon (then the
+    // watchdog and pvpanic, `device_manager`).
     list.push(virtio_build::rng(&cfg.rng)?);
+    for (i, g) in cfg.generic_vhost_user.iter().enumerate() {
+        let id =
+            g.id.clone()
+                .unwrap_or_else(|| format!("_generic_vhost_user{i}"));
+        list.push(crate::virtio_build_vhost::generic(g, id)?);
+    }
     for (i, f) in cfg.fs.iter().enumerate() {
         let id = f.id.clone().unwrap_or_else(|| format!("_fs{i}"));
         list.push(virtio_build::fs(f, id)?);

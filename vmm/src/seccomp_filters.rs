@@ -176,7 +176,8 @@ pub fn vcpu() -> Filter {
             io_uring_register,
             io_uring_enter,
             // Messages to backends the devices talk to on MMIO accesses: vhost-user on
-            // activation, swtpm for a TPM command.
+            // activation and for a generic vhost-user device's configuration space, swtpm for
+            // a TPM command.
             sendmsg,
             recvmsg,
             sendto,

@@ -1,12 +1,13 @@
-//! `--net vhost_user=on,socket=<path>` (or `vm.add-net` with it): a virtio-net device whose
-//! frames a vhost-user-net backend moves. The configuration checked the keys and that guest
-//! RAM is shared.
+//! The vhost-user devices built here rather than in `virtio_build.rs`: `--net
+//! vhost_user=on,socket=<path>` (or `vm.add-net` with it), a virtio-net device whose frames a
+//! vhost-user-net backend moves, and `--generic-vhost-user`, a device of any type a backend
+//! does whole. The configuration checked the keys and that guest RAM is shared.
 
 use log::info;
-use virtio_devices::{NetOffloads, VhostUserNet, VhostUserNetConfig};
+use virtio_devices::{NetOffloads, VhostUserGeneric, VhostUserNet, VhostUserNetConfig};
 use vm_config::VhostMode;
 
-use crate::config::NetConfig;
+use crate::config::{GenericVhostUserConfig, NetConfig};
 use crate::pci_setup::PciSetupError;
 use crate::virtio_build::NewDevice;
 
@@ -52,6 +53,37 @@ pub fn net(n: &NetConfig, socket: &str, id: String) -> Result<NewDevice, PciSetu
         id,
         slot: n.pci_device_id,
         segment: n.pci_segment,
+        dev: Box::new(dev),
+        lock: None,
+        image_type: None,
+        pmem: None,
+    })
+}
+
+/// A `--generic-vhost-user` (or `vm.add-generic-vhost-user`) device named `id`: the backend at
+/// `socket` does the whole device (the configuration checked that guest RAM is shared).
+pub fn generic(g: &GenericVhostUserConfig, id: String) -> Result<NewDevice, PciSetupError> {
+    let err = |msg: String| PciSetupError::Device {
+        option: GenericVhostUserConfig::OPTION,
+        value: format!("socket={}", g.socket.display()),
+        msg,
+    };
+    // The configuration keeps the type within the PCI device ids.
+    let device_type = u16::try_from(g.device_type)
+        .map_err(|_| err(format!("device_type={}: out of range", g.device_type)))?;
+    let dev = VhostUserGeneric::new(&g.socket, device_type, g.queue_sizes.clone())
+        .map_err(|e| err(e.to_string()))?;
+    info!(
+        "{id}: generic vhost-user device, type {} with {} queue(s), through {}",
+        vm_config::device_type_name(g.device_type),
+        g.queue_sizes.len(),
+        g.socket.display()
+    );
+    Ok(NewDevice {
+        option: GenericVhostUserConfig::OPTION,
+        id,
+        slot: g.pci_device_id,
+        segment: g.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,

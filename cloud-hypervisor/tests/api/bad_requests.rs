@@ -21,7 +21,6 @@ const PUT_NO_BODY: &[&str] = &[
 ];
 const NOT_YET: &[&str] = &[
     "vm.add-device",
-    "vm.add-generic-vhost-user",
     "vm.add-user-device",
     "vm.add-vdpa",
     "vm.resize-disk",

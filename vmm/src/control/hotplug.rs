@@ -1,5 +1,5 @@
 //! The control loop's side of hotplug: `vm.add-disk`, `vm.add-net`, `vm.add-vsock`,
-//! `vm.add-pmem`, `vm.add-fs` and `vm.remove-device`, as
+//! `vm.add-pmem`, `vm.add-fs`, `vm.add-generic-vhost-user` and `vm.remove-device`, as
 //! the original answers them. Before boot they change the configuration (204); on a built VM
 //! an added device is on the bus when the call returns (200 with its id and PCI address), and a
 //! removal is a request the guest carries out by ejecting the slot, after which the device is
@@ -11,7 +11,9 @@ use api::{ApiError, ApiResponse, PciDeviceInfo};
 use log::info;
 
 use super::Vmm;
-use crate::config::{DiskConfig, FsConfig, NetConfig, PmemConfig, VmConfig, VsockConfig};
+use crate::config::{
+    DiskConfig, FsConfig, GenericVhostUserConfig, NetConfig, PmemConfig, VmConfig, VsockConfig,
+};
 use crate::cpu::{merge_ejections, PciEjections};
 use crate::event_monitor::properties;
 use crate::pci_setup::PciAddress;
@@ -24,6 +26,7 @@ pub(super) enum Added {
     Vsock(VsockConfig),
     Pmem(PmemConfig),
     Fs(FsConfig),
+    GenericVhostUser(GenericVhostUserConfig),
 }
 
 impl Added {
@@ -34,6 +37,7 @@ impl Added {
             Added::Vsock(v) => &v.id,
             Added::Pmem(p) => &p.id,
             Added::Fs(f) => &f.id,
+            Added::GenericVhostUser(g) => &g.id,
         }
     }
 
@@ -44,6 +48,7 @@ impl Added {
             Added::Vsock(v) => v.id = Some(id),
             Added::Pmem(p) => p.id = Some(id),
             Added::Fs(f) => f.id = Some(id),
+            Added::GenericVhostUser(g) => g.id = Some(id),
         }
     }
 
@@ -55,6 +60,7 @@ impl Added {
             Added::Vsock(_) => "_vsock",
             Added::Pmem(_) => "_pmem",
             Added::Fs(_) => "_fs",
+            Added::GenericVhostUser(_) => "_generic_vhost_user",
         }
     }
 
@@ -67,6 +73,7 @@ impl Added {
             Added::Vsock(v) => c.vsock = Some(v.clone()),
             Added::Pmem(p) => c.pmem.push(p.clone()),
             Added::Fs(f) => c.fs.push(f.clone()),
+            Added::GenericVhostUser(g) => c.generic_vhost_user.push(g.clone()),
         }
         c
     }
@@ -85,12 +92,13 @@ impl Added {
             }),
             Added::Pmem(p) => crate::pmem::pmem(p, id),
             Added::Fs(f) => virtio_build::fs(f, id),
+            Added::GenericVhostUser(g) => crate::virtio_build_vhost::generic(g, id),
         }
     }
 }
 
-/// Every device id the configuration and the built VM use.
-fn ids_in_use(config: &VmConfig, placed: &[(String, PciAddress)]) -> BTreeSet<String> {
+/// The ids of the devices `vm.remove-device` can remove (those the `add-*` calls add).
+fn removable_ids(config: &VmConfig) -> impl Iterator<Item = &Option<String>> {
     config
         .disks
         .iter()
@@ -99,6 +107,12 @@ fn ids_in_use(config: &VmConfig, placed: &[(String, PciAddress)]) -> BTreeSet<St
         .chain(config.vsock.iter().map(|v| &v.id))
         .chain(config.pmem.iter().map(|p| &p.id))
         .chain(config.fs.iter().map(|f| &f.id))
+        .chain(config.generic_vhost_user.iter().map(|g| &g.id))
+}
+
+/// Every device id the configuration and the built VM use.
+fn ids_in_use(config: &VmConfig, placed: &[(String, PciAddress)]) -> BTreeSet<String> {
+    removable_ids(config)
         .chain([&config.rng.id, &config.console.id])
         .flatten()
         .cloned()
@@ -113,16 +127,21 @@ fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
         config.net.len(),
         config.pmem.len(),
         config.fs.len(),
+        config.generic_vhost_user.len(),
     );
     config.disks.retain(|d| d.id.as_deref() != Some(id));
     config.net.retain(|n| n.id.as_deref() != Some(id));
     config.pmem.retain(|p| p.id.as_deref() != Some(id));
     config.fs.retain(|f| f.id.as_deref() != Some(id));
+    config
+        .generic_vhost_user
+        .retain(|g| g.id.as_deref() != Some(id));
     let after = (
         config.disks.len(),
         config.net.len(),
         config.pmem.len(),
         config.fs.len(),
+        config.generic_vhost_user.len(),
     );
     let vsock = config
         .vsock
@@ -212,23 +231,15 @@ impl Vmm {
                 Ok(())
             } else {
                 Err(ApiError::BadRequest(format!(
-                    "id={id}: no disk, net, vsock, pmem or fs device has this id"
+                    "id={id}: no disk, net, vsock, pmem, fs or generic vhost-user device has this id"
                 )))
             };
         };
-        if !config
-            .disks
-            .iter()
-            .map(|d| &d.id)
-            .chain(config.net.iter().map(|n| &n.id))
-            .chain(config.vsock.iter().map(|v| &v.id))
-            .chain(config.pmem.iter().map(|p| &p.id))
-            .chain(config.fs.iter().map(|f| &f.id))
-            .any(|d| d.as_deref() == Some(id))
+        if !removable_ids(config).any(|d| d.as_deref() == Some(id))
             && vm.devices().pci.placed().iter().any(|(p, _)| p == id)
         {
             return Err(ApiError::BadRequest(format!(
-                "id={id}: only disk, net, vsock, pmem and fs devices can be removed"
+                "id={id}: only disk, net, vsock, pmem, fs and generic vhost-user devices can be removed"
             )));
         }
         vm.devices_mut()

@@ -1,0 +1,194 @@
+//! `--generic-vhost-user device_type=block` (and `vm.add-generic-vhost-user`) in front of our
+//! `vhost_user_block` backend: the VMM knows nothing of a block device here, so the guest's
+//! virtio-blk driver (`virtio-drivers`) sees the backend's features and reads the backend's
+//! configuration space through GET_CONFIG; it reads and writes the image byte for byte. The
+//! device pauses, snapshots and restores as a vhost-user-blk disk does, and is hot-added and
+//! removed as the original's.
+
+use super::*;
+
+/// `--generic-vhost-user`'s value for our backend on `sock`, queues of the given sizes.
+fn option(sock: &Path, sizes: &str) -> String {
+    format!(
+        "device_type=block,socket={},queue_sizes=[{sizes}]",
+        sock.display()
+    )
+}
+
+/// The `blk` scenario through one queue and through the last of two: capacity, serial (GET_ID),
+/// flush and the read-only flag are the backend's; the image holds the guest's writes.
+#[test]
+fn generic_block_device_through_our_backend() {
+    for (queues, sizes) in [(1u16, "256"), (2, "256,128")] {
+        let fx = BlkFixture::new(&format!("gvu-raw{queues}"), "disk.raw");
+        std::fs::write(&fx.img, host_image()).unwrap();
+        let _b = fx.backend(&format!(",num_queues={queues}"));
+        let cmdline = format!(
+            "test=blk blk_disks=1 blk_sectors={SECTORS} blk_id={}",
+            serial_of(&fx.img)
+        );
+        let r = common::boot(
+            &guest().elf_pvh,
+            &cmdline,
+            &[
+                "-v",
+                "--memory",
+                "size=256M,shared=on",
+                "--cpus",
+                "boot=2",
+                "--generic-vhost-user",
+                &option(&fx.sock, sizes),
+            ],
+        );
+        assert_blk_passed(&r, queues);
+        check_written(&std::fs::read(&fx.img).unwrap(), queues);
+        assert!(
+            r.stderr
+                .contains("generic vhost-user device, type block with"),
+            "{}",
+            r.stderr
+        );
+    }
+}
+
+/// What the command line refuses, each in one line naming the option, exit code 1: guest RAM
+/// the backend cannot map, a type that cannot be a backend, a socket nobody listens on.
+#[test]
+fn generic_device_refusals() {
+    let fx = BlkFixture::new("gvu-refuse", "disk.raw");
+    let k = guest().elf_pvh.to_str().unwrap().to_string();
+    let absent = option(&fx.sock, "256");
+    for (args, want) in [
+        (
+            vec!["--memory", "size=256M", "--generic-vhost-user", &absent],
+            "--generic-vhost-user needs --memory shared=on",
+        ),
+        (
+            vec![
+                "--memory",
+                "size=256M,shared=on",
+                "--generic-vhost-user",
+                "device_type=watchdog,socket=/s,queue_sizes=[2]",
+            ],
+            "cannot be a vhost-user backend",
+        ),
+        (
+            vec![
+                "--memory",
+                "size=256M,shared=on",
+                "--generic-vhost-user",
+                &absent,
+            ],
+            "cannot connect to",
+        ),
+    ] {
+        let mut all = vec!["--kernel", &k];
+        all.extend(args);
+        let r = common::run(&all);
+        assert_eq!(r.code(), Some(1), "{all:?}: {}", r.stderr);
+        let line = r.stderr.trim();
+        assert!(
+            line.lines().count() == 1
+                && line.contains("--generic-vhost-user")
+                && line.contains(want),
+            "{all:?}: {line}"
+        );
+    }
+}
+
+/// Pause and snapshot under guest I/O (`blkfault`), then the VMM and its backend gone; a fresh
+/// backend and a new VMM restoring the snapshot: the rings are handed back at the saved bases
+/// and every write completes, byte for byte.
+#[test]
+fn generic_device_snapshot_restored_in_a_new_vmm() {
+    const BLOCKS: u64 = 800;
+    let fx = BlkFixture::zeroed("gvu-restore");
+    let snap = fx.dir.join("snap");
+    let mut b = fx.backend("");
+    let cmdline = format!("test=blkfault blkfault_chunk=8 blkfault_blocks={BLOCKS}");
+    let dev = option(&fx.sock, "256");
+    let mut child = fx.spawn_vmm(true, &cmdline, ["--generic-vhost-user", &dev], true);
+    wait_flushed(&fx.serial, 200);
+    let t = pause_and_snapshot_device(&fx.api, &snap, "_generic_vhost_user0", "generic-vhost-user");
+    let base = t["queues"][0]["next_avail"].clone();
+    assert!(base.as_u64().unwrap() > 0, "{t}");
+    let _ = child.kill();
+    let _ = child.wait();
+    b.restart(&fx.sock);
+    let _ = std::fs::remove_file(&fx.api);
+    let restored = spawn(&[
+        "-v",
+        "--restore",
+        &format!("source_url=file://{}", snap.display()),
+        "--api-socket",
+        &fx.api_arg(),
+    ]);
+    wait_until(
+        Duration::from_secs(30),
+        "the restored VMM does not answer",
+        || UnixStream::connect(&fx.api).is_ok() && api_get(&fx.api, "vm.info") == "HTTP/1.1 200 ",
+    );
+    assert_eq!(api_put(&fx.api, "vm.resume", "").0, "HTTP/1.1 204 ");
+    let r = fx.wait(restored, Duration::from_secs(120));
+    let paused = format!("generic-vhost-user: paused: queue 0 at {base} (used {base})");
+    assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
+    check_blkfault_done(&r, &fx.img, BLOCKS);
+}
+
+/// `vm.add-generic-vhost-user` on a running guest (`test=hotplug`): the guest's virtio-blk
+/// driver reads sector 0 and writes sector 1 through the backend; `vm.info` records the
+/// device as the original does; `vm.remove-device` takes it away.
+#[test]
+fn generic_device_hot_added_used_and_removed() {
+    let fx = BlkFixture::new("gvu-hotplug", "disk.img");
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[..16].copy_from_slice(b"generic vu hot!\n");
+    std::fs::write(&fx.img, &bytes).unwrap();
+    let mut backend = fx.backend("");
+    let vmm = fx.spawn_hotplug_guest();
+    let secs30 = Duration::from_secs(30);
+    fx.wait_serial("READY", secs30);
+    let add = format!(
+        r#"{{"socket":"{}","queue_sizes":[128],"device_type":2,"id":"gvu1"}}"#,
+        fx.sock.display()
+    );
+    let (status, body) = api_put(&fx.api, "vm.add-generic-vhost-user", &add);
+    assert!(status.contains(" 200 "), "{status}: {body}");
+    assert!(body.contains(r#""id":"gvu1""#), "{body}");
+    let slot = common::pci_slot(&body);
+    let hex0: String = bytes[..16].iter().map(|b| format!("{b:02x}")).collect();
+    fx.wait_serial(
+        &format!("HOTPLUG ADDED slot={slot} type=blk sectors=2048 sector0={hex0}\n"),
+        secs30,
+    );
+    fx.wait_serial(&format!("HOTPLUG IO slot={slot} ok\n"), secs30);
+    let want = format!("hotplug-slot-{slot}");
+    let now = std::fs::read(&fx.img).unwrap();
+    assert_eq!(&now[512..512 + want.len()], want.as_bytes());
+    let info: serde_json::Value = serde_json::from_str(&api_get_body(&fx.api, "vm.info")).unwrap();
+    assert_eq!(
+        info["config"]["generic_vhost_user"],
+        serde_json::json!([{"socket": fx.sock, "queue_sizes": [128], "device_type": 2,
+                            "id": "gvu1", "pci_segment": 0}]),
+        "{info}"
+    );
+    // A second device of the same id is refused.
+    let (status, body) = api_put(&fx.api, "vm.add-generic-vhost-user", &add);
+    assert!(status.contains(" 400 "), "{status}: {body}");
+    let (status, body) = api_put(&fx.api, "vm.remove-device", r#"{"id":"gvu1"}"#);
+    assert!(status.contains(" 204 "), "{status}: {body}");
+    fx.wait_serial(&format!("HOTPLUG GONE slot={slot}\n"), secs30);
+    wait_until(Duration::from_secs(10), "the backend still runs", || {
+        backend.child.try_wait().unwrap().is_some()
+    });
+    let info = api_get_body(&fx.api, "vm.info");
+    assert!(!info.contains("generic_vhost_user"), "{info}");
+    assert!(!fx.serial_text().contains("FAIL"), "{}", fx.serial_text());
+    let (status, _) = api_put(&fx.api, "vmm.shutdown", "");
+    assert!(
+        status.contains(" 200 ") || status.contains(" 204 "),
+        "{status}"
+    );
+    let r = wait_with_timeout(vmm, Duration::from_secs(20));
+    assert!(r.status.success(), "{}", r.stderr);
+}

@@ -1,0 +1,188 @@
+//! A generic vhost-user device (`--generic-vhost-user`): a virtio device of any type whose
+//! whole work a backend does, over the shared frontend of `vhost_user.rs`. The VMM knows the
+//! device's type and queue sizes only:
+//! - **features**: the backend's device-specific bits (0-23 and 50-63) pass to the guest as
+//!   they are, with the transport bits this VMM implements (indirect descriptors, event index,
+//!   VERSION_1);
+//! - **configuration space**: each guest read or write goes to the backend as it comes
+//!   (GET_CONFIG / SET_CONFIG, within the reply deadline), as the original does; without the
+//!   CONFIG protocol feature it reads all ones and writes are dropped, logged once. A request
+//!   that fails reads zeroes (logged), where the original's VMM would panic;
+//! - **state**: the backend's. A pause stops its rings and keeps their bases, as for
+//!   vhost-user-blk; a backend that goes away leaves the device needing a reset (we cannot
+//!   know whether a new one could take the queues over).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::VhostUserFrontend;
+
+use crate::vhost_user::{VhostUserConnection, VhostUserError, VhostUserState};
+use crate::{ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState};
+
+const NAME: &str = "generic-vhost-user";
+
+/// The guest may see the backend's device-type bits and the transport bits we implement:
+/// INDIRECT_DESC (28), EVENT_IDX (29), VERSION_1 (32).
+const GUEST_FEATURES: u64 = 0x00ff_ffff | (0x3fff << 50) | (1 << 28) | (1 << 29) | (1 << 32);
+
+pub struct VhostUserGeneric {
+    conn: VhostUserConnection,
+    device_type: u16,
+    queue_sizes: Vec<u16>,
+    /// Whether the backend serves the configuration space (CONFIG negotiated).
+    config: bool,
+    /// One warning for the guest's first config access without CONFIG.
+    warned: AtomicBool,
+}
+
+impl VhostUserGeneric {
+    /// Connects to the backend at `socket` for a device of `device_type` with one queue per
+    /// entry of `queue_sizes` (each its largest size).
+    pub fn new(
+        socket: &Path,
+        device_type: u16,
+        queue_sizes: Vec<u16>,
+    ) -> Result<Self, VhostUserError> {
+        let queues = u16::try_from(queue_sizes.len())
+            .map_err(|_| VhostUserError::TooManyQueues(u16::MAX, 0))?;
+        let largest = queue_sizes.iter().copied().max().unwrap_or(0);
+        let (conn, got) = VhostUserConnection::connect(
+            NAME,
+            socket,
+            queues,
+            largest,
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::LOG_SHMFD,
+        )?;
+        if got.contains(VhostUserProtocolFeatures::MQ) {
+            let have = conn.ask("GET_QUEUE_NUM", |fe| fe.get_queue_num())?;
+            if u64::from(queues) > have {
+                return Err(VhostUserError::TooManyQueues(queues, have));
+            }
+        }
+        Ok(VhostUserGeneric {
+            conn,
+            device_type,
+            queue_sizes,
+            config: got.contains(VhostUserProtocolFeatures::CONFIG),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the guest may touch the configuration space through the backend; the first
+    /// access without it is logged.
+    fn config_served(&self) -> bool {
+        if !self.config && !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "{NAME}: the backend does not serve the configuration space (no CONFIG \
+                 protocol feature): the guest reads all ones and its writes are dropped"
+            );
+        }
+        self.config
+    }
+}
+
+impl VirtioDevice for VhostUserGeneric {
+    fn device_type(&self) -> u16 {
+        self.device_type
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        self.queue_sizes.clone()
+    }
+    fn features(&self) -> u64 {
+        self.conn.backend_features & GUEST_FEATURES
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        if !self.config_served() {
+            data.fill(0xff);
+            return;
+        }
+        data.fill(0);
+        let (Ok(offset), Ok(len)) = (u32::try_from(offset), u32::try_from(data.len())) else {
+            return;
+        };
+        let asked = vec![0u8; data.len()];
+        match self.conn.ask("GET_CONFIG", |fe| {
+            fe.get_config(offset, len, VhostUserConfigFlags::empty(), &asked)
+        }) {
+            Ok((_, bytes)) if bytes.len() == data.len() => data.copy_from_slice(&bytes),
+            Ok(_) => log::warn!("{NAME}: GET_CONFIG {offset}+{len}: a reply of another size"),
+            Err(e) => log::warn!("{NAME}: GET_CONFIG {offset}+{len}: {e}"),
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if !self.config_served() {
+            return;
+        }
+        let Ok(offset) = u32::try_from(offset) else {
+            return;
+        };
+        if let Err(e) = self.conn.ask("SET_CONFIG", |fe| {
+            fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        }) {
+            log::warn!("{NAME}: SET_CONFIG {offset}+{}: {e}", data.len());
+        }
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.conn.start(ctx, GUEST_FEATURES).map_err(|e| {
+            self.conn.stop();
+            ActivateError::Other(e)
+        })
+    }
+    fn reset(&mut self) {
+        self.conn.stop();
+    }
+    fn pause(&mut self) -> Result<(), String> {
+        self.conn.pause()
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.conn.resume()
+    }
+    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+        self.conn.queue_positions(self.queue_sizes.len())
+    }
+    fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
+        self.conn.start_dirty_log(last_addr)
+    }
+    fn stop_dirty_log(&mut self) {
+        self.conn.stop_dirty_log()
+    }
+    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
+        self.conn.take_dirty_log()
+    }
+    fn device_state(&self) -> VirtioDeviceState {
+        VhostUserState::of(NAME)
+    }
+    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
+        // The queues' bases are the transport's; the backend is whichever listens on the
+        // socket (started before the restore, as with the original).
+        VhostUserState::check(NAME, state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_bits_pass_and_only_our_transport_bits() {
+        // Every device-type bit, and of the transport's only those the transport implements.
+        for bit in (0..24).chain(50..64) {
+            assert_ne!(GUEST_FEATURES & (1 << bit), 0, "bit {bit}");
+        }
+        for bit in (24..50).filter(|b| ![28, 29, 32].contains(b)) {
+            assert_eq!(GUEST_FEATURES & (1 << bit), 0, "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn no_backend_no_device() {
+        let e = VhostUserGeneric::new(Path::new("/nonexistent/g.sock"), 2, vec![256])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent/g.sock"), "{e}");
+    }
+}
