@@ -120,6 +120,53 @@ impl<H: QueueHandler> DeviceWorker<H> {
     }
 }
 
+/// The lifecycle methods of `VirtioDevice` (activate, reset, queue_positions, pause, resume)
+/// for a device whose whole lifecycle is its `DeviceWorker` field `$worker` (virtio-rng,
+/// virtio-rtc, virtio-pmem): written inside the device's `impl VirtioDevice`. A device that
+/// does more around these calls (a configuration interrupt, state of its own) writes them out.
+macro_rules! worker_lifecycle {
+    ($worker:ident) => {
+        fn activate(&mut self, ctx: $crate::ActivateContext) -> Result<(), $crate::ActivateError> {
+            self.$worker.activate(ctx)
+        }
+        fn reset(&mut self) {
+            self.$worker.reset();
+        }
+        fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
+            self.$worker.queue_positions()
+        }
+        fn pause(&mut self) -> Result<(), String> {
+            self.$worker.pause()
+        }
+        fn resume(&mut self) -> Result<(), String> {
+            self.$worker.resume()
+        }
+    };
+}
+pub(crate) use worker_lifecycle;
+
+/// `device_state`/`set_device_state` for a device whose own state is its version only
+/// (`$state { version }` in `VirtioDeviceState::$variant`), named `$what` in errors.
+macro_rules! version_only_state {
+    ($variant:ident, $state:ident, $what:literal) => {
+        fn device_state(&self) -> $crate::VirtioDeviceState {
+            $crate::VirtioDeviceState::$variant($state {
+                version: $crate::VIRTIO_DEVICE_STATE_VERSION,
+            })
+        }
+        fn set_device_state(
+            &mut self,
+            state: &$crate::VirtioDeviceState,
+        ) -> Result<(), pci::StateError> {
+            let $crate::VirtioDeviceState::$variant(s) = state else {
+                return Err(state.wrong($what));
+            };
+            pci::StateError::check_version($what, s.version, $crate::VIRTIO_DEVICE_STATE_VERSION)
+        }
+    };
+}
+pub(crate) use version_only_state;
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -11,13 +11,10 @@ use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::device_worker::DeviceWorker;
+use crate::device_worker::{worker_lifecycle, DeviceWorker};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, QueueHandler};
-use crate::{
-    ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, F_VERSION_1,
-    VIRTIO_DEVICE_STATE_VERSION,
-};
+use crate::{VirtioDevice, VirtioDeviceState, F_VERSION_1, VIRTIO_DEVICE_STATE_VERSION};
 
 pub const TYPE_PMEM: u16 = 27;
 const QUEUE_SIZE: u16 = 256;
@@ -167,21 +164,7 @@ impl VirtioDevice for Pmem {
                 .unwrap_or(0);
         }
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.worker.activate(ctx)
-    }
-    fn reset(&mut self) {
-        self.worker.reset();
-    }
-    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.queue_positions()
-    }
-    fn pause(&mut self) -> Result<(), String> {
-        self.worker.pause()
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.worker.resume()
-    }
+    worker_lifecycle!(worker);
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Pmem(PmemState {
             version: VIRTIO_DEVICE_STATE_VERSION,

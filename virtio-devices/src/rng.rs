@@ -7,13 +7,10 @@ use guest_memory::GuestMemoryMmap;
 use log::{debug, warn};
 use vm_memory::Bytes;
 
-use crate::device_worker::DeviceWorker;
+use crate::device_worker::{version_only_state, worker_lifecycle, DeviceWorker};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, QueueHandler};
-use crate::{
-    ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, F_VERSION_1, TYPE_RNG,
-    VIRTIO_DEVICE_STATE_VERSION,
-};
+use crate::{VirtioDevice, F_VERSION_1, TYPE_RNG};
 
 const QUEUE_SIZE: u16 = 256;
 /// At most this many bytes per request.
@@ -118,31 +115,6 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.worker.activate(ctx)
-    }
-    fn reset(&mut self) {
-        self.worker.reset();
-    }
-    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.queue_positions()
-    }
-    fn pause(&mut self) -> Result<(), String> {
-        self.worker.pause()
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.worker.resume()
-    }
-    fn device_state(&self) -> VirtioDeviceState {
-        VirtioDeviceState::Rng(RngState {
-            version: VIRTIO_DEVICE_STATE_VERSION,
-        })
-    }
-    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
-        const WHAT: &str = "virtio-rng";
-        let VirtioDeviceState::Rng(s) = state else {
-            return Err(state.wrong(WHAT));
-        };
-        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)
-    }
+    worker_lifecycle!(worker);
+    version_only_state!(Rng, RngState, "virtio-rng");
 }

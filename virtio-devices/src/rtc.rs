@@ -16,13 +16,10 @@ use log::debug;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::Bytes;
 
-use crate::device_worker::DeviceWorker;
+use crate::device_worker::{version_only_state, worker_lifecycle, DeviceWorker};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, QueueHandler};
-use crate::{
-    ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState, F_VERSION_1,
-    VIRTIO_DEVICE_STATE_VERSION,
-};
+use crate::{VirtioDevice, F_VERSION_1};
 
 /// The virtio device id of an RTC device.
 pub const TYPE_RTC: u16 = 17;
@@ -176,33 +173,8 @@ impl VirtioDevice for Rtc {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.worker.activate(ctx)
-    }
-    fn reset(&mut self) {
-        self.worker.reset();
-    }
-    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.queue_positions()
-    }
-    fn pause(&mut self) -> Result<(), String> {
-        self.worker.pause()
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.worker.resume()
-    }
-    fn device_state(&self) -> VirtioDeviceState {
-        VirtioDeviceState::Rtc(RtcState {
-            version: VIRTIO_DEVICE_STATE_VERSION,
-        })
-    }
-    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
-        const WHAT: &str = "virtio-rtc";
-        let VirtioDeviceState::Rtc(s) = state else {
-            return Err(state.wrong(WHAT));
-        };
-        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)
-    }
+    worker_lifecycle!(worker);
+    version_only_state!(Rtc, RtcState, "virtio-rtc");
 }
 
 #[cfg(test)]

@@ -584,6 +584,53 @@ impl Drop for VhostUserConnection {
     }
 }
 
+/// The `VirtioDevice` methods of a device whose whole lifecycle is its `VhostUserConnection`
+/// field `$conn` (vhost-user-blk, generic vhost-user): activation hands the backend the rings
+/// with the driver's features among `$features`, reset/pause/resume and the dirty log are the
+/// connection's, and the device's own state is `VhostUserState` named `$name`. Written inside
+/// the device's `impl VirtioDevice`; `queue_positions` stays the device's (it knows how many
+/// queues it has).
+macro_rules! vhost_user_lifecycle {
+    ($conn:ident, $features:expr, $name:expr) => {
+        fn activate(&mut self, ctx: $crate::ActivateContext) -> Result<(), $crate::ActivateError> {
+            self.$conn.start(ctx, $features).map_err(|e| {
+                self.$conn.stop();
+                $crate::ActivateError::Other(e)
+            })
+        }
+        fn reset(&mut self) {
+            self.$conn.stop();
+        }
+        fn pause(&mut self) -> Result<(), String> {
+            self.$conn.pause()
+        }
+        fn resume(&mut self) -> Result<(), String> {
+            self.$conn.resume()
+        }
+        fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
+            self.$conn.start_dirty_log(last_addr)
+        }
+        fn stop_dirty_log(&mut self) {
+            self.$conn.stop_dirty_log()
+        }
+        fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
+            self.$conn.take_dirty_log()
+        }
+        fn device_state(&self) -> $crate::VirtioDeviceState {
+            $crate::vhost_user::VhostUserState::of($name)
+        }
+        fn set_device_state(
+            &mut self,
+            state: &$crate::VirtioDeviceState,
+        ) -> Result<(), pci::StateError> {
+            // The queues' bases are the transport's; the backend is whichever listens on the
+            // socket (the user starts it before the restore, as with the original).
+            $crate::vhost_user::VhostUserState::check($name, state)
+        }
+    };
+}
+pub(crate) use vhost_user_lifecycle;
+
 /// Closes both ways of a backend's socket that failed a request (a time-out, a refusal): a
 /// backend still there (stopped, slow) sees the hang-up and lets go of the rings, instead of
 /// running them beside the backend a reconnection finds.

@@ -9,8 +9,8 @@ use std::path::Path;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 
-use crate::vhost_user::{VhostUserConnection, VhostUserError, VhostUserState};
-use crate::{ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState};
+use crate::vhost_user::{vhost_user_lifecycle, VhostUserConnection, VhostUserError};
+use crate::VirtioDevice;
 
 const NAME: &str = "vhost-user-blk";
 
@@ -100,39 +100,8 @@ impl VirtioDevice for VhostUserBlock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::read_config_bytes(&self.config, offset, data);
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.conn.start(ctx, GUEST_FEATURES).map_err(|e| {
-            self.conn.stop();
-            ActivateError::Other(e)
-        })
-    }
-    fn reset(&mut self) {
-        self.conn.stop();
-    }
-    fn pause(&mut self) -> Result<(), String> {
-        self.conn.pause()
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.conn.resume()
-    }
+    vhost_user_lifecycle!(conn, GUEST_FEATURES, NAME);
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
         self.conn.queue_positions(usize::from(self.num_queues))
-    }
-    fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
-        self.conn.start_dirty_log(last_addr)
-    }
-    fn stop_dirty_log(&mut self) {
-        self.conn.stop_dirty_log()
-    }
-    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
-        self.conn.take_dirty_log()
-    }
-    fn device_state(&self) -> VirtioDeviceState {
-        VhostUserState::of(NAME)
-    }
-    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
-        // The queues' bases are the transport's; the backend is whichever listens on the
-        // socket (the user starts it before the restore, as with the original).
-        VhostUserState::check(NAME, state)
     }
 }

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 
-use crate::vhost_user::{VhostUserConnection, VhostUserError, VhostUserState};
-use crate::{ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState};
+use crate::vhost_user::{vhost_user_lifecycle, VhostUserConnection, VhostUserError};
+use crate::VirtioDevice;
 
 const NAME: &str = "generic-vhost-user";
 
@@ -35,6 +35,9 @@ pub struct VhostUserGeneric {
     config: bool,
     /// One warning for the guest's first config access without CONFIG.
     warned: AtomicBool,
+    /// One warning for the first config access the backend fails (later ones are debug
+    /// lines: the guest decides how often it touches the space).
+    failed: AtomicBool,
 }
 
 impl VhostUserGeneric {
@@ -69,7 +72,18 @@ impl VhostUserGeneric {
             queue_sizes,
             config: got.contains(VhostUserProtocolFeatures::CONFIG),
             warned: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         })
+    }
+
+    /// A configuration access the backend did not serve: a warning the first time, then
+    /// debug lines.
+    fn config_failed(&self, what: std::fmt::Arguments) {
+        if self.failed.swap(true, Ordering::Relaxed) {
+            log::debug!("{NAME}: {what}");
+        } else {
+            log::warn!("{NAME}: {what} (further failures are logged at debug level)");
+        }
     }
 
     /// Whether the guest may touch the configuration space through the backend; the first
@@ -109,8 +123,10 @@ impl VirtioDevice for VhostUserGeneric {
             fe.get_config(offset, len, VhostUserConfigFlags::empty(), &asked)
         }) {
             Ok((_, bytes)) if bytes.len() == data.len() => data.copy_from_slice(&bytes),
-            Ok(_) => log::warn!("{NAME}: GET_CONFIG {offset}+{len}: a reply of another size"),
-            Err(e) => log::warn!("{NAME}: GET_CONFIG {offset}+{len}: {e}"),
+            Ok(_) => self.config_failed(format_args!(
+                "GET_CONFIG {offset}+{len}: a reply of another size"
+            )),
+            Err(e) => self.config_failed(format_args!("GET_CONFIG {offset}+{len}: {e}")),
         }
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -123,43 +139,12 @@ impl VirtioDevice for VhostUserGeneric {
         if let Err(e) = self.conn.ask("SET_CONFIG", |fe| {
             fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
         }) {
-            log::warn!("{NAME}: SET_CONFIG {offset}+{}: {e}", data.len());
+            self.config_failed(format_args!("SET_CONFIG {offset}+{}: {e}", data.len()));
         }
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.conn.start(ctx, GUEST_FEATURES).map_err(|e| {
-            self.conn.stop();
-            ActivateError::Other(e)
-        })
-    }
-    fn reset(&mut self) {
-        self.conn.stop();
-    }
-    fn pause(&mut self) -> Result<(), String> {
-        self.conn.pause()
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.conn.resume()
-    }
+    vhost_user_lifecycle!(conn, GUEST_FEATURES, NAME);
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
         self.conn.queue_positions(self.queue_sizes.len())
-    }
-    fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {
-        self.conn.start_dirty_log(last_addr)
-    }
-    fn stop_dirty_log(&mut self) {
-        self.conn.stop_dirty_log()
-    }
-    fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
-        self.conn.take_dirty_log()
-    }
-    fn device_state(&self) -> VirtioDeviceState {
-        VhostUserState::of(NAME)
-    }
-    fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
-        // The queues' bases are the transport's; the backend is whichever listens on the
-        // socket (started before the restore, as with the original).
-        VhostUserState::check(NAME, state)
     }
 }
 
