@@ -65,6 +65,21 @@ pub(crate) fn check_placement(
     Ok(())
 }
 
+/// `check_placement`, and `iommu=on` refused (this VMM has no virtual IOMMU), for the
+/// options whose PCI keys are all checked in one place.
+pub(crate) fn check_pci_keys(
+    segment: u16,
+    slot: Option<u8>,
+    id: Option<&str>,
+    iommu: bool,
+) -> Result<(), String> {
+    check_placement(segment, slot, id)?;
+    if iommu {
+        return Err("iommu=on is not supported yet".into());
+    }
+    Ok(())
+}
+
 pub(crate) fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -487,10 +502,13 @@ impl RngConfig {
                 "not an entropy source (a FIFO, socket or directory)".into()
             ));
         }
-        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref()).map_err(err)?;
-        if self.iommu {
-            return Err(err("iommu=on is not supported yet".into()));
-        }
+        check_pci_keys(
+            self.pci_segment,
+            self.pci_device_id,
+            self.id.as_deref(),
+            self.iommu,
+        )
+        .map_err(err)?;
         Ok(())
     }
 }
@@ -549,10 +567,13 @@ impl BalloonConfig {
     /// is smaller than the guest's RAM (`ram`, bytes), as the original requires.
     pub fn validate(&self, ram: u64) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new(Self::OPTION, &format!("size={}", self.size), m);
-        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref()).map_err(err)?;
-        if self.iommu {
-            return Err(err("iommu=on is not supported yet".into()));
-        }
+        check_pci_keys(
+            self.pci_segment,
+            self.pci_device_id,
+            self.id.as_deref(),
+            self.iommu,
+        )
+        .map_err(err)?;
         if self.size >= ram {
             return Err(err(format!(
                 "the balloon must be smaller than the guest RAM ({ram} bytes)"

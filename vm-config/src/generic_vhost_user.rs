@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{check_placement, is_false, placement, PCI_KEYS};
+use crate::devices::{check_pci_keys, is_false, placement, PCI_KEYS};
 use crate::parser::int_list;
 use crate::{ConfigError, OptionParser};
 
@@ -205,10 +205,13 @@ impl GenericVhostUserConfig {
                 "queue_sizes: {bad} is not a power of two (1 to 32768)"
             )));
         }
-        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref()).map_err(err)?;
-        if self.iommu {
-            return Err(err("iommu=on is not supported yet".into()));
-        }
+        check_pci_keys(
+            self.pci_segment,
+            self.pci_device_id,
+            self.id.as_deref(),
+            self.iommu,
+        )
+        .map_err(err)?;
         Ok(())
     }
 }
