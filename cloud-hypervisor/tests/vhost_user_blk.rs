@@ -596,6 +596,17 @@ fn snapshot_restored_in_a_new_vmm_with_a_fresh_backend() {
     let _ = child.kill();
     let _ = child.wait();
     b.restart(&fx.sock);
+    let r = restore_and_resume(&fx, &snap);
+    // The restore started the device at the saved base and paused it until the resume.
+    let paused = format!("vhost-user-blk: paused: queue 0 at {base} (used {base})");
+    assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
+    assert!(r.stderr.contains("vhost-user-blk: resumed"), "{}", r.stderr);
+    check_blkfault_done(&r, &fx.img, BLOCKS);
+}
+
+/// A new VMM (`-v`) restoring the snapshot in `snap` with its API here; once it answers, the
+/// VM is resumed and the VMM waited for (120 s at most).
+fn restore_and_resume(fx: &BlkFixture, snap: &Path) -> Run {
     let _ = std::fs::remove_file(&fx.api);
     let restored = spawn(&[
         "-v",
@@ -610,12 +621,7 @@ fn snapshot_restored_in_a_new_vmm_with_a_fresh_backend() {
         || UnixStream::connect(&fx.api).is_ok() && api_get(&fx.api, "vm.info") == "HTTP/1.1 200 ",
     );
     assert_eq!(api_put(&fx.api, "vm.resume", "").0, "HTTP/1.1 204 ");
-    let r = fx.wait(restored, Duration::from_secs(120));
-    // The restore started the device at the saved base and paused it until the resume.
-    let paused = format!("vhost-user-blk: paused: queue 0 at {base} (used {base})");
-    assert!(r.stderr.contains(&paused), "{paused:?}:\n{}", r.stderr);
-    assert!(r.stderr.contains("vhost-user-blk: resumed"), "{}", r.stderr);
-    check_blkfault_done(&r, &fx.img, BLOCKS);
+    fx.wait(restored, Duration::from_secs(120))
 }
 
 /// The backend killed while the VM is paused (its rings stopped by the snapshot) and started

@@ -92,6 +92,11 @@ fn start_vmm(net: &str, extra_cmdline: &str, extra: &[&str]) -> Child {
 
 /// `start_vmm` with another scenario (`test=<test>`, with the same network arguments).
 fn start_vmm_test(test: &str, net: &str, extra_cmdline: &str, extra: &[&str]) -> Child {
+    start_vmm_device(test, ["--net", net], extra_cmdline, extra)
+}
+
+/// `start_vmm_test` with the NIC given as `device` (`["--net", <net>]`, or another option).
+fn start_vmm_device(test: &str, device: [&str; 2], extra_cmdline: &str, extra: &[&str]) -> Child {
     let cmdline = format!("{}{extra_cmdline}", net::cmdline(test));
     let k = guest().elf_pvh.to_str().unwrap().to_string();
     let mut args = vec![
@@ -106,8 +111,8 @@ fn start_vmm_test(test: &str, net: &str, extra_cmdline: &str, extra: &[&str]) ->
         "boot=2",
         "--console",
         "off",
-        "--net",
-        net,
+        device[0],
+        device[1],
     ];
     args.extend_from_slice(extra);
     spawn(&args)
@@ -197,6 +202,37 @@ fn vhost_user_net_client_mode_udp_both_ways() {
         );
         let status = status.unwrap();
         assert!(status.success(), "{status}: {}", read(&log));
+    });
+}
+
+/// `--generic-vhost-user device_type=net` in front of the same backend, given the guest's
+/// MAC (which it puts in its config space): the VMM knows nothing of a NIC, so the guest's
+/// driver reads the MAC and the queue pairs through GET_CONFIG and gets the backend's features;
+/// the datagrams go both ways.
+#[test]
+fn generic_vhost_user_net_udp_both_ways() {
+    in_private_netns(|| {
+        let (f, log) = files("gvu-net");
+        let _backend = Backend::start_with(&f.sock, false, &log, &format!(",mac={GUEST_MAC}"));
+        let udp = host_socket();
+        let generic = format!(
+            "device_type=net,socket={},queue_sizes=[256,256]",
+            f.sock.display()
+        );
+        let mut vmm = start_vmm_device(
+            "net",
+            ["--generic-vhost-user", &generic],
+            "",
+            &["--serial", "tty"],
+        );
+        exchange(&udp, &mut vmm);
+        let r = wait_with_timeout(vmm, Duration::from_secs(30));
+        assert_net_passed(&r);
+        assert!(
+            r.stderr.contains("generic vhost-user device, type net"),
+            "{}",
+            r.stderr
+        );
     });
 }
 

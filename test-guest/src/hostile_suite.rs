@@ -323,6 +323,9 @@ pub fn scenario_hostile_suite(boot: &BootInfo, acpi: Option<&AcpiInfo>) {
     if let Some(r) = boot.arg("hostile_rounds").and_then(crate::parse_u64) {
         ROUNDS.store(r, SeqCst);
     }
+    if let Some(slot) = boot.arg("hostile_vhost_user").and_then(crate::parse_u64) {
+        crate::hostile_virtio::VHOST_USER_SLOTS.store(1 << (slot & 31), SeqCst);
+    }
     println!("INFO hostile seed={seed:#x} rounds={}", rounds());
     let mut rng = Rng(seed);
     let ap = start_ap(acpi);

@@ -196,22 +196,26 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = offset as usize;
-        let end = start.saturating_add(size as usize);
-        match self.config.get(start..end) {
-            Some(b) => b.to_vec(),
-            None => {
-                warn!("vhost-user-blk: GET_CONFIG {offset}+{size} beyond the config space");
-                Vec::new()
-            }
-        }
+        // As the VMM's own devices: bytes past the config space read as zero (the frontend
+        // may forward a guest's reads anywhere in the device's window).
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(self.config.len());
+        let have = &self.config[start..];
+        let n = have.len().min(out.len());
+        out[..n].copy_from_slice(&have[..n]);
+        out
     }
 
-    fn set_config(&self, offset: u32, _buf: &[u8]) -> io::Result<()> {
-        // Nothing in the config space is writable (no VIRTIO_BLK_F_CONFIG_WCE).
-        Err(io::Error::other(format!(
-            "SET_CONFIG at {offset}: read-only config space"
-        )))
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Nothing in the config space is writable (no VIRTIO_BLK_F_CONFIG_WCE): a write is
+        // ignored, as a device ignores a driver's write to a read-only field. An error here
+        // would end the connection (vhost-user-backend takes any failed request as fatal), so
+        // a guest's stray write would take the disk away.
+        debug!(
+            "vhost-user-blk: SET_CONFIG {offset}+{}: read-only config space, ignored",
+            buf.len()
+        );
+        Ok(())
     }
 
     fn update_memory(&self, _mem: Memory) -> io::Result<()> {
@@ -274,3 +278,37 @@ pub fn serial(path: &std::path::Path) -> Vec<u8> {
 
 /// Shared by the daemon and the caller.
 pub type SharedBackend = Arc<BlockBackend>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend over a 1 MiB raw image, two queues.
+    fn backend() -> (BlockBackend, tempfile::NamedTempFile) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let opts = block::OpenOptions {
+            image_type: Some(block::ImageType::Raw),
+            ..Default::default()
+        };
+        let disk = Disk::new(block::open_disk(file.path(), &opts).unwrap(), b"id");
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::default());
+        (BlockBackend::new(disk, 2, 256, false, mem), file)
+    }
+
+    /// A guest's config accesses reach the backend as they are (a generic vhost-user
+    /// frontend forwards them): reads past the space give zeroes, writes are ignored, and
+    /// neither is an error (which would end the connection).
+    #[test]
+    fn stray_config_accesses_neither_fail_nor_change_anything() {
+        let (b, _f) = backend();
+        let capacity = b.get_config(0, 8);
+        assert_eq!(capacity, 2048u64.to_le_bytes());
+        assert_eq!(b.get_config(34, 2), 2u16.to_le_bytes());
+        assert_eq!(b.get_config(56, 8), [0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b.get_config(3000, 4), [0; 4]);
+        b.set_config(0, &[0xff; 8]).unwrap();
+        b.set_config(4000, &[1]).unwrap();
+        assert_eq!(b.get_config(0, 8), capacity);
+    }
+}

@@ -281,11 +281,13 @@ impl VhostUserBackend for NetBackend {
         let Some(c) = &self.config else {
             return Vec::new();
         };
-        let start = offset as usize;
-        match start.checked_add(size as usize) {
-            Some(end) if end <= c.len() => c[start..end].to_vec(),
-            _ => Vec::new(),
-        }
+        // Bytes past the config space read as zero, as in the VMM's own devices (a generic
+        // vhost-user frontend forwards a guest's reads anywhere in the device's window).
+        let mut out = vec![0u8; size as usize];
+        let have = &c[(offset as usize).min(c.len())..];
+        let n = have.len().min(out.len());
+        out[..n].copy_from_slice(&have[..n]);
+        out
     }
 
     fn update_memory(&self, _mem: Mem) -> io::Result<()> {
