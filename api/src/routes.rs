@@ -25,6 +25,7 @@ pub enum Endpoint {
     VmPowerButton,
     VmDelete,
     VmSnapshot,
+    VmCoredump,
     VmRestore,
     VmSendMigration,
     VmReceiveMigration,
@@ -76,7 +77,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.resize-zone", Method::Put, Endpoint::VmResizeZone),
     ("vm.snapshot", Method::Put, Endpoint::VmSnapshot),
     ("vm.restore", Method::Put, Endpoint::VmRestore),
-    ("vm.coredump", Method::Put, Endpoint::NotYet),
+    ("vm.coredump", Method::Put, Endpoint::VmCoredump),
     ("vm.nmi", Method::Put, Endpoint::NotYet),
     ("vm.send-migration", Method::Put, Endpoint::VmSendMigration),
     (
@@ -195,6 +196,7 @@ pub fn request(
         Endpoint::VmPowerButton => ApiRequest::VmPowerButton,
         Endpoint::VmDelete => ApiRequest::VmDelete,
         Endpoint::VmSnapshot => ApiRequest::VmSnapshot(body_of(body, name, "VmSnapshotConfig")?),
+        Endpoint::VmCoredump => ApiRequest::VmCoredump(body_of(body, name, "VmCoredumpData")?),
         Endpoint::VmRestore => {
             let mut config: RestoreConfig = body_of(body, name, "RestoreConfig")?;
             // What this VMM cannot restore is a config that does not validate (400), before

@@ -36,6 +36,8 @@ pub enum ApiRequest {
     VmPowerButton,
     VmDelete,
     VmSnapshot(VmSnapshotConfig),
+    /// `vm.coredump`: the guest's RAM and vCPU registers as an ELF core file.
+    VmCoredump(VmCoredumpData),
     /// Already checked with `RestoreConfig::validate`. The `net_fds` descriptors are not
     /// received (the server reads no SCM_RIGHTS): each entry's `fds` is `None`.
     VmRestore(RestoreConfig),
@@ -102,6 +104,13 @@ pub struct PciDeviceInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSnapshotConfig {
     /// Where the snapshot goes: `file:///` and an existing directory.
+    pub destination_url: String,
+}
+
+/// `vm.coredump`'s body, as the original's `VmCoredumpData`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCoredumpData {
+    /// The core file to create: `file:///` and a path that does not exist yet.
     pub destination_url: String,
 }
 

@@ -56,6 +56,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             r#"{"desired_vcpus":4,"desired_ram":2147483648,"desired_balloon":0}"#,
         ),
         ("vm.snapshot", r#"{"destination_url":"file:///var/snap"}"#),
+        ("vm.coredump", r#"{"destination_url":"file:///var/core"}"#),
         (
             "vm.restore",
             r#"{"source_url":"file:///var/snap","prefault":false,"memory_restore_mode":"OnDemand","resume":true}"#,

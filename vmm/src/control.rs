@@ -497,6 +497,58 @@ impl Vmm {
         Ok(())
     }
 
+    /// `vm.coredump`: the guest's RAM and vCPU registers into the core file `destination_url`
+    /// names (`coredump.rs`). A running VM is paused for it and resumed after, as by the
+    /// original; a paused one stays paused.
+    fn coredump(&mut self, destination_url: &str) -> Result<(), ApiError> {
+        if self.config.is_none() {
+            return Err(ApiError::VmNotCreated);
+        }
+        let state = self.state;
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(ApiError::VmNotRunning);
+        };
+        let chain = |c: snapshot::Cause| ApiError::Chain(vec![c.to_string()]);
+        // The destination first: nothing is paused for a file that cannot be written.
+        let path = crate::coredump::url_to_file(destination_url).map_err(chain)?;
+        if path.exists() {
+            return Err(ApiError::BadRequest(format!(
+                "{}: the file exists already",
+                path.display()
+            )));
+        }
+        let resume = match state {
+            VmState::Running => {
+                vm.pause().map_err(Self::vm_failed)?;
+                true
+            }
+            VmState::Paused => false,
+            s => {
+                return Err(ApiError::InvalidState {
+                    action: "coredump",
+                    state: s,
+                })
+            }
+        };
+        self.monitor.emit("vm", "coredumping");
+        let start = std::time::Instant::now();
+        let written = vm
+            .vcpu_states()
+            .and_then(|vcpus| crate::coredump::write(&path, &vcpus, vm.memory()));
+        if resume {
+            vm.resume().map_err(Self::vm_failed)?;
+        }
+        let bytes = written.map_err(chain)?;
+        info!(
+            "core file written to {}: {} MiB in {:?}",
+            path.display(),
+            bytes >> 20,
+            start.elapsed()
+        );
+        self.monitor.emit("vm", "coredumped");
+        Ok(())
+    }
+
     /// Runs one API request; says whether the VMM should exit afterwards.
     fn handle_api(&mut self, req: ApiRequest) -> (ApiResult, Next) {
         use ApiRequest::*;
@@ -588,6 +640,7 @@ impl Vmm {
                 }),
             ),
             VmSnapshot(cfg) => done(self.snapshot(&cfg.destination_url)),
+            VmCoredump(cfg) => done(self.coredump(&cfg.destination_url)),
             VmAddDisk(d) => (self.add_device(hotplug::Added::Disk(*d)), Next::Continue),
             VmAddNet(n) => {
                 let fds = n.fds.clone().unwrap_or_default();

@@ -3,6 +3,7 @@
 
 mod control;
 pub mod core_sched;
+mod coredump;
 mod cpu;
 mod device_events;
 mod device_manager;

@@ -540,26 +540,13 @@ impl Vm {
     /// it; a paused vCPU is always between two instructions), the VM's (irqchip, and the clock
     /// as it was at the pause), the platform devices' and PCI segment 0's.
     pub fn snapshot(&mut self) -> Result<VmSnapshot, Cause> {
-        let threads = self
-            .threads
-            .as_ref()
-            .ok_or_else(|| Cause::new("the VM has not started"))?;
+        if self.threads.is_none() {
+            return Err(Cause::new("the VM has not started"));
+        }
         if self.clock.is_none() {
             return Err(Cause::new("Trying to snapshot while VM is running"));
         }
-        self.devices
-            .pci
-            .pause_devices()
-            .map_err(|e| Cause::new(format!("cannot pause a device: {e}")))?;
-        // Returns once every thread is parked (a restored VM's may still be on their way).
-        threads.pause().map_err(Cause::new)?;
-        let vcpus = threads
-            .on_parked(|vcpu| vcpu.state().map_err(|e| e.to_string()))
-            .map_err(|e| Cause::new(format!("cannot reach the vCPUs: {e}")))?
-            .into_iter()
-            .enumerate()
-            .map(|(id, r)| r.map_err(|e| Cause::new(format!("vCPU {id}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus = self.vcpu_states()?;
         let mut vm = self
             .hv_vm
             .state()
@@ -575,6 +562,31 @@ impl Vm {
             pci: self.devices.pci.state(),
             memory_ranges: snapshot::memory_ranges(&self._memory),
         })
+    }
+
+    /// Every vCPU's state, in id order, of a paused VM: its devices quiesced (no DMA into
+    /// guest RAM) and its vCPU threads parked first (for `snapshot`, `vm.coredump`).
+    pub fn vcpu_states(&mut self) -> Result<Vec<hypervisor::VcpuState>, Cause> {
+        let threads = self
+            .threads
+            .as_ref()
+            .ok_or_else(|| Cause::new("the VM has not started"))?;
+        if self.clock.is_none() {
+            return Err(Cause::new("the VM is not paused"));
+        }
+        self.devices
+            .pci
+            .pause_devices()
+            .map_err(|e| Cause::new(format!("cannot pause a device: {e}")))?;
+        // Returns once every thread is parked (a restored VM's may still be on their way).
+        threads.pause().map_err(Cause::new)?;
+        threads
+            .on_parked(|vcpu| vcpu.state().map_err(|e| e.to_string()))
+            .map_err(|e| Cause::new(format!("cannot reach the vCPUs: {e}")))?
+            .into_iter()
+            .enumerate()
+            .map(|(id, r)| r.map_err(|e| Cause::new(format!("vCPU {id}: {e}"))))
+            .collect()
     }
 
     /// The KVM memory slots of this VM's memory now (ACPI-plugged DIMMs included).

@@ -24,7 +24,6 @@ const NOT_YET: &[&str] = &[
     "vm.add-user-device",
     "vm.add-vdpa",
     "vm.resize-disk",
-    "vm.coredump",
     "vm.nmi",
 ];
 

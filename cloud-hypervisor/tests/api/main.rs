@@ -8,6 +8,7 @@ mod acpi_memory;
 mod bad_requests;
 mod balloon;
 mod contract;
+mod coredump;
 mod cpu_hotplug;
 mod debug_console;
 mod fs;
