@@ -36,6 +36,7 @@ pub enum Endpoint {
     VmRemoveDevice,
     VmResize,
     VmResizeZone,
+    VmResizeDisk,
     VmAddVsock,
     VmAddPmem,
     VmAddFs,
@@ -73,7 +74,7 @@ pub const ENDPOINTS: &[(&str, Method, Endpoint)] = &[
     ("vm.add-vsock", Method::Put, Endpoint::VmAddVsock),
     ("vm.remove-device", Method::Put, Endpoint::VmRemoveDevice),
     ("vm.resize", Method::Put, Endpoint::VmResize),
-    ("vm.resize-disk", Method::Put, Endpoint::NotYet),
+    ("vm.resize-disk", Method::Put, Endpoint::VmResizeDisk),
     ("vm.resize-zone", Method::Put, Endpoint::VmResizeZone),
     ("vm.snapshot", Method::Put, Endpoint::VmSnapshot),
     ("vm.restore", Method::Put, Endpoint::VmRestore),
@@ -225,6 +226,7 @@ pub fn request(
         }
         Endpoint::VmResize => ApiRequest::VmResize(body_of(body, name, "VmResize")?),
         Endpoint::VmResizeZone => ApiRequest::VmResizeZone(body_of(body, name, "VmResizeZone")?),
+        Endpoint::VmResizeDisk => ApiRequest::VmResizeDisk(body_of(body, name, "VmResizeDisk")?),
         Endpoint::VmAddVsock => {
             ApiRequest::VmAddVsock(Box::new(body_of(body, name, "VsockConfig")?))
         }

@@ -54,6 +54,8 @@ pub enum ApiRequest {
     VmResize(VmResizeData),
     /// `vm.resize-zone`: a memory zone's RAM (its size plus what its virtio-mem device plugs).
     VmResizeZone(VmResizeZoneData),
+    /// `vm.resize-disk`: a disk's new size.
+    VmResizeDisk(VmResizeDiskData),
     /// `vm.add-vsock`: before boot the device joins the configuration; on a built VM it is
     /// hot-added (one vsock per VM).
     VmAddVsock(Box<VsockConfig>),
@@ -85,6 +87,14 @@ pub struct VmResizeZoneData {
     pub id: String,
     /// The zone's RAM wanted, in bytes: its `size` plus what is to be plugged.
     pub desired_ram: u64,
+}
+
+/// `vm.resize-disk`'s body, as the original's `VmResizeDisk`: both fields required.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmResizeDiskData {
+    pub id: String,
+    /// The disk's new size in bytes (a multiple of 512).
+    pub desired_size: u64,
 }
 
 /// `vm.remove-device`'s body, as the original's.
@@ -236,6 +246,9 @@ pub enum ApiError {
     /// One of the original's endpoints for something this VMM does not have yet.
     #[error("{0} is not supported yet")]
     NotYet(String),
+    /// No device of the VM has this id (`vm.resize-disk`): 404, as the original answers.
+    #[error("Unknown device id: {0}")]
+    UnknownDevice(String),
     /// A request the VM cannot carry out as asked (an unknown device id, a full bus): 400.
     #[error("{0}")]
     BadRequest(String),
@@ -257,7 +270,10 @@ impl ApiError {
     /// that does not allow the action included); 501 for what this VMM lacks.
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::VmNotCreated | ApiError::VmMissingConfig | ApiError::NoMigration => 404,
+            ApiError::VmNotCreated
+            | ApiError::VmMissingConfig
+            | ApiError::NoMigration
+            | ApiError::UnknownDevice(_) => 404,
             ApiError::Config(_) | ApiError::BadRequest(_) => 400,
             ApiError::TooManyRequests(_) => 429,
             ApiError::NotYet(_) => 501,

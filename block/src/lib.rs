@@ -119,6 +119,15 @@ pub trait DiskFile: Send {
     fn discard(&mut self, offset: u64, len: u64) -> Result<()>;
     /// Make a range read as zeroes.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Changes the virtual size to `size` bytes (`vm.resize-disk`): a grown disk reads zeroes
+    /// past the old end, a shrunk one loses what lay past the new. Formats that cannot say
+    /// so refuse.
+    fn resize(&mut self, _size: u64) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "a {} image cannot be resized (only raw images can)",
+            self.image_type()
+        )))
+    }
     /// Whether the disk was opened read-only.
     fn readonly(&self) -> bool;
     /// The image format.

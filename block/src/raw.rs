@@ -126,6 +126,36 @@ impl DiskFile for RawDisk {
         }
     }
 
+    fn resize(&mut self, size: u64) -> Result<()> {
+        use std::os::unix::fs::FileTypeExt;
+        if self.image_type != ImageType::Raw {
+            // A fixed VHD's footer lies at the old end.
+            return Err(crate::Error::InvalidArgument(format!(
+                "a {} image cannot be resized (only raw images can)",
+                self.image_type
+            )));
+        }
+        if self.readonly {
+            return Err(crate::Error::InvalidArgument(
+                "the image is read-only".into(),
+            ));
+        }
+        if self
+            .storage
+            .file()
+            .metadata()?
+            .file_type()
+            .is_block_device()
+        {
+            return Err(crate::Error::InvalidArgument(
+                "a block device is resized outside the VMM (LVM, losetup), not by it".into(),
+            ));
+        }
+        self.storage.set_len(size)?;
+        self.size = size;
+        Ok(())
+    }
+
     fn readonly(&self) -> bool {
         self.readonly
     }
@@ -141,5 +171,45 @@ impl DiskFile for RawDisk {
             offset,
             direct: self.storage.is_direct(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use crate::{open_disk, DiskFileExt, ImageType, OpenOptions};
+
+    fn raw(content: &[u8], readonly: bool) -> (tempfile::NamedTempFile, Box<dyn crate::DiskFile>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(content).unwrap();
+        let opts = OpenOptions {
+            readonly,
+            image_type: Some(ImageType::Raw),
+            ..Default::default()
+        };
+        let d = open_disk(f.path(), &opts).unwrap();
+        (f, d)
+    }
+
+    /// Grown: the old bytes stay, the new ones read zero, the file has the new length;
+    /// shrunk: what lay past the new end is gone. Read-only images are refused.
+    #[test]
+    fn a_raw_image_grows_and_shrinks() {
+        let (f, mut d) = raw(&[0xa5; 4096], false);
+        d.resize(16384).unwrap();
+        assert_eq!(d.size(), 16384);
+        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 16384);
+        let mut buf = vec![1u8; 16384];
+        d.read_exact_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0xa5));
+        assert!(buf[4096..].iter().all(|&b| b == 0));
+        d.write_all_at(12288, &[7u8; 512]).unwrap();
+        d.resize(2048).unwrap();
+        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 2048);
+        assert!(d.read_exact_at(2048, &mut [0u8; 512]).is_err());
+        let (_g, mut ro) = raw(&[0; 4096], true);
+        let e = ro.resize(8192).unwrap_err().to_string();
+        assert!(e.contains("read-only"), "{e}");
     }
 }

@@ -52,6 +52,9 @@ impl DiskFile for SharedDisk {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         self.lock().write_zeroes(offset, len)
     }
+    fn resize(&mut self, size: u64) -> Result<()> {
+        self.lock().resize(size)
+    }
     fn readonly(&self) -> bool {
         self.lock().readonly()
     }

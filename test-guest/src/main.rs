@@ -16,6 +16,7 @@ mod aml;
 mod balloon;
 mod blk_rate;
 mod blk_reset;
+mod blk_resize;
 mod bootinfo;
 mod busy;
 mod busy_net;
@@ -235,6 +236,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "blk-bench" => virtio::scenario_blk_bench(),
         "blk-rate" => blk_rate::scenario_blk_rate(&boot),
         "blk-reset" => blk_reset::scenario_blk_reset(&boot),
+        "blk-resize" => blk_resize::scenario_blk_resize(),
         "console" => virtio::scenario_console(),
         "console-echo" => virtio::scenario_console_echo(),
         "console-size" => msix::scenario_console_size(&boot),

@@ -342,3 +342,38 @@ fn blk_queue_thread_that_cannot_be_pinned_breaks_the_device() {
     assert!(r.irq.config.load(Ordering::SeqCst) > 0, "config interrupt");
     blk.reset();
 }
+
+/// `vm.resize-disk` on a running disk: the worker is paused for it and goes on, the config
+/// space says the new capacity with a new generation and a configuration interrupt, a
+/// request past the old end is served, the file has the new length; what cannot be done is
+/// refused and changes nothing.
+#[test]
+fn blk_resized_while_running() {
+    let (f, mut blk) = disk(8192, false);
+    let mut r = Ring::start(&mut blk, 0, 1);
+    let capacity = |blk: &crate::Block| {
+        let mut c = [0u8; 8];
+        blk.read_config(0, &mut c);
+        u64::from_le_bytes(c)
+    };
+    assert_eq!(capacity(&blk), 16);
+    assert_eq!(request(&mut r, T_IN, 20, (DATA, 512, WRITE)).1, S_IOERR);
+    let generation = blk.config_generation();
+    for (bad, why) in [(0u64, "multiple of 512"), (1000, "multiple of 512")] {
+        let e = blk.resize(bad).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    assert_eq!((capacity(&blk), blk.config_generation()), (16, generation));
+    blk.resize(32 * 512).unwrap();
+    assert_eq!(capacity(&blk), 32);
+    assert_ne!(blk.config_generation(), generation);
+    assert_eq!(r.irq.config.load(Ordering::SeqCst), 1);
+    assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 32 * 512);
+    r.mem.write_slice(&[0x5a; 512], GuestAddress(DATA)).unwrap();
+    assert_eq!(request(&mut r, T_OUT, 20, (DATA, 512, 0)).1, S_OK);
+    assert_eq!(request(&mut r, T_IN, 20, (DATA, 512, WRITE)).1, S_OK);
+    let content = std::fs::read(f.path()).unwrap();
+    assert!(content[20 * 512..21 * 512].iter().all(|&b| b == 0x5a));
+    let (_g, mut ro) = disk(8192, true);
+    assert!(ro.resize(16384).unwrap_err().contains("read-only"));
+}

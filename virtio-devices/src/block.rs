@@ -13,6 +13,7 @@ use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use crate::config_signal::{ConfigInterrupt, ConfigSignal};
 use crate::rate_limiter::RateLimiter;
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains_limited, queue_bit, QueueHandler, Served};
@@ -80,7 +81,7 @@ const COUNTER_NAMES: &[&str] = &["read_bytes", "write_bytes", "read_ops", "write
 struct BlockHandler {
     counters: Arc<Counters>,
     disk: AsyncDisk,
-    /// The disk's size in bytes (fixed).
+    /// The disk's size in bytes (`vm.resize-disk` changes it while the worker is paused).
     size: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
@@ -689,13 +690,21 @@ impl QueueHandler for BlockHandler {
     }
 }
 
-/// virtio-blk's own state: nothing beyond the transport's (its queue positions) — the version
-/// only. A pause completes every request in flight (io_uring ones are waited for), so none is
-/// left to record; the disk's contents are the image file's, not state.
+/// virtio-blk's own state: beyond the transport's (its queue positions), the configuration
+/// generation (a `vm.resize-disk` changes it). A pause completes every request in flight
+/// (io_uring ones are waited for), so none is left to record; the disk's contents and size
+/// are the image file's, not state.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockState {
     pub version: u32,
+    /// Written only when not 0, so the states of disks never resized read as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub config_generation: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 pub struct Block {
@@ -705,6 +714,9 @@ pub struct Block {
     readonly: bool,
     /// One member serving every queue, or one per queue (`queue_affinity`).
     workers: WorkerGroup<BlockHandler>,
+    /// The capacity changes (`vm.resize-disk`): its generation and configuration interrupt.
+    config: ConfigSignal,
+    config_irq: ConfigInterrupt,
 }
 
 impl Block {
@@ -761,6 +773,8 @@ impl Block {
             cfg,
             counters,
             workers: WorkerGroup::new("virtio-blk", members),
+            config: ConfigSignal::default(),
+            config_irq: ConfigInterrupt::default(),
         })
     }
 
@@ -823,27 +837,64 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_bytes(), offset, data);
     }
+    fn config_generation(&self) -> u32 {
+        self.config.generation()
+    }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.workers.activate(ctx)
+        let interrupt = ctx.interrupt.clone();
+        self.workers.activate(ctx)?;
+        self.config_irq.activate(&self.config, interrupt);
+        Ok(())
     }
     fn counters(&self) -> Option<Arc<Counters>> {
         Some(self.counters.clone())
     }
     fn reset(&mut self) {
+        self.config_irq.reset(&self.config);
         self.workers.reset(BlockHandler::quiesce);
     }
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
         self.workers.queue_positions()
     }
     fn pause(&mut self) -> Result<(), String> {
+        self.config_irq.pause(&self.config);
         self.workers.pause()
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.workers.resume()
+        self.workers.resume()?;
+        self.config_irq.resume(&self.config);
+        Ok(())
+    }
+    /// The image is resized under the paused workers (a running one is paused for it), each
+    /// handler takes the new size, and the driver gets a configuration interrupt: Linux reads
+    /// the new capacity and resizes the block device. Raw images only (`DiskFile::resize`).
+    fn resize(&mut self, size: u64) -> Result<(), String> {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(format!(
+                "desired_size={size}: must be a positive multiple of {SECTOR_SIZE} bytes"
+            ));
+        }
+        if self.readonly {
+            return Err("the disk is read-only".into());
+        }
+        // The members share one image: the first resizes it, each takes the size.
+        let mut done: Option<Result<(), String>> = None;
+        self.workers.with_handlers(|h| {
+            let r =
+                done.get_or_insert_with(|| h.disk.disk().resize(size).map_err(|e| e.to_string()));
+            if r.is_ok() {
+                h.size = size;
+            }
+        })?;
+        done.unwrap_or(Ok(()))?;
+        self.capacity = size / SECTOR_SIZE;
+        self.config.change(|| true);
+        Ok(())
     }
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Block(BlockState {
             version: VIRTIO_DEVICE_STATE_VERSION,
+            config_generation: self.config.generation(),
         })
     }
     fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
@@ -851,7 +902,9 @@ impl VirtioDevice for Block {
         let VirtioDeviceState::Block(s) = state else {
             return Err(state.wrong(WHAT));
         };
-        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)
+        pci::StateError::check_version(WHAT, s.version, VIRTIO_DEVICE_STATE_VERSION)?;
+        self.config.restore(s.config_generation, || {});
+        Ok(())
     }
 }
 

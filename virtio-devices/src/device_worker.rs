@@ -104,6 +104,29 @@ impl<H: QueueHandler> DeviceWorker<H> {
         self.idle.as_mut()
     }
 
+    /// Runs `f` on the handler: the kept one while no driver runs the device, otherwise the
+    /// worker's, its thread paused for it (and resumed after, unless it was paused already:
+    /// a snapshot's pause stays). `Err`: the worker thread had died.
+    pub fn with_handler<R>(&mut self, f: impl FnOnce(&mut H) -> R) -> Result<R, String> {
+        let Some(w) = self.active.as_mut() else {
+            return self
+                .idle
+                .as_mut()
+                .map(f)
+                .ok_or_else(|| format!("{}: no handler", self.name));
+        };
+        let was_running = !w.is_paused();
+        w.pause()?;
+        let r = w
+            .handler_mut()
+            .map(f)
+            .ok_or_else(|| format!("{}: the worker thread died", self.name))?;
+        if was_running {
+            w.resume()?;
+        }
+        Ok(r)
+    }
+
     /// Each queue's `(next_avail, next_used)` while active and paused; `None` otherwise.
     pub fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
         self.active.as_ref()?.queue_positions()

@@ -219,6 +219,11 @@ pub trait VirtioDevice: Send {
     fn take_dirty_log(&mut self) -> Option<Vec<u64>> {
         None
     }
+    /// `vm.resize-disk`: gives the device `size` bytes of capacity (a disk). `Err` says why
+    /// it cannot (the default: it is not a disk this VMM resizes).
+    fn resize(&mut self, _size: u64) -> Result<(), String> {
+        Err("this device cannot be resized".into())
+    }
     /// The device's statistics, if it keeps any.
     fn counters(&self) -> Option<Arc<Counters>> {
         None

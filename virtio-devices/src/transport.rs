@@ -272,6 +272,11 @@ impl VirtioPciDevice {
         Ok(())
     }
 
+    /// `vm.resize-disk`: [`VirtioDevice::resize`].
+    pub fn resize(&mut self, size: u64) -> Result<(), String> {
+        self.device.resize(size)
+    }
+
     /// Live migration: [`VirtioDevice::start_dirty_log`] (the error names the device),
     /// `stop_dirty_log` and `take_dirty_log`.
     pub fn start_dirty_log(&mut self, last_addr: u64) -> Result<(), String> {

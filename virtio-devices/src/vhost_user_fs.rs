@@ -134,6 +134,7 @@ impl VirtioDevice for VhostUserFs {
         // only be taken before the driver started it, and is refused at restore.
         VirtioDeviceState::Block(BlockState {
             version: VIRTIO_DEVICE_STATE_VERSION,
+            config_generation: 0,
         })
     }
     fn set_device_state(&mut self, _state: &VirtioDeviceState) -> Result<(), pci::StateError> {

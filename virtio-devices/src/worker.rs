@@ -254,6 +254,11 @@ impl<H: QueueHandler> WorkerHandle<H> {
     pub fn handler(&self) -> Option<&H> {
         self.parked.as_ref().map(|w| &w.handler)
     }
+
+    /// See `handler`: what the device changes in its handler while the worker is paused.
+    pub fn handler_mut(&mut self) -> Option<&mut H> {
+        self.parked.as_mut().map(|w| &mut w.handler)
+    }
 }
 
 fn start_thread<H: QueueHandler>(

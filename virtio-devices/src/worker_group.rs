@@ -88,6 +88,15 @@ impl<H: QueueHandler> WorkerGroup<H> {
         }
     }
 
+    /// Runs `f` on every member's handler (`DeviceWorker::with_handler`: a running member is
+    /// paused for it and resumed after).
+    pub fn with_handlers(&mut self, mut f: impl FnMut(&mut H)) -> Result<(), String> {
+        for m in &mut self.members {
+            m.worker.with_handler(&mut f)?;
+        }
+        Ok(())
+    }
+
     /// Pauses every member; the first error, once all were tried.
     pub fn pause(&mut self) -> Result<(), String> {
         self.members

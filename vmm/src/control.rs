@@ -497,6 +497,28 @@ impl Vmm {
         Ok(())
     }
 
+    /// `vm.resize-disk`: disk `id` of the built VM gets `size` bytes (`Block::resize`); its
+    /// image file changes with it, so a reboot or a restore finds the new size.
+    fn resize_disk(&mut self, id: &str, size: u64) -> Result<(), ApiError> {
+        if self.config.is_none() {
+            return Err(ApiError::VmNotCreated);
+        }
+        if self.outgoing.is_some() {
+            return Err(ApiError::Failed("the VM is being migrated".into()));
+        }
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(ApiError::VmNotRunning);
+        };
+        match vm.devices_mut().pci.resize_disk(id, size) {
+            None => Err(ApiError::UnknownDevice(id.to_string())),
+            Some(Err(e)) => Err(ApiError::Chain(vec![format!("id={id}: {e}")])),
+            Some(Ok(())) => {
+                info!("disk {id} resized to {size} bytes");
+                Ok(())
+            }
+        }
+    }
+
     /// `vm.coredump`: the guest's RAM and vCPU registers into the core file `destination_url`
     /// names (`coredump.rs`). A running VM is paused for it and resumed after, as by the
     /// original; a paused one stays paused.
@@ -657,6 +679,7 @@ impl Vmm {
             VmRemoveDevice(d) => done(self.remove_device(&d.id)),
             VmResize(r) => done(self.resize(r)),
             VmResizeZone(r) => done(self.resize_zone(r)),
+            VmResizeDisk(r) => done(self.resize_disk(&r.id, r.desired_size)),
             VmAddVsock(v) => (self.add_device(hotplug::Added::Vsock(*v)), Next::Continue),
             VmAddPmem(p) => (self.add_device(hotplug::Added::Pmem(*p)), Next::Continue),
             VmAddFs(f) => (self.add_device(hotplug::Added::Fs(*f)), Next::Continue),

@@ -305,6 +305,16 @@ impl PciDevices {
             .unwrap_or_default()
     }
 
+    /// `vm.resize-disk`: device `id` resized to `size` bytes (a disk whose image can be);
+    /// `None` when no device has that id.
+    pub fn resize_disk(&mut self, id: &str, size: u64) -> Option<Result<(), String>> {
+        let f = self.functions.iter().find(|f| f.id == id)?;
+        Some(match f.transport() {
+            Some(t) => t.lock().unwrap_or_else(|e| e.into_inner()).resize(size),
+            None => Err("this device cannot be resized".into()),
+        })
+    }
+
     /// Whether the device `id` is a virtio one (behind a virtio-pci transport).
     pub fn is_virtio(&self, id: &str) -> bool {
         self.functions

@@ -23,7 +23,6 @@ const NOT_YET: &[&str] = &[
     "vm.add-device",
     "vm.add-user-device",
     "vm.add-vdpa",
-    "vm.resize-disk",
     "vm.nmi",
 ];
 

@@ -24,6 +24,7 @@ mod net_options;
 mod original_client;
 mod pmem;
 mod pvpanic;
+mod resize_disk;
 mod restore;
 mod restore_macs;
 mod seccomp;
