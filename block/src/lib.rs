@@ -120,11 +120,11 @@ pub trait DiskFile: Send {
     /// Make a range read as zeroes.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
     /// Changes the virtual size to `size` bytes (`vm.resize-disk`): a grown disk reads zeroes
-    /// past the old end, a shrunk one loses what lay past the new. Formats that cannot say
-    /// so refuse.
+    /// past the old end, a shrunk one loses what lay past the new. Raw images grow and
+    /// shrink, qcow2 ones grow; the other formats refuse.
     fn resize(&mut self, _size: u64) -> Result<()> {
         Err(Error::InvalidArgument(format!(
-            "a {} image cannot be resized (only raw images can)",
+            "a {} image cannot be resized (raw and qcow2 images can)",
             self.image_type()
         )))
     }

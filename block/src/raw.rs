@@ -131,7 +131,7 @@ impl DiskFile for RawDisk {
         if self.image_type != ImageType::Raw {
             // A fixed VHD's footer lies at the old end.
             return Err(crate::Error::InvalidArgument(format!(
-                "a {} image cannot be resized (only raw images can)",
+                "a {} image cannot be resized (raw and qcow2 images can)",
                 self.image_type
             )));
         }

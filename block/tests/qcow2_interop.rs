@@ -426,3 +426,49 @@ fn compressed_clusters_read_in_pieces() {
         }
     }
 }
+
+/// A qcow2 image qemu-img made grows (`DiskFile::resize`): the old data stays, the new range
+/// reads zero and takes writes, and qemu-img sees the new virtual size, a clean image and the
+/// same bytes. Shrinking, growing past the L1 table and a read-only image are refused.
+#[test]
+fn grows_as_qemu_sees_it() {
+    let d = tmpdir();
+    let (raw, img) = (p(d.path(), "ref.raw"), p(d.path(), "img.qcow2"));
+    let data = pattern(1 << 20, 5);
+    write_raw(&raw, &data);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let mut disk = open(&img, false);
+    for (bad, why) in [(512 << 10, "only grows"), (1 << 40, "larger L1 table")] {
+        let e = disk.resize(bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    disk.resize(4 << 20).unwrap();
+    assert_eq!(disk.size(), 4 << 20);
+    let mut model = data.clone();
+    model.resize(4 << 20, 0);
+    assert!(read_all(disk.as_mut()) == model);
+    let tail = pattern(4096, 9);
+    disk.write_all_at((4 << 20) - 4096, &tail).unwrap();
+    model[(4 << 20) - 4096..].copy_from_slice(&tail);
+    disk.flush().unwrap();
+    drop(disk);
+    let info = qemu_img(&["info", img.to_str().unwrap()]);
+    assert!(info.contains("virtual size: 4 MiB"), "{info}");
+    write_raw(&raw, &model);
+    qemu_check("qcow2", &img);
+    qemu_compare("qcow2", &img, &raw);
+    let mut ro = open(&img, true);
+    assert!(ro
+        .resize(8 << 20)
+        .unwrap_err()
+        .to_string()
+        .contains("read-only"));
+}

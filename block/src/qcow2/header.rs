@@ -98,6 +98,9 @@ pub struct Header {
 fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
 }
+/// Where the virtual size (big-endian u64) lies in the header.
+pub const SIZE_OFFSET: u64 = 24;
+
 fn be64(b: &[u8], o: usize) -> u64 {
     u64::from_be_bytes(b[o..o + 8].try_into().unwrap())
 }
@@ -137,7 +140,7 @@ impl Header {
             backing_file_offset: be64(buf, 8),
             backing_file_size: be32(buf, 16),
             cluster_bits,
-            size: be64(buf, 24),
+            size: be64(buf, SIZE_OFFSET as usize),
             crypt_method: be32(buf, 32),
             l1_size: be32(buf, 36),
             l1_table_offset: be64(buf, 40),
