@@ -740,54 +740,56 @@ fn a_backend_frozen_at_the_pause_is_dropped_and_replaced() {
     check_blkfault_done(&r, &fx.img, BLOCKS);
 }
 
-/// `vm.add-disk` with `vhost_user` on a running guest (`test=hotplug`, which drives every
-/// function it is told of): the disk is served by our backend, the guest reads the image's
-/// sector 0 and writes sector 1 through it, which reaches the image; `vm.info` records the
-/// socket; `vm.remove-device` takes it away (the guest ejects it) and the backend, its only
-/// client gone, ends; without shared guest RAM the call is refused (400).
-#[test]
-fn vhost_user_blk_hotplug_added_used_and_removed() {
-    let fx = BlkFixture::new("vub-hotplug", "disk.img");
+/// The image of a hot-plug test: 1 MiB, `tag` in its first bytes (sector 0, which the guest
+/// prints when it brings the disk up).
+fn hotplug_image(fx: &BlkFixture, tag: &[u8; 16]) -> Vec<u8> {
     let mut bytes = vec![0u8; 1 << 20];
-    bytes[..16].copy_from_slice(b"vhost-user hot!\n");
+    bytes[..16].copy_from_slice(tag);
     std::fs::write(&fx.img, &bytes).unwrap();
-    let mut backend = fx.backend("");
-    let vmm = fx.spawn_hotplug_guest();
+    bytes
+}
+
+/// With the `test=hotplug` guest READY: `PUT endpoint` with `body` adds a disk named `id`
+/// served by our backend; the guest reads its sector 0 and writes sector 1 through it, which
+/// reaches the image. Returns the disk's slot.
+fn hot_add_and_use(fx: &BlkFixture, bytes: &[u8], endpoint: &str, body: &str, id: &str) -> u8 {
     let secs30 = Duration::from_secs(30);
     fx.wait_serial("READY", secs30);
-    let add = format!(
-        r#"{{"vhost_user":true,"vhost_socket":"{}","id":"vdisk1"}}"#,
-        fx.sock.display()
-    );
-    let (status, body) = api_put(&fx.api, "vm.add-disk", &add);
-    assert!(status.contains(" 200 "), "{status}: {body}");
-    assert!(body.contains(r#""id":"vdisk1""#), "{body}");
-    let slot = common::pci_slot(&body);
+    let (status, answer) = api_put(&fx.api, endpoint, body);
+    assert!(status.contains(" 200 "), "{status}: {answer}");
+    assert!(answer.contains(&format!(r#""id":"{id}""#)), "{answer}");
+    let slot = common::pci_slot(&answer);
     let hex0: String = bytes[..16].iter().map(|b| format!("{b:02x}")).collect();
     fx.wait_serial(
         &format!("HOTPLUG ADDED slot={slot} type=blk sectors=2048 sector0={hex0}\n"),
         secs30,
     );
     fx.wait_serial(&format!("HOTPLUG IO slot={slot} ok\n"), secs30);
-    // The guest's write of sector 1 went through the backend into the image.
     let want = format!("hotplug-slot-{slot}");
     let now = std::fs::read(&fx.img).unwrap();
     assert_eq!(&now[512..512 + want.len()], want.as_bytes());
-    let info = api_get_body(&fx.api, "vm.info");
-    assert!(
-        info.contains(&format!(r#""vhost_socket":"{}""#, fx.sock.display())),
-        "{info}"
-    );
-    let (status, body) = api_put(&fx.api, "vm.remove-device", r#"{"id":"vdisk1"}"#);
+    slot
+}
+
+/// `vm.remove-device` of disk `id` in `slot`: the guest ejects it, the backend (its only
+/// client gone) ends, and the guest saw no failure.
+fn hot_remove(fx: &BlkFixture, backend: &mut Backend, id: &str, slot: u8) {
+    let (status, body) = api_put(&fx.api, "vm.remove-device", &format!(r#"{{"id":"{id}"}}"#));
     assert!(status.contains(" 204 "), "{status}: {body}");
-    fx.wait_serial(&format!("HOTPLUG GONE slot={slot}\n"), secs30);
-    // The backend's only client went away: it ends.
+    fx.wait_serial(
+        &format!("HOTPLUG GONE slot={slot}\n"),
+        Duration::from_secs(30),
+    );
     wait_until(Duration::from_secs(10), "the backend still runs", || {
         backend.child.try_wait().unwrap().is_some()
     });
     let text = fx.serial_text();
     assert!(!text.contains("FAIL"), "{text}");
     assert!(api_get(&fx.api, "vm.info").contains(" 200 "));
+}
+
+/// `vmm.shutdown`: the VMM ends cleanly.
+fn shut_down(fx: &BlkFixture, vmm: Child) {
     let (status, _) = api_put(&fx.api, "vmm.shutdown", "");
     assert!(
         status.contains(" 200 ") || status.contains(" 204 "),
@@ -795,4 +797,29 @@ fn vhost_user_blk_hotplug_added_used_and_removed() {
     );
     let r = wait_with_timeout(vmm, Duration::from_secs(20));
     assert!(r.status.success(), "{}", r.stderr);
+}
+
+/// `vm.add-disk` with `vhost_user` on a running guest (`test=hotplug`, which drives every
+/// function it is told of): the disk is served by our backend, the guest reads the image's
+/// sector 0 and writes sector 1 through it, which reaches the image; `vm.info` records the
+/// socket; `vm.remove-device` takes it away (the guest ejects it) and the backend, its only
+/// client gone, ends.
+#[test]
+fn vhost_user_blk_hotplug_added_used_and_removed() {
+    let fx = BlkFixture::new("vub-hotplug", "disk.img");
+    let bytes = hotplug_image(&fx, b"vhost-user hot!\n");
+    let mut backend = fx.backend("");
+    let vmm = fx.spawn_hotplug_guest();
+    let add = format!(
+        r#"{{"vhost_user":true,"vhost_socket":"{}","id":"vdisk1"}}"#,
+        fx.sock.display()
+    );
+    let slot = hot_add_and_use(&fx, &bytes, "vm.add-disk", &add, "vdisk1");
+    let info = api_get_body(&fx.api, "vm.info");
+    assert!(
+        info.contains(&format!(r#""vhost_socket":"{}""#, fx.sock.display())),
+        "{info}"
+    );
+    hot_remove(&fx, &mut backend, "vdisk1", slot);
+    shut_down(&fx, vmm);
 }

@@ -80,6 +80,33 @@ pub(crate) fn check_pci_keys(
     Ok(())
 }
 
+/// `check_pci(&self)` for the configurations whose four PCI keys are fields of their own
+/// (`id`, `iommu`, `pci_segment`, `pci_device_id`): [`check_pci_keys`] on them.
+macro_rules! pci_keys_check {
+    ($($t:ty),* $(,)?) => {$(
+        impl $t {
+            pub(crate) fn check_pci(&self) -> Result<(), String> {
+                check_pci_keys(
+                    self.pci_segment,
+                    self.pci_device_id,
+                    self.id.as_deref(),
+                    self.iommu,
+                )
+            }
+        }
+    )*};
+}
+
+pci_keys_check!(
+    RngConfig,
+    BalloonConfig,
+    crate::FsConfig,
+    crate::GenericVhostUserConfig,
+    crate::PmemConfig,
+    crate::RtcConfig,
+    crate::VsockConfig,
+);
+
 pub(crate) fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -502,13 +529,7 @@ impl RngConfig {
                 "not an entropy source (a FIFO, socket or directory)".into()
             ));
         }
-        check_pci_keys(
-            self.pci_segment,
-            self.pci_device_id,
-            self.id.as_deref(),
-            self.iommu,
-        )
-        .map_err(err)?;
+        self.check_pci().map_err(err)?;
         Ok(())
     }
 }
@@ -567,13 +588,7 @@ impl BalloonConfig {
     /// is smaller than the guest's RAM (`ram`, bytes), as the original requires.
     pub fn validate(&self, ram: u64) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new(Self::OPTION, &format!("size={}", self.size), m);
-        check_pci_keys(
-            self.pci_segment,
-            self.pci_device_id,
-            self.id.as_deref(),
-            self.iommu,
-        )
-        .map_err(err)?;
+        self.check_pci().map_err(err)?;
         if self.size >= ram {
             return Err(err(format!(
                 "the balloon must be smaller than the guest RAM ({ram} bytes)"

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{check_pci_keys, placement, PCI_KEYS};
+use crate::devices::{placement, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
 
 /// The longest tag: `struct virtio_fs_config`'s `tag[36]`.
@@ -108,13 +108,7 @@ impl FsConfig {
                 self.queue_size
             )));
         }
-        check_pci_keys(
-            self.pci_segment,
-            self.pci_device_id,
-            self.id.as_deref(),
-            self.iommu,
-        )
-        .map_err(err)?;
+        self.check_pci().map_err(err)?;
         Ok(())
     }
 }

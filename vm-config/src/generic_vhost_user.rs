@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{check_pci_keys, is_false, placement, PCI_KEYS};
+use crate::devices::{is_false, placement, PCI_KEYS};
 use crate::parser::int_list;
 use crate::{ConfigError, OptionParser};
 
@@ -205,13 +205,7 @@ impl GenericVhostUserConfig {
                 "queue_sizes: {bad} is not a power of two (1 to 32768)"
             )));
         }
-        check_pci_keys(
-            self.pci_segment,
-            self.pci_device_id,
-            self.id.as_deref(),
-            self.iommu,
-        )
-        .map_err(err)?;
+        self.check_pci().map_err(err)?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{check_pci_keys, placement, PCI_KEYS};
+use crate::devices::{placement, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
 
 /// The mapping's size must be a multiple of this, as the original requires (its guest-physical
@@ -85,13 +85,7 @@ impl PmemConfig {
                 );
             }
         }
-        check_pci_keys(
-            self.pci_segment,
-            self.pci_device_id,
-            self.id.as_deref(),
-            self.iommu,
-        )
-        .map_err(|m| self.error(m))?;
+        self.check_pci().map_err(|m| self.error(m))?;
         Ok(())
     }
 

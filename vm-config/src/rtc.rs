@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{check_pci_keys, placement, PCI_KEYS};
+use crate::devices::{placement, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
 
 fn is_false(b: &bool) -> bool {
@@ -50,13 +50,7 @@ impl RtcConfig {
         let shown = self.id.clone().unwrap_or_default();
         let err = |m: String| ConfigError::new(Self::OPTION, &shown, m);
         self.extra.check("rtc")?;
-        check_pci_keys(
-            self.pci_segment,
-            self.pci_device_id,
-            self.id.as_deref(),
-            self.iommu,
-        )
-        .map_err(err)?;
+        self.check_pci().map_err(err)?;
         Ok(())
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{check_pci_keys, placement, PCI_KEYS};
+use crate::devices::{placement, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
 
 fn is_false(b: &bool) -> bool {
@@ -79,13 +79,7 @@ impl VsockConfig {
                 self.socket.display()
             )));
         }
-        check_pci_keys(
-            self.pci_segment,
-            self.pci_device_id,
-            self.id.as_deref(),
-            self.iommu,
-        )
-        .map_err(err)?;
+        self.check_pci().map_err(err)?;
         Ok(())
     }
 }

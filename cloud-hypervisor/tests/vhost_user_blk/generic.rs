@@ -127,30 +127,14 @@ fn generic_device_snapshot_restored_in_a_new_vmm() {
 #[test]
 fn generic_device_hot_added_used_and_removed() {
     let fx = BlkFixture::new("gvu-hotplug", "disk.img");
-    let mut bytes = vec![0u8; 1 << 20];
-    bytes[..16].copy_from_slice(b"generic vu hot!\n");
-    std::fs::write(&fx.img, &bytes).unwrap();
+    let bytes = hotplug_image(&fx, b"generic vu hot!\n");
     let mut backend = fx.backend("");
     let vmm = fx.spawn_hotplug_guest();
-    let secs30 = Duration::from_secs(30);
-    fx.wait_serial("READY", secs30);
     let add = format!(
         r#"{{"socket":"{}","queue_sizes":[128],"device_type":2,"id":"gvu1"}}"#,
         fx.sock.display()
     );
-    let (status, body) = api_put(&fx.api, "vm.add-generic-vhost-user", &add);
-    assert!(status.contains(" 200 "), "{status}: {body}");
-    assert!(body.contains(r#""id":"gvu1""#), "{body}");
-    let slot = common::pci_slot(&body);
-    let hex0: String = bytes[..16].iter().map(|b| format!("{b:02x}")).collect();
-    fx.wait_serial(
-        &format!("HOTPLUG ADDED slot={slot} type=blk sectors=2048 sector0={hex0}\n"),
-        secs30,
-    );
-    fx.wait_serial(&format!("HOTPLUG IO slot={slot} ok\n"), secs30);
-    let want = format!("hotplug-slot-{slot}");
-    let now = std::fs::read(&fx.img).unwrap();
-    assert_eq!(&now[512..512 + want.len()], want.as_bytes());
+    let slot = hot_add_and_use(&fx, &bytes, "vm.add-generic-vhost-user", &add, "gvu1");
     let info: serde_json::Value = serde_json::from_str(&api_get_body(&fx.api, "vm.info")).unwrap();
     assert_eq!(
         info["config"]["generic_vhost_user"],
@@ -161,22 +145,10 @@ fn generic_device_hot_added_used_and_removed() {
     // A second device of the same id is refused.
     let (status, body) = api_put(&fx.api, "vm.add-generic-vhost-user", &add);
     assert!(status.contains(" 400 "), "{status}: {body}");
-    let (status, body) = api_put(&fx.api, "vm.remove-device", r#"{"id":"gvu1"}"#);
-    assert!(status.contains(" 204 "), "{status}: {body}");
-    fx.wait_serial(&format!("HOTPLUG GONE slot={slot}\n"), secs30);
-    wait_until(Duration::from_secs(10), "the backend still runs", || {
-        backend.child.try_wait().unwrap().is_some()
-    });
+    hot_remove(&fx, &mut backend, "gvu1", slot);
     let info = api_get_body(&fx.api, "vm.info");
     assert!(!info.contains("generic_vhost_user"), "{info}");
-    assert!(!fx.serial_text().contains("FAIL"), "{}", fx.serial_text());
-    let (status, _) = api_put(&fx.api, "vmm.shutdown", "");
-    assert!(
-        status.contains(" 200 ") || status.contains(" 204 "),
-        "{status}"
-    );
-    let r = wait_with_timeout(vmm, Duration::from_secs(20));
-    assert!(r.status.success(), "{}", r.stderr);
+    shut_down(&fx, vmm);
 }
 
 /// The hostile guest suite (`test=hostile-suite`, tests/api/hostile.rs) with a generic
