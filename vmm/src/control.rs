@@ -554,9 +554,9 @@ impl Vmm {
         };
         self.monitor.emit("vm", "coredumping");
         let start = std::time::Instant::now();
-        let written = vm
-            .vcpu_states()
-            .and_then(|vcpus| crate::coredump::write(&path, &vcpus, vm.memory()));
+        let written = vm.vcpu_states().and_then(|vcpus| {
+            crate::coredump::write(&path, &vcpus, vm.memory(), vm.ram_is_fresh())
+        });
         if resume {
             vm.resume().map_err(Self::vm_failed)?;
         }

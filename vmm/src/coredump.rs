@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use guest_memory::GuestMemoryMmap;
 use hypervisor::{DescriptorTable, SegmentRegister, VcpuState};
 
-use crate::snapshot::{memory_ranges, Cause};
+use crate::snapshot::{memory_ranges, write_memory, Cause};
 
 const EHDR_SIZE: u64 = 64;
 const PHDR_SIZE: u64 = 56;
@@ -35,7 +35,6 @@ const PRSTATUS_REGS: usize = 112;
 /// kernel_gs_base.
 const QEMU_CPU_SIZE: usize = 8 + 18 * 8 + 10 * 24 + 5 * 8 + 8;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const CHUNK: u64 = 1 << 20;
 
 /// The path of a `file://` URL: the core file to create (it must not exist).
 pub fn url_to_file(url: &str) -> Result<PathBuf, Cause> {
@@ -218,17 +217,22 @@ fn headers(vcpus: &[VcpuState], ranges: &[(u64, u64)]) -> Vec<u8> {
 }
 
 /// Writes the core file at `path` (created; it must not exist) for a paused VM whose vCPUs
-/// are in `vcpus` (in id order) and whose RAM is `mem`. Returns the file's size. A partly
-/// written file is removed.
-pub fn write(path: &Path, vcpus: &[VcpuState], mem: &GuestMemoryMmap) -> Result<u64, Cause> {
-    let ranges: Vec<(u64, u64)> = memory_ranges(mem)
-        .iter()
-        .map(|r| (r.gpa, r.length))
-        .collect();
+/// are in `vcpus` (in id order) and whose RAM is `mem`: the RAM as a snapshot writes it
+/// (`snapshot::write_memory`: `sendfile` from a memory file; of fresh anonymous RAM
+/// (`fresh`) only the pages that hold anything, the rest holes that read as zeros). Returns
+/// the file's size. A partly written file is removed.
+pub fn write(
+    path: &Path,
+    vcpus: &[VcpuState],
+    mem: &GuestMemoryMmap,
+    fresh: bool,
+) -> Result<u64, Cause> {
+    let ranges = memory_ranges(mem);
     if ranges.len() >= usize::from(u16::MAX) {
         return Err(Cause::new("too many RAM regions for one ELF file"));
     }
-    let head = headers(vcpus, &ranges);
+    let loads: Vec<(u64, u64)> = ranges.iter().map(|r| (r.gpa, r.length)).collect();
+    let head = headers(vcpus, &loads);
     let mut file = File::options()
         .write(true)
         .create_new(true)
@@ -237,13 +241,10 @@ pub fn write(path: &Path, vcpus: &[VcpuState], mem: &GuestMemoryMmap) -> Result<
     let written = (|| -> Result<u64, Cause> {
         file.write_all(&head)
             .map_err(Cause::io("Error writing the core file"))?;
-        for &(gpa, len) in &ranges {
-            crate::memory::write_range(mem, gpa, len, &mut file, CHUNK)
-                .map_err(|e| Cause::new(format!("Error writing guest RAM: {e}")))?;
-        }
+        let ram = write_memory(mem, &ranges, &mut file, head.len() as u64, fresh)?;
         file.flush()
             .map_err(Cause::io("Error writing the core file"))?;
-        Ok(head.len() as u64 + ranges.iter().map(|r| r.1).sum::<u64>())
+        Ok(head.len() as u64 + ram)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(path);

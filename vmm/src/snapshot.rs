@@ -383,7 +383,7 @@ pub fn write(
             .write_all(&bytes)
             .map_err(Cause::io("Error writing VM state snapshot"))
             .map_err(SnapshotError::send)?;
-        write_memory(mem, &snapshot.memory_ranges, &mut mem_file, fresh)
+        write_memory(mem, &snapshot.memory_ranges, &mut mem_file, 0, fresh)
             .map_err(SnapshotError::send)
     })();
     if result.is_err() {
@@ -399,15 +399,17 @@ pub fn write(
 /// back to its own hypervisor (free page reporting) allocates slowly.
 const WRITE_CHUNK: u64 = 1 << 20;
 
-/// Writes each range's bytes to `out`, back to back: from the region's own file (the memfd of
-/// shared or huge-page RAM) with `sendfile`, or from the mapping. Of fresh anonymous RAM
-/// (`fresh`) only the pages that hold anything are written; the others stay holes in the file
-/// (they read as zeros), so a guest that used little of its RAM (or of a hotplug region)
-/// makes a small file, and a copy restore skips them (`restore::data_extents`).
-fn write_memory(
+/// Writes each range's bytes to `out`, back to back from offset `base` (where `out` stands):
+/// from the region's own file (the memfd of shared or huge-page RAM) with `sendfile`, or from
+/// the mapping. Of fresh anonymous RAM (`fresh`) only the pages that hold anything are
+/// written; the others stay holes in the file (they read as zeros), so a guest that used
+/// little of its RAM (or of a hotplug region) makes a small file, and a copy restore skips
+/// them (`restore::data_extents`). A core file (`coredump.rs`) has its RAM after its headers.
+pub(crate) fn write_memory(
     mem: &GuestMemoryMmap,
     ranges: &[MemoryRange],
     out: &mut File,
+    base: u64,
     fresh: bool,
 ) -> Result<u64, Cause> {
     let mut total = 0u64;
@@ -436,7 +438,7 @@ fn write_memory(
             (true, _) => {}
             (false, Some(pages)) => {
                 for (first, count) in page_runs(&pages, range.length) {
-                    out.seek(io::SeekFrom::Start(total + first * PAGE))
+                    out.seek(io::SeekFrom::Start(base + total + first * PAGE))
                         .map_err(Cause::io("Error writing memory snapshot region"))?;
                     let len = (count * PAGE).min(range.length - first * PAGE);
                     crate::memory::write_range(
@@ -449,9 +451,9 @@ fn write_memory(
                     .map_err(write_err)?;
                 }
                 // The holes up to the range's end.
-                out.set_len(total + range.length)
+                out.set_len(base + total + range.length)
                     .map_err(Cause::io("Error writing memory snapshot region"))?;
-                out.seek(io::SeekFrom::Start(total + range.length))
+                out.seek(io::SeekFrom::Start(base + total + range.length))
                     .map_err(Cause::io("Error writing memory snapshot region"))?;
             }
             (false, None) => {

@@ -133,9 +133,17 @@ fn coredump_of_a_paused_and_of_a_running_vm() {
         same_bytes(&core, c.phdrs[1].1, &snap.join("memory-ranges")),
         "the core's RAM differs from the snapshot's"
     );
-    let size = std::fs::metadata(&core).unwrap().len();
+    let meta = std::fs::metadata(&core).unwrap();
+    let size = meta.len();
     let last = c.phdrs.last().unwrap();
     assert_eq!(size, last.1 + last.3);
+    // RAM the guest never touched is left as holes, as in the snapshot's file.
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < size / 4,
+        "{} bytes allocated for a {size}-byte core",
+        meta.blocks() * 512
+    );
     // Per vCPU a CORE note (NT_PRSTATUS: pid the vCPU, rip and rsp its own), then per vCPU a
     // QEMU note (version 1; rip, cr3).
     assert_eq!(c.notes.len(), 2 * state.vcpus.len());
