@@ -34,6 +34,8 @@ pub enum ApiRequest {
     VmShutdown,
     VmReboot,
     VmPowerButton,
+    /// `vm.nmi`: a non-maskable interrupt on every vCPU.
+    VmNmi,
     VmDelete,
     VmSnapshot(VmSnapshotConfig),
     /// `vm.coredump`: the guest's RAM and vCPU registers as an ELF core file.

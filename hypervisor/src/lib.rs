@@ -178,6 +178,9 @@ pub trait Vcpu: Send {
     fn run(&mut self) -> Result<VmExit<'_>>;
     /// Makes the next (or current, once signalled) `run` return at once.
     fn set_immediate_exit(&mut self, exit: bool);
+    /// Queues a non-maskable interrupt for this vCPU: it is taken before the vCPU's next
+    /// instruction in the guest (KVM_NMI). Only the thread that runs the vCPU issues it.
+    fn nmi(&self) -> Result<()>;
     fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<()>;
     fn get_regs(&self) -> Result<StandardRegisters>;
     fn set_regs(&self, regs: &StandardRegisters) -> Result<()>;

@@ -40,6 +40,7 @@ mod mem;
 mod mem_zones;
 mod msix;
 mod net;
+mod nmi;
 mod numa;
 mod paging;
 mod phpr;
@@ -246,6 +247,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "net" => net::scenario_net(&boot),
         "net-bench" => net::scenario_net_bench(&boot),
         "net-mq" => net::scenario_net_mq(&boot),
+        "nmi" => nmi::scenario_nmi(&boot, acpi.as_ref()),
         "hotplug" => hotplug::scenario_hotplug(&boot, acpi.as_ref()),
         "cpuhotplug" => cpu_hotplug::scenario_cpuhotplug(acpi.as_ref()),
         "balloon" => balloon::scenario_balloon(&boot),

@@ -46,7 +46,8 @@
 .set SVC_WAIT_IRQ, 13
 .set SVC_IRQ_COUNT, 14
 .set SVC_PARK, 15
-.set SVC_COUNT, 16
+.set SVC_NMI_COUNT, 16
+.set SVC_COUNT, 17
 /* External interrupt vectors the monitor handles: IRQ_VECTOR .. IRQ_VECTOR + IRQ_VECTORS - 1.
  * Each is counted (irq_counts) and EOIed at the LAPIC; the tests program the sources. */
 .set IRQ_VECTOR, 0x30
@@ -302,6 +303,8 @@ isr_common:
     pushq %r13
     pushq %r14
     pushq %r15
+    cmpq $2, F_VEC(%rsp)
+    je nmi_taken
     cmpq $6, F_VEC(%rsp)
     jne fatal
     testb $3, F_CS(%rsp)
@@ -369,6 +372,13 @@ svc_irq_count:                      /* rdi = vector; returns how many were taken
     jmp svc_ret_rax
 1:  xorl %eax, %eax
     jmp svc_ret_rax
+svc_nmi_count:                      /* rdi = CPU index; returns the NMIs it has taken */
+    xorl %eax, %eax
+    cmpq $MAX_CPUS, %rdi
+    jae svc_ret_rax
+    leaq nmi_counts(%rip), %rbx
+    movl (%rbx, %rdi, 4), %eax
+    jmp svc_ret_rax
 svc_park:                           /* rdi = u32 set to 1, then halts for good with IF=0 */
     movl $1, (%rdi)
 1:  cli
@@ -422,6 +432,7 @@ svc_ret_rax:
     movq %rax, F_RAX(%rsp)
 svc_done:
     addq $2, F_RIP(%rsp)            /* skip the ud2 */
+frame_return:
     popq %r15
     popq %r14
     popq %r13
@@ -439,6 +450,19 @@ svc_done:
     popq %rax
     addq $16, %rsp
     iretq
+
+/* An NMI (the VMM's vm.nmi), at CPL3 or in the monitor: counted for the CPU whose kernel stack
+ * the frame is on (index = (rsp - kstacks) >> KSTACK_SHIFT), then back to where it came. */
+nmi_taken:
+    movq %rsp, %rax
+    leaq kstacks(%rip), %rbx
+    subq %rbx, %rax
+    shrq $KSTACK_SHIFT, %rax
+    cmpq $MAX_CPUS, %rax
+    jae frame_return
+    leaq nmi_counts(%rip), %rbx
+    lock incl (%rbx, %rax, 4)
+    jmp frame_return
 
 /* Any other exception: report on COM1 and power off, so a test fails fast. */
 fatal:
@@ -637,7 +661,7 @@ msg_nl:          .asciz "\n"
 svc_table:
     .quad svc_outb, svc_outw, svc_outl, svc_inb, svc_inw, svc_inl, svc_write, svc_hlt
     .quad svc_lapic_enable, svc_ipi, svc_cpuid, svc_rdmsr, svc_wrmsr, svc_wait_irq
-    .quad svc_irq_count, svc_park
+    .quad svc_irq_count, svc_park, svc_nmi_count
 
 /* ------------------------------------------------------------------------- */
 .section .data.monitor, "aw", @progbits
@@ -655,6 +679,7 @@ ap_next_index:  .long 1              /* index 0 is the BSP */
 ap_reported:    .long 0
 .balign 8
 irq_counts:     .fill IRQ_VECTORS, 4, 0
+nmi_counts:     .fill MAX_CPUS, 4, 0
 ap_apic_ids:    .fill MAX_CPUS, 4, 0xffffffff
 /* Set at CPL3: where a started AP goes on at CPL3 (0: it parks), and the top of its user stack
  * by APIC ID (0: it parks). */

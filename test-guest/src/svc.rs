@@ -26,6 +26,7 @@ pub const SVC_WRMSR: u64 = 12;
 pub const SVC_WAIT_IRQ: u64 = 13;
 pub const SVC_IRQ_COUNT: u64 = 14;
 pub const SVC_PARK: u64 = 15;
+pub const SVC_NMI_COUNT: u64 = 16;
 /// The first of the external interrupt vectors the monitor counts (`IRQ_VECTOR` in monitor.S).
 pub const IRQ_VECTOR: u32 = 0x30;
 /// How many vectors from `IRQ_VECTOR` on the monitor counts (`IRQ_VECTORS`).
@@ -76,6 +77,12 @@ pub fn wait_irq(vector: u32) -> u64 {
 /// monitor has taken; 0 for any other vector.
 pub fn irq_count(vector: u32) -> u64 {
     svc(SVC_IRQ_COUNT, vector.into(), 0, 0)
+}
+
+/// How many NMIs the CPU with monitor index `cpu` (0 the BSP, then the APs in the order they
+/// reported in) has taken.
+pub fn nmi_count(cpu: u32) -> u64 {
+    svc(SVC_NMI_COUNT, cpu.into(), 0, 0)
 }
 
 const LAPIC: u64 = 0xfee0_0000;

@@ -661,6 +661,15 @@ impl Vmm {
                     Ok(())
                 }),
             ),
+            // As the original: "VM is not running" (500) until the VM is booted; a paused
+            // guest takes the NMI when it resumes.
+            VmNmi => done(
+                self.require("send an NMI to", &[VmState::Running, VmState::Paused])
+                    .and_then(|()| match &self.vm {
+                        Some(vm) => vm.nmi().map_err(Self::vm_failed),
+                        None => Ok(()),
+                    }),
+            ),
             VmSnapshot(cfg) => done(self.snapshot(&cfg.destination_url)),
             VmCoredump(cfg) => done(self.coredump(&cfg.destination_url)),
             VmAddDisk(d) => (self.add_device(hotplug::Added::Disk(*d)), Next::Continue),

@@ -265,6 +265,8 @@ struct VcpuThread {
     handle: JoinHandle<Box<dyn Vcpu>>,
     /// Set to take this vCPU alone out of the guest (its CPU was ejected).
     unplug: Arc<AtomicBool>,
+    /// Set by `nmi`: the thread queues an NMI on its vCPU before it next enters the guest.
+    nmi: Arc<AtomicBool>,
 }
 
 pub struct VcpuThreads {
@@ -290,6 +292,7 @@ struct VcpuLoop {
     /// The host CPUs this vCPU's thread pins itself to (`--cpus affinity=`).
     pin: Option<CpuSet>,
     unplug: Arc<AtomicBool>,
+    nmi: Arc<AtomicBool>,
 }
 
 /// What a vCPU thread does after an exit.
@@ -379,6 +382,13 @@ impl VcpuLoop {
         // Whether the last exit was an I/O or MMIO exit whose instruction has not completed.
         let mut io_pending = false;
         while !self.leaving() {
+            // Before a pause too: a snapshot of the paused VM then holds the NMI (pending in
+            // the vCPU's events).
+            if self.nmi.swap(false, Ordering::AcqRel) {
+                if let Err(e) = self.vcpu.nmi() {
+                    warn!("vcpu{}: the NMI was not queued: {e}", self.id);
+                }
+            }
             if self.gate.paused.load(Ordering::Acquire) {
                 // A paused vCPU is always between two instructions, so its state can be saved
                 // (and is whole) at any time while it is parked.
@@ -488,6 +498,7 @@ impl VcpuThreads {
             )));
         }
         let unplug = Arc::new(AtomicBool::new(false));
+        let nmi = Arc::new(AtomicBool::new(false));
         let l = VcpuLoop {
             id,
             vcpu,
@@ -498,6 +509,7 @@ impl VcpuThreads {
             core: self.core.clone(),
             pin: self.affinity.of(id),
             unplug: unplug.clone(),
+            nmi: nmi.clone(),
         };
         let mut filter = crate::seccomp_filters::vcpu();
         if l.pin.is_some() {
@@ -508,7 +520,11 @@ impl VcpuThreads {
         if self.threads.len() <= i {
             self.threads.resize_with(i + 1, || None);
         }
-        self.threads[i] = Some(VcpuThread { handle, unplug });
+        self.threads[i] = Some(VcpuThread {
+            handle,
+            unplug,
+            nmi,
+        });
         Ok(())
     }
 
@@ -639,6 +655,44 @@ impl VcpuThreads {
                     .ok_or_else(|| format!("vCPU {id} gave no answer"))
             })
             .collect()
+    }
+
+    /// `vm.nmi`: a non-maskable interrupt on every running vCPU, as the original sends it
+    /// (KVM_NMI, each vCPU on its own thread). Paused, each parked thread queues it at once, so
+    /// the guest takes it when it resumes (and a snapshot holds it). Running, each thread is
+    /// kicked out of the guest and queues it before it goes back in; kicks repeat for up to
+    /// 100 ms (one can land just before KVM_RUN), after which a thread still in the guest
+    /// queues it at its next exit.
+    pub fn nmi(&self) -> Result<(), String> {
+        if self.gate.paused.load(Ordering::Acquire) {
+            // A restored VM's threads may still be on their way to the gate.
+            self.pause()?;
+            return self
+                .on_parked(|vcpu| vcpu.nmi().map_err(|e| e.to_string()))?
+                .into_iter()
+                .collect();
+        }
+        self.running()
+            .for_each(|(_, t)| t.nmi.store(true, Ordering::Release));
+        let start = Instant::now();
+        loop {
+            let waiting = self
+                .running()
+                .filter(|(_, t)| t.nmi.load(Ordering::Acquire) && !t.handle.is_finished());
+            let mut any = false;
+            for (_, t) in waiting {
+                any = true;
+                Self::kick(&t.handle);
+            }
+            if !any {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_millis(100) {
+                debug!("vm.nmi: a vCPU stays in the guest; it takes the NMI at its next exit");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     /// Lets parked vCPUs run again.

@@ -631,6 +631,15 @@ impl Vm {
             .map_err(VmError::Event)
     }
 
+    /// `vm.nmi`: a non-maskable interrupt on every vCPU (see `VcpuThreads::nmi`).
+    pub fn nmi(&self) -> Result<(), Cause> {
+        self.threads
+            .as_ref()
+            .ok_or_else(|| Cause::new("the VM has not started"))?
+            .nmi()
+            .map_err(Cause::new)
+    }
+
     /// Counters of every device that keeps some, by device id.
     pub fn counters(&self) -> api::VmCounters {
         self.devices

@@ -17,14 +17,10 @@ const PUT_NO_BODY: &[&str] = &[
     "vm.shutdown",
     "vm.reboot",
     "vm.power-button",
+    "vm.nmi",
     "vm.delete",
 ];
-const NOT_YET: &[&str] = &[
-    "vm.add-device",
-    "vm.add-user-device",
-    "vm.add-vdpa",
-    "vm.nmi",
-];
+const NOT_YET: &[&str] = &["vm.add-device", "vm.add-user-device", "vm.add-vdpa"];
 
 /// Sends raw bytes, returns what comes back until the server closes or 2 s pass.
 fn raw(sock: &std::path::Path, bytes: &[u8]) -> String {

@@ -240,7 +240,10 @@ fn lifecycle_over_ch_remote() {
     // Hotplug needs a created VM, as the original's.
     fails(&["add-disk", "path=/x"], "404");
     fails(&["remove-device", "_disk0"], "404");
-    fails(&["nmi"], "501");
+    fails(
+        &["nmi"],
+        "500: Error from API: Error triggering NMI: VM is not running",
+    );
     fails(&["resize", "--cpus", "2"], "404");
     fails(
         &["snapshot", "file:///tmp/snap"],

@@ -21,6 +21,7 @@ mod memory_hotplug;
 mod memory_zones;
 mod migration;
 mod net_options;
+mod nmi;
 mod original_client;
 mod pmem;
 mod pvpanic;

@@ -338,6 +338,10 @@ impl Vcpu for KvmVcpu {
         self.fd.set_kvm_immediate_exit(u8::from(exit));
     }
 
+    fn nmi(&self) -> Result<()> {
+        self.fd.nmi().map_err(ioctl_err("KVM_NMI"))
+    }
+
     fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<()> {
         let cpuid = CpuId::from_entries(entries).map_err(|_| HypervisorError::Ioctl {
             op: "KVM_SET_CPUID2",

@@ -58,6 +58,7 @@ pub const KVM_GET_LAPIC: u64 = ior::<kvm_lapic_state>(0x8e);
 pub const KVM_SET_CPUID2: u64 = iow::<kvm_cpuid2>(0x90);
 pub const KVM_GET_CPUID2: u64 = iowr::<kvm_cpuid2>(0x91);
 pub const KVM_GET_MP_STATE: u64 = ior::<kvm_mp_state>(0x98);
+pub const KVM_NMI: u64 = io(0x9a);
 pub const KVM_GET_VCPU_EVENTS: u64 = ior::<kvm_vcpu_events>(0x9f);
 pub const KVM_GET_DEBUGREGS: u64 = ior::<kvm_debugregs>(0xa1);
 pub const KVM_GET_TSC_KHZ: u64 = io(0xa3);
@@ -83,6 +84,8 @@ pub const VCPU_THREAD: &[u64] = &[
     KVM_IRQFD,
     KVM_IOEVENTFD,
     KVM_SET_GSI_ROUTING,
+    // `vm.nmi`: each vCPU's thread queues the NMI on its own vCPU (`Vcpu::nmi`, cpu.rs).
+    KVM_NMI,
     // `Vcpu::state` (kvm/state.rs), run by the parked thread that owns the vCPU for a
     // snapshot of the paused VM (`Vm::snapshot`: `vm.snapshot`, and a migration once the
     // sender has paused it).
@@ -132,6 +135,7 @@ mod tests {
             (KVM_SET_CPUID2, 0x4008_ae90, "KVM_SET_CPUID2"),
             (KVM_GET_CPUID2, 0xc008_ae91, "KVM_GET_CPUID2"),
             (KVM_GET_MP_STATE, 0x8004_ae98, "KVM_GET_MP_STATE"),
+            (KVM_NMI, 0xae9a, "KVM_NMI"),
             (KVM_GET_VCPU_EVENTS, 0x8040_ae9f, "KVM_GET_VCPU_EVENTS"),
             (KVM_GET_DEBUGREGS, 0x8080_aea1, "KVM_GET_DEBUGREGS"),
             (KVM_GET_TSC_KHZ, 0xaea3, "KVM_GET_TSC_KHZ"),
