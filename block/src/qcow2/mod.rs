@@ -17,6 +17,7 @@ pub mod create;
 mod flush;
 pub mod header;
 pub mod refcount;
+mod resize;
 pub mod table;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -574,35 +575,7 @@ impl DiskFile for Qcow2Disk {
     /// zero): the metadata made durable, then the header's size field written and synced.
     /// Shrinking, an image with a backing file, and growing past the L1 table are refused.
     fn resize(&mut self, size: u64) -> Result<()> {
-        let refuse = |why: String| Err(crate::Error::InvalidArgument(why));
-        if self.readonly {
-            return refuse("the image is read-only".into());
-        }
-        if self.backing.is_some() {
-            return refuse("a qcow2 image with a backing file cannot be resized".into());
-        }
-        if size < self.header.size {
-            return refuse(format!(
-                "a qcow2 image only grows ({} bytes now)",
-                self.header.size
-            ));
-        }
-        let reach = self.l1.len() as u64 * self.cs() * (self.cs() / 8);
-        if size > reach {
-            return refuse(format!(
-                "growing a qcow2 image past {reach} bytes needs a larger L1 table, which is not \
-                 supported yet"
-            ));
-        }
-        if size == self.header.size {
-            return Ok(());
-        }
-        self.flush_metadata()?;
-        self.st
-            .write_all_at(&size.to_be_bytes(), header::SIZE_OFFSET)?;
-        self.st.sync()?;
-        self.header.size = size;
-        Ok(())
+        self.grow_to(size)
     }
 
     fn readonly(&self) -> bool {
