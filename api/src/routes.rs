@@ -630,7 +630,7 @@ mod tests {
         ) {
             Ok(ApiRequest::VmAddDisk(d)) => {
                 assert_eq!(
-                    (d.path.to_str(), d.id.as_deref()),
+                    (d.path.to_str(), d.pci_common.id.as_deref()),
                     (Some("/d.img"), Some("x"))
                 )
             }

@@ -11,29 +11,55 @@ use super::parser::OptionParser;
 use super::rate_limit::{parse_rate_limiter, RateLimiterConfig, RATE_LIMITER_KEYS};
 use super::ConfigError;
 
-/// Where a device sits on PCI and what it is called. Whether its segment exists depends on
+/// The keys every PCI device takes, as the original's `PciDeviceCommonConfig`: what the
+/// device is called and where it sits on PCI, flattened into each device's JSON (first, as the
+/// original writes them; a console's after its mode). Whether its segment exists depends on
 /// the VM (`--platform num_pci_segments`): see `VmConfig::validate`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PciPlacement {
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciDeviceCommonConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Behind a virtual IOMMU: `false` is the only value this VMM takes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
+    #[serde(default)]
     pub pci_segment: u16,
+    /// The slot (`pci_device_id=`); the VMM picks one when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_device_id: Option<u8>,
+}
+
+impl PciDeviceCommonConfig {
+    /// The device's id, or the VMM's name for it when none was given.
+    pub fn id_or(&self, default: impl FnOnce() -> String) -> String {
+        self.id.clone().unwrap_or_else(default)
+    }
+
+    /// The keys' rules, for configurations from the command line or the API: those of
+    /// [`check_placement`], and `iommu=on` refused (this VMM has no virtual IOMMU).
+    pub fn check(&self) -> Result<(), String> {
+        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref())?;
+        if self.iommu {
+            return Err("iommu=on is not supported yet".into());
+        }
+        Ok(())
+    }
 }
 
 /// The keys every PCI device option knows, as the original's.
 pub(crate) const PCI_KEYS: &[&str] = &["id", "iommu", "pci_segment", "pci_device_id"];
 
-pub(crate) fn placement(p: &OptionParser) -> Result<PciPlacement, ConfigError> {
+/// The PCI keys of a device option, checked.
+pub(crate) fn pci_common(p: &OptionParser) -> Result<PciDeviceCommonConfig, ConfigError> {
     p.refuse_unless("iommu", false)?;
-    let pci_segment = p.number::<u16>("pci_segment")?.unwrap_or(0);
-    let pci_device_id = p.number::<u8>("pci_device_id")?;
-    let id = p.get("id");
-    check_placement(pci_segment, pci_device_id, id.as_deref()).map_err(|m| p.error(m))?;
-    Ok(PciPlacement {
-        id,
-        pci_segment,
-        pci_device_id,
-    })
+    let c = PciDeviceCommonConfig {
+        id: p.get("id"),
+        iommu: false,
+        pci_segment: p.number::<u16>("pci_segment")?.unwrap_or(0),
+        pci_device_id: p.number::<u8>("pci_device_id")?,
+    };
+    c.check().map_err(|m| p.error(m))?;
+    Ok(c)
 }
 
 /// Why a device's `pci_segment` is not one of the VM's `segments`.
@@ -64,48 +90,6 @@ pub(crate) fn check_placement(
     }
     Ok(())
 }
-
-/// `check_placement`, and `iommu=on` refused (this VMM has no virtual IOMMU), for the
-/// options whose PCI keys are all checked in one place.
-pub(crate) fn check_pci_keys(
-    segment: u16,
-    slot: Option<u8>,
-    id: Option<&str>,
-    iommu: bool,
-) -> Result<(), String> {
-    check_placement(segment, slot, id)?;
-    if iommu {
-        return Err("iommu=on is not supported yet".into());
-    }
-    Ok(())
-}
-
-/// `check_pci(&self)` for the configurations whose four PCI keys are fields of their own
-/// (`id`, `iommu`, `pci_segment`, `pci_device_id`): [`check_pci_keys`] on them.
-macro_rules! pci_keys_check {
-    ($($t:ty),* $(,)?) => {$(
-        impl $t {
-            pub(crate) fn check_pci(&self) -> Result<(), String> {
-                check_pci_keys(
-                    self.pci_segment,
-                    self.pci_device_id,
-                    self.id.as_deref(),
-                    self.iommu,
-                )
-            }
-        }
-    )*};
-}
-
-pci_keys_check!(
-    RngConfig,
-    BalloonConfig,
-    crate::FsConfig,
-    crate::GenericVhostUserConfig,
-    crate::PmemConfig,
-    crate::RtcConfig,
-    crate::VsockConfig,
-);
 
 pub(crate) fn is_false(b: &bool) -> bool {
     !*b
@@ -156,14 +140,8 @@ impl ImageType {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// Empty for a vhost-user disk (the backend owns the image): left out of the JSON then, and
     /// optional in what the API reads, as in the original's (`path` is not required there).
     #[serde(default, skip_serializing_if = "path_is_empty")]
@@ -359,13 +337,10 @@ impl DiskConfig {
                 p.error(format!("image_type={t}: must be raw, qcow2, vhd or vhdx"))
             })?,
         };
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         let cfg = DiskConfig {
             extra: Default::default(),
-            id: pl.id,
-            iommu: false,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             path,
             readonly: p.toggle("readonly", false)?,
             direct: p.toggle("direct", false)?,
@@ -400,7 +375,7 @@ impl DiskConfig {
                 self.queue_size
             ));
         }
-        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref())?;
+        self.pci_common.check()?;
         if let Some(s) = &self.serial {
             if s.len() > MAX_DISK_SERIAL {
                 return Err(format!(
@@ -410,9 +385,6 @@ impl DiskConfig {
         }
         if self.image_type == ImageType::FlatVmdk {
             return Err("image_type=vmdk is not supported yet".into());
-        }
-        if self.iommu {
-            return Err("iommu=on is not supported yet".into());
         }
         if self.vhost_user != self.vhost_socket.is_some() {
             return Err("vhost_user=on and socket=<backend socket> go together".into());
@@ -473,14 +445,8 @@ impl DiskConfig {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     pub src: PathBuf,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
@@ -493,10 +459,7 @@ impl Default for RngConfig {
     fn default() -> Self {
         RngConfig {
             extra: Default::default(),
-            id: None,
-            iommu: false,
-            pci_segment: 0,
-            pci_device_id: None,
+            pci_common: Default::default(),
             src: PathBuf::from(DEFAULT_RNG_SOURCE),
         }
     }
@@ -505,13 +468,10 @@ impl Default for RngConfig {
 impl RngConfig {
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse_sets("--rng", raw, &[&["src"], PCI_KEYS], &[])?;
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         Ok(RngConfig {
             extra: Default::default(),
-            id: pl.id,
-            iommu: false,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             // `src=` is not given: the default source.
             src: PathBuf::from(p.get("src").as_deref().unwrap_or(DEFAULT_RNG_SOURCE)),
         })
@@ -529,7 +489,7 @@ impl RngConfig {
                 "not an entropy source (a FIFO, socket or directory)".into()
             ));
         }
-        self.check_pci().map_err(err)?;
+        self.pci_common.check().map_err(err)?;
         Ok(())
     }
 }
@@ -538,14 +498,8 @@ impl RngConfig {
 /// guest is asked to give back; `vm.resize`'s `desired_balloon` changes it later).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     pub size: u64,
     /// VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest may take pages back under memory pressure.
     #[serde(default)]
@@ -568,15 +522,12 @@ impl BalloonConfig {
             &[&["size", "deflate_on_oom", "free_page_reporting"], PCI_KEYS],
             &[],
         )?;
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         let size = p
             .size("size")?
             .ok_or_else(|| p.error("size= is required (the balloon's size in bytes)"))?;
         Ok(BalloonConfig {
-            id: pl.id,
-            iommu: false,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             size,
             deflate_on_oom: p.toggle("deflate_on_oom", false)?,
             free_page_reporting: p.toggle("free_page_reporting", false)?,
@@ -588,7 +539,7 @@ impl BalloonConfig {
     /// is smaller than the guest's RAM (`ram`, bytes), as the original requires.
     pub fn validate(&self, ram: u64) -> Result<(), ConfigError> {
         let err = |m: String| ConfigError::new(Self::OPTION, &format!("size={}", self.size), m);
-        self.check_pci().map_err(err)?;
+        self.pci_common.check().map_err(err)?;
         if self.size >= ram {
             return Err(err(format!(
                 "the balloon must be smaller than the guest RAM ({ram} bytes)"
@@ -608,14 +559,8 @@ pub enum VhostMode {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// The TAP to open or create; none: a new one named by the kernel (`vmtapN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
@@ -765,13 +710,10 @@ impl NetConfig {
                 .map(|v| mac_address(&v).map_err(|e| p.error(format!("{key}: {e}"))))
                 .transpose()
         };
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         let cfg = NetConfig {
             extra: Default::default(),
-            id: pl.id,
-            iommu: false,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             tap: p.get("tap"),
             ip: ip_of("ip")?,
             mask: ip_of("mask")?,
@@ -804,7 +746,7 @@ impl NetConfig {
     fn check(&self) -> Result<(), String> {
         check_net_queues(self.num_queues)?;
         check_queue_size(self.queue_size)?;
-        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref())?;
+        self.pci_common.check()?;
         if let Some(t) = &self.tap {
             if t.len() > MAX_IF_NAME {
                 return Err(format!(
@@ -846,9 +788,6 @@ impl NetConfig {
         if !self.offload_csum && (self.offload_tso || self.offload_ufo) {
             return Err("offload_tso and offload_ufo need offload_csum (turn them off too)".into());
         }
-        if self.iommu {
-            return Err("iommu=on is not supported yet".into());
-        }
         crate::net_vhost::check(self)?;
         if let Some(fds) = &self.fds {
             if self.tap.is_some()
@@ -880,7 +819,7 @@ impl NetConfig {
             Some(f) if f.iter().any(|&fd| fd < 0) => Err(format!(
                 "net device {}: its TAP descriptors came through JSON and mean nothing here (a \
                  restore gives new ones in net_fds)",
-                self.id.as_deref().unwrap_or("?")
+                self.pci_common.id.as_deref().unwrap_or("?")
             )),
             _ => Ok(()),
         }

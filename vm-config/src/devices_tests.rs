@@ -13,8 +13,8 @@ fn disk() {
     assert!(d.readonly && !d.direct);
     assert_eq!((d.num_queues, d.queue_size), (2, 64));
     assert_eq!(d.serial.as_deref(), Some("abc"));
-    assert_eq!(d.id.as_deref(), Some("d0"));
-    assert_eq!(d.pci_device_id, Some(5));
+    assert_eq!(d.pci_common.id.as_deref(), Some("d0"));
+    assert_eq!(d.pci_common.pci_device_id, Some(5));
     for (bad, why) in [
         ("readonly=on", "path="),
         ("path=", "path="),
@@ -133,11 +133,11 @@ fn disk_keys_as_the_original_reads_them() {
     .unwrap();
     assert_eq!(d, DiskConfig::parse("path=/x").unwrap());
     assert_eq!((d.num_queues, d.queue_size, d.sparse), (1, 128, true));
-    assert_eq!((d.id, d.serial), (None, None));
+    assert_eq!((d.pci_common.id, d.serial), (None, None));
     assert_eq!(d.image_type, ImageType::Unknown);
     // The off value of what we lack is no request; on is refused.
     let d = DiskConfig::parse("path=/x,vhost_user=off,iommu=false").unwrap();
-    assert!(!d.vhost_user && !d.iommu);
+    assert!(!d.vhost_user && !d.pci_common.iommu);
     // The original's test knobs.
     let d = DiskConfig::parse("path=/x,_disable_io_uring=on,_disable_aio=on").unwrap();
     assert!(d.disable_io_uring && d.disable_aio);
@@ -336,7 +336,7 @@ fn net_rules_of_the_original() {
     let n = NetConfig::parse("vhost_user=false,vhost_mode=Client").unwrap();
     assert_eq!((n.vhost_user, n.vhost_mode), (false, VhostMode::Client));
     // `id=` is not given.
-    assert_eq!(NetConfig::parse("id=").unwrap().id, None);
+    assert_eq!(NetConfig::parse("id=").unwrap().pci_common.id, None);
 }
 
 /// Paths whose opening would block the VMM, or that are no image at all, are refused.
@@ -387,7 +387,10 @@ fn validate_catches_what_the_api_can_send() {
             ..d.clone()
         },
         DiskConfig {
-            pci_device_id: Some(32),
+            pci_common: PciDeviceCommonConfig {
+                pci_device_id: Some(32),
+                ..Default::default()
+            },
             ..d.clone()
         },
         DiskConfig {
@@ -398,7 +401,10 @@ fn validate_catches_what_the_api_can_send() {
             ..d.clone()
         },
         DiskConfig {
-            pci_device_id: Some(0),
+            pci_common: PciDeviceCommonConfig {
+                pci_device_id: Some(0),
+                ..Default::default()
+            },
             ..d.clone()
         },
         DiskConfig {
@@ -438,7 +444,10 @@ fn validate_catches_what_the_api_can_send() {
             ..n.clone()
         },
         NetConfig {
-            id: Some("__console".into()),
+            pci_common: PciDeviceCommonConfig {
+                id: Some("__console".into()),
+                ..Default::default()
+            },
             ..n.clone()
         },
     ] {
@@ -458,7 +467,11 @@ fn rng() {
         RngConfig::default()
     );
     assert_eq!(
-        RngConfig::parse("src=/r,id=rng0").unwrap().id.as_deref(),
+        RngConfig::parse("src=/r,id=rng0")
+            .unwrap()
+            .pci_common
+            .id
+            .as_deref(),
         Some("rng0")
     );
     // `src=` is not given: the default source, as the original.
@@ -467,6 +480,7 @@ fn rng() {
     assert_eq!(
         RngConfig::parse("src=/r,pci_segment=2,pci_device_id=0")
             .unwrap()
+            .pci_common
             .pci_segment,
         2
     );
@@ -487,7 +501,10 @@ fn balloon() {
         (b.size, b.deflate_on_oom, b.free_page_reporting),
         (4096, false, false)
     );
-    assert_eq!((b.id.as_deref(), b.pci_device_id), (Some("b0"), Some(7)));
+    assert_eq!(
+        (b.pci_common.id.as_deref(), b.pci_common.pci_device_id),
+        (Some("b0"), Some(7))
+    );
     // Empty values are not given; the toggles read as the original's.
     let b = BalloonConfig::parse("size=0,deflate_on_oom=,free_page_reporting=TRUE").unwrap();
     assert!(!b.deflate_on_oom && b.free_page_reporting);
@@ -580,4 +597,37 @@ fn disk_json_path_optional_only_with_vhost_user() {
     let d: DiskConfig = serde_json::from_str(r#"{"readonly":true}"#).unwrap();
     let e = d.validate().unwrap_err().to_string();
     assert!(e.contains("path=<disk image> is required"), "{e}");
+}
+
+/// The PCI keys are one flattened object, as the original's `PciDeviceCommonConfig`: read from
+/// the device's own JSON object (never taken for keys this VMM does not model), and written
+/// first, in the original's order, with `id`, `iommu` and `pci_device_id` left out when empty.
+#[test]
+fn pci_keys_flattened_first_in_json() {
+    let d: DiskConfig = serde_json::from_str(
+        r#"{"path":"/x","pci_device_id":3,"iommu":false,"pci_segment":1,"id":"d0"}"#,
+    )
+    .unwrap();
+    assert!(d.extra.0.is_empty(), "{:?}", d.extra);
+    assert_eq!(
+        d.pci_common,
+        PciDeviceCommonConfig {
+            id: Some("d0".into()),
+            iommu: false,
+            pci_segment: 1,
+            pci_device_id: Some(3)
+        }
+    );
+    let text = serde_json::to_string(&d).unwrap();
+    assert!(
+        text.starts_with(r#"{"id":"d0","pci_segment":1,"pci_device_id":3,"path":"/x","#),
+        "{text}"
+    );
+    let r = RngConfig::default();
+    let text = serde_json::to_string(&r).unwrap();
+    assert_eq!(text, r#"{"pci_segment":0,"src":"/dev/urandom"}"#);
+    let fs: crate::FsConfig =
+        serde_json::from_str(r#"{"tag":"t","socket":"/s","iommu":true}"#).unwrap();
+    assert!(fs.pci_common.iommu && fs.extra.0.is_empty());
+    assert!(fs.validate().unwrap_err().to_string().contains("iommu"));
 }

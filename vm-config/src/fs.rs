@@ -6,17 +6,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{placement, PCI_KEYS};
+use crate::devices::{pci_common, PciDeviceCommonConfig, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
 
 /// The longest tag: `struct virtio_fs_config`'s `tag[36]`.
 pub const FS_TAG_MAX: usize = 36;
 /// Request queues at most (the high-priority queue comes on top; the transport has 64).
 pub const FS_MAX_QUEUES: u16 = 63;
-
-fn is_false(b: &bool) -> bool {
-    !*b
-}
 
 fn default_num_queues() -> u16 {
     1
@@ -28,6 +24,8 @@ fn default_queue_size() -> u16 {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsConfig {
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// What the guest mounts (`mount -t virtiofs <tag> /mnt`): 1 to 36 bytes.
     pub tag: String,
     /// The backend's vhost-user socket.
@@ -37,14 +35,6 @@ pub struct FsConfig {
     pub num_queues: u16,
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -60,7 +50,7 @@ impl FsConfig {
             &[&["tag", "socket", "num_queues", "queue_size"], PCI_KEYS],
             &[],
         )?;
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         let tag = p
             .get("tag")
             .ok_or_else(|| p.error("tag= is required (what the guest mounts)"))?;
@@ -72,10 +62,7 @@ impl FsConfig {
             socket: PathBuf::from(socket),
             num_queues: p.number("num_queues")?.unwrap_or_else(default_num_queues),
             queue_size: p.number("queue_size")?.unwrap_or_else(default_queue_size),
-            iommu: false,
-            id: pl.id,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             extra: Default::default(),
         };
         c.validate()?;
@@ -108,7 +95,7 @@ impl FsConfig {
                 self.queue_size
             )));
         }
-        self.check_pci().map_err(err)?;
+        self.pci_common.check().map_err(err)?;
         Ok(())
     }
 }
@@ -128,7 +115,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.num_queues, c.queue_size), (2, 256));
-        assert_eq!((c.id.as_deref(), c.pci_device_id), (Some("fs0"), Some(9)));
+        assert_eq!(
+            (c.pci_common.id.as_deref(), c.pci_common.pci_device_id),
+            (Some("fs0"), Some(9))
+        );
     }
 
     #[test]
@@ -161,7 +151,7 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         c.extra.check("fs[0]").unwrap();
-        assert_eq!(c.id.as_deref(), Some("fs0"));
+        assert_eq!(c.pci_common.id.as_deref(), Some("fs0"));
         let c: FsConfig = serde_json::from_str(r#"{"tag": "t", "socket": "/s"}"#).unwrap();
         assert_eq!((c.num_queues, c.queue_size), (1, 1024));
         let back: FsConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();

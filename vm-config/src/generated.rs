@@ -17,14 +17,14 @@ impl VmConfig {
         let mut used: BTreeSet<String> = self
             .disks
             .iter()
-            .map(|d| &d.id)
-            .chain(self.net.iter().map(|n| &n.id))
-            .chain([&self.rng.id, &self.console.id])
-            .chain(self.balloon.iter().map(|b| &b.id))
-            .chain(self.generic_vhost_user.iter().map(|g| &g.id))
-            .chain(self.fs.iter().map(|f| &f.id))
-            .chain(self.pmem.iter().map(|p| &p.id))
-            .chain(self.vsock.iter().map(|v| &v.id))
+            .map(|d| &d.pci_common.id)
+            .chain(self.net.iter().map(|n| &n.pci_common.id))
+            .chain([&self.rng.pci_common.id, &self.console.pci_common.id])
+            .chain(self.balloon.iter().map(|b| &b.pci_common.id))
+            .chain(self.generic_vhost_user.iter().map(|g| &g.pci_common.id))
+            .chain(self.fs.iter().map(|f| &f.pci_common.id))
+            .chain(self.pmem.iter().map(|p| &p.pci_common.id))
+            .chain(self.vsock.iter().map(|v| &v.pci_common.id))
             .flatten()
             .cloned()
             .collect();
@@ -36,12 +36,12 @@ impl VmConfig {
                 return name;
             }
         };
-        for d in self.disks.iter_mut().filter(|d| d.id.is_none()) {
-            d.id = Some(next("_disk"));
+        for d in self.disks.iter_mut().filter(|d| d.pci_common.id.is_none()) {
+            d.pci_common.id = Some(next("_disk"));
         }
         for n in &mut self.net {
-            if n.id.is_none() {
-                n.id = Some(next("_net"));
+            if n.pci_common.id.is_none() {
+                n.pci_common.id = Some(next("_net"));
             }
             if n.mac.is_none() {
                 n.mac = Some(MacAddr::random_local().to_string());
@@ -50,18 +50,18 @@ impl VmConfig {
         for g in self
             .generic_vhost_user
             .iter_mut()
-            .filter(|g| g.id.is_none())
+            .filter(|g| g.pci_common.id.is_none())
         {
-            g.id = Some(next("_generic_vhost_user"));
+            g.pci_common.id = Some(next("_generic_vhost_user"));
         }
-        for f in self.fs.iter_mut().filter(|f| f.id.is_none()) {
-            f.id = Some(next("_fs"));
+        for f in self.fs.iter_mut().filter(|f| f.pci_common.id.is_none()) {
+            f.pci_common.id = Some(next("_fs"));
         }
-        for p in self.pmem.iter_mut().filter(|p| p.id.is_none()) {
-            p.id = Some(next("_pmem"));
+        for p in self.pmem.iter_mut().filter(|p| p.pci_common.id.is_none()) {
+            p.pci_common.id = Some(next("_pmem"));
         }
-        for v in self.vsock.iter_mut().filter(|v| v.id.is_none()) {
-            v.id = Some(next("_vsock"));
+        for v in self.vsock.iter_mut().filter(|v| v.pci_common.id.is_none()) {
+            v.pci_common.id = Some(next("_vsock"));
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{is_false, placement, PCI_KEYS};
+use crate::devices::{pci_common, PciDeviceCommonConfig, PCI_KEYS};
 use crate::parser::int_list;
 use crate::{ConfigError, OptionParser};
 
@@ -80,20 +80,14 @@ pub const GENERIC_MAX_QUEUES: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GenericVhostUserConfig {
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// The backend's vhost-user socket.
     pub socket: PathBuf,
     /// Each queue's largest size; as many queues as sizes.
     pub queue_sizes: Vec<u16>,
     /// The virtio device type (2: block, 26: fs, ...).
     pub device_type: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -135,7 +129,7 @@ impl GenericVhostUserConfig {
             ],
             &[],
         )?;
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         let socket = p
             .get("socket")
             .ok_or_else(|| p.error("socket= is required (the backend's vhost-user socket)"))?;
@@ -163,10 +157,7 @@ impl GenericVhostUserConfig {
             socket: PathBuf::from(socket),
             queue_sizes,
             device_type: device_type(&t).map_err(|m| p.error(m))?,
-            id: pl.id,
-            iommu: false,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             extra: Default::default(),
         };
         c.validate()?;
@@ -205,7 +196,7 @@ impl GenericVhostUserConfig {
                 "queue_sizes: {bad} is not a power of two (1 to 32768)"
             )));
         }
-        self.check_pci().map_err(err)?;
+        self.pci_common.check().map_err(err)?;
         Ok(())
     }
 }
@@ -228,7 +219,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.device_type, c.queue_sizes.clone()), (26, vec![1024]));
-        assert_eq!((c.id.as_deref(), c.pci_device_id), (Some("g0"), Some(7)));
+        assert_eq!(
+            (c.pci_common.id.as_deref(), c.pci_common.pci_device_id),
+            (Some("g0"), Some(7))
+        );
         // The older key, and numbers past the named types.
         let c = GenericVhostUserConfig::parse("virtio_id=gpu,socket=/s,queue_sizes=[64]").unwrap();
         assert_eq!(c.device_type, 16);

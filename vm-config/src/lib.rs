@@ -38,8 +38,8 @@ pub use affinity::{VirtQueueAffinity, MAX_HOST_CPUS};
 pub use cpus::{CoreScheduling, CpuAffinity, CpuFeatures, CpuProfile, CpuTopology, CpusConfig};
 pub use debug_console::{DebugConsoleConfig, DEBUG_CONSOLE_PORT};
 pub use devices::{
-    BalloonConfig, DiskConfig, ImageType, LockGranularity, NetConfig, PciPlacement, RngConfig,
-    VhostMode, IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
+    BalloonConfig, DiskConfig, ImageType, LockGranularity, NetConfig, PciDeviceCommonConfig,
+    RngConfig, VhostMode, IMAGE_TYPES, MAX_DISK_QUEUES, MIN_MTU,
 };
 pub use extra::Extra;
 pub use fs::{FsConfig, FS_MAX_QUEUES, FS_TAG_MAX};
@@ -310,14 +310,8 @@ pub struct ConsoleConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
     pub mode: ConsoleOutputMode,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "devices::is_false")]
-    pub iommu: bool,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: Extra,
@@ -349,10 +343,7 @@ impl ConsoleConfig {
             file: None,
             socket: None,
             mode,
-            id: None,
-            iommu: false,
-            pci_segment: 0,
-            pci_device_id: None,
+            pci_common: Default::default(),
         }
     }
 
@@ -386,8 +377,7 @@ impl ConsoleConfig {
             cfg.mode = ConsoleOutputMode::Socket;
             cfg.socket = Some(PathBuf::from(s));
         }
-        let pl = devices::placement(&p)?;
-        (cfg.id, cfg.pci_segment, cfg.pci_device_id) = (pl.id, pl.pci_segment, pl.pci_device_id);
+        cfg.pci_common = devices::pci_common(&p)?;
         Ok(cfg)
     }
 }
@@ -730,6 +720,10 @@ impl VmConfig {
                 .map_err(|m| ConfigError::new("--rate-limit-group", &g.id, m))?;
             check_at("--rate-limit-group", &Some(g.id.clone()), 0, None)?;
         }
+        // Every PCI device: its id, segment and slot.
+        let mut check_device = |option: &'static str, c: &PciDeviceCommonConfig| {
+            check_at(option, &c.id, c.pci_segment, c.pci_device_id)
+        };
         // As the original: no more queues (disks) or queue pairs (net) than boot vCPUs.
         let vcpus = self.cpus.boot_vcpus;
         for d in &self.disks {
@@ -761,7 +755,7 @@ impl VmConfig {
                     ),
                 ));
             }
-            check_at("--disk", &d.id, d.pci_segment, d.pci_device_id)?;
+            check_device("--disk", &d.pci_common)?;
         }
         for n in &self.net {
             n.validate()?;
@@ -776,15 +770,10 @@ impl VmConfig {
                     format!("more queue pairs than the {vcpus} boot vCPU(s)"),
                 ));
             }
-            check_at("--net", &n.id, n.pci_segment, n.pci_device_id)?;
+            check_device("--net", &n.pci_common)?;
         }
         self.rng.validate()?;
-        check_at(
-            "--rng",
-            &self.rng.id,
-            self.rng.pci_segment,
-            self.rng.pci_device_id,
-        )?;
+        check_device("--rng", &self.rng.pci_common)?;
         if let Some(b) = &self.balloon {
             b.validate(self.memory.ram_size())?;
             if self.memory.any_hugepages() {
@@ -796,19 +785,19 @@ impl VmConfig {
                     "not supported with --memory hugepages=on".into(),
                 ));
             }
-            check_at(BalloonConfig::OPTION, &b.id, b.pci_segment, b.pci_device_id)?;
+            check_device(BalloonConfig::OPTION, &b.pci_common)?;
         }
         if let Some(r) = &self.rtc {
             r.validate()?;
-            check_at(RtcConfig::OPTION, &r.id, r.pci_segment, r.pci_device_id)?;
+            check_device(RtcConfig::OPTION, &r.pci_common)?;
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
-            check_at(VsockConfig::OPTION, &v.id, v.pci_segment, v.pci_device_id)?;
+            check_device(VsockConfig::OPTION, &v.pci_common)?;
         }
         for p in &self.pmem {
             p.validate()?;
-            check_at(PmemConfig::OPTION, &p.id, p.pci_segment, p.pci_device_id)?;
+            check_device(PmemConfig::OPTION, &p.pci_common)?;
         }
         for f in &self.fs {
             f.validate()?;
@@ -820,7 +809,7 @@ impl VmConfig {
                     "--fs needs --memory shared=on".into(),
                 ));
             }
-            check_at(FsConfig::OPTION, &f.id, f.pci_segment, f.pci_device_id)?;
+            check_device(FsConfig::OPTION, &f.pci_common)?;
         }
         for g in &self.generic_vhost_user {
             g.validate()?;
@@ -832,26 +821,31 @@ impl VmConfig {
                     "--generic-vhost-user needs --memory shared=on".into(),
                 ));
             }
-            check_at(
-                GenericVhostUserConfig::OPTION,
-                &g.id,
-                g.pci_segment,
-                g.pci_device_id,
-            )?;
+            check_device(GenericVhostUserConfig::OPTION, &g.pci_common)?;
         }
         let c = &self.console;
-        devices::check_placement(c.pci_segment, c.pci_device_id, c.id.as_deref())
-            .map_err(|m| ConfigError::new("--console", c.id.as_deref().unwrap_or(""), m))?;
-        if c.iommu {
+        let pc = &c.pci_common;
+        devices::check_placement(pc.pci_segment, pc.pci_device_id, pc.id.as_deref())
+            .map_err(|m| ConfigError::new("--console", pc.id.as_deref().unwrap_or(""), m))?;
+        if pc.iommu {
             return Err(ConfigError::new(
                 "--console",
                 "iommu=on",
                 "not supported yet".into(),
             ));
         }
-        // The original checks the console's id even when the console is off.
-        let slot = (c.mode != ConsoleOutputMode::Off).then_some(c.pci_device_id);
-        check_at("--console", &c.id, c.pci_segment, slot.flatten())?;
+        // The original checks the console's id even when the console is off (and then not
+        // its slot).
+        let slot = pc
+            .pci_device_id
+            .filter(|_| c.mode != ConsoleOutputMode::Off);
+        check_device(
+            "--console",
+            &PciDeviceCommonConfig {
+                pci_device_id: slot,
+                ..pc.clone()
+            },
+        )?;
         Ok(())
     }
 }

@@ -18,7 +18,10 @@ fn vhost_user_net_as_the_original_takes_it() {
     assert_eq!(n.vhost_mode, VhostMode::Server);
     assert_eq!((n.num_queues, n.queue_size, n.mtu), (4, 1024, Some(1400)));
     assert_eq!(n.mac.as_deref(), Some("52:54:00:aa:bb:cc"));
-    assert_eq!((n.id.as_deref(), n.pci_device_id), (Some("vnet0"), Some(5)));
+    assert_eq!(
+        (n.pci_common.id.as_deref(), n.pci_common.pci_device_id),
+        (Some("vnet0"), Some(5))
+    );
     assert!(!n.offload_tso && n.offload_csum);
     // Empty values ask for nothing, as everywhere.
     assert!(NetConfig::parse("vhost_user=on,socket=/s,tap=,ip=,mask=").is_ok());

@@ -5,19 +5,17 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{placement, PCI_KEYS};
+use crate::devices::{pci_common, PciDeviceCommonConfig, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
 
 /// The mapping's size must be a multiple of this, as the original requires (its guest-physical
 /// range is aligned to it too, so the guest can map it with huge pages).
 pub const PMEM_ALIGNMENT: u64 = 2 << 20;
 
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PmemConfig {
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// The backing file (or a directory: an unnamed temporary file of `size` bytes in it, as
     /// the original).
     pub file: PathBuf,
@@ -25,17 +23,9 @@ pub struct PmemConfig {
     /// not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
     /// The guest's writes go to a private copy: the file is never changed.
     #[serde(default)]
     pub discard_writes: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -51,18 +41,15 @@ impl PmemConfig {
             &[&["file", "size", "discard_writes"], PCI_KEYS],
             &[],
         )?;
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         let file = p
             .get("file")
             .ok_or_else(|| p.error("file= is required (the backing file)"))?;
         let c = PmemConfig {
             file: PathBuf::from(file),
             size: p.size("size")?,
-            iommu: false,
+            pci_common,
             discard_writes: p.toggle("discard_writes", false)?,
-            id: pl.id,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
             extra: Default::default(),
         };
         c.validate_fields()?;
@@ -85,7 +72,7 @@ impl PmemConfig {
                 );
             }
         }
-        self.check_pci().map_err(|m| self.error(m))?;
+        self.pci_common.check().map_err(|m| self.error(m))?;
         Ok(())
     }
 
@@ -137,7 +124,7 @@ mod tests {
         let c = PmemConfig::parse(&format!("file={p},discard_writes=on,id=pm,pci_device_id=9"))
             .unwrap();
         assert!(c.discard_writes);
-        assert_eq!(c.id.as_deref(), Some("pm"));
+        assert_eq!(c.pci_common.id.as_deref(), Some("pm"));
         assert_eq!(c.mapped_size(&c.file).unwrap(), 4 << 20);
         let c = PmemConfig::parse(&format!("file={p},size=2M")).unwrap();
         assert_eq!(c.mapped_size(&c.file).unwrap(), 2 << 20);

@@ -4,23 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{placement, PCI_KEYS};
+use crate::devices::{pci_common, PciDeviceCommonConfig, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
-
-fn is_false(b: &bool) -> bool {
-    !*b
-}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RtcConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -35,22 +25,19 @@ impl RtcConfig {
             return Ok(Self::default());
         }
         let p = OptionParser::parse(Self::OPTION, raw, PCI_KEYS, &[])?;
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         Ok(RtcConfig {
-            id: pl.id,
-            iommu: false,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             extra: Default::default(),
         })
     }
 
     /// What `parse` checks, for a configuration that came as JSON too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let shown = self.id.clone().unwrap_or_default();
+        let shown = self.pci_common.id.clone().unwrap_or_default();
         let err = |m: String| ConfigError::new(Self::OPTION, &shown, m);
         self.extra.check("rtc")?;
-        self.check_pci().map_err(err)?;
+        self.pci_common.check().map_err(err)?;
         Ok(())
     }
 }
@@ -64,7 +51,7 @@ mod tests {
         assert_eq!(RtcConfig::parse("").unwrap(), RtcConfig::default());
         let c = RtcConfig::parse("id=clock0,pci_device_id=9,iommu=off").unwrap();
         assert_eq!(
-            (c.id.as_deref(), c.pci_device_id),
+            (c.pci_common.id.as_deref(), c.pci_common.pci_device_id),
             (Some("clock0"), Some(9))
         );
         for (bad, why) in [
@@ -77,7 +64,7 @@ mod tests {
             assert!(e.starts_with("--rtc") && e.contains(why), "{bad}: {e}");
         }
         let j: RtcConfig = serde_json::from_str(r#"{"id": "r", "pci_segment": 0}"#).unwrap();
-        assert_eq!(j.id.as_deref(), Some("r"));
+        assert_eq!(j.pci_common.id.as_deref(), Some("r"));
         assert_eq!(
             serde_json::to_value(RtcConfig::default()).unwrap(),
             serde_json::json!({"pci_segment": 0})

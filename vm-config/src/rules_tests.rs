@@ -135,8 +135,11 @@ fn serial_and_console_as_the_original_reads_them() {
         "pty,id=con0,pci_device_id=7,pci_segment=0,iommu=off",
     )
     .unwrap();
-    assert_eq!((c.id.as_deref(), c.pci_device_id), (Some("con0"), Some(7)));
-    assert_eq!(parse("--console", "off,id=").unwrap().id, None);
+    assert_eq!(
+        (c.pci_common.id.as_deref(), c.pci_common.pci_device_id),
+        (Some("con0"), Some(7))
+    );
+    assert_eq!(parse("--console", "off,id=").unwrap().pci_common.id, None);
     for (option, bad, why) in [
         ("--serial", "file=/x,id=a", "unknown key 'id'"),
         ("--serial", "tty,pci_device_id=3", "unknown key"),
@@ -250,13 +253,28 @@ fn booting_records_ids_and_macs() {
         "vsock": {"cid": 3, "socket": "/v"}
     }));
     cfg.assign_generated();
-    assert_eq!(cfg.fs[0].id.as_deref(), Some("_fs3"));
-    let ids: Vec<_> = cfg.pmem.iter().map(|p| p.id.clone().unwrap()).collect();
+    assert_eq!(cfg.fs[0].pci_common.id.as_deref(), Some("_fs3"));
+    let ids: Vec<_> = cfg
+        .pmem
+        .iter()
+        .map(|p| p.pci_common.id.clone().unwrap())
+        .collect();
     assert_eq!(ids, ["_pmem4", "_pmem5"]);
-    assert_eq!(cfg.vsock.as_ref().unwrap().id.as_deref(), Some("_vsock6"));
-    let ids: Vec<_> = cfg.disks.iter().map(|d| d.id.clone().unwrap()).collect();
+    assert_eq!(
+        cfg.vsock.as_ref().unwrap().pci_common.id.as_deref(),
+        Some("_vsock6")
+    );
+    let ids: Vec<_> = cfg
+        .disks
+        .iter()
+        .map(|d| d.pci_common.id.clone().unwrap())
+        .collect();
     assert_eq!(ids, ["_disk1", "_disk0"]);
-    let ids: Vec<_> = cfg.net.iter().map(|n| n.id.clone().unwrap()).collect();
+    let ids: Vec<_> = cfg
+        .net
+        .iter()
+        .map(|n| n.pci_common.id.clone().unwrap())
+        .collect();
     assert_eq!(ids, ["_net0", "_net1", "_net2"]);
     assert_eq!(cfg.net[2].mac.as_deref(), Some("52:54:00:00:00:01"));
     for n in &cfg.net[..2] {

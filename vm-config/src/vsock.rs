@@ -5,28 +5,18 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{placement, PCI_KEYS};
+use crate::devices::{pci_common, PciDeviceCommonConfig, PCI_KEYS};
 use crate::{ConfigError, OptionParser};
-
-fn is_false(b: &bool) -> bool {
-    !*b
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
+    #[serde(flatten)]
+    pub pci_common: PciDeviceCommonConfig,
     /// The guest's context id: 3 or more (0-2 are reserved), below u32::MAX (-1 is "any").
     pub cid: u64,
     /// Where host programs connect to reach the guest; guest connections to host port P go
     /// to a listener at `<socket>_P`.
     pub socket: PathBuf,
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    #[serde(default)]
-    pub pci_segment: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_device_id: Option<u8>,
     /// The original's keys this VMM does not model; refused unless they ask for nothing.
     #[serde(flatten, skip_serializing)]
     pub extra: crate::Extra,
@@ -37,7 +27,7 @@ impl VsockConfig {
 
     pub fn parse(raw: &str) -> Result<Self, ConfigError> {
         let p = OptionParser::parse_sets(Self::OPTION, raw, &[&["cid", "socket"], PCI_KEYS], &[])?;
-        let pl = placement(&p)?;
+        let pci_common = pci_common(&p)?;
         let cid = p
             .number::<u64>("cid")?
             .ok_or_else(|| p.error("cid= is required (the guest's context id, 3 or more)"))?;
@@ -47,10 +37,7 @@ impl VsockConfig {
         let c = VsockConfig {
             cid,
             socket: PathBuf::from(socket),
-            iommu: false,
-            id: pl.id,
-            pci_segment: pl.pci_segment,
-            pci_device_id: pl.pci_device_id,
+            pci_common,
             extra: Default::default(),
         };
         c.validate()?;
@@ -79,7 +66,7 @@ impl VsockConfig {
                 self.socket.display()
             )));
         }
-        self.check_pci().map_err(err)?;
+        self.pci_common.check().map_err(err)?;
         Ok(())
     }
 }
@@ -93,8 +80,8 @@ mod tests {
         let c = VsockConfig::parse("cid=3,socket=/tmp/v.sock,id=vs,pci_device_id=7").unwrap();
         assert_eq!(c.cid, 3);
         assert_eq!(c.socket, PathBuf::from("/tmp/v.sock"));
-        assert_eq!(c.id.as_deref(), Some("vs"));
-        assert_eq!(c.pci_device_id, Some(7));
+        assert_eq!(c.pci_common.id.as_deref(), Some("vs"));
+        assert_eq!(c.pci_common.pci_device_id, Some(7));
         for bad in [
             "socket=/s",
             "cid=3",

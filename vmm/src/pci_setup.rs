@@ -840,9 +840,9 @@ pub fn create(
         list.push(NewDevice {
             option: "--console",
             // The original's name for the console device.
-            id: cfg.console.id.clone().unwrap_or_else(|| "__console".into()),
-            segment: cfg.console.pci_segment,
-            slot: cfg.console.pci_device_id,
+            id: cfg.console.pci_common.id_or(|| "__console".into()),
+            segment: cfg.console.pci_common.pci_segment,
+            slot: cfg.console.pci_common.pci_device_id,
             dev: Box::new(Console::new(io.out, io.input, io.size)),
             lock: None,
             image_type: None,
@@ -852,13 +852,13 @@ pub fn create(
     let rate_limit_groups = virtio_build::rate_limit_groups(cfg);
     let mut disk_image_types = Vec::with_capacity(cfg.disks.len());
     for (i, d) in cfg.disks.iter().enumerate() {
-        let id = d.id.clone().unwrap_or_else(|| format!("_disk{i}"));
+        let id = d.pci_common.id_or(|| format!("_disk{i}"));
         let dev = virtio_build::disk(d, id, &rate_limit_groups)?;
         disk_image_types.extend(dev.image_type);
         list.push(dev);
     }
     for (i, n) in cfg.net.iter().enumerate() {
-        let id = n.id.clone().unwrap_or_else(|| format!("_net{i}"));
+        let id = n.pci_common.id_or(|| format!("_net{i}"));
         list.push(virtio_build::net(n, id)?);
     }
     // In the original's order (it decides the slots of devices without one): console, disks,
@@ -866,17 +866,15 @@ pub fn create(
     // watchdog and pvpanic, `device_manager`).
     list.push(virtio_build::rng(&cfg.rng)?);
     for (i, g) in cfg.generic_vhost_user.iter().enumerate() {
-        let id =
-            g.id.clone()
-                .unwrap_or_else(|| format!("_generic_vhost_user{i}"));
+        let id = g.pci_common.id_or(|| format!("_generic_vhost_user{i}"));
         list.push(crate::virtio_build_vhost::generic(g, id)?);
     }
     for (i, f) in cfg.fs.iter().enumerate() {
-        let id = f.id.clone().unwrap_or_else(|| format!("_fs{i}"));
+        let id = f.pci_common.id_or(|| format!("_fs{i}"));
         list.push(virtio_build::fs(f, id)?);
     }
     for (i, p) in cfg.pmem.iter().enumerate() {
-        let id = p.id.clone().unwrap_or_else(|| format!("_pmem{i}"));
+        let id = p.pci_common.id_or(|| format!("_pmem{i}"));
         list.push(crate::pmem::pmem(p, id)?);
     }
     list.extend(cfg.vsock.as_ref().map(virtio_build::vsock).transpose()?);

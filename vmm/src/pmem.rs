@@ -139,8 +139,8 @@ pub fn pmem(cfg: &PmemConfig, id: String) -> Result<NewDevice, PciSetupError> {
     Ok(NewDevice {
         option: "--pmem",
         id,
-        slot: cfg.pci_device_id,
-        segment: cfg.pci_segment,
+        slot: cfg.pci_common.pci_device_id,
+        segment: cfg.pci_common.pci_segment,
         dev: Box::new(Pmem::new(flushed, range.clone())),
         lock: None,
         image_type: None,

@@ -16,7 +16,7 @@ pub(crate) fn give_net_fds(config: &mut VmConfig, rc: &RestoreConfig) -> Result<
         let net = config
             .net
             .iter_mut()
-            .find(|c| c.id.as_deref() == Some(n.id.as_str()))
+            .find(|c| c.pci_common.id.as_deref() == Some(n.id.as_str()))
             .ok_or_else(|| format!("net_fds: the snapshot has no net device '{}'", n.id))?;
         let Some(old) = &net.fds else {
             return Err(format!(
@@ -57,7 +57,7 @@ pub(crate) fn give_net_macs(
                 s.mac = config
                     .net
                     .iter()
-                    .find(|n| n.id.as_deref() == Some(d.id.as_str()))
+                    .find(|n| n.pci_common.id.as_deref() == Some(d.id.as_str()))
                     .and_then(|n| n.mac.clone());
             }
         }
@@ -66,9 +66,13 @@ pub(crate) fn give_net_macs(
         let Some(net) = config
             .net
             .iter_mut()
-            .find(|c| c.id.as_deref() == Some(m.id.as_str()))
+            .find(|c| c.pci_common.id.as_deref() == Some(m.id.as_str()))
         else {
-            let ids: Vec<&str> = config.net.iter().filter_map(|n| n.id.as_deref()).collect();
+            let ids: Vec<&str> = config
+                .net
+                .iter()
+                .filter_map(|n| n.pci_common.id.as_deref())
+                .collect();
             return Err(format!(
                 "net_macs: the snapshot has no net device '{}' (its net devices: {})",
                 m.id,

@@ -151,8 +151,8 @@ pub fn disk(
     Ok(NewDevice {
         option: "--disk",
         id,
-        slot: d.pci_device_id,
-        segment: d.pci_segment,
+        slot: d.pci_common.pci_device_id,
+        segment: d.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: Some(lock),
         image_type: Some(image_type),
@@ -212,8 +212,8 @@ fn vhost_user_disk(d: &DiskConfig, socket: &str, id: String) -> Result<NewDevice
     Ok(NewDevice {
         option: "--disk",
         id,
-        slot: d.pci_device_id,
-        segment: d.pci_segment,
+        slot: d.pci_common.pci_device_id,
+        segment: d.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: None,
         // Kept beside the other disks' (the configuration records one per disk).
@@ -240,8 +240,8 @@ pub fn fs(f: &FsConfig, id: String) -> Result<NewDevice, PciSetupError> {
     Ok(NewDevice {
         option: FsConfig::OPTION,
         id,
-        slot: f.pci_device_id,
-        segment: f.pci_segment,
+        slot: f.pci_common.pci_device_id,
+        segment: f.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -338,8 +338,8 @@ pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
     Ok(NewDevice {
         option: "--net",
         id,
-        slot: n.pci_device_id,
-        segment: n.pci_segment,
+        slot: n.pci_common.pci_device_id,
+        segment: n.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -368,9 +368,9 @@ pub fn balloon(
     let dev = NewDevice {
         option: "--balloon",
         // The original's name for the balloon device.
-        id: cfg.id.clone().unwrap_or_else(|| "__balloon".into()),
-        slot: cfg.pci_device_id,
-        segment: cfg.pci_segment,
+        id: cfg.pci_common.id_or(|| "__balloon".into()),
+        slot: cfg.pci_common.pci_device_id,
+        segment: cfg.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -497,15 +497,16 @@ pub fn watchdog(
 /// The `--rtc` device (the original's `__rtc` unless `id=` names it). `hints`: where a
 /// restored VM's devices were.
 pub fn rtc(cfg: &vm_config::RtcConfig, hints: Option<&crate::pci_setup::SlotHints>) -> NewDevice {
-    let id = cfg.id.clone().unwrap_or_else(|| "__rtc".into());
+    let id = cfg.pci_common.id_or(|| "__rtc".into());
     let slot = cfg
+        .pci_common
         .pci_device_id
         .or_else(|| hints.and_then(|h| h.get(&id)).map(|h| h.slot));
     NewDevice {
         option: "--rtc",
         id,
         slot,
-        segment: cfg.pci_segment,
+        segment: cfg.pci_common.pci_segment,
         dev: Box::new(virtio_devices::Rtc::default()),
         lock: None,
         image_type: None,
@@ -528,9 +529,9 @@ pub fn vsock(cfg: &VsockConfig) -> Result<NewDevice, PciSetupError> {
     Ok(NewDevice {
         option: "--vsock",
         // The original's name: `_vsock` and a number.
-        id: cfg.id.clone().unwrap_or_else(|| "_vsock0".into()),
-        slot: cfg.pci_device_id,
-        segment: cfg.pci_segment,
+        id: cfg.pci_common.id_or(|| "_vsock0".into()),
+        slot: cfg.pci_common.pci_device_id,
+        segment: cfg.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -548,9 +549,9 @@ pub fn rng(cfg: &RngConfig) -> Result<NewDevice, PciSetupError> {
     Ok(NewDevice {
         option: "--rng",
         // The original's name for the entropy device.
-        id: cfg.id.clone().unwrap_or_else(|| "__rng".into()),
-        slot: cfg.pci_device_id,
-        segment: cfg.pci_segment,
+        id: cfg.pci_common.id_or(|| "__rng".into()),
+        slot: cfg.pci_common.pci_device_id,
+        segment: cfg.pci_common.pci_segment,
         dev: Box::new(Rng::new(src)),
         lock: None,
         image_type: None,

@@ -51,8 +51,8 @@ pub fn net(n: &NetConfig, socket: &str, id: String) -> Result<NewDevice, PciSetu
     Ok(NewDevice {
         option: "--net",
         id,
-        slot: n.pci_device_id,
-        segment: n.pci_segment,
+        slot: n.pci_common.pci_device_id,
+        segment: n.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,
@@ -82,8 +82,8 @@ pub fn generic(g: &GenericVhostUserConfig, id: String) -> Result<NewDevice, PciS
     Ok(NewDevice {
         option: GenericVhostUserConfig::OPTION,
         id,
-        slot: g.pci_device_id,
-        segment: g.pci_segment,
+        slot: g.pci_common.pci_device_id,
+        segment: g.pci_common.pci_segment,
         dev: Box::new(dev),
         lock: None,
         image_type: None,

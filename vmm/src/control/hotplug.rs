@@ -12,7 +12,8 @@ use log::info;
 
 use super::Vmm;
 use crate::config::{
-    DiskConfig, FsConfig, GenericVhostUserConfig, NetConfig, PmemConfig, VmConfig, VsockConfig,
+    DiskConfig, FsConfig, GenericVhostUserConfig, NetConfig, PciDeviceCommonConfig, PmemConfig,
+    VmConfig, VsockConfig,
 };
 use crate::cpu::{merge_ejections, PciEjections};
 use crate::event_monitor::properties;
@@ -30,25 +31,15 @@ pub(super) enum Added {
 }
 
 impl Added {
-    fn id(&self) -> &Option<String> {
+    /// The device's PCI keys (its id, segment and slot).
+    fn pci_common(&mut self) -> &mut PciDeviceCommonConfig {
         match self {
-            Added::Disk(d) => &d.id,
-            Added::Net(n) => &n.id,
-            Added::Vsock(v) => &v.id,
-            Added::Pmem(p) => &p.id,
-            Added::Fs(f) => &f.id,
-            Added::GenericVhostUser(g) => &g.id,
-        }
-    }
-
-    fn set_id(&mut self, id: String) {
-        match self {
-            Added::Disk(d) => d.id = Some(id),
-            Added::Net(n) => n.id = Some(id),
-            Added::Vsock(v) => v.id = Some(id),
-            Added::Pmem(p) => p.id = Some(id),
-            Added::Fs(f) => f.id = Some(id),
-            Added::GenericVhostUser(g) => g.id = Some(id),
+            Added::Disk(d) => &mut d.pci_common,
+            Added::Net(n) => &mut n.pci_common,
+            Added::Vsock(v) => &mut v.pci_common,
+            Added::Pmem(p) => &mut p.pci_common,
+            Added::Fs(f) => &mut f.pci_common,
+            Added::GenericVhostUser(g) => &mut g.pci_common,
         }
     }
 
@@ -87,7 +78,10 @@ impl Added {
             Added::Disk(d) => virtio_build::disk(d, id, groups),
             Added::Net(n) => virtio_build::net(n, id),
             Added::Vsock(v) => virtio_build::vsock(&VsockConfig {
-                id: Some(id),
+                pci_common: PciDeviceCommonConfig {
+                    id: Some(id),
+                    ..Default::default()
+                },
                 ..v.clone()
             }),
             Added::Pmem(p) => crate::pmem::pmem(p, id),
@@ -102,18 +96,18 @@ fn removable_ids(config: &VmConfig) -> impl Iterator<Item = &Option<String>> {
     config
         .disks
         .iter()
-        .map(|d| &d.id)
-        .chain(config.net.iter().map(|n| &n.id))
-        .chain(config.vsock.iter().map(|v| &v.id))
-        .chain(config.pmem.iter().map(|p| &p.id))
-        .chain(config.fs.iter().map(|f| &f.id))
-        .chain(config.generic_vhost_user.iter().map(|g| &g.id))
+        .map(|d| &d.pci_common.id)
+        .chain(config.net.iter().map(|n| &n.pci_common.id))
+        .chain(config.vsock.iter().map(|v| &v.pci_common.id))
+        .chain(config.pmem.iter().map(|p| &p.pci_common.id))
+        .chain(config.fs.iter().map(|f| &f.pci_common.id))
+        .chain(config.generic_vhost_user.iter().map(|g| &g.pci_common.id))
 }
 
 /// Every device id the configuration and the built VM use.
 fn ids_in_use(config: &VmConfig, placed: &[(String, PciAddress)]) -> BTreeSet<String> {
     removable_ids(config)
-        .chain([&config.rng.id, &config.console.id])
+        .chain([&config.rng.pci_common.id, &config.console.pci_common.id])
         .flatten()
         .cloned()
         .chain(placed.iter().map(|(id, _)| id.clone()))
@@ -129,13 +123,19 @@ fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
         config.fs.len(),
         config.generic_vhost_user.len(),
     );
-    config.disks.retain(|d| d.id.as_deref() != Some(id));
-    config.net.retain(|n| n.id.as_deref() != Some(id));
-    config.pmem.retain(|p| p.id.as_deref() != Some(id));
-    config.fs.retain(|f| f.id.as_deref() != Some(id));
+    config
+        .disks
+        .retain(|d| d.pci_common.id.as_deref() != Some(id));
+    config
+        .net
+        .retain(|n| n.pci_common.id.as_deref() != Some(id));
+    config
+        .pmem
+        .retain(|p| p.pci_common.id.as_deref() != Some(id));
+    config.fs.retain(|f| f.pci_common.id.as_deref() != Some(id));
     config
         .generic_vhost_user
-        .retain(|g| g.id.as_deref() != Some(id));
+        .retain(|g| g.pci_common.id.as_deref() != Some(id));
     let after = (
         config.disks.len(),
         config.net.len(),
@@ -146,7 +146,7 @@ fn remove_from_config(config: &mut VmConfig, id: &str) -> bool {
     let vsock = config
         .vsock
         .as_ref()
-        .is_some_and(|v| v.id.as_deref() == Some(id));
+        .is_some_and(|v| v.pci_common.id.as_deref() == Some(id));
     if vsock {
         config.vsock = None;
     }
@@ -178,7 +178,7 @@ impl Vmm {
         };
         let placed = vm.devices().pci.placed();
         let used = ids_in_use(config, &placed);
-        let id = match dev.id().clone() {
+        let id = match dev.pci_common().id.clone() {
             Some(id) if used.contains(&id) => {
                 return Err(ApiError::BadRequest(format!(
                     "id={id}: a device of the VM already has this id"
@@ -190,7 +190,7 @@ impl Vmm {
                     .map(|n| format!("{}{n}", dev.prefix()))
                     .find(|id| !used.contains(id))
                     .unwrap_or_default();
-                dev.set_id(id.clone());
+                dev.pci_common().id = Some(id.clone());
                 id
             }
         };
