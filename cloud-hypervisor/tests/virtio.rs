@@ -788,48 +788,6 @@ fn console_pty_size_follows_resizes() {
     );
 }
 
-/// `qemu-storage-daemon` (Debian's qemu-utils) exporting `img` as a writable vhost-user-blk
-/// device on `sock` with `queues` queues; killed when dropped.
-struct StorageDaemon(std::process::Child);
-
-impl StorageDaemon {
-    fn start(img: &Path, sock: &Path, queues: u16) -> Self {
-        let child = Command::new("qemu-storage-daemon")
-            .args([
-                "--blockdev",
-                &format!("driver=file,node-name=file0,filename={}", img.display()),
-                "--blockdev",
-                "driver=raw,node-name=disk0,file=file0",
-                "--export",
-                &format!(
-                    "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,\
-                     writable=on,num-queues={queues}",
-                    sock.display()
-                ),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon is required (qemu-utils)");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        StorageDaemon(child)
-    }
-}
-
-impl Drop for StorageDaemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `--disk vhost_user=on,socket=`: the guest's virtio-blk driver reads and writes an image
 /// that an independent backend (qemu-storage-daemon) serves, through one queue and through
 /// the last of two, and the image ends as the built-in virtio-blk leaves it.
@@ -839,7 +797,7 @@ fn blk_vhost_user_against_qemu_storage_daemon() {
         let dir = scratch(&format!("vhost-user-blk{queues}"));
         let (img, sock) = (dir.join("disk.img"), dir.join("vub.sock"));
         make_disk(&img, 0, 1 << 20);
-        let _qsd = StorageDaemon::start(&img, &sock, queues);
+        let _qsd = common::qsd::StorageDaemon::start(&img, &sock, queues);
         // qemu-storage-daemon answers GET_ID with its own name.
         let r = common::boot_vhost_user_blk(&sock, queues, SECTORS, "vhost_user_blk");
         r.assert_guest_passed();

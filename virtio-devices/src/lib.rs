@@ -21,6 +21,7 @@ mod rng;
 mod rtc;
 mod transport;
 mod vhost_user;
+mod vhost_user_backend_req;
 mod vhost_user_blk;
 mod vhost_user_deadline;
 mod vhost_user_fs;

@@ -24,6 +24,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vhost_user_backend_req::BackendReq;
 use crate::vhost_user_deadline::within;
 use crate::vhost_user_log::{DirtyLog, F_LOG_ALL};
 use crate::vhost_user_reconnect::{
@@ -83,6 +84,9 @@ pub(crate) struct VhostUserConnection {
     loggable: bool,
     /// The dirty log while a live migration runs.
     log: Option<Arc<DirtyLog>>,
+    /// The backend's request channel, where the device asked for BACKEND_REQ and the backend
+    /// offers it: its configuration-change notices.
+    backend_req: Option<BackendReq>,
 }
 
 /// A vhost-user device's own state in a snapshot: the version and the device kind. The
@@ -188,6 +192,19 @@ impl VhostUserConnection {
             return Err(VhostUserError::NoAnswer(REPLY_WAIT.as_secs()));
         }
         let (backend_features, got) = r?;
+        let backend_req = if got.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let b = BackendReq::new(name).map_err(|e| {
+                VhostUserError::Protocol("SET_BACKEND_REQ_FD", vhost::Error::IOError(e))
+            })?;
+            let (r, late) = within(name, fd, REPLY_WAIT, || b.channel.hand_to(&mut fe));
+            if late {
+                return Err(VhostUserError::NoAnswer(REPLY_WAIT.as_secs()));
+            }
+            r.map_err(proto("SET_BACKEND_REQ_FD"))?;
+            Some(b)
+        } else {
+            None
+        };
         let c = VhostUserConnection {
             name,
             fe: Arc::new(Mutex::new(fe)),
@@ -204,6 +221,7 @@ impl VhostUserConnection {
             loggable: got.contains(VhostUserProtocolFeatures::LOG_SHMFD)
                 && backend_features & F_LOG_ALL != 0,
             log: None,
+            backend_req,
         };
         Ok((c, got))
     }
@@ -237,6 +255,11 @@ impl VhostUserConnection {
     pub(crate) fn reconnect_running_queues(&mut self, give_up: std::time::Duration) {
         self.policy = Policy::Reconnect;
         self.give_up = give_up;
+    }
+
+    /// The configuration generation the backend's notices bump (0 without BACKEND_REQ).
+    pub(crate) fn config_generation(&self) -> u32 {
+        self.backend_req.as_ref().map_or(0, BackendReq::generation)
     }
 
     /// Whether the backend runs queues for us.
@@ -315,7 +338,11 @@ impl VhostUserConnection {
             regions,
             queues,
             log: self.log.clone(),
+            backend_req: self.backend_req.as_ref().map(|b| b.channel.clone()),
         };
+        if let Some(b) = &mut self.backend_req {
+            b.activate(ctx.interrupt.clone());
+        }
         self.started = setup.queues.iter().map(|q| q.index).collect();
         // A backend that went away: the relay connects to the socket again (off this thread)
         // and hands the new one this set-up; the queues wait for it meanwhile.
@@ -360,6 +387,10 @@ impl VhostUserConnection {
         let Some(relay) = self.relay.take() else {
             return Ok(());
         };
+        // Configuration changes wait for the resume (the relay serves no notice meanwhile).
+        if let Some(b) = &mut self.backend_req {
+            b.pause();
+        }
         let name = self.name;
         let mut parts = relay
             .stop()
@@ -424,6 +455,9 @@ impl VhostUserConnection {
         let Some(mut parts) = self.paused.take() else {
             return Ok(());
         };
+        if let Some(b) = &mut self.backend_req {
+            b.resume();
+        }
         let name = self.name;
         let mut applied = false;
         if !self.gone.load(Ordering::Acquire) {
@@ -559,6 +593,9 @@ impl VhostUserConnection {
     pub(crate) fn stop(&mut self) {
         if let Some(r) = self.relay.take() {
             r.stop();
+        }
+        if let Some(b) = &mut self.backend_req {
+            b.reset();
         }
         let started = std::mem::take(&mut self.started);
         // Rings a pause stopped are stopped already.

@@ -5,9 +5,16 @@
 //!   they are, with the transport bits this VMM implements (indirect descriptors, event index,
 //!   VERSION_1);
 //! - **configuration space**: each guest read or write goes to the backend as it comes
-//!   (GET_CONFIG / SET_CONFIG, within the reply deadline), as the original does; without the
+//!   (GET_CONFIG / SET_CONFIG, within the reply deadline), as the original does. A read asks
+//!   for the space from offset 0 to the end of the access, as QEMU's frontend reads it:
+//!   libvhost-user backends (qemu-storage-daemon) answer from offset 0 whatever offset is
+//!   asked, so forwarding the guest's offset (as the original does) reads the wrong bytes
+//!   there. Without the
 //!   CONFIG protocol feature it reads all ones and writes are dropped, logged once. A request
-//!   that fails reads zeroes (logged), where the original's VMM would panic;
+//!   that fails reads zeroes (logged), where the original's VMM would panic. A backend that
+//!   offers BACKEND_REQ gets a request channel, and its config-change notices bump the
+//!   configuration generation and raise the configuration interrupt, as in the original
+//!   (`vhost_user_backend_req.rs`);
 //! - **state**: the backend's. A pause stops its rings and keeps their bases, as for
 //!   vhost-user-blk; a backend that goes away leaves the device needing a reset (we cannot
 //!   know whether a new one could take the queues over).
@@ -26,6 +33,9 @@ const NAME: &str = "generic-vhost-user";
 /// The guest may see the backend's device-type bits and the transport bits we implement:
 /// INDIRECT_DESC (28), EVENT_IDX (29), VERSION_1 (32).
 const GUEST_FEATURES: u64 = 0x00ff_ffff | (0x3fff << 50) | (1 << 28) | (1 << 29) | (1 << 32);
+
+/// The largest configuration space a GET_CONFIG carries (VHOST_USER_MAX_CONFIG_SIZE).
+const MAX_CONFIG: usize = 256;
 
 pub struct VhostUserGeneric {
     conn: VhostUserConnection,
@@ -58,7 +68,8 @@ impl VhostUserGeneric {
             largest,
             VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::LOG_SHMFD,
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::BACKEND_REQ,
         )?;
         if got.contains(VhostUserProtocolFeatures::MQ) {
             let have = conn.ask("GET_QUEUE_NUM", |fe| fe.get_queue_num())?;
@@ -109,24 +120,34 @@ impl VirtioDevice for VhostUserGeneric {
     fn features(&self) -> u64 {
         self.conn.backend_features & GUEST_FEATURES
     }
+    fn config_generation(&self) -> u32 {
+        self.conn.config_generation()
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         if !self.config_served() {
             data.fill(0xff);
             return;
         }
         data.fill(0);
-        let (Ok(offset), Ok(len)) = (u32::try_from(offset), u32::try_from(data.len())) else {
-            return;
+        let len = data.len();
+        let end = match usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(len))
+        {
+            Some(end) if end <= MAX_CONFIG => end,
+            // Past what vhost-user can carry: as past the end of a space, zeroes.
+            _ => return,
         };
-        let asked = vec![0u8; data.len()];
+        let start = end - len;
+        let asked = vec![0u8; end];
         match self.conn.ask("GET_CONFIG", |fe| {
-            fe.get_config(offset, len, VhostUserConfigFlags::empty(), &asked)
+            fe.get_config(0, end as u32, VhostUserConfigFlags::empty(), &asked)
         }) {
-            Ok((_, bytes)) if bytes.len() == data.len() => data.copy_from_slice(&bytes),
-            Ok(_) => self.config_failed(format_args!(
-                "GET_CONFIG {offset}+{len}: a reply of another size"
-            )),
-            Err(e) => self.config_failed(format_args!("GET_CONFIG {offset}+{len}: {e}")),
+            Ok((_, bytes)) if bytes.len() == end => data.copy_from_slice(&bytes[start..]),
+            Ok(_) => {
+                self.config_failed(format_args!("GET_CONFIG 0+{end}: a reply of another size"))
+            }
+            Err(e) => self.config_failed(format_args!("GET_CONFIG 0+{end}: {e}")),
         }
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {

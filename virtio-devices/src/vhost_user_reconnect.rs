@@ -48,6 +48,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vhost_user_backend_req::BackendReqChannel;
 use crate::vhost_user_deadline::within;
 use crate::vhost_user_log::{DirtyLog, F_LOG_ALL};
 use crate::{DeviceStatus, VirtioInterrupt};
@@ -105,6 +106,8 @@ pub(crate) struct Setup {
     /// The dirty log during a live migration: the backend gets it (SET_LOG_BASE after the mem
     /// table, VHOST_F_LOG_ALL, each ring's used ring logged) with every set-up.
     pub log: Option<Arc<DirtyLog>>,
+    /// The backend's request channel, handed to every backend this set-up is given to.
+    pub backend_req: Option<Arc<BackendReqChannel>>,
 }
 
 impl Setup {
@@ -262,6 +265,9 @@ fn handshake(stream: UnixStream, target: &Target, setup: &Setup) -> Result<Front
     }
     fe.set_protocol_features(setup.protocol)
         .map_err(e("SET_PROTOCOL_FEATURES"))?;
+    if let Some(c) = &setup.backend_req {
+        c.hand_to(&mut fe).map_err(e("SET_BACKEND_REQ_FD"))?;
+    }
     Ok(fe)
 }
 
@@ -307,6 +313,7 @@ impl Relay {
 
 const STOP_TOKEN: u64 = u64::MAX;
 const HANGUP_TOKEN: u64 = u64::MAX - 1;
+const BACKEND_REQ_TOKEN: u64 = u64::MAX - 2;
 
 enum State {
     Connected,
@@ -343,6 +350,13 @@ pub(crate) fn spawn_relay(p: RelayParts) -> std::io::Result<Relay> {
             ControlOperation::Add,
             call.as_raw_fd(),
             EpollEvent::new(EventSet::IN, k as u64),
+        )?;
+    }
+    if let Some(c) = &p.setup.backend_req {
+        epoll.ctl(
+            ControlOperation::Add,
+            c.fd(),
+            EpollEvent::new(EventSet::IN, BACKEND_REQ_TOKEN),
         )?;
     }
     let stopping = Arc::new(AtomicBool::new(false));
@@ -399,7 +413,7 @@ impl RelayThread {
 
     fn run(&mut self) {
         let name = self.p.setup.name;
-        let mut events = vec![EpollEvent::default(); self.p.calls.len() + 2];
+        let mut events = vec![EpollEvent::default(); self.p.calls.len() + 3];
         loop {
             let timeout = match &self.state {
                 State::Reconnecting { next, .. } => {
@@ -420,6 +434,7 @@ impl RelayThread {
                 match ev.data() {
                     STOP_TOKEN => return,
                     HANGUP_TOKEN => self.hung_up(),
+                    BACKEND_REQ_TOKEN => self.backend_request(),
                     k => {
                         if let Some((i, call)) = self.p.calls.get(k as usize) {
                             if call.read().is_ok() {
@@ -434,6 +449,18 @@ impl RelayThread {
                     self.try_reconnect();
                 }
             }
+        }
+    }
+
+    /// A request on the backend's channel: served; a channel that failed is no longer watched.
+    fn backend_request(&mut self) {
+        let Some(c) = &self.p.setup.backend_req else {
+            return;
+        };
+        if !c.serve() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, c.fd(), EpollEvent::default());
         }
     }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod qsd;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

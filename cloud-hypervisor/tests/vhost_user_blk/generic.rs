@@ -221,3 +221,48 @@ fn a_hostile_guest_against_a_generic_vhost_user_disk() {
     let status = b.child.wait().unwrap();
     assert!(status.success(), "the backend ended with {status}");
 }
+
+/// qemu-storage-daemon (QEMU's own vhost-user-blk export) behind a generic device: the VMM
+/// gives it a request channel (BACKEND_REQ), and when QMP's `block_resize` grows its disk the
+/// daemon's config-change notice reaches the guest's running driver as a configuration
+/// interrupt with a new generation; the guest (`test=blk-resize`) reads the new capacity from
+/// the daemon's configuration space and writes the new last sector into the image.
+#[test]
+fn generic_block_device_resized_by_its_backend() {
+    let fx = BlkFixture::new("gvu-qsd-resize", "disk.raw");
+    std::fs::write(&fx.img, vec![0u8; 1 << 20]).unwrap();
+    let qsd = common::qsd::StorageDaemon::start(&fx.img, &fx.sock, 1);
+    let vmm = spawn(&[
+        "--kernel",
+        guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        "test=blk-resize",
+        "--memory",
+        "size=256M,shared=on",
+        "--generic-vhost-user",
+        &option(&fx.sock, "128"),
+        "--serial",
+        &fx.serial_arg(),
+        "--console",
+        "off",
+    ]);
+    fx.wait_serial("BLKRESIZE waiting capacity=2048", Duration::from_secs(30));
+    qsd.qmp("block_resize", r#"{"node-name": "disk0", "size": 4194304}"#);
+    let r = fx.wait(vmm, Duration::from_secs(60));
+    r.assert_guest_passed();
+    for check in [
+        "blkresize-capacity",
+        "blkresize-generation",
+        "blkresize-new-sector",
+    ] {
+        r.assert_passed(check);
+    }
+    assert!(
+        r.stdout.contains("BLKRESIZE capacity=8192\n"),
+        "{}",
+        r.stdout
+    );
+    let content = std::fs::read(&fx.img).unwrap();
+    assert_eq!(content.len(), 4 << 20);
+    assert!(content[(4 << 20) - 512..].iter().all(|&b| b == 0x6b));
+}

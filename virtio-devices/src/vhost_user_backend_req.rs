@@ -1,0 +1,150 @@
+//! The backend's own requests (the BACKEND_REQ protocol feature): a socket pair whose one end
+//! the backend gets with SET_BACKEND_REQ_FD, once the protocol features are set (and again on
+//! each reconnection), and whose other end the device's relay thread reads. The one request we
+//! serve is CONFIG_CHANGE_MSG: the backend's configuration space changed (a disk it resized,
+//! ...), so the configuration generation is bumped and the running device raises its
+//! configuration interrupt (`config_signal.rs`: while it is paused, at the resume). Other
+//! requests (shared memory maps, shared objects) are refused with ENOSYS, as the original's
+//! generic device refuses them.
+//!
+//! The backend is not the guest, but it is another process: a request cut short does not hold
+//! the relay for longer than the socket's receive timeout, and a channel that fails is dropped
+//! from the relay's watch (logged once); the device goes on without config-change notices.
+
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
+
+use crate::config_signal::{ConfigInterrupt, ConfigSignal};
+
+/// How long a backend may take to send the rest of a request it began.
+const RECV_TIMEOUT_S: libc::time_t = 1;
+
+/// What a config-change notice does: bump the generation and interrupt the running device.
+struct ConfigChange(Arc<ConfigSignal>);
+
+impl VhostUserFrontendReqHandler for ConfigChange {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.change(|| true);
+        Ok(0)
+    }
+}
+
+/// The channel, shared by the connection (which hands its end to each backend) and the relay
+/// (which serves it while the device runs).
+pub(crate) struct BackendReqChannel {
+    handler: Mutex<FrontendReqHandler<ConfigChange>>,
+    tx: RawFd,
+    rx: RawFd,
+    name: &'static str,
+}
+
+impl BackendReqChannel {
+    /// A new channel whose notices change `signal`.
+    fn new(name: &'static str, signal: Arc<ConfigSignal>) -> std::io::Result<Self> {
+        let handler = FrontendReqHandler::new(Arc::new(ConfigChange(signal)))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let rx = handler.as_raw_fd();
+        let timeout = libc::timeval {
+            tv_sec: RECV_TIMEOUT_S,
+            tv_usec: 0,
+        };
+        // SAFETY: sets SO_RCVTIMEO on the handler's own socket from a valid timeval of the
+        // size given.
+        let r = unsafe {
+            libc::setsockopt(
+                rx,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(BackendReqChannel {
+            tx: handler.get_tx_raw_fd(),
+            rx,
+            handler: Mutex::new(handler),
+            name,
+        })
+    }
+
+    /// Hands the backend behind `fe` its end of the channel (SET_BACKEND_REQ_FD).
+    pub(crate) fn hand_to(&self, fe: &mut Frontend) -> vhost::Result<()> {
+        // SAFETY: `tx` is the handler's own socket, open for as long as `self` (which owns
+        // the handler) lives; it is only borrowed for the call.
+        let tx = unsafe { BorrowedFd::borrow_raw(self.tx) };
+        fe.set_backend_request_fd(&tx)
+    }
+
+    /// The end the relay watches for requests.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.rx
+    }
+
+    /// Serves one request; false when the channel failed (logged) and is no longer to be
+    /// watched.
+    pub(crate) fn serve(&self) -> bool {
+        let mut h = self.handler.lock().unwrap_or_else(|e| e.into_inner());
+        match h.handle_request() {
+            Ok(_) => true,
+            Err(vhost::vhost_user::Error::ReqHandlerError(e)) => {
+                // A request we do not serve: refused (the handler answered it if asked to).
+                log::debug!("{}: a backend request was refused: {e}", self.name);
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "{}: the backend's request channel failed ({e}): its configuration \
+                     changes are no longer passed on",
+                    self.name
+                );
+                false
+            }
+        }
+    }
+}
+
+/// A connection's channel with the configuration generation its notices bump, and the
+/// device's side of that signal (its interrupt while it runs).
+pub(crate) struct BackendReq {
+    pub(crate) channel: Arc<BackendReqChannel>,
+    signal: Arc<ConfigSignal>,
+    irq: ConfigInterrupt,
+}
+
+impl BackendReq {
+    pub(crate) fn new(name: &'static str) -> std::io::Result<Self> {
+        let signal = Arc::new(ConfigSignal::default());
+        Ok(BackendReq {
+            channel: Arc::new(BackendReqChannel::new(name, signal.clone())?),
+            signal,
+            irq: ConfigInterrupt::default(),
+        })
+    }
+
+    pub(crate) fn generation(&self) -> u32 {
+        self.signal.generation()
+    }
+
+    pub(crate) fn activate(&mut self, interrupt: Arc<dyn crate::VirtioInterrupt>) {
+        self.irq.activate(&self.signal, interrupt);
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.irq.reset(&self.signal);
+    }
+
+    pub(crate) fn pause(&mut self) {
+        self.irq.pause(&self.signal);
+    }
+
+    pub(crate) fn resume(&mut self) {
+        self.irq.resume(&self.signal);
+    }
+}
