@@ -813,6 +813,60 @@ fn blk_vhost_user_against_qemu_storage_daemon() {
     }
 }
 
+/// `--disk vhost_user=on` in front of qemu-storage-daemon, which grows its disk (QMP
+/// `block_resize`) under the running guest: the VMM gave it a request channel (BACKEND_REQ), so
+/// its config-change notice makes the device read the config space again and raise the
+/// configuration interrupt with a new generation; the guest (`test=blk-resize`) sees the new
+/// capacity and writes the new last sector into the image. (Without the channel the daemon
+/// exits on the resize and the disk is gone, which is what the original's vhost-user disk gets.)
+#[test]
+fn blk_vhost_user_resized_by_qemu_storage_daemon() {
+    let dir = scratch("vhost-user-blk-resize");
+    let (img, sock, serial) = (
+        dir.join("disk.img"),
+        dir.join("vub.sock"),
+        dir.join("serial.out"),
+    );
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let qsd = common::qsd::StorageDaemon::start(&img, &sock, 1);
+    let disk = format!("vhost_user=on,socket={}", sock.display());
+    let serial_arg = format!("file={}", serial.display());
+    let vmm = common::spawn(&[
+        "--kernel",
+        common::guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        "test=blk-resize",
+        "--memory",
+        "size=256M,shared=on",
+        "--disk",
+        &disk,
+        "--serial",
+        &serial_arg,
+        "--console",
+        "off",
+    ]);
+    common::wait_serial(
+        &serial,
+        "BLKRESIZE waiting capacity=2048",
+        Duration::from_secs(30),
+    );
+    qsd.qmp("block_resize", r#"{"node-name": "disk0", "size": 4194304}"#);
+    let r = common::wait_with_timeout(vmm, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(r.status.success(), "{text}\n{}", r.stderr);
+    for check in [
+        "blkresize-capacity",
+        "blkresize-generation",
+        "blkresize-new-sector",
+    ] {
+        assert!(text.contains(&format!("PASS {check}\n")), "{text}");
+    }
+    assert!(text.contains("BLKRESIZE capacity=8192\n"), "{text}");
+    let content = std::fs::read(&img).unwrap();
+    assert_eq!(content.len(), 4 << 20);
+    assert!(content[(4 << 20) - 512..].iter().all(|&b| b == 0x6b));
+}
+
 /// Without shared guest RAM the backend could not map it: refused before anything starts.
 #[test]
 fn blk_vhost_user_needs_shared_memory() {

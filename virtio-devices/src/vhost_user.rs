@@ -257,6 +257,31 @@ impl VhostUserConnection {
         self.give_up = give_up;
     }
 
+    /// Where the backend offers BACKEND_REQ (and the device asked for it): `refresh` runs on
+    /// each of its config-change notices, before the guest is told, with the frontend (within
+    /// the reply deadline). False without the channel.
+    pub(crate) fn on_config_change(
+        &self,
+        refresh: impl Fn(&mut Frontend) + Send + 'static,
+    ) -> bool {
+        let Some(b) = &self.backend_req else {
+            return false;
+        };
+        let (fe, gone, name) = (self.fe.clone(), self.gone.clone(), self.name);
+        b.on_change(Box::new(move || {
+            if gone.load(Ordering::Acquire) {
+                return;
+            }
+            let mut fe = fe.lock().unwrap_or_else(|e| e.into_inner());
+            let fd = fe.as_raw_fd();
+            let (_, late) = within(name, fd, REPLY_WAIT, || refresh(&mut fe));
+            if late {
+                log::warn!("{name}: the backend did not answer after its configuration change");
+            }
+        }));
+        true
+    }
+
     /// The configuration generation the backend's notices bump (0 without BACKEND_REQ).
     pub(crate) fn config_generation(&self) -> u32 {
         self.backend_req.as_ref().map_or(0, BackendReq::generation)

@@ -23,12 +23,28 @@ use crate::config_signal::{ConfigInterrupt, ConfigSignal};
 /// How long a backend may take to send the rest of a request it began.
 const RECV_TIMEOUT_S: libc::time_t = 1;
 
-/// What a config-change notice does: bump the generation and interrupt the running device.
-struct ConfigChange(Arc<ConfigSignal>);
+/// What the device does first when its backend's configuration changed (a device that keeps
+/// a copy of the space reads it again), on the relay thread.
+pub(crate) type OnChange = Box<dyn Fn() + Send>;
+
+/// What a config-change notice does: the device's hook, then the generation bumped and the
+/// running device interrupted.
+struct ConfigChange {
+    signal: Arc<ConfigSignal>,
+    on_change: Arc<Mutex<Option<OnChange>>>,
+}
 
 impl VhostUserFrontendReqHandler for ConfigChange {
     fn handle_config_change(&self) -> HandlerResult<u64> {
-        self.0.change(|| true);
+        if let Some(f) = self
+            .on_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f();
+        }
+        self.signal.change(|| true);
         Ok(0)
     }
 }
@@ -43,9 +59,13 @@ pub(crate) struct BackendReqChannel {
 }
 
 impl BackendReqChannel {
-    /// A new channel whose notices change `signal`.
-    fn new(name: &'static str, signal: Arc<ConfigSignal>) -> std::io::Result<Self> {
-        let handler = FrontendReqHandler::new(Arc::new(ConfigChange(signal)))
+    /// A new channel whose notices run `on_change` and change `signal`.
+    fn new(
+        name: &'static str,
+        signal: Arc<ConfigSignal>,
+        on_change: Arc<Mutex<Option<OnChange>>>,
+    ) -> std::io::Result<Self> {
+        let handler = FrontendReqHandler::new(Arc::new(ConfigChange { signal, on_change }))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let rx = handler.as_raw_fd();
         let timeout = libc::timeval {
@@ -116,16 +136,28 @@ pub(crate) struct BackendReq {
     pub(crate) channel: Arc<BackendReqChannel>,
     signal: Arc<ConfigSignal>,
     irq: ConfigInterrupt,
+    on_change: Arc<Mutex<Option<OnChange>>>,
 }
 
 impl BackendReq {
     pub(crate) fn new(name: &'static str) -> std::io::Result<Self> {
         let signal = Arc::new(ConfigSignal::default());
+        let on_change = Arc::new(Mutex::new(None));
         Ok(BackendReq {
-            channel: Arc::new(BackendReqChannel::new(name, signal.clone())?),
+            channel: Arc::new(BackendReqChannel::new(
+                name,
+                signal.clone(),
+                on_change.clone(),
+            )?),
             signal,
             irq: ConfigInterrupt::default(),
+            on_change,
         })
+    }
+
+    /// What runs first on each notice (see [`OnChange`]).
+    pub(crate) fn on_change(&self, f: OnChange) {
+        *self.on_change.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     pub(crate) fn generation(&self) -> u32 {

@@ -1,13 +1,16 @@
 //! vhost-user-blk frontend: the block device runs in another process (the backend, e.g.
 //! `qemu-storage-daemon --export type=vhost-user-blk`) over the shared frontend of
 //! `vhost_user.rs`; this file adds the block device's part: the CONFIG protocol feature, the
-//! config space read from the backend, multiqueue, and reconnection: a backend that dies is
-//! replaced by the next one listening on the socket, the queues resuming where it left them.
+//! config space read from the backend (again on each of its config-change notices, where it
+//! offers BACKEND_REQ: a disk it resized reaches the guest as a configuration interrupt),
+//! multiqueue, and reconnection: a backend that dies is replaced by the next one listening on
+//! the socket, the queues resuming where it left them.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::VhostUserFrontend;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
 
 use crate::vhost_user::{vhost_user_lifecycle, VhostUserConnection, VhostUserError};
 use crate::VirtioDevice;
@@ -29,7 +32,8 @@ pub type VhostUserBlockError = VhostUserError;
 
 pub struct VhostUserBlock {
     conn: VhostUserConnection,
-    config: Vec<u8>,
+    /// The backend's config space, `num_queues` ours; read again on a config-change notice.
+    config: Arc<Mutex<Vec<u8>>>,
     num_queues: u16,
     queue_size: u16,
 }
@@ -50,7 +54,8 @@ impl VhostUserBlock {
             queue_size,
             VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::LOG_SHMFD,
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::BACKEND_REQ,
         )?;
         if !got.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Missing("the CONFIG protocol feature"));
@@ -68,12 +73,13 @@ impl VhostUserBlock {
                 return Err(VhostUserError::TooManyQueues(num_queues, have));
             }
         }
-        let buf = vec![0u8; CONFIG_LEN as usize];
-        let (_, mut config) = conn.ask("GET_CONFIG", |fe| {
-            fe.get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &buf)
-        })?;
-        config.resize(CONFIG_LEN as usize, 0);
-        config[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2].copy_from_slice(&num_queues.to_le_bytes());
+        let config = conn.ask("GET_CONFIG", |fe| read_config_space(fe, num_queues))?;
+        let config = Arc::new(Mutex::new(config));
+        let cache = config.clone();
+        conn.on_config_change(move |fe| match read_config_space(fe, num_queues) {
+            Ok(c) => *cache.lock().unwrap_or_else(|e| e.into_inner()) = c,
+            Err(e) => log::warn!("{NAME}: GET_CONFIG after a configuration change: {e}"),
+        });
         Ok(VhostUserBlock {
             conn,
             config,
@@ -81,6 +87,15 @@ impl VhostUserBlock {
             queue_size,
         })
     }
+}
+
+/// The backend's config space (GET_CONFIG from offset 0), with `num_queues` the device's.
+fn read_config_space(fe: &mut Frontend, num_queues: u16) -> vhost::Result<Vec<u8>> {
+    let buf = vec![0u8; CONFIG_LEN as usize];
+    let (_, mut config) = fe.get_config(0, CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &buf)?;
+    config.resize(CONFIG_LEN as usize, 0);
+    config[CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2].copy_from_slice(&num_queues.to_le_bytes());
+    Ok(config)
 }
 
 impl VirtioDevice for VhostUserBlock {
@@ -98,7 +113,11 @@ impl VirtioDevice for VhostUserBlock {
         f
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::read_config_bytes(&self.config, offset, data);
+        let config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        crate::read_config_bytes(&config, offset, data);
+    }
+    fn config_generation(&self) -> u32 {
+        self.conn.config_generation()
     }
     vhost_user_lifecycle!(conn, GUEST_FEATURES, NAME);
     fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
