@@ -180,3 +180,67 @@ impl BackendReq {
         self.irq.resume(&self.signal);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A backend's message on the channel: header (request, flags: version 1, size), body.
+    fn send(c: &BackendReqChannel, request: u32, body: &[u8], size: u32) {
+        let mut m = Vec::new();
+        for w in [request, 1, size] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        m.extend_from_slice(body);
+        // SAFETY: writes the bytes of `m` to the channel's backend end, open while `c` lives.
+        let n = unsafe { libc::write(c.tx, m.as_ptr().cast(), m.len()) };
+        assert_eq!(n, m.len() as isize);
+    }
+
+    #[test]
+    fn a_config_change_bumps_the_generation_and_runs_the_hook() {
+        let b = BackendReq::new("test").unwrap();
+        let hooked = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let h = hooked.clone();
+        b.on_change(Box::new(move || {
+            h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }));
+        send(&b.channel, 2, &[], 0);
+        assert!(b.channel.serve());
+        assert_eq!(b.generation(), 1);
+        assert_eq!(hooked.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    /// What a faulty or hostile backend sends ends in a refusal or in the channel's end, never
+    /// in a relay held for longer than the receive timeout: a request we do not serve (a shared
+    /// object added: refused, the channel goes on), a config change with a body it must not
+    /// have, an unknown request, and a header whose body never comes.
+    #[test]
+    fn a_faulty_backend_cannot_hold_the_relay() {
+        let b = BackendReq::new("test").unwrap();
+        // SHARED_OBJECT_ADD (6) with its UUID: refused, served; the channel goes on.
+        send(&b.channel, 6, &[7u8; 16], 16);
+        assert!(b.channel.serve());
+        send(&b.channel, 2, &[], 0);
+        assert!(b.channel.serve());
+        assert_eq!(b.generation(), 1);
+        // A config change with a body: a malformed request.
+        let b = BackendReq::new("test").unwrap();
+        send(&b.channel, 2, &[0u8; 8], 8);
+        assert!(!b.channel.serve());
+        assert_eq!(b.generation(), 0);
+        // An unknown request.
+        let b = BackendReq::new("test").unwrap();
+        send(&b.channel, 0x7777, &[], 0);
+        assert!(!b.channel.serve());
+        // A header announcing 64 bytes that never come: given up after the timeout.
+        let b = BackendReq::new("test").unwrap();
+        send(&b.channel, 2, &[], 64);
+        let t = Instant::now();
+        assert!(!b.channel.serve());
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert_eq!(b.generation(), 0);
+    }
+}
