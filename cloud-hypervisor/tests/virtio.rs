@@ -821,50 +821,12 @@ fn blk_vhost_user_against_qemu_storage_daemon() {
 /// exits on the resize and the disk is gone, which is what the original's vhost-user disk gets.)
 #[test]
 fn blk_vhost_user_resized_by_qemu_storage_daemon() {
-    let dir = scratch("vhost-user-blk-resize");
-    let (img, sock, serial) = (
-        dir.join("disk.img"),
-        dir.join("vub.sock"),
-        dir.join("serial.out"),
-    );
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    let qsd = common::qsd::StorageDaemon::start(&img, &sock, 1);
-    let disk = format!("vhost_user=on,socket={}", sock.display());
-    let serial_arg = format!("file={}", serial.display());
-    let vmm = common::spawn(&[
-        "--kernel",
-        common::guest().elf_pvh.to_str().unwrap(),
-        "--cmdline",
-        "test=blk-resize",
-        "--memory",
-        "size=256M,shared=on",
-        "--disk",
-        &disk,
-        "--serial",
-        &serial_arg,
-        "--console",
-        "off",
-    ]);
-    common::wait_serial(
-        &serial,
-        "BLKRESIZE waiting capacity=2048",
-        Duration::from_secs(30),
-    );
-    qsd.qmp("block_resize", r#"{"node-name": "disk0", "size": 4194304}"#);
-    let r = common::wait_with_timeout(vmm, Duration::from_secs(60));
-    let text = std::fs::read_to_string(&serial).unwrap_or_default();
-    assert!(r.status.success(), "{text}\n{}", r.stderr);
-    for check in [
-        "blkresize-capacity",
-        "blkresize-generation",
-        "blkresize-new-sector",
-    ] {
-        assert!(text.contains(&format!("PASS {check}\n")), "{text}");
-    }
-    assert!(text.contains("BLKRESIZE capacity=8192\n"), "{text}");
-    let content = std::fs::read(&img).unwrap();
-    assert_eq!(content.len(), 4 << 20);
-    assert!(content[(4 << 20) - 512..].iter().all(|&b| b == 0x6b));
+    common::qsd::grow_under_the_guest(&scratch("vhost-user-blk-resize"), |sock| {
+        [
+            "--disk".into(),
+            format!("vhost_user=on,socket={}", sock.display()),
+        ]
+    });
 }
 
 /// Without shared guest RAM the backend could not map it: refused before anything starts.

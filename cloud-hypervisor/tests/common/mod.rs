@@ -452,3 +452,19 @@ pub fn fake_destination_start(
     }
     s
 }
+
+/// What `test=blk-resize` leaves once its 1 MiB disk grew to 4 MiB under it: its checks passed
+/// (`serial`: its output), it saw 8192 sectors, and its new last sector (0x6b) is in `img`.
+pub fn assert_blk_grew_to_4m(serial: &str, img: &Path) {
+    for check in [
+        "blkresize-capacity",
+        "blkresize-generation",
+        "blkresize-new-sector",
+    ] {
+        assert!(serial.contains(&format!("PASS {check}\n")), "{serial}");
+    }
+    assert!(serial.contains("BLKRESIZE capacity=8192\n"), "{serial}");
+    let content = std::fs::read(img).unwrap();
+    assert_eq!(content.len(), 4 << 20);
+    assert!(content[(4 << 20) - 512..].iter().all(|&b| b == 0x6b));
+}

@@ -77,6 +77,45 @@ impl StorageDaemon {
     }
 }
 
+/// `test=blk-resize` with a 1 MiB raw image in `dir` that the daemon serves through the device
+/// `device(socket)` gives (guest RAM shared), grown to 4 MiB by QMP's `block_resize` under the
+/// running guest: the guest's driver must see it ([`super::assert_blk_grew_to_4m`]).
+pub fn grow_under_the_guest(dir: &Path, device: impl FnOnce(&Path) -> [String; 2]) {
+    let (img, sock, serial) = (
+        dir.join("disk.raw"),
+        dir.join("vub.sock"),
+        dir.join("serial.out"),
+    );
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let qsd = StorageDaemon::start(&img, &sock, 1);
+    let [option, value] = device(&sock);
+    let serial_arg = format!("file={}", serial.display());
+    let vmm = super::spawn(&[
+        "--kernel",
+        super::guest().elf_pvh.to_str().unwrap(),
+        "--cmdline",
+        "test=blk-resize",
+        "--memory",
+        "size=256M,shared=on",
+        &option,
+        &value,
+        "--serial",
+        &serial_arg,
+        "--console",
+        "off",
+    ]);
+    super::wait_serial(
+        &serial,
+        "BLKRESIZE waiting capacity=2048",
+        Duration::from_secs(30),
+    );
+    qsd.qmp("block_resize", r#"{"node-name": "disk0", "size": 4194304}"#);
+    let r = super::wait_with_timeout(vmm, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(r.status.success(), "{text}\n{}", r.stderr);
+    super::assert_blk_grew_to_4m(&text, &img);
+}
+
 impl Drop for StorageDaemon {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -229,40 +229,8 @@ fn a_hostile_guest_against_a_generic_vhost_user_disk() {
 /// the daemon's configuration space and writes the new last sector into the image.
 #[test]
 fn generic_block_device_resized_by_its_backend() {
-    let fx = BlkFixture::new("gvu-qsd-resize", "disk.raw");
-    std::fs::write(&fx.img, vec![0u8; 1 << 20]).unwrap();
-    let qsd = common::qsd::StorageDaemon::start(&fx.img, &fx.sock, 1);
-    let vmm = spawn(&[
-        "--kernel",
-        guest().elf_pvh.to_str().unwrap(),
-        "--cmdline",
-        "test=blk-resize",
-        "--memory",
-        "size=256M,shared=on",
-        "--generic-vhost-user",
-        &option(&fx.sock, "128"),
-        "--serial",
-        &fx.serial_arg(),
-        "--console",
-        "off",
-    ]);
-    fx.wait_serial("BLKRESIZE waiting capacity=2048", Duration::from_secs(30));
-    qsd.qmp("block_resize", r#"{"node-name": "disk0", "size": 4194304}"#);
-    let r = fx.wait(vmm, Duration::from_secs(60));
-    r.assert_guest_passed();
-    for check in [
-        "blkresize-capacity",
-        "blkresize-generation",
-        "blkresize-new-sector",
-    ] {
-        r.assert_passed(check);
-    }
-    assert!(
-        r.stdout.contains("BLKRESIZE capacity=8192\n"),
-        "{}",
-        r.stdout
-    );
-    let content = std::fs::read(&fx.img).unwrap();
-    assert_eq!(content.len(), 4 << 20);
-    assert!(content[(4 << 20) - 512..].iter().all(|&b| b == 0x6b));
+    let dir = common::scratch("gvu-qsd-resize");
+    common::qsd::grow_under_the_guest(&dir, |sock| {
+        ["--generic-vhost-user".into(), option(sock, "128")]
+    });
 }
