@@ -98,21 +98,31 @@ pub struct VhostUserState {
     pub version: u32,
     /// `vhost-user-blk`, `vhost-user-net`.
     pub device: String,
+    /// The configuration generation the backend's config-change notices bumped (BACKEND_REQ);
+    /// written only when not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub config_generation: u32,
+}
+
+fn is_zero(g: &u32) -> bool {
+    *g == 0
 }
 
 impl VhostUserState {
-    pub(crate) fn of(device: &str) -> crate::VirtioDeviceState {
+    pub(crate) fn of(device: &str, config_generation: u32) -> crate::VirtioDeviceState {
         crate::VirtioDeviceState::VhostUser(VhostUserState {
             version: crate::VIRTIO_DEVICE_STATE_VERSION,
             device: device.into(),
+            config_generation,
         })
     }
 
-    /// Checks that `state` is a state of a `device` of this version.
+    /// Checks that `state` is a state of a `device` of this version; its configuration
+    /// generation.
     pub(crate) fn check(
         device: &'static str,
         state: &crate::VirtioDeviceState,
-    ) -> Result<(), pci::StateError> {
+    ) -> Result<u32, pci::StateError> {
         let crate::VirtioDeviceState::VhostUser(s) = state else {
             return Err(state.wrong(device));
         };
@@ -122,7 +132,8 @@ impl VhostUserState {
                 format!("the state of a {} device", s.device),
             ));
         }
-        pci::StateError::check_version(device, s.version, crate::VIRTIO_DEVICE_STATE_VERSION)
+        pci::StateError::check_version(device, s.version, crate::VIRTIO_DEVICE_STATE_VERSION)?;
+        Ok(s.config_generation)
     }
 }
 
@@ -285,6 +296,13 @@ impl VhostUserConnection {
     /// The configuration generation the backend's notices bump (0 without BACKEND_REQ).
     pub(crate) fn config_generation(&self) -> u32 {
         self.backend_req.as_ref().map_or(0, BackendReq::generation)
+    }
+
+    /// The generation a snapshot had (a restore; without the channel there is none to keep).
+    pub(crate) fn restore_config_generation(&mut self, generation: u32) {
+        if let Some(b) = &mut self.backend_req {
+            b.restore_generation(generation);
+        }
     }
 
     /// Whether the backend runs queues for us.
@@ -679,7 +697,7 @@ macro_rules! vhost_user_lifecycle {
             self.$conn.take_dirty_log()
         }
         fn device_state(&self) -> $crate::VirtioDeviceState {
-            $crate::vhost_user::VhostUserState::of($name)
+            $crate::vhost_user::VhostUserState::of($name, self.$conn.config_generation())
         }
         fn set_device_state(
             &mut self,
@@ -687,7 +705,9 @@ macro_rules! vhost_user_lifecycle {
         ) -> Result<(), pci::StateError> {
             // The queues' bases are the transport's; the backend is whichever listens on the
             // socket (the user starts it before the restore, as with the original).
-            $crate::vhost_user::VhostUserState::check($name, state)
+            let generation = $crate::vhost_user::VhostUserState::check($name, state)?;
+            self.$conn.restore_config_generation(generation);
+            Ok(())
         }
     };
 }

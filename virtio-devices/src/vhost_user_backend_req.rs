@@ -164,6 +164,11 @@ impl BackendReq {
         self.signal.generation()
     }
 
+    /// The generation a snapshot had, without an interrupt.
+    pub(crate) fn restore_generation(&mut self, generation: u32) {
+        self.signal.restore(generation, || {});
+    }
+
     pub(crate) fn activate(&mut self, interrupt: Arc<dyn crate::VirtioInterrupt>) {
         self.irq.activate(&self.signal, interrupt);
     }
@@ -242,5 +247,23 @@ mod tests {
         assert!(!b.channel.serve());
         assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         assert_eq!(b.generation(), 0);
+    }
+
+    /// A snapshot keeps the generation (written only when not 0, so older states read as
+    /// before), and a restore puts it back without an interrupt.
+    #[test]
+    fn the_generation_survives_a_snapshot() {
+        use crate::vhost_user::VhostUserState;
+        let plain = serde_json::to_value(VhostUserState::of("generic-vhost-user", 0)).unwrap();
+        assert!(!plain.to_string().contains("config_generation"), "{plain}");
+        let state = VhostUserState::of("generic-vhost-user", 3);
+        let back: crate::VirtioDeviceState =
+            serde_json::from_value(serde_json::to_value(&state).unwrap()).unwrap();
+        assert_eq!(VhostUserState::check("generic-vhost-user", &back).unwrap(), 3);
+        let older: crate::VirtioDeviceState = serde_json::from_value(plain).unwrap();
+        assert_eq!(VhostUserState::check("generic-vhost-user", &older).unwrap(), 0);
+        let mut b = BackendReq::new("test").unwrap();
+        b.restore_generation(3);
+        assert_eq!(b.generation(), 3);
     }
 }

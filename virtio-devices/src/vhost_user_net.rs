@@ -303,10 +303,10 @@ impl VirtioDevice for VhostUserNet {
     }
     fn device_state(&self) -> VirtioDeviceState {
         // The queues' bases are the transport's; the frames in flight are the backend's.
-        VhostUserState::of(NAME)
+        VhostUserState::of(NAME, 0)
     }
     fn set_device_state(&mut self, state: &VirtioDeviceState) -> Result<(), pci::StateError> {
-        VhostUserState::check(NAME, state)
+        VhostUserState::check(NAME, state).map(|_| ())
     }
 }
 
