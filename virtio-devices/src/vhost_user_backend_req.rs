@@ -259,9 +259,15 @@ mod tests {
         let state = VhostUserState::of("generic-vhost-user", 3);
         let back: crate::VirtioDeviceState =
             serde_json::from_value(serde_json::to_value(&state).unwrap()).unwrap();
-        assert_eq!(VhostUserState::check("generic-vhost-user", &back).unwrap(), 3);
+        assert_eq!(
+            VhostUserState::check("generic-vhost-user", &back).unwrap(),
+            3
+        );
         let older: crate::VirtioDeviceState = serde_json::from_value(plain).unwrap();
-        assert_eq!(VhostUserState::check("generic-vhost-user", &older).unwrap(), 0);
+        assert_eq!(
+            VhostUserState::check("generic-vhost-user", &older).unwrap(),
+            0
+        );
         let mut b = BackendReq::new("test").unwrap();
         b.restore_generation(3);
         assert_eq!(b.generation(), 3);
