@@ -87,6 +87,9 @@ pub struct PciConfiguration {
     regs: Box<[u32; REGS]>,
     wmask: Box<[u32; REGS]>,
     bars: [Option<Bar>; BAR_COUNT],
+    /// Where each BAR was last placed: its address after every write that did not leave it
+    /// holding the sizing pattern (what `bars()` reports, as the original's device tree).
+    placed: [u64; BAR_COUNT],
     /// Offset where the next capability goes; 0 once the standard space is full.
     next_cap: usize,
     /// Offset of the "next" pointer of the last capability (0x34 for the first).
@@ -125,6 +128,7 @@ impl PciConfiguration {
             regs,
             wmask,
             bars: [None; BAR_COUNT],
+            placed: [0; BAR_COUNT],
             next_cap: FIRST_CAP,
             last_cap_ptr: CAP_PTR_REG * 4,
         }
@@ -152,6 +156,25 @@ impl PciConfiguration {
             }
         }
         self.bars[index] = Some(Bar { size, kind });
+        self.placed[index] = addr;
+    }
+
+    /// Whether BAR `index` holds the sizing pattern: every address bit of its (low) register
+    /// set, as the all-ones write leaves it.
+    fn sizing(&self, index: usize) -> bool {
+        let reg = BAR0_REG + index;
+        self.regs[reg] & self.wmask[reg] == self.wmask[reg]
+    }
+
+    /// Notes where the BARs are, after a write that did not leave them being sized.
+    fn note_placements(&mut self) {
+        for index in 0..BAR_COUNT {
+            if let Some((addr, _)) = self.bar(index) {
+                if !self.sizing(index) {
+                    self.placed[index] = addr;
+                }
+            }
+        }
     }
 
     /// The address BAR `index` holds now, and its size; `None` for an unused BAR.
@@ -165,14 +188,15 @@ impl PciConfiguration {
         Some((addr, bar.size))
     }
 
-    /// Every declared BAR as it stands now: where it decodes, its size and kind.
+    /// Every declared BAR: where it was last placed (not the sizing pattern while the guest
+    /// sizes it), its size and kind.
     pub fn bars(&self) -> Vec<BarInfo> {
         (0..BAR_COUNT)
             .filter_map(|index| {
-                let (addr, size) = self.bar(index)?;
+                let (_, size) = self.bar(index)?;
                 Some(BarInfo {
                     index,
-                    addr,
+                    addr: self.placed[index],
                     size,
                     kind: self.bars[index]?.kind,
                     prefetchable: self.regs[BAR0_REG + index] & BAR_PREFETCHABLE != 0,
@@ -255,6 +279,9 @@ impl PciConfiguration {
         };
         let mask = self.wmask[reg] & lane;
         self.regs[reg] = (self.regs[reg] & !mask) | (value & mask);
+        if (BAR0_REG..BAR0_REG + BAR_COUNT).contains(&reg) {
+            self.note_placements();
+        }
         Some(reg)
     }
 
@@ -307,6 +334,7 @@ impl PciConfiguration {
         for (i, r) in self.regs.iter_mut().enumerate() {
             *r = state.regs.get(i).copied().unwrap_or(0);
         }
+        self.note_placements();
         Ok(())
     }
 
@@ -361,6 +389,8 @@ mod tests {
         c.add_bar(2, 0x10_0000, BarKind::Mem64, 0x1_0000_0000);
         c.write(0x10, &[0xff; 4]);
         assert_eq!(c.read_reg(4), 0xffff_c000);
+        // While sized, a BAR is reported where it was placed, not at the pattern.
+        assert_eq!(c.bars()[0].addr, 0xc000_0000);
         c.write(0x10, &0xc000_0000u32.to_le_bytes());
         assert_eq!(c.bar(0), Some((0xc000_0000, 0x4000)));
         assert_eq!(
@@ -377,9 +407,12 @@ mod tests {
         c.write(0x1c, &[0xff; 4]);
         assert_eq!(c.read_reg(6), 0xfff0_0004);
         assert_eq!(c.read_reg(7), 0xffff_ffff);
+        assert_eq!(c.bars()[1].addr, 0x1_0000_0000);
         c.write(0x18, &0x20_0000u32.to_le_bytes());
         c.write(0x1c, &2u32.to_le_bytes());
         assert_eq!(c.bar(2), Some((0x2_0020_0000, 0x10_0000)));
+        // Moved by the guest: reported at its new place.
+        assert_eq!(c.bars()[1].addr, 0x2_0020_0000);
         // Unused BARs read 0 and ignore writes.
         c.write(0x14, &[0xff; 4]);
         assert_eq!(c.read_reg(5), 0);
