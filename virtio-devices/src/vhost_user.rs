@@ -25,7 +25,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vhost_user_backend_req::BackendReq;
-use crate::vhost_user_deadline::within;
+use crate::vhost_user_deadline::{within, Watchdog};
 use crate::vhost_user_log::{DirtyLog, F_LOG_ALL};
 use crate::vhost_user_reconnect::{
     spawn_relay, Policy, QueueSetup, Relay, RelayParts, Setup, Target,
@@ -87,6 +87,22 @@ pub(crate) struct VhostUserConnection {
     /// The backend's request channel, where the device asked for BACKEND_REQ and the backend
     /// offers it: its configuration-change notices.
     backend_req: Option<BackendReq>,
+    /// The reply deadline's watchdog for this connection's requests (`None`: one per call).
+    watchdog: Option<Arc<Watchdog>>,
+}
+
+/// Runs `f`, requests to the backend on socket `fd`, within the reply deadline: on the
+/// connection's watchdog, or (none could start) on one started for the call.
+fn deadline<T>(
+    watchdog: &Option<Arc<Watchdog>>,
+    name: &str,
+    fd: std::os::fd::RawFd,
+    f: impl FnOnce() -> T,
+) -> (T, bool) {
+    match watchdog {
+        Some(w) => w.run(fd, REPLY_WAIT, f),
+        None => within(name, fd, REPLY_WAIT, f),
+    }
 }
 
 /// A vhost-user device's own state in a snapshot: the version and the device kind. The
@@ -179,7 +195,8 @@ impl VhostUserConnection {
         want: VhostUserProtocolFeatures,
     ) -> Result<(Self, VhostUserProtocolFeatures), VhostUserError> {
         let fd = fe.as_raw_fd();
-        let (r, late) = within(name, fd, REPLY_WAIT, || -> Result<_, VhostUserError> {
+        let watchdog = Watchdog::start(name).map(Arc::new);
+        let (r, late) = deadline(&watchdog, name, fd, || -> Result<_, VhostUserError> {
             fe.set_owner().map_err(proto("SET_OWNER"))?;
             let backend_features = fe.get_features().map_err(proto("GET_FEATURES"))?;
             if backend_features & F_PROTOCOL_FEATURES == 0 {
@@ -207,7 +224,7 @@ impl VhostUserConnection {
             let b = BackendReq::new(name).map_err(|e| {
                 VhostUserError::Protocol("SET_BACKEND_REQ_FD", vhost::Error::IOError(e))
             })?;
-            let (r, late) = within(name, fd, REPLY_WAIT, || b.channel.hand_to(&mut fe));
+            let (r, late) = deadline(&watchdog, name, fd, || b.channel.hand_to(&mut fe));
             if late {
                 return Err(VhostUserError::NoAnswer(REPLY_WAIT.as_secs()));
             }
@@ -233,6 +250,7 @@ impl VhostUserConnection {
                 && backend_features & F_LOG_ALL != 0,
             log: None,
             backend_req,
+            watchdog,
         };
         Ok((c, got))
     }
@@ -252,7 +270,7 @@ impl VhostUserConnection {
         let name = self.name;
         let mut fe = self.frontend();
         let fd = fe.as_raw_fd();
-        let (r, late) = within(name, fd, REPLY_WAIT, || f(&mut fe));
+        let (r, late) = deadline(&self.watchdog, name, fd, || f(&mut fe));
         if late {
             return Err(VhostUserError::NoAnswer(REPLY_WAIT.as_secs()));
         }
@@ -279,13 +297,14 @@ impl VhostUserConnection {
             return false;
         };
         let (fe, gone, name) = (self.fe.clone(), self.gone.clone(), self.name);
+        let watchdog = self.watchdog.clone();
         b.on_change(Box::new(move || {
             if gone.load(Ordering::Acquire) {
                 return;
             }
             let mut fe = fe.lock().unwrap_or_else(|e| e.into_inner());
             let fd = fe.as_raw_fd();
-            let (_, late) = within(name, fd, REPLY_WAIT, || refresh(&mut fe));
+            let (_, late) = deadline(&watchdog, name, fd, || refresh(&mut fe));
             if late {
                 log::warn!("{name}: the backend did not answer after its configuration change");
             }
@@ -392,7 +411,7 @@ impl VhostUserConnection {
         if !gone {
             let mut fe = self.frontend();
             let fd = fe.as_raw_fd();
-            let (r, _) = within(name, fd, REPLY_WAIT, || {
+            let (r, _) = deadline(&self.watchdog, name, fd, || {
                 setup.apply(&mut fe, &calls, &[], &AtomicBool::new(false))
             });
             r?;
@@ -442,7 +461,7 @@ impl VhostUserConnection {
         if !self.gone.load(Ordering::Acquire) {
             let fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
             let queues = &parts.setup.queues;
-            let (r, _) = within(name, fe.as_raw_fd(), REPLY_WAIT, || {
+            let (r, _) = deadline(&self.watchdog, name, fe.as_raw_fd(), || {
                 queues
                     .iter()
                     .map(|q| {
@@ -508,7 +527,7 @@ impl VhostUserConnection {
             let mut fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
             let fd = fe.as_raw_fd();
             let (setup, calls) = (&parts.setup, &parts.calls);
-            let (r, _) = within(name, fd, REPLY_WAIT, || {
+            let (r, _) = deadline(&self.watchdog, name, fd, || {
                 setup.apply(&mut fe, calls, &bases, &AtomicBool::new(false))
             });
             match r {
@@ -614,7 +633,7 @@ impl VhostUserConnection {
             let mut fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
             let fd = fe.as_raw_fd();
             let setup = &parts.setup;
-            let (r, _) = within(name, fd, REPLY_WAIT, || setup.set_logging(&mut fe));
+            let (r, _) = deadline(&self.watchdog, name, fd, || setup.set_logging(&mut fe));
             told = r.map_err(|e| format!("{name}: dirty logging: {e}"));
         }
         for (i, call) in &parts.calls {
@@ -647,7 +666,7 @@ impl VhostUserConnection {
         }
         let fe = self.fe.lock().unwrap_or_else(|e| e.into_inner());
         let name = self.name;
-        within(name, fe.as_raw_fd(), REPLY_WAIT, || {
+        deadline(&self.watchdog, name, fe.as_raw_fd(), || {
             for i in started {
                 if let Err(e) = fe.get_vring_base(i) {
                     log::warn!("{name}: GET_VRING_BASE {i}: {e}");
