@@ -18,7 +18,7 @@ use crate::{DiskFile, OpenOptions};
 const GROWTH: u64 = 16 << 20;
 
 fn exercise(disk: &mut dyn DiskFile, seed: &[u8]) {
-    let size = disk.size();
+    let mut size = disk.size();
     if size == 0 {
         return;
     }
@@ -31,6 +31,15 @@ fn exercise(disk: &mut dyn DiskFile, seed: &[u8]) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
+        if i == 12 {
+            // `vm.resize-disk` halfway: grown by up to 64 MiB (a qcow2 image's L1 table may
+            // move), then the rest runs on the new size.
+            let _ = disk.resize((size + x % (64 << 20)) & !511);
+            size = disk.size();
+            if size == 0 {
+                return;
+            }
+        }
         let off = x % size;
         let len = (1 + (x >> 40) % 8192).min(size - off) as usize;
         let _ = match i % 6 {
