@@ -57,7 +57,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
         ),
         ("vm.snapshot", r#"{"destination_url":"file:///var/snap"}"#),
         ("vm.coredump", r#"{"destination_url":"file:///var/core"}"#),
-        ("vm.resize-disk", r#"{"id":"disk0","desired_size":2147483648}"#),
+        (
+            "vm.resize-disk",
+            r#"{"id":"disk0","desired_size":2147483648}"#,
+        ),
         (
             "vm.restore",
             r#"{"source_url":"file:///var/snap","prefault":false,"memory_restore_mode":"OnDemand","resume":true}"#,
