@@ -383,8 +383,9 @@ impl VcpuLoop {
         let mut io_pending = false;
         while !self.leaving() {
             // Before a pause too: a snapshot of the paused VM then holds the NMI (pending in
-            // the vCPU's events).
-            if self.nmi.swap(false, Ordering::AcqRel) {
+            // the vCPU's events). A plain load first: this runs after every exit, and the
+            // locked swap only when an NMI is asked for.
+            if self.nmi.load(Ordering::Relaxed) && self.nmi.swap(false, Ordering::AcqRel) {
                 if let Err(e) = self.vcpu.nmi() {
                     warn!("vcpu{}: the NMI was not queued: {e}", self.id);
                 }
