@@ -114,6 +114,7 @@ pub fn run(dev: &mut dyn VirtioDevice, data: &[u8]) {
         queues,
         acked_features: acked,
         status,
+        dma: None,
     };
     if dev.activate(ctx).is_err() {
         return;

@@ -232,6 +232,7 @@ fn main() {
         queues: vec![Some((q, kick.try_clone().unwrap()))],
         acked_features: virtio_devices::F_VERSION_1 | virtio_devices::F_RING_EVENT_IDX,
         status: Arc::new(DeviceStatus::default()),
+        dma: None,
     })
     .unwrap();
     let mut b = Bench {

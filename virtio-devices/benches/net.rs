@@ -389,6 +389,7 @@ fn main() {
                 ],
                 acked_features: virtio_devices::F_VERSION_1 | virtio_devices::F_RING_EVENT_IDX,
                 status: Arc::new(DeviceStatus::default()),
+                dma: None,
             })
             .unwrap();
 

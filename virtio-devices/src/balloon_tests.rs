@@ -79,6 +79,7 @@ fn start(dev: &mut Balloon, mem: &GuestMemoryMmap, n: usize, acked: u64) -> (Vec
         queues,
         acked_features: acked,
         status: Arc::new(DeviceStatus::default()),
+        dma: None,
     })
     .unwrap();
     (rings, irq)

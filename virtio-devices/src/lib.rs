@@ -11,6 +11,7 @@ mod device_worker;
 mod discard;
 #[doc(hidden)]
 pub mod fuzz;
+mod iommu;
 mod mem;
 mod net;
 mod net_ctrl;
@@ -65,6 +66,10 @@ pub use balloon::{
 };
 pub use block::{Block, BlockConfig, BlockState};
 pub use console::{Console, ConsoleSize, ConsoleState, F_CONSOLE_SIZE};
+pub use iommu::{
+    Dma, Domain, Fault as IommuFault, Iommu, IommuMapping, IommuState, Mapping as IommuMap,
+    Spaces as IommuSpaces, MSI_WINDOW, TYPE_IOMMU,
+};
 pub use mem::{
     VirtioMem, VirtioMemControl, VirtioMemError, VirtioMemOptions, VirtioMemState, F_MEM_ACPI_PXM,
     F_MEM_UNPLUGGED_INACCESSIBLE, TYPE_MEM, VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
@@ -108,6 +113,8 @@ pub const TYPE_BALLOON: u16 = ids::VIRTIO_ID_BALLOON as u16;
 pub const F_VERSION_1: u64 = 1 << cfg::VIRTIO_F_VERSION_1;
 pub const F_RING_INDIRECT_DESC: u64 = 1 << ring::VIRTIO_RING_F_INDIRECT_DESC;
 pub const F_RING_EVENT_IDX: u64 = 1 << ring::VIRTIO_RING_F_EVENT_IDX;
+/// The device reaches memory through the platform's IOMMU (virtio 1.2, 6).
+pub const F_ACCESS_PLATFORM: u64 = 1 << cfg::VIRTIO_F_ACCESS_PLATFORM;
 
 /// Device status bits.
 pub const STATUS_ACKNOWLEDGE: u8 = cfg::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
@@ -153,6 +160,10 @@ pub struct ActivateContext {
     pub queues: Vec<Option<(Queue, EventFd)>>,
     pub acked_features: u64,
     pub status: Arc<DeviceStatus>,
+    /// The device is behind a virtual IOMMU and its driver accepted ACCESS_PLATFORM: every
+    /// descriptor's address is an I/O virtual address (the queues' rings are already
+    /// translated).
+    pub dma: Option<Dma>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +260,7 @@ pub enum VirtioDeviceState {
     Pmem(PmemState),
     VhostUser(VhostUserState),
     Rtc(RtcState),
+    Iommu(IommuState),
 }
 
 impl VirtioDeviceState {
@@ -264,6 +276,7 @@ impl VirtioDeviceState {
             VirtioDeviceState::Watchdog(_) => "virtio-watchdog",
             VirtioDeviceState::Pmem(_) => "virtio-pmem",
             VirtioDeviceState::Rtc(_) => "virtio-rtc",
+            VirtioDeviceState::Iommu(_) => "virtio-iommu",
             VirtioDeviceState::VhostUser(s) => match s.device.as_str() {
                 "vhost-user-net" => "vhost-user-net",
                 "vhost-user-blk" => "vhost-user-blk",

@@ -92,6 +92,7 @@ fn start(dev: &mut VirtioMem, mem: &GuestMemoryMmap) -> (QRing, Arc<Irq>) {
         queues: vec![Some((queue, kick.try_clone().unwrap()))],
         acked_features: F_VERSION_1,
         status: Arc::new(DeviceStatus::default()),
+        dma: None,
     })
     .unwrap();
     let ring = QRing {

@@ -856,6 +856,7 @@ impl VirtioDevice for Net {
                 queues: mine,
                 acked_features: ctx.acked_features,
                 status: ctx.status.clone(),
+                dma: ctx.dma.clone(),
             };
             match WorkerHandle::spawn(&format!("virtio-net{p}"), handler, sub) {
                 Ok(w) => self.workers.push(w),

@@ -105,6 +105,7 @@ mod tests {
             queues,
             acked_features: crate::F_VERSION_1,
             status: Arc::new(DeviceStatus::default()),
+            dma: None,
         })
         .unwrap();
         irq

@@ -107,6 +107,7 @@ fn start_all(
         queues,
         acked_features: acked,
         status: status.clone(),
+        dma: None,
     })
     .unwrap();
     (mem, rings, status)

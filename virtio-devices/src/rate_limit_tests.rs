@@ -85,6 +85,7 @@ fn start(
         queues,
         acked_features: crate::F_VERSION_1,
         status: Arc::new(DeviceStatus::default()),
+        dma: None,
     })
     .unwrap();
     for d in &drivers {

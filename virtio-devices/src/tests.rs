@@ -68,6 +68,7 @@ impl Ring {
             queues,
             acked_features: crate::F_VERSION_1,
             status: status.clone(),
+            dma: None,
         })
         .unwrap();
         Ring {

@@ -17,9 +17,9 @@ mod state;
 pub use state::{VirtioPciState, VirtqueueState, VIRTIO_PCI_STATE_VERSION};
 
 use crate::{
-    ActivateContext, ActivateError, DeviceStatus, VirtioDevice, VirtioInterrupt, F_RING_EVENT_IDX,
-    F_VERSION_1, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BLOCK,
-    TYPE_CONSOLE, TYPE_NET,
+    ActivateContext, ActivateError, DeviceStatus, Dma, VirtioDevice, VirtioInterrupt,
+    F_ACCESS_PLATFORM, F_RING_EVENT_IDX, F_VERSION_1, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, TYPE_BLOCK, TYPE_CONSOLE, TYPE_NET,
 };
 
 pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x1_0000;
@@ -128,6 +128,9 @@ pub struct VirtioPciDevice {
     /// may hold requests the driver published without a notification the device saw.
     kick_at_resume: Vec<usize>,
     name: String,
+    /// Behind a virtual IOMMU (`set_dma`): what the device's addresses go through once its
+    /// driver accepts ACCESS_PLATFORM.
+    dma: Option<Dma>,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -243,7 +246,26 @@ impl VirtioPciDevice {
             activated: false,
             kick_at_resume: Vec::new(),
             name,
+            dma: None,
         })
+    }
+
+    /// Puts the device behind a virtual IOMMU, before its driver starts: it offers
+    /// ACCESS_PLATFORM, and when its driver accepts it, the rings and buffers it is given are
+    /// I/O virtual addresses translated through `dma`.
+    pub fn set_dma(&mut self, dma: Dma) {
+        self.offered |= F_ACCESS_PLATFORM;
+        self.dma = Some(dma);
+    }
+
+    /// The endpoint id of the device behind a virtual IOMMU.
+    pub fn dma_endpoint(&self) -> Option<u32> {
+        self.dma.as_ref().map(Dma::endpoint_id)
+    }
+
+    /// What the device's addresses go through with driver features `acked`.
+    fn dma_for(&self, acked: u64) -> Option<&Dma> {
+        self.dma.as_ref().filter(|_| acked & F_ACCESS_PLATFORM != 0)
     }
 
     /// The device status as the driver reads it.
@@ -341,6 +363,7 @@ impl VirtioPciDevice {
             self.acked,
             &self.mem,
             &self.notify,
+            self.dma_for(self.acked),
         )
         .and_then(|queues| {
             self.start_device(queues)
@@ -372,6 +395,7 @@ impl VirtioPciDevice {
             queues,
             acked_features: self.acked,
             status: self.status.clone(),
+            dma: self.dma_for(self.acked).cloned(),
         };
         self.device.activate(ctx)
     }
@@ -503,12 +527,15 @@ impl VirtioPciDevice {
 /// The queues a device gets when it starts: each ready queue as the driver programmed it, at
 /// `positions` (`(next_avail, next_used)`), checked as `virtio-queue` checks a restored state
 /// (size a power of two no larger than the maximum, aligned rings) and against guest memory.
+/// Behind a virtual IOMMU (`dma`), the rings' addresses are I/O virtual addresses: each ring
+/// must be mapped (the used ring writable) to one guest-physical range, which the queue gets.
 fn build_queues(
     regs: &[QueueRegs],
     positions: &[(u16, u16)],
     acked: u64,
     mem: &GuestMemoryMmap,
     notify: &[EventFd],
+    dma: Option<&Dma>,
 ) -> Result<Vec<Option<(Queue, EventFd)>>, String> {
     let event_idx = acked & F_RING_EVENT_IDX != 0;
     let mut queues = Vec::with_capacity(regs.len());
@@ -517,13 +544,20 @@ fn build_queues(
             queues.push(None);
             continue;
         }
+        let n = u64::from(s.size);
+        let ring = |addr: u64, len: u64, write: bool| match dma {
+            None => Ok(addr),
+            Some(d) => d.contiguous(addr, len, write).map_err(|e| {
+                format!("queue {i}: ring at {addr:#x} not mapped by the IOMMU to one range: {e}")
+            }),
+        };
         let state = VirtqueueState {
             max_size: s.max_size,
             size: s.size,
             ready: true,
-            desc_table: s.desc,
-            avail_ring: s.avail,
-            used_ring: s.used,
+            desc_table: ring(s.desc, 16 * n, false)?,
+            avail_ring: ring(s.avail, 6 + 2 * n, false)?,
+            used_ring: ring(s.used, 6 + 8 * n, true)?,
             msix_vector: NO_VECTOR,
             next_avail,
             next_used,

@@ -219,6 +219,7 @@ impl VhostUserNet {
             queues,
             acked_features: ctx.acked_features,
             status: ctx.status.clone(),
+            dma: ctx.dma.clone(),
         };
         self.ctrl = Some(WorkerHandle::spawn("vhost-user-net-ctrl", handler, ctx)?);
         Ok(())

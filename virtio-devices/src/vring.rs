@@ -23,9 +23,12 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use guest_memory::{Bitmap, GuestMemoryMmap, GuestMmapRegion};
+use log::debug;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::Dma;
 
 /// Bytes of a descriptor.
 const DESC_SIZE: u64 = 16;
@@ -70,12 +73,37 @@ pub struct VirtQueue {
     /// Scratch space for `process_chains`: heads popped, descriptors of one chain.
     pub(crate) heads: Vec<u16>,
     pub(crate) descs: Vec<Descriptor>,
+    /// Behind a virtual IOMMU: descriptors hold I/O virtual addresses, translated as the
+    /// chain is read (`chain`).
+    dma: Option<Dma>,
 }
+
+/// Where a descriptor the IOMMU does not map for its access points once translated: far
+/// above any guest memory, so the device fails the request as it fails any buffer outside
+/// guest memory.
+pub(crate) const UNMAPPED: u64 = 0xffff_0000_0000_0000;
 
 // SAFETY: the raw pointers point into guest memory mappings that `mem` keeps alive wherever
 // the queue goes; guest memory is shared with the guest's vCPUs anyway and only accessed with
 // volatile or atomic operations. The queue is used by one thread at a time (`&mut self`).
 unsafe impl Send for VirtQueue {}
+
+/// `chain`'s translation of the descriptors in `out` through `dma` (see there).
+#[inline(never)]
+fn translate_chain(dma: &Dma, out: &mut Vec<Descriptor>) {
+    let raw = std::mem::replace(out, Vec::with_capacity(out.len()));
+    for d in raw {
+        let (flags, next) = (d.flags(), d.next());
+        let r = dma.translate(d.addr().0, u64::from(d.len()), d.is_write_only(), |a, n| {
+            // Pieces of one descriptor: each below 4 GiB.
+            out.push(Descriptor::new(a, n as u32, flags, next))
+        });
+        if let Err(e) = r {
+            debug!("descriptor: {e}");
+            out.push(Descriptor::new(UNMAPPED, d.len(), flags, next));
+        }
+    }
+}
 
 /// The host address of `[addr, addr + len)` when it lies inside one region of `mem` and is
 /// `align`-aligned.
@@ -118,7 +146,15 @@ impl VirtQueue {
             avail_seen,
             heads: Vec::new(),
             descs: Vec::new(),
+            dma: None,
         }
+    }
+
+    /// Descriptors hold I/O virtual addresses of `dma` (the rings of `q` were translated
+    /// already, by the transport).
+    pub fn with_dma(mut self, dma: Option<Dma>) -> Self {
+        self.dma = dma;
+        self
     }
 
     /// The queue as the driver configured it.
@@ -316,8 +352,20 @@ impl VirtQueue {
     /// descriptor, none that would take the total length past 4 GiB; an indirect descriptor
     /// switches to its table (length a multiple of 16, at most 65535 entries, no indirect
     /// descriptor inside it), with a fresh limit of that table's size.
+    ///
+    /// Behind a virtual IOMMU, each descriptor is translated (split where its guest-physical
+    /// pieces are not contiguous); one not mapped for its access (device writes need a
+    /// writable mapping) points at `UNMAPPED`.
     #[inline]
     pub fn chain(&self, head: u16, out: &mut Vec<Descriptor>) {
+        self.chain_raw(head, out);
+        if let Some(dma) = &self.dma {
+            translate_chain(dma, out);
+        }
+    }
+
+    #[inline]
+    fn chain_raw(&self, head: u16, out: &mut Vec<Descriptor>) {
         out.clear();
         // The common one-descriptor chain (a receive buffer, say): no walk.
         if let Some(p) = self.desc.filter(|_| head < self.size) {
@@ -359,9 +407,19 @@ impl VirtQueue {
                 size = n as u16;
                 ttl = size;
                 index = 0;
-                table = match host_range(&self.mem, d.addr().0, u64::from(d.len()), 8) {
+                let addr = match &self.dma {
+                    None => d.addr().0,
+                    Some(dma) => match dma.contiguous(d.addr().0, u64::from(d.len()), false) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            debug!("indirect table: {e}");
+                            return;
+                        }
+                    },
+                };
+                table = match host_range(&self.mem, addr, u64::from(d.len()), 8) {
                     Some(p) => Table::Host(p),
-                    None => Table::Guest(d.addr()),
+                    None => Table::Guest(GuestAddress(addr)),
                 };
                 continue;
             }

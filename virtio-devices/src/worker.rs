@@ -125,7 +125,7 @@ impl<H: QueueHandler> WorkerHandle<H> {
         for q in ctx.queues {
             match q {
                 Some((q, e)) => {
-                    queues.push(Some(VirtQueue::new(q, &ctx.mem)));
+                    queues.push(Some(VirtQueue::new(q, &ctx.mem).with_dma(ctx.dma.clone())));
                     evts.push(Some(e));
                 }
                 None => {
@@ -646,6 +646,7 @@ pub(crate) mod tests {
             queues: vec![Some((q, kick.try_clone().unwrap()))],
             acked_features: 0,
             status: Arc::new(DeviceStatus::default()),
+            dma: None,
         };
         (ctx, kick)
     }

@@ -66,6 +66,7 @@ impl<H: QueueHandler> WorkerGroup<H> {
                 queues,
                 acked_features: ctx.acked_features,
                 status: ctx.status.clone(),
+                dma: ctx.dma.clone(),
             };
             if let Err(e) = m.worker.activate(part) {
                 self.reset(|_| {});

@@ -362,6 +362,7 @@ impl VirtioPciDevice {
             state.driver_features,
             &self.mem,
             &self.notify,
+            self.dma_for(state.driver_features),
         )
         .map(Some)
         .map_err(|reason| {

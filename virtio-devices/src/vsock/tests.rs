@@ -70,6 +70,7 @@ impl Guest {
             queues,
             acked_features: crate::F_VERSION_1,
             status: Arc::new(DeviceStatus::default()),
+            dma: None,
         })
         .unwrap();
         let mut g = Guest {
