@@ -19,7 +19,8 @@ use super::ConfigError;
 pub struct PciDeviceCommonConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// Behind a virtual IOMMU: `false` is the only value this VMM takes.
+    /// Behind the virtual IOMMU (`iommu=on`): the device's DMA goes through the
+    /// virtio-iommu's mappings.
     #[serde(default, skip_serializing_if = "is_false")]
     pub iommu: bool,
     #[serde(default)]
@@ -36,11 +37,16 @@ impl PciDeviceCommonConfig {
     }
 
     /// The keys' rules, for configurations from the command line or the API: those of
-    /// [`check_placement`], and `iommu=on` refused (this VMM has no virtual IOMMU).
+    /// [`check_placement`].
     pub fn check(&self) -> Result<(), String> {
-        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref())?;
+        check_placement(self.pci_segment, self.pci_device_id, self.id.as_deref())
+    }
+
+    /// `iommu=on` refused, for devices whose DMA the VMM does not do (a vhost-user backend
+    /// reads guest memory itself), as the original refuses it.
+    pub fn refuse_iommu(&self) -> Result<(), String> {
         if self.iommu {
-            return Err("iommu=on is not supported yet".into());
+            return Err("iommu=on: this device cannot be placed behind the IOMMU".into());
         }
         Ok(())
     }
@@ -51,10 +57,9 @@ pub(crate) const PCI_KEYS: &[&str] = &["id", "iommu", "pci_segment", "pci_device
 
 /// The PCI keys of a device option, checked.
 pub(crate) fn pci_common(p: &OptionParser) -> Result<PciDeviceCommonConfig, ConfigError> {
-    p.refuse_unless("iommu", false)?;
     let c = PciDeviceCommonConfig {
         id: p.get("id"),
-        iommu: false,
+        iommu: p.toggle("iommu", false)?,
         pci_segment: p.number::<u16>("pci_segment")?.unwrap_or(0),
         pci_device_id: p.number::<u8>("pci_device_id")?,
     };
@@ -376,6 +381,9 @@ impl DiskConfig {
             ));
         }
         self.pci_common.check()?;
+        if self.vhost_user {
+            self.pci_common.refuse_iommu()?;
+        }
         if let Some(s) = &self.serial {
             if s.len() > MAX_DISK_SERIAL {
                 return Err(format!(
@@ -747,6 +755,9 @@ impl NetConfig {
         check_net_queues(self.num_queues)?;
         check_queue_size(self.queue_size)?;
         self.pci_common.check()?;
+        if self.vhost_user {
+            self.pci_common.refuse_iommu()?;
+        }
         if let Some(t) = &self.tap {
             if t.len() > MAX_IF_NAME {
                 return Err(format!(

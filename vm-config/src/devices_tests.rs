@@ -43,7 +43,10 @@ fn disk() {
             "vhost_user=on,socket=/s,vhost_reconnect_timeout=-1",
             "must be a number",
         ),
-        ("path=/x,iommu=on", "not supported"),
+        (
+            "vhost_user=on,socket=/s,iommu=on",
+            "cannot be placed behind the IOMMU",
+        ),
         ("path=/x,id=__mine", "reserved"),
     ] {
         let e = DiskConfig::parse(bad).unwrap_err().to_string();
@@ -276,7 +279,10 @@ fn net() {
         ("fd=[3,4],num_queues=2", "one descriptor per queue pair"),
         ("fd=3,tap=t0", "cannot be combined"),
         ("fd=3,mtu=1400", "cannot be combined"),
-        ("iommu=on", "not supported"),
+        (
+            "vhost_user=on,socket=/s,iommu=on",
+            "cannot be placed behind the IOMMU",
+        ),
     ] {
         let e = NetConfig::parse(bad).unwrap_err().to_string();
         assert!(e.contains(why), "{bad}: {e}");
@@ -484,7 +490,12 @@ fn rng() {
             .pci_segment,
         2
     );
-    assert!(RngConfig::parse("src=/r,iommu=on").is_err());
+    assert!(
+        RngConfig::parse("src=/r,iommu=on")
+            .unwrap()
+            .pci_common
+            .iommu
+    );
     assert_eq!(
         serde_json::to_value(RngConfig::default()).unwrap(),
         serde_json::json!({"pci_segment": 0, "src": "/dev/urandom"})
@@ -518,7 +529,6 @@ fn balloon() {
             "must be on, off, true or false",
         ),
         ("size=1G,colour=red", "unknown key 'colour'"),
-        ("size=1G,iommu=on", "not supported"),
         ("size=1G,pci_device_id=40", "must be 1-31"),
         ("size=1G,id=__balloon", "reserved"),
     ] {

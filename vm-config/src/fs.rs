@@ -96,6 +96,7 @@ impl FsConfig {
             )));
         }
         self.pci_common.check().map_err(err)?;
+        self.pci_common.refuse_iommu().map_err(err)?;
         Ok(())
     }
 }

@@ -173,6 +173,7 @@ impl GenericVhostUserConfig {
                 "socket= is required (the backend's vhost-user socket)".into()
             ));
         }
+        self.pci_common.refuse_iommu().map_err(err)?;
         let t = self.device_type;
         if t == 0 || t > MAX_DEVICE_TYPE {
             return Err(err(format!(

@@ -463,11 +463,11 @@ pub struct VmConfig {
     /// `--debug-console`: an I/O port whose writes go to the host (off by default).
     #[serde(default)]
     pub debug_console: DebugConsoleConfig,
-    /// The original's virtio-iommu; `false` is the only value this VMM takes (shown in
-    /// `vm.info` as the original shows it).
+    /// The VM has a virtio-iommu: given, or set by `validate` when a device is behind it
+    /// (`iommu=on`) or `--platform iommu_segments` names a segment (as the original).
     #[serde(default)]
     pub iommu: bool,
-    /// `--platform`: the SMBIOS identity, the number of PCI segments (no IOMMU).
+    /// `--platform`: the SMBIOS identity, the number of PCI segments, the IOMMU's segments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformConfig>,
     /// `--pvpanic`: a pvpanic PCI device through which the guest reports its panics.
@@ -609,18 +609,54 @@ impl VmConfig {
                 .map_err(|m| ConfigError::new(PciSegmentConfig::OPTION, &c.shown(), m))?;
         }
         self.validate_landlock()?;
-        if self.iommu {
-            return Err(ConfigError::new(
-                "iommu",
-                "true",
-                "this field is not supported yet".into(),
-            ));
-        }
+        // As the original: the VM has a virtio-iommu when a device is behind it or a segment
+        // is an IOMMU segment (`vm.info` shows it).
+        self.iommu |= self.any_iommu_device()
+            || self
+                .platform
+                .as_ref()
+                .is_some_and(|p| p.iommu_segments.is_some());
         self.unsupported.validate()
     }
 }
 
+/// A device on one of the `--platform iommu_segments` must be behind the IOMMU, as the
+/// original requires (the guest's VIOT table puts the whole segment behind it).
+pub fn check_iommu_segment(
+    iommu_segments: &[u16],
+    c: &PciDeviceCommonConfig,
+) -> Result<(), String> {
+    if iommu_segments.contains(&c.pci_segment) && !c.iommu {
+        return Err(format!(
+            "the device is on an IOMMU PCI segment ({}) but not placed behind the IOMMU (iommu=on)",
+            c.pci_segment
+        ));
+    }
+    Ok(())
+}
+
 impl VmConfig {
+    /// `--platform iommu_segments`: the PCI segments whose every device is behind the IOMMU.
+    pub fn iommu_segments(&self) -> Vec<u16> {
+        self.platform
+            .as_ref()
+            .and_then(|p| p.iommu_segments.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether a configured device has `iommu=on`.
+    fn any_iommu_device(&self) -> bool {
+        let console = self.console.mode != ConsoleOutputMode::Off && self.console.pci_common.iommu;
+        console
+            || self.disks.iter().any(|d| d.pci_common.iommu)
+            || self.net.iter().any(|n| n.pci_common.iommu)
+            || self.rng.pci_common.iommu
+            || self.balloon.as_ref().is_some_and(|b| b.pci_common.iommu)
+            || self.rtc.as_ref().is_some_and(|r| r.pci_common.iommu)
+            || self.vsock.as_ref().is_some_and(|v| v.pci_common.iommu)
+            || self.pmem.iter().any(|p| p.pci_common.iommu)
+    }
+
     /// The PCI segments the VM has (`--platform num_pci_segments`, 1 by default).
     pub fn num_pci_segments(&self) -> u16 {
         self.platform
@@ -720,8 +756,11 @@ impl VmConfig {
                 .map_err(|m| ConfigError::new("--rate-limit-group", &g.id, m))?;
             check_at("--rate-limit-group", &Some(g.id.clone()), 0, None)?;
         }
-        // Every PCI device: its id, segment and slot.
+        // Every PCI device: its id, segment and slot; on an IOMMU segment, behind the IOMMU.
+        let iommu_segments = self.iommu_segments();
         let mut check_device = |option: &'static str, c: &PciDeviceCommonConfig| {
+            check_iommu_segment(&iommu_segments, c)
+                .map_err(|m| ConfigError::new(option, c.id.as_deref().unwrap_or(""), m))?;
             check_at(option, &c.id, c.pci_segment, c.pci_device_id)
         };
         // As the original: no more queues (disks) or queue pairs (net) than boot vCPUs.
@@ -827,13 +866,6 @@ impl VmConfig {
         let pc = &c.pci_common;
         devices::check_placement(pc.pci_segment, pc.pci_device_id, pc.id.as_deref())
             .map_err(|m| ConfigError::new("--console", pc.id.as_deref().unwrap_or(""), m))?;
-        if pc.iommu {
-            return Err(ConfigError::new(
-                "--console",
-                "iommu=on",
-                "not supported yet".into(),
-            ));
-        }
         // The original checks the console's id even when the console is off (and then not
         // its slot).
         let slot = pc
@@ -843,6 +875,8 @@ impl VmConfig {
             "--console",
             &PciDeviceCommonConfig {
                 pci_device_id: slot,
+                // A console that is off is no device on any segment.
+                iommu: pc.iommu || c.mode == ConsoleOutputMode::Off,
                 ..pc.clone()
             },
         )?;

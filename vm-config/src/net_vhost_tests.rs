@@ -59,7 +59,7 @@ fn a_taps_keys_do_not_go_with_vhost_user() {
         ),
         (
             "vhost_user=on,socket=/s,iommu=on",
-            "iommu=on is not supported",
+            "cannot be placed behind the IOMMU",
         ),
         (
             "vhost_user=on,socket=/s,vhost_mode=both",

@@ -32,7 +32,7 @@ pub struct PlatformConfig {
     pub num_pci_segments: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iommu_segments: Option<Vec<u16>>,
-    /// No IOMMU exists here, so the width only has to be one the original takes.
+    /// The bits of I/O virtual address the virtio-iommu translates (its input range).
     #[serde(default = "default_iommu_address_width_bits")]
     pub iommu_address_width_bits: u8,
     #[serde(
@@ -179,7 +179,8 @@ impl PlatformConfig {
         Ok(cfg)
     }
 
-    /// What this VMM can give: 1-96 PCI segments, no IOMMU, SMBIOS strings it can write.
+    /// What this VMM can give: 1-96 PCI segments, IOMMU segments among them, SMBIOS strings it
+    /// can write.
     pub fn validate(&self) -> Result<(), String> {
         if self.num_pci_segments == 0 || self.num_pci_segments > MAX_NUM_PCI_SEGMENTS {
             return Err(format!(
@@ -187,10 +188,13 @@ impl PlatformConfig {
                 self.num_pci_segments
             ));
         }
-        if let Some(s) = self.iommu_segments.as_ref().filter(|s| !s.is_empty()) {
-            return Err(format!(
-                "iommu_segments={s:?}: there is no virtual IOMMU (not supported yet)"
-            ));
+        for &s in self.iommu_segments.iter().flatten() {
+            if s >= self.num_pci_segments {
+                return Err(format!(
+                    "iommu_segments: segment {s} does not exist (num_pci_segments={})",
+                    self.num_pci_segments
+                ));
+            }
         }
         if self.iommu_address_width_bits > DEFAULT_IOMMU_ADDRESS_WIDTH_BITS {
             return Err(format!(
@@ -275,7 +279,7 @@ mod tests {
         for (bad, why) in [
             ("num_pci_segments=97", "must be 1-96"),
             ("num_pci_segments=0", "must be 1-96"),
-            ("iommu_segments=[0]", "no virtual IOMMU"),
+            ("iommu_segments=[0,1]", "segment 1 does not exist"),
             ("iommu_segments=[x]", "a list of segment numbers"),
             ("uuid=not-a-uuid", "is not a UUID"),
             ("system_uuid=67e55044-10b1-426f-9247", "is not a UUID"),

@@ -133,7 +133,6 @@ mod tests {
             "size=2M".to_string(),
             format!("file={p},size=3M"),
             format!("file={p},size=0"),
-            format!("file={p},iommu=on"),
             format!("file={p},discard_writes=maybe"),
             format!("file={p},foo=1"),
             format!("file={p},pci_device_id=0"),

@@ -55,7 +55,6 @@ mod tests {
             (Some("clock0"), Some(9))
         );
         for (bad, why) in [
-            ("iommu=on", "not supported"),
             ("pci_device_id=0", "0 is its host bridge"),
             ("id=__mine", "reserved"),
             ("colour=red", "unknown key 'colour'"),

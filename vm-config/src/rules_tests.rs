@@ -150,7 +150,6 @@ fn serial_and_console_as_the_original_reads_them() {
         // The original takes the first of these and drops the rest: refused, not ignored.
         ("--serial", "tty,off", "give exactly one"),
         ("--serial", "tty,file=/x", "give exactly one"),
-        ("--console", "tty,iommu=on", "iommu=on is not supported yet"),
         ("--console", "tty,pci_device_id=0", "0 is its host bridge"),
     ] {
         let e = parse(option, bad).unwrap_err().to_string();
@@ -577,5 +576,62 @@ fn pci_segments_as_the_original_checks_them() {
         let e = with(extra.clone()).unwrap_err();
         assert_eq!(e.option, option, "{extra}: {e}");
         assert!(e.msg.contains(why), "{extra}: {e}");
+    }
+}
+
+/// `iommu=on` as the original takes it: every virtio device kind whose DMA the VMM does
+/// goes behind the IOMMU, the VM then has one (`iommu` in `vm.info`), and a device on one of
+/// `--platform iommu_segments` must be behind it.
+#[test]
+fn iommu_as_the_original_takes_it() {
+    let kernel = std::env::current_exe().unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let mut c = config(json!({
+        "payload": {"kernel": kernel},
+        "disks": [{"path": kernel, "iommu": true}],
+        "net": [{"iommu": true}],
+        "rng": {"src": "/dev/urandom", "iommu": true},
+        "vsock": {"cid": 3, "socket": "/tmp/v", "iommu": true},
+        "rtc": {"iommu": true},
+        "console": {"mode": "Null", "iommu": true},
+    }));
+    assert!(!c.iommu);
+    c.validate().unwrap();
+    assert!(c.iommu);
+    // No device behind it: no IOMMU; given at the top level: one with no endpoint.
+    let mut c = config(json!({"payload": {"kernel": kernel}}));
+    c.validate().unwrap();
+    assert!(!c.iommu);
+    let mut c = config(json!({"payload": {"kernel": kernel}, "iommu": true}));
+    c.validate().unwrap();
+    assert!(c.iommu);
+    // An IOMMU segment: its devices must all be behind the IOMMU (the rng included).
+    let seg = |rng_iommu: bool| {
+        config(json!({
+            "payload": {"kernel": kernel},
+            "platform": {"num_pci_segments": 2, "iommu_segments": [1]},
+            "rng": {"src": "/dev/urandom", "iommu": rng_iommu, "pci_segment": 1},
+            "console": {"mode": "Off"},
+        }))
+    };
+    let e = seg(false).validate().unwrap_err().to_string();
+    assert!(
+        e.starts_with("--rng") && e.contains("IOMMU PCI segment (1)"),
+        "{e}"
+    );
+    let mut c = seg(true);
+    c.validate().unwrap();
+    assert!(c.iommu);
+    // Devices a vhost-user backend serves cannot be behind it.
+    let errors = [
+        FsConfig::parse("tag=t,socket=/s,iommu=on").map(drop),
+        GenericVhostUserConfig::parse("device_type=block,socket=/s,queue_sizes=[2],iommu=on")
+            .map(drop),
+        DiskConfig::parse("vhost_user=on,socket=/s,iommu=on").map(drop),
+        NetConfig::parse("vhost_user=on,socket=/s,iommu=on").map(drop),
+    ];
+    for e in errors {
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("cannot be placed behind the IOMMU"), "{e}");
     }
 }

@@ -88,7 +88,6 @@ mod tests {
             "cid=2,socket=/s",
             "cid=4294967295,socket=/s",
             "cid=x,socket=/s",
-            "cid=3,socket=/s,iommu=on",
             "cid=3,socket=/s,pci_device_id=32",
             "cid=3,socket=/s,foo=1",
         ] {
