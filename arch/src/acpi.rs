@@ -70,6 +70,16 @@ pub struct AcpiConfig {
     pub tpm: bool,
     /// The guest's NUMA nodes, by id (`--numa`): the SRAT and the SLIT; none, no tables.
     pub numa: Vec<NumaNode>,
+    /// A virtio-iommu and the PCI functions behind it: the VIOT table.
+    pub viot: Option<Viot>,
+}
+
+/// What the VIOT says: where the virtio-iommu is and which PCI functions it translates for.
+/// Each function is `(segment, requester id)`; its endpoint id is `segment << 16 | id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Viot {
+    pub iommu: (u16, u16),
+    pub endpoints: Vec<(u16, u16)>,
 }
 
 /// A PCI host bridge (one segment). Windows are `(start, size)`.
@@ -198,6 +208,9 @@ fn place_tables(cfg: &AcpiConfig) -> Result<Vec<PlacedTable>, Error> {
     }
     if cfg.tpm {
         entries.push(placer.place(*b"TPM2", build_tpm2()));
+    }
+    if let Some(v) = &cfg.viot {
+        entries.push(placer.place(*b"VIOT", build_viot(v)));
     }
     if !cfg.numa.is_empty() {
         entries.push(placer.place(*b"SRAT", numa::build_srat(&cfg.numa)));
@@ -755,6 +768,39 @@ pub const TPM2_START_METHOD_CRB: u32 = 7;
 /// address of the CRB control area, start method 7 (CRB), its 12 bytes of start-method
 /// parameters (zero) and an empty event log area (length and address 0). The original stops
 /// after the start method; ACPICA then reports a truncated table.
+/// Offset of the first VIOT node (the virtio-iommu's), which the PCI range nodes point to.
+const VIOT_NODE_OFFSET: u16 = 48;
+
+/// The VIOT (virtual I/O translation table): a virtio-pci IOMMU node, then one PCI range node
+/// per function behind it, as the original writes it. By hand: acpi_tables' range node leaves
+/// the segment out of the endpoint id, so functions of two segments would share ids.
+fn build_viot(v: &Viot) -> Vec<u8> {
+    let mut body = Vec::with_capacity(12 + 16 + 24 * v.endpoints.len());
+    let nodes = u16::try_from(1 + v.endpoints.len()).unwrap_or(u16::MAX);
+    body.extend_from_slice(&nodes.to_le_bytes());
+    body.extend_from_slice(&VIOT_NODE_OFFSET.to_le_bytes());
+    body.extend_from_slice(&[0; 8]);
+    // Type 3: virtio-pci IOMMU, 16 bytes.
+    body.extend_from_slice(&[3, 0]);
+    body.extend_from_slice(&16u16.to_le_bytes());
+    body.extend_from_slice(&v.iommu.0.to_le_bytes());
+    body.extend_from_slice(&v.iommu.1.to_le_bytes());
+    body.extend_from_slice(&[0; 8]);
+    for &(segment, bdf) in v.endpoints.iter().take(usize::from(nodes) - 1) {
+        // Type 1: PCI range, 24 bytes: endpoint_start, segments, requester ids, output node.
+        body.extend_from_slice(&[1, 0]);
+        body.extend_from_slice(&24u16.to_le_bytes());
+        body.extend_from_slice(&(u32::from(segment) << 16 | u32::from(bdf)).to_le_bytes());
+        body.extend_from_slice(&segment.to_le_bytes());
+        body.extend_from_slice(&segment.to_le_bytes());
+        body.extend_from_slice(&bdf.to_le_bytes());
+        body.extend_from_slice(&bdf.to_le_bytes());
+        body.extend_from_slice(&VIOT_NODE_OFFSET.to_le_bytes());
+        body.extend_from_slice(&[0; 6]);
+    }
+    sdt(*b"VIOT", 0, &body)
+}
+
 fn build_tpm2() -> Vec<u8> {
     let mut body = Vec::with_capacity(40);
     body.extend_from_slice(&0u16.to_le_bytes()); // platform class: client

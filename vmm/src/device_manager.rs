@@ -190,6 +190,17 @@ impl DeviceManager {
         if let Some(r) = &cfg.rtc {
             pci.place(crate::virtio_build::rtc(r, slot_hints))?;
         }
+        // Then the virtio-iommu, as the original.
+        if let Some(m) = pci.iommu.clone() {
+            let slot = slot_hints
+                .and_then(|h| h.get(crate::pci_setup::IOMMU_ID))
+                .map(|h| h.slot);
+            let width = cfg
+                .platform
+                .as_ref()
+                .map_or(64, |p| p.iommu_address_width_bits);
+            pci.place(crate::virtio_build::iommu(m, width, slot))?;
+        }
         if cfg.pvpanic {
             crate::platform::add_pvpanic(&mut pci, slot_hints, ejections)?;
         }

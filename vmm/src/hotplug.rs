@@ -43,6 +43,13 @@ impl PciDevices {
                 warn!("PCI {at} ({}): {e}", f.id);
             }
         }
+        // Behind the IOMMU: the endpoint leaves its domain (its slot stays behind the IOMMU:
+        // only devices of IOMMU segments are removed).
+        if let (Some(m), Some(t)) = (&self.iommu, f.transport()) {
+            if let Some(endpoint) = lock(t).dma_endpoint() {
+                m.release(endpoint);
+            }
+        }
         info!("PCI {at}: {} ({}) unplugged", f.id, f.option);
         Some(f.id.clone())
     }

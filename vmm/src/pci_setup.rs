@@ -16,7 +16,7 @@ use hypervisor::{IoEventAddress, IrqRoute};
 use log::info;
 use pci::{BarKind, PciConfigIo, PciDevice, PciSegmentsEcam, VmInterface};
 use thiserror::Error;
-use virtio_devices::{Console, VirtioPciDevice};
+use virtio_devices::{Console, IommuMapping, VirtioPciDevice};
 use vm_allocator::IdAllocator;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -269,6 +269,9 @@ pub struct PciDevices {
     pub disk_image_types: Vec<ImageType>,
     /// The `--rate-limit-group` limiters, which disks share (hot-added ones too).
     pub(crate) rate_limit_groups: virtio_build::RateLimitGroups,
+    /// The virtio-iommu's address spaces, when the VM has one: the devices placed behind it
+    /// translate through them.
+    pub(crate) iommu: Option<Arc<IommuMapping>>,
 }
 
 impl PciDevices {
@@ -281,6 +284,34 @@ impl PciDevices {
         for s in &self.segments {
             s.root().remove_all();
         }
+    }
+
+    /// The VIOT's contents: the virtio-iommu's address and the functions behind it (every
+    /// slot of an IOMMU segment among them).
+    pub fn viot(&self) -> Option<arch::acpi::Viot> {
+        let m = self.iommu.as_ref()?;
+        let iommu = self
+            .functions
+            .iter()
+            .find(|f| f.id == IOMMU_ID)
+            .map(Function::address)?;
+        let rid = |endpoint: u32| ((endpoint >> 16) as u16, endpoint as u16);
+        Some(arch::acpi::Viot {
+            iommu: rid(endpoint_id(iommu)),
+            endpoints: m.managed().into_iter().map(rid).collect(),
+        })
+    }
+
+    /// Where device `id` is, when it is behind the IOMMU.
+    pub fn iommu_endpoint(&self, id: &str) -> Option<PciAddress> {
+        let f = self.functions.iter().find(|f| f.id == id)?;
+        let t = f.transport()?;
+        let behind = t
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dma_endpoint()
+            .is_some();
+        behind.then(|| f.address())
     }
 
     /// Each device's id and address, in placement order.
@@ -493,7 +524,14 @@ impl PciDevices {
                 .set_state(&d.config)
                 .map_err(|e| e.within(&d.id).to_string())?;
         }
-        for d in &s.devices {
+        // The virtio-iommu's address spaces first: the devices behind it translate their rings
+        // through them when their transports start.
+        let iommu_first = s
+            .devices
+            .iter()
+            .filter(|d| d.id == IOMMU_ID)
+            .chain(s.devices.iter().filter(|d| d.id != IOMMU_ID));
+        for d in iommu_first {
             let Some(t) = self
                 .functions
                 .iter()
@@ -571,7 +609,19 @@ impl PciDevices {
             lock,
             image_type: _,
             pmem,
+            iommu,
         } = d;
+        let dma = match (iommu, &self.iommu) {
+            (false, _) => None,
+            (true, Some(m)) => Some(m.clone()),
+            (true, None) => {
+                return Err(PciSetupError::Device {
+                    option,
+                    value: id,
+                    msg: "iommu=on: the VM has no IOMMU".into(),
+                })
+            }
+        };
         let counters = dev
             .counters()
             .map(|c| c as Arc<dyn devices::DeviceCounters>);
@@ -600,6 +650,13 @@ impl PciDevices {
             (Ok(slot), memory) => {
                 if let Some(f) = self.functions.last_mut() {
                     f.memory = memory;
+                    if let (Some(m), Some(t)) = (dma, f.transport()) {
+                        let endpoint = endpoint_id(slot);
+                        m.manage(endpoint);
+                        t.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .set_dma(m.endpoint(endpoint));
+                    }
                 }
                 Ok(slot)
             }
@@ -740,6 +797,15 @@ impl PciDevices {
     }
 }
 
+/// The virtio-iommu's id, as the original's.
+pub(crate) const IOMMU_ID: &str = "__iommu";
+
+/// The virtio-iommu's name for the function at `a` (VIOT's PCI range nodes give it so):
+/// segment, then the requester id (bus 0, the slot, function 0).
+pub(crate) fn endpoint_id(a: PciAddress) -> u32 {
+    u32::from(a.segment) << 16 | u32::from(a.slot) << 3
+}
+
 fn no_segment(segment: u16) -> String {
     format!("pci_segment={segment}: the VM has no such PCI segment")
 }
@@ -847,6 +913,7 @@ pub fn create(
             lock: None,
             image_type: None,
             pmem: None,
+            iommu: cfg.console.pci_common.iommu,
         });
     }
     let rate_limit_groups = virtio_build::rate_limit_groups(cfg);
@@ -920,7 +987,18 @@ pub fn create(
         released_counters: Vec::new(),
         disk_image_types,
         rate_limit_groups,
+        iommu: None,
     };
+    if cfg.iommu {
+        let m = Arc::new(IommuMapping::new());
+        // Every slot of an IOMMU segment is behind it, for devices hot-added there.
+        for segment in cfg.iommu_segments() {
+            for slot in 0..32 {
+                m.manage(endpoint_id(PciAddress { segment, slot }));
+            }
+        }
+        pci.iommu = Some(m);
+    }
     for d in list {
         let hint = slot_hints
             .and_then(|h| h.get(&d.id))

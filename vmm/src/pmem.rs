@@ -145,6 +145,7 @@ pub fn pmem(cfg: &PmemConfig, id: String) -> Result<NewDevice, PciSetupError> {
         lock: None,
         image_type: None,
         pmem: Some(PmemBacking { mapping, range }),
+        iommu: cfg.pci_common.iommu,
     })
 }
 

@@ -36,6 +36,8 @@ pub struct NewDevice {
     pub image_type: Option<ImageType>,
     /// A pmem device's mapping, placed in guest-physical memory with the device.
     pub pmem: Option<crate::pmem::PmemBacking>,
+    /// Behind the virtual IOMMU (`iommu=on`).
+    pub iommu: bool,
 }
 
 fn disk_error(d: &DiskConfig, msg: String) -> PciSetupError {
@@ -157,6 +159,7 @@ pub fn disk(
         lock: Some(lock),
         image_type: Some(image_type),
         pmem: None,
+        iommu: d.pci_common.iommu,
     })
 }
 
@@ -219,6 +222,7 @@ fn vhost_user_disk(d: &DiskConfig, socket: &str, id: String) -> Result<NewDevice
         // Kept beside the other disks' (the configuration records one per disk).
         image_type: Some(d.image_type),
         pmem: None,
+        iommu: false,
     })
 }
 
@@ -246,6 +250,7 @@ pub fn fs(f: &FsConfig, id: String) -> Result<NewDevice, PciSetupError> {
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: false,
     })
 }
 
@@ -344,6 +349,7 @@ pub fn net(n: &NetConfig, id: String) -> Result<NewDevice, PciSetupError> {
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: n.pci_common.iommu,
     })
 }
 
@@ -375,6 +381,7 @@ pub fn balloon(
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: cfg.pci_common.iommu,
     };
     Ok((dev, control))
 }
@@ -467,6 +474,7 @@ fn virtio_mem_device(
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: false,
     };
     Ok((dev, control))
 }
@@ -491,7 +499,25 @@ pub fn watchdog(
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: false,
     })
+}
+
+/// The virtio-iommu (`__iommu`, on segment 0, placed after the other virtio devices as the
+/// original places it) for the address spaces `mapping`, translating `width` bits
+/// (`--platform iommu_address_width`).
+pub fn iommu(mapping: Arc<virtio_devices::IommuMapping>, width: u8, slot: Option<u8>) -> NewDevice {
+    NewDevice {
+        option: "--platform",
+        id: crate::pci_setup::IOMMU_ID.into(),
+        slot,
+        segment: 0,
+        dev: Box::new(virtio_devices::Iommu::new(mapping, width)),
+        lock: None,
+        image_type: None,
+        pmem: None,
+        iommu: false,
+    }
 }
 
 /// The `--rtc` device (the original's `__rtc` unless `id=` names it). `hints`: where a
@@ -511,6 +537,7 @@ pub fn rtc(cfg: &vm_config::RtcConfig, hints: Option<&crate::pci_setup::SlotHint
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: cfg.pci_common.iommu,
     }
 }
 
@@ -536,6 +563,7 @@ pub fn vsock(cfg: &VsockConfig) -> Result<NewDevice, PciSetupError> {
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: cfg.pci_common.iommu,
     })
 }
 
@@ -556,5 +584,6 @@ pub fn rng(cfg: &RngConfig) -> Result<NewDevice, PciSetupError> {
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: cfg.pci_common.iommu,
     })
 }

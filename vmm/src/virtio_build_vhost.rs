@@ -57,6 +57,7 @@ pub fn net(n: &NetConfig, socket: &str, id: String) -> Result<NewDevice, PciSetu
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: false,
     })
 }
 
@@ -88,5 +89,6 @@ pub fn generic(g: &GenericVhostUserConfig, id: String) -> Result<NewDevice, PciS
         lock: None,
         image_type: None,
         pmem: None,
+        iommu: false,
     })
 }

@@ -305,6 +305,7 @@ impl Vm {
                 },
                 tpm: cfg.tpm.is_some(),
                 numa: crate::numa::acpi_nodes(cfg),
+                viot: devices.pci.viot(),
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;

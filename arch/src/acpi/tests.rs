@@ -11,6 +11,7 @@ fn cfg(boot: u32, max: u32) -> AcpiConfig {
         memory_slots: 0,
         tpm: false,
         numa: Vec::new(),
+        viot: None,
     }
 }
 

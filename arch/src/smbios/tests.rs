@@ -236,6 +236,7 @@ fn smbios_lies_in_reserved_memory_apart_from_the_acpi_tables() {
         memory_slots: 16,
         tpm: true,
         numa: Vec::new(),
+        viot: None,
     };
     acpi::create_acpi_tables(&mem, &largest).unwrap();
     setup_smbios(&mem, &SmbiosConfig::default()).unwrap();

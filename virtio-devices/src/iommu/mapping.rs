@@ -132,6 +132,16 @@ impl IommuMapping {
             .contains(&id)
     }
 
+    /// The endpoints behind this IOMMU, in order.
+    pub fn managed(&self) -> Vec<u32> {
+        self.managed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
     /// A per-endpoint handle for the device with endpoint id `id`.
     pub fn endpoint(self: &Arc<Self>, id: u32) -> Dma {
         Dma {
@@ -196,17 +206,13 @@ impl IommuMapping {
         }
     }
 
-    /// An endpoint that goes away (its device unplugged): detached, no longer managed.
-    pub fn forget(&self, endpoint: u32) {
+    /// The device of `endpoint` went away (unplugged): the endpoint leaves its domain, so a
+    /// device placed there later starts unattached.
+    pub fn release(&self, endpoint: u32) {
         let mut live = self.write();
         if let Some(d) = live.endpoints.remove(&endpoint) {
             Self::drop_if_unused(&mut live, d);
         }
-        drop(live);
-        self.managed
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&endpoint);
     }
 
     /// MAP `[iova, last]` of `domain` to `gpa..` with `flags`. The caller checked the range

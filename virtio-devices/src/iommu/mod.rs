@@ -259,7 +259,7 @@ impl Iommu {
     /// `iommu_address_width`, 64 at most) for the devices put behind `mapping`.
     pub fn new(mapping: Arc<IommuMapping>, address_width: u8) -> Self {
         let input_end = match address_width {
-            0 | 64.. => u64::MAX,
+            64.. => u64::MAX,
             w => (1u64 << w) - 1,
         };
         mapping.reset();

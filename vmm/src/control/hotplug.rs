@@ -176,6 +176,15 @@ impl Vmm {
             self.config = Some(dev.added_to(config));
             return Ok(ApiResponse::Empty);
         };
+        // The guest learns which functions are behind the IOMMU from the VIOT, written at
+        // boot: only a segment it lists whole can take a device behind it later.
+        let segment = dev.pci_common().pci_segment;
+        if dev.pci_common().iommu && !config.iommu_segments().contains(&segment) {
+            return Err(ApiError::BadRequest(format!(
+                "iommu=on: a hot-added device can be behind the IOMMU only on one of \
+                 --platform iommu_segments (segment {segment} is not)"
+            )));
+        }
         let placed = vm.devices().pci.placed();
         let used = ids_in_use(config, &placed);
         let id = match dev.pci_common().id.clone() {
@@ -240,6 +249,15 @@ impl Vmm {
         {
             return Err(ApiError::BadRequest(format!(
                 "id={id}: only disk, net, vsock, pmem, fs and generic vhost-user devices can be removed"
+            )));
+        }
+        // Behind the IOMMU outside an IOMMU segment: the boot-time VIOT names its slot, and a
+        // device hot-added there later could not be.
+        let behind = vm.devices().pci.iommu_endpoint(id);
+        if let Some(at) = behind.filter(|at| !config.iommu_segments().contains(&at.segment)) {
+            return Err(ApiError::BadRequest(format!(
+                "id={id}: a device behind the IOMMU ({at}) can be removed only from one of \
+                 --platform iommu_segments"
             )));
         }
         vm.devices_mut()
