@@ -32,6 +32,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
+                viot: None,
             },
         ),
         (
@@ -45,6 +46,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
+                viot: None,
             },
         ),
         (
@@ -58,6 +60,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 memory_slots: 0,
                 tpm: true,
                 numa: Vec::new(),
+                viot: None,
             },
         ),
         (
@@ -71,6 +74,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
+                viot: None,
             },
         ),
         (
@@ -93,6 +97,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
+                viot: None,
             },
         ),
         (
@@ -106,6 +111,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 memory_slots: 16,
                 tpm: true,
                 numa: Vec::new(),
+                viot: None,
             },
         ),
         (
@@ -119,6 +125,7 @@ fn configs() -> Vec<(&'static str, AcpiConfig)> {
                 memory_slots: 0,
                 tpm: false,
                 numa: Vec::new(),
+                viot: None,
             },
         ),
     ]

@@ -15,6 +15,7 @@ fn config(numa: Vec<NumaNode>) -> AcpiConfig {
         memory_slots: 0,
         tpm: false,
         numa,
+        viot: None,
     }
 }
 

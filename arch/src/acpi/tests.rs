@@ -787,3 +787,52 @@ fn tpm_adds_the_tpm2_table_and_the_crb_device() {
     let crs = [0x86, 9, 0, 1, 0, 0, 0xd4, 0xfe, 0, 0x10, 0, 0];
     assert!(contains(&dsdt, &crs), "TPM _CRS");
 }
+
+/// The VIOT: on segment 0 exactly what acpi_tables writes for the same topology (an
+/// independent writer; its range node leaves the segment out of the endpoint id, so it cannot
+/// write other segments); on segment 1 the endpoint id carries the segment. Listed in the
+/// XSDT, checksum valid.
+#[test]
+fn viot_matches_acpi_tables_and_carries_the_segment() {
+    use acpi_tables::viot::{PciDevice, PciRange, VirtIoPciIommu, VIOT};
+    let viot = Viot {
+        iommu: (0, 3 << 3),
+        endpoints: vec![(0, 1 << 3), (0, 2 << 3)],
+    };
+    let ours = build_viot(&viot);
+    let mut theirs = VIOT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let handle = theirs.add_virtio_pci_iommu(VirtIoPciIommu::new(PciDevice::new(0, 0, 3, 0)));
+    for slot in [1, 2] {
+        let f = || PciDevice::new(0, 0, slot, 0);
+        theirs.add_pci_range(PciRange::new(f(), f(), &handle));
+    }
+    let theirs = to_bytes(&theirs);
+    assert_eq!(ours.len(), theirs.len());
+    assert_eq!(ours[HEADER_LEN..], theirs[HEADER_LEN..]);
+    assert_eq!(sum(&ours), 0);
+
+    let two = build_viot(&Viot {
+        iommu: (0, 3 << 3),
+        endpoints: vec![(1, 4 << 3)],
+    });
+    let node = &two[HEADER_LEN + 12 + 16..];
+    assert_eq!(node[0], 1, "a PCI range node");
+    assert_eq!(u32_at(node, 4), 1 << 16 | 4 << 3, "endpoint id");
+    assert_eq!((u16_at(node, 8), u16_at(node, 10)), (1, 1), "segments");
+    assert_eq!(
+        (u16_at(node, 12), u16_at(node, 14)),
+        (32, 32),
+        "requester ids"
+    );
+    assert_eq!(u16_at(node, 16), 48, "output node");
+
+    let tables = place_tables(&AcpiConfig {
+        viot: Some(viot),
+        ..cfg(1, 1)
+    })
+    .unwrap();
+    let xsdt = table(&tables, b"XSDT");
+    let v = table(&tables, b"VIOT");
+    let n = (xsdt.bytes.len() - HEADER_LEN) / 8;
+    assert!((0..n).any(|i| u64_at(&xsdt.bytes, HEADER_LEN + 8 * i) == v.addr.0));
+}

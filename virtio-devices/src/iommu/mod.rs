@@ -94,8 +94,11 @@ impl QueueHandler for IommuHandler {
     }
 }
 
+/// The device-writable buffers of a request, `(address, length)`: where the answer goes.
+type Writable = Vec<(u64, u32)>;
+
 /// A request's bytes (what the driver gave, at most `MAX_REQUEST`) and where the answer goes.
-fn split_chain(mem: &GuestMemoryMmap, chain: &[Descriptor]) -> Option<(Vec<u8>, Vec<(u64, u32)>)> {
+fn split_chain(mem: &GuestMemoryMmap, chain: &[Descriptor]) -> Option<(Vec<u8>, Writable)> {
     let mut req = Vec::new();
     let mut out = Vec::new();
     for d in chain {
@@ -206,7 +209,7 @@ impl IommuHandler {
             T_MAP => match (field(4), wide(8), wide(16), wide(24), field(32)) {
                 (Some(domain), Some(start), Some(end), Some(gpa), Some(flags)) => {
                     match self.check_range(start, end) {
-                        Status::Ok if gpa % PAGE_SIZE != 0 => Status::Range,
+                        Status::Ok if !gpa.is_multiple_of(PAGE_SIZE) => Status::Range,
                         Status::Ok => m.map(domain, start, end, gpa, flags),
                         s => s,
                     }
@@ -214,14 +217,13 @@ impl IommuHandler {
                 _ => Status::Inval,
             },
             T_UNMAP => match (field(4), wide(8), wide(16)) {
-                (Some(domain), Some(start), Some(end)) => match self.check_range(start, end) {
-                    // An UNMAP reaching past the input range still unmaps what it covers.
-                    Status::Range if end > self.input_end && start <= self.input_end => {
-                        m.unmap(domain, start, self.input_end)
+                // An UNMAP reaching past the input range unmaps what it covers.
+                (Some(domain), Some(start), Some(end)) => {
+                    match self.check_range(start, end.min(self.input_end)) {
+                        Status::Ok => m.unmap(domain, start, end.min(self.input_end)),
+                        s => s,
                     }
-                    Status::Ok => m.unmap(domain, start, end),
-                    s => s,
-                },
+                }
                 _ => Status::Inval,
             },
             _ => Status::Unsupp,
@@ -233,11 +235,11 @@ impl IommuHandler {
     /// A MAP/UNMAP range: page-aligned (else RANGE, as the specification asks), not empty,
     /// inside the input range.
     fn check_range(&self, start: u64, end: u64) -> Status {
+        let aligned =
+            start.is_multiple_of(PAGE_SIZE) && end.wrapping_add(1).is_multiple_of(PAGE_SIZE);
         if end < start {
             Status::Inval
-        } else if start % PAGE_SIZE != 0 || end.wrapping_add(1) % PAGE_SIZE != 0 {
-            Status::Range
-        } else if end > self.input_end {
+        } else if !aligned || end > self.input_end {
             Status::Range
         } else {
             Status::Ok
