@@ -35,6 +35,7 @@ mod hostile_requests;
 mod hostile_suite;
 mod hostile_virtio;
 mod hotplug;
+mod iommu;
 mod kvmclock;
 mod mem;
 mod mem_zones;
@@ -261,6 +262,7 @@ extern "C" fn guest_main(protocol: u32, info: u64) -> ! {
         "pmem" => pmem::scenario_pmem(),
         "fs" => fs::scenario_fs(&boot),
         "tpm" => tpm::scenario_tpm(&boot, acpi.as_ref()),
+        "iommu" => iommu::scenario_iommu(&boot),
         "blkfault" => faults::scenario_blkfault(&boot),
         "netfault" => faults::scenario_netfault(&boot),
         other => fail("scenario", format_args!("unknown test={other}")),

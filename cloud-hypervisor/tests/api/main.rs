@@ -15,6 +15,7 @@ mod fs;
 mod helpers;
 mod hostile;
 mod hotplug;
+mod iommu;
 mod landlock;
 mod lifecycle;
 mod memory_hotplug;
