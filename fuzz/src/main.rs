@@ -89,6 +89,7 @@ const TARGETS: &[Target] = &[
     virtio_target!("virtio_pmem"),
     virtio_target!("virtio_watchdog"),
     virtio_target!("virtio_rtc"),
+    virtio_target!("virtio_iommu"),
     Target {
         name: "pci",
         run: pci::segment,

@@ -77,6 +77,7 @@ fn kind(d: &VirtioDeviceState) -> Option<&'static str> {
         VirtioDeviceState::Vsock(_) => "virtio_vsock",
         VirtioDeviceState::Pmem(_) => "virtio_pmem",
         VirtioDeviceState::Rtc(_) => "virtio_rtc",
+        VirtioDeviceState::Iommu(_) => "virtio_iommu",
         VirtioDeviceState::VhostUser(_) => return None,
     })
 }

@@ -12,6 +12,8 @@ use virtio_devices::{
     Pmem, PmemRange, Rng, VirtioDevice, VirtioMem, VirtioMemOptions, Vsock, Watchdog,
 };
 
+use virtio_devices::IommuMapping;
+
 use crate::virtio::{run, Buf, Driver, AGAIN, ALL_FEATURES, EVENT_IDX, HEADER, INDIRECT};
 
 struct NoRequests;
@@ -68,7 +70,11 @@ pub const DEVICES: &[&str] = &[
     "virtio_pmem",
     "virtio_watchdog",
     "virtio_rtc",
+    "virtio_iommu",
 ];
+
+/// The endpoints the `virtio_iommu` target's IOMMU manages.
+const IOMMU_ENDPOINTS: [u32; 2] = [8, 0x10];
 
 /// Builds the device of target `name`; `data` is its input (a few of its bytes pick what the
 /// host side holds: a read-only disk, a frame waiting on the TAP, console input).
@@ -181,6 +187,16 @@ pub fn build(name: &str, data: &[u8]) -> Option<Built> {
         }
         "virtio_watchdog" => built(Watchdog::new(Arc::new(NoRequests)).ok()?),
         "virtio_rtc" => built(virtio_devices::Rtc::default()),
+        "virtio_iommu" => {
+            let m = Arc::new(virtio_devices::IommuMapping::new());
+            for ep in IOMMU_ENDPOINTS {
+                m.manage(ep);
+            }
+            Some(Built {
+                dev: Box::new(virtio_devices::Iommu::new(m.clone(), 48)),
+                _keep: Some(Box::new(m)),
+            })
+        }
         _ => None,
     }
 }
@@ -189,6 +205,36 @@ pub fn build(name: &str, data: &[u8]) -> Option<Built> {
 pub fn device(name: &str, data: &[u8]) {
     if let Some(mut b) = build(name, data) {
         run(b.dev.as_mut(), data);
+        let mapping = b
+            ._keep
+            .as_ref()
+            .and_then(|k| k.downcast_ref::<Arc<IommuMapping>>());
+        if let Some(m) = mapping {
+            translate(m, data);
+        }
+    }
+}
+
+/// After the `virtio_iommu` target's requests (and its state saved and restored): accesses
+/// from the input's last bytes (16 each: IOVA, length, direction) translated for each
+/// endpoint; the pieces must cover the access exactly and never wrap.
+fn translate(m: &Arc<IommuMapping>, data: &[u8]) {
+    let tail = &data[data.len().saturating_sub(64)..];
+    for c in tail.chunks_exact(16) {
+        let iova = u64::from_le_bytes(c[..8].try_into().unwrap());
+        let len = u64::from(u32::from_le_bytes(c[8..12].try_into().unwrap()));
+        let write = c[12] & 1 != 0;
+        for ep in IOMMU_ENDPOINTS {
+            let mut total = 0u64;
+            let r = m.endpoint(ep).translate(iova, len, write, |a, n| {
+                let last = a.checked_add(n.saturating_sub(1));
+                assert!(last.is_some(), "piece {a:#x}+{n:#x} wraps");
+                total += n;
+            });
+            if r.is_ok() {
+                assert_eq!(total, len, "{iova:#x}+{len:#x} translated in part");
+            }
+        }
     }
 }
 
@@ -292,6 +338,36 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "virtio_pmem" => {
             one(Driver::new(f).chain(0, &[R(&[0, 0, 0, 0]), W(4)]));
             one(Driver::new(AGAIN).chain(0, &[R(&[1, 0, 0, 0]), W(4)]));
+        }
+        "virtio_iommu" => {
+            // head (type), then each request's fields; the tail (4) or PROBE's 512 + 4 back.
+            let attach =
+                |t: u64, d: u64, ep: u64, fl: u64| le(&[t, d, ep, fl, 0], &[4, 4, 4, 4, 4]);
+            let map = |d: u64, s: u64, e: u64, p: u64, fl: u64| {
+                le(&[3, d, s, e, p, fl], &[4, 4, 8, 8, 8, 4])
+            };
+            let unmap = |d: u64, s: u64, e: u64| le(&[4, d, s, e, 0], &[4, 4, 8, 8, 4]);
+            let mut probe = le(&[5, 8], &[4, 4]);
+            probe.extend_from_slice(&[0; 64]);
+            one(Driver::new(f)
+                .chain(0, &[R(&attach(1, 1, 8, 0)), W(4)])
+                .chain(
+                    0,
+                    &[R(&map(1, 0x1_0000_0000, 0x1_0000_1fff, 0x1000, 3)), W(4)],
+                )
+                .chain(
+                    0,
+                    &[R(&map(1, 0x1_0000_2000, 0x1_0000_2fff, 0x8000, 1)), W(4)],
+                )
+                .chain(0, &[R(&probe), W(516)])
+                .chain(0, &[R(&unmap(1, 0x1_0000_0000, 0x1_0000_0fff)), W(4)])
+                .chain(0, &[R(&attach(1, 2, 0x10, 1)), W(4)]));
+            one(Driver::new(AGAIN)
+                .chain(0, &[R(&attach(1, 7, 8, 0)), W(4)])
+                .chain(0, &[R(&map(7, 0, 0xffff, 0x2000, 2)), W(4)])
+                .chain(0, &[R(&unmap(7, 0, u64::MAX)), W(4)])
+                .chain(0, &[R(&attach(2, 7, 8, 0)), W(4)])
+                .chain(0, &[R(&[0x42, 0, 0, 0]), W(4)]));
         }
         "virtio_rtc" => {
             // msg_type, then clock (READ, CLOCK_CAP, CROSS_CAP): each request and its answer.

@@ -287,6 +287,10 @@ impl IommuMapping {
         mut out: impl FnMut(u64, u64),
     ) -> Result<(), Fault> {
         let fault = Fault { iova, len };
+        // An access past the last address (it would wrap to 0) is no access.
+        if iova.checked_add(len.saturating_sub(1)).is_none() {
+            return Err(fault);
+        }
         let live = self.read();
         let Some(domain) = live.endpoints.get(&endpoint) else {
             if self.bypass() {

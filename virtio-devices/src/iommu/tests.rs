@@ -104,6 +104,12 @@ fn a_mapping_up_to_the_last_address_translates_without_overflow() {
         pieces(&d, u64::MAX - 0xf, 0x10, true),
         Ok(vec![(0x4ff0, 0x10)])
     );
+    // An access that would wrap past the last address faults, translated or not (found by the
+    // virtio_iommu fuzz target).
+    assert!(pieces(&d, u64::MAX - 0xf, 0x20, false).is_err());
+    let other = m.endpoint(EP + 8);
+    assert_eq!(pieces(&other, u64::MAX, 1, false), Ok(vec![(u64::MAX, 1)]));
+    assert!(pieces(&other, u64::MAX, 0xffff_ffff, false).is_err());
     // A GPA range that would wrap is refused.
     assert_eq!(m.map(3, 0, 0x1fff, u64::MAX - 0xfff, RW), Status::Inval);
 }
