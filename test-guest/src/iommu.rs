@@ -24,7 +24,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::bootinfo::BootInfo;
 use crate::heap::SpinLock;
-use crate::rawq::{r16, r32, r8, w8, Layout, RawQueue, F_NEXT, F_WRITE, VERSION_1};
+use crate::rawq::{r16, r32, r8, w8, Layout, RawQueue, F_NEXT, F_WRITE, QSIZE, VERSION_1};
 use crate::virtio::{dma_pages, find, guest_pattern, host_pattern, transport, GuestHal};
 use crate::{check, fail, pass, println, smp};
 
@@ -55,6 +55,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 const WRITABLE: u64 = 0x400;
 /// The disk's sectors that are read and written (the image holds `host_pattern(0, s)`).
 const SECTORS: usize = 8;
+/// Bytes between event buffers (each a 24-byte `virtio_iommu_fault`).
+const EVENT_SIZE: u64 = 32;
 /// The domain the disk is attached to, where `IommuHal` maps.
 const DOMAIN: u32 = 1;
 
@@ -488,13 +490,20 @@ pub fn scenario_iommu(boot: &BootInfo) {
     // 2. Features, config, request queue.
     let want = VERSION_1 | F_INPUT_RANGE | F_DOMAIN_RANGE | F_MAP_UNMAP | F_PROBE | F_BYPASS_CONFIG;
     let offered = il.device_features();
-    // The event queue (1) is set up too, without buffers: a device may want all its queues.
-    let Some(q) = il
+    // The event queue (1) gets buffers for the faults the disk's accesses will raise.
+    let Some((q, mut ev)) = il
         .start("iommu-config", want & offered, &[0, 1])
-        .and_then(|v| v.into_iter().next())
+        .and_then(|v| {
+            let mut v = v.into_iter();
+            Some((v.next()?, v.next()?))
+        })
     else {
         return;
     };
+    for i in 0..QSIZE {
+        ev.set_desc(i, ev.buf + EVENT_SIZE * u64::from(i), 24, F_WRITE, 0);
+        ev.publish(i);
+    }
     let c = il.device;
     let (mask, in_start, in_end) = (r64(c), r64(c + 8), r64(c + 16));
     let (dom_start, dom_end, probe_size, bypass) =
@@ -548,6 +557,29 @@ pub fn scenario_iommu(boot: &BootInfo) {
     // 6-8. The disk through translated addresses.
     let wrote = translated(ddf, &dl);
     IOMMU.with(|s| s.fault = Fault::None);
+
+    // The faults of steps 4, 7 and 8 on the event queue: the rings of the unattached disk
+    // (no domain, a read), then the buffers the device was to write (no mapping for it).
+    let mut events = Vec::new();
+    while let Some((head, len)) = ev.poll_used() {
+        let at = ev.buf + EVENT_SIZE * u64::from(head);
+        events.push((len, r8(at), r32(at + 4), r32(at + 8), r64(at + 16)));
+    }
+    println!("INFO iommu fault events (len, reason, flags, endpoint, address): {events:x?}");
+    let domain = events
+        .iter()
+        .filter(|e| *e == &(24, 1, 0x101, ep, e.4))
+        .count();
+    let mapping = events
+        .iter()
+        .filter(|e| *e == &(24, 2, 0x102, ep, e.4))
+        .count();
+    check!(
+        "iommu-fault-events",
+        domain == 1 && mapping == 2 && events.len() == 3,
+        "{domain} domain faults (want 1), {mapping} write faults (want 2), {} in all",
+        events.len()
+    );
 
     // 9. A bypass domain: identity DMA.
     let detach = call(Req::attach(T_DETACH, DOMAIN, ep, 0));

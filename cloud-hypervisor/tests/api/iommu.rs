@@ -2,7 +2,8 @@
 //! IOMMU by hand and the disk with the `virtio-drivers` block driver through a DMA layer that
 //! maps every buffer at an I/O virtual address unlike its physical one (docs/iommu.md): the
 //! VIOT, the configuration, PROBE, the request statuses, rings refused while unmapped,
-//! translated I/O, unmapped and read-only buffers failing their requests, an identity domain.
+//! translated I/O, unmapped and read-only buffers failing their requests, the faults on the
+//! event queue, an identity domain.
 //! Then the translations across a snapshot restored in a new VMM, and the hotplug rules of
 //! IOMMU segments.
 
@@ -65,6 +66,7 @@ const CHECKS: &[&str] = &[
     "iommu-after-readonly",
     "iommu-blk-mappings",
     "iommu-blk-dealloc",
+    "iommu-fault-events",
     "iommu-bypass-domain",
     "iommu",
 ];

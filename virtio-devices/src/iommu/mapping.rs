@@ -5,11 +5,13 @@
 //! through them ([`Dma`]): their rings once when the driver starts them, each descriptor as it
 //! is read.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use log::debug;
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The only page size (the granule): 4 KiB.
 pub const PAGE_SIZE: u64 = 4096;
@@ -73,6 +75,44 @@ pub struct IommuMapping {
     bypass: AtomicBool,
     /// The endpoints this IOMMU manages (the devices behind it, by endpoint id).
     managed: RwLock<BTreeSet<u32>>,
+    faults: Faults,
+}
+
+/// Fault reasons and flags (`struct virtio_iommu_fault`).
+pub const FAULT_R_DOMAIN: u8 = 1;
+pub const FAULT_R_MAPPING: u8 = 2;
+pub const FAULT_F_READ: u32 = 1;
+pub const FAULT_F_WRITE: u32 = 2;
+pub const FAULT_F_ADDRESS: u32 = 0x100;
+/// Faults kept for the event queue at most; more are dropped (a guest making its device fault
+/// in a loop must not make the VMM grow).
+pub const MAX_PENDING_FAULTS: usize = 64;
+
+/// A fault to report on the event queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    pub reason: u8,
+    pub flags: u32,
+    pub endpoint: u32,
+    pub address: u64,
+}
+
+impl FaultRecord {
+    /// As the event queue carries it (24 bytes).
+    pub fn bytes(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0] = self.reason;
+        b[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..12].copy_from_slice(&self.endpoint.to_le_bytes());
+        b[16..24].copy_from_slice(&self.address.to_le_bytes());
+        b
+    }
+}
+
+/// Faults waiting for the event queue, and the eventfd that wakes the IOMMU's worker.
+struct Faults {
+    pending: Mutex<VecDeque<FaultRecord>>,
+    signal: Option<EventFd>,
 }
 
 /// Why an access did not translate.
@@ -105,7 +145,57 @@ impl IommuMapping {
             live: RwLock::new(Live::default()),
             bypass: AtomicBool::new(true),
             managed: RwLock::new(BTreeSet::new()),
+            faults: Faults {
+                pending: Mutex::new(VecDeque::new()),
+                // Without it (no eventfd to be had), faults wait for the next event buffer.
+                signal: EventFd::new(libc::EFD_NONBLOCK).ok(),
+            },
         }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<FaultRecord>> {
+        self.faults
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a fault for the event queue and wakes the worker (dropped past
+    /// `MAX_PENDING_FAULTS`).
+    fn report(&self, f: FaultRecord) {
+        let mut p = self.pending();
+        if p.len() >= MAX_PENDING_FAULTS {
+            debug!("virtio-iommu: fault dropped (queue full): {f:x?}");
+            return;
+        }
+        p.push_back(f);
+        drop(p);
+        if let Some(e) = &self.faults.signal {
+            let _ = e.write(1);
+        }
+    }
+
+    /// The eventfd signalled when a fault is recorded.
+    pub fn fault_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.faults.signal.as_ref().map(|e| e.as_raw_fd())
+    }
+
+    /// Clears the fault eventfd (the worker then takes what is pending).
+    pub fn clear_fault_signal(&self) {
+        if let Some(e) = &self.faults.signal {
+            let _ = e.read();
+        }
+    }
+
+    /// The oldest fault not yet reported.
+    pub fn next_fault(&self) -> Option<FaultRecord> {
+        self.pending().front().copied()
+    }
+
+    /// The oldest fault was reported.
+    pub fn fault_reported(&self) {
+        self.pending().pop_front();
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Live> {
@@ -158,10 +248,12 @@ impl IommuMapping {
         self.bypass.load(Ordering::Acquire)
     }
 
-    /// A device reset: every endpoint detached, every domain gone, bypass back on.
+    /// A device reset: every endpoint detached, every domain gone, bypass back on, no fault
+    /// waiting.
     pub fn reset(&self) {
         *self.write() = Live::default();
         self.set_bypass(true);
+        self.pending().clear();
     }
 
     /// ATTACH: `endpoint` joins `domain` (created when new; an identity domain with
@@ -277,16 +369,40 @@ impl IommuMapping {
 
     /// Translates the access of `len` bytes at `iova` by `endpoint` (`write`: the device
     /// writes) into guest-physical pieces, each given to `out` (address, length; adjacent ones
-    /// merged). `Err` when some byte is not mapped with the permission the access needs.
+    /// merged). `Err` when some byte is not mapped with the permission the access needs; the
+    /// fault is reported on the event queue.
     pub fn translate(
         &self,
         endpoint: u32,
         iova: u64,
         len: u64,
         write: bool,
-        mut out: impl FnMut(u64, u64),
+        out: impl FnMut(u64, u64),
     ) -> Result<(), Fault> {
-        let fault = Fault { iova, len };
+        self.translate_quietly(endpoint, iova, len, write, out)
+            .map_err(|(reason, fault)| {
+                let rw = if write { FAULT_F_WRITE } else { FAULT_F_READ };
+                self.report(FaultRecord {
+                    reason,
+                    flags: rw | FAULT_F_ADDRESS,
+                    endpoint,
+                    address: iova,
+                });
+                fault
+            })
+    }
+
+    /// `translate`, the fault's reason with the error, nothing reported.
+    fn translate_quietly(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        write: bool,
+        mut out: impl FnMut(u64, u64),
+    ) -> Result<(), (u8, Fault)> {
+        let fault = (FAULT_R_MAPPING, Fault { iova, len });
+        let domain_fault = (FAULT_R_DOMAIN, Fault { iova, len });
         // An access past the last address (it would wrap to 0) is no access.
         if iova.checked_add(len.saturating_sub(1)).is_none() {
             return Err(fault);
@@ -297,10 +413,10 @@ impl IommuMapping {
                 out(iova, len);
                 return Ok(());
             }
-            return Err(fault);
+            return Err(domain_fault);
         };
         let Some((bypass, maps)) = live.domains.get(domain) else {
-            return Err(fault);
+            return Err(domain_fault);
         };
         if *bypass || len == 0 {
             out(iova, len);
@@ -315,7 +431,7 @@ impl IommuMapping {
                 .next_back()
                 .map(|(_, m)| m)
                 .filter(|m| m.last >= at && m.flags & need != 0)
-                .ok_or(Fault { iova, len })?;
+                .ok_or((FAULT_R_MAPPING, Fault { iova, len }))?;
             // Bytes of this mapping from `at` on (the mapping may end at u64::MAX).
             let avail = (m.last - at).saturating_add(1);
             let n = left.min(avail);

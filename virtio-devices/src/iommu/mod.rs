@@ -8,7 +8,8 @@
 //! window, which the IOMMU does not translate) and BYPASS_CONFIG (the `bypass` field: 1 after
 //! a reset, so firmware and a guest without the driver keep working; the driver may write 0).
 //! A driver that does not accept BYPASS_CONFIG gets no bypass, as the specification asks.
-//! Faults are not reported on the event queue (its buffers stay with the device).
+//! An access a device behind it makes that does not translate is reported on the event queue
+//! (a `virtio_iommu_fault`: reason, read or write, endpoint, address), as Linux logs them.
 
 mod mapping;
 #[cfg(test)]
@@ -16,6 +17,7 @@ mod tests;
 
 pub use mapping::{Dma, Domain, Fault, IommuMapping, Mapping, Spaces};
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use guest_memory::GuestMemoryMmap;
@@ -25,7 +27,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::device_worker::DeviceWorker;
 use crate::vring::VirtQueue;
-use crate::worker::{process_chains, QueueHandler};
+use crate::worker::{process_chains, queue_bit, QueueHandler};
 use crate::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VirtioDeviceState,
     F_VERSION_1, VIRTIO_DEVICE_STATE_VERSION,
@@ -35,6 +37,7 @@ use mapping::{Status, PAGE_SIZE};
 pub const TYPE_IOMMU: u16 = 23;
 const QUEUE_SIZE: u16 = 256;
 const REQUEST_QUEUE: usize = 0;
+const EVENT_QUEUE: usize = 1;
 
 pub const F_INPUT_RANGE: u64 = 1 << 0;
 pub const F_DOMAIN_RANGE: u64 = 1 << 1;
@@ -83,7 +86,10 @@ impl QueueHandler for IommuHandler {
         queues: &mut [Option<VirtQueue>],
         mem: &GuestMemoryMmap,
     ) -> Result<u64, String> {
-        // The event queue keeps its buffers: no fault is reported.
+        if index == EVENT_QUEUE {
+            // New event buffers: the faults waiting for them.
+            return self.report_faults(queues, mem);
+        }
         if index != REQUEST_QUEUE {
             return Ok(0);
         }
@@ -91,6 +97,57 @@ impl QueueHandler for IommuHandler {
             return Ok(0);
         };
         process_chains(index, q, |_, chain| Some(self.serve(mem, chain)))
+    }
+
+    /// Faults recorded by the devices behind the IOMMU (any thread) wake the worker here.
+    fn extra_fd(&self) -> Option<RawFd> {
+        self.mapping.fault_fd()
+    }
+
+    fn process_extra(
+        &mut self,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        self.mapping.clear_fault_signal();
+        self.report_faults(queues, mem)
+    }
+}
+
+impl IommuHandler {
+    /// Puts each waiting fault in an event buffer while there are buffers (the rest wait for
+    /// the driver's next ones).
+    fn report_faults(
+        &mut self,
+        queues: &mut [Option<VirtQueue>],
+        mem: &GuestMemoryMmap,
+    ) -> Result<u64, String> {
+        let Some(Some(q)) = queues.get_mut(EVENT_QUEUE) else {
+            return Ok(0);
+        };
+        let mut used = 0;
+        let mut descs = Vec::new();
+        while let Some(f) = self.mapping.next_fault() {
+            let Some(head) = q.pop_one()? else {
+                break;
+            };
+            q.chain(head, &mut descs);
+            let out: Writable = descs
+                .iter()
+                .filter(|d| d.is_write_only())
+                .map(|d| (d.addr().0, d.len()))
+                .collect();
+            let n = if write_out(mem, &out, &f.bytes()) {
+                24
+            } else {
+                debug!("virtio-iommu: event buffer too small or outside memory");
+                0
+            };
+            q.add_used(head, n)?;
+            self.mapping.fault_reported();
+            used = queue_bit(EVENT_QUEUE);
+        }
+        Ok(used)
     }
 }
 

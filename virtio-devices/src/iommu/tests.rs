@@ -390,3 +390,85 @@ fn queue_chains_are_translated() {
     vq.chain(3, &mut out);
     assert!(out.is_empty());
 }
+
+/// A failed translation is a fault for the event queue: its reason (no domain, or no mapping
+/// with the permission), read or write, the endpoint and address; at most
+/// `MAX_PENDING_FAULTS` wait. The worker puts each in an event buffer (24 bytes), keeping
+/// the rest for the driver's next buffers.
+#[test]
+fn faults_reach_the_event_queue() {
+    use crate::vring::VirtQueue;
+    use mapping::{
+        FaultRecord, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN, FAULT_R_MAPPING,
+        MAX_PENDING_FAULTS,
+    };
+    use virtio_queue::{Queue, QueueT};
+    let m = mapping();
+    m.set_bypass(false);
+    assert!(pieces(&m.endpoint(EP), 0x5000, 8, true).is_err());
+    assert_eq!(m.attach(1, EP, false), Status::Ok);
+    assert_eq!(m.map(1, 0x10000, 0x10fff, 0x3000, MAP_READ), Status::Ok);
+    assert!(pieces(&m.endpoint(EP), 0x10000, 8, true).is_err());
+    assert!(pieces(&m.endpoint(EP), 0x10000, 8, false).is_ok());
+    let first = FaultRecord {
+        reason: FAULT_R_DOMAIN,
+        flags: FAULT_F_WRITE | FAULT_F_ADDRESS,
+        endpoint: EP,
+        address: 0x5000,
+    };
+    let second = FaultRecord {
+        reason: FAULT_R_MAPPING,
+        flags: FAULT_F_WRITE | FAULT_F_ADDRESS,
+        endpoint: EP,
+        address: 0x10000,
+    };
+    assert_eq!(m.next_fault(), Some(first));
+    for i in 0..2 * MAX_PENDING_FAULTS as u64 {
+        assert!(pieces(&m.endpoint(EP), 0x20000 + i, 1, false).is_err());
+    }
+
+    // Two event buffers of 24 bytes at 0x8000 and 0x8100, then a third of 8 (too small).
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    for (i, (addr, len)) in [(0x8000u64, 24u32), (0x8100, 24), (0x8200, 8)]
+        .iter()
+        .enumerate()
+    {
+        let d = Descriptor::new(*addr, *len, 2, 0);
+        mem.write_obj(d, GuestAddress(0x1000 + 16 * i as u64))
+            .unwrap();
+        mem.write_obj(i as u16, GuestAddress(0x2004 + 2 * i as u64))
+            .unwrap();
+    }
+    mem.write_obj(3u16, GuestAddress(0x2002)).unwrap();
+    let mut q = Queue::new(8).unwrap();
+    q.set_desc_table_address(Some(0x1000), Some(0));
+    q.set_avail_ring_address(Some(0x2000), Some(0));
+    q.set_used_ring_address(Some(0x3000), Some(0));
+    q.set_ready(true);
+    let mut queues = [None, Some(VirtQueue::new(q, &mem))];
+    let mut h = IommuHandler {
+        mapping: m.clone(),
+        input_end: u64::MAX,
+    };
+    assert_eq!(h.report_faults(&mut queues, &mem), Ok(1 << EVENT_QUEUE));
+    queues[1].as_mut().unwrap().publish();
+    let read = |at: u64| {
+        let mut b = [0u8; 24];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        b
+    };
+    assert_eq!(read(0x8000), first.bytes());
+    assert_eq!(read(0x8100), second.bytes());
+    // Used lengths 24, 24, then 0 for the buffer too small; the rest still wait.
+    let used_len = |i: u64| mem.read_obj::<u32>(GuestAddress(0x3008 + 8 * i)).unwrap();
+    assert_eq!((used_len(0), used_len(1), used_len(2)), (24, 24, 0));
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 3);
+    let third = m.next_fault().unwrap();
+    assert_eq!(
+        (third.reason, third.flags, third.address),
+        (FAULT_R_MAPPING, FAULT_F_READ | FAULT_F_ADDRESS, 0x20001)
+    );
+    // A reset forgets them.
+    m.reset();
+    assert_eq!(m.next_fault(), None);
+}
