@@ -62,6 +62,7 @@ fn type_name(t: u16) -> &'static str {
         19 => "vsock",
         24 => "mem",
         27 => "pmem",
+        23 => "iommu",
         35 => "watchdog",
         _ => "virtio",
     }

@@ -188,7 +188,8 @@ fn suite_files(dir: &Path) -> ([String; 7], Vec<u8>) {
             // The log goes to a file: Vmm::start pipes stderr and reads it only at the end,
             // and the suite's log would fill the pipe and block the vCPU that writes it.
             dir.join("vmm.log").display().to_string(),
-            format!("path={}", disk2.display()),
+            // Behind the virtio-iommu, which the suite then abuses as any virtio function.
+            format!("path={},iommu=on", disk2.display()),
         ],
         img,
     )
