@@ -145,15 +145,8 @@ impl SendMigrationConfig {
                 "connections: only one connection is supported by this VMM",
             ));
         }
-        check_common(OPT, url, self.tls_dir.as_deref(), self.memory_mode)?;
-        if self.preserve_source {
-            return Err(refuse(
-                OPT,
-                url,
-                "preserve_source is not supported by this VMM",
-            ));
-        }
-        Ok(())
+        check_common(OPT, url, self.tls_dir.as_deref(), self.memory_mode)
+
     }
 }
 
@@ -216,10 +209,6 @@ mod tests {
             (
                 r#"{"destination_url": "unix:/s", "downtime_ms": 0}"#,
                 "downtime_ms",
-            ),
-            (
-                r#"{"destination_url": "unix:/s", "preserve_source": true}"#,
-                "preserve_source",
             ),
             (r#"{"destination_url": "unix:/s", "bogus": 1}"#, "bogus"),
         ] {

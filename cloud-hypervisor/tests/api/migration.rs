@@ -570,6 +570,47 @@ fn a_long_pass_reports_as_it_goes() {
 }
 
 /// Requests a VMM cannot serve, each refused with a clear chain and nothing changed.
+/// `preserve_source=on`, as the original's: after the migration the source VMM keeps the VM,
+/// paused; the copy at the destination runs on; resumed, the kept one runs on too, from where
+/// it stopped (two guests from one, each checking every word of its 32 MiB each round).
+#[test]
+fn preserve_source_keeps_a_paused_copy() {
+    require_curl();
+    let (mut a, mut a_out) = boot("migrate-preserve-src", false, false, &[]);
+    let mut b = Vmm::start("migrate-preserve-dst", &[]);
+    let url = format!("unix:{}/mig.sock", b.dir.display());
+    let rx = receive(&b, &url);
+    wait_listening(&url);
+    let tx = send(
+        &a,
+        &format!("destination_url={url},preserve_source=on"),
+        false,
+    );
+    let (code, err) = wait_child(tx);
+    assert_eq!(code, Some(0), "send-migration: {err}");
+    let (code, err) = wait_child(rx);
+    assert_eq!(code, Some(0), "receive-migration: {err}");
+    // The source: still here, paused, its migration completed.
+    assert_eq!(a.state(), "Paused");
+    assert_eq!(progress_end(&a)["state"], "completed");
+    drain(&mut a, &mut a_out);
+    let last = rounds(&a_out).last().expect("rounds at the source").0;
+    // The copy runs at the destination.
+    let mut b_out = String::new();
+    let after = until_round(&mut b, &mut b_out, last + 5);
+    assert!(after.iter().all(|r| r.1 == "ok"), "{b_out}");
+    // Nothing moved at the source meanwhile; resumed, it goes on.
+    drain(&mut a, &mut a_out);
+    assert_eq!(rounds(&a_out).last().unwrap().0, last, "{a_out}");
+    assert_eq!(a.put("vm.resume").0, 204);
+    let again = until_round(&mut a, &mut a_out, last + 5);
+    let resumed: Vec<_> = again.iter().filter(|r| r.0 > last).collect();
+    assert!(resumed.iter().all(|r| r.1 == "ok"), "{a_out}");
+    assert_eq!(resumed[0].0, last + 1, "{a_out}");
+    assert_eq!(a.put("vmm.shutdown").0, 200);
+    assert_eq!(b.put("vmm.shutdown").0, 200);
+}
+
 #[test]
 fn migration_refusals() {
     require_curl();

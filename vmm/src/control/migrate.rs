@@ -39,6 +39,8 @@ pub(super) struct Outgoing {
     thread: JoinHandle<(Vm, Result<(), String>)>,
     progress: Receiver<Option<Progress>>,
     wake: EventFd,
+    /// `preserve_source`: after a success the VM stays here, paused.
+    preserve_source: bool,
 }
 
 /// A poll of `vm.migration-progress` this recent when a send succeeds means someone watches
@@ -129,7 +131,15 @@ impl Vmm {
                 "Local migration requires shared memory or hugepages enabled",
             ));
         }
+        if opts.preserve_source && opts.local {
+            // Allowed, as by the original; the two VMs then share their RAM's pages.
+            warn!(
+                "preserve_source with local=on: the kept VM shares its memory with the \
+                 destination's; resuming both corrupts both guests"
+            );
+        }
         let paused = self.state == VmState::Paused;
+        let preserve_source = opts.preserve_source;
         let memory_bytes = self
             .vm
             .as_ref()
@@ -195,6 +205,7 @@ impl Vmm {
                     thread,
                     progress: rx,
                     wake,
+                    preserve_source,
                 });
                 self.migration = Some(status);
                 Ok(())
@@ -312,6 +323,17 @@ impl Vmm {
         };
         self.vm = Some(vm);
         match result {
+            Ok(()) if out.preserve_source => {
+                if let Some(st) = self.migration.as_mut() {
+                    st.end(MigrationState::Completed);
+                }
+                self.monitor.emit("vm", "migration-finished");
+                // The migration paused it (or it was paused): it stays so, here, until resumed
+                // or shut down (a copy runs at the destination).
+                self.state = VmState::Paused;
+                info!("the VM also runs at the destination; it stays here, paused (preserve_source)");
+                Next::Continue
+            }
             Ok(()) => {
                 if let Some(st) = self.migration.as_mut() {
                     st.end(MigrationState::Completed);

@@ -260,12 +260,15 @@ fn run(
         pass += 1;
     }
     let state = serde_json::to_vec(&state).map_err(|e| format!("cannot encode the state: {e}"))?;
-    // The destination opens the disk images when it builds the VM from the state.
-    vm.devices()
-        .pci
-        .release_disk_locks()
-        .map_err(|e| format!("cannot release the disk locks: {e}"))?;
-    *locks_released = true;
+    // The destination opens the disk images when it builds the VM from the state; a source
+    // kept (`preserve_source`) keeps its images, as the original's.
+    if !opts.preserve_source {
+        vm.devices()
+            .pci
+            .release_disk_locks()
+            .map_err(|e| format!("cannot release the disk locks: {e}"))?;
+        *locks_released = true;
+    }
     s.request(Command::State, &state)?;
     s.request(Command::Complete, &[])?;
     let downtime = paused_at.elapsed();
