@@ -100,19 +100,32 @@ fn check_url(option: &str, url: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// What neither side does: TLS, postcopy.
+/// The files each side's `tls_dir` must hold, as the original's.
+const TLS_CLIENT_FILES: [&str; 3] = ["ca-cert.pem", "client-cert.pem", "client-key.pem"];
+const TLS_SERVER_FILES: [&str; 3] = ["ca-cert.pem", "server-cert.pem", "server-key.pem"];
+
+/// What neither side does (postcopy), and `tls_dir`: over `tcp:` only, with its `files`.
 fn check_common(
     option: &str,
     url: &str,
     tls_dir: Option<&str>,
     mode: MigrationMode,
+    files: &[&str],
 ) -> Result<(), ConfigError> {
-    if tls_dir.is_some() {
-        return Err(refuse(
-            option,
-            url,
-            "tls_dir: TLS is not supported by this VMM",
-        ));
+    if let Some(dir) = tls_dir {
+        if !url.starts_with("tcp:") {
+            return Err(refuse(option, url, "tls_dir: TLS goes over tcp: URLs only"));
+        }
+        for f in files {
+            let path = std::path::Path::new(dir).join(f);
+            if !path.is_file() {
+                return Err(refuse(
+                    option,
+                    url,
+                    &format!("tls_dir: {} is missing", path.display()),
+                ));
+            }
+        }
     }
     if mode == MigrationMode::Postcopy {
         return Err(refuse(
@@ -145,8 +158,13 @@ impl SendMigrationConfig {
                 "connections: only one connection is supported by this VMM",
             ));
         }
-        check_common(OPT, url, self.tls_dir.as_deref(), self.memory_mode)
-
+        check_common(
+            OPT,
+            url,
+            self.tls_dir.as_deref(),
+            self.memory_mode,
+            &TLS_CLIENT_FILES,
+        )
     }
 }
 
@@ -155,7 +173,13 @@ impl ReceiveMigrationConfig {
         const OPT: &str = "receive-migration";
         let url = self.receiver_url.as_str();
         check_url(OPT, url)?;
-        check_common(OPT, url, self.tls_dir.as_deref(), self.memory_mode)?;
+        check_common(
+            OPT,
+            url,
+            self.tls_dir.as_deref(),
+            self.memory_mode,
+            &TLS_SERVER_FILES,
+        )?;
         if self.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()) || self.iommufd_fd.is_some() {
             return Err(refuse(
                 OPT,
@@ -203,6 +227,10 @@ mod tests {
             ),
             (r#"{"destination_url": "unix:/s", "tls_dir": "/t"}"#, "TLS"),
             (
+                r#"{"destination_url": "tcp:127.0.0.1:6000", "tls_dir": "/nonexistent"}"#,
+                "/nonexistent/ca-cert.pem is missing",
+            ),
+            (
                 r#"{"destination_url": "unix:/s", "memory_mode": "Postcopy"}"#,
                 "postcopy",
             ),
@@ -225,6 +253,10 @@ mod tests {
         for (json, why) in [
             (r#"{"receiver_url": "x"}"#, "unix:<path> or tcp:"),
             (r#"{"receiver_url": "unix:/s", "tls_dir": "/t"}"#, "TLS"),
+            (
+                r#"{"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/nonexistent"}"#,
+                "/nonexistent/ca-cert.pem is missing",
+            ),
             (
                 r#"{"receiver_url": "unix:/s", "memory_mode": "Postcopy"}"#,
                 "postcopy",

@@ -21,6 +21,7 @@ mod lifecycle;
 mod memory_hotplug;
 mod memory_zones;
 mod migration;
+mod migration_tls;
 mod net_options;
 mod nmi;
 mod original_client;

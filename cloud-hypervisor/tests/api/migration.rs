@@ -35,7 +35,7 @@ fn config(shared: bool, disk: Option<&Path>) -> Value {
 }
 
 /// The complete BUSY lines of `text`: (round, mem, gen).
-fn rounds(text: &str) -> Vec<(u64, String, String)> {
+pub(crate) fn rounds(text: &str) -> Vec<(u64, String, String)> {
     busy_lines(text)
         .into_iter()
         .map(|b| (b.n, b.mem, b.gen))
@@ -43,7 +43,7 @@ fn rounds(text: &str) -> Vec<(u64, String, String)> {
 }
 
 /// Reads what the VMM has written on its stdout so far (non-blocking).
-fn drain(vmm: &mut Vmm, into: &mut String) {
+pub(crate) fn drain(vmm: &mut Vmm, into: &mut String) {
     let Some(out) = vmm.child.as_mut().and_then(|c| c.stdout.as_mut()) else {
         return;
     };
@@ -59,7 +59,7 @@ fn drain(vmm: &mut Vmm, into: &mut String) {
 }
 
 /// Drains `vmm`'s stdout until round `n` shows; returns the rounds.
-fn until_round(vmm: &mut Vmm, text: &mut String, n: u64) -> Vec<(u64, String, String)> {
+pub(crate) fn until_round(vmm: &mut Vmm, text: &mut String, n: u64) -> Vec<(u64, String, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         drain(vmm, text);
@@ -75,7 +75,7 @@ fn until_round(vmm: &mut Vmm, text: &mut String, n: u64) -> Vec<(u64, String, St
 
 /// Boots the busy guest (with a disk in the VMM's directory where `disk`) and lets it run a
 /// few rounds.
-fn boot(name: &str, shared: bool, disk: bool, extra: &[&str]) -> (Vmm, String) {
+pub(crate) fn boot(name: &str, shared: bool, disk: bool, extra: &[&str]) -> (Vmm, String) {
     let mut vmm = Vmm::start(name, extra);
     let disk = disk.then(|| vmm.dir.join("disk.img"));
     let config = config(shared, disk.as_deref());
@@ -89,7 +89,7 @@ fn boot(name: &str, shared: bool, disk: bool, extra: &[&str]) -> (Vmm, String) {
 
 /// `ch-remote receive-migration <url>` on `vmm`, in the background (it answers when the VM
 /// has arrived).
-fn receive(vmm: &Vmm, url: &str) -> Child {
+pub(crate) fn receive(vmm: &Vmm, url: &str) -> Child {
     Command::new(ch_remote_bin())
         .arg("--api-socket")
         .arg(&vmm.sock)
@@ -101,7 +101,7 @@ fn receive(vmm: &Vmm, url: &str) -> Child {
         .unwrap()
 }
 
-fn wait_child(mut c: Child) -> (Option<i32>, String) {
+pub(crate) fn wait_child(mut c: Child) -> (Option<i32>, String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(st) = c.try_wait().unwrap() {
@@ -125,7 +125,7 @@ enum Drive {
 }
 
 /// `ch-remote send-migration` on `vmm`, in the background.
-fn send(vmm: &Vmm, config: &str, no_wait: bool) -> Child {
+pub(crate) fn send(vmm: &Vmm, config: &str, no_wait: bool) -> Child {
     let mut c = Command::new(ch_remote_bin());
     c.arg("--api-socket")
         .arg(&vmm.sock)
@@ -141,13 +141,13 @@ fn send(vmm: &Vmm, config: &str, no_wait: bool) -> Child {
 }
 
 /// `vm.migration-progress`, with curl: its status and its body as JSON (Null if none).
-fn progress(vmm: &Vmm) -> (u16, Value) {
+pub(crate) fn progress(vmm: &Vmm) -> (u16, Value) {
     let (status, text) = vmm.curl("GET", "vm.migration-progress", None);
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// Asks for the progress until it is no longer "running"; returns it.
-fn progress_end(vmm: &Vmm) -> Value {
+pub(crate) fn progress_end(vmm: &Vmm) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, p) = progress(vmm);
@@ -229,7 +229,7 @@ fn held_link(listener: std::net::TcpListener, to: String) -> std::thread::JoinHa
 }
 
 /// Waits until something listens on `url`.
-fn wait_listening(url: &str) {
+pub(crate) fn wait_listening(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let up = match url.split_once(':') {

@@ -331,7 +331,9 @@ impl Vmm {
                 // The migration paused it (or it was paused): it stays so, here, until resumed
                 // or shut down (a copy runs at the destination).
                 self.state = VmState::Paused;
-                info!("the VM also runs at the destination; it stays here, paused (preserve_source)");
+                info!(
+                    "the VM also runs at the destination; it stays here, paused (preserve_source)"
+                );
                 Next::Continue
             }
             Ok(()) => {
@@ -385,8 +387,9 @@ impl Vmm {
         rc.validate().map_err(|e| receive_error(e.to_string()))?;
         let zone_updates = vm_config::zone_updates(&rc.zone_updates).map_err(receive_error)?;
         self.monitor.emit("vm", "migration-receive-ready");
-        let mut stream =
-            receive::accept(&rc.receiver_url, self.signal_rx.as_raw_fd()).map_err(|e| {
+        let tls_dir = rc.tls_dir.as_deref().map(std::path::Path::new);
+        let mut stream = receive::accept(&rc.receiver_url, self.signal_rx.as_raw_fd(), tls_dir)
+            .map_err(|e| {
                 self.monitor.emit("vm", "migration-receive-failed");
                 receive_error(e)
             })?;

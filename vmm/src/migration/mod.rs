@@ -1,11 +1,13 @@
 //! Live migration (issue 11): `vm.send-migration` and `vm.receive-migration` over `unix:` or
 //! `tcp:` URLs, in the original's framing (`protocol`), pre-copy over the dirty logs (`dirty`),
-//! or, for a local migration, with guest RAM's memory files handed over the Unix socket.
+//! or, for a local migration, with guest RAM's memory files handed over the Unix socket; over
+//! `tcp:` optionally in mutual TLS (`tls`).
 
 pub mod dirty;
 pub mod protocol;
 pub mod receive;
 pub mod send;
+pub mod tls;
 
 use std::time::Duration;
 

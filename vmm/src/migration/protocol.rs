@@ -8,7 +8,9 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 
+use super::tls::TlsStream;
 use crate::snapshot::MemoryRange;
 
 /// The protocol version this VMM speaks (the original's current one).
@@ -190,26 +192,42 @@ pub fn read_ranges(r: &mut impl Read, length: u64, max: usize) -> io::Result<Vec
         .collect())
 }
 
-/// The connection: a Unix or a TCP stream.
+/// The connection: a Unix or a TCP stream, or TLS over TCP (`tls_dir`).
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
-    /// Connects to `unix:<path>` or `tcp:<host>:<port>`.
-    pub fn connect(url: &str) -> io::Result<Self> {
-        match url.split_once(':') {
+    /// Connects to `unix:<path>` or `tcp:<host>:<port>`; with `tls_dir`, in TLS (`tcp:` only;
+    /// the receiver's certificate must name `host`).
+    pub fn connect(url: &str, tls_dir: Option<&Path>) -> Result<Self, String> {
+        let s = match url.split_once(':') {
             Some(("unix", path)) => UnixStream::connect(path).map(Stream::Unix),
-            Some(("tcp", addr)) => {
-                let s = TcpStream::connect(addr)?;
+            Some(("tcp", addr)) => TcpStream::connect(addr).and_then(|s| {
                 s.set_nodelay(true)?;
                 Ok(Stream::Tcp(s))
-            }
+            }),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("not a unix: or tcp: URL: {url}"),
             )),
+        }
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        match (s, tls_dir) {
+            (Stream::Tcp(s), Some(dir)) => {
+                let host = url["tcp:".len()..]
+                    .rsplit_once(':')
+                    .map_or("", |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                TlsStream::client(s, dir, host)
+                    .map(|t| Stream::Tls(Box::new(t)))
+                    .map_err(|e| format!("{url}: {e}"))
+            }
+            (Stream::Unix(_), Some(_)) => Err(format!("{url}: TLS goes over tcp: only")),
+            (s, _) => Ok(s),
         }
     }
 
@@ -242,16 +260,22 @@ impl Stream {
             Stream::Tcp(s) => s
                 .set_read_timeout(Some(t))
                 .and_then(|()| s.set_write_timeout(Some(t))),
+            Stream::Tls(s) => s
+                .tcp()
+                .set_read_timeout(Some(t))
+                .and_then(|()| s.tcp().set_write_timeout(Some(t))),
         };
         if let Err(e) = r {
             log::warn!("cannot set the migration socket's timeouts: {e}");
         }
     }
 
+    /// The socket (its options; data goes through `Read`/`Write` and their volatile forms).
     pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
             Stream::Unix(s) => s.as_fd(),
             Stream::Tcp(s) => s.as_fd(),
+            Stream::Tls(s) => s.tcp().as_fd(),
         }
     }
 
@@ -305,6 +329,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -314,11 +339,55 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Bytes of guest memory a TLS stream moves at a time (through a buffer: the data must be
+/// encrypted or decrypted on its way).
+const TLS_PIECE: usize = 256 << 10;
+
+/// Guest memory straight from the socket, or through TLS.
+impl vm_memory::ReadVolatile for Stream {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        match self {
+            Stream::Tls(s) => {
+                let mut b = vec![0u8; buf.len().min(TLS_PIECE)];
+                let n = s
+                    .read(&mut b)
+                    .map_err(vm_memory::VolatileMemoryError::IOError)?;
+                buf.copy_from(&b[..n]);
+                Ok(n)
+            }
+            s => s.fd().read_volatile(buf),
+        }
+    }
+}
+
+/// Guest memory straight to the socket, or through TLS.
+impl vm_memory::WriteVolatile for Stream {
+    fn write_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        match self {
+            Stream::Tls(s) => {
+                let mut b = vec![0u8; buf.len().min(TLS_PIECE)];
+                let n = buf.copy_to(&mut b);
+                s.write_all(&b[..n])
+                    .map_err(vm_memory::VolatileMemoryError::IOError)?;
+                Ok(n)
+            }
+            s => s.fd().write_volatile(buf),
+        }
     }
 }
 

@@ -52,8 +52,13 @@ fn wait_readable(fd: i32, cancel: i32) -> bool {
 }
 
 /// Waits for the source on `url` (`unix:<path>`: the socket file is created and removed after;
-/// `tcp:<host>:<port>`): returns the connection. Gives up when `cancel` becomes readable.
-pub fn accept(url: &str, cancel: i32) -> Result<Stream, ReceiveError> {
+/// `tcp:<host>:<port>`, in TLS with `tls_dir`): returns the connection. Gives up when `cancel`
+/// becomes readable.
+pub fn accept(
+    url: &str,
+    cancel: i32,
+    tls_dir: Option<&std::path::Path>,
+) -> Result<Stream, ReceiveError> {
     let cancelled = || format!("stopped waiting on {url}: the VMM is asked to end");
     let s = match url.split_once(':') {
         Some(("unix", path)) => {
@@ -78,7 +83,16 @@ pub fn accept(url: &str, cancel: i32) -> Result<Stream, ReceiveError> {
                 .accept()
                 .map_err(|e| format!("cannot accept on {url}: {e}"))?;
             let _ = s.set_nodelay(true);
-            Stream::Tcp(s)
+            match tls_dir {
+                Some(dir) => {
+                    // The handshake may not wait for ever on a silent client.
+                    let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
+                    let t =
+                        super::tls::TlsStream::server(s, dir).map_err(|e| format!("{url}: {e}"))?;
+                    Stream::Tls(Box::new(t))
+                }
+                None => Stream::Tcp(s),
+            }
         }
         _ => return Err(format!("not a unix: or tcp: URL: {url}")),
     };
@@ -174,7 +188,7 @@ pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> 
                                 r.gpa, r.length
                             ));
                         }
-                        crate::memory::read_range(mem, r.gpa, r.length, &mut s.fd(), 1 << 30)
+                        crate::memory::read_range(mem, r.gpa, r.length, s, 1 << 30)
                             .map_err(|e| format!("receiving memory at {:#x}: {e}", r.gpa))?;
                     }
                 }

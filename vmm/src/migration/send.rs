@@ -60,14 +60,13 @@ impl Link<'_> {
             .and_then(|()| self.stream.write_all(&table))
             .map_err(|e| format!("sending memory: {e}"))?;
         let mem = vm.memory();
-        let mut fd = self.stream.fd();
         let (mut sent, mut said) = (0u64, Instant::now());
         for r in ranges {
             // In pieces, so that a long pass reports as it goes.
             let mut at = 0;
             while at < r.length {
                 let n = (r.length - at).min(SENDING_PIECE);
-                crate::memory::write_range(mem, r.gpa + at, n, &mut fd, 1 << 30)
+                crate::memory::write_range(mem, r.gpa + at, n, &mut self.stream, 1 << 30)
                     .map_err(|e| format!("sending memory at {:#x}: {e}", r.gpa + at))?;
                 (at, sent) = (at + n, sent + n);
                 if said.elapsed() >= SENDING_EVERY {
@@ -119,8 +118,8 @@ fn send_logged(
     events: &Sender<Progress>,
     start: Instant,
 ) -> Result<(), SendError> {
-    let stream = Stream::connect(&opts.destination_url)
-        .map_err(|e| format!("cannot connect to {}: {e}", opts.destination_url))?;
+    let tls_dir = opts.tls_dir.as_deref().map(std::path::Path::new);
+    let stream = Stream::connect(&opts.destination_url, tls_dir)?;
     stream.set_buffers(super::SOCKET_BUFFER);
     stream.set_timeouts(super::receive::IDLE_TIMEOUT);
     let mut s = Link { stream, events };
