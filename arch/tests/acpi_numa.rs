@@ -76,6 +76,7 @@ fn srat_and_slit_describe_the_nodes() {
             memory: vec![(0, 0x4000000)],
             hotplug: vec![],
             distances: vec![(1, 25)],
+            initiators: vec![],
         },
         NumaNode {
             id: 1,
@@ -83,6 +84,7 @@ fn srat_and_slit_describe_the_nodes() {
             memory: vec![(0x4000000, 0x2000000), (0x1_0000_0000, 0x1000_0000)],
             hotplug: vec![(0x1_4000_0000, 0x800_0000)],
             distances: vec![],
+            initiators: vec![],
         },
     ]);
     let srat = disassemble(&cfg, b"SRAT");
@@ -150,4 +152,44 @@ fn srat_and_slit_describe_the_nodes() {
         ],
         "{dsdt}"
     );
+}
+
+/// A generic initiator (`--numa device_id=`): a node with one PCI function and nothing else, as
+/// iasl reads its SRAT structure (type 5, PCI handle: segment, bus, device and function).
+#[test]
+fn a_generic_initiator_node() {
+    let cfg = config(vec![
+        NumaNode {
+            id: 0,
+            cpus: vec![0, 1, 2],
+            memory: vec![(0, 0x4000000)],
+            hotplug: vec![],
+            distances: vec![],
+            initiators: vec![],
+        },
+        NumaNode {
+            id: 1,
+            cpus: vec![],
+            memory: vec![],
+            hotplug: vec![],
+            distances: vec![(0, 30)],
+            initiators: vec![(1, 5 << 3)],
+        },
+    ]);
+    let srat = disassemble(&cfg, b"SRAT");
+    assert!(srat.contains("Generic Initiator Affinity"), "{srat}");
+    assert_eq!(
+        values(&srat, "Proximity Domain"),
+        ["00000000", "00000000", "00000000", "00000000", "00000001"],
+        "{srat}"
+    );
+    assert_eq!(values(&srat, "Device Handle Type"), ["01"], "{srat}");
+    // Segment 1 (little endian), bus 0, device 5 function 0 (ACPI 6.3's PCI device handle).
+    assert_eq!(
+        values(&srat, "Device Handle"),
+        ["01", "01 00 00 28 00 00 00 00 00 00 00 00 00 00 00 00"],
+        "{srat}"
+    );
+    let slit = disassemble(&cfg, b"SLIT");
+    assert!(slit.contains("Localities : 0000000000000002"), "{slit}");
 }

@@ -436,6 +436,23 @@ fn memory_zone_and_numa_errors() {
                 "pci_segments: segment 1: the VM has 1 PCI segment(s)",
             ],
         ),
+        // A generic initiator of a device the VM lacks: found out once the devices are placed.
+        (
+            vec![
+                "--numa",
+                "guest_numa_id=0,cpus=[0]",
+                "--numa",
+                "guest_numa_id=1,device_id=nope",
+            ],
+            vec!["--numa guest_numa_id=1: device_id=nope: no PCI device of the VM has this id"],
+        ),
+        (
+            vec!["--numa", "guest_numa_id=1,device_id=gpu0,cpus=[0]"],
+            vec![
+                "--numa guest_numa_id=1,device_id=gpu0,cpus=[0]: ",
+                "mutually exclusive",
+            ],
+        ),
     ] {
         let mut all = vec!["--kernel", kernel.as_str()];
         all.extend(args);

@@ -1,5 +1,6 @@
 //! The guest's NUMA description (`--numa`): the ACPI SRAT and SLIT, read raw from the XSDT and
-//! printed for the host to check: `NUMA cpu node=<n> apic=<id>`, `NUMA mem node=<n>
+//! printed for the host to check: `NUMA cpu node=<n> apic=<id>`, `NUMA gi node=<n>
+//! pci=<segment>:<bus>:<device>.<function>` (a generic initiator), `NUMA mem node=<n>
 //! <base>+<length> hotplug=<0|1>` (hex), `NUMA slit <row>: <d>,<d>,...`; `NUMA none` without
 //! an SRAT.
 
@@ -65,6 +66,18 @@ pub fn report(rsdp: u64) {
                 rd::<u32>(at + 4),
                 rd::<u32>(at + 8)
             ),
+            // A generic initiator with a PCI handle: segment, bus, device/function.
+            5 if rd::<u8>(at + 3) == 1 => {
+                let devfn = rd::<u8>(at + 11);
+                println!(
+                    "NUMA gi node={} pci={:04x}:{:02x}:{:02x}.{}",
+                    rd::<u32>(at + 4),
+                    rd::<u16>(at + 8),
+                    rd::<u8>(at + 10),
+                    devfn >> 3,
+                    devfn & 7
+                )
+            }
             k => println!("NUMA srat-entry type={k}"),
         }
         at += u64::from(size);

@@ -54,7 +54,14 @@ fn bad_nodes_name_the_option_and_value() {
             "guest_numa_id=0,cpus=[0],distances=[1@300]",
             "not <node>@<distance>",
         ),
-        ("guest_numa_id=0,device_id=vfio0", "generic initiator"),
+        (
+            "guest_numa_id=1,device_id=gpu0,cpus=[1]",
+            "mutually exclusive with cpus and memory_zones",
+        ),
+        (
+            "guest_numa_id=1,device_id=gpu0,memory_zones=[z]",
+            "mutually exclusive with cpus and memory_zones",
+        ),
         ("guest_numa_id=0,cpus=[0],bogus=1", "unknown key 'bogus'"),
     ] {
         let e = parse(raw).unwrap_err();
@@ -174,4 +181,26 @@ fn numa_in_vm_create() {
     .unwrap();
     let e = bad.validate().unwrap_err();
     assert_eq!(e.option, "--numa", "{e}");
+}
+
+/// `device_id` (a generic initiator): a node of that device alone, with distances; the JSON as
+/// the original writes it.
+#[test]
+fn generic_initiator_nodes() {
+    let n = NumaConfig::parse("guest_numa_id=2,device_id=gpu0,distances=[0@30]").unwrap();
+    assert_eq!(n.device_id.as_deref(), Some("gpu0"));
+    assert_eq!((n.cpus.as_ref(), n.memory_zones.as_ref()), (None, None));
+    let json = serde_json::to_value(&n).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"guest_numa_id": 2, "device_id": "gpu0",
+            "distances": [{"destination": 0, "distance": 30}]})
+    );
+    let e = NumaConfig {
+        device_id: Some(String::new()),
+        ..n
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.contains("cannot be empty"), "{e}");
 }

@@ -8,14 +8,29 @@ use crate::config::VmConfig;
 use crate::memory_zones;
 
 /// The nodes of `cfg`, by id (the SLIT's order, as the original's); none without `--numa`.
-pub fn acpi_nodes(cfg: &VmConfig) -> Vec<NumaNode> {
+///
+/// `device`: where the device with a given id is (for generic initiators, `device_id`).
+pub fn acpi_nodes(
+    cfg: &VmConfig,
+    device: impl Fn(&str) -> Option<(u16, u16)>,
+) -> Result<Vec<NumaNode>, String> {
     let Some(nodes) = &cfg.numa else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let layout = memory_zones::layout(&cfg.memory);
     let mut out: Vec<NumaNode> = nodes
         .iter()
         .map(|n| {
+            let initiators = match &n.device_id {
+                Some(id) => vec![device(id).ok_or_else(|| {
+                    format!(
+                        "--numa guest_numa_id={}: device_id={id}: no PCI device of the VM has \
+                         this id",
+                        n.guest_numa_id
+                    )
+                })?],
+                None => Vec::new(),
+            };
             let zones = n.memory_zones.as_deref().unwrap_or_default();
             let of = |hotplug: bool| {
                 layout
@@ -25,7 +40,7 @@ pub fn acpi_nodes(cfg: &VmConfig) -> Vec<NumaNode> {
                     .map(|r| (r.start.0, r.size))
                     .collect()
             };
-            NumaNode {
+            Ok(NumaNode {
                 id: n.guest_numa_id,
                 // APIC ID i is vCPU i (the MADT's numbering).
                 cpus: n.cpus.clone().unwrap_or_default(),
@@ -37,11 +52,12 @@ pub fn acpi_nodes(cfg: &VmConfig) -> Vec<NumaNode> {
                     .flatten()
                     .map(|d| (d.destination, d.distance))
                     .collect(),
-            }
+                initiators,
+            })
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     out.sort_by_key(|n| n.id);
-    out
+    Ok(out)
 }
 
 /// The guest NUMA node memory zone `zone` belongs to.

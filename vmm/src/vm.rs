@@ -283,6 +283,15 @@ impl Vm {
             dies_per_package: t.dies_per_package,
             packages: t.packages,
         });
+        // A generic initiator's device, by id, where it was placed.
+        let placed = devices.pci.placed();
+        let numa = crate::numa::acpi_nodes(cfg, |id| {
+            placed.iter().find(|(p, _)| p == id).map(|(_, a)| {
+                let e = crate::pci_setup::endpoint_id(*a);
+                ((e >> 16) as u16, e as u16)
+            })
+        })
+        .map_err(VmError::Acpi)?;
         let rsdp = acpi::create_acpi_tables(
             &mem,
             &acpi::AcpiConfig {
@@ -304,7 +313,7 @@ impl Vm {
                     0
                 },
                 tpm: cfg.tpm.is_some(),
-                numa: crate::numa::acpi_nodes(cfg),
+                numa,
                 viot: devices.pci.viot(),
             },
         )

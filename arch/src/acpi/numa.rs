@@ -18,11 +18,15 @@ pub struct NumaNode {
     pub hotplug: Vec<(u64, u64)>,
     /// Distances to other nodes, `(node, distance)`.
     pub distances: Vec<(u32, u8)>,
+    /// PCI functions that are generic initiators of this node (`--numa device_id=`):
+    /// `(segment, requester id)`.
+    pub initiators: Vec<(u16, u16)>,
 }
 
 const MEM_ENABLED: u32 = 1;
 const MEM_HOT_PLUGGABLE: u32 = 1 << 1;
 const CPU_ENABLED: u32 = 1;
+const GI_ENABLED: u32 = 1;
 /// The distance of a node to itself, and of an unstated pair (ACPI: 10 is local).
 const LOCAL: u8 = 10;
 const REMOTE: u8 = 20;
@@ -49,6 +53,19 @@ fn x2apic_affinity(out: &mut Vec<u8>, node: u32, apic_id: u32) {
     out.extend_from_slice(&[0; 4]);
 }
 
+/// A Generic Initiator Affinity Structure (type 5, 32 bytes) for a PCI function: device
+/// handle type 1, the handle its segment (2 bytes), bus (byte 2) and device and function
+/// (byte 3), as ACPI 6.3 lays it out; enabled.
+fn generic_initiator(out: &mut Vec<u8>, node: u32, (segment, rid): (u16, u16)) {
+    out.extend_from_slice(&[5, 32, 0, 1]);
+    out.extend_from_slice(&node.to_le_bytes());
+    out.extend_from_slice(&segment.to_le_bytes());
+    out.extend_from_slice(&[(rid >> 8) as u8, rid as u8]);
+    out.extend_from_slice(&[0; 12]);
+    out.extend_from_slice(&GI_ENABLED.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+}
+
 pub(super) fn build_srat(nodes: &[NumaNode]) -> Vec<u8> {
     // Reserved: 4 bytes "1" (for backward compatibility), 8 bytes 0.
     let mut body = 1u32.to_le_bytes().to_vec();
@@ -62,6 +79,9 @@ pub(super) fn build_srat(nodes: &[NumaNode]) -> Vec<u8> {
         }
         for &c in &n.cpus {
             x2apic_affinity(&mut body, n.id, c);
+        }
+        for &f in &n.initiators {
+            generic_initiator(&mut body, n.id, f);
         }
     }
     sdt(*b"SRAT", 3, &body)

@@ -504,7 +504,8 @@ fn resize_zone_before_boot_is_plugged_at_boot() {
 }
 
 /// `--numa`: two guest NUMA nodes, each with a vCPU and a zone (one with a virtio-mem region),
-/// and a distance between them: the guest's SRAT and SLIT say so.
+/// and a distance between them, and a third of a disk alone (a generic initiator,
+/// `device_id`): the guest's SRAT and SLIT say so.
 #[test]
 fn numa_nodes_are_in_the_srat_and_slit() {
     require_curl();
@@ -512,6 +513,9 @@ fn numa_nodes_are_in_the_srat_and_slit() {
     let scratch = common::scratch("memory-zones-numa-serial");
     let serial = scratch.join("serial.out");
     let serial_arg = format!("file={}", serial.display());
+    let disk = scratch.join("gi.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={},id=gpu0", disk.display());
     let vmm = Vmm::start(
         "memory-zones-numa",
         &[
@@ -531,6 +535,10 @@ fn numa_nodes_are_in_the_srat_and_slit() {
             "guest_numa_id=0,cpus=[0],memory_zones=[a],distances=[1@25]",
             "--numa",
             "guest_numa_id=1,cpus=[1],memory_zones=[b]",
+            "--numa",
+            "guest_numa_id=2,device_id=gpu0,distances=[0@30]",
+            "--disk",
+            &disk_arg,
             "--serial",
             &serial_arg,
             "--console",
@@ -545,8 +553,10 @@ fn numa_nodes_are_in_the_srat_and_slit() {
         "NUMA mem node=1 0x100000000+0x8000000 hotplug=1\n",
         "NUMA cpu node=0 apic=0\n",
         "NUMA cpu node=1 apic=1\n",
-        "NUMA slit 0: 10,25\n",
-        "NUMA slit 1: 25,10\n",
+        "NUMA gi node=2 pci=0000:00:01.0\n",
+        "NUMA slit 0: 10,25,30\n",
+        "NUMA slit 1: 25,10,20\n",
+        "NUMA slit 2: 30,20,10\n",
     ] {
         assert!(text.contains(want), "{want}:\n{text}");
     }
@@ -557,4 +567,5 @@ fn numa_nodes_are_in_the_srat_and_slit() {
         info["config"]["numa"][0]["distances"],
         json!([{"destination": 1, "distance": 25}])
     );
+    assert_eq!(info["config"]["numa"][2]["device_id"], "gpu0");
 }
