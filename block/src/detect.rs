@@ -60,6 +60,12 @@ pub fn detect_from_bytes(head: &[u8], footer: Option<&[u8; 512]>) -> ImageType {
     if head.len() >= 8 && &head[..8] == b"conectix" {
         return ImageType::Vhd;
     }
+    // A flat VMDK's descriptor, or a sparse VMDK (which opening refuses by name).
+    if head.starts_with(crate::vmdk::DESCRIPTOR_MAGIC)
+        || head.starts_with(crate::vmdk::SPARSE_MAGIC)
+    {
+        return ImageType::Vmdk;
+    }
     if let Some(f) = footer {
         if crate::vhd::Footer::parse(f).is_ok() {
             return ImageType::Vhd;

@@ -22,6 +22,7 @@ mod shared;
 pub mod storage;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 use std::fs::{File, OpenOptions as StdOpenOptions};
 use std::io::{IoSlice, IoSliceMut};
@@ -45,6 +46,8 @@ pub enum ImageType {
     Vhd,
     /// Hyper-V VHDX, fixed or dynamic.
     Vhdx,
+    /// A flat VMDK: a text descriptor naming raw extent files.
+    Vmdk,
 }
 
 impl std::str::FromStr for ImageType {
@@ -55,8 +58,9 @@ impl std::str::FromStr for ImageType {
             "qcow2" => Ok(ImageType::Qcow2),
             "vhd" | "vpc" => Ok(ImageType::Vhd),
             "vhdx" => Ok(ImageType::Vhdx),
+            "vmdk" => Ok(ImageType::Vmdk),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown image type {s:?} (expected raw, qcow2, vhd or vhdx)"
+                "unknown image type {s:?} (expected raw, qcow2, vhd, vhdx or vmdk)"
             ))),
         }
     }
@@ -69,6 +73,7 @@ impl std::fmt::Display for ImageType {
             ImageType::Qcow2 => "qcow2",
             ImageType::Vhd => "vhd",
             ImageType::Vhdx => "vhdx",
+            ImageType::Vmdk => "vmdk",
         })
     }
 }
@@ -359,7 +364,22 @@ fn open_disk_at(
     }
     let image_type = match opts.image_type {
         Some(t) => t,
-        None => detect::detect_image_type(&file)?,
+        // A VMDK names other files: opened as one only when asked (`image_type=vmdk`), never
+        // probed, or a guest that writes a descriptor into its raw disk would have the VMM
+        // open the files beside it at the next start (the original probes it and refuses
+        // guest writes to sector 0 of a probed raw image instead).
+        None => match detect::detect_image_type(&file)? {
+            ImageType::Vmdk => {
+                return Err(Error::Unsupported {
+                    format: "vmdk",
+                    reason: format!(
+                        "{path:?} looks like a VMDK: give image_type=vmdk to open it as one \
+                         (a VMDK is never probed)"
+                    ),
+                })
+            }
+            t => t,
+        },
     };
     log::debug!("opening {path:?} as {image_type}");
     let disk: Box<dyn DiskFile> = match image_type {
@@ -367,6 +387,7 @@ fn open_disk_at(
         ImageType::Qcow2 => Box::new(qcow2::Qcow2Disk::open(file, path, opts, chain)?),
         ImageType::Vhd => Box::new(vhd::open_fixed(file, opts)?),
         ImageType::Vhdx => Box::new(vhdx::VhdxDisk::open(file, opts)?),
+        ImageType::Vmdk => Box::new(vmdk::VmdkDisk::open(file, path, opts)?),
     };
     Ok(disk)
 }

@@ -362,6 +362,47 @@ fn blk_readonly_rejects_writes() {
     check_disk(&a, 0, 1 << 20, false, false);
 }
 
+/// A flat VMDK (`image_type=vmdk`, as the original's): qemu-img's monolithicFlat descriptor
+/// and extent; the guest's blk checks through it, its writes in the extent file. Without
+/// `image_type=vmdk` it is refused (a VMDK is never probed: it names other files).
+#[test]
+fn blk_flat_vmdk() {
+    let dir = scratch("blkvmdk");
+    let desc = dir.join("d.vmdk");
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+        ])
+        .arg(&desc)
+        .arg("1M")
+        .output()
+        .expect("qemu-img (qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flat = dir.join("d-flat.vmdk");
+    make_disk(&flat, 0, 1 << 20);
+    let plain = format!("path={}", desc.display());
+    let r = boot_pvh("test=blk", &["--disk", &plain]);
+    assert_eq!(r.code(), Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("give image_type=vmdk"), "{}", r.stderr);
+    let d = format!("path={},image_type=vmdk,serial=serial0", desc.display());
+    let cmdline = format!("test=blk blk_disks=1 blk_sectors={SECTORS}");
+    let r = boot_pvh(&cmdline, &["--disk", &d]);
+    r.assert_guest_passed();
+    for c in ["read", "write", "flush", "read-back"] {
+        r.assert_passed(&format!("blk0-{c}"));
+    }
+    check_disk(&flat, 0, 1 << 20, true, false);
+}
+
 #[test]
 fn blk_image_locked_by_another_vmm() {
     let (_, da) = one_disk("blklock", "l.img", "");

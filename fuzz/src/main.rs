@@ -62,6 +62,12 @@ const TARGETS: &[Target] = &[
         seeds: None,
     },
     Target {
+        name: "vmdk_descriptor",
+        run: vmdk_descriptor,
+        max_len: 4096,
+        seeds: Some(vmdk_seeds),
+    },
+    Target {
         name: "api_requests",
         run: api::fuzz::fuzz_requests,
         max_len: 16384,
@@ -115,6 +121,31 @@ const TARGETS: &[Target] = &[
         seeds: Some(state::migration_seeds),
     },
 ];
+
+/// A flat VMDK's descriptor, as opening one reads it: what it accepts adds up within 2^64
+/// bytes and names no file outside its folder.
+fn vmdk_descriptor(data: &[u8]) {
+    if let Ok(extents) = block::vmdk::parse_descriptor(data) {
+        let total = extents
+            .iter()
+            .try_fold(0u64, |t, e| t.checked_add(e.sectors.checked_mul(512)?));
+        assert!(total.is_some(), "{extents:?}");
+    }
+}
+
+fn vmdk_seeds() -> Vec<Vec<u8>> {
+    [
+        "# Disk DescriptorFile\nversion=1\nCID=52b4a1c2\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\n# Extent description\nRW 8192 FLAT \"d-flat.vmdk\" 0\n\n\
+         # The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\n",
+        "# Disk DescriptorFile\ncreateType=\"twoGbMaxExtentFlat\"\n\
+         RW 4194304 FLAT \"big-f001.vmdk\" 0\nRW 4194304 FLAT \"big-f002.vmdk\" 0\n\
+         RDONLY 2048 VMFS \"o.vmdk\" 16\nRW 100 ZERO\nNOACCESS 8 FLAT \"x\"\n",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect()
+}
 
 static RUN: OnceLock<fn(&[u8])> = OnceLock::new();
 

@@ -115,7 +115,7 @@ pub enum ImageType {
 }
 
 /// The `image_type=` names the block layer opens.
-pub const IMAGE_TYPES: &[&str] = &["raw", "qcow2", "vhd", "vhdx"];
+pub const IMAGE_TYPES: &[&str] = &["raw", "qcow2", "vhd", "vhdx", "vmdk"];
 
 impl ImageType {
     /// The command line's name (`image_type=`); `None` for `Unknown`.
@@ -390,9 +390,6 @@ impl DiskConfig {
                     "serial={s}: at most {MAX_DISK_SERIAL} bytes (the virtio-blk device id)"
                 ));
             }
-        }
-        if self.image_type == ImageType::FlatVmdk {
-            return Err("image_type=vmdk is not supported yet".into());
         }
         if self.vhost_user != self.vhost_socket.is_some() {
             return Err("vhost_user=on and socket=<backend socket> go together".into());

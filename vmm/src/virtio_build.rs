@@ -55,8 +55,9 @@ fn block_image_type(t: ImageType) -> Option<block::ImageType> {
         ImageType::Qcow2 => Some(block::ImageType::Qcow2),
         ImageType::FixedVhd => Some(block::ImageType::Vhd),
         ImageType::Vhdx => Some(block::ImageType::Vhdx),
-        // The configuration refuses vmdk; probing finds what the file is.
-        ImageType::FlatVmdk | ImageType::Unknown => None,
+        ImageType::FlatVmdk => Some(block::ImageType::Vmdk),
+        // Probing finds what the file is (never a VMDK: block::open_disk).
+        ImageType::Unknown => None,
     }
 }
 
@@ -67,6 +68,7 @@ fn config_image_type(t: block::ImageType) -> ImageType {
         block::ImageType::Qcow2 => ImageType::Qcow2,
         block::ImageType::Vhd => ImageType::FixedVhd,
         block::ImageType::Vhdx => ImageType::Vhdx,
+        block::ImageType::Vmdk => ImageType::FlatVmdk,
     }
 }
 
