@@ -30,7 +30,12 @@ pub enum Status {
     Inval = 4,
     Range = 5,
     Noent = 6,
+    Nomem = 8,
 }
+
+/// Mappings kept at most, all domains together (about 100 bytes each): a guest mapping page
+/// after page must not make the VMM grow without bound. Linux keeps a few thousand.
+pub const MAX_MAPPINGS: usize = 1 << 18;
 
 /// One mapping of a domain: `[iova, last]` → `gpa..`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +72,8 @@ struct Live {
     endpoints: BTreeMap<u32, u32>,
     /// Domain → (bypass, mappings by first address).
     domains: BTreeMap<u32, (bool, BTreeMap<u64, Mapping>)>,
+    /// Mappings in all domains.
+    count: usize,
 }
 
 /// The IOMMU's address spaces, shared by its worker and the devices behind it.
@@ -294,7 +301,9 @@ impl IommuMapping {
 
     fn drop_if_unused(live: &mut Live, domain: u32) {
         if !live.endpoints.values().any(|&d| d == domain) {
-            live.domains.remove(&domain);
+            if let Some((_, maps)) = live.domains.remove(&domain) {
+                live.count -= maps.len();
+            }
         }
     }
 
@@ -314,6 +323,7 @@ impl IommuMapping {
             return Status::Inval;
         }
         let mut live = self.write();
+        let full = live.count >= MAX_MAPPINGS;
         let Some((bypass, maps)) = live.domains.get_mut(&domain) else {
             return Status::Noent;
         };
@@ -324,6 +334,9 @@ impl IommuMapping {
         if before.is_some_and(|(_, m)| m.last >= iova) {
             return Status::Inval;
         }
+        if full {
+            return Status::Nomem;
+        }
         maps.insert(
             iova,
             Mapping {
@@ -333,6 +346,7 @@ impl IommuMapping {
                 flags,
             },
         );
+        live.count += 1;
         Status::Ok
     }
 
@@ -361,9 +375,10 @@ impl IommuMapping {
             return Status::Range;
         }
         let gone: Vec<u64> = maps.range(iova..=last).map(|(&k, _)| k).collect();
-        for k in gone {
-            maps.remove(&k);
+        for k in &gone {
+            maps.remove(k);
         }
+        live.count -= gone.len();
         Status::Ok
     }
 

@@ -472,3 +472,27 @@ fn faults_reach_the_event_queue() {
     m.reset();
     assert_eq!(m.next_fault(), None);
 }
+
+/// At most `MAX_MAPPINGS` mappings in all: the next MAP is NOMEM; an UNMAP, or a domain going
+/// away with its mappings, makes room again.
+#[test]
+fn mappings_are_bounded() {
+    use mapping::MAX_MAPPINGS;
+    let m = mapping();
+    assert_eq!(m.attach(1, EP, false), Status::Ok);
+    assert_eq!(m.attach(2, EP + 8, false), Status::Ok);
+    for i in 0..MAX_MAPPINGS as u64 {
+        let iova = i * 0x1000;
+        assert_eq!(m.map(1, iova, iova + 0xfff, 0, RW), Status::Ok);
+    }
+    let past = MAX_MAPPINGS as u64 * 0x1000;
+    assert_eq!(m.map(1, past, past + 0xfff, 0, RW), Status::Nomem);
+    assert_eq!(m.map(2, 0, 0xfff, 0, RW), Status::Nomem);
+    // An overlap is still INVAL, not NOMEM.
+    assert_eq!(m.map(1, 0, 0xfff, 0, RW), Status::Inval);
+    assert_eq!(m.unmap(1, 0, 0xfff), Status::Ok);
+    assert_eq!(m.map(2, 0, 0xfff, 0, RW), Status::Ok);
+    assert_eq!(m.map(2, 0x1000, 0x1fff, 0, RW), Status::Nomem);
+    assert_eq!(m.detach(1, EP), Status::Ok);
+    assert_eq!(m.map(2, 0x1000, 0x1fff, 0, RW), Status::Ok);
+}
