@@ -146,7 +146,8 @@ impl<H: QueueHandler> DeviceWorker<H> {
 /// The lifecycle methods of `VirtioDevice` (activate, reset, queue_positions, pause, resume)
 /// for a device whose whole lifecycle is its `DeviceWorker` field `$worker` (virtio-rng,
 /// virtio-rtc, virtio-pmem): written inside the device's `impl VirtioDevice`. A device that
-/// does more around these calls (a configuration interrupt, state of its own) writes them out.
+/// does more around these calls (a configuration interrupt, state of its own) writes them out,
+/// or only activate and reset (`worker_pausing!` for the rest).
 macro_rules! worker_lifecycle {
     ($worker:ident) => {
         fn activate(&mut self, ctx: $crate::ActivateContext) -> Result<(), $crate::ActivateError> {
@@ -155,6 +156,15 @@ macro_rules! worker_lifecycle {
         fn reset(&mut self) {
             self.$worker.reset();
         }
+        $crate::device_worker::worker_pausing!($worker);
+    };
+}
+pub(crate) use worker_lifecycle;
+
+/// `queue_positions`, `pause` and `resume` of `worker_lifecycle!`, for a device that does more
+/// at activation or reset only (virtio-vsock, virtio-iommu).
+macro_rules! worker_pausing {
+    ($worker:ident) => {
         fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
             self.$worker.queue_positions()
         }
@@ -166,7 +176,7 @@ macro_rules! worker_lifecycle {
         }
     };
 }
-pub(crate) use worker_lifecycle;
+pub(crate) use worker_pausing;
 
 /// `device_state`/`set_device_state` for a device whose own state is its version only
 /// (`$state { version }` in `VirtioDeviceState::$variant`), named `$what` in errors.

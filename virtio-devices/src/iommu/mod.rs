@@ -25,7 +25,7 @@ use log::{debug, info};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::device_worker::DeviceWorker;
+use crate::device_worker::{worker_pausing, DeviceWorker};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler};
 use crate::{
@@ -383,15 +383,7 @@ impl VirtioDevice for Iommu {
         self.bypass_field = 1;
         self.mapping.reset();
     }
-    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.queue_positions()
-    }
-    fn pause(&mut self) -> Result<(), String> {
-        self.worker.pause()
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.worker.resume()
-    }
+    worker_pausing!(worker);
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Iommu(IommuState {
             version: VIRTIO_DEVICE_STATE_VERSION,

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use guest_memory::GuestMemoryMmap;
 use log::debug;
 
-use crate::device_worker::DeviceWorker;
+use crate::device_worker::{worker_pausing, DeviceWorker};
 use crate::vring::VirtQueue;
 use crate::worker::{process_chains, queue_bit, QueueHandler};
 use crate::{
@@ -214,15 +214,7 @@ impl VirtioDevice for Vsock {
             h.reset_event = false;
         }
     }
-    fn queue_positions(&self) -> Option<Vec<Option<(u16, u16)>>> {
-        self.worker.queue_positions()
-    }
-    fn pause(&mut self) -> Result<(), String> {
-        self.worker.pause()
-    }
-    fn resume(&mut self) -> Result<(), String> {
-        self.worker.resume()
-    }
+    worker_pausing!(worker);
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Vsock(VsockState {
             version: VIRTIO_DEVICE_STATE_VERSION,
