@@ -348,9 +348,11 @@ impl Write for Stream {
     }
 }
 
-/// Bytes of guest memory a TLS stream moves at a time (through a buffer: the data must be
-/// encrypted or decrypted on its way).
+/// Bytes of guest memory a TLS stream sends at a time (through a buffer: the data must be
+/// encrypted on its way).
 const TLS_PIECE: usize = 256 << 10;
+/// Bytes asked of a TLS stream per read: one record's plaintext at most comes at a time.
+const TLS_RECORD: usize = 16 << 10;
 
 /// Guest memory straight from the socket, or through TLS.
 impl vm_memory::ReadVolatile for Stream {
@@ -360,7 +362,7 @@ impl vm_memory::ReadVolatile for Stream {
     ) -> Result<usize, vm_memory::VolatileMemoryError> {
         match self {
             Stream::Tls(s) => {
-                let mut b = vec![0u8; buf.len().min(TLS_PIECE)];
+                let mut b = vec![0u8; buf.len().min(TLS_RECORD)];
                 let n = s
                     .read(&mut b)
                     .map_err(vm_memory::VolatileMemoryError::IOError)?;
