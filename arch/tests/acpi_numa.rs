@@ -21,8 +21,11 @@ fn config(numa: Vec<NumaNode>) -> AcpiConfig {
 
 /// iasl's disassembly of `table` (`srat`, `slit`) for `cfg`.
 fn disassemble(cfg: &AcpiConfig, table: &[u8; 4]) -> String {
+    // One folder per call: tests run in parallel, and two may disassemble the same table.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "acpi-numa-{}-{}",
+        "acpi-numa-{}-{n}-{}",
         std::process::id(),
         String::from_utf8_lossy(table)
     ));
