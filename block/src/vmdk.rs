@@ -208,20 +208,37 @@ impl VmdkDisk {
         }
         let lines = parse_descriptor(&text)?;
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        // Each file once (extents may come back to a file at a later offset): writable when an
+        // RW extent uses it, its extents sharing one open file description (and one lock).
+        let mut files = std::collections::BTreeMap::new();
+        for l in lines.iter().filter(|l| l.access != Access::NoAccess) {
+            let Some(name) = l.file.as_deref() else {
+                continue;
+            };
+            if files.contains_key(name) {
+                continue;
+            }
+            let writable = lines
+                .iter()
+                .any(|o| o.file.as_deref() == Some(name) && o.access == Access::ReadWrite);
+            let extent_opts = OpenOptions {
+                readonly: opts.readonly || !writable,
+                ..opts.clone()
+            };
+            files.insert(name, crate::open_file(&inside(dir, name)?, &extent_opts)?);
+        }
         let mut extents = Vec::with_capacity(lines.len());
         let mut start = 0u64;
-        for l in lines {
+        for l in &lines {
             let len = l.sectors * SECTOR;
             let file = match &l.file {
                 None => None,
                 Some(_) if l.access == Access::NoAccess => None,
                 Some(name) => {
-                    let p = inside(dir, name)?;
-                    let extent_opts = OpenOptions {
-                        readonly: opts.readonly || l.access == Access::ReadOnly,
-                        ..opts.clone()
-                    };
-                    let f = crate::open_file(&p, &extent_opts)?;
+                    let f = files
+                        .get(name.as_str())
+                        .ok_or_else(|| invalid(format!("extent {name:?} not opened")))?
+                        .try_clone()?;
                     let base = l
                         .offset_sectors
                         .checked_mul(SECTOR)

@@ -162,3 +162,29 @@ fn hostile_descriptors() {
     let e = open_vmdk(&sparse, true).err().unwrap().to_string();
     assert!(e.contains("sparse"), "{e}");
 }
+
+/// Two extents of one file at growing offsets (a file split into extents, as VMware writes a
+/// large one): one disk, one lock, both extents served.
+#[test]
+fn extents_sharing_a_file() {
+    let d = tmpdir();
+    let data = p(d.path(), "one.bin");
+    write_raw(&data, &pattern(16 * 512, 9));
+    let desc = p(d.path(), "shared.vmdk");
+    std::fs::write(
+        &desc,
+        "# Disk DescriptorFile\ncreateType=\"vmfs\"\nRW 8 FLAT \"one.bin\" 8\nRW 8 FLAT \"one.bin\" 0\n",
+    )
+    .unwrap();
+    let mut disk = open_as(&desc, ImageType::Vmdk, false);
+    assert_eq!(disk.size(), 16 * 512);
+    let src = pattern(16 * 512, 9);
+    let got = read_all(disk.as_mut());
+    assert!(got[..4096] == src[4096..] && got[4096..] == src[..4096]);
+    disk.write_all_at(4096, &[0xab; 512]).unwrap();
+    disk.flush().unwrap();
+    drop(disk);
+    assert!(std::fs::read(&data).unwrap()[..512]
+        .iter()
+        .all(|&b| b == 0xab));
+}
