@@ -238,6 +238,12 @@ impl MemoryConfig {
     }
 
     /// Whether any guest RAM is `hugepages=on`.
+    /// Whether any of the RAM is populated when it is mapped (`prefault=on`, here or in a
+    /// zone).
+    pub fn any_prefault(&self) -> bool {
+        self.prefault || self.zones.iter().flatten().any(|z| z.prefault)
+    }
+
     pub fn any_hugepages(&self) -> bool {
         match &self.zones {
             Some(z) => z.iter().any(|z| z.hugepages),

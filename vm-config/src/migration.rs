@@ -104,12 +104,11 @@ fn check_url(option: &str, url: &str) -> Result<(), ConfigError> {
 const TLS_CLIENT_FILES: [&str; 3] = ["ca-cert.pem", "client-cert.pem", "client-key.pem"];
 const TLS_SERVER_FILES: [&str; 3] = ["ca-cert.pem", "server-cert.pem", "server-key.pem"];
 
-/// What neither side does (postcopy), and `tls_dir`: over `tcp:` only, with its `files`.
-fn check_common(
+/// `tls_dir`: over `tcp:` only, with its `files`.
+fn check_tls(
     option: &str,
     url: &str,
     tls_dir: Option<&str>,
-    mode: MigrationMode,
     files: &[&str],
 ) -> Result<(), ConfigError> {
     if let Some(dir) = tls_dir {
@@ -127,15 +126,11 @@ fn check_common(
             }
         }
     }
-    if mode == MigrationMode::Postcopy {
-        return Err(refuse(
-            option,
-            url,
-            "memory_mode=postcopy is not supported by this VMM",
-        ));
-    }
     Ok(())
 }
+
+/// The most connections a send may use (the original's bound).
+pub const MAX_MIGRATION_CONNECTIONS: u64 = 128;
 
 impl SendMigrationConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -151,20 +146,42 @@ impl SendMigrationConfig {
         if self.timeout_s == 0 {
             return Err(refuse(OPT, url, "timeout_s must be at least 1"));
         }
-        if self.connections != 1 {
+        if !(1..=MAX_MIGRATION_CONNECTIONS).contains(&self.connections) {
             return Err(refuse(
                 OPT,
                 url,
-                "connections: only one connection is supported by this VMM",
+                &format!(
+                    "connections={}: must be 1 to {MAX_MIGRATION_CONNECTIONS}",
+                    self.connections
+                ),
             ));
         }
-        check_common(
-            OPT,
-            url,
-            self.tls_dir.as_deref(),
-            self.memory_mode,
-            &TLS_CLIENT_FILES,
-        )
+        if self.connections > 1 && !url.starts_with("tcp:") {
+            return Err(refuse(
+                OPT,
+                url,
+                "connections: more than one connection needs a tcp: URL",
+            ));
+        }
+        if self.memory_mode == MigrationMode::Postcopy {
+            let clash = if self.local {
+                Some("local=on")
+            } else if self.connections > 1 {
+                Some("connections above 1")
+            } else if self.preserve_source {
+                Some("preserve_source=on")
+            } else {
+                None
+            };
+            if let Some(c) = clash {
+                return Err(refuse(
+                    OPT,
+                    url,
+                    &format!("memory_mode=postcopy cannot be combined with {c}"),
+                ));
+            }
+        }
+        check_tls(OPT, url, self.tls_dir.as_deref(), &TLS_CLIENT_FILES)
     }
 }
 
@@ -173,13 +190,7 @@ impl ReceiveMigrationConfig {
         const OPT: &str = "receive-migration";
         let url = self.receiver_url.as_str();
         check_url(OPT, url)?;
-        check_common(
-            OPT,
-            url,
-            self.tls_dir.as_deref(),
-            self.memory_mode,
-            &TLS_SERVER_FILES,
-        )?;
+        check_tls(OPT, url, self.tls_dir.as_deref(), &TLS_SERVER_FILES)?;
         if self.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()) || self.iommufd_fd.is_some() {
             return Err(refuse(
                 OPT,
@@ -210,6 +221,13 @@ mod tests {
         assert!(!c.local);
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(send(r#"{"destination_url": "tcp:127.0.0.1:6000"}"#), Ok(()));
+        for ok in [
+            r#"{"destination_url": "tcp:127.0.0.1:6000", "connections": 128}"#,
+            r#"{"destination_url": "unix:/s", "memory_mode": "Postcopy"}"#,
+            r#"{"destination_url": "tcp:127.0.0.1:6000", "memory_mode": "Postcopy"}"#,
+        ] {
+            assert_eq!(send(ok), Ok(()), "{ok}");
+        }
         for (json, why) in [
             (
                 r#"{"destination_url": "/tmp/m.sock"}"#,
@@ -223,16 +241,32 @@ mod tests {
             ),
             (
                 r#"{"destination_url": "unix:/s", "connections": 2}"#,
-                "only one connection",
+                "needs a tcp: URL",
+            ),
+            (
+                r#"{"destination_url": "tcp:127.0.0.1:6000", "connections": 0}"#,
+                "connections=0: must be 1 to 128",
+            ),
+            (
+                r#"{"destination_url": "tcp:127.0.0.1:6000", "connections": 129}"#,
+                "connections=129: must be 1 to 128",
+            ),
+            (
+                r#"{"destination_url": "tcp:127.0.0.1:6000", "connections": 2, "memory_mode": "Postcopy"}"#,
+                "postcopy cannot be combined with connections above 1",
+            ),
+            (
+                r#"{"destination_url": "unix:/s", "local": true, "memory_mode": "Postcopy"}"#,
+                "postcopy cannot be combined with local=on",
+            ),
+            (
+                r#"{"destination_url": "unix:/s", "preserve_source": true, "memory_mode": "Postcopy"}"#,
+                "postcopy cannot be combined with preserve_source=on",
             ),
             (r#"{"destination_url": "unix:/s", "tls_dir": "/t"}"#, "TLS"),
             (
                 r#"{"destination_url": "tcp:127.0.0.1:6000", "tls_dir": "/nonexistent"}"#,
                 "/nonexistent/ca-cert.pem is missing",
-            ),
-            (
-                r#"{"destination_url": "unix:/s", "memory_mode": "Postcopy"}"#,
-                "postcopy",
             ),
             (
                 r#"{"destination_url": "unix:/s", "downtime_ms": 0}"#,
@@ -247,19 +281,19 @@ mod tests {
 
     #[test]
     fn receive_refusals() {
-        let ok: ReceiveMigrationConfig =
-            serde_json::from_str(r#"{"receiver_url": "tcp:0.0.0.0:6000"}"#).unwrap();
-        assert_eq!(ok.validate(), Ok(()));
+        for ok in [
+            r#"{"receiver_url": "tcp:0.0.0.0:6000"}"#,
+            r#"{"receiver_url": "unix:/s", "memory_mode": "Postcopy"}"#,
+        ] {
+            let c: ReceiveMigrationConfig = serde_json::from_str(ok).unwrap();
+            assert_eq!(c.validate(), Ok(()), "{ok}");
+        }
         for (json, why) in [
             (r#"{"receiver_url": "x"}"#, "unix:<path> or tcp:"),
             (r#"{"receiver_url": "unix:/s", "tls_dir": "/t"}"#, "TLS"),
             (
                 r#"{"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/nonexistent"}"#,
                 "/nonexistent/ca-cert.pem is missing",
-            ),
-            (
-                r#"{"receiver_url": "unix:/s", "memory_mode": "Postcopy"}"#,
-                "postcopy",
             ),
             (
                 r#"{"receiver_url": "unix:/s", "zone_updates": [{}]}"#,

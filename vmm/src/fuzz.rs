@@ -24,11 +24,14 @@ impl Builder for Fake<'_> {
     fn ram(&self) -> Option<&GuestMemoryMmap> {
         self.mem.as_ref()
     }
+    fn postcopy(&mut self, _fault: Stream) -> Result<(), String> {
+        Ok(())
+    }
     fn vm(&mut self, state: VmSnapshot) -> Result<(), String> {
         (self.vm)(state);
         Ok(())
     }
-    fn complete(&mut self) -> Result<(), String> {
+    fn complete(&mut self, _resume: bool) -> Result<(), String> {
         Ok(())
     }
 }
@@ -58,7 +61,7 @@ pub fn receive_migration(
     };
     let mut s = Stream::Unix(b);
     let mut fake = Fake { ram, vm, mem: None };
-    let _ = receive(&mut s, &mut fake);
+    let _ = receive(&mut s, None, &mut fake, false);
     drop(s);
     let _ = source.join();
 }

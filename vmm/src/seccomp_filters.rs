@@ -239,6 +239,22 @@ pub fn migration() -> Filter {
     Filter::new("migration").merge(&control_loop())
 }
 
+/// A migration's further connections (`migration::connections`): the destination's accepting
+/// thread and the threads that receive or send memory over each connection, and the source's
+/// postcopy page server. Sockets only (their reads and writes, TLS included, are plain
+/// `read`/`write`), and the polls that wait on them.
+pub fn migration_connection() -> Filter {
+    Filter::new("migration-connection")
+        .allow(EVENTS)
+        .allow(SOCKETS)
+}
+
+/// The destination's postcopy fetcher (`migration::postcopy::Fetcher`): the on-demand loader's
+/// userfaultfd requests, and the fault connection to the source.
+pub fn postcopy() -> Filter {
+    Filter::new("postcopy").merge(&uffd()).allow(SOCKETS)
+}
+
 /// The migration progress relay: channels and an eventfd write.
 pub fn migration_relay() -> Filter {
     Filter::new("migration-relay")
@@ -256,6 +272,8 @@ pub fn spawner() -> Filter {
         .merge(&prefault())
         .merge(&migration())
         .merge(&migration_relay())
+        .merge(&migration_connection())
+        .merge(&postcopy())
         .merge(&virtio_devices::worker_seccomp::all())
 }
 
@@ -346,6 +364,26 @@ mod tests {
     }
 
     #[test]
+    fn migration_connection_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::migration_connection_refuses_what_it_never_needs",
+            "mig-recv-0",
+            super::migration_connection,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
+    fn postcopy_refuses_what_it_never_needs() {
+        assert_confined(
+            "seccomp_filters::tests::postcopy_refuses_what_it_never_needs",
+            "postcopy",
+            super::postcopy,
+            Sysno::getpgid,
+        );
+    }
+
+    #[test]
     fn vcpu_may_not_create_vms_or_reach_other_devices() {
         let vcpu = super::vcpu();
         // KVM_RUN and KVM_IRQFD yes; a TAP's TUNSETOFFLOAD yes (a NIC's activation).
@@ -382,6 +420,8 @@ mod tests {
             super::vcpu(),
             super::uffd(),
             super::migration(),
+            super::migration_connection(),
+            super::postcopy(),
             super::control_loop(),
             workers,
         ] {

@@ -74,7 +74,7 @@ pub(crate) fn loader_ioctls() -> [u64; 2] {
     [UFFDIO_COPY_IOCTL(), UFFDIO_WAKE_IOCTL()]
 }
 
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 /// What one fault loads: the aligned block around the faulting page (fewer faults for the
 /// guest's sequential touches; pages of it already present are skipped).
 const BLOCK: u64 = 64 << 10;
@@ -112,8 +112,8 @@ fn create_uffd() -> Result<OwnedFd, Cause> {
     let first = std::io::Error::last_os_error();
     let dev = File::open("/dev/userfaultfd").map_err(|_| {
         Cause::io(
-            "memory_restore_mode=ondemand needs userfaultfd, which this host refuses \
-             (see vm.unprivileged_userfaultfd)",
+            "loading guest RAM on demand (memory_restore_mode=ondemand, postcopy migration) \
+             needs userfaultfd, which this host refuses (see vm.unprivileged_userfaultfd)",
         )(first)
     })?;
     // USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00).
@@ -127,6 +127,161 @@ fn create_uffd() -> Result<OwnedFd, Cause> {
     }
     // SAFETY: a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A userfaultfd: guest RAM registered on it faults, where a page is missing, to its reader,
+/// which fills the page in. Both loaders (on-demand restore, postcopy) are built on it.
+pub(crate) struct Uffd {
+    fd: OwnedFd,
+}
+
+/// What [`Uffd::wait`] saw.
+pub(crate) enum Wait {
+    Faults,
+    Stop,
+    Timeout,
+}
+
+impl Uffd {
+    pub(crate) fn new() -> Result<Self, Cause> {
+        let fd = create_uffd()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            ..Default::default()
+        };
+        // SAFETY: the fd is a userfaultfd and `api` the struct this ioctl reads and writes.
+        if unsafe { ioctl_with_mut_ref(&fd, UFFDIO_API_IOCTL(), &mut api) } < 0 {
+            return Err(last_error("UFFDIO_API failed"));
+        }
+        Ok(Uffd { fd })
+    }
+
+    /// Registers `len` bytes of RAM at `host` (guest address `gpa`, for the messages): its
+    /// missing pages fault from now on.
+    pub(crate) fn register(&self, host: u64, len: u64, gpa: u64) -> Result<(), Cause> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: host, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: registers a range of a mapping we own with the userfaultfd; `reg` is the
+        // struct the ioctl reads and writes.
+        if unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_REGISTER_IOCTL(), &mut reg) } < 0 {
+            return Err(last_error(&format!(
+                "cannot register guest RAM at {gpa:#x} with the userfaultfd"
+            )));
+        }
+        if reg.ioctls & UFFDIO_COPY_BIT == 0 {
+            return Err(Cause::new(format!(
+                "the userfaultfd cannot copy into guest RAM at {gpa:#x}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` (memory of ours, readable for that length) into
+    /// registered RAM at `dst`, page-aligned, skipping pages already there. Returns the bytes
+    /// copied.
+    pub(crate) fn copy(&self, dst: u64, src: u64, len: u64) -> u64 {
+        let (mut copied, mut at, mut retries) = (0, 0, 0);
+        while at < len {
+            let mut c = UffdioCopy {
+                dst: dst + at,
+                src: src + at,
+                len: len - at,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: copies from memory the caller vouches for into registered guest RAM
+            // (both `len` bytes long).
+            let ret = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_COPY_IOCTL(), &mut c) };
+            let done = u64::try_from(c.copy).unwrap_or(0);
+            copied += done;
+            if ret == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // A page already there (loaded before, or written): skip it.
+                Some(libc::EEXIST) => at += done + PAGE,
+                Some(libc::EAGAIN) if retries < 100 => {
+                    retries += 1;
+                    at += done;
+                }
+                _ => {
+                    error!("userfaultfd: UFFDIO_COPY at {:#x}: {e}", dst + at);
+                    break;
+                }
+            }
+        }
+        copied
+    }
+
+    /// Wakes whoever waits for the page at `page` (it may have been loaded by another
+    /// thread's fault meanwhile).
+    pub(crate) fn wake(&self, page: u64) {
+        let mut range = UffdioRange {
+            start: page,
+            len: PAGE,
+        };
+        // SAFETY: wakes threads waiting on a registered range; `range` is read by the ioctl.
+        unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_WAKE_IOCTL(), &mut range) };
+    }
+
+    /// Waits at most `timeout_ms` (-1: for ever) for faults, or for `stop`.
+    pub(crate) fn wait(&self, stop: &EventFd, timeout_ms: i32) -> Wait {
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfd structs.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!(
+                    "userfaultfd: poll failed: {}",
+                    std::io::Error::last_os_error()
+                );
+                return Wait::Stop;
+            }
+            return if fds[1].revents != 0 {
+                Wait::Stop
+            } else if fds[0].revents != 0 {
+                Wait::Faults
+            } else {
+                Wait::Timeout
+            };
+        }
+    }
+
+    /// The page faults waiting: their pages' addresses, added to `out`.
+    pub(crate) fn faults(&self, out: &mut Vec<u64>) {
+        let mut buf = [0u8; MSG_SIZE * 16];
+        // SAFETY: reads into our buffer, at most its length (the fd is non-blocking).
+        let got = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got <= 0 {
+            return;
+        }
+        for msg in buf[..got as usize].chunks_exact(MSG_SIZE) {
+            if msg[0] != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let mut addr = [0u8; 8];
+            addr.copy_from_slice(&msg[16..24]);
+            out.push(u64::from_ne_bytes(addr) & !(PAGE - 1));
+        }
+    }
 }
 
 /// The memory file mapped read-only (the loader's source); unmapped on drop.
@@ -176,15 +331,7 @@ impl OnDemand {
         file: &File,
         ranges: &[(MemoryRange, u64)],
     ) -> Result<Self, Cause> {
-        let uffd = create_uffd()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            ..Default::default()
-        };
-        // SAFETY: the fd is a userfaultfd and `api` the struct this ioctl reads and writes.
-        if unsafe { ioctl_with_mut_ref(&uffd, UFFDIO_API_IOCTL(), &mut api) } < 0 {
-            return Err(last_error("UFFDIO_API failed"));
-        }
+        let uffd = Uffd::new()?;
         let total: u64 = ranges.iter().map(|(r, _)| r.length).sum();
         let source = SourceMap::new(file, total)?;
         let mut regions = Vec::with_capacity(ranges.len());
@@ -193,28 +340,7 @@ impl OnDemand {
                 .find_region(vm_memory::GuestAddress(r.gpa))
                 .ok_or_else(|| Cause::new(format!("no RAM region at {:#x}", r.gpa)))?;
             let host = region.as_ptr() as u64;
-            let mut reg = UffdioRegister {
-                range: UffdioRange {
-                    start: host,
-                    len: region.len(),
-                },
-                mode: UFFDIO_REGISTER_MODE_MISSING,
-                ioctls: 0,
-            };
-            // SAFETY: registers a range of a mapping we own with the userfaultfd; `reg` is the
-            // struct the ioctl reads and writes.
-            if unsafe { ioctl_with_mut_ref(&uffd, UFFDIO_REGISTER_IOCTL(), &mut reg) } < 0 {
-                return Err(last_error(&format!(
-                    "cannot register guest RAM at {:#x} with the userfaultfd",
-                    r.gpa
-                )));
-            }
-            if reg.ioctls & UFFDIO_COPY_BIT == 0 {
-                return Err(Cause::new(format!(
-                    "the userfaultfd cannot copy into guest RAM at {:#x}",
-                    r.gpa
-                )));
-            }
+            uffd.register(host, region.len(), r.gpa)?;
             regions.push(Region {
                 host,
                 len: region.len(),
@@ -248,6 +374,16 @@ impl OnDemand {
     }
 }
 
+impl OnDemand {
+    /// A loader of another kind (postcopy's): `thread` ends when `stop` is written.
+    pub(crate) fn from_parts(stop: EventFd, thread: JoinHandle<()>) -> Self {
+        OnDemand {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
 impl Drop for OnDemand {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
@@ -258,116 +394,48 @@ impl Drop for OnDemand {
 }
 
 struct Loader {
-    uffd: OwnedFd,
+    uffd: Uffd,
     regions: Arc<[Region]>,
     _source: SourceMap,
 }
 
 impl Loader {
     fn run(self, stop: &EventFd) {
-        let mut buf = [0u8; MSG_SIZE * 16];
         let mut loaded = 0u64;
+        let mut pages = Vec::new();
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.uffd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfd structs.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            match self.uffd.wait(stop, -1) {
+                Wait::Stop => {
+                    debug!("on-demand loader stops; {} KiB loaded", loaded >> 10);
+                    return;
                 }
-                error!(
-                    "on-demand loader: poll failed: {}",
-                    std::io::Error::last_os_error()
-                );
-                return;
+                Wait::Timeout => continue,
+                Wait::Faults => {}
             }
-            if fds[1].revents != 0 {
-                debug!("on-demand loader stops; {} KiB loaded", loaded >> 10);
-                return;
-            }
-            // SAFETY: reads into our buffer, at most its length.
-            let got =
-                unsafe { libc::read(self.uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if got <= 0 {
-                continue;
-            }
-            for msg in buf[..got as usize].chunks_exact(MSG_SIZE) {
-                if msg[0] != UFFD_EVENT_PAGEFAULT {
-                    continue;
-                }
-                let mut addr = [0u8; 8];
-                addr.copy_from_slice(&msg[16..24]);
-                loaded += self.serve(u64::from_ne_bytes(addr));
+            pages.clear();
+            self.uffd.faults(&mut pages);
+            for &page in &pages {
+                loaded += self.serve(page);
             }
         }
     }
 
-    /// Loads the block around the page at `addr` and wakes whoever waits for that page.
-    /// Returns the bytes copied.
-    fn serve(&self, addr: u64) -> u64 {
-        let page = addr & !(PAGE - 1);
+    /// Loads the block around `page` and wakes whoever waits for it. Returns the bytes
+    /// copied.
+    fn serve(&self, page: u64) -> u64 {
         let Some(r) = self
             .regions
             .iter()
             .find(|r| (r.host..r.host + r.len).contains(&page))
         else {
-            error!("on-demand loader: a fault at {addr:#x} outside guest RAM");
+            error!("on-demand loader: a fault at {page:#x} outside guest RAM");
             return 0;
         };
         let start = (page - r.host) & !(BLOCK - 1);
         let end = (start + BLOCK).min(r.len);
-        let mut copied = 0;
-        let mut at = start;
-        let mut retries = 0;
-        while at < end {
-            let mut c = UffdioCopy {
-                dst: r.host + at,
-                src: r.src + at,
-                len: end - at,
-                mode: 0,
-                copy: 0,
-            };
-            // SAFETY: copies from our read-only source mapping into registered guest RAM
-            // (both inside their mappings: `at < end <= len`).
-            let ret = unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_COPY_IOCTL(), &mut c) };
-            let done = u64::try_from(c.copy).unwrap_or(0);
-            copied += done;
-            if ret == 0 {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                // A page already there (loaded before, or written): skip it.
-                Some(libc::EEXIST) => at += done + PAGE,
-                Some(libc::EAGAIN) if retries < 100 => {
-                    retries += 1;
-                    at += done;
-                }
-                _ => {
-                    error!("on-demand loader: UFFDIO_COPY at {:#x}: {e}", r.host + at);
-                    break;
-                }
-            }
-        }
-        // The faulting page may have been there already (another thread's fault loaded it):
-        // wake its waiters either way.
-        let mut range = UffdioRange {
-            start: page,
-            len: PAGE,
-        };
-        // SAFETY: wakes threads waiting on a registered range; `range` is read by the ioctl.
-        unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_WAKE_IOCTL(), &mut range) };
+        // SAFETY of the source: `r.src` maps the file's bytes for the whole region.
+        let copied = self.uffd.copy(r.host + start, r.src + start, end - start);
+        self.uffd.wake(page);
         copied
     }
 }

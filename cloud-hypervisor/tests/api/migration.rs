@@ -259,22 +259,39 @@ pub(crate) fn wait_listening(url: &str) {
 /// the next round, every word of its 32 MiB pattern right, the same generation ID; the source
 /// VMM ends, the destination reports Running and the events of both sides. `drive`: how, and
 /// what ch-remote says of it.
-fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: bool, drive: Drive) {
+/// Migrates a busy guest from a new VMM to another over `url` and checks it runs on there.
+/// `rx_opts`: the receiver's options after its URL (`,memory_mode=postcopy` makes it a
+/// postcopy migration; the sender's go in `drive`).
+fn migrate_and_check(
+    name: &str,
+    url: &str,
+    shared: bool,
+    local: bool,
+    disk: bool,
+    drive: Drive,
+    rx_opts: &str,
+) {
+    let postcopy = rx_opts.contains("postcopy");
     let dir = common::scratch(&format!("{name}-events"));
     let src_events = dir.join("src.json");
     let dst_events = dir.join("dst.json");
-    let (mut a, mut a_out) = boot(
-        &format!("{name}-src"),
-        shared,
-        disk,
-        &["--event-monitor", &format!("path={}", src_events.display())],
+    let src_monitor = format!("path={}", src_events.display());
+    let dst_monitor = format!("path={}", dst_events.display());
+    // Postcopy: both VMMs log what they fetched and served.
+    let dst_log = dir.join("dst.log");
+    let dst_log_arg = dst_log.display().to_string();
+    let (mut src_args, mut dst_args) = (
+        vec!["--event-monitor", &src_monitor],
+        vec!["--event-monitor", &dst_monitor],
     );
-    let mut b = Vmm::start(
-        &format!("{name}-dst"),
-        &["--event-monitor", &format!("path={}", dst_events.display())],
-    );
+    if postcopy {
+        src_args.push("-v");
+        dst_args.extend(["-v", "--log-file", &dst_log_arg]);
+    }
+    let (mut a, mut a_out) = boot(&format!("{name}-src"), shared, disk, &src_args);
+    let mut b = Vmm::start(&format!("{name}-dst"), &dst_args);
     let mut url = url.replace("DIR", &b.dir.display().to_string());
-    let rx = receive(&b, &url);
+    let rx = receive(&b, &format!("receiver_url={url}{rx_opts}"));
     wait_listening(&url);
     assert_eq!(progress(&a).0, 404, "no migration yet");
     match drive {
@@ -354,6 +371,15 @@ fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: boo
     assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
     a_out.push_str(&run.stdout);
     assert!(!a.sock.exists(), "the source's socket goes with it");
+    if postcopy {
+        // Every page went once, on demand or in the background, and the source served
+        // until the destination had them all.
+        assert!(
+            run.stderr.contains(" complete: 256 MiB served in "),
+            "{}",
+            run.stderr
+        );
+    }
     let before = rounds(&a_out);
     let last = before.last().expect("rounds at the source").clone();
     assert_eq!(b.state(), "Running");
@@ -383,6 +409,10 @@ fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: boo
     );
     assert!(!b_out.contains("VMGENID-CHANGED"), "{b_out}");
     assert_eq!(b.put("vmm.shutdown").0, 200);
+    if postcopy {
+        let log = std::fs::read_to_string(&dst_log).unwrap();
+        assert!(log.contains("postcopy: all 256 MiB fetched in "), "{log}");
+    }
     let src = events(&src_events);
     let at = |ev: &[String], e: &str| ev.iter().position(|x| x == e).unwrap_or(usize::MAX);
     assert!(
@@ -390,7 +420,7 @@ fn migrate_and_check(name: &str, url: &str, shared: bool, local: bool, disk: boo
         "{src:?}"
     );
     assert!(at(&src, "vm:migration-finished") < src.len(), "{src:?}");
-    if !local {
+    if !local && !postcopy {
         assert!(src.iter().any(|e| e == "vm:migration-progress"), "{src:?}");
     }
     let dst = events(&dst_events);
@@ -413,6 +443,7 @@ fn live_migration_over_unix_while_the_guest_writes() {
         false,
         true,
         Drive::ChRemote("", false),
+        "",
     );
 }
 
@@ -428,6 +459,7 @@ fn live_migration_over_tcp_while_the_guest_writes() {
         false,
         false,
         Drive::ChRemote(",downtime_ms=50", true),
+        "",
     );
 }
 
@@ -440,6 +472,53 @@ fn local_migration_hands_the_memory_files_over() {
         true,
         true,
         Drive::NoWait,
+        "",
+    );
+}
+
+/// `connections=4`: the memory goes over four more TCP connections (the original's
+/// ConnectionRole protocol), none over the first.
+#[test]
+fn live_migration_over_four_tcp_connections() {
+    let port = 20000 + ((std::process::id() + 7) % 20000);
+    migrate_and_check(
+        "migrate-conns",
+        &format!("tcp:127.0.0.1:{port}"),
+        false,
+        false,
+        true,
+        Drive::ChRemote(",connections=4", false),
+        "",
+    );
+}
+
+/// `memory_mode=postcopy` on both sides, over a Unix socket: the guest goes at once and its
+/// pages follow (every word it checks each round is right), with its disk.
+#[test]
+fn postcopy_migration_over_unix() {
+    migrate_and_check(
+        "migrate-postcopy",
+        "unix:DIR/migration.sock",
+        false,
+        false,
+        true,
+        Drive::ChRemote(",memory_mode=postcopy", false),
+        ",memory_mode=postcopy",
+    );
+}
+
+/// Postcopy over TCP, with shared (memfd) RAM at both ends.
+#[test]
+fn postcopy_migration_over_tcp_with_shared_memory() {
+    let port = 20000 + ((std::process::id() + 13) % 20000);
+    migrate_and_check(
+        "migrate-postcopy-tcp",
+        &format!("tcp:127.0.0.1:{port}"),
+        true,
+        false,
+        false,
+        Drive::ChRemote(",memory_mode=postcopy", false),
+        ",memory_mode=postcopy",
     );
 }
 
@@ -611,6 +690,39 @@ fn preserve_source_keeps_a_paused_copy() {
     assert_eq!(b.put("vmm.shutdown").0, 200);
 }
 
+/// A VM paused at the source arrives paused (CompletePaused, as the original's), and resumed
+/// it goes on from its next round.
+#[test]
+fn a_paused_vm_arrives_paused() {
+    require_curl();
+    let (mut a, mut a_out) = boot("migrate-paused-src", false, false, &[]);
+    assert_eq!(a.put("vm.pause").0, 204);
+    drain(&mut a, &mut a_out);
+    let mut b = Vmm::start("migrate-paused-dst", &[]);
+    let url = format!("unix:{}/mig.sock", b.dir.display());
+    let rx = receive(&b, &url);
+    wait_listening(&url);
+    let tx = send(&a, &format!("destination_url={url}"), false);
+    let (code, err) = wait_child(tx);
+    assert_eq!(code, Some(0), "send-migration: {err}");
+    let (code, err) = wait_child(rx);
+    assert_eq!(code, Some(0), "receive-migration: {err}");
+    let run = a.wait();
+    assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
+    a_out.push_str(&run.stdout);
+    let last = rounds(&a_out).last().expect("rounds at the source").0;
+    assert_eq!(b.state(), "Paused");
+    let mut b_out = String::new();
+    std::thread::sleep(Duration::from_millis(300));
+    drain(&mut b, &mut b_out);
+    assert!(rounds(&b_out).is_empty(), "a paused VM ran:\n{b_out}");
+    assert_eq!(b.put("vm.resume").0, 204);
+    let after = until_round(&mut b, &mut b_out, last + 3);
+    assert!(after.iter().all(|r| r.1 == "ok"), "{b_out}");
+    assert!(after[0].0 == last + 1 || after[0].0 == last + 2, "{b_out}");
+    assert_eq!(b.put("vmm.shutdown").0, 200);
+}
+
 #[test]
 fn migration_refusals() {
     require_curl();
@@ -636,8 +748,12 @@ fn migration_refusals() {
             "unix:<path> or tcp:<host>:<port>",
         ),
         (
-            json!({"destination_url": "unix:/tmp/x", "memory_mode": "Postcopy"}),
-            "postcopy",
+            json!({"destination_url": "unix:/tmp/x", "memory_mode": "Postcopy", "local": true}),
+            "memory_mode=postcopy cannot be combined with local=on",
+        ),
+        (
+            json!({"destination_url": "unix:/tmp/x", "connections": 2}),
+            "more than one connection needs a tcp: URL",
         ),
     ] {
         let (status, text) = a.curl("PUT", "vm.send-migration", Some(&body.to_string()));

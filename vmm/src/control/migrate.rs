@@ -20,7 +20,7 @@ use api::{ApiError, ApiResponse, ApiResult, MigrationProgress, MigrationState, V
 use guest_memory::GuestMemoryMmap;
 use hypervisor::KvmHypervisor;
 use log::{error, info, warn};
-use vm_config::{ReceiveMigrationConfig, SendMigrationConfig};
+use vm_config::{MigrationMode, ReceiveMigrationConfig, SendMigrationConfig};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -388,11 +388,14 @@ impl Vmm {
         let zone_updates = vm_config::zone_updates(&rc.zone_updates).map_err(receive_error)?;
         self.monitor.emit("vm", "migration-receive-ready");
         let tls_dir = rc.tls_dir.as_deref().map(std::path::Path::new);
-        let mut stream = receive::accept(&rc.receiver_url, self.signal_rx.as_raw_fd(), tls_dir)
-            .map_err(|e| {
-                self.monitor.emit("vm", "migration-receive-failed");
-                receive_error(e)
-            })?;
+        let (mut stream, listener) =
+            receive::accept(&rc.receiver_url, self.signal_rx.as_raw_fd(), tls_dir).map_err(
+                |e| {
+                    self.monitor.emit("vm", "migration-receive-failed");
+                    receive_error(e)
+                },
+            )?;
+        let postcopy = rc.memory_mode == MigrationMode::Postcopy;
         self.monitor.emit("vm", "migration-receive-started");
         let mut incoming = Incoming {
             hv: &self.hv,
@@ -400,14 +403,16 @@ impl Vmm {
             api_socket: self.api_socket.as_deref(),
             config: None,
             zone_updates,
+            postcopy,
             mem: None,
+            loader: None,
             ep: None,
             vm: None,
         };
-        let result = receive::receive(&mut stream, &mut incoming);
+        let result = receive::receive(&mut stream, Some(listener), &mut incoming, postcopy);
         let Incoming { config, ep, vm, .. } = incoming;
         match (result, config, ep, vm) {
-            (Ok(()), Some(config), Some(ep), Some(vm)) => {
+            (Ok(resumed), Some(config), Some(ep), Some(vm)) => {
                 self.config = Some(config);
                 if let Err(e) = self.attach(ep, vm) {
                     self.shutdown_vm();
@@ -415,7 +420,12 @@ impl Vmm {
                     self.monitor.emit("vm", "migration-receive-failed");
                     return Err(receive_error(e.to_string()));
                 }
-                self.state = VmState::Running;
+                // A VM paused at the source stays so (CompletePaused).
+                self.state = if resumed {
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                };
                 self.monitor.emit("vm", "migration-receive-finished");
                 Ok(())
             }
@@ -443,7 +453,11 @@ struct Incoming<'a> {
     config: Option<VmConfig>,
     /// `zone_updates`: the incoming zones' new host NUMA nodes.
     zone_updates: Vec<(String, u32)>,
+    /// `memory_mode=postcopy`: RAM comes from the source as the guest touches it.
+    postcopy: bool,
     mem: Option<GuestMemoryMmap>,
+    /// Postcopy's fetcher, for the VM to hold.
+    loader: Option<crate::uffd::OnDemand>,
     ep: Option<Endpoints>,
     vm: Option<Vm>,
 }
@@ -453,6 +467,31 @@ impl Builder for Incoming<'_> {
         let mut config = config.clone();
         config.memory.apply_zone_updates(&self.zone_updates)?;
         let config = &config;
+        if self.postcopy {
+            if !files.is_empty() {
+                return Err("memory_mode=postcopy cannot take memory files (local=on)".into());
+            }
+            if config.memory.any_hugepages() {
+                return Err(
+                    "memory_mode=postcopy cannot serve hugepages=on memory (the pages \
+                            are loaded 4 KiB at a time)"
+                        .into(),
+                );
+            }
+            if let Some(z) = config
+                .memory
+                .zones
+                .iter()
+                .flatten()
+                .find(|z| z.file.is_some())
+            {
+                return Err(format!(
+                    "memory_mode=postcopy cannot serve memory zone {} (file=): userfaultfd \
+                     serves anonymous and memfd memory only",
+                    z.id
+                ));
+            }
+        }
         // The VM's configuration is known now: confined before anything of it is built.
         crate::landlock::confine(config, self.api_socket, None).map_err(|e| e.to_string())?;
         let mem = if files.is_empty() {
@@ -472,6 +511,15 @@ impl Builder for Incoming<'_> {
         self.mem.as_ref()
     }
 
+    fn postcopy(&mut self, fault: crate::migration::protocol::Stream) -> Result<(), String> {
+        let mem = self.mem.as_ref().ok_or("State before Config")?;
+        let failed = self.events.error.try_clone().map_err(|e| e.to_string())?;
+        self.loader = Some(crate::migration::postcopy::Fetcher::start(
+            mem, fault, failed,
+        )?);
+        Ok(())
+    }
+
     fn vm(&mut self, state: VmSnapshot) -> Result<(), String> {
         let (Some(config), Some(mem)) = (self.config.as_ref(), self.mem.take()) else {
             return Err("State before Config".into());
@@ -482,7 +530,7 @@ impl Builder for Incoming<'_> {
             config,
             &state,
             mem,
-            None,
+            self.loader.take(),
             ep.host_io(),
             self.events,
             false,
@@ -495,9 +543,12 @@ impl Builder for Incoming<'_> {
         Ok(())
     }
 
-    fn complete(&mut self) -> Result<(), String> {
+    fn complete(&mut self, resume: bool) -> Result<(), String> {
         let vm = self.vm.as_mut().ok_or("Complete before State")?;
-        vm.resume().map_err(|e| e.to_string())
+        if resume {
+            vm.resume().map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }
 

@@ -3,7 +3,9 @@
 //! or, for a local migration, with guest RAM's memory files handed over the Unix socket; over
 //! `tcp:` optionally in mutual TLS (`tls`).
 
+pub mod connections;
 pub mod dirty;
+pub mod postcopy;
 pub mod protocol;
 pub mod receive;
 pub mod send;

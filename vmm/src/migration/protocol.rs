@@ -26,6 +26,11 @@ pub enum Command {
     Complete = 5,
     Abandon = 6,
     MemoryFd = 7,
+    /// Complete for a VM that was paused at the source: it stays paused here.
+    CompletePaused = 8,
+    /// Postcopy, on the fault connection: the destination asks for one range (a 16-byte
+    /// `{gpa, length}` payload); the answer's length is the bytes that follow it.
+    PageFault = 9,
 }
 
 impl Command {
@@ -38,6 +43,8 @@ impl Command {
             5 => Command::Complete,
             6 => Command::Abandon,
             7 => Command::MemoryFd,
+            8 => Command::CompletePaused,
+            9 => Command::PageFault,
             _ => return None,
         })
     }
@@ -126,6 +133,11 @@ impl Response {
         }
     }
 
+    /// OK, with `length` bytes following (a PageFault's page).
+    pub fn ok_with(length: u64) -> Self {
+        Response { ok: true, length }
+    }
+
     pub fn encode(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         let status = if self.ok {
@@ -154,6 +166,33 @@ impl Response {
                 format!("received response with unknown status {s}"),
             )),
         }
+    }
+}
+
+/// What an additional connection to the destination carries, said in its first two bytes
+/// (little-endian) before any request: pre-copy Memory requests, or postcopy's PageFaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Role {
+    PrecopyMemory = 1,
+    Fault = 2,
+}
+
+impl Role {
+    pub fn encode(self) -> [u8; 2] {
+        (self as u16).to_le_bytes()
+    }
+
+    /// The role a connection announces; `None` for any other value (0 is the original's
+    /// "invalid").
+    pub fn read_from(r: &mut impl Read) -> io::Result<Option<Self>> {
+        let mut b = [0u8; 2];
+        r.read_exact(&mut b)?;
+        Ok(match u16::from_le_bytes(b) {
+            1 => Some(Role::PrecopyMemory),
+            2 => Some(Role::Fault),
+            _ => None,
+        })
     }
 }
 
@@ -253,17 +292,22 @@ impl Stream {
 
     /// Makes a read or write that waits longer than `t` fail (the other side is gone or stuck).
     pub fn set_timeouts(&self, t: std::time::Duration) {
+        self.timeouts(Some(t));
+    }
+
+    /// Lets reads and writes wait as long as they must (a connection something else ends).
+    pub fn clear_timeouts(&self) {
+        self.timeouts(None);
+    }
+
+    fn timeouts(&self, t: Option<std::time::Duration>) {
         let r = match self {
-            Stream::Unix(s) => s
-                .set_read_timeout(Some(t))
-                .and_then(|()| s.set_write_timeout(Some(t))),
-            Stream::Tcp(s) => s
-                .set_read_timeout(Some(t))
-                .and_then(|()| s.set_write_timeout(Some(t))),
+            Stream::Unix(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+            Stream::Tcp(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
             Stream::Tls(s) => s
                 .tcp()
-                .set_read_timeout(Some(t))
-                .and_then(|()| s.tcp().set_write_timeout(Some(t))),
+                .set_read_timeout(t)
+                .and_then(|()| s.tcp().set_write_timeout(t)),
         };
         if let Err(e) = r {
             log::warn!("cannot set the migration socket's timeouts: {e}");

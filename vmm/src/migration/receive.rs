@@ -5,100 +5,41 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
 
 use log::{debug, info};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::protocol::{read_ranges, Command, Request, Response, Stream, PROTOCOL_VERSION};
+use super::connections::{receive_memory, Acceptor, Listener};
+use super::protocol::{Command, Request, Response, Stream, PROTOCOL_VERSION};
 use super::MigrationConfig;
 use crate::config::VmConfig;
 use crate::snapshot::VmSnapshot;
 
 /// Largest configuration or state payload taken (both are JSON of a few KiB to a few MiB).
 const MAX_JSON: u64 = 64 << 20;
-/// Most ranges in one Memory request.
-const MAX_RANGES: usize = 1 << 20;
 
 pub type ReceiveError = String;
 
 /// How long a connection may stay silent before the other side is taken for gone.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Waits for `fd` to be readable, or for `cancel` (the VMM's signal pipe: SIGTERM or SIGINT
-/// came) to be; false for the latter.
-fn wait_readable(fd: i32, cancel: i32) -> bool {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: cancel,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        return fds[1].revents == 0;
-    }
-}
+/// How long the destination waits, at State, for a postcopy source's fault connection.
+const FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Waits for the source on `url` (`unix:<path>`: the socket file is created and removed after;
-/// `tcp:<host>:<port>`, in TLS with `tls_dir`): returns the connection. Gives up when `cancel`
-/// becomes readable.
+/// Waits for the source on `url` (`unix:<path>`: the socket file is created, and removed when
+/// the listener goes; `tcp:<host>:<port>`, in TLS with `tls_dir`): returns the connection and
+/// the listener, which takes the source's further connections until State. Gives up when
+/// `cancel` becomes readable.
 pub fn accept(
     url: &str,
     cancel: i32,
     tls_dir: Option<&std::path::Path>,
-) -> Result<Stream, ReceiveError> {
-    let cancelled = || format!("stopped waiting on {url}: the VMM is asked to end");
-    let s = match url.split_once(':') {
-        Some(("unix", path)) => {
-            let _ = std::fs::remove_file(path);
-            let listener =
-                UnixListener::bind(path).map_err(|e| format!("cannot listen on {url}: {e}"))?;
-            let ready = wait_readable(listener.as_raw_fd(), cancel);
-            let accepted = ready.then(|| listener.accept());
-            let _ = std::fs::remove_file(path);
-            let (s, _) = accepted
-                .ok_or_else(cancelled)?
-                .map_err(|e| format!("cannot accept on {url}: {e}"))?;
-            Stream::Unix(s)
-        }
-        Some(("tcp", addr)) => {
-            let listener = std::net::TcpListener::bind(addr)
-                .map_err(|e| format!("cannot listen on {url}: {e}"))?;
-            if !wait_readable(listener.as_raw_fd(), cancel) {
-                return Err(cancelled());
-            }
-            let (s, _) = listener
-                .accept()
-                .map_err(|e| format!("cannot accept on {url}: {e}"))?;
-            let _ = s.set_nodelay(true);
-            match tls_dir {
-                Some(dir) => {
-                    // The handshake may not wait for ever on a silent client.
-                    let _ = s.set_read_timeout(Some(IDLE_TIMEOUT));
-                    let t =
-                        super::tls::TlsStream::server(s, dir).map_err(|e| format!("{url}: {e}"))?;
-                    Stream::Tls(Box::new(t))
-                }
-                None => Stream::Tcp(s),
-            }
-        }
-        _ => return Err(format!("not a unix: or tcp: URL: {url}")),
-    };
-    s.set_buffers(super::SOCKET_BUFFER);
-    s.set_timeouts(IDLE_TIMEOUT);
-    Ok(s)
+) -> Result<(Stream, Listener), ReceiveError> {
+    let listener = Listener::bind(url, tls_dir)?;
+    let s = listener
+        .accept(cancel)
+        .map_err(|e| format!("{url}: {e}"))?
+        .ok_or_else(|| format!("stopped waiting on {url}: the VMM is asked to end"))?;
+    Ok((s, listener))
 }
 
 /// What a reception builds, step by step.
@@ -106,10 +47,13 @@ pub trait Builder {
     /// Guest RAM for `config` (from the memory files where the source sent them).
     fn memory(&mut self, config: &VmConfig, files: Vec<File>) -> Result<(), String>;
     fn ram(&self) -> Option<&guest_memory::GuestMemoryMmap>;
+    /// Postcopy: the RAM (still empty) is to be filled from the source over `fault`, each
+    /// page fetched when first touched and the rest in the background.
+    fn postcopy(&mut self, fault: Stream) -> Result<(), String>;
     /// The VM, paused, from the RAM and `state`.
     fn vm(&mut self, state: VmSnapshot) -> Result<(), String>;
-    /// Lets the VM run.
-    fn complete(&mut self) -> Result<(), String>;
+    /// Lets the VM run (`resume`), or leaves it paused (the source's was).
+    fn complete(&mut self, resume: bool) -> Result<(), String>;
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(
@@ -126,12 +70,22 @@ fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&b).map_err(|e| format!("the {what} does not read: {e}"))
 }
 
-/// Serves the connection until Complete (Ok) or an error, Abandon included.
-pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> {
+/// Serves the connection until Complete or CompletePaused (Ok: whether the VM runs) or an
+/// error, Abandon included. `listener` (the one the connection came from) takes the source's
+/// further connections, from Config to State; `postcopy`: the receiver's `memory_mode`.
+pub fn receive(
+    s: &mut Stream,
+    listener: Option<Listener>,
+    b: &mut dyn Builder,
+    postcopy: bool,
+) -> Result<bool, ReceiveError> {
+    let mut listener = listener;
+    let mut acceptor: Option<Acceptor> = None;
     let mut started = false;
     let mut files: Vec<File> = Vec::new();
     let mut config: Option<VmConfig> = None;
     let mut built = false;
+    let mut resume = true;
     loop {
         let req = Request::read_from(s).map_err(|e| format!("reading a request: {e}"))?;
         debug!("migration: {:?}, {} bytes", req.command, req.length);
@@ -169,44 +123,69 @@ pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> 
                     c.vm_config
                         .validate()
                         .map_err(|e| format!("the configuration is invalid: {e}"))?;
+                    if postcopy && c.vm_config.memory.any_prefault() {
+                        return Err("postcopy migration is incompatible with memory prefault; \
+                                    the source VM must not be configured with prefault=on"
+                            .into());
+                    }
                     b.memory(&c.vm_config, std::mem::take(&mut files))?;
                     config = Some(c.vm_config);
+                    if let (Some(l), Some(mem)) = (listener.take(), b.ram()) {
+                        acceptor = Some(Acceptor::start(l, mem.clone())?);
+                    }
                 }
                 Command::Memory => {
-                    let ranges = read_ranges(s, req.length, MAX_RANGES)
-                        .map_err(|e| format!("reading a memory table: {e}"))?;
                     let mem = b.ram().ok_or("Memory before Config")?;
-                    for r in &ranges {
-                        let fits = mem.find_region(GuestAddress(r.gpa)).is_some_and(|reg| {
-                            r.gpa
-                                .checked_add(r.length)
-                                .is_some_and(|end| end <= reg.start_addr().0 + reg.len())
-                        });
-                        if !fits {
-                            return Err(format!(
-                                "memory range {:#x}+{:#x} is not guest RAM",
-                                r.gpa, r.length
-                            ));
-                        }
-                        crate::memory::read_range(mem, r.gpa, r.length, s, 1 << 30)
-                            .map_err(|e| format!("receiving memory at {:#x}: {e}", r.gpa))?;
-                    }
+                    receive_memory(mem, &req, s)?;
                 }
                 Command::State => {
                     if config.is_none() || built {
                         return Err("State out of place".into());
                     }
+                    // The further connections end here (the source sends State once its
+                    // memory is all answered); postcopy's fault connection is kept.
+                    let fault = match acceptor.take() {
+                        Some(acc) if postcopy => {
+                            let f = acc.fault_connection(FAULT_WAIT);
+                            acc.finish()?;
+                            Some(f.ok_or(
+                                "no fault connection came within 30 s: does the source send \
+                                 with memory_mode=postcopy?",
+                            )?)
+                        }
+                        Some(acc) => {
+                            let seen = acc.fault_seen();
+                            acc.finish()?;
+                            if seen {
+                                return Err("the source migrates in postcopy: receive with \
+                                            memory_mode=postcopy"
+                                    .into());
+                            }
+                            None
+                        }
+                        None if postcopy => {
+                            return Err("postcopy needs the listener the source connected to".into())
+                        }
+                        None => None,
+                    };
                     let mut state: VmSnapshot = read_json(s, req.length, "state")?;
                     state.rename_old_ids();
+                    if let Some(f) = fault {
+                        b.postcopy(f)?;
+                    }
                     b.vm(state)?;
                     built = true;
                 }
-                Command::Complete => {
+                Command::Complete | Command::CompletePaused => {
                     if !built {
                         return Err("Complete before State".into());
                     }
-                    b.complete()?;
+                    resume = req.command == Command::Complete;
+                    b.complete(resume)?;
                     return Ok(true);
+                }
+                Command::PageFault => {
+                    return Err("a PageFault on the main connection".into());
                 }
                 Command::Abandon => {
                     let _ = s.write_all(&Response::ok().encode());
@@ -221,7 +200,7 @@ pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> 
                     .map_err(|e| format!("answering {:?}: {e}", req.command))?;
                 if done {
                     info!("migration received");
-                    return Ok(());
+                    return Ok(resume);
                 }
             }
             Err(e) => {
@@ -237,6 +216,8 @@ pub fn receive(s: &mut Stream, b: &mut dyn Builder) -> Result<(), ReceiveError> 
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixStream;
+
+    use vm_memory::GuestAddress;
 
     use super::*;
     use crate::migration::protocol::encode_ranges;
@@ -260,11 +241,14 @@ mod tests {
         fn ram(&self) -> Option<&guest_memory::GuestMemoryMmap> {
             self.mem.as_ref()
         }
+        fn postcopy(&mut self, _fault: Stream) -> Result<(), String> {
+            Ok(())
+        }
         fn vm(&mut self, _state: VmSnapshot) -> Result<(), String> {
             self.vms += 1;
             Ok(())
         }
-        fn complete(&mut self) -> Result<(), String> {
+        fn complete(&mut self, _resume: bool) -> Result<(), String> {
             self.completed = true;
             Ok(())
         }
@@ -299,7 +283,7 @@ mod tests {
         });
         let mut s = Stream::Unix(b);
         let mut fake = Fake::default();
-        let r = receive(&mut s, &mut fake);
+        let r = receive(&mut s, None, &mut fake, false).map(|_| ());
         drop(s);
         let out = writer.join().unwrap();
         let oks = out
@@ -411,6 +395,7 @@ mod tests {
             (
                 [
                     start.clone(),
+                    config.clone(),
                     Request::new(Command::Memory, 17).encode().to_vec(),
                 ]
                 .concat(),

@@ -9,10 +9,12 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
-use vm_config::{SendMigrationConfig, TimeoutStrategy};
+use log::{error, info, warn};
+use vm_config::{MigrationMode, SendMigrationConfig, TimeoutStrategy};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::connections::Senders;
+use super::postcopy;
 use super::protocol::{encode_ranges, Command, Request, Response, Stream};
 use super::{dirty, MigrationConfig, Progress, SENDING_EVERY};
 use crate::config::VmConfig;
@@ -92,7 +94,7 @@ pub fn send(
     events: &Sender<Progress>,
 ) -> Result<(), SendError> {
     let start = Instant::now();
-    if !opts.local {
+    if precopy(opts) {
         // The devices that write guest RAM unseen (vhost-user backends) log it from now on;
         // one that cannot refuses the migration before anything is sent.
         let last = vm.memory().last_addr().0;
@@ -104,10 +106,16 @@ pub fn send(
         }
     }
     let result = send_logged(vm, config, opts, paused, events, start);
-    if !opts.local {
+    if precopy(opts) {
         vm.devices().pci.stop_dirty_log();
     }
     result
+}
+
+/// Whether memory goes over the connection before the destination runs (not local, not
+/// postcopy).
+fn precopy(opts: &SendMigrationConfig) -> bool {
+    !opts.local && opts.memory_mode == MigrationMode::Precopy
 }
 
 fn send_logged(
@@ -130,6 +138,7 @@ fn send_logged(
         vm,
         config,
         opts,
+        paused,
         &mut s,
         start,
         &mut logging,
@@ -167,6 +176,7 @@ fn run(
     vm: &mut Vm,
     config: &VmConfig,
     opts: &SendMigrationConfig,
+    paused: bool,
     s: &mut Link,
     start: Instant,
     logging: &mut bool,
@@ -182,6 +192,26 @@ fn run(
     })
     .map_err(|e| format!("cannot encode the configuration: {e}"))?;
     s.request(Command::Config, &cfg)?;
+    if opts.memory_mode == MigrationMode::Postcopy {
+        return postcopy(vm, opts, s, paused, start, paused_here, locks_released);
+    }
+    // connections=N: memory over N more connections, none over this one.
+    let senders = if opts.connections > 1 {
+        let tls_dir = opts.tls_dir.as_deref().map(std::path::Path::new);
+        Some(Senders::open(
+            &opts.destination_url,
+            tls_dir,
+            opts.connections,
+            vm.memory(),
+            s.events,
+        )?)
+    } else {
+        None
+    };
+    let send_pass = |s: &mut Link, vm: &Vm, ranges: &[MemoryRange], before: u64| match &senders {
+        Some(senders) => senders.pass(ranges, before),
+        None => s.memory(vm, ranges, before),
+    };
 
     let downtime = Duration::from_millis(opts.downtime_ms);
     let timeout = Duration::from_secs(opts.timeout_s);
@@ -196,7 +226,7 @@ fn run(
         let mut rate: f64;
         loop {
             let t = Instant::now();
-            let sent = s.memory(vm, &ranges, total)?;
+            let sent = send_pass(s, vm, &ranges, total)?;
             total += sent;
             pass += 1;
             rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
@@ -255,9 +285,11 @@ fn run(
         )?;
         last.extend(left);
         last.sort_by_key(|r| r.gpa);
-        total += s.memory(vm, &last, total)?;
+        total += send_pass(s, vm, &last, total)?;
         pass += 1;
     }
+    // Their connections close: the destination takes State only once they have.
+    drop(senders);
     let state = serde_json::to_vec(&state).map_err(|e| format!("cannot encode the state: {e}"))?;
     // The destination opens the disk images when it builds the VM from the state; a source
     // kept (`preserve_source`) keeps its images, as the original's.
@@ -269,7 +301,7 @@ fn run(
         *locks_released = true;
     }
     s.request(Command::State, &state)?;
-    s.request(Command::Complete, &[])?;
+    s.request(complete(paused), &[])?;
     let downtime = paused_at.elapsed();
     if *logging {
         let _ = dirty::set_logging(vm.hypervisor_vm(), &vm.memory_slots(), vm.memory(), false);
@@ -283,6 +315,96 @@ fn run(
     );
     let _ = s.events.send(Progress::Done {
         passes: pass,
+        total,
+        downtime,
+    });
+    Ok(())
+}
+
+/// The last request: a VM paused at the source stays paused at the destination.
+fn complete(paused: bool) -> Command {
+    if paused {
+        Command::CompletePaused
+    } else {
+        Command::Complete
+    }
+}
+
+/// Postcopy, after Config: pause, State and Complete while the destination fetches pages over
+/// a fault connection; done when it has them all and closes it. Once Complete is answered the
+/// VM is the destination's: a failure after that is logged, the VM stays paused here.
+fn postcopy(
+    vm: &mut Vm,
+    opts: &SendMigrationConfig,
+    s: &mut Link,
+    paused: bool,
+    start: Instant,
+    paused_here: &mut bool,
+    locks_released: &mut bool,
+) -> Result<(), SendError> {
+    let paused_at = Instant::now();
+    if !vm.is_paused() {
+        vm.pause()
+            .map_err(|e| format!("cannot pause the VM: {e}"))?;
+        *paused_here = true;
+    }
+    let state = vm
+        .snapshot()
+        .map_err(|e| format!("cannot take the VM's state: {e}"))?;
+    let state = serde_json::to_vec(&state).map_err(|e| format!("cannot encode the state: {e}"))?;
+    vm.devices()
+        .pci
+        .release_disk_locks()
+        .map_err(|e| format!("cannot release the disk locks: {e}"))?;
+    *locks_released = true;
+    let tls_dir = opts.tls_dir.as_deref().map(std::path::Path::new);
+    let mut fault = postcopy::open_fault_connection(&opts.destination_url, tls_dir)?;
+    let stopper = fault
+        .fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("cannot keep the fault connection: {e}"))?;
+    let mem = vm.memory().clone();
+    let server = seccomp::spawn(
+        "postcopy-serve".into(),
+        crate::seccomp_filters::migration_connection(),
+        move || postcopy::serve(&mut fault, &mem),
+    )
+    .map_err(|e| format!("cannot start the postcopy page server: {e}"))?;
+    let handed = s
+        .request(Command::State, &state)
+        .and_then(|()| s.request(complete(paused), &[]));
+    if let Err(e) = handed {
+        // The destination never ran the VM: it runs on here.
+        // SAFETY: shuts down a socket whose descriptor we own (a duplicate).
+        unsafe { libc::shutdown(stopper.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = server.join();
+        return Err(e);
+    }
+    let downtime = paused_at.elapsed();
+    info!(
+        "postcopy migration to {}: the VM runs there after {downtime:?} paused; serving its \
+         memory until it has it all",
+        opts.destination_url
+    );
+    let total = match server.join() {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            error!("postcopy: serving the destination's memory failed ({e}); the VM there is lost");
+            0
+        }
+        Err(_) => {
+            error!("postcopy: the page server panicked; the VM at the destination is lost");
+            0
+        }
+    };
+    info!(
+        "postcopy migration to {} complete: {} MiB served in {:?}",
+        opts.destination_url,
+        total >> 20,
+        start.elapsed()
+    );
+    let _ = s.events.send(Progress::Done {
+        passes: 0,
         total,
         downtime,
     });
