@@ -120,6 +120,12 @@ const TARGETS: &[Target] = &[
         max_len: 65536,
         seeds: Some(state::migration_seeds),
     },
+    Target {
+        name: "migration_faults",
+        run: state::migration_faults,
+        max_len: 4096,
+        seeds: Some(state::migration_faults_seeds),
+    },
 ];
 
 /// A flat VMDK's descriptor, as opening one reads it: what it accepts adds up within 2^64

@@ -162,6 +162,28 @@ pub fn migration(data: &[u8]) {
     });
 }
 
+/// What a postcopy destination sends its source on the fault connection, served from guarded
+/// RAM.
+pub fn migration_faults(data: &[u8]) {
+    let ram = crate::mem::guest_memory(&[]);
+    vmm::fuzz::serve_page_faults(data, &ram);
+}
+
+/// PageFaults: a page, a 64 KiB block, one past RAM, then an Abandon.
+pub fn migration_faults_seeds() -> Vec<Vec<u8>> {
+    let range = |gpa: u64, len: u64| [gpa.to_le_bytes(), len.to_le_bytes()].concat();
+    let (page, block, past) = (
+        range(0x1000, 0x1000),
+        range(0, 0x1_0000),
+        range(0x1f_f000, 0x2000),
+    );
+    vec![
+        vmm::fuzz::migration_frames(&[(9, &page), (9, &block)]),
+        vmm::fuzz::migration_frames(&[(9, &page), (6, b"")]),
+        vmm::fuzz::migration_frames(&[(9, &past)]),
+    ]
+}
+
 /// A `state.json` as this build writes it: every platform device's state, PCI segment 0 with
 /// one virtio function of each kind (as plugged, before a driver), the RAM ranges of 128 KiB.
 pub fn snapshot_seed() -> Option<VmSnapshot> {
@@ -257,5 +279,7 @@ pub fn migration_seeds() -> Vec<Vec<u8>> {
     vec![
         vmm::fuzz::migration_frames(&[(1, b""), (2, config), (4, &memory), (3, &state), (5, b"")]),
         vmm::fuzz::migration_frames(&[(1, b""), (2, config), (6, b"")]),
+        // A paused VM's migration ends with CompletePaused.
+        vmm::fuzz::migration_frames(&[(1, b""), (2, config), (4, &memory), (3, &state), (8, b"")]),
     ]
 }

@@ -24,7 +24,7 @@ impl Builder for Fake<'_> {
     fn ram(&self) -> Option<&GuestMemoryMmap> {
         self.mem.as_ref()
     }
-    fn postcopy(&mut self, _fault: Stream) -> Result<(), String> {
+    fn postcopy(&mut self, _loader: crate::uffd::OnDemand) -> Result<(), String> {
         Ok(())
     }
     fn vm(&mut self, state: VmSnapshot) -> Result<(), String> {
@@ -61,12 +61,36 @@ pub fn receive_migration(
     };
     let mut s = Stream::Unix(b);
     let mut fake = Fake { ram, vm, mem: None };
-    let _ = receive(&mut s, None, &mut fake, false);
+    let _ = receive(&mut s, None, &mut fake, None);
     drop(s);
     let _ = source.join();
 }
 
 /// A migration stream as a source sends it: `(command, payload)` framed.
+/// The source's postcopy page server reading what a destination sends on the fault
+/// connection (`data`, then that side closed), its pages from `ram`.
+pub fn serve_page_faults(data: &[u8], ram: &GuestMemoryMmap) {
+    let Ok((mut a, b)) = UnixStream::pair() else {
+        return;
+    };
+    let bytes = data.to_vec();
+    let Ok(destination) = std::thread::Builder::new()
+        .name("fuzz-destination".into())
+        .spawn(move || {
+            let _ = a.write_all(&bytes);
+            let _ = a.shutdown(std::net::Shutdown::Write);
+            let mut answers = Vec::new();
+            let _ = a.read_to_end(&mut answers);
+        })
+    else {
+        return;
+    };
+    let mut s = Stream::Unix(b);
+    let _ = crate::migration::postcopy::serve(&mut s, ram);
+    drop(s);
+    let _ = destination.join();
+}
+
 pub fn migration_frames(frames: &[(u16, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for (cmd, payload) in frames {

@@ -409,7 +409,16 @@ impl Vmm {
             ep: None,
             vm: None,
         };
-        let result = receive::receive(&mut stream, Some(listener), &mut incoming, postcopy);
+        let failed = match postcopy {
+            true => Some(
+                self.events
+                    .error
+                    .try_clone()
+                    .map_err(|e| receive_error(e.to_string()))?,
+            ),
+            false => None,
+        };
+        let result = receive::receive(&mut stream, Some(listener), &mut incoming, failed);
         let Incoming { config, ep, vm, .. } = incoming;
         match (result, config, ep, vm) {
             (Ok(resumed), Some(config), Some(ep), Some(vm)) => {
@@ -468,9 +477,6 @@ impl Builder for Incoming<'_> {
         config.memory.apply_zone_updates(&self.zone_updates)?;
         let config = &config;
         if self.postcopy {
-            if !files.is_empty() {
-                return Err("memory_mode=postcopy cannot take memory files (local=on)".into());
-            }
             if config.memory.any_hugepages() {
                 return Err(
                     "memory_mode=postcopy cannot serve hugepages=on memory (the pages \
@@ -511,12 +517,8 @@ impl Builder for Incoming<'_> {
         self.mem.as_ref()
     }
 
-    fn postcopy(&mut self, fault: crate::migration::protocol::Stream) -> Result<(), String> {
-        let mem = self.mem.as_ref().ok_or("State before Config")?;
-        let failed = self.events.error.try_clone().map_err(|e| e.to_string())?;
-        self.loader = Some(crate::migration::postcopy::Fetcher::start(
-            mem, fault, failed,
-        )?);
+    fn postcopy(&mut self, loader: crate::uffd::OnDemand) -> Result<(), String> {
+        self.loader = Some(loader);
         Ok(())
     }
 

@@ -21,8 +21,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::protocol::{encode_ranges, read_ranges, Command, Request, Response, Role, Stream};
-use super::{dirty, Progress, SENDING_EVERY};
+use super::{dirty, postcopy, Progress, SENDING_EVERY};
 use crate::snapshot::MemoryRange;
+use crate::uffd::OnDemand;
 
 /// The most connections a send may open besides its first (the original's bound).
 pub const MAX_CONNECTIONS: u64 = 128;
@@ -172,9 +173,16 @@ pub struct Acceptor {
     /// Gives the listener back: it is dropped (a Unix socket's file removed) by the caller,
     /// whose filter allows that.
     thread: Option<JoinHandle<(Listener, Result<(), String>)>>,
-    faults: Receiver<Stream>,
+    /// Postcopy: the fetcher, started when the fault connection came.
+    fetchers: Receiver<Result<OnDemand, String>>,
     /// A fault connection came (the source migrates in postcopy).
     fault_seen: Arc<AtomicBool>,
+}
+
+/// A postcopy reception's RAM, ready for the fetcher the fault connection starts.
+pub struct PostcopyRam {
+    pub ram: postcopy::Prepared,
+    pub link: Arc<postcopy::Link>,
 }
 
 /// A memory connection being served, and what stops it.
@@ -184,18 +192,33 @@ struct Worker {
 }
 
 impl Acceptor {
-    /// Starts taking connections on `listener`; memory they carry goes into `mem`.
-    pub fn start(listener: Listener, mem: GuestMemoryMmap) -> Result<Self, String> {
+    /// Starts taking connections on `listener`: memory they carry goes into `mem` (pre-copy),
+    /// or, with `postcopy`, the fault connection starts the fetcher into its RAM at once (it
+    /// fetches in the background while the source sends State) and memory connections are
+    /// refused.
+    pub fn start(
+        listener: Listener,
+        mem: GuestMemoryMmap,
+        postcopy: Option<PostcopyRam>,
+    ) -> Result<Self, String> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let thread_stop = stop.try_clone().map_err(|e| e.to_string())?;
-        let (fault_tx, faults) = channel();
+        let (fetcher_tx, fetchers) = channel();
         let fault_seen = Arc::new(AtomicBool::new(false));
         let seen = Arc::clone(&fault_seen);
         let thread = seccomp::spawn(
             "mig-accept".into(),
             crate::seccomp_filters::migration_connection(),
             move || {
-                let r = accept_loop(&listener, &thread_stop, &mem, &fault_tx, &seen);
+                let mut postcopy = postcopy;
+                let r = accept_loop(
+                    &listener,
+                    &thread_stop,
+                    &mem,
+                    &mut postcopy,
+                    &fetcher_tx,
+                    &seen,
+                );
                 (listener, r)
             },
         )
@@ -203,7 +226,7 @@ impl Acceptor {
         Ok(Acceptor {
             stop,
             thread: Some(thread),
-            faults,
+            fetchers,
             fault_seen,
         })
     }
@@ -213,9 +236,10 @@ impl Acceptor {
         self.fault_seen.load(Ordering::Acquire)
     }
 
-    /// The fault connection, once the source opens it (`None` after `timeout`).
-    pub fn fault_connection(&self, timeout: Duration) -> Option<Stream> {
-        self.faults.recv_timeout(timeout).ok()
+    /// Postcopy: the fetcher the fault connection started (`None` if none came within
+    /// `timeout`).
+    pub fn fetcher(&self, timeout: Duration) -> Option<Result<OnDemand, String>> {
+        self.fetchers.recv_timeout(timeout).ok()
     }
 
     /// Stops taking connections and ends the memory connections (the source has had every
@@ -250,9 +274,11 @@ fn accept_loop(
     listener: &Listener,
     stop: &EventFd,
     mem: &GuestMemoryMmap,
-    faults: &Sender<Stream>,
+    postcopy: &mut Option<PostcopyRam>,
+    fetchers: &Sender<Result<OnDemand, String>>,
     fault_seen: &AtomicBool,
 ) -> Result<(), String> {
+    let receiving_postcopy = postcopy.is_some();
     let ended = Arc::new(AtomicBool::new(false));
     let mut workers: Vec<Worker> = Vec::new();
     let mut first_err = Ok(());
@@ -265,11 +291,21 @@ fn accept_loop(
                 continue;
             }
         };
-        match take(s, &workers, mem, &ended) {
+        match take(s, &workers, mem, &ended, receiving_postcopy) {
             Ok(Taken::Memory(w)) => workers.push(w),
             Ok(Taken::Fault(s)) => {
+                info!("migration: the source opened a fault connection (postcopy)");
                 fault_seen.store(true, Ordering::Release);
-                let _ = faults.send(s);
+                match postcopy.take() {
+                    Some(p) => {
+                        let _ = fetchers.send(postcopy::Fetcher::start(p.ram, s, p.link));
+                    }
+                    None if receiving_postcopy => {
+                        warn!("migration: a second fault connection, dropped");
+                    }
+                    // Not received in postcopy: State says so.
+                    None => {}
+                }
             }
             Ok(Taken::Dropped) => {}
             Err(e) => {
@@ -310,6 +346,7 @@ fn take(
     workers: &[Worker],
     mem: &GuestMemoryMmap,
     ended: &Arc<AtomicBool>,
+    postcopy: bool,
 ) -> Result<Taken, String> {
     s.set_timeouts(ROLE_TIMEOUT);
     let role = match Role::read_from(&mut s) {
@@ -323,12 +360,20 @@ fn take(
             return Ok(Taken::Dropped);
         }
     };
-    // A memory connection may wait long between passes; the reception ends it (`finish`, or
-    // the Acceptor dropped when the main connection fails).
-    s.clear_timeouts();
     match role {
-        Role::Fault => Ok(Taken::Fault(s)),
+        // A source that stops answering is taken for gone, as on the main connection.
+        Role::Fault => {
+            s.set_timeouts(super::receive::IDLE_TIMEOUT);
+            Ok(Taken::Fault(s))
+        }
+        // Postcopy RAM waits for the fetcher: nothing else may write it.
+        Role::PrecopyMemory if postcopy => Err(
+            "a memory connection in a postcopy migration (receive with memory_mode=precopy)".into(),
+        ),
         Role::PrecopyMemory => {
+            // It may wait long between passes; the reception ends it (`finish`, or the
+            // Acceptor dropped when the main connection fails).
+            s.clear_timeouts();
             if workers.len() as u64 >= MAX_CONNECTIONS {
                 return Err(format!(
                     "more than {MAX_CONNECTIONS} memory connections came"
@@ -629,7 +674,7 @@ mod tests {
         let listener = Listener::bind(&url, None).unwrap();
         let (src, dst) = (ram(), ram());
         fill(&src);
-        let acc = Acceptor::start(listener, dst.clone()).unwrap();
+        let acc = Acceptor::start(listener, dst.clone(), None).unwrap();
         let connect = |role: &[u8]| {
             let mut c = UnixStream::connect(&path).unwrap();
             c.write_all(role).unwrap();
@@ -674,8 +719,13 @@ mod tests {
         assert_eq!(unknown.read(&mut [0u8; 1]).unwrap(), 0, "dropped");
         assert!(!acc.fault_seen());
         let _fault = connect(&Role::Fault.encode());
-        assert!(acc.fault_connection(Duration::from_secs(5)).is_some());
-        assert!(acc.fault_seen());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !acc.fault_seen() {
+            assert!(Instant::now() < deadline, "the fault connection is seen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Not receiving in postcopy: no fetcher.
+        assert!(acc.fetcher(Duration::from_millis(50)).is_none());
         let e = acc.finish().unwrap_err();
         assert!(e.contains("is not guest RAM"), "{e}");
         assert!(!path.exists(), "the socket file goes with the listener");
@@ -693,7 +743,7 @@ mod tests {
         let url = format!("tcp:{}", l.local_addr().unwrap());
         let (src, dst) = (ram(), ram());
         fill(&src);
-        let acc = Acceptor::start(listener, dst.clone()).unwrap();
+        let acc = Acceptor::start(listener, dst.clone(), None).unwrap();
         let (events, reports) = channel();
         let senders = Senders::open(&url, None, 3, &src, &events).unwrap();
         let all: Vec<MemoryRange> = src

@@ -25,6 +25,23 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 #[serde(deny_unknown_fields)]
 pub struct MigrationConfig {
     pub vm_config: VmConfig,
+    /// What the original's source adds: the CPUID both hosts must share and its memory
+    /// manager's layout. Taken and not used: the VM's CPUID is built from this host's as at a
+    /// boot, its RAM from `vm_config` (the state checks the vCPUs against it).
+    #[serde(rename = "common_cpuid", default, skip_serializing)]
+    _common_cpuid: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "memory_manager_data", default, skip_serializing)]
+    _memory_manager_data: Option<serde::de::IgnoredAny>,
+}
+
+impl MigrationConfig {
+    pub fn new(vm_config: VmConfig) -> Self {
+        MigrationConfig {
+            vm_config,
+            _common_cpuid: None,
+            _memory_manager_data: None,
+        }
+    }
 }
 
 /// How often a pass in progress reports the bytes it has sent.

@@ -108,23 +108,16 @@ impl Region {
     }
 }
 
-/// The destination's side: fills guest RAM from the source over the fault connection.
-pub struct Fetcher {
+/// The destination's RAM made ready at Config: registered with a userfaultfd (a touch now
+/// waits for the fetcher, so nothing may touch it before one runs).
+pub struct Prepared {
     uffd: Uffd,
     regions: Vec<Region>,
-    s: Option<Stream>,
-    buf: Vec<u8>,
-    /// Written when the source is lost: the VM cannot go on.
-    failed: EventFd,
-    /// Where the background fetch is: region, block.
-    next: Option<(usize, u64)>,
-    fetched: u64,
 }
 
-impl Fetcher {
-    /// Registers all of `mem` (fresh, untouched RAM) and starts the fetcher's thread; it
-    /// writes `failed` if the source is lost (the VM cannot go on without its memory).
-    pub fn start(mem: &GuestMemoryMmap, s: Stream, failed: EventFd) -> Result<OnDemand, String> {
+impl Prepared {
+    /// Registers all of `mem` (fresh, untouched RAM).
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, String> {
         let uffd = Uffd::new().map_err(|c| c.to_string())?;
         let mut regions = Vec::new();
         for r in mem.iter() {
@@ -138,15 +131,70 @@ impl Fetcher {
                 fetched: vec![0; r.len().div_ceil(BLOCK).div_ceil(64) as usize],
             });
         }
-        let total: u64 = regions.iter().map(|r| r.len).sum();
+        Ok(Prepared { uffd, regions })
+    }
+}
+
+/// Whether the VM is the destination's yet (Complete came), and whether the source was lost:
+/// a loss stops the VM once it runs here; before that, it fails the reception.
+pub struct Link {
+    state: std::sync::Mutex<(bool, bool)>,
+    failed: EventFd,
+}
+
+impl Link {
+    /// `failed`: written if the source is lost once the VM is armed.
+    pub fn new(failed: EventFd) -> Self {
+        Link {
+            state: std::sync::Mutex::new((false, false)),
+            failed,
+        }
+    }
+
+    /// Complete came: from now on a lost source stops the VM. An error if it is lost already.
+    pub fn arm(&self) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.1 {
+            return Err("the postcopy fault connection to the source is lost".into());
+        }
+        st.0 = true;
+        Ok(())
+    }
+
+    fn lost(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 = true;
+        if st.0 {
+            let _ = self.failed.write(1);
+        }
+    }
+}
+
+/// The destination's side: fills guest RAM from the source over the fault connection.
+pub struct Fetcher {
+    uffd: Uffd,
+    regions: Vec<Region>,
+    s: Option<Stream>,
+    buf: Vec<u8>,
+    link: std::sync::Arc<Link>,
+    /// Where the background fetch is: region, block.
+    next: Option<(usize, u64)>,
+    fetched: u64,
+}
+
+impl Fetcher {
+    /// Starts fetching into `ram` from the source over `s`, the fault connection; `link` says
+    /// what a lost source means.
+    pub fn start(ram: Prepared, s: Stream, link: std::sync::Arc<Link>) -> Result<OnDemand, String> {
+        let total: u64 = ram.regions.iter().map(|r| r.len).sum();
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let thread_stop = stop.try_clone().map_err(|e| e.to_string())?;
         let mut f = Fetcher {
-            uffd,
-            regions,
+            uffd: ram.uffd,
+            regions: ram.regions,
             s: Some(s),
             buf: vec![0; PREFETCH as usize],
-            failed,
+            link,
             next: Some((0, 0)),
             fetched: 0,
         };
@@ -170,7 +218,14 @@ impl Fetcher {
             // Faults first; the background fetch between them.
             let wait = if self.next.is_some() { 0 } else { -1 };
             match self.uffd.wait(stop, wait) {
-                Wait::Stop => return,
+                Wait::Stop => {
+                    info!(
+                        "postcopy: stopped after {:?}, {} MiB fetched",
+                        started.elapsed(),
+                        self.fetched >> 20
+                    );
+                    return;
+                }
                 Wait::Faults => {
                     pages.clear();
                     self.uffd.faults(&mut pages);
@@ -256,7 +311,7 @@ impl Fetcher {
                 error!(
                     "postcopy: the source is lost ({e}); the VM cannot go on without its memory"
                 );
-                let _ = self.failed.write(1);
+                self.link.lost();
             }
             buf.fill(0);
         }
@@ -309,6 +364,7 @@ pub fn open_fault_connection(
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
 
     use vm_memory::{Bytes, GuestAddress};
 
@@ -346,7 +402,10 @@ mod tests {
         let server_mem = src.clone();
         let server = std::thread::spawn(move || serve(&mut Stream::Unix(a), &server_mem));
         let failed = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let loader = Fetcher::start(&dst, Stream::Unix(b), failed.try_clone().unwrap()).unwrap();
+        let link = std::sync::Arc::new(Link::new(failed.try_clone().unwrap()));
+        link.arm().unwrap();
+        let prepared = Prepared::new(&dst).unwrap();
+        let loader = Fetcher::start(prepared, Stream::Unix(b), link).unwrap();
         // A fault in the middle of the second region.
         let at = (1 << 32) + 0x4_2348;
         assert_eq!(dst.read_obj::<u64>(GuestAddress(at)).unwrap(), word(at));
@@ -371,9 +430,27 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         drop(a);
         let failed = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let loader = Fetcher::start(&dst, Stream::Unix(b), failed.try_clone().unwrap()).unwrap();
+        let link = std::sync::Arc::new(Link::new(failed.try_clone().unwrap()));
+        link.arm().unwrap();
+        let prepared = Prepared::new(&dst).unwrap();
+        let loader = Fetcher::start(prepared, Stream::Unix(b), Arc::clone(&link)).unwrap();
         assert_eq!(dst.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 0);
         assert_eq!(failed.read().unwrap(), 1);
+        drop(loader);
+        // Lost before Complete: no VM to stop, the reception fails instead.
+        let dst = ram();
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(a);
+        let link = Arc::new(Link::new(failed.try_clone().unwrap()));
+        let loader = Fetcher::start(
+            Prepared::new(&dst).unwrap(),
+            Stream::Unix(b),
+            Arc::clone(&link),
+        )
+        .unwrap();
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(), 0);
+        assert!(failed.read().is_err(), "not armed: nothing stopped");
+        assert!(link.arm().unwrap_err().contains("lost"));
         drop(loader);
     }
 

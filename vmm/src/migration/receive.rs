@@ -8,11 +8,17 @@ use std::io::{Read, Write};
 
 use log::{debug, info};
 
-use super::connections::{receive_memory, Acceptor, Listener};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::connections::{receive_memory, Acceptor, Listener, PostcopyRam};
+use super::postcopy;
 use super::protocol::{Command, Request, Response, Stream, PROTOCOL_VERSION};
 use super::MigrationConfig;
 use crate::config::VmConfig;
 use crate::snapshot::VmSnapshot;
+use crate::uffd::OnDemand;
 
 /// Largest configuration or state payload taken (both are JSON of a few KiB to a few MiB).
 const MAX_JSON: u64 = 64 << 20;
@@ -47,9 +53,9 @@ pub trait Builder {
     /// Guest RAM for `config` (from the memory files where the source sent them).
     fn memory(&mut self, config: &VmConfig, files: Vec<File>) -> Result<(), String>;
     fn ram(&self) -> Option<&guest_memory::GuestMemoryMmap>;
-    /// Postcopy: the RAM (still empty) is to be filled from the source over `fault`, each
-    /// page fetched when first touched and the rest in the background.
-    fn postcopy(&mut self, fault: Stream) -> Result<(), String>;
+    /// Postcopy: the fetcher filling the RAM from the source (each page when first touched,
+    /// the rest in the background), for the VM to hold.
+    fn postcopy(&mut self, loader: OnDemand) -> Result<(), String>;
     /// The VM, paused, from the RAM and `state`.
     fn vm(&mut self, state: VmSnapshot) -> Result<(), String>;
     /// Lets the VM run (`resume`), or leaves it paused (the source's was).
@@ -72,15 +78,19 @@ fn read_json<T: serde::de::DeserializeOwned>(
 
 /// Serves the connection until Complete or CompletePaused (Ok: whether the VM runs) or an
 /// error, Abandon included. `listener` (the one the connection came from) takes the source's
-/// further connections, from Config to State; `postcopy`: the receiver's `memory_mode`.
+/// further connections, from Config to State. `postcopy` (`memory_mode=postcopy`): the event
+/// that stops the VM if its source is lost once it runs here.
 pub fn receive(
     s: &mut Stream,
     listener: Option<Listener>,
     b: &mut dyn Builder,
-    postcopy: bool,
+    postcopy: Option<EventFd>,
 ) -> Result<bool, ReceiveError> {
     let mut listener = listener;
     let mut acceptor: Option<Acceptor> = None;
+    let mut failed = postcopy;
+    let receiving_postcopy = failed.is_some();
+    let mut link: Option<Arc<postcopy::Link>> = None;
     let mut started = false;
     let mut files: Vec<File> = Vec::new();
     let mut config: Option<VmConfig> = None;
@@ -123,18 +133,49 @@ pub fn receive(
                     c.vm_config
                         .validate()
                         .map_err(|e| format!("the configuration is invalid: {e}"))?;
-                    if postcopy && c.vm_config.memory.any_prefault() {
-                        return Err("postcopy migration is incompatible with memory prefault; \
-                                    the source VM must not be configured with prefault=on"
-                            .into());
+                    if receiving_postcopy {
+                        if c.vm_config.memory.any_prefault() {
+                            return Err("postcopy migration is incompatible with memory \
+                                        prefault; the source VM must not be configured with \
+                                        prefault=on"
+                                .into());
+                        }
+                        if !files.is_empty() {
+                            return Err("memory_mode=postcopy cannot take memory files \
+                                        (local=on)"
+                                .into());
+                        }
                     }
                     b.memory(&c.vm_config, std::mem::take(&mut files))?;
                     config = Some(c.vm_config);
-                    if let (Some(l), Some(mem)) = (listener.take(), b.ram()) {
-                        acceptor = Some(Acceptor::start(l, mem.clone())?);
+                    let mem = b.ram().ok_or("no RAM after Config")?;
+                    // Postcopy: the RAM is registered now, so the fetcher can start the moment
+                    // the fault connection comes.
+                    let pc = match failed.take() {
+                        Some(f) => {
+                            let l = Arc::new(postcopy::Link::new(f));
+                            link = Some(Arc::clone(&l));
+                            Some(PostcopyRam {
+                                ram: postcopy::Prepared::new(mem)?,
+                                link: l,
+                            })
+                        }
+                        None => None,
+                    };
+                    match listener.take() {
+                        Some(l) => acceptor = Some(Acceptor::start(l, mem.clone(), pc)?),
+                        None if receiving_postcopy => {
+                            return Err("postcopy needs the listener the source connected to".into())
+                        }
+                        None => {}
                     }
                 }
                 Command::Memory => {
+                    if receiving_postcopy {
+                        return Err("a Memory request in a postcopy migration (receive with \
+                                    memory_mode=precopy)"
+                            .into());
+                    }
                     let mem = b.ram().ok_or("Memory before Config")?;
                     receive_memory(mem, &req, s)?;
                 }
@@ -144,14 +185,14 @@ pub fn receive(
                     }
                     // The further connections end here (the source sends State once its
                     // memory is all answered); postcopy's fault connection is kept.
-                    let fault = match acceptor.take() {
-                        Some(acc) if postcopy => {
-                            let f = acc.fault_connection(FAULT_WAIT);
+                    let loader = match acceptor.take() {
+                        Some(acc) if receiving_postcopy => {
+                            let f = acc.fetcher(FAULT_WAIT);
                             acc.finish()?;
                             Some(f.ok_or(
                                 "no fault connection came within 30 s: does the source send \
                                  with memory_mode=postcopy?",
-                            )?)
+                            )??)
                         }
                         Some(acc) => {
                             let seen = acc.fault_seen();
@@ -163,15 +204,12 @@ pub fn receive(
                             }
                             None
                         }
-                        None if postcopy => {
-                            return Err("postcopy needs the listener the source connected to".into())
-                        }
                         None => None,
                     };
                     let mut state: VmSnapshot = read_json(s, req.length, "state")?;
                     state.rename_old_ids();
-                    if let Some(f) = fault {
-                        b.postcopy(f)?;
+                    if let Some(l) = loader {
+                        b.postcopy(l)?;
                     }
                     b.vm(state)?;
                     built = true;
@@ -179,6 +217,10 @@ pub fn receive(
                 Command::Complete | Command::CompletePaused => {
                     if !built {
                         return Err("Complete before State".into());
+                    }
+                    // Postcopy: the VM is ours from here; its source must still be there.
+                    if let Some(l) = &link {
+                        l.arm()?;
                     }
                     resume = req.command == Command::Complete;
                     b.complete(resume)?;
@@ -241,7 +283,7 @@ mod tests {
         fn ram(&self) -> Option<&guest_memory::GuestMemoryMmap> {
             self.mem.as_ref()
         }
-        fn postcopy(&mut self, _fault: Stream) -> Result<(), String> {
+        fn postcopy(&mut self, _loader: OnDemand) -> Result<(), String> {
             Ok(())
         }
         fn vm(&mut self, _state: VmSnapshot) -> Result<(), String> {
@@ -260,7 +302,7 @@ mod tests {
             "memory": {"size": 1 << 20},
         }))
         .unwrap();
-        serde_json::to_vec(&MigrationConfig { vm_config: c }).unwrap()
+        serde_json::to_vec(&MigrationConfig::new(c)).unwrap()
     }
 
     fn frame(cmd: Command, payload: &[u8]) -> Vec<u8> {
@@ -283,7 +325,7 @@ mod tests {
         });
         let mut s = Stream::Unix(b);
         let mut fake = Fake::default();
-        let r = receive(&mut s, None, &mut fake, false).map(|_| ());
+        let r = receive(&mut s, None, &mut fake, None).map(|_| ());
         drop(s);
         let out = writer.join().unwrap();
         let oks = out

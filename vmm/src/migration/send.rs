@@ -187,10 +187,8 @@ fn run(
     if opts.local {
         send_memory_fds(vm, s)?;
     }
-    let cfg = serde_json::to_vec(&MigrationConfig {
-        vm_config: config.clone(),
-    })
-    .map_err(|e| format!("cannot encode the configuration: {e}"))?;
+    let cfg = serde_json::to_vec(&MigrationConfig::new(config.clone()))
+        .map_err(|e| format!("cannot encode the configuration: {e}"))?;
     s.request(Command::Config, &cfg)?;
     if opts.memory_mode == MigrationMode::Postcopy {
         return postcopy(vm, opts, s, paused, start, paused_here, locks_released);
