@@ -423,6 +423,13 @@ fn migrate_and_check(
     if !local && !postcopy {
         assert!(src.iter().any(|e| e == "vm:migration-progress"), "{src:?}");
     }
+    if postcopy {
+        // The original's event once the destination has every page, before the end.
+        assert!(
+            at(&src, "vm:postcopy-migration-completed") < at(&src, "vm:migration-finished"),
+            "{src:?}"
+        );
+    }
     let dst = events(&dst_events);
     assert!(
         at(&dst, "vm:migration-receive-started") < at(&dst, "vm:migration-receive-finished"),
@@ -721,6 +728,45 @@ fn a_paused_vm_arrives_paused() {
     assert!(after.iter().all(|r| r.1 == "ok"), "{b_out}");
     assert!(after[0].0 == last + 1 || after[0].0 == last + 2, "{b_out}");
     assert_eq!(b.put("vmm.shutdown").0, 200);
+}
+
+/// Postcopy on one side only: the reception fails with the reason, the source's VM runs on
+/// (its guest still checking its memory), and it can migrate again.
+#[test]
+fn a_postcopy_on_one_side_only_fails_cleanly() {
+    require_curl();
+    let (mut a, mut a_out) = boot("migrate-modes-src", false, false, &[]);
+    for (rx_opts, tx_opts, why) in [
+        (
+            ",memory_mode=postcopy",
+            "",
+            "a Memory request in a postcopy migration (receive with memory_mode=precopy)",
+        ),
+        (
+            "",
+            ",memory_mode=postcopy",
+            "the source migrates in postcopy: receive with memory_mode=postcopy",
+        ),
+    ] {
+        let b = Vmm::start("migrate-modes-dst", &[]);
+        let url = format!("unix:{}/mig.sock", b.dir.display());
+        let rx = receive(&b, &format!("receiver_url={url}{rx_opts}"));
+        wait_listening(&url);
+        let tx = send(&a, &format!("destination_url={url}{tx_opts}"), false);
+        let (code, err) = wait_child(tx);
+        assert_eq!(code, Some(1), "send-migration: {err}");
+        let (code, err) = wait_child(rx);
+        assert_eq!(code, Some(1), "receive-migration: {err}");
+        assert!(err.contains(why), "{why}: {err}");
+        assert_eq!(progress_end(&a)["state"], "failed");
+        assert_eq!(a.state(), "Running");
+        assert_eq!(b.curl("GET", "vm.info", None).0, 404, "nothing kept");
+        drain(&mut a, &mut a_out);
+        let last = rounds(&a_out).last().unwrap().0;
+        let after = until_round(&mut a, &mut a_out, last + 3);
+        assert!(after.iter().all(|r| r.1 == "ok"), "{a_out}");
+    }
+    assert_eq!(a.put("vmm.shutdown").0, 200);
 }
 
 #[test]

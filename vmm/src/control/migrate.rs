@@ -270,6 +270,9 @@ impl Vmm {
                     self.monitor
                         .emit_with("vm", "migration-progress", Some(&props));
                 }
+                Some(Progress::PostcopyDrained) => {
+                    self.monitor.emit("vm", "postcopy-migration-completed");
+                }
                 Some(Progress::Sending { total }) => {
                     if let Some(st) = self.migration.as_mut() {
                         st.progress.total_bytes = total;

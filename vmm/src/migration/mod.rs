@@ -60,6 +60,9 @@ pub enum Progress {
     /// Part of a pass went out (at most every [`SENDING_EVERY`]): `total` bytes sent so far,
     /// all passes. No event: it only moves `vm.migration-progress` on during a long pass.
     Sending { total: u64 },
+    /// Postcopy: the destination has every page (the original's `postcopy-migration-completed`
+    /// event).
+    PostcopyDrained,
     /// The destination took the VM.
     Done {
         passes: u32,

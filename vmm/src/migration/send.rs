@@ -385,7 +385,10 @@ fn postcopy(
         opts.destination_url
     );
     let total = match server.join() {
-        Ok(Ok(bytes)) => bytes,
+        Ok(Ok(bytes)) => {
+            let _ = s.events.send(Progress::PostcopyDrained);
+            bytes
+        }
         Ok(Err(e)) => {
             error!("postcopy: serving the destination's memory failed ({e}); the VM there is lost");
             0
