@@ -133,14 +133,15 @@ fn live_migration_in_mutual_tls() {
     let now = rounds(&a_out).last().unwrap().0;
     until_round(&mut a, &mut a_out, now + 2);
 
-    // The right certificates: the VM goes over, and on. A downtime of 500 ms: through TLS a
-    // pass moves about 350 MiB/s here, less than the guest dirties, so 50 ms never comes.
+    // The right certificates: the VM goes over, and on, its memory over two more
+    // connections, each in TLS of its own. A downtime of 500 ms: through TLS a pass moves
+    // about 350 MiB/s here, less than the guest dirties, so 50 ms never comes.
     let rx = receive(&b, &rx_config);
     wait_listening(&url);
     let tx = send(
         &a,
         &format!(
-            "destination_url={url},tls_dir={},downtime_ms=500",
+            "destination_url={url},tls_dir={},downtime_ms=500,connections=2",
             client.display()
         ),
         false,

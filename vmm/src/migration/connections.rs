@@ -67,7 +67,8 @@ pub(crate) fn wait_readable(fd: i32, stop: i32) -> bool {
 /// A Unix socket's file is removed when the listener goes.
 pub enum Listener {
     Unix(UnixListener, PathBuf),
-    Tcp(std::net::TcpListener, Option<PathBuf>),
+    /// With the TLS configuration where `tls_dir` was given.
+    Tcp(std::net::TcpListener, Option<Arc<rustls::ServerConfig>>),
 }
 
 impl Drop for Listener {
@@ -90,8 +91,12 @@ impl Listener {
                 Ok(Listener::Unix(l, PathBuf::from(path)))
             }
             Some(("tcp", addr)) => {
+                let tls = tls_dir
+                    .map(super::tls::TlsStream::server_config)
+                    .transpose()
+                    .map_err(|e| format!("{url}: {e}"))?;
                 let l = std::net::TcpListener::bind(addr).map_err(fail)?;
-                Ok(Listener::Tcp(l, tls_dir.map(PathBuf::from)))
+                Ok(Listener::Tcp(l, tls))
             }
             _ => Err(format!("not a unix: or tcp: URL: {url}")),
         }
@@ -116,14 +121,14 @@ impl Listener {
                     .map_err(|e| format!("cannot accept on unix:{}: {e}", path.display()))?;
                 Stream::Unix(s)
             }
-            Listener::Tcp(l, tls_dir) => {
+            Listener::Tcp(l, tls) => {
                 let (s, _) = l.accept().map_err(|e| format!("cannot accept: {e}"))?;
                 let _ = s.set_nodelay(true);
-                match tls_dir {
-                    Some(dir) => {
+                match tls {
+                    Some(config) => {
                         // The handshake may not wait for ever on a silent client.
                         let _ = s.set_read_timeout(Some(super::receive::IDLE_TIMEOUT));
-                        let t = super::tls::TlsStream::server(s, dir)?;
+                        let t = super::tls::TlsStream::server(s, config)?;
                         Stream::Tls(Box::new(t))
                     }
                     None => Stream::Tcp(s),

@@ -83,8 +83,10 @@ impl TlsStream {
         Ok(TlsStream::Client(StreamOwned::new(conn, sock)))
     }
 
-    /// The receiver's side: its certificate, and only clients `ca-cert.pem` vouches for.
-    pub fn server(mut sock: TcpStream, dir: &Path) -> Result<Self, String> {
+    /// The receiver's configuration from `dir`: its certificate, and only clients
+    /// `ca-cert.pem` vouches for. Read once, where the files may be opened (the threads that
+    /// take further connections may not).
+    pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, String> {
         let verifier = WebPkiClientVerifier::builder(Arc::new(roots(dir)?))
             .build()
             .map_err(|e| format!("{}: {e}", dir.join(CA_CERT).display()))?;
@@ -92,7 +94,13 @@ impl TlsStream {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs(dir, SERVER_CERT)?, key(dir, SERVER_KEY)?)
             .map_err(|e| format!("the server certificate and key: {e}"))?;
-        let mut conn = ServerConnection::new(Arc::new(config)).map_err(|e| format!("TLS: {e}"))?;
+        Ok(Arc::new(config))
+    }
+
+    /// The receiver's side of a connection.
+    pub fn server(mut sock: TcpStream, config: &Arc<ServerConfig>) -> Result<Self, String> {
+        let mut conn =
+            ServerConnection::new(Arc::clone(config)).map_err(|e| format!("TLS: {e}"))?;
         handshake(&mut conn, &mut sock)?;
         Ok(TlsStream::Server(StreamOwned::new(conn, sock)))
     }
