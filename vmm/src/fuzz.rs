@@ -86,7 +86,7 @@ pub fn serve_page_faults(data: &[u8], ram: &GuestMemoryMmap) {
         return;
     };
     let mut s = Stream::Unix(b);
-    let _ = crate::migration::postcopy::serve(&mut s, ram);
+    let _ = crate::migration::postcopy::serve(&mut s, ram, &mut |_| {});
     drop(s);
     let _ = destination.join();
 }

@@ -391,6 +391,7 @@ impl Vmm {
         let zone_updates = vm_config::zone_updates(&rc.zone_updates).map_err(receive_error)?;
         self.monitor.emit("vm", "migration-receive-ready");
         let tls_dir = rc.tls_dir.as_deref().map(std::path::Path::new);
+        let postcopy = rc.memory_mode == MigrationMode::Postcopy;
         let (mut stream, listener) =
             receive::accept(&rc.receiver_url, self.signal_rx.as_raw_fd(), tls_dir).map_err(
                 |e| {
@@ -398,7 +399,6 @@ impl Vmm {
                     receive_error(e)
                 },
             )?;
-        let postcopy = rc.memory_mode == MigrationMode::Postcopy;
         self.monitor.emit("vm", "migration-receive-started");
         let mut incoming = Incoming {
             hv: &self.hv,

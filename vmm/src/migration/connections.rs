@@ -73,9 +73,7 @@ pub enum Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
-        }
+        self.unlink();
     }
 }
 
@@ -99,6 +97,19 @@ impl Listener {
                 Ok(Listener::Tcp(l, tls))
             }
             _ => Err(format!("not a unix: or tcp: URL: {url}")),
+        }
+    }
+
+    /// Removes a Unix socket's file (once). Landlock may refuse it (the file is left, as the
+    /// original leaves it): a warning.
+    fn unlink(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            if !path.as_os_str().is_empty() {
+                if let Err(e) = std::fs::remove_file(&*path) {
+                    warn!("cannot remove {}: {e}", path.display());
+                }
+                *path = PathBuf::new();
+            }
         }
     }
 
@@ -292,7 +303,9 @@ fn accept_loop(
             Ok(Some(s)) => s,
             Ok(None) => break,
             Err(e) => {
+                // A failed handshake, or no descriptor left: not a reason to spin.
                 warn!("migration: {e}");
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
@@ -519,6 +532,8 @@ impl Senders {
             tx.send(Arc::clone(&pass))
                 .map_err(|_| "a migration memory thread has ended".to_string())?;
         }
+        // Only the threads hold the pass now: one that dies unanswered closes the channel.
+        drop(pass);
         let mut first_err = Ok(());
         for _ in &self.passes {
             let r = results

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::connections::check_ranges;
 use super::protocol::{encode_ranges, read_ranges, Command, Request, Response, Stream};
+use super::SENDING_EVERY;
 use crate::snapshot::MemoryRange;
 use crate::uffd::{OnDemand, Uffd, Wait, PAGE};
 
@@ -30,9 +31,15 @@ const BLOCK: u64 = 64 << 10;
 const PREFETCH: u64 = 1 << 20;
 
 /// The source's side: answers the destination's PageFault requests from `mem` (the paused
-/// VM's RAM) until it closes the connection. Returns the bytes sent.
-pub fn serve(s: &mut Stream, mem: &GuestMemoryMmap) -> Result<u64, String> {
+/// VM's RAM) until it closes the connection. Returns the bytes sent; `report` hears of them
+/// as they go (at most every [`SENDING_EVERY`]).
+pub fn serve(
+    s: &mut Stream,
+    mem: &GuestMemoryMmap,
+    report: &mut dyn FnMut(u64),
+) -> Result<u64, String> {
     let mut sent = 0u64;
+    let mut said = Instant::now();
     loop {
         let req = match Request::read_from(s) {
             Ok(r) => r,
@@ -72,6 +79,10 @@ pub fn serve(s: &mut Stream, mem: &GuestMemoryMmap) -> Result<u64, String> {
                 crate::memory::write_range(mem, r.gpa, r.length, s, 1 << 30)
                     .map_err(|e| format!("sending the page at {:#x}: {e}", r.gpa))?;
                 sent += r.length;
+                if said.elapsed() >= SENDING_EVERY {
+                    report(sent);
+                    said = Instant::now();
+                }
             }
             Command::Abandon => {
                 let _ = s.write_all(&Response::ok().encode());
@@ -400,7 +411,8 @@ mod tests {
         fill(&src);
         let (a, b) = UnixStream::pair().unwrap();
         let server_mem = src.clone();
-        let server = std::thread::spawn(move || serve(&mut Stream::Unix(a), &server_mem));
+        let server =
+            std::thread::spawn(move || serve(&mut Stream::Unix(a), &server_mem, &mut |_| {}));
         let failed = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let link = std::sync::Arc::new(Link::new(failed.try_clone().unwrap()));
         link.arm().unwrap();
@@ -481,14 +493,17 @@ mod tests {
         for (bytes, why) in cases {
             let (mut a, b) = UnixStream::pair().unwrap();
             a.write_all(&bytes).unwrap();
-            let e = serve(&mut Stream::Unix(b), &src).unwrap_err();
+            let e = serve(&mut Stream::Unix(b), &src, &mut |_| {}).unwrap_err();
             assert!(e.contains(why), "{why}: {e}");
             assert!(!Response::read_from(&mut a).unwrap().ok, "{why}");
         }
         let (mut a, b) = UnixStream::pair().unwrap();
         a.write_all(&fault(0x1000, 0x1000)).unwrap();
         a.shutdown(std::net::Shutdown::Write).unwrap();
-        assert_eq!(serve(&mut Stream::Unix(b), &src).unwrap(), 0x1000);
+        assert_eq!(
+            serve(&mut Stream::Unix(b), &src, &mut |_| {}).unwrap(),
+            0x1000
+        );
         let answer = Response::read_from(&mut a).unwrap();
         assert_eq!((answer.ok, answer.length), (true, 0x1000));
     }

@@ -31,10 +31,10 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// How long the destination waits, at State, for a postcopy source's fault connection.
 const FAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Waits for the source on `url` (`unix:<path>`: the socket file is created, and removed when
-/// the listener goes; `tcp:<host>:<port>`, in TLS with `tls_dir`): returns the connection and
-/// the listener, which takes the source's further connections until State. Gives up when
-/// `cancel` becomes readable.
+/// Waits for the source on `url` (`unix:<path>`, the socket file created; `tcp:<host>:<port>`,
+/// in TLS with `tls_dir`): returns the connection and the listener, which takes the source's
+/// further connections until State (a Unix socket's file goes with it; a postcopy source's
+/// fault connection comes over `unix:` too). Gives up when `cancel` becomes readable.
 pub fn accept(
     url: &str,
     cancel: i32,

@@ -362,10 +362,16 @@ fn postcopy(
         .try_clone_to_owned()
         .map_err(|e| format!("cannot keep the fault connection: {e}"))?;
     let mem = vm.memory().clone();
+    let ram: u64 = mem.iter().map(|r| r.len()).sum();
+    let events = s.events.clone();
     let server = seccomp::spawn(
         "postcopy-serve".into(),
         crate::seccomp_filters::migration_connection(),
-        move || postcopy::serve(&mut fault, &mem),
+        move || {
+            postcopy::serve(&mut fault, &mem, &mut |total| {
+                let _ = events.send(Progress::Sending { total });
+            })
+        },
     )
     .map_err(|e| format!("cannot start the postcopy page server: {e}"))?;
     let handed = s
@@ -385,8 +391,19 @@ fn postcopy(
         opts.destination_url
     );
     let total = match server.join() {
-        Ok(Ok(bytes)) => {
+        // A destination fetches every page at least once before it closes the connection;
+        // one that closed sooner is gone, and its VM with it.
+        Ok(Ok(bytes)) if bytes >= ram => {
             let _ = s.events.send(Progress::PostcopyDrained);
+            bytes
+        }
+        Ok(Ok(bytes)) => {
+            error!(
+                "postcopy: the destination closed its fault connection after {} of {} MiB; \
+                 the VM there cannot have the rest",
+                bytes >> 20,
+                ram >> 20
+            );
             bytes
         }
         Ok(Err(e)) => {
