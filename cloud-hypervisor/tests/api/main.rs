@@ -26,6 +26,7 @@ mod net_options;
 mod nmi;
 mod original_client;
 mod pmem;
+mod postcopy_faults;
 mod pvpanic;
 mod resize_disk;
 mod restore;
