@@ -36,6 +36,30 @@ impl Builder for Fake<'_> {
     }
 }
 
+/// Runs `serve` on one end of a connection whose other end sends `data`, then closes its
+/// side and reads every answer (a peer that sends everything at once).
+fn with_peer(data: &[u8], peer: &str, serve: impl FnOnce(&mut Stream)) {
+    let Ok((mut a, b)) = UnixStream::pair() else {
+        return;
+    };
+    let bytes = data.to_vec();
+    let Ok(peer) = std::thread::Builder::new()
+        .name(peer.into())
+        .spawn(move || {
+            let _ = a.write_all(&bytes);
+            let _ = a.shutdown(std::net::Shutdown::Write);
+            let mut answers = Vec::new();
+            let _ = a.read_to_end(&mut answers);
+        })
+    else {
+        return;
+    };
+    let mut s = Stream::Unix(b);
+    serve(&mut s);
+    drop(s);
+    let _ = peer.join();
+}
+
 /// Receives a migration whose source sends `data` (then closes its side): the receiving
 /// VMM's side of the protocol as it is, with guest RAM from `ram` (once the configuration
 /// came) and the VM state handed to `vm`.
@@ -44,53 +68,21 @@ pub fn receive_migration(
     ram: &mut dyn FnMut() -> GuestMemoryMmap,
     vm: &mut dyn FnMut(VmSnapshot),
 ) {
-    let Ok((mut a, b)) = UnixStream::pair() else {
-        return;
-    };
-    let bytes = data.to_vec();
-    let Ok(source) = std::thread::Builder::new()
-        .name("fuzz-source".into())
-        .spawn(move || {
-            let _ = a.write_all(&bytes);
-            let _ = a.shutdown(std::net::Shutdown::Write);
-            let mut answers = Vec::new();
-            let _ = a.read_to_end(&mut answers);
-        })
-    else {
-        return;
-    };
-    let mut s = Stream::Unix(b);
-    let mut fake = Fake { ram, vm, mem: None };
-    let _ = receive(&mut s, None, &mut fake, None);
-    drop(s);
-    let _ = source.join();
+    with_peer(data, "fuzz-source", |s| {
+        let mut fake = Fake { ram, vm, mem: None };
+        let _ = receive(s, None, &mut fake, None);
+    });
 }
 
-/// A migration stream as a source sends it: `(command, payload)` framed.
 /// The source's postcopy page server reading what a destination sends on the fault
 /// connection (`data`, then that side closed), its pages from `ram`.
 pub fn serve_page_faults(data: &[u8], ram: &GuestMemoryMmap) {
-    let Ok((mut a, b)) = UnixStream::pair() else {
-        return;
-    };
-    let bytes = data.to_vec();
-    let Ok(destination) = std::thread::Builder::new()
-        .name("fuzz-destination".into())
-        .spawn(move || {
-            let _ = a.write_all(&bytes);
-            let _ = a.shutdown(std::net::Shutdown::Write);
-            let mut answers = Vec::new();
-            let _ = a.read_to_end(&mut answers);
-        })
-    else {
-        return;
-    };
-    let mut s = Stream::Unix(b);
-    let _ = crate::migration::postcopy::serve(&mut s, ram, &mut |_| {});
-    drop(s);
-    let _ = destination.join();
+    with_peer(data, "fuzz-destination", |s| {
+        let _ = crate::migration::postcopy::serve(s, ram, &mut |_| {});
+    });
 }
 
+/// A migration stream as a source sends it: `(command, payload)` framed.
 pub fn migration_frames(frames: &[(u16, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for (cmd, payload) in frames {

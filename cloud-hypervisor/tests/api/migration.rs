@@ -192,40 +192,52 @@ const HOLD: Duration = Duration::from_secs(1);
 /// second pass, or the last one, made while the VM is paused) for `HOLD`: the source then
 /// waits with a pass made, long enough to be seen.
 fn held_link(listener: std::net::TcpListener, to: String) -> std::thread::JoinHandle<()> {
-    use std::net::{Shutdown, TcpStream};
     std::thread::spawn(move || {
-        let (mut src, _) = listener.accept().unwrap();
-        let mut dst = TcpStream::connect(&to).unwrap();
-        let (mut from_src, mut to_dst) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-        let forth = std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from_src, &mut to_dst);
-            let _ = to_dst.shutdown(Shutdown::Write);
-        });
-        // Answers: a 16-byte header (status, padding, payload length), then the payload.
-        for n in 1.. {
-            let mut head = [0u8; 16];
-            if dst.read_exact(&mut head).is_err() {
-                break;
-            }
-            let len = u64::from_le_bytes(head[8..].try_into().unwrap());
-            let mut payload = vec![0u8; len as usize];
-            if dst.read_exact(&mut payload).is_err() {
-                break;
-            }
+        let (src, _) = listener.accept().unwrap();
+        let dst = std::net::TcpStream::connect(&to).unwrap();
+        relay_answers(src, dst, |n| {
             if n == 4 {
                 std::thread::sleep(HOLD);
             }
-            if src
-                .write_all(&head)
-                .and_then(|()| src.write_all(&payload))
-                .is_err()
-            {
-                break;
-            }
-        }
-        let _ = src.shutdown(Shutdown::Write);
-        let _ = forth.join();
+        });
     })
+}
+
+/// Relays one migration connection: requests from `src` to `dst` as they come, answers (a
+/// 16-byte header: status, padding, payload length; then the payload) back one at a time,
+/// `each(n)` called before the n-th (from 1) goes back.
+pub(crate) fn relay_answers(
+    mut src: std::net::TcpStream,
+    mut dst: std::net::TcpStream,
+    mut each: impl FnMut(usize),
+) {
+    use std::net::Shutdown;
+    let (mut from_src, mut to_dst) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+    let forth = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_src, &mut to_dst);
+        let _ = to_dst.shutdown(Shutdown::Write);
+    });
+    for n in 1.. {
+        let mut head = [0u8; 16];
+        if dst.read_exact(&mut head).is_err() {
+            break;
+        }
+        let len = u64::from_le_bytes(head[8..].try_into().unwrap());
+        let mut payload = vec![0u8; len as usize];
+        if dst.read_exact(&mut payload).is_err() {
+            break;
+        }
+        each(n);
+        if src
+            .write_all(&head)
+            .and_then(|()| src.write_all(&payload))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = src.shutdown(Shutdown::Write);
+    let _ = forth.join();
 }
 
 /// Waits until something listens on `url`.
@@ -758,15 +770,22 @@ fn a_postcopy_on_one_side_only_fails_cleanly() {
         let (code, err) = wait_child(rx);
         assert_eq!(code, Some(1), "receive-migration: {err}");
         assert!(err.contains(why), "{why}: {err}");
-        assert_eq!(progress_end(&a)["state"], "failed");
-        assert_eq!(a.state(), "Running");
-        assert_eq!(b.curl("GET", "vm.info", None).0, 404, "nothing kept");
-        drain(&mut a, &mut a_out);
-        let last = rounds(&a_out).last().unwrap().0;
-        let after = until_round(&mut a, &mut a_out, last + 3);
-        assert!(after.iter().all(|r| r.1 == "ok"), "{a_out}");
+        failed_and_runs_on(&mut a, &mut a_out, &b);
     }
     assert_eq!(a.put("vmm.shutdown").0, 200);
+}
+
+/// After a failed migration from `a` (its output so far in `a_out`) to `b`: the failure said,
+/// the VM running on at the source, its guest checking its memory round after round, and
+/// nothing kept at the destination.
+pub(crate) fn failed_and_runs_on(a: &mut Vmm, a_out: &mut String, b: &Vmm) {
+    assert_eq!(progress_end(a)["state"], "failed");
+    assert_eq!(a.state(), "Running");
+    assert_eq!(b.curl("GET", "vm.info", None).0, 404, "nothing kept");
+    drain(a, a_out);
+    let last = rounds(a_out).last().unwrap().0;
+    let after = until_round(a, a_out, last + 3);
+    assert!(after.iter().all(|r| r.1 == "ok"), "{a_out}");
 }
 
 #[test]

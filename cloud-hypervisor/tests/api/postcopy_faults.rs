@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 use crate::migration::{
-    boot, drain, progress_end, receive, rounds, send, until_round, wait_child, wait_listening,
+    boot, failed_and_runs_on, receive, relay_answers, send, wait_child, wait_listening,
 };
 
 /// Answers the destination has given on the main connection (Start, Config, State, Complete).
@@ -29,7 +29,9 @@ fn relay(listener: TcpListener, to: String, cut_after: usize) -> JoinHandle<()> 
         let dst = TcpStream::connect(&to).unwrap();
         let main = {
             let answers = Arc::clone(&answers);
-            std::thread::spawn(move || forward_main(src, dst, &answers))
+            std::thread::spawn(move || {
+                relay_answers(src, dst, |n| answers.store(n, Ordering::SeqCst));
+            })
         };
         let (mut src, _) = listener.accept().unwrap();
         let mut dst = TcpStream::connect(&to).unwrap();
@@ -57,37 +59,6 @@ fn relay(listener: TcpListener, to: String, cut_after: usize) -> JoinHandle<()> 
         let _ = requests.join();
         let _ = main.join();
     })
-}
-
-/// The main connection: requests as they come, answers (16-byte headers, then their payload)
-/// counted as they go back.
-fn forward_main(mut src: TcpStream, mut dst: TcpStream, answers: &Answers) {
-    let (mut from_src, mut to_dst) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-    let forth = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from_src, &mut to_dst);
-        let _ = to_dst.shutdown(Shutdown::Write);
-    });
-    loop {
-        let mut head = [0u8; 16];
-        if dst.read_exact(&mut head).is_err() {
-            break;
-        }
-        let len = u64::from_le_bytes(head[8..].try_into().unwrap());
-        let mut payload = vec![0u8; len as usize];
-        if dst.read_exact(&mut payload).is_err() {
-            break;
-        }
-        answers.fetch_add(1, Ordering::SeqCst);
-        if src
-            .write_all(&head)
-            .and_then(|()| src.write_all(&payload))
-            .is_err()
-        {
-            break;
-        }
-    }
-    let _ = src.shutdown(Shutdown::Write);
-    let _ = forth.join();
 }
 
 #[test]
@@ -118,13 +89,7 @@ fn postcopy_survives_a_lost_source() {
         "{err}"
     );
     link.join().unwrap();
-    assert_eq!(progress_end(&a)["state"], "failed");
-    assert_eq!(a.state(), "Running");
-    assert_eq!(b.curl("GET", "vm.info", None).0, 404, "nothing kept");
-    drain(&mut a, &mut a_out);
-    let last = rounds(&a_out).last().unwrap().0;
-    let after = until_round(&mut a, &mut a_out, last + 3);
-    assert!(after.iter().all(|r| r.1 == "ok"), "{a_out}");
+    failed_and_runs_on(&mut a, &mut a_out, &b);
     drop(b);
 
     // Cut after Complete: the VM is the destination's, which stops it and ends with an

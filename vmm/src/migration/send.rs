@@ -265,14 +265,7 @@ fn run(
 
     // Downtime from here: vCPUs out, devices quiesced (their last writes land in the log).
     let paused_at = Instant::now();
-    if !vm.is_paused() {
-        vm.pause()
-            .map_err(|e| format!("cannot pause the VM: {e}"))?;
-        *paused_here = true;
-    }
-    let state = vm
-        .snapshot()
-        .map_err(|e| format!("cannot take the VM's state: {e}"))?;
+    let state = pause_and_snapshot(vm, paused_here)?;
     if !opts.local {
         // After the devices' pause: their last writes are in the logs.
         let mut last = dirty::take(
@@ -319,6 +312,20 @@ fn run(
     Ok(())
 }
 
+/// Pauses the VM (unless it is: `paused_here` says whether this did) and takes its state.
+fn pause_and_snapshot(
+    vm: &mut Vm,
+    paused_here: &mut bool,
+) -> Result<crate::snapshot::VmSnapshot, SendError> {
+    if !vm.is_paused() {
+        vm.pause()
+            .map_err(|e| format!("cannot pause the VM: {e}"))?;
+        *paused_here = true;
+    }
+    vm.snapshot()
+        .map_err(|e| format!("cannot take the VM's state: {e}"))
+}
+
 /// The last request: a VM paused at the source stays paused at the destination.
 fn complete(paused: bool) -> Command {
     if paused {
@@ -341,14 +348,7 @@ fn postcopy(
     locks_released: &mut bool,
 ) -> Result<(), SendError> {
     let paused_at = Instant::now();
-    if !vm.is_paused() {
-        vm.pause()
-            .map_err(|e| format!("cannot pause the VM: {e}"))?;
-        *paused_here = true;
-    }
-    let state = vm
-        .snapshot()
-        .map_err(|e| format!("cannot take the VM's state: {e}"))?;
+    let state = pause_and_snapshot(vm, paused_here)?;
     let state = serde_json::to_vec(&state).map_err(|e| format!("cannot encode the state: {e}"))?;
     vm.devices()
         .pci
