@@ -1,7 +1,9 @@
 //! Live migration over `tcp:` in mutual TLS (`tls_dir`, the original's): certificates made
 //! with the openssl command (package `openssl`), a CA for each side's certificate; a source
 //! whose certificate another CA issued is refused at the handshake (and its VM runs on); with
-//! the right ones the busy guest goes on at the destination, every word of its memory right.
+//! the right ones the busy guest goes on at the destination, every word of its memory right
+//! (its memory over two more connections), then on to a third VMM in postcopy (the fault
+//! connection in TLS too).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -157,5 +159,29 @@ fn live_migration_in_mutual_tls() {
     let mut b_out = String::new();
     let after = until_round(&mut b, &mut b_out, last + 5);
     assert!(after.iter().all(|r| r.1 == "ok"), "{b_out}");
-    assert_eq!(b.put("vmm.shutdown").0, 200);
+
+    // On to a third VMM in postcopy: the fault connection in TLS of its own too.
+    let mut c = Vmm::start("migrate-tls-dst2", &[]);
+    let rx = receive(&c, &format!("{rx_config},memory_mode=postcopy"));
+    wait_listening(&url);
+    let tx = send(
+        &b,
+        &format!(
+            "destination_url={url},tls_dir={},memory_mode=postcopy",
+            client.display()
+        ),
+        false,
+    );
+    let (code, err) = wait_child(tx);
+    assert_eq!(code, Some(0), "send-migration: {err}");
+    let (code, err) = wait_child(rx);
+    assert_eq!(code, Some(0), "receive-migration: {err}");
+    let run = b.wait();
+    assert_eq!(run.code(), Some(0), "the second VMM ends: {}", run.stderr);
+    b_out.push_str(&run.stdout);
+    let last = rounds(&b_out).last().unwrap().0;
+    let mut c_out = String::new();
+    let after = until_round(&mut c, &mut c_out, last + 5);
+    assert!(after.iter().all(|r| r.1 == "ok"), "{c_out}");
+    assert_eq!(c.put("vmm.shutdown").0, 200);
 }
