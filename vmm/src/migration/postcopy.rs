@@ -23,6 +23,9 @@ use super::SENDING_EVERY;
 use crate::snapshot::MemoryRange;
 use crate::uffd::{OnDemand, Uffd, Wait, PAGE};
 
+/// A page of zeros, for pages the guest discarded after they were fetched.
+static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
+
 /// The most one PageFault may ask for (the original's bound).
 const MAX_FAULT: u64 = 1 << 30;
 /// What a fault fetches: the aligned block around the page.
@@ -274,6 +277,11 @@ impl Fetcher {
         let b = (page - self.regions[i].host) / BLOCK;
         if !self.regions[i].is_fetched(b) {
             self.fetch(i, b, 1);
+        } else {
+            // A page of a block fetched before: the guest has given it back since (balloon,
+            // free page reporting), so it reads as zeros, as discarded memory does (a page
+            // that is there already is skipped).
+            self.uffd.copy(page, ZEROS.as_ptr() as u64, PAGE);
         }
         self.uffd.wake(page);
     }
@@ -432,6 +440,57 @@ mod tests {
         }
         assert!(failed.read().is_err(), "no failure reported");
         drop(loader);
+    }
+
+    /// A page the guest discards (a balloon) after its block was fetched faults again: it
+    /// reads as zeros, as discarded memory does, and nothing loops or hangs.
+    #[test]
+    fn a_page_discarded_after_its_fetch_reads_zeros() {
+        let (src, dst) = (ram(), ram());
+        fill(&src);
+        let (a, b) = UnixStream::pair().unwrap();
+        // A slow source (five requests in all: the faulting block, then four of the
+        // background fetch): that fetch is still under way when the page goes.
+        let server_mem = src.clone();
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&answered);
+        let server = std::thread::spawn(move || {
+            let mut s = Stream::Unix(a);
+            while let Ok(req) = Request::read_from(&mut s) {
+                let r = read_ranges(&mut s, req.length, 1).unwrap()[0];
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let mut bytes = vec![0u8; r.length as usize];
+                server_mem
+                    .read_slice(&mut bytes, GuestAddress(r.gpa))
+                    .unwrap();
+                let answer = [Response::ok_with(r.length).encode().to_vec(), bytes].concat();
+                if s.write_all(&answer).is_err() {
+                    break;
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let failed = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let link = Arc::new(Link::new(failed.try_clone().unwrap()));
+        link.arm().unwrap();
+        let loader = Fetcher::start(Prepared::new(&dst).unwrap(), Stream::Unix(b), link).unwrap();
+        let at = (1 << 32) + 0x8_0000;
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(at)).unwrap(), word(at));
+        let host = dst.get_host_address(GuestAddress(at)).unwrap();
+        // SAFETY: discards one page of the test's own RAM mapping.
+        let r = unsafe { libc::madvise(host.cast(), PAGE as usize, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0);
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(at)).unwrap(), 0);
+        // At once, not once the background fetch is over (the fault would come back until
+        // the userfaultfd is closed).
+        let n = answered.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n < 5, "the zeros came after the whole fetch ({n} answers)");
+        // Its neighbour, fetched with it and kept, is still the source's.
+        let next = at + PAGE;
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(next)).unwrap(), word(next));
+        assert!(failed.read().is_err(), "no failure reported");
+        drop(loader);
+        server.join().unwrap();
     }
 
     /// A source that goes away: the VM is reported failed, and touching its RAM does not
