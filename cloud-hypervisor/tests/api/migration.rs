@@ -719,17 +719,13 @@ fn a_paused_vm_arrives_paused() {
     drain(&mut a, &mut a_out);
     let mut b = Vmm::start("migrate-paused-dst", &[]);
     let url = format!("unix:{}/mig.sock", b.dir.display());
-    let rx = receive(&b, &url);
-    wait_listening(&url);
-    let tx = send(&a, &format!("destination_url={url}"), false);
-    let (code, err) = wait_child(tx);
-    assert_eq!(code, Some(0), "send-migration: {err}");
-    let (code, err) = wait_child(rx);
-    assert_eq!(code, Some(0), "receive-migration: {err}");
-    let run = a.wait();
-    assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
-    a_out.push_str(&run.stdout);
-    let last = rounds(&a_out).last().expect("rounds at the source").0;
+    let last = migrate_ok(
+        &mut a,
+        &mut a_out,
+        &b,
+        &url,
+        &format!("destination_url={url}"),
+    );
     assert_eq!(b.state(), "Paused");
     let mut b_out = String::new();
     std::thread::sleep(Duration::from_millis(300));
@@ -773,6 +769,30 @@ fn a_postcopy_on_one_side_only_fails_cleanly() {
         failed_and_runs_on(&mut a, &mut a_out, &b);
     }
     assert_eq!(a.put("vmm.shutdown").0, 200);
+}
+
+/// Migrates `a` (its output so far in `a_out`) to `b`, which receives with `rx_config` (its URL
+/// first), the sender's options being `tx_config`: both commands succeed and the source VMM ends.
+/// Returns the last round the guest ran at the source.
+pub(crate) fn migrate_ok(
+    a: &mut Vmm,
+    a_out: &mut String,
+    b: &Vmm,
+    rx_config: &str,
+    tx_config: &str,
+) -> u64 {
+    let rx = receive(b, rx_config);
+    let url = rx_config.split(',').next().unwrap();
+    wait_listening(url.strip_prefix("receiver_url=").unwrap_or(url));
+    let tx = send(a, tx_config, false);
+    let (code, err) = wait_child(tx);
+    assert_eq!(code, Some(0), "send-migration: {err}");
+    let (code, err) = wait_child(rx);
+    assert_eq!(code, Some(0), "receive-migration: {err}");
+    let run = a.wait();
+    assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
+    a_out.push_str(&run.stdout);
+    rounds(a_out).last().expect("rounds at the source").0
 }
 
 /// After a failed migration from `a` (its output so far in `a_out`) to `b`: the failure said,

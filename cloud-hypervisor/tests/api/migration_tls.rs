@@ -11,7 +11,8 @@ use std::process::Command;
 use crate::common;
 use crate::helpers::*;
 use crate::migration::{
-    boot, drain, progress_end, receive, rounds, send, until_round, wait_child, wait_listening,
+    boot, drain, migrate_ok, progress_end, receive, rounds, send, until_round, wait_child,
+    wait_listening,
 };
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -138,48 +139,32 @@ fn live_migration_in_mutual_tls() {
     // The right certificates: the VM goes over, and on, its memory over two more
     // connections, each in TLS of its own. A downtime of 500 ms: through TLS a pass moves
     // about 350 MiB/s here, less than the guest dirties, so 50 ms never comes.
-    let rx = receive(&b, &rx_config);
-    wait_listening(&url);
-    let tx = send(
-        &a,
+    let last = migrate_ok(
+        &mut a,
+        &mut a_out,
+        &b,
+        &rx_config,
         &format!(
             "destination_url={url},tls_dir={},downtime_ms=500,connections=2",
             client.display()
         ),
-        false,
     );
-    let (code, err) = wait_child(tx);
-    assert_eq!(code, Some(0), "send-migration: {err}");
-    let (code, err) = wait_child(rx);
-    assert_eq!(code, Some(0), "receive-migration: {err}");
-    let run = a.wait();
-    assert_eq!(run.code(), Some(0), "the source VMM ends: {}", run.stderr);
-    a_out.push_str(&run.stdout);
-    let last = rounds(&a_out).last().unwrap().0;
     let mut b_out = String::new();
     let after = until_round(&mut b, &mut b_out, last + 5);
     assert!(after.iter().all(|r| r.1 == "ok"), "{b_out}");
 
     // On to a third VMM in postcopy: the fault connection in TLS of its own too.
     let mut c = Vmm::start("migrate-tls-dst2", &[]);
-    let rx = receive(&c, &format!("{rx_config},memory_mode=postcopy"));
-    wait_listening(&url);
-    let tx = send(
-        &b,
+    let last = migrate_ok(
+        &mut b,
+        &mut b_out,
+        &c,
+        &format!("{rx_config},memory_mode=postcopy"),
         &format!(
             "destination_url={url},tls_dir={},memory_mode=postcopy",
             client.display()
         ),
-        false,
     );
-    let (code, err) = wait_child(tx);
-    assert_eq!(code, Some(0), "send-migration: {err}");
-    let (code, err) = wait_child(rx);
-    assert_eq!(code, Some(0), "receive-migration: {err}");
-    let run = b.wait();
-    assert_eq!(run.code(), Some(0), "the second VMM ends: {}", run.stderr);
-    b_out.push_str(&run.stdout);
-    let last = rounds(&b_out).last().unwrap().0;
     let mut c_out = String::new();
     let after = until_round(&mut c, &mut c_out, last + 5);
     assert!(after.iter().all(|r| r.1 == "ok"), "{c_out}");

@@ -638,24 +638,10 @@ mod tests {
     use vm_memory::Bytes;
 
     use super::*;
+    use crate::migration::test_ram::fill;
 
     fn ram() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), 1 << 20),
-            (GuestAddress(1 << 32), 1 << 20),
-        ])
-        .unwrap()
-    }
-
-    /// Every 8 bytes of `mem`'s RAM: their address, scrambled.
-    fn fill(mem: &GuestMemoryMmap) {
-        for r in mem.iter() {
-            let base = r.start_addr().0;
-            let words: Vec<u8> = (0..r.len() / 8)
-                .flat_map(|i| ((base + i * 8) ^ 0x5a5a_1234).to_le_bytes())
-                .collect();
-            mem.write_slice(&words, GuestAddress(base)).unwrap();
-        }
+        crate::migration::test_ram::ram(1 << 20, 1 << 20)
     }
 
     fn same(a: &GuestMemoryMmap, b: &GuestMemoryMmap, ranges: &[MemoryRange]) -> bool {

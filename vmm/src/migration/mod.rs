@@ -11,6 +11,9 @@ pub mod receive;
 pub mod send;
 pub mod tls;
 
+#[cfg(test)]
+mod test_ram;
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};

@@ -388,27 +388,10 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::migration::test_ram::{fill, word};
 
     fn ram() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), 2 << 20),
-            (GuestAddress(1 << 32), 1 << 20),
-        ])
-        .unwrap()
-    }
-
-    fn word(gpa: u64) -> u64 {
-        gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
-    }
-
-    fn fill(mem: &GuestMemoryMmap) {
-        for r in mem.iter() {
-            let base = r.start_addr().0;
-            let words: Vec<u8> = (0..r.len() / 8)
-                .flat_map(|i| word(base + i * 8).to_le_bytes())
-                .collect();
-            mem.write_slice(&words, GuestAddress(base)).unwrap();
-        }
+        crate::migration::test_ram::ram(2 << 20, 1 << 20)
     }
 
     /// A touched page is there at once, the rest arrives in the background, each byte sent
