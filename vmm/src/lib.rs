@@ -22,6 +22,7 @@ mod pci_setup;
 mod pieces;
 mod platform;
 mod pmem;
+mod poll;
 mod pty_resize;
 pub mod restore;
 mod restore_copy;

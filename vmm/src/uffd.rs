@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
 
+use crate::poll::Ready;
 use crate::snapshot::{Cause, MemoryRange};
 
 #[repr(C)]
@@ -135,13 +136,6 @@ pub(crate) struct Uffd {
     fd: OwnedFd,
 }
 
-/// What [`Uffd::wait`] saw.
-pub(crate) enum Wait {
-    Faults,
-    Stop,
-    Timeout,
-}
-
 impl Uffd {
     pub(crate) fn new() -> Result<Self, Cause> {
         let fd = create_uffd()?;
@@ -228,41 +222,9 @@ impl Uffd {
         unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_WAKE_IOCTL(), &mut range) };
     }
 
-    /// Waits at most `timeout_ms` (-1: for ever) for faults, or for `stop`.
-    pub(crate) fn wait(&self, stop: &EventFd, timeout_ms: i32) -> Wait {
-        loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: two valid pollfd structs.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-            if n < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                error!(
-                    "userfaultfd: poll failed: {}",
-                    std::io::Error::last_os_error()
-                );
-                return Wait::Stop;
-            }
-            return if fds[1].revents != 0 {
-                Wait::Stop
-            } else if fds[0].revents != 0 {
-                Wait::Faults
-            } else {
-                Wait::Timeout
-            };
-        }
+    /// Waits at most `timeout_ms` (-1: for ever) for faults (`Fd`), or for `stop`.
+    pub(crate) fn wait(&self, stop: &EventFd, timeout_ms: i32) -> Ready {
+        crate::poll::fd_or_stop(self.fd.as_raw_fd(), stop.as_raw_fd(), timeout_ms)
     }
 
     /// The page faults waiting: their pages' addresses, added to `out`.
@@ -405,12 +367,12 @@ impl Loader {
         let mut pages = Vec::new();
         loop {
             match self.uffd.wait(stop, -1) {
-                Wait::Stop => {
+                Ready::Stop => {
                     debug!("on-demand loader stops; {} KiB loaded", loaded >> 10);
                     return;
                 }
-                Wait::Timeout => continue,
-                Wait::Faults => {}
+                Ready::Timeout => continue,
+                Ready::Fd => {}
             }
             pages.clear();
             self.uffd.faults(&mut pages);

@@ -36,33 +36,6 @@ pub const MAX_RANGES: usize = 1 << 20;
 /// waits for costs little.
 const JOB: u64 = 16 << 20;
 
-/// Waits for `fd` or `stop` to be readable; false when `stop` is (or poll fails).
-pub(crate) fn wait_readable(fd: i32, stop: i32) -> bool {
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfd structs.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return false;
-        }
-        return fds[1].revents == 0;
-    }
-}
-
 /// Where the destination listens: the source's first connection and any later one come here.
 /// A Unix socket's file is removed when the listener goes.
 pub enum Listener {
@@ -122,7 +95,7 @@ impl Listener {
 
     /// The next connection, or `None` once `stop` is readable.
     pub fn accept(&self, stop: i32) -> Result<Option<Stream>, String> {
-        if !wait_readable(self.fd(), stop) {
+        if crate::poll::fd_or_stop(self.fd(), stop, -1) != crate::poll::Ready::Fd {
             return Ok(None);
         }
         let s = match self {

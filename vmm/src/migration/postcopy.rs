@@ -20,8 +20,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::connections::check_ranges;
 use super::protocol::{encode_ranges, read_ranges, Command, Request, Response, Stream};
 use super::SENDING_EVERY;
+use crate::poll::Ready;
 use crate::snapshot::MemoryRange;
-use crate::uffd::{OnDemand, Uffd, Wait, PAGE};
+use crate::uffd::{OnDemand, Uffd, PAGE};
 
 /// A page of zeros, for pages the guest discarded after they were fetched.
 static ZEROS: [u8; PAGE as usize] = [0; PAGE as usize];
@@ -232,7 +233,7 @@ impl Fetcher {
             // Faults first; the background fetch between them.
             let wait = if self.next.is_some() { 0 } else { -1 };
             match self.uffd.wait(stop, wait) {
-                Wait::Stop => {
+                Ready::Stop => {
                     info!(
                         "postcopy: stopped after {:?}, {} MiB fetched",
                         started.elapsed(),
@@ -240,14 +241,14 @@ impl Fetcher {
                     );
                     return;
                 }
-                Wait::Faults => {
+                Ready::Fd => {
                     pages.clear();
                     self.uffd.faults(&mut pages);
                     for &page in &pages {
                         self.fault(page);
                     }
                 }
-                Wait::Timeout => {
+                Ready::Timeout => {
                     if !self.prefetch() {
                         info!(
                             "postcopy: all {} MiB fetched in {:?}",
