@@ -217,11 +217,22 @@ pub fn open_announced_pty(child: &mut std::process::Child, what: &str) -> std::f
     use std::os::fd::AsRawFd;
     let mut stderr = child.stderr.take().expect("the VMM's stderr is piped");
     let fd = stderr.as_raw_fd();
-    let line = read_until(&mut stderr, fd, "\n", Duration::from_secs(10));
-    let path = line
-        .split(&format!("{what} PTY: "))
+    // Lines until the one with the path is whole; a read may bring log lines before or after
+    // it (a vCPU's warning): the path ends its own line.
+    let marker = format!("{what} PTY: ");
+    let mut text = String::new();
+    while !text
+        .split(&marker)
         .nth(1)
-        .unwrap_or_else(|| panic!("no {what} pty path in '{line}'"))
+        .is_some_and(|rest| rest.contains('\n'))
+    {
+        text.push_str(&read_until(&mut stderr, fd, "\n", Duration::from_secs(10)));
+    }
+    let path = text
+        .split(&marker)
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or_else(|| panic!("no {what} pty path in '{text}'"))
         .trim()
         .to_string();
     // Not as our controlling terminal: the VMM's resize watcher makes it its own.
